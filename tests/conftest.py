@@ -1,0 +1,23 @@
+"""Test set-up: 8 fake CPU devices, set before jax is imported anywhere."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REAL_US = REPO.parent / "shared" / "data" / "real_us"
+
+
+@pytest.fixture(scope="session")
+def real_us():
+    """Path of the shared real ultrasound samples; skips the test where absent."""
+    if not REAL_US.is_dir():
+        pytest.skip(f"real ultrasound samples not found at {REAL_US}")
+    return REAL_US
