@@ -1,0 +1,68 @@
+"""Optimizers and schedules: AdamW with a per-step injected learning rate, MAE's schedule.
+
+The learning rate lives in the optimizer state (`optax.inject_hyperparams`) and is set by the
+caller before each update. Federated clients need this: the schedule runs on a fractional
+"epoch" index (round + local step / steps of that client), which differs per client.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ultrajax import configlib
+from ultrajax.train import tree
+
+
+def warmup_cosine(epoch, *, peak_lr: float, min_lr: float, warmup: float, total: float):
+  """MAE's schedule on a fractional epoch: linear warmup, then half-cosine to min_lr.
+
+  epoch: scalar (may be traced). Returns the learning rate at that point.
+  """
+  epoch = jnp.asarray(epoch, jnp.float32)
+  warm = peak_lr * epoch / max(warmup, 1e-12)
+  progress = (epoch - warmup) / max(total - warmup, 1e-12)
+  cos = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * jnp.clip(progress, 0, 1)))
+  return jnp.where(epoch < warmup, warm, cos)
+
+
+def weight_decay_mask(params, mode: str):
+  """Which leaves get weight decay: 'all' (UltraFedFM's code) or 'mae' (matrices only).
+
+  MAE's `add_weight_decay` skips 1-D parameters (biases and norm scales); tokens such as
+  cls_token [1, 1, D] keep decay there too, so the rule is simply ndim > 1.
+  """
+  if mode == "all":
+    return jax.tree.map(lambda _: True, params)
+  if mode == "mae":
+    return jax.tree.map(lambda x: x.ndim > 1, params)
+  raise configlib.ConfigError(f"config.optim.weight_decay_on={mode!r} is not 'mae' or 'all'")
+
+
+def adamw(optim_config, params) -> optax.GradientTransformation:
+  """AdamW (+ optional global-norm clipping) whose learning rate is set with `set_lr`."""
+  mask = weight_decay_mask(params, optim_config.weight_decay_on)
+
+  def make(learning_rate):
+    steps = []
+    if optim_config.grad_clip_norm > 0:
+      steps.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+    steps.append(optax.adamw(learning_rate, b1=optim_config.b1, b2=optim_config.b2,
+                             weight_decay=optim_config.weight_decay, mask=mask))
+    return optax.chain(*steps)
+
+  return optax.inject_hyperparams(make)(learning_rate=0.0)
+
+
+def set_lr(opt_state, lr):
+  """Returns opt_state with its injected learning rate replaced by `lr` (scalar)."""
+  hyper = dict(opt_state.hyperparams)
+  hyper["learning_rate"] = jnp.asarray(lr, hyper["learning_rate"].dtype)
+  return opt_state._replace(hyperparams=hyper)
+
+
+def peak_lr(optim_config, batch_size: int) -> float:
+  """The MAE scaling rule: lr = base_lr * batch / 256."""
+  return optim_config.base_lr * batch_size / 256

@@ -1,0 +1,39 @@
+"""Throughput accounting: FLOPs of compiled programs, peak FLOP/s by device, MFU."""
+from __future__ import annotations
+
+import jax
+
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
+PEAK_BF16_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device=None) -> float | None:
+  """Peak bf16 FLOP/s of `device` (default: the first device); None when unknown (CPU)."""
+  kind = (device or jax.devices()[0]).device_kind
+  for name, peak in PEAK_BF16_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled program, from XLA's cost analysis (None if absent)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # not every backend implements cost analysis
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def mfu(flops_per_second_per_device: float | None, device=None) -> float | None:
+  peak = peak_flops(device)
+  if not flops_per_second_per_device or not peak:
+    return None
+  return flops_per_second_per_device / peak

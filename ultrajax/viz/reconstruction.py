@@ -1,0 +1,46 @@
+"""PNG grid of MIM examples: clean image | corrupted encoder input | mask | reconstruction."""
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def mask_to_image(mask: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+  """mask: [N] bool (True = masked, raster order) -> [H, W] float, 1 where masked."""
+  m = mask.reshape(grid).astype(np.float32)
+  return np.kron(m, np.ones((size[0] // grid[0], size[1] // grid[1]), np.float32))
+
+
+def save_grid(path, clean, corrupted, mask, reconstruction, patch_size: int,
+              title: str = "") -> pathlib.Path:
+  """Writes one row per example.
+
+  clean, corrupted, reconstruction: [B, H, W, 3] floats in [0, 1]; mask: [B, N] bool.
+  The reconstruction shows predicted pixels in masked patches and the clean visible ones.
+  """
+  b, h, w, _ = clean.shape
+  grid = (h // patch_size, w // patch_size)
+  columns = ("clean", "encoder input", "TGM mask (white = masked)", "reconstruction")
+  fig, axes = plt.subplots(b, 4, figsize=(8, 2 * b + 0.4), squeeze=False)
+  for i in range(b):
+    m = mask_to_image(np.asarray(mask[i]), grid, (h, w))
+    panels = (clean[i], corrupted[i], m, reconstruction[i])
+    for j, (ax, panel) in enumerate(zip(axes[i], panels)):
+      ax.imshow(np.clip(panel, 0, 1), cmap="gray", vmin=0, vmax=1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(columns[j], fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
