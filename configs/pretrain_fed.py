@@ -1,0 +1,113 @@
+r"""Federated UltraMIM pretraining of an MAE ViT across hospital clients (UltraFedFM).
+
+Launch (paper preset, ViT-B/16 at 224, 16 clients, 300 rounds; TPU VM or GPU node):
+  python -m ultrajax.main --config=configs/pretrain_fed.py --workdir=$WORKDIR
+On a laptop/CI CPU (finishes in under 10 minutes, loss falls from ~1.0 to ~0.5):
+  python -m ultrajax.main --config=configs/pretrain_fed.py:cpu --workdir=/tmp/ufm_cpu
+Own data instead of the phantom (one sub-folder per client, or a CSV manifest):
+  ... --config.data.source=folder --config.data.root=/data/clients
+  ... --config.data.source=manifest --config.data.manifest=/data/labels.csv
+
+Writes metrics.jsonl, TensorBoard events, reconstruction PNGs and Orbax checkpoints to the
+workdir; a restarted command resumes from the last checkpoint there.
+"""
+import ml_collections
+
+from ultrajax import configlib
+
+
+def get_config(arg=None):
+  knobs = configlib.parse_arg(arg, presets=("paper", "cpu", "smoke"), default_preset="paper")
+  c = ml_collections.ConfigDict()
+  c.job = "pretrain"
+  c.preset = knobs.preset
+  c.seed = 0
+  c.init_from = ""  # ultrajax workdir/checkpoint to start from when the workdir has none.
+
+  c.model = ml_collections.ConfigDict(dict(
+      variant="B/16",  # Ti/S/B/L/H + '/patch'; or set variant='' and the explicit sizes below.
+      width=0, depth=0, num_heads=0, patch_size=0,
+      image_size=224,
+      decoder_width=512, decoder_depth=8, decoder_heads=16,
+      mask_ratio=0.75,
+      norm_pix_loss=True,
+      drop_path_rate=0.0,
+      dtype="bfloat16",  # computation dtype; parameters and optimizer states stay float32.
+  ))
+
+  c.ultramim = ml_collections.ConfigDict(dict(
+      tgm_mode="intended",  # 'intended' (paper), 'official_code' (shipped double argsort), 'random' (MAE).
+      mic=True,  # masked-image corruption of the encoder input.
+      p_clean=0.5, p_each=0.5, motion_length=24, motion_angle_deg=45.0,
+      gaussian_sigma=1.1, salt_pepper_density=0.1,
+      smat=True,  # scan-mode partners (linear <-> convex), one per image with a known probe.
+      fan_angle_deg=160.0,
+      inner_radius=120.0,  # pixels at the stored image's scale (the official value).
+      smat_orientation="correct",  # or 'official_code' (radially inverted fan).
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="phantom",  # 'phantom' | 'folder' | 'manifest'
+      root="",  # folder source: root/<client>/**/*.png|jpg|jpeg|bmp
+      manifest="",  # manifest source: CSV with an 'image' column (+ optional 'client', 'probe').
+      image_column="image", client_column="client",
+      probe="",  # probe of real images when no 'probe' column: 'linear' | 'convex' | '' (no SMAT).
+      on_bad_image="skip",  # 'skip' (warn, count, use the next image) | 'raise'
+      pool_clients=False,  # True: every client's images in one client (centralized training).
+      num_clients=16,  # phantom: the first k of the 16 Table-1 clients.
+      phantom_scale=0.01,  # phantom: client sizes = Table 1 counts * scale (floored).
+      phantom_min_images=64,
+      phantom_image_size=256,  # stored phantom resolution (crops are resized to model.image_size).
+      batch_size=64,  # per client and step, over all hosts (the paper: 16 per GPU x 4 GPUs).
+      crop_scale=(0.2, 1.0),
+      hflip=True,
+      num_threads=8,  # Grain reader threads per client.
+  ))
+
+  c.fed = ml_collections.ConfigDict(dict(
+      num_rounds=300,
+      local_epochs=1,
+      aggregation="volume",  # 'volume' (n_k / n, UltraFedFM) | 'uniform'
+      reset_client_optimizer=False,  # the official code keeps each client's AdamW state.
+      chunk_steps=32,  # local steps per compiled call (data for them is on device at once).
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=1.5e-4,  # lr = base_lr * batch_size / 256 (MAE rule, per client batch).
+      min_lr=0.0,
+      warmup_rounds=40,
+      b1=0.9, b2=0.95,
+      weight_decay=0.05,
+      weight_decay_on="mae",  # 'mae': not on biases/norms (MAE); 'all': every parameter (official code).
+      grad_clip_norm=0.0,  # 0 = off (as the paper).
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(clients=1, data=-1))  # -1: all remaining devices.
+  c.sharding_rules = [(".*", "replicated")]  # regex over param paths -> 'replicated' | 'fsdp'
+
+  c.log_every_rounds = 1
+  c.image_every_rounds = 10
+  c.ckpt_every_rounds = 10
+  c.keep_checkpoints = 3
+
+  if knobs.preset == "cpu":
+    c.model.update(variant="", width=192, depth=6, num_heads=6, patch_size=8, image_size=64,
+                   decoder_width=128, decoder_depth=2, decoder_heads=4, dtype="float32")
+    c.data.update(num_clients=4, phantom_scale=0.004, phantom_min_images=96,
+                  phantom_image_size=96, batch_size=32, num_threads=2)
+    c.ultramim.inner_radius = 40.0
+    c.fed.update(num_rounds=30, chunk_steps=8)
+    c.optim.update(base_lr=1.5e-3, warmup_rounds=3)
+    c.image_every_rounds = 5
+    c.ckpt_every_rounds = 5
+  elif knobs.preset == "smoke":
+    c.model.update(variant="", width=64, depth=2, num_heads=4, patch_size=8, image_size=32,
+                   decoder_width=32, decoder_depth=1, decoder_heads=4, dtype="float32")
+    c.data.update(num_clients=2, phantom_scale=0.0, phantom_min_images=16,
+                  phantom_image_size=48, batch_size=4, num_threads=1)
+    c.ultramim.inner_radius = 16.0
+    c.fed.update(num_rounds=2, chunk_steps=2)
+    c.optim.update(base_lr=1e-3, warmup_rounds=1)
+    c.image_every_rounds = 1
+    c.ckpt_every_rounds = 1
+  return c
