@@ -373,3 +373,14 @@ def test_scanmode_rejects_bad_arguments(kwargs, name):
   for fn in (ultramim.linear_to_convex, ultramim.convex_to_linear):
     with pytest.raises(ValueError, match=name):
       fn(img, **kwargs)
+
+
+@pytest.mark.parametrize("orientation", ultramim.ORIENTATIONS)
+def test_scanmode_host_numpy_path_equals_device_path(orientation):
+  # Data pipelines warp SMAT partners on the host with scipy; it must be the same warp as on device.
+  img = np.random.default_rng(3).uniform(0, 1, (2, 40, 56, 3)).astype(np.float32)
+  for fn in (ultramim.linear_to_convex, ultramim.convex_to_linear):
+    host = fn(img, 150.0, 20.0, orientation)
+    device = np.asarray(fn(jnp.asarray(img), 150.0, 20.0, orientation))
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32
+    np.testing.assert_allclose(host, device, atol=1e-5)

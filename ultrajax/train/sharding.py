@@ -27,6 +27,9 @@ def make_mesh(clients: int = 1, data: int = -1, devices=None) -> Mesh:
     raise configlib.ConfigError(f"config.mesh.clients={clients} does not divide {n} devices")
   if data == -1:
     data = n // clients
+  if clients * data < n and jax.process_count() == 1 and data >= 1:
+    # A smaller mesh on one host (e.g. to compare 1-device and 8-device runs): the first devices.
+    devices, n = devices[:clients * data], clients * data
   if clients * data != n:
     raise configlib.ConfigError(
         f"config.mesh clients={clients} x data={data} != {n} available devices")

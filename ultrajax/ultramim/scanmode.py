@@ -42,6 +42,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.ndimage
 
 ORIENTATIONS = ("correct", "official_code")
 _BAND = 1.0 / 255.0
@@ -84,8 +85,14 @@ def _fan(h: int, w: int, fan_angle_deg: float, inner_radius: float, orientation:
 def _sample(images, rows: np.ndarray, cols: np.ndarray):
   """Bilinear samples of every image and channel at the same points.
 
-  images: [B, H, W, C]; rows, cols: [h, w] -> [B, h, w, C].
+  images: [B, H, W, C]; rows, cols: [h, w] -> [B, h, w, C] float32. A numpy input is warped on
+  the host with scipy (the same interpolation), for data pipelines that prepare SMAT partners.
   """
+  if isinstance(images, np.ndarray):
+    planes = images.astype(np.float32).transpose(0, 3, 1, 2)
+    out = [[scipy.ndimage.map_coordinates(p, [rows, cols], order=1, mode="nearest") for p in img]
+           for img in planes]
+    return np.asarray(out, np.float32).transpose(0, 2, 3, 1)
   coords = [jnp.asarray(rows, jnp.float32), jnp.asarray(cols, jnp.float32)]
   def plane(x):
     return jax.scipy.ndimage.map_coordinates(x, coords, order=1, mode="nearest")
@@ -94,7 +101,10 @@ def _sample(images, rows: np.ndarray, cols: np.ndarray):
 
 def linear_to_convex(images, fan_angle_deg: float = 160.0, inner_radius: float = 120.0,
                      orientation: str = "correct"):
-  """Warps linear-probe images into sectors.  images: [B, H, W, C] -> [B, H, W, C], 0 outside the fan."""
+  """Warps linear-probe images into sectors.  images: [B, H, W, C] -> [B, H, W, C], 0 outside the fan.
+
+  jax arrays are warped on device; numpy arrays on the host (same values, float32 out).
+  """
   _, h, w, _ = images.shape
   f = _fan(h, w, fan_angle_deg, inner_radius, orientation)
   v, u = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -103,10 +113,11 @@ def linear_to_convex(images, fan_angle_deg: float = 160.0, inner_radius: float =
   rows = (r - f.r_row0) / f.r_step
   cols = (theta + f.half) / (2 * f.half) * w - 0.5
   out = _sample(images, rows, cols)
+  xp = np if isinstance(out, np.ndarray) else jnp
   if orientation == "official_code":
-    out = jnp.where((rows > h - 0.5)[..., None], _BAND, out)
+    out = xp.where((rows > h - 0.5)[..., None], _BAND, out)
   inside = (r >= f.r_min) & (r <= f.r_max) & (np.abs(theta) <= f.half)
-  return jnp.where(inside[..., None], out, 0.0)
+  return xp.where(inside[..., None], out, 0.0).astype(np.float32)
 
 
 def convex_to_linear(images, fan_angle_deg: float = 160.0, inner_radius: float = 120.0,
