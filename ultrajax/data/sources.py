@@ -1,0 +1,311 @@
+"""Data sources: random-access datasets of ultrasound records, one per client (site).
+
+A source has `name` (the client), `probe` ('linear' | 'convex' | '' when unknown or mixed), `__len__`
+and `__getitem__(i) -> dict`, so it is a Grain `RandomAccessDataSource` as it stands. Records hold
+`image` uint8 [H, W] (grey) or [H, W, 3] and, where known, `probe`, `organ`, `label`, `organ_mask`,
+`lesion_mask`, `path`. Sources keep only plain data (no open files, no lambdas) so they pickle into
+Grain worker processes.
+
+- PhantomSource / default_client_sources: the built-in phantom, laid out like UltraFedFM's 16 clients.
+- FolderSource / folder_clients: one client per sub-directory of image files.
+- manifest_clients: clients listed in a CSV file (image path, optional client, probe and extra columns).
+- pooled: several sources as one (centralized training).
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+import math
+import os
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from ultrajax.data import phantom
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
+ON_BAD_IMAGE = ('skip', 'raise')
+MIXED = 'mixed'   # PhantomSource organ: each record draws its organ from phantom.ORGANS
+
+# Probe per organ, our assumption (UltraFedFM's table gives no probes): linear for superficial organs,
+# convex for abdominal, fetal, cardiac (phased-array sectors look alike), lung and endorectal scans.
+ORGAN_PROBE = {'breast': 'linear', 'thyroid': 'linear', 'skin': 'linear', 'muscle': 'linear',
+               'nerve': 'linear', 'liver': 'convex', 'kidney': 'convex', 'heart': 'convex',
+               'fetal_head': 'convex', 'lung': 'convex', 'pancreas': 'convex', 'gallbladder': 'convex',
+               'colorectum': 'convex'}
+
+# UltraFedFM Table 1 (seeds/000_876f01d9d1dfc297.txt): client, main organ, number of images.
+# 'Fetal organs' -> fetal_head; PrivateUS (uterus, vessels, stomach, spleen, prostate, testis,
+# parotid, lymph nodes, over four modalities) has no phantom organ and draws from all of them.
+_TABLE_1 = (
+    ('BUV', 'breast', 25_727),
+    ('CLUST', 'liver', 35_626),
+    ('EchoNet-Dynamic', 'heart', 150_243),
+    ('FETAL-PLANES', 'fetal_head', 12_400),
+    ('TDSC-ABUS', 'breast', 126_918),
+    ('Leg-3D-US', 'muscle', 115_263),
+    ('Thyroid-Cine-clip', 'thyroid', 17_412),
+    ('SYSU-FLL-CEUS', 'liver', 118_485),
+    ('CAMUS', 'heart', 21_214),
+    ('COVID-BLUES', 'lung', 42_226),
+    ('NerveUS', 'nerve', 11_143),
+    ('LEPset', 'pancreas', 11_499),
+    ('FPUS', 'fetal_head', 20_378),
+    ('GBUSV', 'gallbladder', 10_553),
+    ('ERUS', 'colorectum', 63_426),
+    ('PrivateUS', MIXED, 235_633),
+)
+# (name, organ, probe, num_images) of UltraFedFM's 16 pretraining clients.
+DEFAULT_CLIENTS = tuple((name, organ, ORGAN_PROBE.get(organ, ''), n) for name, organ, n in _TABLE_1)
+
+
+class BadImageError(ValueError):
+  """An image file that cannot be decoded."""
+
+
+def _common_probe(probes) -> str:
+  probes = set(probes)
+  return probes.pop() if len(probes) == 1 else ''
+
+
+def _check_probe(probe: str, what: str) -> str:
+  if probe not in ('', *phantom.PROBES):
+    raise ValueError(f"{what}={probe!r} is not one of {('', *phantom.PROBES)}")
+  return probe
+
+
+class PhantomSource:
+  """`num_images` phantom records of one client; record i depends only on (seed, name, i).
+
+  organ: one of phantom.ORGANS, or MIXED (each record draws its organ, and with probe '' the
+  organ's probe from ORGAN_PROBE). probe: one of phantom.PROBES ('' only with MIXED).
+  """
+
+  def __init__(self, name: str, organ: str, probe: str, num_images: int, image_size: int, seed: int):
+    if organ not in (*phantom.ORGANS, MIXED):
+      raise ValueError(f"organ={organ!r} is not one of {(*phantom.ORGANS, MIXED)}")
+    if probe not in phantom.PROBES and not (probe == '' and organ == MIXED):
+      raise ValueError(f"probe={probe!r} is not one of {phantom.PROBES}")
+    if num_images < 1:
+      raise ValueError(f"num_images={num_images!r} is below 1")
+    self.name, self.organ, self.probe = name, organ, probe
+    self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
+    # A stable hash: Python's hash() of a str changes from process to process.
+    self._client_key = zlib.crc32(name.encode())
+
+  def __len__(self) -> int:
+    return self.num_images
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    if not 0 <= i < self.num_images:
+      raise IndexError(f"record {i} of client {self.name!r} with {self.num_images} records")
+    rng = np.random.default_rng([self.seed, self._client_key, i])
+    organ = phantom.ORGANS[rng.integers(len(phantom.ORGANS))] if self.organ == MIXED else self.organ
+    return phantom.generate(rng, organ, self.probe or ORGAN_PROBE[organ], self.image_size)
+
+
+def default_client_sources(scale: float, image_size: int, seed: int, num_clients: int = 16,
+                           min_images: int = 64) -> list[PhantomSource]:
+  """Phantom clients shaped like the first `num_clients` of DEFAULT_CLIENTS, each with
+  max(min_images, floor(count * scale)) images."""
+  if not 1 <= num_clients <= len(DEFAULT_CLIENTS):
+    raise ValueError(f"num_clients={num_clients!r} is not in 1..{len(DEFAULT_CLIENTS)}")
+  if not scale >= 0:
+    raise ValueError(f"scale={scale!r} is not >= 0")
+  return [PhantomSource(name, organ, probe, max(min_images, math.floor(n * scale)), image_size, seed)
+          for name, organ, probe, n in DEFAULT_CLIENTS[:num_clients]]
+
+
+def decode_image(path: str) -> np.ndarray:
+  """An image file as uint8 [H, W] (grey) or [H, W, 3] (colour); raises BadImageError.
+
+  Alpha is dropped (ultrasound exports use it only as opaque padding), palettes are expanded to
+  RGB, 16-bit grey is rounded to 8 bits (v / 257), 1-bit becomes {0, 255}.
+  """
+  try:
+    with Image.open(path) as img:
+      img.load()
+      if img.mode in ('L', 'RGB'):
+        return np.array(img, np.uint8)
+      if img.mode in ('1', 'LA'):
+        return np.array(img.convert('L'), np.uint8)
+      if img.mode.startswith('I'):  # I;16, I;16B, I: 16-bit grey
+        wide = np.clip(np.asarray(img, np.int64), 0, 65535)
+        return ((wide + 128) // 257).astype(np.uint8)
+      return np.array(img.convert('RGB'), np.uint8)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise BadImageError(f"cannot decode image {path}: {e}") from e
+
+
+class FolderSource:
+  """Image files of one client, decoded on access.
+
+  paths: image files (the record order). record_probes: a probe per record (default: `probe` for
+  all); `probe` is then their common value, or ''. extras: a dict of strings per record, merged into
+  it. on_bad_image: 'raise' (BadImageError naming the file) or 'skip' (warn once per file, return
+  the next decodable record, wrapping, so the length and record order stay fixed).
+  """
+
+  def __init__(self, name: str, paths: Sequence[str], probe: str = '', on_bad_image: str = 'skip', *,
+               record_probes: Sequence[str] | None = None, extras: Sequence[dict] | None = None):
+    if on_bad_image not in ON_BAD_IMAGE:
+      raise ValueError(f"on_bad_image={on_bad_image!r} is not one of {ON_BAD_IMAGE}")
+    if not paths:
+      raise ValueError(f"client {name!r} has no images")
+    for what, values in (('record_probes', record_probes), ('extras', extras)):
+      if values is not None and len(values) != len(paths):
+        raise ValueError(f"{what} has {len(values)} entries for {len(paths)} paths of client {name!r}")
+    self.name, self.paths, self.on_bad_image = name, [str(p) for p in paths], on_bad_image
+    if record_probes is None:
+      self.probe, self.record_probes = _check_probe(probe, 'probe'), None
+    else:
+      self.record_probes = [_check_probe(p, f"probe of {path}") for p, path in zip(record_probes, paths)]
+      self.probe = _common_probe(self.record_probes)
+    self.extras = None if extras is None else [dict(e) for e in extras]
+    self._warned: set[str] = set()
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def _record(self, i: int) -> dict:
+    record = {'image': decode_image(self.paths[i]), 'path': self.paths[i],
+              'probe': self.probe if self.record_probes is None else self.record_probes[i]}
+    if self.extras is not None:
+      record.update(self.extras[i])
+    return record
+
+  def __getitem__(self, i: int) -> dict:
+    n = len(self.paths)
+    i = int(i)
+    if not 0 <= i < n:
+      raise IndexError(f"record {i} of client {self.name!r} with {n} records")
+    for j in range(i, i + n):
+      try:
+        return self._record(j % n)
+      except BadImageError as e:
+        if self.on_bad_image == 'raise':
+          raise
+        path = self.paths[j % n]
+        if path not in self._warned:
+          self._warned.add(path)
+          logging.warning("%s; client %r serves the next decodable image in its place", e, self.name)
+    raise BadImageError(f"client {self.name!r}: none of its {n} images decodes (first: {self.paths[0]})")
+
+
+def _is_image(name: str) -> bool:
+  # Dot files are metadata (macOS '._x.png' AppleDouble files are not images).
+  return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _images_under(folder: str) -> list[str]:
+  """Image files anywhere below `folder` (symlinks followed, hidden entries skipped), sorted."""
+  found = []
+  for parent, dirs, files in os.walk(folder, followlinks=True):
+    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    found += [os.path.join(parent, f) for f in files if _is_image(f)]
+  return sorted(found)
+
+
+def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip') -> list[FolderSource]:
+  """One client per immediate sub-directory of `root` (sorted by name), holding the png/jpg/jpeg/bmp
+  files found anywhere below it. A root with images and no sub-directories is a single client named
+  after the root. Raises FileNotFoundError for a missing root and ValueError for a sub-directory
+  without images, a root without any, or images directly in a root that also has sub-directories.
+  """
+  root = os.fspath(root)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"image folder root {root} does not exist or is not a directory")
+  entries = sorted(e for e in os.listdir(root) if not e.startswith('.'))
+  subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+  loose = [os.path.join(root, e) for e in entries if _is_image(e) and e not in subdirs]
+  if not subdirs:
+    if not loose:
+      raise ValueError(f"image folder root {root} has no sub-directories containing images (and no images)")
+    return [FolderSource(os.path.basename(os.path.abspath(root)), loose, probe, on_bad_image)]
+  if loose:
+    raise ValueError(f"image folder root {root} has {len(loose)} images next to its client "
+                     f"sub-directories (e.g. {loose[0]}); move them into a sub-directory")
+  clients = []
+  for d in subdirs:
+    paths = _images_under(os.path.join(root, d))
+    if not paths:
+      raise ValueError(f"client sub-directory {os.path.join(root, d)} contains no "
+                       f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images")
+    clients.append(FolderSource(d, paths, probe, on_bad_image))
+  return clients
+
+
+def manifest_clients(csv_path: str, image_column: str = 'image', client_column: str = 'client',
+                     probe_column: str = 'probe', default_probe: str = '', on_bad_image: str = 'skip',
+                     extra_columns: tuple[str, ...] = ()) -> list[FolderSource]:
+  """Clients listed in a CSV file, in order of first appearance.
+
+  Image paths are relative to the CSV's directory (absolute ones are kept). Without `client_column`
+  in the header all rows form one client named after the CSV's stem; without `probe_column` every
+  record has `default_probe` (as does an empty probe cell). `extra_columns` are copied into each
+  record as strings. Raises ValueError for a missing column or an empty manifest and
+  FileNotFoundError for a missing CSV or missing images.
+  """
+  csv_path = os.fspath(csv_path)
+  _check_probe(default_probe, 'default_probe')
+  if not os.path.isfile(csv_path):
+    raise FileNotFoundError(f"manifest {csv_path} does not exist")
+  with open(csv_path, newline='', encoding='utf-8-sig') as f:
+    reader = csv.DictReader(f)
+    columns = list(reader.fieldnames or ())
+    rows = list(reader)
+  for column in (image_column, *extra_columns):
+    if column not in columns:
+      raise ValueError(f"manifest {csv_path} has no column {column!r}; its columns are {columns}")
+  if not rows:
+    raise ValueError(f"manifest {csv_path} lists no images")
+  base = os.path.dirname(os.path.abspath(csv_path))
+  stem = os.path.splitext(os.path.basename(csv_path))[0]
+  groups: dict[str, list[dict]] = {}
+  for n, row in enumerate(rows, start=2):  # line 1 is the header
+    client = row[client_column] if client_column in columns else stem
+    if not client:
+      raise ValueError(f"manifest {csv_path} line {n}: empty {client_column!r}")
+    groups.setdefault(client, []).append(row)
+  missing = [p for p in (os.path.join(base, r[image_column]) for r in rows) if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"manifest {csv_path}: {len(missing)} of {len(rows)} images are missing, "
+                            f"e.g. {missing[:3]}")
+  clients = []
+  for client, group in groups.items():
+    probes = [(r[probe_column] if probe_column in columns else '') or default_probe for r in group]
+    clients.append(FolderSource(
+        client, [os.path.join(base, r[image_column]) for r in group], on_bad_image=on_bad_image,
+        record_probes=probes,
+        extras=[{c: r[c] or '' for c in extra_columns} for r in group] if extra_columns else None))
+  return clients
+
+
+class PooledSource:
+  """Sources concatenated: record i of the pool is record i - offset[k] of source k."""
+
+  def __init__(self, sources: Sequence, name: str):
+    if not sources:
+      raise ValueError("pooled() needs at least one source")
+    self.sources, self.name = list(sources), name
+    self.probe = _common_probe(s.probe for s in self.sources)
+    self._ends = np.cumsum([len(s) for s in self.sources]).tolist()
+
+  def __len__(self) -> int:
+    return self._ends[-1]
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f"record {i} of client {self.name!r} with {len(self)} records")
+    k = bisect.bisect_right(self._ends, i)
+    return self.sources[k][i - (self._ends[k - 1] if k else 0)]
+
+
+def pooled(sources: Sequence, name: str = 'pooled') -> PooledSource:
+  """One source holding every record of `sources` in order; probe = their common probe, or ''."""
+  return PooledSource(sources, name)
