@@ -1,0 +1,177 @@
+"""Masked autoencoder (MAE, He et al. 2022) on top of `vit.ViT`, and its norm-pix loss.
+
+Mirrors facebookresearch/mae `models_mae.py`: the encoder sees only the visible patches (with
+their fixed sin-cos positions and the cls token), a lighter decoder re-inserts a shared mask
+token at the masked positions, adds its own fixed positions and predicts every patch's pixels.
+Unlike MAE the mask is an input (UltraMIM's texture-guided masks come from ultrajax.ultramim).
+"""
+from __future__ import annotations
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ultrajax import configlib
+from ultrajax.models import posemb, vit
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def normalize(images01):
+  """images01: [..., 3] RGB in [0, 1] -> (x - mean) / std with ImageNet statistics, float32."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return (jnp.asarray(images01, jnp.float32) - mean) / std
+
+
+def patchify(images, p: int):
+  """images: [B, H, W, C] -> [B, N, p*p*C]: patches in raster order, each flattened over
+  (row in patch, column in patch, channel), MAE's 'nchpwq->nhwpqc' order."""
+  return einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+
+
+def unpatchify(x, p: int, h: int, w: int):
+  """x: [B, N, p*p*C] -> images [B, h, w, C] (h, w in pixels); inverse of `patchify`."""
+  return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=h // p, w=w // p, p=p, q=p)
+
+
+def _check_mask(mask, num_patches: int, len_keep: int) -> None:
+  if mask.ndim != 2 or mask.shape[1] != num_patches:
+    raise ValueError(f"mask must be [B, {num_patches}] (True = masked), got {mask.shape}")
+  if isinstance(mask, jax.core.Tracer):
+    return  # values unknown while tracing; checked on every eager call
+  kept = np.sum(~np.asarray(mask, bool), axis=1)
+  if np.any(kept != len_keep):
+    raise ValueError(f"every mask row must keep exactly len_keep={len_keep} of {num_patches} "
+                     f"patches (int(N * (1 - mask_ratio))); rows keep {sorted(set(kept.tolist()))}")
+
+
+class MAE(nnx.Module):
+  """MAE: ViT encoder on visible patches + transformer decoder predicting all patches' pixels.
+
+  The mask is given per call; each row must keep exactly len_keep = int(N * (1 - mask_ratio))
+  patches (mask_ratio is static, so shapes are too). Eager calls check this; under jit it
+  cannot be checked, and a row keeping more patches would silently drop the extras.
+  """
+
+  def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
+               image_size: int, decoder_width: int = 512, decoder_depth: int = 8,
+               decoder_heads: int = 16, mask_ratio: float = 0.75, mlp_ratio: float = 4.0,
+               drop_path_rate: float = 0.0, dtype=jnp.float32, remat: bool = False,
+               rngs: nnx.Rngs):
+    if not 0.0 <= mask_ratio < 1.0:
+      raise ValueError(f"mask_ratio={mask_ratio!r} is not in [0, 1)")
+    self.mask_ratio, self.remat = float(mask_ratio), remat
+    self.decoder_width = decoder_width
+    self.encoder = vit.ViT(width=width, depth=depth, num_heads=num_heads, patch_size=patch_size,
+                           image_size=image_size, mlp_ratio=mlp_ratio, pool="none",
+                           drop_path_rate=drop_path_rate, dtype=dtype, remat=remat, rngs=rngs)
+    self.decoder_embed = vit.linear(width, decoder_width, dtype=dtype, rngs=rngs)
+    self.mask_token = nnx.Param(vit.token_init(rngs.params(), (1, 1, decoder_width), jnp.float32))
+    self.decoder_blocks = nnx.List([
+        vit.Block(decoder_width, decoder_heads, mlp_ratio=mlp_ratio, dtype=dtype, rngs=rngs)
+        for _ in range(decoder_depth)])
+    self.decoder_norm = vit.layer_norm(decoder_width, dtype=dtype, rngs=rngs)
+    self.decoder_pred = vit.linear(decoder_width, patch_size * patch_size * 3, dtype=dtype,
+                                   rngs=rngs)
+
+  @property
+  def len_keep(self) -> int:
+    return int(self.encoder.num_patches * (1.0 - self.mask_ratio))
+
+  def __call__(self, images, mask, *, key=None):
+    """images: [B, H, W, 3] normalized; mask: [B, N] bool, True = masked.
+
+    key: the encoder's stochastic depth (None = deterministic).
+    Returns pred [B, N, p*p*3] float32 for every patch (the loss uses the masked ones).
+    """
+    n, len_keep = self.encoder.num_patches, self.len_keep
+    _check_mask(mask, n, len_keep)
+    # Stable sort puts the visible patches first, each group in increasing index order;
+    # `restore` is MAE's ids_restore, the inverse permutation.
+    ids = jnp.argsort(mask.astype(jnp.int32), axis=1, stable=True)
+    restore = jnp.argsort(ids, axis=1)
+    latent = self.encoder.encode(images, key=key, visible_ids=ids[:, :len_keep])
+
+    x = self.decoder_embed(latent)  # [B, 1 + len_keep, Dd]
+    mask_tokens = jnp.broadcast_to(self.mask_token[...].astype(x.dtype),
+                                   (x.shape[0], n - len_keep, self.decoder_width))
+    patches = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
+    patches = jnp.take_along_axis(patches, restore[..., None], axis=1)  # un-shuffle
+    x = jnp.concatenate([x[:, :1], patches], axis=1)
+    grid = self.encoder.grid
+    x = x + jnp.asarray(posemb.sincos_2d(grid, grid, self.decoder_width, cls_token=True), x.dtype)
+    x, _ = vit.run_blocks(self.decoder_blocks, x, None, remat=self.remat)
+    pred = self.decoder_pred(self.decoder_norm(x))
+    return pred[:, 1:].astype(jnp.float32)
+
+
+def mae_loss(pred, target_images, mask, patch_size: int, norm_pix: bool = True):
+  """MAE's loss: mean squared error per patch, averaged over the masked patches.
+
+  pred: [B, N, P]; target_images: [B, H, W, 3] (normalized, clean); mask: [B, N], True = masked.
+  norm_pix: per-patch (t - mean) / sqrt(var + 1e-6) with the unbiased variance (torch .var).
+  Returns (loss scalar over all masked patches of the batch, per-image loss [B]); float32.
+  """
+  target = patchify(jnp.asarray(target_images, jnp.float32), patch_size)
+  if norm_pix:
+    mean = target.mean(axis=-1, keepdims=True)
+    var = target.var(axis=-1, keepdims=True, ddof=1)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  per_patch = jnp.mean((jnp.asarray(pred, jnp.float32) - target) ** 2, axis=-1)  # [B, N]
+  m = mask.astype(jnp.float32)
+  per_image = (per_patch * m).sum(axis=1) / m.sum(axis=1)
+  return (per_patch * m).sum() / m.sum(), per_image
+
+
+def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model") -> MAE:
+  """Builds an MAE from a model ConfigDict; invalid values raise ConfigError naming the field.
+
+  Fields: variant ('B/16' style, or '' to use width/depth/num_heads/patch_size), image_size,
+  decoder_width/depth/heads, mask_ratio, drop_path_rate, dtype ('float32' | 'bfloat16'),
+  optional remat (default False). `path` is where the caller keeps this config (for messages).
+  """
+  def get(name):
+    if name not in model_config:
+      raise configlib.ConfigError(f"{path}.{name} is missing")
+    return model_config[name]
+
+  def require(ok: bool, name: str, what: str):
+    if not ok:
+      raise configlib.ConfigError(f"{path}.{name}={model_config[name]!r} must be {what}")
+
+  def positive_int(value) -> bool:
+    return isinstance(value, int) and value > 0
+
+  variant = get("variant")
+  if variant:
+    try:
+      width, depth, heads, patch = vit.parse_variant(variant)
+    except ValueError as e:
+      raise configlib.ConfigError(f"{path}.variant: {e}") from None
+  else:
+    width, depth, heads, patch = (get(n) for n in ("width", "depth", "num_heads", "patch_size"))
+    for name in ("width", "depth", "num_heads", "patch_size"):
+      require(positive_int(model_config[name]), name,
+              f"a positive integer when {path}.variant is ''")
+    require(width % heads == 0 and width % 4 == 0, "width",
+            "divisible by num_heads and by 4")
+  image_size = get("image_size")
+  require(positive_int(image_size) and image_size % patch == 0, "image_size",
+          f"a positive multiple of the patch size {patch}")
+  dw, dd, dh = get("decoder_width"), get("decoder_depth"), get("decoder_heads")
+  require(isinstance(dd, int) and dd >= 0, "decoder_depth", "a non-negative integer")
+  require(positive_int(dh), "decoder_heads", "a positive integer")
+  require(positive_int(dw) and dw % dh == 0 and dw % 4 == 0, "decoder_width",
+          "a positive integer divisible by decoder_heads and by 4")
+  require(0.0 <= get("mask_ratio") < 1.0, "mask_ratio", "in [0, 1)")
+  require(0.0 <= get("drop_path_rate") < 1.0, "drop_path_rate", "in [0, 1)")
+  require(get("dtype") in DTYPES, "dtype", f"one of {tuple(DTYPES)}")
+  return MAE(width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=image_size,
+             decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
+             mask_ratio=get("mask_ratio"), drop_path_rate=get("drop_path_rate"),
+             dtype=DTYPES[get("dtype")], remat=bool(model_config.get("remat", False)), rngs=rngs)

@@ -1,0 +1,250 @@
+"""Vision Transformer as MAE builds it (timm block layout, fixed 2-D sin-cos positions).
+
+Parameter names mirror timm's `VisionTransformer` (patch_embed, cls_token, blocks.i.{norm1,
+attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm | fc_norm, head), so converting weights is a
+rename plus transposes (ultrajax/interop/timm_vit.py). The model holds only `nnx.Param` state:
+callers split it with `nnx.split(model, nnx.Param)` and merge inside their jitted functions.
+Randomness (stochastic depth) comes in as an explicit `key`; key=None is deterministic.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Sequence
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ultrajax.models import posemb
+
+# name -> (width, depth, heads)
+VARIANTS = {
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+POOLS = ("cls", "gap", "none")
+LN_EPS = 1e-6
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+token_init = nnx.initializers.normal(0.02)
+# MAE's fine-tuning sets trunc_normal_(head.weight, std=2e-5) with bounds +-2 (absolute), which
+# at that std is an untruncated normal.
+head_init = nnx.initializers.normal(2e-5)
+# MAE initialises the patch-embed conv "like nn.Linear": xavier over the [D, p*p*3] view, i.e.
+# fan_in = p*p*3 and fan_out = D; Flax's conv default would count fan_out as p*p*D.
+patch_kernel_init = nnx.initializers.variance_scaling(
+    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+
+
+def parse_variant(variant: str) -> tuple[int, int, int, int]:
+  """'B/16' -> (width, depth, heads, patch) = (768, 12, 12, 16)."""
+  match = re.fullmatch(r"(Ti|S|B|L|H)/(\d+)", variant)
+  if not match:
+    raise ValueError(f"ViT variant {variant!r} is not '<{'|'.join(VARIANTS)}>/<patch size>', "
+                     "e.g. 'B/16'")
+  return (*VARIANTS[match.group(1)], int(match.group(2)))
+
+
+def linear(din: int, dout: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True,
+           kernel_init=xavier_uniform) -> nnx.Linear:
+  """MAE's nn.Linear init (xavier-uniform kernel, zero bias); float32 params, `dtype` compute."""
+  return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros,
+                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm(eps=1e-6), ones/zeros init. Flax computes the statistics in float32 at least;
+  the two-pass variance matches torch instead of E[x^2] - E[x]^2, which cancels badly."""
+  return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32,
+                       use_fast_variance=False, rngs=rngs)
+
+
+def drop_path(x, rate: float, key):
+  """Stochastic depth on a residual branch x: [B, ...]: drops whole samples, rescales the rest.
+
+  key=None or rate=0 -> identity (evaluation).
+  """
+  if key is None or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(key, keep, shape)
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection (timm layout: 3 x heads x head_dim)."""
+
+  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, dtype, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.proj = linear(dim, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    """x: [B, N, D] -> [B, N, D]."""
+    q, k, v = einops.rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3,
+                               h=self.num_heads)
+    out = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as timm
+    return self.proj(einops.rearrange(out, "b n h d -> b n (h d)"))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact GELU -> fc2 (timm's Mlp with nn.GELU)."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = linear(hidden, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    """x: [B, N, D] -> [B, N, D]. Exact (erf) GELU, as torch nn.GELU(); JAX defaults to tanh."""
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + DropPath(attn(norm1 x)), then x + DropPath(mlp(norm2 x))."""
+
+  def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+               drop_path_rate: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.drop_path_rate = float(drop_path_rate)
+    self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, key=None):
+    """x: [B, N, D] -> [B, N, D]; key: stochastic depth (None = deterministic)."""
+    k1, k2 = (None, None) if key is None else jax.random.split(key)
+    x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, k1)
+    return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, k2)
+
+
+def _apply_block(graphdef, state, x, key):
+  return nnx.merge(graphdef, state)(x, key)
+
+
+def run_blocks(blocks: Sequence[Block], x, key, *, remat: bool, collect: Sequence[int] = ()):
+  """Applies blocks in order. x: [B, N, D] -> (x, outputs of the 1-based blocks in `collect`).
+
+  key=None is deterministic, otherwise it is split once per block. remat recomputes each block's
+  activations in the backward pass (jax.checkpoint over the block's split state, so it stays a
+  plain JAX transform under the functional boundary).
+  """
+  keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
+  outputs = []
+  for i, (block, block_key) in enumerate(zip(blocks, keys), start=1):
+    if remat:
+      graphdef, state = nnx.split(block)
+      x = jax.checkpoint(functools.partial(_apply_block, graphdef))(state, x, block_key)
+    else:
+      x = block(x, block_key)
+    if i in collect:
+      outputs.append(x)
+  return x, outputs
+
+
+class ViT(nnx.Module):
+  """ViT encoder / classifier with MAE's fixed sin-cos positions and timm parameter names.
+
+  pool: 'cls'  -> final norm, cls token features [B, D];
+        'gap'  -> mean of the patch tokens, then `fc_norm` (no final norm): MAE fine-tuning's
+                  global_pool, timm's global_pool='avg';
+        'none' -> every token after the final norm [B, 1 + N, D].
+  num_classes > 0 adds a linear `head` on the pooled features ('cls' and 'gap' only).
+  Computation runs in `dtype` (bfloat16 for speed); parameters and outputs are float32.
+  """
+
+  def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
+               image_size: int, mlp_ratio: float = 4.0, pool: str = "cls", num_classes: int = 0,
+               drop_path_rate: float = 0.0, qkv_bias: bool = True, dtype=jnp.float32,
+               remat: bool = False, rngs: nnx.Rngs):
+    if pool not in POOLS:
+      raise ValueError(f"pool={pool!r} is not one of {POOLS}")
+    if pool == "none" and num_classes:
+      raise ValueError("pool='none' returns tokens and cannot have a head (num_classes > 0)")
+    if image_size % patch_size:
+      raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    self.width, self.depth, self.patch_size, self.image_size = width, depth, patch_size, image_size
+    self.pool, self.num_classes, self.remat = pool, num_classes, remat
+    self.grid = image_size // patch_size
+    # Zero conv bias like every other bias (MAE leaves torch's default U(+-1/sqrt(p*p*3)) here).
+    self.patch_embed = nnx.Conv(3, width, (patch_size, patch_size), strides=patch_size,
+                                padding="VALID", kernel_init=patch_kernel_init, bias_init=zeros,
+                                dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, width), jnp.float32))
+    # Stochastic depth rate grows linearly over the blocks, as timm/MAE: 0 ... drop_path_rate.
+    rates = np.linspace(0.0, drop_path_rate, depth)
+    self.blocks = nnx.List([
+        Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=r,
+              dtype=dtype, rngs=rngs) for r in rates])
+    if pool == "gap":
+      self.fc_norm = layer_norm(width, dtype=dtype, rngs=rngs)
+    else:
+      self.norm = layer_norm(width, dtype=dtype, rngs=rngs)
+    if num_classes:
+      self.head = linear(width, num_classes, kernel_init=head_init, dtype=dtype, rngs=rngs)
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid * self.grid
+
+  def embed(self, images):
+    """images: [B, H, W, 3] (normalized) -> patch tokens + fixed positions [B, N, D] in dtype."""
+    expected = (self.image_size, self.image_size, 3)
+    if tuple(images.shape[1:]) != expected:
+      raise ValueError(f"ViT expects images [B, {', '.join(map(str, expected))}], "
+                       f"got {tuple(images.shape)}")
+    x = einops.rearrange(self.patch_embed(images), "b h w d -> b (h w) d")
+    pos = posemb.sincos_2d(self.grid, self.grid, self.width)
+    return x + jnp.asarray(pos, x.dtype)
+
+  def encode(self, images, *, key=None, visible_ids=None, return_blocks: Sequence[int] = ()):
+    """images: [B, H, W, 3] -> tokens [B, 1 + N', D] float32.
+
+    visible_ids: [B, Nv] int, patch indices to keep (after the position embedding is added, as
+      MAE's random_masking); N' = Nv, else N' = N.
+    return_blocks: 1-based block indices, e.g. (4, 6, 8, 12); then returns (tokens, [outputs of
+      those blocks before the final norm, each [B, 1 + N', D] float32]).
+    The tokens come after the final norm, except for pool='gap', which has none (its norm,
+    `fc_norm`, follows the pooling).
+    """
+    bad = [i for i in return_blocks if not 1 <= i <= self.depth]
+    if bad:
+      raise ValueError(f"return_blocks {bad} are outside 1..{self.depth}")
+    x = self.embed(images)
+    if visible_ids is not None:
+      x = jnp.take_along_axis(x, visible_ids[..., None], axis=1)
+    # The cls token's position embedding is the zero row of MAE's table: nothing to add.
+    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, self.width))
+    x = jnp.concatenate([cls, x], axis=1)
+    x, outputs = run_blocks(self.blocks, x, key, remat=self.remat, collect=return_blocks)
+    if self.pool != "gap":
+      x = self.norm(x)
+    x = x.astype(jnp.float32)
+    if return_blocks:
+      return x, [o.astype(jnp.float32) for o in outputs]
+    return x
+
+  def __call__(self, images, *, key=None):
+    """images: [B, H, W, 3] -> features [B, D], logits [B, num_classes] or tokens [B, 1+N, D].
+
+    key: stochastic depth; None = deterministic. Output float32.
+    """
+    x = self.encode(images, key=key)
+    if self.pool == "none":
+      return x
+    if self.pool == "cls":
+      feats = x[:, 0]
+    else:
+      feats = self.fc_norm(x[:, 1:].mean(axis=1))
+    if self.num_classes:
+      feats = self.head(feats)
+    return feats.astype(jnp.float32)
