@@ -1,0 +1,150 @@
+"""End-to-end pretraining job: smoke runs, resume after a crash, meshes, bad input, real images."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from ultrajax import configlib
+from ultrajax.jobs import pretrain
+from ultrajax.train import checkpoint, writers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def smoke_config(**overrides):
+  config = configlib.load_config_module(CONFIGS / "pretrain_fed.py").get_config("smoke")
+  config.mesh.update(clients=1, data=1)
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def losses_by_round(workdir):
+  return {row["round"]: row for row in writers.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+          if "round" in row}
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_smoke_run_writes_metrics_images_and_checkpoint(tmp_path):
+  params = pretrain.run(smoke_config(), tmp_path)
+  rows = losses_by_round(tmp_path)
+  assert sorted(rows) == [1, 2]
+  for row in rows.values():
+    assert np.isfinite(row["loss"]) and row["img_per_s"] > 0
+    assert {"loss/client_00", "loss/client_01", "lr", "s_per_round"} <= set(row)
+  assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == [
+      "round_00001.png", "round_00002.png"]
+  assert_trees_equal(checkpoint.load_params(tmp_path), params)
+
+
+def test_crash_and_resume_is_bitwise_identical(tmp_path):
+  """Killed after round 3 with the last checkpoint at round 2: the resumed run redoes round 3
+  and ends with exactly the losses and parameters of a run that never stopped."""
+  config = smoke_config(**{"fed.num_rounds": 4, "ckpt_every_rounds": 2})
+  straight = pretrain.run(config, tmp_path / "straight")
+  pretrain.run(config, tmp_path / "crashed", stop_after_rounds=3)
+  assert sorted(losses_by_round(tmp_path / "crashed")) == [1, 2, 3]
+  resumed = pretrain.run(config, tmp_path / "crashed")
+  a, b = losses_by_round(tmp_path / "straight"), losses_by_round(tmp_path / "crashed")
+  assert sorted(b) == [1, 2, 3, 4]
+  for r in a:
+    assert a[r]["loss"] == b[r]["loss"], r
+    assert a[r]["loss/client_01"] == b[r]["loss/client_01"], r
+  assert_trees_equal(straight, resumed)
+
+
+def test_one_device_and_eight_devices_agree(tmp_path):
+  one = pretrain.run(smoke_config(), tmp_path / "one")
+  eight = pretrain.run(smoke_config(**{"mesh.clients": 2, "mesh.data": 4}), tmp_path / "eight")
+  a, b = losses_by_round(tmp_path / "one"), losses_by_round(tmp_path / "eight")
+  for r in a:
+    np.testing.assert_allclose(a[r]["loss"], b[r]["loss"], rtol=1e-4)
+  for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
+
+
+def test_centralized_config_pools_clients(tmp_path):
+  config = configlib.load_config_module(CONFIGS / "pretrain_central.py").get_config("smoke")
+  config.mesh.update(clients=1, data=1)
+  pretrain.run(config, tmp_path)
+  assert [k for k in losses_by_round(tmp_path)[1] if k.startswith("loss/client")] == [
+      "loss/client_00"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.batch_size": 6, "mesh.clients": 1, "mesh.data": 4}, "batch_size=6"),
+    ({"ultramim.tgm_mode": "textured"}, "ultramim.tgm_mode"),
+    ({"model.mask_ratio": 1.0}, "model.mask_ratio"),
+    ({"data.source": "folder"}, "data.root"),
+])
+def test_bad_config_fails_naming_the_field(tmp_path, overrides, message):
+  with pytest.raises(configlib.ConfigError, match=message.replace(".", r"\.")):
+    pretrain.run(smoke_config(**overrides), tmp_path)
+
+
+def _write_client_folders(root, num_clients=2, num_images=8, size=40):
+  rng = np.random.default_rng(0)
+  for c in range(num_clients):
+    (root / f"site_{c}").mkdir(parents=True)
+    for i in range(num_images):
+      Image.fromarray(rng.integers(0, 256, (size, size + 8), np.uint8)).save(
+          root / f"site_{c}" / f"{i}.png")
+
+
+def test_folder_clients_missing_empty_and_unreadable(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    pretrain.run(smoke_config(**{"data.source": "folder", "data.root": str(tmp_path / "nowhere")}),
+                 tmp_path / "w0")
+  root = tmp_path / "clients"
+  _write_client_folders(root)
+  (root / "site_empty").mkdir()
+  with pytest.raises(ValueError, match="site_empty"):
+    pretrain.run(smoke_config(**{"data.source": "folder", "data.root": str(root)}), tmp_path / "w1")
+  (root / "site_empty").rmdir()
+  (root / "site_1" / "broken.png").write_bytes(b"not a png")
+  config = smoke_config(**{"data.source": "folder", "data.root": str(root), "data.probe": "linear",
+                           "data.on_bad_image": "raise", "fed.num_rounds": 1})
+  with pytest.raises(ValueError, match="broken.png"):
+    pretrain.run(config, tmp_path / "w2")
+  config.data.on_bad_image = "skip"
+  pretrain.run(config, tmp_path / "w3")
+  assert losses_by_round(tmp_path / "w3")[1]["loss"] > 0
+
+
+def test_round_on_real_ultrasound_manifest(tmp_path, real_us):
+  config = smoke_config(**{"data.source": "manifest", "data.manifest": str(real_us / "hc18" / "labels.csv"),
+                           "data.probe": "convex", "data.batch_size": 32, "fed.num_rounds": 1,
+                           "fed.chunk_steps": 4})
+  pretrain.run(config, tmp_path)
+  row = losses_by_round(tmp_path)[1]
+  assert np.isfinite(row["loss"]) and (tmp_path / "images" / "round_00001.png").exists()
+
+
+def _main(args, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, "-m", "ultrajax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_main_runs_smoke_preset_and_rejects_unknown_fields(tmp_path):
+  ok = _main(["--config=configs/pretrain_fed.py:smoke", f"--workdir={tmp_path}/w"], tmp_path)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert "Total:" in ok.stderr  # clu's parameter overview
+  assert sorted(losses_by_round(tmp_path / "w")) == [1, 2]
+  bad = _main(["--config=configs/pretrain_fed.py:smoke", "--config.model.widht=3",
+               f"--workdir={tmp_path}/bad"], tmp_path)
+  assert bad.returncode != 0 and "widht" in bad.stderr

@@ -1,0 +1,113 @@
+r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
+
+  pretrain  MAE/UltraMIM training step, centralized vs federated (C vmapped clients) at the
+            same total batch: img/s, ms per step, ms per round (aggregation + broadcast
+            included), TFLOP/s per device (XLA's count of the compiled program) and MFU.
+            Default config: configs/pretrain_fed.py (ViT-B/16 at 224); on a CPU try
+            --config=configs/pretrain_fed.py:cpu.
+
+Data comes from device-resident random images so that the figures measure the compiled
+program; the Grain pipeline is measured by the job's own img/s log line. Record results with
+the machine and the exact command in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from ultrajax.fed import aggregate
+from ultrajax.jobs import pretrain
+from ultrajax.models import mae
+from ultrajax.train import optimizer, perf, sharding
+
+_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "pretrain_fed.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Pretraining config.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed chunk calls per mode (after one warm-up).")
+_CLIENTS = flags.DEFINE_integer("clients", 0, "Federated clients (0: config.data.num_clients).")
+
+
+def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
+  """Times one compiled chunk of K local steps for `num_clients` clients of `batch` images."""
+  config = config.copy_and_resolve_references()
+  config.data.batch_size = batch
+  k = config.fed.chunk_steps
+  abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  abstract_params = nnx.to_pure_dict(abstract_params)
+  tx = optimizer.adamw(config.optim, abstract_params)
+  programs = pretrain.Programs(config, mesh, graphdef, abstract_params, tx, num_clients)
+  params = programs.init_params(jax.random.key(0))
+  opt_state = programs.init_opt(programs.broadcast(params))
+  s = config.model.image_size
+  images = jax.jit(
+      lambda key: jax.random.randint(key, (num_clients, k, batch, s, s, 3), 0, 256).astype(np.uint8),
+      out_shardings=programs.batch_sharding)(jax.random.key(1))
+  put = pretrain._put
+  rest = (put(np.ones((num_clients, k), bool), programs.vector),
+          put(np.arange(k, dtype=np.int32), programs.replicated),
+          put(np.full((num_clients,), 1000.0, np.float32), programs.vector),
+          put(np.int32(5), programs.replicated), jax.random.key(2))
+  weights = put(aggregate.client_weights(np.ones(num_clients), "uniform"), programs.replicated)
+
+  t0 = time.perf_counter()
+  client_params = programs.broadcast(params)
+  client_params, opt_state, losses = programs.run_chunk(client_params, opt_state, images, *rest)
+  jax.block_until_ready(losses)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    client_params, opt_state, losses = programs.run_chunk(client_params, opt_state, images, *rest)
+  jax.block_until_ready(losses)
+  chunk_s = (time.perf_counter() - t0) / steps
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    client_params = programs.broadcast(programs.aggregate(client_params, weights))
+  jax.block_until_ready(client_params)
+  sync_s = (time.perf_counter() - t0) / steps
+  flops = programs.chunk_flops
+  tflops = flops / chunk_s / 1e12 if flops else None
+  return dict(clients=num_clients, batch=batch, img_per_s=num_clients * batch * k / chunk_s,
+              ms_per_step=1e3 * chunk_s / k, ms_aggregate=1e3 * sync_s, compile_s=compile_s,
+              tflops=tflops, mfu=perf.mfu(tflops * 1e12) if tflops else None)
+
+
+def bench_pretrain(config, steps: int, clients: int) -> None:
+  pretrain.validate(config)
+  clients = clients or config.data.num_clients
+  mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
+  batch = config.data.batch_size
+  dev = jax.devices()[0]
+  print(f"# pretrain benchmark: {config.model.variant or 'custom'} at {config.model.image_size}px, "
+        f"dtype {config.model.dtype}, chunk of {config.fed.chunk_steps} steps, "
+        f"{jax.device_count()} x {dev.device_kind}, mesh {dict(mesh.shape)}")
+  print(f"{'mode':<12}{'clients':>8}{'batch':>7}{'img/s':>10}{'ms/step':>10}{'ms/round+':>10}"
+        f"{'TFLOP/s/dev':>13}{'MFU':>7}{'compile s':>11}")
+  with jax.set_mesh(mesh):
+    for name, c, b in (("central", 1, clients * batch), ("federated", clients, batch)):
+      r = _time_mode(config, mesh, c, b, steps)
+      mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+      tflops = f"{r['tflops']:.2f}" if r["tflops"] else "-"
+      print(f"{name:<12}{r['clients']:>8}{r['batch']:>7}{r['img_per_s']:>10.1f}"
+            f"{r['ms_per_step']:>10.1f}{r['ms_aggregate']:>10.1f}{tflops:>13}{mfu:>7}"
+            f"{r['compile_s']:>11.1f}")
+  print("ms/round+: aggregation + broadcast, paid once per round on top of the local steps.")
+
+
+BENCHMARKS = {"pretrain": bench_pretrain}
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in BENCHMARKS:
+    raise app.UsageError(f"usage: python -m ultrajax.bench {{{'|'.join(BENCHMARKS)}}} [flags]")
+  BENCHMARKS[argv[1]](_CONFIG.value, _STEPS.value, _CLIENTS.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,385 @@
+"""MAE / UltraMIM pretraining across clients: federated (UltraFedFM) or centralized.
+
+The script, in order:
+  1. check the config; build the mesh, the client sources (phantom | folder | manifest, each
+     doubled with its SMAT scan-mode partners) and their Grain pipelines;
+  2. build the MAE and its per-client AdamW states, sharded by the config's rules;
+  3. resume: own workdir checkpoint -> config.init_from -> scratch;
+  4. each round: broadcast the server params to the C clients; run every client's local
+     epoch as compiled chunks of K steps (vmap over clients of a scan over steps; clients
+     with fewer steps are masked); aggregate with weights n_k / n; log, draw, checkpoint.
+Centralized training is the same program with every image in one client.
+
+A round's K-step chunk is the unit of compilation: a real round (an epoch of every client)
+cannot sit on device at once, so C, K and the batch are static and the round loops over
+chunks on the host. Every random draw comes from key(seed, round, client, step), and the data
+order from the Grain iterators saved in each checkpoint, so a resumed run is bitwise equal
+to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import parameter_overview, periodic_actions
+from flax import nnx
+
+from ultrajax import configlib, ultramim
+from ultrajax.data import pipeline, sources as sources_lib
+from ultrajax.fed import aggregate, rounds
+from ultrajax.models import mae, vit
+from ultrajax.train import checkpoint, optimizer, perf, sharding, writers
+from ultrajax.viz import reconstruction
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NUM_PREVIEW = 4
+
+
+# ----------------------------------------------------------------------------- config
+def validate(config) -> None:
+  """Fails at start-up naming the first field whose value cannot work."""
+  c = configlib
+  c.check_choice(config, "model.dtype", DTYPES)
+  c.check_range(config, "model.mask_ratio", 0.0, 1.0, high_inclusive=False)
+  c.check_choice(config, "ultramim.tgm_mode", ultramim.MODES)
+  c.check_choice(config, "ultramim.smat_orientation", ultramim.ORIENTATIONS)
+  for name in ("p_clean", "p_each", "salt_pepper_density"):
+    c.check_range(config, f"ultramim.{name}", 0.0, 1.0)
+  c.check_choice(config, "data.source", ("phantom", "folder", "manifest"))
+  c.check_choice(config, "data.on_bad_image", ("skip", "raise"))
+  c.check_choice(config, "data.probe", ("", "linear", "convex"))
+  c.check_range(config, "data.batch_size", 1)
+  c.check_range(config, "data.num_clients", 1, len(sources_lib.DEFAULT_CLIENTS))
+  c.check_choice(config, "fed.aggregation", ("volume", "uniform"))
+  c.check_range(config, "fed.num_rounds", 1)
+  c.check_range(config, "fed.local_epochs", 1)
+  c.check_range(config, "fed.chunk_steps", 1)
+  c.check_choice(config, "optim.weight_decay_on", ("mae", "all"))
+  c.check_range(config, "optim.warmup_rounds", 0)
+  for name in ("log_every_rounds", "image_every_rounds", "ckpt_every_rounds", "keep_checkpoints"):
+    c.check_range(config, name, 1)
+  if config.data.source == "folder":
+    c.check(bool(config.data.root), "config.data.root must name a folder when data.source='folder'")
+  if config.data.source == "manifest":
+    c.check(bool(config.data.manifest),
+            "config.data.manifest must name a CSV file when data.source='manifest'")
+  lo, hi = config.data.crop_scale
+  c.check(0 < lo <= hi <= 1, f"config.data.crop_scale={tuple(config.data.crop_scale)} is not "
+          "0 < low <= high <= 1")
+
+
+# ----------------------------------------------------------------------------- data
+def _smat_partner(record: dict, *, fan_angle_deg, inner_radius, orientation, default_probe):
+  """The other scan mode of a record (linear <-> convex), or None when its probe is unknown."""
+  probe = record.get("probe") or default_probe
+  if probe not in ("linear", "convex"):
+    return None
+  image = record["image"]
+  x = (image if image.ndim == 3 else image[..., None]).astype(np.float32)[None] / 255.0
+  warp = ultramim.linear_to_convex if probe == "linear" else ultramim.convex_to_linear
+  out = warp(x, fan_angle_deg, inner_radius, orientation)[0]
+  out = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+  partner = dict(record, image=out if image.ndim == 3 else out[..., 0])
+  partner["probe"] = "convex" if probe == "linear" else "linear"
+  return partner
+
+
+def client_sources(config) -> list:
+  """The training clients: phantom, folder or manifest sources, with SMAT partners, pooled
+  into one client when config.data.pool_clients (centralized training)."""
+  d = config.data
+  if d.source == "phantom":
+    clients = sources_lib.default_client_sources(
+        scale=d.phantom_scale, image_size=d.phantom_image_size, seed=config.seed,
+        num_clients=d.num_clients, min_images=d.phantom_min_images)
+  elif d.source == "folder":
+    clients = sources_lib.folder_clients(d.root, probe=d.probe, on_bad_image=d.on_bad_image)
+  else:
+    clients = sources_lib.manifest_clients(
+        d.manifest, image_column=d.image_column, client_column=d.client_column,
+        default_probe=d.probe, on_bad_image=d.on_bad_image)
+  if config.ultramim.smat:
+    u = config.ultramim
+    clients = [pipeline.with_scan_mode_partners(s, functools.partial(
+        _smat_partner, fan_angle_deg=u.fan_angle_deg, inner_radius=u.inner_radius,
+        orientation=u.smat_orientation, default_probe=s.probe or d.probe)) for s in clients]
+  if d.pool_clients:
+    clients = [sources_lib.pooled(clients)]
+  return clients
+
+
+def preview_images(clients, image_size: int) -> np.ndarray:
+  """A fixed [NUM_PREVIEW, S, S, 3] uint8 batch (first record of the first clients) for PNGs."""
+  picks = [(c % len(clients), c // len(clients)) for c in range(NUM_PREVIEW)]
+  rng = np.random.default_rng(0)
+  return np.stack([pipeline.augment(clients[c][i]["image"], rng, image_size, (1.0, 1.0), False)
+                   for c, i in picks])
+
+
+# ----------------------------------------------------------------------------- model
+def patch_size_of(model_config) -> int:
+  if model_config.variant:
+    return vit.parse_variant(model_config.variant)[3]
+  return model_config.patch_size
+
+
+def make_loss_fn(graphdef, config):
+  """loss_fn(params, images uint8 [B, S, S, 3], key) -> (loss, None), UltraMIM's objective:
+  TGM mask from the clean image's texture, MIC-corrupted encoder input, norm-pix MSE on the
+  masked patches of the clean image."""
+  m, u = config.model, config.ultramim
+  patch = patch_size_of(m)
+
+  def loss_fn(params, images, key):
+    model = nnx.merge(graphdef, params)
+    k_mask, k_mic, k_drop = jax.random.split(key, 3)
+    clean = images.astype(jnp.float32) / 255.0
+    mask = ultramim.tgm_mask(k_mask, ultramim.texture_scores(clean, patch), m.mask_ratio,
+                             u.tgm_mode)
+    encoder_input = ultramim.corrupt(k_mic, clean, u) if u.mic else clean
+    pred = model(mae.normalize(encoder_input), mask,
+                 key=k_drop if m.drop_path_rate > 0 else None)
+    loss, _ = mae.mae_loss(pred, mae.normalize(clean), mask, patch, m.norm_pix_loss)
+    return loss, None
+
+  return loss_fn
+
+
+def make_preview_fn(graphdef, config):
+  """(params, images uint8 [B,S,S,3], key) -> clean, encoder input, mask, reconstruction.
+
+  With norm-pix targets the prediction is in per-patch normalised units; as MAE's demo does,
+  it is mapped back with the true patch's mean and variance for display only.
+  """
+  m, u = config.model, config.ultramim
+  patch = patch_size_of(m)
+  mean, std = jnp.asarray(mae.IMAGENET_MEAN), jnp.asarray(mae.IMAGENET_STD)
+
+  def preview(params, images, key):
+    model = nnx.merge(graphdef, params)
+    k_mask, k_mic = jax.random.split(key)
+    clean = images.astype(jnp.float32) / 255.0
+    mask = ultramim.tgm_mask(k_mask, ultramim.texture_scores(clean, patch), m.mask_ratio,
+                             u.tgm_mode)
+    encoder_input = ultramim.corrupt(k_mic, clean, u) if u.mic else clean
+    pred = model(mae.normalize(encoder_input), mask)
+    target = mae.patchify(mae.normalize(clean), patch)
+    if m.norm_pix_loss:
+      mu = target.mean(-1, keepdims=True)
+      var = target.var(-1, keepdims=True, ddof=1)
+      pred = pred * jnp.sqrt(var + 1e-6) + mu
+    pred = jnp.where(mask[..., None], pred, target)
+    h, w = clean.shape[1:3]
+    recon = mae.unpatchify(pred, patch, h, w) * std + mean
+    return clean, encoder_input, mask, recon
+
+  return preview
+
+
+# ----------------------------------------------------------------------------- run
+class Programs:
+  """The compiled pieces of a round, with explicit shardings and donated client state."""
+
+  def __init__(self, config, mesh, graphdef, abstract_params, tx, num_clients):
+    rules = [tuple(r) for r in config.sharding_rules]
+    self.server_sharding = sharding.tree_shardings(abstract_params, mesh, rules, False)
+    abstract_client_params = jax.eval_shape(
+        functools.partial(aggregate.broadcast, num_clients=num_clients), abstract_params)
+    self.client_sharding = sharding.tree_shardings(abstract_client_params, mesh, rules, True)
+    abstract_opt = jax.eval_shape(jax.vmap(tx.init), abstract_client_params)
+    self.opt_sharding = sharding.tree_shardings(abstract_opt, mesh, rules, True)
+    self.abstract_opt = abstract_opt
+    vec = sharding.client_vector_sharding(mesh)
+    rep = sharding.replicated(mesh)
+    self.vector, self.replicated = vec, rep
+
+    m = config.model
+    self.init_params = jax.jit(
+        lambda key: nnx.to_pure_dict(nnx.state(mae.mae_from_config(m, nnx.Rngs(key)), nnx.Param)),
+        out_shardings=self.server_sharding)
+    self.init_opt = jax.jit(jax.vmap(tx.init), in_shardings=(self.client_sharding,),
+                            out_shardings=self.opt_sharding)
+    self.broadcast = jax.jit(functools.partial(aggregate.broadcast, num_clients=num_clients),
+                             in_shardings=(self.server_sharding,),
+                             out_shardings=self.client_sharding)
+    self.aggregate = jax.jit(aggregate.weighted_mean,
+                             in_shardings=(self.client_sharding, rep),
+                             out_shardings=self.server_sharding)
+
+    o = config.optim
+    self.lr_fn = functools.partial(
+        optimizer.warmup_cosine, peak_lr=optimizer.peak_lr(o, config.data.batch_size),
+        min_lr=o.min_lr, warmup=o.warmup_rounds, total=config.fed.num_rounds)
+    client_steps = rounds.make_client_steps(make_loss_fn(graphdef, config), tx, self.lr_fn)
+    self.batch_sharding = sharding.batch_sharding(mesh, 6)
+    self.chunk = jax.jit(
+        rounds.make_round_chunk(client_steps),
+        in_shardings=(self.client_sharding, self.opt_sharding, self.batch_sharding, vec, rep,
+                      vec, rep, rep),
+        out_shardings=(self.client_sharding, self.opt_sharding, vec),
+        donate_argnums=(0, 1))
+    self.preview = jax.jit(make_preview_fn(graphdef, config))
+    self._compiled_chunk = None
+    self.chunk_flops = None
+
+  def run_chunk(self, *args):
+    """Compiles on first use (keeping XLA's FLOP count for MFU), then runs asynchronously."""
+    if self._compiled_chunk is None:
+      t0 = time.perf_counter()
+      self._compiled_chunk = self.chunk.lower(*args).compile()
+      self.chunk_flops = perf.compiled_flops(self._compiled_chunk)
+      logging.info("Compiled the round chunk in %.1f s (%s GFLOP per call per device).",
+                   time.perf_counter() - t0,
+                   f"{self.chunk_flops / 1e9:.1f}" if self.chunk_flops else "?")
+    return self._compiled_chunk(*args)
+
+
+def _put(array, sharding_):
+  """A global jax.Array holding the same host value on every process."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding_, lambda index: array[index])
+
+
+def _resume_or_init(config, ckpt, programs, data, seed_key):
+  """Returns (server params, client optimizer states, first round to run)."""
+  latest = ckpt.latest_round()
+  abstract_params = jax.eval_shape(programs.init_params, seed_key)
+  if latest is not None:
+    abstract_server = checkpoint.abstract_like(abstract_params, programs.server_sharding)
+    abstract_train = dict(
+        opt=checkpoint.abstract_like(programs.abstract_opt, programs.opt_sharding))
+    params, train, meta = ckpt.restore(latest, abstract_server, abstract_train, data)
+    if meta.get("process_count", 1) != jax.process_count():
+      raise ValueError(f"checkpoint {ckpt.directory}/{latest} was written by "
+                       f"{meta['process_count']} processes, this run has {jax.process_count()}")
+    logging.info("Resumed from %s/%d (round %d done).", ckpt.directory, latest, latest)
+    return params, train["opt"], latest
+  params = programs.init_params(seed_key)
+  if config.init_from:
+    target = checkpoint.abstract_like(abstract_params, programs.server_sharding)
+    params = checkpoint.load_params(config.init_from, target)
+    logging.info("Initialised from %s.", config.init_from)
+  opt = programs.init_opt(programs.broadcast(params))
+  return params, opt, 0
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: int | None = None):
+  """Trains to config.fed.num_rounds, resuming from workdir. Returns the server params.
+
+  stop_after_rounds: return after that round as if the process were killed there (no extra
+  checkpoint) — lets tests check that resuming reproduces an uninterrupted run.
+  """
+  validate(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
+  logging.info("Mesh: %s", dict(mesh.shape))
+
+  clients = client_sources(config)
+  num_clients, batch = len(clients), config.data.batch_size
+  configlib.check(num_clients % mesh.shape["clients"] == 0,
+                  f"{num_clients} clients do not divide over config.mesh.clients="
+                  f"{mesh.shape['clients']}")
+  configlib.check(batch % mesh.shape["data"] == 0,
+                  f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
+                  f"({mesh.shape['data']} devices)")
+  image_size = config.model.image_size
+  data = pipeline.ClientBatches(
+      clients, batch, image_size, seed=config.seed, crop_scale=tuple(config.data.crop_scale),
+      hflip=config.data.hflip, num_threads=config.data.num_threads,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  steps_per_round = data.steps_per_epoch * config.fed.local_epochs
+  chunk_steps = int(min(config.fed.chunk_steps, steps_per_round.max()))
+  num_chunks = math.ceil(steps_per_round.max() / chunk_steps)
+  weights = aggregate.client_weights(data.num_images, config.fed.aggregation)
+  for c, source in enumerate(clients):
+    logging.info("client %2d %-28s %7d images (SMAT pairs included) %4d steps/round weight %.4f",
+                 c, source.name, data.num_images[c], steps_per_round[c], weights[c])
+
+  seed_key = jax.random.key(config.seed)
+  with jax.set_mesh(mesh):
+    model_key, train_key, preview_key = jax.random.split(seed_key, 3)
+    abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    abstract_params = nnx.to_pure_dict(abstract_params)
+    tx = optimizer.adamw(config.optim, abstract_params)
+    programs = Programs(config, mesh, graphdef, abstract_params, tx, num_clients)
+
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    params, opt_state, start = _resume_or_init(config, ckpt, programs, data, model_key)
+    writer = writers.create_writer(workdir)
+    if jax.process_index() == 0:
+      writers.truncate_jsonl(workdir / "metrics.jsonl", start)
+    if start == 0:
+      parameter_overview.log_parameter_overview(params)
+      writer.write_hparams({k: str(v) for k, v in config.items() if not hasattr(v, "items")})
+    progress = periodic_actions.ReportProgress(num_train_steps=config.fed.num_rounds,
+                                               every_steps=1)
+    lr_fn = programs.lr_fn
+    preview = preview_images(clients, image_size)
+    weights_dev = _put(weights, programs.replicated)
+    spe_dev = _put(steps_per_round.astype(np.float32), programs.vector)
+    meta = dict(process_count=jax.process_count(), config=config.to_json_best_effort())
+    last = config.fed.num_rounds if stop_after_rounds is None else min(
+        config.fed.num_rounds, stop_after_rounds)
+
+    for r in range(start, last):
+      t0 = time.perf_counter()
+      round_key = rounds.round_key(train_key, r)
+      if config.fed.reset_client_optimizer and r > start:
+        opt_state = programs.init_opt(programs.broadcast(params))
+      client_params = programs.broadcast(params)
+      active = rounds.active_steps(steps_per_round, 0, num_chunks * chunk_steps)  # [C, steps]
+      losses = []
+      for j in range(num_chunks):
+        steps = slice(j * chunk_steps, (j + 1) * chunk_steps)
+        # Loading the next chunk overlaps with the device still running the previous one.
+        images = sharding.global_batch(data.next_chunk(active[:, steps]),
+                                       programs.batch_sharding)
+        args = (client_params, opt_state, images, _put(active[:, steps], programs.vector),
+                _put(np.arange(steps.start, steps.stop, dtype=np.int32), programs.replicated),
+                spe_dev, _put(np.int32(r), programs.replicated), round_key)
+        client_params, opt_state, chunk_losses = programs.run_chunk(*args)
+        losses.append(chunk_losses)
+      params = programs.aggregate(client_params, weights_dev)
+      losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)], axis=1)
+      seconds = time.perf_counter() - t0
+      done = r + 1
+      loss = float(losses.sum() / active.sum())
+
+      if done % config.log_every_rounds == 0 or done == last:
+        per_client = losses.sum(1) / np.maximum(active.sum(1), 1)
+        scalars = dict(round=done, loss=loss, lr=float(lr_fn(done)),
+                       img_per_s=int(active.sum()) * batch / seconds, s_per_round=seconds)
+        scalars.update({f"loss/client_{c:02d}": float(v) for c, v in enumerate(per_client)})
+        if programs.chunk_flops:
+          # Padded (masked) steps are computed too: this is what the hardware did.
+          tflops = programs.chunk_flops * num_chunks / seconds / 1e12
+          scalars["tflops_per_device"] = tflops
+          if perf.mfu(tflops * 1e12) is not None:
+            scalars["mfu"] = perf.mfu(tflops * 1e12)
+        writer.write_scalars(done, scalars)
+        logging.info("round %d/%d  loss %.4f  %.1f img/s  %.2f s/round", done,
+                     config.fed.num_rounds, loss, scalars["img_per_s"], seconds)
+      progress(done)
+
+      if done % config.image_every_rounds == 0 or done == config.fed.num_rounds:
+        shown = programs.preview(params, preview, preview_key)
+        if jax.process_index() == 0:
+          reconstruction.save_grid(
+              workdir / "images" / f"round_{done:05d}.png",
+              *[np.asarray(x) for x in jax.device_get(shown)],
+              patch_size=patch_size_of(config.model), title=f"round {done}, loss {loss:.4f}")
+      if done % config.ckpt_every_rounds == 0 or done == config.fed.num_rounds:
+        ckpt.save(done, params, dict(opt=opt_state), data, dict(meta, round=done))
+    writer.flush()
+    ckpt.close()
+    data.close()
+  return params
