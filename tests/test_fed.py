@@ -47,58 +47,109 @@ def _toy_problem():
   return loss_fn, params, config, lr_fn
 
 
-def test_vmapped_masked_round_equals_sequential_clients():
-  """One compiled round over C clients == each client trained alone, step by step, with plain
-  optax.adamw at the scheduled learning rate (an independent re-implementation of the loop)."""
+def _adam_moments(state):
+  """The ScaleByAdamState inside a (nested) optax state."""
+  if hasattr(state, "mu"):
+    return state
+  children = state.inner_state if hasattr(state, "inner_state") else state
+  for child in (children if isinstance(children, tuple) else ()):
+    found = _adam_moments(child)
+    if found is not None:
+      return found
+  return None
+
+
+def _train_lanes(loss_fn, tx, lr_fn, params, xs, ys, steps_per_client, weights, num_lanes,
+                 chunk_steps, round_index, key):
+  """One planned round, chunk by chunk, as the pretraining job runs it."""
+  num_clients = len(steps_per_client)
+  plan = rounds.plan_round(steps_per_client, num_lanes, chunk_steps)
+  opt = jax.vmap(tx.init)(aggregate.broadcast(params, num_clients))
+  state = rounds.start_round(params, opt, num_lanes)
+  chunk = jax.jit(rounds.make_chunk(loss_fn, tx, lr_fn))
+  losses = []
+  for j in range(plan.client_ids.shape[1] // chunk_steps):
+    p = plan.chunk(j, chunk_steps)
+    c, s = np.maximum(p.client_ids, 0), p.step_ids
+    batch = (np.where((p.client_ids >= 0)[..., None, None], xs[c, s], 0),
+             np.where((p.client_ids >= 0)[..., None, None], ys[c, s], 0))
+    state, l = chunk(params, state, batch, p, steps_per_client.astype(np.float32), weights,
+                     round_index, key)
+    losses.append(l)
+  server, client_opt = rounds.finish_round(state, params)
+  return server, client_opt, rounds.client_losses(np.concatenate(losses, 1), plan.client_ids,
+                                                  num_clients)
+
+
+@pytest.mark.parametrize("num_lanes, chunk_steps", [(3, 4), (2, 2), (1, 3)])
+def test_planned_round_equals_sequential_clients_then_fedavg(num_lanes, chunk_steps):
+  """A round on L lanes == each client trained alone, step by step, with plain optax.adamw at
+  the scheduled learning rate, then FedAvg by numpy (an independent re-implementation)."""
   loss_fn, params, config, lr_fn = _toy_problem()
   tx = optimizer.adamw(config, params)
-  num_clients, num_steps, round_index = 3, 4, 2
-  steps_per_epoch = np.array([4, 2, 3])
+  steps_per_client = np.array([4, 2, 3])
+  weights = aggregate.client_weights([40, 20, 35], "volume")
+  round_index = 2
   rng = np.random.default_rng(1)
-  xs = rng.normal(size=(num_clients, num_steps, 8, 3)).astype(np.float32)
-  ys = rng.normal(size=(num_clients, num_steps, 8, 2)).astype(np.float32)
+  xs = rng.normal(size=(3, 4, 8, 3)).astype(np.float32)
+  ys = rng.normal(size=(3, 4, 8, 2)).astype(np.float32)
   key = rounds.round_key(jax.random.key(0), round_index)
+  server, client_opt, losses = _train_lanes(loss_fn, tx, lr_fn, params, xs, ys, steps_per_client,
+                                            weights, num_lanes, chunk_steps, round_index, key)
 
-  client_params = aggregate.broadcast(params, num_clients)
-  opt_state = jax.vmap(tx.init)(client_params)
-  chunk = jax.jit(rounds.make_round_chunk(rounds.make_client_steps(loss_fn, tx, lr_fn)))
-  new_params, _, losses = chunk(client_params, opt_state, (xs, ys),
-                                rounds.active_steps(steps_per_epoch, 0, num_steps),
-                                jnp.arange(num_steps), steps_per_epoch.astype(np.float32),
-                                round_index, key)
-
-  for c in range(num_clients):
+  expected = {name: 0.0 for name in params}
+  for c in range(3):
     p = params
     mask = jax.tree.map(lambda x: x.ndim > 1, p)
     adam_state = optax.adamw(0.0, mask=mask).init(p)
-    for s in range(steps_per_epoch[c]):
+    client_loss = []
+    for s in range(steps_per_client[c]):
       step_key = jax.random.fold_in(jax.random.fold_in(key, c), s)
       loss, grads = jax.value_and_grad(lambda q: loss_fn(q, (xs[c, s], ys[c, s]), step_key)[0])(p)
-      lr = lr_fn(round_index + s / steps_per_epoch[c])
+      lr = lr_fn(round_index + s / steps_per_client[c])
       updates, adam_state = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.05,
                                         mask=mask).update(grads, adam_state, p)
       p = optax.apply_updates(p, updates)
-      np.testing.assert_allclose(losses[c, s], loss, rtol=1e-5)
-    np.testing.assert_array_equal(losses[c, steps_per_epoch[c]:], 0.0)
+      client_loss.append(loss)
+    np.testing.assert_allclose(losses[c], np.mean(client_loss), rtol=1e-5)
     for name in p:
-      np.testing.assert_allclose(new_params[name][c], p[name], rtol=1e-5, atol=1e-6)
+      expected[name] = expected[name] + weights[c] * np.asarray(p[name])
+    # The client's AdamW moments were stored back for the next round.
+    stored, reference = _adam_moments(client_opt), _adam_moments(adam_state)
+    np.testing.assert_allclose(stored.mu["w"][c], reference.mu["w"], rtol=1e-5, atol=1e-7)
+    assert int(stored.count[c]) == steps_per_client[c]
+  for name in params:
+    np.testing.assert_allclose(server[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
-def test_inactive_steps_change_nothing():
+def test_plan_round_packs_every_step_once_in_order():
+  steps = np.array([7, 1, 3, 3, 2, 6])
+  plan = rounds.plan_round(steps, num_lanes=3, chunk_steps=4)
+  assert plan.client_ids.shape == (3, 8)  # LPT: {7, 1}, {6, 2}, {3, 3}: 8 steps, one chunk pad
+  for c, n in enumerate(steps):
+    lane, t = np.nonzero(plan.client_ids == c)
+    assert len(set(lane)) == 1 and np.array_equal(t, np.arange(t[0], t[0] + n))
+    np.testing.assert_array_equal(plan.step_ids[lane, t], np.arange(n))
+    assert plan.first[lane[0], t[0]] and plan.last[lane[0], t[-1]]
+  assert plan.first.sum() == plan.last.sum() == len(steps)
+  assert rounds.auto_lanes(steps) == 4  # ceil(22 / 7) = 4 lanes and LPT fits in 7 steps
+  assert rounds.auto_lanes(steps, multiple_of=4) == 4
+  assert rounds.auto_lanes([5, 5, 5]) == 3 and rounds.auto_lanes([9, 1, 1, 1]) == 2
+
+
+def test_idle_lane_steps_change_nothing():
   loss_fn, params, config, lr_fn = _toy_problem()
   tx = optimizer.adamw(config, params)
-  client_params = aggregate.broadcast(params, 1)
-  opt_state = jax.vmap(tx.init)(client_params)
-  chunk = rounds.make_round_chunk(rounds.make_client_steps(loss_fn, tx, lr_fn))
-  batch = (jnp.ones((1, 2, 4, 3)), jnp.ones((1, 2, 4, 2)))
-  out_params, out_state, _ = chunk(client_params, opt_state, batch, np.zeros((1, 2), bool),
-                                   jnp.arange(2), jnp.ones((1,)), 0, jax.random.key(0))
-  for a, b in zip(jax.tree.leaves((out_params, out_state)), jax.tree.leaves((client_params, opt_state))):
+  opt = jax.vmap(tx.init)(aggregate.broadcast(params, 2))
+  state = rounds.start_round(params, opt, 2)
+  plan = rounds.RoundPlan(np.full((2, 2), -1, np.int32), np.zeros((2, 2), np.int32),
+                          np.zeros((2, 2), bool), np.zeros((2, 2), bool))
+  batch = (jnp.ones((2, 2, 4, 3)), jnp.ones((2, 2, 4, 2)))
+  out, losses = rounds.make_chunk(loss_fn, tx, lr_fn)(
+      params, state, batch, plan, jnp.ones((2,)), jnp.array([0.5, 0.5]), 0, jax.random.key(0))
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
-
-
-def test_active_steps():
-  np.testing.assert_array_equal(rounds.active_steps([3, 1], 2, 2), [[True, False], [False, False]])
+  np.testing.assert_array_equal(losses, 0.0)
 
 
 def test_warmup_cosine_by_hand():

@@ -39,6 +39,12 @@ def _ids(images):
   return (images[..., 0, 0, 0].astype(int) - 5) // 10
 
 
+def _next(data, active):
+  """One batch per active (client, step) slot: clients on their own lanes."""
+  active = np.asarray(active, bool)
+  return data.next_batches(np.where(active, np.arange(active.shape[0])[:, None], -1))
+
+
 def _batches(sources, batch_size=4, image_size=8, **kwargs):
   kwargs = dict(seed=0, num_threads=2) | kwargs
   return pipeline.ClientBatches(sources, batch_size, image_size, **kwargs)
@@ -134,7 +140,7 @@ def test_augment_matches_torchvision_on_deterministic_crop():
 def test_client_batches_shapes_and_counts():
   data = _batches([_Source(9, "a"), _Source(20, "b")], batch_size=4, image_size=8)
   assert data.num_images.tolist() == [9, 20] and data.steps_per_epoch.tolist() == [2, 5]
-  chunk = data.next_chunk(np.ones((2, 3), bool))
+  chunk = _next(data, np.ones((2, 3), bool))
   assert chunk.shape == (2, 3, 4, 8, 8, 3) and chunk.dtype == np.uint8
   assert next(data).shape == (2, 4, 8, 8, 3)
   data.close()
@@ -148,8 +154,8 @@ def test_client_batches_errors():
   with pytest.raises(ValueError, match="'tiny' has 3 images"):
     _batches([_Source(8, "big"), _Source(3, "tiny")], batch_size=4)
   data = _batches([_Source(8), _Source(8)])
-  with pytest.raises(ValueError, match="active"):
-    data.next_chunk(np.ones((3, 2), bool))
+  with pytest.raises(ValueError, match="client_ids"):
+    _next(data, np.ones((3, 2), bool))
   with pytest.raises(ValueError, match="1 clients"):
     data.set_state({"clients": [{"next_index": 0}]})
   data.close()
@@ -161,7 +167,7 @@ def test_client_batches_deterministic_across_threads_and_prefetch():
   b = _batches(sources, num_threads=4, prefetch_buffer_size=7)
   active = np.ones((2, 3), bool)
   for _ in range(3):
-    np.testing.assert_array_equal(a.next_chunk(active), b.next_chunk(active))
+    np.testing.assert_array_equal(_next(a, active), _next(b, active))
   a.close()
   b.close()
 
@@ -176,7 +182,7 @@ def test_client_batches_augment_each_record_differently():
 def test_client_batches_reshuffle_every_epoch():
   n, batch_size, epochs = 8, 4, 4
   data = _batches([_Source(n, "a"), _Source(n, "b")], batch_size=batch_size)
-  ids = _ids(data.next_chunk(np.ones((2, epochs * n // batch_size), bool)))
+  ids = _ids(_next(data, np.ones((2, epochs * n // batch_size), bool)))
   orders = ids.reshape(2, epochs, n)  # [client, epoch, position]
   for order in orders.reshape(-1, n):
     assert sorted(order) == list(range(n))
@@ -189,8 +195,8 @@ def test_process_slices_make_up_the_single_process_batch():
   whole = _batches(sources, batch_size=6)
   parts = [_batches(sources, batch_size=6, process_index=p, process_count=3) for p in range(3)]
   active = np.ones((2, 4), bool)
-  expected = whole.next_chunk(active)
-  got = np.concatenate([p.next_chunk(active) for p in parts], axis=2)
+  expected = _next(whole, active)
+  got = np.concatenate([_next(p, active) for p in parts], axis=2)
   np.testing.assert_array_equal(got, expected)
   for d in [whole, *parts]:
     d.close()
@@ -198,10 +204,10 @@ def test_process_slices_make_up_the_single_process_batch():
 
 def test_inactive_slots_are_zero_and_consume_nothing():
   sources = [_Source(12, "a"), _Source(12, "b")]
-  reference = _batches(sources).next_chunk(np.ones((2, 3), bool))
+  reference = _next(_batches(sources), np.ones((2, 3), bool))
   data = _batches(sources)
   active = np.array([[True, False, True, False], [False, False, True, False]])
-  chunk = data.next_chunk(active)
+  chunk = _next(data, active)
   assert not chunk[~active].any()
   np.testing.assert_array_equal(chunk[0, [0, 2]], reference[0, :2])
   np.testing.assert_array_equal(chunk[1, 2], reference[1, 0])
@@ -215,13 +221,13 @@ def test_state_restore_continues_bitwise():
   active = np.array([[True, True, True], [True, False, True]])
   data = _batches(sources, batch_size=3, num_threads=3)
   for _ in range(3):
-    data.next_chunk(active)
+    _next(data, active)
   state = json.loads(json.dumps(data.get_state()))
-  expected = [data.next_chunk(active) for _ in range(2)]
+  expected = [_next(data, active) for _ in range(2)]
   restored = _batches(sources, batch_size=3, num_threads=1)
   restored.set_state(state)
   for want in expected:
-    np.testing.assert_array_equal(restored.next_chunk(active), want)
+    np.testing.assert_array_equal(_next(restored, active), want)
   data.close()
   restored.close()
 
@@ -232,14 +238,14 @@ def test_orbax_checkpoint_round_trip(tmp_path):
   sources = [_Source(9, "a"), _Source(11, "b")]
   active = np.ones((2, 2), bool)
   data = _batches(sources)
-  data.next_chunk(active)
+  _next(data, active)
   with ocp.CheckpointManager(tmp_path) as manager:
     manager.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(data)))
     manager.wait_until_finished()
-    expected = data.next_chunk(active)
+    expected = _next(data, active)
     restored = _batches(sources)
     manager.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
-  np.testing.assert_array_equal(restored.next_chunk(active), expected)
+  np.testing.assert_array_equal(_next(restored, active), expected)
   data.close()
   restored.close()
 
@@ -266,3 +272,14 @@ def test_scan_mode_partner_is_the_record_itself_when_convert_gives_none():
   assert len(paired) == 4
   for i in range(2):
     np.testing.assert_array_equal(paired[2 + i]["image"], paired[i]["image"])
+
+
+def test_next_batches_fills_each_client_in_row_major_order():
+  sources = [_Source(16, "a"), _Source(16, "b")]
+  reference = _next(_batches(sources), np.ones((2, 3), bool))  # [client, step, ...]
+  ids = np.array([[0, 0, 1], [1, -1, 0]])
+  got = _batches(sources).next_batches(ids)
+  for (lane, step), (client, k) in {(0, 0): (0, 0), (0, 1): (0, 1), (1, 2): (0, 2),
+                                    (0, 2): (1, 0), (1, 0): (1, 1)}.items():
+    np.testing.assert_array_equal(got[lane, step], reference[client, k])
+  assert not got[1, 1].any()

@@ -187,32 +187,36 @@ class ClientBatches(grain.DatasetIterator):
   def num_clients(self) -> int:
     return len(self._parents)
 
-  def next_chunk(self, active: np.ndarray) -> np.ndarray:
-    """active: [C, K] bool -> uint8 [C, K, B_local, S, S, 3].
+  def next_batches(self, client_ids: np.ndarray) -> np.ndarray:
+    """client_ids: [L, K] int (-1 = none) -> uint8 [L, K, B_local, S, S, 3].
 
-    Slot (c, k) holds client c's next batch where active; inactive slots are zeros and
-    consume no data, so padded steps do not shift a client's stream.
+    Slot (l, k) holds the next batch of client client_ids[l, k]; a client's slots are filled
+    in row-major order. Slots of -1 are zeros and consume no data, so idle lane steps do not
+    shift any client's stream.
     """
     self._assert_not_closed()
-    active = np.asarray(active, bool)
-    if active.ndim != 2 or active.shape[0] != self.num_clients:
-      raise ValueError(f"active must be [{self.num_clients}, K] bool, got {active.shape}")
+    client_ids = np.asarray(client_ids)
+    if client_ids.ndim != 2 or client_ids.min(initial=-1) < -1 or (
+        client_ids.max(initial=-1) >= self.num_clients):
+      raise ValueError(f"client_ids must be [L, K] ints in [-1, {self.num_clients}), got shape "
+                       f"{client_ids.shape} with values {np.unique(client_ids)[:8]}")
     s = self.image_size
-    out = np.zeros((*active.shape, self.local_batch_size, s, s, 3), np.uint8)
-    fills = [self._pool.submit(self._fill, self._parents[c], active[c], out[c])
-             for c in range(self.num_clients)]
+    out = np.zeros((*client_ids.shape, self.local_batch_size, s, s, 3), np.uint8)
+    flat = out.reshape(-1, *out.shape[2:])
+    fills = [self._pool.submit(self._fill, self._parents[c], np.flatnonzero(client_ids == c), flat)
+             for c in np.unique(client_ids[client_ids >= 0])]
     for fill in fills:
       fill.result()
     return out
 
   @staticmethod
-  def _fill(iterator, active: np.ndarray, out: np.ndarray) -> None:
-    """active: [K] bool; out: [K, B_local, S, S, 3], written in place."""
-    for k in np.flatnonzero(active):
-      out[k] = next(iterator)
+  def _fill(iterator, slots: np.ndarray, out: np.ndarray) -> None:
+    """Writes the iterator's next len(slots) batches to out[slots] (out: [L*K, B, S, S, 3])."""
+    for slot in slots:
+      out[slot] = next(iterator)
 
   def __next__(self) -> np.ndarray:
-    return self.next_chunk(np.ones((self.num_clients, 1), bool))[:, 0]
+    return self.next_batches(np.arange(self.num_clients)[:, None])[:, 0]
 
   def get_state(self) -> dict:
     """JSON-serializable: each client iterator's position (its next global batch)."""

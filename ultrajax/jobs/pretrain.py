@@ -61,6 +61,7 @@ def validate(config) -> None:
   c.check_range(config, "fed.num_rounds", 1)
   c.check_range(config, "fed.local_epochs", 1)
   c.check_range(config, "fed.chunk_steps", 1)
+  c.check_range(config, "fed.lanes", 0)
   c.check_choice(config, "optim.weight_decay_on", ("mae", "all"))
   c.check_range(config, "optim.warmup_rounds", 0)
   for name in ("log_every_rounds", "image_every_rounds", "ckpt_every_rounds", "keep_checkpoints"):
@@ -185,46 +186,54 @@ def make_preview_fn(graphdef, config):
 
 # ----------------------------------------------------------------------------- run
 class Programs:
-  """The compiled pieces of a round, with explicit shardings and donated client state."""
+  """The compiled pieces of a round, with explicit shardings and donated round state.
 
-  def __init__(self, config, mesh, graphdef, abstract_params, tx, num_clients):
+  C clients train on L lanes (rounds.py): lane trees have a leading [L] axis, the clients'
+  optimizer states a leading [C] axis; both are sharded over the mesh's 'clients' axis.
+  """
+
+  def __init__(self, config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes):
     rules = [tuple(r) for r in config.sharding_rules]
+    stacked = lambda n: jax.eval_shape(
+        functools.partial(aggregate.broadcast, num_clients=n), abstract_params)
     self.server_sharding = sharding.tree_shardings(abstract_params, mesh, rules, False)
-    abstract_client_params = jax.eval_shape(
-        functools.partial(aggregate.broadcast, num_clients=num_clients), abstract_params)
-    self.client_sharding = sharding.tree_shardings(abstract_client_params, mesh, rules, True)
-    abstract_opt = jax.eval_shape(jax.vmap(tx.init), abstract_client_params)
-    self.opt_sharding = sharding.tree_shardings(abstract_opt, mesh, rules, True)
-    self.abstract_opt = abstract_opt
-    vec = sharding.client_vector_sharding(mesh)
-    rep = sharding.replicated(mesh)
-    self.vector, self.replicated = vec, rep
+    self.client_sharding = sharding.tree_shardings(stacked(num_clients), mesh, rules, True)
+    self.abstract_opt = jax.eval_shape(jax.vmap(tx.init), stacked(num_clients))
+    self.opt_sharding = sharding.tree_shardings(self.abstract_opt, mesh, rules, True)
+    lane_opt = jax.eval_shape(jax.vmap(tx.init), stacked(num_lanes))
+    self.state_sharding = rounds.LaneState(
+        params=sharding.tree_shardings(stacked(num_lanes), mesh, rules, True),
+        opt_state=sharding.tree_shardings(lane_opt, mesh, rules, True),
+        client_opt_state=self.opt_sharding, server_sum=self.server_sharding)
+    self.vector = sharding.client_vector_sharding(mesh)  # [L, ...] plan arrays
+    self.replicated = rep = sharding.replicated(mesh)
 
     m = config.model
     self.init_params = jax.jit(
         lambda key: nnx.to_pure_dict(nnx.state(mae.mae_from_config(m, nnx.Rngs(key)), nnx.Param)),
         out_shardings=self.server_sharding)
-    self.init_opt = jax.jit(jax.vmap(tx.init), in_shardings=(self.client_sharding,),
-                            out_shardings=self.opt_sharding)
-    self.broadcast = jax.jit(functools.partial(aggregate.broadcast, num_clients=num_clients),
-                             in_shardings=(self.server_sharding,),
-                             out_shardings=self.client_sharding)
-    self.aggregate = jax.jit(aggregate.weighted_mean,
-                             in_shardings=(self.client_sharding, rep),
-                             out_shardings=self.server_sharding)
+    self.init_opt = jax.jit(
+        lambda server: jax.vmap(tx.init)(aggregate.broadcast(server, num_clients)),
+        in_shardings=(self.server_sharding,), out_shardings=self.opt_sharding)
+    self.start_round = jax.jit(
+        functools.partial(rounds.start_round, num_lanes=num_lanes),
+        in_shardings=(self.server_sharding, self.opt_sharding), out_shardings=self.state_sharding,
+        donate_argnums=(1,))
+    self.finish_round = jax.jit(
+        rounds.finish_round, in_shardings=(self.state_sharding, self.server_sharding),
+        out_shardings=(self.server_sharding, self.opt_sharding), donate_argnums=(0,))
 
     o = config.optim
     self.lr_fn = functools.partial(
         optimizer.warmup_cosine, peak_lr=optimizer.peak_lr(o, config.data.batch_size),
         min_lr=o.min_lr, warmup=o.warmup_rounds, total=config.fed.num_rounds)
-    client_steps = rounds.make_client_steps(make_loss_fn(graphdef, config), tx, self.lr_fn)
     self.batch_sharding = sharding.batch_sharding(mesh, 6)
+    plan_sharding = rounds.RoundPlan(*[self.vector] * 4)
     self.chunk = jax.jit(
-        rounds.make_round_chunk(client_steps),
-        in_shardings=(self.client_sharding, self.opt_sharding, self.batch_sharding, vec, rep,
-                      vec, rep, rep),
-        out_shardings=(self.client_sharding, self.opt_sharding, vec),
-        donate_argnums=(0, 1))
+        rounds.make_chunk(make_loss_fn(graphdef, config), tx, self.lr_fn),
+        in_shardings=(self.server_sharding, self.state_sharding, self.batch_sharding,
+                      plan_sharding, rep, rep, rep, rep),
+        out_shardings=(self.state_sharding, self.vector), donate_argnums=(1,))
     self.preview = jax.jit(make_preview_fn(graphdef, config))
     self._compiled_chunk = None
     self.chunk_flops = None
@@ -234,7 +243,9 @@ class Programs:
     if self._compiled_chunk is None:
       t0 = time.perf_counter()
       self._compiled_chunk = self.chunk.lower(*args).compile()
-      self.chunk_flops = perf.compiled_flops(self._compiled_chunk)
+      flops = perf.compiled_flops(self._compiled_chunk)
+      # XLA's cost analysis counts a scan's body once; the chunk runs it K times.
+      self.chunk_flops = flops * args[2].shape[1] if flops else None
       logging.info("Compiled the round chunk in %.1f s (%s GFLOP per call per device).",
                    time.perf_counter() - t0,
                    f"{self.chunk_flops / 1e9:.1f}" if self.chunk_flops else "?")
@@ -266,8 +277,7 @@ def _resume_or_init(config, ckpt, programs, data, seed_key):
     target = checkpoint.abstract_like(abstract_params, programs.server_sharding)
     params = checkpoint.load_params(config.init_from, target)
     logging.info("Initialised from %s.", config.init_from)
-  opt = programs.init_opt(programs.broadcast(params))
-  return params, opt, 0
+  return params, programs.init_opt(params), 0
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: int | None = None):
@@ -296,12 +306,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
       hflip=config.data.hflip, num_threads=config.data.num_threads,
       process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_round = data.steps_per_epoch * config.fed.local_epochs
+  num_lanes = config.fed.lanes or rounds.auto_lanes(steps_per_round, mesh.shape["clients"])
+  configlib.check(num_lanes % mesh.shape["clients"] == 0,
+                  f"config.fed.lanes={num_lanes} is not a multiple of config.mesh.clients="
+                  f"{mesh.shape['clients']}")
   chunk_steps = int(min(config.fed.chunk_steps, steps_per_round.max()))
-  num_chunks = math.ceil(steps_per_round.max() / chunk_steps)
+  plan = rounds.plan_round(steps_per_round, num_lanes, chunk_steps)
+  num_chunks = plan.client_ids.shape[1] // chunk_steps
   weights = aggregate.client_weights(data.num_images, config.fed.aggregation)
   for c, source in enumerate(clients):
     logging.info("client %2d %-28s %7d images (SMAT pairs included) %4d steps/round weight %.4f",
                  c, source.name, data.num_images[c], steps_per_round[c], weights[c])
+  logging.info("%d clients on %d lanes: %d steps per round, %.0f%% of lane steps busy.",
+               num_clients, num_lanes, plan.client_ids.shape[1],
+               100 * (plan.client_ids >= 0).mean())
 
   seed_key = jax.random.key(config.seed)
   with jax.set_mesh(mesh):
@@ -310,7 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     abstract_params = nnx.to_pure_dict(abstract_params)
     tx = optimizer.adamw(config.optim, abstract_params)
-    programs = Programs(config, mesh, graphdef, abstract_params, tx, num_clients)
+    programs = Programs(config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes)
 
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
     params, opt_state, start = _resume_or_init(config, ckpt, programs, data, model_key)
@@ -325,7 +343,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
     lr_fn = programs.lr_fn
     preview = preview_images(clients, image_size)
     weights_dev = _put(weights, programs.replicated)
-    spe_dev = _put(steps_per_round.astype(np.float32), programs.vector)
+    steps_dev = _put(steps_per_round.astype(np.float32), programs.replicated)
+    chunk_plans = [plan.chunk(j, chunk_steps) for j in range(num_chunks)]
+    chunk_plans_dev = [rounds.RoundPlan(*(_put(a, programs.vector) for a in p))
+                       for p in chunk_plans]
     meta = dict(process_count=jax.process_count(), config=config.to_json_best_effort())
     last = config.fed.num_rounds if stop_after_rounds is None else min(
         config.fed.num_rounds, stop_after_rounds)
@@ -334,33 +355,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
       t0 = time.perf_counter()
       round_key = rounds.round_key(train_key, r)
       if config.fed.reset_client_optimizer and r > start:
-        opt_state = programs.init_opt(programs.broadcast(params))
-      client_params = programs.broadcast(params)
-      active = rounds.active_steps(steps_per_round, 0, num_chunks * chunk_steps)  # [C, steps]
+        opt_state = programs.init_opt(params)
+      state = programs.start_round(params, opt_state)
+      round_index = _put(np.int32(r), programs.replicated)
       losses = []
-      for j in range(num_chunks):
-        steps = slice(j * chunk_steps, (j + 1) * chunk_steps)
+      for p, p_dev in zip(chunk_plans, chunk_plans_dev):
         # Loading the next chunk overlaps with the device still running the previous one.
-        images = sharding.global_batch(data.next_chunk(active[:, steps]),
-                                       programs.batch_sharding)
-        args = (client_params, opt_state, images, _put(active[:, steps], programs.vector),
-                _put(np.arange(steps.start, steps.stop, dtype=np.int32), programs.replicated),
-                spe_dev, _put(np.int32(r), programs.replicated), round_key)
-        client_params, opt_state, chunk_losses = programs.run_chunk(*args)
+        images = sharding.global_batch(data.next_batches(p.client_ids), programs.batch_sharding)
+        state, chunk_losses = programs.run_chunk(params, state, images, p_dev, steps_dev,
+                                                 weights_dev, round_index, round_key)
         losses.append(chunk_losses)
-      params = programs.aggregate(client_params, weights_dev)
+      params, opt_state = programs.finish_round(state, params)
       losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)], axis=1)
       seconds = time.perf_counter() - t0
       done = r + 1
-      loss = float(losses.sum() / active.sum())
+      loss = float(losses.sum() / (plan.client_ids >= 0).sum())
 
       if done % config.log_every_rounds == 0 or done == last:
-        per_client = losses.sum(1) / np.maximum(active.sum(1), 1)
+        per_client = rounds.client_losses(losses, plan.client_ids, num_clients)
         scalars = dict(round=done, loss=loss, lr=float(lr_fn(done)),
-                       img_per_s=int(active.sum()) * batch / seconds, s_per_round=seconds)
+                       img_per_s=int(steps_per_round.sum()) * batch / seconds,
+                       s_per_round=seconds)
         scalars.update({f"loss/client_{c:02d}": float(v) for c, v in enumerate(per_client)})
         if programs.chunk_flops:
-          # Padded (masked) steps are computed too: this is what the hardware did.
+          # Idle lane steps are computed too: this is what the hardware did.
           tflops = programs.chunk_flops * num_chunks / seconds / 1e12
           scalars["tflops_per_device"] = tflops
           if perf.mfu(tflops * 1e12) is not None:
