@@ -335,8 +335,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
     writer = writers.create_writer(workdir)
     if jax.process_index() == 0:
       writers.truncate_jsonl(workdir / "metrics.jsonl", start)
+    parameter_overview.log_parameter_overview(params)
     if start == 0:
-      parameter_overview.log_parameter_overview(params)
       writer.write_hparams({k: str(v) for k, v in config.items() if not hasattr(v, "items")})
     progress = periodic_actions.ReportProgress(num_train_steps=config.fed.num_rounds,
                                                every_steps=1)
