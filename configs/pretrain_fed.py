@@ -2,7 +2,7 @@ r"""Federated UltraMIM pretraining of an MAE ViT across hospital clients (UltraF
 
 Launch (paper preset, ViT-B/16 at 224, 16 clients, 300 rounds; TPU VM or GPU node):
   python -m ultrajax.main --config=configs/pretrain_fed.py --workdir=$WORKDIR
-On a laptop/CI CPU (finishes in under 10 minutes, loss falls from ~1.0 to ~0.5):
+On a laptop/CI CPU (2 cores: ~8.5 minutes; loss falls from ~2.1 after round 1 to ~0.66 after 40):
   python -m ultrajax.main --config=configs/pretrain_fed.py:cpu --workdir=/tmp/ufm_cpu
 Own data instead of the phantom (one sub-folder per client, or a CSV manifest):
   ... --config.data.source=folder --config.data.root=/data/clients
@@ -102,7 +102,7 @@ def get_config(arg=None):
                   phantom_image_size=96, batch_size=32, num_threads=0)
     c.ultramim.inner_radius = 40.0
     c.fed.update(num_rounds=40, chunk_steps=9)
-    c.optim.update(base_lr=5e-3, warmup_rounds=3)
+    c.optim.update(base_lr=1e-2, warmup_rounds=3)
     c.image_every_rounds = 10
     c.ckpt_every_rounds = 10
   elif knobs.preset == "smoke":

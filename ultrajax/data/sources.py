@@ -192,7 +192,8 @@ class FolderSource:
         path = self.paths[j % n]
         if path not in self._warned:
           self._warned.add(path)
-          logging.warning("%s; client %r serves the next decodable image in its place", e, self.name)
+          logging.warning("%s; client %r serves the next decodable image in its place "
+                          "(%d unreadable file(s) skipped so far)", e, self.name, len(self._warned))
     raise BadImageError(f"client {self.name!r}: none of its {n} images decodes (first: {self.paths[0]})")
 
 

@@ -1,0 +1,323 @@
+"""Metrics against scikit-learn and against brute-force references written independently here."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.segmentation import find_boundaries
+from sklearn import metrics as skm
+
+from ultrajax.eval import metrics
+
+TOL = 1e-6
+
+
+def _tied_probs(rng, n, k):
+  """[n, k] rows summing to 1 built from small integers, so columns have many ties."""
+  counts = rng.integers(0, 4, (n, k)) + (rng.random((n, k)) < 0.2)
+  counts[counts.sum(1) == 0, 0] = 1
+  return counts / counts.sum(1, keepdims=True)
+
+
+def _labels_with_all(rng, n, k):
+  """[n] labels in [0, k) in which every class occurs."""
+  labels = rng.integers(0, k, n)
+  labels[:k] = np.arange(k)
+  return rng.permutation(labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ranking metrics
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_binary_auroc_and_ap_match_sklearn(tied):
+  rng = np.random.default_rng(0)
+  for _ in range(60):
+    n = int(rng.integers(2, 80))
+    labels = _labels_with_all(rng, n, 2)
+    scores = rng.normal(size=n)
+    if tied:
+      scores = np.round(scores, 0)
+    assert abs(metrics.auroc(labels, scores) - skm.roc_auc_score(labels, scores)) < TOL
+    assert abs(metrics.average_precision(labels, scores) - skm.average_precision_score(labels, scores)) < TOL
+
+
+def test_two_column_scores_use_column_one():
+  rng = np.random.default_rng(1)
+  labels = _labels_with_all(rng, 50, 2)
+  probs = _tied_probs(rng, 50, 2)
+  assert abs(metrics.auroc(labels, probs) - skm.roc_auc_score(labels, probs[:, 1])) < TOL
+  assert abs(metrics.average_precision(labels, probs) - skm.average_precision_score(labels, probs[:, 1])) < TOL
+
+
+def test_multiclass_macro_ovr_matches_sklearn():
+  rng = np.random.default_rng(2)
+  for _ in range(40):
+    k = int(rng.integers(3, 6))
+    n = int(rng.integers(k, 90))
+    labels = _labels_with_all(rng, n, k)
+    probs = _tied_probs(rng, n, k)
+    want_auc = skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=np.arange(k))
+    want_ap = skm.average_precision_score(np.eye(k)[labels], probs, average="macro")
+    assert abs(metrics.auroc(labels, probs) - want_auc) < TOL
+    assert abs(metrics.average_precision(labels, probs) - want_ap) < TOL
+
+
+def test_single_class_auroc_is_nan_with_warning_like_sklearn():
+  scores = [0.1, 0.4, 0.2]
+  for labels in ([0, 0, 0], [1, 1, 1]):
+    with pytest.warns(UserWarning, match="only class"):
+      assert math.isnan(metrics.auroc(labels, scores))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      assert math.isnan(skm.roc_auc_score(labels, scores))
+
+
+def test_absent_class_makes_macro_auroc_and_ap_nan():
+  probs = _tied_probs(np.random.default_rng(3), 6, 3)
+  labels = [0, 1, 0, 1, 1, 0]
+  with pytest.warns(UserWarning, match=r"classes \[2\]"):
+    assert math.isnan(metrics.auroc(labels, probs))
+  with pytest.warns(UserWarning, match=r"classes \[2\]"):
+    assert math.isnan(metrics.average_precision(labels, probs))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    assert math.isnan(skm.roc_auc_score(labels, probs, multi_class="ovr", labels=[0, 1, 2]))
+
+
+def test_ap_without_positives_is_nan_and_all_positive_is_one():
+  with pytest.warns(UserWarning, match="only class 0"):
+    assert math.isnan(metrics.average_precision([0, 0, 0], [0.3, 0.1, 0.2]))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert metrics.average_precision([1, 1, 1], [0.3, 0.1, 0.2]) == 1.0
+
+
+def test_perfect_and_reversed_rankings():
+  labels = np.array([0, 0, 1, 1, 1])
+  scores = np.array([0.1, 0.2, 0.7, 0.8, 0.9])
+  assert metrics.auroc(labels, scores) == 1.0
+  assert metrics.average_precision(labels, scores) == 1.0
+  assert metrics.auroc(labels, -scores) == 0.0
+  assert metrics.auroc(labels, np.zeros(5)) == 0.5
+
+
+def test_ranking_metrics_reject_bad_input():
+  with pytest.raises(ValueError, match="differ in length"):
+    metrics.auroc([0, 1, 1], [0.1, 0.2])
+  with pytest.raises(ValueError, match=r"labels has values \[2\] outside \[0, 2\)"):
+    metrics.auroc([0, 1, 2], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+    metrics.average_precision([0, 1, 3], np.full((3, 3), 1 / 3))
+  with pytest.raises(ValueError, match="negative"):
+    metrics.auroc([0, -1, 1], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match="integer class ids"):
+    metrics.auroc([0, 0.5, 1], [0.1, 0.2, 0.3])
+  with pytest.raises(ValueError, match="nan or inf"):
+    metrics.auroc([0, 1, 1], [0.1, np.nan, 0.3])
+  with pytest.raises(ValueError, match="scores must be"):
+    metrics.auroc([0, 1], np.zeros((2, 1)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics on predicted classes
+
+
+def test_class_metrics_match_sklearn():
+  rng = np.random.default_rng(4)
+  for _ in range(60):
+    k = int(rng.integers(2, 6))
+    n = int(rng.integers(1, 40))
+    labels, preds = rng.integers(0, k, n), rng.integers(0, k, n)
+    preds = np.where(rng.random(n) < 0.4, labels, preds)  # correlated; small n leaves classes missing
+    assert abs(metrics.accuracy(labels, preds) - skm.accuracy_score(labels, preds)) < TOL
+    np.testing.assert_array_equal(metrics.confusion_matrix(labels, preds, k),
+                                  skm.confusion_matrix(labels, preds, labels=np.arange(k)))
+    for ours, theirs in ((metrics.f1, skm.f1_score), (metrics.precision, skm.precision_score),
+                         (metrics.recall, skm.recall_score)):
+      assert abs(ours(labels, preds) - theirs(labels, preds, average="macro", zero_division=0)) < TOL
+      assert abs(ours(labels, preds, num_classes=k)
+                 - theirs(labels, preds, average="macro", labels=np.arange(k), zero_division=0)) < TOL
+      b_labels, b_preds = labels % 2, preds % 2
+      assert abs(ours(b_labels, b_preds, average="binary")
+                 - theirs(b_labels, b_preds, average="binary", zero_division=0)) < TOL
+
+
+def test_all_correct_and_all_wrong():
+  labels = np.array([0, 1, 2, 1, 0])
+  for fn in (metrics.accuracy, metrics.f1, metrics.precision, metrics.recall):
+    assert fn(labels, labels) == 1.0
+    assert fn(labels, (labels + 1) % 3) == 0.0
+  np.testing.assert_array_equal(metrics.confusion_matrix(labels, labels, 3), np.diag([2, 2, 1]))
+  assert metrics.f1([0, 0, 0], [0, 0, 0], average="binary") == 0.0  # no positives anywhere: zero_division=0
+
+
+def test_class_metrics_reject_bad_input():
+  with pytest.raises(ValueError, match="differ in length"):
+    metrics.accuracy([0, 1], [0, 1, 1])
+  with pytest.raises(ValueError, match=r"preds has values \[3\] outside \[0, 3\)"):
+    metrics.confusion_matrix([0, 1, 2], [0, 1, 3], 3)
+  with pytest.raises(ValueError, match=r"labels has values \[2\] outside \[0, 2\)"):
+    metrics.f1([0, 2], [0, 1], average="binary")
+  with pytest.raises(ValueError, match="average='micro'"):
+    metrics.f1([0, 1], [0, 1], average="micro")
+  with pytest.raises(ValueError, match="num_classes"):
+    metrics.confusion_matrix([0, 1], [0, 1], 0)
+  with pytest.raises(ValueError, match="labels is empty"):
+    metrics.accuracy([], [])
+
+
+# ------------------------------------------------------------------------------------------------
+# Segmentation
+
+
+def test_dice_and_iou_by_hand():
+  pred = np.array([[1, 1, 0], [0, 1, 0]])
+  target = np.array([[1, 0, 0], [0, 1, 1]])
+  assert metrics.dice(pred, target) == pytest.approx(2 * 2 / (3 + 3))
+  assert metrics.iou(pred, target) == pytest.approx(2 / 4)
+  empty = np.zeros((2, 3), bool)
+  assert metrics.dice(empty, empty) == 1.0 and metrics.iou(empty, empty) == 1.0
+  assert metrics.dice(pred, empty) == 0.0 and metrics.iou(empty, target) == 0.0
+  batch = metrics.dice(np.stack([pred, empty, pred]), np.stack([target, empty, pred]))
+  np.testing.assert_allclose(batch, [2 / 3, 1.0, 1.0])
+
+
+def test_per_class_dice_by_hand():
+  pred = np.array([[0, 1, 1], [2, 2, 0]])
+  target = np.array([[0, 1, 0], [2, 2, 2]])
+  # (|P|, |T|, |P & T|) class 0: (2, 2, 1); 1: (2, 1, 1); 2: (2, 3, 2); class 3 absent from both.
+  np.testing.assert_allclose(metrics.per_class_dice(pred, target, 4), [2 / 3, 4 / 5, 1.0])
+  np.testing.assert_allclose(metrics.per_class_dice(pred, target, 4, ignore_background=False),
+                             [1 / 2, 2 / 3, 4 / 5, 1.0])
+  assert metrics.per_class_dice(np.stack([pred] * 2), np.stack([target] * 2), 3).shape == (2, 2)
+  with pytest.raises(ValueError, match=r"target_labels has values \[2\] outside \[0, 2\)"):
+    metrics.per_class_dice(pred % 2, target, 2)
+
+
+def _reference_hd95(pred, target, spacing, mode):
+  """hd95 by brute force: inner boundaries from skimage (zero-padded so image-edge pixels count, as in
+  medpy), all pairwise physical distances between boundary pixels, nearest per pixel, p95 both ways."""
+  def surface_points(mask):
+    inner = find_boundaries(np.pad(mask, 1), connectivity=1, mode="inner")[1:-1, 1:-1]
+    return np.argwhere(inner) * np.asarray(spacing)
+  a, b = surface_points(pred), surface_points(target)
+  d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+  if mode == "medpy":
+    return np.percentile(np.r_[d.min(1), d.min(0)], 95)
+  return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+
+def _random_mask(rng, shape):
+  """Irregular, possibly multi-part binary mask [H, W] (smoothed noise over a threshold), never empty."""
+  field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=rng.uniform(1.5, 4))
+  mask = field > np.quantile(field, rng.uniform(0.5, 0.9))
+  mask[rng.integers(shape[0]), rng.integers(shape[1])] = True
+  return mask
+
+
+@pytest.mark.parametrize("mode", metrics.HD95_MODES)
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.5, 1.3)])
+def test_hd95_matches_brute_force_reference(spacing, mode):
+  rng = np.random.default_rng(5)
+  for _ in range(25):
+    shape = tuple(int(s) for s in rng.integers(8, 40, 2))
+    pred, target = _random_mask(rng, shape), _random_mask(rng, shape)
+    want = _reference_hd95(pred, target, spacing, mode)
+    assert abs(metrics.hd95(pred, target, spacing, mode=mode) - want) < TOL
+
+
+def test_hd95_by_hand_and_batched():
+  target = np.zeros((10, 10), bool)
+  target[2:5, 2:5] = True
+  shifted = np.roll(target, 3, axis=1)  # same square three columns to the right
+  assert metrics.hd95(target, target) == 0.0
+  assert metrics.hd95(shifted, target) == pytest.approx(3.0)
+  assert metrics.hd95(shifted, target, spacing=(1.0, 0.5)) == pytest.approx(1.5)
+  empty = np.zeros_like(target)
+  out = metrics.hd95(np.stack([shifted, empty, empty, target]), np.stack([target, empty, target, empty]))
+  assert out.shape == (4,)
+  assert out[0] == pytest.approx(3.0) and out[1] == 0.0 and np.isnan(out[2]) and np.isnan(out[3])
+
+
+def test_hd95_modes_differ_on_a_stray_blob():
+  pred = np.zeros((40, 40), bool)
+  pred[2:12, 2:12] = True
+  target = pred.copy()
+  target[34:36, 34:36] = True  # 4 of target's 40 surface pixels lie far from pred
+  pooled, directed = metrics.hd95(pred, target), metrics.hd95(pred, target, mode="directed_max")
+  assert directed > 20 and pooled < directed
+
+
+def test_hd95_matches_medpy_when_installed():
+  medpy_binary = pytest.importorskip("medpy.metric.binary")
+  rng = np.random.default_rng(6)
+  for spacing in ((1.0, 1.0), (0.7, 1.9)):
+    for _ in range(10):
+      pred, target = _random_mask(rng, (30, 25)), _random_mask(rng, (30, 25))
+      want = medpy_binary.hd95(pred, target, voxelspacing=spacing)
+      assert abs(metrics.hd95(pred, target, spacing) - want) < TOL
+
+
+def test_segmentation_metrics_reject_bad_input():
+  mask = np.zeros((4, 4), bool)
+  with pytest.raises(ValueError, match=r"pred \(4, 4\) and target \(4, 5\) differ"):
+    metrics.dice(mask, np.zeros((4, 5), bool))
+  with pytest.raises(ValueError, match="pred must be a binary mask"):
+    metrics.iou(np.full((4, 4), 0.3), mask)
+  with pytest.raises(ValueError, match="target must be a binary mask"):
+    metrics.hd95(mask, np.full((4, 4), 2))
+  with pytest.raises(ValueError, match="spacing"):
+    metrics.hd95(mask, mask, spacing=(1.0, -1.0))
+  with pytest.raises(ValueError, match="mode='mean'"):
+    metrics.hd95(mask, mask, mode="mean")
+  with pytest.raises(ValueError, match=r"\[H, W\] or \[B, H, W\]"):
+    metrics.dice(np.zeros(4, bool), np.zeros(4, bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# Confidence intervals
+
+
+def test_bootstrap_ci_contains_estimate_narrows_and_is_seeded():
+  rng = np.random.default_rng(7)
+  widths = []
+  for n in (100, 2000):
+    labels = rng.integers(0, 2, n)
+    preds = np.where(rng.random(n) < 0.8, labels, 1 - labels)
+    est, low, high = metrics.bootstrap_ci(metrics.accuracy, labels, preds, num_samples=300)
+    assert est == metrics.accuracy(labels, preds)
+    assert low < est < high
+    widths.append(high - low)
+  assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 20x the data, ~4.5x narrower
+  again = metrics.bootstrap_ci(metrics.accuracy, labels, preds, num_samples=300)
+  assert again == (est, low, high)
+
+
+def test_bootstrap_ci_skips_nan_resamples():
+  labels = np.array([0] * 9 + [1])  # one positive, ranked top
+  scores = np.linspace(0, 1, 10)
+  with pytest.warns(UserWarning, match="resamples gave nan"):
+    est, low, high = metrics.bootstrap_ci(metrics.auroc, labels, scores, num_samples=200)
+  assert est == 1.0 and low == high == 1.0
+  with pytest.warns(UserWarning, match="200 of 200"):
+    out = metrics.bootstrap_ci(lambda x: math.nan, np.arange(5), num_samples=200)
+  assert math.isnan(out[0]) and math.isnan(out[1]) and math.isnan(out[2])
+  with pytest.raises(ValueError, match="leading length"):
+    metrics.bootstrap_ci(metrics.accuracy, np.zeros(3), np.zeros(4))
+
+
+def test_mean_ci_by_hand():
+  values = [0.80, 0.82, 0.78, 0.85, 0.75]
+  mean = 0.8
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
+  half = 2.7764451051977987 * std / math.sqrt(5)  # t_{0.975, 4}
+  np.testing.assert_allclose(metrics.mean_ci(values), (mean, mean - half, mean + half), rtol=0, atol=1e-12)
+  m, low, high = metrics.mean_ci([0.7])
+  assert m == 0.7 and math.isnan(low) and math.isnan(high)
+  with pytest.raises(ValueError, match="alpha"):
+    metrics.mean_ci(values, alpha=1.5)
