@@ -69,7 +69,10 @@ def test_crash_and_resume_is_bitwise_identical(tmp_path):
 
 def test_one_device_and_eight_devices_agree(tmp_path):
   one = pretrain.run(smoke_config(), tmp_path / "one")
-  eight = pretrain.run(smoke_config(**{"mesh.clients": 2, "mesh.data": 4}), tmp_path / "eight")
+  # 8 devices: clients over 2, batch over 4, and matrices FSDP-sharded over the data axis.
+  eight = pretrain.run(smoke_config(**{
+      "mesh.clients": 2, "mesh.data": 4,
+      "sharding_rules": [(".*kernel", "fsdp"), (".*", "replicated")]}), tmp_path / "eight")
   a, b = losses_by_round(tmp_path / "one"), losses_by_round(tmp_path / "eight")
   for r in a:
     np.testing.assert_allclose(a[r]["loss"], b[r]["loss"], rtol=1e-4)
@@ -148,3 +151,20 @@ def test_main_runs_smoke_preset_and_rejects_unknown_fields(tmp_path):
   bad = _main(["--config=configs/pretrain_fed.py:smoke", "--config.model.widht=3",
                f"--workdir={tmp_path}/bad"], tmp_path)
   assert bad.returncode != 0 and "widht" in bad.stderr
+
+
+def test_two_processes_match_one(tmp_path):
+  """launch/local_multiprocess.sh: 2 processes x 2 CPU devices joined by jax.distributed, each
+  loading its slice of every batch, give the losses of a single-process run."""
+  env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", PORT="12391")
+  done = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "configs/pretrain_fed.py:smoke",
+                         str(tmp_path / "mp")], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  pretrain.run(smoke_config(), tmp_path / "single")
+  a, b = losses_by_round(tmp_path / "mp"), losses_by_round(tmp_path / "single")
+  assert sorted(a) == sorted(b) == [1, 2]
+  for r in a:
+    np.testing.assert_allclose(a[r]["loss"], b[r]["loss"], rtol=1e-4)
+  assert sorted(p.name for p in (tmp_path / "mp" / "checkpoints" / "2" / "data").glob("*.json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
