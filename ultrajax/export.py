@@ -1,0 +1,127 @@
+r"""Exports an ultrajax pretraining checkpoint as a PyTorch state dict.
+
+  python -m ultrajax.export --workdir=DIR --format=timm|mae --out=FILE [--round=N]
+      [--config=configs/pretrain_fed.py:preset]
+
+timm: the encoder as a timm `VisionTransformer` (cls-token pooling, no head), so
+  `timm.create_model('vit_base_patch16_224', num_classes=0)` loads it with strict=True.
+mae:  the whole MAE as facebookresearch/mae's `MaskedAutoencoderViT` (wrapped in 'model' in
+  .pth files, as the released checkpoints).
+FILE ends in .safetensors (no torch needed) or .pth/.pt/.bin. The checkpoint is the latest
+one (or round N); the model's shape comes from the config saved with it, or from --config
+for checkpoints without one. docs/formats.md lists the keys and how to load the files.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from ultrajax.interop import files, mae_official, timm_vit
+from ultrajax.models import mae
+from ultrajax.train import checkpoint
+
+FORMATS = ("timm", "mae")
+LATER_FORMATS = {"sam": "the UltraSam models (not in ultrajax yet)"}
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or its checkpoint folder).")
+_FORMAT = flags.DEFINE_enum("format", None, list(FORMATS) + list(LATER_FORMATS),
+                            "timm: encoder as a timm ViT; mae: official MAE with decoder.")
+_OUT = flags.DEFINE_string("out", None, "Output file: .safetensors or .pth/.pt/.bin.")
+_ROUND = flags.DEFINE_integer("round", None, "Checkpoint round to export (default: latest).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config of the run, for checkpoints that have none saved.")
+
+
+def checkpoint_dir(workdir, round_index: int | None) -> pathlib.Path:
+  """The folder of round `round_index` (default: the latest) under a workdir."""
+  if round_index is None:
+    return checkpoint.find_checkpoint_dir(workdir)
+  root = pathlib.Path(workdir).absolute()
+  if (root / "checkpoints").is_dir():
+    root = root / "checkpoints"
+  directory = root / str(round_index)
+  if not (directory / "params").is_dir():
+    rounds = sorted(int(p.name) for p in root.glob("[0-9]*") if (p / "params").is_dir())
+    raise FileNotFoundError(f"no checkpoint of round {round_index} under {root}; "
+                            f"rounds there: {rounds}")
+  return directory
+
+
+def saved_config(directory: pathlib.Path) -> ml_collections.ConfigDict:
+  """The run's config from the checkpoint's `meta` item (JSON written by the training job)."""
+  meta_dir = directory / "meta"
+  if not meta_dir.is_dir():
+    raise FileNotFoundError(f"{meta_dir} is missing: pass the run's --config")
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+    meta = ckptr.restore(meta_dir)
+  if "config" not in meta:
+    raise ValueError(f"{meta_dir} holds no 'config' (keys {sorted(meta)}): pass the run's "
+                     "--config")
+  return ml_collections.ConfigDict(json.loads(meta["config"]))
+
+
+def load_mae_params(directory: pathlib.Path, model_config) -> tuple[dict, object]:
+  """(numpy pure dict of the checkpoint's MAE params, abstract MAE) for this model config."""
+  model = nnx.eval_shape(lambda: mae.mae_from_config(model_config, nnx.Rngs(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return jax.device_get(checkpoint.load_params(directory, target)), model
+
+
+def check_format(fmt: str) -> None:
+  if fmt in LATER_FORMATS:
+    raise ValueError(f"format {fmt!r} comes with {LATER_FORMATS[fmt]}; available now: "
+                     f"{', '.join(FORMATS)}")
+  if fmt not in FORMATS:
+    raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
+
+
+def export(workdir, fmt: str, out, *, round_index: int | None = None, config=None) -> dict:
+  """Writes the checkpoint's weights in format `fmt` to `out`; returns what was written:
+  dict(path, format, checkpoint folder, keys, params, bytes)."""
+  check_format(fmt)
+  files.file_kind(out)  # an unusable file name fails before the checkpoint is read
+  directory = checkpoint_dir(workdir, round_index)
+  config = saved_config(directory) if config is None else config
+  params, model = load_mae_params(directory, config.model)
+  image_size = model.encoder.image_size
+  if fmt == "timm":
+    tensors = timm_vit.vit_to_timm(params["encoder"], image_size=image_size)
+  else:
+    tensors = mae_official.mae_to_official(params, image_size=image_size,
+                                           patch_size=model.encoder.patch_size)
+  wrap = "model" if fmt == "mae" and files.file_kind(out) == "torch" else None
+  path = files.save_state_dict(out, tensors, wrap_key=wrap)
+  return dict(path=str(path), format=fmt, checkpoint=str(directory), keys=len(tensors),
+              params=int(sum(np.size(v) for v in tensors.values())),
+              bytes=path.stat().st_size)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for name, flag in (("workdir", _WORKDIR), ("format", _FORMAT), ("out", _OUT)):
+    if not flag.value:
+      raise app.UsageError(f"--{name} is required")
+  try:
+    check_format(_FORMAT.value)
+  except ValueError as e:
+    raise app.UsageError(f"--format: {e}") from None
+  done = export(_WORKDIR.value, _FORMAT.value, _OUT.value, round_index=_ROUND.value,
+                config=_CONFIG.value)
+  print(f"wrote {done['path']}: {done['format']} state dict, {done['keys']} keys, "
+        f"{done['params']:,} values (fixed position tables included), "
+        f"{done['bytes'] / 2**20:.1f} MiB, from {done['checkpoint']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

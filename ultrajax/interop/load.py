@@ -1,0 +1,88 @@
+"""Starting parameters for training from whatever `config.init_from` names.
+
+Accepted: an ultrajax workdir or checkpoint folder, or a state-dict file (.safetensors,
+.pth/.pt/.bin) in one of the layouts below, told apart by key names:
+  official MAE, full          decoder_* / mask_token keys      everything loaded
+  official MAE encoder-only   blocks.0.attn.qkv.weight, no     encoder loaded, decoder kept
+    or timm ViT               decoder key                      (a timm classifier head is
+                                                               dropped)
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from ultrajax.interop import files, mae_official
+from ultrajax.train import checkpoint
+
+KINDS = ("mae",)
+ENCODER_PROBE_KEY = "blocks.0.attn.qkv.weight"
+TIMM_HEAD_KEYS = ("head.weight", "head.bias")
+
+
+def file_layout(keys) -> str:
+  """'mae_full' | 'encoder' from a state dict's keys; anything else raises ValueError."""
+  keys = list(keys)
+  if any(mae_official.is_decoder_key(k) for k in keys):
+    return "mae_full"
+  if ENCODER_PROBE_KEY in keys:
+    return "encoder"
+  raise ValueError(f"not an official MAE or timm ViT state dict: no decoder_* / mask_token "
+                   f"keys and no {ENCODER_PROBE_KEY!r}; its first keys are {keys[:8]}")
+
+
+def _place(params, target):
+  """numpy leaves -> global arrays with the target's shardings (the same host value on every
+  process, as the file is read by each); leaves that are already jax Arrays stay put."""
+  def put(x, t):
+    if isinstance(x, jax.Array):
+      return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, t.sharding, lambda index: x[index])
+  return jax.tree.map(put, params, target)
+
+
+def load_init_params(path, model, *, kind: str = "mae", base_params: Mapping | None = None,
+                     target=None) -> dict:
+  """Pure dict of `model`'s parameters loaded from `path` (see the module docstring).
+
+  model: the `MAE` to initialise, real or from `nnx.eval_shape` (structure and image size).
+  base_params: pure dict of values for what a file lacks (the decoder of an encoder-only file);
+    default the model's own parameters, which an abstract model does not have.
+  target: optional abstract tree (ShapeDtypeStructs with shardings, e.g.
+    `checkpoint.abstract_like(abstract_params, shardings)`); the result is placed accordingly.
+    Without it an ultrajax checkpoint is restored onto the default device and a file's
+    values come back as numpy arrays.
+  A file whose architecture does not fit raises ValueError naming the keys and both shapes.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"nothing at {path}: expected an ultrajax workdir or checkpoint "
+                            "folder, or a .safetensors/.pth/.pt/.bin file")
+  if path.is_dir():
+    if target is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            template)
+    return checkpoint.load_params(path, target)
+  state_dict = files.load_state_dict(path)
+  layout = file_layout(state_dict)
+  if layout == "encoder":
+    head = [k for k in TIMM_HEAD_KEYS if k in state_dict]
+    if head:
+      logging.info("%s: dropped the classifier head %s (an MAE has none).", path, head)
+      state_dict = {k: v for k, v in state_dict.items() if k not in head}
+  try:
+    params = mae_official.mae_from_official(state_dict, model, base_params=base_params)
+  except ValueError as e:
+    raise ValueError(f"{path} ({layout} layout, {len(state_dict)} keys): {e}") from None
+  logging.info("Loaded %s (%s layout, %d keys).", path, layout, len(state_dict))
+  return params if target is None else _place(params, target)
