@@ -22,7 +22,9 @@ def get_config(arg=None):
   c.job = "pretrain"
   c.preset = knobs.preset
   c.seed = 0
-  c.init_from = ""  # ultrajax workdir/checkpoint to start from when the workdir has none.
+  # Start from (when the workdir has no checkpoint): an ultrajax workdir/checkpoint, or an
+  # official MAE / timm ViT file (.pth or .safetensors; see docs/formats.md).
+  c.init_from = ""
 
   c.model = ml_collections.ConfigDict(dict(
       variant="B/16",  # Ti/S/B/L/H + '/patch'; or set variant='' and the explicit sizes below.

@@ -21,3 +21,11 @@ def real_us():
     if not REAL_US.is_dir():
         pytest.skip(f"real ultrasound samples not found at {REAL_US}")
     return REAL_US
+
+# Importing torch's optional triton package after TensorFlow (loaded by clu's TensorBoard
+# writer) segfaults on this stack, whatever the test order; where torch is installed, load it
+# (through timm, which pulls in torchvision and triton) before anything imports TensorFlow.
+try:
+    import timm  # noqa: E402,F401
+except ImportError:
+    pass

@@ -168,3 +168,19 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(a[r]["loss"], b[r]["loss"], rtol=1e-4)
   assert sorted(p.name for p in (tmp_path / "mp" / "checkpoints" / "2" / "data").glob("*.json")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_init_from_official_mae_file(tmp_path):
+  """config.init_from accepts an official-MAE .safetensors file: training starts from exactly
+  its weights, and a workdir's own checkpoint takes precedence once it exists."""
+  from ultrajax.interop import files, mae_official
+  first = pretrain.run(smoke_config(**{"fed.num_rounds": 1}), tmp_path / "a")
+  path = tmp_path / "mae.safetensors"
+  files.save_state_dict(path, mae_official.mae_to_official(first, image_size=32, patch_size=8))
+  config = smoke_config(**{"fed.num_rounds": 1, "init_from": str(path), "seed": 1})
+  assert_trees_equal(pretrain.run(config, tmp_path / "b", stop_after_rounds=0), first)
+  trained = pretrain.run(config, tmp_path / "b")
+  assert np.isfinite(losses_by_round(tmp_path / "b")[1]["loss"])
+  config.fed.num_rounds = 2
+  resumed = pretrain.run(config, tmp_path / "b", stop_after_rounds=1)  # resumes, trains nothing
+  assert_trees_equal(resumed, trained)

@@ -34,6 +34,7 @@ from flax import nnx
 from ultrajax import configlib, ultramim
 from ultrajax.data import pipeline, sources as sources_lib
 from ultrajax.fed import aggregate, rounds
+from ultrajax.interop import load as interop_load
 from ultrajax.models import mae, vit
 from ultrajax.train import checkpoint, optimizer, perf, sharding, writers
 from ultrajax.viz import reconstruction
@@ -274,8 +275,12 @@ def _resume_or_init(config, ckpt, programs, data, seed_key):
     return params, train["opt"], latest
   params = programs.init_params(seed_key)
   if config.init_from:
+    # An ultrajax workdir/checkpoint, or an official-MAE / timm file (.pth, .safetensors);
+    # an encoder-only file keeps the freshly initialised decoder.
+    abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
     target = checkpoint.abstract_like(abstract_params, programs.server_sharding)
-    params = checkpoint.load_params(config.init_from, target)
+    params = interop_load.load_init_params(config.init_from, abstract_model,
+                                           base_params=params, target=target)
     logging.info("Initialised from %s.", config.init_from)
   return params, programs.init_opt(params), 0
 
