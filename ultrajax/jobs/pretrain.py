@@ -315,7 +315,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
   configlib.check(num_lanes % mesh.shape["clients"] == 0,
                   f"config.fed.lanes={num_lanes} is not a multiple of config.mesh.clients="
                   f"{mesh.shape['clients']}")
-  chunk_steps = int(min(config.fed.chunk_steps, steps_per_round.max()))
+  # The fewest chunks of at most fed.chunk_steps steps that cover the round, as equal as
+  # possible so the last chunk is not mostly idle padding.
+  length = rounds.plan_round(steps_per_round, num_lanes, 1).client_ids.shape[1]
+  chunk_steps = math.ceil(length / math.ceil(length / config.fed.chunk_steps))
   plan = rounds.plan_round(steps_per_round, num_lanes, chunk_steps)
   num_chunks = plan.client_ids.shape[1] // chunk_steps
   weights = aggregate.client_weights(data.num_images, config.fed.aggregation)
