@@ -235,7 +235,8 @@ class Programs:
         in_shardings=(self.server_sharding, self.state_sharding, self.batch_sharding,
                       plan_sharding, rep, rep, rep, rep),
         out_shardings=(self.state_sharding, self.vector), donate_argnums=(1,))
-    self.preview = jax.jit(make_preview_fn(graphdef, config))
+    # Replicated output: process 0 writes the PNG even when params are sharded across hosts.
+    self.preview = jax.jit(make_preview_fn(graphdef, config), out_shardings=rep)
     self._compiled_chunk = None
     self.chunk_flops = None
 
