@@ -132,20 +132,28 @@ def patch_size_of(model_config) -> int:
   return model_config.patch_size
 
 
+def mim_views(images, mask_key, corrupt_key, config):
+  """UltraMIM's inputs.  images: uint8 [B, S, S, 3] -> clean [B, S, S, 3] in [0, 1], the
+  encoder input (MIC-corrupted clean image) and the TGM mask [B, N] from the clean texture."""
+  m, u = config.model, config.ultramim
+  clean = images.astype(jnp.float32) / 255.0
+  mask = ultramim.tgm_mask(mask_key, ultramim.texture_scores(clean, patch_size_of(m)),
+                           m.mask_ratio, u.tgm_mode)
+  encoder_input = ultramim.corrupt(corrupt_key, clean, u) if u.mic else clean
+  return clean, encoder_input, mask
+
+
 def make_loss_fn(graphdef, config):
   """loss_fn(params, images uint8 [B, S, S, 3], key) -> (loss, None), UltraMIM's objective:
   TGM mask from the clean image's texture, MIC-corrupted encoder input, norm-pix MSE on the
   masked patches of the clean image."""
-  m, u = config.model, config.ultramim
+  m = config.model
   patch = patch_size_of(m)
 
   def loss_fn(params, images, key):
     model = nnx.merge(graphdef, params)
     k_mask, k_mic, k_drop = jax.random.split(key, 3)
-    clean = images.astype(jnp.float32) / 255.0
-    mask = ultramim.tgm_mask(k_mask, ultramim.texture_scores(clean, patch), m.mask_ratio,
-                             u.tgm_mode)
-    encoder_input = ultramim.corrupt(k_mic, clean, u) if u.mic else clean
+    clean, encoder_input, mask = mim_views(images, k_mask, k_mic, config)
     pred = model(mae.normalize(encoder_input), mask,
                  key=k_drop if m.drop_path_rate > 0 else None)
     loss, _ = mae.mae_loss(pred, mae.normalize(clean), mask, patch, m.norm_pix_loss)
@@ -160,17 +168,13 @@ def make_preview_fn(graphdef, config):
   With norm-pix targets the prediction is in per-patch normalised units; as MAE's demo does,
   it is mapped back with the true patch's mean and variance for display only.
   """
-  m, u = config.model, config.ultramim
+  m = config.model
   patch = patch_size_of(m)
   mean, std = jnp.asarray(mae.IMAGENET_MEAN), jnp.asarray(mae.IMAGENET_STD)
 
   def preview(params, images, key):
     model = nnx.merge(graphdef, params)
-    k_mask, k_mic = jax.random.split(key)
-    clean = images.astype(jnp.float32) / 255.0
-    mask = ultramim.tgm_mask(k_mask, ultramim.texture_scores(clean, patch), m.mask_ratio,
-                             u.tgm_mode)
-    encoder_input = ultramim.corrupt(k_mic, clean, u) if u.mic else clean
+    clean, encoder_input, mask = mim_views(images, *jax.random.split(key), config)
     pred = model(mae.normalize(encoder_input), mask)
     target = mae.patchify(mae.normalize(clean), patch)
     if m.norm_pix_loss:
