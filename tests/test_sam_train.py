@@ -1,0 +1,319 @@
+"""UltraSam training pieces: prompts, losses, selection, instance data, COCO mAP, the job."""
+import json
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pycocotools import coco as coco_api
+
+from ultrajax.data import instances
+from ultrajax.eval import coco_eval
+from ultrajax.train import sam_objectives as so
+
+
+def _ellipse_masks(rng, n, size):
+  yy, xx = np.mgrid[:size, :size]
+  masks = []
+  for _ in range(n):
+    cx, cy = rng.uniform(0.3, 0.7, 2) * size
+    a, b = rng.uniform(0.08, 0.3, 2) * size
+    masks.append(((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1)
+  return np.stack(masks)
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_training_prompts_points_inside_boxes_jitter_bounds_and_determinism():
+  rng = np.random.default_rng(0)
+  masks = _ellipse_masks(rng, 64, 32)
+  keys = jax.random.split(jax.random.key(1), 8)
+  prompts = jax.vmap(lambda k: so.training_prompts(k, jnp.asarray(masks)))(keys)
+  coords, labels = np.asarray(prompts.coords), np.asarray(prompts.labels)  # [8, 64, 2, 2], [8, 64, 2]
+  is_box = labels[..., 0] == 2
+  assert 0.4 < is_box.mean() < 0.6
+  np.testing.assert_array_equal(labels[~is_box], np.broadcast_to([1, -1], labels[~is_box].shape))
+  np.testing.assert_array_equal(labels[is_box], np.broadcast_to([2, 3], labels[is_box].shape))
+  # Points: the pixel under each point (nearest pixel centre) is inside its mask.
+  inst = np.broadcast_to(np.arange(64), is_box.shape)
+  for (k, i) in zip(*np.nonzero(~is_box)):
+    x, y = coords[k, i, 0]
+    assert masks[i, int(math.floor(y + 0.5)), int(math.floor(x + 0.5))], (k, i, x, y)
+  # Boxes: each coordinate within 5% of the box width/height of the exact box, and actually moved.
+  ys, xs = [np.array([np.nonzero(m.any(a))[0][[0, -1]] for m in masks]) for a in (1, 0)]
+  exact = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], -1).astype(np.float64)
+  size = np.stack([xs[:, 1] - xs[:, 0] + 1, ys[:, 1] - ys[:, 0] + 1], -1)
+  bound = 0.05 * np.concatenate([size, size], -1)
+  moved = coords[is_box].reshape(-1, 4) - exact[inst[is_box]]
+  assert np.all(np.abs(moved) <= bound[inst[is_box]] + 1e-4)
+  assert (np.abs(moved) / bound[inst[is_box]]).max() > 0.9  # jitter spans its range
+  again = so.training_prompts(keys[0], jnp.asarray(masks))
+  np.testing.assert_array_equal(np.asarray(again.coords), coords[0])
+  assert not np.array_equal(coords[0], coords[1])
+
+
+def test_random_points_uniform_over_mask_pixels():
+  mask = np.zeros((1, 8, 8), bool)
+  mask[0, [1, 2, 5, 6], [3, 7, 0, 4]] = True
+  keys = jax.random.split(jax.random.key(0), 4000)
+  xy = np.asarray(jax.vmap(lambda k: so.random_points(k, jnp.asarray(mask)))(keys))[:, 0]
+  pix = np.floor(xy + 0.5).astype(int)
+  counts = {p: 0 for p in [(3, 1), (7, 2), (0, 5), (4, 6)]}
+  for x, y in pix:
+    counts[(x, y)] += 1  # KeyError if a point left the mask
+  assert all(abs(c - 1000) < 120 for c in counts.values()), counts  # ~4 sigma
+  frac = xy - np.floor(xy + 0.5)
+  assert frac.min() >= -0.5 and frac.max() < 0.5 and frac.std() > 0.25  # uniform in the pixel
+
+
+def test_evaluation_prompts_centroid_and_exact_box():
+  masks = _ellipse_masks(np.random.default_rng(2), 5, 24)
+  masks[0] = False
+  masks[0, 3:6, 10:20] = True
+  masks[0, 15, 2] = True  # a stray pixel moves the centroid and the box
+  c = so.centroid_prompts(jnp.asarray(masks))
+  b = so.box_prompts(jnp.asarray(masks))
+  for i, m in enumerate(masks):
+    ys, xs = np.nonzero(m)
+    np.testing.assert_allclose(np.asarray(c.coords[i, 0]), [xs.mean(), ys.mean()], rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(b.coords[i]), [[xs.min(), ys.min()], [xs.max(), ys.max()]])
+  np.testing.assert_array_equal(np.asarray(c.labels[0]), [1, -1])
+  np.testing.assert_array_equal(np.asarray(b.labels[0]), [2, 3])
+
+
+# ----------------------------------------------------------------------------- losses
+def test_losses_against_hand_worked_values_and_torchvision():
+  logits = jnp.zeros((1, 2, 2))
+  target = jnp.asarray([[[1.0, 0.0], [0.0, 0.0]]])
+  # p = 0.5 everywhere: CE = ln 2, (1 - p_t)^2 = 1/4, alpha_t = 0.25 (t=1) or 0.75 (t=0).
+  np.testing.assert_allclose(so.focal_loss(logits, target), [math.log(2) * 0.25 * (0.25 + 3 * 0.75) / 4],
+                             rtol=1e-6)
+  # sum p t = 0.5, sum p^2 = 1, sum t^2 = 1: 1 - 1 / (1 + 1 + 1 + 1).
+  np.testing.assert_allclose(so.dice_loss(logits, target), [0.75], rtol=1e-6)
+  torch = pytest.importorskip("torch")
+  from torchvision.ops import sigmoid_focal_loss
+  rng = np.random.default_rng(0)
+  x = rng.normal(0, 3, (3, 16, 16)).astype(np.float32)
+  t = (rng.random((3, 16, 16)) < 0.3).astype(np.float32)
+  ref = sigmoid_focal_loss(torch.from_numpy(x), torch.from_numpy(t), 0.25, 2, "none").mean((1, 2))
+  np.testing.assert_allclose(so.focal_loss(jnp.asarray(x), jnp.asarray(t)), ref.numpy(), rtol=1e-5)
+
+
+def test_mask_losses_weights_iou_target_and_invalid_instances():
+  target = np.zeros((3, 4, 4), np.float32)
+  target[:, :2, :2] = 1
+  logits = np.full((3, 4, 4), -5.0, np.float32)
+  logits[:, :2, :] = 5.0  # predicted 8 pixels, 4 of them right: IoU 0.5
+  logits[2] = 100.0  # an invalid instance with a huge loss must not count
+  iou_pred = np.asarray([0.5, 0.9, 0.0], np.float32)
+  valid = np.asarray([True, True, False])
+  out = so.mask_losses(jnp.asarray(logits), jnp.asarray(iou_pred), jnp.asarray(target),
+                       jnp.asarray(valid))
+  focal = np.asarray(so.focal_loss(jnp.asarray(logits[:2]), jnp.asarray(target[:2]))).mean()
+  dice = np.asarray(so.dice_loss(jnp.asarray(logits[:2]), jnp.asarray(target[:2]))).mean()
+  iou = ((0.5 - 0.5) ** 2 + (0.9 - 0.5) ** 2) / 2
+  np.testing.assert_allclose(float(out["iou"]), iou, rtol=1e-6)
+  np.testing.assert_allclose(float(out["loss"]), 20 * focal + dice + iou, rtol=1e-5)
+  l1 = so.mask_losses(jnp.asarray(logits), jnp.asarray(iou_pred), jnp.asarray(target),
+                      jnp.asarray(valid), iou_loss="l1")
+  np.testing.assert_allclose(float(l1["iou"]), 0.4 / 2, rtol=1e-6)
+
+
+def test_select_best_uses_ground_truth_iou_not_predicted_iou():
+  target = np.zeros((1, 4, 4), np.float32)
+  target[0, :2, :2] = 1
+  cands = np.full((1, 3, 4, 4), -1.0, np.float32)
+  cands[0, 0, :, :] = 1.0  # IoU 4/16
+  cands[0, 1, :2, :2] = 1.0  # IoU 1
+  cands[0, 2, :2, :3] = 1.0  # IoU 4/6
+  iou_pred = np.asarray([[0.9, 0.1, 0.5]], np.float32)
+  logits, pred, actual = so.select_best(jnp.asarray(cands), jnp.asarray(iou_pred), jnp.asarray(target))
+  np.testing.assert_array_equal(np.asarray(logits), cands[:, 1])
+  np.testing.assert_allclose(np.asarray(pred), [0.1])
+  np.testing.assert_allclose(np.asarray(actual), [1.0])
+
+
+def _fake_decoder(weight):
+  """A decoder whose four masks are fixed patterns (+ weight x the dense prompt when given)."""
+  base = jnp.stack([jnp.full((4, 4), 1.0), jnp.zeros((4, 4)).at[:2, :2].set(2.0) - 1.0,
+                    jnp.full((4, 4), -1.0), jnp.full((4, 4), 0.5)])
+  calls = []
+
+  def decode(prompts, mask_logits):
+    calls.append(mask_logits)
+    n = prompts.coords.shape[0]
+    logits = jnp.broadcast_to(base, (n, 4, 4, 4))
+    if mask_logits is not None:
+      logits = logits + weight * mask_logits[:, None]
+    return so.DecoderOutput(logits, jnp.broadcast_to(jnp.asarray([0.3, 0.2, 0.9, 0.1]), (n, 4)))
+
+  return decode, calls
+
+
+def test_refinement_feeds_first_logits_back_and_adds_both_losses():
+  target = jnp.zeros((2, 4, 4)).at[:, :2, :2].set(1.0)
+  valid = jnp.asarray([True, True])
+  prompts = so.centroid_prompts(target > 0)
+  decode, calls = _fake_decoder(0.0)
+  loss, metrics = so.sam_loss(decode, prompts, target, valid, refine=True)
+  assert calls[0] is None and calls[1].shape == (2, 4, 4)
+  first = decode(prompts, None)
+  single = so.mask_losses(first.logits[:, 0], first.iou_pred[:, 0], target, valid)
+  best = so.mask_losses(first.logits[:, 1], first.iou_pred[:, 1], target, valid)  # token 1 fits
+  np.testing.assert_allclose(float(loss), float(single["loss"] + best["loss"]), rtol=1e-6)
+  # The dense prompt is not detached: pass 2's loss depends on pass 1's logits.
+  def total(w):
+    d, _ = _fake_decoder(w)
+    return so.sam_loss(d, prompts, target, valid, refine=True)[0]
+  assert abs(float(jax.grad(total)(0.0))) > 0
+  # Evaluation picks by predicted IoU among the multimask outputs (token 2 here, 0.9).
+  logits, score = so.predict_masks(decode, prompts, refine=False)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(first.logits[:, 2]))
+  np.testing.assert_allclose(np.asarray(score), [0.9, 0.9])
+
+
+# ----------------------------------------------------------------------------- data
+def _records():
+  source = instances.PhantomInstances("test", 6, 40, seed=3)
+  return [source[i] for i in range(len(source))]
+
+
+def test_coco_round_trip_rle_exact_and_polygon_close(tmp_path):
+  records = _records()
+  for fmt in ("rle", "polygon"):
+    path = instances.write_coco(str(tmp_path / f"{fmt}.json"), records,
+                                instances.PHANTOM_CATEGORIES, mask_format=fmt)
+    loaded = instances.CocoInstances(path)
+    reference = coco_api.COCO(path)
+    assert len(loaded) == len(records)
+    for i, rec in enumerate(records):
+      got = loaded[i]
+      np.testing.assert_array_equal(got["image"], rec["image"])
+      np.testing.assert_array_equal(got["category_ids"], rec["category_ids"])
+      np.testing.assert_array_equal(got["classes"], rec["classes"])
+      anns = reference.loadAnns(reference.getAnnIds(imgIds=[rec["image_id"]]))
+      ref_masks = [reference.annToMask(a) for a in anns]
+      for m, ref, orig in zip(got["masks"], ref_masks, rec["masks"]):
+        np.testing.assert_array_equal(m, ref)
+        if fmt == "rle":
+          np.testing.assert_array_equal(m, orig)
+        else:
+          assert (m & orig).sum() / (m | orig).sum() > 0.9
+
+
+def test_empty_images_skipped_and_counted(tmp_path, caplog):
+  records = _records()
+  labels = [int(r["classes"].max(initial=0)) for r in records]
+  assert 0 < labels.count(0) < len(records)
+  records[1] = dict(records[1], masks=records[1]["masks"][:0], category_ids=records[1]["category_ids"][:0],
+                    classes=records[1]["classes"][:0])
+  path = instances.write_coco(str(tmp_path / "a.json"), records, instances.PHANTOM_CATEGORIES)
+  with caplog.at_level(logging.INFO):
+    everything = instances.InstanceDataset(instances.CocoInstances(path), 32, 4)
+    lesions = instances.InstanceDataset(instances.CocoInstances(path), 32, 4, keep_categories=("lesion",))
+  assert everything.skipped_images == 1 and len(everything) == len(records) - 1
+  expect = sum(1 for i, r in enumerate(records) if i == 1 or not (r["category_ids"] == 2).any())
+  assert lesions.skipped_images == expect
+  assert "skipped" in caplog.text
+  batch = lesions.batch(range(len(lesions)))
+  assert batch["valid"].sum(1).tolist() == [1] * len(lesions)
+  assert set(batch["classes"][batch["valid"]].tolist()) <= {1, 2}
+
+
+def test_prepare_resizes_long_side_pads_and_flips():
+  image = np.zeros((40, 20), np.uint8)
+  image[:, :10] = 200
+  mask = np.zeros((2, 40, 20), np.uint8)
+  mask[0, 8:16, 2:6] = 1
+  mask[1, 20:40, 10:20] = 1
+  rec = dict(image=image, masks=mask, category_ids=np.asarray([1, 2]), classes=np.asarray([0, 2]))
+  out = instances.prepare(rec, 32, 3)
+  assert out["image"].shape == (32, 32, 3) and tuple(out["hw"]) == (32, 16)
+  assert out["image"][:, 16:].max() == 0 and out["masks"][:, :, 16:].max() == 0
+  np.testing.assert_array_equal(out["valid"], [True, True, False])
+  np.testing.assert_array_equal(out["classes"], [2 * 0, 2, 0])
+  np.testing.assert_array_equal(np.nonzero(out["masks"][0].any(1))[0][[0, -1]], [6, 12])
+  flipped = instances.prepare(rec, 32, 3, hflip=True)
+  np.testing.assert_array_equal(flipped["masks"][:, :, :16], out["masks"][:, :, 15::-1])
+  with pytest.raises(instances.InstanceDataError, match="masks are"):
+    instances.prepare(dict(rec, masks=mask[:, :30]), 32, 3)
+
+
+def test_clear_errors_name_the_annotation_or_file(tmp_path):
+  records = _records()[:2]
+  path = instances.write_coco(str(tmp_path / "a.json"), records, instances.PHANTOM_CATEGORIES)
+  data = json.loads(open(path).read())
+
+  def broken(edit, name):
+    d = json.loads(json.dumps(data))
+    edit(d)
+    p = tmp_path / name
+    p.write_text(json.dumps(d))
+    return str(p)
+
+  p = broken(lambda d: d["annotations"][0].update(image_id=999), "bad_id.json")
+  with pytest.raises(instances.InstanceDataError, match=r"bad_id.json: annotation id 1 .*image_id 999"):
+    instances.CocoInstances(p)
+  p = broken(lambda d: d["images"][1].update(file_name="images/gone.png"), "gone.json")
+  with pytest.raises(instances.InstanceDataError, match=r"gone.json: image id .*gone.png does not exist"):
+    instances.CocoInstances(p)
+  p = broken(lambda d: d["annotations"][0]["segmentation"].update(size=[20, 40]), "size.json")
+  with pytest.raises(instances.InstanceDataError, match=r"annotation id 1: mask size \[20, 40\]"):
+    instances.CocoInstances(p)[0]
+  p = broken(lambda d: d["images"][0].update(height=41), "hw.json")
+  with pytest.raises(instances.InstanceDataError, match=r"is 40x40 \(h x w\) but the json says 41x40"):
+    instances.CocoInstances(p)[0]
+  with pytest.raises(instances.InstanceDataError, match="category 'vessel' is not in"):
+    instances.InstanceDataset(instances.CocoInstances(path), 32, 4, drop_categories=("vessel",))
+
+
+def test_train_batches_depend_only_on_seed_and_step():
+  ds = instances.InstanceDataset(instances.PhantomInstances("t", 5, 32, 0), 32, 2)
+  a = ds.train_batch(3, 4, seed=7, hflip=True)
+  b = ds.train_batch(3, 4, seed=7, hflip=True)
+  c = ds.train_batch(4, 4, seed=7, hflip=True)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(a["image"], c["image"])
+  assert a["image"].shape == (4, 32, 32, 3) and a["masks"].shape == (4, 2, 32, 32)
+
+
+# ----------------------------------------------------------------------------- COCO mAP
+def _square(size, y0, x0, h, w):
+  m = np.zeros((size, size), np.uint8)
+  m[y0:y0 + h, x0:x0 + w] = 1
+  return m
+
+
+def test_mask_map_against_hand_worked_cases():
+  gt_a, gt_b = _square(20, 0, 0, 10, 10), _square(20, 10, 10, 8, 8)
+  perfect = coco_eval.mask_map([np.stack([gt_a, gt_b])], [np.stack([gt_a, gt_b])], [[0.9, 0.8]])
+  assert perfect["mAP"] == pytest.approx(1.0) and perfect["mAP50"] == pytest.approx(1.0)
+  # IoU exactly 0.5 (a 10x10 square vs its 10x5 half): a match at threshold 0.50 only.
+  half = _square(20, 0, 0, 10, 5)
+  r = coco_eval.mask_map([gt_a[None]], [half[None]], [[0.7]])
+  assert r["mAP50"] == pytest.approx(1.0) and r["mAP"] == pytest.approx(0.1)
+  # Two instances, one perfect, one at IoU 0.5. Above 0.5 only the perfect one matches: with it
+  # ranked first precision is 1 up to recall 0.5 (51 of COCO's 101 recall points); ranked
+  # second the interpolated precision there is 0.5.
+  gts, preds = [gt_a[None], gt_b[None]], [gt_a[None], _square(20, 10, 10, 8, 4)[None]]
+  good = coco_eval.mask_map(gts, preds, [[0.9], [0.1]])
+  bad = coco_eval.mask_map(gts, preds, [[0.1], [0.9]])
+  assert good["mAP"] == pytest.approx((1 + 9 * 51 / 101) / 10, abs=1e-6)
+  assert bad["mAP"] == pytest.approx((1 + 9 * 0.5 * 51 / 101) / 10, abs=1e-6)
+  assert good["mAP50"] == bad["mAP50"] == pytest.approx(1.0)
+
+
+def test_logits_to_masks_undoes_resize_and_padding():
+  orig = np.zeros((40, 20), np.uint8)
+  orig[10:30, 4:16] = 1
+  prepared = instances.prepare(dict(image=orig * 100, masks=orig[None], category_ids=np.asarray([1]),
+                                    classes=np.asarray([0])), 32, 1)
+  # Logits at the input resolution come back exactly; at a quarter of it (the decoder's), up to
+  # the low-res grid's quantisation.
+  for low_size, min_iou in ((32, 1.0), (8, 0.75)):
+    low = np.asarray(so.low_res_targets(jnp.asarray(prepared["masks"]), low_size)) * 20 - 10
+    back = coco_eval.logits_to_masks(low, 32, prepared["hw"], orig.shape)
+    assert back.shape == (1, 40, 20)
+    assert (back[0] & orig).sum() / (back[0] | orig).sum() >= min_iou

@@ -1,0 +1,337 @@
+"""Instance segmentation data for SAM training: COCO json files and the phantom.
+
+A raw record (what a source returns) is one image and its instances:
+  image         uint8 [H, W] (grey) or [H, W, 3]
+  masks         uint8 [N, H, W] in {0, 1}, one per instance
+  category_ids  int [N]: COCO category ids (for the phantom 1 = organ, 2 = lesion)
+  classes       int [N]: an instance's class for prompted classification (the phantom's lesion
+                label, 1 benign / 2 malignant; 0 = none; COCO: optional `class_label` per annotation)
+  image_id, file_name
+`prepare` turns it into the model's static shapes: image resized (long side to S, aspect kept)
+and padded bottom/right to [S, S, 3]; instances padded to M with a `valid` mask, so one compiled
+program serves every image. `InstanceDataset` filters categories (the zero-shot protocol trains
+without some), skips images left without instances (counted, logged) and serves batches whose
+order and flips depend only on (seed, step), so a resumed run needs only the step.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import zlib
+from typing import Sequence
+
+import numpy as np
+import skimage.measure
+from absl import logging
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from ultrajax.data import phantom, sources
+
+PHANTOM_CATEGORIES = ({"id": 1, "name": "organ"}, {"id": 2, "name": "lesion"})
+
+
+class InstanceDataError(ValueError):
+  """A COCO file, annotation or image that cannot be used; the message names it."""
+
+
+# ----------------------------------------------------------------------------- phantom
+def phantom_record(image_id: int, generated: dict) -> dict:
+  """A phantom.generate dict -> raw record: the organ, and the lesion when there is one."""
+  masks, cats, classes = [], [], []
+  if generated["organ_mask"].any():
+    masks.append(generated["organ_mask"]), cats.append(1), classes.append(0)
+  if generated["lesion_mask"].any():
+    masks.append(generated["lesion_mask"]), cats.append(2), classes.append(generated["label"])
+  size = generated["image"].shape
+  return dict(image=generated["image"],
+              masks=np.stack(masks) if masks else np.zeros((0, *size), np.uint8),
+              category_ids=np.asarray(cats, np.int32), classes=np.asarray(classes, np.int32),
+              image_id=image_id, file_name=f"{generated['organ']}_{generated['probe']}_{image_id:06d}.png")
+
+
+class PhantomInstances:
+  """`num_images` phantom images of mixed organs and probes; record i depends only on
+  (seed, name, i), so 'train' and 'test' sources with different names never share an image."""
+
+  categories = PHANTOM_CATEGORIES
+
+  def __init__(self, name: str, num_images: int, image_size: int, seed: int):
+    self._source = sources.PhantomSource(name, sources.MIXED, "", num_images, image_size, seed)
+    self.name = name
+    # Generating is the slow part; small sets (CPU presets, tests) are kept in memory.
+    self._cache = {} if num_images * image_size ** 2 <= 2 ** 26 else None
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    if self._cache is not None and i in self._cache:
+      return self._cache[i]
+    record = phantom_record(i, self._source[i])
+    if self._cache is not None:
+      self._cache[i] = record
+    return record
+
+  def category_ids_of(self, i: int) -> np.ndarray:
+    return self[i]["category_ids"]
+
+
+# ----------------------------------------------------------------------------- COCO
+def _decode_segmentation(seg, height: int, width: int, where: str) -> np.ndarray:
+  """COCO polygon list, uncompressed RLE or compressed RLE -> uint8 [H, W]."""
+  if isinstance(seg, list):
+    if not seg or any(len(p) < 6 or len(p) % 2 for p in seg):
+      raise InstanceDataError(f"{where}: polygon segmentation needs lists of >= 3 (x, y) pairs")
+    rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+  elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+    if list(seg["size"]) != [height, width]:
+      raise InstanceDataError(f"{where}: mask size {list(seg['size'])} (h, w) differs from the "
+                              f"image size {[height, width]}")
+    rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
+  else:
+    raise InstanceDataError(f"{where}: 'segmentation' is neither a polygon list nor an RLE "
+                            "dict with 'counts' and 'size'")
+  return mask_utils.decode(rle)
+
+
+class CocoInstances:
+  """Instances from a COCO json file; images decoded on access.
+
+  image_root: where `file_name`s are relative to (default: the json file's folder). Every image
+  file and every annotation's image_id is checked at construction, so a broken file fails
+  before training starts, naming the json and the annotation or image at fault.
+  """
+
+  def __init__(self, json_path: str, image_root: str | None = None):
+    self.json_path = str(json_path)
+    self.name = os.path.basename(self.json_path)
+    try:
+      with open(self.json_path) as f:
+        data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise InstanceDataError(f"cannot read COCO file {self.json_path}: {e}") from e
+    for key in ("images", "annotations", "categories"):
+      if key not in data:
+        raise InstanceDataError(f"{self.json_path}: no '{key}' list (not a COCO instances file)")
+    root = image_root or os.path.dirname(os.path.abspath(self.json_path))
+    self.categories = tuple({"id": int(c["id"]), "name": str(c["name"])} for c in data["categories"])
+    known_cats = {c["id"] for c in self.categories}
+    self.images = list(data["images"])
+    by_id = {}
+    for img in self.images:
+      where = f"{self.json_path}: image id {img.get('id')!r}"
+      for key in ("id", "file_name", "height", "width"):
+        if key not in img:
+          raise InstanceDataError(f"{where} has no '{key}'")
+      img["path"] = os.path.join(root, img["file_name"])
+      if not os.path.isfile(img["path"]):
+        raise InstanceDataError(f"{where}: image file {img['path']} does not exist")
+      by_id[img["id"]] = []
+    for ann in data["annotations"]:
+      where = f"{self.json_path}: annotation id {ann.get('id')!r}"
+      if ann.get("image_id") not in by_id:
+        raise InstanceDataError(f"{where} points to image_id {ann.get('image_id')!r}, which is "
+                                "not in 'images'")
+      if ann.get("category_id") not in known_cats:
+        raise InstanceDataError(f"{where} has category_id {ann.get('category_id')!r}, which is "
+                                "not in 'categories'")
+      if "segmentation" not in ann:
+        raise InstanceDataError(f"{where} has no 'segmentation'")
+      by_id[ann["image_id"]].append(ann)
+    self._annotations = [by_id[img["id"]] for img in self.images]
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def category_ids_of(self, i: int) -> np.ndarray:
+    return np.asarray([a["category_id"] for a in self._annotations[i]], np.int32)
+
+  def __getitem__(self, i: int) -> dict:
+    img, anns = self.images[int(i)], self._annotations[int(i)]
+    try:
+      image = sources.decode_image(img["path"])
+    except sources.BadImageError as e:
+      raise InstanceDataError(f"{self.json_path}: image id {img['id']!r}: {e}") from e
+    h, w = int(img["height"]), int(img["width"])
+    if image.shape[:2] != (h, w):
+      raise InstanceDataError(f"{self.json_path}: image id {img['id']!r}: {img['path']} is "
+                              f"{image.shape[0]}x{image.shape[1]} (h x w) but the json says {h}x{w}")
+    masks = [_decode_segmentation(a["segmentation"], h, w,
+                                  f"{self.json_path}: annotation id {a.get('id')!r}") for a in anns]
+    return dict(image=image, masks=np.stack(masks) if masks else np.zeros((0, h, w), np.uint8),
+                category_ids=self.category_ids_of(i),
+                classes=np.asarray([a.get("class_label", 0) for a in anns], np.int32),
+                image_id=img["id"], file_name=img["file_name"])
+
+
+def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
+  """uint8 [H, W] -> COCO polygons [[x0, y0, x1, y1, ...], ...] around each component.
+
+  Contours at level 0.5 of the zero-padded mask run between pixel centres; pycocotools puts
+  pixel (i, j) on the square [j, j + 1) x [i, i + 1), so they shift by half a pixel. Rasterised
+  back, they give the same pixels up to a rim where the contour cuts corners diagonally.
+  """
+  padded = np.pad(mask.astype(np.float32), 1)
+  polygons = []
+  for contour in skimage.measure.find_contours(padded, 0.5):
+    if len(contour) < 3:
+      continue
+    xy = contour[:, ::-1] - 0.5  # (row, col) of the padded mask -> (x, y) of the image
+    polygons.append([round(float(v), 2) for v in xy.reshape(-1)])
+  return polygons
+
+
+def write_coco(json_path: str, records: Sequence[dict], categories: Sequence[dict],
+               mask_format: str = "rle", image_dir: str = "images") -> str:
+  """Writes records as PNGs under `<json folder>/<image_dir>` and a COCO instances json.
+
+  mask_format: 'rle' (compressed, exact) or 'polygon'. Instances keep their `classes` as
+  `class_label`. Returns json_path. Shows the format ultrajax reads (docs/formats.md).
+  """
+  if mask_format not in ("rle", "polygon"):
+    raise ValueError(f"mask_format={mask_format!r} is not 'rle' or 'polygon'")
+  folder = os.path.dirname(os.path.abspath(json_path))
+  os.makedirs(os.path.join(folder, image_dir), exist_ok=True)
+  images, annotations = [], []
+  for record in records:
+    file_name = os.path.join(image_dir, record["file_name"])
+    Image.fromarray(record["image"]).save(os.path.join(folder, file_name))
+    h, w = record["image"].shape[:2]
+    images.append(dict(id=int(record["image_id"]), file_name=file_name, height=h, width=w))
+    for mask, cat, cls in zip(record["masks"], record["category_ids"], record["classes"]):
+      rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+      if mask_format == "rle":
+        seg = dict(size=[int(s) for s in rle["size"]], counts=rle["counts"].decode("ascii"))
+      else:
+        seg = mask_to_polygons(mask)
+      annotations.append(dict(
+          id=len(annotations) + 1, image_id=int(record["image_id"]), category_id=int(cat),
+          segmentation=seg, area=float(mask_utils.area(rle)),
+          bbox=[float(v) for v in mask_utils.toBbox(rle)], iscrowd=0, class_label=int(cls)))
+  with open(json_path, "w") as f:
+    json.dump(dict(images=images, annotations=annotations, categories=list(categories)), f)
+  return json_path
+
+
+# ----------------------------------------------------------------------------- prepare
+def _resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
+  """uint8 [H, W] or [H, W, 3] -> [height, width] bilinear (PIL)."""
+  return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+  """The (h, w) an image of (height, width) takes after its long side is resized to `size`."""
+  scale = size / max(height, width)
+  return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def prepare(record: dict, size: int, max_instances: int, hflip: bool = False) -> dict:
+  """A raw record -> static shapes for the model.
+
+  Returns image uint8 [S, S, 3] (long side resized to S = size, zero padding bottom/right),
+  masks uint8 [M, S, S] (bilinear then rounded, as the official pipeline), valid bool [M],
+  category_ids / classes int32 [M] (0 where padded), hw int32 [2] (the resized image's extent).
+  More than M = max_instances instances: the first M are kept.
+  """
+  image = record["image"]
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  height, width = image.shape[:2]
+  masks = record["masks"][:max_instances]
+  if masks.shape[1:] != (height, width):
+    raise InstanceDataError(f"image {record.get('file_name')!r}: masks are {masks.shape[1:]} but "
+                            f"the image is {(height, width)}")
+  h, w = resized_shape(height, width, size)
+  out_image = np.zeros((size, size, 3), np.uint8)
+  out_image[:h, :w] = _resize(image, h, w)
+  out_masks = np.zeros((max_instances, size, size), np.uint8)
+  for j, m in enumerate(masks):
+    out_masks[j, :h, :w] = _resize(m.astype(np.uint8) * 255, h, w) >= 128
+  n = len(masks)
+  pad = lambda x: np.pad(np.asarray(x[:n], np.int32), (0, max_instances - n))
+  out = dict(image=out_image, masks=out_masks, valid=np.arange(max_instances) < n,
+             category_ids=pad(record["category_ids"]), classes=pad(record["classes"]),
+             hw=np.asarray([h, w], np.int32))
+  if hflip:
+    # Flip the image's extent only, so the padding stays bottom/right.
+    out["image"][:h, :w] = out["image"][:h, :w][:, ::-1]
+    out["masks"][:, :h, :w] = out["masks"][:, :h, :w][:, :, ::-1]
+  out["valid"] &= out["masks"].reshape(max_instances, -1).any(-1)
+  return out
+
+
+class InstanceDataset:
+  """A source restricted to some categories, without images that have no instance left.
+
+  keep_categories / drop_categories: category names (at most one of them non-empty); the
+  zero-shot protocol trains with drop=(target,) and evaluates with keep=(target,).
+  `skipped_images` counts the images left out; `record(i)` is raw (for evaluation at the
+  original resolution), `example(i)` prepared.
+  """
+
+  def __init__(self, source, size: int, max_instances: int, *,
+               keep_categories: Sequence[str] = (), drop_categories: Sequence[str] = ()):
+    if keep_categories and drop_categories:
+      raise ValueError("give keep_categories or drop_categories, not both")
+    names = {c["name"]: c["id"] for c in source.categories}
+    for name in (*keep_categories, *drop_categories):
+      if name not in names:
+        raise InstanceDataError(f"category {name!r} is not in {getattr(source, 'name', 'the source')}"
+                                f" (its categories: {sorted(names)})")
+    if keep_categories:
+      self.category_ids = [names[n] for n in keep_categories]
+    else:
+      self.category_ids = [i for n, i in names.items() if n not in drop_categories]
+    self.source, self.size, self.max_instances = source, size, max_instances
+    self.indices = [i for i in range(len(source)) if self._keep(source.category_ids_of(i)).any()]
+    self.skipped_images = len(source) - len(self.indices)
+    if self.skipped_images:
+      logging.info("%s: skipped %d of %d images without instances of categories %s.",
+                   getattr(source, "name", "source"), self.skipped_images, len(source),
+                   sorted(keep_categories or set(names) - set(drop_categories)))
+    if not self.indices:
+      raise InstanceDataError(f"{getattr(source, 'name', 'the source')}: no image has an instance "
+                              "of the selected categories")
+
+  def _keep(self, category_ids) -> np.ndarray:
+    return np.isin(np.asarray(category_ids), self.category_ids)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def record(self, i: int) -> dict:
+    """Raw record i with only the selected categories' instances."""
+    raw = self.source[self.indices[i]]
+    keep = self._keep(raw["category_ids"])
+    return dict(raw, masks=raw["masks"][keep], category_ids=raw["category_ids"][keep],
+                classes=raw["classes"][keep])
+
+  def example(self, i: int, hflip: bool = False) -> dict:
+    return prepare(self.record(i), self.size, self.max_instances, hflip)
+
+  def batch(self, indices: Sequence[int], flips: Sequence[bool] | None = None) -> dict:
+    flips = [False] * len(indices) if flips is None else flips
+    examples = [self.example(i, f) for i, f in zip(indices, flips)]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+  def train_batch(self, step: int, batch_size: int, seed: int, hflip: bool) -> dict:
+    """Batch `step` of the endless shuffled stream: positions step*B ... step*B + B - 1,
+    epoch e in the permutation drawn from (seed, e); flips from (seed, position)."""
+    n = len(self)
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    indices = [int(_permutation(seed, p // n, n)[p % n]) for p in positions]
+    flips = [hflip and np.random.default_rng([seed, _FLIP, p]).random() < 0.5 for p in positions]
+    return self.batch(indices, flips)
+
+
+_FLIP = zlib.crc32(b"hflip")
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
