@@ -117,6 +117,7 @@ def test_personalized_alpha1_is_local_and_alpha_half_matches_numpy():
 
 def _bn_trees(rng):
   params = {"conv": {"kernel": rng.normal(size=(C, 3, 2)).astype(np.float32)},
+            "downsample_bn": {"scale": rng.normal(size=(C, 2)).astype(np.float32)},
             "bn1": {"scale": rng.normal(size=(C, 2)).astype(np.float32),
                     "bias": rng.normal(size=(C, 2)).astype(np.float32)},
             "head": {"kernel": rng.normal(size=(C, 2, 1)).astype(np.float32)}}
@@ -135,6 +136,7 @@ def test_fedbn_keeps_norm_local_and_averages_the_rest():
   new_stats = strategy.aggregate_state(stats, weights)
   for leaf in ("scale", "bias"):
     np.testing.assert_array_equal(new["bn1"][leaf], params["bn1"][leaf])
+  np.testing.assert_array_equal(new["downsample_bn"]["scale"], params["downsample_bn"]["scale"])
   for leaf in ("mean", "var"):
     np.testing.assert_array_equal(new_stats["bn1"][leaf], stats["bn1"][leaf])
   for part in ("conv", "head"):

@@ -61,9 +61,9 @@ from ultrajax.fed import aggregate as agg
 from ultrajax.train import tree as tree_lib
 
 # One pattern (each pattern must match something): normalisation layers by module name (bn1,
-# norm, ln_f, batch_norm...) or running-statistic leaves by name. ResNets in torchvision
-# layout name a downsample BN 'downsample/1': pass explicit patterns for such layouts.
-FEDBN_PATTERNS = (r"(^|/)((bn|norm|ln|batch_?norm|layer_?norm)[^/]*/|"
+# downsample_bn, norm, ln_f, batch_norm...) or running-statistic leaves by name. torchvision's
+# own layout names a downsample BN 'downsample/1': pass explicit patterns for such layouts.
+FEDBN_PATTERNS = (r"(^|/)(([^/]*_)?(bn|norm|ln|batch_?norm|layer_?norm)[^/]*/|"
                   r"(batch_stats|running_mean|running_var|num_batches_tracked)(/|$))",)
 
 
