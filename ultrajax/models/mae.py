@@ -19,6 +19,11 @@ from ultrajax.models import posemb, vit
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Feature targets (URFM-style MIM): per-token normalisation and loss, see `feature_loss`.
+FEATURE_NORMS = ("none", "layernorm", "l2")
+FEATURE_LOSSES = ("mse", "smooth_l1", "cosine")
+FEATURE_LN_EPS = 1e-6  # LayerNorm without affine, eps as the ViT's
+L2_EPS = 1e-12  # torch F.normalize's floor on the norm
 
 
 def normalize(images01):
@@ -56,13 +61,14 @@ class MAE(nnx.Module):
   The mask is given per call; each row must keep exactly len_keep = int(N * (1 - mask_ratio))
   patches (mask_ratio is static, so shapes are too). Eager calls check this; under jit it
   cannot be checked, and a row keeping more patches would silently drop the extras.
+  pred_dim: per-patch output width; 0 = pixels (p*p*3), else e.g. the teacher's token width.
   """
 
   def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
                image_size: int, decoder_width: int = 512, decoder_depth: int = 8,
                decoder_heads: int = 16, mask_ratio: float = 0.75, mlp_ratio: float = 4.0,
                drop_path_rate: float = 0.0, dtype=jnp.float32, remat: bool = False,
-               rngs: nnx.Rngs):
+               pred_dim: int = 0, rngs: nnx.Rngs):
     if not 0.0 <= mask_ratio < 1.0:
       raise ValueError(f"mask_ratio={mask_ratio!r} is not in [0, 1)")
     self.mask_ratio, self.remat = float(mask_ratio), remat
@@ -76,8 +82,8 @@ class MAE(nnx.Module):
         vit.Block(decoder_width, decoder_heads, mlp_ratio=mlp_ratio, dtype=dtype, rngs=rngs)
         for _ in range(decoder_depth)])
     self.decoder_norm = vit.layer_norm(decoder_width, dtype=dtype, rngs=rngs)
-    self.decoder_pred = vit.linear(decoder_width, patch_size * patch_size * 3, dtype=dtype,
-                                   rngs=rngs)
+    self.decoder_pred = vit.linear(decoder_width, pred_dim or patch_size * patch_size * 3,
+                                   dtype=dtype, rngs=rngs)
 
   @property
   def len_keep(self) -> int:
@@ -87,7 +93,8 @@ class MAE(nnx.Module):
     """images: [B, H, W, 3] normalized; mask: [B, N] bool, True = masked.
 
     key: the encoder's stochastic depth (None = deterministic).
-    Returns pred [B, N, p*p*3] float32 for every patch (the loss uses the masked ones).
+    Returns pred [B, N, pred_dim or p*p*3] float32 for every patch (the loss uses the
+    masked ones).
     """
     n, len_keep = self.encoder.num_patches, self.len_keep
     _check_mask(mask, n, len_keep)
@@ -128,12 +135,60 @@ def mae_loss(pred, target_images, mask, patch_size: int, norm_pix: bool = True):
   return (per_patch * m).sum() / m.sum(), per_image
 
 
+def normalize_features(x, norm: str):
+  """x: [..., D] -> per-token normalised: 'none'; 'layernorm' (x - mean) / sqrt(biased var +
+  1e-6), no affine; 'l2' x / max(||x||, 1e-12). float32."""
+  x = jnp.asarray(x, jnp.float32)
+  if norm == "none":
+    return x
+  if norm == "layernorm":
+    mean = x.mean(axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + FEATURE_LN_EPS)
+  if norm == "l2":
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), L2_EPS)
+  raise ValueError(f"feature norm {norm!r} is not one of {FEATURE_NORMS}")
+
+
+def feature_loss(pred, target, mask, *, norm: str = "layernorm", loss: str = "mse",
+                 smooth_l1_beta: float = 1.0):
+  """Feature-target MIM loss on the masked tokens (URFM: MSE to teacher tokens).
+
+  pred: [B, N, D] decoder output; target: [B, N, D] teacher tokens aligned to the student's
+  patches; mask: [B, N], True = masked.
+  norm: applied to the target; 'l2' also to pred (MILAN-style: both on the unit sphere).
+  loss per token: 'mse' mean_d (p - t)^2; 'smooth_l1' mean_d of torch's smooth_l1 with
+  beta (0.5 x^2 / beta where |x| < beta, else |x| - beta / 2); 'cosine' 1 - cos(p, t)
+  (negative cosine shifted to be >= 0; same gradient).
+  Returns (loss over all masked tokens of the batch, per-image loss [B]); float32.
+  """
+  if loss not in FEATURE_LOSSES:
+    raise ValueError(f"feature loss {loss!r} is not one of {FEATURE_LOSSES}")
+  if pred.shape != target.shape:
+    raise ValueError(f"prediction {pred.shape} and target {target.shape} differ; the decoder's "
+                     "output width (model pred_dim) must be the teacher token width")
+  target = normalize_features(target, norm)
+  pred = normalize_features(pred, "l2" if norm == "l2" else "none")
+  if loss == "mse":
+    per_token = jnp.mean(jnp.square(pred - target), axis=-1)
+  elif loss == "smooth_l1":
+    err = jnp.abs(pred - target)
+    per_token = jnp.mean(jnp.where(err < smooth_l1_beta, 0.5 * err * err / smooth_l1_beta,
+                                   err - 0.5 * smooth_l1_beta), axis=-1)
+  else:
+    unit = lambda x: normalize_features(x, "l2")
+    per_token = 1.0 - jnp.sum(unit(pred) * unit(target), axis=-1)
+  m = mask.astype(jnp.float32)
+  per_image = (per_token * m).sum(axis=1) / m.sum(axis=1)
+  return (per_token * m).sum() / m.sum(), per_image
+
+
 def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model") -> MAE:
   """Builds an MAE from a model ConfigDict; invalid values raise ConfigError naming the field.
 
   Fields: variant ('B/16' style, or '' to use width/depth/num_heads/patch_size), image_size,
   decoder_width/depth/heads, mask_ratio, drop_path_rate, dtype ('float32' | 'bfloat16'),
-  optional remat (default False). `path` is where the caller keeps this config (for messages).
+  optional remat (default False), optional pred_dim (default 0 = pixels). `path` is where the caller keeps this config (for messages).
   """
   def get(name):
     if name not in model_config:
@@ -171,7 +226,11 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
   require(0.0 <= get("mask_ratio") < 1.0, "mask_ratio", "in [0, 1)")
   require(0.0 <= get("drop_path_rate") < 1.0, "drop_path_rate", "in [0, 1)")
   require(get("dtype") in DTYPES, "dtype", f"one of {tuple(DTYPES)}")
+  pred_dim = model_config.get("pred_dim", 0)
+  if not (isinstance(pred_dim, int) and pred_dim >= 0):
+    raise configlib.ConfigError(f"{path}.pred_dim={pred_dim!r} must be a non-negative integer")
   return MAE(width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=image_size,
              decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
              mask_ratio=get("mask_ratio"), drop_path_rate=get("drop_path_rate"),
-             dtype=DTYPES[get("dtype")], remat=bool(model_config.get("remat", False)), rngs=rngs)
+             dtype=DTYPES[get("dtype")], remat=bool(model_config.get("remat", False)),
+             pred_dim=pred_dim, rngs=rngs)

@@ -29,6 +29,9 @@ VARIANTS = {
     "H": (1280, 32, 16),
 }
 POOLS = ("cls", "gap", "none")
+# "sincos": MAE's fixed table (cls position = zero row); "learned": timm's trained `pos_embed`
+# [1, 1 + N, D] (cls position at row 0), as CLIP-style teachers have.
+POS_EMBEDS = ("sincos", "learned")
 LN_EPS = 1e-6
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -159,19 +162,22 @@ class ViT(nnx.Module):
                   global_pool, timm's global_pool='avg';
         'none' -> every token after the final norm [B, 1 + N, D].
   num_classes > 0 adds a linear `head` on the pooled features ('cls' and 'gap' only).
+  pos_embed: 'sincos' (default, fixed) or 'learned' (a `pos_embed` parameter, timm layout).
   Computation runs in `dtype` (bfloat16 for speed); parameters and outputs are float32.
   """
 
   def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
                image_size: int, mlp_ratio: float = 4.0, pool: str = "cls", num_classes: int = 0,
                drop_path_rate: float = 0.0, qkv_bias: bool = True, dtype=jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool = False, pos_embed: str = "sincos", rngs: nnx.Rngs):
     if pool not in POOLS:
       raise ValueError(f"pool={pool!r} is not one of {POOLS}")
     if pool == "none" and num_classes:
       raise ValueError("pool='none' returns tokens and cannot have a head (num_classes > 0)")
     if image_size % patch_size:
       raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    if pos_embed not in POS_EMBEDS:
+      raise ValueError(f"pos_embed={pos_embed!r} is not one of {POS_EMBEDS}")
     self.width, self.depth, self.patch_size, self.image_size = width, depth, patch_size, image_size
     self.pool, self.num_classes, self.remat = pool, num_classes, remat
     self.grid = image_size // patch_size
@@ -191,18 +197,24 @@ class ViT(nnx.Module):
       self.norm = layer_norm(width, dtype=dtype, rngs=rngs)
     if num_classes:
       self.head = linear(width, num_classes, kernel_init=head_init, dtype=dtype, rngs=rngs)
+    self.learned_pos = pos_embed == "learned"
+    if self.learned_pos:  # created last, so the sin-cos model's init stream is unchanged
+      self.pos_embed = nnx.Param(
+          token_init(rngs.params(), (1, 1 + self.grid * self.grid, width), jnp.float32))
 
   @property
   def num_patches(self) -> int:
     return self.grid * self.grid
 
   def embed(self, images):
-    """images: [B, H, W, 3] (normalized) -> patch tokens + fixed positions [B, N, D] in dtype."""
+    """images: [B, H, W, 3] (normalized) -> patch tokens + positions [B, N, D] in dtype."""
     expected = (self.image_size, self.image_size, 3)
     if tuple(images.shape[1:]) != expected:
       raise ValueError(f"ViT expects images [B, {', '.join(map(str, expected))}], "
                        f"got {tuple(images.shape)}")
     x = einops.rearrange(self.patch_embed(images), "b h w d -> b (h w) d")
+    if self.learned_pos:
+      return x + self.pos_embed[0, 1:].astype(x.dtype)
     pos = posemb.sincos_2d(self.grid, self.grid, self.width)
     return x + jnp.asarray(pos, x.dtype)
 
@@ -223,7 +235,10 @@ class ViT(nnx.Module):
     if visible_ids is not None:
       x = jnp.take_along_axis(x, visible_ids[..., None], axis=1)
     # The cls token's position embedding is the zero row of MAE's table: nothing to add.
-    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, self.width))
+    cls = self.cls_token[...]
+    if self.learned_pos:
+      cls = cls + self.pos_embed[:, :1]
+    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
     x, outputs = run_blocks(self.blocks, x, key, remat=self.remat, collect=return_blocks)
     if self.pool != "gap":
