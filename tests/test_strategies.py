@@ -235,3 +235,30 @@ def test_bad_names_and_patterns_raise():
     strategies.make_strategy("keep_local", keep_local=("classifier",)).init(server, C)
   with pytest.raises(ValueError, match="matches no"):  # ViT-free tree without any norm layer
     strategies.make_strategy("fedbn").init({"dense": {"kernel": np.ones((2, 2))}}, C)
+
+
+@pytest.mark.parametrize("cut_grad", ["average", "own"])
+def test_splitavg_step_matches_numpy(cut_grad):
+  """Clients h_k = x_k A_k, server pred = h v on the concatenated batch, MSE; one SGD step."""
+  rng = np.random.default_rng(6)
+  H = 2
+  x = rng.normal(size=(2, 1, B, D)).astype(np.float32)  # [C=2, S=1, B, D]
+  y = rng.normal(size=(2, 1, B)).astype(np.float32)
+  a0, v0 = rng.normal(size=(D, H)).astype(np.float32), rng.normal(size=(H,)).astype(np.float32)
+  client_fn = lambda p, ms, batch, key: (batch["x"] @ p["a"], ms)
+  server_loss = lambda p, ms, h, batch, key: (jnp.mean((h @ p["v"] - batch["y"]) ** 2), (ms, {}))
+  tx = optax.sgd(LR)
+  strategy = strategies.make_strategy("splitavg", cut_grad=cut_grad)
+  state = local.init_split_state(tx, tx, {"a": a0}, {"v": v0}, 2)
+  round_fn = jax.jit(local.make_splitavg_round(client_fn, server_loss, tx, tx, strategy.cut_grad))
+  state, metrics = round_fn(state, {"x": x, "y": y}, jax.random.key(0))
+  h = np.einsum("cbd,dh->cbh", x[:, 0].astype(np.float64), a0)
+  r = h @ v0 - y[:, 0]  # [C, B]
+  g_h = 2 * r[..., None] * v0 / (2 * B)  # d loss / d h over the concatenated 2B batch
+  if cut_grad == "average":
+    g_h = np.broadcast_to(g_h.mean(0), g_h.shape)
+  g_a = np.einsum("cbd,cbh->cdh", x[:, 0], g_h)
+  g_v = np.einsum("cbh,cb->h", h, r) * 2 / (2 * B)
+  np.testing.assert_allclose(state.client_params["a"], a0 - LR * g_a, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.server_params["v"], v0 - LR * g_v, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], [np.mean(r ** 2)], rtol=1e-5)

@@ -45,6 +45,8 @@ Names (options and defaults in `docs/federated.md`):
   fedadam / fedyogi / fedadagrad
                   server optimizer on the pseudo-gradient g = x - sum_k w_k y_k (Reddi et al. 2021).
   scaffold        control variates, option II (Karimireddy et al. 2020).
+  splitavg        split learning with feature concatenation at the server (Zhang et al. 2022);
+                  needs a split model, so it has its own driver, `local.make_splitavg_round`.
 """
 from __future__ import annotations
 
@@ -308,6 +310,15 @@ class Scaffold(FedAvg):
     return agg.broadcast(new, weights.shape[0]), {"c": c, "c_clients": c_clients}
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitAvg(Local):
+  """SplitAVG's options for the job, which trains it with `local.make_splitavg_round` (a split
+  model, not a parameter-mixing rule): client sub-networks stay per client, so aggregate is
+  the identity. cut_grad: 'average' (SplitAVG) or 'own' (plain split learning)."""
+  name: str = "splitavg"
+  cut_grad: str = "average"
+
+
 class _Entry(NamedTuple):
   cls: type
   fixed: dict[str, Any]
@@ -326,6 +337,7 @@ STRATEGIES: dict[str, _Entry] = {
     "fedyogi": _Entry(FedOpt, {"name": "fedyogi", "optimizer": "yogi"}),
     "fedadagrad": _Entry(FedOpt, {"name": "fedadagrad", "optimizer": "adagrad"}),
     "scaffold": _Entry(Scaffold, {}),
+    "splitavg": _Entry(SplitAvg, {}),
 }
 
 
