@@ -229,6 +229,10 @@ def test_bad_names_and_patterns_raise():
     strategies.make_strategy("fedavg", mu=0.1)
   with pytest.raises(ValueError, match="needs keep_local"):
     strategies.make_strategy("keep_local")
+  with pytest.raises(ValueError, match="alpha=1.5 is outside"):
+    strategies.make_strategy("personalized", alpha=1.5)
+  with pytest.raises(ValueError, match="local_lr=0"):
+    strategies.make_strategy("scaffold", local_lr=0)
   params, stats = _bn_trees(np.random.default_rng(5))
   server = jax.tree.map(lambda x: x[0], params)
   with pytest.raises(ValueError, match="'classifier' matches no"):

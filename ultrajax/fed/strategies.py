@@ -165,6 +165,10 @@ class Personalized(FedAvg):
   name: str = "personalized"
   alpha: float = 0.5
 
+  def __post_init__(self):
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"personalized: alpha={self.alpha} is outside [0, 1]")
+
   def mix(self, client_tree, weights):
     num_clients = weights.shape[0]
     if num_clients == 1:
@@ -183,6 +187,10 @@ class FedProx(FedAvg):
   """FedAvg whose local gradients get the proximal term's gradient mu * (w - w_start)."""
   name: str = "fedprox"
   mu: float = 0.01
+
+  def __post_init__(self):
+    if self.mu < 0:
+      raise ValueError(f"fedprox: mu={self.mu} must be >= 0")
 
   def local_grad_transform(self, grads, params, start_params, ctx):
     del ctx
@@ -235,6 +243,11 @@ class FedOpt(FedAvg):
   tau: float = 1e-3
   bias_correction: bool = False
 
+  def __post_init__(self):
+    if self.server_lr <= 0 or self.tau <= 0:
+      raise ValueError(f"{self.name}: server_lr={self.server_lr} and tau={self.tau} must be > 0")
+    self.server_tx()  # fails here, not mid-run, on an unknown optimizer
+
   def server_tx(self) -> optax.GradientTransformation:
     if self.optimizer not in ("adam", "yogi", "adagrad"):
       raise ValueError(f"server optimizer {self.optimizer!r} is not 'adam', 'yogi' or 'adagrad'")
@@ -280,6 +293,10 @@ class Scaffold(FedAvg):
   local_lr: float = 0.01
   server_lr: float = 1.0
 
+  def __post_init__(self):
+    if self.local_lr <= 0:
+      raise ValueError(f"scaffold: local_lr={self.local_lr} must be > 0 (option II divides by it)")
+
   def _init(self, server_params, num_clients):
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), server_params)
     return {"c": zeros, "c_clients": agg.broadcast(zeros, num_clients)}
@@ -317,6 +334,10 @@ class SplitAvg(Local):
   the identity. cut_grad: 'average' (SplitAVG) or 'own' (plain split learning)."""
   name: str = "splitavg"
   cut_grad: str = "average"
+
+  def __post_init__(self):
+    if self.cut_grad not in ("average", "own"):
+      raise ValueError(f"splitavg: cut_grad={self.cut_grad!r} is not 'average' or 'own'")
 
 
 class _Entry(NamedTuple):
