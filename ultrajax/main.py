@@ -25,6 +25,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 # config.job -> module in ultrajax.jobs with a `run(config, workdir)` function.
 JOBS = {
     "pretrain": "ultrajax.jobs.pretrain",
+    "sam": "ultrajax.jobs.sam",
+    "hsl": "ultrajax.jobs.hsl",
+    "finetune": "ultrajax.jobs.finetune",
 }
 
 def _launched_as_several_processes() -> bool:

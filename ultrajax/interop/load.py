@@ -1,5 +1,8 @@
 """Starting parameters for training from whatever `config.init_from` names.
 
+`load_init_params` fills a whole MAE (pretraining); `load_encoder` fills only the ViT encoder of
+a fine-tuning model (classifier or segmenter), whose heads start fresh.
+
 Accepted: an ultrajax workdir or checkpoint folder, or a state-dict file (.safetensors,
 .pth/.pt/.bin) in one of the layouts below, told apart by key names:
   official MAE, full          decoder_* / mask_token keys      everything loaded
@@ -15,9 +18,9 @@ from typing import Mapping
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
+from flax import nnx, traverse_util
 
-from ultrajax.interop import files, mae_official
+from ultrajax.interop import files, mae_official, timm_vit
 from ultrajax.train import checkpoint
 
 KINDS = ("mae",)
@@ -86,3 +89,75 @@ def load_init_params(path, model, *, kind: str = "mae", base_params: Mapping | N
     raise ValueError(f"{path} ({layout} layout, {len(state_dict)} keys): {e}") from None
   logging.info("Loaded %s (%s layout, %d keys).", path, layout, len(state_dict))
   return params if target is None else _place(params, target)
+
+
+ENCODER_PARTS = ("patch_embed", "cls_token", "blocks", "norm")
+DROPPED_PREFIXES = ("head.", "fc_norm.", "pos_embed")
+
+
+def _encoder_from_file(path: pathlib.Path, template: Mapping) -> dict:
+  """A timm ViT / official MAE state dict -> our encoder's pure dict (numpy), shaped like
+  `template` (the parts of ENCODER_PARTS the target has, plus a final norm when the file has one)."""
+  state_dict = files.load_state_dict(path)
+  given = {k: timm_vit.as_numpy(v) for k, v in state_dict.items()
+           if not mae_official.is_decoder_key(k) and not k.startswith(DROPPED_PREFIXES)}
+  if ENCODER_PROBE_KEY not in given:
+    raise ValueError(f"{path}: not a timm ViT or official MAE state dict (no "
+                     f"{ENCODER_PROBE_KEY!r}); its first keys are {list(state_dict)[:8]}")
+  template = dict(template)
+  width = template["cls_token"].shape[-1]
+  if "norm.weight" in given and "norm" not in template:
+    template["norm"] = {"scale": np.zeros(width, np.float32), "bias": np.zeros(width, np.float32)}
+  elif "norm.weight" not in given:
+    template.pop("norm", None)
+  rules = timm_vit.vit_rules(template)
+  expected = timm_vit.torch_shapes(template, rules)
+  timm_vit.raise_key_problems(
+      f"{path} does not fit the fine-tuning encoder",
+      *timm_vit.key_problems({k: v.shape for k, v in given.items()}, expected))
+  return timm_vit.import_tensors(given, template, rules)
+
+
+def load_encoder(path, params: Mapping, *, prefix: tuple[str, ...] = ()) -> dict:
+  """`params` (a fine-tuning model's pure dict) with its ViT encoder loaded from `path`.
+
+  path: an ultrajax workdir or checkpoint (an MAE's `encoder`, or another fine-tuned model's
+    encoder), or a timm ViT / official MAE file. Decoders, heads, fc_norm and learned position
+    tables in the source are ignored; heads and fc_norm of the target keep their fresh values.
+  prefix: where the encoder sits in `params` (('encoder',) for a Segmenter, () for a ViT).
+  A source whose architecture differs raises ValueError naming each key and both shapes.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"nothing at {path}: expected an ultrajax workdir or checkpoint "
+                            "folder, or a .safetensors/.pth/.pt/.bin file")
+  target = params
+  for p in prefix:
+    target = target[p]
+  template = {k: target[k] for k in ENCODER_PARTS if k in target}
+  if path.is_dir():
+    source = checkpoint.load_params(path)
+    source = source.get("encoder", source)
+  else:
+    source = _encoder_from_file(path, template)
+  # A final norm the target lacks (pool='gap' has fc_norm instead) is not used.
+  source = {k: source[k] for k in ENCODER_PARTS if k in source and k in template}
+  def by_path(tree):
+    return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
+  src, tpl = by_path(source), by_path(template)
+  problems = timm_vit.key_problems({k: v.shape for k, v in src.items()},
+                                   {k: v.shape for k, v in tpl.items()
+                                    if not k.startswith("norm/") or k in src})
+  timm_vit.raise_key_problems(f"{path}: its encoder does not match the fine-tuning model "
+                              "(keys as parameter paths)", *problems)
+  merged = traverse_util.flatten_dict(params)
+  loaded = set()
+  for key in merged:
+    name = "/".join(map(str, key[len(prefix):]))
+    if key[:len(prefix)] == prefix and name in src:
+      merged[key] = np.asarray(src[name], np.float32)
+      loaded.add(key)
+  fresh = sorted({"/".join(map(str, k[:len(prefix) + 1])) for k in merged if k not in loaded})
+  logging.info("Loaded the encoder from %s (%d tensors); fresh: %s", path, len(loaded),
+               ", ".join(fresh) or "nothing")
+  return traverse_util.unflatten_dict(merged)

@@ -66,3 +66,57 @@ def set_lr(opt_state, lr):
 def peak_lr(optim_config, batch_size: int) -> float:
   """The MAE scaling rule: lr = base_lr * batch / 256."""
   return optim_config.base_lr * batch_size / 256
+
+
+def vit_layer_id(path: str, depth: int) -> int:
+  """BEiT/MAE's layer index for layer-wise lr decay: embeddings (patch_embed, cls_token) 0,
+  blocks.i i + 1, everything after the blocks (final norms, heads, decoders) depth + 1.
+
+  path: a parameter path like 'blocks/3/attn/qkv/kernel' or 'encoder/blocks/3/...'.
+  """
+  parts = path.split("/")
+  if parts[0] == "encoder":
+    parts = parts[1:]
+  if parts[0] in ("patch_embed", "cls_token", "pos_embed"):
+    return 0
+  if parts[0] == "blocks":
+    return int(parts[1]) + 1
+  return depth + 1
+
+
+def layer_decay_scales(params, depth: int, decay: float):
+  """Per-leaf lr multipliers decay ** (depth + 1 - layer_id) (MAE's param_groups_lrd)."""
+  return tree.map_with_path(lambda p, _: float(decay) ** (depth + 1 - vit_layer_id(p, depth)),
+                            params)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiplies each update leaf by its scale (a tree of floats shaped like the params)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def finetune_adamw(optim_config, params, *, schedule, depth: int, trainable=None
+                   ) -> optax.GradientTransformation:
+  """AdamW for fine-tuning with MAE's layer-wise lr decay.
+
+  Scaling the whole AdamW update (decoupled decay included) by decay ** (depth + 1 - layer)
+  equals MAE's per-group `lr_scale`, which multiplies the lr that torch's AdamW also applies to
+  the decay term. trainable: optional bool tree; False leaves get no update (linear probing,
+  where only the head trains and layer decay, 1 on the head, does not apply).
+  """
+  steps = []
+  if optim_config.grad_clip_norm > 0:
+    steps.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+  steps.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
+                           weight_decay=optim_config.weight_decay,
+                           mask=weight_decay_mask(params, optim_config.weight_decay_on)))
+  if optim_config.layer_decay < 1.0 and trainable is None:
+    steps.append(scale_by_tree(layer_decay_scales(params, depth, optim_config.layer_decay)))
+  tx = optax.chain(*steps)
+  if trainable is not None:
+    labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  return tx

@@ -57,8 +57,9 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.close()
 
 
-def truncate_jsonl(path, last_round: int) -> None:
-  """Drops rows logged after `last_round`: a killed run may have logged rounds it never saved.
+def truncate_jsonl(path, last_round: int, key: str = "round") -> None:
+  """Drops rows whose `key` is after `last_round`: a killed run may have logged rounds (or
+  epochs) it never saved.
 
   On resume those rounds are trained again, so their old rows would appear twice.
   """
@@ -66,7 +67,7 @@ def truncate_jsonl(path, last_round: int) -> None:
   if not path.exists():
     return
   rows = [line for line in path.read_text().splitlines() if line.strip()]
-  kept = [r for r in rows if json.loads(r).get("round", -1) <= last_round]
+  kept = [r for r in rows if json.loads(r).get(key, -1) <= last_round]
   path.write_text("".join(r + "\n" for r in kept))
 
 

@@ -1,0 +1,346 @@
+"""Downstream tasks: labelled images held in memory, split by patient into train/val/test.
+
+Fine-tuning sets are small (hundreds to tens of thousands of images), so a task is loaded once,
+resized to the model's square input, and kept as uint8 arrays that go to the device whole; the
+training loop gathers batches there (jobs/finetune.py).
+
+Sources (config.data.source):
+  phantom   the built-in phantom: diagnosis (benign vs malignant, or all three labels) for one
+            organ or several with one head, or segmentation of the lesion / organ / both.
+            Every image is its own patient.
+  manifest  a CSV with an image column and optional mask, label, group (patient / subject) and
+            split columns; paths relative to the CSV (`../shared/data/real_us/*/labels.csv`).
+  folders   root/<class>/**/*.png|jpg for classification; class names from the sub-folders.
+Without a split column, patients are split with a seed by `split_fractions` (train, val, test),
+so no patient straddles two splits. Images are resized to S x S without keeping the aspect ratio
+(bilinear; masks nearest), and grey images become three equal channels.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import os
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from ultrajax import configlib
+from ultrajax.data import phantom, sources
+
+SPLITS = ("train", "val", "test")
+TASK_TYPES = ("cls", "seg")
+SEG_TARGETS = ("lesion", "organ", "organ_and_lesion")
+SOURCES = ("phantom", "manifest", "folders")
+
+
+@dataclasses.dataclass
+class TaskData:
+  """images uint8 [N, S, S, 3]; targets int32 [N] (class ids) or uint8 [N, S, S] (class maps);
+  groups [N] str (patient ids); splits [N] str in SPLITS; class_names (K,)."""
+  images: np.ndarray
+  targets: np.ndarray
+  groups: np.ndarray
+  splits: np.ndarray
+  class_names: tuple[str, ...]
+  task_type: str
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def indices(self, split: str) -> np.ndarray:
+    return np.flatnonzero(self.splits == split)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resizing
+
+
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+  return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W] or [H, W, 3] -> uint8 [S, S, 3], bilinear (antialiased when shrinking)."""
+  img = Image.fromarray(_to_rgb(image))
+  return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+  """uint8 class map [H, W] -> [S, S], nearest neighbour (class ids stay class ids)."""
+  return np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST), np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Splits and subsets
+
+
+def split_by_group(groups: np.ndarray, fractions, seed: int) -> np.ndarray:
+  """Assigns whole groups to train/val/test in the given proportions (of groups), seeded.
+
+  groups: [N] ids. fractions: (train, val, test) >= 0 summing to 1. Returns [N] split names.
+  Each split with a positive fraction gets at least one group when there are enough groups.
+  """
+  fractions = np.asarray(fractions, np.float64)
+  if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1.0):
+    raise configlib.ConfigError(f"config.data.split_fractions={tuple(fractions)} must be three "
+                                "non-negative (train, val, test) fractions summing to 1")
+  unique = np.unique(groups)
+  order = np.random.default_rng([seed, 0x5B117]).permutation(len(unique))
+  counts = np.floor(fractions * len(unique)).astype(int)
+  for i in np.argsort(-(fractions * len(unique) - counts)):  # largest remainders first
+    if counts.sum() == len(unique):
+      break
+    counts[i] += 1
+  for i in range(3):  # a wanted split never ends up empty while another has groups to spare
+    if fractions[i] > 0 and counts[i] == 0:
+      donor = int(np.argmax(counts))
+      if counts[donor] > 1:
+        counts[donor] -= 1
+        counts[i] += 1
+  bounds = np.cumsum(counts)
+  group_split = np.empty(len(unique), dtype=object)
+  for rank, g in enumerate(order):
+    group_split[g] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
+  lookup = dict(zip(unique.tolist(), group_split.tolist()))
+  return np.array([lookup[g] for g in groups.tolist()])
+
+
+def train_subset(data: TaskData, fraction: float, seed: int) -> np.ndarray:
+  """Indices of a `fraction` of the training patients (label efficiency), seeded.
+
+  Nested: for one seed, the subset for 0.2 contains the one for 0.1. Classification subsets are
+  stratified by the label of each patient's first image, so every class keeps its share.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise configlib.ConfigError(f"training fraction {fraction!r} is outside (0, 1]")
+  train = data.indices("train")
+  groups = np.unique(data.groups[train])
+  rng = np.random.default_rng([seed, 0xF4AC])
+  if data.task_type == "cls":
+    first = {}
+    for i in train:
+      first.setdefault(data.groups[i], int(data.targets[i]))
+    strata = [groups[np.array([first[g] for g in groups]) == c] for c in range(data.num_classes)]
+  else:
+    strata = [groups]
+  keep = []
+  for stratum in strata:
+    if len(stratum):
+      ranked = stratum[rng.permutation(len(stratum))]
+      keep.extend(ranked[:max(1, int(round(fraction * len(stratum))))].tolist())
+  return train[np.isin(data.groups[train], keep)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Phantom tasks
+
+
+@functools.lru_cache(maxsize=8)
+def _phantom_records(organ: str, num_images: int, image_size: int, seed: int) -> tuple:
+  """`num_images` phantom draws of one organ (probe as sources.ORGAN_PROBE), cached per process."""
+  src = sources.PhantomSource(f"task-{organ}", organ, sources.ORGAN_PROBE[organ], num_images,
+                              image_size, seed)
+  return tuple(src[i] for i in range(num_images))
+
+
+def phantom_task(task_type: str, organs, num_images_per_organ: int, image_size: int, seed: int,
+                 *, classes=("benign", "malignant"), seg_target: str = "lesion") -> TaskData:
+  """Phantom diagnosis or segmentation for `organs` (one head over all of them).
+
+  cls: images whose phantom label is in `classes` (names from phantom.LABELS), relabelled 0..K-1.
+  seg: class maps 0 background, 1 lesion ('lesion') / organ ('organ') / 1 organ, 2 lesion.
+  Every draw is a patient of its own; its group id is '<organ>/<index>'. Splits are left empty.
+  """
+  for organ in organs:
+    if organ not in phantom.ORGANS:
+      raise configlib.ConfigError(f"config.data.organs: {organ!r} is not one of {phantom.ORGANS}")
+  images, targets, groups = [], [], []
+  if task_type == "cls":
+    bad = [c for c in classes if c not in phantom.LABELS]
+    if bad or len(classes) < 2:
+      raise configlib.ConfigError(f"config.data.classes={tuple(classes)}: need two or more of "
+                                  f"{phantom.LABELS}")
+    class_names = tuple(classes)
+  else:
+    if seg_target not in SEG_TARGETS:
+      raise configlib.ConfigError(f"config.data.seg_target={seg_target!r} is not one of {SEG_TARGETS}")
+    class_names = (("background", seg_target) if seg_target != "organ_and_lesion"
+                   else ("background", "organ", "lesion"))
+  for organ in organs:
+    for i, r in enumerate(_phantom_records(organ, num_images_per_organ, image_size, seed)):
+      if task_type == "cls":
+        name = phantom.LABELS[r["label"]]
+        if name not in class_names:
+          continue
+        targets.append(class_names.index(name))
+      elif seg_target == "lesion":
+        targets.append(r["lesion_mask"])
+      elif seg_target == "organ":
+        targets.append(r["organ_mask"])
+      else:
+        targets.append(np.maximum(r["organ_mask"], 2 * r["lesion_mask"]).astype(np.uint8))
+      images.append(_to_rgb(r["image"]))
+      groups.append(f"{organ}/{i}")
+  if not images:
+    raise configlib.ConfigError(f"the phantom gave no images of classes {class_names} for "
+                                f"organs {tuple(organs)}; raise config.data.num_images_per_organ")
+  dtype = np.int32 if task_type == "cls" else np.uint8
+  return TaskData(np.stack(images), np.asarray(targets, dtype), np.array(groups),
+                  np.full(len(images), "", dtype=object), class_names, task_type)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real data
+
+
+def _class_names(values, given: str, where: str) -> tuple[str, ...]:
+  present = sorted(set(values))
+  if not given:
+    return tuple(present)
+  names = tuple(c.strip() for c in given.split(",") if c.strip())
+  unknown = [v for v in present if v not in names]
+  if unknown:
+    raise ValueError(f"{where}: labels {unknown[:5]} are not among config.data.classes={names}")
+  return names
+
+
+def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_column="image",
+                  mask_column="mask", label_column="label", group_column="group",
+                  split_column="split", classes: str = "", on_bad_image: str = "raise") -> TaskData:
+  """A CSV manifest as a task; image and mask paths relative to the CSV (absolute kept).
+
+  cls needs `label_column` (class names; `classes` fixes their order, else sorted). seg needs
+  `mask_column`: masks are class maps (0 background; any non-zero pixel of a binary 0/255 mask is
+  class 1). Missing group column: every row is its own patient. Missing split column: splits are
+  left empty for `split_by_group`. Errors name the CSV, the line and the column.
+  """
+  if not os.path.isfile(csv_path):
+    raise FileNotFoundError(f"manifest {csv_path} does not exist")
+  with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.DictReader(f)
+    columns = list(reader.fieldnames or ())
+    rows = list(reader)
+  needed = [image_column, label_column if task_type == "cls" else mask_column]
+  for column in needed:
+    if column not in columns:
+      raise ValueError(f"manifest {csv_path} has no column {column!r} (needed for a {task_type} "
+                       f"task); its columns are {columns}")
+  if not rows:
+    raise ValueError(f"manifest {csv_path} lists no images")
+  base = os.path.dirname(os.path.abspath(csv_path))
+  images, targets, groups, splits = [], [], [], []
+  class_names = (_class_names([r[label_column] for r in rows], classes, f"manifest {csv_path}")
+                 if task_type == "cls" else None)
+  for line, row in enumerate(rows, start=2):
+    path = os.path.join(base, row[image_column])
+    try:
+      image = sources.decode_image(path)
+    except (sources.BadImageError, FileNotFoundError) as e:
+      if on_bad_image == "raise":
+        raise ValueError(f"manifest {csv_path} line {line}: {e}") from None
+      logging.warning("manifest %s line %d: %s; skipped", csv_path, line, e)
+      continue
+    if task_type == "cls":
+      targets.append(class_names.index(row[label_column]))
+    else:
+      mask_path = os.path.join(base, row[mask_column])
+      mask = sources.decode_image(mask_path)
+      mask = mask.max(axis=-1) if mask.ndim == 3 else mask
+      if mask.shape != image.shape[:2]:
+        raise ValueError(f"manifest {csv_path} line {line}: mask {mask_path} is {mask.shape[1]}x"
+                         f"{mask.shape[0]} but image {path} is {image.shape[1]}x{image.shape[0]}")
+      if mask.max() > 1 and set(np.unique(mask).tolist()) <= {0, 255}:
+        mask = (mask > 0).astype(np.uint8)
+      targets.append(resize_mask(mask, image_size))
+    images.append(resize_image(image, image_size))
+    groups.append(row[group_column] if group_column in columns and row[group_column]
+                  else f"row{line}")
+    splits.append(row[split_column] if split_column in columns else "")
+  bad = sorted({s for s in splits if s not in ("", *SPLITS)})
+  if bad:
+    raise ValueError(f"manifest {csv_path}: column {split_column!r} has values {bad}; use {SPLITS}")
+  if task_type == "seg":
+    num_classes = int(max(t.max() for t in targets)) + 1
+    class_names = tuple(["background"] + [f"class{c}" for c in range(1, max(num_classes, 2))])
+  dtype = np.int32 if task_type == "cls" else np.uint8
+  return TaskData(np.stack(images), np.asarray(targets, dtype), np.array(groups),
+                  np.array(splits, dtype=object), class_names, task_type)
+
+
+def folders_task(root: str, image_size: int, classes: str = "") -> TaskData:
+  """root/<class>/**/*.png|jpg|jpeg|bmp as a classification task; one patient per image."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"class folder root {root} does not exist")
+  found = {d: sources._images_under(os.path.join(root, d)) for d in sorted(os.listdir(root))
+           if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")}
+  empty = [d for d, paths in found.items() if not paths]
+  if empty or not found:
+    raise ValueError(f"class folder root {root}: no images in {empty or 'any sub-folder'}")
+  class_names = _class_names(list(found), classes, f"class folders under {root}")
+  images, targets, groups = [], [], []
+  for name, paths in found.items():
+    for path in paths:
+      images.append(resize_image(sources.decode_image(path), image_size))
+      targets.append(class_names.index(name))
+      groups.append(os.path.relpath(path, root))
+  return TaskData(np.stack(images), np.asarray(targets, np.int32), np.array(groups),
+                  np.full(len(images), "", dtype=object), class_names, "cls")
+
+
+# ------------------------------------------------------------------------------------------------
+# From config
+
+
+def _check_targets(data: TaskData, where: str) -> None:
+  k = data.num_classes
+  if data.targets.size and (data.targets.min() < 0 or data.targets.max() >= k):
+    bad = np.unique(data.targets[(data.targets < 0) | (data.targets >= k)])[:5].tolist()
+    raise ValueError(f"{where}: labels {bad} are outside 0..{k - 1} ({data.class_names})")
+
+
+def load_task(data_config, task_type: str, image_size: int) -> TaskData:
+  """The task named by config.data, split into train/val/test (see the module docstring).
+
+  An empty split raises naming it; so do labels out of range and masks of the wrong size.
+  """
+  c = data_config
+  if task_type not in TASK_TYPES:
+    raise configlib.ConfigError(f"config.task_type={task_type!r} is not one of {TASK_TYPES}")
+  if c.source not in SOURCES:
+    raise configlib.ConfigError(f"config.data.source={c.source!r} is not one of {SOURCES}")
+  if c.source == "phantom":
+    organs = tuple(o.strip() for o in c.organs.split(",") if o.strip())
+    data = phantom_task(task_type, organs, c.num_images_per_organ, image_size, c.phantom_seed,
+                        classes=tuple(x.strip() for x in (c.classes or "benign,malignant").split(",")),
+                        seg_target=c.seg_target)
+    where = f"phantom {task_type} task on {organs}"
+  elif c.source == "manifest":
+    data = manifest_task(c.manifest, task_type, image_size, image_column=c.image_column,
+                         mask_column=c.mask_column, label_column=c.label_column,
+                         group_column=c.group_column, split_column=c.split_column,
+                         classes=c.classes, on_bad_image=c.on_bad_image)
+    where = f"manifest {c.manifest}"
+  else:
+    if task_type != "cls":
+      raise configlib.ConfigError("config.data.source='folders' is for classification; use a "
+                                  "manifest with a mask column for segmentation")
+    data = folders_task(c.root, image_size, c.classes)
+    where = f"class folders {c.root}"
+  _check_targets(data, where)
+  if np.all(data.splits == ""):
+    data.splits = split_by_group(data.groups, c.split_fractions, c.split_seed)
+  elif np.any(data.splits == ""):
+    raise ValueError(f"{where}: the split column is empty for {int(np.sum(data.splits == ''))} rows")
+  for split in SPLITS:
+    if not np.any(data.splits == split):
+      raise ValueError(f"{where}: the {split!r} split is empty ({len(data.groups)} images, "
+                       f"{len(np.unique(data.groups))} patients; split_fractions="
+                       f"{tuple(c.split_fractions)})")
+  logging.info("%s: %d images of %d patients, %s; classes %s", where, len(data.images),
+               len(np.unique(data.groups)),
+               ", ".join(f"{s} {int(np.sum(data.splits == s))}" for s in SPLITS), data.class_names)
+  return data
+

@@ -1,0 +1,508 @@
+"""Downstream fine-tuning and evaluation: diagnosis (classification) and segmentation studies.
+
+The script, in order:
+  1. check the config; load the task (phantom | CSV manifest | class folders), split by patient;
+  2. for every (pretraining variant, training fraction, seed) cell of the study, in its own
+     folder `<variant>/frac_<f>/seed_<s>` (a finished cell is read back, not rerun):
+       build the model (global-pool / cls-token ViT classifier, or ViT + pyramid decoder),
+       load the variant's encoder (an ultrajax pretraining workdir or a timm / MAE file; heads
+       start fresh), train with AdamW + layer-wise lr decay + warmup/cosine, on-device
+       augmentation (crop, flip, RandAugment, mixup/cutmix, label smoothing; flips/rotations
+       for segmentation); evaluate on the validation split every few epochs and keep the best
+       parameters (the test split is never looked at for selection); finally test them,
+       with bootstrap 95% CIs, ROC / confusion / overlay PNGs and results.json;
+  3. summarise: mean and Student-t 95% CI over seeds per (variant, fraction), summary.csv, the
+     label-efficiency curve, and a table in the log.
+Each cell checkpoints every `ckpt_every_epochs` (params, optimizer state, best-so-far) and every
+random draw is keyed by (seed, epoch, step), so a killed study resumes bitwise.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import os
+import pathlib
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ultrajax import configlib
+from ultrajax.data import augment, tasks
+from ultrajax.eval import metrics
+from ultrajax.interop import load as interop_load
+from ultrajax.models import heads, mae, vit
+from ultrajax.train import checkpoint, optimizer, sharding, tree, writers
+from ultrajax.viz import plots
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODES = ("finetune", "linear_probe")
+CLS_METRICS = ("auroc", "average_precision", "accuracy", "f1", "precision", "recall")
+SEG_METRICS = ("dice", "iou", "hd95")
+LOWER_IS_BETTER = ("hd95",)
+
+
+# ----------------------------------------------------------------------------- config
+def validate(config) -> None:
+  c = configlib
+  c.check_choice(config, "task_type", tasks.TASK_TYPES)
+  c.check_choice(config, "mode", MODES)
+  c.check_choice(config, "model.dtype", DTYPES)
+  c.check_choice(config, "model.pool", ("gap", "cls"))
+  c.check_range(config, "model.drop_path_rate", 0.0, 1.0, high_inclusive=False)
+  c.check_choice(config, "data.source", tasks.SOURCES)
+  c.check_range(config, "num_seeds", 1)
+  c.check_range(config, "train.batch_size", 1)
+  c.check_range(config, "train.num_epochs", 1)
+  c.check_range(config, "train.eval_every_epochs", 1)
+  c.check_range(config, "ckpt_every_epochs", 1)
+  c.check_range(config, "optim.layer_decay", 0.0, 1.0, low_inclusive=False)
+  c.check_range(config, "aug.label_smoothing", 0.0, 1.0, high_inclusive=False)
+  for f in config.fractions:
+    c.check(isinstance(f, (int, float)) and 0.0 < f <= 1.0,
+            f"config.fractions has {f!r}; every training fraction must be in (0, 1]")
+  allowed = CLS_METRICS if config.task_type == "cls" else SEG_METRICS
+  c.check(config.train.select_metric in allowed,
+          f"config.train.select_metric={config.train.select_metric!r} is not one of {allowed}")
+  if config.data.source == "manifest":
+    c.check(bool(config.data.manifest), "config.data.manifest must name a CSV file")
+  if config.data.source == "folders":
+    c.check(bool(config.data.root), "config.data.root must name a folder of class folders")
+  lo, hi = config.aug.crop_scale
+  c.check(0 < lo <= hi <= 1, f"config.aug.crop_scale={tuple(config.aug.crop_scale)} is not "
+          "0 < low <= high <= 1")
+
+
+def variants(config) -> list[tuple[str, str]]:
+  """[(name, init path or '')] from config.variants 'name=path,...' or else config.init_from."""
+  if config.variants:
+    out = []
+    for item in filter(None, (v.strip() for v in config.variants.split(","))):
+      name, sep, path = item.partition("=")
+      configlib.check(bool(sep) and bool(name), f"config.variants item {item!r} is not "
+                      "'name=path' (use 'scratch=' for no pretraining)")
+      out.append((name, path))
+    return out
+  if config.init_from:
+    return [(pathlib.Path(config.init_from).name or "init", config.init_from)]
+  return [("scratch", "")]
+
+
+# ----------------------------------------------------------------------------- model
+def model_dims(model_config) -> tuple[int, int, int, int]:
+  if model_config.variant:
+    try:
+      return vit.parse_variant(model_config.variant)
+    except ValueError as e:
+      raise configlib.ConfigError(f"config.model.variant: {e}") from None
+  return (model_config.width, model_config.depth, model_config.num_heads,
+          model_config.patch_size)
+
+
+def build_model(config, num_classes: int, seed: int):
+  """The fine-tuning model for `num_classes` classes, initialised from `seed`."""
+  width, depth, heads_, patch = model_dims(config.model)
+  m = config.model
+  rngs = nnx.Rngs(seed)
+  if config.task_type == "cls":
+    return vit.ViT(width=width, depth=depth, num_heads=heads_, patch_size=patch,
+                   image_size=m.image_size, pool=m.pool, num_classes=num_classes,
+                   drop_path_rate=m.drop_path_rate, dtype=DTYPES[m.dtype], rngs=rngs)
+  return heads.Segmenter(width=width, depth=depth, num_heads=heads_, patch_size=patch,
+                         image_size=m.image_size, num_outputs=1 if num_classes == 2 else num_classes,
+                         feature_blocks=tuple(m.feature_blocks), channels=m.decoder_channels,
+                         drop_path_rate=m.drop_path_rate, dtype=DTYPES[m.dtype], rngs=rngs)
+
+
+def trainable_mask(params, mode: str):
+  """None for full fine-tuning; for linear probing True only on the classifier head."""
+  if mode == "finetune":
+    return None
+  return tree.map_with_path(lambda path, _: path.split("/")[0] == "head", params)
+
+
+# ----------------------------------------------------------------------------- objectives
+def augment_cls(key, image01, aug):
+  """One training image [S, S, 3] in [0, 1]: random resized crop + flip, then RandAugment."""
+  size = image01.shape[0]
+  k_crop, k_flip, k_ra = jax.random.split(key, 3)
+  matrix = augment.random_resized_crop(k_crop, size, tuple(aug.crop_scale))
+  if aug.hflip:
+    matrix = matrix @ augment.hflip(jax.random.bernoulli(k_flip), size)
+  image = augment.warp(image01, matrix)
+  if aug.randaug_ops:
+    image = augment.rand_augment_one(k_ra, image, aug.randaug_ops, aug.randaug_magnitude)
+  return image
+
+
+def augment_seg(key, image01, target, aug):
+  """A training image and its class map, flipped and rotated together (mask: nearest)."""
+  size = image01.shape[0]
+  k_flip, k_rot, k_scale = jax.random.split(key, 3)
+  angle = jax.random.uniform(k_rot, (), minval=-1.0, maxval=1.0) * math.radians(aug.rotate_deg)
+  scale = jnp.exp(jax.random.uniform(k_scale, (), minval=-1.0, maxval=1.0)
+                  * math.log(aug.scale_jitter))
+  matrix = augment.rotation(angle, size) @ augment.about_centre(jnp.eye(2) / scale, size)
+  if aug.hflip:
+    matrix = matrix @ augment.hflip(jax.random.bernoulli(k_flip), size)
+  image = augment.warp(image01, matrix)
+  target = augment.warp(target[..., None].astype(jnp.float32), matrix, order=0)[..., 0]
+  return image, target.astype(jnp.int32)
+
+
+def soft_dice_loss(probs, onehot):
+  """1 - soft Dice per image and class, averaged.  probs, onehot: [B, S, S, K] (K foreground)."""
+  inter = (probs * onehot).sum(axis=(1, 2))
+  total = probs.sum(axis=(1, 2)) + onehot.sum(axis=(1, 2))
+  return (1.0 - (2.0 * inter + 1.0) / (total + 1.0)).mean()
+
+
+def seg_loss(logits, target, dice_weight: float):
+  """BCE + Dice (one output: binary) or cross-entropy + Dice over the foreground classes.
+
+  logits: [B, S, S, 1 | K]; target: [B, S, S] int. The sigmoid / softmax is taken once and the
+  cross-entropy is computed from the logits (no double sigmoid).
+  """
+  if logits.shape[-1] == 1:
+    t = (target > 0).astype(jnp.float32)[..., None]
+    ce = optax.sigmoid_binary_cross_entropy(logits, t).mean()
+    return ce + dice_weight * soft_dice_loss(jax.nn.sigmoid(logits), t)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+  onehot = jax.nn.one_hot(target, logits.shape[-1])[..., 1:]
+  return ce + dice_weight * soft_dice_loss(jax.nn.softmax(logits)[..., 1:], onehot)
+
+
+def make_loss_fn(graphdef, config, num_classes: int):
+  aug = config.aug
+
+  def loss_fn(params, images_u8, targets, key):
+    k_aug, k_mix, k_drop = jax.random.split(key, 3)
+    model = nnx.merge(graphdef, params)
+    x = images_u8.astype(jnp.float32) / 255.0
+    keys = jax.random.split(k_aug, x.shape[0])
+    if config.task_type == "cls":
+      x = jax.vmap(lambda k, im: augment_cls(k, im, aug))(keys, x)
+      soft = augment.smooth_one_hot(targets, num_classes, aug.label_smoothing)
+      x, soft = augment.mixup_cutmix(k_mix, x, soft, mixup_alpha=aug.mixup_alpha,
+                                     cutmix_alpha=aug.cutmix_alpha, prob=aug.mix_prob)
+      logits = model(mae.normalize(x), key=k_drop)
+      return optax.softmax_cross_entropy(logits, soft).mean()
+    x, t = jax.vmap(lambda k, im, m: augment_seg(k, im, m, aug))(keys, x, targets)
+    return seg_loss(model(mae.normalize(x), key=k_drop), t, config.loss.dice_weight)
+
+  return loss_fn
+
+
+def make_predict_fn(graphdef):
+  def predict(params, images_u8):
+    """cls: probabilities [B, K]; seg: class maps [B, S, S] uint8."""
+    out = nnx.merge(graphdef, params)(mae.normalize(images_u8.astype(jnp.float32) / 255.0))
+    if out.ndim == 2:
+      return jax.nn.softmax(out)
+    if out.shape[-1] == 1:
+      return (out[..., 0] > 0).astype(jnp.uint8)
+    return jnp.argmax(out, axis=-1).astype(jnp.uint8)
+  return predict
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(predict, params, images: np.ndarray, batch_size: int, data_sharding) -> np.ndarray:
+  """Predictions for every image, in batches (the last one padded)."""
+  outs = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+    out = np.asarray(jax.device_get(predict(params, jax.device_put(chunk, data_sharding))))
+    outs.append(out[:batch_size - pad])
+  return np.concatenate(outs)
+
+
+def cls_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
+  """Every classification metric on one split (two classes: the positive class's probability)."""
+  k = probs.shape[1]
+  s = probs[:, 1] if k == 2 else probs
+  preds = probs.argmax(axis=1)
+  avg = "binary" if k == 2 else "macro"
+  return {"auroc": metrics.auroc(labels, s), "average_precision": metrics.average_precision(labels, s),
+          "accuracy": metrics.accuracy(labels, preds),
+          "f1": metrics.f1(labels, preds, average=avg, num_classes=k),
+          "precision": metrics.precision(labels, preds, average=avg, num_classes=k),
+          "recall": metrics.recall(labels, preds, average=avg, num_classes=k)}
+
+
+def seg_per_image(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> dict:
+  """Per-image Dice, IoU and HD95 (pixels), each averaged over the foreground classes. [N] each."""
+  out = {"dice": [], "iou": [], "hd95": []}
+  for c in range(1, num_classes):
+    p, t = preds == c, targets == c
+    out["dice"].append(metrics.dice(p, t))
+    out["iou"].append(metrics.iou(p, t))
+    out["hd95"].append(metrics.hd95(p, t))
+  with warnings.catch_warnings():  # nanmean of all-nan columns (hd95 with one mask empty)
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return {k: np.nanmean(np.stack(v), axis=0) for k, v in out.items()}
+
+
+def split_scores(task_type, targets, outputs, num_classes) -> dict:
+  if task_type == "cls":
+    return cls_scores(targets, outputs)
+  per_image = seg_per_image(targets, outputs, num_classes)
+  return {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+          for k, v in per_image.items()}
+
+
+def test_report(task_type, targets, outputs, num_classes, num_samples: int, seed: int) -> dict:
+  """{metric: [estimate, low, high]} with percentile-bootstrap 95% CIs over test images."""
+  report = {}
+  if task_type == "cls":
+    for name in CLS_METRICS:
+      fn = lambda t, o, name=name: cls_scores(t, o)[name]  # noqa: E731
+      report[name] = list(metrics.bootstrap_ci(fn, targets, outputs, num_samples=num_samples,
+                                               seed=seed))
+    return report
+  per_image = seg_per_image(targets, outputs, num_classes)
+  for name, values in per_image.items():
+    finite = values[np.isfinite(values)]
+    report[name] = (list(metrics.bootstrap_ci(np.mean, finite, num_samples=num_samples, seed=seed))
+                    if finite.size else [math.nan] * 3)
+  report["hd95_undefined_images"] = int(np.sum(~np.isfinite(per_image["hd95"])))
+  return report
+
+
+def better(metric: str, new: float, old: float) -> bool:
+  if not math.isfinite(new):
+    return False
+  if not math.isfinite(old):
+    return True
+  return new < old if metric in LOWER_IS_BETTER else new > old
+
+
+# ----------------------------------------------------------------------------- one run
+def _replicate(x, mesh):
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding.replicated(mesh), lambda i: x[i])
+
+
+def _atomic_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(obj, indent=1))
+  os.replace(tmp, path)
+
+
+def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path: str,
+              fraction: float, seed: int, mesh) -> dict:
+  """Trains and tests one cell of the study; returns (and writes) its results."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  train_idx = tasks.train_subset(data, fraction, config.data.split_seed)
+  val_idx, test_idx = data.indices("val"), data.indices("test")
+  devices = mesh.shape["data"]
+  batch = min(config.train.batch_size, len(train_idx)) // devices * devices
+  if batch < 1:
+    raise configlib.ConfigError(f"{len(train_idx)} training images (fraction {fraction}) cannot "
+                                f"fill one batch over {devices} devices")
+  steps_per_epoch = len(train_idx) // batch  # drop_last, as MAE's fine-tuning loader
+  num_epochs = config.train.num_epochs
+  total_steps = steps_per_epoch * num_epochs
+
+  model = build_model(config, data.num_classes, seed)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  if init_path:
+    prefix = ("encoder",) if config.task_type == "seg" else ()
+    params = interop_load.load_encoder(init_path, params, prefix=prefix)
+  else:
+    logging.info("No init_from: training from scratch.")
+  width, depth, _, _ = model_dims(config.model)
+  lr = config.optim.base_lr * (batch / 256 if config.optim.scale_lr_by_batch else 1.0)
+  warmup_steps = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1),
+      end_value=config.optim.min_lr)
+  tx = optimizer.finetune_adamw(config.optim, params, schedule=schedule, depth=depth,
+                                trainable=trainable_mask(params, config.mode))
+  repl = sharding.replicated(mesh)
+  data_sharding = NamedSharding(mesh, P("data"))
+  params = jax.device_put(params, repl)
+  opt_state = jax.device_put(tx.init(params), repl)
+  loss_fn = make_loss_fn(graphdef, config, data.num_classes)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def run_epoch(params, opt_state, images, targets, order, epoch_key):
+    """One epoch: scan over `order` [steps, B] of training indices."""
+    def step(carry, xs):
+      params, opt_state = carry
+      idx, i = xs
+      x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
+      y = jax.lax.with_sharding_constraint(targets[idx], data_sharding)
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, y, jax.random.fold_in(epoch_key, i))
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
+                                               (order, jnp.arange(order.shape[0])))
+    return params, opt_state, losses.mean()
+
+  predict = jax.jit(make_predict_fn(graphdef))
+  train_images = _replicate(data.images[train_idx], mesh)
+  train_targets = _replicate(data.targets[train_idx], mesh)
+  select = config.train.select_metric
+
+  ckpt = checkpoint.Checkpointer(run_dir, keep=1)
+  state = {"opt_state": opt_state, "best_params": params,
+           "best": jnp.asarray(math.nan, jnp.float32), "best_epoch": jnp.asarray(0, jnp.int32)}
+  start = 0
+  latest = ckpt.latest_round()
+  if latest is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            (params, state))
+    params, state, _ = ckpt.restore(latest, abstract[0], abstract[1], None)
+    start = latest
+    logging.info("%s: resumed after epoch %d", run_dir, start)
+  writers.truncate_jsonl(run_dir / "metrics.jsonl", start, key="epoch")
+  writer = writers.create_writer(run_dir)
+  run_key = jax.random.key(seed)
+  logging.info("%s: %d train (fraction %g) / %d val / %d test images, batch %d, %d steps per "
+               "epoch, %d epochs, peak lr %.3g", run_dir, len(train_idx), fraction, len(val_idx),
+               len(test_idx), batch, steps_per_epoch, num_epochs, lr)
+  opt_state = state["opt_state"]
+  best, best_epoch = float(state["best"]), int(state["best_epoch"])
+  best_params = state["best_params"]
+  for epoch in range(start, num_epochs):
+    t0 = time.time()
+    order = np.random.default_rng([seed, epoch]).permutation(len(train_idx))
+    order = order[:steps_per_epoch * batch].reshape(steps_per_epoch, batch)
+    params, opt_state, loss = run_epoch(params, opt_state, train_images, train_targets,
+                                        jnp.asarray(order), jax.random.fold_in(run_key, epoch))
+    loss = float(loss)
+    row = {"epoch": epoch + 1, "train_loss": loss,
+           "lr": float(schedule((epoch + 1) * steps_per_epoch - 1)),
+           "img_per_s": steps_per_epoch * batch / (time.time() - t0)}
+    if (epoch + 1) % config.train.eval_every_epochs == 0 or epoch + 1 == num_epochs:
+      outputs = evaluate(predict, params, data.images[val_idx], batch, data_sharding)
+      val = split_scores(config.task_type, data.targets[val_idx], outputs, data.num_classes)
+      row.update({f"val_{k}": v for k, v in val.items()})
+      if better(select, val[select], best):
+        best, best_epoch = val[select], epoch + 1
+        best_params = jax.tree.map(jnp.copy, params)
+    if not math.isfinite(loss):
+      raise FloatingPointError(f"{run_dir}: training loss is {loss} at epoch {epoch + 1}; "
+                               "lower config.optim.base_lr")
+    writer.write_scalars(epoch + 1, row)
+    logging.info("%s epoch %d/%d: loss %.4f%s", run_dir.name, epoch + 1, num_epochs, loss,
+                 "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
+    if (epoch + 1) % config.ckpt_every_epochs == 0 or epoch + 1 == num_epochs:
+      state = {"opt_state": opt_state, "best_params": best_params,
+               "best": jnp.asarray(best, jnp.float32), "best_epoch": jnp.asarray(best_epoch, jnp.int32)}
+      ckpt.save(epoch + 1, params, state, None, {"epoch": epoch + 1})
+  ckpt.close()
+  writer.close()
+  if best_epoch == 0:  # validation never gave a finite score: test the last parameters
+    best_params = params
+
+  outputs = evaluate(predict, best_params, data.images[test_idx], batch, data_sharding)
+  targets = data.targets[test_idx]
+  report = test_report(config.task_type, targets, outputs, data.num_classes,
+                       config.eval.bootstrap_samples, seed)
+  if config.task_type == "cls":
+    plots.roc_curves(run_dir / "roc.png", targets, outputs, data.class_names,
+                     title=f"test ROC ({run_dir.parent.parent.name}, seed {seed})")
+    plots.confusion(run_dir / "confusion.png",
+                    metrics.confusion_matrix(targets, outputs.argmax(1), data.num_classes),
+                    data.class_names)
+  else:
+    per_image = seg_per_image(targets, outputs, data.num_classes)["dice"]
+    plots.seg_overlays(run_dir / "overlays.png", data.images[test_idx], targets, outputs,
+                       scores=per_image)
+  results = {"test": report, "best_val": best, "best_epoch": best_epoch, "select_metric": select,
+             "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
+             "num_test": int(len(test_idx)), "fraction": fraction, "seed": seed,
+             "init_from": init_path, "class_names": list(data.class_names)}
+  _atomic_json(run_dir / "results.json", results)
+  return results
+
+
+# ----------------------------------------------------------------------------- study
+def summarise(cells: list[dict], metric_names) -> list[dict]:
+  """Rows of (variant, fraction, metric, mean, low, high, n, values) over seeds."""
+  rows = []
+  keys = sorted({(c["variant"], c["fraction"]) for c in cells}, key=lambda k: (k[0], -k[1]))
+  for variant, fraction in keys:
+    group = [c for c in cells if c["variant"] == variant and c["fraction"] == fraction]
+    for name in metric_names:
+      values = np.array([c["test"][name][0] for c in group], np.float64)
+      mean, low, high = metrics.mean_ci(values)
+      rows.append({"variant": variant, "fraction": fraction, "metric": name, "mean": mean,
+                   "ci_low": low, "ci_high": high, "num_seeds": len(values),
+                   "values": " ".join(f"{v:.4f}" for v in values)})
+  return rows
+
+
+def write_summary(workdir: pathlib.Path, rows: list[dict], select: str) -> None:
+  with open(workdir / "summary.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  fractions = sorted({r["fraction"] for r in rows})
+  if len(fractions) > 1:
+    curves = {}
+    for r in rows:
+      if r["metric"] == select:
+        curves.setdefault(r["variant"], []).append((r["fraction"], r["mean"], r["ci_low"],
+                                                    r["ci_high"]))
+    plots.label_efficiency(workdir / "label_efficiency.png", curves, select)
+
+
+def load_data(config) -> tasks.TaskData:
+  return tasks.load_task(config.data, config.task_type, config.model.image_size)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Runs the whole study; returns the summary rows (also in workdir/summary.csv)."""
+  validate(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(clients=1, data=config.mesh.data)
+  data = load_data(config)
+  study = variants(config)
+  for name, path in study:
+    if path and not pathlib.Path(path).exists():
+      raise FileNotFoundError(f"pretraining variant {name!r}: nothing at {path}")
+  cells = []
+  total = len(study) * len(config.fractions) * config.num_seeds
+  for name, path in study:
+    for fraction in config.fractions:
+      for s in range(config.num_seeds):
+        seed = config.seed + s
+        run_dir = workdir / name / f"frac_{fraction:g}" / f"seed_{seed}"
+        done = run_dir / "results.json"
+        if done.exists():
+          result = json.loads(done.read_text())
+          logging.info("%s: finished earlier, read back", run_dir)
+        else:
+          logging.info("Study cell %d of %d: variant %s, fraction %g, seed %d", len(cells) + 1,
+                       total, name, fraction, seed)
+          result = train_one(config, data, run_dir, init_path=path, fraction=fraction,
+                             seed=seed, mesh=mesh)
+        cells.append({"variant": name, **result})
+        test = result["test"]
+        logging.info("  test: %s", ", ".join(f"{k} {v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]"
+                                              for k, v in test.items() if isinstance(v, list)))
+  names = CLS_METRICS if config.task_type == "cls" else SEG_METRICS
+  rows = summarise(cells, names)
+  if jax.process_index() == 0:
+    write_summary(workdir, rows, config.train.select_metric)
+  logging.info("Test metrics, mean [95%% CI] over %d seed(s):", config.num_seeds)
+  for r in rows:
+    logging.info("  %-12s frac %-4g %-18s %.4f [%.4f, %.4f]", r["variant"], r["fraction"],
+                 r["metric"], r["mean"], r["ci_low"], r["ci_high"])
+  return rows

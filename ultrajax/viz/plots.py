@@ -1,0 +1,121 @@
+"""Evaluation plots as PNG files (matplotlib, Agg backend): ROC curves, confusion matrices,
+segmentation overlays, label-efficiency curves and heatmaps (the transfer matrix)."""
+from __future__ import annotations
+
+import math
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def roc_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(fpr, tpr) of the ROC curve, one point per distinct score threshold, from (0, 0) to (1, 1).
+
+  positive: [N] bool; scores: [N] float (higher = more positive).
+  """
+  order = np.argsort(-scores, kind="stable")
+  s, p = scores[order], positive[order].astype(np.float64)
+  last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each tied score
+  tp, fp = np.cumsum(p)[last], np.cumsum(1 - p)[last]
+  tpr = np.r_[0.0, tp / max(tp[-1], 1)]
+  fpr = np.r_[0.0, fp / max(fp[-1], 1)]
+  return fpr, tpr
+
+
+def _save(fig, path) -> None:
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
+def roc_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: str = "") -> None:
+  """One-vs-rest ROC per class (only the positive class for two classes). probs: [N, K]."""
+  fig, ax = plt.subplots(figsize=(4.5, 4.5))
+  classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+  for c in classes:
+    positive = labels == c
+    if positive.all() or not positive.any():
+      continue
+    fpr, tpr = roc_points(positive, probs[:, c])
+    auc = float(np.trapezoid(tpr, fpr))
+    ax.plot(fpr, tpr, label=f"{class_names[c]} (AUC {auc:.3f})")
+  ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+  ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
+         title=title or "ROC")
+  ax.legend(loc="lower right", fontsize=8)
+  _save(fig, path)
+
+
+def confusion(path, matrix: np.ndarray, class_names, title: str = "") -> None:
+  """matrix: [K, K] counts, rows = true class, columns = predicted."""
+  k = len(class_names)
+  fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.2 * k + 1.5))
+  ax.imshow(matrix, cmap="Blues")
+  for i in range(k):
+    for j in range(k):
+      ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
+              color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+  ax.set(xticks=range(k), yticks=range(k), xticklabels=class_names, yticklabels=class_names,
+         xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+  _save(fig, path)
+
+
+def seg_overlays(path, images: np.ndarray, targets: np.ndarray, preds: np.ndarray,
+                 scores=None, max_images: int = 8) -> None:
+  """images: [N, S, S, 3] uint8; targets, preds: [N, S, S] class maps. Ground truth outlined in
+  green, prediction filled in red; `scores` (e.g. Dice) in each title."""
+  n = min(len(images), max_images)
+  cols = min(n, 4)
+  rows = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
+  for i in range(n):
+    ax = axes.ravel()[i]
+    ax.imshow(images[i])
+    ax.imshow(np.ma.masked_where(preds[i] == 0, preds[i]), cmap="autumn", alpha=0.45,
+              vmin=0, vmax=max(int(preds.max()), 1))
+    if targets[i].any():
+      ax.contour(targets[i] > 0, levels=[0.5], colors="lime", linewidths=1)
+    if scores is not None:
+      ax.set_title(f"Dice {scores[i]:.2f}", fontsize=9)
+  _save(fig, path)
+
+
+def label_efficiency(path, curves: dict, metric: str) -> None:
+  """curves: {variant: [(fraction, mean, low, high), ...]} -> metric vs training fraction."""
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for name, points in curves.items():
+    points = sorted(points)
+    f, m, lo, hi = (np.array(v, np.float64) for v in zip(*points))
+    ax.plot(f, m, "o-", label=name)
+    if np.isfinite(lo).all():
+      ax.fill_between(f, lo, hi, alpha=0.2)
+  ax.set(xlabel="fraction of training labels", ylabel=metric, title=f"label efficiency ({metric})")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  _save(fig, path)
+
+
+def heatmap(path, matrix: np.ndarray, row_names, col_names, *, title: str, xlabel: str,
+            ylabel: str, fmt: str = "{:.3f}") -> None:
+  """matrix [R, C] with each cell's value written in it (nan cells left blank)."""
+  r, c = matrix.shape
+  fig, ax = plt.subplots(figsize=(1.1 * c + 2.5, 0.8 * r + 1.8))
+  image = ax.imshow(matrix, cmap="viridis")
+  finite = matrix[np.isfinite(matrix)]
+  middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+  for i in range(r):
+    for j in range(c):
+      if np.isfinite(matrix[i, j]):
+        ax.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center", fontsize=8,
+                color="black" if matrix[i, j] > middle else "white")
+  ax.set(xticks=range(c), yticks=range(r), xticklabels=col_names, yticklabels=row_names,
+         xlabel=xlabel, ylabel=ylabel, title=title)
+  plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+  fig.colorbar(image, ax=ax, shrink=0.8)
+  _save(fig, path)
