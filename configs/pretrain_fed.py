@@ -25,6 +25,9 @@ def get_config(arg=None):
   # Start from (when the workdir has no checkpoint): an ultrajax workdir/checkpoint, or an
   # official MAE / timm ViT file (.pth or .safetensors; see docs/formats.md).
   c.init_from = ""
+  # What the decoder predicts at masked patches: 'pixels' (MAE / UltraMIM) or 'teacher' (URFM:
+  # a frozen CLIP-style teacher's tokens; see c.teacher and configs/pretrain_urfm.py).
+  c.target = "pixels"
 
   c.model = ml_collections.ConfigDict(dict(
       variant="B/16",  # Ti/S/B/L/H + '/patch'; or set variant='' and the explicit sizes below.
@@ -35,6 +38,29 @@ def get_config(arg=None):
       norm_pix_loss=True,
       drop_path_rate=0.0,
       dtype="bfloat16",  # computation dtype; parameters and optimizer states stay float32.
+      pred_dim=0,  # decoder output per patch: 0 = pixels; target='teacher': the teacher token width.
+  ))
+
+  # Feature targets (used when c.target='teacher'). URFM does not publish the teacher layer,
+  # token normalisation or loss details: the defaults marked "ours" are our choices.
+  c.teacher = ml_collections.ConfigDict(dict(
+      # .safetensors/.pth/.bin in open_clip BiomedCLIP layout (visual.trunk.*, visual.head.proj)
+      # or timm ViT layout; '' = a randomly initialised teacher of the shape below (warned).
+      file="",
+      variant="B/16",  # BiomedCLIP's trunk (timm vit_base_patch16_224); or '' + sizes below.
+      width=0, depth=0, num_heads=0, patch_size=0,
+      image_size=224,  # teacher input; images are resized to it (antialiased bicubic).
+      embed_dim=512,  # BiomedCLIP's projection width (0: the file has none, e.g. timm).
+      block=0,  # ours: tokens after this 1-based block, 0 = last.
+      final_norm=True,  # ours: after the trunk's final LayerNorm (timm forward_features).
+      project=False,  # ours: 768-d trunk tokens, not the 512-d projection.
+      align="pool",  # teacher grid -> student grid: 'pool' (exact) | 'interpolate'.
+      norm="layernorm",  # ours: target per token: 'none' | 'layernorm' (no affine) | 'l2'.
+      loss="mse",  # the paper's MSE; or 'smooth_l1' | 'cosine'.
+      smooth_l1_beta=1.0,
+      dtype="bfloat16",  # teacher compute dtype (params float32).
+      cache_dir="",  # precompute targets here (needs crop_scale=(1, 1), hflip=False).
+      cache_dtype="float16",
   ))
 
   c.ultramim = ml_collections.ConfigDict(dict(
@@ -59,6 +85,8 @@ def get_config(arg=None):
       num_clients=16,  # phantom: the first k of the 16 Table-1 clients.
       phantom_scale=0.01,  # phantom: client sizes = Table 1 counts * scale (floored).
       phantom_min_images=64,
+      phantom_organs="",  # phantom: instead of the Table-1 clients, one client per listed
+                          # organ with phantom_min_images images each (e.g. 'breast').
       phantom_image_size=256,  # stored phantom resolution (crops are resized to model.image_size).
       batch_size=64,  # per client and step, over all hosts (the paper: 16 per GPU x 4 GPUs).
       crop_scale=(0.2, 1.0),

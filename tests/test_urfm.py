@@ -198,3 +198,80 @@ def test_align_tokens_pools_repeats_and_rejects():
   assert teacher_lib.align_tokens(tokens, 3, "interpolate").shape == (1, 9, 2)
   with pytest.raises(ValueError, match=r"teacher patch grid 4x4 .* student grid 3x3"):
     teacher_lib.align_tokens(tokens, 3, "pool")
+
+
+# ----------------------------------------------------------------------------- job
+def urfm_config(**overrides):
+  config = configlib.load_config_module(REPO / "configs" / "pretrain_urfm.py").get_config("smoke")
+  config.mesh.update(clients=1, data=1)
+  config.fed.num_rounds = 1
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def test_no_gradient_reaches_the_teacher():
+  from ultrajax.jobs import pretrain
+  config = urfm_config()
+  student = mae.mae_from_config(config.model, nnx.Rngs(0))
+  graphdef, params = nnx.split(student, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  t_graphdef, t_params = pretrain.build_teacher(config, jax.random.key(0))
+  images = jax.random.randint(jax.random.key(1), (2, 32, 32, 3), 0, 256).astype(jnp.uint8)
+
+  def loss(student_params, teacher_params):
+    fn = pretrain.make_loss_fn(graphdef, config, t_graphdef, teacher_params)
+    return fn(student_params, images, jax.random.key(2))[0]
+
+  g_student, g_teacher = jax.grad(loss, argnums=(0, 1))(params, t_params)
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g_teacher))
+  assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(g_student))
+  # ... and not because the loss ignores the teacher: other teacher weights, other loss.
+  other = jax.tree.map(lambda x: x * 1.5, t_params)
+  assert abs(float(loss(params, other)) - float(loss(params, t_params))) > 1e-4
+
+
+def test_config_errors_name_the_field(tmp_path):
+  from ultrajax.jobs import pretrain
+  with pytest.raises(configlib.ConfigError, match=r"config.teacher.align=.pool.: teacher patch grid 3x3 .* student grid 4x4"):
+    pretrain.validate(urfm_config(**{"teacher.image_size": 24}))  # teacher 3x3, student 4x4
+  with pytest.raises(configlib.ConfigError, match=r"config.model.pred_dim=16 must equal .* 32"):
+    pretrain.validate(urfm_config(**{"model.pred_dim": 16}))
+  with pytest.raises(configlib.ConfigError, match=r"cache_dir needs a fixed-view schedule"):
+    pretrain.validate(urfm_config(**{"teacher.cache_dir": str(tmp_path / "c")}))
+  pretrain.validate(urfm_config(**{"teacher.image_size": 24, "teacher.align": "interpolate"}))
+
+
+def test_urfm_job_in_step_and_cached(tmp_path):
+  """One epoch of the smoke preset with the teacher in the step, then with cached targets;
+  the cache holds exactly the fixed views and their teacher targets."""
+  from ultrajax.data import teacher_cache
+  from ultrajax.jobs import pretrain
+  from ultrajax.train import checkpoint, writers
+  params = pretrain.run(urfm_config(), tmp_path / "in_step")
+  rows = list(writers.read_jsonl(tmp_path / "in_step" / "metrics.jsonl"))
+  assert np.isfinite(rows[-1]["loss"]) and (tmp_path / "in_step/images/round_00001.png").is_file()
+  assert params["decoder_pred"]["kernel"].shape == (32, 32)  # predicts 32-d teacher tokens
+  assert "trunk" not in checkpoint.load_params(tmp_path / "in_step")  # the teacher is not saved
+
+  cache = tmp_path / "cache"
+  config = urfm_config(**{"teacher.cache_dir": str(cache), "data.crop_scale": (1.0, 1.0),
+                          "data.hflip": False})
+  pretrain.run(config, tmp_path / "cached")
+  assert np.isfinite(list(writers.read_jsonl(tmp_path / "cached" / "metrics.jsonl"))[-1]["loss"])
+  clients = pretrain.client_sources(config)
+  source = teacher_cache.CacheSource(cache, 0)
+  assert len(source) == len(clients[0])
+  i = len(source) - 1
+  view = teacher_cache.fixed_view(clients[0][i]["image"], 32)
+  np.testing.assert_array_equal(source[i]["images"], view)
+  t_graphdef, t_params = pretrain.build_teacher(config, jax.random.key(config.seed))
+  want = pretrain.teacher_targets(t_graphdef, t_params, view[None] / 255.0, config)[0]
+  np.testing.assert_allclose(source[i]["teacher"].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+  with pytest.raises(ValueError, match=r"built for another setting(.|\n)*teacher.block: cache has 0, this run 1"):
+    pretrain.run(urfm_config(**{"teacher.cache_dir": str(cache), "data.crop_scale": (1.0, 1.0),
+                                "data.hflip": False, "teacher.block": 1}), tmp_path / "other")

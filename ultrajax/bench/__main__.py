@@ -6,6 +6,12 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             Default config: configs/pretrain_fed.py (ViT-B/16 at 224); on a CPU try
             --config=configs/pretrain_fed.py:cpu.
 
+  urfm      URFM feature-target step (centralized): pixel targets vs teacher targets computed
+            in the step vs cached targets read with the batch, and the one-off cost of
+            building the cache (teacher forward only). Takes configs/pretrain_urfm.py with
+            the --config's preset when --config is not a teacher-target config, e.g.
+            --config=configs/pretrain_urfm.py:cpu.
+
 Data comes from device-resident random images so that the figures measure the compiled
 program; the Grain pipeline is measured by the job's own img/s log line. Record results with
 the machine and the exact command in docs/benchmarks.md.
@@ -117,7 +123,84 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
   _paper_packing()
 
 
-BENCHMARKS = {"pretrain": bench_pretrain}
+def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
+  """One compiled chunk of K centralized steps; mode 'pixels' | 'in_step' | 'cached'."""
+  config = config.copy_and_resolve_references()
+  if mode == "pixels":
+    config.target, config.model.pred_dim = "pixels", 0
+  cached = mode == "cached"
+  teacher = pretrain.build_teacher(config, jax.random.key(0)) if mode != "pixels" else None
+  k, batch, s = config.fed.chunk_steps, config.data.batch_size, config.model.image_size
+  abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  abstract_params = nnx.to_pure_dict(abstract_params)
+  tx = optimizer.adamw(config.optim, abstract_params)
+  programs = pretrain.Programs(config, mesh, graphdef, abstract_params, tx, 1, 1,
+                               teacher=teacher, cached=cached)
+  params = programs.init_params(jax.random.key(0))
+  opt_state = programs.init_opt(params)
+  make_images = lambda key: jax.random.randint(key, (1, k, batch, s, s, 3), 0, 256).astype(np.uint8)
+  if cached:
+    grid = s // pretrain.patch_size_of(config.model)
+    shape = (1, k, batch, grid * grid, config.model.pred_dim)
+    data = jax.jit(lambda key: dict(images=make_images(key), teacher=jax.random.normal(
+        key, shape).astype(config.teacher.cache_dtype)),
+                   out_shardings=programs.batch_sharding)(jax.random.key(1))
+  else:
+    data = jax.jit(make_images, out_shardings=programs.batch_sharding)(jax.random.key(1))
+  plan = rounds.plan_round(np.full(1, 1000), 1, k).chunk(3, k)
+  put = pretrain._put
+  rest = (rounds.RoundPlan(*(put(a, programs.vector) for a in plan)),
+          put(np.full((1,), 1000.0, np.float32), programs.replicated),
+          put(np.ones(1, np.float32), programs.replicated),
+          put(np.int32(5), programs.replicated), jax.random.key(2))
+  state = programs.start_round(params, opt_state)
+  state, losses = programs.run_chunk(params, state, data, *rest)
+  jax.block_until_ready(losses)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, losses = programs.run_chunk(params, state, data, *rest)
+  jax.block_until_ready(losses)
+  chunk_s = (time.perf_counter() - t0) / steps
+  out = dict(img_per_s=batch * k / chunk_s, ms_per_step=1e3 * chunk_s / k)
+  if mode == "in_step":  # the cache's one-off cost: the teacher forward alone
+    targets = jax.jit(lambda p, x: pretrain.teacher_targets(
+        teacher[0], p, x.astype(np.float32) / 255.0, config))
+    frozen, images = programs.frozen, data[0, 0]
+    jax.block_until_ready(targets(frozen, images))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      y = targets(frozen, images)
+    jax.block_until_ready(y)
+    out["teacher_img_per_s"] = batch * steps / (time.perf_counter() - t0)
+  return out
+
+
+def bench_urfm(config, steps: int, clients: int) -> None:
+  del clients  # centralized
+  if config.get("target", "pixels") != "teacher":
+    from ultrajax import configlib
+    urfm = configlib.load_config_module(pathlib.Path(_DEFAULT_CONFIG).with_name("pretrain_urfm.py"))
+    config = urfm.get_config(config.preset)
+  pretrain.validate(config)
+  mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
+  dev = jax.devices()[0]
+  t = config.teacher
+  print(f"# urfm benchmark: student {config.model.variant or 'custom'} at "
+        f"{config.model.image_size}px, teacher {t.variant or f'{t.width}x{t.depth}/{t.patch_size}'}"
+        f" at {t.image_size}px, dtype {config.model.dtype}, batch {config.data.batch_size}, "
+        f"{jax.device_count()} x {dev.device_kind}")
+  print(f"{'targets':<22}{'img/s':>10}{'ms/step':>10}")
+  with jax.set_mesh(mesh):
+    results = {m: _time_urfm(config, mesh, m, steps) for m in ("pixels", "in_step", "cached")}
+  names = dict(pixels="pixels", in_step="teacher, in the step", cached="teacher, cached")
+  for mode, r in results.items():
+    print(f"{names[mode]:<22}{r['img_per_s']:>10.1f}{r['ms_per_step']:>10.1f}")
+  print(f"Building the cache (teacher forward only): "
+        f"{results['in_step']['teacher_img_per_s']:.1f} img/s, once per fixed view.")
+
+
+BENCHMARKS = {"pretrain": bench_pretrain, "urfm": bench_urfm}
 
 
 def main(argv):

@@ -10,6 +10,13 @@ The script, in order:
      with fewer steps are masked); aggregate with weights n_k / n; log, draw, checkpoint.
 Centralized training is the same program with every image in one client.
 
+Targets (config.target): 'pixels' (MAE / UltraMIM norm-pix) or 'teacher' (URFM's feature MIM:
+the decoder predicts a frozen CLIP-style teacher's tokens of the clean image at the masked
+patches). The teacher's parameters are an input of the compiled chunk, never trained: they are
+not in the optimizer or client states and its targets pass through stop_gradient. With
+config.teacher.cache_dir and a fixed-view schedule the targets are computed once, stored with
+the fixed views (data/teacher_cache.py) and read with each batch instead.
+
 A round's K-step chunk is the unit of compilation: a real round (an epoch of every client)
 cannot sit on device at once, so C, K and the batch are static and the round loops over
 chunks on the host. Every random draw comes from key(seed, round, client, step), and the data
@@ -32,15 +39,17 @@ from clu import parameter_overview, periodic_actions
 from flax import nnx
 
 from ultrajax import configlib, ultramim
-from ultrajax.data import pipeline, sources as sources_lib
+from ultrajax.data import pipeline, sources as sources_lib, teacher_cache
 from ultrajax.fed import aggregate, rounds
-from ultrajax.interop import load as interop_load
-from ultrajax.models import mae, vit
+from ultrajax.interop import load as interop_load, open_clip
+from ultrajax.models import mae, teacher as teacher_lib, vit
 from ultrajax.train import checkpoint, optimizer, perf, sharding, writers
-from ultrajax.viz import reconstruction
+from ultrajax.viz import features as feature_viz, reconstruction
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NUM_PREVIEW = 4
+TARGETS = ("pixels", "teacher")
+TEACHER_SEED_SALT = 0x7EAC  # random teacher key = fold_in(seed key, salt): pixel runs unchanged
 
 
 # ----------------------------------------------------------------------------- config
@@ -75,6 +84,68 @@ def validate(config) -> None:
   lo, hi = config.data.crop_scale
   c.check(0 < lo <= hi <= 1, f"config.data.crop_scale={tuple(config.data.crop_scale)} is not "
           "0 < low <= high <= 1")
+  c.check_choice(config, "target", TARGETS)
+  if config.target == "teacher":
+    validate_teacher(config)
+  else:
+    c.check(config.model.get("pred_dim", 0) == 0,
+            f"config.model.pred_dim={config.model.pred_dim} is for feature targets; pixel "
+            "targets need 0")
+
+
+def teacher_dims(teacher_config) -> tuple[int, int, int, int]:
+  """(width, depth, heads, patch) of config.teacher (variant 'B/16' or explicit sizes)."""
+  t = teacher_config
+  if t.variant:
+    return vit.parse_variant(t.variant)
+  return t.width, t.depth, t.num_heads, t.patch_size
+
+
+def teacher_token_width(teacher_config) -> int:
+  return teacher_config.embed_dim if teacher_config.project else teacher_dims(teacher_config)[0]
+
+
+def validate_teacher(config) -> None:
+  c, t = configlib, config.teacher
+  if t.variant:
+    try:
+      vit.parse_variant(t.variant)
+    except ValueError as e:
+      raise configlib.ConfigError(f"config.teacher.variant: {e}") from None
+  else:
+    for name in ("width", "depth", "num_heads", "patch_size"):
+      c.check(isinstance(t[name], int) and t[name] > 0, f"config.teacher.{name}={t[name]!r} must "
+              "be a positive integer when config.teacher.variant is ''")
+  width, depth, heads, patch = teacher_dims(t)
+  c.check(width % heads == 0, f"config.teacher width {width} is not divisible by {heads} heads")
+  c.check(t.image_size > 0 and t.image_size % patch == 0,
+          f"config.teacher.image_size={t.image_size} is not a positive multiple of the teacher "
+          f"patch size {patch}")
+  c.check_range(config, "teacher.block", 0, depth)
+  c.check_range(config, "teacher.embed_dim", 0)
+  c.check(not t.project or t.embed_dim > 0,
+          "config.teacher.project=True needs config.teacher.embed_dim > 0 (the projection)")
+  c.check_choice(config, "teacher.norm", mae.FEATURE_NORMS)
+  c.check_choice(config, "teacher.loss", mae.FEATURE_LOSSES)
+  c.check_choice(config, "teacher.align", teacher_lib.ALIGN_MODES)
+  c.check_choice(config, "teacher.dtype", DTYPES)
+  c.check_choice(config, "teacher.cache_dtype", teacher_cache.DTYPES)
+  c.check_range(config, "teacher.smooth_l1_beta", 0.0, low_inclusive=False)
+  tokens = teacher_token_width(t)
+  c.check(config.model.get("pred_dim", 0) == tokens,
+          f"config.model.pred_dim={config.model.get('pred_dim', 0)} must equal the teacher's "
+          f"token width {tokens} (teacher width, or teacher.embed_dim with teacher.project)")
+  student_grid = config.model.image_size // patch_size_of(config.model)
+  try:
+    teacher_lib.check_alignable(t.image_size // patch, student_grid, t.align)
+  except ValueError as e:
+    raise configlib.ConfigError(f"config.teacher.align={t.align!r}: {e}") from None
+  if t.file:
+    c.check(pathlib.Path(t.file).is_file(), f"config.teacher.file={t.file!r}: no such file")
+  if t.cache_dir:
+    c.check(tuple(config.data.crop_scale) == (1.0, 1.0) and not config.data.hflip,
+            "config.teacher.cache_dir needs a fixed-view schedule: set "
+            "config.data.crop_scale=(1.0, 1.0) and config.data.hflip=False")
 
 
 # ----------------------------------------------------------------------------- data
@@ -97,7 +168,12 @@ def client_sources(config) -> list:
   """The training clients: phantom, folder or manifest sources, with SMAT partners, pooled
   into one client when config.data.pool_clients (centralized training)."""
   d = config.data
-  if d.source == "phantom":
+  if d.source == "phantom" and d.get("phantom_organs"):
+    # One client per organ (e.g. the transfer study's single-organ pretraining).
+    clients = [sources_lib.PhantomSource(organ, organ, sources_lib.ORGAN_PROBE[organ],
+                                         d.phantom_min_images, d.phantom_image_size, config.seed)
+               for organ in (o.strip() for o in d.phantom_organs.split(",")) if organ]
+  elif d.source == "phantom":
     clients = sources_lib.default_client_sources(
         scale=d.phantom_scale, image_size=d.phantom_image_size, seed=config.seed,
         num_clients=d.num_clients, min_images=d.phantom_min_images)
@@ -143,23 +219,82 @@ def mim_views(images, mask_key, corrupt_key, config):
   return clean, encoder_input, mask
 
 
-def make_loss_fn(graphdef, config):
-  """loss_fn(params, images uint8 [B, S, S, 3], key) -> (loss, None), UltraMIM's objective:
-  TGM mask from the clean image's texture, MIC-corrupted encoder input, norm-pix MSE on the
-  masked patches of the clean image."""
-  m = config.model
-  patch = patch_size_of(m)
+def build_teacher(config, seed_key):
+  """(graphdef, pure-dict params) of the frozen teacher: config.teacher.file, else a randomly
+  initialised one from the seed (with a warning: its targets carry no pretrained knowledge)."""
+  t = config.teacher
+  width, depth, heads, patch = teacher_dims(t)
+  make = lambda key: teacher_lib.Teacher(
+      width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=t.image_size,
+      embed_dim=t.embed_dim, dtype=DTYPES[t.dtype], rngs=nnx.Rngs(key))
+  if t.file:
+    abstract = nnx.eval_shape(lambda: make(0))
+    graphdef, _ = nnx.split(abstract, nnx.Param)
+    return graphdef, open_clip.load_teacher(t.file, abstract)
+  logging.warning(
+      "config.teacher.file is empty: the teacher is a RANDOMLY INITIALISED %d-block, %d-wide "
+      "ViT (patch %d, %d px), not BiomedCLIP. Its targets carry no pretrained knowledge; set "
+      "config.teacher.file to a BiomedCLIP (open_clip) or timm ViT file for real URFM.",
+      depth, width, patch, t.image_size)
+  graphdef, params = nnx.split(make(jax.random.fold_in(seed_key, TEACHER_SEED_SALT)), nnx.Param)
+  return graphdef, nnx.to_pure_dict(params)
 
-  def loss_fn(params, images, key):
+
+def teacher_targets(teacher_graphdef, teacher_params, clean, config):
+  """clean: [B, S, S, 3] in [0, 1] -> stop-gradient teacher tokens [B, N, D] on the student grid."""
+  t = config.teacher
+  return teacher_lib.targets(
+      nnx.merge(teacher_graphdef, teacher_params), clean,
+      student_grid=config.model.image_size // patch_size_of(config.model), block=t.block,
+      final_norm=t.final_norm, project=t.project, align=t.align)
+
+
+def make_loss_fn(graphdef, config, teacher_graphdef=None, teacher_params=None):
+  """loss_fn(params, batch, key) -> (loss, None). UltraMIM's views of the batch's images (TGM
+  mask from the clean image's texture, MIC-corrupted encoder input); then either norm-pix MSE
+  on the masked patches of the clean image, or (config.target='teacher') the feature loss to
+  the teacher's tokens of the clean image. batch: images uint8 [B, S, S, 3], or with a teacher
+  cache {'images': ..., 'teacher': [B, N, D]}."""
+  m, t = config.model, config.get("teacher")
+  patch = patch_size_of(m)
+  feature_target = config.get("target", "pixels") == "teacher"
+
+  def loss_fn(params, batch, key):
     model = nnx.merge(graphdef, params)
+    images = batch["images"] if isinstance(batch, dict) else batch
     k_mask, k_mic, k_drop = jax.random.split(key, 3)
     clean, encoder_input, mask = mim_views(images, k_mask, k_mic, config)
     pred = model(mae.normalize(encoder_input), mask,
                  key=k_drop if m.drop_path_rate > 0 else None)
-    loss, _ = mae.mae_loss(pred, mae.normalize(clean), mask, patch, m.norm_pix_loss)
+    if not feature_target:
+      loss, _ = mae.mae_loss(pred, mae.normalize(clean), mask, patch, m.norm_pix_loss)
+      return loss, None
+    if isinstance(batch, dict):
+      target = jax.lax.stop_gradient(batch["teacher"].astype(jnp.float32))
+    else:
+      target = teacher_targets(teacher_graphdef, teacher_params, clean, config)
+    loss, _ = mae.feature_loss(pred, target, mask, norm=t.norm, loss=t.loss,
+                               smooth_l1_beta=t.smooth_l1_beta)
     return loss, None
 
   return loss_fn
+
+
+def make_feature_preview_fn(graphdef, teacher_graphdef, config):
+  """(teacher params, params, images uint8, key) -> clean, encoder input, mask, per-patch
+  cosine similarity [B, N] of prediction and normalised teacher target."""
+  t = config.teacher
+
+  def preview(teacher_params, params, images, key):
+    model = nnx.merge(graphdef, params)
+    clean, encoder_input, mask = mim_views(images, *jax.random.split(key), config)
+    pred = model(mae.normalize(encoder_input), mask)
+    target = teacher_targets(teacher_graphdef, teacher_params, clean, config)
+    unit = lambda x: mae.normalize_features(x, "l2")
+    target = mae.normalize_features(target, t.norm)
+    return clean, encoder_input, mask, jnp.sum(unit(pred) * unit(target), axis=-1)
+
+  return preview
 
 
 def make_preview_fn(graphdef, config):
@@ -197,7 +332,11 @@ class Programs:
   optimizer states a leading [C] axis; both are sharded over the mesh's 'clients' axis.
   """
 
-  def __init__(self, config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes):
+  def __init__(self, config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes,
+               teacher=None, cached=False):
+    """teacher: (graphdef, pure-dict params) of the frozen teacher for config.target='teacher'
+    (its params become a replicated, non-donated input of the chunk); cached: batches are
+    {'images', 'teacher'} dicts from a teacher cache."""
     rules = [tuple(r) for r in config.sharding_rules]
     stacked = lambda n: jax.eval_shape(
         functools.partial(aggregate.broadcast, num_clients=n), abstract_params)
@@ -233,14 +372,29 @@ class Programs:
         optimizer.warmup_cosine, peak_lr=optimizer.peak_lr(o, config.data.batch_size),
         min_lr=o.min_lr, warmup=o.warmup_rounds, total=config.fed.num_rounds)
     self.batch_sharding = sharding.batch_sharding(mesh, 6)
+    if cached:
+      self.batch_sharding = dict(images=self.batch_sharding,
+                                 teacher=sharding.batch_sharding(mesh, 5))
     plan_sharding = rounds.RoundPlan(*[self.vector] * 4)
+    # Frozen inputs: the teacher's params (an empty dict for pixel targets), replicated.
+    teacher_graphdef, teacher_params = teacher or (None, {})
+    self.frozen = jax.tree.map(lambda x: _put(x, rep), teacher_params)
+
+    def chunk(frozen, *args):
+      loss_fn = make_loss_fn(graphdef, config, teacher_graphdef, frozen)
+      return rounds.make_chunk(loss_fn, tx, self.lr_fn)(*args)
+
     self.chunk = jax.jit(
-        rounds.make_chunk(make_loss_fn(graphdef, config), tx, self.lr_fn),
-        in_shardings=(self.server_sharding, self.state_sharding, self.batch_sharding,
-                      plan_sharding, rep, rep, rep, rep),
-        out_shardings=(self.state_sharding, self.vector), donate_argnums=(1,))
+        chunk, in_shardings=(rep, self.server_sharding, self.state_sharding,
+                             self.batch_sharding, plan_sharding, rep, rep, rep, rep),
+        out_shardings=(self.state_sharding, self.vector), donate_argnums=(2,))
     # Replicated output: process 0 writes the PNG even when params are sharded across hosts.
-    self.preview = jax.jit(make_preview_fn(graphdef, config), out_shardings=rep)
+    if teacher is None:
+      self.preview = jax.jit(make_preview_fn(graphdef, config), out_shardings=rep)
+    else:
+      self.preview = functools.partial(jax.jit(
+          make_feature_preview_fn(graphdef, teacher_graphdef, config), out_shardings=rep),
+          self.frozen)
     self._compiled_chunk = None
     self.chunk_flops = None
 
@@ -248,20 +402,61 @@ class Programs:
     """Compiles on first use (keeping XLA's FLOP count for MFU), then runs asynchronously."""
     if self._compiled_chunk is None:
       t0 = time.perf_counter()
-      self._compiled_chunk = self.chunk.lower(*args).compile()
+      self._compiled_chunk = self.chunk.lower(self.frozen, *args).compile()
       flops = perf.compiled_flops(self._compiled_chunk)
       # XLA's cost analysis counts a scan's body once; the chunk runs it K times.
-      self.chunk_flops = flops * args[2].shape[1] if flops else None
+      steps = jax.tree.leaves(args[2])[0].shape[1]
+      self.chunk_flops = flops * steps if flops else None
       logging.info("Compiled the round chunk in %.1f s (%s GFLOP per call per device).",
                    time.perf_counter() - t0,
                    f"{self.chunk_flops / 1e9:.1f}" if self.chunk_flops else "?")
-    return self._compiled_chunk(*args)
+    return self._compiled_chunk(self.frozen, *args)
 
 
 def _put(array, sharding_):
   """A global jax.Array holding the same host value on every process."""
   array = np.asarray(array)
   return jax.make_array_from_callback(array.shape, sharding_, lambda index: array[index])
+
+
+def _global_batch(local, shardings):
+  """This process's batch (an array, or a dict of arrays for cached targets) -> global arrays."""
+  return jax.tree.map(sharding.global_batch, local, shardings)
+
+
+def cache_meta(config, clients, teacher_params) -> dict:
+  """What cached targets depend on; a cache built for anything else is refused."""
+  t = config.teacher
+  fingerprint = float(sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(teacher_params)))
+  return dict(teacher={k: v for k, v in t.to_dict().items()
+                       if k not in ("cache_dir", "norm", "loss", "smooth_l1_beta")},
+              teacher_param_sum=fingerprint, image_size=config.model.image_size,
+              student_grid=config.model.image_size // patch_size_of(config.model),
+              clients=[[c.name, len(c)] for c in clients], data=config.data.to_dict(),
+              smat=config.ultramim.smat, seed=config.seed)
+
+
+def _teacher_data(config, clients, teacher):
+  """Opens (building on first use, by process 0) the teacher cache; returns CachedBatches."""
+  t = config.teacher
+  directory = pathlib.Path(t.cache_dir)
+  meta = cache_meta(config, clients, teacher[1])
+  if not directory.exists() and jax.process_index() == 0:
+    targets = jax.jit(lambda params, images: teacher_targets(
+        teacher[0], params, images.astype(jnp.float32) / 255.0, config))
+    t0 = time.perf_counter()
+    teacher_cache.build(directory, clients, config.model.image_size,
+                        functools.partial(targets, teacher[1]), meta, dtype=t.cache_dtype)
+    logging.info("Built the teacher cache %s in %.1f s.", directory, time.perf_counter() - t0)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("teacher cache")
+  teacher_cache.check_meta(directory, meta)
+  logging.info("Teacher targets from the cache %s (fixed views).", directory)
+  return teacher_cache.CachedBatches(
+      directory, [c.name for c in clients], config.data.batch_size, seed=config.seed,
+      num_threads=config.data.num_threads, process_index=jax.process_index(),
+      process_count=jax.process_count())
 
 
 def _resume_or_init(config, ckpt, programs, data, seed_key):
@@ -311,10 +506,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
                   f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
                   f"({mesh.shape['data']} devices)")
   image_size = config.model.image_size
-  data = pipeline.ClientBatches(
-      clients, batch, image_size, seed=config.seed, crop_scale=tuple(config.data.crop_scale),
-      hflip=config.data.hflip, num_threads=config.data.num_threads,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  seed_key = jax.random.key(config.seed)
+  teacher, cached = None, False
+  if config.target == "teacher":
+    teacher = build_teacher(config, seed_key)
+    cached = bool(config.teacher.cache_dir)
+    logging.info("Feature targets: teacher block %s%s, %s-normalised, %s loss, %s alignment, %s.",
+                 config.teacher.block or "last", " + final norm" * config.teacher.final_norm,
+                 config.teacher.norm, config.teacher.loss, config.teacher.align,
+                 "cached" if cached else "computed in the step")
+  if cached:
+    data = _teacher_data(config, clients, teacher)
+  else:
+    data = pipeline.ClientBatches(
+        clients, batch, image_size, seed=config.seed, crop_scale=tuple(config.data.crop_scale),
+        hflip=config.data.hflip, num_threads=config.data.num_threads,
+        process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_round = data.steps_per_epoch * config.fed.local_epochs
   num_lanes = config.fed.lanes or rounds.auto_lanes(steps_per_round, mesh.shape["clients"])
   configlib.check(num_lanes % mesh.shape["clients"] == 0,
@@ -334,14 +541,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
                num_clients, num_lanes, plan.client_ids.shape[1],
                100 * (plan.client_ids >= 0).mean())
 
-  seed_key = jax.random.key(config.seed)
   with jax.set_mesh(mesh):
     model_key, train_key, preview_key = jax.random.split(seed_key, 3)
     abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     abstract_params = nnx.to_pure_dict(abstract_params)
     tx = optimizer.adamw(config.optim, abstract_params)
-    programs = Programs(config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes)
+    programs = Programs(config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes,
+                        teacher=teacher, cached=cached)
 
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
     params, opt_state, start = _resume_or_init(config, ckpt, programs, data, model_key)
@@ -374,7 +581,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
       losses = []
       for p, p_dev in zip(chunk_plans, chunk_plans_dev):
         # Loading the next chunk overlaps with the device still running the previous one.
-        images = sharding.global_batch(data.next_batches(p.client_ids), programs.batch_sharding)
+        images = _global_batch(data.next_batches(p.client_ids), programs.batch_sharding)
         state, chunk_losses = programs.run_chunk(params, state, images, p_dev, steps_dev,
                                                  weights_dev, round_index, round_key)
         losses.append(chunk_losses)
@@ -404,10 +611,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
       if done % config.image_every_rounds == 0 or done == config.fed.num_rounds:
         shown = programs.preview(params, preview, preview_key)
         if jax.process_index() == 0:
-          reconstruction.save_grid(
-              workdir / "images" / f"round_{done:05d}.png",
-              *[np.asarray(x) for x in jax.device_get(shown)],
-              patch_size=patch_size_of(config.model), title=f"round {done}, loss {loss:.4f}")
+          save = reconstruction.save_grid if teacher is None else feature_viz.save_similarity_grid
+          save(workdir / "images" / f"round_{done:05d}.png",
+               *[np.asarray(x) for x in jax.device_get(shown)],
+               patch_size=patch_size_of(config.model), title=f"round {done}, loss {loss:.4f}")
       if done % config.ckpt_every_rounds == 0 or done == config.fed.num_rounds:
         ckpt.save(done, params, dict(opt=opt_state), data, dict(meta, round=done))
     writer.flush()
