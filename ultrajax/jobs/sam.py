@@ -1,0 +1,565 @@
+"""UltraSam: full fine-tuning of SAM on ultrasound instances with simulated prompts (seed 003).
+
+The script, in order:
+  1. check the config; build the mesh and the train / test instance sets (phantom organs and
+     lesions, or COCO files), with the zero-shot split when asked (train without the target
+     categories, evaluate on them only);
+  2. build SAM and AdamW (linear warmup, step decay, global-norm clipping);
+  3. resume: own workdir checkpoint -> config.init_from (segment_anything file or ultrajax
+     checkpoint) -> scratch;
+  4. evaluate the starting model (step 0: untrained or init_from), then train: per step a
+     batch that depends only on (seed, step), prompts drawn from key(seed, step), one compiled
+     step (encoder, prompts, two decoder passes with refinement, focal:dice:IoU loss);
+  5. evaluate (centroid point and exact box, with and without refinement: COCO mask mAP and
+     mAP@50 with predicted IoU as the score), draw a PNG, checkpoint; a final save at the end;
+  6. prompted classification (paper section 2.3) against plain classification from the same
+     frozen encoder, AUROC with bootstrap CIs (config.classification.enabled).
+Instances are padded per image to data.max_instances with a validity mask, so neither step
+nor evaluation ever recompiles.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import logging  # noqa: E402
+from clu import parameter_overview, periodic_actions  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from ultrajax import configlib  # noqa: E402
+from ultrajax.data import instances  # noqa: E402
+from ultrajax.eval import coco_eval, metrics  # noqa: E402
+from ultrajax.interop import files, sam as sam_interop  # noqa: E402
+from ultrajax.models import sam as sam_lib  # noqa: E402
+from ultrajax.train import checkpoint, sam_objectives as so, sharding, writers  # noqa: E402
+
+DTYPES = ("float32", "bfloat16")
+EVAL_PROMPTS = {"point": so.centroid_prompts, "box": so.box_prompts}
+NUM_PREVIEW = 4
+
+
+# ----------------------------------------------------------------------------- config
+def validate(config) -> None:
+  """Fails at start-up naming the first field whose value cannot work."""
+  c = configlib
+  c.check_choice(config, "model.variant", ("", *sam_lib.VARIANTS))
+  c.check_choice(config, "model.dtype", DTYPES)
+  c.check_range(config, "model.image_size", 16)
+  c.check_choice(config, "data.source", ("phantom", "coco"))
+  for name in ("max_instances", "batch_size", "phantom_train_images", "phantom_test_images",
+               "phantom_image_size"):
+    c.check_range(config, f"data.{name}", 1)
+  c.check_range(config, "prompts.p_box", 0.0, 1.0)
+  c.check_range(config, "prompts.max_jitter", 0.0, 0.5)
+  c.check_choice(config, "loss.iou_loss", so.IOU_LOSSES)
+  for name in ("focal", "dice", "iou"):
+    c.check_range(config, f"loss.{name}", 0.0)
+  c.check_range(config, "optim.lr", 0.0, low_inclusive=False)
+  c.check_range(config, "optim.grad_clip_norm", 0.0)
+  c.check_range(config, "optim.warmup_steps", 0)
+  c.check_range(config, "optim.warmup_start_factor", 0.0, 1.0)
+  c.check_range(config, "num_steps", 0)
+  for p in config.eval.prompts:
+    c.check(p in EVAL_PROMPTS, f"config.eval.prompts has {p!r}; choose from {tuple(EVAL_PROMPTS)}")
+  c.check(len(config.eval.prompts) > 0, "config.eval.prompts is empty")
+  c.check_range(config, "eval.batch_size", 1)
+  c.check_range(config, "eval.every_steps", 1)
+  c.check_choice(config, "classification.prompt", tuple(EVAL_PROMPTS))
+  for name in ("log_every_steps", "ckpt_every_steps", "keep_checkpoints"):
+    c.check_range(config, name, 1)
+  steps = list(config.optim.decay_at_steps)
+  c.check(steps == sorted(steps), f"config.optim.decay_at_steps={tuple(steps)} is not increasing")
+  if config.data.source == "coco":
+    c.check(bool(config.data.train_json) and bool(config.data.test_json),
+            "config.data.train_json and config.data.test_json must name COCO files when "
+            "data.source='coco'")
+  if config.classification.enabled:
+    c.check(config.data.source == "phantom" or bool(config.data.test_json),
+            "classification needs instance classes: the phantom or COCO `class_label`s")
+
+
+def sam_overrides(model_config) -> tuple[str, dict]:
+  """config.model -> (sam variant, SamConfig overrides)."""
+  m = model_config
+  if m.variant:
+    return m.variant, dict(image_size=m.image_size, patch_size=m.patch_size,
+                           window_size=m.window_size)
+  return "vit_b", dict(
+      image_size=m.image_size, patch_size=m.patch_size, width=m.encoder_width,
+      depth=m.encoder_depth, num_heads=m.encoder_heads,
+      global_attn_indexes=tuple(m.global_attn_indexes), window_size=m.window_size,
+      prompt_dim=m.prompt_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+      decoder_mlp_dim=m.decoder_mlp_dim, iou_head_hidden=m.prompt_dim)
+
+
+def build_model(config, rngs: nnx.Rngs, **extra) -> sam_lib.Sam:
+  variant, overrides = sam_overrides(config.model)
+  try:
+    return sam_lib.build_sam(variant, rngs=rngs, dtype=jnp.dtype(config.model.dtype),
+                             **overrides, **extra)
+  except ValueError as e:
+    raise configlib.ConfigError(f"config.model: {e}") from None
+
+
+# ----------------------------------------------------------------------------- data
+def datasets(config):
+  """(train, test) InstanceDatasets; the zero-shot categories leave training for the test."""
+  d = config.data
+  if d.source == "phantom":
+    train = instances.PhantomInstances("sam_train", d.phantom_train_images, d.phantom_image_size,
+                                       config.seed)
+    test = instances.PhantomInstances("sam_test", d.phantom_test_images, d.phantom_image_size,
+                                      config.seed)
+  else:
+    root = d.image_root or None
+    train, test = instances.CocoInstances(d.train_json, root), instances.CocoInstances(d.test_json, root)
+  zero_shot = tuple(d.zero_shot_categories)
+  size, m = config.model.image_size, d.max_instances
+  return (instances.InstanceDataset(train, size, m, drop_categories=zero_shot),
+          instances.InstanceDataset(test, size, m, keep_categories=zero_shot))
+
+
+# ----------------------------------------------------------------------------- model pieces
+def _encode_prompts(model: sam_lib.Sam, prompts: so.Prompts, mask_logits):
+  """Two-slot prompts [N, 2, 2] (+ low-res mask logits [N, s, s]) -> sparse [N, 2, C], dense
+  [N, g, g, C]. No extra padding point: UltraSam's point prompt already carries its pad."""
+  pe = model.prompt_encoder
+  sparse = pe.embed_points(prompts.coords, prompts.labels)
+  if mask_logits is None:
+    n = prompts.coords.shape[0]
+    dense = jnp.broadcast_to(pe.no_mask[...].reshape(1, 1, 1, -1), (n, pe.grid, pe.grid, pe.dim))
+  else:
+    dense = pe.embed_masks(mask_logits)
+  return sparse, dense
+
+
+def make_decoder(model: sam_lib.Sam, embeddings, num_per_image: int):
+  """decode(prompts [B*M], mask logits [B*M, s, s] | None) -> DecoderOutput, each instance
+  decoded against its own image's embedding.  embeddings: [B, g, g, C]."""
+  image = jnp.repeat(embeddings, num_per_image, axis=0)
+
+  def decode(prompts, mask_logits):
+    sparse, dense = _encode_prompts(model, prompts, mask_logits)
+    out = model.decode(image, sparse, dense)
+    return so.DecoderOutput(out.masks, out.iou)
+
+  return decode
+
+
+def _flat(x):
+  """[B, M, ...] -> [B * M, ...]."""
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def make_train_step(graphdef, tx, config):
+  """(params, opt_state, batch, key) -> (params, opt_state, metrics): one optimizer step."""
+  s = sam_config_of(config).low_res_size
+  weights = (config.loss.focal, config.loss.dice, config.loss.iou)
+  prompt_fn = functools.partial(so.training_prompts, p_box=config.prompts.p_box,
+                                max_jitter=config.prompts.max_jitter)
+
+  def loss_fn(params, batch, key):
+    model = nnx.merge(graphdef, params)
+    images = sam_lib.preprocess(batch["image"], config.model.image_size)
+    embeddings = model.encode_image(images)
+    masks = batch["masks"]
+    prompts = so.prompts_for_batch(prompt_fn, key, masks > 0)
+    targets = so.low_res_targets(masks, s)
+    decode = make_decoder(model, embeddings, masks.shape[1])
+    return so.sam_loss(decode, so.Prompts(_flat(prompts.coords), _flat(prompts.labels)),
+                       _flat(targets), _flat(batch["valid"]), refine=config.loss.refine,
+                       weights=weights, iou_loss=config.loss.iou_loss)
+
+  def step(params, opt_state, batch, key):
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    out["grad_norm"] = optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, out
+
+  return step
+
+
+def sam_config_of(config) -> sam_lib.SamConfig:
+  variant, overrides = sam_overrides(config.model)
+  return sam_lib.sam_config(variant, **overrides)
+
+
+def make_predict(graphdef, config):
+  """(params, images uint8 [B,S,S,3], masks [B,M,S,S]) -> {name: (logits [B,M,s,s], score
+  [B,M])} for every evaluation prompt x refinement setting, sharing one image encoding."""
+  settings = [(p, r) for p in config.eval.prompts for r in config.eval.refine]
+
+  def predict(params, images, masks):
+    model = nnx.merge(graphdef, params)
+    embeddings = model.encode_image(sam_lib.preprocess(images, config.model.image_size))
+    decode = make_decoder(model, embeddings, masks.shape[1])
+    b, m = masks.shape[:2]
+    out = {}
+    for prompt, refine in settings:
+      prompts = so.prompts_for_batch(EVAL_PROMPTS[prompt], None, masks > 0)
+      logits, score = so.predict_masks(
+          decode, so.Prompts(_flat(prompts.coords), _flat(prompts.labels)), refine=refine)
+      out[setting_name(prompt, refine)] = (logits.reshape((b, m) + logits.shape[1:]),
+                                           score.reshape(b, m))
+    return out
+
+  return predict
+
+
+def setting_name(prompt: str, refine: bool) -> str:
+  return f"{prompt}_refined" if refine else prompt
+
+
+def lr_schedule(o):
+  """mmdet's LinearLR warmup (from lr * start_factor) then MultiStepLR (x decay_factor)."""
+  milestones = jnp.asarray(list(o.decay_at_steps) or [np.iinfo(np.int32).max], jnp.int32)
+
+  def schedule(step):
+    warm = o.warmup_start_factor + (1 - o.warmup_start_factor) * jnp.minimum(
+        step / max(o.warmup_steps, 1), 1.0)
+    decays = (step >= milestones).sum() if o.decay_at_steps else 0
+    return o.lr * warm * o.decay_factor ** decays
+
+  return schedule
+
+
+def make_optimizer(config, params) -> optax.GradientTransformation:
+  """AdamW with clipping; SAM's fixed Fourier matrix gets neither updates nor decay."""
+  o = config.optim
+  trainable = sam_lib.trainable_mask(params)
+  steps = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+  steps.append(optax.adamw(lr_schedule(o), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                           mask=trainable))
+  steps.append(optax.masked(optax.set_to_zero(),
+                            jax.tree.map(lambda t: not t, trainable)))
+  return optax.chain(*steps)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(predict_fn, params, dataset, config, batch_sharding) -> tuple[dict, dict]:
+  """COCO mask mAP / mAP@50 per setting on `dataset`, and the first images' predictions."""
+  size, m, bsz = config.model.image_size, config.data.max_instances, config.eval.batch_size
+  count = len(dataset) if not config.eval.max_images else min(len(dataset), config.eval.max_images)
+  gts, preds = [], {}
+  shown = None
+  for start in range(0, count, bsz):
+    idx = list(range(start, min(start + bsz, count)))
+    batch = dataset.batch(idx + [idx[0]] * (bsz - len(idx)))  # static batch: pad with a repeat
+    out = jax.device_get(predict_fn(params, _put(batch["image"], batch_sharding),
+                                    _put(batch["masks"], batch_sharding)))
+    for j, i in enumerate(idx):
+      record = dataset.record(i)
+      valid = batch["valid"][j]
+      n = min(len(record["masks"]), m)
+      keep = valid[:n]
+      gts.append(record["masks"][:n][keep])
+      for name, (logits, score) in out.items():
+        masks = coco_eval.logits_to_masks(logits[j, :n][keep], size, batch["hw"][j],
+                                          record["masks"].shape[1:])
+        preds.setdefault(name, []).append((masks, score[j, :n][keep]))
+    if shown is None:
+      shown = dict(image=batch["image"][:NUM_PREVIEW], masks=batch["masks"][:NUM_PREVIEW],
+                   valid=batch["valid"][:NUM_PREVIEW],
+                   **{k: v[0][:NUM_PREVIEW] for k, v in out.items()})
+  results = {}
+  for name, pairs in preds.items():
+    r = coco_eval.mask_map(gts, [p for p, _ in pairs], [s for _, s in pairs])
+    results[f"{name}/mAP"], results[f"{name}/mAP50"] = r["mAP"], r["mAP50"]
+  return results, shown
+
+
+def save_preview(path: pathlib.Path, shown: dict, title: str) -> None:
+  """Rows: test images with ground truth (green) and each setting's predicted masks (red)."""
+  names = [k for k in shown if k not in ("image", "masks", "valid")]
+  rows = len(shown["image"])
+  fig, axes = plt.subplots(rows, 1 + len(names), figsize=(2.2 * (1 + len(names)), 2.2 * rows),
+                           squeeze=False)
+  size = shown["image"].shape[1]
+  for r in range(rows):
+    image = shown["image"][r]
+    for c, name in enumerate(["ground truth"] + names):
+      ax = axes[r, c]
+      ax.imshow(image, cmap="gray")
+      for k in np.nonzero(shown["valid"][r])[0]:
+        if c == 0:
+          mask = shown["masks"][r, k]
+        else:
+          logits = shown[name][r, k]
+          mask = np.asarray(jax.image.resize(logits, (size, size), "linear")) > 0
+        ax.contour(mask, levels=[0.5], colors=["lime" if c == 0 else "red"], linewidths=0.8)
+      ax.set_axis_off()
+      if r == 0:
+        ax.set_title(name, fontsize=8)
+  fig.suptitle(title, fontsize=9)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=80, bbox_inches="tight")
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- classification
+class PromptedClassifier(nnx.Module):
+  """Paper section 2.3, with the encoder frozen: a classification token decoded jointly with
+  the prompt tokens and the image tokens by SAM's two-way decoder (initialised from UltraSam),
+  its output concatenated with the pooled image embedding z_g, then a linear layer.
+
+  The paper's second, trainable image encoder E_g (whose tokens are added to the frozen
+  encoder's) is the same frozen encoder here, so the comparison with a linear head on z_g
+  isolates what decoding the prompt adds.
+  """
+
+  def __init__(self, sam: sam_lib.Sam, num_classes: int, rngs: nnx.Rngs):
+    dim = sam.config.prompt_dim
+    self.prompt_encoder = sam.prompt_encoder
+    self.mask_decoder = sam.mask_decoder
+    self.head = nnx.Linear(2 * dim, num_classes, rngs=rngs)
+
+  def __call__(self, embeddings, prompts: so.Prompts):
+    """embeddings: [N, g, g, C] (frozen encoder); prompts [N, 2, 2] -> logits [N, classes]."""
+    pe = self.prompt_encoder
+    sparse = pe.embed_points(prompts.coords, prompts.labels)
+    n = sparse.shape[0]
+    dense = jnp.broadcast_to(pe.no_mask[...].reshape(1, 1, 1, -1), (n, pe.grid, pe.grid, pe.dim))
+    out = self.mask_decoder(embeddings, pe.dense_pe(), sparse, dense)
+    pooled = embeddings.mean((1, 2))
+    return self.head(jnp.concatenate([out.cls_tokens[:, 0], pooled], axis=-1))
+
+
+def _class_data(config, name: str, num_images: int):
+  """Phantom images with one instance of the classification category: images, masks, labels."""
+  cat = config.classification.category
+  source = instances.PhantomInstances(name, num_images, config.data.phantom_image_size, config.seed)
+  ds = instances.InstanceDataset(source, config.model.image_size, 1, keep_categories=(cat,))
+  batch = ds.batch(range(len(ds)))
+  keep = batch["valid"][:, 0] & (batch["classes"][:, 0] > 0)
+  return batch["image"][keep], batch["masks"][keep, 0], batch["classes"][keep, 0] - 1
+
+
+def run_classification(config, graphdef, params, workdir: pathlib.Path, writer, step: int) -> dict:
+  """Prompted vs plain benign/malignant classification from the frozen UltraSam encoder."""
+  cc = config.classification
+  train = _class_data(config, "cls_train", cc.train_images)
+  test = _class_data(config, "cls_test", cc.test_images)
+  logging.info("Classification: %d train / %d test lesions (malignant %d / %d).", len(train[2]),
+               len(test[2]), train[2].sum(), test[2].sum())
+
+  encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(
+      sam_lib.preprocess(x, config.model.image_size)))
+  def embed(images):
+    return np.concatenate([np.asarray(encode(params, images[i:i + cc.batch_size]))
+                           for i in range(0, len(images), cc.batch_size)])
+  emb_train, emb_test = embed(train[0]), embed(test[0])
+
+  sam_with_cls = build_model(config, nnx.Rngs(config.seed), num_cls_tokens=1)
+  state = nnx.state(sam_with_cls, nnx.Param)
+  trained = nnx.to_pure_dict(state)
+  trained["prompt_encoder"], cls_tokens = params["prompt_encoder"], trained["mask_decoder"]["cls_tokens"]
+  trained["mask_decoder"] = dict(params["mask_decoder"], cls_tokens=cls_tokens)
+  nnx.replace_by_pure_dict(state, trained)
+  nnx.update(sam_with_cls, state)
+  rngs = nnx.Rngs(config.seed + 1)
+  models = dict(prompted=PromptedClassifier(sam_with_cls, 2, rngs),
+                plain=nnx.Linear(config.model.prompt_dim, 2, rngs=rngs))
+  prompt_eval = EVAL_PROMPTS[cc.prompt]
+  prompt_fn = functools.partial(so.training_prompts, p_box=config.prompts.p_box,
+                                max_jitter=config.prompts.max_jitter)
+
+  def logits_of(name, model, emb, masks, key):
+    if name == "plain":
+      return model(emb.mean((1, 2)))
+    prompts = prompt_fn(key, masks > 0) if key is not None else prompt_eval(masks > 0)
+    return model(emb, prompts)
+
+  results, test_scores = {}, {}
+  for k, (name, model) in enumerate(models.items()):
+    g, p = nnx.split(model, nnx.Param)
+    p = nnx.to_pure_dict(p)
+    tx = optax.adamw(cc.lr, weight_decay=cc.weight_decay)
+    opt = tx.init(p)
+
+    @jax.jit
+    def train_step(p, opt, emb, masks, labels, key, g=g, name=name, tx=tx):
+      def loss(p):
+        logits = logits_of(name, nnx.merge(g, p), emb, masks, key)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      value, grads = jax.value_and_grad(loss)(p)
+      updates, opt = tx.update(grads, opt, p)
+      return optax.apply_updates(p, updates), opt, value
+
+    @jax.jit
+    def scores(p, emb, masks, g=g, name=name):
+      return jax.nn.softmax(logits_of(name, nnx.merge(g, p), emb, masks, None))[:, 1]
+
+    rng = np.random.default_rng([config.seed, step, k])
+    key = jax.random.fold_in(jax.random.key(config.seed), k)
+    n = len(train[2])
+    for i in range(cc.num_steps):
+      rows = rng.integers(0, n, cc.batch_size)
+      p, opt, value = train_step(p, opt, emb_train[rows], train[1][rows], train[2][rows],
+                                 jax.random.fold_in(key, i))
+    s = np.concatenate([np.asarray(scores(p, emb_test[i:i + cc.batch_size],
+                                          test[1][i:i + cc.batch_size]))
+                        for i in range(0, len(test[2]), cc.batch_size)])
+    test_scores[name] = s
+    auc, low, high = metrics.bootstrap_ci(metrics.auroc, test[2], s,
+                                          num_samples=cc.bootstrap_samples, seed=config.seed)
+    results.update({f"cls/{name}/auroc": auc, f"cls/{name}/auroc_low": low,
+                    f"cls/{name}/auroc_high": high, f"cls/{name}/final_train_loss": float(value)})
+    logging.info("Classification %-8s AUROC %.3f (95%% CI %.3f-%.3f), last train loss %.3f",
+                 name, auc, low, high, float(value))
+  writer.write_scalars(step, results)
+  if jax.process_index() == 0:
+    save_roc(workdir / "classification_roc.png", test[2], test_scores, results)
+  return results
+
+
+def save_roc(path: pathlib.Path, labels, scores: dict, results: dict) -> None:
+  """ROC curves of the classifiers on the test lesions (malignant = positive)."""
+  from sklearn.metrics import roc_curve
+  fig, ax = plt.subplots(figsize=(3.6, 3.6))
+  for name, s in scores.items():
+    if len(set(labels.tolist())) == 2:
+      fpr, tpr, _ = roc_curve(labels, s)
+      ax.plot(fpr, tpr, label=f"{name} AUROC {results[f'cls/{name}/auroc']:.3f}")
+  ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.legend(fontsize=7, loc="lower right")
+  ax.set_title("benign vs malignant lesions", fontsize=9)
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- run
+def _put(array, sharding_):
+  """A global jax.Array with the same host value on every process, split by `sharding_`."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding_, lambda index: array[index])
+
+
+def _load_init(config, model_template, params):
+  """params replaced by config.init_from: a segment_anything file or an ultrajax checkpoint."""
+  path = pathlib.Path(config.init_from)
+  if not path.exists():
+    raise FileNotFoundError(f"config.init_from={config.init_from!r}: nothing there (expected a "
+                            "segment_anything .pth/.safetensors file or an ultrajax workdir)")
+  if path.is_dir():
+    return checkpoint.load_params(path, params)
+  state_dict = files.load_state_dict(path)
+  try:
+    loaded = sam_interop.sam_from_torch(state_dict, model_template)
+  except ValueError as e:
+    raise ValueError(f"config.init_from={config.init_from!r}: {e}") from None
+  return jax.tree.map(lambda a, like: jax.device_put(jnp.asarray(a, like.dtype), like.sharding),
+                      loaded, params)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None):
+  """Trains to config.num_steps, resuming from workdir. Returns (params, eval results).
+
+  stop_after_steps: return after that step as if killed there (tests of resuming).
+  """
+  validate(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(1, config.mesh.data)
+  num_data = mesh.shape["data"]
+  for name in ("data.batch_size", "eval.batch_size"):
+    configlib.check(configlib.get_field(config, name) % num_data == 0,
+                    f"config.{name}={configlib.get_field(config, name)} is not divisible by the "
+                    f"mesh's {num_data} data devices")
+  train_set, test_set = datasets(config)
+  logging.info("Instances: %d training images (%d skipped), %d test images (%d skipped).",
+               len(train_set), train_set.skipped_images, len(test_set), test_set.skipped_images)
+
+  rep = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  model = build_model(config, nnx.Rngs(config.seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = jax.device_put(nnx.to_pure_dict(params), rep)
+  tx = make_optimizer(config, params)
+  train_step = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=(0, 1),
+                       out_shardings=(rep, rep, rep))
+  predict = jax.jit(make_predict(graphdef, config), out_shardings=rep)
+
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  latest = ckpt.latest_round()
+  opt_state = tx.init(params)
+  if latest is not None:
+    abstract = lambda t: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), t)
+    params, train, _ = ckpt.restore(latest, abstract(params), abstract(dict(opt=opt_state)), None)
+    opt_state, start = train["opt"], latest
+    logging.info("Resumed from %s/%d.", ckpt.directory, latest)
+  else:
+    start = 0
+    if config.init_from:
+      params = _load_init(config, model, params)
+      opt_state = tx.init(params)
+      logging.info("Initialised from %s.", config.init_from)
+  del model
+  if jax.process_index() == 0:
+    writers.truncate_jsonl(workdir / "metrics.jsonl", start, key="step")
+  writer = writers.create_writer(workdir)
+  parameter_overview.log_parameter_overview(params)
+  if start == 0:
+    writer.write_hparams({k: str(v) for k, v in config.items() if not hasattr(v, "items")})
+
+  results = {}
+
+  def run_eval(step):
+    t0 = time.perf_counter()
+    res, shown = evaluate(predict, params, test_set, config, batch_sharding)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
+    logging.info("step %d eval (%.1f s): %s", step, time.perf_counter() - t0,
+                 "  ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    if jax.process_index() == 0:
+      save_preview(workdir / "images" / f"step_{step:06d}.png", shown,
+                   f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()
+                                                if k.endswith("/mAP")))
+    return res
+
+  if start == 0:
+    results[0] = run_eval(0)
+  last = config.num_steps if stop_after_steps is None else min(config.num_steps, stop_after_steps)
+  progress = periodic_actions.ReportProgress(num_train_steps=config.num_steps,
+                                             every_steps=config.log_every_steps)
+  schedule = lr_schedule(config.optim)
+  base_key = jax.random.key(config.seed)
+  meta = dict(process_count=jax.process_count(), config=config.to_json_best_effort())
+  t0, done_since = time.perf_counter(), 0
+  for step in range(start, last):
+    batch = train_set.train_batch(step, config.data.batch_size, config.seed, config.data.hflip)
+    batch = {k: _put(batch[k], batch_sharding) for k in ("image", "masks", "valid")}
+    params, opt_state, out = train_step(params, opt_state, batch,
+                                        jax.random.fold_in(base_key, step))
+    done, done_since = step + 1, done_since + 1
+    if done % config.log_every_steps == 0 or done == last:
+      out = {k: float(v) for k, v in jax.device_get(out).items()}
+      seconds = time.perf_counter() - t0
+      out.update(lr=float(schedule(step)), img_per_s=done_since * config.data.batch_size / seconds)
+      writer.write_scalars(done, out)
+      logging.info("step %d/%d  loss %.4f  %.1f img/s", done, config.num_steps, out["loss"],
+                   out["img_per_s"])
+      t0, done_since = time.perf_counter(), 0
+    progress(done)
+    if done % config.eval.every_steps == 0 or done == config.num_steps:
+      results[done] = run_eval(done)
+    if done % config.ckpt_every_steps == 0 or done == config.num_steps:
+      ckpt.save(done, params, dict(opt=opt_state), None, dict(meta, step=done))
+  if last == config.num_steps and config.classification.enabled:
+    results["classification"] = run_classification(config, graphdef, params, workdir, writer,
+                                                   config.num_steps)
+  writer.flush()
+  ckpt.close()
+  return params, results
