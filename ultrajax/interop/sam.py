@@ -35,8 +35,8 @@ from flax import nnx
 from flax import traverse_util
 
 from ultrajax.interop import files
-from ultrajax.interop.timm_vit import (Rule, as_numpy, check_rules_cover, key_problems,
-                                       raise_key_problems)
+from ultrajax.interop.timm_vit import (Rule, as_numpy, check_rules_cover, is_abstract,
+                                       key_problems, raise_key_problems)
 from ultrajax.models import sam as sam_lib
 
 EXTRA_PATHS = (("mask_decoder", "cls_tokens"),)  # ours only, no segment_anything key
@@ -221,7 +221,11 @@ def sam_from_torch(state_dict: Mapping[str, Any], model) -> dict:
                      *key_problems({k: v.shape for k, v in given.items()},
                                    sam_shapes(template)))
   flat = traverse_util.flatten_dict(template)
-  out = {p: np.asarray(flat[p]) for p in flat if p in EXTRA_PATHS}
+  extra = [p for p in flat if p in EXTRA_PATHS]
+  if extra and is_abstract(template):
+    raise ValueError(f"{['/'.join(p) for p in extra]} have no segment_anything key and keep "
+                     "the model's values: pass a concrete model, not an nnx.eval_shape one")
+  out = {p: np.asarray(flat[p]) for p in extra}
   for r in rules:
     out[r.path] = np.array(from_torch_layout(r.layout, given[r.key]),
                            dtype=flat[r.path].dtype, order="C")
@@ -274,16 +278,18 @@ def load_sam(path, *, dtype=None, **overrides):
   shapes (`config_from_state_dict`); overrides replace fields (e.g. decoder_heads for a
   non-standard decoder).
   """
+  import jax
   import jax.numpy as jnp
   path = pathlib.Path(path)
   state_dict = files.load_state_dict(path)
   try:
     config = config_from_state_dict(state_dict, **overrides)
-    model = sam_lib.Sam(config, dtype=dtype or jnp.float32, rngs=nnx.Rngs(0))
-    params = sam_from_torch(state_dict, model)
+    # Abstract: no time goes into a random init that the file overwrites.
+    abstract = nnx.eval_shape(lambda: sam_lib.Sam(config, dtype=dtype or jnp.float32,
+                                                  rngs=nnx.Rngs(0)))
+    params = sam_from_torch(state_dict, abstract)
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from None
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, params)
-  nnx.update(model, state)
-  return model, config
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state), config

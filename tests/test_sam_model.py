@@ -1,0 +1,363 @@
+"""SAM: parity with segment_anything (random weights), interop round trips, the predictor.
+
+One full-size ViT-B at 1024 checks the real architecture once (module fixture); everything
+else runs on a tiny SAM built from segment_anything's own classes, with every parameter
+randomised (SAM zero-initialises its position tables, which would hide bugs there).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+segment_anything = pytest.importorskip("segment_anything")
+from segment_anything import SamPredictor as TorchPredictor  # noqa: E402
+from segment_anything import sam_model_registry  # noqa: E402
+from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder,  # noqa: E402
+                                       Sam as TorchSam, TwoWayTransformer)
+
+from ultrajax.eval import sam_predictor  # noqa: E402
+from ultrajax.interop import files  # noqa: E402
+from ultrajax.interop import sam as sam_interop  # noqa: E402
+from ultrajax.models import sam  # noqa: E402
+
+TINY = dict(image_size=128, width=64, depth=2, num_heads=2, global_attn_indexes=(1,),
+            window_size=3,  # 8 x 8 grid: windows are padded 8 -> 9, as SAM's 64 -> 70
+            prompt_dim=32, mask_in_chans=8, decoder_heads=2, decoder_mlp_dim=64,
+            iou_head_hidden=32)
+
+
+def torch_sam(c: sam.SamConfig) -> TorchSam:
+  g = c.grid
+  return TorchSam(
+      image_encoder=ImageEncoderViT(
+          img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.width, depth=c.depth,
+          num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, out_chans=c.prompt_dim,
+          norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+          window_size=c.window_size, global_attn_indexes=c.global_attn_indexes),
+      prompt_encoder=PromptEncoder(embed_dim=c.prompt_dim, image_embedding_size=(g, g),
+                                   input_image_size=(c.image_size, c.image_size),
+                                   mask_in_chans=c.mask_in_chans),
+      mask_decoder=MaskDecoder(
+          num_multimask_outputs=3, transformer_dim=c.prompt_dim, iou_head_depth=3,
+          iou_head_hidden_dim=c.iou_head_hidden,
+          transformer=TwoWayTransformer(depth=c.decoder_depth, embedding_dim=c.prompt_dim,
+                                        mlp_dim=c.decoder_mlp_dim, num_heads=c.decoder_heads)),
+  ).eval()
+
+
+def randomize(model, names=None, seed=0):
+  """Seeded random values for the named parameters (all when names is None); norm scales
+  stay around 1 so activations keep their size."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if names is None or any(n in name for n in names):
+        noise = torch.randn(p.shape, generator=gen) * (0.2 if p.ndim > 1 else 0.1)
+        p.copy_(noise + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+
+
+def to_ours(tmodel, config):
+  """(our Sam with the PyTorch weights, its pure-dict params); built abstractly, so no time
+  goes into a random init that is overwritten."""
+  abstract = nnx.eval_shape(lambda: sam.Sam(config, rngs=nnx.Rngs(0)))
+  params = sam_interop.sam_from_torch(tmodel.state_dict(), abstract)
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state), params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prompt_and_decode(graphdef, params, embedding, prompts):
+  model = nnx.merge(graphdef, params)
+  sparse, dense = model.encode_prompts(**prompts)
+  return sparse, dense, model.decode(embedding, sparse, dense)
+
+
+def nhwc(t):
+  return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def close(ours, theirs, rtol=1e-5):
+  """float32 agreement relative to the output's scale."""
+  theirs = np.asarray(theirs)
+  np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0,
+                             atol=rtol * max(1.0, float(np.abs(theirs).max())))
+
+
+def prompt_sets(rng, n, size):
+  low = 4 * (size // 16)  # mask prompts are [4g, 4g]
+  points = rng.uniform(0, size, (n, 3, 2)).astype(np.float32)
+  labels = np.array([[1, 0, 1], [1, -1, -1], [0, 1, 1]])[:n]
+  xy0 = rng.uniform(0, size / 2, (n, 2))
+  boxes = np.concatenate([xy0, xy0 + rng.uniform(1, size / 2, (n, 2))], 1).astype(np.float32)
+  masks = rng.normal(0, 3, (n, low, low)).astype(np.float32)
+  return {"point": dict(points=points, labels=labels), "box": dict(boxes=boxes),
+          "point+box": dict(points=points, labels=labels, boxes=boxes),
+          "box+mask": dict(boxes=boxes, masks=masks),
+          "point+mask": dict(points=points, labels=labels, masks=masks)}
+
+
+def check_decoder(tmodel, model, t_embedding, j_embedding, prompts):
+  """Prompt encoder + mask decoder of both models on each prompt kind: embeddings, all four
+  masks and IoU predictions (the multimask / single-mask choice is a slice of these)."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  for kind, p in prompts.items():
+    with torch.no_grad():
+      t_points = (None if "points" not in p else
+                  (torch.from_numpy(p["points"]), torch.from_numpy(p["labels"])))
+      t_sparse, t_dense = tmodel.prompt_encoder(
+          points=t_points, boxes=None if "boxes" not in p else torch.from_numpy(p["boxes"]),
+          masks=None if "masks" not in p else torch.from_numpy(p["masks"][:, None]))
+      t_masks, t_iou = tmodel.mask_decoder.predict_masks(
+          torch.from_numpy(t_embedding).permute(0, 3, 1, 2),
+          tmodel.prompt_encoder.get_dense_pe(), t_sparse, t_dense)
+    sparse, dense, out = _prompt_and_decode(graphdef, params, j_embedding, p)
+    close(sparse, t_sparse.numpy())
+    close(dense, nhwc(t_dense))
+    assert out.masks.shape == t_masks.shape, kind
+    close(out.masks, t_masks.numpy(), 1e-4)
+    close(out.iou, t_iou.numpy(), 1e-4)
+
+
+# ----------------------------------------------------------------------------- full ViT-B
+@pytest.fixture(scope="module")
+def vit_b():
+  torch.manual_seed(0)
+  tmodel = sam_model_registry["vit_b"](checkpoint=None)
+  randomize(tmodel, names=("pos_embed", "rel_pos"), seed=1)  # zero-initialised in SAM
+  config = sam_interop.config_from_state_dict(tmodel.state_dict())
+  model, params = to_ours(tmodel, config)
+  image = np.random.default_rng(0).normal(size=(1, 1024, 1024, 3)).astype(np.float32)
+  with torch.no_grad():
+    t_embedding = nhwc(tmodel.image_encoder(torch.from_numpy(image).permute(0, 3, 1, 2)))
+  j_embedding = np.asarray(jax.jit(lambda x: model.encode_image(x))(image))
+  return tmodel, model, params, t_embedding, j_embedding
+
+
+def test_vit_b_config_read_from_state_dict(vit_b):
+  tmodel, model, *_ = vit_b
+  assert model.config == sam.sam_config("vit_b")
+  assert len(tmodel.state_dict()) == 314
+
+
+def test_vit_b_image_embeddings_match(vit_b):
+  _, _, _, t_embedding, j_embedding = vit_b
+  assert j_embedding.shape == (1, 64, 64, 256)
+  close(j_embedding, t_embedding, 1e-4)
+
+
+def test_vit_b_decoder_matches_for_point_box_and_mask_prompts(vit_b):
+  tmodel, model, _, t_embedding, _ = vit_b
+  prompts = prompt_sets(np.random.default_rng(1), 2, 1024)
+  prompts = {k: prompts[k] for k in ("point", "point+box", "box+mask")}
+  # Both decoders read the PyTorch embedding, so this checks the decoder alone.
+  check_decoder(tmodel, model, t_embedding, jnp.asarray(t_embedding), prompts)
+
+
+def test_vit_b_export_keys_shapes_and_exact_round_trip(vit_b, tmp_path):
+  tmodel, model, params, *_ = vit_b
+  exported = sam_interop.sam_to_torch(params)
+  reference = tmodel.state_dict()
+  assert list(exported) == list(reference)
+  assert {k: v.shape for k, v in exported.items()} == {k: tuple(v.shape)
+                                                       for k, v in reference.items()}
+  path = files.save_state_dict(tmp_path / "sam.safetensors", exported)
+  again = sam_interop.sam_from_torch(files.load_state_dict(path), model)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  # segment_anything loads the export strictly and gets the same tensors back.
+  fresh = sam_model_registry["vit_b"](checkpoint=None)
+  fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
+  assert all(torch.equal(fresh.state_dict()[k], v) for k, v in reference.items())
+
+
+# ----------------------------------------------------------------------------- tiny SAM
+@pytest.fixture(scope="module")
+def tiny():
+  config = sam.sam_config("tiny", **TINY)
+  tmodel = torch_sam(config)
+  randomize(tmodel, seed=2)
+  model, params = to_ours(tmodel, config)
+  return tmodel, model, params
+
+
+def test_tiny_encoder_with_padded_windows_and_decoder_match(tiny):
+  tmodel, model, _ = tiny
+  images = np.random.default_rng(3).normal(size=(2, 128, 128, 3)).astype(np.float32)
+  with torch.no_grad():
+    t_embedding = nhwc(tmodel.image_encoder(torch.from_numpy(images).permute(0, 3, 1, 2)))
+  graphdef, params = nnx.split(model, nnx.Param)
+  j_embedding, vit_features = jax.jit(
+      lambda p, x: nnx.merge(graphdef, p).encode_image(x, return_vit=True))(params, images)
+  close(j_embedding, t_embedding, 1e-5)
+  assert vit_features.shape == (2, 8, 8, 64)
+  prompts = prompt_sets(np.random.default_rng(4), 3, 128)
+  # The prompt kinds the ViT-B test leaves out (together they cover all five).
+  check_decoder(tmodel, model, t_embedding[:1], j_embedding[:1],
+                {k: prompts[k] for k in ("box", "point+mask")})
+  # multimask_output picks masks 1..3, else mask 0, as MaskDecoder.forward.
+  sparse, dense = model.encode_prompts(**prompts["point"])
+  for multimask in (True, False):
+    with torch.no_grad():
+      t_masks, t_iou = tmodel.mask_decoder(
+          torch.from_numpy(t_embedding[:1]).permute(0, 3, 1, 2),
+          tmodel.prompt_encoder.get_dense_pe(), torch.from_numpy(np.asarray(sparse)),
+          torch.from_numpy(np.asarray(dense)).permute(0, 3, 1, 2), multimask)
+    masks, iou = model.decode_masks(j_embedding[:1], model.dense_pe(), sparse, dense,
+                                    multimask)
+    close(masks, t_masks.numpy(), 1e-4)
+    close(iou, t_iou.numpy(), 1e-4)
+
+
+def test_config_from_state_dict_reads_tiny_and_rejects_other_dicts(tiny):
+  tmodel, model, _ = tiny
+  assert sam_interop.config_from_state_dict(tmodel.state_dict(), decoder_heads=2) == model.config
+  with pytest.raises(ValueError, match="image_encoder.pos_embed"):
+    sam_interop.config_from_state_dict({"blocks.0.attn.qkv.weight": np.zeros((3, 1))})
+
+
+def test_import_names_missing_unexpected_and_misshaped_keys(tiny):
+  tmodel, model, _ = tiny
+  sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
+  del sd["mask_decoder.iou_token.weight"]
+  sd["image_encoder.blocks.0.attn.rel_pos_h"] = np.zeros((7, 32), np.float32)
+  sd["prompt_encoder.extra"] = np.zeros(1, np.float32)
+  with pytest.raises(ValueError) as err:
+    sam_interop.sam_from_torch(sd, model)
+  message = str(err.value)
+  assert "missing keys: [mask_decoder.iou_token.weight]" in message
+  assert "unexpected keys: [prompt_encoder.extra]" in message
+  assert "image_encoder.blocks.0.attn.rel_pos_h: got (7, 32), expected (5, 32)" in message
+
+
+def test_decode_per_image_equals_decoding_each_prompt(tiny):
+  _, model, _ = tiny
+  rng = np.random.default_rng(5)
+  embeddings = jnp.asarray(rng.normal(size=(2, 8, 8, 32)).astype(np.float32))
+  points = rng.uniform(0, 128, (2, 3, 1, 2)).astype(np.float32)
+  sparse, dense = model.encode_prompts(points.reshape(6, 1, 2), np.ones((6, 1), np.int32))
+  graphdef, params = nnx.split(model, nnx.Param)
+  out = jax.jit(lambda p, e, s, d: nnx.merge(graphdef, p).decode_per_image(e, s, d))(
+      params, embeddings, sparse.reshape(2, 3, 2, 32), dense.reshape(2, 3, 8, 8, 32))
+  assert out.masks.shape == (2, 3, 4, 32, 32) and out.iou.shape == (2, 3, 4)
+  # Prompt i of image b, decoded alone against a one-image embedding (SAM's usual call).
+  one = jax.jit(jax.vmap(lambda p, e, s, d: nnx.merge(graphdef, p).decode(e, s, d),
+                         in_axes=(None, 0, 0, 0)))(
+      params, jnp.repeat(embeddings, 3, axis=0)[:, None], sparse[:, None], dense[:, None])
+  close(out.masks.reshape(6, 4, 32, 32), one.masks[:, 0])
+  close(out.iou.reshape(6, 4), one.iou[:, 0])
+
+
+def test_box_as_corner_points_and_mask_valid(tiny):
+  """A box equals two points labelled 2 and 3 (one static shape for mixed prompt batches);
+  mask_valid=False gives the no-mask embedding."""
+  _, model, _ = tiny
+  boxes = np.array([[10, 20, 60, 90], [5, 5, 100, 70]], np.float32)
+  sparse, _ = model.encode_prompts(boxes=boxes)
+  as_points = model.prompt_encoder.embed_points(boxes.reshape(2, 2, 2), np.array([[2, 3]] * 2))
+  np.testing.assert_array_equal(sparse, as_points)
+  masks = np.random.default_rng(6).normal(size=(2, 32, 32)).astype(np.float32)
+  _, dense = model.encode_prompts(boxes=boxes, masks=masks, mask_valid=np.array([True, False]))
+  _, no_mask = model.encode_prompts(boxes=boxes)
+  _, with_mask = model.encode_prompts(boxes=boxes, masks=masks)
+  np.testing.assert_array_equal(dense[1], no_mask[1])
+  np.testing.assert_array_equal(dense[0], with_mask[0])
+  with pytest.raises(ValueError, match=r"\[N, 32, 32\]"):
+    model.encode_prompts(boxes=boxes, masks=masks[:, :16, :16])
+
+
+def test_cls_tokens_hook_shapes_and_export(tiny):
+  tmodel, _, _ = tiny
+  config = sam.sam_config("tiny", **dict(TINY, num_cls_tokens=2))
+  model = sam.Sam(config, rngs=nnx.Rngs(0))  # concrete: the cls tokens keep their values
+  params = sam_interop.sam_from_torch(tmodel.state_dict(), model)
+  with pytest.raises(ValueError, match="no segment_anything key"):
+    sam_interop.sam_from_torch(tmodel.state_dict(), nnx.eval_shape(lambda: sam.Sam(
+        config, rngs=nnx.Rngs(0))))
+  out = jax.eval_shape(lambda: model.decode(jnp.zeros((1, 8, 8, 32)), *model.encode_prompts(
+      np.zeros((3, 1, 2), np.float32), np.ones((3, 1)))))
+  assert out.cls_tokens.shape == (3, 2, 32)
+  assert out.mask_tokens.shape == (3, 4, 32) and out.image_tokens.shape == (3, 8, 8, 32)
+  np.testing.assert_array_equal(params["mask_decoder"]["cls_tokens"],
+                                nnx.to_pure_dict(nnx.state(model, nnx.Param))["mask_decoder"]
+                                ["cls_tokens"])
+  assert list(sam_interop.sam_to_torch(params)) == list(tmodel.state_dict())
+
+
+def test_trainable_mask_freezes_only_the_fourier_matrix(tiny):
+  _, _, params = tiny
+  mask = sam.trainable_mask(params)
+  assert mask["prompt_encoder"]["pe_gaussian"] is False
+  assert sum(not m for m in jax.tree.leaves(mask)) == 1
+
+  graphdef, state = nnx.split(tiny[1], nnx.Param)
+  grads = jax.grad(lambda s: nnx.merge(graphdef, s).dense_pe().sum())(state)
+  assert not np.any(nnx.to_pure_dict(grads)["prompt_encoder"]["pe_gaussian"])
+
+
+def test_preprocess_matches_sam(tiny):
+  tmodel, _, _ = tiny
+  image = np.random.default_rng(7).integers(0, 256, (1, 100, 70, 3)).astype(np.uint8)
+  theirs = tmodel.preprocess(torch.from_numpy(image[0]).permute(2, 0, 1).float())
+  close(sam.preprocess(image, 128)[0], theirs.permute(1, 2, 0).numpy())
+  assert sam.preprocess_shape(100, 70, 128) == (128, 90)
+
+
+# ----------------------------------------------------------------------------- predictor
+@pytest.fixture(scope="module")
+def predictors(tiny):
+  tmodel, model, _ = tiny
+  image = np.random.default_rng(8).integers(0, 256, (100, 70, 3)).astype(np.uint8)
+  ours, theirs = sam_predictor.SamPredictor(model), TorchPredictor(tmodel)
+  ours.set_image(image)
+  theirs.set_image(image)
+  return ours, theirs
+
+
+def test_predictor_matches_segment_anything(predictors):
+  ours, theirs = predictors
+  close(ours.get_image_embedding(), nhwc(theirs.get_image_embedding()))
+  click = dict(point_coords=np.array([[30.0, 40.0]]), point_labels=np.array([1]))
+  both = dict(point_coords=np.array([[30.0, 40.0], [60, 90]]), point_labels=np.array([1, 0]),
+              box=np.array([10, 20, 65, 95]))
+  for prompt, multimask in ((click, True), (click, False), (both, True)):
+    logits, iou, low = ours.predict(**prompt, multimask_output=multimask, return_logits=True)
+    t_logits, t_iou, t_low = theirs.predict(**prompt, multimask_output=multimask,
+                                            return_logits=True)
+    assert logits.shape == t_logits.shape == ((3 if multimask else 1), 100, 70)
+    close(logits, t_logits, 1e-4)
+    close(iou, t_iou, 1e-4)
+    close(low, t_low, 1e-4)
+  masks, _, low = ours.predict(**click)
+  t_masks, _, _ = theirs.predict(**click)
+  assert masks.dtype == bool and np.mean(masks == t_masks) > 0.999
+  # The low-res logits go back in as a mask prompt.
+  again, _, _ = ours.predict(**both, mask_input=low[:1], return_logits=True)
+  t_again, _, _ = theirs.predict(**both, mask_input=low[:1].copy(), return_logits=True)
+  close(again, t_again, 1e-4)
+
+
+def test_predictor_rejects_bad_prompts(predictors, tiny):
+  ours, _ = predictors
+  with pytest.raises(ValueError, match=r"point 1 at \(x, y\) = \(80.0, 10.0\) is outside the "
+                                       r"image \(width 70, height 100\)"):
+    ours.predict(point_coords=np.array([[5, 5], [80, 10]]), point_labels=np.array([1, 1]))
+  with pytest.raises(ValueError, match="x1 < x0"):
+    ours.predict(box=np.array([50, 10, 20, 40]))
+  with pytest.raises(ValueError, match="box corner 1 .* is outside"):
+    ours.predict(box=np.array([10, 10, 20, 140]))
+  with pytest.raises(ValueError, match=r"mask_input must be \[1, 32, 32\]"):
+    ours.predict(box=np.array([10, 10, 20, 40]), mask_input=np.zeros((1, 256, 256)))
+  with pytest.raises(ValueError, match="come together"):
+    ours.predict(point_coords=np.array([[5, 5]]))
+  with pytest.raises(ValueError, match="point_labels must be"):
+    ours.predict(point_coords=np.array([[5, 5]]), point_labels=np.array([3]))
+  fresh = sam_predictor.SamPredictor(tiny[1])
+  with pytest.raises(RuntimeError, match="set_image"):
+    fresh.predict(box=np.array([1, 1, 5, 5]))
+  with pytest.raises(ValueError, match="uint8"):
+    fresh.set_image(np.zeros((10, 10, 3), np.float32))
