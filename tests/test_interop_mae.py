@@ -453,7 +453,7 @@ def test_export_mae_loads_strict_into_official_and_back(pretrained, tmp_path):
 def test_export_rejects_sam_and_unknown_rounds(pretrained, tmp_path):
   from ultrajax import export
   workdir, _ = pretrained
-  with pytest.raises(ValueError, match="format 'sam' comes with the UltraSam models"):
+  with pytest.raises(ValueError, match="the checkpoint's params are not a SAM"):
     export.export(workdir, "sam", tmp_path / "sam.pth")
   with pytest.raises(FileNotFoundError, match=r"no checkpoint of round 7 .* rounds there: \[1\]"):
     export.export(workdir, "mae", tmp_path / "m.pth", round_index=7)

@@ -361,3 +361,43 @@ def test_predictor_rejects_bad_prompts(predictors, tiny):
     fresh.predict(box=np.array([1, 1, 5, 5]))
   with pytest.raises(ValueError, match="uint8"):
     fresh.set_image(np.zeros((10, 10, 3), np.float32))
+
+
+# ----------------------------------------------------------------------------- commands
+def test_workdir_checkpoint_loads_exports_and_segments(tiny, tmp_path):
+  """A SAM run's Orbax checkpoint -> load_model (architecture from shapes, heads from the
+  saved config) -> `export --format=sam` loads strictly into segment_anything; the segment
+  command writes an overlay from a segment_anything file."""
+  import json
+  from PIL import Image
+  from ultrajax import export, segment
+  from ultrajax.train import checkpoint
+  tmodel, model, params = tiny
+  ckpt = checkpoint.Checkpointer(tmp_path / "run")
+  ckpt.save(3, params, dict(step=np.int32(3)), None,
+            dict(config=json.dumps(dict(model=dict(decoder_heads=2)))))
+  ckpt.close()
+  loaded, config = sam_predictor.load_model(tmp_path / "run")
+  assert config == model.config
+  for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(loaded, nnx.Param))),
+                  jax.tree.leaves(params)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  done = export.export(tmp_path / "run", "sam", tmp_path / "sam.pth")
+  assert done["keys"] == len(tmodel.state_dict())
+  fresh = torch_sam(config)
+  fresh.load_state_dict(torch.load(tmp_path / "sam.pth", weights_only=True), strict=True)
+  assert all(torch.equal(fresh.state_dict()[k], v) for k, v in tmodel.state_dict().items())
+
+  image = np.random.default_rng(9).integers(0, 256, (60, 80), dtype=np.uint8)
+  Image.fromarray(image).save(tmp_path / "scan.png")
+  done = segment.segment(tmp_path / "run", tmp_path / "scan.png", tmp_path / "o.png",
+                         points=[(20, 30)])
+  predictor = sam_predictor.SamPredictor(model)
+  predictor.set_image(np.repeat(image[..., None], 3, axis=-1))
+  masks, iou, _ = predictor.predict(np.array([[20, 30]]), np.array([1]))
+  assert done["iou"] == pytest.approx(float(iou.max()), abs=1e-5)
+  assert done["area"] == masks[np.argmax(iou)].sum()
+  written = np.array(Image.open(tmp_path / "o.png"))
+  assert written.shape == (60, 80, 3)
+  tinted = np.any(written != image[..., None], axis=-1)
+  assert tinted[masks[np.argmax(iou)]].all()  # every mask pixel is drawn over

@@ -1,12 +1,14 @@
 r"""Exports an ultrajax pretraining checkpoint as a PyTorch state dict.
 
-  python -m ultrajax.export --workdir=DIR --format=timm|mae --out=FILE [--round=N]
+  python -m ultrajax.export --workdir=DIR --format=timm|mae|sam --out=FILE [--round=N]
       [--config=configs/pretrain_fed.py:preset]
 
 timm: the encoder as a timm `VisionTransformer` (cls-token pooling, no head), so
   `timm.create_model('vit_base_patch16_224', num_classes=0)` loads it with strict=True.
 mae:  the whole MAE as facebookresearch/mae's `MaskedAutoencoderViT` (wrapped in 'model' in
   .pth files, as the released checkpoints).
+sam:  a SAM training run (configs/sam_ultrasound.py) as segment_anything's `Sam` state dict,
+  which `sam_model_registry[...]()` loads with strict=True (same keys as sam_vit_b_01ec64.pth).
 FILE ends in .safetensors (no torch needed) or .pth/.pt/.bin. The checkpoint is the latest
 one (or round N); the model's shape comes from the config saved with it, or from --config
 for checkpoints without one. docs/formats.md lists the keys and how to load the files.
@@ -28,12 +30,13 @@ from ultrajax.interop import files, mae_official, timm_vit
 from ultrajax.models import mae
 from ultrajax.train import checkpoint
 
-FORMATS = ("timm", "mae")
-LATER_FORMATS = {"sam": "the UltraSam models (not in ultrajax yet)"}
+FORMATS = ("timm", "mae", "sam")
+LATER_FORMATS = {}
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or its checkpoint folder).")
 _FORMAT = flags.DEFINE_enum("format", None, list(FORMATS) + list(LATER_FORMATS),
-                            "timm: encoder as a timm ViT; mae: official MAE with decoder.")
+                            "timm: encoder as a timm ViT; mae: official MAE with decoder; "
+                            "sam: a SAM run as segment_anything's Sam.")
 _OUT = flags.DEFINE_string("out", None, "Output file: .safetensors or .pth/.pt/.bin.")
 _ROUND = flags.DEFINE_integer("round", None, "Checkpoint round to export (default: latest).")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -91,6 +94,15 @@ def export(workdir, fmt: str, out, *, round_index: int | None = None, config=Non
   check_format(fmt)
   files.file_kind(out)  # an unusable file name fails before the checkpoint is read
   directory = checkpoint_dir(workdir, round_index)
+  if fmt == "sam":  # the architecture is read off the parameter shapes
+    from ultrajax.eval import sam_predictor
+    from ultrajax.interop import sam as sam_interop
+    model, _ = sam_predictor.load_model(directory)
+    tensors = sam_interop.sam_to_torch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    path = files.save_state_dict(out, tensors)
+    return dict(path=str(path), format=fmt, checkpoint=str(directory), keys=len(tensors),
+                params=int(sum(np.size(v) for v in tensors.values())),
+                bytes=path.stat().st_size)
   config = saved_config(directory) if config is None else config
   params, model = load_mae_params(directory, config.model)
   image_size = model.encoder.image_size

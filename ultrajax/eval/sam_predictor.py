@@ -36,35 +36,61 @@ def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
   return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
+def _int_keys(tree):
+  """Orbax gives nnx.List levels back as '0', '1', ...; pure dicts use ints."""
+  if not isinstance(tree, dict):
+    return tree
+  return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
+          for k, v in tree.items()}
+
+
+def _saved_decoder_heads(directory: pathlib.Path) -> int | None:
+  """config.model.decoder_heads from the checkpoint's meta (heads leave no trace in shapes)."""
+  import json
+  import orbax.checkpoint as ocp
+  if not (directory / "meta").is_dir():
+    return None
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+    meta = ckptr.restore(directory / "meta")
+  model = json.loads(meta.get("config", "{}")).get("model", {})
+  return model.get("decoder_heads") or None
+
+
 def load_model(path, **overrides):
   """(Sam, SamConfig) from a segment_anything file (.pth/.safetensors) or an ultrajax
-  workdir / checkpoint folder of a SAM training run (its saved config's `model` block)."""
+  workdir / checkpoint folder of a SAM training run.
+
+  The architecture is read off the parameter shapes (`config_from_state_dict`), so any
+  job's checkpoint of a `Sam` loads; the decoder head count, invisible in shapes, comes from
+  the run's saved `config.model.decoder_heads` (else SAM's 8). overrides: SamConfig fields.
+  """
+  from ultrajax.interop import sam as sam_interop
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"nothing at {path}: expected a SAM .pth/.safetensors file or an "
                             "ultrajax workdir")
   if path.is_file():
-    from ultrajax.interop import sam as sam_interop
     return sam_interop.load_sam(path, **overrides)
-  import json
-  import ml_collections
-  import orbax.checkpoint as ocp
   from ultrajax.train import checkpoint
   directory = checkpoint.find_checkpoint_dir(path)
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-    meta = ckptr.restore(directory / "meta")
-  if "config" not in meta:
-    raise ValueError(f"{directory / 'meta'} holds no 'config'; cannot tell the SAM variant")
-  model_config = ml_collections.ConfigDict(json.loads(meta["config"])).model
-  model_config.update(overrides)
-  model = sam_lib.sam_from_config(model_config, rngs=nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, checkpoint.load_params(directory, target))
-  nnx.update(model, state)
-  return model, model.config
+  params = _int_keys(jax.device_get(checkpoint.load_params(directory)))
+  missing = {"image_encoder", "prompt_encoder", "mask_decoder"} - set(params)
+  if missing:
+    raise ValueError(f"{directory}: the checkpoint's params are not a SAM (no "
+                     f"{sorted(missing)}; it has {sorted(params)})")
+  heads = _saved_decoder_heads(directory)
+  if heads and "decoder_heads" not in overrides:
+    overrides["decoder_heads"] = heads
+  cls = params["mask_decoder"].get("cls_tokens")
+  if cls is not None:
+    overrides.setdefault("num_cls_tokens", cls.shape[0])
+  core = dict(params, mask_decoder={k: v for k, v in params["mask_decoder"].items()
+                                    if k != "cls_tokens"})
+  config = sam_interop.config_from_state_dict(sam_interop.sam_to_torch(core), **overrides)
+  abstract = nnx.eval_shape(lambda: sam_lib.Sam(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state), config
 
 
 def _as_rgb(image) -> np.ndarray:
