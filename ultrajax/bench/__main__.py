@@ -12,6 +12,11 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             the --config's preset when --config is not a teacher-target config, e.g.
             --config=configs/pretrain_urfm.py:cpu.
 
+  sam       SAM image encoder img/s and decoder ms per prompt batch, ultrajax next to
+            segment_anything (PyTorch) with the same weights in the same run; flags
+            --sam_variant, --sam_image_size, --sam_batch, --sam_prompts, --sam_dtype
+            (ultrajax/bench/sam.py). On a CPU try --sam_image_size=256.
+
 Data comes from device-resident random images so that the figures measure the compiled
 program; the Grain pipeline is measured by the job's own img/s log line. Record results with
 the machine and the exact command in docs/benchmarks.md.
@@ -27,6 +32,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from ultrajax.bench import sam as sam_bench
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import aggregate, rounds
 from ultrajax.jobs import pretrain
@@ -200,7 +206,7 @@ def bench_urfm(config, steps: int, clients: int) -> None:
         f"{results['in_step']['teacher_img_per_s']:.1f} img/s, once per fixed view.")
 
 
-BENCHMARKS = {"pretrain": bench_pretrain, "urfm": bench_urfm}
+BENCHMARKS = {"pretrain": bench_pretrain, "urfm": bench_urfm, "sam": sam_bench.bench_sam}
 
 
 def main(argv):
