@@ -113,15 +113,24 @@ class ResNet(nnx.Module):
       self.fc = nnx.Linear(self.num_features, num_classes, kernel_init=fc_init, dtype=dtype,
                            param_dtype=jnp.float32, rngs=rngs)
 
+  def stages(self, x, *, train: bool = False, start: int = 0, stop: int = 5):
+    """Runs pieces [start, stop) of (stem, layer1, layer2, layer3, layer4) on x [B, H, W, C]
+    -> [B, H', W', C']: the cut used by split learning (SplitAVG) between client and server."""
+    if not 0 <= start <= stop <= 5:
+      raise ValueError(f"stages [{start}, {stop}) are not within the 5 pieces of a ResNet")
+    for piece in range(start, stop):
+      if piece == 0:
+        x = jax.nn.relu(_norm(self.bn1, self.conv1(x), train))
+        if self.stem == "imagenet":
+          x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      else:
+        for block in getattr(self, f"layer{piece}"):
+          x = block(x, train)
+    return x
+
   def features(self, images, *, train: bool = False):
     """images: [B, H, W, C] (normalised) -> globally average-pooled features [B, 8 * width]."""
-    x = jax.nn.relu(_norm(self.bn1, self.conv1(images), train))
-    if self.stem == "imagenet":
-      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-      for block in stage:
-        x = block(x, train)
-    return x.mean(axis=(1, 2))
+    return self.stages(images, train=train).mean(axis=(1, 2))
 
   def __call__(self, images, *, train: bool = False):
     """images: [B, H, W, C] -> features [B, 8 * width] or logits [B, num_classes], float32."""

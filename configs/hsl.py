@@ -1,0 +1,115 @@
+r"""HeteroSync Learning (HSL) against federated baselines under simulated heterogeneity.
+
+Launch (2 CPU cores, phantom data; one scenario, 10 methods x 5 repeats, ~5-8 minutes each):
+  python -m ultrajax.main --config=configs/hsl.py:cpu,scenario=combined --workdir=/tmp/hsl_combined
+  (scenario = feature | label | quantity | combined; results in docs/reproductions.md section 4)
+Every method once on the combined scenario, end to end in well under a minute:
+  python -m ultrajax.main --config=configs/hsl.py:smoke --workdir=/tmp/hsl_smoke
+The paper's simulations at full size (ResNet-18 at 224 px, 20 rounds x 5 local epochs; GPU):
+  python -m ultrajax.main --config=configs/hsl.py:label --workdir=$WORKDIR --config.data.ratio=100
+Own data (one sub-folder per node, class sub-folders below it; SAT in the same layout):
+  ... --config.data.source=folder --config.data.root=/data/nodes --config.data.sat_root=/data/sat \
+      --config.data.positive_labels="('malignant',)" --config.scenario=natural
+
+Writes per (method, repeat) an atomic results file `runs/<method>/repeat_<r>.npz` (a killed
+study resumes at the first missing one), then tables (`per_node.csv`, `runs.csv`,
+`fairness.csv`, `results.json`), AUC box plots per node (`boxplots_auc.png`) and the partition
+plot (`partition.png`) in the workdir. Expected: every method's per-node AUC with 95% CIs.
+"""
+import ml_collections
+
+from ultrajax import configlib
+
+SCENARIOS = ("feature", "label", "quantity", "combined", "natural")
+
+
+def get_config(arg=None):
+  knobs = configlib.parse_arg(
+      arg, presets=("paper", *SCENARIOS[:4], "cpu", "smoke"), default_preset="paper",
+      scenario="")
+  c = ml_collections.ConfigDict()
+  c.job = "hsl"
+  c.preset = knobs.preset
+  c.seed = 0
+  # feature | label | quantity | combined (phantom) | natural (nodes as the data define them).
+  c.scenario = knobs.scenario or (knobs.preset if knobs.preset in SCENARIOS else "combined")
+  # Comma-separated; any of ultrajax.jobs.hsl.METHODS. 'hsl' = MMoE + SAT + unweighted
+  # full-parameter averaging; the others train a single-task ResNet-18 with that strategy.
+  c.methods = "hsl,local,central,fedavg,fedprox,fedbn,personalized,splitavg,fedadam,scaffold"
+  c.repeats = 5  # the paper's five repeated experiments (re-drawn partition and init)
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="phantom",  # 'phantom' | 'folder' | 'manifest'
+      image_size=224,
+      # Label names that count as positive (phantom: 'normal', 'benign', 'malignant').
+      positive_labels=("benign", "malignant"),
+      test_fraction=0.3,  # per node, stratified (the paper: 60/10/30 train/val/test)
+      # Phantom primary-task data. Feature skew: one organ per node (the paper: 7 anatomies);
+      # the combined scenario pools them; label and quantity skew use `single_organ` (the
+      # paper: shoulder).
+      organs=("liver", "thyroid", "breast", "heart", "fetal_head", "muscle", "pancreas"),
+      single_organ="thyroid",
+      feature_node_size=1470,
+      label_node_size=3970,
+      ratio=10.0,  # label skew: node 2's normal:abnormal (node 1 1:1); quantity: n1:n2
+      quantity_total=8678,
+      combined_scale=1.0,  # combined node sizes = the paper's (3127, 2217, 200, 200, 14263) x scale
+      min_class_count=2,  # combined: raise a node's rare class to this count (1 train, 1 test)
+      # Shared anchor task on the phantom: one fixed organ, normal vs lesion 1:1, identical at
+      # every node (the paper: 1000 + 1000 RSNA radiographs).
+      sat_organ="kidney",
+      sat_per_class=1000,
+      # folder: root/<node>/<label>/**/*.png; manifest: CSV with image, client and label
+      # columns (paths relative to the CSV). The SAT likewise: sat_root/<label>/... or a CSV.
+      root="", manifest="", sat_root="", sat_manifest="",
+      image_column="image", client_column="client", label_column="label",
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      encoder="resnet18",  # 'resnet18' (the paper) | 'vit' (ultrajax ViT, pool='gap')
+      resnet_width=64, resnet_blocks=(2, 2, 2, 2), resnet_norm="batch",
+      resnet_stem="imagenet",  # 'cifar' (3x3/1 conv, no max-pool) for 32-64 px images
+      vit_width=192, vit_depth=12, vit_heads=3, vit_patch=16,
+      feature_dim=512, num_experts=12, expert_hidden=62, expert_dim=32, tower_hidden=16,
+      temperature=3.0, expert_dropout=0.3, tower_dropout=0.4,
+      sat_weight=1.0,  # HSL loss = BCE(primary) + sat_weight * BCE(SAT)
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      rounds=20,  # the paper: 100 epochs with a fusion every 5
+      local_epochs=5,
+      batch_size=64,  # the paper: "by local computing power"; the official code 200
+      lr=1e-3,  # Adam(W), constant (the official code never steps its cosine scheduler)
+      weight_decay=1e-4,
+      hflip=True,
+      eval_batch_size=256,
+  ))
+
+  c.strategy = ml_collections.ConfigDict(dict(
+      fedprox_mu=0.01,
+      personalized_alpha=0.5,  # HSL README: 0.5 own + 0.5 mean of the others
+      server_lr=1e-2,  # fedadam / fedyogi / fedadagrad
+      splitavg_cut=2,  # SplitAVG: pieces on the client (1 = stem, 2 = stem + layer1, ...)
+      splitavg_cut_grad="average",  # 'average' (SplitAVG) | 'own' (plain split learning)
+  ))
+
+  c.report = ml_collections.ConfigDict(dict(bootstrap_samples=1000, alpha=0.05))
+
+  if knobs.preset == "cpu":
+    # 32 px phantom, a width-16 ResNet-18 (torchvision stem: 8x8 maps after it), 4 rounds of 2
+    # local epochs: a scenario's 10 methods x 5 repeats in minutes of 2-core CPU time.
+    c.data.update(image_size=32, feature_node_size=120, label_node_size=200, quantity_total=400,
+                  combined_scale=0.03, sat_per_class=100)
+    c.model.update(resnet_width=16, feature_dim=128)
+    c.train.update(rounds=4, local_epochs=2, batch_size=32, eval_batch_size=128)
+  elif knobs.preset == "smoke":
+    c.methods = ("hsl,local,central,fedavg,fedavg_uniform,fedprox,fedbn,personalized,splitavg,"
+                 "fedadam,fedyogi,fedadagrad,scaffold")
+    c.repeats = 2
+    c.data.update(image_size=16, combined_scale=0.01, sat_per_class=8,
+                  organs=("liver", "thyroid", "breast"))
+    c.model.update(resnet_width=4, resnet_blocks=(1, 1, 1, 1), resnet_stem="cifar",
+                   feature_dim=16, num_experts=3, expert_hidden=8, expert_dim=8, tower_hidden=4)
+    c.train.update(rounds=2, local_epochs=1, batch_size=16, eval_batch_size=64)
+    c.report.bootstrap_samples = 20
+  return c
