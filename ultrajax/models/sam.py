@@ -148,16 +148,6 @@ def build_sam(variant: str = "vit_b", *, rngs: nnx.Rngs, dtype=jnp.float32,
   return Sam(sam_config(variant, **overrides), dtype=dtype, remat=remat, rngs=rngs)
 
 
-def sam_from_config(model_config, *, rngs: nnx.Rngs) -> "Sam":
-  """From an ml_collections block: variant, dtype ('float32'|'bfloat16'), remat, and any
-  SamConfig field (fields absent from the block keep the variant's value)."""
-  fields = dict(model_config)
-  variant = fields.pop("variant", "vit_b")
-  dtype = jnp.dtype(fields.pop("dtype", "float32"))
-  remat = bool(fields.pop("remat", False))
-  return build_sam(variant, rngs=rngs, dtype=dtype, remat=remat, **fields)
-
-
 def trainable_mask(params):
   """Pure-dict tree of bools: False for the fixed random Fourier matrix (FROZEN_PATHS)."""
   def keep(path, _):
