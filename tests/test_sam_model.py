@@ -273,18 +273,20 @@ def test_box_as_corner_points_and_mask_valid(tiny):
 def test_cls_tokens_hook_shapes_and_export(tiny):
   tmodel, _, _ = tiny
   config = sam.sam_config("tiny", **dict(TINY, num_cls_tokens=2))
-  model = sam.Sam(config, rngs=nnx.Rngs(0))  # concrete: the cls tokens keep their values
+  abstract = nnx.eval_shape(lambda: sam.Sam(config, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="no segment_anything key"):  # needs their values
+    sam_interop.sam_from_torch(tmodel.state_dict(), abstract)
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  cls_tokens = np.arange(64, dtype=np.float32).reshape(2, 32)
+  values = dict(tiny[2], mask_decoder=dict(tiny[2]["mask_decoder"], cls_tokens=cls_tokens))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, values))
+  model = nnx.merge(graphdef, state)
   params = sam_interop.sam_from_torch(tmodel.state_dict(), model)
-  with pytest.raises(ValueError, match="no segment_anything key"):
-    sam_interop.sam_from_torch(tmodel.state_dict(), nnx.eval_shape(lambda: sam.Sam(
-        config, rngs=nnx.Rngs(0))))
   out = jax.eval_shape(lambda: model.decode(jnp.zeros((1, 8, 8, 32)), *model.encode_prompts(
       np.zeros((3, 1, 2), np.float32), np.ones((3, 1)))))
   assert out.cls_tokens.shape == (3, 2, 32)
   assert out.mask_tokens.shape == (3, 4, 32) and out.image_tokens.shape == (3, 8, 8, 32)
-  np.testing.assert_array_equal(params["mask_decoder"]["cls_tokens"],
-                                nnx.to_pure_dict(nnx.state(model, nnx.Param))["mask_decoder"]
-                                ["cls_tokens"])
+  np.testing.assert_array_equal(params["mask_decoder"]["cls_tokens"], cls_tokens)
   assert list(sam_interop.sam_to_torch(params)) == list(tmodel.state_dict())
 
 
