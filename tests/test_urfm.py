@@ -247,14 +247,16 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_urfm_job_in_step_and_cached(tmp_path):
-  """One epoch of the smoke preset with the teacher in the step, then with cached targets;
-  the cache holds exactly the fixed views and their teacher targets."""
+  """One round of the smoke preset, federated (2 clients) with the teacher in the step, then
+  centralized with cached targets; the cache holds exactly the fixed views and their targets."""
   from ultrajax.data import teacher_cache
   from ultrajax.jobs import pretrain
   from ultrajax.train import checkpoint, writers
-  params = pretrain.run(urfm_config(), tmp_path / "in_step")
+  params = pretrain.run(urfm_config(**{"data.pool_clients": False, "fed.aggregation": "volume"}),
+                        tmp_path / "in_step")
   rows = list(writers.read_jsonl(tmp_path / "in_step" / "metrics.jsonl"))
-  assert np.isfinite(rows[-1]["loss"]) and (tmp_path / "in_step/images/round_00001.png").is_file()
+  assert np.isfinite(rows[-1]["loss/client_00"]) and np.isfinite(rows[-1]["loss/client_01"])
+  assert (tmp_path / "in_step/images/round_00001.png").is_file()
   assert params["decoder_pred"]["kernel"].shape == (32, 32)  # predicts 32-d teacher tokens
   assert "trunk" not in checkpoint.load_params(tmp_path / "in_step")  # the teacher is not saved
 
