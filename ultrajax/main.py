@@ -28,6 +28,7 @@ JOBS = {
     "sam": "ultrajax.jobs.sam",
     "hsl": "ultrajax.jobs.hsl",
     "finetune": "ultrajax.jobs.finetune",
+    "transfer_study": "ultrajax.jobs.transfer_study",
 }
 
 def _launched_as_several_processes() -> bool:

@@ -300,6 +300,59 @@ def _atomic_json(path: pathlib.Path, obj) -> None:
   os.replace(tmp, path)
 
 
+class Programs:
+  """The jitted epoch and prediction functions of one (config, classes, steps, batch, mesh).
+
+  Cells of a study that differ only in seed, variant or label fraction with the same number of
+  steps share them, so a study compiles once per shape rather than once per cell.
+  """
+  _cache: dict = {}
+
+  @classmethod
+  def get(cls, config, num_classes: int, steps_per_epoch: int, batch: int, mesh) -> "Programs":
+    key = (config.to_json(), num_classes, steps_per_epoch, batch, mesh)
+    if key not in cls._cache:
+      cls._cache.clear()  # one study shape at a time; old executables are not kept alive
+      cls._cache[key] = cls(config, num_classes, steps_per_epoch, batch, mesh)
+    return cls._cache[key]
+
+  def __init__(self, config, num_classes: int, steps_per_epoch: int, batch: int, mesh):
+    abstract = nnx.eval_shape(lambda: build_model(config, num_classes, 0))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    _, depth, _, _ = model_dims(config.model)
+    total_steps = steps_per_epoch * config.train.num_epochs
+    self.peak_lr = config.optim.base_lr * (batch / 256 if config.optim.scale_lr_by_batch else 1.0)
+    warmup_steps = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
+    self.schedule = optax.warmup_cosine_decay_schedule(
+        0.0, self.peak_lr, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=config.optim.min_lr)
+    self.tx = tx = optimizer.finetune_adamw(config.optim, params, schedule=self.schedule,
+                                            depth=depth,
+                                            trainable=trainable_mask(params, config.mode))
+    self.replicated = sharding.replicated(mesh)
+    self.data_sharding = data_sharding = NamedSharding(mesh, P("data"))
+    loss_fn = make_loss_fn(graphdef, config, num_classes)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def run_epoch(params, opt_state, images, targets, order, epoch_key):
+      """One epoch: scan over `order` [steps, B] of training indices."""
+      def step(carry, xs):
+        params, opt_state = carry
+        idx, i = xs
+        x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
+        y = jax.lax.with_sharding_constraint(targets[idx], data_sharding)
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, jax.random.fold_in(epoch_key, i))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+      (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
+                                                 (order, jnp.arange(order.shape[0])))
+      return params, opt_state, losses.mean()
+
+    self.run_epoch = run_epoch
+    self.predict = jax.jit(make_predict_fn(graphdef))
+
+
 def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path: str,
               fraction: float, seed: int, mesh) -> dict:
   """Trains and tests one cell of the study; returns (and writes) its results."""
@@ -313,46 +366,19 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
                                 f"fill one batch over {devices} devices")
   steps_per_epoch = len(train_idx) // batch  # drop_last, as MAE's fine-tuning loader
   num_epochs = config.train.num_epochs
-  total_steps = steps_per_epoch * num_epochs
 
+  programs = Programs.get(config, data.num_classes, steps_per_epoch, batch, mesh)
   model = build_model(config, data.num_classes, seed)
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(params)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   if init_path:
     prefix = ("encoder",) if config.task_type == "seg" else ()
     params = interop_load.load_encoder(init_path, params, prefix=prefix)
   else:
     logging.info("No init_from: training from scratch.")
-  width, depth, _, _ = model_dims(config.model)
-  lr = config.optim.base_lr * (batch / 256 if config.optim.scale_lr_by_batch else 1.0)
-  warmup_steps = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, lr, warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1),
-      end_value=config.optim.min_lr)
-  tx = optimizer.finetune_adamw(config.optim, params, schedule=schedule, depth=depth,
-                                trainable=trainable_mask(params, config.mode))
-  repl = sharding.replicated(mesh)
-  data_sharding = NamedSharding(mesh, P("data"))
-  params = jax.device_put(params, repl)
-  opt_state = jax.device_put(tx.init(params), repl)
-  loss_fn = make_loss_fn(graphdef, config, data.num_classes)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def run_epoch(params, opt_state, images, targets, order, epoch_key):
-    """One epoch: scan over `order` [steps, B] of training indices."""
-    def step(carry, xs):
-      params, opt_state = carry
-      idx, i = xs
-      x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
-      y = jax.lax.with_sharding_constraint(targets[idx], data_sharding)
-      loss, grads = jax.value_and_grad(loss_fn)(params, x, y, jax.random.fold_in(epoch_key, i))
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
-                                               (order, jnp.arange(order.shape[0])))
-    return params, opt_state, losses.mean()
-
-  predict = jax.jit(make_predict_fn(graphdef))
+  params = jax.device_put(params, programs.replicated)
+  opt_state = jax.device_put(programs.tx.init(params), programs.replicated)
+  run_epoch, predict, schedule = programs.run_epoch, programs.predict, programs.schedule
+  data_sharding, lr = programs.data_sharding, programs.peak_lr
   train_images = _replicate(data.images[train_idx], mesh)
   train_targets = _replicate(data.targets[train_idx], mesh)
   select = config.train.select_metric
@@ -377,35 +403,37 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
   opt_state = state["opt_state"]
   best, best_epoch = float(state["best"]), int(state["best_epoch"])
   best_params = state["best_params"]
-  for epoch in range(start, num_epochs):
-    t0 = time.time()
-    order = np.random.default_rng([seed, epoch]).permutation(len(train_idx))
-    order = order[:steps_per_epoch * batch].reshape(steps_per_epoch, batch)
-    params, opt_state, loss = run_epoch(params, opt_state, train_images, train_targets,
-                                        jnp.asarray(order), jax.random.fold_in(run_key, epoch))
-    loss = float(loss)
-    row = {"epoch": epoch + 1, "train_loss": loss,
-           "lr": float(schedule((epoch + 1) * steps_per_epoch - 1)),
-           "img_per_s": steps_per_epoch * batch / (time.time() - t0)}
-    if (epoch + 1) % config.train.eval_every_epochs == 0 or epoch + 1 == num_epochs:
-      outputs = evaluate(predict, params, data.images[val_idx], batch, data_sharding)
-      val = split_scores(config.task_type, data.targets[val_idx], outputs, data.num_classes)
-      row.update({f"val_{k}": v for k, v in val.items()})
-      if better(select, val[select], best):
-        best, best_epoch = val[select], epoch + 1
-        best_params = jax.tree.map(jnp.copy, params)
-    if not math.isfinite(loss):
-      raise FloatingPointError(f"{run_dir}: training loss is {loss} at epoch {epoch + 1}; "
-                               "lower config.optim.base_lr")
-    writer.write_scalars(epoch + 1, row)
-    logging.info("%s epoch %d/%d: loss %.4f%s", run_dir.name, epoch + 1, num_epochs, loss,
-                 "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
-    if (epoch + 1) % config.ckpt_every_epochs == 0 or epoch + 1 == num_epochs:
-      state = {"opt_state": opt_state, "best_params": best_params,
-               "best": jnp.asarray(best, jnp.float32), "best_epoch": jnp.asarray(best_epoch, jnp.int32)}
-      ckpt.save(epoch + 1, params, state, None, {"epoch": epoch + 1})
-  ckpt.close()
-  writer.close()
+  try:
+    for epoch in range(start, num_epochs):
+      t0 = time.time()
+      order = np.random.default_rng([seed, epoch]).permutation(len(train_idx))
+      order = order[:steps_per_epoch * batch].reshape(steps_per_epoch, batch)
+      params, opt_state, loss = run_epoch(params, opt_state, train_images, train_targets,
+                                          jnp.asarray(order), jax.random.fold_in(run_key, epoch))
+      loss = float(loss)
+      row = {"epoch": epoch + 1, "train_loss": loss,
+             "lr": float(schedule((epoch + 1) * steps_per_epoch - 1)),
+             "img_per_s": steps_per_epoch * batch / (time.time() - t0)}
+      if (epoch + 1) % config.train.eval_every_epochs == 0 or epoch + 1 == num_epochs:
+        outputs = evaluate(predict, params, data.images[val_idx], batch, data_sharding)
+        val = split_scores(config.task_type, data.targets[val_idx], outputs, data.num_classes)
+        row.update({f"val_{k}": v for k, v in val.items()})
+        if better(select, val[select], best):
+          best, best_epoch = val[select], epoch + 1
+          best_params = jax.tree.map(jnp.copy, params)
+      if not math.isfinite(loss):
+        raise FloatingPointError(f"{run_dir}: training loss is {loss} at epoch {epoch + 1}; "
+                                 "lower config.optim.base_lr")
+      writer.write_scalars(epoch + 1, row)
+      logging.info("%s epoch %d/%d: loss %.4f%s", run_dir.name, epoch + 1, num_epochs, loss,
+                   "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
+      if (epoch + 1) % config.ckpt_every_epochs == 0 or epoch + 1 == num_epochs:
+        state = {"opt_state": opt_state, "best_params": best_params,
+                 "best": jnp.asarray(best, jnp.float32), "best_epoch": jnp.asarray(best_epoch, jnp.int32)}
+        ckpt.save(epoch + 1, params, state, None, {"epoch": epoch + 1})
+  finally:  # a crash still finishes the last save and releases the checkpoint manager
+    ckpt.close()
+    writer.close()
   if best_epoch == 0:  # validation never gave a finite score: test the last parameters
     best_params = params
 

@@ -1,0 +1,141 @@
+"""The cross-organ transfer study ("organ barrier", UltraFedFM Fig. 5 / URFM Fig. 8).
+
+The script, in order:
+  1. for every organ in config.organs, pretrain on that organ's phantom images only (the
+     pretraining config named by config.pretrain_config, restricted with
+     data.phantom_organs=<organ>), each in workdir/pretrain/<organ>;
+  2. for every organ's downstream task (config.finetune_config with data.organs=<organ>), run
+     the fine-tuning study with one variant per pretraining organ (plus 'scratch'), each in
+     workdir/finetune/<organ>;
+  3. write the matrix (rows: pretraining organ, columns: downstream task) of the selection
+     metric's mean over seeds with 95% CIs to transfer_matrix.csv, and heatmaps of the metric
+     and of its gain over scratch to transfer_matrix.png and transfer_gain.png.
+Both stages resume: finished pretraining runs and finished fine-tuning cells are read back.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ultrajax import configlib
+from ultrajax.data import phantom
+from ultrajax.jobs import finetune, pretrain
+from ultrajax.viz import plots
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_config(spec: str, field: str) -> ml_collections.ConfigDict:
+  """'configs/x.py:preset' -> that config; relative paths are tried from the working directory
+  and then from the repository root."""
+  path, _, arg = spec.partition(":")
+  candidates = [pathlib.Path(path), REPO / path]
+  found = next((p for p in candidates if p.is_file()), None)
+  if found is None:
+    raise configlib.ConfigError(f"config.{field}={spec!r}: no file at {path}")
+  return configlib.load_config_module(found).get_config(arg or None)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides, field: str,
+                    prefix: str = "") -> None:
+  """Copies the nested `overrides` into `config`; a field the config lacks fails naming it."""
+  for name, value in overrides.items():
+    configlib.check(name in config, f"config.{field}.{prefix}{name} is not a field of "
+                    "that config")
+    if isinstance(value, ml_collections.ConfigDict):
+      apply_overrides(config[name], value, field, f"{prefix}{name}.")
+    else:
+      config[name] = value
+
+
+def organs(config) -> list[str]:
+  names = [o.strip() for o in config.organs.split(",") if o.strip()]
+  bad = [o for o in names if o not in phantom.ORGANS]
+  configlib.check(bool(names) and not bad, f"config.organs={config.organs!r}: "
+                  f"{bad or 'empty'}; choose from {phantom.ORGANS}")
+  return names
+
+
+def pretrain_config(config, organ: str):
+  c = load_config(config.pretrain_config, "pretrain_config")
+  apply_overrides(c, config.pretrain_overrides, "pretrain_overrides")
+  c.data.source = "phantom"
+  c.data.phantom_organs = organ
+  c.seed = config.seed
+  return c
+
+
+def finetune_config(config, organ: str, variants: list[tuple[str, str]]):
+  c = load_config(config.finetune_config, "finetune_config")
+  apply_overrides(c, config.finetune_overrides, "finetune_overrides")
+  c.data.source = "phantom"
+  c.data.organs = organ
+  c.variants = ",".join(f"{name}={path}" for name, path in variants)
+  c.seed = config.seed
+  return c
+
+
+def write_matrix(workdir: pathlib.Path, rows: list[str], cols: list[str], table: dict,
+                 metric: str) -> None:
+  """table[(source, target)] = (mean, low, high, n) -> CSV + heatmaps."""
+  with open(workdir / "transfer_matrix.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["pretraining", "task", f"{metric}_mean", "ci_low", "ci_high", "num_seeds",
+                "gain_over_scratch"])
+    for r in rows:
+      for c in cols:
+        mean, low, high, n = table[(r, c)]
+        gain = mean - table[("scratch", c)][0] if ("scratch", c) in table else float("nan")
+        w.writerow([r, c, f"{mean:.4f}", f"{low:.4f}", f"{high:.4f}", n, f"{gain:.4f}"])
+  matrix = np.array([[table[(r, c)][0] for c in cols] for r in rows])
+  plots.heatmap(workdir / "transfer_matrix.png", matrix, rows, cols,
+                title=f"test {metric} (mean over seeds)", xlabel="downstream task",
+                ylabel="pretrained on")
+  if "scratch" in rows:
+    gain = matrix - matrix[rows.index("scratch")][None]
+    plots.heatmap(workdir / "transfer_gain.png", gain, rows, cols, fmt="{:+.3f}",
+                  title=f"gain in test {metric} over scratch", xlabel="downstream task",
+                  ylabel="pretrained on")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the study; returns {(pretraining, task): (mean, low, high, n)}."""
+  names = organs(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  pretrained = []
+  for organ in names:
+    out = workdir / "pretrain" / organ
+    done = out / "done.json"
+    if not done.exists():
+      logging.info("Transfer study: pretraining on %s only (%d of %d)", organ,
+                   len(pretrained) + 1, len(names))
+      pretrain.run(pretrain_config(config, organ), str(out))
+      done.write_text(json.dumps({"organ": organ}))
+    pretrained.append((organ, str(out)))
+  variants = ([("scratch", "")] if config.include_scratch else []) + pretrained
+  table = {}
+  metric = None
+  for organ in names:
+    fc = finetune_config(config, organ, variants)
+    metric = fc.train.select_metric
+    logging.info("Transfer study: fine-tuning on the %s task from %d starting points", organ,
+                 len(variants))
+    for row in finetune.run(fc, str(workdir / "finetune" / organ)):
+      if row["metric"] == metric:
+        table[(row["variant"], organ)] = (row["mean"], row["ci_low"], row["ci_high"],
+                                          row["num_seeds"])
+  row_names = [name for name, _ in variants]
+  if jax.process_index() == 0:
+    write_matrix(workdir, row_names, names, table, metric)
+  logging.info("Transfer matrix of test %s (rows: pretrained on; columns: task):", metric)
+  logging.info("  %-12s %s", "", " ".join(f"{c:>10s}" for c in names))
+  for r in row_names:
+    logging.info("  %-12s %s", r, " ".join(f"{table[(r, c)][0]:10.4f}" for c in names))
+  return table
