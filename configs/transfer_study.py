@@ -42,6 +42,7 @@ def get_config(arg=None):
     c.organs = "breast,thyroid"
     c.pretrain_config = "configs/pretrain_central.py:smoke"
     c.finetune_config = "configs/finetune_cls.py:smoke"
+    c.pretrain_overrides = ml_collections.ConfigDict(dict(fed=dict(num_rounds=1)))
     c.finetune_overrides = ml_collections.ConfigDict(dict(
         num_seeds=1, train=dict(num_epochs=1)))
   return c
