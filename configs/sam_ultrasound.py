@@ -38,6 +38,7 @@ def get_config(arg=None):
       image_size=1024,  # model input S: long side resized to S, then padded to S x S.
       prompt_dim=256, decoder_depth=2, decoder_heads=8, decoder_mlp_dim=2048,
       dtype="bfloat16",  # computation dtype; parameters and optimizer states stay float32.
+      remat=False,  # recompute encoder blocks in the backward pass (less memory, ~1/3 slower).
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -62,6 +63,9 @@ def get_config(arg=None):
   c.loss = ml_collections.ConfigDict(dict(
       focal=20.0, dice=1.0, iou=1.0,  # focal : dice : IoU = 20 : 1 : 1
       iou_loss="mse",  # 'mse' (official code) | 'l1' (the paper's text says L1)
+      # 'all': every multimask candidate's predicted IoU is trained (SAM; test-time selection
+      # by predicted IoU needs it) | 'selected': only the best one's (UltraSam's code).
+      iou_on="all",
       refine=True,  # one refinement pass: first mask logits fed back as the dense prompt.
   ))
 
@@ -108,14 +112,14 @@ def get_config(arg=None):
                    dtype="float32")
     c.data.update(phantom_train_images=512, phantom_test_images=64, phantom_image_size=64,
                   max_instances=2, batch_size=16)
-    c.optim.update(lr=1e-3, warmup_steps=30, decay_at_steps=(500, 560), grad_clip_norm=1.0)
-    c.num_steps = 600
-    c.eval.update(every_steps=300, batch_size=16)
+    c.optim.update(lr=1e-3, warmup_steps=30, decay_at_steps=(1000, 1120), grad_clip_norm=1.0)
+    c.num_steps = 1200
+    c.eval.update(every_steps=600, batch_size=16)
     c.classification.update(enabled=True, train_images=384, test_images=128, num_steps=300,
                             batch_size=32, lr=1e-3, bootstrap_samples=500)
     c.mesh.data = 1
     c.log_every_steps = 50
-    c.ckpt_every_steps = 300
+    c.ckpt_every_steps = 600
   elif knobs.preset == "smoke":
     c.model.update(variant="", encoder_width=32, encoder_depth=2, encoder_heads=2,
                    global_attn_indexes=(1,), window_size=2, patch_size=8, image_size=32,
@@ -124,8 +128,9 @@ def get_config(arg=None):
     c.data.update(phantom_train_images=8, phantom_test_images=4, phantom_image_size=32,
                   max_instances=2, batch_size=4)
     c.optim.update(lr=1e-3, warmup_steps=1, decay_at_steps=(3,))
+    c.loss.refine = False  # one decoder pass: half the compile time (tests cover refinement)
     c.num_steps = 4
-    c.eval.update(every_steps=4, batch_size=4, refine=(False,))
+    c.eval.update(every_steps=4, batch_size=4, prompts=("point",), refine=(False,))
     c.classification.update(enabled=True, train_images=12, test_images=12, num_steps=3,
                             batch_size=4, bootstrap_samples=20)
     c.mesh.data = 1

@@ -63,6 +63,7 @@ def validate(config) -> None:
   c.check_range(config, "prompts.p_box", 0.0, 1.0)
   c.check_range(config, "prompts.max_jitter", 0.0, 0.5)
   c.check_choice(config, "loss.iou_loss", so.IOU_LOSSES)
+  c.check_choice(config, "loss.iou_on", so.IOU_ON)
   for name in ("focal", "dice", "iou"):
     c.check_range(config, f"loss.{name}", 0.0)
   c.check_range(config, "optim.lr", 0.0, low_inclusive=False)
@@ -107,7 +108,7 @@ def build_model(config, rngs: nnx.Rngs, **extra) -> sam_lib.Sam:
   variant, overrides = sam_overrides(config.model)
   try:
     return sam_lib.build_sam(variant, rngs=rngs, dtype=jnp.dtype(config.model.dtype),
-                             **overrides, **extra)
+                             remat=config.model.remat, **overrides, **extra)
   except ValueError as e:
     raise configlib.ConfigError(f"config.model: {e}") from None
 
@@ -179,7 +180,7 @@ def make_train_step(graphdef, tx, config):
     decode = make_decoder(model, embeddings, masks.shape[1])
     return so.sam_loss(decode, so.Prompts(_flat(prompts.coords), _flat(prompts.labels)),
                        _flat(targets), _flat(batch["valid"]), refine=config.loss.refine,
-                       weights=weights, iou_loss=config.loss.iou_loss)
+                       weights=weights, iou_loss=config.loss.iou_loss, iou_on=config.loss.iou_on)
 
   def step(params, opt_state, batch, key):
     (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)

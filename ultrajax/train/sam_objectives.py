@@ -26,6 +26,10 @@ import jax.numpy as jnp
 POINT_LABELS = (1, -1)
 BOX_LABELS = (2, 3)
 IOU_LOSSES = ("mse", "l1")  # 'mse': the official code; 'l1': the paper's text
+# Which predicted IoUs are trained: 'all' candidates of a pass (SAM; what the paper's "each
+# with a corresponding predicted IoU ... allowing selection of the best" needs at test time)
+# or only the 'selected' one (UltraSam's official code, which leaves the others untrained).
+IOU_ON = ("all", "selected")
 
 
 class Prompts(NamedTuple):
@@ -172,18 +176,25 @@ def select_best(logits, iou_pred, targets):
   return take(logits), take(iou_pred), take(ious)
 
 
-def mask_losses(logits, iou_pred, targets, valid, weights=(20.0, 1.0, 1.0), iou_loss: str = "mse"):
+def _iou_error(iou_pred, logits, targets, iou_loss: str):
+  """Per-mask error of the predicted IoU against the actual one (no gradient through it)."""
+  diff = iou_pred - jax.lax.stop_gradient(mask_iou(logits, targets))
+  return diff * diff if iou_loss == "mse" else jnp.abs(diff)
+
+
+def mask_losses(logits, iou_pred, targets, valid, weights=(20.0, 1.0, 1.0), iou_loss: str = "mse",
+                iou_error=None):
   """UltraSam's loss on one mask per instance.
 
-  logits: [N, H, W]; iou_pred: [N]; targets: [N, H, W] {0,1}; valid: bool [N].
+  logits: [N, H, W]; iou_pred: [N]; targets: [N, H, W] {0,1}; valid: bool [N];
+  iou_error: [N] to use instead of the selected mask's IoU error (e.g. a mean over candidates).
   Returns dict of focal, dice, iou (means over valid instances) and loss (their weighted sum).
   """
   if iou_loss not in IOU_LOSSES:
     raise ValueError(f"iou_loss={iou_loss!r} is not one of {IOU_LOSSES}")
-  actual = jax.lax.stop_gradient(mask_iou(logits, targets))
-  diff = iou_pred - actual
-  per = dict(focal=focal_loss(logits, targets), dice=dice_loss(logits, targets),
-             iou=diff * diff if iou_loss == "mse" else jnp.abs(diff))
+  if iou_error is None:
+    iou_error = _iou_error(iou_pred, logits, targets, iou_loss)
+  per = dict(focal=focal_loss(logits, targets), dice=dice_loss(logits, targets), iou=iou_error)
   count = jnp.maximum(valid.sum(), 1)
   out = {k: jnp.where(valid, v, 0.0).sum() / count for k, v in per.items()}
   out["loss"] = weights[0] * out["focal"] + weights[1] * out["dice"] + weights[2] * out["iou"]
@@ -196,23 +207,31 @@ class DecoderOutput(NamedTuple):
 
 
 def sam_loss(decode: Callable, prompts: Prompts, targets, valid, *, refine: bool,
-             weights=(20.0, 1.0, 1.0), iou_loss: str = "mse"):
-  """The whole objective for one image's instances.
+             weights=(20.0, 1.0, 1.0), iou_loss: str = "mse", iou_on: str = "all"):
+  """The whole objective for a set of instances.
 
   decode(prompts, mask_logits [N, s, s] | None) -> DecoderOutput (all four mask tokens);
   targets: float32 [N, s, s]; valid: bool [N]. Returns (loss, metrics dict).
   Without refinement: one pass, best-IoU multimask output. With it: pass 1 single-mask output,
-  its logits feed pass 2 (best-IoU multimask); the two losses add.
+  its logits feed pass 2 (best-IoU multimask); the two losses add. iou_on (IOU_ON): the
+  multimask pass trains every candidate's predicted IoU (mean error) or the selected one's.
   """
+  if iou_on not in IOU_ON:
+    raise ValueError(f"iou_on={iou_on!r} is not one of {IOU_ON}")
+
+  def multimask_loss(out):
+    logits, iou_pred, _ = select_best(out.logits[:, 1:], out.iou_pred[:, 1:], targets)
+    error = None
+    if iou_on == "all":
+      error = _iou_error(out.iou_pred[:, 1:], out.logits[:, 1:], targets[:, None], iou_loss).mean(1)
+    return mask_losses(logits, iou_pred, targets, valid, weights, iou_loss, error)
+
   first = decode(prompts, None)
   if not refine:
-    logits, iou_pred, _ = select_best(first.logits[:, 1:], first.iou_pred[:, 1:], targets)
-    out = mask_losses(logits, iou_pred, targets, valid, weights, iou_loss)
+    out = multimask_loss(first)
     return out["loss"], out
   single = mask_losses(first.logits[:, 0], first.iou_pred[:, 0], targets, valid, weights, iou_loss)
-  second = decode(prompts, first.logits[:, 0])
-  logits, iou_pred, _ = select_best(second.logits[:, 1:], second.iou_pred[:, 1:], targets)
-  refined = mask_losses(logits, iou_pred, targets, valid, weights, iou_loss)
+  refined = multimask_loss(decode(prompts, first.logits[:, 0]))
   metrics = dict(single)
   metrics.update({f"{k}_refined": v for k, v in refined.items()})
   metrics["loss"] = single["loss"] + refined["loss"]
