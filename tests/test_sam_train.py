@@ -371,3 +371,23 @@ def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
   again, results2 = job.run(config, str(tmp_path))
   assert results2 == {}
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(params))
+
+
+def test_init_from_segment_anything_file_and_mismatch_names_keys(tmp_path):
+  from flax import nnx
+  from ultrajax.interop import files, sam as sam_interop
+  from ultrajax.jobs import sam as job
+  config = _config()
+  source = job.build_model(config, nnx.Rngs(5))
+  tensors = sam_interop.sam_to_torch(nnx.to_pure_dict(nnx.state(source, nnx.Param)))
+  path = files.save_state_dict(tmp_path / "sam_tiny.pth", tensors)
+  target = job.build_model(config, nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(target, nnx.Param))
+  config.init_from = str(path)
+  loaded = job._load_init(config, target, params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded),
+               nnx.to_pure_dict(nnx.state(source, nnx.Param)))
+  tensors["mask_decoder.iou_token.weight"] = tensors["mask_decoder.iou_token.weight"][:, :8]
+  files.save_state_dict(path, tensors)
+  with pytest.raises(ValueError, match="mask_decoder.iou_token.weight"):
+    job._load_init(config, target, params)
