@@ -1,6 +1,6 @@
 r"""HeteroSync Learning (HSL) against federated baselines under simulated heterogeneity.
 
-Launch (2 CPU cores, phantom data; one scenario, 10 methods x 5 repeats, ~5-8 minutes each):
+Launch (CPU, phantom data; one scenario, 8 methods x 5 repeats; times in docs/reproductions.md):
   python -m ultrajax.main --config=configs/hsl.py:cpu,scenario=combined --workdir=/tmp/hsl_combined
   (scenario = feature | label | quantity | combined; results in docs/reproductions.md section 4)
 Every method once on the combined scenario, end to end in well under a minute:
@@ -96,16 +96,19 @@ def get_config(arg=None):
   c.report = ml_collections.ConfigDict(dict(bootstrap_samples=1000, alpha=0.05))
 
   if knobs.preset == "cpu":
-    # 32 px phantom, a width-16 ResNet-18 (torchvision stem: 8x8 maps after it), 4 rounds of 2
-    # local epochs: a scenario's 10 methods x 5 repeats in minutes of 2-core CPU time.
-    c.data.update(image_size=32, feature_node_size=120, label_node_size=200, quantity_total=400,
-                  combined_scale=0.03, sat_per_class=100)
-    c.model.update(resnet_width=16, feature_dim=128)
-    c.train.update(rounds=4, local_epochs=2, batch_size=32, eval_batch_size=128)
+    # A stand-in small enough for shared 2-core CPUs: 32 px phantom, a width-8 ResNet-10
+    # (BasicBlock ResNet with one block per stage, torchvision stem), 3 rounds of 2 local
+    # epochs, the paper's comparison methods, 5 repeats.
+    c.methods = "hsl,local,central,fedavg,fedprox,fedbn,personalized,splitavg"
+    c.data.update(image_size=32, feature_node_size=80, label_node_size=120, quantity_total=240,
+                  combined_scale=0.02, sat_per_class=50)
+    c.model.update(resnet_width=8, resnet_blocks=(1, 1, 1, 1), feature_dim=64)
+    c.train.update(rounds=3, local_epochs=2, batch_size=32, eval_batch_size=128)
+    c.report.bootstrap_samples = 500
   elif knobs.preset == "smoke":
     c.methods = ("hsl,local,central,fedavg,fedavg_uniform,fedprox,fedbn,personalized,splitavg,"
                  "fedadam,fedyogi,fedadagrad,scaffold")
-    c.repeats = 2
+    c.repeats = 1
     c.data.update(image_size=16, combined_scale=0.01, sat_per_class=8,
                   organs=("liver", "thyroid", "breast"))
     c.model.update(resnet_width=4, resnet_blocks=(1, 1, 1, 1), resnet_stem="cifar",

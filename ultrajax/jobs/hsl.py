@@ -113,7 +113,8 @@ def validate(config) -> list[str]:
   if config.data.source == "phantom":
     bad = [o for o in (*config.data.organs, config.data.single_organ, config.data.sat_organ)
            if o not in phantom.ORGANS]
-    c.check(not bad, f"config.data.organs / single_organ / sat_organ: {bad} not in {phantom.ORGANS}")
+    c.check(not bad,
+            f"config.data.organs / single_organ / sat_organ: {bad} not in {phantom.ORGANS}")
     bad = [l for l in config.data.positive_labels if l not in phantom.LABELS]
     c.check(not bad, f"config.data.positive_labels: {bad} not in {phantom.LABELS}")
   else:
@@ -169,7 +170,7 @@ def _grey(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _file_pool(records, size: int, positive, what: str) -> Pool:
-  """records: (path-bearing source, label name, group) triples -> decoded, resized Pool."""
+  """records: (image uint8 [H, W(, 3)], label name, node) triples -> grey, resized Pool."""
   images, labels, groups = [], [], []
   for image, label, group in records:
     images.append(_grey(image, size))

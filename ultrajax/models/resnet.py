@@ -29,8 +29,9 @@ STEMS = ("imagenet", "cifar")
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # torch's momentum 0.1 is the weight of the new batch statistics.
 
-# torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), an untruncated normal.
-conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # jax's "normal" is untruncated
+# torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), an untruncated normal
+# (jax's "normal" distribution is the untruncated one).
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch nn.Linear: U(+-1/sqrt(fan_in)) for the kernel; biases start at zero here.
 fc_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
