@@ -384,7 +384,8 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
   select = config.train.select_metric
 
   ckpt = checkpoint.Checkpointer(run_dir, keep=1)
-  state = {"opt_state": opt_state, "best_params": params,
+  # A copy: `params` itself is donated to the first epoch.
+  state = {"opt_state": opt_state, "best_params": jax.tree.map(jnp.copy, params),
            "best": jnp.asarray(math.nan, jnp.float32), "best_epoch": jnp.asarray(0, jnp.int32)}
   start = 0
   latest = ckpt.latest_round()
