@@ -335,19 +335,27 @@ class Programs:
     loss_fn = make_loss_fn(graphdef, config, num_classes)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, images, targets, idx, key):
+      """One step on the training images at `idx` [B]."""
+      x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
+      y = jax.lax.with_sharding_constraint(targets[idx], data_sharding)
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
     def run_epoch(params, opt_state, images, targets, order, epoch_key):
-      """One epoch: scan over `order` [steps, B] of training indices."""
-      def step(carry, xs):
-        params, opt_state = carry
-        idx, i = xs
-        x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
-        y = jax.lax.with_sharding_constraint(targets[idx], data_sharding)
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, jax.random.fold_in(epoch_key, i))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-      (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
-                                                 (order, jnp.arange(order.shape[0])))
-      return params, opt_state, losses.mean()
+      """One epoch over `order` [steps, B] of training indices; returns the mean loss.
+
+      A host loop over a jitted step rather than a `lax.scan`: XLA:CPU ran the scanned
+      segmentation step about 15x slower than the same step on its own (measured), and the
+      per-step dispatch is negligible next to a training step.
+      """
+      losses = []
+      for i in range(order.shape[0]):
+        params, opt_state, loss = train_step(params, opt_state, images, targets, order[i],
+                                             jax.random.fold_in(epoch_key, i))
+        losses.append(loss)
+      return params, opt_state, jnp.mean(jnp.stack(losses))
 
     self.run_epoch = run_epoch
     self.predict = jax.jit(make_predict_fn(graphdef))
