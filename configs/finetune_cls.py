@@ -120,6 +120,10 @@ def get_config(arg=None):
   if knobs.preset == "urfm":
     # URFM (seed 002) Table 5: AdamW 5e-4, layer decay 0.75, batch 16, RandAug(9, 0.5),
     # label smoothing 0.1, mixup 0.8, cutmix 1.0, drop path 0.1. The lr is given as is.
-    c.optim.update(base_lr=5e-4, scale_lr_by_batch=False)
+    c.optim.update(base_lr=5e-4, scale_lr_by_batch=False, warmup_epochs=5, b1=0.9, b2=0.999,
+                   weight_decay=0.05, layer_decay=0.75)
+    c.aug.update(randaug_ops=2, randaug_magnitude=9.0, label_smoothing=0.1, mixup_alpha=0.8,
+                 cutmix_alpha=1.0)
+    c.model.drop_path_rate = 0.1
     c.train.batch_size = 16
   return c
