@@ -240,6 +240,26 @@ def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip') -> li
   return clients
 
 
+def read_manifest(csv_path: str, required=(), why: str = '') -> tuple[list[str], list[dict]]:
+  """(column names, rows as dicts) of a CSV manifest (a UTF-8 BOM is ignored).
+
+  Raises FileNotFoundError for a missing file and ValueError, naming the file, for a missing
+  `required` column (`why` says what it is needed for) or a manifest without rows.
+  """
+  if not os.path.isfile(csv_path):
+    raise FileNotFoundError(f"manifest {csv_path} does not exist")
+  with open(csv_path, newline='', encoding='utf-8-sig') as f:
+    reader = csv.DictReader(f)
+    columns = list(reader.fieldnames or ())
+    rows = list(reader)
+  for column in required:
+    if column not in columns:
+      raise ValueError(f"manifest {csv_path} has no column {column!r}{why}; its columns are {columns}")
+  if not rows:
+    raise ValueError(f"manifest {csv_path} lists no images")
+  return columns, rows
+
+
 def manifest_clients(csv_path: str, image_column: str = 'image', client_column: str = 'client',
                      probe_column: str = 'probe', default_probe: str = '', on_bad_image: str = 'skip',
                      extra_columns: tuple[str, ...] = ()) -> list[FolderSource]:
@@ -253,17 +273,7 @@ def manifest_clients(csv_path: str, image_column: str = 'image', client_column: 
   """
   csv_path = os.fspath(csv_path)
   _check_probe(default_probe, 'default_probe')
-  if not os.path.isfile(csv_path):
-    raise FileNotFoundError(f"manifest {csv_path} does not exist")
-  with open(csv_path, newline='', encoding='utf-8-sig') as f:
-    reader = csv.DictReader(f)
-    columns = list(reader.fieldnames or ())
-    rows = list(reader)
-  for column in (image_column, *extra_columns):
-    if column not in columns:
-      raise ValueError(f"manifest {csv_path} has no column {column!r}; its columns are {columns}")
-  if not rows:
-    raise ValueError(f"manifest {csv_path} lists no images")
+  columns, rows = read_manifest(csv_path, (image_column, *extra_columns))
   base = os.path.dirname(os.path.abspath(csv_path))
   stem = os.path.splitext(os.path.basename(csv_path))[0]
   groups: dict[str, list[dict]] = {}

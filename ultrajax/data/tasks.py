@@ -17,7 +17,6 @@ so no patient straddles two splits. Images are resized to S x S without keeping 
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import os
@@ -217,19 +216,9 @@ def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_colum
   class 1). Missing group column: every row is its own patient. Missing split column: splits are
   left empty for `split_by_group`. Errors name the CSV, the line and the column.
   """
-  if not os.path.isfile(csv_path):
-    raise FileNotFoundError(f"manifest {csv_path} does not exist")
-  with open(csv_path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.DictReader(f)
-    columns = list(reader.fieldnames or ())
-    rows = list(reader)
-  needed = [image_column, label_column if task_type == "cls" else mask_column]
-  for column in needed:
-    if column not in columns:
-      raise ValueError(f"manifest {csv_path} has no column {column!r} (needed for a {task_type} "
-                       f"task); its columns are {columns}")
-  if not rows:
-    raise ValueError(f"manifest {csv_path} lists no images")
+  columns, rows = sources.read_manifest(
+      csv_path, (image_column, label_column if task_type == "cls" else mask_column),
+      f" (needed for a {task_type} task)")
   base = os.path.dirname(os.path.abspath(csv_path))
   images, targets, groups, splits = [], [], [], []
   class_names = (_class_names([r[label_column] for r in rows], classes, f"manifest {csv_path}")
