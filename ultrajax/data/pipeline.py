@@ -141,6 +141,20 @@ def client_dataset(source, client: int, batch_size: int, image_size: int, *, see
   return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
+def epoch_layout(sources, batch_size: int, process_count: int):
+  """(images per client [C], drop-last steps per epoch [C], per-process batch) of clients
+  that each fill at least one batch; ValueError naming the client or the batch otherwise."""
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  num_images = np.array([len(s) for s in sources], np.int64)
+  for source, n in zip(sources, num_images):
+    if n < batch_size:
+      raise ValueError(f"client {source.name!r} has {n} images, fewer than "
+                       f"batch_size={batch_size}")
+  return num_images, num_images // batch_size, batch_size // process_count
+
+
 class ClientBatches(grain.DatasetIterator):
   """Per-client Grain pipelines stacked along a client axis, for federated training.
 
@@ -162,16 +176,8 @@ class ClientBatches(grain.DatasetIterator):
     every thread busy. Host memory ~ C * buffer * B_local * S * S * 3 bytes."""
     if not sources:
       raise ValueError("ClientBatches needs at least one source")
-    if batch_size % process_count:
-      raise ValueError(f"batch_size={batch_size} is not divisible by the "
-                       f"{process_count} processes")
-    self.num_images = np.array([len(s) for s in sources], np.int64)
-    for source, n in zip(sources, self.num_images):
-      if n < batch_size:
-        raise ValueError(f"client {source.name!r} has {n} images, fewer than "
-                         f"batch_size={batch_size}")
-    self.steps_per_epoch = self.num_images // batch_size
-    self.local_batch_size = batch_size // process_count
+    self.num_images, self.steps_per_epoch, self.local_batch_size = epoch_layout(
+        sources, batch_size, process_count)
     self.image_size = image_size
     buffer = num_threads if prefetch_buffer_size is None else prefetch_buffer_size
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer)

@@ -144,16 +144,9 @@ class CachedBatches(pipeline.ClientBatches):
   def __init__(self, directory, names: list[str], batch_size: int, *, seed: int,
                num_threads: int = 8, process_index: int = 0, process_count: int = 1):
     sources = [CacheSource(directory, k, name) for k, name in enumerate(names)]
-    if batch_size % process_count:
-      raise ValueError(f"batch_size={batch_size} is not divisible by the "
-                       f"{process_count} processes")
-    self.num_images = np.array([len(s) for s in sources], np.int64)
-    for source, n in zip(sources, self.num_images):
-      if n < batch_size:
-        raise ValueError(f"client {source.name!r} has {n} images, fewer than "
-                         f"batch_size={batch_size}")
-    self.steps_per_epoch = self.num_images // batch_size
-    self.local_batch_size = local = batch_size // process_count
+    self.num_images, self.steps_per_epoch, local = pipeline.epoch_layout(
+        sources, batch_size, process_count)
+    self.local_batch_size = local
     self.image_size = sources[0].images.shape[1]
     self.feature_shape = sources[0].teacher.shape[1:]
     self.feature_dtype = sources[0].teacher.dtype
