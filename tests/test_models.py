@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from ultrajax import configlib
-from ultrajax.models import mae, posemb, vit
+from ultrajax.models import layers, mae, posemb, vit
 
 TINY = dict(width=64, depth=2, num_heads=4, patch_size=8, image_size=32)
 TINY_DEC = dict(decoder_width=32, decoder_depth=2, decoder_heads=4)
@@ -338,3 +338,21 @@ def test_mlp_uses_exact_gelu():
   got = np.asarray(mlp(jnp.asarray(x)))
   np.testing.assert_allclose(got, exact, atol=2e-5)
   assert np.abs(tanh - exact).max() > 1e-4  # the two GELUs are distinguishable here
+
+
+def test_upsample2x_is_the_stride_2_transposed_convolution():
+  # Each output pixel (2h + i, 2w + j) is input pixel (h, w) times one tap of the kernel (the
+  # defining sum, written out in numpy) and equals Flax's ConvTranspose with the same params.
+  up = layers.Upsample2x(3, 4, bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0))
+  x = np.asarray(jax.random.normal(jax.random.key(1), (2, 3, 5, 3)))
+  kernel, bias = np.asarray(up.kernel[...]), np.asarray(up.bias[...])
+  want = np.zeros((2, 6, 10, 4), np.float32)
+  for h in range(3):
+    for w in range(5):
+      for i in range(2):
+        for j in range(2):
+          want[:, 2 * h + i, 2 * w + j] = x[:, h, w] @ kernel[1 - i, 1 - j] + bias
+  np.testing.assert_allclose(np.asarray(up(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+  conv = nnx.ConvTranspose(3, 4, (2, 2), strides=(2, 2), padding="VALID", rngs=nnx.Rngs(2))
+  conv.kernel[...], conv.bias[...] = up.kernel[...], up.bias[...]
+  np.testing.assert_allclose(np.asarray(conv(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultrajax.models import vit
+from ultrajax.models import layers, vit
 
 SCALES = (4, 2, 1, 0.5)
 
@@ -37,8 +37,7 @@ class PyramidDecoder(nnx.Module):
                       rngs=rngs)
 
     def up(cin):
-      return nnx.ConvTranspose(cin, cin, (2, 2), strides=(2, 2), dtype=dtype,
-                               param_dtype=jnp.float32, rngs=rngs)
+      return layers.Upsample2x(cin, cin, dtype=dtype, rngs=rngs)
 
     self.num_levels = num_levels
     # Levels beyond four repeat the x1 scale.

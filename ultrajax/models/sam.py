@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ultrajax.models import vit
+from ultrajax.models import layers, vit
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 scale, as segment_anything
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -214,11 +214,10 @@ def conv(din: int, dout: int, kernel: int, *, dtype, rngs: nnx.Rngs, stride: int
                   rngs=rngs)
 
 
-def conv_transpose_2x2(din: int, dout: int, *, dtype, rngs: nnx.Rngs) -> nnx.ConvTranspose:
-  """nn.ConvTranspose2d(k=2, s=2): doubles H and W. Flax does not flip the kernel as torch's
-  transposed convolution does: interop flips it spatially on import and export."""
-  return nnx.ConvTranspose(din, dout, (2, 2), strides=(2, 2), padding="VALID", bias_init=zeros,
-                           dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def conv_transpose_2x2(din: int, dout: int, *, dtype, rngs: nnx.Rngs) -> layers.Upsample2x:
+  """nn.ConvTranspose2d(k=2, s=2): doubles H and W. Its kernel is in Flax's ConvTranspose
+  orientation, not flipped as torch's: interop flips it spatially on import and export."""
+  return layers.Upsample2x(din, dout, bias_init=zeros, dtype=dtype, rngs=rngs)
 
 
 def gelu(x):
