@@ -82,6 +82,9 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict(dict(
       prompts=("point", "box"),  # centroid point and exact box
       refine=(False, True),  # evaluate without and with the refinement pass
+      # Pass 2's sparse prompt: 'predicted_box' (official code: a point becomes the box around
+      # pass 1's mask) | 'same' (keep the click).
+      refine_prompt="predicted_box",
       max_images=0,  # 0 = every test image
       batch_size=8,
       every_steps=5000,  # and at step 0 (the untrained / init_from model) and at the end.

@@ -177,6 +177,39 @@ def test_refinement_feeds_first_logits_back_and_adds_both_losses():
   np.testing.assert_allclose(np.asarray(score), [0.9, 0.9])
 
 
+def test_test_time_refinement_turns_a_click_into_the_box_of_the_first_mask():
+  # Official UltraSam test-time refinement: pass 2 prompts a point's instance with the box of
+  # pass 1's mask (low-res pixel i covers input pixels [4i, 4i + 4) at 16 / 4), a box stays.
+  first = np.full((3, 4, 4), -1.0, np.float32)
+  first[0, 1:3, 0:2] = 1.0  # rows 1-2, cols 0-1
+  first[1, 0, 3] = 1.0
+  point = so.centroid_prompts(jnp.ones((1, 16, 16), bool))
+  box = so.box_prompts(jnp.zeros((1, 16, 16), bool).at[0, 2:5, 3:9].set(True))
+  prompts = so.Prompts(jnp.concatenate([point.coords, box.coords, point.coords]),
+                       jnp.concatenate([point.labels, box.labels, point.labels]))
+  got = so.predicted_box_prompts(prompts, jnp.asarray(first), 16)
+  np.testing.assert_allclose(np.asarray(got.coords[0]), [[0, 4], [7, 11]])
+  np.testing.assert_array_equal(np.asarray(got.labels[0]), so.BOX_LABELS)
+  np.testing.assert_array_equal(np.asarray(got.coords[1]), np.asarray(box.coords[0]))  # box kept
+  np.testing.assert_array_equal(np.asarray(got.coords[2]), np.asarray(point.coords[0]))  # empty
+  np.testing.assert_array_equal(np.asarray(got.labels[2]), so.POINT_LABELS)
+
+  seen = []
+  def decode(p, mask_logits):
+    seen.append(p)
+    n = p.coords.shape[0]
+    logits = jnp.broadcast_to(jnp.asarray(first)[:, None], (n, 4, 4, 4))
+    return so.DecoderOutput(logits, jnp.broadcast_to(jnp.asarray([0.1, 0.2, 0.9, 0.3]), (n, 4)))
+  so.predict_masks(decode, prompts, refine=True, input_size=16)
+  np.testing.assert_allclose(np.asarray(seen[1].coords), np.asarray(got.coords))
+  so.predict_masks(decode, prompts, refine=True, refine_prompt="same")
+  np.testing.assert_array_equal(np.asarray(seen[3].coords), np.asarray(prompts.coords))
+  with pytest.raises(ValueError, match="input_size"):
+    so.predict_masks(decode, prompts, refine=True)
+  with pytest.raises(ValueError, match="refine_prompt"):
+    so.predict_masks(decode, prompts, refine=True, refine_prompt="mask")
+
+
 # ----------------------------------------------------------------------------- data
 def _records():
   source = instances.PhantomInstances("test", 6, 40, seed=3)
@@ -309,6 +342,16 @@ def test_mask_map_against_hand_worked_cases():
   assert good["mAP50"] == bad["mAP50"] == pytest.approx(1.0)
 
 
+def test_mask_ious_match_sklearn_jaccard():
+  from sklearn.metrics import jaccard_score
+  from ultrajax.jobs import sam as job
+  rng = np.random.default_rng(0)
+  gt, pred = rng.random((5, 7, 6)) < 0.3, rng.random((5, 7, 6)) < 0.4
+  gt[4], pred[4] = False, False  # both empty: 0 (nothing to reward)
+  want = [jaccard_score(g.ravel(), p.ravel(), zero_division=0.0) for g, p in zip(gt, pred)]
+  np.testing.assert_allclose(job._mask_ious(gt, pred), want, rtol=1e-12)
+
+
 def test_logits_to_masks_undoes_resize_and_padding():
   orig = np.zeros((40, 20), np.uint8)
   orig[10:30, 4:16] = 1
@@ -357,7 +400,9 @@ def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
   params, results = job.run(config, str(tmp_path))
   assert set(results) == {0, 4, "classification"}
   for step in (0, 4):
-    assert set(results[step]) == {"point/mAP", "point/mAP50"}
+    # Pooled (class-agnostic, UltraSam's protocol) and per category.
+    assert set(results[step]) == {f"point/{c}{k}" for c in ("", "organ/", "lesion/")
+                                  for k in ("mAP", "mAP50", "mIoU")}
     assert all(0.0 <= v <= 1.0 for v in results[step].values())
   rows = writers.read_jsonl(tmp_path / "metrics.jsonl")
   losses = [r["loss"] for r in rows if "loss" in r]

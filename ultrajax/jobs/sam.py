@@ -75,6 +75,7 @@ def validate(config) -> None:
     c.check(p in EVAL_PROMPTS, f"config.eval.prompts has {p!r}; choose from {tuple(EVAL_PROMPTS)}")
   c.check(len(config.eval.prompts) > 0, "config.eval.prompts is empty")
   c.check_range(config, "eval.batch_size", 1)
+  c.check_choice(config, "eval.refine_prompt", so.REFINE_PROMPTS)
   c.check_range(config, "eval.every_steps", 1)
   c.check_choice(config, "classification.prompt", tuple(EVAL_PROMPTS))
   for name in ("log_every_steps", "ckpt_every_steps", "keep_checkpoints"):
@@ -210,7 +211,8 @@ def make_predict(graphdef, config):
     for prompt, refine in settings:
       prompts = so.prompts_for_batch(EVAL_PROMPTS[prompt], None, masks > 0)
       logits, score = so.predict_masks(
-          decode, so.Prompts(_flat(prompts.coords), _flat(prompts.labels)), refine=refine)
+          decode, so.Prompts(_flat(prompts.coords), _flat(prompts.labels)), refine=refine,
+          refine_prompt=config.eval.refine_prompt, input_size=config.model.image_size)
       out[setting_name(prompt, refine)] = (logits.reshape((b, m) + logits.shape[1:]),
                                            score.reshape(b, m))
     return out
@@ -249,10 +251,16 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(predict_fn, params, dataset, config, batch_sharding) -> tuple[dict, dict]:
-  """COCO mask mAP / mAP@50 per setting on `dataset`, and the first images' predictions."""
+  """COCO mask mAP / mAP@50 per setting on `dataset`, and the first images' predictions.
+
+  Keys '<setting>/mAP' pool every category (UltraSam's class-agnostic protocol); with several
+  categories, '<setting>/<category>/mAP' keeps one category's instances and their predictions.
+  '.../mIoU' is the mean IoU of each instance's one predicted mask with its ground truth (what
+  a user sees after one click or box).
+  """
   size, m, bsz = config.model.image_size, config.data.max_instances, config.eval.batch_size
   count = len(dataset) if not config.eval.max_images else min(len(dataset), config.eval.max_images)
-  gts, preds = [], {}
+  gts, cats, preds = [], [], {}
   shown = None
   for start in range(0, count, bsz):
     idx = list(range(start, min(start + bsz, count)))
@@ -265,6 +273,7 @@ def evaluate(predict_fn, params, dataset, config, batch_sharding) -> tuple[dict,
       n = min(len(record["masks"]), m)
       keep = valid[:n]
       gts.append(record["masks"][:n][keep])
+      cats.append(record["category_ids"][:n][keep])
       for name, (logits, score) in out.items():
         masks = coco_eval.logits_to_masks(logits[j, :n][keep], size, batch["hw"][j],
                                           record["masks"].shape[1:])
@@ -273,11 +282,30 @@ def evaluate(predict_fn, params, dataset, config, batch_sharding) -> tuple[dict,
       shown = dict(image=batch["image"][:NUM_PREVIEW], masks=batch["masks"][:NUM_PREVIEW],
                    valid=batch["valid"][:NUM_PREVIEW],
                    **{k: v[0][:NUM_PREVIEW] for k, v in out.items()})
+  names = {c["id"]: c["name"] for c in dataset.source.categories}
+  present = sorted(set(np.concatenate(cats).tolist()))
   results = {}
   for name, pairs in preds.items():
-    r = coco_eval.mask_map(gts, [p for p, _ in pairs], [s for _, s in pairs])
-    results[f"{name}/mAP"], results[f"{name}/mAP50"] = r["mAP"], r["mAP50"]
+    ious = [_mask_ious(g, p) for g, (p, _) in zip(gts, pairs)]
+    subsets = [("", [np.ones(len(c), bool) for c in cats])]
+    if len(present) > 1:
+      subsets += [(f"{names[k]}/", [c == k for c in cats]) for k in present]
+    for prefix, keeps in subsets:
+      r = coco_eval.mask_map([g[k] for g, k in zip(gts, keeps)],
+                             [p[k] for (p, _), k in zip(pairs, keeps)],
+                             [s[k] for (_, s), k in zip(pairs, keeps)])
+      results[f"{name}/{prefix}mAP"], results[f"{name}/{prefix}mAP50"] = r["mAP"], r["mAP50"]
+      results[f"{name}/{prefix}mIoU"] = float(np.concatenate(
+          [iou[k] for iou, k in zip(ious, keeps)]).mean())
   return results, shown
+
+
+def _mask_ious(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+  """IoU of matching masks.  gt, pred: {0,1} [N, H, W] -> [N] (0 where both are empty)."""
+  gt, pred = gt.astype(bool), pred.astype(bool)
+  inter = (gt & pred).sum((1, 2))
+  union = (gt | pred).sum((1, 2))
+  return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
 def save_preview(path: pathlib.Path, shown: dict, title: str) -> None:
@@ -527,7 +555,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
     if jax.process_index() == 0:
       save_preview(workdir / "images" / f"step_{step:06d}.png", shown,
                    f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()
-                                                if k.endswith("/mAP")))
+                                                if k.count("/") == 1 and k.endswith("/mAP")))
     return res
 
   if start == 0:

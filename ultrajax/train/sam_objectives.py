@@ -238,16 +238,48 @@ def sam_loss(decode: Callable, prompts: Prompts, targets, valid, *, refine: bool
   return metrics["loss"], metrics
 
 
-def predict_masks(decode: Callable, prompts: Prompts, *, refine: bool):
+# How the refinement pass prompts at test time (seed_systems.md 3.3). 'predicted_box': UltraSam's
+# official code replaces a point prompt by the box around pass 1's mask; box prompts stay.
+# 'same': pass 2 keeps the original prompt (SAM's own refinement; the paper's text is silent).
+REFINE_PROMPTS = ("predicted_box", "same")
+
+
+def predicted_box_prompts(prompts: Prompts, mask_logits, input_size: int) -> Prompts:
+  """Point prompts -> the box around the mask `mask_logits > 0`, in model-input pixels.
+
+  prompts: [N, 2, 2] / [N, 2]; mask_logits: [N, s, s] low-res logits of the [S, S] input,
+  S = input_size. Low-res pixel i covers input pixels [i f, (i + 1) f), f = S / s, so the box
+  is (x0 f, y0 f, (x1 + 1) f - 1, (y1 + 1) f - 1), inclusive like mask_boxes. Box prompts and
+  points whose mask is empty keep their prompt.
+  """
+  masks = mask_logits > 0
+  f = input_size / mask_logits.shape[-1]
+  x0, y0, x1, y1 = jnp.moveaxis(mask_boxes(masks).astype(jnp.float32), -1, 0)
+  box = _box_prompt(jnp.stack([x0 * f, y0 * f, (x1 + 1) * f - 1, (y1 + 1) * f - 1], axis=-1))
+  is_point = (prompts.labels[:, 0] == POINT_LABELS[0]) & masks.any((-2, -1))
+  pick = lambda b, p: jnp.where(is_point.reshape((-1,) + (1,) * (b.ndim - 1)), b, p)
+  return Prompts(pick(box.coords, prompts.coords), pick(box.labels, prompts.labels))
+
+
+def predict_masks(decode: Callable, prompts: Prompts, *, refine: bool,
+                  refine_prompt: str = "predicted_box", input_size: int | None = None):
   """Evaluation: one mask per prompt, scored by the predicted IoU.
 
   Without refinement: multimask output, the mask with the highest predicted IoU. With it:
-  the single-mask output's logits become the dense prompt of a second, multimask pass.
-  Returns (logits [N, s, s], score [N]).
+  the single-mask output's logits become the dense prompt of a second, multimask pass, whose
+  sparse prompt is chosen by refine_prompt (REFINE_PROMPTS; 'predicted_box' needs input_size,
+  the model input's side S). Returns (logits [N, s, s], score [N]).
   """
+  if refine_prompt not in REFINE_PROMPTS:
+    raise ValueError(f"refine_prompt={refine_prompt!r} is not one of {REFINE_PROMPTS}")
   out = decode(prompts, None)
   if refine:
-    out = decode(prompts, out.logits[:, 0])
+    first = out.logits[:, 0]
+    if refine_prompt == "predicted_box":
+      if input_size is None:
+        raise ValueError("refine_prompt='predicted_box' needs input_size (the model input's side)")
+      prompts = predicted_box_prompts(prompts, first, input_size)
+    out = decode(prompts, first)
   best = jnp.argmax(out.iou_pred[:, 1:], axis=1) + 1
   logits = jnp.take_along_axis(out.logits, best[:, None, None, None], axis=1)[:, 0]
   return logits, jnp.take_along_axis(out.iou_pred, best[:, None], axis=1)[:, 0]
