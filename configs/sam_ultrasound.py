@@ -81,7 +81,10 @@ def get_config(arg=None):
 
   c.eval = ml_collections.ConfigDict(dict(
       prompts=("point", "box"),  # centroid point and exact box
-      refine=(False, True),  # evaluate without and with the refinement pass
+      # Evaluate without and with the refinement pass. Without it, a model trained with
+      # loss.refine is read at its single-mask output (what its first pass learns), else at the
+      # best multimask output by predicted IoU.
+      refine=(False, True),
       # Pass 2's sparse prompt: 'predicted_box' (official code: a point becomes the box around
       # pass 1's mask) | 'same' (keep the click).
       refine_prompt="predicted_box",

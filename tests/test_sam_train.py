@@ -175,6 +175,10 @@ def test_refinement_feeds_first_logits_back_and_adds_both_losses():
   logits, score = so.predict_masks(decode, prompts, refine=False)
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(first.logits[:, 2]))
   np.testing.assert_allclose(np.asarray(score), [0.9, 0.9])
+  # A model trained with refinement is read, without it, at its single-mask output (token 0).
+  logits, score = so.predict_masks(decode, prompts, refine=False, multimask=False)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(first.logits[:, 0]))
+  np.testing.assert_allclose(np.asarray(score), [0.3, 0.3])
 
 
 def test_test_time_refinement_turns_a_click_into_the_box_of_the_first_mask():

@@ -212,7 +212,8 @@ def make_predict(graphdef, config):
       prompts = so.prompts_for_batch(EVAL_PROMPTS[prompt], None, masks > 0)
       logits, score = so.predict_masks(
           decode, so.Prompts(_flat(prompts.coords), _flat(prompts.labels)), refine=refine,
-          refine_prompt=config.eval.refine_prompt, input_size=config.model.image_size)
+          multimask=not config.loss.refine, refine_prompt=config.eval.refine_prompt,
+          input_size=config.model.image_size)
       out[setting_name(prompt, refine)] = (logits.reshape((b, m) + logits.shape[1:]),
                                            score.reshape(b, m))
     return out

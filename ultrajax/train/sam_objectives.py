@@ -261,12 +261,15 @@ def predicted_box_prompts(prompts: Prompts, mask_logits, input_size: int) -> Pro
   return Prompts(pick(box.coords, prompts.coords), pick(box.labels, prompts.labels))
 
 
-def predict_masks(decode: Callable, prompts: Prompts, *, refine: bool,
+def predict_masks(decode: Callable, prompts: Prompts, *, refine: bool, multimask: bool = True,
                   refine_prompt: str = "predicted_box", input_size: int | None = None):
   """Evaluation: one mask per prompt, scored by the predicted IoU.
 
-  Without refinement: multimask output, the mask with the highest predicted IoU. With it:
-  the single-mask output's logits become the dense prompt of a second, multimask pass, whose
+  Without refinement, one pass: with multimask, the multimask output with the highest predicted
+  IoU (SAM's rule, and what a model trained without refinement learns); without, the
+  single-mask output (token 0: what pass 1 of refinement training learns; its multimask
+  outputs and their IoUs are only ever trained with a dense prompt). With refinement: the
+  single-mask output's logits become the dense prompt of a second, multimask pass, whose
   sparse prompt is chosen by refine_prompt (REFINE_PROMPTS; 'predicted_box' needs input_size,
   the model input's side S). Returns (logits [N, s, s], score [N]).
   """
@@ -280,6 +283,8 @@ def predict_masks(decode: Callable, prompts: Prompts, *, refine: bool,
         raise ValueError("refine_prompt='predicted_box' needs input_size (the model input's side)")
       prompts = predicted_box_prompts(prompts, first, input_size)
     out = decode(prompts, first)
+  elif not multimask:
+    return out.logits[:, 0], out.iou_pred[:, 0]
   best = jnp.argmax(out.iou_pred[:, 1:], axis=1) + 1
   logits = jnp.take_along_axis(out.logits, best[:, None, None, None], axis=1)[:, 0]
   return logits, jnp.take_along_axis(out.iou_pred, best[:, None], axis=1)[:, 0]
