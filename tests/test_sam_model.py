@@ -411,3 +411,15 @@ def test_workdir_checkpoint_loads_exports_and_segments(tiny, tmp_path):
   assert written.shape == (60, 80, 3)
   tinted = np.any(written != image[..., None], axis=-1)
   assert tinted[masks[np.argmax(iou)]].all()  # every mask pixel is drawn over
+
+  # --refine: single mask, then a multimask pass prompted by its box and its logits.
+  mask = np.zeros((6, 7), bool)
+  mask[2:5, 1:4] = True
+  assert segment.mask_box(mask) == [1, 2, 3, 4] and segment.mask_box(mask & False) is None
+  done = segment.segment(tmp_path / "run", tmp_path / "scan.png", tmp_path / "r.png",
+                         points=[(20, 30)], refine=True)
+  first, _, low = predictor.predict(np.array([[20, 30]]), np.array([1]), multimask_output=False)
+  box = segment.mask_box(first[0])
+  second = (predictor.predict(box=np.array(box), mask_input=low[:1]) if box is not None else
+            predictor.predict(np.array([[20, 30]]), np.array([1]), mask_input=low[:1]))
+  assert done["candidates"] == pytest.approx([float(v) for v in second[1]], abs=1e-5)

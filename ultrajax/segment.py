@@ -2,13 +2,16 @@ r"""Segments one image from a click or a box with a SAM and saves an overlay PNG
 
   python -m ultrajax.segment --checkpoint=FILE_OR_WORKDIR --image=IMG \
       (--point=x,y [--point=x,y ...] [--negative=x,y ...] | --box=x0,y0,x1,y1) \
-      --out=overlay.png [--single_mask]
+      --out=overlay.png [--single_mask | --refine]
 
 FILE_OR_WORKDIR: a segment_anything state dict (sam_vit_b_01ec64.pth, .safetensors) or an
 ultrajax SAM training workdir. Coordinates are pixels of IMG, (x, y), origin top-left.
 With several candidate masks (the default for one click) the one with the highest predicted
-IoU is drawn. Prints the predicted IoU and the mask area; the overlay shows the mask in
-colour, its outline, the clicks (green foreground, red background) and the box.
+IoU is drawn. --refine runs UltraSam's test-time refinement instead (what a model trained by
+configs/sam_ultrasound.py learns): the single-mask output first, then a multimask pass with its
+logits as the mask prompt and, unless a box was given, the box around its mask in place of the
+clicks. Prints the predicted IoU and the mask area; the overlay shows the mask in colour, its
+outline, the clicks (green foreground, red background) and the box.
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ def define_flags() -> dict:
       negative=flags.DEFINE_multi_string("negative", [], "Background click x,y (repeatable)."),
       box=flags.DEFINE_string("box", None, "Box x0,y0,x1,y1."),
       out=flags.DEFINE_string("out", "overlay.png", "Output PNG."),
-      single_mask=flags.DEFINE_bool("single_mask", False, "SAM's single-mask output."))
+      single_mask=flags.DEFINE_bool("single_mask", False, "SAM's single-mask output."),
+      refine=flags.DEFINE_bool("refine", False, "UltraSam's refinement: single mask, then its "
+                               "box and logits as the prompt of a multimask pass."))
 
 
 def parse_numbers(flag: str, text: str, count: int) -> list[float]:
@@ -74,9 +79,29 @@ def overlay(image: np.ndarray, mask: np.ndarray, points=(), labels=(), box=None,
   return np.array(canvas)
 
 
+def mask_box(mask: np.ndarray) -> list[float] | None:
+  """bool [H, W] -> [x0, y0, x1, y1] (inclusive pixel indices), None for an empty mask."""
+  ys, xs = np.nonzero(mask)
+  if not len(xs):
+    return None
+  return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+
+
+def predict_refined(predictor, point_coords=None, point_labels=None, box=None):
+  """UltraSam's test-time refinement with a SamPredictor whose image is set (seed_systems.md
+  3.3): pass 1 the single-mask output; pass 2 multimask with pass 1's low-res logits as the
+  mask prompt and, unless `box` is given, the box around pass 1's mask instead of the clicks
+  (kept when that mask is empty). Returns predict's (masks [3, H, W], iou [3], low_res)."""
+  masks, _, low_res = predictor.predict(point_coords, point_labels, box, multimask_output=False)
+  if box is None and (found := mask_box(masks[0])) is not None:
+    point_coords, point_labels, box = None, None, np.asarray(found, np.float32)
+  return predictor.predict(point_coords, point_labels, box, mask_input=low_res[:1],
+                           multimask_output=True)
+
+
 def segment(checkpoint, image_path, out, *, points=(), negatives=(), box=None,
-            multimask: bool = True) -> dict:
-  """Runs the predictor and writes the overlay; returns dict(iou, area, out, masks)."""
+            multimask: bool = True, refine: bool = False) -> dict:
+  """Runs the predictor and writes the overlay; returns dict(iou, area, out, candidates)."""
   from PIL import Image
   from ultrajax.eval import sam_predictor
   if not points and not negatives and box is None:
@@ -87,10 +112,13 @@ def segment(checkpoint, image_path, out, *, points=(), negatives=(), box=None,
   predictor.set_image(image)
   clicks = list(points) + list(negatives)
   labels = [1] * len(points) + [0] * len(negatives)
-  masks, iou, _ = predictor.predict(
-      point_coords=np.array(clicks, np.float32) if clicks else None,
-      point_labels=np.array(labels) if clicks else None,
-      box=None if box is None else np.array(box, np.float32), multimask_output=multimask)
+  prompts = dict(point_coords=np.array(clicks, np.float32) if clicks else None,
+                 point_labels=np.array(labels) if clicks else None,
+                 box=None if box is None else np.array(box, np.float32))
+  if refine:
+    masks, iou, _ = predict_refined(predictor, **prompts)
+  else:
+    masks, iou, _ = predictor.predict(**prompts, multimask_output=multimask)
   best = int(np.argmax(iou))
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,8 +138,11 @@ def main(argv, f: dict):
   box = parse_numbers("box", f["box"].value, 4) if f["box"].value else None
   if not points and not negatives and box is None:
     raise app.UsageError("give at least one --point=x,y or a --box=x0,y0,x1,y1")
+  if f["refine"].value and f["single_mask"].value:
+    raise app.UsageError("--refine already chooses its outputs; drop --single_mask")
   done = segment(f["checkpoint"].value, f["image"].value, f["out"].value, points=points,
-                 negatives=negatives, box=box, multimask=not f["single_mask"].value)
+                 negatives=negatives, box=box, multimask=not f["single_mask"].value,
+                 refine=f["refine"].value)
   print(f"wrote {done['out']}: mask of {done['area']} px, predicted IoU {done['iou']:.3f} "
         f"(candidates {', '.join(f'{v:.3f}' for v in done['candidates'])})")
 
