@@ -68,6 +68,7 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
   c.aug = ml_collections.ConfigDict(dict(
       crop_scale=(0.08, 1.0), hflip=True,
       randaug_ops=2, randaug_magnitude=9.0,  # timm 'rand-m9-mstd0.5-inc1'
+      reprob=0.25,  # random erasing (MAE fine-tuning's timm RandomErasing, mode 'pixel')
       mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0,
       label_smoothing=0.1,
       rotate_deg=15.0, scale_jitter=1.2,  # segmentation: rotation and zoom ranges.
@@ -100,7 +101,7 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
                    dtype="float32", decoder_channels=64)
     c.data.update(num_images_per_organ=1000)
     c.aug.update(crop_scale=(0.35, 1.0), randaug_magnitude=5.0, mixup_alpha=0.0,
-                 cutmix_alpha=0.0)
+                 cutmix_alpha=0.0, reprob=0.0)
     c.optim.update(base_lr=1e-3, warmup_epochs=2, layer_decay=0.75)
     c.train.update(batch_size=32, num_epochs=20, eval_every_epochs=2)
   if preset == "smoke":

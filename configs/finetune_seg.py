@@ -26,7 +26,7 @@ def get_config(arg=None):
   knobs = configlib.parse_arg(arg, presets=("paper", "cpu", "smoke"), default_preset="paper")
   c = _CLS.base_config("seg", knobs.preset)
   # Segmentation keeps the whole field of view: flips, small rotations and zoom only.
-  c.aug.update(randaug_ops=0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
+  c.aug.update(randaug_ops=0, reprob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
   # The lr as given, not scaled by the batch: MAE/BEiT's UPerNet recipe (1e-4 at batch 16).
   c.optim.update(base_lr=1e-4, scale_lr_by_batch=False, layer_decay=0.65)
   if knobs.preset == "paper":

@@ -66,6 +66,33 @@ def test_rand_augment_keeps_range_and_is_deterministic():
   assert not np.array_equal(a, c)
 
 
+def test_random_erasing_one_rectangle_in_timm_bounds():
+  image = jnp.full((32, 24, 3), 7.0)  # no N(0, 1) sample equals 7
+  assert jnp.array_equal(augment.random_erasing(jax.random.key(0), image, 0.0), image)
+  erase = jax.jit(jax.vmap(lambda k: augment.random_erasing(k, image, 1.0)))
+  out = np.asarray(erase(jax.random.split(jax.random.key(1), 400)))
+  changed = (out != 7.0).all(-1)  # all channels of an erased pixel are noise
+  assert np.array_equal(changed, (out != 7.0).any(-1))
+  assert changed.any((1, 2)).mean() > 0.95
+  for c in changed:
+    rows, cols = np.nonzero(c.any(1))[0], np.nonzero(c.any(0))[0]
+    h, w = len(rows), len(cols)
+    # One axis-aligned rectangle, strictly smaller than the image, area and aspect in range
+    # (up to the rounding of h and w to whole pixels).
+    if not h:  # none of the 10 drawn sizes fitted (rare): nothing erased
+      continue
+    assert c.sum() == h * w and np.ptp(rows) + 1 == h and np.ptp(cols) + 1 == w
+    assert h < 32 and w < 24
+    assert 0.02 * 768 - h - w <= h * w <= 768 / 3 + h + w
+    assert 0.3 * (w - 0.5) - 0.5 <= h <= (w + 0.5) / 0.3 + 0.5
+  noise = out[changed]
+  assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1.0) < 0.05
+  # prob 0.25: about a quarter of the images are erased.
+  some = jax.vmap(lambda k: augment.random_erasing(k, image, 0.25))(
+      jax.random.split(jax.random.key(2), 2000))
+  assert abs(float((some != 7.0).any((1, 2, 3)).mean()) - 0.25) < 0.03
+
+
 def test_label_smoothing_and_cutmix_lambda_match_the_pasted_area():
   soft = augment.smooth_one_hot(jnp.array([0, 2]), 4, 0.1)
   np.testing.assert_allclose(soft, [[0.925, 0.025, 0.025, 0.025], [0.025, 0.025, 0.925, 0.025]])

@@ -1,4 +1,5 @@
-"""On-device augmentation for fine-tuning: crops, flips, rotations, RandAugment, mixup/cutmix.
+"""On-device augmentation for fine-tuning: crops, flips, rotations, RandAugment, random
+erasing, mixup/cutmix.
 
 All functions are pure JAX on float images in [0, 1] with explicit keys, so they run inside the
 jitted training step (vmapped over the batch) and the same key gives the same image. Geometric
@@ -132,6 +133,36 @@ def rand_augment_one(key, image, num_ops: int, magnitude: float, magnitude_std: 
 
 # ------------------------------------------------------------------------------------------------
 # Labels: smoothing, mixup, cutmix
+
+
+def random_erasing(key, image, prob: float, area=(0.02, 1 / 3), log_ratio=(-1.204, 1.204),
+                   attempts: int = 10):
+  """timm's RandomErasing(mode='pixel', max_count=1) on one normalised image (MAE fine-tuning's
+  `reprob`): with probability `prob`, a rectangle of area U(area) x H x W and aspect
+  exp(U(log_ratio)) (h / w; +-1.204 = log(1 / 0.3)) is filled with N(0, 1) noise, placed
+  uniformly where it fits. Of `attempts` sizes drawn, the first that fits strictly inside is
+  used (timm retries the same way); when none fits nothing is erased.
+
+  image: [H, W, C] (after mean/std normalisation) -> [H, W, C].
+  """
+  height, width = image.shape[:2]
+  k_do, k_area, k_ratio, k_y, k_x, k_noise = jax.random.split(key, 6)
+  target = jax.random.uniform(k_area, (attempts,), minval=area[0], maxval=area[1]) * height * width
+  ratio = jnp.exp(jax.random.uniform(k_ratio, (attempts,), minval=log_ratio[0],
+                                     maxval=log_ratio[1]))
+  h = jnp.round(jnp.sqrt(target * ratio)).astype(jnp.int32)
+  w = jnp.round(jnp.sqrt(target / ratio)).astype(jnp.int32)
+  fits = (h < height) & (w < width)
+  first = jnp.argmax(fits)
+  h, w = h[first], w[first]
+  top = jnp.floor(jax.random.uniform(k_y) * (height - h + 1)).astype(jnp.int32)
+  left = jnp.floor(jax.random.uniform(k_x) * (width - w + 1)).astype(jnp.int32)
+  rows = jnp.arange(height)[:, None]
+  cols = jnp.arange(width)[None, :]
+  inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+  inside &= fits.any() & jax.random.bernoulli(k_do, prob)
+  noise = jax.random.normal(k_noise, image.shape, image.dtype)
+  return jnp.where(inside[..., None], noise, image)
 
 
 def smooth_one_hot(labels, num_classes: int, smoothing: float):

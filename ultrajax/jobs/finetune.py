@@ -67,6 +67,7 @@ def validate(config) -> None:
   c.check_range(config, "ckpt_every_epochs", 1)
   c.check_range(config, "optim.layer_decay", 0.0, 1.0, low_inclusive=False)
   c.check_range(config, "aug.label_smoothing", 0.0, 1.0, high_inclusive=False)
+  c.check_range(config, "aug.reprob", 0.0, 1.0)
   for f in config.fractions:
     c.check(isinstance(f, (int, float)) and 0.0 < f <= 1.0,
             f"config.fractions has {f!r}; every training fraction must be in (0, 1]")
@@ -186,15 +187,20 @@ def make_loss_fn(graphdef, config, num_classes: int):
 
   def loss_fn(params, images_u8, targets, key):
     k_aug, k_mix, k_drop = jax.random.split(key, 3)
+    k_erase = jax.random.fold_in(k_aug, 1)
     model = nnx.merge(graphdef, params)
     x = images_u8.astype(jnp.float32) / 255.0
     keys = jax.random.split(k_aug, x.shape[0])
     if config.task_type == "cls":
-      x = jax.vmap(lambda k, im: augment_cls(k, im, aug))(keys, x)
+      x = mae.normalize(jax.vmap(lambda k, im: augment_cls(k, im, aug))(keys, x))
+      if aug.reprob > 0:  # per image, after normalisation and before mixing (as timm)
+        x = jax.vmap(lambda k, im: augment.random_erasing(k, im, aug.reprob))(
+            jax.random.split(k_erase, x.shape[0]), x)
       soft = augment.smooth_one_hot(targets, num_classes, aug.label_smoothing)
+      # Mixing is affine with weights summing to 1, so it commutes with the normalisation.
       x, soft = augment.mixup_cutmix(k_mix, x, soft, mixup_alpha=aug.mixup_alpha,
                                      cutmix_alpha=aug.cutmix_alpha, prob=aug.mix_prob)
-      logits = model(mae.normalize(x), key=k_drop)
+      logits = model(x, key=k_drop)
       return optax.softmax_cross_entropy(logits, soft).mean()
     x, t = jax.vmap(lambda k, im, m: augment_seg(k, im, m, aug))(keys, x, targets)
     return seg_loss(model(mae.normalize(x), key=k_drop), t, config.loss.dice_weight)
