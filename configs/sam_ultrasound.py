@@ -5,7 +5,7 @@ Launch (paper preset: SAM ViT-B at 1024, 30k steps of 32 images; GPU node / TPU 
       --config.init_from=/weights/sam_vit_b_01ec64.pth \
       --config.data.source=coco --config.data.train_json=/data/us43d/train.json \
       --config.data.test_json=/data/busbra/test.json
-On a laptop/CI CPU (2 cores, a few minutes; tiny SAM on phantom organ + lesion instances):
+On a laptop/CI CPU (2 cores, about 8 minutes; tiny SAM on phantom organ + lesion instances):
   python -m ultrajax.main --config=configs/sam_ultrasound.py:cpu --workdir=/tmp/ultrasam_cpu
   Expected: point- and box-prompt mask mAP well above the untrained model's (docs/reproductions.md
   section 3 has the measured numbers), then prompted vs plain lesion classification AUROC.
@@ -118,14 +118,14 @@ def get_config(arg=None):
                    dtype="float32")
     c.data.update(phantom_train_images=512, phantom_test_images=64, phantom_image_size=64,
                   max_instances=2, batch_size=16)
-    c.optim.update(lr=1e-3, warmup_steps=30, decay_at_steps=(1000, 1120), grad_clip_norm=1.0)
-    c.num_steps = 1200
-    c.eval.update(every_steps=600, batch_size=16)
+    c.optim.update(lr=1e-3, warmup_steps=30, decay_at_steps=(2500, 2800), grad_clip_norm=1.0)
+    c.num_steps = 3000  # point prompts keep improving to the end (docs/reproductions.md section 3)
+    c.eval.update(every_steps=1000, batch_size=16)
     c.classification.update(enabled=True, train_images=384, test_images=128, num_steps=300,
                             batch_size=32, lr=1e-3, bootstrap_samples=500)
     c.mesh.data = 1
     c.log_every_steps = 50
-    c.ckpt_every_steps = 600
+    c.ckpt_every_steps = 1000
   elif knobs.preset == "smoke":
     c.model.update(variant="", encoder_width=32, encoder_depth=2, encoder_heads=2,
                    global_attn_indexes=(1,), window_size=2, patch_size=8, image_size=32,
