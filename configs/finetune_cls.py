@@ -85,7 +85,12 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
       layer_decay=0.75,
       grad_clip_norm=0.0,
   ))
-  c.loss = ml_collections.ConfigDict(dict(dice_weight=1.0))  # segmentation: CE/BCE + w * Dice
+  c.loss = ml_collections.ConfigDict(dict(
+      dice_weight=1.0,  # segmentation: CE/BCE + w * Dice
+      # classification: 'none' | 'balanced' (each class weighted n / (K n_k) over the training
+      # images, scikit-learn's rule; for imbalanced sets such as BUSI's 3 classes).
+      class_weights="none",
+  ))
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_epochs=100, eval_every_epochs=1,

@@ -93,6 +93,26 @@ def test_random_erasing_one_rectangle_in_timm_bounds():
   assert abs(float((some != 7.0).any((1, 2, 3)).mean()) - 0.25) < 0.03
 
 
+def test_balanced_class_weights_match_sklearn_and_weighted_loss_by_hand():
+  from sklearn.utils.class_weight import compute_class_weight
+  labels = np.array([0] * 7 + [1] * 2 + [2] * 3)
+  np.testing.assert_allclose(finetune.balanced_class_weights(labels, 3),
+                             compute_class_weight("balanced", classes=np.arange(3), y=labels),
+                             rtol=1e-6)
+  np.testing.assert_allclose(finetune.balanced_class_weights(np.array([0, 0, 2]), 3),
+                             [0.5, 0.0, 1.0])  # 3 / (3 x 2), absent class 0, 3 / (3 x 1)
+  logits = jnp.asarray([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+  soft = jnp.asarray([[1.0, 0.0, 0.0], [0.0, 0.3, 0.7]])
+  w = jnp.asarray([0.5, 2.0, 1.0])
+  logp = np.log(np.exp(np.asarray(logits)) / np.exp(np.asarray(logits)).sum(1, keepdims=True))
+  want = -(0.5 * logp[0, 0] + 2.0 * 0.3 * logp[1, 1] + 1.0 * 0.7 * logp[1, 2]) / 2
+  np.testing.assert_allclose(float(finetune.weighted_soft_cross_entropy(logits, soft, w)), want,
+                             rtol=1e-6)
+  np.testing.assert_allclose(  # unit weights: optax's cross-entropy
+      float(finetune.weighted_soft_cross_entropy(logits, soft, jnp.ones(3))),
+      float(optax.softmax_cross_entropy(logits, soft).mean()), rtol=1e-6)
+
+
 def test_label_smoothing_and_cutmix_lambda_match_the_pasted_area():
   soft = augment.smooth_one_hot(jnp.array([0, 2]), 4, 0.1)
   np.testing.assert_allclose(soft, [[0.925, 0.025, 0.025, 0.025], [0.025, 0.025, 0.925, 0.025]])
@@ -289,6 +309,8 @@ def test_load_encoder_from_pretraining_checkpoint_and_timm_file(tmp_path):
 def test_finetune_cls_smoke_resumes_bitwise_after_a_crash(tmp_path, monkeypatch):
   config = cls_config()
   config.num_seeds = 1
+  config.loss.class_weights = "balanced"  # the paths off in the smoke preset
+  config.aug.reprob = 0.25
   rows = finetune.run(config, str(tmp_path / "full"))
   cell = tmp_path / "full" / "scratch" / "frac_1" / "seed_0"
   result = json.loads((cell / "results.json").read_text())
@@ -339,6 +361,10 @@ def test_bad_finetune_configs_fail_naming_the_field(tmp_path):
   config.fractions = (0.5, 1.2)
   with pytest.raises(configlib.ConfigError, match="fractions"):
     finetune.run(config, str(tmp_path))
+  config = cls_config()
+  config.loss.class_weights = "inverse"
+  with pytest.raises(configlib.ConfigError, match="loss.class_weights"):
+    finetune.validate(config)
   config = cls_config()
   config.variants = "mae"
   with pytest.raises(configlib.ConfigError, match="name=path"):

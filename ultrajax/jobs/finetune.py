@@ -46,6 +46,8 @@ from ultrajax.viz import plots
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("finetune", "linear_probe")
+# Classification loss weights: 'none' | 'balanced' (n / (K n_k) over the training images).
+CLASS_WEIGHTS = ("none", "balanced")
 CLS_METRICS = ("auroc", "average_precision", "accuracy", "f1", "precision", "recall")
 SEG_METRICS = ("dice", "iou", "hd95")
 LOWER_IS_BETTER = ("hd95",)
@@ -68,6 +70,7 @@ def validate(config) -> None:
   c.check_range(config, "optim.layer_decay", 0.0, 1.0, low_inclusive=False)
   c.check_range(config, "aug.label_smoothing", 0.0, 1.0, high_inclusive=False)
   c.check_range(config, "aug.reprob", 0.0, 1.0)
+  c.check_choice(config, "loss.class_weights", CLASS_WEIGHTS)
   for f in config.fractions:
     c.check(isinstance(f, (int, float)) and 0.0 < f <= 1.0,
             f"config.fractions has {f!r}; every training fraction must be in (0, 1]")
@@ -182,10 +185,27 @@ def seg_loss(logits, target, dice_weight: float):
   return ce + dice_weight * soft_dice_loss(jax.nn.softmax(logits)[..., 1:], onehot)
 
 
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """n / (K n_k) per class k (scikit-learn's 'balanced'), 0 for a class absent from `labels`.
+
+  labels: int [n] -> float32 [K]; with every class present the weighted class shares sum to 1,
+  so the loss keeps its scale."""
+  counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+  return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0).astype(
+      np.float32)
+
+
+def weighted_soft_cross_entropy(logits, soft, class_weights):
+  """mean_b -sum_k w_k y_bk log softmax(logits)_bk (torch's CrossEntropyLoss(weight) with soft
+  targets).  logits, soft: [B, K]; class_weights: [K] (ones: plain cross-entropy)."""
+  return -(class_weights * soft * jax.nn.log_softmax(logits)).sum(-1).mean()
+
+
 def make_loss_fn(graphdef, config, num_classes: int):
   aug = config.aug
 
-  def loss_fn(params, images_u8, targets, key):
+  def loss_fn(params, images_u8, targets, key, class_weights):
+    """class_weights: [K] on the classification loss (ones unless loss.class_weights)."""
     k_aug, k_mix, k_drop = jax.random.split(key, 3)
     k_erase = jax.random.fold_in(k_aug, 1)
     model = nnx.merge(graphdef, params)
@@ -201,7 +221,7 @@ def make_loss_fn(graphdef, config, num_classes: int):
       x, soft = augment.mixup_cutmix(k_mix, x, soft, mixup_alpha=aug.mixup_alpha,
                                      cutmix_alpha=aug.cutmix_alpha, prob=aug.mix_prob)
       logits = model(x, key=k_drop)
-      return optax.softmax_cross_entropy(logits, soft).mean()
+      return weighted_soft_cross_entropy(logits, soft, class_weights)
     x, t = jax.vmap(lambda k, im, m: augment_seg(k, im, m, aug))(keys, x, targets)
     return seg_loss(model(mae.normalize(x), key=k_drop), t, config.loss.dice_weight)
 
@@ -341,15 +361,15 @@ class Programs:
     loss_fn = make_loss_fn(graphdef, config, num_classes)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, images, targets, idx, key):
+    def train_step(params, opt_state, images, targets, idx, key, class_weights):
       """One step on the training images at `idx` [B]."""
       x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
       y = jax.lax.with_sharding_constraint(targets[idx], data_sharding)
-      loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key)
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key, class_weights)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
 
-    def run_epoch(params, opt_state, images, targets, order, epoch_key):
+    def run_epoch(params, opt_state, images, targets, order, epoch_key, class_weights):
       """One epoch over `order` [steps, B] of training indices; returns the mean loss.
 
       A host loop over a jitted step rather than a `lax.scan`: XLA:CPU ran the scanned
@@ -359,7 +379,7 @@ class Programs:
       losses = []
       for i in range(order.shape[0]):
         params, opt_state, loss = train_step(params, opt_state, images, targets, order[i],
-                                             jax.random.fold_in(epoch_key, i))
+                                             jax.random.fold_in(epoch_key, i), class_weights)
         losses.append(loss)
       return params, opt_state, jnp.mean(jnp.stack(losses))
 
@@ -395,6 +415,12 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
   data_sharding, lr = programs.data_sharding, programs.peak_lr
   train_images = _replicate(data.images[train_idx], mesh)
   train_targets = _replicate(data.targets[train_idx], mesh)
+  class_weights = np.ones(data.num_classes, np.float32)
+  if config.task_type == "cls" and config.loss.class_weights == "balanced":
+    class_weights = balanced_class_weights(data.targets[train_idx], data.num_classes)
+    logging.info("Class weights (balanced over the training images): %s",
+                 dict(zip(data.class_names, np.round(class_weights, 3).tolist())))
+  class_weights = _replicate(class_weights, mesh)
   select = config.train.select_metric
 
   ckpt = checkpoint.Checkpointer(run_dir, keep=1)
@@ -424,7 +450,8 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
       order = np.random.default_rng([seed, epoch]).permutation(len(train_idx))
       order = order[:steps_per_epoch * batch].reshape(steps_per_epoch, batch)
       params, opt_state, loss = run_epoch(params, opt_state, train_images, train_targets,
-                                          jnp.asarray(order), jax.random.fold_in(run_key, epoch))
+                                          jnp.asarray(order), jax.random.fold_in(run_key, epoch),
+                                          class_weights)
       loss = float(loss)
       row = {"epoch": epoch + 1, "train_loss": loss,
              "lr": float(schedule((epoch + 1) * steps_per_epoch - 1)),
