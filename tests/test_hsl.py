@@ -213,12 +213,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 def _config(arg="smoke", **overrides):
   config = configlib.load_config_module(CONFIGS / "hsl.py").get_config(arg)
-  for path, value in overrides.items():
-    node = config
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)  # 'a.b' -> config.a.b
   return config
 
 

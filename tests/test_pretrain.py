@@ -20,12 +20,7 @@ CONFIGS = REPO / "configs"
 def smoke_config(**overrides):
   config = configlib.load_config_module(CONFIGS / "pretrain_fed.py").get_config("smoke")
   config.mesh.update(clients=1, data=1)
-  for path, value in overrides.items():
-    node = config
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)  # 'a.b' -> config.a.b
   return config
 
 

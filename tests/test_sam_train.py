@@ -383,10 +383,7 @@ def test_config_errors_name_the_field_and_zero_shot_split():
                               ("data.source", "coco", "data.train_json"),
                               ("prompts.p_box", 1.5, "config.prompts.p_box=1.5")):
     c = _config()
-    node, name = c, field.split(".")
-    for part in name[:-1]:
-      node = node[part]
-    node[name[-1]] = value
+    c.update_from_flattened_dict({field: value})
     with pytest.raises(configlib.ConfigError, match=match.replace(".", r"\.")):
       job.validate(c)
   c = _config()

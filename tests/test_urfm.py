@@ -205,12 +205,7 @@ def urfm_config(**overrides):
   config = configlib.load_config_module(REPO / "configs" / "pretrain_urfm.py").get_config("smoke")
   config.mesh.update(clients=1, data=1)
   config.fed.num_rounds = 1
-  for path, value in overrides.items():
-    node = config
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)  # 'a.b' -> config.a.b
   return config
 
 

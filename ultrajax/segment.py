@@ -80,11 +80,12 @@ def overlay(image: np.ndarray, mask: np.ndarray, points=(), labels=(), box=None,
 
 
 def mask_box(mask: np.ndarray) -> list[float] | None:
-  """bool [H, W] -> [x0, y0, x1, y1] (inclusive pixel indices), None for an empty mask."""
-  ys, xs = np.nonzero(mask)
-  if not len(xs):
+  """bool [H, W] -> [x0, y0, x1, y1] (inclusive pixel indices, sam_objectives.mask_boxes), None
+  for an empty mask."""
+  from ultrajax.train import sam_objectives
+  if not np.any(mask):
     return None
-  return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+  return [float(v) for v in np.asarray(sam_objectives.mask_boxes(np.asarray(mask, bool)[None]))[0]]
 
 
 def predict_refined(predictor, point_coords=None, point_labels=None, box=None):
