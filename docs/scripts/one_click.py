@@ -22,22 +22,22 @@ source = instances.PhantomInstances("sam_test", 64, size, seed=0)  # the job's t
 ious, areas, tiles = {"click": [], "click, refined": []}, [], []
 for i in range(len(source)):
   record = source[i]
-  for mask, cat in zip(record["masks"], record["category_ids"]):
-    if cat != 2:  # lesions only
-      continue
-    mask = mask.astype(bool)
+  lesions = [m.astype(bool) for m, cat in zip(record["masks"], record["category_ids"]) if cat == 2]
+  if not lesions:
+    continue
+  rgb = np.repeat(record["image"][..., None], 3, axis=-1)
+  predictor.set_image(rgb)  # one image embedding for all of its lesions
+  for mask in lesions:
     areas.append(mask.sum())
     ys, xs = np.nonzero(mask)
     click = np.array([[xs.mean(), ys.mean()]], np.float32)  # the lesion's centroid
-    predictor.set_image(np.repeat(record["image"][..., None], 3, axis=-1))
     single, _, _ = predictor.predict(click, np.array([1]), multimask_output=False)
     masks, iou, _ = segment.predict_refined(predictor, click, np.array([1]))
     refined = masks[np.argmax(iou)]
     for name, pred in (("click", single[0]), ("click, refined", refined)):
       ious[name].append((pred & mask).sum() / max((pred | mask).sum(), 1))
     if len(tiles) < 8:
-      tiles.append(segment.overlay(np.repeat(record["image"][..., None], 3, axis=-1), single[0],
-                                   click, [1]))
+      tiles.append(segment.overlay(rgb, single[0], click, [1]))
 areas = np.asarray(areas)
 large = areas >= np.median(areas)
 for name, v in ious.items():
