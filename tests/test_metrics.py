@@ -147,6 +147,46 @@ def test_class_metrics_match_sklearn():
                  - theirs(b_labels, b_preds, average="binary", zero_division=0)) < TOL
 
 
+def test_specificity_and_npv_match_sklearn_confusion_matrix():
+  rng = np.random.default_rng(10)
+  for _ in range(40):
+    k = int(rng.integers(2, 5))
+    n = int(rng.integers(1, 40))
+    labels, preds = rng.integers(0, k, n), rng.integers(0, k, n)
+    preds = np.where(rng.random(n) < 0.5, labels, preds)
+    spec, npv = [], []
+    for c in range(k):  # one-vs-rest 2 x 2 tables from sklearn
+      tn, fp, fn, _ = skm.confusion_matrix(labels == c, preds == c, labels=[False, True]).ravel()
+      spec.append(tn / (tn + fp) if tn + fp else 0.0)
+      npv.append(tn / (tn + fn) if tn + fn else 0.0)
+    assert abs(metrics.specificity(labels, preds, num_classes=k) - np.mean(spec)) < TOL
+    assert abs(metrics.npv(labels, preds, num_classes=k) - np.mean(npv)) < TOL
+    b_labels, b_preds = labels % 2, preds % 2
+    tn, fp, fn, _ = skm.confusion_matrix(b_labels, b_preds, labels=[0, 1]).ravel()
+    assert abs(metrics.specificity(b_labels, b_preds, average="binary")
+               - (tn / (tn + fp) if tn + fp else 0.0)) < TOL
+    assert abs(metrics.npv(b_labels, b_preds, average="binary") - (tn / (tn + fn) if tn + fn else 0.0)) < TOL
+
+
+def test_expected_calibration_error_by_hand():
+  # 4 bins of width 0.25. Confidences (max prob): 0.9, 0.8, 0.6, 0.55, 0.3 (of 3 classes).
+  probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.25, 0.55],
+                    [0.3, 0.3, 0.4 - 0.1]])
+  labels = np.array([0, 2, 0, 2, 1])  # right, wrong, right, right, wrong (argmax of row 5 is class 0)
+  # Bin (0.75, 1]: {0.9 right, 0.8 wrong}: |1/2 - 0.85| * 2/5 = 0.14.
+  # Bin (0.5, 0.75]: {0.6 right, 0.55 right}: |1 - 0.575| * 2/5 = 0.17.
+  # Bin (0.25, 0.5]: {0.3 wrong}: |0 - 0.3| * 1/5 = 0.06.
+  assert metrics.expected_calibration_error(labels, probs, num_bins=4) == pytest.approx(0.37)
+  # Binary [N] probabilities of class 1: confidences 0.9 (pred 1), 0.7 (pred 0), 0.6 (pred 1).
+  p1 = np.array([0.9, 0.3, 0.6])
+  # 2 bins: (0.5, 1] holds all three, accuracy 2/3 (label of the 0.6 one is 0), confidence 0.7333.
+  assert metrics.expected_calibration_error([1, 0, 0], p1, num_bins=2) == pytest.approx(
+      abs(2 / 3 - 2.2 / 3))
+  assert metrics.expected_calibration_error([1, 0], np.array([1.0, 0.0])) == 0.0
+  with pytest.raises(ValueError, match="logits"):
+    metrics.expected_calibration_error([0, 1], np.array([-1.0, 2.0]))
+
+
 def test_all_correct_and_all_wrong():
   labels = np.array([0, 1, 2, 1, 0])
   for fn in (metrics.accuracy, metrics.f1, metrics.precision, metrics.recall):
@@ -199,17 +239,23 @@ def test_per_class_dice_by_hand():
     metrics.per_class_dice(pred % 2, target, 2)
 
 
-def _reference_hd95(pred, target, spacing, mode):
-  """hd95 by brute force: inner boundaries from skimage (zero-padded so image-edge pixels count, as in
-  medpy), all pairwise physical distances between boundary pixels, nearest per pixel, p95 both ways."""
+def _reference_distances(pred, target, spacing):
+  """Surface distances by brute force: inner boundaries from skimage (zero-padded so image-edge pixels
+  count, as in medpy), all pairwise physical distances between boundary pixels, nearest per pixel.
+  Returns (pred -> target [Sp], target -> pred [St])."""
   def surface_points(mask):
     inner = find_boundaries(np.pad(mask, 1), connectivity=1, mode="inner")[1:-1, 1:-1]
     return np.argwhere(inner) * np.asarray(spacing)
   a, b = surface_points(pred), surface_points(target)
   d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+  return d.min(1), d.min(0)
+
+
+def _reference_hd95(pred, target, spacing, mode):
+  d_pt, d_tp = _reference_distances(pred, target, spacing)
   if mode == "medpy":
-    return np.percentile(np.r_[d.min(1), d.min(0)], 95)
-  return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+    return np.percentile(np.r_[d_pt, d_tp], 95)
+  return max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))
 
 
 def _random_mask(rng, shape):
@@ -229,6 +275,34 @@ def test_hd95_matches_brute_force_reference(spacing, mode):
     pred, target = _random_mask(rng, shape), _random_mask(rng, shape)
     want = _reference_hd95(pred, target, spacing, mode)
     assert abs(metrics.hd95(pred, target, spacing, mode=mode) - want) < TOL
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.5, 1.3)])
+def test_asd_and_surface_dice_match_brute_force_reference(spacing):
+  rng = np.random.default_rng(8)
+  for _ in range(20):
+    shape = tuple(int(s) for s in rng.integers(8, 40, 2))
+    pred, target = _random_mask(rng, shape), _random_mask(rng, shape)
+    d_pt, d_tp = _reference_distances(pred, target, spacing)
+    assert abs(metrics.average_surface_distance(pred, target, spacing)
+               - np.r_[d_pt, d_tp].mean()) < TOL
+    for tol in (0.0, 1.0, 2.5):
+      want = ((d_pt <= tol).sum() + (d_tp <= tol).sum()) / (d_pt.size + d_tp.size)
+      assert abs(metrics.surface_dice(pred, target, tol, spacing) - want) < TOL
+
+
+def test_surface_metrics_take_one_spacing_per_image():
+  """[B, 2] spacings (e.g. mm per resized pixel, different for every image) equal image-by-image."""
+  rng = np.random.default_rng(9)
+  pred = np.stack([_random_mask(rng, (20, 24)) for _ in range(3)])
+  target = np.stack([_random_mask(rng, (20, 24)) for _ in range(3)])
+  spacing = np.array([[0.1, 0.1], [0.2, 0.05], [1.0, 3.0]])
+  for fn in (metrics.hd95, metrics.average_surface_distance,
+             lambda p, t, s: metrics.surface_dice(p, t, 0.5, s)):
+    np.testing.assert_allclose(fn(pred, target, spacing),
+                               [fn(p, t, s) for p, t, s in zip(pred, target, spacing)], atol=TOL)
+  with pytest.raises(ValueError, match=r"\[B=3, 2\]"):
+    metrics.hd95(pred, target, spacing[:2])
 
 
 def test_hd95_by_hand_and_batched():
@@ -253,6 +327,21 @@ def test_hd95_modes_differ_on_a_stray_blob():
   assert directed > 20 and pooled < directed
 
 
+def test_surface_metrics_by_hand():
+  target = np.zeros((10, 10), bool)
+  target[2:5, 2:5] = True  # 8 surface pixels
+  shifted = np.roll(target, 1, axis=1)  # one column right
+  # Each way, 4 of the 8 surface pixels (top and bottom rows, shared columns) lie on the other
+  # surface and the other 4 one column (0.5 mm) from it; one row away would be 2 mm.
+  assert metrics.average_surface_distance(shifted, target, (2.0, 0.5)) == pytest.approx(4 * 0.5 / 8)
+  assert metrics.surface_dice(shifted, target, 0.0, (2.0, 0.5)) == pytest.approx(8 / 16)
+  assert metrics.surface_dice(shifted, target, 0.5, (2.0, 0.5)) == 1.0
+  empty = np.zeros_like(target)
+  out = metrics.surface_dice(np.stack([empty, empty]), np.stack([empty, target]), 1.0)
+  np.testing.assert_array_equal(out, [1.0, 0.0])
+  assert np.isnan(metrics.average_surface_distance(empty, target))
+
+
 def test_hd95_matches_medpy_when_installed():
   medpy_binary = pytest.importorskip("medpy.metric.binary")
   rng = np.random.default_rng(6)
@@ -261,6 +350,8 @@ def test_hd95_matches_medpy_when_installed():
       pred, target = _random_mask(rng, (30, 25)), _random_mask(rng, (30, 25))
       want = medpy_binary.hd95(pred, target, voxelspacing=spacing)
       assert abs(metrics.hd95(pred, target, spacing) - want) < TOL
+      want = medpy_binary.assd(pred, target, voxelspacing=spacing)
+      assert abs(metrics.average_surface_distance(pred, target, spacing) - want) < TOL
 
 
 def test_segmentation_metrics_reject_bad_input():
@@ -273,6 +364,8 @@ def test_segmentation_metrics_reject_bad_input():
     metrics.hd95(mask, np.full((4, 4), 2))
   with pytest.raises(ValueError, match="spacing"):
     metrics.hd95(mask, mask, spacing=(1.0, -1.0))
+  with pytest.raises(ValueError, match="tolerance"):
+    metrics.surface_dice(mask, mask, -1.0)
   with pytest.raises(ValueError, match="mode='mean'"):
     metrics.hd95(mask, mask, mode="mean")
   with pytest.raises(ValueError, match=r"\[H, W\] or \[B, H, W\]"):
@@ -298,6 +391,21 @@ def test_bootstrap_ci_contains_estimate_narrows_and_is_seeded():
   assert again == (est, low, high)
 
 
+def test_bootstrap_cis_share_one_set_of_resamples():
+  rng = np.random.default_rng(11)
+  labels = rng.integers(0, 2, 60)
+  scores = np.clip(labels * 0.3 + rng.random(60) * 0.7, 0, 1)
+  calls = []
+
+  def scores_fn(t, s):
+    calls.append(1)
+    return {"auroc": metrics.auroc(t, s), "accuracy": metrics.accuracy(t, s > 0.5)}
+  out = metrics.bootstrap_cis(scores_fn, labels, scores, num_samples=100, seed=3)
+  assert len(calls) == 101  # the full data once, then each resample once for both metrics
+  for name, fn in (("auroc", metrics.auroc), ("accuracy", lambda t, s: metrics.accuracy(t, s > 0.5))):
+    assert out[name] == metrics.bootstrap_ci(fn, labels, scores, num_samples=100, seed=3)
+
+
 def test_bootstrap_ci_skips_nan_resamples():
   labels = np.array([0] * 9 + [1])  # one positive, ranked top
   scores = np.linspace(0, 1, 10)
@@ -317,6 +425,10 @@ def test_mean_ci_by_hand():
   std = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
   half = 2.7764451051977987 * std / math.sqrt(5)  # t_{0.975, 4}
   np.testing.assert_allclose(metrics.mean_ci(values), (mean, mean - half, mean + half), rtol=0, atol=1e-12)
+  # Two seeds: the t interval (t_{0.975, 1} = 12.7) leaves [0, 1] and is clipped to the range.
+  m, low, high = metrics.mean_ci([0.6, 0.99], bounds=metrics.metric_range("auroc"))
+  assert (m, low, high) == (pytest.approx(0.795), 0.0, 1.0)
+  assert metrics.mean_ci([0.6, 0.99])[1] < 0
   m, low, high = metrics.mean_ci([0.7])
   assert m == 0.7 and math.isnan(low) and math.isnan(high)
   with pytest.raises(ValueError, match="alpha"):

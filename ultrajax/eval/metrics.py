@@ -2,7 +2,9 @@
 
 Classification metrics agree with scikit-learn (`roc_auc_score`, `average_precision_score`,
 `f1_score`, `precision_score`, `recall_score` with zero_division=0, `accuracy_score`,
-`confusion_matrix`); `hd95` follows medpy by default. Where a metric is
+`confusion_matrix`; specificity and NPV from its confusion matrix); `hd95` and
+`average_surface_distance` follow medpy (`hd95`, `assd`), `surface_dice` MONAI's
+`compute_surface_dice`, all in physical units given the pixel spacing. Where a metric is
 undefined (a single class present, empty masks) it returns nan rather than raising, so a study over
 many seeds and splits keeps going and reports the gap; each function's docstring says when.
 
@@ -20,6 +22,18 @@ from scipy import ndimage, stats
 
 AVERAGES = ("macro", "binary")
 HD95_MODES = ("medpy", "directed_max")
+# The range each metric can take (inclusive), for clipping confidence intervals; names as the jobs
+# report them. Not listed: unbounded.
+_UNIT = (0.0, 1.0)
+METRIC_RANGES = {**dict.fromkeys(
+    ("auroc", "auc", "average_precision", "accuracy", "f1", "precision", "recall", "sensitivity",
+     "specificity", "npv", "dice", "iou", "nsd", "ece"), _UNIT),
+    **dict.fromkeys(("hd95", "asd"), (0.0, math.inf))}
+
+
+def metric_range(name: str) -> tuple[float, float]:
+  """(low, high) a metric named `name` can take; (-inf, inf) for a name not in METRIC_RANGES."""
+  return METRIC_RANGES.get(name, (-math.inf, math.inf))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +200,7 @@ def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
 
 
 def _counts(labels, preds, average: str, num_classes: int | None) -> tuple[np.ndarray, ...]:
-  """Per-class (tp, fp, fn), each [C], over the classes the average runs over.
+  """Per-class (tp, fp, fn, tn), each [C], over the classes the average runs over (one-vs-rest).
 
   'binary': class 1 only, labels and preds in {0, 1}. 'macro': range(num_classes), or when None the
   classes seen in labels or preds (sklearn's default `labels`).
@@ -204,7 +218,8 @@ def _counts(labels, preds, average: str, num_classes: int | None) -> tuple[np.nd
     classes = np.arange(num_classes)
   cm = confusion_matrix(labels, preds, num_classes)
   tp = np.diag(cm)[classes]
-  return tp, cm.sum(0)[classes] - tp, cm.sum(1)[classes] - tp
+  fp, fn = cm.sum(0)[classes] - tp, cm.sum(1)[classes] - tp
+  return tp, fp, fn, labels.size - tp - fp - fn
 
 
 def _mean_ratio(num: np.ndarray, den: np.ndarray) -> float:
@@ -218,20 +233,60 @@ def precision(labels, preds, average: str = "macro", num_classes: int | None = N
   average 'binary' scores class 1; 'macro' averages over range(num_classes), or over the classes in
   labels or preds when num_classes is None, as sklearn's precision_score(zero_division=0).
   """
-  tp, fp, _ = _counts(labels, preds, average, num_classes)
+  tp, fp, _, _ = _counts(labels, preds, average, num_classes)
   return _mean_ratio(tp, tp + fp)
 
 
 def recall(labels, preds, average: str = "macro", num_classes: int | None = None) -> float:
   """tp / (tp + fn), 0 for a class absent from labels.  Averaging as in `precision`."""
-  tp, _, fn = _counts(labels, preds, average, num_classes)
+  tp, _, fn, _ = _counts(labels, preds, average, num_classes)
   return _mean_ratio(tp, tp + fn)
 
 
 def f1(labels, preds, average: str = "macro", num_classes: int | None = None) -> float:
   """2 tp / (2 tp + fp + fn), 0 for a class neither present nor predicted.  Averaging as in `precision`."""
-  tp, fp, fn = _counts(labels, preds, average, num_classes)
+  tp, fp, fn, _ = _counts(labels, preds, average, num_classes)
   return _mean_ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def specificity(labels, preds, average: str = "macro", num_classes: int | None = None) -> float:
+  """tn / (tn + fp), the recall of "not class c"; 0 when every image is of class c.
+
+  'binary': class 1 against class 0; 'macro': one-vs-rest per class, averaged as in `precision`.
+  """
+  _, fp, _, tn = _counts(labels, preds, average, num_classes)
+  return _mean_ratio(tn, tn + fp)
+
+
+def npv(labels, preds, average: str = "macro", num_classes: int | None = None) -> float:
+  """Negative predictive value tn / (tn + fn); 0 when class c is predicted for every image.
+
+  Averaging as in `specificity`.
+  """
+  _, _, fn, tn = _counts(labels, preds, average, num_classes)
+  return _mean_ratio(tn, tn + fn)
+
+
+def expected_calibration_error(labels, probs, num_bins: int = 15) -> float:
+  """Top-label expected calibration error (Guo et al. 2017).  labels: [N]; probs: [N] or [N, K].
+
+  probs [N]: probability of class 1 (binary); [N, K]: class probabilities. Each image's confidence
+  is its largest class probability and its prediction that class (the first on ties); images fall
+  into `num_bins` equal-width bins (lo, hi] of confidence (a confidence of 0 joins the first), and
+  ECE = sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|, in [0, 1].
+  """
+  _check_positive_int(num_bins, "num_bins")
+  labels, probs = _labels_and_scores(labels, probs)
+  if np.any((probs < 0) | (probs > 1)):
+    raise ValueError("probs must lie in [0, 1] (probabilities, not logits)")
+  if probs.ndim == 1:
+    probs = np.stack([1 - probs, probs], axis=1)
+  _check_range(labels, probs.shape[1], "labels")
+  confidence, correct = probs.max(1), probs.argmax(1) == labels
+  bins = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+  # Per bin |sum correct - sum confidence| = |B_b| |acc_b - conf_b|.
+  gap = np.abs(np.bincount(bins, correct, num_bins) - np.bincount(bins, confidence, num_bins))
+  return float(gap.sum() / labels.size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,28 +349,46 @@ def _surface(mask: np.ndarray) -> np.ndarray:
   return mask ^ ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
 
 
-def _hd95_image(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float], mode: str) -> float:
-  """hd95 of one [H, W] pair (see `hd95`)."""
-  if not pred.any() and not target.any():
-    return 0.0
+def _surface_distances(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float]):
+  """Distances [Sp], [St] from each surface pixel of pred (target) to the nearest surface pixel of
+  the other mask, in the units of `spacing`; None when a mask is empty.  pred, target: [H, W]."""
   if not pred.any() or not target.any():
-    return math.nan
+    return None
   pred_surface, target_surface = _surface(pred), _surface(target)
   # Distance from every pixel to the nearest surface pixel of the other mask, read at own surface.
   d_pt = ndimage.distance_transform_edt(~target_surface, sampling=spacing)[pred_surface]
   d_tp = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[target_surface]
-  if mode == "medpy":
-    return float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
-  return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+  return d_pt, d_tp
+
+
+def _spacings(spacing, batch: int) -> np.ndarray:
+  """(row, column) pixel sizes, (2,) for all images or [B, 2] one per image -> [B, 2] float64."""
+  s = np.asarray(spacing, np.float64)
+  if s.shape == (2,):
+    s = np.broadcast_to(s, (batch, 2))
+  if s.shape != (batch, 2) or not np.all(np.isfinite(s) & (s > 0)):
+    raise ValueError(f"spacing must be two positive (row, column) sizes or [B={batch}, 2] of them, "
+                     f"got {np.asarray(spacing).tolist()}")
+  return s
+
+
+def _per_image(fn, pred, target, spacing):
+  """fn(distances or None, both_empty) -> float for each image of [H, W] or [B, H, W] masks."""
+  pred, target, batched = _mask_pair(pred, target)
+  spacing = _spacings(spacing, pred.shape[0])
+  values = [fn(_surface_distances(p, t, tuple(s)), not p.any() and not t.any())
+            for p, t, s in zip(pred, target, spacing)]
+  return _unbatch(np.array(values, np.float64), batched)
 
 
 def hd95(pred, target, spacing=(1.0, 1.0), mode: str = "medpy"):
   """95th-percentile symmetric Hausdorff distance between mask surfaces.
 
-  pred, target: [H, W] -> float, or [B, H, W] -> [B] float64. spacing: (row, column) pixel size, so
-  the result is in those units. Surface = mask XOR its erosion by the 4-connected cross (pixels on the
-  image edge count as surface); distances run from each surface pixel to the nearest surface pixel of
-  the other mask, and percentiles interpolate linearly. Both definitions in common use:
+  pred, target: [H, W] -> float, or [B, H, W] -> [B] float64. spacing: (row, column) pixel size, or
+  [B, 2] one per image, so the result is in those units (mm given the pixel size in mm). Surface =
+  mask XOR its erosion by the 4-connected cross (pixels on the image edge count as surface);
+  distances run from each surface pixel to the nearest surface pixel of the other mask, and
+  percentiles interpolate linearly. Both definitions in common use:
     'medpy':        p95 of the pred->target and target->pred distances pooled, as
                     medpy.metric.binary.hd95 (the usual choice in PyTorch segmentation code).
     'directed_max': max of the two directed p95s, as MONAI's compute_hausdorff_distance(percentile=95)
@@ -324,11 +397,43 @@ def hd95(pred, target, spacing=(1.0, 1.0), mode: str = "medpy"):
   """
   if mode not in HD95_MODES:
     raise ValueError(f"hd95 mode={mode!r} is not one of {HD95_MODES}")
-  spacing = tuple(float(s) for s in np.atleast_1d(np.asarray(spacing, np.float64)))
-  if len(spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in spacing):
-    raise ValueError(f"spacing must be two positive (row, column) sizes, got {spacing}")
-  pred, target, batched = _mask_pair(pred, target)
-  return _unbatch(np.array([_hd95_image(p, t, spacing, mode) for p, t in zip(pred, target)]), batched)
+
+  def one(d, both_empty):
+    if d is None:
+      return 0.0 if both_empty else math.nan
+    if mode == "medpy":
+      return np.percentile(np.concatenate(d), 95)
+    return max(np.percentile(d[0], 95), np.percentile(d[1], 95))
+  return _per_image(one, pred, target, spacing)
+
+
+def average_surface_distance(pred, target, spacing=(1.0, 1.0)):
+  """Average symmetric surface distance: the mean of the pred->target and target->pred distances
+  pooled, as medpy's `assd` (0.5.2) and MONAI's compute_average_surface_distance(symmetric=True).
+  Shapes, spacing, surfaces and empty masks as `hd95`."""
+  def one(d, both_empty):
+    if d is None:
+      return 0.0 if both_empty else math.nan
+    return np.concatenate(d).mean()
+  return _per_image(one, pred, target, spacing)
+
+
+def surface_dice(pred, target, tolerance: float, spacing=(1.0, 1.0)):
+  """Normalised surface Dice at `tolerance` (units of spacing), as MONAI's compute_surface_dice.
+
+  (#pred surface pixels within tolerance of the target surface + #target surface pixels within
+  tolerance of the pred surface) / (#pred + #target surface pixels), in [0, 1]. Shapes, spacing and
+  surfaces as `hd95`. Both masks empty: 1.0 (as `dice`); exactly one empty: 0.0.
+  """
+  tolerance = float(tolerance)
+  if not (math.isfinite(tolerance) and tolerance >= 0):
+    raise ValueError(f"surface_dice tolerance must be finite and >= 0, got {tolerance}")
+
+  def one(d, both_empty):
+    if d is None:
+      return 1.0 if both_empty else 0.0
+    return ((d[0] <= tolerance).sum() + (d[1] <= tolerance).sum()) / (d[0].size + d[1].size)
+  return _per_image(one, pred, target, spacing)
 
 
 def per_class_dice(pred_labels, target_labels, num_classes: int, ignore_background: bool = True):
@@ -358,18 +463,20 @@ def _check_alpha(alpha) -> None:
     raise ValueError(f"alpha={alpha!r} is not in (0, 1)")
 
 
-def bootstrap_ci(metric_fn: Callable, *arrays, num_samples: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float, float]:
-  """Percentile bootstrap (estimate, low, high) of metric_fn(*arrays) -> float.
+def bootstrap_cis(metrics_fn: Callable, *arrays, num_samples: int = 1000, alpha: float = 0.05,
+                  seed: int = 0) -> dict[str, tuple[float, float, float]]:
+  """Percentile bootstrap {name: (estimate, low, high)} of every metric in metrics_fn(*arrays) -> dict.
 
   arrays: each [N, ...]; rows (samples, images) are resampled jointly with replacement, num_samples
-  times, and [low, high] are the alpha/2 and 1 - alpha/2 percentiles of the resampled metric. The
-  estimate is the metric on the full data. Resamples where the metric is nan (e.g. AUROC on a resample
-  with one class) are skipped, with one warning giving their count; the metric's own warnings inside
-  resamples are silenced for that reason. If every resample is nan, low and high are nan.
+  times, one set of resampled rows shared by all metrics (so each resample is scored once), and
+  [low, high] are the alpha/2 and 1 - alpha/2 percentiles of each resampled metric. The estimate is
+  the metric on the full data. Resamples where a metric is nan (e.g. AUROC on a resample with one
+  class) are skipped for that metric, with one warning giving their count; the metrics' own
+  warnings inside resamples are silenced for that reason. If every resample is nan, low and high
+  are nan.
   """
   if not arrays:
-    raise ValueError("bootstrap_ci needs at least one array to resample")
+    raise ValueError("bootstrap needs at least one array to resample")
   arrays = [np.asarray(a) for a in arrays]
   lengths = [a.shape[0] if a.ndim else None for a in arrays]
   if None in lengths or len(set(lengths)) != 1 or lengths[0] == 0:
@@ -377,36 +484,52 @@ def bootstrap_ci(metric_fn: Callable, *arrays, num_samples: int = 1000, alpha: f
   _check_positive_int(num_samples, "num_samples")
   _check_alpha(alpha)
   n = lengths[0]
-  estimate = float(metric_fn(*arrays))
+  estimates = {k: float(v) for k, v in metrics_fn(*arrays).items()}
   rng = np.random.default_rng(seed)
-  values = np.empty(num_samples)
+  values = np.empty((num_samples, len(estimates)))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     for i in range(num_samples):
       rows = rng.integers(0, n, n)
-      values[i] = float(metric_fn(*(a[rows] for a in arrays)))
-  values = values[~np.isnan(values)]
-  if values.size < num_samples:
-    warnings.warn(f"bootstrap_ci: {num_samples - values.size} of {num_samples} resamples gave nan and were "
-                  f"skipped", stacklevel=2)
-  if values.size == 0:
-    return estimate, math.nan, math.nan
-  low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-  return estimate, float(low), float(high)
+      scores = metrics_fn(*(a[rows] for a in arrays))
+      values[i] = [float(scores[k]) for k in estimates]
+  out = {}
+  for j, name in enumerate(estimates):
+    v = values[~np.isnan(values[:, j]), j]
+    if v.size < num_samples:
+      warnings.warn(f"bootstrap: {num_samples - v.size} of {num_samples} resamples gave nan for "
+                    f"{name} and were skipped", stacklevel=2)
+    low, high = (np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if v.size
+                 else (math.nan, math.nan))
+    out[name] = (estimates[name], float(low), float(high))
+  return out
 
 
-def mean_ci(values, alpha: float = 0.05) -> tuple[float, float, float]:
+def bootstrap_ci(metric_fn: Callable, *arrays, num_samples: int = 1000, alpha: float = 0.05,
+                 seed: int = 0) -> tuple[float, float, float]:
+  """Percentile bootstrap (estimate, low, high) of one metric_fn(*arrays) -> float; see
+  `bootstrap_cis` (the same resamples for the same seed)."""
+  return bootstrap_cis(lambda *a: {"metric": metric_fn(*a)}, *arrays, num_samples=num_samples,
+                       alpha=alpha, seed=seed)["metric"]
+
+
+def mean_ci(values, alpha: float = 0.05, bounds=(-math.inf, math.inf)) -> tuple[float, float, float]:
   """Mean and Student-t (1 - alpha) interval (mean, low, high) over repeats, e.g. five seeds.  values: [S].
 
-  Half-width t_{1 - alpha/2, S-1} * std(ddof=1) / sqrt(S). With S = 1 the interval is (nan, nan);
-  a nan among values gives nan throughout.
+  Half-width t_{1 - alpha/2, S-1} * std(ddof=1) / sqrt(S), then clipped to `bounds`, the range the
+  metric can take (`metric_range(name)`; with two seeds the t interval is wide enough to leave
+  [0, 1]). With S = 1 the interval is (nan, nan); a nan among values gives nan throughout.
   """
   _check_alpha(alpha)
   v = np.asarray(values, np.float64)
   if v.ndim != 1 or v.size == 0:
     raise ValueError(f"values must be a non-empty 1-D array [S], got shape {v.shape}")
+  low_bound, high_bound = bounds
+  if not low_bound < high_bound:
+    raise ValueError(f"bounds={tuple(bounds)} must be (low, high) with low < high")
   mean = float(v.mean())
   if v.size == 1:
     return mean, math.nan, math.nan
   half = stats.t.ppf(1 - alpha / 2, df=v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
-  return mean, float(mean - half), float(mean + half)
+  return mean, float(np.clip(mean - half, low_bound, high_bound)), float(
+      np.clip(mean + half, low_bound, high_bound))
