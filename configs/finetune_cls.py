@@ -52,7 +52,12 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="phantom",  # 'phantom' | 'manifest' | 'folders'
       organs="breast",  # phantom: comma list; several organs share one head.
-      classes="benign,malignant",  # phantom: which labels; real data: the class order ('' = sorted).
+      # cls: the class order; a label outside it is an error. '' = the labels found, sorted and
+      # logged with counts (the phantom: benign,malignant). seg: the class names (mask_mode).
+      classes="",
+      # seg masks: 'binary' (0/1, 0/255 or JPEG 0/255; foreground from 128) | 'class_ids'
+      # (pixel = class id, with every class named in `classes`); ultrajax/data/tasks.py.
+      mask_mode="binary",
       seg_target="lesion",  # phantom segmentation: 'lesion' | 'organ' | 'organ_and_lesion'
       num_images_per_organ=2000,  # phantom draws per organ (each its own patient).
       phantom_seed=0,
@@ -96,9 +101,17 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
       batch_size=64, num_epochs=100, eval_every_epochs=1,
       select_metric="auroc" if task_type == "cls" else "dice",  # on the validation split
   ))
-  c.eval = ml_collections.ConfigDict(dict(bootstrap_samples=1000))
+  # nsd_tolerance: surface Dice tolerance, mm where the manifest gives pixel_size_mm, else pixels.
+  c.eval = ml_collections.ConfigDict(dict(bootstrap_samples=1000, nsd_tolerance=2.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   c.ckpt_every_epochs = 5
+  # A non-finite loss or gradient: 'stop' the run naming the epoch and step (the last
+  # checkpoint stays the last good one) | 'skip' that step's update and count it.
+  c.on_nonfinite = "stop"
+  # Resuming checks the config saved with the checkpoint: fields that change the result must
+  # match. Comma-separated fields allowed to differ anyway, e.g. 'optim.base_lr'
+  # (train/resume.py CHANGEABLE lists those that may always change).
+  c.allow_config_change = ""
 
   if preset in ("cpu", "smoke"):
     # The architecture of configs/pretrain_fed.py:cpu, so its workdir loads.

@@ -433,3 +433,38 @@ def test_mean_ci_by_hand():
   assert m == 0.7 and math.isnan(low) and math.isnan(high)
   with pytest.raises(ValueError, match="alpha"):
     metrics.mean_ci(values, alpha=1.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Physical units through a fine-tuning task
+
+
+def test_seg_report_is_in_mm_from_the_manifest_pixel_size(tmp_path):
+  """pixel_size_mm of 20 x 40 originals resized to 16 x 16 gives (0.625, 1.25) mm per input pixel;
+  a prediction one input column off the target is then 1.25 mm away (1 without the column)."""
+  from PIL import Image
+
+  from ultrajax.data import tasks
+  from ultrajax.jobs import finetune
+  lines = ["image,mask,pixel_size_mm"]
+  for i in range(4):
+    Image.fromarray(np.full((20, 40), 30 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    mask = np.zeros((20, 40), np.uint8)
+    mask[5:15, 10:30] = 255
+    Image.fromarray(mask).save(tmp_path / f"{i}_m.png")
+    lines.append(f"{i}.png,{i}_m.png,0.5")
+  (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+  data = tasks.manifest_task(str(tmp_path / "m.csv"), "seg", 16)
+  np.testing.assert_allclose(data.spacing, [[0.625, 1.25]] * 4)
+  preds = np.roll(data.targets, 1, axis=2)
+  report = finetune.test_report("seg", data.targets, preds, 2, 20, 0, data.spacing, 1.0)
+  assert report["distance_unit"] == "mm" and report["hd95"] == [pytest.approx(1.25)] * 3
+  assert report["nsd"][0] == pytest.approx(
+      metrics.surface_dice(preds[0] > 0, data.targets[0] > 0, 1.0, (0.625, 1.25)))
+  assert report["nsd"][0] < 1.0  # the 1.25 mm column shift is outside a 1 mm tolerance
+  pixels = finetune.test_report("seg", data.targets, preds, 2, 20, 0)
+  assert pixels["distance_unit"] == "px" and pixels["hd95"][0] == pytest.approx(1.0)
+  lines[2] = "1.png,1_m.png,n/a"
+  (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match="line 3: column 'pixel_size_mm' is 'n/a'"):
+    tasks.manifest_task(str(tmp_path / "m.csv"), "seg", 16)

@@ -14,12 +14,30 @@ Sources (config.data.source):
 Without a split column, patients are split with a seed by `split_fractions` (train, val, test),
 so no patient straddles two splits. Images are resized to S x S without keeping the aspect ratio
 (bilinear; masks nearest), and grey images become three equal channels.
+
+Labels are checked, not guessed. Classification: `classes` ('a,b,c') fixes the class order and
+any other label is an error naming it and its first line; '' takes the labels found, sorted.
+Either way the classes are logged with their counts per split, and a class with a single image
+or missing from a split gets a warning. Segmentation masks (colour masks: the channel maximum)
+are read by `mask_mode`:
+  binary     2 classes (background, foreground; `classes` may rename them). A mask of only 0
+             and 1 is taken as is. Otherwise a pixel is foreground when its value is >= 128, so
+             0/255 PNGs and JPEG-compressed 0/255 masks (whose pixels scatter near 0 and 255,
+             e.g. {0, 1, 251, 253, 255}) give the same {0, 1} map. Refused, naming the file and
+             its values: masks with more than 5% of the pixels >= 64 in the ambiguous band 64..191
+             (0/128 masks, grey-level or multi-class maps; JPEG re-encoding of a 0/255 mask puts
+             under 1% there, measured at quality 50 to 95), and masks whose values are all
+             below 64 but not just 0/1 (class ids {0, 1, 2}, a 0/1 mask saved as JPEG).
+  class_ids  pixel values are class ids 0..K-1, K = len(`classes`), which must be declared
+             (background first); an id outside them is an error naming the file and the ids.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
+
+import collections
 
 import numpy as np
 from absl import logging
@@ -32,18 +50,28 @@ SPLITS = ("train", "val", "test")
 TASK_TYPES = ("cls", "seg")
 SEG_TARGETS = ("lesion", "organ", "organ_and_lesion")
 SOURCES = ("phantom", "manifest", "folders")
+MASK_MODES = ("binary", "class_ids")
+# Binary masks (see the module docstring): foreground from 128; 64..191 is the ambiguous band.
+BINARY_THRESHOLD, AMBIGUOUS_BAND, MAX_AMBIGUOUS = 128, (64, 192), 0.05
+PHANTOM_CLASSES = "benign,malignant"
+# Manifest column with each image's pixel size in mm (square pixels; HC18's labels.csv), which
+# makes segmentation distances (HD95, ASD, surface Dice tolerance) millimetres.
+SPACING_COLUMN = "pixel_size_mm"
 
 
 @dataclasses.dataclass
 class TaskData:
   """images uint8 [N, S, S, 3]; targets int32 [N] (class ids) or uint8 [N, S, S] (class maps);
-  groups [N] str (patient ids); splits [N] str in SPLITS; class_names (K,)."""
+  groups [N] str (patient ids); splits [N] str in SPLITS; class_names (K,); spacing float64
+  [N, 2] (row, column) mm per pixel of the S x S input where the source gives the pixel size
+  (`input_spacing`), else None (distances are then in input pixels)."""
   images: np.ndarray
   targets: np.ndarray
   groups: np.ndarray
   splits: np.ndarray
   class_names: tuple[str, ...]
   task_type: str
+  spacing: np.ndarray | None = None
 
   @property
   def num_classes(self) -> int:
@@ -65,6 +93,12 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W] or [H, W, 3] -> uint8 [S, S, 3], bilinear (antialiased when shrinking)."""
   img = Image.fromarray(_to_rgb(image))
   return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), np.uint8)
+
+
+def input_spacing(pixel_size_mm: float, shape, size: int) -> tuple[float, float]:
+  """(row, column) mm per pixel of the S x S model input, from the original [H, W] image's
+  (square) pixel size: resizing H rows to S stretches each row by H / S (columns by W / S)."""
+  return pixel_size_mm * shape[0] / size, pixel_size_mm * shape[1] / size
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -195,41 +229,112 @@ def phantom_task(task_type: str, organs, num_images_per_organ: int, image_size: 
 # Real data
 
 
-def _class_names(values, given: str, where: str) -> tuple[str, ...]:
+def _names(given: str) -> tuple[str, ...]:
+  return tuple(c.strip() for c in given.split(",") if c.strip())
+
+
+def _class_names(values, given: str, where: str, lines=None) -> tuple[str, ...]:
+  """The classes of labels `values`: `given` ('a,b,...') in its order, or the sorted labels
+  found when ''. A label outside `given` raises DataError naming it (and its first line)."""
   present = sorted(set(values))
   if not given:
+    counts = collections.Counter(values)
+    logging.info("%s: config.data.classes='' so the classes are the labels found, sorted: %s",
+                 where, ", ".join(f"{c!r} ({counts[c]} images)" for c in present))
     return tuple(present)
-  names = tuple(c.strip() for c in given.split(",") if c.strip())
+  names = _names(given)
   unknown = [v for v in present if v not in names]
   if unknown:
-    raise ValueError(f"{where}: labels {unknown[:5]} are not among config.data.classes={names}")
+    first = "" if lines is None else f" (first at line {lines[list(values).index(unknown[0])]})"
+    raise configlib.DataError(f"{where}: labels {unknown[:5]}{first} are not among "
+                              f"config.data.classes={names}; fix the label or add the class")
   return names
+
+
+def seg_class_names(classes: str, mask_mode: str) -> tuple[str, ...]:
+  """Class names of a segmentation task read with `mask_mode` (see the module docstring)."""
+  if mask_mode not in MASK_MODES:
+    raise configlib.ConfigError(f"config.data.mask_mode={mask_mode!r} is not one of {MASK_MODES}")
+  names = _names(classes)
+  if mask_mode == "class_ids":
+    if len(names) < 2:
+      raise configlib.ConfigError(
+          "config.data.mask_mode='class_ids' needs config.data.classes naming every class id in "
+          f"order, background first (e.g. 'background,organ,lesion'); got {classes!r}")
+    return names
+  if names and len(names) != 2:
+    raise configlib.ConfigError(
+        f"config.data.classes={names}: binary masks (config.data.mask_mode='binary') have 2 "
+        "classes (background, foreground); for more use mask_mode='class_ids'")
+  return names or ("background", "foreground")
+
+
+def _value_summary(mask: np.ndarray) -> str:
+  values, counts = np.unique(mask, return_counts=True)
+  if len(values) <= 6:
+    return "{" + ", ".join(f"{v}: {c} px" for v, c in zip(values.tolist(), counts.tolist())) + "}"
+  return f"{len(values)} distinct values in {values[0]}..{values[-1]}"
+
+
+def mask_classes(mask: np.ndarray, mask_mode: str, class_names, path: str) -> np.ndarray:
+  """A mask as read (uint8 [H, W]) -> class map uint8 [H, W] by the rule of the module docstring.
+
+  Raises DataError naming `path` and the mask's values when they do not fit `mask_mode`.
+  """
+  if mask_mode == "class_ids":
+    bad = np.unique(mask[mask >= len(class_names)])
+    if bad.size:
+      raise configlib.DataError(
+          f"mask {path} has class ids {bad[:8].tolist()} outside 0..{len(class_names) - 1} of "
+          f"config.data.classes={tuple(class_names)} (values {_value_summary(mask)})")
+    return mask.astype(np.uint8)
+  if mask.max(initial=0) <= 1:
+    return mask.astype(np.uint8)
+  low, high = AMBIGUOUS_BAND
+  bright = int(np.sum(mask >= low))
+  if not bright:
+    raise configlib.DataError(
+        f"mask {path} has values {_value_summary(mask)}, all below {low} but not just 0/1: "
+        "class ids need config.data.mask_mode='class_ids' with config.data.classes, and a 0/1 "
+        "mask must be saved losslessly (PNG)")
+  ambiguous = int(np.sum(mask < high)) - int(np.sum(mask < low))
+  if ambiguous > MAX_AMBIGUOUS * bright:
+    raise configlib.DataError(
+        f"mask {path} has values {_value_summary(mask)}: {ambiguous} of its {bright} pixels >= "
+        f"{low} lie in {low}..{high - 1}, so it is not a 0/255 binary mask (config.data."
+        "mask_mode='binary'); save it as 0/255 or 0/1, or declare class ids with "
+        "config.data.mask_mode='class_ids' and config.data.classes")
+  return (mask >= BINARY_THRESHOLD).astype(np.uint8)
 
 
 def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_column="image",
                   mask_column="mask", label_column="label", group_column="group",
-                  split_column="split", classes: str = "", on_bad_image: str = "raise") -> TaskData:
+                  split_column="split", classes: str = "", on_bad_image: str = "raise",
+                  mask_mode: str = "binary") -> TaskData:
   """A CSV manifest as a task; image and mask paths relative to the CSV (absolute kept).
 
   cls needs `label_column` (class names; `classes` fixes their order, else sorted). seg needs
-  `mask_column`: masks are class maps (0 background; any non-zero pixel of a binary 0/255 mask is
-  class 1). Missing group column: every row is its own patient. Missing split column: splits are
-  left empty for `split_by_group`. Errors name the CSV, the line and the column.
+  `mask_column`, masks read by `mask_mode` with `classes` (module docstring). Missing group
+  column: every row is its own patient. Missing split column: splits are left empty for
+  `split_by_group`. Errors name the CSV, the line and the column.
   """
   columns, rows = sources.read_manifest(
       csv_path, (image_column, label_column if task_type == "cls" else mask_column),
       f" (needed for a {task_type} task)")
   base = os.path.dirname(os.path.abspath(csv_path))
-  images, targets, groups, splits = [], [], [], []
-  class_names = (_class_names([r[label_column] for r in rows], classes, f"manifest {csv_path}")
-                 if task_type == "cls" else None)
+  images, targets, groups, splits, spacing = [], [], [], [], []
+  if task_type == "cls":
+    class_names = _class_names([r[label_column] for r in rows], classes, f"manifest {csv_path}",
+                               lines=range(2, len(rows) + 2))
+  else:
+    class_names = seg_class_names(classes, mask_mode)
   for line, row in enumerate(rows, start=2):
     path = os.path.join(base, row[image_column])
     try:
       image = sources.decode_image(path)
     except (sources.BadImageError, FileNotFoundError) as e:
       if on_bad_image == "raise":
-        raise ValueError(f"manifest {csv_path} line {line}: {e}") from None
+        raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
       logging.warning("manifest %s line %d: %s; skipped", csv_path, line, e)
       continue
     if task_type == "cls":
@@ -239,24 +344,35 @@ def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_colum
       mask = sources.decode_image(mask_path)
       mask = mask.max(axis=-1) if mask.ndim == 3 else mask
       if mask.shape != image.shape[:2]:
-        raise ValueError(f"manifest {csv_path} line {line}: mask {mask_path} is {mask.shape[1]}x"
-                         f"{mask.shape[0]} but image {path} is {image.shape[1]}x{image.shape[0]}")
-      if mask.max() > 1 and set(np.unique(mask).tolist()) <= {0, 255}:
-        mask = (mask > 0).astype(np.uint8)
+        raise configlib.DataError(
+            f"manifest {csv_path} line {line}: mask {mask_path} is {mask.shape[1]}x"
+            f"{mask.shape[0]} but image {path} is {image.shape[1]}x{image.shape[0]}")
+      try:
+        mask = mask_classes(mask, mask_mode, class_names, mask_path)
+      except configlib.DataError as e:
+        raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
       targets.append(resize_mask(mask, image_size))
     images.append(resize_image(image, image_size))
+    if SPACING_COLUMN in columns:
+      try:
+        pixel_mm = float(row[SPACING_COLUMN])
+      except ValueError:
+        pixel_mm = float("nan")
+      if not (np.isfinite(pixel_mm) and pixel_mm > 0):
+        raise configlib.DataError(f"manifest {csv_path} line {line}: column {SPACING_COLUMN!r} "
+                                  f"is {row[SPACING_COLUMN]!r}, not a positive pixel size in mm")
+      spacing.append(input_spacing(pixel_mm, image.shape[:2], image_size))
     groups.append(row[group_column] if group_column in columns and row[group_column]
                   else f"row{line}")
     splits.append(row[split_column] if split_column in columns else "")
   bad = sorted({s for s in splits if s not in ("", *SPLITS)})
   if bad:
-    raise ValueError(f"manifest {csv_path}: column {split_column!r} has values {bad}; use {SPLITS}")
-  if task_type == "seg":
-    num_classes = int(max(t.max() for t in targets)) + 1
-    class_names = tuple(["background"] + [f"class{c}" for c in range(1, max(num_classes, 2))])
+    raise configlib.DataError(f"manifest {csv_path}: column {split_column!r} has values {bad}; "
+                              f"use {SPLITS}")
   dtype = np.int32 if task_type == "cls" else np.uint8
   return TaskData(np.stack(images), np.asarray(targets, dtype), np.array(groups),
-                  np.array(splits, dtype=object), class_names, task_type)
+                  np.array(splits, dtype=object), class_names, task_type,
+                  np.asarray(spacing, np.float64) if spacing else None)
 
 
 def folders_task(root: str, image_size: int, classes: str = "") -> TaskData:
@@ -267,8 +383,9 @@ def folders_task(root: str, image_size: int, classes: str = "") -> TaskData:
            if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")}
   empty = [d for d, paths in found.items() if not paths]
   if empty or not found:
-    raise ValueError(f"class folder root {root}: no images in {empty or 'any sub-folder'}")
-  class_names = _class_names(list(found), classes, f"class folders under {root}")
+    raise configlib.DataError(f"class folder root {root}: no images in {empty or 'any sub-folder'}")
+  class_names = _class_names([d for d, paths in found.items() for _ in paths], classes,
+                             f"class folders under {root}")
   images, targets, groups = [], [], []
   for name, paths in found.items():
     for path in paths:
@@ -283,11 +400,39 @@ def folders_task(root: str, image_size: int, classes: str = "") -> TaskData:
 # From config
 
 
+def class_counts(data: TaskData) -> np.ndarray:
+  """[K, 3] int: images of each class in train/val/test (segmentation: images showing it)."""
+  if data.task_type == "cls":
+    present = data.targets[:, None] == np.arange(data.num_classes)
+  else:
+    present = np.stack([np.any(data.targets == k, axis=(1, 2)) for k in range(data.num_classes)],
+                       axis=1)
+  return np.stack([present[data.splits == s].sum(axis=0) for s in SPLITS], axis=1)
+
+
+def log_class_counts(data: TaskData, where: str) -> None:
+  """Logs each class's images per split; warns for a class with one image (a label typo?) or
+  missing from a split (its metrics, e.g. AUROC, are then undefined there)."""
+  counts = class_counts(data)
+  what = "images" if data.task_type == "cls" else "images showing it"
+  for name, row in zip(data.class_names, counts):
+    logging.info("%s: class %r: %d %s (%s)", where, name, row.sum(), what,
+                 ", ".join(f"{s} {n}" for s, n in zip(SPLITS, row.tolist())))
+    if row.sum() == 1 and data.task_type == "cls":
+      logging.warning("%s: class %r has a single image: a misspelt label? Declaring "
+                      "config.data.classes makes unknown labels an error.", where, name)
+    missing = [s for s, n in zip(SPLITS, row.tolist()) if n == 0]
+    if missing:
+      logging.warning("%s: class %r has no image in the %s split(s); metrics that need every "
+                      "class there (AUROC, per-class Dice) are undefined.", where, name,
+                      "/".join(missing))
+
+
 def _check_targets(data: TaskData, where: str) -> None:
   k = data.num_classes
   if data.targets.size and (data.targets.min() < 0 or data.targets.max() >= k):
     bad = np.unique(data.targets[(data.targets < 0) | (data.targets >= k)])[:5].tolist()
-    raise ValueError(f"{where}: labels {bad} are outside 0..{k - 1} ({data.class_names})")
+    raise configlib.DataError(f"{where}: labels {bad} are outside 0..{k - 1} ({data.class_names})")
 
 
 def load_task(data_config, task_type: str, image_size: int) -> TaskData:
@@ -300,17 +445,19 @@ def load_task(data_config, task_type: str, image_size: int) -> TaskData:
     raise configlib.ConfigError(f"config.task_type={task_type!r} is not one of {TASK_TYPES}")
   if c.source not in SOURCES:
     raise configlib.ConfigError(f"config.data.source={c.source!r} is not one of {SOURCES}")
+  mask_mode = c.get("mask_mode", "binary")
+  if task_type == "seg":
+    seg_class_names(c.classes if c.source != "phantom" else "", mask_mode)  # a bad field fails first
   if c.source == "phantom":
     organs = tuple(o.strip() for o in c.organs.split(",") if o.strip())
     data = phantom_task(task_type, organs, c.num_images_per_organ, image_size, c.phantom_seed,
-                        classes=tuple(x.strip() for x in (c.classes or "benign,malignant").split(",")),
-                        seg_target=c.seg_target)
+                        classes=_names(c.classes or PHANTOM_CLASSES), seg_target=c.seg_target)
     where = f"phantom {task_type} task on {organs}"
   elif c.source == "manifest":
     data = manifest_task(c.manifest, task_type, image_size, image_column=c.image_column,
                          mask_column=c.mask_column, label_column=c.label_column,
                          group_column=c.group_column, split_column=c.split_column,
-                         classes=c.classes, on_bad_image=c.on_bad_image)
+                         classes=c.classes, on_bad_image=c.on_bad_image, mask_mode=mask_mode)
     where = f"manifest {c.manifest}"
   else:
     if task_type != "cls":
@@ -322,14 +469,16 @@ def load_task(data_config, task_type: str, image_size: int) -> TaskData:
   if np.all(data.splits == ""):
     data.splits = split_by_group(data.groups, c.split_fractions, c.split_seed)
   elif np.any(data.splits == ""):
-    raise ValueError(f"{where}: the split column is empty for {int(np.sum(data.splits == ''))} rows")
+    raise configlib.DataError(f"{where}: the split column is empty for "
+                              f"{int(np.sum(data.splits == ''))} rows")
   for split in SPLITS:
     if not np.any(data.splits == split):
-      raise ValueError(f"{where}: the {split!r} split is empty ({len(data.groups)} images, "
+      raise configlib.DataError(f"{where}: the {split!r} split is empty ({len(data.groups)} images, "
                        f"{len(np.unique(data.groups))} patients; split_fractions="
                        f"{tuple(c.split_fractions)})")
   logging.info("%s: %d images of %d patients, %s; classes %s", where, len(data.images),
                len(np.unique(data.groups)),
                ", ".join(f"{s} {int(np.sum(data.splits == s))}" for s in SPLITS), data.class_names)
+  log_class_counts(data, where)
   return data
 

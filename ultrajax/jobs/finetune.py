@@ -11,8 +11,8 @@ The script, in order:
        for segmentation); evaluate on the validation split every few epochs and keep the best
        parameters (the test split is never looked at for selection); finally test them,
        with bootstrap 95% CIs, ROC / confusion / overlay PNGs and results.json;
-  3. summarise: mean and Student-t 95% CI over seeds per (variant, fraction), summary.csv, the
-     label-efficiency curve, and a table in the log.
+  3. summarise: mean and Student-t 95% CI over seeds per (variant, fraction), clipped to the
+     metric's range, summary.csv, the label-efficiency curve, and a table in the log.
 Each cell checkpoints every `ckpt_every_epochs` (params, optimizer state, best-so-far) and every
 random draw is keyed by (seed, epoch, step), so a killed study resumes bitwise.
 """
@@ -41,16 +41,18 @@ from ultrajax.data import augment, tasks
 from ultrajax.eval import metrics
 from ultrajax.interop import load as interop_load
 from ultrajax.models import heads, mae, vit
-from ultrajax.train import checkpoint, optimizer, sharding, tree, writers
+from ultrajax.train import checkpoint, divergence, optimizer, resume, sharding, tree, writers
 from ultrajax.viz import plots
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("finetune", "linear_probe")
 # Classification loss weights: 'none' | 'balanced' (n / (K n_k) over the training images).
 CLASS_WEIGHTS = ("none", "balanced")
-CLS_METRICS = ("auroc", "average_precision", "accuracy", "f1", "precision", "recall")
-SEG_METRICS = ("dice", "iou", "hd95")
-LOWER_IS_BETTER = ("hd95",)
+CLS_METRICS = ("auroc", "average_precision", "accuracy", "f1", "precision", "recall",
+               "specificity", "npv", "ece")
+# Distances (hd95, asd; nsd's tolerance) in mm where the task knows the pixel size, else pixels.
+SEG_METRICS = ("dice", "iou", "hd95", "asd", "nsd")
+LOWER_IS_BETTER = ("hd95", "asd", "ece")
 
 
 # ----------------------------------------------------------------------------- config
@@ -62,11 +64,16 @@ def validate(config) -> None:
   c.check_choice(config, "model.pool", ("gap", "cls"))
   c.check_range(config, "model.drop_path_rate", 0.0, 1.0, high_inclusive=False)
   c.check_choice(config, "data.source", tasks.SOURCES)
+  c.check_choice(config, "data.mask_mode", tasks.MASK_MODES)
   c.check_range(config, "num_seeds", 1)
   c.check_range(config, "train.batch_size", 1)
   c.check_range(config, "train.num_epochs", 1)
   c.check_range(config, "train.eval_every_epochs", 1)
   c.check_range(config, "ckpt_every_epochs", 1)
+  c.check_range(config, "optim.base_lr", 0.0, low_inclusive=False)
+  c.check_range(config, "optim.min_lr", 0.0)
+  resume.validate(config)
+  c.check_range(config, "eval.nsd_tolerance", 0.0)
   c.check_range(config, "optim.layer_decay", 0.0, 1.0, low_inclusive=False)
   c.check_range(config, "aug.label_smoothing", 0.0, 1.0, high_inclusive=False)
   c.check_range(config, "aug.reprob", 0.0, 1.0)
@@ -84,6 +91,16 @@ def validate(config) -> None:
   lo, hi = config.aug.crop_scale
   c.check(0 < lo <= hi <= 1, f"config.aug.crop_scale={tuple(config.aug.crop_scale)} is not "
           "0 < low <= high <= 1")
+
+
+# Which cells a study has, not what one cell computes (a cell's folder names its variant,
+# fraction and seed): left out of the config saved with each cell.
+STUDY_FIELDS = ("fractions", "num_seeds", "variants", "init_from", "seed")
+
+
+def cell_config(config) -> dict:
+  """The config one cell's results depend on, as saved with its checkpoints and results.json."""
+  return {k: v for k, v in resume.snapshot(config).items() if k not in STUDY_FIELDS}
 
 
 def variants(config) -> list[tuple[str, str]]:
@@ -264,46 +281,66 @@ def cls_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
           "accuracy": metrics.accuracy(labels, preds),
           "f1": metrics.f1(labels, preds, average=avg, num_classes=k),
           "precision": metrics.precision(labels, preds, average=avg, num_classes=k),
-          "recall": metrics.recall(labels, preds, average=avg, num_classes=k)}
+          "recall": metrics.recall(labels, preds, average=avg, num_classes=k),
+          "specificity": metrics.specificity(labels, preds, average=avg, num_classes=k),
+          "npv": metrics.npv(labels, preds, average=avg, num_classes=k),
+          "ece": metrics.expected_calibration_error(labels, probs)}
 
 
-def seg_per_image(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> dict:
-  """Per-image Dice, IoU and HD95 (pixels), each averaged over the foreground classes. [N] each."""
-  out = {"dice": [], "iou": [], "hd95": []}
+def seg_per_image(targets: np.ndarray, preds: np.ndarray, num_classes: int, spacing=None,
+                  nsd_tolerance: float = 2.0) -> dict:
+  """Per-image SEG_METRICS, each averaged over the foreground classes. [N] each.
+
+  spacing: [N, 2] (row, column) mm per input pixel (TaskData.spacing), so hd95 / asd are in mm
+  and the surface Dice tolerance is `nsd_tolerance` mm; None: all three in input pixels.
+  """
+  spacing = (1.0, 1.0) if spacing is None else spacing
+  out = {name: [] for name in SEG_METRICS}
   for c in range(1, num_classes):
     p, t = preds == c, targets == c
     out["dice"].append(metrics.dice(p, t))
     out["iou"].append(metrics.iou(p, t))
-    out["hd95"].append(metrics.hd95(p, t))
+    out["hd95"].append(metrics.hd95(p, t, spacing))
+    out["asd"].append(metrics.average_surface_distance(p, t, spacing))
+    out["nsd"].append(metrics.surface_dice(p, t, nsd_tolerance, spacing))
   with warnings.catch_warnings():  # nanmean of all-nan columns (hd95 with one mask empty)
     warnings.simplefilter("ignore", RuntimeWarning)
     return {k: np.nanmean(np.stack(v), axis=0) for k, v in out.items()}
 
 
-def split_scores(task_type, targets, outputs, num_classes) -> dict:
+def split_scores(task_type, targets, outputs, num_classes, spacing=None,
+                 nsd_tolerance: float = 2.0) -> dict:
   if task_type == "cls":
     return cls_scores(targets, outputs)
-  per_image = seg_per_image(targets, outputs, num_classes)
+  per_image = seg_per_image(targets, outputs, num_classes, spacing, nsd_tolerance)
   return {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
           for k, v in per_image.items()}
 
 
-def test_report(task_type, targets, outputs, num_classes, num_samples: int, seed: int) -> dict:
-  """{metric: [estimate, low, high]} with percentile-bootstrap 95% CIs over test images."""
-  report = {}
+def test_report(task_type, targets, outputs, num_classes, num_samples: int, seed: int,
+                spacing=None, nsd_tolerance: float = 2.0) -> dict:
+  """{metric: [estimate, low, high]} with percentile-bootstrap 95% CIs over test images, every
+  metric scored on the same resampled images (one bootstrap for all)."""
   if task_type == "cls":
-    for name in CLS_METRICS:
-      fn = lambda t, o, name=name: cls_scores(t, o)[name]  # noqa: E731
-      report[name] = list(metrics.bootstrap_ci(fn, targets, outputs, num_samples=num_samples,
-                                               seed=seed))
-    return report
-  per_image = seg_per_image(targets, outputs, num_classes)
-  for name, values in per_image.items():
-    finite = values[np.isfinite(values)]
-    report[name] = (list(metrics.bootstrap_ci(np.mean, finite, num_samples=num_samples, seed=seed))
-                    if finite.size else [math.nan] * 3)
+    cis = metrics.bootstrap_cis(cls_scores, targets, outputs, num_samples=num_samples, seed=seed)
+    return {name: list(v) for name, v in cis.items()}
+  per_image = seg_per_image(targets, outputs, num_classes, spacing, nsd_tolerance)
+  table = np.stack([per_image[name] for name in SEG_METRICS], axis=1)  # [N, M]
+
+  def means(rows):  # images where a metric is undefined (nan: one mask empty) are left out
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)
+      return dict(zip(SEG_METRICS, np.nanmean(rows, axis=0)))
+  report = {name: list(v) for name, v in metrics.bootstrap_cis(
+      means, table, num_samples=num_samples, seed=seed).items()}
   report["hd95_undefined_images"] = int(np.sum(~np.isfinite(per_image["hd95"])))
+  report["distance_unit"] = "px" if spacing is None else "mm"
   return report
+
+
+def _spacing(data: tasks.TaskData, idx: np.ndarray):
+  """[len(idx), 2] mm per input pixel of those images, or None where the task has no pixel size."""
+  return None if data.spacing is None else data.spacing[idx]
 
 
 def better(metric: str, new: float, old: float) -> bool:
@@ -366,11 +403,17 @@ class Programs:
       x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
       y = jax.lax.with_sharding_constraint(targets[idx], data_sharding)
       loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key, class_weights)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
+      finite = divergence.all_finite((loss, grads))
+      updates, new_opt = tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      if config.on_nonfinite == "skip":  # drop the update (train/divergence.py)
+        new_params, new_opt = divergence.keep_if(finite, (new_params, new_opt),
+                                                 (params, opt_state))
+      return new_params, new_opt, jnp.where(finite, loss, jnp.nan)
 
     def run_epoch(params, opt_state, images, targets, order, epoch_key, class_weights):
-      """One epoch over `order` [steps, B] of training indices; returns the mean loss.
+      """One epoch over `order` [steps, B] of training indices; returns the step losses
+      [steps] (NaN where the loss or gradient was not finite).
 
       A host loop over a jitted step rather than a `lax.scan`: XLA:CPU ran the scanned
       segmentation step about 15x slower than the same step on its own (measured), and the
@@ -381,7 +424,7 @@ class Programs:
         params, opt_state, loss = train_step(params, opt_state, images, targets, order[i],
                                              jax.random.fold_in(epoch_key, i), class_weights)
         losses.append(loss)
-      return params, opt_state, jnp.mean(jnp.stack(losses))
+      return params, opt_state, jnp.stack(losses)
 
     self.run_epoch = run_epoch
     self.predict = jax.jit(make_predict_fn(graphdef))
@@ -428,12 +471,13 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
   state = {"opt_state": opt_state, "best_params": jax.tree.map(jnp.copy, params),
            "best": jnp.asarray(math.nan, jnp.float32), "best_epoch": jnp.asarray(0, jnp.int32)}
   start = 0
-  latest = ckpt.latest_round()
-  if latest is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            (params, state))
-    params, state, _ = ckpt.restore(latest, abstract[0], abstract[1], None)
-    start = latest
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          (params, state))
+  cell = cell_config(config)
+  restored = resume.restore_latest(ckpt, abstract[0], abstract[1], None, config=cell,
+                                   allow=resume.allowed_changes(config))
+  if restored is not None:
+    start, params, state, _ = restored
     logging.info("%s: resumed after epoch %d", run_dir, start)
   writers.truncate_jsonl(run_dir / "metrics.jsonl", start, key="epoch")
   writer = writers.create_writer(run_dir)
@@ -449,30 +493,33 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
       t0 = time.time()
       order = np.random.default_rng([seed, epoch]).permutation(len(train_idx))
       order = order[:steps_per_epoch * batch].reshape(steps_per_epoch, batch)
-      params, opt_state, loss = run_epoch(params, opt_state, train_images, train_targets,
-                                          jnp.asarray(order), jax.random.fold_in(run_key, epoch),
-                                          class_weights)
-      loss = float(loss)
+      params, opt_state, losses = run_epoch(params, opt_state, train_images, train_targets,
+                                            jnp.asarray(order), jax.random.fold_in(run_key, epoch),
+                                            class_weights)
+      losses = np.asarray(losses)
+      valid = divergence.screen(losses, np.ones(losses.shape, bool),
+                                where=f"{run_dir}: epoch {epoch + 1}", mode=config.on_nonfinite)
+      loss = float(losses[valid].mean())
       row = {"epoch": epoch + 1, "train_loss": loss,
              "lr": float(schedule((epoch + 1) * steps_per_epoch - 1)),
              "img_per_s": steps_per_epoch * batch / (time.time() - t0)}
+      if config.on_nonfinite == "skip":
+        row["skipped_steps"] = int(losses.size - valid.sum())
       if (epoch + 1) % config.train.eval_every_epochs == 0 or epoch + 1 == num_epochs:
         outputs = evaluate(predict, params, data.images[val_idx], batch, data_sharding)
-        val = split_scores(config.task_type, data.targets[val_idx], outputs, data.num_classes)
+        val = split_scores(config.task_type, data.targets[val_idx], outputs, data.num_classes,
+                           _spacing(data, val_idx), config.eval.nsd_tolerance)
         row.update({f"val_{k}": v for k, v in val.items()})
         if better(select, val[select], best):
           best, best_epoch = val[select], epoch + 1
           best_params = jax.tree.map(jnp.copy, params)
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"{run_dir}: training loss is {loss} at epoch {epoch + 1}; "
-                                 "lower config.optim.base_lr")
       writer.write_scalars(epoch + 1, row)
       logging.info("%s epoch %d/%d: loss %.4f%s", run_dir.name, epoch + 1, num_epochs, loss,
                    "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
       if (epoch + 1) % config.ckpt_every_epochs == 0 or epoch + 1 == num_epochs:
         state = {"opt_state": opt_state, "best_params": best_params,
                  "best": jnp.asarray(best, jnp.float32), "best_epoch": jnp.asarray(best_epoch, jnp.int32)}
-        ckpt.save(epoch + 1, params, state, None, {"epoch": epoch + 1})
+        ckpt.save(epoch + 1, params, state, None, {"epoch": epoch + 1, "config": json.dumps(cell)})
   finally:  # a crash still finishes the last save and releases the checkpoint manager
     ckpt.close()
     writer.close()
@@ -482,7 +529,8 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
   outputs = evaluate(predict, best_params, data.images[test_idx], batch, data_sharding)
   targets = data.targets[test_idx]
   report = test_report(config.task_type, targets, outputs, data.num_classes,
-                       config.eval.bootstrap_samples, seed)
+                       config.eval.bootstrap_samples, seed, _spacing(data, test_idx),
+                       config.eval.nsd_tolerance)
   if config.task_type == "cls":
     plots.roc_curves(run_dir / "roc.png", targets, outputs, data.class_names,
                      title=f"test ROC ({run_dir.parent.parent.name}, seed {seed})")
@@ -496,7 +544,7 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
   results = {"test": report, "best_val": best, "best_epoch": best_epoch, "select_metric": select,
              "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
              "num_test": int(len(test_idx)), "fraction": fraction, "seed": seed,
-             "init_from": init_path, "class_names": list(data.class_names)}
+             "init_from": init_path, "class_names": list(data.class_names), "config": cell}
   _atomic_json(run_dir / "results.json", results)
   return results
 
@@ -510,7 +558,7 @@ def summarise(cells: list[dict], metric_names) -> list[dict]:
     group = [c for c in cells if c["variant"] == variant and c["fraction"] == fraction]
     for name in metric_names:
       values = np.array([c["test"][name][0] for c in group], np.float64)
-      mean, low, high = metrics.mean_ci(values)
+      mean, low, high = metrics.mean_ci(values, bounds=metrics.metric_range(name))
       rows.append({"variant": variant, "fraction": fraction, "metric": name, "mean": mean,
                    "ci_low": low, "ci_high": high, "num_seeds": len(values),
                    "values": " ".join(f"{v:.4f}" for v in values)})
@@ -537,9 +585,17 @@ def load_data(config) -> tasks.TaskData:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Runs the whole study; returns the summary rows (also in workdir/summary.csv)."""
+  """Runs the whole study; returns the summary rows (also in workdir/summary.csv).
+
+  One process per workdir: a second one stops at the workdir lock (train/resume.py). A cell
+  finished or checkpointed under another config is refused with the differing fields.
+  """
   validate(config)
-  workdir = pathlib.Path(workdir)
+  with resume.WorkdirLock(workdir):
+    return _run(config, pathlib.Path(workdir))
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]:
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(clients=1, data=config.mesh.data)
   data = load_data(config)
@@ -557,6 +613,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         done = run_dir / "results.json"
         if done.exists():
           result = json.loads(done.read_text())
+          resume.check_config(result.get("config"), cell_config(config), where=str(done),
+                              allow=resume.allowed_changes(config))
           logging.info("%s: finished earlier, read back", run_dir)
         else:
           logging.info("Study cell %d of %d: variant %s, fraction %g, seed %d", len(cells) + 1,

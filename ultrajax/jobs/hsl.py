@@ -4,22 +4,35 @@ The script, in order:
   1. check the config; load the primary-task pool (phantom organs, or folder / CSV nodes) and
      the shared anchor task (SAT: one dataset, 1:1 labels, identical at every node);
   2. for each repeat r (the paper's five): partition the pool into nodes with the scenario's
-     partitioner (ultrajax/data/partition.py) seeded by (seed, r), split every node 70/30
-     stratified into train/test;
-  3. for each method: initialise from key(seed, r) and train `rounds` rounds of `local_epochs`
-     local epochs per node (ultrajax/fed/local.py: vmap over nodes of a scan over steps, then
-     the strategy's aggregation), evaluate each node's final model on that node's test set, and
-     write the predictions atomically to runs/<method>/repeat_<r>.npz;
+     partitioner (ultrajax/data/partition.py) seeded by (seed, r), split every node into
+     train / val / test (the paper: 60/10/30), stratified by label, by patient where the data
+     name one;
+  3. for each method: initialise from key(seed, r) and train up to `rounds` rounds of
+     `local_epochs` local epochs per node (ultrajax/fed/local.py: vmap over nodes of a scan over
+     steps, then the strategy's aggregation); after every round validate each node's model on
+     its validation set, keep each node's best-validation-AUC model and stop once no node has
+     improved for `patience_epochs` epochs; evaluate each node's best model on its test set
+     and write the predictions atomically to runs/<method>/repeat_<r>.npz;
   4. report: per-node AUC / accuracy / recall / precision with a t-interval over repeats and a
      bootstrap CI over the pooled predictions of all repeats (the paper's statistic), the
      fairness summary (worst node, spread, gain over local-only training) and box plots.
+A sweep (config.sweep = 'label' | 'quantity') runs steps 1-4 once per ratio of Fig. 2 and adds
+a table and a plot of AUC against the ratio per method and node.
+
+Protocols (configs/hsl.py PROTOCOLS): 'paper' as above, with Adam and a per-epoch cosine
+learning rate restarted every 10 epochs; 'legacy' splits 70/30, evaluates the last round and
+keeps the learning rate constant (AdamW), the protocol of the first published tables.
 
 Methods. 'hsl' trains models/mmoe.py on (primary, SAT) batch pairs with BCE on both towers and
 averages ALL parameters and BatchNorm statistics unweighted after each round (the paper's
-equation 1; strategy 'fedavg_uniform'). Every other method trains the single-task baseline
-(ResNet-18 + linear logit, BCE) under the federated strategy of the same name
-(ultrajax/fed/strategies.py); 'central' pools every node's training data into one client and
-evaluates that one model on each node's test set.
+equation 1; strategy 'fedavg_uniform'). The paper's ablations (Methods, Fig. 1C / 3A) keep that
+fusion: 'no_sat' removes the SAT data but keeps the auxiliary learning architecture (the MMoE
+with one encoder, the experts, one gate and one tower, on the primary task alone); 'no_al'
+removes the architecture, so the SAT plays no role (the single-task model below, averaged
+unweighted). Every other method trains the single-task baseline (ResNet-18 + linear logit,
+BCE) under the federated strategy of the same name (ultrajax/fed/strategies.py); 'central'
+pools every node's training data into one client (and validation data into one validation
+set) and evaluates that one model on each node's test set.
 
 Resume. A finished (method, repeat) is one small results file, written to a temporary name and
 renamed, so a killed study continues at the first missing file; the round loop of one
@@ -27,12 +40,18 @@ renamed, so a killed study continues at the first missing file; the round loop o
 
 Inferred where the paper and the official code are silent: a test image's prediction comes
 with a SAT test image in the second branch (cycled in a fixed order; the primary logit depends
-on it through the shared softmax); the final round's parameters are evaluated (no validation
-split and early stopping); the learning rate is constant.
+on it through the shared softmax). Validation (the paper: "every 5 epochs before parameter
+aggregation") scores the model each node would be evaluated with, i.e. after the round's
+aggregation (for HSL and FedAvg the fused model), so the selected model is the one tested. A
+node whose validation set lacks a class has no AUC: it is evaluated at the last round and does
+not hold up stopping. The paper's further rule (">= 3 consecutive plateaus with < 0.5%
+improvement") is not applied: patience alone ends training.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -53,12 +72,15 @@ from ultrajax.data import partition, phantom, sources
 from ultrajax.eval import metrics
 from ultrajax.fed import local, strategies
 from ultrajax.models import mmoe
+from ultrajax.train import resume
 from ultrajax.viz import boxplots
 from ultrajax.viz import partition as partition_plot
 
 # method -> federated strategy. 'hsl' is the MMoE + SAT objective; the rest are single-task.
 METHODS = {
     "hsl": "fedavg_uniform",
+    "no_sat": "fedavg_uniform",
+    "no_al": "fedavg_uniform",
     "local": "local",
     "central": "central",
     "fedavg": "fedavg",
@@ -76,6 +98,11 @@ METHODS = {
 METHODS["splitavg"] = "splitavg"
 SCENARIOS = ("feature", "label", "quantity", "combined", "natural")
 METRICS = ("auc", "accuracy", "recall", "precision")
+# Fig. 2 B / C: node 2's normal:abnormal ratio (node 1 stays 1:1) and the n1:n2 quantity ratio.
+SWEEP_RATIOS = {"label": (2, 4, 6, 8, 10, 20, 40, 60, 80, 100),
+                "quantity": (1, 2, 4, 6, 8, 10, 20, 40, 60, 80)}
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("cosine_restarts", "cosine", "constant")
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 
 
@@ -100,6 +127,26 @@ def validate(config) -> list[str]:
   c.check_range(config, "data.image_size", 8)
   c.check_range(config, "data.test_fraction", 0.0, 1.0, low_inclusive=False,
                 high_inclusive=False)
+  c.check_range(config, "data.val_fraction", 0.0, 1.0, high_inclusive=False)
+  c.check(config.data.val_fraction + config.data.test_fraction < 1.0,
+          f"config.data.val_fraction + test_fraction = {config.data.val_fraction} + "
+          f"{config.data.test_fraction} leaves no training data")
+  c.check_choice(config, "train.optimizer", OPTIMIZERS)
+  c.check_choice(config, "train.lr_schedule", LR_SCHEDULES)
+  c.check_range(config, "train.cosine_period_epochs", 1)
+  c.check_range(config, "train.min_lr", 0.0, config.train.lr)
+  c.check_range(config, "train.patience_epochs", 0)
+  c.check(config.train.patience_epochs == 0 or config.data.val_fraction > 0,
+          f"config.train.patience_epochs={config.train.patience_epochs} needs a validation "
+          "split: set config.data.val_fraction > 0 (or patience_epochs=0)")
+  c.check_range(config, "data.min_class_count", 1)
+  c.check_choice(config, "sweep", ("", *SWEEP_RATIOS))
+  if config.sweep:
+    c.check(config.scenario == config.sweep, f"config.sweep={config.sweep!r} varies the "
+            f"{config.sweep} scenario's ratio; config.scenario is {config.scenario!r}")
+    ratios = tuple(config.sweep_ratios)
+    c.check(all(float(r) >= 1 for r in ratios) and len(set(ratios)) == len(ratios),
+            f"config.sweep_ratios={ratios} must be distinct ratios >= 1 (() = the paper's)")
   c.check_range(config, "data.ratio", 1.0)
   c.check_range(config, "data.sat_per_class", 2)
   c.check_range(config, "model.temperature", 0.0, low_inclusive=False)
@@ -108,6 +155,9 @@ def validate(config) -> list[str]:
   c.check_range(config, "report.bootstrap_samples", 1)
   c.check_range(config, "strategy.splitavg_cut", 1, 4)
   c.check_choice(config, "strategy.splitavg_cut_grad", ("average", "own"))
+  c.check(not config.data.patient_column or config.data.source == "manifest",
+          f"config.data.patient_column={config.data.patient_column!r} is a CSV column; "
+          f"data.source={config.data.source!r} has no patient ids (each image is its own)")
   c.check(bool(config.data.positive_labels),
           "config.data.positive_labels must name at least one label")
   if config.data.source == "phantom":
@@ -133,10 +183,15 @@ def validate(config) -> list[str]:
 
 # ----------------------------------------------------------------------------- data
 class Pool(NamedTuple):
-  """Labelled grey images: images uint8 [N, S, S], labels int [N] in {0, 1}, groups [N] str."""
+  """Labelled grey images: images uint8 [N, S, S], labels int [N] in {0, 1}, groups [N] str,
+  patients [N] str or None (every image its own patient)."""
   images: np.ndarray
   labels: np.ndarray
   groups: np.ndarray
+  patients: np.ndarray | None = None
+
+  def take(self, idx) -> Pool:
+    return Pool(*(None if a is None else a[idx] for a in self))
 
 
 def _phantom_pool(organs, per_organ: int, size: int, seed: int, positive) -> Pool:
@@ -160,8 +215,7 @@ def _balanced(pool: Pool, per_class: int, seed: int, what: str) -> Pool:
     if len(idx) < per_class:
       raise ValueError(f"{what}: {per_class} examples of class {c} needed, {len(idx)} available")
     picks.append(rng.choice(idx, per_class, replace=False))
-  idx = np.sort(np.concatenate(picks))
-  return Pool(pool.images[idx], pool.labels[idx], pool.groups[idx])
+  return pool.take(np.sort(np.concatenate(picks)))
 
 
 def _grey(image: np.ndarray, size: int) -> np.ndarray:
@@ -169,21 +223,25 @@ def _grey(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR))
 
 
-def _file_pool(records, size: int, positive, what: str) -> Pool:
-  """records: (image uint8 [H, W(, 3)], label name, node) triples -> grey, resized Pool."""
-  images, labels, groups = [], [], []
-  for image, label, group in records:
+def _file_pool(records, size: int, positive, what: str, patients: bool = False) -> Pool:
+  """records: (image uint8 [H, W(, 3)], label name, node, patient id or '') -> grey, resized
+  Pool; with `patients` the ids are kept (an empty id is a patient of its own)."""
+  images, labels, groups, patients = [], [], [], []
+  for image, label, group, patient in records:
     images.append(_grey(image, size))
     labels.append(int(label in positive))
     groups.append(group)
+    patients.append(patient or f"image-{len(patients)}")
   if not images:
     raise ValueError(f"{what}: no images")
-  return Pool(np.stack(images), np.asarray(labels), np.asarray(groups))
+  return Pool(np.stack(images), np.asarray(labels), np.asarray(groups),
+              np.asarray(patients) if patients else None)
 
 
-def _labelled_records(config, root_or_csv: str, folder: bool):
-  """(image, label name, node) per record of a folder tree root/<node>/<label>/... (or, for
-  the SAT, root/<label>/...), or of a CSV manifest with image / client / label columns."""
+def _labelled_records(config, root_or_csv: str, folder: bool, patients: bool = False):
+  """(image, label name, node, patient) per record of a folder tree root/<node>/<label>/...
+  (or, for the SAT, root/<label>/...), or of a CSV manifest with image / client / label
+  columns (and data.patient_column when `patients`; '' otherwise)."""
   d = config.data
   if folder:
     for client in sources.folder_clients(root_or_csv):
@@ -192,13 +250,16 @@ def _labelled_records(config, root_or_csv: str, folder: bool):
         rel = os.path.relpath(record["path"], os.path.join(root_or_csv, client.name))
         # root/<node>/<label>/x.png, or root/<label>/x.png for a single-level tree (the SAT).
         label = rel.split(os.sep)[0] if os.sep in rel else client.name
-        yield record["image"], label, client.name
+        yield record["image"], label, client.name, ""
   else:
+    patient = d.patient_column if patients and d.patient_column else ""
+    extra = (d.label_column, patient) if patient else (d.label_column,)
     for client in sources.manifest_clients(root_or_csv, d.image_column, d.client_column,
-                                           extra_columns=(d.label_column,)):
+                                           extra_columns=extra):
       for i in range(len(client)):
         record = client[i]
-        yield record["image"], record[d.label_column], client.name
+        yield (record["image"], record[d.label_column], client.name,
+               record[patient] if patient else "")
 
 
 def load_data(config) -> tuple[Pool, Pool]:
@@ -215,8 +276,10 @@ def load_data(config) -> tuple[Pool, Pool]:
                             config.seed + 7919, positive)
   else:
     folder = d.source == "folder"
-    pool = _file_pool(_labelled_records(config, d.root if folder else d.manifest, folder),
-                      d.image_size, positive, f"config.data.{'root' if folder else 'manifest'}")
+    patients = bool(d.patient_column)
+    pool = _file_pool(_labelled_records(config, d.root if folder else d.manifest, folder,
+                                        patients), d.image_size, positive,
+                      f"config.data.{'root' if folder else 'manifest'}", patients)
     sat_all = _file_pool(_labelled_records(config, d.sat_root if folder else d.sat_manifest,
                                            folder), d.image_size, positive,
                          f"config.data.sat_{'root' if folder else 'manifest'}")
@@ -225,7 +288,8 @@ def load_data(config) -> tuple[Pool, Pool]:
 
 def _combined_nodes(config) -> list[partition.NodeSpec]:
   """The paper's five nodes at combined_scale, each node's rarer class raised to at least
-  min_class_count examples (so a 1:2000 region keeps a case to train on and one to test)."""
+  min_class_count examples (so a 1:2000 region keeps a case for training, validation and
+  test)."""
   d = config.data
   nodes = []
   for node in partition.COMBINED_NODES:
@@ -271,21 +335,51 @@ def make_partition(config, pool: Pool, seed: int) -> partition.Partition:
   return partition.natural(pool.groups)
 
 
-def split_train_test(labels, indices, fraction: float, seed: int):
-  """Stratified per class: round(fraction * n_c) test cases, at least 1 and at most n_c - 1
-  when the class has 2 or more (a single case stays in training). -> (train, test)."""
+def split_node(labels, indices, val_fraction: float, test_fraction: float, seed: int,
+               patients=None):
+  """One node's indices [n] -> sorted (train, val, test) index arrays, disjoint.
+
+  Stratified per class over units: patients (the label of a patient's first image decides its
+  class) or, with patients=None, single images. Of a class's n units, round(test_fraction * n)
+  go to test and round(val_fraction * n) to validation, each at least 1 while the class keeps
+  a unit for training (a single unit stays in training). val_fraction=0 gives the legacy 70/30
+  split exactly. A patient's images all land in one split.
+  """
+  indices = np.asarray(indices)
   rng = np.random.default_rng(seed)
-  train, test = [], []
+  if patients is None:
+    units, unit_of = indices, indices
+  else:
+    unit_of = np.asarray(patients)[indices]
+    units, first = np.unique(unit_of, return_index=True)
+    units = units[np.argsort(first, kind="stable")]  # order of first appearance
+  unit_label = labels[indices] if patients is None else np.asarray(
+      [labels[indices[unit_of == u][0]] for u in units])
+  parts = ([], [], [])  # train, val, test units
   for c in (0, 1):
-    idx = rng.permutation(indices[labels[indices] == c])
+    idx = rng.permutation(units[unit_label == c])
     n = len(idx)
-    k = 0 if n < 2 else min(n - 1, max(1, int(round(fraction * n))))
-    test.append(idx[:k])
-    train.append(idx[k:])
-  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    k_test = 0 if n < 2 else min(n - 1, max(1, int(round(test_fraction * n))))
+    left = n - k_test
+    k_val = 0 if val_fraction == 0 or left < 2 else min(left - 1, max(1, int(round(
+        val_fraction * n))))
+    parts[2].append(idx[:k_test])
+    parts[1].append(idx[k_test:k_test + k_val])
+    parts[0].append(idx[k_test + k_val:])
+  out = []
+  for chosen in parts:
+    chosen = np.concatenate(chosen)
+    out.append(np.sort(chosen if patients is None else indices[np.isin(unit_of, chosen)]))
+  return tuple(out)
 
 
 # ----------------------------------------------------------------------------- model
+def objective(method: str) -> str:
+  """What a method trains: 'hsl' (MMoE on primary + SAT), 'no_sat' (one-task MMoE) or
+  'single' (the single-task baseline); methods with one objective share compiled programs."""
+  return method if method in ("hsl", "no_sat") else "single"
+
+
 def build_model(config, method: str, key):
   m = config.model
   encoder_kwargs = dict(resnet_width=m.resnet_width, resnet_blocks=tuple(m.resnet_blocks),
@@ -293,8 +387,8 @@ def build_model(config, method: str, key):
                         vit_width=m.vit_width, vit_depth=m.vit_depth, vit_heads=m.vit_heads,
                         vit_patch=m.vit_patch)
   rngs = nnx.Rngs(key)
-  if method == "hsl":
-    return mmoe.MMoE(num_tasks=2, encoder=m.encoder, image_size=config.data.image_size,
+  if objective(method) != "single":
+    return mmoe.MMoE(num_tasks=2 if method == "hsl" else 1, encoder=m.encoder, image_size=config.data.image_size,
                      feature_dim=m.feature_dim, num_experts=m.num_experts,
                      expert_hidden=m.expert_hidden, expert_dim=m.expert_dim,
                      tower_hidden=m.tower_hidden, temperature=m.temperature,
@@ -316,6 +410,69 @@ def make_strategy(config, method: str):
   return strategies.make_strategy(name, **options)
 
 
+def epoch_lr(train_config, epoch):
+  """The learning rate of local epoch `epoch` (0-based, counted over all rounds; int or
+  array) under train.lr_schedule, with eta_max = lr, eta_min = min_lr, period P epochs:
+  cosine_restarts: eta_min + (eta_max - eta_min) (1 + cos(pi (epoch mod P) / P)) / 2
+  cosine:          the same without the mod (torch's CosineAnnealingLR(T_max=P) past T_max)
+  constant:        eta_max."""
+  t = train_config
+  if t.lr_schedule == "constant":
+    return jnp.full(jnp.shape(epoch), t.lr, jnp.float32)
+  period = t.cosine_period_epochs
+  phase = jnp.mod(epoch, period) if t.lr_schedule == "cosine_restarts" else epoch
+  cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.asarray(phase, jnp.float32) / period))
+  return (t.min_lr + (t.lr - t.min_lr) * cosine).astype(jnp.float32)
+
+
+class EpochScheduleState(NamedTuple):
+  """count: optimizer steps taken; steps_per_epoch: this client's steps per local epoch."""
+  count: jax.Array
+  steps_per_epoch: jax.Array
+
+
+def scale_by_epoch_lr(schedule) -> optax.GradientTransformation:
+  """updates -> -schedule(count // steps_per_epoch) * updates: a learning rate stepped once per
+  epoch, as a torch scheduler stepped per epoch. Nodes differ in steps per epoch, so the value
+  lives in the state (1 after init; set it with set_steps_per_epoch)."""
+
+  def init(params):
+    del params
+    return EpochScheduleState(jnp.zeros([], jnp.int32), jnp.ones([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    lr = schedule(state.count // state.steps_per_epoch)
+    updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+    return updates, state._replace(count=state.count + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+def set_steps_per_epoch(opt_state, steps_per_epoch):
+  """opt_state (any optimizer state, possibly with a leading client axis) with every
+  EpochScheduleState's steps_per_epoch set to `steps_per_epoch` (scalar or [C])."""
+  def fill(s):
+    if not isinstance(s, EpochScheduleState):
+      return s
+    value = jnp.broadcast_to(jnp.asarray(steps_per_epoch, jnp.int32), s.count.shape)
+    return s._replace(steps_per_epoch=value)
+  return jax.tree.map(fill, opt_state, is_leaf=lambda s: isinstance(s, EpochScheduleState))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam with weight decay and train.lr_schedule. 'adam': torch's Adam (the paper), the decay
+  an L2 term added to the gradient before the moments; 'adamw': decoupled decay (the official
+  code's AdamW; with a constant rate exactly optax.adamw)."""
+  t = config.train
+  decay = optax.add_decayed_weights(t.weight_decay)
+  lr = (optax.scale_by_learning_rate(t.lr) if t.lr_schedule == "constant"
+        else scale_by_epoch_lr(functools.partial(epoch_lr, t)))
+  if t.optimizer == "adamw":
+    return optax.chain(optax.scale_by_adam(), decay, lr)
+  return optax.chain(decay, optax.scale_by_adam(), lr)
+
+
 def preprocess(images, key, hflip: bool):
   """uint8 [B, S, S] grey -> normalised float [B, S, S, 3], randomly mirrored when key given."""
   x = (images.astype(jnp.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD
@@ -331,18 +488,19 @@ def make_loss_fn(graphdef, config, method: str):
   batch: image uint8 [B, S, S], label [B]; HSL adds sat_image [B, S, S] and sat_label [B].
   """
   hflip, sat_weight = config.train.hflip, config.model.sat_weight
+  kind = objective(method)
 
   def loss_fn(params, model_state, batch, key):
     model = nnx.merge(graphdef, params, model_state)
     k_img, k_sat, k_drop = jax.random.split(key, 3)
     x = preprocess(batch["image"], k_img, hflip)
-    if method == "hsl":
+    if kind == "hsl":
       logits = model([x, preprocess(batch["sat_image"], k_sat, hflip)], train=True, key=k_drop)
       primary = optax.sigmoid_binary_cross_entropy(logits[:, 0], batch["label"]).mean()
       sat = optax.sigmoid_binary_cross_entropy(logits[:, 1], batch["sat_label"]).mean()
       loss, aux = primary + sat_weight * sat, dict(primary=primary, sat=sat)
     else:
-      logits = model(x, train=True)
+      logits = model([x], train=True, key=k_drop) if kind == "no_sat" else model(x, train=True)
       loss = optax.sigmoid_binary_cross_entropy(logits[:, 0], batch["label"]).mean()
       aux = dict(primary=loss)
     return loss, (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), aux)
@@ -353,13 +511,15 @@ def make_loss_fn(graphdef, config, method: str):
 def make_predict_fn(graphdef, method: str):
   """predict(params, model_state, images uint8 [B, S, S], sat uint8 [B, S, S]) -> p [B]."""
 
+  kind = objective(method)
+
   def predict(params, model_state, images, sat_images):
     model = nnx.merge(graphdef, params, model_state)
     x = preprocess(images, None, False)
-    if method == "hsl":
+    if kind == "hsl":
       logits = model([x, preprocess(sat_images, None, False)])
     else:
-      logits = model(x)
+      logits = model([x]) if kind == "no_sat" else model(x)
     return jax.nn.sigmoid(logits[:, 0])
 
   return jax.jit(predict)
@@ -400,23 +560,104 @@ def round_batches(rng, pool: Pool, sat: Pool, train_sets, epochs: int, batch: in
 
 @dataclasses.dataclass
 class Split:
-  """One repeat's nodes: names, and train / test indices into the pool per node."""
+  """One repeat's nodes: names, and train / val / test indices into the pool per node."""
   names: list
   train: list
+  val: list
   test: list
 
 
 def make_split(config, pool: Pool, repeat: int) -> Split:
   seed = config.seed * 1000 + repeat
+  d = config.data
   parts = make_partition(config, pool, seed)
-  train, test = zip(*[split_train_test(pool.labels, idx, config.data.test_fraction, seed + k)
-                      for k, idx in enumerate(parts.indices)])
-  return Split(list(parts.names), list(train), list(test))
+  train, val, test = zip(*[split_node(pool.labels, idx, d.val_fraction, d.test_fraction,
+                                      seed + k, pool.patients)
+                           for k, idx in enumerate(parts.indices)])
+  return Split(list(parts.names), list(train), list(val), list(test))
+
+
+class EarlyStopping:
+  """Best validation AUC per slot (node, or the one central model) over rounds.
+
+  update(aucs [K], r) records round r's AUCs (nan = undefined, never an improvement) and
+  returns which slots improved; should_stop(r) is true once no slot has improved for
+  patience_epochs epochs (rounds x local_epochs), never when patience_epochs = 0.
+  best_round [K]: the round of each slot's best AUC, -1 if it never had one.
+  """
+
+  def __init__(self, num_slots: int, local_epochs: int, patience_epochs: int):
+    self.best = np.full(num_slots, -np.inf)
+    self.best_round = np.full(num_slots, -1)
+    self.local_epochs, self.patience_epochs = local_epochs, patience_epochs
+
+  def update(self, aucs, r: int) -> np.ndarray:
+    aucs = np.asarray(aucs, np.float64)
+    improved = np.isfinite(aucs) & (aucs > self.best)
+    self.best[improved] = aucs[improved]
+    self.best_round[improved] = r
+    return improved
+
+  def should_stop(self, r: int) -> bool:
+    waited = (r - self.best_round) * self.local_epochs
+    return self.patience_epochs > 0 and bool(np.all(waited >= self.patience_epochs))
+
+
+def _where(mask, a, b):
+  """Per slot: a where mask [K] else b (pytrees with a leading slot axis K)."""
+  mask = jnp.asarray(mask)
+  return jax.tree.map(lambda x, y: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, y),
+                      a, b)
+
+
+def _slot(tree, k: int):
+  return jax.tree.map(lambda x: x[k], tree)
+
+
+def _auc(labels, probs) -> float:
+  return metrics.auroc(labels, probs) if 0 < np.sum(labels) < len(labels) else math.nan
+
+
+def fit(config, label: str, do_round, models, predict, pool: Pool, sat_test: Pool, val_sets):
+  """Up to train.rounds rounds of do_round(r) -> per-node losses [C]. With patience_epochs > 0,
+  after each round validates models() = (params, model_state) [K, ...] on val_sets (one index
+  array per slot), keeps each slot's best model and stops early (EarlyStopping).
+
+  Returns (chosen (params, model_state) [K, ...]: each slot's best-validation model, or the
+  last round's where validation is off or never defined; history dict of losses [R, C],
+  val_auc [R, K] (R = rounds run; [0, K] without validation) and best_round [K])."""
+  t = config.train
+  stopper = EarlyStopping(len(val_sets), t.local_epochs, t.patience_epochs)
+  best, losses, val_aucs = None, [], []
+  for r in range(t.rounds):
+    losses.append(np.asarray(do_round(r)))
+    logging.info("%s round %d/%d  loss per node %s", label, r + 1, t.rounds,
+                 np.array2string(losses[-1], precision=3))
+    if not t.patience_epochs:
+      continue
+    current = models()
+    out = evaluate(config, predict, functools.partial(_slot, current), pool, sat_test, val_sets)
+    aucs = [_auc(out[f"labels_{k}"], out[f"probs_{k}"]) for k in range(len(val_sets))]
+    improved = stopper.update(aucs, r)
+    best = current if best is None else _where(improved, current, best)
+    val_aucs.append(aucs)
+    logging.info("%s round %d  validation AUC %s", label, r + 1, np.round(aucs, 3).tolist())
+    if stopper.should_stop(r):
+      logging.info("%s: no validation AUC improved for %d epochs; stopped after round %d",
+                   label, t.patience_epochs, r + 1)
+      break
+  chosen = models()
+  if best is not None:
+    chosen = _where(stopper.best_round >= 0, best, chosen)
+  history = dict(losses=np.stack(losses), best_round=stopper.best_round,
+                 val_auc=np.asarray(val_aucs, np.float64).reshape(-1, len(val_sets)))
+  return chosen, history
 
 
 def train_and_evaluate(config, method: str, pool: Pool, sat_train: Pool, sat_test: Pool,
                        split: Split, repeat: int, programs: dict) -> dict:
-  """Trains `method` on this repeat's nodes; returns per-node test labels and probabilities."""
+  """Trains `method` on this repeat's nodes; returns per-node test labels and probabilities
+  (probs_k, labels_k) with the training history (fit)."""
   t = config.train
   key = jax.random.fold_in(jax.random.key(config.seed), repeat)
   init_key, train_key = jax.random.split(key)
@@ -424,44 +665,49 @@ def train_and_evaluate(config, method: str, pool: Pool, sat_train: Pool, sat_tes
   graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
   params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
   strategy = make_strategy(config, method)
-  tx = optax.adamw(t.lr, weight_decay=t.weight_decay)
+  tx = make_optimizer(config)
   if method == "splitavg":
     return _train_and_evaluate_split(config, graphdef, params, model_state, strategy, tx, pool,
-                                     split, repeat, train_key, programs)
-  train_sets = [np.concatenate(split.train)] if method == "central" else split.train
+                                     sat_test, split, repeat, train_key, programs)
+  central = method == "central"
+  train_sets = [np.concatenate(split.train)] if central else split.train
   num_clients = len(train_sets)
   state = local.init_state(strategy, tx, params, num_clients, model_state)
+  state = state._replace(opt_state=set_steps_per_epoch(
+      state.opt_state, [math.ceil(len(s) / t.batch_size) for s in train_sets]))
   weights = strategy.client_weights([len(s) for s in train_sets])
   local_train, aggregate, predict = _programs(programs, config, method, graphdef, tx, strategy,
                                               num_clients)
   rng = np.random.default_rng([config.seed, repeat, 1])
-  losses = []
-  for r in range(t.rounds):
+
+  def do_round(r):
+    nonlocal state
     batches, steps = round_batches(rng, pool, sat_train, train_sets, t.local_epochs,
                                    t.batch_size, method == "hsl")
     state, round_metrics = _round(state, strategy, local_train, aggregate, batches, steps,
                                   weights, jax.random.fold_in(train_key, r))
-    losses.append(np.asarray(round_metrics["loss"]))
-    logging.info("repeat %d %-14s round %d/%d  loss per node %s", repeat, method, r + 1,
-                 t.rounds, np.array2string(losses[-1], precision=3))
+    return round_metrics["loss"]
 
-  node_model = lambda k: jax.tree.map(lambda x: x[0 if method == "central" else k],
-                                     (state.params, state.model_state))
-  return dict(losses=np.stack(losses), **evaluate(config, predict, node_model, pool, sat_test,
-                                                  split))
+  val_sets = [np.concatenate(split.val)] if central else split.val
+  chosen, history = fit(config, f"repeat {repeat} {method:<14}", do_round,
+                        lambda: (state.params, state.model_state), predict, pool, sat_test,
+                        val_sets)
+  node_model = lambda k: jax.tree.map(lambda x: x[0 if central else k], chosen)
+  return dict(**history, **evaluate(config, predict, node_model, pool, sat_test, split.test))
 
 
-def evaluate(config, predict, node_model, pool: Pool, sat_test: Pool, split: Split) -> dict:
-  """probs_k / labels_k of node k's test set under node_model(k) = (params, model_state)."""
+def evaluate(config, predict, node_model, pool: Pool, sat_test: Pool, index_sets) -> dict:
+  """probs_k / labels_k of index_sets[k] (e.g. node k's test set) under node_model(k) =
+  (params, model_state)."""
   batch = config.train.eval_batch_size
   out = {}
-  for k, test in enumerate(split.test):
+  for k, test in enumerate(index_sets):
     params_k, stats_k = node_model(k)
     probs = []
     for start in range(0, len(test), batch):
       idx = test[start:start + batch]
       images = np.pad(pool.images[idx], ((0, batch - len(idx)), (0, 0), (0, 0)))
-      # The SAT branch sees SAT test images in a fixed cycle (module docstring); single-task
+      # The SAT branch sees SAT test images in a fixed cycle (module docstring); other
       # models ignore the argument.
       sat_images = images if sat_test is None else sat_test.images[
           np.arange(start, start + batch) % len(sat_test.labels)]
@@ -485,8 +731,8 @@ def _join_tree(client: dict, server: dict) -> dict:
   return {**server, "encoder": {**client["encoder"], **server["encoder"]}}
 
 
-def _train_and_evaluate_split(config, graphdef, params, model_state, strategy, tx, pool, split,
-                              repeat, train_key, programs) -> dict:
+def _train_and_evaluate_split(config, graphdef, params, model_state, strategy, tx, pool,
+                              sat_test, split, repeat, train_key, programs) -> dict:
   """SplitAVG: each node's client sub-network, one shared server sub-network, trained with
   fed/local.py's split-learning round; node k is evaluated with its client part + the server."""
   t, cut = config.train, config.strategy.splitavg_cut
@@ -494,6 +740,10 @@ def _train_and_evaluate_split(config, graphdef, params, model_state, strategy, t
                                                 _split_tree(model_state, cut))
   num_clients = len(split.train)
   state = local.init_split_state(tx, tx, client_p, server_p, num_clients, client_s, server_s)
+  # Every client makes as many steps as the largest one (round_batches' equal_steps).
+  per_epoch = max(math.ceil(len(s) / t.batch_size) for s in split.train)
+  state = state._replace(client_opt_state=set_steps_per_epoch(state.client_opt_state, per_epoch),
+                         server_opt_state=set_steps_per_epoch(state.server_opt_state, per_epoch))
   if ("splitavg", num_clients) not in programs:
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
     hflip = t.hflip
@@ -517,21 +767,25 @@ def _train_and_evaluate_split(config, graphdef, params, model_state, strategy, t
     programs[("predict", "single")] = make_predict_fn(graphdef, "splitavg")
   round_fn, predict = programs[("splitavg", num_clients)], programs[("predict", "single")]
   rng = np.random.default_rng([config.seed, repeat, 1])
-  losses = []
-  for r in range(t.rounds):
+
+  def do_round(r):
+    nonlocal state
     batches, _ = round_batches(rng, pool, None, split.train, t.local_epochs, t.batch_size,
                                False, equal_steps=True)
     state, round_metrics = round_fn(state, batches, jax.random.fold_in(train_key, r))
-    losses.append(np.full(num_clients, float(np.mean(round_metrics["loss"]))))
-    logging.info("repeat %d splitavg       round %d/%d  loss %.3f", repeat, r + 1, t.rounds,
-                 losses[-1][0])
+    return np.full(num_clients, float(np.mean(round_metrics["loss"])))
 
-  def node_model(k):
-    pick = lambda tree: jax.tree.map(lambda x: x[k], tree)
-    return (_join_tree(pick(state.client_params), state.server_params),
-            _join_tree(pick(state.client_model_state), state.server_model_state))
+  def node_models():
+    """Each node's client part joined with the shared server part, stacked [C, ...]."""
+    server = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape),
+                                       tree)
+    return (_join_tree(state.client_params, server(state.server_params)),
+            _join_tree(state.client_model_state, server(state.server_model_state)))
 
-  return dict(losses=np.stack(losses), **evaluate(config, predict, node_model, pool, None, split))
+  chosen, history = fit(config, f"repeat {repeat} splitavg      ", do_round, node_models,
+                        predict, pool, None, split.val)
+  node_model = lambda k: jax.tree.map(lambda x: x[k], chosen)
+  return dict(**history, **evaluate(config, predict, node_model, pool, None, split.test))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -640,7 +894,8 @@ def report(config, workdir: pathlib.Path, methods, node_names, results) -> dict:
       for name in METRICS:
         v = np.asarray(values[(method, node, name)], np.float64)
         finite = v[np.isfinite(v)]
-        mean, lo, hi = metrics.mean_ci(finite, rep.alpha) if finite.size else (math.nan,) * 3
+        mean, lo, hi = (metrics.mean_ci(finite, rep.alpha, bounds=metrics.metric_range(name))
+                        if finite.size else (math.nan,) * 3)
         if labels.size and (name != "auc" or 0 < labels.sum() < labels.size):
           est, blo, bhi = metrics.bootstrap_ci(_metric_fn(name), labels, probs,
                                                num_samples=rep.bootstrap_samples,
@@ -669,8 +924,13 @@ def report(config, workdir: pathlib.Path, methods, node_names, results) -> dict:
   _write_csv(workdir / "runs.csv", rows)
   _write_csv(workdir / "per_node.csv", per_node)
   _write_csv(workdir / "fairness.csv", fairness)
+  protocol = dict(name=config.protocol, **{k: config.data[k] for k in (
+      "val_fraction", "test_fraction", "patient_column")}, **{k: config.train[k] for k in (
+          "rounds", "local_epochs", "optimizer", "lr", "weight_decay", "lr_schedule",
+          "cosine_period_epochs", "min_lr", "patience_epochs")})
   summary = dict(scenario=config.scenario, methods=list(methods), nodes=list(node_names),
-                 repeats=config.repeats, per_node=per_node, fairness=fairness, runs=rows)
+                 repeats=config.repeats, protocol=protocol, per_node=per_node,
+                 fairness=fairness, runs=rows)
   (workdir / "results.json").write_text(json.dumps(summary, indent=1, default=float))
   for name in ("auc", "accuracy"):
     boxplots.per_node_boxplots(
@@ -691,31 +951,116 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
       writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+# ----------------------------------------------------------------------------- sweep
+def sweep_ratios(config) -> tuple:
+  """The ratios of config.sweep: config.sweep_ratios, or the paper's 10 steps."""
+  return tuple(float(r) for r in config.sweep_ratios) or tuple(
+      float(r) for r in SWEEP_RATIOS[config.sweep])
+
+
+def sweep_rows(summaries: dict, metric: str = "auc") -> list[dict]:
+  """{ratio: run_study summary} -> one row per (ratio, method, node position) of `metric`
+  (node1 / node2: node names carry the ratio, positions do not)."""
+  rows = []
+  for ratio, summary in summaries.items():
+    for row in summary["per_node"]:
+      if row["metric"] == metric:
+        position = summary["nodes"].index(row["node"]) + 1
+        rows.append(dict(ratio=float(ratio), method=row["method"], node=f"node{position}",
+                         node_name=row["node"], **{k: row[k] for k in (
+                             "mean", "t_low", "t_high", "pooled", "boot_low", "boot_high",
+                             "repeats")}))
+  return rows
+
+
+def plot_sweep(path, rows: list[dict], *, metric: str = "AUC", title: str = "") -> pathlib.Path:
+  """Fig. 2 B2 / C2: per node a panel of the metric's mean over repeats (t-interval bars)
+  against the ratio, one line per method."""
+  import matplotlib.pyplot as plt  # the Agg backend is set by ultrajax.viz.boxplots
+
+  nodes = list(dict.fromkeys(r["node"] for r in rows))
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  ratios = sorted({r["ratio"] for r in rows})
+  fig, axes = plt.subplots(1, len(nodes), figsize=(5 * len(nodes), 3.6), squeeze=False,
+                           sharey=True)
+  for ax, node in zip(axes[0], nodes):
+    for method in methods:
+      pts = sorted((r["ratio"], r["mean"], r["t_low"], r["t_high"]) for r in rows
+                   if r["node"] == node and r["method"] == method)
+      x, y, lo, hi = (np.asarray(v, np.float64) for v in zip(*pts))
+      ax.errorbar(x, y, yerr=np.nan_to_num(np.stack([y - lo, hi - y])), marker="o", ms=3,
+                  capsize=2, label=method)
+    ax.set_xscale("log")
+    ax.set_xticks(ratios, [f"{r:g}:1" for r in ratios], rotation=60, fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("ratio")
+    ax.set_title(node, fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel(metric)
+  axes[0][-1].legend(fontsize=7, loc="best")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return pathlib.Path(path)
+
+
+def run_sweep(config, workdir) -> dict:
+  """One study per ratio of config.sweep in workdir/ratio_<r>/ (each resumable as a single
+  study), then sweep.csv, sweep.json and sweep_auc.png in workdir."""
+  workdir = pathlib.Path(workdir)
+  programs: dict = {}  # compiled once for all ratios
+  summaries = {}
+  for ratio in sweep_ratios(config):
+    study = copy.deepcopy(config)
+    study.sweep, study.data.ratio = "", ratio
+    logging.info("%s sweep: ratio %g:1", config.sweep, ratio)
+    summaries[ratio] = run_study(study, workdir / f"ratio_{ratio:g}", programs)
+  rows = sweep_rows(summaries)
+  _write_csv(workdir / "sweep.csv", rows)
+  what = "node 2 normal:abnormal" if config.sweep == "label" else "n1:n2"
+  plot_sweep(workdir / "sweep_auc.png", rows,
+             title=f"{config.sweep} skew sweep ({what}), AUC over {config.repeats} repeats")
+  summary = dict(sweep=config.sweep, ratios=list(summaries), rows=rows)
+  (workdir / "sweep.json").write_text(json.dumps(summary, indent=1, default=float))
+  return summary
+
+
 # ----------------------------------------------------------------------------- run
 def run(config, workdir) -> dict:
-  """Runs every (method, repeat) not yet in workdir/runs, then writes the report."""
+  """One study (run_study) or, with config.sweep, one per ratio (run_sweep). One process per
+  workdir: a second one stops at the workdir lock (train/resume.py)."""
+  validate(config)
+  with resume.WorkdirLock(workdir):
+    return run_sweep(config, workdir) if config.sweep else run_study(config, workdir)
+
+
+def run_study(config, workdir, programs: dict | None = None) -> dict:
+  """Runs every (method, repeat) not yet in workdir/runs, then writes the report. programs:
+  a cache of compiled programs to share between studies (a sweep)."""
   methods = validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   pool, sat = load_data(config)
-  sat_train, sat_test = (Pool(*(a[i] for a in sat)) for i in split_train_test(
-      sat.labels, np.arange(len(sat.labels)), config.data.test_fraction, config.seed))
+  sat_train, _, sat_test = (sat.take(i) for i in split_node(
+      sat.labels, np.arange(len(sat.labels)), 0.0, config.data.test_fraction, config.seed))
   logging.info("Data: %d primary-task images (%.0f%% positive), SAT %d train / %d test, "
                "%.1f s", len(pool.labels), 100 * pool.labels.mean(), len(sat_train.labels),
                len(sat_test.labels), time.perf_counter() - t0)
   results = {m: [] for m in methods}
-  programs: dict = {}
+  programs = {} if programs is None else programs
   node_names = None
   for repeat in range(config.repeats):
     split = make_split(config, pool, repeat)
     node_names = split.names
     if repeat == 0:
-      counts = np.array([[np.sum(pool.labels[np.concatenate([tr, te])] == c) for c in (0, 1)]
-                         for tr, te in zip(split.train, split.test)])
-      for name, (n0, n1), tr, te in zip(split.names, counts, split.train, split.test):
-        logging.info("node %-22s %5d negative %5d positive  %5d train %5d test", name, n0, n1,
-                     len(tr), len(te))
+      counts = np.array([[np.sum(pool.labels[np.concatenate(sets)] == c) for c in (0, 1)]
+                         for sets in zip(split.train, split.val, split.test)])
+      for name, (n0, n1), tr, va, te in zip(split.names, counts, split.train, split.val,
+                                            split.test):
+        logging.info("node %-22s %5d negative %5d positive  %5d train %4d val %5d test", name,
+                     n0, n1, len(tr), len(va), len(te))
       partition_plot.plot_partition(counts, split.names, ("negative", "positive"),
                                     workdir / "partition.png",
                                     title=f"{config.scenario} skew (repeat 0)")
