@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import einops
 import jax
@@ -32,6 +32,7 @@ POOLS = ("cls", "gap", "none")
 # "sincos": MAE's fixed table (cls position = zero row); "learned": timm's trained `pos_embed`
 # [1, 1 + N, D] (cls position at row 0), as CLIP-style teachers have.
 POS_EMBEDS = ("sincos", "learned")
+ATTENTION_QUERIES = ("cls", "mean")
 LN_EPS = 1e-6
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -92,12 +93,25 @@ class Attention(nnx.Module):
     self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.proj = linear(dim, dim, dtype=dtype, rngs=rngs)
 
+  def _qkv(self, x):
+    """x: [B, N, D] -> q, k, v, each [B, N, heads, head_dim]."""
+    return einops.rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3,
+                            h=self.num_heads)
+
   def __call__(self, x):
     """x: [B, N, D] -> [B, N, D]."""
-    q, k, v = einops.rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3,
-                               h=self.num_heads)
+    q, k, v = self._qkv(x)
     out = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as timm
     return self.proj(einops.rearrange(out, "b n h d -> b n (h d)"))
+
+  def weights(self, x):
+    """x: [B, N, D] -> attention probabilities [B, heads, N (queries), N (keys)] float32.
+
+    softmax over keys of q k^T / sqrt(head_dim), the weights `__call__` applies to v (computed
+    apart, for figures: the fused attention never materialises them)."""
+    q, k, _ = self._qkv(x)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    return jax.nn.softmax(logits / np.sqrt(q.shape[-1]), axis=-1)
 
 
 class Mlp(nnx.Module):
@@ -218,6 +232,44 @@ class ViT(nnx.Module):
     pos = posemb.sincos_2d(self.grid, self.grid, self.width)
     return x + jnp.asarray(pos, x.dtype)
 
+  def tokens(self, images, visible_ids=None):
+    """The first block's input: cls token + patch tokens with positions [B, 1 + N', D] in dtype.
+
+    images: [B, H, W, 3]; visible_ids: [B, Nv] patch indices to keep (see `encode`)."""
+    x = self.embed(images)
+    if visible_ids is not None:
+      x = jnp.take_along_axis(x, visible_ids[..., None], axis=1)
+    # The cls token's position embedding is the zero row of MAE's table: nothing to add.
+    cls = self.cls_token[...]
+    if self.learned_pos:
+      cls = cls + self.pos_embed[:, :1]
+    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
+    return jnp.concatenate([cls, x], axis=1)
+
+  def attention(self, images, block: int = 0):
+    """images: [B, H, W, 3] -> block `block`'s attention probabilities [B, heads, 1 + N, 1 + N]
+    float32 (1-based; 0 = the last block), deterministic. Outputs and parameters are those of
+    `encode`; only the weights that block applies are returned."""
+    block = block or self.depth
+    if not 1 <= block <= self.depth:
+      raise ValueError(f"block {block} is outside 1..{self.depth}")
+    x, _ = run_blocks(self.blocks[:block - 1], self.tokens(images), None, remat=False)
+    last = self.blocks[block - 1]
+    return last.attn.weights(last.norm1(x))
+
+  def attention_maps(self, images, query: str = "cls", block: int = 0):
+    """Per-head attention over the patch grid, as the papers draw it: [B, heads, grid, grid].
+
+    query 'cls': the cls token's attention to every patch (DINO / UltraFedFM Figs. 7-8);
+    'mean': the attention each patch receives, averaged over all query tokens (for 'gap'
+    models, whose prediction pools every token). Patches only, so a row need not sum to 1.
+    """
+    if query not in ATTENTION_QUERIES:
+      raise ValueError(f"query={query!r} is not one of {ATTENTION_QUERIES}")
+    weights = self.attention(images, block)
+    rows = weights[:, :, 0, 1:] if query == "cls" else weights[:, :, :, 1:].mean(axis=2)
+    return rows.reshape(*rows.shape[:2], self.grid, self.grid)
+
   def encode(self, images, *, key=None, visible_ids=None, return_blocks: Sequence[int] = ()):
     """images: [B, H, W, 3] -> tokens [B, 1 + N', D] float32.
 
@@ -231,16 +283,8 @@ class ViT(nnx.Module):
     bad = [i for i in return_blocks if not 1 <= i <= self.depth]
     if bad:
       raise ValueError(f"return_blocks {bad} are outside 1..{self.depth}")
-    x = self.embed(images)
-    if visible_ids is not None:
-      x = jnp.take_along_axis(x, visible_ids[..., None], axis=1)
-    # The cls token's position embedding is the zero row of MAE's table: nothing to add.
-    cls = self.cls_token[...]
-    if self.learned_pos:
-      cls = cls + self.pos_embed[:, :1]
-    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
-    x = jnp.concatenate([cls, x], axis=1)
-    x, outputs = run_blocks(self.blocks, x, key, remat=self.remat, collect=return_blocks)
+    x, outputs = run_blocks(self.blocks, self.tokens(images, visible_ids), key, remat=self.remat,
+                            collect=return_blocks)
     if self.pool != "gap":
       x = self.norm(x)
     x = x.astype(jnp.float32)
@@ -253,6 +297,14 @@ class ViT(nnx.Module):
 
     key: stochastic depth; None = deterministic. Output float32.
     """
+    feats = self.features(images, key=key)
+    if self.num_classes:
+      feats = self.head(feats).astype(jnp.float32)
+    return feats
+
+  def features(self, images, *, key=None):
+    """images: [B, H, W, 3] -> what the head sees: pooled features [B, D] ('cls', 'gap') or
+    tokens [B, 1 + N, D] ('none'), float32 (e.g. for t-SNE)."""
     x = self.encode(images, key=key)
     if self.pool == "none":
       return x
@@ -260,6 +312,4 @@ class ViT(nnx.Module):
       feats = x[:, 0]
     else:
       feats = self.fc_norm(x[:, 1:].mean(axis=1))
-    if self.num_classes:
-      feats = self.head(feats)
     return feats.astype(jnp.float32)

@@ -1,5 +1,6 @@
-"""Evaluation plots as PNG files (matplotlib, Agg backend): ROC curves, confusion matrices,
-segmentation overlays, label-efficiency curves and heatmaps (the transfer matrix)."""
+"""Evaluation plots as PNG files (matplotlib, Agg backend): ROC and precision-recall curves,
+confusion matrices, segmentation overlays, label-efficiency curves, heatmaps (the transfer
+matrix) and metric-versus-perturbation curves (blur stability)."""
 from __future__ import annotations
 
 import math
@@ -26,6 +27,21 @@ def roc_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np
   return fpr, tpr
 
 
+def pr_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
+  """(precision, recall, thresholds) as sklearn.metrics.precision_recall_curve: one point per
+  distinct score, thresholds increasing, then the point (precision 1, recall 0).
+
+  positive: [N] bool with at least one True; scores: [N] float (higher = more positive).
+  """
+  order = np.argsort(-scores, kind="stable")
+  s, p = scores[order], positive[order].astype(np.float64)
+  last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each tied score
+  tp = np.cumsum(p)[last]
+  precision = tp / (last + 1)
+  recall = tp / tp[-1]
+  return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], s[last][::-1]
+
+
 def _save(fig, path) -> None:
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -47,6 +63,36 @@ def roc_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: 
   ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
          title=title or "ROC")
   ax.legend(loc="lower right", fontsize=8)
+  _save(fig, path)
+
+
+def pr_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: str = "") -> None:
+  """One-vs-rest precision-recall step curves per class (only the positive class for two
+  classes), average precision in the legend and the class prevalence dotted. probs: [N, K]."""
+  fig, ax = plt.subplots(figsize=(4.5, 4.5))
+  classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+  for c in classes:
+    positive = labels == c
+    if not positive.any():
+      continue
+    precision, recall, _ = pr_points(positive, probs[:, c])
+    ap = float(np.sum(-np.diff(recall) * precision[:-1]))  # sklearn's average_precision_score
+    line, = ax.step(recall, precision, where="post", label=f"{class_names[c]} (AP {ap:.3f})")
+    ax.axhline(positive.mean(), color=line.get_color(), ls=":", lw=0.8)
+  ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01),
+         title=title or "precision-recall")
+  ax.legend(loc="lower left", fontsize=8)
+  _save(fig, path)
+
+
+def metric_curve(path, x, curves: dict, *, xlabel: str, ylabel: str, title: str = "") -> None:
+  """curves: {name: [len(x)] values} -> one line per name against x (e.g. AUROC vs blur sigma)."""
+  fig, ax = plt.subplots(figsize=(4.5, 3.5))
+  for name, values in curves.items():
+    ax.plot(x, values, "o-", label=name)
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
   _save(fig, path)
 
 
