@@ -151,3 +151,12 @@ def test_paired_bootstrap_identical_better_and_coverage():
   np.testing.assert_allclose([c.diff, c.ci_low, c.ci_high], 0.2, atol=1e-12)
   with pytest.raises(ValueError, match="equal shape"):
     significance.paired_bootstrap(np.mean, None, x, x[:10])
+
+
+def test_paired_bootstrap_of_several_metrics_shares_resamples():
+  labels, a, b = correlated_scores(np.random.default_rng(5), 100, shift_b=0.5)
+  both = lambda y, s: {"auroc": metrics.auroc(y, s), "ap": metrics.average_precision(y, s)}
+  out = significance.paired_bootstrap(both, labels, b, a, num_samples=100, seed=3)
+  alone = significance.paired_bootstrap(metrics.average_precision, labels, b, a, num_samples=100,
+                                        seed=3)
+  assert set(out) == {"auroc", "ap"} and out["ap"] == alone

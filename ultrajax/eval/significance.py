@@ -65,17 +65,19 @@ def paired_ttest(a, b, alpha: float = 0.05) -> Comparison:
 
 
 def paired_bootstrap(metric_fn: Callable, targets, outputs_a, outputs_b, *, num_samples: int = 1000,
-                     alpha: float = 0.05, seed: int = 0) -> Comparison:
+                     alpha: float = 0.05, seed: int = 0):
   """Paired percentile bootstrap of metric_fn(targets, outputs_a) - metric_fn(targets, outputs_b).
 
   targets: [N, ...] or None (then metric_fn(outputs) takes one argument, e.g. np.mean of
   per-image Dice); outputs_a, outputs_b: [N, ...] the two models' outputs on the same N cases.
-  Each resample draws N cases with replacement and scores both models on them, so the
-  correlation between the models is kept. diff is the full-data difference; the interval is the
-  alpha/2 and 1 - alpha/2 percentiles of the resampled differences; the two-sided p-value is
-  2 min(#{d* <= 0}, #{d* >= 0}) plus one each, over num_samples + 1, capped at 1 (identical
-  models give 1). Resamples where either metric is nan (AUROC on one class) are skipped with a
-  warning giving their count.
+  metric_fn returns a float -> one Comparison, or a dict {name: float} -> {name: Comparison},
+  every metric scored on the same resamples. Each resample draws N cases with replacement and
+  scores both models on them, so the correlation between the models is kept. diff is the
+  full-data difference; the interval is the alpha/2 and 1 - alpha/2 percentiles of the
+  resampled differences; the two-sided p-value is 2 min(#{d* <= 0}, #{d* >= 0}) plus one each,
+  over the resamples plus one, capped at 1 (identical models give 1). Resamples where a metric
+  is nan for either model (AUROC on one class) are skipped for it, with a warning giving their
+  count.
   """
   _check_alpha(alpha)
   if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
@@ -86,27 +88,36 @@ def paired_bootstrap(metric_fn: Callable, targets, outputs_a, outputs_b, *, num_
   if n == 0 or any(x.ndim == 0 or x.shape[0] != n for x in arrays) or outputs_a.shape != outputs_b.shape:
     raise ValueError(f"paired_bootstrap needs outputs of equal shape [N, ...] (N > 0) and targets "
                      f"[N, ...], got {[x.shape for x in arrays]}")
-  score = (lambda out, rows: metric_fn(out[rows])) if targets is None else (
-      lambda out, rows: metric_fn(arrays[2][rows], out[rows]))
+
+  def score(out, rows):
+    value = metric_fn(out[rows]) if targets is None else metric_fn(arrays[2][rows], out[rows])
+    return value if isinstance(value, dict) else {None: value}
+
   everything = np.arange(n)
-  diff = float(score(outputs_a, everything)) - float(score(outputs_b, everything))
+  full_a, full_b = score(outputs_a, everything), score(outputs_b, everything)
+  names = list(full_a)
   rng = np.random.default_rng(seed)
-  deltas = np.empty(num_samples)
-  with warnings.catch_warnings():  # the metric's own nan warnings inside resamples
+  deltas = np.empty((num_samples, len(names)))
+  with warnings.catch_warnings():  # the metrics' own nan warnings inside resamples
     warnings.simplefilter("ignore")
     for i in range(num_samples):
       rows = rng.integers(0, n, n)
-      deltas[i] = float(score(outputs_a, rows)) - float(score(outputs_b, rows))
-  deltas = deltas[np.isfinite(deltas)]
-  if deltas.size < num_samples:
-    warnings.warn(f"paired_bootstrap: {num_samples - deltas.size} of {num_samples} resamples gave "
-                  f"nan and were skipped", stacklevel=2)
-  if deltas.size == 0:
-    return Comparison(diff, math.nan, math.nan, math.nan)
-  low, high = np.percentile(deltas, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-  tail = min(np.sum(deltas <= 0), np.sum(deltas >= 0))
-  p = min(1.0, 2 * (tail + 1) / (deltas.size + 1))
-  return Comparison(diff, float(low), float(high), p)
+      a, b = score(outputs_a, rows), score(outputs_b, rows)
+      deltas[i] = [float(a[k]) - float(b[k]) for k in names]
+  out = {}
+  for j, name in enumerate(names):
+    diff = float(full_a[name]) - float(full_b[name])
+    d = deltas[np.isfinite(deltas[:, j]), j]
+    if d.size < num_samples:
+      warnings.warn(f"paired_bootstrap: {num_samples - d.size} of {num_samples} resamples gave "
+                    f"nan{'' if name is None else ' for ' + name} and were skipped", stacklevel=2)
+    if d.size == 0:
+      out[name] = Comparison(diff, math.nan, math.nan, math.nan)
+      continue
+    low, high = np.percentile(d, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    tail = min(np.sum(d <= 0), np.sum(d >= 0))
+    out[name] = Comparison(diff, float(low), float(high), min(1.0, 2 * (tail + 1) / (d.size + 1)))
+  return out.get(None, out)
 
 
 # ------------------------------------------------------------------------------------------------
