@@ -4,19 +4,54 @@ A config file exports `get_config(arg)`. `arg` is everything after ':' in
 `--config=configs/job.py:arg`, e.g. `cpu` or `cpu,rounds=3`: the first bare word picks the
 preset, `k=v` pairs set preset-level knobs the file declares. Field overrides on the command
 line (`--config.fed.num_rounds=3`) are handled by ml_collections itself, which rejects
-unknown field names. Values are checked here, at start-up, so a typo fails before any
-compile or data loading and the message names the field.
+unknown field names and cannot override lists: list-like fields are tuples, given on the
+command line as a Python literal (`--config.sharding_rules="(('.*', 'fsdp'),)"`). Values are
+checked here, at start-up, so a typo fails before any compile or data loading and the
+message names the field.
+
+User errors (USER_ERRORS: a config value, a data or weights file, a missing path) are
+reported by the entry points in one line without a traceback; `report_user_errors` does it.
 """
 from __future__ import annotations
 
 import ast
-from typing import Any, Iterable
+import os
+import sys
+from typing import Any, Callable, Iterable
 
 import ml_collections
 
 
 class ConfigError(ValueError):
   """A config field holds a value that cannot work; the message names the field."""
+
+
+class DataError(ValueError):
+  """A file (image, mask, manifest, weights, checkpoint) that cannot be used as asked; the
+  message names the file (and the line, column or tensor where there is one)."""
+
+
+# What a user can fix from the message alone; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
+VERBOSE_ENV = "ULTRAJAX_VERBOSE"
+
+
+def report_user_errors(main: Callable, verbose: Callable[[], bool] = lambda: False) -> Callable:
+  """`main` for absl's app.run, printing a user error as one line on stderr and exiting 1.
+
+  verbose(): True (e.g. a --verbose flag) or env ULTRAJAX_VERBOSE=1 re-raises, traceback and all.
+  """
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if verbose() or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+        raise
+      print(f"error: {e}  [{type(e).__name__}; --verbose or {VERBOSE_ENV}=1 shows the "
+            "traceback]", file=sys.stderr, flush=True)
+      sys.exit(1)
+  return wrapped
 
 
 def parse_arg(arg: str | None, presets: Iterable[str], default_preset: str, **knobs: Any
@@ -74,6 +109,22 @@ def check_range(config, path: str, low=None, high=None, *, low_inclusive=True,
 def check(condition: bool, message: str) -> None:
   if not condition:
     raise ConfigError(message)
+
+
+def find_config_file(path: str):
+  """The config file `path` (e.g. 'configs/pretrain_fed.py'): as given from the working
+  directory, else the file of that name among the configs shipped with ultrajax (the checkout's
+  configs/ folder, or ultrajax/configs in an installed package); None when neither exists."""
+  import pathlib
+  given = pathlib.Path(path)
+  if given.is_file():
+    return given
+  package = pathlib.Path(__file__).resolve().parent
+  name = given.name if given.parent.name in ("", "configs") else None
+  for folder in (package / "configs", package.parent / "configs"):
+    if name and (folder / name).is_file():
+      return folder / name
+  return None
 
 
 def load_config_module(path: str):

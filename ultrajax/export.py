@@ -9,9 +9,14 @@ mae:  the whole MAE as facebookresearch/mae's `MaskedAutoencoderViT` (wrapped in
   .pth files, as the released checkpoints).
 sam:  a SAM training run (configs/sam_ultrasound.py) as segment_anything's `Sam` state dict,
   which `sam_model_registry[...]()` loads with strict=True (same keys as sam_vit_b_01ec64.pth).
-FILE ends in .safetensors (no torch needed) or .pth/.pt/.bin. The checkpoint is the latest
+FILE ends in .safetensors (no torch needed) or .pth/.pt/.bin; for timm, a FILE without a suffix
+is a folder in timm's Hub layout (config.json + model.safetensors, `timm.create_model(
+'local-dir:FILE', pretrained=True)`). Every export carries the input preprocessing (timm's
+pretrained_cfg with ImageNet mean/std; SAM's pixel mean/std): in the .safetensors header, or
+in FILE's stem + .json next to a PyTorch file. The checkpoint is the latest
 one (or round N); the model's shape comes from the config saved with it, or from --config
 for checkpoints without one. docs/formats.md lists the keys and how to load the files.
+A checkpoint holding NaN or infinite weights (a diverged run) is refused, naming the tensors.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from ultrajax import configlib
 from ultrajax.interop import files, mae_official, timm_vit
 from ultrajax.models import mae
 from ultrajax.train import checkpoint
@@ -37,10 +43,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or its checkp
 _FORMAT = flags.DEFINE_enum("format", None, list(FORMATS) + list(LATER_FORMATS),
                             "timm: encoder as a timm ViT; mae: official MAE with decoder; "
                             "sam: a SAM run as segment_anything's Sam.")
-_OUT = flags.DEFINE_string("out", None, "Output file: .safetensors or .pth/.pt/.bin.")
+_OUT = flags.DEFINE_string("out", None, "Output file: .safetensors or .pth/.pt/.bin; for "
+                           "timm also a folder (timm's Hub layout: config.json + "
+                           "model.safetensors).")
 _ROUND = flags.DEFINE_integer("round", None, "Checkpoint round to export (default: latest).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config of the run, for checkpoints that have none saved.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
 def checkpoint_dir(workdir, round_index: int | None) -> pathlib.Path:
@@ -63,12 +72,24 @@ def saved_config(directory: pathlib.Path) -> ml_collections.ConfigDict:
   meta_dir = directory / "meta"
   if not meta_dir.is_dir():
     raise FileNotFoundError(f"{meta_dir} is missing: pass the run's --config")
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-    meta = ckptr.restore(meta_dir)
-  if "config" not in meta:
-    raise ValueError(f"{meta_dir} holds no 'config' (keys {sorted(meta)}): pass the run's "
-                     "--config")
-  return ml_collections.ConfigDict(json.loads(meta["config"]))
+  try:
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+      meta = ckptr.restore(meta_dir)
+    if "config" not in meta:
+      raise configlib.DataError(f"{meta_dir} holds no 'config' (keys {sorted(meta)}): pass the "
+                                "run's --config")
+    return ml_collections.ConfigDict(json.loads(meta["config"]))
+  except json.JSONDecodeError as e:
+    raise configlib.DataError(f"{meta_dir}: damaged JSON ({e}); pass the run's --config") from None
+
+
+def check_finite(tensors: dict, directory) -> None:
+  """Refuses weights with NaN or infinities (a diverged run), naming the first tensors."""
+  bad = files.nonfinite_keys(tensors)
+  if bad:
+    raise configlib.DataError(
+        f"{directory} holds non-finite weights (NaN or inf) in {len(bad)} of {len(tensors)} "
+        f"tensors, e.g. {bad[:3]}: the run diverged? export an earlier --round")
 
 
 def load_mae_params(directory: pathlib.Path, model_config) -> tuple[dict, object]:
@@ -88,18 +109,42 @@ def check_format(fmt: str) -> None:
     raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
 
 
+def save_with_preprocessing(out, tensors, preprocessing: dict, *, wrap_key=None) -> pathlib.Path:
+  """Writes the state dict and what its model expects of an input ({name: JSON-able}): in a
+  .safetensors header as JSON strings, next to a PyTorch file as `<out stem>.json`."""
+  path = files.save_state_dict(out, tensors, wrap_key=wrap_key, metadata={
+      k: json.dumps(v) for k, v in preprocessing.items()})
+  if files.file_kind(path) == "torch":
+    path.with_suffix(".json").write_text(json.dumps(preprocessing, indent=1) + "\n")
+  return path
+
+
 def export(workdir, fmt: str, out, *, round_index: int | None = None, config=None) -> dict:
   """Writes the checkpoint's weights in format `fmt` to `out`; returns what was written:
-  dict(path, format, checkpoint folder, keys, params, bytes)."""
+  dict(path, format, checkpoint folder, keys, params, bytes).
+
+  Preprocessing travels with the weights: timm and mae files carry timm's `pretrained_cfg`
+  (ImageNet mean/std, input size, interpolation, crop_pct), SAM files the pixel mean/std;
+  see `save_with_preprocessing`. An `out` without a suffix (timm only) is a folder in timm's
+  Hugging Face Hub layout: `config.json` + `model.safetensors`, for
+  `timm.create_model('local-dir:<out>', pretrained=True)`.
+  """
   check_format(fmt)
-  files.file_kind(out)  # an unusable file name fails before the checkpoint is read
+  folder = pathlib.Path(out).suffix == ""
+  if folder and fmt != "timm":
+    raise configlib.DataError(f"--out={out}: a folder (no file suffix) is timm's Hub layout, for "
+                              "--format=timm; give a .safetensors or .pth file")
+  if not folder:
+    files.file_kind(out)  # an unusable file name fails before the checkpoint is read
   directory = checkpoint_dir(workdir, round_index)
   if fmt == "sam":  # the architecture is read off the parameter shapes
     from ultrajax.eval import sam_predictor
     from ultrajax.interop import sam as sam_interop
-    model, _ = sam_predictor.load_model(directory)
+    model, sam_config = sam_predictor.load_model(directory)
     tensors = sam_interop.sam_to_torch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    path = files.save_state_dict(out, tensors)
+    check_finite(tensors, directory)
+    path = save_with_preprocessing(
+        out, tensors, {"preprocessing": sam_interop.preprocessing(sam_config.image_size)})
     return dict(path=str(path), format=fmt, checkpoint=str(directory), keys=len(tensors),
                 params=int(sum(np.size(v) for v in tensors.values())),
                 bytes=path.stat().st_size)
@@ -111,8 +156,16 @@ def export(workdir, fmt: str, out, *, round_index: int | None = None, config=Non
   else:
     tensors = mae_official.mae_to_official(params, image_size=image_size,
                                            patch_size=model.encoder.patch_size)
+  check_finite(tensors, directory)
+  preprocessing = {"pretrained_cfg": timm_vit.timm_pretrained_cfg(image_size)}
+  if folder:
+    hub = timm_vit.timm_hub_config(params["encoder"], image_size=image_size,
+                                   num_heads=model.encoder.blocks[0].attn.num_heads)
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(out) / "config.json").write_text(json.dumps(hub, indent=1) + "\n")
+    out = pathlib.Path(out) / "model.safetensors"
   wrap = "model" if fmt == "mae" and files.file_kind(out) == "torch" else None
-  path = files.save_state_dict(out, tensors, wrap_key=wrap)
+  path = save_with_preprocessing(out, tensors, preprocessing, wrap_key=wrap)
   return dict(path=str(path), format=fmt, checkpoint=str(directory), keys=len(tensors),
               params=int(sum(np.size(v) for v in tensors.values())),
               bytes=path.stat().st_size)
@@ -128,12 +181,17 @@ def main(argv):
     check_format(_FORMAT.value)
   except ValueError as e:
     raise app.UsageError(f"--format: {e}") from None
-  done = export(_WORKDIR.value, _FORMAT.value, _OUT.value, round_index=_ROUND.value,
-                config=_CONFIG.value)
+  try:
+    done = export(_WORKDIR.value, _FORMAT.value, _OUT.value, round_index=_ROUND.value,
+                  config=_CONFIG.value)
+  except configlib.DataError as e:
+    if str(e).startswith("cannot write"):
+      raise configlib.DataError(f"--out: {e}") from e
+    raise
   print(f"wrote {done['path']}: {done['format']} state dict, {done['keys']} keys, "
         f"{done['params']:,} values (fixed position tables included), "
         f"{done['bytes'] / 2**20:.1f} MiB, from {done['checkpoint']}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(configlib.report_user_errors(main, lambda: _VERBOSE.value))

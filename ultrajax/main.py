@@ -1,8 +1,12 @@
 r"""ultrajax entry point: `python -m ultrajax.main --config=configs/<job>.py[:preset] --workdir=DIR`.
 
-Loads the config (any field can be overridden with `--config.field=value`; an unknown field
-stops start-up naming it), starts multi-process JAX when launched as several processes,
-prints versions, devices and the mesh, and runs `config.job`.
+Loads the config (any field can be overridden with `--config.field=value`, tuples as a Python
+literal; an unknown field stops start-up naming it), validates it before JAX starts, starts
+multi-process JAX when launched as several processes, prints versions, devices and the mesh,
+logs the resolved config once (also written to `<workdir>/config.json`) and runs `config.job`.
+Orbax's INFO lines (about 60 per checkpoint save) are left out unless --verbose. A user error (configlib.USER_ERRORS: a config value, a data or weights
+file) prints one line naming the field or file and exits 1; `--verbose` or ULTRAJAX_VERBOSE=1
+shows its traceback.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ultrajax import configlib
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file[:preset,k=v].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and PNGs go.")
@@ -21,6 +27,8 @@ _COORDINATOR = flags.DEFINE_string(
     "environment that JAX detects by itself (see launch/local_multiprocess.sh).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors (config, data, "
+                             "files) and Orbax's INFO lines too; also env ULTRAJAX_VERBOSE=1.")
 
 # config.job -> module in ultrajax.jobs with a `run(config, workdir)` function.
 JOBS = {
@@ -71,13 +79,53 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
+  job = importlib.import_module(JOBS[config.job])
+  if hasattr(job, "validate"):  # a bad value fails here, before devices start or models build
+    job.validate(config)
   maybe_initialize_distributed()
+  from ultrajax.train import writers
+  writers.quiet_orbax(not _verbose())
   describe_runtime()
-  importlib.import_module(JOBS[config.job]).run(config, _WORKDIR.value)
+  writers.log_config(config, _WORKDIR.value)
+  job.run(config, _WORKDIR.value)
+
+
+def _verbose() -> bool:
+  return _VERBOSE.value or os.environ.get(configlib.VERBOSE_ENV, "") not in ("", "0")
+
+
+def resolve_config_flag(argv):
+  """`--config=configs/x.py[:arg]` also names the configs shipped with ultrajax, so an installed
+  (non-editable) package runs the README's commands from any directory."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--config="):
+      path, sep, rest = arg[len("--config="):].partition(":")
+      found = configlib.find_config_file(path)
+      if found is not None:
+        arg = f"--config={found}{sep}{rest}"
+    out.append(arg)
+  return out
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a misspelt `--config.<field>` as one line naming it (ml_collections
+  raises AttributeError, which absl would print as a traceback)."""
+  try:
+    return app.parse_flags_with_usage(resolve_config_flag(argv))
+  except AttributeError as e:
+    if "--verbose" in argv or os.environ.get(configlib.VERBOSE_ENV, "") not in ("", "0"):
+      raise
+    detail = e.args[0] if e.args else e
+    while isinstance(detail, KeyError) and detail.args:  # ml_collections wraps a KeyError
+      detail = detail.args[0]
+    detail = " ".join(str(detail).split())
+    print(f"error: a --config.* flag names no config field: {detail}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def entry():
-  app.run(main)
+  app.run(configlib.report_user_errors(main, lambda: _VERBOSE.value), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import pathlib
 import numpy as np
 from absl import app, flags
 
+from ultrajax import configlib
+
 
 def define_flags() -> dict:
   """The command's flags, defined only when it runs as a command: `--out` would otherwise
@@ -33,6 +35,7 @@ def define_flags() -> dict:
       box=flags.DEFINE_string("box", None, "Box x0,y0,x1,y1."),
       out=flags.DEFINE_string("out", "overlay.png", "Output PNG."),
       single_mask=flags.DEFINE_bool("single_mask", False, "SAM's single-mask output."),
+      verbose=flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too."),
       refine=flags.DEFINE_bool("refine", False, "UltraSam's refinement: single mask, then its "
                                "box and logits as the prompt of a multimask pass."))
 
@@ -54,8 +57,11 @@ def read_image(path) -> np.ndarray:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no image at {path}")
-  with Image.open(path) as image:
-    return np.array(image.convert("RGB"))
+  try:
+    with Image.open(path) as image:
+      return np.array(image.convert("RGB"))
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise configlib.DataError(f"cannot decode image {path}: {e}") from None
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, points=(), labels=(), box=None,
@@ -150,4 +156,5 @@ def main(argv, f: dict):
 
 if __name__ == "__main__":
   _flags = define_flags()
-  app.run(lambda argv: main(argv, _flags))
+  app.run(configlib.report_user_errors(lambda argv: main(argv, _flags),
+                                       lambda: _flags["verbose"].value))

@@ -33,11 +33,10 @@ are read by `mask_mode`:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
-
-import collections
 
 import numpy as np
 from absl import logging

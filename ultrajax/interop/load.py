@@ -9,6 +9,8 @@ Accepted: an ultrajax workdir or checkpoint folder, or a state-dict file (.safet
   official MAE encoder-only   blocks.0.attn.qkv.weight, no     encoder loaded, decoder kept
     or timm ViT               decoder key                      (a timm classifier head is
                                                                dropped)
+Loaded weights must be finite: a NaN or infinity (e.g. from a diverged run) is refused, naming
+the first such tensor. Unreadable files and architectures that do not fit raise DataError.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import numpy as np
 from absl import logging
 from flax import nnx, traverse_util
 
+from ultrajax import configlib
 from ultrajax.interop import files, mae_official, timm_vit
 from ultrajax.train import checkpoint
 
@@ -35,8 +38,23 @@ def file_layout(keys) -> str:
     return "mae_full"
   if ENCODER_PROBE_KEY in keys:
     return "encoder"
-  raise ValueError(f"not an official MAE or timm ViT state dict: no decoder_* / mask_token "
-                   f"keys and no {ENCODER_PROBE_KEY!r}; its first keys are {keys[:8]}")
+  raise configlib.DataError(f"not an official MAE or timm ViT state dict: no decoder_* / "
+                            f"mask_token keys and no {ENCODER_PROBE_KEY!r}; its first keys are "
+                            f"{keys[:8]}")
+
+
+def check_finite(params, source) -> None:
+  """Raises DataError naming `source` and the first tensor of `params` (a pytree of numpy or
+  jax arrays) that holds a NaN or an infinity."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  bad = []
+  for key_path, x in flat:
+    if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact) and not bool(jax.numpy.isfinite(x).all()):
+      bad.append("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path))
+  if bad:
+    raise configlib.DataError(
+        f"{source}: tensor {bad[0]} holds NaN or infinite values ({len(bad)} of {len(flat)} "
+        "tensors do): the run it comes from diverged? start from an earlier checkpoint")
 
 
 def _place(params, target):
@@ -75,20 +93,34 @@ def load_init_params(path, model, *, kind: str = "mae", base_params: Mapping | N
       template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             template)
-    return checkpoint.load_params(path, target)
+    params = checkpoint.load_params(path, target)
+    check_finite(params, path)
+    return params
   state_dict = files.load_state_dict(path)
-  layout = file_layout(state_dict)
+  try:
+    layout = file_layout(state_dict)
+  except configlib.DataError as e:
+    raise configlib.DataError(f"{path}: {e}") from None
   if layout == "encoder":
     head = [k for k in TIMM_HEAD_KEYS if k in state_dict]
     if head:
       logging.info("%s: dropped the classifier head %s (an MAE has none).", path, head)
       state_dict = {k: v for k, v in state_dict.items() if k not in head}
+  check_finite(state_dict, path)
   try:
     params = mae_official.mae_from_official(state_dict, model, base_params=base_params)
   except ValueError as e:
-    raise ValueError(f"{path} ({layout} layout, {len(state_dict)} keys): {e}") from None
+    raise configlib.DataError(f"{path} ({layout} layout, {len(state_dict)} keys): {e}") from None
   logging.info("Loaded %s (%s layout, %d keys).", path, layout, len(state_dict))
   return params if target is None else _place(params, target)
+
+
+def _raise_key_problems(what: str, problems) -> None:
+  """timm_vit.raise_key_problems as a DataError (a user error: the file does not fit)."""
+  try:
+    timm_vit.raise_key_problems(what, *problems)
+  except ValueError as e:
+    raise configlib.DataError(str(e)) from None
 
 
 ENCODER_PARTS = ("patch_embed", "cls_token", "blocks", "norm")
@@ -102,7 +134,7 @@ def _encoder_from_file(path: pathlib.Path, template: Mapping) -> dict:
   given = {k: timm_vit.as_numpy(v) for k, v in state_dict.items()
            if not mae_official.is_decoder_key(k) and not k.startswith(DROPPED_PREFIXES)}
   if ENCODER_PROBE_KEY not in given:
-    raise ValueError(f"{path}: not a timm ViT or official MAE state dict (no "
+    raise configlib.DataError(f"{path}: not a timm ViT or official MAE state dict (no "
                      f"{ENCODER_PROBE_KEY!r}); its first keys are {list(state_dict)[:8]}")
   template = dict(template)
   width = template["cls_token"].shape[-1]
@@ -112,9 +144,8 @@ def _encoder_from_file(path: pathlib.Path, template: Mapping) -> dict:
     template.pop("norm", None)
   rules = timm_vit.vit_rules(template)
   expected = timm_vit.torch_shapes(template, rules)
-  timm_vit.raise_key_problems(
-      f"{path} does not fit the fine-tuning encoder",
-      *timm_vit.key_problems({k: v.shape for k, v in given.items()}, expected))
+  _raise_key_problems(f"{path} does not fit the fine-tuning encoder",
+                      timm_vit.key_problems({k: v.shape for k, v in given.items()}, expected))
   return timm_vit.import_tensors(given, template, rules)
 
 
@@ -142,14 +173,15 @@ def load_encoder(path, params: Mapping, *, prefix: tuple[str, ...] = ()) -> dict
     source = _encoder_from_file(path, template)
   # A final norm the target lacks (pool='gap' has fc_norm instead) is not used.
   source = {k: source[k] for k in ENCODER_PARTS if k in source and k in template}
+  check_finite(source, path)
   def by_path(tree):
     return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
   src, tpl = by_path(source), by_path(template)
   problems = timm_vit.key_problems({k: v.shape for k, v in src.items()},
                                    {k: v.shape for k, v in tpl.items()
                                     if not k.startswith("norm/") or k in src})
-  timm_vit.raise_key_problems(f"{path}: its encoder does not match the fine-tuning model "
-                              "(keys as parameter paths)", *problems)
+  _raise_key_problems(f"{path}: its encoder does not match the fine-tuning model (keys as "
+                      "parameter paths)", problems)
   merged = traverse_util.flatten_dict(params)
   loaded = set()
   for key in merged:

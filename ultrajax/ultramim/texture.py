@@ -12,7 +12,8 @@ _LUMA = (0.299, 0.587, 0.114)
 def texture_scores(images, patch_size: int):
   """Per-patch texture, as the official loader's cv2.Laplacian(ksize=3) run on every patch on its own.
 
-  images: [B, H, W, C] float in [0, 1], C = 3 (RGB) or 1; H and W multiples of patch_size.
+  images: [B, H, W, C] float in [0, 1] or uint8 in 0..255 (what the pipeline produces; the same
+    scores), C = 3 (RGB) or 1; H and W multiples of patch_size. Other dtypes raise TypeError.
   Returns [B, N] float32 on the 0-255 scale, N = (H/p)*(W/p) in raster order (0 = flat patch).
   The official code also rounds the grey image to uint8 and the score to 2 decimals; neither is done here.
   """
@@ -20,6 +21,12 @@ def texture_scores(images, patch_size: int):
   p = patch_size
   if p < 2 or h % p or w % p:
     raise ValueError(f"patch_size={patch_size!r} must be >= 2 and divide the image size {h}x{w}")
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    scale = 255.0
+  elif images.dtype == jnp.uint8:
+    scale = 1.0
+  else:
+    raise TypeError(f"images are {images.dtype}; expected float in [0, 1] or uint8 in 0..255")
   images = images.astype(jnp.float32)
   if c == 3:
     # Elementwise, not a matmul: a dot would run at bf16 precision on TPU by default.
@@ -28,7 +35,7 @@ def texture_scores(images, patch_size: int):
     grey = images[..., 0]
   else:
     raise ValueError(f"images have {c} channels; expected 3 (RGB) or 1")
-  patches = einops.rearrange(255.0 * grey, "b (h p) (w q) -> b (h w) p q", p=p, q=p)
+  patches = einops.rearrange(scale * grey, "b (h p) (w q) -> b (h w) p q", p=p, q=p)
   # Pad every patch by itself (numpy's 'reflect' is OpenCV's reflect-101), so a patch never sees its
   # neighbours: the official code filters each 16x16 crop separately.
   x = jnp.pad(patches, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
