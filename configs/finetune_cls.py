@@ -102,7 +102,12 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
       select_metric="auroc" if task_type == "cls" else "dice",  # on the validation split
   ))
   # nsd_tolerance: surface Dice tolerance, mm where the manifest gives pixel_size_mm, else pixels.
-  c.eval = ml_collections.ConfigDict(dict(bootstrap_samples=1000, nsd_tolerance=2.0))
+  c.eval = ml_collections.ConfigDict(dict(
+      bootstrap_samples=1000, nsd_tolerance=2.0,
+      # Stability under test-time Gaussian blur (UltraFedFM Fig. 5e-f): the tested model is
+      # scored again on the test images blurred with each sigma (input pixels); () = off.
+      blur_sigmas=(),
+  ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   c.ckpt_every_epochs = 5
   # A non-finite loss or gradient: 'stop' the run naming the epoch and step (the last

@@ -311,12 +311,16 @@ def test_finetune_cls_smoke_resumes_bitwise_after_a_crash(tmp_path, monkeypatch)
   config.num_seeds = 1
   config.loss.class_weights = "balanced"  # the paths off in the smoke preset
   config.aug.reprob = 0.25
+  config.eval.blur_sigmas = (1.5,)
   rows = finetune.run(config, str(tmp_path / "full"))
   cell = tmp_path / "full" / "scratch" / "frac_1" / "seed_0"
   result = json.loads((cell / "results.json").read_text())
   assert set(result["test"]) == set(finetune.CLS_METRICS)
-  assert (cell / "roc.png").exists() and (cell / "confusion.png").exists()
-  assert {r["metric"] for r in rows} == set(finetune.CLS_METRICS)
+  for name in ("roc.png", "confusion.png", "pr.png", "tsne.png", "blur.png", "test_outputs.npz"):
+    assert (cell / name).exists(), name
+  assert set(result["blur"]["1.5"]) == set(finetune.CLS_METRICS)
+  assert {r["metric"] for r in rows} == {*finetune.CLS_METRICS,
+                                         *(f"{m}@blur1.5" for m in finetune.CLS_METRICS)}
   assert (tmp_path / "full" / "summary.csv").exists()
 
   original = checkpoint.Checkpointer.save
@@ -353,6 +357,10 @@ def test_finetune_seg_smoke_from_a_pretraining_checkpoint(tmp_path):
       (v, m) for v in ("scratch", "mae") for m in finetune.SEG_METRICS}
   result = json.loads((tmp_path / "ft" / "mae" / "frac_1" / "seed_0" / "results.json").read_text())
   assert 0.0 <= result["test"]["dice"][0] <= 1.0
+  # Each variant is tested against scratch on the same test images (paired bootstrap per seed).
+  for r in rows:
+    if r["variant"] == "mae":
+      assert r["reference"] == "scratch" and 0.0 < float(r["p_bootstrap"]) <= 1.0
   assert (tmp_path / "ft" / "mae" / "frac_1" / "seed_0" / "overlays.png").exists()
 
 

@@ -160,3 +160,37 @@ def test_paired_bootstrap_of_several_metrics_shares_resamples():
   alone = significance.paired_bootstrap(metrics.average_precision, labels, b, a, num_samples=100,
                                         seed=3)
   assert set(out) == {"auroc", "ap"} and out["ap"] == alone
+
+
+# ----------------------------------------------------------------------------- study summaries
+def test_finetune_summary_tests_each_variant_against_scratch_per_seed(tmp_path):
+  from ultrajax.jobs import finetune
+  rng = np.random.default_rng(0)
+  labels, weak, strong = correlated_scores(rng, 80, shift_b=1.5)
+  cells = []
+  for variant, scores in (("scratch", weak), ("mae", strong)):
+    for seed in (0, 1, 2):
+      run_dir = tmp_path / variant / f"seed_{seed}"
+      run_dir.mkdir(parents=True)
+      s = 1 / (1 + np.exp(-(scores + 0.1 * rng.normal(size=80))))
+      probs = np.stack([1 - s, s], axis=1)
+      np.savez(run_dir / "test_outputs.npz", test_index=np.arange(80), targets=labels, probs=probs)
+      test = {k: [v, v, v] for k, v in finetune.cls_scores(labels, probs).items()}
+      cells.append({"variant": variant, "fraction": 1.0, "seed": seed, "run_dir": str(run_dir),
+                    "test": test, "probs": probs})
+  rows = finetune.summarise(cells, ("auroc", "accuracy"), reference="scratch", num_samples=100)
+  row = next(r for r in rows if r["variant"] == "mae" and r["metric"] == "auroc")
+  mae_values = [c["test"]["auroc"][0] for c in cells if c["variant"] == "mae"]
+  ref_values = [c["test"]["auroc"][0] for c in cells if c["variant"] == "scratch"]
+  assert row["reference"] == "scratch"
+  np.testing.assert_allclose(row["p_ttest"], stats.ttest_rel(mae_values, ref_values).pvalue)
+  np.testing.assert_allclose(row["diff"], np.mean(mae_values) - np.mean(ref_values))
+  delong = [significance.delong_test(labels, a["probs"][:, 1], b["probs"][:, 1]).pvalue
+            for a, b in zip(cells[3:], cells[:3])]
+  np.testing.assert_allclose([float(p) for p in row["p_delong"].split()], delong, rtol=1e-3)
+  boot = [float(p) for p in row["p_bootstrap"].split()]
+  assert len(boot) == 3 and max(boot) < 0.05  # the stronger model wins on every seed
+  accuracy = next(r for r in rows if r["variant"] == "mae" and r["metric"] == "accuracy")
+  assert accuracy["p_delong"] == "" and len(accuracy["p_bootstrap"].split()) == 3
+  scratch = next(r for r in rows if r["variant"] == "scratch" and r["metric"] == "auroc")
+  assert scratch["reference"] == "" and math.isnan(scratch["p_ttest"])

@@ -33,16 +33,18 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from clu import parameter_overview, periodic_actions
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ultrajax import configlib
 from ultrajax.data import augment, tasks
-from ultrajax.eval import metrics
+from ultrajax.eval import metrics, significance
 from ultrajax.interop import load as interop_load
 from ultrajax.models import heads, mae, vit
 from ultrajax.train import checkpoint, divergence, optimizer, resume, sharding, tree, writers
-from ultrajax.viz import plots
+from ultrajax.ultramim import corruption
+from ultrajax.viz import embedding, plots
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("finetune", "linear_probe")
@@ -88,6 +90,10 @@ def validate(config) -> None:
     c.check(bool(config.data.manifest), "config.data.manifest must name a CSV file")
   if config.data.source == "folders":
     c.check(bool(config.data.root), "config.data.root must name a folder of class folders")
+  for s in config.eval.blur_sigmas:
+    c.check(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 50,
+            f"config.eval.blur_sigmas has {s!r}; each blur sigma must be a number in [0, 50] "
+            "(input pixels)")
   lo, hi = config.aug.crop_scale
   c.check(0 < lo <= hi <= 1, f"config.aug.crop_scale={tuple(config.aug.crop_scale)} is not "
           "0 < low <= high <= 1")
@@ -257,6 +263,13 @@ def make_predict_fn(graphdef):
   return predict
 
 
+def make_features_fn(graphdef):
+  def features(params, images_u8):
+    """cls: what the head sees [B, D] (for t-SNE)."""
+    return nnx.merge(graphdef, params).features(mae.normalize(images_u8.astype(jnp.float32) / 255.0))
+  return features
+
+
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(predict, params, images: np.ndarray, batch_size: int, data_sharding) -> np.ndarray:
   """Predictions for every image, in batches (the last one padded)."""
@@ -326,16 +339,69 @@ def test_report(task_type, targets, outputs, num_classes, num_samples: int, seed
     return {name: list(v) for name, v in cis.items()}
   per_image = seg_per_image(targets, outputs, num_classes, spacing, nsd_tolerance)
   table = np.stack([per_image[name] for name in SEG_METRICS], axis=1)  # [N, M]
-
-  def means(rows):  # images where a metric is undefined (nan: one mask empty) are left out
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", RuntimeWarning)
-      return dict(zip(SEG_METRICS, np.nanmean(rows, axis=0)))
   report = {name: list(v) for name, v in metrics.bootstrap_cis(
-      means, table, num_samples=num_samples, seed=seed).items()}
+      seg_means, table, num_samples=num_samples, seed=seed).items()}
   report["hd95_undefined_images"] = int(np.sum(~np.isfinite(per_image["hd95"])))
   report["distance_unit"] = "px" if spacing is None else "mm"
   return report
+
+
+def seg_means(table: np.ndarray) -> dict:
+  """{metric: mean over images} of a per-image table [N, len(SEG_METRICS)]; images where a
+  metric is undefined (nan: one mask empty) are left out."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return dict(zip(SEG_METRICS, np.nanmean(table, axis=0)))
+
+
+def blurred(images_u8: np.ndarray, sigma: float, chunk: int = 64) -> np.ndarray:
+  """[N, S, S, 3] uint8 under a Gaussian blur of `sigma` input pixels (scipy's reflect borders),
+  rounded back to uint8; sigma 0 returns the images."""
+  if sigma == 0:
+    return images_u8
+  return np.concatenate([np.clip(np.round(np.asarray(corruption.gaussian_blur(
+      jnp.asarray(images_u8[i:i + chunk], jnp.float32), float(sigma)))), 0, 255).astype(np.uint8)
+      for i in range(0, len(images_u8), chunk)])
+
+
+def test_extras(config, programs, params, data: tasks.TaskData, test_idx: np.ndarray,
+                outputs: np.ndarray, report: dict, run_dir: pathlib.Path, batch: int,
+                first_cell: bool) -> dict:
+  """What a cell adds beside its test report: test_outputs.npz (what the study's paired tests
+  read), the precision-recall curve (UltraFedFM Fig. 6), t-SNE of the test features in the first
+  cell of each variant (URFM Fig. 6), and the metrics under test-time blur (UltraFedFM Fig. 5e-f,
+  eval.blur_sigmas) with blur.png. Returns the entries to add to results.json."""
+  targets, spacing = data.targets[test_idx], _spacing(data, test_idx)
+  if config.task_type == "cls":
+    np.savez(run_dir / "test_outputs.npz", test_index=test_idx, targets=targets, probs=outputs)
+    plots.pr_curves(run_dir / "pr.png", targets, outputs, data.class_names,
+                    title=f"test precision-recall ({run_dir.parent.parent.name})")
+    if first_cell:
+      feats = evaluate(jax.jit(make_features_fn(programs.graphdef)), params,
+                       data.images[test_idx], batch, programs.data_sharding)
+      embedding.save_tsne(run_dir / "tsne.png", feats, targets, data.class_names,
+                          title=f"t-SNE of test features ({run_dir.parent.parent.name})")
+  else:
+    per_image = seg_per_image(targets, outputs, data.num_classes, spacing,
+                              config.eval.nsd_tolerance)
+    np.savez(run_dir / "test_outputs.npz", test_index=test_idx,
+             per_image=np.stack([per_image[name] for name in SEG_METRICS], axis=1))
+  sigmas = [float(x) for x in config.eval.blur_sigmas]
+  if not sigmas:
+    return {}
+  blur = {}
+  for sigma in sigmas:
+    out = evaluate(programs.predict, params, blurred(data.images[test_idx], sigma), batch,
+                   programs.data_sharding)
+    blur[f"{sigma:g}"] = split_scores(config.task_type, targets, out, data.num_classes, spacing,
+                                      config.eval.nsd_tolerance)
+  select = config.train.select_metric
+  xs = sorted({0.0, *sigmas})
+  plots.metric_curve(run_dir / "blur.png", xs, {select: [
+      report[select][0] if x == 0 else blur[f"{x:g}"][select] for x in xs]},
+      xlabel="test-time Gaussian blur sigma (pixels)", ylabel=f"test {select}",
+      title=f"blur stability ({run_dir.parent.parent.name})")
+  return {"blur": blur}
 
 
 def _spacing(data: tasks.TaskData, idx: np.ndarray):
@@ -382,7 +448,11 @@ class Programs:
   def __init__(self, config, num_classes: int, steps_per_epoch: int, batch: int, mesh):
     abstract = nnx.eval_shape(lambda: build_model(config, num_classes, 0))
     graphdef, params = nnx.split(abstract, nnx.Param)
+    self.graphdef = graphdef
     params = nnx.to_pure_dict(params)
+    # Once per study shape (cells of one shape share these programs).
+    parameter_overview.log_parameter_overview(params, include_stats=False,
+                                              msg="Fine-tuning model parameters")
     _, depth, _, _ = model_dims(config.model)
     total_steps = steps_per_epoch * config.train.num_epochs
     self.peak_lr = config.optim.base_lr * (batch / 256 if config.optim.scale_lr_by_batch else 1.0)
@@ -488,6 +558,8 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
   opt_state = state["opt_state"]
   best, best_epoch = float(state["best"]), int(state["best_epoch"])
   best_params = state["best_params"]
+  # Epochs per second and this cell's ETA in the log (from the second epoch on).
+  progress = periodic_actions.ReportProgress(num_train_steps=num_epochs, every_steps=1)
   try:
     for epoch in range(start, num_epochs):
       t0 = time.time()
@@ -516,6 +588,7 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
       writer.write_scalars(epoch + 1, row)
       logging.info("%s epoch %d/%d: loss %.4f%s", run_dir.name, epoch + 1, num_epochs, loss,
                    "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
+      progress(epoch + 1)
       if (epoch + 1) % config.ckpt_every_epochs == 0 or epoch + 1 == num_epochs:
         state = {"opt_state": opt_state, "best_params": best_params,
                  "best": jnp.asarray(best, jnp.float32), "best_epoch": jnp.asarray(best_epoch, jnp.int32)}
@@ -541,27 +614,93 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
     per_image = seg_per_image(targets, outputs, data.num_classes)["dice"]
     plots.seg_overlays(run_dir / "overlays.png", data.images[test_idx], targets, outputs,
                        scores=per_image)
+  extras = test_extras(config, programs, best_params, data, test_idx, outputs, report, run_dir,
+                       batch, first_cell=seed == config.seed and fraction == config.fractions[0])
   results = {"test": report, "best_val": best, "best_epoch": best_epoch, "select_metric": select,
              "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
              "num_test": int(len(test_idx)), "fraction": fraction, "seed": seed,
-             "init_from": init_path, "class_names": list(data.class_names), "config": cell}
+             "init_from": init_path, "class_names": list(data.class_names), "config": cell,
+             **extras}
   _atomic_json(run_dir / "results.json", results)
   return results
 
 
 # ----------------------------------------------------------------------------- study
-def summarise(cells: list[dict], metric_names) -> list[dict]:
-  """Rows of (variant, fraction, metric, mean, low, high, n, values) over seeds."""
+def reference_variant(study: list[tuple[str, str]]) -> str:
+  """The variant every other one is tested against: 'scratch' if the study has it, else the first."""
+  names = [name for name, _ in study]
+  return "scratch" if "scratch" in names else names[0]
+
+
+def paired_cell_tests(cell: dict, ref: dict, num_samples: int) -> dict:
+  """{metric: {'bootstrap': p[, 'delong': p]}} of a cell against the reference variant's cell of
+  the same seed and fraction, paired over their saved test outputs (the same test images):
+  paired bootstrap of every metric, and DeLong for a binary AUROC. {} when either cell saved no
+  outputs or their test images differ."""
+  paths = [pathlib.Path(c["run_dir"]) / "test_outputs.npz" for c in (cell, ref)]
+  if not all(path.exists() for path in paths):
+    return {}
+  with np.load(paths[0]) as fa, np.load(paths[1]) as fb:
+    a, b = dict(fa), dict(fb)
+  if not np.array_equal(a["test_index"], b["test_index"]):
+    return {}
+  if "probs" in a:
+    boot = significance.paired_bootstrap(cls_scores, a["targets"], a["probs"], b["probs"],
+                                         num_samples=num_samples, seed=cell["seed"])
+  else:
+    boot = significance.paired_bootstrap(seg_means, None, a["per_image"], b["per_image"],
+                                         num_samples=num_samples, seed=cell["seed"])
+  out = {name: {"bootstrap": c.pvalue} for name, c in boot.items()}
+  targets = a.get("targets")
+  if "probs" in a and a["probs"].shape[1] == 2 and 0 < targets.sum() < len(targets):
+    out["auroc"]["delong"] = significance.delong_test(targets, a["probs"][:, 1],
+                                                      b["probs"][:, 1]).pvalue
+  return out
+
+
+def _cell_value(cell: dict, name: str) -> float:
+  """A test metric ('auroc') or a blurred one ('auroc@blur2' = results['blur']['2']['auroc'])."""
+  metric, _, sigma = name.partition("@blur")
+  return cell["blur"][sigma][metric] if sigma else cell["test"][metric][0]
+
+
+def summarise(cells: list[dict], metric_names, reference: str | None = None,
+              num_samples: int = 1000) -> list[dict]:
+  """Rows of (variant, fraction, metric, mean, low, high, n, values) over seeds, and the tests
+  against the `reference` variant at the same fraction: diff (mean over seeds of variant minus
+  reference), p_ttest (two-sided paired t-test over seeds), and per seed (space-separated, as
+  `values`) p_bootstrap (paired bootstrap over test images) and p_delong (binary AUROC), where
+  the cells saved their test outputs. Cells tested under blur add rows 'metric@blur<sigma>'."""
   rows = []
+  tests = {}
+  refs = {(c["fraction"], c["seed"]): c for c in cells if c["variant"] == reference}
+  for c in cells:
+    ref = refs.get((c["fraction"], c["seed"]))
+    if c["variant"] != reference and ref is not None and "run_dir" in c and "run_dir" in ref:
+      tests[(c["variant"], c["fraction"], c["seed"])] = paired_cell_tests(c, ref, num_samples)
   keys = sorted({(c["variant"], c["fraction"]) for c in cells}, key=lambda k: (k[0], -k[1]))
   for variant, fraction in keys:
-    group = [c for c in cells if c["variant"] == variant and c["fraction"] == fraction]
-    for name in metric_names:
-      values = np.array([c["test"][name][0] for c in group], np.float64)
-      mean, low, high = metrics.mean_ci(values, bounds=metrics.metric_range(name))
-      rows.append({"variant": variant, "fraction": fraction, "metric": name, "mean": mean,
-                   "ci_low": low, "ci_high": high, "num_seeds": len(values),
-                   "values": " ".join(f"{v:.4f}" for v in values)})
+    group = sorted((c for c in cells if c["variant"] == variant and c["fraction"] == fraction),
+                   key=lambda c: c["seed"])
+    blur_names = [f"{m}@blur{s}" for s in (group[0].get("blur") or {}) for m in metric_names
+                  if all(s in c.get("blur", {}) for c in group)]
+    ref_group = [refs.get((fraction, c["seed"])) for c in group]
+    compare = variant != reference and all(r is not None for r in ref_group)
+    for name in (*metric_names, *blur_names):
+      values = np.array([_cell_value(c, name) for c in group], np.float64)
+      mean, low, high = metrics.mean_ci(values, bounds=metrics.metric_range(name.split("@")[0]))
+      row = {"variant": variant, "fraction": fraction, "metric": name, "mean": mean,
+             "ci_low": low, "ci_high": high, "num_seeds": len(values),
+             "values": " ".join(f"{v:.4f}" for v in values),
+             "reference": reference if compare else "", "diff": math.nan, "p_ttest": math.nan,
+             "p_bootstrap": "", "p_delong": ""}
+      if compare:
+        t = significance.paired_ttest(values, [_cell_value(r, name) for r in ref_group])
+        per_seed = [tests.get((variant, fraction, c["seed"]), {}).get(name, {}) for c in group]
+        row.update(diff=t.diff, p_ttest=t.pvalue, **{
+            f"p_{kind}": " ".join(f"{p[kind]:.4g}" for p in per_seed if kind in p)
+            for kind in ("bootstrap", "delong")})
+      rows.append(row)
   return rows
 
 
@@ -621,12 +760,12 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
                        total, name, fraction, seed)
           result = train_one(config, data, run_dir, init_path=path, fraction=fraction,
                              seed=seed, mesh=mesh)
-        cells.append({"variant": name, **result})
+        cells.append({"variant": name, "run_dir": str(run_dir), **result})
         test = result["test"]
         logging.info("  test: %s", ", ".join(f"{k} {v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]"
                                               for k, v in test.items() if isinstance(v, list)))
   names = CLS_METRICS if config.task_type == "cls" else SEG_METRICS
-  rows = summarise(cells, names)
+  rows = summarise(cells, names, reference_variant(study), config.eval.bootstrap_samples)
   if jax.process_index() == 0:
     write_summary(workdir, rows, config.train.select_metric)
   logging.info("Test metrics, mean [95%% CI] over %d seed(s):", config.num_seeds)
