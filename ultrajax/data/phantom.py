@@ -446,16 +446,33 @@ def _frozen(*arrays):
   return arrays
 
 
+def _fan_scale(size: int, half: float, r0: float) -> float:
+  """Pixels per depth unit: the fan's bounding box fits the image, centred, touching the top."""
+  r1 = r0 + 1.0
+  return min(size / (2 * r1 * math.sin(half)), size / (r1 - r0 * math.cos(half)))
+
+
+def fan_geometry(image_size: int, fan_angle_deg: float = FAN_ANGLE_DEG,
+                 apex_radius: float = APEX_RADIUS) -> dict:
+  """The exact fan of a convex phantom image, in its pixels (pixel (i, j) centred at row i,
+  column j; the fields of ultramim.geometry.Fan). A pixel has echo data iff its centre is inside."""
+  half = math.radians(fan_angle_deg) / 2
+  s = _fan_scale(image_size, half, apex_radius)
+  return dict(apex_x=image_size / 2 - 0.5, apex_y=-apex_radius * math.cos(half) * s - 0.5,
+              fan_angle_deg=float(fan_angle_deg), inner_radius=apex_radius * s,
+              outer_radius=(apex_radius + 1.0) * s)
+
+
 @functools.lru_cache(maxsize=32)
-def _geometry(probe: str, size: int) -> _Geometry:
+def _geometry(probe: str, size: int, fan_angle_deg: float = FAN_ANGLE_DEG,
+              apex_radius: float = APEX_RADIUS) -> _Geometry:
   if probe == 'linear':
     v, u = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
     grid = _Grid(*_frozen(u - 0.5, v, v))
     return _Geometry(grid, grid, None, None, 1.0 / size, 1.0 / size)
-  half, r0 = math.radians(FAN_ANGLE_DEG) / 2, APEX_RADIUS
+  half, r0 = math.radians(fan_angle_deg) / 2, apex_radius
   r1 = r0 + 1.0
-  # Pixels per depth unit: the fan's bounding box fits the image, centred, touching the top.
-  s = min(size / (2 * r1 * math.sin(half)), size / (r1 - r0 * math.cos(half)))
+  s = _fan_scale(size, half, r0)
   # About one echo sample per output pixel: radially, and across the beams on the deepest arc.
   nr, nt = math.ceil(s), math.ceil(2 * half * r1 * s)
   r = r0 + (np.arange(nr, dtype=np.float32) + 0.5) / nr
@@ -518,14 +535,16 @@ def _paint(scene: _Scene, regions: list, g: _Grid, attenuation: float) -> tuple[
 
 
 def generate(rng: np.random.Generator, organ: str, probe: str, image_size: int,
-             dynamic_range_db: float = DYNAMIC_RANGE_DB) -> dict:
+             dynamic_range_db: float = DYNAMIC_RANGE_DB, *, fan_angle_deg: float = FAN_ANGLE_DEG,
+             apex_radius: float = APEX_RADIUS) -> dict:
   """One phantom image and its annotations, all drawn from `rng`.
 
   organ: one of ORGANS; probe: one of PROBES; image_size: S; dynamic_range_db: the dB span that
-  log compression maps onto grey levels 1..255.
+  log compression maps onto grey levels 1..255; fan_angle_deg, apex_radius: a convex probe's fan
+  (apex_radius in units of the imaging depth).
   Returns image uint8 [S, S] (0 only outside a convex fan), organ_mask and lesion_mask uint8 [S, S]
   in {0, 1} (lesion_mask inside organ_mask; empty iff label == 0), label int (index into LABELS),
-  organ and probe (the arguments).
+  organ and probe (the arguments); convex images also `fan`, their exact fan_geometry.
   """
   if organ not in _SCENES:
     raise ValueError(f"organ={organ!r} is not one of {ORGANS}")
@@ -533,7 +552,10 @@ def generate(rng: np.random.Generator, organ: str, probe: str, image_size: int,
     raise ValueError(f"probe={probe!r} is not one of {PROBES}")
   if image_size < 8:
     raise ValueError(f"image_size={image_size!r} is below 8")
-  geo = _geometry(probe, int(image_size))
+  if not (0.0 < fan_angle_deg < 180.0 and apex_radius >= 0.0):
+    raise ValueError(f"fan_angle_deg={fan_angle_deg!r} is not in (0, 180) or "
+                     f"apex_radius={apex_radius!r} is below 0")
+  geo = _geometry(probe, int(image_size), float(fan_angle_deg), float(apex_radius))
   label = int(rng.choice(len(LABELS), p=LABEL_PROBS))
   scene = _SCENES[organ](rng)
   organ_mask = scene.organ.inside(geo.image)
@@ -563,5 +585,9 @@ def generate(rng: np.random.Generator, organ: str, probe: str, image_size: int,
   if geo.fan is not None:
     organ_mask &= geo.fan
     grey = np.where(geo.fan, scipy.ndimage.map_coordinates(grey, geo.scan, order=1, mode='nearest'), 0.0)
-  return {'image': np.rint(grey).astype(np.uint8), 'organ_mask': organ_mask.astype(np.uint8),
-          'lesion_mask': lesion_mask.astype(np.uint8), 'label': label, 'organ': organ, 'probe': probe}
+  record = {'image': np.rint(grey).astype(np.uint8), 'organ_mask': organ_mask.astype(np.uint8),
+            'lesion_mask': lesion_mask.astype(np.uint8), 'label': label, 'organ': organ,
+            'probe': probe}
+  if geo.fan is not None:
+    record['fan'] = fan_geometry(int(image_size), fan_angle_deg, apex_radius)
+  return record

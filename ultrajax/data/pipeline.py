@@ -17,6 +17,7 @@ import concurrent.futures
 import functools
 import math
 import sys
+import zlib
 from typing import Callable
 
 import grain
@@ -244,33 +245,44 @@ class ClientBatches(grain.DatasetIterator):
 
 
 class _ScanModePartners:
-  """`source` followed by the scan-mode partner of each of its records; see below."""
+  """`source` followed by scan-mode partners of its records; see below."""
 
-  def __init__(self, source, convert: Callable[[dict], dict | None]):
+  def __init__(self, source, convert: Callable[[dict], dict | None], ratio: float, seed: int):
+    if not ratio >= 0:
+      raise ValueError(f"ratio={ratio!r} is not >= 0")
     self.source, self.convert = source, convert
     self.name, self.probe = source.name, ""
+    n = len(source)
+    full, rest = divmod(round(ratio * n), n)
+    rng = np.random.default_rng([int(seed), zlib.crc32(source.name.encode())])
+    # partner j converts source record self.of[j]
+    self.of = np.concatenate([np.tile(np.arange(n), full),
+                              np.sort(rng.choice(n, rest, replace=False))]).astype(np.int64)
 
   def __len__(self) -> int:
-    return 2 * len(self.source)
+    return len(self.source) + len(self.of)
 
   def __getitem__(self, index: int) -> dict:
     n = len(self.source)
-    if not 0 <= index < 2 * n:
-      raise IndexError(f"index {index} out of range for {2 * n} records")
-    partner, i = divmod(index, n)
-    record = self.source[i]
-    if not partner:
-      return record
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} records")
+    if index < n:
+      return self.source[index]
+    record = self.source[int(self.of[index - n])]
     converted = self.convert(record)
     return record if converted is None else converted
 
 
-def with_scan_mode_partners(source, convert: Callable[[dict], dict | None]):
-  """SMAT: a source of length 2n, record i < n is source[i], record n + i is convert(source[i]).
+def with_scan_mode_partners(source, convert: Callable[[dict], dict | None], ratio: float = 1.0,
+                            seed: int = 0):
+  """SMAT: the n records of source, then round(ratio * n) scan-mode partners.
 
+  ratio is synthetic per real image (1 = UltraFedFM's 1:1): partner j converts source record
+  j mod n while whole passes fit, then a subset drawn from (seed, crc32 of the name), in order;
+  a ratio over 1 repeats partners (the warp is deterministic), weighting them up.
   convert maps a record dict to its partner in the other scan mode (e.g. linear -> convex).
   Where it returns None (probe unknown) the partner is the record itself: the length, and so
   the shuffles, batch boundaries and client weights, stay fixed and deterministic instead of
   depending on which records happen to convert. Keeps `name`; `probe` is '' (mixed).
   """
-  return _ScanModePartners(source, convert)
+  return _ScanModePartners(source, convert, ratio, seed)

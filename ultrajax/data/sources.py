@@ -3,18 +3,22 @@
 A source has `name` (the client), `probe` ('linear' | 'convex' | '' when unknown or mixed), `__len__`
 and `__getitem__(i) -> dict`, so it is a Grain `RandomAccessDataSource` as it stands. Records hold
 `image` uint8 [H, W] (grey) or [H, W, 3] and, where known, `probe`, `organ`, `label`, `organ_mask`,
-`lesion_mask`, `path`. Sources keep only plain data (no open files, no lambdas) so they pickle into
+`lesion_mask`, `path`, and for convex images `fan` (the probe geometry in pixels, a dict of
+ultramim.geometry.Fan's fields). Sources keep only plain data (no open files, no lambdas) so they pickle into
 Grain worker processes.
 
 - PhantomSource / default_client_sources: the built-in phantom, laid out like UltraFedFM's 16 clients.
 - FolderSource / folder_clients: one client per sub-directory of image files.
 - manifest_clients: clients listed in a CSV file (image path, optional client, probe and extra columns).
 - pooled: several sources as one (centralized training).
+- fraction_of: a seeded fraction of a client's images (data-fraction scaling).
 """
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import csv
+import io
 import math
 import os
 import zlib
@@ -24,7 +28,9 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from ultrajax import configlib
 from ultrajax.data import phantom
+from ultrajax.ultramim import geometry
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
 ON_BAD_IMAGE = ('skip', 'raise')
@@ -62,7 +68,7 @@ _TABLE_1 = (
 DEFAULT_CLIENTS = tuple((name, organ, ORGAN_PROBE.get(organ, ''), n) for name, organ, n in _TABLE_1)
 
 
-class BadImageError(ValueError):
+class BadImageError(configlib.DataError):
   """An image file that cannot be decoded."""
 
 
@@ -148,10 +154,14 @@ class FolderSource:
   all); `probe` is then their common value, or ''. extras: a dict of strings per record, merged into
   it. on_bad_image: 'raise' (BadImageError naming the file) or 'skip' (warn once per file, return
   the next decodable record, wrapping, so the length and record order stay fixed).
+  drop_undecodable: with 'skip', decode every file once now and keep only those that decode
+  (warning once for each other), so len() and the client's FedAvg weight n_k count usable images;
+  it costs one pass over the files (about one local epoch of decoding), on all cores.
   """
 
   def __init__(self, name: str, paths: Sequence[str], probe: str = '', on_bad_image: str = 'skip', *,
-               record_probes: Sequence[str] | None = None, extras: Sequence[dict] | None = None):
+               record_probes: Sequence[str] | None = None, extras: Sequence[dict] | None = None,
+               drop_undecodable: bool = False):
     if on_bad_image not in ON_BAD_IMAGE:
       raise ValueError(f"on_bad_image={on_bad_image!r} is not one of {ON_BAD_IMAGE}")
     if not paths:
@@ -166,7 +176,33 @@ class FolderSource:
       self.record_probes = [_check_probe(p, f"probe of {path}") for p, path in zip(record_probes, paths)]
       self.probe = _common_probe(self.record_probes)
     self.extras = None if extras is None else [dict(e) for e in extras]
-    self._warned: set[str] = set()
+    self._warned: dict[str, object] = {}  # path -> the call that warned (prefetch threads race)
+    if drop_undecodable and on_bad_image == 'skip':
+      self._drop_undecodable()
+
+  def _drop_undecodable(self) -> None:
+    def error(path):
+      try:
+        decode_image(path)
+      except BadImageError as e:
+        return e
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+      errors = list(pool.map(error, self.paths))
+    for e in filter(None, errors):
+      logging.warning("%s; left out of client %r", e, self.name)
+    keep = [i for i, e in enumerate(errors) if e is None]
+    if not keep:
+      raise BadImageError(f"client {self.name!r}: none of its {len(self.paths)} images decodes "
+                          f"(first: {self.paths[0]})")
+    if len(keep) < len(self.paths):
+      logging.warning("client %r: %d of %d images do not decode and are left out (FedAvg weight "
+                      "n_k = %d)", self.name, len(self.paths) - len(keep), len(self.paths), len(keep))
+      self.paths = [self.paths[i] for i in keep]
+      if self.record_probes is not None:
+        self.record_probes = [self.record_probes[i] for i in keep]
+        self.probe = _common_probe(self.record_probes)
+      if self.extras is not None:
+        self.extras = [self.extras[i] for i in keep]
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -190,8 +226,8 @@ class FolderSource:
         if self.on_bad_image == 'raise':
           raise
         path = self.paths[j % n]
-        if path not in self._warned:
-          self._warned.add(path)
+        token = object()
+        if self._warned.setdefault(path, token) is token:  # one atomic step under the GIL
           logging.warning("%s; client %r serves the next decodable image in its place "
                           "(%d unreadable file(s) skipped so far)", e, self.name, len(self._warned))
     raise BadImageError(f"client {self.name!r}: none of its {n} images decodes (first: {self.paths[0]})")
@@ -226,7 +262,8 @@ def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip') -> li
   if not subdirs:
     if not loose:
       raise ValueError(f"image folder root {root} has no sub-directories containing images (and no images)")
-    return [FolderSource(os.path.basename(os.path.abspath(root)), loose, probe, on_bad_image)]
+    return [FolderSource(os.path.basename(os.path.abspath(root)), loose, probe, on_bad_image,
+                         drop_undecodable=True)]
   if loose:
     raise ValueError(f"image folder root {root} has {len(loose)} images next to its client "
                      f"sub-directories (e.g. {loose[0]}); move them into a sub-directory")
@@ -236,27 +273,40 @@ def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip') -> li
     if not paths:
       raise ValueError(f"client sub-directory {os.path.join(root, d)} contains no "
                        f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images")
-    clients.append(FolderSource(d, paths, probe, on_bad_image))
+    clients.append(FolderSource(d, paths, probe, on_bad_image, drop_undecodable=True))
   return clients
 
 
 def read_manifest(csv_path: str, required=(), why: str = '') -> tuple[list[str], list[dict]]:
-  """(column names, rows as dicts) of a CSV manifest (a UTF-8 BOM is ignored).
+  """(column names, rows as dicts) of a CSV manifest in UTF-8 (a BOM is ignored).
 
-  Raises FileNotFoundError for a missing file and ValueError, naming the file, for a missing
-  `required` column (`why` says what it is needed for) or a manifest without rows.
+  Raises FileNotFoundError for a missing file and DataError (a ValueError), naming the file, for
+  text that is not UTF-8 (with its line), a malformed CSV line, a missing `required` column
+  (`why` says what it is needed for) or a manifest without rows.
   """
   if not os.path.isfile(csv_path):
     raise FileNotFoundError(f"manifest {csv_path} does not exist")
-  with open(csv_path, newline='', encoding='utf-8-sig') as f:
-    reader = csv.DictReader(f)
+  with open(csv_path, 'rb') as f:
+    raw = f.read()
+  try:
+    text = raw.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b'\n') + 1
+    raise configlib.DataError(
+        f"manifest {csv_path} line {line}: byte {raw[e.start:e.start + 1]!r} is not UTF-8 (the "
+        "file is in another encoding, e.g. Latin-1 / Windows-1252); save it as UTF-8") from None
+  reader = csv.DictReader(io.StringIO(text, newline=''))
+  try:
     columns = list(reader.fieldnames or ())
     rows = list(reader)
+  except csv.Error as e:
+    raise configlib.DataError(f"manifest {csv_path} line {reader.line_num}: {e}") from None
   for column in required:
     if column not in columns:
-      raise ValueError(f"manifest {csv_path} has no column {column!r}{why}; its columns are {columns}")
+      raise configlib.DataError(f"manifest {csv_path} has no column {column!r}{why}; its columns "
+                                f"are {columns}")
   if not rows:
-    raise ValueError(f"manifest {csv_path} lists no images")
+    raise configlib.DataError(f"manifest {csv_path} lists no images")
   return columns, rows
 
 
@@ -268,8 +318,10 @@ def manifest_clients(csv_path: str, image_column: str = 'image', client_column: 
   Image paths are relative to the CSV's directory (absolute ones are kept). Without `client_column`
   in the header all rows form one client named after the CSV's stem; without `probe_column` every
   record has `default_probe` (as does an empty probe cell). `extra_columns` are copied into each
-  record as strings. Raises ValueError for a missing column or an empty manifest and
-  FileNotFoundError for a missing CSV or missing images.
+  record as strings. Optional FAN_COLUMNS give a convex image's probe geometry in its pixels
+  (record['fan'], for SMAT; rows with them all empty have none). Raises ValueError for a missing
+  column, bad geometry (naming the line) or an empty manifest and FileNotFoundError for a missing
+  CSV or missing images.
   """
   csv_path = os.fspath(csv_path)
   _check_probe(default_probe, 'default_probe')
@@ -277,11 +329,20 @@ def manifest_clients(csv_path: str, image_column: str = 'image', client_column: 
   base = os.path.dirname(os.path.abspath(csv_path))
   stem = os.path.splitext(os.path.basename(csv_path))[0]
   groups: dict[str, list[dict]] = {}
+  fan_columns = [c for c in FAN_COLUMNS if c in columns]
+  if fan_columns and len(fan_columns) < len(FAN_COLUMNS):
+    raise configlib.DataError(f"manifest {csv_path} has fan geometry columns {fan_columns} but not "
+                              f"{[c for c in FAN_COLUMNS if c not in columns]}; give all of "
+                              f"{list(FAN_COLUMNS)} or none")
+  fans = {}  # id(row) -> fan dict
   for n, row in enumerate(rows, start=2):  # line 1 is the header
     client = row[client_column] if client_column in columns else stem
     if not client:
       raise ValueError(f"manifest {csv_path} line {n}: empty {client_column!r}")
     groups.setdefault(client, []).append(row)
+    if fan_columns:
+      probe = (row[probe_column] if probe_column in columns else '') or default_probe
+      fans[id(row)] = _manifest_fan(row, probe, f"manifest {csv_path} line {n}")
   missing = [p for p in (os.path.join(base, r[image_column]) for r in rows) if not os.path.isfile(p)]
   if missing:
     raise FileNotFoundError(f"manifest {csv_path}: {len(missing)} of {len(rows)} images are missing, "
@@ -291,9 +352,39 @@ def manifest_clients(csv_path: str, image_column: str = 'image', client_column: 
     probes = [(r[probe_column] if probe_column in columns else '') or default_probe for r in group]
     clients.append(FolderSource(
         client, [os.path.join(base, r[image_column]) for r in group], on_bad_image=on_bad_image,
-        record_probes=probes,
-        extras=[{c: r[c] or '' for c in extra_columns} for r in group] if extra_columns else None))
+        record_probes=probes, drop_undecodable=True,
+        extras=[dict({c: r[c] or '' for c in extra_columns},
+                     **({'fan': fans[id(r)]} if fans.get(id(r)) else {})) for r in group]
+        if extra_columns or fans else None))
   return clients
+
+
+# A convex image's fan in its pixels (ultramim.geometry.Fan's fields), optional manifest columns.
+FAN_COLUMNS = geometry.FIELDS
+
+
+def _manifest_fan(row: dict, probe: str, where: str) -> dict | None:
+  """The fan of a manifest row (None when its FAN_COLUMNS are all empty); DataError naming `where`."""
+  cells = {c: (row[c] or '').strip() for c in FAN_COLUMNS}
+  if not any(cells.values()):
+    return None
+  empty = [c for c, v in cells.items() if not v]
+  if empty:
+    raise configlib.DataError(f"{where}: fan geometry {empty} empty; give all of "
+                              f"{list(FAN_COLUMNS)} or none")
+  if probe != 'convex':
+    raise configlib.DataError(f"{where}: fan geometry given for probe {probe!r}; only 'convex' "
+                              "images have a fan")
+  values = {}
+  for c, v in cells.items():
+    try:
+      values[c] = float(v)
+    except ValueError:
+      raise configlib.DataError(f"{where}: {c}={v!r} is not a number") from None
+  try:
+    return geometry.check_fan(values, where)._asdict()
+  except ValueError as e:
+    raise configlib.DataError(str(e)) from None
 
 
 class PooledSource:
@@ -320,3 +411,31 @@ class PooledSource:
 def pooled(sources: Sequence, name: str = 'pooled') -> PooledSource:
   """One source holding every record of `sources` in order; probe = their common probe, or ''."""
   return PooledSource(sources, name)
+
+
+class SubsetSource:
+  """Records `indices` of `source`, in that order; keeps its name and probe."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    self.source, self.indices = source, [int(i) for i in indices]
+    self.name, self.probe = source.name, source.probe
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.source[self.indices[int(i)]]
+
+
+def fraction_of(source, fraction: float, seed: int):
+  """A random `fraction` of a client's images (data-fraction scaling studies): max(1,
+  round(fraction * n)) records drawn without replacement from (seed, crc32 of the name), kept in
+  their order; the source itself when fraction is 1."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"fraction={fraction!r} is not in (0, 1]")
+  n = len(source)
+  if fraction == 1.0:
+    return source
+  rng = np.random.default_rng([int(seed), zlib.crc32(source.name.encode())])
+  keep = max(1, round(fraction * n))
+  return SubsetSource(source, np.sort(rng.choice(n, keep, replace=False)))

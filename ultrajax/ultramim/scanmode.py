@@ -34,6 +34,14 @@ The official forward scatter (rounded positions, 20 rays per column) is replaced
 mapping. convex_to_linear always inverts the linear_to_convex geometry of the same orientation; the
 official convex_to_linear (inner radius detected from pixels, content crop) is data-dependent in shape
 and is not reproduced.
+
+Real convex images have their own fans (apex, angle, radii differ by scanner and depth setting), so
+SMAT unwarps each with sector_to_linear and that image's geometry.Fan: linear row i samples the arc
+at radius inner + (outer - inner)(i + 0.5)/H, column j the ray at angle -fan/2 + fan (j + 0.5)/W
+(orientation 'official_code' reverses both, as the inverse of the official linear_to_convex). Only
+pixels inside the fan (and, optionally, inside `valid`) feed the output: the others are first
+replaced by their nearest valid pixel, so bilinear sampling at the fan's rim never mixes in the black
+surround, burnt-in text or calibration bars outside it.
 """
 from __future__ import annotations
 
@@ -43,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
+
+from ultrajax.ultramim import geometry
 
 ORIENTATIONS = ("correct", "official_code")
 _BAND = 1.0 / 255.0
@@ -129,3 +139,64 @@ def convex_to_linear(images, fan_angle_deg: float = 160.0, inner_radius: float =
   r = f.r_row0 + f.r_step * rows
   theta = (cols + 0.5) / w * 2 * f.half - f.half
   return _sample(images, f.v0 + f.sv * r * np.cos(theta), f.u0 + f.su * r * np.sin(theta))
+
+
+def _fan_rows_cols(fan: geometry.Fan, shape: tuple[int, int], orientation: str):
+  """Radius and angle of every linear pixel ([h, w] each): row i an arc, column j a ray."""
+  h, w = shape
+  i, j = np.mgrid[0:h, 0:w].astype(np.float64)
+  if orientation == "official_code":
+    i, j = h - 1 - i, w - 1 - j
+  r = fan.inner_radius + (fan.outer_radius - fan.inner_radius) * (i + 0.5) / h
+  return r, (j + 0.5) / w * 2 * fan.half - fan.half
+
+
+def sector_to_linear(image: np.ndarray, fan, out_shape: tuple[int, int] | None = None,
+                     orientation: str = "correct", valid: np.ndarray | None = None) -> np.ndarray:
+  """Unwarps one convex image with its own fan (host, numpy).
+
+  image: [H, W] or [H, W, C]; fan: a geometry.Fan (or its dict) in this image's pixels;
+  out_shape: (h, w) of the linear image (default (H, W)); valid: [H, W] bool, pixels allowed to
+  feed the output besides being inside the fan (default: all). Returns float32 [h, w(, C)], every
+  pixel a bilinear mix of valid pixels inside the fan.
+  """
+  if orientation not in ORIENTATIONS:
+    raise ValueError(f"orientation={orientation!r} is not one of {ORIENTATIONS}")
+  fan = geometry.check_fan(fan)
+  image = np.asarray(image, np.float32)
+  planes = image[..., None] if image.ndim == 2 else image
+  allowed = geometry.fan_mask(fan, planes.shape[:2])
+  if valid is not None:
+    allowed &= valid
+  if not allowed.any():
+    raise ValueError(f"no pixel of the {planes.shape[0]}x{planes.shape[1]} image is inside {fan}")
+  nearest = scipy.ndimage.distance_transform_edt(~allowed, return_distances=False,
+                                                 return_indices=True)
+  planes = planes[nearest[0], nearest[1]]
+  r, theta = _fan_rows_cols(fan, out_shape or planes.shape[:2], orientation)
+  coords = [fan.apex_y + r * np.cos(theta), fan.apex_x + r * np.sin(theta)]
+  out = np.stack([scipy.ndimage.map_coordinates(planes[..., c], coords, order=1, mode="nearest")
+                  for c in range(planes.shape[-1])], -1)
+  return out[..., 0] if image.ndim == 2 else out
+
+
+def linear_to_sector(image: np.ndarray, fan, out_shape: tuple[int, int],
+                     orientation: str = "correct") -> np.ndarray:
+  """The inverse of sector_to_linear: a linear image [h, w(, C)] drawn into the fan of an image of
+  out_shape (H, W) (host, numpy). Returns float32 [H, W(, C)], 0 outside the fan."""
+  if orientation not in ORIENTATIONS:
+    raise ValueError(f"orientation={orientation!r} is not one of {ORIENTATIONS}")
+  fan = geometry.check_fan(fan)
+  image = np.asarray(image, np.float32)
+  planes = image[..., None] if image.ndim == 2 else image
+  h, w = planes.shape[:2]
+  r, theta = geometry.polar(fan, out_shape)
+  rows = (r - fan.inner_radius) / (fan.outer_radius - fan.inner_radius) * h - 0.5
+  cols = (theta + fan.half) / (2 * fan.half) * w - 0.5
+  if orientation == "official_code":
+    rows, cols = h - 1 - rows, w - 1 - cols
+  inside = geometry.fan_mask(fan, out_shape)
+  out = np.stack([np.where(inside, scipy.ndimage.map_coordinates(
+      planes[..., c], [rows, cols], order=1, mode="nearest"), 0.0) for c in range(planes.shape[-1])],
+      -1).astype(np.float32)
+  return out[..., 0] if image.ndim == 2 else out

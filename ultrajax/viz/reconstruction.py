@@ -1,4 +1,5 @@
-"""PNG grid of MIM examples: clean image | corrupted encoder input | mask | reconstruction."""
+"""PNG grids: MIM examples (clean image | corrupted encoder input | mask | reconstruction) and SMAT
+scan-mode pairs (source | partner)."""
 from __future__ import annotations
 
 import pathlib
@@ -36,6 +37,26 @@ def save_grid(path, clean, corrupted, mask, reconstruction, patch_size: int,
       ax.set_yticks([])
       if i == 0:
         ax.set_title(columns[j], fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def save_pairs(path, pairs, title: str = "") -> pathlib.Path:
+  """Writes one row per (source, partner, caption): SMAT's synthetic scan-mode partner beside the
+  image it was made from.  source, partner: uint8 [H, W] or [H, W, 3]."""
+  fig, axes = plt.subplots(len(pairs), 2, figsize=(4, 2 * len(pairs) + 0.4), squeeze=False)
+  for row, (source, partner, caption) in zip(axes, pairs):
+    for ax, image, name in zip(row, (source, partner), ("source", "SMAT partner")):
+      ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.set_title(f"{name}: {caption[0] if name == 'source' else caption[1]}", fontsize=7)
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
