@@ -35,6 +35,9 @@ into a fan whose apex lies above the image:
     |   0 here  |
     +-----------+
 
+generate's fan_angle_deg and apex_radius change the fan; a convex record carries its exact fan in
+pixels (`fan`, see fan_geometry), which SMAT's convex -> linear warp unwarps.
+
 Labels. 0 normal (no lesion), 1 benign (oval, parallel, smooth margin; a solid hypoechoic nodule or an
 anechoic cyst with posterior enhancement), 2 malignant (irregular spiculated outline, very hypoechoic,
 posterior acoustic shadow). Lesions lie inside the organ; `lesion_mask` is exactly the painted lesion.
