@@ -7,7 +7,8 @@ On a laptop/CI CPU, from the `cpu` federated pretraining (phantom breast lesion 
 about 6 minutes on 2 cores; prints test Dice, IoU and HD95 with 95% CIs):
   python -m ultrajax.main --config=configs/finetune_seg.py:cpu --workdir=/tmp/ft_seg \
       --config.init_from=/tmp/ultrajax_cpu
-Real images (CSV with image and mask columns, masks 0/255 or class ids; split by patient):
+Real images (CSV with image and mask columns; binary masks 0/1, 0/255 or JPEG 0/255, or class
+ids with --config.data.mask_mode=class_ids --config.data.classes=background,...; by patient):
   ... --config.data.source=manifest --config.data.manifest=../shared/data/real_us/hc18/labels.csv \
       --config.data.group_column=subject_id
 Multi-class phantom maps (organ and lesion): --config.data.seg_target=organ_and_lesion.

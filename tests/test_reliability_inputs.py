@@ -75,6 +75,10 @@ def test_ambiguous_binary_masks_are_refused_naming_file_and_values(tmp_path):
   with pytest.raises(configlib.DataError, match=r"line 3: mask .*b_m\.png has values \{0: \d+ px, "
                      r"128: \d+ px\}.* not a 0/255 binary mask"):
     tasks.manifest_task(str(path), "seg", 32)
+  with open(tmp_path / "blank.csv", "w", newline="") as f:
+    csv.writer(f).writerows([["image", "mask"], ["a.png", "a_m.png"], ["a.png", ""]])
+  with pytest.raises(configlib.DataError, match=r"blank\.csv line 3: empty 'mask' cell"):
+    tasks.manifest_task(str(tmp_path / "blank.csv"), "seg", 32)
   ids = (_ellipse() // 255).astype(np.uint8)
   ids[:5, :5] = 2  # class ids {0, 1, 2} read as a binary mask
   with pytest.raises(configlib.DataError, match=r"all below 64 but not just 0/1.*class_ids"):
@@ -120,6 +124,10 @@ def test_label_typo_is_an_error_and_inferred_classes_are_logged_with_counts(tmp_
   with pytest.raises(configlib.DataError, match=r"labels \['maligant'\] \(first at line 22\) are "
                      r"not among config.data.classes=\('benign', 'malignant'\)"):
     tasks.manifest_task(str(path), "cls", 8, classes="benign,malignant")
+  blank = _cls_manifest(tmp_path, ["benign", "", "malignant"])
+  with pytest.raises(configlib.DataError, match=r"empty 'label' cell on 1 line\(s\), first line 3"):
+    tasks.manifest_task(str(blank), "cls", 8)
+  path = _cls_manifest(tmp_path, labels)
   data_config = _config("finetune_cls.py").data
   assert data_config.classes == ""  # real data: the labels found by default
   data_config.update(source="manifest", manifest=str(path))

@@ -323,6 +323,10 @@ def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_colum
   base = os.path.dirname(os.path.abspath(csv_path))
   images, targets, groups, splits, spacing = [], [], [], [], []
   if task_type == "cls":
+    empty = [line for line, r in enumerate(rows, start=2) if not r[label_column].strip()]
+    if empty:
+      raise configlib.DataError(f"manifest {csv_path}: empty {label_column!r} cell on "
+                                f"{len(empty)} line(s), first line {empty[0]}")
     class_names = _class_names([r[label_column] for r in rows], classes, f"manifest {csv_path}",
                                lines=range(2, len(rows) + 2))
   else:
@@ -339,8 +343,14 @@ def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_colum
     if task_type == "cls":
       targets.append(class_names.index(row[label_column]))
     else:
+      if not row[mask_column]:
+        raise configlib.DataError(f"manifest {csv_path} line {line}: empty {mask_column!r} cell "
+                                  "(a segmentation task needs a mask for every image)")
       mask_path = os.path.join(base, row[mask_column])
-      mask = sources.decode_image(mask_path)
+      try:
+        mask = sources.decode_image(mask_path)
+      except sources.BadImageError as e:
+        raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
       mask = mask.max(axis=-1) if mask.ndim == 3 else mask
       if mask.shape != image.shape[:2]:
         raise configlib.DataError(
