@@ -45,6 +45,7 @@ surround, burnt-in text or calibration bars outside it.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -165,19 +166,33 @@ def sector_to_linear(image: np.ndarray, fan, out_shape: tuple[int, int] | None =
   fan = geometry.check_fan(fan)
   image = np.asarray(image, np.float32)
   planes = image[..., None] if image.ndim == 2 else image
-  allowed = geometry.fan_mask(fan, planes.shape[:2])
+  shape = planes.shape[:2]
+  nearest, coords = _unwarp_plan(fan, shape, tuple(out_shape or shape), orientation)
   if valid is not None:
-    allowed &= valid
-  if not allowed.any():
-    raise ValueError(f"no pixel of the {planes.shape[0]}x{planes.shape[1]} image is inside {fan}")
-  nearest = scipy.ndimage.distance_transform_edt(~allowed, return_distances=False,
-                                                 return_indices=True)
+    nearest = _nearest_allowed(geometry.fan_mask(fan, shape) & valid, fan)
   planes = planes[nearest[0], nearest[1]]
-  r, theta = _fan_rows_cols(fan, out_shape or planes.shape[:2], orientation)
-  coords = [fan.apex_y + r * np.cos(theta), fan.apex_x + r * np.sin(theta)]
   out = np.stack([scipy.ndimage.map_coordinates(planes[..., c], coords, order=1, mode="nearest")
                   for c in range(planes.shape[-1])], -1)
   return out[..., 0] if image.ndim == 2 else out
+
+
+def _nearest_allowed(allowed: np.ndarray, fan) -> np.ndarray:
+  """[2, H, W]: (row, col) of the nearest allowed pixel of every pixel."""
+  if not allowed.any():
+    raise ValueError(f"no pixel of the {allowed.shape[0]}x{allowed.shape[1]} image is inside {fan}")
+  return scipy.ndimage.distance_transform_edt(~allowed, return_distances=False, return_indices=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _unwarp_plan(fan: geometry.Fan, shape, out_shape, orientation: str):
+  """What sector_to_linear needs of a fan alone (a client's images often share one): the nearest
+  pixel inside the fan of every pixel [2, H, W] and the sample points [2, h, w]."""
+  nearest = _nearest_allowed(geometry.fan_mask(fan, shape), fan)
+  r, theta = _fan_rows_cols(fan, out_shape, orientation)
+  coords = np.stack([fan.apex_y + r * np.cos(theta), fan.apex_x + r * np.sin(theta)])
+  for a in (nearest, coords):
+    a.setflags(write=False)
+  return nearest, coords
 
 
 def linear_to_sector(image: np.ndarray, fan, out_shape: tuple[int, int],
