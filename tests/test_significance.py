@@ -27,7 +27,8 @@ def test_paired_ttest_matches_scipy_ttest_rel(seed, size):
 def test_paired_ttest_degenerate_inputs():
   assert significance.paired_ttest([0.7, 0.8], [0.7, 0.8]).pvalue == 1.0  # scipy: nan
   assert significance.paired_ttest([1.0, 2.0], [0.5, 1.5]).pvalue == 0.0  # as scipy
-  assert math.isnan(significance.paired_ttest([0.8], [0.7]).pvalue)
+  one = significance.paired_ttest([0.8], [0.5])
+  assert math.isnan(one.pvalue) and one.diff == pytest.approx(0.3)
   # A nan pair (a seed with an undefined metric) is dropped, the rest are tested.
   ours = significance.paired_ttest([0.8, np.nan, 0.9, 0.85], [0.7, 0.5, 0.8, 0.8])
   np.testing.assert_allclose(ours.pvalue, stats.ttest_rel([0.8, 0.9, 0.85], [0.7, 0.8, 0.8]).pvalue)
@@ -194,3 +195,16 @@ def test_finetune_summary_tests_each_variant_against_scratch_per_seed(tmp_path):
   assert accuracy["p_delong"] == "" and len(accuracy["p_bootstrap"].split()) == 3
   scratch = next(r for r in rows if r["variant"] == "scratch" and r["metric"] == "auroc")
   assert scratch["reference"] == "" and math.isnan(scratch["p_ttest"])
+
+
+def test_versus_reference_columns():
+  rng = np.random.default_rng(4)
+  labels, a, b = correlated_scores(rng, 120, shift_b=1.5)
+  values, ref_values = [0.9, 0.85, 0.88], [0.7, 0.72, 0.69]
+  out = significance.versus_reference(metrics.auroc, values, ref_values, labels, b, a,
+                                      num_samples=100)
+  np.testing.assert_allclose(out["p_ttest"], stats.ttest_rel(values, ref_values).pvalue)
+  np.testing.assert_allclose(out["diff"], np.mean(np.subtract(values, ref_values)))
+  assert out["p_bootstrap"] < 0.05
+  empty = significance.versus_reference(metrics.auroc, values, ref_values, [], [], [])
+  assert math.isnan(empty["p_bootstrap"])

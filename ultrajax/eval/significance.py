@@ -9,6 +9,7 @@ Which test for what (the papers' statistical analyses):
                     midrank algorithm of Sun & Xu (2014), O(N log N); two-sided normal p-value.
   delong_ci         one AUROC's DeLong variance and normal CI (pROC's ci.auc(method='delong')).
 Every test returns a `Comparison`: diff = a - b, its (1 - alpha) interval and the p-value.
+`versus_reference` gives a study's p-value columns (t-test over repeats, bootstrap over cases).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def paired_ttest(a, b, alpha: float = 0.05) -> Comparison:
 
   t = mean(d) / (std(d, ddof=1) / sqrt(S)) with S - 1 degrees of freedom, as
   scipy.stats.ttest_rel; the interval is the Student-t interval of mean(d). Pairs with a nan
-  are dropped; fewer than two pairs left gives nan. Identical differences (zero spread): p = 1
+  are dropped; fewer than two pairs left give nan (but diff). Identical differences (zero spread): p = 1
   when they are all 0 (scipy: nan), p = 0 otherwise (as scipy).
   """
   _check_alpha(alpha)
@@ -52,8 +53,8 @@ def paired_ttest(a, b, alpha: float = 0.05) -> Comparison:
   if a.shape != b.shape or a.ndim != 1:
     raise ValueError(f"paired_ttest needs two [S] arrays of equal length, got {a.shape} and {b.shape}")
   d = (a - b)[np.isfinite(a) & np.isfinite(b)]
-  if d.size < 2:
-    return NAN
+  if d.size < 2:  # no spread to test against: only the difference, if there is one
+    return Comparison(float(d[0]), math.nan, math.nan, math.nan) if d.size else NAN
   mean, sd, df = float(d.mean()), float(d.std(ddof=1)), d.size - 1
   if sd == 0.0:
     return Comparison(mean, mean, mean, 1.0 if mean == 0.0 else 0.0,
@@ -207,3 +208,27 @@ def delong_test(labels, scores_a, scores_b, alpha: float = 0.05) -> Comparison:
   z = diff / math.sqrt(var)
   half = stats.norm.ppf(1 - alpha / 2) * math.sqrt(var)
   return Comparison(diff, diff - half, diff + half, float(2 * stats.norm.sf(abs(z))), z)
+
+
+# ------------------------------------------------------------------------------------------------
+# Study summaries
+
+
+def versus_reference(metric_fn: Callable, values, ref_values, targets, outputs, ref_outputs, *,
+                     num_samples: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
+  """The p-value columns of one method against a reference method (e.g. every HSL baseline
+  against HSL), for a study whose repeats score both on the same test cases.
+
+  values, ref_values: [R] the metric per repeat (paired by repeat) -> diff (mean of the
+  differences) and p_ttest (two-sided paired t-test). targets: [N] and outputs, ref_outputs:
+  [N, ...] the test cases of all repeats pooled in the same order for both methods ->
+  p_bootstrap (paired bootstrap of metric_fn(targets, outputs), nan when the pooled cases
+  leave the metric undefined).
+  """
+  t = paired_ttest(values, ref_values, alpha)
+  try:
+    boot = paired_bootstrap(metric_fn, targets, outputs, ref_outputs, num_samples=num_samples,
+                            alpha=alpha, seed=seed).pvalue
+  except ValueError:  # no pooled test cases
+    boot = math.nan
+  return {"diff": t.diff, "p_ttest": t.pvalue, "p_bootstrap": boot}
