@@ -68,7 +68,11 @@ def get_config(arg=None):
       mic=True,  # masked-image corruption of the encoder input.
       p_clean=0.5, p_each=0.5, motion_length=24, motion_angle_deg=45.0,
       gaussian_sigma=1.1, salt_pepper_density=0.1,
-      smat=True,  # scan-mode partners (linear <-> convex), one per image with a known probe.
+      smat=True,  # scan-mode partners (linear <-> convex) of images with a known probe.
+      smat_ratio=1.0,  # synthetic partners per real image: 1 = the paper's 1:1 (Fig. 4d), 0 = none,
+                       # 0.5 = a seeded half of the images, 2 = each partner twice.
+      # linear -> convex draws this fan (the official values); convex -> linear unwarps each
+      # image's own fan (phantom / manifest geometry, else estimated from the image).
       fan_angle_deg=160.0,
       inner_radius=120.0,  # pixels at the stored image's scale (the official value).
       smat_orientation="correct",  # or 'official_code' (radially inverted fan).
@@ -82,6 +86,7 @@ def get_config(arg=None):
       probe="",  # probe of real images when no 'probe' column: 'linear' | 'convex' | '' (no SMAT).
       on_bad_image="skip",  # 'skip' (warn, count, use the next image) | 'raise'
       pool_clients=False,  # True: every client's images in one client (centralized training).
+      fraction=1.0,  # a seeded fraction of each client's images (data-fraction scaling studies).
       num_clients=16,  # phantom: the first k of the 16 Table-1 clients.
       phantom_scale=0.01,  # phantom: client sizes = Table 1 counts * scale (floored).
       phantom_min_images=64,
@@ -115,12 +120,42 @@ def get_config(arg=None):
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(clients=1, data=-1))  # -1: all remaining devices.
-  c.sharding_rules = [(".*", "replicated")]  # regex over param paths -> 'replicated' | 'fsdp'
+  # regex over param paths -> 'replicated' | 'fsdp'; a tuple, so the command line can override it.
+  c.sharding_rules = ((".*", "replicated"),)
 
   c.log_every_rounds = 1
   c.image_every_rounds = 10
+  # PNG of the encoder's last-block cls attention per head (UltraFedFM Figs. 7-8); 0 = off.
+  c.attention_every_rounds = 50
   c.ckpt_every_rounds = 10
   c.keep_checkpoints = 3
+  # A non-finite loss or gradient: 'stop' the run naming the round and step (the last
+  # checkpoint stays the last good one) | 'skip' that step's update and count it.
+  c.on_nonfinite = "stop"
+  # Resuming checks the config saved with the checkpoint: fields that change the result must
+  # match. Comma-separated fields allowed to differ anyway, e.g. 'optim.base_lr'
+  # (train/resume.py CHANGEABLE lists those that may always change).
+  c.allow_config_change = ""
+
+  # Representation evaluators on the frozen encoder (ultrajax/eval/evaluators.py), run at
+  # round 0 (random init), every `every_rounds` (0 = off) and at the last round; logged as
+  # eval/<name>/{accuracy,auroc}. Not in the papers: a check of the features while training.
+  c.evals = ml_collections.ConfigDict(dict(
+      features="gap",  # 'gap' (mean patch token after the final norm) | 'cls'
+      batch_size=64,  # images per compiled feature call
+      # A classification task with its own seeded split (fields as configs/finetune_cls.py's
+      # config.data): the probes fit on its train + val images and are scored on its test.
+      task=ml_collections.ConfigDict(dict(
+          source="phantom",  # 'phantom' | 'manifest' | 'folders'
+          organs="breast", classes="benign,malignant", num_images_per_organ=2000, phantom_seed=0,
+          manifest="", root="", image_column="image", label_column="label",
+          group_column="group", split_column="split", split_fractions=(0.6, 0.2, 0.2),
+          split_seed=0, on_bad_image="raise")),
+      linear_probe=ml_collections.ConfigDict(dict(
+          every_rounds=50, C=1.0, max_iters=1000)),  # C: inverse L2 strength, as sklearn
+      knn=ml_collections.ConfigDict(dict(
+          every_rounds=50, k=20, metric="cosine", weights="uniform")),
+  ))
 
   if knobs.preset == "cpu":
     # Small enough for 2 CPU cores in under 10 minutes. Pixel targets (norm_pix_loss=False) so
@@ -134,7 +169,11 @@ def get_config(arg=None):
     c.fed.update(num_rounds=40, chunk_steps=9)
     c.optim.update(base_lr=1e-2, warmup_rounds=3)
     c.image_every_rounds = 10
+    c.attention_every_rounds = 10
     c.ckpt_every_rounds = 10
+    # The phantom lesions of finetune_cls.py:cpu (same draws and split): 594 images.
+    c.evals.task.num_images_per_organ = 1000
+    c.evals.linear_probe.every_rounds = c.evals.knn.every_rounds = 10
   elif knobs.preset == "smoke":
     c.model.update(variant="", width=64, depth=2, num_heads=4, patch_size=8, image_size=32,
                    decoder_width=32, decoder_depth=1, decoder_heads=4, dtype="float32")
@@ -144,5 +183,9 @@ def get_config(arg=None):
     c.fed.update(num_rounds=2, chunk_steps=2)
     c.optim.update(base_lr=1e-3, warmup_rounds=1)
     c.image_every_rounds = 1
+    c.attention_every_rounds = 0  # off: the smoke run tests the loop, not the figure
     c.ckpt_every_rounds = 1
+    c.evals.task.num_images_per_organ = 100  # 65 lesions: fit on 52, scored on 13
+    c.evals.linear_probe.every_rounds = c.evals.knn.every_rounds = 2
+    c.evals.knn.k = 5
   return c

@@ -1,4 +1,5 @@
 """End-to-end pretraining job: smoke runs, resume after a crash, meshes, bad input, real images."""
+import json
 import os
 import pathlib
 import subprocess
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ultrajax import configlib
+from ultrajax import configlib, evaluate
 from ultrajax.jobs import pretrain
 from ultrajax.train import checkpoint, writers
 
@@ -25,8 +26,9 @@ def smoke_config(**overrides):
 
 
 def losses_by_round(workdir):
+  """Rows of training rounds (the evaluators' round-0 row has no loss)."""
   return {row["round"]: row for row in writers.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
-          if "round" in row}
+          if "loss" in row}
 
 
 def assert_trees_equal(a, b):
@@ -42,8 +44,19 @@ def test_smoke_run_writes_metrics_images_and_checkpoint(tmp_path):
     assert np.isfinite(row["loss"]) and row["img_per_s"] > 0
     assert {"loss/client_00", "loss/client_01", "lr", "s_per_round"} <= set(row)
   assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == [
-      "round_00001.png", "round_00002.png"]
+      "round_00001.png", "round_00002.png", "smat_pairs.png"]
   assert_trees_equal(checkpoint.load_params(tmp_path), params)
+  # The evaluators ran at random init (round 0) and at the last round (smoke: every 2 rounds).
+  keys = {f"eval/{n}/{m}" for n in ("linear_probe", "knn") for m in ("accuracy", "auroc")}
+  evals = {row["round"]: row for row in writers.read_jsonl(tmp_path / "metrics.jsonl")
+           if keys <= set(row)}
+  assert sorted(evals) == [0, 2] and "loss" not in evals[0] and "loss" in evals[2]
+  assert all(0 <= evals[r][k] <= 1 for r in evals for k in keys)
+  # The command-line evaluator on the saved checkpoint gives what the job logged.
+  record = evaluate.evaluate(smoke_config(), workdir=str(tmp_path))
+  assert record["round"] == 2 and json.loads(pathlib.Path(record["output"]).read_text())["round"] == 2
+  for k in keys:
+    assert record[k] == pytest.approx(evals[2][k], abs=1e-4), k
 
 
 def test_crash_and_resume_is_bitwise_identical(tmp_path):
@@ -78,9 +91,12 @@ def test_one_device_and_eight_devices_agree(tmp_path):
 def test_centralized_config_pools_clients(tmp_path):
   config = configlib.load_config_module(CONFIGS / "pretrain_central.py").get_config("smoke")
   config.mesh.update(clients=1, data=1)
+  config.attention_every_rounds = 2
   pretrain.run(config, tmp_path)
   assert [k for k in losses_by_round(tmp_path)[1] if k.startswith("loss/client")] == [
       "loss/client_00"]
+  # The encoder's attention maps every 2 rounds (and at the last round).
+  assert [p.name for p in (tmp_path / "attention").glob("*.png")] == ["round_00002.png"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -88,6 +104,9 @@ def test_centralized_config_pools_clients(tmp_path):
     ({"ultramim.tgm_mode": "textured"}, "ultramim.tgm_mode"),
     ({"model.mask_ratio": 1.0}, "model.mask_ratio"),
     ({"data.source": "folder"}, "data.root"),
+    ({"ultramim.smat_ratio": -0.5}, "ultramim.smat_ratio"),
+    ({"data.fraction": 0.0}, "data.fraction"),
+    ({"attention_every_rounds": -1}, "attention_every_rounds"),
 ])
 def test_bad_config_fails_naming_the_field(tmp_path, overrides, message):
   with pytest.raises(configlib.ConfigError, match=message.replace(".", r"\.")):

@@ -40,11 +40,13 @@ from flax import nnx
 
 from ultrajax import configlib, ultramim
 from ultrajax.data import pipeline, sources as sources_lib, teacher_cache
+from ultrajax.eval import evaluators
 from ultrajax.fed import aggregate, rounds
 from ultrajax.interop import load as interop_load, open_clip
 from ultrajax.models import mae, teacher as teacher_lib, vit
-from ultrajax.train import checkpoint, optimizer, perf, sharding, writers
-from ultrajax.viz import features as feature_viz, reconstruction
+from ultrajax.train import (checkpoint, divergence, optimizer, perf, resume, sharding, timing,
+                            writers)
+from ultrajax.viz import attention as attention_viz, features as feature_viz, reconstruction
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NUM_PREVIEW = 4
@@ -57,9 +59,12 @@ def validate(config) -> None:
   """Fails at start-up naming the first field whose value cannot work."""
   c = configlib
   c.check_choice(config, "model.dtype", DTYPES)
-  c.check_range(config, "model.mask_ratio", 0.0, 1.0, high_inclusive=False)
+  # 0 masks nothing: the loss over masked patches is 0/0 (NaN).
+  c.check_range(config, "model.mask_ratio", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
   c.check_choice(config, "ultramim.tgm_mode", ultramim.MODES)
   c.check_choice(config, "ultramim.smat_orientation", ultramim.ORIENTATIONS)
+  c.check_range(config, "ultramim.smat_ratio", 0.0)
+  c.check_range(config, "data.fraction", 0.0, 1.0, low_inclusive=False)
   for name in ("p_clean", "p_each", "salt_pepper_density"):
     c.check_range(config, f"ultramim.{name}", 0.0, 1.0)
   c.check_choice(config, "data.source", ("phantom", "folder", "manifest"))
@@ -74,8 +79,12 @@ def validate(config) -> None:
   c.check_range(config, "fed.lanes", 0)
   c.check_choice(config, "optim.weight_decay_on", ("mae", "all"))
   c.check_range(config, "optim.warmup_rounds", 0)
+  c.check_range(config, "optim.base_lr", 0.0, low_inclusive=False)
+  c.check_range(config, "optim.min_lr", 0.0)
+  resume.validate(config)
   for name in ("log_every_rounds", "image_every_rounds", "ckpt_every_rounds", "keep_checkpoints"):
     c.check_range(config, name, 1)
+  c.check_range(config, "attention_every_rounds", 0)
   if config.data.source == "folder":
     c.check(bool(config.data.root), "config.data.root must name a folder when data.source='folder'")
   if config.data.source == "manifest":
@@ -149,17 +158,50 @@ def validate_teacher(config) -> None:
 
 
 # ----------------------------------------------------------------------------- data
+_ESTIMATED_FANS: dict = {}  # image path -> its estimated Fan, or why it has none (str)
+
+
+def _record_fan(record: dict):
+  """(fan, valid) of a convex record: its own `fan` (phantom, manifest), else one estimated from
+  the image (once per file) with the echo region as the valid pixels; None with a logged reason
+  when the image is not a sector."""
+  if record.get("fan"):
+    return ultramim.check_fan(record["fan"], f"fan of {record.get('path', 'a record')}"), None
+  path = record.get("path")
+  fan = _ESTIMATED_FANS.get(path) if path else None
+  if fan is None:
+    try:
+      fan = ultramim.estimate_fan(record["image"])
+    except ultramim.NotASector as e:
+      fan = str(e)
+    if path:
+      _ESTIMATED_FANS[path] = fan
+  if isinstance(fan, str):
+    logging.log_first_n(logging.WARNING, "SMAT: %s gets no linear partner (it stays real): %s",
+                        20, path or "a convex image", fan)
+    return None
+  return fan, ultramim.geometry.support(record["image"])
+
+
 def _smat_partner(record: dict, *, fan_angle_deg, inner_radius, orientation, default_probe):
-  """The other scan mode of a record (linear <-> convex), or None when its probe is unknown."""
+  """The other scan mode of a record (linear <-> convex), or None when its probe is unknown or
+  a convex image has no fan. linear -> convex draws the configured fan (the official values);
+  convex -> linear unwarps the image's own fan (never pixels from outside it)."""
   probe = record.get("probe") or default_probe
   if probe not in ("linear", "convex"):
     return None
   image = record["image"]
-  x = (image if image.ndim == 3 else image[..., None]).astype(np.float32)[None] / 255.0
-  warp = ultramim.linear_to_convex if probe == "linear" else ultramim.convex_to_linear
-  out = warp(x, fan_angle_deg, inner_radius, orientation)[0]
-  out = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
-  partner = dict(record, image=out if image.ndim == 3 else out[..., 0])
+  if probe == "linear":
+    x = (image if image.ndim == 3 else image[..., None]).astype(np.float32)[None] / 255.0
+    out = ultramim.linear_to_convex(x, fan_angle_deg, inner_radius, orientation)[0] * 255.0
+    out = out if image.ndim == 3 else out[..., 0]
+  else:
+    fan = _record_fan(record)
+    if fan is None:
+      return None
+    out = ultramim.sector_to_linear(image, fan[0], orientation=orientation, valid=fan[1])
+  partner = dict(record, image=np.clip(np.rint(out), 0, 255).astype(np.uint8))
+  partner.pop("fan", None)
   partner["probe"] = "convex" if probe == "linear" else "linear"
   return partner
 
@@ -183,14 +225,34 @@ def client_sources(config) -> list:
     clients = sources_lib.manifest_clients(
         d.manifest, image_column=d.image_column, client_column=d.client_column,
         default_probe=d.probe, on_bad_image=d.on_bad_image)
-  if config.ultramim.smat:
-    u = config.ultramim
+  if d.fraction < 1:
+    clients = [sources_lib.fraction_of(s, d.fraction, config.seed) for s in clients]
+  u = config.ultramim
+  if u.smat and u.smat_ratio > 0:
     clients = [pipeline.with_scan_mode_partners(s, functools.partial(
         _smat_partner, fan_angle_deg=u.fan_angle_deg, inner_radius=u.inner_radius,
-        orientation=u.smat_orientation, default_probe=s.probe or d.probe)) for s in clients]
+        orientation=u.smat_orientation, default_probe=s.probe or d.probe), ratio=u.smat_ratio,
+        seed=config.seed) for s in clients]
   if d.pool_clients:
     clients = [sources_lib.pooled(clients)]
   return clients
+
+
+def smat_pairs(clients, k: int = NUM_PREVIEW, tries: int = 8) -> list:
+  """Up to k (source image, SMAT partner image, (source caption, partner caption)), the first
+  converted record of each client with SMAT partners (pooled clients: of each pooled source)."""
+  pairs = []
+  for source in (s for c in clients for s in getattr(c, "sources", [c])):
+    of = getattr(source, "of", ())  # pipeline.with_scan_mode_partners: partner j converts of[j]
+    for j in range(min(len(of), tries)):
+      if len(pairs) == k:
+        return pairs
+      real, partner = source.source[int(of[j])], source[len(source.source) + j]
+      if partner["probe"] != real["probe"]:
+        pairs.append((real["image"], partner["image"],
+                      (f"{source.name} {real['probe']}", partner["probe"])))
+        break
+  return pairs
 
 
 def preview_images(clients, image_size: int) -> np.ndarray:
@@ -382,7 +444,7 @@ class Programs:
 
     def chunk(frozen, *args):
       loss_fn = make_loss_fn(graphdef, config, teacher_graphdef, frozen)
-      return rounds.make_chunk(loss_fn, tx, self.lr_fn)(*args)
+      return rounds.make_chunk(loss_fn, tx, self.lr_fn, config.on_nonfinite)(*args)
 
     self.chunk = jax.jit(
         chunk, in_shardings=(rep, self.server_sharding, self.state_sharding,
@@ -461,16 +523,14 @@ def _teacher_data(config, clients, teacher):
 
 def _resume_or_init(config, ckpt, programs, data, seed_key):
   """Returns (server params, client optimizer states, first round to run)."""
-  latest = ckpt.latest_round()
   abstract_params = jax.eval_shape(programs.init_params, seed_key)
-  if latest is not None:
-    abstract_server = checkpoint.abstract_like(abstract_params, programs.server_sharding)
-    abstract_train = dict(
-        opt=checkpoint.abstract_like(programs.abstract_opt, programs.opt_sharding))
-    params, train, meta = ckpt.restore(latest, abstract_server, abstract_train, data)
-    if meta.get("process_count", 1) != jax.process_count():
-      raise ValueError(f"checkpoint {ckpt.directory}/{latest} was written by "
-                       f"{meta['process_count']} processes, this run has {jax.process_count()}")
+  abstract_server = checkpoint.abstract_like(abstract_params, programs.server_sharding)
+  abstract_train = dict(opt=checkpoint.abstract_like(programs.abstract_opt, programs.opt_sharding))
+  restored = resume.restore_latest(ckpt, abstract_server, abstract_train, data,
+                                   config=resume.snapshot(config),
+                                   allow=resume.allowed_changes(config))
+  if restored is not None:
+    latest, params, train, _ = restored
     logging.info("Resumed from %s/%d (round %d done).", ckpt.directory, latest, latest)
     return params, train["opt"], latest
   params = programs.init_params(seed_key)
@@ -481,6 +541,9 @@ def _resume_or_init(config, ckpt, programs, data, seed_key):
     target = checkpoint.abstract_like(abstract_params, programs.server_sharding)
     params = interop_load.load_init_params(config.init_from, abstract_model,
                                            base_params=params, target=target)
+    bad = checkpoint.nonfinite_paths(params)
+    configlib.check(not bad, f"config.init_from={config.init_from!r} holds NaN or inf in "
+                    f"{len(bad)} arrays, e.g. {bad[:4]} (a diverged run?)")
     logging.info("Initialised from %s.", config.init_from)
   return params, programs.init_opt(params), 0
 
@@ -490,12 +553,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
 
   stop_after_rounds: return after that round as if the process were killed there (no extra
   checkpoint) — lets tests check that resuming reproduces an uninterrupted run.
+  One process per workdir: a second one stops at the workdir lock (train/resume.py).
   """
   validate(config)
-  workdir = pathlib.Path(workdir)
+  with resume.WorkdirLock(workdir):
+    return _run(config, pathlib.Path(workdir), stop_after_rounds)
+
+
+def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
   logging.info("Mesh: %s", dict(mesh.shape))
+  probes = evaluators.for_pretraining(config, mesh)  # None when config.evals are all off
 
   clients = client_sources(config)
   num_clients, batch = len(clients), config.data.batch_size
@@ -557,11 +626,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
       writers.truncate_jsonl(workdir / "metrics.jsonl", start)
     parameter_overview.log_parameter_overview(params)
     if start == 0:
-      writer.write_hparams({k: str(v) for k, v in config.items() if not hasattr(v, "items")})
+      writer.write_hparams(config.to_dict())  # nested: TensorBoard gets 'model.width', ...
+      if probes:  # random init: the baseline the later rounds' figures are read against
+        writer.write_scalars(0, dict(round=0, **probes.at_round(params, 0)))
     progress = periodic_actions.ReportProgress(num_train_steps=config.fed.num_rounds,
                                                every_steps=1)
     lr_fn = programs.lr_fn
     preview = preview_images(clients, image_size)
+    # The encoder's last-block cls attention per head on the clean preview images (UltraFedFM
+    # Figs. 7-8), every attention_every_rounds rounds (0 = never).
+    attention_maps = jax.jit(lambda p, x: nnx.merge(graphdef, p).encoder.attention_maps(
+        mae.normalize(x.astype(jnp.float32) / 255.0)), out_shardings=programs.replicated)
+    pairs = smat_pairs(clients) if start == 0 and jax.process_index() == 0 else []
+    if pairs:
+      reconstruction.save_pairs(workdir / "images" / "smat_pairs.png", pairs,
+                                title="SMAT scan-mode partners")
     weights_dev = _put(weights, programs.replicated)
     steps_dev = _put(steps_per_round.astype(np.float32), programs.replicated)
     chunk_plans = [plan.chunk(j, chunk_steps) for j in range(num_chunks)]
@@ -571,8 +650,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
     last = config.fed.num_rounds if stop_after_rounds is None else min(
         config.fed.num_rounds, stop_after_rounds)
 
+    clock = timing.CompileClock()
     for r in range(start, last):
-      t0 = time.perf_counter()
+      t0 = timing.now()
       round_key = rounds.round_key(train_key, r)
       if config.fed.reset_client_optimizer and r > start:
         opt_state = programs.init_opt(params)
@@ -587,37 +667,69 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: i
         losses.append(chunk_losses)
       params, opt_state = programs.finish_round(state, params)
       losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)], axis=1)
-      seconds = time.perf_counter() - t0
+      seconds = timing.now() - t0
+      # Throughput leaves compilation out (the first round of a run compiles its programs).
+      compiling = clock.seconds_between(t0, t0 + seconds)
+      running = max(seconds - compiling, 1e-9)
       done = r + 1
-      loss = float(losses.sum() / (plan.client_ids >= 0).sum())
+      try:  # a non-finite step stops the run here (or, 'skip', is left out of the means)
+        valid = divergence.screen(
+            losses, plan.client_ids >= 0, where=f"round {done}", mode=config.on_nonfinite,
+            describe=lambda i: f"client {plan.client_ids[i]} local step {plan.step_ids[i]}")
+      except divergence.DivergenceError:
+        ckpt.close()  # the last good checkpoint may still be being written
+        raise
+      losses = np.where(valid, losses, 0.0)
+      loss = float(losses.sum() / valid.sum())
+      evaluated = probes.at_round(params, done) if probes else {}
 
       if done % config.log_every_rounds == 0 or done == last:
-        per_client = rounds.client_losses(losses, plan.client_ids, num_clients)
+        per_client = rounds.client_losses(losses, np.where(valid, plan.client_ids, -1),
+                                          num_clients)
         scalars = dict(round=done, loss=loss, lr=float(lr_fn(done)),
-                       img_per_s=int(steps_per_round.sum()) * batch / seconds,
+                       img_per_s=int(steps_per_round.sum()) * batch / running,
                        s_per_round=seconds)
+        if compiling > 0:
+          scalars["compile_s"] = compiling
+        if config.on_nonfinite == "skip":
+          scalars["skipped_steps"] = int((plan.client_ids >= 0).sum() - valid.sum())
         scalars.update({f"loss/client_{c:02d}": float(v) for c, v in enumerate(per_client)})
         if programs.chunk_flops:
           # Idle lane steps are computed too: this is what the hardware did.
-          tflops = programs.chunk_flops * num_chunks / seconds / 1e12
+          tflops = programs.chunk_flops * num_chunks / running / 1e12
           scalars["tflops_per_device"] = tflops
           if perf.mfu(tflops * 1e12) is not None:
             scalars["mfu"] = perf.mfu(tflops * 1e12)
+        scalars.update(evaluated)
         writer.write_scalars(done, scalars)
-        logging.info("round %d/%d  loss %.4f  %.1f img/s  %.2f s/round", done,
-                     config.fed.num_rounds, loss, scalars["img_per_s"], seconds)
+        logging.info("round %d/%d  loss %.4f  %.1f img/s  %.2f s/round%s", done,
+                     config.fed.num_rounds, loss, scalars["img_per_s"], seconds,
+                     f" ({compiling:.1f} s compiling)" if compiling > 0 else "")
+      elif evaluated:
+        writer.write_scalars(done, dict(round=done, **evaluated))
       progress(done)
 
       if done % config.image_every_rounds == 0 or done == config.fed.num_rounds:
         shown = programs.preview(params, preview, preview_key)
         if jax.process_index() == 0:
           save = reconstruction.save_grid if teacher is None else feature_viz.save_similarity_grid
-          save(workdir / "images" / f"round_{done:05d}.png",
-               *[np.asarray(x) for x in jax.device_get(shown)],
+          png = workdir / "images" / f"round_{done:05d}.png"
+          save(png, *[np.asarray(x) for x in jax.device_get(shown)],
                patch_size=patch_size_of(config.model), title=f"round {done}, loss {loss:.4f}")
+          writer.write_images(done, {"reconstructions": writers.png_image(png)})
+      every = config.attention_every_rounds
+      if every and (done % every == 0 or done == config.fed.num_rounds):
+        maps = np.asarray(jax.device_get(attention_maps(params, preview)))
+        if jax.process_index() == 0:
+          attention_viz.save_attention(workdir / "attention" / f"round_{done:05d}.png", preview,
+                                       maps, title=f"round {done}: last block, cls attention")
       if done % config.ckpt_every_rounds == 0 or done == config.fed.num_rounds:
         ckpt.save(done, params, dict(opt=opt_state), data, dict(meta, round=done))
+    if probes and jax.process_index() == 0:
+      logging.info("Evaluators, first and last round logged:\n%s",
+                   evaluators.summary(writers.read_jsonl(workdir / "metrics.jsonl")))
     writer.flush()
+    clock.close()
     ckpt.close()
     data.close()
   return params
