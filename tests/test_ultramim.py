@@ -1,6 +1,8 @@
 """UltraMIM ops against independent references: scipy/numpy filters, exact sampling probabilities,
 binomial frequencies, scikit-image rotations and polar warps."""
+import functools
 import itertools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +11,11 @@ import pytest
 import scipy.ndimage
 import scipy.stats
 import skimage.transform
+from PIL import Image, ImageDraw
 
 from ultrajax import ultramim
+from ultrajax.data import phantom, pipeline, sources
+from ultrajax.ultramim import geometry
 
 # ----------------------------------------------------------------------------------------------- texture
 
@@ -384,3 +389,264 @@ def test_scanmode_host_numpy_path_equals_device_path(orientation):
     device = np.asarray(fn(jnp.asarray(img), 150.0, 20.0, orientation))
     assert isinstance(host, np.ndarray) and host.dtype == np.float32
     np.testing.assert_allclose(host, device, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- SMAT with each image's own fan
+
+# (fan angle, apex radius in depths, image size, padding (top, left)): the padding moves the apex.
+PHANTOM_FANS = [(50.0, 0.4, 96, (6, 0)), (90.0, 0.25, 96, (4, 17)), (130.0, 0.5, 96, (9, 5)),
+                (60.0, 0.3, 128, (0, 0))]  # the last: the phantom's default fan, touching the top
+
+
+def assert_fan_close(got, truth):
+  """The issue's tolerance: angle within 2 degrees, radii within 2%, apex within 2% of the outer radius."""
+  assert abs(got.fan_angle_deg - truth.fan_angle_deg) <= 2.0, (got, truth)
+  for name in ("inner_radius", "outer_radius"):
+    assert abs(getattr(got, name) / getattr(truth, name) - 1) <= 0.02, (name, got, truth)
+  assert np.hypot(got.apex_x - truth.apex_x, got.apex_y - truth.apex_y) <= 0.02 * truth.outer_radius
+
+
+def padded_phantom(fan, apex_radius, size, pad, organ="kidney", seed=1):
+  rec = phantom.generate(np.random.default_rng(seed), organ, "convex", size, fan_angle_deg=fan,
+                         apex_radius=apex_radius)
+  f = geometry.check_fan(rec["fan"])
+  image = np.pad(rec["image"], ((pad[0], 2), (pad[1], 3)))
+  return image, f._replace(apex_x=f.apex_x + pad[1], apex_y=f.apex_y + pad[0])
+
+
+@pytest.mark.parametrize("fan,apex_radius,size,pad", PHANTOM_FANS)
+def test_phantom_fan_round_trip_never_uses_pixels_outside_the_fan(fan, apex_radius, size, pad):
+  image, truth = padded_phantom(fan, apex_radius, size, pad)
+  inside = geometry.fan_mask(truth, image.shape)
+  # The recorded geometry is exactly the drawn fan: the phantom leaves 0 only outside it.
+  np.testing.assert_array_equal(inside, image > 0)
+  # Outside the fan a sentinel no bilinear mix of grey levels can reach.
+  marked = np.where(inside, image, 1000.0).astype(np.float32)
+  linear = ultramim.sector_to_linear(marked, truth)
+  assert linear.shape == image.shape and 1.0 <= linear.min() and linear.max() <= 255.0
+  back = ultramim.linear_to_sector(linear, truth, image.shape)
+  assert np.all(back[~inside] == 0) and back.max() <= 255.0
+  core = scipy.ndimage.binary_erosion(inside, iterations=2)
+  assert np.corrcoef(back[core], image[core])[0, 1] > 0.95
+  # The same from the geometry estimated from the pixels alone.
+  estimated = ultramim.estimate_fan(image)
+  assert_fan_close(estimated, truth)
+  linear = ultramim.sector_to_linear(marked, estimated, valid=geometry.support(image))
+  assert 1.0 <= linear.min() and linear.max() <= 255.0
+
+
+def test_sector_to_linear_rows_are_arcs_and_columns_are_rays():
+  # Independent of the warp: draw a ring and a ray analytically in an image with a known fan.
+  truth = geometry.Fan(apex_x=41.0, apex_y=-12.0, fan_angle_deg=70.0, inner_radius=20.0,
+                       outer_radius=80.0)
+  r, theta = geometry.polar(truth, (72, 90))
+  ring = (np.abs(r - 50.0) < 1.0).astype(np.float32)
+  ray = (np.abs(np.degrees(theta) - 14.0) < 0.8).astype(np.float32)
+  h = w = 60
+  rows = ultramim.sector_to_linear(ring * geometry.fan_mask(truth, ring.shape), truth, (h, w))
+  cols = ultramim.sector_to_linear(ray * geometry.fan_mask(truth, ray.shape), truth, (h, w))
+  assert abs(rows.mean(1).argmax() - ((50.0 - 20.0) / 60.0 * h - 0.5)) <= 1
+  assert abs(cols.mean(0).argmax() - ((14.0 + 35.0) / 70.0 * w - 0.5)) <= 1
+  # 'official_code' is the inverse of the official linear_to_convex: both axes reversed.
+  flipped = ultramim.sector_to_linear(ring * geometry.fan_mask(truth, ring.shape), truth, (h, w),
+                                      orientation="official_code")
+  np.testing.assert_allclose(flipped, rows[::-1, ::-1], atol=1e-5)
+
+
+def speckle_sector_with_text(fan, shape=(140, 200), seed=0):
+  """A convex-looking image: log-compressed speckle in the fan with an anechoic (black) cyst,
+  black around it, burnt-in text, a depth ruler and a grey-level bar outside it and a caliper
+  cross inside."""
+  rng = np.random.default_rng(seed)
+  envelope = phantom.speckle_envelope(rng, (96, 96))
+  grey = np.clip(255 * (1 + 20 * np.log10(envelope + 1e-6) / 50) - 20, 0, 255)
+  y, x = np.mgrid[0:96, 0:96]
+  grey[np.hypot(y - 60, x - 30) < 7] = 0
+  image = np.rint(ultramim.linear_to_sector(grey.astype(np.float32), fan, shape)).astype(np.uint8)
+  canvas = Image.fromarray(image)
+  draw = ImageDraw.Draw(canvas)
+  draw.text((2, 1), "C5-2", fill=255)
+  draw.text((shape[1] - 40, 2), "GN 58", fill=200)
+  draw.text((3, shape[0] - 12), "D 14cm", fill=255)
+  draw.rectangle((shape[1] - 6, 30, shape[1] - 3, 90), fill=128)  # grey bar, 4 px wide
+  for y in range(20, shape[0] - 20, 10):  # depth ruler ticks
+    draw.point((shape[1] - 10, y), fill=255)
+  cx, cy = int(fan.apex_x), int(fan.apex_y + (fan.inner_radius + fan.outer_radius) / 2)
+  draw.line((cx - 3, cy, cx + 3, cy), fill=255)
+  draw.line((cx, cy - 3, cx, cy + 3), fill=255)
+  return np.asarray(canvas)
+
+
+def test_speckle_sector_with_burnt_in_text_gets_its_fan():
+  truth = geometry.Fan(apex_x=100.0, apex_y=-20.0, fan_angle_deg=70.0, inner_radius=35.0,
+                       outer_radius=135.0)
+  image = speckle_sector_with_text(truth)
+  assert image[:12, :40].max() > 0  # the text is there, outside the fan
+  estimated = ultramim.estimate_fan(image)
+  assert_fan_close(estimated, truth)
+  partner = ultramim.sector_to_linear(image, estimated, valid=geometry.support(image))
+  black = np.rint(partner) == 0
+  assert 0.005 < black.mean() < 0.05  # the cyst, and nothing of the surround
+  rgb = np.stack([image, image // 2, image // 3], -1)  # colour images: one fan, warped per channel
+  assert ultramim.estimate_fan(rgb) == estimated
+  got = ultramim.sector_to_linear(rgb, estimated, valid=geometry.support(rgb))
+  for c in range(3):
+    np.testing.assert_allclose(got[..., c], ultramim.sector_to_linear(
+        rgb[..., c], estimated, valid=geometry.support(image)), atol=1e-4)
+
+
+def test_real_convex_images_get_a_sensible_fan_or_a_clear_refusal(real_us):
+  names = ["hc18/images/110_HC.png", "hc18/images/100_2HC.png", "hc18_more/images/train/004_HC.png",
+           "hc18_more/images/train/008_HC.png"]
+  paths = [real_us / n for n in names if (real_us / n).exists()]
+  if not paths:
+    pytest.skip("none of the chosen HC18 frames is present")
+  fans = 0
+  for path in paths:
+    image = np.asarray(Image.open(path))
+    try:
+      fan = ultramim.estimate_fan(image)
+    except ultramim.NotASector as e:
+      assert str(e).startswith(("not a sector", "mostly black")), (path, e)
+      continue
+    fans += 1
+    echoes = geometry.support(image)
+    rows = np.nonzero(echoes)[0]
+    assert fan.apex_y < rows.min() and 20.0 < fan.fan_angle_deg < 180.0, (path, fan)
+    # The fan's deepest point on the axis is where the echoes end in that column.
+    column = echoes[:, round(fan.apex_x)]
+    if column[-1] == 0:
+      deepest = np.nonzero(column)[0].max()
+      assert abs(fan.apex_y + fan.outer_radius - deepest) < 0.02 * fan.outer_radius, path
+    partner = ultramim.sector_to_linear(image, fan, valid=echoes)
+    assert np.mean(partner.max(-1) if partner.ndim == 3 else partner) > 10, path  # not black
+  assert fans >= 1
+
+
+def test_linear_and_black_images_are_refused():
+  linear = phantom.generate(np.random.default_rng(0), "thyroid", "linear", 64)["image"]
+  with pytest.raises(ultramim.NotASector, match="bounding box"):
+    ultramim.estimate_fan(linear)
+  framed = np.pad(linear, ((10, 20), (15, 15)))  # a linear image on a black screen
+  with pytest.raises(ultramim.NotASector, match="bounding box"):
+    ultramim.estimate_fan(framed)
+  black = np.zeros((64, 64), np.uint8)
+  black[30:36, 30:36] = 200
+  with pytest.raises(ultramim.NotASector, match="mostly black"):
+    ultramim.estimate_fan(black)
+
+
+def test_real_linear_images_are_refused(real_us):
+  busi = sorted((real_us / "busi_seg" / "images").rglob("*.png"))[:3]  # breast: linear probes
+  assert busi
+  for path in busi:
+    with pytest.raises(ultramim.NotASector, match="bounding box"):
+      ultramim.estimate_fan(np.asarray(Image.open(path)))
+
+
+FAN_HEADER = "image,probe,apex_x,apex_y,fan_angle_deg,inner_radius,outer_radius\n"
+
+
+def write_manifest(tmp_path, lines, header=FAN_HEADER):
+  for i in range(3):
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).save(tmp_path / f"{i}.png")
+  path = tmp_path / "m.csv"
+  path.write_text(header + "".join(line + "\n" for line in lines))
+  return path
+
+
+def test_manifest_fan_columns_are_parsed(tmp_path):
+  path = write_manifest(tmp_path, ["0.png,convex,31.5,-20,75,40.5,150", "1.png,convex,,,,,",
+                                   "2.png,linear,,,,,"])
+  (client,) = sources.manifest_clients(path)
+  assert client[0]["fan"] == dict(apex_x=31.5, apex_y=-20.0, fan_angle_deg=75.0, inner_radius=40.5,
+                                  outer_radius=150.0)
+  assert "fan" not in client[1] and "fan" not in client[2]
+
+
+@pytest.mark.parametrize("line,message", [
+    ("0.png,convex,31.5,-20,wide,40,150", r"line 2: fan_angle_deg='wide' is not a number"),
+    ("0.png,convex,31.5,-20,75,,150", r"line 2: fan geometry \['inner_radius'\] empty"),
+    ("0.png,linear,31.5,-20,75,40,150", r"line 2: fan geometry given for probe 'linear'"),
+    ("0.png,convex,31.5,-20,75,150,40", r"line 2: outer_radius=40.0 is not above"),
+    ("0.png,convex,31.5,-20,400,40,150", r"line 2: fan_angle_deg=400.0 is not in"),
+    ("0.png,convex,nan,-20,75,40,150", r"line 2: apex_x=nan is not a finite number"),
+])
+def test_bad_manifest_fan_is_refused_naming_file_and_line(tmp_path, line, message):
+  path = write_manifest(tmp_path, [line, "1.png,convex,,,,,"])
+  with pytest.raises(ValueError, match=r"m\.csv " + message):
+    sources.manifest_clients(path)
+
+
+def test_manifest_with_some_fan_columns_is_refused(tmp_path):
+  path = write_manifest(tmp_path, ["0.png,convex,31.5,-20"], header="image,probe,apex_x,apex_y\n")
+  with pytest.raises(ValueError, match=r"m\.csv has fan geometry columns \['apex_x', 'apex_y'\]"):
+    sources.manifest_clients(path)
+
+
+def smat_config(**overrides):
+  from ultrajax import configlib
+  config = configlib.load_config_module(
+      pathlib.Path(__file__).parents[1] / "configs" / "pretrain_fed.py").get_config("smoke")
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.mark.parametrize("ratio,fraction", [(1.0, 1.0), (0.5, 1.0), (2.0, 0.5), (0.0, 0.25)])
+def test_smat_ratio_and_data_fraction_give_the_right_counts(ratio, fraction):
+  from ultrajax.jobs import pretrain
+  config = smat_config(**{"ultramim.smat_ratio": ratio, "data.fraction": fraction})
+  pretrain.validate(config)
+  clients = pretrain.client_sources(config)
+  full = sources.default_client_sources(scale=0.0, image_size=48, seed=0, num_clients=2,
+                                        min_images=16)
+  assert [c.name for c in clients] == [c.name for c in full]
+  for client, source in zip(clients, full):
+    real = max(1, round(fraction * len(source)))
+    assert len(client) == real + round(ratio * real)
+  # The kept images are a seeded subset of the client's own, and the same on every call.
+  if fraction < 1:
+    kept = clients[0] if ratio == 0 else clients[0].source
+    again = pretrain.client_sources(config)[0]
+    again = again if ratio == 0 else again.source
+    assert kept.indices == again.indices and len(set(kept.indices)) == len(kept)
+    np.testing.assert_array_equal(kept[1]["image"], full[0][kept.indices[1]]["image"])
+    other_seed = pretrain.client_sources(smat_config(**{"data.fraction": fraction, "seed": 1}))
+    assert other_seed[0].source.indices != kept.indices
+
+
+def test_partial_smat_ratio_converts_a_seeded_subset_once_each():
+  source = sources.PhantomSource("site", "liver", "convex", 10, 32, seed=0)
+  half = pipeline.with_scan_mode_partners(source, lambda r: dict(r, probe="linear"), 0.5, seed=3)
+  assert len(half) == 15 and len(set(half.of.tolist())) == 5
+  assert half.of.tolist() == pipeline.with_scan_mode_partners(source, dict, 0.5, seed=3).of.tolist()
+  assert half.of.tolist() != pipeline.with_scan_mode_partners(source, dict, 0.5, seed=4).of.tolist()
+  twice = pipeline.with_scan_mode_partners(source, dict, 2.0)
+  assert len(twice) == 30 and np.bincount(twice.of).tolist() == [2] * 10
+  with pytest.raises(ValueError, match="ratio"):
+    pipeline.with_scan_mode_partners(source, dict, -1.0)
+
+
+def test_bad_smat_ratio_and_fraction_name_the_field():
+  from ultrajax import configlib
+  from ultrajax.jobs import pretrain
+  for field, value in (("ultramim.smat_ratio", -1.0), ("data.fraction", 1.5), ("data.fraction", 0.0)):
+    with pytest.raises(configlib.ConfigError, match=field.replace(".", r"\.")):
+      pretrain.validate(smat_config(**{field: value}))
+
+
+def test_smat_partners_of_phantom_clients_have_no_black_and_real_refusals_stay_real():
+  from ultrajax.jobs import pretrain
+  partner = functools.partial(pretrain._smat_partner, fan_angle_deg=160.0, inner_radius=16.0,
+                              orientation="correct", default_probe="")
+  convex = sources.PhantomSource("CLUST", "liver", "convex", 2, 48, seed=0)[0]
+  linear = partner(convex)
+  assert linear["probe"] == "linear" and "fan" not in linear and linear["image"].shape == (48, 48)
+  assert np.mean(linear["image"] == 0) == 0  # one global 160-degree fan left ~40% black
+  estimated = partner({k: v for k, v in convex.items() if k != "fan"})
+  assert np.mean(estimated["image"] == 0) == 0
+  breast = sources.PhantomSource("BUV", "breast", "linear", 2, 48, seed=0)[0]
+  fan = partner(breast)
+  assert fan["probe"] == "convex" and np.mean(fan["image"] == 0) > 0.2
+  # A linear image labelled convex has no fan: no partner (the pipeline keeps the real image).
+  assert partner(dict(breast, probe="convex", path="/data/mislabelled.png")) is None
