@@ -22,9 +22,11 @@ def real_us():
         pytest.skip(f"real ultrasound samples not found at {REAL_US}")
     return REAL_US
 
-# Importing torch's optional triton package after TensorFlow (loaded by clu's TensorBoard
-# writer) segfaults on this stack, whatever the test order; where torch is installed, load it
-# (through timm, which pulls in torchvision and triton) before anything imports TensorFlow.
+# Importing torch's optional triton package after TensorFlow segfaults on this stack (checked
+# 2026-12-01: `import tensorflow; import timm` exits 139). ultrajax itself no longer imports
+# TensorFlow (TensorBoard goes through tensorboardX), but tensorflow_datasets (the [tfds] extra)
+# does; where torch is installed, load it (through timm, which pulls in torchvision and triton)
+# before anything imports TensorFlow.
 try:
     import timm  # noqa: E402,F401
 except ImportError:

@@ -112,3 +112,80 @@ def test_vit_from_timm_reports_every_problem(caplog):
   with caplog.at_level("WARNING"):
     timm_vit.vit_from_timm(good, ours)
   assert "pos_embed differs" in caplog.text
+
+
+# ----------------------------------------------------------------------------- exports with preprocessing
+MODEL_CONFIG = dict(variant="", width=64, depth=2, num_heads=4, patch_size=8, image_size=32,
+                    decoder_width=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.75,
+                    drop_path_rate=0.0, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def mae_workdir(tmp_path_factory):
+  """(workdir holding a one-round checkpoint of a tiny random MAE, its config, the MAE)."""
+  import json
+
+  import ml_collections
+
+  from ultrajax.models import mae
+  from ultrajax.train import checkpoint
+  config = ml_collections.ConfigDict(dict(model=MODEL_CONFIG))
+  model = mae.mae_from_config(config.model, nnx.Rngs(3))
+  workdir = tmp_path_factory.mktemp("mae_run")
+  ckpt = checkpoint.Checkpointer(workdir)
+  ckpt.save(1, nnx.to_pure_dict(nnx.state(model, nnx.Param)), {"r": jnp.asarray(1)}, None,
+            {"config": json.dumps(config.to_dict())})
+  ckpt.close()
+  return workdir, config, model
+
+
+def _imagenet_data_config(model):
+  from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+  data_config = resolve_data_config(model=model)
+  np.testing.assert_allclose(data_config["mean"], IMAGENET_DEFAULT_MEAN)
+  np.testing.assert_allclose(data_config["std"], IMAGENET_DEFAULT_STD)
+  assert tuple(data_config["input_size"]) == (3, 32, 32) and data_config["crop_pct"] == 1.0
+  return data_config
+
+
+def test_timm_hub_folder_export_loads_with_imagenet_preprocessing(mae_workdir, tmp_path):
+  """`--out=<folder>` -> timm.create_model('local-dir:...', pretrained=True): the architecture
+  from config.json, a strict load, ImageNet mean/std from resolve_data_config, same features."""
+  from ultrajax import export
+  workdir, _, model = mae_workdir
+  export.export(workdir, "timm", tmp_path / "encoder")
+  assert sorted(p.name for p in (tmp_path / "encoder").iterdir()) == ["config.json",
+                                                                       "model.safetensors"]
+  loaded = timm.create_model(f"local-dir:{tmp_path / 'encoder'}", pretrained=True).eval()
+  _imagenet_data_config(loaded)
+  images = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    theirs = loaded(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  ours = np.asarray(model.encoder(jnp.asarray(images)))[:, 0]  # cls token after the final norm
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_timm_file_export_carries_its_pretrained_cfg(mae_workdir, tmp_path):
+  """A single .safetensors file holds timm's config in its header; given to timm as the
+  pretrained_cfg overlay it replaces the architecture tag's (0.5, 0.5, 0.5) normalisation."""
+  import json
+
+  from safetensors import safe_open
+
+  from ultrajax import export
+  workdir, _, _ = mae_workdir
+  out = tmp_path / "encoder.safetensors"
+  export.export(workdir, "timm", out)
+  with safe_open(str(out), "np") as f:
+    metadata = f.metadata()
+  assert metadata["format"] == "pt"  # what timm / transformers expect of a PyTorch layout
+  cfg = json.loads(metadata["timm_config"])
+  model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                            pretrained_cfg_overlay=dict(file=str(out), **cfg["pretrained_cfg"]))
+  _imagenet_data_config(model)
+  tag_default = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
+  assert tuple(tag_default.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)  # what the fix is for
+  export.export(workdir, "timm", tmp_path / "encoder.pth")
+  assert json.loads((tmp_path / "encoder.json").read_text())["timm_config"] == cfg
+  with pytest.raises(ValueError, match="folder .* is timm's Hub layout"):
+    export.export(workdir, "mae", tmp_path / "mae_folder")

@@ -290,6 +290,77 @@ def test_cls_tokens_hook_shapes_and_export(tiny):
   assert list(sam_interop.sam_to_torch(params)) == list(tmodel.state_dict())
 
 
+def test_prompted_classifier_against_segment_anything_transformer(tiny):
+  """Paper section 2.3: E_g's projected tokens are added to E_o's, a classification token goes
+  through segment_anything's two-way transformer after the mask tokens and before the prompt
+  tokens, and its output concatenated with z_g feeds the head. Gradients reach E_g; E_o's
+  tokens are an input. The frozen variant uses E_o's mean as z_g and adds nothing."""
+  from ultrajax.models import prompted_cls, vit
+  tmodel, model, params = tiny
+  rng = np.random.default_rng(8)
+  def build(eg_size, with_eg=True, abstract=False):
+    """The classifier with seeded random parameters (numpy: an eager init compiles every
+    layer, which costs more than the test)."""
+    def make():
+      eg = vit.ViT(width=16, depth=1, num_heads=2, patch_size=16, image_size=eg_size,
+                   pool="none", rngs=nnx.Rngs(1))
+      return prompted_cls.PromptedClassifier(model.config, 3, global_encoder=eg if with_eg
+                                             else None, rngs=nnx.Rngs(2))
+    graphdef, state = nnx.split(nnx.eval_shape(make), nnx.Param)
+    if not abstract:
+      state = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.normal(size=x.shape), x.dtype), state)
+    return nnx.merge(graphdef, state)
+
+  clf = build(128)  # E_g's 8 x 8 tokens: E_o's grid
+  prompted_cls.load_sam_parts(clf, params)
+  graphdef, state = nnx.split(clf, nnx.Param)
+  weights = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+  jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in weights["mask_decoder"].items()
+                                              if k != "cls_tokens"}, params["mask_decoder"])
+  object_tokens = rng.normal(size=(2, 8, 8, 32)).astype(np.float32)
+  images = rng.normal(size=(2, 128, 128, 3)).astype(np.float32)
+  coords = rng.uniform(0, 128, (2, 2, 2)).astype(np.float32)
+  labels = np.array([[1, -1], [2, 3]], np.int32)  # a click and a box
+  forward = lambda g, s, images: nnx.merge(g, s)(object_tokens, images, coords, labels)
+  logits, grads = jax.jit(lambda s: (forward(graphdef, s, images), jax.grad(
+      lambda s: forward(graphdef, s, images)[:, 0].sum())(s)))(state)
+
+  def reference(image, z_g):
+    sparse = np.asarray(model.prompt_encoder.embed_points(coords, labels))
+    decoder = weights["mask_decoder"]
+    tokens = np.concatenate([decoder["iou_token"], decoder["mask_tokens"],
+                             decoder["cls_tokens"]])
+    tokens = np.concatenate([np.broadcast_to(tokens, (2, 6, 32)), sparse], axis=1)
+    src = image + np.asarray(params["prompt_encoder"]["no_mask"]).reshape(1, 1, 1, 32)
+    with torch.no_grad():
+      hs, _ = tmodel.mask_decoder.transformer(
+          torch.from_numpy(src).permute(0, 3, 1, 2),
+          tmodel.prompt_encoder.get_dense_pe(), torch.from_numpy(np.asarray(tokens)))
+    features = np.concatenate([hs[:, 5].numpy(), z_g], axis=-1)
+    return features @ weights["head"]["kernel"] + weights["head"]["bias"]
+
+  eg_graphdef, eg_state = nnx.split(clf.global_encoder, nnx.Param)
+  eg_tokens = np.asarray(jax.jit(lambda s: nnx.merge(eg_graphdef, s)(images))(eg_state))
+  proj = weights["token_proj"]
+  added = (eg_tokens[:, 1:] @ proj["kernel"] + proj["bias"]).reshape(2, 8, 8, 32)
+  close(logits, reference(object_tokens + added, eg_tokens[:, 0]), 1e-4)
+  grads = nnx.to_pure_dict(grads)
+  assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads["global_encoder"]["blocks"]))
+  assert np.abs(grads["mask_decoder"]["cls_tokens"]).max() > 0
+
+  frozen = build(128, with_eg=False)
+  prompted_cls.load_sam_parts(frozen, params)
+  graphdef, state = nnx.split(frozen, nnx.Param)
+  weights = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+  assert set(weights) == {"prompt_encoder", "mask_decoder", "head"}
+  close(jax.jit(lambda s: forward(graphdef, s, None))(state),
+        reference(object_tokens, object_tokens.mean((1, 2))), 1e-4)
+  # E_g on its own grid (4 x 4 at 64 px): tokens are resampled to E_o's 8 x 8.
+  graphdef, state = nnx.split(build(64, abstract=True), nnx.Param)
+  tokens, z_g = jax.eval_shape(lambda s: nnx.merge(graphdef, s).global_features(images), state)
+  assert tokens.shape == (2, 8, 8, 32) and z_g.shape == (2, 16)
+
+
 def test_trainable_mask_freezes_only_the_fourier_matrix(tiny):
   _, _, params = tiny
   mask = sam.trainable_mask(params)
@@ -394,6 +465,11 @@ def test_workdir_checkpoint_loads_exports_and_segments(tiny, tmp_path):
     assert np.array_equal(np.asarray(a), np.asarray(b))
   done = export.export(tmp_path / "run", "sam", tmp_path / "sam.pth")
   assert done["keys"] == len(tmodel.state_dict())
+  # The sidecar names segment_anything's own preprocessing (its non-persistent buffers).
+  pre = json.loads((tmp_path / "sam.json").read_text())["preprocessing"]
+  np.testing.assert_allclose(pre["pixel_mean"], tmodel.pixel_mean.flatten().numpy())
+  np.testing.assert_allclose(pre["pixel_std"], tmodel.pixel_std.flatten().numpy())
+  assert pre["image_size"] == tmodel.image_encoder.img_size
   fresh = torch_sam(config)
   fresh.load_state_dict(torch.load(tmp_path / "sam.pth", weights_only=True), strict=True)
   assert all(torch.equal(fresh.state_dict()[k], v) for k, v in tmodel.state_dict().items())

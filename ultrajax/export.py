@@ -123,9 +123,10 @@ def export(workdir, fmt: str, out, *, round_index: int | None = None, config=Non
   """Writes the checkpoint's weights in format `fmt` to `out`; returns what was written:
   dict(path, format, checkpoint folder, keys, params, bytes).
 
-  Preprocessing travels with the weights: timm and mae files carry timm's `pretrained_cfg`
-  (ImageNet mean/std, input size, interpolation, crop_pct), SAM files the pixel mean/std;
-  see `save_with_preprocessing`. An `out` without a suffix (timm only) is a folder in timm's
+  Preprocessing travels with the weights (`save_with_preprocessing`): timm files carry timm's
+  Hub config ('timm_config': architecture, model_args and the pretrained_cfg with ImageNet
+  mean/std, input size, interpolation, crop_pct), mae files that pretrained_cfg, SAM files
+  their pixel mean/std ('preprocessing'). An `out` without a suffix (timm only) is a folder in timm's
   Hugging Face Hub layout: `config.json` + `model.safetensors`, for
   `timm.create_model('local-dir:<out>', pretrained=True)`.
   """
@@ -158,9 +159,11 @@ def export(workdir, fmt: str, out, *, round_index: int | None = None, config=Non
                                            patch_size=model.encoder.patch_size)
   check_finite(tensors, directory)
   preprocessing = {"pretrained_cfg": timm_vit.timm_pretrained_cfg(image_size)}
-  if folder:
+  if fmt == "timm":  # architecture + model_args + pretrained_cfg, as timm's Hub config.json
     hub = timm_vit.timm_hub_config(params["encoder"], image_size=image_size,
                                    num_heads=model.encoder.blocks[0].attn.num_heads)
+    preprocessing = {"timm_config": hub}
+  if folder:
     pathlib.Path(out).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(out) / "config.json").write_text(json.dumps(hub, indent=1) + "\n")
     out = pathlib.Path(out) / "model.safetensors"

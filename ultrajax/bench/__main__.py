@@ -32,6 +32,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from ultrajax import configlib
 from ultrajax.bench import sam as sam_bench
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import aggregate, rounds
@@ -39,7 +40,7 @@ from ultrajax.jobs import pretrain
 from ultrajax.models import mae
 from ultrajax.train import optimizer, perf, sharding
 
-_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "pretrain_fed.py")
+_DEFAULT_CONFIG = str(configlib.find_config_file("configs/pretrain_fed.py").resolve())
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Pretraining config.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed chunk calls per mode (after one warm-up).")
 _CLIENTS = flags.DEFINE_integer("clients", 0, "Federated clients (0: config.data.num_clients).")

@@ -24,7 +24,7 @@ from flax import nnx
 from ultrajax.models import sam as sam_lib
 
 # PyTorch (with torchvision and triton, pulled in by segment_anything) must load before
-# TensorFlow, which the other benchmarks import through clu; the reverse order segfaults.
+# TensorFlow, if anything imports it (tensorflow_datasets); the reverse order segfaults.
 try:
   import segment_anything  # noqa: F401
   import torch

@@ -293,3 +293,12 @@ def load_sam(path, *, dtype=None, **overrides):
   graphdef, state = nnx.split(abstract, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state), config
+
+
+def preprocessing(image_size: int) -> dict:
+  """What an exported SAM expects of its input, for the file's metadata: segment_anything's
+  `Sam.preprocess` (RGB on the 0-255 scale, long side resized to `image_size`, normalised with
+  these pixel_mean/pixel_std, zero-padded at the bottom and right)."""
+  return dict(pixel_mean=list(sam_lib.PIXEL_MEAN), pixel_std=list(sam_lib.PIXEL_STD),
+              image_size=int(image_size), channels="RGB", scale="0-255",
+              resize="longest side to image_size, then pad bottom/right with zeros")

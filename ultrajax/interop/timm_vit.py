@@ -27,7 +27,7 @@ from flax import nnx
 from flax import traverse_util
 
 from ultrajax.interop import posemb as posemb_resample
-from ultrajax.models import posemb
+from ultrajax.models import mae, posemb
 
 # Largest |imported pos_embed - sincos| still treated as the same table (both are float32 casts
 # of the same float64 numbers, so real MAE tables agree exactly).
@@ -283,3 +283,48 @@ def vit_from_timm(state_dict: Mapping[str, Any], model) -> dict:
   raise_key_problems("timm state dict does not fit the ViT", *key_problems(shapes, expected))
   check_pos_embed("timm pos_embed", given["pos_embed"], grid, width)
   return import_tensors(given, template, rules)
+
+
+# ------------------------------------------------------------------------------------------------
+# Preprocessing that travels with an export (timm `pretrained_cfg`, HF-Hub `config.json`)
+
+# timm names of the standard shapes (width, depth, heads, patch); others keep vit_base's name
+# with their own model_args, which timm applies over the named architecture's defaults.
+TIMM_ARCHITECTURES = {(192, 12, 3, 16): "vit_tiny_patch16_224",
+                      (384, 12, 6, 16): "vit_small_patch16_224",
+                      (768, 12, 12, 16): "vit_base_patch16_224",
+                      (1024, 24, 16, 16): "vit_large_patch16_224",
+                      (1280, 32, 16, 14): "vit_huge_patch14_224"}
+
+
+def timm_pretrained_cfg(image_size: int) -> dict:
+  """timm's `pretrained_cfg` for an ultrajax encoder: what `timm.data.resolve_data_config`
+  and `create_transform` build inference transforms from.
+
+  ultrajax feeds [0, 1] RGB normalised with the ImageNet mean/std (models/mae.py `normalize`)
+  and evaluates on the whole image resized to the square input (data/tasks.py: bilinear, no
+  crop), hence crop_pct 1.0; timm resizes the short side and centre-crops, the same for square
+  images.
+  """
+  return dict(input_size=[3, image_size, image_size], fixed_input_size=True,
+              interpolation="bilinear", crop_pct=1.0, crop_mode="center",
+              mean=list(mae.IMAGENET_MEAN), std=list(mae.IMAGENET_STD), num_classes=0,
+              first_conv="patch_embed.proj", classifier="head")
+
+
+def timm_hub_config(params: Mapping, *, image_size: int, num_heads: int) -> dict:
+  """The `config.json` of timm's Hugging Face Hub layout for `vit_to_timm(params)`: the
+  architecture and its model_args (a cls-token ViT, no head) and the pretrained_cfg, so that
+  `timm.create_model('local-dir:<folder>', pretrained=True)` rebuilds and loads the encoder."""
+  grid, width = _grid_and_width(params, image_size)
+  patch = image_size // grid
+  depth = len(params["blocks"])
+  hidden = params["blocks"][0]["mlp"]["fc1"]["kernel"].shape[-1]
+  pool = "avg" if "fc_norm" in params else "token"
+  model_args = dict(img_size=image_size, patch_size=patch, embed_dim=width, depth=depth,
+                    num_heads=num_heads, mlp_ratio=hidden / width, global_pool=pool,
+                    num_classes=0)
+  return dict(architecture=TIMM_ARCHITECTURES.get((width, depth, num_heads, patch),
+                                                  "vit_base_patch16_224"),
+              num_classes=0, num_features=width, global_pool=pool, model_args=model_args,
+              pretrained_cfg=timm_pretrained_cfg(image_size))

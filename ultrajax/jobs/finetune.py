@@ -10,9 +10,13 @@ The script, in order:
        augmentation (crop, flip, RandAugment, mixup/cutmix, label smoothing; flips/rotations
        for segmentation); evaluate on the validation split every few epochs and keep the best
        parameters (the test split is never looked at for selection); finally test them,
-       with bootstrap 95% CIs, ROC / confusion / overlay PNGs and results.json;
+       with bootstrap 95% CIs, ROC / PR / confusion / overlay PNGs, the test outputs
+       (test_outputs.npz), t-SNE of the test features (first cell of a variant), the metrics
+       under test-time blur (eval.blur_sigmas) and results.json;
   3. summarise: mean and Student-t 95% CI over seeds per (variant, fraction), clipped to the
-     metric's range, summary.csv, the label-efficiency curve, and a table in the log.
+     metric's range, and p-values against the reference variant (scratch, else the first):
+     paired t-test over seeds, per-seed paired bootstrap and DeLong (eval/significance.py);
+     summary.csv, the label-efficiency curve, and a table in the log.
 Each cell checkpoints every `ckpt_every_epochs` (params, optimizer state, best-so-far) and every
 random draw is keyed by (seed, epoch, step), so a killed study resumes bitwise.
 """

@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from clu import periodic_actions
 
 from ultrajax import configlib
 from ultrajax.data import phantom
@@ -32,11 +33,12 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def load_config(spec: str, field: str) -> ml_collections.ConfigDict:
-  """'configs/x.py:preset' -> that config; relative paths are tried from the working directory
-  and then from the repository root."""
+  """'configs/x.py:preset' -> that config; relative paths are tried from the working directory,
+  then from the repository root, then among the configs shipped with ultrajax."""
   path, _, arg = spec.partition(":")
-  candidates = [pathlib.Path(path), REPO / path]
-  found = next((p for p in candidates if p.is_file()), None)
+  found = configlib.find_config_file(path)
+  if found is None and (REPO / path).is_file():
+    found = REPO / path
   if found is None:
     raise configlib.ConfigError(f"config.{field}={spec!r}: no file at {path}")
   return configlib.load_config_module(found).get_config(arg or None)
@@ -82,17 +84,23 @@ def finetune_config(config, organ: str, variants: list[tuple[str, str]]):
 
 
 def write_matrix(workdir: pathlib.Path, rows: list[str], cols: list[str], table: dict,
-                 metric: str) -> None:
-  """table[(source, target)] = (mean, low, high, n) -> CSV + heatmaps."""
+                 metric: str, tests: dict | None = None) -> None:
+  """table[(source, target)] = (mean, low, high, n) -> CSV + heatmaps. tests[(source, target)]:
+  the fine-tuning summary's test columns of that cell against its reference variant (scratch
+  when the study has it): reference, diff, p_ttest, p_bootstrap, p_delong."""
+  tests = tests or {}
+  test_columns = ("reference", "diff", "p_ttest", "p_bootstrap", "p_delong")
   with open(workdir / "transfer_matrix.csv", "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["pretraining", "task", f"{metric}_mean", "ci_low", "ci_high", "num_seeds",
-                "gain_over_scratch"])
+                "gain_over_scratch", *test_columns])
     for r in rows:
       for c in cols:
         mean, low, high, n = table[(r, c)]
         gain = mean - table[("scratch", c)][0] if ("scratch", c) in table else float("nan")
-        w.writerow([r, c, f"{mean:.4f}", f"{low:.4f}", f"{high:.4f}", n, f"{gain:.4f}"])
+        cell_tests = tests.get((r, c), {})
+        w.writerow([r, c, f"{mean:.4f}", f"{low:.4f}", f"{high:.4f}", n, f"{gain:.4f}",
+                    *(cell_tests.get(k, "") for k in test_columns)])
   matrix = np.array([[table[(r, c)][0] for c in cols] for r in rows])
   plots.heatmap(workdir / "transfer_matrix.png", matrix, rows, cols,
                 title=f"test {metric} (mean over seeds)", xlabel="downstream task",
@@ -110,6 +118,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   pretrained = []
+  # ETA over the 2 x organs stages (each stage also logs its own progress).
+  progress = periodic_actions.ReportProgress(num_train_steps=2 * len(names), every_steps=1)
+  progress(0)
   for organ in names:
     out = workdir / "pretrain" / organ
     done = out / "done.json"
@@ -119,8 +130,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pretrain.run(pretrain_config(config, organ), str(out))
       done.write_text(json.dumps({"organ": organ}))
     pretrained.append((organ, str(out)))
+    progress(len(pretrained))
   variants = ([("scratch", "")] if config.include_scratch else []) + pretrained
-  table = {}
+  table, tests = {}, {}
   metric = None
   for organ in names:
     fc = finetune_config(config, organ, variants)
@@ -131,9 +143,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if row["metric"] == metric:
         table[(row["variant"], organ)] = (row["mean"], row["ci_low"], row["ci_high"],
                                           row["num_seeds"])
+        tests[(row["variant"], organ)] = {k: row[k] for k in ("reference", "diff", "p_ttest",
+                                                               "p_bootstrap", "p_delong")}
+    progress(len(names) + names.index(organ) + 1)
   row_names = [name for name, _ in variants]
   if jax.process_index() == 0:
-    write_matrix(workdir, row_names, names, table, metric)
+    write_matrix(workdir, row_names, names, table, metric, tests)
   logging.info("Transfer matrix of test %s (rows: pretrained on; columns: task):", metric)
   logging.info("  %-12s %s", "", " ".join(f"{c:>10s}" for c in names))
   for r in row_names:
