@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ultrajax.train import optimizer
+from ultrajax.train import divergence, optimizer
 
 # loss_fn(params, batch, key) -> (scalar loss, aux pytree)
 LossFn = Callable[..., tuple]
@@ -130,23 +130,29 @@ def finish_round(state: LaneState, server_params):
 
 
 def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation,
-               lr_fn: Callable[[jax.Array], jax.Array]):
+               lr_fn: Callable[[jax.Array], jax.Array], on_nonfinite: str = "stop"):
   """Returns chunk(server_params, state, batches, plan, steps_per_client, weights,
   round_index, round_key) -> (state, losses [L, K]).
 
   batches: pytree with leading axes [L, K]; plan: a RoundPlan chunk of K steps (arrays
   [L, K]); steps_per_client, weights: [C]. The learning rate of client c's step s is
   lr_fn(round_index + s / steps_per_client[c]) (MAE's per-iteration schedule); idle steps
-  change nothing and report loss 0.
+  change nothing and report loss 0. A step whose loss or gradient is not finite reports loss
+  NaN (the host stops the run, train/divergence.py); with on_nonfinite='skip' its update is
+  also dropped: that lane's params and optimizer state stay as they were.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def one_step(params, opt_state, batch, step_id, steps, round_index, client_key):
     epoch = round_index + step_id.astype(jnp.float32) / steps
     (loss, _), grads = grad_fn(params, batch, jax.random.fold_in(client_key, step_id))
-    opt_state = optimizer.set_lr(opt_state, lr_fn(epoch))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    finite = divergence.all_finite((loss, grads))
+    new_opt = optimizer.set_lr(opt_state, lr_fn(epoch))
+    updates, new_opt = tx.update(grads, new_opt, params)
+    new_params = optax.apply_updates(params, updates)
+    if on_nonfinite == "skip":
+      new_params, new_opt = divergence.keep_if(finite, (new_params, new_opt), (params, opt_state))
+    return new_params, new_opt, jnp.where(finite, loss, jnp.nan)
 
   def chunk(server_params, state: LaneState, batches, plan: RoundPlan, steps_per_client,
             weights, round_index, round_key):

@@ -64,12 +64,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from clu import parameter_overview, periodic_actions
 from flax import nnx
 from PIL import Image
 
 from ultrajax import configlib
 from ultrajax.data import partition, phantom, sources
-from ultrajax.eval import metrics
+from ultrajax.eval import metrics, significance
 from ultrajax.fed import local, strategies
 from ultrajax.models import mmoe
 from ultrajax.train import resume
@@ -629,10 +630,12 @@ def fit(config, label: str, do_round, models, predict, pool: Pool, sat_test: Poo
   t = config.train
   stopper = EarlyStopping(len(val_sets), t.local_epochs, t.patience_epochs)
   best, losses, val_aucs = None, [], []
+  progress = periodic_actions.ReportProgress(num_train_steps=t.rounds, every_steps=1)  # ETA
   for r in range(t.rounds):
     losses.append(np.asarray(do_round(r)))
     logging.info("%s round %d/%d  loss per node %s", label, r + 1, t.rounds,
                  np.array2string(losses[-1], precision=3))
+    progress(r + 1)
     if not t.patience_epochs:
       continue
     current = models()
@@ -664,6 +667,9 @@ def train_and_evaluate(config, method: str, pool: Pool, sat_train: Pool, sat_tes
   model = build_model(config, method, init_key)
   graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
   params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+  if repeat == 0:
+    parameter_overview.log_parameter_overview(params, include_stats=False,
+                                              msg=f"{method} model parameters")
   strategy = make_strategy(config, method)
   tx = make_optimizer(config)
   if method == "splitavg":
@@ -814,13 +820,13 @@ def _programs(cache: dict, config, method: str, graphdef, tx, strategy, num_clie
   """Jitted (local_train, aggregate, predict) for a method, shared where the computation is.
 
   Compiling local training dominates a small study's time; with _AnyLocalTransform it
-  depends only on the objective (HSL or single-task) and the client count, so a study compiles
-  it three times (HSL, the federated baselines, central). Aggregation is a separate, cheap
-  program per method.
+  depends only on the objective (HSL, No-SAT or single-task) and the client count, so a study
+  compiles it four times (HSL, No-SAT, the single-task federated methods, central).
+  Aggregation is a separate, cheap program per method.
   """
-  objective = "hsl" if method == "hsl" else "single"
-  if (objective, num_clients) not in cache:
-    cache[(objective, num_clients)] = jax.jit(local.make_local_train(
+  kind = objective(method)
+  if (kind, num_clients) not in cache:
+    cache[(kind, num_clients)] = jax.jit(local.make_local_train(
         make_loss_fn(graphdef, config, method), tx, _AnyLocalTransform()))
   if ("aggregate", method, num_clients) not in cache:
     def aggregate(params, start, model_state, weights, strategy_state, num_steps):
@@ -828,10 +834,10 @@ def _programs(cache: dict, config, method: str, graphdef, tx, strategy, num_clie
                                                   num_steps)
       return params, strategy.aggregate_state(model_state, weights), strategy_state
     cache[("aggregate", method, num_clients)] = jax.jit(aggregate)
-  if ("predict", objective) not in cache:
-    cache[("predict", objective)] = make_predict_fn(graphdef, method)
-  return (cache[(objective, num_clients)], cache[("aggregate", method, num_clients)],
-          cache[("predict", objective)])
+  if ("predict", kind) not in cache:
+    cache[("predict", kind)] = make_predict_fn(graphdef, method)
+  return (cache[(kind, num_clients)], cache[("aggregate", method, num_clients)],
+          cache[("predict", kind)])
 
 
 def _round(state: local.FedState, strategy, local_train, aggregate, batches, num_steps, weights,
@@ -902,9 +908,15 @@ def report(config, workdir: pathlib.Path, methods, node_names, results) -> dict:
                                                alpha=rep.alpha, seed=config.seed)
         else:
           est, blo, bhi = (math.nan,) * 3
+        # Every baseline against HSL on the same test cases (HSL paper: paired bootstrap).
+        versus = {} if method == "hsl" or "hsl" not in results else significance.versus_reference(
+            _metric_fn(name), values[(method, node, name)], values[("hsl", node, name)], labels,
+            probs, np.concatenate([out[f"probs_{k}"] for out in results["hsl"]]),
+            num_samples=rep.bootstrap_samples, alpha=rep.alpha, seed=config.seed)
         per_node.append(dict(method=method, node=node, metric=name, mean=mean, t_low=lo,
                              t_high=hi, pooled=est, boot_low=blo, boot_high=bhi,
-                             repeats=int(finite.size)))
+                             repeats=int(finite.size),
+                             **{f"{k}_vs_hsl": v for k, v in versus.items()}))
   fairness = []
   for method in methods:
     for name in ("auc", "accuracy"):

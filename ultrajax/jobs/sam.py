@@ -12,8 +12,10 @@ The script, in order:
      step (encoder, prompts, two decoder passes with refinement, focal:dice:IoU loss);
   5. evaluate (centroid point and exact box, with and without refinement: COCO mask mAP and
      mAP@50 with predicted IoU as the score), draw a PNG, checkpoint; a final save at the end;
-  6. prompted classification (paper section 2.3) against plain classification from the same
-     frozen encoder, AUROC with bootstrap CIs (config.classification.enabled).
+  6. prompted classification (paper section 2.3, models/prompted_cls.py: frozen E_o = the
+     trained encoder, trainable E_g) on the phantom's lesions or the COCO files' instances with
+     a `class_label`, against a linear head on the frozen embedding; AUROC, precision, recall
+     and F1 (macro and per class) with bootstrap CIs (config.classification.enabled).
 Instances are padded per image to data.max_instances with a validity mask, so neither step
 nor evaluation ever recompiles.
 """
@@ -41,8 +43,9 @@ from ultrajax import configlib  # noqa: E402
 from ultrajax.data import instances  # noqa: E402
 from ultrajax.eval import coco_eval, metrics  # noqa: E402
 from ultrajax.interop import files, sam as sam_interop  # noqa: E402
-from ultrajax.models import sam as sam_lib  # noqa: E402
-from ultrajax.train import checkpoint, sam_objectives as so, sharding, writers  # noqa: E402
+from ultrajax.models import prompted_cls, sam as sam_lib, vit  # noqa: E402
+from ultrajax.train import (  # noqa: E402
+    checkpoint, divergence, resume, sam_objectives as so, sharding, writers)
 
 DTYPES = ("float32", "bfloat16")
 EVAL_PROMPTS = {"point": so.centroid_prompts, "box": so.box_prompts}
@@ -67,6 +70,7 @@ def validate(config) -> None:
   for name in ("focal", "dice", "iou"):
     c.check_range(config, f"loss.{name}", 0.0)
   c.check_range(config, "optim.lr", 0.0, low_inclusive=False)
+  resume.validate(config)
   c.check_range(config, "optim.grad_clip_norm", 0.0)
   c.check_range(config, "optim.warmup_steps", 0)
   c.check_range(config, "optim.warmup_start_factor", 0.0, 1.0)
@@ -77,7 +81,7 @@ def validate(config) -> None:
   c.check_range(config, "eval.batch_size", 1)
   c.check_choice(config, "eval.refine_prompt", so.REFINE_PROMPTS)
   c.check_range(config, "eval.every_steps", 1)
-  c.check_choice(config, "classification.prompt", tuple(EVAL_PROMPTS))
+  validate_classification(config)
   for name in ("log_every_steps", "ckpt_every_steps", "keep_checkpoints"):
     c.check_range(config, name, 1)
   steps = list(config.optim.decay_at_steps)
@@ -86,9 +90,34 @@ def validate(config) -> None:
     c.check(bool(config.data.train_json) and bool(config.data.test_json),
             "config.data.train_json and config.data.test_json must name COCO files when "
             "data.source='coco'")
-  if config.classification.enabled:
-    c.check(config.data.source == "phantom" or bool(config.data.test_json),
-            "classification needs instance classes: the phantom or COCO `class_label`s")
+
+
+def validate_classification(config) -> None:
+  """config.classification: the prompt, E_g's mode and size, the step counts."""
+  c, cc = configlib, config.classification
+  c.check_choice(config, "classification.prompt", tuple(EVAL_PROMPTS))
+  c.check_choice(config, "classification.global_encoder", prompted_cls.GLOBAL_ENCODERS)
+  for name in ("num_steps", "batch_size", "bootstrap_samples", "train_images", "test_images"):
+    c.check_range(config, f"classification.{name}", 1)
+  c.check_range(config, "classification.lr", 0.0, low_inclusive=False)
+  if cc.global_encoder == "trainable":
+    e = cc.eg
+    if e.variant:
+      try:
+        patch = vit.parse_variant(e.variant)[3]
+      except ValueError as err:
+        raise configlib.ConfigError(f"config.classification.eg.variant: {err}") from None
+    else:
+      for name in ("width", "depth", "num_heads", "patch_size"):
+        c.check(isinstance(e[name], int) and e[name] > 0,
+                f"config.classification.eg.{name}={e[name]!r} must be a positive integer when "
+                "config.classification.eg.variant is ''")
+      c.check(e.width % e.num_heads == 0, f"config.classification.eg.width={e.width} is not "
+              f"divisible by config.classification.eg.num_heads={e.num_heads}")
+      patch = e.patch_size
+    c.check(e.image_size > 0 and e.image_size % patch == 0,
+            f"config.classification.eg.image_size={e.image_size} is not a positive multiple of "
+            f"E_g's patch size {patch}")
 
 
 def sam_overrides(model_config) -> tuple[str, dict]:
@@ -338,79 +367,97 @@ def save_preview(path: pathlib.Path, shown: dict, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- classification
-class PromptedClassifier(nnx.Module):
-  """Paper section 2.3, with the encoder frozen: a classification token decoded jointly with
-  the prompt tokens and the image tokens by SAM's two-way decoder (initialised from UltraSam),
-  its output concatenated with the pooled image embedding z_g, then a linear layer.
-
-  The paper's second, trainable image encoder E_g (whose tokens are added to the frozen
-  encoder's) is the same frozen encoder here, so the comparison with a linear head on z_g
-  isolates what decoding the prompt adds.
-  """
-
-  def __init__(self, sam: sam_lib.Sam, num_classes: int, rngs: nnx.Rngs):
-    dim = sam.config.prompt_dim
-    self.prompt_encoder = sam.prompt_encoder
-    self.mask_decoder = sam.mask_decoder
-    self.head = nnx.Linear(2 * dim, num_classes, rngs=rngs)
-
-  def __call__(self, embeddings, prompts: so.Prompts):
-    """embeddings: [N, g, g, C] (frozen encoder); prompts [N, 2, 2] -> logits [N, classes]."""
-    pe = self.prompt_encoder
-    sparse = pe.embed_points(prompts.coords, prompts.labels)
-    n = sparse.shape[0]
-    dense = jnp.broadcast_to(pe.no_mask[...].reshape(1, 1, 1, -1), (n, pe.grid, pe.grid, pe.dim))
-    out = self.mask_decoder(embeddings, pe.dense_pe(), sparse, dense)
-    pooled = embeddings.mean((1, 2))
-    return self.head(jnp.concatenate([out.cls_tokens[:, 0], pooled], axis=-1))
+def class_data(config) -> tuple[dict, dict, np.ndarray]:
+  """(train, test, class values) for prompted classification: instances.classified_instances
+  of phantom lesions drawn for it, or of the COCO train / test files' instances of
+  classification.category with a `class_label`. values: the sorted class values, >= 2."""
+  cc, d = config.classification, config.data
+  keep = (cc.category,) if cc.category else ()
+  sets = []
+  for split, count, json_path in (("train", cc.train_images, d.train_json),
+                                  ("test", cc.test_images, d.test_json)):
+    if d.source == "phantom":
+      source = instances.PhantomInstances(f"cls_{split}", count, d.phantom_image_size, config.seed)
+    else:
+      source = instances.CocoInstances(json_path, d.image_root or None)
+    sets.append(instances.classified_instances(instances.InstanceDataset(
+        source, config.model.image_size, d.max_instances, keep_categories=keep)))
+  values = np.unique(np.concatenate([s["classes"] for s in sets]))
+  configlib.check(len(values) >= 2, f"classification needs >= 2 classes; the instances of "
+                  f"config.classification.category={cc.category!r} have only {values.tolist()}")
+  return sets[0], sets[1], values
 
 
-def _class_data(config, name: str, num_images: int):
-  """Phantom images with one instance of the classification category: images, masks, labels."""
-  cat = config.classification.category
-  source = instances.PhantomInstances(name, num_images, config.data.phantom_image_size, config.seed)
-  ds = instances.InstanceDataset(source, config.model.image_size, 1, keep_categories=(cat,))
-  batch = ds.batch(range(len(ds)))
-  keep = batch["valid"][:, 0] & (batch["classes"][:, 0] > 0)
-  return batch["image"][keep], batch["masks"][keep, 0], batch["classes"][keep, 0] - 1
-
-
-def run_classification(config, graphdef, params, workdir: pathlib.Path, writer, step: int) -> dict:
-  """Prompted vs plain benign/malignant classification from the frozen UltraSam encoder."""
+def global_encoder(config, rngs: nnx.Rngs) -> vit.ViT | None:
+  """E_g from config.classification (None for global_encoder='frozen')."""
   cc = config.classification
-  train = _class_data(config, "cls_train", cc.train_images)
-  test = _class_data(config, "cls_test", cc.test_images)
-  logging.info("Classification: %d train / %d test lesions (malignant %d / %d).", len(train[2]),
-               len(test[2]), train[2].sum(), test[2].sum())
+  if cc.global_encoder == "frozen":
+    return None
+  e = cc.eg
+  width, depth, heads, patch = vit.parse_variant(e.variant) if e.variant else (
+      e.width, e.depth, e.num_heads, e.patch_size)
+  return vit.ViT(width=width, depth=depth, num_heads=heads, patch_size=patch,
+                 image_size=e.image_size, pool="none", dtype=jnp.dtype(config.model.dtype),
+                 rngs=rngs)
 
-  encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(
-      sam_lib.preprocess(x, config.model.image_size)))
+
+def class_metric_fns(num_classes: int) -> dict:
+  """{name: fn(labels [N] in [0, K), probs [N, K]) -> float}: AUROC (binary, or macro
+  one-vs-rest) and the paper's precision, recall and F1 (Table 4) of the arg-max prediction,
+  macro over the K classes, and per class k as '<metric>/<k>'."""
+  fns = dict(auroc=metrics.auroc)
+  for name, fn in (("precision", metrics.precision), ("recall", metrics.recall),
+                   ("f1", metrics.f1)):
+    fns[name] = lambda y, q, fn=fn: fn(y, q.argmax(1), num_classes=num_classes)
+    for k in range(num_classes):
+      fns[f"{name}/{k}"] = lambda y, q, fn=fn, k=k: fn(y == k, q.argmax(1) == k, average="binary")
+  return fns
+
+
+def run_classification(config, graphdef, params, data, workdir: pathlib.Path, writer,
+                       step: int) -> dict:
+  """Prompted classification (models/prompted_cls.py: frozen E_o = the trained UltraSam encoder,
+  E_g trainable unless classification.global_encoder='frozen') against a linear head on the
+  mean frozen embedding; AUROC, precision, recall, F1 with bootstrap CIs on the test instances.
+  data: class_data(config)."""
+  cc = config.classification
+  train, test, values = data
+  labels = {n: np.searchsorted(values, d["classes"]) for n, d in (("train", train), ("test", test))}
+  logging.info("Classification: %d train / %d test instances, classes %s: %s / %s.",
+               len(labels["train"]), len(labels["test"]), values.tolist(),
+               np.bincount(labels["train"], minlength=len(values)).tolist(),
+               np.bincount(labels["test"], minlength=len(values)).tolist())
+
+  size, bsz = config.model.image_size, cc.batch_size
+  encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(sam_lib.preprocess(x, size)))
   def embed(images):
-    return np.concatenate([np.asarray(encode(params, images[i:i + cc.batch_size]))
-                           for i in range(0, len(images), cc.batch_size)])
-  emb_train, emb_test = embed(train[0]), embed(test[0])
+    return np.concatenate([np.asarray(encode(params, images[i:i + bsz]))
+                           for i in range(0, len(images), bsz)])
+  emb = dict(train=embed(train["images"]), test=embed(test["images"]))
 
-  sam_with_cls = build_model(config, nnx.Rngs(config.seed), num_cls_tokens=1)
-  state = nnx.state(sam_with_cls, nnx.Param)
-  trained = nnx.to_pure_dict(state)
-  trained["prompt_encoder"], cls_tokens = params["prompt_encoder"], trained["mask_decoder"]["cls_tokens"]
-  trained["mask_decoder"] = dict(params["mask_decoder"], cls_tokens=cls_tokens)
-  nnx.replace_by_pure_dict(state, trained)
-  nnx.update(sam_with_cls, state)
   rngs = nnx.Rngs(config.seed + 1)
-  models = dict(prompted=PromptedClassifier(sam_with_cls, 2, rngs),
-                plain=nnx.Linear(config.model.prompt_dim, 2, rngs=rngs))
+  prompted = prompted_cls.PromptedClassifier(
+      sam_config_of(config), len(values), global_encoder=global_encoder(config, rngs),
+      dtype=jnp.dtype(config.model.dtype), rngs=rngs)
+  prompted_cls.load_sam_parts(prompted, params)
+  models = dict(prompted=prompted, plain=nnx.Linear(config.model.prompt_dim, len(values), rngs=rngs))
   prompt_eval = EVAL_PROMPTS[cc.prompt]
   prompt_fn = functools.partial(so.training_prompts, p_box=config.prompts.p_box,
                                 max_jitter=config.prompts.max_jitter)
 
-  def logits_of(name, model, emb, masks, key):
+  def logits_of(name, model, emb, images, masks, key):
     if name == "plain":
       return model(emb.mean((1, 2)))
     prompts = prompt_fn(key, masks > 0) if key is not None else prompt_eval(masks > 0)
-    return model(emb, prompts)
+    return model(emb, sam_lib.preprocess(images, size), prompts.coords, prompts.labels)
 
-  results, test_scores = {}, {}
+  def rows_of(split, rows):
+    """The instances at `rows`: their image's E_o tokens, the image, the mask."""
+    data = train if split == "train" else test
+    index = data["image_index"][rows]
+    return emb[split][index], data["images"][index], data["masks"][rows]
+
+  results, test_probs = {}, {}
   for k, (name, model) in enumerate(models.items()):
     g, p = nnx.split(model, nnx.Param)
     p = nnx.to_pure_dict(p)
@@ -418,43 +465,52 @@ def run_classification(config, graphdef, params, workdir: pathlib.Path, writer, 
     opt = tx.init(p)
 
     @jax.jit
-    def train_step(p, opt, emb, masks, labels, key, g=g, name=name, tx=tx):
+    def train_step(p, opt, emb, images, masks, labels, key, g=g, name=name, tx=tx):
       def loss(p):
-        logits = logits_of(name, nnx.merge(g, p), emb, masks, key)
+        logits = logits_of(name, nnx.merge(g, p), emb, images, masks, key)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       value, grads = jax.value_and_grad(loss)(p)
       updates, opt = tx.update(grads, opt, p)
       return optax.apply_updates(p, updates), opt, value
 
     @jax.jit
-    def scores(p, emb, masks, g=g, name=name):
-      return jax.nn.softmax(logits_of(name, nnx.merge(g, p), emb, masks, None))[:, 1]
+    def probs_of(p, emb, images, masks, g=g, name=name):
+      return jax.nn.softmax(logits_of(name, nnx.merge(g, p), emb, images, masks, None))
 
     rng = np.random.default_rng([config.seed, step, k])
     key = jax.random.fold_in(jax.random.key(config.seed), k)
-    n = len(train[2])
+    n = len(labels["train"])
     for i in range(cc.num_steps):
-      rows = rng.integers(0, n, cc.batch_size)
-      p, opt, value = train_step(p, opt, emb_train[rows], train[1][rows], train[2][rows],
+      rows = rng.integers(0, n, bsz)
+      p, opt, value = train_step(p, opt, *rows_of("train", rows), labels["train"][rows],
                                  jax.random.fold_in(key, i))
-    s = np.concatenate([np.asarray(scores(p, emb_test[i:i + cc.batch_size],
-                                          test[1][i:i + cc.batch_size]))
-                        for i in range(0, len(test[2]), cc.batch_size)])
-    test_scores[name] = s
-    auc, low, high = metrics.bootstrap_ci(metrics.auroc, test[2], s,
-                                          num_samples=cc.bootstrap_samples, seed=config.seed)
-    results.update({f"cls/{name}/auroc": auc, f"cls/{name}/auroc_low": low,
-                    f"cls/{name}/auroc_high": high, f"cls/{name}/final_train_loss": float(value)})
-    logging.info("Classification %-8s AUROC %.3f (95%% CI %.3f-%.3f), last train loss %.3f",
-                 name, auc, low, high, float(value))
+    count = len(labels["test"])
+    probs = np.concatenate([np.asarray(probs_of(p, *rows_of("test", np.arange(i, min(i + bsz, count)))))
+                            for i in range(0, count, bsz)])
+    test_probs[name] = probs
+    for metric, fn in class_metric_fns(len(values)).items():
+      out = f"cls/{name}/{metric}"
+      if "/" in metric:  # per class: '<metric>/class_<the source's class value>', no CI
+        base, j = metric.split("/")
+        results[f"cls/{name}/{base}/class_{values[int(j)]}"] = fn(labels["test"], probs)
+      else:
+        results[out], results[out + "_low"], results[out + "_high"] = metrics.bootstrap_ci(
+            fn, labels["test"], probs, num_samples=cc.bootstrap_samples, seed=config.seed)
+    results[f"cls/{name}/final_train_loss"] = float(value)
+    logging.info("Classification %-8s AUROC %.3f, precision %.3f, recall %.3f, F1 %.3f (macro)"
+                 ", last train loss %.3f", name,
+                 *(results[f"cls/{name}/{m}"] for m in ("auroc", "precision", "recall", "f1")),
+                 float(value))
   writer.write_scalars(step, results)
-  if jax.process_index() == 0:
-    save_roc(workdir / "classification_roc.png", test[2], test_scores, results)
+  if jax.process_index() == 0 and len(values) == 2:
+    save_roc(workdir / "classification_roc.png", labels["test"],
+             {k: v[:, 1] for k, v in test_probs.items()}, results, values)
   return results
 
 
-def save_roc(path: pathlib.Path, labels, scores: dict, results: dict) -> None:
-  """ROC curves of the classifiers on the test lesions (malignant = positive)."""
+def save_roc(path: pathlib.Path, labels, scores: dict, results: dict, values) -> None:
+  """ROC curves of two-class classifiers on the test instances (class values[1] = positive;
+  the phantom's malignant lesions)."""
   from sklearn.metrics import roc_curve
   fig, ax = plt.subplots(figsize=(3.6, 3.6))
   for name, s in scores.items():
@@ -465,7 +521,7 @@ def save_roc(path: pathlib.Path, labels, scores: dict, results: dict) -> None:
   ax.set_xlabel("false positive rate")
   ax.set_ylabel("true positive rate")
   ax.legend(fontsize=7, loc="lower right")
-  ax.set_title("benign vs malignant lesions", fontsize=9)
+  ax.set_title(f"class {values[1]} vs {values[0]} (phantom: malignant vs benign)", fontsize=9)
   fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
 
@@ -498,9 +554,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   """Trains to config.num_steps, resuming from workdir. Returns (params, eval results).
 
   stop_after_steps: return after that step as if killed there (tests of resuming).
+  One process per workdir: a second one stops at the workdir lock (train/resume.py).
   """
   validate(config)
-  workdir = pathlib.Path(workdir)
+  with resume.WorkdirLock(workdir):
+    return _run(config, pathlib.Path(workdir), stop_after_steps)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_steps: int | None):
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(1, config.mesh.data)
   num_data = mesh.shape["data"]
@@ -511,6 +572,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   train_set, test_set = datasets(config)
   logging.info("Instances: %d training images (%d skipped), %d test images (%d skipped).",
                len(train_set), train_set.skipped_images, len(test_set), test_set.skipped_images)
+  # Gathered now, so that data without classes fails before training rather than after.
+  cls_data = class_data(config) if config.classification.enabled else None
 
   rep = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -523,12 +586,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   predict = jax.jit(make_predict(graphdef, config), out_shardings=rep)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  latest = ckpt.latest_round()
   opt_state = tx.init(params)
-  if latest is not None:
-    abstract = lambda t: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), t)
-    params, train, _ = ckpt.restore(latest, abstract(params), abstract(dict(opt=opt_state)), None)
+  abstract = lambda t: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), t)
+  restored = resume.restore_latest(ckpt, abstract(params), abstract(dict(opt=opt_state)), None,
+                                   config=resume.snapshot(config),
+                                   allow=resume.allowed_changes(config))
+  if restored is not None:
+    latest, params, train, _ = restored
     opt_state, start = train["opt"], latest
     logging.info("Resumed from %s/%d.", ckpt.directory, latest)
   else:
@@ -543,7 +608,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
   writer = writers.create_writer(workdir)
   parameter_overview.log_parameter_overview(params)
   if start == 0:
-    writer.write_hparams({k: str(v) for k, v in config.items() if not hasattr(v, "items")})
+    writer.write_hparams(config.to_dict())  # nested: TensorBoard gets 'model.width', ...
 
   results = {}
 
@@ -576,6 +641,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
     done, done_since = step + 1, done_since + 1
     if done % config.log_every_steps == 0 or done == last:
       out = {k: float(v) for k, v in jax.device_get(out).items()}
+      if not np.isfinite(out["loss"]):  # checked at the logging cadence; never saved
+        ckpt.close()
+        raise divergence.DivergenceError(
+            f"step {done}: loss {out['loss']} (non-finite since step {done - done_since + 1} or "
+            "later); stopped before saving it. Lower config.optim.lr")
       seconds = time.perf_counter() - t0
       out.update(lr=float(schedule(step)), img_per_s=done_since * config.data.batch_size / seconds)
       writer.write_scalars(done, out)
@@ -588,8 +658,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
     if done % config.ckpt_every_steps == 0 or done == config.num_steps:
       ckpt.save(done, params, dict(opt=opt_state), None, dict(meta, step=done))
   if last == config.num_steps and config.classification.enabled:
-    results["classification"] = run_classification(config, graphdef, params, workdir, writer,
-                                                   config.num_steps)
+    results["classification"] = run_classification(config, graphdef, params, cls_data, workdir,
+                                                   writer, config.num_steps)
   writer.flush()
   ckpt.close()
   return params, results

@@ -7,6 +7,11 @@ Items of one checkpoint (a directory `workdir/checkpoints/<round>`, committed at
   data    the Grain iterator states, one JSON file per process;
   meta    JSON: round, process count, config, so a mismatched resume fails loudly.
 Saves are asynchronous; `wait()` (called by `close()`) makes sure the last one finished.
+
+Safety (docs/reliability.md): a state holding NaN or inf is never saved (so `keep_checkpoints`
+rotation cannot replace good checkpoints with diverged ones); shapes are compared with a
+checkpoint's metadata before anything is restored, so a mismatch names the parameter and both
+shapes; a damaged checkpoint can be renamed aside (`<round>.damaged`), which Orbax ignores.
 """
 from __future__ import annotations
 
@@ -14,13 +19,83 @@ import pathlib
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from ultrajax.train import tree as tree_lib
+
+MAX_LISTED = 8  # mismatches or non-finite leaves named in one message
+
+
+class ShapeMismatchError(ValueError):
+  """A checkpoint's arrays do not fit the model the config builds; names paths and shapes."""
+
+
+class NonFiniteStateError(FloatingPointError):
+  """The state to save holds NaN or inf; names the leaves."""
 
 
 def _manager(directory: pathlib.Path, keep: int | None, read_only: bool = False):
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                          read_only=read_only)
   return ocp.CheckpointManager(directory, options=options)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """{'a/b/kernel': shape} of the array leaves (Orbax metadata or ShapeDtypeStructs)."""
+  out = {}
+  is_leaf = lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+    if hasattr(leaf, "shape"):
+      out[tree_lib.path_str(keypath)] = tuple(leaf.shape)
+  return out
+
+
+def _stored_tree(item_dir: pathlib.Path):
+  """The metadata tree (shapes, dtypes) of one saved item, without reading its arrays."""
+  if not item_dir.is_dir():
+    raise FileNotFoundError(f"{item_dir} is missing")
+  with ocp.StandardCheckpointer() as ckptr:
+    metadata = ckptr.metadata(item_dir).item_metadata
+  if metadata is None:
+    raise ValueError(f"cannot read the array metadata of {item_dir} (damaged?)")
+  return metadata.tree
+
+
+def check_shapes(stored, wanted, where: str) -> None:
+  """Raises ShapeMismatchError listing every path whose shape differs, or that only one side
+  has.  stored: the checkpoint's metadata tree; wanted: the abstract tree to restore into."""
+  have, want = _shapes(stored), _shapes(wanted)
+  problems = [f"{p}: checkpoint {have[p]}, this config {want[p]}"
+              for p in sorted(have.keys() & want.keys()) if have[p] != want[p]]
+  problems += [f"{p}: only in the checkpoint {have[p]}" for p in sorted(have.keys() - want.keys())]
+  problems += [f"{p}: missing from the checkpoint (this config {want[p]})"
+               for p in sorted(want.keys() - have.keys())]
+  if problems:
+    more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    raise ShapeMismatchError(
+        f"{where} does not fit the model of this config (was it written with another "
+        f"model size?): {'; '.join(problems[:MAX_LISTED])}{more}")
+
+
+def _finite(x) -> bool:
+  """On the host, shard by shard (no compile): this process's copy of each distinct shard."""
+  if isinstance(x, jax.Array):
+    return all(np.isfinite(np.asarray(s.data)).all() for s in x.addressable_shards
+               if s.replica_id == 0)
+  return bool(np.isfinite(np.asarray(x)).all())
+
+
+def nonfinite_paths(tree) -> list[str]:
+  """Paths of the floating-point leaves holding NaN or inf, agreed by all processes."""
+  leaves = [(tree_lib.path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  bad = np.array([not _finite(x) for _, x in leaves], bool)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    bad = np.asarray(multihost_utils.process_allgather(bad)).any(axis=0)
+  return [path for (path, _), b in zip(leaves, bad) if b]
 
 
 class Checkpointer:
@@ -33,7 +108,19 @@ class Checkpointer:
   def latest_round(self) -> int | None:
     return self._mngr.latest_step()
 
+  def all_rounds(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
   def save(self, round_index: int, params, train_state, data_iterator, meta: dict) -> None:
+    """Saves asynchronously; raises NonFiniteStateError (saving nothing) if `params` hold NaN
+    or inf. (Optimizer states only turn non-finite through a non-finite gradient, which the
+    jobs stop at or skip, train/divergence.py; checking params alone keeps the check cheap.)"""
+    bad = nonfinite_paths(params)
+    if bad:
+      raise NonFiniteStateError(
+          f"refusing to write checkpoint {self.directory}/{round_index}: {len(bad)} arrays hold "
+          f"NaN or inf, e.g. {bad[:MAX_LISTED]}; the last good checkpoint is "
+          f"{self.latest_round()} (kept)")
     args = dict(params=ocp.args.StandardSave(params),
                 train=ocp.args.StandardSave(train_state),
                 meta=ocp.args.JsonSave(meta))
@@ -41,8 +128,20 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self._mngr.save(round_index, args=ocp.args.Composite(**args), force=True)
 
+  def read_meta(self, round_index: int) -> dict:
+    """The `meta` item alone (cheap: no arrays are read)."""
+    out = self._mngr.restore(round_index, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return out["meta"]
+
+  def check_shapes(self, round_index: int, abstract_params, abstract_train) -> None:
+    """Compares the stored shapes with the restore targets (ShapeMismatchError)."""
+    for name, wanted in (("params", abstract_params), ("train", abstract_train)):
+      check_shapes(_stored_tree(self.directory / str(round_index) / name), wanted,
+                   f"checkpoint {self.directory}/{round_index} ({name})")
+
   def restore(self, round_index: int, abstract_params, abstract_train, data_iterator):
     """Restores into the given abstract trees (shape/dtype/sharding) and the iterator."""
+    self.check_shapes(round_index, abstract_params, abstract_train)
     args = dict(params=ocp.args.StandardRestore(abstract_params),
                 train=ocp.args.StandardRestore(abstract_train),
                 meta=ocp.args.JsonRestore())
@@ -50,6 +149,22 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     out = self._mngr.restore(round_index, args=ocp.args.Composite(**args))
     return out["params"], out["train"], out["meta"]
+
+  def set_aside(self, round_index: int) -> pathlib.Path:
+    """Renames a damaged checkpoint to `<round>.damaged[.k]` (kept for inspection, invisible
+    to Orbax and to rotation); returns the new path. Process 0 renames, the others wait."""
+    source = self.directory / str(round_index)
+    target = source.with_name(f"{round_index}.damaged")
+    k = 1
+    while target.exists():
+      target, k = source.with_name(f"{round_index}.damaged.{k}"), k + 1
+    if jax.process_index() == 0:
+      source.rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"set aside checkpoint {round_index}")
+    self._mngr.reload()
+    return target
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -77,12 +192,14 @@ def load_params(path, abstract_params=None):
   """Server parameters of the latest (or the given) checkpoint, e.g. for fine-tuning.
 
   abstract_params: optional target tree (shapes, dtypes, shardings); without it the arrays
-  come back as saved, on the default device.
+  come back as saved, on the default device. A target whose shapes differ from the stored ones
+  raises ShapeMismatchError naming each parameter and both shapes.
   """
   directory = find_checkpoint_dir(path) / "params"
   with ocp.StandardCheckpointer() as ckptr:
     if abstract_params is None:
       return ckptr.restore(directory)
+    check_shapes(_stored_tree(directory), abstract_params, f"checkpoint {directory.parent}")
     return ckptr.restore(directory, abstract_params)
 
 

@@ -1,0 +1,57 @@
+"""Divergence: a non-finite loss or gradient stops the run, or has its step skipped.
+
+config.on_nonfinite = 'stop' (default): the job raises DivergenceError naming the round or
+epoch and the step, before anything of that round is logged or saved, so the last checkpoint
+stays the last good one. 'skip': a step whose loss or gradient is not finite leaves the params
+and optimizer state unchanged (the update is dropped on device, `keep_if`); the job counts the
+skipped steps in its metrics and raises only when every step of a round was skipped.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("stop", "skip")
+
+
+class DivergenceError(FloatingPointError):
+  """Training produced a non-finite loss or gradient; names where."""
+
+
+def all_finite(tree) -> jax.Array:
+  """Scalar bool: every floating-point leaf of `tree` is free of NaN and inf."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def keep_if(ok, new, old):
+  """`new` where the scalar `ok` holds, else `old` (leafwise; same structure)."""
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def screen(losses: np.ndarray, active: np.ndarray, *, where: str, mode: str,
+           describe: Callable[[tuple], str] = lambda i: f"step {i[-1]}") -> np.ndarray:
+  """The steps to count: active and finite.  losses, active: [..., T] (T = time, last axis).
+
+  A non-finite loss marks a step whose loss or gradient was not finite (the training steps
+  report NaN for both). mode 'stop' raises DivergenceError at the earliest such step,
+  `describe(index)` naming it; 'skip' returns the mask, raising only if no step is left.
+  """
+  losses, active = np.asarray(losses), np.asarray(active, bool)
+  bad = active & ~np.isfinite(losses)
+  valid = active & ~bad
+  if not bad.any():
+    return valid
+  hits = np.argwhere(bad)
+  first = tuple(int(v) for v in hits[np.argmin(hits[:, -1])])
+  what = (f"{where}: non-finite loss or gradient at {describe(first)} ({int(bad.sum())} of "
+          f"{int(active.sum())} steps)")
+  if mode == "stop" or not valid.any():
+    raise DivergenceError(
+        f"{what}; stopped before logging or saving it, so the last checkpoint is the last good "
+        "one. Lower the learning rate, or set config.on_nonfinite='skip' to drop such steps' "
+        "updates" + (" (here every step was non-finite)" if mode == "skip" else ""))
+  return valid
