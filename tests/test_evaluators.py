@@ -1,4 +1,6 @@
 """Linear probe and k-NN evaluators against scikit-learn on the same features."""
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -9,8 +11,11 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ultrajax import configlib
 from ultrajax.eval import evaluators
 from ultrajax.models import mae, vit
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def blobs(num_classes, spread, n=160, d=12, seed=0, constant_column=False):
@@ -102,3 +107,23 @@ def test_encoder_features_are_pooled_tokens_of_the_whole_image():
   cls = evaluators.encoder_features(graphdef, params, images, pool="cls", batch_size=2)
   np.testing.assert_allclose(gap, tokens[:, 1:].mean(1), atol=1e-5)
   np.testing.assert_allclose(cls, tokens[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("evals.knn.metric", "manhattan"), ("evals.linear_probe.C", 0.0), ("evals.features", "max"),
+    ("evals.knn.every_rounds", -1), ("evals.task.source", "tfds")])
+def test_bad_evals_config_fails_naming_the_field(field, value):
+  config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
+  config.update_from_flattened_dict({field: value})
+  with pytest.raises(configlib.ConfigError, match=field.replace(".", r"\.")):
+    evaluators.validate(config)
+
+
+def test_cli_refuses_a_missing_round_or_two_sources(tmp_path):
+  from ultrajax import evaluate
+  (tmp_path / "checkpoints" / "3" / "params").mkdir(parents=True)
+  assert evaluate.resolve(str(tmp_path), 3) == (tmp_path.absolute() / "checkpoints" / "3", 3)
+  with pytest.raises(FileNotFoundError, match="--round=7"):
+    evaluate.resolve(str(tmp_path), 7)
+  with pytest.raises(ValueError, match="exactly one"):
+    evaluate.resolve(str(tmp_path), None, str(tmp_path))
