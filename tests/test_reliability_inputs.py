@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -222,6 +223,15 @@ def test_export_and_init_from_refuse_nonfinite_weights(nan_checkpoint, tmp_path)
   files.save_state_dict(tmp_path / "inf.safetensors", tensors)
   with pytest.raises(configlib.DataError, match=r"inf\.safetensors: tensor norm\.weight holds"):
     load.load_init_params(tmp_path / "inf.safetensors", model)
+
+
+def test_init_from_a_checkpoint_of_another_width_is_a_user_error(nan_checkpoint):
+  folder, config, _ = nan_checkpoint
+  wider = config.model.copy_and_resolve_references()
+  wider.update(width=128)
+  model = nnx.eval_shape(lambda: mae.mae_from_config(wider, nnx.Rngs(0)))
+  with pytest.raises(configlib.DataError, match=rf"{re.escape(str(folder))}.*\b128\b"):
+    load.load_init_params(folder, model)
 
 
 # ----------------------------------------------------------------------------- config and CLI

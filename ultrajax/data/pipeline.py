@@ -24,6 +24,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from ultrajax import configlib
+
 
 def random_resized_crop_params(rng: np.random.Generator, height: int, width: int,
                                scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -151,8 +153,8 @@ def epoch_layout(sources, batch_size: int, process_count: int):
   num_images = np.array([len(s) for s in sources], np.int64)
   for source, n in zip(sources, num_images):
     if n < batch_size:
-      raise ValueError(f"client {source.name!r} has {n} images, fewer than "
-                       f"batch_size={batch_size}")
+      raise configlib.ConfigError(f"client {source.name!r} has {n} images, fewer than "
+                                  f"config.data.batch_size={batch_size}")
   return num_images, num_images // batch_size, batch_size // process_count
 
 

@@ -79,7 +79,7 @@ def _common_probe(probes) -> str:
 
 def _check_probe(probe: str, what: str) -> str:
   if probe not in ('', *phantom.PROBES):
-    raise ValueError(f"{what}={probe!r} is not one of {('', *phantom.PROBES)}")
+    raise configlib.DataError(f"{what}={probe!r} is not one of {('', *phantom.PROBES)}")
   return probe
 
 
@@ -261,18 +261,18 @@ def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip') -> li
   loose = [os.path.join(root, e) for e in entries if _is_image(e) and e not in subdirs]
   if not subdirs:
     if not loose:
-      raise ValueError(f"image folder root {root} has no sub-directories containing images (and no images)")
+      raise configlib.DataError(f"image folder root {root} has no sub-directories containing images (and no images)")
     return [FolderSource(os.path.basename(os.path.abspath(root)), loose, probe, on_bad_image,
                          drop_undecodable=True)]
   if loose:
-    raise ValueError(f"image folder root {root} has {len(loose)} images next to its client "
-                     f"sub-directories (e.g. {loose[0]}); move them into a sub-directory")
+    raise configlib.DataError(f"image folder root {root} has {len(loose)} images next to its client "
+                              f"sub-directories (e.g. {loose[0]}); move them into a sub-directory")
   clients = []
   for d in subdirs:
     paths = _images_under(os.path.join(root, d))
     if not paths:
-      raise ValueError(f"client sub-directory {os.path.join(root, d)} contains no "
-                       f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images")
+      raise configlib.DataError(f"client sub-directory {os.path.join(root, d)} contains no "
+                                f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images")
     clients.append(FolderSource(d, paths, probe, on_bad_image, drop_undecodable=True))
   return clients
 
@@ -338,7 +338,7 @@ def manifest_clients(csv_path: str, image_column: str = 'image', client_column: 
   for n, row in enumerate(rows, start=2):  # line 1 is the header
     client = row[client_column] if client_column in columns else stem
     if not client:
-      raise ValueError(f"manifest {csv_path} line {n}: empty {client_column!r}")
+      raise configlib.DataError(f"manifest {csv_path} line {n}: empty {client_column!r}")
     groups.setdefault(client, []).append(row)
     if fan_columns:
       probe = (row[probe_column] if probe_column in columns else '') or default_probe

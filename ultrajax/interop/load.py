@@ -57,6 +57,17 @@ def check_finite(params, source) -> None:
         "tensors do): the run it comes from diverged? start from an earlier checkpoint")
 
 
+def _checkpoint_params(path, target=None):
+  """checkpoint.load_params, its ValueErrors (another architecture, a damaged file) as
+  DataError naming `path`."""
+  try:
+    return checkpoint.load_params(path, target)
+  except configlib.DataError:
+    raise
+  except ValueError as e:
+    raise configlib.DataError(f"{path}: {e}") from None
+
+
 def _place(params, target):
   """numpy leaves -> global arrays with the target's shardings (the same host value on every
   process, as the file is read by each); leaves that are already jax Arrays stay put."""
@@ -93,7 +104,7 @@ def load_init_params(path, model, *, kind: str = "mae", base_params: Mapping | N
       template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             template)
-    params = checkpoint.load_params(path, target)
+    params = _checkpoint_params(path, target)
     check_finite(params, path)
     return params
   state_dict = files.load_state_dict(path)
@@ -167,7 +178,7 @@ def load_encoder(path, params: Mapping, *, prefix: tuple[str, ...] = ()) -> dict
     target = target[p]
   template = {k: target[k] for k in ENCODER_PARTS if k in target}
   if path.is_dir():
-    source = checkpoint.load_params(path)
+    source = _checkpoint_params(path)
     source = source.get("encoder", source)
   else:
     source = _encoder_from_file(path, template)
