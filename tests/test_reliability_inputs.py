@@ -238,11 +238,13 @@ def test_init_from_a_checkpoint_of_another_width_is_a_user_error(nan_checkpoint)
 def test_main_reports_a_config_error_in_one_line(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   env.pop(configlib.VERBOSE_ENV, None)
-  for flag, message in (("--config.num_seeds=0", "error: config.num_seeds=0 is outside [1, None]"),
-                        ("--config.num_seed=2", ("error: a --config.* flag names no config "
-                                                 "field: 'num_seed' Did you mean \"num_seeds\""))):
-    done = subprocess.run([sys.executable, "-m", "ultrajax.main",
-                           "--config=configs/finetune_cls.py:smoke", flag,
+  cls = "--config=configs/finetune_cls.py:smoke"
+  for flags_, message in (
+      ([cls, "--config.num_seeds=0"], "error: config.num_seeds=0 is outside [1, None]"),
+      ([cls, "--config.num_seed=2"], ("error: a --config.* flag names no config field: "
+                                      "'num_seed' Did you mean \"num_seeds\"")),
+      (["--config=configs/finetune_clss.py"], "error: --config: Configuration is not available")):
+    done = subprocess.run([sys.executable, "-m", "ultrajax.main", *flags_,
                            f"--workdir={tmp_path}/w"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]

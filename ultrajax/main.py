@@ -77,6 +77,10 @@ def main(argv):
     raise app.UsageError("--config=configs/<job>.py[:preset] is required")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  try:
+    config.job  # noqa: B018 -- a file that failed to load raises here, on first use
+  except OSError as e:  # ml_collections could not load the file; its message says which
+    raise configlib.ConfigError(f"--config: {' '.join(str(e).split())}") from None
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
   job = importlib.import_module(JOBS[config.job])
