@@ -8,7 +8,8 @@ End-to-end check (seconds per stage):
   python -m ultrajax.main --config=configs/transfer_study.py:smoke --workdir=/tmp/transfer_smoke
 
 Writes transfer_matrix.csv (pretraining organ x task: mean test AUROC, 95% CI, gain over
-scratch), transfer_matrix.png and transfer_gain.png, and every stage's own outputs under
+scratch and its p-values: paired t-test over seeds, per-seed paired bootstrap and DeLong),
+transfer_matrix.png and transfer_gain.png, and every stage's own outputs under
 pretrain/<organ> and finetune/<task>; a restarted command resumes.
 """
 import ml_collections

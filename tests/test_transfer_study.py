@@ -27,6 +27,10 @@ def test_transfer_study_smoke_writes_matrix_and_heatmaps(tmp_path):
     assert np.isnan(mean) or 0.0 <= mean <= 1.0
     expected_gain = mean - table[("scratch", row["task"])][0]
     np.testing.assert_allclose(float(row["gain_over_scratch"]), expected_gain, atol=1e-4)
+    # Each pretrained cell is tested against scratch on the same test images.
+    assert row["reference"] == ("" if row["pretraining"] == "scratch" else "scratch")
+    if row["reference"]:
+      assert 0.0 < float(row["p_bootstrap"]) <= 1.0
   assert (tmp_path / "transfer_matrix.png").stat().st_size > 0
   assert (tmp_path / "transfer_gain.png").stat().st_size > 0
   # Each pretraining saw only its own organ.

@@ -8,7 +8,8 @@ The script, in order:
      the fine-tuning study with one variant per pretraining organ (plus 'scratch'), each in
      workdir/finetune/<organ>;
   3. write the matrix (rows: pretraining organ, columns: downstream task) of the selection
-     metric's mean over seeds with 95% CIs to transfer_matrix.csv, and heatmaps of the metric
+     metric's mean over seeds with 95% CIs and p-values against scratch (the fine-tuning
+     summary's) to transfer_matrix.csv, and heatmaps of the metric
      and of its gain over scratch to transfer_matrix.png and transfer_gain.png.
 Both stages resume: finished pretraining runs and finished fine-tuning cells are read back.
 """
@@ -98,9 +99,9 @@ def write_matrix(workdir: pathlib.Path, rows: list[str], cols: list[str], table:
       for c in cols:
         mean, low, high, n = table[(r, c)]
         gain = mean - table[("scratch", c)][0] if ("scratch", c) in table else float("nan")
-        cell_tests = tests.get((r, c), {})
+        cell = [tests.get((r, c), {}).get(k, "") for k in test_columns]
         w.writerow([r, c, f"{mean:.4f}", f"{low:.4f}", f"{high:.4f}", n, f"{gain:.4f}",
-                    *(cell_tests.get(k, "") for k in test_columns)])
+                    *(f"{v:.4g}" if isinstance(v, float) else v for v in cell)])
   matrix = np.array([[table[(r, c)][0] for c in cols] for r in rows])
   plots.heatmap(workdir / "transfer_matrix.png", matrix, rows, cols,
                 title=f"test {metric} (mean over seeds)", xlabel="downstream task",
