@@ -108,16 +108,16 @@ def test_mask_losses_weights_iou_target_and_invalid_instances():
   logits[2] = 100.0  # an invalid instance with a huge loss must not count
   iou_pred = np.asarray([0.5, 0.9, 0.0], np.float32)
   valid = np.asarray([True, True, False])
-  out = so.mask_losses(jnp.asarray(logits), jnp.asarray(iou_pred), jnp.asarray(target),
-                       jnp.asarray(valid))
+  args = [jnp.asarray(a) for a in (logits, iou_pred, target, valid)]
+  out = so.mask_losses(*args)  # the paper's L1 on the IoU prediction by default
   focal = np.asarray(so.focal_loss(jnp.asarray(logits[:2]), jnp.asarray(target[:2]))).mean()
   dice = np.asarray(so.dice_loss(jnp.asarray(logits[:2]), jnp.asarray(target[:2]))).mean()
-  iou = ((0.5 - 0.5) ** 2 + (0.9 - 0.5) ** 2) / 2
+  iou = (abs(0.5 - 0.5) + abs(0.9 - 0.5)) / 2
   np.testing.assert_allclose(float(out["iou"]), iou, rtol=1e-6)
   np.testing.assert_allclose(float(out["loss"]), 20 * focal + dice + iou, rtol=1e-5)
-  l1 = so.mask_losses(jnp.asarray(logits), jnp.asarray(iou_pred), jnp.asarray(target),
-                      jnp.asarray(valid), iou_loss="l1")
-  np.testing.assert_allclose(float(l1["iou"]), 0.4 / 2, rtol=1e-6)
+  mse = so.mask_losses(*args, iou_loss="mse")  # the official code's
+  np.testing.assert_allclose(float(mse["iou"]), ((0.5 - 0.5) ** 2 + (0.9 - 0.5) ** 2) / 2,
+                             rtol=1e-6)
 
 
 def test_select_best_uses_ground_truth_iou_not_predicted_iou():
@@ -163,8 +163,11 @@ def test_refinement_feeds_first_logits_back_and_adds_both_losses():
   single = so.mask_losses(first.logits[:, 0], first.iou_pred[:, 0], target, valid)
   best = so.mask_losses(first.logits[:, 1], first.iou_pred[:, 1], target, valid)  # token 1 fits
   np.testing.assert_allclose(float(loss), float(single["loss"] + best["loss"]), rtol=1e-6)
-  # iou_on='all': candidate IoUs 1, 0, 4/16 against predictions 0.2, 0.9, 0.1.
+  # iou_on='all': candidate IoUs 1, 0, 4/16 against predictions 0.2, 0.9, 0.1 (L1; MSE).
   _, m = jax.jit(lambda p: so.sam_loss(decode, p, target, valid, refine=False))(prompts)
+  np.testing.assert_allclose(float(m["iou"]), (0.8 + 0.9 + 0.15) / 3, rtol=1e-5)
+  _, m = jax.jit(lambda p: so.sam_loss(decode, p, target, valid, refine=False,
+                                       iou_loss="mse"))(prompts)
   np.testing.assert_allclose(float(m["iou"]), (0.8 ** 2 + 0.9 ** 2 + 0.15 ** 2) / 3, rtol=1e-5)
   # The dense prompt is not detached: pass 2's loss depends on pass 1's logits.
   def total(w):
@@ -381,7 +384,13 @@ def test_config_errors_name_the_field_and_zero_shot_split():
   from ultrajax.jobs import sam as job
   for field, value, match in (("loss.iou_loss", "l2", "config.loss.iou_loss='l2'"),
                               ("data.source", "coco", "data.train_json"),
-                              ("prompts.p_box", 1.5, "config.prompts.p_box=1.5")):
+                              ("prompts.p_box", 1.5, "config.prompts.p_box=1.5"),
+                              ("classification.global_encoder", "shared",
+                               "config.classification.global_encoder='shared'"),
+                              ("classification.eg.image_size", 30,
+                               "config.classification.eg.image_size=30"),
+                              ("classification.eg.variant", "B16",
+                               "config.classification.eg.variant")):
     c = _config()
     c.update_from_flattened_dict({field: value})
     with pytest.raises(configlib.ConfigError, match=match.replace(".", r"\.")):
@@ -393,6 +402,59 @@ def test_config_errors_name_the_field_and_zero_shot_split():
   test_cats = np.concatenate([test.record(i)["category_ids"] for i in range(len(test))])
   assert set(train_cats.tolist()) == {1} and set(test_cats.tolist()) == {2}
 
+
+
+def test_class_metrics_match_sklearn():
+  """Table 4's precision, recall, F1 (macro and per class) and AUROC, binary and 3-class."""
+  from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+  from ultrajax.jobs import sam as job
+  rng = np.random.default_rng(0)
+  for k in (2, 3):
+    labels = rng.integers(0, k, 60)
+    probs = rng.dirichlet(np.ones(k), 60) + 0.4 * np.eye(k)[labels]
+    probs /= probs.sum(1, keepdims=True)
+    preds = probs.argmax(1)
+    got = {name: fn(labels, probs) for name, fn in job.class_metric_fns(k).items()}
+    for average in ("macro", None):
+      want = precision_recall_fscore_support(labels, preds, average=average, zero_division=0)
+      for name, value in zip(("precision", "recall", "f1"), want[:3]):
+        if average:
+          assert got[name] == pytest.approx(value, abs=1e-12)
+        else:
+          np.testing.assert_allclose([got[f"{name}/{j}"] for j in range(k)], value, atol=1e-12)
+    want_auc = (roc_auc_score(labels, probs[:, 1]) if k == 2 else
+                roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    assert got["auroc"] == pytest.approx(want_auc, abs=1e-12)
+
+
+def test_classification_data_from_coco_equals_the_phantom(tmp_path):
+  """Prompted classification reads COCO instances with a `class_label` (here the phantom's
+  own lesions written as COCO files): the same images, masks and classes as the phantom."""
+  from ultrajax.jobs import sam as job
+  config = _config()
+  phantom = job.class_data(config)
+  for split, count in (("train", config.classification.train_images),
+                       ("test", config.classification.test_images)):
+    source = instances.PhantomInstances(f"cls_{split}", count, config.data.phantom_image_size,
+                                        config.seed)
+    records = [source[i] for i in range(count)]
+    j = next(i for i, r in enumerate(records) if r["classes"].any())  # unlabel the first one
+    records[j] = dict(records[j], classes=np.zeros_like(records[j]["classes"]))
+    config.data[f"{split}_json"] = instances.write_coco(
+        str(tmp_path / split / "instances.json"), records, instances.PHANTOM_CATEGORIES)
+  config.data.source = "coco"
+  coco = job.class_data(config)
+  np.testing.assert_array_equal(coco[2], phantom[2])
+  for want, got in zip(phantom[:2], coco[:2]):
+    first = want["image_index"] == 0  # the lesion whose label was dropped
+    assert got["classes"].tolist() == want["classes"][~first].tolist()
+    assert set(got["classes"].tolist()) <= {1, 2} and len(got["classes"]) > 0
+    np.testing.assert_array_equal(got["masks"], want["masks"][~first])
+    np.testing.assert_array_equal(got["images"][got["image_index"]],
+                                  want["images"][want["image_index"][~first]])
+  config.classification.category = "organ"  # organs carry no class
+  with pytest.raises(instances.InstanceDataError, match="instances.json: no instance .* class"):
+    job.class_data(config)
 
 def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
   from ultrajax.jobs import sam as job
@@ -410,7 +472,15 @@ def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
   assert len(losses) == 2 and all(np.isfinite(losses))
   assert {"focal", "dice", "iou", "grad_norm", "lr"} <= set(rows[1])
   cls = results["classification"]
-  assert 0 <= cls["cls/prompted/auroc"] <= 1 and 0 <= cls["cls/plain/auroc"] <= 1
+  for name in ("prompted", "plain"):
+    for metric in ("auroc", "precision", "recall", "f1"):
+      low, value, high = (cls[f"cls/{name}/{metric}{s}"] for s in ("_low", "", "_high"))
+      assert 0 <= low <= value <= high <= 1, (name, metric)
+    for metric in ("precision", "recall", "f1"):  # per class (benign 1, malignant 2), macro mean
+      per_class = [cls[f"cls/{name}/{metric}/class_{k}"] for k in (1, 2)]
+      assert cls[f"cls/{name}/{metric}"] == pytest.approx(np.mean(per_class))
+  rows = {k for r in writers.read_jsonl(tmp_path / "metrics.jsonl") for k in r}
+  assert {"cls/prompted/f1", "cls/prompted/recall/class_2"} <= rows
   assert (tmp_path / "images" / "step_000004.png").stat().st_size > 0
   # A second start resumes from the final checkpoint: nothing is trained or evaluated again.
   config.classification.enabled = False

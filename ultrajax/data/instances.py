@@ -12,6 +12,7 @@ and padded bottom/right to [S, S, 3]; instances padded to M with a `valid` mask,
 program serves every image. `InstanceDataset` filters categories (the zero-shot protocol trains
 without some), skips images left without instances (counted, logged) and serves batches whose
 order and flips depend only on (seed, step), so a resumed run needs only the step.
+`classified_instances` gathers the instances that carry a class, from either source.
 """
 from __future__ import annotations
 
@@ -328,6 +329,29 @@ class InstanceDataset:
     flips = [hflip and np.random.default_rng([seed, _FLIP, p]).random() < 0.5 for p in positions]
     return self.batch(indices, flips)
 
+
+def classified_instances(dataset: InstanceDataset) -> dict:
+  """Every instance of `dataset` that has a class (classes > 0), for prompted classification.
+
+  Returns images uint8 [I, S, S, 3] (each image with such an instance, once), image_index int
+  [K] (the row of `images` each instance lies in), masks uint8 [K, S, S] and classes int32 [K]
+  (the source's values: the phantom's 1 benign / 2 malignant, COCO's `class_label`). Instances
+  past the dataset's max_instances per image are not seen.
+  """
+  images, image_index, masks, classes = [], [], [], []
+  for i in range(len(dataset)):
+    example = dataset.example(i)
+    keep = np.nonzero(example["valid"] & (example["classes"] > 0))[0]
+    if len(keep):
+      image_index += [len(images)] * len(keep)
+      images.append(example["image"])
+      masks.append(example["masks"][keep])
+      classes.append(example["classes"][keep])
+  if not images:
+    raise InstanceDataError(f"{getattr(dataset.source, 'name', 'the source')}: no instance of the "
+                            "selected categories has a class (COCO: a `class_label` > 0)")
+  return dict(images=np.stack(images), image_index=np.asarray(image_index),
+              masks=np.concatenate(masks), classes=np.concatenate(classes))
 
 _FLIP = zlib.crc32(b"hflip")
 

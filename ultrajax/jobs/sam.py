@@ -461,7 +461,8 @@ def run_classification(config, graphdef, params, data, workdir: pathlib.Path, wr
   for k, (name, model) in enumerate(models.items()):
     g, p = nnx.split(model, nnx.Param)
     p = nnx.to_pure_dict(p)
-    tx = optax.adamw(cc.lr, weight_decay=cc.weight_decay)
+    # SAM's fixed Fourier matrix gets no decay (trainable_mask); its gradient is zero anyway.
+    tx = optax.adamw(cc.lr, weight_decay=cc.weight_decay, mask=sam_lib.trainable_mask(p))
     opt = tx.init(p)
 
     @jax.jit

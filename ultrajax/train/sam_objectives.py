@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 POINT_LABELS = (1, -1)
 BOX_LABELS = (2, 3)
-IOU_LOSSES = ("mse", "l1")  # 'mse': the official code; 'l1': the paper's text
+IOU_LOSSES = ("l1", "mse")  # 'l1': the paper's text (default); 'mse': the official code
 # Which predicted IoUs are trained: 'all' candidates of a pass (SAM; what the paper's "each
 # with a corresponding predicted IoU ... allowing selection of the best" needs at test time)
 # or only the 'selected' one (UltraSam's official code, which leaves the others untrained).
@@ -182,7 +182,7 @@ def _iou_error(iou_pred, logits, targets, iou_loss: str):
   return diff * diff if iou_loss == "mse" else jnp.abs(diff)
 
 
-def mask_losses(logits, iou_pred, targets, valid, weights=(20.0, 1.0, 1.0), iou_loss: str = "mse",
+def mask_losses(logits, iou_pred, targets, valid, weights=(20.0, 1.0, 1.0), iou_loss: str = "l1",
                 iou_error=None):
   """UltraSam's loss on one mask per instance.
 
@@ -207,7 +207,7 @@ class DecoderOutput(NamedTuple):
 
 
 def sam_loss(decode: Callable, prompts: Prompts, targets, valid, *, refine: bool,
-             weights=(20.0, 1.0, 1.0), iou_loss: str = "mse", iou_on: str = "all"):
+             weights=(20.0, 1.0, 1.0), iou_loss: str = "l1", iou_on: str = "all"):
   """The whole objective for a set of instances.
 
   decode(prompts, mask_logits [N, s, s] | None) -> DecoderOutput (all four mask tokens);
