@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import torchvision
@@ -287,6 +288,21 @@ def test_smoke_runs_every_method_and_writes_tables_and_plots(smoke_study):
   assert all(float(fairness[("local", "auc")][f"gain_{n}"]) == 0.0 for n in nodes
              if fairness[("local", "auc")][f"gain_{n}"] != "nan")
 
+  # The paper's protocol (the smoke preset's default): every run validated after each round,
+  # the reported model is each node's best-validation round (first maximum), early stopping
+  # never runs past config.train.rounds.
+  config = _config()
+  assert summary["protocol"]["name"] == "paper" and summary["protocol"]["val_fraction"] == 0.1
+  for method in methods:
+    with np.load(workdir / "runs" / method / "repeat_0.npz") as f:
+      val_auc, best_round, losses = f["val_auc"], f["best_round"], f["losses"]
+    slots = 1 if method == "central" else len(nodes)
+    assert val_auc.shape == (len(losses), slots) and 1 <= len(losses) <= config.train.rounds
+    for k in range(slots):
+      finite = np.isfinite(val_auc[:, k])
+      expected = int(np.argmax(np.where(finite, val_auc[:, k], -np.inf))) if finite.any() else -1
+      assert best_round[k] == expected, (method, k)
+
 
 def test_killed_study_resumes_with_the_missing_run_only(smoke_study):
   workdir, _ = smoke_study
@@ -369,3 +385,242 @@ def test_folder_nodes_and_sat_load_with_their_labels(tmp_path):
   assert hsl.make_partition(config, pool, 0).names == ["site_a", "site_b"]
   with pytest.raises(configlib.ConfigError, match="use scenario='natural'"):
     hsl.validate(_config(scenario="label", **{"data.source": "folder"}))
+
+
+# ----------------------------------------------------------------------------- the paper's protocol
+def test_protocol_presets_set_the_paper_and_legacy_fields():
+  paper, legacy = _config("cpu"), _config("cpu,protocol=legacy")
+  assert (paper.data.val_fraction, paper.data.test_fraction) == (0.1, 0.3)
+  assert (paper.train.optimizer, paper.train.lr_schedule, paper.train.patience_epochs,
+          paper.train.cosine_period_epochs) == ("adam", "cosine_restarts", 5, 10)
+  assert (legacy.data.val_fraction, legacy.train.lr_schedule, legacy.train.patience_epochs,
+          legacy.train.optimizer) == (0.0, "constant", 0, "adamw")
+  assert {"no_sat", "no_al"} <= set(hsl.parse_methods(paper))
+  with pytest.raises(configlib.ConfigError, match="needs a validation split"):
+    hsl.validate(_config(**{"data.val_fraction": 0.0}))
+  with pytest.raises(configlib.ConfigError, match="config.train.lr_schedule='step'"):
+    hsl.validate(_config(**{"train.lr_schedule": "step"}))
+  with pytest.raises(configlib.ConfigError, match="protocol='fast' is not one of"):
+    _config("smoke,protocol=fast")
+
+
+def test_split_node_is_60_10_30_disjoint_seeded_and_legacy_70_30():
+  labels = np.array([0, 1] * 150)
+  indices = np.arange(0, 300, 3)[:100]  # 50 per class, a node's subset of the pool
+  labels[indices] = np.repeat([0, 1], 50)
+  train, val, test = hsl.split_node(labels, indices, 0.1, 0.3, seed=4)
+  parts = np.concatenate([train, val, test])
+  assert sorted(parts.tolist()) == indices.tolist()  # disjoint and complete
+  for part, n in ((train, 30), (val, 5), (test, 15)):
+    np.testing.assert_array_equal(np.bincount(labels[part], minlength=2), [n, n])
+  again = hsl.split_node(labels, indices, 0.1, 0.3, seed=4)
+  assert all(np.array_equal(a, b) for a, b in zip(again, (train, val, test)))
+  assert not np.array_equal(hsl.split_node(labels, indices, 0.1, 0.3, seed=5)[2], test)
+  # Legacy: no validation, 70/30; the test cases are those of the 60/10/30 split (same draw).
+  tr, va, te = hsl.split_node(labels, indices, 0.0, 0.3, seed=4)
+  assert len(va) == 0 and len(tr) == 70 and np.array_equal(te, test)
+  # Tiny classes: each split gets a case while training keeps one; 2 cases -> train + test.
+  small = np.array([0, 0, 0, 1, 1])
+  tr, va, te = hsl.split_node(small, np.arange(5), 0.1, 0.3, seed=0)
+  assert [np.bincount(small[p], minlength=2).tolist() for p in (tr, va, te)] == [
+      [1, 1], [1, 0], [1, 1]]
+
+
+def test_split_node_keeps_each_patient_in_one_split():
+  rng = np.random.default_rng(6)
+  per_patient = rng.integers(1, 4, 100)  # 100 patients with 1-3 images each
+  patients = np.repeat([f"p{i}" for i in range(100)], per_patient)
+  labels = np.repeat(np.arange(100) % 2, per_patient)
+  train, val, test = hsl.split_node(labels, np.arange(len(labels)), 0.1, 0.3, seed=1,
+                                    patients=patients)
+  assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(labels)))
+  owners = [set(patients[p]) for p in (train, val, test)]
+  assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
+  assert [len(o) for o in owners] == [60, 10, 30]  # 60/10/30 of the patients, per class 30/5/15
+
+
+def _hand_curve_fit(curve, local_epochs, patience, rounds):
+  """hsl.fit on a fake 2-slot model whose parameter w_k sets slot k's validation AUC:
+  w = 1 ranks every positive above every negative (AUC 1), -1 below (0), 0 ties (0.5)."""
+  pool = hsl.Pool(np.repeat(np.array([0, 1, 0, 1], np.uint8), 4).reshape(4, 2, 2),
+                  np.array([0, 1, 0, 1]), np.zeros(4))
+  state = {}
+
+  def do_round(r):
+    state["models"] = ({"w": jnp.asarray(curve[r], jnp.float32),
+                        "round": jnp.full(2, r, jnp.int32)}, {})
+    return np.zeros(2)
+
+  predict = lambda p, s, images, sat: jax.nn.sigmoid(p["w"] * images.mean((1, 2)))
+  config = _config(**{"train.local_epochs": local_epochs, "train.patience_epochs": patience,
+                      "train.rounds": rounds})
+  return hsl.fit(config, "test", do_round, lambda: state["models"], predict, pool, None,
+                 [np.array([0, 1]), np.array([2, 3])])
+
+
+def test_early_stopping_keeps_each_nodes_best_validation_round():
+  # Validation AUC per round: slot 0 0.5, 1, 0, 0, 1, ...; slot 1 1, 1 (a tie: no gain), 0, ...
+  curve = [(0, 1), (1, 1), (-1, -1), (-1, -1), (1, 1), (1, 1)]
+  chosen, history = _hand_curve_fit(curve, local_epochs=2, patience=4, rounds=6)
+  np.testing.assert_array_equal(history["val_auc"], [[0.5, 1], [1, 1], [0, 0], [0, 0]])
+  # Patience 4 epochs = 2 rounds of 2 epochs: slot 0's best is round 1, slot 1's round 0, so
+  # both have waited >= 4 epochs after round 3: 4 rounds run, the best ones are evaluated.
+  np.testing.assert_array_equal(history["best_round"], [1, 0])
+  assert len(history["losses"]) == 4
+  np.testing.assert_array_equal(chosen[0]["round"], [1, 0])
+  # Patience 0: no validation, every round runs and the last is evaluated.
+  chosen, history = _hand_curve_fit(curve, local_epochs=2, patience=0, rounds=6)
+  assert history["val_auc"].shape == (0, 2) and len(history["losses"]) == 6
+  np.testing.assert_array_equal(chosen[0]["round"], [5, 5])
+  stopper = hsl.EarlyStopping(1, local_epochs=5, patience_epochs=5)  # the paper's 5 x 5
+  stopper.update([0.7], 0)
+  assert not stopper.should_stop(0)
+  stopper.update([0.6], 1)
+  assert stopper.should_stop(1)  # one fusion round without gain = 5 epochs
+
+
+@pytest.mark.parametrize("schedule", ["cosine_restarts", "cosine"])
+def test_cosine_schedule_matches_torch_schedulers(schedule):
+  config = _config(**{"train.lr_schedule": schedule, "train.lr": 1e-3, "train.min_lr": 1e-4,
+                      "train.cosine_period_epochs": 10})
+  opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+  torch_schedule = (torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, 10, eta_min=1e-4)
+                    if schedule == "cosine_restarts" else
+                    torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10, eta_min=1e-4))
+  expected = []
+  for _ in range(25):
+    expected.append(opt.param_groups[0]["lr"])
+    opt.step()
+    torch_schedule.step()
+  got = hsl.epoch_lr(config.train, jnp.arange(25))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # Hand-worked: 1e-4 + 9e-4 * (1 + cos(pi * 5 / 10)) / 2 = 5.5e-4 at epoch 5 (and 15 with
+  # restarts), 1e-4 + 9e-4 * (1 + cos(pi * 15 / 10)) / 2 = 5.5e-4 too without them.
+  assert float(got[5]) == pytest.approx(5.5e-4, rel=1e-5)
+  assert float(got[10]) == pytest.approx(1e-3 if schedule == "cosine_restarts" else 1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_optimizer_with_per_epoch_cosine_matches_torch(optimizer):
+  """make_optimizer against torch.optim.Adam / AdamW + CosineAnnealingWarmRestarts stepped
+  every 2 optimizer steps (2 steps per epoch), period 2 epochs: a restart at step 4."""
+  config = _config(**{"train.optimizer": optimizer, "train.lr_schedule": "cosine_restarts",
+                      "train.cosine_period_epochs": 2, "train.lr": 0.1, "train.min_lr": 0.01,
+                      "train.weight_decay": 0.05})
+  tx = hsl.make_optimizer(config)
+  rng = np.random.default_rng(7)
+  w0, grads = rng.normal(size=3), rng.normal(size=(9, 3))
+  w = jnp.asarray(w0, jnp.float32)
+  state = hsl.set_steps_per_epoch(tx.init(w), 2)
+  tw = torch.tensor(w0, dtype=torch.float32, requires_grad=True)
+  cls = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+  opt = cls([tw], lr=0.1, weight_decay=0.05)
+  sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, 2, eta_min=0.01)
+  for step, g in enumerate(grads):
+    updates, state = tx.update(jnp.asarray(g, jnp.float32), state, w)
+    w = optax.apply_updates(w, updates)
+    tw.grad = torch.tensor(g, dtype=torch.float32)
+    opt.step()
+    if step % 2 == 1:  # end of an epoch
+      sched.step()
+    # float32 rounding only; a wrong lr in any epoch moves w by ~1e-2.
+    np.testing.assert_allclose(w, tw.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_ablations_build_their_models_and_objectives():
+  config = _config()
+  key = jax.random.key(0)
+  hsl_model, no_sat, no_al = (nnx.eval_shape(lambda m=m: hsl.build_model(config, m, key))
+                              for m in ("hsl", "no_sat", "no_al"))  # shapes only: no compute
+  assert isinstance(hsl_model, mmoe.MMoE) and hsl_model.num_tasks == 2
+  assert isinstance(no_sat, mmoe.MMoE) and no_sat.num_tasks == 1  # the MMoE, without the SAT
+  assert len(no_sat.gates) == len(no_sat.encoders) == 1 and no_sat.num_experts == 3
+  assert isinstance(no_al, mmoe.Classifier)  # no auxiliary learning architecture
+  assert hsl.METHODS["no_sat"] == hsl.METHODS["no_al"] == hsl.METHODS["hsl"] == "fedavg_uniform"
+  # Their training batches carry no SAT images and the losses need none.
+  pool = hsl.Pool(np.zeros((6, 16, 16), np.uint8), np.array([0, 1] * 3), np.zeros(6))
+  batches, _ = hsl.round_batches(np.random.default_rng(0), pool, None, [np.arange(6)], 1, 4,
+                                 hsl=False)
+  assert set(batches) == {"image", "label"}
+  batch = jax.tree.map(lambda x: x[0, 0], batches)
+  for method, model in (("no_sat", no_sat), ("no_al", no_al)):
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    loss_fn = hsl.make_loss_fn(graphdef, config, method)
+    loss, (_, aux) = jax.eval_shape(loss_fn, nnx.to_pure_dict(params), nnx.to_pure_dict(stats),
+                                    batch, key)
+    assert loss.shape == () and set(aux) == {"primary"}
+
+
+# ----------------------------------------------------------------------------- ratio sweeps
+def test_sweeps_are_the_papers_ten_ratios_and_partition_accordingly():
+  label, quantity = _config("cpu,sweep=label"), _config("cpu,sweep=quantity")
+  assert label.scenario == "label" and quantity.scenario == "quantity"
+  assert hsl.sweep_ratios(label) == (2, 4, 6, 8, 10, 20, 40, 60, 80, 100)
+  assert hsl.sweep_ratios(quantity) == (1, 2, 4, 6, 8, 10, 20, 40, 60, 80)
+  hsl.validate(label)
+  with pytest.raises(configlib.ConfigError, match="config.sweep='label' varies the label"):
+    hsl.validate(_config("cpu,sweep=label,scenario=combined"))
+  pool = hsl.Pool(np.zeros((3000, 1, 1), np.uint8), np.array([0, 1] * 1500), np.zeros(3000))
+  for ratio in hsl.sweep_ratios(label):
+    label.data.ratio = quantity.data.ratio = ratio
+    counts = hsl.make_partition(label, pool, 0).counts(pool.labels, (0, 1))
+    assert counts.sum(1).tolist() == [120, 120] and counts[0].tolist() == [60, 60]
+    assert abs(counts[1][0] - 120 * ratio / (ratio + 1)) <= 1  # node 2 normal:abnormal = r:1
+    sizes = hsl.make_partition(quantity, pool, 0).counts(pool.labels, (0, 1)).sum(1)
+    assert sizes.sum() == 240 and abs(sizes[0] - 240 * ratio / (ratio + 1)) <= 1
+
+
+def test_sweep_runs_one_study_per_ratio_and_writes_table_and_plot(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_study(config, workdir, programs):
+    """A study whose AUC for method m at node k is a known function of the ratio."""
+    calls.append((config.data.ratio, config.sweep, pathlib.Path(workdir).name))
+    nodes = ["node1_1:1", f"node2_{config.data.ratio:g}:1"]
+    per_node = [dict(method=m, node=n, metric=metric, mean=auc, t_low=auc - 0.1,
+                     t_high=auc + 0.1, pooled=auc, boot_low=auc - 0.1, boot_high=auc + 0.1,
+                     repeats=5)
+                for m, base in (("hsl", 0.9), ("fedavg", 0.7)) for k, n in enumerate(nodes)
+                for metric, auc in (("auc", base - 0.001 * k * config.data.ratio),
+                                    ("accuracy", 0.5))]
+    return dict(nodes=nodes, per_node=per_node)
+
+  monkeypatch.setattr(hsl, "run_study", fake_study)
+  summary = hsl.run(_config("smoke,sweep=label"), tmp_path)
+  ratios = hsl.SWEEP_RATIOS["label"]
+  assert calls == [(r, "", f"ratio_{r:g}") for r in ratios]
+  rows = _read_csv(tmp_path / "sweep.csv")
+  assert len(rows) == len(ratios) * 2 * 2 == len(summary["rows"])  # ratios x methods x nodes
+  for row in rows:
+    base = 0.9 if row["method"] == "hsl" else 0.7
+    k = int(row["node"][-1]) - 1
+    assert float(row["mean"]) == pytest.approx(base - 0.001 * k * float(row["ratio"]), abs=1e-4)
+  assert (tmp_path / "sweep_auc.png").stat().st_size > 0
+
+
+def test_manifest_patient_column_keeps_each_patient_in_one_split(tmp_path):
+  rng = np.random.default_rng(8)
+  rows, sat_rows = ["image,client,label,patient"], ["image,label"]
+  for i in range(20):  # 10 patients x 2 images at one site, 5 benign and 5 malignant patients
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    rows.append(f"{i}.png,site_a,{('benign', 'malignant')[i // 2 % 2]},p{i // 2}")
+  for i, label in enumerate(["normal", "normal", "abnormal", "abnormal"]):
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / f"s{i}.png")
+    sat_rows.append(f"s{i}.png,{label}")
+  (tmp_path / "nodes.csv").write_text("\n".join(rows) + "\n")
+  (tmp_path / "sat.csv").write_text("\n".join(sat_rows) + "\n")
+  config = _config(scenario="natural", **{
+      "data.source": "manifest", "data.manifest": str(tmp_path / "nodes.csv"),
+      "data.sat_manifest": str(tmp_path / "sat.csv"), "data.patient_column": "patient",
+      "data.positive_labels": ("malignant", "abnormal"), "data.sat_per_class": 2,
+      "data.image_size": 8})
+  hsl.validate(config)
+  pool, _ = hsl.load_data(config)
+  assert sorted(set(pool.patients.tolist())) == sorted(f"p{i}" for i in range(10))
+  split = hsl.make_split(config, pool, 0)
+  owners = [set(pool.patients[idx[0]].tolist()) for idx in (split.train, split.val, split.test)]
+  assert sum(len(o) for o in owners) == 10 and len(set().union(*owners)) == 10  # disjoint
+  assert [len(o) for o in owners] == [4, 2, 4]  # per class of 5 patients: 2 / 1 / 2
+  with pytest.raises(configlib.ConfigError, match="data.patient_column='patient' is a CSV"):
+    hsl.validate(_config(scenario="natural", **{"data.source": "folder",
+                                                "data.patient_column": "patient"}))
