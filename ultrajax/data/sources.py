@@ -8,10 +8,12 @@ ultramim.geometry.Fan's fields). Sources keep only plain data (no open files, no
 Grain worker processes.
 
 - PhantomSource / default_client_sources: the built-in phantom, laid out like UltraFedFM's 16 clients.
-- FolderSource / folder_clients: one client per sub-directory of image files.
+- FolderSource / folder_clients: one client per sub-directory of image files (DICOM files give
+  the frames config.data.dicom_frames picks, data/dicom.py).
 - manifest_clients: clients listed in a CSV file (image path, optional client, probe and extra columns).
 - pooled: several sources as one (centralized training).
 - fraction_of: a seeded fraction of a client's images (data-fraction scaling).
+- data/tfds/source.py tfds_clients: prepared TFDS datasets, one client each (data.source='tfds').
 """
 from __future__ import annotations
 
@@ -29,10 +31,10 @@ from absl import logging
 from PIL import Image
 
 from ultrajax import configlib
-from ultrajax.data import phantom
+from ultrajax.data import dicom, phantom
 from ultrajax.ultramim import geometry
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', dicom.EXTENSION)
 ON_BAD_IMAGE = ('skip', 'raise')
 MIXED = 'mixed'   # PhantomSource organ: each record draws its organ from phantom.ORGANS
 
@@ -130,8 +132,11 @@ def decode_image(path: str) -> np.ndarray:
   """An image file as uint8 [H, W] (grey) or [H, W, 3] (colour); raises BadImageError.
 
   Alpha is dropped (ultrasound exports use it only as opaque padding), palettes are expanded to
-  RGB, 16-bit grey is rounded to 8 bits (v / 257), 1-bit becomes {0, 255}.
+  RGB, 16-bit grey is rounded to 8 bits (v / 257), 1-bit becomes {0, 255}. DICOM ('<file>.dcm',
+  or '<file>.dcm#<frame>'): the frame as dicom.decode reads it.
   """
+  if dicom.is_dicom(path):
+    return _decode_dicom(path)[0]
   try:
     with Image.open(path) as img:
       img.load()
@@ -147,6 +152,28 @@ def decode_image(path: str) -> np.ndarray:
     raise BadImageError(f"cannot decode image {path}: {e}") from e
 
 
+def _decode_dicom(path: str):
+  try:
+    return dicom.decode(path)
+  except dicom.DicomError as e:
+    raise BadImageError(str(e)) from e
+
+
+def _dicom_frames(paths, per_record, rule: str):
+  """paths with each bare DICOM file replaced by its frames under `rule` (unreadable headers kept
+  as they are, for on_bad_image), and the `per_record` lists repeated to match."""
+  expanded = [[p] for p in paths]
+  for j, p in enumerate(paths):
+    if dicom.is_dicom(p) and dicom.split_frame(p)[1] is None:
+      try:
+        expanded[j] = dicom.frame_paths(p, rule)
+      except dicom.DicomError:
+        pass
+  return ([f for frames in expanded for f in frames],
+          *(None if values is None else [v for v, frames in zip(values, expanded) for _ in frames]
+            for values in per_record))
+
+
 class FolderSource:
   """Image files of one client, decoded on access.
 
@@ -157,11 +184,13 @@ class FolderSource:
   drop_undecodable: with 'skip', decode every file once now and keep only those that decode
   (warning once for each other), so len() and the client's FedAvg weight n_k count usable images;
   it costs one pass over the files (about one local epoch of decoding), on all cores.
+  dicom_frames: the frames each DICOM file gives (data/dicom.py rule), its records in frame order;
+  they carry the header's spacing ('pixel_spacing_mm', and 'pixel_size_mm' for square pixels).
   """
 
   def __init__(self, name: str, paths: Sequence[str], probe: str = '', on_bad_image: str = 'skip', *,
                record_probes: Sequence[str] | None = None, extras: Sequence[dict] | None = None,
-               drop_undecodable: bool = False):
+               drop_undecodable: bool = False, dicom_frames: str = 'middle'):
     if on_bad_image not in ON_BAD_IMAGE:
       raise ValueError(f"on_bad_image={on_bad_image!r} is not one of {ON_BAD_IMAGE}")
     if not paths:
@@ -169,6 +198,7 @@ class FolderSource:
     for what, values in (('record_probes', record_probes), ('extras', extras)):
       if values is not None and len(values) != len(paths):
         raise ValueError(f"{what} has {len(values)} entries for {len(paths)} paths of client {name!r}")
+    paths, record_probes, extras = _dicom_frames(paths, (record_probes, extras), dicom_frames)
     self.name, self.paths, self.on_bad_image = name, [str(p) for p in paths], on_bad_image
     if record_probes is None:
       self.probe, self.record_probes = _check_probe(probe, 'probe'), None
@@ -208,7 +238,9 @@ class FolderSource:
     return len(self.paths)
 
   def _record(self, i: int) -> dict:
-    record = {'image': decode_image(self.paths[i]), 'path': self.paths[i],
+    path = self.paths[i]
+    image, spacing = _decode_dicom(path) if dicom.is_dicom(path) else (decode_image(path), None)
+    record = {'image': image, 'path': path, **dicom.record_extras(spacing),
               'probe': self.probe if self.record_probes is None else self.record_probes[i]}
     if self.extras is not None:
       record.update(self.extras[i])
@@ -247,9 +279,10 @@ def _images_under(folder: str) -> list[str]:
   return sorted(found)
 
 
-def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip') -> list[FolderSource]:
+def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip',
+                   dicom_frames: str = 'middle') -> list[FolderSource]:
   """One client per immediate sub-directory of `root` (sorted by name), holding the png/jpg/jpeg/bmp
-  files found anywhere below it. A root with images and no sub-directories is a single client named
+  files and the `dicom_frames` frames of the dcm files found anywhere below it. A root with images and no sub-directories is a single client named
   after the root. Raises FileNotFoundError for a missing root and ValueError for a sub-directory
   without images, a root without any, or images directly in a root that also has sub-directories.
   """
@@ -263,7 +296,7 @@ def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip') -> li
     if not loose:
       raise configlib.DataError(f"image folder root {root} has no sub-directories containing images (and no images)")
     return [FolderSource(os.path.basename(os.path.abspath(root)), loose, probe, on_bad_image,
-                         drop_undecodable=True)]
+                         drop_undecodable=True, dicom_frames=dicom_frames)]
   if loose:
     raise configlib.DataError(f"image folder root {root} has {len(loose)} images next to its client "
                               f"sub-directories (e.g. {loose[0]}); move them into a sub-directory")
@@ -273,7 +306,8 @@ def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip') -> li
     if not paths:
       raise configlib.DataError(f"client sub-directory {os.path.join(root, d)} contains no "
                                 f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images")
-    clients.append(FolderSource(d, paths, probe, on_bad_image, drop_undecodable=True))
+    clients.append(FolderSource(d, paths, probe, on_bad_image, drop_undecodable=True,
+                                dicom_frames=dicom_frames))
   return clients
 
 
@@ -312,7 +346,8 @@ def read_manifest(csv_path: str, required=(), why: str = '') -> tuple[list[str],
 
 def manifest_clients(csv_path: str, image_column: str = 'image', client_column: str = 'client',
                      probe_column: str = 'probe', default_probe: str = '', on_bad_image: str = 'skip',
-                     extra_columns: tuple[str, ...] = ()) -> list[FolderSource]:
+                     extra_columns: tuple[str, ...] = (), dicom_frames: str = 'middle'
+                     ) -> list[FolderSource]:
   """Clients listed in a CSV file, in order of first appearance.
 
   Image paths are relative to the CSV's directory (absolute ones are kept). Without `client_column`
@@ -321,7 +356,8 @@ def manifest_clients(csv_path: str, image_column: str = 'image', client_column: 
   record as strings. Optional FAN_COLUMNS give a convex image's probe geometry in its pixels
   (record['fan'], for SMAT; rows with them all empty have none). Raises ValueError for a missing
   column, bad geometry (naming the line) or an empty manifest and FileNotFoundError for a missing
-  CSV or missing images.
+  CSV or missing images. Images ending .dcm give the `dicom_frames` frames, each with the row's
+  extras.
   """
   csv_path = os.fspath(csv_path)
   _check_probe(default_probe, 'default_probe')
@@ -352,7 +388,7 @@ def manifest_clients(csv_path: str, image_column: str = 'image', client_column: 
     probes = [(r[probe_column] if probe_column in columns else '') or default_probe for r in group]
     clients.append(FolderSource(
         client, [os.path.join(base, r[image_column]) for r in group], on_bad_image=on_bad_image,
-        record_probes=probes, drop_undecodable=True,
+        record_probes=probes, drop_undecodable=True, dicom_frames=dicom_frames,
         extras=[dict({c: r[c] or '' for c in extra_columns},
                      **({'fan': fans[id(r)]} if fans.get(id(r)) else {})) for r in group]
         if extra_columns or fans else None))
