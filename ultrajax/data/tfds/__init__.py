@@ -1,0 +1,21 @@
+"""TFDS builders of public ultrasound datasets (read from the publishers' files in manual_dir).
+
+Importing this package registers the builders with TFDS (needs the [tfds] extra). Build one with
+  tfds build ultrajax/data/tfds/busi.py --manual_dir=DIR --data_dir=OUT --file_format=array_record
+or build(...) below; read it back with ultrajax.data.tfds.source (data.source='tfds').
+"""
+from ultrajax.data.tfds.busi import Busi
+from ultrajax.data.tfds.fetal_planes_db import FetalPlanesDb
+from ultrajax.data.tfds.hc18 import Hc18
+
+BUILDERS = {b.name: b for b in (Busi, Hc18, FetalPlanesDb)}
+
+
+def build(name: str, manual_dir: str, data_dir: str):
+  """Prepares dataset `name` from `manual_dir` into `data_dir` as array_record; the builder."""
+  if name not in BUILDERS:
+    raise ValueError(f"no ultrasound TFDS builder {name!r}; the builders are {sorted(BUILDERS)}")
+  import tensorflow_datasets as tfds
+  builder = BUILDERS[name](data_dir=data_dir, file_format='array_record')
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder

@@ -1,0 +1,82 @@
+"""Prepared TFDS datasets as ultrajax client sources (data.source='tfds').
+
+`tfds.data_source` opens the array_record files for random access, so a TfdsSource is a Grain
+RandomAccessDataSource like the folder and manifest sources and goes through the same pipeline.
+Records: image uint8 [H, W] (grey) or [H, W, 3]; probe; path ('<name>/<split>/<file_name>');
+patient_id; pixel_size_mm (str, '' when unknown, as manifest extras are); label (class name) and
+lesion_mask uint8 [H, W] in {0, 1} where the dataset has them.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ultrajax import configlib
+
+
+def _open(name: str, data_dir: str, split: str):
+  import tensorflow_datasets as tfds
+
+  import ultrajax.data.tfds  # noqa: F401  (registers the builders)
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except Exception as e:  # tfds raises several types for a dataset that is not prepared
+    raise configlib.DataError(
+        f"config.data.tfds_name={name!r}: cannot open split {split!r} in data_dir "
+        f"{data_dir or '(TFDS default)'}: {e}. Prepare it first (docs/datasets.md)") from e
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class TfdsSource:
+  """One prepared TFDS dataset split as a client named `name`; opened lazily in each process
+  (the open array_record readers do not pickle into Grain workers)."""
+
+  def __init__(self, name: str, data_dir: str = '', split: str = 'train'):
+    self.name, self.data_dir, self.split = name, data_dir, split
+    self._source = _open(name, data_dir, split)
+    self._length = len(self._source)
+    if not self._length:
+      raise configlib.DataError(f"TFDS dataset {name!r} split {split!r} is empty")
+    self.probe = ''  # records carry their own probe; a common one would mean reading them all
+    features = self._source.dataset_info.features
+    self._classes = features['label'].names if 'label' in features else None
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != '_source'}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _source=None)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    if not 0 <= i < self._length:
+      raise IndexError(f"record {i} of client {self.name!r} with {self._length} records")
+    if self._source is None:
+      self._source = _open(self.name, self.data_dir, self.split)
+    ex = self._source[i]
+    image = np.asarray(ex['image'], np.uint8)
+    size = float(ex['pixel_size_mm'])
+    record = {'image': image[..., 0] if image.shape[-1] == 1 else image, 'probe': _text(ex['probe']),
+              'path': f"{self.name}/{self.split}/{_text(ex['file_name'])}",
+              'patient_id': _text(ex['patient_id']),
+              'pixel_size_mm': '' if math.isnan(size) else repr(size)}
+    if self._classes is not None:
+      record['label'] = self._classes[int(ex['label'])]
+    if 'mask' in ex:
+      record['lesion_mask'] = (np.asarray(ex['mask'])[..., 0] >= 128).astype(np.uint8)
+    return record
+
+
+def tfds_clients(names: str, data_dir: str = '', split: str = 'train') -> list[TfdsSource]:
+  """One client per name of the comma-separated `names` (config.data.tfds_name)."""
+  listed = [n.strip() for n in names.split(',') if n.strip()]
+  if not listed:
+    raise configlib.ConfigError(f"config.data.tfds_name={names!r} names no dataset")
+  return [TfdsSource(n, data_dir, split) for n in listed]
