@@ -225,6 +225,23 @@ def test_export_and_init_from_refuse_nonfinite_weights(nan_checkpoint, tmp_path)
     load.load_init_params(tmp_path / "inf.safetensors", model)
 
 
+def test_finetune_encoder_from_nonfinite_checkpoint_and_damaged_meta_json(nan_checkpoint):
+  import orbax.checkpoint as ocp
+
+  from ultrajax import export
+  folder, _, model = nan_checkpoint
+  encoder = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                         nnx.to_pure_dict(nnx.state(model.encoder, nnx.Param)))
+  with pytest.raises(configlib.DataError, match=r"3: tensor cls_token holds NaN"):
+    load.load_encoder(folder, encoder)
+  meta = folder.parent / "meta_json" / "meta"
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+    ckptr.save(meta, {"config": "{}"})
+  (meta / "metadata").write_text('{"config": "{\\"a\\": 1')  # cut off mid-string
+  with pytest.raises(configlib.DataError, match=r"meta_json/meta: damaged JSON"):
+    export.saved_config(meta.parent)
+
+
 def test_init_from_a_checkpoint_of_another_width_is_a_user_error(nan_checkpoint):
   folder, config, _ = nan_checkpoint
   wider = config.model.copy_and_resolve_references()
