@@ -150,4 +150,5 @@ def get_config(arg=None):
                  cutmix_alpha=1.0)
     c.model.drop_path_rate = 0.1
     c.train.batch_size = 16
+    c.num_seeds = 10  # "repeated 10 times" (seed 002, fine-tuning)
   return c

@@ -7,6 +7,9 @@ On a laptop/CI CPU (a small RANDOM teacher, warned in the log; 30 epochs, 215 s 
 measured 14.8 min wall on an overloaded shared 2-core machine; loss 2.02 after epoch 1, 0.75
 after 5, 0.56 after 30):
   python -m ultrajax.main --config=configs/pretrain_urfm.py:cpu --workdir=/tmp/urfm_cpu
+A CLIP teacher (open_clip VisionTransformer layout, visual.conv1 ... visual.proj; the CLIP-target
+ablation of the paper's Fig. 4B):
+  ... --config.teacher.file=/models/clip_vit_b16.bin --config.teacher.tower=open_clip
 Pixel targets on the same budget (the ablation's baseline):
   ... :cpu --config.target=pixels --config.model.pred_dim=0
 Precomputed teacher targets (fixed views: whole image, no crop or flip):
@@ -28,6 +31,10 @@ def get_config(arg=None):
   c = central.get_config(arg)
   preset = c.preset
   c.target = "teacher"
+  # The teacher file's vision tower: 'timm' (BiomedCLIP: open_clip's TimmModel, visual.trunk.*)
+  # | 'open_clip' (open_clip's VisionTransformer, e.g. CLIP ViT-B/16 for the paper's CLIP-target
+  # ablation: a pre-norm ln_pre, LayerNorm eps 1e-5; models/teacher.py TOWERS).
+  c.teacher.tower = "timm"
   # URFM is plain MAE masking on the clean image: no UltraMIM texture masks, corruption or SMAT.
   c.ultramim.update(tgm_mode="random", mic=False, smat=False)
   # Table 4: RandomResizedCrop is the only augmentation listed (MAE's default scale).

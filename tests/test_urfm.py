@@ -93,6 +93,42 @@ def test_open_clip_teacher_matches_pytorch(open_clip_visual, tmp_path):
     np.testing.assert_array_equal(v, state_dict[k].numpy())
 
 
+
+def test_open_clip_vision_transformer_teacher_matches_pytorch(tmp_path):
+  """open_clip's own VisionTransformer (CLIP ViT layout: conv1 without bias, class and
+  positional embeddings, ln_pre, transformer.resblocks.*, ln_post, proj), random weights."""
+  from open_clip.transformer import VisionTransformer
+  torch.manual_seed(2)
+  visual = VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=4,
+                             mlp_ratio=4.0, output_dim=16, output_tokens=True)
+  with torch.no_grad():  # LayerNorms start at identity; make every parameter matter
+    for p in visual.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  visual.eval()
+  state_dict = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+  state_dict.update({"token_embedding.weight": torch.zeros(8, 4), "logit_scale": torch.zeros(())})
+  path = files.save_state_dict(tmp_path / "clip_tiny.pth",
+                               {k: v.numpy() for k, v in state_dict.items()})
+  abstract = tiny_teacher(tower="open_clip")
+  params = oc_interop.load_teacher(path, abstract)
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  images = np.random.default_rng(2).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  embedding, tokens = jax.jit(lambda s: (nnx.merge(graphdef, s).image_embedding(images),
+                                         nnx.merge(graphdef, s)(images)))(state)
+  x = torch.from_numpy(np.array(teacher_lib.clip_normalize(images))).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    want_embedding, want_tokens = visual(x)
+  np.testing.assert_allclose(embedding, want_embedding.numpy(), atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(tokens, want_tokens.numpy(), atol=2e-5, rtol=1e-4)
+  exported = oc_interop.teacher_to_state_dict(params, layout="open_clip_vit")
+  assert set(exported) == {k for k in state_dict if k.startswith("visual.")}
+  for k, v in exported.items():
+    np.testing.assert_array_equal(v, state_dict[k].numpy())
+  with pytest.raises(ValueError, match="open_clip_vit layout, which needs a teacher with "
+                                       "tower='open_clip'"):
+    oc_interop.load_teacher(path, tiny_teacher())
+
 def test_timm_layout_teacher_matches_pytorch(tmp_path):
   torch.manual_seed(1)
   vit = timm.models.vision_transformer.VisionTransformer(**TINY, num_classes=10).eval()
@@ -239,6 +275,8 @@ def test_config_errors_name_the_field(tmp_path):
     pretrain.validate(urfm_config(**{"model.pred_dim": 16}))
   with pytest.raises(configlib.ConfigError, match=r"cache_dir needs a fixed-view schedule"):
     pretrain.validate(urfm_config(**{"teacher.cache_dir": str(tmp_path / "c")}))
+  with pytest.raises(configlib.ConfigError, match=r"config.teacher.tower='clip'"):
+    pretrain.validate(urfm_config(**{"teacher.tower": "clip"}))
   pretrain.validate(urfm_config(**{"teacher.image_size": 24, "teacher.align": "interpolate"}))
 
 

@@ -137,6 +137,8 @@ def validate_teacher(config) -> None:
   c.check_choice(config, "teacher.norm", mae.FEATURE_NORMS)
   c.check_choice(config, "teacher.loss", mae.FEATURE_LOSSES)
   c.check_choice(config, "teacher.align", teacher_lib.ALIGN_MODES)
+  if "tower" in t:  # set by configs/pretrain_urfm.py; other configs build BiomedCLIP's ('timm')
+    c.check_choice(config, "teacher.tower", tuple(teacher_lib.TOWERS))
   c.check_choice(config, "teacher.dtype", DTYPES)
   c.check_choice(config, "teacher.cache_dtype", teacher_cache.DTYPES)
   c.check_range(config, "teacher.smooth_l1_beta", 0.0, low_inclusive=False)
@@ -288,7 +290,8 @@ def build_teacher(config, seed_key):
   width, depth, heads, patch = teacher_dims(t)
   make = lambda key: teacher_lib.Teacher(
       width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=t.image_size,
-      embed_dim=t.embed_dim, dtype=DTYPES[t.dtype], rngs=nnx.Rngs(key))
+      embed_dim=t.embed_dim, dtype=DTYPES[t.dtype], tower=t.get("tower", "timm"),
+      rngs=nnx.Rngs(key))
   if t.file:
     abstract = nnx.eval_shape(lambda: make(0))
     graphdef, _ = nnx.split(abstract, nnx.Param)

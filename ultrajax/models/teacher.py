@@ -7,6 +7,14 @@ are normalised with the OpenAI CLIP mean/std, not ImageNet's. The parameters are
 `trunk` (a `vit.ViT` in timm layout, pos_embed='learned') and optional `proj`, so importing
 is a rename (ultrajax/interop/open_clip.py).
 
+CLIP-style towers differ in small ways, chosen by `tower` (TOWERS):
+  'timm'       BiomedCLIP's trunk: no pre-norm, LayerNorm eps 1e-6, patch conv with a bias.
+  'open_clip'  open_clip's own VisionTransformer (its CLIP ViT-B/16, L/14, ... models): a
+               LayerNorm `ln_pre` after the position embedding (before the blocks), LayerNorm
+               eps 1e-5 (torch's default), a bias-free patch conv. Exact GELU as open_clip's
+               default; towers trained with QuickGELU (OpenAI's weights, `-quickgelu` models)
+               are not matched.
+
 URFM's targets are the teacher's patch tokens on the full clean image at the masked student
 positions. Which block, which token normalisation and whether to project are unpublished, so
 `targets` takes them as arguments (config.teacher.*). When the teacher's patch grid differs
@@ -27,6 +35,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # k times finer), or each teacher token repeated k x k (student grid k times finer).
 # 'interpolate': antialiased bilinear resize of the token grid, for any two grid sizes.
 ALIGN_MODES = ("pool", "interpolate")
+TOWERS = {"timm": dict(pre_norm=False, norm_eps=vit.LN_EPS, patch_bias=True),
+          "open_clip": dict(pre_norm=True, norm_eps=1e-5, patch_bias=False)}
 
 
 def clip_normalize(images01):
@@ -37,19 +47,34 @@ def clip_normalize(images01):
 
 
 class Teacher(nnx.Module):
-  """CLIP-style vision tower: timm ViT trunk with learned positions + optional projection.
+  """CLIP-style vision tower: ViT trunk with learned positions + optional projection.
 
-  embed_dim: width of the bias-free `proj` (open_clip's `visual.head.proj`); 0 = none.
+  embed_dim: width of the bias-free `proj` (open_clip's `visual.head.proj` or `visual.proj`);
+  0 = none. tower: 'timm' | 'open_clip' (TOWERS, see the module docstring).
   Only ever evaluated (no dropout, no stochastic depth); the job keeps its parameters out of
   the optimizer and stops gradients at its output.
   """
 
   def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
                image_size: int, embed_dim: int = 0, mlp_ratio: float = 4.0, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               tower: str = "timm", rngs: nnx.Rngs):
+    if tower not in TOWERS:
+      raise ValueError(f"teacher tower {tower!r} is not one of {tuple(TOWERS)}")
+    style = TOWERS[tower]
+    self.tower = tower
     self.trunk = vit.ViT(width=width, depth=depth, num_heads=num_heads, patch_size=patch_size,
                          image_size=image_size, mlp_ratio=mlp_ratio, pool="none",
                          pos_embed="learned", dtype=dtype, rngs=rngs)
+    if not style["patch_bias"]:
+      self.trunk.patch_embed = nnx.Conv(3, width, (patch_size, patch_size), strides=patch_size,
+                                        padding="VALID", use_bias=False,
+                                        kernel_init=vit.patch_kernel_init, dtype=dtype,
+                                        param_dtype=jnp.float32, rngs=rngs)
+    if style["pre_norm"]:
+      self.ln_pre = vit.layer_norm(width, dtype=dtype, rngs=rngs)
+    for _, module in nnx.iter_modules(self):
+      if isinstance(module, nnx.LayerNorm):
+        module.epsilon = style["norm_eps"]
     self.embed_dim = embed_dim
     if embed_dim:
       # timm/open_clip init is irrelevant: a teacher is loaded, or random on purpose.
@@ -83,6 +108,8 @@ class Teacher(nnx.Module):
     cls = trunk.cls_token[...] + trunk.pos_embed[:, :1]
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, trunk.width)), x],
                         axis=1)
+    if TOWERS[self.tower]["pre_norm"]:
+      x = self.ln_pre(x)
     x, _ = vit.run_blocks(trunk.blocks[:block], x, None, remat=False)
     if final_norm:
       x = trunk.norm(x)
