@@ -11,10 +11,12 @@ Real images, e.g. BUSI (a CSV with image,label columns; seeded split by patient)
   ... --config.data.source=manifest --config.data.manifest=../shared/data/real_us/busi_cls256/labels.csv
 Studies: --config.fractions='(1.0,0.8,0.6,0.4,0.2,0.1)' (label efficiency) and
   --config.variants='scratch=,mae=/tmp/mae,ultramim=/tmp/ufm' (pretraining comparison).
-URFM's fine-tuning recipe (seed 002, Table 5): the `urfm` preset.
+URFM's fine-tuning recipe (seed 002, Table 5; 10 repeats as the paper): the `urfm` preset.
 
-Writes <variant>/frac_<f>/seed_<s>/{results.json, metrics.jsonl, roc.png, confusion.png} and
-summary.csv (+ label_efficiency.png) to the workdir; a restarted command resumes.
+Writes <variant>/frac_<f>/seed_<s>/{results.json, metrics.jsonl, test_outputs.npz, roc.png,
+pr.png, confusion.png, tsne.png (first cell of a variant), blur.png (eval.blur_sigmas)} and
+summary.csv (with p-values against scratch) + label_efficiency.png to the workdir; a restarted
+command resumes.
 """
 import ml_collections
 
@@ -50,7 +52,10 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="phantom",  # 'phantom' | 'manifest' | 'folders'
+      source="phantom",  # 'phantom' | 'manifest' | 'folders' | 'tfds'
+      tfds_name="",  # tfds: one prepared dataset (docs/datasets.md), split by its patient_id.
+      tfds_data_dir="",  # tfds: its data_dir ('' = TFDS's default).
+      tfds_split="train",  # tfds: the published split the task's train/val/test are drawn from.
       organs="breast",  # phantom: comma list; several organs share one head.
       # cls: the class order; a label outside it is an error. '' = the labels found, sorted and
       # logged with counts (the phantom: benign,malignant). seg: the class names (mask_mode).

@@ -7,6 +7,8 @@ On a laptop/CI CPU (2 cores: ~8.5 minutes; loss falls from ~2.1 after round 1 to
 Own data instead of the phantom (one sub-folder per client, or a CSV manifest):
   ... --config.data.source=folder --config.data.root=/data/clients
   ... --config.data.source=manifest --config.data.manifest=/data/labels.csv
+  ... --config.data.source=tfds --config.data.tfds_name=busi,hc18 --config.data.tfds_data_dir=/data/tfds
+  (prepared TFDS datasets, one client each; docs/datasets.md)
 
 Writes metrics.jsonl, TensorBoard events, reconstruction PNGs and Orbax checkpoints to the
 workdir; a restarted command resumes from the last checkpoint there.
@@ -79,7 +81,11 @@ def get_config(arg=None):
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="phantom",  # 'phantom' | 'folder' | 'manifest'
+      source="phantom",  # 'phantom' | 'folder' | 'manifest' | 'tfds'
+      tfds_name="",  # tfds source: prepared dataset name(s), comma-separated, each a client.
+      tfds_data_dir="",  # tfds source: their data_dir ('' = TFDS's default, ~/tensorflow_datasets).
+      tfds_split="train",  # tfds source: the split (TFDS slicing allowed, e.g. 'train[:80%]').
+      dicom_frames="middle",  # .dcm files: 'middle' | 'all' | 'first:N' | 'every:N' (data/dicom.py)
       root="",  # folder source: root/<client>/**/*.png|jpg|jpeg|bmp
       manifest="",  # manifest source: CSV with an 'image' column (+ optional 'client', 'probe').
       image_column="image", client_column="client",

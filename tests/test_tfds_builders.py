@@ -14,6 +14,7 @@ from skimage import draw
 tfds = pytest.importorskip(
     "tensorflow_datasets", reason="tensorflow_datasets is not installed (pip install '.[tfds]')")
 
+from ultrajax import configlib
 from ultrajax.data import tfds as us_tfds
 from ultrajax.data.tfds import hc18, source
 
@@ -95,12 +96,21 @@ def test_every_builder_has_a_dummy_layout():
   assert sorted(LAYOUTS) == sorted(us_tfds.BUILDERS)
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_builder_reads_the_published_layout(name, tmp_path):
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  """{name: expected records}, data_dir: every builder built once from its dummy layout."""
+  root = tmp_path_factory.mktemp('tfds')
   rng = np.random.default_rng(0)
-  expected = LAYOUTS[name](str(tmp_path / 'manual'), rng)
-  data_dir = str(tmp_path / 'data')
-  us_tfds.build(name, str(tmp_path / 'manual'), data_dir)
+  expected = {}
+  for name, layout in LAYOUTS.items():
+    expected[name] = layout(str(root / 'manual' / name), rng)
+    us_tfds.build(name, str(root / 'manual' / name), str(root / 'data'))
+  return expected, str(root / 'data')
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_builder_reads_the_published_layout(name, built):
+  expected, data_dir = built[0][name], built[1]
   client = source.TfdsSource(name, data_dir, 'train')
   assert len(client) == len(expected)
   seen = set()
@@ -140,3 +150,39 @@ def test_hc18_outline_cut_by_the_border_is_fitted(orientation):
 def test_missing_manual_dir_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='Dataset_BUSI_with_GT'):
     us_tfds.build('busi', str(tmp_path), str(tmp_path / 'data'))
+
+
+def test_pretraining_clients_from_tfds(built):
+  """data.source='tfds' with two datasets: two clients through the pretraining job's sources."""
+  from ultrajax.jobs import pretrain
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = configlib.load_config_module(
+      os.path.join(repo, 'configs', 'pretrain_fed.py')).get_config('smoke')
+  config.data.update(source='tfds', tfds_name='busi, hc18', tfds_data_dir=built[1])
+  config.ultramim.smat = False  # (SMAT partners would add records)
+  pretrain.validate(config)
+  clients = pretrain.client_sources(config)
+  assert [c.name for c in clients] == ['busi', 'hc18']
+  assert [len(c) for c in clients] == [len(built[0]['busi']), len(built[0]['hc18'])]
+  config.data.tfds_name = ' , '
+  with pytest.raises(configlib.ConfigError, match='config.data.tfds_name'):
+    pretrain.validate(config)
+
+
+def test_fine_tuning_tasks_from_tfds(built):
+  """tfds_task: labels (sorted names), masks resized, patient groups, spacing in mm per input pixel."""
+  expected, data_dir = built
+  cls = source.tfds_task('busi', data_dir, 'train', 'cls', 8)
+  assert cls.class_names == ('benign', 'malignant', 'normal')
+  assert sorted(cls.class_names[t] for t in cls.targets) == ['benign', 'malignant', 'normal']
+  assert sorted(cls.groups) == sorted(expected['busi']) and cls.spacing is None
+  assert cls.images.shape == (3, 8, 8, 3)
+  seg = source.tfds_task('hc18', data_dir, 'train', 'seg', 16)
+  assert seg.targets.shape == (3, 16, 16) and set(np.unique(seg.targets)) == {0, 1}
+  assert sorted(seg.groups) == ['0', '10', '10']
+  # 24 x 32 images resized to 16 x 16: mm per input pixel = pixel size * (24 / 16, 32 / 16).
+  np.testing.assert_allclose(seg.spacing[np.argsort(seg.spacing[:, 0])],
+                             [(s * 24 / 16, s * 32 / 16) for s in (0.07, 0.11, 0.12)], rtol=1e-6)
+  with pytest.raises(configlib.ConfigError, match='no image labels'):
+    source.tfds_task('hc18', data_dir, 'train', 'cls', 8)

@@ -11,6 +11,8 @@ Sources (config.data.source):
   manifest  a CSV with an image column and optional mask, label, group (patient / subject) and
             split columns; paths relative to the CSV (`../shared/data/real_us/*/labels.csv`).
   folders   root/<class>/**/*.png|jpg for classification; class names from the sub-folders.
+  tfds      a prepared TFDS dataset (data.tfds_name, data/tfds/): its labels or masks, grouped
+            by patient_id, spacing from pixel_size_mm.
 Without a split column, patients are split with a seed by `split_fractions` (train, val, test),
 so no patient straddles two splits. Images are resized to S x S without keeping the aspect ratio
 (bilinear; masks nearest), and grey images become three equal channels.
@@ -48,7 +50,7 @@ from ultrajax.data import phantom, sources
 SPLITS = ("train", "val", "test")
 TASK_TYPES = ("cls", "seg")
 SEG_TARGETS = ("lesion", "organ", "organ_and_lesion")
-SOURCES = ("phantom", "manifest", "folders")
+SOURCES = ("phantom", "manifest", "folders", "tfds")
 MASK_MODES = ("binary", "class_ids")
 # Binary masks (see the module docstring): foreground from 128; 64..191 is the ambiguous band.
 BINARY_THRESHOLD, AMBIGUOUS_BAND, MAX_AMBIGUOUS = 128, (64, 192), 0.05
@@ -468,6 +470,11 @@ def load_task(data_config, task_type: str, image_size: int) -> TaskData:
                          group_column=c.group_column, split_column=c.split_column,
                          classes=c.classes, on_bad_image=c.on_bad_image, mask_mode=mask_mode)
     where = f"manifest {c.manifest}"
+  elif c.source == "tfds":
+    from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
+    data = tfds_source.tfds_task(c.tfds_name, c.tfds_data_dir, c.tfds_split, task_type,
+                                 image_size, c.classes)
+    where = f"TFDS dataset {c.tfds_name}"
   else:
     if task_type != "cls":
       raise configlib.ConfigError("config.data.source='folders' is for classification; use a "

@@ -94,6 +94,9 @@ def validate(config) -> None:
     c.check(bool(config.data.manifest), "config.data.manifest must name a CSV file")
   if config.data.source == "folders":
     c.check(bool(config.data.root), "config.data.root must name a folder of class folders")
+  if config.data.source == "tfds":
+    c.check("," not in config.data.tfds_name and bool(config.data.tfds_name.strip()),
+            f"config.data.tfds_name={config.data.tfds_name!r} must name one prepared TFDS dataset")
   for s in config.eval.blur_sigmas:
     c.check(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 50,
             f"config.eval.blur_sigmas has {s!r}; each blur sigma must be a number in [0, 50] "

@@ -39,7 +39,7 @@ from clu import parameter_overview, periodic_actions
 from flax import nnx
 
 from ultrajax import configlib, ultramim
-from ultrajax.data import pipeline, sources as sources_lib, teacher_cache
+from ultrajax.data import dicom, pipeline, sources as sources_lib, teacher_cache
 from ultrajax.eval import evaluators
 from ultrajax.fed import aggregate, rounds
 from ultrajax.interop import load as interop_load, open_clip
@@ -67,7 +67,8 @@ def validate(config) -> None:
   c.check_range(config, "data.fraction", 0.0, 1.0, low_inclusive=False)
   for name in ("p_clean", "p_each", "salt_pepper_density"):
     c.check_range(config, f"ultramim.{name}", 0.0, 1.0)
-  c.check_choice(config, "data.source", ("phantom", "folder", "manifest"))
+  c.check_choice(config, "data.source", ("phantom", "folder", "manifest", "tfds"))
+  dicom.check_rule(config.data.dicom_frames)
   c.check_choice(config, "data.on_bad_image", ("skip", "raise"))
   c.check_choice(config, "data.probe", ("", "linear", "convex"))
   c.check_range(config, "data.batch_size", 1)
@@ -90,6 +91,9 @@ def validate(config) -> None:
   if config.data.source == "manifest":
     c.check(bool(config.data.manifest),
             "config.data.manifest must name a CSV file when data.source='manifest'")
+  if config.data.source == "tfds":
+    c.check(bool(config.data.tfds_name.strip(" ,")),
+            "config.data.tfds_name must name prepared TFDS dataset(s) when data.source='tfds'")
   lo, hi = config.data.crop_scale
   c.check(0 < lo <= hi <= 1, f"config.data.crop_scale={tuple(config.data.crop_scale)} is not "
           "0 < low <= high <= 1")
@@ -209,7 +213,7 @@ def _smat_partner(record: dict, *, fan_angle_deg, inner_radius, orientation, def
 
 
 def client_sources(config) -> list:
-  """The training clients: phantom, folder or manifest sources, with SMAT partners, pooled
+  """The training clients: phantom, folder, manifest or tfds sources, with SMAT partners, pooled
   into one client when config.data.pool_clients (centralized training)."""
   d = config.data
   if d.source == "phantom" and d.get("phantom_organs"):
@@ -222,11 +226,15 @@ def client_sources(config) -> list:
         scale=d.phantom_scale, image_size=d.phantom_image_size, seed=config.seed,
         num_clients=d.num_clients, min_images=d.phantom_min_images)
   elif d.source == "folder":
-    clients = sources_lib.folder_clients(d.root, probe=d.probe, on_bad_image=d.on_bad_image)
+    clients = sources_lib.folder_clients(d.root, probe=d.probe, on_bad_image=d.on_bad_image,
+                                         dicom_frames=d.dicom_frames)
+  elif d.source == "tfds":
+    from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
+    clients = tfds_source.tfds_clients(d.tfds_name, d.tfds_data_dir, d.tfds_split)
   else:
     clients = sources_lib.manifest_clients(
         d.manifest, image_column=d.image_column, client_column=d.client_column,
-        default_probe=d.probe, on_bad_image=d.on_bad_image)
+        default_probe=d.probe, on_bad_image=d.on_bad_image, dicom_frames=d.dicom_frames)
   if d.fraction < 1:
     clients = [sources_lib.fraction_of(s, d.fraction, config.seed) for s in clients]
   u = config.ultramim
@@ -544,9 +552,6 @@ def _resume_or_init(config, ckpt, programs, data, seed_key):
     target = checkpoint.abstract_like(abstract_params, programs.server_sharding)
     params = interop_load.load_init_params(config.init_from, abstract_model,
                                            base_params=params, target=target)
-    bad = checkpoint.nonfinite_paths(params)
-    configlib.check(not bad, f"config.init_from={config.init_from!r} holds NaN or inf in "
-                    f"{len(bad)} arrays, e.g. {bad[:4]} (a diverged run?)")
     logging.info("Initialised from %s.", config.init_from)
   return params, programs.init_opt(params), 0
 

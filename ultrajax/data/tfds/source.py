@@ -80,3 +80,34 @@ def tfds_clients(names: str, data_dir: str = '', split: str = 'train') -> list[T
   if not listed:
     raise configlib.ConfigError(f"config.data.tfds_name={names!r} names no dataset")
   return [TfdsSource(n, data_dir, split) for n in listed]
+
+
+def tfds_task(name: str, data_dir: str, split: str, task_type: str, image_size: int,
+              classes: str = ''):
+  """A prepared dataset as a downstream task (data/tasks.py TaskData) for fine-tuning: cls uses
+  its labels (`classes` fixes their order, '' = the dataset's label names that occur, sorted),
+  seg its masks (binary: background, foreground); groups are patient_id, so tasks.load_task splits
+  by patient; spacing comes from pixel_size_mm where the dataset has it for every image."""
+  from ultrajax.data import tasks
+  client = TfdsSource(name, data_dir, split)
+  where = f"TFDS dataset {name!r} split {split!r}"
+  records = [client[i] for i in range(len(client))]
+  if task_type == 'cls' and 'label' not in records[0]:
+    raise configlib.ConfigError(f"{where} has no image labels; use it for task_type='seg' or "
+                                "pretraining")
+  if task_type == 'seg' and 'lesion_mask' not in records[0]:
+    raise configlib.ConfigError(f"{where} has no masks; use it for task_type='cls' or pretraining")
+  if task_type == 'cls':
+    class_names = tasks._class_names([r['label'] for r in records], classes, where)
+    targets = np.asarray([class_names.index(r['label']) for r in records], np.int32)
+  else:
+    class_names = tasks.seg_class_names(classes, 'binary')
+    targets = np.stack([tasks.resize_mask(r['lesion_mask'], image_size) for r in records])
+  spacing = None
+  if all(r['pixel_size_mm'] for r in records):
+    spacing = np.asarray([tasks.input_spacing(float(r['pixel_size_mm']), r['image'].shape[:2],
+                                              image_size) for r in records], np.float64)
+  return tasks.TaskData(
+      np.stack([tasks.resize_image(r['image'], image_size) for r in records]), targets,
+      np.array([r['patient_id'] for r in records]), np.full(len(records), '', dtype=object),
+      class_names, task_type, spacing)
