@@ -179,6 +179,8 @@ def test_finetune_summary_tests_each_variant_against_scratch_per_seed(tmp_path):
       test = {k: [v, v, v] for k, v in finetune.cls_scores(labels, probs).items()}
       cells.append({"variant": variant, "fraction": 1.0, "seed": seed, "run_dir": str(run_dir),
                     "test": test, "probs": probs})
+      if variant == "mae" or seed > 0:  # scratch's seed 0 was tested without blur
+        cells[-1]["blur"] = {"1": {"auroc": test["auroc"][0] - 0.1 * rng.random()}}
   rows = finetune.summarise(cells, ("auroc", "accuracy"), reference="scratch", num_samples=100)
   row = next(r for r in rows if r["variant"] == "mae" and r["metric"] == "auroc")
   mae_values = [c["test"]["auroc"][0] for c in cells if c["variant"] == "mae"]
@@ -193,6 +195,12 @@ def test_finetune_summary_tests_each_variant_against_scratch_per_seed(tmp_path):
   assert len(boot) == 3 and max(boot) < 0.05  # the stronger model wins on every seed
   accuracy = next(r for r in rows if r["variant"] == "mae" and r["metric"] == "accuracy")
   assert accuracy["p_delong"] == "" and len(accuracy["p_bootstrap"].split()) == 3
+  # Blurred rows: the t-test pairs the seeds both variants were blurred on.
+  blurred = next(r for r in rows if r["variant"] == "mae" and r["metric"] == "auroc@blur1")
+  mae_b = [c["blur"]["1"]["auroc"] for c in cells[4:]]
+  ref_b = [c["blur"]["1"]["auroc"] for c in cells[1:3]]
+  np.testing.assert_allclose(blurred["p_ttest"], stats.ttest_rel(mae_b, ref_b).pvalue)
+  assert blurred["p_bootstrap"] == "" and blurred["num_seeds"] == 3
   scratch = next(r for r in rows if r["variant"] == "scratch" and r["metric"] == "auroc")
   assert scratch["reference"] == "" and math.isnan(scratch["p_ttest"])
 

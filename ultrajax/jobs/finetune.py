@@ -666,9 +666,12 @@ def paired_cell_tests(cell: dict, ref: dict, num_samples: int) -> dict:
 
 
 def _cell_value(cell: dict, name: str) -> float:
-  """A test metric ('auroc') or a blurred one ('auroc@blur2' = results['blur']['2']['auroc'])."""
+  """A test metric ('auroc') or a blurred one ('auroc@blur2' = results['blur']['2']['auroc'];
+  nan for a cell tested without that blur, e.g. one finished before eval.blur_sigmas was set)."""
   metric, _, sigma = name.partition("@blur")
-  return cell["blur"][sigma][metric] if sigma else cell["test"][metric][0]
+  if sigma:
+    return cell.get("blur", {}).get(sigma, {}).get(metric, math.nan)
+  return cell["test"][metric][0]
 
 
 def summarise(cells: list[dict], metric_names, reference: str | None = None,
