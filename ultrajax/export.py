@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from ultrajax import configlib
 from ultrajax.interop import files, mae_official, timm_vit
 from ultrajax.models import mae
-from ultrajax.train import checkpoint
+from ultrajax.train import checkpoint, writers
 
 FORMATS = ("timm", "mae", "sam")
 LATER_FORMATS = {}
@@ -177,6 +177,7 @@ def export(workdir, fmt: str, out, *, round_index: int | None = None, config=Non
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  writers.quiet_orbax(not _VERBOSE.value)  # Orbax's INFO lines were 32 of the 33 printed
   for name, flag in (("workdir", _WORKDIR), ("format", _FORMAT), ("out", _OUT)):
     if not flag.value:
       raise app.UsageError(f"--{name} is required")
