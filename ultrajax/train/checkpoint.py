@@ -23,12 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ultrajax import configlib
 from ultrajax.train import tree as tree_lib
 
 MAX_LISTED = 8  # mismatches or non-finite leaves named in one message
 
 
-class ShapeMismatchError(ValueError):
+class ShapeMismatchError(configlib.DataError):
   """A checkpoint's arrays do not fit the model the config builds; names paths and shapes."""
 
 

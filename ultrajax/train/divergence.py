@@ -14,11 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ultrajax import configlib
+
 MODES = ("stop", "skip")
 
 
-class DivergenceError(FloatingPointError):
-  """Training produced a non-finite loss or gradient; names where."""
+class DivergenceError(FloatingPointError, configlib.ConfigError):
+  """Training produced a non-finite loss or gradient; names where. A user error (reported in
+  one line): the fix is in the config (learning rate, on_nonfinite)."""
 
 
 def all_finite(tree) -> jax.Array:

@@ -31,13 +31,14 @@ from ultrajax.train import checkpoint, divergence
 # one resuming it: durations that extend the run (their schedules are re-derived), cadences
 # of logging, images, evaluation and checkpoints, where files go, reader threads, the device
 # layout, the start-up source (a workdir's own checkpoint takes precedence over init_from), and
-# the evaluators of the frozen encoder (they read the params, never change them).
+# what only reads the trained params: the pretraining evaluators (`evals`) and UltraSam's
+# prompted-classification stage after training (`classification`).
 CHANGEABLE = (
     "preset", "fed.num_rounds", "num_steps",
     "log_every_rounds", "image_every_rounds", "ckpt_every_rounds", "keep_checkpoints",
     "log_every_steps", "ckpt_every_steps", "eval.every_steps", "ckpt_every_epochs",
     "data.num_threads", "teacher.cache_dir", "mesh", "sharding_rules",
-    "init_from", "allow_config_change", "on_nonfinite", "evals",
+    "init_from", "allow_config_change", "on_nonfinite", "evals", "classification",
 )
 LOCK_NAME = ".ultrajax.lock"
 
@@ -46,7 +47,7 @@ class ConfigMismatchError(configlib.ConfigError):
   """A resume whose config differs from the checkpoint's in fields that change the result."""
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(configlib.DataError):
   """Another live process holds the workdir."""
 
 
@@ -164,8 +165,8 @@ def restore_latest(ckpt: checkpoint.Checkpointer, abstract_params, abstract_trai
                       "resumed from round %d instead.", ckpt.directory, bad, _summary(e), moved, r)
     return r, params, train, meta
   if failures:
-    raise RuntimeError(f"no checkpoint under {ckpt.directory} could be restored: " + "; ".join(
-        f"{r}: {_summary(e)}" for r, e in failures))
+    raise configlib.DataError(f"no checkpoint under {ckpt.directory} could be restored: "
+                              + "; ".join(f"{r}: {_summary(e)}" for r, e in failures))
   return None
 
 
