@@ -89,7 +89,43 @@ def _fetal_planes_db(root, rng):
   return expected
 
 
-LAYOUTS = {'busi': _busi, 'hc18': _hc18, 'fetal_planes_db': _fetal_planes_db}
+def _bus_bra(root, rng):
+  """bus_data.csv (ID bus_<patient>-<view>) + Images/<ID>.png + Masks/mask_<patient>-<view>.png."""
+  expected, lines = {}, ['ID,Histology,Pathology,BIRADS,Device,Height,Width,Side,BBOX']
+  for key, pathology in (('bus_0001-l', 'benign'), ('bus_0001-s', 'benign'),
+                         ('bus_0002-r', 'malignant')):
+    image = _image(rng, 10, 12)
+    mask = np.zeros((10, 12), bool)
+    mask[3:7, 2:9] = True
+    _png(os.path.join(root, 'Images', key + '.png'), image)
+    _png(os.path.join(root, 'Masks', 'mask' + key[3:] + '.png'), np.where(mask, 255, 0).astype(np.uint8))
+    lines.append(f'{key},Fibroadenoma,{pathology},3,GE Logiq 5,10,12,left,"[2, 3, 7, 4]"')
+    expected[key] = {'image': image, 'mask': mask, 'label': pathology,
+                     'patient': str(int(key[4:8])), 'spacing': math.nan}
+  with open(os.path.join(root, 'bus_data.csv'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return expected
+
+
+def _tn3k(root, rng):
+  """tn3k/{trainval,test}-image/<n>.jpg with tn3k/{trainval,test}-mask/<n>.jpg (JPEG masks)."""
+  expected = {}
+  for prefix, name in (('trainval', '0000'), ('trainval', '0001'), ('test', '0000')):
+    path = os.path.join(root, 'tn3k', f'{prefix}-image', name + '.jpg')
+    _png(path, _image(rng, 16, 16))
+    mask = np.zeros((16, 16), bool)
+    mask[8:16, 0:8] = True  # one JPEG block: thresholding at 128 recovers it exactly
+    _png(os.path.join(root, 'tn3k', f'{prefix}-mask', name + '.jpg'),
+         np.where(mask, 255, 0).astype(np.uint8))
+    if prefix == 'trainval':
+      with Image.open(path) as img:  # the JPEG as written (lossy), decoded by PIL
+        expected[name] = {'image': np.asarray(img.convert('L')), 'mask': mask, 'label': None,
+                          'patient': f'trainval_{name}', 'spacing': math.nan}
+  return expected
+
+
+LAYOUTS = {'busi': _busi, 'bus_bra': _bus_bra, 'hc18': _hc18, 'fetal_planes_db': _fetal_planes_db,
+           'tn3k': _tn3k}
 
 
 def test_every_builder_has_a_dummy_layout():

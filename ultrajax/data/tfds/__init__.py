@@ -4,11 +4,13 @@ Importing this package registers the builders with TFDS (needs the [tfds] extra)
   tfds build ultrajax/data/tfds/busi.py --manual_dir=DIR --data_dir=OUT --file_format=array_record
 or build(...) below; read it back with ultrajax.data.tfds.source (data.source='tfds').
 """
+from ultrajax.data.tfds.bus_bra import BusBra
 from ultrajax.data.tfds.busi import Busi
 from ultrajax.data.tfds.fetal_planes_db import FetalPlanesDb
 from ultrajax.data.tfds.hc18 import Hc18
+from ultrajax.data.tfds.tn3k import Tn3k
 
-BUILDERS = {b.name: b for b in (Busi, Hc18, FetalPlanesDb)}
+BUILDERS = {b.name: b for b in (Busi, BusBra, Hc18, FetalPlanesDb, Tn3k)}
 
 
 def build(name: str, manual_dir: str, data_dir: str):
@@ -17,5 +19,7 @@ def build(name: str, manual_dir: str, data_dir: str):
     raise ValueError(f"no ultrasound TFDS builder {name!r}; the builders are {sorted(BUILDERS)}")
   import tensorflow_datasets as tfds
   builder = BUILDERS[name](data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  # Feature statistics (TFDS's default) cost a second pass over the images; nothing reads them.
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder
