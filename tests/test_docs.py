@@ -84,3 +84,20 @@ def test_formats_md_python_snippets_run(tmp_path, monkeypatch):
   assert tuple(namespace["data_config"]["mean"]) == (0.485, 0.456, 0.406)
   assert namespace["pre"]["pixel_mean"] == [123.675, 116.28, 103.53]
   assert (tmp_path / "demo" / "rle.json").is_file()
+
+
+def test_readme_config_paths_resolve_outside_the_checkout(tmp_path, monkeypatch):
+  """`--config=configs/x.py:preset` names a shipped config from any directory (an installed
+  wheel has them as ultrajax/configs, the checkout's link to configs/)."""
+  from ultrajax import configlib  # main.resolve_config_flag rewrites --config with it
+  repo = DOC.parents[1]
+  assert sorted(p.name for p in (repo / "ultrajax" / "configs").glob("*.py")) == sorted(
+      p.name for p in (repo / "configs").glob("*.py"))
+  monkeypatch.chdir(tmp_path)
+  found = configlib.find_config_file("configs/pretrain_fed.py")
+  assert found.read_text() == (repo / "configs" / "pretrain_fed.py").read_text()
+  assert configlib.find_config_file("configs/typo.py") is None
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "pretrain_fed.py").write_text("# a local file wins\n")
+  assert configlib.find_config_file("configs/pretrain_fed.py") == pathlib.Path(
+      "configs/pretrain_fed.py")
