@@ -183,6 +183,13 @@ def test_hc18_outline_cut_by_the_border_is_fitted(orientation):
   assert np.logical_and(got, want).sum() / np.logical_or(got, want).sum() > 0.95
 
 
+def test_unprepared_dataset_says_how_to_build_it(built, tmp_path):
+  with pytest.raises(configlib.DataError, match='python -m ultrajax.data.tfds --name=busi'):
+    source.TfdsSource('busi', str(tmp_path))
+  with pytest.raises(configlib.DataError, match="split 'validation'"):
+    source.TfdsSource('busi', built[1], 'validation')
+
+
 def test_missing_manual_dir_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='Dataset_BUSI_with_GT'):
     us_tfds.build('busi', str(tmp_path), str(tmp_path / 'data'))

@@ -20,7 +20,7 @@ class BusBra(base.UltrasoundBuilder):
   EXTRA_FEATURES: ClassVar[dict] = {'birads': base.tfds.features.Text(),
                                     'device': base.tfds.features.Text()}
   DESCRIPTION = __doc__
-  HOMEPAGE = 'https://doi.org/10.5281/zenodo.8231412'
+  HOMEPAGE = 'https://doi.org/10.5281/zenodo.7730709'
   CITATION = ('Gomez-Flores W, Gregorio-Calas MJ, Coelho de Albuquerque Pereira W. BUS-BRA: a '
               'breast ultrasound dataset for assessing computer-aided diagnosis systems. Medical '
               'Physics 51(4):3110-3123, 2024.')

@@ -9,6 +9,7 @@ lesion_mask uint8 [H, W] in {0, 1} where the dataset has them.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -18,13 +19,18 @@ from ultrajax import configlib
 def _open(name: str, data_dir: str, split: str):
   import tensorflow_datasets as tfds
 
-  import ultrajax.data.tfds  # noqa: F401  (registers the builders)
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
-  except Exception as e:  # tfds raises several types for a dataset that is not prepared
+  from ultrajax.data import tfds as us_tfds  # registers the builders
+  root = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
+  if not os.path.isdir(os.path.join(root, name)):
     raise configlib.DataError(
-        f"config.data.tfds_name={name!r}: cannot open split {split!r} in data_dir "
-        f"{data_dir or '(TFDS default)'}: {e}. Prepare it first (docs/datasets.md)") from e
+        f"config.data.tfds_name={name!r}: {os.path.join(root, name)} does not exist; prepare it "
+        f"with python -m ultrajax.data.tfds --name={name} --manual_dir=... --data_dir={root} "
+        f"(builders: {', '.join(sorted(us_tfds.BUILDERS))}; docs/datasets.md)")
+  try:
+    return tfds.data_source(name, split=split, data_dir=root, download=False)
+  except Exception as e:  # tfds raises several types for a dataset that is not prepared
+    raise configlib.DataError(f"config.data.tfds_name={name!r}: cannot open split {split!r} in "
+                              f"{root}: {str(e).splitlines()[0]}") from e
 
 
 def _text(value) -> str:
