@@ -1,0 +1,257 @@
+"""Differential privacy for federated rounds: client-level DP-FedAvg, adaptive clipping, client
+sampling, a `dp-accounting` accountant, and example-level DP-SGD for a local step.
+
+Pure functions on pytrees (a "client tree" has leaves [C, ...], one slice per client), so the
+engine's strategy hooks (issue 16) can call them from the server update or the local step:
+
+  deltas, norms = clip_updates(deltas, clip_norm)              # each client to L2 norm <= C
+  mean = dp_mean(deltas, participating, clip_norm, z, expected, key)
+      # McMahan et al. 2018 fixed-denominator estimator sum_k clip(D_k) / m + N(0, (z C / m)^2)
+  clip_norm, frac = adaptive_clip(clip_norm, norms, participating, quantile, lr, sigma_b, key)
+  mask = poisson_sample(num_clients, q, seed, round) | fixed_size_sample(num_clients, m, ...)
+  acct = Accountant(noise_multiplier=z, sampling='poisson', sampling_rate=q, delta=1e-5)
+  acct.epsilon(rounds); acct.would_exceed(rounds_done); acct.state(rounds) / acct.check_state(s)
+  grads = dp_sgd_grad(loss_fn, params, batch, key, clip_norm, z)  # example-level, one step
+
+Which unit is protected: `dp_mean` protects a whole client (a hospital) against the server and
+anyone who sees the model; `dp_sgd_grad` protects one example inside a client. The accountant
+only knows the mechanism it is given: say which one a reported epsilon refers to.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ultrajax import configlib
+
+SAMPLINGS = ("poisson", "fixed")
+ACCOUNTANTS = ("rdp", "pld")
+
+
+def global_norm(tree):
+  """L2 norm over every leaf of one (unstacked) pytree, float32 scalar."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def clip_update(tree, clip_norm):
+  """Scales one update so its global L2 norm is <= clip_norm: D * min(1, C / ||D||).
+  Returns (clipped tree, norm before clipping)."""
+  norm = global_norm(tree)
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+  return jax.tree.map(lambda x: (x * scale).astype(x.dtype), tree), norm
+
+
+def clip_updates(client_tree, clip_norm):
+  """clip_update on every client: leaves [C, ...] -> (clipped [C, ...], norms [C])."""
+  return jax.vmap(clip_update, in_axes=(0, None))(client_tree, clip_norm)
+
+
+def noise_std(noise_multiplier: float, clip_norm: float, expected_participants: float) -> float:
+  """Std of the Gaussian noise on the DP-FedAvg mean: z * C / m, with m the expected number of
+  participants (q * K for Poisson sampling, the cohort size for fixed-size sampling)."""
+  if expected_participants <= 0:
+    raise configlib.ConfigError(f"expected_participants={expected_participants!r} must be > 0")
+  return noise_multiplier * clip_norm / expected_participants
+
+
+def add_noise(tree, std, key):
+  """tree + N(0, std^2) on every coordinate (float32), one independent key per leaf."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  noisy = [(x.astype(jnp.float32) + std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+           for x, k in zip(leaves, keys)]
+  return jax.tree.unflatten(treedef, noisy)
+
+
+def dp_mean(client_tree, participating, clip_norm, noise_multiplier: float,
+            expected_participants: float, key):
+  """DP-FedAvg (McMahan et al. 2018) with uniform weights and the fixed denominator.
+
+  client_tree: updates [C, ...]; participating: [C] bool (this round's sample).
+  Returns sum_{k sampled} clip(D_k, C) / m + N(0, (z C / m)^2), m = expected_participants; the
+  fixed denominator keeps the sensitivity C / m whatever the sample's size. Unequal per-client
+  weights would need bounded weights w_k <= 1 and m = q * sum_k w_k (the paper's estimator).
+  """
+  clipped, _ = clip_updates(client_tree, clip_norm)
+  m = jnp.asarray(participating, jnp.float32)
+  total = jax.tree.map(lambda x: jnp.tensordot(m, x.astype(jnp.float32), axes=(0, 0)), clipped)
+  mean = jax.tree.map(lambda x: x / expected_participants, total)
+  return add_noise(mean, noise_std(noise_multiplier, clip_norm, expected_participants), key)
+
+
+def adaptive_clip(clip_norm, norms, participating, target_quantile: float, lr: float,
+                  sigma_b: float, key):
+  """Geometric quantile clipping (Andrew et al. 2021, Alg. 1): returns (new C, noised b_bar).
+
+  b_k = 1[||D_k|| <= C] (the update was NOT clipped), b_bar = (sum_k b_k + N(0, sigma_b^2)) / m
+  over the m participants, C <- C * exp(-lr * (b_bar - gamma)). More unclipped clients than the
+  target quantile gamma means C is above that quantile, so it shrinks, and vice versa.
+  (Flower 1.28's `dp_adaptive_clipping.py` puts the *clipped* fraction in the same formula and
+  so moves C the wrong way; TF Privacy's QuantileEstimatorQuery, behind TFF's adaptive
+  aggregator, uses `record <= estimate`, as here.)
+  The clip norm must be the one used for this round's clipping, so noise and C stay consistent.
+  """
+  part = jnp.asarray(participating, jnp.float32)
+  count = jnp.maximum(part.sum(), 1.0)
+  unclipped = jnp.sum(part * (norms <= clip_norm).astype(jnp.float32))
+  b_bar = (unclipped + sigma_b * jax.random.normal(key, (), jnp.float32)) / count
+  b_bar = jnp.clip(b_bar, 0.0, 1.0)  # noise can push it outside; TF Privacy clamps as well
+  return clip_norm * jnp.exp(-lr * (b_bar - target_quantile)), b_bar
+
+
+def adaptive_noise_multiplier(noise_multiplier: float, sigma_b: float) -> float:
+  """Noise multiplier left for the update when the clipped-fraction count also costs privacy:
+  z_D = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Thm. 1); z is what the accountant
+  charges per round. Raises ConfigError when sigma_b is too small to leave any budget."""
+  rest = noise_multiplier ** -2 - (2.0 * sigma_b) ** -2
+  if rest <= 0:
+    raise configlib.ConfigError(
+        f"sigma_b={sigma_b!r} is too small for noise_multiplier={noise_multiplier!r}: "
+        f"need 2 * sigma_b > noise_multiplier")
+  return rest ** -0.5
+
+
+def _rng(seed: int, round_num: int) -> np.random.Generator:
+  # One stream per (seed, round), so a resumed run draws the same cohorts (FedJAX's sampler).
+  return np.random.default_rng([int(seed), int(round_num), 0x5A4D])
+
+
+def poisson_sample(num_clients: int, rate: float, seed: int, round_num: int) -> np.ndarray:
+  """Each client joins independently with probability `rate`; returns bool [num_clients]."""
+  if not 0.0 < rate <= 1.0:
+    raise configlib.ConfigError(f"sampling rate={rate!r} is not in (0, 1]")
+  return _rng(seed, round_num).random(num_clients) < rate
+
+
+def fixed_size_sample(num_clients: int, size: int, seed: int, round_num: int) -> np.ndarray:
+  """Exactly `size` clients, uniformly without replacement; returns bool [num_clients]."""
+  if not 0 < size <= num_clients:
+    raise configlib.ConfigError(f"cohort size={size!r} is not in [1, {num_clients}]")
+  mask = np.zeros(num_clients, bool)
+  mask[_rng(seed, round_num).choice(num_clients, size, replace=False)] = True
+  return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Accountant:
+  """(epsilon, delta) of T rounds (or steps) of a sampled Gaussian mechanism, from dp-accounting.
+
+  noise_multiplier: z (std / sensitivity) charged per round.
+  sampling: 'poisson' (rate q, add/remove-one neighbours) or 'fixed' (sample_size of population
+    without replacement, replace-one neighbours; RDP only, dp-accounting's PLD lacks it).
+  kind: 'rdp' (Mironov 2017; dp-accounting's default orders and conversion) or 'pld'.
+  The state is the round count alone: epsilon is re-derived from it and these fields, so a
+  checkpoint stores `state(rounds)` and a resume calls `check_state`.
+  """
+  noise_multiplier: float
+  delta: float
+  sampling: str = "poisson"
+  sampling_rate: float = 1.0
+  population: int = 0
+  sample_size: int = 0
+  kind: str = "rdp"
+  epsilon_budget: float = math.inf
+  pld_discretization: float = 1e-4
+
+  def __post_init__(self):
+    bad = configlib.ConfigError
+    if self.kind not in ACCOUNTANTS:
+      raise bad(f"accountant kind={self.kind!r} is not one of {ACCOUNTANTS}")
+    if self.sampling not in SAMPLINGS:
+      raise bad(f"sampling={self.sampling!r} is not one of {SAMPLINGS}")
+    if not self.noise_multiplier > 0:
+      raise bad(f"noise_multiplier={self.noise_multiplier!r} must be > 0 for an accountant")
+    if not 0.0 < self.delta < 1.0:
+      raise bad(f"delta={self.delta!r} is not in (0, 1)")
+    if self.sampling == "poisson" and not 0.0 < self.sampling_rate <= 1.0:
+      raise bad(f"sampling_rate={self.sampling_rate!r} is not in (0, 1]")
+    if self.sampling == "fixed":
+      if not 0 < self.sample_size <= self.population:
+        raise bad(f"sample_size={self.sample_size!r} is not in [1, population="
+                  f"{self.population!r}]")
+      if self.kind == "pld":
+        raise bad("sampling='fixed' needs kind='rdp': dp-accounting's PLD accountant does not "
+                  "support sampling without replacement")
+    if not self.epsilon_budget > 0:
+      raise bad(f"epsilon_budget={self.epsilon_budget!r} must be > 0")
+
+  def event(self) -> dp_accounting.DpEvent:
+    """One round's DpEvent."""
+    gauss = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+    if self.sampling == "fixed":
+      return dp_accounting.SampledWithoutReplacementDpEvent(self.population, self.sample_size,
+                                                            gauss)
+    if self.sampling_rate == 1.0:
+      return gauss
+    return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, gauss)
+
+  def _accountant(self):
+    if self.sampling == "fixed":
+      relation = dp_accounting.NeighboringRelation.REPLACE_ONE
+    else:
+      relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    if self.kind == "rdp":
+      return dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+    return dp_accounting.pld.PLDAccountant(relation,
+                                           value_discretization_interval=self.pld_discretization)
+
+  def epsilon(self, rounds: int) -> float:
+    """epsilon at `delta` after `rounds` rounds (0 rounds: 0)."""
+    if rounds <= 0:
+      return 0.0
+    acc = self._accountant()
+    acc.compose(self.event(), int(rounds))
+    return float(acc.get_epsilon(self.delta))
+
+  def would_exceed(self, rounds_done: int) -> bool:
+    """True when running one more round would take epsilon above epsilon_budget."""
+    return self.epsilon(rounds_done + 1) > self.epsilon_budget
+
+  def state(self, rounds: int) -> dict:
+    """What a checkpoint stores: the round count and the mechanism it was counted for."""
+    return {"rounds": int(rounds), **{f.name: getattr(self, f.name)
+                                      for f in dataclasses.fields(self)}}
+
+  def check_state(self, state: dict) -> int:
+    """The round count of a saved `state`; ConfigError if it was counted for another mechanism
+    (a changed noise multiplier or sampling would make the saved count meaningless)."""
+    for f in dataclasses.fields(self):
+      if f.name in state and state[f.name] != getattr(self, f.name):
+        raise configlib.ConfigError(
+            f"privacy accountant: checkpoint was counted with {f.name}={state[f.name]!r}, the "
+            f"config has {getattr(self, f.name)!r}")
+    return int(state["rounds"])
+
+
+def dp_sgd_accountant(batch_size: int, num_examples: int, noise_multiplier: float,
+                      delta: float, **kw) -> Accountant:
+  """Accountant for example-level DP-SGD in one client: Poisson rate batch / n_k per step
+  (count steps, not rounds). Fixed-size shuffled batches are only approximated by this."""
+  if not 0 < batch_size <= num_examples:
+    raise configlib.ConfigError(f"batch_size={batch_size!r} is not in [1, num_examples="
+                                f"{num_examples!r}]")
+  return Accountant(noise_multiplier=noise_multiplier, delta=delta,
+                    sampling_rate=batch_size / num_examples, **kw)
+
+
+def dp_sgd_grad(loss_fn, params, batch, key, clip_norm, noise_multiplier: float):
+  """Example-level DP-SGD gradient (Abadi et al. 2016) for one local step.
+
+  loss_fn(params, batch) -> scalar on a batch whose leaves are [B, ...]; per-example gradients
+  come from jax.vmap over B with a batch of one. Returns
+  (sum_i clip(g_i, C) + N(0, (z C)^2)) / B, a pytree like params.
+  """
+  def one(example):
+    return jax.grad(loss_fn)(params, jax.tree.map(lambda x: x[None], example))
+  per_example = jax.vmap(one)(batch)
+  clipped, _ = clip_updates(per_example, clip_norm)
+  size = jax.tree.leaves(batch)[0].shape[0]
+  total = jax.tree.map(lambda g: g.sum(axis=0), clipped)
+  noisy = add_noise(total, noise_multiplier * clip_norm, key)
+  return jax.tree.map(lambda g: g / size, noisy)
