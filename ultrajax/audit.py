@@ -113,7 +113,7 @@ def score(truth: np.ndarray, recon: np.ndarray) -> dict:
   return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim))}
 
 
-def run_audit(*, image_size: int = 32, patch_size: int = 8, width: int = 32,
+def run_audit(*, image_size: int = 16, patch_size: int = 8, width: int = 32,
               num_images: int = 1, iters: int = 300, lr: float = 0.1, tv: float = 0.05,
               noise_multiplier: float = 1.0, clip_norm: float = 1.0, secagg_clients: int = 4,
               norm_pix: bool = False, seed: int = 0,
@@ -172,7 +172,7 @@ def save_png(images: dict, path: str) -> None:
 
 
 _OUT = flags.DEFINE_string("out", None, "Output folder for audit.json and audit.png.")
-_SIZE = flags.DEFINE_integer("image_size", 32, "Image side in pixels.")
+_SIZE = flags.DEFINE_integer("image_size", 16, "Image side in pixels.")
 _PATCH = flags.DEFINE_integer("patch_size", 8, "Patch side in pixels.")
 _WIDTH = flags.DEFINE_integer("width", 32, "Encoder and decoder width.")
 _NUM = flags.DEFINE_integer("num_images", 1, "Images in the attacked client's batch.")
