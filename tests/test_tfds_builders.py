@@ -13,6 +13,7 @@ from skimage import draw
 
 tfds = pytest.importorskip(
     "tensorflow_datasets", reason="tensorflow_datasets is not installed (pip install '.[tfds]')")
+pytest.importorskip("tensorflow", reason="TFDS builds need TensorFlow (pip install '.[tfds]')")
 
 from ultrajax import configlib
 from ultrajax.data import tfds as us_tfds
@@ -124,8 +125,29 @@ def _tn3k(root, rng):
   return expected
 
 
+def _tg3k(root, rng):
+  """tg3k/thyroid-{image,mask}/<nnnn>.jpg + tg3k-trainval.json; two 'videos' of different frame
+  sizes (frames 0-1 and 2), frame 1 in the val split."""
+  expected = {}
+  for n, (h, w), split in ((0, (16, 16), 'train'), (1, (16, 16), 'val'), (2, (8, 16), 'train')):
+    path = os.path.join(root, 'tg3k', 'thyroid-image', f'{n:04d}.jpg')
+    _png(path, _image(rng, h, w))
+    mask = np.zeros((h, w), bool)
+    mask[:8, 8:16] = True
+    _png(os.path.join(root, 'tg3k', 'thyroid-mask', f'{n:04d}.jpg'),
+         np.where(mask, 255, 0).astype(np.uint8))
+    if split == 'train':
+      with Image.open(path) as img:
+        expected[f'{n:04d}'] = {'image': np.asarray(img.convert('L')), 'mask': mask,
+                                'label': None, 'patient': f'video_run_{n // 2}',
+                                'spacing': math.nan}
+  with open(os.path.join(root, 'tg3k', 'tg3k-trainval.json'), 'w') as f:
+    f.write('{"train": [0, 2], "val": [1]}')
+  return expected
+
+
 LAYOUTS = {'busi': _busi, 'bus_bra': _bus_bra, 'hc18': _hc18, 'fetal_planes_db': _fetal_planes_db,
-           'tn3k': _tn3k}
+           'tg3k': _tg3k, 'tn3k': _tn3k}
 
 
 def test_every_builder_has_a_dummy_layout():
@@ -229,3 +251,13 @@ def test_fine_tuning_tasks_from_tfds(built):
                              [(s * 24 / 16, s * 32 / 16) for s in (0.07, 0.11, 0.12)], rtol=1e-6)
   with pytest.raises(configlib.ConfigError, match='no image labels'):
     source.tfds_task('hc18', data_dir, 'train', 'cls', 8)
+
+
+def test_published_second_splits(built):
+  """The val / test splits the publishers ship next to train."""
+  data_dir = built[1]
+  val = source.TfdsSource('tg3k', data_dir, 'validation')
+  assert len(val) == 1 and val[0]['patient_id'] == 'video_run_0'
+  assert len(source.TfdsSource('tn3k', data_dir, 'test')) == 1
+  test = source.TfdsSource('fetal_planes_db', data_dir, 'test')
+  assert [test[0]['patient_id'], test[0]['label']] == ['2', 'Other']
