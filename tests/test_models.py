@@ -188,12 +188,12 @@ def test_mae_from_config_and_field_errors():
       decoder_width=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.75,
       drop_path_rate=0.1, dtype="bfloat16"))
   model = nnx.eval_shape(lambda: mae.mae_from_config(cfg, nnx.Rngs(0)))
-  assert model.len_keep == 4 and model.encoder.width == 64 and not model.remat
+  assert model.len_keep == 4 and model.encoder.width == 64 and model.remat == "none"
   assert model.decoder_pred.kernel.shape == (32, 8 * 8 * 3)
   b16 = cfg.copy_and_resolve_references()
   b16.update(variant="B/16", image_size=224, remat=True)
   big = nnx.eval_shape(lambda: mae.mae_from_config(b16, nnx.Rngs(0)))
-  assert big.encoder.width == 768 and len(big.encoder.blocks) == 12 and big.remat
+  assert big.encoder.width == 768 and len(big.encoder.blocks) == 12 and big.remat == "full"
   for field, value in [("variant", "Q/16"), ("dtype", "float16"), ("image_size", 30),
                        ("decoder_width", 30), ("mask_ratio", 1.0), ("num_heads", 0)]:
     bad = cfg.copy_and_resolve_references()
@@ -323,6 +323,64 @@ def test_remat_changes_memory_not_math():
             params, jax.random.key(3)))
   for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def _mae_loss_and_grads(images, mask, key, dtype=jnp.float32, **options):
+  """Loss and gradients of a tiny MAE (same init for every option) on images/mask."""
+  model = mae.MAE(**TINY, **TINY_DEC, drop_path_rate=0.2, dtype=dtype, rngs=nnx.Rngs(0),
+                  **options)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(p):
+    return mae.mae_loss(nnx.merge(graphdef, p)(images, mask, key=key), images, mask, 8)[0]
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_dot_product_attention_equals_einsum():
+  """The fused path (jax.nn.dot_product_attention) against explicit q k^T softmax v: MAE loss
+  and gradients (encoder ViT and decoder) in float32, predictions in bfloat16."""
+  images, mask = _images(), jnp.asarray(_mask())
+  (la, ga), (lb, gb) = (_mae_loss_and_grads(images, mask, None, attention_impl=impl)
+                        for impl in vit.ATTENTION_IMPLS)
+  np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+  preds = [jax.jit(lambda x, m, model=mae.MAE(**TINY, **TINY_DEC, dtype=jnp.bfloat16,
+                                                attention_impl=impl, rngs=nnx.Rngs(0)):
+                   model(x, m))(images, mask) for impl in vit.ATTENTION_IMPLS]
+  a, b = np.asarray(preds[0]), np.asarray(preds[1])
+  assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2  # bfloat16 rounding, 8 bits
+  # Attention.weights are the probabilities both paths apply to v.
+  attn = vit.Attention(64, 4, qkv_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(0), (2, 5, 64))
+  _, _, v = attn._qkv(x)
+  mixed = jnp.einsum("bhqk,bkhd->bqhd", attn.weights(x), v).reshape(2, 5, 64)
+  np.testing.assert_allclose(np.asarray(attn.proj(mixed)), np.asarray(attn(x)), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_scan_and_remat_policies_keep_loss_and_grads():
+  """Scan over layers and each remat policy: the loss and gradients of the plain loop, with
+  drop path on (per-block keys and rates replayed), parameters under the same names."""
+  images, mask, key = _images(), jnp.asarray(_mask()), jax.random.key(5)
+  ref_loss, ref_grads = _mae_loss_and_grads(images, mask, key)
+  for options in (dict(scan_layers=True, remat="dots"), dict(remat="full")):
+    loss, grads = _mae_loss_and_grads(images, mask, key, **options)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5, err_msg=str(options))
+    assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+    for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6,
+                                 err_msg=str(options))
+  # Intermediate blocks come out of the scan as out of the loop.
+  plain, scanned = (jax.jit(lambda x, model=vit.ViT(**TINY, pool="none", scan_layers=scan,
+                                                     rngs=nnx.Rngs(0)):
+                            model.encode(x, return_blocks=(2, 1)))(images)
+                    for scan in (False, True))
+  for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(scanned)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="remat='some'"):
+    vit.remat_mode("some")
 
 
 def test_mlp_uses_exact_gelu():

@@ -59,6 +59,9 @@ def validate(config) -> None:
   """Fails at start-up naming the first field whose value cannot work."""
   c = configlib
   c.check_choice(config, "model.dtype", DTYPES)
+  c.check_choice(config, "model.attention_impl", vit.ATTENTION_IMPLS)
+  c.check_choice(config, "model.remat", vit.REMATS)
+  c.check_choice(config, "model.scan_layers", (False, True))
   # 0 masks nothing: the loss over masked patches is 0/0 (NaN).
   c.check_range(config, "model.mask_ratio", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
   c.check_choice(config, "ultramim.tgm_mode", ultramim.MODES)

@@ -67,20 +67,23 @@ class MAE(nnx.Module):
   def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
                image_size: int, decoder_width: int = 512, decoder_depth: int = 8,
                decoder_heads: int = 16, mask_ratio: float = 0.75, mlp_ratio: float = 4.0,
-               drop_path_rate: float = 0.0, dtype=jnp.float32, remat: bool = False,
-               pred_dim: int = 0, rngs: nnx.Rngs):
+               drop_path_rate: float = 0.0, dtype=jnp.float32, remat=False,
+               pred_dim: int = 0, attention_impl: str = "dot_product", scan_layers: bool = False,
+               rngs: nnx.Rngs):
     if not 0.0 <= mask_ratio < 1.0:
       raise ValueError(f"mask_ratio={mask_ratio!r} is not in [0, 1)")
-    self.mask_ratio, self.remat = float(mask_ratio), remat
+    self.mask_ratio, self.remat = float(mask_ratio), vit.remat_mode(remat)
+    self.scan_layers = bool(scan_layers)
     self.decoder_width = decoder_width
     self.encoder = vit.ViT(width=width, depth=depth, num_heads=num_heads, patch_size=patch_size,
                            image_size=image_size, mlp_ratio=mlp_ratio, pool="none",
-                           drop_path_rate=drop_path_rate, dtype=dtype, remat=remat, rngs=rngs)
+                           drop_path_rate=drop_path_rate, dtype=dtype, remat=remat,
+                           attention_impl=attention_impl, scan_layers=scan_layers, rngs=rngs)
     self.decoder_embed = vit.linear(width, decoder_width, dtype=dtype, rngs=rngs)
     self.mask_token = nnx.Param(vit.token_init(rngs.params(), (1, 1, decoder_width), jnp.float32))
     self.decoder_blocks = nnx.List([
-        vit.Block(decoder_width, decoder_heads, mlp_ratio=mlp_ratio, dtype=dtype, rngs=rngs)
-        for _ in range(decoder_depth)])
+        vit.Block(decoder_width, decoder_heads, mlp_ratio=mlp_ratio, dtype=dtype,
+                  attention_impl=attention_impl, rngs=rngs) for _ in range(decoder_depth)])
     self.decoder_norm = vit.layer_norm(decoder_width, dtype=dtype, rngs=rngs)
     self.decoder_pred = vit.linear(decoder_width, pred_dim or patch_size * patch_size * 3,
                                    dtype=dtype, rngs=rngs)
@@ -112,7 +115,7 @@ class MAE(nnx.Module):
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     grid = self.encoder.grid
     x = x + jnp.asarray(posemb.sincos_2d(grid, grid, self.decoder_width, cls_token=True), x.dtype)
-    x, _ = vit.run_blocks(self.decoder_blocks, x, None, remat=self.remat)
+    x, _ = vit.run_blocks(self.decoder_blocks, x, None, remat=self.remat, scan=self.scan_layers)
     pred = self.decoder_pred(self.decoder_norm(x))
     return pred[:, 1:].astype(jnp.float32)
 
@@ -188,7 +191,9 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
 
   Fields: variant ('B/16' style, or '' to use width/depth/num_heads/patch_size), image_size,
   decoder_width/depth/heads, mask_ratio, drop_path_rate, dtype ('float32' | 'bfloat16'),
-  optional remat (default False), optional pred_dim (default 0 = pixels). `path` is where the caller keeps this config (for messages).
+  optional remat ('none' | 'dots' | 'full', or a bool; default 'none'), scan_layers (default
+  False), attention_impl (default 'dot_product'), pred_dim (default 0 = pixels). `path` is where
+  the caller keeps this config (for messages).
   """
   def get(name):
     if name not in model_config:
@@ -229,8 +234,18 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
   pred_dim = model_config.get("pred_dim", 0)
   if not (isinstance(pred_dim, int) and pred_dim >= 0):
     raise configlib.ConfigError(f"{path}.pred_dim={pred_dim!r} must be a non-negative integer")
+  remat = model_config.get("remat", "none")
+  if not (isinstance(remat, bool) or remat in vit.REMATS):
+    raise configlib.ConfigError(f"{path}.remat={remat!r} is not one of {vit.REMATS}")
+  impl = model_config.get("attention_impl", "dot_product")
+  if impl not in vit.ATTENTION_IMPLS:
+    raise configlib.ConfigError(f"{path}.attention_impl={impl!r} is not one of "
+                                f"{vit.ATTENTION_IMPLS}")
+  scan_layers = model_config.get("scan_layers", False)
+  if not isinstance(scan_layers, bool):
+    raise configlib.ConfigError(f"{path}.scan_layers={scan_layers!r} must be True or False")
   return MAE(width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=image_size,
              decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
              mask_ratio=get("mask_ratio"), drop_path_rate=get("drop_path_rate"),
-             dtype=DTYPES[get("dtype")], remat=bool(model_config.get("remat", False)),
-             pred_dim=pred_dim, rngs=rngs)
+             dtype=DTYPES[get("dtype")], remat=remat, pred_dim=pred_dim, attention_impl=impl,
+             scan_layers=scan_layers, rngs=rngs)

@@ -33,6 +33,13 @@ POOLS = ("cls", "gap", "none")
 # [1, 1 + N, D] (cls position at row 0), as CLIP-style teachers have.
 POS_EMBEDS = ("sincos", "learned")
 ATTENTION_QUERIES = ("cls", "mean")
+# "dot_product": jax.nn.dot_product_attention (XLA chooses: cuDNN flash attention on GPU when it
+# applies, XLA elsewhere); "einsum": explicit q k^T softmax v, the reference path.
+ATTENTION_IMPLS = ("dot_product", "einsum")
+# Activation recomputation per block in the backward pass: "none"; "dots" keeps the outputs of
+# the weight matmuls (dots without batch dimensions: qkv, proj, fc1, fc2) and recomputes the rest
+# (norms, GELU, the attention scores); "full" keeps only each block's input.
+REMATS = ("none", "dots", "full")
 LN_EPS = 1e-6
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -70,12 +77,12 @@ def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
                        use_fast_variance=False, rngs=rngs)
 
 
-def drop_path(x, rate: float, key):
+def drop_path(x, rate, key):
   """Stochastic depth on a residual branch x: [B, ...]: drops whole samples, rescales the rest.
 
-  key=None or rate=0 -> identity (evaluation).
+  key=None or a Python rate of 0 -> identity (evaluation). rate may be traced (scan over layers).
   """
-  if key is None or rate == 0.0:
+  if key is None or (isinstance(rate, (int, float)) and rate == 0.0):
     return x
   keep = 1.0 - rate
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -86,10 +93,13 @@ def drop_path(x, rate: float, key):
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout: 3 x heads x head_dim)."""
 
-  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, dtype, rngs: nnx.Rngs,
+               impl: str = "dot_product"):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
-    self.num_heads = num_heads
+    if impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention impl={impl!r} is not one of {ATTENTION_IMPLS}")
+    self.num_heads, self.impl = num_heads, impl
     self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.proj = linear(dim, dim, dtype=dtype, rngs=rngs)
 
@@ -101,7 +111,13 @@ class Attention(nnx.Module):
   def __call__(self, x):
     """x: [B, N, D] -> [B, N, D]."""
     q, k, v = self._qkv(x)
-    out = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as timm
+    if self.impl == "dot_product":
+      out = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as timm
+    else:
+      # Scores and softmax in float32 (the fused path also accumulates them in float32).
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+      probs = jax.nn.softmax(logits / np.sqrt(q.shape[-1]), axis=-1).astype(v.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     return self.proj(einops.rearrange(out, "b n h d -> b n (h d)"))
 
   def weights(self, x):
@@ -130,42 +146,91 @@ class Block(nnx.Module):
   """Pre-norm transformer block: x + DropPath(attn(norm1 x)), then x + DropPath(mlp(norm2 x))."""
 
   def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-               drop_path_rate: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+               drop_path_rate: float = 0.0, dtype=jnp.float32, attention_impl: str = "dot_product",
+               rngs: nnx.Rngs):
     self.drop_path_rate = float(drop_path_rate)
     self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
-    self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, impl=attention_impl,
+                          rngs=rngs)
     self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, key=None):
-    """x: [B, N, D] -> [B, N, D]; key: stochastic depth (None = deterministic)."""
+  def __call__(self, x, key=None, rate=None):
+    """x: [B, N, D] -> [B, N, D]; key: stochastic depth (None = deterministic); rate overrides
+    the block's drop-path rate (a traced value when the blocks are scanned)."""
+    rate = self.drop_path_rate if rate is None else rate
     k1, k2 = (None, None) if key is None else jax.random.split(key)
-    x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, k1)
-    return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, k2)
+    x = x + drop_path(self.attn(self.norm1(x)), rate, k1)
+    return x + drop_path(self.mlp(self.norm2(x)), rate, k2)
 
 
-def _apply_block(graphdef, state, x, key):
-  return nnx.merge(graphdef, state)(x, key)
+def remat_mode(remat) -> str:
+  """remat field -> one of REMATS; booleans (older configs, SAM) mean 'full' / 'none'."""
+  if isinstance(remat, bool):
+    return "full" if remat else "none"
+  if remat not in REMATS:
+    raise ValueError(f"remat={remat!r} is not one of {REMATS} (or a bool)")
+  return remat
 
 
-def run_blocks(blocks: Sequence[Block], x, key, *, remat: bool, collect: Sequence[int] = ()):
+def _checkpointed(fn, remat: str):
+  """fn wrapped in jax.checkpoint with the policy `remat` names ('none': fn itself)."""
+  if remat == "none":
+    return fn
+  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots"
+            else jax.checkpoint_policies.nothing_saveable)
+  return jax.checkpoint(fn, policy=policy)
+
+
+def _apply_block(graphdef, state, x, key, rate=None):
+  return nnx.merge(graphdef, state)(x, key, rate)
+
+
+def run_blocks(blocks: Sequence[Block], x, key, *, remat=False, collect: Sequence[int] = (),
+               scan: bool = False):
   """Applies blocks in order. x: [B, N, D] -> (x, outputs of the 1-based blocks in `collect`).
 
-  key=None is deterministic, otherwise it is split once per block. remat recomputes each block's
-  activations in the backward pass (jax.checkpoint over the block's split state, so it stays a
-  plain JAX transform under the functional boundary).
+  key=None is deterministic, otherwise it is split once per block. remat ('none' | 'dots' |
+  'full', or a bool) recomputes each block's activations in the backward pass (jax.checkpoint
+  over the block's split state, so it stays a plain JAX transform under the functional
+  boundary). scan stacks the blocks' parameters at this boundary and runs one lax.scan over
+  them: one block is compiled instead of `len(blocks)`, and the parameters keep their per-block
+  names (blocks.i.*) for checkpoints and interop. The math is that of the loop.
   """
-  keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
+  remat = remat_mode(remat)
+  if not blocks:
+    return x, []
+  keys = None if key is None else jax.random.split(key, len(blocks))
+  if scan:
+    return _scan_blocks(blocks, x, keys, remat, collect)
+  keys = [None] * len(blocks) if keys is None else list(keys)
   outputs = []
   for i, (block, block_key) in enumerate(zip(blocks, keys), start=1):
-    if remat:
+    if remat != "none":
       graphdef, state = nnx.split(block)
-      x = jax.checkpoint(functools.partial(_apply_block, graphdef))(state, x, block_key)
+      x = _checkpointed(functools.partial(_apply_block, graphdef), remat)(state, x, block_key)
     else:
       x = block(x, block_key)
     if i in collect:
       outputs.append(x)
   return x, outputs
+
+
+def _scan_blocks(blocks, x, keys, remat: str, collect):
+  """run_blocks with scan=True. The blocks differ only in their drop-path rate (a static
+  attribute), which the scan carries as data; the first block's graph serves for all."""
+  graphdef, _ = nnx.split(blocks[0])
+  states = [nnx.split(b)[1] for b in blocks]
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+  rates = jnp.asarray([b.drop_path_rate for b in blocks], jnp.float32)
+
+  def step(x, layer):
+    state, block_key, rate = layer
+    x = _apply_block(graphdef, state, x, block_key, rate)
+    return x, (x if collect else None)
+
+  x, ys = jax.lax.scan(_checkpointed(step, remat), x, (stacked, keys, rates))
+  return x, [ys[i - 1] for i in sorted(set(collect))]
 
 
 class ViT(nnx.Module):
@@ -178,12 +243,16 @@ class ViT(nnx.Module):
   num_classes > 0 adds a linear `head` on the pooled features ('cls' and 'gap' only).
   pos_embed: 'sincos' (default, fixed) or 'learned' (a `pos_embed` parameter, timm layout).
   Computation runs in `dtype` (bfloat16 for speed); parameters and outputs are float32.
+  attention_impl: one of ATTENTION_IMPLS; remat: one of REMATS (or a bool: 'full' / 'none');
+  scan_layers: one lax.scan over the blocks (see `run_blocks`). None of them changes the
+  parameters or the math.
   """
 
   def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
                image_size: int, mlp_ratio: float = 4.0, pool: str = "cls", num_classes: int = 0,
                drop_path_rate: float = 0.0, qkv_bias: bool = True, dtype=jnp.float32,
-               remat: bool = False, pos_embed: str = "sincos", rngs: nnx.Rngs):
+               remat=False, pos_embed: str = "sincos", attention_impl: str = "dot_product",
+               scan_layers: bool = False, rngs: nnx.Rngs):
     if pool not in POOLS:
       raise ValueError(f"pool={pool!r} is not one of {POOLS}")
     if pool == "none" and num_classes:
@@ -193,7 +262,8 @@ class ViT(nnx.Module):
     if pos_embed not in POS_EMBEDS:
       raise ValueError(f"pos_embed={pos_embed!r} is not one of {POS_EMBEDS}")
     self.width, self.depth, self.patch_size, self.image_size = width, depth, patch_size, image_size
-    self.pool, self.num_classes, self.remat = pool, num_classes, remat
+    self.pool, self.num_classes = pool, num_classes
+    self.remat, self.scan_layers = remat_mode(remat), bool(scan_layers)
     self.grid = image_size // patch_size
     # Zero conv bias like every other bias (MAE leaves torch's default U(+-1/sqrt(p*p*3)) here).
     self.patch_embed = nnx.Conv(3, width, (patch_size, patch_size), strides=patch_size,
@@ -204,7 +274,7 @@ class ViT(nnx.Module):
     rates = np.linspace(0.0, drop_path_rate, depth)
     self.blocks = nnx.List([
         Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=r,
-              dtype=dtype, rngs=rngs) for r in rates])
+              dtype=dtype, attention_impl=attention_impl, rngs=rngs) for r in rates])
     if pool == "gap":
       self.fc_norm = layer_norm(width, dtype=dtype, rngs=rngs)
     else:
@@ -284,7 +354,7 @@ class ViT(nnx.Module):
     if bad:
       raise ValueError(f"return_blocks {bad} are outside 1..{self.depth}")
     x, outputs = run_blocks(self.blocks, self.tokens(images, visible_ids), key, remat=self.remat,
-                            collect=return_blocks)
+                            collect=return_blocks, scan=self.scan_layers)
     if self.pool != "gap":
       x = self.norm(x)
     x = x.astype(jnp.float32)
