@@ -689,6 +689,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
             describe=lambda i: f"client {plan.client_ids[i]} local step {plan.step_ids[i]}")
       except divergence.DivergenceError:
         ckpt.close()  # the last good checkpoint may still be being written
+        writer.close()
         raise
       losses = np.where(valid, losses, 0.0)
       loss = float(losses.sum() / valid.sum())
