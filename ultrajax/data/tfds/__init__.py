@@ -4,6 +4,12 @@ Importing this package registers the builders with TFDS (needs the [tfds] extra)
   tfds build ultrajax/data/tfds/busi.py --manual_dir=DIR --data_dir=OUT --file_format=array_record
 or build(...) below; read it back with ultrajax.data.tfds.source (data.source='tfds').
 """
+try:
+  import tensorflow_datasets  # noqa: F401
+except ImportError as e:
+  raise ImportError("data.source='tfds' and the ultrasound TFDS builders need TensorFlow Datasets: "
+                    "pip install 'ultrajax[tfds]'") from e
+
 from ultrajax.data.tfds.bus_bra import BusBra
 from ultrajax.data.tfds.busi import Busi
 from ultrajax.data.tfds.fetal_planes_db import FetalPlanesDb
