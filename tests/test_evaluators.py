@@ -111,7 +111,7 @@ def test_encoder_features_are_pooled_tokens_of_the_whole_image():
 
 @pytest.mark.parametrize("field, value", [
     ("evals.knn.metric", "manhattan"), ("evals.linear_probe.C", 0.0), ("evals.features", "max"),
-    ("evals.knn.every_rounds", -1), ("evals.task.source", "tfds")])
+    ("evals.knn.every_rounds", -1), ("evals.task.source", "s3")])
 def test_bad_evals_config_fails_naming_the_field(field, value):
   config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
   config.update_from_flattened_dict({field: value})

@@ -324,5 +324,5 @@ def summary(rows: list[dict]) -> str:
   for key in keys:
     seen = [(row["round"], row[key]) for row in rows if key in row and "round" in row]
     (r0, v0), (r1, v1) = seen[0], seen[-1]
-    lines.append(f"{key}: {v0:.4f} at round {r0} -> {v1:.4f} at round {r1} ({v1 - v0:+.4f})")
+    lines.append(f"{key}: {v0:.4f} at round {r0:.0f} -> {v1:.4f} at round {r1:.0f} ({v1 - v0:+.4f})")
   return "\n".join(lines)
