@@ -31,14 +31,16 @@ from ultrajax.train import checkpoint, divergence
 # one resuming it: durations that extend the run (their schedules are re-derived), cadences
 # of logging, images, evaluation and checkpoints, where files go, reader threads, the device
 # layout, the start-up source (a workdir's own checkpoint takes precedence over init_from), and
-# what only reads the trained params: the pretraining evaluators (`evals`) and UltraSam's
-# prompted-classification stage after training (`classification`).
+# what only reads the trained params: the pretraining evaluators (`evals`), attention maps,
+# test-time blur sigmas and UltraSam's prompted-classification stage after training
+# (`classification`).
 CHANGEABLE = (
     "preset", "fed.num_rounds", "num_steps",
     "log_every_rounds", "image_every_rounds", "ckpt_every_rounds", "keep_checkpoints",
     "log_every_steps", "ckpt_every_steps", "eval.every_steps", "ckpt_every_epochs",
     "data.num_threads", "teacher.cache_dir", "mesh", "sharding_rules",
     "init_from", "allow_config_change", "on_nonfinite", "evals", "classification",
+    "attention_every_rounds", "eval.blur_sigmas",
 )
 LOCK_NAME = ".ultrajax.lock"
 
