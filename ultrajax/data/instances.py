@@ -28,7 +28,7 @@ from absl import logging
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ultrajax.data import phantom, sources
+from ultrajax.data import sources
 
 PHANTOM_CATEGORIES = ({"id": 1, "name": "organ"}, {"id": 2, "name": "lesion"})
 

@@ -47,7 +47,6 @@ stop_gradient; `trainable_mask(params)` marks it False for the optimizer (weight
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple, Sequence
 
 import einops
