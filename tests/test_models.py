@@ -325,6 +325,11 @@ def test_remat_changes_memory_not_math():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
+def _jit_call(model, *args, method="__call__", **kwargs):
+  """model.method(*args, **kwargs) compiled (the eager op-by-op path is slower on CPU)."""
+  return jax.jit(lambda *a: getattr(model, method)(*a, **kwargs))(*args)
+
+
 def _mae_loss_and_grads(images, mask, key, dtype=jnp.float32, **options):
   """Loss and gradients of a tiny MAE (same init for every option) on images/mask."""
   model = mae.MAE(**TINY, **TINY_DEC, drop_path_rate=0.2, dtype=dtype, rngs=nnx.Rngs(0),
@@ -346,9 +351,8 @@ def test_dot_product_attention_equals_einsum():
   np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
-  preds = [jax.jit(lambda x, m, model=mae.MAE(**TINY, **TINY_DEC, dtype=jnp.bfloat16,
-                                                attention_impl=impl, rngs=nnx.Rngs(0)):
-                   model(x, m))(images, mask) for impl in vit.ATTENTION_IMPLS]
+  preds = [_jit_call(mae.MAE(**TINY, **TINY_DEC, dtype=jnp.bfloat16, attention_impl=impl,
+                             rngs=nnx.Rngs(0)), images, mask) for impl in vit.ATTENTION_IMPLS]
   a, b = np.asarray(preds[0]), np.asarray(preds[1])
   assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2  # bfloat16 rounding, 8 bits
   # Attention.weights are the probabilities both paths apply to v.
@@ -373,9 +377,8 @@ def test_scan_and_remat_policies_keep_loss_and_grads():
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6,
                                  err_msg=str(options))
   # Intermediate blocks come out of the scan as out of the loop.
-  plain, scanned = (jax.jit(lambda x, model=vit.ViT(**TINY, pool="none", scan_layers=scan,
-                                                     rngs=nnx.Rngs(0)):
-                            model.encode(x, return_blocks=(2, 1)))(images)
+  plain, scanned = (_jit_call(vit.ViT(**TINY, pool="none", scan_layers=scan, rngs=nnx.Rngs(0)),
+                              images, method="encode", return_blocks=(2, 1))
                     for scan in (False, True))
   for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(scanned)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

@@ -4,7 +4,11 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             same total batch: img/s, ms per step, ms per round (aggregation + broadcast
             included), TFLOP/s per device (XLA's count of the compiled program) and MFU.
             Default config: configs/pretrain_fed.py (ViT-B/16 at 224); on a CPU try
-            --config=configs/pretrain_fed.py:cpu.
+            --config=configs/pretrain_fed.py:cpu. Also times a PyTorch MAE peer
+            (ultrajax/bench/torch_mae.py: timm blocks as facebookresearch/mae builds them) at
+            the centralized shapes in the same run and prints ultrajax / PyTorch img/s
+            (--torch_peer=false skips it; without torch it is skipped with a message). For
+            plain MAE set --config.ultramim.tgm_mode=random --config.ultramim.mic=False.
 
   urfm      URFM feature-target step (centralized): pixel targets vs teacher targets computed
             in the step vs cached targets read with the batch, and the one-off cost of
@@ -37,13 +41,14 @@ from ultrajax.bench import sam as sam_bench
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import aggregate, rounds
 from ultrajax.jobs import pretrain
-from ultrajax.models import mae
+from ultrajax.models import mae, vit
 from ultrajax.train import optimizer, perf, sharding
 
 _DEFAULT_CONFIG = str(configlib.find_config_file("configs/pretrain_fed.py").resolve())
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Pretraining config.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed chunk calls per mode (after one warm-up).")
 _CLIENTS = flags.DEFINE_integer("clients", 0, "Federated clients (0: config.data.num_clients).")
+_TORCH_PEER = flags.DEFINE_boolean("torch_peer", True, "bench pretrain: also time the PyTorch MAE.")
 
 
 def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
@@ -107,6 +112,27 @@ def _paper_packing() -> None:
         f"{plan.client_ids.shape[1]} steps per round.")
 
 
+def _torch_peer(config, batch: int, steps: int) -> dict | None:
+  """The PyTorch MAE's training step at the config's shapes, or None (message) without torch."""
+  try:
+    from ultrajax.bench import torch_mae
+  except ImportError as e:
+    print(f"PyTorch peer skipped: {e} (install the torch extra: pip install '.[torch]')")
+    return None
+  m = config.model
+  if m.variant:
+    width, depth, heads, patch = vit.parse_variant(m.variant)
+  else:
+    width, depth, heads, patch = m.width, m.depth, m.num_heads, m.patch_size
+  kwargs = dict(image_size=m.image_size, patch_size=patch, width=width, depth=depth,
+                num_heads=heads, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
+                decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio,
+                norm_pix_loss=m.norm_pix_loss)
+  return torch_mae.time_train_step(kwargs, batch=batch, steps=steps,
+                                   bfloat16=m.dtype == "bfloat16", lr=config.optim.base_lr,
+                                   weight_decay=config.optim.weight_decay)
+
+
 def bench_pretrain(config, steps: int, clients: int) -> None:
   pretrain.validate(config)
   clients = clients or config.data.num_clients
@@ -118,15 +144,25 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
         f"{jax.device_count()} x {dev.device_kind}, mesh {dict(mesh.shape)}")
   print(f"{'mode':<12}{'clients':>8}{'batch':>7}{'img/s':>10}{'ms/step':>10}{'ms/round+':>10}"
         f"{'TFLOP/s/dev':>13}{'MFU':>7}{'compile s':>11}")
+  results = {}
   with jax.set_mesh(mesh):
     for name, c, b in (("central", 1, clients * batch), ("federated", clients, batch)):
-      r = _time_mode(config, mesh, c, b, steps)
+      r = results[name] = _time_mode(config, mesh, c, b, steps)
       mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
       tflops = f"{r['tflops']:.2f}" if r["tflops"] else "-"
       print(f"{name:<12}{r['clients']:>8}{r['batch']:>7}{r['img_per_s']:>10.1f}"
             f"{r['ms_per_step']:>10.1f}{r['ms_aggregate']:>10.1f}{tflops:>13}{mfu:>7}"
             f"{r['compile_s']:>11.1f}")
   print("ms/round+: aggregation and round start, paid once per round on top of the local steps.")
+  if _TORCH_PEER.value:
+    # As many timed steps as one mode above ran (steps chunks of chunk_steps each).
+    peer = _torch_peer(config, clients * batch, steps * config.fed.chunk_steps)
+    if peer:
+      print(f"{'pytorch MAE':<12}{1:>8}{clients * batch:>7}{peer['img_per_s']:>10.1f}"
+            f"{peer['ms_per_step']:>10.1f}   ({peer['device']}, {peer['threads']} threads, timm "
+            f"blocks, AdamW)")
+      for name, r in results.items():
+        print(f"ratio ultrajax {name} / pytorch: {r['img_per_s'] / peer['img_per_s']:.2f}")
   _paper_packing()
 
 

@@ -1,0 +1,143 @@
+"""The PyTorch peer of `bench pretrain`: an MAE as facebookresearch/mae's `models_mae.py` builds
+it (timm `Block`s, written here from its documented structure, not copied), and a timed AdamW
+training step.
+
+Structure: conv patch embedding; fixed 2-D sin-cos positions (ultrajax.models.posemb, the table
+MAE uses) with a zero cls row; random masking by argsort of uniform noise (keep the first
+int(N (1 - mask_ratio)) patches, cls token prepended after masking); encoder blocks and final
+norm; decoder embedding, mask tokens un-shuffled by the inverse permutation, decoder positions,
+decoder blocks, norm and linear prediction; per-patch MSE (norm-pix optional, unbiased
+variance) averaged over the masked patches. AdamW with MAE's betas and no weight decay on
+biases and norms. torch and timm are the optional `torch` extra: importing this module without
+them raises ImportError.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from ultrajax.models import posemb
+
+
+class TorchMAE(nn.Module):
+  """MAE with timm blocks. images: [B, 3, H, W] float -> (loss, pred [B, N, p*p*3], mask [B, N])."""
+
+  def __init__(self, *, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
+               decoder_width: int, decoder_depth: int, decoder_heads: int, mlp_ratio: float = 4.0,
+               mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+    super().__init__()
+    self.p, self.mask_ratio, self.norm_pix_loss = patch_size, mask_ratio, norm_pix_loss
+    grid = image_size // patch_size
+    norm = functools.partial(nn.LayerNorm, eps=1e-6)
+    self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+    table = lambda d: torch.from_numpy(
+        np.asarray(posemb.sincos_2d(grid, grid, d, cls_token=True), np.float32))[None]
+    self.register_buffer("pos_embed", table(width), persistent=False)  # fixed, not trained
+    self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
+                                 for _ in range(depth)])
+    self.norm = norm(width)
+    self.decoder_embed = nn.Linear(width, decoder_width)
+    self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
+    self.register_buffer("decoder_pos_embed", table(decoder_width), persistent=False)
+    self.decoder_blocks = nn.ModuleList([
+        Block(decoder_width, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
+        for _ in range(decoder_depth)])
+    self.decoder_norm = norm(decoder_width)
+    self.decoder_pred = nn.Linear(decoder_width, patch_size * patch_size * 3)
+    self._init()
+
+  def _init(self):
+    # MAE: xavier on the conv viewed as a linear map, normal(0.02) tokens, xavier-uniform
+    # linears with zero biases, unit LayerNorms.
+    w = self.patch_embed.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.normal_(self.cls_token, std=0.02)
+    nn.init.normal_(self.mask_token, std=0.02)
+    for m in self.modules():
+      if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+          nn.init.zeros_(m.bias)
+      elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+  def patchify(self, images):
+    """[B, 3, H, W] -> [B, N, p*p*3], each patch flattened (row, column, channel)."""
+    b, c, h, w = images.shape
+    p = self.p
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+  def forward(self, images):
+    x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+    b, n, d = x.shape
+    keep = int(n * (1 - self.mask_ratio))
+    shuffle = torch.argsort(torch.rand(b, n, device=x.device), dim=1)
+    restore = torch.argsort(shuffle, dim=1)
+    x = torch.gather(x, 1, shuffle[:, :keep, None].expand(-1, -1, d))
+    mask = torch.ones(b, n, device=x.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, restore)  # 1 = masked, in patch order
+    cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for block in self.blocks:
+      x = block(x)
+    x = self.decoder_embed(self.norm(x))
+    tokens = torch.cat([x[:, 1:], self.mask_token.expand(b, n - keep, -1)], dim=1)
+    tokens = torch.gather(tokens, 1, restore[..., None].expand(-1, -1, x.shape[2]))
+    x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
+    for block in self.decoder_blocks:
+      x = block(x)
+    pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+    target = self.patchify(images)
+    if self.norm_pix_loss:
+      target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+    per_patch = ((pred.float() - target) ** 2).mean(-1)
+    return (per_patch * mask).sum() / mask.sum(), pred, mask
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)):
+  """AdamW with MAE's parameter groups: no decay on biases and norms (1-D tensors)."""
+  decay = [p for p in model.parameters() if p.ndim > 1]
+  rest = [p for p in model.parameters() if p.ndim <= 1]
+  return torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay),
+                            dict(params=rest, weight_decay=0.0)], lr=lr, betas=betas)
+
+
+def time_train_step(model_kwargs: dict, *, batch: int, steps: int, bfloat16: bool,
+                    lr: float = 1e-4, weight_decay: float = 0.05) -> dict:
+  """img/s and ms per step of forward + backward + AdamW at `batch` random images, on CUDA if
+  present (else CPU), after two warm-up steps. bfloat16: autocast (parameters stay float32)."""
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.manual_seed(0)
+  model = TorchMAE(**model_kwargs).to(device)
+  opt = adamw(model, lr, weight_decay)
+  s = model_kwargs["image_size"]
+  images = torch.randn(batch, 3, s, s, device=device)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def step():
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bfloat16):
+      loss = model(images)[0]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+  for _ in range(2):
+    step()
+  sync()
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  sync()
+  dt = (time.perf_counter() - t0) / steps
+  return dict(img_per_s=batch / dt, ms_per_step=1e3 * dt, loss=loss.item(), device=device,
+              threads=torch.get_num_threads())
