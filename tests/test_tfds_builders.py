@@ -2,6 +2,7 @@
 builds into a temporary data_dir (array_record) and is read back through tfds.data_source and
 TfdsSource, the way data.source='tfds' reads it."""
 import csv
+import json
 import math
 import os
 
@@ -146,7 +147,33 @@ def _tg3k(root, rng):
   return expected
 
 
-LAYOUTS = {'busi': _busi, 'bus_bra': _bus_bra, 'hc18': _hc18, 'fetal_planes_db': _fetal_planes_db,
+def _ddti(root, rng):
+  """<case>.xml (a <mark> with JSON polygons per image) + <case>_<k>.jpg; case 7 has two images,
+  the second with two nodules."""
+  expected = {}
+  marks = {1: [[(2, 2), (10, 2), (10, 8), (2, 8)]], 2: [[(1, 1), (5, 1), (5, 5)], [(9, 9), (14, 9), (14, 13)]]}
+  xml = ['<?xml version="1.0" encoding="UTF-8"?><case><number>7</number><age>49</age><sex>F</sex>',
+         '<composition>solid</composition><echogenicity>hypoechogenicity</echogenicity>',
+         '<margins>well defined</margins><calcifications>non</calcifications><tirads>4a</tirads>',
+         '<reportbacaf/><reporteco/>']
+  for k, polygons in marks.items():
+    path = os.path.join(root, f'7_{k}.jpg')
+    _png(path, _image(rng, 16, 16))
+    svg = json.dumps([{'points': [{'x': x, 'y': y} for x, y in poly]} for poly in polygons])
+    xml.append(f'<mark><image>{k}</image><svg>{svg}</svg></mark>')
+    mask = np.zeros((16, 16), bool)
+    for poly in polygons:  # by hand: skimage.draw.polygon takes rows (y) then columns (x)
+      rr, cc = draw.polygon([y for _, y in poly], [x for x, _ in poly], shape=(16, 16))
+      mask[rr, cc] = True
+    with Image.open(path) as img:
+      expected[f'7_{k}'] = {'image': np.asarray(img.convert('L')), 'mask': mask, 'label': None,
+                            'patient': '7', 'spacing': math.nan}
+  with open(os.path.join(root, '7.xml'), 'w') as f:
+    f.write(''.join(xml) + '</case>')
+  return expected
+
+
+LAYOUTS = {'busi': _busi, 'bus_bra': _bus_bra, 'ddti': _ddti, 'hc18': _hc18, 'fetal_planes_db': _fetal_planes_db,
            'tg3k': _tg3k, 'tn3k': _tn3k}
 
 
