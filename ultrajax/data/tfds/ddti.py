@@ -31,8 +31,8 @@ def polygons_mask(svg: str, shape, where: str) -> np.ndarray:
 
 
 class Ddti(base.UltrasoundBuilder):
-  """480 thyroid images of 389 cases (IDIME, Bogota; TOSHIBA Nemio 30 and Nemio MX with linear
-  probes) with nodule outlines and TI-RADS, one XML file per case."""
+  """Thyroid B-mode images (IDIME, Bogota) with nodule outlines, TI-RADS and findings, one XML
+  file per case."""
   name = 'ddti'
   HAS_MASK = True
   EXTRA_FEATURES: ClassVar[dict] = {k: base.tfds.features.Text() for k in (
