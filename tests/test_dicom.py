@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+from pydicom.uid import (
+  ExplicitVRLittleEndian,
+  UltrasoundMultiFrameImageStorage,
+  generate_uid,
+)
 
 from ultrajax import configlib
 from ultrajax.data import dicom, sources
