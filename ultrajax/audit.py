@@ -171,47 +171,51 @@ def save_png(images: dict, path: str) -> None:
   plt.close(fig)
 
 
-_OUT = flags.DEFINE_string("out", None, "Output folder for audit.json and audit.png.")
-_SIZE = flags.DEFINE_integer("image_size", 16, "Image side in pixels.")
-_PATCH = flags.DEFINE_integer("patch_size", 8, "Patch side in pixels.")
-_WIDTH = flags.DEFINE_integer("width", 32, "Encoder and decoder width.")
-_NUM = flags.DEFINE_integer("num_images", 1, "Images in the attacked client's batch.")
-_ITERS = flags.DEFINE_integer("iters", 400, "Adam iterations of the attack.")
-_LR = flags.DEFINE_float("lr", 0.1, "Adam learning rate on the dummy images.")
-_TV = flags.DEFINE_float("tv", 0.05, "Weight of the total-variation prior.")
-_Z = flags.DEFINE_float("noise_multiplier", 1.0, "DP noise multiplier z.")
-_CLIP = flags.DEFINE_float("clip_norm", 1.0, "DP clip norm C of the update.")
-_SECAGG = flags.DEFINE_integer("secagg_clients", 4, "Clients in the securely aggregated sum.")
-_NORM_PIX = flags.DEFINE_bool("norm_pix", False, "Per-patch normalised targets (MAE's).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the model, images, mask and attack.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
+def define_flags() -> dict:
+  """The command's flags, defined only when it runs as a command: `--out` and `--verbose`
+  would otherwise clash with ultrajax.export's in a process importing both."""
+  return dict(
+      out=flags.DEFINE_string("out", None, "Output folder for audit.json and audit.png."),
+      image_size=flags.DEFINE_integer("image_size", 16, "Image side in pixels."),
+      patch_size=flags.DEFINE_integer("patch_size", 8, "Patch side in pixels."),
+      width=flags.DEFINE_integer("width", 32, "Encoder and decoder width."),
+      num_images=flags.DEFINE_integer("num_images", 1, "Images in the attacked client's batch."),
+      iters=flags.DEFINE_integer("iters", 400, "Adam iterations of the attack."),
+      lr=flags.DEFINE_float("lr", 0.1, "Adam learning rate on the dummy images."),
+      tv=flags.DEFINE_float("tv", 0.05, "Weight of the total-variation prior."),
+      noise_multiplier=flags.DEFINE_float("noise_multiplier", 1.0, "DP noise multiplier z."),
+      clip_norm=flags.DEFINE_float("clip_norm", 1.0, "DP clip norm C of the update."),
+      secagg_clients=flags.DEFINE_integer("secagg_clients", 4,
+                                          "Clients in the securely aggregated sum."),
+      norm_pix=flags.DEFINE_bool("norm_pix", False, "Per-patch normalised targets (MAE's)."),
+      seed=flags.DEFINE_integer("seed", 0, "Seed of the model, images, mask and attack."),
+      verbose=flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too."))
 
 
-def main(argv):
+def main(argv, f):
   del argv
-  if not _OUT.value:
+  v = {name: flag.value for name, flag in f.items()}
+  if not v["out"]:
     raise configlib.ConfigError("--out is required (a folder for audit.json and audit.png)")
-  for flag in (_SIZE, _PATCH, _WIDTH, _NUM, _ITERS, _SECAGG):
-    if flag.value < 1:
-      raise configlib.ConfigError(f"--{flag.name}={flag.value} must be >= 1")
-  if _SIZE.value % _PATCH.value:
-    raise configlib.ConfigError(f"--image_size={_SIZE.value} is not a multiple of "
-                                f"--patch_size={_PATCH.value}")
-  if (_SIZE.value // _PATCH.value) ** 2 < 4:
+  for name in ("image_size", "patch_size", "width", "num_images", "iters", "secagg_clients"):
+    if v[name] < 1:
+      raise configlib.ConfigError(f"--{name}={v[name]} must be >= 1")
+  if v["image_size"] % v["patch_size"]:
+    raise configlib.ConfigError(f"--image_size={v['image_size']} is not a multiple of "
+                                f"--patch_size={v['patch_size']}")
+  if (v["image_size"] // v["patch_size"]) ** 2 < 4:
     raise configlib.ConfigError("--image_size / --patch_size must give at least 4 patches")
-  os.makedirs(_OUT.value, exist_ok=True)
-  res = run_audit(image_size=_SIZE.value, patch_size=_PATCH.value, width=_WIDTH.value,
-                  num_images=_NUM.value, iters=_ITERS.value, lr=_LR.value, tv=_TV.value,
-                  noise_multiplier=_Z.value, clip_norm=_CLIP.value,
-                  secagg_clients=_SECAGG.value, norm_pix=_NORM_PIX.value, seed=_SEED.value)
-  save_png(res.pop("images"), os.path.join(_OUT.value, "audit.png"))
-  flags_used = {f.name: f.value for f in (_SIZE, _PATCH, _WIDTH, _NUM, _ITERS, _LR, _TV, _Z,
-                                          _CLIP, _SECAGG, _NORM_PIX, _SEED)}
-  with open(os.path.join(_OUT.value, "audit.json"), "w") as f:
-    json.dump({"flags": flags_used, "results": res}, f, indent=2)
+  os.makedirs(v["out"], exist_ok=True)
+  used = {name: value for name, value in v.items() if name not in ("out", "verbose")}
+  res = run_audit(**used)
+  save_png(res.pop("images"), os.path.join(v["out"], "audit.png"))
+  with open(os.path.join(v["out"], "audit.json"), "w") as out:
+    json.dump({"flags": used, "results": res}, out, indent=2)
   for name, r in res.items():
     print(f"{name:8s} PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.3f}")
 
 
 if __name__ == "__main__":
-  app.run(configlib.report_user_errors(main, lambda: _VERBOSE.value))
+  _flags = define_flags()
+  app.run(configlib.report_user_errors(lambda argv: main(argv, _flags),
+                                       lambda: _flags["verbose"].value))

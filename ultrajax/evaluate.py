@@ -28,14 +28,6 @@ from ultrajax.interop import load as interop_load
 from ultrajax.models import mae
 from ultrajax.train import checkpoint
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file[:preset].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "", "Pretraining workdir to evaluate.")
-_ROUND = flags.DEFINE_integer("round", None, "Checkpoint round in --workdir (default: latest).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Or: an init_from-style path.")
-_OUTPUT = flags.DEFINE_string("output", "", "JSON file for the figures.")
-
-
 def resolve(workdir: str = "", round_index: int | None = None,
             checkpoint_path: str = "") -> tuple[pathlib.Path, int | None]:
   """(path to load, its round or None) from the command line's choices."""
@@ -84,13 +76,25 @@ def evaluate(config, *, workdir: str = "", round_index: int | None = None,
   return record
 
 
-def main(argv):
+def define_flags() -> dict:
+  """The command's flags, defined only when it runs as a command: `--config` and `--workdir`
+  would otherwise clash with ultrajax.main's and ultrajax.export's in a process importing both."""
+  return dict(
+      config=config_flags.DEFINE_config_file("config", None, "Pretraining config file[:preset].",
+                                             lock_config=True),
+      workdir=flags.DEFINE_string("workdir", "", "Pretraining workdir to evaluate."),
+      round=flags.DEFINE_integer("round", None, "Checkpoint round in --workdir (default: latest)."),
+      checkpoint=flags.DEFINE_string("checkpoint", "", "Or: an init_from-style path."),
+      output=flags.DEFINE_string("output", "", "JSON file for the figures."))
+
+
+def main(argv, f):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  if f["config"].value is None:
     raise app.UsageError("--config=configs/pretrain_*.py[:preset] is required")
-  record = evaluate(_CONFIG.value, workdir=_WORKDIR.value, round_index=_ROUND.value,
-                    checkpoint_path=_CHECKPOINT.value, output=_OUTPUT.value)
+  record = evaluate(f["config"].value, workdir=f["workdir"].value, round_index=f["round"].value,
+                    checkpoint_path=f["checkpoint"].value, output=f["output"].value)
   print(f"{record['checkpoint']} (round {record['round']}), {record['features']} features, "
         f"fit on {record['num_fit']}, scored on {record['num_test']} images:")
   for key in sorted(k for k in record if k.startswith("eval/")):
@@ -99,4 +103,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _flags = define_flags()
+  app.run(lambda argv: main(argv, _flags))
