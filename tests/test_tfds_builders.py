@@ -18,7 +18,7 @@ pytest.importorskip("tensorflow", reason="TFDS builds need TensorFlow (pip insta
 
 from ultrajax import configlib
 from ultrajax.data import tfds as us_tfds
-from ultrajax.data.tfds import hc18, source
+from ultrajax.data.tfds import camus, hc18, pocus, source
 
 
 def _png(path, array):
@@ -173,8 +173,98 @@ def _ddti(root, rng):
   return expected
 
 
-LAYOUTS = {'busi': _busi, 'bus_bra': _bus_bra, 'ddti': _ddti, 'hc18': _hc18, 'fetal_planes_db': _fetal_planes_db,
-           'tg3k': _tg3k, 'tn3k': _tn3k}
+def _mhd(stem, array, spacing, ndims):
+  """A MetaImage as CAMUS ships it: <stem>.mhd (text header) + <stem>.raw (uint8, x fastest)."""
+  os.makedirs(os.path.dirname(stem), exist_ok=True)
+  h, w = array.shape
+  dims, sp = f'{w} {h}', f'{spacing[0]:g} {spacing[1]:g}'
+  if ndims == 3:  # CAMUS's 2-D frames come with 3-D headers of one slice
+    dims, sp = dims + ' 1', sp + ' 1'
+  with open(stem + '.mhd', 'w') as f:
+    f.write(f'ObjectType = Image\nNDims = {ndims}\nBinaryData = True\nBinaryDataByteOrderMSB = '
+            f'False\nCompressedData = False\nElementSpacing = {sp}\nDimSize = {dims}\n'
+            f'ElementType = MET_UCHAR\nElementDataFile = {os.path.basename(stem)}.raw\n')
+  array.astype(np.uint8).tofile(stem + '.raw')  # C order: columns (x) vary fastest
+
+
+def _camus(root, rng):
+  """training/patient<nnnn>/patient<nnnn>_{2CH,4CH}_{ED,ES}[_gt].mhd/.raw + Info_<view>.cfg;
+  patient 1 with 3-D headers (one slice) and non-square pixels, patient 2 2-D and square."""
+  expected = {}
+  for patient, spacing, ndims in (('patient0001', (0.3, 0.15), 3), ('patient0002', (0.2, 0.2), 2)):
+    folder = os.path.join(root, 'training', patient)
+    for view in ('2CH', '4CH'):
+      os.makedirs(folder, exist_ok=True)
+      with open(os.path.join(folder, f'Info_{view}.cfg'), 'w') as f:
+        f.write(f'ED: 1\nES: 12\nNbFrame: 12\nSex: F\nAge: 61\nImageQuality: '
+                f'{"Good" if view == "2CH" else "Poor"}\nLVedv: 90.1\nLVesv: 40.2\nLVef: 55.3\n')
+      for phase in ('ED', 'ES'):
+        image = _image(rng, 10, 12)
+        labels = rng.integers(0, 4, (10, 12)).astype(np.uint8)
+        _mhd(os.path.join(folder, f'{patient}_{view}_{phase}'), image, spacing, ndims)
+        _mhd(os.path.join(folder, f'{patient}_{view}_{phase}_gt'), labels, spacing, ndims)
+        expected[f'{patient}_{view}_{phase}'] = {
+            'image': image, 'mask': labels == 1, 'structures': labels, 'label': None,
+            'patient': patient, 'spacing': math.nan if spacing[0] != spacing[1] else spacing[0],
+            'row_col': spacing[::-1], 'quality': 'Good' if view == '2CH' else 'Poor'}
+  return expected
+
+
+def _pocus(root, rng):
+  """data/pocus_images/{convex,linear}/<Prefix>-<name>.png and data/pocus_videos/...: a 12-frame
+  GIF (frames 0 and 10 sampled), an undecodable .mp4 and a file with no class prefix (left out)."""
+  expected = {}
+  for probe, name, label in (('convex', 'Cov-atlas.png', 'covid'), ('linear', 'Reg-grep.png', 'regular')):
+    image = _image(rng, 8, 10, 3)
+    _png(os.path.join(root, 'data', 'pocus_images', probe, name), image)
+    expected[name] = {'image': image, 'mask': None, 'label': label, 'patient': name[:-4],
+                      'spacing': math.nan, 'probe': probe}
+  _png(os.path.join(root, 'data', 'pocus_images', 'convex', 'Butterfly-logo.png'), _image(rng, 4, 4))
+  frames = [_image(rng, 8, 10) for _ in range(12)]
+  video = os.path.join(root, 'data', 'pocus_videos', 'convex', 'Pneu-loop.gif')
+  os.makedirs(os.path.dirname(video), exist_ok=True)
+  Image.fromarray(frames[0]).save(video, save_all=True, duration=50, loop=0,
+                                  append_images=[Image.fromarray(f) for f in frames[1:]])
+  for k in (0, 10):
+    expected[f'Pneu-loop.gif#{k}'] = {'image': np.repeat(frames[k][..., None], 3, -1),
+                                      'mask': None, 'label': 'pneumonia', 'patient': 'Pneu-loop',
+                                      'spacing': math.nan, 'probe': 'convex'}
+  os.makedirs(os.path.join(root, 'data', 'pocus_videos', 'linear'))
+  with open(os.path.join(root, 'data', 'pocus_videos', 'linear', 'Vir-clip.mp4'), 'wb') as f:
+    f.write(b'not a video')
+  return expected
+
+
+def _mmotu(root, rng):
+  """OTU_2d/images/<n>.JPG, annotations/<n>_binary.PNG (0/255 or 0/1) or only the coloured
+  <n>.PNG, train_cls.txt / val_cls.txt ('<n>.JPG  <class>', two spaces)."""
+  expected = {}
+  for n, class_id, mask_file in ((1, 0, '_binary'), (2, 6, ''), (3, 7, '_binary')):
+    path = os.path.join(root, 'OTU_2d', 'images', f'{n}.JPG')
+    _png(path, _image(rng, 16, 16, 3))  # a JPEG (PIL goes by the extension, any case)
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 2:10] = True
+    if mask_file:  # 3's binary mask is stored as 0/1
+      values = np.where(mask, 255 if n == 1 else 1, 0).astype(np.uint8)
+    else:  # the coloured class mask: class 6 (normal ovary) is (64, 64, 64)
+      values = np.zeros((16, 16, 3), np.uint8)
+      values[mask] = (64, 64, 64)
+    _png(os.path.join(root, 'OTU_2d', 'annotations', f'{n}{mask_file}.PNG'), values)
+    if n < 3:
+      with Image.open(path) as img:
+        expected[str(n)] = {'image': np.asarray(img.convert('RGB')), 'mask': mask,
+                            'label': us_tfds.Mmotu.CLASSES[class_id], 'patient': str(n),
+                            'spacing': math.nan}
+  with open(os.path.join(root, 'OTU_2d', 'train_cls.txt'), 'w') as f:
+    f.write('1.JPG  0\n2.JPG  6\n')
+  with open(os.path.join(root, 'OTU_2d', 'val_cls.txt'), 'w') as f:
+    f.write('3.JPG  7\n')
+  return expected
+
+
+LAYOUTS = {'busi': _busi, 'bus_bra': _bus_bra, 'camus': _camus, 'ddti': _ddti, 'hc18': _hc18,
+           'fetal_planes_db': _fetal_planes_db, 'mmotu': _mmotu, 'pocus': _pocus, 'tg3k': _tg3k,
+           'tn3k': _tn3k}
 
 
 def test_every_builder_has_a_dummy_layout():
@@ -201,13 +291,15 @@ def test_builder_reads_the_published_layout(name, built):
   seen = set()
   for i in range(len(client)):
     record = client[i]
-    key = os.path.splitext(os.path.basename(record['path']))[0]
+    key = os.path.basename(record['path'])  # pocus: '<video>#<frame>' for video frames
+    key = key if name == 'pocus' else os.path.splitext(key)[0]
     key = {'busi': lambda k: k.replace(' (', '_').rstrip(')')}.get(name, lambda k: k)(key)
     want = expected[key]
     seen.add(key)
     np.testing.assert_array_equal(record['image'], want['image'])
     assert record['patient_id'] == want['patient']
     assert record.get('label') == want['label']
+    assert record['probe'] == want.get('probe', record['probe'])
     if math.isnan(want['spacing']):
       assert record['pixel_size_mm'] == ''
     else:
@@ -288,3 +380,47 @@ def test_published_second_splits(built):
   assert len(source.TfdsSource('tn3k', data_dir, 'test')) == 1
   test = source.TfdsSource('fetal_planes_db', data_dir, 'test')
   assert [test[0]['patient_id'], test[0]['label']] == ['2', 'Other']
+  val = source.TfdsSource('mmotu', data_dir, 'validation')
+  assert len(val) == 1 and val[0]['label'] == 'high_grade_serous_cystadenocarcinoma'
+  assert val[0]['lesion_mask'].sum() == 64  # a 0/1 binary mask is read as foreground too
+
+
+def test_camus_class_ids_spacing_and_info(built):
+  """CAMUS keeps the 0..3 class ids, (row, col) spacing from ElementSpacing (x first) and the
+  Info_<view>.cfg image quality next to the binary LV mask that TfdsSource reads."""
+  expected, data_dir = built[0]['camus'], built[1]
+  ds = tfds.data_source('camus', split='train', data_dir=data_dir, download=False)
+  assert len(ds) == len(expected) == 8
+  for i in range(len(ds)):
+    ex = ds[i]
+    key = os.path.splitext(os.path.basename(ex['file_name'].decode()))[0]
+    want = expected[key]
+    np.testing.assert_array_equal(ex['structures'][..., 0], want['structures'])
+    np.testing.assert_allclose(ex['pixel_spacing_mm'], want['row_col'], rtol=1e-6)
+    assert ex['image_quality'].decode() == want['quality']
+    assert [ex['view'].decode(), ex['phase'].decode()] == key.split('_')[1:]
+
+
+def test_mhd_reader_matches_simpleitk(tmp_path):
+  """read_mhd against SimpleITK on a 16-bit big-endian 3-D MetaImage written by SimpleITK."""
+  sitk = pytest.importorskip('SimpleITK')
+  array = np.random.default_rng(1).integers(0, 60000, (2, 3, 4)).astype(np.uint16)
+  image = sitk.GetImageFromArray(array)
+  image.SetSpacing((0.5, 0.25, 2.0))
+  sitk.WriteImage(image, str(tmp_path / 'x.mhd'))
+  got, spacing = camus.read_mhd(str(tmp_path / 'x.mhd'))
+  np.testing.assert_array_equal(got, sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'x.mhd'))))
+  assert spacing == (0.5, 0.25, 2.0)
+  (tmp_path / 'x.raw').write_bytes(b'\0' * 10)
+  with pytest.raises(ValueError, match='x.raw holds 5 values'):
+    camus.read_mhd(str(tmp_path / 'x.mhd'))
+
+
+def test_pocus_without_imageio_reads_images_only(tmp_path, monkeypatch):
+  _pocus(str(tmp_path), np.random.default_rng(2))
+  monkeypatch.setitem(__import__('sys').modules, 'imageio.v3', None)
+  keys = [k for k, _ in us_tfds.Pocus._generate_examples(us_tfds.Pocus, str(tmp_path), 'train')]
+  assert sorted(keys) == ['data/pocus_images/convex/Cov-atlas.png',
+                          'data/pocus_images/linear/Reg-grep.png']
+  assert [pocus.label_of(n) for n in ('Cov-a.gif', 'pneu_b.mp4', 'REG.png', 'Vir-c', 'x.png')] == [
+      'covid', 'pneumonia', 'regular', 'viral', None]

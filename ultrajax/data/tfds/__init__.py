@@ -12,13 +12,17 @@ except ImportError as e:
 
 from ultrajax.data.tfds.bus_bra import BusBra
 from ultrajax.data.tfds.busi import Busi
+from ultrajax.data.tfds.camus import Camus
 from ultrajax.data.tfds.ddti import Ddti
 from ultrajax.data.tfds.fetal_planes_db import FetalPlanesDb
 from ultrajax.data.tfds.hc18 import Hc18
+from ultrajax.data.tfds.mmotu import Mmotu
+from ultrajax.data.tfds.pocus import Pocus
 from ultrajax.data.tfds.tg3k import Tg3k
 from ultrajax.data.tfds.tn3k import Tn3k
 
-BUILDERS = {b.name: b for b in (Busi, BusBra, Ddti, Hc18, FetalPlanesDb, Tg3k, Tn3k)}
+BUILDERS = {b.name: b for b in (Busi, BusBra, Camus, Ddti, Hc18, FetalPlanesDb, Mmotu, Pocus, Tg3k,
+                                Tn3k)}
 
 
 def build(name: str, manual_dir: str, data_dir: str):
