@@ -12,6 +12,9 @@ On a laptop/CI CPU (2 cores, about 33 minutes; tiny SAM on phantom organ + lesio
   precision, recall and F1.
 Loss: focal : dice : IoU = 20 : 1 : 1 with the paper's L1 on the predicted IoU; the official
 code's MSE is --config.loss.iou_loss=mse (section 3's measured runs used MSE).
+A prepared TFDS dataset's masks as instances (docs/datasets.md), split by patient:
+  ... --config.data.source=tfds --config.data.tfds_name=busi --config.data.tfds_data_dir=/data/tfds \
+      --config.classification.category=busi  # (its one category; its labels are the classes)
 Zero-shot protocol (train without a structure, evaluate on it):
   ... --config.data.zero_shot_categories="('lesion',)"
 
@@ -46,9 +49,15 @@ def get_config(arg=None):
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="phantom",  # 'phantom' | 'coco'
+      source="phantom",  # 'phantom' | 'coco' | 'tfds'
       train_json="", test_json="",  # coco: instance files (RLE or polygon masks)
       image_root="",  # coco: folder file_names are relative to ('' = each json's folder)
+      # tfds: one prepared dataset with masks (docs/datasets.md); each connected component of an
+      # image's mask is an instance of a category named after the dataset (its label, if any,
+      # is the instance's class); train / test by patient_id.
+      tfds_name="", tfds_data_dir="", tfds_split="train",
+      tfds_test_fraction=0.2,  # tfds: the patients held out for evaluation.
+      split_seed=0,  # tfds: seeds that patient split.
       phantom_train_images=2048, phantom_test_images=256,
       phantom_image_size=512,  # phantom images are generated at this size, then resized to S.
       max_instances=20,  # instances per image, padded with a validity mask (the official 20).

@@ -7,6 +7,12 @@ On a laptop/CI CPU (3 organs, 3 seeds; about 30 minutes on 2 cores):
 End-to-end check (seconds per stage):
   python -m ultrajax.main --config=configs/transfer_study.py:smoke --workdir=/tmp/transfer_smoke
 
+Real datasets as organs (prepared TFDS datasets, docs/datasets.md; segmentation, since HC18
+has masks but no labels):
+  python -m ultrajax.main --config=configs/transfer_study.py:cpu --workdir=/tmp/transfer_tfds \
+      --config.data.source=tfds --config.organs=busi,hc18 --config.data.tfds_data_dir=/data/tfds \
+      --config.finetune_config=configs/finetune_seg.py:cpu
+
 Writes transfer_matrix.csv (pretraining organ x task: mean test AUROC, 95% CI, gain over
 scratch and its p-values: paired t-test over seeds, per-seed paired bootstrap and DeLong),
 transfer_matrix.png and transfer_gain.png, and every stage's own outputs under
@@ -25,6 +31,12 @@ def get_config(arg=None):
   c.seed = 0
   c.organs = "breast,thyroid,liver,kidney,heart,fetal_head"  # pretraining sources = tasks
   c.include_scratch = True
+  # Organs: phantom organs, or with source='tfds' prepared TFDS datasets (each one an organ).
+  c.data = ml_collections.ConfigDict(dict(
+      source="phantom",  # 'phantom' | 'tfds'
+      tfds_data_dir="",  # tfds: the datasets' data_dir ('' = TFDS's default).
+      tfds_split="train",  # tfds: the split pretraining reads and fine-tuning splits by patient.
+  ))
   # Stages: 'file[:preset]'; relative paths from the working directory or the repository.
   c.pretrain_config = "configs/pretrain_central.py"
   c.finetune_config = "configs/finetune_cls.py"

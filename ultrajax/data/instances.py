@@ -1,4 +1,4 @@
-"""Instance segmentation data for SAM training: COCO json files and the phantom.
+"""Instance segmentation data for SAM training: COCO json files, the phantom, TFDS masks.
 
 A raw record (what a source returns) is one image and its instances:
   image         uint8 [H, W] (grey) or [H, W, 3]
@@ -215,6 +215,71 @@ def write_coco(json_path: str, records: Sequence[dict], categories: Sequence[dic
   with open(json_path, "w") as f:
     json.dump(dict(images=images, annotations=annotations, categories=list(categories)), f)
   return json_path
+
+
+# ----------------------------------------------------------------------------- masks (TFDS)
+MASK_MODES = ("binary", "class_ids")
+
+
+def mask_instances(mask: np.ndarray, mode: str = "binary") -> tuple[np.ndarray, np.ndarray]:
+  """A segmentation mask [H, W] -> (instance masks uint8 [N, H, W], category ids int32 [N]).
+
+  binary: each 8-connected component of mask > 0 is an instance of category 1; class_ids: each
+  class id > 0 present is one instance (category = the id). An empty mask gives N = 0. The box
+  prompt comes from each instance's mask, as for COCO instances.
+  """
+  if mode == "binary":
+    labels, n = skimage.measure.label(mask > 0, connectivity=2, return_num=True)
+    values, ids = np.arange(1, n + 1), np.ones(n, np.int32)
+  elif mode == "class_ids":
+    labels = np.asarray(mask)
+    values = np.unique(labels[labels > 0])
+    ids = values.astype(np.int32)
+  else:
+    raise InstanceDataError(f"mask mode {mode!r} is not one of {MASK_MODES}")
+  return (labels[None] == values[:, None, None]).astype(np.uint8), ids
+
+
+class TfdsInstances:
+  """Records `indices` of a prepared TFDS dataset (data/tfds/source.py TfdsSource) with their
+  mask's instances (mask_instances, binary: the builders publish binary masks) of one category
+  named after the dataset; an instance's class is its image's label's index in `classes` + 1
+  (prompted classification), or 0 where the dataset has no labels."""
+
+  def __init__(self, client, indices, classes: Sequence[str], name: str):
+    if not client.has_mask:
+      raise InstanceDataError(f"TFDS dataset {client.name!r} has no masks, so no instances")
+    self.client, self.indices, self.classes, self.name = client, list(indices), list(classes), name
+    self.categories = ({"id": 1, "name": client.name},)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict:
+    record = self.client[self.indices[int(i)]]
+    masks, cats = mask_instances(record["lesion_mask"])
+    cls = self.classes.index(record["label"]) + 1 if "label" in record else 0
+    return dict(image=record["image"], masks=masks, category_ids=cats,
+                classes=np.full(len(cats), cls, np.int32), image_id=self.indices[int(i)],
+                file_name=record["path"])
+
+  def category_ids_of(self, i: int) -> np.ndarray:
+    return self[i]["category_ids"]
+
+
+def tfds_instances(name: str, data_dir: str, split: str, test_fraction: float,
+                   seed: int) -> tuple[TfdsInstances, TfdsInstances]:
+  """(train, test) TfdsInstances of one prepared dataset, split by patient_id (test_fraction
+  of the patients, seeded: data/tasks.py split_by_group); classes: its labels, sorted."""
+  from ultrajax.data import tasks
+  from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
+  client = tfds_source.TfdsSource(name, data_dir, split)
+  meta = [(r["patient_id"], r.get("label")) for r in map(client.__getitem__, range(len(client)))]
+  groups = np.array([g for g, _ in meta])
+  classes = sorted({label for _, label in meta if label is not None})
+  splits = tasks.split_by_group(groups, (1.0 - test_fraction, 0.0, test_fraction), seed)
+  return tuple(TfdsInstances(client, np.nonzero(splits == s)[0], classes, f"{name}_{s}")
+               for s in ("train", "test"))
 
 
 # ----------------------------------------------------------------------------- prepare

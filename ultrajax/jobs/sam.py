@@ -2,7 +2,8 @@
 
 The script, in order:
   1. check the config; build the mesh and the train / test instance sets (phantom organs and
-     lesions, or COCO files), with the zero-shot split when asked (train without the target
+     lesions, COCO files, or a prepared TFDS dataset's masks split by patient: each connected
+     component one instance), with the zero-shot split when asked (train without the target
      categories, evaluate on them only);
   2. build SAM and AdamW (linear warmup, step decay, global-norm clipping);
   3. resume: own workdir checkpoint -> config.init_from (segment_anything file or ultrajax
@@ -59,7 +60,7 @@ def validate(config) -> None:
   c.check_choice(config, "model.variant", ("", *sam_lib.VARIANTS))
   c.check_choice(config, "model.dtype", DTYPES)
   c.check_range(config, "model.image_size", 16)
-  c.check_choice(config, "data.source", ("phantom", "coco"))
+  c.check_choice(config, "data.source", ("phantom", "coco", "tfds"))
   for name in ("max_instances", "batch_size", "phantom_train_images", "phantom_test_images",
                "phantom_image_size"):
     c.check_range(config, f"data.{name}", 1)
@@ -90,6 +91,18 @@ def validate(config) -> None:
     c.check(bool(config.data.train_json) and bool(config.data.test_json),
             "config.data.train_json and config.data.test_json must name COCO files when "
             "data.source='coco'")
+  if config.data.source == "tfds":
+    c.check("," not in config.data.tfds_name and bool(config.data.tfds_name.strip()),
+            f"config.data.tfds_name={config.data.tfds_name!r} must name one prepared TFDS dataset")
+    c.check_range(config, "data.tfds_test_fraction", 0.0, 1.0, low_inclusive=False,
+                  high_inclusive=False)
+    from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
+    name = config.data.tfds_name.strip()
+    client = tfds_source.TfdsSource(name, config.data.tfds_data_dir, config.data.tfds_split)
+    c.check(client.has_mask, f"config.data.tfds_name={name!r} has no masks, so no instances")
+    c.check(not config.classification.enabled or config.classification.category in ("", name),
+            f"config.classification.category={config.classification.category!r}: TFDS instances "
+            f"are of the one category {name!r} (or give '')")
 
 
 def validate_classification(config) -> None:
@@ -152,6 +165,8 @@ def datasets(config):
                                        config.seed)
     test = instances.PhantomInstances("sam_test", d.phantom_test_images, d.phantom_image_size,
                                       config.seed)
+  elif d.source == "tfds":
+    train, test = tfds_instances(config)
   else:
     root = d.image_root or None
     train, test = instances.CocoInstances(d.train_json, root), instances.CocoInstances(d.test_json, root)
@@ -159,6 +174,13 @@ def datasets(config):
   size, m = config.model.image_size, d.max_instances
   return (instances.InstanceDataset(train, size, m, drop_categories=zero_shot),
           instances.InstanceDataset(test, size, m, keep_categories=zero_shot))
+
+
+def tfds_instances(config):
+  """(train, test) instances of data.tfds_name's masks, split by patient."""
+  d = config.data
+  return instances.tfds_instances(d.tfds_name.strip(), d.tfds_data_dir, d.tfds_split,
+                                  d.tfds_test_fraction, d.split_seed)
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -374,10 +396,13 @@ def class_data(config) -> tuple[dict, dict, np.ndarray]:
   cc, d = config.classification, config.data
   keep = (cc.category,) if cc.category else ()
   sets = []
+  tfds_sets = tfds_instances(config) if d.source == "tfds" else None
   for split, count, json_path in (("train", cc.train_images, d.train_json),
                                   ("test", cc.test_images, d.test_json)):
     if d.source == "phantom":
       source = instances.PhantomInstances(f"cls_{split}", count, d.phantom_image_size, config.seed)
+    elif d.source == "tfds":
+      source = tfds_sets[split == "test"]
     else:
       source = instances.CocoInstances(json_path, d.image_root or None)
     sets.append(instances.classified_instances(instances.InstanceDataset(

@@ -11,6 +11,9 @@ The script, in order:
      metric's mean over seeds with 95% CIs and p-values against scratch (the fine-tuning
      summary's) to transfer_matrix.csv, and heatmaps of the metric
      and of its gain over scratch to transfer_matrix.png and transfer_gain.png.
+With data.source='tfds' the organs are prepared TFDS datasets (docs/datasets.md): each one's
+images are the only client of its pretraining, and its labels (cls) or masks (seg), as the
+fine-tuning config's task_type asks, split by patient_id, are its downstream task.
 Both stages resume: finished pretraining runs and finished fine-tuning cells are read back.
 """
 from __future__ import annotations
@@ -58,18 +61,49 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides, field: str,
 
 
 def organs(config) -> list[str]:
+  """config.organs: phantom organs, or (data.source='tfds') prepared TFDS dataset names."""
   names = [o.strip() for o in config.organs.split(",") if o.strip()]
+  if config.data.source == "tfds":
+    configlib.check(bool(names), f"config.organs={config.organs!r} names no TFDS dataset")
+    return names
   bad = [o for o in names if o not in phantom.ORGANS]
   configlib.check(bool(names) and not bad, f"config.organs={config.organs!r}: "
                   f"{bad or 'empty'}; choose from {phantom.ORGANS}")
   return names
 
 
+def validate(config) -> None:
+  """Fails at start-up naming the field: the source, the organs and, for TFDS organs, each
+  dataset's labels or masks for the fine-tuning config's task_type."""
+  configlib.check_choice(config, "data.source", ("phantom", "tfds"))
+  names = organs(config)
+  if config.data.source != "tfds":
+    return
+  from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
+  task_type = finetune_config(config, names[0], []).task_type
+  for name in names:
+    try:
+      client = tfds_source.TfdsSource(name, config.data.tfds_data_dir, config.data.tfds_split)
+    except configlib.DataError as e:
+      raise configlib.ConfigError(f"config.organs has {name!r}: {e}") from None
+    has = {"cls": client.has_label, "seg": client.has_mask}
+    configlib.check(any(has.values()), f"config.organs has {name!r}, a TFDS dataset with neither "
+                    "labels nor masks, so it has no downstream task")
+    configlib.check(has[task_type], f"config.organs has {name!r}, which has no "
+                    f"{'labels' if task_type == 'cls' else 'masks'} for task_type={task_type!r} of "
+                    f"config.finetune_config={config.finetune_config!r}; use "
+                    f"configs/finetune_{'seg' if task_type == 'cls' else 'cls'}.py or leave it out")
+
+
 def pretrain_config(config, organ: str):
   c = load_config(config.pretrain_config, "pretrain_config")
   apply_overrides(c, config.pretrain_overrides, "pretrain_overrides")
-  c.data.source = "phantom"
-  c.data.phantom_organs = organ
+  if config.data.source == "tfds":  # the dataset's images as the only client
+    c.data.update(source="tfds", tfds_name=organ, tfds_data_dir=config.data.tfds_data_dir,
+                  tfds_split=config.data.tfds_split)
+  else:
+    c.data.source = "phantom"
+    c.data.phantom_organs = organ
   c.seed = config.seed
   return c
 
@@ -77,8 +111,12 @@ def pretrain_config(config, organ: str):
 def finetune_config(config, organ: str, variants: list[tuple[str, str]]):
   c = load_config(config.finetune_config, "finetune_config")
   apply_overrides(c, config.finetune_overrides, "finetune_overrides")
-  c.data.source = "phantom"
-  c.data.organs = organ
+  if config.data.source == "tfds":  # its labels or masks, split by patient_id
+    c.data.update(source="tfds", tfds_name=organ, tfds_data_dir=config.data.tfds_data_dir,
+                  tfds_split=config.data.tfds_split)
+  else:
+    c.data.source = "phantom"
+    c.data.organs = organ
   c.variants = ",".join(f"{name}={path}" for name, path in variants)
   c.seed = config.seed
   return c

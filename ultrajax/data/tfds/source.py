@@ -50,6 +50,7 @@ class TfdsSource:
     self.probe = ''  # records carry their own probe; a common one would mean reading them all
     features = self._source.dataset_info.features
     self._classes = features['label'].names if 'label' in features else None
+    self.has_label, self.has_mask = 'label' in features, 'mask' in features
 
   def __getstate__(self):
     return {k: v for k, v in self.__dict__.items() if k != '_source'}
