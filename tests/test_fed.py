@@ -164,3 +164,28 @@ def test_weight_decay_masks():
   params = {"kernel": np.zeros((2, 3)), "bias": np.zeros((3,)), "cls": np.zeros((1, 1, 3))}
   assert optimizer.weight_decay_mask(params, "mae") == {"kernel": True, "bias": False, "cls": True}
   assert all(optimizer.weight_decay_mask(params, "all").values())
+
+
+def test_chunk_grad_norms_are_each_steps_global_gradient_norm():
+  """grad_norms=True: each step's norm is the global L2 norm of the gradient at the params that
+  step saw (SGD worked by hand in numpy); idle steps report 0."""
+  loss_fn = lambda p, batch, key: (jnp.sum((p["w"] - batch) ** 2), None)  # noqa: E731
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  batches = jnp.asarray([[[1.0, 2.0], [3.0, -1.0]], [[2.0, 0.0], [0.0, 0.0]]])  # [L=2, K=2, 2]
+  plan = rounds.RoundPlan(np.array([[0, 0], [1, -1]], np.int32),
+                          np.array([[0, 1], [0, 0]], np.int32),
+                          np.array([[True, False], [True, False]]),
+                          np.array([[False, True], [True, False]]))
+  server = {"w": jnp.zeros(2)}
+  opt = jax.vmap(tx.init)({"w": jnp.zeros((2, 2))})
+  chunk = rounds.make_chunk(loss_fn, tx, lambda e: 0.1, grad_norms=True)
+  _, losses, norms = chunk(server, rounds.start_round(server, opt, 2), batches, plan,
+                           jnp.asarray([2.0, 1.0]), jnp.asarray([0.5, 0.5]), jnp.asarray(0.0),
+                           jax.random.key(0))
+  w0 = np.zeros(2)
+  g0 = 2 * (w0 - np.array([1.0, 2.0]))
+  w1 = w0 - 0.1 * g0
+  g1 = 2 * (w1 - np.array([3.0, -1.0]))
+  np.testing.assert_allclose(np.asarray(norms), [[np.linalg.norm(g0), np.linalg.norm(g1)],
+                                                 [4.0, 0.0]], rtol=1e-6)
+  assert np.asarray(losses)[1, 1] == 0.0

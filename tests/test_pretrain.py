@@ -43,6 +43,11 @@ def test_smoke_run_writes_metrics_images_and_checkpoint(tmp_path):
   for row in rows.values():
     assert np.isfinite(row["loss"]) and row["img_per_s"] > 0
     assert {"loss/client_00", "loss/client_01", "lr", "s_per_round"} <= set(row)
+    assert row["grad_norm"] > 0 and np.isfinite(row["grad_norm"])
+  # The server params' norm is logged after aggregation: the final round's equals the norm of
+  # the params the run returns (numpy, float64).
+  final = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(params)))
+  assert rows[2]["param_norm"] == pytest.approx(final, rel=1e-5)
   assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == [
       "round_00001.png", "round_00002.png", "smat_pairs.png"]
   assert_trees_equal(checkpoint.load_params(tmp_path), params)

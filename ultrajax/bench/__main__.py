@@ -78,12 +78,12 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
 
   t0 = time.perf_counter()
   state = programs.start_round(params, opt_state)
-  state, losses = programs.run_chunk(params, state, images, *rest)
+  state, losses, _ = programs.run_chunk(params, state, images, *rest)
   jax.block_until_ready(losses)
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, losses = programs.run_chunk(params, state, images, *rest)
+    state, losses, _ = programs.run_chunk(params, state, images, *rest)
   jax.block_until_ready(losses)
   chunk_s = (time.perf_counter() - t0) / steps
   t0 = time.perf_counter()
@@ -198,11 +198,11 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
           put(np.ones(1, np.float32), programs.replicated),
           put(np.int32(5), programs.replicated), jax.random.key(2))
   state = programs.start_round(params, opt_state)
-  state, losses = programs.run_chunk(params, state, data, *rest)
+  state, losses, _ = programs.run_chunk(params, state, data, *rest)
   jax.block_until_ready(losses)
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, losses = programs.run_chunk(params, state, data, *rest)
+    state, losses, _ = programs.run_chunk(params, state, data, *rest)
   jax.block_until_ready(losses)
   chunk_s = (time.perf_counter() - t0) / steps
   out = dict(img_per_s=batch * k / chunk_s, ms_per_step=1e3 * chunk_s / k)

@@ -130,9 +130,11 @@ def finish_round(state: LaneState, server_params):
 
 
 def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation,
-               lr_fn: Callable[[jax.Array], jax.Array], on_nonfinite: str = "stop"):
+               lr_fn: Callable[[jax.Array], jax.Array], on_nonfinite: str = "stop",
+               grad_norms: bool = False):
   """Returns chunk(server_params, state, batches, plan, steps_per_client, weights,
-  round_index, round_key) -> (state, losses [L, K]).
+  round_index, round_key) -> (state, losses [L, K]), or with grad_norms=True
+  (state, losses [L, K], the global L2 norms of the steps' gradients [L, K]; 0 when idle).
 
   batches: pytree with leading axes [L, K]; plan: a RoundPlan chunk of K steps (arrays
   [L, K]); steps_per_client, weights: [C]. The learning rate of client c's step s is
@@ -152,7 +154,7 @@ def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation,
     new_params = optax.apply_updates(params, updates)
     if on_nonfinite == "skip":
       new_params, new_opt = divergence.keep_if(finite, (new_params, new_opt), (params, opt_state))
-    return new_params, new_opt, jnp.where(finite, loss, jnp.nan)
+    return new_params, new_opt, (jnp.where(finite, loss, jnp.nan), optax.global_norm(grads))
 
   def chunk(server_params, state: LaneState, batches, plan: RoundPlan, steps_per_client,
             weights, round_index, round_key):
@@ -168,7 +170,7 @@ def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation,
                                            server_params), state.params)
       opt_state = _select(first, incoming_opt, state.opt_state)
       keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(c)
-      new_params, new_opt, loss = jax.vmap(one_step, in_axes=(0, 0, 0, 0, 0, None, 0))(
+      new_params, new_opt, (loss, norm) = jax.vmap(one_step, in_axes=(0, 0, 0, 0, 0, None, 0))(
           params, opt_state, batch, step_id, steps_per_client[c], round_index, keys)
       params = _select(active, new_params, params)
       opt_state = _select(active, new_opt, opt_state)
@@ -180,12 +182,13 @@ def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation,
       target = jnp.where(last, c, num_clients)  # out of range: dropped
       client_opt_state = jax.tree.map(lambda a, o: a.at[target].set(o, mode="drop"),
                                       state.client_opt_state, opt_state)
-      return LaneState(params, opt_state, client_opt_state, server_sum), jnp.where(active, loss, 0.0)
+      return (LaneState(params, opt_state, client_opt_state, server_sum),
+              (jnp.where(active, loss, 0.0), jnp.where(active, norm, 0.0)))
 
     time_major = lambda x: jnp.swapaxes(x, 0, 1)
     xs = (jax.tree.map(time_major, batches), *(time_major(jnp.asarray(a)) for a in plan))
-    state, losses = jax.lax.scan(step, state, xs)
-    return state, losses.T
+    state, (losses, norms) = jax.lax.scan(step, state, xs)
+    return (state, losses.T, norms.T) if grad_norms else (state, losses.T)
 
   return chunk
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from clu import parameter_overview, periodic_actions
 from flax import nnx
@@ -458,12 +459,14 @@ class Programs:
 
     def chunk(frozen, *args):
       loss_fn = make_loss_fn(graphdef, config, teacher_graphdef, frozen)
-      return rounds.make_chunk(loss_fn, tx, self.lr_fn, config.on_nonfinite)(*args)
+      return rounds.make_chunk(loss_fn, tx, self.lr_fn, config.on_nonfinite,
+                               grad_norms=True)(*args)
 
     self.chunk = jax.jit(
         chunk, in_shardings=(rep, self.server_sharding, self.state_sharding,
                              self.batch_sharding, plan_sharding, rep, rep, rep, rep),
-        out_shardings=(self.state_sharding, self.vector), donate_argnums=(2,))
+        out_shardings=(self.state_sharding, self.vector, self.vector), donate_argnums=(2,))
+    self.param_norm = jax.jit(optax.global_norm, out_shardings=rep)
     # Replicated output: process 0 writes the PNG even when params are sharded across hosts.
     if teacher is None:
       self.preview = jax.jit(make_preview_fn(graphdef, config), out_shardings=rep)
@@ -669,15 +672,17 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
         opt_state = programs.init_opt(params)
       state = programs.start_round(params, opt_state)
       round_index = _put(np.int32(r), programs.replicated)
-      losses = []
+      losses, grad_norms = [], []
       for p, p_dev in zip(chunk_plans, chunk_plans_dev):
         # Loading the next chunk overlaps with the device still running the previous one.
         images = _global_batch(data.next_batches(p.client_ids), programs.batch_sharding)
-        state, chunk_losses = programs.run_chunk(params, state, images, p_dev, steps_dev,
-                                                 weights_dev, round_index, round_key)
+        state, chunk_losses, chunk_norms = programs.run_chunk(
+            params, state, images, p_dev, steps_dev, weights_dev, round_index, round_key)
         losses.append(chunk_losses)
+        grad_norms.append(chunk_norms)
       params, opt_state = programs.finish_round(state, params)
       losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)], axis=1)
+      grad_norms = np.concatenate([np.asarray(x) for x in jax.device_get(grad_norms)], axis=1)
       seconds = timing.now() - t0
       # Throughput leaves compilation out (the first round of a run compiles its programs).
       compiling = clock.seconds_between(t0, t0 + seconds)
@@ -698,9 +703,12 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
       if done % config.log_every_rounds == 0 or done == last:
         per_client = rounds.client_losses(losses, np.where(valid, plan.client_ids, -1),
                                           num_clients)
+        # Mean global gradient norm of the round's client steps, and the new server params' norm.
+        grad_norm = float(np.where(valid, grad_norms, 0.0).sum() / valid.sum())
         scalars = dict(round=done, loss=loss, lr=float(lr_fn(done)),
                        img_per_s=int(steps_per_round.sum()) * batch / running,
-                       s_per_round=seconds)
+                       s_per_round=seconds, grad_norm=grad_norm,
+                       param_norm=float(programs.param_norm(params)))
         if compiling > 0:
           scalars["compile_s"] = compiling
         if config.on_nonfinite == "skip":
