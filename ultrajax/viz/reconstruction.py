@@ -17,6 +17,18 @@ def mask_to_image(mask: np.ndarray, grid: tuple[int, int], size: tuple[int, int]
   return np.kron(m, np.ones((size[0] // grid[0], size[1] // grid[1]), np.float32))
 
 
+def _finish(fig, path, title: str) -> pathlib.Path:
+  """Titles, writes (creating the folder) and closes a figure."""
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
 def save_grid(path, clean, corrupted, mask, reconstruction, patch_size: int,
               title: str = "") -> pathlib.Path:
   """Writes one row per example.
@@ -37,14 +49,7 @@ def save_grid(path, clean, corrupted, mask, reconstruction, patch_size: int,
       ax.set_yticks([])
       if i == 0:
         ax.set_title(columns[j], fontsize=8)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
+  return _finish(fig, path, title)
 
 
 def save_pairs(path, pairs, title: str = "") -> pathlib.Path:
@@ -57,11 +62,4 @@ def save_pairs(path, pairs, title: str = "") -> pathlib.Path:
       ax.set_xticks([])
       ax.set_yticks([])
       ax.set_title(f"{name}: {caption[0] if name == 'source' else caption[1]}", fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
+  return _finish(fig, path, title)
