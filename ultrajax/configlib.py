@@ -106,6 +106,18 @@ def check_range(config, path: str, low=None, high=None, *, low_inclusive=True,
     raise ConfigError(f"config.{path}={value!r} is outside {lo}{low}, {high}{hi}")
 
 
+def flatten(tree, prefix: str = "") -> dict:
+  """Nested mapping (a ConfigDict or a dict read back from JSON) -> {'a.b.c': value}, so a
+  message or a table can name the exact field."""
+  flat = {}
+  for key, value in tree.items():
+    if hasattr(value, "items"):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 def check(condition: bool, message: str) -> None:
   if not condition:
     raise ConfigError(message)

@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from ultrajax import configlib
 from ultrajax.data import pipeline
 
 META = "meta.json"
@@ -90,17 +91,6 @@ def build(directory, sources: list, image_size: int,
   return directory
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}, so a mismatch names the exact field."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def check_meta(directory, meta: dict) -> None:
   """Raises ValueError naming every field where the cache was built for something else."""
   directory = pathlib.Path(directory)
@@ -108,8 +98,8 @@ def check_meta(directory, meta: dict) -> None:
   if not path.is_file():
     raise ValueError(f"{directory} exists but is not a teacher cache (no {META}); remove it "
                      "or point config.teacher.cache_dir elsewhere")
-  stored = _flat(json.loads(path.read_text()))
-  meta = _flat(json.loads(json.dumps(meta)))  # tuples -> lists, as stored
+  stored = configlib.flatten(json.loads(path.read_text()))
+  meta = configlib.flatten(json.loads(json.dumps(meta)))  # tuples -> lists, as stored
   diff = [f"{k}: cache has {stored.get(k)!r}, this run {meta.get(k)!r}"
           for k in sorted(set(stored) | set(meta)) if stored.get(k) != meta.get(k)]
   if diff:

@@ -75,16 +75,6 @@ def snapshot(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _flatten(d, prefix="") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _matches(path: str, names) -> bool:
   return any(path == n or path.startswith(n + ".") for n in names)
 
@@ -92,7 +82,7 @@ def _matches(path: str, names) -> bool:
 def config_diff(saved: dict, new: dict, allow=()) -> tuple[list, list]:
   """([(field, saved, new)] differing, [fields only one side has]), CHANGEABLE and `allow` left
   out. Fields only one side has (a field added or removed by an upgrade) cannot be compared."""
-  a, b = _flatten(saved), _flatten(new)
+  a, b = configlib.flatten(saved), configlib.flatten(new)
   skip = CHANGEABLE + tuple(allow)
   differ = [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys())
             if a[k] != b[k] and not _matches(k, skip)]

@@ -21,6 +21,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from ultrajax import configlib
+
 
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends scalars to a JSONL file, one object per `write_scalars` call."""
@@ -94,16 +96,8 @@ def flatten_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
   bool, int, float and str stay as they are; None and anything else (tuples, lists) become their
   str(), so every field of a config shows up, as in big_vision.
   """
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if hasattr(value, "items"):
-      flat.update(flatten_hparams(value, f"{name}."))
-    elif isinstance(value, (bool, int, float, str)):
-      flat[name] = value
-    else:
-      flat[name] = str(value)
-  return flat
+  return {name: value if isinstance(value, (bool, int, float, str)) else str(value)
+          for name, value in configlib.flatten(tree, prefix).items()}
 
 
 class TensorboardWriter(metric_writers.MetricWriter):
