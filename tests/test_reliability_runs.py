@@ -61,7 +61,7 @@ def test_huge_lr_stops_naming_the_round_and_keeps_the_good_checkpoints(diverged)
   workdir, error = diverged
   assert "round 3: non-finite loss or gradient at client" in str(error)
   ckpt = checkpoint.Checkpointer(workdir, keep=2)
-  assert ckpt.all_rounds() == [1, 2]  # no NaN checkpoint 3 or 4 rotated them away
+  assert ckpt.all_steps() == [1, 2]  # no NaN checkpoint 3 or 4 rotated them away
   ckpt.close()
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(
       checkpoint.load_params(workdir)))
@@ -158,7 +158,7 @@ def test_checkpointer_never_writes_nonfinite_state(tmp_path):
   with pytest.raises(checkpoint.NonFiniteStateError, match=r"\['w'\].*last good checkpoint is 1"):
     ckpt.save(2, {"w": jnp.asarray([1.0, jnp.inf, 0.0])}, {"step": jnp.asarray(2)}, None, {})
   ckpt.close()
-  assert checkpoint.Checkpointer(tmp_path).all_rounds() == [1]
+  assert checkpoint.Checkpointer(tmp_path).all_steps() == [1]
 
 
 # ----------------------------------------------------------------------------- damage

@@ -1,17 +1,19 @@
 """Orbax checkpoints of a training run: params, training state, data iterators, metadata.
 
-Items of one checkpoint (a directory `workdir/checkpoints/<round>`, committed atomically):
+Items of one checkpoint (a directory `workdir/checkpoints/<step>`, committed atomically; the
+step is whatever the job counts: rounds, epochs or steps):
   params  the server (global) parameters: what fine-tuning, export and `init_from` read;
   train   everything else for a bitwise-identical continuation (client optimizer states,
           RNG key, round);
   data    the Grain iterator states, one JSON file per process;
-  meta    JSON: round, process count, config, so a mismatched resume fails loudly.
+  meta    JSON: the job's fields (step, config) and the process count (added by `save`), so a
+          mismatched resume fails loudly.
 Saves are asynchronous; `wait()` (called by `close()`) makes sure the last one finished.
 
 Safety (docs/reliability.md): a state holding NaN or inf is never saved (so `keep_checkpoints`
 rotation cannot replace good checkpoints with diverged ones); shapes are compared with a
 checkpoint's metadata before anything is restored, so a mismatch names the parameter and both
-shapes; a damaged checkpoint can be renamed aside (`<round>.damaged`), which Orbax ignores.
+shapes; a damaged checkpoint can be renamed aside (`<step>.damaged`), which Orbax ignores.
 """
 from __future__ import annotations
 
@@ -106,64 +108,67 @@ class Checkpointer:
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     self._mngr = _manager(self.directory, keep)
 
-  def latest_round(self) -> int | None:
+  def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def all_rounds(self) -> list[int]:
+  def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
-  def save(self, round_index: int, params, train_state, data_iterator, meta: dict) -> None:
+  def save(self, step: int, params, train_state, data_iterator, meta: dict) -> None:
     """Saves asynchronously; raises NonFiniteStateError (saving nothing) if `params` hold NaN
     or inf. (Optimizer states only turn non-finite through a non-finite gradient, which the
     jobs stop at or skip, train/divergence.py; checking params alone keeps the check cheap.)"""
     bad = nonfinite_paths(params)
     if bad:
       raise NonFiniteStateError(
-          f"refusing to write checkpoint {self.directory}/{round_index}: {len(bad)} arrays hold "
+          f"refusing to write checkpoint {self.directory}/{step}: {len(bad)} arrays hold "
           f"NaN or inf, e.g. {bad[:MAX_LISTED]}; the last good checkpoint is "
-          f"{self.latest_round()} (kept)")
+          f"{self.latest_step()} (kept)")
+    # The process count always goes with the state: resume.restore_latest refuses a checkpoint
+    # written by another count (its data-iterator states and shard layout would not fit).
+    meta = {"process_count": jax.process_count(), **meta}
     args = dict(params=ocp.args.StandardSave(params),
                 train=ocp.args.StandardSave(train_state),
                 meta=ocp.args.JsonSave(meta))
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._mngr.save(round_index, args=ocp.args.Composite(**args), force=True)
+    self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
 
-  def read_meta(self, round_index: int) -> dict:
+  def read_meta(self, step: int) -> dict:
     """The `meta` item alone (cheap: no arrays are read)."""
-    out = self._mngr.restore(round_index, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return out["meta"]
 
-  def check_shapes(self, round_index: int, abstract_params, abstract_train) -> None:
+  def check_shapes(self, step: int, abstract_params, abstract_train) -> None:
     """Compares the stored shapes with the restore targets (ShapeMismatchError)."""
     for name, wanted in (("params", abstract_params), ("train", abstract_train)):
-      check_shapes(_stored_tree(self.directory / str(round_index) / name), wanted,
-                   f"checkpoint {self.directory}/{round_index} ({name})")
+      check_shapes(_stored_tree(self.directory / str(step) / name), wanted,
+                   f"checkpoint {self.directory}/{step} ({name})")
 
-  def restore(self, round_index: int, abstract_params, abstract_train, data_iterator):
+  def restore(self, step: int, abstract_params, abstract_train, data_iterator):
     """Restores into the given abstract trees (shape/dtype/sharding) and the iterator."""
-    self.check_shapes(round_index, abstract_params, abstract_train)
+    self.check_shapes(step, abstract_params, abstract_train)
     args = dict(params=ocp.args.StandardRestore(abstract_params),
                 train=ocp.args.StandardRestore(abstract_train),
                 meta=ocp.args.JsonRestore())
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    out = self._mngr.restore(round_index, args=ocp.args.Composite(**args))
+    out = self._mngr.restore(step, args=ocp.args.Composite(**args))
     return out["params"], out["train"], out["meta"]
 
-  def set_aside(self, round_index: int) -> pathlib.Path:
-    """Renames a damaged checkpoint to `<round>.damaged[.k]` (kept for inspection, invisible
+  def set_aside(self, step: int) -> pathlib.Path:
+    """Renames a damaged checkpoint to `<step>.damaged[.k]` (kept for inspection, invisible
     to Orbax and to rotation); returns the new path. Process 0 renames, the others wait."""
-    source = self.directory / str(round_index)
-    target = source.with_name(f"{round_index}.damaged")
+    source = self.directory / str(step)
+    target = source.with_name(f"{step}.damaged")
     k = 1
     while target.exists():
-      target, k = source.with_name(f"{round_index}.damaged.{k}"), k + 1
+      target, k = source.with_name(f"{step}.damaged.{k}"), k + 1
     if jax.process_index() == 0:
       source.rename(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"set aside checkpoint {round_index}")
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
     self._mngr.reload()
     return target
 
@@ -176,7 +181,7 @@ class Checkpointer:
 
 
 def find_checkpoint_dir(path) -> pathlib.Path:
-  """`path` may be a workdir, its `checkpoints` folder, or one round's folder."""
+  """`path` may be a workdir, its `checkpoints` folder, or one step's folder."""
   path = pathlib.Path(path).absolute()
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"

@@ -125,14 +125,14 @@ def _summary(error: BaseException) -> str:
 
 def restore_latest(ckpt: checkpoint.Checkpointer, abstract_params, abstract_train,
                    data_iterator, *, config: dict, allow=()):
-  """(round, params, train, meta) of the newest checkpoint that restores, or None if there is
+  """(step, params, train, meta) of the newest checkpoint that restores, or None if there is
   none. Before reading arrays: the process count and the config (`snapshot(config)`) must match
   the checkpoint's meta and the shapes its metadata (errors, not fallbacks). A checkpoint that
   fails to read (truncated or corrupted file, missing item, bad JSON) is skipped with a warning
-  and, once an older one restored, renamed aside to `<round>.damaged`, never deleted.
+  and, once an older one restored, renamed aside to `<step>.damaged`, never deleted.
   """
   failures = []
-  for r in reversed(ckpt.all_rounds()):
+  for r in reversed(ckpt.all_steps()):
     where = f"checkpoint {ckpt.directory}/{r}"
     try:
       meta = ckpt.read_meta(r)
@@ -154,7 +154,7 @@ def restore_latest(ckpt: checkpoint.Checkpointer, abstract_params, abstract_trai
     for bad, e in failures:
       moved = ckpt.set_aside(bad)
       logging.warning("Checkpoint %s/%d could not be restored (%s); renamed it to %s and "
-                      "resumed from round %d instead.", ckpt.directory, bad, _summary(e), moved, r)
+                      "resumed from step %d instead.", ckpt.directory, bad, _summary(e), moved, r)
     return r, params, train, meta
   if failures:
     raise configlib.DataError(f"no checkpoint under {ckpt.directory} could be restored: "
