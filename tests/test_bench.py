@@ -1,13 +1,16 @@
-"""The PyTorch MAE peer of `bench pretrain` computes MAE's objective (checked against ultrajax's
-own loss on the peer's predictions and mask)."""
+"""Benchmarks: the PyTorch MAE peer of `bench pretrain` computes MAE's objective (checked
+against ultrajax's own loss on the peer's predictions and mask); `bench plan` counts the
+per-device state as a hand count and XLA do."""
+import pathlib
+
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("timm")
-
-from ultrajax.bench import torch_mae
+from ultrajax import configlib
+from ultrajax.bench import plan as plan_lib
 from ultrajax.models import mae
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = dict(image_size=32, patch_size=8, width=32, depth=1, num_heads=4, decoder_width=32,
             decoder_depth=1, decoder_heads=4, mask_ratio=0.75)
@@ -15,6 +18,9 @@ TINY = dict(image_size=32, patch_size=8, width=32, depth=1, num_heads=4, decoder
 
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_torch_peer_masks_and_loss_like_mae(norm_pix):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("timm")
+  from ultrajax.bench import torch_mae
   torch.manual_seed(0)
   model = torch_mae.TorchMAE(**TINY, norm_pix_loss=norm_pix)
   images = torch.randn(3, 3, 32, 32)
@@ -31,3 +37,41 @@ def test_torch_peer_masks_and_loss_like_mae(norm_pix):
   assert "pos_embed" not in names and "decoder_pos_embed" not in names
   groups = torch_mae.adamw(model, 1e-3, 0.05).param_groups
   assert all(p.ndim > 1 for p in groups[0]["params"]) and groups[1]["weight_decay"] == 0.0
+
+
+def _mae_param_count(width, depth, patch, dec_width, dec_depth):
+  """MAE parameters by hand: a pre-norm block holds 12 w^2 + 13 w (qkv, proj, 2 MLP layers of
+  ratio 4, two LayerNorms); the encoder adds the patch embedding, cls token and final norm, the
+  decoder its embedding, mask token, norm and per-patch pixel head. Positions are fixed."""
+  block = lambda w: 12 * w * w + 13 * w
+  pixels = patch * patch * 3
+  encoder = pixels * width + width + width + depth * block(width) + 2 * width
+  decoder = (width * dec_width + dec_width + dec_width + dec_depth * block(dec_width)
+             + 2 * dec_width + dec_width * pixels + pixels)
+  return encoder + decoder
+
+
+@pytest.mark.parametrize("mesh_clients,rules,held,compile_chunk", [
+    # each device: every param, half the 4 clients' states; the chunk compiled too
+    (2, ((".*", "replicated"),), 1.0, True),
+    (1, ((".*", "fsdp"),), 1 / 8, False),  # every leaf split 8 ways over the data axis
+])
+def test_plan_state_bytes_match_an_analytic_count(mesh_clients, rules, held, compile_chunk):
+  config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
+  config.model.update(width=32, depth=1, num_heads=2, image_size=16, decoder_width=32)
+  config.mesh.clients, config.sharding_rules = mesh_clients, rules
+  config.fed.chunk_steps, config.data.batch_size = 1, 8
+  p = plan_lib.plan(config, steps_per_client=[3, 2, 2, 1], compile_chunk=compile_chunk)
+  count = _mae_param_count(32, 1, 8, 32, 1)
+  assert p.param_count == count
+  clients_held = 4 / mesh_clients * held
+  # params x 4 bytes x (1 + 2 Adam moments x clients held), per device
+  analytic = count * 4 * (held + 2 * clients_held)
+  assert p.server_bytes + p.client_opt_bytes == pytest.approx(analytic, rel=0.05)
+  assert p.clients_held == pytest.approx(clients_held, rel=0.05)
+  # XLA's own per-device figure of the clients' AdamW states: the output of their init.
+  assert p.xla_state["output"] == pytest.approx(count * 4 * 2 * clients_held, rel=0.05)
+  assert p.num_lanes % mesh_clients == 0
+  if compile_chunk:
+    assert p.chunk_flops > 0
+    assert p.xla["argument"] >= p.server_bytes + p.client_opt_bytes + p.lane_bytes

@@ -16,6 +16,12 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             the --config's preset when --config is not a teacher-target config, e.g.
             --config=configs/pretrain_urfm.py:cpu.
 
+  plan      compile the config's round chunk for --devices=N fake CPU devices (mesh and
+            sharding rules as configured) without running it: per-device state and XLA
+            memory (arguments, outputs, temporaries), FLOPs per step, and the time per round
+            at --mfu on H100/H200/A100/TPU v4/v5e/v5p (ultrajax/bench/plan.py), e.g.
+            --config=configs/pretrain_fed.py --devices=32.
+
   sam       SAM image encoder img/s and decoder ms per prompt batch, ultrajax next to
             segment_anything (PyTorch) with the same weights in the same run; flags
             --sam_variant, --sam_image_size, --sam_batch, --sam_prompts, --sam_dtype
@@ -37,17 +43,19 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ultrajax import configlib
-from ultrajax.bench import sam as sam_bench
+from ultrajax.bench import plan as plan_bench, sam as sam_bench
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import aggregate, rounds
 from ultrajax.jobs import pretrain
 from ultrajax.models import mae, vit
-from ultrajax.train import optimizer, perf, sharding
+from ultrajax.train import loop, optimizer, perf, sharding
 
 _DEFAULT_CONFIG = str(configlib.find_config_file("configs/pretrain_fed.py").resolve())
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Pretraining config.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed chunk calls per mode (after one warm-up).")
 _CLIENTS = flags.DEFINE_integer("clients", 0, "Federated clients (0: config.data.num_clients).")
+_DEVICES = flags.DEFINE_integer("devices", 0, "bench plan: fake CPU devices (0: the real ones).")
+_MFU = flags.DEFINE_float("mfu", 0.5, "bench plan: MFU that prices a round on each accelerator.")
 _TORCH_PEER = flags.DEFINE_boolean("torch_peer", True, "bench pretrain: also time the PyTorch MAE.")
 
 
@@ -70,7 +78,7 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
       out_shardings=programs.batch_sharding)(jax.random.key(1))
   # Every client runs 1000 steps per round; the timed chunks sit in its middle.
   plan = rounds.plan_round(np.full(num_clients, 1000), num_clients, k).chunk(3, k)
-  put = pretrain._put
+  put = loop.put_global
   rest = (rounds.RoundPlan(*(put(a, programs.vector) for a in plan)),
           put(np.full((num_clients,), 1000.0, np.float32), programs.replicated),
           put(aggregate.client_weights(np.ones(num_clients), "uniform"), programs.replicated),
@@ -88,7 +96,7 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
   chunk_s = (time.perf_counter() - t0) / steps
   t0 = time.perf_counter()
   for _ in range(steps):
-    params, opt_state = programs.finish_round(state, params)
+    params, opt_state, _ = programs.finish_round(state, params)
     state = programs.start_round(params, opt_state)
   jax.block_until_ready(state)
   sync_s = (time.perf_counter() - t0) / steps
@@ -120,10 +128,7 @@ def _torch_peer(config, batch: int, steps: int) -> dict | None:
     print(f"PyTorch peer skipped: {e} (install the torch extra: pip install '.[torch]')")
     return None
   m = config.model
-  if m.variant:
-    width, depth, heads, patch = vit.parse_variant(m.variant)
-  else:
-    width, depth, heads, patch = m.width, m.depth, m.num_heads, m.patch_size
+  width, depth, heads, patch = vit.model_dims(m)
   kwargs = dict(image_size=m.image_size, patch_size=patch, width=width, depth=depth,
                 num_heads=heads, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
                 decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio,
@@ -137,22 +142,33 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
   pretrain.validate(config)
   clients = clients or config.data.num_clients
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
+  # Centralized training is one client: the job refuses it on a clients axis wider than 1, so
+  # it runs on the same devices with every one of them on the data axis.
+  central_mesh = sharding.make_mesh(1, mesh.size, devices=mesh.devices.flatten())
   batch = config.data.batch_size
+  configlib.check(clients % mesh.shape["clients"] == 0,
+                  f"--clients={clients} clients do not divide over config.mesh.clients="
+                  f"{mesh.shape['clients']}")
+  configlib.check(batch % mesh.shape["data"] == 0,
+                  f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
+                  f"({mesh.shape['data']} devices)")
   dev = jax.devices()[0]
   print(f"# pretrain benchmark: {config.model.variant or 'custom'} at {config.model.image_size}px, "
         f"dtype {config.model.dtype}, chunk of {config.fed.chunk_steps} steps, "
-        f"{jax.device_count()} x {dev.device_kind}, mesh {dict(mesh.shape)}")
+        f"{mesh.size} x {dev.device_kind}, mesh central {dict(central_mesh.shape)}, federated "
+        f"{dict(mesh.shape)}")
   print(f"{'mode':<12}{'clients':>8}{'batch':>7}{'img/s':>10}{'ms/step':>10}{'ms/round+':>10}"
         f"{'TFLOP/s/dev':>13}{'MFU':>7}{'compile s':>11}")
   results = {}
-  with jax.set_mesh(mesh):
-    for name, c, b in (("central", 1, clients * batch), ("federated", clients, batch)):
-      r = results[name] = _time_mode(config, mesh, c, b, steps)
-      mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-      tflops = f"{r['tflops']:.2f}" if r["tflops"] else "-"
-      print(f"{name:<12}{r['clients']:>8}{r['batch']:>7}{r['img_per_s']:>10.1f}"
-            f"{r['ms_per_step']:>10.1f}{r['ms_aggregate']:>10.1f}{tflops:>13}{mfu:>7}"
-            f"{r['compile_s']:>11.1f}")
+  for name, m, c, b in (("central", central_mesh, 1, clients * batch),
+                        ("federated", mesh, clients, batch)):
+    with jax.set_mesh(m):
+      r = results[name] = _time_mode(config, m, c, b, steps)
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    tflops = f"{r['tflops']:.2f}" if r["tflops"] else "-"
+    print(f"{name:<12}{r['clients']:>8}{r['batch']:>7}{r['img_per_s']:>10.1f}"
+          f"{r['ms_per_step']:>10.1f}{r['ms_aggregate']:>10.1f}{tflops:>13}{mfu:>7}"
+          f"{r['compile_s']:>11.1f}")
   print("ms/round+: aggregation and round start, paid once per round on top of the local steps.")
   if _TORCH_PEER.value:
     # As many timed steps as one mode above ran (steps chunks of chunk_steps each).
@@ -192,7 +208,7 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
   else:
     data = jax.jit(make_images, out_shardings=programs.batch_sharding)(jax.random.key(1))
   plan = rounds.plan_round(np.full(1, 1000), 1, k).chunk(3, k)
-  put = pretrain._put
+  put = loop.put_global
   rest = (rounds.RoundPlan(*(put(a, programs.vector) for a in plan)),
           put(np.full((1,), 1000.0, np.float32), programs.replicated),
           put(np.ones(1, np.float32), programs.replicated),
@@ -243,7 +259,16 @@ def bench_urfm(config, steps: int, clients: int) -> None:
         f"{results['in_step']['teacher_img_per_s']:.1f} img/s, once per fixed view.")
 
 
-BENCHMARKS = {"pretrain": bench_pretrain, "urfm": bench_urfm, "sam": sam_bench.bench_sam}
+def bench_plan(config, steps: int, clients: int) -> None:
+  del steps, clients  # nothing runs; the clients are the config's
+  if _DEVICES.value:
+    # Before anything starts JAX's backends (the flags and the config file do not).
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+  print(plan_bench.report(plan_bench.plan(config), config, _MFU.value))
+
+
+BENCHMARKS = {"pretrain": bench_pretrain, "plan": bench_plan, "urfm": bench_urfm, "sam": sam_bench.bench_sam}
 
 
 def main(argv):
