@@ -210,6 +210,20 @@ def test_parse_variant():
       vit.parse_variant(bad)
 
 
+def test_model_dims_reads_the_variant_or_the_explicit_sizes():
+  explicit = ml_collections.ConfigDict(dict(variant="", width=64, depth=2, num_heads=4,
+                                            patch_size=8))
+  assert vit.model_dims(explicit) == (64, 2, 4, 8)
+  named = ml_collections.ConfigDict(dict(variant="S/8", width=0, depth=0, num_heads=0,
+                                         patch_size=0))
+  assert vit.model_dims(named) == (384, 12, 6, 8)  # the explicit sizes are ignored
+  with pytest.raises(configlib.ConfigError, match=r"config\.teacher\.variant: ViT variant 'B16'"):
+    vit.model_dims(ml_collections.ConfigDict(dict(variant="B16")), "config.teacher")
+  explicit.depth = 0
+  with pytest.raises(configlib.ConfigError, match=r"config\.model\.depth=0 must be a positive"):
+    vit.model_dims(explicit)
+
+
 # ----------------------------------------------------------------------------- ViT
 def test_vit_pools_shapes_and_return_blocks():
   images = _images()

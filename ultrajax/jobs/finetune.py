@@ -50,7 +50,6 @@ from ultrajax.train import checkpoint, divergence, optimizer, resume, sharding, 
 from ultrajax.ultramim import corruption
 from ultrajax.viz import embedding, plots
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("finetune", "linear_probe")
 # Classification loss weights: 'none' | 'balanced' (n / (K n_k) over the training images).
 CLASS_WEIGHTS = ("none", "balanced")
@@ -66,7 +65,7 @@ def validate(config) -> None:
   c = configlib
   c.check_choice(config, "task_type", tasks.TASK_TYPES)
   c.check_choice(config, "mode", MODES)
-  c.check_choice(config, "model.dtype", DTYPES)
+  c.check_choice(config, "model.dtype", vit.DTYPES)
   c.check_choice(config, "model.pool", ("gap", "cls"))
   c.check_range(config, "model.drop_path_rate", 0.0, 1.0, high_inclusive=False)
   c.check_choice(config, "data.source", tasks.SOURCES)
@@ -132,29 +131,19 @@ def variants(config) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- model
-def model_dims(model_config) -> tuple[int, int, int, int]:
-  if model_config.variant:
-    try:
-      return vit.parse_variant(model_config.variant)
-    except ValueError as e:
-      raise configlib.ConfigError(f"config.model.variant: {e}") from None
-  return (model_config.width, model_config.depth, model_config.num_heads,
-          model_config.patch_size)
-
-
 def build_model(config, num_classes: int, seed: int):
   """The fine-tuning model for `num_classes` classes, initialised from `seed`."""
-  width, depth, heads_, patch = model_dims(config.model)
+  width, depth, heads_, patch = vit.model_dims(config.model)
   m = config.model
   rngs = nnx.Rngs(seed)
   if config.task_type == "cls":
     return vit.ViT(width=width, depth=depth, num_heads=heads_, patch_size=patch,
                    image_size=m.image_size, pool=m.pool, num_classes=num_classes,
-                   drop_path_rate=m.drop_path_rate, dtype=DTYPES[m.dtype], rngs=rngs)
+                   drop_path_rate=m.drop_path_rate, dtype=vit.DTYPES[m.dtype], rngs=rngs)
   return heads.Segmenter(width=width, depth=depth, num_heads=heads_, patch_size=patch,
                          image_size=m.image_size, num_outputs=1 if num_classes == 2 else num_classes,
                          feature_blocks=tuple(m.feature_blocks), channels=m.decoder_channels,
-                         drop_path_rate=m.drop_path_rate, dtype=DTYPES[m.dtype], rngs=rngs)
+                         drop_path_rate=m.drop_path_rate, dtype=vit.DTYPES[m.dtype], rngs=rngs)
 
 
 def trainable_mask(params, mode: str):
@@ -460,7 +449,7 @@ class Programs:
     # Once per study shape (cells of one shape share these programs).
     parameter_overview.log_parameter_overview(params, include_stats=False,
                                               msg="Fine-tuning model parameters")
-    _, depth, _, _ = model_dims(config.model)
+    _, depth, _, _ = vit.model_dims(config.model)
     total_steps = steps_per_epoch * config.train.num_epochs
     self.peak_lr = config.optim.base_lr * (batch / 256 if config.optim.scale_lr_by_batch else 1.0)
     warmup_steps = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)

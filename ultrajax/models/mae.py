@@ -18,7 +18,6 @@ from ultrajax.models import posemb, vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Feature targets (URFM-style MIM): per-token normalisation and loss, see `feature_loss`.
 FEATURE_NORMS = ("none", "layernorm", "l2")
 FEATURE_LOSSES = ("mse", "smooth_l1", "cosine")
@@ -207,19 +206,9 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
   def positive_int(value) -> bool:
     return isinstance(value, int) and value > 0
 
-  variant = get("variant")
-  if variant:
-    try:
-      width, depth, heads, patch = vit.parse_variant(variant)
-    except ValueError as e:
-      raise configlib.ConfigError(f"{path}.variant: {e}") from None
-  else:
-    width, depth, heads, patch = (get(n) for n in ("width", "depth", "num_heads", "patch_size"))
-    for name in ("width", "depth", "num_heads", "patch_size"):
-      require(positive_int(model_config[name]), name,
-              f"a positive integer when {path}.variant is ''")
-    require(width % heads == 0 and width % 4 == 0, "width",
-            "divisible by num_heads and by 4")
+  width, depth, heads, patch = vit.model_dims(model_config, path)
+  if not get("variant"):
+    require(width % heads == 0 and width % 4 == 0, "width", "divisible by num_heads and by 4")
   image_size = get("image_size")
   require(positive_int(image_size) and image_size % patch == 0, "image_size",
           f"a positive multiple of the patch size {patch}")
@@ -230,7 +219,7 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
           "a positive integer divisible by decoder_heads and by 4")
   require(0.0 <= get("mask_ratio") < 1.0, "mask_ratio", "in [0, 1)")
   require(0.0 <= get("drop_path_rate") < 1.0, "drop_path_rate", "in [0, 1)")
-  require(get("dtype") in DTYPES, "dtype", f"one of {tuple(DTYPES)}")
+  require(get("dtype") in vit.DTYPES, "dtype", f"one of {tuple(vit.DTYPES)}")
   pred_dim = model_config.get("pred_dim", 0)
   if not (isinstance(pred_dim, int) and pred_dim >= 0):
     raise configlib.ConfigError(f"{path}.pred_dim={pred_dim!r} must be a non-negative integer")
@@ -247,5 +236,5 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
   return MAE(width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=image_size,
              decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
              mask_ratio=get("mask_ratio"), drop_path_rate=get("drop_path_rate"),
-             dtype=DTYPES[get("dtype")], remat=remat, pred_dim=pred_dim, attention_impl=impl,
+             dtype=vit.DTYPES[get("dtype")], remat=remat, pred_dim=pred_dim, attention_impl=impl,
              scan_layers=scan_layers, rngs=rngs)

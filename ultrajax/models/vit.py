@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ultrajax import configlib
 from ultrajax.models import posemb
 
 # name -> (width, depth, heads)
@@ -28,6 +29,8 @@ VARIANTS = {
     "L": (1024, 24, 16),
     "H": (1280, 32, 16),
 }
+# Compute dtypes by config name (`model.dtype`); parameters stay float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 POOLS = ("cls", "gap", "none")
 # "sincos": MAE's fixed table (cls position = zero row); "learned": timm's trained `pos_embed`
 # [1, 1 + N, D] (cls position at row 0), as CLIP-style teachers have.
@@ -61,6 +64,25 @@ def parse_variant(variant: str) -> tuple[int, int, int, int]:
     raise ValueError(f"ViT variant {variant!r} is not '<{'|'.join(VARIANTS)}>/<patch size>', "
                      "e.g. 'B/16'")
   return (*VARIANTS[match.group(1)], int(match.group(2)))
+
+
+def model_dims(model_config, where: str = "config.model") -> tuple[int, int, int, int]:
+  """(width, depth, heads, patch) of a ViT config block: its `variant` ('B/16'), or, when that
+  is '', its width / depth / num_heads / patch_size. `where` names the block in errors
+  (ConfigError naming the field)."""
+  variant = model_config.get("variant", "")
+  if variant:
+    try:
+      return parse_variant(variant)
+    except ValueError as e:
+      raise configlib.ConfigError(f"{where}.variant: {e}") from None
+  names = ("width", "depth", "num_heads", "patch_size")
+  for name in names:
+    value = model_config.get(name)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+      raise configlib.ConfigError(f"{where}.{name}={value!r} must be a positive integer when "
+                                  f"{where}.variant is ''")
+  return tuple(model_config[name] for name in names)
 
 
 def linear(din: int, dout: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True,
