@@ -20,5 +20,5 @@ def get_config(arg=None):
   c = fed.get_config(arg)
   c.data.pool_clients = True
   c.data.batch_size *= c.data.num_clients
-  c.fed.aggregation = "uniform"
+  c.fed.strategy = "central"  # FedAvg's arithmetic on one pooled client
   return c

@@ -96,6 +96,7 @@ def get_config(arg=None):
       probe="",  # probe of real images when no 'probe' column: 'linear' | 'convex' | '' (no SMAT).
       on_bad_image="skip",  # 'skip' (warn, count, use the next image) | 'raise'
       pool_clients=False,  # True: every client's images in one client (centralized training).
+      clients="",  # comma-separated client names to keep ('' = all), e.g. one hospital alone.
       fraction=1.0,  # a seeded fraction of each client's images (data-fraction scaling studies).
       num_clients=16,  # phantom: the first k of the 16 Table-1 clients.
       phantom_scale=0.01,  # phantom: client sizes = Table 1 counts * scale (floored).
@@ -112,11 +113,35 @@ def get_config(arg=None):
   c.fed = ml_collections.ConfigDict(dict(
       num_rounds=300,
       local_epochs=1,
-      aggregation="volume",  # 'volume' (n_k / n, UltraFedFM) | 'uniform'
+      # Any registered strategy but splitavg (docs/federated.md): 'fedavg' (n_k / n, UltraFedFM),
+      # 'fedprox', 'fedadam', 'scaffold', 'fedbn', 'personalized', ...; options as Python
+      # literals, e.g. strategy_options="mu=0.01" or "server_lr=1e-2, weighting='uniform'".
+      strategy="fedavg",
+      strategy_options="",
+      # Partial participation (fed/participation.py): 0 = every client every round; a count
+      # >= 1 or a fraction in (0, 1); sampling 'uniform' | 'volume' (chances ~ n_k) | 'poisson'
+      # (each client with probability clients_per_round); dropout: a sampled client fails to
+      # report with this probability (it contributes nothing and is logged).
+      clients_per_round=0,
+      sampling="uniform",
+      dropout=0.0,
       reset_client_optimizer=False,  # the official code keeps each client's AdamW state.
       chunk_steps=32,  # local steps per compiled call (data for them is on device at once).
       lanes=0,  # clients trained in parallel; 0 = fewest that keep a round as short as the
                 # largest client's epoch (fed/rounds.py); num_clients = all at once.
+  ))
+
+  # Cross-silo deployment on Flower (ultrajax/fl, docs/deployment.md); the simulation ignores it.
+  c.fl = ml_collections.ConfigDict(dict(
+      site_id=-1,  # this site's client index in the consortium (seeds its draws); set per site.
+      min_clients=0,  # replies a round needs to count (weights renormalised); 0 = every site.
+      retries=2,  # times a round with fewer replies is sent again before the server stops.
+      round_timeout_s=0.0,  # seconds to wait for a round's replies; 0 = no limit.
+      keep_site_states=3,  # rounds of optimizer/data state a site keeps (>= rounds per checkpoint).
+      secagg=False,  # Flower SecAgg+: the server sees only the sum of the masked updates.
+      secagg_clip_range=1.0,  # |weighted update| bound before quantisation.
+      secagg_quantization=2**22,  # quantisation levels over [-clip, clip].
+      secagg_max_weight=100000.0,  # the largest site's image count (weights are n_k / this).
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -130,8 +155,11 @@ def get_config(arg=None):
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(clients=1, data=-1))  # -1: all remaining devices.
-  # regex over param paths -> 'replicated' | 'fsdp'; a tuple, so the command line can override it.
-  c.sharding_rules = ((".*", "replicated"),)
+  # regex over param paths -> 'replicated' | 'fsdp'; a tuple, so the command line can override it
+  # (--config.sharding_rules="(('.*', 'replicated'),)"). paper: every leaf split over the data
+  # axis, so the 16 clients' AdamW states do not sit whole on every device (MAE-B: 13 GiB);
+  # `python -m ultrajax.bench plan` shows the per-device memory of a layout (docs/benchmarks.md).
+  c.sharding_rules = ((".*", "fsdp"),) if knobs.preset == "paper" else ((".*", "replicated"),)
 
   c.log_every_rounds = 1
   c.image_every_rounds = 10

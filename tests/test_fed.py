@@ -1,4 +1,5 @@
-"""Federated machinery on a toy model: aggregation and the vmapped, masked client rounds."""
+"""Federated machinery on a toy model: weights, round planning, and the lane engine's local
+steps against plain optax (strategies against numpy: tests/test_strategies.py)."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -6,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from ultrajax.fed import aggregate, rounds
+from ultrajax.fed import aggregate, rounds, strategies
 from ultrajax.train import optimizer
 
 
@@ -65,18 +66,21 @@ def _train_lanes(loss_fn, tx, lr_fn, params, xs, ys, steps_per_client, weights, 
   num_clients = len(steps_per_client)
   plan = rounds.plan_round(steps_per_client, num_lanes, chunk_steps)
   opt = jax.vmap(tx.init)(aggregate.broadcast(params, num_clients))
-  state = rounds.start_round(params, opt, num_lanes)
-  chunk = jax.jit(rounds.make_chunk(loss_fn, tx, lr_fn))
+  fedavg, server = strategies.make_strategy("fedavg"), strategies.Server(params, {})
+  state = rounds.start_round(fedavg, server, opt, fedavg.init(params, num_clients), num_clients,
+                             num_lanes)
+  chunk = jax.jit(rounds.make_chunk(rounds.without_model_state(loss_fn), tx, fedavg, lr_fn))
   losses = []
   for j in range(plan.client_ids.shape[1] // chunk_steps):
     p = plan.chunk(j, chunk_steps)
     c, s = np.maximum(p.client_ids, 0), p.step_ids
     batch = (np.where((p.client_ids >= 0)[..., None, None], xs[c, s], 0),
              np.where((p.client_ids >= 0)[..., None, None], ys[c, s], 0))
-    state, l = chunk(params, state, batch, p, steps_per_client.astype(np.float32), weights,
-                     round_index, key)
-    losses.append(l)
-  server, client_opt = rounds.finish_round(state, params)
+    state, metrics = chunk(server, state, batch, p, steps_per_client.astype(np.float32), weights,
+                           round_index, key)
+    losses.append(metrics["loss"])
+  server, client_opt, _ = rounds.finish_round(fedavg, state, server, key)
+  server = server.params
   return server, client_opt, rounds.client_losses(np.concatenate(losses, 1), plan.client_ids,
                                                   num_clients)
 
@@ -135,21 +139,31 @@ def test_plan_round_packs_every_step_once_in_order():
   assert rounds.auto_lanes(steps) == 4  # ceil(22 / 7) = 4 lanes and LPT fits in 7 steps
   assert rounds.auto_lanes(steps, multiple_of=4) == 4
   assert rounds.auto_lanes([5, 5, 5]) == 3 and rounds.auto_lanes([9, 1, 1, 1]) == 2
+  # Clients with 0 steps (not sampled this round) are left out; an empty round has no steps.
+  sampled = rounds.plan_round(steps * np.array([1, 0, 1, 0, 0, 1]), num_lanes=2, chunk_steps=4)
+  assert sorted(set(sampled.client_ids[sampled.client_ids >= 0])) == [0, 2, 5]
+  assert sampled.first.sum() == 3 and (sampled.client_ids >= 0).sum() == 16
+  assert rounds.plan_round(np.zeros(3, int), 2, 4).client_ids.shape == (2, 0)
 
 
 def test_idle_lane_steps_change_nothing():
   loss_fn, params, config, lr_fn = _toy_problem()
   tx = optimizer.adamw(config, params)
   opt = jax.vmap(tx.init)(aggregate.broadcast(params, 2))
-  state = rounds.start_round(params, opt, 2)
+  scaffold, server = strategies.make_strategy("scaffold"), strategies.Server(params, {})
+  state = rounds.start_round(scaffold, server, opt, scaffold.init(params, 2), 2, 2)
   plan = rounds.RoundPlan(np.full((2, 2), -1, np.int32), np.zeros((2, 2), np.int32),
                           np.zeros((2, 2), bool), np.zeros((2, 2), bool))
   batch = (jnp.ones((2, 2, 4, 3)), jnp.ones((2, 2, 4, 2)))
-  out, losses = rounds.make_chunk(loss_fn, tx, lr_fn)(
-      params, state, batch, plan, jnp.ones((2,)), jnp.array([0.5, 0.5]), 0, jax.random.key(0))
-  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(state)):
+  out, metrics = rounds.make_chunk(rounds.without_model_state(loss_fn), tx, scaffold, lr_fn)(
+      server, state, batch, plan, jnp.ones((2,)), jnp.array([0.5, 0.5]), 0, jax.random.key(0))
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(state), strict=True):
     np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(losses, 0.0)
+  np.testing.assert_array_equal(metrics["loss"], 0.0)
+  # An empty round (every sampled client dropped) leaves the server where it was.
+  new, _, _ = rounds.finish_round(scaffold, out, server, jax.random.key(0))
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_warmup_cosine_by_hand():
@@ -178,10 +192,13 @@ def test_chunk_grad_norms_are_each_steps_global_gradient_norm():
                           np.array([[False, True], [True, False]]))
   server = {"w": jnp.zeros(2)}
   opt = jax.vmap(tx.init)({"w": jnp.zeros((2, 2))})
-  chunk = rounds.make_chunk(loss_fn, tx, lambda e: 0.1, grad_norms=True)
-  _, losses, norms = chunk(server, rounds.start_round(server, opt, 2), batches, plan,
-                           jnp.asarray([2.0, 1.0]), jnp.asarray([0.5, 0.5]), jnp.asarray(0.0),
-                           jax.random.key(0))
+  fedavg = strategies.make_strategy("fedavg")
+  chunk = rounds.make_chunk(rounds.without_model_state(loss_fn), tx, fedavg, lambda e: 0.1)
+  server = strategies.Server(server, {})
+  _, metrics = chunk(server, rounds.start_round(fedavg, server, opt, {}, 2, 2), batches, plan,
+                     jnp.asarray([2.0, 1.0]), jnp.asarray([0.5, 0.5]), jnp.asarray(0.0),
+                     jax.random.key(0))
+  losses, norms = metrics["loss"], metrics["grad_norm"]
   w0 = np.zeros(2)
   g0 = 2 * (w0 - np.array([1.0, 2.0]))
   w1 = w0 - 0.1 * g0

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from ultrajax import configlib
-from ultrajax.fed import rounds
+from ultrajax.fed import rounds, strategies
 from ultrajax.interop import load as interop_load
 from ultrajax.jobs import finetune, pretrain
 from ultrajax.train import checkpoint, divergence, resume, writers
@@ -136,14 +136,18 @@ def test_chunk_skip_mode_drops_exactly_the_nonfinite_step():
   opt = jax.vmap(tx.init)({"w": jnp.zeros((1, 1))})
   args = (batches, plan, jnp.asarray([3.0]), jnp.asarray([1.0]), jnp.asarray(0.0),
           jax.random.key(0))
+  fedavg, server = strategies.make_strategy("fedavg"), strategies.Server(server, {})
   for mode in ("stop", "skip"):
-    chunk = rounds.make_chunk(loss_fn, tx, lambda e: 0.1, on_nonfinite=mode)
-    state, losses = chunk(server, rounds.start_round(server, opt, 1), *args)
+    chunk = rounds.make_chunk(rounds.without_model_state(loss_fn), tx, fedavg, lambda e: 0.1,
+                              on_nonfinite=mode)
+    state, metrics = chunk(server, rounds.start_round(
+        fedavg, server, opt, fedavg.init(server.params, 1), 1, 1), *args)
+    losses = metrics["loss"]
     assert np.isfinite(losses[0, 0]) and np.isnan(losses[0, 1])
     assert np.isfinite(losses[0, 2]) == (mode == "skip")  # 'stop' went on with NaN params
   w = 0.0 - 0.1 * 2 * (0.0 - 1.0)  # step 0; step 1 skipped
   w = w - 0.1 * 2 * (w - 3.0)
-  np.testing.assert_allclose(np.asarray(state.server_sum["w"]), [w], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.acc["params"]["w"]), [w], rtol=1e-6)
   valid = divergence.screen(np.asarray(losses), plan.client_ids >= 0, where="round 1",
                             mode="skip")
   assert valid.tolist() == [[True, False, True]]

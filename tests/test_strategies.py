@@ -1,22 +1,28 @@
-"""Federated strategies against hand-worked numpy rounds, optax, and each other."""
+"""Every federated strategy on the lane engine against an independent numpy float64 round, plus
+client sampling, dropouts and the split-learning driver."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from ultrajax.fed import local, strategies
+from ultrajax.fed import aggregate, local, participation, rounds, strategies
 
 LR = 0.1
 C, S, B, D = 3, 4, 5, 3
+STEPS = np.array([4, 2, 3])
+EXAMPLES = np.array([40, 10, 30])
+K = 2  # chunk steps
 
 
 def _loss(params, model_state, batch, key):
   """Least squares on a linear model; model_state counts steps (a stand-in for BN stats)."""
   del key
-  pred = batch["x"] @ params["w"] + params["b"]
+  pred = batch["x"] @ params["dense"]["w"] + params["bn"]["b"]
   loss = jnp.mean((pred - batch["y"]) ** 2)
-  return loss, ({"count": model_state["count"] + 1.0}, {"pred_mean": pred.mean()})
+  return loss, ({"bn": {"count": model_state["bn"]["count"] + 1.0}}, {"pred_mean": pred.mean()})
 
 
 def _grad_np(w, b, x, y):
@@ -24,220 +30,248 @@ def _grad_np(w, b, x, y):
   return 2 * x.T @ r / len(y), 2 * r.mean()
 
 
-def _data(seed=0):
-  rng = np.random.default_rng(seed)
+@functools.cache
+def _data():
+  rng = np.random.default_rng(0)
   batches = {"x": rng.normal(size=(C, S, B, D)).astype(np.float32),
              "y": rng.normal(size=(C, S, B)).astype(np.float32)}
-  server = {"w": rng.normal(size=(D,)).astype(np.float32), "b": np.float32(0.3)}
-  return batches, server
+  params = {"dense": {"w": rng.normal(size=(D,)).astype(np.float32)},
+            "bn": {"b": np.float32(0.3)}}
+  return batches, params
 
 
-def _run(strategy, rounds=2, num_steps=(4, 2, 3), num_examples=(40, 10, 30), seed=0):
-  batches, server = _data(seed)
-  tx = optax.sgd(LR)
-  state = local.init_state(strategy, tx, server, C, {"count": jnp.zeros(())})
-  round_fn = jax.jit(local.make_round(_loss, tx, strategy))
-  weights = strategy.client_weights(num_examples)
-  for r in range(rounds):
-    state, metrics = round_fn(state, batches, np.array(num_steps), weights, jax.random.key(r))
-  return state, metrics, batches, server, weights
+@functools.cache
+def _programs(strategy, num_lanes):
+  """(start, chunk, finish, client models) of a strategy on num_lanes lanes. Run eagerly
+  (jax.disable_jit in _run): on these tiny shapes that is far cheaper than compiling each."""
+  return (lambda *a: rounds.start_round(strategy, *a, C, num_lanes),
+          rounds.make_chunk(_loss, optax.sgd(LR), strategy),
+          functools.partial(rounds.finish_round, strategy),
+          lambda s, x: rounds.client_models(strategy, s, x, C))
 
 
-def _numpy_rounds(batches, server, weights, num_steps, rounds, mu=0.0, mix="mean", alpha=0.5):
-  """Local SGD (with FedProx's proximal gradient) then the mixing rule, in numpy float64."""
-  ws = [np.array(server["w"], np.float64)] * C
-  bs = [float(server["b"])] * C
-  for _ in range(rounds):
-    new_w, new_b = [], []
-    for c in range(C):
-      w0, b0 = ws[c].copy(), bs[c]
-      w, b = w0.copy(), b0
-      for s in range(num_steps[c]):
-        gw, gb = _grad_np(w, b, batches["x"][c, s].astype(np.float64), batches["y"][c, s])
-        w, b = w - LR * (gw + mu * (w - w0)), b - LR * (gb + mu * (b - b0))
-      new_w.append(w)
-      new_b.append(b)
-    new_w, new_b = np.stack(new_w), np.array(new_b)
-    if mix == "mean":
-      ws = [np.tensordot(weights, new_w, axes=1)] * C
-      bs = [float(np.dot(weights, new_b))] * C
-    elif mix == "personalized":
-      ws = [alpha * new_w[c] + (1 - alpha) * (new_w.sum(0) - new_w[c]) / (C - 1) for c in range(C)]
-      bs = [alpha * new_b[c] + (1 - alpha) * (new_b.sum() - new_b[c]) / (C - 1) for c in range(C)]
-  return np.stack(ws), np.array(bs)
+def _run(strategy, num_lanes, participants, num_rounds=2):
+  """num_rounds planned rounds on the engine; participants: [R][C] bool."""
+  batches, params = _data()
+  server = strategies.Server(params, {"bn": {"count": jnp.zeros(())}})
+  sstate = strategy.init(server.params, C, server.model_state)
+  opt = jax.vmap(optax.sgd(LR).init)(aggregate.broadcast(params, C))
+  weights = strategy.client_weights(EXAMPLES)
+  start, chunk, finish, models = _programs(strategy, num_lanes)
+  with jax.disable_jit():
+    return _rounds(start, chunk, finish, models, server, opt, sstate, weights, num_lanes,
+                   participants, num_rounds)
 
 
-def test_weighted_aggregation_is_numpy_weighted_mean():
-  rng = np.random.default_rng(1)
-  tree = {"a": rng.normal(size=(C, 4, 2)).astype(np.float32), "b": rng.normal(size=(C,)).astype(np.float32)}
-  strategy = strategies.make_strategy("fedavg")
-  weights = strategy.client_weights([5, 1, 4])
-  np.testing.assert_allclose(weights, [0.5, 0.1, 0.4], rtol=1e-6)
-  new, _ = strategy.aggregate(tree, tree, jnp.asarray(weights), strategy.init(
-      jax.tree.map(lambda x: x[0], tree), C))
-  for k in tree:
-    expect = np.average(tree[k], axis=0, weights=[5, 1, 4])
-    for c in range(C):
-      np.testing.assert_allclose(new[k][c], expect, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(strategies.make_strategy("fedavg_uniform").client_weights([5, 1, 4]),
-                             [1 / 3] * 3, rtol=1e-6)
+def _rounds(start, chunk, finish, models, server, opt, sstate, weights, num_lanes, participants,
+            num_rounds):
+  batches, _ = _data()
+  for r in range(num_rounds):
+    plan = rounds.plan_round(STEPS * participants[r], num_lanes, K)
+    state = start(server, opt, sstate)
+    for j in range(plan.client_ids.shape[1] // K):
+      p = plan.chunk(j, K)
+      c = np.maximum(p.client_ids, 0)
+      batch = jax.tree.map(lambda a: a[c, p.step_ids], batches)
+      state, metrics = chunk(server, state, batch, p, STEPS.astype(np.float32), weights, r,
+                             jax.random.key(r))
+      assert set(metrics) == {"loss", "grad_norm", "pred_mean"}
+    server, opt, sstate = finish(state, server, jax.random.key(r))
+  return server, sstate, models(sstate, server)
 
 
-def test_fedavg_round_matches_numpy_with_masked_steps():
-  state, metrics, batches, server, weights = _run(strategies.make_strategy("fedavg"))
-  w, b = _numpy_rounds(batches, server, weights, (4, 2, 3), rounds=2)
-  np.testing.assert_allclose(state.params["w"], w, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(state.params["b"], b, rtol=1e-4, atol=1e-5)
-  # model state: each client counted its own active steps; fedavg averages it with the weights
-  np.testing.assert_allclose(state.model_state["count"], [2 * np.dot(weights, [4, 2, 3])] * C, rtol=1e-5)
-  assert metrics["loss"].shape == (C,) and metrics["pred_mean"].shape == (C,)
+def _numpy_rounds(name, participants, mu=0.0, alpha=0.5, server_lr=1e-2, b1=0.9, b2=0.99,
+                  tau=1e-3, kept=False):
+  """The same rounds in numpy float64: local SGD (+ FedProx / SCAFFOLD terms) from what each
+  client starts with, then the strategy's server step over the clients that took part.
+  Returns the server (w, b, count) and every client's next-round model [(w, b, count)]."""
+  batches, params = _data()
+  uniform = name == "fedavg_uniform"
+  pop = np.full(C, 1 / C) if uniform else EXAMPLES / EXAMPLES.sum()
+  x = [np.array(params["dense"]["w"], np.float64), float(params["bn"]["b"]), 0.0]
+  own = [list(x) for _ in range(C)]  # each client's own model (personalized, local, kept 'bn')
+  c, ci = np.zeros(D + 1), np.zeros((C, D + 1))  # SCAFFOLD controls over (w, b)
+  m, v = np.zeros(D + 1), np.full(D + 1, tau ** 2)
+  for part in participants:
+    ys = {}
+    for k in np.flatnonzero(part):
+      if name in ("personalized", "local"):
+        start = list(own[k])
+      elif kept:
+        start = [x[0], own[k][1], own[k][2]]
+      else:
+        start = list(x)
+      w, b = start[0].copy(), start[1]
+      for s in range(STEPS[k]):
+        gw, gb = _grad_np(w, b, batches["x"][k, s].astype(np.float64), batches["y"][k, s])
+        g = np.append(gw, gb) + mu * (np.append(w, b) - np.append(start[0], start[1]))
+        g = g + (c - ci[k] if name == "scaffold" else 0.0)
+        w, b = w - LR * g[:D], b - LR * g[D]
+      ys[k] = [w, b, start[2] + STEPS[k]]
+    done = sorted(ys)
+    wsum = pop[done].sum()
+    mean = [sum(pop[k] * ys[k][i] for k in done) / wsum for i in range(3)]
+    flat = lambda t: np.append(t[0], t[1])
+    if name == "scaffold":
+      delta_c = 0.0
+      for k in done:
+        new = ci[k] - c + (flat(x) - flat(ys[k])) / (STEPS[k] * LR)
+        delta_c, ci[k] = delta_c + pop[k] * (new - ci[k]), new
+      c = c + delta_c
+      step = flat(x) + 1.0 * (flat(mean) - flat(x))
+      x = [step[:D], step[D], mean[2]]
+    elif name in ("fedadam", "fedyogi", "fedadagrad"):
+      delta = flat(mean) - flat(x)
+      m = b1 * m + (1 - b1) * delta
+      v = {"fedadam": lambda: b2 * v + (1 - b2) * delta ** 2,
+           "fedyogi": lambda: v - (1 - b2) * delta ** 2 * np.sign(v - delta ** 2),
+           "fedadagrad": lambda: v + delta ** 2}[name]()
+      step = flat(x) + server_lr * m / (np.sqrt(v) + tau)
+      x = [step[:D], step[D], mean[2]]
+    else:
+      x = mean
+    if name in ("personalized", "local"):
+      a = 1.0 if name == "local" else alpha
+      for k in done:
+        others = [ys[j] for j in done if j != k]
+        own[k] = [a * ys[k][i] + (1 - a) * sum(o[i] for o in others) / len(others)
+                  if others else ys[k][i] for i in range(3)]
+    elif kept:
+      for k in done:
+        own[k] = [None, ys[k][1], ys[k][2]]
+  if name in ("personalized", "local"):
+    models = own
+  elif kept:
+    models = [[x[0], own[k][1], own[k][2]] for k in range(C)]
+  else:
+    models = [x] * C
+  return x, models
 
 
-def test_fedprox_mu0_is_fedavg_and_mu_matches_proximal_sgd():
-  avg, *_ = _run(strategies.make_strategy("fedavg"))
-  prox0, *_ = _run(strategies.make_strategy("fedprox", mu=0.0))
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), avg.params, prox0.params)
-  prox, _, batches, server, weights = _run(strategies.make_strategy("fedprox", mu=0.5))
-  w, b = _numpy_rounds(batches, server, weights, (4, 2, 3), rounds=2, mu=0.5)
-  np.testing.assert_allclose(prox.params["w"], w, rtol=1e-4, atol=1e-5)
-  assert not np.allclose(prox.params["w"], avg.params["w"], atol=1e-4)
+CASES = {  # name: (make_strategy options, _numpy_rounds options)
+    "fedavg": ({}, {}), "central": ({}, {}), "fedavg_uniform": ({}, {}),
+    "fedprox": ({"mu": 0.5}, {"mu": 0.5}),
+    "fedbn": ({}, {"kept": True}), "keep_local": ({"keep_local": ("^bn/",)}, {"kept": True}),
+    "personalized": ({}, {}), "local": ({}, {}),
+    "fedadam": ({"server_lr": 0.1}, {"server_lr": 0.1}),
+    "fedyogi": ({"server_lr": 0.1}, {"server_lr": 0.1}),
+    "fedadagrad": ({"server_lr": 0.1}, {"server_lr": 0.1}),
+    "scaffold": ({"local_lr": LR}, {}),
+}
 
 
-def test_personalized_alpha1_is_local_and_alpha_half_matches_numpy():
-  loc, *_ = _run(strategies.make_strategy("local"))
-  pers1, *_ = _run(strategies.make_strategy("personalized", alpha=1.0))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), loc.params, pers1.params)
-  # local: clients differ after training
-  assert np.ptp(np.asarray(loc.params["w"]), axis=0).max() > 1e-3
-  pers, _, batches, server, weights = _run(strategies.make_strategy("personalized"))
-  w, b = _numpy_rounds(batches, server, weights, (4, 2, 3), rounds=2, mix="personalized")
-  np.testing.assert_allclose(pers.params["w"], w, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(pers.params["b"], b, rtol=1e-4, atol=1e-5)
+def _check(got, want_server, want_models):
+  server, _, (params, model_state) = got
+  np.testing.assert_allclose(server.params["dense"]["w"], want_server[0], rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(server.params["bn"]["b"], want_server[1], rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(server.model_state["bn"]["count"], want_server[2], rtol=1e-6)
+  for k, (w, b, count) in enumerate(want_models):
+    np.testing.assert_allclose(params["dense"]["w"][k], w, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(params["bn"]["b"][k], b, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(model_state["bn"]["count"][k], count, rtol=1e-6)
 
 
-def _bn_trees(rng):
-  params = {"conv": {"kernel": rng.normal(size=(C, 3, 2)).astype(np.float32)},
-            "downsample_bn": {"scale": rng.normal(size=(C, 2)).astype(np.float32)},
-            "bn1": {"scale": rng.normal(size=(C, 2)).astype(np.float32),
-                    "bias": rng.normal(size=(C, 2)).astype(np.float32)},
-            "head": {"kernel": rng.normal(size=(C, 2, 1)).astype(np.float32)}}
-  stats = {"bn1": {"mean": rng.normal(size=(C, 2)).astype(np.float32),
-                   "var": rng.uniform(size=(C, 2)).astype(np.float32)}}
-  return params, stats
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_planned_rounds_on_any_lanes_equal_numpy_sequential_clients(name):
+  """Two rounds over C = 3 clients of 4, 2, 3 steps on L = 1, 2 and C lanes (chunks of 2) equal
+  each client trained alone, then the strategy's server step, in numpy float64."""
+  options, reference = CASES[name]
+  strategy = strategies.make_strategy(name, **options)
+  everyone = np.ones((2, C), bool)
+  want = _numpy_rounds(name, everyone, **reference)
+  for num_lanes in (1, 2, C):
+    _check(_run(strategy, num_lanes, everyone), *want)
 
 
-def test_fedbn_keeps_norm_local_and_averages_the_rest():
-  params, stats = _bn_trees(np.random.default_rng(2))
-  strategy = strategies.make_strategy("fedbn")
-  server = jax.tree.map(lambda x: x[0], params)
-  state = strategy.init(server, C, jax.tree.map(lambda x: x[0], stats))
-  weights = jnp.asarray(strategy.client_weights([1, 2, 3]))
-  new, _ = strategy.aggregate(params, params, weights, state)
-  new_stats = strategy.aggregate_state(stats, weights)
-  for leaf in ("scale", "bias"):
-    np.testing.assert_array_equal(new["bn1"][leaf], params["bn1"][leaf])
-  np.testing.assert_array_equal(new["downsample_bn"]["scale"], params["downsample_bn"]["scale"])
-  for leaf in ("mean", "var"):
-    np.testing.assert_array_equal(new_stats["bn1"][leaf], stats["bn1"][leaf])
-  for part in ("conv", "head"):
-    expect = np.average(params[part]["kernel"], axis=0, weights=[1, 2, 3])
-    np.testing.assert_allclose(new[part]["kernel"], np.broadcast_to(expect, params[part]["kernel"].shape),
-                               rtol=1e-5, atol=1e-6)
-  # keep_local on the head only: norm layers are averaged, the head is not
-  heads = strategies.make_strategy("keep_local", keep_local=["^head/"])
-  new, _ = heads.aggregate(params, params, weights, heads.init(server, C))
-  np.testing.assert_array_equal(new["head"]["kernel"], params["head"]["kernel"])
-  np.testing.assert_allclose(new["bn1"]["scale"][1], np.average(params["bn1"]["scale"], 0, [1, 2, 3]),
-                             rtol=1e-5)
+@pytest.mark.parametrize("name", ["fedavg", "scaffold", "personalized"])
+def test_sampled_rounds_equal_numpy_over_the_participants(name):
+  """Partial participation: the means are renormalised over the participants, SCAFFOLD's c moves
+  by sum_S w_k dc_k, and only participants' personalised models change."""
+  options, reference = CASES[name]
+  participants = np.array([[True, False, True], [False, True, True]])
+  want = _numpy_rounds(name, participants, **reference)
+  _check(_run(strategies.make_strategy(name, **options), 2, participants), *want)
 
 
-def test_fedadam_one_client_is_optax_adam_on_the_delta():
+def test_fedavg_over_a_sampled_set_is_the_numpy_weighted_mean_and_a_dropout_only_removes_itself():
+  """One round: FedAvg over the draw's participants equals np.average of their own one-client
+  rounds with weights n_k; dropping a client gives the mean over the others."""
+  fedavg = strategies.make_strategy("fedavg")
+  alone = [_run(fedavg, 1, np.eye(C, dtype=bool)[[k]], num_rounds=1)[0].params for k in range(C)]
+  drawn = participation.draw(EXAMPLES, 0, seed=3, clients_per_round=2)
+  for mask in (drawn.participants, np.array([True, False, True]), np.array([True, True, True])):
+    got = _run(fedavg, 2, mask[None], num_rounds=1)[0].params
+    want = np.average([alone[k]["dense"]["w"] for k in np.flatnonzero(mask)], axis=0,
+                      weights=EXAMPLES[mask])
+    np.testing.assert_allclose(got["dense"]["w"], want, rtol=1e-5)
+
+
+def test_draws_are_reproducible_sized_and_proportional():
+  n = np.array([1, 1, 1, 1, 96])
+  a = [participation.draw(n, r, 7, 2).sampled for r in range(20)]
+  assert all(np.array_equal(x, participation.draw(n, r, 7, 2).sampled) for r, x in enumerate(a))
+  assert all(x.sum() == 2 for x in a) and len({x.tobytes() for x in a}) > 1
+  assert participation.draw(n, 0, 7, 0.4).sampled.sum() == 2  # a fraction of C
+  assert participation.draw(n, 0, 7).sampled.all()
+  volume = np.mean([participation.draw(n, r, 7, 1, "volume").sampled[4] for r in range(200)])
+  assert volume > 0.9  # ~96% of the data
+  poisson = np.stack([participation.draw(n, r, 7, 0.3, "poisson").sampled for r in range(400)])
+  assert abs(poisson.mean() - 0.3) < 0.04  # Bernoulli(q) per client
+  # Dropouts come from their own stream: the sample does not depend on the dropout rate.
+  d = participation.draw(n, 5, 7, 3, dropout=0.5)
+  assert np.array_equal(d.sampled, participation.draw(n, 5, 7, 3).sampled)
+  assert not (d.dropped & ~d.sampled).any() and np.array_equal(d.participants,
+                                                               d.sampled & ~d.dropped)
+
+
+@pytest.mark.parametrize("args, field", [
+    ((0, "stratified", 0.0), "sampling"), ((0, "uniform", 1.0), "dropout"),
+    ((-1, "uniform", 0.0), "clients_per_round"), ((2.5, "uniform", 0.0), "clients_per_round"),
+    ((3, "poisson", 0.0), "clients_per_round"), ((9, "uniform", 0.0), "clients_per_round")])
+def test_bad_participation_names_the_field(args, field):
+  with pytest.raises(ValueError, match=f"^{field}="):
+    participation.check(*args, num_clients=5)
+
+
+def test_fedadam_bias_corrected_is_optax_adam_on_the_pseudo_gradient():
   rng = np.random.default_rng(3)
   x0 = {"w": rng.normal(size=(4,)).astype(np.float32)}
-  strategy = strategies.make_strategy("fedadam", bias_correction=True, server_lr=0.05, tau=1e-3)
-  state = strategy.init(x0, 1)
+  strategy = strategies.make_strategy("fedadam", bias_correction=True, server_lr=0.05)
+  state, server = strategy.init(x0, 1), strategies.Server(x0, {})
   ref_tx = optax.adam(0.05, b1=0.9, b2=0.99, eps=1e-3)
-  ref_opt, x_ref, x = ref_tx.init(x0), x0, jax.tree.map(lambda a: a[None], x0)
+  ref_opt, x_ref = ref_tx.init(x0), x0
   for _ in range(3):
-    y = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(np.float32), x)
-    x, state = strategy.aggregate(y, x, jnp.ones(1), state)
-    delta = jax.tree.map(lambda a, b: a - b[0], x_ref, y)  # pseudo-gradient server - client
-    upd, ref_opt = ref_tx.update(delta, ref_opt, x_ref)
+    y = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(np.float32), server.params)
+    acc, state = strategy.on_client_done(strategy.accumulator(state, server, 1), state, server,
+                                         strategies.Finished(0, 1.0, y, {}, 1.0))
+    server, state = strategy.server_update(acc, state, server)
+    upd, ref_opt = ref_tx.update(jax.tree.map(jnp.subtract, x_ref, y), ref_opt, x_ref)
     x_ref = optax.apply_updates(x_ref, upd)
-    np.testing.assert_allclose(x["w"][0], x_ref["w"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(server.params["w"], x_ref["w"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
-def test_fedopt_reddi_matches_hand_worked_numpy(name):
-  """Reddi et al. Algorithm 2, no bias correction, v starts at tau^2, two rounds, two clients."""
-  rng = np.random.default_rng(4)
-  b1, b2, tau, eta = 0.9, 0.99, 1e-3, 0.1
-  strategy = strategies.make_strategy(name, server_lr=eta)
-  x = rng.normal(size=(3,))
-  state = strategy.init({"w": x.astype(np.float32)}, 2)
-  m, v = np.zeros(3), np.full(3, tau ** 2)
-  weights = np.array([0.25, 0.75])
-  xs = {"w": np.stack([x, x]).astype(np.float32)}
-  for _ in range(2):
-    ys = np.asarray(xs["w"]) + rng.normal(size=(2, 3)).astype(np.float32)
-    xs, state = strategy.aggregate({"w": ys}, xs, jnp.asarray(weights, jnp.float32), state)
-    delta = weights @ ys.astype(np.float64) - x  # Reddi's Delta_t = mean(y) - x
-    m = b1 * m + (1 - b1) * delta
-    v = {"fedadam": lambda: b2 * v + (1 - b2) * delta ** 2,
-         "fedyogi": lambda: v - (1 - b2) * delta ** 2 * np.sign(v - delta ** 2),
-         "fedadagrad": lambda: v + delta ** 2}[name]()
-    x = x + eta * m / (np.sqrt(v) + tau)
-    np.testing.assert_allclose(xs["w"], np.stack([x, x]), rtol=1e-4, atol=1e-5)
-
-
-def test_scaffold_zero_controls_one_step_is_fedavg_and_controls_hand_worked():
-  kw = dict(num_steps=(1, 1, 1), rounds=1)
-  avg, *_ = _run(strategies.make_strategy("fedavg"), **kw)
-  sca, _, batches, server, weights = _run(strategies.make_strategy("scaffold", local_lr=LR), **kw)
-  np.testing.assert_allclose(sca.params["w"], avg.params["w"], rtol=1e-6)
-  # option II after one SGD step from zero controls: c_i = (x - y_i) / lr = grad_i; c = sum w_i c_i
-  grads = np.stack([_grad_np(server["w"], server["b"], batches["x"][c, 0], batches["y"][c, 0])[0]
-                    for c in range(C)])
-  np.testing.assert_allclose(sca.strategy_state["c_clients"]["w"], grads, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(sca.strategy_state["c"]["w"], weights @ grads, rtol=1e-4, atol=1e-5)
-
-
-def test_scaffold_two_rounds_match_hand_worked_controls():
-  """Round 2's local step is y_i = x - lr (g_i + c - c_i), with round 1's controls."""
-  sca, _, batches, server, weights = _run(strategies.make_strategy("scaffold", local_lr=LR),
-                                          num_steps=(1, 1, 1), rounds=2)
-  x = {"w": np.array(server["w"], np.float64), "b": np.float64(server["b"])}
-  c = {k: np.zeros_like(v) for k, v in x.items()}
-  ci = {k: np.zeros((C, *np.shape(v))) for k, v in x.items()}
-  for _ in range(2):
-    g = [dict(zip("wb", _grad_np(x["w"], x["b"], batches["x"][k, 0], batches["y"][k, 0])))
-         for k in range(C)]
-    for name in "wb":
-      ys = np.stack([x[name] - LR * (g[k][name] + c[name] - ci[name][k]) for k in range(C)])
-      new_ci = ci[name] - c[name] + (x[name] - ys) / LR
-      c[name] = c[name] + np.tensordot(weights, new_ci - ci[name], axes=1)
-      ci[name], x[name] = new_ci, np.tensordot(weights, ys, axes=1)
-  np.testing.assert_allclose(sca.params["w"][0], x["w"], rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(sca.strategy_state["c_clients"]["w"], ci["w"], rtol=1e-3, atol=1e-4)
-  np.testing.assert_allclose(sca.strategy_state["c"]["b"], c["b"], rtol=1e-3, atol=1e-4)
-
-
-def test_bad_names_and_patterns_raise():
+def test_options_parse_and_bad_names_and_patterns_raise():
+  assert strategies.parse_options("mu=0.1, keep_local=('^a/',)") == {"mu": 0.1,
+                                                                      "keep_local": ("^a/",)}
+  assert strategies.parse_options("  ") == {}
+  with pytest.raises(ValueError, match="name=value"):
+    strategies.parse_options("0.1")
   with pytest.raises(ValueError, match="unknown federated strategy 'fedavgg'.*fedavg"):
     strategies.make_strategy("fedavgg")
   with pytest.raises(ValueError, match="takes no option"):
     strategies.make_strategy("fedavg", mu=0.1)
+  with pytest.raises(ValueError, match="takes no option"):
+    strategies.make_strategy("local", alpha=0.5)
   with pytest.raises(ValueError, match="needs keep_local"):
     strategies.make_strategy("keep_local")
   with pytest.raises(ValueError, match="alpha=1.5 is outside"):
     strategies.make_strategy("personalized", alpha=1.5)
   with pytest.raises(ValueError, match="local_lr=0"):
     strategies.make_strategy("scaffold", local_lr=0)
-  params, stats = _bn_trees(np.random.default_rng(5))
-  server = jax.tree.map(lambda x: x[0], params)
+  _, params = _data()
   with pytest.raises(ValueError, match="'classifier' matches no"):
-    strategies.make_strategy("keep_local", keep_local=("classifier",)).init(server, C)
-  with pytest.raises(ValueError, match="matches no"):  # ViT-free tree without any norm layer
+    strategies.make_strategy("keep_local", keep_local=("classifier",)).init(params, C)
+  with pytest.raises(ValueError, match="matches no"):  # a tree without any norm layer
     strategies.make_strategy("fedbn").init({"dense": {"kernel": np.ones((2, 2))}}, C)
 
 

@@ -286,7 +286,7 @@ def test_urfm_job_in_step_and_cached(tmp_path):
   from ultrajax.data import teacher_cache
   from ultrajax.jobs import pretrain
   from ultrajax.train import checkpoint, writers
-  params = pretrain.run(urfm_config(**{"data.pool_clients": False, "fed.aggregation": "volume"}),
+  params = pretrain.run(urfm_config(**{"data.pool_clients": False, "fed.strategy": "fedavg"}),
                         tmp_path / "in_step")
   rows = list(writers.read_jsonl(tmp_path / "in_step" / "metrics.jsonl"))
   assert np.isfinite(rows[-1]["loss/client_00"]) and np.isfinite(rows[-1]["loss/client_01"])

@@ -1,30 +1,43 @@
-"""Local training of C clients on L parallel lanes: a scan over steps of a vmap over lanes.
+"""The federated round engine: C clients' local training on L parallel lanes (a scan over steps
+of a vmap over lanes), driven by a strategy's hooks (fed/strategies.py). Any pytree.
 
-Works on any parameter pytree. Clients differ in size, so running every client in parallel
-(one lane each) wastes the steps where small clients wait for the largest one. Instead a
-round is *planned*: clients are packed onto L lanes (longest first, onto the least loaded
-lane), each lane trains its clients one after another, and L is chosen so the round is no
-longer than the largest client's local epoch. When a lane starts a client it loads the server
-parameters and that client's own optimizer state; when the client's last step is done its
-parameters are added, weighted by n_k / n, to the next server parameters and its optimizer
-state is stored back. So FedAvg's result is exactly that of training each client on its own.
+Clients differ in size, so running every client in parallel (one lane each) wastes the steps
+where small clients wait for the largest one. Instead a round is *planned* over its
+participants: clients are packed onto L lanes (longest first, onto the least loaded lane), each
+lane trains its clients one after another, and L is chosen so the round is no longer than the
+largest client's local epoch. When a lane starts client c it loads what the strategy says c
+starts from (`client_start`: the server params, or c's own), c's optimizer state and c's
+context for `local_grad_transform`; when c's last step is done the strategy adds c to the
+round's accumulator (`on_client_done`) and c's optimizer state is stored back; after the last
+chunk `server_update` makes the next server params. So a round's result is exactly that of
+training each client on its own, whatever L. Model state that is not trained (BatchNorm
+statistics) travels with the lanes like the params.
+
+A job: plan = plan_round(steps * participating, L, K); state = start_round(...); for each
+K-step block of the plan, state, metrics = chunk(...); finish_round(...) (docs/federated.md).
 
 Per-client randomness: key(round, client, step) = fold_in(fold_in(round_key, client), step),
-independent of lanes and chunking, so a resumed run draws exactly the same masks.
+independent of lanes and chunking, so a resumed run draws exactly the same masks; the
+server's key (DP noise, ...) is fold_in(round_key, SERVER_KEY).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ultrajax.train import divergence, optimizer
+from ultrajax.fed.strategies import Finished, Server
+from ultrajax.train import divergence, optimizer, sharding
 
-# loss_fn(params, batch, key) -> (scalar loss, aux pytree)
+# loss_fn(params, model_state, batch, key) -> (scalar loss, (new model_state, aux dict or None)),
+# for ONE client and one batch (no client axis); use model_state {} when there is none.
 LossFn = Callable[..., tuple]
+SERVER_KEY = 0x7FFFFFFF  # fold_in(round_key, SERVER_KEY): the server's key (never a client index)
 
 
 class RoundPlan(NamedTuple):
@@ -43,7 +56,7 @@ class RoundPlan(NamedTuple):
   def num_lanes(self) -> int:
     return self.client_ids.shape[0]
 
-  def chunk(self, j: int, k: int) -> "RoundPlan":
+  def chunk(self, j: int, k: int) -> RoundPlan:
     """The j-th block of k steps."""
     return RoundPlan(*(a[:, j * k:(j + 1) * k] for a in self))
 
@@ -77,9 +90,10 @@ def _packed_length(steps: np.ndarray, num_lanes: int) -> int:
 
 
 def plan_round(steps_per_client, num_lanes: int, chunk_steps: int) -> RoundPlan:
-  """Packs C clients' local steps onto num_lanes lanes.  steps_per_client: [C] ints >= 1."""
+  """Packs C clients' local steps onto num_lanes lanes.  steps_per_client: [C] ints >= 0; a
+  client with 0 steps (not taking part this round) is left out of the plan."""
   steps = np.asarray(steps_per_client, np.int64)
-  lanes = _assign(steps, num_lanes)
+  lanes = [[c for c in lane if steps[c] > 0] for lane in _assign(steps, num_lanes)]
   length = max(sum(steps[c] for c in lane) for lane in lanes)
   length = int(np.ceil(length / chunk_steps) * chunk_steps)
   client_ids = np.full((num_lanes, length), -1, np.int32)
@@ -104,93 +118,153 @@ def _select(mask, new, old):
 
 
 class LaneState(NamedTuple):
-  """What a round carries between chunks: the lanes' current client params and optimizer
-  states [L, ...], every client's stored optimizer state [C, ...], and the running weighted
-  sum of finished clients' params (the next server params, float32)."""
+  """What a round carries between chunks.
+
+  params, model_state, opt_state, ctx: the clients the lanes are training [L, ...] (ctx: the
+  strategy's per-client context, e.g. FedProx's start params; None for FedAvg);
+  client_opt_state: every client's optimizer state [C, ...], stored back as clients finish;
+  strategy_state: the strategy's state (a finishing client may write its own slots);
+  acc: the strategy's accumulator of the finished clients (FedAvg: sum w_k y_k, sum w_k).
+  """
   params: object
+  model_state: object
   opt_state: object
+  ctx: object
   client_opt_state: object
-  server_sum: object
+  strategy_state: object
+  acc: object
 
 
-def start_round(server_params, client_opt_state, num_lanes: int) -> LaneState:
+def _load(strategy, state: LaneState, server: Server, clients):
+  """What the lanes hold when they start `clients` [L]: params, model state, opt state, ctx."""
+  params, model_state, ctx = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(
+      state.strategy_state, server, clients)
+  opt_state = jax.tree.map(lambda a: a[clients], state.client_opt_state)
+  return params, model_state, opt_state, ctx
+
+
+def start_round(strategy, server: Server, client_opt_state, strategy_state, num_clients: int,
+                num_lanes: int) -> LaneState:
   """Lane state at the start of a round (lane contents are replaced at each client's first step)."""
-  lanes = lambda x: jnp.broadcast_to(x, (num_lanes, *x.shape))
-  return LaneState(
-      params=jax.tree.map(lanes, server_params),
-      opt_state=jax.tree.map(lambda x: lanes(x[0]), client_opt_state),
-      client_opt_state=client_opt_state,
-      server_sum=jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), server_params))
+  state = LaneState(None, None, None, None, client_opt_state, strategy_state,
+                    strategy.accumulator(strategy_state, server, num_clients))
+  return state._replace(**dict(zip(("params", "model_state", "opt_state", "ctx"), _load(
+      strategy, state, server, jnp.zeros((num_lanes,), jnp.int32)))))
 
 
-def finish_round(state: LaneState, server_params):
-  """The aggregated server params (dtype of the old ones) and the clients' optimizer states."""
-  new = jax.tree.map(lambda s, x: s.astype(x.dtype), state.server_sum, server_params)
-  return new, state.client_opt_state
+def finish_round(strategy, state: LaneState, server: Server, round_key):
+  """(next server, clients' optimizer states, strategy state): the strategy's server update."""
+  new, strategy_state = strategy.server_update(state.acc, state.strategy_state, server,
+                                               jax.random.fold_in(round_key, SERVER_KEY))
+  return new, state.client_opt_state, strategy_state
 
 
-def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation,
-               lr_fn: Callable[[jax.Array], jax.Array], on_nonfinite: str = "stop",
-               grad_norms: bool = False):
-  """Returns chunk(server_params, state, batches, plan, steps_per_client, weights,
-  round_index, round_key) -> (state, losses [L, K]), or with grad_norms=True
-  (state, losses [L, K], the global L2 norms of the steps' gradients [L, K]; 0 when idle).
+def client_models(strategy, strategy_state, server: Server, num_clients: int):
+  """(params, model_state) [C, ...]: the model each client would start its next round from."""
+  params, model_state, _ = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(
+      strategy_state, server, jnp.arange(num_clients))
+  return params, model_state
 
-  batches: pytree with leading axes [L, K]; plan: a RoundPlan chunk of K steps (arrays
-  [L, K]); steps_per_client, weights: [C]. The learning rate of client c's step s is
-  lr_fn(round_index + s / steps_per_client[c]) (MAE's per-iteration schedule); idle steps
-  change nothing and report loss 0. A step whose loss or gradient is not finite reports loss
-  NaN (the host stops the run, train/divergence.py); with on_nonfinite='skip' its update is
-  also dropped: that lane's params and optimizer state stay as they were.
+
+def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, strategy,
+               lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+               on_nonfinite: str = "stop"):
+  """Returns chunk(server, state, batches, plan, steps_per_client, weights, round_index,
+  round_key) -> (state, metrics), metrics a dict of [L, K]: 'loss', 'grad_norm' (the global
+  L2 norm of the loss gradient) and loss_fn's aux scalars; 0 on idle steps.
+
+  server: strategies.Server at the round's start; batches: pytree with leading axes [L, K];
+  plan: a RoundPlan chunk of K steps (arrays [L, K]); steps_per_client [C] (float), weights
+  [C] (the strategy's client_weights). lr_fn: None leaves the optimizer's own schedule; else
+  client c's step s runs at lr_fn(round_index + s / steps_per_client[c]) (MAE's per-iteration
+  schedule, through optimizer.set_lr). Idle steps change nothing. A step whose loss or
+  gradient is not finite reports loss NaN (the host stops the run, train/divergence.py); with
+  on_nonfinite='skip' its update is also dropped: that lane stays as it was.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def one_step(params, opt_state, batch, step_id, steps, round_index, client_key):
-    epoch = round_index + step_id.astype(jnp.float32) / steps
-    (loss, _), grads = grad_fn(params, batch, jax.random.fold_in(client_key, step_id))
+  def one_step(params, model_state, opt_state, ctx, batch, step_id, steps, round_index, key):
+    (loss, (new_ms, aux)), grads = grad_fn(params, model_state, batch,
+                                           jax.random.fold_in(key, step_id))
     finite = divergence.all_finite((loss, grads))
-    new_opt = optimizer.set_lr(opt_state, lr_fn(epoch))
+    metrics = dict(loss=jnp.where(finite, loss, jnp.nan), grad_norm=optax.global_norm(grads),
+                   **(aux or {}))
+    grads = strategy.local_grad_transform(grads, params, ctx)
+    new_opt = opt_state
+    if lr_fn is not None:
+      new_opt = optimizer.set_lr(opt_state, lr_fn(round_index + step_id.astype(jnp.float32) / steps))
     updates, new_opt = tx.update(grads, new_opt, params)
-    new_params = optax.apply_updates(params, updates)
+    new = (optax.apply_updates(params, updates), new_ms, new_opt)
     if on_nonfinite == "skip":
-      new_params, new_opt = divergence.keep_if(finite, (new_params, new_opt), (params, opt_state))
-    return new_params, new_opt, (jnp.where(finite, loss, jnp.nan), optax.global_norm(grads))
+      new = divergence.keep_if(finite, new, (params, model_state, opt_state))
+    return *new, metrics
 
-  def chunk(server_params, state: LaneState, batches, plan: RoundPlan, steps_per_client,
+  def chunk(server: Server, state: LaneState, batches, plan: RoundPlan, steps_per_client,
             weights, round_index, round_key):
-    num_clients = weights.shape[0]
+    num_lanes = plan.client_ids.shape[0]
+
+    def finish(lane, c, state: LaneState):
+      """Lane `lane` has done client c's last step: the strategy takes it, its opt state is stored."""
+      take = lambda tree: jax.tree.map(lambda x: x[lane], tree)
+      done = Finished(c, weights[c], take(state.params), take(state.model_state),
+                      steps_per_client[c].astype(jnp.float32))
+      acc, strategy_state = strategy.on_client_done(state.acc, state.strategy_state, server, done)
+      client_opt_state = jax.tree.map(lambda a, o: a.at[c].set(o[lane]), state.client_opt_state,
+                                      state.opt_state)
+      return state._replace(acc=acc, strategy_state=strategy_state,
+                            client_opt_state=client_opt_state)
 
     def step(state: LaneState, xs):
       batch, client, step_id, first, last = xs
       active = client >= 0
       c = jnp.maximum(client, 0)
-      # A lane starting a client loads the server params and the client's optimizer state.
-      incoming_opt = jax.tree.map(lambda a: a[c], state.client_opt_state)
-      params = _select(first, jax.tree.map(lambda x: jnp.broadcast_to(x, (c.shape[0], *x.shape)),
-                                           server_params), state.params)
-      opt_state = _select(first, incoming_opt, state.opt_state)
+
+      def load(state):
+        fresh = _load(strategy, state, server, c)
+        held = (state.params, state.model_state, state.opt_state, state.ctx)
+        return state._replace(**dict(zip(("params", "model_state", "opt_state", "ctx"),
+                                         _select(first, fresh, held))))
+
+      state = jax.lax.cond(first.any(), load, lambda s: s, state)
       keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(c)
-      new_params, new_opt, (loss, norm) = jax.vmap(one_step, in_axes=(0, 0, 0, 0, 0, None, 0))(
-          params, opt_state, batch, step_id, steps_per_client[c], round_index, keys)
-      params = _select(active, new_params, params)
-      opt_state = _select(active, new_opt, opt_state)
-      # A lane finishing a client adds n_k/n * params to the server sum and stores its state.
-      w = jnp.where(last, weights[c], 0.0)
-      server_sum = jax.tree.map(
-          lambda s, p: s + jnp.tensordot(w, p.astype(jnp.float32), axes=(0, 0)),
-          state.server_sum, params)
-      target = jnp.where(last, c, num_clients)  # out of range: dropped
-      client_opt_state = jax.tree.map(lambda a, o: a.at[target].set(o, mode="drop"),
-                                      state.client_opt_state, opt_state)
-      return (LaneState(params, opt_state, client_opt_state, server_sum),
-              (jnp.where(active, loss, 0.0), jnp.where(active, norm, 0.0)))
+      params, model_state, opt_state, metrics = jax.vmap(
+          one_step, in_axes=(0, 0, 0, 0, 0, 0, 0, None, 0))(
+              state.params, state.model_state, state.opt_state, state.ctx, batch, step_id,
+              steps_per_client[c], round_index, keys)
+      state = state._replace(params=_select(active, params, state.params),
+                             model_state=_select(active, model_state, state.model_state),
+                             opt_state=_select(active, opt_state, state.opt_state))
+      for lane in range(num_lanes):
+        state = jax.lax.cond(last[lane], functools.partial(finish, lane, c[lane]),
+                             lambda s: s, state)
+      return state, jax.tree.map(lambda m: jnp.where(active, m, 0.0), metrics)
 
     time_major = lambda x: jnp.swapaxes(x, 0, 1)
     xs = (jax.tree.map(time_major, batches), *(time_major(jnp.asarray(a)) for a in plan))
-    state, (losses, norms) = jax.lax.scan(step, state, xs)
-    return (state, losses.T, norms.T) if grad_norms else (state, losses.T)
+    state, metrics = jax.lax.scan(step, state, xs)
+    return state, jax.tree.map(lambda m: m.T, metrics)
 
   return chunk
+
+
+def without_model_state(loss_fn):
+  """loss_fn(params, batch, key) -> (loss, aux) as the engine's LossFn (model state {})."""
+  def engine_loss(params, model_state, batch, key):
+    loss, aux = loss_fn(params, batch, key)
+    return loss, (model_state, aux)
+
+  return engine_loss
+
+
+def state_shardings(tree, mesh, rules):
+  """Shardings of a strategy state or accumulator: top-level entries whose key ends in
+  'clients' carry a leading client axis (sharded over 'clients'); the rest follow the
+  parameter rules by path, replicated where none matches."""
+  rules = [tuple(r) for r in rules] + [(".*", "replicated")]
+  if not isinstance(tree, dict):
+    return sharding.tree_shardings(tree, mesh, rules, False)
+  return {k: sharding.tree_shardings(v, mesh, rules, k.endswith("clients"))
+          for k, v in tree.items()}
 
 
 def client_losses(losses: np.ndarray, client_ids: np.ndarray, num_clients: int) -> np.ndarray:

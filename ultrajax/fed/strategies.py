@@ -1,40 +1,42 @@
-"""Federated strategies: pure, jittable operations on client pytrees with a leading client axis.
+"""Federated strategies: what a client adds to a round and how the server moves, as hooks.
 
-fed/ knows nothing of models: a "client tree" is any pytree whose leaves are [C, ...] (one
-slice per client/node). Build a strategy by name, `make_strategy(name, **options)`; the names
-are the keys of `STRATEGIES` and an unknown name or option raises ValueError listing the valid
-ones. Strategies are frozen dataclasses (hashable), so they can be closed over or passed as
-static arguments to `jax.jit`.
+fed/ knows nothing of models: params and model state are any pytrees. Build a strategy by
+name, `make_strategy(name, **options)` (the keys of `STRATEGIES`; an unknown name or option
+raises ValueError listing the valid ones). Strategies are frozen dataclasses (hashable), so
+they can be closed over or passed as static arguments to `jax.jit`.
 
-Interface (`ultrajax/fed/local.py` drives it; a job only supplies a loss and data):
+The engine (fed/rounds.py, docs/federated.md) drives a round through these hooks; `server`
+is `Server(params, model_state)` at the round's start, `c` a client index (int32 scalar):
 
-  weights = strategy.client_weights(num_examples)        # np [C], sums to 1 ('weighting' option)
-  state = strategy.init(server_params, num_clients, model_state=None)
-      # strategy state pytree: server optimizer state, control variates, ... ({} for most);
-      # also checks every keep_local pattern against the parameter and model-state paths.
-  ctx = strategy.local_context(state)                    # per-client pytree [C, ...] or None
-  grads = strategy.local_grad_transform(grads, params, start_params, ctx_c)
-      # ONE client (no client axis), applied to every local gradient before the optimizer:
-      # FedProx adds mu * (w - w_start), SCAFFOLD adds c - c_i, identity otherwise. This is
-      # the single mechanism for local-objective changes (a proximal loss term mu/2 ||w - w0||^2
-      # has exactly this gradient), so the job's loss_fn never depends on the strategy.
-  params, state = strategy.aggregate(client_params, start_params, weights, state, num_steps)
-      # client_params: [C, ...] after local training; start_params: [C, ...] what each client
-      # started the round with; num_steps: [C] local steps taken (SCAFFOLD needs it).
-      # Returns what every client starts the next round with, [C, ...].
-  model_state = strategy.aggregate_state(client_model_state, weights)
-      # Non-trainable state (BatchNorm running statistics): mixed like the parameters (weighted
-      # mean broadcast, personalized mix, or unchanged for 'local'), never by a server optimizer
-      # or control variate; leaves matching keep_local stay each client's own.
+  weights = strategy.client_weights(num_examples)     # np [C], sums to 1 ('weighting' option)
+  state = strategy.init(server_params, num_clients, model_state)
+      # the strategy's pytree (server optimizer, controls, kept leaves, ...); a top-level
+      # entry whose key ends in 'clients' holds per-client leaves [C, ...] (sharded so).
+  params, model_state, ctx = strategy.client_start(state, server, c)
+      # what client c trains from, and its context for local_grad_transform (one client).
+  grads = strategy.local_grad_transform(grads, params, ctx)
+      # every local gradient, before the optimizer: FedProx adds mu (w - w_start), SCAFFOLD
+      # adds c - c_i. The job's loss never depends on the strategy.
+  acc = strategy.accumulator(state, server, num_clients)    # the round's running sums
+  acc, state = strategy.on_client_done(acc, state, server, done: Finished)
+      # called once per finishing client (one client); may write that client's own slots of
+      # `state` (its controls, kept leaves): no other client reads them this round.
+  server, state = strategy.server_update(acc, state, server, key)
+      # the next round's server params and model state.
+
+`Finished.weight` is the client's population weight (client_weights); the FedAvg mean divides
+by the sum of the weights of the clients that finished, which renormalises it over the round's
+participants. Model state (BatchNorm statistics) is averaged like the params, never moved by a
+server optimizer or a control variate.
 
 Keep-local (FedBN, local heads): every strategy takes `keep_local`, a tuple of regular
 expressions searched (`re.search`) in each leaf's slash-joined path (`train.tree.path_str`,
 e.g. 'encoder/layer1/0/bn1/scale'). Matching leaves are never averaged: each client keeps the
-value its own local training produced, for parameters and model state alike. A pattern that
-matches no path raises ValueError at `init`, naming the pattern.
+value its own last local training produced (stored per client in the state), for parameters
+and model state alike. A pattern that matches no path raises ValueError at `init`.
 
 Names (options and defaults in `docs/federated.md`):
-  local           no aggregation; each node trains alone.
+  local           no aggregation; each node trains alone (its own params in the state).
   central         FedAvg's arithmetic; the job pools all nodes' data into one client.
   fedavg          x = sum_k n_k/n y_k (volume-weighted, McMahan et al. 2017).
   fedavg_uniform  x = 1/C sum_k y_k (HSL's full-parameter averaging).
@@ -50,6 +52,7 @@ Names (options and defaults in `docs/federated.md`):
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from typing import Any, NamedTuple
@@ -69,6 +72,21 @@ FEDBN_PATTERNS = (r"(^|/)(([^/]*_)?(bn|norm|ln|batch_?norm|layer_?norm)[^/]*/|"
                   r"(batch_stats|running_mean|running_var|num_batches_tracked)(/|$))",)
 
 
+class Server(NamedTuple):
+  """The server's side of a round: what every client starts from (leaves without client axis)."""
+  params: Any
+  model_state: Any
+
+
+class Finished(NamedTuple):
+  """One client at the end of its local training (no client axis)."""
+  index: jax.Array  # int32 scalar: the client
+  weight: jax.Array  # float32 scalar: its population weight (client_weights)
+  params: Any  # the params its local training produced
+  model_state: Any
+  num_steps: jax.Array  # float32 scalar: local steps taken this round
+
+
 def _paths(tree) -> list[str]:
   return [tree_lib.path_str(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
@@ -86,14 +104,58 @@ def check_patterns(patterns, *trees) -> None:
                        f"paths look like {paths[:6]}")
 
 
+def _is_local(patterns):
+  regexes = [re.compile(p) for p in patterns]
+  return lambda kp: any(r.search(tree_lib.path_str(kp)) for r in regexes)
+
+
+def kept_leaves(patterns, tree) -> list:
+  """The leaves of `tree` whose path matches a pattern, in tree order."""
+  is_local = _is_local(patterns)
+  return [x for kp, x in jax.tree_util.tree_leaves_with_path(tree) if is_local(kp)]
+
+
+def with_kept(patterns, tree, leaves):
+  """`tree` with its matching leaves replaced, in order, by `leaves` (kept_leaves' inverse)."""
+  if not patterns:
+    return tree
+  is_local, it = _is_local(patterns), iter(leaves)
+  return jax.tree_util.tree_map_with_path(lambda kp, x: next(it) if is_local(kp) else x, tree)
+
+
 def keep_local_leaves(patterns, aggregated, client_tree):
   """Leaves of `aggregated` whose path matches a pattern are replaced by `client_tree`'s."""
   if not patterns:
     return aggregated
-  regexes = [re.compile(p) for p in patterns]
-  is_local = lambda path: any(r.search(path) for r in regexes)
-  return jax.tree_util.tree_map_with_path(
-      lambda kp, a, c: c if is_local(tree_lib.path_str(kp)) else a, aggregated, client_tree)
+  return with_kept(patterns, aggregated, kept_leaves(patterns, client_tree))
+
+
+def _f32(tree):
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def _zeros(tree):
+  return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), tree)
+
+
+def _add_weighted(total, w, tree):
+  return jax.tree.map(lambda s, x: s + w * x.astype(jnp.float32), total, tree)
+
+
+def _store(stack, c, value):
+  """stack [C, ...] with row c set to value (both pytrees)."""
+  return jax.tree.map(lambda s, v: s.at[c].set(v.astype(s.dtype)), stack, value)
+
+
+def _like(tree, ref):
+  return jax.tree.map(lambda x, r: jnp.asarray(x).astype(jnp.asarray(r).dtype), tree, ref)
+
+
+def _accumulate(acc, done: Finished):
+  """FedAvg's running sums: w_k y_k of params and model state, and w_k."""
+  return dict(acc, params=_add_weighted(acc["params"], done.weight, done.params),
+              model_state=_add_weighted(acc["model_state"], done.weight, done.model_state),
+              weight=acc["weight"] + done.weight)
 
 
 def _first(client_tree):
@@ -103,7 +165,8 @@ def _first(client_tree):
 
 @dataclasses.dataclass(frozen=True)
 class FedAvg:
-  """Weighted mean broadcast to every client; the base every strategy specialises.
+  """Weighted mean of the finished clients' params (and model state); the base every strategy
+  specialises.
 
   weighting: 'volume' (n_k / n, n_k = training examples of node k) or 'uniform' (1 / C).
   keep_local: path regexes of leaves that are never averaged.
@@ -115,24 +178,77 @@ class FedAvg:
   def client_weights(self, num_examples) -> np.ndarray:
     return agg.client_weights(num_examples, self.weighting)
 
+  # ---------------------------------------------------------------- hooks (fed/rounds.py)
   def init(self, server_params, num_clients: int, model_state=None):
+    model_state = {} if model_state is None else model_state
     check_patterns(self.keep_local, server_params, model_state)
-    return self._init(server_params, num_clients)
+    state = self._init(server_params, num_clients)
+    if self.keep_local:
+      kept = lambda t: agg.broadcast(kept_leaves(self.keep_local, t), num_clients)
+      state["kept_clients"] = dict(params=kept(server_params), model_state=kept(model_state))
+    return state
 
   def _init(self, server_params, num_clients):
     del server_params, num_clients
     return {}
 
+  def client_start(self, state, server: Server, c):
+    params, model_state = server.params, server.model_state
+    if self.keep_local:
+      own = jax.tree.map(lambda x: x[c], state["kept_clients"])
+      params = with_kept(self.keep_local, params, own["params"])
+      model_state = with_kept(self.keep_local, model_state, own["model_state"])
+    return params, model_state, self.context(state, params, c)
+
+  def context(self, state, start_params, c):
+    """The per-client input of local_grad_transform (None: no transform)."""
+    del state, start_params, c
+    return None
+
+  def local_grad_transform(self, grads, params, ctx):
+    del params, ctx
+    return grads
+
+  def accumulator(self, state, server: Server, num_clients: int):
+    del state, num_clients
+    return dict(params=_zeros(server.params), model_state=_zeros(server.model_state),
+                weight=jnp.zeros((), jnp.float32))
+
+  def on_client_done(self, acc, state, server: Server, done: Finished):
+    del server
+    acc = _accumulate(acc, done)
+    if self.keep_local:
+      own = dict(params=kept_leaves(self.keep_local, done.params),
+                 model_state=kept_leaves(self.keep_local, done.model_state))
+      state = dict(state, kept_clients=_store(state["kept_clients"], done.index, own))
+    return acc, state
+
+  def mean(self, acc, server: Server) -> Server:
+    """The weighted mean over the clients that finished (float32); the old server when none did."""
+    some = acc["weight"] > 0
+    mean = lambda s, x: jnp.where(some, s / jnp.where(some, acc["weight"], 1.0),
+                                  jnp.asarray(x, jnp.float32))
+    return Server(jax.tree.map(mean, acc["params"], server.params),
+                  jax.tree.map(mean, acc["model_state"], server.model_state))
+
+  def server_update(self, acc, state, server: Server, key=None):
+    del key
+    mean = self.mean(acc, server)
+    params, state = self.server_step(server.params, mean.params, state)
+    return Server(_like(params, server.params), _like(mean.model_state, server.model_state)), state
+
+  def server_step(self, x, mean, state):
+    """Server params from the round-start params x and the clients' mean (float32)."""
+    del x
+    return mean, state
+
+  # ------------------------------------------ transitional: jobs/hsl.py's hand-built round
+  # (client trees [C, ...]); removed once jobs/hsl.py runs on fed/rounds.py (issue 16).
   def local_context(self, state):
     del state
     return None
 
-  def local_grad_transform(self, grads, params, start_params, ctx):
-    del params, start_params, ctx
-    return grads
-
   def mix(self, client_tree, weights):
-    """The linear mixing rule applied to a client tree [C, ...] (no server optimizer)."""
     return agg.broadcast(agg.weighted_mean(client_tree, weights), weights.shape[0])
 
   def aggregate(self, client_params, start_params, weights, state, num_steps=None):
@@ -149,27 +265,52 @@ class FedAvg:
 
 
 @dataclasses.dataclass(frozen=True)
-class Local(FedAvg):
-  """No communication: every node keeps its own parameters and statistics."""
-  name: str = "local"
-
-  def mix(self, client_tree, weights):
-    del weights
-    return client_tree
-
-
-@dataclasses.dataclass(frozen=True)
 class Personalized(FedAvg):
-  """y_k' = alpha * y_k + (1 - alpha) * mean of the other nodes' y_j (unweighted, as in the
-  HSL repository's README, without its divide-by-0.5 bug). alpha = 1 is local training."""
+  """y_k' = alpha * y_k + (1 - alpha) * mean of the other finished nodes' y_j (unweighted, as in
+  the HSL repository's README, without its divide-by-0.5 bug); alpha = 1 is local training.
+  Each client's own params and model state live in the state ('clients'); the server params
+  are the FedAvg mean of the finished clients (what a job logs or evaluates as one model)."""
   name: str = "personalized"
   alpha: float = 0.5
 
   def __post_init__(self):
     if not 0.0 <= self.alpha <= 1.0:
-      raise ValueError(f"personalized: alpha={self.alpha} is outside [0, 1]")
+      raise ValueError(f"{self.name}: alpha={self.alpha} is outside [0, 1]")
 
-  def mix(self, client_tree, weights):
+  def init(self, server_params, num_clients: int, model_state=None):
+    model_state = {} if model_state is None else model_state
+    check_patterns(self.keep_local, server_params, model_state)
+    own = dict(params=server_params, model_state=model_state)
+    return {"clients": agg.broadcast(own, num_clients), "done": jnp.zeros((num_clients,), bool)}
+
+  def client_start(self, state, server: Server, c):
+    own = jax.tree.map(lambda x: x[c], state["clients"])
+    return own["params"], own["model_state"], self.context(state, own["params"], c)
+
+  def on_client_done(self, acc, state, server: Server, done: Finished):
+    del server
+    own = dict(params=done.params, model_state=done.model_state)
+    return _accumulate(acc, done), dict(state, clients=_store(state["clients"], done.index, own),
+                     done=state["done"].at[done.index].set(True))
+
+  def server_update(self, acc, state, server: Server, key=None):
+    """Mixes the finished clients' stored models among themselves; the others stay as they are."""
+    new, state = super().server_update(acc, state, server, key)
+    done = state["done"]
+    count = done.sum().astype(jnp.float32)
+    is_local = _is_local(self.keep_local)
+
+    def one(kp, x):
+      x32, d = x.astype(jnp.float32), done.reshape((-1,) + (1,) * (x.ndim - 1))
+      others = (jnp.where(d, x32, 0.0).sum(0, keepdims=True) - x32) / jnp.maximum(count - 1, 1)
+      mixed = self.alpha * x32 + (1.0 - self.alpha) * others
+      keep = is_local(kp) | ~d | (count < 2)
+      return jnp.where(keep, x32, mixed).astype(x.dtype)
+
+    clients = {k: jax.tree_util.tree_map_with_path(one, v) for k, v in state["clients"].items()}
+    return new, dict(state, clients=clients, done=jnp.zeros_like(done))
+
+  def mix(self, client_tree, weights):  # transitional (jobs/hsl.py)
     num_clients = weights.shape[0]
     if num_clients == 1:
       return client_tree
@@ -183,6 +324,17 @@ class Personalized(FedAvg):
 
 
 @dataclasses.dataclass(frozen=True)
+class Local(Personalized):
+  """No communication: every node keeps its own parameters and statistics (alpha = 1)."""
+  name: str = "local"
+  alpha: float = 1.0
+
+  def mix(self, client_tree, weights):  # transitional (jobs/hsl.py)
+    del weights
+    return client_tree
+
+
+@dataclasses.dataclass(frozen=True)
 class FedProx(FedAvg):
   """FedAvg whose local gradients get the proximal term's gradient mu * (w - w_start)."""
   name: str = "fedprox"
@@ -192,10 +344,13 @@ class FedProx(FedAvg):
     if self.mu < 0:
       raise ValueError(f"fedprox: mu={self.mu} must be >= 0")
 
-  def local_grad_transform(self, grads, params, start_params, ctx):
-    del ctx
+  def context(self, state, start_params, c):
+    del state, c
+    return start_params
+
+  def local_grad_transform(self, grads, params, ctx):
     return jax.tree.map(lambda g, w, w0: g + (self.mu * (w - w0)).astype(g.dtype),
-                        grads, params, start_params)
+                        grads, params, ctx)
 
 
 def scale_by_fedopt(kind: str, b1: float, b2: float, tau: float) -> optax.GradientTransformation:
@@ -265,7 +420,13 @@ class FedOpt(FedAvg):
     return {"server_opt": self.server_tx().init(
         jax.tree.map(lambda x: x.astype(jnp.float32), server_params))}
 
-  def _aggregate(self, client_params, start_params, weights, state, num_steps):
+  def server_step(self, x, mean, state):
+    x = _f32(x)
+    updates, opt = self.server_tx().update(jax.tree.map(jnp.subtract, x, mean),
+                                           state["server_opt"], x)
+    return jax.tree.map(jnp.add, x, updates), dict(state, server_opt=opt)
+
+  def _aggregate(self, client_params, start_params, weights, state, num_steps):  # transitional
     del num_steps
     x = jax.tree.map(lambda a: a.astype(jnp.float32), _first(start_params))
     mean = jax.tree.map(lambda a: a.astype(jnp.float32), agg.weighted_mean(client_params, weights))
@@ -278,16 +439,18 @@ class FedOpt(FedAvg):
 
 @dataclasses.dataclass(frozen=True)
 class Scaffold(FedAvg):
-  """SCAFFOLD (Karimireddy et al. 2020), full participation, option II control update.
+  """SCAFFOLD (Karimireddy et al. 2020), option II control update.
 
   Local step gradient: g + c - c_i. After K_i local steps of lr local_lr from x to y_i:
     c_i' = c_i - c + (x - y_i) / (K_i * local_lr)
-    x'   = x + server_lr * sum_k w_k (y_k - x)
-    c'   = c + sum_k w_k (c_k' - c_k)
-  The paper averages uniformly (1/N); the same weights w as the parameters are used here so
-  that c stays the weighted mean of the c_i and the corrections c - c_i average to zero
-  under that mean (uniform weighting gives the paper exactly). Option II assumes plain SGD
-  locally; with another local optimizer local_lr is the effective step size you declare.
+    x'   = x + server_lr * (sum_S w_k y_k / sum_S w_k - x)
+    c'   = c + sum_S w_k (c_k' - c_k)
+  over the clients S that finished the round, w_k their population weights. The paper averages
+  uniformly (1/N, and |S|/N for c under partial participation); the same weights w as the
+  params are used here so that c stays the weighted mean of the c_i and the corrections
+  c - c_i average to zero under that mean (uniform weighting gives the paper exactly). Option
+  II assumes plain SGD locally; with another local optimizer local_lr is the effective step
+  size you declare.
   """
   name: str = "scaffold"
   local_lr: float = 0.01
@@ -298,17 +461,41 @@ class Scaffold(FedAvg):
       raise ValueError(f"scaffold: local_lr={self.local_lr} must be > 0 (option II divides by it)")
 
   def _init(self, server_params, num_clients):
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), server_params)
+    zeros = _zeros(server_params)
     return {"c": zeros, "c_clients": agg.broadcast(zeros, num_clients)}
 
-  def local_context(self, state):
-    return jax.tree.map(lambda c, ci: c[None] - ci, state["c"], state["c_clients"])
+  def context(self, state, start_params, c):
+    del start_params
+    return jax.tree.map(lambda g, own: g - own[c], state["c"], state["c_clients"])
 
-  def local_grad_transform(self, grads, params, start_params, ctx):
-    del params, start_params
+  def local_grad_transform(self, grads, params, ctx):
+    del params
     return jax.tree.map(lambda g, d: g + d.astype(g.dtype), grads, ctx)
 
-  def _aggregate(self, client_params, start_params, weights, state, num_steps):
+  def accumulator(self, state, server: Server, num_clients: int):
+    return dict(super().accumulator(state, server, num_clients), delta_c=_zeros(server.params))
+
+  def on_client_done(self, acc, state, server: Server, done: Finished):
+    acc, state = super().on_client_done(acc, state, server, done)
+    scale = 1.0 / (jnp.maximum(done.num_steps, 1.0) * self.local_lr)
+    old = jax.tree.map(lambda own: own[done.index], state["c_clients"])
+    new = jax.tree.map(lambda ci, g, x, y: ci - g + (x.astype(jnp.float32) - y) * scale,
+                       old, state["c"], server.params, done.params)
+    acc = dict(acc, delta_c=jax.tree.map(lambda s, a, b: s + done.weight * (a - b),
+                                         acc["delta_c"], new, old))
+    return acc, dict(state, c_clients=_store(state["c_clients"], done.index, new))
+
+  def server_step(self, x, mean, state):
+    return jax.tree.map(lambda x, m: x + self.server_lr * (m - x), _f32(x), mean), state
+
+  def server_update(self, acc, state, server: Server, key=None):
+    new, state = super().server_update(acc, state, server, key)
+    return new, dict(state, c=jax.tree.map(jnp.add, state["c"], acc["delta_c"]))
+
+  def local_context(self, state):  # transitional (jobs/hsl.py)
+    return jax.tree.map(lambda c, ci: c[None] - ci, state["c"], state["c_clients"])
+
+  def _aggregate(self, client_params, start_params, weights, state, num_steps):  # transitional
     if num_steps is None:
       raise ValueError("scaffold's aggregate needs num_steps [C] (local steps per client)")
     x = jax.tree.map(lambda a: a.astype(jnp.float32), _first(start_params))
@@ -346,7 +533,7 @@ class _Entry(NamedTuple):
 
 
 STRATEGIES: dict[str, _Entry] = {
-    "local": _Entry(Local, {}),
+    "local": _Entry(Local, {"alpha": 1.0}),
     "central": _Entry(FedAvg, {"name": "central"}),
     "fedavg": _Entry(FedAvg, {"name": "fedavg"}),
     "fedavg_uniform": _Entry(FedAvg, {"name": "fedavg_uniform", "weighting": "uniform"}),
@@ -358,8 +545,23 @@ STRATEGIES: dict[str, _Entry] = {
     "fedyogi": _Entry(FedOpt, {"name": "fedyogi", "optimizer": "yogi"}),
     "fedadagrad": _Entry(FedOpt, {"name": "fedadagrad", "optimizer": "adagrad"}),
     "scaffold": _Entry(Scaffold, {}),
-    "splitavg": _Entry(SplitAvg, {}),
+    "splitavg": _Entry(SplitAvg, {"alpha": 1.0}),
 }
+
+
+def parse_options(text: str) -> dict:
+  """'mu=0.1, keep_local=("^head/",)' -> {'mu': 0.1, 'keep_local': ('^head/',)} (Python
+  literals); '' -> {}. Raises ValueError naming what does not parse."""
+  if not text.strip():
+    return {}
+  try:
+    call = ast.parse(f"f({text})", mode="eval").body
+    if call.args:
+      raise ValueError("every option needs a name (name=value)")
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+  except (SyntaxError, ValueError) as e:
+    raise ValueError(f"options {text!r} are not 'name=value, ...' with Python literals: "
+                     f"{e}") from None
 
 
 def make_strategy(name: str, **options) -> FedAvg:
@@ -371,7 +573,7 @@ def make_strategy(name: str, **options) -> FedAvg:
   if name not in STRATEGIES:
     raise ValueError(f"unknown federated strategy {name!r}; choose one of {sorted(STRATEGIES)}")
   entry = STRATEGIES[name]
-  fields = {f.name for f in dataclasses.fields(entry.cls)} - {"name"}
+  fields = {f.name for f in dataclasses.fields(entry.cls)} - {"name"} - set(entry.fixed)
   unknown = sorted(set(options) - fields)
   if unknown:
     raise ValueError(f"strategy {name!r} takes no option(s) {unknown}; options: {sorted(fields)}")
@@ -383,3 +585,8 @@ def make_strategy(name: str, **options) -> FedAvg:
   if name == "keep_local" and not strategy.keep_local:
     raise ValueError("strategy 'keep_local' needs keep_local=(path regexes, ...)")
   return strategy
+
+
+# Privacy and robustness strategies (dp_fedavg, fedavg_screened, median, trimmed_mean, krum,
+# multi_krum, norm_bound, secagg) build on FedAvg above and register themselves here.
+from ultrajax.fed import protected as _protected  # noqa: E402,F401

@@ -42,16 +42,27 @@ from flax import nnx
 from ultrajax import configlib, ultramim
 from ultrajax.data import dicom, pipeline, sources as sources_lib, teacher_cache
 from ultrajax.eval import evaluators
-from ultrajax.fed import aggregate, rounds
+from ultrajax.fed import aggregate, participation, rounds, strategies
+from ultrajax.fed.strategies import Server
 from ultrajax.interop import load as interop_load, open_clip
 from ultrajax.models import mae, teacher as teacher_lib, vit
-from ultrajax.train import (checkpoint, divergence, optimizer, perf, resume, sharding, timing,
-                            writers)
+from ultrajax.train import (
+  checkpoint,
+  divergence,
+  loop,
+  optimizer,
+  perf,
+  resume,
+  sharding,
+  timing,
+  writers,
+)
 from ultrajax.viz import attention as attention_viz, features as feature_viz, reconstruction
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NUM_PREVIEW = 4
 TARGETS = ("pixels", "teacher")
+# Every registered strategy but SplitAVG (it needs a model split into client and server parts).
+STRATEGIES = tuple(n for n in strategies.STRATEGIES if n != "splitavg")
 TEACHER_SEED_SALT = 0x7EAC  # random teacher key = fold_in(seed key, salt): pixel runs unchanged
 
 
@@ -59,7 +70,7 @@ TEACHER_SEED_SALT = 0x7EAC  # random teacher key = fold_in(seed key, salt): pixe
 def validate(config) -> None:
   """Fails at start-up naming the first field whose value cannot work."""
   c = configlib
-  c.check_choice(config, "model.dtype", DTYPES)
+  c.check_choice(config, "model.dtype", vit.DTYPES)
   c.check_choice(config, "model.attention_impl", vit.ATTENTION_IMPLS)
   c.check_choice(config, "model.remat", vit.REMATS)
   c.check_choice(config, "model.scan_layers", (False, True))
@@ -77,7 +88,7 @@ def validate(config) -> None:
   c.check_choice(config, "data.probe", ("", "linear", "convex"))
   c.check_range(config, "data.batch_size", 1)
   c.check_range(config, "data.num_clients", 1, len(sources_lib.DEFAULT_CLIENTS))
-  c.check_choice(config, "fed.aggregation", ("volume", "uniform"))
+  validate_fed(config)
   c.check_range(config, "fed.num_rounds", 1)
   c.check_range(config, "fed.local_epochs", 1)
   c.check_range(config, "fed.chunk_steps", 1)
@@ -110,12 +121,30 @@ def validate(config) -> None:
             "targets need 0")
 
 
+def validate_fed(config) -> None:
+  """The strategy, its options and the participation fields of config.fed."""
+  f = config.fed
+  configlib.check_choice(config, "fed.strategy", STRATEGIES)
+  make_strategy(config)
+  try:
+    participation.check(f.clients_per_round, f.sampling, f.dropout)
+  except ValueError as e:
+    raise configlib.ConfigError(f"config.fed.{e}") from None
+
+
+def make_strategy(config):
+  """config.fed.strategy with config.fed.strategy_options ('name=value, ...' Python literals)."""
+  f = config.fed
+  try:
+    return strategies.make_strategy(f.strategy, **strategies.parse_options(f.strategy_options))
+  except ValueError as e:
+    raise configlib.ConfigError(f"config.fed.strategy_options={f.strategy_options!r} "
+                                f"(strategy {f.strategy!r}): {e}") from None
+
+
 def teacher_dims(teacher_config) -> tuple[int, int, int, int]:
   """(width, depth, heads, patch) of config.teacher (variant 'B/16' or explicit sizes)."""
-  t = teacher_config
-  if t.variant:
-    return vit.parse_variant(t.variant)
-  return t.width, t.depth, t.num_heads, t.patch_size
+  return vit.model_dims(teacher_config, "config.teacher")
 
 
 def teacher_token_width(teacher_config) -> int:
@@ -147,7 +176,7 @@ def validate_teacher(config) -> None:
   c.check_choice(config, "teacher.align", teacher_lib.ALIGN_MODES)
   if "tower" in t:  # set by configs/pretrain_urfm.py; other configs build BiomedCLIP's ('timm')
     c.check_choice(config, "teacher.tower", tuple(teacher_lib.TOWERS))
-  c.check_choice(config, "teacher.dtype", DTYPES)
+  c.check_choice(config, "teacher.dtype", vit.DTYPES)
   c.check_choice(config, "teacher.cache_dtype", teacher_cache.DTYPES)
   c.check_range(config, "teacher.smooth_l1_beta", 0.0, low_inclusive=False)
   tokens = teacher_token_width(t)
@@ -239,6 +268,12 @@ def client_sources(config) -> list:
     clients = sources_lib.manifest_clients(
         d.manifest, image_column=d.image_column, client_column=d.client_column,
         default_probe=d.probe, on_bad_image=d.on_bad_image, dicom_frames=d.dicom_frames)
+  if d.get("clients"):  # a subset by name (e.g. one hospital alone: jobs/benefit.py)
+    keep = [n.strip() for n in d.clients.split(",") if n.strip()]
+    names = [s.name for s in clients]
+    configlib.check(all(n in names for n in keep), f"config.data.clients={d.clients!r} names "
+                    f"{[n for n in keep if n not in names]}, not among the clients {names}")
+    clients = [s for s in clients if s.name in keep]
   if d.fraction < 1:
     clients = [sources_lib.fraction_of(s, d.fraction, config.seed) for s in clients]
   u = config.ultramim
@@ -279,9 +314,7 @@ def preview_images(clients, image_size: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- model
 def patch_size_of(model_config) -> int:
-  if model_config.variant:
-    return vit.parse_variant(model_config.variant)[3]
-  return model_config.patch_size
+  return vit.model_dims(model_config)[3]
 
 
 def mim_views(images, mask_key, corrupt_key, config):
@@ -302,7 +335,7 @@ def build_teacher(config, seed_key):
   width, depth, heads, patch = teacher_dims(t)
   make = lambda key: teacher_lib.Teacher(
       width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=t.image_size,
-      embed_dim=t.embed_dim, dtype=DTYPES[t.dtype], tower=t.get("tower", "timm"),
+      embed_dim=t.embed_dim, dtype=vit.DTYPES[t.dtype], tower=t.get("tower", "timm"),
       rngs=nnx.Rngs(key))
   if t.file:
     abstract = nnx.eval_shape(lambda: make(0))
@@ -410,10 +443,12 @@ class Programs:
   """
 
   def __init__(self, config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes,
-               teacher=None, cached=False):
+               teacher=None, cached=False, strategy=None):
     """teacher: (graphdef, pure-dict params) of the frozen teacher for config.target='teacher'
     (its params become a replicated, non-donated input of the chunk); cached: batches are
-    {'images', 'teacher'} dicts from a teacher cache."""
+    {'images', 'teacher'} dicts from a teacher cache; strategy: the federated strategy
+    (default: config.fed.strategy). Pretraining has no model state: Server(params, {})."""
+    self.strategy = strategy = strategy or make_strategy(config)
     rules = [tuple(r) for r in config.sharding_rules]
     stacked = lambda n: jax.eval_shape(
         functools.partial(aggregate.broadcast, num_clients=n), abstract_params)
@@ -421,13 +456,22 @@ class Programs:
     self.client_sharding = sharding.tree_shardings(stacked(num_clients), mesh, rules, True)
     self.abstract_opt = jax.eval_shape(jax.vmap(tx.init), stacked(num_clients))
     self.opt_sharding = sharding.tree_shardings(self.abstract_opt, mesh, rules, True)
-    lane_opt = jax.eval_shape(jax.vmap(tx.init), stacked(num_lanes))
+    self.abstract_strategy = jax.eval_shape(
+        lambda p: strategy.init(p, num_clients, {}), abstract_params)
+    self.strategy_sharding = rounds.state_shardings(self.abstract_strategy, mesh, rules)
+    abstract_lanes = jax.eval_shape(
+        lambda p, o, s: rounds.start_round(strategy, Server(p, {}), o, s, num_clients, num_lanes),
+        abstract_params, self.abstract_opt, self.abstract_strategy)
+    lanes = lambda tree: sharding.tree_shardings(tree, mesh, rules + [(".*", "replicated")], True)
     self.state_sharding = rounds.LaneState(
-        params=sharding.tree_shardings(stacked(num_lanes), mesh, rules, True),
-        opt_state=sharding.tree_shardings(lane_opt, mesh, rules, True),
-        client_opt_state=self.opt_sharding, server_sum=self.server_sharding)
+        params=lanes(abstract_lanes.params), model_state={},
+        opt_state=lanes(abstract_lanes.opt_state), ctx=lanes(abstract_lanes.ctx),
+        client_opt_state=self.opt_sharding,
+        strategy_state=self.strategy_sharding,
+        acc=rounds.state_shardings(abstract_lanes.acc, mesh, rules))
     self.vector = sharding.client_vector_sharding(mesh)  # [L, ...] plan arrays
     self.replicated = rep = sharding.replicated(mesh)
+    server = Server(self.server_sharding, {})
 
     m = config.model
     self.init_params = jax.jit(
@@ -436,13 +480,17 @@ class Programs:
     self.init_opt = jax.jit(
         lambda server: jax.vmap(tx.init)(aggregate.broadcast(server, num_clients)),
         in_shardings=(self.server_sharding,), out_shardings=self.opt_sharding)
-    self.start_round = jax.jit(
-        functools.partial(rounds.start_round, num_lanes=num_lanes),
-        in_shardings=(self.server_sharding, self.opt_sharding), out_shardings=self.state_sharding,
-        donate_argnums=(1,))
-    self.finish_round = jax.jit(
-        rounds.finish_round, in_shardings=(self.state_sharding, self.server_sharding),
-        out_shardings=(self.server_sharding, self.opt_sharding), donate_argnums=(0,))
+    self.init_strategy = jax.jit(lambda p: strategy.init(p, num_clients, {}),
+                                 in_shardings=(self.server_sharding,),
+                                 out_shardings=self.strategy_sharding)
+    self._start_round = jax.jit(
+        lambda p, o, s: rounds.start_round(strategy, Server(p, {}), o, s, num_clients, num_lanes),
+        in_shardings=(self.server_sharding, self.opt_sharding, self.strategy_sharding),
+        out_shardings=self.state_sharding, donate_argnums=(1, 2))
+    self._finish_round = jax.jit(
+        lambda state, p, key: rounds.finish_round(strategy, state, Server(p, {}), key),
+        in_shardings=(self.state_sharding, self.server_sharding, rep),
+        out_shardings=(server, self.opt_sharding, self.strategy_sharding), donate_argnums=(0,))
 
     o = config.optim
     self.lr_fn = functools.partial(
@@ -457,10 +505,12 @@ class Programs:
     teacher_graphdef, teacher_params = teacher or (None, {})
     self.frozen = jax.tree.map(lambda x: _put(x, rep), teacher_params)
 
-    def chunk(frozen, *args):
-      loss_fn = make_loss_fn(graphdef, config, teacher_graphdef, frozen)
-      return rounds.make_chunk(loss_fn, tx, self.lr_fn, config.on_nonfinite,
-                               grad_norms=True)(*args)
+    def chunk(frozen, params, *args):
+      loss_fn = rounds.without_model_state(
+          make_loss_fn(graphdef, config, teacher_graphdef, frozen))
+      state, metrics = rounds.make_chunk(loss_fn, tx, strategy, self.lr_fn, config.on_nonfinite)(
+          Server(params, {}), *args)
+      return state, metrics["loss"], metrics["grad_norm"]
 
     self.chunk = jax.jit(
         chunk, in_shardings=(rep, self.server_sharding, self.state_sharding,
@@ -476,6 +526,19 @@ class Programs:
           self.frozen)
     self._compiled_chunk = None
     self.chunk_flops = None
+
+  def start_round(self, params, opt_state, strategy_state=None):
+    """Lane state for a round from the server params, the clients' optimizer states and the
+    strategy state (a fresh one when None, as benchmarks start); donates the last two."""
+    if strategy_state is None:
+      strategy_state = self.init_strategy(params)
+    return self._start_round(params, opt_state, strategy_state)
+
+  def finish_round(self, state, params, round_key=None):
+    """(server params, clients' optimizer states, strategy state) after the round's last chunk."""
+    key = jax.random.key(0) if round_key is None else round_key
+    server, opt_state, strategy_state = self._finish_round(state, params, key)
+    return server.params, opt_state, strategy_state
 
   def run_chunk(self, *args):
     """Compiles on first use (keeping XLA's FLOP count for MFU), then runs asynchronously."""
@@ -539,27 +602,26 @@ def _teacher_data(config, clients, teacher):
 
 
 def _resume_or_init(config, ckpt, programs, data, seed_key):
-  """Returns (server params, client optimizer states, first round to run)."""
+  """(first round to run, server params, dict(opt=client optimizer states, strategy=state))."""
   abstract_params = jax.eval_shape(programs.init_params, seed_key)
-  abstract_server = checkpoint.abstract_like(abstract_params, programs.server_sharding)
-  abstract_train = dict(opt=checkpoint.abstract_like(programs.abstract_opt, programs.opt_sharding))
-  restored = resume.restore_latest(ckpt, abstract_server, abstract_train, data,
-                                   config=resume.snapshot(config),
-                                   allow=resume.allowed_changes(config))
-  if restored is not None:
-    latest, params, train, _ = restored
-    logging.info("Resumed from %s/%d (round %d done).", ckpt.directory, latest, latest)
-    return params, train["opt"], latest
-  params = programs.init_params(seed_key)
-  if config.init_from:
-    # An ultrajax workdir/checkpoint, or an official-MAE / timm file (.pth, .safetensors);
-    # an encoder-only file keeps the freshly initialised decoder.
-    abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
-    target = checkpoint.abstract_like(abstract_params, programs.server_sharding)
-    params = interop_load.load_init_params(config.init_from, abstract_model,
-                                           base_params=params, target=target)
-    logging.info("Initialised from %s.", config.init_from)
-  return params, programs.init_opt(params), 0
+  like_params = checkpoint.abstract_like(abstract_params, programs.server_sharding)
+  like_train = dict(
+      opt=checkpoint.abstract_like(programs.abstract_opt, programs.opt_sharding),
+      strategy=checkpoint.abstract_like(programs.abstract_strategy, programs.strategy_sharding))
+
+  def init():
+    params = programs.init_params(seed_key)
+    if config.init_from:
+      # An ultrajax workdir/checkpoint, or an official-MAE / timm file (.pth, .safetensors);
+      # an encoder-only file keeps the freshly initialised decoder.
+      abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
+      params = interop_load.load_init_params(config.init_from, abstract_model,
+                                             base_params=params, target=like_params)
+      logging.info("Initialised from %s.", config.init_from)
+    return params, dict(opt=programs.init_opt(params), strategy=programs.init_strategy(params))
+
+  return loop.resume_or_init(ckpt, like_params, like_train, init, config=config,
+                             data_iterator=data)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_rounds: int | None = None):
@@ -606,7 +668,13 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
         hflip=config.data.hflip, num_threads=config.data.num_threads,
         process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_round = data.steps_per_epoch * config.fed.local_epochs
-  num_lanes = config.fed.lanes or rounds.auto_lanes(steps_per_round, mesh.shape["clients"])
+  f = config.fed
+  lanes_axis = mesh.shape["clients"]
+  # At most as many lanes as a round can have clients (sampled rounds hold fewer).
+  most = num_clients if f.sampling == "poisson" else participation.count(f.clients_per_round,
+                                                                         num_clients)
+  num_lanes = f.lanes or min(rounds.auto_lanes(steps_per_round, lanes_axis),
+                             math.ceil(most / lanes_axis) * lanes_axis)
   configlib.check(num_lanes % mesh.shape["clients"] == 0,
                   f"config.fed.lanes={num_lanes} is not a multiple of config.mesh.clients="
                   f"{mesh.shape['clients']}")
@@ -615,8 +683,8 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
   length = rounds.plan_round(steps_per_round, num_lanes, 1).client_ids.shape[1]
   chunk_steps = math.ceil(length / math.ceil(length / config.fed.chunk_steps))
   plan = rounds.plan_round(steps_per_round, num_lanes, chunk_steps)
-  num_chunks = plan.client_ids.shape[1] // chunk_steps
-  weights = aggregate.client_weights(data.num_images, config.fed.aggregation)
+  strategy = make_strategy(config)
+  weights = strategy.client_weights(data.num_images)
   for c, source in enumerate(clients):
     logging.info("client %2d %-28s %7d images (SMAT pairs included) %4d steps/round weight %.4f",
                  c, source.name, data.num_images[c], steps_per_round[c], weights[c])
@@ -631,10 +699,10 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
     abstract_params = nnx.to_pure_dict(abstract_params)
     tx = optimizer.adamw(config.optim, abstract_params)
     programs = Programs(config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes,
-                        teacher=teacher, cached=cached)
+                        teacher=teacher, cached=cached, strategy=strategy)
 
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    params, opt_state, start = _resume_or_init(config, ckpt, programs, data, model_key)
+    start, params, train = _resume_or_init(config, ckpt, programs, data, model_key)
     writer = writers.create_writer(workdir)
     if jax.process_index() == 0:
       writers.truncate_jsonl(workdir / "metrics.jsonl", start)
@@ -657,10 +725,8 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
                                 title="SMAT scan-mode partners")
     weights_dev = _put(weights, programs.replicated)
     steps_dev = _put(steps_per_round.astype(np.float32), programs.replicated)
-    chunk_plans = [plan.chunk(j, chunk_steps) for j in range(num_chunks)]
-    chunk_plans_dev = [rounds.RoundPlan(*(_put(a, programs.vector) for a in p))
-                       for p in chunk_plans]
     meta = dict(process_count=jax.process_count(), config=config.to_json_best_effort())
+    partial = f.sampling == "poisson" or f.clients_per_round != 0 or f.dropout > 0
     last = config.fed.num_rounds if stop_after_rounds is None else min(
         config.fed.num_rounds, stop_after_rounds)
 
@@ -668,19 +734,26 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
     for r in range(start, last):
       t0 = timing.now()
       round_key = rounds.round_key(train_key, r)
-      if config.fed.reset_client_optimizer and r > start:
-        opt_state = programs.init_opt(params)
-      state = programs.start_round(params, opt_state)
+      # Every round, the first after a resume included: the clients' optimizer states that
+      # round r starts from do not depend on where the run stopped.
+      if f.reset_client_optimizer:
+        train["opt"] = programs.init_opt(params)
+      drawn = participation.draw(data.num_images, r, config.seed, f.clients_per_round,
+                                 f.sampling, f.dropout)
+      plan = rounds.plan_round(steps_per_round * drawn.participants, num_lanes, chunk_steps)
+      state = programs.start_round(params, train["opt"], train["strategy"])
       round_index = _put(np.int32(r), programs.replicated)
-      losses, grad_norms = [], []
-      for p, p_dev in zip(chunk_plans, chunk_plans_dev):
+      losses, grad_norms = [np.zeros((num_lanes, 0))], [np.zeros((num_lanes, 0))]
+      for j in range(plan.client_ids.shape[1] // chunk_steps):
+        p = plan.chunk(j, chunk_steps)
         # Loading the next chunk overlaps with the device still running the previous one.
         images = _global_batch(data.next_batches(p.client_ids), programs.batch_sharding)
         state, chunk_losses, chunk_norms = programs.run_chunk(
-            params, state, images, p_dev, steps_dev, weights_dev, round_index, round_key)
+            params, state, images, rounds.RoundPlan(*(_put(a, programs.vector) for a in p)),
+            steps_dev, weights_dev, round_index, round_key)
         losses.append(chunk_losses)
         grad_norms.append(chunk_norms)
-      params, opt_state = programs.finish_round(state, params)
+      params, train["opt"], train["strategy"] = programs.finish_round(state, params, round_key)
       losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)], axis=1)
       grad_norms = np.concatenate([np.asarray(x) for x in jax.device_get(grad_norms)], axis=1)
       seconds = timing.now() - t0
@@ -697,34 +770,40 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
         writer.close()
         raise
       losses = np.where(valid, losses, 0.0)
-      loss = float(losses.sum() / valid.sum())
+      busy = max(int(valid.sum()), 1)  # a sampled round may have no client at all
+      loss = float(losses.sum() / busy)
       evaluated = probes.at_round(params, done) if probes else {}
 
       if done % config.log_every_rounds == 0 or done == last:
         per_client = rounds.client_losses(losses, np.where(valid, plan.client_ids, -1),
                                           num_clients)
         # Mean global gradient norm of the round's client steps, and the new server params' norm.
-        grad_norm = float(np.where(valid, grad_norms, 0.0).sum() / valid.sum())
+        grad_norm = float(np.where(valid, grad_norms, 0.0).sum() / busy)
         scalars = dict(round=done, loss=loss, lr=float(lr_fn(done)),
-                       img_per_s=int(steps_per_round.sum()) * batch / running,
+                       img_per_s=int((plan.client_ids >= 0).sum()) * batch / running,
                        s_per_round=seconds, grad_norm=grad_norm,
                        param_norm=float(programs.param_norm(params)))
         if compiling > 0:
           scalars["compile_s"] = compiling
         if config.on_nonfinite == "skip":
           scalars["skipped_steps"] = int((plan.client_ids >= 0).sum() - valid.sum())
-        scalars.update({f"loss/client_{c:02d}": float(v) for c, v in enumerate(per_client)})
+        scalars.update({f"loss/client_{c:02d}": float(per_client[c])
+                        for c in np.flatnonzero(drawn.participants)})
+        if partial:  # who took part is also in the log line below
+          scalars.update(clients=int(drawn.participants.sum()), dropped=int(drawn.dropped.sum()))
         if programs.chunk_flops:
           # Idle lane steps are computed too: this is what the hardware did.
-          tflops = programs.chunk_flops * num_chunks / running / 1e12
+          tflops = programs.chunk_flops * plan.client_ids.shape[1] / chunk_steps / running / 1e12
           scalars["tflops_per_device"] = tflops
           if perf.mfu(tflops * 1e12) is not None:
             scalars["mfu"] = perf.mfu(tflops * 1e12)
         scalars.update(evaluated)
         writer.write_scalars(done, scalars)
-        logging.info("round %d/%d  loss %.4f  %.1f img/s  %.2f s/round%s", done,
+        logging.info("round %d/%d  loss %.4f  %.1f img/s  %.2f s/round%s%s", done,
                      config.fed.num_rounds, loss, scalars["img_per_s"], seconds,
-                     f" ({compiling:.1f} s compiling)" if compiling > 0 else "")
+                     f" ({compiling:.1f} s compiling)" if compiling > 0 else "",
+                     f"  clients {np.flatnonzero(drawn.participants).tolist()} dropped "
+                     f"{np.flatnonzero(drawn.dropped).tolist()}" if partial else "")
       elif evaluated:
         writer.write_scalars(done, dict(round=done, **evaluated))
       progress(done)
@@ -744,7 +823,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
           attention_viz.save_attention(workdir / "attention" / f"round_{done:05d}.png", preview,
                                        maps, title=f"round {done}: last block, cls attention")
       if done % config.ckpt_every_rounds == 0 or done == config.fed.num_rounds:
-        ckpt.save(done, params, dict(opt=opt_state), data, dict(meta, round=done))
+        ckpt.save(done, params, train, data, dict(meta, round=done))
     if probes and jax.process_index() == 0:
       logging.info("Evaluators, first and last round logged:\n%s",
                    evaluators.summary(writers.read_jsonl(workdir / "metrics.jsonl")))
