@@ -108,6 +108,10 @@ def get_config(arg=None):
       crop_scale=(0.2, 1.0),
       hflip=True,
       num_threads=8,  # Grain reader threads per client.
+      # Grain worker processes per client (0: threads only). Decoding and resizing hold the GIL,
+      # so threads share one core; W workers use W (docs/benchmarks.md, `bench pipeline`).
+      # Same batches as 0, but a checkpoint resumes only with the worker_count it was saved with.
+      worker_count=0,
   ))
 
   c.fed = ml_collections.ConfigDict(dict(

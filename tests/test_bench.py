@@ -1,6 +1,7 @@
 """Benchmarks: the PyTorch MAE peer of `bench pretrain` computes MAE's objective (checked
 against ultrajax's own loss on the peer's predictions and mask); `bench plan` counts the
 per-device state as a hand count and XLA do."""
+import importlib.util
 import pathlib
 
 import numpy as np
@@ -75,3 +76,18 @@ def test_plan_state_bytes_match_an_analytic_count(mesh_clients, rules, held, com
   if compile_chunk:
     assert p.chunk_flops > 0
     assert p.xla["argument"] >= p.server_bytes + p.client_opt_bytes + p.lane_bytes
+
+
+def test_bench_pipeline_times_both_peers_on_one_folder(tmp_path):
+  from ultrajax.bench import pipeline as pipeline_bench
+  from ultrajax.data import sources
+  root = pipeline_bench.write_jpeg_folder(tmp_path, 6, 40)
+  folder = sources.folder_clients(str(root))[0]
+  assert len(folder) == 6 and folder[0]["image"].shape == (40, 40, 3)
+  rows = pipeline_bench.bench_pipeline([0], num_images=6, stored_size=40, batch=2,
+                                       num_batches=1, torch_peer=False)
+  assert [(r["pipeline"], r["workers"]) for r in rows] == [
+      ("ultrajax, JPEG folder", 0), ("ultrajax, phantom", 0)]
+  assert all(r["img_per_s"] > 0 and r["per_core"] == r["img_per_s"] for r in rows)
+  if importlib.util.find_spec("torchvision"):
+    assert pipeline_bench.torch_img_per_s(root, 0, 2, 1) > 0

@@ -232,6 +232,23 @@ def test_state_restore_continues_bitwise():
   restored.close()
 
 
+def test_worker_processes_give_the_same_batches_and_resume_bitwise():
+  # One client on two Grain worker processes (they run batches 0, 2, ... and 1, 3, ...).
+  sources = [_GradientSource(10, "a", (30, 30))]
+  active = np.ones((1, 3), bool)
+  reference = _batches(sources, batch_size=3, num_threads=1)
+  expected = [_next(reference, active) for _ in range(3)]
+  data = _batches(sources, batch_size=3, num_threads=1, worker_count=2)
+  np.testing.assert_array_equal(_next(data, active), expected[0])
+  state = json.loads(json.dumps(data.get_state()))
+  restored = _batches(sources, batch_size=3, num_threads=1, worker_count=2)
+  restored.set_state(state)
+  for want in expected[1:]:
+    np.testing.assert_array_equal(_next(restored, active), want)
+  for d in (reference, data, restored):
+    d.close()
+
+
 def test_orbax_checkpoint_round_trip(tmp_path):
   grain = pytest.importorskip("grain")
   ocp = pytest.importorskip("orbax.checkpoint")

@@ -22,6 +22,12 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             at --mfu on H100/H200/A100/TPU v4/v5e/v5p (ultrajax/bench/plan.py), e.g.
             --config=configs/pretrain_fed.py --devices=32.
 
+  pipeline  host input pipeline img/s and img/s per core at 224 px, at 0 (threads), 1, 2, 4 ...
+            worker processes (--pipeline_workers=0,1,2): ultrajax on a temporary JPEG folder
+            (phantom images) next to the official MAE pipeline (torchvision ImageFolder +
+            RandomResizedCrop + flip in a DataLoader with as many workers), and ultrajax on
+            the phantom (ultrajax/bench/pipeline.py). Needs no config.
+
   sam       SAM image encoder img/s and decoder ms per prompt batch, ultrajax next to
             segment_anything (PyTorch) with the same weights in the same run; flags
             --sam_variant, --sam_image_size, --sam_batch, --sam_prompts, --sam_dtype
@@ -43,9 +49,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ultrajax import configlib
-from ultrajax.bench import plan as plan_bench, sam as sam_bench
+from ultrajax.bench import pipeline as pipeline_bench, plan as plan_bench, sam as sam_bench
 from ultrajax.data import sources as sources_lib
-from ultrajax.fed import aggregate, rounds
+from ultrajax.fed import rounds
 from ultrajax.jobs import pretrain
 from ultrajax.models import mae, vit
 from ultrajax.train import loop, optimizer, perf, sharding
@@ -56,6 +62,9 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed chunk calls per mode (after one
 _CLIENTS = flags.DEFINE_integer("clients", 0, "Federated clients (0: config.data.num_clients).")
 _DEVICES = flags.DEFINE_integer("devices", 0, "bench plan: fake CPU devices (0: the real ones).")
 _MFU = flags.DEFINE_float("mfu", 0.5, "bench plan: MFU that prices a round on each accelerator.")
+_WORKERS = flags.DEFINE_string("pipeline_workers", "", "bench pipeline: worker counts, e.g. "
+                               "'0,1,2' ('': 0, 1, 2, 4, ... up to the cores).")
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 8, "bench pipeline: timed batches.")
 _TORCH_PEER = flags.DEFINE_boolean("torch_peer", True, "bench pretrain: also time the PyTorch MAE.")
 
 
@@ -81,7 +90,7 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
   put = loop.put_global
   rest = (rounds.RoundPlan(*(put(a, programs.vector) for a in plan)),
           put(np.full((num_clients,), 1000.0, np.float32), programs.replicated),
-          put(aggregate.client_weights(np.ones(num_clients), "uniform"), programs.replicated),
+          put(programs.strategy.client_weights(np.ones(num_clients)), programs.replicated),
           put(np.int32(5), programs.replicated), jax.random.key(2))
 
   t0 = time.perf_counter()
@@ -268,7 +277,19 @@ def bench_plan(config, steps: int, clients: int) -> None:
   print(plan_bench.report(plan_bench.plan(config), config, _MFU.value))
 
 
-BENCHMARKS = {"pretrain": bench_pretrain, "plan": bench_plan, "urfm": bench_urfm, "sam": sam_bench.bench_sam}
+def bench_pipeline(config, steps: int, clients: int) -> None:
+  del config, steps, clients
+  try:
+    workers = [int(w) for w in _WORKERS.value.split(",") if w.strip()]
+  except ValueError:
+    raise app.UsageError(f"--pipeline_workers={_WORKERS.value!r} is not a comma list of "
+                         "integers") from None
+  pipeline_bench.bench_pipeline(workers or pipeline_bench.default_workers(),
+                                num_batches=_PIPELINE_BATCHES.value,
+                                torch_peer=_TORCH_PEER.value)
+
+
+BENCHMARKS = {"pretrain": bench_pretrain, "plan": bench_plan, "pipeline": bench_pipeline, "urfm": bench_urfm, "sam": sam_bench.bench_sam}
 
 
 def main(argv):

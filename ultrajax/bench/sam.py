@@ -43,8 +43,13 @@ _TORCH = flags.DEFINE_bool("sam_torch", True, "Also time segment_anything in PyT
 
 def torch_reference(config: sam_lib.SamConfig):
   """segment_anything's Sam with this architecture and PyTorch's random init (eval mode)."""
-  from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
-                                         TwoWayTransformer)
+  from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+  )
   c, g = config, config.grid
   return Sam(
       image_encoder=ImageEncoderViT(

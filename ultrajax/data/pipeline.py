@@ -18,10 +18,11 @@ import functools
 import math
 import sys
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import grain
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from ultrajax import configlib
@@ -174,20 +175,37 @@ class ClientBatches(grain.DatasetIterator):
   def __init__(self, sources: list, batch_size: int, image_size: int, *, seed: int,
                crop_scale=(0.2, 1.0), hflip: bool = True, num_threads: int = 8,
                prefetch_buffer_size: int | None = None, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, worker_count: int = 0):
     """prefetch_buffer_size: batches read ahead per client; None: num_threads, which keeps
-    every thread busy. Host memory ~ C * buffer * B_local * S * S * 3 bytes."""
+    every thread busy. Host memory ~ C * buffer * B_local * S * S * 3 bytes.
+
+    worker_count: Grain worker processes per client (0: none, the threads of this process).
+    Decoding and PIL resizing hold the GIL, so threads share one core; worker b of W makes
+    the client's batches b, b + W, ... (each with num_threads threads) and Grain interleaves
+    them back in order, so batches and checkpoints are those of worker_count=0. Sources and
+    their records must pickle (the workers are separate processes)."""
     if not sources:
       raise ValueError("ClientBatches needs at least one source")
+    if worker_count < 0:
+      raise ValueError(f"worker_count={worker_count} is below 0")
     self.num_images, self.steps_per_epoch, self.local_batch_size = epoch_layout(
         sources, batch_size, process_count)
     self.image_size = image_size
     buffer = num_threads if prefetch_buffer_size is None else prefetch_buffer_size
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer)
-    iterators = [iter(client_dataset(
-        source, k, batch_size, image_size, seed=seed, crop_scale=crop_scale, hflip=hflip,
-        process_index=process_index, process_count=process_count).to_iter_dataset(options))
-                 for k, source in enumerate(sources)]
+
+    def stream(k, source):
+      ds = client_dataset(source, k, batch_size, image_size, seed=seed, crop_scale=crop_scale,
+                          hflip=hflip, process_index=process_index,
+                          process_count=process_count).to_iter_dataset(options)
+      if worker_count:
+        if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags (their defaults)
+          flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=worker_count, per_worker_buffer_size=max(buffer, 1)))
+      return iter(ds)
+
+    iterators = [stream(k, source) for k, source in enumerate(sources)]
     super().__init__(iterators)
     # Drains all clients at once, so no client's prefetch sits idle behind another's.
     self._pool = concurrent.futures.ThreadPoolExecutor(len(sources), "client_batches")

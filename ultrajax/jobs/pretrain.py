@@ -87,6 +87,7 @@ def validate(config) -> None:
   c.check_choice(config, "data.on_bad_image", ("skip", "raise"))
   c.check_choice(config, "data.probe", ("", "linear", "convex"))
   c.check_range(config, "data.batch_size", 1)
+  c.check_range(config, "data.worker_count", 0)
   c.check_range(config, "data.num_clients", 1, len(sources_lib.DEFAULT_CLIENTS))
   validate_fed(config)
   c.check_range(config, "fed.num_rounds", 1)
@@ -666,6 +667,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
     data = pipeline.ClientBatches(
         clients, batch, image_size, seed=config.seed, crop_scale=tuple(config.data.crop_scale),
         hflip=config.data.hflip, num_threads=config.data.num_threads,
+        worker_count=config.data.get("worker_count", 0),
         process_index=jax.process_index(), process_count=jax.process_count())
   steps_per_round = data.steps_per_epoch * config.fed.local_epochs
   f = config.fed
