@@ -104,6 +104,11 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_epochs=100, eval_every_epochs=1,
+      # At least this many optimizer steps: a small training set (a few hundred images) makes
+      # each epoch of several passes (jobs/finetune.py passes_per_epoch), so warmup, evaluation
+      # and checkpoints keep counting epochs. 2000 = the 100 epochs above over a training split
+      # of about 1,300 images at batch 64; larger sets are not affected. 0 = epochs only.
+      min_steps=2000,
       select_metric="auroc" if task_type == "cls" else "dice",  # on the validation split
   ))
   # nsd_tolerance: surface Dice tolerance, mm where the manifest gives pixel_size_mm, else pixels.
@@ -114,6 +119,9 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
       blur_sigmas=(),
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
+  # (regex over parameter paths, 'replicated' | 'fsdp') as in pretraining (train/sharding.py);
+  # also lays out the optimizer state. paper: every leaf split over the data devices.
+  c.sharding_rules = ((".*", "fsdp"),) if preset in ("paper", "urfm") else ((".*", "replicated"),)
   c.ckpt_every_epochs = 5
   # A non-finite loss or gradient: 'stop' the run naming the epoch and step (the last
   # checkpoint stays the last good one) | 'skip' that step's update and count it.
@@ -131,13 +139,15 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
     c.aug.update(crop_scale=(0.35, 1.0), randaug_magnitude=5.0, mixup_alpha=0.0,
                  cutmix_alpha=0.0, reprob=0.0)
     c.optim.update(base_lr=1e-3, warmup_epochs=2, layer_decay=0.75)
-    c.train.update(batch_size=32, num_epochs=20, eval_every_epochs=2)
+    # min_steps 200: the phantom tasks (about 18 batches per pass) keep one pass per epoch; a
+    # real sample of ~100 training images (3 batches) gets 4 passes per epoch.
+    c.train.update(batch_size=32, num_epochs=20, eval_every_epochs=2, min_steps=200)
   if preset == "smoke":
     c.model.update(width=64, depth=2, image_size=32)
     c.data.update(num_images_per_organ=60)
     c.num_seeds = 2
     c.optim.warmup_epochs = 1
-    c.train.update(batch_size=8, num_epochs=2, eval_every_epochs=1)
+    c.train.update(batch_size=8, num_epochs=2, eval_every_epochs=1, min_steps=0)
     c.eval.bootstrap_samples = 50
     c.ckpt_every_epochs = 1
   return c

@@ -119,10 +119,10 @@ def test_tsne_keeps_separated_classes_apart(tmp_path):
 def test_test_time_blur_matches_scipy_gaussian_filter():
   from scipy import ndimage
 
-  from ultrajax.jobs import finetune
+  from ultrajax.eval import downstream
   images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
-  out = finetune.blurred(images, 1.5, chunk=2)
+  out = downstream.blurred(images, 1.5, chunk=2)
   ref = ndimage.gaussian_filter(images.astype(np.float64), sigma=(0, 1.5, 1.5, 0), mode="reflect",
                                 truncate=3.0)
   assert out.dtype == np.uint8 and np.abs(out.astype(np.float64) - ref).max() <= 0.5 + 1e-3
-  assert finetune.blurred(images, 0.0) is images
+  assert downstream.blurred(images, 0.0) is images

@@ -16,10 +16,11 @@ from sklearn import metrics as skm
 
 from ultrajax import configlib
 from ultrajax.data import augment, tasks
+from ultrajax.eval import downstream
 from ultrajax.interop import load as interop_load
 from ultrajax.jobs import finetune
 from ultrajax.models import heads, mae, vit
-from ultrajax.train import checkpoint, optimizer, writers
+from ultrajax.train import checkpoint, losses, optimizer, writers
 from ultrajax.viz import plots
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -96,20 +97,20 @@ def test_random_erasing_one_rectangle_in_timm_bounds():
 def test_balanced_class_weights_match_sklearn_and_weighted_loss_by_hand():
   from sklearn.utils.class_weight import compute_class_weight
   labels = np.array([0] * 7 + [1] * 2 + [2] * 3)
-  np.testing.assert_allclose(finetune.balanced_class_weights(labels, 3),
+  np.testing.assert_allclose(losses.balanced_class_weights(labels, 3),
                              compute_class_weight("balanced", classes=np.arange(3), y=labels),
                              rtol=1e-6)
-  np.testing.assert_allclose(finetune.balanced_class_weights(np.array([0, 0, 2]), 3),
+  np.testing.assert_allclose(losses.balanced_class_weights(np.array([0, 0, 2]), 3),
                              [0.5, 0.0, 1.0])  # 3 / (3 x 2), absent class 0, 3 / (3 x 1)
   logits = jnp.asarray([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
   soft = jnp.asarray([[1.0, 0.0, 0.0], [0.0, 0.3, 0.7]])
   w = jnp.asarray([0.5, 2.0, 1.0])
   logp = np.log(np.exp(np.asarray(logits)) / np.exp(np.asarray(logits)).sum(1, keepdims=True))
   want = -(0.5 * logp[0, 0] + 2.0 * 0.3 * logp[1, 1] + 1.0 * 0.7 * logp[1, 2]) / 2
-  np.testing.assert_allclose(float(finetune.weighted_soft_cross_entropy(logits, soft, w)), want,
+  np.testing.assert_allclose(float(losses.weighted_soft_cross_entropy(logits, soft, w)), want,
                              rtol=1e-6)
   np.testing.assert_allclose(  # unit weights: optax's cross-entropy
-      float(finetune.weighted_soft_cross_entropy(logits, soft, jnp.ones(3))),
+      float(losses.weighted_soft_cross_entropy(logits, soft, jnp.ones(3))),
       float(optax.softmax_cross_entropy(logits, soft).mean()), rtol=1e-6)
 
 
@@ -175,7 +176,7 @@ def test_seg_loss_matches_numpy_reference():
   t = target.astype(np.float64)
   bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
   dice = 1 - (2 * (p * t).sum((1, 2)) + 1) / (p.sum((1, 2)) + t.sum((1, 2)) + 1)
-  np.testing.assert_allclose(finetune.seg_loss(logits, target, 1.0), bce + dice.mean(), rtol=1e-5)
+  np.testing.assert_allclose(losses.seg_loss(logits, target, 1.0), bce + dice.mean(), rtol=1e-5)
   # Three classes: softmax cross-entropy + Dice over classes 1 and 2.
   logits = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
   target = rng.integers(0, 3, (2, 5, 5))
@@ -185,7 +186,7 @@ def test_seg_loss_matches_numpy_reference():
   ce = -(onehot * np.log(prob)).sum(-1).mean()
   inter = (prob * onehot)[..., 1:].sum((1, 2))
   total = prob[..., 1:].sum((1, 2)) + onehot[..., 1:].sum((1, 2))
-  np.testing.assert_allclose(finetune.seg_loss(logits, target, 0.5),
+  np.testing.assert_allclose(losses.seg_loss(logits, target, 0.5),
                              ce + 0.5 * (1 - (2 * inter + 1) / (total + 1)).mean(), rtol=1e-5)
 
 
@@ -312,15 +313,23 @@ def test_finetune_cls_smoke_resumes_bitwise_after_a_crash(tmp_path, monkeypatch)
   config.loss.class_weights = "balanced"  # the paths off in the smoke preset
   config.aug.reprob = 0.25
   config.eval.blur_sigmas = (1.5,)
+  config.train.min_steps = 16  # more than 2 epochs of one pass each: epochs of 2 passes
+  config.sharding_rules = ((".*", "fsdp"),)  # params and optimizer state split over 8 devices
   rows = finetune.run(config, str(tmp_path / "full"))
   cell = tmp_path / "full" / "scratch" / "frac_1" / "seed_0"
   result = json.loads((cell / "results.json").read_text())
-  assert set(result["test"]) == set(finetune.CLS_METRICS)
+  batches = result["num_train"] // config.train.batch_size  # per pass over the training images
+  # 2 epochs of 1 pass are fewer than 16 steps: each epoch makes the fewest whole passes that reach
+  # 16 (2 batches per pass here: 4 passes, 16 steps).
+  passes = result["train_steps"] // (2 * batches)
+  assert result["train_steps"] == 2 * passes * batches and 2 * batches < 16
+  assert 2 * (passes - 1) * batches < 16 <= 2 * passes * batches
+  assert set(result["test"]) == set(downstream.CLS_METRICS)
   for name in ("roc.png", "confusion.png", "pr.png", "tsne.png", "blur.png", "test_outputs.npz"):
     assert (cell / name).exists(), name
-  assert set(result["blur"]["1.5"]) == set(finetune.CLS_METRICS)
-  assert {r["metric"] for r in rows} == {*finetune.CLS_METRICS,
-                                         *(f"{m}@blur1.5" for m in finetune.CLS_METRICS)}
+  assert set(result["blur"]["1.5"]) == set(downstream.CLS_METRICS)
+  assert {r["metric"] for r in rows} == {*downstream.CLS_METRICS,
+                                         *(f"{m}@blur1.5" for m in downstream.CLS_METRICS)}
   assert (tmp_path / "full" / "summary.csv").exists()
 
   original = checkpoint.Checkpointer.save
@@ -354,7 +363,7 @@ def test_finetune_seg_smoke_from_a_pretraining_checkpoint(tmp_path):
   config.variants = f"scratch=,mae={tmp_path / 'pre'}"
   rows = finetune.run(config, str(tmp_path / "ft"))
   assert {(r["variant"], r["metric"]) for r in rows} == {
-      (v, m) for v in ("scratch", "mae") for m in finetune.SEG_METRICS}
+      (v, m) for v in ("scratch", "mae") for m in downstream.SEG_METRICS}
   result = json.loads((tmp_path / "ft" / "mae" / "frac_1" / "seed_0" / "results.json").read_text())
   assert 0.0 <= result["test"]["dice"][0] <= 1.0
   # Each variant is tested against scratch on the same test images (paired bootstrap per seed).
@@ -364,7 +373,29 @@ def test_finetune_seg_smoke_from_a_pretraining_checkpoint(tmp_path):
   assert (tmp_path / "ft" / "mae" / "frac_1" / "seed_0" / "overlays.png").exists()
 
 
+def test_min_steps_makes_epochs_of_several_passes():
+  # ceil(min_steps / (batches per pass x epochs)), at least one pass.
+  assert finetune.passes_per_epoch(7, 100, 0) == 1
+  assert finetune.passes_per_epoch(7, 100, 700) == 1
+  assert finetune.passes_per_epoch(7, 100, 701) == 2
+  assert finetune.passes_per_epoch(3, 20, 200) == 4  # 60 steps -> 240
+  order = finetune.epoch_order(seed=3, epoch=5, num_images=10, batch=4, passes=3)
+  assert order.shape == (6, 4)  # 2 whole batches per pass (drop_last), 3 passes
+  rng = np.random.default_rng([3, 5])  # one generator per (seed, epoch): one pass is the old order
+  for p in range(3):
+    np.testing.assert_array_equal(order[2 * p:2 * p + 2].ravel(), rng.permutation(10)[:8])
+
+
 def test_bad_finetune_configs_fail_naming_the_field(tmp_path):
+  for value in (-1, -5):
+    config = cls_config()
+    config.train.min_steps = value
+    with pytest.raises(configlib.ConfigError, match="train.min_steps"):
+      finetune.validate(config)
+  config = cls_config()
+  config.sharding_rules = ((".*", "tensor"),)
+  with pytest.raises(configlib.ConfigError, match="sharding_rules"):
+    finetune.validate(config)
   config = cls_config()
   config.fractions = (0.5, 1.2)
   with pytest.raises(configlib.ConfigError, match="fractions"):

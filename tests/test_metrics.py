@@ -445,7 +445,7 @@ def test_seg_report_is_in_mm_from_the_manifest_pixel_size(tmp_path):
   from PIL import Image
 
   from ultrajax.data import tasks
-  from ultrajax.jobs import finetune
+  from ultrajax.eval import downstream
   lines = ["image,mask,pixel_size_mm"]
   for i in range(4):
     Image.fromarray(np.full((20, 40), 30 * i, np.uint8)).save(tmp_path / f"{i}.png")
@@ -457,12 +457,12 @@ def test_seg_report_is_in_mm_from_the_manifest_pixel_size(tmp_path):
   data = tasks.manifest_task(str(tmp_path / "m.csv"), "seg", 16)
   np.testing.assert_allclose(data.spacing, [[0.625, 1.25]] * 4)
   preds = np.roll(data.targets, 1, axis=2)
-  report = finetune.test_report("seg", data.targets, preds, 2, 20, 0, data.spacing, 1.0)
+  report = downstream.test_report("seg", data.targets, preds, 2, 20, 0, data.spacing, 1.0)
   assert report["distance_unit"] == "mm" and report["hd95"] == [pytest.approx(1.25)] * 3
   assert report["nsd"][0] == pytest.approx(
       metrics.surface_dice(preds[0] > 0, data.targets[0] > 0, 1.0, (0.625, 1.25)))
   assert report["nsd"][0] < 1.0  # the 1.25 mm column shift is outside a 1 mm tolerance
-  pixels = finetune.test_report("seg", data.targets, preds, 2, 20, 0)
+  pixels = downstream.test_report("seg", data.targets, preds, 2, 20, 0)
   assert pixels["distance_unit"] == "px" and pixels["hd95"][0] == pytest.approx(1.0)
   lines[2] = "1.png,1_m.png,n/a"
   (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")

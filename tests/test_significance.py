@@ -165,7 +165,7 @@ def test_paired_bootstrap_of_several_metrics_shares_resamples():
 
 # ----------------------------------------------------------------------------- study summaries
 def test_finetune_summary_tests_each_variant_against_scratch_per_seed(tmp_path):
-  from ultrajax.jobs import finetune
+  from ultrajax.eval import downstream
   rng = np.random.default_rng(0)
   labels, weak, strong = correlated_scores(rng, 80, shift_b=1.5)
   cells = []
@@ -176,12 +176,12 @@ def test_finetune_summary_tests_each_variant_against_scratch_per_seed(tmp_path):
       s = 1 / (1 + np.exp(-(scores + 0.1 * rng.normal(size=80))))
       probs = np.stack([1 - s, s], axis=1)
       np.savez(run_dir / "test_outputs.npz", test_index=np.arange(80), targets=labels, probs=probs)
-      test = {k: [v, v, v] for k, v in finetune.cls_scores(labels, probs).items()}
+      test = {k: [v, v, v] for k, v in downstream.cls_scores(labels, probs).items()}
       cells.append({"variant": variant, "fraction": 1.0, "seed": seed, "run_dir": str(run_dir),
                     "test": test, "probs": probs})
       if variant == "mae" or seed > 0:  # scratch's seed 0 was tested without blur
         cells[-1]["blur"] = {"1": {"auroc": test["auroc"][0] - 0.1 * rng.random()}}
-  rows = finetune.summarise(cells, ("auroc", "accuracy"), reference="scratch", num_samples=100)
+  rows = downstream.summarise(cells, ("auroc", "accuracy"), reference="scratch", num_samples=100)
   row = next(r for r in rows if r["variant"] == "mae" and r["metric"] == "auroc")
   mae_values = [c["test"]["auroc"][0] for c in cells if c["variant"] == "mae"]
   ref_values = [c["test"]["auroc"][0] for c in cells if c["variant"] == "scratch"]

@@ -6,7 +6,8 @@ The script, in order:
      folder `<variant>/frac_<f>/seed_<s>` (a finished cell is read back, not rerun):
        build the model (global-pool / cls-token ViT classifier, or ViT + pyramid decoder),
        load the variant's encoder (an ultrajax pretraining workdir or a timm / MAE file; heads
-       start fresh), train with AdamW + layer-wise lr decay + warmup/cosine, on-device
+       start fresh; parameters and optimizer state laid out by config.sharding_rules as in
+       pretraining), train with AdamW + layer-wise lr decay + warmup/cosine, on-device
        augmentation (crop, flip, RandAugment, mixup/cutmix, label smoothing; flips/rotations
        for segmentation); evaluate on the validation split every few epochs and keep the best
        parameters (the test split is never looked at for selection); finally test them,
@@ -17,19 +18,21 @@ The script, in order:
      metric's range, and p-values against the reference variant (scratch, else the first):
      paired t-test over seeds, per-seed paired bootstrap and DeLong (eval/significance.py);
      summary.csv, the label-efficiency curve, and a table in the log.
-Each cell checkpoints every `ckpt_every_epochs` (params, optimizer state, best-so-far) and every
-random draw is keyed by (seed, epoch, step), so a killed study resumes bitwise.
+An epoch is one pass over the training images, or several where `train.min_steps` asks for more
+optimizer steps than num_epochs passes give (small datasets; `passes_per_epoch`). Each cell
+checkpoints every `ckpt_every_epochs` (params, optimizer state, best-so-far) and every random
+draw is keyed by (seed, epoch, step), so a killed study resumes bitwise. Metric tables and the
+study summary live in eval/downstream.py, the losses in train/losses.py.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -39,25 +42,20 @@ import optax
 from absl import logging
 from clu import parameter_overview, periodic_actions
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ultrajax import configlib
 from ultrajax.data import augment, tasks
-from ultrajax.eval import metrics, significance
+from ultrajax.eval import downstream, metrics
 from ultrajax.interop import load as interop_load
 from ultrajax.models import heads, mae, vit
-from ultrajax.train import checkpoint, divergence, optimizer, resume, sharding, tree, writers
-from ultrajax.ultramim import corruption
+from ultrajax.train import (checkpoint, divergence, loop, losses, optimizer, resume, sharding,
+                            tree, writers)
 from ultrajax.viz import embedding, plots
 
 MODES = ("finetune", "linear_probe")
 # Classification loss weights: 'none' | 'balanced' (n / (K n_k) over the training images).
 CLASS_WEIGHTS = ("none", "balanced")
-CLS_METRICS = ("auroc", "average_precision", "accuracy", "f1", "precision", "recall",
-               "specificity", "npv", "ece")
-# Distances (hd95, asd; nsd's tolerance) in mm where the task knows the pixel size, else pixels.
-SEG_METRICS = ("dice", "iou", "hd95", "asd", "nsd")
-LOWER_IS_BETTER = ("hd95", "asd", "ece")
 
 
 # ----------------------------------------------------------------------------- config
@@ -73,11 +71,15 @@ def validate(config) -> None:
   c.check_range(config, "num_seeds", 1)
   c.check_range(config, "train.batch_size", 1)
   c.check_range(config, "train.num_epochs", 1)
+  min_steps = config.train.min_steps
+  c.check(isinstance(min_steps, int) and not isinstance(min_steps, bool) and min_steps >= 0,
+          f"config.train.min_steps={min_steps!r} must be a whole number of steps >= 0 (0: off)")
   c.check_range(config, "train.eval_every_epochs", 1)
   c.check_range(config, "ckpt_every_epochs", 1)
   c.check_range(config, "optim.base_lr", 0.0, low_inclusive=False)
   c.check_range(config, "optim.min_lr", 0.0)
   resume.validate(config)
+  sharding.check_rules(config.sharding_rules)
   c.check_range(config, "eval.nsd_tolerance", 0.0)
   c.check_range(config, "optim.layer_decay", 0.0, 1.0, low_inclusive=False)
   c.check_range(config, "aug.label_smoothing", 0.0, 1.0, high_inclusive=False)
@@ -86,7 +88,7 @@ def validate(config) -> None:
   for f in config.fractions:
     c.check(isinstance(f, (int, float)) and 0.0 < f <= 1.0,
             f"config.fractions has {f!r}; every training fraction must be in (0, 1]")
-  allowed = CLS_METRICS if config.task_type == "cls" else SEG_METRICS
+  allowed = downstream.CLS_METRICS if config.task_type == "cls" else downstream.SEG_METRICS
   c.check(config.train.select_metric in allowed,
           f"config.train.select_metric={config.train.select_metric!r} is not one of {allowed}")
   if config.data.source == "manifest":
@@ -182,44 +184,6 @@ def augment_seg(key, image01, target, aug):
   return image, target.astype(jnp.int32)
 
 
-def soft_dice_loss(probs, onehot):
-  """1 - soft Dice per image and class, averaged.  probs, onehot: [B, S, S, K] (K foreground)."""
-  inter = (probs * onehot).sum(axis=(1, 2))
-  total = probs.sum(axis=(1, 2)) + onehot.sum(axis=(1, 2))
-  return (1.0 - (2.0 * inter + 1.0) / (total + 1.0)).mean()
-
-
-def seg_loss(logits, target, dice_weight: float):
-  """BCE + Dice (one output: binary) or cross-entropy + Dice over the foreground classes.
-
-  logits: [B, S, S, 1 | K]; target: [B, S, S] int. The sigmoid / softmax is taken once and the
-  cross-entropy is computed from the logits (no double sigmoid).
-  """
-  if logits.shape[-1] == 1:
-    t = (target > 0).astype(jnp.float32)[..., None]
-    ce = optax.sigmoid_binary_cross_entropy(logits, t).mean()
-    return ce + dice_weight * soft_dice_loss(jax.nn.sigmoid(logits), t)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
-  onehot = jax.nn.one_hot(target, logits.shape[-1])[..., 1:]
-  return ce + dice_weight * soft_dice_loss(jax.nn.softmax(logits)[..., 1:], onehot)
-
-
-def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-  """n / (K n_k) per class k (scikit-learn's 'balanced'), 0 for a class absent from `labels`.
-
-  labels: int [n] -> float32 [K]; with every class present the weighted class shares sum to 1,
-  so the loss keeps its scale."""
-  counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
-  return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0).astype(
-      np.float32)
-
-
-def weighted_soft_cross_entropy(logits, soft, class_weights):
-  """mean_b -sum_k w_k y_bk log softmax(logits)_bk (torch's CrossEntropyLoss(weight) with soft
-  targets).  logits, soft: [B, K]; class_weights: [K] (ones: plain cross-entropy)."""
-  return -(class_weights * soft * jax.nn.log_softmax(logits)).sum(-1).mean()
-
-
 def make_loss_fn(graphdef, config, num_classes: int):
   aug = config.aug
 
@@ -240,9 +204,9 @@ def make_loss_fn(graphdef, config, num_classes: int):
       x, soft = augment.mixup_cutmix(k_mix, x, soft, mixup_alpha=aug.mixup_alpha,
                                      cutmix_alpha=aug.cutmix_alpha, prob=aug.mix_prob)
       logits = model(x, key=k_drop)
-      return weighted_soft_cross_entropy(logits, soft, class_weights)
+      return losses.weighted_soft_cross_entropy(logits, soft, class_weights)
     x, t = jax.vmap(lambda k, im, m: augment_seg(k, im, m, aug))(keys, x, targets)
-    return seg_loss(model(mae.normalize(x), key=k_drop), t, config.loss.dice_weight)
+    return losses.seg_loss(model(mae.normalize(x), key=k_drop), t, config.loss.dice_weight)
 
   return loss_fn
 
@@ -266,131 +230,188 @@ def make_features_fn(graphdef):
   return features
 
 
-# ----------------------------------------------------------------------------- evaluation
-def evaluate(predict, params, images: np.ndarray, batch_size: int, data_sharding) -> np.ndarray:
-  """Predictions for every image, in batches (the last one padded)."""
-  outs = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    out = np.asarray(jax.device_get(predict(params, jax.device_put(chunk, data_sharding))))
-    outs.append(out[:batch_size - pad])
-  return np.concatenate(outs)
+# ----------------------------------------------------------------------------- programs
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the jitted programs depend on beyond their array arguments: one study shape.
 
-
-def cls_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
-  """Every classification metric on one split (two classes: the positive class's probability)."""
-  k = probs.shape[1]
-  s = probs[:, 1] if k == 2 else probs
-  preds = probs.argmax(axis=1)
-  avg = "binary" if k == 2 else "macro"
-  return {"auroc": metrics.auroc(labels, s), "average_precision": metrics.average_precision(labels, s),
-          "accuracy": metrics.accuracy(labels, preds),
-          "f1": metrics.f1(labels, preds, average=avg, num_classes=k),
-          "precision": metrics.precision(labels, preds, average=avg, num_classes=k),
-          "recall": metrics.recall(labels, preds, average=avg, num_classes=k),
-          "specificity": metrics.specificity(labels, preds, average=avg, num_classes=k),
-          "npv": metrics.npv(labels, preds, average=avg, num_classes=k),
-          "ece": metrics.expected_calibration_error(labels, probs)}
-
-
-def seg_per_image(targets: np.ndarray, preds: np.ndarray, num_classes: int, spacing=None,
-                  nsd_tolerance: float = 2.0) -> dict:
-  """Per-image SEG_METRICS, each averaged over the foreground classes. [N] each.
-
-  spacing: [N, 2] (row, column) mm per input pixel (TaskData.spacing), so hd95 / asd are in mm
-  and the surface Dice tolerance is `nsd_tolerance` mm; None: all three in input pixels.
+  Hashable (the config frozen), it is their static argument, so JAX's own compilation cache
+  compiles each shape once and every cell of that shape (seeds, variants, fractions with the
+  same number of steps) reuses it. Derived pieces are built on first use.
   """
-  spacing = (1.0, 1.0) if spacing is None else spacing
-  out = {name: [] for name in SEG_METRICS}
-  for c in range(1, num_classes):
-    p, t = preds == c, targets == c
-    out["dice"].append(metrics.dice(p, t))
-    out["iou"].append(metrics.iou(p, t))
-    out["hd95"].append(metrics.hd95(p, t, spacing))
-    out["asd"].append(metrics.average_surface_distance(p, t, spacing))
-    out["nsd"].append(metrics.surface_dice(p, t, nsd_tolerance, spacing))
-  with warnings.catch_warnings():  # nanmean of all-nan columns (hd95 with one mask empty)
-    warnings.simplefilter("ignore", RuntimeWarning)
-    return {k: np.nanmean(np.stack(v), axis=0) for k, v in out.items()}
+  config: ml_collections.FrozenConfigDict
+  num_classes: int
+  steps_per_epoch: int  # optimizer steps per epoch of the schedule (passes x batches per pass)
+  batch: int
+  mesh: Mesh
+
+  @functools.cached_property
+  def _split(self):
+    abstract = nnx.eval_shape(lambda: build_model(self.config, self.num_classes, 0))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    return graphdef, nnx.to_pure_dict(params)
+
+  @property
+  def graphdef(self):
+    return self._split[0]
+
+  @property
+  def abstract_params(self):
+    return self._split[1]
+
+  @functools.cached_property
+  def peak_lr(self) -> float:
+    optim = self.config.optim
+    return optim.base_lr * (self.batch / 256 if optim.scale_lr_by_batch else 1.0)
+
+  @functools.cached_property
+  def schedule(self):
+    """Warmup then cosine over the run's optimizer steps (epochs x steps_per_epoch)."""
+    total = self.steps_per_epoch * self.config.train.num_epochs
+    warmup = min(int(self.config.optim.warmup_epochs * self.steps_per_epoch), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, self.peak_lr, warmup_steps=warmup,
+                                              decay_steps=max(total, warmup + 1),
+                                              end_value=self.config.optim.min_lr)
+
+  @functools.cached_property
+  def tx(self):
+    params = self.abstract_params
+    return optimizer.finetune_adamw(self.config.optim, params, schedule=self.schedule,
+                                    depth=vit.model_dims(self.config.model)[1],
+                                    trainable=trainable_mask(params, self.config.mode))
+
+  @functools.cached_property
+  def param_sharding(self):
+    """config.sharding_rules over the parameter paths (train/sharding.py), as pretraining."""
+    rules = [tuple(r) for r in self.config.sharding_rules]
+    return sharding.tree_shardings(self.abstract_params, self.mesh, rules, False)
+
+  @functools.cached_property
+  def abstract_opt(self):
+    return jax.eval_shape(self.tx.init, self.abstract_params)
+
+  @functools.cached_property
+  def opt_sharding(self):
+    rules = [tuple(r) for r in self.config.sharding_rules]
+    return sharding.tree_shardings(self.abstract_opt, self.mesh, rules, False)
+
+  @property
+  def replicated(self):
+    return sharding.replicated(self.mesh)
+
+  @property
+  def data_sharding(self):
+    return NamedSharding(self.mesh, P("data"))
 
 
-def split_scores(task_type, targets, outputs, num_classes, spacing=None,
-                 nsd_tolerance: float = 2.0) -> dict:
-  if task_type == "cls":
-    return cls_scores(targets, outputs)
-  per_image = seg_per_image(targets, outputs, num_classes, spacing, nsd_tolerance)
-  return {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
-          for k, v in per_image.items()}
+@functools.partial(jax.jit, static_argnums=0)
+def init_opt(setup: Setup, params):
+  return jax.lax.with_sharding_constraint(setup.tx.init(params), setup.opt_sharding)
 
 
-def test_report(task_type, targets, outputs, num_classes, num_samples: int, seed: int,
-                spacing=None, nsd_tolerance: float = 2.0) -> dict:
-  """{metric: [estimate, low, high]} with percentile-bootstrap 95% CIs over test images, every
-  metric scored on the same resampled images (one bootstrap for all)."""
-  if task_type == "cls":
-    cis = metrics.bootstrap_cis(cls_scores, targets, outputs, num_samples=num_samples, seed=seed)
-    return {name: list(v) for name, v in cis.items()}
-  per_image = seg_per_image(targets, outputs, num_classes, spacing, nsd_tolerance)
-  table = np.stack([per_image[name] for name in SEG_METRICS], axis=1)  # [N, M]
-  report = {name: list(v) for name, v in metrics.bootstrap_cis(
-      seg_means, table, num_samples=num_samples, seed=seed).items()}
-  report["hd95_undefined_images"] = int(np.sum(~np.isfinite(per_image["hd95"])))
-  report["distance_unit"] = "px" if spacing is None else "mm"
-  return report
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
+def train_step(setup: Setup, params, opt_state, images, targets, idx, key, class_weights):
+  """One step on the training images at `idx` [B]; the loss is NaN where it or the gradient was
+  not finite (with on_nonfinite='skip' that update is dropped, train/divergence.py)."""
+  config = setup.config
+  x = jax.lax.with_sharding_constraint(images[idx], setup.data_sharding)
+  y = jax.lax.with_sharding_constraint(targets[idx], setup.data_sharding)
+  loss_fn = make_loss_fn(setup.graphdef, config, setup.num_classes)
+  loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key, class_weights)
+  finite = divergence.all_finite((loss, grads))
+  updates, new_opt = setup.tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if config.on_nonfinite == "skip":
+    new_params, new_opt = divergence.keep_if(finite, (new_params, new_opt), (params, opt_state))
+  new_params = jax.lax.with_sharding_constraint(new_params, setup.param_sharding)
+  new_opt = jax.lax.with_sharding_constraint(new_opt, setup.opt_sharding)
+  return new_params, new_opt, jnp.where(finite, loss, jnp.nan)
 
 
-def seg_means(table: np.ndarray) -> dict:
-  """{metric: mean over images} of a per-image table [N, len(SEG_METRICS)]; images where a
-  metric is undefined (nan: one mask empty) are left out."""
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)
-    return dict(zip(SEG_METRICS, np.nanmean(table, axis=0)))
+@functools.partial(jax.jit, static_argnums=0)
+def predict(setup: Setup, params, images_u8):
+  """cls: probabilities [B, K]; seg: class maps [B, S, S] uint8; replicated."""
+  out = make_predict_fn(setup.graphdef)(params, images_u8)
+  return jax.lax.with_sharding_constraint(out, setup.replicated)
 
 
-def blurred(images_u8: np.ndarray, sigma: float, chunk: int = 64) -> np.ndarray:
-  """[N, S, S, 3] uint8 under a Gaussian blur of `sigma` input pixels (scipy's reflect borders),
-  rounded back to uint8; sigma 0 returns the images."""
-  if sigma == 0:
-    return images_u8
-  return np.concatenate([np.clip(np.round(np.asarray(corruption.gaussian_blur(
-      jnp.asarray(images_u8[i:i + chunk], jnp.float32), float(sigma)))), 0, 255).astype(np.uint8)
-      for i in range(0, len(images_u8), chunk)])
+@functools.partial(jax.jit, static_argnums=0)
+def features(setup: Setup, params, images_u8):
+  """cls: what the head sees [B, D] (for t-SNE); replicated."""
+  out = make_features_fn(setup.graphdef)(params, images_u8)
+  return jax.lax.with_sharding_constraint(out, setup.replicated)
 
 
-def test_extras(config, programs, params, data: tasks.TaskData, test_idx: np.ndarray,
-                outputs: np.ndarray, report: dict, run_dir: pathlib.Path, batch: int,
+def run_epoch(setup: Setup, params, opt_state, images, targets, order, epoch_key, class_weights):
+  """One epoch over `order` [steps, B] of training indices; returns the step losses [steps].
+
+  A host loop over a jitted step rather than a `lax.scan`: XLA:CPU ran the scanned
+  segmentation step about 15x slower than the same step on its own (measured), and the
+  per-step dispatch is negligible next to a training step.
+  """
+  losses = []
+  for i in range(order.shape[0]):
+    params, opt_state, loss = train_step(setup, params, opt_state, images, targets, order[i],
+                                         jax.random.fold_in(epoch_key, i), class_weights)
+    losses.append(loss)
+  return params, opt_state, jnp.stack(losses)
+
+
+def passes_per_epoch(batches_per_pass: int, num_epochs: int, min_steps: int) -> int:
+  """How many passes over the training images make one epoch of the schedule, so that the run
+  has at least `min_steps` optimizer steps: ceil(min_steps / (batches_per_pass x num_epochs)),
+  at least 1. Small training sets (a few labelled patients) otherwise get too few updates from
+  an epoch count sized for large ones; every epoch-counted field (warmup, evaluation,
+  checkpoints) keeps its meaning, with epochs made of several passes."""
+  return max(1, math.ceil(min_steps / (batches_per_pass * num_epochs)))
+
+
+def epoch_order(seed: int, epoch: int, num_images: int, batch: int, passes: int) -> np.ndarray:
+  """[passes x (num_images // batch), batch] training indices of one epoch: `passes` fresh
+  permutations from one generator keyed by (seed, epoch), each cut to whole batches (drop_last,
+  as MAE's fine-tuning loader); so a resumed epoch draws the same order."""
+  rng = np.random.default_rng([seed, epoch])
+  per_pass = num_images // batch * batch
+  return np.concatenate([rng.permutation(num_images)[:per_pass] for _ in range(passes)]).reshape(
+      -1, batch)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_extras(config, setup: Setup, params, data: tasks.TaskData, test_idx: np.ndarray,
+                outputs: np.ndarray, report: dict, run_dir: pathlib.Path,
                 first_cell: bool) -> dict:
   """What a cell adds beside its test report: test_outputs.npz (what the study's paired tests
   read), the precision-recall curve (UltraFedFM Fig. 6), t-SNE of the test features in the first
   cell of each variant (URFM Fig. 6), and the metrics under test-time blur (UltraFedFM Fig. 5e-f,
   eval.blur_sigmas) with blur.png. Returns the entries to add to results.json."""
   targets, spacing = data.targets[test_idx], _spacing(data, test_idx)
+  batch, images = setup.batch, data.images[test_idx]
   if config.task_type == "cls":
-    np.savez(run_dir / "test_outputs.npz", test_index=test_idx, targets=targets, probs=outputs)
+    loop.atomic_write(run_dir / "test_outputs.npz",
+                      dict(test_index=test_idx, targets=targets, probs=outputs))
     plots.pr_curves(run_dir / "pr.png", targets, outputs, data.class_names,
                     title=f"test precision-recall ({run_dir.parent.parent.name})")
     if first_cell:
-      feats = evaluate(jax.jit(make_features_fn(programs.graphdef)), params,
-                       data.images[test_idx], batch, programs.data_sharding)
+      feats = downstream.predict_batches(functools.partial(features, setup), params, images,
+                                         batch, setup.data_sharding)
       embedding.save_tsne(run_dir / "tsne.png", feats, targets, data.class_names,
                           title=f"t-SNE of test features ({run_dir.parent.parent.name})")
   else:
-    per_image = seg_per_image(targets, outputs, data.num_classes, spacing,
-                              config.eval.nsd_tolerance)
-    np.savez(run_dir / "test_outputs.npz", test_index=test_idx,
-             per_image=np.stack([per_image[name] for name in SEG_METRICS], axis=1))
+    per_image = downstream.seg_per_image(targets, outputs, data.num_classes, spacing,
+                                         config.eval.nsd_tolerance)
+    loop.atomic_write(run_dir / "test_outputs.npz", dict(test_index=test_idx, per_image=np.stack(
+        [per_image[name] for name in downstream.SEG_METRICS], axis=1)))
   sigmas = [float(x) for x in config.eval.blur_sigmas]
   if not sigmas:
     return {}
   blur = {}
   for sigma in sigmas:
-    out = evaluate(programs.predict, params, blurred(data.images[test_idx], sigma), batch,
-                   programs.data_sharding)
-    blur[f"{sigma:g}"] = split_scores(config.task_type, targets, out, data.num_classes, spacing,
-                                      config.eval.nsd_tolerance)
+    out = downstream.predict_batches(functools.partial(predict, setup), params,
+                                     downstream.blurred(images, sigma), batch,
+                                     setup.data_sharding)
+    blur[f"{sigma:g}"] = downstream.split_scores(config.task_type, targets, out,
+                                                 data.num_classes, spacing,
+                                                 config.eval.nsd_tolerance)
   select = config.train.select_metric
   xs = sorted({0.0, *sigmas})
   plots.metric_curve(run_dir / "blur.png", xs, {select: [
@@ -405,95 +426,25 @@ def _spacing(data: tasks.TaskData, idx: np.ndarray):
   return None if data.spacing is None else data.spacing[idx]
 
 
-def better(metric: str, new: float, old: float) -> bool:
-  if not math.isfinite(new):
-    return False
-  if not math.isfinite(old):
-    return True
-  return new < old if metric in LOWER_IS_BETTER else new > old
-
-
 # ----------------------------------------------------------------------------- one run
-def _replicate(x, mesh):
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding.replicated(mesh), lambda i: x[i])
+def _init(config, setup: Setup, seed: int, init_path: str):
+  """(params, train state) of a fresh cell: the model from `seed`, its encoder from init_path."""
+  params = nnx.to_pure_dict(nnx.state(build_model(config, setup.num_classes, seed), nnx.Param))
+  if init_path:
+    prefix = ("encoder",) if config.task_type == "seg" else ()
+    params = interop_load.load_encoder(init_path, params, prefix=prefix)
+  else:
+    logging.info("No init_from: training from scratch.")
+  params = loop.put_global(params, setup.param_sharding)
+  return params, _train_state(setup, init_opt(setup, params), jax.tree.map(jnp.copy, params),
+                              math.nan, 0)
 
 
-def _atomic_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(obj, indent=1))
-  os.replace(tmp, path)
-
-
-class Programs:
-  """The jitted epoch and prediction functions of one (config, classes, steps, batch, mesh).
-
-  Cells of a study that differ only in seed, variant or label fraction with the same number of
-  steps share them, so a study compiles once per shape rather than once per cell.
-  """
-  _cache: dict = {}
-
-  @classmethod
-  def get(cls, config, num_classes: int, steps_per_epoch: int, batch: int, mesh) -> "Programs":
-    key = (config.to_json(), num_classes, steps_per_epoch, batch, mesh)
-    if key not in cls._cache:
-      cls._cache.clear()  # one study shape at a time; old executables are not kept alive
-      cls._cache[key] = cls(config, num_classes, steps_per_epoch, batch, mesh)
-    return cls._cache[key]
-
-  def __init__(self, config, num_classes: int, steps_per_epoch: int, batch: int, mesh):
-    abstract = nnx.eval_shape(lambda: build_model(config, num_classes, 0))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    self.graphdef = graphdef
-    params = nnx.to_pure_dict(params)
-    # Once per study shape (cells of one shape share these programs).
-    parameter_overview.log_parameter_overview(params, include_stats=False,
-                                              msg="Fine-tuning model parameters")
-    _, depth, _, _ = vit.model_dims(config.model)
-    total_steps = steps_per_epoch * config.train.num_epochs
-    self.peak_lr = config.optim.base_lr * (batch / 256 if config.optim.scale_lr_by_batch else 1.0)
-    warmup_steps = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
-    self.schedule = optax.warmup_cosine_decay_schedule(
-        0.0, self.peak_lr, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=config.optim.min_lr)
-    self.tx = tx = optimizer.finetune_adamw(config.optim, params, schedule=self.schedule,
-                                            depth=depth,
-                                            trainable=trainable_mask(params, config.mode))
-    self.replicated = sharding.replicated(mesh)
-    self.data_sharding = data_sharding = NamedSharding(mesh, P("data"))
-    loss_fn = make_loss_fn(graphdef, config, num_classes)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, images, targets, idx, key, class_weights):
-      """One step on the training images at `idx` [B]."""
-      x = jax.lax.with_sharding_constraint(images[idx], data_sharding)
-      y = jax.lax.with_sharding_constraint(targets[idx], data_sharding)
-      loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key, class_weights)
-      finite = divergence.all_finite((loss, grads))
-      updates, new_opt = tx.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      if config.on_nonfinite == "skip":  # drop the update (train/divergence.py)
-        new_params, new_opt = divergence.keep_if(finite, (new_params, new_opt),
-                                                 (params, opt_state))
-      return new_params, new_opt, jnp.where(finite, loss, jnp.nan)
-
-    def run_epoch(params, opt_state, images, targets, order, epoch_key, class_weights):
-      """One epoch over `order` [steps, B] of training indices; returns the step losses
-      [steps] (NaN where the loss or gradient was not finite).
-
-      A host loop over a jitted step rather than a `lax.scan`: XLA:CPU ran the scanned
-      segmentation step about 15x slower than the same step on its own (measured), and the
-      per-step dispatch is negligible next to a training step.
-      """
-      losses = []
-      for i in range(order.shape[0]):
-        params, opt_state, loss = train_step(params, opt_state, images, targets, order[i],
-                                             jax.random.fold_in(epoch_key, i), class_weights)
-        losses.append(loss)
-      return params, opt_state, jnp.stack(losses)
-
-    self.run_epoch = run_epoch
-    self.predict = jax.jit(make_predict_fn(graphdef))
+def _train_state(setup: Setup, opt_state, best_params, best: float, best_epoch: int) -> dict:
+  """What a checkpoint keeps beside the params (a copy of the best: `params` is donated)."""
+  return {"opt_state": opt_state, "best_params": best_params,
+          "best": loop.put_global(np.float32(best), setup.replicated),
+          "best_epoch": loop.put_global(np.int32(best_epoch), setup.replicated)}
 
 
 def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path: str,
@@ -507,99 +458,88 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
   if batch < 1:
     raise configlib.ConfigError(f"{len(train_idx)} training images (fraction {fraction}) cannot "
                                 f"fill one batch over {devices} devices")
-  steps_per_epoch = len(train_idx) // batch  # drop_last, as MAE's fine-tuning loader
   num_epochs = config.train.num_epochs
-
-  programs = Programs.get(config, data.num_classes, steps_per_epoch, batch, mesh)
-  model = build_model(config, data.num_classes, seed)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  if init_path:
-    prefix = ("encoder",) if config.task_type == "seg" else ()
-    params = interop_load.load_encoder(init_path, params, prefix=prefix)
-  else:
-    logging.info("No init_from: training from scratch.")
-  params = jax.device_put(params, programs.replicated)
-  opt_state = jax.device_put(programs.tx.init(params), programs.replicated)
-  run_epoch, predict, schedule = programs.run_epoch, programs.predict, programs.schedule
-  data_sharding, lr = programs.data_sharding, programs.peak_lr
-  train_images = _replicate(data.images[train_idx], mesh)
-  train_targets = _replicate(data.targets[train_idx], mesh)
-  class_weights = np.ones(data.num_classes, np.float32)
-  if config.task_type == "cls" and config.loss.class_weights == "balanced":
-    class_weights = balanced_class_weights(data.targets[train_idx], data.num_classes)
-    logging.info("Class weights (balanced over the training images): %s",
-                 dict(zip(data.class_names, np.round(class_weights, 3).tolist())))
-  class_weights = _replicate(class_weights, mesh)
-  select = config.train.select_metric
+  batches_per_pass = len(train_idx) // batch  # drop_last, as MAE's fine-tuning loader
+  passes = passes_per_epoch(batches_per_pass, num_epochs, config.train.min_steps)
+  setup = Setup(ml_collections.FrozenConfigDict(config), data.num_classes,
+                batches_per_pass * passes, batch, mesh)
 
   ckpt = checkpoint.Checkpointer(run_dir, keep=1)
-  # A copy: `params` itself is donated to the first epoch.
-  state = {"opt_state": opt_state, "best_params": jax.tree.map(jnp.copy, params),
-           "best": jnp.asarray(math.nan, jnp.float32), "best_epoch": jnp.asarray(0, jnp.int32)}
-  start = 0
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          (params, state))
+  like_params = checkpoint.abstract_like(setup.abstract_params, setup.param_sharding)
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=setup.replicated)
+  like_train = {"opt_state": checkpoint.abstract_like(setup.abstract_opt, setup.opt_sharding),
+                "best_params": like_params, "best": scalar(jnp.float32),
+                "best_epoch": scalar(jnp.int32)}
   cell = cell_config(config)
-  restored = resume.restore_latest(ckpt, abstract[0], abstract[1], None, config=cell,
-                                   allow=resume.allowed_changes(config))
-  if restored is not None:
-    start, params, state, _ = restored
-    logging.info("%s: resumed after epoch %d", run_dir, start)
+  start, params, state = loop.resume_or_init(
+      ckpt, like_params, like_train, lambda: _init(config, setup, seed, init_path),
+      config=config, snapshot=cell)
+  opt_state, best_params = state["opt_state"], state["best_params"]
+  best, best_epoch = float(state["best"]), int(state["best_epoch"])
+  train_images = loop.put_global(data.images[train_idx], setup.replicated)
+  train_targets = loop.put_global(data.targets[train_idx], setup.replicated)
+  class_weights = np.ones(data.num_classes, np.float32)
+  if config.task_type == "cls" and config.loss.class_weights == "balanced":
+    class_weights = losses.balanced_class_weights(data.targets[train_idx], data.num_classes)
+    logging.info("Class weights (balanced over the training images): %s",
+                 dict(zip(data.class_names, np.round(class_weights, 3).tolist())))
+  class_weights = loop.put_global(class_weights, setup.replicated)
+  select = config.train.select_metric
   writers.truncate_jsonl(run_dir / "metrics.jsonl", start, key="epoch")
   writer = writers.create_writer(run_dir)
   run_key = jax.random.key(seed)
   logging.info("%s: %d train (fraction %g) / %d val / %d test images, batch %d, %d steps per "
-               "epoch, %d epochs, peak lr %.3g", run_dir, len(train_idx), fraction, len(val_idx),
-               len(test_idx), batch, steps_per_epoch, num_epochs, lr)
-  opt_state = state["opt_state"]
-  best, best_epoch = float(state["best"]), int(state["best_epoch"])
-  best_params = state["best_params"]
+               "epoch (%d passes), %d epochs, peak lr %.3g", run_dir, len(train_idx), fraction,
+               len(val_idx), len(test_idx), batch, setup.steps_per_epoch, passes, num_epochs,
+               setup.peak_lr)
   # Epochs per second and this cell's ETA in the log (from the second epoch on).
   progress = periodic_actions.ReportProgress(num_train_steps=num_epochs, every_steps=1)
   try:
     for epoch in range(start, num_epochs):
       t0 = time.time()
-      order = np.random.default_rng([seed, epoch]).permutation(len(train_idx))
-      order = order[:steps_per_epoch * batch].reshape(steps_per_epoch, batch)
-      params, opt_state, losses = run_epoch(params, opt_state, train_images, train_targets,
-                                            jnp.asarray(order), jax.random.fold_in(run_key, epoch),
-                                            class_weights)
-      losses = np.asarray(losses)
-      valid = divergence.screen(losses, np.ones(losses.shape, bool),
+      order = epoch_order(seed, epoch, len(train_idx), batch, passes)
+      params, opt_state, step_losses = run_epoch(
+          setup, params, opt_state, train_images, train_targets, jnp.asarray(order),
+          jax.random.fold_in(run_key, epoch), class_weights)
+      step_losses = np.asarray(step_losses)
+      valid = divergence.screen(step_losses, np.ones(step_losses.shape, bool),
                                 where=f"{run_dir}: epoch {epoch + 1}", mode=config.on_nonfinite)
-      loss = float(losses[valid].mean())
-      row = {"epoch": epoch + 1, "train_loss": loss,
-             "lr": float(schedule((epoch + 1) * steps_per_epoch - 1)),
-             "img_per_s": steps_per_epoch * batch / (time.time() - t0)}
+      loss = float(step_losses[valid].mean())
+      done = epoch + 1
+      row = {"epoch": done, "train_loss": loss,
+             "lr": float(setup.schedule(done * setup.steps_per_epoch - 1)),
+             "img_per_s": setup.steps_per_epoch * batch / (time.time() - t0)}
       if config.on_nonfinite == "skip":
-        row["skipped_steps"] = int(losses.size - valid.sum())
-      if (epoch + 1) % config.train.eval_every_epochs == 0 or epoch + 1 == num_epochs:
-        outputs = evaluate(predict, params, data.images[val_idx], batch, data_sharding)
-        val = split_scores(config.task_type, data.targets[val_idx], outputs, data.num_classes,
-                           _spacing(data, val_idx), config.eval.nsd_tolerance)
+        row["skipped_steps"] = int(step_losses.size - valid.sum())
+      if loop.itstime(done, config.train.eval_every_epochs, num_epochs):
+        outputs = downstream.predict_batches(functools.partial(predict, setup), params,
+                                             data.images[val_idx], batch, setup.data_sharding)
+        val = downstream.split_scores(config.task_type, data.targets[val_idx], outputs,
+                                      data.num_classes, _spacing(data, val_idx),
+                                      config.eval.nsd_tolerance)
         row.update({f"val_{k}": v for k, v in val.items()})
-        if better(select, val[select], best):
-          best, best_epoch = val[select], epoch + 1
+        if downstream.better(select, val[select], best):
+          best, best_epoch = val[select], done
           best_params = jax.tree.map(jnp.copy, params)
-      writer.write_scalars(epoch + 1, row)
-      logging.info("%s epoch %d/%d: loss %.4f%s", run_dir.name, epoch + 1, num_epochs, loss,
+      writer.write_scalars(done, row)
+      logging.info("%s epoch %d/%d: loss %.4f%s", run_dir.name, done, num_epochs, loss,
                    "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
-      progress(epoch + 1)
-      if (epoch + 1) % config.ckpt_every_epochs == 0 or epoch + 1 == num_epochs:
-        state = {"opt_state": opt_state, "best_params": best_params,
-                 "best": jnp.asarray(best, jnp.float32), "best_epoch": jnp.asarray(best_epoch, jnp.int32)}
-        ckpt.save(epoch + 1, params, state, None, {"epoch": epoch + 1, "config": json.dumps(cell)})
+      progress(done)
+      if loop.itstime(done, config.ckpt_every_epochs, num_epochs):
+        ckpt.save(done, params, _train_state(setup, opt_state, best_params, best, best_epoch),
+                  None, {"epoch": done, "config": json.dumps(cell)})
   finally:  # a crash still finishes the last save and releases the checkpoint manager
     ckpt.close()
     writer.close()
   if best_epoch == 0:  # validation never gave a finite score: test the last parameters
     best_params = params
 
-  outputs = evaluate(predict, best_params, data.images[test_idx], batch, data_sharding)
+  outputs = downstream.predict_batches(functools.partial(predict, setup), best_params,
+                                       data.images[test_idx], batch, setup.data_sharding)
   targets = data.targets[test_idx]
-  report = test_report(config.task_type, targets, outputs, data.num_classes,
-                       config.eval.bootstrap_samples, seed, _spacing(data, test_idx),
-                       config.eval.nsd_tolerance)
+  report = downstream.test_report(config.task_type, targets, outputs, data.num_classes,
+                                  config.eval.bootstrap_samples, seed, _spacing(data, test_idx),
+                                  config.eval.nsd_tolerance)
   if config.task_type == "cls":
     plots.roc_curves(run_dir / "roc.png", targets, outputs, data.class_names,
                      title=f"test ROC ({run_dir.parent.parent.name}, seed {seed})")
@@ -607,102 +547,21 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
                     metrics.confusion_matrix(targets, outputs.argmax(1), data.num_classes),
                     data.class_names)
   else:
-    per_image = seg_per_image(targets, outputs, data.num_classes)["dice"]
+    per_image = downstream.seg_per_image(targets, outputs, data.num_classes)["dice"]
     plots.seg_overlays(run_dir / "overlays.png", data.images[test_idx], targets, outputs,
                        scores=per_image)
-  extras = test_extras(config, programs, best_params, data, test_idx, outputs, report, run_dir,
-                       batch, first_cell=seed == config.seed and fraction == config.fractions[0])
+  extras = test_extras(config, setup, best_params, data, test_idx, outputs, report, run_dir,
+                       first_cell=seed == config.seed and fraction == config.fractions[0])
   results = {"test": report, "best_val": best, "best_epoch": best_epoch, "select_metric": select,
              "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
-             "num_test": int(len(test_idx)), "fraction": fraction, "seed": seed,
-             "init_from": init_path, "class_names": list(data.class_names), "config": cell,
-             **extras}
-  _atomic_json(run_dir / "results.json", results)
+             "num_test": int(len(test_idx)), "train_steps": num_epochs * setup.steps_per_epoch,
+             "fraction": fraction, "seed": seed, "init_from": init_path,
+             "class_names": list(data.class_names), "config": cell, **extras}
+  loop.atomic_write(run_dir / "results.json", results)
   return results
 
 
 # ----------------------------------------------------------------------------- study
-def reference_variant(study: list[tuple[str, str]]) -> str:
-  """The variant every other one is tested against: 'scratch' if the study has it, else the first."""
-  names = [name for name, _ in study]
-  return "scratch" if "scratch" in names else names[0]
-
-
-def paired_cell_tests(cell: dict, ref: dict, num_samples: int) -> dict:
-  """{metric: {'bootstrap': p[, 'delong': p]}} of a cell against the reference variant's cell of
-  the same seed and fraction, paired over their saved test outputs (the same test images):
-  paired bootstrap of every metric, and DeLong for a binary AUROC. {} when either cell saved no
-  outputs or their test images differ."""
-  paths = [pathlib.Path(c["run_dir"]) / "test_outputs.npz" for c in (cell, ref)]
-  if not all(path.exists() for path in paths):
-    return {}
-  with np.load(paths[0]) as fa, np.load(paths[1]) as fb:
-    a, b = dict(fa), dict(fb)
-  if not np.array_equal(a["test_index"], b["test_index"]):
-    return {}
-  if "probs" in a:
-    boot = significance.paired_bootstrap(cls_scores, a["targets"], a["probs"], b["probs"],
-                                         num_samples=num_samples, seed=cell["seed"])
-  else:
-    boot = significance.paired_bootstrap(seg_means, None, a["per_image"], b["per_image"],
-                                         num_samples=num_samples, seed=cell["seed"])
-  out = {name: {"bootstrap": c.pvalue} for name, c in boot.items()}
-  targets = a.get("targets")
-  if "probs" in a and a["probs"].shape[1] == 2 and 0 < targets.sum() < len(targets):
-    out["auroc"]["delong"] = significance.delong_test(targets, a["probs"][:, 1],
-                                                      b["probs"][:, 1]).pvalue
-  return out
-
-
-def _cell_value(cell: dict, name: str) -> float:
-  """A test metric ('auroc') or a blurred one ('auroc@blur2' = results['blur']['2']['auroc'];
-  nan for a cell tested without that blur, e.g. one finished before eval.blur_sigmas was set)."""
-  metric, _, sigma = name.partition("@blur")
-  if sigma:
-    return cell.get("blur", {}).get(sigma, {}).get(metric, math.nan)
-  return cell["test"][metric][0]
-
-
-def summarise(cells: list[dict], metric_names, reference: str | None = None,
-              num_samples: int = 1000) -> list[dict]:
-  """Rows of (variant, fraction, metric, mean, low, high, n, values) over seeds, and the tests
-  against the `reference` variant at the same fraction: diff (mean over seeds of variant minus
-  reference), p_ttest (two-sided paired t-test over seeds), and per seed (space-separated, as
-  `values`) p_bootstrap (paired bootstrap over test images) and p_delong (binary AUROC), where
-  the cells saved their test outputs. Cells tested under blur add rows 'metric@blur<sigma>'."""
-  rows = []
-  tests = {}
-  refs = {(c["fraction"], c["seed"]): c for c in cells if c["variant"] == reference}
-  for c in cells:
-    ref = refs.get((c["fraction"], c["seed"]))
-    if c["variant"] != reference and ref is not None and "run_dir" in c and "run_dir" in ref:
-      tests[(c["variant"], c["fraction"], c["seed"])] = paired_cell_tests(c, ref, num_samples)
-  keys = sorted({(c["variant"], c["fraction"]) for c in cells}, key=lambda k: (k[0], -k[1]))
-  for variant, fraction in keys:
-    group = sorted((c for c in cells if c["variant"] == variant and c["fraction"] == fraction),
-                   key=lambda c: c["seed"])
-    blur_names = [f"{m}@blur{s}" for s in (group[0].get("blur") or {}) for m in metric_names
-                  if all(s in c.get("blur", {}) for c in group)]
-    ref_group = [refs.get((fraction, c["seed"])) for c in group]
-    compare = variant != reference and all(r is not None for r in ref_group)
-    for name in (*metric_names, *blur_names):
-      values = np.array([_cell_value(c, name) for c in group], np.float64)
-      mean, low, high = metrics.mean_ci(values, bounds=metrics.metric_range(name.split("@")[0]))
-      row = {"variant": variant, "fraction": fraction, "metric": name, "mean": mean,
-             "ci_low": low, "ci_high": high, "num_seeds": len(values),
-             "values": " ".join(f"{v:.4f}" for v in values),
-             "reference": reference if compare else "", "diff": math.nan, "p_ttest": math.nan,
-             "p_bootstrap": "", "p_delong": ""}
-      if compare:
-        t = significance.paired_ttest(values, [_cell_value(r, name) for r in ref_group])
-        per_seed = [tests.get((variant, fraction, c["seed"]), {}).get(name, {}) for c in group]
-        row.update(diff=t.diff, p_ttest=t.pvalue, **{
-            f"p_{kind}": " ".join(f"{p[kind]:.4g}" for p in per_seed if kind in p)
-            for kind in ("bootstrap", "delong")})
-      rows.append(row)
-  return rows
-
-
 def write_summary(workdir: pathlib.Path, rows: list[dict], select: str) -> None:
   with open(workdir / "summary.csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -737,6 +596,10 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(clients=1, data=config.mesh.data)
   data = load_data(config)
+  abstract = nnx.eval_shape(lambda: build_model(config, data.num_classes, 0))
+  parameter_overview.log_parameter_overview(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
+                                            include_stats=False,
+                                            msg="Fine-tuning model parameters")
   study = variants(config)
   for name, path in study:
     if path and not pathlib.Path(path).exists():
@@ -763,8 +626,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
         test = result["test"]
         logging.info("  test: %s", ", ".join(f"{k} {v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]"
                                               for k, v in test.items() if isinstance(v, list)))
-  names = CLS_METRICS if config.task_type == "cls" else SEG_METRICS
-  rows = summarise(cells, names, reference_variant(study), config.eval.bootstrap_samples)
+  names = downstream.CLS_METRICS if config.task_type == "cls" else downstream.SEG_METRICS
+  rows = downstream.summarise(cells, names, downstream.reference_variant(study),
+                              config.eval.bootstrap_samples)
   if jax.process_index() == 0:
     write_summary(workdir, rows, config.train.select_metric)
   logging.info("Test metrics, mean [95%% CI] over %d seed(s):", config.num_seeds)

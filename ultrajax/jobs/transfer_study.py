@@ -19,7 +19,6 @@ Both stages resume: finished pretraining runs and finished fine-tuning cells are
 from __future__ import annotations
 
 import csv
-import json
 import pathlib
 
 import jax
@@ -30,7 +29,9 @@ from clu import periodic_actions
 
 from ultrajax import configlib
 from ultrajax.data import phantom
+from ultrajax.eval import downstream
 from ultrajax.jobs import finetune, pretrain
+from ultrajax.train import loop
 from ultrajax.viz import plots
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -124,22 +125,13 @@ def finetune_config(config, organ: str, variants: list[tuple[str, str]]):
 
 def write_matrix(workdir: pathlib.Path, rows: list[str], cols: list[str], table: dict,
                  metric: str, tests: dict | None = None) -> None:
-  """table[(source, target)] = (mean, low, high, n) -> CSV + heatmaps. tests[(source, target)]:
-  the fine-tuning summary's test columns of that cell against its reference variant (scratch
-  when the study has it): reference, diff, p_ttest, p_bootstrap, p_delong."""
-  tests = tests or {}
-  test_columns = ("reference", "diff", "p_ttest", "p_bootstrap", "p_delong")
+  """transfer_matrix.csv (eval/downstream.transfer_rows) and the heatmaps of the metric and of
+  its gain over scratch."""
+  lines = downstream.transfer_rows(rows, cols, table, metric, tests)
   with open(workdir / "transfer_matrix.csv", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["pretraining", "task", f"{metric}_mean", "ci_low", "ci_high", "num_seeds",
-                "gain_over_scratch", *test_columns])
-    for r in rows:
-      for c in cols:
-        mean, low, high, n = table[(r, c)]
-        gain = mean - table[("scratch", c)][0] if ("scratch", c) in table else float("nan")
-        cell = [tests.get((r, c), {}).get(k, "") for k in test_columns]
-        w.writerow([r, c, f"{mean:.4f}", f"{low:.4f}", f"{high:.4f}", n, f"{gain:.4f}",
-                    *(f"{v:.4g}" if isinstance(v, float) else v for v in cell)])
+    w = csv.DictWriter(f, fieldnames=list(lines[0]))
+    w.writeheader()
+    w.writerows(lines)
   matrix = np.array([[table[(r, c)][0] for c in cols] for r in rows])
   plots.heatmap(workdir / "transfer_matrix.png", matrix, rows, cols,
                 title=f"test {metric} (mean over seeds)", xlabel="downstream task",
@@ -167,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("Transfer study: pretraining on %s only (%d of %d)", organ,
                    len(pretrained) + 1, len(names))
       pretrain.run(pretrain_config(config, organ), str(out))
-      done.write_text(json.dumps({"organ": organ}))
+      loop.atomic_write(done, {"organ": organ})
     pretrained.append((organ, str(out)))
     progress(len(pretrained))
   variants = ([("scratch", "")] if config.include_scratch else []) + pretrained

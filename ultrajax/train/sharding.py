@@ -44,6 +44,25 @@ def make_mesh(clients: int = 1, data: int = -1, devices=None) -> Mesh:
   return Mesh(grid, AXES)
 
 
+RULE_KINDS = ("replicated", "fsdp")
+
+
+def check_rules(rules, field: str = "sharding_rules") -> None:
+  """Start-up check of config.<field>: (regex, kind) pairs; ConfigError naming the bad rule."""
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+      raise configlib.ConfigError(f"config.{field} has {rule!r}, not a (regex, kind) pair")
+    pattern, kind = rule
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise configlib.ConfigError(f"config.{field}: {pattern!r} is not a regular expression "
+                                  f"({e})") from None
+    if kind not in RULE_KINDS:
+      raise configlib.ConfigError(f"config.{field}: kind {kind!r} of {pattern!r} is not one of "
+                                  f"{RULE_KINDS}")
+
+
 def _leaf_spec(path: str, shape, rules, mesh: Mesh) -> tuple:
   for pattern, kind in rules:
     if re.fullmatch(pattern, path):
