@@ -10,7 +10,7 @@ Writes, with absolute image paths and a `split` column (train / val / test, seed
                   seen in the other's training or in pretraining.
   hc18_seg.csv    HC18 head masks (hc18, 200 images), split by subject_id, with pixel_size_mm.
   busi_probe.csv  the representation evaluator's task during pretraining: busi_cls.csv's train
-                  images as train and its *val* images as the scored set; test images left out, so
+                  images to fit on and its *val* images as the scored set; test images left out, so
                   nothing about pretraining is chosen on a test image.
   pretrain.csv    unlabelled pretraining images, one client per dataset: busi (busi_cls256
                   without any BUSI test image), hc18 (without its test subjects) and hc18_more
@@ -64,8 +64,11 @@ def main():
     r["split"] = split[os.path.basename(r["source_path"])]
     r["image"] = absolute("busi_cls256", r["image"])
   write(os.path.join(a.out, "busi_cls.csv"), busi, ["image", "label", "split"])
-  probe = [dict(r, split="test" if r["split"] == "val" else r["split"]) for r in busi
-           if r["split"] != "test"]
+  # The evaluator fits on train + val and scores test: BUSI's val images become its scored set
+  # and a quarter of the training images its (required, unused apart) val split.
+  train = [r for r in busi if r["split"] == "train"]
+  probe = ([dict(r, split="val" if i % 4 == 0 else "train") for i, r in enumerate(train)]
+           + [dict(r, split="test") for r in busi if r["split"] == "val"])
   write(os.path.join(a.out, "busi_probe.csv"), probe, ["image", "label", "split"])
 
   seg = read(os.path.join(root, "busi_seg", "labels.csv"))
