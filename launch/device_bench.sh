@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# Pretraining step on one accelerator, in one run (< 8 min on one GPU): MAE-B/16 at 224 px,
-# bfloat16, plain MAE masking (random, no MIC), centralized (1 client, batch CLIENTS x BATCH)
-# and federated (CLIENTS clients of BATCH) at the same total batch, img/s and MFU, and the
-# PyTorch MAE peer (timm blocks, bf16 autocast) at the centralized batch. Writes a markdown
-# table to $1, else $OUT/device_bench.md, else ./device_bench.md; the raw log beside it.
+# Pretraining step on one accelerator, in one run (< 8 min on one GPU: each step has its own
+# timeout, 270 + 120 + 70 s): MAE-B/16 at 224 px, bfloat16, plain MAE masking (random, no
+# MIC), centralized (1 client, batch CLIENTS x BATCH) and federated (CLIENTS clients of BATCH)
+# at the same total batch, img/s and MFU, and the PyTorch MAE peer (timm blocks, bf16
+# autocast) at the centralized batch; `bench plan` of the paper preset compiled for this
+# device (XLA's memory analysis on the accelerator itself, nothing allocated); `bench pipeline`
+# (host img/s at 224 px, ultrajax vs the official MAE DataLoader, at PIPELINE_WORKERS). Writes
+# markdown tables to $1, else $OUT/device_bench.md, else ./device_bench.md; raw logs beside it.
 #   launch/device_bench.sh [/path/to/table.md]
 # Smaller (e.g. on a CPU, to check the commands): CONFIG=configs/pretrain_fed.py:smoke BATCH=2
-#   CLIENTS=2 STEPS=1 CHUNK=2 launch/device_bench.sh /tmp/table.md
+#   CLIENTS=2 STEPS=1 CHUNK=2 PLAN_CONFIG=configs/pretrain_fed.py:smoke PIPELINE_WORKERS=0,1
+#   launch/device_bench.sh /tmp/table.md
 set -euo pipefail
 TABLE=${1:-${OUT:-.}/device_bench.md}
 LOG=${TABLE%.md}.log
 CONFIG=${CONFIG:-configs/pretrain_fed.py}  # the default preset is ViT-B/16 at 224, bfloat16
 BATCH=${BATCH:-64} CLIENTS=${CLIENTS:-4} STEPS=${STEPS:-3} CHUNK=${CHUNK:-4}
+PIPELINE_WORKERS=${PIPELINE_WORKERS:-1,2,4} PLAN_CONFIG=${PLAN_CONFIG:-configs/pretrain_fed.py}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 mkdir -p "$(dirname "$TABLE")"
 cmd=(python -m ultrajax.bench pretrain --config="$CONFIG" --steps="$STEPS" --clients="$CLIENTS"
      --config.data.batch_size="$BATCH" --config.fed.chunk_steps="$CHUNK"
      --config.ultramim.tgm_mode=random --config.ultramim.mic=False)
-timeout 460 "${cmd[@]}" 2>&1 | tee "$LOG"
+PLAN_LOG=${TABLE%.md}_plan.log PIPE_LOG=${TABLE%.md}_pipeline.log
+# A step that runs out of time leaves what it printed; the others still run.
+timeout 270 "${cmd[@]}" 2>&1 | tee "$LOG" || true
+plan=(python -m ultrajax.bench plan --config="$PLAN_CONFIG")
+timeout 120 "${plan[@]}" 2>&1 | tee "$PLAN_LOG" || true
+pipe=(python -m ultrajax.bench pipeline --pipeline_workers="$PIPELINE_WORKERS")
+timeout 70 "${pipe[@]}" 2>&1 | tee "$PIPE_LOG" || true
 machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
 {
   echo "### $(date -u +%Y-%m-%d), ${machine:-$(python -c 'import jax; print(jax.devices()[0].device_kind)')}"
@@ -31,7 +42,20 @@ machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -
   awk '/^(central|federated) /{printf "| %s |", $1; for (i = 2; i <= NF; i++) printf " %s |", $i; print ""}
        /^pytorch MAE /{printf "| PyTorch MAE (timm) | %s | %s | %s | %s | - | - | - | - |\n", $3, $4, $5, $6}' "$LOG"
   echo
-  grep '^ratio ' "$LOG" | sed 's/^/- /'
+  grep '^ratio ' "$LOG" | sed 's/^/- /' || true
   grep '^PyTorch peer skipped' "$LOG" | sed 's/^/- /' || true
+  echo
+  echo "#### Memory and FLOPs of \`${plan[*]}\` (XLA on this device; compiled, not run)"
+  echo
+  echo '```'
+  grep -E '^(# plan|parameters|  |XLA memory|compile|FLOPs|time per round)' "$PLAN_LOG" || true
+  echo '```'
+  echo
+  echo "#### Host input pipeline: \`${pipe[*]}\` ($(nproc) cores)"
+  echo
+  echo "| pipeline | workers | img/s | img/s per core |"
+  echo "| --- | --- | --- | --- |"
+  awk '/^(ultrajax|official MAE), /{n = NF; name = $1; for (i = 2; i <= n - 3; i++) name = name " " $i
+       printf "| %s | %s | %s | %s |\n", name, $(n - 2), $(n - 1), $n}' "$PIPE_LOG"
 } > "$TABLE"
 echo "wrote $TABLE"

@@ -91,3 +91,17 @@ def test_bench_pipeline_times_both_peers_on_one_folder(tmp_path):
   assert all(r["img_per_s"] > 0 and r["per_core"] == r["img_per_s"] for r in rows)
   if importlib.util.find_spec("torchvision"):
     assert pipeline_bench.torch_img_per_s(root, 0, 2, 1) > 0
+
+
+def test_bench_pretrain_meshes_run_central_on_the_same_devices():
+  config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
+  config.mesh.clients, config.data.batch_size = 2, 8
+  central, federated = plan_lib.pretrain_meshes(config, 4)
+  assert dict(federated.shape) == {"clients": 2, "data": 4}
+  assert dict(central.shape) == {"clients": 1, "data": 8}
+  assert set(central.devices.flat) == set(federated.devices.flat)
+  with pytest.raises(configlib.ConfigError, match="mesh.clients=2"):
+    plan_lib.pretrain_meshes(config, 3)
+  config.data.batch_size = 6
+  with pytest.raises(configlib.ConfigError, match="batch_size=6"):
+    plan_lib.pretrain_meshes(config, 4)

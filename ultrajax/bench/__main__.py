@@ -150,17 +150,8 @@ def _torch_peer(config, batch: int, steps: int) -> dict | None:
 def bench_pretrain(config, steps: int, clients: int) -> None:
   pretrain.validate(config)
   clients = clients or config.data.num_clients
-  mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
-  # Centralized training is one client: the job refuses it on a clients axis wider than 1, so
-  # it runs on the same devices with every one of them on the data axis.
-  central_mesh = sharding.make_mesh(1, mesh.size, devices=mesh.devices.flatten())
+  central_mesh, mesh = plan_bench.pretrain_meshes(config, clients)
   batch = config.data.batch_size
-  configlib.check(clients % mesh.shape["clients"] == 0,
-                  f"--clients={clients} clients do not divide over config.mesh.clients="
-                  f"{mesh.shape['clients']}")
-  configlib.check(batch % mesh.shape["data"] == 0,
-                  f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
-                  f"({mesh.shape['data']} devices)")
   dev = jax.devices()[0]
   print(f"# pretrain benchmark: {config.model.variant or 'custom'} at {config.model.image_size}px, "
         f"dtype {config.model.dtype}, chunk of {config.fed.chunk_steps} steps, "

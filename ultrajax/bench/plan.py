@@ -48,6 +48,21 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
+def pretrain_meshes(config, clients: int):
+  """(centralized mesh, federated mesh) for `bench pretrain`: the config's mesh for the
+  federated mode; centralized training is one client, which the job refuses on a clients axis
+  wider than 1, so it runs on the same devices with all of them on the data axis."""
+  mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
+  configlib.check(clients % mesh.shape["clients"] == 0,
+                  f"--clients={clients} clients do not divide over config.mesh.clients="
+                  f"{mesh.shape['clients']}")
+  batch = config.data.batch_size
+  configlib.check(batch % mesh.shape["data"] == 0,
+                  f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
+                  f"({mesh.shape['data']} devices)")
+  return sharding.make_mesh(1, mesh.size, devices=mesh.devices.flatten()), mesh
+
+
 def table1_steps(config) -> np.ndarray:
   """[C] local steps per round of the config's phantom clients shaped as UltraFedFM's Table 1
   (the first data.num_clients, SMAT partners doubling them at smat_ratio 1): the paper's
