@@ -1,16 +1,20 @@
 """Privacy and robustness (issue 20): DP-FedAvg, accountant, secure aggregation, robust rules,
 the gradient-inversion audit. References: dp-accounting, numpy, scipy, TF Privacy's README."""
+import dataclasses
+import functools
 import math
+from typing import Any
 
 import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import stats
 
 from ultrajax import configlib
-from ultrajax.fed import privacy, robust, secagg
+from ultrajax.fed import aggregate, privacy, robust, rounds, secagg, strategies
 
 
 def _stack(num=5, seed=0):
@@ -202,13 +206,43 @@ def test_median_trimmed_mean_and_krum_match_numpy():
     robust.krum_scores(tree, 3)
 
 
+def test_robust_rules_over_the_kept_clients_equal_numpy_on_those_alone():
+  tree = _stack(7, seed=6)
+  keep = np.array([1, 1, 0, 1, 1, 1, 0], bool)
+  # the excluded rows hold garbage that must not leak into any rule
+  tree = jax.tree.map(lambda x: x.at[2].set(jnp.nan).at[6].set(1e9), tree)
+  flat = _np_flat(tree)[keep]
+  row = lambda t: _np_flat(jax.tree.map(lambda x: x[None], t))[0]  # noqa: E731
+  np.testing.assert_allclose(row(robust.coordinate_median(tree, keep)), np.median(flat, 0),
+                             rtol=1e-6)
+  np.testing.assert_allclose(row(robust.trimmed_mean(tree, 0.25, keep)),
+                             stats.trim_mean(flat, 0.25, axis=0), rtol=1e-5, atol=1e-6)
+  f, m, k = 1, 2, len(flat)
+  dist = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+  scores = np.array([np.sort(np.delete(dist[i], i))[:k - f - 2].sum() for i in range(k)])
+  agg, sel = robust.krum(tree, f, m, keep=keep)
+  np.testing.assert_array_equal(np.asarray(sel), np.flatnonzero(keep)[np.argsort(scores)[:m]])
+  np.testing.assert_allclose(row(agg), flat[np.argsort(scores)[:m]].mean(0), rtol=1e-5,
+                             atol=1e-6)
+  w = np.arange(1, 8, dtype=np.float64)
+  norms = np.linalg.norm(flat, axis=1)
+  want = ((w[keep] / w[keep].sum())[:, None] * flat * np.minimum(1, 1.5 / norms)[:, None]).sum(0)
+  np.testing.assert_allclose(row(robust.norm_bounded_mean(tree, w, 1.5, keep)), want, rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_screen_excludes_nan_and_scaled_clients_and_renormalises():
   tree = _stack(5, seed=5)
   tree = jax.tree.map(lambda x: x.at[1].set(jnp.nan).at[3].multiply(1e6), tree)
   keep, w, report = robust.screen(tree, np.full(5, 0.2), norm_factor=100.0)
-  assert report["nonfinite"] == [1] and report["too_large"] == [3]
+  np.testing.assert_array_equal(np.flatnonzero(report["nonfinite"]), [1])
+  np.testing.assert_array_equal(np.flatnonzero(report["too_large"]), [3])
   np.testing.assert_array_equal(keep, [True, False, True, False, True])
   np.testing.assert_allclose(w, [1 / 3, 0, 1 / 3, 0, 1 / 3], rtol=1e-6)
+  # a client that did not report is neither screened nor kept; the rest renormalise
+  keep, w, report = robust.screen(tree, np.full(5, 0.2), keep=np.array([0, 1, 1, 1, 1], bool))
+  np.testing.assert_array_equal(keep, [False, False, True, False, True])
+  np.testing.assert_allclose(w, [0, 0, 0.5, 0, 0.5], rtol=1e-6)
   bounded = robust.norm_bounded_mean(jax.tree.map(lambda x: x[np.array([0, 3])], tree),
                                      [0.5, 0.5], 1.0)
   assert float(privacy.global_norm(bounded)) <= 1.0 + 1e-5
@@ -228,3 +262,300 @@ def test_audit_gate_attack_succeeds_without_dp_and_fails_with_it():
 # The threshold sits between them (docs/privacy.md).
 AUDIT_ITERS = 200
 AUDIT_PSNR_THRESHOLD = 12.5
+
+
+# --- the strategies on the federated engine (fed/protected.py) --------------------------------
+
+LR, STEPS, BATCH, DIM = 0.1, 3, 4, 3
+
+
+def _lsq(params, model_state, batch, key):
+  del key
+  r = batch["x"] @ params["w"] + params["b"] - batch["y"]
+  return jnp.mean(r * r), (model_state, None)
+
+
+def _clients(num, seed=0):
+  rng = np.random.default_rng(seed)
+  data = {"x": rng.normal(size=(num, STEPS, BATCH, DIM)).astype(np.float32),
+          "y": rng.normal(size=(num, STEPS, BATCH)).astype(np.float32)}
+  return data, {"w": rng.normal(size=(DIM,)).astype(np.float32), "b": np.float32(0.2)}
+
+
+def _numpy_local(data, params, k):
+  """Client k's STEPS plain-SGD steps from the server params, float64 -> (w, b)."""
+  w, b = np.float64(params["w"]), np.float64(params["b"])
+  for s in range(STEPS):
+    x, y = data["x"][k, s].astype(np.float64), data["y"][k, s].astype(np.float64)
+    r = x @ w + b - y
+    w, b = w - LR * 2 * x.T @ r / len(y), b - LR * 2 * r.mean()
+  return w, b
+
+
+@functools.cache
+def _programs(strategy):
+  """(start, chunk, finish) of the engine for `strategy`, compiled once per strategy."""
+  return (jax.jit(functools.partial(rounds.start_round, strategy), static_argnums=(3, 4)),
+          jax.jit(rounds.make_chunk(_lsq, optax.sgd(LR), strategy)),
+          jax.jit(functools.partial(rounds.finish_round, strategy)))
+
+
+def _rounds(strategy, data, params, num_rounds, participants=None, sstate=None, start=0,
+            examples=None):
+  """num_rounds engine rounds (every client on its own lane, one chunk); returns
+  (server, strategy state, mean client loss per round)."""
+  num = data["x"].shape[0]
+  server = strategies.Server(jax.tree.map(jnp.asarray, params), {})
+  sstate = strategy.init(server.params, num, {}) if sstate is None else sstate
+  opt = jax.vmap(optax.sgd(LR).init)(aggregate.broadcast(server.params, num))
+  weights = strategy.client_weights(np.full(num, 10) if examples is None else examples)
+  losses = []
+  for r in range(start, start + num_rounds):
+    part = np.ones(num, bool) if participants is None else participants[r - start]
+    plan = rounds.plan_round(np.where(part, STEPS, 0), num, STEPS)
+    start_fn, chunk_fn, finish_fn = _programs(strategy)
+    state = start_fn(server, opt, sstate, num, num)
+    c = np.maximum(plan.client_ids, 0)
+    batch = jax.tree.map(lambda a: a[c, plan.step_ids], data)
+    state, metrics = chunk_fn(server, state, batch, plan, np.full(num, STEPS, np.float32),
+                              weights, r, jax.random.key(r))
+    losses.append(float(np.asarray(metrics["loss"]).sum() / (plan.client_ids >= 0).sum()))
+    server, opt, sstate = finish_fn(state, server, jax.random.key(r))
+  return server, sstate, losses
+
+
+def _numpy_deltas(data, params):
+  out = [_numpy_local(data, params, k) for k in range(data["x"].shape[0])]
+  return np.stack([np.concatenate([w - params["w"], [b - params["b"]]]) for w, b in out])
+
+
+def _flat_server(server):
+  return np.concatenate([np.asarray(server.params["w"]), [float(server.params["b"])]])
+
+
+def test_dp_fedavg_round_on_the_engine_equals_numpy_clip_and_noise(adaptive=True):
+  """Adaptive clipping: the noise multiplier z_D left after the clipped count, and C's update."""
+  data, params = _clients(4)
+  deltas = _numpy_deltas(data, params)
+  norms = np.linalg.norm(deltas, axis=1)
+  clip = float(np.median(norms))  # half the clients are clipped
+  strategy = _dp_strategy(adaptive, clip)
+  server, sstate, _ = _rounds(strategy, data, params, 1)
+  noise_key, count_key = jax.random.split(jax.random.fold_in(jax.random.key(0), rounds.SERVER_KEY))
+  z = privacy.adaptive_noise_multiplier(0.7, 0.5) if adaptive else 0.7
+  noise = privacy.add_noise({"w": jnp.zeros(DIM), "b": jnp.zeros(())}, z * clip / 4, noise_key)
+  clipped = deltas * np.minimum(1.0, clip / norms)[:, None]
+  want = (np.concatenate([params["w"], [params["b"]]]) + clipped.sum(0) / 4
+          + np.concatenate([np.asarray(noise["w"]), [float(noise["b"])]]))
+  np.testing.assert_allclose(_flat_server(server), want, rtol=1e-5, atol=1e-6)
+  if adaptive:
+    unclipped = np.sum(norms <= clip)
+    b_bar = np.clip((unclipped + 0.5 * float(jax.random.normal(count_key, ()))) / 4, 0, 1)
+    assert float(sstate["dp"]["clip_norm"]) == pytest.approx(clip * np.exp(-0.2 * (b_bar - 0.5)),
+                                                             rel=1e-5)
+  report = strategy.report(sstate, 1)
+  direct = dp_accounting.rdp.RdpAccountant()
+  direct.compose(dp_accounting.GaussianDpEvent(0.7), 1)
+  assert report["dp/epsilon"] == pytest.approx(direct.get_epsilon(1e-5), abs=1e-6)
+
+
+def test_dp_prepare_takes_the_jobs_sampling_and_the_budget_stops_before_it_is_passed():
+  dp = strategies.make_strategy("dp_fedavg", noise_multiplier=1.0, epsilon_budget=3.0)
+  poisson = dp.for_run(100, 0.1, "poisson")
+  assert (poisson.expected_participants, poisson.sampling_rate) == (10.0, 0.1)
+  fixed = dp.for_run(16, 4, "uniform")
+  assert (fixed.sampling, fixed.population, fixed.sample_size) == ("fixed", 16, 4)
+  with pytest.raises(configlib.ConfigError, match="config.fed.sampling='volume'"):
+    dp.for_run(16, 4, "volume")
+  acct = poisson.privacy_accountant()
+  first = next(r for r in range(1, 1000) if acct.epsilon(r) > 3.0)  # first round past it
+  assert poisson.stop_reason(first - 2) is None
+  why = poisson.stop_reason(first - 1)
+  assert why and f"round {first}" in why and "epsilon_budget=3" in why
+  assert strategies.make_strategy("fedavg").stop_reason(10**6) is None
+  with pytest.raises(ValueError, match="weighting"):
+    strategies.make_strategy("dp_fedavg", weighting="volume")
+  with pytest.raises(ValueError, match="too small"):
+    strategies.make_strategy("dp_fedavg", adaptive=True, clip_count_stddev=0.1)
+
+
+def _np_krum(flat, f, m):
+  k = len(flat)
+  dist = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+  scores = np.array([np.sort(np.delete(dist[i], i))[:k - f - 2].sum() for i in range(k)])
+  return flat[np.argsort(scores)[:m]].mean(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hostile:
+  """Client 4 uploads y = x + s (y - x), s = the state's 'hostile_scale' (1: honest; 1e6: the
+  faulty or hostile hospital; nan), so one compiled engine serves all three."""
+  inner: Any
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def init(self, server_params, num_clients, model_state=None):
+    return dict(self.inner.init(server_params, num_clients, model_state),
+                hostile_scale=jnp.float32(1.0))
+
+  def on_client_done(self, acc, state, server, done):
+    scale = jnp.where(done.index == 4, state["hostile_scale"], 1.0)
+    params = jax.tree.map(lambda y, x: x + scale * (y - x), done.params, server.params)
+    return self.inner.on_client_done(acc, state, server, done._replace(params=params))
+
+
+def _attack(strategy, data, params, num_rounds, scale):
+  sstate = dict(strategy.init(jax.tree.map(jnp.asarray, params), 5, {}),
+                hostile_scale=jnp.float32(scale))
+  return _rounds(strategy, data, params, num_rounds, sstate=sstate)
+
+
+def test_robust_strategies_equal_numpy_and_survive_a_client_scaled_by_1e6():
+  """On the engine (5 clients, a linear model): one honest round of each robust rule equals its
+  numpy reference; then client 4 sends its updates scaled by 1e6 for 5 rounds: FedAvg's loss
+  explodes, the robust rules' (screen off, so the rule alone copes) falls, and the screen
+  excludes, counts and reports the attacker (and a NaN update)."""
+  data, params = _clients(5, seed=1)
+  deltas = _numpy_deltas(data, params)
+  x0 = np.concatenate([params["w"], [params["b"]]])
+  norms = np.linalg.norm(deltas, axis=1)
+  bound = float(np.median(norms))
+  cases = {
+      "fedavg": ({}, deltas.mean(0)),
+      "median": ({"screen_factor": 0.0}, np.median(deltas, 0)),
+      "trimmed_mean": ({"beta": 0.2, "screen_factor": 0.0}, stats.trim_mean(deltas, 0.2, axis=0)),
+      "krum": ({"num_byzantine": 1, "screen_factor": 0.0}, _np_krum(deltas, 1, 1)),
+      "multi_krum": ({"num_byzantine": 1, "screen_factor": 0.0}, _np_krum(deltas, 1, 4)),
+      "norm_bound": ({"max_norm": bound}, (deltas * np.minimum(1, bound / norms)[:, None]).mean(0)),
+      "fedavg_screened": ({}, deltas.mean(0)),
+  }
+  for name, (options, want) in cases.items():
+    strategy = _Hostile(strategies.make_strategy(name, **options))
+    server, _, _ = _attack(strategy, data, params, 1, 1.0)
+    np.testing.assert_allclose(_flat_server(server), x0 + want, rtol=1e-5, atol=1e-6, err_msg=name)
+    _, sstate, losses = _attack(strategy, data, params, 5, 1e6)
+    if name == "fedavg":
+      assert not np.isfinite(losses[-1]) or losses[-1] > 1e6 * losses[0], losses
+      continue
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], (name, losses)
+    if name == "fedavg_screened":
+      report = strategy.inner.report(sstate, 0)
+      assert report["screen/too_large"] == 1 and report["screen/excluded_total"] == 5
+      np.testing.assert_array_equal(sstate["screen"]["excluded"], [0, 0, 0, 0, 1])
+      _, sstate, _ = _attack(strategy, data, params, 1, math.nan)
+      assert strategy.inner.report(sstate, 0)["screen/nonfinite"] == 1
+
+
+def _finished(strategy, server, num, seed=0):
+  rng = np.random.default_rng(seed)
+  return [strategies.Finished(jnp.int32(k), jnp.float32(w), jax.tree.map(
+      lambda x: x + jnp.asarray(rng.normal(size=np.shape(x)), jnp.float32) * 0.1, server.params),
+      {}, jnp.float32(STEPS)) for k, w in enumerate(rng.dirichlet(np.ones(num)))]
+
+
+def test_secagg_strategy_masked_sum_is_the_ring_sum_with_dropouts(bits=16):
+  """Z_{2^16} (the engine round below runs the 32-bit ring)."""
+  strategy = strategies.make_strategy("secagg", bits=bits, clip_range=4.0, max_clients=5)
+  server = strategies.Server({"w": jnp.arange(3.0), "b": jnp.float32(1.0)}, {})
+  state = strategy.init(server.params, 5, {})
+  done = _finished(strategy, server, 5)
+  finishers = [0, 2, 3]  # 1 and 4 never upload: their masks with the survivors dangle
+  acc = strategy.accumulator(state, server, 5)
+  step = jax.jit(strategy.on_client_done)
+  for k in finishers:
+    acc, state = step(acc, state, server, done[k])
+  ring = 1 << bits
+  want = np.zeros(5, np.uint64)
+  for k in finishers:
+    d = done[k]
+    vec = np.concatenate([[d.weight], d.weight * np.concatenate(  # ravel_pytree: keys sorted
+        [[d.params["b"] - server.params["b"]], np.asarray(d.params["w"] - server.params["w"])])])
+    want = (want + np.asarray(strategy.encode(jnp.asarray(vec, jnp.float32)), np.uint64)) % ring
+  np.testing.assert_array_equal(np.asarray(strategy.unmask(acc, state), np.uint64), want)
+  new, state = strategy.server_update(acc, state, server, None)
+  w = np.array([float(done[k].weight) for k in finishers])
+  mean_w = np.average([np.asarray(done[k].params["w"]) for k in finishers], axis=0, weights=w)
+  np.testing.assert_allclose(new.params["w"], mean_w, atol=20 / strategy.ring().scale)
+  assert int(state["secagg"]["round"]) == 1
+
+
+def test_secagg_single_upload_is_uniform_and_the_engine_round_equals_fedavg():
+  strategy = strategies.make_strategy("secagg", bits=32, max_clients=4)
+  zeros = {"w": jnp.zeros(20000)}
+  state = strategy.init(zeros, 4, {})
+  done = strategies.Finished(jnp.int32(1), jnp.float32(0.25), zeros, {}, jnp.float32(1))
+  y = np.asarray(strategy.upload(state, strategies.Server(zeros, {}), done, 4), np.float64)
+  counts = np.bincount((y * 16 / 2**32).astype(int), minlength=16)
+  assert stats.chisquare(counts).pvalue > 1e-3
+  assert stats.kstest(y / 2**32, "uniform").pvalue > 1e-3
+  data, params = _clients(4, seed=3)
+  part = np.array([[True, False, True, True]])
+  examples = np.array([10, 20, 30, 40])
+  secure, _, _ = _rounds(strategies.make_strategy("secagg", max_clients=4), data, params, 1, part,
+                         examples=examples)
+  plain, _, _ = _rounds(strategies.make_strategy("fedavg"), data, params, 1, part,
+                        examples=examples)
+  np.testing.assert_allclose(_flat_server(secure), _flat_server(plain), atol=1e-6)
+
+
+def _dp_strategy(adaptive, clip):
+  return strategies.make_strategy(
+      "dp_fedavg", clip_norm=clip, noise_multiplier=0.7, adaptive=adaptive,
+      clip_count_stddev=0.5 if adaptive else 0.0).for_run(4, 0, "uniform")
+
+
+@pytest.mark.parametrize("kind", ["dp_fedavg", "secagg"])
+def test_resume_with_strategy_state_is_bitwise(kind):
+  """Two rounds straight equal one round, the strategy state through the host (what a
+  checkpoint stores: accountant round count, clip norm, secagg round), then one more."""
+  data, params = _clients(4, seed=4)
+  if kind == "dp_fedavg":
+    strategy = _dp_strategy(True, float(np.median(np.linalg.norm(_numpy_deltas(data, params), axis=1))))
+  else:
+    strategy = strategies.make_strategy("secagg", max_clients=4)
+  straight, s2, _ = _rounds(strategy, data, params, 2)
+  first, s1, _ = _rounds(strategy, data, params, 1)
+  saved = jax.tree.map(np.asarray, (first.params, s1))
+  resumed, s2b, _ = _rounds(strategy, data, jax.tree.map(np.asarray, saved[0]), 1,
+                            sstate=jax.tree.map(jnp.asarray, saved[1]), start=1)
+  jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
+  jax.tree.map(np.testing.assert_array_equal, s2, s2b)
+  key = "dp" if kind == "dp_fedavg" else "secagg"
+  assert int(s2b[key]["rounds" if key == "dp" else "round"]) == 2
+
+
+def test_pretraining_with_dp_logs_epsilon_and_stops_at_the_budget_also_after_a_resume(tmp_path):
+  """The federated job with fed.strategy=dp_fedavg (smoke, 2 clients, all every round): epsilon
+  is logged each round as dp-accounting gives it; a budget between epsilon(2) and epsilon(3)
+  stops the run cleanly after round 2 with a checkpoint; a restart reads the accountant's
+  round count back from it and stops before training."""
+  import pathlib
+
+  from ultrajax import configlib as cl
+  from ultrajax.jobs import pretrain
+  from ultrajax.train import writers
+  z, delta = 4.0, 1e-5
+  acct = privacy.Accountant(noise_multiplier=z, delta=delta)
+  budget = (acct.epsilon(2) + acct.epsilon(3)) / 2
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  config = cl.load_config_module(repo / "configs" / "pretrain_fed.py").get_config("smoke")
+  config.mesh.update(clients=1, data=1)
+  config.update_from_flattened_dict({
+      "fed.num_rounds": 3, "fed.strategy": "dp_fedavg", "image_every_rounds": 100,
+      "fed.strategy_options": f"clip_norm=1.0, noise_multiplier={z}, epsilon_budget={budget}",
+      "evals.linear_probe.every_rounds": 0, "evals.knn.every_rounds": 0})
+  pretrain.run(config, tmp_path)
+  rows = {r["round"]: r for r in writers.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r}
+  assert sorted(rows) == [1, 2]
+  for r in (1, 2):
+    assert rows[r]["dp/epsilon"] == pytest.approx(acct.epsilon(r), abs=1e-6)
+    assert rows[r]["dp/clip_norm"] == 1.0
+  assert (tmp_path / "checkpoints" / "2").exists()
+  pretrain.run(config, tmp_path)  # resumes at round 2: the budget stops it at once
+  again = [r for r in writers.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+  assert [r["round"] for r in again] == [1, 2]
+  bad = config.copy_and_resolve_references()
+  bad.fed.strategy_options = "clip_norm=-1.0"
+  with pytest.raises(configlib.ConfigError, match="config.fed.strategy_options"):
+    pretrain.validate(bad)

@@ -98,9 +98,18 @@ def adaptive_clip(clip_norm, norms, participating, target_quantile: float, lr: f
   The clip norm must be the one used for this round's clipping, so noise and C stay consistent.
   """
   part = jnp.asarray(participating, jnp.float32)
-  count = jnp.maximum(part.sum(), 1.0)
   unclipped = jnp.sum(part * (norms <= clip_norm).astype(jnp.float32))
-  b_bar = (unclipped + sigma_b * jax.random.normal(key, (), jnp.float32)) / count
+  return adaptive_clip_from_count(clip_norm, unclipped, part.sum(), target_quantile, lr, sigma_b,
+                                  key)
+
+
+def adaptive_clip_from_count(clip_norm, unclipped, denominator, target_quantile: float, lr: float,
+                             sigma_b: float, key):
+  """adaptive_clip from the count of unclipped updates: b_bar = (count + N(0, sigma_b^2)) /
+  denominator, clamped to [0, 1]. Under Poisson sampling the denominator must be the expected
+  number of participants (the actual count would leak who took part)."""
+  b_bar = (unclipped + sigma_b * jax.random.normal(key, (), jnp.float32)) / jnp.maximum(
+      denominator, 1.0)
   b_bar = jnp.clip(b_bar, 0.0, 1.0)  # noise can push it outside; TF Privacy clamps as well
   return clip_norm * jnp.exp(-lr * (b_bar - target_quantile)), b_bar
 

@@ -1,0 +1,426 @@
+"""Privacy and robustness as strategies of the federated engine (issue 20; hooks: fed/strategies.py).
+
+Registered by name for `fed.strategy` (options through `fed.strategy_options`):
+  dp_fedavg        client-level DP-FedAvg (McMahan et al. 2018): on_client_done clips each
+                   client's update D_k = y_k - x to L2 norm C; server_update adds
+                   sum_k clip(D_k) / m + N(0, (z C / m)^2) to x, m = expected participants
+                   (fixed denominator). adaptive=True moves C toward the target quantile of the
+                   update norms (Andrew et al. 2021; fed/privacy.py). A dp-accounting accountant
+                   (RDP or PLD) on the job's sampling gives epsilon at `delta` every round;
+                   `epsilon_budget` > 0 stops the run before a round that would pass it.
+  fedavg_screened  FedAvg of the updates that pass the screen (below)
+  median, trimmed_mean, krum, multi_krum, norm_bound
+                   fed/robust.py's rules over the screened updates
+  secagg           FedAvg through simulated secure aggregation: each finishing client uploads
+                   [w_k, w_k D_k] quantised onto Z_{2^bits} plus pairwise masks with every other
+                   client; the server sums the uploads, removes the masks shared with clients
+                   that never uploaded (not sampled, or dropped), and decodes the weighted mean.
+The screen (robust strategies, screen_factor > 0): a client whose update has a NaN/inf or a norm
+above screen_factor x the median norm is excluded from the round, counted and reported, and the
+weights renormalise over the rest.
+
+Host side, the engine's generic hooks that the jobs' round loop calls (fed/strategies.py):
+  strategy = strategy.for_run(num_clients, clients_per_round, sampling)  # DP: m, accountant
+  why = strategy.stop_reason(rounds_done)      # a message when the next round passes the budget
+  scalars.update(strategy.report(sstate, rounds_done))  # dp/epsilon, dp/clip_norm, screen/*
+State that must survive a resume (the accountant's round count, the clip norm, the secure
+aggregation round counter) lives in the strategy state, which the jobs checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.flatten_util import ravel_pytree
+
+from ultrajax import configlib
+from ultrajax.fed import participation, privacy, robust, secagg, strategies
+from ultrajax.fed.strategies import Finished, Server
+
+RULES = ("mean", "median", "trimmed_mean", "krum", "norm_bound")
+
+
+def _delta(done: Finished, server: Server):
+  """(params, model state) of the client minus the server's, float32."""
+  sub = lambda y, x: y.astype(jnp.float32) - jnp.asarray(x, jnp.float32)  # noqa: E731
+  return (jax.tree.map(sub, done.params, server.params),
+          jax.tree.map(sub, done.model_state, server.model_state))
+
+
+def _plus(server_tree, delta):
+  return jax.tree.map(lambda x, d: (jnp.asarray(x, jnp.float32) + d).astype(jnp.asarray(x).dtype),
+                      server_tree, delta)
+
+
+# ----------------------------------------------------------------------------- DP-FedAvg
+@dataclasses.dataclass(frozen=True)
+class DPFedAvg(strategies.FedAvg):
+  """Client-level DP-FedAvg with fixed or adaptive clipping and an accountant.
+
+  clip_norm: C (the initial C when adaptive). noise_multiplier: z, what the accountant charges
+  per round; with adaptive clipping the update gets z_D = (z^-2 - (2 sigma_b)^-2)^-1/2 and the
+  unclipped count sigma_b (Andrew et al. 2021, Thm. 1). clip_count_stddev: sigma_b (0: m / 20,
+  the paper's choice). delta, accountant ('rdp' | 'pld'), epsilon_budget (0: none).
+  Uniform weights only: the fixed denominator m bounds one client's influence to C / m.
+  expected_participants, sampling, sampling_rate, population, sample_size: set by `for_run`
+  from the job's participation fields, not by hand; without it, every client takes part every
+  round (m = C, no subsampling in the accountant: conservative if the job samples).
+  """
+  name: str = "dp_fedavg"
+  weighting: str = "uniform"
+  clip_norm: float = 1.0
+  noise_multiplier: float = 1.0
+  adaptive: bool = False
+  target_quantile: float = 0.5
+  clip_lr: float = 0.2
+  clip_count_stddev: float = 0.0
+  delta: float = 1e-5
+  accountant: str = "rdp"
+  epsilon_budget: float = 0.0
+  expected_participants: float = 0.0
+  sampling: str = "poisson"
+  sampling_rate: float = 1.0
+  population: int = 0
+  sample_size: int = 0
+
+  def __post_init__(self):
+    if self.weighting != "uniform":
+      raise ValueError(f"dp_fedavg: weighting={self.weighting!r}; DP-FedAvg averages uniformly "
+                       "(the fixed denominator bounds each client's influence)")
+    if not self.clip_norm > 0 or not self.noise_multiplier > 0:
+      raise ValueError(f"dp_fedavg: clip_norm={self.clip_norm} and noise_multiplier="
+                       f"{self.noise_multiplier} must be > 0")
+    if not 0 < self.target_quantile < 1 or not self.clip_lr > 0 or self.clip_count_stddev < 0:
+      raise ValueError(f"dp_fedavg: target_quantile={self.target_quantile} must be in (0, 1), "
+                       f"clip_lr={self.clip_lr} > 0, clip_count_stddev="
+                       f"{self.clip_count_stddev} >= 0")
+    if self.epsilon_budget < 0:
+      raise ValueError(f"dp_fedavg: epsilon_budget={self.epsilon_budget} must be >= 0 (0: none)")
+    if self.accountant not in privacy.ACCOUNTANTS:
+      raise ValueError(f"dp_fedavg: accountant={self.accountant!r} is not one of "
+                       f"{privacy.ACCOUNTANTS}")
+    if not 0 < self.delta < 1:
+      raise ValueError(f"dp_fedavg: delta={self.delta} is not in (0, 1)")
+    if self.adaptive and self.clip_count_stddev:  # sigma_b too small for z fails here
+      privacy.adaptive_noise_multiplier(self.noise_multiplier, self.clip_count_stddev)
+
+  def constants(self, num_clients: int) -> dict:
+    """m (expected participants; all C before `for_run`), sigma_b (m / 20 when not given) and
+    the update's noise multiplier z_D (z without adaptive clipping)."""
+    m = self.expected_participants or float(num_clients)
+    sigma_b = self.clip_count_stddev or m / 20.0
+    z = (privacy.adaptive_noise_multiplier(self.noise_multiplier, sigma_b) if self.adaptive
+         else self.noise_multiplier)
+    return {"m": m, "sigma_b": sigma_b, "z_update": z}
+
+  def for_run(self, num_clients: int, clients_per_round, sampling: str) -> DPFedAvg:
+    """This strategy for the job's population and participation (config.fed)."""
+    if sampling == "poisson":
+      m, fields = clients_per_round * num_clients, dict(sampling="poisson",
+                                                        sampling_rate=float(clients_per_round))
+    elif sampling == "uniform":
+      size = participation.count(clients_per_round, num_clients)
+      m = size
+      fields = (dict(sampling="poisson", sampling_rate=1.0) if size == num_clients else
+                dict(sampling="fixed", population=num_clients, sample_size=size))
+    else:
+      raise configlib.ConfigError(
+          f"config.fed.sampling={sampling!r}: dp_fedavg needs 'poisson' or 'uniform' sampling "
+          "(the accountant has no model of volume-proportional draws)")
+    out = dataclasses.replace(self, expected_participants=float(m), **fields)
+    out.privacy_accountant()  # a mechanism dp-accounting cannot account fails at start-up
+    out.constants(num_clients)  # so does an adaptive sigma_b too small for z
+    return out
+
+  def privacy_accountant(self) -> privacy.Accountant:
+    return privacy.Accountant(
+        noise_multiplier=self.noise_multiplier, delta=self.delta, sampling=self.sampling,
+        sampling_rate=self.sampling_rate, population=self.population,
+        sample_size=self.sample_size, kind=self.accountant,
+        epsilon_budget=self.epsilon_budget or math.inf)
+
+  def _init(self, server_params, num_clients):
+    del server_params
+    const = {k: jnp.asarray(v, jnp.float32) for k, v in self.constants(num_clients).items()}
+    return {"dp": {"clip_norm": jnp.asarray(self.clip_norm, jnp.float32),
+                   "rounds": jnp.zeros((), jnp.int32),
+                   "unclipped": jnp.asarray(math.nan, jnp.float32), **const}}
+
+  def accumulator(self, state, server: Server, num_clients: int):
+    return dict(super().accumulator(state, server, num_clients),
+                unclipped=jnp.zeros((), jnp.float32))
+
+  def on_client_done(self, acc, state, server: Server, done: Finished):
+    """acc['params'] += clip(y_k - x, C) (unweighted); model state as FedAvg."""
+    delta, _ = _delta(done, server)
+    clip = state["dp"]["clip_norm"]
+    clipped, norm = privacy.clip_update(delta, clip)
+    acc = dict(acc, params=jax.tree.map(jnp.add, acc["params"], clipped),
+               model_state=jax.tree.map(lambda s, x: s + done.weight * x.astype(jnp.float32),
+                                        acc["model_state"], done.model_state),
+               weight=acc["weight"] + done.weight,
+               unclipped=acc["unclipped"] + (norm <= clip).astype(jnp.float32))
+    return acc, state
+
+  def server_update(self, acc, state, server: Server, key=None):
+    dp = state["dp"]
+    m, clip = dp["m"], dp["clip_norm"]
+    noise_key, count_key = jax.random.split(key)
+    std = dp["z_update"] * clip / m
+    mean = privacy.add_noise(jax.tree.map(lambda s: s / m, acc["params"]), std, noise_key)
+    params = _plus(server.params, mean)
+    model_state = self.mean(acc, server).model_state
+    new_clip, b_bar = clip, jnp.asarray(math.nan, jnp.float32)
+    if self.adaptive:
+      new_clip, b_bar = privacy.adaptive_clip_from_count(
+          clip, acc["unclipped"], m, self.target_quantile, self.clip_lr, dp["sigma_b"], count_key)
+    dp = dict(dp, clip_norm=new_clip.astype(jnp.float32), rounds=dp["rounds"] + 1,
+              unclipped=b_bar.astype(jnp.float32))
+    return Server(params, strategies._like(model_state, server.model_state)), dict(state, dp=dp)
+
+  # --------------------------------------------------------------- host side
+  def stop_reason(self, rounds_done: int) -> str | None:
+    if not self.epsilon_budget:
+      return None
+    acct = self.privacy_accountant()
+    if not acct.would_exceed(rounds_done):
+      return None
+    return (f"privacy budget: round {rounds_done + 1} would bring epsilon to "
+            f"{acct.epsilon(rounds_done + 1):.4g} > epsilon_budget={self.epsilon_budget:g} at "
+            f"delta={self.delta:g} ({self.accountant}); stopping after {rounds_done} rounds "
+            f"(epsilon {acct.epsilon(rounds_done):.4g})")
+
+  def report(self, state, rounds_done: int) -> dict:
+    del rounds_done  # the state's own count is the one checkpointed with it
+    state = jax.device_get(state)
+    rounds = int(state["dp"]["rounds"])
+    out = {"dp/epsilon": self.privacy_accountant().epsilon(rounds),
+           "dp/clip_norm": float(state["dp"]["clip_norm"])}
+    if self.adaptive:
+      out["dp/unclipped_fraction"] = float(state["dp"]["unclipped"])
+    return out
+
+
+# ----------------------------------------------------------------------------- robust rules
+@dataclasses.dataclass(frozen=True)
+class Robust(strategies.FedAvg):
+  """A robust rule over the screened updates of the clients that finished the round.
+
+  rule: 'mean' (weighted FedAvg), 'median', 'trimmed_mean' (beta), 'krum' (num_byzantine f,
+  num_selected m; 0 = C - f, Multi-Krum's usual choice), 'norm_bound' (max_norm, weighted).
+  screen_factor: exclude updates with a NaN/inf or a norm > screen_factor x the median norm
+  of the finite ones; 0 turns the whole screen off (the rule alone must then cope).
+  """
+  name: str = "median"
+  rule: str = "median"
+  beta: float = 0.1
+  num_byzantine: int = 1
+  num_selected: int = 0
+  max_norm: float = 1.0
+  screen_factor: float = 100.0
+
+  def __post_init__(self):
+    if self.rule not in RULES:
+      raise ValueError(f"{self.name}: rule={self.rule!r} is not one of {RULES}")
+    robust.check_beta(self.beta)
+    if self.num_byzantine < 0 or self.num_selected < 0:
+      raise ValueError(f"{self.name}: num_byzantine={self.num_byzantine} and num_selected="
+                       f"{self.num_selected} must be >= 0")
+    if not self.max_norm > 0 or self.screen_factor < 0:
+      raise ValueError(f"{self.name}: max_norm={self.max_norm} must be > 0 and screen_factor="
+                       f"{self.screen_factor} >= 0")
+
+  def _selected(self, num_clients: int) -> int:
+    return self.num_selected or num_clients - self.num_byzantine
+
+  def _init(self, server_params, num_clients):
+    del server_params
+    if self.rule == "krum":
+      robust.check_krum(num_clients, self.num_byzantine, self._selected(num_clients))
+    zero = jnp.zeros((), jnp.int32)
+    return {"screen": {"nonfinite": zero, "too_large": zero, "excluded_total": zero,
+                       "excluded": jnp.zeros((num_clients,), bool)}}
+
+  def accumulator(self, state, server: Server, num_clients: int):
+    del state
+    stack = lambda t: jax.tree.map(  # noqa: E731
+        lambda x: jnp.zeros((num_clients, *jnp.shape(x)), jnp.float32), t)
+    return {"clients": {"params": stack(server.params), "model_state": stack(server.model_state)},
+            "done": jnp.zeros((num_clients,), bool), "weights": jnp.zeros((num_clients,))}
+
+  def on_client_done(self, acc, state, server: Server, done: Finished):
+    delta, _ = _delta(done, server)
+    row = {"params": delta, "model_state": done.model_state}
+    return {"clients": strategies._store(acc["clients"], done.index, row),
+            "done": acc["done"].at[done.index].set(True),
+            "weights": acc["weights"].at[done.index].set(done.weight)}, state
+
+  def server_update(self, acc, state, server: Server, key=None):
+    del key
+    updates, finished = acc["clients"]["params"], acc["done"]
+    if self.screen_factor > 0:
+      ok, w, report = robust.screen(updates, acc["weights"], self.screen_factor, finished)
+    else:
+      ok, w = finished, robust._renormalise(acc["weights"], finished)
+      report = {"nonfinite": jnp.zeros_like(finished), "too_large": jnp.zeros_like(finished)}
+    num = finished.shape[0]
+    if self.rule == "median":
+      agg = robust.coordinate_median(updates, ok)
+    elif self.rule == "trimmed_mean":
+      agg = robust.trimmed_mean(updates, self.beta, ok)
+    elif self.rule == "krum":
+      agg, _ = robust.krum(updates, self.num_byzantine, self._selected(num), w, ok)
+    elif self.rule == "norm_bound":
+      agg = robust.norm_bounded_mean(updates, w, self.max_norm, ok)
+    else:
+      agg = jax.tree.map(lambda x: jnp.tensordot(w, jnp.where(robust._column(ok, x), x, 0.0),
+                                                 axes=(0, 0)), updates)
+    some = ok.any()
+    params = _plus(server.params, jax.tree.map(lambda d: jnp.where(some, d, 0.0), agg))
+    model_state = jax.tree.map(
+        lambda x, s: jnp.where(some, jnp.tensordot(w, jnp.where(robust._column(ok, x), x, 0.0),
+                                                   axes=(0, 0)), jnp.asarray(s, jnp.float32)),
+        acc["clients"]["model_state"], server.model_state)
+    excluded = finished & ~ok
+    screen = {"nonfinite": report["nonfinite"].sum().astype(jnp.int32),
+              "too_large": report["too_large"].sum().astype(jnp.int32),
+              "excluded_total": state["screen"]["excluded_total"] + excluded.sum().astype(jnp.int32),
+              "excluded": excluded}
+    return (Server(params, strategies._like(model_state, server.model_state)),
+            dict(state, screen=screen))
+
+  def report(self, state, rounds_done: int) -> dict:
+    del rounds_done
+    s = jax.device_get(state)["screen"]
+    ids = np.flatnonzero(np.asarray(s["excluded"]))
+    if ids.size:
+      logging.warning("%s: clients %s excluded from the round (non-finite update: %d, norm above "
+                      "%g x the median: %d)", self.name, ids.tolist(), int(s["nonfinite"]),
+                      self.screen_factor, int(s["too_large"]))
+    return {"screen/nonfinite": int(s["nonfinite"]), "screen/too_large": int(s["too_large"]),
+            "screen/excluded": int(ids.size), "screen/excluded_total": int(s["excluded_total"])}
+
+
+# ----------------------------------------------------------------------------- secure aggregation
+def _prg(secrets, u, v, round_index, size: int, ring_mask):
+  """PRG(s_uv) in Z_R as uint32 [size]: the pair's key hashes both clients' secrets (in id
+  order, so u and v derive the same stream) and the round, like a per-round DH-derived seed."""
+  lo, hi = jnp.minimum(u, v), jnp.maximum(u, v)
+  key = jax.random.fold_in(jax.random.key(0x5EC), round_index)
+  key = jax.random.fold_in(jax.random.fold_in(key, secrets[lo]), secrets[hi])
+  return jax.random.bits(key, (size,), jnp.uint32) & ring_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureAvg(strategies.FedAvg):
+  """FedAvg through pairwise-masked secure aggregation (fed/secagg.py's protocol, in JAX).
+
+  bits (<= 32), clip_range (bound on w_k D_k values), max_clients (headroom: the sum of that
+  many uploads never wraps); secret_seed draws the clients' secrets. The masks of every pair
+  cost C^2 PRG streams of the update's size per round: a simulation, not a fast path.
+  """
+  name: str = "secagg"
+  bits: int = 32
+  clip_range: float = 8.0
+  max_clients: int = 16
+  secret_seed: int = 0
+
+  def __post_init__(self):
+    self.ring()  # ConfigError (a ValueError) naming the bad field
+
+  def ring(self) -> secagg.SecAggConfig:
+    return secagg.SecAggConfig(self.bits, self.clip_range, self.max_clients)
+
+  def _ring_mask(self):
+    return jnp.asarray((1 << self.bits) - 1 if self.bits < 32 else 0xFFFFFFFF, jnp.uint32)
+
+  def _init(self, server_params, num_clients):
+    del server_params
+    if num_clients > self.max_clients:
+      raise ValueError(f"secagg: {num_clients} clients exceed max_clients={self.max_clients}")
+    secrets = np.random.default_rng([self.secret_seed, 0x5EC]).integers(
+        0, 2**32, num_clients, dtype=np.uint64).astype(np.uint32)
+    return {"secagg": {"secrets": jnp.asarray(secrets), "round": jnp.zeros((), jnp.int32)}}
+
+  def accumulator(self, state, server: Server, num_clients: int):
+    size = 1 + ravel_pytree((server.params, server.model_state))[0].size
+    return {"masked": jnp.zeros((size,), jnp.uint32), "done": jnp.zeros((num_clients,), bool)}
+
+  def encode(self, vec):
+    """float32 [D] -> uint32 [D] in Z_R: round(clip(x) * scale), two's complement mod R."""
+    cfg = self.ring()
+    q = jnp.round(jnp.clip(vec, -cfg.clip_range, cfg.clip_range) * cfg.scale).astype(jnp.int32)
+    return jax.lax.bitcast_convert_type(q, jnp.uint32) & self._ring_mask()
+
+  def decode(self, total):
+    """uint32 [D] in Z_R -> float32: values >= R/2 are negative."""
+    cfg = self.ring()
+    if self.bits == 32:
+      signed = jax.lax.bitcast_convert_type(total, jnp.int32).astype(jnp.float32)
+    else:
+      t = total.astype(jnp.int32)
+      signed = jnp.where(t >= cfg.modulus // 2, t - cfg.modulus, t).astype(jnp.float32)
+    return signed / cfg.scale
+
+  def upload(self, state, server: Server, done: Finished, num_clients: int):
+    """What client done.index sends: encode([w, w D]) + sum_{v > u} PRG - sum_{v < u} PRG."""
+    delta, ms_delta = _delta(done, server)
+    flat = ravel_pytree((delta, ms_delta))[0]
+    y = self.encode(jnp.concatenate([done.weight[None], done.weight * flat]))
+    s = state["secagg"]
+    u, ring_mask = done.index, self._ring_mask()
+
+    def add_pair(v, y):
+      m = _prg(s["secrets"], u, v, s["round"], y.size, ring_mask)
+      term = jnp.where(v > u, m, (jnp.uint32(0) - m) & ring_mask)
+      return jnp.where(v == u, y, (y + term) & ring_mask)
+    return jax.lax.fori_loop(0, num_clients, add_pair, y)
+
+  def on_client_done(self, acc, state, server: Server, done: Finished):
+    num = acc["done"].shape[0]
+    up = self.upload(state, server, done, num)
+    return {"masked": (acc["masked"] + up) & self._ring_mask(),
+            "done": acc["done"].at[done.index].set(True)}, state
+
+  def unmask(self, acc, state):
+    """The sum of the uploads minus every mask a survivor u shares with a client d that never
+    uploaded (what d's revealed pair seeds let the server compute)."""
+    s, done, ring_mask = state["secagg"], acc["done"], self._ring_mask()
+    num = done.shape[0]
+
+    def fix(i, total):
+      u, d = i // num, i % num
+      m = _prg(s["secrets"], u, d, s["round"], total.size, ring_mask)
+      term = jnp.where(d > u, m, (jnp.uint32(0) - m) & ring_mask)  # what u added for d
+      dangling = done[u] & ~done[d] & (u != d)
+      return jnp.where(dangling, (total - term) & ring_mask, total)
+    return jax.lax.fori_loop(0, num * num, fix, acc["masked"])
+
+  def server_update(self, acc, state, server: Server, key=None):
+    del key
+    total = self.decode(self.unmask(acc, state))
+    weight = total[0]
+    some = weight > 0
+    _, unravel = ravel_pytree((server.params, server.model_state))
+    delta, ms_delta = unravel(jnp.where(some, total[1:] / jnp.where(some, weight, 1.0), 0.0))
+    new = Server(_plus(server.params, delta), _plus(server.model_state, ms_delta))
+    s = state["secagg"]
+    return new, dict(state, secagg=dict(s, round=s["round"] + 1))
+
+
+# ----------------------------------------------------------------------------- registry, host hooks
+strategies.STRATEGIES.update({
+    "dp_fedavg": strategies._Entry(DPFedAvg, {}),
+    "fedavg_screened": strategies._Entry(Robust, {"name": "fedavg_screened", "rule": "mean"}),
+    "median": strategies._Entry(Robust, {"name": "median", "rule": "median"}),
+    "trimmed_mean": strategies._Entry(Robust, {"name": "trimmed_mean", "rule": "trimmed_mean"}),
+    "krum": strategies._Entry(Robust, {"name": "krum", "rule": "krum", "num_selected": 1}),
+    "multi_krum": strategies._Entry(Robust, {"name": "multi_krum", "rule": "krum"}),
+    "norm_bound": strategies._Entry(Robust, {"name": "norm_bound", "rule": "norm_bound"}),
+    "secagg": strategies._Entry(SecureAvg, {}),
+})
+
