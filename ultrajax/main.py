@@ -37,6 +37,7 @@ JOBS = {
     "hsl": "ultrajax.jobs.hsl",
     "finetune": "ultrajax.jobs.finetune",
     "transfer_study": "ultrajax.jobs.transfer_study",
+    "benefit": "ultrajax.jobs.benefit",
 }
 
 def _launched_as_several_processes() -> bool:
