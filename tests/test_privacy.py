@@ -525,6 +525,7 @@ def test_resume_with_strategy_state_is_bitwise(kind):
   assert int(s2b[key]["rounds" if key == "dp" else "round"]) == 2
 
 
+@pytest.mark.slow
 def test_pretraining_with_dp_logs_epsilon_and_stops_at_the_budget_also_after_a_resume(tmp_path):
   """The federated job with fed.strategy=dp_fedavg (smoke, 2 clients, all every round): epsilon
   is logged each round as dp-accounting gives it; a budget between epsilon(2) and epsilon(3)
