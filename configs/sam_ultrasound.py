@@ -63,6 +63,7 @@ def get_config(arg=None):
       max_instances=20,  # instances per image, padded with a validity mask (the official 20).
       batch_size=32,  # images per step over all devices (the paper: 8 per GPU x 4 GPUs).
       hflip=True,  # horizontal flip, p = 0.5 (the official pipeline's only augmentation).
+      num_threads=8,  # Grain threads decoding and resizing training images (and batches ahead).
       # Zero-shot protocol: these category names are dropped from training and the evaluation
       # keeps only them (UltraSam*: US-43d without the target structure).
       zero_shot_categories=(),
@@ -133,9 +134,16 @@ def get_config(arg=None):
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: every device; batch split over them.
+  # regex over param paths -> 'replicated' | 'fsdp' (split a leaf's largest divisible dimension
+  # over the data devices, with its AdamW moments), first match wins, as in pretraining; e.g.
+  # "(('.*image_encoder/.*', 'fsdp'), ('.*', 'replicated'))" for ViT-H on small devices.
+  c.sharding_rules = ((".*", "replicated"),)
   c.log_every_steps = 50
   c.ckpt_every_steps = 2000
   c.keep_checkpoints = 3
+  # A non-finite loss or gradient: 'stop' the run naming the step (the last checkpoint stays the
+  # last good one) | 'skip' that step's update and count it (train/divergence.py).
+  c.on_nonfinite = "stop"
   # Resuming checks the config saved with the checkpoint: fields that change the result must
   # match. Comma-separated fields allowed to differ anyway, e.g. 'optim.base_lr'
   # (train/resume.py CHANGEABLE lists those that may always change).
@@ -151,7 +159,7 @@ def get_config(arg=None):
                    prompt_dim=64, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=256,
                    dtype="float32")
     c.data.update(phantom_train_images=4096, phantom_test_images=64, phantom_image_size=128,
-                  max_instances=2, batch_size=16)
+                  max_instances=2, batch_size=16, num_threads=2)
     c.optim.update(lr=1e-3, warmup_steps=30, decay_at_steps=(2500, 2800), grad_clip_norm=1.0)
     c.num_steps = 3000  # point prompts keep improving to the end (docs/reproductions.md section 3)
     c.eval.update(every_steps=1000, batch_size=16)
@@ -169,7 +177,7 @@ def get_config(arg=None):
                    prompt_dim=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64,
                    dtype="float32")
     c.data.update(phantom_train_images=8, phantom_test_images=4, phantom_image_size=32,
-                  max_instances=2, batch_size=4)
+                  max_instances=2, batch_size=4, num_threads=2)
     c.optim.update(lr=1e-3, warmup_steps=1, decay_at_steps=(3,))
     c.loss.refine = False  # one decoder pass: half the compile time (tests cover refinement)
     c.num_steps = 4

@@ -312,15 +312,39 @@ def test_clear_errors_name_the_annotation_or_file(tmp_path):
     instances.InstanceDataset(instances.CocoInstances(path), 32, 4, drop_categories=("vessel",))
 
 
-def test_train_batches_depend_only_on_seed_and_step():
+def test_train_batches_follow_seeded_epochs_resume_and_split_over_processes():
+  """Grain batches against the stream built by hand: position p is image perm_e[p mod n] of
+  epoch e = p // n (numpy's permutation from (seed, e)), flipped by the draw from (seed, 'hflip',
+  p); a restored iterator continues bitwise; two processes' halves make up the batch."""
+  import zlib
   ds = instances.InstanceDataset(instances.PhantomInstances("t", 5, 32, 0), 32, 2)
-  a = ds.train_batch(3, 4, seed=7, hflip=True)
-  b = ds.train_batch(3, 4, seed=7, hflip=True)
-  c = ds.train_batch(4, 4, seed=7, hflip=True)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k])
-  assert not np.array_equal(a["image"], c["image"])
-  assert a["image"].shape == (4, 32, 32, 3) and a["masks"].shape == (4, 2, 32, 32)
+  seed, bsz, n = 7, 4, len(ds)
+
+  def want(b):
+    positions = range(b * bsz, (b + 1) * bsz)
+    index = [np.random.default_rng([seed, p // n]).permutation(n)[p % n] for p in positions]
+    flips = [np.random.default_rng([seed, zlib.crc32(b"hflip"), p]).random() < 0.5
+             for p in positions]
+    return ds.batch(index, flips)
+
+  it = instances.train_batches(ds, bsz, seed, True, num_threads=2)
+  got = [next(it) for _ in range(3)]  # 12 positions: crosses two epoch boundaries
+  for b in range(3):
+    for k, v in want(b).items():
+      np.testing.assert_array_equal(got[b][k], v, err_msg=f"batch {b} {k}")
+  assert any(want(b)["image"].tobytes() != ds.batch(range(b * bsz, b * bsz + bsz))["image"]
+             .tobytes() for b in range(3))  # flips and shuffling actually happen
+  state = it.get_state()
+  fourth = next(it)
+  again = instances.train_batches(ds, bsz, seed, True, num_threads=1)
+  again.set_state(state)
+  for k, v in next(again).items():
+    np.testing.assert_array_equal(v, fourth[k])
+  halves = [instances.train_dataset(ds, bsz, seed, True, process_index=i, process_count=2)[3]
+            for i in range(2)]
+  for k, v in fourth.items():
+    np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), v)
+  it.close(), again.close()
 
 
 # ----------------------------------------------------------------------------- COCO mAP
@@ -351,12 +375,13 @@ def test_mask_map_against_hand_worked_cases():
 
 def test_mask_ious_match_sklearn_jaccard():
   from sklearn.metrics import jaccard_score
-  from ultrajax.jobs import sam as job
+
+  from ultrajax.eval import sam_eval
   rng = np.random.default_rng(0)
   gt, pred = rng.random((5, 7, 6)) < 0.3, rng.random((5, 7, 6)) < 0.4
   gt[4], pred[4] = False, False  # both empty: 0 (nothing to reward)
   want = [jaccard_score(g.ravel(), p.ravel(), zero_division=0.0) for g, p in zip(gt, pred)]
-  np.testing.assert_allclose(job._mask_ious(gt, pred), want, rtol=1e-12)
+  np.testing.assert_allclose(sam_eval.mask_ious(gt, pred), want, rtol=1e-12)
 
 
 def test_logits_to_masks_undoes_resize_and_padding():
@@ -390,7 +415,10 @@ def test_config_errors_name_the_field_and_zero_shot_split():
                               ("classification.eg.image_size", 30,
                                "config.classification.eg.image_size=30"),
                               ("classification.eg.variant", "B16",
-                               "config.classification.eg.variant")):
+                               "config.classification.eg.variant"),
+                              ("sharding_rules", ((".*", "shard"),), "kind 'shard'"),
+                              ("on_nonfinite", "ignore", "config.on_nonfinite='ignore'"),
+                              ("data.num_threads", 0, "config.data.num_threads=0")):
     c = _config()
     c.update_from_flattened_dict({field: value})
     with pytest.raises(configlib.ConfigError, match=match.replace(".", r"\.")):
@@ -404,17 +432,61 @@ def test_config_errors_name_the_field_and_zero_shot_split():
 
 
 
+def test_sharding_rules_lay_out_sam_and_skip_keeps_the_state():
+  """config.sharding_rules place SAM's params and AdamW moments as in pretraining (encoder
+  kernels split over two devices here); a step keeps that layout; with on_nonfinite='skip' a
+  step whose loss is NaN returns the state it was given."""
+  from flax import nnx
+
+  from ultrajax.jobs import sam as job
+  from ultrajax.train import loop, sharding, tree
+  config = _config()
+  config.sharding_rules = ((".*image_encoder/.*kernel", "fsdp"), (".*", "replicated"))
+  config.on_nonfinite = "skip"
+  mesh = sharding.make_mesh(1, 2)
+  graphdef, params = nnx.split(job.build_model(config, nnx.Rngs(0)), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  programs = job.Programs(config, mesh, graphdef, jax.eval_shape(lambda: params))
+  specs = {}
+  tree.map_with_path(lambda path, s: specs.setdefault(path, tuple(s.spec)),
+                     (programs.params, programs.opt))
+  qkv = "image_encoder/blocks/0/attn/qkv/kernel"  # [32, 96]: the 96 outputs split
+  assert specs[f"0/{qkv}"] == (None, "data")
+  assert [v for k, v in specs.items() if k.endswith("mu/" + qkv)] == [(None, "data")]
+  assert specs["0/mask_decoder/iou_token"] == (None, None)
+  assert all("data" not in v for k, v in specs.items() if "image_encoder" not in k)
+  batch = instances.train_dataset(job.datasets(config)[0], 4, 0, True)[0]
+  batch = {k: loop.put_global(batch[k], programs.batch) for k in job.TRAIN_KEYS}
+  p = loop.put_global(params, programs.params)
+  new_params, new_opt, out = programs.train_step(p, programs.init_opt(p), batch,
+                                                 jax.random.key(3))
+  assert np.isfinite(out["loss"])
+  for x, s in zip(jax.tree.leaves((new_params, new_opt)),
+                  jax.tree.leaves((programs.params, programs.opt))):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
+  bad = jax.tree.map(np.array, jax.device_get(new_params))
+  assert not np.array_equal(bad["image_encoder"]["patch_embed"]["bias"],
+                            params["image_encoder"]["patch_embed"]["bias"])  # it trained
+  bad["image_encoder"]["patch_embed"]["bias"][0] = np.nan
+  given = jax.device_get((bad, new_opt))
+  after = programs.train_step(loop.put_global(bad, programs.params), new_opt, batch,
+                              jax.random.key(4))
+  assert np.isnan(after[2]["loss"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after[:2]), given)
+
+
 def test_class_metrics_match_sklearn():
   """Table 4's precision, recall, F1 (macro and per class) and AUROC, binary and 3-class."""
   from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
-  from ultrajax.jobs import sam as job
+
+  from ultrajax.eval import sam_eval
   rng = np.random.default_rng(0)
   for k in (2, 3):
     labels = rng.integers(0, k, 60)
     probs = rng.dirichlet(np.ones(k), 60) + 0.4 * np.eye(k)[labels]
     probs /= probs.sum(1, keepdims=True)
     preds = probs.argmax(1)
-    got = {name: fn(labels, probs) for name, fn in job.class_metric_fns(k).items()}
+    got = {name: fn(labels, probs) for name, fn in sam_eval.class_metric_fns(k).items()}
     for average in ("macro", None):
       want = precision_recall_fscore_support(labels, preds, average=average, zero_division=0)
       for name, value in zip(("precision", "recall", "f1"), want[:3]):
@@ -460,14 +532,15 @@ def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
   from ultrajax.jobs import sam as job
   from ultrajax.train import writers
   config = _config()
-  params, results = job.run(config, str(tmp_path))
+  whole = tmp_path / "whole"
+  params, results = job.run(config, str(whole))
   assert set(results) == {0, 4, "classification"}
   for step in (0, 4):
     # Pooled (class-agnostic, UltraSam's protocol) and per category.
     assert set(results[step]) == {f"point/{c}{k}" for c in ("", "organ/", "lesion/")
                                   for k in ("mAP", "mAP50", "mIoU")}
     assert all(0.0 <= v <= 1.0 for v in results[step].values())
-  rows = writers.read_jsonl(tmp_path / "metrics.jsonl")
+  rows = writers.read_jsonl(whole / "metrics.jsonl")
   losses = [r["loss"] for r in rows if "loss" in r]
   assert len(losses) == 2 and all(np.isfinite(losses))
   assert {"focal", "dice", "iou", "grad_norm", "lr"} <= set(rows[1])
@@ -479,18 +552,29 @@ def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
     for metric in ("precision", "recall", "f1"):  # per class (benign 1, malignant 2), macro mean
       per_class = [cls[f"cls/{name}/{metric}/class_{k}"] for k in (1, 2)]
       assert cls[f"cls/{name}/{metric}"] == pytest.approx(np.mean(per_class))
-  rows = {k for r in writers.read_jsonl(tmp_path / "metrics.jsonl") for k in r}
+  rows = {k for r in writers.read_jsonl(whole / "metrics.jsonl") for k in r}
   assert {"cls/prompted/f1", "cls/prompted/recall/class_2"} <= rows
-  assert (tmp_path / "images" / "step_000004.png").stat().st_size > 0
+  assert (whole / "images" / "step_000004.png").stat().st_size > 0
   # A second start resumes from the final checkpoint: nothing is trained or evaluated again.
   config.classification.enabled = False
-  again, results2 = job.run(config, str(tmp_path))
+  again, results2 = job.run(config, str(whole))
   assert results2 == {}
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(params))
+  # Stopped after step 2's checkpoint and restarted: the Grain iterator's position comes back
+  # with the checkpoint, so steps 3-4 see the same images (a new epoch's order, not the first
+  # batch again): the same logged losses and bitwise the same params as the uninterrupted run.
+  part = tmp_path / "part"
+  job.run(config, str(part), stop_after_steps=2)
+  resumed, _ = job.run(config, str(part))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(params))
+  train_rows = lambda d: [{k: v for k, v in r.items() if k != "img_per_s"}
+                          for r in writers.read_jsonl(d / "metrics.jsonl") if "loss" in r]
+  assert train_rows(part) == train_rows(whole)
 
 
 def test_init_from_segment_anything_file_and_mismatch_names_keys(tmp_path):
   from flax import nnx
+
   from ultrajax.interop import files, sam as sam_interop
   from ultrajax.jobs import sam as job
   config = _config()

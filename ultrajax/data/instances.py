@@ -11,24 +11,25 @@ A raw record (what a source returns) is one image and its instances:
 and padded bottom/right to [S, S, 3]; instances padded to M with a `valid` mask, so one compiled
 program serves every image. `InstanceDataset` filters categories (the zero-shot protocol trains
 without some), skips images left without instances (counted, logged) and serves batches whose
-order and flips depend only on (seed, step), so a resumed run needs only the step.
+order and flips depend only on (seed, stream position). `train_batches` reads them through a
+Grain pipeline (threads, prefetch) whose iterator state is saved with the checkpoint.
 `classified_instances` gathers the instances that carry a class, from either source.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
+import grain
 import numpy as np
 import skimage.measure
 from absl import logging
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ultrajax.data import sources
+from ultrajax.data import pipeline, sources
 
 PHANTOM_CATEGORIES = ({"id": 1, "name": "organ"}, {"id": 2, "name": "lesion"})
 
@@ -385,15 +386,6 @@ class InstanceDataset:
     examples = [self.example(i, f) for i, f in zip(indices, flips)]
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
-  def train_batch(self, step: int, batch_size: int, seed: int, hflip: bool) -> dict:
-    """Batch `step` of the endless shuffled stream: positions step*B ... step*B + B - 1,
-    epoch e in the permutation drawn from (seed, e); flips from (seed, position)."""
-    n = len(self)
-    positions = range(step * batch_size, (step + 1) * batch_size)
-    indices = [int(_permutation(seed, p // n, n)[p % n]) for p in positions]
-    flips = [hflip and np.random.default_rng([seed, _FLIP, p]).random() < 0.5 for p in positions]
-    return self.batch(indices, flips)
-
 
 def classified_instances(dataset: InstanceDataset) -> dict:
   """Every instance of `dataset` that has a class (classes > 0), for prompted classification.
@@ -421,6 +413,34 @@ def classified_instances(dataset: InstanceDataset) -> dict:
 _FLIP = zlib.crc32(b"hflip")
 
 
-@functools.lru_cache(maxsize=4)
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(n)
+def _flipped(seed: int, position: int) -> bool:
+  return np.random.default_rng([seed, _FLIP, position]).random() < 0.5
+
+
+def train_dataset(dataset: InstanceDataset, batch_size: int, seed: int, hflip: bool, *,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Infinite MapDataset of this process's training batches (InstanceDataset.batch's dict of
+  [B_local, ...] arrays, B_local = batch_size / process_count).
+
+  Global batch b is stream positions b*B ... b*B + B - 1; position p is image
+  perm_e[p mod n] with e = p // n and perm_e the permutation drawn from (seed, e), flipped when
+  hflip and the draw from (seed, 'hflip', p) is below 0.5. Process k of P takes the k-th of P
+  contiguous slices of each global batch, as data/pipeline.py's client batches.
+  """
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
+  local = batch_size // process_count
+  ds = pipeline._EpochShuffle(grain.MapDataset.source(range(len(dataset))), (seed,))
+  ds = ds.map_with_index(lambda p, i: dataset.example(i, hflip and _flipped(seed, p)))
+  return ds.batch(local, drop_remainder=True)[process_index::process_count]
+
+
+def train_batches(dataset: InstanceDataset, batch_size: int, seed: int, hflip: bool, *,
+                  num_threads: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.DatasetIterator:
+  """An iterator over train_dataset's batches that reads `num_threads` batches ahead on as many
+  threads. Its position (`get_state`) is saved with a checkpoint
+  (grain.checkpoint.CheckpointSave), so a restored run continues with the same batches."""
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
+  return iter(train_dataset(dataset, batch_size, seed, hflip, process_index=process_index,
+                            process_count=process_count).to_iter_dataset(options))

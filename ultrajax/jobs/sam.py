@@ -5,14 +5,20 @@ The script, in order:
      lesions, COCO files, or a prepared TFDS dataset's masks split by patient: each connected
      component one instance), with the zero-shot split when asked (train without the target
      categories, evaluate on them only);
-  2. build SAM and AdamW (linear warmup, step decay, global-norm clipping);
-  3. resume: own workdir checkpoint -> config.init_from (segment_anything file or ultrajax
-     checkpoint) -> scratch;
-  4. evaluate the starting model (step 0: untrained or init_from), then train: per step a
-     batch that depends only on (seed, step), prompts drawn from key(seed, step), one compiled
-     step (encoder, prompts, two decoder passes with refinement, focal:dice:IoU loss);
+  2. build SAM and AdamW (linear warmup, step decay, global-norm clipping), the parameters and
+     optimizer states laid out by config.sharding_rules (train/sharding.py), and the compiled
+     programs once (`Programs`);
+  3. resume: own workdir checkpoint (params, optimizer state, the training images' Grain
+     iterator) -> config.init_from (segment_anything file or ultrajax checkpoint) -> scratch;
+  4. evaluate the starting model (step 0: untrained or init_from), then train: per step the next
+     batch of the Grain iterator (data/instances.py train_batches: order and flips depend only
+     on the seed and the stream position, read ahead on threads), prompts drawn from key(seed,
+     step), one compiled step (encoder, prompts, two decoder passes with refinement,
+     focal:dice:IoU loss, train/sam_objectives.py); a non-finite step stops the run or, with
+     on_nonfinite='skip', keeps the previous state (train/divergence.py);
   5. evaluate (centroid point and exact box, with and without refinement: COCO mask mAP and
-     mAP@50 with predicted IoU as the score), draw a PNG, checkpoint; a final save at the end;
+     mAP@50 with predicted IoU as the score, eval/sam_eval.py), draw a PNG (viz/sam.py),
+     checkpoint; a final save at the end;
   6. prompted classification (paper section 2.3, models/prompted_cls.py: frozen E_o = the
      trained encoder, trainable E_g) on the phantom's lesions or the COCO files' instances with
      a `class_label`, against a linear head on the frozen embedding; AUROC, precision, recall
@@ -28,29 +34,32 @@ import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import parameter_overview, periodic_actions
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from absl import logging  # noqa: E402
-from clu import parameter_overview, periodic_actions  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from ultrajax import configlib
+from ultrajax.data import instances
+from ultrajax.eval import metrics, sam_eval
+from ultrajax.interop import files, sam as sam_interop
+from ultrajax.models import prompted_cls, sam as sam_lib, vit
+from ultrajax.train import (
+  checkpoint,
+  divergence,
+  loop,
+  resume,
+  sam_objectives as so,
+  sharding,
+  writers,
+)
+from ultrajax.viz import sam as sam_viz
 
-from ultrajax import configlib  # noqa: E402
-from ultrajax.data import instances  # noqa: E402
-from ultrajax.eval import coco_eval, metrics  # noqa: E402
-from ultrajax.interop import files, sam as sam_interop  # noqa: E402
-from ultrajax.models import prompted_cls, sam as sam_lib, vit  # noqa: E402
-from ultrajax.train import (  # noqa: E402
-    checkpoint, divergence, resume, sam_objectives as so, sharding, writers)
-
-DTYPES = ("float32", "bfloat16")
 EVAL_PROMPTS = {"point": so.centroid_prompts, "box": so.box_prompts}
-NUM_PREVIEW = 4
+TRAIN_KEYS = ("image", "masks", "valid")  # what the step reads of a batch
 
 
 # ----------------------------------------------------------------------------- config
@@ -58,7 +67,7 @@ def validate(config) -> None:
   """Fails at start-up naming the first field whose value cannot work."""
   c = configlib
   c.check_choice(config, "model.variant", ("", *sam_lib.VARIANTS))
-  c.check_choice(config, "model.dtype", DTYPES)
+  c.check_choice(config, "model.dtype", tuple(vit.DTYPES))
   c.check_range(config, "model.image_size", 16)
   c.check_choice(config, "data.source", ("phantom", "coco", "tfds"))
   for name in ("max_instances", "batch_size", "phantom_train_images", "phantom_test_images",
@@ -72,6 +81,8 @@ def validate(config) -> None:
     c.check_range(config, f"loss.{name}", 0.0)
   c.check_range(config, "optim.lr", 0.0, low_inclusive=False)
   resume.validate(config)
+  sharding.check_rules(config.sharding_rules)
+  c.check_range(config, "data.num_threads", 1)
   c.check_range(config, "optim.grad_clip_norm", 0.0)
   c.check_range(config, "optim.warmup_steps", 0)
   c.check_range(config, "optim.warmup_start_factor", 0.0, 1.0)
@@ -115,19 +126,9 @@ def validate_classification(config) -> None:
   c.check_range(config, "classification.lr", 0.0, low_inclusive=False)
   if cc.global_encoder == "trainable":
     e = cc.eg
-    if e.variant:
-      try:
-        patch = vit.parse_variant(e.variant)[3]
-      except ValueError as err:
-        raise configlib.ConfigError(f"config.classification.eg.variant: {err}") from None
-    else:
-      for name in ("width", "depth", "num_heads", "patch_size"):
-        c.check(isinstance(e[name], int) and e[name] > 0,
-                f"config.classification.eg.{name}={e[name]!r} must be a positive integer when "
-                "config.classification.eg.variant is ''")
-      c.check(e.width % e.num_heads == 0, f"config.classification.eg.width={e.width} is not "
-              f"divisible by config.classification.eg.num_heads={e.num_heads}")
-      patch = e.patch_size
+    width, _, heads, patch = vit.model_dims(e, "config.classification.eg")
+    c.check(width % heads == 0, f"config.classification.eg.width={width} is not divisible by "
+            f"config.classification.eg.num_heads={heads}")
     c.check(e.image_size > 0 and e.image_size % patch == 0,
             f"config.classification.eg.image_size={e.image_size} is not a positive multiple of "
             f"E_g's patch size {patch}")
@@ -150,7 +151,7 @@ def sam_overrides(model_config) -> tuple[str, dict]:
 def build_model(config, rngs: nnx.Rngs, **extra) -> sam_lib.Sam:
   variant, overrides = sam_overrides(config.model)
   try:
-    return sam_lib.build_sam(variant, rngs=rngs, dtype=jnp.dtype(config.model.dtype),
+    return sam_lib.build_sam(variant, rngs=rngs, dtype=vit.DTYPES[config.model.dtype],
                              remat=config.model.remat, **overrides, **extra)
   except ValueError as e:
     raise configlib.ConfigError(f"config.model: {e}") from None
@@ -169,7 +170,8 @@ def datasets(config):
     train, test = tfds_instances(config)
   else:
     root = d.image_root or None
-    train, test = instances.CocoInstances(d.train_json, root), instances.CocoInstances(d.test_json, root)
+    train = instances.CocoInstances(d.train_json, root)
+    test = instances.CocoInstances(d.test_json, root)
   zero_shot = tuple(d.zero_shot_categories)
   size, m = config.model.image_size, d.max_instances
   return (instances.InstanceDataset(train, size, m, drop_categories=zero_shot),
@@ -183,40 +185,23 @@ def tfds_instances(config):
                                   d.tfds_test_fraction, d.split_seed)
 
 
-# ----------------------------------------------------------------------------- model pieces
-def _encode_prompts(model: sam_lib.Sam, prompts: so.Prompts, mask_logits):
-  """Two-slot prompts [N, 2, 2] (+ low-res mask logits [N, s, s]) -> sparse [N, 2, C], dense
-  [N, g, g, C]. No extra padding point: UltraSam's point prompt already carries its pad."""
-  pe = model.prompt_encoder
-  sparse = pe.embed_points(prompts.coords, prompts.labels)
-  if mask_logits is None:
-    n = prompts.coords.shape[0]
-    dense = jnp.broadcast_to(pe.no_mask[...].reshape(1, 1, 1, -1), (n, pe.grid, pe.grid, pe.dim))
-  else:
-    dense = pe.embed_masks(mask_logits)
-  return sparse, dense
-
-
-def make_decoder(model: sam_lib.Sam, embeddings, num_per_image: int):
-  """decode(prompts [B*M], mask logits [B*M, s, s] | None) -> DecoderOutput, each instance
-  decoded against its own image's embedding.  embeddings: [B, g, g, C]."""
-  image = jnp.repeat(embeddings, num_per_image, axis=0)
-
-  def decode(prompts, mask_logits):
-    sparse, dense = _encode_prompts(model, prompts, mask_logits)
-    out = model.decode(image, sparse, dense)
-    return so.DecoderOutput(out.masks, out.iou)
-
-  return decode
-
-
+# ----------------------------------------------------------------------------- programs
 def _flat(x):
   """[B, M, ...] -> [B * M, ...]."""
   return x.reshape((-1,) + x.shape[2:])
 
 
+def sam_config_of(config) -> sam_lib.SamConfig:
+  variant, overrides = sam_overrides(config.model)
+  return sam_lib.sam_config(variant, **overrides)
+
+
 def make_train_step(graphdef, tx, config):
-  """(params, opt_state, batch, key) -> (params, opt_state, metrics): one optimizer step."""
+  """(params, opt_state, batch, key) -> (params, opt_state, metrics): one optimizer step.
+
+  metrics['loss'] is NaN where the loss or a gradient was not finite; with
+  config.on_nonfinite='skip' such a step returns the params and optimizer state it was given.
+  """
   s = sam_config_of(config).low_res_size
   weights = (config.loss.focal, config.loss.dice, config.loss.iou)
   prompt_fn = functools.partial(so.training_prompts, p_box=config.prompts.p_box,
@@ -229,23 +214,23 @@ def make_train_step(graphdef, tx, config):
     masks = batch["masks"]
     prompts = so.prompts_for_batch(prompt_fn, key, masks > 0)
     targets = so.low_res_targets(masks, s)
-    decode = make_decoder(model, embeddings, masks.shape[1])
+    decode = so.instance_decoder(model, embeddings, masks.shape[1])
     return so.sam_loss(decode, so.Prompts(_flat(prompts.coords), _flat(prompts.labels)),
                        _flat(targets), _flat(batch["valid"]), refine=config.loss.refine,
                        weights=weights, iou_loss=config.loss.iou_loss, iou_on=config.loss.iou_on)
 
   def step(params, opt_state, batch, key):
-    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+    finite = divergence.all_finite((loss, grads))
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if config.on_nonfinite == "skip":  # drop the update (train/divergence.py)
+      new_params, new_opt = divergence.keep_if(finite, (new_params, new_opt), (params, opt_state))
+    out["loss"] = jnp.where(finite, loss, jnp.nan)
     out["grad_norm"] = optax.global_norm(grads)
-    return optax.apply_updates(params, updates), opt_state, out
+    return new_params, new_opt, out
 
   return step
-
-
-def sam_config_of(config) -> sam_lib.SamConfig:
-  variant, overrides = sam_overrides(config.model)
-  return sam_lib.sam_config(variant, **overrides)
 
 
 def make_predict(graphdef, config):
@@ -256,7 +241,7 @@ def make_predict(graphdef, config):
   def predict(params, images, masks):
     model = nnx.merge(graphdef, params)
     embeddings = model.encode_image(sam_lib.preprocess(images, config.model.image_size))
-    decode = make_decoder(model, embeddings, masks.shape[1])
+    decode = so.instance_decoder(model, embeddings, masks.shape[1])
     b, m = masks.shape[:2]
     out = {}
     for prompt, refine in settings:
@@ -290,7 +275,8 @@ def lr_schedule(o):
 
 
 def make_optimizer(config, params) -> optax.GradientTransformation:
-  """AdamW with clipping; SAM's fixed Fourier matrix gets neither updates nor decay."""
+  """AdamW with clipping; SAM's fixed Fourier matrix gets neither updates nor decay.
+  params: the parameter tree (arrays or ShapeDtypeStructs: only the paths are read)."""
   o = config.optim
   trainable = sam_lib.trainable_mask(params)
   steps = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
@@ -301,91 +287,27 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
   return optax.chain(*steps)
 
 
-# ----------------------------------------------------------------------------- evaluation
-def evaluate(predict_fn, params, dataset, config, batch_sharding) -> tuple[dict, dict]:
-  """COCO mask mAP / mAP@50 per setting on `dataset`, and the first images' predictions.
+class Programs:
+  """A run's layouts and compiled functions, built once.
 
-  Keys '<setting>/mAP' pool every category (UltraSam's class-agnostic protocol); with several
-  categories, '<setting>/<category>/mAP' keeps one category's instances and their predictions.
-  '.../mIoU' is the mean IoU of each instance's one predicted mask with its ground truth (what
-  a user sees after one click or box).
+  params / opt: NamedShardings of the parameters and the optimizer state from
+  config.sharding_rules ('fsdp' splits a leaf's largest divisible dimension over the mesh's
+  'data' axis, as pretraining); batch: images split over 'data'. train_step (donating params and
+  optimizer state), predict and init_opt keep those layouts.
   """
-  size, m, bsz = config.model.image_size, config.data.max_instances, config.eval.batch_size
-  count = len(dataset) if not config.eval.max_images else min(len(dataset), config.eval.max_images)
-  gts, cats, preds = [], [], {}
-  shown = None
-  for start in range(0, count, bsz):
-    idx = list(range(start, min(start + bsz, count)))
-    batch = dataset.batch(idx + [idx[0]] * (bsz - len(idx)))  # static batch: pad with a repeat
-    out = jax.device_get(predict_fn(params, _put(batch["image"], batch_sharding),
-                                    _put(batch["masks"], batch_sharding)))
-    for j, i in enumerate(idx):
-      record = dataset.record(i)
-      valid = batch["valid"][j]
-      n = min(len(record["masks"]), m)
-      keep = valid[:n]
-      gts.append(record["masks"][:n][keep])
-      cats.append(record["category_ids"][:n][keep])
-      for name, (logits, score) in out.items():
-        masks = coco_eval.logits_to_masks(logits[j, :n][keep], size, batch["hw"][j],
-                                          record["masks"].shape[1:])
-        preds.setdefault(name, []).append((masks, score[j, :n][keep]))
-    if shown is None:
-      shown = dict(image=batch["image"][:NUM_PREVIEW], masks=batch["masks"][:NUM_PREVIEW],
-                   valid=batch["valid"][:NUM_PREVIEW],
-                   **{k: v[0][:NUM_PREVIEW] for k, v in out.items()})
-  names = {c["id"]: c["name"] for c in dataset.source.categories}
-  present = sorted(set(np.concatenate(cats).tolist()))
-  results = {}
-  for name, pairs in preds.items():
-    ious = [_mask_ious(g, p) for g, (p, _) in zip(gts, pairs)]
-    subsets = [("", [np.ones(len(c), bool) for c in cats])]
-    if len(present) > 1:
-      subsets += [(f"{names[k]}/", [c == k for c in cats]) for k in present]
-    for prefix, keeps in subsets:
-      r = coco_eval.mask_map([g[k] for g, k in zip(gts, keeps)],
-                             [p[k] for (p, _), k in zip(pairs, keeps)],
-                             [s[k] for (_, s), k in zip(pairs, keeps)])
-      results[f"{name}/{prefix}mAP"], results[f"{name}/{prefix}mAP50"] = r["mAP"], r["mAP50"]
-      results[f"{name}/{prefix}mIoU"] = float(np.concatenate(
-          [iou[k] for iou, k in zip(ious, keeps)]).mean())
-  return results, shown
 
-
-def _mask_ious(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
-  """IoU of matching masks.  gt, pred: {0,1} [N, H, W] -> [N] (0 where both are empty)."""
-  gt, pred = gt.astype(bool), pred.astype(bool)
-  inter = (gt & pred).sum((1, 2))
-  union = (gt | pred).sum((1, 2))
-  return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-
-
-def save_preview(path: pathlib.Path, shown: dict, title: str) -> None:
-  """Rows: test images with ground truth (green) and each setting's predicted masks (red)."""
-  names = [k for k in shown if k not in ("image", "masks", "valid")]
-  rows = len(shown["image"])
-  fig, axes = plt.subplots(rows, 1 + len(names), figsize=(2.2 * (1 + len(names)), 2.2 * rows),
-                           squeeze=False)
-  size = shown["image"].shape[1]
-  for r in range(rows):
-    image = shown["image"][r]
-    for c, name in enumerate(["ground truth"] + names):
-      ax = axes[r, c]
-      ax.imshow(image, cmap="gray")
-      for k in np.nonzero(shown["valid"][r])[0]:
-        if c == 0:
-          mask = shown["masks"][r, k]
-        else:
-          logits = shown[name][r, k]
-          mask = np.asarray(jax.image.resize(logits, (size, size), "linear")) > 0
-        ax.contour(mask, levels=[0.5], colors=["lime" if c == 0 else "red"], linewidths=0.8)
-      ax.set_axis_off()
-      if r == 0:
-        ax.set_title(name, fontsize=8)
-  fig.suptitle(title, fontsize=9)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80, bbox_inches="tight")
-  plt.close(fig)
+  def __init__(self, config, mesh, graphdef, abstract_params):
+    rules = [tuple(r) for r in config.sharding_rules]
+    self.replicated = sharding.replicated(mesh)
+    self.batch = NamedSharding(mesh, P("data"))
+    self.tx = make_optimizer(config, abstract_params)
+    self.abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    self.params = sharding.tree_shardings(abstract_params, mesh, rules, False)
+    self.opt = sharding.tree_shardings(self.abstract_opt, mesh, rules, False)
+    self.init_opt = jax.jit(self.tx.init, out_shardings=self.opt)
+    self.train_step = jax.jit(make_train_step(graphdef, self.tx, config), donate_argnums=(0, 1),
+                              out_shardings=(self.params, self.opt, self.replicated))
+    self.predict = jax.jit(make_predict(graphdef, config), out_shardings=self.replicated)
 
 
 # ----------------------------------------------------------------------------- classification
@@ -419,24 +341,32 @@ def global_encoder(config, rngs: nnx.Rngs) -> vit.ViT | None:
   if cc.global_encoder == "frozen":
     return None
   e = cc.eg
-  width, depth, heads, patch = vit.parse_variant(e.variant) if e.variant else (
-      e.width, e.depth, e.num_heads, e.patch_size)
+  width, depth, heads, patch = vit.model_dims(e, "config.classification.eg")
   return vit.ViT(width=width, depth=depth, num_heads=heads, patch_size=patch,
-                 image_size=e.image_size, pool="none", dtype=jnp.dtype(config.model.dtype),
+                 image_size=e.image_size, pool="none", dtype=vit.DTYPES[config.model.dtype],
                  rngs=rngs)
 
 
-def class_metric_fns(num_classes: int) -> dict:
-  """{name: fn(labels [N] in [0, K), probs [N, K]) -> float}: AUROC (binary, or macro
-  one-vs-rest) and the paper's precision, recall and F1 (Table 4) of the arg-max prediction,
-  macro over the K classes, and per class k as '<metric>/<k>'."""
-  fns = dict(auroc=metrics.auroc)
-  for name, fn in (("precision", metrics.precision), ("recall", metrics.recall),
-                   ("f1", metrics.f1)):
-    fns[name] = lambda y, q, fn=fn: fn(y, q.argmax(1), num_classes=num_classes)
-    for k in range(num_classes):
-      fns[f"{name}/{k}"] = lambda y, q, fn=fn, k=k: fn(y == k, q.argmax(1) == k, average="binary")
-  return fns
+def make_classifier_programs(graphdef, tx, logits_of):
+  """(train_step, probs) of one classifier, compiled once each.
+
+  logits_of(model, emb, images, masks, key | None) -> [N, K]; train_step(params, opt, emb,
+  images, masks, labels, key) -> (params, opt, loss); probs(params, emb, images, masks) ->
+  softmax [N, K] (evaluation prompts)."""
+  @jax.jit
+  def train_step(params, opt, emb, images, masks, labels, key):
+    def loss(p):
+      logits = logits_of(nnx.merge(graphdef, p), emb, images, masks, key)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, value
+
+  @jax.jit
+  def probs(params, emb, images, masks):
+    return jax.nn.softmax(logits_of(nnx.merge(graphdef, params), emb, images, masks, None))
+
+  return train_step, probs
 
 
 def run_classification(config, graphdef, params, data, workdir: pathlib.Path, writer,
@@ -463,18 +393,22 @@ def run_classification(config, graphdef, params, data, workdir: pathlib.Path, wr
   rngs = nnx.Rngs(config.seed + 1)
   prompted = prompted_cls.PromptedClassifier(
       sam_config_of(config), len(values), global_encoder=global_encoder(config, rngs),
-      dtype=jnp.dtype(config.model.dtype), rngs=rngs)
+      dtype=vit.DTYPES[config.model.dtype], rngs=rngs)
   prompted_cls.load_sam_parts(prompted, params)
-  models = dict(prompted=prompted, plain=nnx.Linear(config.model.prompt_dim, len(values), rngs=rngs))
+  models = dict(prompted=prompted,
+                plain=nnx.Linear(config.model.prompt_dim, len(values), rngs=rngs))
   prompt_eval = EVAL_PROMPTS[cc.prompt]
   prompt_fn = functools.partial(so.training_prompts, p_box=config.prompts.p_box,
                                 max_jitter=config.prompts.max_jitter)
 
-  def logits_of(name, model, emb, images, masks, key):
-    if name == "plain":
-      return model(emb.mean((1, 2)))
+  def prompted_logits(model, emb, images, masks, key):
     prompts = prompt_fn(key, masks > 0) if key is not None else prompt_eval(masks > 0)
     return model(emb, sam_lib.preprocess(images, size), prompts.coords, prompts.labels)
+
+  def plain_logits(model, emb, images, masks, key):
+    return model(emb.mean((1, 2)))
+
+  logits_fns = dict(prompted=prompted_logits, plain=plain_logits)
 
   def rows_of(split, rows):
     """The instances at `rows`: their image's E_o tokens, the image, the mask."""
@@ -489,20 +423,7 @@ def run_classification(config, graphdef, params, data, workdir: pathlib.Path, wr
     # SAM's fixed Fourier matrix gets no decay (trainable_mask); its gradient is zero anyway.
     tx = optax.adamw(cc.lr, weight_decay=cc.weight_decay, mask=sam_lib.trainable_mask(p))
     opt = tx.init(p)
-
-    @jax.jit
-    def train_step(p, opt, emb, images, masks, labels, key, g=g, name=name, tx=tx):
-      def loss(p):
-        logits = logits_of(name, nnx.merge(g, p), emb, images, masks, key)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      value, grads = jax.value_and_grad(loss)(p)
-      updates, opt = tx.update(grads, opt, p)
-      return optax.apply_updates(p, updates), opt, value
-
-    @jax.jit
-    def probs_of(p, emb, images, masks, g=g, name=name):
-      return jax.nn.softmax(logits_of(name, nnx.merge(g, p), emb, images, masks, None))
-
+    train_step, probs_of = make_classifier_programs(g, tx, logits_fns[name])
     rng = np.random.default_rng([config.seed, step, k])
     key = jax.random.fold_in(jax.random.key(config.seed), k)
     n = len(labels["train"])
@@ -511,10 +432,11 @@ def run_classification(config, graphdef, params, data, workdir: pathlib.Path, wr
       p, opt, value = train_step(p, opt, *rows_of("train", rows), labels["train"][rows],
                                  jax.random.fold_in(key, i))
     count = len(labels["test"])
-    probs = np.concatenate([np.asarray(probs_of(p, *rows_of("test", np.arange(i, min(i + bsz, count)))))
-                            for i in range(0, count, bsz)])
+    probs = np.concatenate([
+        np.asarray(probs_of(p, *rows_of("test", np.arange(i, min(i + bsz, count)))))
+        for i in range(0, count, bsz)])
     test_probs[name] = probs
-    for metric, fn in class_metric_fns(len(values)).items():
+    for metric, fn in sam_eval.class_metric_fns(len(values)).items():
       out = f"cls/{name}/{metric}"
       if "/" in metric:  # per class: '<metric>/class_<the source's class value>', no CI
         base, j = metric.split("/")
@@ -529,36 +451,15 @@ def run_classification(config, graphdef, params, data, workdir: pathlib.Path, wr
                  float(value))
   writer.write_scalars(step, results)
   if jax.process_index() == 0 and len(values) == 2:
-    save_roc(workdir / "classification_roc.png", labels["test"],
-             {k: v[:, 1] for k, v in test_probs.items()}, results, values)
+    sam_viz.classifier_rocs(
+        workdir / "classification_roc.png", labels["test"] == 1,
+        {k: v[:, 1] for k, v in test_probs.items()},
+        {k: results[f"cls/{k}/auroc"] for k in test_probs},
+        f"class {values[1]} vs {values[0]} (phantom: malignant vs benign)")
   return results
 
 
-def save_roc(path: pathlib.Path, labels, scores: dict, results: dict, values) -> None:
-  """ROC curves of two-class classifiers on the test instances (class values[1] = positive;
-  the phantom's malignant lesions)."""
-  from sklearn.metrics import roc_curve
-  fig, ax = plt.subplots(figsize=(3.6, 3.6))
-  for name, s in scores.items():
-    if len(set(labels.tolist())) == 2:
-      fpr, tpr, _ = roc_curve(labels, s)
-      ax.plot(fpr, tpr, label=f"{name} AUROC {results[f'cls/{name}/auroc']:.3f}")
-  ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
-  ax.set_xlabel("false positive rate")
-  ax.set_ylabel("true positive rate")
-  ax.legend(fontsize=7, loc="lower right")
-  ax.set_title(f"class {values[1]} vs {values[0]} (phantom: malignant vs benign)", fontsize=9)
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- run
-def _put(array, sharding_):
-  """A global jax.Array with the same host value on every process, split by `sharding_`."""
-  array = np.asarray(array)
-  return jax.make_array_from_callback(array.shape, sharding_, lambda index: array[index])
-
-
 def _load_init(config, model_template, params):
   """params replaced by config.init_from: a segment_anything file or an ultrajax checkpoint."""
   path = pathlib.Path(config.init_from)
@@ -587,6 +488,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
     return _run(config, pathlib.Path(workdir), stop_after_steps)
 
 
+def _train_batches(config, dataset):
+  """The Grain iterator of this process's training batches (data/instances.py)."""
+  processes = jax.process_count()
+  configlib.check(config.data.batch_size % processes == 0,
+                  f"config.data.batch_size={config.data.batch_size} is not divisible by the "
+                  f"{processes} processes")
+  return instances.train_batches(dataset, config.data.batch_size, config.seed, config.data.hflip,
+                                 num_threads=config.data.num_threads,
+                                 process_index=jax.process_index(), process_count=processes)
+
+
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_steps: int | None):
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(1, config.mesh.data)
@@ -600,35 +512,27 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
                len(train_set), train_set.skipped_images, len(test_set), test_set.skipped_images)
   # Gathered now, so that data without classes fails before training rather than after.
   cls_data = class_data(config) if config.classification.enabled else None
+  train_iter = _train_batches(config, train_set)
 
-  rep = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-  model = build_model(config, nnx.Rngs(config.seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = jax.device_put(nnx.to_pure_dict(params), rep)
-  tx = make_optimizer(config, params)
-  train_step = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=(0, 1),
-                       out_shardings=(rep, rep, rep))
-  predict = jax.jit(make_predict(graphdef, config), out_shardings=rep)
+  graphdef, params = nnx.split(build_model(config, nnx.Rngs(config.seed)), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  programs = Programs(config, mesh, graphdef, jax.eval_shape(lambda: params))
+  params = loop.put_global(params, programs.params)
+
+  def init():
+    p = params
+    if config.init_from:
+      p = _load_init(config, nnx.merge(graphdef, p), p)
+      logging.info("Initialised from %s.", config.init_from)
+    return p, dict(opt=programs.init_opt(p))
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  opt_state = tx.init(params)
-  abstract = lambda t: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), t)
-  restored = resume.restore_latest(ckpt, abstract(params), abstract(dict(opt=opt_state)), None,
-                                   config=resume.snapshot(config),
-                                   allow=resume.allowed_changes(config))
-  if restored is not None:
-    latest, params, train, _ = restored
-    opt_state, start = train["opt"], latest
-    logging.info("Resumed from %s/%d.", ckpt.directory, latest)
-  else:
-    start = 0
-    if config.init_from:
-      params = _load_init(config, model, params)
-      opt_state = tx.init(params)
-      logging.info("Initialised from %s.", config.init_from)
-  del model
+  start, params, train = loop.resume_or_init(
+      ckpt, checkpoint.abstract_like(params, programs.params),
+      dict(opt=checkpoint.abstract_like(programs.abstract_opt, programs.opt)), init,
+      config=config, data_iterator=train_iter)
+  opt_state = train["opt"]
+  del train
   if jax.process_index() == 0:
     writers.truncate_jsonl(workdir / "metrics.jsonl", start, key="step")
   writer = writers.create_writer(workdir)
@@ -640,14 +544,17 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
 
   def run_eval(step):
     t0 = time.perf_counter()
-    res, shown = evaluate(predict, params, test_set, config, batch_sharding)
+    res, shown = sam_eval.evaluate_instances(
+        programs.predict, params, test_set, batch_size=config.eval.batch_size,
+        max_images=config.eval.max_images, batch_sharding=programs.batch)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
     logging.info("step %d eval (%.1f s): %s", step, time.perf_counter() - t0,
                  "  ".join(f"{k} {v:.3f}" for k, v in res.items()))
     if jax.process_index() == 0:
-      save_preview(workdir / "images" / f"step_{step:06d}.png", shown,
-                   f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()
-                                                if k.count("/") == 1 and k.endswith("/mAP")))
+      title = ", ".join(f"{k} {v:.2f}" for k, v in res.items()
+                        if k.count("/") == 1 and k.endswith("/mAP"))
+      sam_viz.mask_previews(workdir / "images" / f"step_{step:06d}.png", shown,
+                            f"step {step}: {title}")
     return res
 
   if start == 0:
@@ -657,35 +564,46 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
                                              every_steps=config.log_every_steps)
   schedule = lr_schedule(config.optim)
   base_key = jax.random.key(config.seed)
-  meta = dict(process_count=jax.process_count(), config=config.to_json_best_effort())
-  t0, done_since = time.perf_counter(), 0
+  meta = dict(config=config.to_json_best_effort())
+  # Step metrics stay on the device until a log, evaluation or save reads them, so the host
+  # never waits for a step it does not need.
+  t0, pending = time.perf_counter(), []
   for step in range(start, last):
-    batch = train_set.train_batch(step, config.data.batch_size, config.seed, config.data.hflip)
-    batch = {k: _put(batch[k], batch_sharding) for k in ("image", "masks", "valid")}
-    params, opt_state, out = train_step(params, opt_state, batch,
-                                        jax.random.fold_in(base_key, step))
-    done, done_since = step + 1, done_since + 1
-    if done % config.log_every_steps == 0 or done == last:
-      out = {k: float(v) for k, v in jax.device_get(out).items()}
-      if not np.isfinite(out["loss"]):  # checked at the logging cadence; never saved
-        ckpt.close()
-        raise divergence.DivergenceError(
-            f"step {done}: loss {out['loss']} (non-finite since step {done - done_since + 1} or "
-            "later); stopped before saving it. Lower config.optim.lr")
+    batch = next(train_iter)
+    batch = {k: jax.make_array_from_process_local_data(programs.batch, batch[k])
+             for k in TRAIN_KEYS}
+    params, opt_state, out = programs.train_step(params, opt_state, batch,
+                                                 jax.random.fold_in(base_key, step))
+    pending.append(out)
+    done = step + 1
+    log_now = loop.itstime(done, config.log_every_steps, last)
+    eval_now = loop.itstime(done, config.eval.every_steps, config.num_steps)
+    save_now = loop.itstime(done, config.ckpt_every_steps, config.num_steps)
+    if log_now or eval_now or save_now:
+      rows = jax.device_get(pending)
+      first = done - len(rows) + 1
+      valid = divergence.screen(np.array([r["loss"] for r in rows]), np.ones(len(rows), bool),
+                                where="UltraSam training", mode=config.on_nonfinite,
+                                describe=lambda i: f"step {first + i[-1]}")
+    if log_now:
+      row = {k: float(v) for k, v in rows[np.flatnonzero(valid)[-1]].items()}  # the last good
       seconds = time.perf_counter() - t0
-      out.update(lr=float(schedule(step)), img_per_s=done_since * config.data.batch_size / seconds)
-      writer.write_scalars(done, out)
-      logging.info("step %d/%d  loss %.4f  %.1f img/s", done, config.num_steps, out["loss"],
-                   out["img_per_s"])
-      t0, done_since = time.perf_counter(), 0
+      row.update(lr=float(schedule(step)), img_per_s=len(rows) * config.data.batch_size / seconds)
+      if config.on_nonfinite == "skip":
+        row["skipped_steps"] = int(len(rows) - valid.sum())
+      writer.write_scalars(done, row)
+      logging.info("step %d/%d  loss %.4f  %.1f img/s", done, config.num_steps, row["loss"],
+                   row["img_per_s"])
+      t0, pending = time.perf_counter(), []
     progress(done)
-    if done % config.eval.every_steps == 0 or done == config.num_steps:
+    if eval_now:
       results[done] = run_eval(done)
-    if done % config.ckpt_every_steps == 0 or done == config.num_steps:
-      ckpt.save(done, params, dict(opt=opt_state), None, dict(meta, step=done))
+    if save_now:
+      ckpt.save(done, params, dict(opt=opt_state), train_iter, dict(meta, step=done))
   if last == config.num_steps and config.classification.enabled:
     results["classification"] = run_classification(config, graphdef, params, cls_data, workdir,
                                                    writer, config.num_steps)
   writer.flush()
   ckpt.close()
+  train_iter.close()
   return params, results

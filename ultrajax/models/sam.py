@@ -43,6 +43,10 @@ UltraSam's classification head.
 Fixed buffer: `prompt_encoder.pe_gaussian` (SAM's random Fourier matrix, a buffer in
 PyTorch) is an nnx.Param so that the model holds only Params, but every use goes through
 stop_gradient; `trainable_mask(params)` marks it False for the optimizer (weight decay).
+
+Training it (UltraSam): simulated prompts, the focal/dice/IoU losses and refinement are the
+objective in train/sam_objectives.py (`instance_decoder` decodes each instance against its
+own image); evaluation in eval/sam_eval.py; the loop in jobs/sam.py.
 """
 from __future__ import annotations
 

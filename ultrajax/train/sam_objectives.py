@@ -18,7 +18,8 @@ dense prompt; pass 2 trains the best multimask output; the losses add.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -204,6 +205,27 @@ def mask_losses(logits, iou_pred, targets, valid, weights=(20.0, 1.0, 1.0), iou_
 class DecoderOutput(NamedTuple):
   logits: jax.Array    # [N, 4, s, s]: token 0 single-mask, tokens 1..3 multimask
   iou_pred: jax.Array  # [N, 4]
+
+
+def instance_decoder(model, embeddings, num_per_image: int) -> Callable:
+  """decode(prompts [B*M], mask logits [B*M, s, s] | None) -> DecoderOutput, each instance
+  decoded against its own image's embedding. model: models/sam.py Sam; embeddings: [B, g, g,
+  C]. Two-slot prompts need no extra padding point: a point prompt already carries its pad."""
+  image = jnp.repeat(embeddings, num_per_image, axis=0)
+  pe = model.prompt_encoder
+
+  def decode(prompts: Prompts, mask_logits):
+    sparse = pe.embed_points(prompts.coords, prompts.labels)
+    if mask_logits is None:
+      n = prompts.coords.shape[0]
+      dense = jnp.broadcast_to(pe.no_mask[...].reshape(1, 1, 1, -1),
+                               (n, pe.grid, pe.grid, pe.dim))
+    else:
+      dense = pe.embed_masks(mask_logits)
+    out = model.decode(image, sparse, dense)
+    return DecoderOutput(out.masks, out.iou)
+
+  return decode
 
 
 def sam_loss(decode: Callable, prompts: Prompts, targets, valid, *, refine: bool,
