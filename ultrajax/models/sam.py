@@ -51,7 +51,8 @@ own image); evaluation in eval/sam_eval.py; the loop in jobs/sam.py.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import einops
 import jax
@@ -146,7 +147,7 @@ def sam_config(variant: str = "vit_b", **overrides) -> SamConfig:
 
 
 def build_sam(variant: str = "vit_b", *, rngs: nnx.Rngs, dtype=jnp.float32,
-              remat: bool = False, **overrides) -> "Sam":
+              remat: bool = False, **overrides) -> Sam:
   """Sam for a preset plus overrides, e.g. build_sam('tiny', image_size=64, rngs=...)."""
   return Sam(sam_config(variant, **overrides), dtype=dtype, remat=remat, rngs=rngs)
 
