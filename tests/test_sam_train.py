@@ -555,6 +555,7 @@ def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
   rows = {k for r in writers.read_jsonl(whole / "metrics.jsonl") for k in r}
   assert {"cls/prompted/f1", "cls/prompted/recall/class_2"} <= rows
   assert (whole / "images" / "step_000004.png").stat().st_size > 0
+  assert (whole / "classification_roc.png").stat().st_size > 0  # viz/sam.py, two classes
   # A second start resumes from the final checkpoint: nothing is trained or evaluated again.
   config.classification.enabled = False
   again, results2 = job.run(config, str(whole))
