@@ -4,8 +4,8 @@
 #   bash docs/scripts/real_study.sh            # from the repository root, venv active
 #
 # Environment (defaults = the full study): REAL_US (../shared/data/real_us), STUDY (/tmp/real_study),
-# ROUNDS (30 pretraining rounds), SEEDS (5), FRACTIONS ("1.0 0.25 0.1"), MIN_STEPS (150 optimizer
-# steps per fine-tuning cell), BASELINE_CPU_S (the baseline peers' CPU budget per run; default:
+# ROUNDS (30 pretraining rounds), SEEDS (5), FRACTIONS ("1.0 0.25 0.1"), MIN_STEPS (200 optimizer
+# steps at least per fine-tuning cell, the `cpu` presets' train.min_steps), BASELINE_CPU_S (the baseline peers' CPU budget per run; default:
 # the measured mean CPU seconds of the ViT fine-tuning cells of the same task), NICE (19).
 # Idle 2-core estimates: pretraining about 30 x 37 s; the PyTorch peer about half that; see
 # section 6 for the measured figures. Every step resumes or skips what is already done.
@@ -15,7 +15,7 @@ STUDY=${STUDY:-/tmp/real_study}
 ROUNDS=${ROUNDS:-30}
 SEEDS=${SEEDS:-5}
 FRACTIONS=${FRACTIONS:-"1.0 0.25 0.1"}
-MIN_STEPS=${MIN_STEPS:-150}
+MIN_STEPS=${MIN_STEPS:-200}
 NICE=${NICE:-19}
 PY="nice -n $NICE python"
 TIME="/usr/bin/time -v -a"  # CPU (user + sys) and wall time of every step, appended to *.time
@@ -54,14 +54,12 @@ for start in "$STUDY/pre_ultrajax" "$STUDY/pre_torch/mae.pth"; do
     --output="$STUDY/evals_test_$(basename "$start" .pth).json"
 done
 
-# 5. Fine-tuning: the `cpu` presets on each task and label fraction, scratch vs both pretrainings,
-#    at least MIN_STEPS optimizer steps per cell (epochs from the training images per fraction).
+# 5. Fine-tuning: the `cpu` presets on each task and label fraction, scratch vs both pretrainings.
+#    Small training sets get epochs of several passes so that every cell makes at least
+#    MIN_STEPS optimizer steps (train.min_steps, jobs/finetune.py); BUSI diagnosis with balanced
+#    class weights.
 VARIANTS="scratch=,ultrajax=$STUDY/pre_ultrajax,torch_mae=$STUDY/pre_torch/mae.pth"
-epochs() {  # epochs giving >= MIN_STEPS steps at batch min(32, n) (drop_last): epochs N_TRAIN
-  python -c "import math; n=$1; print(max(1, math.ceil($MIN_STEPS / (n // min(32, n)))))"
-}
-finetune() {  # finetune TASK FRACTION N_TRAIN_AT_FRACTION
-  local task=$1 f=$2 n=$3 cfg extra ep ev
+for task in busi_cls busi_seg hc18; do
   case $task in
     busi_cls) cfg=configs/finetune_cls.py:cpu
       extra=(--config.data.manifest="$STUDY/manifests/busi_cls.csv"
@@ -72,21 +70,11 @@ finetune() {  # finetune TASK FRACTION N_TRAIN_AT_FRACTION
       extra=(--config.data.manifest="$STUDY/manifests/hc18_seg.csv"
              --config.data.group_column=subject_id);;
   esac
-  ep=$(epochs "$n"); ev=$(( ep / 10 > 0 ? ep / 10 : 1 ))
-  $TIME -o "$STUDY/ft/${task}_f$f.time" $PY -m ultrajax.main --config=$cfg \
-    --workdir="$STUDY/ft/${task}_f$f" --config.data.source=manifest "${extra[@]}" \
-    "--config.fractions=($f,)" --config.num_seeds="$SEEDS" --config.train.num_epochs="$ep" \
-    --config.train.eval_every_epochs="$ev" --config.optim.warmup_epochs="$ev" \
-    "--config.variants=$VARIANTS"
-}
-# Training images per fraction (prepare_real_study.py's splits; ultrajax.data.tasks.train_subset
-# rounds per class for BUSI diagnosis and per subject for HC18).
-declare -A N=([busi_cls_1.0]=468 [busi_cls_0.25]=117 [busi_cls_0.1]=47
-              [busi_seg_1.0]=96 [busi_seg_0.25]=24 [busi_seg_0.1]=10
-              [hc18_1.0]=122 [hc18_0.25]=30 [hc18_0.1]=12)
-for task in busi_cls busi_seg hc18; do
   for f in $FRACTIONS; do
-    finetune $task "$f" "${N[${task}_$f]}"
+    $TIME -o "$STUDY/ft/${task}_f$f.time" $PY -m ultrajax.main --config=$cfg \
+      --workdir="$STUDY/ft/${task}_f$f" --config.data.source=manifest "${extra[@]}" \
+      "--config.fractions=($f,)" --config.num_seeds="$SEEDS" --config.train.min_steps="$MIN_STEPS" \
+      "--config.variants=$VARIANTS"
   done
 done
 
