@@ -377,6 +377,9 @@ def test_dp_prepare_takes_the_jobs_sampling_and_the_budget_stops_before_it_is_pa
     strategies.make_strategy("dp_fedavg", weighting="volume")
   with pytest.raises(ValueError, match="too small"):
     strategies.make_strategy("dp_fedavg", adaptive=True, clip_count_stddev=0.1)
+  for name in ("dp_fedavg", "median", "secagg"):
+    with pytest.raises(ValueError, match="keep_local is not supported"):
+      strategies.make_strategy(name, keep_local=("^b$",))
 
 
 def _np_krum(flat, f, m):

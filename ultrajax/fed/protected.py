@@ -51,6 +51,12 @@ def _delta(done: Finished, server: Server):
           jax.tree.map(sub, done.model_state, server.model_state))
 
 
+def _no_keep_local(strategy) -> None:
+  # Their on_client_done replaces FedAvg's, which stores the kept leaves: refuse, not ignore.
+  if strategy.keep_local:
+    raise ValueError(f"{strategy.name}: keep_local is not supported (every leaf is aggregated)")
+
+
 def _plus(server_tree, delta):
   return jax.tree.map(lambda x, d: (jnp.asarray(x, jnp.float32) + d).astype(jnp.asarray(x).dtype),
                       server_tree, delta)
@@ -88,6 +94,7 @@ class DPFedAvg(strategies.FedAvg):
   sample_size: int = 0
 
   def __post_init__(self):
+    _no_keep_local(self)
     if self.weighting != "uniform":
       raise ValueError(f"dp_fedavg: weighting={self.weighting!r}; DP-FedAvg averages uniformly "
                        "(the fixed denominator bounds each client's influence)")
@@ -224,6 +231,7 @@ class Robust(strategies.FedAvg):
   screen_factor: float = 100.0
 
   def __post_init__(self):
+    _no_keep_local(self)
     if self.rule not in RULES:
       raise ValueError(f"{self.name}: rule={self.rule!r} is not one of {RULES}")
     robust.check_beta(self.beta)
@@ -330,6 +338,7 @@ class SecureAvg(strategies.FedAvg):
   secret_seed: int = 0
 
   def __post_init__(self):
+    _no_keep_local(self)
     self.ring()  # ConfigError (a ValueError) naming the bad field
 
   def ring(self) -> secagg.SecAggConfig:
