@@ -16,12 +16,12 @@ def gain_plot(path, clients, federated, local, gain, low, high, *, metric: str,
   """clients: K names; federated, local, gain, low, high: [K] (the CI of the gain)."""
   k = len(clients)
   y = np.arange(k)[::-1]
-  fig, (left, right) = plt.subplots(1, 2, figsize=(9, 1.0 + 0.45 * k), sharey=True)
+  fig, (left, right) = plt.subplots(1, 2, figsize=(9, 1.6 + 0.45 * k), sharey=True)
   left.scatter(federated, y, marker="o", label="federated", zorder=3)
   left.scatter(local, y, marker="s", label=local_label, zorder=3)
   left.set_yticks(y, clients)
   left.set_xlabel(f"test {metric}")
-  left.legend(fontsize=8, loc="best")
+  left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
   left.grid(axis="x", alpha=0.3)
   gain, low, high = (np.asarray(v, np.float64) for v in (gain, low, high))
   colors = np.where(low > 0, "tab:green", np.where(high < 0, "tab:red", "tab:gray"))
