@@ -2,9 +2,10 @@ r"""Per-hospital benefit report: does joining the federation help each client (i
 
 Launch (paper-scale stages: 16 phantom hospitals, each also pretrained alone for 300 rounds):
   python -m ultrajax.main --config=configs/benefit.py --workdir=$WORKDIR
-On a laptop/CI CPU (4 clients, 40 rounds, 3 seeds; about 45 minutes on 2 cores):
+On a laptop/CI CPU (4 clients, 40 rounds, 3 seeds; not timed: five pretrainings of
+configs/pretrain_fed.py:cpu's size (its federated run takes ~8.5 minutes) plus 24 fine-tunings):
   python -m ultrajax.main --config=configs/benefit.py:cpu --workdir=/tmp/benefit
-End-to-end check (2 clients, 1 round, 1 epoch; about 2 minutes on 2 cores):
+End-to-end check (2 clients, 1 round, 1 epoch; 2.2 CPU minutes, mostly three compiles):
   python -m ultrajax.main --config=configs/benefit.py:smoke --workdir=/tmp/benefit_smoke
 Cheaper baseline (a randomly initialised encoder instead of pretraining each client alone; the
 outputs then say 'scratch'): --config.local_baseline=scratch. Reuse a finished federated run:
