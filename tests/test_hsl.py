@@ -201,15 +201,24 @@ def test_mmoe_with_vit_encoders():
 
 # ----------------------------------------------------------------------------- the study job
 import csv  # noqa: E402
+import os  # noqa: E402
 import pathlib  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
 from PIL import Image  # noqa: E402
 from sklearn import metrics as sk_metrics  # noqa: E402
 
 from ultrajax import configlib  # noqa: E402
+from ultrajax.data import nodes, partition  # noqa: E402
+from ultrajax.eval import node_tables  # noqa: E402
+from ultrajax.fed import strategies  # noqa: E402
 from ultrajax.jobs import hsl  # noqa: E402
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
 
 
 def _config(arg="smoke", **overrides):
@@ -242,7 +251,8 @@ def _read_csv(path):
 def test_smoke_runs_every_method_and_writes_tables_and_plots(smoke_study):
   workdir, summary = smoke_study
   methods = hsl.parse_methods(_config())
-  assert set(methods) == set(hsl.METHODS)  # the smoke preset runs every method
+  # The smoke preset runs every method (keep_local needs patterns of its own).
+  assert set(methods) == set(hsl.all_methods()) - {"keep_local"}
   nodes = summary["nodes"]
   assert len(nodes) == 5 and nodes[0] == "screening_centre"
   for name in ("per_node.csv", "runs.csv", "fairness.csv", "results.json", "partition.png",
@@ -251,7 +261,7 @@ def test_smoke_runs_every_method_and_writes_tables_and_plots(smoke_study):
   assert sorted(p.parent.name for p in (workdir / "runs").glob("*/repeat_0.npz")) == sorted(
       methods)
   per_node = _read_csv(workdir / "per_node.csv")
-  assert len(per_node) == len(methods) * len(nodes) * len(hsl.METRICS)
+  assert len(per_node) == len(methods) * len(nodes) * len(node_tables.METRICS)
 
   # Each run's metrics recomputed with scikit-learn from its saved predictions.
   runs = _read_csv(workdir / "runs.csv")
@@ -290,14 +300,14 @@ def test_smoke_runs_every_method_and_writes_tables_and_plots(smoke_study):
 
   # The paper's protocol (the smoke preset's default): every run validated after each round,
   # the reported model is each node's best-validation round (first maximum), early stopping
-  # never runs past config.train.rounds.
+  # never runs past config.fed.num_rounds.
   config = _config()
   assert summary["protocol"]["name"] == "paper" and summary["protocol"]["val_fraction"] == 0.1
   for method in methods:
     with np.load(workdir / "runs" / method / "repeat_0.npz") as f:
       val_auc, best_round, losses = f["val_auc"], f["best_round"], f["losses"]
     slots = 1 if method == "central" else len(nodes)
-    assert val_auc.shape == (len(losses), slots) and 1 <= len(losses) <= config.train.rounds
+    assert val_auc.shape == (len(losses), slots) and 1 <= len(losses) <= config.fed.num_rounds
     for k in range(slots):
       finite = np.isfinite(val_auc[:, k])
       expected = int(np.argmax(np.where(finite, val_auc[:, k], -np.inf))) if finite.any() else -1
@@ -322,6 +332,45 @@ def test_killed_study_resumes_with_the_missing_run_only(smoke_study):
       np.testing.assert_array_equal(f[key], value, err_msg=key)
 
 
+def _sigkill_when(cmd, env, ready, timeout=300):
+  """Starts `cmd`; SIGKILLs it once ready() holds. -> True if killed, False if it ended first."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + timeout
+  while proc.poll() is None and not ready() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  killed = proc.poll() is None
+  if killed:
+    proc.send_signal(signal.SIGKILL)
+  _, err = proc.communicate(timeout=60)
+  assert killed or proc.returncode == 0, err[-3000:]
+  return killed
+
+
+def test_sigkilled_study_resumes_mid_cell_bitwise(smoke_study, tmp_path):
+  """A real study process (smoke, SCAFFOLD: controls, per-node Adam states, BatchNorm
+  statistics, best-validation models, the host batch generator) SIGKILLed once its round-1
+  checkpoint is written and again, resumed, once its round-2 one is: the finished cell equals
+  the uninterrupted fixture's bit for bit."""
+  workdir, _ = smoke_study
+  # The fixture's compile options (XLA optimisations off) and its 8 fake CPU devices.
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true")
+  cmd = [sys.executable, "-m", "ultrajax.main", "--config=configs/hsl.py:smoke",
+         "--config.methods=scaffold", f"--workdir={tmp_path}"]
+  cell = tmp_path / "runs" / "scaffold" / "repeat_0"
+  killed = [_sigkill_when(cmd, env, lambda r=r: (cell / "checkpoints" / str(r)).is_dir())
+            for r in (1, 2)]
+  assert killed[0]  # the first kill lands mid-cell, after round 1 of 2
+  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+  assert not cell.exists()  # the results file replaces the cell's checkpoints
+  with np.load(workdir / "runs" / "scaffold" / "repeat_0.npz") as f:
+    expected = dict(f)
+  with np.load(tmp_path / "runs" / "scaffold" / "repeat_0.npz") as f:
+    assert sorted(f) == sorted(expected)
+    for key, value in expected.items():
+      np.testing.assert_array_equal(f[key], value, err_msg=key)
+
+
 def test_unknown_method_is_an_error_naming_the_valid_ones():
   with pytest.raises(configlib.ConfigError, match=r"unknown method\(s\) \['fedsgd'\].*'hsl'"):
     hsl.validate(_config(methods="hsl,fedsgd"))
@@ -331,36 +380,42 @@ def test_unknown_method_is_an_error_naming_the_valid_ones():
 
 def test_ratios_the_data_cannot_meet_raise_the_partition_error():
   # 30 negatives and 3 positives cannot give node 2 of the label scenario 20 images at 1:1.
-  pool = hsl.Pool(np.zeros((33, 8, 8), np.uint8), np.array([0] * 30 + [1] * 3),
+  pool = nodes.Pool(np.zeros((33, 8, 8), np.uint8), np.array([0] * 30 + [1] * 3),
                   np.array(["thyroid"] * 33))
   config = _config(scenario="label", **{"data.label_node_size": 20, "data.ratio": 1.0})
   with pytest.raises(ValueError, match=r"node 'node1_1:1' needs 10 examples of class 1"):
-    hsl.make_partition(config, pool, seed=0)
+    nodes.make_partition(config, pool, seed=0)
 
 
-@pytest.mark.parametrize("name", ["fedprox", "scaffold", "fedavg", "personalized"])
-def test_shared_local_transform_equals_the_strategy(name):
-  """The job compiles one local-training program for all single-task strategies; its
-  transform must equal each strategy's own (fed/strategies.py)."""
-  rng = np.random.default_rng(4)
-  tree = lambda: {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
-                  "b": {"c": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}}
-  strategy = hsl.make_strategy(_config(), name)
-  server = jax.tree.map(lambda x: x[0], tree())
-  state = strategy.init(server, 3)
-  if name == "scaffold":  # non-zero controls, so c - c_i matters
-    state = {"c": jax.tree.map(lambda x: x[0], tree()), "c_clients": tree()}
-  grads, params, start = tree(), tree(), tree()
-  ctx = hsl.local_context(strategy, state, params)
-  theirs_ctx = strategy.local_context(state)
-  for c in range(3):
-    pick = lambda t: jax.tree.map(lambda x: x[c], t)
-    expected = strategy.local_grad_transform(
-        pick(grads), pick(params), pick(start), None if theirs_ctx is None else pick(theirs_ctx))
-    got = hsl._AnyLocalTransform().local_grad_transform(pick(grads), pick(params), pick(start),
-                                                        pick(ctx))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 got, expected)
+def test_old_field_names_fail_naming_the_fed_block_names():
+  with pytest.raises(configlib.ConfigError,
+                     match=r"config.train.rounds is now config.fed.num_rounds"):
+    hsl.validate(_config(**{"train.rounds": 3}))
+  with pytest.raises(configlib.ConfigError, match=r"config.strategy.fedprox_mu is now "
+                     r"config.fed.strategy_options='fedprox: mu=...'"):
+    hsl.validate(_config(**{"strategy.fedprox_mu": 0.1}))
+  with pytest.raises(configlib.ConfigError, match=r"config.fed.dropout"):
+    hsl.validate(_config(**{"fed.dropout": 1.5}))
+
+
+def test_strategy_options_per_strategy_and_any_registered_strategy_is_a_method(monkeypatch):
+  config = _config(**{"fed.strategy_options": "fedprox: mu=0.1; scaffold: server_lr=0.5",
+                      "train.lr": 0.003})
+  assert hsl.make_strategy(config, "fedprox").mu == 0.1
+  scaffold = hsl.make_strategy(config, "scaffold")
+  assert (scaffold.server_lr, scaffold.local_lr) == (0.5, 0.003)  # local_lr: train.lr
+  assert hsl.make_strategy(config, "fedadam").server_lr == 1e-2  # the strategy's default
+  assert hsl.make_strategy(config, "hsl").weighting == "uniform"  # the paper's equation 1
+  with pytest.raises(configlib.ConfigError, match="takes no option"):
+    hsl.validate(_config(**{"fed.strategy_options": "fedprox: alpha=0.1"}))
+  with pytest.raises(configlib.ConfigError, match=r"'fedsgd: lr=1' is not 'strategy: k=v"):
+    hsl.validate(_config(**{"fed.strategy_options": "fedsgd: lr=1"}))
+  # A new strategy is one class and one registry line: the study runs it by name.
+  monkeypatch.setitem(strategies.STRATEGIES, "fedavg_half",
+                      strategies._Entry(strategies.Personalized, {"name": "fedavg_half"}))
+  config = _config(methods="hsl,fedavg_half", **{"fed.strategy_options": "fedavg_half: alpha=0.25"})
+  assert hsl.validate(config) == ["hsl", "fedavg_half"]
+  assert hsl.make_strategy(config, "fedavg_half").alpha == 0.25
 
 
 def test_folder_nodes_and_sat_load_with_their_labels(tmp_path):
@@ -377,12 +432,12 @@ def test_folder_nodes_and_sat_load_with_their_labels(tmp_path):
       "data.sat_root": str(tmp_path / "sat"), "data.positive_labels": ("malignant", "abnormal"),
       "data.sat_per_class": 2, "data.image_size": 16})
   hsl.validate(config)
-  pool, sat = hsl.load_data(config)
+  pool, sat = nodes.load_data(config)
   assert pool.images.shape == (7, 16, 16) and sat.images.shape == (4, 16, 16)
   assert sorted(zip(pool.groups.tolist(), pool.labels.tolist())) == sorted(
       [("site_a", 1)] * 2 + [("site_a", 0)] * 3 + [("site_b", 0), ("site_b", 1)])
   assert sat.labels.tolist().count(1) == 2
-  assert hsl.make_partition(config, pool, 0).names == ["site_a", "site_b"]
+  assert nodes.make_partition(config, pool, 0).names == ["site_a", "site_b"]
   with pytest.raises(configlib.ConfigError, match="use scenario='natural'"):
     hsl.validate(_config(scenario="label", **{"data.source": "folder"}))
 
@@ -408,20 +463,20 @@ def test_split_node_is_60_10_30_disjoint_seeded_and_legacy_70_30():
   labels = np.array([0, 1] * 150)
   indices = np.arange(0, 300, 3)[:100]  # 50 per class, a node's subset of the pool
   labels[indices] = np.repeat([0, 1], 50)
-  train, val, test = hsl.split_node(labels, indices, 0.1, 0.3, seed=4)
+  train, val, test = partition.split_node(labels, indices, 0.1, 0.3, seed=4)
   parts = np.concatenate([train, val, test])
   assert sorted(parts.tolist()) == indices.tolist()  # disjoint and complete
   for part, n in ((train, 30), (val, 5), (test, 15)):
     np.testing.assert_array_equal(np.bincount(labels[part], minlength=2), [n, n])
-  again = hsl.split_node(labels, indices, 0.1, 0.3, seed=4)
+  again = partition.split_node(labels, indices, 0.1, 0.3, seed=4)
   assert all(np.array_equal(a, b) for a, b in zip(again, (train, val, test)))
-  assert not np.array_equal(hsl.split_node(labels, indices, 0.1, 0.3, seed=5)[2], test)
+  assert not np.array_equal(partition.split_node(labels, indices, 0.1, 0.3, seed=5)[2], test)
   # Legacy: no validation, 70/30; the test cases are those of the 60/10/30 split (same draw).
-  tr, va, te = hsl.split_node(labels, indices, 0.0, 0.3, seed=4)
+  tr, va, te = partition.split_node(labels, indices, 0.0, 0.3, seed=4)
   assert len(va) == 0 and len(tr) == 70 and np.array_equal(te, test)
   # Tiny classes: each split gets a case while training keeps one; 2 cases -> train + test.
   small = np.array([0, 0, 0, 1, 1])
-  tr, va, te = hsl.split_node(small, np.arange(5), 0.1, 0.3, seed=0)
+  tr, va, te = partition.split_node(small, np.arange(5), 0.1, 0.3, seed=0)
   assert [np.bincount(small[p], minlength=2).tolist() for p in (tr, va, te)] == [
       [1, 1], [1, 0], [1, 1]]
 
@@ -431,7 +486,7 @@ def test_split_node_keeps_each_patient_in_one_split():
   per_patient = rng.integers(1, 4, 100)  # 100 patients with 1-3 images each
   patients = np.repeat([f"p{i}" for i in range(100)], per_patient)
   labels = np.repeat(np.arange(100) % 2, per_patient)
-  train, val, test = hsl.split_node(labels, np.arange(len(labels)), 0.1, 0.3, seed=1,
+  train, val, test = partition.split_node(labels, np.arange(len(labels)), 0.1, 0.3, seed=1,
                                     patients=patients)
   assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(labels)))
   owners = [set(patients[p]) for p in (train, val, test)]
@@ -442,20 +497,18 @@ def test_split_node_keeps_each_patient_in_one_split():
 def _hand_curve_fit(curve, local_epochs, patience, rounds):
   """hsl.fit on a fake 2-slot model whose parameter w_k sets slot k's validation AUC:
   w = 1 ranks every positive above every negative (AUC 1), -1 below (0), 0 ties (0.5)."""
-  pool = hsl.Pool(np.repeat(np.array([0, 1, 0, 1], np.uint8), 4).reshape(4, 2, 2),
+  pool = nodes.Pool(np.repeat(np.array([0, 1, 0, 1], np.uint8), 4).reshape(4, 2, 2),
                   np.array([0, 1, 0, 1]), np.zeros(4))
-  state = {}
 
-  def do_round(r):
-    state["models"] = ({"w": jnp.asarray(curve[r], jnp.float32),
-                        "round": jnp.full(2, r, jnp.int32)}, {})
-    return np.zeros(2)
+  def do_round(state, r):
+    return ({"w": jnp.asarray(curve[r], jnp.float32), "round": jnp.full(2, r, jnp.int32)},
+            np.zeros(2))
 
   predict = lambda p, s, images, sat: jax.nn.sigmoid(p["w"] * images.mean((1, 2)))
-  config = _config(**{"train.local_epochs": local_epochs, "train.patience_epochs": patience,
-                      "train.rounds": rounds})
-  return hsl.fit(config, "test", do_round, lambda: state["models"], predict, pool, None,
-                 [np.array([0, 1]), np.array([2, 3])])
+  config = _config(**{"fed.local_epochs": local_epochs, "train.patience_epochs": patience,
+                      "fed.num_rounds": rounds})
+  return hsl.fit(config, "test", None, do_round, lambda state: (state, {}), predict, pool,
+                 None, [np.array([0, 1]), np.array([2, 3])], np.random.default_rng(0))
 
 
 def test_early_stopping_keeps_each_nodes_best_validation_round():
@@ -538,8 +591,8 @@ def test_ablations_build_their_models_and_objectives():
   assert isinstance(no_al, mmoe.Classifier)  # no auxiliary learning architecture
   assert hsl.METHODS["no_sat"] == hsl.METHODS["no_al"] == hsl.METHODS["hsl"] == "fedavg_uniform"
   # Their training batches carry no SAT images and the losses need none.
-  pool = hsl.Pool(np.zeros((6, 16, 16), np.uint8), np.array([0, 1] * 3), np.zeros(6))
-  batches, _ = hsl.round_batches(np.random.default_rng(0), pool, None, [np.arange(6)], 1, 4,
+  pool = nodes.Pool(np.zeros((6, 16, 16), np.uint8), np.array([0, 1] * 3), np.zeros(6))
+  batches, _ = nodes.round_batches(np.random.default_rng(0), pool, None, [np.arange(6)], 1, 4,
                                  hsl=False)
   assert set(batches) == {"image", "label"}
   batch = jax.tree.map(lambda x: x[0, 0], batches)
@@ -560,13 +613,13 @@ def test_sweeps_are_the_papers_ten_ratios_and_partition_accordingly():
   hsl.validate(label)
   with pytest.raises(configlib.ConfigError, match="config.sweep='label' varies the label"):
     hsl.validate(_config("cpu,sweep=label,scenario=combined"))
-  pool = hsl.Pool(np.zeros((3000, 1, 1), np.uint8), np.array([0, 1] * 1500), np.zeros(3000))
+  pool = nodes.Pool(np.zeros((3000, 1, 1), np.uint8), np.array([0, 1] * 1500), np.zeros(3000))
   for ratio in hsl.sweep_ratios(label):
     label.data.ratio = quantity.data.ratio = ratio
-    counts = hsl.make_partition(label, pool, 0).counts(pool.labels, (0, 1))
+    counts = nodes.make_partition(label, pool, 0).counts(pool.labels, (0, 1))
     assert counts.sum(1).tolist() == [120, 120] and counts[0].tolist() == [60, 60]
     assert abs(counts[1][0] - 120 * ratio / (ratio + 1)) <= 1  # node 2 normal:abnormal = r:1
-    sizes = hsl.make_partition(quantity, pool, 0).counts(pool.labels, (0, 1)).sum(1)
+    sizes = nodes.make_partition(quantity, pool, 0).counts(pool.labels, (0, 1)).sum(1)
     assert sizes.sum() == 240 and abs(sizes[0] - 240 * ratio / (ratio + 1)) <= 1
 
 
@@ -615,9 +668,9 @@ def test_manifest_patient_column_keeps_each_patient_in_one_split(tmp_path):
       "data.positive_labels": ("malignant", "abnormal"), "data.sat_per_class": 2,
       "data.image_size": 8})
   hsl.validate(config)
-  pool, _ = hsl.load_data(config)
+  pool, _ = nodes.load_data(config)
   assert sorted(set(pool.patients.tolist())) == sorted(f"p{i}" for i in range(10))
-  split = hsl.make_split(config, pool, 0)
+  split = nodes.make_split(config, pool, 0)
   owners = [set(pool.patients[idx[0]].tolist()) for idx in (split.train, split.val, split.test)]
   assert sum(len(o) for o in owners) == 10 and len(set().union(*owners)) == 10  # disjoint
   assert [len(o) for o in owners] == [4, 2, 4]  # per class of 5 patients: 2 / 1 / 2

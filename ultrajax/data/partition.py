@@ -22,11 +22,14 @@ parameters with the paper's values as defaults):
   feature_skew   one group (anatomy/organ) per node, equal sizes and label ratio (paper: 7
                  anatomies, 1470 each, 1:1).
   combined       five nodes: screening centre, specialist hospital, two small clinics,
-                 rare-disease region (`COMBINED_NODES`).
+                 rare-disease region (`COMBINED_NODES`; `min_class_nodes` for small scales).
+Within a node, `split_node` draws the stratified train / val / test split of binary labels (by
+patient where ids are given).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -207,3 +210,58 @@ def combined(labels, seed: int, nodes: Sequence[NodeSpec] = COMBINED_NODES, scal
     raise ValueError(f"combined partition: scale must be > 0, got {scale}")
   scaled = [n._replace(size=max(1, int(round(n.size * scale)))) for n in nodes]
   return draw(labels, scaled, seed, groups=groups, classes=classes)
+
+
+def min_class_nodes(nodes: Sequence[NodeSpec], scale: float, min_class_count: int
+                    ) -> list[NodeSpec]:
+  """`nodes` with every size multiplied by `scale` (at least 2 * min_class_count) and each
+  node's rarer class raised to at least min_class_count examples, so a 1:2000 region keeps a
+  case for training, validation and test (HSL's combined scenario at a small scale)."""
+  out = []
+  for node in nodes:
+    size = max(2 * min_class_count, int(round(node.size * scale)))
+    ratio = np.asarray(node.ratio, np.float64)
+    rare = int(np.argmin(ratio))
+    share = min_class_count / size
+    if ratio[rare] / ratio.sum() < share:
+      ratio[rare] = share * ratio[1 - rare] / (1 - share)
+    out.append(node._replace(size=size, ratio=tuple(ratio)))
+  return out
+
+
+def split_node(labels, indices, val_fraction: float, test_fraction: float, seed: int,
+               patients=None):
+  """One node's indices [n] -> sorted (train, val, test) index arrays, disjoint.
+
+  Stratified per class over units: patients (the label of a patient's first image decides its
+  class) or, with patients=None, single images. Of a class's n units, round(test_fraction * n)
+  go to test and round(val_fraction * n) to validation, each at least 1 while the class keeps
+  a unit for training (a single unit stays in training). val_fraction=0 gives the legacy 70/30
+  split exactly. A patient's images all land in one split.
+  """
+  indices = np.asarray(indices)
+  rng = np.random.default_rng(seed)
+  if patients is None:
+    units, unit_of = indices, indices
+  else:
+    unit_of = np.asarray(patients)[indices]
+    units, first = np.unique(unit_of, return_index=True)
+    units = units[np.argsort(first, kind="stable")]  # order of first appearance
+  unit_label = labels[indices] if patients is None else np.asarray(
+      [labels[indices[unit_of == u][0]] for u in units])
+  parts = ([], [], [])  # train, val, test units
+  for c in (0, 1):
+    idx = rng.permutation(units[unit_label == c])
+    n = len(idx)
+    k_test = 0 if n < 2 else min(n - 1, max(1, int(round(test_fraction * n))))
+    left = n - k_test
+    k_val = 0 if val_fraction == 0 or left < 2 else min(left - 1, max(1, int(round(
+        val_fraction * n))))
+    parts[2].append(idx[:k_test])
+    parts[1].append(idx[k_test:k_test + k_val])
+    parts[0].append(idx[k_test + k_val:])
+  out = []
+  for chosen in parts:
+    chosen = np.concatenate(chosen)
+    out.append(np.sort(chosen if patients is None else indices[np.isin(unit_of, chosen)]))
+  return tuple(out)

@@ -150,3 +150,19 @@ class Classifier(nnx.Module):
   def __call__(self, images, *, train: bool = False, key=None):
     del key  # no dropout: the call signature matches MMoE's
     return self.fc(run_encoder(self.encoder, images, train)).astype(jnp.float32)
+
+
+def split_classifier_tree(tree: dict, cut: int) -> tuple[dict, dict]:
+  """A ResNet Classifier's state tree (params or BatchNorm statistics) -> (client part: the
+  stem and layer1 .. layer{cut-1}, server part: the other stages and the logit), for split
+  learning (SplitAVG). join_classifier_tree is its inverse."""
+  client_keys = {"conv1", "bn1", *(f"layer{i}" for i in range(1, cut))}
+  enc = tree.get("encoder", {})
+  client = {"encoder": {k: v for k, v in enc.items() if k in client_keys}}
+  server = {k: v for k, v in tree.items() if k != "encoder"}
+  server["encoder"] = {k: v for k, v in enc.items() if k not in client_keys}
+  return client, server
+
+
+def join_classifier_tree(client: dict, server: dict) -> dict:
+  return {**server, "encoder": {**client["encoder"], **server["encoder"]}}
