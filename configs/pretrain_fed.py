@@ -126,7 +126,7 @@ def get_config(arg=None):
       # >= 1 or a fraction in (0, 1); sampling 'uniform' | 'volume' (chances ~ n_k) | 'poisson'
       # (each client with probability clients_per_round); dropout: a sampled client fails to
       # report with this probability (it contributes nothing and is logged).
-      clients_per_round=0,
+      clients_per_round=0.0,  # a float field, so a count or a fraction fits
       sampling="uniform",
       dropout=0.0,
       reset_client_optimizer=False,  # the official code keeps each client's AdamW state.

@@ -1,4 +1,4 @@
-"""Aggregation of client pytrees (leading client axis C). Knows nothing of models."""
+"""Client weights and broadcasting to a leading client axis C. Knows nothing of models."""
 from __future__ import annotations
 
 import jax
@@ -18,13 +18,6 @@ def client_weights(num_images, mode: str) -> np.ndarray:
   if w.sum() <= 0:
     raise ValueError(f"client weights sum to {w.sum()}; every client is empty")
   return (w / w.sum()).astype(np.float32)
-
-
-def weighted_mean(client_tree, weights):
-  """sum_k w_k * tree_k over the leading axis, accumulated in float32.  weights: [C]."""
-  def mean(x):
-    return jnp.tensordot(weights, x.astype(jnp.float32), axes=(0, 0)).astype(x.dtype)
-  return jax.tree.map(mean, client_tree)
 
 
 def broadcast(server_tree, num_clients: int):

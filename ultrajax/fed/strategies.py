@@ -123,13 +123,6 @@ def with_kept(patterns, tree, leaves):
   return jax.tree_util.tree_map_with_path(lambda kp, x: next(it) if is_local(kp) else x, tree)
 
 
-def keep_local_leaves(patterns, aggregated, client_tree):
-  """Leaves of `aggregated` whose path matches a pattern are replaced by `client_tree`'s."""
-  if not patterns:
-    return aggregated
-  return with_kept(patterns, aggregated, kept_leaves(patterns, client_tree))
-
-
 def _f32(tree):
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
@@ -156,11 +149,6 @@ def _accumulate(acc, done: Finished):
   return dict(acc, params=_add_weighted(acc["params"], done.weight, done.params),
               model_state=_add_weighted(acc["model_state"], done.weight, done.model_state),
               weight=acc["weight"] + done.weight)
-
-
-def _first(client_tree):
-  """The server tree: at a round start every client holds the same shared leaves."""
-  return jax.tree.map(lambda x: x[0], client_tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,27 +230,22 @@ class FedAvg:
     del x
     return mean, state
 
-  # ------------------------------------------ transitional: jobs/hsl.py's hand-built round
-  # (client trees [C, ...]); removed once jobs/hsl.py runs on fed/rounds.py (issue 16).
-  def local_context(self, state):
-    del state
+  # ---------------------------------------------------------------- host-side, per run / round
+  def for_run(self, num_clients: int, clients_per_round, sampling: str):
+    """The strategy a job runs, once the federation's size and sampling are known (DP's
+    accountant needs them); raises ValueError on a combination it cannot run."""
+    del num_clients, clients_per_round, sampling
+    return self
+
+  def stop_reason(self, rounds_done: int) -> str | None:
+    """Why the run must stop before another round (e.g. a spent privacy budget), or None."""
+    del rounds_done
     return None
 
-  def mix(self, client_tree, weights):
-    return agg.broadcast(agg.weighted_mean(client_tree, weights), weights.shape[0])
-
-  def aggregate(self, client_params, start_params, weights, state, num_steps=None):
-    new, state = self._aggregate(client_params, start_params, weights, state, num_steps)
-    return keep_local_leaves(self.keep_local, new, client_params), state
-
-  def _aggregate(self, client_params, start_params, weights, state, num_steps):
-    del start_params, num_steps
-    return self.mix(client_params, weights), state
-
-  def aggregate_state(self, client_model_state, weights):
-    return keep_local_leaves(self.keep_local, self.mix(client_model_state, weights),
-                             client_model_state)
-
+  def report(self, state, rounds_done: int) -> dict:
+    """Host floats to log after a round (e.g. epsilon spent), from the strategy state."""
+    del state, rounds_done
+    return {}
 
 @dataclasses.dataclass(frozen=True)
 class Personalized(FedAvg):
@@ -310,29 +293,11 @@ class Personalized(FedAvg):
     clients = {k: jax.tree_util.tree_map_with_path(one, v) for k, v in state["clients"].items()}
     return new, dict(state, clients=clients, done=jnp.zeros_like(done))
 
-  def mix(self, client_tree, weights):  # transitional (jobs/hsl.py)
-    num_clients = weights.shape[0]
-    if num_clients == 1:
-      return client_tree
-
-    def one(x):
-      x32 = x.astype(jnp.float32)
-      others = (x32.sum(0, keepdims=True) - x32) / (num_clients - 1)
-      return (self.alpha * x32 + (1.0 - self.alpha) * others).astype(x.dtype)
-
-    return jax.tree.map(one, client_tree)
-
-
 @dataclasses.dataclass(frozen=True)
 class Local(Personalized):
   """No communication: every node keeps its own parameters and statistics (alpha = 1)."""
   name: str = "local"
   alpha: float = 1.0
-
-  def mix(self, client_tree, weights):  # transitional (jobs/hsl.py)
-    del weights
-    return client_tree
-
 
 @dataclasses.dataclass(frozen=True)
 class FedProx(FedAvg):
@@ -426,17 +391,6 @@ class FedOpt(FedAvg):
                                            state["server_opt"], x)
     return jax.tree.map(jnp.add, x, updates), dict(state, server_opt=opt)
 
-  def _aggregate(self, client_params, start_params, weights, state, num_steps):  # transitional
-    del num_steps
-    x = jax.tree.map(lambda a: a.astype(jnp.float32), _first(start_params))
-    mean = jax.tree.map(lambda a: a.astype(jnp.float32), agg.weighted_mean(client_params, weights))
-    pseudo_grad = jax.tree.map(jnp.subtract, x, mean)
-    updates, opt = self.server_tx().update(pseudo_grad, state["server_opt"], x)
-    new = jax.tree.map(lambda x, u, ref: (x + u).astype(ref.dtype), x, updates,
-                       _first(client_params))
-    return agg.broadcast(new, weights.shape[0]), {"server_opt": opt}
-
-
 @dataclasses.dataclass(frozen=True)
 class Scaffold(FedAvg):
   """SCAFFOLD (Karimireddy et al. 2020), option II control update.
@@ -492,33 +446,11 @@ class Scaffold(FedAvg):
     new, state = super().server_update(acc, state, server, key)
     return new, dict(state, c=jax.tree.map(jnp.add, state["c"], acc["delta_c"]))
 
-  def local_context(self, state):  # transitional (jobs/hsl.py)
-    return jax.tree.map(lambda c, ci: c[None] - ci, state["c"], state["c_clients"])
-
-  def _aggregate(self, client_params, start_params, weights, state, num_steps):  # transitional
-    if num_steps is None:
-      raise ValueError("scaffold's aggregate needs num_steps [C] (local steps per client)")
-    x = jax.tree.map(lambda a: a.astype(jnp.float32), _first(start_params))
-    y = jax.tree.map(lambda a: a.astype(jnp.float32), client_params)
-    scale = 1.0 / (jnp.maximum(jnp.asarray(num_steps, jnp.float32), 1.0) * self.local_lr)
-
-    def control(c, ci, x, y):
-      return ci - c[None] + (x[None] - y) * scale.reshape((-1,) + (1,) * x.ndim)
-
-    c_clients = jax.tree.map(control, state["c"], state["c_clients"], x, y)
-    delta_c = agg.weighted_mean(jax.tree.map(jnp.subtract, c_clients, state["c_clients"]), weights)
-    c = jax.tree.map(jnp.add, state["c"], delta_c)
-    mean_y = agg.weighted_mean(y, weights)
-    new = jax.tree.map(lambda x, m, ref: (x + self.server_lr * (m - x)).astype(ref.dtype),
-                       x, mean_y, _first(client_params))
-    return agg.broadcast(new, weights.shape[0]), {"c": c, "c_clients": c_clients}
-
-
 @dataclasses.dataclass(frozen=True)
 class SplitAvg(Local):
   """SplitAVG's options for the job, which trains it with `local.make_splitavg_round` (a split
-  model, not a parameter-mixing rule): client sub-networks stay per client, so aggregate is
-  the identity. cut_grad: 'average' (SplitAVG) or 'own' (plain split learning)."""
+  model, not a parameter-mixing rule): client sub-networks stay per client, as with 'local'.
+  cut_grad: 'average' (SplitAVG) or 'own' (plain split learning)."""
   name: str = "splitavg"
   cut_grad: str = "average"
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import pathlib
+import signal
 import time
 
 import jax
@@ -63,6 +65,9 @@ NUM_PREVIEW = 4
 TARGETS = ("pixels", "teacher")
 # Every registered strategy but SplitAVG (it needs a model split into client and server parts).
 STRATEGIES = tuple(n for n in strategies.STRATEGIES if n != "splitavg")
+# Fault injection for tests: 'R,J' SIGKILLs this process after chunk J of round R (1-based), e.g.
+# mid-round while the last checkpoint is still being written, as a crash or a preempted VM would.
+KILL_AT_ENV = "ULTRAJAX_KILL_AT"
 TEACHER_SEED_SALT = 0x7EAC  # random teacher key = fold_in(seed key, salt): pixel runs unchanged
 
 
@@ -685,7 +690,10 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
   length = rounds.plan_round(steps_per_round, num_lanes, 1).client_ids.shape[1]
   chunk_steps = math.ceil(length / math.ceil(length / config.fed.chunk_steps))
   plan = rounds.plan_round(steps_per_round, num_lanes, chunk_steps)
-  strategy = make_strategy(config)
+  try:
+    strategy = make_strategy(config).for_run(num_clients, f.clients_per_round, f.sampling)
+  except ValueError as e:
+    raise configlib.ConfigError(f"config.fed.strategy={f.strategy!r}: {e}") from None
   weights = strategy.client_weights(data.num_images)
   for c, source in enumerate(clients):
     logging.info("client %2d %-28s %7d images (SMAT pairs included) %4d steps/round weight %.4f",
@@ -733,7 +741,14 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
         config.fed.num_rounds, stop_after_rounds)
 
     clock = timing.CompileClock()
+    kill_at = tuple(int(x) for x in os.environ.get(KILL_AT_ENV, "0,0").split(","))
     for r in range(start, last):
+      why = strategy.stop_reason(r)
+      if why:  # e.g. the privacy budget: keep round r's state and end the run cleanly
+        logging.warning("Stopping before round %d: %s", r + 1, why)
+        if r > 0 and ckpt.latest_step() != r:
+          ckpt.save(r, params, train, data, dict(meta, round=r))
+        break
       t0 = timing.now()
       round_key = rounds.round_key(train_key, r)
       # Every round, the first after a resume included: the clients' optimizer states that
@@ -755,6 +770,8 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
             steps_dev, weights_dev, round_index, round_key)
         losses.append(chunk_losses)
         grad_norms.append(chunk_norms)
+        if (r + 1, j + 1) == kill_at:
+          os.kill(os.getpid(), signal.SIGKILL)
       params, train["opt"], train["strategy"] = programs.finish_round(state, params, round_key)
       losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)], axis=1)
       grad_norms = np.concatenate([np.asarray(x) for x in jax.device_get(grad_norms)], axis=1)
@@ -799,6 +816,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
           scalars["tflops_per_device"] = tflops
           if perf.mfu(tflops * 1e12) is not None:
             scalars["mfu"] = perf.mfu(tflops * 1e12)
+        scalars.update(strategy.report(train["strategy"], done))
         scalars.update(evaluated)
         writer.write_scalars(done, scalars)
         logging.info("round %d/%d  loss %.4f  %.1f img/s  %.2f s/round%s%s", done,
