@@ -1,0 +1,266 @@
+"""The consortium's server on Flower: a `ServerApp` that runs ultrajax's strategies.
+
+Each round the server sends the global parameters (params.py's named arrays) to every
+connected site, collects each site's update y_k - x with its n_k, and applies the strategy's
+server step to x + sum_k n_k (y_k - x) / sum_k n_k (the volume-weighted mean of the sites'
+parameters): FedAvg and FedProx take it, FedAdam / FedYogi / FedAdagrad step their server
+optimizer on the pseudo-gradient. It writes what the simulation writes (train/checkpoint's
+Orbax checkpoints with the strategy state, metrics.jsonl, TensorBoard, reconstruction PNGs)
+and a restarted server resumes from its last checkpoint.
+
+A site that fails or does not answer within config.fl.round_timeout_s is left out of the
+round: the weights are renormalised over the sites that answered, and the metrics log
+`clients` and `dropped`. With fewer than config.fl.min_clients answers (0 = every connected
+site) the round is sent again, up to config.fl.retries times, then the server stops.
+
+With config.fl.secagg the round runs Flower's SecAgg+ workflow instead: the server learns
+only the weighted sum of the masked, quantised updates (and each site's n_k and scalars).
+
+The server holds no patient data: the PNGs are drawn on phantom images.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from ultrajax import configlib
+from ultrajax.fl import params as params_lib, site as site_lib
+from ultrajax.jobs import pretrain
+from ultrajax.train import checkpoint, loop, resume, writers
+from ultrajax.viz import reconstruction
+
+TRAIN = MessageType.TRAIN
+
+
+class Coordinator:
+  """The server's state and outputs (no networking): global params, strategy state,
+  checkpoints, metrics and PNGs."""
+
+  def __init__(self, config, workdir):
+    site_lib.validate(config)
+    self.config, self.workdir = config, workdir
+    # The site's compiled pieces (one client, one lane) hold what the server needs too.
+    compiled = site_lib.compiled(config)
+    self.mesh, self.abstract_params = compiled.mesh, compiled.abstract_params
+    self.programs = compiled.programs
+    self.strategy = self.programs.strategy
+    self._server_step = jax.jit(self.strategy.server_step)
+    model_key, _ = site_lib.training_keys(config)
+    self.preview_key = jax.random.split(jax.random.key(config.seed), 3)[2]
+    self.ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+
+    def init():
+      params = self.programs.init_params(model_key)
+      return params, dict(strategy=self.programs.init_strategy(params), rounds=np.int32(0))
+
+    like_params = jax.eval_shape(self.programs.init_params, model_key)
+    like_train = dict(strategy=self.programs.abstract_strategy,
+                      rounds=jax.ShapeDtypeStruct((), np.int32))
+    with jax.set_mesh(self.mesh):
+      self.start, self.params, train = loop.resume_or_init(
+          self.ckpt, like_params, like_train, init, config=config)
+    self.strategy_state = train["strategy"]
+    self.writer = writers.create_writer(workdir)
+    writers.truncate_jsonl(workdir / "metrics.jsonl", self.start)
+    if self.start == 0:
+      self.writer.write_hparams(config.to_dict())
+    # Synthetic images only: the server never sees a site's data.
+    phantom = copy.deepcopy(config)
+    phantom.data.update(source="phantom", clients="", pool_clients=False, fraction=1.0)
+    phantom.ultramim.smat = False
+    self.preview = pretrain.preview_images(pretrain.client_sources(phantom),
+                                           config.model.image_size)
+
+  def global_arrays(self) -> dict:
+    return params_lib.to_arrays(self.params)
+
+  def apply(self, mean_update: dict, results: list[dict], dropped: int, seconds: float) -> dict:
+    """The strategy's server step on x + mean_update; logs, draws and checkpoints the round.
+
+    mean_update: {key: sum_k n_k (y_k - x) / sum_k n_k}; results: per answering site
+    dict(site_id, num_images, steps, loss, grad_norm). Returns the logged scalars."""
+    done = self.start = self.start + 1
+    x = jax.device_get(self.params)
+    delta = params_lib.from_arrays(mean_update, self.abstract_params, where="aggregated update")
+    mean = jax.tree.map(lambda a, d: (np.asarray(a, np.float64) + d).astype(np.float32), x, delta)
+    new, self.strategy_state = self._server_step(self.params, mean, self.strategy_state)
+    self.params = jax.tree.map(lambda a, ref: a.astype(ref.dtype), new, self.params)
+    c = self.config
+    steps = np.asarray([r["steps"] for r in results], np.float64)
+    scalars = dict(
+        round=done, loss=float(np.dot([r["loss"] for r in results], steps) / steps.sum()),
+        grad_norm=float(np.dot([r["grad_norm"] for r in results], steps) / steps.sum()),
+        lr=float(self.programs.lr_fn(done)), s_per_round=seconds,
+        param_norm=float(self.programs.param_norm(self.params)),
+        clients=len(results), dropped=dropped)
+    scalars.update({f"loss/client_{r['site_id']:02d}": r["loss"] for r in results})
+    if loop.itstime(done, c.log_every_rounds, c.fed.num_rounds):
+      self.writer.write_scalars(done, scalars)
+    if loop.itstime(done, c.image_every_rounds, c.fed.num_rounds):
+      with jax.set_mesh(self.mesh):
+        shown = self.programs.preview(self.params, self.preview, self.preview_key)
+      png = self.workdir / "images" / f"round_{done:05d}.png"
+      reconstruction.save_grid(png, *[np.asarray(a) for a in jax.device_get(shown)],
+                               patch_size=pretrain.patch_size_of(c.model),
+                               title=f"round {done}, loss {scalars['loss']:.4f}")
+      self.writer.write_images(done, {"reconstructions": writers.png_image(png)})
+    if loop.itstime(done, c.ckpt_every_rounds, c.fed.num_rounds):
+      self.ckpt.save(done, self.params, dict(strategy=self.strategy_state,
+                                             rounds=np.int32(done)), None,
+                     dict(config=c.to_json_best_effort(), round=done,
+                          sites=sorted(r["site_id"] for r in results)))
+    self.writer.flush()
+    return scalars
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.ckpt.close()
+
+
+def weighted_mean(updates: list[dict], weights) -> dict:
+  """{key: sum_k w_k u_k / sum_k w_k} in float64, cast back to each array's dtype."""
+  w = np.asarray(weights, np.float64)
+  w = w / w.sum()
+  return {k: sum(wk * np.asarray(u[k], np.float64) for wk, u in zip(w, updates)).astype(
+      updates[0][k].dtype) for k in updates[0]}
+
+
+# ----------------------------------------------------------------------------- rounds on a Grid
+def records(arrays: dict) -> ArrayRecord:
+  """{key: numpy array} -> an ArrayRecord with the same keys in the same order."""
+  return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def plain_round(grid: Grid, nodes, arrays: dict, round_index: int, timeout):
+  """Sends the global arrays to `nodes`; returns ([(update, result)], failures)."""
+  content = lambda: RecordDict({"arrays": records(arrays),
+                                "config": ConfigRecord({"round": round_index})})
+  messages = [Message(content(), dst_node_id=n, message_type=TRAIN,
+                      group_id=str(round_index + 1)) for n in nodes]
+  replies = grid.send_and_receive(messages, timeout=timeout)
+  ok, failures = [], []
+  for reply in replies:
+    if reply.has_error():
+      failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+      continue
+    update = {k: v.numpy() for k, v in reply.content.array_records["update"].items()}
+    ok.append((update, dict(reply.content.metric_records["metrics"])))
+  answered = {r.metadata.src_node_id for r in replies}
+  failures += [f"node {n}: no reply" for n in nodes if n not in answered]
+  return ok, failures
+
+
+def run(grid: Grid, config, workdir, context: Context | None = None, *,
+        stop_after_rounds: int | None = None):
+  """Trains to config.fed.num_rounds over the sites connected to `grid`; returns the params.
+
+  stop_after_rounds: return after that round as if the server were killed there."""
+  import pathlib
+  workdir = pathlib.Path(workdir)
+  site_lib.validate(config)
+  f = config.fl
+  timeout = f.round_timeout_s or None
+  if context is None:  # called directly (tests, a dry run): the workflow state lives here
+    context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={})
+  with resume.WorkdirLock(workdir):
+    coord = Coordinator(config, workdir)
+    last = config.fed.num_rounds if stop_after_rounds is None else min(
+        config.fed.num_rounds, stop_after_rounds)
+    try:
+      for r in range(coord.start, last):
+        t0 = time.perf_counter()
+        for attempt in range(f.retries + 1):
+          nodes = sorted(grid.get_node_ids())
+          need = f.min_clients or len(nodes)
+          if f.secagg:
+            from ultrajax.fl import secure
+            mean_update, results, failures = secure.secagg_round(
+                grid, context, config, nodes, coord.global_arrays(), r, timeout)
+          else:
+            ok, failures = plain_round(grid, nodes, coord.global_arrays(), r, timeout)
+            results = [site_lib.round_scalars(m) for _, m in ok]
+            weights = coord.strategy.client_weights([m["num_images"] for m in results]) \
+                if ok else []
+            mean_update = weighted_mean([u for u, _ in ok], weights) if ok else None
+          ids = [m["site_id"] for m in results]
+          configlib.check(len(set(ids)) == len(ids), f"round {r + 1}: two sites answered "
+                          f"with the same config.fl.site_id ({sorted(ids)})")
+          for failure in failures:
+            logging.warning("round %d: %s; left out of this round", r + 1, failure)
+          if len(results) >= max(need, 1) and mean_update is not None:
+            break
+          logging.warning("round %d: %d of %d sites answered (need %d); sending it again "
+                          "(%d of %d retries)", r + 1, len(results), len(nodes), need,
+                          attempt + 1, f.retries)
+        else:
+          raise RuntimeError(f"round {r + 1}: fewer than {need} sites answered after "
+                             f"{f.retries} retries (config.fl.min_clients, config.fl.retries)")
+        if failures:
+          logging.warning("round %d: weights renormalised over sites %s", r + 1, sorted(ids))
+        scalars = coord.apply(mean_update, results, len(failures), time.perf_counter() - t0)
+        logging.info("round %d/%d  loss %.4f  %d sites (%d dropped)", r + 1,
+                     config.fed.num_rounds, scalars["loss"], len(results), len(failures))
+    finally:
+      coord.close()
+  return coord.params
+
+
+# ----------------------------------------------------------------------------- Flower entry
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+  """Run config keys: config ('configs/pretrain_fed.py:cpu'), overrides ('fed.num_rounds=3
+  fl.secagg=True'), workdir."""
+  import pathlib
+  rc = context.run_config
+  config = site_lib.load_config(str(rc["config"]), str(rc.get("overrides", "")))
+  writers.quiet_orbax()
+  run(grid, config, pathlib.Path(str(rc["workdir"])), context)
+
+
+def flower_app(config_spec: str, overrides: str, workdir: str) -> str:
+  """The pyproject.toml of a Flower app that runs this ServerApp and ClientApp with this run
+  config (`flwr run <its folder> <superlink connection>` submits it)."""
+  quote = lambda s: json.dumps(str(s))  # a TOML basic string
+  return "\n".join([
+      "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
+      "[project]", 'name = "ultrajax-fl"', 'version = "1.0.0"', "dependencies = []", "",
+      "[tool.hatch.build.targets.wheel]", 'packages = ["."]', "",
+      "[tool.flwr.app]", 'publisher = "ultrajax"', "",
+      "[tool.flwr.app.components]", 'serverapp = "ultrajax.fl.server:app"',
+      'clientapp = "ultrajax.fl.client:app"', "",
+      "[tool.flwr.app.config]", f"config = {quote(config_spec)}",
+      f"overrides = {quote(overrides)}", f"workdir = {quote(workdir)}", ""])
+
+
+if __name__ == "__main__":
+  # python -m ultrajax.fl.server --config=FILE[:preset] --workdir=DIR [--config.f=v ...]
+  #   [flwr run flags, e.g. the SuperLink connection name]: writes DIR/flower_app and submits it.
+  import os
+  import pathlib
+  import sys
+
+  args = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in sys.argv[1:]
+          if a.startswith(("--config=", "--workdir="))}
+  configlib.check("--config" in args and "--workdir" in args,
+                  "python -m ultrajax.fl.server needs --config=FILE[:preset] and --workdir=DIR")
+  overrides = " ".join(a[len("--config."):] for a in sys.argv[1:] if a.startswith("--config."))
+  rest = [a for a in sys.argv[1:] if not a.startswith(("--config", "--workdir="))]
+  workdir = pathlib.Path(args["--workdir"]).absolute()
+  config_file, _, preset = args["--config"].partition(":")
+  spec = str(pathlib.Path(configlib.find_config_file(config_file) or config_file).absolute())
+  spec += f":{preset}" if preset else ""
+  site_lib.load_config(spec, overrides)  # a bad field fails here, not on the SuperLink
+  folder = workdir / "flower_app"
+  loop.atomic_write(folder / "pyproject.toml", flower_app(spec, overrides, str(workdir)))
+  os.execvp("flwr", ["flwr", "run", str(folder), *rest])
