@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -64,27 +65,52 @@ def test_smoke_run_writes_metrics_images_and_checkpoint(tmp_path):
     assert record[k] == pytest.approx(evals[2][k], abs=1e-4), k
 
 
-def test_crash_and_resume_is_bitwise_identical(tmp_path):
-  """Killed after round 3 with the last checkpoint at round 2: the resumed run redoes round 3
-  and ends with exactly the losses and parameters of a run that never stopped."""
-  config = smoke_config(**{"fed.num_rounds": 4, "ckpt_every_rounds": 2})
+# FedAdam (server moments in the checkpoint), one of the two clients sampled per round, fresh
+# client optimizers every round; 4 chunks of 2 steps per round.
+KILLED = {"fed.num_rounds": 3, "fed.strategy": "fedadam", "fed.strategy_options": "server_lr=0.01",
+          "fed.clients_per_round": 1, "fed.reset_client_optimizer": True, "image_every_rounds": 9,
+          "evals.linear_probe.every_rounds": 0, "evals.knn.every_rounds": 0}
+
+
+def _killed_at(round_chunk, workdir):
+  """Runs the job in a subprocess that SIGKILLs itself after chunk J of round R ('R,J')."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             **{pretrain.KILL_AT_ENV: round_chunk})
+  flags = [f"--config.{k}={v}" for k, v in {**KILLED, "mesh.clients": 1, "mesh.data": 1}.items()]
+  done = subprocess.run([sys.executable, "-m", "ultrajax.main",
+                         "--config=configs/pretrain_fed.py:smoke", *flags, f"--workdir={workdir}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+
+
+def test_sigkilled_mid_round_twice_resumes_bitwise(tmp_path):
+  """A real process killed mid-round 2 (round 1's checkpoint possibly still being written: then
+  the next run starts over), then mid-round 3, then resumed: the losses, sampled clients and
+  parameters are exactly those of a run that never stopped (FedAdam's moments, the sampler and
+  the client optimizer resets included)."""
+  config = smoke_config(**KILLED)
   straight = pretrain.run(config, tmp_path / "straight")
-  pretrain.run(config, tmp_path / "crashed", stop_after_rounds=3)
-  assert sorted(losses_by_round(tmp_path / "crashed")) == [1, 2, 3]
-  resumed = pretrain.run(config, tmp_path / "crashed")
-  a, b = losses_by_round(tmp_path / "straight"), losses_by_round(tmp_path / "crashed")
-  assert sorted(b) == [1, 2, 3, 4]
+  _killed_at("2,1", tmp_path / "killed")
+  assert sorted(losses_by_round(tmp_path / "killed")) == [1]
+  _killed_at("3,1", tmp_path / "killed")
+  assert sorted(losses_by_round(tmp_path / "killed")) == [1, 2]
+  resumed = pretrain.run(config, tmp_path / "killed")
+  a, b = losses_by_round(tmp_path / "straight"), losses_by_round(tmp_path / "killed")
+  assert sorted(a) == sorted(b) == [1, 2, 3]
   for r in a:
-    assert a[r]["loss"] == b[r]["loss"], r
-    assert a[r]["loss/client_01"] == b[r]["loss/client_01"], r
+    assert a[r]["clients"] == b[r]["clients"] == 1, r
+    assert {k: v for k, v in a[r].items() if k.startswith("loss")} == {
+        k: v for k, v in b[r].items() if k.startswith("loss")}, r
   assert_trees_equal(straight, resumed)
 
 
 def test_one_device_and_eight_devices_agree(tmp_path):
-  one = pretrain.run(smoke_config(), tmp_path / "one")
+  """SCAFFOLD, whose per-client controls are sharded over the 'clients' axis on 8 devices."""
+  scaffold = {"fed.strategy": "scaffold", "fed.strategy_options": "local_lr=1e-3"}
+  one = pretrain.run(smoke_config(**scaffold), tmp_path / "one")
   # 8 devices: clients over 2, batch over 4, and matrices FSDP-sharded over the data axis.
   eight = pretrain.run(smoke_config(**{
-      "mesh.clients": 2, "mesh.data": 4,
+      **scaffold, "mesh.clients": 2, "mesh.data": 4,
       "sharding_rules": [(".*kernel", "fsdp"), (".*", "replicated")]}), tmp_path / "eight")
   a, b = losses_by_round(tmp_path / "one"), losses_by_round(tmp_path / "eight")
   for r in a:
@@ -112,6 +138,10 @@ def test_centralized_config_pools_clients(tmp_path):
     ({"ultramim.smat_ratio": -0.5}, "ultramim.smat_ratio"),
     ({"data.fraction": 0.0}, "data.fraction"),
     ({"attention_every_rounds": -1}, "attention_every_rounds"),
+    ({"fed.strategy": "splitavg"}, "fed.strategy"),
+    ({"fed.strategy_options": "mu=0.1"}, "fed.strategy_options"),
+    ({"fed.sampling": "stratified"}, "fed.sampling"),
+    ({"fed.clients_per_round": 2.5}, "fed.clients_per_round"),
 ])
 def test_bad_config_fails_naming_the_field(tmp_path, overrides, message):
   with pytest.raises(configlib.ConfigError, match=message.replace(".", r"\.")):
@@ -143,6 +173,7 @@ def test_folder_clients_missing_empty_and_unreadable(tmp_path):
   with pytest.raises(ValueError, match="broken.png"):
     pretrain.run(config, tmp_path / "w2")
   config.data.on_bad_image = "skip"
+  config.fed.strategy = "personalized"  # each site's own model in the strategy state
   pretrain.run(config, tmp_path / "w3")
   assert losses_by_round(tmp_path / "w3")[1]["loss"] > 0
 
@@ -163,7 +194,8 @@ def _main(args, tmp_path):
 
 
 def test_main_runs_smoke_preset_and_rejects_unknown_fields(tmp_path):
-  ok = _main(["--config=configs/pretrain_fed.py:smoke", f"--workdir={tmp_path}/w"], tmp_path)
+  ok = _main(["--config=configs/pretrain_fed.py:smoke", "--config.fed.strategy=fedyogi",
+              "--config.fed.strategy_options=server_lr=0.01", f"--workdir={tmp_path}/w"], tmp_path)
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "Total:" in ok.stderr  # clu's parameter overview
   assert sorted(losses_by_round(tmp_path / "w")) == [1, 2]
@@ -196,7 +228,9 @@ def test_init_from_official_mae_file(tmp_path):
   first = pretrain.run(smoke_config(**{"fed.num_rounds": 1}), tmp_path / "a")
   path = tmp_path / "mae.safetensors"
   files.save_state_dict(path, mae_official.mae_to_official(first, image_size=32, patch_size=8))
-  config = smoke_config(**{"fed.num_rounds": 1, "init_from": str(path), "seed": 1})
+  # FedBN: the MAE's LayerNorms stay per client (kept leaves in the checkpoint).
+  config = smoke_config(**{"fed.num_rounds": 1, "init_from": str(path), "seed": 1,
+                           "fed.strategy": "fedbn"})
   assert_trees_equal(pretrain.run(config, tmp_path / "b", stop_after_rounds=0), first)
   trained = pretrain.run(config, tmp_path / "b")
   assert np.isfinite(losses_by_round(tmp_path / "b")[1]["loss"])
