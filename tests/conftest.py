@@ -1,8 +1,9 @@
 """Test set-up: 8 fake CPU devices, set before jax is imported anywhere."""
+
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -17,10 +18,11 @@ REAL_US = REPO.parent / "shared" / "data" / "real_us"
 
 @pytest.fixture(scope="session")
 def real_us():
-    """Path of the shared real ultrasound samples; skips the test where absent."""
-    if not REAL_US.is_dir():
-        pytest.skip(f"real ultrasound samples not found at {REAL_US}")
-    return REAL_US
+  """Path of the shared real ultrasound samples; skips the test where absent."""
+  if not REAL_US.is_dir():
+    pytest.skip(f"real ultrasound samples not found at {REAL_US}")
+  return REAL_US
+
 
 # Importing torch's optional triton package after TensorFlow segfaults on this stack (checked
 # 2026-12-01: `import tensorflow; import timm` exits 139). ultrajax itself no longer imports
@@ -28,6 +30,6 @@ def real_us():
 # does; where torch is installed, load it (through timm, which pulls in torchvision and triton)
 # before anything imports TensorFlow.
 try:
-    import timm  # noqa: E402,F401
+  import timm  # noqa: E402,F401
 except ImportError:
-    pass
+  pass

@@ -1,6 +1,7 @@
 """Benchmarks: the PyTorch MAE peer of `bench pretrain` computes MAE's objective (checked
 against ultrajax's own loss on the peer's predictions and mask); `bench plan` counts the
 per-device state as a hand count and XLA do."""
+
 import importlib.util
 import pathlib
 
@@ -13,8 +14,17 @@ from ultrajax.models import mae
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-TINY = dict(image_size=32, patch_size=8, width=32, depth=1, num_heads=4, decoder_width=32,
-            decoder_depth=1, decoder_heads=4, mask_ratio=0.75)
+TINY = dict(
+  image_size=32,
+  patch_size=8,
+  width=32,
+  depth=1,
+  num_heads=4,
+  decoder_width=32,
+  decoder_depth=1,
+  decoder_heads=4,
+  mask_ratio=0.75,
+)
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
@@ -22,6 +32,7 @@ def test_torch_peer_masks_and_loss_like_mae(norm_pix):
   torch = pytest.importorskip("torch")
   pytest.importorskip("timm")
   from ultrajax.bench import torch_mae
+
   torch.manual_seed(0)
   model = torch_mae.TorchMAE(**TINY, norm_pix_loss=norm_pix)
   images = torch.randn(3, 3, 32, 32)
@@ -30,8 +41,13 @@ def test_torch_peer_masks_and_loss_like_mae(norm_pix):
   # Random masking keeps exactly int(16 * 0.25) = 4 patches per image, different ones per image.
   np.testing.assert_array_equal(mask.sum(1).numpy(), [12, 12, 12])
   assert len({tuple(row) for row in mask.numpy()}) > 1
-  expected, _ = mae.mae_loss(pred.numpy(), images.permute(0, 2, 3, 1).numpy(),
-                             mask.numpy().astype(bool), 8, norm_pix=norm_pix)
+  expected, _ = mae.mae_loss(
+    pred.numpy(),
+    images.permute(0, 2, 3, 1).numpy(),
+    mask.numpy().astype(bool),
+    8,
+    norm_pix=norm_pix,
+  )
   np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
   # Fixed positions are buffers, not trained; biases and norms have no weight decay.
   names = {n for n, _ in model.named_parameters()}
@@ -47,16 +63,26 @@ def _mae_param_count(width, depth, patch, dec_width, dec_depth):
   block = lambda w: 12 * w * w + 13 * w
   pixels = patch * patch * 3
   encoder = pixels * width + width + width + depth * block(width) + 2 * width
-  decoder = (width * dec_width + dec_width + dec_width + dec_depth * block(dec_width)
-             + 2 * dec_width + dec_width * pixels + pixels)
+  decoder = (
+    width * dec_width
+    + dec_width
+    + dec_width
+    + dec_depth * block(dec_width)
+    + 2 * dec_width
+    + dec_width * pixels
+    + pixels
+  )
   return encoder + decoder
 
 
-@pytest.mark.parametrize("mesh_clients,rules,held,compile_chunk", [
+@pytest.mark.parametrize(
+  "mesh_clients,rules,held,compile_chunk",
+  [
     # each device: every param, half the 4 clients' states; the chunk compiled too
     (2, ((".*", "replicated"),), 1.0, True),
     (1, ((".*", "fsdp"),), 1 / 8, False),  # every leaf split 8 ways over the data axis
-])
+  ],
+)
 def test_plan_state_bytes_match_an_analytic_count(mesh_clients, rules, held, compile_chunk):
   config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
   config.model.update(width=32, depth=1, num_heads=2, image_size=16, decoder_width=32)
@@ -81,13 +107,17 @@ def test_plan_state_bytes_match_an_analytic_count(mesh_clients, rules, held, com
 def test_bench_pipeline_times_both_peers_on_one_folder(tmp_path):
   from ultrajax.bench import pipeline as pipeline_bench
   from ultrajax.data import sources
+
   root = pipeline_bench.write_jpeg_folder(tmp_path, 6, 40)
   folder = sources.folder_clients(str(root))[0]
   assert len(folder) == 6 and folder[0]["image"].shape == (40, 40, 3)
-  rows = pipeline_bench.bench_pipeline([0], num_images=6, stored_size=40, batch=2,
-                                       num_batches=1, torch_peer=False)
+  rows = pipeline_bench.bench_pipeline(
+    [0], num_images=6, stored_size=40, batch=2, num_batches=1, torch_peer=False
+  )
   assert [(r["pipeline"], r["workers"]) for r in rows] == [
-      ("ultrajax, JPEG folder", 0), ("ultrajax, phantom", 0)]
+    ("ultrajax, JPEG folder", 0),
+    ("ultrajax, phantom", 0),
+  ]
   assert all(r["img_per_s"] > 0 and r["per_core"] == r["img_per_s"] for r in rows)
   if importlib.util.find_spec("torchvision"):
     assert pipeline_bench.torch_img_per_s(root, 0, 2, 1) > 0

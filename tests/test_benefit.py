@@ -1,4 +1,5 @@
 """Per-hospital benefit report (issue 20 item 5): eval/benefit.py and the job's wiring."""
+
 import csv
 import json
 import math
@@ -26,6 +27,7 @@ def test_gain_ci_equals_a_numpy_bootstrap_of_the_seed_mean_auroc():
 
   def mean_auroc(out, rows):
     return np.mean([roc_auc_score(y[rows], out[s, rows, 1]) for s in range(seeds)])
+
   draws = np.random.default_rng(7)
   deltas = []
   for _ in range(100):
@@ -33,8 +35,9 @@ def test_gain_ci_equals_a_numpy_bootstrap_of_the_seed_mean_auroc():
     if len(np.unique(y[rows])) == 2:
       deltas.append(mean_auroc(fed, rows) - mean_auroc(local, rows))
   everything = np.arange(n)
-  assert got.diff == pytest.approx(mean_auroc(fed, everything) - mean_auroc(local, everything),
-                                   abs=1e-12)
+  assert got.diff == pytest.approx(
+    mean_auroc(fed, everything) - mean_auroc(local, everything), abs=1e-12
+  )
   low, high = np.percentile(deltas, [2.5, 97.5])
   assert (got.ci_low, got.ci_high) == pytest.approx((low, high), abs=1e-12)
   assert got.ci_low > 0  # the better model's gain is clearly positive
@@ -66,7 +69,7 @@ def test_phantom_client_task_uses_the_hospitals_own_images_and_labels():
   data = benefit.phantom_client_task(source, 80, 32, split_fractions=(0.5, 0.25, 0.25))
   records = [source[i] for i in range(16)]  # the images it pretrained on come first
   kept = [i for i, r in enumerate(records) if phantom.LABELS[r["label"]] != "normal"]
-  first = [int(g.split("/")[1]) for g in data.groups[:len(kept)]]
+  first = [int(g.split("/")[1]) for g in data.groups[: len(kept)]]
   assert first == kept
   for j, i in enumerate(kept):
     np.testing.assert_array_equal(data.images[j], tasks.resize_image(records[i]["image"], 32))
@@ -85,25 +88,29 @@ def test_manifest_client_task_reads_only_that_clients_rows(tmp_path):
     for i in range(10):
       name = f"{c}{i}.png"
       Image.fromarray(np.full((20, 20), 10 * i + (c == "b"), np.uint8)).save(folder / name)
-      rows.append({"image": name, "client": c, "label": "pos" if i % 2 else "neg",
-                   "group": f"{c}-{i}"})
+      rows.append(
+        {"image": name, "client": c, "label": "pos" if i % 2 else "neg", "group": f"{c}-{i}"}
+      )
   csv_path = folder / "m.csv"
   with open(csv_path, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-  data = benefit.manifest_client_task(str(csv_path), "b", tmp_path / "out" / "b.csv", 16,
-                                      split_fractions=(0.4, 0.3, 0.3))
+  data = benefit.manifest_client_task(
+    str(csv_path), "b", tmp_path / "out" / "b.csv", 16, split_fractions=(0.4, 0.3, 0.3)
+  )
   assert len(data.images) == 10 and data.class_names == ("neg", "pos")
   assert sorted(data.groups.tolist()) == sorted(f"b-{i}" for i in range(10))
   assert set(np.unique(data.images[..., 0]) % 10) == {1}  # client b's pixel values only
   with pytest.raises(configlib.DataError, match="'diagnosis'"):
-    benefit.manifest_client_task(str(csv_path), "b", tmp_path / "out" / "x.csv", 16,
-                                 label_column="diagnosis")
+    benefit.manifest_client_task(
+      str(csv_path), "b", tmp_path / "out" / "x.csv", 16, label_column="diagnosis"
+    )
 
 
 def _smoke_config(**overrides):
   from ultrajax.jobs import transfer_study
+
   c = transfer_study.load_config("configs/benefit.py:smoke", "config")
   for k, v in overrides.items():
     configlib.get_field(c, k)  # exists
@@ -112,14 +119,18 @@ def _smoke_config(**overrides):
   return c
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("local_baseline", "alone", "config.local_baseline"),
     ("bootstrap_samples", 0, "config.bootstrap_samples"),
     ("task.split_fractions", (0.5, 0.5, 0.0), "config.task.split_fractions"),
     ("finetune_config", "configs/finetune_seg.py:smoke", "task_type='seg'"),
-])
+  ],
+)
 def test_validate_names_the_bad_field(field, value, message):
   from ultrajax.jobs import benefit as job
+
   with pytest.raises(configlib.ConfigError, match=message.replace("(", r"\(")):
     job.validate(_smoke_config(**{field: value}))
 
@@ -129,6 +140,7 @@ def test_job_pretrains_each_client_alone_and_reports_gains(tmp_path, monkeypatch
   gets one client each, every cell is fine-tuned from the right encoder, and benefit.csv holds
   the gains eval/benefit.py computes from the cells' test outputs."""
   from ultrajax.jobs import benefit as job, finetune, pretrain
+
   pretrained, tuned = [], []
 
   def fake_pretrain(config, workdir):
@@ -144,8 +156,11 @@ def test_job_pretrains_each_client_alone_and_reports_gains(tmp_path, monkeypatch
     probs = np.stack([1 - score / 2, score / 2], axis=1)
     run_dir.mkdir(parents=True)
     np.savez(run_dir / "test_outputs.npz", test_index=test, targets=y, probs=probs)
-    result = {"test": {"auroc": [roc_auc_score(y, probs[:, 1]), 0, 0]}, "seed": seed,
-              "config": finetune.cell_config(config)}
+    result = {
+      "test": {"auroc": [roc_auc_score(y, probs[:, 1]), 0, 0]},
+      "seed": seed,
+      "config": finetune.cell_config(config),
+    }
     (run_dir / "results.json").write_text(json.dumps(result))
     return result
 
@@ -155,20 +170,35 @@ def test_job_pretrains_each_client_alone_and_reports_gains(tmp_path, monkeypatch
   rows = job.run(config, str(tmp_path))
   assert [p[:2] for p in pretrained] == [("", 0), ("BUV", 0), ("CLUST", 0)]
   fed_dir, local_dirs = pretrained[0][2], [p[2] for p in pretrained[1:]]
-  assert [(v, i) for v, i, _ in tuned] == [("federated", fed_dir), ("local", local_dirs[0]),
-                                           ("federated", fed_dir), ("local", local_dirs[1])]
+  assert [(v, i) for v, i, _ in tuned] == [
+    ("federated", fed_dir),
+    ("local", local_dirs[0]),
+    ("federated", fed_dir),
+    ("local", local_dirs[1]),
+  ]
   with open(tmp_path / "benefit.csv") as f:
     table = list(csv.DictReader(f))
   assert [r["client"] for r in table] == ["BUV", "CLUST"]
   for row, written in zip(rows, table):
     k = rows.index(row)
-    cells = {v: np.load(next((tmp_path / "finetune").glob(f"{k:02d}_*")) / v / "seed_0" /
-                        "test_outputs.npz") for v in ("federated", "local")}
+    cells = {
+      v: np.load(
+        next((tmp_path / "finetune").glob(f"{k:02d}_*")) / v / "seed_0" / "test_outputs.npz"
+      )
+      for v in ("federated", "local")
+    }
     auroc = lambda y, p: roc_auc_score(y, p[:, 1])  # noqa: E731
-    want = benefit.gain_ci(auroc, cells["federated"]["targets"], cells["federated"]["probs"][None],
-                           cells["local"]["probs"][None], num_samples=30, seed=0)
+    want = benefit.gain_ci(
+      auroc,
+      cells["federated"]["targets"],
+      cells["federated"]["probs"][None],
+      cells["local"]["probs"][None],
+      num_samples=30,
+      seed=0,
+    )
     assert (row["gain"], row["ci_low"], row["ci_high"]) == pytest.approx(
-        (want.diff, want.ci_low, want.ci_high), abs=1e-12)
+      (want.diff, want.ci_low, want.ci_high), abs=1e-12
+    )
     assert float(written["gain"]) == pytest.approx(row["gain"], abs=1e-4)
   summary = list(csv.DictReader(open(tmp_path / "benefit_summary.csv")))
   assert [s["quantity"] for s in summary] == ["federated", "local", "gain"]

@@ -7,6 +7,7 @@ MAE) and `images_nchw`. A block that needs what no test can have (another reposi
 released checkpoint) says so in an HTML comment `<!-- not run by tests/test_docs.py: why -->`
 on the line above it; those are counted, not run.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,39 +40,73 @@ def python_blocks(text: str) -> list[tuple[str, str | None]]:
   out = []
   for m in BLOCK.finditer(text):
     before = m.group("before").strip()
-    reason = before[len(SKIP):].rstrip("->").strip() if before.startswith(SKIP) else None
+    reason = before[len(SKIP) :].rstrip("->").strip() if before.startswith(SKIP) else None
     out.append((m.group("code"), reason))
   return out
 
 
 def test_block_extraction_by_hand():
-  text = ("intro\n```python\na = 1\n```\n" + SKIP + " needs x -->\n```python\nb = 2\n```\n"
-          "```json\n{}\n```\n")
+  text = (
+    "intro\n```python\na = 1\n```\n" + SKIP + " needs x -->\n```python\nb = 2\n```\n"
+    "```json\n{}\n```\n"
+  )
   assert python_blocks(text) == [("a = 1", None), ("b = 2", "needs x")]
 
 
 def test_formats_md_python_snippets_run(tmp_path, monkeypatch):
-  config = ml_collections.ConfigDict(dict(model=dict(
-      variant="", width=64, depth=2, num_heads=4, patch_size=8, image_size=32, decoder_width=32,
-      decoder_depth=1, decoder_heads=4, mask_ratio=0.75, drop_path_rate=0.0, dtype="float32")))
+  config = ml_collections.ConfigDict(
+    dict(
+      model=dict(
+        variant="",
+        width=64,
+        depth=2,
+        num_heads=4,
+        patch_size=8,
+        image_size=32,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=4,
+        mask_ratio=0.75,
+        drop_path_rate=0.0,
+        dtype="float32",
+      )
+    )
+  )
   model = mae.mae_from_config(config.model, nnx.Rngs(0))
   ckpt = checkpoint.Checkpointer(tmp_path / "run")
-  ckpt.save(1, nnx.to_pure_dict(nnx.state(model, nnx.Param)), {"r": jnp.asarray(1)}, None,
-            {"config": json.dumps(config.to_dict())})
+  ckpt.save(
+    1,
+    nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+    {"r": jnp.asarray(1)},
+    None,
+    {"config": json.dumps(config.to_dict())},
+  )
   ckpt.close()
   monkeypatch.chdir(tmp_path)
   export.export(tmp_path / "run", "timm", "encoder")
   export.export(tmp_path / "run", "timm", "encoder.safetensors")
   # As `export --format=sam` writes a run's weights (its loading is tested in test_sam_model).
-  sam_config = sam.sam_config("tiny", image_size=64, width=32, depth=1, num_heads=1,
-                              global_attn_indexes=(0,), prompt_dim=16, mask_in_chans=4,
-                              decoder_heads=2, decoder_mlp_dim=32, iou_head_hidden=16)
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-      lambda: sam.Sam(sam_config, rngs=nnx.Rngs(0))), nnx.Param))
+  sam_config = sam.sam_config(
+    "tiny",
+    image_size=64,
+    width=32,
+    depth=1,
+    num_heads=1,
+    global_attn_indexes=(0,),
+    prompt_dim=16,
+    mask_in_chans=4,
+    decoder_heads=2,
+    decoder_mlp_dim=32,
+    iou_head_hidden=16,
+  )
+  abstract = nnx.to_pure_dict(
+    nnx.state(nnx.eval_shape(lambda: sam.Sam(sam_config, rngs=nnx.Rngs(0))), nnx.Param)
+  )
   export.save_with_preprocessing(
-      "ultrasam_vit_b.pth", sam_interop.sam_to_torch(jax.tree.map(
-          lambda s: np.zeros(s.shape, s.dtype), abstract)),
-      {"preprocessing": sam_interop.preprocessing(sam_config.image_size)})
+    "ultrasam_vit_b.pth",
+    sam_interop.sam_to_torch(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)),
+    {"preprocessing": sam_interop.preprocessing(sam_config.image_size)},
+  )
 
   blocks = python_blocks(DOC.read_text())
   skipped = [reason for _, reason in blocks if reason]
@@ -90,9 +125,11 @@ def test_readme_config_paths_resolve_outside_the_checkout(tmp_path, monkeypatch)
   """`--config=configs/x.py:preset` names a shipped config from any directory (an installed
   wheel has them as ultrajax/configs, the checkout's link to configs/)."""
   from ultrajax import configlib  # main.resolve_config_flag rewrites --config with it
+
   repo = DOC.parents[1]
   assert sorted(p.name for p in (repo / "ultrajax" / "configs").glob("*.py")) == sorted(
-      p.name for p in (repo / "configs").glob("*.py"))
+    p.name for p in (repo / "configs").glob("*.py")
+  )
   monkeypatch.chdir(tmp_path)
   found = configlib.find_config_file("configs/pretrain_fed.py")
   assert found.read_text() == (repo / "configs" / "pretrain_fed.py").read_text()
@@ -100,4 +137,5 @@ def test_readme_config_paths_resolve_outside_the_checkout(tmp_path, monkeypatch)
   (tmp_path / "configs").mkdir()
   (tmp_path / "configs" / "pretrain_fed.py").write_text("# a local file wins\n")
   assert configlib.find_config_file("configs/pretrain_fed.py") == pathlib.Path(
-      "configs/pretrain_fed.py")
+    "configs/pretrain_fed.py"
+  )

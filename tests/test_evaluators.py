@@ -1,4 +1,5 @@
 """Linear probe and k-NN evaluators against scikit-learn on the same features."""
+
 import pathlib
 
 import jax
@@ -27,14 +28,17 @@ def blobs(num_classes, spread, n=160, d=12, seed=0, constant_column=False):
   if constant_column:
     x[:, 0] = 3.0
   x = x.astype(np.float32)
-  return x[: n // 2], y[: n // 2], x[n // 2:], y[n // 2:]
+  return x[: n // 2], y[: n // 2], x[n // 2 :], y[n // 2 :]
 
 
-@pytest.mark.parametrize("num_classes, spread, C", [
-    (2, 0.3, 1.0),   # separable: the penalty alone bounds the weights
-    (2, 3.0, 0.5),   # noisy binary
-    (3, 2.5, 1.0),   # noisy multinomial
-])
+@pytest.mark.parametrize(
+  "num_classes, spread, C",
+  [
+    (2, 0.3, 1.0),  # separable: the penalty alone bounds the weights
+    (2, 3.0, 0.5),  # noisy binary
+    (3, 2.5, 1.0),  # noisy multinomial
+  ],
+)
 def test_linear_probe_matches_sklearn_logistic_regression(num_classes, spread, C):
   train_x, train_y, test_x, test_y = blobs(num_classes, spread, constant_column=True)
   ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=1e-10, max_iter=10000))
@@ -51,33 +55,40 @@ def test_linear_probe_matches_sklearn_logistic_regression(num_classes, spread, C
   assert np.mean(proba.argmax(1) == ref.predict(test_x)) >= 0.98
 
   got = evaluators.linear_probe(train_x, train_y, test_x, test_y, num_classes, C=C)
-  want_auroc = roc_auc_score(test_y, ref_proba[:, 1] if num_classes == 2 else ref_proba,
-                             multi_class="ovr")
+  want_auroc = roc_auc_score(
+    test_y, ref_proba[:, 1] if num_classes == 2 else ref_proba, multi_class="ovr"
+  )
   assert abs(got["auroc"] - want_auroc) < 0.01
   assert abs(got["accuracy"] - ref.score(test_x, test_y)) < 0.01
 
 
-@pytest.mark.parametrize("num_classes, metric, weights, k", [
+@pytest.mark.parametrize(
+  "num_classes, metric, weights, k",
+  [
     (2, "cosine", "uniform", 7),
     (3, "euclidean", "distance", 5),
     (3, "cosine", "distance", 200),  # k above the training size: every point votes
-])
+  ],
+)
 def test_knn_matches_sklearn_kneighbors(num_classes, metric, weights, k):
   train_x, train_y, test_x, test_y = blobs(num_classes, 2.0, seed=1)
   test_x[0] = train_x[3]  # a test point on a training point: distance 0
   tr, te = evaluators.standardize(train_x, test_x)
-  ref = KNeighborsClassifier(n_neighbors=min(k, len(tr)), metric=metric, weights=weights,
-                             algorithm="brute").fit(tr, train_y)
+  ref = KNeighborsClassifier(
+    n_neighbors=min(k, len(tr)), metric=metric, weights=weights, algorithm="brute"
+  ).fit(tr, train_y)
   proba = evaluators.knn_proba(tr, train_y, te, num_classes, k=k, metric=metric, weights=weights)
   np.testing.assert_allclose(proba, ref.predict_proba(te), atol=1e-5)
   np.testing.assert_array_equal(proba.argmax(1), ref.predict(te))
 
-  got = evaluators.knn(train_x, train_y, test_x, test_y, num_classes, k=k, metric=metric,
-                       weights=weights)
+  got = evaluators.knn(
+    train_x, train_y, test_x, test_y, num_classes, k=k, metric=metric, weights=weights
+  )
   ref_proba = ref.predict_proba(te)
   assert got["accuracy"] == pytest.approx(ref.score(te, test_y))
-  want = roc_auc_score(test_y, ref_proba[:, 1] if num_classes == 2 else ref_proba,
-                       multi_class="ovr")
+  want = roc_auc_score(
+    test_y, ref_proba[:, 1] if num_classes == 2 else ref_proba, multi_class="ovr"
+  )
   # Uniform votes are exact fractions; 1/distance weights in float32 (sklearn: float64) can
   # swap the order of two nearly equal scores, moving the AUROC by one pair in a thousand.
   assert got["auroc"] == pytest.approx(want, abs=1e-9 if weights == "uniform" else 1e-3)
@@ -93,15 +104,20 @@ def test_standardize_matches_standard_scaler():
 
 def test_encoder_features_are_pooled_tokens_of_the_whole_image():
   # Random parameters on an abstract model: no eager init, one compilation for the reference.
-  abstract = nnx.eval_shape(lambda: vit.ViT(width=32, depth=1, num_heads=2, patch_size=8,
-                                            image_size=16, pool="none", rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+    lambda: vit.ViT(
+      width=32, depth=1, num_heads=2, patch_size=8, image_size=16, pool="none", rngs=nnx.Rngs(0)
+    )
+  )
   graphdef, state = nnx.split(abstract, nnx.Param)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: (0.2 * rng.normal(size=s.shape)).astype(np.float32),
-                        nnx.to_pure_dict(state))
+  params = jax.tree.map(
+    lambda s: (0.2 * rng.normal(size=s.shape)).astype(np.float32), nnx.to_pure_dict(state)
+  )
   images = rng.integers(0, 256, (5, 16, 16, 3), np.uint8)
-  tokens = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p).encode(
-      mae.normalize(x / 255.0)))(params, images))
+  tokens = np.asarray(
+    jax.jit(lambda p, x: nnx.merge(graphdef, p).encode(mae.normalize(x / 255.0)))(params, images)
+  )
   # 5 images in batches of 2: the last batch is padded and trimmed.
   gap = evaluators.encoder_features(graphdef, params, images, pool="gap", batch_size=2)
   cls = evaluators.encoder_features(graphdef, params, images, pool="cls", batch_size=2)
@@ -109,9 +125,16 @@ def test_encoder_features_are_pooled_tokens_of_the_whole_image():
   np.testing.assert_allclose(cls, tokens[:, 0], atol=1e-5)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("evals.knn.metric", "manhattan"), ("evals.linear_probe.C", 0.0), ("evals.features", "max"),
-    ("evals.knn.every_rounds", -1), ("evals.task.source", "s3")])
+@pytest.mark.parametrize(
+  "field, value",
+  [
+    ("evals.knn.metric", "manhattan"),
+    ("evals.linear_probe.C", 0.0),
+    ("evals.features", "max"),
+    ("evals.knn.every_rounds", -1),
+    ("evals.task.source", "s3"),
+  ],
+)
 def test_bad_evals_config_fails_naming_the_field(field, value):
   config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
   config.update_from_flattened_dict({field: value})
@@ -121,6 +144,7 @@ def test_bad_evals_config_fails_naming_the_field(field, value):
 
 def test_cli_refuses_a_missing_round_or_two_sources(tmp_path):
   from ultrajax import evaluate
+
   (tmp_path / "checkpoints" / "3" / "params").mkdir(parents=True)
   assert evaluate.resolve(str(tmp_path), 3) == (tmp_path.absolute() / "checkpoints" / "3", 3)
   with pytest.raises(FileNotFoundError, match="--round=7"):

@@ -1,5 +1,6 @@
 """Federated machinery on a toy model: weights, round planning, and the lane engine's local
 steps against plain optax (strategies against numpy: tests/test_strategies.py)."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,16 +30,20 @@ def test_broadcast_copies_the_server_tree_to_every_client():
 
 def _toy_problem():
   """Linear regression whose loss uses the key (a random half of the batch), so keys matter."""
+
   def loss_fn(params, batch, key):
     x, y = batch
     keep = jax.random.bernoulli(key, 0.5, (x.shape[0],)).astype(jnp.float32)
     err = (x @ params["w"] + params["b"] - y) ** 2
     return (keep * err.mean(-1)).sum() / jnp.maximum(keep.sum(), 1.0), None
+
   params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros((2,))}
-  config = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, weight_decay=0.05, weight_decay_on="mae",
-                                          grad_clip_norm=0.0))
-  lr_fn = lambda epoch: optimizer.warmup_cosine(epoch, peak_lr=0.1, min_lr=0.01, warmup=1.0,
-                                                total=5.0)
+  config = ml_collections.ConfigDict(
+    dict(b1=0.9, b2=0.95, weight_decay=0.05, weight_decay_on="mae", grad_clip_norm=0.0)
+  )
+  lr_fn = lambda epoch: optimizer.warmup_cosine(
+    epoch, peak_lr=0.1, min_lr=0.01, warmup=1.0, total=5.0
+  )
   return loss_fn, params, config, lr_fn
 
 
@@ -47,36 +52,55 @@ def _adam_moments(state):
   if hasattr(state, "mu"):
     return state
   children = state.inner_state if hasattr(state, "inner_state") else state
-  for child in (children if isinstance(children, tuple) else ()):
+  for child in children if isinstance(children, tuple) else ():
     found = _adam_moments(child)
     if found is not None:
       return found
   return None
 
 
-def _train_lanes(loss_fn, tx, lr_fn, params, xs, ys, steps_per_client, weights, num_lanes,
-                 chunk_steps, round_index, key):
+def _train_lanes(
+  loss_fn,
+  tx,
+  lr_fn,
+  params,
+  xs,
+  ys,
+  steps_per_client,
+  weights,
+  num_lanes,
+  chunk_steps,
+  round_index,
+  key,
+):
   """One planned round, chunk by chunk, as the pretraining job runs it."""
   num_clients = len(steps_per_client)
   plan = rounds.plan_round(steps_per_client, num_lanes, chunk_steps)
   opt = jax.vmap(tx.init)(aggregate.broadcast(params, num_clients))
   fedavg, server = strategies.make_strategy("fedavg"), strategies.Server(params, {})
-  state = rounds.start_round(fedavg, server, opt, fedavg.init(params, num_clients), num_clients,
-                             num_lanes)
+  state = rounds.start_round(
+    fedavg, server, opt, fedavg.init(params, num_clients), num_clients, num_lanes
+  )
   chunk = jax.jit(rounds.make_chunk(rounds.without_model_state(loss_fn), tx, fedavg, lr_fn))
   losses = []
   for j in range(plan.client_ids.shape[1] // chunk_steps):
     p = plan.chunk(j, chunk_steps)
     c, s = np.maximum(p.client_ids, 0), p.step_ids
-    batch = (np.where((p.client_ids >= 0)[..., None, None], xs[c, s], 0),
-             np.where((p.client_ids >= 0)[..., None, None], ys[c, s], 0))
-    state, metrics = chunk(server, state, batch, p, steps_per_client.astype(np.float32), weights,
-                           round_index, key)
+    batch = (
+      np.where((p.client_ids >= 0)[..., None, None], xs[c, s], 0),
+      np.where((p.client_ids >= 0)[..., None, None], ys[c, s], 0),
+    )
+    state, metrics = chunk(
+      server, state, batch, p, steps_per_client.astype(np.float32), weights, round_index, key
+    )
     losses.append(metrics["loss"])
   server, client_opt, _ = rounds.finish_round(fedavg, state, server, key)
   server = server.params
-  return server, client_opt, rounds.client_losses(np.concatenate(losses, 1), plan.client_ids,
-                                                  num_clients)
+  return (
+    server,
+    client_opt,
+    rounds.client_losses(np.concatenate(losses, 1), plan.client_ids, num_clients),
+  )
 
 
 @pytest.mark.parametrize("num_lanes, chunk_steps", [(3, 4), (2, 2), (1, 3)])
@@ -92,8 +116,20 @@ def test_planned_round_equals_sequential_clients_then_fedavg(num_lanes, chunk_st
   xs = rng.normal(size=(3, 4, 8, 3)).astype(np.float32)
   ys = rng.normal(size=(3, 4, 8, 2)).astype(np.float32)
   key = rounds.round_key(jax.random.key(0), round_index)
-  server, client_opt, losses = _train_lanes(loss_fn, tx, lr_fn, params, xs, ys, steps_per_client,
-                                            weights, num_lanes, chunk_steps, round_index, key)
+  server, client_opt, losses = _train_lanes(
+    loss_fn,
+    tx,
+    lr_fn,
+    params,
+    xs,
+    ys,
+    steps_per_client,
+    weights,
+    num_lanes,
+    chunk_steps,
+    round_index,
+    key,
+  )
 
   expected = {name: 0.0 for name in params}
   for c in range(3):
@@ -105,8 +141,9 @@ def test_planned_round_equals_sequential_clients_then_fedavg(num_lanes, chunk_st
       step_key = jax.random.fold_in(jax.random.fold_in(key, c), s)
       loss, grads = jax.value_and_grad(lambda q: loss_fn(q, (xs[c, s], ys[c, s]), step_key)[0])(p)
       lr = lr_fn(round_index + s / steps_per_client[c])
-      updates, adam_state = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.05,
-                                        mask=mask).update(grads, adam_state, p)
+      updates, adam_state = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.05, mask=mask).update(
+        grads, adam_state, p
+      )
       p = optax.apply_updates(p, updates)
       client_loss.append(loss)
     np.testing.assert_allclose(losses[c], np.mean(client_loss), rtol=1e-5)
@@ -146,11 +183,16 @@ def test_idle_lane_steps_change_nothing():
   opt = jax.vmap(tx.init)(aggregate.broadcast(params, 2))
   scaffold, server = strategies.make_strategy("scaffold"), strategies.Server(params, {})
   state = rounds.start_round(scaffold, server, opt, scaffold.init(params, 2), 2, 2)
-  plan = rounds.RoundPlan(np.full((2, 2), -1, np.int32), np.zeros((2, 2), np.int32),
-                          np.zeros((2, 2), bool), np.zeros((2, 2), bool))
+  plan = rounds.RoundPlan(
+    np.full((2, 2), -1, np.int32),
+    np.zeros((2, 2), np.int32),
+    np.zeros((2, 2), bool),
+    np.zeros((2, 2), bool),
+  )
   batch = (jnp.ones((2, 2, 4, 3)), jnp.ones((2, 2, 4, 2)))
   out, metrics = rounds.make_chunk(rounds.without_model_state(loss_fn), tx, scaffold, lr_fn)(
-      server, state, batch, plan, jnp.ones((2,)), jnp.array([0.5, 0.5]), 0, jax.random.key(0))
+    server, state, batch, plan, jnp.ones((2,)), jnp.array([0.5, 0.5]), 0, jax.random.key(0)
+  )
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(state), strict=True):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(metrics["loss"], 0.0)
@@ -180,23 +222,33 @@ def test_chunk_grad_norms_are_each_steps_global_gradient_norm():
   loss_fn = lambda p, batch, key: (jnp.sum((p["w"] - batch) ** 2), None)  # noqa: E731
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
   batches = jnp.asarray([[[1.0, 2.0], [3.0, -1.0]], [[2.0, 0.0], [0.0, 0.0]]])  # [L=2, K=2, 2]
-  plan = rounds.RoundPlan(np.array([[0, 0], [1, -1]], np.int32),
-                          np.array([[0, 1], [0, 0]], np.int32),
-                          np.array([[True, False], [True, False]]),
-                          np.array([[False, True], [True, False]]))
+  plan = rounds.RoundPlan(
+    np.array([[0, 0], [1, -1]], np.int32),
+    np.array([[0, 1], [0, 0]], np.int32),
+    np.array([[True, False], [True, False]]),
+    np.array([[False, True], [True, False]]),
+  )
   server = {"w": jnp.zeros(2)}
   opt = jax.vmap(tx.init)({"w": jnp.zeros((2, 2))})
   fedavg = strategies.make_strategy("fedavg")
   chunk = rounds.make_chunk(rounds.without_model_state(loss_fn), tx, fedavg, lambda e: 0.1)
   server = strategies.Server(server, {})
-  _, metrics = chunk(server, rounds.start_round(fedavg, server, opt, {}, 2, 2), batches, plan,
-                     jnp.asarray([2.0, 1.0]), jnp.asarray([0.5, 0.5]), jnp.asarray(0.0),
-                     jax.random.key(0))
+  _, metrics = chunk(
+    server,
+    rounds.start_round(fedavg, server, opt, {}, 2, 2),
+    batches,
+    plan,
+    jnp.asarray([2.0, 1.0]),
+    jnp.asarray([0.5, 0.5]),
+    jnp.asarray(0.0),
+    jax.random.key(0),
+  )
   losses, norms = metrics["loss"], metrics["grad_norm"]
   w0 = np.zeros(2)
   g0 = 2 * (w0 - np.array([1.0, 2.0]))
   w1 = w0 - 0.1 * g0
   g1 = 2 * (w1 - np.array([3.0, -1.0]))
-  np.testing.assert_allclose(np.asarray(norms), [[np.linalg.norm(g0), np.linalg.norm(g1)],
-                                                 [4.0, 0.0]], rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(norms), [[np.linalg.norm(g0), np.linalg.norm(g1)], [4.0, 0.0]], rtol=1e-6
+  )
   assert np.asarray(losses)[1, 1] == 0.0

@@ -1,5 +1,6 @@
 """Downstream fine-tuning: augmentation, optimizer, losses, tasks and splits, encoder loading,
 and the job end to end (smoke presets), including a bitwise resume."""
+
 import csv
 import json
 import math
@@ -44,8 +45,9 @@ def test_warp_identity_flip_and_quarter_turn_match_numpy():
   rotated = augment.warp(image, augment.rotation(math.pi / 2, 9))
   np.testing.assert_allclose(rotated, np.rot90(image, k=-1), atol=1e-5)
   labels = np.random.default_rng(1).integers(0, 3, (9, 9, 1)).astype(np.float32)
-  np.testing.assert_array_equal(augment.warp(labels, augment.rotation(math.pi / 2, 9), order=0),
-                                np.rot90(labels, k=-1))
+  np.testing.assert_array_equal(
+    augment.warp(labels, augment.rotation(math.pi / 2, 9), order=0), np.rot90(labels, k=-1)
+  )
 
 
 def test_random_resized_crop_full_scale_is_identity_and_crops_stay_inside():
@@ -90,28 +92,36 @@ def test_random_erasing_one_rectangle_in_timm_bounds():
   assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1.0) < 0.05
   # prob 0.25: about a quarter of the images are erased.
   some = jax.vmap(lambda k: augment.random_erasing(k, image, 0.25))(
-      jax.random.split(jax.random.key(2), 2000))
+    jax.random.split(jax.random.key(2), 2000)
+  )
   assert abs(float((some != 7.0).any((1, 2, 3)).mean()) - 0.25) < 0.03
 
 
 def test_balanced_class_weights_match_sklearn_and_weighted_loss_by_hand():
   from sklearn.utils.class_weight import compute_class_weight
+
   labels = np.array([0] * 7 + [1] * 2 + [2] * 3)
-  np.testing.assert_allclose(losses.balanced_class_weights(labels, 3),
-                             compute_class_weight("balanced", classes=np.arange(3), y=labels),
-                             rtol=1e-6)
-  np.testing.assert_allclose(losses.balanced_class_weights(np.array([0, 0, 2]), 3),
-                             [0.5, 0.0, 1.0])  # 3 / (3 x 2), absent class 0, 3 / (3 x 1)
+  np.testing.assert_allclose(
+    losses.balanced_class_weights(labels, 3),
+    compute_class_weight("balanced", classes=np.arange(3), y=labels),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    losses.balanced_class_weights(np.array([0, 0, 2]), 3), [0.5, 0.0, 1.0]
+  )  # 3 / (3 x 2), absent class 0, 3 / (3 x 1)
   logits = jnp.asarray([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
   soft = jnp.asarray([[1.0, 0.0, 0.0], [0.0, 0.3, 0.7]])
   w = jnp.asarray([0.5, 2.0, 1.0])
   logp = np.log(np.exp(np.asarray(logits)) / np.exp(np.asarray(logits)).sum(1, keepdims=True))
   want = -(0.5 * logp[0, 0] + 2.0 * 0.3 * logp[1, 1] + 1.0 * 0.7 * logp[1, 2]) / 2
-  np.testing.assert_allclose(float(losses.weighted_soft_cross_entropy(logits, soft, w)), want,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(losses.weighted_soft_cross_entropy(logits, soft, w)), want, rtol=1e-6
+  )
   np.testing.assert_allclose(  # unit weights: optax's cross-entropy
-      float(losses.weighted_soft_cross_entropy(logits, soft, jnp.ones(3))),
-      float(optax.softmax_cross_entropy(logits, soft).mean()), rtol=1e-6)
+    float(losses.weighted_soft_cross_entropy(logits, soft, jnp.ones(3))),
+    float(optax.softmax_cross_entropy(logits, soft).mean()),
+    rtol=1e-6,
+  )
 
 
 def test_label_smoothing_and_cutmix_lambda_match_the_pasted_area():
@@ -121,22 +131,32 @@ def test_label_smoothing_and_cutmix_lambda_match_the_pasted_area():
   images = jnp.broadcast_to(jnp.arange(4.0)[:, None, None, None], (4, 8, 8, 1))
   targets = jax.nn.one_hot(jnp.arange(4), 4)
   for seed in range(5):
-    out, t = augment.mixup_cutmix(jax.random.key(seed), images, targets, mixup_alpha=0.0,
-                                  cutmix_alpha=1.0)
+    out, t = augment.mixup_cutmix(
+      jax.random.key(seed), images, targets, mixup_alpha=0.0, cutmix_alpha=1.0
+    )
     pasted = float(np.mean(np.asarray(out[0]) == 3.0))  # image 0 takes from image 3
     np.testing.assert_allclose(t[0, 0], 1.0 - pasted, atol=1e-6)
     np.testing.assert_allclose(t[0, 3], pasted, atol=1e-6)
     np.testing.assert_allclose(t.sum(1), 1.0, atol=1e-6)
-  out, t = augment.mixup_cutmix(jax.random.key(0), images, targets, mixup_alpha=0.8,
-                                cutmix_alpha=0.0)
+  out, t = augment.mixup_cutmix(
+    jax.random.key(0), images, targets, mixup_alpha=0.8, cutmix_alpha=0.0
+  )
   lam = float(t[0, 0])
   np.testing.assert_allclose(out[0], lam * 0.0 + (1 - lam) * 3.0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- optimizer, losses
 def test_layer_decay_scales_by_hand_and_equal_per_group_adamw():
-  model = vit.ViT(width=16, depth=2, num_heads=2, patch_size=4, image_size=8, pool="gap",
-                  num_classes=3, rngs=nnx.Rngs(0))
+  model = vit.ViT(
+    width=16,
+    depth=2,
+    num_heads=2,
+    patch_size=4,
+    image_size=8,
+    pool="gap",
+    num_classes=3,
+    rngs=nnx.Rngs(0),
+  )
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   scales = optimizer.layer_decay_scales(params, depth=2, decay=0.5)
   assert scales["patch_embed"]["kernel"] == 0.125 and scales["cls_token"] == 0.125
@@ -156,11 +176,24 @@ def test_layer_decay_scales_by_hand_and_equal_per_group_adamw():
 
 
 def test_linear_probe_trains_only_the_head():
-  model = vit.ViT(width=16, depth=1, num_heads=2, patch_size=4, image_size=8, pool="cls",
-                  num_classes=2, rngs=nnx.Rngs(0))
+  model = vit.ViT(
+    width=16,
+    depth=1,
+    num_heads=2,
+    patch_size=4,
+    image_size=8,
+    pool="cls",
+    num_classes=2,
+    rngs=nnx.Rngs(0),
+  )
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  tx = optimizer.finetune_adamw(cls_config().optim, params, schedule=1e-2, depth=1,
-                                trainable=finetune.trainable_mask(params, "linear_probe"))
+  tx = optimizer.finetune_adamw(
+    cls_config().optim,
+    params,
+    schedule=1e-2,
+    depth=1,
+    trainable=finetune.trainable_mask(params, "linear_probe"),
+  )
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(jnp.abs(updates["head"]["kernel"]).sum()) > 0
@@ -186,8 +219,11 @@ def test_seg_loss_matches_numpy_reference():
   ce = -(onehot * np.log(prob)).sum(-1).mean()
   inter = (prob * onehot)[..., 1:].sum((1, 2))
   total = prob[..., 1:].sum((1, 2)) + onehot[..., 1:].sum((1, 2))
-  np.testing.assert_allclose(losses.seg_loss(logits, target, 0.5),
-                             ce + 0.5 * (1 - (2 * inter + 1) / (total + 1)).mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.seg_loss(logits, target, 0.5),
+    ce + 0.5 * (1 - (2 * inter + 1) / (total + 1)).mean(),
+    rtol=1e-5,
+  )
 
 
 def test_roc_points_match_sklearn():
@@ -210,8 +246,9 @@ def test_split_by_group_keeps_patients_whole_and_subsets_nest():
   assert counts == {"train": 30, "val": 10, "test": 10}
   np.testing.assert_array_equal(splits, tasks.split_by_group(groups, (0.6, 0.2, 0.2), seed=1))
   labels = np.repeat(np.arange(50) % 2, 3).astype(np.int32)
-  data = tasks.TaskData(np.zeros((150, 4, 4, 3), np.uint8), labels, groups, splits,
-                        ("a", "b"), "cls")
+  data = tasks.TaskData(
+    np.zeros((150, 4, 4, 3), np.uint8), labels, groups, splits, ("a", "b"), "cls"
+  )
   small = tasks.train_subset(data, 0.2, seed=0)
   large = tasks.train_subset(data, 0.6, seed=0)
   assert set(small) <= set(large) <= set(data.indices("train"))
@@ -241,8 +278,9 @@ def test_manifest_task_reads_relative_paths_and_rejects_bad_input(tmp_path):
     Image.fromarray(mask).save(tmp_path / "img" / f"{i}_m.png")
     rows.append([f"img/{i}.png", f"img/{i}_m.png", "benign" if i % 2 else "malignant", i // 2])
   path = _write_manifest(tmp_path, rows, ["image", "mask", "label", "subject"])
-  data = tasks.manifest_task(str(path), "cls", 16, group_column="subject",
-                             classes="benign,malignant")
+  data = tasks.manifest_task(
+    str(path), "cls", 16, group_column="subject", classes="benign,malignant"
+  )
   assert data.images.shape == (12, 16, 16, 3) and data.class_names == ("benign", "malignant")
   assert data.targets.tolist() == [1, 0] * 6 and data.groups[3] == "1"
   seg = tasks.manifest_task(str(path), "seg", 16)
@@ -253,14 +291,17 @@ def test_manifest_task_reads_relative_paths_and_rejects_bad_input(tmp_path):
   with pytest.raises(ValueError, match="line 2: mask .* is 7x7 but image .* is 30x20"):
     tasks.manifest_task(str(path), "seg", 16)
   cfg = cls_config().data
-  cfg.update(source="manifest", manifest=str(path), group_column="subject",
-             split_fractions=(0.9, 0.1, 0.0))
+  cfg.update(
+    source="manifest", manifest=str(path), group_column="subject", split_fractions=(0.9, 0.1, 0.0)
+  )
   with pytest.raises(ValueError, match="'test' split is empty"):
     tasks.load_task(cfg, "cls", 16)
 
 
 def test_phantom_tasks_have_the_requested_labels():
-  data = tasks.phantom_task("cls", ("breast", "thyroid"), 30, 32, 0, classes=("normal", "malignant"))
+  data = tasks.phantom_task(
+    "cls", ("breast", "thyroid"), 30, 32, 0, classes=("normal", "malignant")
+  )
   assert set(np.unique(data.targets)) == {0, 1}
   assert {g.split("/")[0] for g in data.groups} == {"breast", "thyroid"}
   seg = tasks.phantom_task("seg", ("breast",), 10, 32, 0, seg_target="organ_and_lesion")
@@ -273,35 +314,51 @@ def test_phantom_tasks_have_the_requested_labels():
 def test_load_encoder_from_pretraining_checkpoint_and_timm_file(tmp_path):
   import timm
   import torch
+
   from ultrajax.interop import files
+
   dims = dict(width=32, depth=2, num_heads=2, patch_size=8, image_size=32)
   pretrained = mae.MAE(**dims, decoder_width=16, decoder_depth=1, decoder_heads=2, rngs=nnx.Rngs(1))
   mae_params = nnx.to_pure_dict(nnx.state(pretrained, nnx.Param))
   ckpt = checkpoint.Checkpointer(tmp_path / "pre")
   ckpt.save(3, mae_params, {"round": jnp.asarray(3)}, None, {"round": 3})
   ckpt.close()
-  target = nnx.to_pure_dict(nnx.state(vit.ViT(**dims, pool="gap", num_classes=2,
-                                              rngs=nnx.Rngs(2)), nnx.Param))
+  target = nnx.to_pure_dict(
+    nnx.state(vit.ViT(**dims, pool="gap", num_classes=2, rngs=nnx.Rngs(2)), nnx.Param)
+  )
   loaded = interop_load.load_encoder(tmp_path / "pre", target)
-  np.testing.assert_array_equal(loaded["blocks"][1]["mlp"]["fc1"]["kernel"],
-                                mae_params["encoder"]["blocks"][1]["mlp"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(
+    loaded["blocks"][1]["mlp"]["fc1"]["kernel"],
+    mae_params["encoder"]["blocks"][1]["mlp"]["fc1"]["kernel"],
+  )
   np.testing.assert_array_equal(loaded["head"]["kernel"], target["head"]["kernel"])  # fresh
-  seg = nnx.to_pure_dict(nnx.state(heads.Segmenter(**dims, num_outputs=1, rngs=nnx.Rngs(3)),
-                                   nnx.Param))
+  seg = nnx.to_pure_dict(
+    nnx.state(heads.Segmenter(**dims, num_outputs=1, rngs=nnx.Rngs(3)), nnx.Param)
+  )
   seg_loaded = interop_load.load_encoder(tmp_path / "pre", seg, prefix=("encoder",))
-  np.testing.assert_array_equal(seg_loaded["encoder"]["norm"]["scale"],
-                                mae_params["encoder"]["norm"]["scale"])
+  np.testing.assert_array_equal(
+    seg_loaded["encoder"]["norm"]["scale"], mae_params["encoder"]["norm"]["scale"]
+  )
   # A timm ViT file (classifier head dropped) loads the same tensors as timm's own converter.
   torch.manual_seed(0)
-  ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                          embed_dim=32, depth=2, num_heads=2, num_classes=5)
+  ref = timm.create_model(
+    "vit_tiny_patch16_224",
+    pretrained=False,
+    img_size=32,
+    patch_size=8,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    num_classes=5,
+  )
   files.save_state_dict(tmp_path / "timm.safetensors", ref.state_dict())
   from_file = interop_load.load_encoder(tmp_path / "timm.safetensors", target)
-  np.testing.assert_allclose(from_file["blocks"][0]["attn"]["qkv"]["kernel"],
-                             ref.blocks[0].attn.qkv.weight.detach().numpy().T)
+  np.testing.assert_allclose(
+    from_file["blocks"][0]["attn"]["qkv"]["kernel"],
+    ref.blocks[0].attn.qkv.weight.detach().numpy().T,
+  )
   # The wrong architecture names the key and both shapes.
-  wrong = nnx.to_pure_dict(nnx.state(vit.ViT(**{**dims, "width": 48}, rngs=nnx.Rngs(0)),
-                                     nnx.Param))
+  wrong = nnx.to_pure_dict(nnx.state(vit.ViT(**{**dims, "width": 48}, rngs=nnx.Rngs(0)), nnx.Param))
   with pytest.raises(ValueError, match=r"cls_token: got \(1, 1, 32\), expected \(1, 1, 48\)"):
     interop_load.load_encoder(tmp_path / "pre", wrong)
 
@@ -328,8 +385,10 @@ def test_finetune_cls_smoke_resumes_bitwise_after_a_crash(tmp_path, monkeypatch)
   for name in ("roc.png", "confusion.png", "pr.png", "tsne.png", "blur.png", "test_outputs.npz"):
     assert (cell / name).exists(), name
   assert set(result["blur"]["1.5"]) == set(downstream.CLS_METRICS)
-  assert {r["metric"] for r in rows} == {*downstream.CLS_METRICS,
-                                         *(f"{m}@blur1.5" for m in downstream.CLS_METRICS)}
+  assert {r["metric"] for r in rows} == {
+    *downstream.CLS_METRICS,
+    *(f"{m}@blur1.5" for m in downstream.CLS_METRICS),
+  }
   assert (tmp_path / "full" / "summary.csv").exists()
 
   original = checkpoint.Checkpointer.save
@@ -344,10 +403,13 @@ def test_finetune_cls_smoke_resumes_bitwise_after_a_crash(tmp_path, monkeypatch)
     finetune.run(config, str(tmp_path / "crashed"))
   monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
   finetune.run(config, str(tmp_path / "crashed"))
-  resumed = json.loads((tmp_path / "crashed" / "scratch" / "frac_1" / "seed_0" /
-                        "results.json").read_text())
+  resumed = json.loads(
+    (tmp_path / "crashed" / "scratch" / "frac_1" / "seed_0" / "results.json").read_text()
+  )
   assert resumed["test"] == result["test"]
-  rows = writers.read_jsonl(tmp_path / "crashed" / "scratch" / "frac_1" / "seed_0" / "metrics.jsonl")
+  rows = writers.read_jsonl(
+    tmp_path / "crashed" / "scratch" / "frac_1" / "seed_0" / "metrics.jsonl"
+  )
   assert [r["epoch"] for r in rows] == [1, 2]
 
 
@@ -363,7 +425,8 @@ def test_finetune_seg_smoke_from_a_pretraining_checkpoint(tmp_path):
   config.variants = f"scratch=,mae={tmp_path / 'pre'}"
   rows = finetune.run(config, str(tmp_path / "ft"))
   assert {(r["variant"], r["metric"]) for r in rows} == {
-      (v, m) for v in ("scratch", "mae") for m in downstream.SEG_METRICS}
+    (v, m) for v in ("scratch", "mae") for m in downstream.SEG_METRICS
+  }
   result = json.loads((tmp_path / "ft" / "mae" / "frac_1" / "seed_0" / "results.json").read_text())
   assert 0.0 <= result["test"]["dice"][0] <= 1.0
   # Each variant is tested against scratch on the same test images (paired bootstrap per seed).
@@ -383,7 +446,7 @@ def test_min_steps_makes_epochs_of_several_passes():
   assert order.shape == (6, 4)  # 2 whole batches per pass (drop_last), 3 passes
   rng = np.random.default_rng([3, 5])  # one generator per (seed, epoch): one pass is the old order
   for p in range(3):
-    np.testing.assert_array_equal(order[2 * p:2 * p + 2].ravel(), rng.permutation(10)[:8])
+    np.testing.assert_array_equal(order[2 * p : 2 * p + 2].ravel(), rng.permutation(10)[:8])
 
 
 def test_bad_finetune_configs_fail_naming_the_field(tmp_path):

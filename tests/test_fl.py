@@ -2,6 +2,7 @@
 Grid (fl/local.py) against the in-process simulation (jobs/pretrain.run) of the same clients,
 seeds and plan; a site killed mid-round, a site gone for good, a killed and restarted server,
 SecAgg+, and the wire format's checks."""
+
 import json
 
 import jax
@@ -18,23 +19,35 @@ from ultrajax.jobs import pretrain  # noqa: E402
 SPEC = "configs/pretrain_fed.py:smoke"
 # Three phantom sites (16 images each with their SMAT partners: 4 local steps a round).
 # One encoder block and no MIC keep the compiles short; TGM masks and SMAT partners stay on.
-BASE = ("fed.num_rounds=3 data.num_clients=3 mesh.clients=1 mesh.data=1 data.phantom_min_images=8 "
-        "model.depth=1 ultramim.mic=False evals.linear_probe.every_rounds=0 "
-        "evals.knn.every_rounds=0")
+BASE = (
+  "fed.num_rounds=3 data.num_clients=3 mesh.clients=1 mesh.data=1 data.phantom_min_images=8 "
+  "model.depth=1 ultramim.mic=False evals.linear_probe.every_rounds=0 "
+  "evals.knn.every_rounds=0"
+)
 PROX = " fed.strategy=fedprox fed.strategy_options=mu=0.5"
 TOL = 1e-5  # float32 sums in another order (the simulation sums on device, the server in float64)
 
 
 def node_configs(root, overrides):
   names = [sources.DEFAULT_CLIENTS[k][0] for k in range(3)]
-  return [dict(config=SPEC, workdir=str(root / f"site{k}"),
-               overrides=f"{overrides} fl.site_id={k} data.clients={names[k]}")
-          for k in range(3)]
+  return [
+    dict(
+      config=SPEC,
+      workdir=str(root / f"site{k}"),
+      overrides=f"{overrides} fl.site_id={k} data.clients={names[k]}",
+    )
+    for k in range(3)
+  ]
 
 
 def max_diff(a, b):
-  return max(jax.tree.leaves(jax.tree.map(
-      lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y)))), a, b)))
+  return max(
+    jax.tree.leaves(
+      jax.tree.map(
+        lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y)))), a, b
+      )
+    )
+  )
 
 
 def deploy(root, overrides, **failures):
@@ -75,7 +88,10 @@ def test_fedavg_deployment_equals_simulation_through_a_lost_reply_and_a_server_r
   # Each site kept its optimizer and data state on its own disk, the last keep_site_states.
   for k in range(3):
     assert sorted(p.name for p in (root / f"site{k}" / site.STATE_DIR).iterdir()) == [
-        "1.npz", "2.npz", "3.npz"]
+      "1.npz",
+      "2.npz",
+      "3.npz",
+    ]
 
 
 @pytest.mark.slow
@@ -118,17 +134,19 @@ def test_secagg_gives_the_plain_result_within_quantisation(fedavg, tmp_path):
 
 def test_weighted_mean_is_the_renormalised_volume_mean():
   rng = np.random.default_rng(0)
-  updates = [{"a": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=4)}
-             for _ in range(3)]
+  updates = [
+    {"a": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=4)} for _ in range(3)
+  ]
   got = server.weighted_mean(updates[:2], [30, 10])
-  np.testing.assert_allclose(got["a"], 0.75 * updates[0]["a"] + 0.25 * updates[1]["a"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(got["a"], 0.75 * updates[0]["a"] + 0.25 * updates[1]["a"], rtol=1e-6)
   assert got["a"].dtype == np.float32 and got["b"].dtype == np.float64
 
 
 def test_params_travel_in_path_order_and_are_checked_by_key():
-  tree = {"decoder": {"w": np.ones((2, 3), np.float32)},
-          "encoder": {"blocks": [{"b": np.zeros(4, np.float32)}, {"b": np.ones(4, np.float32)}]}}
+  tree = {
+    "decoder": {"w": np.ones((2, 3), np.float32)},
+    "encoder": {"blocks": [{"b": np.zeros(4, np.float32)}, {"b": np.ones(4, np.float32)}]},
+  }
   arrays = params_lib.to_arrays(tree)
   assert list(arrays) == ["decoder/w", "encoder/blocks/0/b", "encoder/blocks/1/b"]
   back = params_lib.from_arrays(arrays, tree)
@@ -155,19 +173,37 @@ def test_a_site_must_hold_one_client_and_the_strategy_must_be_deployable(tmp_pat
 
 
 def test_the_site_command_starts_a_supernode_with_the_site_as_node_config():
-  command = client.supernode_command([
-      "--config=configs/pretrain_fed.py:cpu", "--workdir=/var/site", "--superlink=h:9092",
-      "--root-certificates=ca.crt", "--config.fl.site_id=2", "--config.data.root=/data/us"])
-  assert command == ["flower-supernode", "--superlink=h:9092", "--root-certificates=ca.crt",
-                     "--node-config", 'config="configs/pretrain_fed.py:cpu" workdir="/var/site" '
-                     'overrides="fl.site_id=2 data.root=/data/us"']
+  command = client.supernode_command(
+    [
+      "--config=configs/pretrain_fed.py:cpu",
+      "--workdir=/var/site",
+      "--superlink=h:9092",
+      "--root-certificates=ca.crt",
+      "--config.fl.site_id=2",
+      "--config.data.root=/data/us",
+    ]
+  )
+  assert command == [
+    "flower-supernode",
+    "--superlink=h:9092",
+    "--root-certificates=ca.crt",
+    "--node-config",
+    'config="configs/pretrain_fed.py:cpu" workdir="/var/site" '
+    'overrides="fl.site_id=2 data.root=/data/us"',
+  ]
 
 
 def test_the_server_command_writes_a_flower_app_with_both_components():
   import tomllib
-  text = server.flower_app("/c/pretrain_fed.py:cpu", 'fed.num_rounds=5 fl.min_clients=2', "/w")
+
+  text = server.flower_app("/c/pretrain_fed.py:cpu", "fed.num_rounds=5 fl.min_clients=2", "/w")
   app = tomllib.loads(text)["tool"]["flwr"]["app"]
-  assert app["components"] == {"serverapp": "ultrajax.fl.server:app",
-                               "clientapp": "ultrajax.fl.client:app"}
-  assert app["config"] == {"config": "/c/pretrain_fed.py:cpu", "workdir": "/w",
-                           "overrides": 'fed.num_rounds=5 fl.min_clients=2'}
+  assert app["components"] == {
+    "serverapp": "ultrajax.fl.server:app",
+    "clientapp": "ultrajax.fl.client:app",
+  }
+  assert app["config"] == {
+    "config": "/c/pretrain_fed.py:cpu",
+    "workdir": "/w",
+    "overrides": "fed.num_rounds=5 fl.min_clients=2",
+  }

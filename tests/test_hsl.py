@@ -1,4 +1,5 @@
 """HeteroSync Learning: ResNet-18 against torchvision, the MMoE against numpy, the study job."""
+
 from __future__ import annotations
 
 import jax
@@ -12,9 +13,15 @@ from flax import nnx
 
 from ultrajax.models import mmoe, resnet
 
-TORCH_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var",
-               "kernel": "weight", "downsample_conv": "downsample.0",
-               "downsample_bn": "downsample.1"}
+TORCH_NAMES = {
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+  "kernel": "weight",
+  "downsample_conv": "downsample.0",
+  "downsample_bn": "downsample.1",
+}
 
 
 def _torch_key(path) -> str:
@@ -85,46 +92,70 @@ def test_resnet18_forward_matches_torchvision_with_copied_weights():
 
   got, new_stats = jax.jit(train_forward)(params, stats, jnp.asarray(x.transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
-  np.testing.assert_allclose(new_stats["bn1"]["mean"][...],
-                             theirs.bn1.running_mean.numpy(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    new_stats["bn1"]["mean"][...], theirs.bn1.running_mean.numpy(), rtol=1e-4, atol=1e-5
+  )
   # torch updates running_var with the unbiased batch variance, Flax with the biased one: the
   # stem's 4 x 24 x 24 values per channel make the factor n / (n - 1) negligible.
-  np.testing.assert_allclose(new_stats["bn1"]["var"][...], theirs.bn1.running_var.numpy(),
-                             rtol=1e-3)
+  np.testing.assert_allclose(
+    new_stats["bn1"]["var"][...], theirs.bn1.running_var.numpy(), rtol=1e-3
+  )
   # The input state is untouched: updated statistics exist only in the returned state.
   assert not np.allclose(stats["bn1"]["mean"][...], new_stats["bn1"]["mean"][...])
 
 
 # ----------------------------------------------------------------------------- MMoE
-TINY_HEAD = dict(num_tasks=2, feature_dim=6, num_experts=3, expert_hidden=5, expert_dim=4,
-                 tower_hidden=3)
+TINY_HEAD = dict(
+  num_tasks=2, feature_dim=6, num_experts=3, expert_hidden=5, expert_dim=4, tower_hidden=3
+)
 TINY_ENCODER = dict(resnet_width=4, resnet_stem="cifar")
 
 
 def _tiny_mmoe(temperature=3.0, encoder="resnet18", **kw):
-  kwargs = dict(vit_width=16, vit_depth=1, vit_heads=2, vit_patch=8) if encoder == "vit" \
-      else TINY_ENCODER
-  model = mmoe.MMoE(**TINY_HEAD, encoder=encoder, image_size=16, temperature=temperature,
-                    encoder_kwargs=kwargs, rngs=nnx.Rngs(1), **kw)
+  kwargs = (
+    dict(vit_width=16, vit_depth=1, vit_heads=2, vit_patch=8) if encoder == "vit" else TINY_ENCODER
+  )
+  model = mmoe.MMoE(
+    **TINY_HEAD,
+    encoder=encoder,
+    image_size=16,
+    temperature=temperature,
+    encoder_kwargs=kwargs,
+    rngs=nnx.Rngs(1),
+    **kw,
+  )
   # Noise on every parameter, so zero biases count in the comparison too.
   rng = np.random.default_rng(0)
-  nnx.update(model, jax.tree.map(lambda x: x + jnp.asarray(0.3 * rng.normal(size=x.shape),
-                                                             x.dtype), nnx.state(model, nnx.Param)))
+  nnx.update(
+    model,
+    jax.tree.map(
+      lambda x: x + jnp.asarray(0.3 * rng.normal(size=x.shape), x.dtype),
+      nnx.state(model, nnx.Param),
+    ),
+  )
   return model
 
 
 def _numpy_head(model, feats, temperature):
   """The MMoE head of research/seed_systems.md 4.1 in float64 numpy, from the model's params."""
-  p = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(
-      nnx.state(model, nnx.Param)))
+  p = jax.tree.map(
+    lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  )
   lin = lambda layer, x: x @ layer["kernel"] + layer["bias"]
-  softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
-      z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  softmax = lambda z: (
+    np.exp(z - z.max(-1, keepdims=True))
+    / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  )
   feats = [np.asarray(f, np.float64) for f in feats]
   emb = softmax(np.concatenate(feats, -1) / temperature)
-  experts = np.stack([np.maximum(emb @ p["expert_w1"][k] + p["expert_b1"][k], 0)
-                      @ p["expert_w2"][k] + p["expert_b2"][k]
-                      for k in range(p["expert_w1"].shape[0])], axis=1)  # [B, E, O]
+  experts = np.stack(
+    [
+      np.maximum(emb @ p["expert_w1"][k] + p["expert_b1"][k], 0) @ p["expert_w2"][k]
+      + p["expert_b2"][k]
+      for k in range(p["expert_w1"].shape[0])
+    ],
+    axis=1,
+  )  # [B, E, O]
   logits = []
   for t in range(len(feats)):
     g = softmax(lin(p["gates"][t], emb))
@@ -139,9 +170,15 @@ def test_mmoe_forward_matches_numpy_reference():
   images = [jnp.asarray(rng.normal(size=(3, 16, 16, 3)), jnp.float32) for _ in range(2)]
   # Encoder features from the (torchvision-checked) ResNet trunks; fc + ReLU in numpy.
   p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  feats = [np.maximum(np.asarray(_jit_call(model.encoders[t], images[t]), np.float64)
-                      @ np.asarray(p["fc"][t]["kernel"]) + np.asarray(p["fc"][t]["bias"]), 0)
-           for t in range(2)]
+  feats = [
+    np.maximum(
+      np.asarray(_jit_call(model.encoders[t], images[t]), np.float64)
+      @ np.asarray(p["fc"][t]["kernel"])
+      + np.asarray(p["fc"][t]["bias"]),
+      0,
+    )
+    for t in range(2)
+  ]
   expected, _ = _numpy_head(model, feats, 3.0)
   got = _jit_call(model, images)
   assert got.shape == (3, 2)
@@ -162,8 +199,9 @@ def test_temperature_one_is_plain_softmax_and_large_is_uniform():
     logits, inner = model.head(feats, internals=True)
     emb = np.asarray(inner["emb"])
     np.testing.assert_allclose(emb.sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(logits, _numpy_head(model, feats, temperature)[0], rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      logits, _numpy_head(model, feats, temperature)[0], rtol=1e-5, atol=1e-5
+    )
     if temperature == 1.0:
       np.testing.assert_allclose(emb, np.asarray(jax.nn.softmax(jnp.asarray(concat))), rtol=1e-6)
     entropies.append(float(-(emb * np.log(emb)).sum(-1).mean()))
@@ -184,8 +222,9 @@ def test_gates_sum_to_one_and_a_one_hot_gate_selects_one_expert():
   _, inner = model.head(feats, internals=True)
   np.testing.assert_allclose(inner["gates"][:, 1], np.tile([0, 0, 1.0], (4, 1)), atol=1e-6)
   residual = model.down[1](feats[1])
-  np.testing.assert_allclose(inner["task_features"][:, 1], inner["experts"][:, 2] + residual,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    inner["task_features"][:, 1], inner["experts"][:, 2] + residual, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_mmoe_with_vit_encoders():
@@ -232,8 +271,18 @@ def _config(arg="smoke", **overrides):
 # which tests/test_strategies.py checks on the same engine against numpy): the MMoE with and
 # without the auxiliary task, single-task FedAvg, a pooled node, kept-local BatchNorm, all
 # clients' models at once, the split driver, control variates and a server optimizer.
-STUDY_METHODS = ("hsl", "no_al", "local", "central", "fedavg", "fedbn", "personalized",
-                 "splitavg", "scaffold", "fedadam")
+STUDY_METHODS = (
+  "hsl",
+  "no_al",
+  "local",
+  "central",
+  "fedavg",
+  "fedbn",
+  "personalized",
+  "splitavg",
+  "scaffold",
+  "fedadam",
+)
 
 
 def _study_config():
@@ -271,11 +320,17 @@ def test_smoke_runs_every_method_and_writes_tables_and_plots(smoke_study):
   assert set(STUDY_METHODS) <= smoke and {"fedprox", "fedyogi", "fedadagrad"} <= smoke
   nodes = summary["nodes"]
   assert len(nodes) == 5 and nodes[0] == "screening_centre"
-  for name in ("per_node.csv", "runs.csv", "fairness.csv", "results.json", "partition.png",
-               "boxplots_auc.png", "boxplots_accuracy.png"):
+  for name in (
+    "per_node.csv",
+    "runs.csv",
+    "fairness.csv",
+    "results.json",
+    "partition.png",
+    "boxplots_auc.png",
+    "boxplots_accuracy.png",
+  ):
     assert (workdir / name).stat().st_size > 0, name
-  assert sorted(p.parent.name for p in (workdir / "runs").glob("*/repeat_0.npz")) == sorted(
-      methods)
+  assert sorted(p.parent.name for p in (workdir / "runs").glob("*/repeat_0.npz")) == sorted(methods)
   per_node = _read_csv(workdir / "per_node.csv")
   assert len(per_node) == len(methods) * len(nodes) * len(node_tables.METRICS)
 
@@ -290,29 +345,37 @@ def test_smoke_runs_every_method_and_writes_tables_and_plots(smoke_study):
       labels, probs = f[f"labels_{k}"], f[f"probs_{k}"]
     assert ((probs >= 0) & (probs <= 1)).all()
     preds = (probs >= 0.5).astype(int)
-    assert float(row["accuracy"]) == pytest.approx(sk_metrics.accuracy_score(labels, preds),
-                                                   abs=1e-4)
+    assert float(row["accuracy"]) == pytest.approx(
+      sk_metrics.accuracy_score(labels, preds), abs=1e-4
+    )
     assert float(row["recall"]) == pytest.approx(
-        sk_metrics.recall_score(labels, preds, zero_division=0), abs=1e-4)
+      sk_metrics.recall_score(labels, preds, zero_division=0), abs=1e-4
+    )
     assert float(row["precision"]) == pytest.approx(
-        sk_metrics.precision_score(labels, preds, zero_division=0), abs=1e-4)
+      sk_metrics.precision_score(labels, preds, zero_division=0), abs=1e-4
+    )
     if 0 < labels.sum() < len(labels):
-      assert float(row["auc"]) == pytest.approx(sk_metrics.roc_auc_score(labels, probs),
-                                                abs=1e-4)
+      assert float(row["auc"]) == pytest.approx(sk_metrics.roc_auc_score(labels, probs), abs=1e-4)
 
   # Fairness: worst node and spread of the per-node mean AUC; local's gain over itself is 0.
   fairness = {(r["method"], r["metric"]): r for r in _read_csv(workdir / "fairness.csv")}
   for method in ("hsl", "local"):
     means = []
     for node in nodes:
-      v = [float(r["auc"]) for r in runs if r["method"] == method and r["node"] == node
-           and r["auc"] != "nan"]
+      v = [
+        float(r["auc"])
+        for r in runs
+        if r["method"] == method and r["node"] == node and r["auc"] != "nan"
+      ]
       means.append(np.mean(v) if v else np.nan)
     row = fairness[(method, "auc")]
     assert float(row["worst"]) == pytest.approx(np.nanmin(means), abs=1e-3)
     assert float(row["spread"]) == pytest.approx(np.nanmax(means) - np.nanmin(means), abs=1e-3)
-  assert all(float(fairness[("local", "auc")][f"gain_{n}"]) == 0.0 for n in nodes
-             if fairness[("local", "auc")][f"gain_{n}"] != "nan")
+  assert all(
+    float(fairness[("local", "auc")][f"gain_{n}"]) == 0.0
+    for n in nodes
+    if fairness[("local", "auc")][f"gain_{n}"] != "nan"
+  )
 
   # The paper's protocol (the smoke preset's default): every run validated after each round,
   # the reported model is each node's best-validation round (first maximum), early stopping
@@ -350,8 +413,9 @@ def test_killed_study_resumes_with_the_missing_run_only(smoke_study):
 
 def _sigkill_when(cmd, env, ready, timeout=300):
   """Starts `cmd`; SIGKILLs it once ready() holds. -> True if killed, False if it ended first."""
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.monotonic() + timeout
   while proc.poll() is None and not ready() and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -371,11 +435,18 @@ def test_sigkilled_study_resumes_mid_cell_bitwise(smoke_study, tmp_path):
   workdir, _ = smoke_study
   # The fixture's compile options (XLA optimisations off) and its 8 fake CPU devices.
   env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true")
-  cmd = [sys.executable, "-m", "ultrajax.main", "--config=configs/hsl.py:smoke",
-         "--config.methods=scaffold", f"--workdir={tmp_path}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "ultrajax.main",
+    "--config=configs/hsl.py:smoke",
+    "--config.methods=scaffold",
+    f"--workdir={tmp_path}",
+  ]
   cell = tmp_path / "runs" / "scaffold" / "repeat_0"
-  killed = [_sigkill_when(cmd, env, lambda r=r: (cell / "checkpoints" / str(r)).is_dir())
-            for r in (1, 2)]
+  killed = [
+    _sigkill_when(cmd, env, lambda r=r: (cell / "checkpoints" / str(r)).is_dir()) for r in (1, 2)
+  ]
   assert killed[0]  # the first kill lands mid-cell, after round 1 of 2
   subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
   assert not cell.exists()  # the results file replaces the cell's checkpoints
@@ -396,27 +467,33 @@ def test_unknown_method_is_an_error_naming_the_valid_ones():
 
 def test_ratios_the_data_cannot_meet_raise_the_partition_error():
   # 30 negatives and 3 positives cannot give node 2 of the label scenario 20 images at 1:1.
-  pool = nodes.Pool(np.zeros((33, 8, 8), np.uint8), np.array([0] * 30 + [1] * 3),
-                  np.array(["thyroid"] * 33))
+  pool = nodes.Pool(
+    np.zeros((33, 8, 8), np.uint8), np.array([0] * 30 + [1] * 3), np.array(["thyroid"] * 33)
+  )
   config = _config(scenario="label", **{"data.label_node_size": 20, "data.ratio": 1.0})
   with pytest.raises(ValueError, match=r"node 'node1_1:1' needs 10 examples of class 1"):
     nodes.make_partition(config, pool, seed=0)
 
 
 def test_old_field_names_fail_naming_the_fed_block_names():
-  with pytest.raises(configlib.ConfigError,
-                     match=r"config.train.rounds is now config.fed.num_rounds"):
+  with pytest.raises(
+    configlib.ConfigError, match=r"config.train.rounds is now config.fed.num_rounds"
+  ):
     hsl.validate(_config(**{"train.rounds": 3}))
-  with pytest.raises(configlib.ConfigError, match=r"config.strategy.fedprox_mu is now "
-                     r"config.fed.strategy_options='fedprox: mu=...'"):
+  with pytest.raises(
+    configlib.ConfigError,
+    match=r"config.strategy.fedprox_mu is now "
+    r"config.fed.strategy_options='fedprox: mu=...'",
+  ):
     hsl.validate(_config(**{"strategy.fedprox_mu": 0.1}))
   with pytest.raises(configlib.ConfigError, match=r"config.fed.dropout"):
     hsl.validate(_config(**{"fed.dropout": 1.5}))
 
 
 def test_strategy_options_per_strategy_and_any_registered_strategy_is_a_method(monkeypatch):
-  config = _config(**{"fed.strategy_options": "fedprox: mu=0.1; scaffold: server_lr=0.5",
-                      "train.lr": 0.003})
+  config = _config(
+    **{"fed.strategy_options": "fedprox: mu=0.1; scaffold: server_lr=0.5", "train.lr": 0.003}
+  )
   assert hsl.make_strategy(config, "fedprox").mu == 0.1
   scaffold = hsl.make_strategy(config, "scaffold")
   assert (scaffold.server_lr, scaffold.local_lr) == (0.5, 0.003)  # local_lr: train.lr
@@ -427,8 +504,11 @@ def test_strategy_options_per_strategy_and_any_registered_strategy_is_a_method(m
   with pytest.raises(configlib.ConfigError, match=r"'fedsgd: lr=1' is not 'strategy: k=v"):
     hsl.validate(_config(**{"fed.strategy_options": "fedsgd: lr=1"}))
   # A new strategy is one class and one registry line: the study runs it by name.
-  monkeypatch.setitem(strategies.STRATEGIES, "fedavg_half",
-                      strategies._Entry(strategies.Personalized, {"name": "fedavg_half"}))
+  monkeypatch.setitem(
+    strategies.STRATEGIES,
+    "fedavg_half",
+    strategies._Entry(strategies.Personalized, {"name": "fedavg_half"}),
+  )
   config = _config(methods="hsl,fedavg_half", **{"fed.strategy_options": "fedavg_half: alpha=0.25"})
   assert hsl.validate(config) == ["hsl", "fedavg_half"]
   assert hsl.make_strategy(config, "fedavg_half").alpha == 0.25
@@ -436,22 +516,37 @@ def test_strategy_options_per_strategy_and_any_registered_strategy_is_a_method(m
 
 def test_folder_nodes_and_sat_load_with_their_labels(tmp_path):
   rng = np.random.default_rng(5)
-  layout = {"nodes/site_a/malignant": 2, "nodes/site_a/benign": 3, "nodes/site_b/benign": 1,
-            "nodes/site_b/malignant": 1, "sat/normal": 2, "sat/abnormal": 2}
+  layout = {
+    "nodes/site_a/malignant": 2,
+    "nodes/site_a/benign": 3,
+    "nodes/site_b/benign": 1,
+    "nodes/site_b/malignant": 1,
+    "sat/normal": 2,
+    "sat/abnormal": 2,
+  }
   for folder, n in layout.items():
     (tmp_path / folder).mkdir(parents=True)
     for i in range(n):
       Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(
-          tmp_path / folder / f"{i}.png")
-  config = _config(scenario="natural", **{
-      "data.source": "folder", "data.root": str(tmp_path / "nodes"),
-      "data.sat_root": str(tmp_path / "sat"), "data.positive_labels": ("malignant", "abnormal"),
-      "data.sat_per_class": 2, "data.image_size": 16})
+        tmp_path / folder / f"{i}.png"
+      )
+  config = _config(
+    scenario="natural",
+    **{
+      "data.source": "folder",
+      "data.root": str(tmp_path / "nodes"),
+      "data.sat_root": str(tmp_path / "sat"),
+      "data.positive_labels": ("malignant", "abnormal"),
+      "data.sat_per_class": 2,
+      "data.image_size": 16,
+    },
+  )
   hsl.validate(config)
   pool, sat = nodes.load_data(config)
   assert pool.images.shape == (7, 16, 16) and sat.images.shape == (4, 16, 16)
   assert sorted(zip(pool.groups.tolist(), pool.labels.tolist())) == sorted(
-      [("site_a", 1)] * 2 + [("site_a", 0)] * 3 + [("site_b", 0), ("site_b", 1)])
+    [("site_a", 1)] * 2 + [("site_a", 0)] * 3 + [("site_b", 0), ("site_b", 1)]
+  )
   assert sat.labels.tolist().count(1) == 2
   assert nodes.make_partition(config, pool, 0).names == ["site_a", "site_b"]
   with pytest.raises(configlib.ConfigError, match="use scenario='natural'"):
@@ -462,10 +557,18 @@ def test_folder_nodes_and_sat_load_with_their_labels(tmp_path):
 def test_protocol_presets_set_the_paper_and_legacy_fields():
   paper, legacy = _config("cpu"), _config("cpu,protocol=legacy")
   assert (paper.data.val_fraction, paper.data.test_fraction) == (0.1, 0.3)
-  assert (paper.train.optimizer, paper.train.lr_schedule, paper.train.patience_epochs,
-          paper.train.cosine_period_epochs) == ("adam", "cosine_restarts", 5, 10)
-  assert (legacy.data.val_fraction, legacy.train.lr_schedule, legacy.train.patience_epochs,
-          legacy.train.optimizer) == (0.0, "constant", 0, "adamw")
+  assert (
+    paper.train.optimizer,
+    paper.train.lr_schedule,
+    paper.train.patience_epochs,
+    paper.train.cosine_period_epochs,
+  ) == ("adam", "cosine_restarts", 5, 10)
+  assert (
+    legacy.data.val_fraction,
+    legacy.train.lr_schedule,
+    legacy.train.patience_epochs,
+    legacy.train.optimizer,
+  ) == (0.0, "constant", 0, "adamw")
   assert {"no_sat", "no_al"} <= set(hsl.parse_methods(paper))
   with pytest.raises(configlib.ConfigError, match="needs a validation split"):
     hsl.validate(_config(**{"data.val_fraction": 0.0}))
@@ -494,7 +597,10 @@ def test_split_node_is_60_10_30_disjoint_seeded_and_legacy_70_30():
   small = np.array([0, 0, 0, 1, 1])
   tr, va, te = partition.split_node(small, np.arange(5), 0.1, 0.3, seed=0)
   assert [np.bincount(small[p], minlength=2).tolist() for p in (tr, va, te)] == [
-      [1, 1], [1, 0], [1, 1]]
+    [1, 1],
+    [1, 0],
+    [1, 1],
+  ]
 
 
 def test_split_node_keeps_each_patient_in_one_split():
@@ -502,8 +608,9 @@ def test_split_node_keeps_each_patient_in_one_split():
   per_patient = rng.integers(1, 4, 100)  # 100 patients with 1-3 images each
   patients = np.repeat([f"p{i}" for i in range(100)], per_patient)
   labels = np.repeat(np.arange(100) % 2, per_patient)
-  train, val, test = partition.split_node(labels, np.arange(len(labels)), 0.1, 0.3, seed=1,
-                                    patients=patients)
+  train, val, test = partition.split_node(
+    labels, np.arange(len(labels)), 0.1, 0.3, seed=1, patients=patients
+  )
   assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(labels)))
   owners = [set(patients[p]) for p in (train, val, test)]
   assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
@@ -513,18 +620,38 @@ def test_split_node_keeps_each_patient_in_one_split():
 def _hand_curve_fit(curve, local_epochs, patience, rounds):
   """hsl.fit on a fake 2-slot model whose parameter w_k sets slot k's validation AUC:
   w = 1 ranks every positive above every negative (AUC 1), -1 below (0), 0 ties (0.5)."""
-  pool = nodes.Pool(np.repeat(np.array([0, 1, 0, 1], np.uint8), 4).reshape(4, 2, 2),
-                  np.array([0, 1, 0, 1]), np.zeros(4))
+  pool = nodes.Pool(
+    np.repeat(np.array([0, 1, 0, 1], np.uint8), 4).reshape(4, 2, 2),
+    np.array([0, 1, 0, 1]),
+    np.zeros(4),
+  )
 
   def do_round(state, r):
-    return ({"w": jnp.asarray(curve[r], jnp.float32), "round": jnp.full(2, r, jnp.int32)},
-            np.zeros(2))
+    return (
+      {"w": jnp.asarray(curve[r], jnp.float32), "round": jnp.full(2, r, jnp.int32)},
+      np.zeros(2),
+    )
 
   predict = lambda p, s, images, sat: jax.nn.sigmoid(p["w"] * images.mean((1, 2)))
-  config = _config(**{"fed.local_epochs": local_epochs, "train.patience_epochs": patience,
-                      "fed.num_rounds": rounds})
-  return hsl.fit(config, "test", None, do_round, lambda state: (state, {}), predict, pool,
-                 None, [np.array([0, 1]), np.array([2, 3])], np.random.default_rng(0))
+  config = _config(
+    **{
+      "fed.local_epochs": local_epochs,
+      "train.patience_epochs": patience,
+      "fed.num_rounds": rounds,
+    }
+  )
+  return hsl.fit(
+    config,
+    "test",
+    None,
+    do_round,
+    lambda state: (state, {}),
+    predict,
+    pool,
+    None,
+    [np.array([0, 1]), np.array([2, 3])],
+    np.random.default_rng(0),
+  )
 
 
 def test_early_stopping_keeps_each_nodes_best_validation_round():
@@ -550,12 +677,20 @@ def test_early_stopping_keeps_each_nodes_best_validation_round():
 
 @pytest.mark.parametrize("schedule", ["cosine_restarts", "cosine"])
 def test_cosine_schedule_matches_torch_schedulers(schedule):
-  config = _config(**{"train.lr_schedule": schedule, "train.lr": 1e-3, "train.min_lr": 1e-4,
-                      "train.cosine_period_epochs": 10})
+  config = _config(
+    **{
+      "train.lr_schedule": schedule,
+      "train.lr": 1e-3,
+      "train.min_lr": 1e-4,
+      "train.cosine_period_epochs": 10,
+    }
+  )
   opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
-  torch_schedule = (torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, 10, eta_min=1e-4)
-                    if schedule == "cosine_restarts" else
-                    torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10, eta_min=1e-4))
+  torch_schedule = (
+    torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, 10, eta_min=1e-4)
+    if schedule == "cosine_restarts"
+    else torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10, eta_min=1e-4)
+  )
   expected = []
   for _ in range(25):
     expected.append(opt.param_groups[0]["lr"])
@@ -573,9 +708,16 @@ def test_cosine_schedule_matches_torch_schedulers(schedule):
 def test_optimizer_with_per_epoch_cosine_matches_torch(optimizer):
   """make_optimizer against torch.optim.Adam / AdamW + CosineAnnealingWarmRestarts stepped
   every 2 optimizer steps (2 steps per epoch), period 2 epochs: a restart at step 4."""
-  config = _config(**{"train.optimizer": optimizer, "train.lr_schedule": "cosine_restarts",
-                      "train.cosine_period_epochs": 2, "train.lr": 0.1, "train.min_lr": 0.01,
-                      "train.weight_decay": 0.05})
+  config = _config(
+    **{
+      "train.optimizer": optimizer,
+      "train.lr_schedule": "cosine_restarts",
+      "train.cosine_period_epochs": 2,
+      "train.lr": 0.1,
+      "train.min_lr": 0.01,
+      "train.weight_decay": 0.05,
+    }
+  )
   tx = hsl.make_optimizer(config)
   rng = np.random.default_rng(7)
   w0, grads = rng.normal(size=3), rng.normal(size=(9, 3))
@@ -599,8 +741,9 @@ def test_optimizer_with_per_epoch_cosine_matches_torch(optimizer):
 def test_ablations_build_their_models_and_objectives():
   config = _config()
   key = jax.random.key(0)
-  hsl_model, no_sat, no_al = (nnx.eval_shape(lambda m=m: hsl.build_model(config, m, key))
-                              for m in ("hsl", "no_sat", "no_al"))  # shapes only: no compute
+  hsl_model, no_sat, no_al = (
+    nnx.eval_shape(lambda m=m: hsl.build_model(config, m, key)) for m in ("hsl", "no_sat", "no_al")
+  )  # shapes only: no compute
   assert isinstance(hsl_model, mmoe.MMoE) and hsl_model.num_tasks == 2
   assert isinstance(no_sat, mmoe.MMoE) and no_sat.num_tasks == 1  # the MMoE, without the SAT
   assert len(no_sat.gates) == len(no_sat.encoders) == 1 and no_sat.num_experts == 3
@@ -608,15 +751,17 @@ def test_ablations_build_their_models_and_objectives():
   assert hsl.METHODS["no_sat"] == hsl.METHODS["no_al"] == hsl.METHODS["hsl"] == "fedavg_uniform"
   # Their training batches carry no SAT images and the losses need none.
   pool = nodes.Pool(np.zeros((6, 16, 16), np.uint8), np.array([0, 1] * 3), np.zeros(6))
-  batches, _ = nodes.round_batches(np.random.default_rng(0), pool, None, [np.arange(6)], 1, 4,
-                                 hsl=False)
+  batches, _ = nodes.round_batches(
+    np.random.default_rng(0), pool, None, [np.arange(6)], 1, 4, hsl=False
+  )
   assert set(batches) == {"image", "label"}
   batch = jax.tree.map(lambda x: x[0, 0], batches)
   for method, model in (("no_sat", no_sat), ("no_al", no_al)):
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     loss_fn = hsl.make_loss_fn(graphdef, config, method)
-    loss, (_, aux) = jax.eval_shape(loss_fn, nnx.to_pure_dict(params), nnx.to_pure_dict(stats),
-                                    batch, key)
+    loss, (_, aux) = jax.eval_shape(
+      loss_fn, nnx.to_pure_dict(params), nnx.to_pure_dict(stats), batch, key
+    )
     assert loss.shape == () and set(aux) == {"primary"}
 
 
@@ -646,12 +791,23 @@ def test_sweep_runs_one_study_per_ratio_and_writes_table_and_plot(tmp_path, monk
     """A study whose AUC for method m at node k is a known function of the ratio."""
     calls.append((config.data.ratio, config.sweep, pathlib.Path(workdir).name))
     nodes = ["node1_1:1", f"node2_{config.data.ratio:g}:1"]
-    per_node = [dict(method=m, node=n, metric=metric, mean=auc, t_low=auc - 0.1,
-                     t_high=auc + 0.1, pooled=auc, boot_low=auc - 0.1, boot_high=auc + 0.1,
-                     repeats=5)
-                for m, base in (("hsl", 0.9), ("fedavg", 0.7)) for k, n in enumerate(nodes)
-                for metric, auc in (("auc", base - 0.001 * k * config.data.ratio),
-                                    ("accuracy", 0.5))]
+    per_node = [
+      dict(
+        method=m,
+        node=n,
+        metric=metric,
+        mean=auc,
+        t_low=auc - 0.1,
+        t_high=auc + 0.1,
+        pooled=auc,
+        boot_low=auc - 0.1,
+        boot_high=auc + 0.1,
+        repeats=5,
+      )
+      for m, base in (("hsl", 0.9), ("fedavg", 0.7))
+      for k, n in enumerate(nodes)
+      for metric, auc in (("auc", base - 0.001 * k * config.data.ratio), ("accuracy", 0.5))
+    ]
     return dict(nodes=nodes, per_node=per_node)
 
   monkeypatch.setattr(hsl, "run_study", fake_study)
@@ -678,11 +834,18 @@ def test_manifest_patient_column_keeps_each_patient_in_one_split(tmp_path):
     sat_rows.append(f"s{i}.png,{label}")
   (tmp_path / "nodes.csv").write_text("\n".join(rows) + "\n")
   (tmp_path / "sat.csv").write_text("\n".join(sat_rows) + "\n")
-  config = _config(scenario="natural", **{
-      "data.source": "manifest", "data.manifest": str(tmp_path / "nodes.csv"),
-      "data.sat_manifest": str(tmp_path / "sat.csv"), "data.patient_column": "patient",
-      "data.positive_labels": ("malignant", "abnormal"), "data.sat_per_class": 2,
-      "data.image_size": 8})
+  config = _config(
+    scenario="natural",
+    **{
+      "data.source": "manifest",
+      "data.manifest": str(tmp_path / "nodes.csv"),
+      "data.sat_manifest": str(tmp_path / "sat.csv"),
+      "data.patient_column": "patient",
+      "data.positive_labels": ("malignant", "abnormal"),
+      "data.sat_per_class": 2,
+      "data.image_size": 8,
+    },
+  )
   hsl.validate(config)
   pool, _ = nodes.load_data(config)
   assert sorted(set(pool.patients.tolist())) == sorted(f"p{i}" for i in range(10))
@@ -691,5 +854,6 @@ def test_manifest_patient_column_keeps_each_patient_in_one_split(tmp_path):
   assert sum(len(o) for o in owners) == 10 and len(set().union(*owners)) == 10  # disjoint
   assert [len(o) for o in owners] == [4, 2, 4]  # per class of 5 patients: 2 / 1 / 2
   with pytest.raises(configlib.ConfigError, match="data.patient_column='patient' is a CSV"):
-    hsl.validate(_config(scenario="natural", **{"data.source": "folder",
-                                                "data.patient_column": "patient"}))
+    hsl.validate(
+      _config(scenario="natural", **{"data.source": "folder", "data.patient_column": "patient"})
+    )

@@ -4,6 +4,7 @@ The PyTorch reference is models_mae.py's `MaskedAutoencoderViT` rebuilt from tim
 driven with the kept patch indices of our mask instead of its random_masking. Tests that need
 torch skip without it; the .safetensors ones do not need it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,14 +20,21 @@ import pytest
 from flax import nnx
 
 from ultrajax import configlib
-from ultrajax.interop import files, load, mae_official, timm_vit
-from ultrajax.interop import posemb as posemb_resample
+from ultrajax.interop import files, load, mae_official, posemb as posemb_resample, timm_vit
 from ultrajax.models import mae, posemb, vit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The smoke preset's model: what the export test's checkpoint holds.
-TINY = dict(width=64, depth=2, num_heads=4, patch_size=8, image_size=32, decoder_width=32,
-            decoder_depth=1, decoder_heads=4)
+TINY = dict(
+  width=64,
+  depth=2,
+  num_heads=4,
+  patch_size=8,
+  image_size=32,
+  decoder_width=32,
+  decoder_depth=1,
+  decoder_heads=4,
+)
 GRID = 4  # 32 / 8
 
 
@@ -38,34 +46,52 @@ def _torch():
 def _official_class():
   """models_mae.py's MaskedAutoencoderViT (facebookresearch/mae), with explicit ids_keep."""
   torch, _ = _torch()
-  from torch import nn
   from timm.layers import PatchEmbed
   from timm.models.vision_transformer import Block
+  from torch import nn
 
   class MaskedAutoencoderViT(nn.Module):
-
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
-                 num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 mlp_ratio=4., norm_layer=functools.partial(nn.LayerNorm, eps=1e-6)):
+    def __init__(
+      self,
+      img_size=224,
+      patch_size=16,
+      in_chans=3,
+      embed_dim=1024,
+      depth=24,
+      num_heads=16,
+      decoder_embed_dim=512,
+      decoder_depth=8,
+      decoder_num_heads=16,
+      mlp_ratio=4.0,
+      norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+    ):
       super().__init__()
       self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
       num_patches = self.patch_embed.num_patches
       self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-      self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim),
-                                    requires_grad=False)
-      self.blocks = nn.ModuleList([
+      self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+      self.blocks = nn.ModuleList(
+        [
           Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-          for _ in range(depth)])
+          for _ in range(depth)
+        ]
+      )
       self.norm = norm_layer(embed_dim)
       self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
       self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-      self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
-                                            requires_grad=False)
-      self.decoder_blocks = nn.ModuleList([
-          Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
-                norm_layer=norm_layer) for _ in range(decoder_depth)])
+      self.decoder_pos_embed = nn.Parameter(
+        torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
+      )
+      self.decoder_blocks = nn.ModuleList(
+        [
+          Block(
+            decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer
+          )
+          for _ in range(decoder_depth)
+        ]
+      )
       self.decoder_norm = norm_layer(decoder_embed_dim)
-      self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+      self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 
     def forward_encoder(self, x, ids_keep):
       x = self.patch_embed(x)
@@ -95,8 +121,16 @@ def _official_tiny(seed: int):
   """Tiny official MAE with random weights and MAE's fixed sin-cos position tables."""
   torch, _ = _torch()
   torch.manual_seed(seed)
-  model = _official_class()(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
-                            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4).eval()
+  model = _official_class()(
+    img_size=32,
+    patch_size=8,
+    embed_dim=64,
+    depth=2,
+    num_heads=4,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=4,
+  ).eval()
   with torch.no_grad():  # random everything, so zero biases / unit norms cannot hide a swap
     for p in model.parameters():
       p.add_(0.2 * torch.randn_like(p))
@@ -111,8 +145,9 @@ def _official_predict(model, images: np.ndarray, mask: np.ndarray) -> np.ndarray
   ids = np.argsort(mask.astype(np.int32), axis=1, kind="stable")  # visible first, as ours
   keep = int(mask.shape[1] - mask[0].sum())
   with torch.no_grad():
-    latent = model.forward_encoder(torch.from_numpy(images).permute(0, 3, 1, 2),
-                                   torch.from_numpy(ids[:, :keep]))
+    latent = model.forward_encoder(
+      torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(ids[:, :keep])
+    )
     return model.forward_decoder(latent, torch.from_numpy(np.argsort(ids, axis=1))).numpy()
 
 
@@ -120,8 +155,13 @@ def _ours(seed: int) -> mae.MAE:
   """Tiny MAE with every parameter perturbed (no zero biases, no unit norms)."""
   model = mae.MAE(**TINY, rngs=nnx.Rngs(seed))
   rng = np.random.default_rng(seed)
-  nnx.update(model, jax.tree.map(lambda x: x + jnp.asarray(0.2 * rng.normal(size=x.shape),
-                                                           x.dtype), nnx.state(model, nnx.Param)))
+  nnx.update(
+    model,
+    jax.tree.map(
+      lambda x: x + jnp.asarray(0.2 * rng.normal(size=x.shape), x.dtype),
+      nnx.state(model, nnx.Param),
+    ),
+  )
   return model
 
 
@@ -167,8 +207,9 @@ def test_official_to_ultrajax_same_predictions(caplog):
     _load(ours, mae_official.mae_from_official(reference.state_dict(), ours))
   assert "pos_embed" not in caplog.text  # the fixed tables match ours
   images, mask = _inputs()
-  np.testing.assert_allclose(_predict(ours, images, mask),
-                             _official_predict(reference, images, mask), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    _predict(ours, images, mask), _official_predict(reference, images, mask), atol=1e-4, rtol=1e-4
+  )
 
 
 def test_ultrajax_to_official_same_predictions_and_exact_round_trip():
@@ -179,8 +220,9 @@ def test_ultrajax_to_official_same_predictions_and_exact_round_trip():
   reference = _official_tiny(1)
   reference.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
   images, mask = _inputs(1)
-  np.testing.assert_allclose(_official_predict(reference, images, mask),
-                             _predict(ours, images, mask), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    _official_predict(reference, images, mask), _predict(ours, images, mask), atol=1e-4, rtol=1e-4
+  )
   assert_trees_equal(mae_official.mae_from_official(exported, ours), _params(ours))
   # torch tensors back in: still exact.
   assert_trees_equal(mae_official.mae_from_official(reference.state_dict(), ours), _params(ours))
@@ -189,13 +231,15 @@ def test_ultrajax_to_official_same_predictions_and_exact_round_trip():
 def test_mae_b_key_sets_match_the_official_model():
   torch, timm = _torch()
   with torch.device("meta"):  # names and shapes only, nothing allocated
-    reference = _official_class()(img_size=224, patch_size=16, embed_dim=768, depth=12,
-                                  num_heads=12)
+    reference = _official_class()(
+      img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12
+    )
     timm_b16 = timm.create_model("vit_base_patch16_224", num_classes=0)
   expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
   width, depth, heads, patch = vit.parse_variant("B/16")
-  abstract = _abstract_mae(width=width, depth=depth, num_heads=heads, patch_size=patch,
-                           image_size=224)
+  abstract = _abstract_mae(
+    width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=224
+  )
   shapes = mae_official.official_shapes(_params(abstract), image_size=224)
   assert len(shapes) == 254 and shapes == expected
   encoder = {k: s for k, s in shapes.items() if not mae_official.is_decoder_key(k)}
@@ -208,11 +252,13 @@ def test_mae_b_key_sets_match_the_official_model():
 def test_pos_embed_resampling_matches_timm():
   torch, _ = _torch()
   from timm.layers import resample_abs_pos_embed
+
   table = np.random.default_rng(0).normal(size=(1, 1 + 14 * 14, 16)).astype(np.float32)
   for size in [(16, 16), (7, 7), (14, 20)]:
     expected = resample_abs_pos_embed(torch.from_numpy(table), list(size)).numpy()
-    np.testing.assert_allclose(posemb_resample.resample_abs_pos_embed(table, size), expected,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      posemb_resample.resample_abs_pos_embed(table, size), expected, atol=1e-5
+    )
 
 
 def test_torch_file_round_trip(tmp_path):
@@ -234,8 +280,11 @@ def test_torch_file_round_trip(tmp_path):
 def test_torch_file_with_python_objects_is_refused_with_advice(tmp_path):
   torch, _ = _torch()
   import argparse
-  torch.save({"model": {"cls_token": torch.zeros(1, 1, 4)}, "args": argparse.Namespace(lr=1)},
-             tmp_path / "train.pth")
+
+  torch.save(
+    {"model": {"cls_token": torch.zeros(1, 1, 4)}, "args": argparse.Namespace(lr=1)},
+    tmp_path / "train.pth",
+  )
   with pytest.raises(ValueError, match="train.pth: holds Python objects"):
     files.load_state_dict(tmp_path / "train.pth")
 
@@ -285,10 +334,12 @@ def test_import_errors_name_every_key(caplog):
   with pytest.raises(ValueError) as err:
     mae_official.mae_from_official(bad, ours)
   message = str(err.value)
-  for fragment in ("missing keys: [decoder_blocks.0.mlp.fc2.bias]",
-                   "unexpected keys: [blocks.2.norm1.weight]",
-                   "decoder_pred.weight: got (48, 32), expected (192, 32)",
-                   "pos_embed: got (1, 17, 48), expected (1, 17, 64)"):
+  for fragment in (
+    "missing keys: [decoder_blocks.0.mlp.fc2.bias]",
+    "unexpected keys: [blocks.2.norm1.weight]",
+    "decoder_pred.weight: got (48, 32), expected (192, 32)",
+    "pos_embed: got (1, 17, 48), expected (1, 17, 64)",
+  ):
     assert fragment in message
   # strict=False keeps what is missing and ignores the extras, and says so; shapes still count.
   partial = dict(good)
@@ -299,8 +350,10 @@ def test_import_errors_name_every_key(caplog):
     loaded = mae_official.mae_from_official(partial, ours, strict=False, base_params=base)
   assert "decoder_blocks.0.mlp.fc2.bias" in caplog.text
   assert "blocks.2.norm1.weight" in caplog.text
-  assert_trees_equal(loaded["decoder_blocks"][0]["mlp"]["fc2"]["bias"],
-                     base["decoder_blocks"][0]["mlp"]["fc2"]["bias"])
+  assert_trees_equal(
+    loaded["decoder_blocks"][0]["mlp"]["fc2"]["bias"],
+    base["decoder_blocks"][0]["mlp"]["fc2"]["bias"],
+  )
   assert_trees_equal(loaded["encoder"], _params(ours)["encoder"])
   with pytest.raises(ValueError, match=r"decoder_pred.weight: got \(48, 32\)"):
     mae_official.mae_from_official(bad, ours, strict=False)
@@ -343,26 +396,27 @@ def test_load_init_params_from_files(tmp_path, caplog):
   source, target = _ours(9), _ours(10)
   full = mae_official.mae_to_official(_params(source), image_size=32, patch_size=8)
   files.save_state_dict(tmp_path / "full.safetensors", full)
-  assert_trees_equal(load.load_init_params(tmp_path / "full.safetensors", target),
-                     _params(source))
+  assert_trees_equal(load.load_init_params(tmp_path / "full.safetensors", target), _params(source))
   # timm ViT layout: encoder keys plus a classifier head, which is dropped.
-  timm_file = dict(timm_vit.vit_to_timm(_params(source)["encoder"], image_size=32),
-                   **{"head.weight": np.zeros((5, 64), np.float32),
-                      "head.bias": np.zeros(5, np.float32)})
+  timm_file = dict(
+    timm_vit.vit_to_timm(_params(source)["encoder"], image_size=32),
+    **{"head.weight": np.zeros((5, 64), np.float32), "head.bias": np.zeros(5, np.float32)},
+  )
   files.save_state_dict(tmp_path / "timm.safetensors", timm_file)
   abstract = _abstract_mae(**TINY)
   with caplog.at_level("INFO"):
-    loaded = load.load_init_params(tmp_path / "timm.safetensors", abstract,
-                                   base_params=_params(target))
+    loaded = load.load_init_params(
+      tmp_path / "timm.safetensors", abstract, base_params=_params(target)
+    )
   assert "dropped the classifier head" in caplog.text
   assert_trees_equal(loaded["encoder"], _params(source)["encoder"])
   assert_trees_equal(loaded["decoder_norm"], _params(target)["decoder_norm"])
   # Placed with the given shardings (here: replicated over the 8 test devices).
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
-  target_tree = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                            sharding=replicated),
-                             _params(abstract))
+  target_tree = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), _params(abstract)
+  )
   placed = load.load_init_params(tmp_path / "full.safetensors", abstract, target=target_tree)
   assert all(x.sharding == replicated for x in jax.tree.leaves(placed))
   assert_trees_equal(placed, _params(source))
@@ -370,20 +424,25 @@ def test_load_init_params_from_files(tmp_path, caplog):
 
 def test_load_init_params_names_the_first_mismatch(tmp_path):
   wider = mae.MAE(**dict(TINY, width=96, num_heads=4), rngs=nnx.Rngs(0))
-  files.save_state_dict(tmp_path / "wide.safetensors",
-                        mae_official.mae_to_official(_params(wider), image_size=32, patch_size=8))
+  files.save_state_dict(
+    tmp_path / "wide.safetensors",
+    mae_official.mae_to_official(_params(wider), image_size=32, patch_size=8),
+  )
   with pytest.raises(ValueError) as err:
     load.load_init_params(tmp_path / "wide.safetensors", _abstract_mae(**TINY))
   message = str(err.value)
   assert "wide.safetensors (mae_full layout, 50 keys)" in message
   assert "shape mismatches: [cls_token: got (1, 1, 96), expected (1, 1, 64)" in message
   deeper = mae.MAE(**dict(TINY, depth=3), rngs=nnx.Rngs(0))
-  files.save_state_dict(tmp_path / "deep.safetensors",
-                        mae_official.mae_to_official(_params(deeper), image_size=32, patch_size=8))
+  files.save_state_dict(
+    tmp_path / "deep.safetensors",
+    mae_official.mae_to_official(_params(deeper), image_size=32, patch_size=8),
+  )
   with pytest.raises(ValueError, match=r"unexpected keys: \[blocks\.2\.attn\.proj\.bias"):
     load.load_init_params(tmp_path / "deep.safetensors", _abstract_mae(**TINY))
-  files.save_state_dict(tmp_path / "sam.safetensors",
-                        {"image_encoder.pos_embed": np.zeros((1, 4, 4, 8), np.float32)})
+  files.save_state_dict(
+    tmp_path / "sam.safetensors", {"image_encoder.pos_embed": np.zeros((1, 4, 4, 8), np.float32)}
+  )
   with pytest.raises(ValueError, match="not an official MAE or timm ViT state dict"):
     load.load_init_params(tmp_path / "sam.safetensors", _abstract_mae(**TINY))
   with pytest.raises(FileNotFoundError, match="nothing at .*typo: expected an ultrajax workdir"):
@@ -397,6 +456,7 @@ def test_load_init_params_names_the_first_mismatch(tmp_path):
 def pretrained(tmp_path_factory):
   """(workdir, params) of a one-round smoke pretraining run."""
   from ultrajax.jobs import pretrain
+
   workdir = tmp_path_factory.mktemp("pretrain")
   config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
   config.mesh.update(clients=1, data=1)
@@ -407,9 +467,20 @@ def pretrained(tmp_path_factory):
 
 def _export(workdir, fmt: str, out) -> str:
   done = subprocess.run(
-      [sys.executable, "-m", "ultrajax.export", f"--workdir={workdir}", f"--format={fmt}",
-       f"--out={out}", "--verbosity=-1"],
-      capture_output=True, text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    [
+      sys.executable,
+      "-m",
+      "ultrajax.export",
+      f"--workdir={workdir}",
+      f"--format={fmt}",
+      f"--out={out}",
+      "--verbosity=-1",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout
 
@@ -417,20 +488,24 @@ def _export(workdir, fmt: str, out) -> str:
 def test_export_timm_loads_strict_into_timm(pretrained, tmp_path):
   torch, _ = _torch()
   from timm.models.vision_transformer import VisionTransformer
+
   workdir, params = pretrained
   out = tmp_path / "encoder.safetensors"
   printed = _export(workdir, "timm", out)
   assert "30 keys" in printed and "encoder.safetensors" in printed
-  reference = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
-                                num_classes=0).eval()
-  reference.load_state_dict({k: torch.from_numpy(v) for k, v in
-                             files.load_state_dict(out).items()}, strict=True)
+  reference = VisionTransformer(
+    img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=0
+  ).eval()
+  reference.load_state_dict(
+    {k: torch.from_numpy(v) for k, v in files.load_state_dict(out).items()}, strict=True
+  )
   ours = _load(mae.MAE(**TINY, rngs=nnx.Rngs(0)), params)
   images, _ = _inputs(2)
   with torch.no_grad():
     theirs = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-  np.testing.assert_allclose(np.asarray(ours.encoder(jnp.asarray(images)))[:, 0], theirs,
-                             atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(ours.encoder(jnp.asarray(images)))[:, 0], theirs, atol=1e-4, rtol=1e-4
+  )
 
 
 def test_export_mae_loads_strict_into_official_and_back(pretrained, tmp_path):
@@ -442,8 +517,9 @@ def test_export_mae_loads_strict_into_official_and_back(pretrained, tmp_path):
   reference.load_state_dict(torch.load(out, weights_only=True)["model"], strict=True)
   ours = _load(mae.MAE(**TINY, rngs=nnx.Rngs(0)), params)
   images, mask = _inputs(3)
-  np.testing.assert_allclose(_official_predict(reference, images, mask),
-                             _predict(ours, images, mask), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    _official_predict(reference, images, mask), _predict(ours, images, mask), atol=1e-4, rtol=1e-4
+  )
   # init_from either way gives the checkpoint's parameters exactly.
   abstract = _abstract_mae(**TINY)
   assert_trees_equal(load.load_init_params(out, abstract), params)
@@ -452,6 +528,7 @@ def test_export_mae_loads_strict_into_official_and_back(pretrained, tmp_path):
 
 def test_export_rejects_sam_and_unknown_rounds(pretrained, tmp_path):
   from ultrajax import export
+
   workdir, _ = pretrained
   with pytest.raises(ValueError, match="the checkpoint's params are not a SAM"):
     export.export(workdir, "sam", tmp_path / "sam.pth")

@@ -1,4 +1,5 @@
 """ViT <-> timm VisionTransformer: same weights, same inputs, same outputs (float32, CPU)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,15 @@ POOLS = [("cls", "token", 5), ("gap", "avg", 5), ("none", "", 0)]
 
 def _timm_model(global_pool: str, num_classes: int, seed: int = 0):
   torch.manual_seed(seed)
-  model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
-                            global_pool=global_pool, num_classes=num_classes).eval()
+  model = VisionTransformer(
+    img_size=32,
+    patch_size=8,
+    embed_dim=64,
+    depth=2,
+    num_heads=4,
+    global_pool=global_pool,
+    num_classes=num_classes,
+  ).eval()
   with torch.no_grad():  # random everything, so zero biases / unit norms cannot hide a swap
     for p in model.parameters():
       p.add_(0.2 * torch.randn_like(p))
@@ -58,8 +66,12 @@ def test_timm_to_ultrajax_same_outputs(pool, global_pool, classes, caplog):
     _load(ours, timm_vit.vit_from_timm(reference.state_dict(), ours))
   assert "pos_embed" not in caplog.text
   images = _images()
-  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(images))),
-                             _timm_forward(reference, images, pool), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(ours(jnp.asarray(images))),
+    _timm_forward(reference, images, pool),
+    atol=1e-4,
+    rtol=1e-4,
+  )
 
 
 @pytest.mark.parametrize("pool,global_pool,classes", POOLS)
@@ -67,15 +79,20 @@ def test_ultrajax_to_timm_same_outputs(pool, global_pool, classes):
   ours = vit.ViT(**TINY, pool=pool, num_classes=classes, rngs=nnx.Rngs(1))
   state = nnx.state(ours, nnx.Param)
   rng = np.random.default_rng(1)
-  nnx.update(ours, jax.tree.map(lambda x: x + jnp.asarray(0.2 * rng.normal(size=x.shape),
-                                                          x.dtype), state))
+  nnx.update(
+    ours, jax.tree.map(lambda x: x + jnp.asarray(0.2 * rng.normal(size=x.shape), x.dtype), state)
+  )
   exported = timm_vit.vit_to_timm(nnx.to_pure_dict(nnx.state(ours, nnx.Param)), image_size=32)
   assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in exported.values())
   reference = _timm_model(global_pool, classes, seed=1)
   reference.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
   images = _images(1)
-  np.testing.assert_allclose(_timm_forward(reference, images, pool),
-                             np.asarray(ours(jnp.asarray(images))), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    _timm_forward(reference, images, pool),
+    np.asarray(ours(jnp.asarray(images))),
+    atol=1e-4,
+    rtol=1e-4,
+  )
   # And back: numpy input gives the exact parameters again.
   again = timm_vit.vit_from_timm(exported, ours)
   for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(nnx.to_pure_dict(state))):
@@ -88,9 +105,18 @@ def test_vit_b16_has_timm_vit_base_patch16_224_keys_and_shapes():
   expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
   assert len(expected) == 152
   width, depth, heads, patch = vit.parse_variant("B/16")
-  abstract = nnx.eval_shape(lambda: vit.ViT(width=width, depth=depth, num_heads=heads,
-                                            patch_size=patch, image_size=224, pool="cls",
-                                            num_classes=1000, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+    lambda: vit.ViT(
+      width=width,
+      depth=depth,
+      num_heads=heads,
+      patch_size=patch,
+      image_size=224,
+      pool="cls",
+      num_classes=1000,
+      rngs=nnx.Rngs(0),
+    )
+  )
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   assert timm_vit.timm_shapes(params, image_size=224) == expected
 
@@ -105,8 +131,11 @@ def test_vit_from_timm_reports_every_problem(caplog):
   with pytest.raises(ValueError) as err:
     timm_vit.vit_from_timm(bad, ours)
   message = str(err.value)
-  for fragment in ("blocks.1.mlp.fc2.bias", "blocks.2.norm1.weight",
-                   "head.weight: got (6, 64), expected (5, 64)"):
+  for fragment in (
+    "blocks.1.mlp.fc2.bias",
+    "blocks.2.norm1.weight",
+    "head.weight: got (6, 64), expected (5, 64)",
+  ):
     assert fragment in message
   # A learned (non-sincos) pos_embed is reported, not loaded.
   with caplog.at_level("WARNING"):
@@ -115,9 +144,20 @@ def test_vit_from_timm_reports_every_problem(caplog):
 
 
 # ----------------------------------------------------------------------------- exports with preprocessing
-MODEL_CONFIG = dict(variant="", width=64, depth=2, num_heads=4, patch_size=8, image_size=32,
-                    decoder_width=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.75,
-                    drop_path_rate=0.0, dtype="float32")
+MODEL_CONFIG = dict(
+  variant="",
+  width=64,
+  depth=2,
+  num_heads=4,
+  patch_size=8,
+  image_size=32,
+  decoder_width=32,
+  decoder_depth=1,
+  decoder_heads=4,
+  mask_ratio=0.75,
+  drop_path_rate=0.0,
+  dtype="float32",
+)
 
 
 @pytest.fixture(scope="module")
@@ -129,18 +169,25 @@ def mae_workdir(tmp_path_factory):
 
   from ultrajax.models import mae
   from ultrajax.train import checkpoint
+
   config = ml_collections.ConfigDict(dict(model=MODEL_CONFIG))
   model = mae.mae_from_config(config.model, nnx.Rngs(3))
   workdir = tmp_path_factory.mktemp("mae_run")
   ckpt = checkpoint.Checkpointer(workdir)
-  ckpt.save(1, nnx.to_pure_dict(nnx.state(model, nnx.Param)), {"r": jnp.asarray(1)}, None,
-            {"config": json.dumps(config.to_dict())})
+  ckpt.save(
+    1,
+    nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+    {"r": jnp.asarray(1)},
+    None,
+    {"config": json.dumps(config.to_dict())},
+  )
   ckpt.close()
   return workdir, config, model
 
 
 def _imagenet_data_config(model):
   from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+
   data_config = resolve_data_config(model=model)
   np.testing.assert_allclose(data_config["mean"], IMAGENET_DEFAULT_MEAN)
   np.testing.assert_allclose(data_config["std"], IMAGENET_DEFAULT_STD)
@@ -152,10 +199,13 @@ def test_timm_hub_folder_export_loads_with_imagenet_preprocessing(mae_workdir, t
   """`--out=<folder>` -> timm.create_model('local-dir:...', pretrained=True): the architecture
   from config.json, a strict load, ImageNet mean/std from resolve_data_config, same features."""
   from ultrajax import export
+
   workdir, _, model = mae_workdir
   export.export(workdir, "timm", tmp_path / "encoder")
-  assert sorted(p.name for p in (tmp_path / "encoder").iterdir()) == ["config.json",
-                                                                       "model.safetensors"]
+  assert sorted(p.name for p in (tmp_path / "encoder").iterdir()) == [
+    "config.json",
+    "model.safetensors",
+  ]
   loaded = timm.create_model(f"local-dir:{tmp_path / 'encoder'}", pretrained=True).eval()
   _imagenet_data_config(loaded)
   images = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
@@ -173,6 +223,7 @@ def test_timm_file_export_carries_its_pretrained_cfg(mae_workdir, tmp_path):
   from safetensors import safe_open
 
   from ultrajax import export
+
   workdir, _, _ = mae_workdir
   out = tmp_path / "encoder.safetensors"
   export.export(workdir, "timm", out)
@@ -180,8 +231,12 @@ def test_timm_file_export_carries_its_pretrained_cfg(mae_workdir, tmp_path):
     metadata = f.metadata()
   assert metadata["format"] == "pt"  # what timm / transformers expect of a PyTorch layout
   cfg = json.loads(metadata["timm_config"])
-  model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
-                            pretrained_cfg_overlay=dict(file=str(out), **cfg["pretrained_cfg"]))
+  model = timm.create_model(
+    cfg["architecture"],
+    pretrained=True,
+    **cfg["model_args"],
+    pretrained_cfg_overlay=dict(file=str(out), **cfg["pretrained_cfg"]),
+  )
   _imagenet_data_config(model)
   tag_default = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
   assert tuple(tag_default.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)  # what the fix is for

@@ -1,4 +1,5 @@
 """train/loop.py: itstime, put_global, atomic_write, resume_or_init against hand-worked cases."""
+
 import json
 import os
 
@@ -11,15 +12,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ultrajax.train import checkpoint, loop, resume, sharding
 
 
-@pytest.mark.parametrize("every,last,expected", [
+@pytest.mark.parametrize(
+  "every,last,expected",
+  [
     (3, 10, [3, 6, 9, 10]),  # multiples of 3, and the last step
-    (5, 10, [5, 10]),        # the last step is also a multiple: once
+    (5, 10, [5, 10]),  # the last step is also a multiple: once
     (1, 10, list(range(1, 11))),
-    (4, None, [4, 8]),       # no last step given
-    (20, 10, [10]),          # longer than the run: only the end
-    (0, 10, []),             # 0 and None switch the action off, the last step included
+    (4, None, [4, 8]),  # no last step given
+    (20, 10, [10]),  # longer than the run: only the end
+    (0, 10, []),  # 0 and None switch the action off, the last step included
     (None, 10, []),
-])
+  ],
+)
 def test_itstime(every, last, expected):
   assert [s for s in range(1, 11) if loop.itstime(s, every, last)] == expected
 
@@ -70,6 +74,7 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
 
   def killed(*_):
     raise KeyboardInterrupt
+
   monkeypatch.setattr(os, "replace", killed)  # killed between writing and renaming
   with pytest.raises(KeyboardInterrupt):
     loop.atomic_write(path, {"v": 2})
@@ -94,6 +99,7 @@ def test_resume_or_init_inits_then_restores_exactly(tmp_path, state):
   def init():
     calls.append(1)
     return params, train
+
   ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
   step, p, t = loop.resume_or_init(ckpt, params, train, init, config=config)
   assert (step, p, t, len(calls)) == (0, params, train, 1)

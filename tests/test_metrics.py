@@ -1,4 +1,5 @@
 """Metrics against scikit-learn and against brute-force references written independently here."""
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,10 @@ def test_binary_auroc_and_ap_match_sklearn(tied):
     if tied:
       scores = np.round(scores, 0)
     assert abs(metrics.auroc(labels, scores) - skm.roc_auc_score(labels, scores)) < TOL
-    assert abs(metrics.average_precision(labels, scores) - skm.average_precision_score(labels, scores)) < TOL
+    assert (
+      abs(metrics.average_precision(labels, scores) - skm.average_precision_score(labels, scores))
+      < TOL
+    )
 
 
 def test_two_column_scores_use_column_one():
@@ -51,7 +55,10 @@ def test_two_column_scores_use_column_one():
   labels = _labels_with_all(rng, 50, 2)
   probs = _tied_probs(rng, 50, 2)
   assert abs(metrics.auroc(labels, probs) - skm.roc_auc_score(labels, probs[:, 1])) < TOL
-  assert abs(metrics.average_precision(labels, probs) - skm.average_precision_score(labels, probs[:, 1])) < TOL
+  assert (
+    abs(metrics.average_precision(labels, probs) - skm.average_precision_score(labels, probs[:, 1]))
+    < TOL
+  )
 
 
 def test_multiclass_macro_ovr_matches_sklearn():
@@ -61,7 +68,9 @@ def test_multiclass_macro_ovr_matches_sklearn():
     n = int(rng.integers(k, 90))
     labels = _labels_with_all(rng, n, k)
     probs = _tied_probs(rng, n, k)
-    want_auc = skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=np.arange(k))
+    want_auc = skm.roc_auc_score(
+      labels, probs, multi_class="ovr", average="macro", labels=np.arange(k)
+    )
     want_ap = skm.average_precision_score(np.eye(k)[labels], probs, average="macro")
     assert abs(metrics.auroc(labels, probs) - want_auc) < TOL
     assert abs(metrics.average_precision(labels, probs) - want_ap) < TOL
@@ -133,18 +142,37 @@ def test_class_metrics_match_sklearn():
     k = int(rng.integers(2, 6))
     n = int(rng.integers(1, 40))
     labels, preds = rng.integers(0, k, n), rng.integers(0, k, n)
-    preds = np.where(rng.random(n) < 0.4, labels, preds)  # correlated; small n leaves classes missing
+    preds = np.where(
+      rng.random(n) < 0.4, labels, preds
+    )  # correlated; small n leaves classes missing
     assert abs(metrics.accuracy(labels, preds) - skm.accuracy_score(labels, preds)) < TOL
-    np.testing.assert_array_equal(metrics.confusion_matrix(labels, preds, k),
-                                  skm.confusion_matrix(labels, preds, labels=np.arange(k)))
-    for ours, theirs in ((metrics.f1, skm.f1_score), (metrics.precision, skm.precision_score),
-                         (metrics.recall, skm.recall_score)):
-      assert abs(ours(labels, preds) - theirs(labels, preds, average="macro", zero_division=0)) < TOL
-      assert abs(ours(labels, preds, num_classes=k)
-                 - theirs(labels, preds, average="macro", labels=np.arange(k), zero_division=0)) < TOL
+    np.testing.assert_array_equal(
+      metrics.confusion_matrix(labels, preds, k),
+      skm.confusion_matrix(labels, preds, labels=np.arange(k)),
+    )
+    for ours, theirs in (
+      (metrics.f1, skm.f1_score),
+      (metrics.precision, skm.precision_score),
+      (metrics.recall, skm.recall_score),
+    ):
+      assert (
+        abs(ours(labels, preds) - theirs(labels, preds, average="macro", zero_division=0)) < TOL
+      )
+      assert (
+        abs(
+          ours(labels, preds, num_classes=k)
+          - theirs(labels, preds, average="macro", labels=np.arange(k), zero_division=0)
+        )
+        < TOL
+      )
       b_labels, b_preds = labels % 2, preds % 2
-      assert abs(ours(b_labels, b_preds, average="binary")
-                 - theirs(b_labels, b_preds, average="binary", zero_division=0)) < TOL
+      assert (
+        abs(
+          ours(b_labels, b_preds, average="binary")
+          - theirs(b_labels, b_preds, average="binary", zero_division=0)
+        )
+        < TOL
+      )
 
 
 def test_specificity_and_npv_match_sklearn_confusion_matrix():
@@ -163,16 +191,27 @@ def test_specificity_and_npv_match_sklearn_confusion_matrix():
     assert abs(metrics.npv(labels, preds, num_classes=k) - np.mean(npv)) < TOL
     b_labels, b_preds = labels % 2, preds % 2
     tn, fp, fn, _ = skm.confusion_matrix(b_labels, b_preds, labels=[0, 1]).ravel()
-    assert abs(metrics.specificity(b_labels, b_preds, average="binary")
-               - (tn / (tn + fp) if tn + fp else 0.0)) < TOL
-    assert abs(metrics.npv(b_labels, b_preds, average="binary") - (tn / (tn + fn) if tn + fn else 0.0)) < TOL
+    assert (
+      abs(
+        metrics.specificity(b_labels, b_preds, average="binary")
+        - (tn / (tn + fp) if tn + fp else 0.0)
+      )
+      < TOL
+    )
+    assert (
+      abs(metrics.npv(b_labels, b_preds, average="binary") - (tn / (tn + fn) if tn + fn else 0.0))
+      < TOL
+    )
 
 
 def test_expected_calibration_error_by_hand():
   # 4 bins of width 0.25. Confidences (max prob): 0.9, 0.8, 0.6, 0.55, 0.3 (of 3 classes).
-  probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.25, 0.55],
-                    [0.3, 0.3, 0.4 - 0.1]])
-  labels = np.array([0, 2, 0, 2, 1])  # right, wrong, right, right, wrong (argmax of row 5 is class 0)
+  probs = np.array(
+    [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.25, 0.55], [0.3, 0.3, 0.4 - 0.1]]
+  )
+  labels = np.array(
+    [0, 2, 0, 2, 1]
+  )  # right, wrong, right, right, wrong (argmax of row 5 is class 0)
   # Bin (0.75, 1]: {0.9 right, 0.8 wrong}: |1/2 - 0.85| * 2/5 = 0.14.
   # Bin (0.5, 0.75]: {0.6 right, 0.55 right}: |1 - 0.575| * 2/5 = 0.17.
   # Bin (0.25, 0.5]: {0.3 wrong}: |0 - 0.3| * 1/5 = 0.06.
@@ -181,7 +220,8 @@ def test_expected_calibration_error_by_hand():
   p1 = np.array([0.9, 0.3, 0.6])
   # 2 bins: (0.5, 1] holds all three, accuracy 2/3 (label of the 0.6 one is 0), confidence 0.7333.
   assert metrics.expected_calibration_error([1, 0, 0], p1, num_bins=2) == pytest.approx(
-      abs(2 / 3 - 2.2 / 3))
+    abs(2 / 3 - 2.2 / 3)
+  )
   assert metrics.expected_calibration_error([1, 0], np.array([1.0, 0.0])) == 0.0
   with pytest.raises(ValueError, match="logits"):
     metrics.expected_calibration_error([0, 1], np.array([-1.0, 2.0]))
@@ -193,7 +233,9 @@ def test_all_correct_and_all_wrong():
     assert fn(labels, labels) == 1.0
     assert fn(labels, (labels + 1) % 3) == 0.0
   np.testing.assert_array_equal(metrics.confusion_matrix(labels, labels, 3), np.diag([2, 2, 1]))
-  assert metrics.f1([0, 0, 0], [0, 0, 0], average="binary") == 0.0  # no positives anywhere: zero_division=0
+  assert (
+    metrics.f1([0, 0, 0], [0, 0, 0], average="binary") == 0.0
+  )  # no positives anywhere: zero_division=0
 
 
 def test_class_metrics_reject_bad_input():
@@ -232,8 +274,9 @@ def test_per_class_dice_by_hand():
   target = np.array([[0, 1, 0], [2, 2, 2]])
   # (|P|, |T|, |P & T|) class 0: (2, 2, 1); 1: (2, 1, 1); 2: (2, 3, 2); class 3 absent from both.
   np.testing.assert_allclose(metrics.per_class_dice(pred, target, 4), [2 / 3, 4 / 5, 1.0])
-  np.testing.assert_allclose(metrics.per_class_dice(pred, target, 4, ignore_background=False),
-                             [1 / 2, 2 / 3, 4 / 5, 1.0])
+  np.testing.assert_allclose(
+    metrics.per_class_dice(pred, target, 4, ignore_background=False), [1 / 2, 2 / 3, 4 / 5, 1.0]
+  )
   assert metrics.per_class_dice(np.stack([pred] * 2), np.stack([target] * 2), 3).shape == (2, 2)
   with pytest.raises(ValueError, match=r"target_labels has values \[2\] outside \[0, 2\)"):
     metrics.per_class_dice(pred % 2, target, 2)
@@ -243,9 +286,11 @@ def _reference_distances(pred, target, spacing):
   """Surface distances by brute force: inner boundaries from skimage (zero-padded so image-edge pixels
   count, as in medpy), all pairwise physical distances between boundary pixels, nearest per pixel.
   Returns (pred -> target [Sp], target -> pred [St])."""
+
   def surface_points(mask):
     inner = find_boundaries(np.pad(mask, 1), connectivity=1, mode="inner")[1:-1, 1:-1]
     return np.argwhere(inner) * np.asarray(spacing)
+
   a, b = surface_points(pred), surface_points(target)
   d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
   return d.min(1), d.min(0)
@@ -284,8 +329,9 @@ def test_asd_and_surface_dice_match_brute_force_reference(spacing):
     shape = tuple(int(s) for s in rng.integers(8, 40, 2))
     pred, target = _random_mask(rng, shape), _random_mask(rng, shape)
     d_pt, d_tp = _reference_distances(pred, target, spacing)
-    assert abs(metrics.average_surface_distance(pred, target, spacing)
-               - np.r_[d_pt, d_tp].mean()) < TOL
+    assert (
+      abs(metrics.average_surface_distance(pred, target, spacing) - np.r_[d_pt, d_tp].mean()) < TOL
+    )
     for tol in (0.0, 1.0, 2.5):
       want = ((d_pt <= tol).sum() + (d_tp <= tol).sum()) / (d_pt.size + d_tp.size)
       assert abs(metrics.surface_dice(pred, target, tol, spacing) - want) < TOL
@@ -297,10 +343,14 @@ def test_surface_metrics_take_one_spacing_per_image():
   pred = np.stack([_random_mask(rng, (20, 24)) for _ in range(3)])
   target = np.stack([_random_mask(rng, (20, 24)) for _ in range(3)])
   spacing = np.array([[0.1, 0.1], [0.2, 0.05], [1.0, 3.0]])
-  for fn in (metrics.hd95, metrics.average_surface_distance,
-             lambda p, t, s: metrics.surface_dice(p, t, 0.5, s)):
-    np.testing.assert_allclose(fn(pred, target, spacing),
-                               [fn(p, t, s) for p, t, s in zip(pred, target, spacing)], atol=TOL)
+  for fn in (
+    metrics.hd95,
+    metrics.average_surface_distance,
+    lambda p, t, s: metrics.surface_dice(p, t, 0.5, s),
+  ):
+    np.testing.assert_allclose(
+      fn(pred, target, spacing), [fn(p, t, s) for p, t, s in zip(pred, target, spacing)], atol=TOL
+    )
   with pytest.raises(ValueError, match=r"\[B=3, 2\]"):
     metrics.hd95(pred, target, spacing[:2])
 
@@ -313,7 +363,9 @@ def test_hd95_by_hand_and_batched():
   assert metrics.hd95(shifted, target) == pytest.approx(3.0)
   assert metrics.hd95(shifted, target, spacing=(1.0, 0.5)) == pytest.approx(1.5)
   empty = np.zeros_like(target)
-  out = metrics.hd95(np.stack([shifted, empty, empty, target]), np.stack([target, empty, target, empty]))
+  out = metrics.hd95(
+    np.stack([shifted, empty, empty, target]), np.stack([target, empty, target, empty])
+  )
   assert out.shape == (4,)
   assert out[0] == pytest.approx(3.0) and out[1] == 0.0 and np.isnan(out[2]) and np.isnan(out[3])
 
@@ -400,9 +452,13 @@ def test_bootstrap_cis_share_one_set_of_resamples():
   def scores_fn(t, s):
     calls.append(1)
     return {"auroc": metrics.auroc(t, s), "accuracy": metrics.accuracy(t, s > 0.5)}
+
   out = metrics.bootstrap_cis(scores_fn, labels, scores, num_samples=100, seed=3)
   assert len(calls) == 101  # the full data once, then each resample once for both metrics
-  for name, fn in (("auroc", metrics.auroc), ("accuracy", lambda t, s: metrics.accuracy(t, s > 0.5))):
+  for name, fn in (
+    ("auroc", metrics.auroc),
+    ("accuracy", lambda t, s: metrics.accuracy(t, s > 0.5)),
+  ):
     assert out[name] == metrics.bootstrap_ci(fn, labels, scores, num_samples=100, seed=3)
 
 
@@ -424,7 +480,9 @@ def test_mean_ci_by_hand():
   mean = 0.8
   std = math.sqrt(sum((v - mean) ** 2 for v in values) / 4)
   half = 2.7764451051977987 * std / math.sqrt(5)  # t_{0.975, 4}
-  np.testing.assert_allclose(metrics.mean_ci(values), (mean, mean - half, mean + half), rtol=0, atol=1e-12)
+  np.testing.assert_allclose(
+    metrics.mean_ci(values), (mean, mean - half, mean + half), rtol=0, atol=1e-12
+  )
   # Two seeds: the t interval (t_{0.975, 1} = 12.7) leaves [0, 1] and is clipped to the range.
   m, low, high = metrics.mean_ci([0.6, 0.99], bounds=metrics.metric_range("auroc"))
   assert (m, low, high) == (pytest.approx(0.795), 0.0, 1.0)
@@ -446,6 +504,7 @@ def test_seg_report_is_in_mm_from_the_manifest_pixel_size(tmp_path):
 
   from ultrajax.data import tasks
   from ultrajax.eval import downstream
+
   lines = ["image,mask,pixel_size_mm"]
   for i in range(4):
     Image.fromarray(np.full((20, 40), 30 * i, np.uint8)).save(tmp_path / f"{i}.png")
@@ -460,7 +519,8 @@ def test_seg_report_is_in_mm_from_the_manifest_pixel_size(tmp_path):
   report = downstream.test_report("seg", data.targets, preds, 2, 20, 0, data.spacing, 1.0)
   assert report["distance_unit"] == "mm" and report["hd95"] == [pytest.approx(1.25)] * 3
   assert report["nsd"][0] == pytest.approx(
-      metrics.surface_dice(preds[0] > 0, data.targets[0] > 0, 1.0, (0.625, 1.25)))
+    metrics.surface_dice(preds[0] > 0, data.targets[0] > 0, 1.0, (0.625, 1.25))
+  )
   assert report["nsd"][0] < 1.0  # the 1.25 mm column shift is outside a 1 mm tolerance
   pixels = downstream.test_report("seg", data.targets, preds, 2, 20, 0)
   assert pixels["distance_unit"] == "px" and pixels["hd95"][0] == pytest.approx(1.0)

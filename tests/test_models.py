@@ -1,4 +1,5 @@
 """ViT / MAE / sin-cos positions against independent references (numpy, MAE's formulas)."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ def _perturb(model, seed=0, scale=0.1):
   """Adds noise to every parameter so zero biases and unit norms are exercised too."""
   rng = np.random.default_rng(seed)
   state = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype), state))
+  nnx.update(
+    model, jax.tree.map(lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype), state)
+  )
   return model
 
 
@@ -48,10 +50,11 @@ def tiny_mae():
 # ----------------------------------------------------------------------------- sin-cos
 def _official_mae_pos_embed(embed_dim, grid_size, cls_token=False):
   """Transcription of facebookresearch/mae util/pos_embed.py (the public reference formula)."""
+
   def one_d(dim, pos):
     omega = np.arange(dim // 2, dtype=np.float64)
-    omega /= dim / 2.
-    omega = 1. / 10000 ** omega
+    omega /= dim / 2.0
+    omega = 1.0 / 10000**omega
     out = np.einsum("m,d->md", pos.reshape(-1), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
@@ -81,8 +84,12 @@ def test_sincos_hand_checked_entries():
   omega = [10000 ** (-k / 4) for k in range(4)]
   for r, c in [(0, 1), (2, 3), (1, 4)]:
     row = emb[1 + r * w + c]  # raster order
-    expected = ([math.sin(c * o) for o in omega] + [math.cos(c * o) for o in omega]
-                + [math.sin(r * o) for o in omega] + [math.cos(r * o) for o in omega])
+    expected = (
+      [math.sin(c * o) for o in omega]
+      + [math.cos(c * o) for o in omega]
+      + [math.sin(r * o) for o in omega]
+      + [math.cos(r * o) for o in omega]
+    )
     np.testing.assert_allclose(row, expected, atol=1e-6)
 
 
@@ -90,7 +97,7 @@ def test_sincos_translation_invariant_inner_products():
   emb = posemb.sincos_2d(6, 6, 64).astype(np.float64)
   at = lambda r, c: emb[r * 6 + c]  # noqa: E731
   # |e|^2 = D/2 (sin^2 + cos^2 per frequency) and e(p).e(q) depends only on p - q.
-  np.testing.assert_allclose(np.sum(emb ** 2, axis=1), 32.0, rtol=1e-6)
+  np.testing.assert_allclose(np.sum(emb**2, axis=1), 32.0, rtol=1e-6)
   np.testing.assert_allclose(at(0, 0) @ at(1, 2), at(3, 2) @ at(4, 4), rtol=1e-5)
   assert at(0, 0) @ at(0, 1) > at(0, 0) @ at(0, 5)  # nearby positions are more similar
 
@@ -128,13 +135,15 @@ def test_mae_loss_matches_numpy(norm_pix):
   mask = _mask(2, b=3, keep=5)
   target = np.asarray(mae.patchify(images, p)).astype(np.float64)
   if norm_pix:
-    target = ((target - target.mean(-1, keepdims=True))
-              / np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6))
+    target = (target - target.mean(-1, keepdims=True)) / np.sqrt(
+      target.var(-1, ddof=1, keepdims=True) + 1e-6
+    )
   per_patch = ((pred - target) ** 2).mean(-1)
   ref_loss = (per_patch * mask).sum() / mask.sum()
   ref_per_image = (per_patch * mask).sum(1) / mask.sum(1)
-  loss, per_image = mae.mae_loss(jnp.asarray(pred), jnp.asarray(images), jnp.asarray(mask), p,
-                                 norm_pix=norm_pix)
+  loss, per_image = mae.mae_loss(
+    jnp.asarray(pred), jnp.asarray(images), jnp.asarray(mask), p, norm_pix=norm_pix
+  )
   assert loss.dtype == jnp.float32 and per_image.shape == (3,)
   np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(per_image), ref_per_image, rtol=1e-5)
@@ -161,12 +170,13 @@ def test_mae_decoder_places_tokens_like_an_explicit_loop(tiny_mae):
   pred = np.asarray(m(images, jnp.asarray(mask)))
   for b in range(2):
     visible = np.flatnonzero(~mask[b])
-    latent = m.encoder.encode(images[b:b + 1], visible_ids=jnp.asarray(visible[None]))
+    latent = m.encoder.encode(images[b : b + 1], visible_ids=jnp.asarray(visible[None]))
     emb = np.asarray(m.decoder_embed(latent))[0]
     rows = [emb[0]]
     for j in range(N):
-      rows.append(emb[1 + list(visible).index(j)] if j in visible
-                  else np.asarray(m.mask_token[...])[0, 0])
+      rows.append(
+        emb[1 + list(visible).index(j)] if j in visible else np.asarray(m.mask_token[...])[0, 0]
+      )
     x = jnp.asarray(np.stack(rows)[None] + posemb.sincos_2d(4, 4, 32, cls_token=True)[None])
     for block in m.decoder_blocks:
       x = block(x)
@@ -183,10 +193,22 @@ def test_mae_rejects_bad_masks(tiny_mae):
 
 
 def test_mae_from_config_and_field_errors():
-  cfg = ml_collections.ConfigDict(dict(
-      variant="", width=64, depth=2, num_heads=4, patch_size=8, image_size=32,
-      decoder_width=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.75,
-      drop_path_rate=0.1, dtype="bfloat16"))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      variant="",
+      width=64,
+      depth=2,
+      num_heads=4,
+      patch_size=8,
+      image_size=32,
+      decoder_width=32,
+      decoder_depth=1,
+      decoder_heads=4,
+      mask_ratio=0.75,
+      drop_path_rate=0.1,
+      dtype="bfloat16",
+    )
+  )
   model = nnx.eval_shape(lambda: mae.mae_from_config(cfg, nnx.Rngs(0)))
   assert model.len_keep == 4 and model.encoder.width == 64 and model.remat == "none"
   assert model.decoder_pred.kernel.shape == (32, 8 * 8 * 3)
@@ -194,8 +216,14 @@ def test_mae_from_config_and_field_errors():
   b16.update(variant="B/16", image_size=224, remat=True)
   big = nnx.eval_shape(lambda: mae.mae_from_config(b16, nnx.Rngs(0)))
   assert big.encoder.width == 768 and len(big.encoder.blocks) == 12 and big.remat == "full"
-  for field, value in [("variant", "Q/16"), ("dtype", "float16"), ("image_size", 30),
-                       ("decoder_width", 30), ("mask_ratio", 1.0), ("num_heads", 0)]:
+  for field, value in [
+    ("variant", "Q/16"),
+    ("dtype", "float16"),
+    ("image_size", 30),
+    ("decoder_width", 30),
+    ("mask_ratio", 1.0),
+    ("num_heads", 0),
+  ]:
     bad = cfg.copy_and_resolve_references()
     bad[field] = value
     with pytest.raises(configlib.ConfigError, match=rf"config\.model\.{field}"):
@@ -211,11 +239,13 @@ def test_parse_variant():
 
 
 def test_model_dims_reads_the_variant_or_the_explicit_sizes():
-  explicit = ml_collections.ConfigDict(dict(variant="", width=64, depth=2, num_heads=4,
-                                            patch_size=8))
+  explicit = ml_collections.ConfigDict(
+    dict(variant="", width=64, depth=2, num_heads=4, patch_size=8)
+  )
   assert vit.model_dims(explicit) == (64, 2, 4, 8)
-  named = ml_collections.ConfigDict(dict(variant="S/8", width=0, depth=0, num_heads=0,
-                                         patch_size=0))
+  named = ml_collections.ConfigDict(
+    dict(variant="S/8", width=0, depth=0, num_heads=0, patch_size=0)
+  )
   assert vit.model_dims(named) == (384, 12, 6, 8)  # the explicit sizes are ignored
   with pytest.raises(configlib.ConfigError, match=r"config\.teacher\.variant: ViT variant 'B16'"):
     vit.model_dims(ml_collections.ConfigDict(dict(variant="B16")), "config.teacher")
@@ -227,8 +257,13 @@ def test_model_dims_reads_the_variant_or_the_explicit_sizes():
 # ----------------------------------------------------------------------------- ViT
 def test_vit_pools_shapes_and_return_blocks():
   images = _images()
-  for pool, classes, shape in [("cls", 0, (2, 64)), ("gap", 0, (2, 64)), ("cls", 7, (2, 7)),
-                               ("gap", 7, (2, 7)), ("none", 0, (2, 1 + N, 64))]:
+  for pool, classes, shape in [
+    ("cls", 0, (2, 64)),
+    ("gap", 0, (2, 64)),
+    ("cls", 7, (2, 7)),
+    ("gap", 7, (2, 7)),
+    ("none", 0, (2, 1 + N, 64)),
+  ]:
     model = vit.ViT(**TINY, pool=pool, num_classes=classes, rngs=nnx.Rngs(0))
     out = model(images)
     assert out.shape == shape and out.dtype == jnp.float32, pool
@@ -239,24 +274,35 @@ def test_vit_pools_shapes_and_return_blocks():
   np.testing.assert_allclose(np.asarray(model(images)), np.asarray(tokens[:, 0]), atol=1e-6)
   gap = _perturb(vit.ViT(**TINY, pool="gap", rngs=nnx.Rngs(0)))
   raw = gap.encode(images)  # no final norm for 'gap'
-  np.testing.assert_allclose(np.asarray(gap(images)),
-                             np.asarray(gap.fc_norm(raw[:, 1:].mean(1))), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(gap(images)), np.asarray(gap.fc_norm(raw[:, 1:].mean(1))), atol=1e-6
+  )
   with pytest.raises(ValueError, match="outside 1..2"):
     model.encode(images, return_blocks=(3,))
   # visible_ids gathers tokens after their positions are added (any order), as MAE does.
   ids = np.array([[5, 0, 9], [15, 3, 4]])
   embedded = np.asarray(model.embed(images))
-  x = np.concatenate([np.broadcast_to(np.asarray(model.cls_token[...]), (2, 1, 64)),
-                      np.stack([embedded[b, ids[b]] for b in range(2)])], axis=1)
+  x = np.concatenate(
+    [
+      np.broadcast_to(np.asarray(model.cls_token[...]), (2, 1, 64)),
+      np.stack([embedded[b, ids[b]] for b in range(2)]),
+    ],
+    axis=1,
+  )
   x = jnp.asarray(x)
   for block in model.blocks:
     x = block(x)
-  np.testing.assert_allclose(np.asarray(model.encode(images, visible_ids=jnp.asarray(ids))),
-                             np.asarray(model.norm(x)), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(model.encode(images, visible_ids=jnp.asarray(ids))),
+    np.asarray(model.norm(x)),
+    atol=1e-5,
+  )
   # Keeping every patch in order is the same as no masking.
   np.testing.assert_allclose(
-      np.asarray(model.encode(images, visible_ids=jnp.tile(jnp.arange(N), (2, 1)))),
-      np.asarray(tokens), atol=1e-6)
+    np.asarray(model.encode(images, visible_ids=jnp.tile(jnp.arange(N), (2, 1)))),
+    np.asarray(tokens),
+    atol=1e-6,
+  )
 
 
 def test_vit_init_like_mae():
@@ -283,8 +329,9 @@ def test_drop_path():
   b = np.asarray(model(images, key=jax.random.key(2)))
   assert np.abs(a - det).max() > 1e-3 and np.abs(a - b).max() > 1e-3
   no_drop = vit.ViT(**TINY, drop_path_rate=0.0, rngs=nnx.Rngs(0))
-  np.testing.assert_array_equal(np.asarray(no_drop(images, key=jax.random.key(1))),
-                                np.asarray(no_drop(images)))
+  np.testing.assert_array_equal(
+    np.asarray(no_drop(images, key=jax.random.key(1))), np.asarray(no_drop(images))
+  )
   assert [blk.drop_path_rate for blk in model.blocks] == [0.0, 0.5]
   # Whole samples are dropped with probability `rate`; survivors are rescaled by 1 / keep.
   x = jnp.ones((4000, 3, 2))
@@ -332,9 +379,11 @@ def test_remat_changes_memory_not_math():
     assert nnx.state(model) == nnx.state(model, nnx.Param)
     graphdef, params = nnx.split(model, nnx.Param)
     # Drop path is on, so the per-block keys must also be replayed identically under remat.
-    grads.append(jax.jit(jax.grad(
-        lambda p, k, g=graphdef: jnp.sum(nnx.merge(g, p)(images, key=k) ** 2)))(
-            params, jax.random.key(3)))
+    grads.append(
+      jax.jit(jax.grad(lambda p, k, g=graphdef: jnp.sum(nnx.merge(g, p)(images, key=k) ** 2)))(
+        params, jax.random.key(3)
+      )
+    )
   for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
@@ -346,8 +395,7 @@ def _jit_call(model, *args, method="__call__", **kwargs):
 
 def _mae_loss_and_grads(images, mask, key, dtype=jnp.float32, **options):
   """Loss and gradients of a tiny MAE (same init for every option) on images/mask."""
-  model = mae.MAE(**TINY, **TINY_DEC, drop_path_rate=0.2, dtype=dtype, rngs=nnx.Rngs(0),
-                  **options)
+  model = mae.MAE(**TINY, **TINY_DEC, drop_path_rate=0.2, dtype=dtype, rngs=nnx.Rngs(0), **options)
   graphdef, params = nnx.split(model, nnx.Param)
 
   def loss(p):
@@ -360,13 +408,20 @@ def test_dot_product_attention_equals_einsum():
   """The fused path (jax.nn.dot_product_attention) against explicit q k^T softmax v: MAE loss
   and gradients (encoder ViT and decoder) in float32, predictions in bfloat16."""
   images, mask = _images(), jnp.asarray(_mask())
-  (la, ga), (lb, gb) = (_mae_loss_and_grads(images, mask, None, attention_impl=impl)
-                        for impl in vit.ATTENTION_IMPLS)
+  (la, ga), (lb, gb) = (
+    _mae_loss_and_grads(images, mask, None, attention_impl=impl) for impl in vit.ATTENTION_IMPLS
+  )
   np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
-  preds = [_jit_call(mae.MAE(**TINY, **TINY_DEC, dtype=jnp.bfloat16, attention_impl=impl,
-                             rngs=nnx.Rngs(0)), images, mask) for impl in vit.ATTENTION_IMPLS]
+  preds = [
+    _jit_call(
+      mae.MAE(**TINY, **TINY_DEC, dtype=jnp.bfloat16, attention_impl=impl, rngs=nnx.Rngs(0)),
+      images,
+      mask,
+    )
+    for impl in vit.ATTENTION_IMPLS
+  ]
   a, b = np.asarray(preds[0]), np.asarray(preds[1])
   assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2  # bfloat16 rounding, 8 bits
   # Attention.weights are the probabilities both paths apply to v.
@@ -374,8 +429,9 @@ def test_dot_product_attention_equals_einsum():
   x = jax.random.normal(jax.random.key(0), (2, 5, 64))
   _, _, v = attn._qkv(x)
   mixed = jnp.einsum("bhqk,bkhd->bqhd", attn.weights(x), v).reshape(2, 5, 64)
-  np.testing.assert_allclose(np.asarray(attn.proj(mixed)), np.asarray(attn(x)), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(attn.proj(mixed)), np.asarray(attn(x)), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_scan_and_remat_policies_keep_loss_and_grads():
@@ -388,12 +444,19 @@ def test_scan_and_remat_policies_keep_loss_and_grads():
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5, err_msg=str(options))
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
     for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6,
-                                 err_msg=str(options))
+      np.testing.assert_allclose(
+        np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6, err_msg=str(options)
+      )
   # Intermediate blocks come out of the scan as out of the loop.
-  plain, scanned = (_jit_call(vit.ViT(**TINY, pool="none", scan_layers=scan, rngs=nnx.Rngs(0)),
-                              images, method="encode", return_blocks=(2, 1))
-                    for scan in (False, True))
+  plain, scanned = (
+    _jit_call(
+      vit.ViT(**TINY, pool="none", scan_layers=scan, rngs=nnx.Rngs(0)),
+      images,
+      method="encode",
+      return_blocks=(2, 1),
+    )
+    for scan in (False, True)
+  )
   for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(scanned)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="remat='some'"):
@@ -409,7 +472,7 @@ def test_mlp_uses_exact_gelu():
   h = x.astype(np.float64) @ w1 + b1
   erf = np.vectorize(math.erf)
   exact = (0.5 * h * (1 + erf(h / math.sqrt(2)))) @ w2 + b2
-  tanh = (0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))) @ w2 + b2
+  tanh = (0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))) @ w2 + b2
   got = np.asarray(mlp(jnp.asarray(x)))
   np.testing.assert_allclose(got, exact, atol=2e-5)
   assert np.abs(tanh - exact).max() > 1e-4  # the two GELUs are distinguishable here

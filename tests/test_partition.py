@@ -1,4 +1,5 @@
 """Partitioners: disjoint, the sizes and label ratios asked for, seeded, clear errors."""
+
 import numpy as np
 import pytest
 
@@ -89,8 +90,13 @@ def test_combined_five_nodes_and_plot(tmp_path):
   p = partition.combined(labels, seed=0, scale=0.1)
   _disjoint(p)
   counts = p.counts(labels)
-  assert p.names == ["screening_centre", "specialist_hospital", "small_clinic_1",
-                     "small_clinic_2", "rare_disease_region"]
+  assert p.names == [
+    "screening_centre",
+    "specialist_hospital",
+    "small_clinic_1",
+    "small_clinic_2",
+    "rare_disease_region",
+  ]
   np.testing.assert_array_equal(counts.sum(1), [313, 222, 20, 20, 1426])
   assert counts[0, 0] > 8 * counts[0, 1] and counts[1, 1] > 3 * counts[1, 0]
   assert counts[4, 1] == 1  # 1:1999 prevalence keeps one abnormal case
@@ -100,10 +106,14 @@ def test_combined_five_nodes_and_plot(tmp_path):
 
 def test_impossible_ratios_raise_naming_the_node():
   labels = np.array([0] * 100 + [1] * 10)
-  with pytest.raises(ValueError, match=r"node 'node1' needs 20 examples of class 1 .* only 5 remain"):
+  with pytest.raises(
+    ValueError, match=r"node 'node1' needs 20 examples of class 1 .* only 5 remain"
+  ):
     partition.label_ratios(labels, [10, 40], [(1, 1), (1, 1)], seed=0)
   groups = np.array([0] * 60 + [1] * 50)
-  with pytest.raises(ValueError, match=r"node '0' needs 40 examples of class 1 in group 0 .* only 0 remain"):
+  with pytest.raises(
+    ValueError, match=r"node '0' needs 40 examples of class 1 in group 0 .* only 0 remain"
+  ):
     partition.feature_skew(labels, groups, size=80, seed=0)
   with pytest.raises(ValueError, match="node 'specialist_hospital' needs 18 examples of class 1"):
     partition.combined(labels, seed=0, scale=0.01)

@@ -1,4 +1,5 @@
 """Host pipeline: torchvision's RandomResizedCrop, MAE augmentation, per-client Grain batches."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ class _GradientSource(_Source):
   def __getitem__(self, i):
     h, w = self.shape[:2]
     image = ((np.add.outer(np.arange(h) * 3, np.arange(w) * 5) + 7 * i) % 256).astype(np.uint8)
-    return {"image": np.broadcast_to(image[..., None], self.shape) if len(self.shape) == 3
-            else image}
+    return {
+      "image": np.broadcast_to(image[..., None], self.shape) if len(self.shape) == 3 else image
+    }
 
 
 def _ids(images):
@@ -64,10 +66,13 @@ def test_rrc_params_stay_inside_image_and_in_range():
       assert 3 / 4 * (1 - 1 / h) <= w / h <= 4 / 3 * (1 + 1 / h)
 
 
-@pytest.mark.parametrize("height,width,expected", [
-    (10, 1000, (0, 493, 10, 13)),   # too wide: centred crop at ratio 4/3
-    (1000, 10, (493, 0, 13, 10)),   # too tall: centred crop at ratio 3/4
-])
+@pytest.mark.parametrize(
+  "height,width,expected",
+  [
+    (10, 1000, (0, 493, 10, 13)),  # too wide: centred crop at ratio 4/3
+    (1000, 10, (493, 0, 13, 10)),  # too tall: centred crop at ratio 3/4
+  ],
+)
 def test_rrc_params_fall_back_to_centre_crop(height, width, expected):
   rng = np.random.default_rng(0)
   assert pipeline.random_resized_crop_params(rng, height, width) == expected
@@ -81,8 +86,9 @@ def test_rrc_params_match_torchvision_statistics(height, width):
   rng, n = np.random.default_rng(0), 3000
   image = torch.empty(1, height, width)
   ours = np.array([pipeline.random_resized_crop_params(rng, height, width) for _ in range(n)])
-  theirs = np.array([transforms.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
-                     for _ in range(n)])
+  theirs = np.array(
+    [transforms.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(n)]
+  )
   # (top, left, h, w, area, aspect): means agree within 4 standard errors of the difference.
   stats = lambda p: np.concatenate([p, p[:, 2:3] * p[:, 3:], p[:, 3:] / p[:, 2:3]], axis=1)
   a, b = stats(ours), stats(theirs)
@@ -296,7 +302,12 @@ def test_next_batches_fills_each_client_in_row_major_order():
   reference = _next(_batches(sources), np.ones((2, 3), bool))  # [client, step, ...]
   ids = np.array([[0, 0, 1], [1, -1, 0]])
   got = _batches(sources).next_batches(ids)
-  for (lane, step), (client, k) in {(0, 0): (0, 0), (0, 1): (0, 1), (1, 2): (0, 2),
-                                    (0, 2): (1, 0), (1, 0): (1, 1)}.items():
+  for (lane, step), (client, k) in {
+    (0, 0): (0, 0),
+    (0, 1): (0, 1),
+    (1, 2): (0, 2),
+    (0, 2): (1, 0),
+    (1, 0): (1, 1),
+  }.items():
     np.testing.assert_array_equal(got[lane, step], reference[client, k])
   assert not got[1, 1].any()

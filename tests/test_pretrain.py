@@ -1,4 +1,5 @@
 """End-to-end pretraining job: smoke runs, resume after a crash, meshes, bad input, real images."""
+
 import json
 import os
 import pathlib
@@ -28,8 +29,11 @@ def smoke_config(**overrides):
 
 def losses_by_round(workdir):
   """Rows of training rounds (the evaluators' round-0 row has no loss)."""
-  return {row["round"]: row for row in writers.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
-          if "loss" in row}
+  return {
+    row["round"]: row
+    for row in writers.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+    if "loss" in row
+  }
 
 
 def assert_trees_equal(a, b):
@@ -50,36 +54,62 @@ def test_smoke_run_writes_metrics_images_and_checkpoint(tmp_path):
   final = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(params)))
   assert rows[2]["param_norm"] == pytest.approx(final, rel=1e-5)
   assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == [
-      "round_00001.png", "round_00002.png", "smat_pairs.png"]
+    "round_00001.png",
+    "round_00002.png",
+    "smat_pairs.png",
+  ]
   assert_trees_equal(checkpoint.load_params(tmp_path), params)
   # The evaluators ran at random init (round 0) and at the last round (smoke: every 2 rounds).
   keys = {f"eval/{n}/{m}" for n in ("linear_probe", "knn") for m in ("accuracy", "auroc")}
-  evals = {row["round"]: row for row in writers.read_jsonl(tmp_path / "metrics.jsonl")
-           if keys <= set(row)}
+  evals = {
+    row["round"]: row for row in writers.read_jsonl(tmp_path / "metrics.jsonl") if keys <= set(row)
+  }
   assert sorted(evals) == [0, 2] and "loss" not in evals[0] and "loss" in evals[2]
   assert all(0 <= evals[r][k] <= 1 for r in evals for k in keys)
   # The command-line evaluator on the saved checkpoint gives what the job logged.
   record = evaluate.evaluate(smoke_config(), workdir=str(tmp_path))
-  assert record["round"] == 2 and json.loads(pathlib.Path(record["output"]).read_text())["round"] == 2
+  assert (
+    record["round"] == 2 and json.loads(pathlib.Path(record["output"]).read_text())["round"] == 2
+  )
   for k in keys:
     assert record[k] == pytest.approx(evals[2][k], abs=1e-4), k
 
 
 # FedAdam (server moments in the checkpoint), one of the two clients sampled per round, fresh
 # client optimizers every round; 4 chunks of 2 steps per round.
-KILLED = {"fed.num_rounds": 3, "fed.strategy": "fedadam", "fed.strategy_options": "server_lr=0.01",
-          "fed.clients_per_round": 1, "fed.reset_client_optimizer": True, "image_every_rounds": 9,
-          "evals.linear_probe.every_rounds": 0, "evals.knn.every_rounds": 0}
+KILLED = {
+  "fed.num_rounds": 3,
+  "fed.strategy": "fedadam",
+  "fed.strategy_options": "server_lr=0.01",
+  "fed.clients_per_round": 1,
+  "fed.reset_client_optimizer": True,
+  "image_every_rounds": 9,
+  "evals.linear_probe.every_rounds": 0,
+  "evals.knn.every_rounds": 0,
+}
 
 
 def _killed_at(round_chunk, workdir):
   """Runs the job in a subprocess that SIGKILLs itself after chunk J of round R ('R,J')."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             **{pretrain.KILL_AT_ENV: round_chunk})
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **{pretrain.KILL_AT_ENV: round_chunk}
+  )
   flags = [f"--config.{k}={v}" for k, v in {**KILLED, "mesh.clients": 1, "mesh.data": 1}.items()]
-  done = subprocess.run([sys.executable, "-m", "ultrajax.main",
-                         "--config=configs/pretrain_fed.py:smoke", *flags, f"--workdir={workdir}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ultrajax.main",
+      "--config=configs/pretrain_fed.py:smoke",
+      *flags,
+      f"--workdir={workdir}",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
   assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
 
 
@@ -100,7 +130,8 @@ def test_sigkilled_mid_round_twice_resumes_bitwise(tmp_path):
   for r in a:
     assert a[r]["clients"] == b[r]["clients"] == 1, r
     assert {k: v for k, v in a[r].items() if k.startswith("loss")} == {
-        k: v for k, v in b[r].items() if k.startswith("loss")}, r
+      k: v for k, v in b[r].items() if k.startswith("loss")
+    }, r
   assert_trees_equal(straight, resumed)
 
 
@@ -109,9 +140,17 @@ def test_one_device_and_eight_devices_agree(tmp_path):
   scaffold = {"fed.strategy": "scaffold", "fed.strategy_options": "local_lr=1e-3"}
   one = pretrain.run(smoke_config(**scaffold), tmp_path / "one")
   # 8 devices: clients over 2, batch over 4, and matrices FSDP-sharded over the data axis.
-  eight = pretrain.run(smoke_config(**{
-      **scaffold, "mesh.clients": 2, "mesh.data": 4,
-      "sharding_rules": [(".*kernel", "fsdp"), (".*", "replicated")]}), tmp_path / "eight")
+  eight = pretrain.run(
+    smoke_config(
+      **{
+        **scaffold,
+        "mesh.clients": 2,
+        "mesh.data": 4,
+        "sharding_rules": [(".*kernel", "fsdp"), (".*", "replicated")],
+      }
+    ),
+    tmp_path / "eight",
+  )
   a, b = losses_by_round(tmp_path / "one"), losses_by_round(tmp_path / "eight")
   for r in a:
     np.testing.assert_allclose(a[r]["loss"], b[r]["loss"], rtol=1e-4)
@@ -125,12 +164,15 @@ def test_centralized_config_pools_clients(tmp_path):
   config.attention_every_rounds = 2
   pretrain.run(config, tmp_path)
   assert [k for k in losses_by_round(tmp_path)[1] if k.startswith("loss/client")] == [
-      "loss/client_00"]
+    "loss/client_00"
+  ]
   # The encoder's attention maps every 2 rounds (and at the last round).
   assert [p.name for p in (tmp_path / "attention").glob("*.png")] == ["round_00002.png"]
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     ({"data.batch_size": 6, "mesh.clients": 1, "mesh.data": 4}, "batch_size=6"),
     ({"ultramim.tgm_mode": "textured"}, "ultramim.tgm_mode"),
     ({"model.mask_ratio": 1.0}, "model.mask_ratio"),
@@ -142,7 +184,8 @@ def test_centralized_config_pools_clients(tmp_path):
     ({"fed.strategy_options": "mu=0.1"}, "fed.strategy_options"),
     ({"fed.sampling": "stratified"}, "fed.sampling"),
     ({"fed.clients_per_round": 2.5}, "fed.clients_per_round"),
-])
+  ],
+)
 def test_bad_config_fails_naming_the_field(tmp_path, overrides, message):
   with pytest.raises(configlib.ConfigError, match=message.replace(".", r"\.")):
     pretrain.run(smoke_config(**overrides), tmp_path)
@@ -154,13 +197,16 @@ def _write_client_folders(root, num_clients=2, num_images=8, size=40):
     (root / f"site_{c}").mkdir(parents=True)
     for i in range(num_images):
       Image.fromarray(rng.integers(0, 256, (size, size + 8), np.uint8)).save(
-          root / f"site_{c}" / f"{i}.png")
+        root / f"site_{c}" / f"{i}.png"
+      )
 
 
 def test_folder_clients_missing_empty_and_unreadable(tmp_path):
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    pretrain.run(smoke_config(**{"data.source": "folder", "data.root": str(tmp_path / "nowhere")}),
-                 tmp_path / "w0")
+    pretrain.run(
+      smoke_config(**{"data.source": "folder", "data.root": str(tmp_path / "nowhere")}),
+      tmp_path / "w0",
+    )
   root = tmp_path / "clients"
   _write_client_folders(root)
   (root / "site_empty").mkdir()
@@ -168,8 +214,15 @@ def test_folder_clients_missing_empty_and_unreadable(tmp_path):
     pretrain.run(smoke_config(**{"data.source": "folder", "data.root": str(root)}), tmp_path / "w1")
   (root / "site_empty").rmdir()
   (root / "site_1" / "broken.png").write_bytes(b"not a png")
-  config = smoke_config(**{"data.source": "folder", "data.root": str(root), "data.probe": "linear",
-                           "data.on_bad_image": "raise", "fed.num_rounds": 1})
+  config = smoke_config(
+    **{
+      "data.source": "folder",
+      "data.root": str(root),
+      "data.probe": "linear",
+      "data.on_bad_image": "raise",
+      "fed.num_rounds": 1,
+    }
+  )
   with pytest.raises(ValueError, match="broken.png"):
     pretrain.run(config, tmp_path / "w2")
   config.data.on_bad_image = "skip"
@@ -179,9 +232,16 @@ def test_folder_clients_missing_empty_and_unreadable(tmp_path):
 
 
 def test_round_on_real_ultrasound_manifest(tmp_path, real_us):
-  config = smoke_config(**{"data.source": "manifest", "data.manifest": str(real_us / "hc18" / "labels.csv"),
-                           "data.probe": "convex", "data.batch_size": 32, "fed.num_rounds": 1,
-                           "fed.chunk_steps": 4})
+  config = smoke_config(
+    **{
+      "data.source": "manifest",
+      "data.manifest": str(real_us / "hc18" / "labels.csv"),
+      "data.probe": "convex",
+      "data.batch_size": 32,
+      "fed.num_rounds": 1,
+      "fed.chunk_steps": 4,
+    }
+  )
   pretrain.run(config, tmp_path)
   row = losses_by_round(tmp_path)[1]
   assert np.isfinite(row["loss"]) and (tmp_path / "images" / "round_00001.png").exists()
@@ -189,18 +249,37 @@ def test_round_on_real_ultrasound_manifest(tmp_path, real_us):
 
 def _main(args, tmp_path):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, "-m", "ultrajax.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "ultrajax.main", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def test_main_runs_smoke_preset_and_rejects_unknown_fields(tmp_path):
-  ok = _main(["--config=configs/pretrain_fed.py:smoke", "--config.fed.strategy=fedyogi",
-              "--config.fed.strategy_options=server_lr=0.01", f"--workdir={tmp_path}/w"], tmp_path)
+  ok = _main(
+    [
+      "--config=configs/pretrain_fed.py:smoke",
+      "--config.fed.strategy=fedyogi",
+      "--config.fed.strategy_options=server_lr=0.01",
+      f"--workdir={tmp_path}/w",
+    ],
+    tmp_path,
+  )
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "Total:" in ok.stderr  # clu's parameter overview
   assert sorted(losses_by_round(tmp_path / "w")) == [1, 2]
-  bad = _main(["--config=configs/pretrain_fed.py:smoke", "--config.model.widht=3",
-               f"--workdir={tmp_path}/bad"], tmp_path)
+  bad = _main(
+    [
+      "--config=configs/pretrain_fed.py:smoke",
+      "--config.model.widht=3",
+      f"--workdir={tmp_path}/bad",
+    ],
+    tmp_path,
+  )
   assert bad.returncode != 0 and "widht" in bad.stderr
 
 
@@ -208,29 +287,43 @@ def test_two_processes_match_one(tmp_path):
   """launch/local_multiprocess.sh: 2 processes x 2 CPU devices joined by jax.distributed, each
   loading its slice of every batch, give the losses of a single-process run."""
   env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", PORT="12391")
-  done = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "configs/pretrain_fed.py:smoke",
-                         str(tmp_path / "mp")], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  done = subprocess.run(
+    [
+      "bash",
+      "launch/local_multiprocess.sh",
+      "2",
+      "configs/pretrain_fed.py:smoke",
+      str(tmp_path / "mp"),
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   pretrain.run(smoke_config(), tmp_path / "single")
   a, b = losses_by_round(tmp_path / "mp"), losses_by_round(tmp_path / "single")
   assert sorted(a) == sorted(b) == [1, 2]
   for r in a:
     np.testing.assert_allclose(a[r]["loss"], b[r]["loss"], rtol=1e-4)
-  assert sorted(p.name for p in (tmp_path / "mp" / "checkpoints" / "2" / "data").glob("*.json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+  assert sorted(
+    p.name for p in (tmp_path / "mp" / "checkpoints" / "2" / "data").glob("*.json")
+  ) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 def test_init_from_official_mae_file(tmp_path):
   """config.init_from accepts an official-MAE .safetensors file: training starts from exactly
   its weights, and a workdir's own checkpoint takes precedence once it exists."""
   from ultrajax.interop import files, mae_official
+
   first = pretrain.run(smoke_config(**{"fed.num_rounds": 1}), tmp_path / "a")
   path = tmp_path / "mae.safetensors"
   files.save_state_dict(path, mae_official.mae_to_official(first, image_size=32, patch_size=8))
   # FedBN: the MAE's LayerNorms stay per client (kept leaves in the checkpoint).
-  config = smoke_config(**{"fed.num_rounds": 1, "init_from": str(path), "seed": 1,
-                           "fed.strategy": "fedbn"})
+  config = smoke_config(
+    **{"fed.num_rounds": 1, "init_from": str(path), "seed": 1, "fed.strategy": "fedbn"}
+  )
   assert_trees_equal(pretrain.run(config, tmp_path / "b", stop_after_rounds=0), first)
   trained = pretrain.run(config, tmp_path / "b")
   assert np.isfinite(losses_by_round(tmp_path / "b")[1]["loss"])

@@ -1,5 +1,6 @@
 """Privacy and robustness (issue 20): DP-FedAvg, accountant, secure aggregation, robust rules,
 the gradient-inversion audit. References: dp-accounting, numpy, scipy, TF Privacy's README."""
+
 import dataclasses
 import functools
 import math
@@ -19,8 +20,10 @@ from ultrajax.fed import aggregate, privacy, robust, rounds, secagg, strategies
 
 def _stack(num=5, seed=0):
   rng = np.random.default_rng(seed)
-  return {"a": jnp.asarray(rng.normal(size=(num, 3, 4)), jnp.float32),
-          "b": {"c": jnp.asarray(rng.normal(size=(num, 7)), jnp.float32)}}
+  return {
+    "a": jnp.asarray(rng.normal(size=(num, 3, 4)), jnp.float32),
+    "b": {"c": jnp.asarray(rng.normal(size=(num, 7)), jnp.float32)},
+  }
 
 
 def _np_flat(tree):
@@ -28,6 +31,7 @@ def _np_flat(tree):
 
 
 # --- DP-FedAvg -------------------------------------------------------------------------------
+
 
 def test_clipping_matches_numpy():
   tree = _stack()
@@ -88,27 +92,32 @@ def test_sampling_is_seeded_by_seed_and_round():
 
 # --- accountant ------------------------------------------------------------------------------
 
+
 def test_epsilon_equals_dp_accounting_directly():
   acct = privacy.Accountant(noise_multiplier=1.1, delta=1e-5, sampling_rate=0.05)
   direct = dp_accounting.rdp.RdpAccountant()
-  direct.compose(dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1)),
-                 200)
+  direct.compose(dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1)), 200)
   assert acct.epsilon(200) == pytest.approx(direct.get_epsilon(1e-5), abs=1e-6)
-  pld = privacy.Accountant(noise_multiplier=1.1, delta=1e-5, sampling_rate=0.05, kind="pld",
-                           pld_discretization=1e-3)
+  pld = privacy.Accountant(
+    noise_multiplier=1.1, delta=1e-5, sampling_rate=0.05, kind="pld", pld_discretization=1e-3
+  )
   d = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
   d.compose(dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1)), 20)
   assert pld.epsilon(20) == pytest.approx(d.get_epsilon(1e-5), abs=1e-6)
-  fixed = privacy.Accountant(noise_multiplier=1.0, delta=1e-5, sampling="fixed",
-                             population=16, sample_size=4)
+  fixed = privacy.Accountant(
+    noise_multiplier=1.0, delta=1e-5, sampling="fixed", population=16, sample_size=4
+  )
   r = dp_accounting.rdp.RdpAccountant(
-      neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-  r.compose(dp_accounting.SampledWithoutReplacementDpEvent(
-      16, 4, dp_accounting.GaussianDpEvent(1.0)), 10)
+    neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+  )
+  r.compose(
+    dp_accounting.SampledWithoutReplacementDpEvent(16, 4, dp_accounting.GaussianDpEvent(1.0)), 10
+  )
   assert fixed.epsilon(10) == pytest.approx(r.get_epsilon(1e-5), abs=1e-6)
   with pytest.raises(configlib.ConfigError, match="kind='rdp'"):
-    privacy.Accountant(noise_multiplier=1.0, delta=1e-5, sampling="fixed", population=16,
-                       sample_size=4, kind="pld")
+    privacy.Accountant(
+      noise_multiplier=1.0, delta=1e-5, sampling="fixed", population=16, sample_size=4, kind="pld"
+    )
 
 
 def test_dp_sgd_accounting_matches_the_published_mnist_example():
@@ -116,8 +125,7 @@ def test_dp_sgd_accounting_matches_the_published_mnist_example():
   # delta 1e-5 (RDP with the classic conversion eps = min_a RDP(a) + log(1/delta) / (a - 1)).
   acct = privacy.dp_sgd_accountant(256, 60000, 1.12, 1e-5)
   steps = 60 * 60000 // 256
-  rdp = dp_accounting.rdp.RdpAccountant([1 + x / 10 for x in range(1, 100)] +
-                                        list(range(12, 64)))
+  rdp = dp_accounting.rdp.RdpAccountant([1 + x / 10 for x in range(1, 100)] + list(range(12, 64)))
   rdp.compose(acct.event(), steps)
   classic = min(r + math.log(1 / 1e-5) / (a - 1) for a, r in zip(rdp.orders, rdp.rdp))
   assert classic == pytest.approx(2.92, rel=0.01)
@@ -145,22 +153,26 @@ def test_dp_sgd_grad_clips_each_example():
 
   def loss(params, batch):  # gradient of example i is x_i
     return jnp.sum(batch @ params["w"]) / batch.shape[0]
+
   g = privacy.dp_sgd_grad(loss, w, x, jax.random.key(0), 1.0, 0.0)
   np.testing.assert_allclose(g["w"], [0.5, 0.5, 0.0], atol=1e-6)
-  noisy = privacy.dp_sgd_grad(loss, {"w": jnp.ones(20000)}, jnp.zeros((4, 20000)),
-                              jax.random.key(1), 2.0, 1.5)
+  noisy = privacy.dp_sgd_grad(
+    loss, {"w": jnp.ones(20000)}, jnp.zeros((4, 20000)), jax.random.key(1), 2.0, 1.5
+  )
   assert float(noisy["w"].std()) == pytest.approx(1.5 * 2.0 / 4, rel=0.03)
 
 
 # --- secure aggregation ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dropped", [(), (1, 3)])
 def test_masked_sum_equals_plain_sum(dropped):
   cfg = secagg.SecAggConfig(bits=32, clip_range=8.0, max_clients=5)
   tree = _stack(5, seed=3)
   w = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
-  total, wsum = secagg.secure_weighted_sum(tree, w, cfg, seed=0, round_num=2,
-                                           dropped_after_masking=dropped)
+  total, wsum = secagg.secure_weighted_sum(
+    tree, w, cfg, seed=0, round_num=2, dropped_after_masking=dropped
+  )
   keep = np.array([k not in dropped for k in range(5)])
   flat = _np_flat(tree).astype(np.float64)
   # exact in the ring: the masked sum decodes to the sum of the same quantised values
@@ -169,8 +181,9 @@ def test_masked_sum_equals_plain_sum(dropped):
   got = np.asarray(jax.flatten_util.ravel_pytree(total)[0])
   assert wsum == want[0]
   np.testing.assert_array_equal(got, want[1:].astype(np.float32))
-  np.testing.assert_allclose(got, (w[keep, None] * flat[keep]).sum(0),
-                             atol=5 * 0.5 / cfg.scale + 1e-6)
+  np.testing.assert_allclose(
+    got, (w[keep, None] * flat[keep]).sum(0), atol=5 * 0.5 / cfg.scale + 1e-6
+  )
 
 
 def test_single_masked_upload_is_uniform():
@@ -187,6 +200,7 @@ def test_single_masked_upload_is_uniform():
 
 # --- robust aggregation ----------------------------------------------------------------------
 
+
 def test_median_trimmed_mean_and_krum_match_numpy():
   tree = _stack(7, seed=4)
   flat = _np_flat(tree)
@@ -196,7 +210,7 @@ def test_median_trimmed_mean_and_krum_match_numpy():
   np.testing.assert_allclose(tm, stats.trim_mean(flat, 0.2, axis=0), rtol=1e-5, atol=1e-6)
   f, m = 2, 3
   dist = ((flat[:, None] - flat[None]) ** 2).sum(-1)
-  scores = np.array([np.sort(np.delete(dist[i], i))[:7 - f - 2].sum() for i in range(7)])
+  scores = np.array([np.sort(np.delete(dist[i], i))[: 7 - f - 2].sum() for i in range(7)])
   np.testing.assert_allclose(robust.krum_scores(tree, f), scores, rtol=1e-4)
   agg, sel = robust.krum(tree, f, m)
   np.testing.assert_array_equal(sel, np.argsort(scores)[:m])
@@ -213,22 +227,27 @@ def test_robust_rules_over_the_kept_clients_equal_numpy_on_those_alone():
   tree = jax.tree.map(lambda x: x.at[2].set(jnp.nan).at[6].set(1e9), tree)
   flat = _np_flat(tree)[keep]
   row = lambda t: _np_flat(jax.tree.map(lambda x: x[None], t))[0]  # noqa: E731
-  np.testing.assert_allclose(row(robust.coordinate_median(tree, keep)), np.median(flat, 0),
-                             rtol=1e-6)
-  np.testing.assert_allclose(row(robust.trimmed_mean(tree, 0.25, keep)),
-                             stats.trim_mean(flat, 0.25, axis=0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    row(robust.coordinate_median(tree, keep)), np.median(flat, 0), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    row(robust.trimmed_mean(tree, 0.25, keep)),
+    stats.trim_mean(flat, 0.25, axis=0),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   f, m, k = 1, 2, len(flat)
   dist = ((flat[:, None] - flat[None]) ** 2).sum(-1)
-  scores = np.array([np.sort(np.delete(dist[i], i))[:k - f - 2].sum() for i in range(k)])
+  scores = np.array([np.sort(np.delete(dist[i], i))[: k - f - 2].sum() for i in range(k)])
   agg, sel = robust.krum(tree, f, m, keep=keep)
   np.testing.assert_array_equal(np.asarray(sel), np.flatnonzero(keep)[np.argsort(scores)[:m]])
-  np.testing.assert_allclose(row(agg), flat[np.argsort(scores)[:m]].mean(0), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(row(agg), flat[np.argsort(scores)[:m]].mean(0), rtol=1e-5, atol=1e-6)
   w = np.arange(1, 8, dtype=np.float64)
   norms = np.linalg.norm(flat, axis=1)
   want = ((w[keep] / w[keep].sum())[:, None] * flat * np.minimum(1, 1.5 / norms)[:, None]).sum(0)
-  np.testing.assert_allclose(row(robust.norm_bounded_mean(tree, w, 1.5, keep)), want, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    row(robust.norm_bounded_mean(tree, w, 1.5, keep)), want, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_screen_excludes_nan_and_scaled_clients_and_renormalises():
@@ -243,15 +262,18 @@ def test_screen_excludes_nan_and_scaled_clients_and_renormalises():
   keep, w, report = robust.screen(tree, np.full(5, 0.2), keep=np.array([0, 1, 1, 1, 1], bool))
   np.testing.assert_array_equal(keep, [False, False, True, False, True])
   np.testing.assert_allclose(w, [0, 0, 0.5, 0, 0.5], rtol=1e-6)
-  bounded = robust.norm_bounded_mean(jax.tree.map(lambda x: x[np.array([0, 3])], tree),
-                                     [0.5, 0.5], 1.0)
+  bounded = robust.norm_bounded_mean(
+    jax.tree.map(lambda x: x[np.array([0, 3])], tree), [0.5, 0.5], 1.0
+  )
   assert float(privacy.global_norm(bounded)) <= 1.0 + 1e-5
 
 
 # --- audit -----------------------------------------------------------------------------------
 
+
 def test_audit_gate_attack_succeeds_without_dp_and_fails_with_it():
   from ultrajax import audit
+
   res = audit.run_audit(image_size=16, iters=AUDIT_ITERS, scenarios=("plain", "dp"))
   assert res["plain"]["psnr"] > AUDIT_PSNR_THRESHOLD, res
   assert res["dp"]["psnr"] < AUDIT_PSNR_THRESHOLD, res
@@ -277,8 +299,10 @@ def _lsq(params, model_state, batch, key):
 
 def _clients(num, seed=0):
   rng = np.random.default_rng(seed)
-  data = {"x": rng.normal(size=(num, STEPS, BATCH, DIM)).astype(np.float32),
-          "y": rng.normal(size=(num, STEPS, BATCH)).astype(np.float32)}
+  data = {
+    "x": rng.normal(size=(num, STEPS, BATCH, DIM)).astype(np.float32),
+    "y": rng.normal(size=(num, STEPS, BATCH)).astype(np.float32),
+  }
   return data, {"w": rng.normal(size=(DIM,)).astype(np.float32), "b": np.float32(0.2)}
 
 
@@ -295,13 +319,16 @@ def _numpy_local(data, params, k):
 @functools.cache
 def _programs(strategy):
   """(start, chunk, finish) of the engine for `strategy`, compiled once per strategy."""
-  return (jax.jit(functools.partial(rounds.start_round, strategy), static_argnums=(3, 4)),
-          jax.jit(rounds.make_chunk(_lsq, optax.sgd(LR), strategy)),
-          jax.jit(functools.partial(rounds.finish_round, strategy)))
+  return (
+    jax.jit(functools.partial(rounds.start_round, strategy), static_argnums=(3, 4)),
+    jax.jit(rounds.make_chunk(_lsq, optax.sgd(LR), strategy)),
+    jax.jit(functools.partial(rounds.finish_round, strategy)),
+  )
 
 
-def _rounds(strategy, data, params, num_rounds, participants=None, sstate=None, start=0,
-            examples=None):
+def _rounds(
+  strategy, data, params, num_rounds, participants=None, sstate=None, start=0, examples=None
+):
   """num_rounds engine rounds (every client on its own lane, one chunk); returns
   (server, strategy state, mean client loss per round)."""
   num = data["x"].shape[0]
@@ -317,8 +344,9 @@ def _rounds(strategy, data, params, num_rounds, participants=None, sstate=None, 
     state = start_fn(server, opt, sstate, num, num)
     c = np.maximum(plan.client_ids, 0)
     batch = jax.tree.map(lambda a: a[c, plan.step_ids], data)
-    state, metrics = chunk_fn(server, state, batch, plan, np.full(num, STEPS, np.float32),
-                              weights, r, jax.random.key(r))
+    state, metrics = chunk_fn(
+      server, state, batch, plan, np.full(num, STEPS, np.float32), weights, r, jax.random.key(r)
+    )
     losses.append(float(np.asarray(metrics["loss"]).sum() / (plan.client_ids >= 0).sum()))
     server, opt, sstate = finish_fn(state, server, jax.random.key(r))
   return server, sstate, losses
@@ -345,14 +373,18 @@ def test_dp_fedavg_round_on_the_engine_equals_numpy_clip_and_noise(adaptive=True
   z = privacy.adaptive_noise_multiplier(0.7, 0.5) if adaptive else 0.7
   noise = privacy.add_noise({"w": jnp.zeros(DIM), "b": jnp.zeros(())}, z * clip / 4, noise_key)
   clipped = deltas * np.minimum(1.0, clip / norms)[:, None]
-  want = (np.concatenate([params["w"], [params["b"]]]) + clipped.sum(0) / 4
-          + np.concatenate([np.asarray(noise["w"]), [float(noise["b"])]]))
+  want = (
+    np.concatenate([params["w"], [params["b"]]])
+    + clipped.sum(0) / 4
+    + np.concatenate([np.asarray(noise["w"]), [float(noise["b"])]])
+  )
   np.testing.assert_allclose(_flat_server(server), want, rtol=1e-5, atol=1e-6)
   if adaptive:
     unclipped = np.sum(norms <= clip)
     b_bar = np.clip((unclipped + 0.5 * float(jax.random.normal(count_key, ()))) / 4, 0, 1)
-    assert float(sstate["dp"]["clip_norm"]) == pytest.approx(clip * np.exp(-0.2 * (b_bar - 0.5)),
-                                                             rel=1e-5)
+    assert float(sstate["dp"]["clip_norm"]) == pytest.approx(
+      clip * np.exp(-0.2 * (b_bar - 0.5)), rel=1e-5
+    )
   report = strategy.report(sstate, 1)
   direct = dp_accounting.rdp.RdpAccountant()
   direct.compose(dp_accounting.GaussianDpEvent(0.7), 1)
@@ -385,7 +417,7 @@ def test_dp_prepare_takes_the_jobs_sampling_and_the_budget_stops_before_it_is_pa
 def _np_krum(flat, f, m):
   k = len(flat)
   dist = ((flat[:, None] - flat[None]) ** 2).sum(-1)
-  scores = np.array([np.sort(np.delete(dist[i], i))[:k - f - 2].sum() for i in range(k)])
+  scores = np.array([np.sort(np.delete(dist[i], i))[: k - f - 2].sum() for i in range(k)])
   return flat[np.argsort(scores)[:m]].mean(0)
 
 
@@ -393,14 +425,16 @@ def _np_krum(flat, f, m):
 class _Hostile:
   """Client 4 uploads y = x + s (y - x), s = the state's 'hostile_scale' (1: honest; 1e6: the
   faulty or hostile hospital; nan), so one compiled engine serves all three."""
+
   inner: Any
 
   def __getattr__(self, name):
     return getattr(self.inner, name)
 
   def init(self, server_params, num_clients, model_state=None):
-    return dict(self.inner.init(server_params, num_clients, model_state),
-                hostile_scale=jnp.float32(1.0))
+    return dict(
+      self.inner.init(server_params, num_clients, model_state), hostile_scale=jnp.float32(1.0)
+    )
 
   def on_client_done(self, acc, state, server, done):
     scale = jnp.where(done.index == 4, state["hostile_scale"], 1.0)
@@ -409,8 +443,9 @@ class _Hostile:
 
 
 def _attack(strategy, data, params, num_rounds, scale):
-  sstate = dict(strategy.init(jax.tree.map(jnp.asarray, params), 5, {}),
-                hostile_scale=jnp.float32(scale))
+  sstate = dict(
+    strategy.init(jax.tree.map(jnp.asarray, params), 5, {}), hostile_scale=jnp.float32(scale)
+  )
   return _rounds(strategy, data, params, num_rounds, sstate=sstate)
 
 
@@ -425,13 +460,13 @@ def test_robust_strategies_equal_numpy_and_survive_a_client_scaled_by_1e6():
   norms = np.linalg.norm(deltas, axis=1)
   bound = float(np.median(norms))
   cases = {
-      "fedavg": ({}, deltas.mean(0)),
-      "median": ({"screen_factor": 0.0}, np.median(deltas, 0)),
-      "trimmed_mean": ({"beta": 0.2, "screen_factor": 0.0}, stats.trim_mean(deltas, 0.2, axis=0)),
-      "krum": ({"num_byzantine": 1, "screen_factor": 0.0}, _np_krum(deltas, 1, 1)),
-      "multi_krum": ({"num_byzantine": 1, "screen_factor": 0.0}, _np_krum(deltas, 1, 4)),
-      "norm_bound": ({"max_norm": bound}, (deltas * np.minimum(1, bound / norms)[:, None]).mean(0)),
-      "fedavg_screened": ({}, deltas.mean(0)),
+    "fedavg": ({}, deltas.mean(0)),
+    "median": ({"screen_factor": 0.0}, np.median(deltas, 0)),
+    "trimmed_mean": ({"beta": 0.2, "screen_factor": 0.0}, stats.trim_mean(deltas, 0.2, axis=0)),
+    "krum": ({"num_byzantine": 1, "screen_factor": 0.0}, _np_krum(deltas, 1, 1)),
+    "multi_krum": ({"num_byzantine": 1, "screen_factor": 0.0}, _np_krum(deltas, 1, 4)),
+    "norm_bound": ({"max_norm": bound}, (deltas * np.minimum(1, bound / norms)[:, None]).mean(0)),
+    "fedavg_screened": ({}, deltas.mean(0)),
   }
   for name, (options, want) in cases.items():
     strategy = _Hostile(strategies.make_strategy(name, **options))
@@ -452,9 +487,18 @@ def test_robust_strategies_equal_numpy_and_survive_a_client_scaled_by_1e6():
 
 def _finished(strategy, server, num, seed=0):
   rng = np.random.default_rng(seed)
-  return [strategies.Finished(jnp.int32(k), jnp.float32(w), jax.tree.map(
-      lambda x: x + jnp.asarray(rng.normal(size=np.shape(x)), jnp.float32) * 0.1, server.params),
-      {}, jnp.float32(STEPS)) for k, w in enumerate(rng.dirichlet(np.ones(num)))]
+  return [
+    strategies.Finished(
+      jnp.int32(k),
+      jnp.float32(w),
+      jax.tree.map(
+        lambda x: x + jnp.asarray(rng.normal(size=np.shape(x)), jnp.float32) * 0.1, server.params
+      ),
+      {},
+      jnp.float32(STEPS),
+    )
+    for k, w in enumerate(rng.dirichlet(np.ones(num)))
+  ]
 
 
 def test_secagg_strategy_masked_sum_is_the_ring_sum_with_dropouts(bits=16):
@@ -472,8 +516,15 @@ def test_secagg_strategy_masked_sum_is_the_ring_sum_with_dropouts(bits=16):
   want = np.zeros(5, np.uint64)
   for k in finishers:
     d = done[k]
-    vec = np.concatenate([[d.weight], d.weight * np.concatenate(  # ravel_pytree: keys sorted
-        [[d.params["b"] - server.params["b"]], np.asarray(d.params["w"] - server.params["w"])])])
+    vec = np.concatenate(
+      [
+        [d.weight],
+        d.weight
+        * np.concatenate(  # ravel_pytree: keys sorted
+          [[d.params["b"] - server.params["b"]], np.asarray(d.params["w"] - server.params["w"])]
+        ),
+      ]
+    )
     want = (want + np.asarray(strategy.encode(jnp.asarray(vec, jnp.float32)), np.uint64)) % ring
   np.testing.assert_array_equal(np.asarray(strategy.unmask(acc, state), np.uint64), want)
   new, state = strategy.server_update(acc, state, server, None)
@@ -495,17 +546,23 @@ def test_secagg_single_upload_is_uniform_and_the_engine_round_equals_fedavg():
   data, params = _clients(4, seed=3)
   part = np.array([[True, False, True, True]])
   examples = np.array([10, 20, 30, 40])
-  secure, _, _ = _rounds(strategies.make_strategy("secagg", max_clients=4), data, params, 1, part,
-                         examples=examples)
-  plain, _, _ = _rounds(strategies.make_strategy("fedavg"), data, params, 1, part,
-                        examples=examples)
+  secure, _, _ = _rounds(
+    strategies.make_strategy("secagg", max_clients=4), data, params, 1, part, examples=examples
+  )
+  plain, _, _ = _rounds(
+    strategies.make_strategy("fedavg"), data, params, 1, part, examples=examples
+  )
   np.testing.assert_allclose(_flat_server(secure), _flat_server(plain), atol=1e-6)
 
 
 def _dp_strategy(adaptive, clip):
   return strategies.make_strategy(
-      "dp_fedavg", clip_norm=clip, noise_multiplier=0.7, adaptive=adaptive,
-      clip_count_stddev=0.5 if adaptive else 0.0).for_run(4, 0, "uniform")
+    "dp_fedavg",
+    clip_norm=clip,
+    noise_multiplier=0.7,
+    adaptive=adaptive,
+    clip_count_stddev=0.5 if adaptive else 0.0,
+  ).for_run(4, 0, "uniform")
 
 
 @pytest.mark.parametrize("kind", ["dp_fedavg", "secagg"])
@@ -514,14 +571,22 @@ def test_resume_with_strategy_state_is_bitwise(kind):
   checkpoint stores: accountant round count, clip norm, secagg round), then one more."""
   data, params = _clients(4, seed=4)
   if kind == "dp_fedavg":
-    strategy = _dp_strategy(True, float(np.median(np.linalg.norm(_numpy_deltas(data, params), axis=1))))
+    strategy = _dp_strategy(
+      True, float(np.median(np.linalg.norm(_numpy_deltas(data, params), axis=1)))
+    )
   else:
     strategy = strategies.make_strategy("secagg", max_clients=4)
   straight, s2, _ = _rounds(strategy, data, params, 2)
   first, s1, _ = _rounds(strategy, data, params, 1)
   saved = jax.tree.map(np.asarray, (first.params, s1))
-  resumed, s2b, _ = _rounds(strategy, data, jax.tree.map(np.asarray, saved[0]), 1,
-                            sstate=jax.tree.map(jnp.asarray, saved[1]), start=1)
+  resumed, s2b, _ = _rounds(
+    strategy,
+    data,
+    jax.tree.map(np.asarray, saved[0]),
+    1,
+    sstate=jax.tree.map(jnp.asarray, saved[1]),
+    start=1,
+  )
   jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
   jax.tree.map(np.testing.assert_array_equal, s2, s2b)
   key = "dp" if kind == "dp_fedavg" else "secagg"
@@ -539,16 +604,23 @@ def test_pretraining_with_dp_logs_epsilon_and_stops_at_the_budget_also_after_a_r
   from ultrajax import configlib as cl
   from ultrajax.jobs import pretrain
   from ultrajax.train import writers
+
   z, delta = 4.0, 1e-5
   acct = privacy.Accountant(noise_multiplier=z, delta=delta)
   budget = (acct.epsilon(2) + acct.epsilon(3)) / 2
   repo = pathlib.Path(__file__).resolve().parents[1]
   config = cl.load_config_module(repo / "configs" / "pretrain_fed.py").get_config("smoke")
   config.mesh.update(clients=1, data=1)
-  config.update_from_flattened_dict({
-      "fed.num_rounds": 3, "fed.strategy": "dp_fedavg", "image_every_rounds": 100,
+  config.update_from_flattened_dict(
+    {
+      "fed.num_rounds": 3,
+      "fed.strategy": "dp_fedavg",
+      "image_every_rounds": 100,
       "fed.strategy_options": f"clip_norm=1.0, noise_multiplier={z}, epsilon_budget={budget}",
-      "evals.linear_probe.every_rounds": 0, "evals.knn.every_rounds": 0})
+      "evals.linear_probe.every_rounds": 0,
+      "evals.knn.every_rounds": 0,
+    }
+  )
   pretrain.run(config, tmp_path)
   rows = {r["round"]: r for r in writers.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r}
   assert sorted(rows) == [1, 2]

@@ -2,6 +2,7 @@
 
 Each test writes the bad input for real and checks the error names the file, line, key or value.
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,7 +45,9 @@ def _seg_manifest(root: pathlib.Path, masks: dict, ext: str = "png") -> pathlib.
   rows = []
   for name, mask in masks.items():
     Image.fromarray(np.full(mask.shape, 90, np.uint8)).save(root / f"{name}.png")
-    Image.fromarray(mask).save(root / f"{name}_m.{ext}", **({"quality": 75} if ext == "jpg" else {}))
+    Image.fromarray(mask).save(
+      root / f"{name}_m.{ext}", **({"quality": 75} if ext == "jpg" else {})
+    )
     rows.append([f"{name}.png", f"{name}_m.{ext}"])
   path = root / f"masks_{ext}.csv"
   with open(path, "w", newline="") as f:
@@ -63,8 +66,14 @@ def test_jpeg_and_png_binary_masks_give_the_same_two_classes(tmp_path):
   assert png.class_names == jpg.class_names == ("background", "foreground")
   np.testing.assert_array_equal(jpg.targets, png.targets)
   # Independent reference: the 0/255 masks thresholded, resized by nearest neighbour.
-  want = np.stack([np.asarray(Image.fromarray((m > 0).astype(np.uint8)).resize(
-      (32, 32), Image.Resampling.NEAREST)) for m in masks.values()])
+  want = np.stack(
+    [
+      np.asarray(
+        Image.fromarray((m > 0).astype(np.uint8)).resize((32, 32), Image.Resampling.NEAREST)
+      )
+      for m in masks.values()
+    ]
+  )
   np.testing.assert_array_equal(png.targets, want)
   # A 0/1 mask is taken as is.
   assert tasks.mask_classes((_ellipse() > 0).astype(np.uint8), "binary", (), "x").max() == 1
@@ -73,8 +82,11 @@ def test_jpeg_and_png_binary_masks_give_the_same_two_classes(tmp_path):
 def test_ambiguous_binary_masks_are_refused_naming_file_and_values(tmp_path):
   half = (_ellipse() // 255 * 128).astype(np.uint8)  # a binary mask stored as 0/128
   path = _seg_manifest(tmp_path, {"a": _ellipse(), "b": half})
-  with pytest.raises(configlib.DataError, match=r"line 3: mask .*b_m\.png has values \{0: \d+ px, "
-                     r"128: \d+ px\}.* not a 0/255 binary mask"):
+  with pytest.raises(
+    configlib.DataError,
+    match=r"line 3: mask .*b_m\.png has values \{0: \d+ px, "
+    r"128: \d+ px\}.* not a 0/255 binary mask",
+  ):
     tasks.manifest_task(str(path), "seg", 32)
   with open(tmp_path / "blank.csv", "w", newline="") as f:
     csv.writer(f).writerows([["image", "mask"], ["a.png", "a_m.png"], ["a.png", ""]])
@@ -90,17 +102,21 @@ def test_class_id_masks_are_checked_against_the_declared_classes(tmp_path):
   ids = (_ellipse() // 255).astype(np.uint8)
   ids[:5, :5] = 2
   path = _seg_manifest(tmp_path, {"a": ids})
-  data = tasks.manifest_task(str(path), "seg", 32, mask_mode="class_ids",
-                             classes="background,organ,lesion")
+  data = tasks.manifest_task(
+    str(path), "seg", 32, mask_mode="class_ids", classes="background,organ,lesion"
+  )
   assert data.class_names == ("background", "organ", "lesion")
   assert set(np.unique(data.targets)) == {0, 1, 2}
   with pytest.raises(configlib.DataError, match=r"a_m\.png has class ids \[2\] outside 0\.\.1"):
     tasks.manifest_task(str(path), "seg", 32, mask_mode="class_ids", classes="background,organ")
-  with pytest.raises(configlib.ConfigError, match="mask_mode='class_ids' needs config.data.classes"):
+  with pytest.raises(
+    configlib.ConfigError, match="mask_mode='class_ids' needs config.data.classes"
+  ):
     tasks.manifest_task(str(path), "seg", 32, mask_mode="class_ids")
   config = _config("finetune_seg.py")
   config.data.mask_mode = "ids"
   from ultrajax.jobs import finetune
+
   with pytest.raises(configlib.ConfigError, match="config.data.mask_mode='ids'"):
     finetune.validate(config)
 
@@ -122,8 +138,11 @@ def _cls_manifest(root: pathlib.Path, labels, encoding="utf-8") -> pathlib.Path:
 def test_label_typo_is_an_error_and_inferred_classes_are_logged_with_counts(tmp_path, caplog):
   labels = ["benign", "malignant"] * 10 + ["maligant"]
   path = _cls_manifest(tmp_path, labels)
-  with pytest.raises(configlib.DataError, match=r"labels \['maligant'\] \(first at line 22\) are "
-                     r"not among config.data.classes=\('benign', 'malignant'\)"):
+  with pytest.raises(
+    configlib.DataError,
+    match=r"labels \['maligant'\] \(first at line 22\) are "
+    r"not among config.data.classes=\('benign', 'malignant'\)",
+  ):
     tasks.manifest_task(str(path), "cls", 8, classes="benign,malignant")
   blank = _cls_manifest(tmp_path, ["benign", "", "malignant"])
   with pytest.raises(configlib.DataError, match=r"empty 'label' cell on 1 line\(s\), first line 3"):
@@ -160,7 +179,7 @@ def test_undecodable_images_are_left_out_of_n_k_and_warned_once(tmp_path, caplog
   for i in range(6):
     Image.fromarray(np.full((12, 12), 40 * i, np.uint8)).save(site / f"{i}.png")
   good = (site / "0.png").read_bytes()
-  (site / "5.png").write_bytes(good[:len(good) // 2])  # truncated
+  (site / "5.png").write_bytes(good[: len(good) // 2])  # truncated
   (site / "6.png").write_bytes(b"")  # zero bytes
   with caplog.at_level(logging.WARNING):
     (client,) = sources.folder_clients(tmp_path)
@@ -170,8 +189,7 @@ def test_undecodable_images_are_left_out_of_n_k_and_warned_once(tmp_path, caplog
     data.close()
   assert len(client) == 5 and data.num_images.tolist() == [5]
   for name in ("5.png", "6.png"):
-    assert sum(name in r.getMessage() and "left out" in r.getMessage()
-               for r in caplog.records) == 1
+    assert sum(name in r.getMessage() and "left out" in r.getMessage() for r in caplog.records) == 1
 
 
 # ----------------------------------------------------------------------------- weight files
@@ -181,7 +199,7 @@ def test_damaged_weight_files_name_the_file(tmp_path):
   files.save_state_dict(tmp_path / "ok.pth", {"a": np.zeros(4, np.float32)})
   for suffix in ("safetensors", "pth"):
     good = (tmp_path / f"ok.{suffix}").read_bytes()
-    (tmp_path / f"cut.{suffix}").write_bytes(good[:len(good) // 2])
+    (tmp_path / f"cut.{suffix}").write_bytes(good[: len(good) // 2])
     (tmp_path / f"random.{suffix}").write_bytes(np.random.default_rng(0).bytes(600))
     for bad in ("cut", "random"):
       with pytest.raises(configlib.DataError, match=rf"{bad}\.{suffix}: ") as info:
@@ -198,10 +216,12 @@ def test_damaged_weight_files_name_the_file(tmp_path):
 def nan_checkpoint(tmp_path_factory):
   """(round folder holding a smoke MAE whose cls_token is NaN, its config)."""
   import orbax.checkpoint as ocp
+
   config = _config("pretrain_fed.py")
   model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
-  params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
-                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  params = jax.tree.map(
+    lambda x: np.zeros(x.shape, x.dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  )
   params["encoder"]["cls_token"] = np.full_like(params["encoder"]["cls_token"], np.nan)
   folder = tmp_path_factory.mktemp("nan") / "3"
   with ocp.StandardCheckpointer() as ckptr:
@@ -211,15 +231,21 @@ def nan_checkpoint(tmp_path_factory):
 
 def test_export_and_init_from_refuse_nonfinite_weights(nan_checkpoint, tmp_path):
   from ultrajax import export
+
   folder, config, model = nan_checkpoint
-  with pytest.raises(configlib.DataError, match=r"non-finite weights .* 1 of 30 tensors, e\.g\. "
-                     r"\['cls_token'\]"):
+  with pytest.raises(
+    configlib.DataError,
+    match=r"non-finite weights .* 1 of 30 tensors, e\.g\. "
+    r"\['cls_token'\]",
+  ):
     export.export(folder, "timm", tmp_path / "x.safetensors", config=config)
   assert not (tmp_path / "x.safetensors").exists()
   with pytest.raises(configlib.DataError, match=r"tensor encoder/cls_token holds NaN"):
     load.load_init_params(folder, model)
-  tensors = {"blocks.0.attn.qkv.weight": np.zeros((6, 2), np.float32),
-             "norm.weight": np.array([1.0, np.inf], np.float32)}
+  tensors = {
+    "blocks.0.attn.qkv.weight": np.zeros((6, 2), np.float32),
+    "norm.weight": np.array([1.0, np.inf], np.float32),
+  }
   files.save_state_dict(tmp_path / "inf.safetensors", tensors)
   with pytest.raises(configlib.DataError, match=r"inf\.safetensors: tensor norm\.weight holds"):
     load.load_init_params(tmp_path / "inf.safetensors", model)
@@ -229,9 +255,11 @@ def test_finetune_encoder_from_nonfinite_checkpoint_and_damaged_meta_json(nan_ch
   import orbax.checkpoint as ocp
 
   from ultrajax import export
+
   folder, _, model = nan_checkpoint
-  encoder = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
-                         nnx.to_pure_dict(nnx.state(model.encoder, nnx.Param)))
+  encoder = jax.tree.map(
+    lambda x: np.zeros(x.shape, x.dtype), nnx.to_pure_dict(nnx.state(model.encoder, nnx.Param))
+  )
   with pytest.raises(configlib.DataError, match=r"3: tensor cls_token holds NaN"):
     load.load_encoder(folder, encoder)
   meta = folder.parent / "meta_json" / "meta"
@@ -257,13 +285,22 @@ def test_main_reports_a_config_error_in_one_line(tmp_path):
   env.pop(configlib.VERBOSE_ENV, None)
   cls = "--config=configs/finetune_cls.py:smoke"
   for flags_, message in (
-      ([cls, "--config.num_seeds=0"], "error: config.num_seeds=0 is outside [1, None]"),
-      ([cls, "--config.num_seed=2"], ("error: a --config.* flag names no config field: "
-                                      "'num_seed' Did you mean \"num_seeds\"")),
-      (["--config=configs/finetune_clss.py"], "error: --config: Configuration is not available")):
-    done = subprocess.run([sys.executable, "-m", "ultrajax.main", *flags_,
-                           f"--workdir={tmp_path}/w"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    ([cls, "--config.num_seeds=0"], "error: config.num_seeds=0 is outside [1, None]"),
+    (
+      [cls, "--config.num_seed=2"],
+      ("error: a --config.* flag names no config field: 'num_seed' Did you mean \"num_seeds\""),
+    ),
+    (["--config=configs/finetune_clss.py"], "error: --config: Configuration is not available"),
+  ):
+    done = subprocess.run(
+      [sys.executable, "-m", "ultrajax.main", *flags_, f"--workdir={tmp_path}/w"],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+    )
     assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
   assert not (tmp_path / "w").exists()  # refused before anything was written
@@ -272,6 +309,7 @@ def test_main_reports_a_config_error_in_one_line(tmp_path):
 def test_user_errors_show_their_traceback_only_when_verbose(monkeypatch, capsys):
   def main(argv):
     raise configlib.DataError("manifest x.csv line 3: bad")
+
   monkeypatch.delenv(configlib.VERBOSE_ENV, raising=False)
   with pytest.raises(SystemExit) as exit_info:
     configlib.report_user_errors(main)([])
@@ -287,8 +325,11 @@ def test_user_errors_show_their_traceback_only_when_verbose(monkeypatch, capsys)
 
 
 def test_tuple_fields_are_overridden_from_the_command_line():
-  argv = ["prog", f"--config={REPO / 'configs' / 'pretrain_fed.py'}:smoke",
-          "--config.sharding_rules=(('.*kernel', 'fsdp'), ('.*', 'replicated'))"]
+  argv = [
+    "prog",
+    f"--config={REPO / 'configs' / 'pretrain_fed.py'}:smoke",
+    "--config.sharding_rules=(('.*kernel', 'fsdp'), ('.*', 'replicated'))",
+  ]
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
   values(argv)
@@ -307,17 +348,21 @@ def test_tuple_fields_are_overridden_from_the_command_line():
 # ----------------------------------------------------------------------------- texture, segment
 def test_texture_scores_take_uint8_images_as_the_pipeline_makes_them():
   images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
-  np.testing.assert_allclose(np.asarray(ultramim.texture_scores(images, 8)),
-                             np.asarray(ultramim.texture_scores(images / 255.0, 8)), rtol=1e-5,
-                             atol=1e-3)
+  np.testing.assert_allclose(
+    np.asarray(ultramim.texture_scores(images, 8)),
+    np.asarray(ultramim.texture_scores(images / 255.0, 8)),
+    rtol=1e-5,
+    atol=1e-3,
+  )
   with pytest.raises(TypeError, match="int32"):
     ultramim.texture_scores(images.astype(np.int32), 8)
 
 
 def test_segment_names_an_undecodable_image(tmp_path):
   from ultrajax import segment
+
   Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "ok.png")
   good = (tmp_path / "ok.png").read_bytes()
-  (tmp_path / "cut.png").write_bytes(good[:len(good) // 2])
+  (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
   with pytest.raises(configlib.DataError, match=r"cannot decode image .*cut\.png"):
     segment.read_image(tmp_path / "cut.png")

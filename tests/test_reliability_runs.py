@@ -1,6 +1,7 @@
 """Run safety (issue 15): divergence stops a run and keeps the good checkpoint, resume checks the
 config, one process per workdir, fallback past damaged checkpoints and torn metrics lines,
 shape mismatches named. Each test provokes the failure for real, on tiny shapes."""
+
 import json
 import os
 import pathlib
@@ -28,18 +29,21 @@ def smoke_config(**overrides):
   config.mesh.update(clients=1, data=1)
   # A smaller model, no evaluators, no PNGs before the last round, no MIC or SMAT: these
   # tests are about the training state, and each compile counts.
-  config.model.update(width=32, depth=1, num_heads=2, decoder_width=16, decoder_heads=2,
-                      image_size=16)
+  config.model.update(
+    width=32, depth=1, num_heads=2, decoder_width=16, decoder_heads=2, image_size=16
+  )
   config.ultramim.update(mic=False, smat=False)
-  config.update_from_flattened_dict({"evals.linear_probe.every_rounds": 0,
-                                     "evals.knn.every_rounds": 0, "image_every_rounds": 100})
+  config.update_from_flattened_dict(
+    {"evals.linear_probe.every_rounds": 0, "evals.knn.every_rounds": 0, "image_every_rounds": 100}
+  )
   config.update_from_flattened_dict(overrides)
   return config
 
 
 def rounds_logged(workdir):
-  return [r["round"] for r in writers.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
-          if "loss" in r]
+  return [
+    r["round"] for r in writers.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl") if "loss" in r
+  ]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -48,10 +52,17 @@ def diverged(tmp_path_factory):
   """Two good rounds of four (checkpoints 1 and 2, rotation keeping 2), then a restart with lr
   1e6 (allowed knowingly): returns (workdir, the DivergenceError)."""
   workdir = tmp_path_factory.mktemp("diverged")
-  pretrain.run(smoke_config(**{"keep_checkpoints": 2, "fed.num_rounds": 4}), workdir,
-               stop_after_rounds=2)
-  config = smoke_config(**{"keep_checkpoints": 2, "fed.num_rounds": 4, "optim.base_lr": 1e6,
-                           "allow_config_change": "optim.base_lr"})
+  pretrain.run(
+    smoke_config(**{"keep_checkpoints": 2, "fed.num_rounds": 4}), workdir, stop_after_rounds=2
+  )
+  config = smoke_config(
+    **{
+      "keep_checkpoints": 2,
+      "fed.num_rounds": 4,
+      "optim.base_lr": 1e6,
+      "allow_config_change": "optim.base_lr",
+    }
+  )
   with pytest.raises(divergence.DivergenceError) as error:
     pretrain.run(config, workdir)
   return workdir, error.value
@@ -63,8 +74,9 @@ def test_huge_lr_stops_naming_the_round_and_keeps_the_good_checkpoints(diverged)
   ckpt = checkpoint.Checkpointer(workdir, keep=2)
   assert ckpt.all_steps() == [1, 2]  # no NaN checkpoint 3 or 4 rotated them away
   ckpt.close()
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(
-      checkpoint.load_params(workdir)))
+  assert all(
+    np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(checkpoint.load_params(workdir))
+  )
   assert rounds_logged(workdir) == [1, 2]  # the diverged round was never logged
   assert not (workdir / resume.LOCK_NAME).exists()  # released on the error
 
@@ -88,8 +100,9 @@ def test_damaged_latest_checkpoint_falls_back_and_width_mismatch_is_named(diverg
   biggest = max(files, key=lambda f: f.stat().st_size)
   os.truncate(biggest, biggest.stat().st_size // 2)
   one = checkpoint.load_params(workdir / "checkpoints" / "1")
-  params = pretrain.run(smoke_config(**{"fed.num_rounds": 4}), workdir,
-                        stop_after_rounds=1)  # restores; trains nothing
+  params = pretrain.run(
+    smoke_config(**{"fed.num_rounds": 4}), workdir, stop_after_rounds=1
+  )  # restores; trains nothing
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(one), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert (workdir / "checkpoints" / "2.damaged").is_dir()  # set aside, not deleted
@@ -113,12 +126,15 @@ def test_finetune_cell_of_another_config_is_refused(tmp_path):
     finetune.run(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     ({"model.mask_ratio": 0.0}, "model.mask_ratio"),
     ({"optim.base_lr": -1.0}, "optim.base_lr"),
     ({"on_nonfinite": "ignore"}, "on_nonfinite"),
     ({"allow_config_change": "optim.base_lrr"}, "optim.base_lrr"),
-])
+  ],
+)
 def test_bad_safety_fields_fail_naming_the_field(overrides, message):
   with pytest.raises(configlib.ConfigError, match=message.replace(".", r"\.")):
     pretrain.validate(smoke_config(**overrides))
@@ -134,22 +150,29 @@ def test_chunk_skip_mode_drops_exactly_the_nonfinite_step():
   plan = rounds.plan_round([3], 1, 3)
   server = {"w": jnp.zeros(1)}
   opt = jax.vmap(tx.init)({"w": jnp.zeros((1, 1))})
-  args = (batches, plan, jnp.asarray([3.0]), jnp.asarray([1.0]), jnp.asarray(0.0),
-          jax.random.key(0))
+  args = (
+    batches,
+    plan,
+    jnp.asarray([3.0]),
+    jnp.asarray([1.0]),
+    jnp.asarray(0.0),
+    jax.random.key(0),
+  )
   fedavg, server = strategies.make_strategy("fedavg"), strategies.Server(server, {})
   for mode in ("stop", "skip"):
-    chunk = rounds.make_chunk(rounds.without_model_state(loss_fn), tx, fedavg, lambda e: 0.1,
-                              on_nonfinite=mode)
-    state, metrics = chunk(server, rounds.start_round(
-        fedavg, server, opt, fedavg.init(server.params, 1), 1, 1), *args)
+    chunk = rounds.make_chunk(
+      rounds.without_model_state(loss_fn), tx, fedavg, lambda e: 0.1, on_nonfinite=mode
+    )
+    state, metrics = chunk(
+      server, rounds.start_round(fedavg, server, opt, fedavg.init(server.params, 1), 1, 1), *args
+    )
     losses = metrics["loss"]
     assert np.isfinite(losses[0, 0]) and np.isnan(losses[0, 1])
     assert np.isfinite(losses[0, 2]) == (mode == "skip")  # 'stop' went on with NaN params
   w = 0.0 - 0.1 * 2 * (0.0 - 1.0)  # step 0; step 1 skipped
   w = w - 0.1 * 2 * (w - 3.0)
   np.testing.assert_allclose(np.asarray(state.acc["params"]["w"]), [w], rtol=1e-6)
-  valid = divergence.screen(np.asarray(losses), plan.client_ids >= 0, where="round 1",
-                            mode="skip")
+  valid = divergence.screen(np.asarray(losses), plan.client_ids >= 0, where="round 1", mode="skip")
   assert valid.tolist() == [[True, False, True]]
   with pytest.raises(divergence.DivergenceError, match="round 1: .* at step 1 \\(1 of 3 steps\\)"):
     divergence.screen(np.asarray(losses), plan.client_ids >= 0, where="round 1", mode="stop")
@@ -169,22 +192,32 @@ def test_checkpointer_never_writes_nonfinite_state(tmp_path):
 def _two_checkpoints(workdir):
   ckpt = checkpoint.Checkpointer(workdir, keep=3)
   for r in (1, 2):
-    ckpt.save(r, {"w": jnp.full((64, 64), float(r))}, {"n": jnp.asarray(r)}, None,
-              {"config": json.dumps({"a": 1})})
+    ckpt.save(
+      r,
+      {"w": jnp.full((64, 64), float(r))},
+      {"n": jnp.asarray(r)},
+      None,
+      {"config": json.dumps({"a": 1})},
+    )
   ckpt.close()
   return checkpoint.Checkpointer(workdir, keep=3)
 
 
 def _abstract(shape):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return ({"w": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=device)},
-          {"n": jax.ShapeDtypeStruct((), jnp.int32, sharding=device)})
+  return (
+    {"w": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=device)},
+    {"n": jax.ShapeDtypeStruct((), jnp.int32, sharding=device)},
+  )
 
 
-@pytest.mark.parametrize("damage, reason", [
+@pytest.mark.parametrize(
+  "damage, reason",
+  [
     (lambda c: (c / "meta" / "metadata").write_text('{"config": "{\\"a'), "JSONDecodeError"),
     (lambda c: [f.unlink() for f in (c / "train").rglob("*") if f.is_file()], "train"),
-])
+  ],
+)
 def test_damaged_checkpoint_item_falls_back_with_a_warning(tmp_path, damage, reason, caplog):
   ckpt = _two_checkpoints(tmp_path)
   damage(tmp_path / "checkpoints" / "2")
@@ -192,8 +225,11 @@ def test_damaged_checkpoint_item_falls_back_with_a_warning(tmp_path, damage, rea
   assert r == 1 and float(params["w"][0, 0]) == 1.0
   assert "checkpoints/2 could not be restored" in caplog.text and reason in caplog.text
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2.damaged"]
-  with pytest.raises(checkpoint.ShapeMismatchError, match=r"w: checkpoint \(64, 64\), this "
-                     r"config \(64, 32\)"):
+  with pytest.raises(
+    checkpoint.ShapeMismatchError,
+    match=r"w: checkpoint \(64, 64\), this "
+    r"config \(64, 32\)",
+  ):
     resume.restore_latest(ckpt, *_abstract((64, 32)), None, config={"a": 1})
   ckpt.close()
 
@@ -216,14 +252,22 @@ def test_init_from_workdir_shape_mismatch_names_parameter(tmp_path):
 
 
 # ----------------------------------------------------------------------------- lock
-_TAKE_LOCK = ("import sys; from ultrajax.train import resume\n"
-              "with resume.WorkdirLock(sys.argv[1]): print('took it')")
+_TAKE_LOCK = (
+  "import sys; from ultrajax.train import resume\n"
+  "with resume.WorkdirLock(sys.argv[1]): print('took it')"
+)
 
 
 def _second_process(workdir):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-c", _TAKE_LOCK, str(workdir)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-c", _TAKE_LOCK, str(workdir)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_second_process_on_a_locked_workdir_stops_naming_the_holder(tmp_path, caplog):
@@ -234,10 +278,12 @@ def test_second_process_on_a_locked_workdir_stops_naming_the_holder(tmp_path, ca
     assert json.loads(lock.path.read_text())["pid"] == os.getpid()
   assert not lock.path.exists()  # released at exit
   # A lock left by a killed run (its pid is gone) is taken over with a warning.
-  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True).stdout.strip()
-  lock.path.write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone),
-                                   "started": "earlier"}))
+  gone = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+  ).stdout.strip()
+  lock.path.write_text(
+    json.dumps({"host": socket.gethostname(), "pid": int(gone), "started": "earlier"})
+  )
   with resume.WorkdirLock(tmp_path):
     assert json.loads(lock.path.read_text())["pid"] == os.getpid()
   assert f"Taking over the stale lock {lock.path} of process {gone}" in caplog.text

@@ -4,6 +4,7 @@ One full-size ViT-B at 1024 checks the real architecture once (module fixture); 
 else runs on a tiny SAM built from segment_anything's own classes, with every parameter
 randomised (SAM zero-initialises its position tables, which would hide bugs there).
 """
+
 import functools
 
 import jax
@@ -14,38 +15,74 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 segment_anything = pytest.importorskip("segment_anything")
-from segment_anything import SamPredictor as TorchPredictor  # noqa: E402
-from segment_anything import sam_model_registry  # noqa: E402
-from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder,  # noqa: E402
-                                       Sam as TorchSam, TwoWayTransformer)
+from segment_anything import (
+  SamPredictor as TorchPredictor,
+  sam_model_registry,
+)
+from segment_anything.modeling import (
+  ImageEncoderViT,
+  MaskDecoder,
+  PromptEncoder,
+  Sam as TorchSam,
+  TwoWayTransformer,
+)
 
-from ultrajax.eval import sam_predictor  # noqa: E402
-from ultrajax.interop import files  # noqa: E402
-from ultrajax.interop import sam as sam_interop  # noqa: E402
-from ultrajax.models import sam  # noqa: E402
+from ultrajax.eval import sam_predictor
+from ultrajax.interop import (
+  files,
+  sam as sam_interop,
+)
+from ultrajax.models import sam
 
-TINY = dict(image_size=128, width=64, depth=2, num_heads=2, global_attn_indexes=(1,),
-            window_size=3,  # 8 x 8 grid: windows are padded 8 -> 9, as SAM's 64 -> 70
-            prompt_dim=32, mask_in_chans=8, decoder_heads=2, decoder_mlp_dim=64,
-            iou_head_hidden=32)
+TINY = dict(
+  image_size=128,
+  width=64,
+  depth=2,
+  num_heads=2,
+  global_attn_indexes=(1,),
+  window_size=3,  # 8 x 8 grid: windows are padded 8 -> 9, as SAM's 64 -> 70
+  prompt_dim=32,
+  mask_in_chans=8,
+  decoder_heads=2,
+  decoder_mlp_dim=64,
+  iou_head_hidden=32,
+)
 
 
 def torch_sam(c: sam.SamConfig) -> TorchSam:
   g = c.grid
   return TorchSam(
-      image_encoder=ImageEncoderViT(
-          img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.width, depth=c.depth,
-          num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, out_chans=c.prompt_dim,
-          norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-          window_size=c.window_size, global_attn_indexes=c.global_attn_indexes),
-      prompt_encoder=PromptEncoder(embed_dim=c.prompt_dim, image_embedding_size=(g, g),
-                                   input_image_size=(c.image_size, c.image_size),
-                                   mask_in_chans=c.mask_in_chans),
-      mask_decoder=MaskDecoder(
-          num_multimask_outputs=3, transformer_dim=c.prompt_dim, iou_head_depth=3,
-          iou_head_hidden_dim=c.iou_head_hidden,
-          transformer=TwoWayTransformer(depth=c.decoder_depth, embedding_dim=c.prompt_dim,
-                                        mlp_dim=c.decoder_mlp_dim, num_heads=c.decoder_heads)),
+    image_encoder=ImageEncoderViT(
+      img_size=c.image_size,
+      patch_size=c.patch_size,
+      embed_dim=c.width,
+      depth=c.depth,
+      num_heads=c.num_heads,
+      mlp_ratio=c.mlp_ratio,
+      out_chans=c.prompt_dim,
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+      use_rel_pos=True,
+      window_size=c.window_size,
+      global_attn_indexes=c.global_attn_indexes,
+    ),
+    prompt_encoder=PromptEncoder(
+      embed_dim=c.prompt_dim,
+      image_embedding_size=(g, g),
+      input_image_size=(c.image_size, c.image_size),
+      mask_in_chans=c.mask_in_chans,
+    ),
+    mask_decoder=MaskDecoder(
+      num_multimask_outputs=3,
+      transformer_dim=c.prompt_dim,
+      iou_head_depth=3,
+      iou_head_hidden_dim=c.iou_head_hidden,
+      transformer=TwoWayTransformer(
+        depth=c.decoder_depth,
+        embedding_dim=c.prompt_dim,
+        mlp_dim=c.decoder_mlp_dim,
+        num_heads=c.decoder_heads,
+      ),
+    ),
   ).eval()
 
 
@@ -84,8 +121,9 @@ def nhwc(t):
 def close(ours, theirs, rtol=1e-5):
   """float32 agreement relative to the output's scale."""
   theirs = np.asarray(theirs)
-  np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0,
-                             atol=rtol * max(1.0, float(np.abs(theirs).max())))
+  np.testing.assert_allclose(
+    np.asarray(ours), theirs, rtol=0, atol=rtol * max(1.0, float(np.abs(theirs).max()))
+  )
 
 
 def prompt_sets(rng, n, size):
@@ -95,10 +133,13 @@ def prompt_sets(rng, n, size):
   xy0 = rng.uniform(0, size / 2, (n, 2))
   boxes = np.concatenate([xy0, xy0 + rng.uniform(1, size / 2, (n, 2))], 1).astype(np.float32)
   masks = rng.normal(0, 3, (n, low, low)).astype(np.float32)
-  return {"point": dict(points=points, labels=labels), "box": dict(boxes=boxes),
-          "point+box": dict(points=points, labels=labels, boxes=boxes),
-          "box+mask": dict(boxes=boxes, masks=masks),
-          "point+mask": dict(points=points, labels=labels, masks=masks)}
+  return {
+    "point": dict(points=points, labels=labels),
+    "box": dict(boxes=boxes),
+    "point+box": dict(points=points, labels=labels, boxes=boxes),
+    "box+mask": dict(boxes=boxes, masks=masks),
+    "point+mask": dict(points=points, labels=labels, masks=masks),
+  }
 
 
 def check_decoder(tmodel, model, t_embedding, j_embedding, prompts):
@@ -107,14 +148,22 @@ def check_decoder(tmodel, model, t_embedding, j_embedding, prompts):
   graphdef, params = nnx.split(model, nnx.Param)
   for kind, p in prompts.items():
     with torch.no_grad():
-      t_points = (None if "points" not in p else
-                  (torch.from_numpy(p["points"]), torch.from_numpy(p["labels"])))
+      t_points = (
+        None
+        if "points" not in p
+        else (torch.from_numpy(p["points"]), torch.from_numpy(p["labels"]))
+      )
       t_sparse, t_dense = tmodel.prompt_encoder(
-          points=t_points, boxes=None if "boxes" not in p else torch.from_numpy(p["boxes"]),
-          masks=None if "masks" not in p else torch.from_numpy(p["masks"][:, None]))
+        points=t_points,
+        boxes=None if "boxes" not in p else torch.from_numpy(p["boxes"]),
+        masks=None if "masks" not in p else torch.from_numpy(p["masks"][:, None]),
+      )
       t_masks, t_iou = tmodel.mask_decoder.predict_masks(
-          torch.from_numpy(t_embedding).permute(0, 3, 1, 2),
-          tmodel.prompt_encoder.get_dense_pe(), t_sparse, t_dense)
+        torch.from_numpy(t_embedding).permute(0, 3, 1, 2),
+        tmodel.prompt_encoder.get_dense_pe(),
+        t_sparse,
+        t_dense,
+      )
     sparse, dense, out = _prompt_and_decode(graphdef, params, j_embedding, p)
     close(sparse, t_sparse.numpy())
     close(dense, nhwc(t_dense))
@@ -163,8 +212,9 @@ def test_vit_b_export_keys_shapes_and_exact_round_trip(vit_b, tmp_path):
   exported = sam_interop.sam_to_torch(params)
   reference = tmodel.state_dict()
   assert list(exported) == list(reference)
-  assert {k: v.shape for k, v in exported.items()} == {k: tuple(v.shape)
-                                                       for k, v in reference.items()}
+  assert {k: v.shape for k, v in exported.items()} == {
+    k: tuple(v.shape) for k, v in reference.items()
+  }
   path = files.save_state_dict(tmp_path / "sam.safetensors", exported)
   again = sam_interop.sam_from_torch(files.load_state_dict(path), model)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
@@ -192,23 +242,27 @@ def test_tiny_encoder_with_padded_windows_and_decoder_match(tiny):
     t_embedding = nhwc(tmodel.image_encoder(torch.from_numpy(images).permute(0, 3, 1, 2)))
   graphdef, params = nnx.split(model, nnx.Param)
   j_embedding, vit_features = jax.jit(
-      lambda p, x: nnx.merge(graphdef, p).encode_image(x, return_vit=True))(params, images)
+    lambda p, x: nnx.merge(graphdef, p).encode_image(x, return_vit=True)
+  )(params, images)
   close(j_embedding, t_embedding, 1e-5)
   assert vit_features.shape == (2, 8, 8, 64)
   prompts = prompt_sets(np.random.default_rng(4), 3, 128)
   # The prompt kinds the ViT-B test leaves out (together they cover all five).
-  check_decoder(tmodel, model, t_embedding[:1], j_embedding[:1],
-                {k: prompts[k] for k in ("box", "point+mask")})
+  check_decoder(
+    tmodel, model, t_embedding[:1], j_embedding[:1], {k: prompts[k] for k in ("box", "point+mask")}
+  )
   # multimask_output picks masks 1..3, else mask 0, as MaskDecoder.forward.
   sparse, dense = model.encode_prompts(**prompts["point"])
   for multimask in (True, False):
     with torch.no_grad():
       t_masks, t_iou = tmodel.mask_decoder(
-          torch.from_numpy(t_embedding[:1]).permute(0, 3, 1, 2),
-          tmodel.prompt_encoder.get_dense_pe(), torch.from_numpy(np.asarray(sparse)),
-          torch.from_numpy(np.asarray(dense)).permute(0, 3, 1, 2), multimask)
-    masks, iou = model.decode_masks(j_embedding[:1], model.dense_pe(), sparse, dense,
-                                    multimask)
+        torch.from_numpy(t_embedding[:1]).permute(0, 3, 1, 2),
+        tmodel.prompt_encoder.get_dense_pe(),
+        torch.from_numpy(np.asarray(sparse)),
+        torch.from_numpy(np.asarray(dense)).permute(0, 3, 1, 2),
+        multimask,
+      )
+    masks, iou = model.decode_masks(j_embedding[:1], model.dense_pe(), sparse, dense, multimask)
     close(masks, t_masks.numpy(), 1e-4)
     close(iou, t_iou.numpy(), 1e-4)
 
@@ -242,12 +296,13 @@ def test_decode_per_image_equals_decoding_each_prompt(tiny):
   sparse, dense = model.encode_prompts(points.reshape(6, 1, 2), np.ones((6, 1), np.int32))
   graphdef, params = nnx.split(model, nnx.Param)
   out = jax.jit(lambda p, e, s, d: nnx.merge(graphdef, p).decode_per_image(e, s, d))(
-      params, embeddings, sparse.reshape(2, 3, 2, 32), dense.reshape(2, 3, 8, 8, 32))
+    params, embeddings, sparse.reshape(2, 3, 2, 32), dense.reshape(2, 3, 8, 8, 32)
+  )
   assert out.masks.shape == (2, 3, 4, 32, 32) and out.iou.shape == (2, 3, 4)
   # Prompt i of image b, decoded alone against a one-image embedding (SAM's usual call).
-  one = jax.jit(jax.vmap(lambda p, e, s, d: nnx.merge(graphdef, p).decode(e, s, d),
-                         in_axes=(None, 0, 0, 0)))(
-      params, jnp.repeat(embeddings, 3, axis=0)[:, None], sparse[:, None], dense[:, None])
+  one = jax.jit(
+    jax.vmap(lambda p, e, s, d: nnx.merge(graphdef, p).decode(e, s, d), in_axes=(None, 0, 0, 0))
+  )(params, jnp.repeat(embeddings, 3, axis=0)[:, None], sparse[:, None], dense[:, None])
   close(out.masks.reshape(6, 4, 32, 32), one.masks[:, 0])
   close(out.iou.reshape(6, 4), one.iou[:, 0])
 
@@ -282,8 +337,12 @@ def test_cls_tokens_hook_shapes_and_export(tiny):
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, values))
   model = nnx.merge(graphdef, state)
   params = sam_interop.sam_from_torch(tmodel.state_dict(), model)
-  out = jax.eval_shape(lambda: model.decode(jnp.zeros((1, 8, 8, 32)), *model.encode_prompts(
-      np.zeros((3, 1, 2), np.float32), np.ones((3, 1)))))
+  out = jax.eval_shape(
+    lambda: model.decode(
+      jnp.zeros((1, 8, 8, 32)),
+      *model.encode_prompts(np.zeros((3, 1, 2), np.float32), np.ones((3, 1))),
+    )
+  )
   assert out.cls_tokens.shape == (3, 2, 32)
   assert out.mask_tokens.shape == (3, 4, 32) and out.image_tokens.shape == (3, 8, 8, 32)
   np.testing.assert_array_equal(params["mask_decoder"]["cls_tokens"], cls_tokens)
@@ -296,16 +355,28 @@ def test_prompted_classifier_against_segment_anything_transformer(tiny):
   tokens, and its output concatenated with z_g feeds the head. Gradients reach E_g; E_o's
   tokens are an input. The frozen variant uses E_o's mean as z_g and adds nothing."""
   from ultrajax.models import prompted_cls, vit
+
   tmodel, model, params = tiny
   rng = np.random.default_rng(8)
+
   def build(eg_size, with_eg=True, abstract=False):
     """The classifier with seeded random parameters (numpy: an eager init compiles every
     layer, which costs more than the test)."""
+
     def make():
-      eg = vit.ViT(width=16, depth=1, num_heads=2, patch_size=16, image_size=eg_size,
-                   pool="none", rngs=nnx.Rngs(1))
-      return prompted_cls.PromptedClassifier(model.config, 3, global_encoder=eg if with_eg
-                                             else None, rngs=nnx.Rngs(2))
+      eg = vit.ViT(
+        width=16,
+        depth=1,
+        num_heads=2,
+        patch_size=16,
+        image_size=eg_size,
+        pool="none",
+        rngs=nnx.Rngs(1),
+      )
+      return prompted_cls.PromptedClassifier(
+        model.config, 3, global_encoder=eg if with_eg else None, rngs=nnx.Rngs(2)
+      )
+
     graphdef, state = nnx.split(nnx.eval_shape(make), nnx.Param)
     if not abstract:
       state = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.normal(size=x.shape), x.dtype), state)
@@ -315,27 +386,35 @@ def test_prompted_classifier_against_segment_anything_transformer(tiny):
   prompted_cls.load_sam_parts(clf, params)
   graphdef, state = nnx.split(clf, nnx.Param)
   weights = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
-  jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in weights["mask_decoder"].items()
-                                              if k != "cls_tokens"}, params["mask_decoder"])
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    {k: v for k, v in weights["mask_decoder"].items() if k != "cls_tokens"},
+    params["mask_decoder"],
+  )
   object_tokens = rng.normal(size=(2, 8, 8, 32)).astype(np.float32)
   images = rng.normal(size=(2, 128, 128, 3)).astype(np.float32)
   coords = rng.uniform(0, 128, (2, 2, 2)).astype(np.float32)
   labels = np.array([[1, -1], [2, 3]], np.int32)  # a click and a box
   forward = lambda g, s, images: nnx.merge(g, s)(object_tokens, images, coords, labels)
-  logits, grads = jax.jit(lambda s: (forward(graphdef, s, images), jax.grad(
-      lambda s: forward(graphdef, s, images)[:, 0].sum())(s)))(state)
+  logits, grads = jax.jit(
+    lambda s: (
+      forward(graphdef, s, images),
+      jax.grad(lambda s: forward(graphdef, s, images)[:, 0].sum())(s),
+    )
+  )(state)
 
   def reference(image, z_g):
     sparse = np.asarray(model.prompt_encoder.embed_points(coords, labels))
     decoder = weights["mask_decoder"]
-    tokens = np.concatenate([decoder["iou_token"], decoder["mask_tokens"],
-                             decoder["cls_tokens"]])
+    tokens = np.concatenate([decoder["iou_token"], decoder["mask_tokens"], decoder["cls_tokens"]])
     tokens = np.concatenate([np.broadcast_to(tokens, (2, 6, 32)), sparse], axis=1)
     src = image + np.asarray(params["prompt_encoder"]["no_mask"]).reshape(1, 1, 1, 32)
     with torch.no_grad():
       hs, _ = tmodel.mask_decoder.transformer(
-          torch.from_numpy(src).permute(0, 3, 1, 2),
-          tmodel.prompt_encoder.get_dense_pe(), torch.from_numpy(np.asarray(tokens)))
+        torch.from_numpy(src).permute(0, 3, 1, 2),
+        tmodel.prompt_encoder.get_dense_pe(),
+        torch.from_numpy(np.asarray(tokens)),
+      )
     features = np.concatenate([hs[:, 5].numpy(), z_g], axis=-1)
     return features @ weights["head"]["kernel"] + weights["head"]["bias"]
 
@@ -353,8 +432,11 @@ def test_prompted_classifier_against_segment_anything_transformer(tiny):
   graphdef, state = nnx.split(frozen, nnx.Param)
   weights = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
   assert set(weights) == {"prompt_encoder", "mask_decoder", "head"}
-  close(jax.jit(lambda s: forward(graphdef, s, None))(state),
-        reference(object_tokens, object_tokens.mean((1, 2))), 1e-4)
+  close(
+    jax.jit(lambda s: forward(graphdef, s, None))(state),
+    reference(object_tokens, object_tokens.mean((1, 2))),
+    1e-4,
+  )
   # E_g on its own grid (4 x 4 at 64 px): tokens are resampled to E_o's 8 x 8.
   graphdef, state = nnx.split(build(64, abstract=True), nnx.Param)
   tokens, z_g = jax.eval_shape(lambda s: nnx.merge(graphdef, s).global_features(images), state)
@@ -403,12 +485,16 @@ def test_predictor_matches_segment_anything(predictors):
   ours, theirs = predictors
   close(ours.get_image_embedding(), nhwc(theirs.get_image_embedding()))
   click = dict(point_coords=np.array([[30.0, 40.0]]), point_labels=np.array([1]))
-  both = dict(point_coords=np.array([[30.0, 40.0], [60, 90]]), point_labels=np.array([1, 0]),
-              box=np.array([10, 20, 65, 95]))
+  both = dict(
+    point_coords=np.array([[30.0, 40.0], [60, 90]]),
+    point_labels=np.array([1, 0]),
+    box=np.array([10, 20, 65, 95]),
+  )
   for prompt, multimask in ((click, True), (click, False), (both, True)):
     logits, iou, low = ours.predict(**prompt, multimask_output=multimask, return_logits=True)
-    t_logits, t_iou, t_low = theirs.predict(**prompt, multimask_output=multimask,
-                                            return_logits=True)
+    t_logits, t_iou, t_low = theirs.predict(
+      **prompt, multimask_output=multimask, return_logits=True
+    )
     assert logits.shape == t_logits.shape == ((3 if multimask else 1), 100, 70)
     close(logits, t_logits, 1e-4)
     close(iou, t_iou, 1e-4)
@@ -424,8 +510,11 @@ def test_predictor_matches_segment_anything(predictors):
 
 def test_predictor_rejects_bad_prompts(predictors, tiny):
   ours, _ = predictors
-  with pytest.raises(ValueError, match=r"point 1 at \(x, y\) = \(80.0, 10.0\) is outside the "
-                                       r"image \(width 70, height 100\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"point 1 at \(x, y\) = \(80.0, 10.0\) is outside the "
+    r"image \(width 70, height 100\)",
+  ):
     ours.predict(point_coords=np.array([[5, 5], [80, 10]]), point_labels=np.array([1, 1]))
   with pytest.raises(ValueError, match="x1 < x0"):
     ours.predict(box=np.array([50, 10, 20, 40]))
@@ -450,18 +539,27 @@ def test_workdir_checkpoint_loads_exports_and_segments(tiny, tmp_path):
   saved config) -> `export --format=sam` loads strictly into segment_anything; the segment
   command writes an overlay from a segment_anything file."""
   import json
+
   from PIL import Image
+
   from ultrajax import export, segment
   from ultrajax.train import checkpoint
+
   tmodel, model, params = tiny
   ckpt = checkpoint.Checkpointer(tmp_path / "run")
-  ckpt.save(3, params, dict(step=np.int32(3)), None,
-            dict(config=json.dumps(dict(model=dict(decoder_heads=2)))))
+  ckpt.save(
+    3,
+    params,
+    dict(step=np.int32(3)),
+    None,
+    dict(config=json.dumps(dict(model=dict(decoder_heads=2)))),
+  )
   ckpt.close()
   loaded, config = sam_predictor.load_model(tmp_path / "run")
   assert config == model.config
-  for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(loaded, nnx.Param))),
-                  jax.tree.leaves(params)):
+  for a, b in zip(
+    jax.tree.leaves(nnx.to_pure_dict(nnx.state(loaded, nnx.Param))), jax.tree.leaves(params)
+  ):
     assert np.array_equal(np.asarray(a), np.asarray(b))
   done = export.export(tmp_path / "run", "sam", tmp_path / "sam.pth")
   assert done["keys"] == len(tmodel.state_dict())
@@ -476,8 +574,9 @@ def test_workdir_checkpoint_loads_exports_and_segments(tiny, tmp_path):
 
   image = np.random.default_rng(9).integers(0, 256, (60, 80), dtype=np.uint8)
   Image.fromarray(image).save(tmp_path / "scan.png")
-  done = segment.segment(tmp_path / "run", tmp_path / "scan.png", tmp_path / "o.png",
-                         points=[(20, 30)])
+  done = segment.segment(
+    tmp_path / "run", tmp_path / "scan.png", tmp_path / "o.png", points=[(20, 30)]
+  )
   predictor = sam_predictor.SamPredictor(model)
   predictor.set_image(np.repeat(image[..., None], 3, axis=-1))
   masks, iou, _ = predictor.predict(np.array([[20, 30]]), np.array([1]))
@@ -492,10 +591,14 @@ def test_workdir_checkpoint_loads_exports_and_segments(tiny, tmp_path):
   mask = np.zeros((6, 7), bool)
   mask[2:5, 1:4] = True
   assert segment.mask_box(mask) == [1, 2, 3, 4] and segment.mask_box(mask & False) is None
-  done = segment.segment(tmp_path / "run", tmp_path / "scan.png", tmp_path / "r.png",
-                         points=[(20, 30)], refine=True)
+  done = segment.segment(
+    tmp_path / "run", tmp_path / "scan.png", tmp_path / "r.png", points=[(20, 30)], refine=True
+  )
   first, _, low = predictor.predict(np.array([[20, 30]]), np.array([1]), multimask_output=False)
   box = segment.mask_box(first[0])
-  second = (predictor.predict(box=np.array(box), mask_input=low[:1]) if box is not None else
-            predictor.predict(np.array([[20, 30]]), np.array([1]), mask_input=low[:1]))
+  second = (
+    predictor.predict(box=np.array(box), mask_input=low[:1])
+    if box is not None
+    else predictor.predict(np.array([[20, 30]]), np.array([1]), mask_input=low[:1])
+  )
   assert done["candidates"] == pytest.approx([float(v) for v in second[1]], abs=1e-5)

@@ -1,4 +1,5 @@
 """UltraSam training pieces: prompts, losses, selection, instance data, COCO mAP, the job."""
+
 import json
 import logging
 import math
@@ -30,14 +31,17 @@ def test_training_prompts_points_inside_boxes_jitter_bounds_and_determinism():
   masks = _ellipse_masks(rng, 64, 32)
   keys = jax.random.split(jax.random.key(1), 8)
   prompts = jax.jit(jax.vmap(lambda k: so.training_prompts(k, jnp.asarray(masks))))(keys)
-  coords, labels = np.asarray(prompts.coords), np.asarray(prompts.labels)  # [8, 64, 2, 2], [8, 64, 2]
+  coords, labels = (
+    np.asarray(prompts.coords),
+    np.asarray(prompts.labels),
+  )  # [8, 64, 2, 2], [8, 64, 2]
   is_box = labels[..., 0] == 2
   assert 0.4 < is_box.mean() < 0.6
   np.testing.assert_array_equal(labels[~is_box], np.broadcast_to([1, -1], labels[~is_box].shape))
   np.testing.assert_array_equal(labels[is_box], np.broadcast_to([2, 3], labels[is_box].shape))
   # Points: the pixel under each point (nearest pixel centre) is inside its mask.
   inst = np.broadcast_to(np.arange(64), is_box.shape)
-  for (k, i) in zip(*np.nonzero(~is_box)):
+  for k, i in zip(*np.nonzero(~is_box)):
     x, y = coords[k, i, 0]
     assert masks[i, int(math.floor(y + 0.5)), int(math.floor(x + 0.5))], (k, i, x, y)
   # Boxes: each coordinate within 5% of the box width/height of the exact box, and actually moved.
@@ -77,7 +81,9 @@ def test_evaluation_prompts_centroid_and_exact_box():
   for i, m in enumerate(masks):
     ys, xs = np.nonzero(m)
     np.testing.assert_allclose(np.asarray(c.coords[i, 0]), [xs.mean(), ys.mean()], rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(b.coords[i]), [[xs.min(), ys.min()], [xs.max(), ys.max()]])
+    np.testing.assert_array_equal(
+      np.asarray(b.coords[i]), [[xs.min(), ys.min()], [xs.max(), ys.max()]]
+    )
   np.testing.assert_array_equal(np.asarray(c.labels[0]), [1, -1])
   np.testing.assert_array_equal(np.asarray(b.labels[0]), [2, 3])
 
@@ -87,12 +93,14 @@ def test_losses_against_hand_worked_values_and_torchvision():
   logits = jnp.zeros((1, 2, 2))
   target = jnp.asarray([[[1.0, 0.0], [0.0, 0.0]]])
   # p = 0.5 everywhere: CE = ln 2, (1 - p_t)^2 = 1/4, alpha_t = 0.25 (t=1) or 0.75 (t=0).
-  np.testing.assert_allclose(so.focal_loss(logits, target), [math.log(2) * 0.25 * (0.25 + 3 * 0.75) / 4],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    so.focal_loss(logits, target), [math.log(2) * 0.25 * (0.25 + 3 * 0.75) / 4], rtol=1e-6
+  )
   # sum p t = 0.5, sum p^2 = 1, sum t^2 = 1: 1 - 1 / (1 + 1 + 1 + 1).
   np.testing.assert_allclose(so.dice_loss(logits, target), [0.75], rtol=1e-6)
   torch = pytest.importorskip("torch")
   from torchvision.ops import sigmoid_focal_loss
+
   rng = np.random.default_rng(0)
   x = rng.normal(0, 3, (3, 16, 16)).astype(np.float32)
   t = (rng.random((3, 16, 16)) < 0.3).astype(np.float32)
@@ -116,8 +124,9 @@ def test_mask_losses_weights_iou_target_and_invalid_instances():
   np.testing.assert_allclose(float(out["iou"]), iou, rtol=1e-6)
   np.testing.assert_allclose(float(out["loss"]), 20 * focal + dice + iou, rtol=1e-5)
   mse = so.mask_losses(*args, iou_loss="mse")  # the official code's
-  np.testing.assert_allclose(float(mse["iou"]), ((0.5 - 0.5) ** 2 + (0.9 - 0.5) ** 2) / 2,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(mse["iou"]), ((0.5 - 0.5) ** 2 + (0.9 - 0.5) ** 2) / 2, rtol=1e-6
+  )
 
 
 def test_select_best_uses_ground_truth_iou_not_predicted_iou():
@@ -128,7 +137,9 @@ def test_select_best_uses_ground_truth_iou_not_predicted_iou():
   cands[0, 1, :2, :2] = 1.0  # IoU 1
   cands[0, 2, :2, :3] = 1.0  # IoU 4/6
   iou_pred = np.asarray([[0.9, 0.1, 0.5]], np.float32)
-  logits, pred, actual = so.select_best(jnp.asarray(cands), jnp.asarray(iou_pred), jnp.asarray(target))
+  logits, pred, actual = so.select_best(
+    jnp.asarray(cands), jnp.asarray(iou_pred), jnp.asarray(target)
+  )
   np.testing.assert_array_equal(np.asarray(logits), cands[:, 1])
   np.testing.assert_allclose(np.asarray(pred), [0.1])
   np.testing.assert_allclose(np.asarray(actual), [1.0])
@@ -136,8 +147,14 @@ def test_select_best_uses_ground_truth_iou_not_predicted_iou():
 
 def _fake_decoder(weight):
   """A decoder whose four masks are fixed patterns (+ weight x the dense prompt when given)."""
-  base = jnp.stack([jnp.full((4, 4), 1.0), jnp.zeros((4, 4)).at[:2, :2].set(2.0) - 1.0,
-                    jnp.full((4, 4), -1.0), jnp.full((4, 4), 0.5)])
+  base = jnp.stack(
+    [
+      jnp.full((4, 4), 1.0),
+      jnp.zeros((4, 4)).at[:2, :2].set(2.0) - 1.0,
+      jnp.full((4, 4), -1.0),
+      jnp.full((4, 4), 0.5),
+    ]
+  )
   calls = []
 
   def decode(prompts, mask_logits):
@@ -156,8 +173,9 @@ def test_refinement_feeds_first_logits_back_and_adds_both_losses():
   valid = jnp.asarray([True, True])
   prompts = so.centroid_prompts(target > 0)
   decode, calls = _fake_decoder(0.0)
-  loss, _ = jax.jit(lambda p: so.sam_loss(decode, p, target, valid, refine=True,
-                                          iou_on="selected"))(prompts)
+  loss, _ = jax.jit(
+    lambda p: so.sam_loss(decode, p, target, valid, refine=True, iou_on="selected")
+  )(prompts)
   assert calls[0] is None and calls[1].shape == (2, 4, 4)
   first = decode(prompts, None)
   single = so.mask_losses(first.logits[:, 0], first.iou_pred[:, 0], target, valid)
@@ -166,13 +184,16 @@ def test_refinement_feeds_first_logits_back_and_adds_both_losses():
   # iou_on='all': candidate IoUs 1, 0, 4/16 against predictions 0.2, 0.9, 0.1 (L1; MSE).
   _, m = jax.jit(lambda p: so.sam_loss(decode, p, target, valid, refine=False))(prompts)
   np.testing.assert_allclose(float(m["iou"]), (0.8 + 0.9 + 0.15) / 3, rtol=1e-5)
-  _, m = jax.jit(lambda p: so.sam_loss(decode, p, target, valid, refine=False,
-                                       iou_loss="mse"))(prompts)
-  np.testing.assert_allclose(float(m["iou"]), (0.8 ** 2 + 0.9 ** 2 + 0.15 ** 2) / 3, rtol=1e-5)
+  _, m = jax.jit(lambda p: so.sam_loss(decode, p, target, valid, refine=False, iou_loss="mse"))(
+    prompts
+  )
+  np.testing.assert_allclose(float(m["iou"]), (0.8**2 + 0.9**2 + 0.15**2) / 3, rtol=1e-5)
+
   # The dense prompt is not detached: pass 2's loss depends on pass 1's logits.
   def total(w):
     d, _ = _fake_decoder(w)
     return so.sam_loss(d, prompts, target, valid, refine=True)[0]
+
   assert abs(float(jax.jit(jax.grad(total))(0.0))) > 0
   # Evaluation picks by predicted IoU among the multimask outputs (token 2 here, 0.9).
   logits, score = so.predict_masks(decode, prompts, refine=False)
@@ -192,8 +213,10 @@ def test_test_time_refinement_turns_a_click_into_the_box_of_the_first_mask():
   first[1, 0, 3] = 1.0
   point = so.centroid_prompts(jnp.ones((1, 16, 16), bool))
   box = so.box_prompts(jnp.zeros((1, 16, 16), bool).at[0, 2:5, 3:9].set(True))
-  prompts = so.Prompts(jnp.concatenate([point.coords, box.coords, point.coords]),
-                       jnp.concatenate([point.labels, box.labels, point.labels]))
+  prompts = so.Prompts(
+    jnp.concatenate([point.coords, box.coords, point.coords]),
+    jnp.concatenate([point.labels, box.labels, point.labels]),
+  )
   got = so.predicted_box_prompts(prompts, jnp.asarray(first), 16)
   np.testing.assert_allclose(np.asarray(got.coords[0]), [[0, 4], [7, 11]])
   np.testing.assert_array_equal(np.asarray(got.labels[0]), so.BOX_LABELS)
@@ -202,11 +225,13 @@ def test_test_time_refinement_turns_a_click_into_the_box_of_the_first_mask():
   np.testing.assert_array_equal(np.asarray(got.labels[2]), so.POINT_LABELS)
 
   seen = []
+
   def decode(p, mask_logits):
     seen.append(p)
     n = p.coords.shape[0]
     logits = jnp.broadcast_to(jnp.asarray(first)[:, None], (n, 4, 4, 4))
     return so.DecoderOutput(logits, jnp.broadcast_to(jnp.asarray([0.1, 0.2, 0.9, 0.3]), (n, 4)))
+
   so.predict_masks(decode, prompts, refine=True, input_size=16)
   np.testing.assert_allclose(np.asarray(seen[1].coords), np.asarray(got.coords))
   so.predict_masks(decode, prompts, refine=True, refine_prompt="same")
@@ -226,8 +251,9 @@ def _records():
 def test_coco_round_trip_rle_exact_and_polygon_close(tmp_path):
   records = _records()
   for fmt in ("rle", "polygon"):
-    path = instances.write_coco(str(tmp_path / f"{fmt}.json"), records,
-                                instances.PHANTOM_CATEGORIES, mask_format=fmt)
+    path = instances.write_coco(
+      str(tmp_path / f"{fmt}.json"), records, instances.PHANTOM_CATEGORIES, mask_format=fmt
+    )
     loaded = instances.CocoInstances(path)
     reference = coco_api.COCO(path)
     assert len(loaded) == len(records)
@@ -250,12 +276,18 @@ def test_empty_images_skipped_and_counted(tmp_path, caplog):
   records = _records()
   labels = [int(r["classes"].max(initial=0)) for r in records]
   assert 0 < labels.count(0) < len(records)
-  records[1] = dict(records[1], masks=records[1]["masks"][:0], category_ids=records[1]["category_ids"][:0],
-                    classes=records[1]["classes"][:0])
+  records[1] = dict(
+    records[1],
+    masks=records[1]["masks"][:0],
+    category_ids=records[1]["category_ids"][:0],
+    classes=records[1]["classes"][:0],
+  )
   path = instances.write_coco(str(tmp_path / "a.json"), records, instances.PHANTOM_CATEGORIES)
   with caplog.at_level(logging.INFO):
     everything = instances.InstanceDataset(instances.CocoInstances(path), 32, 4)
-    lesions = instances.InstanceDataset(instances.CocoInstances(path), 32, 4, keep_categories=("lesion",))
+    lesions = instances.InstanceDataset(
+      instances.CocoInstances(path), 32, 4, keep_categories=("lesion",)
+    )
   assert everything.skipped_images == 1 and len(everything) == len(records) - 1
   expect = sum(1 for i, r in enumerate(records) if i == 1 or not (r["category_ids"] == 2).any())
   assert lesions.skipped_images == expect
@@ -297,16 +329,22 @@ def test_clear_errors_name_the_annotation_or_file(tmp_path):
     return str(p)
 
   p = broken(lambda d: d["annotations"][0].update(image_id=999), "bad_id.json")
-  with pytest.raises(instances.InstanceDataError, match=r"bad_id.json: annotation id 1 .*image_id 999"):
+  with pytest.raises(
+    instances.InstanceDataError, match=r"bad_id.json: annotation id 1 .*image_id 999"
+  ):
     instances.CocoInstances(p)
   p = broken(lambda d: d["images"][1].update(file_name="images/gone.png"), "gone.json")
-  with pytest.raises(instances.InstanceDataError, match=r"gone.json: image id .*gone.png does not exist"):
+  with pytest.raises(
+    instances.InstanceDataError, match=r"gone.json: image id .*gone.png does not exist"
+  ):
     instances.CocoInstances(p)
   p = broken(lambda d: d["annotations"][0]["segmentation"].update(size=[20, 40]), "size.json")
   with pytest.raises(instances.InstanceDataError, match=r"annotation id 1: mask size \[20, 40\]"):
     instances.CocoInstances(p)[0]
   p = broken(lambda d: d["images"][0].update(height=41), "hw.json")
-  with pytest.raises(instances.InstanceDataError, match=r"is 40x40 \(h x w\) but the json says 41x40"):
+  with pytest.raises(
+    instances.InstanceDataError, match=r"is 40x40 \(h x w\) but the json says 41x40"
+  ):
     instances.CocoInstances(p)[0]
   with pytest.raises(instances.InstanceDataError, match="category 'vessel' is not in"):
     instances.InstanceDataset(instances.CocoInstances(path), 32, 4, drop_categories=("vessel",))
@@ -317,14 +355,16 @@ def test_train_batches_follow_seeded_epochs_resume_and_split_over_processes():
   epoch e = p // n (numpy's permutation from (seed, e)), flipped by the draw from (seed, 'hflip',
   p); a restored iterator continues bitwise; two processes' halves make up the batch."""
   import zlib
+
   ds = instances.InstanceDataset(instances.PhantomInstances("t", 5, 32, 0), 32, 2)
   seed, bsz, n = 7, 4, len(ds)
 
   def want(b):
     positions = range(b * bsz, (b + 1) * bsz)
     index = [np.random.default_rng([seed, p // n]).permutation(n)[p % n] for p in positions]
-    flips = [np.random.default_rng([seed, zlib.crc32(b"hflip"), p]).random() < 0.5
-             for p in positions]
+    flips = [
+      np.random.default_rng([seed, zlib.crc32(b"hflip"), p]).random() < 0.5 for p in positions
+    ]
     return ds.batch(index, flips)
 
   it = instances.train_batches(ds, bsz, seed, True, num_threads=2)
@@ -332,16 +372,20 @@ def test_train_batches_follow_seeded_epochs_resume_and_split_over_processes():
   for b in range(3):
     for k, v in want(b).items():
       np.testing.assert_array_equal(got[b][k], v, err_msg=f"batch {b} {k}")
-  assert any(want(b)["image"].tobytes() != ds.batch(range(b * bsz, b * bsz + bsz))["image"]
-             .tobytes() for b in range(3))  # flips and shuffling actually happen
+  assert any(
+    want(b)["image"].tobytes() != ds.batch(range(b * bsz, b * bsz + bsz))["image"].tobytes()
+    for b in range(3)
+  )  # flips and shuffling actually happen
   state = it.get_state()
   fourth = next(it)
   again = instances.train_batches(ds, bsz, seed, True, num_threads=1)
   again.set_state(state)
   for k, v in next(again).items():
     np.testing.assert_array_equal(v, fourth[k])
-  halves = [instances.train_dataset(ds, bsz, seed, True, process_index=i, process_count=2)[3]
-            for i in range(2)]
+  halves = [
+    instances.train_dataset(ds, bsz, seed, True, process_index=i, process_count=2)[3]
+    for i in range(2)
+  ]
   for k, v in fourth.items():
     np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), v)
   it.close(), again.close()
@@ -350,7 +394,7 @@ def test_train_batches_follow_seeded_epochs_resume_and_split_over_processes():
 # ----------------------------------------------------------------------------- COCO mAP
 def _square(size, y0, x0, h, w):
   m = np.zeros((size, size), np.uint8)
-  m[y0:y0 + h, x0:x0 + w] = 1
+  m[y0 : y0 + h, x0 : x0 + w] = 1
   return m
 
 
@@ -377,6 +421,7 @@ def test_mask_ious_match_sklearn_jaccard():
   from sklearn.metrics import jaccard_score
 
   from ultrajax.eval import sam_eval
+
   rng = np.random.default_rng(0)
   gt, pred = rng.random((5, 7, 6)) < 0.3, rng.random((5, 7, 6)) < 0.4
   gt[4], pred[4] = False, False  # both empty: 0 (nothing to reward)
@@ -387,8 +432,11 @@ def test_mask_ious_match_sklearn_jaccard():
 def test_logits_to_masks_undoes_resize_and_padding():
   orig = np.zeros((40, 20), np.uint8)
   orig[10:30, 4:16] = 1
-  prepared = instances.prepare(dict(image=orig * 100, masks=orig[None], category_ids=np.asarray([1]),
-                                    classes=np.asarray([0])), 32, 1)
+  prepared = instances.prepare(
+    dict(image=orig * 100, masks=orig[None], category_ids=np.asarray([1]), classes=np.asarray([0])),
+    32,
+    1,
+  )
   # Logits at the input resolution come back exactly; at a quarter of it (the decoder's), up to
   # the low-res grid's quantisation.
   for low_size, min_iou in ((32, 1.0), (8, 0.75)):
@@ -401,24 +449,25 @@ def test_logits_to_masks_undoes_resize_and_padding():
 # ----------------------------------------------------------------------------- the job
 def _config(preset="smoke"):
   from ultrajax import configlib
+
   return configlib.load_config_module("configs/sam_ultrasound.py").get_config(preset)
 
 
 def test_config_errors_name_the_field_and_zero_shot_split():
   from ultrajax import configlib
   from ultrajax.jobs import sam as job
-  for field, value, match in (("loss.iou_loss", "l2", "config.loss.iou_loss='l2'"),
-                              ("data.source", "coco", "data.train_json"),
-                              ("prompts.p_box", 1.5, "config.prompts.p_box=1.5"),
-                              ("classification.global_encoder", "shared",
-                               "config.classification.global_encoder='shared'"),
-                              ("classification.eg.image_size", 30,
-                               "config.classification.eg.image_size=30"),
-                              ("classification.eg.variant", "B16",
-                               "config.classification.eg.variant"),
-                              ("sharding_rules", ((".*", "shard"),), "kind 'shard'"),
-                              ("on_nonfinite", "ignore", "config.on_nonfinite='ignore'"),
-                              ("data.num_threads", 0, "config.data.num_threads=0")):
+
+  for field, value, match in (
+    ("loss.iou_loss", "l2", "config.loss.iou_loss='l2'"),
+    ("data.source", "coco", "data.train_json"),
+    ("prompts.p_box", 1.5, "config.prompts.p_box=1.5"),
+    ("classification.global_encoder", "shared", "config.classification.global_encoder='shared'"),
+    ("classification.eg.image_size", 30, "config.classification.eg.image_size=30"),
+    ("classification.eg.variant", "B16", "config.classification.eg.variant"),
+    ("sharding_rules", ((".*", "shard"),), "kind 'shard'"),
+    ("on_nonfinite", "ignore", "config.on_nonfinite='ignore'"),
+    ("data.num_threads", 0, "config.data.num_threads=0"),
+  ):
     c = _config()
     c.update_from_flattened_dict({field: value})
     with pytest.raises(configlib.ConfigError, match=match.replace(".", r"\.")):
@@ -431,7 +480,6 @@ def test_config_errors_name_the_field_and_zero_shot_split():
   assert set(train_cats.tolist()) == {1} and set(test_cats.tolist()) == {2}
 
 
-
 def test_sharding_rules_lay_out_sam_and_skip_keeps_the_state():
   """config.sharding_rules place SAM's params and AdamW moments as in pretraining (encoder
   kernels split over two devices here); a step keeps that layout; with on_nonfinite='skip' a
@@ -440,6 +488,7 @@ def test_sharding_rules_lay_out_sam_and_skip_keeps_the_state():
 
   from ultrajax.jobs import sam as job
   from ultrajax.train import loop, sharding, tree
+
   config = _config()
   config.sharding_rules = ((".*image_encoder/.*kernel", "fsdp"), (".*", "replicated"))
   config.on_nonfinite = "skip"
@@ -448,8 +497,9 @@ def test_sharding_rules_lay_out_sam_and_skip_keeps_the_state():
   params = nnx.to_pure_dict(params)
   programs = job.Programs(config, mesh, graphdef, jax.eval_shape(lambda: params))
   specs = {}
-  tree.map_with_path(lambda path, s: specs.setdefault(path, tuple(s.spec)),
-                     (programs.params, programs.opt))
+  tree.map_with_path(
+    lambda path, s: specs.setdefault(path, tuple(s.spec)), (programs.params, programs.opt)
+  )
   qkv = "image_encoder/blocks/0/attn/qkv/kernel"  # [32, 96]: the 96 outputs split
   assert specs[f"0/{qkv}"] == (None, "data")
   assert [v for k, v in specs.items() if k.endswith("mu/" + qkv)] == [(None, "data")]
@@ -458,19 +508,21 @@ def test_sharding_rules_lay_out_sam_and_skip_keeps_the_state():
   batch = instances.train_dataset(job.datasets(config)[0], 4, 0, True)[0]
   batch = {k: loop.put_global(batch[k], programs.batch) for k in job.TRAIN_KEYS}
   p = loop.put_global(params, programs.params)
-  new_params, new_opt, out = programs.train_step(p, programs.init_opt(p), batch,
-                                                 jax.random.key(3))
+  new_params, new_opt, out = programs.train_step(p, programs.init_opt(p), batch, jax.random.key(3))
   assert np.isfinite(out["loss"])
-  for x, s in zip(jax.tree.leaves((new_params, new_opt)),
-                  jax.tree.leaves((programs.params, programs.opt))):
+  for x, s in zip(
+    jax.tree.leaves((new_params, new_opt)), jax.tree.leaves((programs.params, programs.opt))
+  ):
     assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
   bad = jax.tree.map(np.array, jax.device_get(new_params))
-  assert not np.array_equal(bad["image_encoder"]["patch_embed"]["bias"],
-                            params["image_encoder"]["patch_embed"]["bias"])  # it trained
+  assert not np.array_equal(
+    bad["image_encoder"]["patch_embed"]["bias"], params["image_encoder"]["patch_embed"]["bias"]
+  )  # it trained
   bad["image_encoder"]["patch_embed"]["bias"][0] = np.nan
   given = jax.device_get((bad, new_opt))
-  after = programs.train_step(loop.put_global(bad, programs.params), new_opt, batch,
-                              jax.random.key(4))
+  after = programs.train_step(
+    loop.put_global(bad, programs.params), new_opt, batch, jax.random.key(4)
+  )
   assert np.isnan(after[2]["loss"])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(after[:2]), given)
 
@@ -480,6 +532,7 @@ def test_class_metrics_match_sklearn():
   from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
   from ultrajax.eval import sam_eval
+
   rng = np.random.default_rng(0)
   for k in (2, 3):
     labels = rng.integers(0, k, 60)
@@ -494,8 +547,11 @@ def test_class_metrics_match_sklearn():
           assert got[name] == pytest.approx(value, abs=1e-12)
         else:
           np.testing.assert_allclose([got[f"{name}/{j}"] for j in range(k)], value, atol=1e-12)
-    want_auc = (roc_auc_score(labels, probs[:, 1]) if k == 2 else
-                roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    want_auc = (
+      roc_auc_score(labels, probs[:, 1])
+      if k == 2
+      else roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    )
     assert got["auroc"] == pytest.approx(want_auc, abs=1e-12)
 
 
@@ -503,17 +559,22 @@ def test_classification_data_from_coco_equals_the_phantom(tmp_path):
   """Prompted classification reads COCO instances with a `class_label` (here the phantom's
   own lesions written as COCO files): the same images, masks and classes as the phantom."""
   from ultrajax.jobs import sam as job
+
   config = _config()
   phantom = job.class_data(config)
-  for split, count in (("train", config.classification.train_images),
-                       ("test", config.classification.test_images)):
-    source = instances.PhantomInstances(f"cls_{split}", count, config.data.phantom_image_size,
-                                        config.seed)
+  for split, count in (
+    ("train", config.classification.train_images),
+    ("test", config.classification.test_images),
+  ):
+    source = instances.PhantomInstances(
+      f"cls_{split}", count, config.data.phantom_image_size, config.seed
+    )
     records = [source[i] for i in range(count)]
     j = next(i for i, r in enumerate(records) if r["classes"].any())  # unlabel the first one
     records[j] = dict(records[j], classes=np.zeros_like(records[j]["classes"]))
     config.data[f"{split}_json"] = instances.write_coco(
-        str(tmp_path / split / "instances.json"), records, instances.PHANTOM_CATEGORIES)
+      str(tmp_path / split / "instances.json"), records, instances.PHANTOM_CATEGORIES
+    )
   config.data.source = "coco"
   coco = job.class_data(config)
   np.testing.assert_array_equal(coco[2], phantom[2])
@@ -522,23 +583,27 @@ def test_classification_data_from_coco_equals_the_phantom(tmp_path):
     assert got["classes"].tolist() == want["classes"][~first].tolist()
     assert set(got["classes"].tolist()) <= {1, 2} and len(got["classes"]) > 0
     np.testing.assert_array_equal(got["masks"], want["masks"][~first])
-    np.testing.assert_array_equal(got["images"][got["image_index"]],
-                                  want["images"][want["image_index"][~first]])
+    np.testing.assert_array_equal(
+      got["images"][got["image_index"]], want["images"][want["image_index"][~first]]
+    )
   config.classification.category = "organ"  # organs carry no class
   with pytest.raises(instances.InstanceDataError, match="instances.json: no instance .* class"):
     job.class_data(config)
 
+
 def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
   from ultrajax.jobs import sam as job
   from ultrajax.train import writers
+
   config = _config()
   whole = tmp_path / "whole"
   params, results = job.run(config, str(whole))
   assert set(results) == {0, 4, "classification"}
   for step in (0, 4):
     # Pooled (class-agnostic, UltraSam's protocol) and per category.
-    assert set(results[step]) == {f"point/{c}{k}" for c in ("", "organ/", "lesion/")
-                                  for k in ("mAP", "mAP50", "mIoU")}
+    assert set(results[step]) == {
+      f"point/{c}{k}" for c in ("", "organ/", "lesion/") for k in ("mAP", "mAP50", "mIoU")
+    }
     assert all(0.0 <= v <= 1.0 for v in results[step].values())
   rows = writers.read_jsonl(whole / "metrics.jsonl")
   losses = [r["loss"] for r in rows if "loss" in r]
@@ -568,8 +633,11 @@ def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
   job.run(config, str(part), stop_after_steps=2)
   resumed, _ = job.run(config, str(part))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(params))
-  train_rows = lambda d: [{k: v for k, v in r.items() if k != "img_per_s"}
-                          for r in writers.read_jsonl(d / "metrics.jsonl") if "loss" in r]
+  train_rows = lambda d: [
+    {k: v for k, v in r.items() if k != "img_per_s"}
+    for r in writers.read_jsonl(d / "metrics.jsonl")
+    if "loss" in r
+  ]
   assert train_rows(part) == train_rows(whole)
 
 
@@ -578,6 +646,7 @@ def test_init_from_segment_anything_file_and_mismatch_names_keys(tmp_path):
 
   from ultrajax.interop import files, sam as sam_interop
   from ultrajax.jobs import sam as job
+
   config = _config()
   source = job.build_model(config, nnx.Rngs(5))
   tensors = sam_interop.sam_to_torch(nnx.to_pure_dict(nnx.state(source, nnx.Param)))
@@ -586,8 +655,11 @@ def test_init_from_segment_anything_file_and_mismatch_names_keys(tmp_path):
   params = nnx.to_pure_dict(nnx.state(target, nnx.Param))
   config.init_from = str(path)
   loaded = job._load_init(config, target, params)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded),
-               nnx.to_pure_dict(nnx.state(source, nnx.Param)))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(loaded),
+    nnx.to_pure_dict(nnx.state(source, nnx.Param)),
+  )
   tensors["mask_decoder.iou_token.weight"] = tensors["mask_decoder.iou_token.weight"][:, :8]
   files.save_state_dict(path, tensors)
   with pytest.raises(ValueError, match="mask_decoder.iou_token.weight"):

@@ -1,5 +1,6 @@
 """Significance tests against scipy, a slow DeLong reference, a published worked example and
 simulation; and the figures behind them (PR curves, t-SNE, attention maps)."""
+
 import math
 
 import numpy as np
@@ -81,7 +82,9 @@ def test_fast_delong_equals_the_slow_mann_whitney_reference(ties):
   test = significance.delong_test(labels, a, b)
   var = ref_cov[0, 0] + ref_cov[1, 1] - 2 * ref_cov[0, 1]
   z = (ref_auc[0] - ref_auc[1]) / math.sqrt(var)
-  np.testing.assert_allclose([test.statistic, test.pvalue], [z, 2 * stats.norm.sf(abs(z))], rtol=1e-9)
+  np.testing.assert_allclose(
+    [test.statistic, test.pvalue], [z, 2 * stats.norm.sf(abs(z))], rtol=1e-9
+  )
   # The AUROC itself is the Mann-Whitney U over m n (scipy) and sklearn's value (metrics.auroc).
   u = stats.mannwhitneyu(a[labels == 1], a[labels == 0]).statistic
   np.testing.assert_allclose(auc[0], u / ((labels == 1).sum() * (labels == 0).sum()), rtol=1e-12)
@@ -98,8 +101,9 @@ def test_delong_ci_on_hanley_mcneil_1982_ct_ratings():
   auc, low, high, var = significance.delong_ci(labels, np.r_[normal, abnormal])
   assert round(auc, 3) == 0.893
   assert abs(math.sqrt(var) - 0.032) < 0.003
-  np.testing.assert_allclose([low, high], auc + np.array([-1, 1]) * 1.959964 * math.sqrt(var),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    [low, high], auc + np.array([-1, 1]) * 1.959964 * math.sqrt(var), rtol=1e-6
+  )
 
 
 def test_delong_variance_and_size_match_simulation():
@@ -158,14 +162,16 @@ def test_paired_bootstrap_of_several_metrics_shares_resamples():
   labels, a, b = correlated_scores(np.random.default_rng(5), 100, shift_b=0.5)
   both = lambda y, s: {"auroc": metrics.auroc(y, s), "ap": metrics.average_precision(y, s)}
   out = significance.paired_bootstrap(both, labels, b, a, num_samples=100, seed=3)
-  alone = significance.paired_bootstrap(metrics.average_precision, labels, b, a, num_samples=100,
-                                        seed=3)
+  alone = significance.paired_bootstrap(
+    metrics.average_precision, labels, b, a, num_samples=100, seed=3
+  )
   assert set(out) == {"auroc", "ap"} and out["ap"] == alone
 
 
 # ----------------------------------------------------------------------------- study summaries
 def test_finetune_summary_tests_each_variant_against_scratch_per_seed(tmp_path):
   from ultrajax.eval import downstream
+
   rng = np.random.default_rng(0)
   labels, weak, strong = correlated_scores(rng, 80, shift_b=1.5)
   cells = []
@@ -177,8 +183,16 @@ def test_finetune_summary_tests_each_variant_against_scratch_per_seed(tmp_path):
       probs = np.stack([1 - s, s], axis=1)
       np.savez(run_dir / "test_outputs.npz", test_index=np.arange(80), targets=labels, probs=probs)
       test = {k: [v, v, v] for k, v in downstream.cls_scores(labels, probs).items()}
-      cells.append({"variant": variant, "fraction": 1.0, "seed": seed, "run_dir": str(run_dir),
-                    "test": test, "probs": probs})
+      cells.append(
+        {
+          "variant": variant,
+          "fraction": 1.0,
+          "seed": seed,
+          "run_dir": str(run_dir),
+          "test": test,
+          "probs": probs,
+        }
+      )
       if variant == "mae" or seed > 0:  # scratch's seed 0 was tested without blur
         cells[-1]["blur"] = {"1": {"auroc": test["auroc"][0] - 0.1 * rng.random()}}
   rows = downstream.summarise(cells, ("auroc", "accuracy"), reference="scratch", num_samples=100)
@@ -188,8 +202,10 @@ def test_finetune_summary_tests_each_variant_against_scratch_per_seed(tmp_path):
   assert row["reference"] == "scratch"
   np.testing.assert_allclose(row["p_ttest"], stats.ttest_rel(mae_values, ref_values).pvalue)
   np.testing.assert_allclose(row["diff"], np.mean(mae_values) - np.mean(ref_values))
-  delong = [significance.delong_test(labels, a["probs"][:, 1], b["probs"][:, 1]).pvalue
-            for a, b in zip(cells[3:], cells[:3])]
+  delong = [
+    significance.delong_test(labels, a["probs"][:, 1], b["probs"][:, 1]).pvalue
+    for a, b in zip(cells[3:], cells[:3])
+  ]
   np.testing.assert_allclose([float(p) for p in row["p_delong"].split()], delong, rtol=1e-3)
   boot = [float(p) for p in row["p_bootstrap"].split()]
   assert len(boot) == 3 and max(boot) < 0.05  # the stronger model wins on every seed
@@ -209,8 +225,9 @@ def test_versus_reference_columns():
   rng = np.random.default_rng(4)
   labels, a, b = correlated_scores(rng, 120, shift_b=1.5)
   values, ref_values = [0.9, 0.85, 0.88], [0.7, 0.72, 0.69]
-  out = significance.versus_reference(metrics.auroc, values, ref_values, labels, b, a,
-                                      num_samples=100)
+  out = significance.versus_reference(
+    metrics.auroc, values, ref_values, labels, b, a, num_samples=100
+  )
   np.testing.assert_allclose(out["p_ttest"], stats.ttest_rel(values, ref_values).pvalue)
   np.testing.assert_allclose(out["diff"], np.mean(np.subtract(values, ref_values)))
   assert out["p_bootstrap"] < 0.05

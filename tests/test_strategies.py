@@ -1,5 +1,6 @@
 """Every federated strategy on the lane engine against an independent numpy float64 round, plus
 client sampling, dropouts and the split-learning driver."""
+
 import functools
 
 import jax
@@ -33,10 +34,11 @@ def _grad_np(w, b, x, y):
 @functools.cache
 def _data():
   rng = np.random.default_rng(0)
-  batches = {"x": rng.normal(size=(C, S, B, D)).astype(np.float32),
-             "y": rng.normal(size=(C, S, B)).astype(np.float32)}
-  params = {"dense": {"w": rng.normal(size=(D,)).astype(np.float32)},
-            "bn": {"b": np.float32(0.3)}}
+  batches = {
+    "x": rng.normal(size=(C, S, B, D)).astype(np.float32),
+    "y": rng.normal(size=(C, S, B)).astype(np.float32),
+  }
+  params = {"dense": {"w": rng.normal(size=(D,)).astype(np.float32)}, "bn": {"b": np.float32(0.3)}}
   return batches, params
 
 
@@ -44,10 +46,12 @@ def _data():
 def _programs(strategy, num_lanes):
   """(start, chunk, finish, client models) of a strategy on num_lanes lanes. Run eagerly
   (jax.disable_jit in _run): on these tiny shapes that is far cheaper than compiling each."""
-  return (lambda *a: rounds.start_round(strategy, *a, C, num_lanes),
-          rounds.make_chunk(_loss, optax.sgd(LR), strategy),
-          functools.partial(rounds.finish_round, strategy),
-          lambda s, x: rounds.client_models(strategy, s, x, C))
+  return (
+    lambda *a: rounds.start_round(strategy, *a, C, num_lanes),
+    rounds.make_chunk(_loss, optax.sgd(LR), strategy),
+    functools.partial(rounds.finish_round, strategy),
+    lambda s, x: rounds.client_models(strategy, s, x, C),
+  )
 
 
 def _run(strategy, num_lanes, participants, num_rounds=2):
@@ -59,12 +63,24 @@ def _run(strategy, num_lanes, participants, num_rounds=2):
   weights = strategy.client_weights(EXAMPLES)
   start, chunk, finish, models = _programs(strategy, num_lanes)
   with jax.disable_jit():
-    return _rounds(start, chunk, finish, models, server, opt, sstate, weights, num_lanes,
-                   participants, num_rounds)
+    return _rounds(
+      start,
+      chunk,
+      finish,
+      models,
+      server,
+      opt,
+      sstate,
+      weights,
+      num_lanes,
+      participants,
+      num_rounds,
+    )
 
 
-def _rounds(start, chunk, finish, models, server, opt, sstate, weights, num_lanes, participants,
-            num_rounds):
+def _rounds(
+  start, chunk, finish, models, server, opt, sstate, weights, num_lanes, participants, num_rounds
+):
   batches, _ = _data()
   for r in range(num_rounds):
     plan = rounds.plan_round(STEPS * participants[r], num_lanes, K)
@@ -73,15 +89,17 @@ def _rounds(start, chunk, finish, models, server, opt, sstate, weights, num_lane
       p = plan.chunk(j, K)
       c = np.maximum(p.client_ids, 0)
       batch = jax.tree.map(lambda a: a[c, p.step_ids], batches)
-      state, metrics = chunk(server, state, batch, p, STEPS.astype(np.float32), weights, r,
-                             jax.random.key(r))
+      state, metrics = chunk(
+        server, state, batch, p, STEPS.astype(np.float32), weights, r, jax.random.key(r)
+      )
       assert set(metrics) == {"loss", "grad_norm", "pred_mean"}
     server, opt, sstate = finish(state, server, jax.random.key(r))
   return server, sstate, models(sstate, server)
 
 
-def _numpy_rounds(name, participants, mu=0.0, alpha=0.5, server_lr=1e-2, b1=0.9, b2=0.99,
-                  tau=1e-3, kept=False):
+def _numpy_rounds(
+  name, participants, mu=0.0, alpha=0.5, server_lr=1e-2, b1=0.9, b2=0.99, tau=1e-3, kept=False
+):
   """The same rounds in numpy float64: local SGD (+ FedProx / SCAFFOLD terms) from what each
   client starts with, then the strategy's server step over the clients that took part.
   Returns the server (w, b, count) and every client's next-round model [(w, b, count)]."""
@@ -91,7 +109,7 @@ def _numpy_rounds(name, participants, mu=0.0, alpha=0.5, server_lr=1e-2, b1=0.9,
   x = [np.array(params["dense"]["w"], np.float64), float(params["bn"]["b"]), 0.0]
   own = [list(x) for _ in range(C)]  # each client's own model (personalized, local, kept 'bn')
   c, ci = np.zeros(D + 1), np.zeros((C, D + 1))  # SCAFFOLD controls over (w, b)
-  m, v = np.zeros(D + 1), np.full(D + 1, tau ** 2)
+  m, v = np.zeros(D + 1), np.full(D + 1, tau**2)
   for part in participants:
     ys = {}
     for k in np.flatnonzero(part):
@@ -123,9 +141,11 @@ def _numpy_rounds(name, participants, mu=0.0, alpha=0.5, server_lr=1e-2, b1=0.9,
     elif name in ("fedadam", "fedyogi", "fedadagrad"):
       delta = flat(mean) - flat(x)
       m = b1 * m + (1 - b1) * delta
-      v = {"fedadam": lambda: b2 * v + (1 - b2) * delta ** 2,
-           "fedyogi": lambda: v - (1 - b2) * delta ** 2 * np.sign(v - delta ** 2),
-           "fedadagrad": lambda: v + delta ** 2}[name]()
+      v = {
+        "fedadam": lambda: b2 * v + (1 - b2) * delta**2,
+        "fedyogi": lambda: v - (1 - b2) * delta**2 * np.sign(v - delta**2),
+        "fedadagrad": lambda: v + delta**2,
+      }[name]()
       step = flat(x) + server_lr * m / (np.sqrt(v) + tau)
       x = [step[:D], step[D], mean[2]]
     else:
@@ -134,8 +154,10 @@ def _numpy_rounds(name, participants, mu=0.0, alpha=0.5, server_lr=1e-2, b1=0.9,
       a = 1.0 if name == "local" else alpha
       for k in done:
         others = [ys[j] for j in done if j != k]
-        own[k] = [a * ys[k][i] + (1 - a) * sum(o[i] for o in others) / len(others)
-                  if others else ys[k][i] for i in range(3)]
+        own[k] = [
+          a * ys[k][i] + (1 - a) * sum(o[i] for o in others) / len(others) if others else ys[k][i]
+          for i in range(3)
+        ]
     elif kept:
       for k in done:
         own[k] = [None, ys[k][1], ys[k][2]]
@@ -149,14 +171,18 @@ def _numpy_rounds(name, participants, mu=0.0, alpha=0.5, server_lr=1e-2, b1=0.9,
 
 
 CASES = {  # name: (make_strategy options, _numpy_rounds options)
-    "fedavg": ({}, {}), "central": ({}, {}), "fedavg_uniform": ({}, {}),
-    "fedprox": ({"mu": 0.5}, {"mu": 0.5}),
-    "fedbn": ({}, {"kept": True}), "keep_local": ({"keep_local": ("^bn/",)}, {"kept": True}),
-    "personalized": ({}, {}), "local": ({}, {}),
-    "fedadam": ({"server_lr": 0.1}, {"server_lr": 0.1}),
-    "fedyogi": ({"server_lr": 0.1}, {"server_lr": 0.1}),
-    "fedadagrad": ({"server_lr": 0.1}, {"server_lr": 0.1}),
-    "scaffold": ({"local_lr": LR}, {}),
+  "fedavg": ({}, {}),
+  "central": ({}, {}),
+  "fedavg_uniform": ({}, {}),
+  "fedprox": ({"mu": 0.5}, {"mu": 0.5}),
+  "fedbn": ({}, {"kept": True}),
+  "keep_local": ({"keep_local": ("^bn/",)}, {"kept": True}),
+  "personalized": ({}, {}),
+  "local": ({}, {}),
+  "fedadam": ({"server_lr": 0.1}, {"server_lr": 0.1}),
+  "fedyogi": ({"server_lr": 0.1}, {"server_lr": 0.1}),
+  "fedadagrad": ({"server_lr": 0.1}, {"server_lr": 0.1}),
+  "scaffold": ({"local_lr": LR}, {}),
 }
 
 
@@ -201,8 +227,9 @@ def test_fedavg_over_a_sampled_set_is_the_numpy_weighted_mean_and_a_dropout_only
   drawn = participation.draw(EXAMPLES, 0, seed=3, clients_per_round=2)
   for mask in (drawn.participants, np.array([True, False, True]), np.array([True, True, True])):
     got = _run(fedavg, 2, mask[None], num_rounds=1)[0].params
-    want = np.average([alone[k]["dense"]["w"] for k in np.flatnonzero(mask)], axis=0,
-                      weights=EXAMPLES[mask])
+    want = np.average(
+      [alone[k]["dense"]["w"] for k in np.flatnonzero(mask)], axis=0, weights=EXAMPLES[mask]
+    )
     np.testing.assert_allclose(got["dense"]["w"], want, rtol=1e-5)
 
 
@@ -220,14 +247,22 @@ def test_draws_are_reproducible_sized_and_proportional():
   # Dropouts come from their own stream: the sample does not depend on the dropout rate.
   d = participation.draw(n, 5, 7, 3, dropout=0.5)
   assert np.array_equal(d.sampled, participation.draw(n, 5, 7, 3).sampled)
-  assert not (d.dropped & ~d.sampled).any() and np.array_equal(d.participants,
-                                                               d.sampled & ~d.dropped)
+  assert not (d.dropped & ~d.sampled).any() and np.array_equal(
+    d.participants, d.sampled & ~d.dropped
+  )
 
 
-@pytest.mark.parametrize("args, field", [
-    ((0, "stratified", 0.0), "sampling"), ((0, "uniform", 1.0), "dropout"),
-    ((-1, "uniform", 0.0), "clients_per_round"), ((2.5, "uniform", 0.0), "clients_per_round"),
-    ((3, "poisson", 0.0), "clients_per_round"), ((9, "uniform", 0.0), "clients_per_round")])
+@pytest.mark.parametrize(
+  "args, field",
+  [
+    ((0, "stratified", 0.0), "sampling"),
+    ((0, "uniform", 1.0), "dropout"),
+    ((-1, "uniform", 0.0), "clients_per_round"),
+    ((2.5, "uniform", 0.0), "clients_per_round"),
+    ((3, "poisson", 0.0), "clients_per_round"),
+    ((9, "uniform", 0.0), "clients_per_round"),
+  ],
+)
 def test_bad_participation_names_the_field(args, field):
   with pytest.raises(ValueError, match=f"^{field}="):
     participation.check(*args, num_clients=5)
@@ -242,8 +277,9 @@ def test_fedadam_bias_corrected_is_optax_adam_on_the_pseudo_gradient():
   ref_opt, x_ref = ref_tx.init(x0), x0
   for _ in range(3):
     y = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(np.float32), server.params)
-    acc, state = strategy.on_client_done(strategy.accumulator(state, server, 1), state, server,
-                                         strategies.Finished(0, 1.0, y, {}, 1.0))
+    acc, state = strategy.on_client_done(
+      strategy.accumulator(state, server, 1), state, server, strategies.Finished(0, 1.0, y, {}, 1.0)
+    )
     server, state = strategy.server_update(acc, state, server)
     upd, ref_opt = ref_tx.update(jax.tree.map(jnp.subtract, x_ref, y), ref_opt, x_ref)
     x_ref = optax.apply_updates(x_ref, upd)
@@ -251,8 +287,10 @@ def test_fedadam_bias_corrected_is_optax_adam_on_the_pseudo_gradient():
 
 
 def test_options_parse_and_bad_names_and_patterns_raise():
-  assert strategies.parse_options("mu=0.1, keep_local=('^a/',)") == {"mu": 0.1,
-                                                                      "keep_local": ("^a/",)}
+  assert strategies.parse_options("mu=0.1, keep_local=('^a/',)") == {
+    "mu": 0.1,
+    "keep_local": ("^a/",),
+  }
   assert strategies.parse_options("  ") == {}
   with pytest.raises(ValueError, match="name=value"):
     strategies.parse_options("0.1")
@@ -299,4 +337,4 @@ def test_splitavg_step_matches_numpy(cut_grad):
   g_v = np.einsum("cbh,cb->h", h, r) * 2 / (2 * B)
   np.testing.assert_allclose(state.client_params["a"], a0 - LR * g_a, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(state.server_params["v"], v0 - LR * g_v, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(metrics["loss"], [np.mean(r ** 2)], rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], [np.mean(r**2)], rtol=1e-5)

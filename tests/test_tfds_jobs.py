@@ -1,5 +1,6 @@
 """Prepared TFDS datasets in the transfer study (datasets as organs) and the SAM job (instances
 from masks), on tiny datasets built from the dummy layouts of test_tfds_builders.py."""
+
 import pathlib
 
 import numpy as np
@@ -7,14 +8,14 @@ import pytest
 from scipy import ndimage
 
 pytest.importorskip(
-    "tensorflow_datasets", reason="tensorflow_datasets is not installed (pip install '.[tfds]')")
+  "tensorflow_datasets", reason="tensorflow_datasets is not installed (pip install '.[tfds]')"
+)
 pytest.importorskip("tensorflow", reason="TFDS builds need TensorFlow (pip install '.[tfds]')")
 
 from test_tfds_builders import LAYOUTS  # the dummy published layouts
 
 from ultrajax import configlib
-from ultrajax.data import instances, tasks
-from ultrajax.data import tfds as us_tfds
+from ultrajax.data import instances, tasks, tfds as us_tfds
 from ultrajax.data.tfds import source
 from ultrajax.jobs import pretrain, sam, transfer_study
 
@@ -37,8 +38,10 @@ def built(tmp_path_factory):
 def _components(mask):
   """scipy's 8-connected components of mask > 0: {(row slice, col slice): area}."""
   labels, _ = ndimage.label(mask > 0, structure=np.ones((3, 3)))
-  return {(s[0].start, s[0].stop, s[1].start, s[1].stop): int(np.sum(labels == k + 1))
-          for k, s in enumerate(ndimage.find_objects(labels))}
+  return {
+    (s[0].start, s[0].stop, s[1].start, s[1].stop): int(np.sum(labels == k + 1))
+    for k, s in enumerate(ndimage.find_objects(labels))
+  }
 
 
 def _boxes_and_areas(masks):
@@ -72,8 +75,9 @@ def test_mask_instances_are_components_or_class_ids():
 
 def _sam_config(data_dir):
   config = configlib.load_config_module(REPO / "configs" / "sam_ultrasound.py").get_config("smoke")
-  config.data.update(source="tfds", tfds_name="busi", tfds_data_dir=data_dir,
-                     tfds_test_fraction=0.34)
+  config.data.update(
+    source="tfds", tfds_name="busi", tfds_data_dir=data_dir, tfds_test_fraction=0.34
+  )
   config.classification.category = "busi"
   return config
 

@@ -1,6 +1,7 @@
 """The real-data study's PyTorch MAE peer (docs/scripts/torch_mae_pretrain.py) saves a state dict
 that ultrajax's `init_from` loads: every tensor lands on the parameter the official key map
 names (checked by exporting the loaded params back and comparing with torch's own tensors)."""
+
 import importlib.util
 import pathlib
 
@@ -12,8 +13,16 @@ from ultrajax.interop import load, mae_official
 from ultrajax.models import mae
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "docs/scripts/torch_mae_pretrain.py"
-TINY = dict(image_size=32, patch_size=8, width=32, depth=1, num_heads=4, decoder_width=32,
-            decoder_depth=1, decoder_heads=4)
+TINY = dict(
+  image_size=32,
+  patch_size=8,
+  width=32,
+  depth=1,
+  num_heads=4,
+  decoder_width=32,
+  decoder_depth=1,
+  decoder_heads=4,
+)
 
 
 def test_peer_checkpoint_loads_through_init_from(tmp_path):

@@ -1,4 +1,5 @@
 """The cross-organ transfer study end to end on its smoke preset."""
+
 import csv
 import pathlib
 
@@ -17,8 +18,9 @@ def smoke_config():
 
 def test_transfer_study_smoke_writes_matrix_and_heatmaps(tmp_path):
   table = transfer_study.run(smoke_config(), str(tmp_path))
-  assert set(table) == {(r, c) for r in ("scratch", "breast", "thyroid")
-                        for c in ("breast", "thyroid")}
+  assert set(table) == {
+    (r, c) for r in ("scratch", "breast", "thyroid") for c in ("breast", "thyroid")
+  }
   with open(tmp_path / "transfer_matrix.csv") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 6

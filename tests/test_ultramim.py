@@ -1,5 +1,6 @@
 """UltraMIM ops against independent references: scipy/numpy filters, exact sampling probabilities,
 binomial frequencies, scikit-image rotations and polar warps."""
+
 import functools
 import itertools
 import pathlib
@@ -32,7 +33,7 @@ def reference_texture(images, p):
   for n in range(b):
     for i in range(h // p):
       for j in range(w // p):
-        patch = grey[n, i * p:(i + 1) * p, j * p:(j + 1) * p]
+        patch = grey[n, i * p : (i + 1) * p, j * p : (j + 1) * p]
         lap = scipy.ndimage.convolve(patch, CV2_LAPLACIAN_K3, mode="mirror")
         out[n, i * (w // p) + j] = np.minimum(np.abs(lap), 255).mean()
   return out
@@ -41,7 +42,12 @@ def reference_texture(images, p):
 def structured_images(h=32, w=32):
   """Checkerboard, stripes, a flat field and a smooth ramp, as [4, H, W, 3] grey."""
   y, x = np.mgrid[0:h, 0:w]
-  imgs = [((y // 2 + x // 3) % 2).astype(float), (x % 4 < 2) * 0.8, np.full((h, w), 0.3), x / w * 0.5 + y / h * 0.5]
+  imgs = [
+    ((y // 2 + x // 3) % 2).astype(float),
+    (x % 4 < 2) * 0.8,
+    np.full((h, w), 0.3),
+    x / w * 0.5 + y / h * 0.5,
+  ]
   return np.repeat(np.stack(imgs)[..., None], 3, axis=-1).astype(np.float32)
 
 
@@ -67,6 +73,7 @@ def test_texture_scores_ignore_neighbouring_patches():
 
 
 # ----------------------------------------------------------------------------------------------- masking
+
 
 def exact_tgm_probabilities(weights, len_keep):
   """Sequential draws without replacement, by enumerating every draw order.
@@ -163,6 +170,7 @@ def test_tgm_mask_rejects_bad_arguments():
 
 # ------------------------------------------------------------------------------------------- corruption
 
+
 def config(**overrides):
   c = ultramim.default_corruption_config()
   c.update(overrides)
@@ -189,15 +197,15 @@ def test_corrupt_applies_the_sampled_subset_in_order():
   which = np.asarray(ultramim.sample_corruptions(k_which, 16, cfg))
   assert which.any(1).sum() not in (0, 16)
   for n in range(16):
-    x = images[n:n + 1]
+    x = images[n : n + 1]
     if which[n, 0]:
       x = ultramim.motion_blur(x, 24, 45.0)
     if which[n, 1]:
       x = ultramim.gaussian_blur(x, 1.1)
     if which[n, 2]:
       # The noise mask is drawn for the whole batch; take this image's slice.
-      x = ultramim.salt_and_pepper(k_noise, jnp.broadcast_to(x, images.shape), 0.1)[n:n + 1]
-    np.testing.assert_allclose(got[n:n + 1], x, atol=1e-6)
+      x = ultramim.salt_and_pepper(k_noise, jnp.broadcast_to(x, images.shape), 0.1)[n : n + 1]
+    np.testing.assert_allclose(got[n : n + 1], x, atol=1e-6)
 
 
 def test_corrupt_keeps_images_clean_when_p_clean_is_one_and_jits_and_vmaps():
@@ -229,14 +237,18 @@ def test_salt_and_pepper_density_and_shared_channel_mask():
 def test_gaussian_blur_matches_scipy():
   images = np.random.default_rng(2).random((2, 32, 40, 3)).astype(np.float32)
   got = np.asarray(ultramim.gaussian_blur(images, 1.1))
-  ref = scipy.ndimage.gaussian_filter(images.astype(np.float64), (0, 1.1, 1.1, 0), mode="reflect", truncate=3.0)
+  ref = scipy.ndimage.gaussian_filter(
+    images.astype(np.float64), (0, 1.1, 1.1, 0), mode="reflect", truncate=3.0
+  )
   np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_motion_kernel_is_the_rotated_diagonal():
   k = ultramim.motion_kernel(24, 45.0)
   # cv2.getRotationMatrix2D((12, 12), 45, 1) + warpAffine, via scikit-image: counter-clockwise about (12, 12).
-  ref = skimage.transform.rotate(np.eye(24), 45, center=(12, 12), order=1, mode="constant", preserve_range=True)
+  ref = skimage.transform.rotate(
+    np.eye(24), 45, center=(12, 12), order=1, mode="constant", preserve_range=True
+  )
   np.testing.assert_allclose(k, ref / 24, atol=1e-6)
   # The official 45 degrees turn the -45 degree diagonal into a horizontal line through the anchor.
   assert k.sum(1).argmax() == 12 and k[12].sum() > 0.9 * k.sum()
@@ -248,16 +260,24 @@ def test_motion_blur_is_filter2d_then_minmax_stretch(length, angle):
   images = np.random.default_rng(3).random((2, 40, 32, 3)).astype(np.float32)
   k = ultramim.motion_kernel(length, angle).astype(np.float64)
   # cv2.filter2D is a correlation anchored at (L//2, L//2) with reflect-101 borders (scipy 'mirror').
-  ref = np.stack([scipy.ndimage.correlate(images[..., c].astype(np.float64), k[None], mode="mirror")
-                  for c in range(3)], -1)
+  ref = np.stack(
+    [
+      scipy.ndimage.correlate(images[..., c].astype(np.float64), k[None], mode="mirror")
+      for c in range(3)
+    ],
+    -1,
+  )
   lo, hi = ref.min((1, 2, 3), keepdims=True), ref.max((1, 2, 3), keepdims=True)
   got = np.asarray(ultramim.motion_blur(images, length, angle))
   np.testing.assert_allclose(got, (ref - lo) / (hi - lo), atol=1e-4)
   flat = np.full((1, 32, 32, 1), 0.7, np.float32)
-  assert np.all(np.asarray(ultramim.motion_blur(flat, length, angle)) == 0)  # cv2.normalize of a constant
+  assert np.all(
+    np.asarray(ultramim.motion_blur(flat, length, angle)) == 0
+  )  # cv2.normalize of a constant
 
 
 # ------------------------------------------------------------------------------------------ scan mode
+
 
 def fan_reference(h, w, fan_deg, r0):
   """Independent layout for fans of at most 180 degrees: (apex row, apex col, scale, inside mask [H, W]).
@@ -295,7 +315,9 @@ def test_linear_convex_linear_round_trip(fan, r0, size, tol, orientation):
 
 def test_convex_matches_skimage_warp_with_independent_inverse_map():
   h, w, fan, r0 = 64, 80, 120.0, 24.0
-  img = smooth_image(h, w)[0, ..., 0] + np.random.default_rng(0).random((h, w)).astype(np.float32) * 0.2
+  img = (
+    smooth_image(h, w)[0, ..., 0] + np.random.default_rng(0).random((h, w)).astype(np.float32) * 0.2
+  )
   apex_row, apex_col, scale, inside = fan_reference(h, w, fan, r0)
 
   def inverse_map(colrow):  # output (col, row) -> source (col, row)
@@ -319,16 +341,18 @@ def test_rows_land_on_arcs_and_columns_on_rays():
     img = np.zeros((1, h, w, 1), np.float32)
     img[0, row] = 1.0
     convex = np.asarray(ultramim.linear_to_convex(img, fan, r0))[0, ..., 0]
-    polar = skimage.transform.warp_polar(convex, center=(apex_row, apex_col), radius=radius,
-                                         output_shape=(720, int(4 * radius)))
+    polar = skimage.transform.warp_polar(
+      convex, center=(apex_row, apex_col), radius=radius, output_shape=(720, int(4 * radius))
+    )
     found = polar.sum(0).argmax() / (polar.shape[1] / radius)
     assert abs(found - (r0 + row + 0.5) * scale) < 0.5, row
   for col in (0, 20, 63):
     img = np.zeros((1, h, w, 1), np.float32)
     img[0, :, col] = 1.0
     convex = np.asarray(ultramim.linear_to_convex(img, fan, r0))[0, ..., 0]
-    polar = skimage.transform.warp_polar(convex, center=(apex_row, apex_col), radius=radius,
-                                         output_shape=(720, int(4 * radius)))
+    polar = skimage.transform.warp_polar(
+      convex, center=(apex_row, apex_col), radius=radius, output_shape=(720, int(4 * radius))
+    )
     # warp_polar's angle runs from +col towards +row; the fan's from the downward vertical towards +col.
     found = 90.0 - polar.sum(1).argmax() / 2.0
     assert abs(found - (-fan / 2 + fan * (col + 0.5) / w)) < 1.5, col
@@ -355,13 +379,21 @@ def mean_distance(convex, centre):
 def test_near_field_sits_at_the_apex_by_default_and_on_the_outer_arc_in_official_code():
   h = w = 64
   r0 = 16.0
+
   def warp(img, orientation):
     return np.asarray(ultramim.linear_to_convex(img, 160.0, r0, orientation))[0, ..., 0]
+
   apex = fan_reference(h, w, 160.0, r0)[:2]
   near, far = warp(bright(h, w, row=0), "correct"), warp(bright(h, w, row=h - 1), "correct")
   assert mean_distance(near, apex) + 20 < mean_distance(far, apex)
-  centre = (h / 2 - 0.5, w / 2 - 0.5)  # the official apex: the canvas centre, which the resize keeps
-  near, far = warp(bright(h, w, row=0), "official_code"), warp(bright(h, w, row=h - 1), "official_code")
+  centre = (
+    h / 2 - 0.5,
+    w / 2 - 0.5,
+  )  # the official apex: the canvas centre, which the resize keeps
+  near, far = (
+    warp(bright(h, w, row=0), "official_code"),
+    warp(bright(h, w, row=h - 1), "official_code"),
+  )
   assert mean_distance(near, centre) > mean_distance(far, centre) + 20
   assert np.all(np.nonzero(near)[0] >= h / 2 - 1)  # the fan fills only the lower half
   assert np.nonzero(warp(bright(h, w, col=0), "official_code") > 0.5)[1].mean() > w / 2  # mirrored
@@ -370,9 +402,15 @@ def test_near_field_sits_at_the_apex_by_default_and_on_the_outer_arc_in_official
   assert near[int(centre[0]) + 4, int(centre[1])] == pytest.approx(1 / 255)
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(fan_angle_deg=0.0), "fan_angle_deg"), (dict(fan_angle_deg=360.0), "fan_angle_deg"),
-    (dict(inner_radius=-1.0), "inner_radius"), (dict(orientation="flipped"), "orientation")])
+@pytest.mark.parametrize(
+  "kwargs,name",
+  [
+    (dict(fan_angle_deg=0.0), "fan_angle_deg"),
+    (dict(fan_angle_deg=360.0), "fan_angle_deg"),
+    (dict(inner_radius=-1.0), "inner_radius"),
+    (dict(orientation="flipped"), "orientation"),
+  ],
+)
 def test_scanmode_rejects_bad_arguments(kwargs, name):
   img = np.zeros((1, 16, 16, 1), np.float32)
   for fn in (ultramim.linear_to_convex, ultramim.convex_to_linear):
@@ -394,8 +432,12 @@ def test_scanmode_host_numpy_path_equals_device_path(orientation):
 # ------------------------------------------------------------------------- SMAT with each image's own fan
 
 # (fan angle, apex radius in depths, image size, padding (top, left)): the padding moves the apex.
-PHANTOM_FANS = [(50.0, 0.4, 96, (6, 0)), (90.0, 0.25, 96, (4, 17)), (130.0, 0.5, 96, (9, 5)),
-                (60.0, 0.3, 128, (0, 0))]  # the last: the phantom's default fan, touching the top
+PHANTOM_FANS = [
+  (50.0, 0.4, 96, (6, 0)),
+  (90.0, 0.25, 96, (4, 17)),
+  (130.0, 0.5, 96, (9, 5)),
+  (60.0, 0.3, 128, (0, 0)),
+]  # the last: the phantom's default fan, touching the top
 
 
 def assert_fan_close(got, truth):
@@ -407,8 +449,9 @@ def assert_fan_close(got, truth):
 
 
 def padded_phantom(fan, apex_radius, size, pad, organ="kidney", seed=1):
-  rec = phantom.generate(np.random.default_rng(seed), organ, "convex", size, fan_angle_deg=fan,
-                         apex_radius=apex_radius)
+  rec = phantom.generate(
+    np.random.default_rng(seed), organ, "convex", size, fan_angle_deg=fan, apex_radius=apex_radius
+  )
   f = geometry.check_fan(rec["fan"])
   image = np.pad(rec["image"], ((pad[0], 2), (pad[1], 3)))
   return image, f._replace(apex_x=f.apex_x + pad[1], apex_y=f.apex_y + pad[0])
@@ -437,8 +480,9 @@ def test_phantom_fan_round_trip_never_uses_pixels_outside_the_fan(fan, apex_radi
 
 def test_sector_to_linear_rows_are_arcs_and_columns_are_rays():
   # Independent of the warp: draw a ring and a ray analytically in an image with a known fan.
-  truth = geometry.Fan(apex_x=41.0, apex_y=-12.0, fan_angle_deg=70.0, inner_radius=20.0,
-                       outer_radius=80.0)
+  truth = geometry.Fan(
+    apex_x=41.0, apex_y=-12.0, fan_angle_deg=70.0, inner_radius=20.0, outer_radius=80.0
+  )
   r, theta = geometry.polar(truth, (72, 90))
   ring = (np.abs(r - 50.0) < 1.0).astype(np.float32)
   ray = (np.abs(np.degrees(theta) - 14.0) < 0.8).astype(np.float32)
@@ -448,8 +492,9 @@ def test_sector_to_linear_rows_are_arcs_and_columns_are_rays():
   assert abs(rows.mean(1).argmax() - ((50.0 - 20.0) / 60.0 * h - 0.5)) <= 1
   assert abs(cols.mean(0).argmax() - ((14.0 + 35.0) / 70.0 * w - 0.5)) <= 1
   # 'official_code' is the inverse of the official linear_to_convex: both axes reversed.
-  flipped = ultramim.sector_to_linear(ring * geometry.fan_mask(truth, ring.shape), truth, (h, w),
-                                      orientation="official_code")
+  flipped = ultramim.sector_to_linear(
+    ring * geometry.fan_mask(truth, ring.shape), truth, (h, w), orientation="official_code"
+  )
   np.testing.assert_allclose(flipped, rows[::-1, ::-1], atol=1e-5)
 
 
@@ -478,8 +523,9 @@ def speckle_sector_with_text(fan, shape=(140, 200), seed=0):
 
 
 def test_speckle_sector_with_burnt_in_text_gets_its_fan():
-  truth = geometry.Fan(apex_x=100.0, apex_y=-20.0, fan_angle_deg=70.0, inner_radius=35.0,
-                       outer_radius=135.0)
+  truth = geometry.Fan(
+    apex_x=100.0, apex_y=-20.0, fan_angle_deg=70.0, inner_radius=35.0, outer_radius=135.0
+  )
   image = speckle_sector_with_text(truth)
   assert image[:12, :40].max() > 0  # the text is there, outside the fan
   estimated = ultramim.estimate_fan(image)
@@ -491,13 +537,20 @@ def test_speckle_sector_with_burnt_in_text_gets_its_fan():
   assert ultramim.estimate_fan(rgb) == estimated
   got = ultramim.sector_to_linear(rgb, estimated, valid=geometry.support(rgb))
   for c in range(3):
-    np.testing.assert_allclose(got[..., c], ultramim.sector_to_linear(
-        rgb[..., c], estimated, valid=geometry.support(image)), atol=1e-4)
+    np.testing.assert_allclose(
+      got[..., c],
+      ultramim.sector_to_linear(rgb[..., c], estimated, valid=geometry.support(image)),
+      atol=1e-4,
+    )
 
 
 def test_real_convex_images_get_a_sensible_fan_or_a_clear_refusal(real_us):
-  names = ["hc18/images/110_HC.png", "hc18/images/100_2HC.png", "hc18_more/images/train/004_HC.png",
-           "hc18_more/images/train/008_HC.png"]
+  names = [
+    "hc18/images/110_HC.png",
+    "hc18/images/100_2HC.png",
+    "hc18_more/images/train/004_HC.png",
+    "hc18_more/images/train/008_HC.png",
+  ]
   paths = [real_us / n for n in names if (real_us / n).exists()]
   if not paths:
     pytest.skip("none of the chosen HC18 frames is present")
@@ -556,22 +609,27 @@ def write_manifest(tmp_path, lines, header=FAN_HEADER):
 
 
 def test_manifest_fan_columns_are_parsed(tmp_path):
-  path = write_manifest(tmp_path, ["0.png,convex,31.5,-20,75,40.5,150", "1.png,convex,,,,,",
-                                   "2.png,linear,,,,,"])
+  path = write_manifest(
+    tmp_path, ["0.png,convex,31.5,-20,75,40.5,150", "1.png,convex,,,,,", "2.png,linear,,,,,"]
+  )
   (client,) = sources.manifest_clients(path)
-  assert client[0]["fan"] == dict(apex_x=31.5, apex_y=-20.0, fan_angle_deg=75.0, inner_radius=40.5,
-                                  outer_radius=150.0)
+  assert client[0]["fan"] == dict(
+    apex_x=31.5, apex_y=-20.0, fan_angle_deg=75.0, inner_radius=40.5, outer_radius=150.0
+  )
   assert "fan" not in client[1] and "fan" not in client[2]
 
 
-@pytest.mark.parametrize("line,message", [
+@pytest.mark.parametrize(
+  "line,message",
+  [
     ("0.png,convex,31.5,-20,wide,40,150", r"line 2: fan_angle_deg='wide' is not a number"),
     ("0.png,convex,31.5,-20,75,,150", r"line 2: fan geometry \['inner_radius'\] empty"),
     ("0.png,linear,31.5,-20,75,40,150", r"line 2: fan geometry given for probe 'linear'"),
     ("0.png,convex,31.5,-20,75,150,40", r"line 2: outer_radius=40.0 is not above"),
     ("0.png,convex,31.5,-20,400,40,150", r"line 2: fan_angle_deg=400.0 is not in"),
     ("0.png,convex,nan,-20,75,40,150", r"line 2: apex_x=nan is not a finite number"),
-])
+  ],
+)
 def test_bad_manifest_fan_is_refused_naming_file_and_line(tmp_path, line, message):
   path = write_manifest(tmp_path, [line, "1.png,convex,,,,,"])
   with pytest.raises(ValueError, match=r"m\.csv " + message):
@@ -586,8 +644,10 @@ def test_manifest_with_some_fan_columns_is_refused(tmp_path):
 
 def smat_config(**overrides):
   from ultrajax import configlib
+
   config = configlib.load_config_module(
-      pathlib.Path(__file__).parents[1] / "configs" / "pretrain_fed.py").get_config("smoke")
+    pathlib.Path(__file__).parents[1] / "configs" / "pretrain_fed.py"
+  ).get_config("smoke")
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -595,11 +655,13 @@ def smat_config(**overrides):
 @pytest.mark.parametrize("ratio,fraction", [(1.0, 1.0), (0.5, 1.0), (2.0, 0.5), (0.0, 0.25)])
 def test_smat_ratio_and_data_fraction_give_the_right_counts(ratio, fraction):
   from ultrajax.jobs import pretrain
+
   config = smat_config(**{"ultramim.smat_ratio": ratio, "data.fraction": fraction})
   pretrain.validate(config)
   clients = pretrain.client_sources(config)
-  full = sources.default_client_sources(scale=0.0, image_size=48, seed=0, num_clients=2,
-                                        min_images=16)
+  full = sources.default_client_sources(
+    scale=0.0, image_size=48, seed=0, num_clients=2, min_images=16
+  )
   assert [c.name for c in clients] == [c.name for c in full]
   for client, source in zip(clients, full):
     real = max(1, round(fraction * len(source)))
@@ -630,15 +692,26 @@ def test_partial_smat_ratio_converts_a_seeded_subset_once_each():
 def test_bad_smat_ratio_and_fraction_name_the_field():
   from ultrajax import configlib
   from ultrajax.jobs import pretrain
-  for field, value in (("ultramim.smat_ratio", -1.0), ("data.fraction", 1.5), ("data.fraction", 0.0)):
+
+  for field, value in (
+    ("ultramim.smat_ratio", -1.0),
+    ("data.fraction", 1.5),
+    ("data.fraction", 0.0),
+  ):
     with pytest.raises(configlib.ConfigError, match=field.replace(".", r"\.")):
       pretrain.validate(smat_config(**{field: value}))
 
 
 def test_smat_partners_of_phantom_clients_have_no_black_and_real_refusals_stay_real():
   from ultrajax.jobs import pretrain
-  partner = functools.partial(pretrain._smat_partner, fan_angle_deg=160.0, inner_radius=16.0,
-                              orientation="correct", default_probe="")
+
+  partner = functools.partial(
+    pretrain._smat_partner,
+    fan_angle_deg=160.0,
+    inner_radius=16.0,
+    orientation="correct",
+    default_probe="",
+  )
   convex = sources.PhantomSource("CLUST", "liver", "convex", 2, 48, seed=0)[0]
   linear = partner(convex)
   assert linear["probe"] == "linear" and "fan" not in linear and linear["image"].shape == (48, 48)

@@ -1,4 +1,5 @@
 """URFM: CLIP-style teacher parity with open_clip/timm, feature losses, alignment, the job."""
+
 import functools
 import itertools
 import pathlib
@@ -27,8 +28,10 @@ def tiny_teacher(embed_dim=16, **kw):
 
 
 def real_teacher(params, **kw):
-  model = teacher_lib.Teacher(**{**dict(width=64, depth=2, num_heads=4, patch_size=8,
-                                        image_size=32, embed_dim=16), **kw}, rngs=nnx.Rngs(0))
+  model = teacher_lib.Teacher(
+    **{**dict(width=64, depth=2, num_heads=4, patch_size=8, image_size=32, embed_dim=16), **kw},
+    rngs=nnx.Rngs(0),
+  )
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
@@ -40,12 +43,20 @@ def open_clip_visual():
   """open_clip's own TimmModel (BiomedCLIP's vision tower: pool='', proj='linear', no proj
   bias) around a tiny timm ViT, random weights, no hub access."""
   from open_clip import timm_model
+
   create = timm_model.timm.create_model
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(timm_model.timm, "create_model", functools.partial(create, **TINY))
     torch.manual_seed(0)
-    model = timm_model.TimmModel("vit_base_patch16_224", embed_dim=16, image_size=32, pool="",
-                                 proj="linear", proj_bias=False, pretrained=False)
+    model = timm_model.TimmModel(
+      "vit_base_patch16_224",
+      embed_dim=16,
+      image_size=32,
+      pool="",
+      proj="linear",
+      proj_bias=False,
+      pretrained=False,
+    )
   with torch.no_grad():  # timm zero-inits some tensors; make every parameter matter
     for p in model.parameters():
       p.add_(0.05 * torch.randn_like(p))
@@ -68,8 +79,9 @@ def test_open_clip_teacher_matches_pytorch(open_clip_visual, tmp_path):
   state_dict = {f"visual.{k}": v for k, v in open_clip_visual.state_dict().items()}
   # A full open_clip checkpoint also holds the text tower and logit_scale: ignored.
   state_dict.update({"text.proj.0.weight": torch.zeros(8, 8), "logit_scale": torch.zeros(())})
-  path = files.save_state_dict(tmp_path / "biomedclip_tiny.pth",
-                               {k: v.numpy() for k, v in state_dict.items()})
+  path = files.save_state_dict(
+    tmp_path / "biomedclip_tiny.pth", {k: v.numpy() for k, v in state_dict.items()}
+  )
   model = real_teacher(oc_interop.load_teacher(path, tiny_teacher()))
   images = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
   x = torch.from_numpy(np.array(teacher_lib.clip_normalize(images))).permute(0, 3, 1, 2)
@@ -77,10 +89,15 @@ def test_open_clip_teacher_matches_pytorch(open_clip_visual, tmp_path):
     want_embedding = open_clip_visual(x).numpy()
   np.testing.assert_allclose(model.image_embedding(images), want_embedding, atol=2e-5, rtol=1e-4)
   trunk = open_clip_visual.trunk
-  np.testing.assert_allclose(model.tokens(images), torch_tokens(trunk, images), atol=2e-5,
-                             rtol=1e-4)
-  np.testing.assert_allclose(model(images, block=1, final_norm=False),
-                             torch_tokens(trunk, images, 1, False)[:, 1:], atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(
+    model.tokens(images), torch_tokens(trunk, images), atol=2e-5, rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    model(images, block=1, final_norm=False),
+    torch_tokens(trunk, images, 1, False)[:, 1:],
+    atol=2e-5,
+    rtol=1e-4,
+  )
   projected = model(images, project=True)
   with torch.no_grad():
     want = open_clip_visual.head(torch.from_numpy(torch_tokens(trunk, images)[:, 1:])).numpy()
@@ -93,29 +110,39 @@ def test_open_clip_teacher_matches_pytorch(open_clip_visual, tmp_path):
     np.testing.assert_array_equal(v, state_dict[k].numpy())
 
 
-
 def test_open_clip_vision_transformer_teacher_matches_pytorch(tmp_path):
   """open_clip's own VisionTransformer (CLIP ViT layout: conv1 without bias, class and
   positional embeddings, ln_pre, transformer.resblocks.*, ln_post, proj), random weights."""
   from open_clip.transformer import VisionTransformer
+
   torch.manual_seed(2)
-  visual = VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=4,
-                             mlp_ratio=4.0, output_dim=16, output_tokens=True)
+  visual = VisionTransformer(
+    image_size=32,
+    patch_size=8,
+    width=64,
+    layers=2,
+    heads=4,
+    mlp_ratio=4.0,
+    output_dim=16,
+    output_tokens=True,
+  )
   with torch.no_grad():  # LayerNorms start at identity; make every parameter matter
     for p in visual.parameters():
       p.add_(0.05 * torch.randn_like(p))
   visual.eval()
   state_dict = {f"visual.{k}": v for k, v in visual.state_dict().items()}
   state_dict.update({"token_embedding.weight": torch.zeros(8, 4), "logit_scale": torch.zeros(())})
-  path = files.save_state_dict(tmp_path / "clip_tiny.pth",
-                               {k: v.numpy() for k, v in state_dict.items()})
+  path = files.save_state_dict(
+    tmp_path / "clip_tiny.pth", {k: v.numpy() for k, v in state_dict.items()}
+  )
   abstract = tiny_teacher(tower="open_clip")
   params = oc_interop.load_teacher(path, abstract)
   graphdef, state = nnx.split(abstract, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   images = np.random.default_rng(2).uniform(size=(2, 32, 32, 3)).astype(np.float32)
-  embedding, tokens = jax.jit(lambda s: (nnx.merge(graphdef, s).image_embedding(images),
-                                         nnx.merge(graphdef, s)(images)))(state)
+  embedding, tokens = jax.jit(
+    lambda s: (nnx.merge(graphdef, s).image_embedding(images), nnx.merge(graphdef, s)(images))
+  )(state)
   x = torch.from_numpy(np.array(teacher_lib.clip_normalize(images))).permute(0, 3, 1, 2)
   with torch.no_grad():
     want_embedding, want_tokens = visual(x)
@@ -125,15 +152,18 @@ def test_open_clip_vision_transformer_teacher_matches_pytorch(tmp_path):
   assert set(exported) == {k for k in state_dict if k.startswith("visual.")}
   for k, v in exported.items():
     np.testing.assert_array_equal(v, state_dict[k].numpy())
-  with pytest.raises(ValueError, match="open_clip_vit layout, which needs a teacher with "
-                                       "tower='open_clip'"):
+  with pytest.raises(
+    ValueError, match="open_clip_vit layout, which needs a teacher with tower='open_clip'"
+  ):
     oc_interop.load_teacher(path, tiny_teacher())
+
 
 def test_timm_layout_teacher_matches_pytorch(tmp_path):
   torch.manual_seed(1)
   vit = timm.models.vision_transformer.VisionTransformer(**TINY, num_classes=10).eval()
-  path = files.save_state_dict(tmp_path / "vit.safetensors",
-                               {k: v.numpy() for k, v in vit.state_dict().items()})
+  path = files.save_state_dict(
+    tmp_path / "vit.safetensors", {k: v.numpy() for k, v in vit.state_dict().items()}
+  )
   model = real_teacher(oc_interop.load_teacher(path, tiny_teacher(embed_dim=0)), embed_dim=0)
   images = np.random.default_rng(1).uniform(size=(2, 32, 32, 3)).astype(np.float32)
   np.testing.assert_allclose(model.tokens(images), torch_tokens(vit, images), atol=2e-5, rtol=1e-4)
@@ -142,16 +172,34 @@ def test_timm_layout_teacher_matches_pytorch(tmp_path):
 def test_biomedclip_vit_b_key_layout_matches_open_clip():
   """The ViT-B/16 teacher's key map is exactly open_clip's BiomedCLIP vision tower (151 keys)."""
   from open_clip import timm_model
-  visual = timm_model.TimmModel("vit_base_patch16_224", embed_dim=512, image_size=224, pool="",
-                                proj="linear", proj_bias=False, pretrained=False)
+
+  visual = timm_model.TimmModel(
+    "vit_base_patch16_224",
+    embed_dim=512,
+    image_size=224,
+    pool="",
+    proj="linear",
+    proj_bias=False,
+    pretrained=False,
+  )
   want = {f"visual.{k}": tuple(v.shape) for k, v in visual.state_dict().items()}
-  model = nnx.eval_shape(lambda: teacher_lib.Teacher(
-      width=768, depth=12, num_heads=12, patch_size=16, image_size=224, embed_dim=512,
-      rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: teacher_lib.Teacher(
+      width=768,
+      depth=12,
+      num_heads=12,
+      patch_size=16,
+      image_size=224,
+      embed_dim=512,
+      rngs=nnx.Rngs(0),
+    )
+  )
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   from ultrajax.interop import timm_vit
-  rules = oc_interop.teacher_rules(params, prefix="visual.trunk.",
-                                   proj_key="visual.head.proj.weight")
+
+  rules = oc_interop.teacher_rules(
+    params, prefix="visual.trunk.", proj_key="visual.head.proj.weight"
+  )
   assert timm_vit.torch_shapes(params, rules) == want
   assert len(want) == 151
 
@@ -159,8 +207,9 @@ def test_biomedclip_vit_b_key_layout_matches_open_clip():
 def test_wrong_architecture_teacher_file_names_key_and_shapes(tmp_path):
   torch.manual_seed(0)
   vit = timm.models.vision_transformer.VisionTransformer(**dict(TINY, embed_dim=32), num_classes=0)
-  path = files.save_state_dict(tmp_path / "small.pth",
-                               {f"visual.trunk.{k}": v.numpy() for k, v in vit.state_dict().items()})
+  path = files.save_state_dict(
+    tmp_path / "small.pth", {f"visual.trunk.{k}": v.numpy() for k, v in vit.state_dict().items()}
+  )
   with pytest.raises(ValueError) as info:
     oc_interop.load_teacher(path, tiny_teacher())
   msg = str(info.value)
@@ -187,14 +236,15 @@ def numpy_feature_loss(pred, target, mask, norm, loss, beta):
       per[b, n] = np.mean((p - t) ** 2)
     elif loss == "smooth_l1":
       e = np.abs(p - t)
-      per[b, n] = np.mean(np.where(e < beta, 0.5 * e ** 2 / beta, e - 0.5 * beta))
+      per[b, n] = np.mean(np.where(e < beta, 0.5 * e**2 / beta, e - 0.5 * beta))
     else:
       per[b, n] = 1 - p @ t / (np.linalg.norm(p) * np.linalg.norm(t))
   return per[mask].mean(), np.array([per[b][mask[b]].mean() for b in range(len(mask))])
 
 
-@pytest.mark.parametrize("norm,loss", list(itertools.product(mae.FEATURE_NORMS,
-                                                             mae.FEATURE_LOSSES)))
+@pytest.mark.parametrize(
+  "norm,loss", list(itertools.product(mae.FEATURE_NORMS, mae.FEATURE_LOSSES))
+)
 def test_feature_loss_matches_numpy(norm, loss):
   rng = np.random.default_rng(3)
   pred = rng.normal(size=(2, 6, 5)).astype(np.float32) * 1.5
@@ -210,15 +260,36 @@ def test_feature_loss_matches_numpy(norm, loss):
 
 def test_pixel_mae_unchanged_by_pred_dim_option():
   """pred_dim=0 builds exactly the pixel MAE; pred_dim=D only swaps the output layer."""
-  pix = mae.MAE(width=32, depth=1, num_heads=4, patch_size=8, image_size=32, decoder_width=32,
-                decoder_depth=1, decoder_heads=4, rngs=nnx.Rngs(0))
-  feat = mae.MAE(width=32, depth=1, num_heads=4, patch_size=8, image_size=32, decoder_width=32,
-                 decoder_depth=1, decoder_heads=4, pred_dim=20, rngs=nnx.Rngs(0))
+  pix = mae.MAE(
+    width=32,
+    depth=1,
+    num_heads=4,
+    patch_size=8,
+    image_size=32,
+    decoder_width=32,
+    decoder_depth=1,
+    decoder_heads=4,
+    rngs=nnx.Rngs(0),
+  )
+  feat = mae.MAE(
+    width=32,
+    depth=1,
+    num_heads=4,
+    patch_size=8,
+    image_size=32,
+    decoder_width=32,
+    decoder_depth=1,
+    decoder_heads=4,
+    pred_dim=20,
+    rngs=nnx.Rngs(0),
+  )
   a, b = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (pix, feat))
   assert a["decoder_pred"]["kernel"].shape == (32, 192)
   assert b["decoder_pred"]["kernel"].shape == (32, 20)
-  np.testing.assert_array_equal(a["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"],
-                                b["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"])
+  np.testing.assert_array_equal(
+    a["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"],
+    b["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"],
+  )
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -247,6 +318,7 @@ def urfm_config(**overrides):
 
 def test_no_gradient_reaches_the_teacher():
   from ultrajax.jobs import pretrain
+
   config = urfm_config()
   student = mae.mae_from_config(config.model, nnx.Rngs(0))
   graphdef, params = nnx.split(student, nnx.Param)
@@ -269,7 +341,11 @@ def test_no_gradient_reaches_the_teacher():
 
 def test_config_errors_name_the_field(tmp_path):
   from ultrajax.jobs import pretrain
-  with pytest.raises(configlib.ConfigError, match=r"config.teacher.align=.pool.: teacher patch grid 3x3 .* student grid 4x4"):
+
+  with pytest.raises(
+    configlib.ConfigError,
+    match=r"config.teacher.align=.pool.: teacher patch grid 3x3 .* student grid 4x4",
+  ):
     pretrain.validate(urfm_config(**{"teacher.image_size": 24}))  # teacher 3x3, student 4x4
   with pytest.raises(configlib.ConfigError, match=r"config.model.pred_dim=16 must equal .* 32"):
     pretrain.validate(urfm_config(**{"model.pred_dim": 16}))
@@ -286,8 +362,10 @@ def test_urfm_job_in_step_and_cached(tmp_path):
   from ultrajax.data import teacher_cache
   from ultrajax.jobs import pretrain
   from ultrajax.train import checkpoint, writers
-  params = pretrain.run(urfm_config(**{"data.pool_clients": False, "fed.strategy": "fedavg"}),
-                        tmp_path / "in_step")
+
+  params = pretrain.run(
+    urfm_config(**{"data.pool_clients": False, "fed.strategy": "fedavg"}), tmp_path / "in_step"
+  )
   rows = list(writers.read_jsonl(tmp_path / "in_step" / "metrics.jsonl"))
   assert np.isfinite(rows[-1]["loss/client_00"]) and np.isfinite(rows[-1]["loss/client_01"])
   assert (tmp_path / "in_step/images/round_00001.png").is_file()
@@ -295,8 +373,9 @@ def test_urfm_job_in_step_and_cached(tmp_path):
   assert "trunk" not in checkpoint.load_params(tmp_path / "in_step")  # the teacher is not saved
 
   cache = tmp_path / "cache"
-  config = urfm_config(**{"teacher.cache_dir": str(cache), "data.crop_scale": (1.0, 1.0),
-                          "data.hflip": False})
+  config = urfm_config(
+    **{"teacher.cache_dir": str(cache), "data.crop_scale": (1.0, 1.0), "data.hflip": False}
+  )
   pretrain.run(config, tmp_path / "cached")
   assert np.isfinite(list(writers.read_jsonl(tmp_path / "cached" / "metrics.jsonl"))[-1]["loss"])
   clients = pretrain.client_sources(config)
@@ -308,6 +387,17 @@ def test_urfm_job_in_step_and_cached(tmp_path):
   t_graphdef, t_params = pretrain.build_teacher(config, jax.random.key(config.seed))
   want = pretrain.teacher_targets(t_graphdef, t_params, view[None] / 255.0, config)[0]
   np.testing.assert_allclose(source[i]["teacher"].astype(np.float32), want, rtol=2e-3, atol=2e-3)
-  with pytest.raises(ValueError, match=r"built for another setting(.|\n)*teacher.block: cache has 0, this run 1"):
-    pretrain.run(urfm_config(**{"teacher.cache_dir": str(cache), "data.crop_scale": (1.0, 1.0),
-                                "data.hflip": False, "teacher.block": 1}), tmp_path / "other")
+  with pytest.raises(
+    ValueError, match=r"built for another setting(.|\n)*teacher.block: cache has 0, this run 1"
+  ):
+    pretrain.run(
+      urfm_config(
+        **{
+          "teacher.cache_dir": str(cache),
+          "data.crop_scale": (1.0, 1.0),
+          "data.hflip": False,
+          "teacher.block": 1,
+        }
+      ),
+      tmp_path / "other",
+    )

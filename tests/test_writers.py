@@ -1,5 +1,6 @@
 """Writers without TensorFlow: TensorBoard files read back with TensorBoard's own reader, the
 workdir config, Orbax's console filter, and compile time left out of throughput."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,25 @@ from ultrajax.train import timing, writers
 
 
 def test_flatten_hparams_by_hand():
-  config = ml_collections.ConfigDict(dict(seed=0, model=dict(width=64, dtype="float32",
-                                                             sizes=(1, 2)), lr=1e-3,
-                                          fed=dict(opt=dict(name="adam", eps=None)), ok=True))
+  config = ml_collections.ConfigDict(
+    dict(
+      seed=0,
+      model=dict(width=64, dtype="float32", sizes=(1, 2)),
+      lr=1e-3,
+      fed=dict(opt=dict(name="adam", eps=None)),
+      ok=True,
+    )
+  )
   assert writers.flatten_hparams(config) == {
-      "seed": 0, "model.width": 64, "model.dtype": "float32", "model.sizes": "(1, 2)",
-      "lr": 1e-3, "fed.opt.name": "adam", "fed.opt.eps": "None", "ok": True}
+    "seed": 0,
+    "model.width": 64,
+    "model.dtype": "float32",
+    "model.sizes": "(1, 2)",
+    "lr": 1e-3,
+    "fed.opt.name": "adam",
+    "fed.opt.eps": "None",
+    "ok": True,
+  }
 
 
 def test_tensorboard_file_read_back_by_tensorboard(tmp_path):
@@ -49,10 +63,17 @@ def test_tensorboard_file_read_back_by_tensorboard(tmp_path):
 
 def test_jobs_import_without_tensorflow():
   """clu's writers and progress reports load, and the jobs import, without TensorFlow."""
-  code = ("import sys; import ultrajax.jobs.pretrain, ultrajax.jobs.finetune, ultrajax.jobs.sam; "
-          "from clu import periodic_actions; print('tensorflow' in sys.modules)")
-  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                        env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+  code = (
+    "import sys; import ultrajax.jobs.pretrain, ultrajax.jobs.finetune, ultrajax.jobs.sam; "
+    "from clu import periodic_actions; print('tensorflow' in sys.modules)"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    check=False,
+    env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert done.stdout.strip() == "False"
 
@@ -69,6 +90,7 @@ def test_quiet_orbax_drops_only_orbax_info_lines():
 
   def record(path, level):
     return logger.makeRecord("absl", level, path, 1, "message", (), None)
+
   writers.quiet_orbax(True)
   try:
     assert not logger.filter(record("/venv/site-packages/orbax/checkpoint/x.py", logging.INFO))

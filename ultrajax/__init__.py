@@ -1,4 +1,5 @@
 """ultrajax: JAX/Flax toolkit for federated ultrasound foundation models."""
+
 import sys as _sys
 import types as _types
 
@@ -20,6 +21,7 @@ def _defer_clu_tensorflow() -> None:
 
   def SummaryWriter(*args, **kwargs):
     from clu.metric_writers.tf import summary_writer  # needs tensorflow
+
     return summary_writer.SummaryWriter(*args, **kwargs)
 
   stand_in.SummaryWriter = SummaryWriter

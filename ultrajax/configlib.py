@@ -12,12 +12,14 @@ message names the field.
 User errors (USER_ERRORS: a config value, a data or weights file, a missing path) are
 reported by the entry points in one line without a traceback; `report_user_errors` does it.
 """
+
 from __future__ import annotations
 
 import ast
 import os
 import sys
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import ml_collections
 
@@ -32,8 +34,14 @@ class DataError(ValueError):
 
 
 # What a user can fix from the message alone; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, PermissionError, IsADirectoryError,
-               NotADirectoryError)
+USER_ERRORS = (
+  ConfigError,
+  DataError,
+  FileNotFoundError,
+  PermissionError,
+  IsADirectoryError,
+  NotADirectoryError,
+)
 VERBOSE_ENV = "ULTRAJAX_VERBOSE"
 
 
@@ -42,20 +50,26 @@ def report_user_errors(main: Callable, verbose: Callable[[], bool] = lambda: Fal
 
   verbose(): True (e.g. a --verbose flag) or env ULTRAJAX_VERBOSE=1 re-raises, traceback and all.
   """
+
   def wrapped(argv):
     try:
       return main(argv)
     except USER_ERRORS as e:
       if verbose() or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
         raise
-      print(f"error: {e}  [{type(e).__name__}; --verbose or {VERBOSE_ENV}=1 shows the "
-            "traceback]", file=sys.stderr, flush=True)
+      print(
+        f"error: {e}  [{type(e).__name__}; --verbose or {VERBOSE_ENV}=1 shows the traceback]",
+        file=sys.stderr,
+        flush=True,
+      )
       sys.exit(1)
+
   return wrapped
 
 
-def parse_arg(arg: str | None, presets: Iterable[str], default_preset: str, **knobs: Any
-              ) -> ml_collections.ConfigDict:
+def parse_arg(
+  arg: str | None, presets: Iterable[str], default_preset: str, **knobs: Any
+) -> ml_collections.ConfigDict:
   """Parses 'preset,k=v,...' into a ConfigDict with `preset` and the known knobs.
 
   Unknown presets or knob names raise ConfigError naming them; values are parsed as Python
@@ -94,8 +108,9 @@ def check_choice(config, path: str, choices: Iterable[Any]) -> None:
     raise ConfigError(f"config.{path}={value!r} is not one of {choices}")
 
 
-def check_range(config, path: str, low=None, high=None, *, low_inclusive=True,
-                high_inclusive=True) -> None:
+def check_range(
+  config, path: str, low=None, high=None, *, low_inclusive=True, high_inclusive=True
+) -> None:
   """Fails naming the field when the value is outside [low, high] (bounds optional)."""
   value = get_field(config, path)
   too_low = low is not None and (value < low if low_inclusive else value <= low)
@@ -128,6 +143,7 @@ def find_config_file(path: str):
   directory, else the file of that name among the configs shipped with ultrajax (the checkout's
   configs/ folder, or ultrajax/configs in an installed package); None when neither exists."""
   import pathlib
+
   given = pathlib.Path(path)
   if given.is_file():
     return given
@@ -143,6 +159,7 @@ def load_config_module(path: str):
   """Imports a config file by path (configs build on each other without being a package)."""
   import importlib.util
   import pathlib
+
   path = pathlib.Path(path)
   spec = importlib.util.spec_from_file_location(f"ultrajax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)

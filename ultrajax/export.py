@@ -18,6 +18,7 @@ one (or round N); the model's shape comes from the config saved with it, or from
 for checkpoints without one. docs/formats.md lists the keys and how to load the files.
 A checkpoint holding NaN or infinite weights (a diverged run) is refused, naming the tensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,15 +41,24 @@ FORMATS = ("timm", "mae", "sam")
 LATER_FORMATS = {}
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or its checkpoint folder).")
-_FORMAT = flags.DEFINE_enum("format", None, list(FORMATS) + list(LATER_FORMATS),
-                            "timm: encoder as a timm ViT; mae: official MAE with decoder; "
-                            "sam: a SAM run as segment_anything's Sam.")
-_OUT = flags.DEFINE_string("out", None, "Output file: .safetensors or .pth/.pt/.bin; for "
-                           "timm also a folder (timm's Hub layout: config.json + "
-                           "model.safetensors).")
+_FORMAT = flags.DEFINE_enum(
+  "format",
+  None,
+  list(FORMATS) + list(LATER_FORMATS),
+  "timm: encoder as a timm ViT; mae: official MAE with decoder; "
+  "sam: a SAM run as segment_anything's Sam.",
+)
+_OUT = flags.DEFINE_string(
+  "out",
+  None,
+  "Output file: .safetensors or .pth/.pt/.bin; for "
+  "timm also a folder (timm's Hub layout: config.json + "
+  "model.safetensors).",
+)
 _ROUND = flags.DEFINE_integer("round", None, "Checkpoint round to export (default: latest).")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config of the run, for checkpoints that have none saved.")
+  "config", None, "Config of the run, for checkpoints that have none saved."
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
@@ -62,8 +72,9 @@ def checkpoint_dir(workdir, round_index: int | None) -> pathlib.Path:
   directory = root / str(round_index)
   if not (directory / "params").is_dir():
     rounds = sorted(int(p.name) for p in root.glob("[0-9]*") if (p / "params").is_dir())
-    raise FileNotFoundError(f"no checkpoint of round {round_index} under {root}; "
-                            f"rounds there: {rounds}")
+    raise FileNotFoundError(
+      f"no checkpoint of round {round_index} under {root}; rounds there: {rounds}"
+    )
   return directory
 
 
@@ -76,8 +87,9 @@ def saved_config(directory: pathlib.Path) -> ml_collections.ConfigDict:
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
       meta = ckptr.restore(meta_dir)
     if "config" not in meta:
-      raise configlib.DataError(f"{meta_dir} holds no 'config' (keys {sorted(meta)}): pass the "
-                                "run's --config")
+      raise configlib.DataError(
+        f"{meta_dir} holds no 'config' (keys {sorted(meta)}): pass the run's --config"
+      )
     return ml_collections.ConfigDict(json.loads(meta["config"]))
   except json.JSONDecodeError as e:
     raise configlib.DataError(f"{meta_dir}: damaged JSON ({e}); pass the run's --config") from None
@@ -88,23 +100,27 @@ def check_finite(tensors: dict, directory) -> None:
   bad = files.nonfinite_keys(tensors)
   if bad:
     raise configlib.DataError(
-        f"{directory} holds non-finite weights (NaN or inf) in {len(bad)} of {len(tensors)} "
-        f"tensors, e.g. {bad[:3]}: the run diverged? export an earlier --round")
+      f"{directory} holds non-finite weights (NaN or inf) in {len(bad)} of {len(tensors)} "
+      f"tensors, e.g. {bad[:3]}: the run diverged? export an earlier --round"
+    )
 
 
 def load_mae_params(directory: pathlib.Path, model_config) -> tuple[dict, object]:
   """(numpy pure dict of the checkpoint's MAE params, abstract MAE) for this model config."""
   model = nnx.eval_shape(lambda: mae.mae_from_config(model_config, nnx.Rngs(0)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+    nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+  )
   return jax.device_get(checkpoint.load_params(directory, target)), model
 
 
 def check_format(fmt: str) -> None:
   if fmt in LATER_FORMATS:
-    raise ValueError(f"format {fmt!r} comes with {LATER_FORMATS[fmt]}; available now: "
-                     f"{', '.join(FORMATS)}")
+    raise ValueError(
+      f"format {fmt!r} comes with {LATER_FORMATS[fmt]}; available now: {', '.join(FORMATS)}"
+    )
   if fmt not in FORMATS:
     raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
 
@@ -112,8 +128,9 @@ def check_format(fmt: str) -> None:
 def save_with_preprocessing(out, tensors, preprocessing: dict, *, wrap_key=None) -> pathlib.Path:
   """Writes the state dict and what its model expects of an input ({name: JSON-able}): in a
   .safetensors header as JSON strings, next to a PyTorch file as `<out stem>.json`."""
-  path = files.save_state_dict(out, tensors, wrap_key=wrap_key, metadata={
-      k: json.dumps(v) for k, v in preprocessing.items()})
+  path = files.save_state_dict(
+    out, tensors, wrap_key=wrap_key, metadata={k: json.dumps(v) for k, v in preprocessing.items()}
+  )
   if files.file_kind(path) == "torch":
     path.with_suffix(".json").write_text(json.dumps(preprocessing, indent=1) + "\n")
   return path
@@ -133,35 +150,46 @@ def export(workdir, fmt: str, out, *, round_index: int | None = None, config=Non
   check_format(fmt)
   folder = pathlib.Path(out).suffix == ""
   if folder and fmt != "timm":
-    raise configlib.DataError(f"--out={out}: a folder (no file suffix) is timm's Hub layout, for "
-                              "--format=timm; give a .safetensors or .pth file")
+    raise configlib.DataError(
+      f"--out={out}: a folder (no file suffix) is timm's Hub layout, for "
+      "--format=timm; give a .safetensors or .pth file"
+    )
   if not folder:
     files.file_kind(out)  # an unusable file name fails before the checkpoint is read
   directory = checkpoint_dir(workdir, round_index)
   if fmt == "sam":  # the architecture is read off the parameter shapes
     from ultrajax.eval import sam_predictor
     from ultrajax.interop import sam as sam_interop
+
     model, sam_config = sam_predictor.load_model(directory)
     tensors = sam_interop.sam_to_torch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     check_finite(tensors, directory)
     path = save_with_preprocessing(
-        out, tensors, {"preprocessing": sam_interop.preprocessing(sam_config.image_size)})
-    return dict(path=str(path), format=fmt, checkpoint=str(directory), keys=len(tensors),
-                params=int(sum(np.size(v) for v in tensors.values())),
-                bytes=path.stat().st_size)
+      out, tensors, {"preprocessing": sam_interop.preprocessing(sam_config.image_size)}
+    )
+    return dict(
+      path=str(path),
+      format=fmt,
+      checkpoint=str(directory),
+      keys=len(tensors),
+      params=int(sum(np.size(v) for v in tensors.values())),
+      bytes=path.stat().st_size,
+    )
   config = saved_config(directory) if config is None else config
   params, model = load_mae_params(directory, config.model)
   image_size = model.encoder.image_size
   if fmt == "timm":
     tensors = timm_vit.vit_to_timm(params["encoder"], image_size=image_size)
   else:
-    tensors = mae_official.mae_to_official(params, image_size=image_size,
-                                           patch_size=model.encoder.patch_size)
+    tensors = mae_official.mae_to_official(
+      params, image_size=image_size, patch_size=model.encoder.patch_size
+    )
   check_finite(tensors, directory)
   preprocessing = {"pretrained_cfg": timm_vit.timm_pretrained_cfg(image_size)}
   if fmt == "timm":  # architecture + model_args + pretrained_cfg, as timm's Hub config.json
-    hub = timm_vit.timm_hub_config(params["encoder"], image_size=image_size,
-                                   num_heads=model.encoder.blocks[0].attn.num_heads)
+    hub = timm_vit.timm_hub_config(
+      params["encoder"], image_size=image_size, num_heads=model.encoder.blocks[0].attn.num_heads
+    )
     preprocessing = {"timm_config": hub}
   if folder:
     pathlib.Path(out).mkdir(parents=True, exist_ok=True)
@@ -169,9 +197,14 @@ def export(workdir, fmt: str, out, *, round_index: int | None = None, config=Non
     out = pathlib.Path(out) / "model.safetensors"
   wrap = "model" if fmt == "mae" and files.file_kind(out) == "torch" else None
   path = save_with_preprocessing(out, tensors, preprocessing, wrap_key=wrap)
-  return dict(path=str(path), format=fmt, checkpoint=str(directory), keys=len(tensors),
-              params=int(sum(np.size(v) for v in tensors.values())),
-              bytes=path.stat().st_size)
+  return dict(
+    path=str(path),
+    format=fmt,
+    checkpoint=str(directory),
+    keys=len(tensors),
+    params=int(sum(np.size(v) for v in tensors.values())),
+    bytes=path.stat().st_size,
+  )
 
 
 def main(argv):
@@ -186,15 +219,18 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f"--format: {e}") from None
   try:
-    done = export(_WORKDIR.value, _FORMAT.value, _OUT.value, round_index=_ROUND.value,
-                  config=_CONFIG.value)
+    done = export(
+      _WORKDIR.value, _FORMAT.value, _OUT.value, round_index=_ROUND.value, config=_CONFIG.value
+    )
   except configlib.DataError as e:
     if str(e).startswith("cannot write"):
       raise configlib.DataError(f"--out: {e}") from e
     raise
-  print(f"wrote {done['path']}: {done['format']} state dict, {done['keys']} keys, "
-        f"{done['params']:,} values (fixed position tables included), "
-        f"{done['bytes'] / 2**20:.1f} MiB, from {done['checkpoint']}")
+  print(
+    f"wrote {done['path']}: {done['format']} state dict, {done['keys']} keys, "
+    f"{done['params']:,} values (fixed position tables included), "
+    f"{done['bytes'] / 2**20:.1f} MiB, from {done['checkpoint']}"
+  )
 
 
 if __name__ == "__main__":

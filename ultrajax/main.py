@@ -8,6 +8,7 @@ Orbax's INFO lines (about 60 per checkpoint save) are left out unless --verbose.
 file) prints one line naming the field or file and exits 1; `--verbose` or ULTRAJAX_VERBOSE=1
 shows its traceback.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,37 +20,49 @@ from ml_collections import config_flags
 
 from ultrajax import configlib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file[:preset,k=v].",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Job config file[:preset,k=v].", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and PNGs go.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator", None, "host:port of process 0, for multi-process runs without a TPU/SLURM "
-    "environment that JAX detects by itself (see launch/local_multiprocess.sh).")
+  "coordinator",
+  None,
+  "host:port of process 0, for multi-process runs without a TPU/SLURM "
+  "environment that JAX detects by itself (see launch/local_multiprocess.sh).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors (config, data, "
-                             "files) and Orbax's INFO lines too; also env ULTRAJAX_VERBOSE=1.")
+_VERBOSE = flags.DEFINE_bool(
+  "verbose",
+  False,
+  "Show the traceback of user errors (config, data, "
+  "files) and Orbax's INFO lines too; also env ULTRAJAX_VERBOSE=1.",
+)
 
 # config.job -> module in ultrajax.jobs with a `run(config, workdir)` function.
 JOBS = {
-    "pretrain": "ultrajax.jobs.pretrain",
-    "sam": "ultrajax.jobs.sam",
-    "hsl": "ultrajax.jobs.hsl",
-    "finetune": "ultrajax.jobs.finetune",
-    "transfer_study": "ultrajax.jobs.transfer_study",
-    "benefit": "ultrajax.jobs.benefit",
+  "pretrain": "ultrajax.jobs.pretrain",
+  "sam": "ultrajax.jobs.sam",
+  "hsl": "ultrajax.jobs.hsl",
+  "finetune": "ultrajax.jobs.finetune",
+  "transfer_study": "ultrajax.jobs.transfer_study",
+  "benefit": "ultrajax.jobs.benefit",
 }
+
 
 def _launched_as_several_processes() -> bool:
   env = os.environ
-  return bool(env.get("JAX_COORDINATOR_ADDRESS")
-              or "," in env.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
-              or int(env.get("SLURM_NTASKS", "1")) > 1)
+  return bool(
+    env.get("JAX_COORDINATOR_ADDRESS")
+    or "," in env.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
+    or int(env.get("SLURM_NTASKS", "1")) > 1
+  )
 
 
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() when this is one of several processes."""
   import jax
+
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _launched_as_several_processes():
@@ -58,16 +71,28 @@ def maybe_initialize_distributed() -> None:
 
 def describe_runtime() -> None:
   import flax
+  import grain
   import jax
   import optax
   import orbax.checkpoint
-  import grain
-  logging.info("python %s | jax %s | flax %s | optax %s | orbax %s | grain %s",
-               sys.version.split()[0], jax.__version__, flax.__version__, optax.__version__,
-               orbax.checkpoint.__version__, grain.__version__)
-  logging.info("process %d of %d; %d local / %d global devices: %s", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               ", ".join(sorted({d.device_kind for d in jax.devices()})))
+
+  logging.info(
+    "python %s | jax %s | flax %s | optax %s | orbax %s | grain %s",
+    sys.version.split()[0],
+    jax.__version__,
+    flax.__version__,
+    optax.__version__,
+    orbax.checkpoint.__version__,
+    grain.__version__,
+  )
+  logging.info(
+    "process %d of %d; %d local / %d global devices: %s",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    ", ".join(sorted({d.device_kind for d in jax.devices()})),
+  )
 
 
 def main(argv):
@@ -89,6 +114,7 @@ def main(argv):
     job.validate(config)
   maybe_initialize_distributed()
   from ultrajax.train import writers
+
   writers.quiet_orbax(not _verbose())
   describe_runtime()
   writers.log_config(config, _WORKDIR.value)
@@ -105,7 +131,7 @@ def resolve_config_flag(argv):
   out = []
   for arg in argv:
     if arg.startswith("--config="):
-      path, sep, rest = arg[len("--config="):].partition(":")
+      path, sep, rest = arg[len("--config=") :].partition(":")
       found = configlib.find_config_file(path)
       if found is not None:
         arg = f"--config={found}{sep}{rest}"

@@ -13,6 +13,7 @@ logits as the mask prompt and, unless a box was given, the box around its mask i
 clicks. Prints the predicted IoU and the mask area; the overlay shows the mask in colour, its
 outline, the clicks (green foreground, red background) and the box.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -27,17 +28,23 @@ def define_flags() -> dict:
   """The command's flags, defined only when it runs as a command: `--out` would otherwise
   clash with ultrajax.export's flag of that name in a process that imports both."""
   return dict(
-      checkpoint=flags.DEFINE_string("checkpoint", None,
-                                     "SAM .pth/.safetensors or ultrajax workdir."),
-      image=flags.DEFINE_string("image", None, "Image file (PNG, JPEG, ...; grey or RGB)."),
-      point=flags.DEFINE_multi_string("point", [], "Foreground click x,y (repeatable)."),
-      negative=flags.DEFINE_multi_string("negative", [], "Background click x,y (repeatable)."),
-      box=flags.DEFINE_string("box", None, "Box x0,y0,x1,y1."),
-      out=flags.DEFINE_string("out", "overlay.png", "Output PNG."),
-      single_mask=flags.DEFINE_bool("single_mask", False, "SAM's single-mask output."),
-      verbose=flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too."),
-      refine=flags.DEFINE_bool("refine", False, "UltraSam's refinement: single mask, then its "
-                               "box and logits as the prompt of a multimask pass."))
+    checkpoint=flags.DEFINE_string(
+      "checkpoint", None, "SAM .pth/.safetensors or ultrajax workdir."
+    ),
+    image=flags.DEFINE_string("image", None, "Image file (PNG, JPEG, ...; grey or RGB)."),
+    point=flags.DEFINE_multi_string("point", [], "Foreground click x,y (repeatable)."),
+    negative=flags.DEFINE_multi_string("negative", [], "Background click x,y (repeatable)."),
+    box=flags.DEFINE_string("box", None, "Box x0,y0,x1,y1."),
+    out=flags.DEFINE_string("out", "overlay.png", "Output PNG."),
+    single_mask=flags.DEFINE_bool("single_mask", False, "SAM's single-mask output."),
+    verbose=flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too."),
+    refine=flags.DEFINE_bool(
+      "refine",
+      False,
+      "UltraSam's refinement: single mask, then its "
+      "box and logits as the prompt of a multimask pass.",
+    ),
+  )
 
 
 def parse_numbers(flag: str, text: str, count: int) -> list[float]:
@@ -54,6 +61,7 @@ def parse_numbers(flag: str, text: str, count: int) -> list[float]:
 def read_image(path) -> np.ndarray:
   """[H, W, 3] uint8 RGB from an image file (grey and RGBA become RGB)."""
   from PIL import Image
+
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no image at {path}")
@@ -64,12 +72,14 @@ def read_image(path) -> np.ndarray:
     raise configlib.DataError(f"cannot decode image {path}: {e}") from None
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, points=(), labels=(), box=None,
-            color=(30, 144, 255)) -> np.ndarray:
+def overlay(
+  image: np.ndarray, mask: np.ndarray, points=(), labels=(), box=None, color=(30, 144, 255)
+) -> np.ndarray:
   """image [H, W, 3] uint8, mask [H, W] bool -> [H, W, 3] uint8: mask tinted (alpha 0.45) with
   a solid outline, clicks as dots, box as a rectangle."""
   from PIL import Image, ImageDraw
   from scipy import ndimage
+
   out = image.astype(np.float32)
   out[mask] = 0.55 * out[mask] + 0.45 * np.asarray(color, np.float32)
   edge = mask & ~ndimage.binary_erosion(mask)
@@ -89,6 +99,7 @@ def mask_box(mask: np.ndarray) -> list[float] | None:
   """bool [H, W] -> [x0, y0, x1, y1] (inclusive pixel indices, sam_objectives.mask_boxes), None
   for an empty mask."""
   from ultrajax.train import sam_objectives
+
   if not np.any(mask):
     return None
   return [float(v) for v in np.asarray(sam_objectives.mask_boxes(np.asarray(mask, bool)[None]))[0]]
@@ -102,15 +113,27 @@ def predict_refined(predictor, point_coords=None, point_labels=None, box=None):
   masks, _, low_res = predictor.predict(point_coords, point_labels, box, multimask_output=False)
   if box is None and (found := mask_box(masks[0])) is not None:
     point_coords, point_labels, box = None, None, np.asarray(found, np.float32)
-  return predictor.predict(point_coords, point_labels, box, mask_input=low_res[:1],
-                           multimask_output=True)
+  return predictor.predict(
+    point_coords, point_labels, box, mask_input=low_res[:1], multimask_output=True
+  )
 
 
-def segment(checkpoint, image_path, out, *, points=(), negatives=(), box=None,
-            multimask: bool = True, refine: bool = False) -> dict:
+def segment(
+  checkpoint,
+  image_path,
+  out,
+  *,
+  points=(),
+  negatives=(),
+  box=None,
+  multimask: bool = True,
+  refine: bool = False,
+) -> dict:
   """Runs the predictor and writes the overlay; returns dict(iou, area, out, candidates)."""
   from PIL import Image
+
   from ultrajax.eval import sam_predictor
+
   if not points and not negatives and box is None:
     raise ValueError("give at least one --point or a --box")
   image = read_image(image_path)
@@ -119,9 +142,11 @@ def segment(checkpoint, image_path, out, *, points=(), negatives=(), box=None,
   predictor.set_image(image)
   clicks = list(points) + list(negatives)
   labels = [1] * len(points) + [0] * len(negatives)
-  prompts = dict(point_coords=np.array(clicks, np.float32) if clicks else None,
-                 point_labels=np.array(labels) if clicks else None,
-                 box=None if box is None else np.array(box, np.float32))
+  prompts = dict(
+    point_coords=np.array(clicks, np.float32) if clicks else None,
+    point_labels=np.array(labels) if clicks else None,
+    box=None if box is None else np.array(box, np.float32),
+  )
   if refine:
     masks, iou, _ = predict_refined(predictor, **prompts)
   else:
@@ -130,8 +155,12 @@ def segment(checkpoint, image_path, out, *, points=(), negatives=(), box=None,
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(overlay(image, masks[best], clicks, labels, box)).save(out)
-  return dict(iou=float(iou[best]), area=int(masks[best].sum()), out=str(out),
-              candidates=[float(v) for v in iou])
+  return dict(
+    iou=float(iou[best]),
+    area=int(masks[best].sum()),
+    out=str(out),
+    candidates=[float(v) for v in iou],
+  )
 
 
 def main(argv, f: dict):
@@ -147,14 +176,24 @@ def main(argv, f: dict):
     raise app.UsageError("give at least one --point=x,y or a --box=x0,y0,x1,y1")
   if f["refine"].value and f["single_mask"].value:
     raise app.UsageError("--refine already chooses its outputs; drop --single_mask")
-  done = segment(f["checkpoint"].value, f["image"].value, f["out"].value, points=points,
-                 negatives=negatives, box=box, multimask=not f["single_mask"].value,
-                 refine=f["refine"].value)
-  print(f"wrote {done['out']}: mask of {done['area']} px, predicted IoU {done['iou']:.3f} "
-        f"(candidates {', '.join(f'{v:.3f}' for v in done['candidates'])})")
+  done = segment(
+    f["checkpoint"].value,
+    f["image"].value,
+    f["out"].value,
+    points=points,
+    negatives=negatives,
+    box=box,
+    multimask=not f["single_mask"].value,
+    refine=f["refine"].value,
+  )
+  print(
+    f"wrote {done['out']}: mask of {done['area']} px, predicted IoU {done['iou']:.3f} "
+    f"(candidates {', '.join(f'{v:.3f}' for v in done['candidates'])})"
+  )
 
 
 if __name__ == "__main__":
   _flags = define_flags()
-  app.run(configlib.report_user_errors(lambda argv: main(argv, _flags),
-                                       lambda: _flags["verbose"].value))
+  app.run(
+    configlib.report_user_errors(lambda argv: main(argv, _flags), lambda: _flags["verbose"].value)
+  )

@@ -37,6 +37,7 @@ Data comes from device-resident random images so that the figures measure the co
 program; the Grain pipeline is measured by the job's own img/s log line. Record results with
 the machine and the exact command in docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -62,8 +63,11 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed chunk calls per mode (after one
 _CLIENTS = flags.DEFINE_integer("clients", 0, "Federated clients (0: config.data.num_clients).")
 _DEVICES = flags.DEFINE_integer("devices", 0, "bench plan: fake CPU devices (0: the real ones).")
 _MFU = flags.DEFINE_float("mfu", 0.5, "bench plan: MFU that prices a round on each accelerator.")
-_WORKERS = flags.DEFINE_string("pipeline_workers", "", "bench pipeline: worker counts, e.g. "
-                               "'0,1,2' ('': 0, 1, 2, 4, ... up to the cores).")
+_WORKERS = flags.DEFINE_string(
+  "pipeline_workers",
+  "",
+  "bench pipeline: worker counts, e.g. '0,1,2' ('': 0, 1, 2, 4, ... up to the cores).",
+)
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 8, "bench pipeline: timed batches.")
 _TORCH_PEER = flags.DEFINE_boolean("torch_peer", True, "bench pretrain: also time the PyTorch MAE.")
 
@@ -77,21 +81,26 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   abstract_params = nnx.to_pure_dict(abstract_params)
   tx = optimizer.adamw(config.optim, abstract_params)
-  programs = pretrain.Programs(config, mesh, graphdef, abstract_params, tx, num_clients,
-                               num_clients)
+  programs = pretrain.Programs(
+    config, mesh, graphdef, abstract_params, tx, num_clients, num_clients
+  )
   params = programs.init_params(jax.random.key(0))
   opt_state = programs.init_opt(params)
   s = config.model.image_size
   images = jax.jit(
-      lambda key: jax.random.randint(key, (num_clients, k, batch, s, s, 3), 0, 256).astype(np.uint8),
-      out_shardings=programs.batch_sharding)(jax.random.key(1))
+    lambda key: jax.random.randint(key, (num_clients, k, batch, s, s, 3), 0, 256).astype(np.uint8),
+    out_shardings=programs.batch_sharding,
+  )(jax.random.key(1))
   # Every client runs 1000 steps per round; the timed chunks sit in its middle.
   plan = rounds.plan_round(np.full(num_clients, 1000), num_clients, k).chunk(3, k)
   put = loop.put_global
-  rest = (rounds.RoundPlan(*(put(a, programs.vector) for a in plan)),
-          put(np.full((num_clients,), 1000.0, np.float32), programs.replicated),
-          put(programs.strategy.client_weights(np.ones(num_clients)), programs.replicated),
-          put(np.int32(5), programs.replicated), jax.random.key(2))
+  rest = (
+    rounds.RoundPlan(*(put(a, programs.vector) for a in plan)),
+    put(np.full((num_clients,), 1000.0, np.float32), programs.replicated),
+    put(programs.strategy.client_weights(np.ones(num_clients)), programs.replicated),
+    put(np.int32(5), programs.replicated),
+    jax.random.key(2),
+  )
 
   t0 = time.perf_counter()
   state = programs.start_round(params, opt_state)
@@ -111,9 +120,16 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
   sync_s = (time.perf_counter() - t0) / steps
   flops = programs.chunk_flops
   tflops = flops / chunk_s / 1e12 if flops else None
-  return dict(clients=num_clients, batch=batch, img_per_s=num_clients * batch * k / chunk_s,
-              ms_per_step=1e3 * chunk_s / k, ms_aggregate=1e3 * sync_s, compile_s=compile_s,
-              tflops=tflops, mfu=perf.mfu(tflops * 1e12) if tflops else None)
+  return dict(
+    clients=num_clients,
+    batch=batch,
+    img_per_s=num_clients * batch * k / chunk_s,
+    ms_per_step=1e3 * chunk_s / k,
+    ms_aggregate=1e3 * sync_s,
+    compile_s=compile_s,
+    tflops=tflops,
+    mfu=perf.mfu(tflops * 1e12) if tflops else None,
+  )
 
 
 def _paper_packing() -> None:
@@ -123,10 +139,12 @@ def _paper_packing() -> None:
   all_parallel = steps.sum() / (len(steps) * steps.max())
   lanes = rounds.auto_lanes(steps)
   plan = rounds.plan_round(steps, lanes, 32)
-  print(f"Table-1 clients at batch 64: {steps.sum()} client steps per round, the largest "
-        f"client {steps.max()}. All 16 in parallel: {100 * all_parallel:.0f}% of lane steps "
-        f"busy; packed on {lanes} lanes: {100 * (plan.client_ids >= 0).mean():.0f}% busy, "
-        f"{plan.client_ids.shape[1]} steps per round.")
+  print(
+    f"Table-1 clients at batch 64: {steps.sum()} client steps per round, the largest "
+    f"client {steps.max()}. All 16 in parallel: {100 * all_parallel:.0f}% of lane steps "
+    f"busy; packed on {lanes} lanes: {100 * (plan.client_ids >= 0).mean():.0f}% busy, "
+    f"{plan.client_ids.shape[1]} steps per round."
+  )
 
 
 def _torch_peer(config, batch: int, steps: int) -> dict | None:
@@ -138,13 +156,26 @@ def _torch_peer(config, batch: int, steps: int) -> dict | None:
     return None
   m = config.model
   width, depth, heads, patch = vit.model_dims(m)
-  kwargs = dict(image_size=m.image_size, patch_size=patch, width=width, depth=depth,
-                num_heads=heads, decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
-                decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio,
-                norm_pix_loss=m.norm_pix_loss)
-  return torch_mae.time_train_step(kwargs, batch=batch, steps=steps,
-                                   bfloat16=m.dtype == "bfloat16", lr=config.optim.base_lr,
-                                   weight_decay=config.optim.weight_decay)
+  kwargs = dict(
+    image_size=m.image_size,
+    patch_size=patch,
+    width=width,
+    depth=depth,
+    num_heads=heads,
+    decoder_width=m.decoder_width,
+    decoder_depth=m.decoder_depth,
+    decoder_heads=m.decoder_heads,
+    mask_ratio=m.mask_ratio,
+    norm_pix_loss=m.norm_pix_loss,
+  )
+  return torch_mae.time_train_step(
+    kwargs,
+    batch=batch,
+    steps=steps,
+    bfloat16=m.dtype == "bfloat16",
+    lr=config.optim.base_lr,
+    weight_decay=config.optim.weight_decay,
+  )
 
 
 def bench_pretrain(config, steps: int, clients: int) -> None:
@@ -153,30 +184,40 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
   central_mesh, mesh = plan_bench.pretrain_meshes(config, clients)
   batch = config.data.batch_size
   dev = jax.devices()[0]
-  print(f"# pretrain benchmark: {config.model.variant or 'custom'} at {config.model.image_size}px, "
-        f"dtype {config.model.dtype}, chunk of {config.fed.chunk_steps} steps, "
-        f"{mesh.size} x {dev.device_kind}, mesh central {dict(central_mesh.shape)}, federated "
-        f"{dict(mesh.shape)}")
-  print(f"{'mode':<12}{'clients':>8}{'batch':>7}{'img/s':>10}{'ms/step':>10}{'ms/round+':>10}"
-        f"{'TFLOP/s/dev':>13}{'MFU':>7}{'compile s':>11}")
+  print(
+    f"# pretrain benchmark: {config.model.variant or 'custom'} at {config.model.image_size}px, "
+    f"dtype {config.model.dtype}, chunk of {config.fed.chunk_steps} steps, "
+    f"{mesh.size} x {dev.device_kind}, mesh central {dict(central_mesh.shape)}, federated "
+    f"{dict(mesh.shape)}"
+  )
+  print(
+    f"{'mode':<12}{'clients':>8}{'batch':>7}{'img/s':>10}{'ms/step':>10}{'ms/round+':>10}"
+    f"{'TFLOP/s/dev':>13}{'MFU':>7}{'compile s':>11}"
+  )
   results = {}
-  for name, m, c, b in (("central", central_mesh, 1, clients * batch),
-                        ("federated", mesh, clients, batch)):
+  for name, m, c, b in (
+    ("central", central_mesh, 1, clients * batch),
+    ("federated", mesh, clients, batch),
+  ):
     with jax.set_mesh(m):
       r = results[name] = _time_mode(config, m, c, b, steps)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
     tflops = f"{r['tflops']:.2f}" if r["tflops"] else "-"
-    print(f"{name:<12}{r['clients']:>8}{r['batch']:>7}{r['img_per_s']:>10.1f}"
-          f"{r['ms_per_step']:>10.1f}{r['ms_aggregate']:>10.1f}{tflops:>13}{mfu:>7}"
-          f"{r['compile_s']:>11.1f}")
+    print(
+      f"{name:<12}{r['clients']:>8}{r['batch']:>7}{r['img_per_s']:>10.1f}"
+      f"{r['ms_per_step']:>10.1f}{r['ms_aggregate']:>10.1f}{tflops:>13}{mfu:>7}"
+      f"{r['compile_s']:>11.1f}"
+    )
   print("ms/round+: aggregation and round start, paid once per round on top of the local steps.")
   if _TORCH_PEER.value:
     # As many timed steps as one mode above ran (steps chunks of chunk_steps each).
     peer = _torch_peer(config, clients * batch, steps * config.fed.chunk_steps)
     if peer:
-      print(f"{'pytorch MAE':<12}{1:>8}{clients * batch:>7}{peer['img_per_s']:>10.1f}"
-            f"{peer['ms_per_step']:>10.1f}   ({peer['device']}, {peer['threads']} threads, timm "
-            f"blocks, AdamW)")
+      print(
+        f"{'pytorch MAE':<12}{1:>8}{clients * batch:>7}{peer['img_per_s']:>10.1f}"
+        f"{peer['ms_per_step']:>10.1f}   ({peer['device']}, {peer['threads']} threads, timm "
+        f"blocks, AdamW)"
+      )
       for name, r in results.items():
         print(f"ratio ultrajax {name} / pytorch: {r['img_per_s'] / peer['img_per_s']:.2f}")
   _paper_packing()
@@ -194,25 +235,33 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   abstract_params = nnx.to_pure_dict(abstract_params)
   tx = optimizer.adamw(config.optim, abstract_params)
-  programs = pretrain.Programs(config, mesh, graphdef, abstract_params, tx, 1, 1,
-                               teacher=teacher, cached=cached)
+  programs = pretrain.Programs(
+    config, mesh, graphdef, abstract_params, tx, 1, 1, teacher=teacher, cached=cached
+  )
   params = programs.init_params(jax.random.key(0))
   opt_state = programs.init_opt(params)
   make_images = lambda key: jax.random.randint(key, (1, k, batch, s, s, 3), 0, 256).astype(np.uint8)
   if cached:
     grid = s // pretrain.patch_size_of(config.model)
     shape = (1, k, batch, grid * grid, config.model.pred_dim)
-    data = jax.jit(lambda key: dict(images=make_images(key), teacher=jax.random.normal(
-        key, shape).astype(config.teacher.cache_dtype)),
-                   out_shardings=programs.batch_sharding)(jax.random.key(1))
+    data = jax.jit(
+      lambda key: dict(
+        images=make_images(key),
+        teacher=jax.random.normal(key, shape).astype(config.teacher.cache_dtype),
+      ),
+      out_shardings=programs.batch_sharding,
+    )(jax.random.key(1))
   else:
     data = jax.jit(make_images, out_shardings=programs.batch_sharding)(jax.random.key(1))
   plan = rounds.plan_round(np.full(1, 1000), 1, k).chunk(3, k)
   put = loop.put_global
-  rest = (rounds.RoundPlan(*(put(a, programs.vector) for a in plan)),
-          put(np.full((1,), 1000.0, np.float32), programs.replicated),
-          put(np.ones(1, np.float32), programs.replicated),
-          put(np.int32(5), programs.replicated), jax.random.key(2))
+  rest = (
+    rounds.RoundPlan(*(put(a, programs.vector) for a in plan)),
+    put(np.full((1,), 1000.0, np.float32), programs.replicated),
+    put(np.ones(1, np.float32), programs.replicated),
+    put(np.int32(5), programs.replicated),
+    jax.random.key(2),
+  )
   state = programs.start_round(params, opt_state)
   state, losses, _ = programs.run_chunk(params, state, data, *rest)
   jax.block_until_ready(losses)
@@ -223,8 +272,9 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
   chunk_s = (time.perf_counter() - t0) / steps
   out = dict(img_per_s=batch * k / chunk_s, ms_per_step=1e3 * chunk_s / k)
   if mode == "in_step":  # the cache's one-off cost: the teacher forward alone
-    targets = jax.jit(lambda p, x: pretrain.teacher_targets(
-        teacher[0], p, x.astype(np.float32) / 255.0, config))
+    targets = jax.jit(
+      lambda p, x: pretrain.teacher_targets(teacher[0], p, x.astype(np.float32) / 255.0, config)
+    )
     frozen, images = programs.frozen, data[0, 0]
     jax.block_until_ready(targets(frozen, images))
     t0 = time.perf_counter()
@@ -239,24 +289,29 @@ def bench_urfm(config, steps: int, clients: int) -> None:
   del clients  # centralized
   if config.get("target", "pixels") != "teacher":
     from ultrajax import configlib
+
     urfm = configlib.load_config_module(pathlib.Path(_DEFAULT_CONFIG).with_name("pretrain_urfm.py"))
     config = urfm.get_config(config.preset)
   pretrain.validate(config)
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
   dev = jax.devices()[0]
   t = config.teacher
-  print(f"# urfm benchmark: student {config.model.variant or 'custom'} at "
-        f"{config.model.image_size}px, teacher {t.variant or f'{t.width}x{t.depth}/{t.patch_size}'}"
-        f" at {t.image_size}px, dtype {config.model.dtype}, batch {config.data.batch_size}, "
-        f"{jax.device_count()} x {dev.device_kind}")
+  print(
+    f"# urfm benchmark: student {config.model.variant or 'custom'} at "
+    f"{config.model.image_size}px, teacher {t.variant or f'{t.width}x{t.depth}/{t.patch_size}'}"
+    f" at {t.image_size}px, dtype {config.model.dtype}, batch {config.data.batch_size}, "
+    f"{jax.device_count()} x {dev.device_kind}"
+  )
   print(f"{'targets':<22}{'img/s':>10}{'ms/step':>10}")
   with jax.set_mesh(mesh):
     results = {m: _time_urfm(config, mesh, m, steps) for m in ("pixels", "in_step", "cached")}
   names = dict(pixels="pixels", in_step="teacher, in the step", cached="teacher, cached")
   for mode, r in results.items():
     print(f"{names[mode]:<22}{r['img_per_s']:>10.1f}{r['ms_per_step']:>10.1f}")
-  print(f"Building the cache (teacher forward only): "
-        f"{results['in_step']['teacher_img_per_s']:.1f} img/s, once per fixed view.")
+  print(
+    f"Building the cache (teacher forward only): "
+    f"{results['in_step']['teacher_img_per_s']:.1f} img/s, once per fixed view."
+  )
 
 
 def bench_plan(config, steps: int, clients: int) -> None:
@@ -273,14 +328,23 @@ def bench_pipeline(config, steps: int, clients: int) -> None:
   try:
     workers = [int(w) for w in _WORKERS.value.split(",") if w.strip()]
   except ValueError:
-    raise app.UsageError(f"--pipeline_workers={_WORKERS.value!r} is not a comma list of "
-                         "integers") from None
-  pipeline_bench.bench_pipeline(workers or pipeline_bench.default_workers(),
-                                num_batches=_PIPELINE_BATCHES.value,
-                                torch_peer=_TORCH_PEER.value)
+    raise app.UsageError(
+      f"--pipeline_workers={_WORKERS.value!r} is not a comma list of integers"
+    ) from None
+  pipeline_bench.bench_pipeline(
+    workers or pipeline_bench.default_workers(),
+    num_batches=_PIPELINE_BATCHES.value,
+    torch_peer=_TORCH_PEER.value,
+  )
 
 
-BENCHMARKS = {"pretrain": bench_pretrain, "plan": bench_plan, "pipeline": bench_pipeline, "urfm": bench_urfm, "sam": sam_bench.bench_sam}
+BENCHMARKS = {
+  "pretrain": bench_pretrain,
+  "plan": bench_plan,
+  "pipeline": bench_pipeline,
+  "urfm": bench_urfm,
+  "sam": sam_bench.bench_sam,
+}
 
 
 def main(argv):

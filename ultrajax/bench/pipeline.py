@@ -11,6 +11,7 @@ The folder is written once per run to a temporary directory: phantom images save
 The first batch (worker start-up) is left out of each figure. img/s per core divides by the
 cores the row can use: min(max(W, 1), cores).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,9 @@ IMAGE_SIZE = 224
 MAE_MEAN, MAE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def write_jpeg_folder(root: pathlib.Path, num_images: int, size: int, seed: int = 0) -> pathlib.Path:
+def write_jpeg_folder(
+  root: pathlib.Path, num_images: int, size: int, seed: int = 0
+) -> pathlib.Path:
   """root/phantom/{i:05d}.jpg: num_images mixed-organ phantom images of size x size (quality 90),
   in ImageFolder's layout (one class folder) and ultrajax's (one client folder)."""
   folder = root / "phantom"
@@ -47,10 +50,10 @@ def _time_batches(iterator, batch: int, num_batches: int) -> float:
   return batch * num_batches / (time.perf_counter() - t0)
 
 
-def ultrajax_img_per_s(source, workers: int, batch: int, num_batches: int,
-                       threads: int) -> float:
-  data = pipeline.ClientBatches([source], batch, IMAGE_SIZE, seed=0, num_threads=threads,
-                                worker_count=workers)
+def ultrajax_img_per_s(source, workers: int, batch: int, num_batches: int, threads: int) -> float:
+  data = pipeline.ClientBatches(
+    [source], batch, IMAGE_SIZE, seed=0, num_threads=threads, worker_count=workers
+  )
   try:
     return _time_batches(data, batch, num_batches)
   finally:
@@ -61,31 +64,46 @@ def torch_img_per_s(root: pathlib.Path, workers: int, batch: int, num_batches: i
   """MAE's pretraining input pipeline (main_pretrain.py's transform_train and DataLoader)."""
   import torch
   from torchvision import datasets, transforms
-  transform = transforms.Compose([
+
+  transform = transforms.Compose(
+    [
       transforms.RandomResizedCrop(IMAGE_SIZE, scale=(0.2, 1.0), interpolation=3),
       transforms.RandomHorizontalFlip(),
       transforms.ToTensor(),
-      transforms.Normalize(mean=MAE_MEAN, std=MAE_STD)])
+      transforms.Normalize(mean=MAE_MEAN, std=MAE_STD),
+    ]
+  )
   dataset = datasets.ImageFolder(str(root), transform=transform)
-  loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True,
-                                       num_workers=workers, drop_last=True)
+  loader = torch.utils.data.DataLoader(
+    dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
+  )
 
   def forever():
     while True:
       yield from loader
+
   return _time_batches(forever(), batch, num_batches)
 
 
-def bench_pipeline(workers: list[int], *, num_images: int = 256, stored_size: int = 320,
-                   batch: int = 32, num_batches: int = 8, threads: int = 0,
-                   torch_peer: bool = True) -> list[dict]:
+def bench_pipeline(
+  workers: list[int],
+  *,
+  num_images: int = 256,
+  stored_size: int = 320,
+  batch: int = 32,
+  num_batches: int = 8,
+  threads: int = 0,
+  torch_peer: bool = True,
+) -> list[dict]:
   """Rows of dict(pipeline, workers, img_per_s, per_core); prints them as they come."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   threads = threads or cores
   rows = []
-  print(f"# pipeline benchmark: {IMAGE_SIZE} px output, batch {batch}, {num_batches} timed "
-        f"batches after one, {num_images} JPEGs of {stored_size} px (phantom), {cores} cores, "
-        f"{threads} threads per ultrajax loader")
+  print(
+    f"# pipeline benchmark: {IMAGE_SIZE} px output, batch {batch}, {num_batches} timed "
+    f"batches after one, {num_images} JPEGs of {stored_size} px (phantom), {cores} cores, "
+    f"{threads} threads per ultrajax loader"
+  )
   print(f"{'pipeline':<30}{'workers':>8}{'img/s':>10}{'img/s/core':>12}")
   with tempfile.TemporaryDirectory() as tmp:
     root = write_jpeg_folder(pathlib.Path(tmp), num_images, stored_size)
@@ -93,13 +111,19 @@ def bench_pipeline(workers: list[int], *, num_images: int = 256, stored_size: in
     drawn = sources.PhantomSource("phantom", sources.MIXED, "", num_images, stored_size, 0)
     have_torch = torch_peer
     for w in workers:
-      runs = [("ultrajax, JPEG folder", lambda w=w: ultrajax_img_per_s(
-          folder, w, batch, num_batches, threads))]
+      runs = [
+        (
+          "ultrajax, JPEG folder",
+          lambda w=w: ultrajax_img_per_s(folder, w, batch, num_batches, threads),
+        )
+      ]
       if have_torch:
-        runs.append(("official MAE, JPEG folder",
-                     lambda w=w: torch_img_per_s(root, w, batch, num_batches)))
-      runs.append(("ultrajax, phantom", lambda w=w: ultrajax_img_per_s(
-          drawn, w, batch, num_batches, threads)))
+        runs.append(
+          ("official MAE, JPEG folder", lambda w=w: torch_img_per_s(root, w, batch, num_batches))
+        )
+      runs.append(
+        ("ultrajax, phantom", lambda w=w: ultrajax_img_per_s(drawn, w, batch, num_batches, threads))
+      )
       for name, run in runs:
         try:
           img_per_s = run()
@@ -121,4 +145,3 @@ def default_workers() -> list[int]:
     out.append(w)
     w *= 2
   return out
-

@@ -13,6 +13,7 @@ user learns whether a layout fits 16/32/80 GB per device before renting one. XLA
 backend schedules buffers differently from the GPU/TPU backends: temporaries are a guide
 (typically an overestimate for fused GPU kernels), the state bytes are exact.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,20 +33,23 @@ from ultrajax.train import optimizer, perf, sharding
 
 # Accelerators the plan prices a round on: name -> dense bf16 FLOP/s (train/perf.py).
 ACCELERATORS = ("H100", "H200", "A100", "TPU v4", "TPU v5e", "TPU v5p")
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def device_bytes(tree) -> int:
   """Bytes one device holds of a tree of sharded (abstract) arrays: its shard shapes."""
+
   def one(x):
     shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
     return math.prod(shape) * np.dtype(x.dtype).itemsize
+
   return int(sum(one(x) for x in jax.tree.leaves(tree)))
 
 
 def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 def pretrain_meshes(config, clients: int):
@@ -53,13 +57,16 @@ def pretrain_meshes(config, clients: int):
   federated mode; centralized training is one client, which the job refuses on a clients axis
   wider than 1, so it runs on the same devices with all of them on the data axis."""
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
-  configlib.check(clients % mesh.shape["clients"] == 0,
-                  f"--clients={clients} clients do not divide over config.mesh.clients="
-                  f"{mesh.shape['clients']}")
+  configlib.check(
+    clients % mesh.shape["clients"] == 0,
+    f"--clients={clients} clients do not divide over config.mesh.clients={mesh.shape['clients']}",
+  )
   batch = config.data.batch_size
-  configlib.check(batch % mesh.shape["data"] == 0,
-                  f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
-                  f"({mesh.shape['data']} devices)")
+  configlib.check(
+    batch % mesh.shape["data"] == 0,
+    f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
+    f"({mesh.shape['data']} devices)",
+  )
   return sharding.make_mesh(1, mesh.size, devices=mesh.devices.flatten()), mesh
 
 
@@ -67,7 +74,7 @@ def table1_steps(config) -> np.ndarray:
   """[C] local steps per round of the config's phantom clients shaped as UltraFedFM's Table 1
   (the first data.num_clients, SMAT partners doubling them at smat_ratio 1): the paper's
   packing of unequal clients. Other sources are only known once read: the plan uses these."""
-  counts = np.array([n for *_, n in sources_lib.DEFAULT_CLIENTS[:config.data.num_clients]])
+  counts = np.array([n for *_, n in sources_lib.DEFAULT_CLIENTS[: config.data.num_clients]])
   u = config.ultramim
   counts = counts + (np.round(counts * u.smat_ratio).astype(int) if u.smat else 0)
   return np.maximum(counts // config.data.batch_size, 1) * config.fed.local_epochs
@@ -76,6 +83,7 @@ def table1_steps(config) -> np.ndarray:
 @dataclasses.dataclass
 class Plan:
   """Per-device figures of one compiled layout (bytes, FLOPs per device)."""
+
   mesh: dict
   num_clients: int
   num_lanes: int
@@ -109,8 +117,12 @@ def _memory(compiled) -> dict:
   m = compiled.memory_analysis() if compiled else None
   if m is None:
     return dict(argument=0, output=0, alias=0, temp=0)
-  return dict(argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
-              alias=int(m.alias_size_in_bytes), temp=int(m.temp_size_in_bytes))
+  return dict(
+    argument=int(m.argument_size_in_bytes),
+    output=int(m.output_size_in_bytes),
+    alias=int(m.alias_size_in_bytes),
+    temp=int(m.temp_size_in_bytes),
+  )
 
 
 def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
@@ -123,12 +135,15 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
   steps = np.asarray(table1_steps(config) if steps_per_client is None else steps_per_client)
   num_clients, batch, k = len(steps), config.data.batch_size, config.fed.chunk_steps
   # The job's own start-up checks (jobs/pretrain.py), before any compile.
-  configlib.check(num_clients % mesh.shape["clients"] == 0,
-                  f"{num_clients} clients do not divide over config.mesh.clients="
-                  f"{mesh.shape['clients']}")
-  configlib.check(batch % mesh.shape["data"] == 0,
-                  f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
-                  f"({mesh.shape['data']} devices)")
+  configlib.check(
+    num_clients % mesh.shape["clients"] == 0,
+    f"{num_clients} clients do not divide over config.mesh.clients={mesh.shape['clients']}",
+  )
+  configlib.check(
+    batch % mesh.shape["data"] == 0,
+    f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
+    f"({mesh.shape['data']} devices)",
+  )
   num_lanes = config.fed.lanes or rounds.auto_lanes(steps, mesh.shape["clients"])
   # The job's chunking: the fewest chunks of at most K steps, as equal as possible.
   length = rounds.plan_round(steps, num_lanes, 1).client_ids.shape[1]
@@ -140,21 +155,31 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     abstract_params = nnx.to_pure_dict(abstract_params)
     tx = optimizer.adamw(config.optim, abstract_params)
-    programs = pretrain.Programs(config, mesh, graphdef, abstract_params, tx, num_clients,
-                                 num_lanes)
+    programs = pretrain.Programs(
+      config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes
+    )
     server = _abstract(abstract_params, programs.server_sharding)
     client_opt = _abstract(programs.abstract_opt, programs.opt_sharding)
     # The lane state as the job's round start lays it out (shapes and shardings, no data).
-    state = _abstract(jax.eval_shape(programs.start_round, server, client_opt),
-                      programs.state_sharding)
+    state = _abstract(
+      jax.eval_shape(programs.start_round, server, client_opt), programs.state_sharding
+    )
     s = config.model.image_size
-    images = jax.ShapeDtypeStruct((num_lanes, k, batch, s, s, 3), np.uint8,
-                                  sharding=programs.batch_sharding)
+    images = jax.ShapeDtypeStruct(
+      (num_lanes, k, batch, s, s, 3), np.uint8, sharding=programs.batch_sharding
+    )
     vector = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=programs.vector)
     scalar = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=programs.replicated)
-    args = (server, state, images, rounds.RoundPlan(*map(vector, round_plan.chunk(0, k))),
-            scalar((num_clients,), np.float32), scalar((num_clients,), np.float32),
-            scalar((), np.int32), jax.eval_shape(lambda: jax.random.key(0)))
+    args = (
+      server,
+      state,
+      images,
+      rounds.RoundPlan(*map(vector, round_plan.chunk(0, k))),
+      scalar((num_clients,), np.float32),
+      scalar((num_clients,), np.float32),
+      scalar((), np.int32),
+      jax.eval_shape(lambda: jax.random.key(0)),
+    )
     t0 = time.perf_counter()
     compiled = programs.chunk.lower(programs.frozen, *args).compile() if compile_chunk else None
     compile_s = time.perf_counter() - t0
@@ -165,14 +190,24 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
   param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
   moments_per_client = 2 * 4 * param_count  # AdamW's mu and nu, float32
   return Plan(
-      mesh=dict(mesh.shape), num_clients=num_clients, num_lanes=num_lanes, chunk_steps=k,
-      num_chunks=num_chunks, batch=batch, param_count=param_count,
-      server_bytes=device_bytes(server), client_opt_bytes=client_opt_bytes,
-      clients_held=client_opt_bytes / moments_per_client,
-      lane_bytes=device_bytes((state.params, state.opt_state)), batch_bytes=device_bytes(images),
-      xla=_memory(compiled), xla_state=_memory(opt_init),
-      # XLA's cost analysis counts a scan's body once; the chunk runs it K times.
-      chunk_flops=flops * k if flops else None, compile_s=compile_s)
+    mesh=dict(mesh.shape),
+    num_clients=num_clients,
+    num_lanes=num_lanes,
+    chunk_steps=k,
+    num_chunks=num_chunks,
+    batch=batch,
+    param_count=param_count,
+    server_bytes=device_bytes(server),
+    client_opt_bytes=client_opt_bytes,
+    clients_held=client_opt_bytes / moments_per_client,
+    lane_bytes=device_bytes((state.params, state.opt_state)),
+    batch_bytes=device_bytes(images),
+    xla=_memory(compiled),
+    xla_state=_memory(opt_init),
+    # XLA's cost analysis counts a scan's body once; the chunk runs it K times.
+    chunk_flops=flops * k if flops else None,
+    compile_s=compile_s,
+  )
 
 
 def report(p: Plan, config, mfu: float = 0.5) -> str:
@@ -180,31 +215,35 @@ def report(p: Plan, config, mfu: float = 0.5) -> str:
   g = lambda b: f"{b / GIB:8.2f} GiB"
   m = config.model
   lines = [
-      f"# plan: {m.variant or f'{m.width}x{m.depth}/{m.patch_size}'} at {m.image_size}px, "
-      f"{p.num_clients} clients on {p.num_lanes} lanes, batch {p.batch} per client, chunk of "
-      f"{p.chunk_steps} steps x {p.num_chunks} per round, mesh {p.mesh}, "
-      f"sharding_rules {tuple(tuple(r) for r in config.sharding_rules)}",
-      f"parameters {p.param_count / 1e6:.1f} M; per device:",
-      f"  server params                  {g(p.server_bytes)}",
-      f"  client AdamW states            {g(p.client_opt_bytes)}  "
-      f"({p.clients_held:.2f} clients' moments)",
-      f"  lane params + AdamW states     {g(p.lane_bytes)}",
-      f"  one chunk of images (uint8)    {g(p.batch_bytes)}",
-      f"XLA memory analysis of the chunk: arguments {g(p.xla['argument'])}, outputs "
-      f"{g(p.xla['output'])}, donated aliases {g(p.xla['alias'])}, temporaries "
-      f"{g(p.xla['temp'])}",
-      f"  peak while the chunk runs      {g(p.peak_bytes)}  "
-      f"(fits 16 GB: {'yes' if p.peak_bytes <= 16e9 else 'no'}, 32 GB: "
-      f"{'yes' if p.peak_bytes <= 32e9 else 'no'}, 80 GB: {'yes' if p.peak_bytes <= 80e9 else 'no'})",
-      f"  client AdamW states (XLA: output of their init) {g(p.xla_state['output'])}",
-      f"compile {p.compile_s:.1f} s on {jax.devices()[0].platform}",
+    f"# plan: {m.variant or f'{m.width}x{m.depth}/{m.patch_size}'} at {m.image_size}px, "
+    f"{p.num_clients} clients on {p.num_lanes} lanes, batch {p.batch} per client, chunk of "
+    f"{p.chunk_steps} steps x {p.num_chunks} per round, mesh {p.mesh}, "
+    f"sharding_rules {tuple(tuple(r) for r in config.sharding_rules)}",
+    f"parameters {p.param_count / 1e6:.1f} M; per device:",
+    f"  server params                  {g(p.server_bytes)}",
+    f"  client AdamW states            {g(p.client_opt_bytes)}  "
+    f"({p.clients_held:.2f} clients' moments)",
+    f"  lane params + AdamW states     {g(p.lane_bytes)}",
+    f"  one chunk of images (uint8)    {g(p.batch_bytes)}",
+    f"XLA memory analysis of the chunk: arguments {g(p.xla['argument'])}, outputs "
+    f"{g(p.xla['output'])}, donated aliases {g(p.xla['alias'])}, temporaries "
+    f"{g(p.xla['temp'])}",
+    f"  peak while the chunk runs      {g(p.peak_bytes)}  "
+    f"(fits 16 GB: {'yes' if p.peak_bytes <= 16e9 else 'no'}, 32 GB: "
+    f"{'yes' if p.peak_bytes <= 32e9 else 'no'}, 80 GB: {'yes' if p.peak_bytes <= 80e9 else 'no'})",
+    f"  client AdamW states (XLA: output of their init) {g(p.xla_state['output'])}",
+    f"compile {p.compile_s:.1f} s on {jax.devices()[0].platform}",
   ]
   if p.chunk_flops:
-    lines.append(f"FLOPs per device: {p.chunk_flops / p.chunk_steps / 1e12:.3f} TFLOP per local "
-                 f"step (all {p.num_lanes} lanes), {p.chunk_flops * p.num_chunks / 1e15:.2f} "
-                 f"PFLOP per round")
-    lines.append(f"time per round at {100 * mfu:.0f}% MFU: " + ", ".join(
-        f"{a} {p.round_seconds(a, mfu):.1f} s" for a in ACCELERATORS))
+    lines.append(
+      f"FLOPs per device: {p.chunk_flops / p.chunk_steps / 1e12:.3f} TFLOP per local "
+      f"step (all {p.num_lanes} lanes), {p.chunk_flops * p.num_chunks / 1e15:.2f} "
+      f"PFLOP per round"
+    )
+    lines.append(
+      f"time per round at {100 * mfu:.0f}% MFU: "
+      + ", ".join(f"{a} {p.round_seconds(a, mfu):.1f} s" for a in ACCELERATORS)
+    )
   else:
     lines.append("FLOPs: XLA gave no cost analysis on this backend")
   return "\n".join(lines)

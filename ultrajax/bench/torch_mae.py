@@ -11,6 +11,7 @@ variance) averaged over the masked patches. AdamW with MAE's betas and no weight
 biases and norms. torch and timm are the optional `torch` extra: importing this module without
 them raises ImportError.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,9 +28,21 @@ from ultrajax.models import posemb
 class TorchMAE(nn.Module):
   """MAE with timm blocks. images: [B, 3, H, W] float -> (loss, pred [B, N, p*p*3], mask [B, N])."""
 
-  def __init__(self, *, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
-               decoder_width: int, decoder_depth: int, decoder_heads: int, mlp_ratio: float = 4.0,
-               mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+  def __init__(
+    self,
+    *,
+    image_size: int,
+    patch_size: int,
+    width: int,
+    depth: int,
+    num_heads: int,
+    decoder_width: int,
+    decoder_depth: int,
+    decoder_heads: int,
+    mlp_ratio: float = 4.0,
+    mask_ratio: float = 0.75,
+    norm_pix_loss: bool = True,
+  ):
     super().__init__()
     self.p, self.mask_ratio, self.norm_pix_loss = patch_size, mask_ratio, norm_pix_loss
     grid = image_size // patch_size
@@ -37,17 +50,22 @@ class TorchMAE(nn.Module):
     self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)
     self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
     table = lambda d: torch.from_numpy(
-        np.asarray(posemb.sincos_2d(grid, grid, d, cls_token=True), np.float32))[None]
+      np.asarray(posemb.sincos_2d(grid, grid, d, cls_token=True), np.float32)
+    )[None]
     self.register_buffer("pos_embed", table(width), persistent=False)  # fixed, not trained
-    self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
-                                 for _ in range(depth)])
+    self.blocks = nn.ModuleList(
+      [Block(width, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
+    )
     self.norm = norm(width)
     self.decoder_embed = nn.Linear(width, decoder_width)
     self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
     self.register_buffer("decoder_pos_embed", table(decoder_width), persistent=False)
-    self.decoder_blocks = nn.ModuleList([
+    self.decoder_blocks = nn.ModuleList(
+      [
         Block(decoder_width, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
-        for _ in range(decoder_depth)])
+        for _ in range(decoder_depth)
+      ]
+    )
     self.decoder_norm = norm(decoder_width)
     self.decoder_pred = nn.Linear(decoder_width, patch_size * patch_size * 3)
     self._init()
@@ -98,7 +116,9 @@ class TorchMAE(nn.Module):
     pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
     target = self.patchify(images)
     if self.norm_pix_loss:
-      target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+      target = (target - target.mean(-1, keepdim=True)) / (
+        target.var(-1, keepdim=True) + 1e-6
+      ) ** 0.5
     per_patch = ((pred.float() - target) ** 2).mean(-1)
     return (per_patch * mask).sum() / mask.sum(), pred, mask
 
@@ -107,12 +127,22 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)):
   """AdamW with MAE's parameter groups: no decay on biases and norms (1-D tensors)."""
   decay = [p for p in model.parameters() if p.ndim > 1]
   rest = [p for p in model.parameters() if p.ndim <= 1]
-  return torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay),
-                            dict(params=rest, weight_decay=0.0)], lr=lr, betas=betas)
+  return torch.optim.AdamW(
+    [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)],
+    lr=lr,
+    betas=betas,
+  )
 
 
-def time_train_step(model_kwargs: dict, *, batch: int, steps: int, bfloat16: bool,
-                    lr: float = 1e-4, weight_decay: float = 0.05) -> dict:
+def time_train_step(
+  model_kwargs: dict,
+  *,
+  batch: int,
+  steps: int,
+  bfloat16: bool,
+  lr: float = 1e-4,
+  weight_decay: float = 0.05,
+) -> dict:
   """img/s and ms per step of forward + backward + AdamW at `batch` random images, on CUDA if
   present (else CPU), after two warm-up steps. bfloat16: autocast (parameters stay float32)."""
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -139,5 +169,10 @@ def time_train_step(model_kwargs: dict, *, batch: int, steps: int, bfloat16: boo
     loss = step()
   sync()
   dt = (time.perf_counter() - t0) / steps
-  return dict(img_per_s=batch / dt, ms_per_step=1e3 * dt, loss=loss.item(), device=device,
-              threads=torch.get_num_threads())
+  return dict(
+    img_per_s=batch / dt,
+    ms_per_step=1e3 * dt,
+    loss=loss.item(),
+    device=device,
+    threads=torch.get_num_threads(),
+  )

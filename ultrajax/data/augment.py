@@ -9,6 +9,7 @@ changes are one affine map per image, applied by inverse mapping with bilinear i
 Matrices are 3 x 3 in pixel-centre coordinates (row, col, 1) and map OUTPUT pixels to INPUT
 pixels (the inverse warp).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,12 +45,16 @@ def warp(image, matrix, order: int = 1):
   """image: [S, S, C] float; matrix: [3, 3] output -> input pixel coordinates. Returns
   [S, S, C] with zero outside the input (order 1 bilinear, 0 nearest)."""
   s = image.shape[0]
-  rows, cols = jnp.meshgrid(jnp.arange(s, dtype=jnp.float32), jnp.arange(image.shape[1],
-                            dtype=jnp.float32), indexing="ij")
+  rows, cols = jnp.meshgrid(
+    jnp.arange(s, dtype=jnp.float32), jnp.arange(image.shape[1], dtype=jnp.float32), indexing="ij"
+  )
   src = jnp.einsum("ij,jhw->ihw", matrix, jnp.stack([rows, cols, jnp.ones_like(rows)]))
+
   def one(channel):
-    return ndimage.map_coordinates(channel, [src[0], src[1]], order=order, mode="constant",
-                                   cval=0.0)
+    return ndimage.map_coordinates(
+      channel, [src[0], src[1]], order=order, mode="constant", cval=0.0
+    )
+
   return jax.vmap(one, in_axes=2, out_axes=2)(image)
 
 
@@ -65,9 +70,13 @@ def random_resized_crop(key, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
   top = jax.random.uniform(k_y, ()) * (size - h)
   left = jax.random.uniform(k_x, ()) * (size - w)
   # Output pixel centre i maps to top + (i + 0.5) * h / size - 0.5.
-  return jnp.array([[h / size, 0.0, top + 0.5 * h / size - 0.5],
-                    [0.0, w / size, left + 0.5 * w / size - 0.5],
-                    [0.0, 0.0, 1.0]])
+  return jnp.array(
+    [
+      [h / size, 0.0, top + 0.5 * h / size - 0.5],
+      [0.0, w / size, left + 0.5 * w / size - 0.5],
+      [0.0, 0.0, 1.0],
+    ]
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,8 +100,11 @@ def _autocontrast(image):
 def _smooth(image):
   kernel = jnp.array([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
   pad = jnp.pad(image, ((1, 1), (1, 1), (0, 0)), mode="edge")
-  out = sum(kernel[i, j] * pad[i:i + image.shape[0], j:j + image.shape[1]]
-            for i in range(3) for j in range(3))
+  out = sum(
+    kernel[i, j] * pad[i : i + image.shape[0], j : j + image.shape[1]]
+    for i in range(3)
+    for j in range(3)
+  )
   return out
 
 
@@ -111,18 +123,18 @@ def rand_augment_one(key, image, num_ops: int, magnitude: float, magnitude_std: 
     sign = jnp.where(jax.random.bernoulli(k_sign), 1.0, -1.0)
     grey = _grey(image).mean()
     ops = [
-        lambda x: x,
-        _autocontrast,
-        lambda x: jnp.where(x >= 1.0 - m, 1.0 - x, x),  # solarize above 1 - m
-        lambda x: jnp.floor(x * 2.0 ** (8 - jnp.round(4 * m))) / 2.0 ** (8 - jnp.round(4 * m)),
-        lambda x: _blend(x, grey, 1.0 + sign * 0.9 * m),  # contrast
-        lambda x: _blend(x, 0.0, 1.0 + sign * 0.9 * m),  # brightness
-        lambda x: _blend(x, _smooth(x), 1.0 + sign * 0.9 * m),  # sharpness
-        lambda x: warp(x, rotation(sign * m * math.radians(30.0), size)),
-        lambda x: warp(x, about_centre(jnp.array([[1.0, 0.0], [sign * 0.3 * m, 1.0]]), size)),
-        lambda x: warp(x, about_centre(jnp.array([[1.0, sign * 0.3 * m], [0.0, 1.0]]), size)),
-        lambda x: warp(x, _translate(sign * 0.45 * m * size, 0.0)),
-        lambda x: warp(x, _translate(0.0, sign * 0.45 * m * size)),
+      lambda x: x,
+      _autocontrast,
+      lambda x: jnp.where(x >= 1.0 - m, 1.0 - x, x),  # solarize above 1 - m
+      lambda x: jnp.floor(x * 2.0 ** (8 - jnp.round(4 * m))) / 2.0 ** (8 - jnp.round(4 * m)),
+      lambda x: _blend(x, grey, 1.0 + sign * 0.9 * m),  # contrast
+      lambda x: _blend(x, 0.0, 1.0 + sign * 0.9 * m),  # brightness
+      lambda x: _blend(x, _smooth(x), 1.0 + sign * 0.9 * m),  # sharpness
+      lambda x: warp(x, rotation(sign * m * math.radians(30.0), size)),
+      lambda x: warp(x, about_centre(jnp.array([[1.0, 0.0], [sign * 0.3 * m, 1.0]]), size)),
+      lambda x: warp(x, about_centre(jnp.array([[1.0, sign * 0.3 * m], [0.0, 1.0]]), size)),
+      lambda x: warp(x, _translate(sign * 0.45 * m * size, 0.0)),
+      lambda x: warp(x, _translate(0.0, sign * 0.45 * m * size)),
     ]
     op = jax.random.randint(k_op, (), 0, len(ops))
     return jax.lax.switch(op, ops, image), None
@@ -135,8 +147,9 @@ def rand_augment_one(key, image, num_ops: int, magnitude: float, magnitude_std: 
 # Labels: smoothing, mixup, cutmix
 
 
-def random_erasing(key, image, prob: float, area=(0.02, 1 / 3), log_ratio=(-1.204, 1.204),
-                   attempts: int = 10):
+def random_erasing(
+  key, image, prob: float, area=(0.02, 1 / 3), log_ratio=(-1.204, 1.204), attempts: int = 10
+):
   """timm's RandomErasing(mode='pixel', max_count=1) on one normalised image (MAE fine-tuning's
   `reprob`): with probability `prob`, a rectangle of area U(area) x H x W and aspect
   exp(U(log_ratio)) (h / w; +-1.204 = log(1 / 0.3)) is filled with N(0, 1) noise, placed
@@ -148,8 +161,9 @@ def random_erasing(key, image, prob: float, area=(0.02, 1 / 3), log_ratio=(-1.20
   height, width = image.shape[:2]
   k_do, k_area, k_ratio, k_y, k_x, k_noise = jax.random.split(key, 6)
   target = jax.random.uniform(k_area, (attempts,), minval=area[0], maxval=area[1]) * height * width
-  ratio = jnp.exp(jax.random.uniform(k_ratio, (attempts,), minval=log_ratio[0],
-                                     maxval=log_ratio[1]))
+  ratio = jnp.exp(
+    jax.random.uniform(k_ratio, (attempts,), minval=log_ratio[0], maxval=log_ratio[1])
+  )
   h = jnp.round(jnp.sqrt(target * ratio)).astype(jnp.int32)
   w = jnp.round(jnp.sqrt(target / ratio)).astype(jnp.int32)
   fits = (h < height) & (w < width)
@@ -171,8 +185,16 @@ def smooth_one_hot(labels, num_classes: int, smoothing: float):
   return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
 
 
-def mixup_cutmix(key, images, targets, *, mixup_alpha: float, cutmix_alpha: float,
-                 switch_prob: float = 0.5, prob: float = 1.0):
+def mixup_cutmix(
+  key,
+  images,
+  targets,
+  *,
+  mixup_alpha: float,
+  cutmix_alpha: float,
+  switch_prob: float = 0.5,
+  prob: float = 1.0,
+):
   """timm's batch-mode Mixup: the batch is mixed with its reverse using one lam.
 
   images: [B, S, S, C]; targets: [B, K] soft. With probability `prob` a mix happens: cutmix
@@ -184,8 +206,11 @@ def mixup_cutmix(key, images, targets, *, mixup_alpha: float, cutmix_alpha: floa
     return images, targets
   k_do, k_switch, k_lam_mix, k_lam_cut, k_y, k_x = jax.random.split(key, 6)
   size_h, size_w = images.shape[1:3]
-  use_cut = (jax.random.bernoulli(k_switch, switch_prob) if mixup_alpha > 0 and cutmix_alpha > 0
-             else jnp.asarray(cutmix_alpha > 0))
+  use_cut = (
+    jax.random.bernoulli(k_switch, switch_prob)
+    if mixup_alpha > 0 and cutmix_alpha > 0
+    else jnp.asarray(cutmix_alpha > 0)
+  )
   lam_mix = jax.random.beta(k_lam_mix, max(mixup_alpha, 1e-3), max(mixup_alpha, 1e-3))
   lam_cut = jax.random.beta(k_lam_cut, max(cutmix_alpha, 1e-3), max(cutmix_alpha, 1e-3))
   cut = jnp.sqrt(1.0 - lam_cut)

@@ -15,6 +15,7 @@ order and flips depend only on (seed, stream position). `train_batches` reads th
 Grain pipeline (threads, prefetch) whose iterator state is saved with the checkpoint.
 `classified_instances` gathers the instances that carry a class, from either source.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,10 +48,14 @@ def phantom_record(image_id: int, generated: dict) -> dict:
   if generated["lesion_mask"].any():
     masks.append(generated["lesion_mask"]), cats.append(2), classes.append(generated["label"])
   size = generated["image"].shape
-  return dict(image=generated["image"],
-              masks=np.stack(masks) if masks else np.zeros((0, *size), np.uint8),
-              category_ids=np.asarray(cats, np.int32), classes=np.asarray(classes, np.int32),
-              image_id=image_id, file_name=f"{generated['organ']}_{generated['probe']}_{image_id:06d}.png")
+  return dict(
+    image=generated["image"],
+    masks=np.stack(masks) if masks else np.zeros((0, *size), np.uint8),
+    category_ids=np.asarray(cats, np.int32),
+    classes=np.asarray(classes, np.int32),
+    image_id=image_id,
+    file_name=f"{generated['organ']}_{generated['probe']}_{image_id:06d}.png",
+  )
 
 
 class PhantomInstances:
@@ -63,7 +68,7 @@ class PhantomInstances:
     self._source = sources.PhantomSource(name, sources.MIXED, "", num_images, image_size, seed)
     self.name = name
     # Generating is the slow part; small sets (CPU presets, tests) are kept in memory.
-    self._cache = {} if num_images * image_size ** 2 <= 2 ** 26 else None
+    self._cache = {} if num_images * image_size**2 <= 2**26 else None
 
   def __len__(self) -> int:
     return len(self._source)
@@ -90,12 +95,15 @@ def _decode_segmentation(seg, height: int, width: int, where: str) -> np.ndarray
     rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
   elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
     if list(seg["size"]) != [height, width]:
-      raise InstanceDataError(f"{where}: mask size {list(seg['size'])} (h, w) differs from the "
-                              f"image size {[height, width]}")
+      raise InstanceDataError(
+        f"{where}: mask size {list(seg['size'])} (h, w) differs from the "
+        f"image size {[height, width]}"
+      )
     rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
   else:
-    raise InstanceDataError(f"{where}: 'segmentation' is neither a polygon list nor an RLE "
-                            "dict with 'counts' and 'size'")
+    raise InstanceDataError(
+      f"{where}: 'segmentation' is neither a polygon list nor an RLE dict with 'counts' and 'size'"
+    )
   return mask_utils.decode(rle)
 
 
@@ -119,7 +127,9 @@ class CocoInstances:
       if key not in data:
         raise InstanceDataError(f"{self.json_path}: no '{key}' list (not a COCO instances file)")
     root = image_root or os.path.dirname(os.path.abspath(self.json_path))
-    self.categories = tuple({"id": int(c["id"]), "name": str(c["name"])} for c in data["categories"])
+    self.categories = tuple(
+      {"id": int(c["id"]), "name": str(c["name"])} for c in data["categories"]
+    )
     known_cats = {c["id"] for c in self.categories}
     self.images = list(data["images"])
     by_id = {}
@@ -135,11 +145,13 @@ class CocoInstances:
     for ann in data["annotations"]:
       where = f"{self.json_path}: annotation id {ann.get('id')!r}"
       if ann.get("image_id") not in by_id:
-        raise InstanceDataError(f"{where} points to image_id {ann.get('image_id')!r}, which is "
-                                "not in 'images'")
+        raise InstanceDataError(
+          f"{where} points to image_id {ann.get('image_id')!r}, which is not in 'images'"
+        )
       if ann.get("category_id") not in known_cats:
-        raise InstanceDataError(f"{where} has category_id {ann.get('category_id')!r}, which is "
-                                "not in 'categories'")
+        raise InstanceDataError(
+          f"{where} has category_id {ann.get('category_id')!r}, which is not in 'categories'"
+        )
       if "segmentation" not in ann:
         raise InstanceDataError(f"{where} has no 'segmentation'")
       by_id[ann["image_id"]].append(ann)
@@ -159,14 +171,24 @@ class CocoInstances:
       raise InstanceDataError(f"{self.json_path}: image id {img['id']!r}: {e}") from e
     h, w = int(img["height"]), int(img["width"])
     if image.shape[:2] != (h, w):
-      raise InstanceDataError(f"{self.json_path}: image id {img['id']!r}: {img['path']} is "
-                              f"{image.shape[0]}x{image.shape[1]} (h x w) but the json says {h}x{w}")
-    masks = [_decode_segmentation(a["segmentation"], h, w,
-                                  f"{self.json_path}: annotation id {a.get('id')!r}") for a in anns]
-    return dict(image=image, masks=np.stack(masks) if masks else np.zeros((0, h, w), np.uint8),
-                category_ids=self.category_ids_of(i),
-                classes=np.asarray([a.get("class_label", 0) for a in anns], np.int32),
-                image_id=img["id"], file_name=img["file_name"])
+      raise InstanceDataError(
+        f"{self.json_path}: image id {img['id']!r}: {img['path']} is "
+        f"{image.shape[0]}x{image.shape[1]} (h x w) but the json says {h}x{w}"
+      )
+    masks = [
+      _decode_segmentation(
+        a["segmentation"], h, w, f"{self.json_path}: annotation id {a.get('id')!r}"
+      )
+      for a in anns
+    ]
+    return dict(
+      image=image,
+      masks=np.stack(masks) if masks else np.zeros((0, h, w), np.uint8),
+      category_ids=self.category_ids_of(i),
+      classes=np.asarray([a.get("class_label", 0) for a in anns], np.int32),
+      image_id=img["id"],
+      file_name=img["file_name"],
+    )
 
 
 def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
@@ -186,8 +208,13 @@ def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
   return polygons
 
 
-def write_coco(json_path: str, records: Sequence[dict], categories: Sequence[dict],
-               mask_format: str = "rle", image_dir: str = "images") -> str:
+def write_coco(
+  json_path: str,
+  records: Sequence[dict],
+  categories: Sequence[dict],
+  mask_format: str = "rle",
+  image_dir: str = "images",
+) -> str:
   """Writes records as PNGs under `<json folder>/<image_dir>` and a COCO instances json.
 
   mask_format: 'rle' (compressed, exact) or 'polygon'. Instances keep their `classes` as
@@ -209,10 +236,18 @@ def write_coco(json_path: str, records: Sequence[dict], categories: Sequence[dic
         seg = dict(size=[int(s) for s in rle["size"]], counts=rle["counts"].decode("ascii"))
       else:
         seg = mask_to_polygons(mask)
-      annotations.append(dict(
-          id=len(annotations) + 1, image_id=int(record["image_id"]), category_id=int(cat),
-          segmentation=seg, area=float(mask_utils.area(rle)),
-          bbox=[float(v) for v in mask_utils.toBbox(rle)], iscrowd=0, class_label=int(cls)))
+      annotations.append(
+        dict(
+          id=len(annotations) + 1,
+          image_id=int(record["image_id"]),
+          category_id=int(cat),
+          segmentation=seg,
+          area=float(mask_utils.area(rle)),
+          bbox=[float(v) for v in mask_utils.toBbox(rle)],
+          iscrowd=0,
+          class_label=int(cls),
+        )
+      )
   with open(json_path, "w") as f:
     json.dump(dict(images=images, annotations=annotations, categories=list(categories)), f)
   return json_path
@@ -260,27 +295,36 @@ class TfdsInstances:
     record = self.client[self.indices[int(i)]]
     masks, cats = mask_instances(record["lesion_mask"])
     cls = self.classes.index(record["label"]) + 1 if "label" in record else 0
-    return dict(image=record["image"], masks=masks, category_ids=cats,
-                classes=np.full(len(cats), cls, np.int32), image_id=self.indices[int(i)],
-                file_name=record["path"])
+    return dict(
+      image=record["image"],
+      masks=masks,
+      category_ids=cats,
+      classes=np.full(len(cats), cls, np.int32),
+      image_id=self.indices[int(i)],
+      file_name=record["path"],
+    )
 
   def category_ids_of(self, i: int) -> np.ndarray:
     return self[i]["category_ids"]
 
 
-def tfds_instances(name: str, data_dir: str, split: str, test_fraction: float,
-                   seed: int) -> tuple[TfdsInstances, TfdsInstances]:
+def tfds_instances(
+  name: str, data_dir: str, split: str, test_fraction: float, seed: int
+) -> tuple[TfdsInstances, TfdsInstances]:
   """(train, test) TfdsInstances of one prepared dataset, split by patient_id (test_fraction
   of the patients, seeded: data/tasks.py split_by_group); classes: its labels, sorted."""
   from ultrajax.data import tasks
   from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
+
   client = tfds_source.TfdsSource(name, data_dir, split)
   meta = [(r["patient_id"], r.get("label")) for r in map(client.__getitem__, range(len(client)))]
   groups = np.array([g for g, _ in meta])
   classes = sorted({label for _, label in meta if label is not None})
   splits = tasks.split_by_group(groups, (1.0 - test_fraction, 0.0, test_fraction), seed)
-  return tuple(TfdsInstances(client, np.nonzero(splits == s)[0], classes, f"{name}_{s}")
-               for s in ("train", "test"))
+  return tuple(
+    TfdsInstances(client, np.nonzero(splits == s)[0], classes, f"{name}_{s}")
+    for s in ("train", "test")
+  )
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -311,8 +355,10 @@ def prepare(record: dict, size: int, max_instances: int, hflip: bool = False) ->
   height, width = image.shape[:2]
   masks = record["masks"][:max_instances]
   if masks.shape[1:] != (height, width):
-    raise InstanceDataError(f"image {record.get('file_name')!r}: masks are {masks.shape[1:]} but "
-                            f"the image is {(height, width)}")
+    raise InstanceDataError(
+      f"image {record.get('file_name')!r}: masks are {masks.shape[1:]} but "
+      f"the image is {(height, width)}"
+    )
   h, w = resized_shape(height, width, size)
   out_image = np.zeros((size, size, 3), np.uint8)
   out_image[:h, :w] = _resize(image, h, w)
@@ -321,9 +367,14 @@ def prepare(record: dict, size: int, max_instances: int, hflip: bool = False) ->
     out_masks[j, :h, :w] = _resize(m.astype(np.uint8) * 255, h, w) >= 128
   n = len(masks)
   pad = lambda x: np.pad(np.asarray(x[:n], np.int32), (0, max_instances - n))
-  out = dict(image=out_image, masks=out_masks, valid=np.arange(max_instances) < n,
-             category_ids=pad(record["category_ids"]), classes=pad(record["classes"]),
-             hw=np.asarray([h, w], np.int32))
+  out = dict(
+    image=out_image,
+    masks=out_masks,
+    valid=np.arange(max_instances) < n,
+    category_ids=pad(record["category_ids"]),
+    classes=pad(record["classes"]),
+    hw=np.asarray([h, w], np.int32),
+  )
   if hflip:
     # Flip the image's extent only, so the padding stays bottom/right.
     out["image"][:h, :w] = out["image"][:h, :w][:, ::-1]
@@ -341,15 +392,24 @@ class InstanceDataset:
   original resolution), `example(i)` prepared.
   """
 
-  def __init__(self, source, size: int, max_instances: int, *,
-               keep_categories: Sequence[str] = (), drop_categories: Sequence[str] = ()):
+  def __init__(
+    self,
+    source,
+    size: int,
+    max_instances: int,
+    *,
+    keep_categories: Sequence[str] = (),
+    drop_categories: Sequence[str] = (),
+  ):
     if keep_categories and drop_categories:
       raise ValueError("give keep_categories or drop_categories, not both")
     names = {c["name"]: c["id"] for c in source.categories}
     for name in (*keep_categories, *drop_categories):
       if name not in names:
-        raise InstanceDataError(f"category {name!r} is not in {getattr(source, 'name', 'the source')}"
-                                f" (its categories: {sorted(names)})")
+        raise InstanceDataError(
+          f"category {name!r} is not in {getattr(source, 'name', 'the source')}"
+          f" (its categories: {sorted(names)})"
+        )
     if keep_categories:
       self.category_ids = [names[n] for n in keep_categories]
     else:
@@ -358,12 +418,18 @@ class InstanceDataset:
     self.indices = [i for i in range(len(source)) if self._keep(source.category_ids_of(i)).any()]
     self.skipped_images = len(source) - len(self.indices)
     if self.skipped_images:
-      logging.info("%s: skipped %d of %d images without instances of categories %s.",
-                   getattr(source, "name", "source"), self.skipped_images, len(source),
-                   sorted(keep_categories or set(names) - set(drop_categories)))
+      logging.info(
+        "%s: skipped %d of %d images without instances of categories %s.",
+        getattr(source, "name", "source"),
+        self.skipped_images,
+        len(source),
+        sorted(keep_categories or set(names) - set(drop_categories)),
+      )
     if not self.indices:
-      raise InstanceDataError(f"{getattr(source, 'name', 'the source')}: no image has an instance "
-                              "of the selected categories")
+      raise InstanceDataError(
+        f"{getattr(source, 'name', 'the source')}: no image has an instance "
+        "of the selected categories"
+      )
 
   def _keep(self, category_ids) -> np.ndarray:
     return np.isin(np.asarray(category_ids), self.category_ids)
@@ -375,8 +441,12 @@ class InstanceDataset:
     """Raw record i with only the selected categories' instances."""
     raw = self.source[self.indices[i]]
     keep = self._keep(raw["category_ids"])
-    return dict(raw, masks=raw["masks"][keep], category_ids=raw["category_ids"][keep],
-                classes=raw["classes"][keep])
+    return dict(
+      raw,
+      masks=raw["masks"][keep],
+      category_ids=raw["category_ids"][keep],
+      classes=raw["classes"][keep],
+    )
 
   def example(self, i: int, hflip: bool = False) -> dict:
     return prepare(self.record(i), self.size, self.max_instances, hflip)
@@ -405,10 +475,17 @@ def classified_instances(dataset: InstanceDataset) -> dict:
       masks.append(example["masks"][keep])
       classes.append(example["classes"][keep])
   if not images:
-    raise InstanceDataError(f"{getattr(dataset.source, 'name', 'the source')}: no instance of the "
-                            "selected categories has a class (COCO: a `class_label` > 0)")
-  return dict(images=np.stack(images), image_index=np.asarray(image_index),
-              masks=np.concatenate(masks), classes=np.concatenate(classes))
+    raise InstanceDataError(
+      f"{getattr(dataset.source, 'name', 'the source')}: no instance of the "
+      "selected categories has a class (COCO: a `class_label` > 0)"
+    )
+  return dict(
+    images=np.stack(images),
+    image_index=np.asarray(image_index),
+    masks=np.concatenate(masks),
+    classes=np.concatenate(classes),
+  )
+
 
 _FLIP = zlib.crc32(b"hflip")
 
@@ -417,8 +494,15 @@ def _flipped(seed: int, position: int) -> bool:
   return np.random.default_rng([seed, _FLIP, position]).random() < 0.5
 
 
-def train_dataset(dataset: InstanceDataset, batch_size: int, seed: int, hflip: bool, *,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def train_dataset(
+  dataset: InstanceDataset,
+  batch_size: int,
+  seed: int,
+  hflip: bool,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.MapDataset:
   """Infinite MapDataset of this process's training batches (InstanceDataset.batch's dict of
   [B_local, ...] arrays, B_local = batch_size / process_count).
 
@@ -435,12 +519,22 @@ def train_dataset(dataset: InstanceDataset, batch_size: int, seed: int, hflip: b
   return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
-def train_batches(dataset: InstanceDataset, batch_size: int, seed: int, hflip: bool, *,
-                  num_threads: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.DatasetIterator:
+def train_batches(
+  dataset: InstanceDataset,
+  batch_size: int,
+  seed: int,
+  hflip: bool,
+  *,
+  num_threads: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.DatasetIterator:
   """An iterator over train_dataset's batches that reads `num_threads` batches ahead on as many
   threads. Its position (`get_state`) is saved with a checkpoint
   (grain.checkpoint.CheckpointSave), so a restored run continues with the same batches."""
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads)
-  return iter(train_dataset(dataset, batch_size, seed, hflip, process_index=process_index,
-                            process_count=process_count).to_iter_dataset(options))
+  return iter(
+    train_dataset(
+      dataset, batch_size, seed, hflip, process_index=process_index, process_count=process_count
+    ).to_iter_dataset(options)
+  )

@@ -5,6 +5,7 @@ A `Pool` holds grey uint8 images with binary labels (1 = one of data.positive_la
 group each image belongs to (phantom organ, folder / manifest node) and, where the data name
 them, patient ids. Functions taking `config` read its `data` block (configs/hsl.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +22,7 @@ from ultrajax.data import partition, phantom, sources
 class Pool(NamedTuple):
   """Labelled grey images: images uint8 [N, S, S], labels int [N] in {0, 1}, groups [N] str,
   patients [N] str or None (every image its own patient)."""
+
   images: np.ndarray
   labels: np.ndarray
   groups: np.ndarray
@@ -35,8 +37,9 @@ def phantom_pool(organs, per_organ: int, size: int, seed: int, positive) -> Pool
   for organ in organs:
     probe = sources.ORGAN_PROBE[organ]
     for i in range(per_organ):
-      record = phantom.generate(np.random.default_rng([seed, phantom.ORGANS.index(organ), i]),
-                                organ, probe, size)
+      record = phantom.generate(
+        np.random.default_rng([seed, phantom.ORGANS.index(organ), i]), organ, probe, size
+      )
       images.append(record["image"])
       labels.append(int(phantom.LABELS[record["label"]] in positive))
       groups.append(organ)
@@ -70,8 +73,12 @@ def file_pool(records, size: int, positive, what: str, patients: bool = False) -
     patients.append(patient or f"image-{len(patients)}")
   if not images:
     raise ValueError(f"{what}: no images")
-  return Pool(np.stack(images), np.asarray(labels), np.asarray(groups),
-              np.asarray(patients) if patients else None)
+  return Pool(
+    np.stack(images),
+    np.asarray(labels),
+    np.asarray(groups),
+    np.asarray(patients) if patients else None,
+  )
 
 
 def labelled_records(config, root_or_csv: str, folder: bool, patients: bool = False):
@@ -90,12 +97,17 @@ def labelled_records(config, root_or_csv: str, folder: bool, patients: bool = Fa
   else:
     patient = d.patient_column if patients and d.patient_column else ""
     extra = (d.label_column, patient) if patient else (d.label_column,)
-    for client in sources.manifest_clients(root_or_csv, d.image_column, d.client_column,
-                                           extra_columns=extra):
+    for client in sources.manifest_clients(
+      root_or_csv, d.image_column, d.client_column, extra_columns=extra
+    ):
       for i in range(len(client)):
         record = client[i]
-        yield (record["image"], record[d.label_column], client.name,
-               record[patient] if patient else "")
+        yield (
+          record["image"],
+          record[d.label_column],
+          client.name,
+          record[patient] if patient else "",
+        )
 
 
 def load_data(config) -> tuple[Pool, Pool]:
@@ -103,30 +115,38 @@ def load_data(config) -> tuple[Pool, Pool]:
   d = config.data
   positive = tuple(d.positive_labels)
   if d.source == "phantom":
-    organs = ((d.single_organ,) if config.scenario in ("label", "quantity")
-              else tuple(d.organs))
+    organs = (d.single_organ,) if config.scenario in ("label", "quantity") else tuple(d.organs)
     need = pool_size(config, len(organs))
     pool = phantom_pool(organs, need, d.image_size, config.seed, positive)
     # The SAT draws from its own seed stream so it is the same whatever the scenario.
-    sat_all = phantom_pool((d.sat_organ,), 4 * d.sat_per_class, d.image_size,
-                           config.seed + 7919, positive)
+    sat_all = phantom_pool(
+      (d.sat_organ,), 4 * d.sat_per_class, d.image_size, config.seed + 7919, positive
+    )
   else:
     folder = d.source == "folder"
     patients = bool(d.patient_column)
-    pool = file_pool(labelled_records(config, d.root if folder else d.manifest, folder,
-                                      patients), d.image_size, positive,
-                     f"config.data.{'root' if folder else 'manifest'}", patients)
-    sat_all = file_pool(labelled_records(config, d.sat_root if folder else d.sat_manifest,
-                                         folder), d.image_size, positive,
-                        f"config.data.sat_{'root' if folder else 'manifest'}")
+    pool = file_pool(
+      labelled_records(config, d.root if folder else d.manifest, folder, patients),
+      d.image_size,
+      positive,
+      f"config.data.{'root' if folder else 'manifest'}",
+      patients,
+    )
+    sat_all = file_pool(
+      labelled_records(config, d.sat_root if folder else d.sat_manifest, folder),
+      d.image_size,
+      positive,
+      f"config.data.sat_{'root' if folder else 'manifest'}",
+    )
   return pool, balanced(sat_all, d.sat_per_class, config.seed, "SAT")
 
 
 def combined_nodes(config) -> list[partition.NodeSpec]:
   """The paper's five nodes at data.combined_scale, each node's rarer class raised to at least
   data.min_class_count examples (partition.min_class_nodes)."""
-  return partition.min_class_nodes(partition.COMBINED_NODES, config.data.combined_scale,
-                                   config.data.min_class_count)
+  return partition.min_class_nodes(
+    partition.COMBINED_NODES, config.data.combined_scale, config.data.min_class_count
+  )
 
 
 def pool_size(config, num_organs: int) -> int:
@@ -148,14 +168,32 @@ def pool_size(config, num_organs: int) -> int:
 def make_partition(config, pool: Pool, seed: int) -> partition.Partition:
   d = config.data
   if config.scenario == "feature":
-    return partition.feature_skew(pool.labels, pool.groups, d.feature_node_size, seed,
-                                  group_values=list(d.organs), classes=(0, 1))
+    return partition.feature_skew(
+      pool.labels,
+      pool.groups,
+      d.feature_node_size,
+      seed,
+      group_values=list(d.organs),
+      classes=(0, 1),
+    )
   if config.scenario == "label":
-    return partition.label_ratios(pool.labels, [d.label_node_size] * 2, [(1, 1), (d.ratio, 1)],
-                                  seed, classes=(0, 1), names=["node1_1:1", f"node2_{d.ratio:g}:1"])
+    return partition.label_ratios(
+      pool.labels,
+      [d.label_node_size] * 2,
+      [(1, 1), (d.ratio, 1)],
+      seed,
+      classes=(0, 1),
+      names=["node1_1:1", f"node2_{d.ratio:g}:1"],
+    )
   if config.scenario == "quantity":
-    return partition.quantity_ratios(pool.labels, (d.ratio, 1), d.quantity_total, seed,
-                                     classes=(0, 1), names=[f"node1_x{d.ratio:g}", "node2_x1"])
+    return partition.quantity_ratios(
+      pool.labels,
+      (d.ratio, 1),
+      d.quantity_total,
+      seed,
+      classes=(0, 1),
+      names=[f"node1_x{d.ratio:g}", "node2_x1"],
+    )
   if config.scenario == "combined":
     return partition.draw(pool.labels, combined_nodes(config), seed, classes=(0, 1))
   return partition.natural(pool.groups)
@@ -164,6 +202,7 @@ def make_partition(config, pool: Pool, seed: int) -> partition.Partition:
 @dataclasses.dataclass
 class Split:
   """One repeat's nodes: names, and train / val / test indices into the pool per node."""
+
   names: list
   train: list
   val: list
@@ -174,14 +213,27 @@ def make_split(config, pool: Pool, repeat: int) -> Split:
   seed = config.seed * 1000 + repeat
   d = config.data
   parts = make_partition(config, pool, seed)
-  train, val, test = zip(*[partition.split_node(pool.labels, idx, d.val_fraction, d.test_fraction,
-                                      seed + k, pool.patients)
-                           for k, idx in enumerate(parts.indices)])
+  train, val, test = zip(
+    *[
+      partition.split_node(
+        pool.labels, idx, d.val_fraction, d.test_fraction, seed + k, pool.patients
+      )
+      for k, idx in enumerate(parts.indices)
+    ]
+  )
   return Split(list(parts.names), list(train), list(val), list(test))
 
 
-def round_batches(rng, pool: Pool, sat: Pool, train_sets, epochs: int, batch: int, hsl: bool,
-                  equal_steps: bool = False):
+def round_batches(
+  rng,
+  pool: Pool,
+  sat: Pool,
+  train_sets,
+  epochs: int,
+  batch: int,
+  hsl: bool,
+  equal_steps: bool = False,
+):
   """Host batches of one round: every client's `epochs` shuffled passes, the last batch of
   an epoch filled from the epoch's start. -> (batch pytree [C, S, B, ...], num_steps [C]).
 
@@ -192,21 +244,30 @@ def round_batches(rng, pool: Pool, sat: Pool, train_sets, epochs: int, batch: in
   if equal_steps:
     steps[:] = steps.max()
   size = pool.images.shape[1]
-  out = dict(image=np.zeros((len(train_sets), steps.max(), batch, size, size), np.uint8),
-             label=np.zeros((len(train_sets), steps.max(), batch), np.float32))
+  out = dict(
+    image=np.zeros((len(train_sets), steps.max(), batch, size, size), np.uint8),
+    label=np.zeros((len(train_sets), steps.max(), batch), np.float32),
+  )
   if hsl:
     out.update(sat_image=np.zeros_like(out["image"]), sat_label=np.zeros_like(out["label"]))
   for c, train in enumerate(train_sets):
     per_epoch = steps[c] // epochs
-    order = np.concatenate([np.resize(rng.permutation(train), per_epoch * batch)
-                            for _ in range(epochs)]).reshape(steps[c], batch)
-    out["image"][c, :steps[c]] = pool.images[order]
-    out["label"][c, :steps[c]] = pool.labels[order]
+    order = np.concatenate(
+      [np.resize(rng.permutation(train), per_epoch * batch) for _ in range(epochs)]
+    ).reshape(steps[c], batch)
+    out["image"][c, : steps[c]] = pool.images[order]
+    out["label"][c, : steps[c]] = pool.labels[order]
     if hsl:
       # Each local batch is paired with a batch of the SAT, drawn by the same rule.
-      sat_order = np.resize(np.concatenate(
-          [rng.permutation(len(sat.labels)) for _ in range(
-              math.ceil(steps[c] * batch / len(sat.labels)))]), (steps[c], batch))
-      out["sat_image"][c, :steps[c]] = sat.images[sat_order]
-      out["sat_label"][c, :steps[c]] = sat.labels[sat_order]
+      sat_order = np.resize(
+        np.concatenate(
+          [
+            rng.permutation(len(sat.labels))
+            for _ in range(math.ceil(steps[c] * batch / len(sat.labels)))
+          ]
+        ),
+        (steps[c], batch),
+      )
+      out["sat_image"][c, : steps[c]] = sat.images[sat_order]
+      out["sat_label"][c, : steps[c]] = sat.labels[sat_order]
   return out, steps

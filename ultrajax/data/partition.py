@@ -26,6 +26,7 @@ parameters with the paper's values as defaults):
 Within a node, `split_node` draws the stratified train / val / test split of binary labels (by
 patient where ids are given).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ import numpy as np
 
 class Partition(NamedTuple):
   """names: one per node; indices: per node, sorted int64 indices into the dataset."""
+
   names: list[str]
   indices: list[np.ndarray]
 
@@ -49,6 +51,7 @@ class Partition(NamedTuple):
 class NodeSpec(NamedTuple):
   """A node to draw: `size` examples with label `ratio` over classes, optionally only from
   examples whose group equals `group`."""
+
   name: str
   size: int
   ratio: tuple
@@ -64,7 +67,7 @@ def split_counts(total: int, ratio: Sequence[float]) -> np.ndarray:
   exact = total * ratio / ratio.sum()
   counts = np.floor(exact).astype(np.int64)
   order = np.argsort(-(exact - counts), kind="stable")
-  counts[order[:total - counts.sum()]] += 1
+  counts[order[: total - counts.sum()]] += 1
   # a rare class (1:2000 in a small node) still gets one example, taken from the largest class
   for c in np.flatnonzero((ratio > 0) & (counts == 0)):
     big = int(np.argmax(counts))
@@ -95,8 +98,10 @@ def draw(labels, nodes: Sequence[NodeSpec], seed: int, groups=None, classes=None
   names, out = [], []
   for node in nodes:
     if len(node.ratio) != len(classes):
-      raise ValueError(f"node {node.name!r}: ratio {tuple(node.ratio)} has {len(node.ratio)} "
-                       f"entries for {len(classes)} classes {classes.tolist()}")
+      raise ValueError(
+        f"node {node.name!r}: ratio {tuple(node.ratio)} has {len(node.ratio)} "
+        f"entries for {len(classes)} classes {classes.tolist()}"
+      )
     if node.group is not None and groups is None:
       raise ValueError(f"node {node.name!r} asks for group {node.group!r} but no groups were given")
     counts = split_counts(int(node.size), node.ratio)
@@ -109,8 +114,9 @@ def draw(labels, nodes: Sequence[NodeSpec], seed: int, groups=None, classes=None
       if len(pool) < need:
         where = "" if node.group is None else f" in group {node.group!r}"
         raise ValueError(
-            f"node {node.name!r} needs {need} examples of class {c!r}{where} (size {node.size}, "
-            f"ratio {tuple(node.ratio)}) but only {len(pool)} remain after earlier nodes")
+          f"node {node.name!r} needs {need} examples of class {c!r}{where} (size {node.size}, "
+          f"ratio {tuple(node.ratio)}) but only {len(pool)} remain after earlier nodes"
+        )
       take = rng.choice(pool, size=int(need), replace=False)
       free[take] = False
       picked.append(take)
@@ -127,20 +133,25 @@ def natural(groups, seed: int | None = None, order=None) -> Partition:
   missing = [v for v in values if not np.any(groups == v)]
   if missing:
     raise ValueError(f"natural partition: groups {missing} have no examples")
-  return Partition([str(v) for v in values],
-                   [np.flatnonzero(groups == v).astype(np.int64) for v in values])
+  return Partition(
+    [str(v) for v in values], [np.flatnonzero(groups == v).astype(np.int64) for v in values]
+  )
 
 
-def dirichlet(labels, num_nodes: int, alpha: float, seed: int, min_size: int = 1,
-              max_tries: int = 100) -> Partition:
+def dirichlet(
+  labels, num_nodes: int, alpha: float, seed: int, min_size: int = 1, max_tries: int = 100
+) -> Partition:
   """Label skew: each class's examples split over nodes by p ~ Dir(alpha * 1). Small alpha =
   severe skew. Redraws (up to max_tries) until every node has at least min_size examples."""
   labels = np.asarray(labels)
   if alpha <= 0 or num_nodes < 1:
-    raise ValueError(f"dirichlet partition needs alpha > 0 and num_nodes >= 1, got {alpha}, {num_nodes}")
+    raise ValueError(
+      f"dirichlet partition needs alpha > 0 and num_nodes >= 1, got {alpha}, {num_nodes}"
+    )
   if num_nodes * min_size > len(labels):
-    raise ValueError(f"dirichlet partition: {num_nodes} nodes x min_size {min_size} exceeds "
-                     f"{len(labels)} examples")
+    raise ValueError(
+      f"dirichlet partition: {num_nodes} nodes x min_size {min_size} exceeds {len(labels)} examples"
+    )
   rng = np.random.default_rng(seed)
   for _ in range(max_tries):
     parts = [[] for _ in range(num_nodes)]
@@ -152,22 +163,36 @@ def dirichlet(labels, num_nodes: int, alpha: float, seed: int, min_size: int = 1
     indices = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
     if min(len(i) for i in indices) >= min_size:
       return Partition([f"node{k}" for k in range(num_nodes)], indices)
-  raise ValueError(f"dirichlet partition: no draw in {max_tries} gave every node >= {min_size} "
-                   f"examples (alpha {alpha}); raise alpha or lower min_size")
+  raise ValueError(
+    f"dirichlet partition: no draw in {max_tries} gave every node >= {min_size} "
+    f"examples (alpha {alpha}); raise alpha or lower min_size"
+  )
 
 
-def label_ratios(labels, sizes: Sequence[int], ratios: Sequence[tuple], seed: int,
-                 classes=None, names=None) -> Partition:
+def label_ratios(
+  labels, sizes: Sequence[int], ratios: Sequence[tuple], seed: int, classes=None, names=None
+) -> Partition:
   """Node k gets sizes[k] examples with label ratio ratios[k] (e.g. [(1, 1), (100, 1)])."""
   if len(sizes) != len(ratios):
     raise ValueError(f"label_ratios: {len(sizes)} sizes but {len(ratios)} ratios")
   names = names or [f"node{k}" for k in range(len(sizes))]
-  return draw(labels, [NodeSpec(n, s, tuple(r)) for n, s, r in zip(names, sizes, ratios)],
-              seed, classes=classes)
+  return draw(
+    labels,
+    [NodeSpec(n, s, tuple(r)) for n, s, r in zip(names, sizes, ratios)],
+    seed,
+    classes=classes,
+  )
 
 
-def quantity_ratios(labels, ratios: Sequence[float], total: int, seed: int,
-                    label_ratio: tuple | None = None, classes=None, names=None) -> Partition:
+def quantity_ratios(
+  labels,
+  ratios: Sequence[float],
+  total: int,
+  seed: int,
+  label_ratio: tuple | None = None,
+  classes=None,
+  names=None,
+) -> Partition:
   """Node sizes in proportion `ratios` (e.g. (80, 1)) of `total`, each with `label_ratio`
   (default balanced)."""
   classes = _classes(np.asarray(labels), classes)
@@ -176,8 +201,15 @@ def quantity_ratios(labels, ratios: Sequence[float], total: int, seed: int,
   return label_ratios(labels, sizes, [label_ratio] * len(sizes), seed, classes, names)
 
 
-def feature_skew(labels, groups, size: int, seed: int, group_values=None,
-                 label_ratio: tuple | None = None, classes=None) -> Partition:
+def feature_skew(
+  labels,
+  groups,
+  size: int,
+  seed: int,
+  group_values=None,
+  label_ratio: tuple | None = None,
+  classes=None,
+) -> Partition:
   """One node per group value (anatomy/organ), each `size` examples with `label_ratio`."""
   groups = np.asarray(groups)
   classes = _classes(np.asarray(labels), classes)
@@ -194,16 +226,22 @@ def feature_skew(labels, groups, size: int, seed: int, group_values=None,
 # specialist hospital mostly disease, small clinics are small, and the rare-disease region's
 # prevalence is below 1 in 2000 (here 1999:1; at least one abnormal case is always kept).
 COMBINED_NODES = (
-    NodeSpec("screening_centre", 3127, (9, 1)),
-    NodeSpec("specialist_hospital", 2217, (1, 4)),
-    NodeSpec("small_clinic_1", 200, (1, 1)),
-    NodeSpec("small_clinic_2", 200, (1, 1)),
-    NodeSpec("rare_disease_region", 14263, (1999, 1)),
+  NodeSpec("screening_centre", 3127, (9, 1)),
+  NodeSpec("specialist_hospital", 2217, (1, 4)),
+  NodeSpec("small_clinic_1", 200, (1, 1)),
+  NodeSpec("small_clinic_2", 200, (1, 1)),
+  NodeSpec("rare_disease_region", 14263, (1999, 1)),
 )
 
 
-def combined(labels, seed: int, nodes: Sequence[NodeSpec] = COMBINED_NODES, scale: float = 1.0,
-             groups=None, classes=None) -> Partition:
+def combined(
+  labels,
+  seed: int,
+  nodes: Sequence[NodeSpec] = COMBINED_NODES,
+  scale: float = 1.0,
+  groups=None,
+  classes=None,
+) -> Partition:
   """The five-node scenario: `nodes` with every size multiplied by `scale` (>= 1 example each),
   drawn in order. Give nodes a `group` (e.g. an organ) to add feature skew."""
   if scale <= 0:
@@ -212,8 +250,9 @@ def combined(labels, seed: int, nodes: Sequence[NodeSpec] = COMBINED_NODES, scal
   return draw(labels, scaled, seed, groups=groups, classes=classes)
 
 
-def min_class_nodes(nodes: Sequence[NodeSpec], scale: float, min_class_count: int
-                    ) -> list[NodeSpec]:
+def min_class_nodes(
+  nodes: Sequence[NodeSpec], scale: float, min_class_count: int
+) -> list[NodeSpec]:
   """`nodes` with every size multiplied by `scale` (at least 2 * min_class_count) and each
   node's rarer class raised to at least min_class_count examples, so a 1:2000 region keeps a
   case for training, validation and test (HSL's combined scenario at a small scale)."""
@@ -229,8 +268,9 @@ def min_class_nodes(nodes: Sequence[NodeSpec], scale: float, min_class_count: in
   return out
 
 
-def split_node(labels, indices, val_fraction: float, test_fraction: float, seed: int,
-               patients=None):
+def split_node(
+  labels, indices, val_fraction: float, test_fraction: float, seed: int, patients=None
+):
   """One node's indices [n] -> sorted (train, val, test) index arrays, disjoint.
 
   Stratified per class over units: patients (the label of a patient's first image decides its
@@ -247,19 +287,23 @@ def split_node(labels, indices, val_fraction: float, test_fraction: float, seed:
     unit_of = np.asarray(patients)[indices]
     units, first = np.unique(unit_of, return_index=True)
     units = units[np.argsort(first, kind="stable")]  # order of first appearance
-  unit_label = labels[indices] if patients is None else np.asarray(
-      [labels[indices[unit_of == u][0]] for u in units])
+  unit_label = (
+    labels[indices]
+    if patients is None
+    else np.asarray([labels[indices[unit_of == u][0]] for u in units])
+  )
   parts = ([], [], [])  # train, val, test units
   for c in (0, 1):
     idx = rng.permutation(units[unit_label == c])
     n = len(idx)
     k_test = 0 if n < 2 else min(n - 1, max(1, int(round(test_fraction * n))))
     left = n - k_test
-    k_val = 0 if val_fraction == 0 or left < 2 else min(left - 1, max(1, int(round(
-        val_fraction * n))))
+    k_val = (
+      0 if val_fraction == 0 or left < 2 else min(left - 1, max(1, int(round(val_fraction * n))))
+    )
     parts[2].append(idx[:k_test])
-    parts[1].append(idx[k_test:k_test + k_val])
-    parts[0].append(idx[k_test + k_val:])
+    parts[1].append(idx[k_test : k_test + k_val])
+    parts[0].append(idx[k_test + k_val :])
   out = []
   for chosen in parts:
     chosen = np.concatenate(chosen)

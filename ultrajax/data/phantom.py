@@ -42,6 +42,7 @@ Labels. 0 normal (no lesion), 1 benign (oval, parallel, smooth margin; a solid h
 anechoic cyst with posterior enhancement), 2 malignant (irregular spiculated outline, very hypoechoic,
 posterior acoustic shadow). Lesions lie inside the organ; `lesion_mask` is exactly the painted lesion.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,19 +52,32 @@ from typing import NamedTuple
 import numpy as np
 import scipy.ndimage
 
-ORGANS = ('liver', 'thyroid', 'breast', 'kidney', 'heart', 'fetal_head', 'lung', 'skin', 'muscle',
-          'pancreas', 'gallbladder', 'colorectum', 'nerve')
-PROBES = ('linear', 'convex')
-LABELS = ('normal', 'benign', 'malignant')
-LABEL_PROBS = (0.4, 0.3, 0.3)   # how often each label is drawn
+ORGANS = (
+  "liver",
+  "thyroid",
+  "breast",
+  "kidney",
+  "heart",
+  "fetal_head",
+  "lung",
+  "skin",
+  "muscle",
+  "pancreas",
+  "gallbladder",
+  "colorectum",
+  "nerve",
+)
+PROBES = ("linear", "convex")
+LABELS = ("normal", "benign", "malignant")
+LABEL_PROBS = (0.4, 0.3, 0.3)  # how often each label is drawn
 
 DYNAMIC_RANGE_DB = 50.0
 # Grey 255 sits this many dB above the mean intensity of unit-echogenicity tissue, so soft tissue lands
 # mid-grey (~150), fat darker and specular interfaces near white.
 TOP_DB = 18.0
 FAN_ANGLE_DEG = 60.0
-APEX_RADIUS = 0.3      # radius of the convex probe face, in units of the imaging depth
-FLUID = 0.002          # echogenicity of blood, bile, urine, amniotic fluid: near black after compression
+APEX_RADIUS = 0.3  # radius of the convex probe face, in units of the imaging depth
+FLUID = 0.002  # echogenicity of blood, bile, urine, amniotic fluid: near black after compression
 # Scene points every probe sees (|x| <= 0.2, 0.15 <= y <= 0.85), where lesion centres are placed so
 # that a lesion is visible whatever the probe.
 _VIEW_X, _VIEW_Y = 0.2, (0.15, 0.85)
@@ -71,6 +85,7 @@ _VIEW_X, _VIEW_Y = 0.2, (0.15, 0.85)
 
 class _Grid(NamedTuple):
   """Scene coordinates of sample points, each [H, W] float32 (units of the imaging depth)."""
+
   x: np.ndarray  # lateral offset from the probe axis
   y: np.ndarray  # depth along the probe axis
   d: np.ndarray  # distance from the probe face along the beam
@@ -79,10 +94,10 @@ class _Grid(NamedTuple):
 class _Ellipse(NamedTuple):
   cx: float
   cy: float
-  a: float              # semi-axis along the rotated x axis
-  b: float              # semi-axis along the rotated y axis
-  angle: float = 0.0    # radians
-  hole: float = 0.0     # > 0: a ring, the inner ellipse scaled by `hole` left out
+  a: float  # semi-axis along the rotated x axis
+  b: float  # semi-axis along the rotated y axis
+  angle: float = 0.0  # radians
+  hole: float = 0.0  # > 0: a ring, the inner ellipse scaled by `hole` left out
 
   def inside(self, g: _Grid) -> np.ndarray:
     # float(): a numpy float64 parameter would promote the float32 grid to float64 (slower).
@@ -103,6 +118,7 @@ class _Ellipse(NamedTuple):
 
 class _Surface(NamedTuple):
   """A boundary at distance depth + amp * sin(freq * x + phase) from the probe face."""
+
   depth: float
   amp: float = 0.0
   freq: float = 0.0
@@ -128,14 +144,17 @@ def _layer(top: float | _Surface, bottom: float | _Surface) -> _Layer:
 
 class _Stripes(NamedTuple):
   """Thin parallel lines (muscle fibres, septa, ligaments) clipped to `within`."""
+
   within: object
   period: float
-  angle: float          # of the lines' normal, from the x axis
-  duty: float           # fraction of each period that is line
+  angle: float  # of the lines' normal, from the x axis
+  duty: float  # fraction of each period that is line
   phase: float
 
   def inside(self, g: _Grid) -> np.ndarray:
-    t = (g.x * math.cos(self.angle) + g.y * math.sin(self.angle)) / float(self.period) + float(self.phase)
+    t = (g.x * math.cos(self.angle) + g.y * math.sin(self.angle)) / float(self.period) + float(
+      self.phase
+    )
     return ((t - np.floor(t)) < self.duty) & self.within.inside(g)
 
 
@@ -144,10 +163,11 @@ class _Star(NamedTuple):
 
   Radius at angle phi: r * (1 + sum_k a_k cos(k phi + p_k) + h * max(0, cos(n phi + p))^6).
   """
+
   cx: float
   cy: float
   r: float
-  harmonics: tuple[tuple[int, float, float], ...]   # (k, a_k, p_k)
+  harmonics: tuple[tuple[int, float, float], ...]  # (k, a_k, p_k)
   spikes: int
   spike_height: float
   spike_phase: float
@@ -156,12 +176,14 @@ class _Star(NamedTuple):
     dx, dy = g.x - float(self.cx), g.y - float(self.cy)
     rho2 = dx * dx + dy * dy
     reach = self.r * (1.0 + sum(a for _, a, _ in self.harmonics) + self.spike_height)
-    m = rho2 <= reach ** 2
+    m = rho2 <= reach**2
     # The angle (arctan2, cosines) only where the outline can reach: a few percent of the points.
     near = np.nonzero(m)
     phi = np.arctan2(dy[near], dx[near])
     edge = 1.0 + sum(a * np.cos(k * phi + p) for k, a, p in self.harmonics)
-    edge = edge + self.spike_height * np.maximum(np.cos(self.spikes * phi + self.spike_phase), 0.0) ** 6
+    edge = (
+      edge + self.spike_height * np.maximum(np.cos(self.spikes * phi + self.spike_phase), 0.0) ** 6
+    )
     m[near] = rho2[near] <= (self.r * edge) ** 2
     return m
 
@@ -175,10 +197,10 @@ class _Within(NamedTuple):
 
 
 class _Scene(NamedTuple):
-  background: float                       # echogenicity where no region is painted
-  regions: list                           # (shape, echogenicity, extra attenuation per depth unit)
-  organ: object                           # the shape behind organ_mask
-  site: tuple[float, float, float]        # (x, y, largest radius) of a lesion in the organ
+  background: float  # echogenicity where no region is painted
+  regions: list  # (shape, echogenicity, extra attenuation per depth unit)
+  organ: object  # the shape behind organ_mask
+  site: tuple[float, float, float]  # (x, y, largest radius) of a lesion in the organ
 
 
 def _wall(rng, fat=(0.04, 0.1), muscle=None) -> tuple[list, float]:
@@ -216,28 +238,49 @@ def _in_frame(e: _Ellipse, du: float, dv: float, a: float, b: float) -> _Ellipse
 
 def _liver(rng) -> _Scene:
   regions, below = _wall(rng, muscle=(0.04, 0.08))
-  liver = _below(_Ellipse(rng.uniform(-0.1, 0.1), 0.0, rng.uniform(0.7, 0.9), rng.uniform(0.42, 0.52),
-                          rng.uniform(-0.3, 0.3)), below + rng.uniform(0.0, 0.05))
+  liver = _below(
+    _Ellipse(
+      rng.uniform(-0.1, 0.1),
+      0.0,
+      rng.uniform(0.7, 0.9),
+      rng.uniform(0.42, 0.52),
+      rng.uniform(-0.3, 0.3),
+    ),
+    below + rng.uniform(0.0, 0.05),
+  )
   regions.append((liver, 1.0, 0.0))
   for _ in range(rng.integers(2, 5)):
     r = rng.uniform(0.02, 0.05)
-    vessel = _Ellipse(*liver.point(*rng.uniform(-0.6, 0.6, 2)), r, r * rng.uniform(0.6, 1.0),
-                      rng.uniform(0, np.pi))
+    vessel = _Ellipse(
+      *liver.point(*rng.uniform(-0.6, 0.6, 2)), r, r * rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
+    )
     regions.append((_Within(vessel, liver), FLUID, -4.0))
   return _Scene(0.7, regions, liver, _site_in(rng, liver, 0.12))
 
 
 def _thyroid(rng) -> _Scene:
   regions, below = _wall(rng, fat=(0.02, 0.04), muscle=(0.05, 0.09))  # strap muscles
-  lobe = _below(_Ellipse(rng.uniform(-0.08, 0.08), 0.0, rng.uniform(0.28, 0.36), rng.uniform(0.15, 0.2),
-                         rng.uniform(-0.15, 0.15)), below + 0.01)
+  lobe = _below(
+    _Ellipse(
+      rng.uniform(-0.08, 0.08),
+      0.0,
+      rng.uniform(0.28, 0.36),
+      rng.uniform(0.15, 0.2),
+      rng.uniform(-0.15, 0.15),
+    ),
+    below + 0.01,
+  )
   side = rng.choice((-1.0, 1.0))
   r = rng.uniform(0.06, 0.08)
   carotid = _Ellipse(lobe.cx + side * (lobe.a + r + 0.02), lobe.cy + rng.uniform(0.0, 0.06), r, r)
   # Trachea: the air behind its cartilage ring reflects everything, so it casts a full shadow.
   trachea = _Ellipse(lobe.cx - side * (lobe.a + 0.1), lobe.cy, 0.13, 0.11, 0.0, 0.8)
-  regions += [(carotid._replace(a=r + 0.012, b=r + 0.012), 2.0, 0.0), (carotid, FLUID, -4.0),
-              (lobe, 1.3, 0.0), (trachea, 3.0, 80.0)]
+  regions += [
+    (carotid._replace(a=r + 0.012, b=r + 0.012), 2.0, 0.0),
+    (carotid, FLUID, -4.0),
+    (lobe, 1.3, 0.0),
+    (trachea, 3.0, 80.0),
+  ]
   return _Scene(0.6, regions, lobe, _site_in(rng, lobe, 0.45 * lobe.b))
 
 
@@ -250,10 +293,15 @@ def _breast(rng) -> _Scene:
   pec = bottom + rng.uniform(0.06, 0.1)
   pec_bottom = pec + rng.uniform(0.08, 0.12)
   rib = _Ellipse(rng.uniform(-0.3, 0.3), pec_bottom + 0.06, 0.12, 0.05)
-  regions = [(_layer(0.0, skin), 1.8, 0.0), (fat, 0.3, 0.0),
-             # Cooper's ligaments cross the subcutaneous fat obliquely.
-             (_Stripes(fat, rng.uniform(0.08, 0.12), rng.uniform(0.5, 1.0), 0.08, rng.uniform()), 1.5, 0.0),
-             (gland, 1.3, 0.0), (_layer(pec, pec_bottom), 0.55, 0.0), (rib, 2.5, 150.0)]
+  regions = [
+    (_layer(0.0, skin), 1.8, 0.0),
+    (fat, 0.3, 0.0),
+    # Cooper's ligaments cross the subcutaneous fat obliquely.
+    (_Stripes(fat, rng.uniform(0.08, 0.12), rng.uniform(0.5, 1.0), 0.08, rng.uniform()), 1.5, 0.0),
+    (gland, 1.3, 0.0),
+    (_layer(pec, pec_bottom), 0.55, 0.0),
+    (rib, 2.5, 150.0),
+  ]
   x = rng.uniform(-0.12, 0.12)
   depth = (gland.top.at(x) + gland.bottom.at(x)) / 2
   return _Scene(0.3, regions, gland, (x, depth, 0.45 * (bottom - top)))
@@ -261,27 +309,53 @@ def _breast(rng) -> _Scene:
 
 def _kidney(rng) -> _Scene:
   regions, below = _wall(rng, muscle=(0.05, 0.1))
-  kidney = _below(_Ellipse(rng.uniform(-0.08, 0.08), 0.0, rng.uniform(0.3, 0.38), rng.uniform(0.17, 0.22),
-                           rng.uniform(-0.4, 0.4)), below + rng.uniform(0.03, 0.1))
-  regions += [(kidney._replace(a=kidney.a + 0.015, b=kidney.b + 0.015), 1.8, 0.0), (kidney, 0.55, 0.0)]
+  kidney = _below(
+    _Ellipse(
+      rng.uniform(-0.08, 0.08),
+      0.0,
+      rng.uniform(0.3, 0.38),
+      rng.uniform(0.17, 0.22),
+      rng.uniform(-0.4, 0.4),
+    ),
+    below + rng.uniform(0.03, 0.1),
+  )
+  regions += [
+    (kidney._replace(a=kidney.a + 0.015, b=kidney.b + 0.015), 1.8, 0.0),
+    (kidney, 0.55, 0.0),
+  ]
   for k in range(5):
     # Medullary pyramids: darker than the cortex, in a ring around the sinus.
     phi = np.pi * (k / 4.0) + rng.uniform(-0.15, 0.15)
-    pyramid = _in_frame(kidney, 0.62 * np.cos(phi), 0.62 * np.sin(phi), 0.12 * kidney.a, 0.22 * kidney.b)
+    pyramid = _in_frame(
+      kidney, 0.62 * np.cos(phi), 0.62 * np.sin(phi), 0.12 * kidney.a, 0.22 * kidney.b
+    )
     regions.append((_Within(pyramid, kidney), 0.2, 0.0))
-  regions.append((_in_frame(kidney, 0.0, 0.0, 0.55 * kidney.a, 0.35 * kidney.b), 1.8, 0.0))  # sinus fat
+  regions.append(
+    (_in_frame(kidney, 0.0, 0.0, 0.55 * kidney.a, 0.35 * kidney.b), 1.8, 0.0)
+  )  # sinus fat
   return _Scene(0.9, regions, kidney, _site_in(rng, kidney, min(0.1, 0.45 * kidney.b)))
 
 
 def _heart(rng) -> _Scene:
   """Apical four-chamber view: ventricles near the apex (top), atria deep."""
   regions, below = _wall(rng, fat=(0.02, 0.04))
-  heart = _below(_Ellipse(rng.uniform(-0.05, 0.05), 0.0, rng.uniform(0.34, 0.4), rng.uniform(0.4, 0.46),
-                          rng.uniform(-0.15, 0.15)), below + 0.02)
+  heart = _below(
+    _Ellipse(
+      rng.uniform(-0.05, 0.05),
+      0.0,
+      rng.uniform(0.34, 0.4),
+      rng.uniform(0.4, 0.46),
+      rng.uniform(-0.15, 0.15),
+    ),
+    below + 0.02,
+  )
   lv = _in_frame(heart, 0.33, -0.15, 0.28 * heart.a, 0.5 * heart.b)
-  chambers = [lv, _in_frame(heart, -0.37, -0.1, 0.24 * heart.a, 0.42 * heart.b),
-              _in_frame(heart, 0.32, 0.57, 0.26 * heart.a, 0.22 * heart.b),
-              _in_frame(heart, -0.35, 0.58, 0.24 * heart.a, 0.22 * heart.b)]
+  chambers = [
+    lv,
+    _in_frame(heart, -0.37, -0.1, 0.24 * heart.a, 0.42 * heart.b),
+    _in_frame(heart, 0.32, 0.57, 0.26 * heart.a, 0.22 * heart.b),
+    _in_frame(heart, -0.35, 0.58, 0.24 * heart.a, 0.22 * heart.b),
+  ]
   valves = [_in_frame(heart, u, 0.34, 0.2 * heart.a, 0.012) for u in (0.33, -0.36)]
   regions += [(heart._replace(a=heart.a + 0.015, b=heart.b + 0.015), 2.0, 0.0), (heart, 0.8, 0.0)]
   regions += [(_Within(c, heart), FLUID, -3.0) for c in chambers]
@@ -290,15 +364,28 @@ def _heart(rng) -> _Scene:
 
 
 def _fetal_head(rng) -> _Scene:
-  regions, below = _wall(rng, fat=(0.03, 0.06), muscle=(0.04, 0.07))  # maternal abdominal and uterine wall
-  head = _below(_Ellipse(rng.uniform(-0.06, 0.06), 0.0, rng.uniform(0.24, 0.3), rng.uniform(0.19, 0.24),
-                         rng.uniform(-0.6, 0.6)), below + rng.uniform(0.03, 0.1))
+  regions, below = _wall(
+    rng, fat=(0.03, 0.06), muscle=(0.04, 0.07)
+  )  # maternal abdominal and uterine wall
+  head = _below(
+    _Ellipse(
+      rng.uniform(-0.06, 0.06),
+      0.0,
+      rng.uniform(0.24, 0.3),
+      rng.uniform(0.19, 0.24),
+      rng.uniform(-0.6, 0.6),
+    ),
+    below + rng.uniform(0.03, 0.1),
+  )
   skull = head._replace(hole=1.0 - rng.uniform(0.06, 0.09))
-  regions += [(_layer(below, 10.0), FLUID, -1.5),  # amniotic fluid
-              (head, 0.25, 0.0), (skull, 5.0, 40.0),
-              (_in_frame(head, 0.0, 0.0, 0.85 * head.a, 0.008), 2.5, 0.0),   # midline echo
-              # cavum septi pellucidi
-              (_in_frame(head, 0.35, 0.0, 0.12 * head.a, 0.05 * head.b), FLUID, 0.0)]
+  regions += [
+    (_layer(below, 10.0), FLUID, -1.5),  # amniotic fluid
+    (head, 0.25, 0.0),
+    (skull, 5.0, 40.0),
+    (_in_frame(head, 0.0, 0.0, 0.85 * head.a, 0.008), 2.5, 0.0),  # midline echo
+    # cavum septi pellucidi
+    (_in_frame(head, 0.35, 0.0, 0.12 * head.a, 0.05 * head.b), FLUID, 0.0),
+  ]
   return _Scene(0.5, regions, head, _site_in(rng, head, min(0.08, 0.35 * head.b)))
 
 
@@ -328,8 +415,13 @@ def _skin(rng) -> _Scene:
   dermis = _layer(epidermis, _Surface(bottom, *wave))
   subcutis = _layer(_Surface(bottom, *wave), fascia)
   septa = _Stripes(subcutis, rng.uniform(0.1, 0.16), rng.uniform(0.8, 1.3), 0.07, rng.uniform())
-  regions = [(_layer(0.0, epidermis), 3.0, 0.0), (dermis, 1.3, 0.0), (subcutis, 0.3, 0.0),
-             (septa, 1.2, 0.0), (_layer(fascia, fascia + 0.015), 2.0, 0.0)]
+  regions = [
+    (_layer(0.0, epidermis), 3.0, 0.0),
+    (dermis, 1.3, 0.0),
+    (subcutis, 0.3, 0.0),
+    (septa, 1.2, 0.0),
+    (_layer(fascia, fascia + 0.015), 2.0, 0.0),
+  ]
   x = rng.uniform(-0.12, 0.12)
   depth = (epidermis + dermis.bottom.at(x)) / 2
   return _Scene(0.5, regions, dermis, (x, depth, 0.45 * (bottom - epidermis)))
@@ -337,16 +429,24 @@ def _skin(rng) -> _Scene:
 
 def _muscle(rng) -> _Scene:
   regions, top = _wall(rng, fat=(0.05, 0.12))
-  bottom = _Surface(top + rng.uniform(0.4, 0.55), rng.uniform(0.01, 0.03), rng.uniform(3, 7),
-                    rng.uniform(0, 2 * np.pi))
+  bottom = _Surface(
+    top + rng.uniform(0.4, 0.55),
+    rng.uniform(0.01, 0.03),
+    rng.uniform(3, 7),
+    rng.uniform(0, 2 * np.pi),
+  )
   belly = _layer(top, bottom)
   fascia = bottom._replace(depth=bottom.depth + 0.015)
   bone = bottom._replace(depth=fascia.depth + rng.uniform(0.05, 0.15))
   # Perimysium: bright oblique fibre lines of a pennate muscle.
   pennation = rng.choice((-1, 1)) * rng.uniform(0.15, 0.4)
   fibres = _Stripes(belly, rng.uniform(0.04, 0.07), np.pi / 2 + pennation, 0.15, rng.uniform())
-  regions += [(belly, 0.45, 0.0), (fibres, 1.5, 0.0), (_layer(bottom, fascia), 2.2, 0.0),
-              (_layer(bone, bone._replace(depth=bone.depth + 0.03)), 4.0, 150.0)]
+  regions += [
+    (belly, 0.45, 0.0),
+    (fibres, 1.5, 0.0),
+    (_layer(bottom, fascia), 2.2, 0.0),
+    (_layer(bone, bone._replace(depth=bone.depth + 0.03)), 4.0, 150.0),
+  ]
   x = rng.uniform(-0.12, 0.12)
   return _Scene(0.7, regions, belly, (x, (top + bottom.at(x)) / 2, 0.3 * (bottom.depth - top)))
 
@@ -354,22 +454,45 @@ def _muscle(rng) -> _Scene:
 def _pancreas(rng) -> _Scene:
   regions, below = _wall(rng, muscle=(0.04, 0.08))
   liver_bottom = below + rng.uniform(0.1, 0.16)
-  pancreas = _below(_Ellipse(rng.uniform(-0.08, 0.08), 0.0, rng.uniform(0.32, 0.42), rng.uniform(0.07, 0.1),
-                             rng.uniform(-0.2, 0.2)), liver_bottom + rng.uniform(0.02, 0.06))
-  vein = _in_frame(pancreas, 0.0, 1.0 + 0.035 / pancreas.b, 0.7 * pancreas.a, 0.022)  # splenic vein, behind
+  pancreas = _below(
+    _Ellipse(
+      rng.uniform(-0.08, 0.08),
+      0.0,
+      rng.uniform(0.32, 0.42),
+      rng.uniform(0.07, 0.1),
+      rng.uniform(-0.2, 0.2),
+    ),
+    liver_bottom + rng.uniform(0.02, 0.06),
+  )
+  vein = _in_frame(
+    pancreas, 0.0, 1.0 + 0.035 / pancreas.b, 0.7 * pancreas.a, 0.022
+  )  # splenic vein, behind
   r = rng.uniform(0.05, 0.07)
   aorta = _Ellipse(pancreas.cx + rng.uniform(-0.05, 0.05), vein.cy + rng.uniform(0.13, 0.18), r, r)
   spine = _Ellipse(aorta.cx + rng.uniform(-0.1, 0.1), aorta.cy + 0.2, 0.15, 0.06)
-  regions += [(_layer(below, liver_bottom), 1.0, 0.0), (vein, FLUID, -3.0),
-              (aorta._replace(a=r + 0.012, b=r + 0.012), 2.0, 0.0), (aorta, FLUID, -3.0),
-              (spine, 3.0, 150.0), (pancreas, 1.3, 0.0)]
+  regions += [
+    (_layer(below, liver_bottom), 1.0, 0.0),
+    (vein, FLUID, -3.0),
+    (aorta._replace(a=r + 0.012, b=r + 0.012), 2.0, 0.0),
+    (aorta, FLUID, -3.0),
+    (spine, 3.0, 150.0),
+    (pancreas, 1.3, 0.0),
+  ]
   return _Scene(0.9, regions, pancreas, _site_in(rng, pancreas, 0.8 * pancreas.b))
 
 
 def _gallbladder(rng) -> _Scene:
   regions, below = _wall(rng, muscle=(0.04, 0.08))
-  gb = _below(_Ellipse(rng.uniform(-0.08, 0.08), 0.0, rng.uniform(0.2, 0.28), rng.uniform(0.09, 0.13),
-                       rng.uniform(-0.5, 0.5)), below + rng.uniform(0.08, 0.2))
+  gb = _below(
+    _Ellipse(
+      rng.uniform(-0.08, 0.08),
+      0.0,
+      rng.uniform(0.2, 0.28),
+      rng.uniform(0.09, 0.13),
+      rng.uniform(-0.5, 0.5),
+    ),
+    below + rng.uniform(0.08, 0.2),
+  )
   lumen = gb._replace(a=gb.a - 0.02, b=gb.b - 0.02)
   regions += [(gb, 1.8, 0.0), (lumen, FLUID, -4.0)]
   if rng.random() < 0.3:
@@ -388,35 +511,68 @@ def _colorectum(rng) -> _Scene:
   thicknesses = rng.uniform((0.012, 0.02, 0.02, 0.03, 0.012), (0.02, 0.035, 0.035, 0.05, 0.02))
   for thickness, echo in zip(thicknesses, (2.0, 0.35, 1.6, 0.3, 2.0)):
     top_of_layer = _Surface(depth, amp, freq, phase)
-    regions.append((_layer(top_of_layer, top_of_layer._replace(depth=depth + thickness)), echo, 0.0))
+    regions.append(
+      (_layer(top_of_layer, top_of_layer._replace(depth=depth + thickness)), echo, 0.0)
+    )
     depth += thickness
   wall = _layer(_Surface(top, amp, freq, phase), _Surface(depth, amp, freq, phase))
   for _ in range(rng.integers(0, 3)):
     r = rng.uniform(0.025, 0.045)
-    regions.append((_Ellipse(rng.uniform(-0.3, 0.3), depth + rng.uniform(0.1, 0.4), r, 0.7 * r), 0.3, 0.0))
+    regions.append(
+      (_Ellipse(rng.uniform(-0.3, 0.3), depth + rng.uniform(0.1, 0.4), r, 0.7 * r), 0.3, 0.0)
+    )
   x = rng.uniform(-0.1, 0.1)
-  return _Scene(1.1, regions, wall, (x, (wall.top.at(x) + wall.bottom.at(x)) / 2, 0.6 * (depth - top)))
+  return _Scene(
+    1.1, regions, wall, (x, (wall.top.at(x) + wall.bottom.at(x)) / 2, 0.6 * (depth - top))
+  )
 
 
 def _nerve(rng) -> _Scene:
   """Brachial plexus: a honeycomb of dark fascicles in a bright epineurium, beside an artery."""
   regions, below = _wall(rng, fat=(0.03, 0.06), muscle=(0.08, 0.14))
-  nerve = _below(_Ellipse(rng.uniform(-0.08, 0.08), 0.0, rng.uniform(0.12, 0.17), rng.uniform(0.07, 0.1),
-                          rng.uniform(-0.3, 0.3)), below + rng.uniform(0.05, 0.15))
+  nerve = _below(
+    _Ellipse(
+      rng.uniform(-0.08, 0.08),
+      0.0,
+      rng.uniform(0.12, 0.17),
+      rng.uniform(0.07, 0.1),
+      rng.uniform(-0.3, 0.3),
+    ),
+    below + rng.uniform(0.05, 0.15),
+  )
   r = rng.uniform(0.05, 0.07)
   side = rng.choice((-1, 1))
-  artery = _Ellipse(nerve.cx + side * rng.uniform(0.25, 0.3), nerve.cy + rng.uniform(-0.05, 0.1), r, r)
-  regions += [(artery._replace(a=r + 0.01, b=r + 0.01), 2.0, 0.0), (artery, FLUID, -3.0), (nerve, 1.5, 0.0)]
+  artery = _Ellipse(
+    nerve.cx + side * rng.uniform(0.25, 0.3), nerve.cy + rng.uniform(-0.05, 0.1), r, r
+  )
+  regions += [
+    (artery._replace(a=r + 0.01, b=r + 0.01), 2.0, 0.0),
+    (artery, FLUID, -3.0),
+    (nerve, 1.5, 0.0),
+  ]
   for _ in range(rng.integers(5, 10)):
     f = rng.uniform(0.018, 0.03)
-    regions.append((_Within(_Ellipse(*nerve.point(*rng.uniform(-0.6, 0.6, 2)), f, f), nerve), 0.15, 0.0))
+    regions.append(
+      (_Within(_Ellipse(*nerve.point(*rng.uniform(-0.6, 0.6, 2)), f, f), nerve), 0.15, 0.0)
+    )
   return _Scene(0.5, regions, nerve, _site_in(rng, nerve, 0.6 * nerve.b))
 
 
-_SCENES = {'liver': _liver, 'thyroid': _thyroid, 'breast': _breast, 'kidney': _kidney, 'heart': _heart,
-           'fetal_head': _fetal_head, 'lung': _lung, 'skin': _skin, 'muscle': _muscle,
-           'pancreas': _pancreas, 'gallbladder': _gallbladder, 'colorectum': _colorectum,
-           'nerve': _nerve}
+_SCENES = {
+  "liver": _liver,
+  "thyroid": _thyroid,
+  "breast": _breast,
+  "kidney": _kidney,
+  "heart": _heart,
+  "fetal_head": _fetal_head,
+  "lung": _lung,
+  "skin": _skin,
+  "muscle": _muscle,
+  "pancreas": _pancreas,
+  "gallbladder": _gallbladder,
+  "colorectum": _colorectum,
+  "nerve": _nerve,
+}
 
 
 def _lesion(rng, label: int, site: tuple[float, float, float], min_radius: float):
@@ -429,18 +585,25 @@ def _lesion(rng, label: int, site: tuple[float, float, float], min_radius: float
       return shape, FLUID, -6.0  # cyst: anechoic, posterior enhancement
     return shape, rng.uniform(0.15, 0.4), 0.0
   harmonics = tuple((k, rng.uniform(0.0, 0.1), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
-  shape = _Star(x, y, 0.6 * r, harmonics, int(rng.integers(7, 14)), rng.uniform(0.4, 0.8),
-                rng.uniform(0, 2 * np.pi))
+  shape = _Star(
+    x,
+    y,
+    0.6 * r,
+    harmonics,
+    int(rng.integers(7, 14)),
+    rng.uniform(0.4, 0.8),
+    rng.uniform(0, 2 * np.pi),
+  )
   return shape, rng.uniform(0.05, 0.2), rng.uniform(15.0, 30.0)
 
 
 class _Geometry(NamedTuple):
-  echo: _Grid                  # where echoes are simulated: rows along the beam, columns across
-  image: _Grid                 # the output pixels
-  fan: np.ndarray | None       # [S, S] bool, pixels with echo data; None: all of them
-  scan: np.ndarray | None      # [2, S, S] echo-grid (row, col) of each pixel, for scan conversion
-  dz: float                    # depth step between echo-grid rows
-  pixel: float                 # output pixel size
+  echo: _Grid  # where echoes are simulated: rows along the beam, columns across
+  image: _Grid  # the output pixels
+  fan: np.ndarray | None  # [S, S] bool, pixels with echo data; None: all of them
+  scan: np.ndarray | None  # [2, S, S] echo-grid (row, col) of each pixel, for scan conversion
+  dz: float  # depth step between echo-grid rows
+  pixel: float  # output pixel size
 
 
 def _frozen(*arrays):
@@ -455,21 +618,27 @@ def _fan_scale(size: int, half: float, r0: float) -> float:
   return min(size / (2 * r1 * math.sin(half)), size / (r1 - r0 * math.cos(half)))
 
 
-def fan_geometry(image_size: int, fan_angle_deg: float = FAN_ANGLE_DEG,
-                 apex_radius: float = APEX_RADIUS) -> dict:
+def fan_geometry(
+  image_size: int, fan_angle_deg: float = FAN_ANGLE_DEG, apex_radius: float = APEX_RADIUS
+) -> dict:
   """The exact fan of a convex phantom image, in its pixels (pixel (i, j) centred at row i,
   column j; the fields of ultramim.geometry.Fan). A pixel has echo data iff its centre is inside."""
   half = math.radians(fan_angle_deg) / 2
   s = _fan_scale(image_size, half, apex_radius)
-  return dict(apex_x=image_size / 2 - 0.5, apex_y=-apex_radius * math.cos(half) * s - 0.5,
-              fan_angle_deg=float(fan_angle_deg), inner_radius=apex_radius * s,
-              outer_radius=(apex_radius + 1.0) * s)
+  return dict(
+    apex_x=image_size / 2 - 0.5,
+    apex_y=-apex_radius * math.cos(half) * s - 0.5,
+    fan_angle_deg=float(fan_angle_deg),
+    inner_radius=apex_radius * s,
+    outer_radius=(apex_radius + 1.0) * s,
+  )
 
 
 @functools.lru_cache(maxsize=32)
-def _geometry(probe: str, size: int, fan_angle_deg: float = FAN_ANGLE_DEG,
-              apex_radius: float = APEX_RADIUS) -> _Geometry:
-  if probe == 'linear':
+def _geometry(
+  probe: str, size: int, fan_angle_deg: float = FAN_ANGLE_DEG, apex_radius: float = APEX_RADIUS
+) -> _Geometry:
+  if probe == "linear":
     v, u = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
     grid = _Grid(*_frozen(u - 0.5, v, v))
     return _Geometry(grid, grid, None, None, 1.0 / size, 1.0 / size)
@@ -480,10 +649,10 @@ def _geometry(probe: str, size: int, fan_angle_deg: float = FAN_ANGLE_DEG,
   nr, nt = math.ceil(s), math.ceil(2 * half * r1 * s)
   r = r0 + (np.arange(nr, dtype=np.float32) + 0.5) / nr
   t = -half + (np.arange(nt, dtype=np.float32) + 0.5) * (2 * half / nt)
-  r, t = np.meshgrid(r, t, indexing='ij')
+  r, t = np.meshgrid(r, t, indexing="ij")
   echo = _Grid(*_frozen(r * np.sin(t), r * np.cos(t) - r0, r - r0))
   v, u = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-  x, ya = (u - size / 2) / s, v / s + r0 * math.cos(half)   # ya: depth below the apex
+  x, ya = (u - size / 2) / s, v / s + r0 * math.cos(half)  # ya: depth below the apex
   rr, tt = np.hypot(x, ya), np.arctan2(x, ya)
   fan = (rr >= r0) & (rr <= r1) & (np.abs(tt) <= half)
   scan = np.stack([(rr - r0) * nr - 0.5, (tt + half) / (2 * half) * nt - 0.5])
@@ -506,13 +675,14 @@ def _envelope(rng, amplitude: np.ndarray, psf_sigma: tuple[float, float]) -> np.
   # Each of I and Q carries half the intensity.
   iq = rng.standard_normal((2, *amplitude.shape), dtype=np.float32)
   iq *= amplitude * np.float32(math.sqrt(0.5))
-  iq = scipy.ndimage.correlate1d(iq, _kernel(psf_sigma[0]), axis=1, mode='reflect')
-  iq = scipy.ndimage.correlate1d(iq, _kernel(psf_sigma[1]), axis=2, mode='reflect')
+  iq = scipy.ndimage.correlate1d(iq, _kernel(psf_sigma[0]), axis=1, mode="reflect")
+  iq = scipy.ndimage.correlate1d(iq, _kernel(psf_sigma[1]), axis=2, mode="reflect")
   return np.hypot(iq[0], iq[1])
 
 
-def speckle_envelope(rng: np.random.Generator, shape: tuple[int, int],
-                     psf_sigma: tuple[float, float] = (1.0, 2.0)) -> np.ndarray:
+def speckle_envelope(
+  rng: np.random.Generator, shape: tuple[int, int], psf_sigma: tuple[float, float] = (1.0, 2.0)
+) -> np.ndarray:
   """Envelope of uniform tissue (echogenicity 1) before log compression: [H, W] float32, Rayleigh.
 
   psf_sigma: (axial, lateral) standard deviations of the PSF in pixels. The same code path images
@@ -526,7 +696,9 @@ def _psf_sigma(size: int) -> tuple[float, float]:
   return max(0.75, size / 256), max(1.25, 2.0 * size / 256)
 
 
-def _paint(scene: _Scene, regions: list, g: _Grid, attenuation: float) -> tuple[np.ndarray, np.ndarray]:
+def _paint(
+  scene: _Scene, regions: list, g: _Grid, attenuation: float
+) -> tuple[np.ndarray, np.ndarray]:
   """Echogenicity and attenuation maps of the scene at the grid points.  -> 2 x [H, W] float32."""
   echo = np.full(g.x.shape, scene.background, np.float32)
   atten = np.full(g.x.shape, attenuation, np.float32)
@@ -537,9 +709,16 @@ def _paint(scene: _Scene, regions: list, g: _Grid, attenuation: float) -> tuple[
   return echo, atten
 
 
-def generate(rng: np.random.Generator, organ: str, probe: str, image_size: int,
-             dynamic_range_db: float = DYNAMIC_RANGE_DB, *, fan_angle_deg: float = FAN_ANGLE_DEG,
-             apex_radius: float = APEX_RADIUS) -> dict:
+def generate(
+  rng: np.random.Generator,
+  organ: str,
+  probe: str,
+  image_size: int,
+  dynamic_range_db: float = DYNAMIC_RANGE_DB,
+  *,
+  fan_angle_deg: float = FAN_ANGLE_DEG,
+  apex_radius: float = APEX_RADIUS,
+) -> dict:
   """One phantom image and its annotations, all drawn from `rng`.
 
   organ: one of ORGANS; probe: one of PROBES; image_size: S; dynamic_range_db: the dB span that
@@ -556,8 +735,10 @@ def generate(rng: np.random.Generator, organ: str, probe: str, image_size: int,
   if image_size < 8:
     raise ValueError(f"image_size={image_size!r} is below 8")
   if not (0.0 < fan_angle_deg < 180.0 and apex_radius >= 0.0):
-    raise ValueError(f"fan_angle_deg={fan_angle_deg!r} is not in (0, 180) or "
-                     f"apex_radius={apex_radius!r} is below 0")
+    raise ValueError(
+      f"fan_angle_deg={fan_angle_deg!r} is not in (0, 180) or "
+      f"apex_radius={apex_radius!r} is below 0"
+    )
   geo = _geometry(probe, int(image_size), float(fan_angle_deg), float(apex_radius))
   label = int(rng.choice(len(LABELS), p=LABEL_PROBS))
   scene = _SCENES[organ](rng)
@@ -587,10 +768,17 @@ def generate(rng: np.random.Generator, organ: str, probe: str, image_size: int,
   grey = 1.0 + 254.0 * np.clip((db - TOP_DB) / dynamic_range_db + 1.0, 0.0, 1.0)
   if geo.fan is not None:
     organ_mask &= geo.fan
-    grey = np.where(geo.fan, scipy.ndimage.map_coordinates(grey, geo.scan, order=1, mode='nearest'), 0.0)
-  record = {'image': np.rint(grey).astype(np.uint8), 'organ_mask': organ_mask.astype(np.uint8),
-            'lesion_mask': lesion_mask.astype(np.uint8), 'label': label, 'organ': organ,
-            'probe': probe}
+    grey = np.where(
+      geo.fan, scipy.ndimage.map_coordinates(grey, geo.scan, order=1, mode="nearest"), 0.0
+    )
+  record = {
+    "image": np.rint(grey).astype(np.uint8),
+    "organ_mask": organ_mask.astype(np.uint8),
+    "lesion_mask": lesion_mask.astype(np.uint8),
+    "label": label,
+    "organ": organ,
+    "probe": probe,
+  }
   if geo.fan is not None:
-    record['fan'] = fan_geometry(int(image_size), fan_angle_deg, apex_radius)
+    record["fan"] = fan_geometry(int(image_size), fan_angle_deg, apex_radius)
   return record

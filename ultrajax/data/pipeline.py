@@ -11,6 +11,7 @@ shuffled stream; process p of P owns its p-th contiguous slice. Every random cho
 only on (seed, k, stream position), never on threads, prefetching or process count, so the
 union over processes is the single-process batch and a restored state continues bitwise.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -28,8 +29,9 @@ from PIL import Image
 from ultrajax import configlib
 
 
-def random_resized_crop_params(rng: np.random.Generator, height: int, width: int,
-                               scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_resized_crop_params(
+  rng: np.random.Generator, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
+):
   """torchvision's `RandomResizedCrop.get_params`, drawing from `rng`.
 
   Returns (top, left, h, w) of a crop inside a [height, width] image.
@@ -57,8 +59,13 @@ def random_resized_crop_params(rng: np.random.Generator, height: int, width: int
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def augment(image: np.ndarray, rng: np.random.Generator, image_size: int,
-            crop_scale=(0.2, 1.0), hflip: bool = True) -> np.ndarray:
+def augment(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  image_size: int,
+  crop_scale=(0.2, 1.0),
+  hflip: bool = True,
+) -> np.ndarray:
   """MAE's training transform on the host: RandomResizedCrop (bicubic), then flip (p=0.5).
 
   image: uint8 [H, W] (grey), [H, W, 1] or [H, W, 3]. Returns uint8 [S, S, 3], S = image_size.
@@ -69,10 +76,9 @@ def augment(image: np.ndarray, rng: np.random.Generator, image_size: int,
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
   if image.dtype != np.uint8 or not (image.ndim == 2 or image.shape[-1] == 3):
-    raise ValueError(f"augment expects uint8 [H, W] or [H, W, 3], got {image.dtype} "
-                     f"{image.shape}")
+    raise ValueError(f"augment expects uint8 [H, W] or [H, W, 3], got {image.dtype} {image.shape}")
   top, left, h, w = random_resized_crop_params(rng, *image.shape[:2], scale=crop_scale)
-  crop = Image.fromarray(image[top:top + h, left:left + w])
+  crop = Image.fromarray(image[top : top + h, left : left + w])
   out = np.asarray(crop.resize((image_size, image_size), Image.Resampling.BICUBIC))
   if hflip and rng.random() < 0.5:
     out = out[:, ::-1]
@@ -126,9 +132,18 @@ class _EpochShuffle(grain.MapDataset):
     return perm
 
 
-def client_dataset(source, client: int, batch_size: int, image_size: int, *, seed: int,
-                   crop_scale=(0.2, 1.0), hflip: bool = True, process_index: int = 0,
-                   process_count: int = 1) -> grain.MapDataset:
+def client_dataset(
+  source,
+  client: int,
+  batch_size: int,
+  image_size: int,
+  *,
+  seed: int,
+  crop_scale=(0.2, 1.0),
+  hflip: bool = True,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.MapDataset:
   """Infinite MapDataset of this process's batches of one client: uint8 [B_local, S, S, 3].
 
   Element b is the process_index-th of process_count slices of global batch b.
@@ -137,9 +152,12 @@ def client_dataset(source, client: int, batch_size: int, image_size: int, *, see
   ds = _EpochShuffle(grain.MapDataset.source(source), (seed, client))
   # random_map seeds each record's RNG with its stream position, so results do not depend
   # on which thread reads it or when.
-  ds = ds.random_map(functools.partial(_augment_record, image_size=image_size,
-                                       crop_scale=tuple(crop_scale), hflip=hflip),
-                     seed=_augment_seed(seed, client))
+  ds = ds.random_map(
+    functools.partial(
+      _augment_record, image_size=image_size, crop_scale=tuple(crop_scale), hflip=hflip
+    ),
+    seed=_augment_seed(seed, client),
+  )
   # Sub-batch m covers stream positions [m * local, (m + 1) * local); global batch b is
   # sub-batches b * P .. b * P + P - 1, so this process takes every P-th from its index.
   return ds.batch(local, drop_remainder=True)[process_index::process_count]
@@ -149,13 +167,13 @@ def epoch_layout(sources, batch_size: int, process_count: int):
   """(images per client [C], drop-last steps per epoch [C], per-process batch) of clients
   that each fill at least one batch; ValueError naming the client or the batch otherwise."""
   if batch_size % process_count:
-    raise ValueError(f"batch_size={batch_size} is not divisible by the "
-                     f"{process_count} processes")
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
   num_images = np.array([len(s) for s in sources], np.int64)
   for source, n in zip(sources, num_images):
     if n < batch_size:
-      raise configlib.ConfigError(f"client {source.name!r} has {n} images, fewer than "
-                                  f"config.data.batch_size={batch_size}")
+      raise configlib.ConfigError(
+        f"client {source.name!r} has {n} images, fewer than config.data.batch_size={batch_size}"
+      )
   return num_images, num_images // batch_size, batch_size // process_count
 
 
@@ -172,10 +190,21 @@ class ClientBatches(grain.DatasetIterator):
   its state as JSON; `next(obj)` is one step of every client: uint8 [C, B_local, S, S, 3].
   """
 
-  def __init__(self, sources: list, batch_size: int, image_size: int, *, seed: int,
-               crop_scale=(0.2, 1.0), hflip: bool = True, num_threads: int = 8,
-               prefetch_buffer_size: int | None = None, process_index: int = 0,
-               process_count: int = 1, worker_count: int = 0):
+  def __init__(
+    self,
+    sources: list,
+    batch_size: int,
+    image_size: int,
+    *,
+    seed: int,
+    crop_scale=(0.2, 1.0),
+    hflip: bool = True,
+    num_threads: int = 8,
+    prefetch_buffer_size: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+  ):
     """prefetch_buffer_size: batches read ahead per client; None: num_threads, which keeps
     every thread busy. Host memory ~ C * buffer * B_local * S * S * 3 bytes.
 
@@ -189,20 +218,32 @@ class ClientBatches(grain.DatasetIterator):
     if worker_count < 0:
       raise ValueError(f"worker_count={worker_count} is below 0")
     self.num_images, self.steps_per_epoch, self.local_batch_size = epoch_layout(
-        sources, batch_size, process_count)
+      sources, batch_size, process_count
+    )
     self.image_size = image_size
     buffer = num_threads if prefetch_buffer_size is None else prefetch_buffer_size
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer)
 
     def stream(k, source):
-      ds = client_dataset(source, k, batch_size, image_size, seed=seed, crop_scale=crop_scale,
-                          hflip=hflip, process_index=process_index,
-                          process_count=process_count).to_iter_dataset(options)
+      ds = client_dataset(
+        source,
+        k,
+        batch_size,
+        image_size,
+        seed=seed,
+        crop_scale=crop_scale,
+        hflip=hflip,
+        process_index=process_index,
+        process_count=process_count,
+      ).to_iter_dataset(options)
       if worker_count:
         if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags (their defaults)
           flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=worker_count, per_worker_buffer_size=max(buffer, 1)))
+        ds = ds.mp_prefetch(
+          grain.MultiprocessingOptions(
+            num_workers=worker_count, per_worker_buffer_size=max(buffer, 1)
+          )
+        )
       return iter(ds)
 
     iterators = [stream(k, source) for k, source in enumerate(sources)]
@@ -223,15 +264,22 @@ class ClientBatches(grain.DatasetIterator):
     """
     self._assert_not_closed()
     client_ids = np.asarray(client_ids)
-    if client_ids.ndim != 2 or client_ids.min(initial=-1) < -1 or (
-        client_ids.max(initial=-1) >= self.num_clients):
-      raise ValueError(f"client_ids must be [L, K] ints in [-1, {self.num_clients}), got shape "
-                       f"{client_ids.shape} with values {np.unique(client_ids)[:8]}")
+    if (
+      client_ids.ndim != 2
+      or client_ids.min(initial=-1) < -1
+      or (client_ids.max(initial=-1) >= self.num_clients)
+    ):
+      raise ValueError(
+        f"client_ids must be [L, K] ints in [-1, {self.num_clients}), got shape "
+        f"{client_ids.shape} with values {np.unique(client_ids)[:8]}"
+      )
     s = self.image_size
     out = np.zeros((*client_ids.shape, self.local_batch_size, s, s, 3), np.uint8)
     flat = out.reshape(-1, *out.shape[2:])
-    fills = [self._pool.submit(self._fill, self._parents[c], np.flatnonzero(client_ids == c), flat)
-             for c in np.unique(client_ids[client_ids >= 0])]
+    fills = [
+      self._pool.submit(self._fill, self._parents[c], np.flatnonzero(client_ids == c), flat)
+      for c in np.unique(client_ids[client_ids >= 0])
+    ]
     for fill in fills:
       fill.result()
     return out
@@ -252,8 +300,7 @@ class ClientBatches(grain.DatasetIterator):
   def set_state(self, state: dict) -> None:
     clients = state["clients"]
     if len(clients) != self.num_clients:
-      raise ValueError(f"state holds {len(clients)} clients, this pipeline has "
-                       f"{self.num_clients}")
+      raise ValueError(f"state holds {len(clients)} clients, this pipeline has {self.num_clients}")
     for it, client_state in zip(self._parents, clients):
       it.set_state(client_state)
 
@@ -276,8 +323,9 @@ class _ScanModePartners:
     full, rest = divmod(round(ratio * n), n)
     rng = np.random.default_rng([int(seed), zlib.crc32(source.name.encode())])
     # partner j converts source record self.of[j]
-    self.of = np.concatenate([np.tile(np.arange(n), full),
-                              np.sort(rng.choice(n, rest, replace=False))]).astype(np.int64)
+    self.of = np.concatenate(
+      [np.tile(np.arange(n), full), np.sort(rng.choice(n, rest, replace=False))]
+    ).astype(np.int64)
 
   def __len__(self) -> int:
     return len(self.source) + len(self.of)
@@ -293,8 +341,9 @@ class _ScanModePartners:
     return record if converted is None else converted
 
 
-def with_scan_mode_partners(source, convert: Callable[[dict], dict | None], ratio: float = 1.0,
-                            seed: int = 0):
+def with_scan_mode_partners(
+  source, convert: Callable[[dict], dict | None], ratio: float = 1.0, seed: int = 0
+):
   """SMAT: the n records of source, then round(ratio * n) scan-mode partners.
 
   ratio is synthetic per real image (1 = UltraFedFM's 1:1): partner j converts source record

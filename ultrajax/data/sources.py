@@ -15,6 +15,7 @@ Grain worker processes.
 - fraction_of: a seeded fraction of a client's images (data-fraction scaling).
 - data/tfds/source.py tfds_clients: prepared TFDS datasets, one client each (data.source='tfds').
 """
+
 from __future__ import annotations
 
 import bisect
@@ -34,40 +35,51 @@ from ultrajax import configlib
 from ultrajax.data import dicom, phantom
 from ultrajax.ultramim import geometry
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', dicom.EXTENSION)
-ON_BAD_IMAGE = ('skip', 'raise')
-MIXED = 'mixed'   # PhantomSource organ: each record draws its organ from phantom.ORGANS
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", dicom.EXTENSION)
+ON_BAD_IMAGE = ("skip", "raise")
+MIXED = "mixed"  # PhantomSource organ: each record draws its organ from phantom.ORGANS
 
 # Probe per organ, our assumption (UltraFedFM's table gives no probes): linear for superficial organs,
 # convex for abdominal, fetal, cardiac (phased-array sectors look alike), lung and endorectal scans.
-ORGAN_PROBE = {'breast': 'linear', 'thyroid': 'linear', 'skin': 'linear', 'muscle': 'linear',
-               'nerve': 'linear', 'liver': 'convex', 'kidney': 'convex', 'heart': 'convex',
-               'fetal_head': 'convex', 'lung': 'convex', 'pancreas': 'convex', 'gallbladder': 'convex',
-               'colorectum': 'convex'}
+ORGAN_PROBE = {
+  "breast": "linear",
+  "thyroid": "linear",
+  "skin": "linear",
+  "muscle": "linear",
+  "nerve": "linear",
+  "liver": "convex",
+  "kidney": "convex",
+  "heart": "convex",
+  "fetal_head": "convex",
+  "lung": "convex",
+  "pancreas": "convex",
+  "gallbladder": "convex",
+  "colorectum": "convex",
+}
 
 # UltraFedFM Table 1 (seeds/000_876f01d9d1dfc297.txt): client, main organ, number of images.
 # 'Fetal organs' -> fetal_head; PrivateUS (uterus, vessels, stomach, spleen, prostate, testis,
 # parotid, lymph nodes, over four modalities) has no phantom organ and draws from all of them.
 _TABLE_1 = (
-    ('BUV', 'breast', 25_727),
-    ('CLUST', 'liver', 35_626),
-    ('EchoNet-Dynamic', 'heart', 150_243),
-    ('FETAL-PLANES', 'fetal_head', 12_400),
-    ('TDSC-ABUS', 'breast', 126_918),
-    ('Leg-3D-US', 'muscle', 115_263),
-    ('Thyroid-Cine-clip', 'thyroid', 17_412),
-    ('SYSU-FLL-CEUS', 'liver', 118_485),
-    ('CAMUS', 'heart', 21_214),
-    ('COVID-BLUES', 'lung', 42_226),
-    ('NerveUS', 'nerve', 11_143),
-    ('LEPset', 'pancreas', 11_499),
-    ('FPUS', 'fetal_head', 20_378),
-    ('GBUSV', 'gallbladder', 10_553),
-    ('ERUS', 'colorectum', 63_426),
-    ('PrivateUS', MIXED, 235_633),
+  ("BUV", "breast", 25_727),
+  ("CLUST", "liver", 35_626),
+  ("EchoNet-Dynamic", "heart", 150_243),
+  ("FETAL-PLANES", "fetal_head", 12_400),
+  ("TDSC-ABUS", "breast", 126_918),
+  ("Leg-3D-US", "muscle", 115_263),
+  ("Thyroid-Cine-clip", "thyroid", 17_412),
+  ("SYSU-FLL-CEUS", "liver", 118_485),
+  ("CAMUS", "heart", 21_214),
+  ("COVID-BLUES", "lung", 42_226),
+  ("NerveUS", "nerve", 11_143),
+  ("LEPset", "pancreas", 11_499),
+  ("FPUS", "fetal_head", 20_378),
+  ("GBUSV", "gallbladder", 10_553),
+  ("ERUS", "colorectum", 63_426),
+  ("PrivateUS", MIXED, 235_633),
 )
 # (name, organ, probe, num_images) of UltraFedFM's 16 pretraining clients.
-DEFAULT_CLIENTS = tuple((name, organ, ORGAN_PROBE.get(organ, ''), n) for name, organ, n in _TABLE_1)
+DEFAULT_CLIENTS = tuple((name, organ, ORGAN_PROBE.get(organ, ""), n) for name, organ, n in _TABLE_1)
 
 
 class BadImageError(configlib.DataError):
@@ -76,11 +88,11 @@ class BadImageError(configlib.DataError):
 
 def _common_probe(probes) -> str:
   probes = set(probes)
-  return probes.pop() if len(probes) == 1 else ''
+  return probes.pop() if len(probes) == 1 else ""
 
 
 def _check_probe(probe: str, what: str) -> str:
-  if probe not in ('', *phantom.PROBES):
+  if probe not in ("", *phantom.PROBES):
     raise configlib.DataError(f"{what}={probe!r} is not one of {('', *phantom.PROBES)}")
   return probe
 
@@ -92,10 +104,12 @@ class PhantomSource:
   organ's probe from ORGAN_PROBE). probe: one of phantom.PROBES ('' only with MIXED).
   """
 
-  def __init__(self, name: str, organ: str, probe: str, num_images: int, image_size: int, seed: int):
+  def __init__(
+    self, name: str, organ: str, probe: str, num_images: int, image_size: int, seed: int
+  ):
     if organ not in (*phantom.ORGANS, MIXED):
       raise ValueError(f"organ={organ!r} is not one of {(*phantom.ORGANS, MIXED)}")
-    if probe not in phantom.PROBES and not (probe == '' and organ == MIXED):
+    if probe not in phantom.PROBES and not (probe == "" and organ == MIXED):
       raise ValueError(f"probe={probe!r} is not one of {phantom.PROBES}")
     if num_images < 1:
       raise ValueError(f"num_images={num_images!r} is below 1")
@@ -116,16 +130,19 @@ class PhantomSource:
     return phantom.generate(rng, organ, self.probe or ORGAN_PROBE[organ], self.image_size)
 
 
-def default_client_sources(scale: float, image_size: int, seed: int, num_clients: int = 16,
-                           min_images: int = 64) -> list[PhantomSource]:
+def default_client_sources(
+  scale: float, image_size: int, seed: int, num_clients: int = 16, min_images: int = 64
+) -> list[PhantomSource]:
   """Phantom clients shaped like the first `num_clients` of DEFAULT_CLIENTS, each with
   max(min_images, floor(count * scale)) images."""
   if not 1 <= num_clients <= len(DEFAULT_CLIENTS):
     raise ValueError(f"num_clients={num_clients!r} is not in 1..{len(DEFAULT_CLIENTS)}")
   if not scale >= 0:
     raise ValueError(f"scale={scale!r} is not >= 0")
-  return [PhantomSource(name, organ, probe, max(min_images, math.floor(n * scale)), image_size, seed)
-          for name, organ, probe, n in DEFAULT_CLIENTS[:num_clients]]
+  return [
+    PhantomSource(name, organ, probe, max(min_images, math.floor(n * scale)), image_size, seed)
+    for name, organ, probe, n in DEFAULT_CLIENTS[:num_clients]
+  ]
 
 
 def decode_image(path: str) -> np.ndarray:
@@ -140,14 +157,14 @@ def decode_image(path: str) -> np.ndarray:
   try:
     with Image.open(path) as img:
       img.load()
-      if img.mode in ('L', 'RGB'):
+      if img.mode in ("L", "RGB"):
         return np.array(img, np.uint8)
-      if img.mode in ('1', 'LA'):
-        return np.array(img.convert('L'), np.uint8)
-      if img.mode.startswith('I'):  # I;16, I;16B, I: 16-bit grey
+      if img.mode in ("1", "LA"):
+        return np.array(img.convert("L"), np.uint8)
+      if img.mode.startswith("I"):  # I;16, I;16B, I: 16-bit grey
         wide = np.clip(np.asarray(img, np.int64), 0, 65535)
         return ((wide + 128) // 257).astype(np.uint8)
-      return np.array(img.convert('RGB'), np.uint8)
+      return np.array(img.convert("RGB"), np.uint8)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise BadImageError(f"cannot decode image {path}: {e}") from e
 
@@ -169,9 +186,13 @@ def _dicom_frames(paths, per_record, rule: str):
         expanded[j] = dicom.frame_paths(p, rule)
       except dicom.DicomError:
         pass
-  return ([f for frames in expanded for f in frames],
-          *(None if values is None else [v for v, frames in zip(values, expanded) for _ in frames]
-            for values in per_record))
+  return (
+    [f for frames in expanded for f in frames],
+    *(
+      None if values is None else [v for v, frames in zip(values, expanded) for _ in frames]
+      for values in per_record
+    ),
+  )
 
 
 class FolderSource:
@@ -188,26 +209,39 @@ class FolderSource:
   they carry the header's spacing ('pixel_spacing_mm', and 'pixel_size_mm' for square pixels).
   """
 
-  def __init__(self, name: str, paths: Sequence[str], probe: str = '', on_bad_image: str = 'skip', *,
-               record_probes: Sequence[str] | None = None, extras: Sequence[dict] | None = None,
-               drop_undecodable: bool = False, dicom_frames: str = 'middle'):
+  def __init__(
+    self,
+    name: str,
+    paths: Sequence[str],
+    probe: str = "",
+    on_bad_image: str = "skip",
+    *,
+    record_probes: Sequence[str] | None = None,
+    extras: Sequence[dict] | None = None,
+    drop_undecodable: bool = False,
+    dicom_frames: str = "middle",
+  ):
     if on_bad_image not in ON_BAD_IMAGE:
       raise ValueError(f"on_bad_image={on_bad_image!r} is not one of {ON_BAD_IMAGE}")
     if not paths:
       raise ValueError(f"client {name!r} has no images")
-    for what, values in (('record_probes', record_probes), ('extras', extras)):
+    for what, values in (("record_probes", record_probes), ("extras", extras)):
       if values is not None and len(values) != len(paths):
-        raise ValueError(f"{what} has {len(values)} entries for {len(paths)} paths of client {name!r}")
+        raise ValueError(
+          f"{what} has {len(values)} entries for {len(paths)} paths of client {name!r}"
+        )
     paths, record_probes, extras = _dicom_frames(paths, (record_probes, extras), dicom_frames)
     self.name, self.paths, self.on_bad_image = name, [str(p) for p in paths], on_bad_image
     if record_probes is None:
-      self.probe, self.record_probes = _check_probe(probe, 'probe'), None
+      self.probe, self.record_probes = _check_probe(probe, "probe"), None
     else:
-      self.record_probes = [_check_probe(p, f"probe of {path}") for p, path in zip(record_probes, paths)]
+      self.record_probes = [
+        _check_probe(p, f"probe of {path}") for p, path in zip(record_probes, paths)
+      ]
       self.probe = _common_probe(self.record_probes)
     self.extras = None if extras is None else [dict(e) for e in extras]
     self._warned: dict[str, object] = {}  # path -> the call that warned (prefetch threads race)
-    if drop_undecodable and on_bad_image == 'skip':
+    if drop_undecodable and on_bad_image == "skip":
       self._drop_undecodable()
 
   def _drop_undecodable(self) -> None:
@@ -216,17 +250,25 @@ class FolderSource:
         decode_image(path)
       except BadImageError as e:
         return e
+
     with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
       errors = list(pool.map(error, self.paths))
     for e in filter(None, errors):
       logging.warning("%s; left out of client %r", e, self.name)
     keep = [i for i, e in enumerate(errors) if e is None]
     if not keep:
-      raise BadImageError(f"client {self.name!r}: none of its {len(self.paths)} images decodes "
-                          f"(first: {self.paths[0]})")
+      raise BadImageError(
+        f"client {self.name!r}: none of its {len(self.paths)} images decodes "
+        f"(first: {self.paths[0]})"
+      )
     if len(keep) < len(self.paths):
-      logging.warning("client %r: %d of %d images do not decode and are left out (FedAvg weight "
-                      "n_k = %d)", self.name, len(self.paths) - len(keep), len(self.paths), len(keep))
+      logging.warning(
+        "client %r: %d of %d images do not decode and are left out (FedAvg weight n_k = %d)",
+        self.name,
+        len(self.paths) - len(keep),
+        len(self.paths),
+        len(keep),
+      )
       self.paths = [self.paths[i] for i in keep]
       if self.record_probes is not None:
         self.record_probes = [self.record_probes[i] for i in keep]
@@ -240,8 +282,12 @@ class FolderSource:
   def _record(self, i: int) -> dict:
     path = self.paths[i]
     image, spacing = _decode_dicom(path) if dicom.is_dicom(path) else (decode_image(path), None)
-    record = {'image': image, 'path': path, **dicom.record_extras(spacing),
-              'probe': self.probe if self.record_probes is None else self.record_probes[i]}
+    record = {
+      "image": image,
+      "path": path,
+      **dicom.record_extras(spacing),
+      "probe": self.probe if self.record_probes is None else self.record_probes[i],
+    }
     if self.extras is not None:
       record.update(self.extras[i])
     return record
@@ -255,32 +301,40 @@ class FolderSource:
       try:
         return self._record(j % n)
       except BadImageError as e:
-        if self.on_bad_image == 'raise':
+        if self.on_bad_image == "raise":
           raise
         path = self.paths[j % n]
         token = object()
         if self._warned.setdefault(path, token) is token:  # one atomic step under the GIL
-          logging.warning("%s; client %r serves the next decodable image in its place "
-                          "(%d unreadable file(s) skipped so far)", e, self.name, len(self._warned))
-    raise BadImageError(f"client {self.name!r}: none of its {n} images decodes (first: {self.paths[0]})")
+          logging.warning(
+            "%s; client %r serves the next decodable image in its place "
+            "(%d unreadable file(s) skipped so far)",
+            e,
+            self.name,
+            len(self._warned),
+          )
+    raise BadImageError(
+      f"client {self.name!r}: none of its {n} images decodes (first: {self.paths[0]})"
+    )
 
 
 def _is_image(name: str) -> bool:
   # Dot files are metadata (macOS '._x.png' AppleDouble files are not images).
-  return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+  return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _images_under(folder: str) -> list[str]:
   """Image files anywhere below `folder` (symlinks followed, hidden entries skipped), sorted."""
   found = []
   for parent, dirs, files in os.walk(folder, followlinks=True):
-    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
     found += [os.path.join(parent, f) for f in files if _is_image(f)]
   return sorted(found)
 
 
-def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip',
-                   dicom_frames: str = 'middle') -> list[FolderSource]:
+def folder_clients(
+  root: str, probe: str = "", on_bad_image: str = "skip", dicom_frames: str = "middle"
+) -> list[FolderSource]:
   """One client per immediate sub-directory of `root` (sorted by name), holding the png/jpg/jpeg/bmp
   files and the `dicom_frames` frames of the dcm files found anywhere below it. A root with images and no sub-directories is a single client named
   after the root. Raises FileNotFoundError for a missing root and ValueError for a sub-directory
@@ -289,29 +343,44 @@ def folder_clients(root: str, probe: str = '', on_bad_image: str = 'skip',
   root = os.fspath(root)
   if not os.path.isdir(root):
     raise FileNotFoundError(f"image folder root {root} does not exist or is not a directory")
-  entries = sorted(e for e in os.listdir(root) if not e.startswith('.'))
+  entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
   subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
   loose = [os.path.join(root, e) for e in entries if _is_image(e) and e not in subdirs]
   if not subdirs:
     if not loose:
-      raise configlib.DataError(f"image folder root {root} has no sub-directories containing images (and no images)")
-    return [FolderSource(os.path.basename(os.path.abspath(root)), loose, probe, on_bad_image,
-                         drop_undecodable=True, dicom_frames=dicom_frames)]
+      raise configlib.DataError(
+        f"image folder root {root} has no sub-directories containing images (and no images)"
+      )
+    return [
+      FolderSource(
+        os.path.basename(os.path.abspath(root)),
+        loose,
+        probe,
+        on_bad_image,
+        drop_undecodable=True,
+        dicom_frames=dicom_frames,
+      )
+    ]
   if loose:
-    raise configlib.DataError(f"image folder root {root} has {len(loose)} images next to its client "
-                              f"sub-directories (e.g. {loose[0]}); move them into a sub-directory")
+    raise configlib.DataError(
+      f"image folder root {root} has {len(loose)} images next to its client "
+      f"sub-directories (e.g. {loose[0]}); move them into a sub-directory"
+    )
   clients = []
   for d in subdirs:
     paths = _images_under(os.path.join(root, d))
     if not paths:
-      raise configlib.DataError(f"client sub-directory {os.path.join(root, d)} contains no "
-                                f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images")
-    clients.append(FolderSource(d, paths, probe, on_bad_image, drop_undecodable=True,
-                                dicom_frames=dicom_frames))
+      raise configlib.DataError(
+        f"client sub-directory {os.path.join(root, d)} contains no "
+        f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images"
+      )
+    clients.append(
+      FolderSource(d, paths, probe, on_bad_image, drop_undecodable=True, dicom_frames=dicom_frames)
+    )
   return clients
 
 
-def read_manifest(csv_path: str, required=(), why: str = '') -> tuple[list[str], list[dict]]:
+def read_manifest(csv_path: str, required=(), why: str = "") -> tuple[list[str], list[dict]]:
   """(column names, rows as dicts) of a CSV manifest in UTF-8 (a BOM is ignored).
 
   Raises FileNotFoundError for a missing file and DataError (a ValueError), naming the file, for
@@ -320,16 +389,17 @@ def read_manifest(csv_path: str, required=(), why: str = '') -> tuple[list[str],
   """
   if not os.path.isfile(csv_path):
     raise FileNotFoundError(f"manifest {csv_path} does not exist")
-  with open(csv_path, 'rb') as f:
+  with open(csv_path, "rb") as f:
     raw = f.read()
   try:
-    text = raw.decode('utf-8-sig')
+    text = raw.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    line = raw[:e.start].count(b'\n') + 1
+    line = raw[: e.start].count(b"\n") + 1
     raise configlib.DataError(
-        f"manifest {csv_path} line {line}: byte {raw[e.start:e.start + 1]!r} is not UTF-8 (the "
-        "file is in another encoding, e.g. Latin-1 / Windows-1252); save it as UTF-8") from None
-  reader = csv.DictReader(io.StringIO(text, newline=''))
+      f"manifest {csv_path} line {line}: byte {raw[e.start : e.start + 1]!r} is not UTF-8 (the "
+      "file is in another encoding, e.g. Latin-1 / Windows-1252); save it as UTF-8"
+    ) from None
+  reader = csv.DictReader(io.StringIO(text, newline=""))
   try:
     columns = list(reader.fieldnames or ())
     rows = list(reader)
@@ -337,17 +407,24 @@ def read_manifest(csv_path: str, required=(), why: str = '') -> tuple[list[str],
     raise configlib.DataError(f"manifest {csv_path} line {reader.line_num}: {e}") from None
   for column in required:
     if column not in columns:
-      raise configlib.DataError(f"manifest {csv_path} has no column {column!r}{why}; its columns "
-                                f"are {columns}")
+      raise configlib.DataError(
+        f"manifest {csv_path} has no column {column!r}{why}; its columns are {columns}"
+      )
   if not rows:
     raise configlib.DataError(f"manifest {csv_path} lists no images")
   return columns, rows
 
 
-def manifest_clients(csv_path: str, image_column: str = 'image', client_column: str = 'client',
-                     probe_column: str = 'probe', default_probe: str = '', on_bad_image: str = 'skip',
-                     extra_columns: tuple[str, ...] = (), dicom_frames: str = 'middle'
-                     ) -> list[FolderSource]:
+def manifest_clients(
+  csv_path: str,
+  image_column: str = "image",
+  client_column: str = "client",
+  probe_column: str = "probe",
+  default_probe: str = "",
+  on_bad_image: str = "skip",
+  extra_columns: tuple[str, ...] = (),
+  dicom_frames: str = "middle",
+) -> list[FolderSource]:
   """Clients listed in a CSV file, in order of first appearance.
 
   Image paths are relative to the CSV's directory (absolute ones are kept). Without `client_column`
@@ -360,16 +437,18 @@ def manifest_clients(csv_path: str, image_column: str = 'image', client_column: 
   extras.
   """
   csv_path = os.fspath(csv_path)
-  _check_probe(default_probe, 'default_probe')
+  _check_probe(default_probe, "default_probe")
   columns, rows = read_manifest(csv_path, (image_column, *extra_columns))
   base = os.path.dirname(os.path.abspath(csv_path))
   stem = os.path.splitext(os.path.basename(csv_path))[0]
   groups: dict[str, list[dict]] = {}
   fan_columns = [c for c in FAN_COLUMNS if c in columns]
   if fan_columns and len(fan_columns) < len(FAN_COLUMNS):
-    raise configlib.DataError(f"manifest {csv_path} has fan geometry columns {fan_columns} but not "
-                              f"{[c for c in FAN_COLUMNS if c not in columns]}; give all of "
-                              f"{list(FAN_COLUMNS)} or none")
+    raise configlib.DataError(
+      f"manifest {csv_path} has fan geometry columns {fan_columns} but not "
+      f"{[c for c in FAN_COLUMNS if c not in columns]}; give all of "
+      f"{list(FAN_COLUMNS)} or none"
+    )
   fans = {}  # id(row) -> fan dict
   for n, row in enumerate(rows, start=2):  # line 1 is the header
     client = row[client_column] if client_column in columns else stem
@@ -377,21 +456,37 @@ def manifest_clients(csv_path: str, image_column: str = 'image', client_column: 
       raise configlib.DataError(f"manifest {csv_path} line {n}: empty {client_column!r}")
     groups.setdefault(client, []).append(row)
     if fan_columns:
-      probe = (row[probe_column] if probe_column in columns else '') or default_probe
+      probe = (row[probe_column] if probe_column in columns else "") or default_probe
       fans[id(row)] = _manifest_fan(row, probe, f"manifest {csv_path} line {n}")
-  missing = [p for p in (os.path.join(base, r[image_column]) for r in rows) if not os.path.isfile(p)]
+  missing = [
+    p for p in (os.path.join(base, r[image_column]) for r in rows) if not os.path.isfile(p)
+  ]
   if missing:
-    raise FileNotFoundError(f"manifest {csv_path}: {len(missing)} of {len(rows)} images are missing, "
-                            f"e.g. {missing[:3]}")
+    raise FileNotFoundError(
+      f"manifest {csv_path}: {len(missing)} of {len(rows)} images are missing, e.g. {missing[:3]}"
+    )
   clients = []
   for client, group in groups.items():
-    probes = [(r[probe_column] if probe_column in columns else '') or default_probe for r in group]
-    clients.append(FolderSource(
-        client, [os.path.join(base, r[image_column]) for r in group], on_bad_image=on_bad_image,
-        record_probes=probes, drop_undecodable=True, dicom_frames=dicom_frames,
-        extras=[dict({c: r[c] or '' for c in extra_columns},
-                     **({'fan': fans[id(r)]} if fans.get(id(r)) else {})) for r in group]
-        if extra_columns or fans else None))
+    probes = [(r[probe_column] if probe_column in columns else "") or default_probe for r in group]
+    clients.append(
+      FolderSource(
+        client,
+        [os.path.join(base, r[image_column]) for r in group],
+        on_bad_image=on_bad_image,
+        record_probes=probes,
+        drop_undecodable=True,
+        dicom_frames=dicom_frames,
+        extras=[
+          dict(
+            {c: r[c] or "" for c in extra_columns},
+            **({"fan": fans[id(r)]} if fans.get(id(r)) else {}),
+          )
+          for r in group
+        ]
+        if extra_columns or fans
+        else None,
+      )
+    )
   return clients
 
 
@@ -401,16 +496,18 @@ FAN_COLUMNS = geometry.FIELDS
 
 def _manifest_fan(row: dict, probe: str, where: str) -> dict | None:
   """The fan of a manifest row (None when its FAN_COLUMNS are all empty); DataError naming `where`."""
-  cells = {c: (row[c] or '').strip() for c in FAN_COLUMNS}
+  cells = {c: (row[c] or "").strip() for c in FAN_COLUMNS}
   if not any(cells.values()):
     return None
   empty = [c for c, v in cells.items() if not v]
   if empty:
-    raise configlib.DataError(f"{where}: fan geometry {empty} empty; give all of "
-                              f"{list(FAN_COLUMNS)} or none")
-  if probe != 'convex':
-    raise configlib.DataError(f"{where}: fan geometry given for probe {probe!r}; only 'convex' "
-                              "images have a fan")
+    raise configlib.DataError(
+      f"{where}: fan geometry {empty} empty; give all of {list(FAN_COLUMNS)} or none"
+    )
+  if probe != "convex":
+    raise configlib.DataError(
+      f"{where}: fan geometry given for probe {probe!r}; only 'convex' images have a fan"
+    )
   values = {}
   for c, v in cells.items():
     try:
@@ -444,7 +541,7 @@ class PooledSource:
     return self.sources[k][i - (self._ends[k - 1] if k else 0)]
 
 
-def pooled(sources: Sequence, name: str = 'pooled') -> PooledSource:
+def pooled(sources: Sequence, name: str = "pooled") -> PooledSource:
   """One source holding every record of `sources` in order; probe = their common probe, or ''."""
   return PooledSource(sources, name)
 

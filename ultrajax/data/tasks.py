@@ -33,6 +33,7 @@ are read by `mask_mode`:
   class_ids  pixel values are class ids 0..K-1, K = len(`classes`), which must be declared
              (background first); an id outside them is an error naming the file and the ids.
 """
+
 from __future__ import annotations
 
 import collections
@@ -66,6 +67,7 @@ class TaskData:
   groups [N] str (patient ids); splits [N] str in SPLITS; class_names (K,); spacing float64
   [N, 2] (row, column) mm per pixel of the S x S input where the source gives the pixel size
   (`input_spacing`), else None (distances are then in input pixels)."""
+
   images: np.ndarray
   targets: np.ndarray
   groups: np.ndarray
@@ -119,8 +121,10 @@ def split_by_group(groups: np.ndarray, fractions, seed: int) -> np.ndarray:
   """
   fractions = np.asarray(fractions, np.float64)
   if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1.0):
-    raise configlib.ConfigError(f"config.data.split_fractions={tuple(fractions)} must be three "
-                                "non-negative (train, val, test) fractions summing to 1")
+    raise configlib.ConfigError(
+      f"config.data.split_fractions={tuple(fractions)} must be three "
+      "non-negative (train, val, test) fractions summing to 1"
+    )
   unique = np.unique(groups)
   order = np.random.default_rng([seed, 0x5B117]).permutation(len(unique))
   counts = np.floor(fractions * len(unique)).astype(int)
@@ -164,7 +168,7 @@ def train_subset(data: TaskData, fraction: float, seed: int) -> np.ndarray:
   for stratum in strata:
     if len(stratum):
       ranked = stratum[rng.permutation(len(stratum))]
-      keep.extend(ranked[:max(1, int(round(fraction * len(stratum))))].tolist())
+      keep.extend(ranked[: max(1, int(round(fraction * len(stratum))))].tolist())
   return train[np.isin(data.groups[train], keep)]
 
 
@@ -175,13 +179,22 @@ def train_subset(data: TaskData, fraction: float, seed: int) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def _phantom_records(organ: str, num_images: int, image_size: int, seed: int) -> tuple:
   """`num_images` phantom draws of one organ (probe as sources.ORGAN_PROBE), cached per process."""
-  src = sources.PhantomSource(f"task-{organ}", organ, sources.ORGAN_PROBE[organ], num_images,
-                              image_size, seed)
+  src = sources.PhantomSource(
+    f"task-{organ}", organ, sources.ORGAN_PROBE[organ], num_images, image_size, seed
+  )
   return tuple(src[i] for i in range(num_images))
 
 
-def phantom_task(task_type: str, organs, num_images_per_organ: int, image_size: int, seed: int,
-                 *, classes=("benign", "malignant"), seg_target: str = "lesion") -> TaskData:
+def phantom_task(
+  task_type: str,
+  organs,
+  num_images_per_organ: int,
+  image_size: int,
+  seed: int,
+  *,
+  classes=("benign", "malignant"),
+  seg_target: str = "lesion",
+) -> TaskData:
   """Phantom diagnosis or segmentation for `organs` (one head over all of them).
 
   cls: images whose phantom label is in `classes` (names from phantom.LABELS), relabelled 0..K-1.
@@ -195,14 +208,20 @@ def phantom_task(task_type: str, organs, num_images_per_organ: int, image_size: 
   if task_type == "cls":
     bad = [c for c in classes if c not in phantom.LABELS]
     if bad or len(classes) < 2:
-      raise configlib.ConfigError(f"config.data.classes={tuple(classes)}: need two or more of "
-                                  f"{phantom.LABELS}")
+      raise configlib.ConfigError(
+        f"config.data.classes={tuple(classes)}: need two or more of {phantom.LABELS}"
+      )
     class_names = tuple(classes)
   else:
     if seg_target not in SEG_TARGETS:
-      raise configlib.ConfigError(f"config.data.seg_target={seg_target!r} is not one of {SEG_TARGETS}")
-    class_names = (("background", seg_target) if seg_target != "organ_and_lesion"
-                   else ("background", "organ", "lesion"))
+      raise configlib.ConfigError(
+        f"config.data.seg_target={seg_target!r} is not one of {SEG_TARGETS}"
+      )
+    class_names = (
+      ("background", seg_target)
+      if seg_target != "organ_and_lesion"
+      else ("background", "organ", "lesion")
+    )
   for organ in organs:
     for i, r in enumerate(_phantom_records(organ, num_images_per_organ, image_size, seed)):
       if task_type == "cls":
@@ -219,11 +238,19 @@ def phantom_task(task_type: str, organs, num_images_per_organ: int, image_size: 
       images.append(_to_rgb(r["image"]))
       groups.append(f"{organ}/{i}")
   if not images:
-    raise configlib.ConfigError(f"the phantom gave no images of classes {class_names} for "
-                                f"organs {tuple(organs)}; raise config.data.num_images_per_organ")
+    raise configlib.ConfigError(
+      f"the phantom gave no images of classes {class_names} for "
+      f"organs {tuple(organs)}; raise config.data.num_images_per_organ"
+    )
   dtype = np.int32 if task_type == "cls" else np.uint8
-  return TaskData(np.stack(images), np.asarray(targets, dtype), np.array(groups),
-                  np.full(len(images), "", dtype=object), class_names, task_type)
+  return TaskData(
+    np.stack(images),
+    np.asarray(targets, dtype),
+    np.array(groups),
+    np.full(len(images), "", dtype=object),
+    class_names,
+    task_type,
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,15 +267,20 @@ def _class_names(values, given: str, where: str, lines=None) -> tuple[str, ...]:
   present = sorted(set(values))
   if not given:
     counts = collections.Counter(values)
-    logging.info("%s: config.data.classes='' so the classes are the labels found, sorted: %s",
-                 where, ", ".join(f"{c!r} ({counts[c]} images)" for c in present))
+    logging.info(
+      "%s: config.data.classes='' so the classes are the labels found, sorted: %s",
+      where,
+      ", ".join(f"{c!r} ({counts[c]} images)" for c in present),
+    )
     return tuple(present)
   names = _names(given)
   unknown = [v for v in present if v not in names]
   if unknown:
     first = "" if lines is None else f" (first at line {lines[list(values).index(unknown[0])]})"
-    raise configlib.DataError(f"{where}: labels {unknown[:5]}{first} are not among "
-                              f"config.data.classes={names}; fix the label or add the class")
+    raise configlib.DataError(
+      f"{where}: labels {unknown[:5]}{first} are not among "
+      f"config.data.classes={names}; fix the label or add the class"
+    )
   return names
 
 
@@ -260,13 +292,15 @@ def seg_class_names(classes: str, mask_mode: str) -> tuple[str, ...]:
   if mask_mode == "class_ids":
     if len(names) < 2:
       raise configlib.ConfigError(
-          "config.data.mask_mode='class_ids' needs config.data.classes naming every class id in "
-          f"order, background first (e.g. 'background,organ,lesion'); got {classes!r}")
+        "config.data.mask_mode='class_ids' needs config.data.classes naming every class id in "
+        f"order, background first (e.g. 'background,organ,lesion'); got {classes!r}"
+      )
     return names
   if names and len(names) != 2:
     raise configlib.ConfigError(
-        f"config.data.classes={names}: binary masks (config.data.mask_mode='binary') have 2 "
-        "classes (background, foreground); for more use mask_mode='class_ids'")
+      f"config.data.classes={names}: binary masks (config.data.mask_mode='binary') have 2 "
+      "classes (background, foreground); for more use mask_mode='class_ids'"
+    )
   return names or ("background", "foreground")
 
 
@@ -286,8 +320,9 @@ def mask_classes(mask: np.ndarray, mask_mode: str, class_names, path: str) -> np
     bad = np.unique(mask[mask >= len(class_names)])
     if bad.size:
       raise configlib.DataError(
-          f"mask {path} has class ids {bad[:8].tolist()} outside 0..{len(class_names) - 1} of "
-          f"config.data.classes={tuple(class_names)} (values {_value_summary(mask)})")
+        f"mask {path} has class ids {bad[:8].tolist()} outside 0..{len(class_names) - 1} of "
+        f"config.data.classes={tuple(class_names)} (values {_value_summary(mask)})"
+      )
     return mask.astype(np.uint8)
   if mask.max(initial=0) <= 1:
     return mask.astype(np.uint8)
@@ -295,23 +330,35 @@ def mask_classes(mask: np.ndarray, mask_mode: str, class_names, path: str) -> np
   bright = int(np.sum(mask >= low))
   if not bright:
     raise configlib.DataError(
-        f"mask {path} has values {_value_summary(mask)}, all below {low} but not just 0/1: "
-        "class ids need config.data.mask_mode='class_ids' with config.data.classes, and a 0/1 "
-        "mask must be saved losslessly (PNG)")
+      f"mask {path} has values {_value_summary(mask)}, all below {low} but not just 0/1: "
+      "class ids need config.data.mask_mode='class_ids' with config.data.classes, and a 0/1 "
+      "mask must be saved losslessly (PNG)"
+    )
   ambiguous = int(np.sum(mask < high)) - int(np.sum(mask < low))
   if ambiguous > MAX_AMBIGUOUS * bright:
     raise configlib.DataError(
-        f"mask {path} has values {_value_summary(mask)}: {ambiguous} of its {bright} pixels >= "
-        f"{low} lie in {low}..{high - 1}, so it is not a 0/255 binary mask (config.data."
-        "mask_mode='binary'); save it as 0/255 or 0/1, or declare class ids with "
-        "config.data.mask_mode='class_ids' and config.data.classes")
+      f"mask {path} has values {_value_summary(mask)}: {ambiguous} of its {bright} pixels >= "
+      f"{low} lie in {low}..{high - 1}, so it is not a 0/255 binary mask (config.data."
+      "mask_mode='binary'); save it as 0/255 or 0/1, or declare class ids with "
+      "config.data.mask_mode='class_ids' and config.data.classes"
+    )
   return (mask >= BINARY_THRESHOLD).astype(np.uint8)
 
 
-def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_column="image",
-                  mask_column="mask", label_column="label", group_column="group",
-                  split_column="split", classes: str = "", on_bad_image: str = "raise",
-                  mask_mode: str = "binary") -> TaskData:
+def manifest_task(
+  csv_path: str,
+  task_type: str,
+  image_size: int,
+  *,
+  image_column="image",
+  mask_column="mask",
+  label_column="label",
+  group_column="group",
+  split_column="split",
+  classes: str = "",
+  on_bad_image: str = "raise",
+  mask_mode: str = "binary",
+) -> TaskData:
   """A CSV manifest as a task; image and mask paths relative to the CSV (absolute kept).
 
   cls needs `label_column` (class names; `classes` fixes their order, else sorted). seg needs
@@ -320,17 +367,25 @@ def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_colum
   `split_by_group`. Errors name the CSV, the line and the column.
   """
   columns, rows = sources.read_manifest(
-      csv_path, (image_column, label_column if task_type == "cls" else mask_column),
-      f" (needed for a {task_type} task)")
+    csv_path,
+    (image_column, label_column if task_type == "cls" else mask_column),
+    f" (needed for a {task_type} task)",
+  )
   base = os.path.dirname(os.path.abspath(csv_path))
   images, targets, groups, splits, spacing = [], [], [], [], []
   if task_type == "cls":
     empty = [line for line, r in enumerate(rows, start=2) if not r[label_column].strip()]
     if empty:
-      raise configlib.DataError(f"manifest {csv_path}: empty {label_column!r} cell on "
-                                f"{len(empty)} line(s), first line {empty[0]}")
-    class_names = _class_names([r[label_column] for r in rows], classes, f"manifest {csv_path}",
-                               lines=range(2, len(rows) + 2))
+      raise configlib.DataError(
+        f"manifest {csv_path}: empty {label_column!r} cell on "
+        f"{len(empty)} line(s), first line {empty[0]}"
+      )
+    class_names = _class_names(
+      [r[label_column] for r in rows],
+      classes,
+      f"manifest {csv_path}",
+      lines=range(2, len(rows) + 2),
+    )
   else:
     class_names = seg_class_names(classes, mask_mode)
   for line, row in enumerate(rows, start=2):
@@ -346,8 +401,10 @@ def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_colum
       targets.append(class_names.index(row[label_column]))
     else:
       if not row[mask_column]:
-        raise configlib.DataError(f"manifest {csv_path} line {line}: empty {mask_column!r} cell "
-                                  "(a segmentation task needs a mask for every image)")
+        raise configlib.DataError(
+          f"manifest {csv_path} line {line}: empty {mask_column!r} cell "
+          "(a segmentation task needs a mask for every image)"
+        )
       mask_path = os.path.join(base, row[mask_column])
       try:
         mask = sources.decode_image(mask_path)
@@ -356,8 +413,9 @@ def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_colum
       mask = mask.max(axis=-1) if mask.ndim == 3 else mask
       if mask.shape != image.shape[:2]:
         raise configlib.DataError(
-            f"manifest {csv_path} line {line}: mask {mask_path} is {mask.shape[1]}x"
-            f"{mask.shape[0]} but image {path} is {image.shape[1]}x{image.shape[0]}")
+          f"manifest {csv_path} line {line}: mask {mask_path} is {mask.shape[1]}x"
+          f"{mask.shape[0]} but image {path} is {image.shape[1]}x{image.shape[0]}"
+        )
       try:
         mask = mask_classes(mask, mask_mode, class_names, mask_path)
       except configlib.DataError as e:
@@ -370,41 +428,61 @@ def manifest_task(csv_path: str, task_type: str, image_size: int, *, image_colum
       except ValueError:
         pixel_mm = float("nan")
       if not (np.isfinite(pixel_mm) and pixel_mm > 0):
-        raise configlib.DataError(f"manifest {csv_path} line {line}: column {SPACING_COLUMN!r} "
-                                  f"is {row[SPACING_COLUMN]!r}, not a positive pixel size in mm")
+        raise configlib.DataError(
+          f"manifest {csv_path} line {line}: column {SPACING_COLUMN!r} "
+          f"is {row[SPACING_COLUMN]!r}, not a positive pixel size in mm"
+        )
       spacing.append(input_spacing(pixel_mm, image.shape[:2], image_size))
-    groups.append(row[group_column] if group_column in columns and row[group_column]
-                  else f"row{line}")
+    groups.append(
+      row[group_column] if group_column in columns and row[group_column] else f"row{line}"
+    )
     splits.append(row[split_column] if split_column in columns else "")
   bad = sorted({s for s in splits if s not in ("", *SPLITS)})
   if bad:
-    raise configlib.DataError(f"manifest {csv_path}: column {split_column!r} has values {bad}; "
-                              f"use {SPLITS}")
+    raise configlib.DataError(
+      f"manifest {csv_path}: column {split_column!r} has values {bad}; use {SPLITS}"
+    )
   dtype = np.int32 if task_type == "cls" else np.uint8
-  return TaskData(np.stack(images), np.asarray(targets, dtype), np.array(groups),
-                  np.array(splits, dtype=object), class_names, task_type,
-                  np.asarray(spacing, np.float64) if spacing else None)
+  return TaskData(
+    np.stack(images),
+    np.asarray(targets, dtype),
+    np.array(groups),
+    np.array(splits, dtype=object),
+    class_names,
+    task_type,
+    np.asarray(spacing, np.float64) if spacing else None,
+  )
 
 
 def folders_task(root: str, image_size: int, classes: str = "") -> TaskData:
   """root/<class>/**/*.png|jpg|jpeg|bmp as a classification task; one patient per image."""
   if not os.path.isdir(root):
     raise FileNotFoundError(f"class folder root {root} does not exist")
-  found = {d: sources._images_under(os.path.join(root, d)) for d in sorted(os.listdir(root))
-           if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")}
+  found = {
+    d: sources._images_under(os.path.join(root, d))
+    for d in sorted(os.listdir(root))
+    if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
+  }
   empty = [d for d, paths in found.items() if not paths]
   if empty or not found:
     raise configlib.DataError(f"class folder root {root}: no images in {empty or 'any sub-folder'}")
-  class_names = _class_names([d for d, paths in found.items() for _ in paths], classes,
-                             f"class folders under {root}")
+  class_names = _class_names(
+    [d for d, paths in found.items() for _ in paths], classes, f"class folders under {root}"
+  )
   images, targets, groups = [], [], []
   for name, paths in found.items():
     for path in paths:
       images.append(resize_image(sources.decode_image(path), image_size))
       targets.append(class_names.index(name))
       groups.append(os.path.relpath(path, root))
-  return TaskData(np.stack(images), np.asarray(targets, np.int32), np.array(groups),
-                  np.full(len(images), "", dtype=object), class_names, "cls")
+  return TaskData(
+    np.stack(images),
+    np.asarray(targets, np.int32),
+    np.array(groups),
+    np.full(len(images), "", dtype=object),
+    class_names,
+    "cls",
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,8 +494,9 @@ def class_counts(data: TaskData) -> np.ndarray:
   if data.task_type == "cls":
     present = data.targets[:, None] == np.arange(data.num_classes)
   else:
-    present = np.stack([np.any(data.targets == k, axis=(1, 2)) for k in range(data.num_classes)],
-                       axis=1)
+    present = np.stack(
+      [np.any(data.targets == k, axis=(1, 2)) for k in range(data.num_classes)], axis=1
+    )
   return np.stack([present[data.splits == s].sum(axis=0) for s in SPLITS], axis=1)
 
 
@@ -427,16 +506,30 @@ def log_class_counts(data: TaskData, where: str) -> None:
   counts = class_counts(data)
   what = "images" if data.task_type == "cls" else "images showing it"
   for name, row in zip(data.class_names, counts):
-    logging.info("%s: class %r: %d %s (%s)", where, name, row.sum(), what,
-                 ", ".join(f"{s} {n}" for s, n in zip(SPLITS, row.tolist())))
+    logging.info(
+      "%s: class %r: %d %s (%s)",
+      where,
+      name,
+      row.sum(),
+      what,
+      ", ".join(f"{s} {n}" for s, n in zip(SPLITS, row.tolist())),
+    )
     if row.sum() == 1 and data.task_type == "cls":
-      logging.warning("%s: class %r has a single image: a misspelt label? Declaring "
-                      "config.data.classes makes unknown labels an error.", where, name)
+      logging.warning(
+        "%s: class %r has a single image: a misspelt label? Declaring "
+        "config.data.classes makes unknown labels an error.",
+        where,
+        name,
+      )
     missing = [s for s, n in zip(SPLITS, row.tolist()) if n == 0]
     if missing:
-      logging.warning("%s: class %r has no image in the %s split(s); metrics that need every "
-                      "class there (AUROC, per-class Dice) are undefined.", where, name,
-                      "/".join(missing))
+      logging.warning(
+        "%s: class %r has no image in the %s split(s); metrics that need every "
+        "class there (AUROC, per-class Dice) are undefined.",
+        where,
+        name,
+        "/".join(missing),
+      )
 
 
 def _check_targets(data: TaskData, where: str) -> None:
@@ -458,43 +551,72 @@ def load_task(data_config, task_type: str, image_size: int) -> TaskData:
     raise configlib.ConfigError(f"config.data.source={c.source!r} is not one of {SOURCES}")
   mask_mode = c.get("mask_mode", "binary")
   if task_type == "seg":
-    seg_class_names(c.classes if c.source != "phantom" else "", mask_mode)  # a bad field fails first
+    seg_class_names(
+      c.classes if c.source != "phantom" else "", mask_mode
+    )  # a bad field fails first
   if c.source == "phantom":
     organs = tuple(o.strip() for o in c.organs.split(",") if o.strip())
-    data = phantom_task(task_type, organs, c.num_images_per_organ, image_size, c.phantom_seed,
-                        classes=_names(c.classes or PHANTOM_CLASSES), seg_target=c.seg_target)
+    data = phantom_task(
+      task_type,
+      organs,
+      c.num_images_per_organ,
+      image_size,
+      c.phantom_seed,
+      classes=_names(c.classes or PHANTOM_CLASSES),
+      seg_target=c.seg_target,
+    )
     where = f"phantom {task_type} task on {organs}"
   elif c.source == "manifest":
-    data = manifest_task(c.manifest, task_type, image_size, image_column=c.image_column,
-                         mask_column=c.mask_column, label_column=c.label_column,
-                         group_column=c.group_column, split_column=c.split_column,
-                         classes=c.classes, on_bad_image=c.on_bad_image, mask_mode=mask_mode)
+    data = manifest_task(
+      c.manifest,
+      task_type,
+      image_size,
+      image_column=c.image_column,
+      mask_column=c.mask_column,
+      label_column=c.label_column,
+      group_column=c.group_column,
+      split_column=c.split_column,
+      classes=c.classes,
+      on_bad_image=c.on_bad_image,
+      mask_mode=mask_mode,
+    )
     where = f"manifest {c.manifest}"
   elif c.source == "tfds":
     from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
-    data = tfds_source.tfds_task(c.tfds_name, c.tfds_data_dir, c.tfds_split, task_type,
-                                 image_size, c.classes)
+
+    data = tfds_source.tfds_task(
+      c.tfds_name, c.tfds_data_dir, c.tfds_split, task_type, image_size, c.classes
+    )
     where = f"TFDS dataset {c.tfds_name}"
   else:
     if task_type != "cls":
-      raise configlib.ConfigError("config.data.source='folders' is for classification; use a "
-                                  "manifest with a mask column for segmentation")
+      raise configlib.ConfigError(
+        "config.data.source='folders' is for classification; use a "
+        "manifest with a mask column for segmentation"
+      )
     data = folders_task(c.root, image_size, c.classes)
     where = f"class folders {c.root}"
   _check_targets(data, where)
   if np.all(data.splits == ""):
     data.splits = split_by_group(data.groups, c.split_fractions, c.split_seed)
   elif np.any(data.splits == ""):
-    raise configlib.DataError(f"{where}: the split column is empty for "
-                              f"{int(np.sum(data.splits == ''))} rows")
+    raise configlib.DataError(
+      f"{where}: the split column is empty for {int(np.sum(data.splits == ''))} rows"
+    )
   for split in SPLITS:
     if not np.any(data.splits == split):
-      raise configlib.DataError(f"{where}: the {split!r} split is empty ({len(data.groups)} images, "
-                       f"{len(np.unique(data.groups))} patients; split_fractions="
-                       f"{tuple(c.split_fractions)})")
-  logging.info("%s: %d images of %d patients, %s; classes %s", where, len(data.images),
-               len(np.unique(data.groups)),
-               ", ".join(f"{s} {int(np.sum(data.splits == s))}" for s in SPLITS), data.class_names)
+      raise configlib.DataError(
+        f"{where}: the {split!r} split is empty ({len(data.groups)} images, "
+        f"{len(np.unique(data.groups))} patients; split_fractions="
+        f"{tuple(c.split_fractions)})"
+      )
+  logging.info(
+    "%s: %d images of %d patients, %s; classes %s",
+    where,
+    len(data.images),
+    len(np.unique(data.groups)),
+    ", ".join(f"{s} {int(np.sum(data.splits == s))}" for s in SPLITS),
+    data.class_names,
+  )
   log_class_counts(data, where)
   return data
-

@@ -15,13 +15,14 @@ folder is written under a temporary name and renamed, so an interrupted build le
 Batches come from per-client Grain pipelines with the same epoch shuffle and per-process
 slicing as the augmenting pipeline (data/pipeline.py), and checkpoint the same way.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
 import json
 import pathlib
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import grain
 import numpy as np
@@ -40,21 +41,31 @@ def fixed_view(image: np.ndarray, image_size: int) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
-  out = np.asarray(Image.fromarray(image).resize((image_size, image_size),
-                                                 Image.Resampling.BICUBIC))
+  out = np.asarray(
+    Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+  )
   if out.ndim == 2:
     out = np.repeat(out[:, :, None], 3, axis=2)
   return np.ascontiguousarray(out)
 
 
 def _files(directory: pathlib.Path, client: int) -> tuple[pathlib.Path, pathlib.Path]:
-  return (directory / f"client_{client:03d}_images.npy",
-          directory / f"client_{client:03d}_teacher.npy")
+  return (
+    directory / f"client_{client:03d}_images.npy",
+    directory / f"client_{client:03d}_teacher.npy",
+  )
 
 
-def build(directory, sources: list, image_size: int,
-          targets_fn: Callable[[np.ndarray], np.ndarray], meta: dict, *, batch_size: int = 64,
-          dtype: str = "float16") -> pathlib.Path:
+def build(
+  directory,
+  sources: list,
+  image_size: int,
+  targets_fn: Callable[[np.ndarray], np.ndarray],
+  meta: dict,
+  *,
+  batch_size: int = 64,
+  dtype: str = "float16",
+) -> pathlib.Path:
   """Writes the cache of `sources` to `directory` (which must not exist).
 
   targets_fn: uint8 [b, S, S, 3] -> [b, N, D] teacher targets (b <= batch_size; the last
@@ -68,23 +79,30 @@ def build(directory, sources: list, image_size: int,
   tmp.mkdir(parents=True)
   for k, source in enumerate(sources):
     n = len(source)
-    images = np.lib.format.open_memmap(_files(tmp, k)[0], "w+", np.uint8,
-                                       (n, image_size, image_size, 3))
+    images = np.lib.format.open_memmap(
+      _files(tmp, k)[0], "w+", np.uint8, (n, image_size, image_size, 3)
+    )
     feats = None
     for start in range(0, n, batch_size):
       stop = min(start + batch_size, n)
       batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
       for i in range(start, stop):
         batch[i - start] = fixed_view(source[i]["image"], image_size)
-      out = np.asarray(targets_fn(batch))[:stop - start]
+      out = np.asarray(targets_fn(batch))[: stop - start]
       if feats is None:
         feats = np.lib.format.open_memmap(_files(tmp, k)[1], "w+", dtype, (n, *out.shape[1:]))
-      images[start:stop] = batch[:stop - start]
+      images[start:stop] = batch[: stop - start]
       feats[start:stop] = out.astype(dtype)
     images.flush()
     feats.flush()
-    logging.info("teacher cache: client %d %r, %d images, targets %s %s", k, source.name, n,
-                 feats.shape[1:], dtype)
+    logging.info(
+      "teacher cache: client %d %r, %d images, targets %s %s",
+      k,
+      source.name,
+      n,
+      feats.shape[1:],
+      dtype,
+    )
     del images, feats
   (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
   tmp.rename(directory)
@@ -96,15 +114,22 @@ def check_meta(directory, meta: dict) -> None:
   directory = pathlib.Path(directory)
   path = directory / META
   if not path.is_file():
-    raise ValueError(f"{directory} exists but is not a teacher cache (no {META}); remove it "
-                     "or point config.teacher.cache_dir elsewhere")
+    raise ValueError(
+      f"{directory} exists but is not a teacher cache (no {META}); remove it "
+      "or point config.teacher.cache_dir elsewhere"
+    )
   stored = configlib.flatten(json.loads(path.read_text()))
   meta = configlib.flatten(json.loads(json.dumps(meta)))  # tuples -> lists, as stored
-  diff = [f"{k}: cache has {stored.get(k)!r}, this run {meta.get(k)!r}"
-          for k in sorted(set(stored) | set(meta)) if stored.get(k) != meta.get(k)]
+  diff = [
+    f"{k}: cache has {stored.get(k)!r}, this run {meta.get(k)!r}"
+    for k in sorted(set(stored) | set(meta))
+    if stored.get(k) != meta.get(k)
+  ]
   if diff:
-    raise ValueError(f"teacher cache {directory} was built for another setting; remove it or "
-                     "use another config.teacher.cache_dir:\n  " + "\n  ".join(diff))
+    raise ValueError(
+      f"teacher cache {directory} was built for another setting; remove it or "
+      "use another config.teacher.cache_dir:\n  " + "\n  ".join(diff)
+    )
 
 
 class CacheSource:
@@ -131,11 +156,21 @@ class CachedBatches(pipeline.ClientBatches):
   slices) and the same checkpointable state, without augmentation (fixed views).
   """
 
-  def __init__(self, directory, names: list[str], batch_size: int, *, seed: int,
-               num_threads: int = 8, process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    directory,
+    names: list[str],
+    batch_size: int,
+    *,
+    seed: int,
+    num_threads: int = 8,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     sources = [CacheSource(directory, k, name) for k, name in enumerate(names)]
     self.num_images, self.steps_per_epoch, local = pipeline.epoch_layout(
-        sources, batch_size, process_count)
+      sources, batch_size, process_count
+    )
     self.local_batch_size = local
     self.image_size = sources[0].images.shape[1]
     self.feature_shape = sources[0].teacher.shape[1:]
@@ -154,12 +189,15 @@ class CachedBatches(pipeline.ClientBatches):
     self._assert_not_closed()
     client_ids = np.asarray(client_ids)
     s, b = self.image_size, self.local_batch_size
-    out = dict(images=np.zeros((*client_ids.shape, b, s, s, 3), np.uint8),
-               teacher=np.zeros((*client_ids.shape, b, *self.feature_shape), self.feature_dtype))
+    out = dict(
+      images=np.zeros((*client_ids.shape, b, s, s, 3), np.uint8),
+      teacher=np.zeros((*client_ids.shape, b, *self.feature_shape), self.feature_dtype),
+    )
     flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in out.items()}
-    fills = [self._pool.submit(self._fill_dict, self._parents[c],
-                               np.flatnonzero(client_ids == c), flat)
-             for c in np.unique(client_ids[client_ids >= 0])]
+    fills = [
+      self._pool.submit(self._fill_dict, self._parents[c], np.flatnonzero(client_ids == c), flat)
+      for c in np.unique(client_ids[client_ids >= 0])
+    ]
     for fill in fills:
       fill.result()
     return out

@@ -11,6 +11,7 @@ Across clients (`spread`, research/fl_anchors.md section 5): the unweighted mean
 counts once), the test-size-weighted mean, std, min, bottom-25% mean, max - min, Gini and Jain's
 index J = (sum a_k)^2 / (K sum a_k^2); `negative` counts the clients that lose by joining.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,18 +27,27 @@ from ultrajax.data import phantom, sources, tasks
 from ultrajax.eval import significance
 
 
-def phantom_client_task(source: sources.PhantomSource, num_images: int, image_size: int, *,
-                        classes=("benign", "malignant"), split_fractions=(0.6, 0.2, 0.2),
-                        split_seed: int = 0) -> tasks.TaskData:
+def phantom_client_task(
+  source: sources.PhantomSource,
+  num_images: int,
+  image_size: int,
+  *,
+  classes=("benign", "malignant"),
+  split_fractions=(0.6, 0.2, 0.2),
+  split_seed: int = 0,
+) -> tasks.TaskData:
   """The lesion diagnosis of one phantom hospital on its own images: records 0..num_images-1 of
   its generator (the first len(source) are the images it pretrained on; record i depends only
   on (seed, name, i)), those whose label is in `classes`, resized to image_size and split by
   patient (every record its own patient)."""
   bad = [c for c in classes if c not in phantom.LABELS]
-  configlib.check(len(classes) >= 2 and not bad, f"config.task.classes={','.join(classes)!r}: "
-                  f"need two or more of {phantom.LABELS}")
-  client = sources.PhantomSource(source.name, source.organ, source.probe, num_images,
-                                 source.image_size, source.seed)
+  configlib.check(
+    len(classes) >= 2 and not bad,
+    f"config.task.classes={','.join(classes)!r}: need two or more of {phantom.LABELS}",
+  )
+  client = sources.PhantomSource(
+    source.name, source.organ, source.probe, num_images, source.image_size, source.seed
+  )
   images, targets, groups = [], [], []
   for i in range(num_images):
     r = client[i]
@@ -46,26 +56,47 @@ def phantom_client_task(source: sources.PhantomSource, num_images: int, image_si
       images.append(tasks.resize_image(r["image"], image_size))
       targets.append(classes.index(name))
       groups.append(f"{source.name}/{i}")
-  configlib.check(len(images) > 0, f"client {source.name!r}: no phantom images of {classes} "
-                  f"among {num_images}; raise config.task.images_per_client")
+  configlib.check(
+    len(images) > 0,
+    f"client {source.name!r}: no phantom images of {classes} "
+    f"among {num_images}; raise config.task.images_per_client",
+  )
   groups = np.array(groups)
-  data = tasks.TaskData(np.stack(images), np.asarray(targets, np.int32), groups,
-                        tasks.split_by_group(groups, split_fractions, split_seed), tuple(classes),
-                        "cls")
+  data = tasks.TaskData(
+    np.stack(images),
+    np.asarray(targets, np.int32),
+    groups,
+    tasks.split_by_group(groups, split_fractions, split_seed),
+    tuple(classes),
+    "cls",
+  )
   _check_splits(data, f"client {source.name!r}")
   return data
 
 
-def manifest_client_task(csv_path: str, client: str, out_csv: pathlib.Path, image_size: int, *,
-                         client_column: str = "client", image_column: str = "image",
-                         label_column: str = "label", group_column: str = "group",
-                         split_column: str = "split", classes: str = "",
-                         split_fractions=(0.6, 0.2, 0.2), split_seed: int = 0) -> tasks.TaskData:
+def manifest_client_task(
+  csv_path: str,
+  client: str,
+  out_csv: pathlib.Path,
+  image_size: int,
+  *,
+  client_column: str = "client",
+  image_column: str = "image",
+  label_column: str = "label",
+  group_column: str = "group",
+  split_column: str = "split",
+  classes: str = "",
+  split_fractions=(0.6, 0.2, 0.2),
+  split_seed: int = 0,
+) -> tasks.TaskData:
   """One manifest client's labelled rows as a classification task: its rows are written to
   out_csv (image paths made absolute) and read by tasks.manifest_task; split by patient unless
   the manifest has a split column. A manifest without the label column raises naming it."""
-  columns, rows = sources.read_manifest(csv_path, (image_column, client_column, label_column),
-                                        " (needed for the per-hospital benefit report)")
+  columns, rows = sources.read_manifest(
+    csv_path,
+    (image_column, client_column, label_column),
+    " (needed for the per-hospital benefit report)",
+  )
   mine = [r for r in rows if r[client_column] == client]
   configlib.check(bool(mine), f"manifest {csv_path}: no row has {client_column}={client!r}")
   base = os.path.dirname(os.path.abspath(csv_path))
@@ -75,9 +106,16 @@ def manifest_client_task(csv_path: str, client: str, out_csv: pathlib.Path, imag
     w.writeheader()
     for r in mine:
       w.writerow({**r, image_column: os.path.join(base, r[image_column])})
-  data = tasks.manifest_task(str(out_csv), "cls", image_size, image_column=image_column,
-                             label_column=label_column, group_column=group_column,
-                             split_column=split_column, classes=classes)
+  data = tasks.manifest_task(
+    str(out_csv),
+    "cls",
+    image_size,
+    image_column=image_column,
+    label_column=label_column,
+    group_column=group_column,
+    split_column=split_column,
+    classes=classes,
+  )
   if np.all(data.splits == ""):
     data.splits = tasks.split_by_group(data.groups, split_fractions, split_seed)
   _check_splits(data, f"manifest {csv_path} client {client!r}")
@@ -86,14 +124,23 @@ def manifest_client_task(csv_path: str, client: str, out_csv: pathlib.Path, imag
 
 def _check_splits(data: tasks.TaskData, where: str) -> None:
   for split in tasks.SPLITS:
-    configlib.check(bool(np.any(data.splits == split)),
-                    f"{where}: the {split!r} split of its labelled task is empty "
-                    f"({len(data.groups)} images); raise config.task.images_per_client")
+    configlib.check(
+      bool(np.any(data.splits == split)),
+      f"{where}: the {split!r} split of its labelled task is empty "
+      f"({len(data.groups)} images); raise config.task.images_per_client",
+    )
 
 
-def gain_ci(metric_fn: Callable, targets, outputs_fed, outputs_local, *,
-            num_samples: int = 1000, alpha: float = 0.05,
-            seed: int = 0) -> significance.Comparison:
+def gain_ci(
+  metric_fn: Callable,
+  targets,
+  outputs_fed,
+  outputs_local,
+  *,
+  num_samples: int = 1000,
+  alpha: float = 0.05,
+  seed: int = 0,
+) -> significance.Comparison:
   """metric(federated) - metric(local) on one client's test images, paired bootstrap CI.
 
   targets: [N]; outputs_*: [S, N, ...] the S seeds' test outputs of each model. The metric of a
@@ -102,15 +149,23 @@ def gain_ci(metric_fn: Callable, targets, outputs_fed, outputs_local, *,
   """
   fed, local = np.asarray(outputs_fed), np.asarray(outputs_local)
   if fed.shape != local.shape or fed.ndim < 2 or fed.shape[1] != len(targets):
-    raise ValueError(f"gain_ci needs outputs [S, N, ...] of equal shape with N = {len(targets)} "
-                     f"targets, got {fed.shape} and {local.shape}")
+    raise ValueError(
+      f"gain_ci needs outputs [S, N, ...] of equal shape with N = {len(targets)} "
+      f"targets, got {fed.shape} and {local.shape}"
+    )
 
   def over_seeds(y, out):  # out: [n, S, ...]
     return float(np.mean([metric_fn(y, out[:, s]) for s in range(out.shape[1])]))
 
-  return significance.paired_bootstrap(over_seeds, np.asarray(targets), np.moveaxis(fed, 0, 1),
-                                       np.moveaxis(local, 0, 1), num_samples=num_samples,
-                                       alpha=alpha, seed=seed)
+  return significance.paired_bootstrap(
+    over_seeds,
+    np.asarray(targets),
+    np.moveaxis(fed, 0, 1),
+    np.moveaxis(local, 0, 1),
+    num_samples=num_samples,
+    alpha=alpha,
+    seed=seed,
+  )
 
 
 def gini(values) -> float:
@@ -118,7 +173,7 @@ def gini(values) -> float:
   a = np.asarray(values, np.float64)
   if a.size == 0 or a.mean() == 0:
     return math.nan
-  return float(np.abs(a[:, None] - a[None, :]).sum() / (2 * a.size ** 2 * a.mean()))
+  return float(np.abs(a[:, None] - a[None, :]).sum() / (2 * a.size**2 * a.mean()))
 
 
 def jain(values) -> float:
@@ -139,15 +194,21 @@ def spread(values, weights=None) -> dict:
   a, w = a[keep], w[keep]
   if a.size == 0:
     return dict(num_clients=0)
-  worst = np.sort(a)[:math.ceil(a.size / 4)]
-  return dict(num_clients=int(a.size), mean=float(a.mean()),
-              weighted_mean=float(np.sum(w * a) / np.sum(w)), std=float(a.std()),
-              min=float(a.min()), max=float(a.max()), bottom25_mean=float(worst.mean()),
-              gap=float(a.max() - a.min()),
-              # Gini and Jain measure how evenly a non-negative score is shared: not for gains.
-              gini=gini(a) if a.min() >= 0 else math.nan,
-              jain=jain(a) if a.min() >= 0 else math.nan,
-              negative=int(np.sum(a < 0)))
+  worst = np.sort(a)[: math.ceil(a.size / 4)]
+  return dict(
+    num_clients=int(a.size),
+    mean=float(a.mean()),
+    weighted_mean=float(np.sum(w * a) / np.sum(w)),
+    std=float(a.std()),
+    min=float(a.min()),
+    max=float(a.max()),
+    bottom25_mean=float(worst.mean()),
+    gap=float(a.max() - a.min()),
+    # Gini and Jain measure how evenly a non-negative score is shared: not for gains.
+    gini=gini(a) if a.min() >= 0 else math.nan,
+    jain=jain(a) if a.min() >= 0 else math.nan,
+    negative=int(np.sum(a < 0)),
+  )
 
 
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:

@@ -1,14 +1,15 @@
 """Scores of a downstream (diagnosis / segmentation) test: metric tables and the study summary.
 
-  predict_batches   a model's outputs over a split, in fixed-size batches
-  cls_scores        every classification metric of one split (CLS_METRICS)
-  seg_per_image     per-image segmentation metrics (SEG_METRICS), mm where the pixel size is known
-  split_scores      the table of one split (validation: model selection)
-  test_report       every metric with a bootstrap 95% CI over the test images
-  summarise         mean and t-interval over seeds per (variant, fraction), with p-values against
-                    the reference variant (paired t-test, per-seed paired bootstrap, DeLong)
-  transfer_rows     the cross-organ transfer matrix as table rows (jobs/transfer_study.py)
+predict_batches   a model's outputs over a split, in fixed-size batches
+cls_scores        every classification metric of one split (CLS_METRICS)
+seg_per_image     per-image segmentation metrics (SEG_METRICS), mm where the pixel size is known
+split_scores      the table of one split (validation: model selection)
+test_report       every metric with a bootstrap 95% CI over the test images
+summarise         mean and t-interval over seeds per (variant, fraction), with p-values against
+                  the reference variant (paired t-test, per-seed paired bootstrap, DeLong)
+transfer_rows     the cross-organ transfer matrix as table rows (jobs/transfer_study.py)
 """
+
 from __future__ import annotations
 
 import math
@@ -23,26 +24,36 @@ from ultrajax.eval import metrics, significance
 from ultrajax.train import loop
 from ultrajax.ultramim import corruption
 
-CLS_METRICS = ("auroc", "average_precision", "accuracy", "f1", "precision", "recall",
-               "specificity", "npv", "ece")
+CLS_METRICS = (
+  "auroc",
+  "average_precision",
+  "accuracy",
+  "f1",
+  "precision",
+  "recall",
+  "specificity",
+  "npv",
+  "ece",
+)
 # Distances (hd95, asd; nsd's tolerance) in mm where the task knows the pixel size, else pixels.
 SEG_METRICS = ("dice", "iou", "hd95", "asd", "nsd")
 LOWER_IS_BETTER = ("hd95", "asd", "ece")
 
 
-def predict_batches(predict, params, images: np.ndarray, batch_size: int,
-                    data_sharding) -> np.ndarray:
+def predict_batches(
+  predict, params, images: np.ndarray, batch_size: int, data_sharding
+) -> np.ndarray:
   """predict(params, batch) over every image, in batches of `batch_size` (the last one padded
   with zeros and cut back); batches are placed by `data_sharding` and the outputs must come back
   replicated (each process reads them whole)."""
   outs = []
   for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
+    chunk = images[start : start + batch_size]
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
     out = np.asarray(jax.device_get(predict(params, loop.put_global(chunk, data_sharding))))
-    outs.append(out[:batch_size - pad])
+    outs.append(out[: batch_size - pad])
   return np.concatenate(outs)
 
 
@@ -52,18 +63,22 @@ def cls_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
   s = probs[:, 1] if k == 2 else probs
   preds = probs.argmax(axis=1)
   avg = "binary" if k == 2 else "macro"
-  return {"auroc": metrics.auroc(labels, s), "average_precision": metrics.average_precision(labels, s),
-          "accuracy": metrics.accuracy(labels, preds),
-          "f1": metrics.f1(labels, preds, average=avg, num_classes=k),
-          "precision": metrics.precision(labels, preds, average=avg, num_classes=k),
-          "recall": metrics.recall(labels, preds, average=avg, num_classes=k),
-          "specificity": metrics.specificity(labels, preds, average=avg, num_classes=k),
-          "npv": metrics.npv(labels, preds, average=avg, num_classes=k),
-          "ece": metrics.expected_calibration_error(labels, probs)}
+  return {
+    "auroc": metrics.auroc(labels, s),
+    "average_precision": metrics.average_precision(labels, s),
+    "accuracy": metrics.accuracy(labels, preds),
+    "f1": metrics.f1(labels, preds, average=avg, num_classes=k),
+    "precision": metrics.precision(labels, preds, average=avg, num_classes=k),
+    "recall": metrics.recall(labels, preds, average=avg, num_classes=k),
+    "specificity": metrics.specificity(labels, preds, average=avg, num_classes=k),
+    "npv": metrics.npv(labels, preds, average=avg, num_classes=k),
+    "ece": metrics.expected_calibration_error(labels, probs),
+  }
 
 
-def seg_per_image(targets: np.ndarray, preds: np.ndarray, num_classes: int, spacing=None,
-                  nsd_tolerance: float = 2.0) -> dict:
+def seg_per_image(
+  targets: np.ndarray, preds: np.ndarray, num_classes: int, spacing=None, nsd_tolerance: float = 2.0
+) -> dict:
   """Per-image SEG_METRICS, each averaged over the foreground classes. [N] each.
 
   spacing: [N, 2] (row, column) mm per input pixel (TaskData.spacing), so hd95 / asd are in mm
@@ -83,17 +98,27 @@ def seg_per_image(targets: np.ndarray, preds: np.ndarray, num_classes: int, spac
     return {k: np.nanmean(np.stack(v), axis=0) for k, v in out.items()}
 
 
-def split_scores(task_type, targets, outputs, num_classes, spacing=None,
-                 nsd_tolerance: float = 2.0) -> dict:
+def split_scores(
+  task_type, targets, outputs, num_classes, spacing=None, nsd_tolerance: float = 2.0
+) -> dict:
   if task_type == "cls":
     return cls_scores(targets, outputs)
   per_image = seg_per_image(targets, outputs, num_classes, spacing, nsd_tolerance)
-  return {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
-          for k, v in per_image.items()}
+  return {
+    k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for k, v in per_image.items()
+  }
 
 
-def test_report(task_type, targets, outputs, num_classes, num_samples: int, seed: int,
-                spacing=None, nsd_tolerance: float = 2.0) -> dict:
+def test_report(
+  task_type,
+  targets,
+  outputs,
+  num_classes,
+  num_samples: int,
+  seed: int,
+  spacing=None,
+  nsd_tolerance: float = 2.0,
+) -> dict:
   """{metric: [estimate, low, high]} with percentile-bootstrap 95% CIs over test images, every
   metric scored on the same resampled images (one bootstrap for all)."""
   if task_type == "cls":
@@ -101,8 +126,12 @@ def test_report(task_type, targets, outputs, num_classes, num_samples: int, seed
     return {name: list(v) for name, v in cis.items()}
   per_image = seg_per_image(targets, outputs, num_classes, spacing, nsd_tolerance)
   table = np.stack([per_image[name] for name in SEG_METRICS], axis=1)  # [N, M]
-  report = {name: list(v) for name, v in metrics.bootstrap_cis(
-      seg_means, table, num_samples=num_samples, seed=seed).items()}
+  report = {
+    name: list(v)
+    for name, v in metrics.bootstrap_cis(
+      seg_means, table, num_samples=num_samples, seed=seed
+    ).items()
+  }
   report["hd95_undefined_images"] = int(np.sum(~np.isfinite(per_image["hd95"])))
   report["distance_unit"] = "px" if spacing is None else "mm"
   return report
@@ -121,9 +150,22 @@ def blurred(images_u8: np.ndarray, sigma: float, chunk: int = 64) -> np.ndarray:
   rounded back to uint8; sigma 0 returns the images."""
   if sigma == 0:
     return images_u8
-  return np.concatenate([np.clip(np.round(np.asarray(corruption.gaussian_blur(
-      jnp.asarray(images_u8[i:i + chunk], jnp.float32), float(sigma)))), 0, 255).astype(np.uint8)
-      for i in range(0, len(images_u8), chunk)])
+  return np.concatenate(
+    [
+      np.clip(
+        np.round(
+          np.asarray(
+            corruption.gaussian_blur(
+              jnp.asarray(images_u8[i : i + chunk], jnp.float32), float(sigma)
+            )
+          )
+        ),
+        0,
+        255,
+      ).astype(np.uint8)
+      for i in range(0, len(images_u8), chunk)
+    ]
+  )
 
 
 def better(metric: str, new: float, old: float) -> bool:
@@ -153,16 +195,19 @@ def paired_cell_tests(cell: dict, ref: dict, num_samples: int) -> dict:
   if not np.array_equal(a["test_index"], b["test_index"]):
     return {}
   if "probs" in a:
-    boot = significance.paired_bootstrap(cls_scores, a["targets"], a["probs"], b["probs"],
-                                         num_samples=num_samples, seed=cell["seed"])
+    boot = significance.paired_bootstrap(
+      cls_scores, a["targets"], a["probs"], b["probs"], num_samples=num_samples, seed=cell["seed"]
+    )
   else:
-    boot = significance.paired_bootstrap(seg_means, None, a["per_image"], b["per_image"],
-                                         num_samples=num_samples, seed=cell["seed"])
+    boot = significance.paired_bootstrap(
+      seg_means, None, a["per_image"], b["per_image"], num_samples=num_samples, seed=cell["seed"]
+    )
   out = {name: {"bootstrap": c.pvalue} for name, c in boot.items()}
   targets = a.get("targets")
   if "probs" in a and a["probs"].shape[1] == 2 and 0 < targets.sum() < len(targets):
-    out["auroc"]["delong"] = significance.delong_test(targets, a["probs"][:, 1],
-                                                      b["probs"][:, 1]).pvalue
+    out["auroc"]["delong"] = significance.delong_test(
+      targets, a["probs"][:, 1], b["probs"][:, 1]
+    ).pvalue
   return out
 
 
@@ -175,8 +220,9 @@ def _cell_value(cell: dict, name: str) -> float:
   return cell["test"][metric][0]
 
 
-def summarise(cells: list[dict], metric_names, reference: str | None = None,
-              num_samples: int = 1000) -> list[dict]:
+def summarise(
+  cells: list[dict], metric_names, reference: str | None = None, num_samples: int = 1000
+) -> list[dict]:
   """Rows of (variant, fraction, metric, mean, low, high, n, values) over seeds, and the tests
   against the `reference` variant at the same fraction: diff (mean over seeds of variant minus
   reference), p_ttest (two-sided paired t-test over seeds), and per seed (space-separated, as
@@ -191,32 +237,54 @@ def summarise(cells: list[dict], metric_names, reference: str | None = None,
       tests[(c["variant"], c["fraction"], c["seed"])] = paired_cell_tests(c, ref, num_samples)
   keys = sorted({(c["variant"], c["fraction"]) for c in cells}, key=lambda k: (k[0], -k[1]))
   for variant, fraction in keys:
-    group = sorted((c for c in cells if c["variant"] == variant and c["fraction"] == fraction),
-                   key=lambda c: c["seed"])
-    blur_names = [f"{m}@blur{s}" for s in (group[0].get("blur") or {}) for m in metric_names
-                  if all(s in c.get("blur", {}) for c in group)]
+    group = sorted(
+      (c for c in cells if c["variant"] == variant and c["fraction"] == fraction),
+      key=lambda c: c["seed"],
+    )
+    blur_names = [
+      f"{m}@blur{s}"
+      for s in (group[0].get("blur") or {})
+      for m in metric_names
+      if all(s in c.get("blur", {}) for c in group)
+    ]
     ref_group = [refs.get((fraction, c["seed"])) for c in group]
     compare = variant != reference and all(r is not None for r in ref_group)
     for name in (*metric_names, *blur_names):
       values = np.array([_cell_value(c, name) for c in group], np.float64)
       mean, low, high = metrics.mean_ci(values, bounds=metrics.metric_range(name.split("@")[0]))
-      row = {"variant": variant, "fraction": fraction, "metric": name, "mean": mean,
-             "ci_low": low, "ci_high": high, "num_seeds": len(values),
-             "values": " ".join(f"{v:.4f}" for v in values),
-             "reference": reference if compare else "", "diff": math.nan, "p_ttest": math.nan,
-             "p_bootstrap": "", "p_delong": ""}
+      row = {
+        "variant": variant,
+        "fraction": fraction,
+        "metric": name,
+        "mean": mean,
+        "ci_low": low,
+        "ci_high": high,
+        "num_seeds": len(values),
+        "values": " ".join(f"{v:.4f}" for v in values),
+        "reference": reference if compare else "",
+        "diff": math.nan,
+        "p_ttest": math.nan,
+        "p_bootstrap": "",
+        "p_delong": "",
+      }
       if compare:
         t = significance.paired_ttest(values, [_cell_value(r, name) for r in ref_group])
         per_seed = [tests.get((variant, fraction, c["seed"]), {}).get(name, {}) for c in group]
-        row.update(diff=t.diff, p_ttest=t.pvalue, **{
+        row.update(
+          diff=t.diff,
+          p_ttest=t.pvalue,
+          **{
             f"p_{kind}": " ".join(f"{p[kind]:.4g}" for p in per_seed if kind in p)
-            for kind in ("bootstrap", "delong")})
+            for kind in ("bootstrap", "delong")
+          },
+        )
       rows.append(row)
   return rows
 
 
-def transfer_rows(rows: list[str], cols: list[str], table: dict, metric: str,
-                  tests: dict | None = None) -> list[dict]:
+def transfer_rows(
+  rows: list[str], cols: list[str], table: dict, metric: str, tests: dict | None = None
+) -> list[dict]:
   """The transfer matrix as table rows, one per (pretraining source, downstream task), formatted
   for CSV. table[(source, task)] = (mean, low, high, n) over seeds; tests[(source, task)]: the
   fine-tuning summary's columns of that cell against its reference variant (scratch when the
@@ -230,8 +298,16 @@ def transfer_rows(rows: list[str], cols: list[str], table: dict, metric: str,
       mean, low, high, n = table[(r, c)]
       gain = mean - table[("scratch", c)][0] if ("scratch", c) in table else math.nan
       cell = {k: tests.get((r, c), {}).get(k, "") for k in test_columns}
-      out.append({"pretraining": r, "task": c, f"{metric}_mean": f"{mean:.4f}",
-                  "ci_low": f"{low:.4f}", "ci_high": f"{high:.4f}", "num_seeds": n,
-                  "gain_over_scratch": f"{gain:.4f}",
-                  **{k: f"{v:.4g}" if isinstance(v, float) else v for k, v in cell.items()}})
+      out.append(
+        {
+          "pretraining": r,
+          "task": c,
+          f"{metric}_mean": f"{mean:.4f}",
+          "ci_low": f"{low:.4f}",
+          "ci_high": f"{high:.4f}",
+          "num_seeds": n,
+          "gain_over_scratch": f"{gain:.4f}",
+          **{k: f"{v:.4g}" if isinstance(v, float) else v for k, v in cell.items()},
+        }
+      )
   return out

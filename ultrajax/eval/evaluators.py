@@ -19,6 +19,7 @@ own seeded split: the probes fit on its train and val images (nothing is tuned) 
 on its test images. Scalars: eval/<evaluator>/accuracy and eval/<evaluator>/auroc (macro
 one-vs-rest for more than two classes).
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,17 +53,20 @@ TASK_DEFAULTS = dict(mask_column="mask", seg_target="lesion")
 @functools.lru_cache(maxsize=16)
 def _feature_fn(graphdef, sharding):
   """Jitted (encoder params, uint8 images [B, S, S, 3]) -> {'cls', 'gap'}: [B, D] float32."""
+
   def features(params, images):
     encoder = nnx.merge(graphdef, params)
     tokens = encoder.encode(mae.normalize(images.astype(jnp.float32) / 255.0))
     return dict(cls=tokens[:, 0], gap=tokens[:, 1:].mean(axis=1))
+
   if sharding is None:
     return jax.jit(features)
   return jax.jit(features, in_shardings=(None, sharding), out_shardings=sharding)
 
 
-def encoder_features(graphdef, params, images: np.ndarray, *, pool: str = "gap",
-                     batch_size: int = 64, sharding=None) -> np.ndarray:
+def encoder_features(
+  graphdef, params, images: np.ndarray, *, pool: str = "gap", batch_size: int = 64, sharding=None
+) -> np.ndarray:
   """images: uint8 [N, S, S, 3] -> features [N, D] float32 of the unmasked images.
 
   graphdef, params: a ViT encoder (`nnx.split(mae.encoder, nnx.Param)`, params as a pure
@@ -74,12 +78,13 @@ def encoder_features(graphdef, params, images: np.ndarray, *, pool: str = "gap",
   fn = _feature_fn(graphdef, sharding)
   out = []
   for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]),
-                                             chunk.dtype)])
+    chunk = images[start : start + batch_size]
+    padded = np.concatenate(
+      [chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)]
+    )
     if sharding is not None:
       padded = jax.make_array_from_callback(padded.shape, sharding, lambda i, a=padded: a[i])
-    out.append(np.asarray(fn(params, padded)[pool])[:len(chunk)])
+    out.append(np.asarray(fn(params, padded)[pool])[: len(chunk)])
   return np.concatenate(out).astype(np.float32)
 
 
@@ -122,14 +127,23 @@ def _fit_logistic(x, y, C, tol, *, num_classes: int, max_iters: int):
   def running(carry):
     _, state = carry
     count = otu.tree_get(state, "count")
-    return (count == 0) | ((count < max_iters) & (otu.tree_norm(otu.tree_get(state, "grad")) >= tol))
+    return (count == 0) | (
+      (count < max_iters) & (otu.tree_norm(otu.tree_get(state, "grad")) >= tol)
+    )
 
   params, state = jax.lax.while_loop(running, step, (params, solver.init(params)))
   return params, otu.tree_get(state, "count")
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, num_classes: int, *, C: float = 1.0,
-                 max_iters: int = 1000, tol: float = 1e-6) -> dict:
+def fit_logistic(
+  x: np.ndarray,
+  y: np.ndarray,
+  num_classes: int,
+  *,
+  C: float = 1.0,
+  max_iters: int = 1000,
+  tol: float = 1e-6,
+) -> dict:
   """Multinomial logistic regression. x: [N, D] float; y: [N] int in [0, K).
 
   Minimises C * sum_i CE_i + |W|^2 / 2 (scikit-learn's LogisticRegression(C=C)); returns
@@ -138,12 +152,20 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, num_classes: int, *, C: float = 1
   """
   if num_classes < 2:
     raise ValueError(f"num_classes={num_classes} must be at least 2")
-  params, steps = _fit_logistic(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32),
-                                jnp.float32(C), jnp.float32(tol), num_classes=num_classes,
-                                max_iters=max_iters)
+  params, steps = _fit_logistic(
+    jnp.asarray(x, jnp.float32),
+    jnp.asarray(y, jnp.int32),
+    jnp.float32(C),
+    jnp.float32(tol),
+    num_classes=num_classes,
+    max_iters=max_iters,
+  )
   if int(steps) >= max_iters:
-    logging.warning("linear probe: L-BFGS stopped at max_iters=%d before the gradient norm "
-                    "reached %g", max_iters, tol)
+    logging.warning(
+      "linear probe: L-BFGS stopped at max_iters=%d before the gradient norm reached %g",
+      max_iters,
+      tol,
+    )
   return jax.device_get(params)
 
 
@@ -159,8 +181,11 @@ def _knn_proba(train_x, train_y, test_x, *, num_classes, k, metric, weights):
     unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     dist = jnp.clip(1.0 - unit(test_x) @ unit(train_x).T, 0.0, 2.0)
   else:
-    sq = (jnp.sum(test_x ** 2, axis=1)[:, None] + jnp.sum(train_x ** 2, axis=1)[None]
-          - 2.0 * test_x @ train_x.T)
+    sq = (
+      jnp.sum(test_x**2, axis=1)[:, None]
+      + jnp.sum(train_x**2, axis=1)[None]
+      - 2.0 * test_x @ train_x.T
+    )
     dist = jnp.sqrt(jnp.maximum(sq, 0.0))
   neg, idx = jax.lax.top_k(-dist, k)
   dist = -neg
@@ -169,14 +194,23 @@ def _knn_proba(train_x, train_y, test_x, *, num_classes, k, metric, weights):
   else:
     # sklearn: a neighbour at distance 0 takes all the weight (shared among such neighbours).
     exact = dist == 0
-    w = jnp.where(exact.any(axis=1, keepdims=True), exact.astype(dist.dtype),
-                  1.0 / jnp.where(exact, 1.0, dist))
+    w = jnp.where(
+      exact.any(axis=1, keepdims=True), exact.astype(dist.dtype), 1.0 / jnp.where(exact, 1.0, dist)
+    )
   votes = jax.nn.one_hot(train_y[idx], num_classes) * w[..., None]
   return votes.sum(axis=1) / w.sum(axis=1, keepdims=True)
 
 
-def knn_proba(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int,
-              *, k: int = 20, metric: str = "cosine", weights: str = "uniform") -> np.ndarray:
+def knn_proba(
+  train_x: np.ndarray,
+  train_y: np.ndarray,
+  test_x: np.ndarray,
+  num_classes: int,
+  *,
+  k: int = 20,
+  metric: str = "cosine",
+  weights: str = "uniform",
+) -> np.ndarray:
   """Class probabilities [M, K] of the test points from their k nearest training points.
 
   train_x [N, D], train_y [N] int, test_x [M, D]; as KNeighborsClassifier(n_neighbors=k,
@@ -187,33 +221,52 @@ def knn_proba(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_
     raise ValueError(f"metric={metric!r} is not one of {KNN_METRICS}")
   if weights not in KNN_WEIGHTS:
     raise ValueError(f"weights={weights!r} is not one of {KNN_WEIGHTS}")
-  return np.asarray(_knn_proba(
-      jnp.asarray(train_x, jnp.float32), jnp.asarray(train_y, jnp.int32),
-      jnp.asarray(test_x, jnp.float32), num_classes=num_classes, k=min(int(k), len(train_x)),
-      metric=metric, weights=weights))
+  return np.asarray(
+    _knn_proba(
+      jnp.asarray(train_x, jnp.float32),
+      jnp.asarray(train_y, jnp.int32),
+      jnp.asarray(test_x, jnp.float32),
+      num_classes=num_classes,
+      k=min(int(k), len(train_x)),
+      metric=metric,
+      weights=weights,
+    )
+  )
 
 
 # ----------------------------------------------------------------------------- evaluators
 def scores(labels: np.ndarray, proba: np.ndarray) -> dict:
   """{'accuracy', 'auroc'} of probabilities [M, K] (AUROC: binary, or macro one-vs-rest)."""
-  return dict(accuracy=metrics.accuracy(labels, proba.argmax(axis=1)),
-              auroc=metrics.auroc(labels, proba))
+  return dict(
+    accuracy=metrics.accuracy(labels, proba.argmax(axis=1)), auroc=metrics.auroc(labels, proba)
+  )
 
 
-def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, *, C: float = 1.0,
-                 max_iters: int = 1000) -> dict:
+def linear_probe(
+  train_x, train_y, test_x, test_y, num_classes: int, *, C: float = 1.0, max_iters: int = 1000
+) -> dict:
   """Standardise, fit logistic regression on train, score on test: {'accuracy', 'auroc'}."""
   train_x, test_x = standardize(train_x, test_x)
   params = fit_logistic(train_x, train_y, num_classes, C=C, max_iters=max_iters)
   return scores(test_y, logistic_proba(params, test_x))
 
 
-def knn(train_x, train_y, test_x, test_y, num_classes: int, *, k: int = 20,
-        metric: str = "cosine", weights: str = "uniform") -> dict:
+def knn(
+  train_x,
+  train_y,
+  test_x,
+  test_y,
+  num_classes: int,
+  *,
+  k: int = 20,
+  metric: str = "cosine",
+  weights: str = "uniform",
+) -> dict:
   """Standardise, k-NN vote of the training features: {'accuracy', 'auroc'}."""
   train_x, test_x = standardize(train_x, test_x)
-  return scores(test_y, knn_proba(train_x, train_y, test_x, num_classes, k=k, metric=metric,
-                                  weights=weights))
+  return scores(
+    test_y, knn_proba(train_x, train_y, test_x, num_classes, k=k, metric=metric, weights=weights)
+  )
 
 
 def validate(config) -> None:
@@ -246,8 +299,9 @@ def for_pretraining(config, mesh=None) -> Evaluators | None:
   validate(config)
   if not any(config.evals[n].every_rounds > 0 for n in EVALUATORS):
     return None
-  replicated = None if mesh is None else jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec())
+  replicated = (
+    None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  )
   return Evaluators(config, sharding=replicated)
 
 
@@ -272,9 +326,14 @@ class Evaluators:
     self.test_images, self.test_y = self.task.images[test], self.task.targets[test]
     abstract = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
     self.graphdef = nnx.split(abstract.encoder, nnx.Param)[0]
-    logging.info("Evaluators %s on %s (%s features): fit on %d, scored on %d images.",
-                 ", ".join(f"{n} every {e[n].every_rounds} rounds" for n in self.enabled()),
-                 e.task.source, e.features, len(fit), len(test))
+    logging.info(
+      "Evaluators %s on %s (%s features): fit on %d, scored on %d images.",
+      ", ".join(f"{n} every {e[n].every_rounds} rounds" for n in self.enabled()),
+      e.task.source,
+      e.features,
+      len(fit),
+      len(test),
+    )
 
   def enabled(self) -> list[str]:
     return [n for n in EVALUATORS if self.config.evals[n].every_rounds > 0]
@@ -282,8 +341,11 @@ class Evaluators:
   def due(self, round_index: int) -> list[str]:
     """Evaluators to run after `round_index` rounds: at 0, every every_rounds, and the last."""
     last = self.config.fed.num_rounds
-    return [n for n in self.enabled()
-            if round_index in (0, last) or round_index % self.config.evals[n].every_rounds == 0]
+    return [
+      n
+      for n in self.enabled()
+      if round_index in (0, last) or round_index % self.config.evals[n].every_rounds == 0
+    ]
 
   def at_round(self, params, round_index: int) -> dict:
     """Scalars of the evaluators due after `round_index` rounds ({} when none is)."""
@@ -293,8 +355,14 @@ class Evaluators:
     """MAE params (pure dict) -> (fit features [N, D], test features [M, D])."""
     e = self.config.evals
     encoder = params["encoder"]
-    get = functools.partial(encoder_features, self.graphdef, encoder, pool=e.features,
-                            batch_size=e.batch_size, sharding=self.sharding)
+    get = functools.partial(
+      encoder_features,
+      self.graphdef,
+      encoder,
+      pool=e.features,
+      batch_size=e.batch_size,
+      sharding=self.sharding,
+    )
     return get(self.train_images), get(self.test_images)
 
   def __call__(self, params, names=EVALUATORS) -> dict:
@@ -306,14 +374,32 @@ class Evaluators:
     out = {}
     for name in names:
       if name == "linear_probe":
-        result = linear_probe(train_x, self.train_y, test_x, self.test_y, k,
-                              C=e.linear_probe.C, max_iters=e.linear_probe.max_iters)
+        result = linear_probe(
+          train_x,
+          self.train_y,
+          test_x,
+          self.test_y,
+          k,
+          C=e.linear_probe.C,
+          max_iters=e.linear_probe.max_iters,
+        )
       else:
-        result = knn(train_x, self.train_y, test_x, self.test_y, k, k=e.knn.k,
-                     metric=e.knn.metric, weights=e.knn.weights)
+        result = knn(
+          train_x,
+          self.train_y,
+          test_x,
+          self.test_y,
+          k,
+          k=e.knn.k,
+          metric=e.knn.metric,
+          weights=e.knn.weights,
+        )
       out.update({f"eval/{name}/{m}": float(v) for m, v in result.items()})
-    logging.info("Evaluators (%.1f s): %s", time.perf_counter() - t0,
-                 "  ".join(f"{key[5:]} {v:.4f}" for key, v in out.items()))
+    logging.info(
+      "Evaluators (%.1f s): %s",
+      time.perf_counter() - t0,
+      "  ".join(f"{key[5:]} {v:.4f}" for key, v in out.items()),
+    )
     return out
 
 
@@ -324,5 +410,7 @@ def summary(rows: list[dict]) -> str:
   for key in keys:
     seen = [(row["round"], row[key]) for row in rows if key in row and "round" in row]
     (r0, v0), (r1, v1) = seen[0], seen[-1]
-    lines.append(f"{key}: {v0:.4f} at round {r0:.0f} -> {v1:.4f} at round {r1:.0f} ({v1 - v0:+.4f})")
+    lines.append(
+      f"{key}: {v0:.4f} at round {r0:.0f} -> {v1:.4f} at round {r1:.0f} ({v1 - v0:+.4f})"
+    )
   return "\n".join(lines)

@@ -11,11 +11,12 @@ many seeds and splits keeps going and reports the gap; each function's docstring
 Labels and predicted classes are non-negative integers (integral floats and bools are accepted).
 Masks are binary ([H, W] one image, [B, H, W] a batch); segmentation metrics are per image.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage, stats
@@ -25,10 +26,28 @@ HD95_MODES = ("medpy", "directed_max")
 # The range each metric can take (inclusive), for clipping confidence intervals; names as the jobs
 # report them. Not listed: unbounded.
 _UNIT = (0.0, 1.0)
-METRIC_RANGES = {**dict.fromkeys(
-    ("auroc", "auc", "average_precision", "accuracy", "f1", "precision", "recall", "sensitivity",
-     "specificity", "npv", "dice", "iou", "nsd", "ece"), _UNIT),
-    **dict.fromkeys(("hd95", "asd"), (0.0, math.inf))}
+METRIC_RANGES = {
+  **dict.fromkeys(
+    (
+      "auroc",
+      "auc",
+      "average_precision",
+      "accuracy",
+      "f1",
+      "precision",
+      "recall",
+      "sensitivity",
+      "specificity",
+      "npv",
+      "dice",
+      "iou",
+      "nsd",
+      "ece",
+    ),
+    _UNIT,
+  ),
+  **dict.fromkeys(("hd95", "asd"), (0.0, math.inf)),
+}
 
 
 def metric_range(name: str) -> tuple[float, float]:
@@ -50,7 +69,9 @@ def _int_array(x, name: str) -> np.ndarray:
   if not np.issubdtype(a.dtype, np.integer):
     bad = ~np.isfinite(a) | (a != np.round(a))
     if np.any(bad):
-      raise ValueError(f"{name} must hold integer class ids, got values {np.unique(a[bad])[:5].tolist()}")
+      raise ValueError(
+        f"{name} must hold integer class ids, got values {np.unique(a[bad])[:5].tolist()}"
+      )
   a = a.astype(np.int64)
   if a.size and a.min() < 0:
     raise ValueError(f"{name} has negative values {np.unique(a[a < 0])[:5].tolist()}")
@@ -71,7 +92,9 @@ def _check_range(a: np.ndarray, num_classes: int, name: str) -> None:
   """ValueError if any value of `a` lies outside [0, num_classes)."""
   bad = a >= num_classes
   if np.any(bad):
-    raise ValueError(f"{name} has values {np.unique(a[bad])[:5].tolist()} outside [0, {num_classes})")
+    raise ValueError(
+      f"{name} has values {np.unique(a[bad])[:5].tolist()} outside [0, {num_classes})"
+    )
 
 
 def _label_pair(labels, preds) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +147,9 @@ def _binary_ap(positive: np.ndarray, scores: np.ndarray) -> float:
   return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 
-def _ovr(metric: Callable, name: str, labels: np.ndarray, scores: np.ndarray, defined: Callable) -> float:
+def _ovr(
+  metric: Callable, name: str, labels: np.ndarray, scores: np.ndarray, defined: Callable
+) -> float:
   """Binary metric on [N] scores (or column 1 of [N, 2]), else the macro one-vs-rest mean over K columns.
 
   defined(positive [N] bool) says whether the binary metric exists; when it does not for the binary
@@ -134,8 +159,10 @@ def _ovr(metric: Callable, name: str, labels: np.ndarray, scores: np.ndarray, de
     _check_range(labels, 2, "labels")
     positive = labels == 1
     if not defined(positive):
-      warnings.warn(f"{name}: only class {labels[0]} present in labels; {name} is undefined, returning nan",
-                    stacklevel=3)
+      warnings.warn(
+        f"{name}: only class {labels[0]} present in labels; {name} is undefined, returning nan",
+        stacklevel=3,
+      )
       return math.nan
     return metric(positive, scores if scores.ndim == 1 else scores[:, 1])
   num_classes = scores.shape[1]
@@ -143,8 +170,11 @@ def _ovr(metric: Callable, name: str, labels: np.ndarray, scores: np.ndarray, de
   positives = [labels == k for k in range(num_classes)]
   undefined = [k for k in range(num_classes) if not defined(positives[k])]
   if undefined:
-    warnings.warn(f"{name}: classes {undefined} of {num_classes} absent from labels; the macro one-vs-rest "
-                  f"{name} is undefined, returning nan", stacklevel=3)
+    warnings.warn(
+      f"{name}: classes {undefined} of {num_classes} absent from labels; the macro one-vs-rest "
+      f"{name} is undefined, returning nan",
+      stacklevel=3,
+    )
     return math.nan
   return float(np.mean([metric(positives[k], scores[:, k]) for k in range(num_classes)]))
 
@@ -196,7 +226,9 @@ def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
   labels, preds = _label_pair(labels, preds)
   _check_range(labels, num_classes, "labels")
   _check_range(preds, num_classes, "preds")
-  return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
+  return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(
+    num_classes, num_classes
+  )
 
 
 def _counts(labels, preds, average: str, num_classes: int | None) -> tuple[np.ndarray, ...]:
@@ -299,8 +331,10 @@ def _binary_mask(x, name: str) -> np.ndarray:
   if a.dtype == bool:
     return a
   if not np.issubdtype(a.dtype, np.number) or not np.all((a == 0) | (a == 1)):
-    raise ValueError(f"{name} must be a binary mask (bool or 0/1), got dtype {a.dtype} with values "
-                     f"{np.unique(a)[:5].tolist()}...")
+    raise ValueError(
+      f"{name} must be a binary mask (bool or 0/1), got dtype {a.dtype} with values "
+      f"{np.unique(a)[:5].tolist()}..."
+    )
   return a.astype(bool)
 
 
@@ -346,7 +380,9 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
   Erosion treats outside the image as background, so mask pixels on the image edge are surface.
   """
-  return mask ^ ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+  return mask ^ ndimage.binary_erosion(
+    mask, structure=ndimage.generate_binary_structure(mask.ndim, 1)
+  )
 
 
 def _surface_distances(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float]):
@@ -367,8 +403,10 @@ def _spacings(spacing, batch: int) -> np.ndarray:
   if s.shape == (2,):
     s = np.broadcast_to(s, (batch, 2))
   if s.shape != (batch, 2) or not np.all(np.isfinite(s) & (s > 0)):
-    raise ValueError(f"spacing must be two positive (row, column) sizes or [B={batch}, 2] of them, "
-                     f"got {np.asarray(spacing).tolist()}")
+    raise ValueError(
+      f"spacing must be two positive (row, column) sizes or [B={batch}, 2] of them, "
+      f"got {np.asarray(spacing).tolist()}"
+    )
   return s
 
 
@@ -376,8 +414,10 @@ def _per_image(fn, pred, target, spacing):
   """fn(distances or None, both_empty) -> float for each image of [H, W] or [B, H, W] masks."""
   pred, target, batched = _mask_pair(pred, target)
   spacing = _spacings(spacing, pred.shape[0])
-  values = [fn(_surface_distances(p, t, tuple(s)), not p.any() and not t.any())
-            for p, t, s in zip(pred, target, spacing)]
+  values = [
+    fn(_surface_distances(p, t, tuple(s)), not p.any() and not t.any())
+    for p, t, s in zip(pred, target, spacing)
+  ]
   return _unbatch(np.array(values, np.float64), batched)
 
 
@@ -404,6 +444,7 @@ def hd95(pred, target, spacing=(1.0, 1.0), mode: str = "medpy"):
     if mode == "medpy":
       return np.percentile(np.concatenate(d), 95)
     return max(np.percentile(d[0], 95), np.percentile(d[1], 95))
+
   return _per_image(one, pred, target, spacing)
 
 
@@ -411,10 +452,12 @@ def average_surface_distance(pred, target, spacing=(1.0, 1.0)):
   """Average symmetric surface distance: the mean of the pred->target and target->pred distances
   pooled, as medpy's `assd` (0.5.2) and MONAI's compute_average_surface_distance(symmetric=True).
   Shapes, spacing, surfaces and empty masks as `hd95`."""
+
   def one(d, both_empty):
     if d is None:
       return 0.0 if both_empty else math.nan
     return np.concatenate(d).mean()
+
   return _per_image(one, pred, target, spacing)
 
 
@@ -433,6 +476,7 @@ def surface_dice(pred, target, tolerance: float, spacing=(1.0, 1.0)):
     if d is None:
       return 1.0 if both_empty else 0.0
     return ((d[0] <= tolerance).sum() + (d[1] <= tolerance).sum()) / (d[0].size + d[1].size)
+
   return _per_image(one, pred, target, spacing)
 
 
@@ -463,8 +507,9 @@ def _check_alpha(alpha) -> None:
     raise ValueError(f"alpha={alpha!r} is not in (0, 1)")
 
 
-def bootstrap_cis(metrics_fn: Callable, *arrays, num_samples: int = 1000, alpha: float = 0.05,
-                  seed: int = 0) -> dict[str, tuple[float, float, float]]:
+def bootstrap_cis(
+  metrics_fn: Callable, *arrays, num_samples: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
   """Percentile bootstrap {name: (estimate, low, high)} of every metric in metrics_fn(*arrays) -> dict.
 
   arrays: each [N, ...]; rows (samples, images) are resampled jointly with replacement, num_samples
@@ -480,7 +525,9 @@ def bootstrap_cis(metrics_fn: Callable, *arrays, num_samples: int = 1000, alpha:
   arrays = [np.asarray(a) for a in arrays]
   lengths = [a.shape[0] if a.ndim else None for a in arrays]
   if None in lengths or len(set(lengths)) != 1 or lengths[0] == 0:
-    raise ValueError(f"arrays must share a non-zero leading length N, got shapes {[a.shape for a in arrays]}")
+    raise ValueError(
+      f"arrays must share a non-zero leading length N, got shapes {[a.shape for a in arrays]}"
+    )
   _check_positive_int(num_samples, "num_samples")
   _check_alpha(alpha)
   n = lengths[0]
@@ -497,23 +544,31 @@ def bootstrap_cis(metrics_fn: Callable, *arrays, num_samples: int = 1000, alpha:
   for j, name in enumerate(estimates):
     v = values[~np.isnan(values[:, j]), j]
     if v.size < num_samples:
-      warnings.warn(f"bootstrap: {num_samples - v.size} of {num_samples} resamples gave nan for "
-                    f"{name} and were skipped", stacklevel=2)
-    low, high = (np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if v.size
-                 else (math.nan, math.nan))
+      warnings.warn(
+        f"bootstrap: {num_samples - v.size} of {num_samples} resamples gave nan for "
+        f"{name} and were skipped",
+        stacklevel=2,
+      )
+    low, high = (
+      np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if v.size else (math.nan, math.nan)
+    )
     out[name] = (estimates[name], float(low), float(high))
   return out
 
 
-def bootstrap_ci(metric_fn: Callable, *arrays, num_samples: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+  metric_fn: Callable, *arrays, num_samples: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float, float]:
   """Percentile bootstrap (estimate, low, high) of one metric_fn(*arrays) -> float; see
   `bootstrap_cis` (the same resamples for the same seed)."""
-  return bootstrap_cis(lambda *a: {"metric": metric_fn(*a)}, *arrays, num_samples=num_samples,
-                       alpha=alpha, seed=seed)["metric"]
+  return bootstrap_cis(
+    lambda *a: {"metric": metric_fn(*a)}, *arrays, num_samples=num_samples, alpha=alpha, seed=seed
+  )["metric"]
 
 
-def mean_ci(values, alpha: float = 0.05, bounds=(-math.inf, math.inf)) -> tuple[float, float, float]:
+def mean_ci(
+  values, alpha: float = 0.05, bounds=(-math.inf, math.inf)
+) -> tuple[float, float, float]:
   """Mean and Student-t (1 - alpha) interval (mean, low, high) over repeats, e.g. five seeds.  values: [S].
 
   Half-width t_{1 - alpha/2, S-1} * std(ddof=1) / sqrt(S), then clipped to `bounds`, the range the
@@ -531,5 +586,8 @@ def mean_ci(values, alpha: float = 0.05, bounds=(-math.inf, math.inf)) -> tuple[
   if v.size == 1:
     return mean, math.nan, math.nan
   half = stats.t.ppf(1 - alpha / 2, df=v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
-  return mean, float(np.clip(mean - half, low_bound, high_bound)), float(
-      np.clip(mean + half, low_bound, high_bound))
+  return (
+    mean,
+    float(np.clip(mean - half, low_bound, high_bound)),
+    float(np.clip(mean + half, low_bound, high_bound)),
+  )

@@ -1,6 +1,7 @@
 """Per-node metric tables of a node study (HeteroSync Learning): AUC / accuracy / recall /
 precision per node and repeat, intervals over repeats and pooled predictions, paired tests
 against the reference method, the fairness summary and the table of a ratio sweep."""
+
 from __future__ import annotations
 
 import csv
@@ -21,20 +22,33 @@ def node_metrics(labels, probs) -> dict:
     return {m: math.nan for m in METRICS}
   preds = (np.asarray(probs) >= 0.5).astype(np.int64)
   auc = metrics.auroc(labels, probs) if 0 < labels.sum() < labels.size else math.nan
-  return dict(auc=auc, accuracy=metrics.accuracy(labels, preds),
-              recall=metrics.recall(labels, preds, average="binary"),
-              precision=metrics.precision(labels, preds, average="binary"))
+  return dict(
+    auc=auc,
+    accuracy=metrics.accuracy(labels, preds),
+    recall=metrics.recall(labels, preds, average="binary"),
+    precision=metrics.precision(labels, preds, average="binary"),
+  )
 
 
 def metric_fn(name: str):
   """(labels, probs) -> node_metrics(...)[name], for bootstraps."""
+
   def fn(labels, probs):
     return node_metrics(labels, probs)[name]
+
   return fn
 
 
-def study_tables(results: dict, node_names, *, bootstrap_samples: int, alpha: float,
-                 seed: int, reference: str = "hsl", baseline: str = "local"):
+def study_tables(
+  results: dict,
+  node_names,
+  *,
+  bootstrap_samples: int,
+  alpha: float,
+  seed: int,
+  reference: str = "hsl",
+  baseline: str = "local",
+):
   """Tables of a node study from results[method][repeat] = {labels_k, probs_k per node k}.
 
   Returns (rows, per_node, fairness, values):
@@ -54,8 +68,16 @@ def study_tables(results: dict, node_names, *, bootstrap_samples: int, alpha: fl
     for r, out in enumerate(results[method]):
       for k, node in enumerate(node_names):
         m = node_metrics(out[f"labels_{k}"], out[f"probs_{k}"])
-        rows.append(dict(method=method, repeat=r, node=node, n_test=len(out[f"labels_{k}"]),
-                         positives=int(out[f"labels_{k}"].sum()), **m))
+        rows.append(
+          dict(
+            method=method,
+            repeat=r,
+            node=node,
+            n_test=len(out[f"labels_{k}"]),
+            positives=int(out[f"labels_{k}"].sum()),
+            **m,
+          )
+        )
         for name, v in m.items():
           values.setdefault((method, node, name), []).append(v)
   for method in methods:
@@ -65,12 +87,15 @@ def study_tables(results: dict, node_names, *, bootstrap_samples: int, alpha: fl
       for name in METRICS:
         v = np.asarray(values[(method, node, name)], np.float64)
         finite = v[np.isfinite(v)]
-        mean, lo, hi = (metrics.mean_ci(finite, alpha, bounds=metrics.metric_range(name))
-                        if finite.size else (math.nan,) * 3)
+        mean, lo, hi = (
+          metrics.mean_ci(finite, alpha, bounds=metrics.metric_range(name))
+          if finite.size
+          else (math.nan,) * 3
+        )
         if labels.size and (name != "auc" or 0 < labels.sum() < labels.size):
-          est, blo, bhi = metrics.bootstrap_ci(metric_fn(name), labels, probs,
-                                               num_samples=bootstrap_samples,
-                                               alpha=alpha, seed=seed)
+          est, blo, bhi = metrics.bootstrap_ci(
+            metric_fn(name), labels, probs, num_samples=bootstrap_samples, alpha=alpha, seed=seed
+          )
         else:
           est, blo, bhi = (math.nan,) * 3
         # Every other method against the reference on the same test cases (the HSL paper:
@@ -78,25 +103,60 @@ def study_tables(results: dict, node_names, *, bootstrap_samples: int, alpha: fl
         versus = {}
         if method != reference and reference in results:
           versus = significance.versus_reference(
-              metric_fn(name), values[(method, node, name)], values[(reference, node, name)],
-              labels, probs, np.concatenate([out[f"probs_{k}"] for out in results[reference]]),
-              num_samples=bootstrap_samples, alpha=alpha, seed=seed)
-        per_node.append(dict(method=method, node=node, metric=name, mean=mean, t_low=lo,
-                             t_high=hi, pooled=est, boot_low=blo, boot_high=bhi,
-                             repeats=int(finite.size),
-                             **{f"{k}_vs_{reference}": v for k, v in versus.items()}))
+            metric_fn(name),
+            values[(method, node, name)],
+            values[(reference, node, name)],
+            labels,
+            probs,
+            np.concatenate([out[f"probs_{k}"] for out in results[reference]]),
+            num_samples=bootstrap_samples,
+            alpha=alpha,
+            seed=seed,
+          )
+        per_node.append(
+          dict(
+            method=method,
+            node=node,
+            metric=name,
+            mean=mean,
+            t_low=lo,
+            t_high=hi,
+            pooled=est,
+            boot_low=blo,
+            boot_high=bhi,
+            repeats=int(finite.size),
+            **{f"{k}_vs_{reference}": v for k, v in versus.items()},
+          )
+        )
   fairness = []
   for method in methods:
     for name in ("auc", "accuracy"):
-      means = np.array([np.nanmean(values[(method, n, name)]) if np.isfinite(
-          values[(method, n, name)]).any() else np.nan for n in node_names])
-      row = dict(method=method, metric=name, node_mean=float(np.nanmean(means)),
-                 worst=float(np.nanmin(means)), worst_node=node_names[int(np.nanargmin(means))],
-                 spread=float(np.nanmax(means) - np.nanmin(means)),
-                 std=float(np.nanstd(means)))
+      means = np.array(
+        [
+          np.nanmean(values[(method, n, name)])
+          if np.isfinite(values[(method, n, name)]).any()
+          else np.nan
+          for n in node_names
+        ]
+      )
+      row = dict(
+        method=method,
+        metric=name,
+        node_mean=float(np.nanmean(means)),
+        worst=float(np.nanmin(means)),
+        worst_node=node_names[int(np.nanargmin(means))],
+        spread=float(np.nanmax(means) - np.nanmin(means)),
+        std=float(np.nanstd(means)),
+      )
       if baseline in results:
-        base_means = np.array([np.nanmean(values[(baseline, n, name)]) if np.isfinite(
-            values[(baseline, n, name)]).any() else np.nan for n in node_names])
+        base_means = np.array(
+          [
+            np.nanmean(values[(baseline, n, name)])
+            if np.isfinite(values[(baseline, n, name)]).any()
+            else np.nan
+            for n in node_names
+          ]
+        )
         gains = means - base_means
         row.update({f"gain_{n}": float(g) for n, g in zip(node_names, gains)})
         row[f"nodes_worse_than_{baseline}"] = int(np.sum(gains < 0))
@@ -112,10 +172,18 @@ def sweep_rows(summaries: dict, metric: str = "auc") -> list[dict]:
     for row in summary["per_node"]:
       if row["metric"] == metric:
         position = summary["nodes"].index(row["node"]) + 1
-        rows.append(dict(ratio=float(ratio), method=row["method"], node=f"node{position}",
-                         node_name=row["node"], **{k: row[k] for k in (
-                             "mean", "t_low", "t_high", "pooled", "boot_low", "boot_high",
-                             "repeats")}))
+        rows.append(
+          dict(
+            ratio=float(ratio),
+            method=row["method"],
+            node=f"node{position}",
+            node_name=row["node"],
+            **{
+              k: row[k]
+              for k in ("mean", "t_low", "t_high", "pooled", "boot_low", "boot_high", "repeats")
+            },
+          )
+        )
   return rows
 
 

@@ -5,6 +5,7 @@ and the prompted-classification metrics (paper Table 4).
 images in static batches and scores every prompt setting against the ground truth at the
 original resolution (eval/coco_eval.py).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,8 +25,16 @@ def mask_ious(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
   return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
-def evaluate_instances(predict: Callable, params, dataset, *, batch_size: int, max_images: int,
-                       batch_sharding, num_preview: int = 4) -> tuple[dict, dict]:
+def evaluate_instances(
+  predict: Callable,
+  params,
+  dataset,
+  *,
+  batch_size: int,
+  max_images: int,
+  batch_sharding,
+  num_preview: int = 4,
+) -> tuple[dict, dict]:
   """COCO mask mAP / mAP@50 / mIoU per prompt setting on `dataset` (data/instances.py
   InstanceDataset), and the first images' predictions for a figure.
 
@@ -44,8 +53,13 @@ def evaluate_instances(predict: Callable, params, dataset, *, batch_size: int, m
   for start in range(0, count, batch_size):
     idx = list(range(start, min(start + batch_size, count)))
     batch = dataset.batch(idx + [idx[0]] * (batch_size - len(idx)))  # static batch: pad, repeat
-    out = jax.device_get(predict(params, loop.put_global(batch["image"], batch_sharding),
-                                 loop.put_global(batch["masks"], batch_sharding)))
+    out = jax.device_get(
+      predict(
+        params,
+        loop.put_global(batch["image"], batch_sharding),
+        loop.put_global(batch["masks"], batch_sharding),
+      )
+    )
     for j, i in enumerate(idx):
       record = dataset.record(i)
       n = min(len(record["masks"]), m)
@@ -53,16 +67,16 @@ def evaluate_instances(predict: Callable, params, dataset, *, batch_size: int, m
       gts.append(record["masks"][:n][keep])
       cats.append(record["category_ids"][:n][keep])
       for name, (logits, score) in out.items():
-        masks = coco_eval.logits_to_masks(logits[j, :n][keep], size, batch["hw"][j],
-                                          record["masks"].shape[1:])
+        masks = coco_eval.logits_to_masks(
+          logits[j, :n][keep], size, batch["hw"][j], record["masks"].shape[1:]
+        )
         preds.setdefault(name, []).append((masks, score[j, :n][keep]))
     if shown is None:
       p = num_preview
       shown = dict(image=batch["image"][:p], masks=batch["masks"][:p], valid=batch["valid"][:p])
       for name, (logits, _) in out.items():
         low = logits[:p]
-        shown[name] = np.asarray(jax.image.resize(low, low.shape[:2] + (size, size),
-                                                  "linear")) > 0
+        shown[name] = np.asarray(jax.image.resize(low, low.shape[:2] + (size, size), "linear")) > 0
   names = {c["id"]: c["name"] for c in dataset.source.categories}
   present = sorted(set(np.concatenate(cats).tolist()))
   results = {}
@@ -72,12 +86,15 @@ def evaluate_instances(predict: Callable, params, dataset, *, batch_size: int, m
     if len(present) > 1:
       subsets += [(f"{names[k]}/", [c == k for c in cats]) for k in present]
     for prefix, keeps in subsets:
-      r = coco_eval.mask_map([g[k] for g, k in zip(gts, keeps)],
-                             [p[k] for (p, _), k in zip(pairs, keeps)],
-                             [s[k] for (_, s), k in zip(pairs, keeps)])
+      r = coco_eval.mask_map(
+        [g[k] for g, k in zip(gts, keeps)],
+        [p[k] for (p, _), k in zip(pairs, keeps)],
+        [s[k] for (_, s), k in zip(pairs, keeps)],
+      )
       results[f"{name}/{prefix}mAP"], results[f"{name}/{prefix}mAP50"] = r["mAP"], r["mAP50"]
-      results[f"{name}/{prefix}mIoU"] = float(np.concatenate(
-          [iou[k] for iou, k in zip(ious, keeps)]).mean())
+      results[f"{name}/{prefix}mIoU"] = float(
+        np.concatenate([iou[k] for iou, k in zip(ious, keeps)]).mean()
+      )
   return results, shown
 
 
@@ -86,8 +103,11 @@ def class_metric_fns(num_classes: int) -> dict:
   one-vs-rest) and the paper's precision, recall and F1 (Table 4) of the arg-max prediction,
   macro over the K classes, and per class k as '<metric>/<k>'."""
   fns = dict(auroc=metrics.auroc)
-  for name, fn in (("precision", metrics.precision), ("recall", metrics.recall),
-                   ("f1", metrics.f1)):
+  for name, fn in (
+    ("precision", metrics.precision),
+    ("recall", metrics.recall),
+    ("f1", metrics.f1),
+  ):
     fns[name] = lambda y, q, fn=fn: fn(y, q.argmax(1), num_classes=num_classes)
     for k in range(num_classes):
       fns[f"{name}/{k}"] = lambda y, q, fn=fn, k=k: fn(y == k, q.argmax(1) == k, average="binary")

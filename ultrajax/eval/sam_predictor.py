@@ -14,6 +14,7 @@ x1 < x0 or y1 < y0 or outside the image, mask inputs of the wrong size, labels t
 0/1, coordinates without labels. Each combination of prompt kinds and point count compiles
 once (jit's cache); a repeated click costs only the decoder.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -32,6 +33,7 @@ def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
   """[H, W, 3] uint8 -> [h, w, 3] uint8 with max(h, w) = long_side: PIL bilinear (with its
   antialiasing), as segment_anything's ResizeLongestSide.apply_image."""
   from PIL import Image
+
   h, w = sam_lib.preprocess_shape(image.shape[0], image.shape[1], long_side)
   return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
@@ -40,14 +42,17 @@ def _int_keys(tree):
   """Orbax gives nnx.List levels back as '0', '1', ...; pure dicts use ints."""
   if not isinstance(tree, dict):
     return tree
-  return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
-          for k, v in tree.items()}
+  return {
+    int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()
+  }
 
 
 def _saved_decoder_heads(directory: pathlib.Path) -> int | None:
   """config.model.decoder_heads from the checkpoint's meta (heads leave no trace in shapes)."""
   import json
+
   import orbax.checkpoint as ocp
+
   if not (directory / "meta").is_dir():
     return None
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
@@ -65,27 +70,33 @@ def load_model(path, **overrides):
   the run's saved `config.model.decoder_heads` (else SAM's 8). overrides: SamConfig fields.
   """
   from ultrajax.interop import sam as sam_interop
+
   path = pathlib.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"nothing at {path}: expected a SAM .pth/.safetensors file or an "
-                            "ultrajax workdir")
+    raise FileNotFoundError(
+      f"nothing at {path}: expected a SAM .pth/.safetensors file or an ultrajax workdir"
+    )
   if path.is_file():
     return sam_interop.load_sam(path, **overrides)
   from ultrajax.train import checkpoint
+
   directory = checkpoint.find_checkpoint_dir(path)
   params = _int_keys(jax.device_get(checkpoint.load_params(directory)))
   missing = {"image_encoder", "prompt_encoder", "mask_decoder"} - set(params)
   if missing:
-    raise ValueError(f"{directory}: the checkpoint's params are not a SAM (no "
-                     f"{sorted(missing)}; it has {sorted(params)})")
+    raise ValueError(
+      f"{directory}: the checkpoint's params are not a SAM (no "
+      f"{sorted(missing)}; it has {sorted(params)})"
+    )
   heads = _saved_decoder_heads(directory)
   if heads and "decoder_heads" not in overrides:
     overrides["decoder_heads"] = heads
   cls = params["mask_decoder"].get("cls_tokens")
   if cls is not None:
     overrides.setdefault("num_cls_tokens", cls.shape[0])
-  core = dict(params, mask_decoder={k: v for k, v in params["mask_decoder"].items()
-                                    if k != "cls_tokens"})
+  core = dict(
+    params, mask_decoder={k: v for k, v in params["mask_decoder"].items() if k != "cls_tokens"}
+  )
   config = sam_interop.config_from_state_dict(sam_interop.sam_to_torch(core), **overrides)
   abstract = nnx.eval_shape(lambda: sam_lib.Sam(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract, nnx.Param)
@@ -115,8 +126,19 @@ class SamPredictor:
     def encode(params, images):
       return nnx.merge(graphdef, params).encode_image(images)
 
-    def decode(params, features, points, labels, boxes, masks, *, multimask, input_hw,
-               original_hw, return_logits):
+    def decode(
+      params,
+      features,
+      points,
+      labels,
+      boxes,
+      masks,
+      *,
+      multimask,
+      input_hw,
+      original_hw,
+      return_logits,
+    ):
       model = nnx.merge(graphdef, params)
       sparse, dense = model.encode_prompts(points, labels, boxes, masks)
       logits, iou = model.decode_masks(features, model.dense_pe(), sparse, dense, multimask)
@@ -124,8 +146,9 @@ class SamPredictor:
       return (full if return_logits else full > sam_lib.MASK_THRESHOLD), iou, logits
 
     self._encode = jax.jit(encode)
-    self._decode = jax.jit(decode, static_argnames=("multimask", "input_hw", "original_hw",
-                                                     "return_logits"))
+    self._decode = jax.jit(
+      decode, static_argnames=("multimask", "input_hw", "original_hw", "return_logits")
+    )
     self.reset_image()
 
   def reset_image(self) -> None:
@@ -168,8 +191,10 @@ class SamPredictor:
     bad = (coords[:, 0] < 0) | (coords[:, 0] > w) | (coords[:, 1] < 0) | (coords[:, 1] > h)
     if bad.any():
       i = int(np.flatnonzero(bad)[0])
-      raise ValueError(f"{what} {i} at (x, y) = {tuple(coords[i].tolist())} is outside the "
-                       f"image (width {w}, height {h})")
+      raise ValueError(
+        f"{what} {i} at (x, y) = {tuple(coords[i].tolist())} is outside the "
+        f"image (width {w}, height {h})"
+      )
 
   def _check_prompts(self, point_coords, point_labels, box, mask_input):
     points = labels = boxes = masks = None
@@ -179,11 +204,14 @@ class SamPredictor:
       coords = np.asarray(point_coords, np.float64)
       labels = np.asarray(point_labels)
       if coords.ndim != 2 or coords.shape[1] != 2 or labels.shape != coords.shape[:1]:
-        raise ValueError(f"point_coords must be [N, 2] and point_labels [N]; got "
-                         f"{coords.shape} and {labels.shape}")
+        raise ValueError(
+          f"point_coords must be [N, 2] and point_labels [N]; got {coords.shape} and {labels.shape}"
+        )
       if not np.isin(labels, POINT_LABELS).all():
-        raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 "
-                         f"(ignored), got {np.unique(labels).tolist()}")
+        raise ValueError(
+          f"point_labels must be 1 (foreground), 0 (background) or -1 "
+          f"(ignored), got {np.unique(labels).tolist()}"
+        )
       self._check_inside("point", coords)
       points, labels = self._to_input_frame(coords)[None], labels.astype(np.int32)[None]
     if box is not None:
@@ -191,28 +219,46 @@ class SamPredictor:
       if box.shape != (4,):
         raise ValueError(f"box must be [x0, y0, x1, y1], got {np.shape(box)}")
       if box[2] < box[0] or box[3] < box[1]:
-        raise ValueError(f"box {box.tolist()} has x1 < x0 or y1 < y0; give [x0, y0, x1, y1] "
-                         "with the top-left corner first")
+        raise ValueError(
+          f"box {box.tolist()} has x1 < x0 or y1 < y0; give [x0, y0, x1, y1] "
+          "with the top-left corner first"
+        )
       self._check_inside("box corner", box.reshape(2, 2))
       boxes = self._to_input_frame(box.reshape(2, 2)).reshape(1, 4)
     if mask_input is not None:
       size = self.config.low_res_size
       masks = np.asarray(mask_input, np.float32)
       if masks.shape != (1, size, size):
-        raise ValueError(f"mask_input must be [1, {size}, {size}] low-res logits (e.g. "
-                         f"low_res_logits[i:i+1] of a previous predict), got {masks.shape}")
+        raise ValueError(
+          f"mask_input must be [1, {size}, {size}] low-res logits (e.g. "
+          f"low_res_logits[i:i+1] of a previous predict), got {masks.shape}"
+        )
     return points, labels, boxes, masks
 
-  def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
-              multimask_output: bool = True, return_logits: bool = False):
+  def predict(
+    self,
+    point_coords=None,
+    point_labels=None,
+    box=None,
+    mask_input=None,
+    multimask_output: bool = True,
+    return_logits: bool = False,
+  ):
     """-> masks [M, H, W] (bool, or logits with return_logits), iou [M], low_res [M, 4g, 4g]
     as numpy; M = 3 with multimask_output, else 1; (H, W) the original image size."""
     if not self.is_image_set:
       raise RuntimeError("set an image with .set_image(...) before predict")
-    points, labels, boxes, masks = self._check_prompts(point_coords, point_labels, box,
-                                                       mask_input)
+    points, labels, boxes, masks = self._check_prompts(point_coords, point_labels, box, mask_input)
     masks_out, iou, low_res = self._decode(
-        self.params, self.features, points, labels, boxes, masks,
-        multimask=bool(multimask_output), input_hw=self.input_size,
-        original_hw=self.original_size, return_logits=bool(return_logits))
+      self.params,
+      self.features,
+      points,
+      labels,
+      boxes,
+      masks,
+      multimask=bool(multimask_output),
+      input_hw=self.input_size,
+      original_hw=self.original_size,
+      return_logits=bool(return_logits),
+    )
     return tuple(np.asarray(x[0]) for x in (masks_out, iou, low_res))

@@ -11,6 +11,7 @@ Which test for what (the papers' statistical analyses):
 Every test returns a `Comparison`: diff = a - b, its (1 - alpha) interval and the p-value.
 `versus_reference` gives a study's p-value columns (t-test over repeats, bootstrap over cases).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ from scipy import stats
 @dataclasses.dataclass(frozen=True)
 class Comparison:
   """Outcome of a two-sided test of 'a and b are equal': diff = estimate(a) - estimate(b)."""
+
   diff: float
   ci_low: float
   ci_high: float
@@ -51,22 +53,37 @@ def paired_ttest(a, b, alpha: float = 0.05) -> Comparison:
   _check_alpha(alpha)
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 1:
-    raise ValueError(f"paired_ttest needs two [S] arrays of equal length, got {a.shape} and {b.shape}")
+    raise ValueError(
+      f"paired_ttest needs two [S] arrays of equal length, got {a.shape} and {b.shape}"
+    )
   d = (a - b)[np.isfinite(a) & np.isfinite(b)]
   if d.size < 2:  # no spread to test against: only the difference, if there is one
     return Comparison(float(d[0]), math.nan, math.nan, math.nan) if d.size else NAN
   mean, sd, df = float(d.mean()), float(d.std(ddof=1)), d.size - 1
   if sd == 0.0:
-    return Comparison(mean, mean, mean, 1.0 if mean == 0.0 else 0.0,
-                      0.0 if mean == 0.0 else math.copysign(math.inf, mean))
+    return Comparison(
+      mean,
+      mean,
+      mean,
+      1.0 if mean == 0.0 else 0.0,
+      0.0 if mean == 0.0 else math.copysign(math.inf, mean),
+    )
   se = sd / math.sqrt(d.size)
   t = mean / se
   half = stats.t.ppf(1 - alpha / 2, df) * se
   return Comparison(mean, mean - half, mean + half, float(2 * stats.t.sf(abs(t), df)), t)
 
 
-def paired_bootstrap(metric_fn: Callable, targets, outputs_a, outputs_b, *, num_samples: int = 1000,
-                     alpha: float = 0.05, seed: int = 0):
+def paired_bootstrap(
+  metric_fn: Callable,
+  targets,
+  outputs_a,
+  outputs_b,
+  *,
+  num_samples: int = 1000,
+  alpha: float = 0.05,
+  seed: int = 0,
+):
   """Paired percentile bootstrap of metric_fn(targets, outputs_a) - metric_fn(targets, outputs_b).
 
   targets: [N, ...] or None (then metric_fn(outputs) takes one argument, e.g. np.mean of
@@ -81,14 +98,24 @@ def paired_bootstrap(metric_fn: Callable, targets, outputs_a, outputs_b, *, num_
   count.
   """
   _check_alpha(alpha)
-  if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+  if (
+    isinstance(num_samples, bool)
+    or not isinstance(num_samples, (int, np.integer))
+    or num_samples < 1
+  ):
     raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
   outputs_a, outputs_b = np.asarray(outputs_a), np.asarray(outputs_b)
   arrays = [outputs_a, outputs_b] + ([] if targets is None else [np.asarray(targets)])
   n = outputs_a.shape[0] if outputs_a.ndim else 0
-  if n == 0 or any(x.ndim == 0 or x.shape[0] != n for x in arrays) or outputs_a.shape != outputs_b.shape:
-    raise ValueError(f"paired_bootstrap needs outputs of equal shape [N, ...] (N > 0) and targets "
-                     f"[N, ...], got {[x.shape for x in arrays]}")
+  if (
+    n == 0
+    or any(x.ndim == 0 or x.shape[0] != n for x in arrays)
+    or outputs_a.shape != outputs_b.shape
+  ):
+    raise ValueError(
+      f"paired_bootstrap needs outputs of equal shape [N, ...] (N > 0) and targets "
+      f"[N, ...], got {[x.shape for x in arrays]}"
+    )
 
   def score(out, rows):
     value = metric_fn(out[rows]) if targets is None else metric_fn(arrays[2][rows], out[rows])
@@ -110,8 +137,11 @@ def paired_bootstrap(metric_fn: Callable, targets, outputs_a, outputs_b, *, num_
     diff = float(full_a[name]) - float(full_b[name])
     d = deltas[np.isfinite(deltas[:, j]), j]
     if d.size < num_samples:
-      warnings.warn(f"paired_bootstrap: {num_samples - d.size} of {num_samples} resamples gave "
-                    f"nan{'' if name is None else ' for ' + name} and were skipped", stacklevel=2)
+      warnings.warn(
+        f"paired_bootstrap: {num_samples - d.size} of {num_samples} resamples gave "
+        f"nan{'' if name is None else ' for ' + name} and were skipped",
+        stacklevel=2,
+      )
     if d.size == 0:
       out[name] = Comparison(diff, math.nan, math.nan, math.nan)
       continue
@@ -131,7 +161,9 @@ def _binary_labels(labels, n: int) -> np.ndarray:
   if y.shape != (n,):
     raise ValueError(f"labels must be [N] = [{n}], got shape {y.shape}")
   if not np.all((y == 0) | (y == 1)):
-    raise ValueError(f"DeLong needs binary labels in {{0, 1}}, got values {np.unique(y)[:5].tolist()}")
+    raise ValueError(
+      f"DeLong needs binary labels in {{0, 1}}, got values {np.unique(y)[:5].tolist()}"
+    )
   y = y.astype(bool)
   if y.all() or not y.any():
     raise ValueError("DeLong needs both classes among the labels")
@@ -198,13 +230,20 @@ def delong_test(labels, scores_a, scores_b, alpha: float = 0.05) -> Comparison:
   _check_alpha(alpha)
   scores_a, scores_b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
   if scores_a.ndim != 1 or scores_a.shape != scores_b.shape:
-    raise ValueError(f"delong_test needs two [N] score arrays, got {scores_a.shape} and {scores_b.shape}")
+    raise ValueError(
+      f"delong_test needs two [N] score arrays, got {scores_a.shape} and {scores_b.shape}"
+    )
   auc, cov = delong_covariance(labels, np.stack([scores_a, scores_b]))
   diff = float(auc[0] - auc[1])
   var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
   if var <= 1e-300:
-    return Comparison(diff, diff, diff, 1.0 if diff == 0.0 else 0.0,
-                      0.0 if diff == 0.0 else math.copysign(math.inf, diff))
+    return Comparison(
+      diff,
+      diff,
+      diff,
+      1.0 if diff == 0.0 else 0.0,
+      0.0 if diff == 0.0 else math.copysign(math.inf, diff),
+    )
   z = diff / math.sqrt(var)
   half = stats.norm.ppf(1 - alpha / 2) * math.sqrt(var)
   return Comparison(diff, diff - half, diff + half, float(2 * stats.norm.sf(abs(z))), z)
@@ -214,8 +253,18 @@ def delong_test(labels, scores_a, scores_b, alpha: float = 0.05) -> Comparison:
 # Study summaries
 
 
-def versus_reference(metric_fn: Callable, values, ref_values, targets, outputs, ref_outputs, *,
-                     num_samples: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
+def versus_reference(
+  metric_fn: Callable,
+  values,
+  ref_values,
+  targets,
+  outputs,
+  ref_outputs,
+  *,
+  num_samples: int = 1000,
+  alpha: float = 0.05,
+  seed: int = 0,
+) -> dict:
   """The p-value columns of one method against a reference method (e.g. every HSL baseline
   against HSL), for a study whose repeats score both on the same test cases.
 
@@ -227,8 +276,9 @@ def versus_reference(metric_fn: Callable, values, ref_values, targets, outputs, 
   """
   t = paired_ttest(values, ref_values, alpha)
   try:
-    boot = paired_bootstrap(metric_fn, targets, outputs, ref_outputs, num_samples=num_samples,
-                            alpha=alpha, seed=seed).pvalue
+    boot = paired_bootstrap(
+      metric_fn, targets, outputs, ref_outputs, num_samples=num_samples, alpha=alpha, seed=seed
+    ).pvalue
   except ValueError:  # no pooled test cases
     boot = math.nan
   return {"diff": t.diff, "p_ttest": t.pvalue, "p_bootstrap": boot}

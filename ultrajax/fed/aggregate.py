@@ -1,4 +1,5 @@
 """Client weights and broadcasting to a leading client axis C. Knows nothing of models."""
+
 from __future__ import annotations
 
 import jax

@@ -2,6 +2,7 @@
 and server halves of one model train together at every step). Every parameter-mixing strategy
 runs on the lane engine, fed/rounds.py.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -15,6 +16,7 @@ from ultrajax.fed import aggregate as agg
 
 class SplitState(NamedTuple):
   """SplitAVG's carried state: per-client sub-networks [C, ...] and one server sub-network."""
+
   client_params: object
   client_model_state: object
   client_opt_state: object
@@ -23,15 +25,25 @@ class SplitState(NamedTuple):
   server_opt_state: object
 
 
-def init_split_state(client_tx, server_tx, client_params, server_params, num_clients: int,
-                     client_model_state=None, server_model_state=None) -> SplitState:
+def init_split_state(
+  client_tx,
+  server_tx,
+  client_params,
+  server_params,
+  num_clients: int,
+  client_model_state=None,
+  server_model_state=None,
+) -> SplitState:
   """Every client starts from the same client sub-network."""
   params = agg.broadcast(client_params, num_clients)
-  return SplitState(params, agg.broadcast({} if client_model_state is None else client_model_state,
-                                          num_clients),
-                    jax.vmap(client_tx.init)(params), server_params,
-                    {} if server_model_state is None else server_model_state,
-                    server_tx.init(server_params))
+  return SplitState(
+    params,
+    agg.broadcast({} if client_model_state is None else client_model_state, num_clients),
+    jax.vmap(client_tx.init)(params),
+    server_params,
+    {} if server_model_state is None else server_model_state,
+    server_tx.init(server_params),
+  )
 
 
 def make_splitavg_round(client_fn, server_loss_fn, client_tx, server_tx, cut_grad: str = "average"):
@@ -64,24 +76,36 @@ def make_splitavg_round(client_fn, server_loss_fn, client_tx, server_tx, cut_gra
     batch, s, key = xs
     num_clients = jax.tree.leaves(batch)[0].shape[0]
     keys = jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(key, c), s))(
-        jnp.arange(num_clients))
+      jnp.arange(num_clients)
+    )
     clients = lambda p: jax.vmap(client_fn)(p, state.client_model_state, batch, keys)
     features, vjp_fn, client_ms = jax.vjp(clients, state.client_params, has_aux=True)
     server_key = jax.random.fold_in(jax.random.fold_in(key, num_clients), s)
     (loss, (server_ms, aux)), (g_server, g_features) = server_grad(
-        state.server_params, state.server_model_state, jax.tree.map(merge, features),
-        jax.tree.map(merge, batch), server_key)
+      state.server_params,
+      state.server_model_state,
+      jax.tree.map(merge, features),
+      jax.tree.map(merge, batch),
+      server_key,
+    )
     g_features = jax.tree.map(lambda g, f: g.reshape(f.shape), g_features, features)
     if cut_grad == "average":
       g_features = jax.tree.map(lambda g: jnp.broadcast_to(g.mean(0), g.shape), g_features)
     (g_clients,) = vjp_fn(g_features)
-    updates, client_opt = jax.vmap(client_tx.update)(g_clients, state.client_opt_state,
-                                                      state.client_params)
-    server_updates, server_opt = server_tx.update(g_server, state.server_opt_state,
-                                                  state.server_params)
-    state = SplitState(optax.apply_updates(state.client_params, updates), client_ms, client_opt,
-                       optax.apply_updates(state.server_params, server_updates), server_ms,
-                       server_opt)
+    updates, client_opt = jax.vmap(client_tx.update)(
+      g_clients, state.client_opt_state, state.client_params
+    )
+    server_updates, server_opt = server_tx.update(
+      g_server, state.server_opt_state, state.server_params
+    )
+    state = SplitState(
+      optax.apply_updates(state.client_params, updates),
+      client_ms,
+      client_opt,
+      optax.apply_updates(state.server_params, server_updates),
+      server_ms,
+      server_opt,
+    )
     return state, {"loss": loss, **aux}
 
   def round_fn(state: SplitState, batches, round_key):

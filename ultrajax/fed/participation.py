@@ -15,6 +15,7 @@ The draw depends only on (seed, round), so the sampler's position is the round i
 resumed run draws the same clients with nothing extra saved. Dropouts come from a stream of
 their own, so changing `dropout` does not change who is sampled.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -27,6 +28,7 @@ _SALT = 0x5A3B  # keeps these streams apart from other numpy draws seeded by `se
 
 class Draw(NamedTuple):
   """One round's clients, [C] bool each: sampled, and those of them that dropped out."""
+
   sampled: np.ndarray
   dropped: np.ndarray
 
@@ -44,11 +46,13 @@ def check(clients_per_round, sampling: str, dropout: float, num_clients: int | N
     raise ValueError(f"dropout={dropout} is outside [0, 1)")
   k = clients_per_round
   if isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0:
-    raise ValueError(f"clients_per_round={k!r} must be 0 (all), a count >= 1 or a fraction "
-                     "in (0, 1)")
+    raise ValueError(
+      f"clients_per_round={k!r} must be 0 (all), a count >= 1 or a fraction in (0, 1)"
+    )
   if sampling == "poisson" and not 0 < k <= 1:
-    raise ValueError(f"clients_per_round={k!r}: sampling='poisson' needs the join probability "
-                     "q in (0, 1]")
+    raise ValueError(
+      f"clients_per_round={k!r}: sampling='poisson' needs the join probability q in (0, 1]"
+    )
   if k >= 1 and k != int(k):
     raise ValueError(f"clients_per_round={k!r} is neither a whole count nor a fraction below 1")
   if num_clients is not None and k > num_clients:
@@ -65,8 +69,14 @@ def count(clients_per_round, num_clients: int) -> int:
   return int(k)
 
 
-def draw(num_examples, round_index: int, seed: int, clients_per_round=0,
-         sampling: str = "uniform", dropout: float = 0.0) -> Draw:
+def draw(
+  num_examples,
+  round_index: int,
+  seed: int,
+  clients_per_round=0,
+  sampling: str = "uniform",
+  dropout: float = 0.0,
+) -> Draw:
   """The clients of round `round_index` (0-based).  num_examples: [C] (for 'volume')."""
   n = np.asarray(num_examples, np.float64)
   num_clients = len(n)

@@ -17,6 +17,7 @@ Which unit is protected: `dp_mean` protects a whole client (a hospital) against 
 anyone who sees the model; `dp_sgd_grad` protects one example inside a client. The accountant
 only knows the mechanism it is given: say which one a reported epsilon refers to.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,13 +65,16 @@ def add_noise(tree, std, key):
   """tree + N(0, std^2) on every coordinate (float32), one independent key per leaf."""
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
-  noisy = [(x.astype(jnp.float32) + std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
-           for x, k in zip(leaves, keys)]
+  noisy = [
+    (x.astype(jnp.float32) + std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+    for x, k in zip(leaves, keys)
+  ]
   return jax.tree.unflatten(treedef, noisy)
 
 
-def dp_mean(client_tree, participating, clip_norm, noise_multiplier: float,
-            expected_participants: float, key):
+def dp_mean(
+  client_tree, participating, clip_norm, noise_multiplier: float, expected_participants: float, key
+):
   """DP-FedAvg (McMahan et al. 2018) with uniform weights and the fixed denominator.
 
   client_tree: updates [C, ...]; participating: [C] bool (this round's sample).
@@ -85,8 +89,9 @@ def dp_mean(client_tree, participating, clip_norm, noise_multiplier: float,
   return add_noise(mean, noise_std(noise_multiplier, clip_norm, expected_participants), key)
 
 
-def adaptive_clip(clip_norm, norms, participating, target_quantile: float, lr: float,
-                  sigma_b: float, key):
+def adaptive_clip(
+  clip_norm, norms, participating, target_quantile: float, lr: float, sigma_b: float, key
+):
   """Geometric quantile clipping (Andrew et al. 2021, Alg. 1): returns (new C, noised b_bar).
 
   b_k = 1[||D_k|| <= C] (the update was NOT clipped), b_bar = (sum_k b_k + N(0, sigma_b^2)) / m
@@ -99,17 +104,20 @@ def adaptive_clip(clip_norm, norms, participating, target_quantile: float, lr: f
   """
   part = jnp.asarray(participating, jnp.float32)
   unclipped = jnp.sum(part * (norms <= clip_norm).astype(jnp.float32))
-  return adaptive_clip_from_count(clip_norm, unclipped, part.sum(), target_quantile, lr, sigma_b,
-                                  key)
+  return adaptive_clip_from_count(
+    clip_norm, unclipped, part.sum(), target_quantile, lr, sigma_b, key
+  )
 
 
-def adaptive_clip_from_count(clip_norm, unclipped, denominator, target_quantile: float, lr: float,
-                             sigma_b: float, key):
+def adaptive_clip_from_count(
+  clip_norm, unclipped, denominator, target_quantile: float, lr: float, sigma_b: float, key
+):
   """adaptive_clip from the count of unclipped updates: b_bar = (count + N(0, sigma_b^2)) /
   denominator, clamped to [0, 1]. Under Poisson sampling the denominator must be the expected
   number of participants (the actual count would leak who took part)."""
   b_bar = (unclipped + sigma_b * jax.random.normal(key, (), jnp.float32)) / jnp.maximum(
-      denominator, 1.0)
+    denominator, 1.0
+  )
   b_bar = jnp.clip(b_bar, 0.0, 1.0)  # noise can push it outside; TF Privacy clamps as well
   return clip_norm * jnp.exp(-lr * (b_bar - target_quantile)), b_bar
 
@@ -118,12 +126,13 @@ def adaptive_noise_multiplier(noise_multiplier: float, sigma_b: float) -> float:
   """Noise multiplier left for the update when the clipped-fraction count also costs privacy:
   z_D = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Thm. 1); z is what the accountant
   charges per round. Raises ConfigError when sigma_b is too small to leave any budget."""
-  rest = noise_multiplier ** -2 - (2.0 * sigma_b) ** -2
+  rest = noise_multiplier**-2 - (2.0 * sigma_b) ** -2
   if rest <= 0:
     raise configlib.ConfigError(
-        f"sigma_b={sigma_b!r} is too small for noise_multiplier={noise_multiplier!r}: "
-        f"need 2 * sigma_b > noise_multiplier")
-  return rest ** -0.5
+      f"sigma_b={sigma_b!r} is too small for noise_multiplier={noise_multiplier!r}: "
+      f"need 2 * sigma_b > noise_multiplier"
+    )
+  return rest**-0.5
 
 
 def _rng(seed: int, round_num: int) -> np.random.Generator:
@@ -158,6 +167,7 @@ class Accountant:
   The state is the round count alone: epsilon is re-derived from it and these fields, so a
   checkpoint stores `state(rounds)` and a resume calls `check_state`.
   """
+
   noise_multiplier: float
   delta: float
   sampling: str = "poisson"
@@ -182,11 +192,12 @@ class Accountant:
       raise bad(f"sampling_rate={self.sampling_rate!r} is not in (0, 1]")
     if self.sampling == "fixed":
       if not 0 < self.sample_size <= self.population:
-        raise bad(f"sample_size={self.sample_size!r} is not in [1, population="
-                  f"{self.population!r}]")
+        raise bad(f"sample_size={self.sample_size!r} is not in [1, population={self.population!r}]")
       if self.kind == "pld":
-        raise bad("sampling='fixed' needs kind='rdp': dp-accounting's PLD accountant does not "
-                  "support sampling without replacement")
+        raise bad(
+          "sampling='fixed' needs kind='rdp': dp-accounting's PLD accountant does not "
+          "support sampling without replacement"
+        )
     if not self.epsilon_budget > 0:
       raise bad(f"epsilon_budget={self.epsilon_budget!r} must be > 0")
 
@@ -194,8 +205,9 @@ class Accountant:
     """One round's DpEvent."""
     gauss = dp_accounting.GaussianDpEvent(self.noise_multiplier)
     if self.sampling == "fixed":
-      return dp_accounting.SampledWithoutReplacementDpEvent(self.population, self.sample_size,
-                                                            gauss)
+      return dp_accounting.SampledWithoutReplacementDpEvent(
+        self.population, self.sample_size, gauss
+      )
     if self.sampling_rate == 1.0:
       return gauss
     return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, gauss)
@@ -207,8 +219,9 @@ class Accountant:
       relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     if self.kind == "rdp":
       return dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
-    return dp_accounting.pld.PLDAccountant(relation,
-                                           value_discretization_interval=self.pld_discretization)
+    return dp_accounting.pld.PLDAccountant(
+      relation, value_discretization_interval=self.pld_discretization
+    )
 
   def epsilon(self, rounds: int) -> float:
     """epsilon at `delta` after `rounds` rounds (0 rounds: 0)."""
@@ -224,8 +237,10 @@ class Accountant:
 
   def state(self, rounds: int) -> dict:
     """What a checkpoint stores: the round count and the mechanism it was counted for."""
-    return {"rounds": int(rounds), **{f.name: getattr(self, f.name)
-                                      for f in dataclasses.fields(self)}}
+    return {
+      "rounds": int(rounds),
+      **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+    }
 
   def check_state(self, state: dict) -> int:
     """The round count of a saved `state`; ConfigError if it was counted for another mechanism
@@ -233,20 +248,24 @@ class Accountant:
     for f in dataclasses.fields(self):
       if f.name in state and state[f.name] != getattr(self, f.name):
         raise configlib.ConfigError(
-            f"privacy accountant: checkpoint was counted with {f.name}={state[f.name]!r}, the "
-            f"config has {getattr(self, f.name)!r}")
+          f"privacy accountant: checkpoint was counted with {f.name}={state[f.name]!r}, the "
+          f"config has {getattr(self, f.name)!r}"
+        )
     return int(state["rounds"])
 
 
-def dp_sgd_accountant(batch_size: int, num_examples: int, noise_multiplier: float,
-                      delta: float, **kw) -> Accountant:
+def dp_sgd_accountant(
+  batch_size: int, num_examples: int, noise_multiplier: float, delta: float, **kw
+) -> Accountant:
   """Accountant for example-level DP-SGD in one client: Poisson rate batch / n_k per step
   (count steps, not rounds). Fixed-size shuffled batches are only approximated by this."""
   if not 0 < batch_size <= num_examples:
-    raise configlib.ConfigError(f"batch_size={batch_size!r} is not in [1, num_examples="
-                                f"{num_examples!r}]")
-  return Accountant(noise_multiplier=noise_multiplier, delta=delta,
-                    sampling_rate=batch_size / num_examples, **kw)
+    raise configlib.ConfigError(
+      f"batch_size={batch_size!r} is not in [1, num_examples={num_examples!r}]"
+    )
+  return Accountant(
+    noise_multiplier=noise_multiplier, delta=delta, sampling_rate=batch_size / num_examples, **kw
+  )
 
 
 def dp_sgd_grad(loss_fn, params, batch, key, clip_norm, noise_multiplier: float):
@@ -256,8 +275,10 @@ def dp_sgd_grad(loss_fn, params, batch, key, clip_norm, noise_multiplier: float)
   come from jax.vmap over B with a batch of one. Returns
   (sum_i clip(g_i, C) + N(0, (z C)^2)) / B, a pytree like params.
   """
+
   def one(example):
     return jax.grad(loss_fn)(params, jax.tree.map(lambda x: x[None], example))
+
   per_example = jax.vmap(one)(batch)
   clipped, _ = clip_updates(per_example, clip_norm)
   size = jax.tree.leaves(batch)[0].shape[0]

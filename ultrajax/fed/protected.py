@@ -26,6 +26,7 @@ Host side, the engine's generic hooks that the jobs' round loop calls (fed/strat
 State that must survive a resume (the accountant's round count, the clip norm, the secure
 aggregation round counter) lives in the strategy state, which the jobs checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,10 @@ RULES = ("mean", "median", "trimmed_mean", "krum", "norm_bound")
 def _delta(done: Finished, server: Server):
   """(params, model state) of the client minus the server's, float32."""
   sub = lambda y, x: y.astype(jnp.float32) - jnp.asarray(x, jnp.float32)  # noqa: E731
-  return (jax.tree.map(sub, done.params, server.params),
-          jax.tree.map(sub, done.model_state, server.model_state))
+  return (
+    jax.tree.map(sub, done.params, server.params),
+    jax.tree.map(sub, done.model_state, server.model_state),
+  )
 
 
 def _no_keep_local(strategy) -> None:
@@ -58,8 +61,9 @@ def _no_keep_local(strategy) -> None:
 
 
 def _plus(server_tree, delta):
-  return jax.tree.map(lambda x, d: (jnp.asarray(x, jnp.float32) + d).astype(jnp.asarray(x).dtype),
-                      server_tree, delta)
+  return jax.tree.map(
+    lambda x, d: (jnp.asarray(x, jnp.float32) + d).astype(jnp.asarray(x).dtype), server_tree, delta
+  )
 
 
 # ----------------------------------------------------------------------------- DP-FedAvg
@@ -76,6 +80,7 @@ class DPFedAvg(strategies.FedAvg):
   from the job's participation fields, not by hand; without it, every client takes part every
   round (m = C, no subsampling in the accountant: conservative if the job samples).
   """
+
   name: str = "dp_fedavg"
   weighting: str = "uniform"
   clip_norm: float = 1.0
@@ -96,20 +101,27 @@ class DPFedAvg(strategies.FedAvg):
   def __post_init__(self):
     _no_keep_local(self)
     if self.weighting != "uniform":
-      raise ValueError(f"dp_fedavg: weighting={self.weighting!r}; DP-FedAvg averages uniformly "
-                       "(the fixed denominator bounds each client's influence)")
+      raise ValueError(
+        f"dp_fedavg: weighting={self.weighting!r}; DP-FedAvg averages uniformly "
+        "(the fixed denominator bounds each client's influence)"
+      )
     if not self.clip_norm > 0 or not self.noise_multiplier > 0:
-      raise ValueError(f"dp_fedavg: clip_norm={self.clip_norm} and noise_multiplier="
-                       f"{self.noise_multiplier} must be > 0")
+      raise ValueError(
+        f"dp_fedavg: clip_norm={self.clip_norm} and noise_multiplier="
+        f"{self.noise_multiplier} must be > 0"
+      )
     if not 0 < self.target_quantile < 1 or not self.clip_lr > 0 or self.clip_count_stddev < 0:
-      raise ValueError(f"dp_fedavg: target_quantile={self.target_quantile} must be in (0, 1), "
-                       f"clip_lr={self.clip_lr} > 0, clip_count_stddev="
-                       f"{self.clip_count_stddev} >= 0")
+      raise ValueError(
+        f"dp_fedavg: target_quantile={self.target_quantile} must be in (0, 1), "
+        f"clip_lr={self.clip_lr} > 0, clip_count_stddev="
+        f"{self.clip_count_stddev} >= 0"
+      )
     if self.epsilon_budget < 0:
       raise ValueError(f"dp_fedavg: epsilon_budget={self.epsilon_budget} must be >= 0 (0: none)")
     if self.accountant not in privacy.ACCOUNTANTS:
-      raise ValueError(f"dp_fedavg: accountant={self.accountant!r} is not one of "
-                       f"{privacy.ACCOUNTANTS}")
+      raise ValueError(
+        f"dp_fedavg: accountant={self.accountant!r} is not one of {privacy.ACCOUNTANTS}"
+      )
     if not 0 < self.delta < 1:
       raise ValueError(f"dp_fedavg: delta={self.delta} is not in (0, 1)")
     if self.adaptive and self.clip_count_stddev:  # sigma_b too small for z fails here
@@ -120,24 +132,33 @@ class DPFedAvg(strategies.FedAvg):
     the update's noise multiplier z_D (z without adaptive clipping)."""
     m = self.expected_participants or float(num_clients)
     sigma_b = self.clip_count_stddev or m / 20.0
-    z = (privacy.adaptive_noise_multiplier(self.noise_multiplier, sigma_b) if self.adaptive
-         else self.noise_multiplier)
+    z = (
+      privacy.adaptive_noise_multiplier(self.noise_multiplier, sigma_b)
+      if self.adaptive
+      else self.noise_multiplier
+    )
     return {"m": m, "sigma_b": sigma_b, "z_update": z}
 
   def for_run(self, num_clients: int, clients_per_round, sampling: str) -> DPFedAvg:
     """This strategy for the job's population and participation (config.fed)."""
     if sampling == "poisson":
-      m, fields = clients_per_round * num_clients, dict(sampling="poisson",
-                                                        sampling_rate=float(clients_per_round))
+      m, fields = (
+        clients_per_round * num_clients,
+        dict(sampling="poisson", sampling_rate=float(clients_per_round)),
+      )
     elif sampling == "uniform":
       size = participation.count(clients_per_round, num_clients)
       m = size
-      fields = (dict(sampling="poisson", sampling_rate=1.0) if size == num_clients else
-                dict(sampling="fixed", population=num_clients, sample_size=size))
+      fields = (
+        dict(sampling="poisson", sampling_rate=1.0)
+        if size == num_clients
+        else dict(sampling="fixed", population=num_clients, sample_size=size)
+      )
     else:
       raise configlib.ConfigError(
-          f"config.fed.sampling={sampling!r}: dp_fedavg needs 'poisson' or 'uniform' sampling "
-          "(the accountant has no model of volume-proportional draws)")
+        f"config.fed.sampling={sampling!r}: dp_fedavg needs 'poisson' or 'uniform' sampling "
+        "(the accountant has no model of volume-proportional draws)"
+      )
     out = dataclasses.replace(self, expected_participants=float(m), **fields)
     out.privacy_accountant()  # a mechanism dp-accounting cannot account fails at start-up
     out.constants(num_clients)  # so does an adaptive sigma_b too small for z
@@ -145,32 +166,47 @@ class DPFedAvg(strategies.FedAvg):
 
   def privacy_accountant(self) -> privacy.Accountant:
     return privacy.Accountant(
-        noise_multiplier=self.noise_multiplier, delta=self.delta, sampling=self.sampling,
-        sampling_rate=self.sampling_rate, population=self.population,
-        sample_size=self.sample_size, kind=self.accountant,
-        epsilon_budget=self.epsilon_budget or math.inf)
+      noise_multiplier=self.noise_multiplier,
+      delta=self.delta,
+      sampling=self.sampling,
+      sampling_rate=self.sampling_rate,
+      population=self.population,
+      sample_size=self.sample_size,
+      kind=self.accountant,
+      epsilon_budget=self.epsilon_budget or math.inf,
+    )
 
   def _init(self, server_params, num_clients):
     del server_params
     const = {k: jnp.asarray(v, jnp.float32) for k, v in self.constants(num_clients).items()}
-    return {"dp": {"clip_norm": jnp.asarray(self.clip_norm, jnp.float32),
-                   "rounds": jnp.zeros((), jnp.int32),
-                   "unclipped": jnp.asarray(math.nan, jnp.float32), **const}}
+    return {
+      "dp": {
+        "clip_norm": jnp.asarray(self.clip_norm, jnp.float32),
+        "rounds": jnp.zeros((), jnp.int32),
+        "unclipped": jnp.asarray(math.nan, jnp.float32),
+        **const,
+      }
+    }
 
   def accumulator(self, state, server: Server, num_clients: int):
-    return dict(super().accumulator(state, server, num_clients),
-                unclipped=jnp.zeros((), jnp.float32))
+    return dict(
+      super().accumulator(state, server, num_clients), unclipped=jnp.zeros((), jnp.float32)
+    )
 
   def on_client_done(self, acc, state, server: Server, done: Finished):
     """acc['params'] += clip(y_k - x, C) (unweighted); model state as FedAvg."""
     delta, _ = _delta(done, server)
     clip = state["dp"]["clip_norm"]
     clipped, norm = privacy.clip_update(delta, clip)
-    acc = dict(acc, params=jax.tree.map(jnp.add, acc["params"], clipped),
-               model_state=jax.tree.map(lambda s, x: s + done.weight * x.astype(jnp.float32),
-                                        acc["model_state"], done.model_state),
-               weight=acc["weight"] + done.weight,
-               unclipped=acc["unclipped"] + (norm <= clip).astype(jnp.float32))
+    acc = dict(
+      acc,
+      params=jax.tree.map(jnp.add, acc["params"], clipped),
+      model_state=jax.tree.map(
+        lambda s, x: s + done.weight * x.astype(jnp.float32), acc["model_state"], done.model_state
+      ),
+      weight=acc["weight"] + done.weight,
+      unclipped=acc["unclipped"] + (norm <= clip).astype(jnp.float32),
+    )
     return acc, state
 
   def server_update(self, acc, state, server: Server, key=None):
@@ -184,9 +220,14 @@ class DPFedAvg(strategies.FedAvg):
     new_clip, b_bar = clip, jnp.asarray(math.nan, jnp.float32)
     if self.adaptive:
       new_clip, b_bar = privacy.adaptive_clip_from_count(
-          clip, acc["unclipped"], m, self.target_quantile, self.clip_lr, dp["sigma_b"], count_key)
-    dp = dict(dp, clip_norm=new_clip.astype(jnp.float32), rounds=dp["rounds"] + 1,
-              unclipped=b_bar.astype(jnp.float32))
+        clip, acc["unclipped"], m, self.target_quantile, self.clip_lr, dp["sigma_b"], count_key
+      )
+    dp = dict(
+      dp,
+      clip_norm=new_clip.astype(jnp.float32),
+      rounds=dp["rounds"] + 1,
+      unclipped=b_bar.astype(jnp.float32),
+    )
     return Server(params, strategies._like(model_state, server.model_state)), dict(state, dp=dp)
 
   # --------------------------------------------------------------- host side
@@ -196,17 +237,21 @@ class DPFedAvg(strategies.FedAvg):
     acct = self.privacy_accountant()
     if not acct.would_exceed(rounds_done):
       return None
-    return (f"privacy budget: round {rounds_done + 1} would bring epsilon to "
-            f"{acct.epsilon(rounds_done + 1):.4g} > epsilon_budget={self.epsilon_budget:g} at "
-            f"delta={self.delta:g} ({self.accountant}); stopping after {rounds_done} rounds "
-            f"(epsilon {acct.epsilon(rounds_done):.4g})")
+    return (
+      f"privacy budget: round {rounds_done + 1} would bring epsilon to "
+      f"{acct.epsilon(rounds_done + 1):.4g} > epsilon_budget={self.epsilon_budget:g} at "
+      f"delta={self.delta:g} ({self.accountant}); stopping after {rounds_done} rounds "
+      f"(epsilon {acct.epsilon(rounds_done):.4g})"
+    )
 
   def report(self, state, rounds_done: int) -> dict:
     del rounds_done  # the state's own count is the one checkpointed with it
     state = jax.device_get(state)
     rounds = int(state["dp"]["rounds"])
-    out = {"dp/epsilon": self.privacy_accountant().epsilon(rounds),
-           "dp/clip_norm": float(state["dp"]["clip_norm"])}
+    out = {
+      "dp/epsilon": self.privacy_accountant().epsilon(rounds),
+      "dp/clip_norm": float(state["dp"]["clip_norm"]),
+    }
     if self.adaptive:
       out["dp/unclipped_fraction"] = float(state["dp"]["unclipped"])
     return out
@@ -222,6 +267,7 @@ class Robust(strategies.FedAvg):
   screen_factor: exclude updates with a NaN/inf or a norm > screen_factor x the median norm
   of the finite ones; 0 turns the whole screen off (the rule alone must then cope).
   """
+
   name: str = "median"
   rule: str = "median"
   beta: float = 0.1
@@ -236,11 +282,15 @@ class Robust(strategies.FedAvg):
       raise ValueError(f"{self.name}: rule={self.rule!r} is not one of {RULES}")
     robust.check_beta(self.beta)
     if self.num_byzantine < 0 or self.num_selected < 0:
-      raise ValueError(f"{self.name}: num_byzantine={self.num_byzantine} and num_selected="
-                       f"{self.num_selected} must be >= 0")
+      raise ValueError(
+        f"{self.name}: num_byzantine={self.num_byzantine} and num_selected="
+        f"{self.num_selected} must be >= 0"
+      )
     if not self.max_norm > 0 or self.screen_factor < 0:
-      raise ValueError(f"{self.name}: max_norm={self.max_norm} must be > 0 and screen_factor="
-                       f"{self.screen_factor} >= 0")
+      raise ValueError(
+        f"{self.name}: max_norm={self.max_norm} must be > 0 and screen_factor="
+        f"{self.screen_factor} >= 0"
+      )
 
   def _selected(self, num_clients: int) -> int:
     return self.num_selected or num_clients - self.num_byzantine
@@ -250,22 +300,34 @@ class Robust(strategies.FedAvg):
     if self.rule == "krum":
       robust.check_krum(num_clients, self.num_byzantine, self._selected(num_clients))
     zero = jnp.zeros((), jnp.int32)
-    return {"screen": {"nonfinite": zero, "too_large": zero, "excluded_total": zero,
-                       "excluded": jnp.zeros((num_clients,), bool)}}
+    return {
+      "screen": {
+        "nonfinite": zero,
+        "too_large": zero,
+        "excluded_total": zero,
+        "excluded": jnp.zeros((num_clients,), bool),
+      }
+    }
 
   def accumulator(self, state, server: Server, num_clients: int):
     del state
     stack = lambda t: jax.tree.map(  # noqa: E731
-        lambda x: jnp.zeros((num_clients, *jnp.shape(x)), jnp.float32), t)
-    return {"clients": {"params": stack(server.params), "model_state": stack(server.model_state)},
-            "done": jnp.zeros((num_clients,), bool), "weights": jnp.zeros((num_clients,))}
+      lambda x: jnp.zeros((num_clients, *jnp.shape(x)), jnp.float32), t
+    )
+    return {
+      "clients": {"params": stack(server.params), "model_state": stack(server.model_state)},
+      "done": jnp.zeros((num_clients,), bool),
+      "weights": jnp.zeros((num_clients,)),
+    }
 
   def on_client_done(self, acc, state, server: Server, done: Finished):
     delta, _ = _delta(done, server)
     row = {"params": delta, "model_state": done.model_state}
-    return {"clients": strategies._store(acc["clients"], done.index, row),
-            "done": acc["done"].at[done.index].set(True),
-            "weights": acc["weights"].at[done.index].set(done.weight)}, state
+    return {
+      "clients": strategies._store(acc["clients"], done.index, row),
+      "done": acc["done"].at[done.index].set(True),
+      "weights": acc["weights"].at[done.index].set(done.weight),
+    }, state
 
   def server_update(self, acc, state, server: Server, key=None):
     del key
@@ -285,32 +347,52 @@ class Robust(strategies.FedAvg):
     elif self.rule == "norm_bound":
       agg = robust.norm_bounded_mean(updates, w, self.max_norm, ok)
     else:
-      agg = jax.tree.map(lambda x: jnp.tensordot(w, jnp.where(robust._column(ok, x), x, 0.0),
-                                                 axes=(0, 0)), updates)
+      agg = jax.tree.map(
+        lambda x: jnp.tensordot(w, jnp.where(robust._column(ok, x), x, 0.0), axes=(0, 0)), updates
+      )
     some = ok.any()
     params = _plus(server.params, jax.tree.map(lambda d: jnp.where(some, d, 0.0), agg))
     model_state = jax.tree.map(
-        lambda x, s: jnp.where(some, jnp.tensordot(w, jnp.where(robust._column(ok, x), x, 0.0),
-                                                   axes=(0, 0)), jnp.asarray(s, jnp.float32)),
-        acc["clients"]["model_state"], server.model_state)
+      lambda x, s: jnp.where(
+        some,
+        jnp.tensordot(w, jnp.where(robust._column(ok, x), x, 0.0), axes=(0, 0)),
+        jnp.asarray(s, jnp.float32),
+      ),
+      acc["clients"]["model_state"],
+      server.model_state,
+    )
     excluded = finished & ~ok
-    screen = {"nonfinite": report["nonfinite"].sum().astype(jnp.int32),
-              "too_large": report["too_large"].sum().astype(jnp.int32),
-              "excluded_total": state["screen"]["excluded_total"] + excluded.sum().astype(jnp.int32),
-              "excluded": excluded}
-    return (Server(params, strategies._like(model_state, server.model_state)),
-            dict(state, screen=screen))
+    screen = {
+      "nonfinite": report["nonfinite"].sum().astype(jnp.int32),
+      "too_large": report["too_large"].sum().astype(jnp.int32),
+      "excluded_total": state["screen"]["excluded_total"] + excluded.sum().astype(jnp.int32),
+      "excluded": excluded,
+    }
+    return (
+      Server(params, strategies._like(model_state, server.model_state)),
+      dict(state, screen=screen),
+    )
 
   def report(self, state, rounds_done: int) -> dict:
     del rounds_done
     s = jax.device_get(state)["screen"]
     ids = np.flatnonzero(np.asarray(s["excluded"]))
     if ids.size:
-      logging.warning("%s: clients %s excluded from the round (non-finite update: %d, norm above "
-                      "%g x the median: %d)", self.name, ids.tolist(), int(s["nonfinite"]),
-                      self.screen_factor, int(s["too_large"]))
-    return {"screen/nonfinite": int(s["nonfinite"]), "screen/too_large": int(s["too_large"]),
-            "screen/excluded": int(ids.size), "screen/excluded_total": int(s["excluded_total"])}
+      logging.warning(
+        "%s: clients %s excluded from the round (non-finite update: %d, norm above "
+        "%g x the median: %d)",
+        self.name,
+        ids.tolist(),
+        int(s["nonfinite"]),
+        self.screen_factor,
+        int(s["too_large"]),
+      )
+    return {
+      "screen/nonfinite": int(s["nonfinite"]),
+      "screen/too_large": int(s["too_large"]),
+      "screen/excluded": int(ids.size),
+      "screen/excluded_total": int(s["excluded_total"]),
+    }
 
 
 # ----------------------------------------------------------------------------- secure aggregation
@@ -331,6 +413,7 @@ class SecureAvg(strategies.FedAvg):
   many uploads never wraps); secret_seed draws the clients' secrets. The masks of every pair
   cost C^2 PRG streams of the update's size per round: a simulation, not a fast path.
   """
+
   name: str = "secagg"
   bits: int = 32
   clip_range: float = 8.0
@@ -351,8 +434,11 @@ class SecureAvg(strategies.FedAvg):
     del server_params
     if num_clients > self.max_clients:
       raise ValueError(f"secagg: {num_clients} clients exceed max_clients={self.max_clients}")
-    secrets = np.random.default_rng([self.secret_seed, 0x5EC]).integers(
-        0, 2**32, num_clients, dtype=np.uint64).astype(np.uint32)
+    secrets = (
+      np.random.default_rng([self.secret_seed, 0x5EC])
+      .integers(0, 2**32, num_clients, dtype=np.uint64)
+      .astype(np.uint32)
+    )
     return {"secagg": {"secrets": jnp.asarray(secrets), "round": jnp.zeros((), jnp.int32)}}
 
   def accumulator(self, state, server: Server, num_clients: int):
@@ -387,13 +473,16 @@ class SecureAvg(strategies.FedAvg):
       m = _prg(s["secrets"], u, v, s["round"], y.size, ring_mask)
       term = jnp.where(v > u, m, (jnp.uint32(0) - m) & ring_mask)
       return jnp.where(v == u, y, (y + term) & ring_mask)
+
     return jax.lax.fori_loop(0, num_clients, add_pair, y)
 
   def on_client_done(self, acc, state, server: Server, done: Finished):
     num = acc["done"].shape[0]
     up = self.upload(state, server, done, num)
-    return {"masked": (acc["masked"] + up) & self._ring_mask(),
-            "done": acc["done"].at[done.index].set(True)}, state
+    return {
+      "masked": (acc["masked"] + up) & self._ring_mask(),
+      "done": acc["done"].at[done.index].set(True),
+    }, state
 
   def unmask(self, acc, state):
     """The sum of the uploads minus every mask a survivor u shares with a client d that never
@@ -407,6 +496,7 @@ class SecureAvg(strategies.FedAvg):
       term = jnp.where(d > u, m, (jnp.uint32(0) - m) & ring_mask)  # what u added for d
       dangling = done[u] & ~done[d] & (u != d)
       return jnp.where(dangling, (total - term) & ring_mask, total)
+
     return jax.lax.fori_loop(0, num * num, fix, acc["masked"])
 
   def server_update(self, acc, state, server: Server, key=None):
@@ -422,7 +512,8 @@ class SecureAvg(strategies.FedAvg):
 
 
 # ----------------------------------------------------------------------------- registry, host hooks
-strategies.STRATEGIES.update({
+strategies.STRATEGIES.update(
+  {
     "dp_fedavg": strategies._Entry(DPFedAvg, {}),
     "fedavg_screened": strategies._Entry(Robust, {"name": "fedavg_screened", "rule": "mean"}),
     "median": strategies._Entry(Robust, {"name": "median", "rule": "median"}),
@@ -431,5 +522,5 @@ strategies.STRATEGIES.update({
     "multi_krum": strategies._Entry(Robust, {"name": "multi_krum", "rule": "krum"}),
     "norm_bound": strategies._Entry(Robust, {"name": "norm_bound", "rule": "norm_bound"}),
     "secagg": strategies._Entry(SecureAvg, {}),
-})
-
+  }
+)

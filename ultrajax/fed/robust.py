@@ -17,6 +17,7 @@ counts once): that is what makes them robust, and it conflicts with volume-weigh
 They need every client's plaintext update, so they cannot run behind secure aggregation.
 fed/protected.py runs them as strategies of the federated engine.
 """
+
 from __future__ import annotations
 
 import jax
@@ -62,8 +63,9 @@ def screen(client_tree, weights, norm_factor: float = 100.0, keep=None):
   keep = _keep(client_tree, keep)
   flat = _flat(client_tree)
   finite = jnp.all(jnp.isfinite(flat), axis=1)
-  norms = jnp.where(finite, jnp.linalg.norm(jnp.where(jnp.isfinite(flat), flat, 0.0), axis=1),
-                    jnp.inf)
+  norms = jnp.where(
+    finite, jnp.linalg.norm(jnp.where(jnp.isfinite(flat), flat, 0.0), axis=1), jnp.inf
+  )
   median = jnp.nanmedian(jnp.where(finite & keep, norms, jnp.nan))
   too_large = finite & (norm_factor > 0) & (norms > norm_factor * median)
   ok = keep & finite & ~too_large
@@ -76,14 +78,19 @@ def coordinate_median(client_tree, keep=None):
   count); excluded rows may hold NaN."""
   keep = _keep(client_tree, keep)
   return jax.tree.map(
-      lambda x: jnp.nanmedian(jnp.where(_column(keep, x), x.astype(jnp.float32), jnp.nan),
-                              axis=0).astype(x.dtype), client_tree)
+    lambda x: jnp.nanmedian(
+      jnp.where(_column(keep, x), x.astype(jnp.float32), jnp.nan), axis=0
+    ).astype(x.dtype),
+    client_tree,
+  )
 
 
 def check_beta(beta: float) -> None:
   if not 0.0 <= beta < 0.5:
-    raise configlib.ConfigError(f"trimmed_mean beta={beta!r} must be in [0, 0.5) (it cuts "
-                                f"floor(beta K) of the K clients from each end)")
+    raise configlib.ConfigError(
+      f"trimmed_mean beta={beta!r} must be in [0, 0.5) (it cuts "
+      f"floor(beta K) of the K clients from each end)"
+    )
 
 
 def trimmed_mean(client_tree, beta: float, keep=None):
@@ -101,6 +108,7 @@ def trimmed_mean(client_tree, beta: float, keep=None):
     inside = (rank >= cut) & (rank < count - cut)
     total = jnp.where(inside, s, 0.0).sum(axis=0)
     return (total / jnp.maximum(count - 2 * cut, 1)).astype(x.dtype)
+
   return jax.tree.map(one, client_tree)
 
 
@@ -109,8 +117,7 @@ def check_krum(num_clients: int, num_byzantine: int, num_selected: int = 1) -> N
   if num_byzantine < 0 or num_clients <= 2 * num_byzantine + 2:
     raise configlib.ConfigError(f"krum needs C > 2f + 2; got C={num_clients}, f={num_byzantine}")
   if not 1 <= num_selected <= num_clients:
-    raise configlib.ConfigError(f"krum num_selected={num_selected!r} is not in "
-                                f"[1, {num_clients}]")
+    raise configlib.ConfigError(f"krum num_selected={num_selected!r} is not in [1, {num_clients}]")
 
 
 def krum_scores(client_tree, num_byzantine: int, keep=None):
@@ -144,8 +151,9 @@ def krum(client_tree, num_byzantine: int, num_selected: int = 1, weights=None, k
   sel_w = jnp.where(valid, w[selected], 0.0)
   sel_w = sel_w / jnp.maximum(sel_w.sum(), 1e-30)
   agg = jax.tree.map(
-      lambda x: jnp.tensordot(sel_w, x[selected].astype(jnp.float32), axes=(0, 0)).astype(x.dtype),
-      client_tree)
+    lambda x: jnp.tensordot(sel_w, x[selected].astype(jnp.float32), axes=(0, 0)).astype(x.dtype),
+    client_tree,
+  )
   return agg, selected
 
 
@@ -156,5 +164,8 @@ def norm_bounded_mean(client_tree, weights, max_norm: float, keep=None):
   clipped, _ = privacy.clip_updates(client_tree, max_norm)
   w = _renormalise(weights, keep)
   return jax.tree.map(
-      lambda x: jnp.tensordot(w, jnp.where(_column(keep, x), x.astype(jnp.float32), 0.0),
-                              axes=(0, 0)).astype(x.dtype), clipped)
+    lambda x: jnp.tensordot(
+      w, jnp.where(_column(keep, x), x.astype(jnp.float32), 0.0), axes=(0, 0)
+    ).astype(x.dtype),
+    clipped,
+  )

@@ -20,6 +20,7 @@ Per-client randomness: key(round, client, step) = fold_in(fold_in(round_key, cli
 independent of lanes and chunking, so a resumed run draws exactly the same masks; the
 server's key (DP noise, ...) is fold_in(round_key, SERVER_KEY).
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,6 +48,7 @@ class RoundPlan(NamedTuple):
   first / last: the client's first / last step (load / store its state there).
   T is a multiple of the chunk length; steps past a lane's work are idle.
   """
+
   client_ids: np.ndarray
   step_ids: np.ndarray
   first: np.ndarray
@@ -58,7 +60,7 @@ class RoundPlan(NamedTuple):
 
   def chunk(self, j: int, k: int) -> RoundPlan:
     """The j-th block of k steps."""
-    return RoundPlan(*(a[:, j * k:(j + 1) * k] for a in self))
+    return RoundPlan(*(a[:, j * k : (j + 1) * k] for a in self))
 
 
 def auto_lanes(steps_per_client, multiple_of: int = 1) -> int:
@@ -103,8 +105,8 @@ def plan_round(steps_per_client, num_lanes: int, chunk_steps: int) -> RoundPlan:
   for lane, clients in enumerate(lanes):
     t = 0
     for c in clients:
-      client_ids[lane, t:t + steps[c]] = c
-      step_ids[lane, t:t + steps[c]] = np.arange(steps[c])
+      client_ids[lane, t : t + steps[c]] = c
+      step_ids[lane, t : t + steps[c]] = np.arange(steps[c])
       first[lane, t] = True
       last[lane, t + steps[c] - 1] = True
       t += steps[c]
@@ -113,8 +115,9 @@ def plan_round(steps_per_client, num_lanes: int, chunk_steps: int) -> RoundPlan:
 
 def _select(mask, new, old):
   """Per-lane choice between two trees with a leading lane axis.  mask: [L] bool."""
-  return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
-                      new, old)
+  return jax.tree.map(
+    lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+  )
 
 
 class LaneState(NamedTuple):
@@ -126,6 +129,7 @@ class LaneState(NamedTuple):
   strategy_state: the strategy's state (a finishing client may write its own slots);
   acc: the strategy's accumulator of the finished clients (FedAvg: sum w_k y_k, sum w_k).
   """
+
   params: object
   model_state: object
   opt_state: object
@@ -138,37 +142,58 @@ class LaneState(NamedTuple):
 def _load(strategy, state: LaneState, server: Server, clients):
   """What the lanes hold when they start `clients` [L]: params, model state, opt state, ctx."""
   params, model_state, ctx = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(
-      state.strategy_state, server, clients)
+    state.strategy_state, server, clients
+  )
   opt_state = jax.tree.map(lambda a: a[clients], state.client_opt_state)
   return params, model_state, opt_state, ctx
 
 
-def start_round(strategy, server: Server, client_opt_state, strategy_state, num_clients: int,
-                num_lanes: int) -> LaneState:
+def start_round(
+  strategy, server: Server, client_opt_state, strategy_state, num_clients: int, num_lanes: int
+) -> LaneState:
   """Lane state at the start of a round (lane contents are replaced at each client's first step)."""
-  state = LaneState(None, None, None, None, client_opt_state, strategy_state,
-                    strategy.accumulator(strategy_state, server, num_clients))
-  return state._replace(**dict(zip(("params", "model_state", "opt_state", "ctx"), _load(
-      strategy, state, server, jnp.zeros((num_lanes,), jnp.int32)))))
+  state = LaneState(
+    None,
+    None,
+    None,
+    None,
+    client_opt_state,
+    strategy_state,
+    strategy.accumulator(strategy_state, server, num_clients),
+  )
+  return state._replace(
+    **dict(
+      zip(
+        ("params", "model_state", "opt_state", "ctx"),
+        _load(strategy, state, server, jnp.zeros((num_lanes,), jnp.int32)),
+      )
+    )
+  )
 
 
 def finish_round(strategy, state: LaneState, server: Server, round_key):
   """(next server, clients' optimizer states, strategy state): the strategy's server update."""
-  new, strategy_state = strategy.server_update(state.acc, state.strategy_state, server,
-                                               jax.random.fold_in(round_key, SERVER_KEY))
+  new, strategy_state = strategy.server_update(
+    state.acc, state.strategy_state, server, jax.random.fold_in(round_key, SERVER_KEY)
+  )
   return new, state.client_opt_state, strategy_state
 
 
 def client_models(strategy, strategy_state, server: Server, num_clients: int):
   """(params, model_state) [C, ...]: the model each client would start its next round from."""
   params, model_state, _ = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(
-      strategy_state, server, jnp.arange(num_clients))
+    strategy_state, server, jnp.arange(num_clients)
+  )
   return params, model_state
 
 
-def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, strategy,
-               lr_fn: Callable[[jax.Array], jax.Array] | None = None,
-               on_nonfinite: str = "stop"):
+def make_chunk(
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  strategy,
+  lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+  on_nonfinite: str = "stop",
+):
   """Returns chunk(server, state, batches, plan, steps_per_client, weights, round_index,
   round_key) -> (state, metrics), metrics a dict of [L, K]: 'loss', 'grad_norm' (the global
   L2 norm of the loss gradient) and loss_fn's aux scalars; 0 on idle steps.
@@ -184,35 +209,54 @@ def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, strategy,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def one_step(params, model_state, opt_state, ctx, batch, step_id, steps, round_index, key):
-    (loss, (new_ms, aux)), grads = grad_fn(params, model_state, batch,
-                                           jax.random.fold_in(key, step_id))
+    (loss, (new_ms, aux)), grads = grad_fn(
+      params, model_state, batch, jax.random.fold_in(key, step_id)
+    )
     finite = divergence.all_finite((loss, grads))
-    metrics = dict(loss=jnp.where(finite, loss, jnp.nan), grad_norm=optax.global_norm(grads),
-                   **(aux or {}))
+    metrics = dict(
+      loss=jnp.where(finite, loss, jnp.nan), grad_norm=optax.global_norm(grads), **(aux or {})
+    )
     grads = strategy.local_grad_transform(grads, params, ctx)
     new_opt = opt_state
     if lr_fn is not None:
-      new_opt = optimizer.set_lr(opt_state, lr_fn(round_index + step_id.astype(jnp.float32) / steps))
+      new_opt = optimizer.set_lr(
+        opt_state, lr_fn(round_index + step_id.astype(jnp.float32) / steps)
+      )
     updates, new_opt = tx.update(grads, new_opt, params)
     new = (optax.apply_updates(params, updates), new_ms, new_opt)
     if on_nonfinite == "skip":
       new = divergence.keep_if(finite, new, (params, model_state, opt_state))
     return *new, metrics
 
-  def chunk(server: Server, state: LaneState, batches, plan: RoundPlan, steps_per_client,
-            weights, round_index, round_key):
+  def chunk(
+    server: Server,
+    state: LaneState,
+    batches,
+    plan: RoundPlan,
+    steps_per_client,
+    weights,
+    round_index,
+    round_key,
+  ):
     num_lanes = plan.client_ids.shape[0]
 
     def finish(lane, c, state: LaneState):
       """Lane `lane` has done client c's last step: the strategy takes it, its opt state is stored."""
       take = lambda tree: jax.tree.map(lambda x: x[lane], tree)
-      done = Finished(c, weights[c], take(state.params), take(state.model_state),
-                      steps_per_client[c].astype(jnp.float32))
+      done = Finished(
+        c,
+        weights[c],
+        take(state.params),
+        take(state.model_state),
+        steps_per_client[c].astype(jnp.float32),
+      )
       acc, strategy_state = strategy.on_client_done(state.acc, state.strategy_state, server, done)
-      client_opt_state = jax.tree.map(lambda a, o: a.at[c].set(o[lane]), state.client_opt_state,
-                                      state.opt_state)
-      return state._replace(acc=acc, strategy_state=strategy_state,
-                            client_opt_state=client_opt_state)
+      client_opt_state = jax.tree.map(
+        lambda a, o: a.at[c].set(o[lane]), state.client_opt_state, state.opt_state
+      )
+      return state._replace(
+        acc=acc, strategy_state=strategy_state, client_opt_state=client_opt_state
+      )
 
     def step(state: LaneState, xs):
       batch, client, step_id, first, last = xs
@@ -222,21 +266,34 @@ def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, strategy,
       def load(state):
         fresh = _load(strategy, state, server, c)
         held = (state.params, state.model_state, state.opt_state, state.ctx)
-        return state._replace(**dict(zip(("params", "model_state", "opt_state", "ctx"),
-                                         _select(first, fresh, held))))
+        return state._replace(
+          **dict(zip(("params", "model_state", "opt_state", "ctx"), _select(first, fresh, held)))
+        )
 
       state = jax.lax.cond(first.any(), load, lambda s: s, state)
       keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(c)
       params, model_state, opt_state, metrics = jax.vmap(
-          one_step, in_axes=(0, 0, 0, 0, 0, 0, 0, None, 0))(
-              state.params, state.model_state, state.opt_state, state.ctx, batch, step_id,
-              steps_per_client[c], round_index, keys)
-      state = state._replace(params=_select(active, params, state.params),
-                             model_state=_select(active, model_state, state.model_state),
-                             opt_state=_select(active, opt_state, state.opt_state))
+        one_step, in_axes=(0, 0, 0, 0, 0, 0, 0, None, 0)
+      )(
+        state.params,
+        state.model_state,
+        state.opt_state,
+        state.ctx,
+        batch,
+        step_id,
+        steps_per_client[c],
+        round_index,
+        keys,
+      )
+      state = state._replace(
+        params=_select(active, params, state.params),
+        model_state=_select(active, model_state, state.model_state),
+        opt_state=_select(active, opt_state, state.opt_state),
+      )
       for lane in range(num_lanes):
-        state = jax.lax.cond(last[lane], functools.partial(finish, lane, c[lane]),
-                             lambda s: s, state)
+        state = jax.lax.cond(
+          last[lane], functools.partial(finish, lane, c[lane]), lambda s: s, state
+        )
       return state, jax.tree.map(lambda m: jnp.where(active, m, 0.0), metrics)
 
     time_major = lambda x: jnp.swapaxes(x, 0, 1)
@@ -249,6 +306,7 @@ def make_chunk(loss_fn: LossFn, tx: optax.GradientTransformation, strategy,
 
 def without_model_state(loss_fn):
   """loss_fn(params, batch, key) -> (loss, aux) as the engine's LossFn (model state {})."""
+
   def engine_loss(params, model_state, batch, key):
     loss, aux = loss_fn(params, batch, key)
     return loss, (model_state, aux)
@@ -263,8 +321,9 @@ def state_shardings(tree, mesh, rules):
   rules = [tuple(r) for r in rules] + [(".*", "replicated")]
   if not isinstance(tree, dict):
     return sharding.tree_shardings(tree, mesh, rules, False)
-  return {k: sharding.tree_shardings(v, mesh, rules, k.endswith("clients"))
-          for k, v in tree.items()}
+  return {
+    k: sharding.tree_shardings(v, mesh, rules, k.endswith("clients")) for k, v in tree.items()
+  }
 
 
 def client_losses(losses: np.ndarray, client_ids: np.ndarray, num_clients: int) -> np.ndarray:

@@ -29,6 +29,7 @@ discrete Gaussian) noise that survives quantisation exactly. Robust aggregation 
 norm screens in fed/robust.py) needs each client's plaintext and cannot run on a masked sum:
 pick one, or bound norms on the client with a zero-knowledge proof (out of scope).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ from ultrajax import configlib
 class SecAggConfig:
   """bits: ring Z_{2^bits} (<= 32 here, so sums fit uint64); clip_range: |value| bound after
   weighting; max_clients: the most uploads summed (sets the headroom)."""
+
   bits: int = 32
   clip_range: float = 8.0
   max_clients: int = 16
@@ -56,8 +58,9 @@ class SecAggConfig:
       raise configlib.ConfigError(f"secagg clip_range={self.clip_range!r} must be > 0")
     if not self.max_clients >= 1 or self.scale < 1:
       raise configlib.ConfigError(
-          f"secagg max_clients={self.max_clients!r} leaves no resolution in {self.bits} bits "
-          f"with clip_range={self.clip_range!r}")
+        f"secagg max_clients={self.max_clients!r} leaves no resolution in {self.bits} bits "
+        f"with clip_range={self.clip_range!r}"
+      )
 
   @property
   def modulus(self) -> int:
@@ -94,8 +97,7 @@ def pair_seed(u: int, v: int, secrets, round_salt: int) -> int:
 
 
 def _prg(seed: int, size: int, cfg: SecAggConfig) -> np.ndarray:
-  return np.random.Generator(np.random.PCG64(seed)).integers(
-      0, cfg.modulus, size, dtype=np.uint64)
+  return np.random.Generator(np.random.PCG64(seed)).integers(0, cfg.modulus, size, dtype=np.uint64)
 
 
 def _mask_of(u: int, v: int, seed: int, size: int, cfg: SecAggConfig) -> np.ndarray:
@@ -109,8 +111,7 @@ def mask(encoded, u: int, participants, secrets, round_salt: int, cfg: SecAggCon
   y = np.asarray(encoded, np.uint64).copy()
   for v in participants:
     if v != u:
-      y = np.mod(y + _mask_of(u, v, pair_seed(u, v, secrets, round_salt), y.size, cfg),
-                 cfg.modulus)
+      y = np.mod(y + _mask_of(u, v, pair_seed(u, v, secrets, round_salt), y.size, cfg), cfg.modulus)
   return y
 
 
@@ -119,8 +120,9 @@ def reveal_seeds(u: int, dropped, secrets, round_salt: int) -> dict[int, int]:
   return {d: pair_seed(u, d, secrets, round_salt) for d in dropped}
 
 
-def unmask_sum(uploads: dict[int, np.ndarray], revealed: dict[int, dict[int, int]],
-               cfg: SecAggConfig) -> np.ndarray:
+def unmask_sum(
+  uploads: dict[int, np.ndarray], revealed: dict[int, dict[int, int]], cfg: SecAggConfig
+) -> np.ndarray:
   """Server: sum of the survivors' uploads mod R, minus the masks they share with dropped
   clients (from `revealed[u][d]`). uploads: {client: uint64 [D]}. Returns uint64 [D]."""
   ids = sorted(uploads)
@@ -133,8 +135,9 @@ def unmask_sum(uploads: dict[int, np.ndarray], revealed: dict[int, dict[int, int
   return total
 
 
-def secure_weighted_sum(client_tree, weights, cfg: SecAggConfig, *, seed: int, round_num: int,
-                        dropped_after_masking=()):
+def secure_weighted_sum(
+  client_tree, weights, cfg: SecAggConfig, *, seed: int, round_num: int, dropped_after_masking=()
+):
   """One SecAgg round over stacked updates: leaves [C, ...], weights [C].
 
   Every client masks [w_k, w_k * update_k]; the clients in `dropped_after_masking` never
@@ -147,8 +150,9 @@ def secure_weighted_sum(client_tree, weights, cfg: SecAggConfig, *, seed: int, r
     raise configlib.ConfigError(f"secagg: {num} clients exceed max_clients={cfg.max_clients}")
   dropped = sorted({int(d) for d in dropped_after_masking})
   if any(not 0 <= d < num for d in dropped) or len(dropped) == num:
-    raise configlib.ConfigError(f"secagg: dropped clients {dropped} must be ids in [0, {num}) "
-                                "and leave a survivor")
+    raise configlib.ConfigError(
+      f"secagg: dropped clients {dropped} must be ids in [0, {num}) and leave a survivor"
+    )
   one = jax.tree.map(lambda x: x[0], client_tree)
   _, unravel = ravel_pytree(one)
   secrets = client_secrets(num, seed)

@@ -50,6 +50,7 @@ Names (options and defaults in `docs/federated.md`):
   splitavg        split learning with feature concatenation at the server (Zhang et al. 2022);
                   needs a split model, so it has its own driver, `local.make_splitavg_round`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -68,18 +69,22 @@ from ultrajax.train import tree as tree_lib
 # One pattern (each pattern must match something): normalisation layers by module name (bn1,
 # downsample_bn, norm, ln_f, batch_norm...) or running-statistic leaves by name. torchvision's
 # own layout names a downsample BN 'downsample/1': pass explicit patterns for such layouts.
-FEDBN_PATTERNS = (r"(^|/)(([^/]*_)?(bn|norm|ln|batch_?norm|layer_?norm)[^/]*/|"
-                  r"(batch_stats|running_mean|running_var|num_batches_tracked)(/|$))",)
+FEDBN_PATTERNS = (
+  r"(^|/)(([^/]*_)?(bn|norm|ln|batch_?norm|layer_?norm)[^/]*/|"
+  r"(batch_stats|running_mean|running_var|num_batches_tracked)(/|$))",
+)
 
 
 class Server(NamedTuple):
   """The server's side of a round: what every client starts from (leaves without client axis)."""
+
   params: Any
   model_state: Any
 
 
 class Finished(NamedTuple):
   """One client at the end of its local training (no client axis)."""
+
   index: jax.Array  # int32 scalar: the client
   weight: jax.Array  # float32 scalar: its population weight (client_weights)
   params: Any  # the params its local training produced
@@ -100,8 +105,10 @@ def check_patterns(patterns, *trees) -> None:
     except re.error as e:
       raise ValueError(f"keep_local pattern {pattern!r} is not a regular expression: {e}") from e
     if not any(regex.search(p) for p in paths):
-      raise ValueError(f"keep_local pattern {pattern!r} matches no parameter or state path; "
-                       f"paths look like {paths[:6]}")
+      raise ValueError(
+        f"keep_local pattern {pattern!r} matches no parameter or state path; "
+        f"paths look like {paths[:6]}"
+      )
 
 
 def _is_local(patterns):
@@ -146,9 +153,12 @@ def _like(tree, ref):
 
 def _accumulate(acc, done: Finished):
   """FedAvg's running sums: w_k y_k of params and model state, and w_k."""
-  return dict(acc, params=_add_weighted(acc["params"], done.weight, done.params),
-              model_state=_add_weighted(acc["model_state"], done.weight, done.model_state),
-              weight=acc["weight"] + done.weight)
+  return dict(
+    acc,
+    params=_add_weighted(acc["params"], done.weight, done.params),
+    model_state=_add_weighted(acc["model_state"], done.weight, done.model_state),
+    weight=acc["weight"] + done.weight,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +169,7 @@ class FedAvg:
   weighting: 'volume' (n_k / n, n_k = training examples of node k) or 'uniform' (1 / C).
   keep_local: path regexes of leaves that are never averaged.
   """
+
   name: str = "fedavg"
   weighting: str = "volume"
   keep_local: tuple[str, ...] = ()
@@ -199,25 +210,33 @@ class FedAvg:
 
   def accumulator(self, state, server: Server, num_clients: int):
     del state, num_clients
-    return dict(params=_zeros(server.params), model_state=_zeros(server.model_state),
-                weight=jnp.zeros((), jnp.float32))
+    return dict(
+      params=_zeros(server.params),
+      model_state=_zeros(server.model_state),
+      weight=jnp.zeros((), jnp.float32),
+    )
 
   def on_client_done(self, acc, state, server: Server, done: Finished):
     del server
     acc = _accumulate(acc, done)
     if self.keep_local:
-      own = dict(params=kept_leaves(self.keep_local, done.params),
-                 model_state=kept_leaves(self.keep_local, done.model_state))
+      own = dict(
+        params=kept_leaves(self.keep_local, done.params),
+        model_state=kept_leaves(self.keep_local, done.model_state),
+      )
       state = dict(state, kept_clients=_store(state["kept_clients"], done.index, own))
     return acc, state
 
   def mean(self, acc, server: Server) -> Server:
     """The weighted mean over the clients that finished (float32); the old server when none did."""
     some = acc["weight"] > 0
-    mean = lambda s, x: jnp.where(some, s / jnp.where(some, acc["weight"], 1.0),
-                                  jnp.asarray(x, jnp.float32))
-    return Server(jax.tree.map(mean, acc["params"], server.params),
-                  jax.tree.map(mean, acc["model_state"], server.model_state))
+    mean = lambda s, x: jnp.where(
+      some, s / jnp.where(some, acc["weight"], 1.0), jnp.asarray(x, jnp.float32)
+    )
+    return Server(
+      jax.tree.map(mean, acc["params"], server.params),
+      jax.tree.map(mean, acc["model_state"], server.model_state),
+    )
 
   def server_update(self, acc, state, server: Server, key=None):
     del key
@@ -247,12 +266,14 @@ class FedAvg:
     del state, rounds_done
     return {}
 
+
 @dataclasses.dataclass(frozen=True)
 class Personalized(FedAvg):
   """y_k' = alpha * y_k + (1 - alpha) * mean of the other finished nodes' y_j (unweighted, as in
   the HSL repository's README, without its divide-by-0.5 bug); alpha = 1 is local training.
   Each client's own params and model state live in the state ('clients'); the server params
   are the FedAvg mean of the finished clients (what a job logs or evaluates as one model)."""
+
   name: str = "personalized"
   alpha: float = 0.5
 
@@ -273,8 +294,11 @@ class Personalized(FedAvg):
   def on_client_done(self, acc, state, server: Server, done: Finished):
     del server
     own = dict(params=done.params, model_state=done.model_state)
-    return _accumulate(acc, done), dict(state, clients=_store(state["clients"], done.index, own),
-                     done=state["done"].at[done.index].set(True))
+    return _accumulate(acc, done), dict(
+      state,
+      clients=_store(state["clients"], done.index, own),
+      done=state["done"].at[done.index].set(True),
+    )
 
   def server_update(self, acc, state, server: Server, key=None):
     """Mixes the finished clients' stored models among themselves; the others stay as they are."""
@@ -293,15 +317,19 @@ class Personalized(FedAvg):
     clients = {k: jax.tree_util.tree_map_with_path(one, v) for k, v in state["clients"].items()}
     return new, dict(state, clients=clients, done=jnp.zeros_like(done))
 
+
 @dataclasses.dataclass(frozen=True)
 class Local(Personalized):
   """No communication: every node keeps its own parameters and statistics (alpha = 1)."""
+
   name: str = "local"
   alpha: float = 1.0
+
 
 @dataclasses.dataclass(frozen=True)
 class FedProx(FedAvg):
   """FedAvg whose local gradients get the proximal term's gradient mu * (w - w_start)."""
+
   name: str = "fedprox"
   mu: float = 0.01
 
@@ -314,8 +342,9 @@ class FedProx(FedAvg):
     return start_params
 
   def local_grad_transform(self, grads, params, ctx):
-    return jax.tree.map(lambda g, w, w0: g + (self.mu * (w - w0)).astype(g.dtype),
-                        grads, params, ctx)
+    return jax.tree.map(
+      lambda g, w, w0: g + (self.mu * (w - w0)).astype(g.dtype), grads, params, ctx
+    )
 
 
 def scale_by_fedopt(kind: str, b1: float, b2: float, tau: float) -> optax.GradientTransformation:
@@ -355,6 +384,7 @@ class FedOpt(FedAvg):
   eps = tau (Kingma-style bias correction, as Flower's FedAdam does). Defaults b1 = 0.9,
   b2 = 0.99, tau = 1e-3 are Reddi et al.'s; they tune the server lr per task: 1e-2 here.
   """
+
   name: str = "fedadam"
   optimizer: str = "adam"
   server_lr: float = 1e-2
@@ -372,8 +402,9 @@ class FedOpt(FedAvg):
     if self.optimizer not in ("adam", "yogi", "adagrad"):
       raise ValueError(f"server optimizer {self.optimizer!r} is not 'adam', 'yogi' or 'adagrad'")
     if not self.bias_correction:
-      return optax.chain(scale_by_fedopt(self.optimizer, self.b1, self.b2, self.tau),
-                         optax.scale(-self.server_lr))
+      return optax.chain(
+        scale_by_fedopt(self.optimizer, self.b1, self.b2, self.tau), optax.scale(-self.server_lr)
+      )
     if self.optimizer == "adam":
       return optax.adam(self.server_lr, b1=self.b1, b2=self.b2, eps=self.tau)
     if self.optimizer == "yogi":
@@ -382,14 +413,19 @@ class FedOpt(FedAvg):
 
   def _init(self, server_params, num_clients):
     del num_clients
-    return {"server_opt": self.server_tx().init(
-        jax.tree.map(lambda x: x.astype(jnp.float32), server_params))}
+    return {
+      "server_opt": self.server_tx().init(
+        jax.tree.map(lambda x: x.astype(jnp.float32), server_params)
+      )
+    }
 
   def server_step(self, x, mean, state):
     x = _f32(x)
-    updates, opt = self.server_tx().update(jax.tree.map(jnp.subtract, x, mean),
-                                           state["server_opt"], x)
+    updates, opt = self.server_tx().update(
+      jax.tree.map(jnp.subtract, x, mean), state["server_opt"], x
+    )
     return jax.tree.map(jnp.add, x, updates), dict(state, server_opt=opt)
+
 
 @dataclasses.dataclass(frozen=True)
 class Scaffold(FedAvg):
@@ -406,6 +442,7 @@ class Scaffold(FedAvg):
   II assumes plain SGD locally; with another local optimizer local_lr is the effective step
   size you declare.
   """
+
   name: str = "scaffold"
   local_lr: float = 0.01
   server_lr: float = 1.0
@@ -433,10 +470,16 @@ class Scaffold(FedAvg):
     acc, state = super().on_client_done(acc, state, server, done)
     scale = 1.0 / (jnp.maximum(done.num_steps, 1.0) * self.local_lr)
     old = jax.tree.map(lambda own: own[done.index], state["c_clients"])
-    new = jax.tree.map(lambda ci, g, x, y: ci - g + (x.astype(jnp.float32) - y) * scale,
-                       old, state["c"], server.params, done.params)
-    acc = dict(acc, delta_c=jax.tree.map(lambda s, a, b: s + done.weight * (a - b),
-                                         acc["delta_c"], new, old))
+    new = jax.tree.map(
+      lambda ci, g, x, y: ci - g + (x.astype(jnp.float32) - y) * scale,
+      old,
+      state["c"],
+      server.params,
+      done.params,
+    )
+    acc = dict(
+      acc, delta_c=jax.tree.map(lambda s, a, b: s + done.weight * (a - b), acc["delta_c"], new, old)
+    )
     return acc, dict(state, c_clients=_store(state["c_clients"], done.index, new))
 
   def server_step(self, x, mean, state):
@@ -446,11 +489,13 @@ class Scaffold(FedAvg):
     new, state = super().server_update(acc, state, server, key)
     return new, dict(state, c=jax.tree.map(jnp.add, state["c"], acc["delta_c"]))
 
+
 @dataclasses.dataclass(frozen=True)
 class SplitAvg(Local):
   """SplitAVG's options for the job, which trains it with `local.make_splitavg_round` (a split
   model, not a parameter-mixing rule): client sub-networks stay per client, as with 'local'.
   cut_grad: 'average' (SplitAVG) or 'own' (plain split learning)."""
+
   name: str = "splitavg"
   cut_grad: str = "average"
 
@@ -465,19 +510,19 @@ class _Entry(NamedTuple):
 
 
 STRATEGIES: dict[str, _Entry] = {
-    "local": _Entry(Local, {"alpha": 1.0}),
-    "central": _Entry(FedAvg, {"name": "central"}),
-    "fedavg": _Entry(FedAvg, {"name": "fedavg"}),
-    "fedavg_uniform": _Entry(FedAvg, {"name": "fedavg_uniform", "weighting": "uniform"}),
-    "fedprox": _Entry(FedProx, {}),
-    "fedbn": _Entry(FedAvg, {"name": "fedbn", "keep_local": FEDBN_PATTERNS}),
-    "keep_local": _Entry(FedAvg, {"name": "keep_local"}),
-    "personalized": _Entry(Personalized, {}),
-    "fedadam": _Entry(FedOpt, {"name": "fedadam", "optimizer": "adam"}),
-    "fedyogi": _Entry(FedOpt, {"name": "fedyogi", "optimizer": "yogi"}),
-    "fedadagrad": _Entry(FedOpt, {"name": "fedadagrad", "optimizer": "adagrad"}),
-    "scaffold": _Entry(Scaffold, {}),
-    "splitavg": _Entry(SplitAvg, {"alpha": 1.0}),
+  "local": _Entry(Local, {"alpha": 1.0}),
+  "central": _Entry(FedAvg, {"name": "central"}),
+  "fedavg": _Entry(FedAvg, {"name": "fedavg"}),
+  "fedavg_uniform": _Entry(FedAvg, {"name": "fedavg_uniform", "weighting": "uniform"}),
+  "fedprox": _Entry(FedProx, {}),
+  "fedbn": _Entry(FedAvg, {"name": "fedbn", "keep_local": FEDBN_PATTERNS}),
+  "keep_local": _Entry(FedAvg, {"name": "keep_local"}),
+  "personalized": _Entry(Personalized, {}),
+  "fedadam": _Entry(FedOpt, {"name": "fedadam", "optimizer": "adam"}),
+  "fedyogi": _Entry(FedOpt, {"name": "fedyogi", "optimizer": "yogi"}),
+  "fedadagrad": _Entry(FedOpt, {"name": "fedadagrad", "optimizer": "adagrad"}),
+  "scaffold": _Entry(Scaffold, {}),
+  "splitavg": _Entry(SplitAvg, {"alpha": 1.0}),
 }
 
 
@@ -492,8 +537,9 @@ def parse_options(text: str) -> dict:
       raise ValueError("every option needs a name (name=value)")
     return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
   except (SyntaxError, ValueError) as e:
-    raise ValueError(f"options {text!r} are not 'name=value, ...' with Python literals: "
-                     f"{e}") from None
+    raise ValueError(
+      f"options {text!r} are not 'name=value, ...' with Python literals: {e}"
+    ) from None
 
 
 def make_strategy(name: str, **options) -> FedAvg:
@@ -512,8 +558,9 @@ def make_strategy(name: str, **options) -> FedAvg:
   options = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in options.items()}
   strategy = entry.cls(**{**entry.fixed, **options})
   if strategy.weighting not in ("volume", "uniform"):
-    raise ValueError(f"strategy {name!r}: weighting={strategy.weighting!r} is not "
-                     "'volume' or 'uniform'")
+    raise ValueError(
+      f"strategy {name!r}: weighting={strategy.weighting!r} is not 'volume' or 'uniform'"
+    )
   if name == "keep_local" and not strategy.keep_local:
     raise ValueError("strategy 'keep_local' needs keep_local=(path regexes, ...)")
   return strategy

@@ -18,6 +18,7 @@ fl.secagg=True refuses any round that is not securely aggregated.
       --config.fl.site_id=2 --config.data.source=folder --config.data.root=/data/us
 starts this site's SuperNode (flower-supernode) with that node config.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,14 +48,22 @@ def _site(config_spec: str, overrides: str, workdir: str) -> site_lib.Site:
 def site_of(context: Context) -> site_lib.Site:
   nc = context.node_config
   missing = [k for k in ("config", "workdir") if k not in nc]
-  configlib.check(not missing, f"the SuperNode's --node-config lacks {missing} (needs config, "
-                  "overrides, workdir; docs/deployment.md)")
+  configlib.check(
+    not missing,
+    f"the SuperNode's --node-config lacks {missing} (needs config, "
+    "overrides, workdir; docs/deployment.md)",
+  )
   return _site(str(nc["config"]), str(nc.get("overrides", "")), str(nc["workdir"]))
 
 
 def _metrics(site: site_lib.Site, result: dict) -> dict:
-  return dict(site_id=site.site_id, num_images=result["num_images"], steps=result["steps"],
-              loss=result["loss"], grad_norm=result["grad_norm"])
+  return dict(
+    site_id=site.site_id,
+    num_images=result["num_images"],
+    steps=result["steps"],
+    loss=result["loss"],
+    grad_norm=result["grad_norm"],
+  )
 
 
 def _secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
@@ -73,20 +82,34 @@ def train(msg: Message, context: Context) -> Message:
   content = msg.content
   if LEGACY_INS in content.array_records:  # inside SecAgg+: FitIns in, FitRes out
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
-    arrays = params_lib.to_arrays(params_lib.from_list(
-        parameters_to_ndarrays(fitins.parameters), site.abstract_params,
-        where=f"site {site.site_id}: SecAgg+ parameters"))
+    arrays = params_lib.to_arrays(
+      params_lib.from_list(
+        parameters_to_ndarrays(fitins.parameters),
+        site.abstract_params,
+        where=f"site {site.site_id}: SecAgg+ parameters",
+      )
+    )
     result = site.train_round(arrays, int(fitins.config["round"]))
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(result["update"].values())),
-                    site_lib.secagg_weight(site.programs.strategy, result["num_images"]),
-                    _metrics(site, result))
+    fitres = FitRes(
+      Status(Code.OK, ""),
+      ndarrays_to_parameters(list(result["update"].values())),
+      site_lib.secagg_weight(site.programs.strategy, result["num_images"]),
+      _metrics(site, result),
+    )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
-  configlib.check(not site.config.fl.secagg, f"site {site.site_id}: config.fl.secagg=True and "
-                  "the server asked for a plaintext update; refused")
+  configlib.check(
+    not site.config.fl.secagg,
+    f"site {site.site_id}: config.fl.secagg=True and "
+    "the server asked for a plaintext update; refused",
+  )
   arrays = {k: v.numpy() for k, v in content.array_records["arrays"].items()}
   result = site.train_round(arrays, int(content.config_records["config"]["round"]))
-  reply = RecordDict({"update": server_lib.records(result["update"]),
-                      "metrics": MetricRecord(_metrics(site, result))})
+  reply = RecordDict(
+    {
+      "update": server_lib.records(result["update"]),
+      "metrics": MetricRecord(_metrics(site, result)),
+    }
+  )
   return Message(reply, reply_to=msg)
 
 
@@ -100,11 +123,13 @@ def supernode_command(argv: list[str]) -> list[str]:
     elif arg.startswith("--workdir="):
       workdir = os.path.abspath(arg.split("=", 1)[1])
     elif arg.startswith("--config."):
-      overrides.append(arg[len("--config."):])
+      overrides.append(arg[len("--config.") :])
     else:
       rest.append(arg)
-  configlib.check(config is not None and workdir is not None,
-                  "python -m ultrajax.fl.client needs --config=FILE[:preset] and --workdir=DIR")
+  configlib.check(
+    config is not None and workdir is not None,
+    "python -m ultrajax.fl.client needs --config=FILE[:preset] and --workdir=DIR",
+  )
   node_config = f'config="{config}" workdir="{workdir}" overrides="{" ".join(overrides)}"'
   return ["flower-supernode", *rest, "--node-config", node_config]
 

@@ -12,6 +12,7 @@ was switched off); `lose_reply[node]` holds the indices (0-based, counting that 
 messages) of the messages whose reply is lost: the ClientApp ran, then its process was killed
 before the reply left (killed mid-round). A ClientApp that raises answers with an error reply.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,13 +31,15 @@ class LocalGrid(Grid):
 
   def __init__(self, client_app: ClientApp, node_configs: list[dict], run_id: int = 1):
     self.client_app = client_app
-    self.contexts = {i + 1: Context(run_id=run_id, node_id=i + 1, node_config=dict(nc),
-                                    state=RecordDict(), run_config={})
-                     for i, nc in enumerate(node_configs)}
+    self.contexts = {
+      i + 1: Context(
+        run_id=run_id, node_id=i + 1, node_config=dict(nc), state=RecordDict(), run_config={}
+      )
+      for i, nc in enumerate(node_configs)
+    }
     self._run = Run.create_empty(run_id)
     # What a ServerApp process learns from the SuperLink: its run, and that it is the server.
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
-        run_id, SUPERLINK_NODE_ID, 0)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (run_id, SUPERLINK_NODE_ID, 0)
     self.down: set[int] = set()
     self.lose_reply: dict[int, set[int]] = {}
     self._count = dict.fromkeys(self.contexts, 0)
@@ -64,8 +67,9 @@ class LocalGrid(Grid):
     try:
       reply = self.client_app(message=msg, context=self.contexts[node])
     except Exception as e:  # noqa: BLE001 - a site's failure becomes its error reply
-      reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"),
-                      reply_to=msg)
+      reply = Message(
+        Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"), reply_to=msg
+      )
     return None if index in self.lose_reply.get(node, ()) else reply
 
   def push_messages(self, messages):

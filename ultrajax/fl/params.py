@@ -10,6 +10,7 @@ On receipt every key, shape and dtype is checked against the receiver's own temp
 mismatch raises `configlib.DataError` naming the key (a site built with another config, a
 truncated message, a float64 array where float32 was expected).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -40,15 +41,19 @@ def from_arrays(arrays: Mapping[str, np.ndarray], like, where: str = "received p
   missing = [k for k in wanted if k not in arrays]
   extra = [k for k in arrays if k not in set(wanted)]
   if missing or extra:
-    raise configlib.DataError(f"{where}: keys differ from this model's: missing {missing[:4]}"
-                              f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
-                              f"{' ...' if len(extra) > 4 else ''}")
+    raise configlib.DataError(
+      f"{where}: keys differ from this model's: missing {missing[:4]}"
+      f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
+      f"{' ...' if len(extra) > 4 else ''}"
+    )
   leaves = []
   for key, ref in zip(wanted, jax.tree.leaves(like), strict=True):
     x = np.asarray(arrays[key])
     if x.shape != tuple(ref.shape) or x.dtype != np.dtype(ref.dtype):
-      raise configlib.DataError(f"{where}: {key!r} is {x.dtype}{list(x.shape)}, this model "
-                                f"expects {np.dtype(ref.dtype)}{list(ref.shape)}")
+      raise configlib.DataError(
+        f"{where}: {key!r} is {x.dtype}{list(x.shape)}, this model "
+        f"expects {np.dtype(ref.dtype)}{list(ref.shape)}"
+      )
     leaves.append(x)
   return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
@@ -57,6 +62,7 @@ def from_list(arrays, like, where: str = "received parameters"):
   """A list of arrays in wire order (Flower's legacy Parameters) -> a pytree like `like`."""
   wanted = keys(like)
   if len(arrays) != len(wanted):
-    raise configlib.DataError(f"{where}: {len(arrays)} arrays, this model has {len(wanted)} "
-                              f"(first key {wanted[0]!r})")
+    raise configlib.DataError(
+      f"{where}: {len(arrays)} arrays, this model has {len(wanted)} (first key {wanted[0]!r})"
+    )
   return from_arrays(dict(zip(wanted, arrays)), like, where)

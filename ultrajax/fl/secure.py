@@ -15,6 +15,7 @@ Quantisation: each value of n_k / max_weight * update_k is clipped to +-clip_ran
 to one of `quantization` levels, so the mean carries an error of about
 clip_range / quantization * max_weight / sum_k n_k per value (tests check it).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -62,29 +63,38 @@ class _Collect(Strategy):
     return None
 
 
-def secagg_round(grid, context: Context, config, nodes, arrays: dict, round_index: int,
-                 timeout):
+def secagg_round(grid, context: Context, config, nodes, arrays: dict, round_index: int, timeout):
   """(mean update {key: array} or None, per-site scalars, failure strings) of one round."""
   f = config.fl
   collect = _Collect(round_index)
-  legacy = LegacyContext(context, config=ServerConfig(num_rounds=1, round_timeout=timeout),
-                         strategy=collect, client_manager=SimpleClientManager())
+  legacy = LegacyContext(
+    context,
+    config=ServerConfig(num_rounds=1, round_timeout=timeout),
+    strategy=collect,
+    client_manager=SimpleClientManager(),
+  )
   for node in nodes:
-    legacy.client_manager.register(GridClientProxy(node_id=node, grid=grid,
-                                                   run_id=grid.run.run_id))
+    legacy.client_manager.register(GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id))
   legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-      {Key.CURRENT_ROUND: round_index + 1})
+    {Key.CURRENT_ROUND: round_index + 1}
+  )
   legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-      ndarrays_to_parameters(list(arrays.values())), keep_input=True)
+    ndarrays_to_parameters(list(arrays.values())), keep_input=True
+  )
   workflow = SecAggPlusWorkflow(
-      num_shares=1.0, reconstruction_threshold=0.5, max_weight=f.secagg_max_weight,
-      clipping_range=f.secagg_clip_range, quantization_range=int(f.secagg_quantization),
-      timeout=timeout)
+    num_shares=1.0,
+    reconstruction_threshold=0.5,
+    max_weight=f.secagg_max_weight,
+    clipping_range=f.secagg_clip_range,
+    quantization_range=int(f.secagg_quantization),
+    timeout=timeout,
+  )
   workflow(grid, legacy)
   del legacy.state.array_records[MAIN_PARAMS_RECORD]
   missing = len(nodes) - len(collect.results)
-  failures = [f"a node dropped out of SecAgg+ ({'; '.join(collect.failures) or 'no reply'})"
-              ] * missing
+  failures = [
+    f"a node dropped out of SecAgg+ ({'; '.join(collect.failures) or 'no reply'})"
+  ] * missing
   if collect.mean is None:
     return None, [], failures or ["SecAgg+ halted (too few sites for its threshold)"]
   mean = {k: np.asarray(v, np.float32) for k, v in zip(arrays, collect.mean, strict=True)}

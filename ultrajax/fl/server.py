@@ -18,6 +18,7 @@ only the weighted sum of the masked, quantised updates (and each site's n_k and 
 
 The server holds no patient data: the PNGs are drawn on phantom images.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,11 +62,13 @@ class Coordinator:
       return params, dict(strategy=self.programs.init_strategy(params), rounds=np.int32(0))
 
     like_params = jax.eval_shape(self.programs.init_params, model_key)
-    like_train = dict(strategy=self.programs.abstract_strategy,
-                      rounds=jax.ShapeDtypeStruct((), np.int32))
+    like_train = dict(
+      strategy=self.programs.abstract_strategy, rounds=jax.ShapeDtypeStruct((), np.int32)
+    )
     with jax.set_mesh(self.mesh):
       self.start, self.params, train = loop.resume_or_init(
-          self.ckpt, like_params, like_train, init, config=config)
+        self.ckpt, like_params, like_train, init, config=config
+      )
     self.strategy_state = train["strategy"]
     self.writer = writers.create_writer(workdir)
     writers.truncate_jsonl(workdir / "metrics.jsonl", self.start)
@@ -75,8 +78,9 @@ class Coordinator:
     phantom = copy.deepcopy(config)
     phantom.data.update(source="phantom", clients="", pool_clients=False, fraction=1.0)
     phantom.ultramim.smat = False
-    self.preview = pretrain.preview_images(pretrain.client_sources(phantom),
-                                           config.model.image_size)
+    self.preview = pretrain.preview_images(
+      pretrain.client_sources(phantom), config.model.image_size
+    )
 
   def global_arrays(self) -> dict:
     return params_lib.to_arrays(self.params)
@@ -95,11 +99,15 @@ class Coordinator:
     c = self.config
     steps = np.asarray([r["steps"] for r in results], np.float64)
     scalars = dict(
-        round=done, loss=float(np.dot([r["loss"] for r in results], steps) / steps.sum()),
-        grad_norm=float(np.dot([r["grad_norm"] for r in results], steps) / steps.sum()),
-        lr=float(self.programs.lr_fn(done)), s_per_round=seconds,
-        param_norm=float(self.programs.param_norm(self.params)),
-        clients=len(results), dropped=dropped)
+      round=done,
+      loss=float(np.dot([r["loss"] for r in results], steps) / steps.sum()),
+      grad_norm=float(np.dot([r["grad_norm"] for r in results], steps) / steps.sum()),
+      lr=float(self.programs.lr_fn(done)),
+      s_per_round=seconds,
+      param_norm=float(self.programs.param_norm(self.params)),
+      clients=len(results),
+      dropped=dropped,
+    )
     scalars.update({f"loss/client_{r['site_id']:02d}": r["loss"] for r in results})
     if loop.itstime(done, c.log_every_rounds, c.fed.num_rounds):
       self.writer.write_scalars(done, scalars)
@@ -107,15 +115,23 @@ class Coordinator:
       with jax.set_mesh(self.mesh):
         shown = self.programs.preview(self.params, self.preview, self.preview_key)
       png = self.workdir / "images" / f"round_{done:05d}.png"
-      reconstruction.save_grid(png, *[np.asarray(a) for a in jax.device_get(shown)],
-                               patch_size=pretrain.patch_size_of(c.model),
-                               title=f"round {done}, loss {scalars['loss']:.4f}")
+      reconstruction.save_grid(
+        png,
+        *[np.asarray(a) for a in jax.device_get(shown)],
+        patch_size=pretrain.patch_size_of(c.model),
+        title=f"round {done}, loss {scalars['loss']:.4f}",
+      )
       self.writer.write_images(done, {"reconstructions": writers.png_image(png)})
     if loop.itstime(done, c.ckpt_every_rounds, c.fed.num_rounds):
-      self.ckpt.save(done, self.params, dict(strategy=self.strategy_state,
-                                             rounds=np.int32(done)), None,
-                     dict(config=c.to_json_best_effort(), round=done,
-                          sites=sorted(r["site_id"] for r in results)))
+      self.ckpt.save(
+        done,
+        self.params,
+        dict(strategy=self.strategy_state, rounds=np.int32(done)),
+        None,
+        dict(
+          config=c.to_json_best_effort(), round=done, sites=sorted(r["site_id"] for r in results)
+        ),
+      )
     self.writer.flush()
     return scalars
 
@@ -128,8 +144,12 @@ def weighted_mean(updates: list[dict], weights) -> dict:
   """{key: sum_k w_k u_k / sum_k w_k} in float64, cast back to each array's dtype."""
   w = np.asarray(weights, np.float64)
   w = w / w.sum()
-  return {k: sum(wk * np.asarray(u[k], np.float64) for wk, u in zip(w, updates)).astype(
-      updates[0][k].dtype) for k in updates[0]}
+  return {
+    k: sum(wk * np.asarray(u[k], np.float64) for wk, u in zip(w, updates)).astype(
+      updates[0][k].dtype
+    )
+    for k in updates[0]
+  }
 
 
 # ----------------------------------------------------------------------------- rounds on a Grid
@@ -140,10 +160,13 @@ def records(arrays: dict) -> ArrayRecord:
 
 def plain_round(grid: Grid, nodes, arrays: dict, round_index: int, timeout):
   """Sends the global arrays to `nodes`; returns ([(update, result)], failures)."""
-  content = lambda: RecordDict({"arrays": records(arrays),
-                                "config": ConfigRecord({"round": round_index})})
-  messages = [Message(content(), dst_node_id=n, message_type=TRAIN,
-                      group_id=str(round_index + 1)) for n in nodes]
+  content = lambda: RecordDict(
+    {"arrays": records(arrays), "config": ConfigRecord({"round": round_index})}
+  )
+  messages = [
+    Message(content(), dst_node_id=n, message_type=TRAIN, group_id=str(round_index + 1))
+    for n in nodes
+  ]
   replies = grid.send_and_receive(messages, timeout=timeout)
   ok, failures = [], []
   for reply in replies:
@@ -157,23 +180,34 @@ def plain_round(grid: Grid, nodes, arrays: dict, round_index: int, timeout):
   return ok, failures
 
 
-def run(grid: Grid, config, workdir, context: Context | None = None, *,
-        stop_after_rounds: int | None = None):
+def run(
+  grid: Grid,
+  config,
+  workdir,
+  context: Context | None = None,
+  *,
+  stop_after_rounds: int | None = None,
+):
   """Trains to config.fed.num_rounds over the sites connected to `grid`; returns the params.
 
   stop_after_rounds: return after that round as if the server were killed there."""
   import pathlib
+
   workdir = pathlib.Path(workdir)
   site_lib.validate(config)
   f = config.fl
   timeout = f.round_timeout_s or None
   if context is None:  # called directly (tests, a dry run): the workflow state lives here
-    context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={})
+    context = Context(
+      run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
+    )
   with resume.WorkdirLock(workdir):
     coord = Coordinator(config, workdir)
-    last = config.fed.num_rounds if stop_after_rounds is None else min(
-        config.fed.num_rounds, stop_after_rounds)
+    last = (
+      config.fed.num_rounds
+      if stop_after_rounds is None
+      else min(config.fed.num_rounds, stop_after_rounds)
+    )
     try:
       for r in range(coord.start, last):
         t0 = time.perf_counter()
@@ -182,32 +216,51 @@ def run(grid: Grid, config, workdir, context: Context | None = None, *,
           need = f.min_clients or len(nodes)
           if f.secagg:
             from ultrajax.fl import secure
+
             mean_update, results, failures = secure.secagg_round(
-                grid, context, config, nodes, coord.global_arrays(), r, timeout)
+              grid, context, config, nodes, coord.global_arrays(), r, timeout
+            )
           else:
             ok, failures = plain_round(grid, nodes, coord.global_arrays(), r, timeout)
             results = [site_lib.round_scalars(m) for _, m in ok]
-            weights = coord.strategy.client_weights([m["num_images"] for m in results]) \
-                if ok else []
+            weights = (
+              coord.strategy.client_weights([m["num_images"] for m in results]) if ok else []
+            )
             mean_update = weighted_mean([u for u, _ in ok], weights) if ok else None
           ids = [m["site_id"] for m in results]
-          configlib.check(len(set(ids)) == len(ids), f"round {r + 1}: two sites answered "
-                          f"with the same config.fl.site_id ({sorted(ids)})")
+          configlib.check(
+            len(set(ids)) == len(ids),
+            f"round {r + 1}: two sites answered with the same config.fl.site_id ({sorted(ids)})",
+          )
           for failure in failures:
             logging.warning("round %d: %s; left out of this round", r + 1, failure)
           if len(results) >= max(need, 1) and mean_update is not None:
             break
-          logging.warning("round %d: %d of %d sites answered (need %d); sending it again "
-                          "(%d of %d retries)", r + 1, len(results), len(nodes), need,
-                          attempt + 1, f.retries)
+          logging.warning(
+            "round %d: %d of %d sites answered (need %d); sending it again (%d of %d retries)",
+            r + 1,
+            len(results),
+            len(nodes),
+            need,
+            attempt + 1,
+            f.retries,
+          )
         else:
-          raise RuntimeError(f"round {r + 1}: fewer than {need} sites answered after "
-                             f"{f.retries} retries (config.fl.min_clients, config.fl.retries)")
+          raise RuntimeError(
+            f"round {r + 1}: fewer than {need} sites answered after "
+            f"{f.retries} retries (config.fl.min_clients, config.fl.retries)"
+          )
         if failures:
           logging.warning("round %d: weights renormalised over sites %s", r + 1, sorted(ids))
         scalars = coord.apply(mean_update, results, len(failures), time.perf_counter() - t0)
-        logging.info("round %d/%d  loss %.4f  %d sites (%d dropped)", r + 1,
-                     config.fed.num_rounds, scalars["loss"], len(results), len(failures))
+        logging.info(
+          "round %d/%d  loss %.4f  %d sites (%d dropped)",
+          r + 1,
+          config.fed.num_rounds,
+          scalars["loss"],
+          len(results),
+          len(failures),
+        )
     finally:
       coord.close()
   return coord.params
@@ -222,6 +275,7 @@ def main(grid: Grid, context: Context) -> None:
   """Run config keys: config ('configs/pretrain_fed.py:cpu'), overrides ('fed.num_rounds=3
   fl.secagg=True'), workdir."""
   import pathlib
+
   rc = context.run_config
   config = site_lib.load_config(str(rc["config"]), str(rc.get("overrides", "")))
   writers.quiet_orbax()
@@ -232,15 +286,34 @@ def flower_app(config_spec: str, overrides: str, workdir: str) -> str:
   """The pyproject.toml of a Flower app that runs this ServerApp and ClientApp with this run
   config (`flwr run <its folder> <superlink connection>` submits it)."""
   quote = lambda s: json.dumps(str(s))  # a TOML basic string
-  return "\n".join([
-      "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
-      "[project]", 'name = "ultrajax-fl"', 'version = "1.0.0"', "dependencies = []", "",
-      "[tool.hatch.build.targets.wheel]", 'packages = ["."]', "",
-      "[tool.flwr.app]", 'publisher = "ultrajax"', "",
-      "[tool.flwr.app.components]", 'serverapp = "ultrajax.fl.server:app"',
-      'clientapp = "ultrajax.fl.client:app"', "",
-      "[tool.flwr.app.config]", f"config = {quote(config_spec)}",
-      f"overrides = {quote(overrides)}", f"workdir = {quote(workdir)}", ""])
+  return "\n".join(
+    [
+      "[build-system]",
+      'requires = ["hatchling"]',
+      'build-backend = "hatchling.build"',
+      "",
+      "[project]",
+      'name = "ultrajax-fl"',
+      'version = "1.0.0"',
+      "dependencies = []",
+      "",
+      "[tool.hatch.build.targets.wheel]",
+      'packages = ["."]',
+      "",
+      "[tool.flwr.app]",
+      'publisher = "ultrajax"',
+      "",
+      "[tool.flwr.app.components]",
+      'serverapp = "ultrajax.fl.server:app"',
+      'clientapp = "ultrajax.fl.client:app"',
+      "",
+      "[tool.flwr.app.config]",
+      f"config = {quote(config_spec)}",
+      f"overrides = {quote(overrides)}",
+      f"workdir = {quote(workdir)}",
+      "",
+    ]
+  )
 
 
 if __name__ == "__main__":
@@ -250,11 +323,16 @@ if __name__ == "__main__":
   import pathlib
   import sys
 
-  args = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in sys.argv[1:]
-          if a.startswith(("--config=", "--workdir="))}
-  configlib.check("--config" in args and "--workdir" in args,
-                  "python -m ultrajax.fl.server needs --config=FILE[:preset] and --workdir=DIR")
-  overrides = " ".join(a[len("--config."):] for a in sys.argv[1:] if a.startswith("--config."))
+  args = {
+    a.split("=", 1)[0]: a.split("=", 1)[1]
+    for a in sys.argv[1:]
+    if a.startswith(("--config=", "--workdir="))
+  }
+  configlib.check(
+    "--config" in args and "--workdir" in args,
+    "python -m ultrajax.fl.server needs --config=FILE[:preset] and --workdir=DIR",
+  )
+  overrides = " ".join(a[len("--config.") :] for a in sys.argv[1:] if a.startswith("--config."))
   rest = [a for a in sys.argv[1:] if not a.startswith(("--config", "--workdir="))]
   workdir = pathlib.Path(args["--workdir"]).absolute()
   config_file, _, preset = args["--config"].partition(":")

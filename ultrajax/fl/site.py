@@ -17,6 +17,7 @@ position: `workdir/site_state/<rounds done>.npz`, written atomically; the last f
 a server that restarts from an older checkpoint and asks for a round again gets the same
 answer.
 """
+
 from __future__ import annotations
 
 import ast
@@ -46,16 +47,24 @@ STATE_DIR = "site_state"
 def validate(config) -> None:
   """The pretraining job's checks plus what deployment supports."""
   pretrain.validate(config)
-  configlib.check(config.target == "pixels", f"config.target={config.target!r}: federated "
-                  "deployment runs pixel targets only (a teacher would have to be shipped to "
-                  "every site)")
+  configlib.check(
+    config.target == "pixels",
+    f"config.target={config.target!r}: federated "
+    "deployment runs pixel targets only (a teacher would have to be shipped to "
+    "every site)",
+  )
   name = config.fed.strategy
-  configlib.check(name in SUPPORTED, f"config.fed.strategy={name!r} is not supported in "
-                  f"deployment; choose one of {SUPPORTED}")
+  configlib.check(
+    name in SUPPORTED,
+    f"config.fed.strategy={name!r} is not supported in deployment; choose one of {SUPPORTED}",
+  )
   f = config.fed
-  configlib.check(f.clients_per_round == 0 and f.dropout == 0, "deployment: every connected site "
-                  "trains every round; set config.fed.clients_per_round=0 and config.fed.dropout=0 "
-                  "(sites that do not answer are left out and logged)")
+  configlib.check(
+    f.clients_per_round == 0 and f.dropout == 0,
+    "deployment: every connected site "
+    "trains every round; set config.fed.clients_per_round=0 and config.fed.dropout=0 "
+    "(sites that do not answer are left out and logged)",
+  )
   for field in ("min_clients", "retries", "keep_site_states"):
     configlib.check_range(config, f"fl.{field}", 0)
   configlib.check_range(config, "fl.round_timeout_s", 0.0)
@@ -74,9 +83,13 @@ def secagg_weight(strategy, num_images: int) -> int:
 
 def round_scalars(metrics) -> dict:
   """A site's reply scalars (a Flower MetricRecord or dict) with their types."""
-  return dict(site_id=int(metrics["site_id"]), num_images=int(metrics["num_images"]),
-              steps=int(metrics["steps"]), loss=float(metrics["loss"]),
-              grad_norm=float(metrics["grad_norm"]))
+  return dict(
+    site_id=int(metrics["site_id"]),
+    num_images=int(metrics["num_images"]),
+    steps=int(metrics["steps"]),
+    loss=float(metrics["loss"]),
+    grad_norm=float(metrics["grad_norm"]),
+  )
 
 
 def model_template(config):
@@ -105,33 +118,56 @@ _COMPILED: dict[str, Compiled] = {}
 def compiled(config) -> Compiled:
   """The jitted local epoch for this config, shared by the sites of one process (a dry run or
   a test runs several; a deployment one). Keyed by what the compiled code depends on."""
-  key = json.dumps([config[k].to_dict() for k in ("model", "optim", "fed", "ultramim")] + [
-      config.data.batch_size, config.seed, config.on_nonfinite, list(config.sharding_rules)],
-      sort_keys=True, default=str)
+  key = json.dumps(
+    [config[k].to_dict() for k in ("model", "optim", "fed", "ultramim")]
+    + [config.data.batch_size, config.seed, config.on_nonfinite, list(config.sharding_rules)],
+    sort_keys=True,
+    default=str,
+  )
   if key in _COMPILED:
     return _COMPILED[key]
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   graphdef, abstract_params = model_template(config)
   tx = optimizer.adamw(config.optim, abstract_params)
   with jax.set_mesh(mesh):
-    programs = pretrain.Programs(config, mesh, graphdef, abstract_params, tx, num_clients=1,
-                                 num_lanes=1, strategy=pretrain.make_strategy(config))
+    programs = pretrain.Programs(
+      config,
+      mesh,
+      graphdef,
+      abstract_params,
+      tx,
+      num_clients=1,
+      num_lanes=1,
+      strategy=pretrain.make_strategy(config),
+    )
   base_loss = pretrain.make_loss_fn(graphdef, config)
 
   def site_loss(params, batch, key):
     del key  # the site's own key(round, site_id, step) travels with the batch
     return base_loss(params, batch["images"], jax.random.wrap_key_data(batch["key"]))
 
-  engine_chunk = rounds.make_chunk(rounds.without_model_state(site_loss), tx, programs.strategy,
-                                   programs.lr_fn, config.on_nonfinite)
+  engine_chunk = rounds.make_chunk(
+    rounds.without_model_state(site_loss),
+    tx,
+    programs.strategy,
+    programs.lr_fn,
+    config.on_nonfinite,
+  )
 
   def chunk(server_params, state, batches, plan, steps, weights, round_index, round_key):
-    state, metrics = engine_chunk(strategies.Server(server_params, {}), state, batches, plan,
-                                  steps, weights, round_index, round_key)
+    state, metrics = engine_chunk(
+      strategies.Server(server_params, {}),
+      state,
+      batches,
+      plan,
+      steps,
+      weights,
+      round_index,
+      round_key,
+    )
     return state, metrics["loss"], metrics["grad_norm"]
 
-  _COMPILED[key] = Compiled(mesh, abstract_params, programs,
-                             jax.jit(chunk, donate_argnums=(1,)))
+  _COMPILED[key] = Compiled(mesh, abstract_params, programs, jax.jit(chunk, donate_argnums=(1,)))
   return _COMPILED[key]
 
 
@@ -143,16 +179,22 @@ class Site:
     configlib.check_range(config, "fl.site_id", 0)
     self.config, self.workdir = config, pathlib.Path(workdir)
     clients = pretrain.client_sources(config)
-    configlib.check(len(clients) == 1, f"a site trains one client, its own data; the config "
-                    f"gives {len(clients)} ({[c.name for c in clients][:4]}): point "
-                    "config.data at this site's images only, or set config.data.clients=NAME "
-                    "or config.data.pool_clients=True")
+    configlib.check(
+      len(clients) == 1,
+      f"a site trains one client, its own data; the config "
+      f"gives {len(clients)} ({[c.name for c in clients][:4]}): point "
+      "config.data at this site's images only, or set config.data.clients=NAME "
+      "or config.data.pool_clients=True",
+    )
     self.source = clients[0]
     self.site_id = config.fl.site_id
     d = config.data
     self.num_images = len(self.source)
-    configlib.check(self.num_images >= d.batch_size, f"site {self.source.name!r} has "
-                    f"{self.num_images} images, fewer than config.data.batch_size={d.batch_size}")
+    configlib.check(
+      self.num_images >= d.batch_size,
+      f"site {self.source.name!r} has "
+      f"{self.num_images} images, fewer than config.data.batch_size={d.batch_size}",
+    )
     self.steps = self.num_images // d.batch_size * config.fed.local_epochs
     # The simulation's chunking rule, for this client alone.
     self.chunk_steps = math.ceil(self.steps / math.ceil(self.steps / config.fed.chunk_steps))
@@ -163,19 +205,37 @@ class Site:
     self.programs, self._chunk = pieces.programs, pieces.chunk
     self.abstract_opt = self.programs.abstract_opt
     _, self._train_key = training_keys(config)
-    self._step_keys = jax.jit(lambda rk, steps: jax.vmap(lambda s: jax.random.key_data(
-        jax.random.fold_in(jax.random.fold_in(rk, self.site_id), s)))(steps))
-    logging.info("Site %d (%s): %d images, %d local steps per round in chunks of %d.",
-                 self.site_id, self.source.name, self.num_images, self.steps, self.chunk_steps)
+    self._step_keys = jax.jit(
+      lambda rk, steps: jax.vmap(
+        lambda s: jax.random.key_data(jax.random.fold_in(jax.random.fold_in(rk, self.site_id), s))
+      )(steps)
+    )
+    logging.info(
+      "Site %d (%s): %d images, %d local steps per round in chunks of %d.",
+      self.site_id,
+      self.source.name,
+      self.num_images,
+      self.steps,
+      self.chunk_steps,
+    )
 
   # --------------------------------------------------------------------------- data
   def _stream(self, state: dict | None):
     d = self.config.data
-    ds = pipeline.client_dataset(self.source, self.site_id, d.batch_size,
-                                 self.config.model.image_size, seed=self.config.seed,
-                                 crop_scale=tuple(d.crop_scale), hflip=d.hflip)
-    it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=d.num_threads,
-                                                   prefetch_buffer_size=d.num_threads)))
+    ds = pipeline.client_dataset(
+      self.source,
+      self.site_id,
+      d.batch_size,
+      self.config.model.image_size,
+      seed=self.config.seed,
+      crop_scale=tuple(d.crop_scale),
+      hflip=d.hflip,
+    )
+    it = iter(
+      ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.num_threads)
+      )
+    )
     if state is not None:
       it.set_state(state)
     return it
@@ -195,9 +255,10 @@ class Site:
     path = self._state_path(rounds_done)
     if not path.exists():
       raise configlib.DataError(
-          f"site {self.site_id}: the server asks for round {rounds_done + 1} but {path} does not "
-          f"exist (stored: {self.stored_rounds()}); this site's optimizer state and data "
-          "position for that round are lost")
+        f"site {self.site_id}: the server asks for round {rounds_done + 1} but {path} does not "
+        f"exist (stored: {self.stored_rounds()}); this site's optimizer state and data "
+        "position for that round are lost"
+      )
     with np.load(path, allow_pickle=False) as f:
       meta = json.loads(str(f["__meta__"]))
       arrays = {k: f[k] for k in f.files if k != "__meta__"}
@@ -208,8 +269,9 @@ class Site:
 
   def _save(self, rounds_done: int, opt_state, data_state) -> None:
     arrays = params_lib.to_arrays(opt_state)
-    arrays["__meta__"] = np.array(json.dumps(dict(data=data_state, site_id=self.site_id,
-                                                  rounds_done=rounds_done)))
+    arrays["__meta__"] = np.array(
+      json.dumps(dict(data=data_state, site_id=self.site_id, rounds_done=rounds_done))
+    )
     loop.atomic_write(self._state_path(rounds_done), arrays)
     keep = self.config.fl.keep_site_states
     for old in self.stored_rounds()[:-keep] if keep else []:
@@ -223,9 +285,11 @@ class Site:
     steps), grad_norm (mean global gradient norm)). Raises DivergenceError on a non-finite
     step with config.on_nonfinite='stop'."""
     t0 = time.perf_counter()
-    x = params_lib.from_arrays(global_arrays, self.abstract_params,
-                               where=f"site {self.site_id}: global parameters of round "
-                                     f"{round_index + 1}")
+    x = params_lib.from_arrays(
+      global_arrays,
+      self.abstract_params,
+      where=f"site {self.site_id}: global parameters of round {round_index + 1}",
+    )
     with jax.set_mesh(self.mesh):
       x = jax.device_put(x)
       opt_state, data_state = self._load(round_index, x)
@@ -243,25 +307,49 @@ class Site:
           images[0, t] = next(stream)
         keys = np.asarray(self._step_keys(round_key, p.step_ids[0]))[None]
         state, chunk_losses, chunk_norms = self._chunk(
-            x, state, dict(images=images, key=keys), p, steps, weights, np.int32(round_index),
-            round_key)
+          x,
+          state,
+          dict(images=images, key=keys),
+          p,
+          steps,
+          weights,
+          np.int32(round_index),
+          round_key,
+        )
         losses.append(np.asarray(chunk_losses))
         norms.append(np.asarray(chunk_norms))
       # Lane 0 holds the client's last parameters; its optimizer state was stored back.
       y, opt_state = jax.tree.map(lambda a: a[0], state.params), state.client_opt_state
       losses, norms = np.concatenate(losses, 1), np.concatenate(norms, 1)
       valid = divergence.screen(
-          losses, self.plan.client_ids >= 0, where=f"site {self.site_id} round {round_index + 1}",
-          mode=self.config.on_nonfinite, describe=lambda i: f"local step {self.plan.step_ids[i]}")
-      update = jax.tree.map(lambda a, b: np.asarray(a, np.float32) - np.asarray(b, np.float32),
-                            jax.device_get(y), jax.device_get(x))
+        losses,
+        self.plan.client_ids >= 0,
+        where=f"site {self.site_id} round {round_index + 1}",
+        mode=self.config.on_nonfinite,
+        describe=lambda i: f"local step {self.plan.step_ids[i]}",
+      )
+      update = jax.tree.map(
+        lambda a, b: np.asarray(a, np.float32) - np.asarray(b, np.float32),
+        jax.device_get(y),
+        jax.device_get(x),
+      )
       self._save(round_index + 1, opt_state, stream.get_state())
     loss = float(np.where(valid, losses, 0).sum() / max(valid.sum(), 1))
-    logging.info("site %d round %d: loss %.4f, %d steps, %.1f s", self.site_id, round_index + 1,
-                 loss, self.steps, time.perf_counter() - t0)
-    return dict(update=params_lib.to_arrays(update), num_images=int(self.num_images),
-                steps=int(valid.sum()), loss=loss,
-                grad_norm=float(np.where(valid, norms, 0).sum() / max(valid.sum(), 1)))
+    logging.info(
+      "site %d round %d: loss %.4f, %d steps, %.1f s",
+      self.site_id,
+      round_index + 1,
+      loss,
+      self.steps,
+      time.perf_counter() - t0,
+    )
+    return dict(
+      update=params_lib.to_arrays(update),
+      num_images=int(self.num_images),
+      steps=int(valid.sum()),
+      loss=loss,
+      grad_norm=float(np.where(valid, norms, 0).sum() / max(valid.sum(), 1)),
+    )
 
   def _batch_shape(self):
     s = self.config.model.image_size

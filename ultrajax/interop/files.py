@@ -7,12 +7,13 @@ wrap their weights (`{'model': ...}` as facebookresearch/mae, `{'state_dict': ..
 Lightning/mmcv files) are unwrapped on load. Every error names the file: an unreadable,
 truncated or foreign file is a DataError (ValueError), and so is an unwritable output.
 """
+
 from __future__ import annotations
 
 import pathlib
 import pickle
 import zipfile
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -30,27 +31,39 @@ def file_kind(path) -> str:
     return "safetensors"
   if suffix in TORCH_SUFFIXES:
     return "torch"
-  raise ValueError(f"{path}: unknown state-dict file type {suffix!r}; use one of "
-                   f"{SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}")
+  raise ValueError(
+    f"{path}: unknown state-dict file type {suffix!r}; use one of "
+    f"{SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}"
+  )
 
 
 def _torch(path):
   try:
     import torch
   except ImportError:
-    raise ImportError(f"{path}: PyTorch files need torch (pip install 'ultrajax[torch]'), or "
-                      "use a .safetensors file instead") from None
+    raise ImportError(
+      f"{path}: PyTorch files need torch (pip install 'ultrajax[torch]'), or "
+      "use a .safetensors file instead"
+    ) from None
   return torch
 
 
 def nonfinite_keys(tensors: Mapping[str, np.ndarray]) -> list[str]:
   """Keys (in order) of the floating-point arrays that hold a NaN or an infinity."""
-  return [k for k, v in tensors.items()
-          if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))]
+  return [
+    k
+    for k, v in tensors.items()
+    if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.all(np.isfinite(v))
+  ]
 
 
-def save_state_dict(path, tensors: Mapping[str, np.ndarray], *, wrap_key: str | None = None,
-                    metadata: Mapping[str, str] | None = None) -> pathlib.Path:
+def save_state_dict(
+  path,
+  tensors: Mapping[str, np.ndarray],
+  *,
+  wrap_key: str | None = None,
+  metadata: Mapping[str, str] | None = None,
+) -> pathlib.Path:
   """Writes {key: array} to `path` (.safetensors or .pth/.pt/.bin); returns the path.
 
   metadata: {str: str} added to a safetensors file's header (after format=pt); PyTorch files
@@ -70,6 +83,7 @@ def save_state_dict(path, tensors: Mapping[str, np.ndarray], *, wrap_key: str | 
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "safetensors":
       from safetensors.numpy import save_file
+
       # metadata format=pt: what transformers/timm expect of a PyTorch-layout safetensors file.
       save_file(arrays, str(path), metadata={**(metadata or {}), "format": "pt"})
     else:
@@ -112,11 +126,13 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
   if kind == "safetensors":
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
+
     try:
       return load_file(str(path))
     except SafetensorError as e:
-      raise DataError(f"{path}: not a readable safetensors file (truncated or damaged?): "
-                      f"{e}") from None
+      raise DataError(
+        f"{path}: not a readable safetensors file (truncated or damaged?): {e}"
+      ) from None
   problem = _torch_file_problem(path)
   if problem:
     raise DataError(f"{path}: {problem}")
@@ -125,13 +141,16 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     first = " ".join(str(e).split())[:300]
-    raise DataError(f"{path}: holds Python objects besides tensors (e.g. a training "
-                    "checkpoint's args), which weights_only loading refuses; save just its "
-                    f"weights, e.g. torch.save({{'model': ckpt['model']}}, ...): {first}") from None
+    raise DataError(
+      f"{path}: holds Python objects besides tensors (e.g. a training "
+      "checkpoint's args), which weights_only loading refuses; save just its "
+      f"weights, e.g. torch.save({{'model': ckpt['model']}}, ...): {first}"
+    ) from None
   except (RuntimeError, EOFError, OSError) as e:
     first = " ".join(str(e).split())[:200]
-    raise DataError(f"{path}: not a readable PyTorch file (truncated or damaged?): {first}"
-                    ) from None
+    raise DataError(
+      f"{path}: not a readable PyTorch file (truncated or damaged?): {first}"
+    ) from None
   return {k: _torch_to_numpy(torch, k, v, path) for k, v in _unwrap(obj, path).items()}
 
 
@@ -144,9 +163,14 @@ def _torch_file_problem(path: pathlib.Path) -> str | None:
   with open(path, "rb") as f:
     head = f.read(4)
   if head.startswith(b"PK"):
-    return None if zipfile.is_zipfile(path) else ("a damaged or truncated zip archive (the "
-                                                  "PyTorch file format): no central directory")
+    return (
+      None
+      if zipfile.is_zipfile(path)
+      else ("a damaged or truncated zip archive (the PyTorch file format): no central directory")
+    )
   if head[:1] == b"\x80":
     return None
-  return (f"not a PyTorch file: it starts with bytes {head!r}, neither a zip archive (PK) nor a "
-          "pickle; damaged, or another format")
+  return (
+    f"not a PyTorch file: it starts with bytes {head!r}, neither a zip archive (PK) nor a "
+    "pickle; damaged, or another format"
+  )

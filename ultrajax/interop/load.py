@@ -12,10 +12,11 @@ Accepted: an ultrajax workdir or checkpoint folder, or a state-dict file (.safet
 Loaded weights must be finite: a NaN or infinity (e.g. from a diverged run) is refused, naming
 the first such tensor. Unreadable files and architectures that do not fit raise DataError.
 """
+
 from __future__ import annotations
 
 import pathlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -38,9 +39,11 @@ def file_layout(keys) -> str:
     return "mae_full"
   if ENCODER_PROBE_KEY in keys:
     return "encoder"
-  raise configlib.DataError(f"not an official MAE or timm ViT state dict: no decoder_* / "
-                            f"mask_token keys and no {ENCODER_PROBE_KEY!r}; its first keys are "
-                            f"{keys[:8]}")
+  raise configlib.DataError(
+    f"not an official MAE or timm ViT state dict: no decoder_* / "
+    f"mask_token keys and no {ENCODER_PROBE_KEY!r}; its first keys are "
+    f"{keys[:8]}"
+  )
 
 
 def check_finite(params, source) -> None:
@@ -53,8 +56,9 @@ def check_finite(params, source) -> None:
       bad.append("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path))
   if bad:
     raise configlib.DataError(
-        f"{source}: tensor {bad[0]} holds NaN or infinite values ({len(bad)} of {len(flat)} "
-        "tensors do): the run it comes from diverged? start from an earlier checkpoint")
+      f"{source}: tensor {bad[0]} holds NaN or infinite values ({len(bad)} of {len(flat)} "
+      "tensors do): the run it comes from diverged? start from an earlier checkpoint"
+    )
 
 
 def _checkpoint_params(path, target=None):
@@ -71,16 +75,19 @@ def _checkpoint_params(path, target=None):
 def _place(params, target):
   """numpy leaves -> global arrays with the target's shardings (the same host value on every
   process, as the file is read by each); leaves that are already jax Arrays stay put."""
+
   def put(x, t):
     if isinstance(x, jax.Array):
       return x
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, t.sharding, lambda index: x[index])
+
   return jax.tree.map(put, params, target)
 
 
-def load_init_params(path, model, *, kind: str = "mae", base_params: Mapping | None = None,
-                     target=None) -> dict:
+def load_init_params(
+  path, model, *, kind: str = "mae", base_params: Mapping | None = None, target=None
+) -> dict:
   """Pure dict of `model`'s parameters loaded from `path` (see the module docstring).
 
   model: the `MAE` to initialise, real or from `nnx.eval_shape` (structure and image size).
@@ -96,14 +103,17 @@ def load_init_params(path, model, *, kind: str = "mae", base_params: Mapping | N
     raise ValueError(f"kind={kind!r} is not one of {KINDS}")
   path = pathlib.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"nothing at {path}: expected an ultrajax workdir or checkpoint "
-                            "folder, or a .safetensors/.pth/.pt/.bin file")
+    raise FileNotFoundError(
+      f"nothing at {path}: expected an ultrajax workdir or checkpoint "
+      "folder, or a .safetensors/.pth/.pt/.bin file"
+    )
   if path.is_dir():
     if target is None:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            template)
+      target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), template
+      )
     params = _checkpoint_params(path, target)
     check_finite(params, path)
     return params
@@ -142,11 +152,16 @@ def _encoder_from_file(path: pathlib.Path, template: Mapping) -> dict:
   """A timm ViT / official MAE state dict -> our encoder's pure dict (numpy), shaped like
   `template` (the parts of ENCODER_PARTS the target has, plus a final norm when the file has one)."""
   state_dict = files.load_state_dict(path)
-  given = {k: timm_vit.as_numpy(v) for k, v in state_dict.items()
-           if not mae_official.is_decoder_key(k) and not k.startswith(DROPPED_PREFIXES)}
+  given = {
+    k: timm_vit.as_numpy(v)
+    for k, v in state_dict.items()
+    if not mae_official.is_decoder_key(k) and not k.startswith(DROPPED_PREFIXES)
+  }
   if ENCODER_PROBE_KEY not in given:
-    raise configlib.DataError(f"{path}: not a timm ViT or official MAE state dict (no "
-                     f"{ENCODER_PROBE_KEY!r}); its first keys are {list(state_dict)[:8]}")
+    raise configlib.DataError(
+      f"{path}: not a timm ViT or official MAE state dict (no "
+      f"{ENCODER_PROBE_KEY!r}); its first keys are {list(state_dict)[:8]}"
+    )
   template = dict(template)
   width = template["cls_token"].shape[-1]
   if "norm.weight" in given and "norm" not in template:
@@ -155,8 +170,10 @@ def _encoder_from_file(path: pathlib.Path, template: Mapping) -> dict:
     template.pop("norm", None)
   rules = timm_vit.vit_rules(template)
   expected = timm_vit.torch_shapes(template, rules)
-  _raise_key_problems(f"{path} does not fit the fine-tuning encoder",
-                      timm_vit.key_problems({k: v.shape for k, v in given.items()}, expected))
+  _raise_key_problems(
+    f"{path} does not fit the fine-tuning encoder",
+    timm_vit.key_problems({k: v.shape for k, v in given.items()}, expected),
+  )
   return timm_vit.import_tensors(given, template, rules)
 
 
@@ -171,8 +188,10 @@ def load_encoder(path, params: Mapping, *, prefix: tuple[str, ...] = ()) -> dict
   """
   path = pathlib.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"nothing at {path}: expected an ultrajax workdir or checkpoint "
-                            "folder, or a .safetensors/.pth/.pt/.bin file")
+    raise FileNotFoundError(
+      f"nothing at {path}: expected an ultrajax workdir or checkpoint "
+      "folder, or a .safetensors/.pth/.pt/.bin file"
+    )
   target = params
   for p in prefix:
     target = target[p]
@@ -185,22 +204,30 @@ def load_encoder(path, params: Mapping, *, prefix: tuple[str, ...] = ()) -> dict
   # A final norm the target lacks (pool='gap' has fc_norm instead) is not used.
   source = {k: source[k] for k in ENCODER_PARTS if k in source and k in template}
   check_finite(source, path)
+
   def by_path(tree):
     return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
+
   src, tpl = by_path(source), by_path(template)
-  problems = timm_vit.key_problems({k: v.shape for k, v in src.items()},
-                                   {k: v.shape for k, v in tpl.items()
-                                    if not k.startswith("norm/") or k in src})
-  _raise_key_problems(f"{path}: its encoder does not match the fine-tuning model (keys as "
-                      "parameter paths)", problems)
+  problems = timm_vit.key_problems(
+    {k: v.shape for k, v in src.items()},
+    {k: v.shape for k, v in tpl.items() if not k.startswith("norm/") or k in src},
+  )
+  _raise_key_problems(
+    f"{path}: its encoder does not match the fine-tuning model (keys as parameter paths)", problems
+  )
   merged = traverse_util.flatten_dict(params)
   loaded = set()
   for key in merged:
-    name = "/".join(map(str, key[len(prefix):]))
-    if key[:len(prefix)] == prefix and name in src:
+    name = "/".join(map(str, key[len(prefix) :]))
+    if key[: len(prefix)] == prefix and name in src:
       merged[key] = np.asarray(src[name], np.float32)
       loaded.add(key)
-  fresh = sorted({"/".join(map(str, k[:len(prefix) + 1])) for k in merged if k not in loaded})
-  logging.info("Loaded the encoder from %s (%d tensors); fresh: %s", path, len(loaded),
-               ", ".join(fresh) or "nothing")
+  fresh = sorted({"/".join(map(str, k[: len(prefix) + 1])) for k in merged if k not in loaded})
+  logging.info(
+    "Loaded the encoder from %s (%d tensors); fresh: %s",
+    path,
+    len(loaded),
+    ", ".join(fresh) or "nothing",
+  )
   return traverse_util.unflatten_dict(merged)

@@ -15,9 +15,11 @@ encoder-only files, e.g. mae_pretrain_vit_base.pth, hold the first 150):
 decoder_pred's p*p*3 outputs are in MAE's patchify order (row, column, channel) on both sides,
 so no permutation is needed. Checkpoint files wrap the dict under 'model' (interop/files.py).
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -39,8 +41,9 @@ def mae_rules(params: Mapping) -> list[timm_vit.Rule]:
   rules.append(timm_vit.Rule(("mask_token",), "mask_token"))
   rules += timm_vit.linear_rules(("decoder_embed",), "decoder_embed", params["decoder_embed"])
   for i in sorted(params["decoder_blocks"]):
-    rules += timm_vit.block_rules(("decoder_blocks", i), f"decoder_blocks.{i}",
-                                  params["decoder_blocks"][i])
+    rules += timm_vit.block_rules(
+      ("decoder_blocks", i), f"decoder_blocks.{i}", params["decoder_blocks"][i]
+    )
   rules += timm_vit.norm_rules(("decoder_norm",), "decoder_norm")
   rules += timm_vit.linear_rules(("decoder_pred",), "decoder_pred", params["decoder_pred"])
   timm_vit.check_rules_cover(params, rules)
@@ -50,8 +53,11 @@ def mae_rules(params: Mapping) -> list[timm_vit.Rule]:
 def _grid_and_widths(params: Mapping, image_size: int) -> tuple[int, int, int]:
   """(patch grid side, encoder width, decoder width)."""
   patch = params["encoder"]["patch_embed"]["kernel"].shape[0]
-  return (image_size // patch, params["encoder"]["cls_token"].shape[-1],
-          params["mask_token"].shape[-1])
+  return (
+    image_size // patch,
+    params["encoder"]["cls_token"].shape[-1],
+    params["mask_token"].shape[-1],
+  )
 
 
 def official_shapes(params: Mapping, *, image_size: int) -> dict[str, tuple[int, ...]]:
@@ -64,14 +70,15 @@ def official_shapes(params: Mapping, *, image_size: int) -> dict[str, tuple[int,
   return shapes
 
 
-def mae_to_official(params: Mapping, *, image_size: int, patch_size: int
-                    ) -> dict[str, np.ndarray]:
+def mae_to_official(params: Mapping, *, image_size: int, patch_size: int) -> dict[str, np.ndarray]:
   """MAE pure dict -> official `MaskedAutoencoderViT` state dict (numpy float32, 254 keys for
   MAE-B), with both sin-cos position tables for `image_size`."""
   kernel_patch = params["encoder"]["patch_embed"]["kernel"].shape[0]
   if kernel_patch != patch_size or image_size % patch_size:
-    raise ValueError(f"patch_size={patch_size}, image_size={image_size} do not fit the params "
-                     f"(patch-embed kernel {kernel_patch}x{kernel_patch})")
+    raise ValueError(
+      f"patch_size={patch_size}, image_size={image_size} do not fit the params "
+      f"(patch-embed kernel {kernel_patch}x{kernel_patch})"
+    )
   grid, width, decoder_width = _grid_and_widths(params, image_size)
   out = timm_vit.export_tensors(params, mae_rules(params))
   out["pos_embed"] = timm_vit.pos_embed_table(grid, width)
@@ -89,8 +96,9 @@ def _expected_shapes(shapes: Mapping[str, tuple], expected: dict, widths: dict) 
   return expected
 
 
-def mae_from_official(state_dict: Mapping[str, Any], model, *, strict: bool = True,
-                      base_params: Mapping | None = None) -> dict:
+def mae_from_official(
+  state_dict: Mapping[str, Any], model, *, strict: bool = True, base_params: Mapping | None = None
+) -> dict:
   """Official MAE state dict (full or encoder-only) -> pure dict of `model`'s parameters.
 
   state_dict: torch tensors or numpy arrays, already unwrapped from 'model'. model: the target
@@ -111,8 +119,7 @@ def mae_from_official(state_dict: Mapping[str, Any], model, *, strict: bool = Tr
   widths = dict(pos_embed=width, decoder_pos_embed=decoder_width)
   expected = _expected_shapes(shapes, official_shapes(template, image_size=image_size), widths)
   encoder_only = not any(is_decoder_key(k) for k in given)
-  expected_here = {k: s for k, s in expected.items()
-                   if not (encoder_only and is_decoder_key(k))}
+  expected_here = {k: s for k, s in expected.items() if not (encoder_only and is_decoder_key(k))}
   missing, unexpected, mismatched = timm_vit.key_problems(shapes, expected_here)
   what = f"official MAE state dict does not fit the MAE ({len(given)} keys given)"
   if strict:
@@ -120,17 +127,25 @@ def mae_from_official(state_dict: Mapping[str, Any], model, *, strict: bool = Tr
   else:
     timm_vit.raise_key_problems(what, [], [], mismatched)
     if missing or unexpected:
-      logging.warning("strict=False: %d missing keys (the model's values kept): %s; %d "
-                      "unexpected keys (ignored): %s", len(missing), missing, len(unexpected),
-                      unexpected)
+      logging.warning(
+        "strict=False: %d missing keys (the model's values kept): %s; %d "
+        "unexpected keys (ignored): %s",
+        len(missing),
+        missing,
+        len(unexpected),
+        unexpected,
+      )
   kept = [k for k in expected if k not in given and k not in widths]
   if encoder_only:
-    logging.info("Encoder-only MAE file: loaded the encoder; kept %d decoder parameters: %s",
-                 len(kept), kept)
+    logging.info(
+      "Encoder-only MAE file: loaded the encoder; kept %d decoder parameters: %s", len(kept), kept
+    )
   base = template if base_params is None else base_params
   if kept and timm_vit.is_abstract(base):
-    raise ValueError(f"the file lacks {kept[:3]}... ({len(kept)} keys) and the model has no "
-                     "values to keep (built under nnx.eval_shape): pass base_params")
+    raise ValueError(
+      f"the file lacks {kept[:3]}... ({len(kept)} keys) and the model has no "
+      "values to keep (built under nnx.eval_shape): pass base_params"
+    )
   for key in widths:
     if key in given:
       timm_vit.check_pos_embed(key, given[key], grid, widths[key])

@@ -26,10 +26,12 @@ A full open_clip checkpoint also holds the text tower (`text.*`, or `transformer
 classifier `head.*`. The layouts are told apart by `visual.trunk.*` and `visual.conv1.weight`.
 A position table for another grid is resampled as timm does (interop/posemb.py).
 """
+
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from absl import logging
 from flax import nnx
@@ -52,19 +54,23 @@ def vit_tower_rules(params: Mapping) -> list[timm_vit.Rule]:
   """Key map of a tower='open_clip' Teacher <-> open_clip VisionTransformer (`visual.*`)."""
   rule, trunk, p = timm_vit.Rule, params["trunk"], VIT_PREFIX
   linear, norm = timm_vit.linear_rules, timm_vit.norm_rules
-  rules = [rule(("trunk", "patch_embed", "kernel"), p + "conv1.weight", "conv"),
-           rule(("trunk", "cls_token"), p + "class_embedding"),
-           rule(("trunk", "pos_embed"), p + "positional_embedding"),
-           *norm(("ln_pre",), p + "ln_pre")]
+  rules = [
+    rule(("trunk", "patch_embed", "kernel"), p + "conv1.weight", "conv"),
+    rule(("trunk", "cls_token"), p + "class_embedding"),
+    rule(("trunk", "pos_embed"), p + "positional_embedding"),
+    *norm(("ln_pre",), p + "ln_pre"),
+  ]
   for i in sorted(trunk["blocks"]):
     path, key, block = ("trunk", "blocks", i), f"{p}transformer.resblocks.{i}", trunk["blocks"][i]
-    rules += [*norm(path + ("norm1",), f"{key}.ln_1"),
-              rule(path + ("attn", "qkv", "kernel"), f"{key}.attn.in_proj_weight", "linear"),
-              rule(path + ("attn", "qkv", "bias"), f"{key}.attn.in_proj_bias"),
-              *linear(path + ("attn", "proj"), f"{key}.attn.out_proj", block["attn"]["proj"]),
-              *norm(path + ("norm2",), f"{key}.ln_2"),
-              *linear(path + ("mlp", "fc1"), f"{key}.mlp.c_fc", block["mlp"]["fc1"]),
-              *linear(path + ("mlp", "fc2"), f"{key}.mlp.c_proj", block["mlp"]["fc2"])]
+    rules += [
+      *norm(path + ("norm1",), f"{key}.ln_1"),
+      rule(path + ("attn", "qkv", "kernel"), f"{key}.attn.in_proj_weight", "linear"),
+      rule(path + ("attn", "qkv", "bias"), f"{key}.attn.in_proj_bias"),
+      *linear(path + ("attn", "proj"), f"{key}.attn.out_proj", block["attn"]["proj"]),
+      *norm(path + ("norm2",), f"{key}.ln_2"),
+      *linear(path + ("mlp", "fc1"), f"{key}.mlp.c_fc", block["mlp"]["fc1"]),
+      *linear(path + ("mlp", "fc2"), f"{key}.mlp.c_proj", block["mlp"]["fc2"]),
+    ]
   rules += norm(("trunk", "norm"), p + "ln_post")
   if "proj" in params:
     rules.append(rule(("proj", "kernel"), VIT_PROJ))
@@ -76,13 +82,17 @@ def teacher_rules(params: Mapping, *, prefix: str, proj_key: str | None) -> list
   """Key map of a tower='timm' Teacher's pure dict; trunk keys get `prefix`, `proj` maps to
   `proj_key`."""
   trunk = params["trunk"]
-  rules = [timm_vit.Rule(r.path, prefix + r.key, r.layout)
-           for r in timm_vit.vit_rules(trunk, path=("trunk",))]
+  rules = [
+    timm_vit.Rule(r.path, prefix + r.key, r.layout)
+    for r in timm_vit.vit_rules(trunk, path=("trunk",))
+  ]
   rules.append(timm_vit.Rule(("trunk", "pos_embed"), prefix + "pos_embed"))
   if "proj" in params:
     if proj_key is None:
-      raise ValueError("a timm ViT file has no projection; build the teacher with "
-                       "embed_dim=0 (config.teacher.embed_dim=0)")
+      raise ValueError(
+        "a timm ViT file has no projection; build the teacher with "
+        "embed_dim=0 (config.teacher.embed_dim=0)"
+      )
     rules += timm_vit.linear_rules(("proj",), proj_key.removesuffix(".weight"), params["proj"])
   timm_vit.check_rules_cover(params, rules)
   return rules
@@ -98,9 +108,11 @@ def file_layout(keys) -> str:
     return "open_clip_vit"
   if TIMM_PROBE in keys:
     return "timm"
-  raise ValueError(f"not an open_clip (BiomedCLIP or CLIP ViT) or timm ViT state dict: no "
-                   f"{OPEN_CLIP_PREFIX}* keys, no "
-                   f"{VIT_PROBE!r} and no {TIMM_PROBE!r}; its first keys are {keys[:8]}")
+  raise ValueError(
+    f"not an open_clip (BiomedCLIP or CLIP ViT) or timm ViT state dict: no "
+    f"{OPEN_CLIP_PREFIX}* keys, no "
+    f"{VIT_PROBE!r} and no {TIMM_PROBE!r}; its first keys are {keys[:8]}"
+  )
 
 
 def _rules_of(layout: str, template: Mapping) -> tuple[list[timm_vit.Rule], str]:
@@ -120,8 +132,10 @@ def teacher_from_state_dict(state_dict: Mapping[str, Any], model) -> dict:
   """
   layout = file_layout(state_dict)
   if LAYOUT_TOWERS[layout] != model.tower:
-    raise ValueError(f"the file is in {layout} layout, which needs a teacher with tower="
-                     f"{LAYOUT_TOWERS[layout]!r} (config.teacher.tower), not {model.tower!r}")
+    raise ValueError(
+      f"the file is in {layout} layout, which needs a teacher with tower="
+      f"{LAYOUT_TOWERS[layout]!r} (config.teacher.tower), not {model.tower!r}"
+    )
   template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   if layout == "open_clip":
     proj_key = OPEN_CLIP_PROJ
@@ -135,25 +149,36 @@ def teacher_from_state_dict(state_dict: Mapping[str, Any], model) -> dict:
   if proj_key in state_dict and "proj" not in template:
     ignored.append(proj_key)  # a teacher without projection uses trunk tokens only
   if ignored:
-    logging.info("Teacher import (%s layout) ignores %d keys, e.g. %s.", layout, len(ignored),
-                 ignored[:4])
+    logging.info(
+      "Teacher import (%s layout) ignores %d keys, e.g. %s.", layout, len(ignored), ignored[:4]
+    )
   given = {k: timm_vit.as_numpy(v) for k, v in state_dict.items() if k not in ignored}
   if layout == "open_clip_vit":  # open_clip's tables -> our [1, ...] ones
-    given.update({k: given[k][None, None] if given[k].ndim == 1 else given[k][None]
-                  for k in VIT_TABLES if k in given and given[k].ndim < 3})
+    given.update(
+      {
+        k: given[k][None, None] if given[k].ndim == 1 else given[k][None]
+        for k in VIT_TABLES
+        if k in given and given[k].ndim < 3
+      }
+    )
   rules, pos_key = _rules_of(layout, template)
   expected = timm_vit.torch_shapes(template, rules)
   shapes = {k: v.shape for k, v in given.items()}
   width = expected[pos_key][2]
-  if pos_key in shapes and shapes[pos_key] != expected[pos_key] and (
-      timm_vit.pos_embed_shape_ok(shapes[pos_key], width)):
+  if (
+    pos_key in shapes
+    and shapes[pos_key] != expected[pos_key]
+    and (timm_vit.pos_embed_shape_ok(shapes[pos_key], width))
+  ):
     grid = model.grid
-    logging.info("%s: resampling a %s table to the teacher's %dx%d grid.", pos_key,
-                 shapes[pos_key], grid, grid)
+    logging.info(
+      "%s: resampling a %s table to the teacher's %dx%d grid.", pos_key, shapes[pos_key], grid, grid
+    )
     given[pos_key] = posemb_resample.resample_abs_pos_embed(given[pos_key], (grid, grid))
     shapes[pos_key] = given[pos_key].shape
-  timm_vit.raise_key_problems(f"{layout} state dict does not fit the teacher",
-                              *timm_vit.key_problems(shapes, expected))
+  timm_vit.raise_key_problems(
+    f"{layout} state dict does not fit the teacher", *timm_vit.key_problems(shapes, expected)
+  )
   return timm_vit.import_tensors(given, template, rules)
 
 
@@ -163,8 +188,7 @@ def teacher_to_state_dict(params: Mapping, *, layout: str = "open_clip") -> dict
   if layout not in LAYOUT_TOWERS:
     raise ValueError(f"layout={layout!r} is not one of {tuple(LAYOUT_TOWERS)}")
   if (layout == "open_clip_vit") != ("ln_pre" in params):
-    raise ValueError(f"layout={layout!r} needs a teacher with tower="
-                     f"{LAYOUT_TOWERS[layout]!r}")
+    raise ValueError(f"layout={layout!r} needs a teacher with tower={LAYOUT_TOWERS[layout]!r}")
   out = timm_vit.export_tensors(params, _rules_of(layout, params)[0])
   if layout == "open_clip_vit":
     out["visual.class_embedding"] = out["visual.class_embedding"].reshape(-1)
@@ -180,6 +204,7 @@ def load_teacher(path, model) -> dict:
     params = teacher_from_state_dict(state_dict, model)
   except ValueError as e:
     raise ValueError(f"teacher file {path} ({len(state_dict)} keys): {e}") from None
-  logging.info("Loaded teacher %s (%s layout, %d keys).", path, file_layout(state_dict),
-               len(state_dict))
+  logging.info(
+    "Loaded teacher %s (%s layout, %d keys).", path, file_layout(state_dict), len(state_dict)
+  )
   return params

@@ -7,6 +7,7 @@ written in numpy (no torch needed): torch's antialiased bicubic is PIL's separab
 cubic coefficient a = -0.5 (not -0.75 as the plain bicubic), weights renormalised at the
 borders instead of clamping indices.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,9 @@ def resample_grid(grid: np.ndarray, new_size: tuple[int, int]) -> np.ndarray:
   return out.astype(np.float32)
 
 
-def resample_abs_pos_embed(pos_embed: np.ndarray, new_size: tuple[int, int], *,
-                           num_prefix_tokens: int = 1) -> np.ndarray:
+def resample_abs_pos_embed(
+  pos_embed: np.ndarray, new_size: tuple[int, int], *, num_prefix_tokens: int = 1
+) -> np.ndarray:
   """[1, P + h*w, D] -> [1, P + H'*W', D]: the P prefix rows kept, the square h x w grid resized.
 
   As timm's `resample_abs_pos_embed` with its defaults (bicubic, antialias=True); returns the
@@ -66,8 +68,10 @@ def resample_abs_pos_embed(pos_embed: np.ndarray, new_size: tuple[int, int], *,
   prefix, table = pos_embed[:, :num_prefix_tokens], pos_embed[0, num_prefix_tokens:]
   side = math.isqrt(table.shape[0])
   if side * side != table.shape[0]:
-    raise ValueError(f"pos_embed has {table.shape[0]} grid rows after {num_prefix_tokens} "
-                     "prefix rows, not a square grid")
+    raise ValueError(
+      f"pos_embed has {table.shape[0]} grid rows after {num_prefix_tokens} "
+      "prefix rows, not a square grid"
+    )
   if (side, side) == tuple(new_size):
     return pos_embed
   grid = resample_grid(table.reshape(side, side, -1), new_size)

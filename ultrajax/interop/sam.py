@@ -24,19 +24,26 @@ gradient of a convolution, which flips the kernel; Flax's does not).
 constants in models/sam.py). The optional `mask_decoder/cls_tokens` has no SAM key: export
 drops it (with a warning), import keeps the model's own values.
 """
+
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from absl import logging
-from flax import nnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from ultrajax.interop import files
-from ultrajax.interop.timm_vit import (Rule, as_numpy, check_rules_cover, is_abstract,
-                                       key_problems, raise_key_problems)
+from ultrajax.interop.timm_vit import (
+  Rule,
+  as_numpy,
+  check_rules_cover,
+  is_abstract,
+  key_problems,
+  raise_key_problems,
+)
 from ultrajax.models import sam as sam_lib
 
 EXTRA_PATHS = (("mask_decoder", "cls_tokens"),)  # ours only, no segment_anything key
@@ -96,8 +103,10 @@ def _encoder_rules(p) -> list[Rule]:
   for i in sorted(p["blocks"]):
     bp, bk, b = path + ("blocks", i), f"{key}.blocks.{i}", p["blocks"][i]
     rules += _norm(bp + ("norm1",), f"{bk}.norm1")
-    rules += [Rule(bp + ("attn", "rel_pos_h"), f"{bk}.attn.rel_pos_h"),
-              Rule(bp + ("attn", "rel_pos_w"), f"{bk}.attn.rel_pos_w")]
+    rules += [
+      Rule(bp + ("attn", "rel_pos_h"), f"{bk}.attn.rel_pos_h"),
+      Rule(bp + ("attn", "rel_pos_w"), f"{bk}.attn.rel_pos_w"),
+    ]
     rules += _linear(bp + ("attn", "qkv"), f"{bk}.attn.qkv", b["attn"]["qkv"])
     rules += _linear(bp + ("attn", "proj"), f"{bk}.attn.proj", b["attn"]["proj"])
     rules += _norm(bp + ("norm2",), f"{bk}.norm2")
@@ -147,44 +156,62 @@ def _decoder_rules(p) -> list[Rule]:
     lp, lk, layer = tp + ("layers", i), f"{tk}.layers.{i}", t["layers"][i]
     rules += _attention_rules(lp + ("self_attn",), f"{lk}.self_attn", layer["self_attn"])
     rules += _norm(lp + ("norm1",), f"{lk}.norm1")
-    rules += _attention_rules(lp + ("cross_attn_token_to_image",),
-                              f"{lk}.cross_attn_token_to_image",
-                              layer["cross_attn_token_to_image"])
+    rules += _attention_rules(
+      lp + ("cross_attn_token_to_image",),
+      f"{lk}.cross_attn_token_to_image",
+      layer["cross_attn_token_to_image"],
+    )
     rules += _norm(lp + ("norm2",), f"{lk}.norm2")
     rules += _linear(lp + ("mlp", "lin1"), f"{lk}.mlp.lin1", layer["mlp"]["lin1"])
     rules += _linear(lp + ("mlp", "lin2"), f"{lk}.mlp.lin2", layer["mlp"]["lin2"])
     rules += _norm(lp + ("norm3",), f"{lk}.norm3")
     rules += _norm(lp + ("norm4",), f"{lk}.norm4")
-    rules += _attention_rules(lp + ("cross_attn_image_to_token",),
-                              f"{lk}.cross_attn_image_to_token",
-                              layer["cross_attn_image_to_token"])
-  rules += _attention_rules(tp + ("final_attn_token_to_image",),
-                            f"{tk}.final_attn_token_to_image", t["final_attn_token_to_image"])
+    rules += _attention_rules(
+      lp + ("cross_attn_image_to_token",),
+      f"{lk}.cross_attn_image_to_token",
+      layer["cross_attn_image_to_token"],
+    )
+  rules += _attention_rules(
+    tp + ("final_attn_token_to_image",),
+    f"{tk}.final_attn_token_to_image",
+    t["final_attn_token_to_image"],
+  )
   rules += _norm(tp + ("norm_final_attn",), f"{tk}.norm_final_attn")
-  rules += [Rule(path + ("iou_token",), f"{key}.iou_token.weight"),
-            Rule(path + ("mask_tokens",), f"{key}.mask_tokens.weight")]
-  rules += _conv(path + ("upscale_conv1",), f"{key}.output_upscaling.0", p["upscale_conv1"],
-                 "conv_transpose")
+  rules += [
+    Rule(path + ("iou_token",), f"{key}.iou_token.weight"),
+    Rule(path + ("mask_tokens",), f"{key}.mask_tokens.weight"),
+  ]
+  rules += _conv(
+    path + ("upscale_conv1",), f"{key}.output_upscaling.0", p["upscale_conv1"], "conv_transpose"
+  )
   rules += _norm(path + ("upscale_norm",), f"{key}.output_upscaling.1")
-  rules += _conv(path + ("upscale_conv2",), f"{key}.output_upscaling.3", p["upscale_conv2"],
-                 "conv_transpose")
+  rules += _conv(
+    path + ("upscale_conv2",), f"{key}.output_upscaling.3", p["upscale_conv2"], "conv_transpose"
+  )
   for i in sorted(p["output_hypernetworks_mlps"]):
-    rules += _mlp_rules(path + ("output_hypernetworks_mlps", i),
-                        f"{key}.output_hypernetworks_mlps.{i}",
-                        p["output_hypernetworks_mlps"][i])
-  rules += _mlp_rules(path + ("iou_prediction_head",), f"{key}.iou_prediction_head",
-                      p["iou_prediction_head"])
+    rules += _mlp_rules(
+      path + ("output_hypernetworks_mlps", i),
+      f"{key}.output_hypernetworks_mlps.{i}",
+      p["output_hypernetworks_mlps"][i],
+    )
+  rules += _mlp_rules(
+    path + ("iou_prediction_head",), f"{key}.iou_prediction_head", p["iou_prediction_head"]
+  )
   return rules
 
 
 def sam_rules(params: Mapping) -> list[Rule]:
   """Key map of a Sam's pure dict (arrays or ShapeDtypeStructs), segment_anything's order.
   Our extra parameters (EXTRA_PATHS) have no rule."""
-  rules = (_encoder_rules(params["image_encoder"]) + _prompt_rules(params["prompt_encoder"])
-           + _decoder_rules(params["mask_decoder"]))
+  rules = (
+    _encoder_rules(params["image_encoder"])
+    + _prompt_rules(params["prompt_encoder"])
+    + _decoder_rules(params["mask_decoder"])
+  )
   flat = traverse_util.flatten_dict(params)
-  check_rules_cover(traverse_util.unflatten_dict(
-      {k: v for k, v in flat.items() if k not in EXTRA_PATHS}), rules)
+  check_rules_cover(
+    traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in EXTRA_PATHS}), rules
+  )
   return rules
 
 
@@ -200,10 +227,14 @@ def sam_to_torch(params: Mapping) -> dict[str, np.ndarray]:
   flat = traverse_util.flatten_dict(params)
   dropped = [p for p in flat if p in EXTRA_PATHS]
   if dropped:
-    logging.warning("SAM export: %s have no segment_anything key and are not written.",
-                    ["/".join(map(str, p)) for p in dropped])
-  return {r.key: np.array(to_torch_layout(r.layout, np.asarray(flat[r.path], np.float32)),
-                          order="C") for r in sam_rules(params)}
+    logging.warning(
+      "SAM export: %s have no segment_anything key and are not written.",
+      ["/".join(map(str, p)) for p in dropped],
+    )
+  return {
+    r.key: np.array(to_torch_layout(r.layout, np.asarray(flat[r.path], np.float32)), order="C")
+    for r in sam_rules(params)
+  }
 
 
 def sam_from_torch(state_dict: Mapping[str, Any], model) -> dict:
@@ -217,18 +248,22 @@ def sam_from_torch(state_dict: Mapping[str, Any], model) -> dict:
   template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   rules = sam_rules(template)
   given = {k: as_numpy(v) for k, v in state_dict.items()}
-  raise_key_problems("segment_anything state dict does not fit the SAM model",
-                     *key_problems({k: v.shape for k, v in given.items()},
-                                   sam_shapes(template)))
+  raise_key_problems(
+    "segment_anything state dict does not fit the SAM model",
+    *key_problems({k: v.shape for k, v in given.items()}, sam_shapes(template)),
+  )
   flat = traverse_util.flatten_dict(template)
   extra = [p for p in flat if p in EXTRA_PATHS]
   if extra and is_abstract(template):
-    raise ValueError(f"{['/'.join(p) for p in extra]} have no segment_anything key and keep "
-                     "the model's values: pass a concrete model, not an nnx.eval_shape one")
+    raise ValueError(
+      f"{['/'.join(p) for p in extra]} have no segment_anything key and keep "
+      "the model's values: pass a concrete model, not an nnx.eval_shape one"
+    )
   out = {p: np.asarray(flat[p]) for p in extra}
   for r in rules:
-    out[r.path] = np.array(from_torch_layout(r.layout, given[r.key]),
-                           dtype=flat[r.path].dtype, order="C")
+    out[r.path] = np.array(
+      from_torch_layout(r.layout, given[r.key]), dtype=flat[r.path].dtype, order="C"
+    )
   return traverse_util.unflatten_dict(out)
 
 
@@ -239,28 +274,38 @@ def config_from_state_dict(state_dict: Mapping[str, Any], **overrides) -> sam_li
   try:
     _, grid, _, width = shape("image_encoder.pos_embed")
     patch = shape("image_encoder.patch_embed.proj.weight")[-1]
-    depth = 1 + max(int(k.split(".")[2]) for k in state_dict
-                    if k.startswith("image_encoder.blocks."))
+    depth = 1 + max(
+      int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")
+    )
     head_dim = shape("image_encoder.blocks.0.attn.rel_pos_h")[1]
-    sizes = [(shape(f"image_encoder.blocks.{i}.attn.rel_pos_h")[0] + 1) // 2
-             for i in range(depth)]
+    sizes = [(shape(f"image_encoder.blocks.{i}.attn.rel_pos_h")[0] + 1) // 2 for i in range(depth)]
     dim = shape("mask_decoder.iou_token.weight")[1]
-    layers = 1 + max(int(k.split(".")[3]) for k in state_dict
-                     if k.startswith("mask_decoder.transformer.layers."))
+    layers = 1 + max(
+      int(k.split(".")[3]) for k in state_dict if k.startswith("mask_decoder.transformer.layers.")
+    )
     inner = shape("mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0]
     fields = dict(
-        image_size=grid * patch, patch_size=patch, width=width, depth=depth,
-        num_heads=width // head_dim,
-        global_attn_indexes=tuple(i for i, s in enumerate(sizes) if s == grid),
-        window_size=min(sizes), prompt_dim=dim,
-        mask_in_chans=shape("prompt_encoder.mask_downscaling.3.weight")[0],
-        decoder_depth=layers,
-        decoder_mlp_dim=shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
-        attention_downsample=dim // inner,
-        num_multimask_outputs=shape("mask_decoder.mask_tokens.weight")[0] - 1,
-        iou_head_hidden=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
-        iou_head_depth=1 + max(int(k.split(".")[3]) for k in state_dict
-                               if k.startswith("mask_decoder.iou_prediction_head.layers.")))
+      image_size=grid * patch,
+      patch_size=patch,
+      width=width,
+      depth=depth,
+      num_heads=width // head_dim,
+      global_attn_indexes=tuple(i for i, s in enumerate(sizes) if s == grid),
+      window_size=min(sizes),
+      prompt_dim=dim,
+      mask_in_chans=shape("prompt_encoder.mask_downscaling.3.weight")[0],
+      decoder_depth=layers,
+      decoder_mlp_dim=shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
+      attention_downsample=dim // inner,
+      num_multimask_outputs=shape("mask_decoder.mask_tokens.weight")[0] - 1,
+      iou_head_hidden=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
+      iou_head_depth=1
+      + max(
+        int(k.split(".")[3])
+        for k in state_dict
+        if k.startswith("mask_decoder.iou_prediction_head.layers.")
+      ),
+    )
   except KeyError as e:
     raise ValueError(f"not a segment_anything SAM state dict: key {e} is missing") from None
   # Head count of the decoder is not visible in shapes; SAM uses 8 at every size.
@@ -280,13 +325,15 @@ def load_sam(path, *, dtype=None, **overrides):
   """
   import jax
   import jax.numpy as jnp
+
   path = pathlib.Path(path)
   state_dict = files.load_state_dict(path)
   try:
     config = config_from_state_dict(state_dict, **overrides)
     # Abstract: no time goes into a random init that the file overwrites.
-    abstract = nnx.eval_shape(lambda: sam_lib.Sam(config, dtype=dtype or jnp.float32,
-                                                  rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+      lambda: sam_lib.Sam(config, dtype=dtype or jnp.float32, rngs=nnx.Rngs(0))
+    )
     params = sam_from_torch(state_dict, abstract)
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from None
@@ -299,6 +346,11 @@ def preprocessing(image_size: int) -> dict:
   """What an exported SAM expects of its input, for the file's metadata: segment_anything's
   `Sam.preprocess` (RGB on the 0-255 scale, long side resized to `image_size`, normalised with
   these pixel_mean/pixel_std, zero-padded at the bottom and right)."""
-  return dict(pixel_mean=list(sam_lib.PIXEL_MEAN), pixel_std=list(sam_lib.PIXEL_STD),
-              image_size=int(image_size), channels="RGB", scale="0-255",
-              resize="longest side to image_size, then pad bottom/right with zeros")
+  return dict(
+    pixel_mean=list(sam_lib.PIXEL_MEAN),
+    pixel_std=list(sam_lib.PIXEL_STD),
+    image_size=int(image_size),
+    channels="RGB",
+    scale="0-255",
+    resize="longest side to image_size, then pad bottom/right with zeros",
+  )

@@ -14,17 +14,18 @@ is written out on export and compared (not loaded) on import.
 Parameters travel as pure dicts: `nnx.to_pure_dict(nnx.state(model, nnx.Param))` (nnx.List
 levels have int keys) and back with `nnx.replace_by_pure_dict(state, pure)` + `nnx.update`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from ultrajax.interop import posemb as posemb_resample
 from ultrajax.models import mae, posemb
@@ -44,6 +45,7 @@ class Rule:
   layout: 'same'; 'linear' (Dense kernel [in, out] <-> nn.Linear weight [out, in]);
   'conv' (Conv kernel [kh, kw, in, out] <-> nn.Conv2d weight [out, in, kh, kw]).
   """
+
   path: tuple
   key: str
   layout: str = "same"
@@ -89,12 +91,14 @@ def norm_rules(path: tuple, key: str) -> list[Rule]:
 
 def block_rules(path: tuple, key: str, params: Mapping) -> list[Rule]:
   """vit.Block at `path` <-> timm `Block` at `key` (e.g. 'blocks.3', 'decoder_blocks.0')."""
-  return (norm_rules(path + ("norm1",), f"{key}.norm1")
-          + linear_rules(path + ("attn", "qkv"), f"{key}.attn.qkv", params["attn"]["qkv"])
-          + linear_rules(path + ("attn", "proj"), f"{key}.attn.proj", params["attn"]["proj"])
-          + norm_rules(path + ("norm2",), f"{key}.norm2")
-          + linear_rules(path + ("mlp", "fc1"), f"{key}.mlp.fc1", params["mlp"]["fc1"])
-          + linear_rules(path + ("mlp", "fc2"), f"{key}.mlp.fc2", params["mlp"]["fc2"]))
+  return (
+    norm_rules(path + ("norm1",), f"{key}.norm1")
+    + linear_rules(path + ("attn", "qkv"), f"{key}.attn.qkv", params["attn"]["qkv"])
+    + linear_rules(path + ("attn", "proj"), f"{key}.attn.proj", params["attn"]["proj"])
+    + norm_rules(path + ("norm2",), f"{key}.norm2")
+    + linear_rules(path + ("mlp", "fc1"), f"{key}.mlp.fc1", params["mlp"]["fc1"])
+    + linear_rules(path + ("mlp", "fc2"), f"{key}.mlp.fc2", params["mlp"]["fc2"])
+  )
 
 
 def vit_rules(params: Mapping, path: tuple = ()) -> list[Rule]:
@@ -103,9 +107,11 @@ def vit_rules(params: Mapping, path: tuple = ()) -> list[Rule]:
   params: the ViT's own pure dict (arrays or ShapeDtypeStructs). pos_embed is not a parameter
   of ours and has no rule. A pool='gap' model maps `fc_norm` (timm's global_pool='avg').
   """
-  rules = [Rule(path + ("cls_token",), "cls_token"),
-           Rule(path + ("patch_embed", "kernel"), "patch_embed.proj.weight", "conv"),
-           Rule(path + ("patch_embed", "bias"), "patch_embed.proj.bias")]
+  rules = [
+    Rule(path + ("cls_token",), "cls_token"),
+    Rule(path + ("patch_embed", "kernel"), "patch_embed.proj.weight", "conv"),
+    Rule(path + ("patch_embed", "bias"), "patch_embed.proj.bias"),
+  ]
   for i in sorted(params["blocks"]):
     rules += block_rules(path + ("blocks", i), f"blocks.{i}", params["blocks"][i])
   for name in ("norm", "fc_norm"):
@@ -122,8 +128,10 @@ def check_rules_cover(params: Mapping, rules: Iterable[Rule]) -> None:
   paths = [r.path for r in rules]
   unmapped, unknown = leaves - set(paths), set(paths) - leaves
   if unmapped or unknown or len(paths) != len(set(paths)):
-    raise AssertionError(f"key map out of date: unmapped {sorted(map(str, unmapped))}, "
-                         f"unknown {sorted(map(str, unknown))}")
+    raise AssertionError(
+      f"key map out of date: unmapped {sorted(map(str, unmapped))}, "
+      f"unknown {sorted(map(str, unknown))}"
+    )
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -138,8 +146,10 @@ def export_tensors(params: Mapping, rules: Iterable[Rule]) -> dict[str, np.ndarr
   """Pure dict -> {PyTorch key: numpy float32 in PyTorch layout}, in the rules' order."""
   flat = traverse_util.flatten_dict(params)
   # np.array(order='C'): own, writable, contiguous memory (torch.from_numpy, safetensors).
-  return {r.key: np.array(to_torch_layout(r.layout, np.asarray(flat[r.path], np.float32)),
-                          order="C") for r in rules}
+  return {
+    r.key: np.array(to_torch_layout(r.layout, np.asarray(flat[r.path], np.float32)), order="C")
+    for r in rules
+  }
 
 
 def torch_shapes(params: Mapping, rules: Iterable[Rule]) -> dict[str, tuple[int, ...]]:
@@ -148,8 +158,12 @@ def torch_shapes(params: Mapping, rules: Iterable[Rule]) -> dict[str, tuple[int,
   return {r.key: torch_shape(r.layout, tuple(flat[r.path].shape)) for r in rules}
 
 
-def import_tensors(given: Mapping[str, np.ndarray], template: Mapping, rules: Iterable[Rule],
-                   base: Mapping | None = None) -> dict:
+def import_tensors(
+  given: Mapping[str, np.ndarray],
+  template: Mapping,
+  rules: Iterable[Rule],
+  base: Mapping | None = None,
+) -> dict:
   """{PyTorch key: array} -> pure dict shaped like `template` (dtypes from it).
 
   Leaves whose key is not in `given` come from `base` (a pure dict; values kept as they are);
@@ -172,24 +186,31 @@ def _listed(items: list[str]) -> str:
   return "[" + ", ".join(items[:MAX_LISTED]) + "]" + more
 
 
-def key_problems(given: Mapping[str, tuple], expected: Mapping[str, tuple]
-                 ) -> tuple[list[str], list[str], list[str]]:
+def key_problems(
+  given: Mapping[str, tuple], expected: Mapping[str, tuple]
+) -> tuple[list[str], list[str], list[str]]:
   """(missing keys, unexpected keys, 'key: got S, expected T' lines), each in key order
   (expected's order for missing and mismatched, given's for unexpected)."""
   missing = [k for k in expected if k not in given]
   unexpected = [k for k in given if k not in expected]
-  mismatched = [f"{k}: got {tuple(given[k])}, expected {tuple(expected[k])}"
-                for k in expected if k in given and tuple(given[k]) != tuple(expected[k])]
+  mismatched = [
+    f"{k}: got {tuple(given[k])}, expected {tuple(expected[k])}"
+    for k in expected
+    if k in given and tuple(given[k]) != tuple(expected[k])
+  ]
   return missing, unexpected, mismatched
 
 
-def raise_key_problems(what: str, missing: list[str], unexpected: list[str],
-                       mismatched: list[str]) -> None:
+def raise_key_problems(
+  what: str, missing: list[str], unexpected: list[str], mismatched: list[str]
+) -> None:
   """ValueError listing every problem of a state dict (no-op when there is none)."""
   if missing or unexpected or mismatched:
-    raise ValueError(f"{what}:\n  missing keys: {_listed(missing)}"
-                     f"\n  unexpected keys: {_listed(unexpected)}"
-                     f"\n  shape mismatches: {_listed(mismatched)}")
+    raise ValueError(
+      f"{what}:\n  missing keys: {_listed(missing)}"
+      f"\n  unexpected keys: {_listed(unexpected)}"
+      f"\n  shape mismatches: {_listed(mismatched)}"
+    )
 
 
 # ----------------------------------------------------------------------------- pos_embed
@@ -200,8 +221,13 @@ def pos_embed_table(grid: int, width: int) -> np.ndarray:
 
 def pos_embed_shape_ok(shape: tuple, width: int) -> bool:
   """[1, 1 + g*g, width] for some grid g: importable (other grids are resampled)."""
-  return (len(shape) == 3 and shape[0] == 1 and shape[2] == width and shape[1] > 1
-          and math.isqrt(shape[1] - 1) ** 2 == shape[1] - 1)
+  return (
+    len(shape) == 3
+    and shape[0] == 1
+    and shape[2] == width
+    and shape[1] > 1
+    and math.isqrt(shape[1] - 1) ** 2 == shape[1] - 1
+  )
 
 
 def check_pos_embed(key: str, table: np.ndarray, grid: int, width: int) -> None:
@@ -216,15 +242,26 @@ def check_pos_embed(key: str, table: np.ndarray, grid: int, width: int) -> None:
   if given_grid != grid:
     same = np.max(np.abs(table - pos_embed_table(given_grid, width))) <= POS_EMBED_ATOL
     if same:
-      logging.info("%s: sin-cos table of a %dx%d grid; ours is %dx%d (fixed, not loaded).", key,
-                   given_grid, given_grid, grid, grid)
+      logging.info(
+        "%s: sin-cos table of a %dx%d grid; ours is %dx%d (fixed, not loaded).",
+        key,
+        given_grid,
+        given_grid,
+        grid,
+        grid,
+      )
       return
     table = posemb_resample.resample_abs_pos_embed(table, (grid, grid))
   diff = float(np.max(np.abs(table - pos_embed_table(grid, width))))
   if diff > POS_EMBED_ATOL:
     resampled = f" (resampled from {given_grid}x{given_grid})" if given_grid != grid else ""
-    logging.warning("%s differs from the fixed sin-cos table%s (max |diff| %.3g); it is "
-                    "ignored: ultrajax ViTs use fixed sin-cos positions.", key, resampled, diff)
+    logging.warning(
+      "%s differs from the fixed sin-cos table%s (max |diff| %.3g); it is "
+      "ignored: ultrajax ViTs use fixed sin-cos positions.",
+      key,
+      resampled,
+      diff,
+    )
 
 
 def is_abstract(tree) -> bool:
@@ -290,11 +327,13 @@ def vit_from_timm(state_dict: Mapping[str, Any], model) -> dict:
 
 # timm names of the standard shapes (width, depth, heads, patch); others keep vit_base's name
 # with their own model_args, which timm applies over the named architecture's defaults.
-TIMM_ARCHITECTURES = {(192, 12, 3, 16): "vit_tiny_patch16_224",
-                      (384, 12, 6, 16): "vit_small_patch16_224",
-                      (768, 12, 12, 16): "vit_base_patch16_224",
-                      (1024, 24, 16, 16): "vit_large_patch16_224",
-                      (1280, 32, 16, 14): "vit_huge_patch14_224"}
+TIMM_ARCHITECTURES = {
+  (192, 12, 3, 16): "vit_tiny_patch16_224",
+  (384, 12, 6, 16): "vit_small_patch16_224",
+  (768, 12, 12, 16): "vit_base_patch16_224",
+  (1024, 24, 16, 16): "vit_large_patch16_224",
+  (1280, 32, 16, 14): "vit_huge_patch14_224",
+}
 
 
 def timm_pretrained_cfg(image_size: int) -> dict:
@@ -306,10 +345,18 @@ def timm_pretrained_cfg(image_size: int) -> dict:
   crop), hence crop_pct 1.0; timm resizes the short side and centre-crops, the same for square
   images.
   """
-  return dict(input_size=[3, image_size, image_size], fixed_input_size=True,
-              interpolation="bilinear", crop_pct=1.0, crop_mode="center",
-              mean=list(mae.IMAGENET_MEAN), std=list(mae.IMAGENET_STD), num_classes=0,
-              first_conv="patch_embed.proj", classifier="head")
+  return dict(
+    input_size=[3, image_size, image_size],
+    fixed_input_size=True,
+    interpolation="bilinear",
+    crop_pct=1.0,
+    crop_mode="center",
+    mean=list(mae.IMAGENET_MEAN),
+    std=list(mae.IMAGENET_STD),
+    num_classes=0,
+    first_conv="patch_embed.proj",
+    classifier="head",
+  )
 
 
 def timm_hub_config(params: Mapping, *, image_size: int, num_heads: int) -> dict:
@@ -321,10 +368,21 @@ def timm_hub_config(params: Mapping, *, image_size: int, num_heads: int) -> dict
   depth = len(params["blocks"])
   hidden = params["blocks"][0]["mlp"]["fc1"]["kernel"].shape[-1]
   pool = "avg" if "fc_norm" in params else "token"
-  model_args = dict(img_size=image_size, patch_size=patch, embed_dim=width, depth=depth,
-                    num_heads=num_heads, mlp_ratio=hidden / width, global_pool=pool,
-                    num_classes=0)
-  return dict(architecture=TIMM_ARCHITECTURES.get((width, depth, num_heads, patch),
-                                                  "vit_base_patch16_224"),
-              num_classes=0, num_features=width, global_pool=pool, model_args=model_args,
-              pretrained_cfg=timm_pretrained_cfg(image_size))
+  model_args = dict(
+    img_size=image_size,
+    patch_size=patch,
+    embed_dim=width,
+    depth=depth,
+    num_heads=num_heads,
+    mlp_ratio=hidden / width,
+    global_pool=pool,
+    num_classes=0,
+  )
+  return dict(
+    architecture=TIMM_ARCHITECTURES.get((width, depth, num_heads, patch), "vit_base_patch16_224"),
+    num_classes=0,
+    num_features=width,
+    global_pool=pool,
+    model_args=model_args,
+    pretrained_cfg=timm_pretrained_cfg(image_size),
+  )

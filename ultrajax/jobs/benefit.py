@@ -20,6 +20,7 @@ The script, in order:
      benefit.png.
 Every stage resumes: pretraining from its workdir, finished fine-tuning cells are read back.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,21 +65,34 @@ def validate(config) -> None:
   c.check_range(config, "task.images_per_client", 1)
   c.check_range(config, "bootstrap_samples", 1)
   lo, mid, hi = config.task.split_fractions
-  c.check(min(lo, mid, hi) > 0 and abs(lo + mid + hi - 1) < 1e-6,
-          f"config.task.split_fractions={tuple(config.task.split_fractions)} must be three "
-          "positive shares summing to 1")
+  c.check(
+    min(lo, mid, hi) > 0 and abs(lo + mid + hi - 1) < 1e-6,
+    f"config.task.split_fractions={tuple(config.task.split_fractions)} must be three "
+    "positive shares summing to 1",
+  )
   pc, fc = pretrain_config(config), finetune_config(config)
   pretrain.validate(pc)
   finetune.validate(fc)
-  c.check(pc.data.source in SOURCES, f"config.pretrain_config data.source={pc.data.source!r}: "
-          f"the benefit report needs labelled clients, one of {SOURCES}")
-  c.check(not pc.data.pool_clients, "config.pretrain_config has data.pool_clients=True: the "
-          "benefit report needs the federated clients (use configs/pretrain_fed.py)")
-  c.check(fc.task_type == "cls", f"config.finetune_config={config.finetune_config!r} has "
-          f"task_type={fc.task_type!r}; the benefit report fine-tunes a classification task")
+  c.check(
+    pc.data.source in SOURCES,
+    f"config.pretrain_config data.source={pc.data.source!r}: "
+    f"the benefit report needs labelled clients, one of {SOURCES}",
+  )
+  c.check(
+    not pc.data.pool_clients,
+    "config.pretrain_config has data.pool_clients=True: the "
+    "benefit report needs the federated clients (use configs/pretrain_fed.py)",
+  )
+  c.check(
+    fc.task_type == "cls",
+    f"config.finetune_config={config.finetune_config!r} has "
+    f"task_type={fc.task_type!r}; the benefit report fine-tunes a classification task",
+  )
   if config.federated_workdir:
-    c.check(pathlib.Path(config.federated_workdir).is_dir(),
-            f"config.federated_workdir={config.federated_workdir!r} is not a folder")
+    c.check(
+      pathlib.Path(config.federated_workdir).is_dir(),
+      f"config.federated_workdir={config.federated_workdir!r} is not a folder",
+    )
 
 
 def raw_clients(pc) -> list:
@@ -92,15 +106,28 @@ def client_task(config, pc, source, k: int, image_size: int, workdir: pathlib.Pa
   t = config.task
   if pc.data.source == "phantom":
     return benefit.phantom_client_task(
-        source, t.images_per_client, image_size, classes=tuple(
-            x.strip() for x in t.classes.split(",") if x.strip()),
-        split_fractions=tuple(t.split_fractions), split_seed=t.split_seed)
+      source,
+      t.images_per_client,
+      image_size,
+      classes=tuple(x.strip() for x in t.classes.split(",") if x.strip()),
+      split_fractions=tuple(t.split_fractions),
+      split_seed=t.split_seed,
+    )
   d = pc.data
   return benefit.manifest_client_task(
-      d.manifest, source.name, workdir / "tasks" / f"{_dirname(k, source.name)}.csv", image_size,
-      client_column=d.client_column, image_column=d.image_column, label_column=t.label_column,
-      group_column=t.group_column, split_column=t.split_column, classes=t.classes,
-      split_fractions=tuple(t.split_fractions), split_seed=t.split_seed)
+    d.manifest,
+    source.name,
+    workdir / "tasks" / f"{_dirname(k, source.name)}.csv",
+    image_size,
+    client_column=d.client_column,
+    image_column=d.image_column,
+    label_column=t.label_column,
+    group_column=t.group_column,
+    split_column=t.split_column,
+    classes=t.classes,
+    split_fractions=tuple(t.split_fractions),
+    split_seed=t.split_seed,
+  )
 
 
 def _dirname(k: int, name: str) -> str:
@@ -120,11 +147,16 @@ def _cell(fc, data, run_dir: pathlib.Path, init_path: str, seed: int, mesh) -> d
   done = run_dir / "results.json"
   if done.exists():
     result = json.loads(done.read_text())
-    resume.check_config(result.get("config"), finetune.cell_config(fc), where=str(done),
-                        allow=resume.allowed_changes(fc))
+    resume.check_config(
+      result.get("config"),
+      finetune.cell_config(fc),
+      where=str(done),
+      allow=resume.allowed_changes(fc),
+    )
     return result
-  return finetune.train_one(fc, data, run_dir, init_path=init_path, fraction=1.0, seed=seed,
-                            mesh=mesh)
+  return finetune.train_one(
+    fc, data, run_dir, init_path=init_path, fraction=1.0, seed=seed, mesh=mesh
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -154,29 +186,72 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
     data = client_task(config, pc, source, k, fc.model.image_size, workdir)
     outputs, values = {}, {}
     for variant, init in (("federated", fed_dir), (baseline, local_dir)):
-      cells = [_cell(fc, data, workdir / "finetune" / _dirname(k, source.name) / variant /
-                     f"seed_{fc.seed + s}", init, fc.seed + s, mesh)
-               for s in range(fc.num_seeds)]
+      cells = [
+        _cell(
+          fc,
+          data,
+          workdir / "finetune" / _dirname(k, source.name) / variant / f"seed_{fc.seed + s}",
+          init,
+          fc.seed + s,
+          mesh,
+        )
+        for s in range(fc.num_seeds)
+      ]
       values[variant] = float(np.mean([c["test"][metric][0] for c in cells]))
-      outs = [np.load(workdir / "finetune" / _dirname(k, source.name) / variant /
-                      f"seed_{c['seed']}" / "test_outputs.npz") for c in cells]
+      outs = [
+        np.load(
+          workdir
+          / "finetune"
+          / _dirname(k, source.name)
+          / variant
+          / f"seed_{c['seed']}"
+          / "test_outputs.npz"
+        )
+        for c in cells
+      ]
       outputs[variant] = (outs[0]["targets"], np.stack([o["probs"] for o in outs]))
     targets = outputs["federated"][0]
-    gain = benefit.gain_ci(lambda y, p: sign * downstream.cls_scores(y, p)[metric], targets,
-                           outputs["federated"][1], outputs[baseline][1],
-                           num_samples=config.bootstrap_samples, seed=config.seed)
-    rows.append({"client": source.name, "num_train": int(len(data.indices("train"))),
-                 "num_test": int(len(targets)), f"federated_{metric}": values["federated"],
-                 f"{baseline}_{metric}": values[baseline], "gain": gain.diff,
-                 "ci_low": gain.ci_low, "ci_high": gain.ci_high, "p_bootstrap": gain.pvalue,
-                 "num_seeds": fc.num_seeds})
-    logging.info("client %s: %s federated %.4f, %s %.4f, gain %+.4f [%.4f, %.4f]", source.name,
-                 metric, values["federated"], baseline, values[baseline], gain.diff, gain.ci_low,
-                 gain.ci_high)
-  summary = [{"quantity": name, **benefit.spread([r[col] for r in rows],
-                                                 [r["num_test"] for r in rows])}
-             for name, col in (("federated", f"federated_{metric}"),
-                               (baseline, f"{baseline}_{metric}"), ("gain", "gain"))]
+    gain = benefit.gain_ci(
+      lambda y, p: sign * downstream.cls_scores(y, p)[metric],
+      targets,
+      outputs["federated"][1],
+      outputs[baseline][1],
+      num_samples=config.bootstrap_samples,
+      seed=config.seed,
+    )
+    rows.append(
+      {
+        "client": source.name,
+        "num_train": int(len(data.indices("train"))),
+        "num_test": int(len(targets)),
+        f"federated_{metric}": values["federated"],
+        f"{baseline}_{metric}": values[baseline],
+        "gain": gain.diff,
+        "ci_low": gain.ci_low,
+        "ci_high": gain.ci_high,
+        "p_bootstrap": gain.pvalue,
+        "num_seeds": fc.num_seeds,
+      }
+    )
+    logging.info(
+      "client %s: %s federated %.4f, %s %.4f, gain %+.4f [%.4f, %.4f]",
+      source.name,
+      metric,
+      values["federated"],
+      baseline,
+      values[baseline],
+      gain.diff,
+      gain.ci_low,
+      gain.ci_high,
+    )
+  summary = [
+    {"quantity": name, **benefit.spread([r[col] for r in rows], [r["num_test"] for r in rows])}
+    for name, col in (
+      ("federated", f"federated_{metric}"),
+      (baseline, f"{baseline}_{metric}"),
+      ("gain", "gain"),
+    )
+  ]
   for row in summary:  # clients whose gain CI lies wholly below / above 0
     gains = row["quantity"] == "gain"
     row["ci_below_zero"] = sum(r["ci_high"] < 0 for r in rows) if gains else ""
@@ -185,12 +260,26 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
     benefit.write_csv(workdir / "benefit.csv", rows)
     benefit.write_csv(workdir / "benefit_summary.csv", summary)
     benefit_viz.gain_plot(
-        workdir / "benefit.png", [r["client"] for r in rows],
-        [r[f"federated_{metric}"] for r in rows], [r[f"{baseline}_{metric}"] for r in rows],
-        [r["gain"] for r in rows], [r["ci_low"] for r in rows], [r["ci_high"] for r in rows],
-        metric=metric, local_label="local only" if baseline == "local" else "scratch (random init)")
+      workdir / "benefit.png",
+      [r["client"] for r in rows],
+      [r[f"federated_{metric}"] for r in rows],
+      [r[f"{baseline}_{metric}"] for r in rows],
+      [r["gain"] for r in rows],
+      [r["ci_low"] for r in rows],
+      [r["ci_high"] for r in rows],
+      metric=metric,
+      local_label="local only" if baseline == "local" else "scratch (random init)",
+    )
   g = summary[-1]
-  logging.info("Gain in test %s over %s: mean %+.4f, min %+.4f, %d of %d clients negative "
-               "(%d with the CI below 0)", metric, baseline, g["mean"], g["min"], g["negative"],
-               g["num_clients"], g["ci_below_zero"])
+  logging.info(
+    "Gain in test %s over %s: mean %+.4f, min %+.4f, %d of %d clients negative "
+    "(%d with the CI below 0)",
+    metric,
+    baseline,
+    g["mean"],
+    g["min"],
+    g["negative"],
+    g["num_clients"],
+    g["ci_below_zero"],
+  )
   return rows

@@ -24,6 +24,7 @@ checkpoints every `ckpt_every_epochs` (params, optimizer state, best-so-far) and
 draw is keyed by (seed, epoch, step), so a killed study resumes bitwise. Metric tables and the
 study summary live in eval/downstream.py, the losses in train/losses.py.
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,8 +50,17 @@ from ultrajax.data import augment, tasks
 from ultrajax.eval import downstream, metrics
 from ultrajax.interop import load as interop_load
 from ultrajax.models import heads, mae, vit
-from ultrajax.train import (checkpoint, divergence, loop, losses, optimizer, resume, sharding,
-                            tree, writers)
+from ultrajax.train import (
+  checkpoint,
+  divergence,
+  loop,
+  losses,
+  optimizer,
+  resume,
+  sharding,
+  tree,
+  writers,
+)
 from ultrajax.viz import embedding, plots
 
 MODES = ("finetune", "linear_probe")
@@ -72,8 +82,10 @@ def validate(config) -> None:
   c.check_range(config, "train.batch_size", 1)
   c.check_range(config, "train.num_epochs", 1)
   min_steps = config.train.min_steps
-  c.check(isinstance(min_steps, int) and not isinstance(min_steps, bool) and min_steps >= 0,
-          f"config.train.min_steps={min_steps!r} must be a whole number of steps >= 0 (0: off)")
+  c.check(
+    isinstance(min_steps, int) and not isinstance(min_steps, bool) and min_steps >= 0,
+    f"config.train.min_steps={min_steps!r} must be a whole number of steps >= 0 (0: off)",
+  )
   c.check_range(config, "train.eval_every_epochs", 1)
   c.check_range(config, "ckpt_every_epochs", 1)
   c.check_range(config, "optim.base_lr", 0.0, low_inclusive=False)
@@ -86,25 +98,35 @@ def validate(config) -> None:
   c.check_range(config, "aug.reprob", 0.0, 1.0)
   c.check_choice(config, "loss.class_weights", CLASS_WEIGHTS)
   for f in config.fractions:
-    c.check(isinstance(f, (int, float)) and 0.0 < f <= 1.0,
-            f"config.fractions has {f!r}; every training fraction must be in (0, 1]")
+    c.check(
+      isinstance(f, (int, float)) and 0.0 < f <= 1.0,
+      f"config.fractions has {f!r}; every training fraction must be in (0, 1]",
+    )
   allowed = downstream.CLS_METRICS if config.task_type == "cls" else downstream.SEG_METRICS
-  c.check(config.train.select_metric in allowed,
-          f"config.train.select_metric={config.train.select_metric!r} is not one of {allowed}")
+  c.check(
+    config.train.select_metric in allowed,
+    f"config.train.select_metric={config.train.select_metric!r} is not one of {allowed}",
+  )
   if config.data.source == "manifest":
     c.check(bool(config.data.manifest), "config.data.manifest must name a CSV file")
   if config.data.source == "folders":
     c.check(bool(config.data.root), "config.data.root must name a folder of class folders")
   if config.data.source == "tfds":
-    c.check("," not in config.data.tfds_name and bool(config.data.tfds_name.strip()),
-            f"config.data.tfds_name={config.data.tfds_name!r} must name one prepared TFDS dataset")
+    c.check(
+      "," not in config.data.tfds_name and bool(config.data.tfds_name.strip()),
+      f"config.data.tfds_name={config.data.tfds_name!r} must name one prepared TFDS dataset",
+    )
   for s in config.eval.blur_sigmas:
-    c.check(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 50,
-            f"config.eval.blur_sigmas has {s!r}; each blur sigma must be a number in [0, 50] "
-            "(input pixels)")
+    c.check(
+      isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 50,
+      f"config.eval.blur_sigmas has {s!r}; each blur sigma must be a number in [0, 50] "
+      "(input pixels)",
+    )
   lo, hi = config.aug.crop_scale
-  c.check(0 < lo <= hi <= 1, f"config.aug.crop_scale={tuple(config.aug.crop_scale)} is not "
-          "0 < low <= high <= 1")
+  c.check(
+    0 < lo <= hi <= 1,
+    f"config.aug.crop_scale={tuple(config.aug.crop_scale)} is not 0 < low <= high <= 1",
+  )
 
 
 # Which cells a study has, not what one cell computes (a cell's folder names its variant,
@@ -123,8 +145,10 @@ def variants(config) -> list[tuple[str, str]]:
     out = []
     for item in filter(None, (v.strip() for v in config.variants.split(","))):
       name, sep, path = item.partition("=")
-      configlib.check(bool(sep) and bool(name), f"config.variants item {item!r} is not "
-                      "'name=path' (use 'scratch=' for no pretraining)")
+      configlib.check(
+        bool(sep) and bool(name),
+        f"config.variants item {item!r} is not 'name=path' (use 'scratch=' for no pretraining)",
+      )
       out.append((name, path))
     return out
   if config.init_from:
@@ -139,13 +163,31 @@ def build_model(config, num_classes: int, seed: int):
   m = config.model
   rngs = nnx.Rngs(seed)
   if config.task_type == "cls":
-    return vit.ViT(width=width, depth=depth, num_heads=heads_, patch_size=patch,
-                   image_size=m.image_size, pool=m.pool, num_classes=num_classes,
-                   drop_path_rate=m.drop_path_rate, dtype=vit.DTYPES[m.dtype], rngs=rngs)
-  return heads.Segmenter(width=width, depth=depth, num_heads=heads_, patch_size=patch,
-                         image_size=m.image_size, num_outputs=1 if num_classes == 2 else num_classes,
-                         feature_blocks=tuple(m.feature_blocks), channels=m.decoder_channels,
-                         drop_path_rate=m.drop_path_rate, dtype=vit.DTYPES[m.dtype], rngs=rngs)
+    return vit.ViT(
+      width=width,
+      depth=depth,
+      num_heads=heads_,
+      patch_size=patch,
+      image_size=m.image_size,
+      pool=m.pool,
+      num_classes=num_classes,
+      drop_path_rate=m.drop_path_rate,
+      dtype=vit.DTYPES[m.dtype],
+      rngs=rngs,
+    )
+  return heads.Segmenter(
+    width=width,
+    depth=depth,
+    num_heads=heads_,
+    patch_size=patch,
+    image_size=m.image_size,
+    num_outputs=1 if num_classes == 2 else num_classes,
+    feature_blocks=tuple(m.feature_blocks),
+    channels=m.decoder_channels,
+    drop_path_rate=m.drop_path_rate,
+    dtype=vit.DTYPES[m.dtype],
+    rngs=rngs,
+  )
 
 
 def trainable_mask(params, mode: str):
@@ -174,8 +216,9 @@ def augment_seg(key, image01, target, aug):
   size = image01.shape[0]
   k_flip, k_rot, k_scale = jax.random.split(key, 3)
   angle = jax.random.uniform(k_rot, (), minval=-1.0, maxval=1.0) * math.radians(aug.rotate_deg)
-  scale = jnp.exp(jax.random.uniform(k_scale, (), minval=-1.0, maxval=1.0)
-                  * math.log(aug.scale_jitter))
+  scale = jnp.exp(
+    jax.random.uniform(k_scale, (), minval=-1.0, maxval=1.0) * math.log(aug.scale_jitter)
+  )
   matrix = augment.rotation(angle, size) @ augment.about_centre(jnp.eye(2) / scale, size)
   if aug.hflip:
     matrix = matrix @ augment.hflip(jax.random.bernoulli(k_flip), size)
@@ -198,11 +241,18 @@ def make_loss_fn(graphdef, config, num_classes: int):
       x = mae.normalize(jax.vmap(lambda k, im: augment_cls(k, im, aug))(keys, x))
       if aug.reprob > 0:  # per image, after normalisation and before mixing (as timm)
         x = jax.vmap(lambda k, im: augment.random_erasing(k, im, aug.reprob))(
-            jax.random.split(k_erase, x.shape[0]), x)
+          jax.random.split(k_erase, x.shape[0]), x
+        )
       soft = augment.smooth_one_hot(targets, num_classes, aug.label_smoothing)
       # Mixing is affine with weights summing to 1, so it commutes with the normalisation.
-      x, soft = augment.mixup_cutmix(k_mix, x, soft, mixup_alpha=aug.mixup_alpha,
-                                     cutmix_alpha=aug.cutmix_alpha, prob=aug.mix_prob)
+      x, soft = augment.mixup_cutmix(
+        k_mix,
+        x,
+        soft,
+        mixup_alpha=aug.mixup_alpha,
+        cutmix_alpha=aug.cutmix_alpha,
+        prob=aug.mix_prob,
+      )
       logits = model(x, key=k_drop)
       return losses.weighted_soft_cross_entropy(logits, soft, class_weights)
     x, t = jax.vmap(lambda k, im, m: augment_seg(k, im, m, aug))(keys, x, targets)
@@ -220,13 +270,17 @@ def make_predict_fn(graphdef):
     if out.shape[-1] == 1:
       return (out[..., 0] > 0).astype(jnp.uint8)
     return jnp.argmax(out, axis=-1).astype(jnp.uint8)
+
   return predict
 
 
 def make_features_fn(graphdef):
   def features(params, images_u8):
     """cls: what the head sees [B, D] (for t-SNE)."""
-    return nnx.merge(graphdef, params).features(mae.normalize(images_u8.astype(jnp.float32) / 255.0))
+    return nnx.merge(graphdef, params).features(
+      mae.normalize(images_u8.astype(jnp.float32) / 255.0)
+    )
+
   return features
 
 
@@ -239,6 +293,7 @@ class Setup:
   compiles each shape once and every cell of that shape (seeds, variants, fractions with the
   same number of steps) reuses it. Derived pieces are built on first use.
   """
+
   config: ml_collections.FrozenConfigDict
   num_classes: int
   steps_per_epoch: int  # optimizer steps per epoch of the schedule (passes x batches per pass)
@@ -269,16 +324,24 @@ class Setup:
     """Warmup then cosine over the run's optimizer steps (epochs x steps_per_epoch)."""
     total = self.steps_per_epoch * self.config.train.num_epochs
     warmup = min(int(self.config.optim.warmup_epochs * self.steps_per_epoch), total - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, self.peak_lr, warmup_steps=warmup,
-                                              decay_steps=max(total, warmup + 1),
-                                              end_value=self.config.optim.min_lr)
+    return optax.warmup_cosine_decay_schedule(
+      0.0,
+      self.peak_lr,
+      warmup_steps=warmup,
+      decay_steps=max(total, warmup + 1),
+      end_value=self.config.optim.min_lr,
+    )
 
   @functools.cached_property
   def tx(self):
     params = self.abstract_params
-    return optimizer.finetune_adamw(self.config.optim, params, schedule=self.schedule,
-                                    depth=vit.model_dims(self.config.model)[1],
-                                    trainable=trainable_mask(params, self.config.mode))
+    return optimizer.finetune_adamw(
+      self.config.optim,
+      params,
+      schedule=self.schedule,
+      depth=vit.model_dims(self.config.model)[1],
+      trainable=trainable_mask(params, self.config.mode),
+    )
 
   @functools.cached_property
   def param_sharding(self):
@@ -351,8 +414,16 @@ def run_epoch(setup: Setup, params, opt_state, images, targets, order, epoch_key
   """
   losses = []
   for i in range(order.shape[0]):
-    params, opt_state, loss = train_step(setup, params, opt_state, images, targets, order[i],
-                                         jax.random.fold_in(epoch_key, i), class_weights)
+    params, opt_state, loss = train_step(
+      setup,
+      params,
+      opt_state,
+      images,
+      targets,
+      order[i],
+      jax.random.fold_in(epoch_key, i),
+      class_weights,
+    )
     losses.append(loss)
   return params, opt_state, jnp.stack(losses)
 
@@ -373,13 +444,22 @@ def epoch_order(seed: int, epoch: int, num_images: int, batch: int, passes: int)
   rng = np.random.default_rng([seed, epoch])
   per_pass = num_images // batch * batch
   return np.concatenate([rng.permutation(num_images)[:per_pass] for _ in range(passes)]).reshape(
-      -1, batch)
+    -1, batch
+  )
 
 
 # ----------------------------------------------------------------------------- evaluation
-def test_extras(config, setup: Setup, params, data: tasks.TaskData, test_idx: np.ndarray,
-                outputs: np.ndarray, report: dict, run_dir: pathlib.Path,
-                first_cell: bool) -> dict:
+def test_extras(
+  config,
+  setup: Setup,
+  params,
+  data: tasks.TaskData,
+  test_idx: np.ndarray,
+  outputs: np.ndarray,
+  report: dict,
+  run_dir: pathlib.Path,
+  first_cell: bool,
+) -> dict:
   """What a cell adds beside its test report: test_outputs.npz (what the study's paired tests
   read), the precision-recall curve (UltraFedFM Fig. 6), t-SNE of the test features in the first
   cell of each variant (URFM Fig. 6), and the metrics under test-time blur (UltraFedFM Fig. 5e-f,
@@ -387,37 +467,63 @@ def test_extras(config, setup: Setup, params, data: tasks.TaskData, test_idx: np
   targets, spacing = data.targets[test_idx], _spacing(data, test_idx)
   batch, images = setup.batch, data.images[test_idx]
   if config.task_type == "cls":
-    loop.atomic_write(run_dir / "test_outputs.npz",
-                      dict(test_index=test_idx, targets=targets, probs=outputs))
-    plots.pr_curves(run_dir / "pr.png", targets, outputs, data.class_names,
-                    title=f"test precision-recall ({run_dir.parent.parent.name})")
+    loop.atomic_write(
+      run_dir / "test_outputs.npz", dict(test_index=test_idx, targets=targets, probs=outputs)
+    )
+    plots.pr_curves(
+      run_dir / "pr.png",
+      targets,
+      outputs,
+      data.class_names,
+      title=f"test precision-recall ({run_dir.parent.parent.name})",
+    )
     if first_cell:
-      feats = downstream.predict_batches(functools.partial(features, setup), params, images,
-                                         batch, setup.data_sharding)
-      embedding.save_tsne(run_dir / "tsne.png", feats, targets, data.class_names,
-                          title=f"t-SNE of test features ({run_dir.parent.parent.name})")
+      feats = downstream.predict_batches(
+        functools.partial(features, setup), params, images, batch, setup.data_sharding
+      )
+      embedding.save_tsne(
+        run_dir / "tsne.png",
+        feats,
+        targets,
+        data.class_names,
+        title=f"t-SNE of test features ({run_dir.parent.parent.name})",
+      )
   else:
-    per_image = downstream.seg_per_image(targets, outputs, data.num_classes, spacing,
-                                         config.eval.nsd_tolerance)
-    loop.atomic_write(run_dir / "test_outputs.npz", dict(test_index=test_idx, per_image=np.stack(
-        [per_image[name] for name in downstream.SEG_METRICS], axis=1)))
+    per_image = downstream.seg_per_image(
+      targets, outputs, data.num_classes, spacing, config.eval.nsd_tolerance
+    )
+    loop.atomic_write(
+      run_dir / "test_outputs.npz",
+      dict(
+        test_index=test_idx,
+        per_image=np.stack([per_image[name] for name in downstream.SEG_METRICS], axis=1),
+      ),
+    )
   sigmas = [float(x) for x in config.eval.blur_sigmas]
   if not sigmas:
     return {}
   blur = {}
   for sigma in sigmas:
-    out = downstream.predict_batches(functools.partial(predict, setup), params,
-                                     downstream.blurred(images, sigma), batch,
-                                     setup.data_sharding)
-    blur[f"{sigma:g}"] = downstream.split_scores(config.task_type, targets, out,
-                                                 data.num_classes, spacing,
-                                                 config.eval.nsd_tolerance)
+    out = downstream.predict_batches(
+      functools.partial(predict, setup),
+      params,
+      downstream.blurred(images, sigma),
+      batch,
+      setup.data_sharding,
+    )
+    blur[f"{sigma:g}"] = downstream.split_scores(
+      config.task_type, targets, out, data.num_classes, spacing, config.eval.nsd_tolerance
+    )
   select = config.train.select_metric
   xs = sorted({0.0, *sigmas})
-  plots.metric_curve(run_dir / "blur.png", xs, {select: [
-      report[select][0] if x == 0 else blur[f"{x:g}"][select] for x in xs]},
-      xlabel="test-time Gaussian blur sigma (pixels)", ylabel=f"test {select}",
-      title=f"blur stability ({run_dir.parent.parent.name})")
+  plots.metric_curve(
+    run_dir / "blur.png",
+    xs,
+    {select: [report[select][0] if x == 0 else blur[f"{x:g}"][select] for x in xs]},
+    xlabel="test-time Gaussian blur sigma (pixels)",
+    ylabel=f"test {select}",
+    title=f"blur stability ({run_dir.parent.parent.name})",
+  )
   return {"blur": blur}
 
 
@@ -436,19 +542,31 @@ def _init(config, setup: Setup, seed: int, init_path: str):
   else:
     logging.info("No init_from: training from scratch.")
   params = loop.put_global(params, setup.param_sharding)
-  return params, _train_state(setup, init_opt(setup, params), jax.tree.map(jnp.copy, params),
-                              math.nan, 0)
+  return params, _train_state(
+    setup, init_opt(setup, params), jax.tree.map(jnp.copy, params), math.nan, 0
+  )
 
 
 def _train_state(setup: Setup, opt_state, best_params, best: float, best_epoch: int) -> dict:
   """What a checkpoint keeps beside the params (a copy of the best: `params` is donated)."""
-  return {"opt_state": opt_state, "best_params": best_params,
-          "best": loop.put_global(np.float32(best), setup.replicated),
-          "best_epoch": loop.put_global(np.int32(best_epoch), setup.replicated)}
+  return {
+    "opt_state": opt_state,
+    "best_params": best_params,
+    "best": loop.put_global(np.float32(best), setup.replicated),
+    "best_epoch": loop.put_global(np.int32(best_epoch), setup.replicated),
+  }
 
 
-def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path: str,
-              fraction: float, seed: int, mesh) -> dict:
+def train_one(
+  config,
+  data: tasks.TaskData,
+  run_dir: pathlib.Path,
+  *,
+  init_path: str,
+  fraction: float,
+  seed: int,
+  mesh,
+) -> dict:
   """Trains and tests one cell of the study; returns (and writes) its results."""
   run_dir.mkdir(parents=True, exist_ok=True)
   train_idx = tasks.train_subset(data, fraction, config.data.split_seed)
@@ -456,24 +574,39 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
   devices = mesh.shape["data"]
   batch = min(config.train.batch_size, len(train_idx)) // devices * devices
   if batch < 1:
-    raise configlib.ConfigError(f"{len(train_idx)} training images (fraction {fraction}) cannot "
-                                f"fill one batch over {devices} devices")
+    raise configlib.ConfigError(
+      f"{len(train_idx)} training images (fraction {fraction}) cannot "
+      f"fill one batch over {devices} devices"
+    )
   num_epochs = config.train.num_epochs
   batches_per_pass = len(train_idx) // batch  # drop_last, as MAE's fine-tuning loader
   passes = passes_per_epoch(batches_per_pass, num_epochs, config.train.min_steps)
-  setup = Setup(ml_collections.FrozenConfigDict(config), data.num_classes,
-                batches_per_pass * passes, batch, mesh)
+  setup = Setup(
+    ml_collections.FrozenConfigDict(config),
+    data.num_classes,
+    batches_per_pass * passes,
+    batch,
+    mesh,
+  )
 
   ckpt = checkpoint.Checkpointer(run_dir, keep=1)
   like_params = checkpoint.abstract_like(setup.abstract_params, setup.param_sharding)
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=setup.replicated)
-  like_train = {"opt_state": checkpoint.abstract_like(setup.abstract_opt, setup.opt_sharding),
-                "best_params": like_params, "best": scalar(jnp.float32),
-                "best_epoch": scalar(jnp.int32)}
+  like_train = {
+    "opt_state": checkpoint.abstract_like(setup.abstract_opt, setup.opt_sharding),
+    "best_params": like_params,
+    "best": scalar(jnp.float32),
+    "best_epoch": scalar(jnp.int32),
+  }
   cell = cell_config(config)
   start, params, state = loop.resume_or_init(
-      ckpt, like_params, like_train, lambda: _init(config, setup, seed, init_path),
-      config=config, snapshot=cell)
+    ckpt,
+    like_params,
+    like_train,
+    lambda: _init(config, setup, seed, init_path),
+    config=config,
+    snapshot=cell,
+  )
   opt_state, best_params = state["opt_state"], state["best_params"]
   best, best_epoch = float(state["best"]), int(state["best_epoch"])
   train_images = loop.put_global(data.images[train_idx], setup.replicated)
@@ -481,17 +614,29 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
   class_weights = np.ones(data.num_classes, np.float32)
   if config.task_type == "cls" and config.loss.class_weights == "balanced":
     class_weights = losses.balanced_class_weights(data.targets[train_idx], data.num_classes)
-    logging.info("Class weights (balanced over the training images): %s",
-                 dict(zip(data.class_names, np.round(class_weights, 3).tolist())))
+    logging.info(
+      "Class weights (balanced over the training images): %s",
+      dict(zip(data.class_names, np.round(class_weights, 3).tolist())),
+    )
   class_weights = loop.put_global(class_weights, setup.replicated)
   select = config.train.select_metric
   writers.truncate_jsonl(run_dir / "metrics.jsonl", start, key="epoch")
   writer = writers.create_writer(run_dir)
   run_key = jax.random.key(seed)
-  logging.info("%s: %d train (fraction %g) / %d val / %d test images, batch %d, %d steps per "
-               "epoch (%d passes), %d epochs, peak lr %.3g", run_dir, len(train_idx), fraction,
-               len(val_idx), len(test_idx), batch, setup.steps_per_epoch, passes, num_epochs,
-               setup.peak_lr)
+  logging.info(
+    "%s: %d train (fraction %g) / %d val / %d test images, batch %d, %d steps per "
+    "epoch (%d passes), %d epochs, peak lr %.3g",
+    run_dir,
+    len(train_idx),
+    fraction,
+    len(val_idx),
+    len(test_idx),
+    batch,
+    setup.steps_per_epoch,
+    passes,
+    num_epochs,
+    setup.peak_lr,
+  )
   # Epochs per second and this cell's ETA in the log (from the second epoch on).
   progress = periodic_actions.ReportProgress(num_train_steps=num_epochs, every_steps=1)
   try:
@@ -499,64 +644,139 @@ def train_one(config, data: tasks.TaskData, run_dir: pathlib.Path, *, init_path:
       t0 = time.time()
       order = epoch_order(seed, epoch, len(train_idx), batch, passes)
       params, opt_state, step_losses = run_epoch(
-          setup, params, opt_state, train_images, train_targets, jnp.asarray(order),
-          jax.random.fold_in(run_key, epoch), class_weights)
+        setup,
+        params,
+        opt_state,
+        train_images,
+        train_targets,
+        jnp.asarray(order),
+        jax.random.fold_in(run_key, epoch),
+        class_weights,
+      )
       step_losses = np.asarray(step_losses)
-      valid = divergence.screen(step_losses, np.ones(step_losses.shape, bool),
-                                where=f"{run_dir}: epoch {epoch + 1}", mode=config.on_nonfinite)
+      valid = divergence.screen(
+        step_losses,
+        np.ones(step_losses.shape, bool),
+        where=f"{run_dir}: epoch {epoch + 1}",
+        mode=config.on_nonfinite,
+      )
       loss = float(step_losses[valid].mean())
       done = epoch + 1
-      row = {"epoch": done, "train_loss": loss,
-             "lr": float(setup.schedule(done * setup.steps_per_epoch - 1)),
-             "img_per_s": setup.steps_per_epoch * batch / (time.time() - t0)}
+      row = {
+        "epoch": done,
+        "train_loss": loss,
+        "lr": float(setup.schedule(done * setup.steps_per_epoch - 1)),
+        "img_per_s": setup.steps_per_epoch * batch / (time.time() - t0),
+      }
       if config.on_nonfinite == "skip":
         row["skipped_steps"] = int(step_losses.size - valid.sum())
       if loop.itstime(done, config.train.eval_every_epochs, num_epochs):
-        outputs = downstream.predict_batches(functools.partial(predict, setup), params,
-                                             data.images[val_idx], batch, setup.data_sharding)
-        val = downstream.split_scores(config.task_type, data.targets[val_idx], outputs,
-                                      data.num_classes, _spacing(data, val_idx),
-                                      config.eval.nsd_tolerance)
+        outputs = downstream.predict_batches(
+          functools.partial(predict, setup),
+          params,
+          data.images[val_idx],
+          batch,
+          setup.data_sharding,
+        )
+        val = downstream.split_scores(
+          config.task_type,
+          data.targets[val_idx],
+          outputs,
+          data.num_classes,
+          _spacing(data, val_idx),
+          config.eval.nsd_tolerance,
+        )
         row.update({f"val_{k}": v for k, v in val.items()})
         if downstream.better(select, val[select], best):
           best, best_epoch = val[select], done
           best_params = jax.tree.map(jnp.copy, params)
       writer.write_scalars(done, row)
-      logging.info("%s epoch %d/%d: loss %.4f%s", run_dir.name, done, num_epochs, loss,
-                   "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
+      logging.info(
+        "%s epoch %d/%d: loss %.4f%s",
+        run_dir.name,
+        done,
+        num_epochs,
+        loss,
+        "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_")),
+      )
       progress(done)
       if loop.itstime(done, config.ckpt_every_epochs, num_epochs):
-        ckpt.save(done, params, _train_state(setup, opt_state, best_params, best, best_epoch),
-                  None, {"epoch": done, "config": json.dumps(cell)})
+        ckpt.save(
+          done,
+          params,
+          _train_state(setup, opt_state, best_params, best, best_epoch),
+          None,
+          {"epoch": done, "config": json.dumps(cell)},
+        )
   finally:  # a crash still finishes the last save and releases the checkpoint manager
     ckpt.close()
     writer.close()
   if best_epoch == 0:  # validation never gave a finite score: test the last parameters
     best_params = params
 
-  outputs = downstream.predict_batches(functools.partial(predict, setup), best_params,
-                                       data.images[test_idx], batch, setup.data_sharding)
+  outputs = downstream.predict_batches(
+    functools.partial(predict, setup),
+    best_params,
+    data.images[test_idx],
+    batch,
+    setup.data_sharding,
+  )
   targets = data.targets[test_idx]
-  report = downstream.test_report(config.task_type, targets, outputs, data.num_classes,
-                                  config.eval.bootstrap_samples, seed, _spacing(data, test_idx),
-                                  config.eval.nsd_tolerance)
+  report = downstream.test_report(
+    config.task_type,
+    targets,
+    outputs,
+    data.num_classes,
+    config.eval.bootstrap_samples,
+    seed,
+    _spacing(data, test_idx),
+    config.eval.nsd_tolerance,
+  )
   if config.task_type == "cls":
-    plots.roc_curves(run_dir / "roc.png", targets, outputs, data.class_names,
-                     title=f"test ROC ({run_dir.parent.parent.name}, seed {seed})")
-    plots.confusion(run_dir / "confusion.png",
-                    metrics.confusion_matrix(targets, outputs.argmax(1), data.num_classes),
-                    data.class_names)
+    plots.roc_curves(
+      run_dir / "roc.png",
+      targets,
+      outputs,
+      data.class_names,
+      title=f"test ROC ({run_dir.parent.parent.name}, seed {seed})",
+    )
+    plots.confusion(
+      run_dir / "confusion.png",
+      metrics.confusion_matrix(targets, outputs.argmax(1), data.num_classes),
+      data.class_names,
+    )
   else:
     per_image = downstream.seg_per_image(targets, outputs, data.num_classes)["dice"]
-    plots.seg_overlays(run_dir / "overlays.png", data.images[test_idx], targets, outputs,
-                       scores=per_image)
-  extras = test_extras(config, setup, best_params, data, test_idx, outputs, report, run_dir,
-                       first_cell=seed == config.seed and fraction == config.fractions[0])
-  results = {"test": report, "best_val": best, "best_epoch": best_epoch, "select_metric": select,
-             "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
-             "num_test": int(len(test_idx)), "train_steps": num_epochs * setup.steps_per_epoch,
-             "fraction": fraction, "seed": seed, "init_from": init_path,
-             "class_names": list(data.class_names), "config": cell, **extras}
+    plots.seg_overlays(
+      run_dir / "overlays.png", data.images[test_idx], targets, outputs, scores=per_image
+    )
+  extras = test_extras(
+    config,
+    setup,
+    best_params,
+    data,
+    test_idx,
+    outputs,
+    report,
+    run_dir,
+    first_cell=seed == config.seed and fraction == config.fractions[0],
+  )
+  results = {
+    "test": report,
+    "best_val": best,
+    "best_epoch": best_epoch,
+    "select_metric": select,
+    "num_train": int(len(train_idx)),
+    "num_val": int(len(val_idx)),
+    "num_test": int(len(test_idx)),
+    "train_steps": num_epochs * setup.steps_per_epoch,
+    "fraction": fraction,
+    "seed": seed,
+    "init_from": init_path,
+    "class_names": list(data.class_names),
+    "config": cell,
+    **extras,
+  }
   loop.atomic_write(run_dir / "results.json", results)
   return results
 
@@ -572,8 +792,9 @@ def write_summary(workdir: pathlib.Path, rows: list[dict], select: str) -> None:
     curves = {}
     for r in rows:
       if r["metric"] == select:
-        curves.setdefault(r["variant"], []).append((r["fraction"], r["mean"], r["ci_low"],
-                                                    r["ci_high"]))
+        curves.setdefault(r["variant"], []).append(
+          (r["fraction"], r["mean"], r["ci_low"], r["ci_high"])
+        )
     plots.label_efficiency(workdir / "label_efficiency.png", curves, select)
 
 
@@ -597,9 +818,11 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
   mesh = sharding.make_mesh(clients=1, data=config.mesh.data)
   data = load_data(config)
   abstract = nnx.eval_shape(lambda: build_model(config, data.num_classes, 0))
-  parameter_overview.log_parameter_overview(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
-                                            include_stats=False,
-                                            msg="Fine-tuning model parameters")
+  parameter_overview.log_parameter_overview(
+    nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
+    include_stats=False,
+    msg="Fine-tuning model parameters",
+  )
   study = variants(config)
   for name, path in study:
     if path and not pathlib.Path(path).exists():
@@ -614,25 +837,50 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
         done = run_dir / "results.json"
         if done.exists():
           result = json.loads(done.read_text())
-          resume.check_config(result.get("config"), cell_config(config), where=str(done),
-                              allow=resume.allowed_changes(config))
+          resume.check_config(
+            result.get("config"),
+            cell_config(config),
+            where=str(done),
+            allow=resume.allowed_changes(config),
+          )
           logging.info("%s: finished earlier, read back", run_dir)
         else:
-          logging.info("Study cell %d of %d: variant %s, fraction %g, seed %d", len(cells) + 1,
-                       total, name, fraction, seed)
-          result = train_one(config, data, run_dir, init_path=path, fraction=fraction,
-                             seed=seed, mesh=mesh)
+          logging.info(
+            "Study cell %d of %d: variant %s, fraction %g, seed %d",
+            len(cells) + 1,
+            total,
+            name,
+            fraction,
+            seed,
+          )
+          result = train_one(
+            config, data, run_dir, init_path=path, fraction=fraction, seed=seed, mesh=mesh
+          )
         cells.append({"variant": name, "run_dir": str(run_dir), **result})
         test = result["test"]
-        logging.info("  test: %s", ", ".join(f"{k} {v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]"
-                                              for k, v in test.items() if isinstance(v, list)))
+        logging.info(
+          "  test: %s",
+          ", ".join(
+            f"{k} {v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]"
+            for k, v in test.items()
+            if isinstance(v, list)
+          ),
+        )
   names = downstream.CLS_METRICS if config.task_type == "cls" else downstream.SEG_METRICS
-  rows = downstream.summarise(cells, names, downstream.reference_variant(study),
-                              config.eval.bootstrap_samples)
+  rows = downstream.summarise(
+    cells, names, downstream.reference_variant(study), config.eval.bootstrap_samples
+  )
   if jax.process_index() == 0:
     write_summary(workdir, rows, config.train.select_metric)
   logging.info("Test metrics, mean [95%% CI] over %d seed(s):", config.num_seeds)
   for r in rows:
-    logging.info("  %-12s frac %-4g %-18s %.4f [%.4f, %.4f]", r["variant"], r["fraction"],
-                 r["metric"], r["mean"], r["ci_low"], r["ci_high"])
+    logging.info(
+      "  %-12s frac %-4g %-18s %.4f [%.4f, %.4f]",
+      r["variant"],
+      r["fraction"],
+      r["metric"],
+      r["mean"],
+      r["ci_low"],
+      r["ci_high"],
+    )
   return rows

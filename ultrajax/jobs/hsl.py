@@ -54,6 +54,7 @@ node whose validation set lacks a class has no AUC: it is evaluated at the last 
 not hold up stopping. The paper's further rule (">= 3 consecutive plateaus with < 0.5%
 improvement") is not applied: patience alone ends training.
 """
+
 from __future__ import annotations
 
 import copy
@@ -90,8 +91,10 @@ from ultrajax.viz import boxplots, partition as partition_plot, sweep
 METHODS = {"hsl": "fedavg_uniform", "no_sat": "fedavg_uniform", "no_al": "fedavg_uniform"}
 SCENARIOS = ("feature", "label", "quantity", "combined", "natural")
 # Fig. 2 B / C: node 2's normal:abnormal ratio (node 1 stays 1:1) and the n1:n2 quantity ratio.
-SWEEP_RATIOS = {"label": (2, 4, 6, 8, 10, 20, 40, 60, 80, 100),
-                "quantity": (1, 2, 4, 6, 8, 10, 20, 40, 60, 80)}
+SWEEP_RATIOS = {
+  "label": (2, 4, 6, 8, 10, 20, 40, 60, 80, 100),
+  "quantity": (1, 2, 4, 6, 8, 10, 20, 40, 60, 80),
+}
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("cosine_restarts", "cosine", "constant")
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
@@ -109,8 +112,9 @@ def all_methods() -> list[str]:
 def parse_methods(config) -> list[str]:
   names = [m.strip() for m in str(config.methods).split(",") if m.strip()]
   unknown = [m for m in names if m not in all_methods()]
-  configlib.check(not unknown, f"config.methods: unknown method(s) {unknown}; valid methods are "
-                  f"{all_methods()}")
+  configlib.check(
+    not unknown, f"config.methods: unknown method(s) {unknown}; valid methods are {all_methods()}"
+  )
   configlib.check(bool(names), "config.methods names no method")
   configlib.check(len(set(names)) == len(names), f"config.methods repeats a method: {names}")
   return names
@@ -121,40 +125,49 @@ def validate(config) -> list[str]:
   c = configlib
   for old, (new, _) in hsl_config.RENAMED.items():
     group, name = old.split(".")
-    c.check(config.get(group, {}).get(name) is None,
-            f"config.{old} is now config.{new} (the federated block shared with pretraining)")
+    c.check(
+      config.get(group, {}).get(name) is None,
+      f"config.{old} is now config.{new} (the federated block shared with pretraining)",
+    )
   c.check_choice(config, "scenario", SCENARIOS)
   c.check_choice(config, "data.source", ("phantom", "folder", "manifest"))
   c.check_choice(config, "model.encoder", mmoe.ENCODERS)
   c.check_range(config, "repeats", 1)
   c.check_range(config, "data.image_size", 8)
-  c.check_range(config, "data.test_fraction", 0.0, 1.0, low_inclusive=False,
-                high_inclusive=False)
+  c.check_range(config, "data.test_fraction", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
   c.check_range(config, "data.val_fraction", 0.0, 1.0, high_inclusive=False)
-  c.check(config.data.val_fraction + config.data.test_fraction < 1.0,
-          f"config.data.val_fraction + test_fraction = {config.data.val_fraction} + "
-          f"{config.data.test_fraction} leaves no training data")
+  c.check(
+    config.data.val_fraction + config.data.test_fraction < 1.0,
+    f"config.data.val_fraction + test_fraction = {config.data.val_fraction} + "
+    f"{config.data.test_fraction} leaves no training data",
+  )
   c.check_choice(config, "train.optimizer", OPTIMIZERS)
   c.check_choice(config, "train.lr_schedule", LR_SCHEDULES)
   c.check_range(config, "train.cosine_period_epochs", 1)
   c.check_range(config, "train.min_lr", 0.0, config.train.lr)
   c.check_range(config, "train.patience_epochs", 0)
-  c.check(config.train.patience_epochs == 0 or config.data.val_fraction > 0,
-          f"config.train.patience_epochs={config.train.patience_epochs} needs a validation "
-          "split: set config.data.val_fraction > 0 (or patience_epochs=0)")
+  c.check(
+    config.train.patience_epochs == 0 or config.data.val_fraction > 0,
+    f"config.train.patience_epochs={config.train.patience_epochs} needs a validation "
+    "split: set config.data.val_fraction > 0 (or patience_epochs=0)",
+  )
   c.check_range(config, "data.min_class_count", 1)
   c.check_choice(config, "sweep", ("", *SWEEP_RATIOS))
   if config.sweep:
-    c.check(config.scenario == config.sweep, f"config.sweep={config.sweep!r} varies the "
-            f"{config.sweep} scenario's ratio; config.scenario is {config.scenario!r}")
+    c.check(
+      config.scenario == config.sweep,
+      f"config.sweep={config.sweep!r} varies the "
+      f"{config.sweep} scenario's ratio; config.scenario is {config.scenario!r}",
+    )
     ratios = tuple(config.sweep_ratios)
-    c.check(all(float(r) >= 1 for r in ratios) and len(set(ratios)) == len(ratios),
-            f"config.sweep_ratios={ratios} must be distinct ratios >= 1 (() = the paper's)")
+    c.check(
+      all(float(r) >= 1 for r in ratios) and len(set(ratios)) == len(ratios),
+      f"config.sweep_ratios={ratios} must be distinct ratios >= 1 (() = the paper's)",
+    )
   c.check_range(config, "data.ratio", 1.0)
   c.check_range(config, "data.sat_per_class", 2)
   c.check_range(config, "model.temperature", 0.0, low_inclusive=False)
-  for name in ("fed.num_rounds", "fed.local_epochs", "train.batch_size",
-               "train.eval_batch_size"):
+  for name in ("fed.num_rounds", "fed.local_epochs", "train.batch_size", "train.eval_batch_size"):
     c.check_range(config, name, 1)
   c.check_range(config, "ckpt_every_rounds", 0)
   c.check_range(config, "report.bootstrap_samples", 1)
@@ -163,31 +176,45 @@ def validate(config) -> list[str]:
     participation.check(config.fed.clients_per_round, config.fed.sampling, config.fed.dropout)
   except ValueError as e:
     raise configlib.ConfigError(f"config.fed.{e}") from None
-  c.check(not config.data.patient_column or config.data.source == "manifest",
-          f"config.data.patient_column={config.data.patient_column!r} is a CSV column; "
-          f"data.source={config.data.source!r} has no patient ids (each image is its own)")
-  c.check(bool(config.data.positive_labels),
-          "config.data.positive_labels must name at least one label")
+  c.check(
+    not config.data.patient_column or config.data.source == "manifest",
+    f"config.data.patient_column={config.data.patient_column!r} is a CSV column; "
+    f"data.source={config.data.source!r} has no patient ids (each image is its own)",
+  )
+  c.check(
+    bool(config.data.positive_labels), "config.data.positive_labels must name at least one label"
+  )
   if config.data.source == "phantom":
-    bad = [o for o in (*config.data.organs, config.data.single_organ, config.data.sat_organ)
-           if o not in phantom.ORGANS]
-    c.check(not bad,
-            f"config.data.organs / single_organ / sat_organ: {bad} not in {phantom.ORGANS}")
+    bad = [
+      o
+      for o in (*config.data.organs, config.data.single_organ, config.data.sat_organ)
+      if o not in phantom.ORGANS
+    ]
+    c.check(
+      not bad, f"config.data.organs / single_organ / sat_organ: {bad} not in {phantom.ORGANS}"
+    )
     bad = [x for x in config.data.positive_labels if x not in phantom.LABELS]
     c.check(not bad, f"config.data.positive_labels: {bad} not in {phantom.LABELS}")
   else:
-    c.check(config.scenario == "natural", f"config.scenario={config.scenario!r}: folder and "
-            "manifest data keep their own nodes, use scenario='natural'")
+    c.check(
+      config.scenario == "natural",
+      f"config.scenario={config.scenario!r}: folder and "
+      "manifest data keep their own nodes, use scenario='natural'",
+    )
     what = "root" if config.data.source == "folder" else "manifest"
-    c.check(bool(config.data[what]) and bool(config.data[f"sat_{what}"]),
-            f"config.data.{what} and config.data.sat_{what} must be set for "
-            f"data.source={config.data.source!r}")
+    c.check(
+      bool(config.data[what]) and bool(config.data[f"sat_{what}"]),
+      f"config.data.{what} and config.data.sat_{what} must be set for "
+      f"data.source={config.data.source!r}",
+    )
   methods = parse_methods(config)
   for method in methods:
     make_strategy(config, method)  # names the option at fault
-  c.check("splitavg" not in methods or config.model.encoder == "resnet18",
-          "config.methods: 'splitavg' splits a ResNet between client and server; it needs "
-          "config.model.encoder='resnet18'")
+  c.check(
+    "splitavg" not in methods or config.model.encoder == "resnet18",
+    "config.methods: 'splitavg' splits a ResNet between client and server; it needs "
+    "config.model.encoder='resnet18'",
+  )
   return methods
 
 
@@ -200,21 +227,36 @@ def objective(method: str) -> str:
 
 def build_model(config, method: str, key):
   m = config.model
-  encoder_kwargs = dict(resnet_width=m.resnet_width, resnet_blocks=tuple(m.resnet_blocks),
-                        resnet_norm=m.resnet_norm, resnet_stem=m.resnet_stem,
-                        vit_width=m.vit_width, vit_depth=m.vit_depth, vit_heads=m.vit_heads,
-                        vit_patch=m.vit_patch)
+  encoder_kwargs = dict(
+    resnet_width=m.resnet_width,
+    resnet_blocks=tuple(m.resnet_blocks),
+    resnet_norm=m.resnet_norm,
+    resnet_stem=m.resnet_stem,
+    vit_width=m.vit_width,
+    vit_depth=m.vit_depth,
+    vit_heads=m.vit_heads,
+    vit_patch=m.vit_patch,
+  )
   rngs = nnx.Rngs(key)
   if objective(method) != "single":
-    return mmoe.MMoE(num_tasks=2 if method == "hsl" else 1, encoder=m.encoder,
-                     image_size=config.data.image_size,
-                     feature_dim=m.feature_dim, num_experts=m.num_experts,
-                     expert_hidden=m.expert_hidden, expert_dim=m.expert_dim,
-                     tower_hidden=m.tower_hidden, temperature=m.temperature,
-                     expert_dropout=m.expert_dropout, tower_dropout=m.tower_dropout,
-                     encoder_kwargs=encoder_kwargs, rngs=rngs)
-  return mmoe.Classifier(encoder=m.encoder, image_size=config.data.image_size,
-                         encoder_kwargs=encoder_kwargs, rngs=rngs)
+    return mmoe.MMoE(
+      num_tasks=2 if method == "hsl" else 1,
+      encoder=m.encoder,
+      image_size=config.data.image_size,
+      feature_dim=m.feature_dim,
+      num_experts=m.num_experts,
+      expert_hidden=m.expert_hidden,
+      expert_dim=m.expert_dim,
+      tower_hidden=m.tower_hidden,
+      temperature=m.temperature,
+      expert_dropout=m.expert_dropout,
+      tower_dropout=m.tower_dropout,
+      encoder_kwargs=encoder_kwargs,
+      rngs=rngs,
+    )
+  return mmoe.Classifier(
+    encoder=m.encoder, image_size=config.data.image_size, encoder_kwargs=encoder_kwargs, rngs=rngs
+  )
 
 
 def strategy_options(config) -> dict:
@@ -225,9 +267,11 @@ def strategy_options(config) -> dict:
       continue
     name, sep, options = group.partition(":")
     name = name.strip()
-    configlib.check(bool(sep) and name in strategies.STRATEGIES,
-                    f"config.fed.strategy_options: {group.strip()!r} is not 'strategy: k=v, ...' "
-                    f"with a strategy of {sorted(strategies.STRATEGIES)}")
+    configlib.check(
+      bool(sep) and name in strategies.STRATEGIES,
+      f"config.fed.strategy_options: {group.strip()!r} is not 'strategy: k=v, ...' "
+      f"with a strategy of {sorted(strategies.STRATEGIES)}",
+    )
     try:
       out[name] = strategies.parse_options(options)
     except ValueError as e:
@@ -240,8 +284,7 @@ def make_strategy(config, method: str):
   # Option II's control update divides by the local step size: Adam's is ~lr.
   defaults = {"scaffold": dict(local_lr=config.train.lr)}.get(name, {})
   try:
-    return strategies.make_strategy(name, **{**defaults,
-                                             **strategy_options(config).get(name, {})})
+    return strategies.make_strategy(name, **{**defaults, **strategy_options(config).get(name, {})})
   except ValueError as e:
     raise configlib.ConfigError(f"config.fed.strategy_options: {e}") from None
 
@@ -263,6 +306,7 @@ def epoch_lr(train_config, epoch):
 
 class EpochScheduleState(NamedTuple):
   """count: optimizer steps taken; steps_per_epoch: this client's steps per local epoch."""
+
   count: jax.Array
   steps_per_epoch: jax.Array
 
@@ -288,11 +332,13 @@ def scale_by_epoch_lr(schedule) -> optax.GradientTransformation:
 def set_steps_per_epoch(opt_state, steps_per_epoch):
   """opt_state (any optimizer state, possibly with a leading client axis) with every
   EpochScheduleState's steps_per_epoch set to `steps_per_epoch` (scalar or [C])."""
+
   def fill(s):
     if not isinstance(s, EpochScheduleState):
       return s
     value = jnp.broadcast_to(jnp.asarray(steps_per_epoch, jnp.int32), s.count.shape)
     return s._replace(steps_per_epoch=value)
+
   return jax.tree.map(fill, opt_state, is_leaf=lambda s: isinstance(s, EpochScheduleState))
 
 
@@ -302,8 +348,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
   code's AdamW; with a constant rate exactly optax.adamw)."""
   t = config.train
   decay = optax.add_decayed_weights(t.weight_decay)
-  lr = (optax.scale_by_learning_rate(t.lr) if t.lr_schedule == "constant"
-        else scale_by_epoch_lr(functools.partial(epoch_lr, t)))
+  lr = (
+    optax.scale_by_learning_rate(t.lr)
+    if t.lr_schedule == "constant"
+    else scale_by_epoch_lr(functools.partial(epoch_lr, t))
+  )
   if t.optimizer == "adamw":
     return optax.chain(optax.scale_by_adam(), decay, lr)
   return optax.chain(decay, optax.scale_by_adam(), lr)
@@ -391,8 +440,7 @@ class EarlyStopping:
 def _where(mask, a, b):
   """Per slot: a where mask [K] else b (pytrees with a leading slot axis K)."""
   mask = jnp.asarray(mask)
-  return jax.tree.map(lambda x, y: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, y),
-                      a, b)
+  return jax.tree.map(lambda x, y: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
 
 
 def _slot(tree, k: int):
@@ -410,6 +458,7 @@ CELL_INDEPENDENT = ("methods", "repeats", "report", "sweep_ratios", "ckpt_every_
 
 class Cell(NamedTuple):
   """Where one (method, repeat) keeps its per-round checkpoints (None: not checkpointed)."""
+
   ckpt: checkpoint.Checkpointer | None
   every: int
 
@@ -419,8 +468,19 @@ def _cell_snapshot(config) -> dict:
   return {k: v for k, v in snap.items() if k not in CELL_INDEPENDENT}
 
 
-def fit(config, label: str, state, do_round, models, predict, pool: nodes.Pool,
-        sat_test: nodes.Pool, val_sets, rng: np.random.Generator, cell: Cell | None = None):
+def fit(
+  config,
+  label: str,
+  state,
+  do_round,
+  models,
+  predict,
+  pool: nodes.Pool,
+  sat_test: nodes.Pool,
+  val_sets,
+  rng: np.random.Generator,
+  cell: Cell | None = None,
+):
   """Up to fed.num_rounds rounds of do_round(state, r) -> (state, per-node losses [C]). With
   patience_epochs > 0, after each round validates models(state) = (params, model_state)
   [K, ...] on val_sets (one index array per slot), keeps each slot's best model and stops
@@ -437,11 +497,17 @@ def fit(config, label: str, state, do_round, models, predict, pool: nodes.Pool,
   stopper = EarlyStopping(len(val_sets), f.local_epochs, t.patience_epochs)
   best, losses, val_aucs, start = None, [], [], 0
   if cell is not None and cell.ckpt is not None:
-    like_carry = dict(round=np.zeros((), np.int32),
-                      best=jax.eval_shape(models, state) if t.patience_epochs else {})
+    like_carry = dict(
+      round=np.zeros((), np.int32), best=jax.eval_shape(models, state) if t.patience_epochs else {}
+    )
     start, state, carry = loop.resume_or_init(
-        cell.ckpt, state, like_carry, lambda: (state, like_carry), config=config,
-        snapshot=_cell_snapshot(config))
+      cell.ckpt,
+      state,
+      like_carry,
+      lambda: (state, like_carry),
+      config=config,
+      snapshot=_cell_snapshot(config),
+    )
     if start:
       best = carry["best"] if t.patience_epochs else None
       meta = cell.ckpt.read_meta(start)
@@ -458,13 +524,17 @@ def fit(config, label: str, state, do_round, models, predict, pool: nodes.Pool,
       break
     state, round_losses = do_round(state, r)
     losses.append(np.asarray(round_losses, np.float32))
-    logging.info("%s round %d/%d  loss per node %s", label, r + 1, f.num_rounds,
-                 np.array2string(losses[-1], precision=3))
+    logging.info(
+      "%s round %d/%d  loss per node %s",
+      label,
+      r + 1,
+      f.num_rounds,
+      np.array2string(losses[-1], precision=3),
+    )
     progress(r + 1)
     if t.patience_epochs:
       current = models(state)
-      out = evaluate(config, predict, functools.partial(_slot, current), pool, sat_test,
-                     val_sets)
+      out = evaluate(config, predict, functools.partial(_slot, current), pool, sat_test, val_sets)
       aucs = [_auc(out[f"labels_{k}"], out[f"probs_{k}"]) for k in range(len(val_sets))]
       improved = stopper.update(aucs, r)
       best = current if best is None else _where(improved, current, best)
@@ -472,26 +542,48 @@ def fit(config, label: str, state, do_round, models, predict, pool: nodes.Pool,
       logging.info("%s round %d  validation AUC %s", label, r + 1, np.round(aucs, 3).tolist())
       stopped = stopper.should_stop(r)
       if stopped:
-        logging.info("%s: no validation AUC improved for %d epochs; stopped after round %d",
-                     label, t.patience_epochs, r + 1)
-    if cell is not None and cell.ckpt is not None and (
-        stopped or loop.itstime(r + 1, cell.every, f.num_rounds)):
+        logging.info(
+          "%s: no validation AUC improved for %d epochs; stopped after round %d",
+          label,
+          t.patience_epochs,
+          r + 1,
+        )
+    if (
+      cell is not None
+      and cell.ckpt is not None
+      and (stopped or loop.itstime(r + 1, cell.every, f.num_rounds))
+    ):
       carry = dict(round=np.asarray(r + 1, np.int32), best=best if t.patience_epochs else {})
-      cell.ckpt.save(r + 1, state, carry, None, dict(
-          round=r + 1, config=_cell_snapshot(config), losses=[x.tolist() for x in losses],
-          val_auc=[list(map(float, a)) for a in val_aucs], best_auc=stopper.best.tolist(),
-          best_round=stopper.best_round.tolist(), rng=rng.bit_generator.state))
+      cell.ckpt.save(
+        r + 1,
+        state,
+        carry,
+        None,
+        dict(
+          round=r + 1,
+          config=_cell_snapshot(config),
+          losses=[x.tolist() for x in losses],
+          val_auc=[list(map(float, a)) for a in val_aucs],
+          best_auc=stopper.best.tolist(),
+          best_round=stopper.best_round.tolist(),
+          rng=rng.bit_generator.state,
+        ),
+      )
   chosen = models(state)
   if best is not None:
     chosen = _where(stopper.best_round >= 0, best, chosen)
-  history = dict(losses=np.stack(losses), best_round=stopper.best_round,
-                 val_auc=np.asarray(val_aucs, np.float64).reshape(-1, len(val_sets)))
+  history = dict(
+    losses=np.stack(losses),
+    best_round=stopper.best_round,
+    val_auc=np.asarray(val_aucs, np.float64).reshape(-1, len(val_sets)),
+  )
   return chosen, history
 
 
 class FedRun(NamedTuple):
   """What a federated (method, repeat) carries between rounds (checkpointed whole): the server
   model (strategies.Server), every node's optimizer state [C, ...] and the strategy's state."""
+
   server: strategies.Server
   opt_state: object
   strategy_state: object
@@ -502,24 +594,39 @@ def _programs(cache: dict, config, method: str, graphdef, tx, strategy, num_clie
   compiled once per (objective, strategy) and shared by the studies of a sweep."""
   kind = objective(method)
   if ("chunk", kind, strategy) not in cache:
-    cache[("chunk", kind, strategy)] = jax.jit(rounds.make_chunk(
-        make_loss_fn(graphdef, config, method), tx, strategy))
+    cache[("chunk", kind, strategy)] = jax.jit(
+      rounds.make_chunk(make_loss_fn(graphdef, config, method), tx, strategy)
+    )
   if ("rounds", strategy, num_clients) not in cache:
     cache[("rounds", strategy, num_clients)] = (
-        jax.jit(lambda server, opt, sstate: rounds.start_round(
-            strategy, server, opt, sstate, num_clients, num_clients)),
-        jax.jit(functools.partial(rounds.finish_round, strategy)),
-        jax.jit(lambda sstate, server: rounds.client_models(strategy, sstate, server,
-                                                            num_clients)))
+      jax.jit(
+        lambda server, opt, sstate: rounds.start_round(
+          strategy, server, opt, sstate, num_clients, num_clients
+        )
+      ),
+      jax.jit(functools.partial(rounds.finish_round, strategy)),
+      jax.jit(lambda sstate, server: rounds.client_models(strategy, sstate, server, num_clients)),
+    )
   if ("predict", kind) not in cache:
     cache[("predict", kind)] = make_predict_fn(graphdef, method)
-  return (cache[("chunk", kind, strategy)], *cache[("rounds", strategy, num_clients)],
-          cache[("predict", kind)])
+  return (
+    cache[("chunk", kind, strategy)],
+    *cache[("rounds", strategy, num_clients)],
+    cache[("predict", kind)],
+  )
 
 
-def train_and_evaluate(config, method: str, pool: nodes.Pool, sat_train: nodes.Pool,
-                       sat_test: nodes.Pool, split: nodes.Split, repeat: int, programs: dict,
-                       cell: Cell | None = None) -> dict:
+def train_and_evaluate(
+  config,
+  method: str,
+  pool: nodes.Pool,
+  sat_train: nodes.Pool,
+  sat_test: nodes.Pool,
+  split: nodes.Split,
+  repeat: int,
+  programs: dict,
+  cell: Cell | None = None,
+) -> dict:
   """Trains `method` on this repeat's nodes; returns per-node test labels and probabilities
   (probs_k, labels_k) with the training history (fit). cell: per-round checkpoints.
 
@@ -533,55 +640,94 @@ def train_and_evaluate(config, method: str, pool: nodes.Pool, sat_train: nodes.P
   graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
   params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
   if repeat == 0:
-    parameter_overview.log_parameter_overview(params, include_stats=False,
-                                              msg=f"{method} model parameters")
+    parameter_overview.log_parameter_overview(
+      params, include_stats=False, msg=f"{method} model parameters"
+    )
   strategy = make_strategy(config, method)
   tx = make_optimizer(config)
   rng = np.random.default_rng([config.seed, repeat, 1])
   if method == "splitavg":
-    return _train_and_evaluate_split(config, graphdef, params, model_state, strategy, tx, pool,
-                                     split, repeat, train_key, programs, rng, cell)
+    return _train_and_evaluate_split(
+      config,
+      graphdef,
+      params,
+      model_state,
+      strategy,
+      tx,
+      pool,
+      split,
+      repeat,
+      train_key,
+      programs,
+      rng,
+      cell,
+    )
   central = method == "central"
   train_sets = [np.concatenate(split.train)] if central else split.train
   num_clients = len(train_sets)
   num_examples = [len(s) for s in train_sets]
   steps_per_epoch = [math.ceil(n / t.batch_size) for n in num_examples]
   init_opt = lambda: set_steps_per_epoch(
-      jax.vmap(tx.init)(jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)),
-                                     params)), steps_per_epoch)
-  state = FedRun(strategies.Server(params, model_state), init_opt(),
-                 strategy.init(params, num_clients, model_state))
+    jax.vmap(tx.init)(jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), params)),
+    steps_per_epoch,
+  )
+  state = FedRun(
+    strategies.Server(params, model_state),
+    init_opt(),
+    strategy.init(params, num_clients, model_state),
+  )
   weights = jnp.asarray(strategy.client_weights(num_examples), jnp.float32)
   chunk, start_round, finish_round, node_models, predict = _programs(
-      programs, config, method, graphdef, tx, strategy, num_clients)
+    programs, config, method, graphdef, tx, strategy, num_clients
+  )
 
   def do_round(state: FedRun, r):
-    batches, steps = nodes.round_batches(rng, pool, sat_train, train_sets, f.local_epochs,
-                                         t.batch_size, method == "hsl")
-    drawn = participation.draw(num_examples, r, config.seed, f.clients_per_round, f.sampling,
-                               f.dropout)
+    batches, steps = nodes.round_batches(
+      rng, pool, sat_train, train_sets, f.local_epochs, t.batch_size, method == "hsl"
+    )
+    drawn = participation.draw(
+      num_examples, r, config.seed, f.clients_per_round, f.sampling, f.dropout
+    )
     plan = rounds.plan_round(steps * drawn.participants, num_clients, steps.max())
     take = np.maximum(plan.client_ids, 0), plan.step_ids  # lane l, step s: its node's batch
     lane_batches = jax.tree.map(lambda x: x[take], batches)
     opt_state = init_opt() if f.reset_client_optimizer else state.opt_state
     lanes = start_round(state.server, opt_state, state.strategy_state)
     round_key = rounds.round_key(train_key, r)
-    lanes, metrics = chunk(state.server, lanes, lane_batches, plan, jnp.asarray(
-        steps, jnp.float32), weights, r, round_key)
+    lanes, metrics = chunk(
+      state.server,
+      lanes,
+      lane_batches,
+      plan,
+      jnp.asarray(steps, jnp.float32),
+      weights,
+      r,
+      round_key,
+    )
     state = FedRun(*finish_round(lanes, state.server, round_key))
-    return state, rounds.client_losses(np.asarray(metrics["loss"]), plan.client_ids,
-                                       num_clients)
+    return state, rounds.client_losses(np.asarray(metrics["loss"]), plan.client_ids, num_clients)
 
   val_sets = [np.concatenate(split.val)] if central else split.val
-  chosen, history = fit(config, f"repeat {repeat} {method:<14}", state, do_round,
-                        lambda s: node_models(s.strategy_state, s.server), predict, pool,
-                        sat_test, val_sets, rng, cell)
+  chosen, history = fit(
+    config,
+    f"repeat {repeat} {method:<14}",
+    state,
+    do_round,
+    lambda s: node_models(s.strategy_state, s.server),
+    predict,
+    pool,
+    sat_test,
+    val_sets,
+    rng,
+    cell,
+  )
   node_model = lambda k: jax.tree.map(lambda x: x[0 if central else k], chosen)
   return dict(**history, **evaluate(config, predict, node_model, pool, sat_test, split.test))
 
 
-def evaluate(config, predict, node_model, pool: nodes.Pool, sat_test: nodes.Pool,
-             index_sets) -> dict:
+def evaluate(
+  config, predict, node_model, pool: nodes.Pool, sat_test: nodes.Pool, index_sets
+) -> dict:
   """probs_k / labels_k of index_sets[k] (e.g. node k's test set) under node_model(k) =
   (params, model_state)."""
   batch = config.train.eval_batch_size
@@ -590,32 +736,52 @@ def evaluate(config, predict, node_model, pool: nodes.Pool, sat_test: nodes.Pool
     params_k, stats_k = node_model(k)
     probs = []
     for start in range(0, len(test), batch):
-      idx = test[start:start + batch]
+      idx = test[start : start + batch]
       images = np.pad(pool.images[idx], ((0, batch - len(idx)), (0, 0), (0, 0)))
       # The SAT branch sees SAT test images in a fixed cycle (module docstring); other
       # models ignore the argument.
-      sat_images = images if sat_test is None else sat_test.images[
-          np.arange(start, start + batch) % len(sat_test.labels)]
-      probs.append(np.asarray(predict(params_k, stats_k, images, sat_images))[:len(idx)])
+      sat_images = (
+        images
+        if sat_test is None
+        else sat_test.images[np.arange(start, start + batch) % len(sat_test.labels)]
+      )
+      probs.append(np.asarray(predict(params_k, stats_k, images, sat_images))[: len(idx)])
     out[f"probs_{k}"] = np.concatenate(probs) if probs else np.zeros(0, np.float32)
     out[f"labels_{k}"] = pool.labels[test]
   return out
 
 
-def _train_and_evaluate_split(config, graphdef, params, model_state, strategy, tx, pool,
-                              split, repeat, train_key, programs, rng, cell) -> dict:
+def _train_and_evaluate_split(
+  config,
+  graphdef,
+  params,
+  model_state,
+  strategy,
+  tx,
+  pool,
+  split,
+  repeat,
+  train_key,
+  programs,
+  rng,
+  cell,
+) -> dict:
   """SplitAVG: each node's client sub-network, one shared server sub-network, trained with
   fed/local.py's split-learning round; node k is evaluated with its client part + the server."""
   t, f, cut = config.train, config.fed, config.fed.splitavg_cut
   split_tree, join_tree = mmoe.split_classifier_tree, mmoe.join_classifier_tree
-  (client_p, server_p), (client_s, server_s) = (split_tree(params, cut),
-                                                split_tree(model_state, cut))
+  (client_p, server_p), (client_s, server_s) = (
+    split_tree(params, cut),
+    split_tree(model_state, cut),
+  )
   num_clients = len(split.train)
   state = local.init_split_state(tx, tx, client_p, server_p, num_clients, client_s, server_s)
   # Every client makes as many steps as the largest one (round_batches' equal_steps).
   per_epoch = max(math.ceil(len(s) / t.batch_size) for s in split.train)
-  state = state._replace(client_opt_state=set_steps_per_epoch(state.client_opt_state, per_epoch),
-                         server_opt_state=set_steps_per_epoch(state.server_opt_state, per_epoch))
+  state = state._replace(
+    client_opt_state=set_steps_per_epoch(state.client_opt_state, per_epoch),
+    server_opt_state=set_steps_per_epoch(state.server_opt_state, per_epoch),
+  )
   if ("splitavg", num_clients) not in programs:
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
     hflip = t.hflip
@@ -633,27 +799,43 @@ def _train_and_evaluate_split(config, graphdef, params, model_state, strategy, t
       loss = optax.sigmoid_binary_cross_entropy(model.fc(h)[:, 0], batch["label"]).mean()
       return loss, (split_tree(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), cut)[1], {})
 
-    programs[("splitavg", num_clients)] = jax.jit(local.make_splitavg_round(
-        client_fn, server_loss_fn, tx, tx, strategy.cut_grad))
+    programs[("splitavg", num_clients)] = jax.jit(
+      local.make_splitavg_round(client_fn, server_loss_fn, tx, tx, strategy.cut_grad)
+    )
   if ("predict", "single") not in programs:
     programs[("predict", "single")] = make_predict_fn(graphdef, "splitavg")
   round_fn, predict = programs[("splitavg", num_clients)], programs[("predict", "single")]
 
   def do_round(state, r):
-    batches, _ = nodes.round_batches(rng, pool, None, split.train, f.local_epochs,
-                                     t.batch_size, False, equal_steps=True)
+    batches, _ = nodes.round_batches(
+      rng, pool, None, split.train, f.local_epochs, t.batch_size, False, equal_steps=True
+    )
     state, round_metrics = round_fn(state, batches, jax.random.fold_in(train_key, r))
     return state, np.full(num_clients, float(np.mean(round_metrics["loss"])))
 
   def node_models(state):
     """Each node's client part joined with the shared server part, stacked [C, ...]."""
-    server = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape),
-                                       tree)
-    return (join_tree(state.client_params, server(state.server_params)),
-            join_tree(state.client_model_state, server(state.server_model_state)))
+    server = lambda tree: jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree
+    )
+    return (
+      join_tree(state.client_params, server(state.server_params)),
+      join_tree(state.client_model_state, server(state.server_model_state)),
+    )
 
-  chosen, history = fit(config, f"repeat {repeat} splitavg      ", state, do_round,
-                        node_models, predict, pool, None, split.val, rng, cell)
+  chosen, history = fit(
+    config,
+    f"repeat {repeat} splitavg      ",
+    state,
+    do_round,
+    node_models,
+    predict,
+    pool,
+    None,
+    split.val,
+    rng,
+    cell,
+  )
   node_model = lambda k: jax.tree.map(lambda x: x[k], chosen)
   return dict(**history, **evaluate(config, predict, node_model, pool, None, split.test))
 
@@ -664,27 +846,52 @@ def report(config, workdir: pathlib.Path, methods, node_names, results) -> dict:
   results[method][repeat] (train_and_evaluate's dicts). Returns the summary written to
   results.json."""
   rows, per_node, fairness, values = node_tables.study_tables(
-      {m: results[m] for m in methods}, node_names,
-      bootstrap_samples=config.report.bootstrap_samples, alpha=config.report.alpha,
-      seed=config.seed)
+    {m: results[m] for m in methods},
+    node_names,
+    bootstrap_samples=config.report.bootstrap_samples,
+    alpha=config.report.alpha,
+    seed=config.seed,
+  )
   node_tables.write_csv(workdir / "runs.csv", rows)
   node_tables.write_csv(workdir / "per_node.csv", per_node)
   node_tables.write_csv(workdir / "fairness.csv", fairness)
-  protocol = dict(name=config.protocol, **{k: config.data[k] for k in (
-      "val_fraction", "test_fraction", "patient_column")},
-      rounds=config.fed.num_rounds, local_epochs=config.fed.local_epochs,
-      **{k: config.train[k] for k in ("optimizer", "lr", "weight_decay", "lr_schedule",
-                                      "cosine_period_epochs", "min_lr", "patience_epochs")})
-  summary = dict(scenario=config.scenario, methods=list(methods), nodes=list(node_names),
-                 repeats=config.repeats, protocol=protocol, per_node=per_node,
-                 fairness=fairness, runs=rows)
+  protocol = dict(
+    name=config.protocol,
+    **{k: config.data[k] for k in ("val_fraction", "test_fraction", "patient_column")},
+    rounds=config.fed.num_rounds,
+    local_epochs=config.fed.local_epochs,
+    **{
+      k: config.train[k]
+      for k in (
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "lr_schedule",
+        "cosine_period_epochs",
+        "min_lr",
+        "patience_epochs",
+      )
+    },
+  )
+  summary = dict(
+    scenario=config.scenario,
+    methods=list(methods),
+    nodes=list(node_names),
+    repeats=config.repeats,
+    protocol=protocol,
+    per_node=per_node,
+    fairness=fairness,
+    runs=rows,
+  )
   loop.atomic_write(workdir / "results.json", json.dumps(summary, indent=1, default=float))
   for name in ("auc", "accuracy"):
     boxplots.per_node_boxplots(
-        workdir / f"boxplots_{name}.png",
-        {m: [values[(m, n, name)] for n in node_names] for m in methods}, node_names,
-        metric=name.upper() if name == "auc" else name,
-        title=f"{config.scenario} skew: {name} over {config.repeats} repeats")
+      workdir / f"boxplots_{name}.png",
+      {m: [values[(m, n, name)] for n in node_names] for m in methods},
+      node_names,
+      metric=name.upper() if name == "auc" else name,
+      title=f"{config.scenario} skew: {name} over {config.repeats} repeats",
+    )
   return summary
 
 
@@ -692,7 +899,8 @@ def report(config, workdir: pathlib.Path, methods, node_names, results) -> dict:
 def sweep_ratios(config) -> tuple:
   """The ratios of config.sweep: config.sweep_ratios, or the paper's 10 steps."""
   return tuple(float(r) for r in config.sweep_ratios) or tuple(
-      float(r) for r in SWEEP_RATIOS[config.sweep])
+    float(r) for r in SWEEP_RATIOS[config.sweep]
+  )
 
 
 def run_sweep(config, workdir) -> dict:
@@ -709,8 +917,11 @@ def run_sweep(config, workdir) -> dict:
   rows = node_tables.sweep_rows(summaries)
   node_tables.write_csv(workdir / "sweep.csv", rows)
   what = "node 2 normal:abnormal" if config.sweep == "label" else "n1:n2"
-  sweep.sweep_lines(workdir / "sweep_auc.png", rows,
-                    title=f"{config.sweep} skew sweep ({what}), AUC over {config.repeats} repeats")
+  sweep.sweep_lines(
+    workdir / "sweep_auc.png",
+    rows,
+    title=f"{config.sweep} skew sweep ({what}), AUC over {config.repeats} repeats",
+  )
   summary = dict(sweep=config.sweep, ratios=list(summaries), rows=rows)
   loop.atomic_write(workdir / "sweep.json", json.dumps(summary, indent=1, default=float))
   return summary
@@ -725,8 +936,9 @@ def run(config, workdir) -> dict:
     return run_sweep(config, workdir) if config.sweep else run_study(config, workdir)
 
 
-def run_cell(config, workdir: pathlib.Path, method: str, repeat: int, run_args: tuple,
-             programs: dict) -> dict:
+def run_cell(
+  config, workdir: pathlib.Path, method: str, repeat: int, run_args: tuple, programs: dict
+) -> dict:
   """One (method, repeat): its results file runs/<method>/repeat_<r>.npz, trained (resuming
   from the cell's per-round checkpoints in runs/<method>/repeat_<r>/) unless it exists."""
   path = workdir / "runs" / method / f"repeat_{repeat}.npz"
@@ -741,10 +953,16 @@ def run_cell(config, workdir: pathlib.Path, method: str, repeat: int, run_args: 
       if ckpt is not None:
         ckpt.close()
     loop.atomic_write(path, out)
-    logging.info("repeat %d %-14s done in %.1f s: AUC per node %s", repeat, method,
-                 time.perf_counter() - t1, [round(node_tables.node_metrics(
-                     out[f"labels_{k}"], out[f"probs_{k}"])["auc"], 3)
-                     for k in range(len(run_args[-1].names))])
+    logging.info(
+      "repeat %d %-14s done in %.1f s: AUC per node %s",
+      repeat,
+      method,
+      time.perf_counter() - t1,
+      [
+        round(node_tables.node_metrics(out[f"labels_{k}"], out[f"probs_{k}"])["auc"], 3)
+        for k in range(len(run_args[-1].names))
+      ],
+    )
   # The results file is the cell's record from now on: its checkpoints are not needed.
   shutil.rmtree(cell_dir, ignore_errors=True)
   with np.load(path) as f:
@@ -759,11 +977,20 @@ def run_study(config, workdir, programs: dict | None = None) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   pool, sat = nodes.load_data(config)
-  sat_train, _, sat_test = (sat.take(i) for i in partition.split_node(
-      sat.labels, np.arange(len(sat.labels)), 0.0, config.data.test_fraction, config.seed))
-  logging.info("Data: %d primary-task images (%.0f%% positive), SAT %d train / %d test, "
-               "%.1f s", len(pool.labels), 100 * pool.labels.mean(), len(sat_train.labels),
-               len(sat_test.labels), time.perf_counter() - t0)
+  sat_train, _, sat_test = (
+    sat.take(i)
+    for i in partition.split_node(
+      sat.labels, np.arange(len(sat.labels)), 0.0, config.data.test_fraction, config.seed
+    )
+  )
+  logging.info(
+    "Data: %d primary-task images (%.0f%% positive), SAT %d train / %d test, %.1f s",
+    len(pool.labels),
+    100 * pool.labels.mean(),
+    len(sat_train.labels),
+    len(sat_test.labels),
+    time.perf_counter() - t0,
+  )
   results = {m: [] for m in methods}
   programs = {} if programs is None else programs
   node_names = None
@@ -771,23 +998,45 @@ def run_study(config, workdir, programs: dict | None = None) -> dict:
     split = nodes.make_split(config, pool, repeat)
     node_names = split.names
     if repeat == 0:
-      counts = np.array([[np.sum(pool.labels[np.concatenate(sets)] == c) for c in (0, 1)]
-                         for sets in zip(split.train, split.val, split.test)])
-      for name, (n0, n1), tr, va, te in zip(split.names, counts, split.train, split.val,
-                                            split.test):
-        logging.info("node %-22s %5d negative %5d positive  %5d train %4d val %5d test", name,
-                     n0, n1, len(tr), len(va), len(te))
-      partition_plot.plot_partition(counts, split.names, ("negative", "positive"),
-                                    workdir / "partition.png",
-                                    title=f"{config.scenario} skew (repeat 0)")
+      counts = np.array(
+        [
+          [np.sum(pool.labels[np.concatenate(sets)] == c) for c in (0, 1)]
+          for sets in zip(split.train, split.val, split.test)
+        ]
+      )
+      for name, (n0, n1), tr, va, te in zip(
+        split.names, counts, split.train, split.val, split.test
+      ):
+        logging.info(
+          "node %-22s %5d negative %5d positive  %5d train %4d val %5d test",
+          name,
+          n0,
+          n1,
+          len(tr),
+          len(va),
+          len(te),
+        )
+      partition_plot.plot_partition(
+        counts,
+        split.names,
+        ("negative", "positive"),
+        workdir / "partition.png",
+        title=f"{config.scenario} skew (repeat 0)",
+      )
     for method in methods:
-      results[method].append(run_cell(config, workdir, method, repeat,
-                                      (pool, sat_train, sat_test, split), programs))
+      results[method].append(
+        run_cell(config, workdir, method, repeat, (pool, sat_train, sat_test, split), programs)
+      )
   summary = report(config, workdir, methods, node_names, results)
   for row in summary["fairness"]:
     if row["metric"] == "auc":
-      logging.info("%-14s AUC node mean %.3f  worst %.3f (%s)  spread %.3f", row["method"],
-                   row["node_mean"], row["worst"], row["worst_node"], row["spread"])
-  logging.info("Study done in %.1f s; tables and plots in %s", time.perf_counter() - t0,
-               workdir)
+      logging.info(
+        "%-14s AUC node mean %.3f  worst %.3f (%s)  spread %.3f",
+        row["method"],
+        row["node_mean"],
+        row["worst"],
+        row["worst_node"],
+        row["spread"],
+      )
+  logging.info("Study done in %.1f s; tables and plots in %s", time.perf_counter() - t0, workdir)
   return summary

@@ -26,6 +26,7 @@ The script, in order:
 Instances are padded per image to data.max_instances with a validity mask, so neither step
 nor evaluation ever recompiles.
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,8 +71,13 @@ def validate(config) -> None:
   c.check_choice(config, "model.dtype", tuple(vit.DTYPES))
   c.check_range(config, "model.image_size", 16)
   c.check_choice(config, "data.source", ("phantom", "coco", "tfds"))
-  for name in ("max_instances", "batch_size", "phantom_train_images", "phantom_test_images",
-               "phantom_image_size"):
+  for name in (
+    "max_instances",
+    "batch_size",
+    "phantom_train_images",
+    "phantom_test_images",
+    "phantom_image_size",
+  ):
     c.check_range(config, f"data.{name}", 1)
   c.check_range(config, "prompts.p_box", 0.0, 1.0)
   c.check_range(config, "prompts.max_jitter", 0.0, 0.5)
@@ -99,21 +105,29 @@ def validate(config) -> None:
   steps = list(config.optim.decay_at_steps)
   c.check(steps == sorted(steps), f"config.optim.decay_at_steps={tuple(steps)} is not increasing")
   if config.data.source == "coco":
-    c.check(bool(config.data.train_json) and bool(config.data.test_json),
-            "config.data.train_json and config.data.test_json must name COCO files when "
-            "data.source='coco'")
+    c.check(
+      bool(config.data.train_json) and bool(config.data.test_json),
+      "config.data.train_json and config.data.test_json must name COCO files when "
+      "data.source='coco'",
+    )
   if config.data.source == "tfds":
-    c.check("," not in config.data.tfds_name and bool(config.data.tfds_name.strip()),
-            f"config.data.tfds_name={config.data.tfds_name!r} must name one prepared TFDS dataset")
-    c.check_range(config, "data.tfds_test_fraction", 0.0, 1.0, low_inclusive=False,
-                  high_inclusive=False)
+    c.check(
+      "," not in config.data.tfds_name and bool(config.data.tfds_name.strip()),
+      f"config.data.tfds_name={config.data.tfds_name!r} must name one prepared TFDS dataset",
+    )
+    c.check_range(
+      config, "data.tfds_test_fraction", 0.0, 1.0, low_inclusive=False, high_inclusive=False
+    )
     from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
+
     name = config.data.tfds_name.strip()
     client = tfds_source.TfdsSource(name, config.data.tfds_data_dir, config.data.tfds_split)
     c.check(client.has_mask, f"config.data.tfds_name={name!r} has no masks, so no instances")
-    c.check(not config.classification.enabled or config.classification.category in ("", name),
-            f"config.classification.category={config.classification.category!r}: TFDS instances "
-            f"are of the one category {name!r} (or give '')")
+    c.check(
+      not config.classification.enabled or config.classification.category in ("", name),
+      f"config.classification.category={config.classification.category!r}: TFDS instances "
+      f"are of the one category {name!r} (or give '')",
+    )
 
 
 def validate_classification(config) -> None:
@@ -127,32 +141,52 @@ def validate_classification(config) -> None:
   if cc.global_encoder == "trainable":
     e = cc.eg
     width, _, heads, patch = vit.model_dims(e, "config.classification.eg")
-    c.check(width % heads == 0, f"config.classification.eg.width={width} is not divisible by "
-            f"config.classification.eg.num_heads={heads}")
-    c.check(e.image_size > 0 and e.image_size % patch == 0,
-            f"config.classification.eg.image_size={e.image_size} is not a positive multiple of "
-            f"E_g's patch size {patch}")
+    c.check(
+      width % heads == 0,
+      f"config.classification.eg.width={width} is not divisible by "
+      f"config.classification.eg.num_heads={heads}",
+    )
+    c.check(
+      e.image_size > 0 and e.image_size % patch == 0,
+      f"config.classification.eg.image_size={e.image_size} is not a positive multiple of "
+      f"E_g's patch size {patch}",
+    )
 
 
 def sam_overrides(model_config) -> tuple[str, dict]:
   """config.model -> (sam variant, SamConfig overrides)."""
   m = model_config
   if m.variant:
-    return m.variant, dict(image_size=m.image_size, patch_size=m.patch_size,
-                           window_size=m.window_size)
+    return m.variant, dict(
+      image_size=m.image_size, patch_size=m.patch_size, window_size=m.window_size
+    )
   return "vit_b", dict(
-      image_size=m.image_size, patch_size=m.patch_size, width=m.encoder_width,
-      depth=m.encoder_depth, num_heads=m.encoder_heads,
-      global_attn_indexes=tuple(m.global_attn_indexes), window_size=m.window_size,
-      prompt_dim=m.prompt_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
-      decoder_mlp_dim=m.decoder_mlp_dim, iou_head_hidden=m.prompt_dim)
+    image_size=m.image_size,
+    patch_size=m.patch_size,
+    width=m.encoder_width,
+    depth=m.encoder_depth,
+    num_heads=m.encoder_heads,
+    global_attn_indexes=tuple(m.global_attn_indexes),
+    window_size=m.window_size,
+    prompt_dim=m.prompt_dim,
+    decoder_depth=m.decoder_depth,
+    decoder_heads=m.decoder_heads,
+    decoder_mlp_dim=m.decoder_mlp_dim,
+    iou_head_hidden=m.prompt_dim,
+  )
 
 
 def build_model(config, rngs: nnx.Rngs, **extra) -> sam_lib.Sam:
   variant, overrides = sam_overrides(config.model)
   try:
-    return sam_lib.build_sam(variant, rngs=rngs, dtype=vit.DTYPES[config.model.dtype],
-                             remat=config.model.remat, **overrides, **extra)
+    return sam_lib.build_sam(
+      variant,
+      rngs=rngs,
+      dtype=vit.DTYPES[config.model.dtype],
+      remat=config.model.remat,
+      **overrides,
+      **extra,
+    )
   except ValueError as e:
     raise configlib.ConfigError(f"config.model: {e}") from None
 
@@ -162,10 +196,12 @@ def datasets(config):
   """(train, test) InstanceDatasets; the zero-shot categories leave training for the test."""
   d = config.data
   if d.source == "phantom":
-    train = instances.PhantomInstances("sam_train", d.phantom_train_images, d.phantom_image_size,
-                                       config.seed)
-    test = instances.PhantomInstances("sam_test", d.phantom_test_images, d.phantom_image_size,
-                                      config.seed)
+    train = instances.PhantomInstances(
+      "sam_train", d.phantom_train_images, d.phantom_image_size, config.seed
+    )
+    test = instances.PhantomInstances(
+      "sam_test", d.phantom_test_images, d.phantom_image_size, config.seed
+    )
   elif d.source == "tfds":
     train, test = tfds_instances(config)
   else:
@@ -174,15 +210,18 @@ def datasets(config):
     test = instances.CocoInstances(d.test_json, root)
   zero_shot = tuple(d.zero_shot_categories)
   size, m = config.model.image_size, d.max_instances
-  return (instances.InstanceDataset(train, size, m, drop_categories=zero_shot),
-          instances.InstanceDataset(test, size, m, keep_categories=zero_shot))
+  return (
+    instances.InstanceDataset(train, size, m, drop_categories=zero_shot),
+    instances.InstanceDataset(test, size, m, keep_categories=zero_shot),
+  )
 
 
 def tfds_instances(config):
   """(train, test) instances of data.tfds_name's masks, split by patient."""
   d = config.data
-  return instances.tfds_instances(d.tfds_name.strip(), d.tfds_data_dir, d.tfds_split,
-                                  d.tfds_test_fraction, d.split_seed)
+  return instances.tfds_instances(
+    d.tfds_name.strip(), d.tfds_data_dir, d.tfds_split, d.tfds_test_fraction, d.split_seed
+  )
 
 
 # ----------------------------------------------------------------------------- programs
@@ -204,8 +243,9 @@ def make_train_step(graphdef, tx, config):
   """
   s = sam_config_of(config).low_res_size
   weights = (config.loss.focal, config.loss.dice, config.loss.iou)
-  prompt_fn = functools.partial(so.training_prompts, p_box=config.prompts.p_box,
-                                max_jitter=config.prompts.max_jitter)
+  prompt_fn = functools.partial(
+    so.training_prompts, p_box=config.prompts.p_box, max_jitter=config.prompts.max_jitter
+  )
 
   def loss_fn(params, batch, key):
     model = nnx.merge(graphdef, params)
@@ -215,9 +255,16 @@ def make_train_step(graphdef, tx, config):
     prompts = so.prompts_for_batch(prompt_fn, key, masks > 0)
     targets = so.low_res_targets(masks, s)
     decode = so.instance_decoder(model, embeddings, masks.shape[1])
-    return so.sam_loss(decode, so.Prompts(_flat(prompts.coords), _flat(prompts.labels)),
-                       _flat(targets), _flat(batch["valid"]), refine=config.loss.refine,
-                       weights=weights, iou_loss=config.loss.iou_loss, iou_on=config.loss.iou_on)
+    return so.sam_loss(
+      decode,
+      so.Prompts(_flat(prompts.coords), _flat(prompts.labels)),
+      _flat(targets),
+      _flat(batch["valid"]),
+      refine=config.loss.refine,
+      weights=weights,
+      iou_loss=config.loss.iou_loss,
+      iou_on=config.loss.iou_on,
+    )
 
   def step(params, opt_state, batch, key):
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
@@ -247,11 +294,17 @@ def make_predict(graphdef, config):
     for prompt, refine in settings:
       prompts = so.prompts_for_batch(EVAL_PROMPTS[prompt], None, masks > 0)
       logits, score = so.predict_masks(
-          decode, so.Prompts(_flat(prompts.coords), _flat(prompts.labels)), refine=refine,
-          multimask=not config.loss.refine, refine_prompt=config.eval.refine_prompt,
-          input_size=config.model.image_size)
-      out[setting_name(prompt, refine)] = (logits.reshape((b, m) + logits.shape[1:]),
-                                           score.reshape(b, m))
+        decode,
+        so.Prompts(_flat(prompts.coords), _flat(prompts.labels)),
+        refine=refine,
+        multimask=not config.loss.refine,
+        refine_prompt=config.eval.refine_prompt,
+        input_size=config.model.image_size,
+      )
+      out[setting_name(prompt, refine)] = (
+        logits.reshape((b, m) + logits.shape[1:]),
+        score.reshape(b, m),
+      )
     return out
 
   return predict
@@ -267,9 +320,10 @@ def lr_schedule(o):
 
   def schedule(step):
     warm = o.warmup_start_factor + (1 - o.warmup_start_factor) * jnp.minimum(
-        step / max(o.warmup_steps, 1), 1.0)
+      step / max(o.warmup_steps, 1), 1.0
+    )
     decays = (step >= milestones).sum() if o.decay_at_steps else 0
-    return o.lr * warm * o.decay_factor ** decays
+    return o.lr * warm * o.decay_factor**decays
 
   return schedule
 
@@ -280,10 +334,10 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
   o = config.optim
   trainable = sam_lib.trainable_mask(params)
   steps = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
-  steps.append(optax.adamw(lr_schedule(o), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                           mask=trainable))
-  steps.append(optax.masked(optax.set_to_zero(),
-                            jax.tree.map(lambda t: not t, trainable)))
+  steps.append(
+    optax.adamw(lr_schedule(o), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=trainable)
+  )
+  steps.append(optax.masked(optax.set_to_zero(), jax.tree.map(lambda t: not t, trainable)))
   return optax.chain(*steps)
 
 
@@ -305,8 +359,11 @@ class Programs:
     self.params = sharding.tree_shardings(abstract_params, mesh, rules, False)
     self.opt = sharding.tree_shardings(self.abstract_opt, mesh, rules, False)
     self.init_opt = jax.jit(self.tx.init, out_shardings=self.opt)
-    self.train_step = jax.jit(make_train_step(graphdef, self.tx, config), donate_argnums=(0, 1),
-                              out_shardings=(self.params, self.opt, self.replicated))
+    self.train_step = jax.jit(
+      make_train_step(graphdef, self.tx, config),
+      donate_argnums=(0, 1),
+      out_shardings=(self.params, self.opt, self.replicated),
+    )
     self.predict = jax.jit(make_predict(graphdef, config), out_shardings=self.replicated)
 
 
@@ -319,19 +376,29 @@ def class_data(config) -> tuple[dict, dict, np.ndarray]:
   keep = (cc.category,) if cc.category else ()
   sets = []
   tfds_sets = tfds_instances(config) if d.source == "tfds" else None
-  for split, count, json_path in (("train", cc.train_images, d.train_json),
-                                  ("test", cc.test_images, d.test_json)):
+  for split, count, json_path in (
+    ("train", cc.train_images, d.train_json),
+    ("test", cc.test_images, d.test_json),
+  ):
     if d.source == "phantom":
       source = instances.PhantomInstances(f"cls_{split}", count, d.phantom_image_size, config.seed)
     elif d.source == "tfds":
       source = tfds_sets[split == "test"]
     else:
       source = instances.CocoInstances(json_path, d.image_root or None)
-    sets.append(instances.classified_instances(instances.InstanceDataset(
-        source, config.model.image_size, d.max_instances, keep_categories=keep)))
+    sets.append(
+      instances.classified_instances(
+        instances.InstanceDataset(
+          source, config.model.image_size, d.max_instances, keep_categories=keep
+        )
+      )
+    )
   values = np.unique(np.concatenate([s["classes"] for s in sets]))
-  configlib.check(len(values) >= 2, f"classification needs >= 2 classes; the instances of "
-                  f"config.classification.category={cc.category!r} have only {values.tolist()}")
+  configlib.check(
+    len(values) >= 2,
+    f"classification needs >= 2 classes; the instances of "
+    f"config.classification.category={cc.category!r} have only {values.tolist()}",
+  )
   return sets[0], sets[1], values
 
 
@@ -342,9 +409,16 @@ def global_encoder(config, rngs: nnx.Rngs) -> vit.ViT | None:
     return None
   e = cc.eg
   width, depth, heads, patch = vit.model_dims(e, "config.classification.eg")
-  return vit.ViT(width=width, depth=depth, num_heads=heads, patch_size=patch,
-                 image_size=e.image_size, pool="none", dtype=vit.DTYPES[config.model.dtype],
-                 rngs=rngs)
+  return vit.ViT(
+    width=width,
+    depth=depth,
+    num_heads=heads,
+    patch_size=patch,
+    image_size=e.image_size,
+    pool="none",
+    dtype=vit.DTYPES[config.model.dtype],
+    rngs=rngs,
+  )
 
 
 def make_classifier_programs(graphdef, tx, logits_of):
@@ -353,11 +427,13 @@ def make_classifier_programs(graphdef, tx, logits_of):
   logits_of(model, emb, images, masks, key | None) -> [N, K]; train_step(params, opt, emb,
   images, masks, labels, key) -> (params, opt, loss); probs(params, emb, images, masks) ->
   softmax [N, K] (evaluation prompts)."""
+
   @jax.jit
   def train_step(params, opt, emb, images, masks, labels, key):
     def loss(p):
       logits = logits_of(nnx.merge(graphdef, p), emb, images, masks, key)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     value, grads = jax.value_and_grad(loss)(params)
     updates, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt, value
@@ -369,8 +445,9 @@ def make_classifier_programs(graphdef, tx, logits_of):
   return train_step, probs
 
 
-def run_classification(config, graphdef, params, data, workdir: pathlib.Path, writer,
-                       step: int) -> dict:
+def run_classification(
+  config, graphdef, params, data, workdir: pathlib.Path, writer, step: int
+) -> dict:
   """Prompted classification (models/prompted_cls.py: frozen E_o = the trained UltraSam encoder,
   E_g trainable unless classification.global_encoder='frozen') against a linear head on the
   mean frozen embedding; AUROC, precision, recall, F1 with bootstrap CIs on the test instances.
@@ -378,28 +455,41 @@ def run_classification(config, graphdef, params, data, workdir: pathlib.Path, wr
   cc = config.classification
   train, test, values = data
   labels = {n: np.searchsorted(values, d["classes"]) for n, d in (("train", train), ("test", test))}
-  logging.info("Classification: %d train / %d test instances, classes %s: %s / %s.",
-               len(labels["train"]), len(labels["test"]), values.tolist(),
-               np.bincount(labels["train"], minlength=len(values)).tolist(),
-               np.bincount(labels["test"], minlength=len(values)).tolist())
+  logging.info(
+    "Classification: %d train / %d test instances, classes %s: %s / %s.",
+    len(labels["train"]),
+    len(labels["test"]),
+    values.tolist(),
+    np.bincount(labels["train"], minlength=len(values)).tolist(),
+    np.bincount(labels["test"], minlength=len(values)).tolist(),
+  )
 
   size, bsz = config.model.image_size, cc.batch_size
   encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(sam_lib.preprocess(x, size)))
+
   def embed(images):
-    return np.concatenate([np.asarray(encode(params, images[i:i + bsz]))
-                           for i in range(0, len(images), bsz)])
+    return np.concatenate(
+      [np.asarray(encode(params, images[i : i + bsz])) for i in range(0, len(images), bsz)]
+    )
+
   emb = dict(train=embed(train["images"]), test=embed(test["images"]))
 
   rngs = nnx.Rngs(config.seed + 1)
   prompted = prompted_cls.PromptedClassifier(
-      sam_config_of(config), len(values), global_encoder=global_encoder(config, rngs),
-      dtype=vit.DTYPES[config.model.dtype], rngs=rngs)
+    sam_config_of(config),
+    len(values),
+    global_encoder=global_encoder(config, rngs),
+    dtype=vit.DTYPES[config.model.dtype],
+    rngs=rngs,
+  )
   prompted_cls.load_sam_parts(prompted, params)
-  models = dict(prompted=prompted,
-                plain=nnx.Linear(config.model.prompt_dim, len(values), rngs=rngs))
+  models = dict(
+    prompted=prompted, plain=nnx.Linear(config.model.prompt_dim, len(values), rngs=rngs)
+  )
   prompt_eval = EVAL_PROMPTS[cc.prompt]
-  prompt_fn = functools.partial(so.training_prompts, p_box=config.prompts.p_box,
-                                max_jitter=config.prompts.max_jitter)
+  prompt_fn = functools.partial(
+    so.training_prompts, p_box=config.prompts.p_box, max_jitter=config.prompts.max_jitter
+  )
 
   def prompted_logits(model, emb, images, masks, key):
     prompts = prompt_fn(key, masks > 0) if key is not None else prompt_eval(masks > 0)
@@ -429,12 +519,16 @@ def run_classification(config, graphdef, params, data, workdir: pathlib.Path, wr
     n = len(labels["train"])
     for i in range(cc.num_steps):
       rows = rng.integers(0, n, bsz)
-      p, opt, value = train_step(p, opt, *rows_of("train", rows), labels["train"][rows],
-                                 jax.random.fold_in(key, i))
+      p, opt, value = train_step(
+        p, opt, *rows_of("train", rows), labels["train"][rows], jax.random.fold_in(key, i)
+      )
     count = len(labels["test"])
-    probs = np.concatenate([
+    probs = np.concatenate(
+      [
         np.asarray(probs_of(p, *rows_of("test", np.arange(i, min(i + bsz, count)))))
-        for i in range(0, count, bsz)])
+        for i in range(0, count, bsz)
+      ]
+    )
     test_probs[name] = probs
     for metric, fn in sam_eval.class_metric_fns(len(values)).items():
       out = f"cls/{name}/{metric}"
@@ -443,19 +537,25 @@ def run_classification(config, graphdef, params, data, workdir: pathlib.Path, wr
         results[f"cls/{name}/{base}/class_{values[int(j)]}"] = fn(labels["test"], probs)
       else:
         results[out], results[out + "_low"], results[out + "_high"] = metrics.bootstrap_ci(
-            fn, labels["test"], probs, num_samples=cc.bootstrap_samples, seed=config.seed)
+          fn, labels["test"], probs, num_samples=cc.bootstrap_samples, seed=config.seed
+        )
     results[f"cls/{name}/final_train_loss"] = float(value)
-    logging.info("Classification %-8s AUROC %.3f, precision %.3f, recall %.3f, F1 %.3f (macro)"
-                 ", last train loss %.3f", name,
-                 *(results[f"cls/{name}/{m}"] for m in ("auroc", "precision", "recall", "f1")),
-                 float(value))
+    logging.info(
+      "Classification %-8s AUROC %.3f, precision %.3f, recall %.3f, F1 %.3f (macro)"
+      ", last train loss %.3f",
+      name,
+      *(results[f"cls/{name}/{m}"] for m in ("auroc", "precision", "recall", "f1")),
+      float(value),
+    )
   writer.write_scalars(step, results)
   if jax.process_index() == 0 and len(values) == 2:
     sam_viz.classifier_rocs(
-        workdir / "classification_roc.png", labels["test"] == 1,
-        {k: v[:, 1] for k, v in test_probs.items()},
-        {k: results[f"cls/{k}/auroc"] for k in test_probs},
-        f"class {values[1]} vs {values[0]} (phantom: malignant vs benign)")
+      workdir / "classification_roc.png",
+      labels["test"] == 1,
+      {k: v[:, 1] for k, v in test_probs.items()},
+      {k: results[f"cls/{k}/auroc"] for k in test_probs},
+      f"class {values[1]} vs {values[0]} (phantom: malignant vs benign)",
+    )
   return results
 
 
@@ -464,8 +564,10 @@ def _load_init(config, model_template, params):
   """params replaced by config.init_from: a segment_anything file or an ultrajax checkpoint."""
   path = pathlib.Path(config.init_from)
   if not path.exists():
-    raise FileNotFoundError(f"config.init_from={config.init_from!r}: nothing there (expected a "
-                            "segment_anything .pth/.safetensors file or an ultrajax workdir)")
+    raise FileNotFoundError(
+      f"config.init_from={config.init_from!r}: nothing there (expected a "
+      "segment_anything .pth/.safetensors file or an ultrajax workdir)"
+    )
   if path.is_dir():
     return checkpoint.load_params(path, params)
   state_dict = files.load_state_dict(path)
@@ -473,8 +575,9 @@ def _load_init(config, model_template, params):
     loaded = sam_interop.sam_from_torch(state_dict, model_template)
   except ValueError as e:
     raise ValueError(f"config.init_from={config.init_from!r}: {e}") from None
-  return jax.tree.map(lambda a, like: jax.device_put(jnp.asarray(a, like.dtype), like.sharding),
-                      loaded, params)
+  return jax.tree.map(
+    lambda a, like: jax.device_put(jnp.asarray(a, like.dtype), like.sharding), loaded, params
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None):
@@ -491,12 +594,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: in
 def _train_batches(config, dataset):
   """The Grain iterator of this process's training batches (data/instances.py)."""
   processes = jax.process_count()
-  configlib.check(config.data.batch_size % processes == 0,
-                  f"config.data.batch_size={config.data.batch_size} is not divisible by the "
-                  f"{processes} processes")
-  return instances.train_batches(dataset, config.data.batch_size, config.seed, config.data.hflip,
-                                 num_threads=config.data.num_threads,
-                                 process_index=jax.process_index(), process_count=processes)
+  configlib.check(
+    config.data.batch_size % processes == 0,
+    f"config.data.batch_size={config.data.batch_size} is not divisible by the "
+    f"{processes} processes",
+  )
+  return instances.train_batches(
+    dataset,
+    config.data.batch_size,
+    config.seed,
+    config.data.hflip,
+    num_threads=config.data.num_threads,
+    process_index=jax.process_index(),
+    process_count=processes,
+  )
 
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_steps: int | None):
@@ -504,12 +615,19 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
   mesh = sharding.make_mesh(1, config.mesh.data)
   num_data = mesh.shape["data"]
   for name in ("data.batch_size", "eval.batch_size"):
-    configlib.check(configlib.get_field(config, name) % num_data == 0,
-                    f"config.{name}={configlib.get_field(config, name)} is not divisible by the "
-                    f"mesh's {num_data} data devices")
+    configlib.check(
+      configlib.get_field(config, name) % num_data == 0,
+      f"config.{name}={configlib.get_field(config, name)} is not divisible by the "
+      f"mesh's {num_data} data devices",
+    )
   train_set, test_set = datasets(config)
-  logging.info("Instances: %d training images (%d skipped), %d test images (%d skipped).",
-               len(train_set), train_set.skipped_images, len(test_set), test_set.skipped_images)
+  logging.info(
+    "Instances: %d training images (%d skipped), %d test images (%d skipped).",
+    len(train_set),
+    train_set.skipped_images,
+    len(test_set),
+    test_set.skipped_images,
+  )
   # Gathered now, so that data without classes fails before training rather than after.
   cls_data = class_data(config) if config.classification.enabled else None
   train_iter = _train_batches(config, train_set)
@@ -528,9 +646,13 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   start, params, train = loop.resume_or_init(
-      ckpt, checkpoint.abstract_like(params, programs.params),
-      dict(opt=checkpoint.abstract_like(programs.abstract_opt, programs.opt)), init,
-      config=config, data_iterator=train_iter)
+    ckpt,
+    checkpoint.abstract_like(params, programs.params),
+    dict(opt=checkpoint.abstract_like(programs.abstract_opt, programs.opt)),
+    init,
+    config=config,
+    data_iterator=train_iter,
+  )
   opt_state = train["opt"]
   del train
   if jax.process_index() == 0:
@@ -545,23 +667,35 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
   def run_eval(step):
     t0 = time.perf_counter()
     res, shown = sam_eval.evaluate_instances(
-        programs.predict, params, test_set, batch_size=config.eval.batch_size,
-        max_images=config.eval.max_images, batch_sharding=programs.batch)
+      programs.predict,
+      params,
+      test_set,
+      batch_size=config.eval.batch_size,
+      max_images=config.eval.max_images,
+      batch_sharding=programs.batch,
+    )
     writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
-    logging.info("step %d eval (%.1f s): %s", step, time.perf_counter() - t0,
-                 "  ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    logging.info(
+      "step %d eval (%.1f s): %s",
+      step,
+      time.perf_counter() - t0,
+      "  ".join(f"{k} {v:.3f}" for k, v in res.items()),
+    )
     if jax.process_index() == 0:
-      title = ", ".join(f"{k} {v:.2f}" for k, v in res.items()
-                        if k.count("/") == 1 and k.endswith("/mAP"))
-      sam_viz.mask_previews(workdir / "images" / f"step_{step:06d}.png", shown,
-                            f"step {step}: {title}")
+      title = ", ".join(
+        f"{k} {v:.2f}" for k, v in res.items() if k.count("/") == 1 and k.endswith("/mAP")
+      )
+      sam_viz.mask_previews(
+        workdir / "images" / f"step_{step:06d}.png", shown, f"step {step}: {title}"
+      )
     return res
 
   if start == 0:
     results[0] = run_eval(0)
   last = config.num_steps if stop_after_steps is None else min(config.num_steps, stop_after_steps)
-  progress = periodic_actions.ReportProgress(num_train_steps=config.num_steps,
-                                             every_steps=config.log_every_steps)
+  progress = periodic_actions.ReportProgress(
+    num_train_steps=config.num_steps, every_steps=config.log_every_steps
+  )
   schedule = lr_schedule(config.optim)
   base_key = jax.random.key(config.seed)
   meta = dict(config=config.to_json_best_effort())
@@ -570,10 +704,12 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
   t0, pending = time.perf_counter(), []
   for step in range(start, last):
     batch = next(train_iter)
-    batch = {k: jax.make_array_from_process_local_data(programs.batch, batch[k])
-             for k in TRAIN_KEYS}
-    params, opt_state, out = programs.train_step(params, opt_state, batch,
-                                                 jax.random.fold_in(base_key, step))
+    batch = {
+      k: jax.make_array_from_process_local_data(programs.batch, batch[k]) for k in TRAIN_KEYS
+    }
+    params, opt_state, out = programs.train_step(
+      params, opt_state, batch, jax.random.fold_in(base_key, step)
+    )
     pending.append(out)
     done = step + 1
     log_now = loop.itstime(done, config.log_every_steps, last)
@@ -582,9 +718,13 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
     if log_now or eval_now or save_now:
       rows = jax.device_get(pending)
       first = done - len(rows) + 1
-      valid = divergence.screen(np.array([r["loss"] for r in rows]), np.ones(len(rows), bool),
-                                where="UltraSam training", mode=config.on_nonfinite,
-                                describe=lambda i: f"step {first + i[-1]}")
+      valid = divergence.screen(
+        np.array([r["loss"] for r in rows]),
+        np.ones(len(rows), bool),
+        where="UltraSam training",
+        mode=config.on_nonfinite,
+        describe=lambda i: f"step {first + i[-1]}",
+      )
     if log_now:
       row = {k: float(v) for k, v in rows[np.flatnonzero(valid)[-1]].items()}  # the last good
       seconds = time.perf_counter() - t0
@@ -592,8 +732,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
       if config.on_nonfinite == "skip":
         row["skipped_steps"] = int(len(rows) - valid.sum())
       writer.write_scalars(done, row)
-      logging.info("step %d/%d  loss %.4f  %.1f img/s", done, config.num_steps, row["loss"],
-                   row["img_per_s"])
+      logging.info(
+        "step %d/%d  loss %.4f  %.1f img/s", done, config.num_steps, row["loss"], row["img_per_s"]
+      )
       t0, pending = time.perf_counter(), []
     progress(done)
     if eval_now:
@@ -601,8 +742,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
     if save_now:
       ckpt.save(done, params, dict(opt=opt_state), train_iter, dict(meta, step=done))
   if last == config.num_steps and config.classification.enabled:
-    results["classification"] = run_classification(config, graphdef, params, cls_data, workdir,
-                                                   writer, config.num_steps)
+    results["classification"] = run_classification(
+      config, graphdef, params, cls_data, workdir, writer, config.num_steps
+    )
   writer.flush()
   ckpt.close()
   train_iter.close()

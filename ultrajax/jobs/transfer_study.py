@@ -16,6 +16,7 @@ images are the only client of its pretraining, and its labels (cls) or masks (se
 fine-tuning config's task_type asks, split by patient_id, are its downstream task.
 Both stages resume: finished pretraining runs and finished fine-tuning cells are read back.
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,12 +50,12 @@ def load_config(spec: str, field: str) -> ml_collections.ConfigDict:
   return configlib.load_config_module(found).get_config(arg or None)
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides, field: str,
-                    prefix: str = "") -> None:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides, field: str, prefix: str = ""
+) -> None:
   """Copies the nested `overrides` into `config`; a field the config lacks fails naming it."""
   for name, value in overrides.items():
-    configlib.check(name in config, f"config.{field}.{prefix}{name} is not a field of "
-                    "that config")
+    configlib.check(name in config, f"config.{field}.{prefix}{name} is not a field of that config")
     if isinstance(value, ml_collections.ConfigDict):
       apply_overrides(config[name], value, field, f"{prefix}{name}.")
     else:
@@ -68,8 +69,10 @@ def organs(config) -> list[str]:
     configlib.check(bool(names), f"config.organs={config.organs!r} names no TFDS dataset")
     return names
   bad = [o for o in names if o not in phantom.ORGANS]
-  configlib.check(bool(names) and not bad, f"config.organs={config.organs!r}: "
-                  f"{bad or 'empty'}; choose from {phantom.ORGANS}")
+  configlib.check(
+    bool(names) and not bad,
+    f"config.organs={config.organs!r}: {bad or 'empty'}; choose from {phantom.ORGANS}",
+  )
   return names
 
 
@@ -81,6 +84,7 @@ def validate(config) -> None:
   if config.data.source != "tfds":
     return
   from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
+
   task_type = finetune_config(config, names[0], []).task_type
   for name in names:
     try:
@@ -88,20 +92,30 @@ def validate(config) -> None:
     except configlib.DataError as e:
       raise configlib.ConfigError(f"config.organs has {name!r}: {e}") from None
     has = {"cls": client.has_label, "seg": client.has_mask}
-    configlib.check(any(has.values()), f"config.organs has {name!r}, a TFDS dataset with neither "
-                    "labels nor masks, so it has no downstream task")
-    configlib.check(has[task_type], f"config.organs has {name!r}, which has no "
-                    f"{'labels' if task_type == 'cls' else 'masks'} for task_type={task_type!r} of "
-                    f"config.finetune_config={config.finetune_config!r}; use "
-                    f"configs/finetune_{'seg' if task_type == 'cls' else 'cls'}.py or leave it out")
+    configlib.check(
+      any(has.values()),
+      f"config.organs has {name!r}, a TFDS dataset with neither "
+      "labels nor masks, so it has no downstream task",
+    )
+    configlib.check(
+      has[task_type],
+      f"config.organs has {name!r}, which has no "
+      f"{'labels' if task_type == 'cls' else 'masks'} for task_type={task_type!r} of "
+      f"config.finetune_config={config.finetune_config!r}; use "
+      f"configs/finetune_{'seg' if task_type == 'cls' else 'cls'}.py or leave it out",
+    )
 
 
 def pretrain_config(config, organ: str):
   c = load_config(config.pretrain_config, "pretrain_config")
   apply_overrides(c, config.pretrain_overrides, "pretrain_overrides")
   if config.data.source == "tfds":  # the dataset's images as the only client
-    c.data.update(source="tfds", tfds_name=organ, tfds_data_dir=config.data.tfds_data_dir,
-                  tfds_split=config.data.tfds_split)
+    c.data.update(
+      source="tfds",
+      tfds_name=organ,
+      tfds_data_dir=config.data.tfds_data_dir,
+      tfds_split=config.data.tfds_split,
+    )
   else:
     c.data.source = "phantom"
     c.data.phantom_organs = organ
@@ -113,8 +127,12 @@ def finetune_config(config, organ: str, variants: list[tuple[str, str]]):
   c = load_config(config.finetune_config, "finetune_config")
   apply_overrides(c, config.finetune_overrides, "finetune_overrides")
   if config.data.source == "tfds":  # its labels or masks, split by patient_id
-    c.data.update(source="tfds", tfds_name=organ, tfds_data_dir=config.data.tfds_data_dir,
-                  tfds_split=config.data.tfds_split)
+    c.data.update(
+      source="tfds",
+      tfds_name=organ,
+      tfds_data_dir=config.data.tfds_data_dir,
+      tfds_split=config.data.tfds_split,
+    )
   else:
     c.data.source = "phantom"
     c.data.organs = organ
@@ -123,8 +141,14 @@ def finetune_config(config, organ: str, variants: list[tuple[str, str]]):
   return c
 
 
-def write_matrix(workdir: pathlib.Path, rows: list[str], cols: list[str], table: dict,
-                 metric: str, tests: dict | None = None) -> None:
+def write_matrix(
+  workdir: pathlib.Path,
+  rows: list[str],
+  cols: list[str],
+  table: dict,
+  metric: str,
+  tests: dict | None = None,
+) -> None:
   """transfer_matrix.csv (eval/downstream.transfer_rows) and the heatmaps of the metric and of
   its gain over scratch."""
   lines = downstream.transfer_rows(rows, cols, table, metric, tests)
@@ -133,14 +157,27 @@ def write_matrix(workdir: pathlib.Path, rows: list[str], cols: list[str], table:
     w.writeheader()
     w.writerows(lines)
   matrix = np.array([[table[(r, c)][0] for c in cols] for r in rows])
-  plots.heatmap(workdir / "transfer_matrix.png", matrix, rows, cols,
-                title=f"test {metric} (mean over seeds)", xlabel="downstream task",
-                ylabel="pretrained on")
+  plots.heatmap(
+    workdir / "transfer_matrix.png",
+    matrix,
+    rows,
+    cols,
+    title=f"test {metric} (mean over seeds)",
+    xlabel="downstream task",
+    ylabel="pretrained on",
+  )
   if "scratch" in rows:
     gain = matrix - matrix[rows.index("scratch")][None]
-    plots.heatmap(workdir / "transfer_gain.png", gain, rows, cols, fmt="{:+.3f}",
-                  title=f"gain in test {metric} over scratch", xlabel="downstream task",
-                  ylabel="pretrained on")
+    plots.heatmap(
+      workdir / "transfer_gain.png",
+      gain,
+      rows,
+      cols,
+      fmt="{:+.3f}",
+      title=f"gain in test {metric} over scratch",
+      xlabel="downstream task",
+      ylabel="pretrained on",
+    )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -156,8 +193,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out = workdir / "pretrain" / organ
     done = out / "done.json"
     if not done.exists():
-      logging.info("Transfer study: pretraining on %s only (%d of %d)", organ,
-                   len(pretrained) + 1, len(names))
+      logging.info(
+        "Transfer study: pretraining on %s only (%d of %d)", organ, len(pretrained) + 1, len(names)
+      )
       pretrain.run(pretrain_config(config, organ), str(out))
       loop.atomic_write(done, {"organ": organ})
     pretrained.append((organ, str(out)))
@@ -168,14 +206,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for organ in names:
     fc = finetune_config(config, organ, variants)
     metric = fc.train.select_metric
-    logging.info("Transfer study: fine-tuning on the %s task from %d starting points", organ,
-                 len(variants))
+    logging.info(
+      "Transfer study: fine-tuning on the %s task from %d starting points", organ, len(variants)
+    )
     for row in finetune.run(fc, str(workdir / "finetune" / organ)):
       if row["metric"] == metric:
-        table[(row["variant"], organ)] = (row["mean"], row["ci_low"], row["ci_high"],
-                                          row["num_seeds"])
-        tests[(row["variant"], organ)] = {k: row[k] for k in ("reference", "diff", "p_ttest",
-                                                               "p_bootstrap", "p_delong")}
+        table[(row["variant"], organ)] = (
+          row["mean"],
+          row["ci_low"],
+          row["ci_high"],
+          row["num_seeds"],
+        )
+        tests[(row["variant"], organ)] = {
+          k: row[k] for k in ("reference", "diff", "p_ttest", "p_bootstrap", "p_delong")
+        }
     progress(len(names) + names.index(organ) + 1)
   row_names = [name for name, _ in variants]
   if jax.process_index() == 0:

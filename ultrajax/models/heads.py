@@ -8,9 +8,10 @@ convolutions, x2 by one, x1, x1/2 by max-pooling), projected to `channels`, resi
 finest scale, concatenated, fused by a 3 x 3 convolution + GroupNorm + ReLU, classified per
 pixel and bilinearly upsampled to the input size.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import einops
 import jax
@@ -30,11 +31,20 @@ def default_feature_blocks(depth: int) -> tuple[int, ...]:
 class PyramidDecoder(nnx.Module):
   """Per-pixel logits from several blocks' patch tokens (see the module docstring)."""
 
-  def __init__(self, width: int, num_levels: int, num_outputs: int, *, channels: int = 128,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    num_levels: int,
+    num_outputs: int,
+    *,
+    channels: int = 128,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     def conv(cin, cout, k):
-      return nnx.Conv(cin, cout, (k, k), padding="SAME", dtype=dtype, param_dtype=jnp.float32,
-                      rngs=rngs)
+      return nnx.Conv(
+        cin, cout, (k, k), padding="SAME", dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+      )
 
     def up(cin):
       return layers.Upsample2x(cin, cin, dtype=dtype, rngs=rngs)
@@ -46,8 +56,14 @@ class PyramidDecoder(nnx.Module):
     self.up2 = up(width)
     self.lateral = nnx.List([conv(width, channels, 1) for _ in range(num_levels)])
     self.fuse = conv(channels * num_levels, channels, 3)
-    self.fuse_norm = nnx.GroupNorm(channels, num_groups=min(32, channels), epsilon=1e-5,
-                                   dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.fuse_norm = nnx.GroupNorm(
+      channels,
+      num_groups=min(32, channels),
+      epsilon=1e-5,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+    )
     self.classify = conv(channels, num_outputs, 1)
 
   def __call__(self, features: Sequence[jax.Array], grid: int, image_size: int):
@@ -77,19 +93,41 @@ class PyramidDecoder(nnx.Module):
 class Segmenter(nnx.Module):
   """ViT encoder + PyramidDecoder. num_outputs: 1 for a binary task (sigmoid), else K classes."""
 
-  def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
-               image_size: int, num_outputs: int, feature_blocks: Sequence[int] = (),
-               channels: int = 128, drop_path_rate: float = 0.0, dtype=jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    width: int,
+    depth: int,
+    num_heads: int,
+    patch_size: int,
+    image_size: int,
+    num_outputs: int,
+    feature_blocks: Sequence[int] = (),
+    channels: int = 128,
+    drop_path_rate: float = 0.0,
+    dtype=jnp.float32,
+    remat: bool = False,
+    rngs: nnx.Rngs,
+  ):
     self.feature_blocks = tuple(feature_blocks) or default_feature_blocks(depth)
     bad = [b for b in self.feature_blocks if not 1 <= b <= depth]
     if bad:
       raise ValueError(f"feature_blocks {bad} are outside 1..{depth}")
-    self.encoder = vit.ViT(width=width, depth=depth, num_heads=num_heads, patch_size=patch_size,
-                           image_size=image_size, pool="none", drop_path_rate=drop_path_rate,
-                           dtype=dtype, remat=remat, rngs=rngs)
-    self.decoder = PyramidDecoder(width, len(self.feature_blocks), num_outputs,
-                                  channels=channels, dtype=dtype, rngs=rngs)
+    self.encoder = vit.ViT(
+      width=width,
+      depth=depth,
+      num_heads=num_heads,
+      patch_size=patch_size,
+      image_size=image_size,
+      pool="none",
+      drop_path_rate=drop_path_rate,
+      dtype=dtype,
+      remat=remat,
+      rngs=rngs,
+    )
+    self.decoder = PyramidDecoder(
+      width, len(self.feature_blocks), num_outputs, channels=channels, dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, images, *, key=None):
     """images: [B, S, S, 3] normalized -> logits [B, S, S, num_outputs] float32."""

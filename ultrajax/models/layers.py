@@ -1,4 +1,5 @@
 """Small layers shared by the model files."""
+
 from __future__ import annotations
 
 import einops
@@ -19,9 +20,17 @@ class Upsample2x(nnx.Module):
   matmul about 9x faster than the transposed convolution (measured at [32, 16, 16, 128]).
   """
 
-  def __init__(self, din: int, dout: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               kernel_init=nnx.initializers.lecun_normal(),
-               bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+  def __init__(
+    self,
+    din: int,
+    dout: int,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    kernel_init=nnx.initializers.lecun_normal(),
+    bias_init=nnx.initializers.zeros_init(),
+    rngs: nnx.Rngs,
+  ):
     self.kernel = nnx.Param(kernel_init(rngs.params(), (2, 2, din, dout), param_dtype))
     self.bias = nnx.Param(bias_init(rngs.params(), (dout,), param_dtype))
     self.dtype = dtype

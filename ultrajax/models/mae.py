@@ -5,6 +5,7 @@ their fixed sin-cos positions and the cls token), a lighter decoder re-inserts a
 token at the masked positions, adds its own fixed positions and predicts every patch's pixels.
 Unlike MAE the mask is an input (UltraMIM's texture-guided masks come from ultrajax.ultramim).
 """
+
 from __future__ import annotations
 
 import einops
@@ -50,8 +51,10 @@ def _check_mask(mask, num_patches: int, len_keep: int) -> None:
     return  # values unknown while tracing; checked on every eager call
   kept = np.sum(~np.asarray(mask, bool), axis=1)
   if np.any(kept != len_keep):
-    raise ValueError(f"every mask row must keep exactly len_keep={len_keep} of {num_patches} "
-                     f"patches (int(N * (1 - mask_ratio))); rows keep {sorted(set(kept.tolist()))}")
+    raise ValueError(
+      f"every mask row must keep exactly len_keep={len_keep} of {num_patches} "
+      f"patches (int(N * (1 - mask_ratio))); rows keep {sorted(set(kept.tolist()))}"
+    )
 
 
 class MAE(nnx.Module):
@@ -63,29 +66,66 @@ class MAE(nnx.Module):
   pred_dim: per-patch output width; 0 = pixels (p*p*3), else e.g. the teacher's token width.
   """
 
-  def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
-               image_size: int, decoder_width: int = 512, decoder_depth: int = 8,
-               decoder_heads: int = 16, mask_ratio: float = 0.75, mlp_ratio: float = 4.0,
-               drop_path_rate: float = 0.0, dtype=jnp.float32, remat=False,
-               pred_dim: int = 0, attention_impl: str = "dot_product", scan_layers: bool = False,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    width: int,
+    depth: int,
+    num_heads: int,
+    patch_size: int,
+    image_size: int,
+    decoder_width: int = 512,
+    decoder_depth: int = 8,
+    decoder_heads: int = 16,
+    mask_ratio: float = 0.75,
+    mlp_ratio: float = 4.0,
+    drop_path_rate: float = 0.0,
+    dtype=jnp.float32,
+    remat=False,
+    pred_dim: int = 0,
+    attention_impl: str = "dot_product",
+    scan_layers: bool = False,
+    rngs: nnx.Rngs,
+  ):
     if not 0.0 <= mask_ratio < 1.0:
       raise ValueError(f"mask_ratio={mask_ratio!r} is not in [0, 1)")
     self.mask_ratio, self.remat = float(mask_ratio), vit.remat_mode(remat)
     self.scan_layers = bool(scan_layers)
     self.decoder_width = decoder_width
-    self.encoder = vit.ViT(width=width, depth=depth, num_heads=num_heads, patch_size=patch_size,
-                           image_size=image_size, mlp_ratio=mlp_ratio, pool="none",
-                           drop_path_rate=drop_path_rate, dtype=dtype, remat=remat,
-                           attention_impl=attention_impl, scan_layers=scan_layers, rngs=rngs)
+    self.encoder = vit.ViT(
+      width=width,
+      depth=depth,
+      num_heads=num_heads,
+      patch_size=patch_size,
+      image_size=image_size,
+      mlp_ratio=mlp_ratio,
+      pool="none",
+      drop_path_rate=drop_path_rate,
+      dtype=dtype,
+      remat=remat,
+      attention_impl=attention_impl,
+      scan_layers=scan_layers,
+      rngs=rngs,
+    )
     self.decoder_embed = vit.linear(width, decoder_width, dtype=dtype, rngs=rngs)
     self.mask_token = nnx.Param(vit.token_init(rngs.params(), (1, 1, decoder_width), jnp.float32))
-    self.decoder_blocks = nnx.List([
-        vit.Block(decoder_width, decoder_heads, mlp_ratio=mlp_ratio, dtype=dtype,
-                  attention_impl=attention_impl, rngs=rngs) for _ in range(decoder_depth)])
+    self.decoder_blocks = nnx.List(
+      [
+        vit.Block(
+          decoder_width,
+          decoder_heads,
+          mlp_ratio=mlp_ratio,
+          dtype=dtype,
+          attention_impl=attention_impl,
+          rngs=rngs,
+        )
+        for _ in range(decoder_depth)
+      ]
+    )
     self.decoder_norm = vit.layer_norm(decoder_width, dtype=dtype, rngs=rngs)
-    self.decoder_pred = vit.linear(decoder_width, pred_dim or patch_size * patch_size * 3,
-                                   dtype=dtype, rngs=rngs)
+    self.decoder_pred = vit.linear(
+      decoder_width, pred_dim or patch_size * patch_size * 3, dtype=dtype, rngs=rngs
+    )
 
   @property
   def len_keep(self) -> int:
@@ -107,8 +147,9 @@ class MAE(nnx.Module):
     latent = self.encoder.encode(images, key=key, visible_ids=ids[:, :len_keep])
 
     x = self.decoder_embed(latent)  # [B, 1 + len_keep, Dd]
-    mask_tokens = jnp.broadcast_to(self.mask_token[...].astype(x.dtype),
-                                   (x.shape[0], n - len_keep, self.decoder_width))
+    mask_tokens = jnp.broadcast_to(
+      self.mask_token[...].astype(x.dtype), (x.shape[0], n - len_keep, self.decoder_width)
+    )
     patches = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
     patches = jnp.take_along_axis(patches, restore[..., None], axis=1)  # un-shuffle
     x = jnp.concatenate([x[:, :1], patches], axis=1)
@@ -152,8 +193,9 @@ def normalize_features(x, norm: str):
   raise ValueError(f"feature norm {norm!r} is not one of {FEATURE_NORMS}")
 
 
-def feature_loss(pred, target, mask, *, norm: str = "layernorm", loss: str = "mse",
-                 smooth_l1_beta: float = 1.0):
+def feature_loss(
+  pred, target, mask, *, norm: str = "layernorm", loss: str = "mse", smooth_l1_beta: float = 1.0
+):
   """Feature-target MIM loss on the masked tokens (URFM: MSE to teacher tokens).
 
   pred: [B, N, D] decoder output; target: [B, N, D] teacher tokens aligned to the student's
@@ -167,16 +209,20 @@ def feature_loss(pred, target, mask, *, norm: str = "layernorm", loss: str = "ms
   if loss not in FEATURE_LOSSES:
     raise ValueError(f"feature loss {loss!r} is not one of {FEATURE_LOSSES}")
   if pred.shape != target.shape:
-    raise ValueError(f"prediction {pred.shape} and target {target.shape} differ; the decoder's "
-                     "output width (model pred_dim) must be the teacher token width")
+    raise ValueError(
+      f"prediction {pred.shape} and target {target.shape} differ; the decoder's "
+      "output width (model pred_dim) must be the teacher token width"
+    )
   target = normalize_features(target, norm)
   pred = normalize_features(pred, "l2" if norm == "l2" else "none")
   if loss == "mse":
     per_token = jnp.mean(jnp.square(pred - target), axis=-1)
   elif loss == "smooth_l1":
     err = jnp.abs(pred - target)
-    per_token = jnp.mean(jnp.where(err < smooth_l1_beta, 0.5 * err * err / smooth_l1_beta,
-                                   err - 0.5 * smooth_l1_beta), axis=-1)
+    per_token = jnp.mean(
+      jnp.where(err < smooth_l1_beta, 0.5 * err * err / smooth_l1_beta, err - 0.5 * smooth_l1_beta),
+      axis=-1,
+    )
   else:
     unit = lambda x: normalize_features(x, "l2")
     per_token = 1.0 - jnp.sum(unit(pred) * unit(target), axis=-1)
@@ -194,6 +240,7 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
   False), attention_impl (default 'dot_product'), pred_dim (default 0 = pixels). `path` is where
   the caller keeps this config (for messages).
   """
+
   def get(name):
     if name not in model_config:
       raise configlib.ConfigError(f"{path}.{name} is missing")
@@ -210,13 +257,19 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
   if not get("variant"):
     require(width % heads == 0 and width % 4 == 0, "width", "divisible by num_heads and by 4")
   image_size = get("image_size")
-  require(positive_int(image_size) and image_size % patch == 0, "image_size",
-          f"a positive multiple of the patch size {patch}")
+  require(
+    positive_int(image_size) and image_size % patch == 0,
+    "image_size",
+    f"a positive multiple of the patch size {patch}",
+  )
   dw, dd, dh = get("decoder_width"), get("decoder_depth"), get("decoder_heads")
   require(isinstance(dd, int) and dd >= 0, "decoder_depth", "a non-negative integer")
   require(positive_int(dh), "decoder_heads", "a positive integer")
-  require(positive_int(dw) and dw % dh == 0 and dw % 4 == 0, "decoder_width",
-          "a positive integer divisible by decoder_heads and by 4")
+  require(
+    positive_int(dw) and dw % dh == 0 and dw % 4 == 0,
+    "decoder_width",
+    "a positive integer divisible by decoder_heads and by 4",
+  )
   require(0.0 <= get("mask_ratio") < 1.0, "mask_ratio", "in [0, 1)")
   require(0.0 <= get("drop_path_rate") < 1.0, "drop_path_rate", "in [0, 1)")
   require(get("dtype") in vit.DTYPES, "dtype", f"one of {tuple(vit.DTYPES)}")
@@ -228,13 +281,27 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
     raise configlib.ConfigError(f"{path}.remat={remat!r} is not one of {vit.REMATS}")
   impl = model_config.get("attention_impl", "dot_product")
   if impl not in vit.ATTENTION_IMPLS:
-    raise configlib.ConfigError(f"{path}.attention_impl={impl!r} is not one of "
-                                f"{vit.ATTENTION_IMPLS}")
+    raise configlib.ConfigError(
+      f"{path}.attention_impl={impl!r} is not one of {vit.ATTENTION_IMPLS}"
+    )
   scan_layers = model_config.get("scan_layers", False)
   if not isinstance(scan_layers, bool):
     raise configlib.ConfigError(f"{path}.scan_layers={scan_layers!r} must be True or False")
-  return MAE(width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=image_size,
-             decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
-             mask_ratio=get("mask_ratio"), drop_path_rate=get("drop_path_rate"),
-             dtype=vit.DTYPES[get("dtype")], remat=remat, pred_dim=pred_dim, attention_impl=impl,
-             scan_layers=scan_layers, rngs=rngs)
+  return MAE(
+    width=width,
+    depth=depth,
+    num_heads=heads,
+    patch_size=patch,
+    image_size=image_size,
+    decoder_width=dw,
+    decoder_depth=dd,
+    decoder_heads=dh,
+    mask_ratio=get("mask_ratio"),
+    drop_path_rate=get("drop_path_rate"),
+    dtype=vit.DTYPES[get("dtype")],
+    remat=remat,
+    pred_dim=pred_dim,
+    attention_impl=impl,
+    scan_layers=scan_layers,
+    rngs=rngs,
+  )

@@ -17,9 +17,10 @@ Encoders: 'resnet18' (default, as the paper; models/resnet.py, BatchNorm state s
 described there) or 'vit' (models/vit.py with pool='gap', parameter state only).
 Dropout draws from an explicit `key`; key=None is deterministic (evaluation).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,17 +41,42 @@ def dropout(x, rate: float, key):
   return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def make_encoder(kind: str, *, image_size: int, resnet_width: int = 64,
-                 resnet_blocks: Sequence[int] = (2, 2, 2, 2), resnet_norm: str = "batch",
-                 resnet_stem: str = "imagenet", vit_width: int = 192, vit_depth: int = 12,
-                 vit_heads: int = 3, vit_patch: int = 16, dtype=jnp.float32, rngs: nnx.Rngs):
+def make_encoder(
+  kind: str,
+  *,
+  image_size: int,
+  resnet_width: int = 64,
+  resnet_blocks: Sequence[int] = (2, 2, 2, 2),
+  resnet_norm: str = "batch",
+  resnet_stem: str = "imagenet",
+  vit_width: int = 192,
+  vit_depth: int = 12,
+  vit_heads: int = 3,
+  vit_patch: int = 16,
+  dtype=jnp.float32,
+  rngs: nnx.Rngs,
+):
   """A feature extractor images [B, S, S, 3] -> [B, D] (ResNet-18 trunk or gap-pooled ViT)."""
   if kind == "resnet18":
-    return resnet.ResNet(width=resnet_width, blocks=tuple(resnet_blocks), norm=resnet_norm,
-                         stem=resnet_stem, dtype=dtype, rngs=rngs)
+    return resnet.ResNet(
+      width=resnet_width,
+      blocks=tuple(resnet_blocks),
+      norm=resnet_norm,
+      stem=resnet_stem,
+      dtype=dtype,
+      rngs=rngs,
+    )
   if kind == "vit":
-    return vit.ViT(width=vit_width, depth=vit_depth, num_heads=vit_heads, patch_size=vit_patch,
-                   image_size=image_size, pool="gap", dtype=dtype, rngs=rngs)
+    return vit.ViT(
+      width=vit_width,
+      depth=vit_depth,
+      num_heads=vit_heads,
+      patch_size=vit_patch,
+      image_size=image_size,
+      pool="gap",
+      dtype=dtype,
+      rngs=rngs,
+    )
   raise ValueError(f"encoder={kind!r} is not one of {ENCODERS}")
 
 
@@ -68,11 +94,24 @@ def run_encoder(encoder, images, train: bool):
 class MMoE(nnx.Module):
   """T encoders + the MMoE head above; __call__ maps T image batches to T logits."""
 
-  def __init__(self, *, num_tasks: int = 2, encoder: str = "resnet18", image_size: int = 224,
-               feature_dim: int = 512, num_experts: int = 12, expert_hidden: int = 62,
-               expert_dim: int = 32, tower_hidden: int = 16, temperature: float = 3.0,
-               expert_dropout: float = 0.3, tower_dropout: float = 0.4,
-               encoder_kwargs: dict | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    num_tasks: int = 2,
+    encoder: str = "resnet18",
+    image_size: int = 224,
+    feature_dim: int = 512,
+    num_experts: int = 12,
+    expert_hidden: int = 62,
+    expert_dim: int = 32,
+    tower_hidden: int = 16,
+    temperature: float = 3.0,
+    expert_dropout: float = 0.3,
+    tower_dropout: float = 0.4,
+    encoder_kwargs: dict | None = None,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if num_tasks < 1 or num_experts < 1:
       raise ValueError(f"num_tasks={num_tasks} and num_experts={num_experts} must be >= 1")
     if not temperature > 0:
@@ -80,15 +119,22 @@ class MMoE(nnx.Module):
     self.num_tasks, self.num_experts, self.temperature = num_tasks, num_experts, float(temperature)
     self.expert_dropout, self.tower_dropout = float(expert_dropout), float(tower_dropout)
     kwargs = dict(encoder_kwargs or {})
-    self.encoders = nnx.List([make_encoder(encoder, image_size=image_size, dtype=dtype,
-                                           rngs=rngs, **kwargs) for _ in range(num_tasks)])
+    self.encoders = nnx.List(
+      [
+        make_encoder(encoder, image_size=image_size, dtype=dtype, rngs=rngs, **kwargs)
+        for _ in range(num_tasks)
+      ]
+    )
     lin = lambda i, o: vit.linear(i, o, dtype=dtype, rngs=rngs)
     self.fc = nnx.List([lin(encoder_dim(e), feature_dim) for e in self.encoders])
     self.down = nnx.List([lin(feature_dim, expert_dim) for _ in range(num_tasks)])
     d_in = num_tasks * feature_dim
     # Experts as stacked weights [E, ...]: one einsum instead of E small matmuls.
-    init = lambda *shape: nnx.Param(jax.vmap(lambda k: xavier_uniform(k, shape, jnp.float32))(
-        jax.random.split(rngs.params(), num_experts)))
+    init = lambda *shape: nnx.Param(
+      jax.vmap(lambda k: xavier_uniform(k, shape, jnp.float32))(
+        jax.random.split(rngs.params(), num_experts)
+      )
+    )
     self.expert_w1 = init(d_in, expert_hidden)
     self.expert_b1 = nnx.Param(jnp.zeros((num_experts, expert_hidden), jnp.float32))
     self.expert_w2 = init(expert_hidden, expert_dim)
@@ -101,15 +147,18 @@ class MMoE(nnx.Module):
     """T batches [B, S, S, 3] -> T features f_t = relu(fc_t(encoder_t(x_t))), each [B, F]."""
     if len(images) != self.num_tasks:
       raise ValueError(f"MMoE with {self.num_tasks} tasks got {len(images)} image batches")
-    return [jax.nn.relu(fc(run_encoder(enc, x, train)))
-            for enc, fc, x in zip(self.encoders, self.fc, images)]
+    return [
+      jax.nn.relu(fc(run_encoder(enc, x, train)))
+      for enc, fc, x in zip(self.encoders, self.fc, images)
+    ]
 
   def head(self, feats: Sequence, *, key=None, internals: bool = False):
     """T features [B, F] -> logits [B, T]; with internals also a dict of emb [B, T*F],
     experts [B, E, O], gates [B, T, E] and task_features [B, T, O] (tower inputs)."""
     emb = jax.nn.softmax(jnp.concatenate(feats, axis=-1) / self.temperature, axis=-1)
-    k_expert, *k_towers = (None,) * (1 + self.num_tasks) if key is None else jax.random.split(
-        key, 1 + self.num_tasks)
+    k_expert, *k_towers = (
+      (None,) * (1 + self.num_tasks) if key is None else jax.random.split(key, 1 + self.num_tasks)
+    )
     h = jax.nn.relu(jnp.einsum("bd,edh->beh", emb, self.expert_w1[...]) + self.expert_b1[...])
     h = dropout(h, self.expert_dropout, k_expert)
     experts = jnp.einsum("beh,eho->beo", h, self.expert_w2[...]) + self.expert_b2[...]
@@ -123,8 +172,12 @@ class MMoE(nnx.Module):
       logits.append(self.tower2[t](y)[:, 0])
     logits = jnp.stack(logits, axis=-1).astype(jnp.float32)
     if internals:
-      return logits, dict(emb=emb, experts=experts, gates=jnp.stack(gates, 1),
-                          task_features=jnp.stack(task_features, 1))
+      return logits, dict(
+        emb=emb,
+        experts=experts,
+        gates=jnp.stack(gates, 1),
+        task_features=jnp.stack(task_features, 1),
+      )
     return logits
 
   def __call__(self, images: Sequence, *, train: bool = False, key=None):
@@ -141,10 +194,18 @@ class Classifier(nnx.Module):
   __call__(images [B, S, S, 3]) -> logits [B, 1]; same encoders as MMoE.
   """
 
-  def __init__(self, *, encoder: str = "resnet18", image_size: int = 224,
-               encoder_kwargs: dict | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.encoder = make_encoder(encoder, image_size=image_size, dtype=dtype, rngs=rngs,
-                                **dict(encoder_kwargs or {}))
+  def __init__(
+    self,
+    *,
+    encoder: str = "resnet18",
+    image_size: int = 224,
+    encoder_kwargs: dict | None = None,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.encoder = make_encoder(
+      encoder, image_size=image_size, dtype=dtype, rngs=rngs, **dict(encoder_kwargs or {})
+    )
     self.fc = vit.linear(encoder_dim(self.encoder), 1, dtype=dtype, rngs=rngs)
 
   def __call__(self, images, *, train: bool = False, key=None):

@@ -1,4 +1,5 @@
 """Fixed 2-D sin-cos position embeddings, exactly as MAE's `util/pos_embed.py`."""
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,9 @@ def _sincos_2d_cached(grid_h: int, grid_w: int, dim: int, cls_token: bool) -> np
   rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
   # MAE builds meshgrid(grid_w, grid_h), so its "emb_h" (the first half of the channels) is in
   # fact the column coordinate and the second half the row coordinate; kept for interop.
-  emb = np.concatenate([_sincos_1d(dim // 2, cols.reshape(-1)),
-                        _sincos_1d(dim // 2, rows.reshape(-1))], axis=1)
+  emb = np.concatenate(
+    [_sincos_1d(dim // 2, cols.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))], axis=1
+  )
   if cls_token:
     emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
   emb = emb.astype(np.float32)

@@ -15,6 +15,7 @@ nothing is added to E_o's tokens and z_g is the mean of E_o's tokens. The paper 
 E_g's architecture or initialisation; UltraSam's public code has no wired prompted classifier
 (research/seed_systems.md section 3.5), so there is no official variant to reproduce.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,10 +32,19 @@ GLOBAL_ENCODERS = ("trainable", "frozen")
 class PromptedClassifier(nnx.Module):
   """See the module docstring. Call with E_o's tokens, the preprocessed images and the prompts."""
 
-  def __init__(self, sam_config: sam_lib.SamConfig, num_classes: int, *,
-               global_encoder: vit.ViT | None, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    sam_config: sam_lib.SamConfig,
+    num_classes: int,
+    *,
+    global_encoder: vit.ViT | None,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if global_encoder is not None and global_encoder.pool != "none":
-      raise ValueError("the global encoder E_g must be a ViT with pool='none' (its tokens are used)")
+      raise ValueError(
+        "the global encoder E_g must be a ViT with pool='none' (its tokens are used)"
+      )
     config = dataclasses.replace(sam_config, num_cls_tokens=1)
     dim = config.prompt_dim
     self.grid, self.image_size = config.grid, config.image_size
@@ -81,7 +91,8 @@ def load_sam_parts(classifier: PromptedClassifier, sam_params: dict) -> None:
   state = nnx.state(classifier, nnx.Param)
   params = nnx.to_pure_dict(state)
   params["prompt_encoder"] = sam_params["prompt_encoder"]
-  params["mask_decoder"] = dict(sam_params["mask_decoder"],
-                                cls_tokens=params["mask_decoder"]["cls_tokens"])
+  params["mask_decoder"] = dict(
+    sam_params["mask_decoder"], cls_tokens=params["mask_decoder"]["cls_tokens"]
+  )
   nnx.replace_by_pure_dict(state, params)
   nnx.update(classifier, state)

@@ -16,9 +16,10 @@ Small inputs: stem='imagenet' is torchvision's 7x7/2 conv + 3x3/2 max-pool (224 
 end); stem='cifar' is a 3x3/1 conv without pooling, the usual choice for 32-64 px images. `width`
 scales every stage (64 = ResNet-18; 16 gives a 0.7M-parameter model for CPU studies).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,18 +41,40 @@ def conv(cin: int, cout: int, size: int, stride: int, *, dtype, rngs: nnx.Rngs) 
   """Bias-free conv with torch's symmetric padding size // 2 (Flax 'SAME' pads asymmetrically
   for stride 2, which would shift every feature map by a pixel against torchvision)."""
   pad = size // 2
-  return nnx.Conv(cin, cout, (size, size), strides=stride, padding=((pad, pad), (pad, pad)),
-                  use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
-                  rngs=rngs)
+  return nnx.Conv(
+    cin,
+    cout,
+    (size, size),
+    strides=stride,
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=conv_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
+  )
 
 
 def norm_layer(kind: str, channels: int, *, dtype, rngs: nnx.Rngs):
   if kind == "batch":
-    return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype,
-                         param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs)
+    return nnx.BatchNorm(
+      channels,
+      momentum=BN_MOMENTUM,
+      epsilon=BN_EPS,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      use_fast_variance=False,
+      rngs=rngs,
+    )
   # 32 groups as GroupNorm's paper, fewer when a narrow model has fewer channels.
-  return nnx.GroupNorm(channels, num_groups=min(32, channels), epsilon=BN_EPS, dtype=dtype,
-                       param_dtype=jnp.float32, rngs=rngs)
+  return nnx.GroupNorm(
+    channels,
+    num_groups=min(32, channels),
+    epsilon=BN_EPS,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
+  )
 
 
 def _norm(layer, x, train: bool):
@@ -89,9 +112,18 @@ class ResNet(nnx.Module):
   float32 parameters and outputs, `dtype` computation.
   """
 
-  def __init__(self, *, num_classes: int = 0, width: int = 64,
-               blocks: Sequence[int] = (2, 2, 2, 2), norm: str = "batch", stem: str = "imagenet",
-               in_channels: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    num_classes: int = 0,
+    width: int = 64,
+    blocks: Sequence[int] = (2, 2, 2, 2),
+    norm: str = "batch",
+    stem: str = "imagenet",
+    in_channels: int = 3,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if norm not in NORMS:
       raise ValueError(f"norm={norm!r} is not one of {NORMS}")
     if stem not in STEMS:
@@ -106,13 +138,28 @@ class ResNet(nnx.Module):
     cin = width
     for i, n in enumerate(blocks):
       cout = width * 2**i
-      stage = [BasicBlock(cin if j == 0 else cout, cout, 2 if (i and j == 0) else 1, norm=norm,
-                          dtype=dtype, rngs=rngs) for j in range(n)]
+      stage = [
+        BasicBlock(
+          cin if j == 0 else cout,
+          cout,
+          2 if (i and j == 0) else 1,
+          norm=norm,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for j in range(n)
+      ]
       setattr(self, f"layer{i + 1}", nnx.List(stage))
       cin = cout
     if num_classes:
-      self.fc = nnx.Linear(self.num_features, num_classes, kernel_init=fc_init, dtype=dtype,
-                           param_dtype=jnp.float32, rngs=rngs)
+      self.fc = nnx.Linear(
+        self.num_features,
+        num_classes,
+        kernel_init=fc_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+      )
 
   def stages(self, x, *, train: bool = False, start: int = 0, stop: int = 5):
     """Runs pieces [start, stop) of (stem, layer1, layer2, layer3, layer4) on x [B, H, W, C]

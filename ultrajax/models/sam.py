@@ -48,6 +48,7 @@ Training it (UltraSam): simulated prompts, the focal/dice/IoU losses and refinem
 objective in train/sam_objectives.py (`instance_decoder` decodes each instance against its
 own image); evaluation in eval/sam_eval.py; the loop in jobs/sam.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,6 +74,7 @@ FROZEN_PATHS = (("prompt_encoder", "pe_gaussian"),)
 @dataclasses.dataclass(frozen=True)
 class SamConfig:
   """Architecture. Defaults are SAM ViT-B at 1024 (segment_anything's build_sam_vit_b)."""
+
   image_size: int = 1024
   patch_size: int = 16
   width: int = 768
@@ -104,13 +106,23 @@ class SamConfig:
 
 
 VARIANTS = {
-    "vit_b": dict(width=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
-    "vit_l": dict(width=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
-    "vit_h": dict(width=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
-    # CPU tests and smoke runs: 8 x 8 grid, windows of 4, every part small.
-    "tiny": dict(image_size=128, width=64, depth=2, num_heads=2, global_attn_indexes=(1,),
-                 window_size=4, prompt_dim=32, mask_in_chans=8, decoder_heads=2,
-                 decoder_mlp_dim=64, iou_head_hidden=32),
+  "vit_b": dict(width=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+  "vit_l": dict(width=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+  "vit_h": dict(width=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+  # CPU tests and smoke runs: 8 x 8 grid, windows of 4, every part small.
+  "tiny": dict(
+    image_size=128,
+    width=64,
+    depth=2,
+    num_heads=2,
+    global_attn_indexes=(1,),
+    window_size=4,
+    prompt_dim=32,
+    mask_in_chans=8,
+    decoder_heads=2,
+    decoder_mlp_dim=64,
+    iou_head_hidden=32,
+  ),
 }
 
 
@@ -125,20 +137,27 @@ def sam_config(variant: str = "vit_b", **overrides) -> SamConfig:
   fields["global_attn_indexes"] = tuple(int(i) for i in fields.get("global_attn_indexes", ()))
   config = SamConfig(**fields)
   checks = [
-      (config.image_size % config.patch_size == 0,
-       f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}"),
-      (config.width % config.num_heads == 0,
-       f"width {config.width} is not divisible by num_heads {config.num_heads}"),
-      (all(0 <= i < config.depth for i in config.global_attn_indexes),
-       f"global_attn_indexes {config.global_attn_indexes} are outside 0..{config.depth - 1}"),
-      (config.window_size > 0, f"window_size {config.window_size} must be > 0"),
-      ((config.prompt_dim // config.attention_downsample) % config.decoder_heads == 0,
-       f"prompt_dim {config.prompt_dim} / attention_downsample {config.attention_downsample} "
-       f"is not divisible by decoder_heads {config.decoder_heads}"),
-      (config.prompt_dim % 8 == 0, f"prompt_dim {config.prompt_dim} is not divisible by 8"),
-      (config.mask_in_chans % 4 == 0,
-       f"mask_in_chans {config.mask_in_chans} is not divisible by 4"),
-      (config.num_cls_tokens >= 0, f"num_cls_tokens {config.num_cls_tokens} must be >= 0"),
+    (
+      config.image_size % config.patch_size == 0,
+      f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}",
+    ),
+    (
+      config.width % config.num_heads == 0,
+      f"width {config.width} is not divisible by num_heads {config.num_heads}",
+    ),
+    (
+      all(0 <= i < config.depth for i in config.global_attn_indexes),
+      f"global_attn_indexes {config.global_attn_indexes} are outside 0..{config.depth - 1}",
+    ),
+    (config.window_size > 0, f"window_size {config.window_size} must be > 0"),
+    (
+      (config.prompt_dim // config.attention_downsample) % config.decoder_heads == 0,
+      f"prompt_dim {config.prompt_dim} / attention_downsample {config.attention_downsample} "
+      f"is not divisible by decoder_heads {config.decoder_heads}",
+    ),
+    (config.prompt_dim % 8 == 0, f"prompt_dim {config.prompt_dim} is not divisible by 8"),
+    (config.mask_in_chans % 4 == 0, f"mask_in_chans {config.mask_in_chans} is not divisible by 4"),
+    (config.num_cls_tokens >= 0, f"num_cls_tokens {config.num_cls_tokens} must be >= 0"),
   ]
   for ok, message in checks:
     if not ok:
@@ -146,17 +165,20 @@ def sam_config(variant: str = "vit_b", **overrides) -> SamConfig:
   return config
 
 
-def build_sam(variant: str = "vit_b", *, rngs: nnx.Rngs, dtype=jnp.float32,
-              remat: bool = False, **overrides) -> Sam:
+def build_sam(
+  variant: str = "vit_b", *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False, **overrides
+) -> Sam:
   """Sam for a preset plus overrides, e.g. build_sam('tiny', image_size=64, rngs=...)."""
   return Sam(sam_config(variant, **overrides), dtype=dtype, remat=remat, rngs=rngs)
 
 
 def trainable_mask(params):
   """Pure-dict tree of bools: False for the fixed random Fourier matrix (FROZEN_PATHS)."""
+
   def keep(path, _):
     names = tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)
-    return not any(names[:len(f)] == f for f in FROZEN_PATHS)
+    return not any(names[: len(f)] == f for f in FROZEN_PATHS)
+
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -171,8 +193,9 @@ def resize_long_side(images, long_side: int):
   """images: [B, h, w, 3] -> [B, h', w', 3] float32, long side `long_side`, bilinear with
   antialiasing (close to, not bitwise, the PIL resize of segment_anything's predictor)."""
   h, w = preprocess_shape(images.shape[1], images.shape[2], long_side)
-  return jax.image.resize(jnp.asarray(images, jnp.float32), (images.shape[0], h, w, 3),
-                          "linear", antialias=True)
+  return jax.image.resize(
+    jnp.asarray(images, jnp.float32), (images.shape[0], h, w, 3), "linear", antialias=True
+  )
 
 
 def preprocess(images, image_size: int):
@@ -180,8 +203,10 @@ def preprocess(images, image_size: int):
   (x - PIXEL_MEAN) / PIXEL_STD, zero-padded at the bottom and right, as Sam.preprocess."""
   h, w = images.shape[1:3]
   if h > image_size or w > image_size:
-    raise ValueError(f"images {tuple(images.shape)} are larger than the model input "
-                     f"{image_size}; resize the long side first (resize_long_side)")
+    raise ValueError(
+      f"images {tuple(images.shape)} are larger than the model input "
+      f"{image_size}; resize the long side first (resize_long_side)"
+    )
   x = (jnp.asarray(images, jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
   return jnp.pad(x, ((0, 0), (0, image_size - h), (0, image_size - w), (0, 0)))
 
@@ -191,12 +216,11 @@ def _resize_bilinear(x, hw):
   return jax.image.resize(x, x.shape[:-2] + tuple(hw), "linear", antialias=False)
 
 
-def postprocess_masks(logits, input_hw: Sequence[int], original_hw: Sequence[int],
-                      image_size: int):
+def postprocess_masks(logits, input_hw: Sequence[int], original_hw: Sequence[int], image_size: int):
   """logits: [..., 4g, 4g] -> [..., H, W]: upsample to the input frame, crop the padding,
   resize to the original image (Sam.postprocess_masks)."""
   x = _resize_bilinear(logits, (image_size, image_size))
-  x = x[..., :input_hw[0], :input_hw[1]]
+  x = x[..., : input_hw[0], : input_hw[1]]
   return _resize_bilinear(x, original_hw)
 
 
@@ -207,15 +231,34 @@ embed_init = nnx.initializers.normal(1.0)  # nn.Embedding's N(0, 1)
 
 def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   """nn.LayerNorm / SAM's LayerNorm2d (channel-last here); two-pass variance as torch."""
-  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                       use_fast_variance=False, rngs=rngs)
+  return nnx.LayerNorm(
+    dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs
+  )
 
 
-def conv(din: int, dout: int, kernel: int, *, dtype, rngs: nnx.Rngs, stride: int = 1,
-         padding="VALID", use_bias: bool = True) -> nnx.Conv:
-  return nnx.Conv(din, dout, (kernel, kernel), strides=stride, padding=padding,
-                  use_bias=use_bias, bias_init=zeros, dtype=dtype, param_dtype=jnp.float32,
-                  rngs=rngs)
+def conv(
+  din: int,
+  dout: int,
+  kernel: int,
+  *,
+  dtype,
+  rngs: nnx.Rngs,
+  stride: int = 1,
+  padding="VALID",
+  use_bias: bool = True,
+) -> nnx.Conv:
+  return nnx.Conv(
+    din,
+    dout,
+    (kernel, kernel),
+    strides=stride,
+    padding=padding,
+    use_bias=use_bias,
+    bias_init=zeros,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
+  )
 
 
 def conv_transpose_2x2(din: int, dout: int, *, dtype, rngs: nnx.Rngs) -> layers.Upsample2x:
@@ -250,8 +293,9 @@ def rel_pos_lookup(size: int, table):
   """table: [2 * size - 1, d] -> [size (query), size (key), d]; entry (i, j) = table[i - j +
   size - 1] (segment_anything's get_rel_pos for equal query and key sizes)."""
   if table.shape[0] != 2 * size - 1:
-    raise ValueError(f"relative position table has {table.shape[0]} rows; a {size}-token "
-                     f"side needs {2 * size - 1}")
+    raise ValueError(
+      f"relative position table has {table.shape[0]} rows; a {size}-token side needs {2 * size - 1}"
+    )
   idx = np.arange(size)[:, None] - np.arange(size)[None, :] + size - 1
   return table[idx]
 
@@ -271,8 +315,9 @@ class EncoderAttention(nnx.Module):
   def __call__(self, x):
     """x: [B, H, W, D] -> [B, H, W, D]."""
     h, w = x.shape[1:3]
-    q, k, v = einops.rearrange(self.qkv(x), "b y x (three n d) -> three b n (y x) d",
-                               three=3, n=self.num_heads)
+    q, k, v = einops.rearrange(
+      self.qkv(x), "b y x (three n d) -> three b n (y x) d", three=3, n=self.num_heads
+    )
     scale = q.shape[-1] ** -0.5
     attn = jnp.einsum("bnqd,bnkd->bnqk", q * scale, k)
     # The relative terms use the unscaled query (segment_anything's add_decomposed_rel_pos).
@@ -304,8 +349,18 @@ class EncoderMlp(nnx.Module):
 class EncoderBlock(nnx.Module):
   """ViTDet block: windowed (window_size > 0) or global attention, pre-norm residuals."""
 
-  def __init__(self, dim: int, num_heads: int, *, window_size: int, grid: int,
-               mlp_ratio: float, drop_path_rate: float, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    *,
+    window_size: int,
+    grid: int,
+    mlp_ratio: float,
+    drop_path_rate: float,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     self.window_size = window_size
     self.drop_path_rate = float(drop_path_rate)
     self.norm1 = layer_norm(dim, ENCODER_LN_EPS, dtype, rngs)
@@ -318,8 +373,9 @@ class EncoderBlock(nnx.Module):
     k1, k2 = (None, None) if key is None else jax.random.split(key)
     y = self.norm1(x)
     if self.window_size:
-      y = window_unpartition(self.attn(window_partition(y, self.window_size)),
-                             self.window_size, x.shape[1:3])
+      y = window_unpartition(
+        self.attn(window_partition(y, self.window_size)), self.window_size, x.shape[1:3]
+      )
     else:
       y = self.attn(y)
     x = x + vit.drop_path(y, self.drop_path_rate, k1)
@@ -332,21 +388,46 @@ class ImageEncoder(nnx.Module):
   def __init__(self, config: SamConfig, *, dtype, remat: bool, rngs: nnx.Rngs):
     c, d = config, config.width
     self.image_size, self.remat = c.image_size, remat
-    self.patch_embed = nnx.Conv(3, d, (c.patch_size, c.patch_size), strides=c.patch_size,
-                                padding="VALID", kernel_init=vit.patch_kernel_init,
-                                bias_init=zeros, dtype=dtype, param_dtype=jnp.float32,
-                                rngs=rngs)
+    self.patch_embed = nnx.Conv(
+      3,
+      d,
+      (c.patch_size, c.patch_size),
+      strides=c.patch_size,
+      padding="VALID",
+      kernel_init=vit.patch_kernel_init,
+      bias_init=zeros,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+    )
     self.pos_embed = nnx.Param(jnp.zeros((1, c.grid, c.grid, d), jnp.float32))
     rates = np.linspace(0.0, c.drop_path_rate, c.depth)
-    self.blocks = nnx.List([
-        EncoderBlock(d, c.num_heads, window_size=0 if i in c.global_attn_indexes
-                     else c.window_size, grid=c.grid, mlp_ratio=c.mlp_ratio,
-                     drop_path_rate=rates[i], dtype=dtype, rngs=rngs)
-        for i in range(c.depth)])
+    self.blocks = nnx.List(
+      [
+        EncoderBlock(
+          d,
+          c.num_heads,
+          window_size=0 if i in c.global_attn_indexes else c.window_size,
+          grid=c.grid,
+          mlp_ratio=c.mlp_ratio,
+          drop_path_rate=rates[i],
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for i in range(c.depth)
+      ]
+    )
     self.neck_conv1 = conv(d, c.prompt_dim, 1, use_bias=False, dtype=dtype, rngs=rngs)
     self.neck_norm1 = layer_norm(c.prompt_dim, ENCODER_LN_EPS, dtype, rngs)
-    self.neck_conv2 = conv(c.prompt_dim, c.prompt_dim, 3, padding=((1, 1), (1, 1)),
-                           use_bias=False, dtype=dtype, rngs=rngs)
+    self.neck_conv2 = conv(
+      c.prompt_dim,
+      c.prompt_dim,
+      3,
+      padding=((1, 1), (1, 1)),
+      use_bias=False,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.neck_norm2 = layer_norm(c.prompt_dim, ENCODER_LN_EPS, dtype, rngs)
 
   def __call__(self, images, *, key=None, return_vit: bool = False):
@@ -356,8 +437,10 @@ class ImageEncoder(nnx.Module):
     """
     expected = (self.image_size, self.image_size, 3)
     if tuple(images.shape[1:]) != expected:
-      raise ValueError(f"SAM image encoder expects images [B, {', '.join(map(str, expected))}]"
-                       f", got {tuple(images.shape)}")
+      raise ValueError(
+        f"SAM image encoder expects images [B, {', '.join(map(str, expected))}]"
+        f", got {tuple(images.shape)}"
+      )
     x = self.patch_embed(images)
     x = x + self.pos_embed[...].astype(x.dtype)
     x, _ = vit.run_blocks(self.blocks, x, key, remat=self.remat)
@@ -404,8 +487,15 @@ class PromptEncoder(nnx.Module):
     coords = (jnp.asarray(coords, jnp.float32) + 0.5) / self.image_size  # pixel centres
     labels = jnp.asarray(labels, jnp.int32)
     pe = jnp.where((labels == -1)[..., None], 0.0, self.fourier(coords))
-    table = jnp.concatenate([self.not_a_point[...], self.neg_point[...], self.pos_point[...],
-                             self.box_corner_a[...], self.box_corner_b[...]])
+    table = jnp.concatenate(
+      [
+        self.not_a_point[...],
+        self.neg_point[...],
+        self.pos_point[...],
+        self.box_corner_a[...],
+        self.box_corner_b[...],
+      ]
+    )
     return pe + table[labels + 1]
 
   def embed_masks(self, masks):
@@ -435,15 +525,17 @@ class PromptEncoder(nnx.Module):
     if boxes is not None:
       corners = jnp.reshape(jnp.asarray(boxes, jnp.float32), (n, 2, 2))
       sparse.append(self.embed_points(corners, jnp.broadcast_to(jnp.array([2, 3]), (n, 2))))
-    no_mask = jnp.broadcast_to(self.no_mask[...].reshape(1, 1, 1, -1),
-                               (n, self.grid, self.grid, self.dim))
+    no_mask = jnp.broadcast_to(
+      self.no_mask[...].reshape(1, 1, 1, -1), (n, self.grid, self.grid, self.dim)
+    )
     if masks is None:
       dense = no_mask
     else:
       size = 4 * self.grid
       if tuple(masks.shape[1:]) != (size, size):
-        raise ValueError(f"mask prompts must be [N, {size}, {size}] low-res logits, got "
-                         f"{tuple(masks.shape)}")
+        raise ValueError(
+          f"mask prompts must be [N, {size}, {size}] low-res logits, got {tuple(masks.shape)}"
+        )
       dense = self.embed_masks(masks)
       if mask_valid is not None:
         dense = jnp.where(jnp.asarray(mask_valid)[:, None, None, None], dense, no_mask)
@@ -464,28 +556,40 @@ class DecoderAttention(nnx.Module):
   def __call__(self, q, k, v):
     """q: [N, Tq, C], k, v: [N, Tk, C] -> [N, Tq, C]."""
     heads = lambda x: einops.rearrange(x, "b t (n d) -> b t n d", n=self.num_heads)
-    out = jax.nn.dot_product_attention(heads(self.q_proj(q)), heads(self.k_proj(k)),
-                                       heads(self.v_proj(v)))  # scale 1/sqrt(head dim)
+    out = jax.nn.dot_product_attention(
+      heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))
+    )  # scale 1/sqrt(head dim)
     return self.out_proj(einops.rearrange(out, "b t n d -> b t (n d)"))
 
 
 class TwoWayBlock(nnx.Module):
   """Token self-attention, token->image, MLP (ReLU), image->token; post-norm residuals."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_dim: int, downsample: int, *,
-               skip_first_pe: bool, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    mlp_dim: int,
+    downsample: int,
+    *,
+    skip_first_pe: bool,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     self.skip_first_pe = skip_first_pe
     norm = lambda: layer_norm(dim, DECODER_LN_EPS, dtype, rngs)
     self.self_attn = DecoderAttention(dim, num_heads, dtype=dtype, rngs=rngs)
     self.norm1 = norm()
-    self.cross_attn_token_to_image = DecoderAttention(dim, num_heads, downsample, dtype=dtype,
-                                                      rngs=rngs)
+    self.cross_attn_token_to_image = DecoderAttention(
+      dim, num_heads, downsample, dtype=dtype, rngs=rngs
+    )
     self.norm2 = norm()
     self.mlp = EncoderMlp(dim, mlp_dim, act=jax.nn.relu, dtype=dtype, rngs=rngs)
     self.norm3 = norm()
     self.norm4 = norm()
-    self.cross_attn_image_to_token = DecoderAttention(dim, num_heads, downsample, dtype=dtype,
-                                                      rngs=rngs)
+    self.cross_attn_image_to_token = DecoderAttention(
+      dim, num_heads, downsample, dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, queries, keys, query_pe, key_pe):
     """queries: [N, T, C], keys: [N, HW, C] (+ their PEs) -> (queries, keys)."""
@@ -504,15 +608,25 @@ class TwoWayBlock(nnx.Module):
 
 
 class TwoWayTransformer(nnx.Module):
-
   def __init__(self, config: SamConfig, *, dtype, rngs: nnx.Rngs):
     c = config
-    self.layers = nnx.List([
-        TwoWayBlock(c.prompt_dim, c.decoder_heads, c.decoder_mlp_dim, c.attention_downsample,
-                    skip_first_pe=i == 0, dtype=dtype, rngs=rngs)
-        for i in range(c.decoder_depth)])
+    self.layers = nnx.List(
+      [
+        TwoWayBlock(
+          c.prompt_dim,
+          c.decoder_heads,
+          c.decoder_mlp_dim,
+          c.attention_downsample,
+          skip_first_pe=i == 0,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for i in range(c.decoder_depth)
+      ]
+    )
     self.final_attn_token_to_image = DecoderAttention(
-        c.prompt_dim, c.decoder_heads, c.attention_downsample, dtype=dtype, rngs=rngs)
+      c.prompt_dim, c.decoder_heads, c.attention_downsample, dtype=dtype, rngs=rngs
+    )
     self.norm_final_attn = layer_norm(c.prompt_dim, DECODER_LN_EPS, dtype, rngs)
 
   def __call__(self, image, image_pe, tokens):
@@ -527,11 +641,11 @@ class TwoWayTransformer(nnx.Module):
 class Mlp(nnx.Module):
   """segment_anything's mask_decoder.MLP: Linear layers with ReLU between them."""
 
-  def __init__(self, din: int, hidden: int, dout: int, num_layers: int, *, dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, din: int, hidden: int, dout: int, num_layers: int, *, dtype, rngs: nnx.Rngs):
     dims = [din] + [hidden] * (num_layers - 1) + [dout]
-    self.layers = nnx.List([vit.linear(a, b, dtype=dtype, rngs=rngs)
-                            for a, b in zip(dims[:-1], dims[1:])])
+    self.layers = nnx.List(
+      [vit.linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])]
+    )
 
   def __call__(self, x):
     for i, layer in enumerate(self.layers):
@@ -550,6 +664,7 @@ class Decoded(NamedTuple):
   cls_tokens: [N, K, C] outputs of the `num_cls_tokens` classification tokens (K may be 0).
   image_tokens: [N, g, g, C] image embedding after the two-way transformer.
   """
+
   masks: jax.Array
   iou: jax.Array
   mask_tokens: jax.Array
@@ -564,25 +679,26 @@ def select_masks(masks, iou, multimask_output: bool):
 
 
 class MaskDecoder(nnx.Module):
-
   def __init__(self, config: SamConfig, *, dtype, rngs: nnx.Rngs):
     c, dim = config, config.prompt_dim
     self.num_mask_tokens = c.num_multimask_outputs + 1
     self.iou_token = nnx.Param(embed_init(rngs.params(), (1, dim), jnp.float32))
-    self.mask_tokens = nnx.Param(embed_init(rngs.params(), (self.num_mask_tokens, dim),
-                                            jnp.float32))
+    self.mask_tokens = nnx.Param(
+      embed_init(rngs.params(), (self.num_mask_tokens, dim), jnp.float32)
+    )
     self.num_cls_tokens = c.num_cls_tokens
     if c.num_cls_tokens:
-      self.cls_tokens = nnx.Param(embed_init(rngs.params(), (c.num_cls_tokens, dim),
-                                             jnp.float32))
+      self.cls_tokens = nnx.Param(embed_init(rngs.params(), (c.num_cls_tokens, dim), jnp.float32))
     self.transformer = TwoWayTransformer(c, dtype=dtype, rngs=rngs)
     self.upscale_conv1 = conv_transpose_2x2(dim, dim // 4, dtype=dtype, rngs=rngs)
     self.upscale_norm = layer_norm(dim // 4, ENCODER_LN_EPS, dtype, rngs)
     self.upscale_conv2 = conv_transpose_2x2(dim // 4, dim // 8, dtype=dtype, rngs=rngs)
-    self.output_hypernetworks_mlps = nnx.List([
-        Mlp(dim, dim, dim // 8, 3, dtype=dtype, rngs=rngs) for _ in range(self.num_mask_tokens)])
-    self.iou_prediction_head = Mlp(dim, c.iou_head_hidden, self.num_mask_tokens,
-                                   c.iou_head_depth, dtype=dtype, rngs=rngs)
+    self.output_hypernetworks_mlps = nnx.List(
+      [Mlp(dim, dim, dim // 8, 3, dtype=dtype, rngs=rngs) for _ in range(self.num_mask_tokens)]
+    )
+    self.iou_prediction_head = Mlp(
+      dim, c.iou_head_hidden, self.num_mask_tokens, c.iou_head_depth, dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, image_embeddings, image_pe, sparse, dense) -> Decoded:
     """image_embeddings: [N or 1, g, g, C]; image_pe: [g, g, C]; sparse: [N, T, C];
@@ -593,17 +709,19 @@ class MaskDecoder(nnx.Module):
       output_tokens.append(self.cls_tokens[...])
     output_tokens = jnp.concatenate(output_tokens)
     tokens = jnp.concatenate(
-        [jnp.broadcast_to(output_tokens, (n,) + output_tokens.shape), sparse], axis=1)
+      [jnp.broadcast_to(output_tokens, (n,) + output_tokens.shape), sparse], axis=1
+    )
     src = jnp.broadcast_to(image_embeddings, dense.shape) + dense
     flat = lambda x: einops.rearrange(x, "... y x c -> ... (y x) c")
     hs, src = self.transformer(flat(src), flat(image_pe)[None], tokens)
     m = self.num_mask_tokens
-    mask_out, cls_out = hs[:, 1:1 + m], hs[:, 1 + m:1 + m + self.num_cls_tokens]
+    mask_out, cls_out = hs[:, 1 : 1 + m], hs[:, 1 + m : 1 + m + self.num_cls_tokens]
     src = einops.rearrange(src, "n (y x) c -> n y x c", y=g)
     up = gelu(self.upscale_norm(self.upscale_conv1(src)))
     up = gelu(self.upscale_conv2(up))  # [N, 4g, 4g, C/8]
-    hyper = jnp.stack([mlp(mask_out[:, i]) for i, mlp in
-                       enumerate(self.output_hypernetworks_mlps)], axis=1)  # [N, M, C/8]
+    hyper = jnp.stack(
+      [mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1
+    )  # [N, M, C/8]
     masks = jnp.einsum("nmc,nyxc->nmyx", hyper, up)
     iou = self.iou_prediction_head(hs[:, 0])
     f32 = lambda x: x.astype(jnp.float32)
@@ -613,8 +731,7 @@ class MaskDecoder(nnx.Module):
 class Sam(nnx.Module):
   """SAM = image encoder + prompt encoder + mask decoder (see the module docstring)."""
 
-  def __init__(self, config: SamConfig, *, dtype=jnp.float32, remat: bool = False,
-               rngs: nnx.Rngs):
+  def __init__(self, config: SamConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
     self.config = config
     self.image_encoder = ImageEncoder(config, dtype=dtype, remat=remat, rngs=rngs)
     self.prompt_encoder = PromptEncoder(config, dtype=dtype, rngs=rngs)

@@ -20,6 +20,7 @@ positions. Which block, which token normalisation and whether to project are unp
 `targets` takes them as arguments (config.teacher.*). When the teacher's patch grid differs
 from the student's the tokens are aligned here (`align_tokens`).
 """
+
 from __future__ import annotations
 
 import einops
@@ -35,8 +36,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # k times finer), or each teacher token repeated k x k (student grid k times finer).
 # 'interpolate': antialiased bilinear resize of the token grid, for any two grid sizes.
 ALIGN_MODES = ("pool", "interpolate")
-TOWERS = {"timm": dict(pre_norm=False, norm_eps=vit.LN_EPS, patch_bias=True),
-          "open_clip": dict(pre_norm=True, norm_eps=1e-5, patch_bias=False)}
+TOWERS = {
+  "timm": dict(pre_norm=False, norm_eps=vit.LN_EPS, patch_bias=True),
+  "open_clip": dict(pre_norm=True, norm_eps=1e-5, patch_bias=False),
+}
 
 
 def clip_normalize(images01):
@@ -55,21 +58,49 @@ class Teacher(nnx.Module):
   the optimizer and stops gradients at its output.
   """
 
-  def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
-               image_size: int, embed_dim: int = 0, mlp_ratio: float = 4.0, dtype=jnp.float32,
-               tower: str = "timm", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    width: int,
+    depth: int,
+    num_heads: int,
+    patch_size: int,
+    image_size: int,
+    embed_dim: int = 0,
+    mlp_ratio: float = 4.0,
+    dtype=jnp.float32,
+    tower: str = "timm",
+    rngs: nnx.Rngs,
+  ):
     if tower not in TOWERS:
       raise ValueError(f"teacher tower {tower!r} is not one of {tuple(TOWERS)}")
     style = TOWERS[tower]
     self.tower = tower
-    self.trunk = vit.ViT(width=width, depth=depth, num_heads=num_heads, patch_size=patch_size,
-                         image_size=image_size, mlp_ratio=mlp_ratio, pool="none",
-                         pos_embed="learned", dtype=dtype, rngs=rngs)
+    self.trunk = vit.ViT(
+      width=width,
+      depth=depth,
+      num_heads=num_heads,
+      patch_size=patch_size,
+      image_size=image_size,
+      mlp_ratio=mlp_ratio,
+      pool="none",
+      pos_embed="learned",
+      dtype=dtype,
+      rngs=rngs,
+    )
     if not style["patch_bias"]:
-      self.trunk.patch_embed = nnx.Conv(3, width, (patch_size, patch_size), strides=patch_size,
-                                        padding="VALID", use_bias=False,
-                                        kernel_init=vit.patch_kernel_init, dtype=dtype,
-                                        param_dtype=jnp.float32, rngs=rngs)
+      self.trunk.patch_embed = nnx.Conv(
+        3,
+        width,
+        (patch_size, patch_size),
+        strides=patch_size,
+        padding="VALID",
+        use_bias=False,
+        kernel_init=vit.patch_kernel_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+      )
     if style["pre_norm"]:
       self.ln_pre = vit.layer_norm(width, dtype=dtype, rngs=rngs)
     for _, module in nnx.iter_modules(self):
@@ -106,8 +137,9 @@ class Teacher(nnx.Module):
     trunk = self.trunk
     x = trunk.embed(clip_normalize(images01))
     cls = trunk.cls_token[...] + trunk.pos_embed[:, :1]
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, trunk.width)), x],
-                        axis=1)
+    x = jnp.concatenate(
+      [jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, trunk.width)), x], axis=1
+    )
     if TOWERS[self.tower]["pre_norm"]:
       x = self.ln_pre(x)
     x, _ = vit.run_blocks(trunk.blocks[:block], x, None, remat=False)
@@ -121,8 +153,7 @@ class Teacher(nnx.Module):
     cls = self.tokens(images01)[:, 0]
     return self.proj(cls).astype(jnp.float32) if self.embed_dim else cls
 
-  def __call__(self, images01, *, block: int = 0, final_norm: bool = True,
-               project: bool = False):
+  def __call__(self, images01, *, block: int = 0, final_norm: bool = True, project: bool = False):
     """Patch tokens [B, N, D'] (cls dropped); project maps every token through `proj`."""
     x = self.tokens(images01, block=block, final_norm=final_norm)[:, 1:]
     if project:
@@ -138,10 +169,11 @@ def check_alignable(teacher_grid: int, student_grid: int, mode: str) -> None:
     raise ValueError(f"align mode {mode!r} is not one of {ALIGN_MODES}")
   if mode == "pool" and teacher_grid % student_grid and student_grid % teacher_grid:
     raise ValueError(
-        f"teacher patch grid {teacher_grid}x{teacher_grid} cannot be aligned with the student "
-        f"grid {student_grid}x{student_grid} by pooling: neither divides the other. Choose "
-        "image/patch sizes whose grids are equal or multiples (e.g. teacher image size = "
-        "student grid x teacher patch), or align='interpolate'")
+      f"teacher patch grid {teacher_grid}x{teacher_grid} cannot be aligned with the student "
+      f"grid {student_grid}x{student_grid} by pooling: neither divides the other. Choose "
+      "image/patch sizes whose grids are equal or multiples (e.g. teacher image size = "
+      "student grid x teacher patch), or align='interpolate'"
+    )
 
 
 def align_tokens(tokens, student_grid: int, mode: str = "pool"):
@@ -154,8 +186,12 @@ def align_tokens(tokens, student_grid: int, mode: str = "pool"):
     return tokens
   grid = einops.rearrange(tokens, "b (h w) d -> b h w d", h=teacher_grid)
   if mode == "interpolate":
-    out = jax.image.resize(grid, (grid.shape[0], student_grid, student_grid, grid.shape[-1]),
-                           method="linear", antialias=True)
+    out = jax.image.resize(
+      grid,
+      (grid.shape[0], student_grid, student_grid, grid.shape[-1]),
+      method="linear",
+      antialias=True,
+    )
   elif teacher_grid > student_grid:
     k = teacher_grid // student_grid
     out = einops.reduce(grid, "b (h p) (w q) d -> b h w d", "mean", p=k, q=k)
@@ -165,15 +201,24 @@ def align_tokens(tokens, student_grid: int, mode: str = "pool"):
   return einops.rearrange(out, "b h w d -> b (h w) d")
 
 
-def targets(teacher: Teacher, images01, *, student_grid: int, block: int = 0,
-            final_norm: bool = True, project: bool = False, align: str = "pool"):
+def targets(
+  teacher: Teacher,
+  images01,
+  *,
+  student_grid: int,
+  block: int = 0,
+  final_norm: bool = True,
+  project: bool = False,
+  align: str = "pool",
+):
   """Feature-MIM targets: images01 [B, S, S, 3] in [0, 1] (any S; resized with antialiased
   bicubic to the teacher's input size when different) -> [B, Gs*Gs, D'] float32 aligned to
   the student's patches, gradient-free. Not normalised (mae.feature_loss does that)."""
   size = teacher.image_size
   images01 = jnp.asarray(images01, jnp.float32)
   if images01.shape[1:3] != (size, size):
-    images01 = jax.image.resize(images01, (images01.shape[0], size, size, 3), "bicubic",
-                                antialias=True)
+    images01 = jax.image.resize(
+      images01, (images01.shape[0], size, size, 3), "bicubic", antialias=True
+    )
   x = teacher(images01, block=block, final_norm=final_norm, project=project)
   return jax.lax.stop_gradient(align_tokens(x, student_grid, align))

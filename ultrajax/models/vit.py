@@ -6,6 +6,7 @@ rename plus transposes (ultrajax/interop/timm_vit.py). The model holds only `nnx
 callers split it with `nnx.split(model, nnx.Param)` and merge inside their jitted functions.
 Randomness (stochastic depth) comes in as an explicit `key`; key=None is deterministic.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,11 +24,11 @@ from ultrajax.models import posemb
 
 # name -> (width, depth, heads)
 VARIANTS = {
-    "Ti": (192, 12, 3),
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "H": (1280, 32, 16),
+  "Ti": (192, 12, 3),
+  "S": (384, 12, 6),
+  "B": (768, 12, 12),
+  "L": (1024, 24, 16),
+  "H": (1280, 32, 16),
 }
 # Compute dtypes by config name (`model.dtype`); parameters stay float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -54,15 +55,17 @@ head_init = nnx.initializers.normal(2e-5)
 # MAE initialises the patch-embed conv "like nn.Linear": xavier over the [D, p*p*3] view, i.e.
 # fan_in = p*p*3 and fan_out = D; Flax's conv default would count fan_out as p*p*D.
 patch_kernel_init = nnx.initializers.variance_scaling(
-    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+  1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
+)
 
 
 def parse_variant(variant: str) -> tuple[int, int, int, int]:
   """'B/16' -> (width, depth, heads, patch) = (768, 12, 12, 16)."""
   match = re.fullmatch(r"(Ti|S|B|L|H)/(\d+)", variant)
   if not match:
-    raise ValueError(f"ViT variant {variant!r} is not '<{'|'.join(VARIANTS)}>/<patch size>', "
-                     "e.g. 'B/16'")
+    raise ValueError(
+      f"ViT variant {variant!r} is not '<{'|'.join(VARIANTS)}>/<patch size>', e.g. 'B/16'"
+    )
   return (*VARIANTS[match.group(1)], int(match.group(2)))
 
 
@@ -80,23 +83,34 @@ def model_dims(model_config, where: str = "config.model") -> tuple[int, int, int
   for name in names:
     value = model_config.get(name)
     if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-      raise configlib.ConfigError(f"{where}.{name}={value!r} must be a positive integer when "
-                                  f"{where}.variant is ''")
+      raise configlib.ConfigError(
+        f"{where}.{name}={value!r} must be a positive integer when {where}.variant is ''"
+      )
   return tuple(model_config[name] for name in names)
 
 
-def linear(din: int, dout: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True,
-           kernel_init=xavier_uniform) -> nnx.Linear:
+def linear(
+  din: int, dout: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True, kernel_init=xavier_uniform
+) -> nnx.Linear:
   """MAE's nn.Linear init (xavier-uniform kernel, zero bias); float32 params, `dtype` compute."""
-  return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros,
-                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  return nnx.Linear(
+    din,
+    dout,
+    use_bias=use_bias,
+    kernel_init=kernel_init,
+    bias_init=zeros,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
+  )
 
 
 def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   """LayerNorm(eps=1e-6), ones/zeros init. Flax computes the statistics in float32 at least;
   the two-pass variance matches torch instead of E[x^2] - E[x]^2, which cancels badly."""
-  return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32,
-                       use_fast_variance=False, rngs=rngs)
+  return nnx.LayerNorm(
+    dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs
+  )
 
 
 def drop_path(x, rate, key):
@@ -115,8 +129,16 @@ def drop_path(x, rate, key):
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout: 3 x heads x head_dim)."""
 
-  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, dtype, rngs: nnx.Rngs,
-               impl: str = "dot_product"):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    *,
+    qkv_bias: bool,
+    dtype,
+    rngs: nnx.Rngs,
+    impl: str = "dot_product",
+  ):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
     if impl not in ATTENTION_IMPLS:
@@ -127,8 +149,9 @@ class Attention(nnx.Module):
 
   def _qkv(self, x):
     """x: [B, N, D] -> q, k, v, each [B, N, heads, head_dim]."""
-    return einops.rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3,
-                            h=self.num_heads)
+    return einops.rearrange(
+      self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.num_heads
+    )
 
   def __call__(self, x):
     """x: [B, N, D] -> [B, N, D]."""
@@ -167,13 +190,23 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm transformer block: x + DropPath(attn(norm1 x)), then x + DropPath(mlp(norm2 x))."""
 
-  def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-               drop_path_rate: float = 0.0, dtype=jnp.float32, attention_impl: str = "dot_product",
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    *,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    drop_path_rate: float = 0.0,
+    dtype=jnp.float32,
+    attention_impl: str = "dot_product",
+    rngs: nnx.Rngs,
+  ):
     self.drop_path_rate = float(drop_path_rate)
     self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
-    self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, impl=attention_impl,
-                          rngs=rngs)
+    self.attn = Attention(
+      dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, impl=attention_impl, rngs=rngs
+    )
     self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
@@ -199,8 +232,11 @@ def _checkpointed(fn, remat: str):
   """fn wrapped in jax.checkpoint with the policy `remat` names ('none': fn itself)."""
   if remat == "none":
     return fn
-  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots"
-            else jax.checkpoint_policies.nothing_saveable)
+  policy = (
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if remat == "dots"
+    else jax.checkpoint_policies.nothing_saveable
+  )
   return jax.checkpoint(fn, policy=policy)
 
 
@@ -208,8 +244,9 @@ def _apply_block(graphdef, state, x, key, rate=None):
   return nnx.merge(graphdef, state)(x, key, rate)
 
 
-def run_blocks(blocks: Sequence[Block], x, key, *, remat=False, collect: Sequence[int] = (),
-               scan: bool = False):
+def run_blocks(
+  blocks: Sequence[Block], x, key, *, remat=False, collect: Sequence[int] = (), scan: bool = False
+):
   """Applies blocks in order. x: [B, N, D] -> (x, outputs of the 1-based blocks in `collect`).
 
   key=None is deterministic, otherwise it is split once per block. remat ('none' | 'dots' |
@@ -270,11 +307,26 @@ class ViT(nnx.Module):
   parameters or the math.
   """
 
-  def __init__(self, *, width: int, depth: int, num_heads: int, patch_size: int,
-               image_size: int, mlp_ratio: float = 4.0, pool: str = "cls", num_classes: int = 0,
-               drop_path_rate: float = 0.0, qkv_bias: bool = True, dtype=jnp.float32,
-               remat=False, pos_embed: str = "sincos", attention_impl: str = "dot_product",
-               scan_layers: bool = False, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    width: int,
+    depth: int,
+    num_heads: int,
+    patch_size: int,
+    image_size: int,
+    mlp_ratio: float = 4.0,
+    pool: str = "cls",
+    num_classes: int = 0,
+    drop_path_rate: float = 0.0,
+    qkv_bias: bool = True,
+    dtype=jnp.float32,
+    remat=False,
+    pos_embed: str = "sincos",
+    attention_impl: str = "dot_product",
+    scan_layers: bool = False,
+    rngs: nnx.Rngs,
+  ):
     if pool not in POOLS:
       raise ValueError(f"pool={pool!r} is not one of {POOLS}")
     if pool == "none" and num_classes:
@@ -288,15 +340,36 @@ class ViT(nnx.Module):
     self.remat, self.scan_layers = remat_mode(remat), bool(scan_layers)
     self.grid = image_size // patch_size
     # Zero conv bias like every other bias (MAE leaves torch's default U(+-1/sqrt(p*p*3)) here).
-    self.patch_embed = nnx.Conv(3, width, (patch_size, patch_size), strides=patch_size,
-                                padding="VALID", kernel_init=patch_kernel_init, bias_init=zeros,
-                                dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.patch_embed = nnx.Conv(
+      3,
+      width,
+      (patch_size, patch_size),
+      strides=patch_size,
+      padding="VALID",
+      kernel_init=patch_kernel_init,
+      bias_init=zeros,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+    )
     self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, width), jnp.float32))
     # Stochastic depth rate grows linearly over the blocks, as timm/MAE: 0 ... drop_path_rate.
     rates = np.linspace(0.0, drop_path_rate, depth)
-    self.blocks = nnx.List([
-        Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=r,
-              dtype=dtype, attention_impl=attention_impl, rngs=rngs) for r in rates])
+    self.blocks = nnx.List(
+      [
+        Block(
+          width,
+          num_heads,
+          mlp_ratio=mlp_ratio,
+          qkv_bias=qkv_bias,
+          drop_path_rate=r,
+          dtype=dtype,
+          attention_impl=attention_impl,
+          rngs=rngs,
+        )
+        for r in rates
+      ]
+    )
     if pool == "gap":
       self.fc_norm = layer_norm(width, dtype=dtype, rngs=rngs)
     else:
@@ -306,7 +379,8 @@ class ViT(nnx.Module):
     self.learned_pos = pos_embed == "learned"
     if self.learned_pos:  # created last, so the sin-cos model's init stream is unchanged
       self.pos_embed = nnx.Param(
-          token_init(rngs.params(), (1, 1 + self.grid * self.grid, width), jnp.float32))
+        token_init(rngs.params(), (1, 1 + self.grid * self.grid, width), jnp.float32)
+      )
 
   @property
   def num_patches(self) -> int:
@@ -316,8 +390,9 @@ class ViT(nnx.Module):
     """images: [B, H, W, 3] (normalized) -> patch tokens + positions [B, N, D] in dtype."""
     expected = (self.image_size, self.image_size, 3)
     if tuple(images.shape[1:]) != expected:
-      raise ValueError(f"ViT expects images [B, {', '.join(map(str, expected))}], "
-                       f"got {tuple(images.shape)}")
+      raise ValueError(
+        f"ViT expects images [B, {', '.join(map(str, expected))}], got {tuple(images.shape)}"
+      )
     x = einops.rearrange(self.patch_embed(images), "b h w d -> b (h w) d")
     if self.learned_pos:
       return x + self.pos_embed[0, 1:].astype(x.dtype)
@@ -345,7 +420,7 @@ class ViT(nnx.Module):
     block = block or self.depth
     if not 1 <= block <= self.depth:
       raise ValueError(f"block {block} is outside 1..{self.depth}")
-    x, _ = run_blocks(self.blocks[:block - 1], self.tokens(images), None, remat=False)
+    x, _ = run_blocks(self.blocks[: block - 1], self.tokens(images), None, remat=False)
     last = self.blocks[block - 1]
     return last.attn.weights(last.norm1(x))
 
@@ -375,8 +450,14 @@ class ViT(nnx.Module):
     bad = [i for i in return_blocks if not 1 <= i <= self.depth]
     if bad:
       raise ValueError(f"return_blocks {bad} are outside 1..{self.depth}")
-    x, outputs = run_blocks(self.blocks, self.tokens(images, visible_ids), key, remat=self.remat,
-                            collect=return_blocks, scan=self.scan_layers)
+    x, outputs = run_blocks(
+      self.blocks,
+      self.tokens(images, visible_ids),
+      key,
+      remat=self.remat,
+      collect=return_blocks,
+      scan=self.scan_layers,
+    )
     if self.pool != "gap":
       x = self.norm(x)
     x = x.astype(jnp.float32)

@@ -15,6 +15,7 @@ rotation cannot replace good checkpoints with diverged ones); shapes are compare
 checkpoint's metadata before anything is restored, so a mismatch names the parameter and both
 shapes; a damaged checkpoint can be renamed aside (`<step>.damaged`), which Orbax ignores.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -40,8 +41,9 @@ class NonFiniteStateError(FloatingPointError):
 
 
 def _manager(directory: pathlib.Path, keep: int | None, read_only: bool = False):
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         read_only=read_only)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, create=not read_only, read_only=read_only
+  )
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -70,33 +72,44 @@ def check_shapes(stored, wanted, where: str) -> None:
   """Raises ShapeMismatchError listing every path whose shape differs, or that only one side
   has.  stored: the checkpoint's metadata tree; wanted: the abstract tree to restore into."""
   have, want = _shapes(stored), _shapes(wanted)
-  problems = [f"{p}: checkpoint {have[p]}, this config {want[p]}"
-              for p in sorted(have.keys() & want.keys()) if have[p] != want[p]]
+  problems = [
+    f"{p}: checkpoint {have[p]}, this config {want[p]}"
+    for p in sorted(have.keys() & want.keys())
+    if have[p] != want[p]
+  ]
   problems += [f"{p}: only in the checkpoint {have[p]}" for p in sorted(have.keys() - want.keys())]
-  problems += [f"{p}: missing from the checkpoint (this config {want[p]})"
-               for p in sorted(want.keys() - have.keys())]
+  problems += [
+    f"{p}: missing from the checkpoint (this config {want[p]})"
+    for p in sorted(want.keys() - have.keys())
+  ]
   if problems:
     more = f"; ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
     raise ShapeMismatchError(
-        f"{where} does not fit the model of this config (was it written with another "
-        f"model size?): {'; '.join(problems[:MAX_LISTED])}{more}")
+      f"{where} does not fit the model of this config (was it written with another "
+      f"model size?): {'; '.join(problems[:MAX_LISTED])}{more}"
+    )
 
 
 def _finite(x) -> bool:
   """On the host, shard by shard (no compile): this process's copy of each distinct shard."""
   if isinstance(x, jax.Array):
-    return all(np.isfinite(np.asarray(s.data)).all() for s in x.addressable_shards
-               if s.replica_id == 0)
+    return all(
+      np.isfinite(np.asarray(s.data)).all() for s in x.addressable_shards if s.replica_id == 0
+    )
   return bool(np.isfinite(np.asarray(x)).all())
 
 
 def nonfinite_paths(tree) -> list[str]:
   """Paths of the floating-point leaves holding NaN or inf, agreed by all processes."""
-  leaves = [(tree_lib.path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    (tree_lib.path_str(kp), x)
+    for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   bad = np.array([not _finite(x) for _, x in leaves], bool)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     bad = np.asarray(multihost_utils.process_allgather(bad)).any(axis=0)
   return [path for (path, _), b in zip(leaves, bad) if b]
 
@@ -121,15 +134,18 @@ class Checkpointer:
     bad = nonfinite_paths(params)
     if bad:
       raise NonFiniteStateError(
-          f"refusing to write checkpoint {self.directory}/{step}: {len(bad)} arrays hold "
-          f"NaN or inf, e.g. {bad[:MAX_LISTED]}; the last good checkpoint is "
-          f"{self.latest_step()} (kept)")
+        f"refusing to write checkpoint {self.directory}/{step}: {len(bad)} arrays hold "
+        f"NaN or inf, e.g. {bad[:MAX_LISTED]}; the last good checkpoint is "
+        f"{self.latest_step()} (kept)"
+      )
     # The process count always goes with the state: resume.restore_latest refuses a checkpoint
     # written by another count (its data-iterator states and shard layout would not fit).
     meta = {"process_count": jax.process_count(), **meta}
-    args = dict(params=ocp.args.StandardSave(params),
-                train=ocp.args.StandardSave(train_state),
-                meta=ocp.args.JsonSave(meta))
+    args = dict(
+      params=ocp.args.StandardSave(params),
+      train=ocp.args.StandardSave(train_state),
+      meta=ocp.args.JsonSave(meta),
+    )
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
@@ -142,15 +158,20 @@ class Checkpointer:
   def check_shapes(self, step: int, abstract_params, abstract_train) -> None:
     """Compares the stored shapes with the restore targets (ShapeMismatchError)."""
     for name, wanted in (("params", abstract_params), ("train", abstract_train)):
-      check_shapes(_stored_tree(self.directory / str(step) / name), wanted,
-                   f"checkpoint {self.directory}/{step} ({name})")
+      check_shapes(
+        _stored_tree(self.directory / str(step) / name),
+        wanted,
+        f"checkpoint {self.directory}/{step} ({name})",
+      )
 
   def restore(self, step: int, abstract_params, abstract_train, data_iterator):
     """Restores into the given abstract trees (shape/dtype/sharding) and the iterator."""
     self.check_shapes(step, abstract_params, abstract_train)
-    args = dict(params=ocp.args.StandardRestore(abstract_params),
-                train=ocp.args.StandardRestore(abstract_train),
-                meta=ocp.args.JsonRestore())
+    args = dict(
+      params=ocp.args.StandardRestore(abstract_params),
+      train=ocp.args.StandardRestore(abstract_train),
+      meta=ocp.args.JsonRestore(),
+    )
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     out = self._mngr.restore(step, args=ocp.args.Composite(**args))
@@ -168,6 +189,7 @@ class Checkpointer:
       source.rename(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
     self._mngr.reload()
     return target
@@ -211,5 +233,6 @@ def load_params(path, abstract_params=None):
 
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs with shardings for an Orbax restore target."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )

@@ -6,6 +6,7 @@ stays the last good one. 'skip': a step whose loss or gradient is not finite lea
 and optimizer state unchanged (the update is dropped on device, `keep_if`); the job counts the
 skipped steps in its metrics and raises only when every step of a round was skipped.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,8 +36,14 @@ def keep_if(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def screen(losses: np.ndarray, active: np.ndarray, *, where: str, mode: str,
-           describe: Callable[[tuple], str] = lambda i: f"step {i[-1]}") -> np.ndarray:
+def screen(
+  losses: np.ndarray,
+  active: np.ndarray,
+  *,
+  where: str,
+  mode: str,
+  describe: Callable[[tuple], str] = lambda i: f"step {i[-1]}",
+) -> np.ndarray:
   """The steps to count: active and finite.  losses, active: [..., T] (T = time, last axis).
 
   A non-finite loss marks a step whose loss or gradient was not finite (the training steps
@@ -50,11 +57,14 @@ def screen(losses: np.ndarray, active: np.ndarray, *, where: str, mode: str,
     return valid
   hits = np.argwhere(bad)
   first = tuple(int(v) for v in hits[np.argmin(hits[:, -1])])
-  what = (f"{where}: non-finite loss or gradient at {describe(first)} ({int(bad.sum())} of "
-          f"{int(active.sum())} steps)")
+  what = (
+    f"{where}: non-finite loss or gradient at {describe(first)} ({int(bad.sum())} of "
+    f"{int(active.sum())} steps)"
+  )
   if mode == "stop" or not valid.any():
     raise DivergenceError(
-        f"{what}; stopped before logging or saving it, so the last checkpoint is the last good "
-        "one. Lower the learning rate, or set config.on_nonfinite='skip' to drop such steps' "
-        "updates" + (" (here every step was non-finite)" if mode == "skip" else ""))
+      f"{what}; stopped before logging or saving it, so the last checkpoint is the last good "
+      "one. Lower the learning rate, or set config.on_nonfinite='skip' to drop such steps' "
+      "updates" + (" (here every step was non-finite)" if mode == "skip" else "")
+    )
   return valid

@@ -8,6 +8,7 @@
 
 "Step" is whatever the loop counts: rounds (pretraining), epochs (fine-tuning), steps (SAM).
 """
+
 from __future__ import annotations
 
 import io
@@ -39,6 +40,7 @@ def put_global(x, sharding):
   Every process must pass the same value: each one fills only its own devices' shards from it,
   so no host-to-host transfer happens (jax.device_put cannot place onto other hosts' devices).
   """
+
   def one(value, s):
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, s, lambda index: value[index])
@@ -93,12 +95,20 @@ def atomic_write(path, obj) -> pathlib.Path:
 def _abstract(tree):
   """ShapeDtypeStructs (with shardings) of arrays or of ShapeDtypeStructs: a restore target."""
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+  )
 
 
-def resume_or_init(ckpt: checkpoint.Checkpointer, like_params, like_train, init_fn, *, config,
-                   data_iterator=None, snapshot: dict | None = None):
+def resume_or_init(
+  ckpt: checkpoint.Checkpointer,
+  like_params,
+  like_train,
+  init_fn,
+  *,
+  config,
+  data_iterator=None,
+  snapshot: dict | None = None,
+):
   """(step, params, train) from the newest restorable checkpoint in `ckpt`, else (0, *init_fn()).
 
   like_params, like_train: the restore targets, arrays or ShapeDtypeStructs carrying their
@@ -111,9 +121,13 @@ def resume_or_init(ckpt: checkpoint.Checkpointer, like_params, like_train, init_
   (default resume.snapshot(config)). data_iterator: a Grain iterator restored in place, or None.
   """
   restored = resume.restore_latest(
-      ckpt, _abstract(like_params), _abstract(like_train), data_iterator,
-      config=resume.snapshot(config) if snapshot is None else snapshot,
-      allow=resume.allowed_changes(config))
+    ckpt,
+    _abstract(like_params),
+    _abstract(like_train),
+    data_iterator,
+    config=resume.snapshot(config) if snapshot is None else snapshot,
+    allow=resume.allowed_changes(config),
+  )
   if restored is None:
     params, train = init_fn()
     return 0, params, train

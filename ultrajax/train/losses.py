@@ -1,5 +1,6 @@
 """Fine-tuning losses: segmentation (BCE / cross-entropy + soft Dice) and class-weighted soft
 cross-entropy for classification (with scikit-learn's 'balanced' weights)."""
+
 from __future__ import annotations
 
 import jax
@@ -37,7 +38,8 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
   so the loss keeps its scale."""
   counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
   return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0).astype(
-      np.float32)
+    np.float32
+  )
 
 
 def weighted_soft_cross_entropy(logits, soft, class_weights):

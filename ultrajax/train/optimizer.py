@@ -4,6 +4,7 @@ The learning rate lives in the optimizer state (`optax.inject_hyperparams`) and 
 caller before each update. Federated clients need this: the schedule runs on a fractional
 "epoch" index (round + local step / steps of that client), which differs per client.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,15 @@ def adamw(optim_config, params) -> optax.GradientTransformation:
     steps = []
     if optim_config.grad_clip_norm > 0:
       steps.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
-    steps.append(optax.adamw(learning_rate, b1=optim_config.b1, b2=optim_config.b2,
-                             weight_decay=optim_config.weight_decay, mask=mask))
+    steps.append(
+      optax.adamw(
+        learning_rate,
+        b1=optim_config.b1,
+        b2=optim_config.b2,
+        weight_decay=optim_config.weight_decay,
+        mask=mask,
+      )
+    )
     return optax.chain(*steps)
 
   return optax.inject_hyperparams(make)(learning_rate=0.0)
@@ -86,20 +94,24 @@ def vit_layer_id(path: str, depth: int) -> int:
 
 def layer_decay_scales(params, depth: int, decay: float):
   """Per-leaf lr multipliers decay ** (depth + 1 - layer_id) (MAE's param_groups_lrd)."""
-  return tree.map_with_path(lambda p, _: float(decay) ** (depth + 1 - vit_layer_id(p, depth)),
-                            params)
+  return tree.map_with_path(
+    lambda p, _: float(decay) ** (depth + 1 - vit_layer_id(p, depth)), params
+  )
 
 
 def scale_by_tree(scales) -> optax.GradientTransformation:
   """Multiplies each update leaf by its scale (a tree of floats shaped like the params)."""
+
   def update(updates, state, params=None):
     del params
     return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def finetune_adamw(optim_config, params, *, schedule, depth: int, trainable=None
-                   ) -> optax.GradientTransformation:
+def finetune_adamw(
+  optim_config, params, *, schedule, depth: int, trainable=None
+) -> optax.GradientTransformation:
   """AdamW for fine-tuning with MAE's layer-wise lr decay.
 
   Scaling the whole AdamW update (decoupled decay included) by decay ** (depth + 1 - layer)
@@ -110,9 +122,15 @@ def finetune_adamw(optim_config, params, *, schedule, depth: int, trainable=None
   steps = []
   if optim_config.grad_clip_norm > 0:
     steps.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
-  steps.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
-                           weight_decay=optim_config.weight_decay,
-                           mask=weight_decay_mask(params, optim_config.weight_decay_on)))
+  steps.append(
+    optax.adamw(
+      schedule,
+      b1=optim_config.b1,
+      b2=optim_config.b2,
+      weight_decay=optim_config.weight_decay,
+      mask=weight_decay_mask(params, optim_config.weight_decay_on),
+    )
+  )
   if optim_config.layer_decay < 1.0 and trainable is None:
     steps.append(scale_by_tree(layer_decay_scales(params, depth, optim_config.layer_decay)))
   tx = optax.chain(*steps)

@@ -11,6 +11,7 @@ a field that changes the result must match, or the run stops with the list of di
 The fields that may always change are CHANGEABLE, here and nowhere else;
 `--config.allow_config_change=a.b,c` accepts others knowingly.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,28 @@ from ultrajax.train import checkpoint, divergence
 # test-time blur sigmas and UltraSam's prompted-classification stage after training
 # (`classification`).
 CHANGEABLE = (
-    "preset", "fed.num_rounds", "num_steps",
-    "log_every_rounds", "image_every_rounds", "ckpt_every_rounds", "keep_checkpoints",
-    "log_every_steps", "ckpt_every_steps", "eval.every_steps", "ckpt_every_epochs",
-    "data.num_threads", "teacher.cache_dir", "mesh", "sharding_rules",
-    "init_from", "allow_config_change", "on_nonfinite", "evals", "classification",
-    "attention_every_rounds", "eval.blur_sigmas",
+  "preset",
+  "fed.num_rounds",
+  "num_steps",
+  "log_every_rounds",
+  "image_every_rounds",
+  "ckpt_every_rounds",
+  "keep_checkpoints",
+  "log_every_steps",
+  "ckpt_every_steps",
+  "eval.every_steps",
+  "ckpt_every_epochs",
+  "data.num_threads",
+  "teacher.cache_dir",
+  "mesh",
+  "sharding_rules",
+  "init_from",
+  "allow_config_change",
+  "on_nonfinite",
+  "evals",
+  "classification",
+  "attention_every_rounds",
+  "eval.blur_sigmas",
 )
 LOCK_NAME = ".ultrajax.lock"
 
@@ -62,8 +79,9 @@ def validate(config) -> None:
     try:
       configlib.get_field(config, name)
     except configlib.ConfigError:
-      raise configlib.ConfigError(f"config.allow_config_change names {name!r}, which is not a "
-                                  "config field") from None
+      raise configlib.ConfigError(
+        f"config.allow_config_change names {name!r}, which is not a config field"
+      ) from None
 
 
 def allowed_changes(config) -> tuple[str, ...]:
@@ -84,8 +102,9 @@ def config_diff(saved: dict, new: dict, allow=()) -> tuple[list, list]:
   out. Fields only one side has (a field added or removed by an upgrade) cannot be compared."""
   a, b = configlib.flatten(saved), configlib.flatten(new)
   skip = CHANGEABLE + tuple(allow)
-  differ = [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys())
-            if a[k] != b[k] and not _matches(k, skip)]
+  differ = [
+    (k, a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k] and not _matches(k, skip)
+  ]
   one_side = sorted(k for k in a.keys() ^ b.keys() if not _matches(k, skip))
   return differ, one_side
 
@@ -94,37 +113,53 @@ def check_config(saved, new: dict, *, where: str, allow=()) -> None:
   """Raises ConfigMismatchError with a readable diff when `saved` (dict or JSON string) and
   `new` differ in a field that changes the result."""
   if saved is None:
-    logging.warning("%s records no config (written by an older ultrajax): cannot check that "
-                    "this run's config matches it.", where)
+    logging.warning(
+      "%s records no config (written by an older ultrajax): cannot check that "
+      "this run's config matches it.",
+      where,
+    )
     return
   if isinstance(saved, str):
     saved = json.loads(saved)
   differ, one_side = config_diff(saved, new, allow)
   if one_side:
-    logging.warning("%s: config fields %s exist on one side only (another ultrajax version?); "
-                    "not compared.", where, one_side)
+    logging.warning(
+      "%s: config fields %s exist on one side only (another ultrajax version?); not compared.",
+      where,
+      one_side,
+    )
   if differ:
     lines = "\n".join(f"  {k}: {json.dumps(old)} -> {json.dumps(now)}" for k, old, now in differ)
     raise ConfigMismatchError(
-        f"{where} was written with another config; these fields differ (saved -> now):\n{lines}\n"
-        "Use a new --workdir for a new run, or continue knowingly with "
-        f"--config.allow_config_change={','.join(k for k, _, _ in differ)}")
+      f"{where} was written with another config; these fields differ (saved -> now):\n{lines}\n"
+      "Use a new --workdir for a new run, or continue knowingly with "
+      f"--config.allow_config_change={','.join(k for k, _, _ in differ)}"
+    )
 
 
 # ----------------------------------------------------------------------------- restore
 def _summary(error: BaseException) -> str:
   """'Type: first line' of the error and of its root cause (Orbax wraps TensorStore's)."""
+
   def line(e):
     text = str(e).split("See full TensorStore details")[0].strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
   root = error
   while root.__cause__ is not None or root.__context__ is not None:
     root = root.__cause__ or root.__context__
   return line(error) if root is error else f"{line(error)} <- {line(root)}"
 
 
-def restore_latest(ckpt: checkpoint.Checkpointer, abstract_params, abstract_train,
-                   data_iterator, *, config: dict, allow=()):
+def restore_latest(
+  ckpt: checkpoint.Checkpointer,
+  abstract_params,
+  abstract_train,
+  data_iterator,
+  *,
+  config: dict,
+  allow=(),
+):
   """(step, params, train, meta) of the newest checkpoint that restores, or None if there is
   none. Before reading arrays: the process count and the config (`snapshot(config)`) must match
   the checkpoint's meta and the shapes its metadata (errors, not fallbacks). A checkpoint that
@@ -141,8 +176,9 @@ def restore_latest(ckpt: checkpoint.Checkpointer, abstract_params, abstract_trai
       continue
     count = meta.get("process_count", 1)
     if count != jax.process_count():
-      raise ValueError(f"{where} was written by {count} processes, this run has "
-                       f"{jax.process_count()}")
+      raise ValueError(
+        f"{where} was written by {count} processes, this run has {jax.process_count()}"
+      )
     check_config(meta.get("config"), config, where=where, allow=allow)
     try:
       params, train, meta = ckpt.restore(r, abstract_params, abstract_train, data_iterator)
@@ -153,12 +189,21 @@ def restore_latest(ckpt: checkpoint.Checkpointer, abstract_params, abstract_trai
       continue
     for bad, e in failures:
       moved = ckpt.set_aside(bad)
-      logging.warning("Checkpoint %s/%d could not be restored (%s); renamed it to %s and "
-                      "resumed from step %d instead.", ckpt.directory, bad, _summary(e), moved, r)
+      logging.warning(
+        "Checkpoint %s/%d could not be restored (%s); renamed it to %s and "
+        "resumed from step %d instead.",
+        ckpt.directory,
+        bad,
+        _summary(e),
+        moved,
+        r,
+      )
     return r, params, train, meta
   if failures:
-    raise configlib.DataError(f"no checkpoint under {ckpt.directory} could be restored: "
-                              + "; ".join(f"{r}: {_summary(e)}" for r, e in failures))
+    raise configlib.DataError(
+      f"no checkpoint under {ckpt.directory} could be restored: "
+      + "; ".join(f"{r}: {_summary(e)}" for r, e in failures)
+    )
   return None
 
 
@@ -184,13 +229,15 @@ class WorkdirLock:
 
   def __init__(self, workdir):
     self.path = pathlib.Path(workdir).absolute() / LOCK_NAME
-    self.info = dict(host=socket.gethostname(), pid=os.getpid(),
-                     started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    self.info = dict(
+      host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    )
     self._held = False
 
   def _describe(self, holder: dict) -> str:
-    return (f"process {holder.get('pid')} on host {holder.get('host')!r}, started "
-            f"{holder.get('started')}")
+    return (
+      f"process {holder.get('pid')} on host {holder.get('host')!r}, started {holder.get('started')}"
+    )
 
   def _acquire(self) -> None:
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,20 +256,28 @@ class WorkdirLock:
         except FileNotFoundError:
           continue  # released meanwhile: try again
         except (OSError, ValueError) as e:
-          raise WorkdirLockedError(f"{self.path} exists but cannot be read ({e}); if no run is "
-                                   "using this workdir, delete it") from None
+          raise WorkdirLockedError(
+            f"{self.path} exists but cannot be read ({e}); if no run is "
+            "using this workdir, delete it"
+          ) from None
         same_host = holder.get("host") == self.info["host"]
         pid = holder.get("pid")
         if same_host and isinstance(pid, int) and pid != self.info["pid"] and _alive(pid):
-          raise WorkdirLockedError(f"{self.path.parent} is in use by {self._describe(holder)}; "
-                                   "wait for it to finish or use another --workdir")
+          raise WorkdirLockedError(
+            f"{self.path.parent} is in use by {self._describe(holder)}; "
+            "wait for it to finish or use another --workdir"
+          )
         if not same_host:
           raise WorkdirLockedError(
-              f"{self.path.parent} is in use by {self._describe(holder)}; if that run is gone, "
-              f"delete {self.path}")
-        logging.warning("Taking over the stale lock %s of %s (%s).", self.path,
-                        self._describe(holder), "this process" if pid == self.info["pid"]
-                        else "no such process any more")
+            f"{self.path.parent} is in use by {self._describe(holder)}; if that run is gone, "
+            f"delete {self.path}"
+          )
+        logging.warning(
+          "Taking over the stale lock %s of %s (%s).",
+          self.path,
+          self._describe(holder),
+          "this process" if pid == self.info["pid"] else "no such process any more",
+        )
         self.path.unlink(missing_ok=True)
       raise WorkdirLockedError(f"could not take {self.path}: other processes keep taking it")
     finally:
@@ -237,6 +292,7 @@ class WorkdirLock:
         error = e
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
       if not ok and error is None:
         error = WorkdirLockedError(f"process 0 could not take {self.path}")

@@ -16,6 +16,7 @@ multimask outputs the one with the best IoU against the ground truth is trained.
 refinement, pass 1 trains the single-mask output, whose logits (not detached) become pass 2's
 dense prompt; pass 2 trains the best multimask output; the losses add.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class Prompts(NamedTuple):
 def mask_boxes(masks):
   """masks: bool [N, H, W] -> int32 [N, 4] (x0, y0, x1, y1), inclusive pixel indices
   (segment_anything's batched_mask_to_box); an empty mask gives [0, 0, 0, 0]."""
+
   def extent(any_along):  # [N, L] -> first and last index with True
     idx = jnp.arange(any_along.shape[-1])
     first = jnp.min(jnp.where(any_along, idx, any_along.shape[-1]), axis=-1)
@@ -183,8 +185,9 @@ def _iou_error(iou_pred, logits, targets, iou_loss: str):
   return diff * diff if iou_loss == "mse" else jnp.abs(diff)
 
 
-def mask_losses(logits, iou_pred, targets, valid, weights=(20.0, 1.0, 1.0), iou_loss: str = "l1",
-                iou_error=None):
+def mask_losses(
+  logits, iou_pred, targets, valid, weights=(20.0, 1.0, 1.0), iou_loss: str = "l1", iou_error=None
+):
   """UltraSam's loss on one mask per instance.
 
   logits: [N, H, W]; iou_pred: [N]; targets: [N, H, W] {0,1}; valid: bool [N];
@@ -203,7 +206,7 @@ def mask_losses(logits, iou_pred, targets, valid, weights=(20.0, 1.0, 1.0), iou_
 
 
 class DecoderOutput(NamedTuple):
-  logits: jax.Array    # [N, 4, s, s]: token 0 single-mask, tokens 1..3 multimask
+  logits: jax.Array  # [N, 4, s, s]: token 0 single-mask, tokens 1..3 multimask
   iou_pred: jax.Array  # [N, 4]
 
 
@@ -218,8 +221,7 @@ def instance_decoder(model, embeddings, num_per_image: int) -> Callable:
     sparse = pe.embed_points(prompts.coords, prompts.labels)
     if mask_logits is None:
       n = prompts.coords.shape[0]
-      dense = jnp.broadcast_to(pe.no_mask[...].reshape(1, 1, 1, -1),
-                               (n, pe.grid, pe.grid, pe.dim))
+      dense = jnp.broadcast_to(pe.no_mask[...].reshape(1, 1, 1, -1), (n, pe.grid, pe.grid, pe.dim))
     else:
       dense = pe.embed_masks(mask_logits)
     out = model.decode(image, sparse, dense)
@@ -228,8 +230,17 @@ def instance_decoder(model, embeddings, num_per_image: int) -> Callable:
   return decode
 
 
-def sam_loss(decode: Callable, prompts: Prompts, targets, valid, *, refine: bool,
-             weights=(20.0, 1.0, 1.0), iou_loss: str = "l1", iou_on: str = "all"):
+def sam_loss(
+  decode: Callable,
+  prompts: Prompts,
+  targets,
+  valid,
+  *,
+  refine: bool,
+  weights=(20.0, 1.0, 1.0),
+  iou_loss: str = "l1",
+  iou_on: str = "all",
+):
   """The whole objective for a set of instances.
 
   decode(prompts, mask_logits [N, s, s] | None) -> DecoderOutput (all four mask tokens);
@@ -283,8 +294,15 @@ def predicted_box_prompts(prompts: Prompts, mask_logits, input_size: int) -> Pro
   return Prompts(pick(box.coords, prompts.coords), pick(box.labels, prompts.labels))
 
 
-def predict_masks(decode: Callable, prompts: Prompts, *, refine: bool, multimask: bool = True,
-                  refine_prompt: str = "predicted_box", input_size: int | None = None):
+def predict_masks(
+  decode: Callable,
+  prompts: Prompts,
+  *,
+  refine: bool,
+  multimask: bool = True,
+  refine_prompt: str = "predicted_box",
+  input_size: int | None = None,
+):
   """Evaluation: one mask per prompt, scored by the predicted IoU.
 
   Without refinement, one pass: with multimask, the multimask output with the highest predicted

@@ -5,6 +5,7 @@ spans hosts with each process owning a contiguous block of it. Every process the
 clients' data for its slice of the batch, and `jax.make_array_from_process_local_data` can
 assemble global arrays without cross-host shuffling.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,15 +30,17 @@ def make_mesh(clients: int = 1, data: int = -1, devices=None) -> Mesh:
     data = n // clients
   if clients * data < n and jax.process_count() == 1 and data >= 1:
     # A smaller mesh on one host (e.g. to compare 1-device and 8-device runs): the first devices.
-    devices, n = devices[:clients * data], clients * data
+    devices, n = devices[: clients * data], clients * data
   if clients * data != n:
     raise configlib.ConfigError(
-        f"config.mesh clients={clients} x data={data} != {n} available devices")
+      f"config.mesh clients={clients} x data={data} != {n} available devices"
+    )
   num_processes = len({d.process_index for d in devices})
   local = n // num_processes
   if local % clients:
     raise configlib.ConfigError(
-        f"config.mesh.clients={clients} must divide the {local} devices of each host")
+      f"config.mesh.clients={clients} must divide the {local} devices of each host"
+    )
   ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
   grid = np.array(ordered, dtype=object).reshape(num_processes, clients, local // clients)
   grid = grid.transpose(1, 0, 2).reshape(clients, data)
@@ -56,11 +59,13 @@ def check_rules(rules, field: str = "sharding_rules") -> None:
     try:
       re.compile(pattern)
     except (re.error, TypeError) as e:
-      raise configlib.ConfigError(f"config.{field}: {pattern!r} is not a regular expression "
-                                  f"({e})") from None
+      raise configlib.ConfigError(
+        f"config.{field}: {pattern!r} is not a regular expression ({e})"
+      ) from None
     if kind not in RULE_KINDS:
-      raise configlib.ConfigError(f"config.{field}: kind {kind!r} of {pattern!r} is not one of "
-                                  f"{RULE_KINDS}")
+      raise configlib.ConfigError(
+        f"config.{field}: kind {kind!r} of {pattern!r} is not one of {RULE_KINDS}"
+      )
 
 
 def _leaf_spec(path: str, shape, rules, mesh: Mesh) -> tuple:
@@ -78,8 +83,9 @@ def _leaf_spec(path: str, shape, rules, mesh: Mesh) -> tuple:
             spec[i] = "data"
             return tuple(spec)
         return (None,) * len(shape)
-      raise configlib.ConfigError(f"sharding rule kind {kind!r} for {pattern!r} is not "
-                                  "'replicated' or 'fsdp'")
+      raise configlib.ConfigError(
+        f"sharding rule kind {kind!r} for {pattern!r} is not 'replicated' or 'fsdp'"
+      )
   raise configlib.ConfigError(f"no sharding rule matches parameter {path!r}")
 
 
@@ -88,10 +94,12 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules, client_axis: bool):
 
   client_axis: the leaves carry a leading client axis, which is sharded over 'clients'.
   """
+
   def one(path, x):
     shape = x.shape[1:] if client_axis else x.shape
     spec = _leaf_spec(path, shape, rules, mesh)
     return NamedSharding(mesh, P("clients", *spec) if client_axis else P(*spec))
+
   return tree.map_with_path(one, abstract_tree)
 
 

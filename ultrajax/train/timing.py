@@ -6,6 +6,7 @@ JAX reports each trace, lowering and XLA compile as a time span through `jax.mon
 `CompileClock` keeps those spans and measures how much of a wall-clock window they cover
 (their union: traces of nested functions overlap their callers').
 """
+
 from __future__ import annotations
 
 import threading
@@ -13,9 +14,11 @@ import time
 
 import jax
 
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
+COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
 
 
 class CompileClock:

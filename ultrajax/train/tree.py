@@ -1,4 +1,5 @@
 """Small helpers over parameter pytrees (nested dicts of arrays, as `nnx.to_pure_dict` gives)."""
+
 from __future__ import annotations
 
 import jax

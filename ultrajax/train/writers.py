@@ -9,12 +9,14 @@ Only process 0 writes files; other processes get a writer that only logs.
 `log_config` logs the resolved config once and writes `workdir/config.json`; `quiet_orbax`
 keeps Orbax's per-save INFO lines (about 60 per checkpoint) out of the console.
 """
+
 from __future__ import annotations
 
 import json
 import logging as py_logging
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -96,8 +98,10 @@ def flatten_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
   bool, int, float and str stay as they are; None and anything else (tuples, lists) become their
   str(), so every field of a config shows up, as in big_vision.
   """
-  return {name: value if isinstance(value, (bool, int, float, str)) else str(value)
-          for name, value in configlib.flatten(tree, prefix).items()}
+  return {
+    name: value if isinstance(value, (bool, int, float, str)) else str(value)
+    for name, value in configlib.flatten(tree, prefix).items()
+  }
 
 
 class TensorboardWriter(metric_writers.MetricWriter):
@@ -106,6 +110,7 @@ class TensorboardWriter(metric_writers.MetricWriter):
 
   def __init__(self, logdir):
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes files
+
     self._writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
 
   def write_summaries(self, step, values, metadata=None):
@@ -137,11 +142,11 @@ class TensorboardWriter(metric_writers.MetricWriter):
   def write_histograms(self, step, arrays, num_buckets=None):
     for key, value in arrays.items():
       bins = (num_buckets or {}).get(key)
-      self._writer.add_histogram(key, np.asarray(value), global_step=int(step),
-                                 max_bins=bins)
+      self._writer.add_histogram(key, np.asarray(value), global_step=int(step), max_bins=bins)
 
   def write_hparams(self, hparams: Mapping[str, Any]):
     from tensorboardX.summary import hparams as hparams_summaries
+
     # Into this run's event file (SummaryWriter.add_hparams would start a sub-run per call).
     for summary in hparams_summaries(flatten_hparams(hparams), {}):
       self._writer.file_writer.add_summary(summary)
@@ -156,6 +161,7 @@ class TensorboardWriter(metric_writers.MetricWriter):
 def png_image(path) -> np.ndarray:
   """An image file as uint8 [H, W, 3], for `write_images` of a figure saved as PNG."""
   from PIL import Image
+
   with Image.open(path) as image:
     return np.asarray(image.convert("RGB"))
 
@@ -171,8 +177,9 @@ def create_writer(workdir) -> metric_writers.MetricWriter:
   if jax.process_index() != 0:
     return _LoggingWriter()
   workdir = pathlib.Path(workdir)
-  return metric_writers.MultiWriter([
-      _LoggingWriter(), TensorboardWriter(workdir), JsonlWriter(workdir / "metrics.jsonl")])
+  return metric_writers.MultiWriter(
+    [_LoggingWriter(), TensorboardWriter(workdir), JsonlWriter(workdir / "metrics.jsonl")]
+  )
 
 
 def log_config(config, workdir) -> None:

@@ -1,17 +1,48 @@
 """Ultrasound MIM ops (UltraFedFM's UltraMIM): TGM texture masking, MIC corruption, SMAT warps (JAX),
 and the host-side probe geometry SMAT needs (geometry.py, numpy)."""
+
 from ultrajax.ultramim.corruption import (
-    CORRUPTIONS, corrupt, default_corruption_config, gaussian_blur, motion_blur, motion_kernel,
-    salt_and_pepper, sample_corruptions)
+  CORRUPTIONS,
+  corrupt,
+  default_corruption_config,
+  gaussian_blur,
+  motion_blur,
+  motion_kernel,
+  salt_and_pepper,
+  sample_corruptions,
+)
 from ultrajax.ultramim.geometry import Fan, NotASector, check_fan, estimate_fan, fan_mask
 from ultrajax.ultramim.masking import MODES, tgm_log_weights, tgm_mask
 from ultrajax.ultramim.scanmode import (
-    ORIENTATIONS, convex_to_linear, linear_to_convex, linear_to_sector, sector_to_linear)
+  ORIENTATIONS,
+  convex_to_linear,
+  linear_to_convex,
+  linear_to_sector,
+  sector_to_linear,
+)
 from ultrajax.ultramim.texture import texture_scores
 
 __all__ = [
-    "CORRUPTIONS", "MODES", "ORIENTATIONS", "Fan", "NotASector", "check_fan", "convex_to_linear",
-    "corrupt", "default_corruption_config", "estimate_fan", "fan_mask", "gaussian_blur",
-    "linear_to_convex", "linear_to_sector", "motion_blur", "motion_kernel", "salt_and_pepper",
-    "sample_corruptions", "sector_to_linear", "texture_scores", "tgm_log_weights", "tgm_mask",
+  "CORRUPTIONS",
+  "MODES",
+  "ORIENTATIONS",
+  "Fan",
+  "NotASector",
+  "check_fan",
+  "convex_to_linear",
+  "corrupt",
+  "default_corruption_config",
+  "estimate_fan",
+  "fan_mask",
+  "gaussian_blur",
+  "linear_to_convex",
+  "linear_to_sector",
+  "motion_blur",
+  "motion_kernel",
+  "salt_and_pepper",
+  "sample_corruptions",
+  "sector_to_linear",
+  "texture_scores",
+  "tgm_log_weights",
+  "tgm_mask",
 ]

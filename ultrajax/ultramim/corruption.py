@@ -6,6 +6,7 @@ computed for the whole batch and selected with jnp.where, so the op has no data-
 and jits and vmaps (over clients) as it is. Kernels depend only on static config values and are built
 on the host once.
 """
+
 from __future__ import annotations
 
 import jax
@@ -19,9 +20,16 @@ CORRUPTIONS = ("motion_blur", "gaussian_blur", "salt_and_pepper")
 
 def default_corruption_config() -> ml_collections.ConfigDict:
   """The official UltraFedFM settings (all fixed there, no random ranges)."""
-  return ml_collections.ConfigDict(dict(
-      p_clean=0.5, p_each=0.5, motion_length=24, motion_angle_deg=45.0, gaussian_sigma=1.1,
-      salt_pepper_density=0.1))
+  return ml_collections.ConfigDict(
+    dict(
+      p_clean=0.5,
+      p_each=0.5,
+      motion_length=24,
+      motion_angle_deg=45.0,
+      gaussian_sigma=1.1,
+      salt_pepper_density=0.1,
+    )
+  )
 
 
 def sample_corruptions(key, batch_size: int, config):
@@ -48,7 +56,8 @@ def motion_kernel(length: int, angle_deg: float) -> np.ndarray:
   src_x = centre + np.cos(t) * x - np.sin(t) * y
   src_y = centre + np.sin(t) * x + np.cos(t) * y
   rotated = scipy.ndimage.map_coordinates(
-      np.eye(length), [src_y, src_x], order=1, mode="grid-constant", cval=0.0)
+    np.eye(length), [src_y, src_x], order=1, mode="grid-constant", cval=0.0
+  )
   return (rotated / length).astype(np.float32)
 
 
@@ -57,8 +66,14 @@ def _correlate(images, kernel: np.ndarray):
   c = images.shape[-1]
   k = jnp.broadcast_to(jnp.asarray(kernel, jnp.float32)[:, :, None, None], (*kernel.shape, 1, c))
   return jax.lax.conv_general_dilated(
-      images, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
-      precision=jax.lax.Precision.HIGHEST)
+    images,
+    k,
+    (1, 1),
+    "VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=c,
+    precision=jax.lax.Precision.HIGHEST,
+  )
 
 
 def _minmax_stretch(images):
@@ -77,10 +92,14 @@ def motion_blur(images, length: int, angle_deg: float):
   a = length // 2  # filter2D's default anchor
   # Convolve with the kernel's non-zero bounding box (grown to hold the anchor) only: 3 x 24 rather than
   # 24 x 24 taps at the default angle, and the op runs on every image of the batch.
-  (r0, r1), (c0, c1) = [(min(nz[0], a), max(nz[-1], a)) for nz in
-                        (np.nonzero(kernel.any(1))[0], np.nonzero(kernel.any(0))[0])]
+  (r0, r1), (c0, c1) = [
+    (min(nz[0], a), max(nz[-1], a))
+    for nz in (np.nonzero(kernel.any(1))[0], np.nonzero(kernel.any(0))[0])
+  ]
   pads = ((0, 0), (a - r0, r1 - a), (a - c0, c1 - a), (0, 0))
-  return _minmax_stretch(_correlate(jnp.pad(images, pads, mode="reflect"), kernel[r0:r1 + 1, c0:c1 + 1]))
+  return _minmax_stretch(
+    _correlate(jnp.pad(images, pads, mode="reflect"), kernel[r0 : r1 + 1, c0 : c1 + 1])
+  )
 
 
 def gaussian_blur(images, sigma: float, truncate: float = 3.0):
@@ -111,7 +130,9 @@ def _check(config):
     if not 0.0 <= getattr(config, name) <= 1.0:
       raise ValueError(f"corruption config {name}={getattr(config, name)!r} is not in [0, 1]")
   if int(config.motion_length) != config.motion_length or config.motion_length < 1:
-    raise ValueError(f"corruption config motion_length={config.motion_length!r} is not a positive integer")
+    raise ValueError(
+      f"corruption config motion_length={config.motion_length!r} is not a positive integer"
+    )
   if not config.gaussian_sigma > 0:
     raise ValueError(f"corruption config gaussian_sigma={config.gaussian_sigma!r} is not > 0")
 
@@ -126,6 +147,8 @@ def corrupt(key, images, config):
   k_which, k_noise = jax.random.split(key)
   which = sample_corruptions(k_which, images.shape[0], config)[:, None, None, None, :]
   x = images.astype(jnp.float32)
-  x = jnp.where(which[..., 0], motion_blur(x, int(config.motion_length), config.motion_angle_deg), x)
+  x = jnp.where(
+    which[..., 0], motion_blur(x, int(config.motion_length), config.motion_angle_deg), x
+  )
   x = jnp.where(which[..., 1], gaussian_blur(x, config.gaussian_sigma), x)
   return jnp.where(which[..., 2], salt_and_pepper(k_noise, x, config.salt_pepper_density), x)

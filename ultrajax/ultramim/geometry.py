@@ -15,6 +15,7 @@ records it (phantom.generate's 'fan'), a manifest can give it (data/sources.py),
 estimate_fan fits it to the image's non-zero region. Records carry it as a plain dict of the Fan
 fields, so it pickles and prints as is.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,11 +27,11 @@ import scipy.optimize
 
 
 class Fan(NamedTuple):
-  apex_x: float         # column of the apex, pixels (may lie outside the image)
-  apex_y: float         # row of the apex, pixels (negative: above the image)
+  apex_x: float  # column of the apex, pixels (may lie outside the image)
+  apex_y: float  # row of the apex, pixels (negative: above the image)
   fan_angle_deg: float  # full opening angle, symmetric about the downward vertical
-  inner_radius: float   # pixels from the apex to the probe face
-  outer_radius: float   # pixels from the apex to the deepest arc
+  inner_radius: float  # pixels from the apex to the probe face
+  outer_radius: float  # pixels from the apex to the deepest arc
 
   @property
   def half(self) -> float:
@@ -61,15 +62,16 @@ def check_fan(fan, what: str = "fan") -> Fan:
   if fan.inner_radius < 0.0:
     raise ValueError(f"{what}: inner_radius={fan.inner_radius!r} is below 0")
   if not fan.outer_radius > fan.inner_radius:
-    raise ValueError(f"{what}: outer_radius={fan.outer_radius!r} is not above "
-                     f"inner_radius={fan.inner_radius!r}")
+    raise ValueError(
+      f"{what}: outer_radius={fan.outer_radius!r} is not above inner_radius={fan.inner_radius!r}"
+    )
   return fan
 
 
 def polar(fan: Fan, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
   """(radius, angle) of every pixel centre about the apex: 2 x [H, W] float64; the angle is
   measured from the downward vertical, positive towards increasing columns."""
-  y, x = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+  y, x = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
   dx, dy = x - fan.apex_x, y - fan.apex_y
   return np.hypot(dx, dy), np.arctan2(dx, dy)
 
@@ -102,8 +104,11 @@ def _outline(m: np.ndarray) -> np.ndarray:
   for axis in (0, 1):
     edge = m[1:] != m[:-1] if axis == 0 else m[:, 1:] != m[:, :-1]
     i, j = np.nonzero(edge)
-    mid = np.stack([i + 0.5, j.astype(np.float64)], 1) if axis == 0 else np.stack(
-        [i.astype(np.float64), j + 0.5], 1)
+    mid = (
+      np.stack([i + 0.5, j.astype(np.float64)], 1)
+      if axis == 0
+      else np.stack([i.astype(np.float64), j + 0.5], 1)
+    )
     points.append(mid)
   return np.concatenate(points)
 
@@ -112,14 +117,19 @@ def _distance_to_outline(params, y, x):
   """Distance of points (y, x) to the outline of the fan (apex_x, apex_y, half, r_in, r_out)."""
   ax, ay, half, r_in, r_out = params
   dx, dy = x - ax, y - ay
-  r, off = np.hypot(dx, dy), np.abs(np.arctan2(dx, dy)) - half   # off > 0: beyond the edge ray
+  r, off = np.hypot(dx, dy), np.abs(np.arctan2(dx, dy)) - half  # off > 0: beyond the edge ray
 
   def arc(rho):
-    return np.where(off <= 0, np.abs(r - rho), np.sqrt(np.maximum(
-        r * r + rho * rho - 2 * r * rho * np.cos(off), 0.0)))
+    return np.where(
+      off <= 0,
+      np.abs(r - rho),
+      np.sqrt(np.maximum(r * r + rho * rho - 2 * r * rho * np.cos(off), 0.0)),
+    )
+
   along = r * np.cos(off)
-  edge = np.where((along >= r_in) & (along <= r_out), np.abs(r * np.sin(off)),
-                  np.minimum(arc(r_in), arc(r_out)))
+  edge = np.where(
+    (along >= r_in) & (along <= r_out), np.abs(r * np.sin(off)), np.minimum(arc(r_in), arc(r_out))
+  )
   return np.minimum(np.minimum(arc(r_in), arc(r_out)), edge)
 
 
@@ -131,9 +141,15 @@ def _circle(y, x):
   return cy, cx, math.sqrt(max(cx * cx + cy * cy - f, 0.0))
 
 
-def estimate_fan(image: np.ndarray, black_level: int = 0, min_fraction: float = 0.1,
-                 max_fill: float = 0.9, tolerance: float = 0.015, min_angle_deg: float = 20.0,
-                 min_iou: float = 0.85) -> Fan:
+def estimate_fan(
+  image: np.ndarray,
+  black_level: int = 0,
+  min_fraction: float = 0.1,
+  max_fill: float = 0.9,
+  tolerance: float = 0.015,
+  min_angle_deg: float = 20.0,
+  min_iou: float = 0.85,
+) -> Fan:
   """The fan of a convex image, fitted to the outline of its echo region (see `support`).
 
   image: uint8 [H, W] or [H, W, C]. The outline's points on the image border are left out (a
@@ -146,13 +162,16 @@ def estimate_fan(image: np.ndarray, black_level: int = 0, min_fraction: float = 
   m = support(image, black_level)
   h = m.shape[0]
   if m.mean() < min_fraction:
-    raise NotASector(f"mostly black: the echo region covers {m.mean():.0%} of the image "
-                     f"(< {min_fraction:.0%})")
+    raise NotASector(
+      f"mostly black: the echo region covers {m.mean():.0%} of the image (< {min_fraction:.0%})"
+    )
   rows, cols = np.nonzero(m)
   fill = m.sum() / ((np.ptp(rows) + 1) * (np.ptp(cols) + 1))
   if fill > max_fill:
-    raise NotASector(f"not a sector: the echo region fills {fill:.0%} of its bounding box "
-                     f"(> {max_fill:.0%}), as a linear probe's rectangle does")
+    raise NotASector(
+      f"not a sector: the echo region fills {fill:.0%} of its bounding box "
+      f"(> {max_fill:.0%}), as a linear probe's rectangle does"
+    )
   # Initial guess: the deepest echo of each column lies on the outer arc (for fans up to 180
   # degrees); fit a circle, trimming columns cut by the border or an overlay.
   deepest = h - 1 - np.argmax(m[::-1], axis=0)
@@ -168,8 +187,10 @@ def estimate_fan(image: np.ndarray, black_level: int = 0, min_fraction: float = 
       break
     y, x = y[inlier], x[inlier]
   if not (math.isfinite(radius) and cy < rows.min()):
-    raise NotASector(f"not a sector: its deepest echoes do not lie on an arc below an apex "
-                     f"(fitted centre row {cy:.1f}, echoes start at row {rows.min()})")
+    raise NotASector(
+      f"not a sector: its deepest echoes do not lie on an arc below an apex "
+      f"(fitted centre row {cy:.1f}, echoes start at row {rows.min()})"
+    )
   r, theta = np.hypot(cols - cx, rows - cy), np.arctan2(cols - cx, rows - cy)
   half = max(np.percentile(np.abs(theta), 99.5), 1e-3)
   central = np.abs(theta) < half / 2
@@ -181,25 +202,36 @@ def estimate_fan(image: np.ndarray, black_level: int = 0, min_fraction: float = 
   # discounts overlays and cut corners.
   for loss in ("linear", "soft_l1"):
     params = scipy.optimize.least_squares(
-        lambda p: _distance_to_outline(p, points[:, 0], points[:, 1]), params, loss=loss,
-        f_scale=1.0, x_scale="jac").x
+      lambda p: _distance_to_outline(p, points[:, 0], points[:, 1]),
+      params,
+      loss=loss,
+      f_scale=1.0,
+      x_scale="jac",
+    ).x
   ax, ay, half, r_in, r_out = params
   spread = np.median(_distance_to_outline(params, points[:, 0], points[:, 1]))
   angle = math.degrees(2 * half)
   if not min_angle_deg < angle < 180.0:
-    raise NotASector(f"not a sector: fitted fan angle {angle:.1f} degrees is outside "
-                     f"({min_angle_deg:g}, 180): a nearly straight outline (linear image or "
-                     "zoomed crop)")
+    raise NotASector(
+      f"not a sector: fitted fan angle {angle:.1f} degrees is outside "
+      f"({min_angle_deg:g}, 180): a nearly straight outline (linear image or "
+      "zoomed crop)"
+    )
   if not (ay < rows.min() and 0 <= r_in < r_out):
-    raise NotASector(f"not a sector: fitted apex row {ay:.1f} is not above the echoes (row "
-                     f"{rows.min()}) or radii {r_in:.1f}, {r_out:.1f} are not 0 <= inner < outer")
+    raise NotASector(
+      f"not a sector: fitted apex row {ay:.1f} is not above the echoes (row "
+      f"{rows.min()}) or radii {r_in:.1f}, {r_out:.1f} are not 0 <= inner < outer"
+    )
   if spread > tolerance * r_out:
-    raise NotASector(f"not a sector: its outline lies a median {spread:.1f} px from the best "
-                     f"fitting fan (> {tolerance:.1%} of the outer radius {r_out:.0f} px)")
+    raise NotASector(
+      f"not a sector: its outline lies a median {spread:.1f} px from the best "
+      f"fitting fan (> {tolerance:.1%} of the outer radius {r_out:.0f} px)"
+    )
   fan = Fan(float(ax), float(ay), angle, float(r_in), float(r_out))
   inside = fan_mask(fan, m.shape)
   iou = (inside & m).sum() / (inside | m).sum()
   if iou < min_iou:
-    raise NotASector(f"not a sector: the fitted fan and the echo region overlap with IoU "
-                     f"{iou:.2f} (< {min_iou:g})")
+    raise NotASector(
+      f"not a sector: the fitted fan and the echo region overlap with IoU {iou:.2f} (< {min_iou:g})"
+    )
   return fan

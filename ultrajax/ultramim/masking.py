@@ -5,6 +5,7 @@ the kept patches are drawn without replacement with probability proportional to 
 are masked more often. Sampling is Gumbel-top-k on log w, which is exactly torch.multinomial without
 replacement, but sorts instead of looping.
 """
+
 from __future__ import annotations
 
 import jax

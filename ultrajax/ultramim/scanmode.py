@@ -43,6 +43,7 @@ pixels inside the fan (and, optionally, inside `valid`) feed the output: the oth
 replaced by their nearest valid pixel, so bilinear sampling at the fan's rim never mixes in the black
 surround, burnt-in text or calibration bars outside it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,12 +61,12 @@ _BAND = 1.0 / 255.0
 
 
 class _Fan(NamedTuple):
-  half: float      # half the fan angle, radians
-  r_min: float     # radii inside the fan
+  half: float  # half the fan angle, radians
+  r_min: float  # radii inside the fan
   r_max: float
-  r_row0: float    # radius = r_row0 + r_step * (source row)
+  r_row0: float  # radius = r_row0 + r_step * (source row)
   r_step: float
-  v0: float        # output pixel (v, u) = (v0 + sv * Y, u0 + su * X) for fan-plane point (X, Y)
+  v0: float  # output pixel (v, u) = (v0 + sv * Y, u0 + su * X) for fan-plane point (X, Y)
   u0: float
   sv: float
   su: float
@@ -90,7 +91,9 @@ def _fan(h: int, w: int, fan_angle_deg: float, inner_radius: float, orientation:
   # Official: padded row j (the band is rows H..H+r0-1) at radius H + r0 - 1 - j on the canvas above;
   # the canvas centre lands on the output centre whatever the resize, and the mirror negates X.
   side = 2 * (h + r0) - 1
-  return _Fan(half, 0.0, h + r0 - 0.5, h + r0 - 1, -1.0, h / 2 - 0.5, w / 2 - 0.5, h / side, -w / side)
+  return _Fan(
+    half, 0.0, h + r0 - 0.5, h + r0 - 1, -1.0, h / 2 - 0.5, w / 2 - 0.5, h / side, -w / side
+  )
 
 
 def _sample(images, rows: np.ndarray, cols: np.ndarray):
@@ -101,17 +104,22 @@ def _sample(images, rows: np.ndarray, cols: np.ndarray):
   """
   if isinstance(images, np.ndarray):
     planes = images.astype(np.float32).transpose(0, 3, 1, 2)
-    out = [[scipy.ndimage.map_coordinates(p, [rows, cols], order=1, mode="nearest") for p in img]
-           for img in planes]
+    out = [
+      [scipy.ndimage.map_coordinates(p, [rows, cols], order=1, mode="nearest") for p in img]
+      for img in planes
+    ]
     return np.asarray(out, np.float32).transpose(0, 2, 3, 1)
   coords = [jnp.asarray(rows, jnp.float32), jnp.asarray(cols, jnp.float32)]
+
   def plane(x):
     return jax.scipy.ndimage.map_coordinates(x, coords, order=1, mode="nearest")
+
   return jax.vmap(jax.vmap(plane, in_axes=-1, out_axes=-1))(images.astype(jnp.float32))
 
 
-def linear_to_convex(images, fan_angle_deg: float = 160.0, inner_radius: float = 120.0,
-                     orientation: str = "correct"):
+def linear_to_convex(
+  images, fan_angle_deg: float = 160.0, inner_radius: float = 120.0, orientation: str = "correct"
+):
   """Warps linear-probe images into sectors.  images: [B, H, W, C] -> [B, H, W, C], 0 outside the fan.
 
   jax arrays are warped on device; numpy arrays on the host (same values, float32 out).
@@ -131,8 +139,9 @@ def linear_to_convex(images, fan_angle_deg: float = 160.0, inner_radius: float =
   return xp.where(inside[..., None], out, 0.0).astype(np.float32)
 
 
-def convex_to_linear(images, fan_angle_deg: float = 160.0, inner_radius: float = 120.0,
-                     orientation: str = "correct"):
+def convex_to_linear(
+  images, fan_angle_deg: float = 160.0, inner_radius: float = 120.0, orientation: str = "correct"
+):
   """Unwarps sectors made by linear_to_convex (same arguments).  images: [B, H, W, C] -> [B, H, W, C]."""
   _, h, w, _ = images.shape
   f = _fan(h, w, fan_angle_deg, inner_radius, orientation)
@@ -152,8 +161,13 @@ def _fan_rows_cols(fan: geometry.Fan, shape: tuple[int, int], orientation: str):
   return r, (j + 0.5) / w * 2 * fan.half - fan.half
 
 
-def sector_to_linear(image: np.ndarray, fan, out_shape: tuple[int, int] | None = None,
-                     orientation: str = "correct", valid: np.ndarray | None = None) -> np.ndarray:
+def sector_to_linear(
+  image: np.ndarray,
+  fan,
+  out_shape: tuple[int, int] | None = None,
+  orientation: str = "correct",
+  valid: np.ndarray | None = None,
+) -> np.ndarray:
   """Unwarps one convex image with its own fan (host, numpy).
 
   image: [H, W] or [H, W, C]; fan: a geometry.Fan (or its dict) in this image's pixels;
@@ -171,8 +185,13 @@ def sector_to_linear(image: np.ndarray, fan, out_shape: tuple[int, int] | None =
   if valid is not None:
     nearest = _nearest_allowed(geometry.fan_mask(fan, shape) & valid, fan)
   planes = planes[nearest[0], nearest[1]]
-  out = np.stack([scipy.ndimage.map_coordinates(planes[..., c], coords, order=1, mode="nearest")
-                  for c in range(planes.shape[-1])], -1)
+  out = np.stack(
+    [
+      scipy.ndimage.map_coordinates(planes[..., c], coords, order=1, mode="nearest")
+      for c in range(planes.shape[-1])
+    ],
+    -1,
+  )
   return out[..., 0] if image.ndim == 2 else out
 
 
@@ -195,8 +214,9 @@ def _unwarp_plan(fan: geometry.Fan, shape, out_shape, orientation: str):
   return nearest, coords
 
 
-def linear_to_sector(image: np.ndarray, fan, out_shape: tuple[int, int],
-                     orientation: str = "correct") -> np.ndarray:
+def linear_to_sector(
+  image: np.ndarray, fan, out_shape: tuple[int, int], orientation: str = "correct"
+) -> np.ndarray:
   """The inverse of sector_to_linear: a linear image [h, w(, C)] drawn into the fan of an image of
   out_shape (H, W) (host, numpy). Returns float32 [H, W(, C)], 0 outside the fan."""
   if orientation not in ORIENTATIONS:
@@ -211,7 +231,15 @@ def linear_to_sector(image: np.ndarray, fan, out_shape: tuple[int, int],
   if orientation == "official_code":
     rows, cols = h - 1 - rows, w - 1 - cols
   inside = geometry.fan_mask(fan, out_shape)
-  out = np.stack([np.where(inside, scipy.ndimage.map_coordinates(
-      planes[..., c], [rows, cols], order=1, mode="nearest"), 0.0) for c in range(planes.shape[-1])],
-      -1).astype(np.float32)
+  out = np.stack(
+    [
+      np.where(
+        inside,
+        scipy.ndimage.map_coordinates(planes[..., c], [rows, cols], order=1, mode="nearest"),
+        0.0,
+      )
+      for c in range(planes.shape[-1])
+    ],
+    -1,
+  ).astype(np.float32)
   return out[..., 0] if image.ndim == 2 else out

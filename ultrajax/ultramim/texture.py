@@ -1,4 +1,5 @@
 """TGM texture scores: mean |Laplacian| of each patch of the grey clean image (seed_systems.md 1.2)."""
+
 from __future__ import annotations
 
 import einops

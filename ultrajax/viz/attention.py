@@ -2,6 +2,7 @@
 
 The maps come from `vit.ViT.attention_maps` ([B, heads, grid, grid]); each is scaled to its own
 [0, 1] range and drawn bilinearly upsampled over the greyscale image."""
+
 from __future__ import annotations
 
 import pathlib
@@ -22,19 +23,21 @@ def upsample(grid_map: np.ndarray, size: int) -> np.ndarray:
   return (up - up.min()) / span if span > 0 else np.zeros_like(up)
 
 
-def save_attention(path, images: np.ndarray, maps: np.ndarray, title: str = "",
-                   alpha: float = 0.5) -> pathlib.Path:
+def save_attention(
+  path, images: np.ndarray, maps: np.ndarray, title: str = "", alpha: float = 0.5
+) -> pathlib.Path:
   """images: [B, S, S, 3] uint8 or [0, 1] floats; maps: [B, heads, g, g] -> PNG at `path`."""
   images, maps = np.asarray(images), np.asarray(maps)
   if images.ndim != 4 or maps.ndim != 4 or images.shape[0] != maps.shape[0]:
-    raise ValueError(f"images [B, S, S, 3] and maps [B, heads, g, g] must share B, got "
-                     f"{images.shape} and {maps.shape}")
+    raise ValueError(
+      f"images [B, S, S, 3] and maps [B, heads, g, g] must share B, got "
+      f"{images.shape} and {maps.shape}"
+    )
   b, heads = maps.shape[:2]
   size = images.shape[1]
   grey = images.astype(np.float64).mean(-1)
   grey = grey / 255.0 if images.dtype == np.uint8 else grey
-  fig, axes = plt.subplots(b, heads + 1, figsize=(1.6 * (heads + 1), 1.6 * b + 0.4),
-                           squeeze=False)
+  fig, axes = plt.subplots(b, heads + 1, figsize=(1.6 * (heads + 1), 1.6 * b + 0.4), squeeze=False)
   for i in range(b):
     axes[i, 0].imshow(grey[i], cmap="gray", vmin=0, vmax=1)
     for h in range(heads):

@@ -1,5 +1,6 @@
 """The per-hospital benefit figure: each client's test metric from the federated and the
 local-only encoder (left) and the gain with its 95% bootstrap CI (right)."""
+
 from __future__ import annotations
 
 import pathlib
@@ -11,8 +12,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def gain_plot(path, clients, federated, local, gain, low, high, *, metric: str,
-              local_label: str = "local only", title: str = "") -> pathlib.Path:
+def gain_plot(
+  path,
+  clients,
+  federated,
+  local,
+  gain,
+  low,
+  high,
+  *,
+  metric: str,
+  local_label: str = "local only",
+  title: str = "",
+) -> pathlib.Path:
   """clients: K names; federated, local, gain, low, high: [K] (the CI of the gain)."""
   k = len(clients)
   y = np.arange(k)[::-1]
@@ -26,8 +38,14 @@ def gain_plot(path, clients, federated, local, gain, low, high, *, metric: str,
   gain, low, high = (np.asarray(v, np.float64) for v in (gain, low, high))
   colors = np.where(low > 0, "tab:green", np.where(high < 0, "tab:red", "tab:gray"))
   for i in range(k):  # green: CI above 0, red: below 0, grey: includes 0
-    right.errorbar(gain[i], y[i], xerr=[[gain[i] - low[i]], [high[i] - gain[i]]], fmt="o",
-                   color=colors[i], capsize=3)
+    right.errorbar(
+      gain[i],
+      y[i],
+      xerr=[[gain[i] - low[i]], [high[i] - gain[i]]],
+      fmt="o",
+      color=colors[i],
+      capsize=3,
+    )
   right.axvline(0.0, color="black", lw=0.8)
   right.set_xlabel(f"gain in {metric} (federated - {local_label}), 95% CI")
   right.grid(axis="x", alpha=0.3)

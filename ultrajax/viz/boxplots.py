@@ -1,4 +1,5 @@
 """Box plots of a per-node metric over repeats, one panel per node, one box per method."""
+
 from __future__ import annotations
 
 import pathlib
@@ -10,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def per_node_boxplots(path, values: dict, node_names, *, metric: str = "AUC",
-                      title: str = "") -> pathlib.Path:
+def per_node_boxplots(
+  path, values: dict, node_names, *, metric: str = "AUC", title: str = ""
+) -> pathlib.Path:
   """values: method -> per node a list of the metric over repeats (nan = undefined, dropped).
 
   Writes a PNG with one panel per node (the paper's Fig. 2 A2 / D2 layout): a box per method
@@ -20,8 +22,9 @@ def per_node_boxplots(path, values: dict, node_names, *, metric: str = "AUC",
   methods = list(values)
   cols = min(len(node_names), 4)
   rows = int(np.ceil(len(node_names) / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(0.55 * len(methods) * cols + 1.5, 3.2 * rows),
-                           squeeze=False, sharey=True)
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(0.55 * len(methods) * cols + 1.5, 3.2 * rows), squeeze=False, sharey=True
+  )
   colors = plt.get_cmap("tab20")(np.arange(len(methods)) % 20)
   for k, node in enumerate(node_names):
     ax = axes[k // cols][k % cols]

@@ -1,4 +1,5 @@
 """t-SNE of learned features, coloured by class (URFM Fig. 6, HSL Fig. 3B), via scikit-learn."""
+
 from __future__ import annotations
 
 import pathlib
@@ -23,12 +24,14 @@ def tsne(features: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.nd
     raise ValueError(f"t-SNE needs features [N >= 4, D], got shape {x.shape}")
   perplexity = min(perplexity, (x.shape[0] - 1) / 3)
   method = "exact" if x.shape[0] <= EXACT_MAX else "barnes_hut"
-  return TSNE(n_components=2, perplexity=perplexity, init="pca", method=method,
-              random_state=seed).fit_transform(x)
+  return TSNE(
+    n_components=2, perplexity=perplexity, init="pca", method=method, random_state=seed
+  ).fit_transform(x)
 
 
-def save_tsne(path, features: np.ndarray, labels: np.ndarray, class_names, title: str = "",
-              seed: int = 0) -> np.ndarray:
+def save_tsne(
+  path, features: np.ndarray, labels: np.ndarray, class_names, title: str = "", seed: int = 0
+) -> np.ndarray:
   """Writes the 2-D t-SNE of features [N, D] coloured by labels [N] (ints into class_names) to
   `path`; returns the embedding [N, 2]."""
   labels = np.asarray(labels)

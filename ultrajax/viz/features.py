@@ -1,6 +1,7 @@
 """PNG grid for feature-target MIM: clean | encoder input | mask | per-patch cosine similarity
 of the predicted and the teacher's (normalised) tokens. Predicted features cannot be drawn as
 pixels; the similarity map shows where the student already matches the teacher."""
+
 from __future__ import annotations
 
 import pathlib
@@ -14,8 +15,9 @@ import numpy as np  # noqa: E402
 from ultrajax.viz import reconstruction  # noqa: E402
 
 
-def save_similarity_grid(path, clean, corrupted, mask, similarity, patch_size: int,
-                         title: str = "") -> pathlib.Path:
+def save_similarity_grid(
+  path, clean, corrupted, mask, similarity, patch_size: int, title: str = ""
+) -> pathlib.Path:
   """clean, corrupted: [B, H, W, 3] in [0, 1]; mask: [B, N] bool; similarity: [B, N] in [-1, 1]
   (only masked patches are coloured). One row per example."""
   b, h, w, _ = clean.shape
@@ -24,8 +26,10 @@ def save_similarity_grid(path, clean, corrupted, mask, similarity, patch_size: i
   fig, axes = plt.subplots(b, 4, figsize=(8.4, 2 * b + 0.4), squeeze=False)
   for i in range(b):
     m = reconstruction.mask_to_image(np.asarray(mask[i]), grid, (h, w))
-    sim = np.kron(np.asarray(similarity[i], np.float32).reshape(grid),
-                  np.ones((h // grid[0], w // grid[1]), np.float32))
+    sim = np.kron(
+      np.asarray(similarity[i], np.float32).reshape(grid),
+      np.ones((h // grid[0], w // grid[1]), np.float32),
+    )
     sim = np.where(m > 0, sim, np.nan)
     for j, ax in enumerate(axes[i]):
       if j < 3:

@@ -1,4 +1,5 @@
 """PNG of a federated partition: each node's size and label mix as stacked bars."""
+
 from __future__ import annotations
 
 import pathlib
@@ -30,8 +31,14 @@ def plot_partition(counts, node_names, class_names, path, title: str = "") -> pa
   for c, name in enumerate(class_names):
     ax_f.bar(x, percent[:, c], bottom=bottom, color=colors[c], label=str(name))
     for k in np.flatnonzero(counts[:, c]):
-      ax_f.text(k, bottom[k] + percent[k, c] / 2, f"{int(counts[k, c])}", ha="center",
-                va="center", fontsize=7)
+      ax_f.text(
+        k,
+        bottom[k] + percent[k, c] / 2,
+        f"{int(counts[k, c])}",
+        ha="center",
+        va="center",
+        fontsize=7,
+      )
     bottom += percent[:, c]
   for ax in (ax_n, ax_f):
     ax.set_xticks(x, labels, rotation=30, ha="right")

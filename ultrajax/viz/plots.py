@@ -1,6 +1,7 @@
 """Evaluation plots as PNG files (matplotlib, Agg backend): ROC and precision-recall curves,
 confusion matrices, segmentation overlays, label-efficiency curves, heatmaps (the transfer
 matrix) and metric-versus-perturbation curves (blur stability)."""
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,13 @@ def roc_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: 
     auc = float(np.trapezoid(tpr, fpr))
     ax.plot(fpr, tpr, label=f"{class_names[c]} (AUC {auc:.3f})")
   ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-  ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-         title=title or "ROC")
+  ax.set(
+    xlabel="false positive rate",
+    ylabel="true positive rate",
+    xlim=(0, 1),
+    ylim=(0, 1.01),
+    title=title or "ROC",
+  )
   ax.legend(loc="lower right", fontsize=8)
   _save(fig, path)
 
@@ -77,10 +83,15 @@ def pr_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: s
       continue
     precision, recall, _ = pr_points(positive, probs[:, c])
     ap = float(np.sum(-np.diff(recall) * precision[:-1]))  # sklearn's average_precision_score
-    line, = ax.step(recall, precision, where="post", label=f"{class_names[c]} (AP {ap:.3f})")
+    (line,) = ax.step(recall, precision, where="post", label=f"{class_names[c]} (AP {ap:.3f})")
     ax.axhline(positive.mean(), color=line.get_color(), ls=":", lw=0.8)
-  ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01),
-         title=title or "precision-recall")
+  ax.set(
+    xlabel="recall",
+    ylabel="precision",
+    xlim=(0, 1),
+    ylim=(0, 1.01),
+    title=title or "precision-recall",
+  )
   ax.legend(loc="lower left", fontsize=8)
   _save(fig, path)
 
@@ -103,15 +114,29 @@ def confusion(path, matrix: np.ndarray, class_names, title: str = "") -> None:
   ax.imshow(matrix, cmap="Blues")
   for i in range(k):
     for j in range(k):
-      ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
-              color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-  ax.set(xticks=range(k), yticks=range(k), xticklabels=class_names, yticklabels=class_names,
-         xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+      ax.text(
+        j,
+        i,
+        int(matrix[i, j]),
+        ha="center",
+        va="center",
+        color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+      )
+  ax.set(
+    xticks=range(k),
+    yticks=range(k),
+    xticklabels=class_names,
+    yticklabels=class_names,
+    xlabel="predicted",
+    ylabel="true",
+    title=title or "confusion matrix",
+  )
   _save(fig, path)
 
 
-def seg_overlays(path, images: np.ndarray, targets: np.ndarray, preds: np.ndarray,
-                 scores=None, max_images: int = 8) -> None:
+def seg_overlays(
+  path, images: np.ndarray, targets: np.ndarray, preds: np.ndarray, scores=None, max_images: int = 8
+) -> None:
   """images: [N, S, S, 3] uint8; targets, preds: [N, S, S] class maps. Ground truth outlined in
   green, prediction filled in red; `scores` (e.g. Dice) in each title."""
   n = min(len(images), max_images)
@@ -123,8 +148,13 @@ def seg_overlays(path, images: np.ndarray, targets: np.ndarray, preds: np.ndarra
   for i in range(n):
     ax = axes.ravel()[i]
     ax.imshow(images[i])
-    ax.imshow(np.ma.masked_where(preds[i] == 0, preds[i]), cmap="autumn", alpha=0.45,
-              vmin=0, vmax=max(int(preds.max()), 1))
+    ax.imshow(
+      np.ma.masked_where(preds[i] == 0, preds[i]),
+      cmap="autumn",
+      alpha=0.45,
+      vmin=0,
+      vmax=max(int(preds.max()), 1),
+    )
     if targets[i].any():
       ax.contour(targets[i] > 0, levels=[0.5], colors="lime", linewidths=1)
     if scores is not None:
@@ -147,8 +177,17 @@ def label_efficiency(path, curves: dict, metric: str) -> None:
   _save(fig, path)
 
 
-def heatmap(path, matrix: np.ndarray, row_names, col_names, *, title: str, xlabel: str,
-            ylabel: str, fmt: str = "{:.3f}") -> None:
+def heatmap(
+  path,
+  matrix: np.ndarray,
+  row_names,
+  col_names,
+  *,
+  title: str,
+  xlabel: str,
+  ylabel: str,
+  fmt: str = "{:.3f}",
+) -> None:
   """matrix [R, C] with each cell's value written in it (nan cells left blank)."""
   r, c = matrix.shape
   fig, ax = plt.subplots(figsize=(1.1 * c + 2.5, 0.8 * r + 1.8))
@@ -158,10 +197,24 @@ def heatmap(path, matrix: np.ndarray, row_names, col_names, *, title: str, xlabe
   for i in range(r):
     for j in range(c):
       if np.isfinite(matrix[i, j]):
-        ax.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center", fontsize=8,
-                color="black" if matrix[i, j] > middle else "white")
-  ax.set(xticks=range(c), yticks=range(r), xticklabels=col_names, yticklabels=row_names,
-         xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.text(
+          j,
+          i,
+          fmt.format(matrix[i, j]),
+          ha="center",
+          va="center",
+          fontsize=8,
+          color="black" if matrix[i, j] > middle else "white",
+        )
+  ax.set(
+    xticks=range(c),
+    yticks=range(r),
+    xticklabels=col_names,
+    yticklabels=row_names,
+    xlabel=xlabel,
+    ylabel=ylabel,
+    title=title,
+  )
   plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
   fig.colorbar(image, ax=ax, shrink=0.8)
   _save(fig, path)

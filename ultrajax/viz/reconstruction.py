@@ -1,5 +1,6 @@
 """PNG grids: MIM examples (clean image | corrupted encoder input | mask | reconstruction) and SMAT
 scan-mode pairs (source | partner)."""
+
 from __future__ import annotations
 
 import pathlib
@@ -29,8 +30,9 @@ def _finish(fig, path, title: str) -> pathlib.Path:
   return path
 
 
-def save_grid(path, clean, corrupted, mask, reconstruction, patch_size: int,
-              title: str = "") -> pathlib.Path:
+def save_grid(
+  path, clean, corrupted, mask, reconstruction, patch_size: int, title: str = ""
+) -> pathlib.Path:
   """Writes one row per example.
 
   clean, corrupted, reconstruction: [B, H, W, 3] floats in [0, 1]; mask: [B, N] bool.

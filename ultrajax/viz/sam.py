@@ -1,5 +1,6 @@
 """UltraSam PNGs: predicted masks next to the ground truth, and the ROC curves of the prompted
 and plain classifiers."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -19,16 +20,16 @@ def mask_previews(path, shown: dict, title: str) -> None:
   [P,M,S,S], valid [P,M], and per setting bool masks [P,M,S,S])."""
   names = [k for k in shown if k not in SHOWN_KEYS]
   rows = len(shown["image"])
-  fig, axes = plt.subplots(rows, 1 + len(names), figsize=(2.2 * (1 + len(names)), 2.2 * rows),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    rows, 1 + len(names), figsize=(2.2 * (1 + len(names)), 2.2 * rows), squeeze=False
+  )
   for r in range(rows):
     for c, name in enumerate(["ground truth"] + names):
       ax = axes[r, c]
       ax.imshow(shown["image"][r], cmap="gray")
       masks = shown["masks"] if c == 0 else shown[name]
       for k in np.nonzero(shown["valid"][r])[0]:
-        ax.contour(masks[r, k], levels=[0.5], colors=["lime" if c == 0 else "red"],
-                   linewidths=0.8)
+        ax.contour(masks[r, k], levels=[0.5], colors=["lime" if c == 0 else "red"], linewidths=0.8)
       ax.set_axis_off()
       if r == 0:
         ax.set_title(name, fontsize=8)

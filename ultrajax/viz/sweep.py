@@ -1,4 +1,5 @@
 """A ratio sweep's figure (HSL paper Fig. 2 B2 / C2): a node metric against the ratio."""
+
 from __future__ import annotations
 
 import pathlib
@@ -16,15 +17,24 @@ def sweep_lines(path, rows: list[dict], *, metric: str = "AUC", title: str = "")
   nodes = list(dict.fromkeys(r["node"] for r in rows))
   methods = list(dict.fromkeys(r["method"] for r in rows))
   ratios = sorted({r["ratio"] for r in rows})
-  fig, axes = plt.subplots(1, len(nodes), figsize=(5 * len(nodes), 3.6), squeeze=False,
-                           sharey=True)
+  fig, axes = plt.subplots(1, len(nodes), figsize=(5 * len(nodes), 3.6), squeeze=False, sharey=True)
   for ax, node in zip(axes[0], nodes):
     for method in methods:
-      pts = sorted((r["ratio"], r["mean"], r["t_low"], r["t_high"]) for r in rows
-                   if r["node"] == node and r["method"] == method)
+      pts = sorted(
+        (r["ratio"], r["mean"], r["t_low"], r["t_high"])
+        for r in rows
+        if r["node"] == node and r["method"] == method
+      )
       x, y, lo, hi = (np.asarray(v, np.float64) for v in zip(*pts))
-      ax.errorbar(x, y, yerr=np.nan_to_num(np.stack([y - lo, hi - y])), marker="o", ms=3,
-                  capsize=2, label=method)
+      ax.errorbar(
+        x,
+        y,
+        yerr=np.nan_to_num(np.stack([y - lo, hi - y])),
+        marker="o",
+        ms=3,
+        capsize=2,
+        label=method,
+      )
     ax.set_xscale("log")
     ax.set_xticks(ratios, [f"{r:g}:1" for r in ratios], rotation=60, fontsize=8)
     ax.minorticks_off()

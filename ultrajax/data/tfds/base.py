@@ -13,6 +13,7 @@ Features (all builders):
   file_name     str: the image's path relative to manual_dir
 and, where the dataset has them: mask uint8 [H, W, 1] in {0, 255}; label (ClassLabel of CLASSES).
 """
+
 from __future__ import annotations
 
 import abc
@@ -24,47 +25,52 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-NAN = float('nan')
+NAN = float("nan")
 
 
 class UltrasoundBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the ultrasound builders. Subclasses set the class attributes and `_generate_examples`."""
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES: ClassVar[dict] = {'1.0.0': 'First release.'}
-  CHANNELS = 1          # image channels as published
-  CLASSES: tuple[str, ...] = ()   # label names; () when the set has no image-level label
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES: ClassVar[dict] = {"1.0.0": "First release."}
+  CHANNELS = 1  # image channels as published
+  CLASSES: tuple[str, ...] = ()  # label names; () when the set has no image-level label
   HAS_MASK = False
-  ROOT = ''             # the folder the publishers' archive unpacks to, checked in manual_dir
-  DESCRIPTION = ''
-  CITATION = ''
-  HOMEPAGE = ''
+  ROOT = ""  # the folder the publishers' archive unpacks to, checked in manual_dir
+  DESCRIPTION = ""
+  CITATION = ""
+  HOMEPAGE = ""
   EXTRA_FEATURES: ClassVar[dict] = {}  # more features, name -> tfds feature
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = {
-        'image': tfds.features.Image(shape=(None, None, self.CHANNELS), dtype=np.uint8),
-        'patient_id': tfds.features.Text(),
-        'pixel_size_mm': tfds.features.Scalar(np.float32),
-        'probe': tfds.features.Text(),
-        'file_name': tfds.features.Text(),
-        **self.EXTRA_FEATURES,
+      "image": tfds.features.Image(shape=(None, None, self.CHANNELS), dtype=np.uint8),
+      "patient_id": tfds.features.Text(),
+      "pixel_size_mm": tfds.features.Scalar(np.float32),
+      "probe": tfds.features.Text(),
+      "file_name": tfds.features.Text(),
+      **self.EXTRA_FEATURES,
     }
     if self.HAS_MASK:
-      features['mask'] = tfds.features.Image(shape=(None, None, 1), dtype=np.uint8)
+      features["mask"] = tfds.features.Image(shape=(None, None, 1), dtype=np.uint8)
     if self.CLASSES:
-      features['label'] = tfds.features.ClassLabel(names=list(self.CLASSES))
+      features["label"] = tfds.features.ClassLabel(names=list(self.CLASSES))
     return self.dataset_info_from_configs(
-        description=self.DESCRIPTION, features=tfds.features.FeaturesDict(features),
-        homepage=self.HOMEPAGE, citation=self.CITATION)
+      description=self.DESCRIPTION,
+      features=tfds.features.FeaturesDict(features),
+      homepage=self.HOMEPAGE,
+      citation=self.CITATION,
+    )
 
-  SPLITS = ('train',)    # the publishers' splits
+  SPLITS = ("train",)  # the publishers' splits
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
     if not os.path.isdir(os.path.join(manual_dir, self.ROOT)):
       raise FileNotFoundError(
-          f"{self.name}: {os.path.join(manual_dir, self.ROOT)} does not exist; unpack the dataset "
-          f"into the manual_dir so that it holds {self.ROOT}/ (see MANUAL_DOWNLOAD_INSTRUCTIONS)")
+        f"{self.name}: {os.path.join(manual_dir, self.ROOT)} does not exist; unpack the dataset "
+        f"into the manual_dir so that it holds {self.ROOT}/ (see MANUAL_DOWNLOAD_INSTRUCTIONS)"
+      )
     return {split: self._generate_examples(manual_dir, split) for split in self.SPLITS}
 
   @abc.abstractmethod
@@ -75,19 +81,19 @@ class UltrasoundBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 def grey(path: str) -> np.ndarray:
   """uint8 [H, W, 1] of an image file (colour averaged by PIL's 'L' conversion)."""
   with Image.open(path) as img:
-    return np.asarray(img.convert('L'), np.uint8)[..., None]
+    return np.asarray(img.convert("L"), np.uint8)[..., None]
 
 
 def rgb(path: str) -> np.ndarray:
   """uint8 [H, W, 3] of an image file (grey replicated, alpha dropped)."""
   with Image.open(path) as img:
-    return np.asarray(img.convert('RGB'), np.uint8)
+    return np.asarray(img.convert("RGB"), np.uint8)
 
 
 def binary_mask(path: str) -> np.ndarray:
   """bool [H, W]: a published mask (any mode, colour: the channel maximum) thresholded at 128."""
   with Image.open(path) as img:
-    values = np.asarray(img.convert('RGB') if img.mode not in ('1', 'L') else img.convert('L'))
+    values = np.asarray(img.convert("RGB") if img.mode not in ("1", "L") else img.convert("L"))
   return (values.max(-1) if values.ndim == 3 else values) >= 128
 
 
@@ -100,11 +106,11 @@ def read_csv(path: str) -> list[dict]:
   """Rows of a publisher's CSV (',' or ';' separated, BOM and padded header names stripped)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist (it is part of the published dataset)")
-  with open(path, newline='', encoding='utf-8-sig') as f:
+  with open(path, newline="", encoding="utf-8-sig") as f:
     text = f.read()
-  delimiter = ';' if text.split('\n', 1)[0].count(';') > text.split('\n', 1)[0].count(',') else ','
+  delimiter = ";" if text.split("\n", 1)[0].count(";") > text.split("\n", 1)[0].count(",") else ","
   rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
-  return [{(k or '').strip(): (v or '').strip() for k, v in row.items()} for row in rows]
+  return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in rows]
 
 
 def column(row: dict, names: tuple[str, ...], where: str) -> str:

@@ -1,4 +1,5 @@
 """TG3K: thyroid gland segmentation in ultrasound video frames (Gong et al., ISBI 2021)."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,17 @@ from ultrajax.data.tfds import base
 class Tg3k(base.UltrasoundBuilder):
   """3,585 thyroid ultrasound frames from 16 videos with gland masks, in the authors'
   train / val split (tg3k-trainval.json)."""
-  name = 'tg3k'
-  ROOT = 'tg3k'
+
+  name = "tg3k"
+  ROOT = "tg3k"
   HAS_MASK = True
-  SPLITS = ('train', 'validation')
+  SPLITS = ("train", "validation")
   DESCRIPTION = __doc__
-  HOMEPAGE = 'https://github.com/haifangong/TRFE-Net-for-thyroid-nodule-segmentation'
-  CITATION = ('Gong H, Chen G, Wang R, et al. Multi-task learning for thyroid nodule segmentation '
-              'with thyroid region prior. IEEE ISBI 2021, 257-261.')
+  HOMEPAGE = "https://github.com/haifangong/TRFE-Net-for-thyroid-nodule-segmentation"
+  CITATION = (
+    "Gong H, Chen G, Wang R, et al. Multi-task learning for thyroid nodule segmentation "
+    "with thyroid region prior. IEEE ISBI 2021, 257-261."
+  )
   MANUAL_DOWNLOAD_INSTRUCTIONS = """Download the thyroid dataset linked from the homepage and
   point manual_dir at the folder holding tg3k/ (its 'Thyroid Dataset' folder):
   manual_dir/tg3k/thyroid-image/<nnnn>.jpg, tg3k/thyroid-mask/<nnnn>.jpg and
@@ -27,15 +31,15 @@ class Tg3k(base.UltrasoundBuilder):
 
   def _generate_examples(self, manual_dir, split):
     folder = os.path.join(manual_dir, self.ROOT)
-    with open(os.path.join(folder, 'tg3k-trainval.json')) as f:
+    with open(os.path.join(folder, "tg3k-trainval.json")) as f:
       listed = json.load(f)
-    wanted = set(listed['train' if split == 'train' else 'val'])
+    wanted = set(listed["train" if split == "train" else "val"])
     # No video ids are released. Frames are numbered video after video and each video keeps one
     # frame size, so a run of equal-sized consecutive frames stands for a video (the patient id):
     # splitting by it keeps a video's near-duplicate frames on one side.
     run, previous = 0, None
-    for n in sorted(set(listed['train']) | set(listed['val'])):
-      path = os.path.join(folder, 'thyroid-image', f'{n:04d}.jpg')
+    for n in sorted(set(listed["train"]) | set(listed["val"])):
+      path = os.path.join(folder, "thyroid-image", f"{n:04d}.jpg")
       with Image.open(path) as img:
         size = img.size
       if previous is not None and size != previous:
@@ -43,8 +47,15 @@ class Tg3k(base.UltrasoundBuilder):
       previous = size
       if n not in wanted:
         continue
-      mask = base.binary_mask(os.path.join(folder, 'thyroid-mask', f'{n:04d}.jpg'))
-      yield f'{n:04d}', {
-          'image': base.grey(path), 'mask': base.mask_feature(mask),
-          'patient_id': f'video_run_{run}', 'pixel_size_mm': base.NAN, 'probe': 'linear',
-          'file_name': os.path.relpath(path, manual_dir)}
+      mask = base.binary_mask(os.path.join(folder, "thyroid-mask", f"{n:04d}.jpg"))
+      yield (
+        f"{n:04d}",
+        {
+          "image": base.grey(path),
+          "mask": base.mask_feature(mask),
+          "patient_id": f"video_run_{run}",
+          "pixel_size_mm": base.NAN,
+          "probe": "linear",
+          "file_name": os.path.relpath(path, manual_dir),
+        },
+      )
