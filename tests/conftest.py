@@ -7,6 +7,23 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent XLA compilation cache per test session, shared by the xdist workers and the
+# subprocesses tests start (they inherit the environment): the same tiny programs (the smoke
+# pretraining chunk above all) are compiled by many tests and by every restart of a killed run.
+# A fresh folder each session, so a run's time does not depend on the one before. JAX keys
+# entries by the program, its compile options and the devices, so a hit is the same executable.
+if "PYTEST_XDIST_WORKER" not in os.environ:  # the controlling process: drop old sessions' caches
+  import glob
+  import shutil
+  import time
+
+  for old in glob.glob("/tmp/ultrajax-test-xla-cache-*"):
+    if time.time() - os.path.getmtime(old) > 3600:
+      shutil.rmtree(old, ignore_errors=True)
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  f"/tmp/ultrajax-test-xla-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}",
+)
 
 import pathlib  # noqa: E402
 

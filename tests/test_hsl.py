@@ -239,6 +239,7 @@ def test_mmoe_with_vit_encoders():
 
 
 # ----------------------------------------------------------------------------- the study job
+import contextlib  # noqa: E402
 import csv  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
@@ -297,12 +298,24 @@ def smoke_study(tmp_path_factory):
   this tiny study, and the results only need to be consistent, not fast.
   """
   workdir = tmp_path_factory.mktemp("hsl_smoke")
+  with _unoptimized():
+    summary = hsl.run(_study_config(), workdir)
+  return workdir, summary
+
+
+@contextlib.contextmanager
+def _unoptimized():
+  """XLA optimisations off, as a process started with JAX_DISABLE_MOST_OPTIMIZATIONS=true has
+  them. The caches are cleared on the way in and out: eager ops (parameter initialisers among
+  them) compiled earlier in this worker with optimisations would otherwise be reused, and the
+  study's numbers would depend on which tests ran before it."""
+  jax.clear_caches()
   jax.config.update("jax_disable_most_optimizations", True)
   try:
-    summary = hsl.run(_study_config(), workdir)
+    yield
   finally:
     jax.config.update("jax_disable_most_optimizations", False)
-  return workdir, summary
+    jax.clear_caches()
 
 
 def _read_csv(path):
@@ -400,11 +413,8 @@ def test_killed_study_resumes_with_the_missing_run_only(smoke_study):
     before = dict(f)
   missing.unlink()
   others = {p: p.stat().st_mtime_ns for p in (workdir / "runs").glob("*/*.npz")}
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
+  with _unoptimized():
     hsl.run(_study_config(), workdir)
-  finally:
-    jax.config.update("jax_disable_most_optimizations", False)
   assert {p: p.stat().st_mtime_ns for p in others} == others  # nothing else retrained
   with np.load(missing) as f:  # the redone run reproduces the lost one exactly
     for key, value in before.items():
@@ -857,3 +867,31 @@ def test_manifest_patient_column_keeps_each_patient_in_one_split(tmp_path):
     hsl.validate(
       _config(scenario="natural", **{"data.source": "folder", "data.patient_column": "patient"})
     )
+
+
+def test_fit_stops_before_the_round_the_strategy_refuses():
+  """The strategy's stop_reason (DP-FedAvg's spent budget) ends a cell before that round: the
+  rounds already run are kept, no further round is trained."""
+  config = _config(**{"train.patience_epochs": 0, "fed.num_rounds": 4})
+  trained = []
+
+  def do_round(state, r):
+    trained.append(r)
+    return state + 1, np.full(2, float(r))
+
+  refuse_from = 2
+  chosen, history = hsl.fit(
+    config,
+    "unit",
+    0,
+    do_round,
+    lambda s: s,
+    None,
+    None,
+    None,
+    [np.arange(3), np.arange(3)],
+    np.random.default_rng(0),
+    stop_reason=lambda done: "budget spent" if done >= refuse_from else None,
+  )
+  assert trained == [0, 1] and chosen == 2
+  np.testing.assert_array_equal(history["losses"], [[0.0, 0.0], [1.0, 1.0]])

@@ -183,7 +183,9 @@ class DPFedAvg(strategies.FedAvg):
       "dp": {
         "clip_norm": jnp.asarray(self.clip_norm, jnp.float32),
         "rounds": jnp.zeros((), jnp.int32),
-        "unclipped": jnp.asarray(math.nan, jnp.float32),
+        # The noisy unclipped fraction of the last round (adaptive clipping only; 0 before the
+        # first round and without it: a NaN sentinel would make checkpoints refuse the state).
+        "unclipped": jnp.zeros((), jnp.float32),
         **const,
       }
     }
@@ -217,7 +219,7 @@ class DPFedAvg(strategies.FedAvg):
     mean = privacy.add_noise(jax.tree.map(lambda s: s / m, acc["params"]), std, noise_key)
     params = _plus(server.params, mean)
     model_state = self.mean(acc, server).model_state
-    new_clip, b_bar = clip, jnp.asarray(math.nan, jnp.float32)
+    new_clip, b_bar = clip, jnp.zeros((), jnp.float32)
     if self.adaptive:
       new_clip, b_bar = privacy.adaptive_clip_from_count(
         clip, acc["unclipped"], m, self.target_quantile, self.clip_lr, dp["sigma_b"], count_key

@@ -480,8 +480,10 @@ def fit(
   val_sets,
   rng: np.random.Generator,
   cell: Cell | None = None,
+  stop_reason=lambda rounds_done: None,
 ):
-  """Up to fed.num_rounds rounds of do_round(state, r) -> (state, per-node losses [C]). With
+  """Up to fed.num_rounds rounds of do_round(state, r) -> (state, per-node losses [C]), fewer
+  when stop_reason(rounds done) names a reason (the strategy's: a spent privacy budget). With
   patience_epochs > 0, after each round validates models(state) = (params, model_state)
   [K, ...] on val_sets (one index array per slot), keeps each slot's best model and stops
   early (EarlyStopping). `rng` is the host generator do_round draws batches from.
@@ -520,6 +522,10 @@ def fit(
   progress = periodic_actions.ReportProgress(num_train_steps=f.num_rounds, every_steps=1)  # ETA
   stopped = start > 0 and stopper.should_stop(start - 1)
   for r in range(start, f.num_rounds):
+    why = stop_reason(r)
+    if why:
+      logging.warning("%s: stopping before round %d: %s", label, r + 1, why)
+      stopped = True
     if stopped:
       break
     state, round_losses = do_round(state, r)
@@ -666,6 +672,8 @@ def train_and_evaluate(
   train_sets = [np.concatenate(split.train)] if central else split.train
   num_clients = len(train_sets)
   num_examples = [len(s) for s in train_sets]
+  # The federation's size and sampling, for strategies that account for them (DP).
+  strategy = strategy.for_run(num_clients, f.clients_per_round, f.sampling)
   steps_per_epoch = [math.ceil(n / t.batch_size) for n in num_examples]
   init_opt = lambda: set_steps_per_epoch(
     jax.vmap(tx.init)(jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), params)),
@@ -705,6 +713,9 @@ def train_and_evaluate(
       round_key,
     )
     state = FedRun(*finish_round(lanes, state.server, round_key))
+    report = strategy.report(state.strategy_state, r + 1)  # e.g. dp/epsilon
+    if report:
+      logging.info("repeat %d %s round %d  %s", repeat, method, r + 1, report)
     return state, rounds.client_losses(np.asarray(metrics["loss"]), plan.client_ids, num_clients)
 
   val_sets = [np.concatenate(split.val)] if central else split.val
@@ -720,6 +731,7 @@ def train_and_evaluate(
     val_sets,
     rng,
     cell,
+    strategy.stop_reason,
   )
   node_model = lambda k: jax.tree.map(lambda x: x[0 if central else k], chosen)
   return dict(**history, **evaluate(config, predict, node_model, pool, sat_test, split.test))
