@@ -38,6 +38,7 @@ from ultrajax import configlib
 from ultrajax.data import tasks
 from ultrajax.eval import metrics
 from ultrajax.models import mae
+from ultrajax.train import loop
 
 EVALUATORS = ("linear_probe", "knn")
 POOLS = ("gap", "cls")
@@ -83,7 +84,7 @@ def encoder_features(
       [chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)]
     )
     if sharding is not None:
-      padded = jax.make_array_from_callback(padded.shape, sharding, lambda i, a=padded: a[i])
+      padded = loop.put_global(padded, sharding)
     out.append(np.asarray(fn(params, padded)[pool])[: len(chunk)])
   return np.concatenate(out).astype(np.float32)
 

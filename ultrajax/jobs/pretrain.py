@@ -620,7 +620,7 @@ class Programs:
     plan_sharding = rounds.RoundPlan(*[self.vector] * 4)
     # Frozen inputs: the teacher's params (an empty dict for pixel targets), replicated.
     teacher_graphdef, teacher_params = teacher or (None, {})
-    self.frozen = jax.tree.map(lambda x: _put(x, rep), teacher_params)
+    self.frozen = loop.put_global(teacher_params, rep)
 
     def chunk(frozen, params, *args):
       loss_fn = rounds.without_model_state(make_loss_fn(graphdef, config, teacher_graphdef, frozen))
@@ -685,12 +685,6 @@ class Programs:
         f"{self.chunk_flops / 1e9:.1f}" if self.chunk_flops else "?",
       )
     return self._compiled_chunk(self.frozen, *args)
-
-
-def _put(array, sharding_):
-  """A global jax.Array holding the same host value on every process."""
-  array = np.asarray(array)
-  return jax.make_array_from_callback(array.shape, sharding_, lambda index: array[index])
 
 
 def _global_batch(local, shardings):
@@ -928,8 +922,8 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
       reconstruction.save_pairs(
         workdir / "images" / "smat_pairs.png", pairs, title="SMAT scan-mode partners"
       )
-    weights_dev = _put(weights, programs.replicated)
-    steps_dev = _put(steps_per_round.astype(np.float32), programs.replicated)
+    weights_dev = loop.put_global(weights, programs.replicated)
+    steps_dev = loop.put_global(steps_per_round.astype(np.float32), programs.replicated)
     meta = dict(process_count=jax.process_count(), config=config.to_json_best_effort())
     partial = f.sampling == "poisson" or f.clients_per_round != 0 or f.dropout > 0
     last = (
@@ -958,7 +952,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
       )
       plan = rounds.plan_round(steps_per_round * drawn.participants, num_lanes, chunk_steps)
       state = programs.start_round(params, train["opt"], train["strategy"])
-      round_index = _put(np.int32(r), programs.replicated)
+      round_index = loop.put_global(np.int32(r), programs.replicated)
       losses, grad_norms = [np.zeros((num_lanes, 0))], [np.zeros((num_lanes, 0))]
       for j in range(plan.client_ids.shape[1] // chunk_steps):
         p = plan.chunk(j, chunk_steps)
@@ -968,7 +962,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
           params,
           state,
           images,
-          rounds.RoundPlan(*(_put(a, programs.vector) for a in p)),
+          loop.put_global(p, programs.vector),
           steps_dev,
           weights_dev,
           round_index,
