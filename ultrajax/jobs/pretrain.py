@@ -997,7 +997,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
       loss = float(losses.sum() / busy)
       evaluated = probes.at_round(params, done) if probes else {}
 
-      if done % config.log_every_rounds == 0 or done == last:
+      if loop.itstime(done, config.log_every_rounds, last):
         per_client = rounds.client_losses(losses, np.where(valid, plan.client_ids, -1), num_clients)
         # Mean global gradient norm of the round's client steps, and the new server params' norm.
         grad_norm = float(np.where(valid, grad_norms, 0.0).sum() / busy)
@@ -1045,7 +1045,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
         writer.write_scalars(done, dict(round=done, **evaluated))
       progress(done)
 
-      if done % config.image_every_rounds == 0 or done == config.fed.num_rounds:
+      if loop.itstime(done, config.image_every_rounds, config.fed.num_rounds):
         shown = programs.preview(params, preview, preview_key)
         if jax.process_index() == 0:
           save = reconstruction.save_grid if teacher is None else feature_viz.save_similarity_grid
@@ -1057,8 +1057,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
             title=f"round {done}, loss {loss:.4f}",
           )
           writer.write_images(done, {"reconstructions": writers.png_image(png)})
-      every = config.attention_every_rounds
-      if every and (done % every == 0 or done == config.fed.num_rounds):
+      if loop.itstime(done, config.attention_every_rounds, config.fed.num_rounds):
         maps = np.asarray(jax.device_get(attention_maps(params, preview)))
         if jax.process_index() == 0:
           attention_viz.save_attention(
@@ -1067,7 +1066,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
             maps,
             title=f"round {done}: last block, cls attention",
           )
-      if done % config.ckpt_every_rounds == 0 or done == config.fed.num_rounds:
+      if loop.itstime(done, config.ckpt_every_rounds, config.fed.num_rounds):
         ckpt.save(done, params, train, data, dict(meta, round=done))
     if probes and jax.process_index() == 0:
       logging.info(
