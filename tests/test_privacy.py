@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from ultrajax import configlib
-from ultrajax.fed import aggregate, privacy, robust, rounds, secagg, strategies
+from ultrajax.fed import aggregate, privacy, protected, robust, rounds, secagg, strategies
 
 
 def _stack(num=5, seed=0):
@@ -635,3 +635,155 @@ def test_pretraining_with_dp_logs_epsilon_and_stops_at_the_budget_also_after_a_r
   bad.fed.strategy_options = "clip_norm=-1.0"
   with pytest.raises(configlib.ConfigError, match="config.fed.strategy_options"):
     pretrain.validate(bad)
+
+
+# --- example-level DP-SGD in the engine's local step, and the simulated attack ------------------
+
+DPSGD_Z, DPSGD_C = 0.9, 1.5
+
+
+def _dp_sgd(examples=(40, 40, 40, 40), budget=0.0, accountant="rdp", inner="fedavg"):
+  return protected.DPSGD(
+    strategies.make_strategy(inner),
+    noise_multiplier=DPSGD_Z,
+    clip_norm=DPSGD_C,
+    epsilon_budget=budget,
+    accountant=accountant,
+  ).for_data(BATCH, examples, [STEPS] * len(examples))
+
+
+def _numpy_dp_sgd_local(data, params, k, round_key):
+  """Client k's STEPS DP-SGD steps in float64: per-example gradients of (x.w + b - y)^2 by
+  hand, each clipped to C, summed, plus the engine's noise (drawn from the step key as
+  privacy.dp_sgd_value_and_grad documents), over B; then plain SGD."""
+  w, b = np.float64(params["w"]), np.float64(params["b"])
+  for s in range(STEPS):
+    x, y = data["x"][k, s].astype(np.float64), data["y"][k, s].astype(np.float64)
+    r = x @ w + b - y
+    g = np.concatenate([2 * r[:, None] * x, 2 * r[:, None]], axis=1)  # [B, (w, b)]
+    norms = np.linalg.norm(g, axis=1, keepdims=True)
+    total = (g * np.minimum(1.0, DPSGD_C / norms)).sum(0)
+    step_key = jax.random.fold_in(jax.random.fold_in(round_key, k), s)
+    _, noise_key = jax.random.split(step_key)
+    noise = privacy.add_noise(
+      {"w": jnp.zeros(DIM), "b": jnp.zeros(())}, DPSGD_Z * DPSGD_C, noise_key
+    )
+    total += np.concatenate([np.asarray(noise["w"]), [float(noise["b"])]])
+    w, b = w - LR * total[:DIM] / BATCH, b - LR * total[DIM] / BATCH
+  return np.concatenate([w, [b]])
+
+
+def test_dp_sgd_on_the_engine_equals_numpy_per_example_clip_and_noise_and_is_accounted():
+  """One FedAvg round with DP-SGD local steps equals the numpy reference; the state counts each
+  client's steps; epsilon per client equals dp-accounting on the Poisson-sampled Gaussian
+  (q = B / n_k, one event per step) to 1e-6, RDP and PLD."""
+  data, params = _clients(4, seed=5)
+  strategy = _dp_sgd()
+  server, sstate, _ = _rounds(strategy, data, params, 1)
+  want = np.mean([_numpy_dp_sgd_local(data, params, k, jax.random.key(0)) for k in range(4)], 0)
+  np.testing.assert_allclose(_flat_server(server), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(sstate["dp_sgd_clients"]["steps"], [STEPS] * 4)
+  for kind in ("rdp", "pld"):
+    direct = (
+      dp_accounting.rdp.RdpAccountant()
+      if kind == "rdp"
+      else dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    )
+    event = dp_accounting.PoissonSampledDpEvent(BATCH / 40, dp_accounting.GaussianDpEvent(DPSGD_Z))
+    direct.compose(event, STEPS)
+    report = _dp_sgd(accountant=kind).report(sstate, 1)
+    assert report["dp_sgd/epsilon"] == pytest.approx(direct.get_epsilon(1e-5), abs=1e-6)
+    assert report["dp_sgd/epsilon_client_03"] == report["dp_sgd/epsilon"]
+
+
+def test_dp_sgd_budget_stops_before_the_round_that_would_pass_it_for_the_smallest_client():
+  """Client 1 has the fewest examples (q = 4/20): the budget between its epsilon after one and
+  two rounds stops the run after round 1, naming it; composed with DP-FedAvg, which logs too.
+  (The round runs the previous test's compiled engine: the step counts do not depend on n_k.)"""
+  examples = (40, 20, 40, 40)
+  eps = lambda steps: privacy.dp_sgd_epsilon(BATCH, 20, DPSGD_Z, 1e-5, "rdp", steps)  # noqa: E731
+  budget = (eps(STEPS) + eps(2 * STEPS)) / 2
+  data, params = _clients(4, seed=6)
+  _, sstate, _ = _rounds(_dp_sgd(), data, params, 1)
+  strategy = _dp_sgd(examples, budget, inner="dp_fedavg").for_run(4, 0, "uniform")
+  fresh = strategy.init(jax.tree.map(jnp.asarray, params), 4, {})
+  assert strategy.stop_reason(0, fresh) is None
+  why = strategy.stop_reason(1, sstate)
+  assert why and "round 2" in why and "client 1's" in why and f"{budget:g}" in why
+  assert strategy.stop_reason(1) == why  # without the state: every client took part
+  report = strategy.report(dict(sstate, dp=fresh["dp"]), 1)
+  assert report["dp_sgd/epsilon"] == pytest.approx(eps(STEPS), abs=1e-9)
+  assert report["dp_sgd/epsilon_client_00"] < report["dp_sgd/epsilon"]
+  assert report["dp/epsilon"] == 0.0  # DP-FedAvg's own accountant, no round counted yet
+  assert _dp_sgd(examples, 2 * eps(2 * STEPS)).stop_reason(1, sstate) is None
+
+
+def test_dp_sgd_and_attack_config_fields_are_validated_naming_the_field():
+  import ml_collections
+
+  def config(**over):
+    c = ml_collections.ConfigDict(
+      dict(
+        fed=dict(attack="", attack_clients=""),
+        dp_sgd=dict(
+          noise_multiplier=1.0, clip_norm=1.0, delta=1e-5, epsilon_budget=0.0, accountant="rdp"
+        ),
+      )
+    )
+    c.update_from_flattened_dict(over)
+    return c
+
+  fedavg = strategies.make_strategy("fedavg")
+  assert isinstance(protected.wrap(fedavg, config()), protected.DPSGD)
+  assert protected.wrap(fedavg, config(**{"dp_sgd.noise_multiplier": 0.0})) is fedavg
+  for field, value in (
+    ("noise_multiplier", -1.0),
+    ("clip_norm", 0.0),
+    ("delta", 1.0),
+    ("epsilon_budget", -2.0),
+    ("accountant", "moments"),
+  ):
+    with pytest.raises(configlib.ConfigError, match=f"config.dp_sgd.{field}="):
+      protected.wrap(fedavg, config(**{f"dp_sgd.{field}": value}))
+  with pytest.raises(configlib.ConfigError, match="config.fed.attack="):
+    protected.wrap(fedavg, config(**{"fed.attack": "flip:1", "fed.attack_clients": "3"}))
+  with pytest.raises(configlib.ConfigError, match="config.fed.attack_clients="):
+    protected.wrap(fedavg, config(**{"fed.attack": "scale:1e6"}))
+  attacked = protected.wrap(
+    fedavg, config(**{"fed.attack": "scale:1e6", "fed.attack_clients": "3"})
+  )
+  with pytest.raises(configlib.ConfigError, match="config.fed.attack_clients='3'"):
+    attacked.for_run(3, 0, "uniform")
+  with pytest.raises(configlib.ConfigError, match="fewer than the batch size"):
+    _dp_sgd((40, 3, 40, 40))
+
+
+def test_attack_option_reaches_the_aggregate_fedavg_is_off_by_1e6_and_median_is_not():
+  """fed.attack='scale:1e6' on client 3 of 5: FedAvg's aggregate is the numpy weighted mean
+  with client 3's update scaled by 1e6; the median (screen off: the rule alone) is the numpy
+  median of the same updates and stays within the honest clients' range."""
+  server = strategies.Server({"w": jnp.arange(3.0), "b": jnp.float32(1.0)}, {})
+  done = _finished(None, server, 5, seed=7)
+  flat = lambda p: np.concatenate([[float(p["b"])], np.asarray(p["w"])])  # noqa: E731
+  x0 = flat(server.params)
+  deltas = np.stack([flat(d.params) - x0 for d in done])
+  scaled = deltas.copy()
+  scaled[3] *= 1e6
+  w = np.array([float(d.weight) for d in done])
+  for name, options in (("fedavg", {}), ("median", {"screen_factor": 0.0})):
+    strategy = protected.ScaledClients(
+      strategies.make_strategy(name, **options), scale=1e6, clients=(3,)
+    ).for_run(5, 0, "uniform")
+    state = strategy.init(server.params, 5, {})
+    acc = strategy.accumulator(state, server, 5)
+    for d in done:
+      acc, state = strategy.on_client_done(acc, state, server, d)
+    new, _ = strategy.server_update(acc, state, server, jax.random.key(0))
+    got = flat(new.params) - x0
+    if name == "fedavg":
+      np.testing.assert_allclose(got, w @ scaled / w.sum(), rtol=1e-4)
+      assert np.abs(got - w @ deltas / w.sum()).max() > 1e4 * np.abs(deltas).max()
+    else:
+      np.testing.assert_allclose(got, np.median(scaled, 0), rtol=1e-5, atol=1e-6)
+      honest = np.delete(deltas, 3, 0)
+      assert np.all(got >= honest.min(0) - 1e-6) and np.all(got <= honest.max(0) + 1e-6)

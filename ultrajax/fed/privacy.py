@@ -12,6 +12,8 @@ engine's strategy hooks (issue 16) can call them from the server update or the l
   acct = Accountant(noise_multiplier=z, sampling='poisson', sampling_rate=q, delta=1e-5)
   acct.epsilon(rounds); acct.would_exceed(rounds_done); acct.state(rounds) / acct.check_state(s)
   grads = dp_sgd_grad(loss_fn, params, batch, key, clip_norm, z)  # example-level, one step
+  value_and_grad = dp_sgd_value_and_grad(engine_loss_fn, clip_norm, z)  # the engine's local step
+  eps = dp_sgd_epsilon(batch, n_k, z, delta, 'rdp', steps)  # one client's DP-SGD so far
 
 Which unit is protected: `dp_mean` protects a whole client (a hospital) against the server and
 anyone who sees the model; `dp_sgd_grad` protects one example inside a client. The accountant
@@ -21,6 +23,7 @@ only knows the mechanism it is given: say which one a reported epsilon refers to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import dp_accounting
@@ -268,6 +271,26 @@ def dp_sgd_accountant(
   )
 
 
+@functools.lru_cache(maxsize=4096)
+def dp_sgd_epsilon(
+  batch_size: int, num_examples: int, noise_multiplier: float, delta: float, kind: str, steps: int
+) -> float:
+  """epsilon at delta of `steps` DP-SGD steps in one client (dp_sgd_accountant), cached: a job
+  asks for every client after every round."""
+  acct = dp_sgd_accountant(batch_size, num_examples, noise_multiplier, delta, kind=kind)
+  return acct.epsilon(steps)
+
+
+def clipped_noisy_mean(per_example, clip_norm, noise_multiplier: float, key):
+  """(sum_i clip(g_i, C) + N(0, (z C)^2)) / B from per-example gradients with leaves [B, ...];
+  the noise is add_noise's (one key per leaf, split from `key`)."""
+  clipped, _ = clip_updates(per_example, clip_norm)
+  size = jax.tree.leaves(per_example)[0].shape[0]
+  total = jax.tree.map(lambda g: g.sum(axis=0), clipped)
+  noisy = add_noise(total, noise_multiplier * clip_norm, key)
+  return jax.tree.map(lambda g: g / size, noisy)
+
+
 def dp_sgd_grad(loss_fn, params, batch, key, clip_norm, noise_multiplier: float):
   """Example-level DP-SGD gradient (Abadi et al. 2016) for one local step.
 
@@ -279,9 +302,37 @@ def dp_sgd_grad(loss_fn, params, batch, key, clip_norm, noise_multiplier: float)
   def one(example):
     return jax.grad(loss_fn)(params, jax.tree.map(lambda x: x[None], example))
 
-  per_example = jax.vmap(one)(batch)
-  clipped, _ = clip_updates(per_example, clip_norm)
-  size = jax.tree.leaves(batch)[0].shape[0]
-  total = jax.tree.map(lambda g: g.sum(axis=0), clipped)
-  noisy = add_noise(total, noise_multiplier * clip_norm, key)
-  return jax.tree.map(lambda g: g / size, noisy)
+  return clipped_noisy_mean(jax.vmap(one)(batch), clip_norm, noise_multiplier, key)
+
+
+def dp_sgd_value_and_grad(loss_fn, clip_norm: float, noise_multiplier: float):
+  """The engine's LossFn (fed/rounds.py) -> its DP-SGD value_and_grad for one local step.
+
+  Returns f(params, model_state, batch, key) -> ((loss, (model_state, aux)), grads): the
+  loss_fn of each example alone (a batch of one) with its own key, its gradient clipped to
+  L2 norm C, summed, plus N(0, (z C)^2), divided by B (clipped_noisy_mean). From the step's
+  key: example_key, noise_key = split(key); example i gets split(example_key, B)[i]. loss and
+  aux are the means over the examples. The B per-example gradients are held at once (B x the
+  model's size in memory). Model state (BatchNorm statistics of a batch) would leak the batch
+  unclipped and unnoised, so a non-empty one is refused.
+  """
+  grad_one = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def value_and_grad(params, model_state, batch, key):
+    if jax.tree.leaves(model_state):
+      raise ValueError(
+        "dp_sgd: the model has state besides its parameters (BatchNorm statistics?), which "
+        "example-level DP-SGD cannot protect; use a model without it (GroupNorm/LayerNorm)"
+      )
+    size = jax.tree.leaves(batch)[0].shape[0]
+    example_key, noise_key = jax.random.split(key)
+
+    def one(example, k):
+      return grad_one(params, model_state, jax.tree.map(lambda x: x[None], example), k)
+
+    (losses, (_, aux)), grads = jax.vmap(one)(batch, jax.random.split(example_key, size))
+    aux = None if aux is None else jax.tree.map(lambda a: a.mean(axis=0), aux)
+    grads = clipped_noisy_mean(grads, clip_norm, noise_multiplier, noise_key)
+    return (losses.mean(), (model_state, aux)), grads
+
+  return value_and_grad

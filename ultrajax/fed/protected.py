@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -233,7 +234,8 @@ class DPFedAvg(strategies.FedAvg):
     return Server(params, strategies._like(model_state, server.model_state)), dict(state, dp=dp)
 
   # --------------------------------------------------------------- host side
-  def stop_reason(self, rounds_done: int) -> str | None:
+  def stop_reason(self, rounds_done: int, state=None) -> str | None:
+    del state  # the accountant counts rounds, which the job passes
     if not self.epsilon_budget:
       return None
     acct = self.privacy_accountant()
@@ -511,6 +513,222 @@ class SecureAvg(strategies.FedAvg):
     new = Server(_plus(server.params, delta), _plus(server.model_state, ms_delta))
     s = state["secagg"]
     return new, dict(state, secagg=dict(s, round=s["round"] + 1))
+
+
+# ----------------------------------------------------------------------------- wrappers
+@dataclasses.dataclass(frozen=True)
+class Wrapped:
+  """A strategy around `inner`: every hook and field it does not define is the inner one's, so
+  it composes with any strategy (and with another wrapper)."""
+
+  inner: Any
+
+  def __getattr__(self, name):
+    if name == "inner":  # not set yet (copy, unpickling): no recursion
+      raise AttributeError(name)
+    return getattr(self.inner, name)
+
+  def for_run(self, num_clients: int, clients_per_round, sampling: str):
+    return dataclasses.replace(
+      self, inner=self.inner.for_run(num_clients, clients_per_round, sampling)
+    )
+
+  def for_data(self, batch_size: int, num_examples, steps_per_round):
+    return dataclasses.replace(
+      self, inner=self.inner.for_data(batch_size, num_examples, steps_per_round)
+    )
+
+  def stop_reason(self, rounds_done: int, state=None) -> str | None:
+    return self.inner.stop_reason(rounds_done, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGD(Wrapped):
+  """Example-level DP-SGD (Abadi et al. 2016) in every client's local steps, any strategy.
+
+  Each local gradient is privacy.dp_sgd_value_and_grad's: per-example gradients clipped to
+  clip_norm C, summed, N(0, (z C)^2) added, divided by B (noise from the step's key, so a
+  resumed run draws the same). Accounting per client k: a Poisson-sampled Gaussian at rate
+  q_k = B / n_k per step, over the local steps k has taken so far (counted in the state's
+  'dp_sgd_clients', checkpointed with it); `report` gives epsilon at delta per client and
+  their maximum; epsilon_budget > 0 stops the run before a round that would take any client
+  past it. The protected unit is one training example of one client (an image; with SMAT
+  its synthetic partner is a second example from the same image).
+  batch_size, num_examples, steps_per_round: set by `for_data` from the job's data.
+  """
+
+  noise_multiplier: float = 1.0
+  clip_norm: float = 1.0
+  delta: float = 1e-5
+  epsilon_budget: float = 0.0
+  accountant: str = "rdp"
+  batch_size: int = 0
+  num_examples: tuple = ()
+  steps_per_round: tuple = ()
+
+  def __post_init__(self):
+    for name, ok in (
+      ("noise_multiplier", self.noise_multiplier > 0),
+      ("clip_norm", self.clip_norm > 0),
+      ("delta", 0 < self.delta < 1),
+      ("epsilon_budget", self.epsilon_budget >= 0),
+      ("accountant", self.accountant in privacy.ACCOUNTANTS),
+    ):
+      if not ok:
+        raise configlib.ConfigError(
+          f"config.dp_sgd.{name}={getattr(self, name)!r} is invalid: noise_multiplier > 0 "
+          f"(0 turns DP-SGD off), clip_norm > 0, delta in (0, 1), epsilon_budget >= 0 "
+          f"(0: none), accountant one of {privacy.ACCOUNTANTS}"
+        )
+
+  def local_value_and_grad(self, loss_fn):
+    return privacy.dp_sgd_value_and_grad(loss_fn, self.clip_norm, self.noise_multiplier)
+
+  def for_data(self, batch_size: int, num_examples, steps_per_round):
+    num_examples = tuple(int(n) for n in num_examples)
+    for c, n in enumerate(num_examples):
+      if not 0 < batch_size <= n:
+        raise configlib.ConfigError(
+          f"dp_sgd: client {c} has {n} examples, fewer than the batch size {batch_size} "
+          "(the sampling rate B / n_k must be <= 1)"
+        )
+    return dataclasses.replace(
+      super().for_data(batch_size, num_examples, steps_per_round),
+      batch_size=int(batch_size),
+      num_examples=num_examples,
+      steps_per_round=tuple(int(s) for s in steps_per_round),
+    )
+
+  def init(self, server_params, num_clients: int, model_state=None):
+    state = self.inner.init(server_params, num_clients, model_state)
+    return dict(state, dp_sgd_clients={"steps": jnp.zeros((num_clients,), jnp.int32)})
+
+  def on_client_done(self, acc, state, server: Server, done: Finished):
+    acc, state = self.inner.on_client_done(acc, state, server, done)
+    steps = state["dp_sgd_clients"]["steps"]
+    steps = steps.at[done.index].add(done.num_steps.astype(jnp.int32))
+    return acc, dict(state, dp_sgd_clients={"steps": steps})
+
+  def epsilons(self, steps) -> np.ndarray:
+    """epsilon at delta of each client after `steps` [C] local DP-SGD steps."""
+    if not self.num_examples:
+      raise ValueError("dp_sgd: the job did not call for_data (no sampling rates)")
+    return np.array(
+      [
+        privacy.dp_sgd_epsilon(
+          self.batch_size, n, self.noise_multiplier, self.delta, self.accountant, int(s)
+        )
+        for n, s in zip(self.num_examples, np.asarray(steps))
+      ]
+    )
+
+  def _steps(self, state, rounds_done: int) -> np.ndarray:
+    if state is not None:
+      return np.asarray(jax.device_get(state["dp_sgd_clients"]["steps"]))
+    # No state: every client took part in every round (an upper bound under sampling).
+    return rounds_done * np.asarray(self.steps_per_round)
+
+  def stop_reason(self, rounds_done: int, state=None) -> str | None:
+    why = self.inner.stop_reason(rounds_done, state)
+    if why or not self.epsilon_budget:
+      return why
+    steps = self._steps(state, rounds_done)
+    after = self.epsilons(steps + np.asarray(self.steps_per_round))
+    if after.max() <= self.epsilon_budget:
+      return None
+    c = int(after.argmax())
+    return (
+      f"privacy budget (DP-SGD): round {rounds_done + 1} would bring client {c}'s epsilon to "
+      f"{after[c]:.4g} > epsilon_budget={self.epsilon_budget:g} at delta={self.delta:g} "
+      f"({self.accountant}); stopping after {rounds_done} rounds "
+      f"(epsilon {self.epsilons(steps).max():.4g})"
+    )
+
+  def report(self, state, rounds_done: int) -> dict:
+    out = dict(self.inner.report(state, rounds_done))
+    eps = self.epsilons(self._steps(state, rounds_done))
+    out["dp_sgd/epsilon"] = float(eps.max())
+    out.update({f"dp_sgd/epsilon_client_{c:02d}": float(e) for c, e in enumerate(eps)})
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledClients(Wrapped):
+  """SIMULATION ONLY (fault injection, config.fed.attack): the listed clients send their update
+  scaled, x + scale * (y_k - x), as a faulty or hostile hospital would; the strategy sees
+  that. For robustness checks (docs/privacy.md), never for a real deployment."""
+
+  scale: float = 1.0
+  clients: tuple = ()
+
+  def for_run(self, num_clients: int, clients_per_round, sampling: str):
+    if max(self.clients) >= num_clients:
+      raise configlib.ConfigError(
+        f"config.fed.attack_clients={','.join(map(str, self.clients))!r}: the federation has "
+        f"clients 0..{num_clients - 1}"
+      )
+    return super().for_run(num_clients, clients_per_round, sampling)
+
+  def on_client_done(self, acc, state, server: Server, done: Finished):
+    hit = jnp.isin(done.index, jnp.asarray(self.clients, jnp.int32))
+    s = jnp.where(hit, jnp.float32(self.scale), 1.0)
+    params = jax.tree.map(
+      lambda y, x: (x + s * (y.astype(jnp.float32) - x)).astype(y.dtype),
+      done.params,
+      jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), server.params),
+    )
+    return self.inner.on_client_done(acc, state, server, done._replace(params=params))
+
+
+def parse_attack(attack: str, attack_clients: str) -> tuple[float, tuple[int, ...]]:
+  """config.fed.attack ('' | 'scale:<factor>') and attack_clients ('3' or '1,3') -> (scale,
+  client ids); ConfigError naming the field otherwise. '' -> (1.0, ())."""
+  if not attack:
+    return 1.0, ()
+  kind, _, value = attack.partition(":")
+  try:
+    scale = float(value)
+  except ValueError:
+    scale = math.nan
+  if kind != "scale" or not math.isfinite(scale):
+    raise configlib.ConfigError(
+      f"config.fed.attack={attack!r} is not '' or 'scale:<finite factor>' (e.g. 'scale:1e6')"
+    )
+  try:
+    ids = tuple(int(x) for x in attack_clients.split(",") if x.strip())
+  except ValueError:
+    ids = ()
+  if not ids or min(ids) < 0:
+    raise configlib.ConfigError(
+      f"config.fed.attack_clients={attack_clients!r} must list client indices >= 0, e.g. '3'"
+    )
+  return scale, ids
+
+
+def wrap(strategy, config):
+  """`strategy` with the job config's engine options around it: config.fed.attack (simulation
+  only) and config.dp_sgd (noise_multiplier 0: off). Fields a config lacks are off; bad values
+  raise ConfigError naming the field."""
+  f = config.fed
+  scale, ids = parse_attack(f.get("attack", ""), str(f.get("attack_clients", "")))
+  if ids:
+    strategy = ScaledClients(strategy, scale=scale, clients=ids)
+  d = config.get("dp_sgd")
+  if d is None:
+    return strategy
+  configlib.check_range(config, "dp_sgd.noise_multiplier", 0.0)
+  configlib.check_range(config, "dp_sgd.clip_norm", 0.0, low_inclusive=False)
+  configlib.check_range(config, "dp_sgd.delta", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  configlib.check_range(config, "dp_sgd.epsilon_budget", 0.0)
+  configlib.check_choice(config, "dp_sgd.accountant", privacy.ACCOUNTANTS)
+  if d.noise_multiplier > 0:
+    strategy = DPSGD(
+      strategy,
+      **{
+        k: d[k] for k in ("noise_multiplier", "clip_norm", "delta", "epsilon_budget", "accountant")
+      },
+    )
+  return strategy
 
 
 # ----------------------------------------------------------------------------- registry, host hooks

@@ -18,7 +18,9 @@ K-step block of the plan, state, metrics = chunk(...); finish_round(...) (docs/f
 
 Per-client randomness: key(round, client, step) = fold_in(fold_in(round_key, client), step),
 independent of lanes and chunking, so a resumed run draws exactly the same masks; the
-server's key (DP noise, ...) is fold_in(round_key, SERVER_KEY).
+server's key (DP noise, ...) is fold_in(round_key, SERVER_KEY). The step's gradient comes from
+`strategy.local_value_and_grad(loss_fn)` (example-level DP-SGD draws its noise from the step's
+key there, privacy.dp_sgd_value_and_grad).
 """
 
 from __future__ import annotations
@@ -196,7 +198,8 @@ def make_chunk(
 ):
   """Returns chunk(server, state, batches, plan, steps_per_client, weights, round_index,
   round_key) -> (state, metrics), metrics a dict of [L, K]: 'loss', 'grad_norm' (the global
-  L2 norm of the loss gradient) and loss_fn's aux scalars; 0 on idle steps.
+  L2 norm of the loss gradient, after DP-SGD's clipping and noise when the strategy has it)
+  and loss_fn's aux scalars; 0 on idle steps.
 
   server: strategies.Server at the round's start; batches: pytree with leading axes [L, K];
   plan: a RoundPlan chunk of K steps (arrays [L, K]); steps_per_client [C] (float), weights
@@ -206,7 +209,7 @@ def make_chunk(
   gradient is not finite reports loss NaN (the host stops the run, train/divergence.py); with
   on_nonfinite='skip' its update is also dropped: that lane stays as it was.
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = strategy.local_value_and_grad(loss_fn)
 
   def one_step(params, model_state, opt_state, ctx, batch, step_id, steps, round_index, key):
     (loss, (new_ms, aux)), grads = grad_fn(

@@ -14,6 +14,8 @@ is `Server(params, model_state)` at the round's start, `c` a client index (int32
       # entry whose key ends in 'clients' holds per-client leaves [C, ...] (sharded so).
   params, model_state, ctx = strategy.client_start(state, server, c)
       # what client c trains from, and its context for local_grad_transform (one client).
+  (loss, (model_state, aux)), grads = strategy.local_value_and_grad(loss_fn)(...)
+      # the local step's gradient (DP-SGD: per-example clipping and noise)
   grads = strategy.local_grad_transform(grads, params, ctx)
       # every local gradient, before the optimizer: FedProx adds mu (w - w_start), SCAFFOLD
       # adds c - c_i. The job's loss never depends on the strategy.
@@ -208,6 +210,11 @@ class FedAvg:
     del params, ctx
     return grads
 
+  def local_value_and_grad(self, loss_fn):
+    """The local step's gradient of the engine's LossFn: ((loss, (model_state, aux)), grads).
+    Example-level DP-SGD (protected.DPSGD) replaces it with clipped, noised per-example ones."""
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
   def accumulator(self, state, server: Server, num_clients: int):
     del state, num_clients
     return dict(
@@ -256,9 +263,16 @@ class FedAvg:
     del num_clients, clients_per_round, sampling
     return self
 
-  def stop_reason(self, rounds_done: int) -> str | None:
-    """Why the run must stop before another round (e.g. a spent privacy budget), or None."""
-    del rounds_done
+  def for_data(self, batch_size: int, num_examples, steps_per_round):
+    """The strategy once the clients' data is known (DP-SGD's per-client sampling rates
+    batch_size / n_k and steps per round); jobs call it after `for_run`."""
+    del batch_size, num_examples, steps_per_round
+    return self
+
+  def stop_reason(self, rounds_done: int, state=None) -> str | None:
+    """Why the run must stop before another round (e.g. a spent privacy budget), or None.
+    state: the strategy state after `rounds_done` rounds (when the job passes it)."""
+    del rounds_done, state
     return None
 
   def report(self, state, rounds_done: int) -> dict:
