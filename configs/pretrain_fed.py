@@ -133,6 +133,24 @@ def get_config(arg=None):
       chunk_steps=32,  # local steps per compiled call (data for them is on device at once).
       lanes=0,  # clients trained in parallel; 0 = fewest that keep a round as short as the
                 # largest client's epoch (fed/rounds.py); num_clients = all at once.
+      # SIMULATION ONLY (robustness checks, docs/privacy.md): '' = off, or 'scale:<factor>':
+      # the clients listed in attack_clients ('3' or '1,3') send x + factor * (y_k - x).
+      attack="",
+      attack_clients="",
+  ))
+
+  # Example-level DP-SGD in every client's local steps (Abadi et al. 2016; not in UltraFedFM):
+  # per-example gradients clipped to clip_norm, summed, N(0, (noise_multiplier * clip_norm)^2)
+  # added, over the batch. Accounted per client (Poisson rate batch / n_k per local step) with
+  # dp-accounting ('rdp' | 'pld'); epsilon at delta logged every round (dp_sgd/epsilon: the
+  # largest over clients); epsilon_budget > 0 stops the run before a round that would pass it.
+  # Composes with any fed.strategy (dp_fedavg included). docs/privacy.md.
+  c.dp_sgd = ml_collections.ConfigDict(dict(
+      noise_multiplier=0.0,  # 0 = off (the papers)
+      clip_norm=1.0,
+      delta=1e-5,
+      epsilon_budget=0.0,  # 0 = none
+      accountant="rdp",
   ))
 
   # Cross-silo deployment on Flower (ultrajax/fl, docs/deployment.md); the simulation ignores it.

@@ -787,3 +787,52 @@ def test_attack_option_reaches_the_aggregate_fedavg_is_off_by_1e6_and_median_is_
       np.testing.assert_allclose(got, np.median(scaled, 0), rtol=1e-5, atol=1e-6)
       honest = np.delete(deltas, 3, 0)
       assert np.all(got >= honest.min(0) - 1e-6) and np.all(got <= honest.max(0) + 1e-6)
+
+
+def _server_round(strategy, server, done):
+  state = strategy.init(server.params, len(done), {})
+  acc = strategy.accumulator(state, server, len(done))
+  step = jax.jit(strategy.on_client_done)  # one compile for every client
+  for d in done:
+    acc, state = step(acc, state, server, d)
+  new, state = jax.jit(strategy.server_update)(acc, state, server, jax.random.key(1))
+  return np.asarray(new.params["w"]), state
+
+
+def test_dp_secagg_is_dp_fedavg_through_the_masked_sum_with_the_noise_split_over_clients():
+  """dp_secagg (z = 1) is x + (sum_k clip(D_k) + sum_k share_k) / m up to quantisation, each
+  client's share drawn from its own key; without the shares it is dp_fedavg's aggregate (run
+  with z = 1e-9), and the shares have dp_fedavg's std z C / m on the mean (4 of 4 clients,
+  8000 coordinates); same accountant."""
+  num, clip = 4, 1.0
+  server = strategies.Server({"w": jnp.zeros(8000)}, {})
+  done = _finished(None, server, num, seed=8)
+  deltas = np.stack([np.asarray(d.params["w"], np.float64) for d in done])
+  clipped = deltas * np.minimum(1.0, clip / np.linalg.norm(deltas, axis=1))[:, None]
+
+  def make(name, z):
+    extra = {"max_clients": num} if name == "dp_secagg" else {}
+    strategy = strategies.make_strategy(name, clip_norm=clip, noise_multiplier=z, **extra)
+    return strategy.for_run(num, 0, "uniform")
+
+  plain, _ = _server_round(make("dp_fedavg", 1e-9), server, done)
+  secure = make("dp_secagg", 1.0)
+  noisy, state = _server_round(secure, server, done)
+  start = secure.init(server.params, num, {})
+  share = lambda k: privacy.add_noise(  # noqa: E731
+    {"w": jnp.zeros(8000)}, clip / math.sqrt(num), secure.noise_key(start, k)
+  )["w"]
+  shares = np.sum([np.asarray(share(k)) for k in range(num)], axis=0)
+  tolerance = num / secure.ring().scale
+  np.testing.assert_allclose(noisy, (clipped.sum(0) + shares) / num, atol=tolerance)
+  # + float32 rounding: the noised values are ~100x larger than the clipped mean's
+  np.testing.assert_allclose(noisy - shares / num, plain, atol=tolerance + 1e-6)
+  assert np.std(noisy - plain) == pytest.approx(clip / num, rel=0.03)
+  assert int(state["dp"]["rounds"]) == 1 and int(state["secagg"]["round"]) == 1
+  assert secure.report(state, 1)["dp/epsilon"] == pytest.approx(
+    make("dp_fedavg", 1.0).privacy_accountant().epsilon(1)
+  )
+  with pytest.raises(configlib.ConfigError, match="sampling='poisson'"):
+    secure.for_run(num, 0.5, "poisson")
+  with pytest.raises(ValueError, match="adaptive"):
+    strategies.make_strategy("dp_secagg", adaptive=True)

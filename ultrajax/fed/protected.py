@@ -15,6 +15,9 @@ Registered by name for `fed.strategy` (options through `fed.strategy_options`):
                    [w_k, w_k D_k] quantised onto Z_{2^bits} plus pairwise masks with every other
                    client; the server sums the uploads, removes the masks shared with clients
                    that never uploaded (not sampled, or dropped), and decodes the weighted mean.
+  dp_secagg        DP-FedAvg through secagg (distributed DP): each client adds its share
+                   N(0, (z C)^2 / m) to its clipped update before masking; fixed clipping,
+                   'uniform' sampling; dp_fedavg's accountant and budget stop.
 The screen (robust strategies, screen_factor > 0): a client whose update has a NaN/inf or a norm
 above screen_factor x the median norm is excluded from the round, counted and reported, and the
 weights renormalise over the rest.
@@ -465,11 +468,16 @@ class SecureAvg(strategies.FedAvg):
       signed = jnp.where(t >= cfg.modulus // 2, t - cfg.modulus, t).astype(jnp.float32)
     return signed / cfg.scale
 
-  def upload(self, state, server: Server, done: Finished, num_clients: int):
-    """What client done.index sends: encode([w, w D]) + sum_{v > u} PRG - sum_{v < u} PRG."""
+  def message(self, state, server: Server, done: Finished):
+    """What client done.index wants summed, float32 [D]: [w, w D] (params, model state)."""
+    del state
     delta, ms_delta = _delta(done, server)
     flat = ravel_pytree((delta, ms_delta))[0]
-    y = self.encode(jnp.concatenate([done.weight[None], done.weight * flat]))
+    return jnp.concatenate([done.weight[None], done.weight * flat])
+
+  def upload(self, state, server: Server, done: Finished, num_clients: int):
+    """What client done.index sends: encode(message) + sum_{v > u} PRG - sum_{v < u} PRG."""
+    y = self.encode(self.message(state, server, done))
     s = state["secagg"]
     u, ring_mask = done.index, self._ring_mask()
 
@@ -513,6 +521,82 @@ class SecureAvg(strategies.FedAvg):
     new = Server(_plus(server.params, delta), _plus(server.model_state, ms_delta))
     s = state["secagg"]
     return new, dict(state, secagg=dict(s, round=s["round"] + 1))
+
+
+# ----------------------------------------------------------------------------- DP + SecAgg
+@dataclasses.dataclass(frozen=True)
+class DPSecureAvg(DPFedAvg, SecureAvg):
+  """DP-FedAvg whose sum goes through secure aggregation (distributed DP).
+
+  The server never sees one client's update, so it cannot add DP-FedAvg's noise to a clipped
+  update it does not have: each client clips D_k to C and adds its own share
+  N(0, (z C)^2 / m) before quantising and masking, so the m expected participants' shares sum
+  to N(0, (z C)^2), DP-FedAvg's noise on the sum; the server unmasks the sum, divides by m and
+  adds it to x. The accountant, budget stop and report are dp_fedavg's. The share assumes m
+  clients upload: fewer (dropouts) leave less noise than accounted, so Poisson sampling (a
+  random cohort size) is refused and dropouts are the deployment's to over-provision for.
+  Fixed clipping only (the adaptive clip's unclipped count would need its own secure sum).
+  Each client's noise key comes from its own secret and the round (a real client draws it
+  privately). Model state is averaged with the weights inside the masked vector, as secagg.
+  """
+
+  name: str = "dp_secagg"
+
+  def __post_init__(self):
+    DPFedAvg.__post_init__(self)
+    SecureAvg.__post_init__(self)
+    if self.adaptive:
+      raise ValueError("dp_secagg: adaptive=True is not supported (fixed clip_norm only)")
+
+  def for_run(self, num_clients: int, clients_per_round, sampling: str) -> DPSecureAvg:
+    if sampling == "poisson":
+      raise configlib.ConfigError(
+        "config.fed.sampling='poisson': dp_secagg's clients add noise shares for a cohort of "
+        "known size; use 'uniform' sampling"
+      )
+    return DPFedAvg.for_run(self, num_clients, clients_per_round, sampling)
+
+  def _init(self, server_params, num_clients):
+    return {
+      **DPFedAvg._init(self, server_params, num_clients),
+      **SecureAvg._init(self, server_params, num_clients),
+    }
+
+  def accumulator(self, state, server: Server, num_clients: int):
+    return SecureAvg.accumulator(self, state, server, num_clients)
+
+  def on_client_done(self, acc, state, server: Server, done: Finished):
+    return SecureAvg.on_client_done(self, acc, state, server, done)
+
+  def noise_key(self, state, client):
+    """Client `client`'s key for this round's noise share."""
+    s = state["secagg"]
+    key = jax.random.fold_in(jax.random.key(0xD95EC), s["secrets"][client])
+    return jax.random.fold_in(key, s["round"])
+
+  def message(self, state, server: Server, done: Finished):
+    """[w, clip(D, C) + N(0, (z C)^2 / m), w D_state]."""
+    delta, ms_delta = _delta(done, server)
+    dp = state["dp"]
+    clipped, _ = privacy.clip_update(delta, dp["clip_norm"])
+    std = dp["z_update"] * dp["clip_norm"] / jnp.sqrt(dp["m"])
+    noisy = privacy.add_noise(clipped, std, self.noise_key(state, done.index))
+    weighted_ms = jax.tree.map(lambda x: done.weight * x, ms_delta)
+    return jnp.concatenate([done.weight[None], ravel_pytree((noisy, weighted_ms))[0]])
+
+  def server_update(self, acc, state, server: Server, key=None):
+    del key
+    total = self.decode(self.unmask(acc, state))
+    weight, dp = total[0], state["dp"]
+    some = weight > 0
+    _, unravel = ravel_pytree((server.params, server.model_state))
+    noisy_sum, ms_sum = unravel(total[1:])
+    params = _plus(server.params, jax.tree.map(lambda d: d / dp["m"], noisy_sum))
+    ms_mean = jax.tree.map(lambda d: jnp.where(some, d / jnp.where(some, weight, 1.0), 0.0), ms_sum)
+    s = state["secagg"]
+    return Server(params, _plus(server.model_state, ms_mean)), dict(
+      state, dp=dict(dp, rounds=dp["rounds"] + 1), secagg=dict(s, round=s["round"] + 1)
+    )
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -742,5 +826,6 @@ strategies.STRATEGIES.update(
     "multi_krum": strategies._Entry(Robust, {"name": "multi_krum", "rule": "krum"}),
     "norm_bound": strategies._Entry(Robust, {"name": "norm_bound", "rule": "norm_bound"}),
     "secagg": strategies._Entry(SecureAvg, {}),
+    "dp_secagg": strategies._Entry(DPSecureAvg, {}),
   }
 )
