@@ -126,6 +126,36 @@ def drop_path(x, rate, key):
   return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
+@jax.custom_vjp
+def cut_grad_fusion(x):
+  """Identity whose cotangent XLA must materialise: a speed device for XLA:CPU, no math.
+
+  In the backward pass of a pre-norm residual stack, XLA:CPU fuses each block's residual
+  gradient (the sum of every later LayerNorm's backward) into all of its consumers and
+  recomputes the whole chain in each, so the elementwise work grows with depth squared. It
+  drops optimization barriers, but a loop's carry is always materialised, so the cotangent
+  passes through a `lax.while_loop` whose trip count XLA cannot fold: zero, or, when the
+  cotangent starts with a NaN, one iteration of g + 0 * g (not an identity, which JAX and XLA
+  would hoist out of the loop; it keeps finite values and turns infinities into NaN in a
+  gradient that is NaN already). A loop, not a `lax.cond`: under `vmap` (the round's lanes) a
+  cond with a batched predicate becomes a fusible select.
+  """
+  return x
+
+
+def _cut_fwd(x):
+  return x, None
+
+
+def _cut_bwd(_, g):
+  start = (g, jnp.isnan(g.reshape(-1)[0]))
+  g, _ = jax.lax.while_loop(lambda c: c[1], lambda c: (c[0] + 0 * c[0], jnp.zeros((), bool)), start)
+  return (g,)
+
+
+cut_grad_fusion.defvjp(_cut_fwd, _cut_bwd)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout: 3 x heads x head_dim)."""
 
@@ -200,9 +230,13 @@ class Block(nnx.Module):
     drop_path_rate: float = 0.0,
     dtype=jnp.float32,
     attention_impl: str = "dot_product",
+    cut_grad_fusion: bool | None = None,
     rngs: nnx.Rngs,
   ):
     self.drop_path_rate = float(drop_path_rate)
+    # None: on where the step is compiled for the CPU (see `cut_grad_fusion`; measured in
+    # docs/benchmarks.md), off on GPU/TPU, whose fusion the cut would only constrain.
+    self.cut_grad_fusion = cut_grad_fusion
     self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.attn = Attention(
       dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, impl=attention_impl, rngs=rngs
@@ -215,7 +249,12 @@ class Block(nnx.Module):
     the block's drop-path rate (a traced value when the blocks are scanned)."""
     rate = self.drop_path_rate if rate is None else rate
     k1, k2 = (None, None) if key is None else jax.random.split(key)
+    cut = self.cut_grad_fusion
+    cut = jax.default_backend() == "cpu" if cut is None else cut
+    cut = cut_grad_fusion if cut else lambda x: x
+    x = cut(x)
     x = x + drop_path(self.attn(self.norm1(x)), rate, k1)
+    x = cut(x)
     return x + drop_path(self.mlp(self.norm2(x)), rate, k2)
 
 

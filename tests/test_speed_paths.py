@@ -1,0 +1,70 @@
+"""Speed devices that must not change the math: vit.cut_grad_fusion in the blocks' backward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ultrajax.models import mae, vit
+
+
+def _tiny_mae(cut: bool | None) -> mae.MAE:
+  model = mae.MAE(
+    width=32,
+    depth=1,
+    num_heads=2,
+    patch_size=8,
+    image_size=16,
+    decoder_width=32,
+    decoder_depth=1,
+    decoder_heads=2,
+    rngs=nnx.Rngs(0),
+  )
+  for block in [*model.encoder.blocks, *model.decoder_blocks]:
+    block.cut_grad_fusion = cut
+  return model
+
+
+def _loss_and_grads(cut: bool | None, images, mask):
+  """MAE norm-pix loss and its gradients, for two clients' images at once under vmap (as the
+  round's lanes run them)."""
+  graphdef, params = nnx.split(_tiny_mae(cut), nnx.Param)
+
+  def loss(params, images, mask):
+    pred = nnx.merge(graphdef, params)(images, mask)
+    return mae.mae_loss(pred, images, mask, 8)[0]
+
+  step = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0, 0)))
+  compiled = step.lower(params, images, mask).compile()
+  return compiled(params, images, mask), compiled.as_text()
+
+
+def test_cut_grad_fusion_keeps_loss_and_gradients():
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(2, 3, 16, 16, 3)), jnp.float32)
+  mask = np.ones((2, 3, 4), bool)
+  for lane in range(2):
+    for row in range(3):
+      mask[lane, row, rng.choice(4, 1)] = False  # len_keep = int(4 * 0.25) = 1
+  # None: the default, on for the CPU backend the tests run on.
+  (loss_cut, grads_cut), hlo_cut = _loss_and_grads(None, images, mask)
+  (loss_plain, grads_plain), hlo_plain = _loss_and_grads(False, images, mask)
+  # The cut is in the compiled program (a loop per block input and per block middle), even
+  # under vmap, where a conditional would have become a select; the plain path has none.
+  assert hlo_cut.count(" while(") >= 2 * 2 and " while(" not in hlo_plain
+  np.testing.assert_allclose(loss_cut, loss_plain, rtol=1e-6)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads_plain):
+    cut = dict(jax.tree_util.tree_leaves_with_path(grads_cut))[path]
+    np.testing.assert_allclose(cut, g, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_cut_grad_fusion_is_the_identity_forward_and_backward():
+  x = jnp.asarray([[0.5, -1.0, jnp.inf], [2.0, 0.0, 3.0]])
+  f = lambda x: jnp.sum(jnp.sin(x[:, :2]) * x[:, :2])
+  np.testing.assert_array_equal(vit.cut_grad_fusion(x), x)
+  np.testing.assert_array_equal(jax.grad(lambda x: f(vit.cut_grad_fusion(x)))(x), jax.grad(f)(x))
+  # A cotangent starting with a NaN runs the loop once; its finite values come back unchanged.
+  g = jnp.asarray([jnp.nan, 1.5, -2.0])
+  _, vjp = jax.vjp(vit.cut_grad_fusion, jnp.zeros(3))
+  out = vjp(g)[0]
+  assert np.isnan(out[0]) and np.array_equal(out[1:], g[1:])
