@@ -598,7 +598,9 @@ def test_pretraining_with_dp_logs_epsilon_and_stops_at_the_budget_also_after_a_r
   """The federated job with fed.strategy=dp_fedavg (smoke, 2 clients, all every round): epsilon
   is logged each round as dp-accounting gives it; a budget between epsilon(2) and epsilon(3)
   stops the run cleanly after round 2 with a checkpoint; a restart reads the accountant's
-  round count back from it and stops before training."""
+  round count back from it and stops before training. Example-level DP-SGD (config.dp_sgd)
+  runs in the same local steps: its per-client epsilon (q = 4 / 32: 16 phantom images and
+  their SMAT partners, 8 steps per round) is logged too."""
   import pathlib
 
   from ultrajax import configlib as cl
@@ -619,6 +621,7 @@ def test_pretraining_with_dp_logs_epsilon_and_stops_at_the_budget_also_after_a_r
       "fed.strategy_options": f"clip_norm=1.0, noise_multiplier={z}, epsilon_budget={budget}",
       "evals.linear_probe.every_rounds": 0,
       "evals.knn.every_rounds": 0,
+      "dp_sgd.noise_multiplier": 1.0,
     }
   )
   pretrain.run(config, tmp_path)
@@ -627,6 +630,8 @@ def test_pretraining_with_dp_logs_epsilon_and_stops_at_the_budget_also_after_a_r
   for r in (1, 2):
     assert rows[r]["dp/epsilon"] == pytest.approx(acct.epsilon(r), abs=1e-6)
     assert rows[r]["dp/clip_norm"] == 1.0
+    dp_sgd = privacy.dp_sgd_epsilon(4, 32, 1.0, 1e-5, "rdp", 8 * r)
+    assert rows[r]["dp_sgd/epsilon"] == pytest.approx(dp_sgd, abs=1e-6)
   assert (tmp_path / "checkpoints" / "2").exists()
   pretrain.run(config, tmp_path)  # resumes at round 2: the budget stops it at once
   again = [r for r in writers.read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
@@ -634,6 +639,10 @@ def test_pretraining_with_dp_logs_epsilon_and_stops_at_the_budget_also_after_a_r
   bad = config.copy_and_resolve_references()
   bad.fed.strategy_options = "clip_norm=-1.0"
   with pytest.raises(configlib.ConfigError, match="config.fed.strategy_options"):
+    pretrain.validate(bad)
+  bad = config.copy_and_resolve_references()
+  bad.dp_sgd.accountant = "moments"
+  with pytest.raises(configlib.ConfigError, match="config.dp_sgd.accountant"):
     pretrain.validate(bad)
 
 
