@@ -37,10 +37,10 @@ machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -
   echo "${cmd[*]}"
   echo '```'
   echo
-  echo "| mode | clients | batch | img/s | ms/step | ms/round+ | TFLOP/s/dev | MFU | compile s |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| mode | clients | batch | img/s | ms/step | ms/round+ | TFLOP/s/dev | MFU | compile s | CPU ms/img |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   awk '/^(central|federated) /{printf "| %s |", $1; for (i = 2; i <= NF; i++) printf " %s |", $i; print ""}
-       /^pytorch MAE /{printf "| PyTorch MAE (timm) | %s | %s | %s | %s | - | - | - | - |\n", $3, $4, $5, $6}' "$LOG"
+       /^pytorch MAE /{printf "| PyTorch MAE (timm) | %s | %s | %s | %s | - | - | - | - | - |\n", $3, $4, $5, $6}' "$LOG"
   echo
   grep '^ratio ' "$LOG" | sed 's/^/- /' || true
   grep '^PyTorch peer skipped' "$LOG" | sed 's/^/- /' || true

@@ -49,13 +49,12 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from ultrajax import configlib
+from ultrajax import configlib, pretrain_checks
 from ultrajax.bench import pipeline as pipeline_bench, plan as plan_bench, sam as sam_bench
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import rounds
-from ultrajax.jobs import pretrain
 from ultrajax.models import mae, vit
-from ultrajax.train import loop, optimizer, perf, sharding
+from ultrajax.train import loop, mim_objectives, mim_programs, optimizer, perf, sharding
 
 _DEFAULT_CONFIG = str(configlib.find_config_file("configs/pretrain_fed.py").resolve())
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Pretraining config.")
@@ -70,6 +69,9 @@ _WORKERS = flags.DEFINE_string(
 )
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 8, "bench pipeline: timed batches.")
 _TORCH_PEER = flags.DEFINE_boolean("torch_peer", True, "bench pretrain: also time the PyTorch MAE.")
+_MODES = flags.DEFINE_list(
+  "pretrain_modes", ["central", "federated"], "bench pretrain: which of central, federated to run."
+)
 
 
 def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
@@ -81,7 +83,7 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   abstract_params = nnx.to_pure_dict(abstract_params)
   tx = optimizer.adamw(config.optim, abstract_params)
-  programs = pretrain.Programs(
+  programs = mim_programs.Programs(
     config, mesh, graphdef, abstract_params, tx, num_clients, num_clients
   )
   params = programs.init_params(jax.random.key(0))
@@ -107,11 +109,12 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
   state, losses, _ = programs.run_chunk(params, state, images, *rest)
   jax.block_until_ready(losses)
   compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(steps):
     state, losses, _ = programs.run_chunk(params, state, images, *rest)
   jax.block_until_ready(losses)
   chunk_s = (time.perf_counter() - t0) / steps
+  cpu_s = (time.process_time() - c0) / steps
   t0 = time.perf_counter()
   for _ in range(steps):
     params, opt_state, _ = programs.finish_round(state, params)
@@ -125,6 +128,7 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
     batch=batch,
     img_per_s=num_clients * batch * k / chunk_s,
     ms_per_step=1e3 * chunk_s / k,
+    cpu_ms_per_img=1e3 * cpu_s / (num_clients * batch * k),
     ms_aggregate=1e3 * sync_s,
     compile_s=compile_s,
     tflops=tflops,
@@ -179,7 +183,7 @@ def _torch_peer(config, batch: int, steps: int) -> dict | None:
 
 
 def bench_pretrain(config, steps: int, clients: int) -> None:
-  pretrain.validate(config)
+  pretrain_checks.validate(config)
   clients = clients or config.data.num_clients
   central_mesh, mesh = plan_bench.pretrain_meshes(config, clients)
   batch = config.data.batch_size
@@ -190,15 +194,20 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
     f"{mesh.size} x {dev.device_kind}, mesh central {dict(central_mesh.shape)}, federated "
     f"{dict(mesh.shape)}"
   )
+  bad = sorted(set(_MODES.value) - {"central", "federated"})
+  if bad or not _MODES.value:
+    raise app.UsageError(f"--pretrain_modes={_MODES.value} must name central and/or federated")
   print(
     f"{'mode':<12}{'clients':>8}{'batch':>7}{'img/s':>10}{'ms/step':>10}{'ms/round+':>10}"
-    f"{'TFLOP/s/dev':>13}{'MFU':>7}{'compile s':>11}"
+    f"{'TFLOP/s/dev':>13}{'MFU':>7}{'compile s':>11}{'CPU ms/img':>12}"
   )
   results = {}
   for name, m, c, b in (
     ("central", central_mesh, 1, clients * batch),
     ("federated", mesh, clients, batch),
   ):
+    if name not in _MODES.value:
+      continue
     with jax.set_mesh(m):
       r = results[name] = _time_mode(config, m, c, b, steps)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
@@ -206,9 +215,13 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
     print(
       f"{name:<12}{r['clients']:>8}{r['batch']:>7}{r['img_per_s']:>10.1f}"
       f"{r['ms_per_step']:>10.1f}{r['ms_aggregate']:>10.1f}{tflops:>13}{mfu:>7}"
-      f"{r['compile_s']:>11.1f}"
+      f"{r['compile_s']:>11.1f}{r['cpu_ms_per_img']:>12.2f}"
     )
-  print("ms/round+: aggregation and round start, paid once per round on top of the local steps.")
+  print(
+    "ms/round+: aggregation and round start, paid once per round on top of the local steps. "
+    "CPU ms/img: this process's CPU time (all threads) per image while timed, which other "
+    "jobs on the machine do not inflate as they do wall time."
+  )
   if _TORCH_PEER.value:
     # As many timed steps as one mode above ran (steps chunks of chunk_steps each).
     peer = _torch_peer(config, clients * batch, steps * config.fed.chunk_steps)
@@ -216,10 +229,13 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
       print(
         f"{'pytorch MAE':<12}{1:>8}{clients * batch:>7}{peer['img_per_s']:>10.1f}"
         f"{peer['ms_per_step']:>10.1f}   ({peer['device']}, {peer['threads']} threads, timm "
-        f"blocks, AdamW)"
+        f"blocks, AdamW; {peer['cpu_ms_per_img']:.2f} CPU ms/img)"
       )
       for name, r in results.items():
-        print(f"ratio ultrajax {name} / pytorch: {r['img_per_s'] / peer['img_per_s']:.2f}")
+        print(
+          f"ratio ultrajax {name} / pytorch: {r['img_per_s'] / peer['img_per_s']:.2f} in img/s, "
+          f"{peer['cpu_ms_per_img'] / r['cpu_ms_per_img']:.2f} in CPU time per image"
+        )
   _paper_packing()
 
 
@@ -229,20 +245,20 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
   if mode == "pixels":
     config.target, config.model.pred_dim = "pixels", 0
   cached = mode == "cached"
-  teacher = pretrain.build_teacher(config, jax.random.key(0)) if mode != "pixels" else None
+  teacher = mim_objectives.build_teacher(config, jax.random.key(0)) if mode != "pixels" else None
   k, batch, s = config.fed.chunk_steps, config.data.batch_size, config.model.image_size
   abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   abstract_params = nnx.to_pure_dict(abstract_params)
   tx = optimizer.adamw(config.optim, abstract_params)
-  programs = pretrain.Programs(
+  programs = mim_programs.Programs(
     config, mesh, graphdef, abstract_params, tx, 1, 1, teacher=teacher, cached=cached
   )
   params = programs.init_params(jax.random.key(0))
   opt_state = programs.init_opt(params)
   make_images = lambda key: jax.random.randint(key, (1, k, batch, s, s, 3), 0, 256).astype(np.uint8)
   if cached:
-    grid = s // pretrain.patch_size_of(config.model)
+    grid = s // mim_objectives.patch_size_of(config.model)
     shape = (1, k, batch, grid * grid, config.model.pred_dim)
     data = jax.jit(
       lambda key: dict(
@@ -273,7 +289,9 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
   out = dict(img_per_s=batch * k / chunk_s, ms_per_step=1e3 * chunk_s / k)
   if mode == "in_step":  # the cache's one-off cost: the teacher forward alone
     targets = jax.jit(
-      lambda p, x: pretrain.teacher_targets(teacher[0], p, x.astype(np.float32) / 255.0, config)
+      lambda p, x: mim_objectives.teacher_targets(
+        teacher[0], p, x.astype(np.float32) / 255.0, config
+      )
     )
     frozen, images = programs.frozen, data[0, 0]
     jax.block_until_ready(targets(frozen, images))
@@ -288,11 +306,11 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
 def bench_urfm(config, steps: int, clients: int) -> None:
   del clients  # centralized
   if config.get("target", "pixels") != "teacher":
-    from ultrajax import configlib
+    from ultrajax import configlib, pretrain_checks
 
     urfm = configlib.load_config_module(pathlib.Path(_DEFAULT_CONFIG).with_name("pretrain_urfm.py"))
     config = urfm.get_config(config.preset)
-  pretrain.validate(config)
+  pretrain_checks.validate(config)
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
   dev = jax.devices()[0]
   t = config.teacher
