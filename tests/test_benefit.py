@@ -109,9 +109,7 @@ def test_manifest_client_task_reads_only_that_clients_rows(tmp_path):
 
 
 def _smoke_config(**overrides):
-  from ultrajax.jobs import transfer_study
-
-  c = transfer_study.load_config("configs/benefit.py:smoke", "config")
+  c = configlib.load_config_file("configs/benefit.py:smoke", "config")
   for k, v in overrides.items():
     configlib.get_field(c, k)  # exists
     parent, _, name = k.rpartition(".")

@@ -440,7 +440,8 @@ def test_missing_manual_dir_is_named(tmp_path):
 
 def test_pretraining_clients_from_tfds(built):
   """data.source='tfds' with two datasets: two clients through the pretraining job's sources."""
-  from ultrajax.jobs import pretrain
+  from ultrajax import pretrain_checks
+  from ultrajax.data import clients as clients_lib
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = configlib.load_config_module(
@@ -448,13 +449,13 @@ def test_pretraining_clients_from_tfds(built):
   ).get_config("smoke")
   config.data.update(source="tfds", tfds_name="busi, hc18", tfds_data_dir=built[1])
   config.ultramim.smat = False  # (SMAT partners would add records)
-  pretrain.validate(config)
-  clients = pretrain.client_sources(config)
+  pretrain_checks.validate(config)
+  clients = clients_lib.client_sources(config)
   assert [c.name for c in clients] == ["busi", "hc18"]
   assert [len(c) for c in clients] == [len(built[0]["busi"]), len(built[0]["hc18"])]
   config.data.tfds_name = " , "
   with pytest.raises(configlib.ConfigError, match="config.data.tfds_name"):
-    pretrain.validate(config)
+    pretrain_checks.validate(config)
 
 
 def test_fine_tuning_tasks_from_tfds(built):

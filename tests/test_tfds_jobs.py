@@ -15,9 +15,9 @@ pytest.importorskip("tensorflow", reason="TFDS builds need TensorFlow (pip insta
 from test_tfds_builders import LAYOUTS  # the dummy published layouts
 
 from ultrajax import configlib
-from ultrajax.data import instances, tasks, tfds as us_tfds
+from ultrajax.data import clients as clients_lib, instances, tasks, tfds as us_tfds
 from ultrajax.data.tfds import source
-from ultrajax.jobs import pretrain, sam, transfer_study
+from ultrajax.jobs import sam, transfer_study
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_transfer_study_organs_from_tfds(built):
   for organ in ("busi", "hc18"):
     pc = transfer_study.pretrain_config(config, organ)
     pc.ultramim.smat = False  # (SMAT partners would add records)
-    clients = pretrain.client_sources(pc)  # (central pretraining pools its one client)
+    clients = clients_lib.client_sources(pc)  # (central pretraining pools its one client)
     assert [s.name for c in clients for s in c.sources] == [organ]
     assert len(clients[0]) == len(expected[organ])
     want = source.TfdsSource(organ, data_dir)

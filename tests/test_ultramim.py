@@ -654,11 +654,12 @@ def smat_config(**overrides):
 
 @pytest.mark.parametrize("ratio,fraction", [(1.0, 1.0), (0.5, 1.0), (2.0, 0.5), (0.0, 0.25)])
 def test_smat_ratio_and_data_fraction_give_the_right_counts(ratio, fraction):
-  from ultrajax.jobs import pretrain
+  from ultrajax import pretrain_checks
+  from ultrajax.data import clients as clients_lib
 
   config = smat_config(**{"ultramim.smat_ratio": ratio, "data.fraction": fraction})
-  pretrain.validate(config)
-  clients = pretrain.client_sources(config)
+  pretrain_checks.validate(config)
+  clients = clients_lib.client_sources(config)
   full = sources.default_client_sources(
     scale=0.0, image_size=48, seed=0, num_clients=2, min_images=16
   )
@@ -669,11 +670,11 @@ def test_smat_ratio_and_data_fraction_give_the_right_counts(ratio, fraction):
   # The kept images are a seeded subset of the client's own, and the same on every call.
   if fraction < 1:
     kept = clients[0] if ratio == 0 else clients[0].source
-    again = pretrain.client_sources(config)[0]
+    again = clients_lib.client_sources(config)[0]
     again = again if ratio == 0 else again.source
     assert kept.indices == again.indices and len(set(kept.indices)) == len(kept)
     np.testing.assert_array_equal(kept[1]["image"], full[0][kept.indices[1]]["image"])
-    other_seed = pretrain.client_sources(smat_config(**{"data.fraction": fraction, "seed": 1}))
+    other_seed = clients_lib.client_sources(smat_config(**{"data.fraction": fraction, "seed": 1}))
     assert other_seed[0].source.indices != kept.indices
 
 
@@ -690,8 +691,7 @@ def test_partial_smat_ratio_converts_a_seeded_subset_once_each():
 
 
 def test_bad_smat_ratio_and_fraction_name_the_field():
-  from ultrajax import configlib
-  from ultrajax.jobs import pretrain
+  from ultrajax import configlib, pretrain_checks
 
   for field, value in (
     ("ultramim.smat_ratio", -1.0),
@@ -699,14 +699,14 @@ def test_bad_smat_ratio_and_fraction_name_the_field():
     ("data.fraction", 0.0),
   ):
     with pytest.raises(configlib.ConfigError, match=field.replace(".", r"\.")):
-      pretrain.validate(smat_config(**{field: value}))
+      pretrain_checks.validate(smat_config(**{field: value}))
 
 
 def test_smat_partners_of_phantom_clients_have_no_black_and_real_refusals_stay_real():
-  from ultrajax.jobs import pretrain
+  from ultrajax.data import clients as clients_lib
 
   partner = functools.partial(
-    pretrain._smat_partner,
+    clients_lib._smat_partner,
     fan_angle_deg=160.0,
     inner_radius=16.0,
     orientation="correct",

@@ -317,17 +317,17 @@ def urfm_config(**overrides):
 
 
 def test_no_gradient_reaches_the_teacher():
-  from ultrajax.jobs import pretrain
+  from ultrajax.train import mim_objectives
 
   config = urfm_config()
   student = mae.mae_from_config(config.model, nnx.Rngs(0))
   graphdef, params = nnx.split(student, nnx.Param)
   params = nnx.to_pure_dict(params)
-  t_graphdef, t_params = pretrain.build_teacher(config, jax.random.key(0))
+  t_graphdef, t_params = mim_objectives.build_teacher(config, jax.random.key(0))
   images = jax.random.randint(jax.random.key(1), (2, 32, 32, 3), 0, 256).astype(jnp.uint8)
 
   def loss(student_params, teacher_params):
-    fn = pretrain.make_loss_fn(graphdef, config, t_graphdef, teacher_params)
+    fn = mim_objectives.make_loss_fn(graphdef, config, t_graphdef, teacher_params)
     return fn(student_params, images, jax.random.key(2))[0]
 
   g_student, g_teacher = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, t_params)
@@ -340,28 +340,30 @@ def test_no_gradient_reaches_the_teacher():
 
 
 def test_config_errors_name_the_field(tmp_path):
-  from ultrajax.jobs import pretrain
+  from ultrajax import pretrain_checks
 
   with pytest.raises(
     configlib.ConfigError,
     match=r"config.teacher.align=.pool.: teacher patch grid 3x3 .* student grid 4x4",
   ):
-    pretrain.validate(urfm_config(**{"teacher.image_size": 24}))  # teacher 3x3, student 4x4
+    pretrain_checks.validate(urfm_config(**{"teacher.image_size": 24}))  # teacher 3x3, student 4x4
   with pytest.raises(configlib.ConfigError, match=r"config.model.pred_dim=16 must equal .* 32"):
-    pretrain.validate(urfm_config(**{"model.pred_dim": 16}))
+    pretrain_checks.validate(urfm_config(**{"model.pred_dim": 16}))
   with pytest.raises(configlib.ConfigError, match=r"cache_dir needs a fixed-view schedule"):
-    pretrain.validate(urfm_config(**{"teacher.cache_dir": str(tmp_path / "c")}))
+    pretrain_checks.validate(urfm_config(**{"teacher.cache_dir": str(tmp_path / "c")}))
   with pytest.raises(configlib.ConfigError, match=r"config.teacher.tower='clip'"):
-    pretrain.validate(urfm_config(**{"teacher.tower": "clip"}))
-  pretrain.validate(urfm_config(**{"teacher.image_size": 24, "teacher.align": "interpolate"}))
+    pretrain_checks.validate(urfm_config(**{"teacher.tower": "clip"}))
+  pretrain_checks.validate(
+    urfm_config(**{"teacher.image_size": 24, "teacher.align": "interpolate"})
+  )
 
 
 def test_urfm_job_in_step_and_cached(tmp_path):
   """One round of the smoke preset, federated (2 clients) with the teacher in the step, then
   centralized with cached targets; the cache holds exactly the fixed views and their targets."""
-  from ultrajax.data import teacher_cache
+  from ultrajax.data import clients as clients_lib, teacher_cache
   from ultrajax.jobs import pretrain
-  from ultrajax.train import checkpoint, writers
+  from ultrajax.train import checkpoint, mim_objectives, writers
 
   params = pretrain.run(
     urfm_config(**{"data.pool_clients": False, "fed.strategy": "fedavg"}), tmp_path / "in_step"
@@ -378,14 +380,14 @@ def test_urfm_job_in_step_and_cached(tmp_path):
   )
   pretrain.run(config, tmp_path / "cached")
   assert np.isfinite(list(writers.read_jsonl(tmp_path / "cached" / "metrics.jsonl"))[-1]["loss"])
-  clients = pretrain.client_sources(config)
+  clients = clients_lib.client_sources(config)
   source = teacher_cache.CacheSource(cache, 0)
   assert len(source) == len(clients[0])
   i = len(source) - 1
   view = teacher_cache.fixed_view(clients[0][i]["image"], 32)
   np.testing.assert_array_equal(source[i]["images"], view)
-  t_graphdef, t_params = pretrain.build_teacher(config, jax.random.key(config.seed))
-  want = pretrain.teacher_targets(t_graphdef, t_params, view[None] / 255.0, config)[0]
+  t_graphdef, t_params = mim_objectives.build_teacher(config, jax.random.key(config.seed))
+  want = mim_objectives.teacher_targets(t_graphdef, t_params, view[None] / 255.0, config)[0]
   np.testing.assert_allclose(source[i]["teacher"].astype(np.float32), want, rtol=2e-3, atol=2e-3)
   with pytest.raises(
     ValueError, match=r"built for another setting(.|\n)*teacher.block: cache has 0, this run 1"

@@ -165,3 +165,39 @@ def load_config_module(path: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_config_file(spec: str, field: str) -> ml_collections.ConfigDict:
+  """The config of `spec` ('configs/x.py:preset', the value of config.<field>): the file from the
+  working directory, then from the repository root, then among the configs shipped with
+  ultrajax."""
+  import pathlib
+
+  path, _, arg = spec.partition(":")
+  found = find_config_file(path)
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  if found is None and (repo / path).is_file():
+    found = repo / path
+  check(found is not None, f"config.{field}={spec!r}: no file at {path}")
+  return load_config_module(found).get_config(arg or None)
+
+
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides, field: str, prefix: str = ""
+) -> None:
+  """Copies the nested `overrides` into `config`; a field the config lacks fails naming it."""
+  for name, value in overrides.items():
+    check(name in config, f"config.{field}.{prefix}{name} is not a field of that config")
+    if isinstance(value, ml_collections.ConfigDict):
+      apply_overrides(config[name], value, field, f"{prefix}{name}.")
+    else:
+      config[name] = value
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """A study's stage config: config.<stage>_config with config.<stage>_overrides and the study's
+  seed (e.g. stage 'pretrain' of the transfer study or the benefit report)."""
+  c = load_config_file(config[f"{stage}_config"], f"{stage}_config")
+  apply_overrides(c, config[f"{stage}_overrides"], f"{stage}_overrides")
+  c.seed = config.seed
+  return c

@@ -24,12 +24,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ultrajax import configlib
+from ultrajax import configlib, pretrain_checks
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import rounds
-from ultrajax.jobs import pretrain
 from ultrajax.models import mae
-from ultrajax.train import optimizer, perf, sharding
+from ultrajax.train import mim_programs, optimizer, perf, sharding
 
 # Accelerators the plan prices a round on: name -> dense bf16 FLOP/s (train/perf.py).
 ACCELERATORS = ("H100", "H200", "A100", "TPU v4", "TPU v5e", "TPU v5p")
@@ -129,7 +128,7 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
   """Compiles the config's round chunk and round end for the current devices (no data, no
   allocation). steps_per_client: [C] local steps per round; default table1_steps(config).
   compile_chunk=False: the state only (the chunk's fields are zero / None)."""
-  pretrain.validate(config)
+  pretrain_checks.validate(config)
   config = config.copy_and_resolve_references()
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
   steps = np.asarray(table1_steps(config) if steps_per_client is None else steps_per_client)
@@ -155,7 +154,7 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     abstract_params = nnx.to_pure_dict(abstract_params)
     tx = optimizer.adamw(config.optim, abstract_params)
-    programs = pretrain.Programs(
+    programs = mim_programs.Programs(
       config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes
     )
     server = _abstract(abstract_params, programs.server_sharding)

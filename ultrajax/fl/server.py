@@ -32,9 +32,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from ultrajax import configlib
+from ultrajax.data import clients as clients_lib
 from ultrajax.fl import params as params_lib, site as site_lib
-from ultrajax.jobs import pretrain
-from ultrajax.train import checkpoint, loop, resume, writers
+from ultrajax.train import checkpoint, loop, mim_objectives, resume, writers
 from ultrajax.viz import reconstruction
 
 TRAIN = MessageType.TRAIN
@@ -78,8 +78,8 @@ class Coordinator:
     phantom = copy.deepcopy(config)
     phantom.data.update(source="phantom", clients="", pool_clients=False, fraction=1.0)
     phantom.ultramim.smat = False
-    self.preview = pretrain.preview_images(
-      pretrain.client_sources(phantom), config.model.image_size
+    self.preview = clients_lib.preview_images(
+      clients_lib.client_sources(phantom), config.model.image_size
     )
 
   def global_arrays(self) -> dict:
@@ -118,7 +118,7 @@ class Coordinator:
       reconstruction.save_grid(
         png,
         *[np.asarray(a) for a in jax.device_get(shown)],
-        patch_size=pretrain.patch_size_of(c.model),
+        patch_size=mim_objectives.patch_size_of(c.model),
         title=f"round {done}, loss {scalars['loss']:.4f}",
       )
       self.writer.write_images(done, {"reconstructions": writers.png_image(png)})

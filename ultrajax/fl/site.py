@@ -33,20 +33,19 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from ultrajax import configlib
-from ultrajax.data import pipeline
+from ultrajax import configlib, pretrain_checks
+from ultrajax.data import clients as clients_lib, pipeline
 from ultrajax.fed import rounds, strategies
 from ultrajax.fl import params as params_lib
-from ultrajax.jobs import pretrain
 from ultrajax.models import mae
-from ultrajax.train import divergence, loop, optimizer, sharding
+from ultrajax.train import divergence, loop, mim_objectives, mim_programs, optimizer, sharding
 
 STATE_DIR = "site_state"
 
 
 def validate(config) -> None:
   """The pretraining job's checks plus what deployment supports."""
-  pretrain.validate(config)
+  pretrain_checks.validate(config)
   configlib.check(
     config.target == "pixels",
     f"config.target={config.target!r}: federated "
@@ -108,7 +107,7 @@ def training_keys(config):
 class Compiled(NamedTuple):
   mesh: object
   abstract_params: object
-  programs: pretrain.Programs
+  programs: mim_programs.Programs
   chunk: object
 
 
@@ -130,7 +129,7 @@ def compiled(config) -> Compiled:
   graphdef, abstract_params = model_template(config)
   tx = optimizer.adamw(config.optim, abstract_params)
   with jax.set_mesh(mesh):
-    programs = pretrain.Programs(
+    programs = mim_programs.Programs(
       config,
       mesh,
       graphdef,
@@ -138,9 +137,9 @@ def compiled(config) -> Compiled:
       tx,
       num_clients=1,
       num_lanes=1,
-      strategy=pretrain.make_strategy(config),
+      strategy=pretrain_checks.make_strategy(config),
     )
-  base_loss = pretrain.make_loss_fn(graphdef, config)
+  base_loss = mim_objectives.make_loss_fn(graphdef, config)
 
   def site_loss(params, batch, key):
     del key  # the site's own key(round, site_id, step) travels with the batch
@@ -178,7 +177,7 @@ class Site:
     validate(config)
     configlib.check_range(config, "fl.site_id", 0)
     self.config, self.workdir = config, pathlib.Path(workdir)
-    clients = pretrain.client_sources(config)
+    clients = clients_lib.client_sources(config)
     configlib.check(
       len(clients) == 1,
       f"a site trains one client, its own data; the config "

@@ -33,9 +33,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ultrajax import configlib
+from ultrajax import configlib, pretrain_checks
+from ultrajax.data import clients as clients_lib
 from ultrajax.eval import benefit, downstream
-from ultrajax.jobs import finetune, pretrain, transfer_study
+from ultrajax.jobs import finetune, pretrain
 from ultrajax.train import loop, resume, sharding
 from ultrajax.viz import benefit as benefit_viz
 
@@ -44,16 +45,11 @@ SOURCES = ("phantom", "manifest")
 
 
 def pretrain_config(config) -> ml_collections.ConfigDict:
-  c = transfer_study.load_config(config.pretrain_config, "pretrain_config")
-  transfer_study.apply_overrides(c, config.pretrain_overrides, "pretrain_overrides")
-  c.seed = config.seed
-  return c
+  return configlib.stage_config(config, "pretrain")
 
 
 def finetune_config(config) -> ml_collections.ConfigDict:
-  c = transfer_study.load_config(config.finetune_config, "finetune_config")
-  transfer_study.apply_overrides(c, config.finetune_overrides, "finetune_overrides")
-  c.seed = config.seed
+  c = configlib.stage_config(config, "finetune")
   c.fractions = (1.0,)
   return c
 
@@ -71,7 +67,7 @@ def validate(config) -> None:
     "positive shares summing to 1",
   )
   pc, fc = pretrain_config(config), finetune_config(config)
-  pretrain.validate(pc)
+  pretrain_checks.validate(pc)
   finetune.validate(fc)
   c.check(
     pc.data.source in SOURCES,
@@ -99,7 +95,7 @@ def raw_clients(pc) -> list:
   """The pretraining clients as plain sources (no SMAT partners, every image, no subset)."""
   c = copy.deepcopy(pc)
   c.ultramim.smat, c.data.fraction, c.data.clients = False, 1.0, ""
-  return pretrain.client_sources(c)
+  return clients_lib.client_sources(c)
 
 
 def client_task(config, pc, source, k: int, image_size: int, workdir: pathlib.Path):

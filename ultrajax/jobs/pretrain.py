@@ -8,7 +8,9 @@ The script, in order:
   4. each round: broadcast the server params to the C clients; run every client's local
      epoch as compiled chunks of K steps (vmap over clients of a scan over steps; clients
      with fewer steps are masked); aggregate with weights n_k / n; log, draw, checkpoint.
-Centralized training is the same program with every image in one client.
+Centralized training is the same program with every image in one client. The pieces live under
+their nouns: the checks in pretrain_checks.py, the clients in data/clients.py, the objective
+in train/mim_objectives.py, the compiled round programs in train/mim_programs.py.
 
 Targets (config.target): 'pixels' (MAE / UltraMIM norm-pix) or 'teacher' (URFM's feature MIM:
 the decoder predicts a frozen CLIP-style teacher's tokens of the clean image at the masked
@@ -26,33 +28,32 @@ to an uninterrupted one.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import pathlib
 import signal
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import parameter_overview, periodic_actions
 from flax import nnx
 
-from ultrajax import configlib, ultramim
-from ultrajax.data import dicom, pipeline, sources as sources_lib, teacher_cache
+from ultrajax import configlib
+from ultrajax.data import clients as clients_lib, pipeline
 from ultrajax.eval import evaluators
-from ultrajax.fed import aggregate, participation, rounds, strategies
-from ultrajax.fed.strategies import Server
-from ultrajax.interop import load as interop_load, open_clip
-from ultrajax.models import mae, teacher as teacher_lib, vit
+from ultrajax.fed import participation, rounds
+from ultrajax.interop import load as interop_load
+from ultrajax.models import mae
+from ultrajax.pretrain_checks import make_strategy, validate
 from ultrajax.train import (
   checkpoint,
   divergence,
   loop,
+  mim_objectives,
+  mim_programs,
   optimizer,
   perf,
   resume,
@@ -62,692 +63,14 @@ from ultrajax.train import (
 )
 from ultrajax.viz import attention as attention_viz, features as feature_viz, reconstruction
 
-NUM_PREVIEW = 4
-TARGETS = ("pixels", "teacher")
-# Every registered strategy but SplitAVG (it needs a model split into client and server parts).
-STRATEGIES = tuple(n for n in strategies.STRATEGIES if n != "splitavg")
 # Fault injection for tests: 'R,J' SIGKILLs this process after chunk J of round R (1-based), e.g.
 # mid-round while the last checkpoint is still being written, as a crash or a preempted VM would.
 KILL_AT_ENV = "ULTRAJAX_KILL_AT"
-TEACHER_SEED_SALT = 0x7EAC  # random teacher key = fold_in(seed key, salt): pixel runs unchanged
-
-
-# ----------------------------------------------------------------------------- config
-def validate(config) -> None:
-  """Fails at start-up naming the first field whose value cannot work."""
-  c = configlib
-  c.check_choice(config, "model.dtype", vit.DTYPES)
-  c.check_choice(config, "model.attention_impl", vit.ATTENTION_IMPLS)
-  c.check_choice(config, "model.remat", vit.REMATS)
-  c.check_choice(config, "model.scan_layers", (False, True))
-  # 0 masks nothing: the loss over masked patches is 0/0 (NaN).
-  c.check_range(config, "model.mask_ratio", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-  c.check_choice(config, "ultramim.tgm_mode", ultramim.MODES)
-  c.check_choice(config, "ultramim.smat_orientation", ultramim.ORIENTATIONS)
-  c.check_range(config, "ultramim.smat_ratio", 0.0)
-  c.check_range(config, "data.fraction", 0.0, 1.0, low_inclusive=False)
-  for name in ("p_clean", "p_each", "salt_pepper_density"):
-    c.check_range(config, f"ultramim.{name}", 0.0, 1.0)
-  c.check_choice(config, "data.source", ("phantom", "folder", "manifest", "tfds"))
-  dicom.check_rule(config.data.dicom_frames)
-  c.check_choice(config, "data.on_bad_image", ("skip", "raise"))
-  c.check_choice(config, "data.probe", ("", "linear", "convex"))
-  c.check_range(config, "data.batch_size", 1)
-  c.check_range(config, "data.worker_count", 0)
-  c.check_range(config, "data.num_clients", 1, len(sources_lib.DEFAULT_CLIENTS))
-  validate_fed(config)
-  c.check_range(config, "fed.num_rounds", 1)
-  c.check_range(config, "fed.local_epochs", 1)
-  c.check_range(config, "fed.chunk_steps", 1)
-  c.check_range(config, "fed.lanes", 0)
-  c.check_choice(config, "optim.weight_decay_on", ("mae", "all"))
-  c.check_range(config, "optim.warmup_rounds", 0)
-  c.check_range(config, "optim.base_lr", 0.0, low_inclusive=False)
-  c.check_range(config, "optim.min_lr", 0.0)
-  resume.validate(config)
-  for name in ("log_every_rounds", "image_every_rounds", "ckpt_every_rounds", "keep_checkpoints"):
-    c.check_range(config, name, 1)
-  c.check_range(config, "attention_every_rounds", 0)
-  if config.data.source == "folder":
-    c.check(bool(config.data.root), "config.data.root must name a folder when data.source='folder'")
-  if config.data.source == "manifest":
-    c.check(
-      bool(config.data.manifest),
-      "config.data.manifest must name a CSV file when data.source='manifest'",
-    )
-  if config.data.source == "tfds":
-    c.check(
-      bool(config.data.tfds_name.strip(" ,")),
-      "config.data.tfds_name must name prepared TFDS dataset(s) when data.source='tfds'",
-    )
-  lo, hi = config.data.crop_scale
-  c.check(
-    0 < lo <= hi <= 1,
-    f"config.data.crop_scale={tuple(config.data.crop_scale)} is not 0 < low <= high <= 1",
-  )
-  c.check_choice(config, "target", TARGETS)
-  if config.target == "teacher":
-    validate_teacher(config)
-  else:
-    c.check(
-      config.model.get("pred_dim", 0) == 0,
-      f"config.model.pred_dim={config.model.pred_dim} is for feature targets; pixel targets need 0",
-    )
-
-
-def validate_fed(config) -> None:
-  """The strategy, its options and the participation fields of config.fed."""
-  f = config.fed
-  configlib.check_choice(config, "fed.strategy", STRATEGIES)
-  make_strategy(config)
-  try:
-    participation.check(f.clients_per_round, f.sampling, f.dropout)
-  except ValueError as e:
-    raise configlib.ConfigError(f"config.fed.{e}") from None
-
-
-def make_strategy(config):
-  """config.fed.strategy with config.fed.strategy_options ('name=value, ...' Python literals)."""
-  f = config.fed
-  try:
-    return strategies.make_strategy(f.strategy, **strategies.parse_options(f.strategy_options))
-  except ValueError as e:
-    raise configlib.ConfigError(
-      f"config.fed.strategy_options={f.strategy_options!r} (strategy {f.strategy!r}): {e}"
-    ) from None
-
-
-def teacher_dims(teacher_config) -> tuple[int, int, int, int]:
-  """(width, depth, heads, patch) of config.teacher (variant 'B/16' or explicit sizes)."""
-  return vit.model_dims(teacher_config, "config.teacher")
-
-
-def teacher_token_width(teacher_config) -> int:
-  return teacher_config.embed_dim if teacher_config.project else teacher_dims(teacher_config)[0]
-
-
-def validate_teacher(config) -> None:
-  c, t = configlib, config.teacher
-  if t.variant:
-    try:
-      vit.parse_variant(t.variant)
-    except ValueError as e:
-      raise configlib.ConfigError(f"config.teacher.variant: {e}") from None
-  else:
-    for name in ("width", "depth", "num_heads", "patch_size"):
-      c.check(
-        isinstance(t[name], int) and t[name] > 0,
-        f"config.teacher.{name}={t[name]!r} must "
-        "be a positive integer when config.teacher.variant is ''",
-      )
-  width, depth, heads, patch = teacher_dims(t)
-  c.check(width % heads == 0, f"config.teacher width {width} is not divisible by {heads} heads")
-  c.check(
-    t.image_size > 0 and t.image_size % patch == 0,
-    f"config.teacher.image_size={t.image_size} is not a positive multiple of the teacher "
-    f"patch size {patch}",
-  )
-  c.check_range(config, "teacher.block", 0, depth)
-  c.check_range(config, "teacher.embed_dim", 0)
-  c.check(
-    not t.project or t.embed_dim > 0,
-    "config.teacher.project=True needs config.teacher.embed_dim > 0 (the projection)",
-  )
-  c.check_choice(config, "teacher.norm", mae.FEATURE_NORMS)
-  c.check_choice(config, "teacher.loss", mae.FEATURE_LOSSES)
-  c.check_choice(config, "teacher.align", teacher_lib.ALIGN_MODES)
-  if "tower" in t:  # set by configs/pretrain_urfm.py; other configs build BiomedCLIP's ('timm')
-    c.check_choice(config, "teacher.tower", tuple(teacher_lib.TOWERS))
-  c.check_choice(config, "teacher.dtype", vit.DTYPES)
-  c.check_choice(config, "teacher.cache_dtype", teacher_cache.DTYPES)
-  c.check_range(config, "teacher.smooth_l1_beta", 0.0, low_inclusive=False)
-  tokens = teacher_token_width(t)
-  c.check(
-    config.model.get("pred_dim", 0) == tokens,
-    f"config.model.pred_dim={config.model.get('pred_dim', 0)} must equal the teacher's "
-    f"token width {tokens} (teacher width, or teacher.embed_dim with teacher.project)",
-  )
-  student_grid = config.model.image_size // patch_size_of(config.model)
-  try:
-    teacher_lib.check_alignable(t.image_size // patch, student_grid, t.align)
-  except ValueError as e:
-    raise configlib.ConfigError(f"config.teacher.align={t.align!r}: {e}") from None
-  if t.file:
-    c.check(pathlib.Path(t.file).is_file(), f"config.teacher.file={t.file!r}: no such file")
-  if t.cache_dir:
-    c.check(
-      tuple(config.data.crop_scale) == (1.0, 1.0) and not config.data.hflip,
-      "config.teacher.cache_dir needs a fixed-view schedule: set "
-      "config.data.crop_scale=(1.0, 1.0) and config.data.hflip=False",
-    )
-
-
-# ----------------------------------------------------------------------------- data
-_ESTIMATED_FANS: dict = {}  # image path -> its estimated Fan, or why it has none (str)
-
-
-def _record_fan(record: dict):
-  """(fan, valid) of a convex record: its own `fan` (phantom, manifest), else one estimated from
-  the image (once per file) with the echo region as the valid pixels; None with a logged reason
-  when the image is not a sector."""
-  if record.get("fan"):
-    return ultramim.check_fan(record["fan"], f"fan of {record.get('path', 'a record')}"), None
-  path = record.get("path")
-  fan = _ESTIMATED_FANS.get(path) if path else None
-  if fan is None:
-    try:
-      fan = ultramim.estimate_fan(record["image"])
-    except ultramim.NotASector as e:
-      fan = str(e)
-    if path:
-      _ESTIMATED_FANS[path] = fan
-  if isinstance(fan, str):
-    logging.log_first_n(
-      logging.WARNING,
-      "SMAT: %s gets no linear partner (it stays real): %s",
-      20,
-      path or "a convex image",
-      fan,
-    )
-    return None
-  return fan, ultramim.geometry.support(record["image"])
-
-
-def _smat_partner(record: dict, *, fan_angle_deg, inner_radius, orientation, default_probe):
-  """The other scan mode of a record (linear <-> convex), or None when its probe is unknown or
-  a convex image has no fan. linear -> convex draws the configured fan (the official values);
-  convex -> linear unwarps the image's own fan (never pixels from outside it)."""
-  probe = record.get("probe") or default_probe
-  if probe not in ("linear", "convex"):
-    return None
-  image = record["image"]
-  if probe == "linear":
-    x = (image if image.ndim == 3 else image[..., None]).astype(np.float32)[None] / 255.0
-    out = ultramim.linear_to_convex(x, fan_angle_deg, inner_radius, orientation)[0] * 255.0
-    out = out if image.ndim == 3 else out[..., 0]
-  else:
-    fan = _record_fan(record)
-    if fan is None:
-      return None
-    out = ultramim.sector_to_linear(image, fan[0], orientation=orientation, valid=fan[1])
-  partner = dict(record, image=np.clip(np.rint(out), 0, 255).astype(np.uint8))
-  partner.pop("fan", None)
-  partner["probe"] = "convex" if probe == "linear" else "linear"
-  return partner
-
-
-def client_sources(config) -> list:
-  """The training clients: phantom, folder, manifest or tfds sources, with SMAT partners, pooled
-  into one client when config.data.pool_clients (centralized training)."""
-  d = config.data
-  if d.source == "phantom" and d.get("phantom_organs"):
-    # One client per organ (e.g. the transfer study's single-organ pretraining).
-    clients = [
-      sources_lib.PhantomSource(
-        organ,
-        organ,
-        sources_lib.ORGAN_PROBE[organ],
-        d.phantom_min_images,
-        d.phantom_image_size,
-        config.seed,
-      )
-      for organ in (o.strip() for o in d.phantom_organs.split(","))
-      if organ
-    ]
-  elif d.source == "phantom":
-    clients = sources_lib.default_client_sources(
-      scale=d.phantom_scale,
-      image_size=d.phantom_image_size,
-      seed=config.seed,
-      num_clients=d.num_clients,
-      min_images=d.phantom_min_images,
-    )
-  elif d.source == "folder":
-    clients = sources_lib.folder_clients(
-      d.root, probe=d.probe, on_bad_image=d.on_bad_image, dicom_frames=d.dicom_frames
-    )
-  elif d.source == "tfds":
-    from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
-
-    clients = tfds_source.tfds_clients(d.tfds_name, d.tfds_data_dir, d.tfds_split)
-  else:
-    clients = sources_lib.manifest_clients(
-      d.manifest,
-      image_column=d.image_column,
-      client_column=d.client_column,
-      default_probe=d.probe,
-      on_bad_image=d.on_bad_image,
-      dicom_frames=d.dicom_frames,
-    )
-  if d.get("clients"):  # a subset by name (e.g. one hospital alone: jobs/benefit.py)
-    keep = [n.strip() for n in d.clients.split(",") if n.strip()]
-    names = [s.name for s in clients]
-    configlib.check(
-      all(n in names for n in keep),
-      f"config.data.clients={d.clients!r} names "
-      f"{[n for n in keep if n not in names]}, not among the clients {names}",
-    )
-    clients = [s for s in clients if s.name in keep]
-  if d.fraction < 1:
-    clients = [sources_lib.fraction_of(s, d.fraction, config.seed) for s in clients]
-  u = config.ultramim
-  if u.smat and u.smat_ratio > 0:
-    clients = [
-      pipeline.with_scan_mode_partners(
-        s,
-        functools.partial(
-          _smat_partner,
-          fan_angle_deg=u.fan_angle_deg,
-          inner_radius=u.inner_radius,
-          orientation=u.smat_orientation,
-          default_probe=s.probe or d.probe,
-        ),
-        ratio=u.smat_ratio,
-        seed=config.seed,
-      )
-      for s in clients
-    ]
-  if d.pool_clients:
-    clients = [sources_lib.pooled(clients)]
-  return clients
-
-
-def smat_pairs(clients, k: int = NUM_PREVIEW, tries: int = 8) -> list:
-  """Up to k (source image, SMAT partner image, (source caption, partner caption)), the first
-  converted record of each client with SMAT partners (pooled clients: of each pooled source)."""
-  pairs = []
-  for source in (s for c in clients for s in getattr(c, "sources", [c])):
-    of = getattr(source, "of", ())  # pipeline.with_scan_mode_partners: partner j converts of[j]
-    for j in range(min(len(of), tries)):
-      if len(pairs) == k:
-        return pairs
-      real, partner = source.source[int(of[j])], source[len(source.source) + j]
-      if partner["probe"] != real["probe"]:
-        pairs.append(
-          (real["image"], partner["image"], (f"{source.name} {real['probe']}", partner["probe"]))
-        )
-        break
-  return pairs
-
-
-def preview_images(clients, image_size: int) -> np.ndarray:
-  """A fixed [NUM_PREVIEW, S, S, 3] uint8 batch (first record of the first clients) for PNGs."""
-  picks = [(c % len(clients), c // len(clients)) for c in range(NUM_PREVIEW)]
-  rng = np.random.default_rng(0)
-  return np.stack(
-    [pipeline.augment(clients[c][i]["image"], rng, image_size, (1.0, 1.0), False) for c, i in picks]
-  )
-
-
-# ----------------------------------------------------------------------------- model
-def patch_size_of(model_config) -> int:
-  return vit.model_dims(model_config)[3]
-
-
-def mim_views(images, mask_key, corrupt_key, config):
-  """UltraMIM's inputs.  images: uint8 [B, S, S, 3] -> clean [B, S, S, 3] in [0, 1], the
-  encoder input (MIC-corrupted clean image) and the TGM mask [B, N] from the clean texture."""
-  m, u = config.model, config.ultramim
-  clean = images.astype(jnp.float32) / 255.0
-  mask = ultramim.tgm_mask(
-    mask_key, ultramim.texture_scores(clean, patch_size_of(m)), m.mask_ratio, u.tgm_mode
-  )
-  encoder_input = ultramim.corrupt(corrupt_key, clean, u) if u.mic else clean
-  return clean, encoder_input, mask
-
-
-def build_teacher(config, seed_key):
-  """(graphdef, pure-dict params) of the frozen teacher: config.teacher.file, else a randomly
-  initialised one from the seed (with a warning: its targets carry no pretrained knowledge)."""
-  t = config.teacher
-  width, depth, heads, patch = teacher_dims(t)
-  make = lambda key: teacher_lib.Teacher(
-    width=width,
-    depth=depth,
-    num_heads=heads,
-    patch_size=patch,
-    image_size=t.image_size,
-    embed_dim=t.embed_dim,
-    dtype=vit.DTYPES[t.dtype],
-    tower=t.get("tower", "timm"),
-    rngs=nnx.Rngs(key),
-  )
-  if t.file:
-    abstract = nnx.eval_shape(lambda: make(0))
-    graphdef, _ = nnx.split(abstract, nnx.Param)
-    return graphdef, open_clip.load_teacher(t.file, abstract)
-  logging.warning(
-    "config.teacher.file is empty: the teacher is a RANDOMLY INITIALISED %d-block, %d-wide "
-    "ViT (patch %d, %d px), not BiomedCLIP. Its targets carry no pretrained knowledge; set "
-    "config.teacher.file to a BiomedCLIP (open_clip) or timm ViT file for real URFM.",
-    depth,
-    width,
-    patch,
-    t.image_size,
-  )
-  graphdef, params = nnx.split(make(jax.random.fold_in(seed_key, TEACHER_SEED_SALT)), nnx.Param)
-  return graphdef, nnx.to_pure_dict(params)
-
-
-def teacher_targets(teacher_graphdef, teacher_params, clean, config):
-  """clean: [B, S, S, 3] in [0, 1] -> stop-gradient teacher tokens [B, N, D] on the student grid."""
-  t = config.teacher
-  return teacher_lib.targets(
-    nnx.merge(teacher_graphdef, teacher_params),
-    clean,
-    student_grid=config.model.image_size // patch_size_of(config.model),
-    block=t.block,
-    final_norm=t.final_norm,
-    project=t.project,
-    align=t.align,
-  )
-
-
-def make_loss_fn(graphdef, config, teacher_graphdef=None, teacher_params=None):
-  """loss_fn(params, batch, key) -> (loss, None). UltraMIM's views of the batch's images (TGM
-  mask from the clean image's texture, MIC-corrupted encoder input); then either norm-pix MSE
-  on the masked patches of the clean image, or (config.target='teacher') the feature loss to
-  the teacher's tokens of the clean image. batch: images uint8 [B, S, S, 3], or with a teacher
-  cache {'images': ..., 'teacher': [B, N, D]}."""
-  m, t = config.model, config.get("teacher")
-  patch = patch_size_of(m)
-  feature_target = config.get("target", "pixels") == "teacher"
-
-  def loss_fn(params, batch, key):
-    model = nnx.merge(graphdef, params)
-    images = batch["images"] if isinstance(batch, dict) else batch
-    k_mask, k_mic, k_drop = jax.random.split(key, 3)
-    clean, encoder_input, mask = mim_views(images, k_mask, k_mic, config)
-    pred = model(mae.normalize(encoder_input), mask, key=k_drop if m.drop_path_rate > 0 else None)
-    if not feature_target:
-      loss, _ = mae.mae_loss(pred, mae.normalize(clean), mask, patch, m.norm_pix_loss)
-      return loss, None
-    if isinstance(batch, dict):
-      target = jax.lax.stop_gradient(batch["teacher"].astype(jnp.float32))
-    else:
-      target = teacher_targets(teacher_graphdef, teacher_params, clean, config)
-    loss, _ = mae.feature_loss(
-      pred, target, mask, norm=t.norm, loss=t.loss, smooth_l1_beta=t.smooth_l1_beta
-    )
-    return loss, None
-
-  return loss_fn
-
-
-def make_feature_preview_fn(graphdef, teacher_graphdef, config):
-  """(teacher params, params, images uint8, key) -> clean, encoder input, mask, per-patch
-  cosine similarity [B, N] of prediction and normalised teacher target."""
-  t = config.teacher
-
-  def preview(teacher_params, params, images, key):
-    model = nnx.merge(graphdef, params)
-    clean, encoder_input, mask = mim_views(images, *jax.random.split(key), config)
-    pred = model(mae.normalize(encoder_input), mask)
-    target = teacher_targets(teacher_graphdef, teacher_params, clean, config)
-    unit = lambda x: mae.normalize_features(x, "l2")
-    target = mae.normalize_features(target, t.norm)
-    return clean, encoder_input, mask, jnp.sum(unit(pred) * unit(target), axis=-1)
-
-  return preview
-
-
-def make_preview_fn(graphdef, config):
-  """(params, images uint8 [B,S,S,3], key) -> clean, encoder input, mask, reconstruction.
-
-  With norm-pix targets the prediction is in per-patch normalised units; as MAE's demo does,
-  it is mapped back with the true patch's mean and variance for display only.
-  """
-  m = config.model
-  patch = patch_size_of(m)
-  mean, std = jnp.asarray(mae.IMAGENET_MEAN), jnp.asarray(mae.IMAGENET_STD)
-
-  def preview(params, images, key):
-    model = nnx.merge(graphdef, params)
-    clean, encoder_input, mask = mim_views(images, *jax.random.split(key), config)
-    pred = model(mae.normalize(encoder_input), mask)
-    target = mae.patchify(mae.normalize(clean), patch)
-    if m.norm_pix_loss:
-      mu = target.mean(-1, keepdims=True)
-      var = target.var(-1, keepdims=True, ddof=1)
-      pred = pred * jnp.sqrt(var + 1e-6) + mu
-    pred = jnp.where(mask[..., None], pred, target)
-    h, w = clean.shape[1:3]
-    recon = mae.unpatchify(pred, patch, h, w) * std + mean
-    return clean, encoder_input, mask, recon
-
-  return preview
-
-
-# ----------------------------------------------------------------------------- run
-class Programs:
-  """The compiled pieces of a round, with explicit shardings and donated round state.
-
-  C clients train on L lanes (rounds.py): lane trees have a leading [L] axis, the clients'
-  optimizer states a leading [C] axis; both are sharded over the mesh's 'clients' axis.
-  """
-
-  def __init__(
-    self,
-    config,
-    mesh,
-    graphdef,
-    abstract_params,
-    tx,
-    num_clients,
-    num_lanes,
-    teacher=None,
-    cached=False,
-    strategy=None,
-  ):
-    """teacher: (graphdef, pure-dict params) of the frozen teacher for config.target='teacher'
-    (its params become a replicated, non-donated input of the chunk); cached: batches are
-    {'images', 'teacher'} dicts from a teacher cache; strategy: the federated strategy
-    (default: config.fed.strategy). Pretraining has no model state: Server(params, {})."""
-    self.strategy = strategy = strategy or make_strategy(config)
-    rules = [tuple(r) for r in config.sharding_rules]
-    stacked = lambda n: jax.eval_shape(
-      functools.partial(aggregate.broadcast, num_clients=n), abstract_params
-    )
-    self.server_sharding = sharding.tree_shardings(abstract_params, mesh, rules, False)
-    self.client_sharding = sharding.tree_shardings(stacked(num_clients), mesh, rules, True)
-    self.abstract_opt = jax.eval_shape(jax.vmap(tx.init), stacked(num_clients))
-    self.opt_sharding = sharding.tree_shardings(self.abstract_opt, mesh, rules, True)
-    self.abstract_strategy = jax.eval_shape(
-      lambda p: strategy.init(p, num_clients, {}), abstract_params
-    )
-    self.strategy_sharding = rounds.state_shardings(self.abstract_strategy, mesh, rules)
-    abstract_lanes = jax.eval_shape(
-      lambda p, o, s: rounds.start_round(strategy, Server(p, {}), o, s, num_clients, num_lanes),
-      abstract_params,
-      self.abstract_opt,
-      self.abstract_strategy,
-    )
-    lanes = lambda tree: sharding.tree_shardings(tree, mesh, rules + [(".*", "replicated")], True)
-    self.state_sharding = rounds.LaneState(
-      params=lanes(abstract_lanes.params),
-      model_state={},
-      opt_state=lanes(abstract_lanes.opt_state),
-      ctx=lanes(abstract_lanes.ctx),
-      client_opt_state=self.opt_sharding,
-      strategy_state=self.strategy_sharding,
-      acc=rounds.state_shardings(abstract_lanes.acc, mesh, rules),
-    )
-    self.vector = sharding.client_vector_sharding(mesh)  # [L, ...] plan arrays
-    self.replicated = rep = sharding.replicated(mesh)
-    server = Server(self.server_sharding, {})
-
-    m = config.model
-    self.init_params = jax.jit(
-      lambda key: nnx.to_pure_dict(nnx.state(mae.mae_from_config(m, nnx.Rngs(key)), nnx.Param)),
-      out_shardings=self.server_sharding,
-    )
-    self.init_opt = jax.jit(
-      lambda server: jax.vmap(tx.init)(aggregate.broadcast(server, num_clients)),
-      in_shardings=(self.server_sharding,),
-      out_shardings=self.opt_sharding,
-    )
-    self.init_strategy = jax.jit(
-      lambda p: strategy.init(p, num_clients, {}),
-      in_shardings=(self.server_sharding,),
-      out_shardings=self.strategy_sharding,
-    )
-    self._start_round = jax.jit(
-      lambda p, o, s: rounds.start_round(strategy, Server(p, {}), o, s, num_clients, num_lanes),
-      in_shardings=(self.server_sharding, self.opt_sharding, self.strategy_sharding),
-      out_shardings=self.state_sharding,
-      donate_argnums=(1, 2),
-    )
-    self._finish_round = jax.jit(
-      lambda state, p, key: rounds.finish_round(strategy, state, Server(p, {}), key),
-      in_shardings=(self.state_sharding, self.server_sharding, rep),
-      out_shardings=(server, self.opt_sharding, self.strategy_sharding),
-      donate_argnums=(0,),
-    )
-
-    o = config.optim
-    self.lr_fn = functools.partial(
-      optimizer.warmup_cosine,
-      peak_lr=optimizer.peak_lr(o, config.data.batch_size),
-      min_lr=o.min_lr,
-      warmup=o.warmup_rounds,
-      total=config.fed.num_rounds,
-    )
-    self.batch_sharding = sharding.batch_sharding(mesh, 6)
-    if cached:
-      self.batch_sharding = dict(
-        images=self.batch_sharding, teacher=sharding.batch_sharding(mesh, 5)
-      )
-    plan_sharding = rounds.RoundPlan(*[self.vector] * 4)
-    # Frozen inputs: the teacher's params (an empty dict for pixel targets), replicated.
-    teacher_graphdef, teacher_params = teacher or (None, {})
-    self.frozen = loop.put_global(teacher_params, rep)
-
-    def chunk(frozen, params, *args):
-      loss_fn = rounds.without_model_state(make_loss_fn(graphdef, config, teacher_graphdef, frozen))
-      state, metrics = rounds.make_chunk(loss_fn, tx, strategy, self.lr_fn, config.on_nonfinite)(
-        Server(params, {}), *args
-      )
-      return state, metrics["loss"], metrics["grad_norm"]
-
-    self.chunk = jax.jit(
-      chunk,
-      in_shardings=(
-        rep,
-        self.server_sharding,
-        self.state_sharding,
-        self.batch_sharding,
-        plan_sharding,
-        rep,
-        rep,
-        rep,
-        rep,
-      ),
-      out_shardings=(self.state_sharding, self.vector, self.vector),
-      donate_argnums=(2,),
-    )
-    self.param_norm = jax.jit(optax.global_norm, out_shardings=rep)
-    # Replicated output: process 0 writes the PNG even when params are sharded across hosts.
-    if teacher is None:
-      self.preview = jax.jit(make_preview_fn(graphdef, config), out_shardings=rep)
-    else:
-      self.preview = functools.partial(
-        jax.jit(make_feature_preview_fn(graphdef, teacher_graphdef, config), out_shardings=rep),
-        self.frozen,
-      )
-    self._compiled_chunk = None
-    self.chunk_flops = None
-
-  def start_round(self, params, opt_state, strategy_state=None):
-    """Lane state for a round from the server params, the clients' optimizer states and the
-    strategy state (a fresh one when None, as benchmarks start); donates the last two."""
-    if strategy_state is None:
-      strategy_state = self.init_strategy(params)
-    return self._start_round(params, opt_state, strategy_state)
-
-  def finish_round(self, state, params, round_key=None):
-    """(server params, clients' optimizer states, strategy state) after the round's last chunk."""
-    key = jax.random.key(0) if round_key is None else round_key
-    server, opt_state, strategy_state = self._finish_round(state, params, key)
-    return server.params, opt_state, strategy_state
-
-  def run_chunk(self, *args):
-    """Compiles on first use (keeping XLA's FLOP count for MFU), then runs asynchronously."""
-    if self._compiled_chunk is None:
-      t0 = time.perf_counter()
-      self._compiled_chunk = self.chunk.lower(self.frozen, *args).compile()
-      flops = perf.compiled_flops(self._compiled_chunk)
-      # XLA's cost analysis counts a scan's body once; the chunk runs it K times.
-      steps = jax.tree.leaves(args[2])[0].shape[1]
-      self.chunk_flops = flops * steps if flops else None
-      logging.info(
-        "Compiled the round chunk in %.1f s (%s GFLOP per call per device).",
-        time.perf_counter() - t0,
-        f"{self.chunk_flops / 1e9:.1f}" if self.chunk_flops else "?",
-      )
-    return self._compiled_chunk(self.frozen, *args)
 
 
 def _global_batch(local, shardings):
   """This process's batch (an array, or a dict of arrays for cached targets) -> global arrays."""
   return jax.tree.map(sharding.global_batch, local, shardings)
-
-
-def cache_meta(config, clients, teacher_params) -> dict:
-  """What cached targets depend on; a cache built for anything else is refused."""
-  t = config.teacher
-  fingerprint = float(sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(teacher_params)))
-  return dict(
-    teacher={
-      k: v
-      for k, v in t.to_dict().items()
-      if k not in ("cache_dir", "norm", "loss", "smooth_l1_beta")
-    },
-    teacher_param_sum=fingerprint,
-    image_size=config.model.image_size,
-    student_grid=config.model.image_size // patch_size_of(config.model),
-    clients=[[c.name, len(c)] for c in clients],
-    data=config.data.to_dict(),
-    smat=config.ultramim.smat,
-    seed=config.seed,
-  )
-
-
-def _teacher_data(config, clients, teacher):
-  """Opens (building on first use, by process 0) the teacher cache; returns CachedBatches."""
-  t = config.teacher
-  directory = pathlib.Path(t.cache_dir)
-  meta = cache_meta(config, clients, teacher[1])
-  if not directory.exists() and jax.process_index() == 0:
-    targets = jax.jit(
-      lambda params, images: teacher_targets(
-        teacher[0], params, images.astype(jnp.float32) / 255.0, config
-      )
-    )
-    t0 = time.perf_counter()
-    teacher_cache.build(
-      directory,
-      clients,
-      config.model.image_size,
-      functools.partial(targets, teacher[1]),
-      meta,
-      dtype=t.cache_dtype,
-    )
-    logging.info("Built the teacher cache %s in %.1f s.", directory, time.perf_counter() - t0)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("teacher cache")
-  teacher_cache.check_meta(directory, meta)
-  logging.info("Teacher targets from the cache %s (fixed views).", directory)
-  return teacher_cache.CachedBatches(
-    directory,
-    [c.name for c in clients],
-    config.data.batch_size,
-    seed=config.seed,
-    num_threads=config.data.num_threads,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
 
 
 def _resume_or_init(config, ckpt, programs, data, seed_key):
@@ -792,7 +115,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
   logging.info("Mesh: %s", dict(mesh.shape))
   probes = evaluators.for_pretraining(config, mesh)  # None when config.evals are all off
 
-  clients = client_sources(config)
+  clients = clients_lib.client_sources(config)
   num_clients, batch = len(clients), config.data.batch_size
   configlib.check(
     num_clients % mesh.shape["clients"] == 0,
@@ -807,7 +130,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
   seed_key = jax.random.key(config.seed)
   teacher, cached = None, False
   if config.target == "teacher":
-    teacher = build_teacher(config, seed_key)
+    teacher = mim_objectives.build_teacher(config, seed_key)
     cached = bool(config.teacher.cache_dir)
     logging.info(
       "Feature targets: teacher block %s%s, %s-normalised, %s loss, %s alignment, %s.",
@@ -819,7 +142,12 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
       "cached" if cached else "computed in the step",
     )
   if cached:
-    data = _teacher_data(config, clients, teacher)
+    targets = jax.jit(
+      lambda params, images: mim_objectives.teacher_targets(
+        teacher[0], params, images.astype(jnp.float32) / 255.0, config
+      )
+    )
+    data = clients_lib.teacher_batches(config, clients, teacher[1], targets)
   else:
     data = pipeline.ClientBatches(
       clients,
@@ -857,6 +185,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
   plan = rounds.plan_round(steps_per_round, num_lanes, chunk_steps)
   try:
     strategy = make_strategy(config).for_run(num_clients, f.clients_per_round, f.sampling)
+    strategy = strategy.for_data(batch, data.num_images, steps_per_round)  # DP-SGD's rates
   except ValueError as e:
     raise configlib.ConfigError(f"config.fed.strategy={f.strategy!r}: {e}") from None
   weights = strategy.client_weights(data.num_images)
@@ -883,7 +212,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     abstract_params = nnx.to_pure_dict(abstract_params)
     tx = optimizer.adamw(config.optim, abstract_params)
-    programs = Programs(
+    programs = mim_programs.Programs(
       config,
       mesh,
       graphdef,
@@ -908,7 +237,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
         writer.write_scalars(0, dict(round=0, **probes.at_round(params, 0)))
     progress = periodic_actions.ReportProgress(num_train_steps=config.fed.num_rounds, every_steps=1)
     lr_fn = programs.lr_fn
-    preview = preview_images(clients, image_size)
+    preview = clients_lib.preview_images(clients, image_size)
     # The encoder's last-block cls attention per head on the clean preview images (UltraFedFM
     # Figs. 7-8), every attention_every_rounds rounds (0 = never).
     attention_maps = jax.jit(
@@ -917,7 +246,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
       ),
       out_shardings=programs.replicated,
     )
-    pairs = smat_pairs(clients) if start == 0 and jax.process_index() == 0 else []
+    pairs = clients_lib.smat_pairs(clients) if start == 0 and jax.process_index() == 0 else []
     if pairs:
       reconstruction.save_pairs(
         workdir / "images" / "smat_pairs.png", pairs, title="SMAT scan-mode partners"
@@ -935,7 +264,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
     clock = timing.CompileClock()
     kill_at = tuple(int(x) for x in os.environ.get(KILL_AT_ENV, "0,0").split(","))
     for r in range(start, last):
-      why = strategy.stop_reason(r)
+      why = strategy.stop_reason(r, train["strategy"])
       if why:  # e.g. the privacy budget: keep round r's state and end the run cleanly
         logging.warning("Stopping before round %d: %s", r + 1, why)
         if r > 0 and ckpt.latest_step() != r:
@@ -1053,7 +382,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
           save(
             png,
             *[np.asarray(x) for x in jax.device_get(shown)],
-            patch_size=patch_size_of(config.model),
+            patch_size=mim_objectives.patch_size_of(config.model),
             title=f"round {done}, loss {loss:.4f}",
           )
           writer.write_images(done, {"reconstructions": writers.png_image(png)})

@@ -35,32 +35,6 @@ from ultrajax.jobs import finetune, pretrain
 from ultrajax.train import loop
 from ultrajax.viz import plots
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load_config(spec: str, field: str) -> ml_collections.ConfigDict:
-  """'configs/x.py:preset' -> that config; relative paths are tried from the working directory,
-  then from the repository root, then among the configs shipped with ultrajax."""
-  path, _, arg = spec.partition(":")
-  found = configlib.find_config_file(path)
-  if found is None and (REPO / path).is_file():
-    found = REPO / path
-  if found is None:
-    raise configlib.ConfigError(f"config.{field}={spec!r}: no file at {path}")
-  return configlib.load_config_module(found).get_config(arg or None)
-
-
-def apply_overrides(
-  config: ml_collections.ConfigDict, overrides, field: str, prefix: str = ""
-) -> None:
-  """Copies the nested `overrides` into `config`; a field the config lacks fails naming it."""
-  for name, value in overrides.items():
-    configlib.check(name in config, f"config.{field}.{prefix}{name} is not a field of that config")
-    if isinstance(value, ml_collections.ConfigDict):
-      apply_overrides(config[name], value, field, f"{prefix}{name}.")
-    else:
-      config[name] = value
-
 
 def organs(config) -> list[str]:
   """config.organs: phantom organs, or (data.source='tfds') prepared TFDS dataset names."""
@@ -106,10 +80,11 @@ def validate(config) -> None:
     )
 
 
-def pretrain_config(config, organ: str):
-  c = load_config(config.pretrain_config, "pretrain_config")
-  apply_overrides(c, config.pretrain_overrides, "pretrain_overrides")
-  if config.data.source == "tfds":  # the dataset's images as the only client
+def _stage_config(config, stage: str, organ: str, phantom_field: str):
+  """configlib.stage_config on one organ: its TFDS dataset as the only data (fine-tuning: its
+  labels or masks, split by patient_id), or its phantom images (data.<phantom_field>=organ)."""
+  c = configlib.stage_config(config, stage)
+  if config.data.source == "tfds":
     c.data.update(
       source="tfds",
       tfds_name=organ,
@@ -118,26 +93,17 @@ def pretrain_config(config, organ: str):
     )
   else:
     c.data.source = "phantom"
-    c.data.phantom_organs = organ
-  c.seed = config.seed
+    c.data[phantom_field] = organ
   return c
 
 
+def pretrain_config(config, organ: str):
+  return _stage_config(config, "pretrain", organ, "phantom_organs")
+
+
 def finetune_config(config, organ: str, variants: list[tuple[str, str]]):
-  c = load_config(config.finetune_config, "finetune_config")
-  apply_overrides(c, config.finetune_overrides, "finetune_overrides")
-  if config.data.source == "tfds":  # its labels or masks, split by patient_id
-    c.data.update(
-      source="tfds",
-      tfds_name=organ,
-      tfds_data_dir=config.data.tfds_data_dir,
-      tfds_split=config.data.tfds_split,
-    )
-  else:
-    c.data.source = "phantom"
-    c.data.organs = organ
+  c = _stage_config(config, "finetune", organ, "organs")
   c.variants = ",".join(f"{name}={path}" for name, path in variants)
-  c.seed = config.seed
   return c
 
 
