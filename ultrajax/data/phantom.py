@@ -221,6 +221,14 @@ def _below(e: _Ellipse, depth: float) -> _Ellipse:
   return e._replace(cy=depth + e.half_height())
 
 
+def _organ(rng, top: float, x: float, a, b, tilt: float, gap) -> _Ellipse:
+  """An organ ellipse drawn in this order: centre in [-x, x], semi-axes in the (low, high) ranges
+  a and b, rotation in [-tilt, tilt]; then moved below `top` by a gap (a (low, high) range, or a
+  fixed number)."""
+  e = _Ellipse(rng.uniform(-x, x), 0.0, rng.uniform(*a), rng.uniform(*b), rng.uniform(-tilt, tilt))
+  return _below(e, top + (rng.uniform(*gap) if isinstance(gap, tuple) else gap))
+
+
 def _site_in(rng, e: _Ellipse, max_radius: float) -> tuple[float, float, float]:
   """A lesion site in the inner half of ellipse e that every probe sees (else e's centre)."""
   for _ in range(16):
@@ -238,16 +246,7 @@ def _in_frame(e: _Ellipse, du: float, dv: float, a: float, b: float) -> _Ellipse
 
 def _liver(rng) -> _Scene:
   regions, below = _wall(rng, muscle=(0.04, 0.08))
-  liver = _below(
-    _Ellipse(
-      rng.uniform(-0.1, 0.1),
-      0.0,
-      rng.uniform(0.7, 0.9),
-      rng.uniform(0.42, 0.52),
-      rng.uniform(-0.3, 0.3),
-    ),
-    below + rng.uniform(0.0, 0.05),
-  )
+  liver = _organ(rng, below, 0.1, (0.7, 0.9), (0.42, 0.52), 0.3, (0.0, 0.05))
   regions.append((liver, 1.0, 0.0))
   for _ in range(rng.integers(2, 5)):
     r = rng.uniform(0.02, 0.05)
@@ -260,16 +259,7 @@ def _liver(rng) -> _Scene:
 
 def _thyroid(rng) -> _Scene:
   regions, below = _wall(rng, fat=(0.02, 0.04), muscle=(0.05, 0.09))  # strap muscles
-  lobe = _below(
-    _Ellipse(
-      rng.uniform(-0.08, 0.08),
-      0.0,
-      rng.uniform(0.28, 0.36),
-      rng.uniform(0.15, 0.2),
-      rng.uniform(-0.15, 0.15),
-    ),
-    below + 0.01,
-  )
+  lobe = _organ(rng, below, 0.08, (0.28, 0.36), (0.15, 0.2), 0.15, 0.01)
   side = rng.choice((-1.0, 1.0))
   r = rng.uniform(0.06, 0.08)
   carotid = _Ellipse(lobe.cx + side * (lobe.a + r + 0.02), lobe.cy + rng.uniform(0.0, 0.06), r, r)
@@ -309,16 +299,7 @@ def _breast(rng) -> _Scene:
 
 def _kidney(rng) -> _Scene:
   regions, below = _wall(rng, muscle=(0.05, 0.1))
-  kidney = _below(
-    _Ellipse(
-      rng.uniform(-0.08, 0.08),
-      0.0,
-      rng.uniform(0.3, 0.38),
-      rng.uniform(0.17, 0.22),
-      rng.uniform(-0.4, 0.4),
-    ),
-    below + rng.uniform(0.03, 0.1),
-  )
+  kidney = _organ(rng, below, 0.08, (0.3, 0.38), (0.17, 0.22), 0.4, (0.03, 0.1))
   regions += [
     (kidney._replace(a=kidney.a + 0.015, b=kidney.b + 0.015), 1.8, 0.0),
     (kidney, 0.55, 0.0),
@@ -339,16 +320,7 @@ def _kidney(rng) -> _Scene:
 def _heart(rng) -> _Scene:
   """Apical four-chamber view: ventricles near the apex (top), atria deep."""
   regions, below = _wall(rng, fat=(0.02, 0.04))
-  heart = _below(
-    _Ellipse(
-      rng.uniform(-0.05, 0.05),
-      0.0,
-      rng.uniform(0.34, 0.4),
-      rng.uniform(0.4, 0.46),
-      rng.uniform(-0.15, 0.15),
-    ),
-    below + 0.02,
-  )
+  heart = _organ(rng, below, 0.05, (0.34, 0.4), (0.4, 0.46), 0.15, 0.02)
   lv = _in_frame(heart, 0.33, -0.15, 0.28 * heart.a, 0.5 * heart.b)
   chambers = [
     lv,
@@ -367,16 +339,7 @@ def _fetal_head(rng) -> _Scene:
   regions, below = _wall(
     rng, fat=(0.03, 0.06), muscle=(0.04, 0.07)
   )  # maternal abdominal and uterine wall
-  head = _below(
-    _Ellipse(
-      rng.uniform(-0.06, 0.06),
-      0.0,
-      rng.uniform(0.24, 0.3),
-      rng.uniform(0.19, 0.24),
-      rng.uniform(-0.6, 0.6),
-    ),
-    below + rng.uniform(0.03, 0.1),
-  )
+  head = _organ(rng, below, 0.06, (0.24, 0.3), (0.19, 0.24), 0.6, (0.03, 0.1))
   skull = head._replace(hole=1.0 - rng.uniform(0.06, 0.09))
   regions += [
     (_layer(below, 10.0), FLUID, -1.5),  # amniotic fluid
@@ -454,16 +417,7 @@ def _muscle(rng) -> _Scene:
 def _pancreas(rng) -> _Scene:
   regions, below = _wall(rng, muscle=(0.04, 0.08))
   liver_bottom = below + rng.uniform(0.1, 0.16)
-  pancreas = _below(
-    _Ellipse(
-      rng.uniform(-0.08, 0.08),
-      0.0,
-      rng.uniform(0.32, 0.42),
-      rng.uniform(0.07, 0.1),
-      rng.uniform(-0.2, 0.2),
-    ),
-    liver_bottom + rng.uniform(0.02, 0.06),
-  )
+  pancreas = _organ(rng, liver_bottom, 0.08, (0.32, 0.42), (0.07, 0.1), 0.2, (0.02, 0.06))
   vein = _in_frame(
     pancreas, 0.0, 1.0 + 0.035 / pancreas.b, 0.7 * pancreas.a, 0.022
   )  # splenic vein, behind
@@ -483,16 +437,7 @@ def _pancreas(rng) -> _Scene:
 
 def _gallbladder(rng) -> _Scene:
   regions, below = _wall(rng, muscle=(0.04, 0.08))
-  gb = _below(
-    _Ellipse(
-      rng.uniform(-0.08, 0.08),
-      0.0,
-      rng.uniform(0.2, 0.28),
-      rng.uniform(0.09, 0.13),
-      rng.uniform(-0.5, 0.5),
-    ),
-    below + rng.uniform(0.08, 0.2),
-  )
+  gb = _organ(rng, below, 0.08, (0.2, 0.28), (0.09, 0.13), 0.5, (0.08, 0.2))
   lumen = gb._replace(a=gb.a - 0.02, b=gb.b - 0.02)
   regions += [(gb, 1.8, 0.0), (lumen, FLUID, -4.0)]
   if rng.random() < 0.3:
@@ -530,16 +475,7 @@ def _colorectum(rng) -> _Scene:
 def _nerve(rng) -> _Scene:
   """Brachial plexus: a honeycomb of dark fascicles in a bright epineurium, beside an artery."""
   regions, below = _wall(rng, fat=(0.03, 0.06), muscle=(0.08, 0.14))
-  nerve = _below(
-    _Ellipse(
-      rng.uniform(-0.08, 0.08),
-      0.0,
-      rng.uniform(0.12, 0.17),
-      rng.uniform(0.07, 0.1),
-      rng.uniform(-0.3, 0.3),
-    ),
-    below + rng.uniform(0.05, 0.15),
-  )
+  nerve = _organ(rng, below, 0.08, (0.12, 0.17), (0.07, 0.1), 0.3, (0.05, 0.15))
   r = rng.uniform(0.05, 0.07)
   side = rng.choice((-1, 1))
   artery = _Ellipse(

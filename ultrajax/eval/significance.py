@@ -42,6 +42,17 @@ def _check_alpha(alpha) -> None:
     raise ValueError(f"alpha={alpha!r} is not in (0, 1)")
 
 
+def _two_sided(diff: float, se: float, alpha: float, dist) -> Comparison:
+  """diff -/+ dist's (1 - alpha/2) quantile x se, and the two-sided p-value of diff / se under
+  dist (a scipy distribution: Student t or normal). se 0 (no spread): p = 1 when diff is 0 (the
+  statistic 0), else p = 0 (the statistic +-inf)."""
+  if se == 0.0:
+    stat = 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
+    return Comparison(diff, diff, diff, 1.0 if diff == 0.0 else 0.0, stat)
+  half = dist.ppf(1 - alpha / 2) * se
+  return Comparison(diff, diff - half, diff + half, float(2 * dist.sf(abs(diff / se))), diff / se)
+
+
 def paired_ttest(a, b, alpha: float = 0.05) -> Comparison:
   """Two-sided paired t-test of mean(a - b) = 0.  a, b: [S] (e.g. one metric per seed).
 
@@ -59,19 +70,8 @@ def paired_ttest(a, b, alpha: float = 0.05) -> Comparison:
   d = (a - b)[np.isfinite(a) & np.isfinite(b)]
   if d.size < 2:  # no spread to test against: only the difference, if there is one
     return Comparison(float(d[0]), math.nan, math.nan, math.nan) if d.size else NAN
-  mean, sd, df = float(d.mean()), float(d.std(ddof=1)), d.size - 1
-  if sd == 0.0:
-    return Comparison(
-      mean,
-      mean,
-      mean,
-      1.0 if mean == 0.0 else 0.0,
-      0.0 if mean == 0.0 else math.copysign(math.inf, mean),
-    )
-  se = sd / math.sqrt(d.size)
-  t = mean / se
-  half = stats.t.ppf(1 - alpha / 2, df) * se
-  return Comparison(mean, mean - half, mean + half, float(2 * stats.t.sf(abs(t), df)), t)
+  se = float(d.std(ddof=1)) / math.sqrt(d.size)
+  return _two_sided(float(d.mean()), se, alpha, stats.t(d.size - 1))
 
 
 def paired_bootstrap(
@@ -236,17 +236,7 @@ def delong_test(labels, scores_a, scores_b, alpha: float = 0.05) -> Comparison:
   auc, cov = delong_covariance(labels, np.stack([scores_a, scores_b]))
   diff = float(auc[0] - auc[1])
   var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
-  if var <= 1e-300:
-    return Comparison(
-      diff,
-      diff,
-      diff,
-      1.0 if diff == 0.0 else 0.0,
-      0.0 if diff == 0.0 else math.copysign(math.inf, diff),
-    )
-  z = diff / math.sqrt(var)
-  half = stats.norm.ppf(1 - alpha / 2) * math.sqrt(var)
-  return Comparison(diff, diff - half, diff + half, float(2 * stats.norm.sf(abs(z))), z)
+  return _two_sided(diff, math.sqrt(var) if var > 1e-300 else 0.0, alpha, stats.norm)
 
 
 # ------------------------------------------------------------------------------------------------
