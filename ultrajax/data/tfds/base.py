@@ -78,6 +78,18 @@ class UltrasoundBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     """Yields (key, example) of `split` read from `manual_dir`."""
 
 
+def example(
+  manual_dir: str, path: str, image, *, patient_id: str, probe: str, mask=None, **features
+) -> dict:
+  """One record's features: image uint8 [H, W, C]; mask bool [H, W] (None: a set without masks);
+  file_name: `path` relative to manual_dir; pixel_size_mm NaN unless given in `features` (the
+  label and the set's own features)."""
+  record = dict(image=image, patient_id=patient_id, probe=probe, pixel_size_mm=NAN)
+  if mask is not None:
+    record["mask"] = mask_feature(mask)
+  return dict(record, **features, file_name=os.path.relpath(path, manual_dir))
+
+
 def grey(path: str) -> np.ndarray:
   """uint8 [H, W, 1] of an image file (colour averaged by PIL's 'L' conversion)."""
   with Image.open(path) as img:

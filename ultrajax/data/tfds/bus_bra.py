@@ -46,15 +46,15 @@ class BusBra(base.UltrasoundBuilder):
       mask = base.binary_mask(os.path.join(manual_dir, "Masks", "mask" + key[3:] + ".png"))
       yield (
         key,
-        {
-          "image": base.grey(path),
-          "mask": base.mask_feature(mask),
-          "label": base.column(row, ("Pathology",), where).lower(),
-          "patient_id": str(int(patient[1])),
-          "pixel_size_mm": base.NAN,
-          "probe": "linear",
-          "birads": base.column(row, ("BIRADS",), where),
-          "device": base.column(row, ("Device",), where),
-          "file_name": os.path.relpath(path, manual_dir),
-        },
+        base.example(
+          manual_dir,
+          path,
+          base.grey(path),
+          mask=mask,
+          label=base.column(row, ("Pathology",), where).lower(),
+          patient_id=str(int(patient[1])),
+          probe="linear",
+          birads=base.column(row, ("BIRADS",), where),
+          device=base.column(row, ("Device",), where),
+        ),
       )

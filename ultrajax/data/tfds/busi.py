@@ -54,13 +54,7 @@ class Busi(base.UltrasoundBuilder):
         # BUSI gives no patient ids: each image is its own patient (it has known near-duplicates).
         yield (
           key,
-          {
-            "image": image,
-            "mask": base.mask_feature(mask),
-            "label": label,
-            "patient_id": key,
-            "pixel_size_mm": base.NAN,
-            "probe": "linear",
-            "file_name": os.path.relpath(path, manual_dir),
-          },
+          base.example(
+            manual_dir, path, image, mask=mask, label=label, patient_id=key, probe="linear"
+          ),
         )

@@ -128,18 +128,19 @@ class Camus(base.UltrasoundBuilder):
           row, col = spacing[1], spacing[0]  # ElementSpacing is x (column) first
           yield (
             f"{patient}_{view}_{phase}",
-            {
-              "image": np.clip(image, 0, 255).astype(np.uint8)[..., None],
-              "mask": base.mask_feature(labels == 1),
-              "structures": labels.astype(np.uint8)[..., None],
-              "pixel_spacing_mm": np.array([row, col], np.float32),
+            base.example(
+              manual_dir,
+              stem + ".mhd",
+              np.clip(image, 0, 255).astype(np.uint8)[..., None],
+              mask=labels == 1,
+              structures=labels.astype(np.uint8)[..., None],
+              pixel_spacing_mm=np.array([row, col], np.float32),
               # One number only for square pixels (the released images are not all square).
-              "pixel_size_mm": row if abs(row - col) <= 0.01 * max(row, col) else base.NAN,
-              "view": view,
-              "phase": phase,
-              "image_quality": info.get("ImageQuality", ""),
-              "patient_id": patient,
-              "probe": "",
-              "file_name": os.path.relpath(stem + ".mhd", manual_dir),
-            },
+              pixel_size_mm=row if abs(row - col) <= 0.01 * max(row, col) else base.NAN,
+              view=view,
+              phase=phase,
+              image_quality=info.get("ImageQuality", ""),
+              patient_id=patient,
+              probe="",
+            ),
           )

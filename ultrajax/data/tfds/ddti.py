@@ -69,13 +69,13 @@ class Ddti(base.UltrasoundBuilder):
         mask |= polygons_mask(mark.findtext("svg"), image.shape[:2], xml_path)
       yield (
         f"{m[1]}_{m[2]}",
-        {
-          "image": image,
-          "mask": base.mask_feature(mask),
-          "patient_id": str(int(m[1])),
-          "pixel_size_mm": base.NAN,
-          "probe": "linear",
+        base.example(
+          manual_dir,
+          path,
+          image,
+          mask=mask,
+          patient_id=str(int(m[1])),
+          probe="linear",
           **{k: (root.findtext(k) or "").strip() for k in self.EXTRA_FEATURES},
-          "file_name": os.path.relpath(path, manual_dir),
-        },
+        ),
       )

@@ -54,15 +54,15 @@ class FetalPlanesDb(base.UltrasoundBuilder):
       path = os.path.join(manual_dir, self.ROOT, name + ".png")
       yield (
         name,
-        {
-          "image": base.grey(path),
-          "label": plane,
-          "patient_id": base.column(row, ("Patient_num",), where),
-          "pixel_size_mm": base.NAN,
-          "probe": "",  # transabdominal and transvaginal probes
-          "brain_plane": base.column(row, ("Brain_plane",), where),
-          "us_machine": base.column(row, ("US_Machine",), where),
-          "operator": base.column(row, ("Operator",), where),
-          "file_name": os.path.relpath(path, manual_dir),
-        },
+        base.example(
+          manual_dir,
+          path,
+          base.grey(path),
+          label=plane,
+          patient_id=base.column(row, ("Patient_num",), where),
+          probe="",  # transabdominal and transvaginal probes
+          brain_plane=base.column(row, ("Brain_plane",), where),
+          us_machine=base.column(row, ("US_Machine",), where),
+          operator=base.column(row, ("Operator",), where),
+        ),
       )

@@ -69,14 +69,15 @@ class Hc18(base.UltrasoundBuilder):
         raise ValueError(f"{where}: file name {name!r} does not start with a subject number")
       yield (
         name[:-4],
-        {
-          "image": base.grey(path),
-          "mask": base.mask_feature(fill_ellipse(outline)),
+        base.example(
+          manual_dir,
+          path,
+          base.grey(path),
+          mask=fill_ellipse(outline),
           # 010_HC.png and 010_2HC.png are two planes of one pregnancy.
-          "patient_id": str(int(subject[1])),
-          "pixel_size_mm": float(base.column(row, ("pixel size(mm)",), where)),
-          "head_circumference_mm": float(base.column(row, ("head circumference (mm)",), where)),
-          "probe": "convex",
-          "file_name": os.path.relpath(path, manual_dir),
-        },
+          patient_id=str(int(subject[1])),
+          pixel_size_mm=float(base.column(row, ("pixel size(mm)",), where)),
+          head_circumference_mm=float(base.column(row, ("head circumference (mm)",), where)),
+          probe="convex",
+        ),
       )

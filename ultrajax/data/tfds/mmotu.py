@@ -80,15 +80,8 @@ class Mmotu(base.UltrasoundBuilder):
       if mask.shape != image.shape[:2]:
         raise ValueError(f"mmotu: the mask of {path} is {mask.shape}, the image {image.shape[:2]}")
       # No patient ids are published: each image is its own patient.
+      label = self.CLASSES[class_id]
       yield (
         stem,
-        {
-          "image": image,
-          "mask": base.mask_feature(mask),
-          "label": self.CLASSES[class_id],
-          "patient_id": stem,
-          "pixel_size_mm": base.NAN,
-          "probe": "",
-          "file_name": os.path.relpath(path, manual_dir),
-        },
+        base.example(manual_dir, path, image, mask=mask, label=label, patient_id=stem, probe=""),
       )

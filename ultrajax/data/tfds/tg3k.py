@@ -48,14 +48,10 @@ class Tg3k(base.UltrasoundBuilder):
       if n not in wanted:
         continue
       mask = base.binary_mask(os.path.join(folder, "thyroid-mask", f"{n:04d}.jpg"))
+      patient = f"video_run_{run}"
       yield (
         f"{n:04d}",
-        {
-          "image": base.grey(path),
-          "mask": base.mask_feature(mask),
-          "patient_id": f"video_run_{run}",
-          "pixel_size_mm": base.NAN,
-          "probe": "linear",
-          "file_name": os.path.relpath(path, manual_dir),
-        },
+        base.example(
+          manual_dir, path, base.grey(path), mask=mask, patient_id=patient, probe="linear"
+        ),
       )

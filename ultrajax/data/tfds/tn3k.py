@@ -33,14 +33,8 @@ class Tn3k(base.UltrasoundBuilder):
       name = os.path.splitext(os.path.basename(path))[0]
       mask = base.binary_mask(os.path.join(folder, f"{prefix}-mask", name + ".jpg"))
       # The release gives no patient ids: each image is its own patient.
+      key = f"{prefix}_{name}"
       yield (
-        f"{prefix}_{name}",
-        {
-          "image": base.grey(path),
-          "mask": base.mask_feature(mask),
-          "patient_id": f"{prefix}_{name}",
-          "pixel_size_mm": base.NAN,
-          "probe": "linear",
-          "file_name": os.path.relpath(path, manual_dir),
-        },
+        key,
+        base.example(manual_dir, path, base.grey(path), mask=mask, patient_id=key, probe="linear"),
       )
