@@ -41,8 +41,30 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_smoke_run_writes_metrics_images_and_checkpoint(tmp_path):
-  params = pretrain.run(smoke_config(), tmp_path)
+# For tests about the training state, not the model or the evaluators (each compile counts):
+# one encoder block of width 32, no evaluators, a PNG at the last round only.
+LEAN = {
+  "model.width": 32,
+  "model.depth": 1,
+  "model.num_heads": 2,
+  "model.decoder_width": 16,
+  "model.decoder_heads": 2,
+  "evals.linear_probe.every_rounds": 0,
+  "evals.knn.every_rounds": 0,
+  "image_every_rounds": 100,
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """pretrain.run(smoke_config()) once for the tests that check different things on it:
+  (workdir, the returned params). Tests must not write into the workdir's run files."""
+  workdir = tmp_path_factory.mktemp("pretrain_smoke")
+  return workdir, pretrain.run(smoke_config(), workdir)
+
+
+def test_smoke_run_writes_metrics_images_and_checkpoint(smoke_run):
+  tmp_path, params = smoke_run
   rows = losses_by_round(tmp_path)
   assert sorted(rows) == [1, 2]
   for row in rows.values():
@@ -78,14 +100,12 @@ def test_smoke_run_writes_metrics_images_and_checkpoint(tmp_path):
 # FedAdam (server moments in the checkpoint), one of the two clients sampled per round, fresh
 # client optimizers every round; 4 chunks of 2 steps per round.
 KILLED = {
+  **LEAN,
   "fed.num_rounds": 3,
   "fed.strategy": "fedadam",
   "fed.strategy_options": "server_lr=0.01",
   "fed.clients_per_round": 1,
   "fed.reset_client_optimizer": True,
-  "image_every_rounds": 9,
-  "evals.linear_probe.every_rounds": 0,
-  "evals.knn.every_rounds": 0,
 }
 
 
@@ -283,9 +303,9 @@ def test_main_runs_smoke_preset_and_rejects_unknown_fields(tmp_path):
   assert bad.returncode != 0 and "widht" in bad.stderr
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, smoke_run):
   """launch/local_multiprocess.sh: 2 processes x 2 CPU devices joined by jax.distributed, each
-  loading its slice of every batch, give the losses of a single-process run."""
+  loading its slice of every batch, give the losses of a single-process run (smoke_run's)."""
   env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", PORT="12391")
   done = subprocess.run(
     [
@@ -302,8 +322,7 @@ def test_two_processes_match_one(tmp_path):
     timeout=600,
   )
   assert done.returncode == 0, done.stderr[-3000:]
-  pretrain.run(smoke_config(), tmp_path / "single")
-  a, b = losses_by_round(tmp_path / "mp"), losses_by_round(tmp_path / "single")
+  a, b = losses_by_round(tmp_path / "mp"), losses_by_round(smoke_run[0])
   assert sorted(a) == sorted(b) == [1, 2]
   for r in a:
     np.testing.assert_allclose(a[r]["loss"], b[r]["loss"], rtol=1e-4)
@@ -312,12 +331,13 @@ def test_two_processes_match_one(tmp_path):
   ) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
-def test_init_from_official_mae_file(tmp_path):
+def test_init_from_official_mae_file(tmp_path, smoke_run):
   """config.init_from accepts an official-MAE .safetensors file: training starts from exactly
-  its weights, and a workdir's own checkpoint takes precedence once it exists."""
+  its weights (smoke_run's trained ones), and a workdir's own checkpoint takes precedence once
+  it exists."""
   from ultrajax.interop import files, mae_official
 
-  first = pretrain.run(smoke_config(**{"fed.num_rounds": 1}), tmp_path / "a")
+  first = smoke_run[1]
   path = tmp_path / "mae.safetensors"
   files.save_state_dict(path, mae_official.mae_to_official(first, image_size=32, patch_size=8))
   # FedBN: the MAE's LayerNorms stay per client (kept leaves in the checkpoint).
