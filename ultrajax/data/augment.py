@@ -229,3 +229,33 @@ def mixup_cutmix(
   mixed = jnp.where(use_cut, jnp.where(box, other, images), lam * images + (1 - lam) * other)
   images = jnp.where(do, mixed, images)
   return images, lam * targets + (1.0 - lam) * targets[::-1]
+
+
+def cls_example(key, image01, aug):
+  """One classification training image [S, S, 3] in [0, 1]: random resized crop + flip, then
+  RandAugment; aug: the fine-tuning config's `aug` block."""
+  size = image01.shape[0]
+  k_crop, k_flip, k_ra = jax.random.split(key, 3)
+  matrix = random_resized_crop(k_crop, size, tuple(aug.crop_scale))
+  if aug.hflip:
+    matrix = matrix @ hflip(jax.random.bernoulli(k_flip), size)
+  image = warp(image01, matrix)
+  if aug.randaug_ops:
+    image = rand_augment_one(k_ra, image, aug.randaug_ops, aug.randaug_magnitude)
+  return image
+
+
+def seg_example(key, image01, target, aug):
+  """A training image and its class map, flipped and rotated together (mask: nearest)."""
+  size = image01.shape[0]
+  k_flip, k_rot, k_scale = jax.random.split(key, 3)
+  angle = jax.random.uniform(k_rot, (), minval=-1.0, maxval=1.0) * math.radians(aug.rotate_deg)
+  scale = jnp.exp(
+    jax.random.uniform(k_scale, (), minval=-1.0, maxval=1.0) * math.log(aug.scale_jitter)
+  )
+  matrix = rotation(angle, size) @ about_centre(jnp.eye(2) / scale, size)
+  if aug.hflip:
+    matrix = matrix @ hflip(jax.random.bernoulli(k_flip), size)
+  image = warp(image01, matrix)
+  target = warp(target[..., None].astype(jnp.float32), matrix, order=0)[..., 0]
+  return image, target.astype(jnp.int32)

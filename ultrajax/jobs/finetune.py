@@ -161,32 +161,23 @@ def build_model(config, num_classes: int, seed: int):
   """The fine-tuning model for `num_classes` classes, initialised from `seed`."""
   width, depth, heads_, patch = vit.model_dims(config.model)
   m = config.model
-  rngs = nnx.Rngs(seed)
-  if config.task_type == "cls":
-    return vit.ViT(
-      width=width,
-      depth=depth,
-      num_heads=heads_,
-      patch_size=patch,
-      image_size=m.image_size,
-      pool=m.pool,
-      num_classes=num_classes,
-      drop_path_rate=m.drop_path_rate,
-      dtype=vit.DTYPES[m.dtype],
-      rngs=rngs,
-    )
-  return heads.Segmenter(
+  encoder = dict(
     width=width,
     depth=depth,
     num_heads=heads_,
     patch_size=patch,
     image_size=m.image_size,
+    drop_path_rate=m.drop_path_rate,
+    dtype=vit.DTYPES[m.dtype],
+    rngs=nnx.Rngs(seed),
+  )
+  if config.task_type == "cls":
+    return vit.ViT(pool=m.pool, num_classes=num_classes, **encoder)
+  return heads.Segmenter(
     num_outputs=1 if num_classes == 2 else num_classes,
     feature_blocks=tuple(m.feature_blocks),
     channels=m.decoder_channels,
-    drop_path_rate=m.drop_path_rate,
-    dtype=vit.DTYPES[m.dtype],
-    rngs=rngs,
+    **encoder,
   )
 
 
@@ -198,35 +189,6 @@ def trainable_mask(params, mode: str):
 
 
 # ----------------------------------------------------------------------------- objectives
-def augment_cls(key, image01, aug):
-  """One training image [S, S, 3] in [0, 1]: random resized crop + flip, then RandAugment."""
-  size = image01.shape[0]
-  k_crop, k_flip, k_ra = jax.random.split(key, 3)
-  matrix = augment.random_resized_crop(k_crop, size, tuple(aug.crop_scale))
-  if aug.hflip:
-    matrix = matrix @ augment.hflip(jax.random.bernoulli(k_flip), size)
-  image = augment.warp(image01, matrix)
-  if aug.randaug_ops:
-    image = augment.rand_augment_one(k_ra, image, aug.randaug_ops, aug.randaug_magnitude)
-  return image
-
-
-def augment_seg(key, image01, target, aug):
-  """A training image and its class map, flipped and rotated together (mask: nearest)."""
-  size = image01.shape[0]
-  k_flip, k_rot, k_scale = jax.random.split(key, 3)
-  angle = jax.random.uniform(k_rot, (), minval=-1.0, maxval=1.0) * math.radians(aug.rotate_deg)
-  scale = jnp.exp(
-    jax.random.uniform(k_scale, (), minval=-1.0, maxval=1.0) * math.log(aug.scale_jitter)
-  )
-  matrix = augment.rotation(angle, size) @ augment.about_centre(jnp.eye(2) / scale, size)
-  if aug.hflip:
-    matrix = matrix @ augment.hflip(jax.random.bernoulli(k_flip), size)
-  image = augment.warp(image01, matrix)
-  target = augment.warp(target[..., None].astype(jnp.float32), matrix, order=0)[..., 0]
-  return image, target.astype(jnp.int32)
-
-
 def make_loss_fn(graphdef, config, num_classes: int):
   aug = config.aug
 
@@ -238,7 +200,7 @@ def make_loss_fn(graphdef, config, num_classes: int):
     x = images_u8.astype(jnp.float32) / 255.0
     keys = jax.random.split(k_aug, x.shape[0])
     if config.task_type == "cls":
-      x = mae.normalize(jax.vmap(lambda k, im: augment_cls(k, im, aug))(keys, x))
+      x = mae.normalize(jax.vmap(lambda k, im: augment.cls_example(k, im, aug))(keys, x))
       if aug.reprob > 0:  # per image, after normalisation and before mixing (as timm)
         x = jax.vmap(lambda k, im: augment.random_erasing(k, im, aug.reprob))(
           jax.random.split(k_erase, x.shape[0]), x
@@ -255,7 +217,7 @@ def make_loss_fn(graphdef, config, num_classes: int):
       )
       logits = model(x, key=k_drop)
       return losses.weighted_soft_cross_entropy(logits, soft, class_weights)
-    x, t = jax.vmap(lambda k, im, m: augment_seg(k, im, m, aug))(keys, x, targets)
+    x, t = jax.vmap(lambda k, im, m: augment.seg_example(k, im, m, aug))(keys, x, targets)
     return losses.seg_loss(model(mae.normalize(x), key=k_drop), t, config.loss.dice_weight)
 
   return loss_fn
@@ -366,6 +328,12 @@ class Setup:
   def data_sharding(self):
     return NamedSharding(self.mesh, P("data"))
 
+  def apply(self, fn, params, images_u8: np.ndarray) -> np.ndarray:
+    """fn (predict or features) over host images [N, S, S, 3] in batches -> host outputs [N, ...]."""
+    return downstream.predict_batches(
+      functools.partial(fn, self), params, images_u8, self.batch, self.data_sharding
+    )
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_opt(setup: Setup, params):
@@ -465,7 +433,7 @@ def test_extras(
   cell of each variant (URFM Fig. 6), and the metrics under test-time blur (UltraFedFM Fig. 5e-f,
   eval.blur_sigmas) with blur.png. Returns the entries to add to results.json."""
   targets, spacing = data.targets[test_idx], _spacing(data, test_idx)
-  batch, images = setup.batch, data.images[test_idx]
+  images = data.images[test_idx]
   if config.task_type == "cls":
     loop.atomic_write(
       run_dir / "test_outputs.npz", dict(test_index=test_idx, targets=targets, probs=outputs)
@@ -478,9 +446,7 @@ def test_extras(
       title=f"test precision-recall ({run_dir.parent.parent.name})",
     )
     if first_cell:
-      feats = downstream.predict_batches(
-        functools.partial(features, setup), params, images, batch, setup.data_sharding
-      )
+      feats = setup.apply(features, params, images)
       embedding.save_tsne(
         run_dir / "tsne.png",
         feats,
@@ -504,13 +470,7 @@ def test_extras(
     return {}
   blur = {}
   for sigma in sigmas:
-    out = downstream.predict_batches(
-      functools.partial(predict, setup),
-      params,
-      downstream.blurred(images, sigma),
-      batch,
-      setup.data_sharding,
-    )
+    out = setup.apply(predict, params, downstream.blurred(images, sigma))
     blur[f"{sigma:g}"] = downstream.split_scores(
       config.task_type, targets, out, data.num_classes, spacing, config.eval.nsd_tolerance
     )
@@ -671,13 +631,7 @@ def train_one(
       if config.on_nonfinite == "skip":
         row["skipped_steps"] = int(step_losses.size - valid.sum())
       if loop.itstime(done, config.train.eval_every_epochs, num_epochs):
-        outputs = downstream.predict_batches(
-          functools.partial(predict, setup),
-          params,
-          data.images[val_idx],
-          batch,
-          setup.data_sharding,
-        )
+        outputs = setup.apply(predict, params, data.images[val_idx])
         val = downstream.split_scores(
           config.task_type,
           data.targets[val_idx],
@@ -714,13 +668,7 @@ def train_one(
   if best_epoch == 0:  # validation never gave a finite score: test the last parameters
     best_params = params
 
-  outputs = downstream.predict_batches(
-    functools.partial(predict, setup),
-    best_params,
-    data.images[test_idx],
-    batch,
-    setup.data_sharding,
-  )
+  outputs = setup.apply(predict, best_params, data.images[test_idx])
   targets = data.targets[test_idx]
   report = downstream.test_report(
     config.task_type,
