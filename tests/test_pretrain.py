@@ -157,7 +157,7 @@ def test_sigkilled_mid_round_twice_resumes_bitwise(tmp_path):
 
 def test_one_device_and_eight_devices_agree(tmp_path):
   """SCAFFOLD, whose per-client controls are sharded over the 'clients' axis on 8 devices."""
-  scaffold = {"fed.strategy": "scaffold", "fed.strategy_options": "local_lr=1e-3"}
+  scaffold = {**LEAN, "fed.strategy": "scaffold", "fed.strategy_options": "local_lr=1e-3"}
   one = pretrain.run(smoke_config(**scaffold), tmp_path / "one")
   # 8 devices: clients over 2, batch over 4, and matrices FSDP-sharded over the data axis.
   eight = pretrain.run(
