@@ -4,6 +4,14 @@ seeds and plan; a site killed mid-round, a site gone for good, a killed and rest
 SecAgg+, and the wire format's checks."""
 
 import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -15,6 +23,9 @@ from ultrajax import configlib  # noqa: E402
 from ultrajax.data import sources  # noqa: E402
 from ultrajax.fl import client, local, params as params_lib, server, site  # noqa: E402
 from ultrajax.jobs import pretrain  # noqa: E402
+from ultrajax.train import checkpoint  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SPEC = "configs/pretrain_fed.py:smoke"
 # Three phantom sites (16 images each with their SMAT partners: 4 local steps a round).
@@ -94,12 +105,17 @@ def test_fedavg_deployment_equals_simulation_through_a_lost_reply_and_a_server_r
     ]
 
 
+@pytest.fixture(scope="module")
+def fedprox_sim(tmp_path_factory):
+  root = tmp_path_factory.mktemp("fl_fedprox")
+  return pretrain.run(site.load_config(SPEC, BASE + PROX), root / "sim")
+
+
 @pytest.mark.slow
-def test_fedprox_deployment_equals_simulation(fedavg, tmp_path):
+def test_fedprox_deployment_equals_simulation(fedavg, fedprox_sim, tmp_path):
   grid, config = deploy(tmp_path, BASE + PROX)
-  simulated = pretrain.run(config, tmp_path / "sim")
   deployed = server.run(grid, config, tmp_path / "server")
-  error = max_diff(deployed, simulated)
+  error = max_diff(deployed, fedprox_sim)
   assert error < TOL
   # Closer to the FedProx simulation than to FedAvg: the sites applied the proximal term.
   assert max_diff(deployed, fedavg["deployed"]) > error
@@ -113,10 +129,14 @@ def test_a_site_gone_for_good_leaves_the_rounds_renormalised_or_stops_the_run(fe
   assert [(m["clients"], m["dropped"]) for m in metrics] == [(3, 0), (2, 1), (2, 1)]
   assert "loss/client_02" not in metrics[1]
   # Round 1 is the simulation's; later rounds average the two sites that answered.
-  grid, config = deploy(tmp_path / "strict", BASE + " fl.retries=1 fl.min_clients=3")
+  # With min_clients=3 each attempt first waits (up to round_timeout_s) for a third site.
+  overrides = BASE + " fl.retries=1 fl.min_clients=3 fl.round_timeout_s=1.0"
+  grid, config = deploy(tmp_path / "strict", overrides)
   grid.down = {2}
+  t0 = time.monotonic()
   with pytest.raises(RuntimeError, match="fewer than 3 sites answered after 1 retries"):
     server.run(grid, config, tmp_path / "strict" / "server")
+  assert time.monotonic() - t0 >= 2.0
 
 
 @pytest.mark.slow
@@ -173,24 +193,59 @@ def test_a_site_must_hold_one_client_and_the_strategy_must_be_deployable(tmp_pat
 
 
 def test_the_site_command_starts_a_supernode_with_the_site_as_node_config():
-  command = client.supernode_command(
-    [
-      "--config=configs/pretrain_fed.py:cpu",
-      "--workdir=/var/site",
-      "--superlink=h:9092",
-      "--root-certificates=ca.crt",
-      "--config.fl.site_id=2",
-      "--config.data.root=/data/us",
-    ]
-  )
+  argv = [
+    "--config=configs/pretrain_fed.py:cpu",
+    "--workdir=/var/site",
+    "--superlink=h:9092",
+    "--root-certificates=ca.crt",
+    "--port",
+    "9095",
+    "--config.fl.site_id=2",
+    "--config.data.root=/data/us",
+  ]
+  command, address = client.site_command(argv)
   assert command == [
     "flower-supernode",
     "--superlink=h:9092",
     "--root-certificates=ca.crt",
+    "--port",
+    "9095",
+    "--isolation",
+    "process",
     "--node-config",
     'config="configs/pretrain_fed.py:cpu" workdir="/var/site" '
     'overrides="fl.site_id=2 data.root=/data/us"',
   ]
+  assert address == "127.0.0.1:9095"  # the SuperNode's Runtime API, where this process serves
+  assert client.site_command(argv[:4])[1] == "127.0.0.1:9094"  # Flower's default
+  with pytest.raises(configlib.ConfigError, match="drop --isolation"):
+    client.site_command(argv + ["--isolation=subprocess"])
+
+
+def test_a_site_applies_the_runs_shared_fields_then_its_own_and_keeps_each_jobs_state_apart(
+  tmp_path, monkeypatch
+):
+  from flwr.app import Context, RecordDict
+
+  made = []
+  monkeypatch.setattr(client, "_site", lambda *args: made.append(args))
+  node = dict(config=SPEC, workdir=str(tmp_path), overrides="fl.site_id=1 fed.local_epochs=2")
+  for server_workdir in ("/srv/a", "/srv/a", "/srv/b"):
+    run = dict(config="/c.py", workdir=server_workdir, overrides="fed.local_epochs=5 model.depth=1")
+    client.site_of(
+      Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=run)
+    )
+  (spec, overrides, workdir_a), again, (_, _, workdir_b) = made
+  assert spec == SPEC  # the site's own config file, not the server's path
+  assert overrides == "fed.local_epochs=5 model.depth=1 fl.site_id=1 fed.local_epochs=2"
+  assert site.load_config(spec, overrides).fed.local_epochs == 2  # the site's own field wins
+  assert again[2] == workdir_a != workdir_b
+  assert pathlib.Path(workdir_a).parent == tmp_path
+  run["overrides"] += " data.root=/elsewhere"
+  with pytest.raises(configlib.ConfigError, match=r"the run sets \['data.root=/elsewhere'\]"):
+    client.site_of(
+      Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=run)
+    )
 
 
 def test_the_server_command_writes_a_flower_app_with_both_components():
@@ -207,3 +262,220 @@ def test_the_server_command_writes_a_flower_app_with_both_components():
     "workdir": "/w",
     "overrides": "fed.num_rounds=5 fl.min_clients=2",
   }
+
+
+# ----------------------------------------------------------------------------- real processes
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class Consortium:
+  """A SuperLink and three sites on 127.0.0.1, each a process group of its own (a site: the
+  `python -m ultrajax.fl.client` process, which serves the ClientApp, and its SuperNode)."""
+
+  def __init__(self, root: pathlib.Path):
+    self.root, self.port = root, free_port()
+    bin_dir = str(pathlib.Path(sys.executable).parent)  # flower-superlink, flwr, ...
+    # The test session's XLA cache (conftest) is inherited: the sites' compiled local epoch is
+    # the in-process tests'.
+    self.env = dict(
+      os.environ,
+      PATH=f"{bin_dir}:{os.environ['PATH']}",
+      FLWR_HOME=str(root / "flwr"),
+      FLWR_TELEMETRY_ENABLED="0",
+      FLWR_DISABLE_UPDATE_CHECK="1",
+    )
+    (root / "flwr").mkdir(parents=True)
+    (root / "flwr" / "config.toml").write_text(
+      f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+      f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+    )
+    self.procs: dict[str, subprocess.Popen] = {}
+
+  def _start(self, name: str, command: list[str]) -> None:
+    log = (self.root / f"{name}.log").open("a")
+    self.procs[name] = subprocess.Popen(
+      command,
+      env=self.env,
+      cwd=REPO,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+      # Killed with this test process too, even when a CI timeout kills it before `finally`.
+      preexec_fn=lambda: client.die_with_parent(signal.SIGKILL),
+    )
+
+  def log(self, name: str) -> str:
+    return (self.root / f"{name}.log").read_text(errors="replace")
+
+  def start(self) -> None:
+    link = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
+    self._start("superlink", link + ["--disable-runtime-dependency-installation"])
+    for k in range(3):
+      self.start_site(k)
+
+  def start_site(self, k: int) -> None:
+    self._start(
+      f"site{k}",
+      [
+        sys.executable,
+        "-m",
+        "ultrajax.fl.client",
+        f"--config={SPEC}",
+        f"--workdir={self.root / f'site{k}'}",
+        f"--superlink=127.0.0.1:{self.port}",
+        "--insecure",
+        f"--port={free_port()}",  # its SuperNode's Runtime API
+        f"--config.fl.site_id={k}",
+        f"--config.data.clients={sources.DEFAULT_CLIENTS[k][0]}",
+      ],
+    )
+
+  def crash_site(self, k: int) -> None:
+    """SIGKILLs site k's ClientApp process; its SuperNode follows (SIGTERM on parent death)."""
+    proc = self.procs[f"site{k}"]
+    proc.kill()
+    proc.wait()
+    self.wait(lambda: not self._group(proc.pid), 30, f"site {k}'s SuperNode to stop")
+
+  def flwr(self, *args: str) -> str:
+    out = subprocess.run(
+      ["flwr", *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+  def submit(self, workdir: pathlib.Path, overrides: str) -> str:
+    """`python -m ultrajax.fl.server` (it runs `flwr run`); returns the run id."""
+    flags = [f"--config.{o}" for o in overrides.split()]
+    out = subprocess.run(
+      [sys.executable, "-m", "ultrajax.fl.server", f"--config={SPEC}", f"--workdir={workdir}"]
+      + flags
+      + ["test"],
+      env=self.env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return re.search(r"started run (\d+)", out.stdout).group(1)
+
+  @staticmethod
+  def _processes() -> dict[int, tuple[int, int]]:
+    """{pid: (parent pid, process group)} of the live processes (zombies excluded)."""
+    table = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+      try:
+        state, ppid, pgid = stat.read_text().rsplit(")", 1)[1].split()[:3]
+      except (OSError, ValueError):
+        continue
+      if state != "Z":
+        table[int(stat.parent.name)] = (int(ppid), int(pgid))
+    return table
+
+  def _group(self, pgid: int) -> list[int]:
+    return [p for p, (_, g) in self._processes().items() if g == pgid]
+
+  def _tree(self, pid: int) -> list[int]:
+    """pid and its live descendants (the SuperLink's SuperExec runs in a session of its own)."""
+    table, tree = self._processes(), [pid]
+    for p in tree:
+      tree += [c for c, (parent, _) in table.items() if parent == p]
+    return tree
+
+  def kill_serverapp(self) -> None:
+    """SIGKILLs the ServerApp process the SuperLink started for the run."""
+    pids = []
+    for p in self._tree(self.procs["superlink"].pid):
+      try:
+        if b"flwr-serverapp" in pathlib.Path(f"/proc/{p}/cmdline").read_bytes():
+          pids.append(p)
+      except OSError:
+        pass
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+
+  def wait(self, done, timeout: float, what: str) -> None:
+    """Polls `done()`; fails the test with the logs' tails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+      if time.monotonic() > deadline:
+        tails = "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.procs)
+        pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tails}")
+      time.sleep(0.5)
+
+  def close(self) -> None:
+    """SIGKILLs every process this consortium started, with their descendants."""
+    pids = [p for proc in self.procs.values() for p in self._tree(proc.pid)]
+    pids += [p for proc in self.procs.values() for p in self._group(proc.pid)]
+    for pid in set(pids):
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    for proc in self.procs.values():
+      proc.wait()
+
+
+def checkpoint_diff(workdir: pathlib.Path, params) -> float:
+  """max |checkpointed - params|, leaf by leaf named by path (Orbax restores list indices of
+  the pytree as string keys)."""
+  saved, want = params_lib.to_arrays(checkpoint.load_params(workdir)), params_lib.to_arrays(params)
+  assert sorted(saved) == sorted(want)
+  return max(float(np.max(np.abs(np.asarray(saved[k], np.float64) - want[k]))) for k in want)
+
+
+def logged_rounds(workdir: pathlib.Path) -> list[dict]:
+  path = workdir / "metrics.jsonl"
+  return [json.loads(line) for line in path.open()] if path.exists() else []
+
+
+def finished(workdir: pathlib.Path, rounds: int = 3):
+  return lambda: (
+    len(logged_rounds(workdir)) == rounds and (workdir / "checkpoints" / str(rounds)).is_dir()
+  )
+
+
+@pytest.mark.slow
+def test_real_superlink_and_sites_equal_the_simulation_through_a_site_and_a_server_crash(
+  fedavg, fedprox_sim, tmp_path
+):
+  """A real SuperLink and three site processes on 127.0.0.1. FedAvg: site 1's process is
+  SIGKILLed in the middle of round 2 and started again (fl.min_clients=3: the round waits for it
+  and is sent again), the ServerApp process is SIGKILLed after round 2 and the job submitted
+  again (it resumes from its checkpoint); then FedProx on the same processes. Both end equal to
+  the in-process simulation."""
+  net = Consortium(tmp_path)
+  try:
+    net.start()
+    job = tmp_path / "fedavg"
+    first_run = net.submit(job, BASE + " fl.min_clients=3 fl.retries=2")
+    net.wait(lambda: "ROUND 2]" in net.log("site1"), 600, "site 1 to receive round 2")
+    net.crash_site(1)
+    net.start_site(1)
+    net.wait(lambda: (job / "checkpoints" / "2").is_dir(), 600, "round 2's checkpoint")
+    net.kill_serverapp()
+    run = net.submit(job, BASE + " fl.min_clients=3 fl.retries=2")
+    net.wait(finished(job), 600, "the resubmitted FedAvg job")
+    assert checkpoint_diff(job, fedavg["sim"]) < TOL
+    metrics = logged_rounds(job)
+    assert [(m["round"], m["clients"], m["dropped"]) for m in metrics] == [
+      (1, 3, 0),
+      (2, 3, 0),
+      (3, 3, 0),
+    ]
+    first_run_log = net.flwr("log", first_run, "test", "--show")
+    assert "round 2: 2 of 3 sites answered (need 3); sending it again" in first_run_log
+    # The resubmitted run started at round 3: no site received its rounds 1 or 2.
+    sites = "".join(net.log(f"site{k}") for k in range(3))
+    assert f"[RUN {run}, ROUND 3]" in sites and f"[RUN {run}, ROUND 2]" not in sites
+
+    prox = tmp_path / "fedprox"
+    net.submit(prox, BASE + PROX)
+    net.wait(finished(prox), 600, "the FedProx job")
+    assert checkpoint_diff(prox, fedprox_sim) < TOL
+  finally:
+    net.close()

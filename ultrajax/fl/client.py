@@ -8,6 +8,12 @@ The SuperNode that runs it gives it the site's own settings as node config (Flow
              data.root=/data/us' (the same syntax as --config.field=value, without --config.)
   workdir    this site's folder for its optimizer and data-iterator state
 
+The run (the server's command) carries the consortium's shared fields as its run config
+`overrides` (fed.strategy, model.*, ...): a site applies them first and its own overrides
+after, so the site's own fields win. Which images a site trains on is the site's alone: a run
+that sets one of SITE_ONLY is refused. A site keeps each job's state apart, in
+`workdir/job-<hash of the server's workdir>/`.
+
 What leaves the site per round: the update y_k - x (named float32 arrays), n_k, the number
 of local steps, the mean loss and gradient norm, and the site id. With SecAgg+ (the server's
 config.fl.secagg) the update leaves masked and quantised; a site whose own config sets
@@ -16,13 +22,20 @@ fl.secagg=True refuses any round that is not securely aggregated.
   python -m ultrajax.fl.client --config=configs/pretrain_fed.py:cpu --workdir=/var/site \
       --superlink=server.example.org:8000 --root-certificates=ca.crt \
       --config.fl.site_id=2 --config.data.source=folder --config.data.root=/data/us
-starts this site's SuperNode (flower-supernode) with that node config.
+starts this site's SuperNode (flower-supernode --isolation process) with that node config as
+its child, and serves the SuperNode's ClientApp tasks itself (worker.py): one long-lived
+process that imports JAX and compiles the local epoch once.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import os
+import pathlib
+import signal
+import subprocess
 import sys
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -45,15 +58,47 @@ def _site(config_spec: str, overrides: str, workdir: str) -> site_lib.Site:
   return site_lib.Site(site_lib.load_config(config_spec, overrides), workdir)
 
 
+# The fields that choose a site's images (and its identity): never taken from the run.
+SITE_ONLY = (
+  "fl.site_id",
+  "data.source",
+  "data.root",
+  "data.manifest",
+  "data.image_column",
+  "data.client_column",
+  "data.tfds_name",
+  "data.tfds_data_dir",
+  "data.tfds_split",
+  "data.dicom_frames",
+  "data.clients",
+  "data.pool_clients",
+  "data.fraction",
+  "data.probe",
+  "data.on_bad_image",
+)
+
+
 def site_of(context: Context) -> site_lib.Site:
-  nc = context.node_config
+  nc, rc = context.node_config, context.run_config
   missing = [k for k in ("config", "workdir") if k not in nc]
   configlib.check(
     not missing,
     f"the SuperNode's --node-config lacks {missing} (needs config, "
     "overrides, workdir; docs/deployment.md)",
   )
-  return _site(str(nc["config"]), str(nc.get("overrides", "")), str(nc["workdir"]))
+  refused = [
+    item for item in str(rc.get("overrides", "")).split() if item.split("=")[0] in SITE_ONLY
+  ]
+  configlib.check(
+    not refused,
+    f"the run sets {refused}: which images a site trains on is set by the site only "
+    "(its own --config.<field> flags)",
+  )
+  overrides = " ".join(str(c.get("overrides", "")) for c in (rc, nc)).strip()
+  workdir = pathlib.Path(str(nc["workdir"]))
+  if "workdir" in rc:  # one folder per job: a second job cannot pick up this one's state
+    workdir = workdir / f"job-{hashlib.sha256(str(rc['workdir']).encode()).hexdigest()[:12]}"
+  return _site(str(nc["config"]), overrides, str(workdir))
 
 
 def _metrics(site: site_lib.Site, result: dict) -> dict:
@@ -113,9 +158,10 @@ def train(msg: Message, context: Context) -> Message:
   return Message(reply, reply_to=msg)
 
 
-def supernode_command(argv: list[str]) -> list[str]:
-  """`flower-supernode` arguments for this module's command line: --config, --workdir and
-  --config.<field>=<value> become the node config; the other flags pass through."""
+def site_command(argv: list[str]) -> tuple[list[str], str]:
+  """(`flower-supernode` command, its Runtime API address) for this module's command line:
+  --config, --workdir and --config.<field>=<value> become the node config; the other flags
+  pass through. The SuperNode runs in process isolation: this process serves its tasks."""
   config, workdir, overrides, rest = None, None, [], []
   for arg in argv:
     if arg.startswith("--config="):
@@ -130,10 +176,51 @@ def supernode_command(argv: list[str]) -> list[str]:
     config is not None and workdir is not None,
     "python -m ultrajax.fl.client needs --config=FILE[:preset] and --workdir=DIR",
   )
+  configlib.check(
+    not any(a.startswith("--isolation") for a in rest),
+    "python -m ultrajax.fl.client runs the SuperNode with --isolation process (it serves the "
+    "ClientApp itself); drop --isolation",
+  )
+  flags = {}  # the Runtime API's --host / --port, as `--flag=value` or `--flag value`
+  for i, arg in enumerate(rest):
+    name, eq, value = arg.partition("=")
+    if name in ("--host", "--port"):
+      flags[name] = value if eq else rest[i + 1]
+  address = f"{flags.get('--host', '127.0.0.1')}:{flags.get('--port', '9094')}"
   node_config = f'config="{config}" workdir="{workdir}" overrides="{" ".join(overrides)}"'
-  return ["flower-supernode", *rest, "--node-config", node_config]
+  command = ["flower-supernode", *rest, "--isolation", "process", "--node-config", node_config]
+  return command, address
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+  """In a child process (a Popen preexec_fn): receive `sig` when the parent dies, however it
+  dies. The site's SuperNode gets SIGTERM, and a SIGTERMed SuperNode tells the SuperLink it
+  left, so the server drops the site at once."""
+  prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+  if prctl is not None:  # Linux; elsewhere the SuperNode outlives a killed site process
+    prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+def main(argv: list[str]) -> None:
+  """Starts the site's SuperNode and serves its ClientApp tasks until killed."""
+  import logging as std_logging
+
+  from absl import logging
+
+  from ultrajax.fl import worker
+
+  command, address = site_command(argv)
+  logging.set_verbosity(logging.INFO)
+  logging.use_absl_handler()
+  std_logging.getLogger("httpx").setLevel(std_logging.WARNING)  # one line per Runtime API call
+  supernode = subprocess.Popen(command, preexec_fn=die_with_parent)  # noqa: PLW1509
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the `finally` below
+  try:
+    worker.serve(address, app)
+  finally:
+    supernode.terminate()
+    supernode.wait(timeout=30)
 
 
 if __name__ == "__main__":
-  command = supernode_command(sys.argv[1:])
-  os.execvp(command[0], command)
+  main(sys.argv[1:])

@@ -11,7 +11,9 @@ and a restarted server resumes from its last checkpoint.
 A site that fails or does not answer within config.fl.round_timeout_s is left out of the
 round: the weights are renormalised over the sites that answered, and the metrics log
 `clients` and `dropped`. With fewer than config.fl.min_clients answers (0 = every connected
-site) the round is sent again, up to config.fl.retries times, then the server stops.
+site) the round is sent again, up to config.fl.retries times, then the server stops. Before
+each sending a round waits (up to config.fl.round_timeout_s; 0 = no limit) until
+config.fl.min_clients sites are connected, so a crashed site that restarts is sent it again.
 
 With config.fl.secagg the round runs Flower's SecAgg+ workflow instead: the server learns
 only the weighted sum of the masked, quantised updates (and each site's n_k and scalars).
@@ -158,6 +160,17 @@ def records(arrays: dict) -> ArrayRecord:
   return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def connected_sites(grid: Grid, want: int, timeout, poll_s: float = 0.5) -> list[int]:
+  """The connected node ids, once `want` of them are connected or after `timeout` seconds
+  (None: no limit), so a round waits for sites that start late or restart after a crash."""
+  t0 = time.monotonic()
+  while len(nodes := sorted(grid.get_node_ids())) < want:
+    if timeout is not None and time.monotonic() - t0 >= timeout:
+      break
+    time.sleep(poll_s)
+  return nodes
+
+
 def plain_round(grid: Grid, nodes, arrays: dict, round_index: int, timeout):
   """Sends the global arrays to `nodes`; returns ([(update, result)], failures)."""
   content = lambda: RecordDict(
@@ -212,7 +225,7 @@ def run(
       for r in range(coord.start, last):
         t0 = time.perf_counter()
         for attempt in range(f.retries + 1):
-          nodes = sorted(grid.get_node_ids())
+          nodes = connected_sites(grid, f.min_clients, timeout)
           need = f.min_clients or len(nodes)
           if f.secagg:
             from ultrajax.fl import secure
@@ -279,6 +292,8 @@ def main(grid: Grid, context: Context) -> None:
   rc = context.run_config
   config = site_lib.load_config(str(rc["config"]), str(rc.get("overrides", "")))
   writers.quiet_orbax()
+  logging.set_verbosity(logging.INFO)  # the rounds, and the sites left out, in the server's log
+  logging.use_absl_handler()
   run(grid, config, pathlib.Path(str(rc["workdir"])), context)
 
 
