@@ -188,6 +188,12 @@ def test_a_site_must_hold_one_client_and_the_strategy_must_be_deployable(tmp_pat
     site.Site(config, tmp_path)
   with pytest.raises(configlib.ConfigError, match="'scaffold' is not supported in deployment"):
     site.validate(site.load_config(SPEC, BASE + " fed.strategy=scaffold"))
+  attacked = site.load_config(SPEC, BASE + " fed.attack=scale:1e6")
+  attacked.fed.attack_clients = "0"
+  with pytest.raises(configlib.ConfigError, match="simulation-only fault"):
+    site.validate(attacked)
+  with pytest.raises(configlib.ConfigError, match="dp_sgd.noise_multiplier > 0"):
+    site.validate(site.load_config(SPEC, BASE + " dp_sgd.noise_multiplier=1.0"))
   with pytest.raises(configlib.ConfigError, match="config field 'fl.site' is missing"):
     site.load_config(SPEC, "fl.site=1")
 

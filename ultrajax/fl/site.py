@@ -58,6 +58,17 @@ def validate(config) -> None:
     f"config.fed.strategy={name!r} is not supported in deployment; choose one of {SUPPORTED}",
   )
   f = config.fed
+  # Both run in the engine's local step but are accounted or staged by the simulation's host
+  # hooks, which a site never calls: refused rather than run unaccounted.
+  configlib.check(
+    not f.get("attack", ""),
+    f"config.fed.attack={f.attack!r} is a simulation-only fault; deployment refuses it",
+  )
+  configlib.check(
+    config.get("dp_sgd") is None or config.dp_sgd.noise_multiplier == 0,
+    "config.dp_sgd.noise_multiplier > 0: example-level DP-SGD is not accounted in deployment "
+    "(the per-site accountant runs only in the simulation); set it to 0",
+  )
   configlib.check(
     f.clients_per_round == 0 and f.dropout == 0,
     "deployment: every connected site "
