@@ -565,15 +565,20 @@ def _dp_strategy(adaptive, clip):
   ).for_run(4, 0, "uniform")
 
 
-@pytest.mark.parametrize("kind", ["dp_fedavg", "secagg"])
+@pytest.mark.parametrize("kind", ["dp_fedavg", "secagg", "dp_sgd"])
 def test_resume_with_strategy_state_is_bitwise(kind):
   """Two rounds straight equal one round, the strategy state through the host (what a
-  checkpoint stores: accountant round count, clip norm, secagg round), then one more."""
+  checkpoint stores: accountant round count, clip norm, secagg round, DP-SGD's per-client
+  step counts; DP-SGD's noise comes from the step keys), then one more."""
   data, params = _clients(4, seed=4)
   if kind == "dp_fedavg":
     strategy = _dp_strategy(
       True, float(np.median(np.linalg.norm(_numpy_deltas(data, params), axis=1)))
     )
+  elif kind == "dp_sgd":
+    strategy = protected.DPSGD(
+      strategies.make_strategy("fedavg"), noise_multiplier=1.0, clip_norm=0.5
+    ).for_data(2, [10] * 4, [STEPS] * 4)
   else:
     strategy = strategies.make_strategy("secagg", max_clients=4)
   straight, s2, _ = _rounds(strategy, data, params, 2)
@@ -589,6 +594,9 @@ def test_resume_with_strategy_state_is_bitwise(kind):
   )
   jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
   jax.tree.map(np.testing.assert_array_equal, s2, s2b)
+  if kind == "dp_sgd":
+    np.testing.assert_array_equal(s2b["dp_sgd_clients"]["steps"], [2 * STEPS] * 4)
+    return
   key = "dp" if kind == "dp_fedavg" else "secagg"
   assert int(s2b[key]["rounds" if key == "dp" else "round"]) == 2
 
