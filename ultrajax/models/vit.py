@@ -148,12 +148,23 @@ def _cut_fwd(x):
 
 
 def _cut_bwd(_, g):
-  start = (g, jnp.isnan(g.reshape(-1)[0]))
-  g, _ = jax.lax.while_loop(lambda c: c[1], lambda c: (c[0] + 0 * c[0], jnp.zeros((), bool)), start)
-  return (g,)
+  return (_materialise(g),)
 
 
 cut_grad_fusion.defvjp(_cut_fwd, _cut_bwd)
+
+
+@jax.custom_vjp
+def _materialise(g):
+  """g through the loop of `cut_grad_fusion`. Its own derivative is the same loop, so a
+  gradient of a gradient (the privacy audit's inversion attack) differentiates through it:
+  JAX cannot reverse-differentiate a while_loop with a dynamic trip count."""
+  start = (g, jnp.isnan(g.reshape(-1)[0]))
+  g, _ = jax.lax.while_loop(lambda c: c[1], lambda c: (c[0] + 0 * c[0], jnp.zeros((), bool)), start)
+  return g
+
+
+_materialise.defvjp(lambda g: (_materialise(g), None), lambda _, ct: (_materialise(ct),))
 
 
 class Attention(nnx.Module):
