@@ -50,3 +50,24 @@ try:
   import timm  # noqa: E402,F401
 except ImportError:
   pass
+
+
+def pytest_configure(config):
+  """`pytest -n N` schedules with xdist's loadgroup instead of its default load: tests that
+  share a module-scoped fixture (one end-to-end run several tests assert on) form one group and
+  run on one worker, so the run is not repeated on each worker its tests would be spread over.
+  Other tests stay independent units. The workers read the option from this process."""
+  if getattr(config.option, "dist", "no") == "load":
+    config.option.dist = "loadgroup"
+
+
+def pytest_collection_modifyitems(config, items):
+  """On xdist's loadgroup workers: xdist_group(<file name>) on the tests that use a module- or
+  class-scoped fixture, so each such fixture is set up once per session."""
+  if not getattr(config.option, "loadgroup", False):
+    return
+  for item in items:
+    fixturedefs = getattr(item, "_fixtureinfo", None)
+    defs = fixturedefs.name2fixturedefs.values() if fixturedefs else ()
+    if any(d.scope in ("module", "class") for ds in defs for d in ds):
+      item.add_marker(pytest.mark.xdist_group(item.path.name))
