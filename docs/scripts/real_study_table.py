@@ -34,7 +34,7 @@ def main():
   p.add_argument("--study", required=True)
   a = p.parse_args()
   for task, (title, metric, label) in TASKS.items():
-    dirs = sorted(glob.glob(os.path.join(a.study, "ft", f"{task}_f*")), reverse=True)
+    dirs = sorted(filter(os.path.isdir, glob.glob(os.path.join(a.study, "ft", f"{task}_f*"))), reverse=True)
     if not dirs:
       continue
     print(f"\n{title}: test {label}, mean [95% t-CI] over seeds (per-seed values); p: paired "
