@@ -156,6 +156,7 @@ def get_config(arg=None):
   # Cross-silo deployment on Flower (ultrajax/fl, docs/deployment.md); the simulation ignores it.
   c.fl = ml_collections.ConfigDict(dict(
       site_id=-1,  # this site's client index in the consortium (seeds its draws); set per site.
+      num_sites=0,  # the consortium's size (site ids 0..num_sites-1); robust / DP rules need it.
       min_clients=0,  # replies a round needs to count (weights renormalised); 0 = every site.
       retries=2,  # times a round with fewer replies is sent again before the server stops.
       round_timeout_s=0.0,  # seconds to wait for a round's replies; 0 = no limit.

@@ -186,8 +186,8 @@ def test_a_site_must_hold_one_client_and_the_strategy_must_be_deployable(tmp_pat
   config = site.load_config(SPEC, BASE + " fl.site_id=0")
   with pytest.raises(configlib.ConfigError, match="a site trains one client"):
     site.Site(config, tmp_path)
-  with pytest.raises(configlib.ConfigError, match="'scaffold' is not supported in deployment"):
-    site.validate(site.load_config(SPEC, BASE + " fed.strategy=scaffold"))
+  with pytest.raises(configlib.ConfigError, match="'personalized' is not supported in deployment"):
+    site.validate(site.load_config(SPEC, BASE + " fed.strategy=personalized"))
   attacked = site.load_config(SPEC, BASE + " fed.attack=scale:1e6")
   attacked.fed.attack_clients = "0"
   with pytest.raises(configlib.ConfigError, match="simulation-only fault"):

@@ -15,7 +15,8 @@ that sets one of SITE_ONLY is refused. A site keeps each job's state apart, in
 `workdir/job-<hash of the server's workdir>/`.
 
 What leaves the site per round: the update y_k - x (named float32 arrays), n_k, the number
-of local steps, the mean loss and gradient norm, and the site id. With SecAgg+ (the server's
+of local steps, the mean loss and gradient norm, and the site id; with SCAFFOLD also the
+change of its control variate, c_i' - c_i (c_i stays in the site's state on its disk). With SecAgg+ (the server's
 config.fl.secagg) the update leaves masked and quantised; a site whose own config sets
 fl.secagg=True refuses any round that is not securely aggregated.
 
@@ -147,14 +148,21 @@ def train(msg: Message, context: Context) -> Message:
     f"site {site.site_id}: config.fl.secagg=True and "
     "the server asked for a plaintext update; refused",
   )
-  arrays = {k: v.numpy() for k, v in content.array_records["arrays"].items()}
-  result = site.train_round(arrays, int(content.config_records["config"]["round"]))
+  received = {
+    name: {k: v.numpy() for k, v in record.items()}
+    for name, record in content.array_records.items()
+  }
+  result = site.train_round(
+    received["arrays"], int(content.config_records["config"]["round"]), received.get("control")
+  )
   reply = RecordDict(
     {
       "update": server_lib.records(result["update"]),
       "metrics": MetricRecord(_metrics(site, result)),
     }
   )
+  if "control_delta" in result:  # SCAFFOLD: c_i' - c_i; c_i itself stays on the site's disk
+    reply["control_delta"] = server_lib.records(result["control_delta"])
   return Message(reply, reply_to=msg)
 
 

@@ -1,12 +1,18 @@
 """The consortium's server on Flower: a `ServerApp` that runs ultrajax's strategies.
 
 Each round the server sends the global parameters (params.py's named arrays) to every
-connected site, collects each site's update y_k - x with its n_k, and applies the strategy's
-server step to x + sum_k n_k (y_k - x) / sum_k n_k (the volume-weighted mean of the sites'
-parameters): FedAvg and FedProx take it, FedAdam / FedYogi / FedAdagrad step their server
-optimizer on the pseudo-gradient. It writes what the simulation writes (train/checkpoint's
-Orbax checkpoints with the strategy state, metrics.jsonl, TensorBoard, reconstruction PNGs)
-and a restarted server resumes from its last checkpoint.
+connected site, collects each site's update y_k - x with its n_k, and moves x as the
+simulation's strategy does (site.py's MEAN / CONTROL / PER_SITE):
+  - FedAvg, FedProx, FedAdam / FedYogi / FedAdagrad: the strategy's server step on the
+    weighted mean x + sum_k w_k (y_k - x) (w = client_weights: n_k / n or uniform);
+  - SCAFFOLD: the same, with the global control c sent alongside x and moved by the weighted
+    mean of the sites' c_i' - c_i (each site keeps its c_i);
+  - the robust rules and DP-FedAvg: the simulation's aggregation hooks (`per_site_update`)
+    over each site's own update, with the simulation's server key for DP's noise; DP's
+    epsilon is logged and its budget stops the run as in the simulation.
+It writes what the simulation writes (train/checkpoint's Orbax checkpoints with the strategy
+state, metrics.jsonl, TensorBoard, reconstruction PNGs) and a restarted server resumes from
+its last checkpoint.
 
 A site that fails or does not answer within config.fl.round_timeout_s is left out of the
 round: the weights are renormalised over the sites that answered, and the metrics log
@@ -16,7 +22,8 @@ each sending a round waits (up to config.fl.round_timeout_s; 0 = no limit) until
 config.fl.min_clients sites are connected, so a crashed site that restarts is sent it again.
 
 With config.fl.secagg the round runs Flower's SecAgg+ workflow instead: the server learns
-only the weighted sum of the masked, quantised updates (and each site's n_k and scalars).
+only the weighted sum of the masked, quantised updates (and each site's n_k and scalars), so
+only the MEAN strategies run under it.
 
 The server holds no patient data: the PNGs are drawn on phantom images.
 """
@@ -24,10 +31,12 @@ The server holds no patient data: the PNGs are drawn on phantom images.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -35,6 +44,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ultrajax import configlib
 from ultrajax.data import clients as clients_lib
+from ultrajax.fed import rounds, strategies
 from ultrajax.fl import params as params_lib, site as site_lib
 from ultrajax.train import checkpoint, loop, mim_objectives, resume, writers
 from ultrajax.viz import reconstruction
@@ -49,23 +59,28 @@ class Coordinator:
   def __init__(self, config, workdir):
     site_lib.validate(config)
     self.config, self.workdir = config, workdir
-    # The site's compiled pieces (one client, one lane) hold what the server needs too.
+    # The site's compiled pieces (one client, one lane) hold what the server needs too, but
+    # for the strategy: the server's is set up for the consortium's size.
     compiled = site_lib.compiled(config)
     self.mesh, self.abstract_params = compiled.mesh, compiled.abstract_params
     self.programs = compiled.programs
-    self.strategy = self.programs.strategy
-    self._server_step = jax.jit(self.strategy.server_step)
-    model_key, _ = site_lib.training_keys(config)
+    self.strategy = site_lib.server_strategy(config)
+    self.num_sites = config.fl.num_sites
+    self._server_step = jax.jit(functools.partial(mean_step, self.strategy))
+    self._per_site = jax.jit(per_site_update(self.strategy, max(self.num_sites, 1)))
+    model_key, self.train_key = site_lib.training_keys(config)
+    init_strategy = jax.jit(lambda p: site_lib.server_state(self.strategy, p, self.num_sites))
     self.preview_key = jax.random.split(jax.random.key(config.seed), 3)[2]
     self.ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
 
     def init():
       params = self.programs.init_params(model_key)
-      return params, dict(strategy=self.programs.init_strategy(params), rounds=np.int32(0))
+      return params, dict(strategy=init_strategy(params), rounds=np.int32(0))
 
     like_params = jax.eval_shape(self.programs.init_params, model_key)
     like_train = dict(
-      strategy=self.programs.abstract_strategy, rounds=jax.ShapeDtypeStruct((), np.int32)
+      strategy=jax.eval_shape(init_strategy, like_params),
+      rounds=jax.ShapeDtypeStruct((), np.int32),
     )
     with jax.set_mesh(self.mesh):
       self.start, self.params, train = loop.resume_or_init(
@@ -87,17 +102,66 @@ class Coordinator:
   def global_arrays(self) -> dict:
     return params_lib.to_arrays(self.params)
 
-  def apply(self, mean_update: dict, results: list[dict], dropped: int, seconds: float) -> dict:
+  def sent_arrays(self) -> dict[str, dict]:
+    """What a plaintext round sends each site: {'arrays': x} and, with SCAFFOLD, {'control':
+    the global control variate c} (named arrays in wire order)."""
+    out = {"arrays": self.global_arrays()}
+    if "c" in self.strategy_state:
+      out["control"] = params_lib.to_arrays(self.strategy_state["c"])
+    return out
+
+  def stop_reason(self) -> str | None:
+    """Why no further round may run (DP-FedAvg's spent privacy budget), or None."""
+    return self.strategy.stop_reason(self.start, self.strategy_state)
+
+  def apply(
+    self,
+    mean_update: dict,
+    results: list[dict],
+    dropped: int,
+    seconds: float,
+    mean_control: dict | None = None,
+  ) -> dict:
     """The strategy's server step on x + mean_update; logs, draws and checkpoints the round.
 
-    mean_update: {key: sum_k n_k (y_k - x) / sum_k n_k}; results: per answering site
-    dict(site_id, num_images, steps, loss, grad_norm). Returns the logged scalars."""
-    done = self.start = self.start + 1
+    mean_update: {key: sum_k w_k (y_k - x)}, w the strategy's client_weights over the sites
+    that answered; mean_control: SCAFFOLD's sum_k w_k (c_k' - c_k), which moves c; results:
+    per answering site dict(site_id, num_images, steps, loss, grad_norm). Returns the logged
+    scalars."""
     x = jax.device_get(self.params)
     delta = params_lib.from_arrays(mean_update, self.abstract_params, where="aggregated update")
     mean = jax.tree.map(lambda a, d: (np.asarray(a, np.float64) + d).astype(np.float32), x, delta)
-    new, self.strategy_state = self._server_step(self.params, mean, self.strategy_state)
+    dc = None
+    if mean_control is not None:
+      dc = params_lib.from_arrays(
+        mean_control, self.strategy_state["c"], where="aggregated control change"
+      )
+    new, state = self._server_step(self.params, mean, self.strategy_state, dc)
+    return self._finish(new, state, results, dropped, seconds)
+
+  def apply_each(
+    self, updates: list[dict], results: list[dict], dropped: int, seconds: float
+  ) -> dict:
+    """The robust and DP rules: the simulation's aggregation hooks over each answering site's
+    own update y_k - x (updates[i] from results[i]); then as `apply`."""
+    x = self.params
+    deltas = [
+      params_lib.from_arrays(u, self.abstract_params, where=f"site {r['site_id']}'s update")
+      for u, r in zip(updates, results, strict=True)
+    ]
+    ids = np.asarray([r["site_id"] for r in results], np.int32)
+    weights = self.strategy.client_weights([r["num_images"] for r in results])
+    steps = np.asarray([r["steps"] for r in results], np.float32)
+    # The simulation's server key: fold_in(round key, SERVER_KEY) (fed/rounds.finish_round).
+    key = jax.random.fold_in(rounds.round_key(self.train_key, self.start), rounds.SERVER_KEY)
+    stacked = jax.tree.map(lambda *d: np.stack(d), *deltas)
+    new, state = self._per_site(x, self.strategy_state, stacked, ids, weights, steps, key)
+    return self._finish(new, state, results, dropped, seconds)
+
+  def _finish(self, new, state, results, dropped, seconds) -> dict:
+    done = self.start = self.start + 1
     self.params = jax.tree.map(lambda a, ref: a.astype(ref.dtype), new, self.params)
+    self.strategy_state = state
     c = self.config
     steps = np.asarray([r["steps"] for r in results], np.float64)
     scalars = dict(
@@ -111,6 +175,7 @@ class Coordinator:
       dropped=dropped,
     )
     scalars.update({f"loss/client_{r['site_id']:02d}": r["loss"] for r in results})
+    scalars.update(self.strategy.report(self.strategy_state, done))  # dp/epsilon, screen/*
     if loop.itstime(done, c.log_every_rounds, c.fed.num_rounds):
       self.writer.write_scalars(done, scalars)
     if loop.itstime(done, c.image_every_rounds, c.fed.num_rounds):
@@ -125,17 +190,21 @@ class Coordinator:
       )
       self.writer.write_images(done, {"reconstructions": writers.png_image(png)})
     if loop.itstime(done, c.ckpt_every_rounds, c.fed.num_rounds):
-      self.ckpt.save(
-        done,
-        self.params,
-        dict(strategy=self.strategy_state, rounds=np.int32(done)),
-        None,
-        dict(
-          config=c.to_json_best_effort(), round=done, sites=sorted(r["site_id"] for r in results)
-        ),
-      )
+      self.checkpoint(sorted(r["site_id"] for r in results))
     self.writer.flush()
     return scalars
+
+  def checkpoint(self, sites=None) -> None:
+    """Saves the state after the rounds done so far (once per round)."""
+    done = self.start
+    if done == 0 or self.ckpt.latest_step() == done:
+      return
+    meta = dict(config=self.config.to_json_best_effort(), round=done)
+    if sites is not None:
+      meta["sites"] = sites
+    self.ckpt.save(
+      done, self.params, dict(strategy=self.strategy_state, rounds=np.int32(done)), None, meta
+    )
 
   def close(self) -> None:
     self.writer.flush()
@@ -152,6 +221,34 @@ def weighted_mean(updates: list[dict], weights) -> dict:
     )
     for k in updates[0]
   }
+
+
+def mean_step(strategy, x, mean, state, mean_control=None):
+  """(x', state'): the strategy's server step on the sites' weighted mean; with SCAFFOLD's
+  mean_control = sum_k w_k (c_k' - c_k) also its c' = c + mean_control (Scaffold.server_update)."""
+  new, state = strategy.server_step(x, mean, state)
+  if mean_control is not None:
+    state = dict(state, c=jax.tree.map(jnp.add, state["c"], mean_control))
+  return new, state
+
+
+def per_site_update(strategy, num_sites: int):
+  """update(x, state, deltas [K, ...], site_ids [K], weights [K], steps [K], key) -> (x',
+  state'): the simulation's aggregation hooks (accumulator, on_client_done per site,
+  server_update; fed/strategies.py) over K sites' updates y_k - x. Site k is client site_ids[k]
+  of num_sites, as in the simulation; weights are client_weights over the K sites."""
+
+  def update(x, state, deltas, site_ids, weights, steps, key):
+    server = strategies.Server(x, {})
+    acc = strategy.accumulator(state, server, num_sites)
+    for k in range(site_ids.shape[0]):
+      y = jax.tree.map(lambda a, d: (a.astype(jnp.float32) + d[k]).astype(a.dtype), x, deltas)
+      done = strategies.Finished(site_ids[k], weights[k], y, {}, steps[k])
+      acc, state = strategy.on_client_done(acc, state, server, done)
+    new, state = strategy.server_update(acc, state, server, key)
+    return new.params, state
+
+  return update
 
 
 # ----------------------------------------------------------------------------- rounds on a Grid
@@ -171,10 +268,14 @@ def connected_sites(grid: Grid, want: int, timeout, poll_s: float = 0.5) -> list
   return nodes
 
 
-def plain_round(grid: Grid, nodes, arrays: dict, round_index: int, timeout):
-  """Sends the global arrays to `nodes`; returns ([(update, result)], failures)."""
+def plain_round(grid: Grid, nodes, sent: dict[str, dict], round_index: int, timeout):
+  """Sends `sent` ({record name: named arrays}: 'arrays' = x, with SCAFFOLD 'control' = c) to
+  `nodes`; returns ([(reply arrays {record name: named arrays}, metrics)], failures)."""
   content = lambda: RecordDict(
-    {"arrays": records(arrays), "config": ConfigRecord({"round": round_index})}
+    {
+      **{name: records(arrays) for name, arrays in sent.items()},
+      "config": ConfigRecord({"round": round_index}),
+    }
   )
   messages = [
     Message(content(), dst_node_id=n, message_type=TRAIN, group_id=str(round_index + 1))
@@ -186,8 +287,11 @@ def plain_round(grid: Grid, nodes, arrays: dict, round_index: int, timeout):
     if reply.has_error():
       failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
       continue
-    update = {k: v.numpy() for k, v in reply.content.array_records["update"].items()}
-    ok.append((update, dict(reply.content.metric_records["metrics"])))
+    arrays = {
+      name: {k: v.numpy() for k, v in record.items()}
+      for name, record in reply.content.array_records.items()
+    }
+    ok.append((arrays, dict(reply.content.metric_records["metrics"])))
   answered = {r.metadata.src_node_id for r in replies}
   failures += [f"node {n}: no reply" for n in nodes if n not in answered]
   return ok, failures
@@ -223,6 +327,11 @@ def run(
     )
     try:
       for r in range(coord.start, last):
+        why = coord.stop_reason()
+        if why:  # DP-FedAvg's privacy budget: keep round r's state, end the run cleanly
+          logging.warning("Stopping before round %d: %s", r + 1, why)
+          coord.checkpoint()
+          break
         t0 = time.perf_counter()
         for attempt in range(f.retries + 1):
           nodes = connected_sites(grid, f.min_clients, timeout)
@@ -234,16 +343,22 @@ def run(
               grid, context, config, nodes, coord.global_arrays(), r, timeout
             )
           else:
-            ok, failures = plain_round(grid, nodes, coord.global_arrays(), r, timeout)
+            ok, failures = plain_round(grid, nodes, coord.sent_arrays(), r, timeout)
+            ok.sort(key=lambda reply: int(reply[1]["site_id"]))  # site order, as the simulation
             results = [site_lib.round_scalars(m) for _, m in ok]
             weights = (
               coord.strategy.client_weights([m["num_images"] for m in results]) if ok else []
             )
-            mean_update = weighted_mean([u for u, _ in ok], weights) if ok else None
+            mean_update = weighted_mean([a["update"] for a, _ in ok], weights) if ok else None
           ids = [m["site_id"] for m in results]
           configlib.check(
             len(set(ids)) == len(ids),
             f"round {r + 1}: two sites answered with the same config.fl.site_id ({sorted(ids)})",
+          )
+          configlib.check(
+            not f.num_sites or all(0 <= i < f.num_sites for i in ids),
+            f"round {r + 1}: sites {sorted(ids)} answered; config.fl.num_sites={f.num_sites} "
+            "allows site ids 0..num_sites-1",
           )
           for failure in failures:
             logging.warning("round %d: %s; left out of this round", r + 1, failure)
@@ -265,7 +380,16 @@ def run(
           )
         if failures:
           logging.warning("round %d: weights renormalised over sites %s", r + 1, sorted(ids))
-        scalars = coord.apply(mean_update, results, len(failures), time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        name = config.fed.strategy
+        if name in site_lib.PER_SITE:
+          updates = [a["update"] for a, _ in ok]
+          scalars = coord.apply_each(updates, results, len(failures), seconds)
+        elif name in site_lib.CONTROL:
+          mean_control = weighted_mean([a["control_delta"] for a, _ in ok], weights)
+          scalars = coord.apply(mean_update, results, len(failures), seconds, mean_control)
+        else:
+          scalars = coord.apply(mean_update, results, len(failures), seconds)
         logging.info(
           "round %d/%d  loss %.4f  %d sites (%d dropped)",
           r + 1,

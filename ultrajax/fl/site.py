@@ -9,13 +9,17 @@ site_id), step) travel with the batch, and the data stream is `pipeline.client_d
 site_id, ...)`. So a consortium with the same config, seed and sites reproduces the simulation.
 
 The strategy's hooks run inside that chunk as in the simulation: its context for the client
-(FedProx: the start params) and its local gradient transform on every step. The site returns
-the parameters its last step left on the lane; the server applies the strategy's server step.
+(FedProx: the start params; SCAFFOLD: c - c_i) and its local gradient transform on every step.
+The site returns the parameters its last step left on the lane; the server applies the
+strategy's server step. The robust and DP rules act on the server only, so their sites run
+FedAvg's local epoch (`local_strategy`). With SCAFFOLD the server sends the global control c
+with x; the site's on_client_done computes its c_i' as the simulation's client k does, and the
+site returns c_i' - c_i.
 
-Between rounds the site keeps, on its own disk only, its optimizer state and its data-iterator
-position: `workdir/site_state/<rounds done>.npz`, written atomically; the last few are kept, so
-a server that restarts from an older checkpoint and asks for a round again gets the same
-answer.
+Between rounds the site keeps, on its own disk only, its optimizer state, its data-iterator
+position and SCAFFOLD's c_i: `workdir/site_state/<rounds done>.npz`, written atomically; the
+last few are kept, so a server that restarts from an older checkpoint and asks for a round
+again gets the same answer.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ultrajax.models import mae
 from ultrajax.train import divergence, loop, mim_objectives, mim_programs, optimizer, sharding
 
 STATE_DIR = "site_state"
+CONTROL_KEY = "scaffold_c_i/"  # SCAFFOLD's c_i in the site state, after the optimizer state
 
 
 def validate(config) -> None:
@@ -75,15 +80,78 @@ def validate(config) -> None:
     "trains every round; set config.fed.clients_per_round=0 and config.fed.dropout=0 "
     "(sites that do not answer are left out and logged)",
   )
-  for field in ("min_clients", "retries", "keep_site_states"):
+  for field in ("min_clients", "retries", "keep_site_states", "num_sites"):
     configlib.check_range(config, f"fl.{field}", 0)
   configlib.check_range(config, "fl.round_timeout_s", 0.0)
+  configlib.check(
+    not (config.fl.secagg and name in PER_SITE + CONTROL),
+    f"config.fed.strategy={name!r} with config.fl.secagg=True: "
+    + (
+      "its server step needs every site's own update (to rank, screen or clip it), and "
+      "SecAgg+ shows the server only their sum"
+      if name in PER_SITE
+      else "its control variates do not travel through SecAgg+ here"
+    )
+    + f"; set config.fl.secagg=False or choose one of {MEAN}",
+  )
+  configlib.check(
+    name not in PER_SITE or config.fl.num_sites > 0,
+    f"config.fl.num_sites=0: strategy {name!r} needs the consortium's size (the simulation's "
+    "C: DP-FedAvg's denominator and accountant, the robust rules' per-site slots); set it to "
+    "the number of sites",
+  )
+  server_strategy(config)  # the strategy's own checks for this consortium (Krum's C > 2f + 2)
 
 
-# Strategies whose server step needs only the weighted mean of the clients' parameters
-# (`server_step(x, mean, state)`; what secure aggregation reveals). SCAFFOLD's per-client
-# control variates, personalised / kept-local models and the robust rules need more.
-SUPPORTED = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+# Strategies whose server step needs only the weighted mean of the sites' parameters
+# (`server_step(x, mean, state)`; all that SecAgg+ reveals).
+MEAN = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+# SCAFFOLD: the mean, plus the weighted mean of the sites' control-variate changes; each site
+# keeps its own control variate c_i in its site state.
+CONTROL = ("scaffold",)
+# The server runs the simulation's aggregation hooks over each site's own update.
+PER_SITE = (
+  "fedavg_screened",
+  "median",
+  "trimmed_mean",
+  "krum",
+  "multi_krum",
+  "norm_bound",
+  "dp_fedavg",
+)
+# Personalised / kept-local models, SecAgg-in-JAX (Flower's SecAgg+ replaces it) and SplitAVG
+# are refused: their state or arithmetic is per client on the server.
+SUPPORTED = MEAN + CONTROL + PER_SITE
+
+
+def server_strategy(config):
+  """The strategy the server runs: config.fed.strategy set up for config.fl.num_sites sites
+  that all take part every round (what the simulation's `for_run` does for C clients)."""
+  f = config.fed
+  num = max(config.fl.num_sites, 1)
+  try:
+    strategy = pretrain_checks.make_strategy(config).for_run(num, f.clients_per_round, f.sampling)
+    jax.eval_shape(lambda: strategy.init({"w": jax.numpy.zeros(1)}, num, {}))
+  except ValueError as e:  # ConfigError included
+    raise configlib.ConfigError(
+      f"config.fed.strategy={f.strategy!r} with config.fl.num_sites={config.fl.num_sites}: {e}"
+    ) from None
+  return strategy
+
+
+def local_strategy(config):
+  """The hooks a site runs in its local epoch. The robust and DP rules act only on the server:
+  their clients train as FedAvg's (no context, no gradient transform)."""
+  if config.fed.strategy in PER_SITE:
+    return strategies.make_strategy("fedavg")
+  return pretrain_checks.make_strategy(config)
+
+
+def server_state(strategy, params, num_sites: int):
+  """The strategy state the server keeps: strategy.init's, less SCAFFOLD's per-client
+  controls (each site keeps its own c_i)."""
+  state = strategy.init(params, max(num_sites, 1), {})
+  return {k: v for k, v in state.items() if k != "c_clients"}
 
 
 def secagg_weight(strategy, num_images: int) -> int:
@@ -127,10 +195,14 @@ _COMPILED: dict[str, Compiled] = {}
 
 def compiled(config) -> Compiled:
   """The jitted local epoch for this config, shared by the sites of one process (a dry run or
-  a test runs several; a deployment one). Keyed by what the compiled code depends on."""
+  a test runs several; a deployment one). Keyed by what the compiled code depends on (the
+  robust and DP rules share FedAvg's local epoch)."""
+  strategy = local_strategy(config)
+  fed = {k: v for k, v in config.fed.to_dict().items() if k not in ("strategy", "strategy_options")}
   key = json.dumps(
-    [config[k].to_dict() for k in ("model", "optim", "fed", "ultramim")]
-    + [config.data.batch_size, config.seed, config.on_nonfinite, list(config.sharding_rules)],
+    [config[k].to_dict() for k in ("model", "optim", "ultramim")]
+    + [fed, repr(strategy), config.data.batch_size, config.seed, config.on_nonfinite]
+    + [list(config.sharding_rules)],
     sort_keys=True,
     default=str,
   )
@@ -148,7 +220,7 @@ def compiled(config) -> Compiled:
       tx,
       num_clients=1,
       num_lanes=1,
-      strategy=pretrain_checks.make_strategy(config),
+      strategy=strategy,
     )
   base_loss = mim_objectives.make_loss_fn(graphdef, config)
 
@@ -214,6 +286,11 @@ class Site:
     self.mesh, self.abstract_params = pieces.mesh, pieces.abstract_params
     self.programs, self._chunk = pieces.programs, pieces.chunk
     self.abstract_opt = self.programs.abstract_opt
+    # SCAFFOLD's control variates c and c_i are float32 trees shaped like the params.
+    self.scaffold = isinstance(self.programs.strategy, strategies.Scaffold)
+    self.abstract_control = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), self.abstract_params
+    )
     _, self._train_key = training_keys(config)
     self._step_keys = jax.jit(
       lambda rk, steps: jax.vmap(
@@ -259,9 +336,11 @@ class Site:
     return sorted(int(p.stem) for p in folder.glob("*.npz")) if folder.exists() else []
 
   def _load(self, rounds_done: int, server_params):
-    """(optimizer state [1, ...], data-iterator state or None) after `rounds_done` rounds."""
+    """(optimizer state [1, ...], data-iterator state or None, SCAFFOLD's c_i or None) after
+    `rounds_done` rounds."""
     if rounds_done == 0:
-      return self.programs.init_opt(server_params), None
+      zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), self.abstract_control)
+      return self.programs.init_opt(server_params), None, zeros if self.scaffold else None
     path = self._state_path(rounds_done)
     if not path.exists():
       raise configlib.DataError(
@@ -272,13 +351,19 @@ class Site:
     with np.load(path, allow_pickle=False) as f:
       meta = json.loads(str(f["__meta__"]))
       arrays = {k: f[k] for k in f.files if k != "__meta__"}
+    control = {k[len(CONTROL_KEY) :]: v for k, v in arrays.items() if k.startswith(CONTROL_KEY)}
+    arrays = {k: v for k, v in arrays.items() if not k.startswith(CONTROL_KEY)}
     opt = params_lib.from_arrays(arrays, self.abstract_opt, where=str(path))
     if self.config.fed.reset_client_optimizer:
       opt = self.programs.init_opt(server_params)
-    return jax.device_put(opt), meta["data"]
+    if self.scaffold:
+      control = params_lib.from_arrays(control, self.abstract_control, where=f"{path} (c_i)")
+    return jax.device_put(opt), meta["data"], control if self.scaffold else None
 
-  def _save(self, rounds_done: int, opt_state, data_state) -> None:
+  def _save(self, rounds_done: int, opt_state, data_state, control=None) -> None:
     arrays = params_lib.to_arrays(opt_state)
+    if control is not None:
+      arrays.update({CONTROL_KEY + k: v for k, v in params_lib.to_arrays(control).items()})
     arrays["__meta__"] = np.array(
       json.dumps(dict(data=data_state, site_id=self.site_id, rounds_done=rounds_done))
     )
@@ -288,23 +373,35 @@ class Site:
       self._state_path(old).unlink(missing_ok=True)
 
   # --------------------------------------------------------------------------- a round
-  def train_round(self, global_arrays: dict, round_index: int) -> dict:
+  def train_round(self, global_arrays: dict, round_index: int, control: dict | None = None) -> dict:
     """One local epoch from the global parameters of round `round_index` (0-based).
 
+    control: SCAFFOLD's global control variate c ({key: float32 array}); required with
+    SCAFFOLD and refused otherwise.
     Returns dict(update={key: y_k - x}, num_images=n_k, steps, loss (mean over the round's
-    steps), grad_norm (mean global gradient norm)). Raises DivergenceError on a non-finite
-    step with config.on_nonfinite='stop'."""
+    steps), grad_norm (mean global gradient norm)) and, with SCAFFOLD, control_delta={key:
+    c_i' - c_i}. Raises DivergenceError on a non-finite step with config.on_nonfinite='stop'."""
     t0 = time.perf_counter()
-    x = params_lib.from_arrays(
-      global_arrays,
-      self.abstract_params,
-      where=f"site {self.site_id}: global parameters of round {round_index + 1}",
+    where = f"site {self.site_id}: round {round_index + 1}"
+    x = params_lib.from_arrays(global_arrays, self.abstract_params, where=f"{where} parameters")
+    configlib.check(
+      (control is not None) == self.scaffold,
+      f"{where}: config.fed.strategy={self.config.fed.strategy!r} and the server "
+      f"{'sent' if control is not None else 'did not send'} a control variate; the server and "
+      "this site run different strategies",
     )
+    if self.scaffold:
+      c = params_lib.from_arrays(control, self.abstract_control, where=f"{where} control c")
     with jax.set_mesh(self.mesh):
       x = jax.device_put(x)
-      opt_state, data_state = self._load(round_index, x)
+      opt_state, data_state, c_i = self._load(round_index, x)
       stream = self._stream(data_state)
-      state = self.programs.start_round(x, opt_state)  # a fresh strategy state: C = 1
+      # One client (index 0 on the lane): a fresh strategy state, with SCAFFOLD's c and this
+      # site's own c_i where the simulation keeps client k's row.
+      strategy_state = None
+      if self.scaffold:
+        strategy_state = dict(c=c, c_clients=jax.tree.map(lambda a: a[None], c_i))
+      state = self.programs.start_round(x, opt_state, strategy_state)
       round_key = rounds.round_key(self._train_key, round_index)
       steps = np.asarray([self.steps], np.float32)
       weights = np.ones(1, np.float32)
@@ -329,7 +426,12 @@ class Site:
         losses.append(np.asarray(chunk_losses))
         norms.append(np.asarray(chunk_norms))
       # Lane 0 holds the client's last parameters; its optimizer state was stored back.
-      y, opt_state = jax.tree.map(lambda a: a[0], state.params), state.client_opt_state
+      # (Indexed on the host: an eager a[0] would compile once per leaf shape.)
+      row = lambda tree: jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(tree))
+      y, opt_state = row(state.params), state.client_opt_state
+      new_c_i = None
+      if self.scaffold:  # on_client_done wrote c_i' into the client's row
+        new_c_i = row(state.strategy_state["c_clients"])
       losses, norms = np.concatenate(losses, 1), np.concatenate(norms, 1)
       valid = divergence.screen(
         losses,
@@ -339,11 +441,9 @@ class Site:
         describe=lambda i: f"local step {self.plan.step_ids[i]}",
       )
       update = jax.tree.map(
-        lambda a, b: np.asarray(a, np.float32) - np.asarray(b, np.float32),
-        jax.device_get(y),
-        jax.device_get(x),
+        lambda a, b: np.asarray(a, np.float32) - np.asarray(b, np.float32), y, jax.device_get(x)
       )
-      self._save(round_index + 1, opt_state, stream.get_state())
+      self._save(round_index + 1, opt_state, stream.get_state(), new_c_i)
     loss = float(np.where(valid, losses, 0).sum() / max(valid.sum(), 1))
     logging.info(
       "site %d round %d: loss %.4f, %d steps, %.1f s",
@@ -353,13 +453,17 @@ class Site:
       self.steps,
       time.perf_counter() - t0,
     )
-    return dict(
+    result = dict(
       update=params_lib.to_arrays(update),
       num_images=int(self.num_images),
       steps=int(valid.sum()),
       loss=loss,
       grad_norm=float(np.where(valid, norms, 0).sum() / max(valid.sum(), 1)),
     )
+    if self.scaffold:
+      delta = jax.tree.map(lambda a, b: np.asarray(a - b, np.float32), new_c_i, c_i)
+      result["control_delta"] = params_lib.to_arrays(delta)
+    return result
 
   def _batch_shape(self):
     s = self.config.model.image_size
