@@ -89,9 +89,13 @@ def test_knn_matches_sklearn_kneighbors(num_classes, metric, weights, k):
   want = roc_auc_score(
     test_y, ref_proba[:, 1] if num_classes == 2 else ref_proba, multi_class="ovr"
   )
-  # Uniform votes are exact fractions; 1/distance weights in float32 (sklearn: float64) can
-  # swap the order of two nearly equal scores, moving the AUROC by one pair in a thousand.
-  assert got["auroc"] == pytest.approx(want, abs=1e-9 if weights == "uniform" else 1e-3)
+  # Uniform votes are exact fractions, so the AUROC equals sklearn's; 1/distance weights in
+  # float32 (sklearn: float64) can swap the order of nearly equal scores, and how many swap
+  # depends on XLA's compile options. There the probabilities are checked above (1e-5) and the
+  # AUROC against scikit-learn's on the same probabilities.
+  if weights != "uniform":
+    want = roc_auc_score(test_y, proba[:, 1] if num_classes == 2 else proba, multi_class="ovr")
+  assert got["auroc"] == pytest.approx(want, abs=1e-9)
 
 
 def test_standardize_matches_standard_scaler():

@@ -309,12 +309,13 @@ def _unoptimized():
   them. The caches are cleared on the way in and out: eager ops (parameter initialisers among
   them) compiled earlier in this worker with optimisations would otherwise be reused, and the
   study's numbers would depend on which tests ran before it."""
+  before = jax.config.read("jax_disable_most_optimizations")  # the session's (conftest)
   jax.clear_caches()
   jax.config.update("jax_disable_most_optimizations", True)
   try:
     yield
   finally:
-    jax.config.update("jax_disable_most_optimizations", False)
+    jax.config.update("jax_disable_most_optimizations", before)
     jax.clear_caches()
 
 
