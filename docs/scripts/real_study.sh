@@ -29,6 +29,13 @@ $TIME -o "$STUDY/pre_ultrajax.time" $PY -m ultrajax.main \
   --config=configs/pretrain_real.py:study="$STUDY" --workdir="$STUDY/pre_ultrajax" \
   --config.fed.num_rounds="$ROUNDS"
 
+# 2b. ultrajax with the PyTorch peer's recipe: the same images pooled (one client), random
+#     masking, no MIC (section 6: this start, not federated UltraMIM, beats scratch on 2 of 3 tasks).
+$TIME -o "$STUDY/pre_ultrajax_mae.time" $PY -m ultrajax.main \
+  --config=configs/pretrain_real.py:study="$STUDY" --workdir="$STUDY/pre_ultrajax_mae" \
+  --config.fed.num_rounds="$ROUNDS" --config.data.pool_clients=True \
+  --config.ultramim.tgm_mode=random --config.ultramim.mic=False
+
 # 3. PyTorch peer: official MAE recipe on the pooled images, the same number of optimizer steps
 #    (the sum over clients of floor(n_k / 32) per round), batch and shapes; warm-up 3 rounds' steps
 #    (pretrain_real.py's warmup_rounds; use 1 round's if you lowered ROUNDS below 10).
@@ -48,17 +55,17 @@ fi
 
 # 4. Representation evaluators, once, on BUSI's test images (fit on train + val): random init
 #    (round 0 is in pre_ultrajax/metrics.jsonl on the val images), ultrajax and the peer.
-for start in "$STUDY/pre_ultrajax" "$STUDY/pre_torch/mae.pth"; do
+for start in "$STUDY/pre_ultrajax" "$STUDY/pre_ultrajax_mae" "$STUDY/pre_torch/mae.pth"; do
   $PY -m ultrajax.evaluate --config=configs/pretrain_real.py:study="$STUDY" --checkpoint="$start" \
     --config.evals.task.manifest="$STUDY/manifests/busi_cls.csv" \
     --output="$STUDY/evals_test_$(basename "$start" .pth).json"
 done
 
-# 5. Fine-tuning: the `cpu` presets on each task and label fraction, scratch vs both pretrainings.
+# 5. Fine-tuning: the `cpu` presets on each task and label fraction, scratch vs the three pretrainings.
 #    Small training sets get epochs of several passes so that every cell makes at least
 #    MIN_STEPS optimizer steps (train.min_steps, jobs/finetune.py); BUSI diagnosis with balanced
 #    class weights.
-VARIANTS="scratch=,ultrajax=$STUDY/pre_ultrajax,torch_mae=$STUDY/pre_torch/mae.pth"
+VARIANTS="scratch=,ultrajax=$STUDY/pre_ultrajax,ultrajax_mae=$STUDY/pre_ultrajax_mae,torch_mae=$STUDY/pre_torch/mae.pth"
 for task in busi_cls busi_seg hc18; do
   case $task in
     busi_cls) cfg=configs/finetune_cls.py:cpu
