@@ -63,18 +63,34 @@ def pytest_configure(config):
   """`pytest -n N` schedules with xdist's loadgroup instead of its default load: tests that
   share a module-scoped fixture (one end-to-end run several tests assert on) form one group and
   run on one worker, so the run is not repeated on each worker its tests would be spread over.
-  Other tests stay independent units. The workers read the option from this process."""
+  Other tests stay independent units."""
   if getattr(config.option, "dist", "no") == "load":
     config.option.dist = "loadgroup"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+  """The controller tells each worker to group: a worker parses the command line itself, and
+  `-n N` alone leaves its `dist` at 'no', so it would never group (checked 2026-12-01)."""
+  node.workerinput["ultrajax_loadgroup"] = node.config.option.dist == "loadgroup"
+
+
 def pytest_collection_modifyitems(config, items):
-  """On xdist's loadgroup workers: xdist_group(<file name>) on the tests that use a module- or
-  class-scoped fixture, so each such fixture is set up once per session."""
-  if not getattr(config.option, "loadgroup", False):
+  """On loadgroup workers: the tests that use a module- or class-scoped fixture get the node id
+  suffix `@<file name>` by which xdist's loadgroup scheduler groups, so each such fixture is set
+  up once per session. Set here, not through an xdist_group mark: xdist 3.8 writes the suffix to
+  `item._nodeid`, which pytest 9.2 no longer reads (pytest-xdist issue #1386), so marked tests
+  were spread over the workers and each of them ran the fixture again."""
+  if not getattr(config, "workerinput", {}).get("ultrajax_loadgroup"):
     return
   for item in items:
     fixturedefs = getattr(item, "_fixtureinfo", None)
     defs = fixturedefs.name2fixturedefs.values() if fixturedefs else ()
     if any(d.scope in ("module", "class") for ds in defs for d in ds):
-      item.add_marker(pytest.mark.xdist_group(item.path.name))
+      grouped = f"{item.nodeid}@{item.path.name}"
+      if hasattr(item, "_id"):  # pytest >= 9.2: structured node ids
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(grouped)
+      else:
+        item._nodeid = grouped
