@@ -285,9 +285,11 @@ class Consortium:
     self.root, self.port = root, free_port()
     bin_dir = str(pathlib.Path(sys.executable).parent)  # flower-superlink, flwr, ...
     # The test session's XLA cache (conftest) is inherited: the sites' compiled local epoch is
-    # the in-process tests'.
+    # the in-process tests'. Every compile of these processes is written to it, not only those
+    # over JAX's default 1 s, so a restarted site or ServerApp compiles nothing again.
     self.env = dict(
       os.environ,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       PATH=f"{bin_dir}:{os.environ['PATH']}",
       FLWR_HOME=str(root / "flwr"),
       FLWR_TELEMETRY_ENABLED="0",
@@ -426,6 +428,13 @@ class Consortium:
       proc.wait()
 
 
+# The jobs on the real processes draw their PNGs at the last round only (the in-process FedAvg
+# test checks the PNGs). FedAvg checkpoints every round (the server is killed once round 2's
+# exists); FedProx only its last.
+LAST_PNG = " image_every_rounds=100"
+FEDAVG_JOB = " fl.min_clients=3 fl.retries=2" + LAST_PNG
+
+
 def checkpoint_diff(workdir: pathlib.Path, params) -> float:
   """max |checkpointed - params|, leaf by leaf named by path (Orbax restores list indices of
   the pytree as string keys)."""
@@ -452,19 +461,26 @@ def test_real_superlink_and_sites_equal_the_simulation_through_a_site_and_a_serv
   """A real SuperLink and three site processes on 127.0.0.1. FedAvg: site 1's process is
   SIGKILLed in the middle of round 2 and started again (fl.min_clients=3: the round waits for it
   and is sent again), the ServerApp process is SIGKILLed after round 2 and the job submitted
-  again (it resumes from its checkpoint); then FedProx on the same processes. Both end equal to
-  the in-process simulation."""
+  again (it resumes from its checkpoint); FedProx on the same processes, submitted beside the
+  resumed FedAvg job. Both end equal to the in-process simulation."""
   net = Consortium(tmp_path)
   try:
     net.start()
     job = tmp_path / "fedavg"
-    first_run = net.submit(job, BASE + " fl.min_clients=3 fl.retries=2")
+    first_run = net.submit(job, BASE + FEDAVG_JOB)
     net.wait(lambda: "ROUND 2]" in net.log("site1"), 600, "site 1 to receive round 2")
     net.crash_site(1)
     net.start_site(1)
     net.wait(lambda: (job / "checkpoints" / "2").is_dir(), 600, "round 2's checkpoint")
     net.kill_serverapp()
-    run = net.submit(job, BASE + " fl.min_clients=3 fl.retries=2")
+    # The operator ends the dead run: else the SuperNodes keep pulling its round 3 message
+    # until the SuperLink expires the ServerApp's task (2 missed 30 s heartbeats).
+    net.flwr("stop", first_run, "test")
+    run = net.submit(job, BASE + FEDAVG_JOB)
+    # FedProx on the same sites, submitted now: its ServerApp starts while FedAvg's round 3
+    # runs (each site keeps the two jobs' states apart).
+    prox = tmp_path / "fedprox"
+    net.submit(prox, BASE + PROX + LAST_PNG + " ckpt_every_rounds=3")
     net.wait(finished(job), 600, "the resubmitted FedAvg job")
     assert checkpoint_diff(job, fedavg["sim"]) < TOL
     metrics = logged_rounds(job)
@@ -479,8 +495,6 @@ def test_real_superlink_and_sites_equal_the_simulation_through_a_site_and_a_serv
     sites = "".join(net.log(f"site{k}") for k in range(3))
     assert f"[RUN {run}, ROUND 3]" in sites and f"[RUN {run}, ROUND 2]" not in sites
 
-    prox = tmp_path / "fedprox"
-    net.submit(prox, BASE + PROX)
     net.wait(finished(prox), 600, "the FedProx job")
     assert checkpoint_diff(prox, fedprox_sim) < TOL
   finally:
