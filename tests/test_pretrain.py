@@ -109,11 +109,12 @@ KILLED = {
 }
 
 
-def _killed_at(round_chunk, workdir):
-  """Runs the job in a subprocess that SIGKILLs itself after chunk J of round R ('R,J')."""
-  env = dict(
-    os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **{pretrain.KILL_AT_ENV: round_chunk}
-  )
+def _main_killed(workdir, round_chunk=None):
+  """`python -m ultrajax.main` on the KILLED config; with round_chunk 'R,J' the process SIGKILLs
+  itself after chunk J of round R."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  if round_chunk:
+    env[pretrain.KILL_AT_ENV] = round_chunk
   flags = [f"--config.{k}={v}" for k, v in {**KILLED, "mesh.clients": 1, "mesh.data": 1}.items()]
   done = subprocess.run(
     [
@@ -130,21 +131,23 @@ def _killed_at(round_chunk, workdir):
     text=True,
     timeout=1200,
   )
-  assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+  assert done.returncode == (-signal.SIGKILL if round_chunk else 0), done.stderr[-3000:]
+  return done
 
 
 def test_sigkilled_mid_round_twice_resumes_bitwise(tmp_path):
   """A real process killed mid-round 2 (round 1's checkpoint possibly still being written: then
-  the next run starts over), then mid-round 3, then resumed: the losses, sampled clients and
-  parameters are exactly those of a run that never stopped (FedAdam's moments, the sampler and
-  the client optimizer resets included)."""
+  the next run starts over), then mid-round 3, then resumed by the command line: the losses,
+  sampled clients and parameters are exactly those of a run that never stopped (FedAdam's
+  moments, the sampler and the client optimizer resets included)."""
   config = smoke_config(**KILLED)
   straight = pretrain.run(config, tmp_path / "straight")
-  _killed_at("2,1", tmp_path / "killed")
+  _main_killed(tmp_path / "killed", "2,1")
   assert sorted(losses_by_round(tmp_path / "killed")) == [1]
-  _killed_at("3,1", tmp_path / "killed")
+  _main_killed(tmp_path / "killed", "3,1")
   assert sorted(losses_by_round(tmp_path / "killed")) == [1, 2]
-  resumed = pretrain.run(config, tmp_path / "killed")
+  resumed = _main_killed(tmp_path / "killed")
+  assert "Total:" in resumed.stderr  # clu's parameter overview
   a, b = losses_by_round(tmp_path / "straight"), losses_by_round(tmp_path / "killed")
   assert sorted(a) == sorted(b) == [1, 2, 3]
   for r in a:
@@ -152,30 +155,7 @@ def test_sigkilled_mid_round_twice_resumes_bitwise(tmp_path):
     assert {k: v for k, v in a[r].items() if k.startswith("loss")} == {
       k: v for k, v in b[r].items() if k.startswith("loss")
     }, r
-  assert_trees_equal(straight, resumed)
-
-
-def test_one_device_and_eight_devices_agree(tmp_path):
-  """SCAFFOLD, whose per-client controls are sharded over the 'clients' axis on 8 devices."""
-  scaffold = {**LEAN, "fed.strategy": "scaffold", "fed.strategy_options": "local_lr=1e-3"}
-  one = pretrain.run(smoke_config(**scaffold), tmp_path / "one")
-  # 8 devices: clients over 2, batch over 4, and matrices FSDP-sharded over the data axis.
-  eight = pretrain.run(
-    smoke_config(
-      **{
-        **scaffold,
-        "mesh.clients": 2,
-        "mesh.data": 4,
-        "sharding_rules": [(".*kernel", "fsdp"), (".*", "replicated")],
-      }
-    ),
-    tmp_path / "eight",
-  )
-  a, b = losses_by_round(tmp_path / "one"), losses_by_round(tmp_path / "eight")
-  for r in a:
-    np.testing.assert_allclose(a[r]["loss"], b[r]["loss"], rtol=1e-4)
-  for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
+  assert_trees_equal(straight, checkpoint.load_params(tmp_path / "killed"))
 
 
 def test_centralized_config_pools_clients(tmp_path):
@@ -254,8 +234,10 @@ def test_folder_clients_missing_empty_and_unreadable(tmp_path):
 def test_round_on_real_ultrasound_manifest(tmp_path, real_us):
   config = smoke_config(
     **{
+      **LEAN,
       "data.source": "manifest",
       "data.manifest": str(real_us / "hc18" / "labels.csv"),
+      "data.fraction": 0.25,  # 50 of the 200 frames (800 x 540 PNGs): one batch of 32
       "data.probe": "convex",
       "data.batch_size": 32,
       "fed.num_rounds": 1,
@@ -279,19 +261,8 @@ def _main(args, tmp_path):
   )
 
 
-def test_main_runs_smoke_preset_and_rejects_unknown_fields(tmp_path):
-  ok = _main(
-    [
-      "--config=configs/pretrain_fed.py:smoke",
-      "--config.fed.strategy=fedyogi",
-      "--config.fed.strategy_options=server_lr=0.01",
-      f"--workdir={tmp_path}/w",
-    ],
-    tmp_path,
-  )
-  assert ok.returncode == 0, ok.stderr[-3000:]
-  assert "Total:" in ok.stderr  # clu's parameter overview
-  assert sorted(losses_by_round(tmp_path / "w")) == [1, 2]
+def test_main_rejects_unknown_fields(tmp_path):
+  """(The command line's successful runs: the SIGKILL test above.)"""
   bad = _main(
     [
       "--config=configs/pretrain_fed.py:smoke",
@@ -303,9 +274,32 @@ def test_main_runs_smoke_preset_and_rejects_unknown_fields(tmp_path):
   assert bad.returncode != 0 and "widht" in bad.stderr
 
 
-def test_two_processes_match_one(tmp_path, smoke_run):
+# SCAFFOLD (per-client controls sharded over the 'clients' axis when it has 2 devices), with the
+# evaluators of the smoke preset on a lean model.
+SCAFFOLD = {
+  **{k: v for k, v in LEAN.items() if not k.startswith("evals.")},
+  "fed.strategy": "scaffold",
+  "fed.strategy_options": "local_lr=1e-3",
+}
+
+
+@pytest.fixture(scope="module")
+def scaffold_one(tmp_path_factory):
+  """(workdir, params) of SCAFFOLD on one device."""
+  workdir = tmp_path_factory.mktemp("scaffold_one")
+  return workdir, pretrain.run(smoke_config(**SCAFFOLD), workdir)
+
+
+def test_one_device_and_two_processes_of_two_devices_agree(tmp_path, scaffold_one):
   """launch/local_multiprocess.sh: 2 processes x 2 CPU devices joined by jax.distributed, each
-  loading its slice of every batch, give the losses of a single-process run (smoke_run's)."""
+  loading its slice of every batch, clients over 2 devices, batch over 2 and matrices
+  FSDP-sharded over the data axis: the losses, evaluator figures and parameters of one device."""
+  flags = {
+    **SCAFFOLD,
+    "mesh.clients": 2,
+    "mesh.data": 2,
+    "sharding_rules": "(('.*kernel', 'fsdp'), ('.*', 'replicated'))",
+  }
   env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", PORT="12391")
   done = subprocess.run(
     [
@@ -314,6 +308,7 @@ def test_two_processes_match_one(tmp_path, smoke_run):
       "2",
       "configs/pretrain_fed.py:smoke",
       str(tmp_path / "mp"),
+      *[f"--config.{k}={v}" for k, v in flags.items()],
     ],
     cwd=REPO,
     env=env,
@@ -322,10 +317,25 @@ def test_two_processes_match_one(tmp_path, smoke_run):
     timeout=600,
   )
   assert done.returncode == 0, done.stderr[-3000:]
-  a, b = losses_by_round(tmp_path / "mp"), losses_by_round(smoke_run[0])
+  one_dir, one = scaffold_one
+  a, b = losses_by_round(tmp_path / "mp"), losses_by_round(one_dir)
   assert sorted(a) == sorted(b) == [1, 2]
   for r in a:
     np.testing.assert_allclose(a[r]["loss"], b[r]["loss"], rtol=1e-4)
+  evals = [
+    {
+      row["round"]: row
+      for row in writers.read_jsonl(d / "metrics.jsonl")
+      if "eval/knn/auroc" in row
+    }
+    for d in (tmp_path / "mp", one_dir)
+  ]
+  assert sorted(evals[0]) == sorted(evals[1]) == [0, 2]
+  for r in (0, 2):
+    for k in ("eval/knn/auroc", "eval/linear_probe/auroc"):
+      assert evals[0][r][k] == pytest.approx(evals[1][r][k], abs=1e-3), (r, k)
+  for x, y in zip(jax.tree.leaves(checkpoint.load_params(tmp_path / "mp")), jax.tree.leaves(one)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
   assert sorted(
     p.name for p in (tmp_path / "mp" / "checkpoints" / "2" / "data").glob("*.json")
   ) == ["process_0-of-2.json", "process_1-of-2.json"]

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import parameter_overview, periodic_actions
+from clu import periodic_actions
 from flax import nnx
 
 from ultrajax import configlib
@@ -230,7 +230,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
     writer = writers.create_writer(workdir)
     if jax.process_index() == 0:
       writers.truncate_jsonl(workdir / "metrics.jsonl", start)
-    parameter_overview.log_parameter_overview(params)
+    writers.log_parameter_overview(params)
     if start == 0:
       writer.write_hparams(config.to_dict())  # nested: TensorBoard gets 'model.width', ...
       if probes:  # random init: the baseline the later rounds' figures are read against

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import parameter_overview, periodic_actions
+from clu import periodic_actions
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -658,7 +658,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
   if jax.process_index() == 0:
     writers.truncate_jsonl(workdir / "metrics.jsonl", start, key="step")
   writer = writers.create_writer(workdir)
-  parameter_overview.log_parameter_overview(params)
+  writers.log_parameter_overview(params)
   if start == 0:
     writer.write_hparams(config.to_dict())  # nested: TensorBoard gets 'model.width', ...
 

@@ -220,14 +220,20 @@ def load_params(path, abstract_params=None):
   """Server parameters of the latest (or the given) checkpoint, e.g. for fine-tuning.
 
   abstract_params: optional target tree (shapes, dtypes, shardings); without it the arrays
-  come back as saved, on the default device. A target whose shapes differ from the stored ones
-  raises ShapeMismatchError naming each parameter and both shapes.
+  come back whole on this process's first device, however they were sharded when saved (a
+  multi-host run's checkpoint reads on one machine). A target whose shapes differ from the
+  stored ones raises ShapeMismatchError naming each parameter and both shapes.
   """
   directory = find_checkpoint_dir(path) / "params"
+  stored = _stored_tree(directory)
+  if abstract_params is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    is_leaf = lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+    abstract_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), stored, is_leaf=is_leaf
+    )
+  check_shapes(stored, abstract_params, f"checkpoint {directory.parent}")
   with ocp.StandardCheckpointer() as ckptr:
-    if abstract_params is None:
-      return ckptr.restore(directory)
-    check_shapes(_stored_tree(directory), abstract_params, f"checkpoint {directory.parent}")
     return ckptr.restore(directory, abstract_params)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers, parameter_overview
 
 from ultrajax import configlib
 
@@ -180,6 +180,13 @@ def create_writer(workdir) -> metric_writers.MetricWriter:
   return metric_writers.MultiWriter(
     [_LoggingWriter(), TensorboardWriter(workdir), JsonlWriter(workdir / "metrics.jsonl")]
   )
+
+
+def log_parameter_overview(params, msg: str | None = None) -> None:
+  """clu's table of the parameters with their statistics; with several processes, shapes and
+  shardings only: a process cannot read the values of arrays sharded over other hosts' devices."""
+  include_stats = True if jax.process_count() == 1 else "sharding"
+  parameter_overview.log_parameter_overview(params, include_stats=include_stats, msg=msg)
 
 
 def log_config(config, workdir) -> None:
