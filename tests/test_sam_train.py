@@ -480,22 +480,31 @@ def test_config_errors_name_the_field_and_zero_shot_split():
   assert set(train_cats.tolist()) == {1} and set(test_cats.tolist()) == {2}
 
 
-def test_sharding_rules_lay_out_sam_and_skip_keeps_the_state():
-  """config.sharding_rules place SAM's params and AdamW moments as in pretraining (encoder
-  kernels split over two devices here); a step keeps that layout; with on_nonfinite='skip' a
-  step whose loss is NaN returns the state it was given."""
-  from flax import nnx
-
-  from ultrajax.jobs import sam as job
-  from ultrajax.train import loop, sharding, tree
-
+def _sharded_config():
+  """The smoke config on two devices: encoder kernels split ('fsdp', as pretraining), the rest
+  replicated; steps with a non-finite loss skipped."""
   config = _config()
   config.sharding_rules = ((".*image_encoder/.*kernel", "fsdp"), (".*", "replicated"))
   config.on_nonfinite = "skip"
-  mesh = sharding.make_mesh(1, 2)
-  graphdef, params = nnx.split(job.build_model(config, nnx.Rngs(0)), nnx.Param)
-  params = nnx.to_pure_dict(params)
-  programs = job.Programs(config, mesh, graphdef, jax.eval_shape(lambda: params))
+  config.mesh.data = 2
+  return config
+
+
+def test_sharding_rules_lay_out_sam_params_and_adamw_moments():
+  """config.sharding_rules place SAM's params and AdamW moments as in pretraining (encoder
+  kernels split over two devices here). The smoke run checks that steps keep this layout and
+  that on_nonfinite='skip' returns the state it was given."""
+  from flax import nnx
+
+  from ultrajax.jobs import sam as job
+  from ultrajax.train import sharding, tree
+
+  config = _sharded_config()
+  graphdef, abstract = nnx.split(
+    nnx.eval_shape(lambda: job.build_model(config, nnx.Rngs(0))), nnx.Param
+  )
+  mesh = sharding.make_mesh(1, config.mesh.data)
+  programs = job.Programs(config, mesh, graphdef, nnx.to_pure_dict(abstract))  # compiles nothing
   specs = {}
   tree.map_with_path(
     lambda path, s: specs.setdefault(path, tuple(s.spec)), (programs.params, programs.opt)
@@ -505,26 +514,6 @@ def test_sharding_rules_lay_out_sam_and_skip_keeps_the_state():
   assert [v for k, v in specs.items() if k.endswith("mu/" + qkv)] == [(None, "data")]
   assert specs["0/mask_decoder/iou_token"] == (None, None)
   assert all("data" not in v for k, v in specs.items() if "image_encoder" not in k)
-  batch = instances.train_dataset(job.datasets(config)[0], 4, 0, True)[0]
-  batch = {k: loop.put_global(batch[k], programs.batch) for k in job.TRAIN_KEYS}
-  p = loop.put_global(params, programs.params)
-  new_params, new_opt, out = programs.train_step(p, programs.init_opt(p), batch, jax.random.key(3))
-  assert np.isfinite(out["loss"])
-  for x, s in zip(
-    jax.tree.leaves((new_params, new_opt)), jax.tree.leaves((programs.params, programs.opt))
-  ):
-    assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
-  bad = jax.tree.map(np.array, jax.device_get(new_params))
-  assert not np.array_equal(
-    bad["image_encoder"]["patch_embed"]["bias"], params["image_encoder"]["patch_embed"]["bias"]
-  )  # it trained
-  bad["image_encoder"]["patch_embed"]["bias"][0] = np.nan
-  given = jax.device_get((bad, new_opt))
-  after = programs.train_step(
-    loop.put_global(bad, programs.params), new_opt, batch, jax.random.key(4)
-  )
-  assert np.isnan(after[2]["loss"])
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after[:2]), given)
 
 
 def test_class_metrics_match_sklearn():
@@ -591,13 +580,65 @@ def test_classification_data_from_coco_equals_the_phantom(tmp_path):
     job.class_data(config)
 
 
-def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
+def _reuse_programs(monkeypatch):
+  """job.run builds (and compiles) its Programs at every start; here a start with the same
+  config (classification aside: Programs do not read it) and mesh gets the first start's object,
+  so the smoke test's four starts compile the training step once (a compilation-cache hit still
+  costs about a third of a compile). Returns {key: Programs}."""
+  from ultrajax.jobs import sam as job
+
+  built, build = {}, job.Programs
+
+  def programs(config, mesh, graphdef, abstract_params):
+    fields = {k: v for k, v in config.to_dict().items() if k != "classification"}
+    key = (json.dumps(fields, sort_keys=True, default=repr), mesh, graphdef)
+    if key not in built:
+      built[key] = build(config, mesh, graphdef, abstract_params)
+    return built[key]
+
+  monkeypatch.setattr(job, "Programs", programs)
+  return built
+
+
+def _check_layout_and_skip(config, params, programs):
+  """The run's params (after 4 steps) keep the rules' layout, and differ from the initial ones
+  (finite steps update under 'skip'); the run's step, given a NaN loss, returns the params and
+  optimizer state it was given, in that layout."""
+  from flax import nnx
+
+  from ultrajax.jobs import sam as job
+  from ultrajax.train import loop
+
+  for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(programs.params)):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
+  initial = nnx.to_pure_dict(nnx.state(job.build_model(config, nnx.Rngs(config.seed)), nnx.Param))
+  bad = jax.tree.map(np.array, jax.device_get(params))
+  assert not np.array_equal(
+    bad["image_encoder"]["patch_embed"]["bias"], initial["image_encoder"]["patch_embed"]["bias"]
+  )  # it trained
+  bad["image_encoder"]["patch_embed"]["bias"][0] = np.nan
+  bad = loop.put_global(bad, programs.params)
+  opt = programs.init_opt(bad)
+  given = jax.device_get((bad, opt))
+  batch = instances.train_dataset(job.datasets(config)[0], 4, 0, True)[0]
+  batch = {k: loop.put_global(batch[k], programs.batch) for k in job.TRAIN_KEYS}
+  after = programs.train_step(bad, opt, batch, jax.random.key(4))
+  assert np.isnan(after[2]["loss"])
+  for x, s in zip(jax.tree.leaves(after[:2]), jax.tree.leaves((programs.params, programs.opt))):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(after[:2]), given)
+
+
+def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path, monkeypatch):
   from ultrajax.jobs import sam as job
   from ultrajax.train import writers
 
-  config = _config()
+  built = _reuse_programs(monkeypatch)
+  config = _sharded_config()
   whole = tmp_path / "whole"
   params, results = job.run(config, str(whole))
+  (programs,) = built.values()
+  _check_layout_and_skip(config, params, programs)
   assert set(results) == {0, 4, "classification"}
   for step in (0, 4):
     # Pooled (class-agnostic, UltraSam's protocol) and per category.
@@ -633,6 +674,7 @@ def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path):
   job.run(config, str(part), stop_after_steps=2)
   resumed, _ = job.run(config, str(part))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(params))
+  assert len(built) == 1  # every start ran the same programs
   train_rows = lambda d: [
     {k: v for k, v in r.items() if k != "img_per_s"}
     for r in writers.read_jsonl(d / "metrics.jsonl")
