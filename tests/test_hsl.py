@@ -267,11 +267,14 @@ def _config(arg="smoke", **overrides):
   return config
 
 
-# One method per distinct code path (the smoke preset lists every method; its other strategies,
-# fedavg_uniform, fedprox, fedyogi and fedadagrad, differ from these only inside fed/strategies,
-# which tests/test_strategies.py checks on the same engine against numpy): the MMoE with and
-# without the auxiliary task, single-task FedAvg, a pooled node, kept-local BatchNorm, all
-# clients' models at once, the split driver, control variates and a server optimizer.
+# One method per distinct code path of the job (the smoke preset lists every method; its other
+# strategies differ from these only inside fed/strategies, which tests/test_strategies.py checks
+# on the same engine against numpy: fedavg_uniform, fedprox, fedyogi, fedadagrad, fedadam (a
+# server optimizer: its moments are strategy state, carried and checkpointed as SCAFFOLD's
+# controls are) and personalized (fed/strategies.Local is Personalized with its own alpha)):
+# the MMoE with the auxiliary task, single-task FedAvg with the MMoE's unweighted averaging
+# (no_al), single-task FedAvg, a pooled node, per-node models (local), kept-local BatchNorm, the
+# split driver and control variates.
 STUDY_METHODS = (
   "hsl",
   "no_al",
@@ -279,10 +282,8 @@ STUDY_METHODS = (
   "central",
   "fedavg",
   "fedbn",
-  "personalized",
   "splitavg",
   "scaffold",
-  "fedadam",
 )
 
 
@@ -308,14 +309,21 @@ def _unoptimized():
   """XLA optimisations off, as a process started with JAX_DISABLE_MOST_OPTIMIZATIONS=true has
   them. The caches are cleared on the way in and out: eager ops (parameter initialisers among
   them) compiled earlier in this worker with optimisations would otherwise be reused, and the
-  study's numbers would depend on which tests ran before it."""
+  study's numbers would depend on which tests ran before it.
+
+  Every program compiled meanwhile goes to the session's persistent compilation cache, not
+  only those that took a second (JAX's default): a resumed study (test_killed_...) then loads
+  each one instead of compiling it again."""
   before = jax.config.read("jax_disable_most_optimizations")  # the session's (conftest)
+  min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
   jax.clear_caches()
   jax.config.update("jax_disable_most_optimizations", True)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
     jax.clear_caches()
 
 
@@ -331,7 +339,8 @@ def test_smoke_runs_every_method_and_writes_tables_and_plots(smoke_study):
   # The smoke preset itself lists every method (keep_local needs patterns of its own, the
   # privacy strategies options of their own).
   smoke = set(hsl.parse_methods(_config()))
-  assert set(STUDY_METHODS) <= smoke and {"fedprox", "fedyogi", "fedadagrad"} <= smoke
+  assert set(STUDY_METHODS) <= smoke
+  assert {"fedprox", "fedyogi", "fedadagrad", "fedadam", "personalized"} <= smoke
   nodes = summary["nodes"]
   assert len(nodes) == 5 and nodes[0] == "screening_centre"
   for name in (
