@@ -83,23 +83,14 @@ def pytest_collection_modifyitems(config, items):
   were spread over the workers and each of them ran the fixture again."""
   if not getattr(config, "workerinput", {}).get("ultrajax_loadgroup"):
     return
-  # Long units first: xdist hands out the groups (larger first) and then the single tests in
-  # collection order, so a slow end-to-end test of a late file (transfer study, URFM) started in
-  # the last minutes while the other worker had nothing left. The slow ones go first now, and
-  # short tests fill the end. Stable sort: every worker collects the same order.
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-  for item in filter(_grouped, items):
-    grouped = f"{item.nodeid}@{item.path.name}"
-    if hasattr(item, "_id"):  # pytest >= 9.2: structured node ids
-      from _pytest.nodeid import coerce_node_id
+  for item in items:
+    fixturedefs = getattr(item, "_fixtureinfo", None)
+    defs = fixturedefs.name2fixturedefs.values() if fixturedefs else ()
+    if any(d.scope in ("module", "class") for ds in defs for d in ds):
+      grouped = f"{item.nodeid}@{item.path.name}"
+      if hasattr(item, "_id"):  # pytest >= 9.2: structured node ids
+        from _pytest.nodeid import coerce_node_id
 
-      item._id = coerce_node_id(grouped)
-    else:
-      item._nodeid = grouped
-
-
-def _grouped(item) -> bool:
-  """Whether the test uses a module- or class-scoped fixture."""
-  fixturedefs = getattr(item, "_fixtureinfo", None)
-  defs = fixturedefs.name2fixturedefs.values() if fixturedefs else ()
-  return any(d.scope in ("module", "class") for ds in defs for d in ds)
+        item._id = coerce_node_id(grouped)
+      else:
+        item._nodeid = grouped

@@ -135,7 +135,6 @@ def _main_killed(workdir, round_chunk=None):
   return done
 
 
-@pytest.mark.slow
 def test_sigkilled_mid_round_twice_resumes_bitwise(tmp_path):
   """A real process killed mid-round 2 (round 1's checkpoint possibly still being written: then
   the next run starts over), then mid-round 3, then resumed by the command line: the losses,

@@ -629,7 +629,6 @@ def _check_layout_and_skip(config, params, programs):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(after[:2]), given)
 
 
-@pytest.mark.slow
 def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path, monkeypatch):
   from ultrajax.jobs import sam as job
   from ultrajax.train import writers

@@ -16,7 +16,6 @@ def smoke_config():
   return configlib.load_config_module(REPO / "configs" / "transfer_study.py").get_config("smoke")
 
 
-@pytest.mark.slow
 def test_transfer_study_smoke_writes_matrix_and_heatmaps(tmp_path):
   table = transfer_study.run(smoke_config(), str(tmp_path))
   assert set(table) == {

@@ -358,7 +358,6 @@ def test_config_errors_name_the_field(tmp_path):
   )
 
 
-@pytest.mark.slow
 def test_urfm_job_in_step_and_cached(tmp_path):
   """One round of the smoke preset, federated (2 clients) with the teacher in the step, then
   centralized with cached targets; the cache holds exactly the fixed views and their targets."""
