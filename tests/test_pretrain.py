@@ -36,6 +36,12 @@ def losses_by_round(workdir):
   }
 
 
+def evals_by_round(workdir, keys):
+  """Rows of evaluator figures (those holding every key), by round."""
+  rows = writers.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+  return {row["round"]: row for row in rows if set(keys) <= set(row)}
+
+
 def assert_trees_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -83,9 +89,7 @@ def test_smoke_run_writes_metrics_images_and_checkpoint(smoke_run):
   assert_trees_equal(checkpoint.load_params(tmp_path), params)
   # The evaluators ran at random init (round 0) and at the last round (smoke: every 2 rounds).
   keys = {f"eval/{n}/{m}" for n in ("linear_probe", "knn") for m in ("accuracy", "auroc")}
-  evals = {
-    row["round"]: row for row in writers.read_jsonl(tmp_path / "metrics.jsonl") if keys <= set(row)
-  }
+  evals = evals_by_round(tmp_path, keys)
   assert sorted(evals) == [0, 2] and "loss" not in evals[0] and "loss" in evals[2]
   assert all(0 <= evals[r][k] <= 1 for r in evals for k in keys)
   # The command-line evaluator on the saved checkpoint gives what the job logged.
@@ -109,28 +113,24 @@ KILLED = {
 }
 
 
-def _main_killed(workdir, round_chunk=None):
-  """`python -m ultrajax.main` on the KILLED config; with round_chunk 'R,J' the process SIGKILLs
-  itself after chunk J of round R."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  if round_chunk:
-    env[pretrain.KILL_AT_ENV] = round_chunk
-  flags = [f"--config.{k}={v}" for k, v in {**KILLED, "mesh.clients": 1, "mesh.data": 1}.items()]
-  done = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "ultrajax.main",
-      "--config=configs/pretrain_fed.py:smoke",
-      *flags,
-      f"--workdir={workdir}",
-    ],
+def _main(args, **env):
+  """`python -m ultrajax.main ARGS` in a subprocess with this session's devices and `env`."""
+  return subprocess.run(
+    [sys.executable, "-m", "ultrajax.main", *args],
     cwd=REPO,
-    env=env,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **env),
     capture_output=True,
     text=True,
     timeout=1200,
   )
+
+
+def _main_killed(workdir, round_chunk=None):
+  """The command line on the KILLED config; with round_chunk 'R,J' the process SIGKILLs itself
+  after chunk J of round R."""
+  flags = [f"--config.{k}={v}" for k, v in {**KILLED, "mesh.clients": 1, "mesh.data": 1}.items()]
+  args = ["--config=configs/pretrain_fed.py:smoke", *flags, f"--workdir={workdir}"]
+  done = _main(args, **({pretrain.KILL_AT_ENV: round_chunk} if round_chunk else {}))
   assert done.returncode == (-signal.SIGKILL if round_chunk else 0), done.stderr[-3000:]
   return done
 
@@ -249,27 +249,10 @@ def test_round_on_real_ultrasound_manifest(tmp_path, real_us):
   assert np.isfinite(row["loss"]) and (tmp_path / "images" / "round_00001.png").exists()
 
 
-def _main(args, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run(
-    [sys.executable, "-m", "ultrajax.main", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-
-
 def test_main_rejects_unknown_fields(tmp_path):
   """(The command line's successful runs: the SIGKILL test above.)"""
   bad = _main(
-    [
-      "--config=configs/pretrain_fed.py:smoke",
-      "--config.model.widht=3",
-      f"--workdir={tmp_path}/bad",
-    ],
-    tmp_path,
+    ["--config=configs/pretrain_fed.py:smoke", "--config.model.widht=3", f"--workdir={tmp_path}/b"]
   )
   assert bad.returncode != 0 and "widht" in bad.stderr
 
@@ -283,17 +266,11 @@ SCAFFOLD = {
 }
 
 
-@pytest.fixture(scope="module")
-def scaffold_one(tmp_path_factory):
-  """(workdir, params) of SCAFFOLD on one device."""
-  workdir = tmp_path_factory.mktemp("scaffold_one")
-  return workdir, pretrain.run(smoke_config(**SCAFFOLD), workdir)
-
-
-def test_one_device_and_two_processes_of_two_devices_agree(tmp_path, scaffold_one):
+def test_one_device_and_two_processes_of_two_devices_agree(tmp_path):
   """launch/local_multiprocess.sh: 2 processes x 2 CPU devices joined by jax.distributed, each
   loading its slice of every batch, clients over 2 devices, batch over 2 and matrices
   FSDP-sharded over the data axis: the losses, evaluator figures and parameters of one device."""
+  one = pretrain.run(smoke_config(**SCAFFOLD), tmp_path / "one")
   flags = {
     **SCAFFOLD,
     "mesh.clients": 2,
@@ -317,24 +294,19 @@ def test_one_device_and_two_processes_of_two_devices_agree(tmp_path, scaffold_on
     timeout=600,
   )
   assert done.returncode == 0, done.stderr[-3000:]
-  one_dir, one = scaffold_one
+  one_dir = tmp_path / "one"
   a, b = losses_by_round(tmp_path / "mp"), losses_by_round(one_dir)
   assert sorted(a) == sorted(b) == [1, 2]
   for r in a:
     np.testing.assert_allclose(a[r]["loss"], b[r]["loss"], rtol=1e-4)
-  evals = [
-    {
-      row["round"]: row
-      for row in writers.read_jsonl(d / "metrics.jsonl")
-      if "eval/knn/auroc" in row
-    }
-    for d in (tmp_path / "mp", one_dir)
-  ]
+  keys = ("eval/knn/auroc", "eval/linear_probe/auroc")
+  evals = [evals_by_round(d, keys) for d in (tmp_path / "mp", one_dir)]
   assert sorted(evals[0]) == sorted(evals[1]) == [0, 2]
   for r in (0, 2):
-    for k in ("eval/knn/auroc", "eval/linear_probe/auroc"):
+    for k in keys:
       assert evals[0][r][k] == pytest.approx(evals[1][r][k], abs=1e-3), (r, k)
-  for x, y in zip(jax.tree.leaves(checkpoint.load_params(tmp_path / "mp")), jax.tree.leaves(one)):
+  mp = checkpoint.load_params(tmp_path / "mp")
+  for x, y in zip(jax.tree.leaves(mp), jax.tree.leaves(one), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
   assert sorted(
     p.name for p in (tmp_path / "mp" / "checkpoints" / "2" / "data").glob("*.json")

@@ -47,11 +47,15 @@ def _manager(directory: pathlib.Path, keep: int | None, read_only: bool = False)
   return ocp.CheckpointManager(directory, options=options)
 
 
+def _is_array(x) -> bool:
+  """An array leaf of a metadata tree (Orbax metadata or ShapeDtypeStruct)."""
+  return hasattr(x, "shape") and not isinstance(x, dict)
+
+
 def _shapes(tree) -> dict[str, tuple]:
   """{'a/b/kernel': shape} of the array leaves (Orbax metadata or ShapeDtypeStructs)."""
   out = {}
-  is_leaf = lambda x: hasattr(x, "shape") and not isinstance(x, dict)
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array)[0]:
     if hasattr(leaf, "shape"):
       out[tree_lib.path_str(keypath)] = tuple(leaf.shape)
   return out
@@ -228,11 +232,11 @@ def load_params(path, abstract_params=None):
   stored = _stored_tree(directory)
   if abstract_params is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    is_leaf = lambda x: hasattr(x, "shape") and not isinstance(x, dict)
     abstract_params = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), stored, is_leaf=is_leaf
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), stored, is_leaf=_is_array
     )
-  check_shapes(stored, abstract_params, f"checkpoint {directory.parent}")
+  else:
+    check_shapes(stored, abstract_params, f"checkpoint {directory.parent}")
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(directory, abstract_params)
 
