@@ -6,7 +6,9 @@
 # Environment (defaults = the full study): REAL_US (../shared/data/real_us), STUDY (/tmp/real_study),
 # ROUNDS (30 pretraining rounds), SEEDS (5), FRACTIONS ("1.0 0.25 0.1"), MIN_STEPS (200 optimizer
 # steps at least per fine-tuning cell, the `cpu` presets' train.min_steps), BASELINE_CPU_S (the baseline peers' CPU budget per run; default:
-# the measured mean CPU seconds of the ViT fine-tuning cells of the same task), NICE (19).
+# the measured mean CPU seconds of the ViT fine-tuning cells of the same task), NICE (19),
+# TASKS ("busi_cls busi_seg hc18"), FINETUNE_ONLY (set: skip steps 2-4, the pretrainings and
+# their evaluators, e.g. for a new fraction on a study whose pretrainings are done).
 # Idle 2-core estimates: pretraining about 30 x 37 s; the PyTorch peer about half that; see
 # section 6 for the measured figures. Every step resumes or skips what is already done.
 set -euo pipefail
@@ -16,6 +18,7 @@ ROUNDS=${ROUNDS:-30}
 SEEDS=${SEEDS:-5}
 FRACTIONS=${FRACTIONS:-"1.0 0.25 0.1"}
 MIN_STEPS=${MIN_STEPS:-200}
+TASKS=${TASKS:-"busi_cls busi_seg hc18"}
 NICE=${NICE:-19}
 PY="nice -n $NICE python"
 TIME="/usr/bin/time -v -a"  # CPU (user + sys) and wall time of every step, appended to *.time
@@ -24,6 +27,7 @@ mkdir -p "$STUDY/ft" "$STUDY/baseline"
 # 1. Manifests with fixed splits; no test image of any task is pretrained on.
 python docs/scripts/prepare_real_study.py --real_us "$REAL_US" --out "$STUDY/manifests"
 
+if [ -z "${FINETUNE_ONLY:-}" ]; then
 # 2. ultrajax: federated UltraMIM, BUSI / HC18 / HC18-more as three clients.
 $TIME -o "$STUDY/pre_ultrajax.time" $PY -m ultrajax.main \
   --config=configs/pretrain_real.py:study="$STUDY" --workdir="$STUDY/pre_ultrajax" \
@@ -60,13 +64,14 @@ for start in "$STUDY/pre_ultrajax" "$STUDY/pre_ultrajax_mae" "$STUDY/pre_torch/m
     --config.evals.task.manifest="$STUDY/manifests/busi_cls.csv" \
     --output="$STUDY/evals_test_$(basename "$start" .pth).json"
 done
+fi
 
 # 5. Fine-tuning: the `cpu` presets on each task and label fraction, scratch vs the three pretrainings.
 #    Small training sets get epochs of several passes so that every cell makes at least
 #    MIN_STEPS optimizer steps (train.min_steps, jobs/finetune.py); BUSI diagnosis with balanced
 #    class weights.
 VARIANTS="scratch=,ultrajax=$STUDY/pre_ultrajax,ultrajax_mae=$STUDY/pre_ultrajax_mae,torch_mae=$STUDY/pre_torch/mae.pth"
-for task in busi_cls busi_seg hc18; do
+for task in $TASKS; do
   case $task in
     busi_cls) cfg=configs/finetune_cls.py:cpu
       extra=(--config.data.manifest="$STUDY/manifests/busi_cls.csv"
@@ -99,7 +104,7 @@ for t in glob.glob(f"{study}/ft/{task}_f*.time"):
 print(round(cpu / max(cells, 1)))
 PYEOF
 }
-for task in busi_cls busi_seg hc18; do
+for task in $TASKS; do
   budget=${BASELINE_CPU_S:-$(cpu_per_cell $task)}
   for f in $FRACTIONS; do
     for seed in $(seq 0 $(( SEEDS - 1 ))); do
