@@ -30,10 +30,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SPEC = "configs/pretrain_fed.py:smoke"
 # Three phantom sites (16 images each with their SMAT partners: 4 local steps a round).
 # One encoder block and no MIC keep the compiles short; TGM masks and SMAT partners stay on.
+# Reconstruction PNGs at the last round only (each costs a matplotlib figure).
 BASE = (
   "fed.num_rounds=3 data.num_clients=3 mesh.clients=1 mesh.data=1 data.phantom_min_images=8 "
   "model.depth=1 ultramim.mic=False evals.linear_probe.every_rounds=0 "
-  "evals.knn.every_rounds=0"
+  "evals.knn.every_rounds=0 image_every_rounds=100"
 )
 PROX = " fed.strategy=fedprox fed.strategy_options=mu=0.5"
 TOL = 1e-5  # float32 sums in another order (the simulation sums on device, the server in float64)
@@ -107,18 +108,14 @@ def test_fedavg_deployment_equals_simulation_through_a_lost_reply_and_a_server_r
 
 @pytest.fixture(scope="module")
 def fedprox_sim(tmp_path_factory):
+  """The FedProx simulation. Site 0 also trains one FedProx round here: that compiles the
+  sites' FedProx local epoch once, into the session's XLA cache, where the real-process test's
+  three site processes find it (else each compiles it, all three at once)."""
   root = tmp_path_factory.mktemp("fl_fedprox")
-  return pretrain.run(site.load_config(SPEC, BASE + PROX), root / "sim")
-
-
-@pytest.mark.slow
-def test_fedprox_deployment_equals_simulation(fedavg, fedprox_sim, tmp_path):
-  grid, config = deploy(tmp_path, BASE + PROX)
-  deployed = server.run(grid, config, tmp_path / "server")
-  error = max_diff(deployed, fedprox_sim)
-  assert error < TOL
-  # Closer to the FedProx simulation than to FedAvg: the sites applied the proximal term.
-  assert max_diff(deployed, fedavg["deployed"]) > error
+  params = pretrain.run(site.load_config(SPEC, BASE + PROX), root / "sim")
+  site0 = client._site(SPEC, node_configs(root, BASE + PROX)[0]["overrides"], str(root / "site0"))
+  site0.train_round(params_lib.to_arrays(params), 0)
+  return params
 
 
 @pytest.mark.slow
@@ -341,9 +338,21 @@ class Consortium:
       ],
     )
 
-  def crash_site(self, k: int) -> None:
-    """SIGKILLs site k's ClientApp process; its SuperNode follows (SIGTERM on parent death)."""
-    proc = self.procs[f"site{k}"]
+  def crash_site_mid_round(self, k: int, round_index: int) -> None:
+    """SIGKILLs site k's ClientApp process after its SuperNode received round `round_index`
+    and before the site replied; its SuperNode follows (SIGTERM on parent death).
+
+    The process is stopped (SIGSTOP) as soon as the SuperNode logs the round, so it cannot take
+    the task, and killed once the SuperNode holds the whole message: its SuperNode, waiting for
+    the reply then, leaves the SuperLink on SIGTERM, and the SuperLink answers the server for
+    it at once. A SuperNode stopped while it pulls a message exits without leaving; the server
+    would wait for the SuperLink's heartbeat expiry (2 x 30 s)."""
+    proc, name, tag = self.procs[f"site{k}"], f"site{k}", f"ROUND {round_index}]"
+    self.wait(lambda: tag in self.log(name), 600, f"site {k} to receive round {round_index}", 0.05)
+    os.kill(proc.pid, signal.SIGSTOP)
+    begin = self.log(name).index(tag)
+    self.wait(lambda: "Received successfully" in self.log(name)[begin:], 60, "the message")
+    assert "Sending" not in self.log(name)[begin:], f"site {k} answered before it was stopped"
     proc.kill()
     proc.wait()
     self.wait(lambda: not self._group(proc.pid), 30, f"site {k}'s SuperNode to stop")
@@ -355,21 +364,28 @@ class Consortium:
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
-  def submit(self, workdir: pathlib.Path, overrides: str) -> str:
-    """`python -m ultrajax.fl.server` (it runs `flwr run`); returns the run id."""
-    flags = [f"--config.{o}" for o in overrides.split()]
-    out = subprocess.run(
-      [sys.executable, "-m", "ultrajax.fl.server", f"--config={SPEC}", f"--workdir={workdir}"]
-      + flags
-      + ["test"],
-      env=self.env,
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=120,
+  def submit(
+    self, workdir: pathlib.Path, overrides: str, *, command: bool = True
+  ) -> subprocess.Popen:
+    """Submits a job without waiting (`run_id` waits): through `python -m ultrajax.fl.server`
+    (it writes the Flower app and runs `flwr run`), or with command=False through its
+    `server.submission` called here and `flwr run` (the same code, without a process that
+    imports JAX again)."""
+    argv = [f"--config={SPEC}", f"--workdir={workdir}"]
+    argv += [f"--config.{o}" for o in overrides.split()] + ["test"]
+    if command:
+      argv = [sys.executable, "-m", "ultrajax.fl.server", *argv]
+    else:
+      argv = server.submission(argv)
+    return subprocess.Popen(
+      argv, env=self.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    assert out.returncode == 0, out.stdout + out.stderr
-    return re.search(r"started run (\d+)", out.stdout).group(1)
+
+  @staticmethod
+  def run_id(submitted: subprocess.Popen) -> str:
+    out = submitted.communicate(timeout=120)[0]
+    assert submitted.returncode == 0, out
+    return re.search(r"started run (\d+)", out).group(1)
 
   @staticmethod
   def _processes() -> dict[int, tuple[int, int]]:
@@ -406,14 +422,14 @@ class Consortium:
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)
 
-  def wait(self, done, timeout: float, what: str) -> None:
+  def wait(self, done, timeout: float, what: str, poll_s: float = 0.5) -> None:
     """Polls `done()`; fails the test with the logs' tails after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not done():
       if time.monotonic() > deadline:
         tails = "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.procs)
         pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tails}")
-      time.sleep(0.5)
+      time.sleep(poll_s)
 
   def close(self) -> None:
     """SIGKILLs every process this consortium started, with their descendants."""
@@ -428,11 +444,9 @@ class Consortium:
       proc.wait()
 
 
-# The jobs on the real processes draw their PNGs at the last round only (the in-process FedAvg
-# test checks the PNGs). FedAvg checkpoints every round (the server is killed once round 2's
-# exists); FedProx only its last.
-LAST_PNG = " image_every_rounds=100"
-FEDAVG_JOB = " fl.min_clients=3 fl.retries=2" + LAST_PNG
+# FedAvg checkpoints every round (the server is killed once round 2's exists); FedProx only
+# its last.
+FEDAVG_JOB = " fl.min_clients=3 fl.retries=2"
 
 
 def checkpoint_diff(workdir: pathlib.Path, params) -> float:
@@ -461,26 +475,26 @@ def test_real_superlink_and_sites_equal_the_simulation_through_a_site_and_a_serv
   """A real SuperLink and three site processes on 127.0.0.1. FedAvg: site 1's process is
   SIGKILLed in the middle of round 2 and started again (fl.min_clients=3: the round waits for it
   and is sent again), the ServerApp process is SIGKILLed after round 2 and the job submitted
-  again (it resumes from its checkpoint); FedProx on the same processes, submitted beside the
+  again (it resumes from its checkpoint); FedProx on the same processes, submitted with the
   resumed FedAvg job. Both end equal to the in-process simulation."""
   net = Consortium(tmp_path)
   try:
     net.start()
     job = tmp_path / "fedavg"
-    first_run = net.submit(job, BASE + FEDAVG_JOB)
-    net.wait(lambda: "ROUND 2]" in net.log("site1"), 600, "site 1 to receive round 2")
-    net.crash_site(1)
+    first_run = net.run_id(net.submit(job, BASE + FEDAVG_JOB))
+    net.crash_site_mid_round(1, 2)
     net.start_site(1)
     net.wait(lambda: (job / "checkpoints" / "2").is_dir(), 600, "round 2's checkpoint")
     net.kill_serverapp()
     # The operator ends the dead run: else the SuperNodes keep pulling its round 3 message
     # until the SuperLink expires the ServerApp's task (2 missed 30 s heartbeats).
     net.flwr("stop", first_run, "test")
-    run = net.submit(job, BASE + FEDAVG_JOB)
-    # FedProx on the same sites, submitted now: its ServerApp starts while FedAvg's round 3
-    # runs (each site keeps the two jobs' states apart).
+    # FedProx on the same sites, submitted with it: the two jobs' ServerApps run at once (each
+    # site keeps the two jobs' states apart).
     prox = tmp_path / "fedprox"
-    net.submit(prox, BASE + PROX + LAST_PNG + " ckpt_every_rounds=3")
+    resubmitted = net.submit(job, BASE + FEDAVG_JOB, command=False)
+    net.run_id(net.submit(prox, BASE + PROX + " ckpt_every_rounds=3", command=False))
+    run = net.run_id(resubmitted)
     net.wait(finished(job), 600, "the resubmitted FedAvg job")
     assert checkpoint_diff(job, fedavg["sim"]) < TOL
     metrics = logged_rounds(job)
@@ -496,6 +510,9 @@ def test_real_superlink_and_sites_equal_the_simulation_through_a_site_and_a_serv
     assert f"[RUN {run}, ROUND 3]" in sites and f"[RUN {run}, ROUND 2]" not in sites
 
     net.wait(finished(prox), 600, "the FedProx job")
-    assert checkpoint_diff(prox, fedprox_sim) < TOL
+    error = checkpoint_diff(prox, fedprox_sim)
+    assert error < TOL
+    # Closer to the FedProx simulation than to FedAvg: the sites applied the proximal term.
+    assert checkpoint_diff(prox, fedavg["deployed"]) > error
   finally:
     net.close()

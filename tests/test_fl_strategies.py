@@ -20,11 +20,11 @@ from ultrajax.jobs import pretrain  # noqa: E402
 SPEC = "configs/pretrain_fed.py:smoke"
 # test_fl.py's three phantom sites and model (16 images each with their SMAT partners: 4 local
 # steps a round; one encoder block, no MIC), so the suite's XLA cache serves the compiles that
-# do not depend on the strategy (init, preview, norms); 2 rounds.
+# do not depend on the strategy (init, preview, norms); 2 rounds, PNGs at the last only.
 BASE = (
   "fed.num_rounds=2 data.num_clients=3 mesh.clients=1 mesh.data=1 data.phantom_min_images=8 "
   "model.depth=1 ultramim.mic=False evals.linear_probe.every_rounds=0 "
-  "evals.knn.every_rounds=0 fl.num_sites=3 ckpt_every_rounds=2"
+  "evals.knn.every_rounds=0 fl.num_sites=3 ckpt_every_rounds=2 image_every_rounds=100"
 )
 SCAFFOLD = BASE + " fed.strategy=scaffold fed.strategy_options=local_lr=0.05"
 TOL = 1e-5  # float32 sums in another order

@@ -45,7 +45,7 @@ from flwr.serverapp import Grid, ServerApp
 from ultrajax import configlib
 from ultrajax.data import clients as clients_lib
 from ultrajax.fed import rounds, strategies
-from ultrajax.fl import params as params_lib, site as site_lib
+from ultrajax.fl import local, params as params_lib, site as site_lib
 from ultrajax.train import checkpoint, loop, mim_objectives, resume, writers
 from ultrajax.viz import reconstruction
 
@@ -268,6 +268,26 @@ def connected_sites(grid: Grid, want: int, timeout, poll_s: float = 0.5) -> list
   return nodes
 
 
+def send_and_receive(grid: Grid, messages, timeout, poll_s: float = 0.5) -> list[Message]:
+  """Grid.send_and_receive, asking for the replies every poll_s seconds: Flower's HTTP grid
+  asks every 3 s, which a round waits for after its last reply. Returns the replies that came
+  within `timeout` seconds (None: all of them). The in-process LocalGrid, whose replies are
+  there when push_messages returns (a lost one never comes), answers through its own."""
+  if isinstance(grid, local.LocalGrid):
+    return list(grid.send_and_receive(messages, timeout=timeout))
+  waiting = set(grid.push_messages(messages))
+  end = None if timeout is None else time.monotonic() + timeout
+  replies = []
+  while waiting:
+    got = list(grid.pull_messages(waiting))
+    replies += got
+    waiting -= {reply.metadata.reply_to_message_id for reply in got}
+    if not waiting or (end is not None and time.monotonic() >= end):
+      break
+    time.sleep(poll_s)
+  return replies
+
+
 def plain_round(grid: Grid, nodes, sent: dict[str, dict], round_index: int, timeout):
   """Sends `sent` ({record name: named arrays}: 'arrays' = x, with SCAFFOLD 'control' = c) to
   `nodes`; returns ([(reply arrays {record name: named arrays}, metrics)], failures)."""
@@ -281,7 +301,7 @@ def plain_round(grid: Grid, nodes, sent: dict[str, dict], round_index: int, time
     Message(content(), dst_node_id=n, message_type=TRAIN, group_id=str(round_index + 1))
     for n in nodes
   ]
-  replies = grid.send_and_receive(messages, timeout=timeout)
+  replies = send_and_receive(grid, messages, timeout)
   ok, failures = [], []
   for reply in replies:
     if reply.has_error():
@@ -455,24 +475,23 @@ def flower_app(config_spec: str, overrides: str, workdir: str) -> str:
   )
 
 
-if __name__ == "__main__":
-  # python -m ultrajax.fl.server --config=FILE[:preset] --workdir=DIR [--config.f=v ...]
-  #   [flwr run flags, e.g. the SuperLink connection name]: writes DIR/flower_app and submits it.
-  import os
+def submission(argv: list[str]) -> list[str]:
+  """The `flwr run` command line for `python -m ultrajax.fl.server` with these arguments
+  (--config=FILE[:preset] --workdir=DIR [--config.f=v ...] [flwr run flags, e.g. the SuperLink
+  connection name]), after checking the config and writing DIR/flower_app."""
   import pathlib
-  import sys
 
   args = {
     a.split("=", 1)[0]: a.split("=", 1)[1]
-    for a in sys.argv[1:]
+    for a in argv
     if a.startswith(("--config=", "--workdir="))
   }
   configlib.check(
     "--config" in args and "--workdir" in args,
     "python -m ultrajax.fl.server needs --config=FILE[:preset] and --workdir=DIR",
   )
-  overrides = " ".join(a[len("--config.") :] for a in sys.argv[1:] if a.startswith("--config."))
-  rest = [a for a in sys.argv[1:] if not a.startswith(("--config", "--workdir="))]
+  overrides = " ".join(a[len("--config.") :] for a in argv if a.startswith("--config."))
+  rest = [a for a in argv if not a.startswith(("--config", "--workdir="))]
   workdir = pathlib.Path(args["--workdir"]).absolute()
   config_file, _, preset = args["--config"].partition(":")
   spec = str(pathlib.Path(configlib.find_config_file(config_file) or config_file).absolute())
@@ -480,4 +499,12 @@ if __name__ == "__main__":
   site_lib.load_config(spec, overrides)  # a bad field fails here, not on the SuperLink
   folder = workdir / "flower_app"
   loop.atomic_write(folder / "pyproject.toml", flower_app(spec, overrides, str(workdir)))
-  os.execvp("flwr", ["flwr", "run", str(folder), *rest])
+  return ["flwr", "run", str(folder), *rest]
+
+
+if __name__ == "__main__":
+  import os
+  import sys
+
+  command = submission(sys.argv[1:])
+  os.execvp(command[0], command)
