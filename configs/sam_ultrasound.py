@@ -172,8 +172,10 @@ def get_config(arg=None):
     c.log_every_steps = 50
     c.ckpt_every_steps = 1000
   elif knobs.preset == "smoke":
-    c.model.update(variant="", encoder_width=32, encoder_depth=2, encoder_heads=2,
-                   global_attn_indexes=(1,), window_size=2, patch_size=8, image_size=32,
+    # One (global-attention) encoder block: the job's loop is under test here; windowed and
+    # global blocks are checked against segment_anything in tests/test_sam_model.py.
+    c.model.update(variant="", encoder_width=32, encoder_depth=1, encoder_heads=2,
+                   global_attn_indexes=(0,), window_size=2, patch_size=8, image_size=32,
                    prompt_dim=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64,
                    dtype="float32")
     c.data.update(phantom_train_images=8, phantom_test_images=4, phantom_image_size=32,

@@ -55,7 +55,11 @@ def get_config(arg=None):
     c.organs = "breast,thyroid"
     c.pretrain_config = "configs/pretrain_central.py:smoke"
     c.finetune_config = "configs/finetune_cls.py:smoke"
-    c.pretrain_overrides = ml_collections.ConfigDict(dict(fed=dict(num_rounds=1)))
+    # One encoder block in both stages; the pretraining evaluators are off (the study reads
+    # only the pretrained checkpoints).
+    c.pretrain_overrides = ml_collections.ConfigDict(dict(
+        fed=dict(num_rounds=1), model=dict(depth=1),
+        evals=dict(linear_probe=dict(every_rounds=0), knn=dict(every_rounds=0))))
     c.finetune_overrides = ml_collections.ConfigDict(dict(
-        num_seeds=1, train=dict(num_epochs=1)))
+        num_seeds=1, model=dict(depth=1), train=dict(num_epochs=1)))
   return c

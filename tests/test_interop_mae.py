@@ -454,14 +454,17 @@ def test_load_init_params_names_the_first_mismatch(tmp_path):
 # ----------------------------------------------------------------------------- export command
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-  """(workdir, params) of a one-round smoke pretraining run."""
-  from ultrajax.jobs import pretrain
+  """(workdir, params): a round-1 checkpoint as the pretraining job writes it (its writer, its
+  config in `meta`) holding a perturbed tiny MAE; export reads nothing else. (A job's own
+  checkpoint feeds fine-tuning in tests/test_transfer_study.py, through the same reader.)"""
+  from ultrajax.train import checkpoint
 
   workdir = tmp_path_factory.mktemp("pretrain")
   config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
-  config.mesh.update(clients=1, data=1)
-  config.fed.num_rounds = 1
-  params = pretrain.run(config, workdir)
+  params = _params(_ours(7))
+  ckpt = checkpoint.Checkpointer(workdir)
+  ckpt.save(1, params, {"round": jnp.asarray(1)}, None, {"config": config.to_json_best_effort()})
+  ckpt.close()
   return workdir, jax.device_get(params)
 
 

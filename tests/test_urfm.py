@@ -312,6 +312,8 @@ def urfm_config(**overrides):
   config = configlib.load_config_module(REPO / "configs" / "pretrain_urfm.py").get_config("smoke")
   config.mesh.update(clients=1, data=1)
   config.fed.num_rounds = 1
+  # The evaluators are off: these tests are about the teacher's targets and their cache.
+  config.evals.linear_probe.every_rounds = config.evals.knn.every_rounds = 0
   config.update_from_flattened_dict(overrides)  # 'a.b' -> config.a.b
   return config
 

@@ -445,13 +445,23 @@ def make_classifier_programs(graphdef, tx, logits_of):
   return train_step, probs
 
 
+def _in_batches(fn, count: int, size: int) -> np.ndarray:
+  """fn(rows [size]) -> [size, ...] over rows 0 .. count - 1 in batches of `size`, the last one
+  padded with its final row and cut back (one shape, one compile) -> [count, ...]."""
+  out = [
+    np.asarray(fn(np.minimum(np.arange(i, i + size), count - 1))) for i in range(0, count, size)
+  ]
+  return np.concatenate(out)[:count]
+
+
 def run_classification(
-  config, graphdef, params, data, workdir: pathlib.Path, writer, step: int
+  config, graphdef, params, data, workdir: pathlib.Path, writer, step: int, replicated
 ) -> dict:
   """Prompted classification (models/prompted_cls.py: frozen E_o = the trained UltraSam encoder,
   E_g trainable unless classification.global_encoder='frozen') against a linear head on the
   mean frozen embedding; AUROC, precision, recall, F1 with bootstrap CIs on the test instances.
-  data: class_data(config)."""
+  data: class_data(config); replicated: the run mesh's replicated sharding, where the
+  classifiers' parameters and optimizer states live (one layout, so each step compiles once)."""
   cc = config.classification
   train, test, values = data
   labels = {n: np.searchsorted(values, d["classes"]) for n, d in (("train", train), ("test", test))}
@@ -468,9 +478,7 @@ def run_classification(
   encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(sam_lib.preprocess(x, size)))
 
   def embed(images):
-    return np.concatenate(
-      [np.asarray(encode(params, images[i : i + bsz])) for i in range(0, len(images), bsz)]
-    )
+    return _in_batches(lambda rows: encode(params, images[rows]), len(images), bsz)
 
   emb = dict(train=embed(train["images"]), test=embed(test["images"]))
 
@@ -509,10 +517,10 @@ def run_classification(
   results, test_probs = {}, {}
   for k, (name, model) in enumerate(models.items()):
     g, p = nnx.split(model, nnx.Param)
-    p = nnx.to_pure_dict(p)
+    p = jax.device_put(nnx.to_pure_dict(p), replicated)
     # SAM's fixed Fourier matrix gets no decay (trainable_mask); its gradient is zero anyway.
     tx = optax.adamw(cc.lr, weight_decay=cc.weight_decay, mask=sam_lib.trainable_mask(p))
-    opt = tx.init(p)
+    opt = jax.device_put(tx.init(p), replicated)
     train_step, probs_of = make_classifier_programs(g, tx, logits_fns[name])
     rng = np.random.default_rng([config.seed, step, k])
     key = jax.random.fold_in(jax.random.key(config.seed), k)
@@ -522,13 +530,7 @@ def run_classification(
       p, opt, value = train_step(
         p, opt, *rows_of("train", rows), labels["train"][rows], jax.random.fold_in(key, i)
       )
-    count = len(labels["test"])
-    probs = np.concatenate(
-      [
-        np.asarray(probs_of(p, *rows_of("test", np.arange(i, min(i + bsz, count)))))
-        for i in range(0, count, bsz)
-      ]
-    )
+    probs = _in_batches(lambda rows: probs_of(p, *rows_of("test", rows)), len(labels["test"]), bsz)
     test_probs[name] = probs
     for metric, fn in sam_eval.class_metric_fns(len(values)).items():
       out = f"cls/{name}/{metric}"
@@ -743,7 +745,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
       ckpt.save(done, params, dict(opt=opt_state), train_iter, dict(meta, step=done))
   if last == config.num_steps and config.classification.enabled:
     results["classification"] = run_classification(
-      config, graphdef, params, cls_data, workdir, writer, config.num_steps
+      config, graphdef, params, cls_data, workdir, writer, config.num_steps, programs.replicated
     )
   writer.flush()
   ckpt.close()
