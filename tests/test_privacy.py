@@ -621,6 +621,10 @@ def test_pretraining_with_dp_logs_epsilon_and_stops_at_the_budget_also_after_a_r
   repo = pathlib.Path(__file__).resolve().parents[1]
   config = cl.load_config_module(repo / "configs" / "pretrain_fed.py").get_config("smoke")
   config.mesh.update(clients=1, data=1)
+  # A smaller model than the preset's: the DP-SGD chunk is the costly compile here.
+  config.model.update(
+    width=32, depth=1, num_heads=2, decoder_width=16, decoder_heads=2, image_size=16
+  )
   config.update_from_flattened_dict(
     {
       "fed.num_rounds": 3,
