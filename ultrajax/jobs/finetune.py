@@ -247,6 +247,26 @@ def make_features_fn(graphdef):
 
 
 # ----------------------------------------------------------------------------- programs
+# The config fields the compiled programs read (Setup's methods and train_step). Setup holds
+# only these, so cells that differ elsewhere (data, organ, seed, evaluation) share one compile;
+# reading any other field from Setup.config raises instead of reusing a stale program.
+PROGRAM_FIELDS = (
+  "task_type",
+  "mode",
+  "model",
+  "aug",
+  "loss",
+  "optim",
+  "train",
+  "on_nonfinite",
+  "sharding_rules",
+)
+
+
+def program_config(config) -> ml_collections.FrozenConfigDict:
+  return ml_collections.FrozenConfigDict({k: config[k] for k in PROGRAM_FIELDS})
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What the jitted programs depend on beyond their array arguments: one study shape.
@@ -542,7 +562,7 @@ def train_one(
   batches_per_pass = len(train_idx) // batch  # drop_last, as MAE's fine-tuning loader
   passes = passes_per_epoch(batches_per_pass, num_epochs, config.train.min_steps)
   setup = Setup(
-    ml_collections.FrozenConfigDict(config),
+    program_config(config),
     data.num_classes,
     batches_per_pass * passes,
     batch,
