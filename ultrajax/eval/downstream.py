@@ -1,5 +1,6 @@
 """Scores of a downstream (diagnosis / segmentation) test: metric tables and the study summary.
 
+padded_batches    fn over rows 0 .. n - 1 in fixed-size batches (one shape, one compile)
 predict_batches   a model's outputs over a split, in fixed-size batches
 cls_scores        every classification metric of one split (CLS_METRICS)
 seg_per_image     per-image segmentation metrics (SEG_METRICS), mm where the pixel size is known
@@ -40,21 +41,27 @@ SEG_METRICS = ("dice", "iou", "hd95", "asd", "nsd")
 LOWER_IS_BETTER = ("hd95", "asd", "ece")
 
 
+def padded_batches(fn, count: int, size: int) -> np.ndarray:
+  """fn(rows [size]) -> [size, ...] over rows 0 .. count - 1 in batches of `size`, the last one
+  padded with its final row and cut back (one shape, one compile) -> [count, ...]."""
+  out = [
+    np.asarray(jax.device_get(fn(np.minimum(np.arange(i, i + size), count - 1))))
+    for i in range(0, count, size)
+  ]
+  return np.concatenate(out)[:count]
+
+
 def predict_batches(
   predict, params, images: np.ndarray, batch_size: int, data_sharding
 ) -> np.ndarray:
-  """predict(params, batch) over every image, in batches of `batch_size` (the last one padded
-  with zeros and cut back); batches are placed by `data_sharding` and the outputs must come back
-  replicated (each process reads them whole)."""
-  outs = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start : start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    out = np.asarray(jax.device_get(predict(params, loop.put_global(chunk, data_sharding))))
-    outs.append(out[: batch_size - pad])
-  return np.concatenate(outs)
+  """predict(params, batch) over every image, in batches of `batch_size` (padded_batches);
+  batches are placed by `data_sharding` and the outputs must come back replicated (each
+  process reads them whole)."""
+  return padded_batches(
+    lambda rows: predict(params, loop.put_global(images[rows], data_sharding)),
+    len(images),
+    batch_size,
+  )
 
 
 def cls_scores(labels: np.ndarray, probs: np.ndarray) -> dict:

@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ultrajax import configlib
 from ultrajax.data import instances
-from ultrajax.eval import metrics, sam_eval
+from ultrajax.eval import downstream, metrics, sam_eval
 from ultrajax.interop import files, sam as sam_interop
 from ultrajax.models import prompted_cls, sam as sam_lib, vit
 from ultrajax.train import (
@@ -445,15 +445,6 @@ def make_classifier_programs(graphdef, tx, logits_of):
   return train_step, probs
 
 
-def _in_batches(fn, count: int, size: int) -> np.ndarray:
-  """fn(rows [size]) -> [size, ...] over rows 0 .. count - 1 in batches of `size`, the last one
-  padded with its final row and cut back (one shape, one compile) -> [count, ...]."""
-  out = [
-    np.asarray(fn(np.minimum(np.arange(i, i + size), count - 1))) for i in range(0, count, size)
-  ]
-  return np.concatenate(out)[:count]
-
-
 def run_classification(
   config, graphdef, params, data, workdir: pathlib.Path, writer, step: int, replicated
 ) -> dict:
@@ -478,7 +469,7 @@ def run_classification(
   encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(sam_lib.preprocess(x, size)))
 
   def embed(images):
-    return _in_batches(lambda rows: encode(params, images[rows]), len(images), bsz)
+    return downstream.padded_batches(lambda rows: encode(params, images[rows]), len(images), bsz)
 
   emb = dict(train=embed(train["images"]), test=embed(test["images"]))
 
@@ -530,7 +521,9 @@ def run_classification(
       p, opt, value = train_step(
         p, opt, *rows_of("train", rows), labels["train"][rows], jax.random.fold_in(key, i)
       )
-    probs = _in_batches(lambda rows: probs_of(p, *rows_of("test", rows)), len(labels["test"]), bsz)
+    probs = downstream.padded_batches(
+      lambda rows: probs_of(p, *rows_of("test", rows)), len(labels["test"]), bsz
+    )
     test_probs[name] = probs
     for metric, fn in sam_eval.class_metric_fns(len(values)).items():
       out = f"cls/{name}/{metric}"
