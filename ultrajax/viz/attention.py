@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from scipy import ndimage
+
+from ultrajax.viz import plots
 
 
 def upsample(grid_map: np.ndarray, size: int) -> np.ndarray:
@@ -53,8 +52,4 @@ def save_attention(
     ax.set_yticks([])
   if title:
     fig.suptitle(title, fontsize=9)
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80, bbox_inches="tight")
-  plt.close(fig)
-  return path
+  return plots.save(fig, path, dpi=80)

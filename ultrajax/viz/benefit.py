@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ultrajax.viz import plots
 
 
 def gain_plot(
@@ -51,8 +50,4 @@ def gain_plot(
   right.grid(axis="x", alpha=0.3)
   fig.suptitle(title or f"Per-hospital benefit of federated pretraining ({metric})")
   fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return plots.save(fig, path, bbox_inches=None)

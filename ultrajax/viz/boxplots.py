@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ultrajax.viz import plots
 
 
 def per_node_boxplots(
@@ -46,8 +45,4 @@ def per_node_boxplots(
     row[0].set_ylabel(metric)
   fig.suptitle(title or metric)
   fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return plots.save(fig, path, bbox_inches=None)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
-
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.manifold import TSNE
+
+from ultrajax.viz import plots
 
 EXACT_MAX = 1000
 
@@ -45,8 +42,5 @@ def save_tsne(
       ax.scatter(points[sel, 0], points[sel, 1], s=8, alpha=0.7, label=name)
   ax.set(xticks=[], yticks=[], title=title or "t-SNE of test features")
   ax.legend(fontsize=8, markerscale=2)
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110, bbox_inches="tight")
-  plt.close(fig)
+  plots.save(fig, path)
   return points

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ultrajax.viz import reconstruction  # noqa: E402
+from ultrajax.viz import plots, reconstruction
 
 
 def save_similarity_grid(
@@ -43,8 +40,4 @@ def save_similarity_grid(
   fig.colorbar(image, ax=axes[:, 3].tolist(), shrink=0.8)
   if title:
     fig.suptitle(title, fontsize=9)
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
+  return plots.save(fig, path, dpi=80, bbox_inches=None)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ultrajax.viz import plots
 
 
 def plot_partition(counts, node_names, class_names, path, title: str = "") -> pathlib.Path:
@@ -48,8 +47,4 @@ def plot_partition(counts, node_names, class_names, path, title: str = "") -> pa
   ax_f.legend(title="class", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   fig.suptitle(title or "partition")
   fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return plots.save(fig, path, dpi=100, bbox_inches=None)

@@ -7,11 +7,8 @@ from __future__ import annotations
 import math
 import pathlib
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def roc_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -43,10 +40,13 @@ def pr_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...
   return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], s[last][::-1]
 
 
-def _save(fig, path) -> None:
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+def save(fig, path, *, dpi: int = 110, bbox_inches: str | None = "tight") -> pathlib.Path:
+  """Writes `fig` to `path` (creating the folder) and closes it."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=dpi, bbox_inches=bbox_inches)
   plt.close(fig)
+  return path
 
 
 def roc_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: str = "") -> None:
@@ -69,7 +69,7 @@ def roc_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: 
     title=title or "ROC",
   )
   ax.legend(loc="lower right", fontsize=8)
-  _save(fig, path)
+  save(fig, path)
 
 
 def pr_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: str = "") -> None:
@@ -93,7 +93,7 @@ def pr_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: s
     title=title or "precision-recall",
   )
   ax.legend(loc="lower left", fontsize=8)
-  _save(fig, path)
+  save(fig, path)
 
 
 def metric_curve(path, x, curves: dict, *, xlabel: str, ylabel: str, title: str = "") -> None:
@@ -104,7 +104,7 @@ def metric_curve(path, x, curves: dict, *, xlabel: str, ylabel: str, title: str 
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  _save(fig, path)
+  save(fig, path)
 
 
 def confusion(path, matrix: np.ndarray, class_names, title: str = "") -> None:
@@ -131,7 +131,7 @@ def confusion(path, matrix: np.ndarray, class_names, title: str = "") -> None:
     ylabel="true",
     title=title or "confusion matrix",
   )
-  _save(fig, path)
+  save(fig, path)
 
 
 def seg_overlays(
@@ -159,7 +159,7 @@ def seg_overlays(
       ax.contour(targets[i] > 0, levels=[0.5], colors="lime", linewidths=1)
     if scores is not None:
       ax.set_title(f"Dice {scores[i]:.2f}", fontsize=9)
-  _save(fig, path)
+  save(fig, path)
 
 
 def label_efficiency(path, curves: dict, metric: str) -> None:
@@ -174,7 +174,7 @@ def label_efficiency(path, curves: dict, metric: str) -> None:
   ax.set(xlabel="fraction of training labels", ylabel=metric, title=f"label efficiency ({metric})")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  _save(fig, path)
+  save(fig, path)
 
 
 def heatmap(
@@ -217,4 +217,4 @@ def heatmap(
   )
   plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
   fig.colorbar(image, ax=ax, shrink=0.8)
-  _save(fig, path)
+  save(fig, path)

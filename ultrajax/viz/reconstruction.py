@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ultrajax.viz import plots
 
 
 def mask_to_image(mask: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -19,15 +18,10 @@ def mask_to_image(mask: np.ndarray, grid: tuple[int, int], size: tuple[int, int]
 
 
 def _finish(fig, path, title: str) -> pathlib.Path:
-  """Titles, writes (creating the folder) and closes a figure."""
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
+  return plots.save(fig, path, dpi=80, bbox_inches=None)
 
 
 def save_grid(

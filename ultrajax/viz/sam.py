@@ -3,13 +3,10 @@ and plain classifiers."""
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ultrajax.viz import plots  # noqa: E402
+from ultrajax.viz import plots
 
 SHOWN_KEYS = ("image", "masks", "valid")
 
@@ -34,7 +31,7 @@ def mask_previews(path, shown: dict, title: str) -> None:
       if r == 0:
         ax.set_title(name, fontsize=8)
   fig.suptitle(title, fontsize=9)
-  plots._save(fig, path)
+  plots.save(fig, path)
 
 
 def classifier_rocs(path, labels: np.ndarray, scores: dict, aurocs: dict, title: str) -> None:
@@ -52,4 +49,4 @@ def classifier_rocs(path, labels: np.ndarray, scores: dict, aurocs: dict, title:
   ax.set(xlabel="false positive rate", ylabel="true positive rate")
   ax.legend(fontsize=7, loc="lower right")
   ax.set_title(title, fontsize=9)
-  plots._save(fig, path)
+  plots.save(fig, path)

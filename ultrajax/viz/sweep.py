@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ultrajax.viz import plots
 
 
 def sweep_lines(path, rows: list[dict], *, metric: str = "AUC", title: str = "") -> pathlib.Path:
@@ -45,6 +44,4 @@ def sweep_lines(path, rows: list[dict], *, metric: str = "AUC", title: str = "")
   axes[0][-1].legend(fontsize=7, loc="best")
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return pathlib.Path(path)
+  return plots.save(fig, path, dpi=120, bbox_inches=None)
