@@ -209,13 +209,3 @@ def spread(values, weights=None) -> dict:
     jain=jain(a) if a.min() >= 0 else math.nan,
     negative=int(np.sum(a < 0)),
   )
-
-
-def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
-  """rows (dicts with the same keys) -> CSV, floats with 4 significant decimals."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})

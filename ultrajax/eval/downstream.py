@@ -9,10 +9,12 @@ test_report       every metric with a bootstrap 95% CI over the test images
 summarise         mean and t-interval over seeds per (variant, fraction), with p-values against
                   the reference variant (paired t-test, per-seed paired bootstrap, DeLong)
 transfer_rows     the cross-organ transfer matrix as table rows (jobs/transfer_study.py)
+write_csv         any study's table rows (dicts) as a CSV file
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import pathlib
 import warnings
@@ -318,3 +320,17 @@ def transfer_rows(
         }
       )
   return out
+
+
+def write_csv(path, rows: list[dict], decimals: int | None = 4) -> None:
+  """rows (dicts; the columns are their keys in order of appearance) -> CSV at `path`, floats
+  with `decimals` decimals (None: as Python prints them). Parent folders are created."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  fmt = (lambda v: v) if decimals is None else (lambda v: f"{v:.{decimals}f}")
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: fmt(v) if isinstance(v, float) else v for k, v in row.items()})

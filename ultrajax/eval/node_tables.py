@@ -4,9 +4,7 @@ against the reference method, the fairness summary and the table of a ratio swee
 
 from __future__ import annotations
 
-import csv
 import math
-import pathlib
 
 import numpy as np
 
@@ -185,12 +183,3 @@ def sweep_rows(summaries: dict, metric: str = "auc") -> list[dict]:
           )
         )
   return rows
-
-
-def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
-  columns = list(dict.fromkeys(k for row in rows for k in row))
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -253,8 +253,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
     row["ci_below_zero"] = sum(r["ci_high"] < 0 for r in rows) if gains else ""
     row["ci_above_zero"] = sum(r["ci_low"] > 0 for r in rows) if gains else ""
   if jax.process_index() == 0:
-    benefit.write_csv(workdir / "benefit.csv", rows)
-    benefit.write_csv(workdir / "benefit_summary.csv", summary)
+    downstream.write_csv(workdir / "benefit.csv", rows)
+    downstream.write_csv(workdir / "benefit_summary.csv", summary)
     benefit_viz.gain_plot(
       workdir / "benefit.png",
       [r["client"] for r in rows],

@@ -27,7 +27,6 @@ study summary live in eval/downstream.py, the losses in train/losses.py.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -223,29 +222,6 @@ def make_loss_fn(graphdef, config, num_classes: int):
   return loss_fn
 
 
-def make_predict_fn(graphdef):
-  def predict(params, images_u8):
-    """cls: probabilities [B, K]; seg: class maps [B, S, S] uint8."""
-    out = nnx.merge(graphdef, params)(mae.normalize(images_u8.astype(jnp.float32) / 255.0))
-    if out.ndim == 2:
-      return jax.nn.softmax(out)
-    if out.shape[-1] == 1:
-      return (out[..., 0] > 0).astype(jnp.uint8)
-    return jnp.argmax(out, axis=-1).astype(jnp.uint8)
-
-  return predict
-
-
-def make_features_fn(graphdef):
-  def features(params, images_u8):
-    """cls: what the head sees [B, D] (for t-SNE)."""
-    return nnx.merge(graphdef, params).features(
-      mae.normalize(images_u8.astype(jnp.float32) / 255.0)
-    )
-
-  return features
-
-
 # ----------------------------------------------------------------------------- programs
 # The config fields the compiled programs read (Setup's methods and train_step). Setup holds
 # only these, so cells that differ elsewhere (data, organ, seed, evaluation) share one compile;
@@ -382,14 +358,21 @@ def train_step(setup: Setup, params, opt_state, images, targets, idx, key, class
 @functools.partial(jax.jit, static_argnums=0)
 def predict(setup: Setup, params, images_u8):
   """cls: probabilities [B, K]; seg: class maps [B, S, S] uint8; replicated."""
-  out = make_predict_fn(setup.graphdef)(params, images_u8)
+  out = nnx.merge(setup.graphdef, params)(mae.normalize(images_u8.astype(jnp.float32) / 255.0))
+  if out.ndim == 2:
+    out = jax.nn.softmax(out)
+  elif out.shape[-1] == 1:
+    out = (out[..., 0] > 0).astype(jnp.uint8)
+  else:
+    out = jnp.argmax(out, axis=-1).astype(jnp.uint8)
   return jax.lax.with_sharding_constraint(out, setup.replicated)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def features(setup: Setup, params, images_u8):
   """cls: what the head sees [B, D] (for t-SNE); replicated."""
-  out = make_features_fn(setup.graphdef)(params, images_u8)
+  model = nnx.merge(setup.graphdef, params)
+  out = model.features(mae.normalize(images_u8.astype(jnp.float32) / 255.0))
   return jax.lax.with_sharding_constraint(out, setup.replicated)
 
 
@@ -751,10 +734,7 @@ def train_one(
 
 # ----------------------------------------------------------------------------- study
 def write_summary(workdir: pathlib.Path, rows: list[dict], select: str) -> None:
-  with open(workdir / "summary.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
+  downstream.write_csv(workdir / "summary.csv", rows, decimals=None)
   fractions = sorted({r["fraction"] for r in rows})
   if len(fractions) > 1:
     curves = {}
@@ -764,10 +744,6 @@ def write_summary(workdir: pathlib.Path, rows: list[dict], select: str) -> None:
           (r["fraction"], r["mean"], r["ci_low"], r["ci_high"])
         )
     plots.label_efficiency(workdir / "label_efficiency.png", curves, select)
-
-
-def load_data(config) -> tasks.TaskData:
-  return tasks.load_task(config.data, config.task_type, config.model.image_size)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -784,7 +760,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]:
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(clients=1, data=config.mesh.data)
-  data = load_data(config)
+  data = tasks.load_task(config.data, config.task_type, config.model.image_size)
   abstract = nnx.eval_shape(lambda: build_model(config, data.num_classes, 0))
   parameter_overview.log_parameter_overview(
     nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),

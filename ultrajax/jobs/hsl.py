@@ -77,7 +77,7 @@ from flax import nnx
 from ultrajax import configlib
 from ultrajax.configs import hsl as hsl_config
 from ultrajax.data import nodes, partition, phantom
-from ultrajax.eval import metrics, node_tables
+from ultrajax.eval import downstream, metrics, node_tables
 from ultrajax.fed import local, participation, rounds, strategies
 from ultrajax.models import mmoe
 from ultrajax.train import checkpoint, loop, resume
@@ -864,9 +864,8 @@ def report(config, workdir: pathlib.Path, methods, node_names, results) -> dict:
     alpha=config.report.alpha,
     seed=config.seed,
   )
-  node_tables.write_csv(workdir / "runs.csv", rows)
-  node_tables.write_csv(workdir / "per_node.csv", per_node)
-  node_tables.write_csv(workdir / "fairness.csv", fairness)
+  for name, table in (("runs", rows), ("per_node", per_node), ("fairness", fairness)):
+    downstream.write_csv(workdir / f"{name}.csv", table)
   protocol = dict(
     name=config.protocol,
     **{k: config.data[k] for k in ("val_fraction", "test_fraction", "patient_column")},
@@ -927,7 +926,7 @@ def run_sweep(config, workdir) -> dict:
     logging.info("%s sweep: ratio %g:1", config.sweep, ratio)
     summaries[ratio] = run_study(study, workdir / f"ratio_{ratio:g}", programs)
   rows = node_tables.sweep_rows(summaries)
-  node_tables.write_csv(workdir / "sweep.csv", rows)
+  downstream.write_csv(workdir / "sweep.csv", rows)
   what = "node 2 normal:abnormal" if config.sweep == "label" else "n1:n2"
   sweep.sweep_lines(
     workdir / "sweep_auc.png",

@@ -19,7 +19,6 @@ Both stages resume: finished pretraining runs and finished fine-tuning cells are
 
 from __future__ import annotations
 
-import csv
 import pathlib
 
 import jax
@@ -118,10 +117,7 @@ def write_matrix(
   """transfer_matrix.csv (eval/downstream.transfer_rows) and the heatmaps of the metric and of
   its gain over scratch."""
   lines = downstream.transfer_rows(rows, cols, table, metric, tests)
-  with open(workdir / "transfer_matrix.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(lines[0]))
-    w.writeheader()
-    w.writerows(lines)
+  downstream.write_csv(workdir / "transfer_matrix.csv", lines, decimals=None)
   matrix = np.array([[table[(r, c)][0] for c in cols] for r in rows])
   plots.heatmap(
     workdir / "transfer_matrix.png",
