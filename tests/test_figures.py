@@ -1,28 +1,13 @@
-"""Figures: precision-recall curves (sklearn), ViT attention weights (numpy recomputation) and
-their PNGs, t-SNE of features."""
+"""Figures: precision-recall and metric curve PNGs, ViT attention weights (numpy
+recomputation) and their PNGs, t-SNE of features."""
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from sklearn import metrics as skm
 
 from ultrajax.models import vit
 from ultrajax.viz import attention as attention_viz, embedding, plots
-
-
-@pytest.mark.parametrize("ties", [False, True])
-def test_pr_points_match_sklearn_precision_recall_curve(ties):
-  rng = np.random.default_rng(0)
-  labels = rng.random(80) < 0.3
-  scores = labels + rng.normal(size=80)
-  if ties:
-    scores = np.round(scores)
-  precision, recall, thresholds = plots.pr_points(labels, scores)
-  ref_p, ref_r, ref_t = skm.precision_recall_curve(labels, scores)
-  np.testing.assert_allclose(precision, ref_p)
-  np.testing.assert_allclose(recall, ref_r)
-  np.testing.assert_allclose(thresholds, ref_t)
 
 
 def test_pr_and_metric_curve_pngs(tmp_path):

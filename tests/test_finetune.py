@@ -13,7 +13,6 @@ import optax
 import pytest
 from flax import nnx
 from PIL import Image
-from sklearn import metrics as skm
 
 from ultrajax import configlib
 from ultrajax.data import augment, tasks
@@ -22,7 +21,6 @@ from ultrajax.interop import load as interop_load
 from ultrajax.jobs import finetune
 from ultrajax.models import heads, mae, vit
 from ultrajax.train import checkpoint, losses, optimizer, writers
-from ultrajax.viz import plots
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -224,16 +222,6 @@ def test_seg_loss_matches_numpy_reference():
     ce + 0.5 * (1 - (2 * inter + 1) / (total + 1)).mean(),
     rtol=1e-5,
   )
-
-
-def test_roc_points_match_sklearn():
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, 2, 60).astype(bool)
-  scores = np.round(rng.random(60), 1)  # ties
-  fpr, tpr = plots.roc_points(labels, scores)
-  ref_fpr, ref_tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
-  np.testing.assert_allclose(fpr, ref_fpr)
-  np.testing.assert_allclose(tpr, ref_tpr)
 
 
 # ----------------------------------------------------------------------------- tasks and splits

@@ -44,7 +44,6 @@ EVALUATORS = ("linear_probe", "knn")
 POOLS = ("gap", "cls")
 KNN_METRICS = ("cosine", "euclidean")
 KNN_WEIGHTS = ("uniform", "distance")
-SCALARS = ("accuracy", "auroc")
 # config.evals.task: the fields of a classification config.data (configs/finetune_cls.py)
 # that tasks.load_task reads; the segmentation-only ones are filled in here.
 TASK_DEFAULTS = dict(mask_column="mask", seg_target="lesion")

@@ -9,35 +9,7 @@ import pathlib
 
 import matplotlib.pyplot as plt
 import numpy as np
-
-
-def roc_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(fpr, tpr) of the ROC curve, one point per distinct score threshold, from (0, 0) to (1, 1).
-
-  positive: [N] bool; scores: [N] float (higher = more positive).
-  """
-  order = np.argsort(-scores, kind="stable")
-  s, p = scores[order], positive[order].astype(np.float64)
-  last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each tied score
-  tp, fp = np.cumsum(p)[last], np.cumsum(1 - p)[last]
-  tpr = np.r_[0.0, tp / max(tp[-1], 1)]
-  fpr = np.r_[0.0, fp / max(fp[-1], 1)]
-  return fpr, tpr
-
-
-def pr_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
-  """(precision, recall, thresholds) as sklearn.metrics.precision_recall_curve: one point per
-  distinct score, thresholds increasing, then the point (precision 1, recall 0).
-
-  positive: [N] bool with at least one True; scores: [N] float (higher = more positive).
-  """
-  order = np.argsort(-scores, kind="stable")
-  s, p = scores[order], positive[order].astype(np.float64)
-  last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each tied score
-  tp = np.cumsum(p)[last]
-  precision = tp / (last + 1)
-  recall = tp / tp[-1]
-  return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], s[last][::-1]
+from sklearn import metrics as skm
 
 
 def save(fig, path, *, dpi: int = 110, bbox_inches: str | None = "tight") -> pathlib.Path:
@@ -57,7 +29,7 @@ def roc_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: 
     positive = labels == c
     if positive.all() or not positive.any():
       continue
-    fpr, tpr = roc_points(positive, probs[:, c])
+    fpr, tpr, _ = skm.roc_curve(positive, probs[:, c], drop_intermediate=False)
     auc = float(np.trapezoid(tpr, fpr))
     ax.plot(fpr, tpr, label=f"{class_names[c]} (AUC {auc:.3f})")
   ax.plot([0, 1], [0, 1], "k:", lw=0.8)
@@ -81,7 +53,7 @@ def pr_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: s
     positive = labels == c
     if not positive.any():
       continue
-    precision, recall, _ = pr_points(positive, probs[:, c])
+    precision, recall, _ = skm.precision_recall_curve(positive, probs[:, c])
     ap = float(np.sum(-np.diff(recall) * precision[:-1]))  # sklearn's average_precision_score
     (line,) = ax.step(recall, precision, where="post", label=f"{class_names[c]} (AP {ap:.3f})")
     ax.axhline(positive.mean(), color=line.get_color(), ls=":", lw=0.8)

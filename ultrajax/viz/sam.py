@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from sklearn import metrics as skm
 
 from ultrajax.viz import plots
 
@@ -43,7 +44,7 @@ def classifier_rocs(path, labels: np.ndarray, scores: dict, aurocs: dict, title:
   fig, ax = plt.subplots(figsize=(3.6, 3.6))
   positive = np.asarray(labels).astype(bool)
   for name, s in scores.items():
-    fpr, tpr = plots.roc_points(positive, np.asarray(s))
+    fpr, tpr, _ = skm.roc_curve(positive, np.asarray(s), drop_intermediate=False)
     ax.plot(fpr, tpr, label=f"{name} AUROC {aurocs[name]:.3f}")
   ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
   ax.set(xlabel="false positive rate", ylabel="true positive rate")
