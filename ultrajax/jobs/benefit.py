@@ -24,7 +24,6 @@ Every stage resumes: pretraining from its workdir, finished fine-tuning cells ar
 from __future__ import annotations
 
 import copy
-import json
 import pathlib
 import re
 
@@ -139,22 +138,6 @@ def _pretrain_once(config, out: pathlib.Path) -> str:
   return str(out)
 
 
-def _cell(fc, data, run_dir: pathlib.Path, init_path: str, seed: int, mesh) -> dict:
-  done = run_dir / "results.json"
-  if done.exists():
-    result = json.loads(done.read_text())
-    resume.check_config(
-      result.get("config"),
-      finetune.cell_config(fc),
-      where=str(done),
-      allow=resume.allowed_changes(fc),
-    )
-    return result
-  return finetune.train_one(
-    fc, data, run_dir, init_path=init_path, fraction=1.0, seed=seed, mesh=mesh
-  )
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs (or resumes) the report; returns the per-client rows (also in benefit.csv)."""
   validate(config)
@@ -182,29 +165,16 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
     data = client_task(config, pc, source, k, fc.model.image_size, workdir)
     outputs, values = {}, {}
     for variant, init in (("federated", fed_dir), (baseline, local_dir)):
+      seeds = [fc.seed + s for s in range(fc.num_seeds)]
+      run_dirs = [
+        workdir / "finetune" / _dirname(k, source.name) / variant / f"seed_{s}" for s in seeds
+      ]
       cells = [
-        _cell(
-          fc,
-          data,
-          workdir / "finetune" / _dirname(k, source.name) / variant / f"seed_{fc.seed + s}",
-          init,
-          fc.seed + s,
-          mesh,
-        )
-        for s in range(fc.num_seeds)
+        finetune.read_or_train(fc, data, d, init_path=init, fraction=1.0, seed=s, mesh=mesh)
+        for d, s in zip(run_dirs, seeds)
       ]
       values[variant] = float(np.mean([c["test"][metric][0] for c in cells]))
-      outs = [
-        np.load(
-          workdir
-          / "finetune"
-          / _dirname(k, source.name)
-          / variant
-          / f"seed_{c['seed']}"
-          / "test_outputs.npz"
-        )
-        for c in cells
-      ]
+      outs = [np.load(d / "test_outputs.npz") for d in run_dirs]
       outputs[variant] = (outs[0]["targets"], np.stack([o["probs"] for o in outs]))
     targets = outputs["federated"][0]
     gain = benefit.gain_ci(

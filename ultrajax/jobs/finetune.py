@@ -732,6 +732,20 @@ def train_one(
   return results
 
 
+def read_or_train(config, data: tasks.TaskData, run_dir: pathlib.Path, **cell) -> dict:
+  """A cell's results.json when it finished earlier (refused if its config differs beyond
+  resume.allowed_changes), else train_one(config, data, run_dir, **cell)."""
+  done = run_dir / "results.json"
+  if not done.exists():
+    return train_one(config, data, run_dir, **cell)
+  result = json.loads(done.read_text())
+  resume.check_config(
+    result.get("config"), cell_config(config), where=str(done), allow=resume.allowed_changes(config)
+  )
+  logging.info("%s: finished earlier, read back", run_dir)
+  return result
+
+
 # ----------------------------------------------------------------------------- study
 def write_summary(workdir: pathlib.Path, rows: list[dict], select: str) -> None:
   downstream.write_csv(workdir / "summary.csv", rows, decimals=None)
@@ -778,28 +792,17 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
       for s in range(config.num_seeds):
         seed = config.seed + s
         run_dir = workdir / name / f"frac_{fraction:g}" / f"seed_{seed}"
-        done = run_dir / "results.json"
-        if done.exists():
-          result = json.loads(done.read_text())
-          resume.check_config(
-            result.get("config"),
-            cell_config(config),
-            where=str(done),
-            allow=resume.allowed_changes(config),
-          )
-          logging.info("%s: finished earlier, read back", run_dir)
-        else:
-          logging.info(
-            "Study cell %d of %d: variant %s, fraction %g, seed %d",
-            len(cells) + 1,
-            total,
-            name,
-            fraction,
-            seed,
-          )
-          result = train_one(
-            config, data, run_dir, init_path=path, fraction=fraction, seed=seed, mesh=mesh
-          )
+        logging.info(
+          "Study cell %d of %d: variant %s, fraction %g, seed %d",
+          len(cells) + 1,
+          total,
+          name,
+          fraction,
+          seed,
+        )
+        result = read_or_train(
+          config, data, run_dir, init_path=path, fraction=fraction, seed=seed, mesh=mesh
+        )
         cells.append({"variant": name, "run_dir": str(run_dir), **result})
         test = result["test"]
         logging.info(
