@@ -89,7 +89,6 @@ from ultrajax.viz import boxplots, partition as partition_plot, sweep
 # method. SplitAVG trains a split single-task model (client: ResNet stem + first stages;
 # server: the rest and the logit) with fed/local.py's split-learning driver.
 METHODS = {"hsl": "fedavg_uniform", "no_sat": "fedavg_uniform", "no_al": "fedavg_uniform"}
-SCENARIOS = ("feature", "label", "quantity", "combined", "natural")
 # Fig. 2 B / C: node 2's normal:abnormal ratio (node 1 stays 1:1) and the n1:n2 quantity ratio.
 SWEEP_RATIOS = {
   "label": (2, 4, 6, 8, 10, 20, 40, 60, 80, 100),
@@ -129,7 +128,7 @@ def validate(config) -> list[str]:
       config.get(group, {}).get(name) is None,
       f"config.{old} is now config.{new} (the federated block shared with pretraining)",
     )
-  c.check_choice(config, "scenario", SCENARIOS)
+  c.check_choice(config, "scenario", hsl_config.SCENARIOS)
   c.check_choice(config, "data.source", ("phantom", "folder", "manifest"))
   c.check_choice(config, "model.encoder", mmoe.ENCODERS)
   c.check_range(config, "repeats", 1)
@@ -457,9 +456,10 @@ CELL_INDEPENDENT = ("methods", "repeats", "report", "sweep_ratios", "ckpt_every_
 
 
 class Cell(NamedTuple):
-  """Where one (method, repeat) keeps its per-round checkpoints (None: not checkpointed)."""
+  """Where one (method, repeat) keeps its per-round checkpoints (the cell is None when
+  ckpt_every_rounds = 0)."""
 
-  ckpt: checkpoint.Checkpointer | None
+  ckpt: checkpoint.Checkpointer
   every: int
 
 
@@ -498,7 +498,7 @@ def fit(
   t, f = config.train, config.fed
   stopper = EarlyStopping(len(val_sets), f.local_epochs, t.patience_epochs)
   best, losses, val_aucs, start = None, [], [], 0
-  if cell is not None and cell.ckpt is not None:
+  if cell is not None:
     like_carry = dict(
       round=np.zeros((), np.int32), best=jax.eval_shape(models, state) if t.patience_epochs else {}
     )
@@ -554,11 +554,7 @@ def fit(
           t.patience_epochs,
           r + 1,
         )
-    if (
-      cell is not None
-      and cell.ckpt is not None
-      and (stopped or loop.itstime(r + 1, cell.every, f.num_rounds))
-    ):
+    if cell is not None and (stopped or loop.itstime(r + 1, cell.every, f.num_rounds)):
       carry = dict(round=np.asarray(r + 1, np.int32), best=best if t.patience_epochs else {})
       cell.ckpt.save(
         r + 1,
@@ -652,79 +648,71 @@ def train_and_evaluate(
   strategy = make_strategy(config, method)
   tx = make_optimizer(config)
   rng = np.random.default_rng([config.seed, repeat, 1])
-  if method == "splitavg":
-    return _train_and_evaluate_split(
-      config,
-      graphdef,
-      params,
-      model_state,
-      strategy,
-      tx,
-      pool,
-      split,
-      repeat,
-      train_key,
-      programs,
-      rng,
-      cell,
-    )
   central = method == "central"
-  train_sets = [np.concatenate(split.train)] if central else split.train
-  num_clients = len(train_sets)
-  num_examples = [len(s) for s in train_sets]
-  # The federation's size and sampling, for strategies that account for them (DP).
-  strategy = strategy.for_run(num_clients, f.clients_per_round, f.sampling)
-  steps_per_epoch = [math.ceil(n / t.batch_size) for n in num_examples]
-  init_opt = lambda: set_steps_per_epoch(
-    jax.vmap(tx.init)(jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), params)),
-    steps_per_epoch,
-  )
-  state = FedRun(
-    strategies.Server(params, model_state),
-    init_opt(),
-    strategy.init(params, num_clients, model_state),
-  )
-  weights = jnp.asarray(strategy.client_weights(num_examples), jnp.float32)
-  chunk, start_round, finish_round, node_models, predict = _programs(
-    programs, config, method, graphdef, tx, strategy, num_clients
-  )
+  if method == "splitavg":
+    state, do_round, models, predict = _splitavg(
+      config, graphdef, params, model_state, strategy, tx, pool, split, train_key, programs, rng
+    )
+  else:
+    train_sets = [np.concatenate(split.train)] if central else split.train
+    num_clients = len(train_sets)
+    num_examples = [len(s) for s in train_sets]
+    # The federation's size and sampling, for strategies that account for them (DP).
+    strategy = strategy.for_run(num_clients, f.clients_per_round, f.sampling)
+    steps_per_epoch = [math.ceil(n / t.batch_size) for n in num_examples]
+    init_opt = lambda: set_steps_per_epoch(
+      jax.vmap(tx.init)(
+        jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), params)
+      ),
+      steps_per_epoch,
+    )
+    state = FedRun(
+      strategies.Server(params, model_state),
+      init_opt(),
+      strategy.init(params, num_clients, model_state),
+    )
+    weights = jnp.asarray(strategy.client_weights(num_examples), jnp.float32)
+    chunk, start_round, finish_round, node_models, predict = _programs(
+      programs, config, method, graphdef, tx, strategy, num_clients
+    )
 
-  def do_round(state: FedRun, r):
-    batches, steps = nodes.round_batches(
-      rng, pool, sat_train, train_sets, f.local_epochs, t.batch_size, method == "hsl"
-    )
-    drawn = participation.draw(
-      num_examples, r, config.seed, f.clients_per_round, f.sampling, f.dropout
-    )
-    plan = rounds.plan_round(steps * drawn.participants, num_clients, steps.max())
-    take = np.maximum(plan.client_ids, 0), plan.step_ids  # lane l, step s: its node's batch
-    lane_batches = jax.tree.map(lambda x: x[take], batches)
-    opt_state = init_opt() if f.reset_client_optimizer else state.opt_state
-    lanes = start_round(state.server, opt_state, state.strategy_state)
-    round_key = rounds.round_key(train_key, r)
-    lanes, metrics = chunk(
-      state.server,
-      lanes,
-      lane_batches,
-      plan,
-      jnp.asarray(steps, jnp.float32),
-      weights,
-      r,
-      round_key,
-    )
-    state = FedRun(*finish_round(lanes, state.server, round_key))
-    report = strategy.report(state.strategy_state, r + 1)  # e.g. dp/epsilon
-    if report:
-      logging.info("repeat %d %s round %d  %s", repeat, method, r + 1, report)
-    return state, rounds.client_losses(np.asarray(metrics["loss"]), plan.client_ids, num_clients)
+    def do_round(state: FedRun, r):
+      batches, steps = nodes.round_batches(
+        rng, pool, sat_train, train_sets, f.local_epochs, t.batch_size, method == "hsl"
+      )
+      drawn = participation.draw(
+        num_examples, r, config.seed, f.clients_per_round, f.sampling, f.dropout
+      )
+      plan = rounds.plan_round(steps * drawn.participants, num_clients, steps.max())
+      take = np.maximum(plan.client_ids, 0), plan.step_ids  # lane l, step s: its node's batch
+      lane_batches = jax.tree.map(lambda x: x[take], batches)
+      opt_state = init_opt() if f.reset_client_optimizer else state.opt_state
+      lanes = start_round(state.server, opt_state, state.strategy_state)
+      round_key = rounds.round_key(train_key, r)
+      lanes, metrics = chunk(
+        state.server,
+        lanes,
+        lane_batches,
+        plan,
+        jnp.asarray(steps, jnp.float32),
+        weights,
+        r,
+        round_key,
+      )
+      state = FedRun(*finish_round(lanes, state.server, round_key))
+      report = strategy.report(state.strategy_state, r + 1)  # e.g. dp/epsilon
+      if report:
+        logging.info("repeat %d %s round %d  %s", repeat, method, r + 1, report)
+      return state, rounds.client_losses(np.asarray(metrics["loss"]), plan.client_ids, num_clients)
 
+    models = lambda s: node_models(s.strategy_state, s.server)
   val_sets = [np.concatenate(split.val)] if central else split.val
   chosen, history = fit(
     config,
     f"repeat {repeat} {method:<14}",
     state,
     do_round,
-    lambda s: node_models(s.strategy_state, s.server),
+    models,
     predict,
     pool,
     sat_test,
@@ -763,23 +751,12 @@ def evaluate(
   return out
 
 
-def _train_and_evaluate_split(
-  config,
-  graphdef,
-  params,
-  model_state,
-  strategy,
-  tx,
-  pool,
-  split,
-  repeat,
-  train_key,
-  programs,
-  rng,
-  cell,
-) -> dict:
-  """SplitAVG: each node's client sub-network, one shared server sub-network, trained with
-  fed/local.py's split-learning round; node k is evaluated with its client part + the server."""
+def _splitavg(
+  config, graphdef, params, model_state, strategy, tx, pool, split, train_key, programs, rng
+):
+  """(state, do_round, models, predict) of SplitAVG: each node's client sub-network, one shared
+  server sub-network, trained with fed/local.py's split-learning round; node k is evaluated
+  with its client part + the server."""
   t, f, cut = config.train, config.fed, config.fed.splitavg_cut
   split_tree, join_tree = mmoe.split_classifier_tree, mmoe.join_classifier_tree
   (client_p, server_p), (client_s, server_s) = (
@@ -835,21 +812,7 @@ def _train_and_evaluate_split(
       join_tree(state.client_model_state, server(state.server_model_state)),
     )
 
-  chosen, history = fit(
-    config,
-    f"repeat {repeat} splitavg      ",
-    state,
-    do_round,
-    node_models,
-    predict,
-    pool,
-    None,
-    split.val,
-    rng,
-    cell,
-  )
-  node_model = lambda k: jax.tree.map(lambda x: x[k], chosen)
-  return dict(**history, **evaluate(config, predict, node_model, pool, None, split.test))
+  return state, do_round, node_models, predict
 
 
 # ----------------------------------------------------------------------------- report
@@ -957,12 +920,12 @@ def run_cell(
   if not path.exists():
     t1 = time.perf_counter()
     every = config.ckpt_every_rounds
-    ckpt = checkpoint.Checkpointer(cell_dir, keep=2) if every else None
+    cell = Cell(checkpoint.Checkpointer(cell_dir, keep=2), every) if every else None
     try:
-      out = train_and_evaluate(config, method, *run_args, repeat, programs, Cell(ckpt, every))
+      out = train_and_evaluate(config, method, *run_args, repeat, programs, cell)
     finally:
-      if ckpt is not None:
-        ckpt.close()
+      if cell is not None:
+        cell.ckpt.close()
     loop.atomic_write(path, out)
     logging.info(
       "repeat %d %-14s done in %.1f s: AUC per node %s",
