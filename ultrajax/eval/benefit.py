@@ -14,7 +14,6 @@ index J = (sum a_k)^2 / (K sum a_k^2); `negative` counts the clients that lose b
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import pathlib
@@ -24,7 +23,7 @@ import numpy as np
 
 from ultrajax import configlib
 from ultrajax.data import phantom, sources, tasks
-from ultrajax.eval import significance
+from ultrajax.eval import downstream, significance
 
 
 def phantom_client_task(
@@ -92,7 +91,7 @@ def manifest_client_task(
   """One manifest client's labelled rows as a classification task: its rows are written to
   out_csv (image paths made absolute) and read by tasks.manifest_task; split by patient unless
   the manifest has a split column. A manifest without the label column raises naming it."""
-  columns, rows = sources.read_manifest(
+  _, rows = sources.read_manifest(
     csv_path,
     (image_column, client_column, label_column),
     " (needed for the per-hospital benefit report)",
@@ -100,12 +99,8 @@ def manifest_client_task(
   mine = [r for r in rows if r[client_column] == client]
   configlib.check(bool(mine), f"manifest {csv_path}: no row has {client_column}={client!r}")
   base = os.path.dirname(os.path.abspath(csv_path))
-  out_csv.parent.mkdir(parents=True, exist_ok=True)
-  with open(out_csv, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=columns)
-    w.writeheader()
-    for r in mine:
-      w.writerow({**r, image_column: os.path.join(base, r[image_column])})
+  rows = [{**r, image_column: os.path.join(base, r[image_column])} for r in mine]
+  downstream.write_csv(out_csv, rows, decimals=None)
   data = tasks.manifest_task(
     str(out_csv),
     "cls",

@@ -30,11 +30,7 @@ def node_metrics(labels, probs) -> dict:
 
 def metric_fn(name: str):
   """(labels, probs) -> node_metrics(...)[name], for bootstraps."""
-
-  def fn(labels, probs):
-    return node_metrics(labels, probs)[name]
-
-  return fn
+  return lambda labels, probs: node_metrics(labels, probs)[name]
 
 
 def study_tables(
@@ -126,17 +122,15 @@ def study_tables(
             **{f"{k}_vs_{reference}": v for k, v in versus.items()},
           )
         )
+
+  def node_means(method, name):  # [nodes]: mean over repeats, nan where never defined
+    repeats = [values[(method, n, name)] for n in node_names]
+    return np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in repeats])
+
   fairness = []
   for method in methods:
     for name in ("auc", "accuracy"):
-      means = np.array(
-        [
-          np.nanmean(values[(method, n, name)])
-          if np.isfinite(values[(method, n, name)]).any()
-          else np.nan
-          for n in node_names
-        ]
-      )
+      means = node_means(method, name)
       row = dict(
         method=method,
         metric=name,
@@ -147,15 +141,7 @@ def study_tables(
         std=float(np.nanstd(means)),
       )
       if baseline in results:
-        base_means = np.array(
-          [
-            np.nanmean(values[(baseline, n, name)])
-            if np.isfinite(values[(baseline, n, name)]).any()
-            else np.nan
-            for n in node_names
-          ]
-        )
-        gains = means - base_means
+        gains = means - node_means(baseline, name)
         row.update({f"gain_{n}": float(g) for n, g in zip(node_names, gains)})
         row[f"nodes_worse_than_{baseline}"] = int(np.sum(gains < 0))
       fairness.append(row)
