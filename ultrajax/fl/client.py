@@ -102,16 +102,6 @@ def site_of(context: Context) -> site_lib.Site:
   return _site(str(nc["config"]), overrides, str(workdir))
 
 
-def _metrics(site: site_lib.Site, result: dict) -> dict:
-  return dict(
-    site_id=site.site_id,
-    num_images=result["num_images"],
-    steps=result["steps"],
-    loss=result["loss"],
-    grad_norm=result["grad_norm"],
-  )
-
-
 def _secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
   """Flower's SecAgg+ mod for the rounds the server runs with SecAgg+; other messages pass."""
   if RECORD_KEY_CONFIGS in msg.content.config_records:
@@ -140,7 +130,7 @@ def train(msg: Message, context: Context) -> Message:
       Status(Code.OK, ""),
       ndarrays_to_parameters(list(result["update"].values())),
       site_lib.secagg_weight(site.programs.strategy, result["num_images"]),
-      _metrics(site, result),
+      site_lib.round_scalars(dict(result, site_id=site.site_id)),
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
   configlib.check(
@@ -158,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
   reply = RecordDict(
     {
       "update": server_lib.records(result["update"]),
-      "metrics": MetricRecord(_metrics(site, result)),
+      "metrics": MetricRecord(site_lib.round_scalars(dict(result, site_id=site.site_id))),
     }
   )
   if "control_delta" in result:  # SCAFFOLD: c_i' - c_i; c_i itself stays on the site's disk

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import pathlib
 import time
 
 import jax
@@ -328,8 +329,6 @@ def run(
   """Trains to config.fed.num_rounds over the sites connected to `grid`; returns the params.
 
   stop_after_rounds: return after that round as if the server were killed there."""
-  import pathlib
-
   workdir = pathlib.Path(workdir)
   site_lib.validate(config)
   f = config.fl
@@ -431,8 +430,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
   """Run config keys: config ('configs/pretrain_fed.py:cpu'), overrides ('fed.num_rounds=3
   fl.secagg=True'), workdir."""
-  import pathlib
-
   rc = context.run_config
   config = site_lib.load_config(str(rc["config"]), str(rc.get("overrides", "")))
   writers.quiet_orbax()
@@ -445,42 +442,36 @@ def flower_app(config_spec: str, overrides: str, workdir: str) -> str:
   """The pyproject.toml of a Flower app that runs this ServerApp and ClientApp with this run
   config (`flwr run <its folder> <superlink connection>` submits it)."""
   quote = lambda s: json.dumps(str(s))  # a TOML basic string
-  return "\n".join(
-    [
-      "[build-system]",
-      'requires = ["hatchling"]',
-      'build-backend = "hatchling.build"',
-      "",
-      "[project]",
-      'name = "ultrajax-fl"',
-      'version = "1.0.0"',
-      "dependencies = []",
-      "",
-      "[tool.hatch.build.targets.wheel]",
-      'packages = ["."]',
-      "",
-      "[tool.flwr.app]",
-      'publisher = "ultrajax"',
-      "",
-      "[tool.flwr.app.components]",
-      'serverapp = "ultrajax.fl.server:app"',
-      'clientapp = "ultrajax.fl.client:app"',
-      "",
-      "[tool.flwr.app.config]",
-      f"config = {quote(config_spec)}",
-      f"overrides = {quote(overrides)}",
-      f"workdir = {quote(workdir)}",
-      "",
-    ]
-  )
+  return f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "ultrajax-fl"
+version = "1.0.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "ultrajax"
+
+[tool.flwr.app.components]
+serverapp = "ultrajax.fl.server:app"
+clientapp = "ultrajax.fl.client:app"
+
+[tool.flwr.app.config]
+config = {quote(config_spec)}
+overrides = {quote(overrides)}
+workdir = {quote(workdir)}
+"""
 
 
 def submission(argv: list[str]) -> list[str]:
   """The `flwr run` command line for `python -m ultrajax.fl.server` with these arguments
   (--config=FILE[:preset] --workdir=DIR [--config.f=v ...] [flwr run flags, e.g. the SuperLink
   connection name]), after checking the config and writing DIR/flower_app."""
-  import pathlib
-
   args = {
     a.split("=", 1)[0]: a.split("=", 1)[1]
     for a in argv

@@ -56,10 +56,6 @@ def _alive(client) -> bool:
     return True  # unknown: keep going
 
 
-def _heartbeat(client):
-  return lambda: _alive(client)
-
-
 class _StopWaitingWhenCancelled:
   """The task's Runtime API client; an object that is not there yet counts as missing once the
   task is no longer open. Flower's pull retries a missing-yet object for up to two hours, and
@@ -82,7 +78,7 @@ class _StopWaitingWhenCancelled:
 def run_task(address: str, token: str, app: ClientApp, certificates: bytes | None) -> None:
   """Runs one claimed ClientApp task to its end (reply pushed, task finished)."""
   client = _client(address, certificates, token)
-  heartbeat = HeartbeatSender(_heartbeat(client))
+  heartbeat = HeartbeatSender(lambda: _alive(client))
   heartbeat.start()
   context, status, details = None, SubStatus.FAILED, "ClientApp failed"
   try:
