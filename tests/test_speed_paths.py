@@ -81,3 +81,35 @@ def test_cut_grad_fusion_has_a_second_derivative():
   np.testing.assert_allclose(
     jax.grad(inner(vit.cut_grad_fusion))(x), jax.grad(inner(lambda y: y))(x), rtol=1e-6
   )
+
+
+def test_patch_embedding_is_the_convolution():
+  """ViT embeds patches with one matmul over patchified pixels (XLA:CPU compiles a convolution's
+  weight gradient inside the round's scan into a far slower kernel): the same values and
+  gradients as its `patch_embed` convolution, and no convolution left in a scanned step."""
+  model = vit.ViT(width=8, depth=1, num_heads=2, patch_size=4, image_size=8, rngs=nnx.Rngs(0))
+  model.patch_embed.bias[...] = jnp.linspace(-1.0, 1.0, 8)
+  graphdef, params = nnx.split(model, nnx.Param)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 3)), jnp.float32)
+
+  def by_conv(params, images):  # [B, 2, 2, D] in row-major patch order -> [B, 4, D]
+    return nnx.merge(graphdef, params).patch_embed(images).reshape(3, 4, 8)
+
+  def by_matmul(params, images):
+    return nnx.merge(graphdef, params)._embed_patches(images)
+
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4, 8)), jnp.float32)
+  want, want_vjp = jax.vjp(by_conv, params, images)
+  got, got_vjp = jax.vjp(by_matmul, params, images)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_vjp(cotangent)), jax.tree.leaves(want_vjp(cotangent))):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+  def scanned(params, batches):
+    grad = jax.grad(lambda p, x: jnp.sum(by_matmul(p, x) ** 2))
+    return jax.lax.scan(
+      lambda p, x: (jax.tree.map(jnp.subtract, p, grad(p, x)), None), params, batches
+    )[0]
+
+  hlo = jax.jit(scanned).lower(params, jnp.stack([images] * 2)).compile().as_text()
+  assert "convolution(" not in hlo
