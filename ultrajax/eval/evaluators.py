@@ -38,7 +38,7 @@ from ultrajax import configlib
 from ultrajax.data import tasks
 from ultrajax.eval import metrics
 from ultrajax.models import mae
-from ultrajax.train import loop
+from ultrajax.train import loop, sharding as sharding_lib
 
 EVALUATORS = ("linear_probe", "knn")
 POOLS = ("gap", "cls")
@@ -299,10 +299,7 @@ def for_pretraining(config, mesh=None) -> Evaluators | None:
   validate(config)
   if not any(config.evals[n].every_rounds > 0 for n in EVALUATORS):
     return None
-  replicated = (
-    None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  )
-  return Evaluators(config, sharding=replicated)
+  return Evaluators(config, sharding=None if mesh is None else sharding_lib.replicated(mesh))
 
 
 class Evaluators:

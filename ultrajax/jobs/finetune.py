@@ -239,10 +239,6 @@ PROGRAM_FIELDS = (
 )
 
 
-def program_config(config) -> ml_collections.FrozenConfigDict:
-  return ml_collections.FrozenConfigDict({k: config[k] for k in PROGRAM_FIELDS})
-
-
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What the jitted programs depend on beyond their array arguments: one study shape.
@@ -545,7 +541,7 @@ def train_one(
   batches_per_pass = len(train_idx) // batch  # drop_last, as MAE's fine-tuning loader
   passes = passes_per_epoch(batches_per_pass, num_epochs, config.train.min_steps)
   setup = Setup(
-    program_config(config),
+    ml_collections.FrozenConfigDict({k: config[k] for k in PROGRAM_FIELDS}),
     data.num_classes,
     batches_per_pass * passes,
     batch,

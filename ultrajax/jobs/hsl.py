@@ -442,10 +442,6 @@ def _where(mask, a, b):
   return jax.tree.map(lambda x, y: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
 
 
-def _slot(tree, k: int):
-  return jax.tree.map(lambda x: x[k], tree)
-
-
 def _auc(labels, probs) -> float:
   return metrics.auroc(labels, probs) if 0 < np.sum(labels) < len(labels) else math.nan
 
@@ -540,7 +536,8 @@ def fit(
     progress(r + 1)
     if t.patience_epochs:
       current = models(state)
-      out = evaluate(config, predict, functools.partial(_slot, current), pool, sat_test, val_sets)
+      slot = lambda k: jax.tree.map(lambda x: x[k], current)
+      out = evaluate(config, predict, slot, pool, sat_test, val_sets)
       aucs = [_auc(out[f"labels_{k}"], out[f"probs_{k}"]) for k in range(len(val_sets))]
       improved = stopper.update(aucs, r)
       best = current if best is None else _where(improved, current, best)

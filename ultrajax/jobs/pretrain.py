@@ -68,11 +68,6 @@ from ultrajax.viz import attention as attention_viz, features as feature_viz, re
 KILL_AT_ENV = "ULTRAJAX_KILL_AT"
 
 
-def _global_batch(local, shardings):
-  """This process's batch (an array, or a dict of arrays for cached targets) -> global arrays."""
-  return jax.tree.map(sharding.global_batch, local, shardings)
-
-
 def _resume_or_init(config, ckpt, programs, data, seed_key):
   """(first round to run, server params, dict(opt=client optimizer states, strategy=state))."""
   abstract_params = jax.eval_shape(programs.init_params, seed_key)
@@ -286,7 +281,9 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
       for j in range(plan.client_ids.shape[1] // chunk_steps):
         p = plan.chunk(j, chunk_steps)
         # Loading the next chunk overlaps with the device still running the previous one.
-        images = _global_batch(data.next_batches(p.client_ids), programs.batch_sharding)
+        # This process's batch (an array, or a dict of arrays for cached targets).
+        local = data.next_batches(p.client_ids)
+        images = jax.tree.map(sharding.global_batch, local, programs.batch_sharding)
         state, chunk_losses, chunk_norms = programs.run_chunk(
           params,
           state,
