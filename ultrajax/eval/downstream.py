@@ -159,22 +159,11 @@ def blurred(images_u8: np.ndarray, sigma: float, chunk: int = 64) -> np.ndarray:
   rounded back to uint8; sigma 0 returns the images."""
   if sigma == 0:
     return images_u8
-  return np.concatenate(
-    [
-      np.clip(
-        np.round(
-          np.asarray(
-            corruption.gaussian_blur(
-              jnp.asarray(images_u8[i : i + chunk], jnp.float32), float(sigma)
-            )
-          )
-        ),
-        0,
-        255,
-      ).astype(np.uint8)
-      for i in range(0, len(images_u8), chunk)
-    ]
-  )
+  out = []
+  for i in range(0, len(images_u8), chunk):
+    x = corruption.gaussian_blur(jnp.asarray(images_u8[i : i + chunk], jnp.float32), float(sigma))
+    out.append(np.clip(np.round(np.asarray(x)), 0, 255).astype(np.uint8))
+  return np.concatenate(out)
 
 
 def better(metric: str, new: float, old: float) -> bool:
