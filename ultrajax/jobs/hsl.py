@@ -77,7 +77,7 @@ from flax import nnx
 from ultrajax import configlib
 from ultrajax.configs import hsl as hsl_config
 from ultrajax.data import nodes, partition, phantom
-from ultrajax.eval import downstream, metrics, node_tables
+from ultrajax.eval import downstream, node_tables
 from ultrajax.fed import local, participation, rounds, strategies
 from ultrajax.models import mmoe
 from ultrajax.train import checkpoint, loop, resume
@@ -442,10 +442,6 @@ def _where(mask, a, b):
   return jax.tree.map(lambda x, y: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
 
 
-def _auc(labels, probs) -> float:
-  return metrics.auroc(labels, probs) if 0 < np.sum(labels) < len(labels) else math.nan
-
-
 # Fields that do not change a (method, repeat) cell: a cell checkpoint stays valid when they
 # change (e.g. a method added to the study).
 CELL_INDEPENDENT = ("methods", "repeats", "report", "sweep_ratios", "ckpt_every_rounds")
@@ -538,7 +534,8 @@ def fit(
       current = models(state)
       slot = lambda k: jax.tree.map(lambda x: x[k], current)
       out = evaluate(config, predict, slot, pool, sat_test, val_sets)
-      aucs = [_auc(out[f"labels_{k}"], out[f"probs_{k}"]) for k in range(len(val_sets))]
+      node = lambda k: node_tables.node_metrics(out[f"labels_{k}"], out[f"probs_{k}"])
+      aucs = [node(k)["auc"] for k in range(len(val_sets))]
       improved = stopper.update(aucs, r)
       best = current if best is None else _where(improved, current, best)
       val_aucs.append(aucs)
