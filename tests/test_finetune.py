@@ -224,6 +224,17 @@ def test_seg_loss_matches_numpy_reference():
   )
 
 
+def test_write_csv_formats_floats_and_keeps_every_column(tmp_path):
+  rows = [{"a": 0.123456, "b": "x"}, {"a": 1, "c": 2.5}]
+  downstream.write_csv(tmp_path / "new" / "t.csv", rows)  # the folder is created
+  with open(tmp_path / "new" / "t.csv", newline="") as f:
+    reader = csv.DictReader(f)
+    assert reader.fieldnames == ["a", "b", "c"]  # every row's keys, in order of appearance
+    assert list(reader) == [{"a": "0.1235", "b": "x", "c": ""}, {"a": "1", "b": "", "c": "2.5000"}]
+  downstream.write_csv(tmp_path / "raw.csv", rows, decimals=None)
+  assert (tmp_path / "raw.csv").read_text().splitlines()[1] == "0.123456,x,"
+
+
 # ----------------------------------------------------------------------------- tasks and splits
 def test_split_by_group_keeps_patients_whole_and_subsets_nest():
   groups = np.repeat(np.arange(50).astype(str), 3)
