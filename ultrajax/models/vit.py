@@ -455,11 +455,11 @@ class ViT(nnx.Module):
     XLA:CPU compiles the convolution's weight gradient inside a loop (the round chunk's
     `lax.scan`) into a kernel 13x slower than outside one, a matmul's into the same dots."""
     conv, p = self.patch_embed, self.patch_size
-    x, kernel, bias = conv.promote_dtype(
-      (images, conv.kernel[...], conv.bias[...]), dtype=conv.dtype
-    )
+    bias = None if conv.bias is None else conv.bias[...]  # open_clip's teacher has none
+    x, kernel, bias = conv.promote_dtype((images, conv.kernel[...], bias), dtype=conv.dtype)
     x = einops.rearrange(x, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
-    return x @ kernel.reshape(-1, kernel.shape[-1]) + bias
+    x = x @ kernel.reshape(-1, kernel.shape[-1])
+    return x if bias is None else x + bias
 
   def tokens(self, images, visible_ids=None):
     """The first block's input: cls token + patch tokens with positions [B, 1 + N', D] in dtype.
