@@ -25,7 +25,7 @@ from flax import nnx, traverse_util
 
 from ultrajax import configlib
 from ultrajax.interop import files, mae_official, timm_vit
-from ultrajax.train import checkpoint
+from ultrajax.train import checkpoint, tree
 
 KINDS = ("mae",)
 ENCODER_PROBE_KEY = "blocks.0.attn.qkv.weight"
@@ -53,7 +53,7 @@ def check_finite(params, source) -> None:
   bad = []
   for key_path, x in flat:
     if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact) and not bool(jax.numpy.isfinite(x).all()):
-      bad.append("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path))
+      bad.append(tree.path_str(key_path))
   if bad:
     raise configlib.DataError(
       f"{source}: tensor {bad[0]} holds NaN or infinite values ({len(bad)} of {len(flat)} "

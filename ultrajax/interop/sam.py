@@ -40,55 +40,21 @@ from ultrajax.interop.timm_vit import (
   Rule,
   as_numpy,
   check_rules_cover,
+  export_tensors,
+  from_torch_layout,
   is_abstract,
   key_problems,
+  linear_rules,
+  norm_rules,
   raise_key_problems,
+  torch_shapes,
 )
 from ultrajax.models import sam as sam_lib
 
 EXTRA_PATHS = (("mask_decoder", "cls_tokens"),)  # ours only, no segment_anything key
 
 
-def to_torch_layout(layout: str, x: np.ndarray) -> np.ndarray:
-  if layout == "linear":
-    return x.T
-  if layout == "conv":
-    return x.transpose(3, 2, 0, 1)
-  if layout == "conv_transpose":
-    return x[::-1, ::-1].transpose(2, 3, 0, 1)
-  if layout == "same":
-    return x
-  raise ValueError(f"unknown layout {layout!r}")
-
-
-def from_torch_layout(layout: str, x: np.ndarray) -> np.ndarray:
-  if layout == "linear":
-    return x.T
-  if layout == "conv":
-    return x.transpose(2, 3, 1, 0)
-  if layout == "conv_transpose":
-    return x.transpose(2, 3, 0, 1)[::-1, ::-1]
-  if layout == "same":
-    return x
-  raise ValueError(f"unknown layout {layout!r}")
-
-
-def torch_shape(layout: str, shape: tuple) -> tuple:
-  return to_torch_layout(layout, np.empty(shape, np.bool_)).shape
-
-
 # ----------------------------------------------------------------------------- key map
-def _linear(path, key, params) -> list[Rule]:
-  rules = [Rule(path + ("kernel",), f"{key}.weight", "linear")]
-  if "bias" in params:
-    rules.append(Rule(path + ("bias",), f"{key}.bias"))
-  return rules
-
-
-def _norm(path, key) -> list[Rule]:
-  return [Rule(path + ("scale",), f"{key}.weight"), Rule(path + ("bias",), f"{key}.bias")]
-
-
 def _conv(path, key, params, layout="conv") -> list[Rule]:
   rules = [Rule(path + ("kernel",), f"{key}.weight", layout)]
   if "bias" in params:
@@ -102,20 +68,20 @@ def _encoder_rules(p) -> list[Rule]:
   rules += _conv(path + ("patch_embed",), f"{key}.patch_embed.proj", p["patch_embed"])
   for i in sorted(p["blocks"]):
     bp, bk, b = path + ("blocks", i), f"{key}.blocks.{i}", p["blocks"][i]
-    rules += _norm(bp + ("norm1",), f"{bk}.norm1")
+    rules += norm_rules(bp + ("norm1",), f"{bk}.norm1")
     rules += [
       Rule(bp + ("attn", "rel_pos_h"), f"{bk}.attn.rel_pos_h"),
       Rule(bp + ("attn", "rel_pos_w"), f"{bk}.attn.rel_pos_w"),
     ]
-    rules += _linear(bp + ("attn", "qkv"), f"{bk}.attn.qkv", b["attn"]["qkv"])
-    rules += _linear(bp + ("attn", "proj"), f"{bk}.attn.proj", b["attn"]["proj"])
-    rules += _norm(bp + ("norm2",), f"{bk}.norm2")
-    rules += _linear(bp + ("mlp", "lin1"), f"{bk}.mlp.lin1", b["mlp"]["lin1"])
-    rules += _linear(bp + ("mlp", "lin2"), f"{bk}.mlp.lin2", b["mlp"]["lin2"])
+    rules += linear_rules(bp + ("attn", "qkv"), f"{bk}.attn.qkv", b["attn"]["qkv"])
+    rules += linear_rules(bp + ("attn", "proj"), f"{bk}.attn.proj", b["attn"]["proj"])
+    rules += norm_rules(bp + ("norm2",), f"{bk}.norm2")
+    rules += linear_rules(bp + ("mlp", "lin1"), f"{bk}.mlp.lin1", b["mlp"]["lin1"])
+    rules += linear_rules(bp + ("mlp", "lin2"), f"{bk}.mlp.lin2", b["mlp"]["lin2"])
   rules += _conv(path + ("neck_conv1",), f"{key}.neck.0", p["neck_conv1"])
-  rules += _norm(path + ("neck_norm1",), f"{key}.neck.1")
+  rules += norm_rules(path + ("neck_norm1",), f"{key}.neck.1")
   rules += _conv(path + ("neck_conv2",), f"{key}.neck.2", p["neck_conv2"])
-  rules += _norm(path + ("neck_norm2",), f"{key}.neck.3")
+  rules += norm_rules(path + ("neck_norm2",), f"{key}.neck.3")
   return rules
 
 
@@ -126,9 +92,9 @@ def _prompt_rules(p) -> list[Rule]:
     rules.append(Rule(path + (name,), f"{key}.point_embeddings.{i}.weight"))
   rules.append(Rule(path + ("not_a_point",), f"{key}.not_a_point_embed.weight"))
   rules += _conv(path + ("mask_conv1",), f"{key}.mask_downscaling.0", p["mask_conv1"])
-  rules += _norm(path + ("mask_norm1",), f"{key}.mask_downscaling.1")
+  rules += norm_rules(path + ("mask_norm1",), f"{key}.mask_downscaling.1")
   rules += _conv(path + ("mask_conv2",), f"{key}.mask_downscaling.3", p["mask_conv2"])
-  rules += _norm(path + ("mask_norm2",), f"{key}.mask_downscaling.4")
+  rules += norm_rules(path + ("mask_norm2",), f"{key}.mask_downscaling.4")
   rules += _conv(path + ("mask_conv3",), f"{key}.mask_downscaling.6", p["mask_conv3"])
   rules.append(Rule(path + ("no_mask",), f"{key}.no_mask_embed.weight"))
   return rules
@@ -137,14 +103,14 @@ def _prompt_rules(p) -> list[Rule]:
 def _attention_rules(path, key, p) -> list[Rule]:
   rules = []
   for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-    rules += _linear(path + (name,), f"{key}.{name}", p[name])
+    rules += linear_rules(path + (name,), f"{key}.{name}", p[name])
   return rules
 
 
 def _mlp_rules(path, key, p) -> list[Rule]:
   rules = []
   for j in sorted(p["layers"]):
-    rules += _linear(path + ("layers", j), f"{key}.layers.{j}", p["layers"][j])
+    rules += linear_rules(path + ("layers", j), f"{key}.layers.{j}", p["layers"][j])
   return rules
 
 
@@ -155,17 +121,17 @@ def _decoder_rules(p) -> list[Rule]:
   for i in sorted(t["layers"]):
     lp, lk, layer = tp + ("layers", i), f"{tk}.layers.{i}", t["layers"][i]
     rules += _attention_rules(lp + ("self_attn",), f"{lk}.self_attn", layer["self_attn"])
-    rules += _norm(lp + ("norm1",), f"{lk}.norm1")
+    rules += norm_rules(lp + ("norm1",), f"{lk}.norm1")
     rules += _attention_rules(
       lp + ("cross_attn_token_to_image",),
       f"{lk}.cross_attn_token_to_image",
       layer["cross_attn_token_to_image"],
     )
-    rules += _norm(lp + ("norm2",), f"{lk}.norm2")
-    rules += _linear(lp + ("mlp", "lin1"), f"{lk}.mlp.lin1", layer["mlp"]["lin1"])
-    rules += _linear(lp + ("mlp", "lin2"), f"{lk}.mlp.lin2", layer["mlp"]["lin2"])
-    rules += _norm(lp + ("norm3",), f"{lk}.norm3")
-    rules += _norm(lp + ("norm4",), f"{lk}.norm4")
+    rules += norm_rules(lp + ("norm2",), f"{lk}.norm2")
+    rules += linear_rules(lp + ("mlp", "lin1"), f"{lk}.mlp.lin1", layer["mlp"]["lin1"])
+    rules += linear_rules(lp + ("mlp", "lin2"), f"{lk}.mlp.lin2", layer["mlp"]["lin2"])
+    rules += norm_rules(lp + ("norm3",), f"{lk}.norm3")
+    rules += norm_rules(lp + ("norm4",), f"{lk}.norm4")
     rules += _attention_rules(
       lp + ("cross_attn_image_to_token",),
       f"{lk}.cross_attn_image_to_token",
@@ -176,7 +142,7 @@ def _decoder_rules(p) -> list[Rule]:
     f"{tk}.final_attn_token_to_image",
     t["final_attn_token_to_image"],
   )
-  rules += _norm(tp + ("norm_final_attn",), f"{tk}.norm_final_attn")
+  rules += norm_rules(tp + ("norm_final_attn",), f"{tk}.norm_final_attn")
   rules += [
     Rule(path + ("iou_token",), f"{key}.iou_token.weight"),
     Rule(path + ("mask_tokens",), f"{key}.mask_tokens.weight"),
@@ -184,7 +150,7 @@ def _decoder_rules(p) -> list[Rule]:
   rules += _conv(
     path + ("upscale_conv1",), f"{key}.output_upscaling.0", p["upscale_conv1"], "conv_transpose"
   )
-  rules += _norm(path + ("upscale_norm",), f"{key}.output_upscaling.1")
+  rules += norm_rules(path + ("upscale_norm",), f"{key}.output_upscaling.1")
   rules += _conv(
     path + ("upscale_conv2",), f"{key}.output_upscaling.3", p["upscale_conv2"], "conv_transpose"
   )
@@ -218,8 +184,7 @@ def sam_rules(params: Mapping) -> list[Rule]:
 # ----------------------------------------------------------------------------- conversion
 def sam_shapes(params: Mapping) -> dict[str, tuple[int, ...]]:
   """{segment_anything key: shape} that `sam_to_torch` writes for these params."""
-  flat = traverse_util.flatten_dict(params)
-  return {r.key: torch_shape(r.layout, tuple(flat[r.path].shape)) for r in sam_rules(params)}
+  return torch_shapes(params, sam_rules(params))
 
 
 def sam_to_torch(params: Mapping) -> dict[str, np.ndarray]:
@@ -231,10 +196,7 @@ def sam_to_torch(params: Mapping) -> dict[str, np.ndarray]:
       "SAM export: %s have no segment_anything key and are not written.",
       ["/".join(map(str, p)) for p in dropped],
     )
-  return {
-    r.key: np.array(to_torch_layout(r.layout, np.asarray(flat[r.path], np.float32)), order="C")
-    for r in sam_rules(params)
-  }
+  return export_tensors(params, sam_rules(params))
 
 
 def sam_from_torch(state_dict: Mapping[str, Any], model) -> dict:

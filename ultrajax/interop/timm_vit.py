@@ -35,7 +35,6 @@ from ultrajax.models import mae, posemb
 POS_EMBED_ATOL = 1e-6
 # Problems listed per kind in an error message; a width mismatch would otherwise list them all.
 MAX_LISTED = 12
-LAYOUTS = ("same", "linear", "conv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +42,9 @@ class Rule:
   """One parameter: our pure-dict path <-> a PyTorch state-dict key, and the layout change.
 
   layout: 'same'; 'linear' (Dense kernel [in, out] <-> nn.Linear weight [out, in]);
-  'conv' (Conv kernel [kh, kw, in, out] <-> nn.Conv2d weight [out, in, kh, kw]).
+  'conv' (Conv kernel [kh, kw, in, out] <-> nn.Conv2d weight [out, in, kh, kw]);
+  'conv_transpose' (ConvTranspose kernel [kh, kw, in, out] <-> nn.ConvTranspose2d weight
+  [in, out, kh, kw], flipped in both spatial axes: interop/sam.py).
   """
 
   path: tuple
@@ -56,7 +57,11 @@ def to_torch_layout(layout: str, x: np.ndarray) -> np.ndarray:
     return x.T
   if layout == "conv":
     return x.transpose(3, 2, 0, 1)
-  return x
+  if layout == "conv_transpose":
+    return x[::-1, ::-1].transpose(2, 3, 0, 1)
+  if layout == "same":
+    return x
+  raise ValueError(f"unknown layout {layout!r}")
 
 
 def from_torch_layout(layout: str, x: np.ndarray) -> np.ndarray:
@@ -64,15 +69,15 @@ def from_torch_layout(layout: str, x: np.ndarray) -> np.ndarray:
     return x.T
   if layout == "conv":
     return x.transpose(2, 3, 1, 0)
-  return x
+  if layout == "conv_transpose":
+    return x.transpose(2, 3, 0, 1)[::-1, ::-1]
+  if layout == "same":
+    return x
+  raise ValueError(f"unknown layout {layout!r}")
 
 
 def torch_shape(layout: str, shape: tuple) -> tuple:
-  if layout == "linear":
-    return tuple(shape[::-1])
-  if layout == "conv":
-    return (shape[3], shape[2], shape[0], shape[1])
-  return tuple(shape)
+  return to_torch_layout(layout, np.empty(shape, np.bool_)).shape
 
 
 # ----------------------------------------------------------------------------- key maps
