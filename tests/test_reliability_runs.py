@@ -178,6 +178,25 @@ def test_chunk_skip_mode_drops_exactly_the_nonfinite_step():
     divergence.screen(np.asarray(losses), plan.client_ids >= 0, where="round 1", mode="stop")
 
 
+def test_apply_update_keeps_the_old_state_only_when_skipping_a_nonfinite_step():
+  """divergence.apply_update (the fine-tuning and SAM steps): one SGD-with-momentum step worked
+  by hand when ok holds; with ok false 'skip' returns the given params and state unchanged and
+  'stop' still applies the update (the host stops on the NaN loss)."""
+  tx = optax.sgd(0.1, momentum=0.9)
+  params, grads = {"w": jnp.asarray([1.0, -2.0])}, {"w": jnp.asarray([0.5, 1.0])}
+  opt = tx.init(params)
+  stepped = np.asarray([1.0 - 0.05, -2.0 - 0.1])
+  for ok, mode, want in [
+    (True, "skip", stepped),
+    (False, "skip", [1.0, -2.0]),
+    (False, "stop", stepped),
+  ]:
+    new_params, new_opt = divergence.apply_update(tx, grads, opt, params, jnp.asarray(ok), mode)
+    np.testing.assert_allclose(np.asarray(new_params["w"]), want, rtol=1e-6)
+    trace = np.asarray(jax.tree.leaves(new_opt)[0])
+    np.testing.assert_allclose(trace, [0.5, 1.0] if want is stepped else [0.0, 0.0])
+
+
 def test_checkpointer_never_writes_nonfinite_state(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path, keep=1)
   ckpt.save(1, {"w": jnp.ones(3)}, {"step": jnp.asarray(1)}, None, {})

@@ -138,6 +138,15 @@ def check(condition: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def check_one_tfds_name(config) -> None:
+  """config.data.tfds_name names exactly one prepared TFDS dataset (no comma, not blank)."""
+  name = config.data.tfds_name
+  check(
+    "," not in name and bool(name.strip()),
+    f"config.data.tfds_name={name!r} must name one prepared TFDS dataset",
+  )
+
+
 def find_config_file(path: str):
   """The config file `path` (e.g. 'configs/pretrain_fed.py'): as given from the working
   directory, else the file of that name among the configs shipped with ultrajax (the checkout's

@@ -111,10 +111,7 @@ def validate(config) -> None:
   if config.data.source == "folders":
     c.check(bool(config.data.root), "config.data.root must name a folder of class folders")
   if config.data.source == "tfds":
-    c.check(
-      "," not in config.data.tfds_name and bool(config.data.tfds_name.strip()),
-      f"config.data.tfds_name={config.data.tfds_name!r} must name one prepared TFDS dataset",
-    )
+    c.check_one_tfds_name(config)
   for s in config.eval.blur_sigmas:
     c.check(
       isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s <= 50,
@@ -342,10 +339,9 @@ def train_step(setup: Setup, params, opt_state, images, targets, idx, key, class
   loss_fn = make_loss_fn(setup.graphdef, config, setup.num_classes)
   loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key, class_weights)
   finite = divergence.all_finite((loss, grads))
-  updates, new_opt = setup.tx.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  if config.on_nonfinite == "skip":
-    new_params, new_opt = divergence.keep_if(finite, (new_params, new_opt), (params, opt_state))
+  new_params, new_opt = divergence.apply_update(
+    setup.tx, grads, opt_state, params, finite, config.on_nonfinite
+  )
   new_params = jax.lax.with_sharding_constraint(new_params, setup.param_sharding)
   new_opt = jax.lax.with_sharding_constraint(new_opt, setup.opt_sharding)
   return new_params, new_opt, jnp.where(finite, loss, jnp.nan)

@@ -52,6 +52,7 @@ from ultrajax.train import (
   checkpoint,
   divergence,
   loop,
+  optimizer,
   resume,
   sam_objectives as so,
   sharding,
@@ -111,10 +112,7 @@ def validate(config) -> None:
       "data.source='coco'",
     )
   if config.data.source == "tfds":
-    c.check(
-      "," not in config.data.tfds_name and bool(config.data.tfds_name.strip()),
-      f"config.data.tfds_name={config.data.tfds_name!r} must name one prepared TFDS dataset",
-    )
+    c.check_one_tfds_name(config)
     c.check_range(
       config, "data.tfds_test_fraction", 0.0, 1.0, low_inclusive=False, high_inclusive=False
     )
@@ -269,10 +267,9 @@ def make_train_step(graphdef, tx, config):
   def step(params, opt_state, batch, key):
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
     finite = divergence.all_finite((loss, grads))
-    updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    if config.on_nonfinite == "skip":  # drop the update (train/divergence.py)
-      new_params, new_opt = divergence.keep_if(finite, (new_params, new_opt), (params, opt_state))
+    new_params, new_opt = divergence.apply_update(
+      tx, grads, opt_state, params, finite, config.on_nonfinite
+    )
     out["loss"] = jnp.where(finite, loss, jnp.nan)
     out["grad_norm"] = optax.global_norm(grads)
     return new_params, new_opt, out
@@ -333,10 +330,7 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
   params: the parameter tree (arrays or ShapeDtypeStructs: only the paths are read)."""
   o = config.optim
   trainable = sam_lib.trainable_mask(params)
-  steps = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
-  steps.append(
-    optax.adamw(lr_schedule(o), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=trainable)
-  )
+  steps = optimizer.adamw_steps(o, lr_schedule(o), trainable)
   steps.append(optax.masked(optax.set_to_zero(), jax.tree.map(lambda t: not t, trainable)))
   return optax.chain(*steps)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ultrajax import configlib
 
@@ -34,6 +35,16 @@ def all_finite(tree) -> jax.Array:
 def keep_if(ok, new, old):
   """`new` where the scalar `ok` holds, else `old` (leafwise; same structure)."""
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def apply_update(tx, grads, opt_state, params, ok, mode: str):
+  """(new params, new optimizer state) after one optax step; with mode 'skip' both stay as they
+  were where the scalar `ok` (loss and gradient finite) is false."""
+  updates, new_opt = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if mode == "skip":
+    return keep_if(ok, (new_params, new_opt), (params, opt_state))
+  return new_params, new_opt
 
 
 def screen(

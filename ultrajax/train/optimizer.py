@@ -42,24 +42,21 @@ def weight_decay_mask(params, mode: str):
   raise configlib.ConfigError(f"config.optim.weight_decay_on={mode!r} is not 'mae' or 'all'")
 
 
+def adamw_steps(optim_config, learning_rate, mask) -> list[optax.GradientTransformation]:
+  """Global-norm clipping (when optim_config.grad_clip_norm > 0), then AdamW with weight decay
+  where `mask` holds: the first steps of an optax.chain."""
+  o = optim_config
+  steps = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+  steps.append(optax.adamw(learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask))
+  return steps
+
+
 def adamw(optim_config, params) -> optax.GradientTransformation:
   """AdamW (+ optional global-norm clipping) whose learning rate is set with `set_lr`."""
   mask = weight_decay_mask(params, optim_config.weight_decay_on)
 
   def make(learning_rate):
-    steps = []
-    if optim_config.grad_clip_norm > 0:
-      steps.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
-    steps.append(
-      optax.adamw(
-        learning_rate,
-        b1=optim_config.b1,
-        b2=optim_config.b2,
-        weight_decay=optim_config.weight_decay,
-        mask=mask,
-      )
-    )
-    return optax.chain(*steps)
+    return optax.chain(*adamw_steps(optim_config, learning_rate, mask))
 
   return optax.inject_hyperparams(make)(learning_rate=0.0)
 
@@ -119,17 +116,8 @@ def finetune_adamw(
   the decay term. trainable: optional bool tree; False leaves get no update (linear probing,
   where only the head trains and layer decay, 1 on the head, does not apply).
   """
-  steps = []
-  if optim_config.grad_clip_norm > 0:
-    steps.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
-  steps.append(
-    optax.adamw(
-      schedule,
-      b1=optim_config.b1,
-      b2=optim_config.b2,
-      weight_decay=optim_config.weight_decay,
-      mask=weight_decay_mask(params, optim_config.weight_decay_on),
-    )
+  steps = adamw_steps(
+    optim_config, schedule, weight_decay_mask(params, optim_config.weight_decay_on)
   )
   if optim_config.layer_decay < 1.0 and trainable is None:
     steps.append(scale_by_tree(layer_decay_scales(params, depth, optim_config.layer_decay)))
