@@ -335,9 +335,9 @@ def _images_under(folder: str) -> list[str]:
 def folder_clients(
   root: str, probe: str = "", on_bad_image: str = "skip", dicom_frames: str = "middle"
 ) -> list[FolderSource]:
-  """One client per immediate sub-directory of `root` (sorted by name), holding the png/jpg/jpeg/bmp
-  files and the `dicom_frames` frames of the dcm files found anywhere below it. A root with images and no sub-directories is a single client named
-  after the root. Raises FileNotFoundError for a missing root and ValueError for a sub-directory
+  """One client per immediate sub-directory of `root` (sorted by name), holding the
+  png/jpg/jpeg/bmp files and the `dicom_frames` frames of the dcm files found anywhere below it.
+  A root with images and no sub-directories is a single client named after the root. Raises FileNotFoundError for a missing root and ValueError for a sub-directory
   without images, a root without any, or images directly in a root that also has sub-directories.
   """
   root = os.fspath(root)
@@ -346,21 +346,15 @@ def folder_clients(
   entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
   subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
   loose = [os.path.join(root, e) for e in entries if _is_image(e) and e not in subdirs]
+  client = lambda name, paths: FolderSource(
+    name, paths, probe, on_bad_image, drop_undecodable=True, dicom_frames=dicom_frames
+  )
   if not subdirs:
     if not loose:
       raise configlib.DataError(
         f"image folder root {root} has no sub-directories containing images (and no images)"
       )
-    return [
-      FolderSource(
-        os.path.basename(os.path.abspath(root)),
-        loose,
-        probe,
-        on_bad_image,
-        drop_undecodable=True,
-        dicom_frames=dicom_frames,
-      )
-    ]
+    return [client(os.path.basename(os.path.abspath(root)), loose)]
   if loose:
     raise configlib.DataError(
       f"image folder root {root} has {len(loose)} images next to its client "
@@ -374,9 +368,7 @@ def folder_clients(
         f"client sub-directory {os.path.join(root, d)} contains no "
         f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images"
       )
-    clients.append(
-      FolderSource(d, paths, probe, on_bad_image, drop_undecodable=True, dicom_frames=dicom_frames)
-    )
+    clients.append(client(d, paths))
   return clients
 
 
