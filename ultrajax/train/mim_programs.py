@@ -51,7 +51,6 @@ class Programs:
       functools.partial(aggregate.broadcast, num_clients=n), abstract_params
     )
     self.server_sharding = sharding.tree_shardings(abstract_params, mesh, rules, False)
-    self.client_sharding = sharding.tree_shardings(stacked(num_clients), mesh, rules, True)
     self.abstract_opt = jax.eval_shape(jax.vmap(tx.init), stacked(num_clients))
     self.opt_sharding = sharding.tree_shardings(self.abstract_opt, mesh, rules, True)
     self.abstract_strategy = jax.eval_shape(
