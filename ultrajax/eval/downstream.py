@@ -15,6 +15,7 @@ write_csv         any study's table rows (dicts) as a CSV file
 from __future__ import annotations
 
 import csv
+import io
 import math
 import pathlib
 import warnings
@@ -313,13 +314,13 @@ def transfer_rows(
 
 def write_csv(path, rows: list[dict], decimals: int | None = 4) -> None:
   """rows (dicts; the columns are their keys in order of appearance) -> CSV at `path`, floats
-  with `decimals` decimals (None: as Python prints them). Parent folders are created."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  with `decimals` decimals (None: as Python prints them). Written atomically (loop.atomic_write:
+  a killed run leaves the previous table, never a torn one); parent folders are created."""
   columns = list(dict.fromkeys(k for row in rows for k in row))
   fmt = (lambda v: v) if decimals is None else (lambda v: f"{v:.{decimals}f}")
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: fmt(v) if isinstance(v, float) else v for k, v in row.items()})
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, columns)
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: fmt(v) if isinstance(v, float) else v for k, v in row.items()})
+  loop.atomic_write(path, text.getvalue())
