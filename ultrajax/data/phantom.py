@@ -52,21 +52,6 @@ from typing import NamedTuple
 import numpy as np
 import scipy.ndimage
 
-ORGANS = (
-  "liver",
-  "thyroid",
-  "breast",
-  "kidney",
-  "heart",
-  "fetal_head",
-  "lung",
-  "skin",
-  "muscle",
-  "pancreas",
-  "gallbladder",
-  "colorectum",
-  "nerve",
-)
 PROBES = ("linear", "convex")
 LABELS = ("normal", "benign", "malignant")
 LABEL_PROBS = (0.4, 0.3, 0.3)  # how often each label is drawn
@@ -152,9 +137,8 @@ class _Stripes(NamedTuple):
   phase: float
 
   def inside(self, g: _Grid) -> np.ndarray:
-    t = (g.x * math.cos(self.angle) + g.y * math.sin(self.angle)) / float(self.period) + float(
-      self.phase
-    )
+    across = g.x * math.cos(self.angle) + g.y * math.sin(self.angle)
+    t = across / float(self.period) + float(self.phase)
     return ((t - np.floor(t)) < self.duty) & self.within.inside(g)
 
 
@@ -181,9 +165,8 @@ class _Star(NamedTuple):
     near = np.nonzero(m)
     phi = np.arctan2(dy[near], dx[near])
     edge = 1.0 + sum(a * np.cos(k * phi + p) for k, a, p in self.harmonics)
-    edge = (
-      edge + self.spike_height * np.maximum(np.cos(self.spikes * phi + self.spike_phase), 0.0) ** 6
-    )
+    spikes = np.maximum(np.cos(self.spikes * phi + self.spike_phase), 0.0) ** 6
+    edge = edge + self.spike_height * spikes
     m[near] = rho2[near] <= (self.r * edge) ** 2
     return m
 
@@ -311,9 +294,8 @@ def _kidney(rng) -> _Scene:
       kidney, 0.62 * np.cos(phi), 0.62 * np.sin(phi), 0.12 * kidney.a, 0.22 * kidney.b
     )
     regions.append((_Within(pyramid, kidney), 0.2, 0.0))
-  regions.append(
-    (_in_frame(kidney, 0.0, 0.0, 0.55 * kidney.a, 0.35 * kidney.b), 1.8, 0.0)
-  )  # sinus fat
+  sinus_fat = _in_frame(kidney, 0.0, 0.0, 0.55 * kidney.a, 0.35 * kidney.b)
+  regions.append((sinus_fat, 1.8, 0.0))
   return _Scene(0.9, regions, kidney, _site_in(rng, kidney, min(0.1, 0.45 * kidney.b)))
 
 
@@ -336,9 +318,8 @@ def _heart(rng) -> _Scene:
 
 
 def _fetal_head(rng) -> _Scene:
-  regions, below = _wall(
-    rng, fat=(0.03, 0.06), muscle=(0.04, 0.07)
-  )  # maternal abdominal and uterine wall
+  # The maternal abdominal and uterine wall.
+  regions, below = _wall(rng, fat=(0.03, 0.06), muscle=(0.04, 0.07))
   head = _organ(rng, below, 0.06, (0.24, 0.3), (0.19, 0.24), 0.6, (0.03, 0.1))
   skull = head._replace(hole=1.0 - rng.uniform(0.06, 0.09))
   regions += [
@@ -418,9 +399,8 @@ def _pancreas(rng) -> _Scene:
   regions, below = _wall(rng, muscle=(0.04, 0.08))
   liver_bottom = below + rng.uniform(0.1, 0.16)
   pancreas = _organ(rng, liver_bottom, 0.08, (0.32, 0.42), (0.07, 0.1), 0.2, (0.02, 0.06))
-  vein = _in_frame(
-    pancreas, 0.0, 1.0 + 0.035 / pancreas.b, 0.7 * pancreas.a, 0.022
-  )  # splenic vein, behind
+  # The splenic vein, behind.
+  vein = _in_frame(pancreas, 0.0, 1.0 + 0.035 / pancreas.b, 0.7 * pancreas.a, 0.022)
   r = rng.uniform(0.05, 0.07)
   aorta = _Ellipse(pancreas.cx + rng.uniform(-0.05, 0.05), vein.cy + rng.uniform(0.13, 0.18), r, r)
   spine = _Ellipse(aorta.cx + rng.uniform(-0.1, 0.1), aorta.cy + 0.2, 0.15, 0.06)
@@ -448,19 +428,17 @@ def _gallbladder(rng) -> _Scene:
 
 def _colorectum(rng) -> _Scene:
   """Endorectal view: water balloon, then the five-layer rectal wall (the organ), then perirectal fat."""
-  amp, freq, phase = rng.uniform(0.0, 0.015), rng.uniform(2, 5), rng.uniform(0, 2 * np.pi)
+  wave = (rng.uniform(0.0, 0.015), rng.uniform(2, 5), rng.uniform(0, 2 * np.pi))
   depth = rng.uniform(0.05, 0.1)
   regions = [(_layer(0.0, depth), FLUID, -2.0)]
   top = depth
   # Interface, mucosa, submucosa, muscularis propria, serosa / perirectal fat interface.
   thicknesses = rng.uniform((0.012, 0.02, 0.02, 0.03, 0.012), (0.02, 0.035, 0.035, 0.05, 0.02))
   for thickness, echo in zip(thicknesses, (2.0, 0.35, 1.6, 0.3, 2.0)):
-    top_of_layer = _Surface(depth, amp, freq, phase)
-    regions.append(
-      (_layer(top_of_layer, top_of_layer._replace(depth=depth + thickness)), echo, 0.0)
-    )
+    layer = _layer(_Surface(depth, *wave), _Surface(depth + thickness, *wave))
+    regions.append((layer, echo, 0.0))
     depth += thickness
-  wall = _layer(_Surface(top, amp, freq, phase), _Surface(depth, amp, freq, phase))
+  wall = _layer(_Surface(top, *wave), _Surface(depth, *wave))
   for _ in range(rng.integers(0, 3)):
     r = rng.uniform(0.025, 0.045)
     regions.append(
@@ -488,9 +466,8 @@ def _nerve(rng) -> _Scene:
   ]
   for _ in range(rng.integers(5, 10)):
     f = rng.uniform(0.018, 0.03)
-    regions.append(
-      (_Within(_Ellipse(*nerve.point(*rng.uniform(-0.6, 0.6, 2)), f, f), nerve), 0.15, 0.0)
-    )
+    fascicle = _Ellipse(*nerve.point(*rng.uniform(-0.6, 0.6, 2)), f, f)
+    regions.append((_Within(fascicle, nerve), 0.15, 0.0))
   return _Scene(0.5, regions, nerve, _site_in(rng, nerve, 0.6 * nerve.b))
 
 
@@ -509,6 +486,8 @@ _SCENES = {
   "colorectum": _colorectum,
   "nerve": _nerve,
 }
+# Record seeds index this order (data/nodes.py, data/sources.py): add organs at the end.
+ORGANS = tuple(_SCENES)
 
 
 def _lesion(rng, label: int, site: tuple[float, float, float], min_radius: float):
@@ -521,15 +500,8 @@ def _lesion(rng, label: int, site: tuple[float, float, float], min_radius: float
       return shape, FLUID, -6.0  # cyst: anechoic, posterior enhancement
     return shape, rng.uniform(0.15, 0.4), 0.0
   harmonics = tuple((k, rng.uniform(0.0, 0.1), rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
-  shape = _Star(
-    x,
-    y,
-    0.6 * r,
-    harmonics,
-    int(rng.integers(7, 14)),
-    rng.uniform(0.4, 0.8),
-    rng.uniform(0, 2 * np.pi),
-  )
+  spikes = (int(rng.integers(7, 14)), rng.uniform(0.4, 0.8), rng.uniform(0, 2 * np.pi))
+  shape = _Star(x, y, 0.6 * r, harmonics, *spikes)
   return shape, rng.uniform(0.05, 0.2), rng.uniform(15.0, 30.0)
 
 
