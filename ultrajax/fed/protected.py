@@ -51,7 +51,7 @@ RULES = ("mean", "median", "trimmed_mean", "krum", "norm_bound")
 
 def _delta(done: Finished, server: Server):
   """(params, model state) of the client minus the server's, float32."""
-  sub = lambda y, x: y.astype(jnp.float32) - jnp.asarray(x, jnp.float32)  # noqa: E731
+  sub = lambda y, x: y.astype(jnp.float32) - jnp.asarray(x, jnp.float32)
   return (
     jax.tree.map(sub, done.params, server.params),
     jax.tree.map(sub, done.model_state, server.model_state),
@@ -146,17 +146,14 @@ class DPFedAvg(strategies.FedAvg):
   def for_run(self, num_clients: int, clients_per_round, sampling: str) -> DPFedAvg:
     """This strategy for the job's population and participation (config.fed)."""
     if sampling == "poisson":
-      m, fields = (
-        clients_per_round * num_clients,
-        dict(sampling="poisson", sampling_rate=float(clients_per_round)),
-      )
+      m = clients_per_round * num_clients
+      fields = dict(sampling="poisson", sampling_rate=float(clients_per_round))
     elif sampling == "uniform":
-      size = participation.count(clients_per_round, num_clients)
-      m = size
+      m = participation.count(clients_per_round, num_clients)
       fields = (
         dict(sampling="poisson", sampling_rate=1.0)
-        if size == num_clients
-        else dict(sampling="fixed", population=num_clients, sample_size=size)
+        if m == num_clients
+        else dict(sampling="fixed", population=num_clients, sample_size=m)
       )
     else:
       raise configlib.ConfigError(
@@ -207,9 +204,7 @@ class DPFedAvg(strategies.FedAvg):
     acc = dict(
       acc,
       params=jax.tree.map(jnp.add, acc["params"], clipped),
-      model_state=jax.tree.map(
-        lambda s, x: s + done.weight * x.astype(jnp.float32), acc["model_state"], done.model_state
-      ),
+      model_state=strategies._add_weighted(acc["model_state"], done.weight, done.model_state),
       weight=acc["weight"] + done.weight,
       unclipped=acc["unclipped"] + (norm <= clip).astype(jnp.float32),
     )
@@ -318,7 +313,7 @@ class Robust(strategies.FedAvg):
 
   def accumulator(self, state, server: Server, num_clients: int):
     del state
-    stack = lambda t: jax.tree.map(  # noqa: E731
+    stack = lambda t: jax.tree.map(
       lambda x: jnp.zeros((num_clients, *jnp.shape(x)), jnp.float32), t
     )
     return {
@@ -345,6 +340,7 @@ class Robust(strategies.FedAvg):
       ok, w = finished, robust._renormalise(acc["weights"], finished)
       report = {"nonfinite": jnp.zeros_like(finished), "too_large": jnp.zeros_like(finished)}
     num = finished.shape[0]
+    wmean = lambda x: jnp.tensordot(w, jnp.where(robust._column(ok, x), x, 0.0), axes=(0, 0))
     if self.rule == "median":
       agg = robust.coordinate_median(updates, ok)
     elif self.rule == "trimmed_mean":
@@ -354,17 +350,11 @@ class Robust(strategies.FedAvg):
     elif self.rule == "norm_bound":
       agg = robust.norm_bounded_mean(updates, w, self.max_norm, ok)
     else:
-      agg = jax.tree.map(
-        lambda x: jnp.tensordot(w, jnp.where(robust._column(ok, x), x, 0.0), axes=(0, 0)), updates
-      )
+      agg = jax.tree.map(wmean, updates)
     some = ok.any()
     params = _plus(server.params, jax.tree.map(lambda d: jnp.where(some, d, 0.0), agg))
     model_state = jax.tree.map(
-      lambda x, s: jnp.where(
-        some,
-        jnp.tensordot(w, jnp.where(robust._column(ok, x), x, 0.0), axes=(0, 0)),
-        jnp.asarray(s, jnp.float32),
-      ),
+      lambda x, s: jnp.where(some, wmean(x), jnp.asarray(s, jnp.float32)),
       acc["clients"]["model_state"],
       server.model_state,
     )
@@ -403,13 +393,16 @@ class Robust(strategies.FedAvg):
 
 
 # ----------------------------------------------------------------------------- secure aggregation
-def _prg(secrets, u, v, round_index, size: int, ring_mask):
-  """PRG(s_uv) in Z_R as uint32 [size]: the pair's key hashes both clients' secrets (in id
-  order, so u and v derive the same stream) and the round, like a per-round DH-derived seed."""
+def _pair_mask(secrets, u, v, round_index, size: int, ring_mask):
+  """The mask client u adds for client v, uint32 [size] in Z_R: PRG(s_uv) when v > u, -PRG(s_uv)
+  when v < u, so a pair's masks cancel in the sum. The pair's key hashes both clients' secrets
+  (in id order, so u and v derive the same stream) and the round, like a per-round DH-derived
+  seed."""
   lo, hi = jnp.minimum(u, v), jnp.maximum(u, v)
   key = jax.random.fold_in(jax.random.key(0x5EC), round_index)
   key = jax.random.fold_in(jax.random.fold_in(key, secrets[lo]), secrets[hi])
-  return jax.random.bits(key, (size,), jnp.uint32) & ring_mask
+  m = jax.random.bits(key, (size,), jnp.uint32) & ring_mask
+  return jnp.where(v > u, m, (jnp.uint32(0) - m) & ring_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,8 +475,7 @@ class SecureAvg(strategies.FedAvg):
     u, ring_mask = done.index, self._ring_mask()
 
     def add_pair(v, y):
-      m = _prg(s["secrets"], u, v, s["round"], y.size, ring_mask)
-      term = jnp.where(v > u, m, (jnp.uint32(0) - m) & ring_mask)
+      term = _pair_mask(s["secrets"], u, v, s["round"], y.size, ring_mask)
       return jnp.where(v == u, y, (y + term) & ring_mask)
 
     return jax.lax.fori_loop(0, num_clients, add_pair, y)
@@ -504,8 +496,7 @@ class SecureAvg(strategies.FedAvg):
 
     def fix(i, total):
       u, d = i // num, i % num
-      m = _prg(s["secrets"], u, d, s["round"], total.size, ring_mask)
-      term = jnp.where(d > u, m, (jnp.uint32(0) - m) & ring_mask)  # what u added for d
+      term = _pair_mask(s["secrets"], u, d, s["round"], total.size, ring_mask)
       dangling = done[u] & ~done[d] & (u != d)
       return jnp.where(dangling, (total - term) & ring_mask, total)
 
@@ -613,14 +604,12 @@ class Wrapped:
     return getattr(self.inner, name)
 
   def for_run(self, num_clients: int, clients_per_round, sampling: str):
-    return dataclasses.replace(
-      self, inner=self.inner.for_run(num_clients, clients_per_round, sampling)
-    )
+    inner = self.inner.for_run(num_clients, clients_per_round, sampling)
+    return dataclasses.replace(self, inner=inner)
 
   def for_data(self, batch_size: int, num_examples, steps_per_round):
-    return dataclasses.replace(
-      self, inner=self.inner.for_data(batch_size, num_examples, steps_per_round)
-    )
+    inner = self.inner.for_data(batch_size, num_examples, steps_per_round)
+    return dataclasses.replace(self, inner=inner)
 
   def stop_reason(self, rounds_done: int, state=None) -> str | None:
     return self.inner.stop_reason(rounds_done, state)
@@ -759,7 +748,7 @@ class ScaledClients(Wrapped):
     params = jax.tree.map(
       lambda y, x: (x + s * (y.astype(jnp.float32) - x)).astype(y.dtype),
       done.params,
-      jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), server.params),
+      strategies._f32(server.params),
     )
     return self.inner.on_client_done(acc, state, server, done._replace(params=params))
 
@@ -806,12 +795,8 @@ def wrap(strategy, config):
   configlib.check_range(config, "dp_sgd.epsilon_budget", 0.0)
   configlib.check_choice(config, "dp_sgd.accountant", privacy.ACCOUNTANTS)
   if d.noise_multiplier > 0:
-    strategy = DPSGD(
-      strategy,
-      **{
-        k: d[k] for k in ("noise_multiplier", "clip_norm", "delta", "epsilon_budget", "accountant")
-      },
-    )
+    fields = ("noise_multiplier", "clip_norm", "delta", "epsilon_budget", "accountant")
+    strategy = DPSGD(strategy, **{k: d[k] for k in fields})
   return strategy
 
 
