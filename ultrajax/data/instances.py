@@ -30,7 +30,7 @@ from absl import logging
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ultrajax.data import pipeline, sources
+from ultrajax.data import pipeline, sources, tasks
 
 PHANTOM_CATEGORIES = ({"id": 1, "name": "organ"}, {"id": 2, "name": "lesion"})
 
@@ -165,15 +165,16 @@ class CocoInstances:
 
   def __getitem__(self, i: int) -> dict:
     img, anns = self.images[int(i)], self._annotations[int(i)]
+    where = f"{self.json_path}: image id {img['id']!r}"
     try:
       image = sources.decode_image(img["path"])
     except sources.BadImageError as e:
-      raise InstanceDataError(f"{self.json_path}: image id {img['id']!r}: {e}") from e
+      raise InstanceDataError(f"{where}: {e}") from e
     h, w = int(img["height"]), int(img["width"])
     if image.shape[:2] != (h, w):
       raise InstanceDataError(
-        f"{self.json_path}: image id {img['id']!r}: {img['path']} is "
-        f"{image.shape[0]}x{image.shape[1]} (h x w) but the json says {h}x{w}"
+        f"{where}: {img['path']} is {image.shape[0]}x{image.shape[1]} (h x w) but the json says "
+        f"{h}x{w}"
       )
     masks = [
       _decode_segmentation(
@@ -254,9 +255,6 @@ def write_coco(
 
 
 # ----------------------------------------------------------------------------- masks (TFDS)
-MASK_MODES = ("binary", "class_ids")
-
-
 def mask_instances(mask: np.ndarray, mode: str = "binary") -> tuple[np.ndarray, np.ndarray]:
   """A segmentation mask [H, W] -> (instance masks uint8 [N, H, W], category ids int32 [N]).
 
@@ -272,7 +270,7 @@ def mask_instances(mask: np.ndarray, mode: str = "binary") -> tuple[np.ndarray, 
     values = np.unique(labels[labels > 0])
     ids = values.astype(np.int32)
   else:
-    raise InstanceDataError(f"mask mode {mode!r} is not one of {MASK_MODES}")
+    raise InstanceDataError(f"mask mode {mode!r} is not one of {tasks.MASK_MODES}")
   return (labels[None] == values[:, None, None]).astype(np.uint8), ids
 
 
@@ -313,7 +311,6 @@ def tfds_instances(
 ) -> tuple[TfdsInstances, TfdsInstances]:
   """(train, test) TfdsInstances of one prepared dataset, split by patient_id (test_fraction
   of the patients, seeded: data/tasks.py split_by_group); classes: its labels, sorted."""
-  from ultrajax.data import tasks
   from ultrajax.data.tfds import source as tfds_source  # needs the [tfds] extra
 
   client = tfds_source.TfdsSource(name, data_dir, split)
