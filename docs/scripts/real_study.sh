@@ -73,9 +73,13 @@ fi
 VARIANTS="scratch=,ultrajax=$STUDY/pre_ultrajax,ultrajax_mae=$STUDY/pre_ultrajax_mae,torch_mae=$STUDY/pre_torch/mae.pth"
 for task in $TASKS; do
   case $task in
+    # BUSI diagnosis: RandAugment off and base lr 8e-3 (peak 1e-3), chosen on BUSI's validation
+    # images (reproductions.md section 6, "The diagnosis recipe"): with the preset's RandAugment
+    # the training loss stays at ln 3 even with all 468 training images.
     busi_cls) cfg=configs/finetune_cls.py:cpu
       extra=(--config.data.manifest="$STUDY/manifests/busi_cls.csv"
-             --config.data.classes=normal,benign,malignant --config.loss.class_weights=balanced);;
+             --config.data.classes=normal,benign,malignant --config.loss.class_weights=balanced
+             --config.aug.randaug_ops=0 --config.optim.base_lr=8e-3);;
     busi_seg) cfg=configs/finetune_seg.py:cpu
       extra=(--config.data.manifest="$STUDY/manifests/busi_seg.csv");;
     hc18) cfg=configs/finetune_seg.py:cpu
