@@ -337,8 +337,9 @@ def folder_clients(
 ) -> list[FolderSource]:
   """One client per immediate sub-directory of `root` (sorted by name), holding the
   png/jpg/jpeg/bmp files and the `dicom_frames` frames of the dcm files found anywhere below it.
-  A root with images and no sub-directories is a single client named after the root. Raises FileNotFoundError for a missing root and ValueError for a sub-directory
-  without images, a root without any, or images directly in a root that also has sub-directories.
+  A root with images and no sub-directories is a single client named after the root. Raises
+  FileNotFoundError for a missing root and ValueError for a sub-directory without images, a root
+  without any, or images directly in a root that also has sub-directories.
   """
   root = os.fspath(root)
   if not os.path.isdir(root):
