@@ -134,19 +134,24 @@ def seg_overlays(
   save(fig, path)
 
 
-def label_efficiency(path, curves: dict, metric: str) -> None:
-  """curves: {variant: [(fraction, mean, low, high), ...]} -> metric vs training fraction."""
-  fig, ax = plt.subplots(figsize=(5.5, 4))
+def label_efficiency(path, curves: dict, metric: str, *, ax=None, title: str = "") -> None:
+  """curves: {variant: [(fraction, mean, low, high), ...]} -> metric vs training fraction, the CI
+  shaded. With `ax`, draws into that axis of the caller's figure and writes nothing."""
+  fig = None
+  if ax is None:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
   for name, points in curves.items():
     points = sorted(points)
     f, m, lo, hi = (np.array(v, np.float64) for v in zip(*points))
     ax.plot(f, m, "o-", label=name)
     if np.isfinite(lo).all():
       ax.fill_between(f, lo, hi, alpha=0.2)
-  ax.set(xlabel="fraction of training labels", ylabel=metric, title=f"label efficiency ({metric})")
-  ax.legend(fontsize=8)
+  ax.set(xlabel="fraction of training labels", ylabel=metric)
+  ax.set_title(title or f"label efficiency ({metric})", fontsize=10)
+  ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
-  save(fig, path)
+  if fig is not None:
+    save(fig, path)
 
 
 def heatmap(
