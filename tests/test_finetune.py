@@ -199,6 +199,30 @@ def test_linear_probe_trains_only_the_head():
   assert all(float(jnp.abs(x).sum()) == 0 for x in jax.tree.leaves(others))
 
 
+def test_decoder_levels_sit_at_upernet_strides_for_any_patch_size():
+  # Level i is the patch grid resized by 2^k with patch / 2^k = 4, 8, 16, 32 input pixels.
+  for patch in (4, 8, 16, 32):
+    scales = heads.level_scales(patch, 4)
+    assert [patch / 2.0**k for k in scales] == [4, 8, 16, 32]
+  assert heads.level_scales(16, 5)[4] == 0  # a fifth level stays on the patch grid
+  with pytest.raises(ValueError, match="patch_size 14 is not a power of two"):
+    heads.level_scales(14, 4)
+  # Transposed convolutions only where a level is finer than the grid; logits at input size.
+  for patch, ups in ((16, [2, 1, 0, 0]), (8, [1, 0, 0, 0])):
+    seg = heads.Segmenter(
+      width=16,
+      depth=4,
+      num_heads=2,
+      patch_size=patch,
+      image_size=64,
+      num_outputs=3,
+      channels=8,
+      rngs=nnx.Rngs(0),
+    )
+    assert [len(u) for u in seg.decoder.up] == ups
+    assert seg(jnp.zeros((2, 64, 64, 3))).shape == (2, 64, 64, 3)
+
+
 def test_seg_loss_matches_numpy_reference():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 5, 5, 1)).astype(np.float32)

@@ -3,14 +3,16 @@
 `Segmenter` = ViT encoder (no pooling) + `PyramidDecoder`. The decoder follows the ViT
 segmentation recipe of MAE/BEiT (UPerNet neck) in a light form: the tokens of four blocks
 (default: at depths 1/3, 1/2, 2/3 and 1 of the encoder, i.e. blocks 4/6/8/12 of a ViT-B, as
-UltraFedFM) are laid out on the patch grid and brought to four scales (x4 by two transposed
-convolutions, x2 by one, x1, x1/2 by max-pooling), projected to `channels`, resized to the
-finest scale, concatenated, fused by a 3 x 3 convolution + GroupNorm + ReLU, classified per
-pixel and bilinearly upsampled to the input size.
+UltraFedFM) are laid out on the patch grid and brought to UPerNet's four strides of the input,
+4, 8, 16 and 32 pixels (for patch 16: x4 by two transposed convolutions, x2 by one, x1, x1/2 by
+max-pooling; for patch 8: x2, x1, x1/2, x1/4), projected to `channels`, resized to the finest
+(stride 4), concatenated, fused by a 3 x 3 convolution + GroupNorm + ReLU, classified per pixel
+and bilinearly upsampled to the input size.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import einops
@@ -20,7 +22,23 @@ from flax import nnx
 
 from ultrajax.models import layers, vit
 
-SCALES = (4, 2, 1, 0.5)
+STRIDES = (4, 8, 16, 32)  # input pixels per feature-map cell of the four levels (UPerNet)
+
+
+def level_scales(patch_size: int, num_levels: int) -> tuple[int, ...]:
+  """log2 of each level's resize of the patch grid: (2, 1, 0, -1) for patch 16, (1, 0, -1, -2)
+  for patch 8. Levels beyond four stay at the patch grid (0)."""
+  out = []
+  for i in range(num_levels):
+    ratio = patch_size / STRIDES[i] if i < len(STRIDES) else 1.0
+    k = math.log2(ratio)
+    if k != round(k):
+      raise ValueError(
+        f"patch_size {patch_size} is not a power of two: the decoder's levels need the patch "
+        f"grid resized by powers of two to strides {STRIDES}"
+      )
+    out.append(round(k))
+  return tuple(out)
 
 
 def default_feature_blocks(depth: int) -> tuple[int, ...]:
@@ -37,6 +55,7 @@ class PyramidDecoder(nnx.Module):
     num_levels: int,
     num_outputs: int,
     *,
+    patch_size: int = 16,
     channels: int = 128,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
@@ -50,10 +69,9 @@ class PyramidDecoder(nnx.Module):
       return layers.Upsample2x(cin, cin, dtype=dtype, rngs=rngs)
 
     self.num_levels = num_levels
-    # Levels beyond four repeat the x1 scale.
-    self.scales = tuple(SCALES[i] if i < len(SCALES) else 1 for i in range(num_levels))
-    self.up1 = nnx.List([up(width) for _ in range(2)])
-    self.up2 = up(width)
+    self.scales = level_scales(patch_size, num_levels)
+    # Level i: max(scale, 0) transposed convolutions (GELU between), or a 2^-scale max-pool.
+    self.up = nnx.List([nnx.List([up(width) for _ in range(max(k, 0))]) for k in self.scales])
     self.lateral = nnx.List([conv(width, channels, 1) for _ in range(num_levels)])
     self.fuse = conv(channels * num_levels, channels, 3)
     self.fuse_norm = nnx.GroupNorm(
@@ -71,17 +89,15 @@ class PyramidDecoder(nnx.Module):
 
     Returns logits [B, image_size, image_size, num_outputs] float32.
     """
-    finest = grid * max(self.scales)
+    finest = max(1, round(grid * 2.0 ** max(self.scales)))
     maps = []
     for i, tokens in enumerate(features):
       x = einops.rearrange(tokens[:, 1:], "b (h w) d -> b h w d", h=grid)
-      scale = self.scales[i]
-      if scale == 4:
-        x = self.up1[1](jax.nn.gelu(self.up1[0](x), approximate=False))
-      elif scale == 2:
-        x = self.up2(x)
-      elif scale == 0.5:
-        x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+      for j, up in enumerate(self.up[i]):
+        x = up(jax.nn.gelu(x, approximate=False) if j else x)
+      if self.scales[i] < 0:
+        window = 2 ** -self.scales[i]
+        x = nnx.max_pool(x, (window, window), strides=(window, window), padding="SAME")
       x = self.lateral[i](x)
       maps.append(jax.image.resize(x, (x.shape[0], finest, finest, x.shape[-1]), "bilinear"))
     x = jax.nn.relu(self.fuse_norm(self.fuse(jnp.concatenate(maps, axis=-1))))
@@ -126,7 +142,13 @@ class Segmenter(nnx.Module):
       rngs=rngs,
     )
     self.decoder = PyramidDecoder(
-      width, len(self.feature_blocks), num_outputs, channels=channels, dtype=dtype, rngs=rngs
+      width,
+      len(self.feature_blocks),
+      num_outputs,
+      patch_size=patch_size,
+      channels=channels,
+      dtype=dtype,
+      rngs=rngs,
     )
 
   def __call__(self, images, *, key=None):
