@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from ultrajax import configlib
-from ultrajax.fed import aggregate, privacy, protected, robust, rounds, secagg, strategies
+from ultrajax.fed import aggregate, privacy, protected, robust, rounds, strategies
 
 
 def _stack(num=5, seed=0):
@@ -45,49 +45,26 @@ def test_clipping_matches_numpy():
   assert np.all(np.linalg.norm(_np_flat(clipped), axis=1) <= clip * (1 + 1e-5))
 
 
-def test_dp_mean_is_clipped_sum_over_m_plus_noise_of_std_zc_over_m():
-  num, dim = 4, 20000
-  tree = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(num, dim)), jnp.float32)}
-  part = np.array([True, True, False, True])
-  clip, z, m = 50.0, 1.3, 2.5
-  out = np.asarray(privacy.dp_mean(tree, part, clip, z, m, jax.random.key(0))["w"])
-  flat = np.asarray(tree["w"], np.float64)
-  scaled = flat * np.minimum(1.0, clip / np.linalg.norm(flat, axis=1))[:, None]
-  mean = scaled[part].sum(0) / m
-  resid = out - mean
-  assert privacy.noise_std(z, clip, m) == pytest.approx(z * clip / m)
-  assert resid.std() == pytest.approx(z * clip / m, rel=0.03)  # 20000 draws: ~0.5% sd
-  assert abs(resid.mean()) < 4 * z * clip / m / math.sqrt(dim)
-
-
 def test_adaptive_clipping_moves_toward_the_target_quantile():
   norms = jnp.asarray(np.random.default_rng(2).normal(1.0, 0.1, 50), jnp.float32)
-  part = np.ones(50, bool)
   key = jax.random.key(0)
+
+  def step(c, sigma_b, key):  # every one of the 50 clients takes part
+    return privacy.adaptive_clip_from_count(c, jnp.sum(norms <= c), 50, 0.5, 0.2, sigma_b, key)
+
   # C far below every norm: nobody is unclipped (b=0 < gamma) -> C grows.
-  up, b = privacy.adaptive_clip(0.1, norms, part, 0.5, 0.2, 0.0, key)
+  up, b = step(0.1, 0.0, key)
   assert float(b) == 0.0 and float(up) == pytest.approx(0.1 * math.exp(0.2 * 0.5), rel=1e-6)
   # C far above: all unclipped (b=1 > gamma) -> C shrinks.
-  down, b = privacy.adaptive_clip(10.0, norms, part, 0.5, 0.2, 0.0, key)
+  down, b = step(10.0, 0.0, key)
   assert float(b) == 1.0 and float(down) < 10.0
   c = 0.1  # the anchors' toy: converges near the median norm (Flower's sign runs off to 0)
   for t in range(80):
-    c, _ = privacy.adaptive_clip(c, norms, part, 0.5, 0.2, 50 / 20, jax.random.key(t))
+    c, _ = step(c, 50 / 20, jax.random.key(t))
   assert 0.85 < float(c) < 1.15
   assert privacy.adaptive_noise_multiplier(1.0, 2.5) == pytest.approx((1 - 0.04) ** -0.5)
   with pytest.raises(configlib.ConfigError, match="sigma_b"):
     privacy.adaptive_noise_multiplier(1.0, 0.4)
-
-
-def test_sampling_is_seeded_by_seed_and_round():
-  a = privacy.poisson_sample(1000, 0.3, seed=1, round_num=5)
-  np.testing.assert_array_equal(a, privacy.poisson_sample(1000, 0.3, seed=1, round_num=5))
-  assert not np.array_equal(a, privacy.poisson_sample(1000, 0.3, seed=1, round_num=6))
-  assert abs(a.mean() - 0.3) < 0.06
-  f = privacy.fixed_size_sample(16, 5, seed=1, round_num=0)
-  assert f.sum() == 5
-  with pytest.raises(configlib.ConfigError, match="cohort size"):
-    privacy.fixed_size_sample(4, 5, 0, 0)
 
 
 # --- accountant ------------------------------------------------------------------------------
@@ -147,55 +124,20 @@ def test_budget_stop_and_checkpoint_state():
     other.check_state(state)
 
 
-def test_dp_sgd_grad_clips_each_example():
+def test_dp_sgd_value_and_grad_clips_each_example():
   w = {"w": jnp.ones(3)}
   x = jnp.asarray([[1.0, 0, 0], [0, 100.0, 0]])
 
-  def loss(params, batch):  # gradient of example i is x_i
-    return jnp.sum(batch @ params["w"]) / batch.shape[0]
+  def loss(params, model_state, batch, key):  # gradient of example i is x_i
+    del key
+    return jnp.sum(batch @ params["w"]) / batch.shape[0], (model_state, None)
 
-  g = privacy.dp_sgd_grad(loss, w, x, jax.random.key(0), 1.0, 0.0)
+  _, g = privacy.dp_sgd_value_and_grad(loss, 1.0, 0.0)(w, {}, x, jax.random.key(0))
   np.testing.assert_allclose(g["w"], [0.5, 0.5, 0.0], atol=1e-6)
-  noisy = privacy.dp_sgd_grad(
-    loss, {"w": jnp.ones(20000)}, jnp.zeros((4, 20000)), jax.random.key(1), 2.0, 1.5
+  _, noisy = privacy.dp_sgd_value_and_grad(loss, 2.0, 1.5)(
+    {"w": jnp.ones(20000)}, {}, jnp.zeros((4, 20000)), jax.random.key(1)
   )
   assert float(noisy["w"].std()) == pytest.approx(1.5 * 2.0 / 4, rel=0.03)
-
-
-# --- secure aggregation ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dropped", [(), (1, 3)])
-def test_masked_sum_equals_plain_sum(dropped):
-  cfg = secagg.SecAggConfig(bits=32, clip_range=8.0, max_clients=5)
-  tree = _stack(5, seed=3)
-  w = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
-  total, wsum = secagg.secure_weighted_sum(
-    tree, w, cfg, seed=0, round_num=2, dropped_after_masking=dropped
-  )
-  keep = np.array([k not in dropped for k in range(5)])
-  flat = _np_flat(tree).astype(np.float64)
-  # exact in the ring: the masked sum decodes to the sum of the same quantised values
-  enc = [secagg.encode(np.concatenate([[w[k]], w[k] * flat[k]]), cfg) for k in range(5)]
-  want = secagg.decode(np.mod(sum(e for e, k in zip(enc, keep) if k), cfg.modulus), cfg)
-  got = np.asarray(jax.flatten_util.ravel_pytree(total)[0])
-  assert wsum == want[0]
-  np.testing.assert_array_equal(got, want[1:].astype(np.float32))
-  np.testing.assert_allclose(
-    got, (w[keep, None] * flat[keep]).sum(0), atol=5 * 0.5 / cfg.scale + 1e-6
-  )
-
-
-def test_single_masked_upload_is_uniform():
-  cfg = secagg.SecAggConfig(bits=16, clip_range=1.0, max_clients=4)
-  enc = secagg.encode(np.zeros(20000), cfg)  # the most structured message: all zeros
-  secrets = secagg.client_secrets(4, seed=0)
-  y = secagg.mask(enc, 0, range(4), secrets, round_salt=7, cfg=cfg)
-  counts = np.bincount((y * 16 // cfg.modulus).astype(int), minlength=16)
-  assert stats.chisquare(counts).pvalue > 1e-3
-  assert stats.kstest(y / cfg.modulus, "uniform").pvalue > 1e-3
-  assert secagg.pair_seed(1, 2, secrets, 7) == secagg.pair_seed(2, 1, secrets, 7)
-  assert secagg.pair_seed(1, 2, secrets, 7) != secagg.pair_seed(1, 2, secrets, 8)
 
 
 # --- robust aggregation ----------------------------------------------------------------------
@@ -543,6 +485,8 @@ def test_secagg_single_upload_is_uniform_and_the_engine_round_equals_fedavg():
   counts = np.bincount((y * 16 / 2**32).astype(int), minlength=16)
   assert stats.chisquare(counts).pvalue > 1e-3
   assert stats.kstest(y / 2**32, "uniform").pvalue > 1e-3
+  state["secagg"]["round"] += 1  # fresh pair masks every round
+  assert not np.array_equal(y, strategy.upload(state, strategies.Server(zeros, {}), done, 4))
   data, params = _clients(4, seed=3)
   part = np.array([[True, False, True, True]])
   examples = np.array([10, 20, 30, 40])

@@ -1,23 +1,12 @@
-"""Differential privacy for federated rounds: client-level DP-FedAvg, adaptive clipping, client
-sampling, a `dp-accounting` accountant, and example-level DP-SGD for a local step.
+"""Differential privacy for federated rounds: update clipping and noise, adaptive clipping, a
+`dp-accounting` accountant, and example-level DP-SGD for a local step.
 
-Pure functions on pytrees (a "client tree" has leaves [C, ...], one slice per client), so the
-engine's strategy hooks (issue 16) can call them from the server update or the local step:
-
-  deltas, norms = clip_updates(deltas, clip_norm)              # each client to L2 norm <= C
-  mean = dp_mean(deltas, participating, clip_norm, z, expected, key)
-      # McMahan et al. 2018 fixed-denominator estimator sum_k clip(D_k) / m + N(0, (z C / m)^2)
-  clip_norm, frac = adaptive_clip(clip_norm, norms, participating, quantile, lr, sigma_b, key)
-  mask = poisson_sample(num_clients, q, seed, round) | fixed_size_sample(num_clients, m, ...)
-  acct = Accountant(noise_multiplier=z, sampling='poisson', sampling_rate=q, delta=1e-5)
-  acct.epsilon(rounds); acct.would_exceed(rounds_done); acct.state(rounds) / acct.check_state(s)
-  grads = dp_sgd_grad(loss_fn, params, batch, key, clip_norm, z)  # example-level, one step
-  value_and_grad = dp_sgd_value_and_grad(engine_loss_fn, clip_norm, z)  # the engine's local step
-  eps = dp_sgd_epsilon(batch, n_k, z, delta, 'rdp', steps)  # one client's DP-SGD so far
-
-Which unit is protected: `dp_mean` protects a whole client (a hospital) against the server and
-anyone who sees the model; `dp_sgd_grad` protects one example inside a client. The accountant
-only knows the mechanism it is given: say which one a reported epsilon refers to.
+Pure functions on pytrees (a "client tree" has leaves [C, ...], one slice per client), called by
+the engine's strategies (fed/protected.py: dp_fedavg, dp_secagg, DP-SGD) from the server update
+or the local step. Which unit is protected: client-level DP-FedAvg protects a whole client (a
+hospital) against the server and anyone who sees the model; DP-SGD protects one example inside
+a client. The accountant only knows the mechanism it is given: say which one a reported epsilon
+refers to.
 """
 
 from __future__ import annotations
@@ -29,7 +18,6 @@ import math
 import dp_accounting
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ultrajax import configlib
 
@@ -56,14 +44,6 @@ def clip_updates(client_tree, clip_norm):
   return jax.vmap(clip_update, in_axes=(0, None))(client_tree, clip_norm)
 
 
-def noise_std(noise_multiplier: float, clip_norm: float, expected_participants: float) -> float:
-  """Std of the Gaussian noise on the DP-FedAvg mean: z * C / m, with m the expected number of
-  participants (q * K for Poisson sampling, the cohort size for fixed-size sampling)."""
-  if expected_participants <= 0:
-    raise configlib.ConfigError(f"expected_participants={expected_participants!r} must be > 0")
-  return noise_multiplier * clip_norm / expected_participants
-
-
 def add_noise(tree, std, key):
   """tree + N(0, std^2) on every coordinate (float32), one independent key per leaf."""
   leaves, treedef = jax.tree.flatten(tree)
@@ -75,49 +55,21 @@ def add_noise(tree, std, key):
   return jax.tree.unflatten(treedef, noisy)
 
 
-def dp_mean(
-  client_tree, participating, clip_norm, noise_multiplier: float, expected_participants: float, key
-):
-  """DP-FedAvg (McMahan et al. 2018) with uniform weights and the fixed denominator.
-
-  client_tree: updates [C, ...]; participating: [C] bool (this round's sample).
-  Returns sum_{k sampled} clip(D_k, C) / m + N(0, (z C / m)^2), m = expected_participants; the
-  fixed denominator keeps the sensitivity C / m whatever the sample's size. Unequal per-client
-  weights would need bounded weights w_k <= 1 and m = q * sum_k w_k (the paper's estimator).
-  """
-  clipped, _ = clip_updates(client_tree, clip_norm)
-  m = jnp.asarray(participating, jnp.float32)
-  total = jax.tree.map(lambda x: jnp.tensordot(m, x.astype(jnp.float32), axes=(0, 0)), clipped)
-  mean = jax.tree.map(lambda x: x / expected_participants, total)
-  return add_noise(mean, noise_std(noise_multiplier, clip_norm, expected_participants), key)
-
-
-def adaptive_clip(
-  clip_norm, norms, participating, target_quantile: float, lr: float, sigma_b: float, key
+def adaptive_clip_from_count(
+  clip_norm, unclipped, denominator, target_quantile: float, lr: float, sigma_b: float, key
 ):
   """Geometric quantile clipping (Andrew et al. 2021, Alg. 1): returns (new C, noised b_bar).
 
-  b_k = 1[||D_k|| <= C] (the update was NOT clipped), b_bar = (sum_k b_k + N(0, sigma_b^2)) / m
-  over the m participants, C <- C * exp(-lr * (b_bar - gamma)). More unclipped clients than the
-  target quantile gamma means C is above that quantile, so it shrinks, and vice versa.
+  unclipped: the count of updates with ||D_k|| <= C (NOT clipped); b_bar = (count + N(0,
+  sigma_b^2)) / denominator, clamped to [0, 1]; C <- C * exp(-lr * (b_bar - gamma)). More
+  unclipped clients than the target quantile gamma means C is above that quantile, so it
+  shrinks, and vice versa. Under Poisson sampling the denominator must be the expected number
+  of participants (the actual count would leak who took part).
   (Flower 1.28's `dp_adaptive_clipping.py` puts the *clipped* fraction in the same formula and
   so moves C the wrong way; TF Privacy's QuantileEstimatorQuery, behind TFF's adaptive
   aggregator, uses `record <= estimate`, as here.)
   The clip norm must be the one used for this round's clipping, so noise and C stay consistent.
   """
-  part = jnp.asarray(participating, jnp.float32)
-  unclipped = jnp.sum(part * (norms <= clip_norm).astype(jnp.float32))
-  return adaptive_clip_from_count(
-    clip_norm, unclipped, part.sum(), target_quantile, lr, sigma_b, key
-  )
-
-
-def adaptive_clip_from_count(
-  clip_norm, unclipped, denominator, target_quantile: float, lr: float, sigma_b: float, key
-):
-  """adaptive_clip from the count of unclipped updates: b_bar = (count + N(0, sigma_b^2)) /
-  denominator, clamped to [0, 1]. Under Poisson sampling the denominator must be the expected
-  number of participants (the actual count would leak who took part)."""
   b_bar = (unclipped + sigma_b * jax.random.normal(key, (), jnp.float32)) / jnp.maximum(
     denominator, 1.0
   )
@@ -136,27 +88,6 @@ def adaptive_noise_multiplier(noise_multiplier: float, sigma_b: float) -> float:
       f"need 2 * sigma_b > noise_multiplier"
     )
   return rest**-0.5
-
-
-def _rng(seed: int, round_num: int) -> np.random.Generator:
-  # One stream per (seed, round), so a resumed run draws the same cohorts (FedJAX's sampler).
-  return np.random.default_rng([int(seed), int(round_num), 0x5A4D])
-
-
-def poisson_sample(num_clients: int, rate: float, seed: int, round_num: int) -> np.ndarray:
-  """Each client joins independently with probability `rate`; returns bool [num_clients]."""
-  if not 0.0 < rate <= 1.0:
-    raise configlib.ConfigError(f"sampling rate={rate!r} is not in (0, 1]")
-  return _rng(seed, round_num).random(num_clients) < rate
-
-
-def fixed_size_sample(num_clients: int, size: int, seed: int, round_num: int) -> np.ndarray:
-  """Exactly `size` clients, uniformly without replacement; returns bool [num_clients]."""
-  if not 0 < size <= num_clients:
-    raise configlib.ConfigError(f"cohort size={size!r} is not in [1, {num_clients}]")
-  mask = np.zeros(num_clients, bool)
-  mask[_rng(seed, round_num).choice(num_clients, size, replace=False)] = True
-  return mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,36 +212,12 @@ def dp_sgd_epsilon(
   return acct.epsilon(steps)
 
 
-def clipped_noisy_mean(per_example, clip_norm, noise_multiplier: float, key):
-  """(sum_i clip(g_i, C) + N(0, (z C)^2)) / B from per-example gradients with leaves [B, ...];
-  the noise is add_noise's (one key per leaf, split from `key`)."""
-  clipped, _ = clip_updates(per_example, clip_norm)
-  size = jax.tree.leaves(per_example)[0].shape[0]
-  total = jax.tree.map(lambda g: g.sum(axis=0), clipped)
-  noisy = add_noise(total, noise_multiplier * clip_norm, key)
-  return jax.tree.map(lambda g: g / size, noisy)
-
-
-def dp_sgd_grad(loss_fn, params, batch, key, clip_norm, noise_multiplier: float):
-  """Example-level DP-SGD gradient (Abadi et al. 2016) for one local step.
-
-  loss_fn(params, batch) -> scalar on a batch whose leaves are [B, ...]; per-example gradients
-  come from jax.vmap over B with a batch of one. Returns
-  (sum_i clip(g_i, C) + N(0, (z C)^2)) / B, a pytree like params.
-  """
-
-  def one(example):
-    return jax.grad(loss_fn)(params, jax.tree.map(lambda x: x[None], example))
-
-  return clipped_noisy_mean(jax.vmap(one)(batch), clip_norm, noise_multiplier, key)
-
-
 def dp_sgd_value_and_grad(loss_fn, clip_norm: float, noise_multiplier: float):
   """The engine's LossFn (fed/rounds.py) -> its DP-SGD value_and_grad for one local step.
 
   Returns f(params, model_state, batch, key) -> ((loss, (model_state, aux)), grads): the
   loss_fn of each example alone (a batch of one) with its own key, its gradient clipped to
-  L2 norm C, summed, plus N(0, (z C)^2), divided by B (clipped_noisy_mean). From the step's
+  L2 norm C, summed, plus N(0, (z C)^2) (add_noise's, one key per leaf), divided by B. From the step's
   key: example_key, noise_key = split(key); example i gets split(example_key, B)[i]. loss and
   aux are the means over the examples. The B per-example gradients are held at once (B x the
   model's size in memory). Model state (BatchNorm statistics of a batch) would leak the batch
@@ -332,7 +239,10 @@ def dp_sgd_value_and_grad(loss_fn, clip_norm: float, noise_multiplier: float):
 
     (losses, (_, aux)), grads = jax.vmap(one)(batch, jax.random.split(example_key, size))
     aux = None if aux is None else jax.tree.map(lambda a: a.mean(axis=0), aux)
-    grads = clipped_noisy_mean(grads, clip_norm, noise_multiplier, noise_key)
+    clipped, _ = clip_updates(grads, clip_norm)
+    total = jax.tree.map(lambda g: g.sum(axis=0), clipped)
+    noisy = add_noise(total, noise_multiplier * clip_norm, noise_key)
+    grads = jax.tree.map(lambda g: g / size, noisy)
     return (losses.mean(), (model_state, aux)), grads
 
   return value_and_grad
