@@ -1,31 +1,14 @@
 """Privacy and robustness as strategies of the federated engine (issue 20; hooks: fed/strategies.py).
 
-Registered by name for `fed.strategy` (options through `fed.strategy_options`):
-  dp_fedavg        client-level DP-FedAvg (McMahan et al. 2018): on_client_done clips each
-                   client's update D_k = y_k - x to L2 norm C; server_update adds
-                   sum_k clip(D_k) / m + N(0, (z C / m)^2) to x, m = expected participants
-                   (fixed denominator). adaptive=True moves C toward the target quantile of the
-                   update norms (Andrew et al. 2021; fed/privacy.py). A dp-accounting accountant
-                   (RDP or PLD) on the job's sampling gives epsilon at `delta` every round;
-                   `epsilon_budget` > 0 stops the run before a round that would pass it.
-  fedavg_screened  FedAvg of the updates that pass the screen (below)
-  median, trimmed_mean, krum, multi_krum, norm_bound
-                   fed/robust.py's rules over the screened updates
-  secagg           FedAvg through simulated secure aggregation: each finishing client uploads
-                   [w_k, w_k D_k] quantised onto Z_{2^bits} plus pairwise masks with every other
-                   client; the server sums the uploads, removes the masks shared with clients
-                   that never uploaded (not sampled, or dropped), and decodes the weighted mean.
-  dp_secagg        DP-FedAvg through secagg (distributed DP): each client adds its share
-                   N(0, (z C)^2 / m) to its clipped update before masking; fixed clipping,
-                   'uniform' sampling; dp_fedavg's accountant and budget stop.
-The screen (robust strategies, screen_factor > 0): a client whose update has a NaN/inf or a norm
-above screen_factor x the median norm is excluded from the round, counted and reported, and the
-weights renormalise over the rest.
+Registered by name for `fed.strategy` (options through `fed.strategy_options`; docs/privacy.md):
+  dp_fedavg        DPFedAvg: client-level DP-FedAvg, fixed or adaptive clipping, an accountant
+  fedavg_screened, median, trimmed_mean, krum, multi_krum, norm_bound
+                   Robust: fed/robust.py's rules over the screened updates
+  secagg           SecureAvg: FedAvg through simulated secure aggregation (fed/secagg.py)
+  dp_secagg        DPSecureAvg: DP-FedAvg through secagg (distributed DP)
+`wrap` puts the job config's wrappers around any of the engine's strategies: DPSGD
+(config.dp_sgd) and ScaledClients (config.fed.attack, simulation only).
 
-Host side, the engine's generic hooks that the jobs' round loop calls (fed/strategies.py):
-  strategy = strategy.for_run(num_clients, clients_per_round, sampling)  # DP: m, accountant
-  why = strategy.stop_reason(rounds_done)      # a message when the next round passes the budget
-  scalars.update(strategy.report(sstate, rounds_done))  # dp/epsilon, dp/clip_norm, screen/*
 State that must survive a resume (the accountant's round count, the clip norm, the secure
 aggregation round counter) lives in the strategy state, which the jobs checkpoint.
 """
@@ -62,6 +45,14 @@ def _no_keep_local(strategy) -> None:
   # Their on_client_done replaces FedAvg's, which stores the kept leaves: refuse, not ignore.
   if strategy.keep_local:
     raise ValueError(f"{strategy.name}: keep_local is not supported (every leaf is aggregated)")
+
+
+def _check_fields(strategy, *checks) -> None:
+  """Raises ValueError naming the strategy and the first field of `checks`, (field, ok, want),
+  that is not ok."""
+  for field, ok, want in checks:
+    if not ok:
+      raise ValueError(f"{strategy.name}: {field}={getattr(strategy, field)!r} must be {want}")
 
 
 def _plus(server_tree, delta):
@@ -109,25 +100,17 @@ class DPFedAvg(strategies.FedAvg):
         f"dp_fedavg: weighting={self.weighting!r}; DP-FedAvg averages uniformly "
         "(the fixed denominator bounds each client's influence)"
       )
-    if not self.clip_norm > 0 or not self.noise_multiplier > 0:
-      raise ValueError(
-        f"dp_fedavg: clip_norm={self.clip_norm} and noise_multiplier="
-        f"{self.noise_multiplier} must be > 0"
-      )
-    if not 0 < self.target_quantile < 1 or not self.clip_lr > 0 or self.clip_count_stddev < 0:
-      raise ValueError(
-        f"dp_fedavg: target_quantile={self.target_quantile} must be in (0, 1), "
-        f"clip_lr={self.clip_lr} > 0, clip_count_stddev="
-        f"{self.clip_count_stddev} >= 0"
-      )
-    if self.epsilon_budget < 0:
-      raise ValueError(f"dp_fedavg: epsilon_budget={self.epsilon_budget} must be >= 0 (0: none)")
-    if self.accountant not in privacy.ACCOUNTANTS:
-      raise ValueError(
-        f"dp_fedavg: accountant={self.accountant!r} is not one of {privacy.ACCOUNTANTS}"
-      )
-    if not 0 < self.delta < 1:
-      raise ValueError(f"dp_fedavg: delta={self.delta} is not in (0, 1)")
+    _check_fields(
+      self,
+      ("clip_norm", self.clip_norm > 0, "> 0"),
+      ("noise_multiplier", self.noise_multiplier > 0, "> 0"),
+      ("target_quantile", 0 < self.target_quantile < 1, "in (0, 1)"),
+      ("clip_lr", self.clip_lr > 0, "> 0"),
+      ("clip_count_stddev", self.clip_count_stddev >= 0, ">= 0"),
+      ("epsilon_budget", self.epsilon_budget >= 0, ">= 0 (0: none)"),
+      ("accountant", self.accountant in privacy.ACCOUNTANTS, f"one of {privacy.ACCOUNTANTS}"),
+      ("delta", 0 < self.delta < 1, "in (0, 1)"),
+    )
     if self.adaptive and self.clip_count_stddev:  # sigma_b too small for z fails here
       privacy.adaptive_noise_multiplier(self.noise_multiplier, self.clip_count_stddev)
 
@@ -283,16 +266,13 @@ class Robust(strategies.FedAvg):
     if self.rule not in RULES:
       raise ValueError(f"{self.name}: rule={self.rule!r} is not one of {RULES}")
     robust.check_beta(self.beta)
-    if self.num_byzantine < 0 or self.num_selected < 0:
-      raise ValueError(
-        f"{self.name}: num_byzantine={self.num_byzantine} and num_selected="
-        f"{self.num_selected} must be >= 0"
-      )
-    if not self.max_norm > 0 or self.screen_factor < 0:
-      raise ValueError(
-        f"{self.name}: max_norm={self.max_norm} must be > 0 and screen_factor="
-        f"{self.screen_factor} >= 0"
-      )
+    _check_fields(
+      self,
+      ("num_byzantine", self.num_byzantine >= 0, ">= 0"),
+      ("num_selected", self.num_selected >= 0, ">= 0"),
+      ("max_norm", self.max_norm > 0, "> 0"),
+      ("screen_factor", self.screen_factor >= 0, ">= 0"),
+    )
 
   def _selected(self, num_clients: int) -> int:
     return self.num_selected or num_clients - self.num_byzantine

@@ -6,12 +6,6 @@ client's. `keep` ([C] bool, None = all) leaves clients out (those that did not r
 round, or that the screen excluded); the rules then run over the kept ones only, so a dropped
 client renormalises the weights instead of counting as a zero update.
 
-  ok, w, report = screen(updates, weights, norm_factor, keep)  # NaN/inf and absurd norms out
-  coordinate_median(updates, keep)    # per-coordinate median (unweighted)
-  trimmed_mean(updates, beta, keep)   # per coordinate, drop floor(beta K) from each end
-  krum(updates, f, m, weights, keep)  # Blanchard et al. 2017; m > 1 is Multi-Krum
-  norm_bounded_mean(updates, weights, max_norm, keep)  # clip each to max_norm, weighted mean
-
 Median, trimmed mean and Krum's selection ignore data volume (a hospital with 10x the images
 counts once): that is what makes them robust, and it conflicts with volume-weighted FedAvg.
 They need every client's plaintext update, so they cannot run behind secure aggregation.

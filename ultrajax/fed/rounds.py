@@ -141,12 +141,12 @@ class LaneState(NamedTuple):
   acc: object
 
 
-def _load(strategy, state: LaneState, server: Server, clients):
+def _load(strategy, strategy_state, client_opt_state, server: Server, clients):
   """What the lanes hold when they start `clients` [L]: params, model state, opt state, ctx."""
   params, model_state, ctx = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(
-    state.strategy_state, server, clients
+    strategy_state, server, clients
   )
-  opt_state = jax.tree.map(lambda a: a[clients], state.client_opt_state)
+  opt_state = jax.tree.map(lambda a: a[clients], client_opt_state)
   return params, model_state, opt_state, ctx
 
 
@@ -154,22 +154,12 @@ def start_round(
   strategy, server: Server, client_opt_state, strategy_state, num_clients: int, num_lanes: int
 ) -> LaneState:
   """Lane state at the start of a round (lane contents are replaced at each client's first step)."""
-  state = LaneState(
-    None,
-    None,
-    None,
-    None,
+  lanes = jnp.zeros((num_lanes,), jnp.int32)
+  return LaneState(
+    *_load(strategy, strategy_state, client_opt_state, server, lanes),
     client_opt_state,
     strategy_state,
     strategy.accumulator(strategy_state, server, num_clients),
-  )
-  return state._replace(
-    **dict(
-      zip(
-        ("params", "model_state", "opt_state", "ctx"),
-        _load(strategy, state, server, jnp.zeros((num_lanes,), jnp.int32)),
-      )
-    )
   )
 
 
@@ -267,11 +257,10 @@ def make_chunk(
       c = jnp.maximum(client, 0)
 
       def load(state):
-        fresh = _load(strategy, state, server, c)
+        fresh = _load(strategy, state.strategy_state, state.client_opt_state, server, c)
         held = (state.params, state.model_state, state.opt_state, state.ctx)
-        return state._replace(
-          **dict(zip(("params", "model_state", "opt_state", "ctx"), _select(first, fresh, held)))
-        )
+        params, model_state, opt_state, ctx = _select(first, fresh, held)
+        return state._replace(params=params, model_state=model_state, opt_state=opt_state, ctx=ctx)
 
       state = jax.lax.cond(first.any(), load, lambda s: s, state)
       keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(c)

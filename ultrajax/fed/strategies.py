@@ -37,20 +37,9 @@ e.g. 'encoder/layer1/0/bn1/scale'). Matching leaves are never averaged: each cli
 value its own last local training produced (stored per client in the state), for parameters
 and model state alike. A pattern that matches no path raises ValueError at `init`.
 
-Names (options and defaults in `docs/federated.md`):
-  local           no aggregation; each node trains alone (its own params in the state).
-  central         FedAvg's arithmetic; the job pools all nodes' data into one client.
-  fedavg          x = sum_k n_k/n y_k (volume-weighted, McMahan et al. 2017).
-  fedavg_uniform  x = 1/C sum_k y_k (HSL's full-parameter averaging).
-  fedprox         FedAvg + mu * (w - w_start) on every local gradient (Li et al. 2020); mu=0.01.
-  fedbn           FedAvg with normalisation layers (affine params and running stats) kept local.
-  keep_local      FedAvg with user patterns kept local (required), e.g. task heads.
-  personalized    y_k' = alpha y_k + (1 - alpha) mean_{j != k} y_j (unweighted), alpha=0.5.
-  fedadam / fedyogi / fedadagrad
-                  server optimizer on the pseudo-gradient g = x - sum_k w_k y_k (Reddi et al. 2021).
-  scaffold        control variates, option II (Karimireddy et al. 2020).
-  splitavg        split learning with feature concatenation at the server (Zhang et al. 2022);
-                  needs a split model, so it has its own driver, `local.make_splitavg_round`.
+Names: the keys of `STRATEGIES` (a class and its fixed options each; fed/protected.py adds the
+privacy and robust ones); math, options and defaults in docs/federated.md. 'splitavg' needs a
+split model, so it has its own driver, `local.make_splitavg_round`.
 """
 
 from __future__ import annotations
