@@ -14,11 +14,9 @@ after, so the site's own fields win. Which images a site trains on is the site's
 that sets one of SITE_ONLY is refused. A site keeps each job's state apart, in
 `workdir/job-<hash of the server's workdir>/`.
 
-What leaves the site per round: the update y_k - x (named float32 arrays), n_k, the number
-of local steps, the mean loss and gradient norm, and the site id; with SCAFFOLD also the
-change of its control variate, c_i' - c_i (c_i stays in the site's state on its disk). With SecAgg+ (the server's
-config.fl.secagg) the update leaves masked and quantised; a site whose own config sets
-fl.secagg=True refuses any round that is not securely aggregated.
+What leaves the site per round is site.train_round's result (c_i stays on the site's disk) and
+its id. With SecAgg+ (the server's config.fl.secagg) the update leaves masked and quantised; a
+site whose own config sets fl.secagg=True refuses any round that is not securely aggregated.
 
   python -m ultrajax.fl.client --config=configs/pretrain_fed.py:cpu --workdir=/var/site \
       --superlink=server.example.org:8000 --root-certificates=ca.crt \

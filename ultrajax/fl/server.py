@@ -2,30 +2,20 @@
 
 Each round the server sends the global parameters (params.py's named arrays) to every
 connected site, collects each site's update y_k - x with its n_k, and moves x as the
-simulation's strategy does (site.py's MEAN / CONTROL / PER_SITE):
-  - FedAvg, FedProx, FedAdam / FedYogi / FedAdagrad: the strategy's server step on the
-    weighted mean x + sum_k w_k (y_k - x) (w = client_weights: n_k / n or uniform);
-  - SCAFFOLD: the same, with the global control c sent alongside x and moved by the weighted
-    mean of the sites' c_i' - c_i (each site keeps its c_i);
-  - the robust rules and DP-FedAvg: the simulation's aggregation hooks (`per_site_update`)
-    over each site's own update, with the simulation's server key for DP's noise; DP's
-    epsilon is logged and its budget stops the run as in the simulation.
-It writes what the simulation writes (train/checkpoint's Orbax checkpoints with the strategy
-state, metrics.jsonl, TensorBoard, reconstruction PNGs) and a restarted server resumes from
-its last checkpoint.
+simulation's strategy does (site.py's MEAN / CONTROL / PER_SITE): the strategy's server step on
+the weighted mean, SCAFFOLD's c also by the weighted mean of the sites' c_i' - c_i, and the
+robust rules and DP-FedAvg through the simulation's aggregation hooks over each site's own
+update (`per_site_update`, with the simulation's server key for DP's noise). It writes what the
+simulation writes (Orbax checkpoints with the strategy state, metrics.jsonl, TensorBoard,
+reconstruction PNGs drawn on phantom images: the server holds no patient data), and a
+restarted server resumes from its last checkpoint.
 
 A site that fails or does not answer within config.fl.round_timeout_s is left out of the
 round: the weights are renormalised over the sites that answered, and the metrics log
 `clients` and `dropped`. With fewer than config.fl.min_clients answers (0 = every connected
-site) the round is sent again, up to config.fl.retries times, then the server stops. Before
-each sending a round waits (up to config.fl.round_timeout_s; 0 = no limit) until
-config.fl.min_clients sites are connected, so a crashed site that restarts is sent it again.
-
-With config.fl.secagg the round runs Flower's SecAgg+ workflow instead: the server learns
-only the weighted sum of the masked, quantised updates (and each site's n_k and scalars), so
-only the MEAN strategies run under it.
-
-The server holds no patient data: the PNGs are drawn on phantom images.
+site) the round is sent again, up to config.fl.retries times, then the server stops. With
+config.fl.secagg the round runs Flower's SecAgg+ workflow instead (secure.py), so only the
+MEAN strategies run under it.
 """
 
 from __future__ import annotations

@@ -2,19 +2,11 @@
 
 A site is client `config.fl.site_id` of the consortium. Given the round's global parameters it
 runs its local epoch through the engine's compiled chunk (`fed/rounds.make_chunk`, the function
-the in-process simulation runs, here with one lane and one client) and returns its update
-y_k - x, its image count n_k and a few scalars (mean loss, gradient norm, steps). Every random
+the in-process simulation runs, with the strategy's local hooks, here with one lane and one
+client) and returns its update y_k - x, its image count n_k and a few scalars. Every random
 draw is the simulation's draw for client site_id: the step keys fold_in(fold_in(round key,
 site_id), step) travel with the batch, and the data stream is `pipeline.client_dataset(source,
 site_id, ...)`. So a consortium with the same config, seed and sites reproduces the simulation.
-
-The strategy's hooks run inside that chunk as in the simulation: its context for the client
-(FedProx: the start params; SCAFFOLD: c - c_i) and its local gradient transform on every step.
-The site returns the parameters its last step left on the lane; the server applies the
-strategy's server step. The robust and DP rules act on the server only, so their sites run
-FedAvg's local epoch (`local_strategy`). With SCAFFOLD the server sends the global control c
-with x; the site's on_client_done computes its c_i' as the simulation's client k does, and the
-site returns c_i' - c_i.
 
 Between rounds the site keeps, on its own disk only, its optimizer state, its data-iterator
 position and SCAFFOLD's c_i: `workdir/site_state/<rounds done>.npz`, written atomically; the
@@ -236,17 +228,8 @@ def compiled(config) -> Compiled:
     config.on_nonfinite,
   )
 
-  def chunk(server_params, state, batches, plan, steps, weights, round_index, round_key):
-    state, metrics = engine_chunk(
-      strategies.Server(server_params, {}),
-      state,
-      batches,
-      plan,
-      steps,
-      weights,
-      round_index,
-      round_key,
-    )
+  def chunk(server_params, state, *args):  # args: engine_chunk's after the state
+    state, metrics = engine_chunk(strategies.Server(server_params, {}), state, *args)
     return state, metrics["loss"], metrics["grad_norm"]
 
   _COMPILED[key] = Compiled(mesh, abstract_params, programs, jax.jit(chunk, donate_argnums=(1,)))
