@@ -140,6 +140,11 @@ class LaneState(NamedTuple):
   strategy_state: object
   acc: object
 
+  @property
+  def lanes(self) -> tuple:
+    """What the lanes train: (params, model_state, opt_state, ctx)."""
+    return self.params, self.model_state, self.opt_state, self.ctx
+
 
 def _load(strategy, strategy_state, client_opt_state, server: Server, clients):
   """What the lanes hold when they start `clients` [L]: params, model state, opt state, ctx."""
@@ -154,9 +159,9 @@ def start_round(
   strategy, server: Server, client_opt_state, strategy_state, num_clients: int, num_lanes: int
 ) -> LaneState:
   """Lane state at the start of a round (lane contents are replaced at each client's first step)."""
-  lanes = jnp.zeros((num_lanes,), jnp.int32)
+  clients = jnp.zeros((num_lanes,), jnp.int32)
   return LaneState(
-    *_load(strategy, strategy_state, client_opt_state, server, lanes),
+    *_load(strategy, strategy_state, client_opt_state, server, clients),
     client_opt_state,
     strategy_state,
     strategy.accumulator(strategy_state, server, num_clients),
@@ -201,7 +206,8 @@ def make_chunk(
   """
   grad_fn = strategy.local_value_and_grad(loss_fn)
 
-  def one_step(params, model_state, opt_state, ctx, batch, step_id, steps, round_index, key):
+  def one_step(lane, batch, step_id, steps, round_index, key):
+    params, model_state, opt_state, ctx = lane
     (loss, (new_ms, aux)), grads = grad_fn(
       params, model_state, batch, jax.random.fold_in(key, step_id)
     )
@@ -258,24 +264,13 @@ def make_chunk(
 
       def load(state):
         fresh = _load(strategy, state.strategy_state, state.client_opt_state, server, c)
-        held = (state.params, state.model_state, state.opt_state, state.ctx)
-        params, model_state, opt_state, ctx = _select(first, fresh, held)
+        params, model_state, opt_state, ctx = _select(first, fresh, state.lanes)
         return state._replace(params=params, model_state=model_state, opt_state=opt_state, ctx=ctx)
 
       state = jax.lax.cond(first.any(), load, lambda s: s, state)
       keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(c)
-      params, model_state, opt_state, metrics = jax.vmap(
-        one_step, in_axes=(0, 0, 0, 0, 0, 0, 0, None, 0)
-      )(
-        state.params,
-        state.model_state,
-        state.opt_state,
-        state.ctx,
-        batch,
-        step_id,
-        steps_per_client[c],
-        round_index,
-        keys,
+      params, model_state, opt_state, metrics = jax.vmap(one_step, in_axes=(0, 0, 0, 0, None, 0))(
+        state.lanes, batch, step_id, steps_per_client[c], round_index, keys
       )
       state = state._replace(
         params=_select(active, params, state.params),
