@@ -26,7 +26,7 @@ from absl import logging
 from jax.flatten_util import ravel_pytree
 
 from ultrajax import configlib
-from ultrajax.fed import participation, privacy, robust, secagg, strategies
+from ultrajax.fed import aggregate, participation, privacy, robust, secagg, strategies
 from ultrajax.fed.strategies import Finished, Server
 
 RULES = ("mean", "median", "trimmed_mean", "krum", "norm_bound")
@@ -263,11 +263,10 @@ class Robust(strategies.FedAvg):
 
   def __post_init__(self):
     _no_keep_local(self)
-    if self.rule not in RULES:
-      raise ValueError(f"{self.name}: rule={self.rule!r} is not one of {RULES}")
     robust.check_beta(self.beta)
     _check_fields(
       self,
+      ("rule", self.rule in RULES, f"one of {RULES}"),
       ("num_byzantine", self.num_byzantine >= 0, ">= 0"),
       ("num_selected", self.num_selected >= 0, ">= 0"),
       ("max_norm", self.max_norm > 0, "> 0"),
@@ -293,9 +292,7 @@ class Robust(strategies.FedAvg):
 
   def accumulator(self, state, server: Server, num_clients: int):
     del state
-    stack = lambda t: jax.tree.map(
-      lambda x: jnp.zeros((num_clients, *jnp.shape(x)), jnp.float32), t
-    )
+    stack = lambda t: aggregate.broadcast(strategies._zeros(t), num_clients)
     return {
       "clients": {"params": stack(server.params), "model_state": stack(server.model_state)},
       "done": jnp.zeros((num_clients,), bool),

@@ -386,8 +386,14 @@ class Site:
         strategy_state = dict(c=c, c_clients=jax.tree.map(lambda a: a[None], c_i))
       state = self.programs.start_round(x, opt_state, strategy_state)
       round_key = rounds.round_key(self._train_key, round_index)
-      steps = np.asarray([self.steps], np.float32)
-      weights = np.ones(1, np.float32)
+      # The chunk's last arguments, the same in every chunk: steps per client, client weights
+      # (one client), the round and its key.
+      round_args = (
+        np.asarray([self.steps], np.float32),
+        np.ones(1, np.float32),
+        np.int32(round_index),
+        round_key,
+      )
       losses, norms = [], []
       for j in range(self.plan.client_ids.shape[1] // self.chunk_steps):
         p = self.plan.chunk(j, self.chunk_steps)
@@ -396,16 +402,8 @@ class Site:
         for t in np.flatnonzero(active):
           images[0, t] = next(stream)
         keys = np.asarray(self._step_keys(round_key, p.step_ids[0]))[None]
-        state, chunk_losses, chunk_norms = self._chunk(
-          x,
-          state,
-          dict(images=images, key=keys),
-          p,
-          steps,
-          weights,
-          np.int32(round_index),
-          round_key,
-        )
+        batch = dict(images=images, key=keys)
+        state, chunk_losses, chunk_norms = self._chunk(x, state, batch, p, *round_args)
         losses.append(np.asarray(chunk_losses))
         norms.append(np.asarray(chunk_norms))
       # Lane 0 holds the client's last parameters; its optimizer state was stored back.
