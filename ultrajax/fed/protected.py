@@ -588,9 +588,6 @@ class Wrapped:
     inner = self.inner.for_data(batch_size, num_examples, steps_per_round)
     return dataclasses.replace(self, inner=inner)
 
-  def stop_reason(self, rounds_done: int, state=None) -> str | None:
-    return self.inner.stop_reason(rounds_done, state)
-
 
 @dataclasses.dataclass(frozen=True)
 class DPSGD(Wrapped):

@@ -356,9 +356,8 @@ def scale_by_fedopt(kind: str, b1: float, b2: float, tau: float) -> optax.Gradie
   v starts at tau^2 (the paper's v_{-1} >= tau^2). Scale by -lr afterwards."""
 
   def init(params):
-    m = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
     v = jax.tree.map(lambda x: jnp.full(x.shape, tau * tau, jnp.float32), params)
-    return {"m": m, "v": v}
+    return {"m": _zeros(params), "v": v}
 
   def second_moment(v, g):
     g2 = g * g
@@ -416,11 +415,7 @@ class FedOpt(FedAvg):
 
   def _init(self, server_params, num_clients):
     del num_clients
-    return {
-      "server_opt": self.server_tx().init(
-        jax.tree.map(lambda x: x.astype(jnp.float32), server_params)
-      )
-    }
+    return {"server_opt": self.server_tx().init(_f32(server_params))}
 
   def server_step(self, x, mean, state):
     x = _f32(x)
