@@ -56,10 +56,6 @@ class RoundPlan(NamedTuple):
   first: np.ndarray
   last: np.ndarray
 
-  @property
-  def num_lanes(self) -> int:
-    return self.client_ids.shape[0]
-
   def chunk(self, j: int, k: int) -> RoundPlan:
     """The j-th block of k steps."""
     return RoundPlan(*(a[:, j * k : (j + 1) * k] for a in self))

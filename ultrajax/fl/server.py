@@ -90,13 +90,10 @@ class Coordinator:
       clients_lib.client_sources(phantom), config.model.image_size
     )
 
-  def global_arrays(self) -> dict:
-    return params_lib.to_arrays(self.params)
-
   def sent_arrays(self) -> dict[str, dict]:
     """What a plaintext round sends each site: {'arrays': x} and, with SCAFFOLD, {'control':
     the global control variate c} (named arrays in wire order)."""
-    out = {"arrays": self.global_arrays()}
+    out = {"arrays": params_lib.to_arrays(self.params)}
     if "c" in self.strategy_state:
       out["control"] = params_lib.to_arrays(self.strategy_state["c"])
     return out
@@ -349,7 +346,7 @@ def run(
             from ultrajax.fl import secure
 
             mean_update, results, failures = secure.secagg_round(
-              grid, context, config, nodes, coord.global_arrays(), r, timeout
+              grid, context, config, nodes, params_lib.to_arrays(coord.params), r, timeout
             )
           else:
             ok, failures = plain_round(grid, nodes, coord.sent_arrays(), r, timeout)
