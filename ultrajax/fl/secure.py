@@ -7,9 +7,7 @@ unmasking, which also removes the masks of sites that dropped after the key exch
 server ends with sum_k n_k update_k / sum_k n_k and nothing per site except what Flower's
 FitRes carries in the clear: n_k and the scalars (site id, steps, loss, gradient norm).
 
-The workflow is written against Flower's legacy Strategy interface; `_Collect` is the
-smallest such strategy: it hands every connected node the global parameters and keeps the
-unmasked mean that the workflow passes to `aggregate_fit`.
+The workflow is written against Flower's legacy Strategy interface, hence `_Collect`.
 
 Quantisation: each value of n_k / max_weight * update_k is clipped to +-clip_range and rounded
 to one of `quantization` levels, so the mean carries an error of about
@@ -32,7 +30,8 @@ from ultrajax.fl import site
 
 
 class _Collect(Strategy):
-  """Sends the round's parameters to every registered node; keeps the aggregated result."""
+  """The smallest legacy Strategy: sends the round's parameters to every registered node and
+  keeps the unmasked mean that the workflow passes to `aggregate_fit`."""
 
   def __init__(self, round_index: int):
     self.round_index = round_index
