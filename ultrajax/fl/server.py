@@ -59,9 +59,8 @@ class Coordinator:
     self.num_sites = config.fl.num_sites
     self._server_step = jax.jit(functools.partial(mean_step, self.strategy))
     self._per_site = jax.jit(per_site_update(self.strategy, max(self.num_sites, 1)))
-    model_key, self.train_key = site_lib.training_keys(config)
+    model_key, self.train_key, self.preview_key = site_lib.training_keys(config)
     init_strategy = jax.jit(lambda p: site_lib.server_state(self.strategy, p, self.num_sites))
-    self.preview_key = jax.random.split(jax.random.key(config.seed), 3)[2]
     self.ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
 
     def init():

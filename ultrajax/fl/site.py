@@ -170,9 +170,8 @@ def model_template(config):
 
 
 def training_keys(config):
-  """(model init key, training key): the simulation's split of key(config.seed)."""
-  model_key, train_key, _ = jax.random.split(jax.random.key(config.seed), 3)
-  return model_key, train_key
+  """(model init key, training key, preview key): the simulation's split of key(config.seed)."""
+  return tuple(jax.random.split(jax.random.key(config.seed), 3))
 
 
 class Compiled(NamedTuple):
@@ -274,7 +273,7 @@ class Site:
     self.abstract_control = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, np.float32), self.abstract_params
     )
-    _, self._train_key = training_keys(config)
+    _, self._train_key, _ = training_keys(config)
     self._step_keys = jax.jit(
       lambda rk, steps: jax.vmap(
         lambda s: jax.random.key_data(jax.random.fold_in(jax.random.fold_in(rk, self.site_id), s))
