@@ -246,17 +246,24 @@ class ClientBatches(grain.DatasetIterator):
         )
       return iter(ds)
 
-    iterators = [stream(k, source) for k, source in enumerate(sources)]
+    self._start([stream(k, source) for k, source in enumerate(sources)])
+
+  def _start(self, iterators: list) -> None:
     super().__init__(iterators)
     # Drains all clients at once, so no client's prefetch sits idle behind another's.
-    self._pool = concurrent.futures.ThreadPoolExecutor(len(sources), "client_batches")
+    self._pool = concurrent.futures.ThreadPoolExecutor(len(iterators), "client_batches")
 
   @property
   def num_clients(self) -> int:
     return len(self._parents)
 
-  def next_batches(self, client_ids: np.ndarray) -> np.ndarray:
-    """client_ids: [L, K] int (-1 = none) -> uint8 [L, K, B_local, S, S, 3].
+  def _zeros(self, shape: tuple[int, int]):
+    """Zero batches for [L, K] slots: uint8 [L, K, B_local, S, S, 3]."""
+    s = self.image_size
+    return np.zeros((*shape, self.local_batch_size, s, s, 3), np.uint8)
+
+  def next_batches(self, client_ids: np.ndarray):
+    """client_ids: [L, K] int (-1 = none) -> `_zeros`' [L, K, B_local, ...] filled.
 
     Slot (l, k) holds the next batch of client client_ids[l, k]; a client's slots are filled
     in row-major order. Slots of -1 are zeros and consume no data, so idle lane steps do not
@@ -273,11 +280,9 @@ class ClientBatches(grain.DatasetIterator):
         f"client_ids must be [L, K] ints in [-1, {self.num_clients}), got shape "
         f"{client_ids.shape} with values {np.unique(client_ids)[:8]}"
       )
-    s = self.image_size
-    out = np.zeros((*client_ids.shape, self.local_batch_size, s, s, 3), np.uint8)
-    flat = out.reshape(-1, *out.shape[2:])
+    out = self._zeros(client_ids.shape)
     fills = [
-      self._pool.submit(self._fill, self._parents[c], np.flatnonzero(client_ids == c), flat)
+      self._pool.submit(self._fill, self._parents[c], zip(*np.nonzero(client_ids == c)), out)
       for c in np.unique(client_ids[client_ids >= 0])
     ]
     for fill in fills:
@@ -285,10 +290,16 @@ class ClientBatches(grain.DatasetIterator):
     return out
 
   @staticmethod
-  def _fill(iterator, slots: np.ndarray, out: np.ndarray) -> None:
-    """Writes the iterator's next len(slots) batches to out[slots] (out: [L*K, B, S, S, 3])."""
+  def _fill(iterator, slots, out) -> None:
+    """Writes the iterator's next batch to out[l, k] for each slot (l, k) in turn (out: an
+    array, or a dict of arrays filled from the batch's entries)."""
     for slot in slots:
-      out[slot] = next(iterator)
+      batch = next(iterator)
+      if isinstance(out, dict):
+        for key, array in out.items():
+          array[slot] = batch[key]
+      else:
+        out[slot] = batch
 
   def __next__(self) -> np.ndarray:
     return self.next_batches(np.arange(self.num_clients)[:, None])[:, 0]
