@@ -130,7 +130,7 @@ def client_sources(config) -> list:
   u = config.ultramim
   if u.smat and u.smat_ratio > 0:
     clients = [
-      pipeline.with_scan_mode_partners(
+      pipeline.ScanModePartners(
         s,
         functools.partial(
           _smat_partner,
@@ -145,7 +145,7 @@ def client_sources(config) -> list:
       for s in clients
     ]
   if d.pool_clients:
-    clients = [sources_lib.pooled(clients)]
+    clients = [sources_lib.PooledSource(clients)]
   return clients
 
 
@@ -154,7 +154,7 @@ def smat_pairs(clients, k: int = NUM_PREVIEW, tries: int = 8) -> list:
   converted record of each client with SMAT partners (pooled clients: of each pooled source)."""
   pairs = []
   for source in (s for c in clients for s in getattr(c, "sources", [c])):
-    of = getattr(source, "of", ())  # pipeline.with_scan_mode_partners: partner j converts of[j]
+    of = getattr(source, "of", ())  # pipeline.ScanModePartners: partner j converts of[j]
     for j in range(min(len(of), tries)):
       if len(pairs) == k:
         return pairs

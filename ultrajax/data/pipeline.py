@@ -322,10 +322,21 @@ class ClientBatches(grain.DatasetIterator):
       super().close()
 
 
-class _ScanModePartners:
-  """`source` followed by scan-mode partners of its records; see below."""
+class ScanModePartners:
+  """SMAT: the n records of source, then round(ratio * n) scan-mode partners.
 
-  def __init__(self, source, convert: Callable[[dict], dict | None], ratio: float, seed: int):
+  ratio is synthetic per real image (1 = UltraFedFM's 1:1): partner j converts source record
+  j mod n while whole passes fit, then a subset drawn from (seed, crc32 of the name), in order;
+  a ratio over 1 repeats partners (the warp is deterministic), weighting them up.
+  convert maps a record dict to its partner in the other scan mode (e.g. linear -> convex).
+  Where it returns None (probe unknown) the partner is the record itself: the length, and so
+  the shuffles, batch boundaries and client weights, stay fixed and deterministic instead of
+  depending on which records happen to convert. Keeps `name`; `probe` is '' (mixed).
+  """
+
+  def __init__(
+    self, source, convert: Callable[[dict], dict | None], ratio: float = 1.0, seed: int = 0
+  ):
     if not ratio >= 0:
       raise ValueError(f"ratio={ratio!r} is not >= 0")
     self.source, self.convert = source, convert
@@ -350,19 +361,3 @@ class _ScanModePartners:
     record = self.source[int(self.of[index - n])]
     converted = self.convert(record)
     return record if converted is None else converted
-
-
-def with_scan_mode_partners(
-  source, convert: Callable[[dict], dict | None], ratio: float = 1.0, seed: int = 0
-):
-  """SMAT: the n records of source, then round(ratio * n) scan-mode partners.
-
-  ratio is synthetic per real image (1 = UltraFedFM's 1:1): partner j converts source record
-  j mod n while whole passes fit, then a subset drawn from (seed, crc32 of the name), in order;
-  a ratio over 1 repeats partners (the warp is deterministic), weighting them up.
-  convert maps a record dict to its partner in the other scan mode (e.g. linear -> convex).
-  Where it returns None (probe unknown) the partner is the record itself: the length, and so
-  the shuffles, batch boundaries and client weights, stay fixed and deterministic instead of
-  depending on which records happen to convert. Keeps `name`; `probe` is '' (mixed).
-  """
-  return _ScanModePartners(source, convert, ratio, seed)

@@ -5,15 +5,7 @@ and `__getitem__(i) -> dict`, so it is a Grain `RandomAccessDataSource` as it st
 `image` uint8 [H, W] (grey) or [H, W, 3] and, where known, `probe`, `organ`, `label`, `organ_mask`,
 `lesion_mask`, `path`, and for convex images `fan` (the probe geometry in pixels, a dict of
 ultramim.geometry.Fan's fields). Sources keep only plain data (no open files, no lambdas) so they pickle into
-Grain worker processes.
-
-- PhantomSource / default_client_sources: the built-in phantom, laid out like UltraFedFM's 16 clients.
-- FolderSource / folder_clients: one client per sub-directory of image files (DICOM files give
-  the frames config.data.dicom_frames picks, data/dicom.py).
-- manifest_clients: clients listed in a CSV file (image path, optional client, probe and extra columns).
-- pooled: several sources as one (centralized training).
-- fraction_of: a seeded fraction of a client's images (data-fraction scaling).
-- data/tfds/source.py tfds_clients: prepared TFDS datasets, one client each (data.source='tfds').
+Grain worker processes. Prepared TFDS datasets are sources too (data/tfds/source.py).
 """
 
 from __future__ import annotations
@@ -91,6 +83,14 @@ def _common_probe(probes) -> str:
   return probes.pop() if len(probes) == 1 else ""
 
 
+def check_index(source, i) -> int:
+  """int(i); IndexError naming the client when it is not a record of `source`."""
+  i = int(i)
+  if not 0 <= i < len(source):
+    raise IndexError(f"record {i} of client {source.name!r} with {len(source)} records")
+  return i
+
+
 def _check_probe(probe: str, what: str) -> str:
   if probe not in ("", *phantom.PROBES):
     raise configlib.DataError(f"{what}={probe!r} is not one of {('', *phantom.PROBES)}")
@@ -122,9 +122,7 @@ class PhantomSource:
     return self.num_images
 
   def __getitem__(self, i: int) -> dict:
-    i = int(i)
-    if not 0 <= i < self.num_images:
-      raise IndexError(f"record {i} of client {self.name!r} with {self.num_images} records")
+    i = check_index(self, i)
     rng = np.random.default_rng([self.seed, self._client_key, i])
     organ = phantom.ORGANS[rng.integers(len(phantom.ORGANS))] if self.organ == MIXED else self.organ
     return phantom.generate(rng, organ, self.probe or ORGAN_PROBE[organ], self.image_size)
@@ -263,11 +261,8 @@ class FolderSource:
       )
     if len(keep) < len(self.paths):
       logging.warning(
-        "client %r: %d of %d images do not decode and are left out (FedAvg weight n_k = %d)",
-        self.name,
-        len(self.paths) - len(keep),
-        len(self.paths),
-        len(keep),
+        f"client {self.name!r}: {len(self.paths) - len(keep)} of {len(self.paths)} images do "
+        f"not decode and are left out (FedAvg weight n_k = {len(keep)})"
       )
       self.paths = [self.paths[i] for i in keep]
       if self.record_probes is not None:
@@ -293,10 +288,7 @@ class FolderSource:
     return record
 
   def __getitem__(self, i: int) -> dict:
-    n = len(self.paths)
-    i = int(i)
-    if not 0 <= i < n:
-      raise IndexError(f"record {i} of client {self.name!r} with {n} records")
+    n, i = len(self.paths), check_index(self, i)
     for j in range(i, i + n):
       try:
         return self._record(j % n)
@@ -307,11 +299,8 @@ class FolderSource:
         token = object()
         if self._warned.setdefault(path, token) is token:  # one atomic step under the GIL
           logging.warning(
-            "%s; client %r serves the next decodable image in its place "
-            "(%d unreadable file(s) skipped so far)",
-            e,
-            self.name,
-            len(self._warned),
+            f"{e}; client {self.name!r} serves the next decodable image in its place "
+            f"({len(self._warned)} unreadable file(s) skipped so far)"
           )
     raise BadImageError(
       f"client {self.name!r}: none of its {n} images decodes (first: {self.paths[0]})"
@@ -434,7 +423,7 @@ def manifest_clients(
   columns, rows = read_manifest(csv_path, (image_column, *extra_columns))
   base = os.path.dirname(os.path.abspath(csv_path))
   stem = os.path.splitext(os.path.basename(csv_path))[0]
-  groups: dict[str, list[dict]] = {}
+  groups: dict[str, list[tuple]] = {}  # client -> (row, probe, extras) of each of its rows
   fan_columns = [c for c in FAN_COLUMNS if c in columns]
   if fan_columns and len(fan_columns) < len(FAN_COLUMNS):
     raise configlib.DataError(
@@ -442,15 +431,15 @@ def manifest_clients(
       f"{[c for c in FAN_COLUMNS if c not in columns]}; give all of "
       f"{list(FAN_COLUMNS)} or none"
     )
-  fans = {}  # id(row) -> fan dict
   for n, row in enumerate(rows, start=2):  # line 1 is the header
     client = row[client_column] if client_column in columns else stem
     if not client:
       raise configlib.DataError(f"manifest {csv_path} line {n}: empty {client_column!r}")
-    groups.setdefault(client, []).append(row)
-    if fan_columns:
-      probe = (row[probe_column] if probe_column in columns else "") or default_probe
-      fans[id(row)] = _manifest_fan(row, probe, f"manifest {csv_path} line {n}")
+    probe = (row[probe_column] if probe_column in columns else "") or default_probe
+    extras = {c: row[c] or "" for c in extra_columns}
+    if fan_columns and (fan := _manifest_fan(row, probe, f"manifest {csv_path} line {n}")):
+      extras["fan"] = fan
+    groups.setdefault(client, []).append((row, probe, extras))
   missing = [
     p for p in (os.path.join(base, r[image_column]) for r in rows) if not os.path.isfile(p)
   ]
@@ -458,29 +447,18 @@ def manifest_clients(
     raise FileNotFoundError(
       f"manifest {csv_path}: {len(missing)} of {len(rows)} images are missing, e.g. {missing[:3]}"
     )
-  clients = []
-  for client, group in groups.items():
-    probes = [(r[probe_column] if probe_column in columns else "") or default_probe for r in group]
-    clients.append(
-      FolderSource(
-        client,
-        [os.path.join(base, r[image_column]) for r in group],
-        on_bad_image=on_bad_image,
-        record_probes=probes,
-        drop_undecodable=True,
-        dicom_frames=dicom_frames,
-        extras=[
-          dict(
-            {c: r[c] or "" for c in extra_columns},
-            **({"fan": fans[id(r)]} if fans.get(id(r)) else {}),
-          )
-          for r in group
-        ]
-        if extra_columns or fans
-        else None,
-      )
+  return [
+    FolderSource(
+      client,
+      [os.path.join(base, r[image_column]) for r, _, _ in group],
+      on_bad_image=on_bad_image,
+      record_probes=[probe for _, probe, _ in group],
+      drop_undecodable=True,
+      dicom_frames=dicom_frames,
+      extras=[e for _, _, e in group] if extra_columns or fan_columns else None,
     )
-  return clients
+    for client, group in groups.items()
+  ]
 
 
 # A convex image's fan in its pixels (ultramim.geometry.Fan's fields), optional manifest columns.
@@ -514,11 +492,12 @@ def _manifest_fan(row: dict, probe: str, where: str) -> dict | None:
 
 
 class PooledSource:
-  """Sources concatenated: record i of the pool is record i - offset[k] of source k."""
+  """Every record of `sources` in order, as one source (centralized training): record i of the
+  pool is record i - offset[k] of source k; probe = their common probe, or ''."""
 
-  def __init__(self, sources: Sequence, name: str):
+  def __init__(self, sources: Sequence, name: str = "pooled"):
     if not sources:
-      raise ValueError("pooled() needs at least one source")
+      raise ValueError("PooledSource needs at least one source")
     self.sources, self.name = list(sources), name
     self.probe = _common_probe(s.probe for s in self.sources)
     self._ends = np.cumsum([len(s) for s in self.sources]).tolist()
@@ -527,16 +506,9 @@ class PooledSource:
     return self._ends[-1]
 
   def __getitem__(self, i: int) -> dict:
-    i = int(i)
-    if not 0 <= i < len(self):
-      raise IndexError(f"record {i} of client {self.name!r} with {len(self)} records")
+    i = check_index(self, i)
     k = bisect.bisect_right(self._ends, i)
     return self.sources[k][i - (self._ends[k - 1] if k else 0)]
-
-
-def pooled(sources: Sequence, name: str = "pooled") -> PooledSource:
-  """One source holding every record of `sources` in order; probe = their common probe, or ''."""
-  return PooledSource(sources, name)
 
 
 class SubsetSource:

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from ultrajax import configlib
+from ultrajax.data import sources
 
 
 def _open(name: str, data_dir: str, split: str):
@@ -67,9 +68,7 @@ class TfdsSource:
     return self._length
 
   def __getitem__(self, i: int) -> dict:
-    i = int(i)
-    if not 0 <= i < self._length:
-      raise IndexError(f"record {i} of client {self.name!r} with {self._length} records")
+    i = sources.check_index(self, i)
     if self._source is None:
       self._source = _open(self.name, self.data_dir, self.split)
     ex = self._source[i]
