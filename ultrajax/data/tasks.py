@@ -217,11 +217,8 @@ def phantom_task(
       raise configlib.ConfigError(
         f"config.data.seg_target={seg_target!r} is not one of {SEG_TARGETS}"
       )
-    class_names = (
-      ("background", seg_target)
-      if seg_target != "organ_and_lesion"
-      else ("background", "organ", "lesion")
-    )
+    both = seg_target == "organ_and_lesion"
+    class_names = ("background", "organ", "lesion") if both else ("background", seg_target)
   for organ in organs:
     for i, r in enumerate(_phantom_records(organ, num_images_per_organ, image_size, seed)):
       if task_type == "cls":
@@ -229,10 +226,8 @@ def phantom_task(
         if name not in class_names:
           continue
         targets.append(class_names.index(name))
-      elif seg_target == "lesion":
-        targets.append(r["lesion_mask"])
-      elif seg_target == "organ":
-        targets.append(r["organ_mask"])
+      elif seg_target in ("lesion", "organ"):
+        targets.append(r[f"{seg_target}_mask"])
       else:
         targets.append(np.maximum(r["organ_mask"], 2 * r["lesion_mask"]).astype(np.uint8))
       images.append(_to_rgb(r["image"]))
@@ -267,10 +262,9 @@ def _class_names(values, given: str, where: str, lines=None) -> tuple[str, ...]:
   present = sorted(set(values))
   if not given:
     counts = collections.Counter(values)
+    found = ", ".join(f"{c!r} ({counts[c]} images)" for c in present)
     logging.info(
-      "%s: config.data.classes='' so the classes are the labels found, sorted: %s",
-      where,
-      ", ".join(f"{c!r} ({counts[c]} images)" for c in present),
+      f"{where}: config.data.classes='' so the classes are the labels found, sorted: {found}"
     )
     return tuple(present)
   names = _names(given)
@@ -406,17 +400,14 @@ def manifest_task(
           "(a segmentation task needs a mask for every image)"
         )
       mask_path = os.path.join(base, row[mask_column])
-      try:
+      try:  # the decoding, size and value errors name the line
         mask = sources.decode_image(mask_path)
-      except sources.BadImageError as e:
-        raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
-      mask = mask.max(axis=-1) if mask.ndim == 3 else mask
-      if mask.shape != image.shape[:2]:
-        raise configlib.DataError(
-          f"manifest {csv_path} line {line}: mask {mask_path} is {mask.shape[1]}x"
-          f"{mask.shape[0]} but image {path} is {image.shape[1]}x{image.shape[0]}"
-        )
-      try:
+        mask = mask.max(axis=-1) if mask.ndim == 3 else mask
+        if mask.shape != image.shape[:2]:
+          raise configlib.DataError(
+            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {path} is "
+            f"{image.shape[1]}x{image.shape[0]}"
+          )
         mask = mask_classes(mask, mask_mode, class_names, mask_path)
       except configlib.DataError as e:
         raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
@@ -506,29 +497,18 @@ def log_class_counts(data: TaskData, where: str) -> None:
   counts = class_counts(data)
   what = "images" if data.task_type == "cls" else "images showing it"
   for name, row in zip(data.class_names, counts):
-    logging.info(
-      "%s: class %r: %d %s (%s)",
-      where,
-      name,
-      row.sum(),
-      what,
-      ", ".join(f"{s} {n}" for s, n in zip(SPLITS, row.tolist())),
-    )
+    per_split = ", ".join(f"{s} {n}" for s, n in zip(SPLITS, row.tolist()))
+    logging.info(f"{where}: class {name!r}: {row.sum()} {what} ({per_split})")
     if row.sum() == 1 and data.task_type == "cls":
       logging.warning(
-        "%s: class %r has a single image: a misspelt label? Declaring "
-        "config.data.classes makes unknown labels an error.",
-        where,
-        name,
+        f"{where}: class {name!r} has a single image: a misspelt label? Declaring "
+        "config.data.classes makes unknown labels an error."
       )
     missing = [s for s, n in zip(SPLITS, row.tolist()) if n == 0]
     if missing:
       logging.warning(
-        "%s: class %r has no image in the %s split(s); metrics that need every "
-        "class there (AUROC, per-class Dice) are undefined.",
-        where,
-        name,
-        "/".join(missing),
+        f"{where}: class {name!r} has no image in the {'/'.join(missing)} split(s); metrics "
+        "that need every class there (AUROC, per-class Dice) are undefined."
       )
 
 
@@ -550,12 +530,10 @@ def load_task(data_config, task_type: str, image_size: int) -> TaskData:
   if c.source not in SOURCES:
     raise configlib.ConfigError(f"config.data.source={c.source!r} is not one of {SOURCES}")
   mask_mode = c.get("mask_mode", "binary")
-  if task_type == "seg":
-    seg_class_names(
-      c.classes if c.source != "phantom" else "", mask_mode
-    )  # a bad field fails first
+  if task_type == "seg":  # a bad field fails first
+    seg_class_names(c.classes if c.source != "phantom" else "", mask_mode)
   if c.source == "phantom":
-    organs = tuple(o.strip() for o in c.organs.split(",") if o.strip())
+    organs = _names(c.organs)
     data = phantom_task(
       task_type,
       organs,
@@ -610,13 +588,10 @@ def load_task(data_config, task_type: str, image_size: int) -> TaskData:
         f"{len(np.unique(data.groups))} patients; split_fractions="
         f"{tuple(c.split_fractions)})"
       )
+  per_split = ", ".join(f"{s} {int(np.sum(data.splits == s))}" for s in SPLITS)
   logging.info(
-    "%s: %d images of %d patients, %s; classes %s",
-    where,
-    len(data.images),
-    len(np.unique(data.groups)),
-    ", ".join(f"{s} {int(np.sum(data.splits == s))}" for s in SPLITS),
-    data.class_names,
+    f"{where}: {len(data.images)} images of {len(np.unique(data.groups))} patients, "
+    f"{per_split}; classes {data.class_names}"
   )
   log_class_counts(data, where)
   return data
