@@ -7,13 +7,7 @@ A raw record (what a source returns) is one image and its instances:
   classes       int [N]: an instance's class for prompted classification (the phantom's lesion
                 label, 1 benign / 2 malignant; 0 = none; COCO: optional `class_label` per annotation)
   image_id, file_name
-`prepare` turns it into the model's static shapes: image resized (long side to S, aspect kept)
-and padded bottom/right to [S, S, 3]; instances padded to M with a `valid` mask, so one compiled
-program serves every image. `InstanceDataset` filters categories (the zero-shot protocol trains
-without some), skips images left without instances (counted, logged) and serves batches whose
-order and flips depend only on (seed, stream position). `train_batches` reads them through a
-Grain pipeline (threads, prefetch) whose iterator state is saved with the checkpoint.
-`classified_instances` gathers the instances that carry a class, from either source.
+`prepare` pads it to static shapes, so one compiled program serves every image.
 """
 
 from __future__ import annotations

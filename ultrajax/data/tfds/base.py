@@ -29,7 +29,8 @@ NAN = float("nan")
 
 
 class UltrasoundBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base of the ultrasound builders. Subclasses set the class attributes and `_generate_examples`."""
+  """Base of the ultrasound builders. Subclasses set the class attributes and `_generate_examples`;
+  their docstring is the dataset's description."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES: ClassVar[dict] = {"1.0.0": "First release."}
@@ -37,7 +38,6 @@ class UltrasoundBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   CLASSES: tuple[str, ...] = ()  # label names; () when the set has no image-level label
   HAS_MASK = False
   ROOT = ""  # the folder the publishers' archive unpacks to, checked in manual_dir
-  DESCRIPTION = ""
   CITATION = ""
   HOMEPAGE = ""
   EXTRA_FEATURES: ClassVar[dict] = {}  # more features, name -> tfds feature
@@ -56,7 +56,7 @@ class UltrasoundBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     if self.CLASSES:
       features["label"] = tfds.features.ClassLabel(names=list(self.CLASSES))
     return self.dataset_info_from_configs(
-      description=self.DESCRIPTION,
+      description=self.__doc__,
       features=tfds.features.FeaturesDict(features),
       homepage=self.HOMEPAGE,
       citation=self.CITATION,
@@ -125,9 +125,8 @@ def read_csv(path: str) -> list[dict]:
   return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in rows]
 
 
-def column(row: dict, names: tuple[str, ...], where: str) -> str:
-  """The first of `names` present in `row`; KeyError naming `where` and the columns found."""
-  for name in names:
-    if name in row:
-      return row[name]
-  raise KeyError(f"{where} has none of the columns {names}; it has {sorted(row)}")
+def column(row: dict, name: str, where: str) -> str:
+  """row[name]; KeyError naming `where` and the columns found when `row` has no `name`."""
+  if name not in row:
+    raise KeyError(f"{where} has no column {name!r}; it has {sorted(row)}")
+  return row[name]

@@ -45,7 +45,6 @@ class Pocus(base.UltrasoundBuilder):
   CHANNELS = 3
   CLASSES = ("covid", "pneumonia", "regular", "viral")
   EXTRA_FEATURES: ClassVar[dict] = {"frame": base.tfds.features.Scalar(np.int32)}  # -1: image
-  DESCRIPTION = __doc__
   HOMEPAGE = "https://github.com/jannisborn/covid19_ultrasound"
   CITATION = (
     "Born J, Wiedemann N, Cossio M, et al. Accelerating detection of lung pathologies "
