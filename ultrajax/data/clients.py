@@ -39,12 +39,9 @@ def _record_fan(record: dict):
     if path:
       _ESTIMATED_FANS[path] = fan
   if isinstance(fan, str):
+    what = path or "a convex image"
     logging.log_first_n(
-      logging.WARNING,
-      "SMAT: %s gets no linear partner (it stays real): %s",
-      20,
-      path or "a convex image",
-      fan,
+      logging.WARNING, f"SMAT: {what} gets no linear partner (it stays real): {fan}", 20
     )
     return None
   return fan, ultramim.geometry.support(record["image"])
@@ -79,15 +76,9 @@ def client_sources(config) -> list:
   d = config.data
   if d.source == "phantom" and d.get("phantom_organs"):
     # One client per organ (e.g. the transfer study's single-organ pretraining).
+    n, size = d.phantom_min_images, d.phantom_image_size
     clients = [
-      sources_lib.PhantomSource(
-        organ,
-        organ,
-        sources_lib.ORGAN_PROBE[organ],
-        d.phantom_min_images,
-        d.phantom_image_size,
-        config.seed,
-      )
+      sources_lib.PhantomSource(organ, organ, sources_lib.ORGAN_PROBE[organ], n, size, config.seed)
       for organ in (o.strip() for o in d.phantom_organs.split(","))
       if organ
     ]

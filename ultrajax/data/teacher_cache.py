@@ -95,12 +95,7 @@ def build(
     images.flush()
     feats.flush()
     logging.info(
-      "teacher cache: client %d %r, %d images, targets %s %s",
-      k,
-      source.name,
-      n,
-      feats.shape[1:],
-      dtype,
+      f"teacher cache: client {k} {source.name!r}, {n} images, targets {feats.shape[1:]} {dtype}"
     )
     del images, feats
   (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
