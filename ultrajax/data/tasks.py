@@ -83,6 +83,22 @@ class TaskData:
   def indices(self, split: str) -> np.ndarray:
     return np.flatnonzero(self.splits == split)
 
+  @classmethod
+  def from_lists(
+    cls, images, targets, groups, class_names, task_type: str, splits=None, spacing=None
+  ) -> TaskData:
+    """Per-image lists -> TaskData: targets int32 (cls) or uint8 (seg), splits '' (to be drawn
+    by `split_by_group`) unless given, spacing None when empty."""
+    return cls(
+      np.stack(images),
+      np.asarray(targets, np.int32 if task_type == "cls" else np.uint8),
+      np.array(groups),
+      np.array(splits or [""] * len(images), dtype=object),
+      class_names,
+      task_type,
+      np.asarray(spacing, np.float64) if spacing else None,
+    )
+
 
 # ------------------------------------------------------------------------------------------------
 # Resizing
@@ -237,15 +253,7 @@ def phantom_task(
       f"the phantom gave no images of classes {class_names} for "
       f"organs {tuple(organs)}; raise config.data.num_images_per_organ"
     )
-  dtype = np.int32 if task_type == "cls" else np.uint8
-  return TaskData(
-    np.stack(images),
-    np.asarray(targets, dtype),
-    np.array(groups),
-    np.full(len(images), "", dtype=object),
-    class_names,
-    task_type,
-  )
+  return TaskData.from_lists(images, targets, groups, class_names, task_type)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,16 +441,7 @@ def manifest_task(
     raise configlib.DataError(
       f"manifest {csv_path}: column {split_column!r} has values {bad}; use {SPLITS}"
     )
-  dtype = np.int32 if task_type == "cls" else np.uint8
-  return TaskData(
-    np.stack(images),
-    np.asarray(targets, dtype),
-    np.array(groups),
-    np.array(splits, dtype=object),
-    class_names,
-    task_type,
-    np.asarray(spacing, np.float64) if spacing else None,
-  )
+  return TaskData.from_lists(images, targets, groups, class_names, task_type, splits, spacing)
 
 
 def folders_task(root: str, image_size: int, classes: str = "") -> TaskData:
@@ -466,14 +465,7 @@ def folders_task(root: str, image_size: int, classes: str = "") -> TaskData:
       images.append(resize_image(sources.decode_image(path), image_size))
       targets.append(class_names.index(name))
       groups.append(os.path.relpath(path, root))
-  return TaskData(
-    np.stack(images),
-    np.asarray(targets, np.int32),
-    np.array(groups),
-    np.full(len(images), "", dtype=object),
-    class_names,
-    "cls",
-  )
+  return TaskData.from_lists(images, targets, groups, class_names, "cls")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -116,25 +116,16 @@ def tfds_task(
     raise configlib.ConfigError(f"{where} has no masks; use it for task_type='cls' or pretraining")
   if task_type == "cls":
     class_names = tasks._class_names([r["label"] for r in records], classes, where)
-    targets = np.asarray([class_names.index(r["label"]) for r in records], np.int32)
+    targets = [class_names.index(r["label"]) for r in records]
   else:
     class_names = tasks.seg_class_names(classes, "binary")
-    targets = np.stack([tasks.resize_mask(r["lesion_mask"], image_size) for r in records])
+    targets = [tasks.resize_mask(r["lesion_mask"], image_size) for r in records]
   spacing = None
   if all(r["pixel_size_mm"] for r in records):
-    spacing = np.asarray(
-      [
-        tasks.input_spacing(float(r["pixel_size_mm"]), r["image"].shape[:2], image_size)
-        for r in records
-      ],
-      np.float64,
-    )
-  return tasks.TaskData(
-    np.stack([tasks.resize_image(r["image"], image_size) for r in records]),
-    targets,
-    np.array([r["patient_id"] for r in records]),
-    np.full(len(records), "", dtype=object),
-    class_names,
-    task_type,
-    spacing,
-  )
+    spacing = [
+      tasks.input_spacing(float(r["pixel_size_mm"]), r["image"].shape[:2], image_size)
+      for r in records
+    ]
+  images = [tasks.resize_image(r["image"], image_size) for r in records]
+  groups = [r["patient_id"] for r in records]
+  return tasks.TaskData.from_lists(images, targets, groups, class_names, task_type, None, spacing)
