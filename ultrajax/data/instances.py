@@ -409,12 +409,10 @@ class InstanceDataset:
     self.indices = [i for i in range(len(source)) if self._keep(source.category_ids_of(i)).any()]
     self.skipped_images = len(source) - len(self.indices)
     if self.skipped_images:
+      categories = sorted(keep_categories or set(names) - set(drop_categories))
       logging.info(
-        "%s: skipped %d of %d images without instances of categories %s.",
-        getattr(source, "name", "source"),
-        self.skipped_images,
-        len(source),
-        sorted(keep_categories or set(names) - set(drop_categories)),
+        f"{getattr(source, 'name', 'source')}: skipped {self.skipped_images} of {len(source)} "
+        f"images without instances of categories {categories}."
       )
     if not self.indices:
       raise InstanceDataError(

@@ -373,12 +373,8 @@ def _skin(rng) -> _Scene:
 
 def _muscle(rng) -> _Scene:
   regions, top = _wall(rng, fat=(0.05, 0.12))
-  bottom = _Surface(
-    top + rng.uniform(0.4, 0.55),
-    rng.uniform(0.01, 0.03),
-    rng.uniform(3, 7),
-    rng.uniform(0, 2 * np.pi),
-  )
+  depth = top + rng.uniform(0.4, 0.55)
+  bottom = _Surface(depth, rng.uniform(0.01, 0.03), rng.uniform(3, 7), rng.uniform(0, 2 * np.pi))
   belly = _layer(top, bottom)
   fascia = bottom._replace(depth=bottom.depth + 0.015)
   bone = bottom._replace(depth=fascia.depth + rng.uniform(0.05, 0.15))
