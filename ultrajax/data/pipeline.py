@@ -78,9 +78,17 @@ def augment(
   if image.dtype != np.uint8 or not (image.ndim == 2 or image.shape[-1] == 3):
     raise ValueError(f"augment expects uint8 [H, W] or [H, W, 3], got {image.dtype} {image.shape}")
   top, left, h, w = random_resized_crop_params(rng, *image.shape[:2], scale=crop_scale)
-  crop = Image.fromarray(image[top : top + h, left : left + w])
-  out = np.asarray(crop.resize((image_size, image_size), Image.Resampling.BICUBIC))
-  if hflip and rng.random() < 0.5:
+  flip = hflip and rng.random() < 0.5
+  return resize_rgb(image[top : top + h, left : left + w], image_size, flip)
+
+
+def resize_rgb(image: np.ndarray, image_size: int, flip: bool = False) -> np.ndarray:
+  """uint8 [H, W] or [H, W, 3] -> [S, S, 3]: resized (bicubic), mirrored when `flip`; grey is
+  replicated to 3 channels after resizing."""
+  out = np.asarray(
+    Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+  )
+  if flip:
     out = out[:, ::-1]
   if out.ndim == 2:
     out = np.repeat(out[:, :, None], 3, axis=2)

@@ -26,7 +26,6 @@ from collections.abc import Callable
 import grain
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from ultrajax import configlib
 from ultrajax.data import pipeline
@@ -40,12 +39,7 @@ def fixed_view(image: np.ndarray, image_size: int) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
-  out = np.asarray(
-    Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
-  )
-  if out.ndim == 2:
-    out = np.repeat(out[:, :, None], 3, axis=2)
-  return np.ascontiguousarray(out)
+  return pipeline.resize_rgb(image, image_size)
 
 
 def _files(directory: pathlib.Path, client: int) -> tuple[pathlib.Path, pathlib.Path]:
