@@ -142,10 +142,6 @@ def rand_augment_one(key, image, num_ops: int, magnitude: float, magnitude_std: 
   return image
 
 
-# ------------------------------------------------------------------------------------------------
-# Labels: smoothing, mixup, cutmix
-
-
 def random_erasing(
   key, image, prob: float, area=(0.02, 1 / 3), log_ratio=(-1.204, 1.204), attempts: int = 10
 ):

@@ -33,7 +33,6 @@ class InstanceDataError(ValueError):
   """A COCO file, annotation or image that cannot be used; the message names it."""
 
 
-# ----------------------------------------------------------------------------- phantom
 def phantom_record(image_id: int, generated: dict) -> dict:
   """A phantom.generate dict -> raw record: the organ, and the lesion when there is one."""
   masks, cats, classes = [], [], []
@@ -80,7 +79,6 @@ class PhantomInstances:
     return self[i]["category_ids"]
 
 
-# ----------------------------------------------------------------------------- COCO
 def _decode_segmentation(seg, height: int, width: int, where: str) -> np.ndarray:
   """COCO polygon list, uncompressed RLE or compressed RLE -> uint8 [H, W]."""
   if isinstance(seg, list):
@@ -248,7 +246,6 @@ def write_coco(
   return json_path
 
 
-# ----------------------------------------------------------------------------- masks (TFDS)
 def mask_instances(mask: np.ndarray, mode: str = "binary") -> tuple[np.ndarray, np.ndarray]:
   """A segmentation mask [H, W] -> (instance masks uint8 [N, H, W], category ids int32 [N]).
 
@@ -318,7 +315,6 @@ def tfds_instances(
   )
 
 
-# ----------------------------------------------------------------------------- prepare
 def _resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
   """uint8 [H, W] or [H, W, 3] -> [height, width] bilinear (PIL)."""
   return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR))

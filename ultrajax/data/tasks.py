@@ -100,10 +100,6 @@ class TaskData:
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# Resizing
-
-
 def _to_rgb(image: np.ndarray) -> np.ndarray:
   return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
 
@@ -123,10 +119,6 @@ def input_spacing(pixel_size_mm: float, shape, size: int) -> tuple[float, float]
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
   """uint8 class map [H, W] -> [S, S], nearest neighbour (class ids stay class ids)."""
   return np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST), np.uint8)
-
-
-# ------------------------------------------------------------------------------------------------
-# Splits and subsets
 
 
 def split_by_group(groups: np.ndarray, fractions, seed: int) -> np.ndarray:
@@ -183,10 +175,6 @@ def train_subset(data: TaskData, fraction: float, seed: int) -> np.ndarray:
       ranked = stratum[rng.permutation(len(stratum))]
       keep.extend(ranked[: max(1, int(round(fraction * len(stratum))))].tolist())
   return train[np.isin(data.groups[train], keep)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Phantom tasks
 
 
 @functools.lru_cache(maxsize=8)
@@ -251,10 +239,6 @@ def phantom_task(
       f"organs {tuple(organs)}; raise config.data.num_images_per_organ"
     )
   return TaskData.from_lists(images, targets, groups, class_names, task_type)
-
-
-# ------------------------------------------------------------------------------------------------
-# Real data
 
 
 def _names(given: str) -> tuple[str, ...]:
@@ -463,10 +447,6 @@ def folders_task(root: str, image_size: int, classes: str = "") -> TaskData:
       targets.append(class_names.index(name))
       groups.append(os.path.relpath(path, root))
   return TaskData.from_lists(images, targets, groups, class_names, "cls")
-
-
-# ------------------------------------------------------------------------------------------------
-# From config
 
 
 def class_counts(data: TaskData) -> np.ndarray:
