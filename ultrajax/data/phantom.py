@@ -199,17 +199,13 @@ def _wall(rng, fat=(0.04, 0.1), muscle=None) -> tuple[list, float]:
   return regions, top + 0.012
 
 
-def _below(e: _Ellipse, depth: float) -> _Ellipse:
-  """e moved down so that its top clears `depth` (organs never overlap the wall layers above them)."""
-  return e._replace(cy=depth + e.half_height())
-
-
 def _organ(rng, top: float, x: float, a, b, tilt: float, gap) -> _Ellipse:
   """An organ ellipse drawn in this order: centre in [-x, x], semi-axes in the (low, high) ranges
   a and b, rotation in [-tilt, tilt]; then moved below `top` by a gap (a (low, high) range, or a
-  fixed number)."""
+  fixed number), so that it never overlaps the wall layers above it."""
   e = _Ellipse(rng.uniform(-x, x), 0.0, rng.uniform(*a), rng.uniform(*b), rng.uniform(-tilt, tilt))
-  return _below(e, top + (rng.uniform(*gap) if isinstance(gap, tuple) else gap))
+  depth = top + (rng.uniform(*gap) if isinstance(gap, tuple) else gap)
+  return e._replace(cy=depth + e.half_height())
 
 
 def _site_in(rng, e: _Ellipse, max_radius: float) -> tuple[float, float, float]:

@@ -99,11 +99,6 @@ def _augment_record(record: dict, rng: np.random.Generator, **kwargs) -> np.ndar
   return augment(record["image"], rng, **kwargs)
 
 
-def _augment_seed(seed: int, client: int) -> int:
-  """The 32-bit seed Grain's random_map takes, hashed from (seed, client)."""
-  return int(np.random.SeedSequence([seed, client]).generate_state(1)[0])
-
-
 class _EpochShuffle(grain.MapDataset):
   """`parent` repeated forever, epoch e in the permutation drawn from (*entropy, e).
 
@@ -159,12 +154,12 @@ def client_dataset(
   local = batch_size // process_count
   ds = _EpochShuffle(grain.MapDataset.source(source), (seed, client))
   # random_map seeds each record's RNG with its stream position, so results do not depend
-  # on which thread reads it or when.
+  # on which thread reads it or when; its 32-bit seed is hashed from (seed, client).
   ds = ds.random_map(
     functools.partial(
       _augment_record, image_size=image_size, crop_scale=tuple(crop_scale), hflip=hflip
     ),
-    seed=_augment_seed(seed, client),
+    seed=int(np.random.SeedSequence([seed, client]).generate_state(1)[0]),
   )
   # Sub-batch m covers stream positions [m * local, (m + 1) * local); global batch b is
   # sub-batches b * P .. b * P + P - 1, so this process takes every P-th from its index.
