@@ -166,12 +166,8 @@ def label_ratios(
   if len(sizes) != len(ratios):
     raise ValueError(f"label_ratios: {len(sizes)} sizes but {len(ratios)} ratios")
   names = names or [f"node{k}" for k in range(len(sizes))]
-  return draw(
-    labels,
-    [NodeSpec(n, s, tuple(r)) for n, s, r in zip(names, sizes, ratios)],
-    seed,
-    classes=classes,
-  )
+  nodes = [NodeSpec(n, s, tuple(r)) for n, s, r in zip(names, sizes, ratios)]
+  return draw(labels, nodes, seed, classes=classes)
 
 
 def quantity_ratios(

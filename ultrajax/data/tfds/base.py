@@ -86,7 +86,7 @@ def example(
   label and the set's own features)."""
   record = dict(image=image, patient_id=patient_id, probe=probe, pixel_size_mm=NAN)
   if mask is not None:
-    record["mask"] = mask_feature(mask)
+    record["mask"] = np.where(mask, 255, 0).astype(np.uint8)[..., None]  # [H, W, 1] in {0, 255}
   return dict(record, **features, file_name=os.path.relpath(path, manual_dir))
 
 
@@ -107,11 +107,6 @@ def binary_mask(path: str) -> np.ndarray:
   with Image.open(path) as img:
     values = np.asarray(img.convert("RGB") if img.mode not in ("1", "L") else img.convert("L"))
   return (values.max(-1) if values.ndim == 3 else values) >= 128
-
-
-def mask_feature(mask: np.ndarray) -> np.ndarray:
-  """bool [H, W] -> uint8 [H, W, 1] in {0, 255}."""
-  return np.where(mask, 255, 0).astype(np.uint8)[..., None]
 
 
 def read_csv(path: str) -> list[dict]:
