@@ -186,10 +186,7 @@ def _dicom_frames(paths, per_record, rule: str):
         pass
   return (
     [f for frames in expanded for f in frames],
-    *(
-      None if values is None else [v for v, frames in zip(values, expanded) for _ in frames]
-      for values in per_record
-    ),
+    *([v for v, frames in zip(values, expanded) for _ in frames] for values in per_record),
   )
 
 
@@ -223,21 +220,21 @@ class FolderSource:
       raise ValueError(f"on_bad_image={on_bad_image!r} is not one of {ON_BAD_IMAGE}")
     if not paths:
       raise ValueError(f"client {name!r} has no images")
+    if record_probes is None:
+      record_probes = [_check_probe(probe, "probe")] * len(paths)
+    extras = [{}] * len(paths) if extras is None else extras
     for what, values in (("record_probes", record_probes), ("extras", extras)):
-      if values is not None and len(values) != len(paths):
+      if len(values) != len(paths):
         raise ValueError(
           f"{what} has {len(values)} entries for {len(paths)} paths of client {name!r}"
         )
     paths, record_probes, extras = _dicom_frames(paths, (record_probes, extras), dicom_frames)
     self.name, self.paths, self.on_bad_image = name, [str(p) for p in paths], on_bad_image
-    if record_probes is None:
-      self.probe, self.record_probes = _check_probe(probe, "probe"), None
-    else:
-      self.record_probes = [
-        _check_probe(p, f"probe of {path}") for p, path in zip(record_probes, paths)
-      ]
-      self.probe = _common_probe(self.record_probes)
-    self.extras = None if extras is None else [dict(e) for e in extras]
+    self.record_probes = [
+      _check_probe(p, f"probe of {path}") for p, path in zip(record_probes, paths)
+    ]
+    self.probe = _common_probe(self.record_probes)
+    self.extras = [dict(e) for e in extras]
     self._warned: dict[str, object] = {}  # path -> the call that warned (prefetch threads race)
     if drop_undecodable and on_bad_image == "skip":
       self._drop_undecodable()
@@ -265,11 +262,9 @@ class FolderSource:
         f"not decode and are left out (FedAvg weight n_k = {len(keep)})"
       )
       self.paths = [self.paths[i] for i in keep]
-      if self.record_probes is not None:
-        self.record_probes = [self.record_probes[i] for i in keep]
-        self.probe = _common_probe(self.record_probes)
-      if self.extras is not None:
-        self.extras = [self.extras[i] for i in keep]
+      self.record_probes = [self.record_probes[i] for i in keep]
+      self.extras = [self.extras[i] for i in keep]
+      self.probe = _common_probe(self.record_probes)
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -277,15 +272,13 @@ class FolderSource:
   def _record(self, i: int) -> dict:
     path = self.paths[i]
     image, spacing = _decode_dicom(path) if dicom.is_dicom(path) else (decode_image(path), None)
-    record = {
+    return {
       "image": image,
       "path": path,
       **dicom.record_extras(spacing),
-      "probe": self.probe if self.record_probes is None else self.record_probes[i],
+      "probe": self.record_probes[i],
+      **self.extras[i],
     }
-    if self.extras is not None:
-      record.update(self.extras[i])
-    return record
 
   def __getitem__(self, i: int) -> dict:
     n, i = len(self.paths), check_index(self, i)
