@@ -363,12 +363,8 @@ def manifest_task(
         f"manifest {csv_path}: empty {label_column!r} cell on "
         f"{len(empty)} line(s), first line {empty[0]}"
       )
-    class_names = _class_names(
-      [r[label_column] for r in rows],
-      classes,
-      f"manifest {csv_path}",
-      lines=range(2, len(rows) + 2),
-    )
+    labels = [r[label_column] for r in rows]
+    class_names = _class_names(labels, classes, f"manifest {csv_path}", range(2, len(rows) + 2))
   else:
     class_names = seg_class_names(classes, mask_mode)
   for line, row in enumerate(rows, start=2):
@@ -413,9 +409,8 @@ def manifest_task(
           f"is {row[SPACING_COLUMN]!r}, not a positive pixel size in mm"
         )
       spacing.append(input_spacing(pixel_mm, image.shape[:2], image_size))
-    groups.append(
-      row[group_column] if group_column in columns and row[group_column] else f"row{line}"
-    )
+    group = row[group_column] if group_column in columns else ""
+    groups.append(group or f"row{line}")
     splits.append(row[split_column] if split_column in columns else "")
   bad = sorted({s for s in splits if s not in ("", *SPLITS)})
   if bad:
