@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
+import operator
 import sys
 import zlib
 from collections.abc import Callable
@@ -95,10 +96,6 @@ def resize_rgb(image: np.ndarray, image_size: int, flip: bool = False) -> np.nda
   return np.ascontiguousarray(out)
 
 
-def _augment_record(record: dict, rng: np.random.Generator, **kwargs) -> np.ndarray:
-  return augment(record["image"], rng, **kwargs)
-
-
 class _EpochShuffle(grain.MapDataset):
   """`parent` repeated forever, epoch e in the permutation drawn from (*entropy, e).
 
@@ -155,10 +152,8 @@ def client_dataset(
   ds = _EpochShuffle(grain.MapDataset.source(source), (seed, client))
   # random_map seeds each record's RNG with its stream position, so results do not depend
   # on which thread reads it or when; its 32-bit seed is hashed from (seed, client).
-  ds = ds.random_map(
-    functools.partial(
-      _augment_record, image_size=image_size, crop_scale=tuple(crop_scale), hflip=hflip
-    ),
+  ds = ds.map(operator.itemgetter("image")).random_map(
+    functools.partial(augment, image_size=image_size, crop_scale=tuple(crop_scale), hflip=hflip),
     seed=int(np.random.SeedSequence([seed, client]).generate_state(1)[0]),
   )
   # Sub-batch m covers stream positions [m * local, (m + 1) * local); global batch b is
