@@ -7,15 +7,6 @@ from typing import ClassVar
 
 from ultrajax.data.tfds import base
 
-_CLASSES = (
-  "Fetal abdomen",
-  "Fetal brain",
-  "Fetal femur",
-  "Fetal thorax",
-  "Maternal cervix",
-  "Other",
-)
-
 
 class FetalPlanesDb(base.UltrasoundBuilder):
   """12,400 maternal-fetal screening images of 1,792 patients (two Barcelona hospitals, several
@@ -23,7 +14,14 @@ class FetalPlanesDb(base.UltrasoundBuilder):
 
   name = "fetal_planes_db"
   ROOT = "Images"
-  CLASSES = _CLASSES
+  CLASSES = (
+    "Fetal abdomen",
+    "Fetal brain",
+    "Fetal femur",
+    "Fetal thorax",
+    "Maternal cervix",
+    "Other",
+  )
   SPLITS = ("train", "test")
   EXTRA_FEATURES: ClassVar[dict] = {
     "brain_plane": base.tfds.features.Text(),
@@ -48,8 +46,8 @@ class FetalPlanesDb(base.UltrasoundBuilder):
         continue
       name = base.column(row, "Image_name", where)
       plane = base.column(row, "Plane", where)
-      if plane not in _CLASSES:
-        raise ValueError(f"{where}: Plane {plane!r} is not one of {_CLASSES}")
+      if plane not in self.CLASSES:
+        raise ValueError(f"{where}: Plane {plane!r} is not one of {self.CLASSES}")
       path = os.path.join(manual_dir, self.ROOT, name + ".png")
       yield (
         name,
