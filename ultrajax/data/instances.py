@@ -334,11 +334,7 @@ def prepare(record: dict, size: int, max_instances: int, hflip: bool = False) ->
   category_ids / classes int32 [M] (0 where padded), hw int32 [2] (the resized image's extent).
   More than M = max_instances instances: the first M are kept.
   """
-  image = record["image"]
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = image[..., 0]
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
+  image = tasks.to_rgb(record["image"])
   height, width = image.shape[:2]
   masks = record["masks"][:max_instances]
   if masks.shape[1:] != (height, width):

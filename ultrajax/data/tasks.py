@@ -100,13 +100,16 @@ class TaskData:
     )
 
 
-def _to_rgb(image: np.ndarray) -> np.ndarray:
+def to_rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W], [H, W, 1] or [H, W, 3] -> [H, W, 3] (grey replicated)."""
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
   return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W] or [H, W, 3] -> uint8 [S, S, 3], bilinear (antialiased when shrinking)."""
-  img = Image.fromarray(_to_rgb(image))
+  img = Image.fromarray(to_rgb(image))
   return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), np.uint8)
 
 
@@ -231,7 +234,7 @@ def phantom_task(
         targets.append(r[f"{seg_target}_mask"])
       else:
         targets.append(np.maximum(r["organ_mask"], 2 * r["lesion_mask"]).astype(np.uint8))
-      images.append(_to_rgb(r["image"]))
+      images.append(to_rgb(r["image"]))
       groups.append(f"{organ}/{i}")
   if not images:
     raise configlib.ConfigError(
