@@ -34,19 +34,11 @@ MIXED = "mixed"  # PhantomSource organ: each record draws its organ from phantom
 # Probe per organ, our assumption (UltraFedFM's table gives no probes): linear for superficial organs,
 # convex for abdominal, fetal, cardiac (phased-array sectors look alike), lung and endorectal scans.
 ORGAN_PROBE = {
-  "breast": "linear",
-  "thyroid": "linear",
-  "skin": "linear",
-  "muscle": "linear",
-  "nerve": "linear",
-  "liver": "convex",
-  "kidney": "convex",
-  "heart": "convex",
-  "fetal_head": "convex",
-  "lung": "convex",
-  "pancreas": "convex",
-  "gallbladder": "convex",
-  "colorectum": "convex",
+  **dict.fromkeys(("breast", "thyroid", "skin", "muscle", "nerve"), "linear"),
+  **dict.fromkeys(
+    ("liver", "kidney", "heart", "fetal_head", "lung", "pancreas", "gallbladder", "colorectum"),
+    "convex",
+  ),
 }
 
 # UltraFedFM Table 1 (seeds/000_876f01d9d1dfc297.txt): client, main organ, number of images.
