@@ -279,7 +279,7 @@ def _to_convex(record):
 
 
 def test_scan_mode_partners():
-  paired = pipeline.with_scan_mode_partners(_Source(3, "site", probe="linear"), _to_convex)
+  paired = pipeline.ScanModePartners(_Source(3, "site", probe="linear"), _to_convex)
   assert len(paired) == 6 and paired.name == "site" and paired.probe == ""
   for i in range(3):
     assert paired[i]["image"][0, 0] == 10 * i + 5
@@ -291,7 +291,7 @@ def test_scan_mode_partners():
 
 
 def test_scan_mode_partner_is_the_record_itself_when_convert_gives_none():
-  paired = pipeline.with_scan_mode_partners(_Source(2), lambda r: None)
+  paired = pipeline.ScanModePartners(_Source(2), lambda r: None)
   assert len(paired) == 4
   for i in range(2):
     np.testing.assert_array_equal(paired[2 + i]["image"], paired[i]["image"])

@@ -300,14 +300,14 @@ def test_pooled_concatenates(tmp_path):
   b = sources.FolderSource(
     "b", [str(tmp_path / p) for p in _images(tmp_path / "img", 2)], probe="convex"
   )
-  pool = sources.pooled([a, b])
+  pool = sources.PooledSource([a, b])
   assert (pool.name, len(pool), pool.probe) == ("pooled", 5, "convex")
   _assert_same_record(pool[2], a[2])
   assert pool[4]["image"][0, 0] == 1
   with pytest.raises(IndexError):
     pool[5]
   c = sources.PhantomSource("c", "thyroid", "linear", 1, 32, seed=0)
-  assert sources.pooled([a, c], name="all").probe == ""
+  assert sources.PooledSource([a, c], name="all").probe == ""
 
 
 @pytest.mark.parametrize("dataset", ["busi_cls256", "hc18"])

@@ -680,14 +680,14 @@ def test_smat_ratio_and_data_fraction_give_the_right_counts(ratio, fraction):
 
 def test_partial_smat_ratio_converts_a_seeded_subset_once_each():
   source = sources.PhantomSource("site", "liver", "convex", 10, 32, seed=0)
-  half = pipeline.with_scan_mode_partners(source, lambda r: dict(r, probe="linear"), 0.5, seed=3)
+  half = pipeline.ScanModePartners(source, lambda r: dict(r, probe="linear"), 0.5, seed=3)
   assert len(half) == 15 and len(set(half.of.tolist())) == 5
-  assert half.of.tolist() == pipeline.with_scan_mode_partners(source, dict, 0.5, seed=3).of.tolist()
-  assert half.of.tolist() != pipeline.with_scan_mode_partners(source, dict, 0.5, seed=4).of.tolist()
-  twice = pipeline.with_scan_mode_partners(source, dict, 2.0)
+  assert half.of.tolist() == pipeline.ScanModePartners(source, dict, 0.5, seed=3).of.tolist()
+  assert half.of.tolist() != pipeline.ScanModePartners(source, dict, 0.5, seed=4).of.tolist()
+  twice = pipeline.ScanModePartners(source, dict, 2.0)
   assert len(twice) == 30 and np.bincount(twice.of).tolist() == [2] * 10
   with pytest.raises(ValueError, match="ratio"):
-    pipeline.with_scan_mode_partners(source, dict, -1.0)
+    pipeline.ScanModePartners(source, dict, -1.0)
 
 
 def test_bad_smat_ratio_and_fraction_name_the_field():

@@ -100,12 +100,11 @@ def _autocontrast(image):
 def _smooth(image):
   kernel = jnp.array([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
   pad = jnp.pad(image, ((1, 1), (1, 1), (0, 0)), mode="edge")
-  out = sum(
+  return sum(
     kernel[i, j] * pad[i : i + image.shape[0], j : j + image.shape[1]]
     for i in range(3)
     for j in range(3)
   )
-  return out
 
 
 def rand_augment_one(key, image, num_ops: int, magnitude: float, magnitude_std: float = 0.5):
@@ -141,10 +140,6 @@ def rand_augment_one(key, image, num_ops: int, magnitude: float, magnitude_std: 
 
   image, _ = jax.lax.scan(apply, image, jax.random.split(key, num_ops))
   return image
-
-
-# ------------------------------------------------------------------------------------------------
-# Labels: smoothing, mixup, cutmix
 
 
 def random_erasing(

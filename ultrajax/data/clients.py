@@ -39,12 +39,9 @@ def _record_fan(record: dict):
     if path:
       _ESTIMATED_FANS[path] = fan
   if isinstance(fan, str):
+    what = path or "a convex image"
     logging.log_first_n(
-      logging.WARNING,
-      "SMAT: %s gets no linear partner (it stays real): %s",
-      20,
-      path or "a convex image",
-      fan,
+      logging.WARNING, f"SMAT: {what} gets no linear partner (it stays real): {fan}", 20
     )
     return None
   return fan, ultramim.geometry.support(record["image"])
@@ -79,15 +76,9 @@ def client_sources(config) -> list:
   d = config.data
   if d.source == "phantom" and d.get("phantom_organs"):
     # One client per organ (e.g. the transfer study's single-organ pretraining).
+    n, size = d.phantom_min_images, d.phantom_image_size
     clients = [
-      sources_lib.PhantomSource(
-        organ,
-        organ,
-        sources_lib.ORGAN_PROBE[organ],
-        d.phantom_min_images,
-        d.phantom_image_size,
-        config.seed,
-      )
+      sources_lib.PhantomSource(organ, organ, sources_lib.ORGAN_PROBE[organ], n, size, config.seed)
       for organ in (o.strip() for o in d.phantom_organs.split(","))
       if organ
     ]
@@ -130,7 +121,7 @@ def client_sources(config) -> list:
   u = config.ultramim
   if u.smat and u.smat_ratio > 0:
     clients = [
-      pipeline.with_scan_mode_partners(
+      pipeline.ScanModePartners(
         s,
         functools.partial(
           _smat_partner,
@@ -145,7 +136,7 @@ def client_sources(config) -> list:
       for s in clients
     ]
   if d.pool_clients:
-    clients = [sources_lib.pooled(clients)]
+    clients = [sources_lib.PooledSource(clients)]
   return clients
 
 
@@ -154,7 +145,7 @@ def smat_pairs(clients, k: int = NUM_PREVIEW, tries: int = 8) -> list:
   converted record of each client with SMAT partners (pooled clients: of each pooled source)."""
   pairs = []
   for source in (s for c in clients for s in getattr(c, "sources", [c])):
-    of = getattr(source, "of", ())  # pipeline.with_scan_mode_partners: partner j converts of[j]
+    of = getattr(source, "of", ())  # pipeline.ScanModePartners: partner j converts of[j]
     for j in range(min(len(of), tries)):
       if len(pairs) == k:
         return pairs

@@ -46,14 +46,14 @@ def split_frame(path: str) -> tuple[str, int | None]:
   return path, None
 
 
-def check_rule(rule: str, field: str = "config.data.dicom_frames") -> tuple[str, int]:
-  """(kind, N) of a frame rule; ConfigError naming `field` for anything else."""
+def check_rule(rule: str) -> tuple[str, int]:
+  """(kind, N) of a frame rule; ConfigError naming config.data.dicom_frames for anything else."""
   kind, _, n = rule.partition(":")
   if kind in ("middle", "all") and not n:
     return kind, 0
   if kind in ("first", "every") and n.isdigit() and int(n) >= 1:
     return kind, int(n)
-  raise configlib.ConfigError(f"{field}={rule!r} is not one of {RULES} (N >= 1)")
+  raise configlib.ConfigError(f"config.data.dicom_frames={rule!r} is not one of {RULES} (N >= 1)")
 
 
 def select_frames(num_frames: int, rule: str) -> list[int]:

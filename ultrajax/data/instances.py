@@ -7,13 +7,7 @@ A raw record (what a source returns) is one image and its instances:
   classes       int [N]: an instance's class for prompted classification (the phantom's lesion
                 label, 1 benign / 2 malignant; 0 = none; COCO: optional `class_label` per annotation)
   image_id, file_name
-`prepare` turns it into the model's static shapes: image resized (long side to S, aspect kept)
-and padded bottom/right to [S, S, 3]; instances padded to M with a `valid` mask, so one compiled
-program serves every image. `InstanceDataset` filters categories (the zero-shot protocol trains
-without some), skips images left without instances (counted, logged) and serves batches whose
-order and flips depend only on (seed, stream position). `train_batches` reads them through a
-Grain pipeline (threads, prefetch) whose iterator state is saved with the checkpoint.
-`classified_instances` gathers the instances that carry a class, from either source.
+`prepare` pads it to static shapes, so one compiled program serves every image.
 """
 
 from __future__ import annotations
@@ -39,7 +33,6 @@ class InstanceDataError(ValueError):
   """A COCO file, annotation or image that cannot be used; the message names it."""
 
 
-# ----------------------------------------------------------------------------- phantom
 def phantom_record(image_id: int, generated: dict) -> dict:
   """A phantom.generate dict -> raw record: the organ, and the lesion when there is one."""
   masks, cats, classes = [], [], []
@@ -86,7 +79,6 @@ class PhantomInstances:
     return self[i]["category_ids"]
 
 
-# ----------------------------------------------------------------------------- COCO
 def _decode_segmentation(seg, height: int, width: int, where: str) -> np.ndarray:
   """COCO polygon list, uncompressed RLE or compressed RLE -> uint8 [H, W]."""
   if isinstance(seg, list):
@@ -254,7 +246,6 @@ def write_coco(
   return json_path
 
 
-# ----------------------------------------------------------------------------- masks (TFDS)
 def mask_instances(mask: np.ndarray, mode: str = "binary") -> tuple[np.ndarray, np.ndarray]:
   """A segmentation mask [H, W] -> (instance masks uint8 [N, H, W], category ids int32 [N]).
 
@@ -324,7 +315,6 @@ def tfds_instances(
   )
 
 
-# ----------------------------------------------------------------------------- prepare
 def _resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
   """uint8 [H, W] or [H, W, 3] -> [height, width] bilinear (PIL)."""
   return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR))
@@ -344,11 +334,7 @@ def prepare(record: dict, size: int, max_instances: int, hflip: bool = False) ->
   category_ids / classes int32 [M] (0 where padded), hw int32 [2] (the resized image's extent).
   More than M = max_instances instances: the first M are kept.
   """
-  image = record["image"]
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = image[..., 0]
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
+  image = tasks.to_rgb(record["image"])
   height, width = image.shape[:2]
   masks = record["masks"][:max_instances]
   if masks.shape[1:] != (height, width):
@@ -415,12 +401,10 @@ class InstanceDataset:
     self.indices = [i for i in range(len(source)) if self._keep(source.category_ids_of(i)).any()]
     self.skipped_images = len(source) - len(self.indices)
     if self.skipped_images:
+      categories = sorted(keep_categories or set(names) - set(drop_categories))
       logging.info(
-        "%s: skipped %d of %d images without instances of categories %s.",
-        getattr(source, "name", "source"),
-        self.skipped_images,
-        len(source),
-        sorted(keep_categories or set(names) - set(drop_categories)),
+        f"{getattr(source, 'name', 'source')}: skipped {self.skipped_images} of {len(source)} "
+        f"images without instances of categories {categories}."
       )
     if not self.indices:
       raise InstanceDataError(

@@ -62,9 +62,9 @@ def grey(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(img.convert("L").resize((size, size), Image.BILINEAR))
 
 
-def file_pool(records, size: int, positive, what: str, patients: bool = False) -> Pool:
+def file_pool(records, size: int, positive, what: str) -> Pool:
   """records: (image uint8 [H, W(, 3)], label name, node, patient id or '') -> grey, resized
-  Pool; with `patients` the ids are kept (an empty id is a patient of its own)."""
+  Pool (an empty patient id is a patient of its own)."""
   images, labels, groups, patients = [], [], [], []
   for image, label, group, patient in records:
     images.append(grey(image, size))
@@ -124,20 +124,11 @@ def load_data(config) -> tuple[Pool, Pool]:
     )
   else:
     folder = d.source == "folder"
-    patients = bool(d.patient_column)
-    pool = file_pool(
-      labelled_records(config, d.root if folder else d.manifest, folder, patients),
-      d.image_size,
-      positive,
-      f"config.data.{'root' if folder else 'manifest'}",
-      patients,
-    )
-    sat_all = file_pool(
-      labelled_records(config, d.sat_root if folder else d.sat_manifest, folder),
-      d.image_size,
-      positive,
-      f"config.data.sat_{'root' if folder else 'manifest'}",
-    )
+    field = "root" if folder else "manifest"
+    records = labelled_records(config, d[field], folder, bool(d.patient_column))
+    pool = file_pool(records, d.image_size, positive, f"config.data.{field}")
+    sat_records = labelled_records(config, d[f"sat_{field}"], folder)
+    sat_all = file_pool(sat_records, d.image_size, positive, f"config.data.sat_{field}")
   return pool, balanced(sat_all, d.sat_per_class, config.seed, "SAT")
 
 
@@ -259,15 +250,9 @@ def round_batches(
     out["label"][c, : steps[c]] = pool.labels[order]
     if hsl:
       # Each local batch is paired with a batch of the SAT, drawn by the same rule.
-      sat_order = np.resize(
-        np.concatenate(
-          [
-            rng.permutation(len(sat.labels))
-            for _ in range(math.ceil(steps[c] * batch / len(sat.labels)))
-          ]
-        ),
-        (steps[c], batch),
-      )
+      draws = math.ceil(steps[c] * batch / len(sat.labels))
+      sat_order = np.concatenate([rng.permutation(len(sat.labels)) for _ in range(draws)])
+      sat_order = np.resize(sat_order, (steps[c], batch))
       out["sat_image"][c, : steps[c]] = sat.images[sat_order]
       out["sat_label"][c, : steps[c]] = sat.labels[sat_order]
   return out, steps

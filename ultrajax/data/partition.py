@@ -10,21 +10,11 @@ exactly n examples and each class within one example of n * r_c / sum(r); a clas
 non-zero ratio gets at least one example. When the data cannot supply a node, ValueError names
 the node, the class (and group) and how many were needed and left.
 
-Scenarios of HeteroSync Learning (seed 004, simulations on MURA; node compositions here are
-parameters with the paper's values as defaults):
-  natural        one node per site/organ value, all of its examples.
-  dirichlet      label skew: for each class, proportions ~ Dir(alpha) over nodes (Hsu et al. 2019).
-  label_ratios   explicit per-node sizes and label ratios (paper: 2 nodes of 3970, 1:1 and r:1,
-                 r in 2 ... 100).
-  quantity_ratios
-                 node sizes in a given ratio of a total, same label ratio everywhere (paper:
-                 2 nodes, q:1 of 8678, q in 1 ... 80, labels 1:1).
-  feature_skew   one group (anatomy/organ) per node, equal sizes and label ratio (paper: 7
-                 anatomies, 1470 each, 1:1).
-  combined       five nodes: screening centre, specialist hospital, two small clinics,
-                 rare-disease region (`COMBINED_NODES`; `min_class_nodes` for small scales).
-Within a node, `split_node` draws the stratified train / val / test split of binary labels (by
-patient where ids are given).
+Scenarios of HeteroSync Learning (seed 004, simulations on MURA), with the paper's compositions:
+`natural`, `dirichlet` (Hsu et al. 2019), `label_ratios` (2 nodes of 3970, 1:1 and r:1, r in
+2 ... 100), `quantity_ratios` (2 nodes, q:1 of 8678, q in 1 ... 80, labels 1:1), `feature_skew`
+(7 anatomies, 1470 each, 1:1) and `combined` (`COMBINED_NODES`; `min_class_nodes` for small
+scales). Within a node, `split_node` draws the stratified train / val / test split.
 """
 
 from __future__ import annotations
@@ -44,7 +34,7 @@ class Partition(NamedTuple):
   def counts(self, labels, classes=None) -> np.ndarray:
     """[nodes, classes] number of examples of each class at each node."""
     labels = np.asarray(labels)
-    classes = np.unique(labels) if classes is None else np.asarray(classes)
+    classes = _classes(labels, classes)
     return np.array([[int(np.sum(labels[i] == c)) for c in classes] for i in self.indices])
 
 
@@ -176,12 +166,8 @@ def label_ratios(
   if len(sizes) != len(ratios):
     raise ValueError(f"label_ratios: {len(sizes)} sizes but {len(ratios)} ratios")
   names = names or [f"node{k}" for k in range(len(sizes))]
-  return draw(
-    labels,
-    [NodeSpec(n, s, tuple(r)) for n, s, r in zip(names, sizes, ratios)],
-    seed,
-    classes=classes,
-  )
+  nodes = [NodeSpec(n, s, tuple(r)) for n, s, r in zip(names, sizes, ratios)]
+  return draw(labels, nodes, seed, classes=classes)
 
 
 def quantity_ratios(
@@ -282,16 +268,12 @@ def split_node(
   indices = np.asarray(indices)
   rng = np.random.default_rng(seed)
   if patients is None:
-    units, unit_of = indices, indices
+    units, unit_of, unit_label = indices, indices, labels[indices]
   else:
     unit_of = np.asarray(patients)[indices]
     units, first = np.unique(unit_of, return_index=True)
     units = units[np.argsort(first, kind="stable")]  # order of first appearance
-  unit_label = (
-    labels[indices]
-    if patients is None
-    else np.asarray([labels[indices[unit_of == u][0]] for u in units])
-  )
+    unit_label = np.asarray([labels[indices[unit_of == u][0]] for u in units])
   parts = ([], [], [])  # train, val, test units
   for c in (0, 1):
     idx = rng.permutation(units[unit_label == c])

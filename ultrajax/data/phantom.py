@@ -199,17 +199,13 @@ def _wall(rng, fat=(0.04, 0.1), muscle=None) -> tuple[list, float]:
   return regions, top + 0.012
 
 
-def _below(e: _Ellipse, depth: float) -> _Ellipse:
-  """e moved down so that its top clears `depth` (organs never overlap the wall layers above them)."""
-  return e._replace(cy=depth + e.half_height())
-
-
 def _organ(rng, top: float, x: float, a, b, tilt: float, gap) -> _Ellipse:
   """An organ ellipse drawn in this order: centre in [-x, x], semi-axes in the (low, high) ranges
   a and b, rotation in [-tilt, tilt]; then moved below `top` by a gap (a (low, high) range, or a
-  fixed number)."""
+  fixed number), so that it never overlaps the wall layers above it."""
   e = _Ellipse(rng.uniform(-x, x), 0.0, rng.uniform(*a), rng.uniform(*b), rng.uniform(-tilt, tilt))
-  return _below(e, top + (rng.uniform(*gap) if isinstance(gap, tuple) else gap))
+  depth = top + (rng.uniform(*gap) if isinstance(gap, tuple) else gap)
+  return e._replace(cy=depth + e.half_height())
 
 
 def _site_in(rng, e: _Ellipse, max_radius: float) -> tuple[float, float, float]:
@@ -373,12 +369,8 @@ def _skin(rng) -> _Scene:
 
 def _muscle(rng) -> _Scene:
   regions, top = _wall(rng, fat=(0.05, 0.12))
-  bottom = _Surface(
-    top + rng.uniform(0.4, 0.55),
-    rng.uniform(0.01, 0.03),
-    rng.uniform(3, 7),
-    rng.uniform(0, 2 * np.pi),
-  )
+  depth = top + rng.uniform(0.4, 0.55)
+  bottom = _Surface(depth, rng.uniform(0.01, 0.03), rng.uniform(3, 7), rng.uniform(0, 2 * np.pi))
   belly = _layer(top, bottom)
   fascia = bottom._replace(depth=bottom.depth + 0.015)
   bone = bottom._replace(depth=fascia.depth + rng.uniform(0.05, 0.15))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
+import operator
 import sys
 import zlib
 from collections.abc import Callable
@@ -78,22 +79,21 @@ def augment(
   if image.dtype != np.uint8 or not (image.ndim == 2 or image.shape[-1] == 3):
     raise ValueError(f"augment expects uint8 [H, W] or [H, W, 3], got {image.dtype} {image.shape}")
   top, left, h, w = random_resized_crop_params(rng, *image.shape[:2], scale=crop_scale)
-  crop = Image.fromarray(image[top : top + h, left : left + w])
-  out = np.asarray(crop.resize((image_size, image_size), Image.Resampling.BICUBIC))
-  if hflip and rng.random() < 0.5:
+  flip = hflip and rng.random() < 0.5
+  return resize_rgb(image[top : top + h, left : left + w], image_size, flip)
+
+
+def resize_rgb(image: np.ndarray, image_size: int, flip: bool = False) -> np.ndarray:
+  """uint8 [H, W] or [H, W, 3] -> [S, S, 3]: resized (bicubic), mirrored when `flip`; grey is
+  replicated to 3 channels after resizing."""
+  out = np.asarray(
+    Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+  )
+  if flip:
     out = out[:, ::-1]
   if out.ndim == 2:
     out = np.repeat(out[:, :, None], 3, axis=2)
   return np.ascontiguousarray(out)
-
-
-def _augment_record(record: dict, rng: np.random.Generator, **kwargs) -> np.ndarray:
-  return augment(record["image"], rng, **kwargs)
-
-
-def _augment_seed(seed: int, client: int) -> int:
-  """The 32-bit seed Grain's random_map takes, hashed from (seed, client)."""
-  return int(np.random.SeedSequence([seed, client]).generate_state(1)[0])
 
 
 class _EpochShuffle(grain.MapDataset):
@@ -151,12 +151,10 @@ def client_dataset(
   local = batch_size // process_count
   ds = _EpochShuffle(grain.MapDataset.source(source), (seed, client))
   # random_map seeds each record's RNG with its stream position, so results do not depend
-  # on which thread reads it or when.
-  ds = ds.random_map(
-    functools.partial(
-      _augment_record, image_size=image_size, crop_scale=tuple(crop_scale), hflip=hflip
-    ),
-    seed=_augment_seed(seed, client),
+  # on which thread reads it or when; its 32-bit seed is hashed from (seed, client).
+  ds = ds.map(operator.itemgetter("image")).random_map(
+    functools.partial(augment, image_size=image_size, crop_scale=tuple(crop_scale), hflip=hflip),
+    seed=int(np.random.SeedSequence([seed, client]).generate_state(1)[0]),
   )
   # Sub-batch m covers stream positions [m * local, (m + 1) * local); global batch b is
   # sub-batches b * P .. b * P + P - 1, so this process takes every P-th from its index.
@@ -246,17 +244,24 @@ class ClientBatches(grain.DatasetIterator):
         )
       return iter(ds)
 
-    iterators = [stream(k, source) for k, source in enumerate(sources)]
+    self._start([stream(k, source) for k, source in enumerate(sources)])
+
+  def _start(self, iterators: list) -> None:
     super().__init__(iterators)
     # Drains all clients at once, so no client's prefetch sits idle behind another's.
-    self._pool = concurrent.futures.ThreadPoolExecutor(len(sources), "client_batches")
+    self._pool = concurrent.futures.ThreadPoolExecutor(len(iterators), "client_batches")
 
   @property
   def num_clients(self) -> int:
     return len(self._parents)
 
-  def next_batches(self, client_ids: np.ndarray) -> np.ndarray:
-    """client_ids: [L, K] int (-1 = none) -> uint8 [L, K, B_local, S, S, 3].
+  def _zeros(self, shape: tuple[int, int]):
+    """Zero batches for [L, K] slots: uint8 [L, K, B_local, S, S, 3]."""
+    s = self.image_size
+    return np.zeros((*shape, self.local_batch_size, s, s, 3), np.uint8)
+
+  def next_batches(self, client_ids: np.ndarray):
+    """client_ids: [L, K] int (-1 = none) -> `_zeros`' [L, K, B_local, ...] filled.
 
     Slot (l, k) holds the next batch of client client_ids[l, k]; a client's slots are filled
     in row-major order. Slots of -1 are zeros and consume no data, so idle lane steps do not
@@ -273,11 +278,9 @@ class ClientBatches(grain.DatasetIterator):
         f"client_ids must be [L, K] ints in [-1, {self.num_clients}), got shape "
         f"{client_ids.shape} with values {np.unique(client_ids)[:8]}"
       )
-    s = self.image_size
-    out = np.zeros((*client_ids.shape, self.local_batch_size, s, s, 3), np.uint8)
-    flat = out.reshape(-1, *out.shape[2:])
+    out = self._zeros(client_ids.shape)
     fills = [
-      self._pool.submit(self._fill, self._parents[c], np.flatnonzero(client_ids == c), flat)
+      self._pool.submit(self._fill, self._parents[c], zip(*np.nonzero(client_ids == c)), out)
       for c in np.unique(client_ids[client_ids >= 0])
     ]
     for fill in fills:
@@ -285,10 +288,16 @@ class ClientBatches(grain.DatasetIterator):
     return out
 
   @staticmethod
-  def _fill(iterator, slots: np.ndarray, out: np.ndarray) -> None:
-    """Writes the iterator's next len(slots) batches to out[slots] (out: [L*K, B, S, S, 3])."""
+  def _fill(iterator, slots, out) -> None:
+    """Writes the iterator's next batch to out[l, k] for each slot (l, k) in turn (out: an
+    array, or a dict of arrays filled from the batch's entries)."""
     for slot in slots:
-      out[slot] = next(iterator)
+      batch = next(iterator)
+      if isinstance(out, dict):
+        for key, array in out.items():
+          array[slot] = batch[key]
+      else:
+        out[slot] = batch
 
   def __next__(self) -> np.ndarray:
     return self.next_batches(np.arange(self.num_clients)[:, None])[:, 0]
@@ -311,10 +320,21 @@ class ClientBatches(grain.DatasetIterator):
       super().close()
 
 
-class _ScanModePartners:
-  """`source` followed by scan-mode partners of its records; see below."""
+class ScanModePartners:
+  """SMAT: the n records of source, then round(ratio * n) scan-mode partners.
 
-  def __init__(self, source, convert: Callable[[dict], dict | None], ratio: float, seed: int):
+  ratio is synthetic per real image (1 = UltraFedFM's 1:1): partner j converts source record
+  j mod n while whole passes fit, then a subset drawn from (seed, crc32 of the name), in order;
+  a ratio over 1 repeats partners (the warp is deterministic), weighting them up.
+  convert maps a record dict to its partner in the other scan mode (e.g. linear -> convex).
+  Where it returns None (probe unknown) the partner is the record itself: the length, and so
+  the shuffles, batch boundaries and client weights, stay fixed and deterministic instead of
+  depending on which records happen to convert. Keeps `name`; `probe` is '' (mixed).
+  """
+
+  def __init__(
+    self, source, convert: Callable[[dict], dict | None], ratio: float = 1.0, seed: int = 0
+  ):
     if not ratio >= 0:
       raise ValueError(f"ratio={ratio!r} is not >= 0")
     self.source, self.convert = source, convert
@@ -339,19 +359,3 @@ class _ScanModePartners:
     record = self.source[int(self.of[index - n])]
     converted = self.convert(record)
     return record if converted is None else converted
-
-
-def with_scan_mode_partners(
-  source, convert: Callable[[dict], dict | None], ratio: float = 1.0, seed: int = 0
-):
-  """SMAT: the n records of source, then round(ratio * n) scan-mode partners.
-
-  ratio is synthetic per real image (1 = UltraFedFM's 1:1): partner j converts source record
-  j mod n while whole passes fit, then a subset drawn from (seed, crc32 of the name), in order;
-  a ratio over 1 repeats partners (the warp is deterministic), weighting them up.
-  convert maps a record dict to its partner in the other scan mode (e.g. linear -> convex).
-  Where it returns None (probe unknown) the partner is the record itself: the length, and so
-  the shuffles, batch boundaries and client weights, stay fixed and deterministic instead of
-  depending on which records happen to convert. Keeps `name`; `probe` is '' (mixed).
-  """
-  return _ScanModePartners(source, convert, ratio, seed)

@@ -5,15 +5,7 @@ and `__getitem__(i) -> dict`, so it is a Grain `RandomAccessDataSource` as it st
 `image` uint8 [H, W] (grey) or [H, W, 3] and, where known, `probe`, `organ`, `label`, `organ_mask`,
 `lesion_mask`, `path`, and for convex images `fan` (the probe geometry in pixels, a dict of
 ultramim.geometry.Fan's fields). Sources keep only plain data (no open files, no lambdas) so they pickle into
-Grain worker processes.
-
-- PhantomSource / default_client_sources: the built-in phantom, laid out like UltraFedFM's 16 clients.
-- FolderSource / folder_clients: one client per sub-directory of image files (DICOM files give
-  the frames config.data.dicom_frames picks, data/dicom.py).
-- manifest_clients: clients listed in a CSV file (image path, optional client, probe and extra columns).
-- pooled: several sources as one (centralized training).
-- fraction_of: a seeded fraction of a client's images (data-fraction scaling).
-- data/tfds/source.py tfds_clients: prepared TFDS datasets, one client each (data.source='tfds').
+Grain worker processes. Prepared TFDS datasets are sources too (data/tfds/source.py).
 """
 
 from __future__ import annotations
@@ -42,19 +34,11 @@ MIXED = "mixed"  # PhantomSource organ: each record draws its organ from phantom
 # Probe per organ, our assumption (UltraFedFM's table gives no probes): linear for superficial organs,
 # convex for abdominal, fetal, cardiac (phased-array sectors look alike), lung and endorectal scans.
 ORGAN_PROBE = {
-  "breast": "linear",
-  "thyroid": "linear",
-  "skin": "linear",
-  "muscle": "linear",
-  "nerve": "linear",
-  "liver": "convex",
-  "kidney": "convex",
-  "heart": "convex",
-  "fetal_head": "convex",
-  "lung": "convex",
-  "pancreas": "convex",
-  "gallbladder": "convex",
-  "colorectum": "convex",
+  **dict.fromkeys(("breast", "thyroid", "skin", "muscle", "nerve"), "linear"),
+  **dict.fromkeys(
+    ("liver", "kidney", "heart", "fetal_head", "lung", "pancreas", "gallbladder", "colorectum"),
+    "convex",
+  ),
 }
 
 # UltraFedFM Table 1 (seeds/000_876f01d9d1dfc297.txt): client, main organ, number of images.
@@ -91,6 +75,14 @@ def _common_probe(probes) -> str:
   return probes.pop() if len(probes) == 1 else ""
 
 
+def check_index(source, i) -> int:
+  """int(i); IndexError naming the client when it is not a record of `source`."""
+  i = int(i)
+  if not 0 <= i < len(source):
+    raise IndexError(f"record {i} of client {source.name!r} with {len(source)} records")
+  return i
+
+
 def _check_probe(probe: str, what: str) -> str:
   if probe not in ("", *phantom.PROBES):
     raise configlib.DataError(f"{what}={probe!r} is not one of {('', *phantom.PROBES)}")
@@ -122,9 +114,7 @@ class PhantomSource:
     return self.num_images
 
   def __getitem__(self, i: int) -> dict:
-    i = int(i)
-    if not 0 <= i < self.num_images:
-      raise IndexError(f"record {i} of client {self.name!r} with {self.num_images} records")
+    i = check_index(self, i)
     rng = np.random.default_rng([self.seed, self._client_key, i])
     organ = phantom.ORGANS[rng.integers(len(phantom.ORGANS))] if self.organ == MIXED else self.organ
     return phantom.generate(rng, organ, self.probe or ORGAN_PROBE[organ], self.image_size)
@@ -188,10 +178,7 @@ def _dicom_frames(paths, per_record, rule: str):
         pass
   return (
     [f for frames in expanded for f in frames],
-    *(
-      None if values is None else [v for v, frames in zip(values, expanded) for _ in frames]
-      for values in per_record
-    ),
+    *([v for v, frames in zip(values, expanded) for _ in frames] for values in per_record),
   )
 
 
@@ -225,21 +212,21 @@ class FolderSource:
       raise ValueError(f"on_bad_image={on_bad_image!r} is not one of {ON_BAD_IMAGE}")
     if not paths:
       raise ValueError(f"client {name!r} has no images")
+    if record_probes is None:
+      record_probes = [_check_probe(probe, "probe")] * len(paths)
+    extras = [{}] * len(paths) if extras is None else extras
     for what, values in (("record_probes", record_probes), ("extras", extras)):
-      if values is not None and len(values) != len(paths):
+      if len(values) != len(paths):
         raise ValueError(
           f"{what} has {len(values)} entries for {len(paths)} paths of client {name!r}"
         )
     paths, record_probes, extras = _dicom_frames(paths, (record_probes, extras), dicom_frames)
     self.name, self.paths, self.on_bad_image = name, [str(p) for p in paths], on_bad_image
-    if record_probes is None:
-      self.probe, self.record_probes = _check_probe(probe, "probe"), None
-    else:
-      self.record_probes = [
-        _check_probe(p, f"probe of {path}") for p, path in zip(record_probes, paths)
-      ]
-      self.probe = _common_probe(self.record_probes)
-    self.extras = None if extras is None else [dict(e) for e in extras]
+    self.record_probes = [
+      _check_probe(p, f"probe of {path}") for p, path in zip(record_probes, paths)
+    ]
+    self.probe = _common_probe(self.record_probes)
+    self.extras = [dict(e) for e in extras]
     self._warned: dict[str, object] = {}  # path -> the call that warned (prefetch threads race)
     if drop_undecodable and on_bad_image == "skip":
       self._drop_undecodable()
@@ -263,18 +250,13 @@ class FolderSource:
       )
     if len(keep) < len(self.paths):
       logging.warning(
-        "client %r: %d of %d images do not decode and are left out (FedAvg weight n_k = %d)",
-        self.name,
-        len(self.paths) - len(keep),
-        len(self.paths),
-        len(keep),
+        f"client {self.name!r}: {len(self.paths) - len(keep)} of {len(self.paths)} images do "
+        f"not decode and are left out (FedAvg weight n_k = {len(keep)})"
       )
       self.paths = [self.paths[i] for i in keep]
-      if self.record_probes is not None:
-        self.record_probes = [self.record_probes[i] for i in keep]
-        self.probe = _common_probe(self.record_probes)
-      if self.extras is not None:
-        self.extras = [self.extras[i] for i in keep]
+      self.record_probes = [self.record_probes[i] for i in keep]
+      self.extras = [self.extras[i] for i in keep]
+      self.probe = _common_probe(self.record_probes)
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -282,21 +264,16 @@ class FolderSource:
   def _record(self, i: int) -> dict:
     path = self.paths[i]
     image, spacing = _decode_dicom(path) if dicom.is_dicom(path) else (decode_image(path), None)
-    record = {
+    return {
       "image": image,
       "path": path,
       **dicom.record_extras(spacing),
-      "probe": self.probe if self.record_probes is None else self.record_probes[i],
+      "probe": self.record_probes[i],
+      **self.extras[i],
     }
-    if self.extras is not None:
-      record.update(self.extras[i])
-    return record
 
   def __getitem__(self, i: int) -> dict:
-    n = len(self.paths)
-    i = int(i)
-    if not 0 <= i < n:
-      raise IndexError(f"record {i} of client {self.name!r} with {n} records")
+    n, i = len(self.paths), check_index(self, i)
     for j in range(i, i + n):
       try:
         return self._record(j % n)
@@ -307,11 +284,8 @@ class FolderSource:
         token = object()
         if self._warned.setdefault(path, token) is token:  # one atomic step under the GIL
           logging.warning(
-            "%s; client %r serves the next decodable image in its place "
-            "(%d unreadable file(s) skipped so far)",
-            e,
-            self.name,
-            len(self._warned),
+            f"{e}; client {self.name!r} serves the next decodable image in its place "
+            f"({len(self._warned)} unreadable file(s) skipped so far)"
           )
     raise BadImageError(
       f"client {self.name!r}: none of its {n} images decodes (first: {self.paths[0]})"
@@ -434,7 +408,7 @@ def manifest_clients(
   columns, rows = read_manifest(csv_path, (image_column, *extra_columns))
   base = os.path.dirname(os.path.abspath(csv_path))
   stem = os.path.splitext(os.path.basename(csv_path))[0]
-  groups: dict[str, list[dict]] = {}
+  groups: dict[str, list[tuple]] = {}  # client -> (row, probe, extras) of each of its rows
   fan_columns = [c for c in FAN_COLUMNS if c in columns]
   if fan_columns and len(fan_columns) < len(FAN_COLUMNS):
     raise configlib.DataError(
@@ -442,15 +416,15 @@ def manifest_clients(
       f"{[c for c in FAN_COLUMNS if c not in columns]}; give all of "
       f"{list(FAN_COLUMNS)} or none"
     )
-  fans = {}  # id(row) -> fan dict
   for n, row in enumerate(rows, start=2):  # line 1 is the header
     client = row[client_column] if client_column in columns else stem
     if not client:
       raise configlib.DataError(f"manifest {csv_path} line {n}: empty {client_column!r}")
-    groups.setdefault(client, []).append(row)
-    if fan_columns:
-      probe = (row[probe_column] if probe_column in columns else "") or default_probe
-      fans[id(row)] = _manifest_fan(row, probe, f"manifest {csv_path} line {n}")
+    probe = (row[probe_column] if probe_column in columns else "") or default_probe
+    extras = {c: row[c] or "" for c in extra_columns}
+    if fan_columns and (fan := _manifest_fan(row, probe, f"manifest {csv_path} line {n}")):
+      extras["fan"] = fan
+    groups.setdefault(client, []).append((row, probe, extras))
   missing = [
     p for p in (os.path.join(base, r[image_column]) for r in rows) if not os.path.isfile(p)
   ]
@@ -458,29 +432,18 @@ def manifest_clients(
     raise FileNotFoundError(
       f"manifest {csv_path}: {len(missing)} of {len(rows)} images are missing, e.g. {missing[:3]}"
     )
-  clients = []
-  for client, group in groups.items():
-    probes = [(r[probe_column] if probe_column in columns else "") or default_probe for r in group]
-    clients.append(
-      FolderSource(
-        client,
-        [os.path.join(base, r[image_column]) for r in group],
-        on_bad_image=on_bad_image,
-        record_probes=probes,
-        drop_undecodable=True,
-        dicom_frames=dicom_frames,
-        extras=[
-          dict(
-            {c: r[c] or "" for c in extra_columns},
-            **({"fan": fans[id(r)]} if fans.get(id(r)) else {}),
-          )
-          for r in group
-        ]
-        if extra_columns or fans
-        else None,
-      )
+  return [
+    FolderSource(
+      client,
+      [os.path.join(base, r[image_column]) for r, _, _ in group],
+      on_bad_image=on_bad_image,
+      record_probes=[probe for _, probe, _ in group],
+      drop_undecodable=True,
+      dicom_frames=dicom_frames,
+      extras=[e for _, _, e in group] if extra_columns or fan_columns else None,
     )
-  return clients
+    for client, group in groups.items()
+  ]
 
 
 # A convex image's fan in its pixels (ultramim.geometry.Fan's fields), optional manifest columns.
@@ -514,11 +477,12 @@ def _manifest_fan(row: dict, probe: str, where: str) -> dict | None:
 
 
 class PooledSource:
-  """Sources concatenated: record i of the pool is record i - offset[k] of source k."""
+  """Every record of `sources` in order, as one source (centralized training): record i of the
+  pool is record i - offset[k] of source k; probe = their common probe, or ''."""
 
-  def __init__(self, sources: Sequence, name: str):
+  def __init__(self, sources: Sequence, name: str = "pooled"):
     if not sources:
-      raise ValueError("pooled() needs at least one source")
+      raise ValueError("PooledSource needs at least one source")
     self.sources, self.name = list(sources), name
     self.probe = _common_probe(s.probe for s in self.sources)
     self._ends = np.cumsum([len(s) for s in self.sources]).tolist()
@@ -527,16 +491,9 @@ class PooledSource:
     return self._ends[-1]
 
   def __getitem__(self, i: int) -> dict:
-    i = int(i)
-    if not 0 <= i < len(self):
-      raise IndexError(f"record {i} of client {self.name!r} with {len(self)} records")
+    i = check_index(self, i)
     k = bisect.bisect_right(self._ends, i)
     return self.sources[k][i - (self._ends[k - 1] if k else 0)]
-
-
-def pooled(sources: Sequence, name: str = "pooled") -> PooledSource:
-  """One source holding every record of `sources` in order; probe = their common probe, or ''."""
-  return PooledSource(sources, name)
 
 
 class SubsetSource:

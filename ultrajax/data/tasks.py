@@ -83,18 +83,33 @@ class TaskData:
   def indices(self, split: str) -> np.ndarray:
     return np.flatnonzero(self.splits == split)
 
+  @classmethod
+  def from_lists(
+    cls, images, targets, groups, class_names, task_type: str, splits=None, spacing=None
+  ) -> TaskData:
+    """Per-image lists -> TaskData: targets int32 (cls) or uint8 (seg), splits '' (to be drawn
+    by `split_by_group`) unless given, spacing None when empty."""
+    return cls(
+      np.stack(images),
+      np.asarray(targets, np.int32 if task_type == "cls" else np.uint8),
+      np.array(groups),
+      np.array(splits or [""] * len(images), dtype=object),
+      class_names,
+      task_type,
+      np.asarray(spacing, np.float64) if spacing else None,
+    )
 
-# ------------------------------------------------------------------------------------------------
-# Resizing
 
-
-def _to_rgb(image: np.ndarray) -> np.ndarray:
+def to_rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W], [H, W, 1] or [H, W, 3] -> [H, W, 3] (grey replicated)."""
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
   return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W] or [H, W, 3] -> uint8 [S, S, 3], bilinear (antialiased when shrinking)."""
-  img = Image.fromarray(_to_rgb(image))
+  img = Image.fromarray(to_rgb(image))
   return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), np.uint8)
 
 
@@ -109,10 +124,6 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST), np.uint8)
 
 
-# ------------------------------------------------------------------------------------------------
-# Splits and subsets
-
-
 def split_by_group(groups: np.ndarray, fractions, seed: int) -> np.ndarray:
   """Assigns whole groups to train/val/test in the given proportions (of groups), seeded.
 
@@ -125,7 +136,7 @@ def split_by_group(groups: np.ndarray, fractions, seed: int) -> np.ndarray:
       f"config.data.split_fractions={tuple(fractions)} must be three "
       "non-negative (train, val, test) fractions summing to 1"
     )
-  unique = np.unique(groups)
+  unique, inverse = np.unique(groups, return_inverse=True)
   order = np.random.default_rng([seed, 0x5B117]).permutation(len(unique))
   counts = np.floor(fractions * len(unique)).astype(int)
   for i in np.argsort(-(fractions * len(unique) - counts)):  # largest remainders first
@@ -138,12 +149,9 @@ def split_by_group(groups: np.ndarray, fractions, seed: int) -> np.ndarray:
       if counts[donor] > 1:
         counts[donor] -= 1
         counts[i] += 1
-  bounds = np.cumsum(counts)
   group_split = np.empty(len(unique), dtype=object)
-  for rank, g in enumerate(order):
-    group_split[g] = SPLITS[int(np.searchsorted(bounds, rank, side="right"))]
-  lookup = dict(zip(unique.tolist(), group_split.tolist()))
-  return np.array([lookup[g] for g in groups.tolist()])
+  group_split[order] = np.repeat(SPLITS, counts)  # the group of rank r gets split r falls in
+  return group_split[inverse].astype(str)
 
 
 def train_subset(data: TaskData, fraction: float, seed: int) -> np.ndarray:
@@ -170,10 +178,6 @@ def train_subset(data: TaskData, fraction: float, seed: int) -> np.ndarray:
       ranked = stratum[rng.permutation(len(stratum))]
       keep.extend(ranked[: max(1, int(round(fraction * len(stratum))))].tolist())
   return train[np.isin(data.groups[train], keep)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Phantom tasks
 
 
 @functools.lru_cache(maxsize=8)
@@ -217,11 +221,8 @@ def phantom_task(
       raise configlib.ConfigError(
         f"config.data.seg_target={seg_target!r} is not one of {SEG_TARGETS}"
       )
-    class_names = (
-      ("background", seg_target)
-      if seg_target != "organ_and_lesion"
-      else ("background", "organ", "lesion")
-    )
+    both = seg_target == "organ_and_lesion"
+    class_names = ("background", "organ", "lesion") if both else ("background", seg_target)
   for organ in organs:
     for i, r in enumerate(_phantom_records(organ, num_images_per_organ, image_size, seed)):
       if task_type == "cls":
@@ -229,32 +230,18 @@ def phantom_task(
         if name not in class_names:
           continue
         targets.append(class_names.index(name))
-      elif seg_target == "lesion":
-        targets.append(r["lesion_mask"])
-      elif seg_target == "organ":
-        targets.append(r["organ_mask"])
+      elif seg_target in ("lesion", "organ"):
+        targets.append(r[f"{seg_target}_mask"])
       else:
         targets.append(np.maximum(r["organ_mask"], 2 * r["lesion_mask"]).astype(np.uint8))
-      images.append(_to_rgb(r["image"]))
+      images.append(to_rgb(r["image"]))
       groups.append(f"{organ}/{i}")
   if not images:
     raise configlib.ConfigError(
       f"the phantom gave no images of classes {class_names} for "
       f"organs {tuple(organs)}; raise config.data.num_images_per_organ"
     )
-  dtype = np.int32 if task_type == "cls" else np.uint8
-  return TaskData(
-    np.stack(images),
-    np.asarray(targets, dtype),
-    np.array(groups),
-    np.full(len(images), "", dtype=object),
-    class_names,
-    task_type,
-  )
-
-
-# ------------------------------------------------------------------------------------------------
-# Real data
+  return TaskData.from_lists(images, targets, groups, class_names, task_type)
 
 
 def _names(given: str) -> tuple[str, ...]:
@@ -267,10 +254,9 @@ def _class_names(values, given: str, where: str, lines=None) -> tuple[str, ...]:
   present = sorted(set(values))
   if not given:
     counts = collections.Counter(values)
+    found = ", ".join(f"{c!r} ({counts[c]} images)" for c in present)
     logging.info(
-      "%s: config.data.classes='' so the classes are the labels found, sorted: %s",
-      where,
-      ", ".join(f"{c!r} ({counts[c]} images)" for c in present),
+      f"{where}: config.data.classes='' so the classes are the labels found, sorted: {found}"
     )
     return tuple(present)
   names = _names(given)
@@ -380,12 +366,8 @@ def manifest_task(
         f"manifest {csv_path}: empty {label_column!r} cell on "
         f"{len(empty)} line(s), first line {empty[0]}"
       )
-    class_names = _class_names(
-      [r[label_column] for r in rows],
-      classes,
-      f"manifest {csv_path}",
-      lines=range(2, len(rows) + 2),
-    )
+    labels = [r[label_column] for r in rows]
+    class_names = _class_names(labels, classes, f"manifest {csv_path}", range(2, len(rows) + 2))
   else:
     class_names = seg_class_names(classes, mask_mode)
   for line, row in enumerate(rows, start=2):
@@ -406,17 +388,14 @@ def manifest_task(
           "(a segmentation task needs a mask for every image)"
         )
       mask_path = os.path.join(base, row[mask_column])
-      try:
+      try:  # the decoding, size and value errors name the line
         mask = sources.decode_image(mask_path)
-      except sources.BadImageError as e:
-        raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
-      mask = mask.max(axis=-1) if mask.ndim == 3 else mask
-      if mask.shape != image.shape[:2]:
-        raise configlib.DataError(
-          f"manifest {csv_path} line {line}: mask {mask_path} is {mask.shape[1]}x"
-          f"{mask.shape[0]} but image {path} is {image.shape[1]}x{image.shape[0]}"
-        )
-      try:
+        mask = mask.max(axis=-1) if mask.ndim == 3 else mask
+        if mask.shape != image.shape[:2]:
+          raise configlib.DataError(
+            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {path} is "
+            f"{image.shape[1]}x{image.shape[0]}"
+          )
         mask = mask_classes(mask, mask_mode, class_names, mask_path)
       except configlib.DataError as e:
         raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
@@ -433,25 +412,15 @@ def manifest_task(
           f"is {row[SPACING_COLUMN]!r}, not a positive pixel size in mm"
         )
       spacing.append(input_spacing(pixel_mm, image.shape[:2], image_size))
-    groups.append(
-      row[group_column] if group_column in columns and row[group_column] else f"row{line}"
-    )
+    group = row[group_column] if group_column in columns else ""
+    groups.append(group or f"row{line}")
     splits.append(row[split_column] if split_column in columns else "")
   bad = sorted({s for s in splits if s not in ("", *SPLITS)})
   if bad:
     raise configlib.DataError(
       f"manifest {csv_path}: column {split_column!r} has values {bad}; use {SPLITS}"
     )
-  dtype = np.int32 if task_type == "cls" else np.uint8
-  return TaskData(
-    np.stack(images),
-    np.asarray(targets, dtype),
-    np.array(groups),
-    np.array(splits, dtype=object),
-    class_names,
-    task_type,
-    np.asarray(spacing, np.float64) if spacing else None,
-  )
+  return TaskData.from_lists(images, targets, groups, class_names, task_type, splits, spacing)
 
 
 def folders_task(root: str, image_size: int, classes: str = "") -> TaskData:
@@ -475,18 +444,7 @@ def folders_task(root: str, image_size: int, classes: str = "") -> TaskData:
       images.append(resize_image(sources.decode_image(path), image_size))
       targets.append(class_names.index(name))
       groups.append(os.path.relpath(path, root))
-  return TaskData(
-    np.stack(images),
-    np.asarray(targets, np.int32),
-    np.array(groups),
-    np.full(len(images), "", dtype=object),
-    class_names,
-    "cls",
-  )
-
-
-# ------------------------------------------------------------------------------------------------
-# From config
+  return TaskData.from_lists(images, targets, groups, class_names, "cls")
 
 
 def class_counts(data: TaskData) -> np.ndarray:
@@ -506,29 +464,18 @@ def log_class_counts(data: TaskData, where: str) -> None:
   counts = class_counts(data)
   what = "images" if data.task_type == "cls" else "images showing it"
   for name, row in zip(data.class_names, counts):
-    logging.info(
-      "%s: class %r: %d %s (%s)",
-      where,
-      name,
-      row.sum(),
-      what,
-      ", ".join(f"{s} {n}" for s, n in zip(SPLITS, row.tolist())),
-    )
+    per_split = ", ".join(f"{s} {n}" for s, n in zip(SPLITS, row.tolist()))
+    logging.info(f"{where}: class {name!r}: {row.sum()} {what} ({per_split})")
     if row.sum() == 1 and data.task_type == "cls":
       logging.warning(
-        "%s: class %r has a single image: a misspelt label? Declaring "
-        "config.data.classes makes unknown labels an error.",
-        where,
-        name,
+        f"{where}: class {name!r} has a single image: a misspelt label? Declaring "
+        "config.data.classes makes unknown labels an error."
       )
     missing = [s for s, n in zip(SPLITS, row.tolist()) if n == 0]
     if missing:
       logging.warning(
-        "%s: class %r has no image in the %s split(s); metrics that need every "
-        "class there (AUROC, per-class Dice) are undefined.",
-        where,
-        name,
-        "/".join(missing),
+        f"{where}: class {name!r} has no image in the {'/'.join(missing)} split(s); metrics "
+        "that need every class there (AUROC, per-class Dice) are undefined."
       )
 
 
@@ -550,12 +497,10 @@ def load_task(data_config, task_type: str, image_size: int) -> TaskData:
   if c.source not in SOURCES:
     raise configlib.ConfigError(f"config.data.source={c.source!r} is not one of {SOURCES}")
   mask_mode = c.get("mask_mode", "binary")
-  if task_type == "seg":
-    seg_class_names(
-      c.classes if c.source != "phantom" else "", mask_mode
-    )  # a bad field fails first
+  if task_type == "seg":  # a bad field fails first
+    seg_class_names(c.classes if c.source != "phantom" else "", mask_mode)
   if c.source == "phantom":
-    organs = tuple(o.strip() for o in c.organs.split(",") if o.strip())
+    organs = _names(c.organs)
     data = phantom_task(
       task_type,
       organs,
@@ -610,13 +555,10 @@ def load_task(data_config, task_type: str, image_size: int) -> TaskData:
         f"{len(np.unique(data.groups))} patients; split_fractions="
         f"{tuple(c.split_fractions)})"
       )
+  per_split = ", ".join(f"{s} {int(np.sum(data.splits == s))}" for s in SPLITS)
   logging.info(
-    "%s: %d images of %d patients, %s; classes %s",
-    where,
-    len(data.images),
-    len(np.unique(data.groups)),
-    ", ".join(f"{s} {int(np.sum(data.splits == s))}" for s in SPLITS),
-    data.class_names,
+    f"{where}: {len(data.images)} images of {len(np.unique(data.groups))} patients, "
+    f"{per_split}; classes {data.class_names}"
   )
   log_class_counts(data, where)
   return data

@@ -18,7 +18,6 @@ slicing as the augmenting pipeline (data/pipeline.py), and checkpoint the same w
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import pathlib
 import shutil
@@ -27,7 +26,6 @@ from collections.abc import Callable
 import grain
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from ultrajax import configlib
 from ultrajax.data import pipeline
@@ -41,12 +39,7 @@ def fixed_view(image: np.ndarray, image_size: int) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
-  out = np.asarray(
-    Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
-  )
-  if out.ndim == 2:
-    out = np.repeat(out[:, :, None], 3, axis=2)
-  return np.ascontiguousarray(out)
+  return pipeline.resize_rgb(image, image_size)
 
 
 def _files(directory: pathlib.Path, client: int) -> tuple[pathlib.Path, pathlib.Path]:
@@ -96,12 +89,7 @@ def build(
     images.flush()
     feats.flush()
     logging.info(
-      "teacher cache: client %d %r, %d images, targets %s %s",
-      k,
-      source.name,
-      n,
-      feats.shape[1:],
-      dtype,
+      f"teacher cache: client {k} {source.name!r}, {n} images, targets {feats.shape[1:]} {dtype}"
     )
     del images, feats
   (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -181,30 +169,11 @@ class CachedBatches(pipeline.ClientBatches):
       ds = pipeline._EpochShuffle(grain.MapDataset.source(source), (seed, k))
       ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
       iterators.append(iter(ds.to_iter_dataset(options)))
-    grain.DatasetIterator.__init__(self, iterators)  # ClientBatches' own set-up augments
-    self._pool = concurrent.futures.ThreadPoolExecutor(len(sources), "cached_batches")
+    self._start(iterators)  # ClientBatches' own set-up augments
 
-  def next_batches(self, client_ids: np.ndarray) -> dict:
-    """client_ids: [L, K] int (-1 = none) -> dict of [L, K, B_local, ...] arrays."""
-    self._assert_not_closed()
-    client_ids = np.asarray(client_ids)
+  def _zeros(self, shape: tuple[int, int]) -> dict:
     s, b = self.image_size, self.local_batch_size
-    out = dict(
-      images=np.zeros((*client_ids.shape, b, s, s, 3), np.uint8),
-      teacher=np.zeros((*client_ids.shape, b, *self.feature_shape), self.feature_dtype),
+    return dict(
+      images=np.zeros((*shape, b, s, s, 3), np.uint8),
+      teacher=np.zeros((*shape, b, *self.feature_shape), self.feature_dtype),
     )
-    flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in out.items()}
-    fills = [
-      self._pool.submit(self._fill_dict, self._parents[c], np.flatnonzero(client_ids == c), flat)
-      for c in np.unique(client_ids[client_ids >= 0])
-    ]
-    for fill in fills:
-      fill.result()
-    return out
-
-  @staticmethod
-  def _fill_dict(iterator, slots: np.ndarray, out: dict) -> None:
-    for slot in slots:
-      batch = next(iterator)
-      for key, array in out.items():
-        array[slot] = batch[key]

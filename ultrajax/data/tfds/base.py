@@ -29,7 +29,8 @@ NAN = float("nan")
 
 
 class UltrasoundBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base of the ultrasound builders. Subclasses set the class attributes and `_generate_examples`."""
+  """Base of the ultrasound builders. Subclasses set the class attributes and `_generate_examples`;
+  their docstring is the dataset's description."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES: ClassVar[dict] = {"1.0.0": "First release."}
@@ -37,7 +38,6 @@ class UltrasoundBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   CLASSES: tuple[str, ...] = ()  # label names; () when the set has no image-level label
   HAS_MASK = False
   ROOT = ""  # the folder the publishers' archive unpacks to, checked in manual_dir
-  DESCRIPTION = ""
   CITATION = ""
   HOMEPAGE = ""
   EXTRA_FEATURES: ClassVar[dict] = {}  # more features, name -> tfds feature
@@ -56,7 +56,7 @@ class UltrasoundBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     if self.CLASSES:
       features["label"] = tfds.features.ClassLabel(names=list(self.CLASSES))
     return self.dataset_info_from_configs(
-      description=self.DESCRIPTION,
+      description=self.__doc__,
       features=tfds.features.FeaturesDict(features),
       homepage=self.HOMEPAGE,
       citation=self.CITATION,
@@ -86,7 +86,7 @@ def example(
   label and the set's own features)."""
   record = dict(image=image, patient_id=patient_id, probe=probe, pixel_size_mm=NAN)
   if mask is not None:
-    record["mask"] = mask_feature(mask)
+    record["mask"] = np.where(mask, 255, 0).astype(np.uint8)[..., None]  # [H, W, 1] in {0, 255}
   return dict(record, **features, file_name=os.path.relpath(path, manual_dir))
 
 
@@ -109,11 +109,6 @@ def binary_mask(path: str) -> np.ndarray:
   return (values.max(-1) if values.ndim == 3 else values) >= 128
 
 
-def mask_feature(mask: np.ndarray) -> np.ndarray:
-  """bool [H, W] -> uint8 [H, W, 1] in {0, 255}."""
-  return np.where(mask, 255, 0).astype(np.uint8)[..., None]
-
-
 def read_csv(path: str) -> list[dict]:
   """Rows of a publisher's CSV (',' or ';' separated, BOM and padded header names stripped)."""
   if not os.path.isfile(path):
@@ -125,9 +120,8 @@ def read_csv(path: str) -> list[dict]:
   return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in rows]
 
 
-def column(row: dict, names: tuple[str, ...], where: str) -> str:
-  """The first of `names` present in `row`; KeyError naming `where` and the columns found."""
-  for name in names:
-    if name in row:
-      return row[name]
-  raise KeyError(f"{where} has none of the columns {names}; it has {sorted(row)}")
+def column(row: dict, name: str, where: str) -> str:
+  """row[name]; KeyError naming `where` and the columns found when `row` has no `name`."""
+  if name not in row:
+    raise KeyError(f"{where} has no column {name!r}; it has {sorted(row)}")
+  return row[name]

@@ -23,7 +23,6 @@ class BusBra(base.UltrasoundBuilder):
     "birads": base.tfds.features.Text(),
     "device": base.tfds.features.Text(),
   }
-  DESCRIPTION = __doc__
   HOMEPAGE = "https://doi.org/10.5281/zenodo.7730709"
   CITATION = (
     "Gomez-Flores W, Gregorio-Calas MJ, Coelho de Albuquerque Pereira W. BUS-BRA: a "
@@ -38,7 +37,7 @@ class BusBra(base.UltrasoundBuilder):
     csv_path = os.path.join(manual_dir, "bus_data.csv")
     for n, row in enumerate(base.read_csv(csv_path), start=2):
       where = f"{csv_path} line {n}"
-      key = base.column(row, ("ID",), where)
+      key = base.column(row, "ID", where)
       patient = _ID.match(key)
       if not patient:
         raise ValueError(f"{where}: ID {key!r} is not bus_<patient>-<view>")
@@ -51,10 +50,10 @@ class BusBra(base.UltrasoundBuilder):
           path,
           base.grey(path),
           mask=mask,
-          label=base.column(row, ("Pathology",), where).lower(),
+          label=base.column(row, "Pathology", where).lower(),
           patient_id=str(int(patient[1])),
           probe="linear",
-          birads=base.column(row, ("BIRADS",), where),
-          device=base.column(row, ("Device",), where),
+          birads=base.column(row, "BIRADS", where),
+          device=base.column(row, "Device", where),
         ),
       )

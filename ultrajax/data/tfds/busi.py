@@ -22,7 +22,6 @@ class Busi(base.UltrasoundBuilder):
   CHANNELS = 3
   CLASSES = ("benign", "malignant", "normal")
   HAS_MASK = True
-  DESCRIPTION = __doc__
   HOMEPAGE = "https://scholar.cu.edu.eg/?q=afahmy/pages/dataset"
   CITATION = (
     "Al-Dhabyani W, Gomaa M, Khaled H, Fahmy A. Dataset of breast ultrasound images. "

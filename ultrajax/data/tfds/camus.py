@@ -94,7 +94,6 @@ class Camus(base.UltrasoundBuilder):
     "phase": base.tfds.features.Text(),
     "image_quality": base.tfds.features.Text(),
   }
-  DESCRIPTION = __doc__
   HOMEPAGE = "https://www.creatis.insa-lyon.fr/Challenge/camus/"
   CITATION = (
     "Leclerc S, Smistad E, Pedrosa J, Ostvik A, et al. Deep learning for segmentation "

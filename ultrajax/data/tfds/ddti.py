@@ -41,7 +41,6 @@ class Ddti(base.UltrasoundBuilder):
     k: base.tfds.features.Text()
     for k in ("tirads", "composition", "echogenicity", "margins", "calcifications", "age", "sex")
   }
-  DESCRIPTION = __doc__
   HOMEPAGE = "http://cimalab.unal.edu.co/?lang=en&mod=program&id=5"
   CITATION = (
     "Pedraza L, Vargas C, Narvaez F, Duran O, Munoz E, Romero E. An open access thyroid "

@@ -7,15 +7,6 @@ from typing import ClassVar
 
 from ultrajax.data.tfds import base
 
-_CLASSES = (
-  "Fetal abdomen",
-  "Fetal brain",
-  "Fetal femur",
-  "Fetal thorax",
-  "Maternal cervix",
-  "Other",
-)
-
 
 class FetalPlanesDb(base.UltrasoundBuilder):
   """12,400 maternal-fetal screening images of 1,792 patients (two Barcelona hospitals, several
@@ -23,14 +14,20 @@ class FetalPlanesDb(base.UltrasoundBuilder):
 
   name = "fetal_planes_db"
   ROOT = "Images"
-  CLASSES = _CLASSES
+  CLASSES = (
+    "Fetal abdomen",
+    "Fetal brain",
+    "Fetal femur",
+    "Fetal thorax",
+    "Maternal cervix",
+    "Other",
+  )
   SPLITS = ("train", "test")
   EXTRA_FEATURES: ClassVar[dict] = {
     "brain_plane": base.tfds.features.Text(),
     "us_machine": base.tfds.features.Text(),
     "operator": base.tfds.features.Text(),
   }
-  DESCRIPTION = __doc__
   HOMEPAGE = "https://zenodo.org/records/3904280"
   CITATION = (
     "Burgos-Artizzu XP, Coronado-Gutierrez D, Valenzuela-Alcaraz B, et al. Evaluation of "
@@ -45,12 +42,12 @@ class FetalPlanesDb(base.UltrasoundBuilder):
     csv_path = os.path.join(manual_dir, "FETAL_PLANES_DB_data.csv")
     for n, row in enumerate(base.read_csv(csv_path), start=2):
       where = f"{csv_path} line {n}"
-      if (base.column(row, ("Train",), where) == "1") != (split == "train"):
+      if (base.column(row, "Train", where) == "1") != (split == "train"):
         continue
-      name = base.column(row, ("Image_name",), where)
-      plane = base.column(row, ("Plane",), where)
-      if plane not in _CLASSES:
-        raise ValueError(f"{where}: Plane {plane!r} is not one of {_CLASSES}")
+      name = base.column(row, "Image_name", where)
+      plane = base.column(row, "Plane", where)
+      if plane not in self.CLASSES:
+        raise ValueError(f"{where}: Plane {plane!r} is not one of {self.CLASSES}")
       path = os.path.join(manual_dir, self.ROOT, name + ".png")
       yield (
         name,
@@ -59,10 +56,10 @@ class FetalPlanesDb(base.UltrasoundBuilder):
           path,
           base.grey(path),
           label=plane,
-          patient_id=base.column(row, ("Patient_num",), where),
+          patient_id=base.column(row, "Patient_num", where),
           probe="",  # transabdominal and transvaginal probes
-          brain_plane=base.column(row, ("Brain_plane",), where),
-          us_machine=base.column(row, ("US_Machine",), where),
-          operator=base.column(row, ("Operator",), where),
+          brain_plane=base.column(row, "Brain_plane", where),
+          us_machine=base.column(row, "US_Machine", where),
+          operator=base.column(row, "Operator", where),
         ),
       )

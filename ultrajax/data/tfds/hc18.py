@@ -45,7 +45,6 @@ class Hc18(base.UltrasoundBuilder):
   ROOT = "training_set"
   HAS_MASK = True
   EXTRA_FEATURES: ClassVar[dict] = {"head_circumference_mm": base.tfds.features.Scalar(np.float32)}
-  DESCRIPTION = __doc__
   HOMEPAGE = "https://hc18.grand-challenge.org/"
   CITATION = (
     "van den Heuvel TLA, de Bruijn D, de Korte CL, van Ginneken B. Automated measurement "
@@ -61,7 +60,7 @@ class Hc18(base.UltrasoundBuilder):
     csv_path = os.path.join(manual_dir, "training_set_pixel_size_and_HC.csv")
     for n, row in enumerate(base.read_csv(csv_path), start=2):
       where = f"{csv_path} line {n}"
-      name = base.column(row, ("filename",), where)
+      name = base.column(row, "filename", where)
       path = os.path.join(manual_dir, self.ROOT, name)
       outline = base.binary_mask(path[:-4] + "_Annotation.png")
       subject = _SUBJECT.match(name)
@@ -76,8 +75,8 @@ class Hc18(base.UltrasoundBuilder):
           mask=fill_ellipse(outline),
           # 010_HC.png and 010_2HC.png are two planes of one pregnancy.
           patient_id=str(int(subject[1])),
-          pixel_size_mm=float(base.column(row, ("pixel size(mm)",), where)),
-          head_circumference_mm=float(base.column(row, ("head circumference (mm)",), where)),
+          pixel_size_mm=float(base.column(row, "pixel size(mm)", where)),
+          head_circumference_mm=float(base.column(row, "head circumference (mm)", where)),
           probe="convex",
         ),
       )

@@ -53,7 +53,6 @@ class Mmotu(base.UltrasoundBuilder):
   )
   HAS_MASK = True
   SPLITS = ("train", "validation")
-  DESCRIPTION = __doc__
   HOMEPAGE = "https://github.com/cv516Buaa/MMOTU_DS2Net"
   CITATION = (
     "Zhao Q, Lyu S, Bai W, et al. MMOTU: a multi-modality ovarian tumor ultrasound image "

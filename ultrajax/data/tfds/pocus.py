@@ -45,7 +45,6 @@ class Pocus(base.UltrasoundBuilder):
   CHANNELS = 3
   CLASSES = ("covid", "pneumonia", "regular", "viral")
   EXTRA_FEATURES: ClassVar[dict] = {"frame": base.tfds.features.Scalar(np.int32)}  # -1: image
-  DESCRIPTION = __doc__
   HOMEPAGE = "https://github.com/jannisborn/covid19_ultrasound"
   CITATION = (
     "Born J, Wiedemann N, Cossio M, et al. Accelerating detection of lung pathologies "
@@ -75,18 +74,10 @@ class Pocus(base.UltrasoundBuilder):
             logging.info("pocus: %s has no class prefix %s; left out", path, sorted(_PREFIXES))
             continue
           file_name = os.path.relpath(path, manual_dir)
-          common = {
-            "label": label,
-            "patient_id": os.path.splitext(name)[0],
-            "probe": probe,
-            "pixel_size_mm": base.NAN,
-          }
+          common = dict(label=label, patient_id=os.path.splitext(name)[0], probe=probe)
           if kind == "images":
             if name.lower().endswith(_IMAGES):
-              yield (
-                file_name,
-                {"image": base.rgb(path), "frame": -1, "file_name": file_name, **common},
-              )
+              yield file_name, base.example(manual_dir, path, base.rgb(path), frame=-1, **common)
             continue
           try:
             frames = list(video_frames(path))
@@ -95,7 +86,5 @@ class Pocus(base.UltrasoundBuilder):
             continue
           for k, frame in frames:
             # All frames of a loop share its patient_id, so they stay in one split.
-            yield (
-              f"{file_name}#{k}",
-              {"image": frame, "frame": k, "file_name": f"{file_name}#{k}", **common},
-            )
+            frame_path = f"{path}#{k}"  # its file_name: '<video>#<k>'
+            yield f"{file_name}#{k}", base.example(manual_dir, frame_path, frame, frame=k, **common)

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from ultrajax import configlib
+from ultrajax.data import sources
 
 
 def _open(name: str, data_dir: str, split: str):
@@ -67,9 +68,7 @@ class TfdsSource:
     return self._length
 
   def __getitem__(self, i: int) -> dict:
-    i = int(i)
-    if not 0 <= i < self._length:
-      raise IndexError(f"record {i} of client {self.name!r} with {self._length} records")
+    i = sources.check_index(self, i)
     if self._source is None:
       self._source = _open(self.name, self.data_dir, self.split)
     ex = self._source[i]
@@ -117,25 +116,16 @@ def tfds_task(
     raise configlib.ConfigError(f"{where} has no masks; use it for task_type='cls' or pretraining")
   if task_type == "cls":
     class_names = tasks._class_names([r["label"] for r in records], classes, where)
-    targets = np.asarray([class_names.index(r["label"]) for r in records], np.int32)
+    targets = [class_names.index(r["label"]) for r in records]
   else:
     class_names = tasks.seg_class_names(classes, "binary")
-    targets = np.stack([tasks.resize_mask(r["lesion_mask"], image_size) for r in records])
+    targets = [tasks.resize_mask(r["lesion_mask"], image_size) for r in records]
   spacing = None
   if all(r["pixel_size_mm"] for r in records):
-    spacing = np.asarray(
-      [
-        tasks.input_spacing(float(r["pixel_size_mm"]), r["image"].shape[:2], image_size)
-        for r in records
-      ],
-      np.float64,
-    )
-  return tasks.TaskData(
-    np.stack([tasks.resize_image(r["image"], image_size) for r in records]),
-    targets,
-    np.array([r["patient_id"] for r in records]),
-    np.full(len(records), "", dtype=object),
-    class_names,
-    task_type,
-    spacing,
-  )
+    spacing = [
+      tasks.input_spacing(float(r["pixel_size_mm"]), r["image"].shape[:2], image_size)
+      for r in records
+    ]
+  images = [tasks.resize_image(r["image"], image_size) for r in records]
+  groups = [r["patient_id"] for r in records]
+  return tasks.TaskData.from_lists(images, targets, groups, class_names, task_type, None, spacing)

@@ -18,7 +18,6 @@ class Tg3k(base.UltrasoundBuilder):
   ROOT = "tg3k"
   HAS_MASK = True
   SPLITS = ("train", "validation")
-  DESCRIPTION = __doc__
   HOMEPAGE = "https://github.com/haifangong/TRFE-Net-for-thyroid-nodule-segmentation"
   CITATION = (
     "Gong H, Chen G, Wang R, et al. Multi-task learning for thyroid nodule segmentation "

@@ -16,7 +16,6 @@ class Tn3k(base.UltrasoundBuilder):
   ROOT = "tn3k"
   HAS_MASK = True
   SPLITS = ("train", "test")
-  DESCRIPTION = __doc__
   HOMEPAGE = "https://github.com/haifangong/TRFE-Net-for-thyroid-nodule-segmentation"
   CITATION = (
     "Gong H, Chen J, Chen G, Li H, Li G, Chen F. Thyroid region prior guided attention "
