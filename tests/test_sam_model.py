@@ -305,25 +305,6 @@ def test_import_names_missing_unexpected_and_misshaped_keys(tiny):
   assert "image_encoder.blocks.0.attn.rel_pos_h: got (7, 32), expected (5, 32)" in message
 
 
-def test_decode_per_image_equals_decoding_each_prompt(tiny):
-  _, model, _ = tiny
-  rng = np.random.default_rng(5)
-  embeddings = jnp.asarray(rng.normal(size=(2, 8, 8, 32)).astype(np.float32))
-  points = rng.uniform(0, 128, (2, 3, 1, 2)).astype(np.float32)
-  sparse, dense = model.encode_prompts(points.reshape(6, 1, 2), np.ones((6, 1), np.int32))
-  graphdef, params = nnx.split(model, nnx.Param)
-  out = jax.jit(lambda p, e, s, d: nnx.merge(graphdef, p).decode_per_image(e, s, d))(
-    params, embeddings, sparse.reshape(2, 3, 2, 32), dense.reshape(2, 3, 8, 8, 32)
-  )
-  assert out.masks.shape == (2, 3, 4, 32, 32) and out.iou.shape == (2, 3, 4)
-  # Prompt i of image b, decoded alone against a one-image embedding (SAM's usual call).
-  one = jax.jit(
-    jax.vmap(lambda p, e, s, d: nnx.merge(graphdef, p).decode(e, s, d), in_axes=(None, 0, 0, 0))
-  )(params, jnp.repeat(embeddings, 3, axis=0)[:, None], sparse[:, None], dense[:, None])
-  close(out.masks.reshape(6, 4, 32, 32), one.masks[:, 0])
-  close(out.iou.reshape(6, 4), one.iou[:, 0])
-
-
 def test_box_as_corner_points_and_mask_valid(tiny):
   """A box equals two points labelled 2 and 3 (one static shape for mixed prompt batches);
   mask_valid=False gives the no-mask embedding."""

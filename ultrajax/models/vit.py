@@ -105,11 +105,31 @@ def linear(
   )
 
 
-def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """LayerNorm(eps=1e-6), ones/zeros init. Flax computes the statistics in float32 at least;
-  the two-pass variance matches torch instead of E[x^2] - E[x]^2, which cancels badly."""
+def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs, eps: float = LN_EPS) -> nnx.LayerNorm:
+  """LayerNorm, ones/zeros init. Flax computes the statistics in float32 at least; the
+  two-pass variance matches torch instead of E[x^2] - E[x]^2, which cancels badly."""
   return nnx.LayerNorm(
-    dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs
+    dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs
+  )
+
+
+def patch_embedding(
+  width: int, patch_size: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True
+) -> nnx.Conv:
+  """A p x p convolution of stride p from RGB to `width`. Zero bias like every other bias (MAE
+  leaves torch's default U(+-1/sqrt(p*p*3)) here)."""
+  return nnx.Conv(
+    3,
+    width,
+    (patch_size, patch_size),
+    strides=patch_size,
+    padding="VALID",
+    use_bias=use_bias,
+    kernel_init=patch_kernel_init,
+    bias_init=zeros,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
   )
 
 
@@ -389,19 +409,7 @@ class ViT(nnx.Module):
     self.pool, self.num_classes = pool, num_classes
     self.remat, self.scan_layers = remat_mode(remat), bool(scan_layers)
     self.grid = image_size // patch_size
-    # Zero conv bias like every other bias (MAE leaves torch's default U(+-1/sqrt(p*p*3)) here).
-    self.patch_embed = nnx.Conv(
-      3,
-      width,
-      (patch_size, patch_size),
-      strides=patch_size,
-      padding="VALID",
-      kernel_init=patch_kernel_init,
-      bias_init=zeros,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      rngs=rngs,
-    )
+    self.patch_embed = patch_embedding(width, patch_size, dtype=dtype, rngs=rngs)
     self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, width), jnp.float32))
     # Stochastic depth rate grows linearly over the blocks, as timm/MAE: 0 ... drop_path_rate.
     rates = np.linspace(0.0, drop_path_rate, depth)
