@@ -4,7 +4,6 @@ and the host-side probe geometry SMAT needs (geometry.py, numpy)."""
 from ultrajax.ultramim.corruption import (
   CORRUPTIONS,
   corrupt,
-  default_corruption_config,
   gaussian_blur,
   motion_blur,
   motion_kernel,
@@ -31,7 +30,6 @@ __all__ = [
   "check_fan",
   "convex_to_linear",
   "corrupt",
-  "default_corruption_config",
   "estimate_fan",
   "fan_mask",
   "gaussian_blur",
