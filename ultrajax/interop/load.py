@@ -25,7 +25,7 @@ from flax import nnx, traverse_util
 
 from ultrajax import configlib
 from ultrajax.interop import files, mae_official, timm_vit
-from ultrajax.train import checkpoint, tree
+from ultrajax.train import checkpoint, loop, tree
 
 KINDS = ("mae",)
 ENCODER_PROBE_KEY = "blocks.0.attn.qkv.weight"
@@ -61,6 +61,16 @@ def check_finite(params, source) -> None:
     )
 
 
+def _existing(path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(
+      f"nothing at {path}: expected an ultrajax workdir or checkpoint "
+      "folder, or a .safetensors/.pth/.pt/.bin file"
+    )
+  return path
+
+
 def _checkpoint_params(path, target=None):
   """checkpoint.load_params, its ValueErrors (another architecture, a damaged file) as
   DataError naming `path`."""
@@ -73,14 +83,11 @@ def _checkpoint_params(path, target=None):
 
 
 def _place(params, target):
-  """numpy leaves -> global arrays with the target's shardings (the same host value on every
-  process, as the file is read by each); leaves that are already jax Arrays stay put."""
+  """numpy leaves -> global arrays with the target's shardings (`loop.put_global`: the same
+  host value on every process, as the file is read by each); jax Arrays stay put."""
 
   def put(x, t):
-    if isinstance(x, jax.Array):
-      return x
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, t.sharding, lambda index: x[index])
+    return x if isinstance(x, jax.Array) else loop.put_global(x, t.sharding)
 
   return jax.tree.map(put, params, target)
 
@@ -101,12 +108,7 @@ def load_init_params(
   """
   if kind not in KINDS:
     raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(
-      f"nothing at {path}: expected an ultrajax workdir or checkpoint "
-      "folder, or a .safetensors/.pth/.pt/.bin file"
-    )
+  path = _existing(path)
   if path.is_dir():
     if target is None:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -186,12 +188,7 @@ def load_encoder(path, params: Mapping, *, prefix: tuple[str, ...] = ()) -> dict
   prefix: where the encoder sits in `params` (('encoder',) for a Segmenter, () for a ViT).
   A source whose architecture differs raises ValueError naming each key and both shapes.
   """
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(
-      f"nothing at {path}: expected an ultrajax workdir or checkpoint "
-      "folder, or a .safetensors/.pth/.pt/.bin file"
-    )
+  path = _existing(path)
   target = params
   for p in prefix:
     target = target[p]

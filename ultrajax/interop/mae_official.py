@@ -86,18 +86,8 @@ def mae_to_official(params: Mapping, *, image_size: int, patch_size: int) -> dic
   return out
 
 
-def _expected_shapes(shapes: Mapping[str, tuple], expected: dict, widths: dict) -> dict:
-  """`expected` with each position table's length taken from the file where its grid is
-  square and its width right (it is resampled for the check, never loaded)."""
-  expected = dict(expected)
-  for key, width in widths.items():
-    if key in shapes and timm_vit.pos_embed_shape_ok(shapes[key], width):
-      expected[key] = tuple(shapes[key])
-  return expected
-
-
 def mae_from_official(
-  state_dict: Mapping[str, Any], model, *, strict: bool = True, base_params: Mapping | None = None
+  state_dict: Mapping[str, Any], model, *, base_params: Mapping | None = None
 ) -> dict:
   """Official MAE state dict (full or encoder-only) -> pure dict of `model`'s parameters.
 
@@ -105,10 +95,9 @@ def mae_from_official(
   `MAE` (real, or from `nnx.eval_shape`: structure and image size are all that is read, unless
   values must be kept). An encoder-only file (no decoder_* / mask_token key) loads the encoder
   and keeps the decoder; the kept keys are logged. Values that are kept come from
-  `base_params` (a pure dict), default the model's own parameters.
-  strict=True: missing, unexpected and mis-shaped keys raise ValueError naming every one.
-  strict=False: missing keys are kept and unexpected ones ignored, both logged; mis-shaped
-  keys still raise (as torch's load_state_dict). Position tables are checked, not loaded.
+  `base_params` (a pure dict), default the model's own parameters. Missing, unexpected and
+  mis-shaped keys raise ValueError naming every one. Position tables are checked, not loaded
+  (one for another grid is resampled for the check).
   """
   template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   rules = mae_rules(template)
@@ -117,24 +106,16 @@ def mae_from_official(
   given = {k: timm_vit.as_numpy(v) for k, v in state_dict.items()}
   shapes = {k: v.shape for k, v in given.items()}
   widths = dict(pos_embed=width, decoder_pos_embed=decoder_width)
-  expected = _expected_shapes(shapes, official_shapes(template, image_size=image_size), widths)
+  expected = official_shapes(template, image_size=image_size)
+  for key, key_width in widths.items():
+    if key in shapes and timm_vit.pos_embed_shape_ok(shapes[key], key_width):
+      expected[key] = tuple(shapes[key])
   encoder_only = not any(is_decoder_key(k) for k in given)
   expected_here = {k: s for k, s in expected.items() if not (encoder_only and is_decoder_key(k))}
-  missing, unexpected, mismatched = timm_vit.key_problems(shapes, expected_here)
-  what = f"official MAE state dict does not fit the MAE ({len(given)} keys given)"
-  if strict:
-    timm_vit.raise_key_problems(what, missing, unexpected, mismatched)
-  else:
-    timm_vit.raise_key_problems(what, [], [], mismatched)
-    if missing or unexpected:
-      logging.warning(
-        "strict=False: %d missing keys (the model's values kept): %s; %d "
-        "unexpected keys (ignored): %s",
-        len(missing),
-        missing,
-        len(unexpected),
-        unexpected,
-      )
+  timm_vit.raise_key_problems(
+    f"official MAE state dict does not fit the MAE ({len(given)} keys given)",
+    *timm_vit.key_problems(shapes, expected_here),
+  )
   kept = [k for k in expected if k not in given and k not in widths]
   if encoder_only:
     logging.info(
