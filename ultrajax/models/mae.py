@@ -26,10 +26,9 @@ FEATURE_LN_EPS = 1e-6  # LayerNorm without affine, eps as the ViT's
 L2_EPS = 1e-12  # torch F.normalize's floor on the norm
 
 
-def normalize(images01):
-  """images01: [..., 3] RGB in [0, 1] -> (x - mean) / std with ImageNet statistics, float32."""
-  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+def normalize(images01, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """images01: [..., 3] RGB in [0, 1] -> (x - mean) / std (ImageNet statistics), float32."""
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   return (jnp.asarray(images01, jnp.float32) - mean) / std
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultrajax.models import vit
+from ultrajax.models import mae, vit
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,9 +44,7 @@ TOWERS = {
 
 def clip_normalize(images01):
   """images01: [..., 3] RGB in [0, 1] -> (x - mean) / std with CLIP statistics, float32."""
-  mean = jnp.asarray(CLIP_MEAN, jnp.float32)
-  std = jnp.asarray(CLIP_STD, jnp.float32)
-  return (jnp.asarray(images01, jnp.float32) - mean) / std
+  return mae.normalize(images01, CLIP_MEAN, CLIP_STD)
 
 
 class Teacher(nnx.Module):
