@@ -322,7 +322,7 @@ def test_file_errors_name_the_file(tmp_path, monkeypatch):
     files.save_state_dict(tmp_path / "w.pth", {"a": np.zeros(2, np.float32)})
 
 
-def test_import_errors_name_every_key():
+def test_import_errors_name_every_key(caplog):
   ours = _ours(4)
   good = mae_official.mae_to_official(_params(ours), image_size=32, patch_size=8)
   bad = dict(good)
@@ -340,6 +340,22 @@ def test_import_errors_name_every_key():
     "pos_embed: got (1, 17, 48), expected (1, 17, 64)",
   ):
     assert fragment in message
+  # strict=False keeps what is missing and ignores the extras, and says so; shapes still count.
+  partial = dict(good)
+  del partial["decoder_blocks.0.mlp.fc2.bias"]
+  partial["blocks.2.norm1.weight"] = np.ones(64, np.float32)
+  base = _params(_ours(5))
+  with caplog.at_level("WARNING"):
+    loaded = mae_official.mae_from_official(partial, ours, strict=False, base_params=base)
+  assert "decoder_blocks.0.mlp.fc2.bias" in caplog.text
+  assert "blocks.2.norm1.weight" in caplog.text
+  assert_trees_equal(
+    loaded["decoder_blocks"][0]["mlp"]["fc2"]["bias"],
+    base["decoder_blocks"][0]["mlp"]["fc2"]["bias"],
+  )
+  assert_trees_equal(loaded["encoder"], _params(ours)["encoder"])
+  with pytest.raises(ValueError, match=r"decoder_pred.weight: got \(48, 32\)"):
+    mae_official.mae_from_official(bad, ours, strict=False)
 
 
 def test_encoder_only_file_keeps_the_decoder(caplog):

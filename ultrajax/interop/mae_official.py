@@ -87,7 +87,7 @@ def mae_to_official(params: Mapping, *, image_size: int, patch_size: int) -> dic
 
 
 def mae_from_official(
-  state_dict: Mapping[str, Any], model, *, base_params: Mapping | None = None
+  state_dict: Mapping[str, Any], model, *, strict: bool = True, base_params: Mapping | None = None
 ) -> dict:
   """Official MAE state dict (full or encoder-only) -> pure dict of `model`'s parameters.
 
@@ -95,9 +95,10 @@ def mae_from_official(
   `MAE` (real, or from `nnx.eval_shape`: structure and image size are all that is read, unless
   values must be kept). An encoder-only file (no decoder_* / mask_token key) loads the encoder
   and keeps the decoder; the kept keys are logged. Values that are kept come from
-  `base_params` (a pure dict), default the model's own parameters. Missing, unexpected and
-  mis-shaped keys raise ValueError naming every one. Position tables are checked, not loaded
-  (one for another grid is resampled for the check).
+  `base_params` (a pure dict), default the model's own parameters.
+  strict=True: missing, unexpected and mis-shaped keys raise ValueError naming every one.
+  strict=False: missing keys are kept and unexpected ones ignored, both logged; mis-shaped
+  keys still raise (as torch's load_state_dict). Position tables are checked, not loaded.
   """
   template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   rules = mae_rules(template)
@@ -112,10 +113,21 @@ def mae_from_official(
       expected[key] = tuple(shapes[key])
   encoder_only = not any(is_decoder_key(k) for k in given)
   expected_here = {k: s for k, s in expected.items() if not (encoder_only and is_decoder_key(k))}
-  timm_vit.raise_key_problems(
-    f"official MAE state dict does not fit the MAE ({len(given)} keys given)",
-    *timm_vit.key_problems(shapes, expected_here),
-  )
+  missing, unexpected, mismatched = timm_vit.key_problems(shapes, expected_here)
+  what = f"official MAE state dict does not fit the MAE ({len(given)} keys given)"
+  if strict:
+    timm_vit.raise_key_problems(what, missing, unexpected, mismatched)
+  else:
+    timm_vit.raise_key_problems(what, [], [], mismatched)
+    if missing or unexpected:
+      logging.warning(
+        "strict=False: %d missing keys (the model's values kept): %s; %d "
+        "unexpected keys (ignored): %s",
+        len(missing),
+        missing,
+        len(unexpected),
+        unexpected,
+      )
   kept = [k for k in expected if k not in given and k not in widths]
   if encoder_only:
     logging.info(
