@@ -41,7 +41,7 @@ from ultrajax.interop.timm_vit import (
   as_numpy,
   check_rules_cover,
   export_tensors,
-  from_torch_layout,
+  import_tensors,
   is_abstract,
   key_problems,
   norm_rules,
@@ -150,11 +150,6 @@ def sam_rules(params: Mapping) -> list[Rule]:
 
 
 # ----------------------------------------------------------------------------- conversion
-def sam_shapes(params: Mapping) -> dict[str, tuple[int, ...]]:
-  """{segment_anything key: shape} that `sam_to_torch` writes for these params."""
-  return torch_shapes(params, sam_rules(params))
-
-
 def sam_to_torch(params: Mapping) -> dict[str, np.ndarray]:
   """Pure dict of Sam params -> segment_anything state dict (numpy float32, its key order)."""
   flat = traverse_util.flatten_dict(params)
@@ -180,7 +175,7 @@ def sam_from_torch(state_dict: Mapping[str, Any], model) -> dict:
   given = {k: as_numpy(v) for k, v in state_dict.items()}
   raise_key_problems(
     "segment_anything state dict does not fit the SAM model",
-    *key_problems({k: v.shape for k, v in given.items()}, sam_shapes(template)),
+    *key_problems({k: v.shape for k, v in given.items()}, torch_shapes(template, rules)),
   )
   flat = traverse_util.flatten_dict(template)
   extra = [p for p in flat if p in EXTRA_PATHS]
@@ -189,11 +184,8 @@ def sam_from_torch(state_dict: Mapping[str, Any], model) -> dict:
       f"{['/'.join(p) for p in extra]} have no segment_anything key and keep "
       "the model's values: pass a concrete model, not an nnx.eval_shape one"
     )
-  out = {p: np.asarray(flat[p]) for p in extra}
-  for r in rules:
-    out[r.path] = np.array(
-      from_torch_layout(r.layout, given[r.key]), dtype=flat[r.path].dtype, order="C"
-    )
+  out = traverse_util.flatten_dict(import_tensors(given, template, rules))
+  out.update((p, np.asarray(flat[p])) for p in extra)
   return traverse_util.unflatten_dict(out)
 
 

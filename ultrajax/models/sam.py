@@ -642,12 +642,6 @@ class Decoded(NamedTuple):
   image_tokens: jax.Array
 
 
-def select_masks(masks, iou, multimask_output: bool):
-  """SAM's output choice: masks [..., M, h, w], iou [..., M] -> masks 1..M-1 or mask 0."""
-  part = slice(1, None) if multimask_output else slice(0, 1)
-  return masks[..., part, :, :], iou[..., part]
-
-
 class MaskDecoder(nnx.Module):
   def __init__(self, config: SamConfig, *, dtype, rngs: nnx.Rngs):
     c, dim = config, config.prompt_dim
@@ -661,11 +655,9 @@ class MaskDecoder(nnx.Module):
       self.cls_tokens = nnx.Param(embed_init(rngs.params(), (c.num_cls_tokens, dim), jnp.float32))
     self.transformer = TwoWayTransformer(c, dtype=dtype, rngs=rngs)
     # nn.ConvTranspose2d(k=2, s=2), in Flax's orientation: interop flips it on import/export.
-    self.upscale_conv1 = layers.Upsample2x(dim, dim // 4, bias_init=zeros, dtype=dtype, rngs=rngs)
+    self.upscale_conv1 = layers.Upsample2x(dim, dim // 4, dtype=dtype, rngs=rngs)
     self.upscale_norm = vit.layer_norm(dim // 4, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
-    self.upscale_conv2 = layers.Upsample2x(
-      dim // 4, dim // 8, bias_init=zeros, dtype=dtype, rngs=rngs
-    )
+    self.upscale_conv2 = layers.Upsample2x(dim // 4, dim // 8, dtype=dtype, rngs=rngs)
     self.output_hypernetworks_mlps = nnx.List(
       [Mlp(dim, dim, dim // 8, 3, dtype=dtype, rngs=rngs) for _ in range(self.num_mask_tokens)]
     )
@@ -735,4 +727,5 @@ class Sam(nnx.Module):
     """segment_anything's MaskDecoder.forward: -> (logits [N, M, 4g, 4g], iou [N, M]) with
     M = 3 (multimask) or 1."""
     out = self.mask_decoder(image_embeddings, image_pe, sparse, dense)
-    return select_masks(out.masks, out.iou, multimask_output)
+    part = slice(1, None) if multimask_output else slice(0, 1)  # masks 1..3 or mask 0
+    return out.masks[:, part], out.iou[:, part]

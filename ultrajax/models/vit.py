@@ -190,22 +190,13 @@ _materialise.defvjp(lambda g: (_materialise(g), None), lambda _, ct: (_materiali
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout: 3 x heads x head_dim)."""
 
-  def __init__(
-    self,
-    dim: int,
-    num_heads: int,
-    *,
-    qkv_bias: bool,
-    dtype,
-    rngs: nnx.Rngs,
-    impl: str = "dot_product",
-  ):
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, impl: str = "dot_product"):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
     if impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention impl={impl!r} is not one of {ATTENTION_IMPLS}")
     self.num_heads, self.impl = num_heads, impl
-    self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.qkv = linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = linear(dim, dim, dtype=dtype, rngs=rngs)
 
   def _qkv(self, x):
@@ -257,7 +248,6 @@ class Block(nnx.Module):
     num_heads: int,
     *,
     mlp_ratio: float = 4.0,
-    qkv_bias: bool = True,
     drop_path_rate: float = 0.0,
     dtype=jnp.float32,
     attention_impl: str = "dot_product",
@@ -269,9 +259,7 @@ class Block(nnx.Module):
     # docs/benchmarks.md), off on GPU/TPU, whose fusion the cut would only constrain.
     self.cut_grad_fusion = cut_grad_fusion
     self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
-    self.attn = Attention(
-      dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, impl=attention_impl, rngs=rngs
-    )
+    self.attn = Attention(dim, num_heads, dtype=dtype, impl=attention_impl, rngs=rngs)
     self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
@@ -389,7 +377,6 @@ class ViT(nnx.Module):
     pool: str = "cls",
     num_classes: int = 0,
     drop_path_rate: float = 0.0,
-    qkv_bias: bool = True,
     dtype=jnp.float32,
     remat=False,
     pos_embed: str = "sincos",
@@ -419,7 +406,6 @@ class ViT(nnx.Module):
           width,
           num_heads,
           mlp_ratio=mlp_ratio,
-          qkv_bias=qkv_bias,
           drop_path_rate=r,
           dtype=dtype,
           attention_impl=attention_impl,
