@@ -284,6 +284,23 @@ def test_tiny_encoder_with_padded_windows_and_decoder_match(tiny):
     close(iou, t_iou.numpy(), 1e-4)
 
 
+def test_remat_encoder_gives_the_same_embedding_and_gradient(tiny):
+  """remat=True (config.model.remat) recomputes the encoder blocks: same numbers."""
+  _, model, _ = tiny
+  graphdef, params = nnx.split(model, nnx.Param)
+  remat_graphdef, _ = nnx.split(sam.Sam(model.config, remat=True, rngs=nnx.Rngs(0)), nnx.Param)
+  images = np.random.default_rng(9).normal(size=(1, 128, 128, 3)).astype(np.float32)
+
+  def loss(p, g):
+    return jnp.sum(nnx.merge(g, p).encode_image(images) ** 2)
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  value, grads = value_and_grad(params, graphdef)
+  remat_value, remat_grads = value_and_grad(params, remat_graphdef)
+  close(remat_value, value, 1e-6)
+  jax.tree.map(lambda a, b: close(a, b, 1e-5), remat_grads, grads)
+
+
 def test_config_from_state_dict_reads_tiny_and_rejects_other_dicts(tiny):
   tmodel, model, _ = tiny
   assert sam_interop.config_from_state_dict(tmodel.state_dict(), decoder_heads=2) == model.config

@@ -349,8 +349,10 @@ class EncoderBlock(nnx.Module):
     self.norm2 = vit.layer_norm(dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
     self.mlp = EncoderMlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, key=None):
-    """x: [B, H, W, D] -> [B, H, W, D]; key: stochastic depth (None = deterministic)."""
+  def __call__(self, x, key=None, rate=None):
+    """x: [B, H, W, D] -> [B, H, W, D]; key: stochastic depth (None = deterministic); rate
+    overrides the block's drop-path rate (vit.run_blocks passes it under remat)."""
+    rate = self.drop_path_rate if rate is None else rate
     k1, k2 = (None, None) if key is None else jax.random.split(key)
     y = self.norm1(x)
     if self.window_size:
@@ -359,8 +361,8 @@ class EncoderBlock(nnx.Module):
       )
     else:
       y = self.attn(y)
-    x = x + vit.drop_path(y, self.drop_path_rate, k1)
-    return x + vit.drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, k2)
+    x = x + vit.drop_path(y, rate, k1)
+    return x + vit.drop_path(self.mlp(self.norm2(x)), rate, k2)
 
 
 class ImageEncoder(nnx.Module):
