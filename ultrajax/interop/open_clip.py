@@ -153,14 +153,10 @@ def teacher_from_state_dict(state_dict: Mapping[str, Any], model) -> dict:
       "Teacher import (%s layout) ignores %d keys, e.g. %s.", layout, len(ignored), ignored[:4]
     )
   given = {k: timm_vit.as_numpy(v) for k, v in state_dict.items() if k not in ignored}
-  if layout == "open_clip_vit":  # open_clip's tables -> our [1, ...] ones
-    given.update(
-      {
-        k: given[k][None, None] if given[k].ndim == 1 else given[k][None]
-        for k in VIT_TABLES
-        if k in given and given[k].ndim < 3
-      }
-    )
+  if layout == "open_clip_vit":  # open_clip's [D] / [1 + N, D] tables -> our [1, ...] ones
+    for k in VIT_TABLES:
+      if k in given and given[k].ndim < 3:
+        given[k] = given[k].reshape((1,) * (3 - given[k].ndim) + given[k].shape)
   rules, pos_key = _rules_of(layout, template)
   expected = timm_vit.torch_shapes(template, rules)
   shapes = {k: v.shape for k, v in given.items()}
