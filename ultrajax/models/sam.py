@@ -392,13 +392,7 @@ class ImageEncoder(nnx.Module):
     self.neck_conv1 = conv(d, c.prompt_dim, 1, use_bias=False, dtype=dtype, rngs=rngs)
     self.neck_norm1 = vit.layer_norm(c.prompt_dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
     self.neck_conv2 = conv(
-      c.prompt_dim,
-      c.prompt_dim,
-      3,
-      padding=((1, 1), (1, 1)),
-      use_bias=False,
-      dtype=dtype,
-      rngs=rngs,
+      c.prompt_dim, c.prompt_dim, 3, padding=1, use_bias=False, dtype=dtype, rngs=rngs
     )
     self.neck_norm2 = vit.layer_norm(c.prompt_dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
 
@@ -459,16 +453,9 @@ class PromptEncoder(nnx.Module):
     coords = (jnp.asarray(coords, jnp.float32) + 0.5) / self.image_size  # pixel centres
     labels = jnp.asarray(labels, jnp.int32)
     pe = jnp.where((labels == -1)[..., None], 0.0, self.fourier(coords))
-    table = jnp.concatenate(
-      [
-        self.not_a_point[...],
-        self.neg_point[...],
-        self.pos_point[...],
-        self.box_corner_a[...],
-        self.box_corner_b[...],
-      ]
-    )
-    return pe + table[labels + 1]
+    # Row label + 1: not a point (-1), negative (0), positive (1), box corners (2, 3).
+    rows = (self.not_a_point, self.neg_point, self.pos_point, self.box_corner_a, self.box_corner_b)
+    return pe + jnp.concatenate([row[...] for row in rows])[labels + 1]
 
   def embed_masks(self, masks):
     """masks: [N, 4g, 4g] logits -> [N, g, g, C] float32 (conv stack with exact GELU)."""

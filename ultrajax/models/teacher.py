@@ -160,12 +160,8 @@ def align_tokens(tokens, student_grid: int, mode: str = "pool"):
     return tokens
   grid = einops.rearrange(tokens, "b (h w) d -> b h w d", h=teacher_grid)
   if mode == "interpolate":
-    out = jax.image.resize(
-      grid,
-      (grid.shape[0], student_grid, student_grid, grid.shape[-1]),
-      method="linear",
-      antialias=True,
-    )
+    shape = (grid.shape[0], student_grid, student_grid, grid.shape[-1])
+    out = jax.image.resize(grid, shape, method="linear", antialias=True)
   elif teacher_grid > student_grid:
     k = teacher_grid // student_grid
     out = einops.reduce(grid, "b (h p) (w q) d -> b h w d", "mean", p=k, q=k)
