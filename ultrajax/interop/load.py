@@ -29,7 +29,6 @@ from ultrajax.train import checkpoint, loop, tree
 
 KINDS = ("mae",)
 ENCODER_PROBE_KEY = "blocks.0.attn.qkv.weight"
-TIMM_HEAD_KEYS = ("head.weight", "head.bias")
 
 
 def file_layout(keys) -> str:
@@ -125,7 +124,7 @@ def load_init_params(
   except configlib.DataError as e:
     raise configlib.DataError(f"{path}: {e}") from None
   if layout == "encoder":
-    head = [k for k in TIMM_HEAD_KEYS if k in state_dict]
+    head = [k for k in timm_vit.TIMM_HEAD_KEYS if k in state_dict]
     if head:
       logging.info("%s: dropped the classifier head %s (an MAE has none).", path, head)
       state_dict = {k: v for k, v in state_dict.items() if k not in head}

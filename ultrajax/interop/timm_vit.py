@@ -35,6 +35,7 @@ from ultrajax.models import mae, posemb
 POS_EMBED_ATOL = 1e-6
 # Problems listed per kind in an error message; a width mismatch would otherwise list them all.
 MAX_LISTED = 12
+TIMM_HEAD_KEYS = ("head.weight", "head.bias")  # a classifier's head: dropped by headless imports
 
 
 @dataclasses.dataclass(frozen=True)
