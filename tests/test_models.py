@@ -429,7 +429,7 @@ def test_dot_product_attention_equals_einsum():
   a, b = np.asarray(preds[0]), np.asarray(preds[1])
   assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2  # bfloat16 rounding, 8 bits
   # Attention.weights are the probabilities both paths apply to v.
-  attn = vit.Attention(64, 4, qkv_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(1))
+  attn = vit.Attention(64, 4, dtype=jnp.float32, rngs=nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(0), (2, 5, 64))
   _, _, v = attn._qkv(x)
   mixed = jnp.einsum("bhqk,bkhd->bqhd", attn.weights(x), v).reshape(2, 5, 64)
@@ -485,7 +485,8 @@ def test_mlp_uses_exact_gelu():
 def test_upsample2x_is_the_stride_2_transposed_convolution():
   # Each output pixel (2h + i, 2w + j) is input pixel (h, w) times one tap of the kernel (the
   # defining sum, written out in numpy) and equals Flax's ConvTranspose with the same params.
-  up = layers.Upsample2x(3, 4, bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0))
+  up = layers.Upsample2x(3, 4, rngs=nnx.Rngs(0))
+  up.bias[...] = jax.random.normal(jax.random.key(2), (4,))  # a non-zero bias is checked too
   x = np.asarray(jax.random.normal(jax.random.key(1), (2, 3, 5, 3)))
   kernel, bias = np.asarray(up.kernel[...]), np.asarray(up.bias[...])
   want = np.zeros((2, 6, 10, 4), np.float32)

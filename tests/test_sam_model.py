@@ -284,6 +284,23 @@ def test_tiny_encoder_with_padded_windows_and_decoder_match(tiny):
     close(iou, t_iou.numpy(), 1e-4)
 
 
+def test_remat_encoder_gives_the_same_embedding_and_gradient(tiny):
+  """remat=True (config.model.remat) recomputes the encoder blocks: same numbers."""
+  _, model, _ = tiny
+  graphdef, params = nnx.split(model, nnx.Param)
+  remat_graphdef, _ = nnx.split(sam.Sam(model.config, remat=True, rngs=nnx.Rngs(0)), nnx.Param)
+  images = np.random.default_rng(9).normal(size=(1, 128, 128, 3)).astype(np.float32)
+
+  def loss(p, g):
+    return jnp.sum(nnx.merge(g, p).encode_image(images) ** 2)
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  value, grads = value_and_grad(params, graphdef)
+  remat_value, remat_grads = value_and_grad(params, remat_graphdef)
+  close(remat_value, value, 1e-6)
+  jax.tree.map(lambda a, b: close(a, b, 1e-5), remat_grads, grads)
+
+
 def test_config_from_state_dict_reads_tiny_and_rejects_other_dicts(tiny):
   tmodel, model, _ = tiny
   assert sam_interop.config_from_state_dict(tmodel.state_dict(), decoder_heads=2) == model.config
@@ -303,25 +320,6 @@ def test_import_names_missing_unexpected_and_misshaped_keys(tiny):
   assert "missing keys: [mask_decoder.iou_token.weight]" in message
   assert "unexpected keys: [prompt_encoder.extra]" in message
   assert "image_encoder.blocks.0.attn.rel_pos_h: got (7, 32), expected (5, 32)" in message
-
-
-def test_decode_per_image_equals_decoding_each_prompt(tiny):
-  _, model, _ = tiny
-  rng = np.random.default_rng(5)
-  embeddings = jnp.asarray(rng.normal(size=(2, 8, 8, 32)).astype(np.float32))
-  points = rng.uniform(0, 128, (2, 3, 1, 2)).astype(np.float32)
-  sparse, dense = model.encode_prompts(points.reshape(6, 1, 2), np.ones((6, 1), np.int32))
-  graphdef, params = nnx.split(model, nnx.Param)
-  out = jax.jit(lambda p, e, s, d: nnx.merge(graphdef, p).decode_per_image(e, s, d))(
-    params, embeddings, sparse.reshape(2, 3, 2, 32), dense.reshape(2, 3, 8, 8, 32)
-  )
-  assert out.masks.shape == (2, 3, 4, 32, 32) and out.iou.shape == (2, 3, 4)
-  # Prompt i of image b, decoded alone against a one-image embedding (SAM's usual call).
-  one = jax.jit(
-    jax.vmap(lambda p, e, s, d: nnx.merge(graphdef, p).decode(e, s, d), in_axes=(None, 0, 0, 0))
-  )(params, jnp.repeat(embeddings, 3, axis=0)[:, None], sparse[:, None], dense[:, None])
-  close(out.masks.reshape(6, 4, 32, 32), one.masks[:, 0])
-  close(out.iou.reshape(6, 4), one.iou[:, 0])
 
 
 def test_box_as_corner_points_and_mask_valid(tiny):

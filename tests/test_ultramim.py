@@ -7,6 +7,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -172,9 +173,16 @@ def test_tgm_mask_rejects_bad_arguments():
 
 
 def config(**overrides):
-  c = ultramim.default_corruption_config()
-  c.update(overrides)
-  return c
+  """The official UltraFedFM settings (configs/pretrain_fed.py), with overrides."""
+  official = dict(
+    p_clean=0.5,
+    p_each=0.5,
+    motion_length=24,
+    motion_angle_deg=45.0,
+    gaussian_sigma=1.1,
+    salt_pepper_density=0.1,
+  )
+  return ml_collections.ConfigDict({**official, **overrides})
 
 
 def test_corruption_subsets_have_the_official_frequencies():

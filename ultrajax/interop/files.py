@@ -162,13 +162,9 @@ def _torch_file_problem(path: pathlib.Path) -> str | None:
   """
   with open(path, "rb") as f:
     head = f.read(4)
-  if head.startswith(b"PK"):
-    return (
-      None
-      if zipfile.is_zipfile(path)
-      else ("a damaged or truncated zip archive (the PyTorch file format): no central directory")
-    )
-  if head[:1] == b"\x80":
+  if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+    return "a damaged or truncated zip archive (the PyTorch file format): no central directory"
+  if head.startswith(b"PK") or head[:1] == b"\x80":
     return None
   return (
     f"not a PyTorch file: it starts with bytes {head!r}, neither a zip archive (PK) nor a "

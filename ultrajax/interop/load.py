@@ -25,11 +25,10 @@ from flax import nnx, traverse_util
 
 from ultrajax import configlib
 from ultrajax.interop import files, mae_official, timm_vit
-from ultrajax.train import checkpoint, tree
+from ultrajax.train import checkpoint, loop, tree
 
 KINDS = ("mae",)
 ENCODER_PROBE_KEY = "blocks.0.attn.qkv.weight"
-TIMM_HEAD_KEYS = ("head.weight", "head.bias")
 
 
 def file_layout(keys) -> str:
@@ -61,6 +60,16 @@ def check_finite(params, source) -> None:
     )
 
 
+def _existing(path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(
+      f"nothing at {path}: expected an ultrajax workdir or checkpoint "
+      "folder, or a .safetensors/.pth/.pt/.bin file"
+    )
+  return path
+
+
 def _checkpoint_params(path, target=None):
   """checkpoint.load_params, its ValueErrors (another architecture, a damaged file) as
   DataError naming `path`."""
@@ -73,14 +82,11 @@ def _checkpoint_params(path, target=None):
 
 
 def _place(params, target):
-  """numpy leaves -> global arrays with the target's shardings (the same host value on every
-  process, as the file is read by each); leaves that are already jax Arrays stay put."""
+  """numpy leaves -> global arrays with the target's shardings (`loop.put_global`: the same
+  host value on every process, as the file is read by each); jax Arrays stay put."""
 
   def put(x, t):
-    if isinstance(x, jax.Array):
-      return x
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, t.sharding, lambda index: x[index])
+    return x if isinstance(x, jax.Array) else loop.put_global(x, t.sharding)
 
   return jax.tree.map(put, params, target)
 
@@ -101,12 +107,7 @@ def load_init_params(
   """
   if kind not in KINDS:
     raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(
-      f"nothing at {path}: expected an ultrajax workdir or checkpoint "
-      "folder, or a .safetensors/.pth/.pt/.bin file"
-    )
+  path = _existing(path)
   if path.is_dir():
     if target is None:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -123,7 +124,7 @@ def load_init_params(
   except configlib.DataError as e:
     raise configlib.DataError(f"{path}: {e}") from None
   if layout == "encoder":
-    head = [k for k in TIMM_HEAD_KEYS if k in state_dict]
+    head = [k for k in timm_vit.TIMM_HEAD_KEYS if k in state_dict]
     if head:
       logging.info("%s: dropped the classifier head %s (an MAE has none).", path, head)
       state_dict = {k: v for k, v in state_dict.items() if k not in head}
@@ -186,12 +187,7 @@ def load_encoder(path, params: Mapping, *, prefix: tuple[str, ...] = ()) -> dict
   prefix: where the encoder sits in `params` (('encoder',) for a Segmenter, () for a ViT).
   A source whose architecture differs raises ValueError naming each key and both shapes.
   """
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(
-      f"nothing at {path}: expected an ultrajax workdir or checkpoint "
-      "folder, or a .safetensors/.pth/.pt/.bin file"
-    )
+  path = _existing(path)
   target = params
   for p in prefix:
     target = target[p]

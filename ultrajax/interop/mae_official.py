@@ -86,16 +86,6 @@ def mae_to_official(params: Mapping, *, image_size: int, patch_size: int) -> dic
   return out
 
 
-def _expected_shapes(shapes: Mapping[str, tuple], expected: dict, widths: dict) -> dict:
-  """`expected` with each position table's length taken from the file where its grid is
-  square and its width right (it is resampled for the check, never loaded)."""
-  expected = dict(expected)
-  for key, width in widths.items():
-    if key in shapes and timm_vit.pos_embed_shape_ok(shapes[key], width):
-      expected[key] = tuple(shapes[key])
-  return expected
-
-
 def mae_from_official(
   state_dict: Mapping[str, Any], model, *, strict: bool = True, base_params: Mapping | None = None
 ) -> dict:
@@ -117,7 +107,10 @@ def mae_from_official(
   given = {k: timm_vit.as_numpy(v) for k, v in state_dict.items()}
   shapes = {k: v.shape for k, v in given.items()}
   widths = dict(pos_embed=width, decoder_pos_embed=decoder_width)
-  expected = _expected_shapes(shapes, official_shapes(template, image_size=image_size), widths)
+  expected = official_shapes(template, image_size=image_size)
+  for key, key_width in widths.items():
+    if key in shapes and timm_vit.pos_embed_shape_ok(shapes[key], key_width):
+      expected[key] = tuple(shapes[key])
   encoder_only = not any(is_decoder_key(k) for k in given)
   expected_here = {k: s for k, s in expected.items() if not (encoder_only and is_decoder_key(k))}
   missing, unexpected, mismatched = timm_vit.key_problems(shapes, expected_here)

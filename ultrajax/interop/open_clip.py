@@ -46,7 +46,6 @@ VIT_PROJ = "visual.proj"
 # Our [1, 1, D] / [1, 1 + N, D] tables <-> open_clip's [D] / [1 + N, D].
 VIT_TABLES = ("visual.class_embedding", "visual.positional_embedding")
 TIMM_PROBE = "blocks.0.attn.qkv.weight"
-TIMM_HEAD_KEYS = ("head.weight", "head.bias")
 LAYOUT_TOWERS = {"open_clip": "timm", "timm": "timm", "open_clip_vit": "open_clip"}
 
 
@@ -145,7 +144,7 @@ def teacher_from_state_dict(state_dict: Mapping[str, Any], model) -> dict:
     ignored = [k for k in state_dict if not k.startswith(VIT_PREFIX)]
   else:
     proj_key = None
-    ignored = [k for k in TIMM_HEAD_KEYS if k in state_dict]
+    ignored = [k for k in timm_vit.TIMM_HEAD_KEYS if k in state_dict]
   if proj_key in state_dict and "proj" not in template:
     ignored.append(proj_key)  # a teacher without projection uses trunk tokens only
   if ignored:
@@ -153,14 +152,10 @@ def teacher_from_state_dict(state_dict: Mapping[str, Any], model) -> dict:
       "Teacher import (%s layout) ignores %d keys, e.g. %s.", layout, len(ignored), ignored[:4]
     )
   given = {k: timm_vit.as_numpy(v) for k, v in state_dict.items() if k not in ignored}
-  if layout == "open_clip_vit":  # open_clip's tables -> our [1, ...] ones
-    given.update(
-      {
-        k: given[k][None, None] if given[k].ndim == 1 else given[k][None]
-        for k in VIT_TABLES
-        if k in given and given[k].ndim < 3
-      }
-    )
+  if layout == "open_clip_vit":  # open_clip's [D] / [1 + N, D] tables -> our [1, ...] ones
+    for k in VIT_TABLES:
+      if k in given and given[k].ndim < 3:
+        given[k] = given[k].reshape((1,) * (3 - given[k].ndim) + given[k].shape)
   rules, pos_key = _rules_of(layout, template)
   expected = timm_vit.torch_shapes(template, rules)
   shapes = {k: v.shape for k, v in given.items()}

@@ -1,6 +1,6 @@
 """ultrajax SAM <-> segment_anything state dicts (`sam_vit_b_01ec64.pth`, `sam_vit_l`, `sam_vit_h`).
 
-One `Rule` per tensor, written out by name, in segment_anything's `state_dict()` order:
+One `Rule` per tensor, in segment_anything's `state_dict()` order (same names: same keys):
   ours (pure-dict path)                             segment_anything key               layout
   image_encoder/patch_embed/kernel [16, 16, 3, D]   image_encoder.patch_embed.proj.weight  conv
   image_encoder/pos_embed [1, g, g, D]              image_encoder.pos_embed            same
@@ -41,10 +41,9 @@ from ultrajax.interop.timm_vit import (
   as_numpy,
   check_rules_cover,
   export_tensors,
-  from_torch_layout,
+  import_tensors,
   is_abstract,
   key_problems,
-  linear_rules,
   norm_rules,
   raise_key_problems,
   torch_shapes,
@@ -55,115 +54,84 @@ EXTRA_PATHS = (("mask_decoder", "cls_tokens"),)  # ours only, no segment_anythin
 
 
 # ----------------------------------------------------------------------------- key map
-def _conv(path, key, params, layout="conv") -> list[Rule]:
-  rules = [Rule(path + ("kernel",), f"{key}.weight", layout)]
-  if "bias" in params:
-    rules.append(Rule(path + ("bias",), f"{key}.bias"))
-  return rules
+# Children in segment_anything's registration (= state_dict) order where it differs from our
+# pure dicts' sorted names; a module's own tensors (rel_pos_*) come before its submodules.
+ORDERS = (
+  ("rel_pos_h", "rel_pos_w", "qkv", "proj"),
+  ("norm1", "attn", "norm2", "mlp"),
+  ("q_proj", "k_proj", "v_proj", "out_proj"),
+  (
+    "self_attn",
+    "norm1",
+    "cross_attn_token_to_image",
+    "norm2",
+    "mlp",
+    "norm3",
+    "norm4",
+    "cross_attn_image_to_token",
+  ),
+  ("layers", "final_attn_token_to_image", "norm_final_attn"),
+)
+
+
+def _same_names(path, key, p, layout="conv") -> list[Rule]:
+  """Rules of a subtree named as in segment_anything: a tensor, a LayerNorm (scale), a Linear
+  (2-D kernel) or convolution (4-D kernel in `layout`), or submodules in ORDERS' order."""
+  if not isinstance(p, Mapping):
+    return [Rule(path, key)]
+  if "scale" in p:
+    return norm_rules(path, key)
+  if "kernel" in p:
+    kernel_layout = "linear" if len(p["kernel"].shape) == 2 else layout
+    rules = [Rule(path + ("kernel",), f"{key}.weight", kernel_layout)]
+    return rules + ([Rule(path + ("bias",), f"{key}.bias")] if "bias" in p else [])
+  order = next((o for o in ORDERS if set(o) == set(p)), sorted(p))
+  return _renamed(path, key, p, dict(zip(order, order)), layout)
+
+
+def _renamed(path, key, p, names: Mapping, layout="conv") -> list[Rule]:
+  """Rules of the children of `p` (at `path`) in the order of `names`: {ours: torch name}."""
+  return [
+    rule
+    for ours, theirs in names.items()
+    for rule in _same_names(path + (ours,), f"{key}.{theirs}", p[ours], layout)
+  ]
 
 
 def _encoder_rules(p) -> list[Rule]:
   path, key = ("image_encoder",), "image_encoder"
-  rules = [Rule(path + ("pos_embed",), f"{key}.pos_embed")]
-  rules += _conv(path + ("patch_embed",), f"{key}.patch_embed.proj", p["patch_embed"])
-  for i in sorted(p["blocks"]):
-    bp, bk, b = path + ("blocks", i), f"{key}.blocks.{i}", p["blocks"][i]
-    rules += norm_rules(bp + ("norm1",), f"{bk}.norm1")
-    rules += [
-      Rule(bp + ("attn", "rel_pos_h"), f"{bk}.attn.rel_pos_h"),
-      Rule(bp + ("attn", "rel_pos_w"), f"{bk}.attn.rel_pos_w"),
-    ]
-    rules += linear_rules(bp + ("attn", "qkv"), f"{bk}.attn.qkv", b["attn"]["qkv"])
-    rules += linear_rules(bp + ("attn", "proj"), f"{bk}.attn.proj", b["attn"]["proj"])
-    rules += norm_rules(bp + ("norm2",), f"{bk}.norm2")
-    rules += linear_rules(bp + ("mlp", "lin1"), f"{bk}.mlp.lin1", b["mlp"]["lin1"])
-    rules += linear_rules(bp + ("mlp", "lin2"), f"{bk}.mlp.lin2", b["mlp"]["lin2"])
-  rules += _conv(path + ("neck_conv1",), f"{key}.neck.0", p["neck_conv1"])
-  rules += norm_rules(path + ("neck_norm1",), f"{key}.neck.1")
-  rules += _conv(path + ("neck_conv2",), f"{key}.neck.2", p["neck_conv2"])
-  rules += norm_rules(path + ("neck_norm2",), f"{key}.neck.3")
-  return rules
+  neck = dict(neck_conv1=0, neck_norm1=1, neck_conv2=2, neck_norm2=3)
+  return (
+    [Rule(path + ("pos_embed",), f"{key}.pos_embed")]
+    + _same_names(path + ("patch_embed",), f"{key}.patch_embed.proj", p["patch_embed"])
+    + _same_names(path + ("blocks",), f"{key}.blocks", p["blocks"])
+    + _renamed(path, f"{key}.neck", p, neck)
+  )
 
 
 def _prompt_rules(p) -> list[Rule]:
   path, key = ("prompt_encoder",), "prompt_encoder"
-  rules = [Rule(path + ("pe_gaussian",), f"{key}.pe_layer.positional_encoding_gaussian_matrix")]
-  for i, name in enumerate(("neg_point", "pos_point", "box_corner_a", "box_corner_b")):
-    rules.append(Rule(path + (name,), f"{key}.point_embeddings.{i}.weight"))
-  rules.append(Rule(path + ("not_a_point",), f"{key}.not_a_point_embed.weight"))
-  rules += _conv(path + ("mask_conv1",), f"{key}.mask_downscaling.0", p["mask_conv1"])
-  rules += norm_rules(path + ("mask_norm1",), f"{key}.mask_downscaling.1")
-  rules += _conv(path + ("mask_conv2",), f"{key}.mask_downscaling.3", p["mask_conv2"])
-  rules += norm_rules(path + ("mask_norm2",), f"{key}.mask_downscaling.4")
-  rules += _conv(path + ("mask_conv3",), f"{key}.mask_downscaling.6", p["mask_conv3"])
-  rules.append(Rule(path + ("no_mask",), f"{key}.no_mask_embed.weight"))
-  return rules
-
-
-def _attention_rules(path, key, p) -> list[Rule]:
-  rules = []
-  for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-    rules += linear_rules(path + (name,), f"{key}.{name}", p[name])
-  return rules
-
-
-def _mlp_rules(path, key, p) -> list[Rule]:
-  rules = []
-  for j in sorted(p["layers"]):
-    rules += linear_rules(path + ("layers", j), f"{key}.layers.{j}", p["layers"][j])
-  return rules
+  points = ("neg_point", "pos_point", "box_corner_a", "box_corner_b")
+  masks = dict(mask_conv1=0, mask_norm1=1, mask_conv2=3, mask_norm2=4, mask_conv3=6)
+  return (
+    [Rule(path + ("pe_gaussian",), f"{key}.pe_layer.positional_encoding_gaussian_matrix")]
+    + [Rule(path + (name,), f"{key}.point_embeddings.{i}.weight") for i, name in enumerate(points)]
+    + [Rule(path + ("not_a_point",), f"{key}.not_a_point_embed.weight")]
+    + _renamed(path, f"{key}.mask_downscaling", p, masks)
+    + [Rule(path + ("no_mask",), f"{key}.no_mask_embed.weight")]
+  )
 
 
 def _decoder_rules(p) -> list[Rule]:
   path, key = ("mask_decoder",), "mask_decoder"
-  tp, tk, t = path + ("transformer",), f"{key}.transformer", p["transformer"]
-  rules = []
-  for i in sorted(t["layers"]):
-    lp, lk, layer = tp + ("layers", i), f"{tk}.layers.{i}", t["layers"][i]
-    rules += _attention_rules(lp + ("self_attn",), f"{lk}.self_attn", layer["self_attn"])
-    rules += norm_rules(lp + ("norm1",), f"{lk}.norm1")
-    rules += _attention_rules(
-      lp + ("cross_attn_token_to_image",),
-      f"{lk}.cross_attn_token_to_image",
-      layer["cross_attn_token_to_image"],
-    )
-    rules += norm_rules(lp + ("norm2",), f"{lk}.norm2")
-    rules += linear_rules(lp + ("mlp", "lin1"), f"{lk}.mlp.lin1", layer["mlp"]["lin1"])
-    rules += linear_rules(lp + ("mlp", "lin2"), f"{lk}.mlp.lin2", layer["mlp"]["lin2"])
-    rules += norm_rules(lp + ("norm3",), f"{lk}.norm3")
-    rules += norm_rules(lp + ("norm4",), f"{lk}.norm4")
-    rules += _attention_rules(
-      lp + ("cross_attn_image_to_token",),
-      f"{lk}.cross_attn_image_to_token",
-      layer["cross_attn_image_to_token"],
-    )
-  rules += _attention_rules(
-    tp + ("final_attn_token_to_image",),
-    f"{tk}.final_attn_token_to_image",
-    t["final_attn_token_to_image"],
+  upscaling = dict(upscale_conv1=0, upscale_norm=1, upscale_conv2=3)
+  heads = ("output_hypernetworks_mlps", "iou_prediction_head")
+  return (
+    _same_names(path + ("transformer",), f"{key}.transformer", p["transformer"])
+    + [Rule(path + (name,), f"{key}.{name}.weight") for name in ("iou_token", "mask_tokens")]
+    + _renamed(path, f"{key}.output_upscaling", p, upscaling, "conv_transpose")
+    + _renamed(path, key, p, dict(zip(heads, heads)))
   )
-  rules += norm_rules(tp + ("norm_final_attn",), f"{tk}.norm_final_attn")
-  rules += [
-    Rule(path + ("iou_token",), f"{key}.iou_token.weight"),
-    Rule(path + ("mask_tokens",), f"{key}.mask_tokens.weight"),
-  ]
-  rules += _conv(
-    path + ("upscale_conv1",), f"{key}.output_upscaling.0", p["upscale_conv1"], "conv_transpose"
-  )
-  rules += norm_rules(path + ("upscale_norm",), f"{key}.output_upscaling.1")
-  rules += _conv(
-    path + ("upscale_conv2",), f"{key}.output_upscaling.3", p["upscale_conv2"], "conv_transpose"
-  )
-  for i in sorted(p["output_hypernetworks_mlps"]):
-    rules += _mlp_rules(
-      path + ("output_hypernetworks_mlps", i),
-      f"{key}.output_hypernetworks_mlps.{i}",
-      p["output_hypernetworks_mlps"][i],
-    )
-  rules += _mlp_rules(
-    path + ("iou_prediction_head",), f"{key}.iou_prediction_head", p["iou_prediction_head"]
-  )
-  return rules
 
 
 def sam_rules(params: Mapping) -> list[Rule]:
@@ -182,11 +150,6 @@ def sam_rules(params: Mapping) -> list[Rule]:
 
 
 # ----------------------------------------------------------------------------- conversion
-def sam_shapes(params: Mapping) -> dict[str, tuple[int, ...]]:
-  """{segment_anything key: shape} that `sam_to_torch` writes for these params."""
-  return torch_shapes(params, sam_rules(params))
-
-
 def sam_to_torch(params: Mapping) -> dict[str, np.ndarray]:
   """Pure dict of Sam params -> segment_anything state dict (numpy float32, its key order)."""
   flat = traverse_util.flatten_dict(params)
@@ -212,7 +175,7 @@ def sam_from_torch(state_dict: Mapping[str, Any], model) -> dict:
   given = {k: as_numpy(v) for k, v in state_dict.items()}
   raise_key_problems(
     "segment_anything state dict does not fit the SAM model",
-    *key_problems({k: v.shape for k, v in given.items()}, sam_shapes(template)),
+    *key_problems({k: v.shape for k, v in given.items()}, torch_shapes(template, rules)),
   )
   flat = traverse_util.flatten_dict(template)
   extra = [p for p in flat if p in EXTRA_PATHS]
@@ -221,11 +184,8 @@ def sam_from_torch(state_dict: Mapping[str, Any], model) -> dict:
       f"{['/'.join(p) for p in extra]} have no segment_anything key and keep "
       "the model's values: pass a concrete model, not an nnx.eval_shape one"
     )
-  out = {p: np.asarray(flat[p]) for p in extra}
-  for r in rules:
-    out[r.path] = np.array(
-      from_torch_layout(r.layout, given[r.key]), dtype=flat[r.path].dtype, order="C"
-    )
+  out = traverse_util.flatten_dict(import_tensors(given, template, rules))
+  out.update((p, np.asarray(flat[p])) for p in extra)
   return traverse_util.unflatten_dict(out)
 
 
@@ -233,18 +193,19 @@ def config_from_state_dict(state_dict: Mapping[str, Any], **overrides) -> sam_li
   """The SamConfig a segment_anything state dict was saved from (width, depth, heads,
   global blocks, window, image size, decoder sizes are read off the shapes)."""
   shape = lambda k: tuple(np.shape(state_dict[k]))
+
+  def count(prefix: str) -> int:
+    """1 + the largest index i of the keys `prefix` + 'i.*' (blocks, layers)."""
+    return 1 + max(int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix))
+
   try:
     _, grid, _, width = shape("image_encoder.pos_embed")
     patch = shape("image_encoder.patch_embed.proj.weight")[-1]
-    depth = 1 + max(
-      int(k.split(".")[2]) for k in state_dict if k.startswith("image_encoder.blocks.")
-    )
+    depth = count("image_encoder.blocks.")
     head_dim = shape("image_encoder.blocks.0.attn.rel_pos_h")[1]
     sizes = [(shape(f"image_encoder.blocks.{i}.attn.rel_pos_h")[0] + 1) // 2 for i in range(depth)]
     dim = shape("mask_decoder.iou_token.weight")[1]
-    layers = 1 + max(
-      int(k.split(".")[3]) for k in state_dict if k.startswith("mask_decoder.transformer.layers.")
-    )
+    layers = count("mask_decoder.transformer.layers.")
     inner = shape("mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")[0]
     fields = dict(
       image_size=grid * patch,
@@ -261,12 +222,7 @@ def config_from_state_dict(state_dict: Mapping[str, Any], **overrides) -> sam_li
       attention_downsample=dim // inner,
       num_multimask_outputs=shape("mask_decoder.mask_tokens.weight")[0] - 1,
       iou_head_hidden=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
-      iou_head_depth=1
-      + max(
-        int(k.split(".")[3])
-        for k in state_dict
-        if k.startswith("mask_decoder.iou_prediction_head.layers.")
-      ),
+      iou_head_depth=count("mask_decoder.iou_prediction_head.layers."),
     )
   except KeyError as e:
     raise ValueError(f"not a segment_anything SAM state dict: key {e} is missing") from None

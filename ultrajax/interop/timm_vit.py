@@ -35,6 +35,7 @@ from ultrajax.models import mae, posemb
 POS_EMBED_ATOL = 1e-6
 # Problems listed per kind in an error message; a width mismatch would otherwise list them all.
 MAX_LISTED = 12
+TIMM_HEAD_KEYS = ("head.weight", "head.bias")  # a classifier's head: dropped by headless imports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,18 +279,6 @@ def is_abstract(tree) -> bool:
 def _grid_and_width(params: Mapping, image_size: int) -> tuple[int, int]:
   patch = params["patch_embed"]["kernel"].shape[0]
   return image_size // patch, params["cls_token"].shape[-1]
-
-
-def timm_shapes(params: Mapping, *, image_size: int) -> dict[str, tuple[int, ...]]:
-  """The timm state-dict key -> shape that `vit_to_timm` produces for these params.
-
-  params: pure dict of a ViT's parameters; leaves may be arrays or jax.ShapeDtypeStructs
-  (e.g. from `nnx.eval_shape`), so big models can be described without allocating them.
-  """
-  grid, width = _grid_and_width(params, image_size)
-  shapes = torch_shapes(params, vit_rules(params))
-  shapes["pos_embed"] = (1, 1 + grid * grid, width)
-  return shapes
 
 
 def vit_to_timm(params: Mapping, *, image_size: int) -> dict[str, np.ndarray]:

@@ -28,17 +28,14 @@ STRIDES = (4, 8, 16, 32)  # input pixels per feature-map cell of the four levels
 def level_scales(patch_size: int, num_levels: int) -> tuple[int, ...]:
   """log2 of each level's resize of the patch grid: (2, 1, 0, -1) for patch 16, (1, 0, -1, -2)
   for patch 8. Levels beyond four stay at the patch grid (0)."""
-  out = []
-  for i in range(num_levels):
-    ratio = patch_size / STRIDES[i] if i < len(STRIDES) else 1.0
-    k = math.log2(ratio)
-    if k != round(k):
-      raise ValueError(
-        f"patch_size {patch_size} is not a power of two: the decoder's levels need the patch "
-        f"grid resized by powers of two to strides {STRIDES}"
-      )
-    out.append(round(k))
-  return tuple(out)
+  if patch_size < 1 or patch_size & (patch_size - 1):
+    raise ValueError(
+      f"patch_size {patch_size} is not a power of two: the decoder's levels need the patch "
+      f"grid resized by powers of two to strides {STRIDES}"
+    )
+  return tuple(
+    round(math.log2(patch_size / STRIDES[i])) if i < len(STRIDES) else 0 for i in range(num_levels)
+  )
 
 
 def default_feature_blocks(depth: int) -> tuple[int, ...]:

@@ -26,10 +26,9 @@ FEATURE_LN_EPS = 1e-6  # LayerNorm without affine, eps as the ViT's
 L2_EPS = 1e-12  # torch F.normalize's floor on the norm
 
 
-def normalize(images01):
-  """images01: [..., 3] RGB in [0, 1] -> (x - mean) / std with ImageNet statistics, float32."""
-  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+def normalize(images01, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """images01: [..., 3] RGB in [0, 1] -> (x - mean) / std (ImageNet statistics), float32."""
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   return (jnp.asarray(images01, jnp.float32) - mean) / std
 
 
@@ -241,52 +240,42 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
   the caller keeps this config (for messages).
   """
 
-  def get(name):
-    if name not in model_config:
-      raise configlib.ConfigError(f"{path}.{name} is missing")
-    return model_config[name]
+  missing = object()
 
-  def require(ok: bool, name: str, what: str):
-    if not ok:
-      raise configlib.ConfigError(f"{path}.{name}={model_config[name]!r} must be {what}")
+  def field(name, ok=None, what="", default=missing):
+    """model_config[name] (`default` when absent); ConfigError naming it unless ok(value)."""
+    value = model_config.get(name, default)
+    if value is missing:
+      raise configlib.ConfigError(f"{path}.{name} is missing")
+    if ok is not None and not ok(value):
+      raise configlib.ConfigError(f"{path}.{name}={value!r} must be {what}")
+    return value
 
   def positive_int(value) -> bool:
     return isinstance(value, int) and value > 0
 
+  def non_negative_int(value) -> bool:
+    return isinstance(value, int) and value >= 0
+
+  def fraction(value) -> bool:
+    return 0.0 <= value < 1.0
+
   width, depth, heads, patch = vit.model_dims(model_config, path)
-  if not get("variant"):
-    require(width % heads == 0 and width % 4 == 0, "width", "divisible by num_heads and by 4")
-  image_size = get("image_size")
-  require(
-    positive_int(image_size) and image_size % patch == 0,
+  if not field("variant"):
+    field("width", lambda w: w % heads == 0 and w % 4 == 0, "divisible by num_heads and by 4")
+  image_size = field(
     "image_size",
+    lambda v: positive_int(v) and v % patch == 0,
     f"a positive multiple of the patch size {patch}",
   )
-  dw, dd, dh = get("decoder_width"), get("decoder_depth"), get("decoder_heads")
-  require(isinstance(dd, int) and dd >= 0, "decoder_depth", "a non-negative integer")
-  require(positive_int(dh), "decoder_heads", "a positive integer")
-  require(
-    positive_int(dw) and dw % dh == 0 and dw % 4 == 0,
+  dd = field("decoder_depth", non_negative_int, "a non-negative integer")
+  dh = field("decoder_heads", positive_int, "a positive integer")
+  dw = field(
     "decoder_width",
+    lambda v: positive_int(v) and v % dh == 0 and v % 4 == 0,
     "a positive integer divisible by decoder_heads and by 4",
   )
-  require(0.0 <= get("mask_ratio") < 1.0, "mask_ratio", "in [0, 1)")
-  require(0.0 <= get("drop_path_rate") < 1.0, "drop_path_rate", "in [0, 1)")
-  require(get("dtype") in vit.DTYPES, "dtype", f"one of {tuple(vit.DTYPES)}")
-  pred_dim = model_config.get("pred_dim", 0)
-  if not (isinstance(pred_dim, int) and pred_dim >= 0):
-    raise configlib.ConfigError(f"{path}.pred_dim={pred_dim!r} must be a non-negative integer")
-  remat = model_config.get("remat", "none")
-  if not (isinstance(remat, bool) or remat in vit.REMATS):
-    raise configlib.ConfigError(f"{path}.remat={remat!r} is not one of {vit.REMATS}")
-  impl = model_config.get("attention_impl", "dot_product")
-  if impl not in vit.ATTENTION_IMPLS:
-    raise configlib.ConfigError(
-      f"{path}.attention_impl={impl!r} is not one of {vit.ATTENTION_IMPLS}"
-    )
-  scan_layers = model_config.get("scan_layers", False)
-  if not isinstance(scan_layers, bool):
-    raise configlib.ConfigError(f"{path}.scan_layers={scan_layers!r} must be True or False")
+  dtype = field("dtype", lambda v: v in vit.DTYPES, f"one of {tuple(vit.DTYPES)}")
   return MAE(
     width=width,
     depth=depth,
@@ -296,12 +285,19 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
     decoder_width=dw,
     decoder_depth=dd,
     decoder_heads=dh,
-    mask_ratio=get("mask_ratio"),
-    drop_path_rate=get("drop_path_rate"),
-    dtype=vit.DTYPES[get("dtype")],
-    remat=remat,
-    pred_dim=pred_dim,
-    attention_impl=impl,
-    scan_layers=scan_layers,
+    mask_ratio=field("mask_ratio", fraction, "in [0, 1)"),
+    drop_path_rate=field("drop_path_rate", fraction, "in [0, 1)"),
+    dtype=vit.DTYPES[dtype],
+    remat=field(
+      "remat", lambda v: isinstance(v, bool) or v in vit.REMATS, f"one of {vit.REMATS}", "none"
+    ),
+    pred_dim=field("pred_dim", non_negative_int, "a non-negative integer", 0),
+    attention_impl=field(
+      "attention_impl",
+      lambda v: v in vit.ATTENTION_IMPLS,
+      f"one of {vit.ATTENTION_IMPLS}",
+      "dot_product",
+    ),
+    scan_layers=field("scan_layers", lambda v: isinstance(v, bool), "True or False", False),
     rngs=rngs,
   )

@@ -29,8 +29,6 @@ from flax import nnx
 from ultrajax.models import resnet, vit
 
 ENCODERS = ("resnet18", "vit")
-xavier_uniform = nnx.initializers.xavier_uniform()
-zeros = nnx.initializers.zeros_init()
 
 
 def dropout(x, rate: float, key):
@@ -131,7 +129,7 @@ class MMoE(nnx.Module):
     d_in = num_tasks * feature_dim
     # Experts as stacked weights [E, ...]: one einsum instead of E small matmuls.
     init = lambda *shape: nnx.Param(
-      jax.vmap(lambda k: xavier_uniform(k, shape, jnp.float32))(
+      jax.vmap(lambda k: vit.xavier_uniform(k, shape, jnp.float32))(
         jax.random.split(rngs.params(), num_experts)
       )
     )

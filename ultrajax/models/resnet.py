@@ -120,7 +120,6 @@ class ResNet(nnx.Module):
     blocks: Sequence[int] = (2, 2, 2, 2),
     norm: str = "batch",
     stem: str = "imagenet",
-    in_channels: int = 3,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -133,7 +132,7 @@ class ResNet(nnx.Module):
     self.stem, self.num_classes = stem, num_classes
     self.num_features = 8 * width
     size, stride = (7, 2) if stem == "imagenet" else (3, 1)
-    self.conv1 = conv(in_channels, width, size, stride, dtype=dtype, rngs=rngs)
+    self.conv1 = conv(3, width, size, stride, dtype=dtype, rngs=rngs)
     self.bn1 = norm_layer(norm, width, dtype=dtype, rngs=rngs)
     cin = width
     for i, n in enumerate(blocks):

@@ -5,20 +5,14 @@ checkpoints load with `ultrajax/interop/sam.py` and give the same numbers. Array
 channel-last (NHWC); coordinates are (x, y) pixels of the model's square input frame
 (`image_size`, 1024 for the released models).
 
-Interface (all methods are pure functions of the parameters; under jit split the model with
-`graphdef, params = nnx.split(model, nnx.Param)` and `nnx.merge` inside, as everywhere):
+Interface (pure functions of the parameters; under jit split the model with
+`nnx.split(model, nnx.Param)` and `nnx.merge` inside, as everywhere):
 
-  model = build_sam('vit_b', rngs=nnx.Rngs(0))           # or 'vit_l', 'vit_h', 'tiny';
-  model = build_sam('tiny', image_size=64, rngs=...)      # any SamConfig field overridden
-  x = preprocess(images_uint8, image_size)                # [B, h, w, 3] 0-255 -> [B, S, S, 3]
-  emb = model.encode_image(x)                             # [B, g, g, C], g = S/16, C = 256
-  sparse, dense = model.encode_prompts(points=[N, P, 2], labels=[N, P], boxes=[N, 4],
-                                       masks=[N, 4g, 4g], mask_valid=[N])  # all optional
-  logits, iou = model.decode_masks(emb, model.dense_pe(), sparse, dense,
-                                   multimask_output=True)  # [N, 3, 4g, 4g], [N, 3]
-  out = model.decode(emb, sparse, dense)                  # `Decoded`: all 4 masks, IoU,
-                                                          # token outputs, image tokens
-  out = model.decode_per_image(emb[B], sparse[B, P], dense[B, P])   # P prompts per image
+  model = build_sam('tiny', image_size=64, rngs=nnx.Rngs(0))  # 'vit_b' | 'vit_l' | 'vit_h' | 'tiny'
+  emb = model.encode_image(preprocess(images_uint8, image_size))  # [B, g, g, C], g = S/16
+  sparse, dense = model.encode_prompts(points=..., labels=..., boxes=..., masks=...)
+  logits, iou = model.decode_masks(emb, model.dense_pe(), sparse, dense, multimask_output=True)
+  out = model.decode(emb, sparse, dense)  # `Decoded`: all 4 masks, IoU, token outputs
   full = postprocess_masks(logits, input_hw, original_hw, image_size)
 
 Prompts (as segment_anything's PromptEncoder):
@@ -229,13 +223,6 @@ zeros = nnx.initializers.zeros_init()
 embed_init = nnx.initializers.normal(1.0)  # nn.Embedding's N(0, 1)
 
 
-def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """nn.LayerNorm / SAM's LayerNorm2d (channel-last here); two-pass variance as torch."""
-  return nnx.LayerNorm(
-    dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs
-  )
-
-
 def conv(
   din: int,
   dout: int,
@@ -259,12 +246,6 @@ def conv(
     param_dtype=jnp.float32,
     rngs=rngs,
   )
-
-
-def conv_transpose_2x2(din: int, dout: int, *, dtype, rngs: nnx.Rngs) -> layers.Upsample2x:
-  """nn.ConvTranspose2d(k=2, s=2): doubles H and W. Its kernel is in Flax's ConvTranspose
-  orientation, not flipped as torch's: interop flips it spatially on import and export."""
-  return layers.Upsample2x(din, dout, bias_init=zeros, dtype=dtype, rngs=rngs)
 
 
 def gelu(x):
@@ -363,13 +344,15 @@ class EncoderBlock(nnx.Module):
   ):
     self.window_size = window_size
     self.drop_path_rate = float(drop_path_rate)
-    self.norm1 = layer_norm(dim, ENCODER_LN_EPS, dtype, rngs)
+    self.norm1 = vit.layer_norm(dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
     self.attn = EncoderAttention(dim, num_heads, window_size or grid, dtype=dtype, rngs=rngs)
-    self.norm2 = layer_norm(dim, ENCODER_LN_EPS, dtype, rngs)
+    self.norm2 = vit.layer_norm(dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
     self.mlp = EncoderMlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, key=None):
-    """x: [B, H, W, D] -> [B, H, W, D]; key: stochastic depth (None = deterministic)."""
+  def __call__(self, x, key=None, rate=None):
+    """x: [B, H, W, D] -> [B, H, W, D]; key: stochastic depth (None = deterministic); rate
+    overrides the block's drop-path rate (vit.run_blocks passes it under remat)."""
+    rate = self.drop_path_rate if rate is None else rate
     k1, k2 = (None, None) if key is None else jax.random.split(key)
     y = self.norm1(x)
     if self.window_size:
@@ -378,8 +361,8 @@ class EncoderBlock(nnx.Module):
       )
     else:
       y = self.attn(y)
-    x = x + vit.drop_path(y, self.drop_path_rate, k1)
-    return x + vit.drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, k2)
+    x = x + vit.drop_path(y, rate, k1)
+    return x + vit.drop_path(self.mlp(self.norm2(x)), rate, k2)
 
 
 class ImageEncoder(nnx.Module):
@@ -388,18 +371,7 @@ class ImageEncoder(nnx.Module):
   def __init__(self, config: SamConfig, *, dtype, remat: bool, rngs: nnx.Rngs):
     c, d = config, config.width
     self.image_size, self.remat = c.image_size, remat
-    self.patch_embed = nnx.Conv(
-      3,
-      d,
-      (c.patch_size, c.patch_size),
-      strides=c.patch_size,
-      padding="VALID",
-      kernel_init=vit.patch_kernel_init,
-      bias_init=zeros,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      rngs=rngs,
-    )
+    self.patch_embed = vit.patch_embedding(d, c.patch_size, dtype=dtype, rngs=rngs)
     self.pos_embed = nnx.Param(jnp.zeros((1, c.grid, c.grid, d), jnp.float32))
     rates = np.linspace(0.0, c.drop_path_rate, c.depth)
     self.blocks = nnx.List(
@@ -418,17 +390,11 @@ class ImageEncoder(nnx.Module):
       ]
     )
     self.neck_conv1 = conv(d, c.prompt_dim, 1, use_bias=False, dtype=dtype, rngs=rngs)
-    self.neck_norm1 = layer_norm(c.prompt_dim, ENCODER_LN_EPS, dtype, rngs)
+    self.neck_norm1 = vit.layer_norm(c.prompt_dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
     self.neck_conv2 = conv(
-      c.prompt_dim,
-      c.prompt_dim,
-      3,
-      padding=((1, 1), (1, 1)),
-      use_bias=False,
-      dtype=dtype,
-      rngs=rngs,
+      c.prompt_dim, c.prompt_dim, 3, padding=1, use_bias=False, dtype=dtype, rngs=rngs
     )
-    self.neck_norm2 = layer_norm(c.prompt_dim, ENCODER_LN_EPS, dtype, rngs)
+    self.neck_norm2 = vit.layer_norm(c.prompt_dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
 
   def __call__(self, images, *, key=None, return_vit: bool = False):
     """images: [B, S, S, 3] preprocessed -> embeddings [B, g, g, C] float32.
@@ -464,9 +430,9 @@ class PromptEncoder(nnx.Module):
     self.no_mask = nnx.Param(embed_init(rngs.params(), (1, dim), jnp.float32))
     mid = c.mask_in_chans
     self.mask_conv1 = conv(1, mid // 4, 2, stride=2, dtype=dtype, rngs=rngs)
-    self.mask_norm1 = layer_norm(mid // 4, ENCODER_LN_EPS, dtype, rngs)
+    self.mask_norm1 = vit.layer_norm(mid // 4, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
     self.mask_conv2 = conv(mid // 4, mid, 2, stride=2, dtype=dtype, rngs=rngs)
-    self.mask_norm2 = layer_norm(mid, ENCODER_LN_EPS, dtype, rngs)
+    self.mask_norm2 = vit.layer_norm(mid, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
     self.mask_conv3 = conv(mid, dim, 1, dtype=dtype, rngs=rngs)
 
   def fourier(self, coords):
@@ -487,16 +453,9 @@ class PromptEncoder(nnx.Module):
     coords = (jnp.asarray(coords, jnp.float32) + 0.5) / self.image_size  # pixel centres
     labels = jnp.asarray(labels, jnp.int32)
     pe = jnp.where((labels == -1)[..., None], 0.0, self.fourier(coords))
-    table = jnp.concatenate(
-      [
-        self.not_a_point[...],
-        self.neg_point[...],
-        self.pos_point[...],
-        self.box_corner_a[...],
-        self.box_corner_b[...],
-      ]
-    )
-    return pe + table[labels + 1]
+    # Row label + 1: not a point (-1), negative (0), positive (1), box corners (2, 3).
+    rows = (self.not_a_point, self.neg_point, self.pos_point, self.box_corner_a, self.box_corner_b)
+    return pe + jnp.concatenate([row[...] for row in rows])[labels + 1]
 
   def embed_masks(self, masks):
     """masks: [N, 4g, 4g] logits -> [N, g, g, C] float32 (conv stack with exact GELU)."""
@@ -577,7 +536,7 @@ class TwoWayBlock(nnx.Module):
     rngs: nnx.Rngs,
   ):
     self.skip_first_pe = skip_first_pe
-    norm = lambda: layer_norm(dim, DECODER_LN_EPS, dtype, rngs)
+    norm = lambda: vit.layer_norm(dim, eps=DECODER_LN_EPS, dtype=dtype, rngs=rngs)
     self.self_attn = DecoderAttention(dim, num_heads, dtype=dtype, rngs=rngs)
     self.norm1 = norm()
     self.cross_attn_token_to_image = DecoderAttention(
@@ -627,7 +586,7 @@ class TwoWayTransformer(nnx.Module):
     self.final_attn_token_to_image = DecoderAttention(
       c.prompt_dim, c.decoder_heads, c.attention_downsample, dtype=dtype, rngs=rngs
     )
-    self.norm_final_attn = layer_norm(c.prompt_dim, DECODER_LN_EPS, dtype, rngs)
+    self.norm_final_attn = vit.layer_norm(c.prompt_dim, eps=DECODER_LN_EPS, dtype=dtype, rngs=rngs)
 
   def __call__(self, image, image_pe, tokens):
     """image: [N, HW, C], image_pe: [N or 1, HW, C], tokens: [N, T, C] -> (tokens, image)."""
@@ -672,12 +631,6 @@ class Decoded(NamedTuple):
   image_tokens: jax.Array
 
 
-def select_masks(masks, iou, multimask_output: bool):
-  """SAM's output choice: masks [..., M, h, w], iou [..., M] -> masks 1..M-1 or mask 0."""
-  part = slice(1, None) if multimask_output else slice(0, 1)
-  return masks[..., part, :, :], iou[..., part]
-
-
 class MaskDecoder(nnx.Module):
   def __init__(self, config: SamConfig, *, dtype, rngs: nnx.Rngs):
     c, dim = config, config.prompt_dim
@@ -690,9 +643,10 @@ class MaskDecoder(nnx.Module):
     if c.num_cls_tokens:
       self.cls_tokens = nnx.Param(embed_init(rngs.params(), (c.num_cls_tokens, dim), jnp.float32))
     self.transformer = TwoWayTransformer(c, dtype=dtype, rngs=rngs)
-    self.upscale_conv1 = conv_transpose_2x2(dim, dim // 4, dtype=dtype, rngs=rngs)
-    self.upscale_norm = layer_norm(dim // 4, ENCODER_LN_EPS, dtype, rngs)
-    self.upscale_conv2 = conv_transpose_2x2(dim // 4, dim // 8, dtype=dtype, rngs=rngs)
+    # nn.ConvTranspose2d(k=2, s=2), in Flax's orientation: interop flips it on import/export.
+    self.upscale_conv1 = layers.Upsample2x(dim, dim // 4, dtype=dtype, rngs=rngs)
+    self.upscale_norm = vit.layer_norm(dim // 4, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
+    self.upscale_conv2 = layers.Upsample2x(dim // 4, dim // 8, dtype=dtype, rngs=rngs)
     self.output_hypernetworks_mlps = nnx.List(
       [Mlp(dim, dim, dim // 8, 3, dtype=dtype, rngs=rngs) for _ in range(self.num_mask_tokens)]
     )
@@ -762,12 +716,5 @@ class Sam(nnx.Module):
     """segment_anything's MaskDecoder.forward: -> (logits [N, M, 4g, 4g], iou [N, M]) with
     M = 3 (multimask) or 1."""
     out = self.mask_decoder(image_embeddings, image_pe, sparse, dense)
-    return select_masks(out.masks, out.iou, multimask_output)
-
-  def decode_per_image(self, image_embeddings, sparse, dense) -> Decoded:
-    """P prompts for each of B images: image_embeddings [B, g, g, C], sparse [B, P, T, C],
-    dense [B, P, g, g, C] -> Decoded with leading axes [B, P]."""
-    b, p = sparse.shape[:2]
-    merge = lambda x: einops.rearrange(x, "b p ... -> (b p) ...")
-    out = self.decode(jnp.repeat(image_embeddings, p, axis=0), merge(sparse), merge(dense))
-    return Decoded(*(einops.rearrange(x, "(b p) ... -> b p ...", b=b) for x in out))
+    part = slice(1, None) if multimask_output else slice(0, 1)  # masks 1..3 or mask 0
+    return out.masks[:, part], out.iou[:, part]

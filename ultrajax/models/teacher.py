@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ultrajax.models import vit
+from ultrajax.models import mae, vit
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,9 +44,7 @@ TOWERS = {
 
 def clip_normalize(images01):
   """images01: [..., 3] RGB in [0, 1] -> (x - mean) / std with CLIP statistics, float32."""
-  mean = jnp.asarray(CLIP_MEAN, jnp.float32)
-  std = jnp.asarray(CLIP_STD, jnp.float32)
-  return (jnp.asarray(images01, jnp.float32) - mean) / std
+  return mae.normalize(images01, CLIP_MEAN, CLIP_STD)
 
 
 class Teacher(nnx.Module):
@@ -89,17 +87,8 @@ class Teacher(nnx.Module):
       rngs=rngs,
     )
     if not style["patch_bias"]:
-      self.trunk.patch_embed = nnx.Conv(
-        3,
-        width,
-        (patch_size, patch_size),
-        strides=patch_size,
-        padding="VALID",
-        use_bias=False,
-        kernel_init=vit.patch_kernel_init,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        rngs=rngs,
+      self.trunk.patch_embed = vit.patch_embedding(
+        width, patch_size, use_bias=False, dtype=dtype, rngs=rngs
       )
     if style["pre_norm"]:
       self.ln_pre = vit.layer_norm(width, dtype=dtype, rngs=rngs)
@@ -119,10 +108,6 @@ class Teacher(nnx.Module):
   def grid(self) -> int:
     return self.trunk.grid
 
-  @property
-  def depth(self) -> int:
-    return self.trunk.depth
-
   def tokens(self, images01, *, block: int = 0, final_norm: bool = True):
     """images01: [B, S, S, 3] in [0, 1] (S = image_size) -> tokens [B, 1 + N, D] float32.
 
@@ -134,24 +119,13 @@ class Teacher(nnx.Module):
     block = block or depth
     if not 1 <= block <= depth:
       raise ValueError(f"teacher block {block} is outside 1..{depth}")
-    trunk = self.trunk
-    x = trunk.embed(clip_normalize(images01))
-    cls = trunk.cls_token[...] + trunk.pos_embed[:, :1]
-    x = jnp.concatenate(
-      [jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, trunk.width)), x], axis=1
-    )
+    x = self.trunk.tokens(clip_normalize(images01))
     if TOWERS[self.tower]["pre_norm"]:
       x = self.ln_pre(x)
-    x, _ = vit.run_blocks(trunk.blocks[:block], x, None, remat=False)
+    x, _ = vit.run_blocks(self.trunk.blocks[:block], x, None, remat=False)
     if final_norm:
-      x = trunk.norm(x)
+      x = self.trunk.norm(x)
     return x.astype(jnp.float32)
-
-  def image_embedding(self, images01):
-    """images01: [B, S, S, 3] -> open_clip's image features [B, embed_dim] (cls after the
-    final norm, projected; [B, D] without a projection)."""
-    cls = self.tokens(images01)[:, 0]
-    return self.proj(cls).astype(jnp.float32) if self.embed_dim else cls
 
   def __call__(self, images01, *, block: int = 0, final_norm: bool = True, project: bool = False):
     """Patch tokens [B, N, D'] (cls dropped); project maps every token through `proj`."""
@@ -186,12 +160,8 @@ def align_tokens(tokens, student_grid: int, mode: str = "pool"):
     return tokens
   grid = einops.rearrange(tokens, "b (h w) d -> b h w d", h=teacher_grid)
   if mode == "interpolate":
-    out = jax.image.resize(
-      grid,
-      (grid.shape[0], student_grid, student_grid, grid.shape[-1]),
-      method="linear",
-      antialias=True,
-    )
+    shape = (grid.shape[0], student_grid, student_grid, grid.shape[-1])
+    out = jax.image.resize(grid, shape, method="linear", antialias=True)
   elif teacher_grid > student_grid:
     k = teacher_grid // student_grid
     out = einops.reduce(grid, "b (h p) (w q) d -> b h w d", "mean", p=k, q=k)

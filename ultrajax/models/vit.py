@@ -105,11 +105,31 @@ def linear(
   )
 
 
-def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """LayerNorm(eps=1e-6), ones/zeros init. Flax computes the statistics in float32 at least;
-  the two-pass variance matches torch instead of E[x^2] - E[x]^2, which cancels badly."""
+def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs, eps: float = LN_EPS) -> nnx.LayerNorm:
+  """LayerNorm, ones/zeros init. Flax computes the statistics in float32 at least; the
+  two-pass variance matches torch instead of E[x^2] - E[x]^2, which cancels badly."""
   return nnx.LayerNorm(
-    dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs
+    dim, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs
+  )
+
+
+def patch_embedding(
+  width: int, patch_size: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True
+) -> nnx.Conv:
+  """A p x p convolution of stride p from RGB to `width`. Zero bias like every other bias (MAE
+  leaves torch's default U(+-1/sqrt(p*p*3)) here)."""
+  return nnx.Conv(
+    3,
+    width,
+    (patch_size, patch_size),
+    strides=patch_size,
+    padding="VALID",
+    use_bias=use_bias,
+    kernel_init=patch_kernel_init,
+    bias_init=zeros,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
   )
 
 
@@ -170,22 +190,13 @@ _materialise.defvjp(lambda g: (_materialise(g), None), lambda _, ct: (_materiali
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout: 3 x heads x head_dim)."""
 
-  def __init__(
-    self,
-    dim: int,
-    num_heads: int,
-    *,
-    qkv_bias: bool,
-    dtype,
-    rngs: nnx.Rngs,
-    impl: str = "dot_product",
-  ):
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, impl: str = "dot_product"):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
     if impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention impl={impl!r} is not one of {ATTENTION_IMPLS}")
     self.num_heads, self.impl = num_heads, impl
-    self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.qkv = linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = linear(dim, dim, dtype=dtype, rngs=rngs)
 
   def _qkv(self, x):
@@ -237,7 +248,6 @@ class Block(nnx.Module):
     num_heads: int,
     *,
     mlp_ratio: float = 4.0,
-    qkv_bias: bool = True,
     drop_path_rate: float = 0.0,
     dtype=jnp.float32,
     attention_impl: str = "dot_product",
@@ -249,9 +259,7 @@ class Block(nnx.Module):
     # docs/benchmarks.md), off on GPU/TPU, whose fusion the cut would only constrain.
     self.cut_grad_fusion = cut_grad_fusion
     self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
-    self.attn = Attention(
-      dim, num_heads, qkv_bias=qkv_bias, dtype=dtype, impl=attention_impl, rngs=rngs
-    )
+    self.attn = Attention(dim, num_heads, dtype=dtype, impl=attention_impl, rngs=rngs)
     self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
@@ -369,7 +377,6 @@ class ViT(nnx.Module):
     pool: str = "cls",
     num_classes: int = 0,
     drop_path_rate: float = 0.0,
-    qkv_bias: bool = True,
     dtype=jnp.float32,
     remat=False,
     pos_embed: str = "sincos",
@@ -389,19 +396,7 @@ class ViT(nnx.Module):
     self.pool, self.num_classes = pool, num_classes
     self.remat, self.scan_layers = remat_mode(remat), bool(scan_layers)
     self.grid = image_size // patch_size
-    # Zero conv bias like every other bias (MAE leaves torch's default U(+-1/sqrt(p*p*3)) here).
-    self.patch_embed = nnx.Conv(
-      3,
-      width,
-      (patch_size, patch_size),
-      strides=patch_size,
-      padding="VALID",
-      kernel_init=patch_kernel_init,
-      bias_init=zeros,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      rngs=rngs,
-    )
+    self.patch_embed = patch_embedding(width, patch_size, dtype=dtype, rngs=rngs)
     self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, width), jnp.float32))
     # Stochastic depth rate grows linearly over the blocks, as timm/MAE: 0 ... drop_path_rate.
     rates = np.linspace(0.0, drop_path_rate, depth)
@@ -411,7 +406,6 @@ class ViT(nnx.Module):
           width,
           num_heads,
           mlp_ratio=mlp_ratio,
-          qkv_bias=qkv_bias,
           drop_path_rate=r,
           dtype=dtype,
           attention_impl=attention_impl,

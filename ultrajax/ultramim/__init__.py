@@ -2,16 +2,14 @@
 and the host-side probe geometry SMAT needs (geometry.py, numpy)."""
 
 from ultrajax.ultramim.corruption import (
-  CORRUPTIONS,
   corrupt,
-  default_corruption_config,
   gaussian_blur,
   motion_blur,
   motion_kernel,
   salt_and_pepper,
   sample_corruptions,
 )
-from ultrajax.ultramim.geometry import Fan, NotASector, check_fan, estimate_fan, fan_mask
+from ultrajax.ultramim.geometry import NotASector, check_fan, estimate_fan
 from ultrajax.ultramim.masking import MODES, tgm_log_weights, tgm_mask
 from ultrajax.ultramim.scanmode import (
   ORIENTATIONS,
@@ -23,17 +21,13 @@ from ultrajax.ultramim.scanmode import (
 from ultrajax.ultramim.texture import texture_scores
 
 __all__ = [
-  "CORRUPTIONS",
   "MODES",
   "ORIENTATIONS",
-  "Fan",
   "NotASector",
   "check_fan",
   "convex_to_linear",
   "corrupt",
-  "default_corruption_config",
   "estimate_fan",
-  "fan_mask",
   "gaussian_blur",
   "linear_to_convex",
   "linear_to_sector",

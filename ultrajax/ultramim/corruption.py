@@ -11,25 +11,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import scipy.ndimage
 
 CORRUPTIONS = ("motion_blur", "gaussian_blur", "salt_and_pepper")
-
-
-def default_corruption_config() -> ml_collections.ConfigDict:
-  """The official UltraFedFM settings (all fixed there, no random ranges)."""
-  return ml_collections.ConfigDict(
-    dict(
-      p_clean=0.5,
-      p_each=0.5,
-      motion_length=24,
-      motion_angle_deg=45.0,
-      gaussian_sigma=1.1,
-      salt_pepper_density=0.1,
-    )
-  )
 
 
 def sample_corruptions(key, batch_size: int, config):

@@ -100,17 +100,10 @@ def support(image: np.ndarray, black_level: int = 0) -> np.ndarray:
 def _outline(m: np.ndarray) -> np.ndarray:
   """[P, 2] (y, x) midpoints between a region pixel and each 4-neighbour outside it (neighbours
   within the image only: the image border cuts a fan, it is not the fan's edge)."""
-  points = []
-  for axis in (0, 1):
-    edge = m[1:] != m[:-1] if axis == 0 else m[:, 1:] != m[:, :-1]
-    i, j = np.nonzero(edge)
-    mid = (
-      np.stack([i + 0.5, j.astype(np.float64)], 1)
-      if axis == 0
-      else np.stack([i.astype(np.float64), j + 0.5], 1)
-    )
-    points.append(mid)
-  return np.concatenate(points)
+  rows, cols = np.nonzero(m[1:] != m[:-1])  # between rows i and i + 1
+  across_rows = np.stack([rows + 0.5, cols], 1)
+  rows, cols = np.nonzero(m[:, 1:] != m[:, :-1])  # between columns j and j + 1
+  return np.concatenate([across_rows, np.stack([rows, cols + 0.5], 1)])
 
 
 def _distance_to_outline(params, y, x):

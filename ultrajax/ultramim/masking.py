@@ -45,10 +45,7 @@ def tgm_mask(key, scores, mask_ratio: float, mode: str = "intended"):
   if not 0.0 <= mask_ratio < 1.0:
     raise ValueError(f"mask_ratio={mask_ratio!r} is not in [0, 1)")
   len_keep = int(scores.shape[-1] * (1.0 - mask_ratio))
-  if mode == "random":
-    log_w = jnp.zeros(scores.shape, jnp.float32)
-  else:
-    log_w = tgm_log_weights(scores)
+  log_w = jnp.zeros(scores.shape, jnp.float32) if mode == "random" else tgm_log_weights(scores)
   perturbed = log_w + jax.random.gumbel(key, scores.shape, jnp.float32)
   draw_order = jnp.argsort(perturbed, axis=-1, descending=True)
   ids_shuffle = jnp.argsort(draw_order, axis=-1) if mode == "official_code" else draw_order

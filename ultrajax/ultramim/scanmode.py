@@ -184,14 +184,7 @@ def sector_to_linear(
   nearest, coords = _unwarp_plan(fan, shape, tuple(out_shape or shape), orientation)
   if valid is not None:
     nearest = _nearest_allowed(geometry.fan_mask(fan, shape) & valid, fan)
-  planes = planes[nearest[0], nearest[1]]
-  out = np.stack(
-    [
-      scipy.ndimage.map_coordinates(planes[..., c], coords, order=1, mode="nearest")
-      for c in range(planes.shape[-1])
-    ],
-    -1,
-  )
+  out = _sample(planes[nearest[0], nearest[1]][None], *coords)[0]
   return out[..., 0] if image.ndim == 2 else out
 
 
@@ -230,16 +223,6 @@ def linear_to_sector(
   cols = (theta + fan.half) / (2 * fan.half) * w - 0.5
   if orientation == "official_code":
     rows, cols = h - 1 - rows, w - 1 - cols
-  inside = geometry.fan_mask(fan, out_shape)
-  out = np.stack(
-    [
-      np.where(
-        inside,
-        scipy.ndimage.map_coordinates(planes[..., c], [rows, cols], order=1, mode="nearest"),
-        0.0,
-      )
-      for c in range(planes.shape[-1])
-    ],
-    -1,
-  ).astype(np.float32)
+  inside = geometry.fan_mask(fan, out_shape)[..., None]
+  out = np.where(inside, _sample(planes[None], rows, cols)[0], 0.0).astype(np.float32)
   return out[..., 0] if image.ndim == 2 else out
