@@ -22,6 +22,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats
 
+from ultrajax.eval import metrics
+
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
@@ -35,11 +37,6 @@ class Comparison:
 
 
 NAN = Comparison(math.nan, math.nan, math.nan, math.nan)
-
-
-def _check_alpha(alpha) -> None:
-  if not 0.0 < alpha < 1.0:
-    raise ValueError(f"alpha={alpha!r} is not in (0, 1)")
 
 
 def _two_sided(diff: float, se: float, alpha: float, dist) -> Comparison:
@@ -61,7 +58,7 @@ def paired_ttest(a, b, alpha: float = 0.05) -> Comparison:
   are dropped; fewer than two pairs left give nan (but diff). Identical differences (zero spread): p = 1
   when they are all 0 (scipy: nan), p = 0 otherwise (as scipy).
   """
-  _check_alpha(alpha)
+  metrics.check_alpha(alpha)
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 1:
     raise ValueError(
@@ -97,13 +94,8 @@ def paired_bootstrap(
   is nan for either model (AUROC on one class) are skipped for it, with a warning giving their
   count.
   """
-  _check_alpha(alpha)
-  if (
-    isinstance(num_samples, bool)
-    or not isinstance(num_samples, (int, np.integer))
-    or num_samples < 1
-  ):
-    raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+  metrics.check_alpha(alpha)
+  metrics.check_positive_int(num_samples, "num_samples")
   outputs_a, outputs_b = np.asarray(outputs_a), np.asarray(outputs_b)
   arrays = [outputs_a, outputs_b] + ([] if targets is None else [np.asarray(targets)])
   n = outputs_a.shape[0] if outputs_a.ndim else 0
@@ -208,7 +200,7 @@ def delong_covariance(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 def delong_ci(labels, scores, alpha: float = 0.05) -> tuple[float, float, float, float]:
   """(auc, low, high, variance): DeLong variance and auc -/+ z_{1-alpha/2} sqrt(var), clipped
   to [0, 1] as pROC's ci.auc(method='delong').  labels: [N] in {0, 1}; scores: [N]."""
-  _check_alpha(alpha)
+  metrics.check_alpha(alpha)
   scores = np.asarray(scores, np.float64)
   if scores.ndim != 1:
     raise ValueError(f"delong_ci scores must be [N], got shape {scores.shape}")
@@ -227,7 +219,7 @@ def delong_test(labels, scores_a, scores_b, alpha: float = 0.05) -> Comparison:
   p-value and the (1 - alpha) normal interval of the difference. Identical scores (var 0 and
   diff 0) give p = 1.
   """
-  _check_alpha(alpha)
+  metrics.check_alpha(alpha)
   scores_a, scores_b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
   if scores_a.ndim != 1 or scores_a.shape != scores_b.shape:
     raise ValueError(
