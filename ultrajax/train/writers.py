@@ -40,26 +40,11 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
 
-  def write_summaries(self, step, values, metadata=None):
-    pass
+  def _not_scalars(self, *args, **kwargs):
+    """Everything but scalars stays out of the JSONL file."""
 
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
+  write_summaries = write_images = write_videos = write_audios = _not_scalars
+  write_texts = write_histograms = write_hparams = _not_scalars
 
   def flush(self):
     self._file.flush()
