@@ -4,15 +4,9 @@ Run inside pretraining (as big_vision runs evaluators: each on its own schedule,
 so the gain over random initialisation shows) and on any checkpoint (`ultrajax.evaluate`).
 
 Features: the MAE encoder on the whole, unmasked image (ImageNet-normalised, as in training),
-then the mean of the patch tokens after the final norm ('gap') or the cls token ('cls').
-They are standardised with the statistics of the probe's training images (scikit-learn's
-StandardScaler: population std, constant columns left unscaled) before either evaluator.
-
-linear probe  multinomial logistic regression with an L2 penalty in scikit-learn's C
-              convention (C * sum of losses + |W|^2 / 2, intercept free; two classes use one
-              logit vector, as sklearn's binary case), fitted on device with L-BFGS.
-k-NN          scikit-learn's KNeighborsClassifier: k nearest training images by cosine or
-              euclidean distance, class shares of the neighbours (or 1/distance-weighted).
+then the mean of the patch tokens after the final norm ('gap') or the cls token ('cls'),
+standardised with the statistics of the probe's training images. Both evaluators follow
+scikit-learn (LogisticRegression, fitted on device with L-BFGS; KNeighborsClassifier).
 
 The labelled task (config.evals.task) is a classification task of ultrajax.data.tasks with its
 own seeded split: the probes fit on its train and val images (nothing is tuned) and are scored
@@ -89,7 +83,8 @@ def encoder_features(
 
 
 def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """[N, D], [M, D] -> both scaled by the train mean and population std (StandardScaler)."""
+  """[N, D], [M, D] -> both scaled by the train mean and population std, constant columns left
+  unscaled (StandardScaler)."""
   mean = train.mean(axis=0, dtype=np.float64)
   std = train.std(axis=0, dtype=np.float64)
   std[std < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
@@ -366,31 +361,15 @@ class Evaluators:
     if not names:
       return {}
     t0 = time.perf_counter()
-    e, k = self.config.evals, self.task.num_classes
+    e = self.config.evals
     train_x, test_x = self.features(params)
+    data = (train_x, self.train_y, test_x, self.test_y, self.task.num_classes)
     out = {}
     for name in names:
       if name == "linear_probe":
-        result = linear_probe(
-          train_x,
-          self.train_y,
-          test_x,
-          self.test_y,
-          k,
-          C=e.linear_probe.C,
-          max_iters=e.linear_probe.max_iters,
-        )
+        result = linear_probe(*data, C=e.linear_probe.C, max_iters=e.linear_probe.max_iters)
       else:
-        result = knn(
-          train_x,
-          self.train_y,
-          test_x,
-          self.test_y,
-          k,
-          k=e.knn.k,
-          metric=e.knn.metric,
-          weights=e.knn.weights,
-        )
+        result = knn(*data, k=e.knn.k, metric=e.knn.metric, weights=e.knn.weights)
       out.update({f"eval/{name}/{m}": float(v) for m, v in result.items()})
     logging.info(
       "Evaluators (%.1f s): %s",
