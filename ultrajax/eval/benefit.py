@@ -7,9 +7,7 @@ from the local-only one, and
   gain_k = metric(federated) - metric(local)  on k's test images, with a paired percentile
   bootstrap CI over those images (`gain_ci`; seeds are averaged inside every resample).
 
-Across clients (`spread`, research/fl_anchors.md section 5): the unweighted mean (each hospital
-counts once), the test-size-weighted mean, std, min, bottom-25% mean, max - min, Gini and Jain's
-index J = (sum a_k)^2 / (K sum a_k^2); `negative` counts the clients that lose by joining.
+Across clients: `spread` (research/fl_anchors.md section 5).
 """
 
 from __future__ import annotations
@@ -179,10 +177,10 @@ def jain(values) -> float:
 
 
 def spread(values, weights=None) -> dict:
-  """Summary over clients of one per-client number (nan clients left out): mean, weighted mean
-  (by `weights`, e.g. test sizes), std (ddof 0), min, max, bottom-25% mean (the worst
-  ceil(K/4)), max - min gap, Gini and Jain (nan unless all >= 0), K and `negative` (clients
-  below 0)."""
+  """Summary over clients of one per-client number (nan clients left out): mean (each client
+  counts once), weighted mean (by `weights`, e.g. test sizes), std (ddof 0), min, max,
+  bottom-25% mean (the worst ceil(K/4)), max - min gap, Gini and Jain (nan unless all >= 0), K
+  and `negative` (clients below 0, who lose by joining)."""
   a = np.asarray(values, np.float64)
   w = np.ones_like(a) if weights is None else np.asarray(weights, np.float64)
   keep = np.isfinite(a)

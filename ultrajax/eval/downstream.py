@@ -1,16 +1,6 @@
-"""Scores of a downstream (diagnosis / segmentation) test: metric tables and the study summary.
-
-padded_batches    fn over rows 0 .. n - 1 in fixed-size batches (one shape, one compile)
-predict_batches   a model's outputs over a split, in fixed-size batches
-cls_scores        every classification metric of one split (CLS_METRICS)
-seg_per_image     per-image segmentation metrics (SEG_METRICS), mm where the pixel size is known
-split_scores      the table of one split (validation: model selection)
-test_report       every metric with a bootstrap 95% CI over the test images
-summarise         mean and t-interval over seeds per (variant, fraction), with p-values against
-                  the reference variant (paired t-test, per-seed paired bootstrap, DeLong)
-transfer_rows     the cross-organ transfer matrix as table rows (jobs/transfer_study.py)
-write_csv         any study's table rows (dicts) as a CSV file
-"""
+"""Scores of a downstream (diagnosis / segmentation) test: batched predictions, metric tables
+with bootstrap CIs, the study summary over seeds with tests against a reference variant, the
+transfer matrix's rows and CSV tables."""
 
 from __future__ import annotations
 

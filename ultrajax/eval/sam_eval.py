@@ -1,10 +1,6 @@
-"""UltraSam's evaluation: prompted-segmentation COCO mask mAP / mIoU over an instance dataset,
-and the prompted-classification metrics (paper Table 4).
-
-`evaluate_instances` runs a compiled predict function (jobs/sam.py make_predict) over the test
-images in static batches and scores every prompt setting against the ground truth at the
-original resolution (eval/coco_eval.py).
-"""
+"""UltraSam's evaluation: prompted-segmentation COCO mask mAP / mIoU over an instance dataset
+(scored at the original resolution, eval/coco_eval.py), and the prompted-classification metrics
+(paper Table 4)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
-"""Significance tests for comparing two models on the same test data (numpy/scipy, host arrays).
-
-Which test for what (the papers' statistical analyses):
-  paired_ttest      a metric over repeats (seeds) of two models trained in pairs: two-sided
-                    paired Student t-test on the per-seed differences (scipy.stats.ttest_rel).
-  paired_bootstrap  any metric on one test set scored by two models: resample the test cases
-                    jointly, percentile CI and two-sided p-value of the metric difference (HSL).
-  delong_test       AUROC of two models on the same test cases: DeLong et al. (1988) with the
-                    midrank algorithm of Sun & Xu (2014), O(N log N); two-sided normal p-value.
-  delong_ci         one AUROC's DeLong variance and normal CI (pROC's ci.auc(method='delong')).
-Every test returns a `Comparison`: diff = a - b, its (1 - alpha) interval and the p-value.
-`versus_reference` gives a study's p-value columns (t-test over repeats, bootstrap over cases).
+"""Significance tests for comparing two models on the same test data (numpy/scipy, host arrays):
+a metric over paired repeats (paired_ttest), any metric on one test set (paired_bootstrap, as
+HSL), AUROC (delong_test: DeLong et al. 1988 with Sun & Xu's 2014 midrank algorithm). Each
+returns a `Comparison`: diff = a - b, its (1 - alpha) interval and the two-sided p-value.
 """
 
 from __future__ import annotations
