@@ -30,7 +30,7 @@ from flax import nnx
 
 from ultrajax import configlib
 from ultrajax.data import tasks
-from ultrajax.eval import metrics
+from ultrajax.eval import downstream, metrics
 from ultrajax.models import mae
 from ultrajax.train import loop, sharding as sharding_lib
 
@@ -64,22 +64,19 @@ def encoder_features(
   """images: uint8 [N, S, S, 3] -> features [N, D] float32 of the unmasked images.
 
   graphdef, params: a ViT encoder (`nnx.split(mae.encoder, nnx.Param)`, params as a pure
-  dict). Batches are padded to batch_size so one compilation serves every call. sharding: a
-  replicated NamedSharding when params live on a mesh (several processes); None otherwise.
+  dict). Batches are padded to batch_size (downstream.padded_batches) so one compilation serves
+  every call. sharding: a replicated NamedSharding when params live on a mesh (several
+  processes); None otherwise.
   """
   if pool not in POOLS:
     raise ValueError(f"pool={pool!r} is not one of {POOLS}")
   fn = _feature_fn(graphdef, sharding)
-  out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start : start + batch_size]
-    padded = np.concatenate(
-      [chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)]
-    )
-    if sharding is not None:
-      padded = loop.put_global(padded, sharding)
-    out.append(np.asarray(fn(params, padded)[pool])[: len(chunk)])
-  return np.concatenate(out).astype(np.float32)
+
+  def batch(rows):
+    x = images[rows]
+    return fn(params, x if sharding is None else loop.put_global(x, sharding))[pool]
+
+  return downstream.padded_batches(batch, len(images), batch_size).astype(np.float32)
 
 
 def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
