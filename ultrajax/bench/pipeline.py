@@ -139,9 +139,4 @@ def bench_pipeline(
 
 def default_workers() -> list[int]:
   """0 (threads only), then 1, 2, 4, ... up to the cores."""
-  cores = os.cpu_count() or 1
-  out, w = [0], 1
-  while w <= cores:
-    out.append(w)
-    w *= 2
-  return out
+  return [0] + [2**i for i in range((os.cpu_count() or 1).bit_length())]

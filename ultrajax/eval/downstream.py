@@ -126,12 +126,8 @@ def test_report(
     return {name: list(v) for name, v in cis.items()}
   per_image = seg_per_image(targets, outputs, num_classes, spacing, nsd_tolerance)
   table = np.stack([per_image[name] for name in SEG_METRICS], axis=1)  # [N, M]
-  report = {
-    name: list(v)
-    for name, v in metrics.bootstrap_cis(
-      seg_means, table, num_samples=num_samples, seed=seed
-    ).items()
-  }
+  cis = metrics.bootstrap_cis(seg_means, table, num_samples=num_samples, seed=seed)
+  report = {name: list(v) for name, v in cis.items()}
   report["hd95_undefined_images"] = int(np.sum(~np.isfinite(per_image["hd95"])))
   report["distance_unit"] = "px" if spacing is None else "mm"
   return report
@@ -184,13 +180,10 @@ def paired_cell_tests(cell: dict, ref: dict, num_samples: int) -> dict:
   if not np.array_equal(a["test_index"], b["test_index"]):
     return {}
   if "probs" in a:
-    boot = significance.paired_bootstrap(
-      cls_scores, a["targets"], a["probs"], b["probs"], num_samples=num_samples, seed=cell["seed"]
-    )
+    fn, args = cls_scores, (a["targets"], a["probs"], b["probs"])
   else:
-    boot = significance.paired_bootstrap(
-      seg_means, None, a["per_image"], b["per_image"], num_samples=num_samples, seed=cell["seed"]
-    )
+    fn, args = seg_means, (None, a["per_image"], b["per_image"])
+  boot = significance.paired_bootstrap(fn, *args, num_samples=num_samples, seed=cell["seed"])
   out = {name: {"bootstrap": c.pvalue} for name, c in boot.items()}
   targets = a.get("targets")
   if "probs" in a and a["probs"].shape[1] == 2 and 0 < targets.sum() < len(targets):

@@ -562,8 +562,5 @@ def mean_ci(
   if v.size == 1:
     return mean, math.nan, math.nan
   half = stats.t.ppf(1 - alpha / 2, df=v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
-  return (
-    mean,
-    float(np.clip(mean - half, low_bound, high_bound)),
-    float(np.clip(mean + half, low_bound, high_bound)),
-  )
+  low, high = np.clip([mean - half, mean + half], low_bound, high_bound)
+  return mean, float(low), float(high)
