@@ -131,10 +131,9 @@ def gain_ci(
   outputs_local,
   *,
   num_samples: int = 1000,
-  alpha: float = 0.05,
   seed: int = 0,
 ) -> significance.Comparison:
-  """metric(federated) - metric(local) on one client's test images, paired bootstrap CI.
+  """metric(federated) - metric(local) on one client's test images, paired bootstrap 95% CI.
 
   targets: [N]; outputs_*: [S, N, ...] the S seeds' test outputs of each model. The metric of a
   model is the mean over its seeds of metric_fn(targets, outputs[s]); every resample draws N
@@ -150,14 +149,9 @@ def gain_ci(
   def over_seeds(y, out):  # out: [n, S, ...]
     return float(np.mean([metric_fn(y, out[:, s]) for s in range(out.shape[1])]))
 
+  fed, local = np.moveaxis(fed, 0, 1), np.moveaxis(local, 0, 1)  # [N, S, ...]
   return significance.paired_bootstrap(
-    over_seeds,
-    np.asarray(targets),
-    np.moveaxis(fed, 0, 1),
-    np.moveaxis(local, 0, 1),
-    num_samples=num_samples,
-    alpha=alpha,
-    seed=seed,
+    over_seeds, np.asarray(targets), fed, local, num_samples=num_samples, seed=seed
   )
 
 

@@ -38,6 +38,7 @@ EVALUATORS = ("linear_probe", "knn")
 POOLS = ("gap", "cls")
 KNN_METRICS = ("cosine", "euclidean")
 KNN_WEIGHTS = ("uniform", "distance")
+LBFGS_TOL = 1e-6  # the linear probe's gradient-norm stopping threshold
 # config.evals.task: the fields of a classification config.data (configs/finetune_cls.py)
 # that tasks.load_task reads; the segmentation-only ones are filled in here.
 TASK_DEFAULTS = dict(mask_column="mask", seg_target="lesion")
@@ -128,19 +129,13 @@ def _fit_logistic(x, y, C, tol, *, num_classes: int, max_iters: int):
 
 
 def fit_logistic(
-  x: np.ndarray,
-  y: np.ndarray,
-  num_classes: int,
-  *,
-  C: float = 1.0,
-  max_iters: int = 1000,
-  tol: float = 1e-6,
+  x: np.ndarray, y: np.ndarray, num_classes: int, *, C: float = 1.0, max_iters: int = 1000
 ) -> dict:
   """Multinomial logistic regression. x: [N, D] float; y: [N] int in [0, K).
 
   Minimises C * sum_i CE_i + |W|^2 / 2 (scikit-learn's LogisticRegression(C=C)); returns
   {'w': [D, K'], 'b': [K']} with K' = 1 for two classes, else K. Stops when the gradient norm
-  of the objective / (C N) falls below tol or after max_iters L-BFGS steps.
+  of the objective / (C N) falls below LBFGS_TOL or after max_iters L-BFGS steps.
   """
   if num_classes < 2:
     raise ValueError(f"num_classes={num_classes} must be at least 2")
@@ -148,7 +143,7 @@ def fit_logistic(
     jnp.asarray(x, jnp.float32),
     jnp.asarray(y, jnp.int32),
     jnp.float32(C),
-    jnp.float32(tol),
+    jnp.float32(LBFGS_TOL),
     num_classes=num_classes,
     max_iters=max_iters,
   )
@@ -156,7 +151,7 @@ def fit_logistic(
     logging.warning(
       "linear probe: L-BFGS stopped at max_iters=%d before the gradient norm reached %g",
       max_iters,
-      tol,
+      LBFGS_TOL,
     )
   return jax.device_get(params)
 
