@@ -1,8 +1,5 @@
 """`python -m ultrajax.bench sam`: SAM image encoder img/s and decoder ms per prompt batch,
-ultrajax (jitted JAX) next to segment_anything (PyTorch eager) in the same process.
-
-  python -m ultrajax.bench sam --sam_variant=vit_b --sam_image_size=1024 --sam_batch=1 \
-      --sam_prompts=16 [--sam_dtype=bfloat16] [--steps=5] [--nosam_torch]
+ultrajax (jitted JAX) next to segment_anything (PyTorch eager) in the same process (flags below).
 
 Both models hold the same random weights (PyTorch's init, imported into ultrajax), and the
 run prints their largest embedding and mask-logit differences, so the timings compare the

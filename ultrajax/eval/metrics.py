@@ -60,7 +60,7 @@ def metric_range(name: str) -> tuple[float, float]:
 
 
 def _labels(x, name: str) -> np.ndarray:
-  """[N] non-empty int64 class ids (bools and integral floats accepted); ValueError naming `name`."""
+  """[N] non-empty int64 class ids (bools, integral floats accepted); ValueError naming `name`."""
   a = np.asarray(x)
   if a.dtype == bool:
     a = a.astype(np.int64)
