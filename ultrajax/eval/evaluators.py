@@ -338,15 +338,8 @@ class Evaluators:
   def features(self, params) -> tuple[np.ndarray, np.ndarray]:
     """MAE params (pure dict) -> (fit features [N, D], test features [M, D])."""
     e = self.config.evals
-    encoder = params["encoder"]
-    get = functools.partial(
-      encoder_features,
-      self.graphdef,
-      encoder,
-      pool=e.features,
-      batch_size=e.batch_size,
-      sharding=self.sharding,
-    )
+    options = dict(pool=e.features, batch_size=e.batch_size, sharding=self.sharding)
+    get = functools.partial(encoder_features, self.graphdef, params["encoder"], **options)
     return get(self.train_images), get(self.test_images)
 
   def __call__(self, params, names=EVALUATORS) -> dict:

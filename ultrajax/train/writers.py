@@ -185,18 +185,9 @@ def log_config(config, workdir) -> None:
     path.write_text(text + "\n")
 
 
-class _BelowWarningFrom(py_logging.Filter):
-  """Drops records below WARNING logged from files under `fragment` (e.g. '/orbax/')."""
-
-  def __init__(self, fragment: str):
-    super().__init__()
-    self.fragment = fragment
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or self.fragment not in record.pathname
-
-
-_ORBAX_FILTER = _BelowWarningFrom("/orbax/")
+def _orbax_below_warning(record) -> bool:
+  """A logging filter: drops records below WARNING logged from Orbax's files."""
+  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def quiet_orbax(quiet: bool = True) -> None:
@@ -204,9 +195,9 @@ def quiet_orbax(quiet: bool = True) -> None:
   warnings and errors (quiet) or everything (not quiet, e.g. with --verbose)."""
   absl_logger = logging.get_absl_logger()
   if quiet:
-    absl_logger.addFilter(_ORBAX_FILTER)
+    absl_logger.addFilter(_orbax_below_warning)
   else:
-    absl_logger.removeFilter(_ORBAX_FILTER)
+    absl_logger.removeFilter(_orbax_below_warning)
 
 
 def read_jsonl(path) -> list[dict]:

@@ -106,12 +106,10 @@ def confusion(path, matrix: np.ndarray, class_names, title: str = "") -> None:
   save(fig, path)
 
 
-def seg_overlays(
-  path, images: np.ndarray, targets: np.ndarray, preds: np.ndarray, scores=None, max_images: int = 8
-) -> None:
-  """images: [N, S, S, 3] uint8; targets, preds: [N, S, S] class maps. Ground truth outlined in
-  green, prediction filled in red; `scores` (e.g. Dice) in each title."""
-  n = min(len(images), max_images)
+def seg_overlays(path, images: np.ndarray, targets: np.ndarray, preds: np.ndarray, scores=None):
+  """images: [N, S, S, 3] uint8; targets, preds: [N, S, S] class maps; the first 8 drawn. Ground
+  truth outlined in green, prediction filled in red; `scores` (e.g. Dice) in each title."""
+  n = min(len(images), 8)
   cols = min(n, 4)
   rows = math.ceil(n / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
