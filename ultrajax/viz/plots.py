@@ -86,14 +86,8 @@ def confusion(path, matrix: np.ndarray, class_names, title: str = "") -> None:
   ax.imshow(matrix, cmap="Blues")
   for i in range(k):
     for j in range(k):
-      ax.text(
-        j,
-        i,
-        int(matrix[i, j]),
-        ha="center",
-        va="center",
-        color="white" if matrix[i, j] > matrix.max() / 2 else "black",
-      )
+      color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
+      ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color=color)
   ax.set(
     xticks=range(k),
     yticks=range(k),
@@ -172,15 +166,9 @@ def heatmap(
   for i in range(r):
     for j in range(c):
       if np.isfinite(matrix[i, j]):
-        ax.text(
-          j,
-          i,
-          fmt.format(matrix[i, j]),
-          ha="center",
-          va="center",
-          fontsize=8,
-          color="black" if matrix[i, j] > middle else "white",
-        )
+        color = "black" if matrix[i, j] > middle else "white"
+        text = fmt.format(matrix[i, j])
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
   ax.set(
     xticks=range(c),
     yticks=range(r),
