@@ -61,17 +61,10 @@ def study_tables(
   for method in methods:
     for r, out in enumerate(results[method]):
       for k, node in enumerate(node_names):
-        m = node_metrics(out[f"labels_{k}"], out[f"probs_{k}"])
-        rows.append(
-          dict(
-            method=method,
-            repeat=r,
-            node=node,
-            n_test=len(out[f"labels_{k}"]),
-            positives=int(out[f"labels_{k}"].sum()),
-            **m,
-          )
-        )
+        labels = out[f"labels_{k}"]
+        m = node_metrics(labels, out[f"probs_{k}"])
+        counts = dict(n_test=len(labels), positives=int(labels.sum()))
+        rows.append(dict(method=method, repeat=r, node=node, **counts, **m))
         for name, v in m.items():
           values.setdefault((method, node, name), []).append(v)
   for method in methods:

@@ -49,13 +49,8 @@ def evaluate_instances(
   for start in range(0, count, batch_size):
     idx = list(range(start, min(start + batch_size, count)))
     batch = dataset.batch(idx + [idx[0]] * (batch_size - len(idx)))  # static batch: pad, repeat
-    out = jax.device_get(
-      predict(
-        params,
-        loop.put_global(batch["image"], batch_sharding),
-        loop.put_global(batch["masks"], batch_sharding),
-      )
-    )
+    inputs = [loop.put_global(batch[k], batch_sharding) for k in ("image", "masks")]
+    out = jax.device_get(predict(params, *inputs))
     for j, i in enumerate(idx):
       record = dataset.record(i)
       n = min(len(record["masks"]), m)
