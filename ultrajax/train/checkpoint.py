@@ -10,10 +10,9 @@ step is whatever the job counts: rounds, epochs or steps):
           mismatched resume fails loudly.
 Saves are asynchronous; `wait()` (called by `close()`) makes sure the last one finished.
 
-Safety (docs/reliability.md): a state holding NaN or inf is never saved (so `keep_checkpoints`
-rotation cannot replace good checkpoints with diverged ones); shapes are compared with a
-checkpoint's metadata before anything is restored, so a mismatch names the parameter and both
-shapes; a damaged checkpoint can be renamed aside (`<step>.damaged`), which Orbax ignores.
+Safety (docs/reliability.md): a state holding NaN or inf is never saved, so `keep_checkpoints`
+rotation cannot replace good checkpoints with diverged ones; shapes are checked before anything
+is restored (`check_shapes`); a damaged checkpoint can be set aside (`set_aside`).
 """
 
 from __future__ import annotations

@@ -5,9 +5,6 @@ workdir (tensorboardX: no TensorFlow needed; images and flattened hyper-paramete
 `workdir/metrics.jsonl`: one JSON object per logged step, with the step and every scalar (round,
 loss, per-client losses, img_per_s, ...), easy to read back with pandas or `json.loads` per line.
 Only process 0 writes files; other processes get a writer that only logs.
-
-`log_config` logs the resolved config once and writes `workdir/config.json`; `quiet_orbax`
-keeps Orbax's per-save INFO lines (about 60 per checkpoint) out of the console.
 """
 
 from __future__ import annotations
