@@ -181,18 +181,12 @@ class Checkpointer:
     out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return out["meta"]
 
-  def check_shapes(self, step: int, abstract_params, abstract_train) -> None:
-    """Compares the stored shapes with the restore targets (ShapeMismatchError)."""
-    for name, wanted in (("params", abstract_params), ("train", abstract_train)):
-      check_shapes(
-        _stored_tree(self.directory / str(step) / name),
-        wanted,
-        f"checkpoint {self.directory}/{step} ({name})",
-      )
-
   def restore(self, step: int, abstract_params, abstract_train, data_iterator):
-    """Restores into the given abstract trees (shape/dtype/sharding) and the iterator."""
-    self.check_shapes(step, abstract_params, abstract_train)
+    """Restores into the given abstract trees (shape/dtype/sharding) and the iterator, after
+    comparing the stored shapes with them (ShapeMismatchError)."""
+    for name, wanted in (("params", abstract_params), ("train", abstract_train)):
+      stored = _stored_tree(self.directory / str(step) / name)
+      check_shapes(stored, wanted, f"checkpoint {self.directory}/{step} ({name})")
     args = dict(
       params=ocp.args.StandardRestore(abstract_params),
       train=ocp.args.StandardRestore(abstract_train),
