@@ -273,13 +273,6 @@ def validate(config) -> None:
   c.check(not unknown, f"config.evals has unknown entries {unknown}; evaluators are {EVALUATORS}")
 
 
-def task_data_config(config) -> ml_collections.ConfigDict:
-  """config.evals.task as the config.data that tasks.load_task reads."""
-  data = ml_collections.ConfigDict(TASK_DEFAULTS)
-  data.update(config.evals.task.to_dict())
-  return data
-
-
 def for_pretraining(config, mesh=None) -> Evaluators | None:
   """The pretraining job's evaluators (None when every every_rounds is 0); a mesh makes the
   images replicated global arrays, as params sharded across processes need."""
@@ -300,8 +293,9 @@ class Evaluators:
     validate(config)
     self.config, self.sharding = config, sharding
     e = config.evals
+    data = ml_collections.ConfigDict({**TASK_DEFAULTS, **e.task.to_dict()})
     try:
-      self.task = tasks.load_task(task_data_config(config), "cls", config.model.image_size)
+      self.task = tasks.load_task(data, "cls", config.model.image_size)
     except configlib.ConfigError as err:  # tasks names config.data's fields
       raise configlib.ConfigError(str(err).replace("config.data.", "config.evals.task.")) from None
     fit = np.concatenate([self.task.indices("train"), self.task.indices("val")])
