@@ -28,8 +28,7 @@ def image_rows(columns, rows, width: float):
     for j, (ax, panel) in enumerate(zip(axes[i], panels)):
       if panel is not None:
         ax.imshow(np.clip(panel, 0, 1), cmap="gray", vmin=0, vmax=1)
-      ax.set_xticks([])
-      ax.set_yticks([])
+      ax.set(xticks=[], yticks=[])
       if i == 0:
         ax.set_title(columns[j], fontsize=8)
   return fig, axes
@@ -67,7 +66,6 @@ def save_pairs(path, pairs, title: str = "") -> pathlib.Path:
   for row, (source, partner, caption) in zip(axes, pairs):
     for ax, image, name in zip(row, (source, partner), ("source", "SMAT partner")):
       ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
-      ax.set_xticks([])
-      ax.set_yticks([])
+      ax.set(xticks=[], yticks=[])
       ax.set_title(f"{name}: {caption[0] if name == 'source' else caption[1]}", fontsize=7)
   return _finish(fig, path, title)
