@@ -144,21 +144,12 @@ def study_tables(
 def sweep_rows(summaries: dict, metric: str = "auc") -> list[dict]:
   """{ratio: run_study summary} -> one row per (ratio, method, node position) of `metric`
   (node1 / node2: node names carry the ratio, positions do not)."""
+  kept = ("mean", "t_low", "t_high", "pooled", "boot_low", "boot_high", "repeats")
   rows = []
   for ratio, summary in summaries.items():
     for row in summary["per_node"]:
       if row["metric"] == metric:
         position = summary["nodes"].index(row["node"]) + 1
-        rows.append(
-          dict(
-            ratio=float(ratio),
-            method=row["method"],
-            node=f"node{position}",
-            node_name=row["node"],
-            **{
-              k: row[k]
-              for k in ("mean", "t_low", "t_high", "pooled", "boot_low", "boot_high", "repeats")
-            },
-          )
-        )
+        where = dict(ratio=float(ratio), method=row["method"], node=f"node{position}")
+        rows.append(dict(**where, node_name=row["node"], **{k: row[k] for k in kept}))
   return rows
