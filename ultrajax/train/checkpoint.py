@@ -76,11 +76,8 @@ def _is_array(x) -> bool:
 
 def _shapes(tree) -> dict[str, tuple]:
   """{'a/b/kernel': shape} of the array leaves (Orbax metadata or ShapeDtypeStructs)."""
-  out = {}
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array)[0]:
-    if hasattr(leaf, "shape"):
-      out[tree_lib.path_str(keypath)] = tuple(leaf.shape)
-  return out
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array)[0]
+  return {tree_lib.path_str(kp): tuple(x.shape) for kp, x in leaves if hasattr(x, "shape")}
 
 
 def _stored_tree(item_dir: pathlib.Path):
