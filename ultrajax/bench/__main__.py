@@ -301,8 +301,6 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
 def bench_urfm(config, steps: int, clients: int) -> None:
   del clients  # centralized
   if config.get("target", "pixels") != "teacher":
-    from ultrajax import configlib, pretrain_checks
-
     urfm = configlib.load_config_module(pathlib.Path(_DEFAULT_CONFIG).with_name("pretrain_urfm.py"))
     config = urfm.get_config(config.preset)
   pretrain_checks.validate(config)
