@@ -59,13 +59,9 @@ def phantom_client_task(
     f"among {num_images}; raise config.task.images_per_client",
   )
   groups = np.array(groups)
+  splits = tasks.split_by_group(groups, split_fractions, split_seed)
   data = tasks.TaskData(
-    np.stack(images),
-    np.asarray(targets, np.int32),
-    groups,
-    tasks.split_by_group(groups, split_fractions, split_seed),
-    tuple(classes),
-    "cls",
+    np.stack(images), np.asarray(targets, np.int32), groups, splits, tuple(classes), "cls"
   )
   _check_splits(data, f"client {source.name!r}")
   return data

@@ -204,10 +204,9 @@ def knn_proba(
   metric=metric, weights=weights).predict_proba (its predictions: the argmax, lowest class on
   ties). k is capped at N.
   """
-  if metric not in KNN_METRICS:
-    raise ValueError(f"metric={metric!r} is not one of {KNN_METRICS}")
-  if weights not in KNN_WEIGHTS:
-    raise ValueError(f"weights={weights!r} is not one of {KNN_WEIGHTS}")
+  for name, value, choices in (("metric", metric, KNN_METRICS), ("weights", weights, KNN_WEIGHTS)):
+    if value not in choices:
+      raise ValueError(f"{name}={value!r} is not one of {choices}")
   return np.asarray(
     _knn_proba(
       jnp.asarray(train_x, jnp.float32),

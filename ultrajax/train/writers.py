@@ -95,8 +95,10 @@ class TensorboardWriter(metric_writers.MetricWriter):
 
     self._writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
 
-  def write_summaries(self, step, values, metadata=None):
-    raise NotImplementedError("TensorboardWriter writes scalars, images, texts and histograms")
+  def _unsupported(self, *args, **kwargs):
+    raise NotImplementedError("TensorboardWriter writes no videos, audio or raw summaries")
+
+  write_summaries = write_videos = write_audios = _unsupported
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     for key, value in scalars.items():
@@ -110,12 +112,6 @@ class TensorboardWriter(metric_writers.MetricWriter):
         self._writer.add_images(key, value, global_step=int(step), dataformats="NHWC")
       else:
         self._writer.add_image(key, value, global_step=int(step), dataformats="HWC")
-
-  def write_videos(self, step, videos):
-    raise NotImplementedError("TensorboardWriter does not write videos")
-
-  def write_audios(self, step, audios, *, sample_rate):
-    raise NotImplementedError("TensorboardWriter does not write audio")
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
     for key, value in texts.items():
