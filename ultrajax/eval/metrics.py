@@ -220,9 +220,8 @@ def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
   labels, preds = _label_pair(labels, preds)
   _check_range(labels, num_classes, "labels")
   _check_range(preds, num_classes, "preds")
-  return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(
-    num_classes, num_classes
-  )
+  counts = np.bincount(labels * num_classes + preds, minlength=num_classes**2)
+  return counts.reshape(num_classes, num_classes)
 
 
 def _counts(labels, preds, average: str, num_classes: int | None) -> tuple[np.ndarray, ...]:
