@@ -516,6 +516,7 @@ def bootstrap_cis(
       scores = metrics_fn(*(a[rows] for a in arrays))
       values[i] = [float(scores[k]) for k in estimates]
   out = {}
+  percentiles = [100 * alpha / 2, 100 * (1 - alpha / 2)]
   for j, name in enumerate(estimates):
     v = values[~np.isnan(values[:, j]), j]
     if v.size < num_samples:
@@ -524,9 +525,7 @@ def bootstrap_cis(
         f"{name} and were skipped",
         stacklevel=2,
       )
-    low, high = (
-      np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if v.size else (math.nan, math.nan)
-    )
+    low, high = np.percentile(v, percentiles) if v.size else (math.nan, math.nan)
     out[name] = (estimates[name], float(low), float(high))
   return out
 

@@ -74,11 +74,8 @@ def study_tables(
       for name in METRICS:
         v = np.asarray(values[(method, node, name)], np.float64)
         finite = v[np.isfinite(v)]
-        mean, lo, hi = (
-          metrics.mean_ci(finite, alpha, bounds=metrics.metric_range(name))
-          if finite.size
-          else (math.nan,) * 3
-        )
+        bounds = metrics.metric_range(name)
+        mean, lo, hi = metrics.mean_ci(finite, alpha, bounds) if finite.size else (math.nan,) * 3
         if labels.size and (name != "auc" or 0 < labels.sum() < labels.size):
           est, blo, bhi = metrics.bootstrap_ci(
             metric_fn(name), labels, probs, num_samples=bootstrap_samples, alpha=alpha, seed=seed
