@@ -217,10 +217,8 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
     f"{'TFLOP/s/dev':>13}{'MFU':>7}{'compile s':>11}{'CPU ms/img':>12}"
   )
   results = {}
-  for name, m, c, b in (
-    ("central", central_mesh, 1, clients * batch),
-    ("federated", mesh, clients, batch),
-  ):
+  modes = (("central", central_mesh, 1, clients * batch), ("federated", mesh, clients, batch))
+  for name, m, c, b in modes:
     if name not in _MODES.value:
       continue
     with jax.set_mesh(m):

@@ -177,12 +177,8 @@ def bench_sam(config_unused, steps: int, clients_unused) -> None:
       )
 
     t_dec_first, t_dec_s = _timed(t_decode, steps)
-  row(
-    f"segment_anything (torch, {torch.get_num_threads()} thr)",
-    t_enc_s,
-    t_dec_s,
-    t_enc_first + t_dec_first,
-  )
+  name = f"segment_anything (torch, {torch.get_num_threads()} thr)"
+  row(name, t_enc_s, t_dec_s, t_enc_first + t_dec_first)
   ours_masks = np.asarray(decode(params, embedding, points, labels)[0])
   emb_diff = np.abs(np.asarray(emb_holder["e"]) - holder["e"].permute(0, 2, 3, 1).numpy())
   mask_diff = np.abs(ours_masks - holder["m"][0].numpy())

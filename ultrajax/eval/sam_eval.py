@@ -94,11 +94,7 @@ def class_metric_fns(num_classes: int) -> dict:
   one-vs-rest) and the paper's precision, recall and F1 (Table 4) of the arg-max prediction,
   macro over the K classes, and per class k as '<metric>/<k>'."""
   fns = dict(auroc=metrics.auroc)
-  for name, fn in (
-    ("precision", metrics.precision),
-    ("recall", metrics.recall),
-    ("f1", metrics.f1),
-  ):
+  for name, fn in dict(precision=metrics.precision, recall=metrics.recall, f1=metrics.f1).items():
     fns[name] = lambda y, q, fn=fn: fn(y, q.argmax(1), num_classes=num_classes)
     for k in range(num_classes):
       fns[f"{name}/{k}"] = lambda y, q, fn=fn, k=k: fn(y == k, q.argmax(1) == k, average="binary")

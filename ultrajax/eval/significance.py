@@ -91,11 +91,8 @@ def paired_bootstrap(
   outputs_a, outputs_b = np.asarray(outputs_a), np.asarray(outputs_b)
   arrays = [outputs_a, outputs_b] + ([] if targets is None else [np.asarray(targets)])
   n = outputs_a.shape[0] if outputs_a.ndim else 0
-  if (
-    n == 0
-    or any(x.ndim == 0 or x.shape[0] != n for x in arrays)
-    or outputs_a.shape != outputs_b.shape
-  ):
+  misfit = any(x.ndim == 0 or x.shape[0] != n for x in arrays)
+  if n == 0 or misfit or outputs_a.shape != outputs_b.shape:
     raise ValueError(
       f"paired_bootstrap needs outputs of equal shape [N, ...] (N > 0) and targets "
       f"[N, ...], got {[x.shape for x in arrays]}"

@@ -145,13 +145,8 @@ class Programs:
     if teacher is None:
       self.preview = jax.jit(mim_objectives.make_preview_fn(graphdef, config), out_shardings=rep)
     else:
-      self.preview = functools.partial(
-        jax.jit(
-          mim_objectives.make_feature_preview_fn(graphdef, teacher_graphdef, config),
-          out_shardings=rep,
-        ),
-        self.frozen,
-      )
+      preview = mim_objectives.make_feature_preview_fn(graphdef, teacher_graphdef, config)
+      self.preview = functools.partial(jax.jit(preview, out_shardings=rep), self.frozen)
     self._compiled_chunk = None
     self.chunk_flops = None
 
