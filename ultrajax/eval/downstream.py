@@ -50,11 +50,8 @@ def predict_batches(
   """predict(params, batch) over every image, in batches of `batch_size` (padded_batches);
   batches are placed by `data_sharding` and the outputs must come back replicated (each
   process reads them whole)."""
-  return padded_batches(
-    lambda rows: predict(params, loop.put_global(images[rows], data_sharding)),
-    len(images),
-    batch_size,
-  )
+  batch = lambda rows: predict(params, loop.put_global(images[rows], data_sharding))
+  return padded_batches(batch, len(images), batch_size)
 
 
 def cls_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
