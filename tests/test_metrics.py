@@ -269,19 +269,6 @@ def test_dice_and_iou_by_hand():
   np.testing.assert_allclose(batch, [2 / 3, 1.0, 1.0])
 
 
-def test_per_class_dice_by_hand():
-  pred = np.array([[0, 1, 1], [2, 2, 0]])
-  target = np.array([[0, 1, 0], [2, 2, 2]])
-  # (|P|, |T|, |P & T|) class 0: (2, 2, 1); 1: (2, 1, 1); 2: (2, 3, 2); class 3 absent from both.
-  np.testing.assert_allclose(metrics.per_class_dice(pred, target, 4), [2 / 3, 4 / 5, 1.0])
-  np.testing.assert_allclose(
-    metrics.per_class_dice(pred, target, 4, ignore_background=False), [1 / 2, 2 / 3, 4 / 5, 1.0]
-  )
-  assert metrics.per_class_dice(np.stack([pred] * 2), np.stack([target] * 2), 3).shape == (2, 2)
-  with pytest.raises(ValueError, match=r"target_labels has values \[2\] outside \[0, 2\)"):
-    metrics.per_class_dice(pred % 2, target, 2)
-
-
 def _reference_distances(pred, target, spacing):
   """Surface distances by brute force: inner boundaries from skimage (zero-padded so image-edge pixels
   count, as in medpy), all pairwise physical distances between boundary pixels, nearest per pixel.

@@ -74,47 +74,62 @@ _MODES = flags.DEFINE_list(
 )
 
 
-def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
-  """Times one compiled chunk of K local steps of `num_clients` equal clients on as many lanes."""
-  config = config.copy_and_resolve_references()
-  config.data.batch_size = batch
-  k = config.fed.chunk_steps
+def _programs(config, mesh, num_clients: int, **kwargs):
+  """(programs, params, client optimizer states) of the job's round for `num_clients` clients
+  on as many lanes; kwargs: Programs' teacher and cached."""
   abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   abstract_params = nnx.to_pure_dict(abstract_params)
   tx = optimizer.adamw(config.optim, abstract_params)
   programs = mim_programs.Programs(
-    config, mesh, graphdef, abstract_params, tx, num_clients, num_clients
+    config, mesh, graphdef, abstract_params, tx, num_clients, num_clients, **kwargs
   )
   params = programs.init_params(jax.random.key(0))
-  opt_state = programs.init_opt(params)
-  s = config.model.image_size
-  images = jax.jit(
-    lambda key: jax.random.randint(key, (num_clients, k, batch, s, s, 3), 0, 256).astype(np.uint8),
-    out_shardings=programs.batch_sharding,
-  )(jax.random.key(1))
-  # Every client runs 1000 steps per round; the timed chunks sit in its middle.
+  return programs, params, programs.init_opt(params)
+
+
+def _chunk_args(programs, num_clients: int, k: int, client_weights) -> tuple:
+  """The chunk's arguments after the batch. Every client runs 1000 steps per round; the timed
+  chunks sit in its middle."""
   plan = rounds.plan_round(np.full(num_clients, 1000), num_clients, k).chunk(3, k)
   put = loop.put_global
-  rest = (
+  return (
     rounds.RoundPlan(*(put(a, programs.vector) for a in plan)),
     put(np.full((num_clients,), 1000.0, np.float32), programs.replicated),
-    put(programs.strategy.client_weights(np.ones(num_clients)), programs.replicated),
+    put(client_weights, programs.replicated),
     put(np.int32(5), programs.replicated),
     jax.random.key(2),
   )
 
-  t0 = time.perf_counter()
-  state = programs.start_round(params, opt_state)
-  state, losses, _ = programs.run_chunk(params, state, images, *rest)
-  jax.block_until_ready(losses)
-  compile_s = time.perf_counter() - t0
+
+def _timed_chunks(programs, params, state, data, args, steps: int):
+  """(state, wall s, process CPU s) per chunk call, over `steps` calls."""
   t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(steps):
-    state, losses, _ = programs.run_chunk(params, state, images, *rest)
+    state, losses, _ = programs.run_chunk(params, state, data, *args)
   jax.block_until_ready(losses)
-  chunk_s = (time.perf_counter() - t0) / steps
-  cpu_s = (time.process_time() - c0) / steps
+  return state, (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+
+
+def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
+  """Times one compiled chunk of K local steps of `num_clients` equal clients on as many lanes."""
+  config = config.copy_and_resolve_references()
+  config.data.batch_size = batch
+  k, s = config.fed.chunk_steps, config.model.image_size
+  programs, params, opt_state = _programs(config, mesh, num_clients)
+  images = jax.jit(
+    lambda key: jax.random.randint(key, (num_clients, k, batch, s, s, 3), 0, 256).astype(np.uint8),
+    out_shardings=programs.batch_sharding,
+  )(jax.random.key(1))
+  weights = programs.strategy.client_weights(np.ones(num_clients))
+  args = _chunk_args(programs, num_clients, k, weights)
+
+  t0 = time.perf_counter()
+  state = programs.start_round(params, opt_state)
+  state, losses, _ = programs.run_chunk(params, state, images, *args)
+  jax.block_until_ready(losses)
+  compile_s = time.perf_counter() - t0
+  state, chunk_s, cpu_s = _timed_chunks(programs, params, state, images, args, steps)
   t0 = time.perf_counter()
   for _ in range(steps):
     params, opt_state, _ = programs.finish_round(state, params)
@@ -202,10 +217,8 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
     f"{'TFLOP/s/dev':>13}{'MFU':>7}{'compile s':>11}{'CPU ms/img':>12}"
   )
   results = {}
-  for name, m, c, b in (
-    ("central", central_mesh, 1, clients * batch),
-    ("federated", mesh, clients, batch),
-  ):
+  modes = (("central", central_mesh, 1, clients * batch), ("federated", mesh, clients, batch))
+  for name, m, c, b in modes:
     if name not in _MODES.value:
       continue
     with jax.set_mesh(m):
@@ -247,15 +260,7 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
   cached = mode == "cached"
   teacher = mim_objectives.build_teacher(config, jax.random.key(0)) if mode != "pixels" else None
   k, batch, s = config.fed.chunk_steps, config.data.batch_size, config.model.image_size
-  abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  abstract_params = nnx.to_pure_dict(abstract_params)
-  tx = optimizer.adamw(config.optim, abstract_params)
-  programs = mim_programs.Programs(
-    config, mesh, graphdef, abstract_params, tx, 1, 1, teacher=teacher, cached=cached
-  )
-  params = programs.init_params(jax.random.key(0))
-  opt_state = programs.init_opt(params)
+  programs, params, opt_state = _programs(config, mesh, 1, teacher=teacher, cached=cached)
   make_images = lambda key: jax.random.randint(key, (1, k, batch, s, s, 3), 0, 256).astype(np.uint8)
   if cached:
     grid = s // mim_objectives.patch_size_of(config.model)
@@ -269,23 +274,11 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
     )(jax.random.key(1))
   else:
     data = jax.jit(make_images, out_shardings=programs.batch_sharding)(jax.random.key(1))
-  plan = rounds.plan_round(np.full(1, 1000), 1, k).chunk(3, k)
-  put = loop.put_global
-  rest = (
-    rounds.RoundPlan(*(put(a, programs.vector) for a in plan)),
-    put(np.full((1,), 1000.0, np.float32), programs.replicated),
-    put(np.ones(1, np.float32), programs.replicated),
-    put(np.int32(5), programs.replicated),
-    jax.random.key(2),
-  )
+  args = _chunk_args(programs, 1, k, np.ones(1, np.float32))
   state = programs.start_round(params, opt_state)
-  state, losses, _ = programs.run_chunk(params, state, data, *rest)
+  state, losses, _ = programs.run_chunk(params, state, data, *args)
   jax.block_until_ready(losses)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, losses, _ = programs.run_chunk(params, state, data, *rest)
-  jax.block_until_ready(losses)
-  chunk_s = (time.perf_counter() - t0) / steps
+  state, chunk_s, _ = _timed_chunks(programs, params, state, data, args, steps)
   out = dict(img_per_s=batch * k / chunk_s, ms_per_step=1e3 * chunk_s / k)
   if mode == "in_step":  # the cache's one-off cost: the teacher forward alone
     targets = jax.jit(
@@ -306,8 +299,6 @@ def _time_urfm(config, mesh, mode: str, steps: int) -> dict:
 def bench_urfm(config, steps: int, clients: int) -> None:
   del clients  # centralized
   if config.get("target", "pixels") != "teacher":
-    from ultrajax import configlib, pretrain_checks
-
     urfm = configlib.load_config_module(pathlib.Path(_DEFAULT_CONFIG).with_name("pretrain_urfm.py"))
     config = urfm.get_config(config.preset)
   pretrain_checks.validate(config)

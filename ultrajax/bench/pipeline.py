@@ -110,20 +110,13 @@ def bench_pipeline(
     folder = sources.folder_clients(str(root))[0]
     drawn = sources.PhantomSource("phantom", sources.MIXED, "", num_images, stored_size, 0)
     have_torch = torch_peer
-    for w in workers:
-      runs = [
-        (
-          "ultrajax, JPEG folder",
-          lambda w=w: ultrajax_img_per_s(folder, w, batch, num_batches, threads),
-        )
-      ]
+    for w in workers:  # the runs are called within the iteration: w is this worker count
+      ours = lambda source: ultrajax_img_per_s(source, w, batch, num_batches, threads)
+      runs = [("ultrajax, JPEG folder", lambda: ours(folder))]
       if have_torch:
-        runs.append(
-          ("official MAE, JPEG folder", lambda w=w: torch_img_per_s(root, w, batch, num_batches))
-        )
-      runs.append(
-        ("ultrajax, phantom", lambda w=w: ultrajax_img_per_s(drawn, w, batch, num_batches, threads))
-      )
+        peer = lambda: torch_img_per_s(root, w, batch, num_batches)
+        runs.append(("official MAE, JPEG folder", peer))
+      runs.append(("ultrajax, phantom", lambda: ours(drawn)))
       for name, run in runs:
         try:
           img_per_s = run()
@@ -139,9 +132,4 @@ def bench_pipeline(
 
 def default_workers() -> list[int]:
   """0 (threads only), then 1, 2, 4, ... up to the cores."""
-  cores = os.cpu_count() or 1
-  out, w = [0], 1
-  while w <= cores:
-    out.append(w)
-    w *= 2
-  return out
+  return [0] + [2**i for i in range((os.cpu_count() or 1).bit_length())]

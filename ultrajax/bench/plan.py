@@ -28,7 +28,7 @@ from ultrajax import configlib, pretrain_checks
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import rounds
 from ultrajax.models import mae
-from ultrajax.train import mim_programs, optimizer, perf, sharding
+from ultrajax.train import checkpoint, mim_programs, optimizer, perf, sharding
 
 # Accelerators the plan prices a round on: name -> dense bf16 FLOP/s (train/perf.py).
 ACCELERATORS = ("H100", "H200", "A100", "TPU v4", "TPU v5e", "TPU v5p")
@@ -45,20 +45,20 @@ def device_bytes(tree) -> int:
   return int(sum(one(x) for x in jax.tree.leaves(tree)))
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-  )
-
-
 def pretrain_meshes(config, clients: int):
   """(centralized mesh, federated mesh) for `bench pretrain`: the config's mesh for the
   federated mode; centralized training is one client, which the job refuses on a clients axis
   wider than 1, so it runs on the same devices with all of them on the data axis."""
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
+  _check_layout(config, mesh, clients, f"--clients={clients} clients")
+  return sharding.make_mesh(1, mesh.size, devices=mesh.devices.flatten()), mesh
+
+
+def _check_layout(config, mesh, num_clients: int, clients: str) -> None:
+  """The job's start-up checks (jobs/pretrain.py): clients and batch divide over the mesh."""
   configlib.check(
-    clients % mesh.shape["clients"] == 0,
-    f"--clients={clients} clients do not divide over config.mesh.clients={mesh.shape['clients']}",
+    num_clients % mesh.shape["clients"] == 0,
+    f"{clients} do not divide over config.mesh.clients={mesh.shape['clients']}",
   )
   batch = config.data.batch_size
   configlib.check(
@@ -66,7 +66,6 @@ def pretrain_meshes(config, clients: int):
     f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
     f"({mesh.shape['data']} devices)",
   )
-  return sharding.make_mesh(1, mesh.size, devices=mesh.devices.flatten()), mesh
 
 
 def table1_steps(config) -> np.ndarray:
@@ -133,16 +132,7 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
   steps = np.asarray(table1_steps(config) if steps_per_client is None else steps_per_client)
   num_clients, batch, k = len(steps), config.data.batch_size, config.fed.chunk_steps
-  # The job's own start-up checks (jobs/pretrain.py), before any compile.
-  configlib.check(
-    num_clients % mesh.shape["clients"] == 0,
-    f"{num_clients} clients do not divide over config.mesh.clients={mesh.shape['clients']}",
-  )
-  configlib.check(
-    batch % mesh.shape["data"] == 0,
-    f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
-    f"({mesh.shape['data']} devices)",
-  )
+  _check_layout(config, mesh, num_clients, f"{num_clients} clients")  # before any compile
   num_lanes = config.fed.lanes or rounds.auto_lanes(steps, mesh.shape["clients"])
   # The job's chunking: the fewest chunks of at most K steps, as equal as possible.
   length = rounds.plan_round(steps, num_lanes, 1).client_ids.shape[1]
@@ -157,10 +147,10 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
     programs = mim_programs.Programs(
       config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes
     )
-    server = _abstract(abstract_params, programs.server_sharding)
-    client_opt = _abstract(programs.abstract_opt, programs.opt_sharding)
+    server = checkpoint.abstract_like(abstract_params, programs.server_sharding)
+    client_opt = checkpoint.abstract_like(programs.abstract_opt, programs.opt_sharding)
     # The lane state as the job's round start lays it out (shapes and shardings, no data).
-    state = _abstract(
+    state = checkpoint.abstract_like(
       jax.eval_shape(programs.start_round, server, client_opt), programs.state_sharding
     )
     s = config.model.image_size

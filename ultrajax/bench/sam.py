@@ -1,8 +1,5 @@
 """`python -m ultrajax.bench sam`: SAM image encoder img/s and decoder ms per prompt batch,
-ultrajax (jitted JAX) next to segment_anything (PyTorch eager) in the same process.
-
-  python -m ultrajax.bench sam --sam_variant=vit_b --sam_image_size=1024 --sam_batch=1 \
-      --sam_prompts=16 [--sam_dtype=bfloat16] [--steps=5] [--nosam_torch]
+ultrajax (jitted JAX) next to segment_anything (PyTorch eager) in the same process (flags below).
 
 Both models hold the same random weights (PyTorch's init, imported into ultrajax), and the
 run prints their largest embedding and mask-logit differences, so the timings compare the
@@ -180,12 +177,8 @@ def bench_sam(config_unused, steps: int, clients_unused) -> None:
       )
 
     t_dec_first, t_dec_s = _timed(t_decode, steps)
-  row(
-    f"segment_anything (torch, {torch.get_num_threads()} thr)",
-    t_enc_s,
-    t_dec_s,
-    t_enc_first + t_dec_first,
-  )
+  name = f"segment_anything (torch, {torch.get_num_threads()} thr)"
+  row(name, t_enc_s, t_dec_s, t_enc_first + t_dec_first)
   ours_masks = np.asarray(decode(params, embedding, points, labels)[0])
   emb_diff = np.abs(np.asarray(emb_holder["e"]) - holder["e"].permute(0, 2, 3, 1).numpy())
   mask_diff = np.abs(ours_masks - holder["m"][0].numpy())

@@ -53,18 +53,14 @@ class TorchMAE(nn.Module):
       np.asarray(posemb.sincos_2d(grid, grid, d, cls_token=True), np.float32)
     )[None]
     self.register_buffer("pos_embed", table(width), persistent=False)  # fixed, not trained
-    self.blocks = nn.ModuleList(
-      [Block(width, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
-    )
+    block = functools.partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm)
+    self.blocks = nn.ModuleList([block(width, num_heads) for _ in range(depth)])
     self.norm = norm(width)
     self.decoder_embed = nn.Linear(width, decoder_width)
     self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
     self.register_buffer("decoder_pos_embed", table(decoder_width), persistent=False)
     self.decoder_blocks = nn.ModuleList(
-      [
-        Block(decoder_width, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
-        for _ in range(decoder_depth)
-      ]
+      [block(decoder_width, decoder_heads) for _ in range(decoder_depth)]
     )
     self.decoder_norm = norm(decoder_width)
     self.decoder_pred = nn.Linear(decoder_width, patch_size * patch_size * 3)

@@ -7,9 +7,7 @@ from the local-only one, and
   gain_k = metric(federated) - metric(local)  on k's test images, with a paired percentile
   bootstrap CI over those images (`gain_ci`; seeds are averaged inside every resample).
 
-Across clients (`spread`, research/fl_anchors.md section 5): the unweighted mean (each hospital
-counts once), the test-size-weighted mean, std, min, bottom-25% mean, max - min, Gini and Jain's
-index J = (sum a_k)^2 / (K sum a_k^2); `negative` counts the clients that lose by joining.
+Across clients: `spread` (research/fl_anchors.md section 5).
 """
 
 from __future__ import annotations
@@ -61,13 +59,9 @@ def phantom_client_task(
     f"among {num_images}; raise config.task.images_per_client",
   )
   groups = np.array(groups)
+  splits = tasks.split_by_group(groups, split_fractions, split_seed)
   data = tasks.TaskData(
-    np.stack(images),
-    np.asarray(targets, np.int32),
-    groups,
-    tasks.split_by_group(groups, split_fractions, split_seed),
-    tuple(classes),
-    "cls",
+    np.stack(images), np.asarray(targets, np.int32), groups, splits, tuple(classes), "cls"
   )
   _check_splits(data, f"client {source.name!r}")
   return data
@@ -133,10 +127,9 @@ def gain_ci(
   outputs_local,
   *,
   num_samples: int = 1000,
-  alpha: float = 0.05,
   seed: int = 0,
 ) -> significance.Comparison:
-  """metric(federated) - metric(local) on one client's test images, paired bootstrap CI.
+  """metric(federated) - metric(local) on one client's test images, paired bootstrap 95% CI.
 
   targets: [N]; outputs_*: [S, N, ...] the S seeds' test outputs of each model. The metric of a
   model is the mean over its seeds of metric_fn(targets, outputs[s]); every resample draws N
@@ -152,14 +145,9 @@ def gain_ci(
   def over_seeds(y, out):  # out: [n, S, ...]
     return float(np.mean([metric_fn(y, out[:, s]) for s in range(out.shape[1])]))
 
+  fed, local = np.moveaxis(fed, 0, 1), np.moveaxis(local, 0, 1)  # [N, S, ...]
   return significance.paired_bootstrap(
-    over_seeds,
-    np.asarray(targets),
-    np.moveaxis(fed, 0, 1),
-    np.moveaxis(local, 0, 1),
-    num_samples=num_samples,
-    alpha=alpha,
-    seed=seed,
+    over_seeds, np.asarray(targets), fed, local, num_samples=num_samples, seed=seed
   )
 
 
@@ -179,10 +167,10 @@ def jain(values) -> float:
 
 
 def spread(values, weights=None) -> dict:
-  """Summary over clients of one per-client number (nan clients left out): mean, weighted mean
-  (by `weights`, e.g. test sizes), std (ddof 0), min, max, bottom-25% mean (the worst
-  ceil(K/4)), max - min gap, Gini and Jain (nan unless all >= 0), K and `negative` (clients
-  below 0)."""
+  """Summary over clients of one per-client number (nan clients left out): mean (each client
+  counts once), weighted mean (by `weights`, e.g. test sizes), std (ddof 0), min, max,
+  bottom-25% mean (the worst ceil(K/4)), max - min gap, Gini and Jain (nan unless all >= 0), K
+  and `negative` (clients below 0, who lose by joining)."""
   a = np.asarray(values, np.float64)
   w = np.ones_like(a) if weights is None else np.asarray(weights, np.float64)
   keep = np.isfinite(a)

@@ -1,16 +1,6 @@
-"""Scores of a downstream (diagnosis / segmentation) test: metric tables and the study summary.
-
-padded_batches    fn over rows 0 .. n - 1 in fixed-size batches (one shape, one compile)
-predict_batches   a model's outputs over a split, in fixed-size batches
-cls_scores        every classification metric of one split (CLS_METRICS)
-seg_per_image     per-image segmentation metrics (SEG_METRICS), mm where the pixel size is known
-split_scores      the table of one split (validation: model selection)
-test_report       every metric with a bootstrap 95% CI over the test images
-summarise         mean and t-interval over seeds per (variant, fraction), with p-values against
-                  the reference variant (paired t-test, per-seed paired bootstrap, DeLong)
-transfer_rows     the cross-organ transfer matrix as table rows (jobs/transfer_study.py)
-write_csv         any study's table rows (dicts) as a CSV file
-"""
+"""Scores of a downstream (diagnosis / segmentation) test: batched predictions, metric tables
+with bootstrap CIs, the study summary over seeds with tests against a reference variant, the
+transfer matrix's rows and CSV tables."""
 
 from __future__ import annotations
 
@@ -60,11 +50,8 @@ def predict_batches(
   """predict(params, batch) over every image, in batches of `batch_size` (padded_batches);
   batches are placed by `data_sharding` and the outputs must come back replicated (each
   process reads them whole)."""
-  return padded_batches(
-    lambda rows: predict(params, loop.put_global(images[rows], data_sharding)),
-    len(images),
-    batch_size,
-  )
+  batch = lambda rows: predict(params, loop.put_global(images[rows], data_sharding))
+  return padded_batches(batch, len(images), batch_size)
 
 
 def cls_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -136,12 +123,8 @@ def test_report(
     return {name: list(v) for name, v in cis.items()}
   per_image = seg_per_image(targets, outputs, num_classes, spacing, nsd_tolerance)
   table = np.stack([per_image[name] for name in SEG_METRICS], axis=1)  # [N, M]
-  report = {
-    name: list(v)
-    for name, v in metrics.bootstrap_cis(
-      seg_means, table, num_samples=num_samples, seed=seed
-    ).items()
-  }
+  cis = metrics.bootstrap_cis(seg_means, table, num_samples=num_samples, seed=seed)
+  report = {name: list(v) for name, v in cis.items()}
   report["hd95_undefined_images"] = int(np.sum(~np.isfinite(per_image["hd95"])))
   report["distance_unit"] = "px" if spacing is None else "mm"
   return report
@@ -194,13 +177,10 @@ def paired_cell_tests(cell: dict, ref: dict, num_samples: int) -> dict:
   if not np.array_equal(a["test_index"], b["test_index"]):
     return {}
   if "probs" in a:
-    boot = significance.paired_bootstrap(
-      cls_scores, a["targets"], a["probs"], b["probs"], num_samples=num_samples, seed=cell["seed"]
-    )
+    fn, args = cls_scores, (a["targets"], a["probs"], b["probs"])
   else:
-    boot = significance.paired_bootstrap(
-      seg_means, None, a["per_image"], b["per_image"], num_samples=num_samples, seed=cell["seed"]
-    )
+    fn, args = seg_means, (None, a["per_image"], b["per_image"])
+  boot = significance.paired_bootstrap(fn, *args, num_samples=num_samples, seed=cell["seed"])
   out = {name: {"bootstrap": c.pvalue} for name, c in boot.items()}
   targets = a.get("targets")
   if "probs" in a and a["probs"].shape[1] == 2 and 0 < targets.sum() < len(targets):

@@ -4,15 +4,9 @@ Run inside pretraining (as big_vision runs evaluators: each on its own schedule,
 so the gain over random initialisation shows) and on any checkpoint (`ultrajax.evaluate`).
 
 Features: the MAE encoder on the whole, unmasked image (ImageNet-normalised, as in training),
-then the mean of the patch tokens after the final norm ('gap') or the cls token ('cls').
-They are standardised with the statistics of the probe's training images (scikit-learn's
-StandardScaler: population std, constant columns left unscaled) before either evaluator.
-
-linear probe  multinomial logistic regression with an L2 penalty in scikit-learn's C
-              convention (C * sum of losses + |W|^2 / 2, intercept free; two classes use one
-              logit vector, as sklearn's binary case), fitted on device with L-BFGS.
-k-NN          scikit-learn's KNeighborsClassifier: k nearest training images by cosine or
-              euclidean distance, class shares of the neighbours (or 1/distance-weighted).
+then the mean of the patch tokens after the final norm ('gap') or the cls token ('cls'),
+standardised with the statistics of the probe's training images. Both evaluators follow
+scikit-learn (LogisticRegression, fitted on device with L-BFGS; KNeighborsClassifier).
 
 The labelled task (config.evals.task) is a classification task of ultrajax.data.tasks with its
 own seeded split: the probes fit on its train and val images (nothing is tuned) and are scored
@@ -36,7 +30,7 @@ from flax import nnx
 
 from ultrajax import configlib
 from ultrajax.data import tasks
-from ultrajax.eval import metrics
+from ultrajax.eval import downstream, metrics
 from ultrajax.models import mae
 from ultrajax.train import loop, sharding as sharding_lib
 
@@ -44,6 +38,7 @@ EVALUATORS = ("linear_probe", "knn")
 POOLS = ("gap", "cls")
 KNN_METRICS = ("cosine", "euclidean")
 KNN_WEIGHTS = ("uniform", "distance")
+LBFGS_TOL = 1e-6  # the linear probe's gradient-norm stopping threshold
 # config.evals.task: the fields of a classification config.data (configs/finetune_cls.py)
 # that tasks.load_task reads; the segmentation-only ones are filled in here.
 TASK_DEFAULTS = dict(mask_column="mask", seg_target="lesion")
@@ -70,26 +65,24 @@ def encoder_features(
   """images: uint8 [N, S, S, 3] -> features [N, D] float32 of the unmasked images.
 
   graphdef, params: a ViT encoder (`nnx.split(mae.encoder, nnx.Param)`, params as a pure
-  dict). Batches are padded to batch_size so one compilation serves every call. sharding: a
-  replicated NamedSharding when params live on a mesh (several processes); None otherwise.
+  dict). Batches are padded to batch_size (downstream.padded_batches) so one compilation serves
+  every call. sharding: a replicated NamedSharding when params live on a mesh (several
+  processes); None otherwise.
   """
   if pool not in POOLS:
     raise ValueError(f"pool={pool!r} is not one of {POOLS}")
   fn = _feature_fn(graphdef, sharding)
-  out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start : start + batch_size]
-    padded = np.concatenate(
-      [chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)]
-    )
-    if sharding is not None:
-      padded = loop.put_global(padded, sharding)
-    out.append(np.asarray(fn(params, padded)[pool])[: len(chunk)])
-  return np.concatenate(out).astype(np.float32)
+
+  def batch(rows):
+    x = images[rows]
+    return fn(params, x if sharding is None else loop.put_global(x, sharding))[pool]
+
+  return downstream.padded_batches(batch, len(images), batch_size).astype(np.float32)
 
 
 def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """[N, D], [M, D] -> both scaled by the train mean and population std (StandardScaler)."""
+  """[N, D], [M, D] -> both scaled by the train mean and population std, constant columns left
+  unscaled (StandardScaler)."""
   mean = train.mean(axis=0, dtype=np.float64)
   std = train.std(axis=0, dtype=np.float64)
   std[std < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
@@ -136,19 +129,13 @@ def _fit_logistic(x, y, C, tol, *, num_classes: int, max_iters: int):
 
 
 def fit_logistic(
-  x: np.ndarray,
-  y: np.ndarray,
-  num_classes: int,
-  *,
-  C: float = 1.0,
-  max_iters: int = 1000,
-  tol: float = 1e-6,
+  x: np.ndarray, y: np.ndarray, num_classes: int, *, C: float = 1.0, max_iters: int = 1000
 ) -> dict:
   """Multinomial logistic regression. x: [N, D] float; y: [N] int in [0, K).
 
   Minimises C * sum_i CE_i + |W|^2 / 2 (scikit-learn's LogisticRegression(C=C)); returns
   {'w': [D, K'], 'b': [K']} with K' = 1 for two classes, else K. Stops when the gradient norm
-  of the objective / (C N) falls below tol or after max_iters L-BFGS steps.
+  of the objective / (C N) falls below LBFGS_TOL or after max_iters L-BFGS steps.
   """
   if num_classes < 2:
     raise ValueError(f"num_classes={num_classes} must be at least 2")
@@ -156,7 +143,7 @@ def fit_logistic(
     jnp.asarray(x, jnp.float32),
     jnp.asarray(y, jnp.int32),
     jnp.float32(C),
-    jnp.float32(tol),
+    jnp.float32(LBFGS_TOL),
     num_classes=num_classes,
     max_iters=max_iters,
   )
@@ -164,7 +151,7 @@ def fit_logistic(
     logging.warning(
       "linear probe: L-BFGS stopped at max_iters=%d before the gradient norm reached %g",
       max_iters,
-      tol,
+      LBFGS_TOL,
     )
   return jax.device_get(params)
 
@@ -217,10 +204,9 @@ def knn_proba(
   metric=metric, weights=weights).predict_proba (its predictions: the argmax, lowest class on
   ties). k is capped at N.
   """
-  if metric not in KNN_METRICS:
-    raise ValueError(f"metric={metric!r} is not one of {KNN_METRICS}")
-  if weights not in KNN_WEIGHTS:
-    raise ValueError(f"weights={weights!r} is not one of {KNN_WEIGHTS}")
+  for name, value, choices in (("metric", metric, KNN_METRICS), ("weights", weights, KNN_WEIGHTS)):
+    if value not in choices:
+      raise ValueError(f"{name}={value!r} is not one of {choices}")
   return np.asarray(
     _knn_proba(
       jnp.asarray(train_x, jnp.float32),
@@ -286,13 +272,6 @@ def validate(config) -> None:
   c.check(not unknown, f"config.evals has unknown entries {unknown}; evaluators are {EVALUATORS}")
 
 
-def task_data_config(config) -> ml_collections.ConfigDict:
-  """config.evals.task as the config.data that tasks.load_task reads."""
-  data = ml_collections.ConfigDict(TASK_DEFAULTS)
-  data.update(config.evals.task.to_dict())
-  return data
-
-
 def for_pretraining(config, mesh=None) -> Evaluators | None:
   """The pretraining job's evaluators (None when every every_rounds is 0); a mesh makes the
   images replicated global arrays, as params sharded across processes need."""
@@ -313,8 +292,9 @@ class Evaluators:
     validate(config)
     self.config, self.sharding = config, sharding
     e = config.evals
+    data = ml_collections.ConfigDict({**TASK_DEFAULTS, **e.task.to_dict()})
     try:
-      self.task = tasks.load_task(task_data_config(config), "cls", config.model.image_size)
+      self.task = tasks.load_task(data, "cls", config.model.image_size)
     except configlib.ConfigError as err:  # tasks names config.data's fields
       raise configlib.ConfigError(str(err).replace("config.data.", "config.evals.task.")) from None
     fit = np.concatenate([self.task.indices("train"), self.task.indices("val")])
@@ -351,46 +331,23 @@ class Evaluators:
   def features(self, params) -> tuple[np.ndarray, np.ndarray]:
     """MAE params (pure dict) -> (fit features [N, D], test features [M, D])."""
     e = self.config.evals
-    encoder = params["encoder"]
-    get = functools.partial(
-      encoder_features,
-      self.graphdef,
-      encoder,
-      pool=e.features,
-      batch_size=e.batch_size,
-      sharding=self.sharding,
-    )
+    options = dict(pool=e.features, batch_size=e.batch_size, sharding=self.sharding)
+    get = functools.partial(encoder_features, self.graphdef, params["encoder"], **options)
     return get(self.train_images), get(self.test_images)
 
   def __call__(self, params, names=EVALUATORS) -> dict:
     if not names:
       return {}
     t0 = time.perf_counter()
-    e, k = self.config.evals, self.task.num_classes
+    e = self.config.evals
     train_x, test_x = self.features(params)
+    data = (train_x, self.train_y, test_x, self.test_y, self.task.num_classes)
     out = {}
     for name in names:
       if name == "linear_probe":
-        result = linear_probe(
-          train_x,
-          self.train_y,
-          test_x,
-          self.test_y,
-          k,
-          C=e.linear_probe.C,
-          max_iters=e.linear_probe.max_iters,
-        )
+        result = linear_probe(*data, C=e.linear_probe.C, max_iters=e.linear_probe.max_iters)
       else:
-        result = knn(
-          train_x,
-          self.train_y,
-          test_x,
-          self.test_y,
-          k,
-          k=e.knn.k,
-          metric=e.knn.metric,
-          weights=e.knn.weights,
-        )
+        result = knn(*data, k=e.knn.k, metric=e.knn.metric, weights=e.knn.weights)
       out.update({f"eval/{name}/{m}": float(v) for m, v in result.items()})
     logging.info(
       "Evaluators (%.1f s): %s",

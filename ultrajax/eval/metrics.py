@@ -59,11 +59,11 @@ def metric_range(name: str) -> tuple[float, float]:
 # Input checks
 
 
-def _int_array(x, name: str) -> np.ndarray:
-  """Any-shape array of non-negative integers as int64; ValueError naming `name` otherwise."""
+def _labels(x, name: str) -> np.ndarray:
+  """[N] non-empty int64 class ids (bools, integral floats accepted); ValueError naming `name`."""
   a = np.asarray(x)
   if a.dtype == bool:
-    return a.astype(np.int64)
+    a = a.astype(np.int64)
   if not np.issubdtype(a.dtype, np.number):
     raise ValueError(f"{name} must hold integer class ids, got dtype {a.dtype}")
   if not np.issubdtype(a.dtype, np.integer):
@@ -75,12 +75,6 @@ def _int_array(x, name: str) -> np.ndarray:
   a = a.astype(np.int64)
   if a.size and a.min() < 0:
     raise ValueError(f"{name} has negative values {np.unique(a[a < 0])[:5].tolist()}")
-  return a
-
-
-def _labels(x, name: str) -> np.ndarray:
-  """[N] non-empty int64 class ids."""
-  a = _int_array(x, name)
   if a.ndim != 1:
     raise ValueError(f"{name} must be 1-D [N], got shape {a.shape}")
   if a.size == 0:
@@ -118,7 +112,7 @@ def _labels_and_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
   return labels, scores
 
 
-def _check_positive_int(value, name: str) -> None:
+def check_positive_int(value, name: str) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -222,13 +216,12 @@ def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
 
   labels, preds: [N] int in [0, num_classes).
   """
-  _check_positive_int(num_classes, "num_classes")
+  check_positive_int(num_classes, "num_classes")
   labels, preds = _label_pair(labels, preds)
   _check_range(labels, num_classes, "labels")
   _check_range(preds, num_classes, "preds")
-  return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(
-    num_classes, num_classes
-  )
+  counts = np.bincount(labels * num_classes + preds, minlength=num_classes**2)
+  return counts.reshape(num_classes, num_classes)
 
 
 def _counts(labels, preds, average: str, num_classes: int | None) -> tuple[np.ndarray, ...]:
@@ -307,7 +300,7 @@ def expected_calibration_error(labels, probs, num_bins: int = 15) -> float:
   into `num_bins` equal-width bins (lo, hi] of confidence (a confidence of 0 joins the first), and
   ECE = sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|, in [0, 1].
   """
-  _check_positive_int(num_bins, "num_bins")
+  check_positive_int(num_bins, "num_bins")
   labels, probs = _labels_and_scores(labels, probs)
   if np.any((probs < 0) | (probs > 1)):
     raise ValueError("probs must lie in [0, 1] (probabilities, not logits)")
@@ -480,29 +473,11 @@ def surface_dice(pred, target, tolerance: float, spacing=(1.0, 1.0)):
   return _per_image(one, pred, target, spacing)
 
 
-def per_class_dice(pred_labels, target_labels, num_classes: int, ignore_background: bool = True):
-  """Dice of each class c (pred == c vs target == c).  [H, W] -> [C]; [B, H, W] -> [B, C] float64.
-
-  pred_labels, target_labels: integer label maps in [0, num_classes). C = num_classes - 1 (classes
-  1..K-1) with ignore_background, else num_classes. A class absent from both maps scores 1.0, as `dice`.
-  """
-  _check_positive_int(num_classes, "num_classes")
-  pred, target = _int_array(pred_labels, "pred_labels"), _int_array(target_labels, "target_labels")
-  if pred.shape != target.shape:
-    raise ValueError(f"pred_labels {pred.shape} and target_labels {target.shape} differ in shape")
-  _check_range(pred, num_classes, "pred_labels")
-  _check_range(target, num_classes, "target_labels")
-  first = 1 if ignore_background else 0
-  if first >= num_classes:
-    raise ValueError(f"num_classes={num_classes} leaves no class besides the ignored background")
-  return np.stack([dice(pred == c, target == c) for c in range(first, num_classes)], axis=-1)
-
-
 # ------------------------------------------------------------------------------------------------
 # Confidence intervals
 
 
-def _check_alpha(alpha) -> None:
+def check_alpha(alpha) -> None:
   if not 0.0 < alpha < 1.0:
     raise ValueError(f"alpha={alpha!r} is not in (0, 1)")
 
@@ -528,8 +503,8 @@ def bootstrap_cis(
     raise ValueError(
       f"arrays must share a non-zero leading length N, got shapes {[a.shape for a in arrays]}"
     )
-  _check_positive_int(num_samples, "num_samples")
-  _check_alpha(alpha)
+  check_positive_int(num_samples, "num_samples")
+  check_alpha(alpha)
   n = lengths[0]
   estimates = {k: float(v) for k, v in metrics_fn(*arrays).items()}
   rng = np.random.default_rng(seed)
@@ -541,6 +516,7 @@ def bootstrap_cis(
       scores = metrics_fn(*(a[rows] for a in arrays))
       values[i] = [float(scores[k]) for k in estimates]
   out = {}
+  percentiles = [100 * alpha / 2, 100 * (1 - alpha / 2)]
   for j, name in enumerate(estimates):
     v = values[~np.isnan(values[:, j]), j]
     if v.size < num_samples:
@@ -549,9 +525,7 @@ def bootstrap_cis(
         f"{name} and were skipped",
         stacklevel=2,
       )
-    low, high = (
-      np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if v.size else (math.nan, math.nan)
-    )
+    low, high = np.percentile(v, percentiles) if v.size else (math.nan, math.nan)
     out[name] = (estimates[name], float(low), float(high))
   return out
 
@@ -575,7 +549,7 @@ def mean_ci(
   metric can take (`metric_range(name)`; with two seeds the t interval is wide enough to leave
   [0, 1]). With S = 1 the interval is (nan, nan); a nan among values gives nan throughout.
   """
-  _check_alpha(alpha)
+  check_alpha(alpha)
   v = np.asarray(values, np.float64)
   if v.ndim != 1 or v.size == 0:
     raise ValueError(f"values must be a non-empty 1-D array [S], got shape {v.shape}")
@@ -586,8 +560,5 @@ def mean_ci(
   if v.size == 1:
     return mean, math.nan, math.nan
   half = stats.t.ppf(1 - alpha / 2, df=v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
-  return (
-    mean,
-    float(np.clip(mean - half, low_bound, high_bound)),
-    float(np.clip(mean + half, low_bound, high_bound)),
-  )
+  low, high = np.clip([mean - half, mean + half], low_bound, high_bound)
+  return mean, float(low), float(high)

@@ -61,17 +61,10 @@ def study_tables(
   for method in methods:
     for r, out in enumerate(results[method]):
       for k, node in enumerate(node_names):
-        m = node_metrics(out[f"labels_{k}"], out[f"probs_{k}"])
-        rows.append(
-          dict(
-            method=method,
-            repeat=r,
-            node=node,
-            n_test=len(out[f"labels_{k}"]),
-            positives=int(out[f"labels_{k}"].sum()),
-            **m,
-          )
-        )
+        labels = out[f"labels_{k}"]
+        m = node_metrics(labels, out[f"probs_{k}"])
+        counts = dict(n_test=len(labels), positives=int(labels.sum()))
+        rows.append(dict(method=method, repeat=r, node=node, **counts, **m))
         for name, v in m.items():
           values.setdefault((method, node, name), []).append(v)
   for method in methods:
@@ -81,11 +74,8 @@ def study_tables(
       for name in METRICS:
         v = np.asarray(values[(method, node, name)], np.float64)
         finite = v[np.isfinite(v)]
-        mean, lo, hi = (
-          metrics.mean_ci(finite, alpha, bounds=metrics.metric_range(name))
-          if finite.size
-          else (math.nan,) * 3
-        )
+        bounds = metrics.metric_range(name)
+        mean, lo, hi = metrics.mean_ci(finite, alpha, bounds) if finite.size else (math.nan,) * 3
         if labels.size and (name != "auc" or 0 < labels.sum() < labels.size):
           est, blo, bhi = metrics.bootstrap_ci(
             metric_fn(name), labels, probs, num_samples=bootstrap_samples, alpha=alpha, seed=seed
@@ -151,21 +141,12 @@ def study_tables(
 def sweep_rows(summaries: dict, metric: str = "auc") -> list[dict]:
   """{ratio: run_study summary} -> one row per (ratio, method, node position) of `metric`
   (node1 / node2: node names carry the ratio, positions do not)."""
+  kept = ("mean", "t_low", "t_high", "pooled", "boot_low", "boot_high", "repeats")
   rows = []
   for ratio, summary in summaries.items():
     for row in summary["per_node"]:
       if row["metric"] == metric:
         position = summary["nodes"].index(row["node"]) + 1
-        rows.append(
-          dict(
-            ratio=float(ratio),
-            method=row["method"],
-            node=f"node{position}",
-            node_name=row["node"],
-            **{
-              k: row[k]
-              for k in ("mean", "t_low", "t_high", "pooled", "boot_low", "boot_high", "repeats")
-            },
-          )
-        )
+        where = dict(ratio=float(ratio), method=row["method"], node=f"node{position}")
+        rows.append(dict(**where, node_name=row["node"], **{k: row[k] for k in kept}))
   return rows

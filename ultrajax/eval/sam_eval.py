@@ -1,10 +1,6 @@
-"""UltraSam's evaluation: prompted-segmentation COCO mask mAP / mIoU over an instance dataset,
-and the prompted-classification metrics (paper Table 4).
-
-`evaluate_instances` runs a compiled predict function (jobs/sam.py make_predict) over the test
-images in static batches and scores every prompt setting against the ground truth at the
-original resolution (eval/coco_eval.py).
-"""
+"""UltraSam's evaluation: prompted-segmentation COCO mask mAP / mIoU over an instance dataset
+(scored at the original resolution, eval/coco_eval.py), and the prompted-classification metrics
+(paper Table 4)."""
 
 from __future__ import annotations
 
@@ -53,13 +49,8 @@ def evaluate_instances(
   for start in range(0, count, batch_size):
     idx = list(range(start, min(start + batch_size, count)))
     batch = dataset.batch(idx + [idx[0]] * (batch_size - len(idx)))  # static batch: pad, repeat
-    out = jax.device_get(
-      predict(
-        params,
-        loop.put_global(batch["image"], batch_sharding),
-        loop.put_global(batch["masks"], batch_sharding),
-      )
-    )
+    inputs = [loop.put_global(batch[k], batch_sharding) for k in ("image", "masks")]
+    out = jax.device_get(predict(params, *inputs))
     for j, i in enumerate(idx):
       record = dataset.record(i)
       n = min(len(record["masks"]), m)
@@ -103,11 +94,7 @@ def class_metric_fns(num_classes: int) -> dict:
   one-vs-rest) and the paper's precision, recall and F1 (Table 4) of the arg-max prediction,
   macro over the K classes, and per class k as '<metric>/<k>'."""
   fns = dict(auroc=metrics.auroc)
-  for name, fn in (
-    ("precision", metrics.precision),
-    ("recall", metrics.recall),
-    ("f1", metrics.f1),
-  ):
+  for name, fn in dict(precision=metrics.precision, recall=metrics.recall, f1=metrics.f1).items():
     fns[name] = lambda y, q, fn=fn: fn(y, q.argmax(1), num_classes=num_classes)
     for k in range(num_classes):
       fns[f"{name}/{k}"] = lambda y, q, fn=fn, k=k: fn(y == k, q.argmax(1) == k, average="binary")

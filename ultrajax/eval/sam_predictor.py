@@ -152,9 +152,7 @@ class SamPredictor:
     self.reset_image()
 
   def reset_image(self) -> None:
-    self.features = None
-    self.original_size = None
-    self.input_size = None
+    self.features = self.original_size = self.input_size = None
 
   @property
   def is_image_set(self) -> bool:

@@ -1,15 +1,7 @@
-"""Significance tests for comparing two models on the same test data (numpy/scipy, host arrays).
-
-Which test for what (the papers' statistical analyses):
-  paired_ttest      a metric over repeats (seeds) of two models trained in pairs: two-sided
-                    paired Student t-test on the per-seed differences (scipy.stats.ttest_rel).
-  paired_bootstrap  any metric on one test set scored by two models: resample the test cases
-                    jointly, percentile CI and two-sided p-value of the metric difference (HSL).
-  delong_test       AUROC of two models on the same test cases: DeLong et al. (1988) with the
-                    midrank algorithm of Sun & Xu (2014), O(N log N); two-sided normal p-value.
-  delong_ci         one AUROC's DeLong variance and normal CI (pROC's ci.auc(method='delong')).
-Every test returns a `Comparison`: diff = a - b, its (1 - alpha) interval and the p-value.
-`versus_reference` gives a study's p-value columns (t-test over repeats, bootstrap over cases).
+"""Significance tests for comparing two models on the same test data (numpy/scipy, host arrays):
+a metric over paired repeats (paired_ttest), any metric on one test set (paired_bootstrap, as
+HSL), AUROC (delong_test: DeLong et al. 1988 with Sun & Xu's 2014 midrank algorithm). Each
+returns a `Comparison`: diff = a - b, its (1 - alpha) interval and the two-sided p-value.
 """
 
 from __future__ import annotations
@@ -21,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy import stats
+
+from ultrajax.eval import metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +29,6 @@ class Comparison:
 
 
 NAN = Comparison(math.nan, math.nan, math.nan, math.nan)
-
-
-def _check_alpha(alpha) -> None:
-  if not 0.0 < alpha < 1.0:
-    raise ValueError(f"alpha={alpha!r} is not in (0, 1)")
 
 
 def _two_sided(diff: float, se: float, alpha: float, dist) -> Comparison:
@@ -61,7 +50,7 @@ def paired_ttest(a, b, alpha: float = 0.05) -> Comparison:
   are dropped; fewer than two pairs left give nan (but diff). Identical differences (zero spread): p = 1
   when they are all 0 (scipy: nan), p = 0 otherwise (as scipy).
   """
-  _check_alpha(alpha)
+  metrics.check_alpha(alpha)
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 1:
     raise ValueError(
@@ -97,21 +86,13 @@ def paired_bootstrap(
   is nan for either model (AUROC on one class) are skipped for it, with a warning giving their
   count.
   """
-  _check_alpha(alpha)
-  if (
-    isinstance(num_samples, bool)
-    or not isinstance(num_samples, (int, np.integer))
-    or num_samples < 1
-  ):
-    raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+  metrics.check_alpha(alpha)
+  metrics.check_positive_int(num_samples, "num_samples")
   outputs_a, outputs_b = np.asarray(outputs_a), np.asarray(outputs_b)
   arrays = [outputs_a, outputs_b] + ([] if targets is None else [np.asarray(targets)])
   n = outputs_a.shape[0] if outputs_a.ndim else 0
-  if (
-    n == 0
-    or any(x.ndim == 0 or x.shape[0] != n for x in arrays)
-    or outputs_a.shape != outputs_b.shape
-  ):
+  misfit = any(x.ndim == 0 or x.shape[0] != n for x in arrays)
+  if n == 0 or misfit or outputs_a.shape != outputs_b.shape:
     raise ValueError(
       f"paired_bootstrap needs outputs of equal shape [N, ...] (N > 0) and targets "
       f"[N, ...], got {[x.shape for x in arrays]}"
@@ -208,7 +189,7 @@ def delong_covariance(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 def delong_ci(labels, scores, alpha: float = 0.05) -> tuple[float, float, float, float]:
   """(auc, low, high, variance): DeLong variance and auc -/+ z_{1-alpha/2} sqrt(var), clipped
   to [0, 1] as pROC's ci.auc(method='delong').  labels: [N] in {0, 1}; scores: [N]."""
-  _check_alpha(alpha)
+  metrics.check_alpha(alpha)
   scores = np.asarray(scores, np.float64)
   if scores.ndim != 1:
     raise ValueError(f"delong_ci scores must be [N], got shape {scores.shape}")
@@ -227,7 +208,7 @@ def delong_test(labels, scores_a, scores_b, alpha: float = 0.05) -> Comparison:
   p-value and the (1 - alpha) normal interval of the difference. Identical scores (var 0 and
   diff 0) give p = 1.
   """
-  _check_alpha(alpha)
+  metrics.check_alpha(alpha)
   scores_a, scores_b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
   if scores_a.ndim != 1 or scores_a.shape != scores_b.shape:
     raise ValueError(

@@ -10,10 +10,9 @@ step is whatever the job counts: rounds, epochs or steps):
           mismatched resume fails loudly.
 Saves are asynchronous; `wait()` (called by `close()`) makes sure the last one finished.
 
-Safety (docs/reliability.md): a state holding NaN or inf is never saved (so `keep_checkpoints`
-rotation cannot replace good checkpoints with diverged ones); shapes are compared with a
-checkpoint's metadata before anything is restored, so a mismatch names the parameter and both
-shapes; a damaged checkpoint can be renamed aside (`<step>.damaged`), which Orbax ignores.
+Safety (docs/reliability.md): a state holding NaN or inf is never saved, so `keep_checkpoints`
+rotation cannot replace good checkpoints with diverged ones; shapes are checked before anything
+is restored (`check_shapes`); a damaged checkpoint can be set aside (`set_aside`).
 """
 
 from __future__ import annotations
@@ -77,11 +76,8 @@ def _is_array(x) -> bool:
 
 def _shapes(tree) -> dict[str, tuple]:
   """{'a/b/kernel': shape} of the array leaves (Orbax metadata or ShapeDtypeStructs)."""
-  out = {}
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array)[0]:
-    if hasattr(leaf, "shape"):
-      out[tree_lib.path_str(keypath)] = tuple(leaf.shape)
-  return out
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_array)[0]
+  return {tree_lib.path_str(kp): tuple(x.shape) for kp, x in leaves if hasattr(x, "shape")}
 
 
 def _stored_tree(item_dir: pathlib.Path):
@@ -182,18 +178,12 @@ class Checkpointer:
     out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return out["meta"]
 
-  def check_shapes(self, step: int, abstract_params, abstract_train) -> None:
-    """Compares the stored shapes with the restore targets (ShapeMismatchError)."""
-    for name, wanted in (("params", abstract_params), ("train", abstract_train)):
-      check_shapes(
-        _stored_tree(self.directory / str(step) / name),
-        wanted,
-        f"checkpoint {self.directory}/{step} ({name})",
-      )
-
   def restore(self, step: int, abstract_params, abstract_train, data_iterator):
-    """Restores into the given abstract trees (shape/dtype/sharding) and the iterator."""
-    self.check_shapes(step, abstract_params, abstract_train)
+    """Restores into the given abstract trees (shape/dtype/sharding) and the iterator, after
+    comparing the stored shapes with them (ShapeMismatchError)."""
+    for name, wanted in (("params", abstract_params), ("train", abstract_train)):
+      stored = _stored_tree(self.directory / str(step) / name)
+      check_shapes(stored, wanted, f"checkpoint {self.directory}/{step} ({name})")
     args = dict(
       params=ocp.args.StandardRestore(abstract_params),
       train=ocp.args.StandardRestore(abstract_train),

@@ -113,10 +113,8 @@ def resume_or_init(
 
   like_params, like_train: the restore targets, arrays or ShapeDtypeStructs carrying their
   shardings (checkpoint.abstract_like). init_fn() -> (params, train) runs only when there is no
-  checkpoint (so an expensive init, e.g. loading `init_from`, is skipped on resume).
-  Before any array is read, resume.restore_latest refuses a checkpoint written by another
-  process count or (unless allowed) another config, and one whose shapes differ; a damaged
-  newest checkpoint falls back to an older one. config: the run's ConfigDict
+  checkpoint (so an expensive init, e.g. loading `init_from`, is skipped on resume); checks and
+  fallback past damaged checkpoints as resume.restore_latest. config: the run's ConfigDict
   (`allow_config_change` is read from it); snapshot: the config dict compared with the saved one
   (default resume.snapshot(config)). data_iterator: a Grain iterator restored in place, or None.
   """

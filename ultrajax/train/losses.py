@@ -37,9 +37,8 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
   labels: int [n] -> float32 [K]; with every class present the weighted class shares sum to 1,
   so the loss keeps its scale."""
   counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
-  return np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0).astype(
-    np.float32
-  )
+  weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+  return weights.astype(np.float32)
 
 
 def weighted_soft_cross_entropy(logits, soft, class_weights):

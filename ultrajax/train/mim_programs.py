@@ -132,19 +132,11 @@ class Programs:
       )
       return state, metrics["loss"], metrics["grad_norm"]
 
+    # (frozen, params, lane state, batches, plan; steps per client, weights, round, key)
+    in_shardings = (rep, self.server_sharding, self.state_sharding, self.batch_sharding)
     self.chunk = jax.jit(
       chunk,
-      in_shardings=(
-        rep,
-        self.server_sharding,
-        self.state_sharding,
-        self.batch_sharding,
-        plan_sharding,
-        rep,
-        rep,
-        rep,
-        rep,
-      ),
+      in_shardings=(*in_shardings, plan_sharding, rep, rep, rep, rep),
       out_shardings=(self.state_sharding, self.vector, self.vector),
       donate_argnums=(2,),
     )
@@ -153,13 +145,8 @@ class Programs:
     if teacher is None:
       self.preview = jax.jit(mim_objectives.make_preview_fn(graphdef, config), out_shardings=rep)
     else:
-      self.preview = functools.partial(
-        jax.jit(
-          mim_objectives.make_feature_preview_fn(graphdef, teacher_graphdef, config),
-          out_shardings=rep,
-        ),
-        self.frozen,
-      )
+      preview = mim_objectives.make_feature_preview_fn(graphdef, teacher_graphdef, config)
+      self.preview = functools.partial(jax.jit(preview, out_shardings=rep), self.frozen)
     self._compiled_chunk = None
     self.chunk_flops = None
 

@@ -19,15 +19,6 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def peak_flops(device=None) -> float | None:
-  """Peak bf16 FLOP/s of `device` (default: the first device); None when unknown (CPU)."""
-  kind = (device or jax.devices()[0]).device_kind
-  for name, peak in PEAK_BF16_FLOPS.items():
-    if name.lower() in kind.lower():
-      return peak
-  return None
-
-
 def compiled_flops(compiled) -> float | None:
   """FLOPs of one call of a compiled program, from XLA's cost analysis (None if absent)."""
   try:
@@ -41,7 +32,10 @@ def compiled_flops(compiled) -> float | None:
 
 
 def mfu(flops_per_second_per_device: float | None, device=None) -> float | None:
-  peak = peak_flops(device)
+  """The FLOP/s as a fraction of `device`'s (default: the first device's) bf16 peak; None when
+  either is unknown (CPU)."""
+  kind = (device or jax.devices()[0]).device_kind.lower()
+  peak = next((p for name, p in PEAK_BF16_FLOPS.items() if name.lower() in kind), None)
   if not flops_per_second_per_device or not peak:
     return None
   return flops_per_second_per_device / peak

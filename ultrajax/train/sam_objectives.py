@@ -10,11 +10,9 @@ shape whatever its type (as UltraSam's official packing does):
 Training prompts (paper section 2.3, seed_systems.md 3.2): per instance a point uniform inside
 the mask or, with p = 0.5, its box with each corner coordinate moved by U[-5%, 5%] of the box
 width / height. Evaluation prompts: the mask's centroid (which may fall outside a non-convex
-mask) or the exact box. Losses on the decoder's low-res logits: focal (alpha 0.25, gamma 2,
-mean over pixels) x 20 + dice (mmdet's, eps 1) x 1 + IoU-head MSE x 1; of the three
-multimask outputs the one with the best IoU against the ground truth is trained. With
-refinement, pass 1 trains the single-mask output, whose logits (not detached) become pass 2's
-dense prompt; pass 2 trains the best multimask output; the losses add.
+mask) or the exact box. Losses on the decoder's low-res logits (`mask_losses`, `sam_loss`):
+focal x 20 + dice x 1 + IoU-head error x 1, on the multimask output with the best IoU against
+the ground truth, and with refinement also on pass 1's single-mask output.
 """
 
 from __future__ import annotations
@@ -246,8 +244,8 @@ def sam_loss(
   decode(prompts, mask_logits [N, s, s] | None) -> DecoderOutput (all four mask tokens);
   targets: float32 [N, s, s]; valid: bool [N]. Returns (loss, metrics dict).
   Without refinement: one pass, best-IoU multimask output. With it: pass 1 single-mask output,
-  its logits feed pass 2 (best-IoU multimask); the two losses add. iou_on (IOU_ON): the
-  multimask pass trains every candidate's predicted IoU (mean error) or the selected one's.
+  its logits (not detached) feed pass 2 (best-IoU multimask); the losses add. iou_on (IOU_ON):
+  the multimask pass trains every candidate's predicted IoU (mean error) or the selected one's.
   """
   if iou_on not in IOU_ON:
     raise ValueError(f"iou_on={iou_on!r} is not one of {IOU_ON}")

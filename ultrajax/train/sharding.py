@@ -76,12 +76,9 @@ def _leaf_spec(path: str, shape, rules, mesh: Mesh) -> tuple:
       if kind == "fsdp":
         # Shard the largest dimension the data axis divides; small leaves stay replicated.
         size = mesh.shape["data"]
-        dims = sorted(range(len(shape)), key=lambda i: -shape[i])
-        for i in dims:
+        for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
           if shape[i] % size == 0 and shape[i] >= size:
-            spec = [None] * len(shape)
-            spec[i] = "data"
-            return tuple(spec)
+            return tuple("data" if j == i else None for j in range(len(shape)))
         return (None,) * len(shape)
       raise configlib.ConfigError(
         f"sharding rule kind {kind!r} for {pattern!r} is not 'replicated' or 'fsdp'"

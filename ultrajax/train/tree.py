@@ -7,13 +7,7 @@ import jax
 
 def path_str(keypath) -> str:
   """'blocks/0/attn/qkv/kernel' for a jax key path."""
-  parts = []
-  for k in keypath:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return "/".join(parts)
+  return jax.tree_util.keystr(keypath, simple=True, separator="/")
 
 
 def map_with_path(fn, tree):

@@ -5,9 +5,6 @@ workdir (tensorboardX: no TensorFlow needed; images and flattened hyper-paramete
 `workdir/metrics.jsonl`: one JSON object per logged step, with the step and every scalar (round,
 loss, per-client losses, img_per_s, ...), easy to read back with pandas or `json.loads` per line.
 Only process 0 writes files; other processes get a writer that only logs.
-
-`log_config` logs the resolved config once and writes `workdir/config.json`; `quiet_orbax`
-keeps Orbax's per-save INFO lines (about 60 per checkpoint) out of the console.
 """
 
 from __future__ import annotations
@@ -40,26 +37,11 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
 
-  def write_summaries(self, step, values, metadata=None):
-    pass
+  def _not_scalars(self, *args, **kwargs):
+    """Everything but scalars stays out of the JSONL file."""
 
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
+  write_summaries = write_images = write_videos = write_audios = _not_scalars
+  write_texts = write_histograms = write_hparams = _not_scalars
 
   def flush(self):
     self._file.flush()
@@ -113,8 +95,10 @@ class TensorboardWriter(metric_writers.MetricWriter):
 
     self._writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
 
-  def write_summaries(self, step, values, metadata=None):
-    raise NotImplementedError("TensorboardWriter writes scalars, images, texts and histograms")
+  def _unsupported(self, *args, **kwargs):
+    raise NotImplementedError("TensorboardWriter writes no videos, audio or raw summaries")
+
+  write_summaries = write_videos = write_audios = _unsupported
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     for key, value in scalars.items():
@@ -128,12 +112,6 @@ class TensorboardWriter(metric_writers.MetricWriter):
         self._writer.add_images(key, value, global_step=int(step), dataformats="NHWC")
       else:
         self._writer.add_image(key, value, global_step=int(step), dataformats="HWC")
-
-  def write_videos(self, step, videos):
-    raise NotImplementedError("TensorboardWriter does not write videos")
-
-  def write_audios(self, step, audios, *, sample_rate):
-    raise NotImplementedError("TensorboardWriter does not write audio")
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
     for key, value in texts.items():
@@ -200,18 +178,9 @@ def log_config(config, workdir) -> None:
     path.write_text(text + "\n")
 
 
-class _BelowWarningFrom(py_logging.Filter):
-  """Drops records below WARNING logged from files under `fragment` (e.g. '/orbax/')."""
-
-  def __init__(self, fragment: str):
-    super().__init__()
-    self.fragment = fragment
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or self.fragment not in record.pathname
-
-
-_ORBAX_FILTER = _BelowWarningFrom("/orbax/")
+def _orbax_below_warning(record) -> bool:
+  """A logging filter: drops records below WARNING logged from Orbax's files."""
+  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def quiet_orbax(quiet: bool = True) -> None:
@@ -219,9 +188,9 @@ def quiet_orbax(quiet: bool = True) -> None:
   warnings and errors (quiet) or everything (not quiet, e.g. with --verbose)."""
   absl_logger = logging.get_absl_logger()
   if quiet:
-    absl_logger.addFilter(_ORBAX_FILTER)
+    absl_logger.addFilter(_orbax_below_warning)
   else:
-    absl_logger.removeFilter(_ORBAX_FILTER)
+    absl_logger.removeFilter(_orbax_below_warning)
 
 
 def read_jsonl(path) -> list[dict]:

@@ -43,13 +43,10 @@ def save_attention(
       ax = axes[i, h + 1]
       ax.imshow(grey[i], cmap="gray", vmin=0, vmax=1)
       ax.imshow(upsample(maps[i, h], size), cmap="jet", alpha=alpha, vmin=0, vmax=1)
-      if i == 0:
-        ax.set_title(f"head {h}", fontsize=8)
-    if i == 0:
-      axes[i, 0].set_title("image", fontsize=8)
+  for ax, name in zip(axes[0], ["image"] + [f"head {h}" for h in range(heads)]):
+    ax.set_title(name, fontsize=8)
   for ax in axes.ravel():
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
   if title:
     fig.suptitle(title, fontsize=9)
   return plots.save(fig, path, dpi=80)

@@ -22,7 +22,6 @@ def gain_plot(
   *,
   metric: str,
   local_label: str = "local only",
-  title: str = "",
 ) -> pathlib.Path:
   """clients: K names; federated, local, gain, low, high: [K] (the CI of the gain)."""
   k = len(clients)
@@ -35,19 +34,13 @@ def gain_plot(
   left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
   left.grid(axis="x", alpha=0.3)
   gain, low, high = (np.asarray(v, np.float64) for v in (gain, low, high))
+  # green: CI above 0, red: below 0, grey: includes 0
   colors = np.where(low > 0, "tab:green", np.where(high < 0, "tab:red", "tab:gray"))
-  for i in range(k):  # green: CI above 0, red: below 0, grey: includes 0
-    right.errorbar(
-      gain[i],
-      y[i],
-      xerr=[[gain[i] - low[i]], [high[i] - gain[i]]],
-      fmt="o",
-      color=colors[i],
-      capsize=3,
-    )
+  for g, yi, lo, hi, color in zip(gain, y, low, high, colors):
+    right.errorbar(g, yi, xerr=[[g - lo], [hi - g]], fmt="o", color=color, capsize=3)
   right.axvline(0.0, color="black", lw=0.8)
   right.set_xlabel(f"gain in {metric} (federated - {local_label}), 95% CI")
   right.grid(axis="x", alpha=0.3)
-  fig.suptitle(title or f"Per-hospital benefit of federated pretraining ({metric})")
+  fig.suptitle(f"Per-hospital benefit of federated pretraining ({metric})")
   fig.tight_layout()
   return plots.save(fig, path, bbox_inches=None)

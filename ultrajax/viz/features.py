@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from ultrajax.viz import plots, reconstruction
@@ -20,23 +19,12 @@ def save_similarity_grid(
   b, h, w, _ = clean.shape
   grid = (h // patch_size, w // patch_size)
   columns = ("clean", "encoder input", "mask (white = masked)", "cos(pred, teacher), masked")
-  fig, axes = plt.subplots(b, 4, figsize=(8.4, 2 * b + 0.4), squeeze=False)
-  for i in range(b):
-    m = reconstruction.mask_to_image(np.asarray(mask[i]), grid, (h, w))
-    sim = np.kron(
-      np.asarray(similarity[i], np.float32).reshape(grid),
-      np.ones((h // grid[0], w // grid[1]), np.float32),
-    )
-    sim = np.where(m > 0, sim, np.nan)
-    for j, ax in enumerate(axes[i]):
-      if j < 3:
-        ax.imshow(np.clip((clean[i], corrupted[i], m)[j], 0, 1), cmap="gray", vmin=0, vmax=1)
-      else:
-        image = ax.imshow(sim, cmap="viridis", vmin=-1, vmax=1)
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if i == 0:
-        ax.set_title(columns[j], fontsize=8)
+  masks = [reconstruction.mask_to_image(np.asarray(m), grid, (h, w)) for m in mask]
+  rows = [(clean[i], corrupted[i], masks[i], None) for i in range(b)]
+  fig, axes = reconstruction.image_rows(columns, rows, width=8.4)
+  for ax, m, s in zip(axes[:, 3], masks, similarity):
+    sim = reconstruction.mask_to_image(np.asarray(s, np.float32), grid, (h, w))
+    image = ax.imshow(np.where(m > 0, sim, np.nan), cmap="viridis", vmin=-1, vmax=1)
   fig.colorbar(image, ax=axes[:, 3].tolist(), shrink=0.8)
   if title:
     fig.suptitle(title, fontsize=9)

@@ -30,14 +30,8 @@ def plot_partition(counts, node_names, class_names, path, title: str = "") -> pa
   for c, name in enumerate(class_names):
     ax_f.bar(x, percent[:, c], bottom=bottom, color=colors[c], label=str(name))
     for k in np.flatnonzero(counts[:, c]):
-      ax_f.text(
-        k,
-        bottom[k] + percent[k, c] / 2,
-        f"{int(counts[k, c])}",
-        ha="center",
-        va="center",
-        fontsize=7,
-      )
+      middle = bottom[k] + percent[k, c] / 2
+      ax_f.text(k, middle, f"{int(counts[k, c])}", ha="center", va="center", fontsize=7)
     bottom += percent[:, c]
   for ax in (ax_n, ax_f):
     ax.set_xticks(x, labels, rotation=30, ha="right")

@@ -33,13 +33,8 @@ def roc_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: 
     auc = float(np.trapezoid(tpr, fpr))
     ax.plot(fpr, tpr, label=f"{class_names[c]} (AUC {auc:.3f})")
   ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-  ax.set(
-    xlabel="false positive rate",
-    ylabel="true positive rate",
-    xlim=(0, 1),
-    ylim=(0, 1.01),
-    title=title or "ROC",
-  )
+  ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+  ax.set_title(title or "ROC")
   ax.legend(loc="lower right", fontsize=8)
   save(fig, path)
 
@@ -57,13 +52,8 @@ def pr_curves(path, labels: np.ndarray, probs: np.ndarray, class_names, title: s
     ap = float(np.sum(-np.diff(recall) * precision[:-1]))  # sklearn's average_precision_score
     (line,) = ax.step(recall, precision, where="post", label=f"{class_names[c]} (AP {ap:.3f})")
     ax.axhline(positive.mean(), color=line.get_color(), ls=":", lw=0.8)
-  ax.set(
-    xlabel="recall",
-    ylabel="precision",
-    xlim=(0, 1),
-    ylim=(0, 1.01),
-    title=title or "precision-recall",
-  )
+  ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01))
+  ax.set_title(title or "precision-recall")
   ax.legend(loc="lower left", fontsize=8)
   save(fig, path)
 
@@ -86,32 +76,17 @@ def confusion(path, matrix: np.ndarray, class_names, title: str = "") -> None:
   ax.imshow(matrix, cmap="Blues")
   for i in range(k):
     for j in range(k):
-      ax.text(
-        j,
-        i,
-        int(matrix[i, j]),
-        ha="center",
-        va="center",
-        color="white" if matrix[i, j] > matrix.max() / 2 else "black",
-      )
-  ax.set(
-    xticks=range(k),
-    yticks=range(k),
-    xticklabels=class_names,
-    yticklabels=class_names,
-    xlabel="predicted",
-    ylabel="true",
-    title=title or "confusion matrix",
-  )
+      color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
+      ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color=color)
+  ax.set(xticks=range(k), yticks=range(k), xticklabels=class_names, yticklabels=class_names)
+  ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
   save(fig, path)
 
 
-def seg_overlays(
-  path, images: np.ndarray, targets: np.ndarray, preds: np.ndarray, scores=None, max_images: int = 8
-) -> None:
-  """images: [N, S, S, 3] uint8; targets, preds: [N, S, S] class maps. Ground truth outlined in
-  green, prediction filled in red; `scores` (e.g. Dice) in each title."""
-  n = min(len(images), max_images)
+def seg_overlays(path, images: np.ndarray, targets: np.ndarray, preds: np.ndarray, scores=None):
+  """images: [N, S, S, 3] uint8; targets, preds: [N, S, S] class maps; the first 8 drawn. Ground
+  truth outlined in green, prediction filled in red; `scores` (e.g. Dice) in each title."""
+  n = min(len(images), 8)
   cols = min(n, 4)
   rows = math.ceil(n / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
@@ -120,13 +95,8 @@ def seg_overlays(
   for i in range(n):
     ax = axes.ravel()[i]
     ax.imshow(images[i])
-    ax.imshow(
-      np.ma.masked_where(preds[i] == 0, preds[i]),
-      cmap="autumn",
-      alpha=0.45,
-      vmin=0,
-      vmax=max(int(preds.max()), 1),
-    )
+    overlay = np.ma.masked_where(preds[i] == 0, preds[i])
+    ax.imshow(overlay, cmap="autumn", alpha=0.45, vmin=0, vmax=max(int(preds.max()), 1))
     if targets[i].any():
       ax.contour(targets[i] > 0, levels=[0.5], colors="lime", linewidths=1)
     if scores is not None:
@@ -174,24 +144,11 @@ def heatmap(
   for i in range(r):
     for j in range(c):
       if np.isfinite(matrix[i, j]):
-        ax.text(
-          j,
-          i,
-          fmt.format(matrix[i, j]),
-          ha="center",
-          va="center",
-          fontsize=8,
-          color="black" if matrix[i, j] > middle else "white",
-        )
-  ax.set(
-    xticks=range(c),
-    yticks=range(r),
-    xticklabels=col_names,
-    yticklabels=row_names,
-    xlabel=xlabel,
-    ylabel=ylabel,
-    title=title,
-  )
+        color = "black" if matrix[i, j] > middle else "white"
+        text = fmt.format(matrix[i, j])
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+  ax.set(xticks=range(c), yticks=range(r), xticklabels=col_names, yticklabels=row_names)
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
   fig.colorbar(image, ax=ax, shrink=0.8)
   save(fig, path)

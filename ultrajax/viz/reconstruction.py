@@ -12,9 +12,26 @@ from ultrajax.viz import plots
 
 
 def mask_to_image(mask: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-  """mask: [N] bool (True = masked, raster order) -> [H, W] float, 1 where masked."""
+  """mask: [N] bool (True = masked, raster order) or per-patch values -> [H, W] float, each
+  patch's value (1 where masked) over its pixels."""
   m = mask.reshape(grid).astype(np.float32)
   return np.kron(m, np.ones((size[0] // grid[0], size[1] // grid[1]), np.float32))
+
+
+def image_rows(columns, rows, width: float):
+  """A figure of one row per example: rows[i][j] drawn greyscale in [0, 1] under the title
+  columns[j], or left empty for the caller when None; no ticks -> (fig, axes [B, columns])."""
+  fig, axes = plt.subplots(
+    len(rows), len(columns), figsize=(width, 2 * len(rows) + 0.4), squeeze=False
+  )
+  for i, panels in enumerate(rows):
+    for j, (ax, panel) in enumerate(zip(axes[i], panels)):
+      if panel is not None:
+        ax.imshow(np.clip(panel, 0, 1), cmap="gray", vmin=0, vmax=1)
+      ax.set(xticks=[], yticks=[])
+      if i == 0:
+        ax.set_title(columns[j], fontsize=8)
+  return fig, axes
 
 
 def _finish(fig, path, title: str) -> pathlib.Path:
@@ -35,17 +52,11 @@ def save_grid(
   b, h, w, _ = clean.shape
   grid = (h // patch_size, w // patch_size)
   columns = ("clean", "encoder input", "TGM mask (white = masked)", "reconstruction")
-  fig, axes = plt.subplots(b, 4, figsize=(8, 2 * b + 0.4), squeeze=False)
-  for i in range(b):
-    m = mask_to_image(np.asarray(mask[i]), grid, (h, w))
-    panels = (clean[i], corrupted[i], m, reconstruction[i])
-    for j, (ax, panel) in enumerate(zip(axes[i], panels)):
-      ax.imshow(np.clip(panel, 0, 1), cmap="gray", vmin=0, vmax=1)
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if i == 0:
-        ax.set_title(columns[j], fontsize=8)
-  return _finish(fig, path, title)
+  rows = [
+    (clean[i], corrupted[i], mask_to_image(np.asarray(mask[i]), grid, (h, w)), reconstruction[i])
+    for i in range(b)
+  ]
+  return _finish(image_rows(columns, rows, width=8)[0], path, title)
 
 
 def save_pairs(path, pairs, title: str = "") -> pathlib.Path:
@@ -55,7 +66,6 @@ def save_pairs(path, pairs, title: str = "") -> pathlib.Path:
   for row, (source, partner, caption) in zip(axes, pairs):
     for ax, image, name in zip(row, (source, partner), ("source", "SMAT partner")):
       ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
-      ax.set_xticks([])
-      ax.set_yticks([])
+      ax.set(xticks=[], yticks=[])
       ax.set_title(f"{name}: {caption[0] if name == 'source' else caption[1]}", fontsize=7)
   return _finish(fig, path, title)

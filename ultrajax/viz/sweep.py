@@ -25,15 +25,8 @@ def sweep_lines(path, rows: list[dict], *, metric: str = "AUC", title: str = "")
         if r["node"] == node and r["method"] == method
       )
       x, y, lo, hi = (np.asarray(v, np.float64) for v in zip(*pts))
-      ax.errorbar(
-        x,
-        y,
-        yerr=np.nan_to_num(np.stack([y - lo, hi - y])),
-        marker="o",
-        ms=3,
-        capsize=2,
-        label=method,
-      )
+      yerr = np.nan_to_num(np.stack([y - lo, hi - y]))
+      ax.errorbar(x, y, yerr=yerr, marker="o", ms=3, capsize=2, label=method)
     ax.set_xscale("log")
     ax.set_xticks(ratios, [f"{r:g}:1" for r in ratios], rotation=60, fontsize=8)
     ax.minorticks_off()
