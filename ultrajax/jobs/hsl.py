@@ -38,12 +38,8 @@ validation set) and evaluates that one model on each node's test set; 'splitavg'
 fed/local.py's split-learning driver.
 
 Resume. A finished (method, repeat) is one small results file, written atomically, so a
-killed study continues at the first missing file; inside a (method, repeat) everything a round
-carries (server model, every node's optimizer state, the strategy's state such as SCAFFOLD's
-controls or a server optimizer's moments, the best models, the early-stopping record, the
-losses and the host batch generator's position) is checkpointed every `ckpt_every_rounds`
-rounds under runs/<method>/repeat_<r>/ (removed once the results file exists), so a killed
-cell resumes at its last round, bitwise.
+killed study continues at the first missing file; a killed (method, repeat) resumes at its last
+checkpointed round, bitwise (`fit`, `run_cell`).
 
 Inferred where the paper and the official code are silent: a test image's prediction comes
 with a SAT test image in the second branch (cycled in a fixed order; the primary logit depends
@@ -83,11 +79,8 @@ from ultrajax.models import mmoe
 from ultrajax.train import checkpoint, loop, resume
 from ultrajax.viz import boxplots, partition as partition_plot, sweep
 
-# Methods that are not a strategy's name -> the strategy they train under. 'hsl' is the MMoE +
-# SAT objective, 'no_sat' / 'no_al' its ablations; any other method is a registered strategy
-# (fed/strategies.py STRATEGIES) training the single-task model, so a new strategy is a new
-# method. SplitAVG trains a split single-task model (client: ResNet stem + first stages;
-# server: the rest and the logit) with fed/local.py's split-learning driver.
+# Methods that are not a strategy's name -> the strategy they train under (module docstring:
+# any other method is a registered strategy, so a new strategy is a new method).
 METHODS = {"hsl": "fedavg_uniform", "no_sat": "fedavg_uniform", "no_al": "fedavg_uniform"}
 # Fig. 2 B / C: node 2's normal:abnormal ratio (node 1 stays 1:1) and the n1:n2 quantity ratio.
 SWEEP_RATIOS = {
