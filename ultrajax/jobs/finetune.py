@@ -421,17 +421,31 @@ def test_extras(
   outputs: np.ndarray,
   report: dict,
   run_dir: pathlib.Path,
+  seed: int,
   first_cell: bool,
 ) -> dict:
   """What a cell adds beside its test report: test_outputs.npz (what the study's paired tests
-  read), the precision-recall curve (UltraFedFM Fig. 6), t-SNE of the test features in the first
-  cell of each variant (URFM Fig. 6), and the metrics under test-time blur (UltraFedFM Fig. 5e-f,
-  eval.blur_sigmas) with blur.png. Returns the entries to add to results.json."""
+  read), the ROC, confusion and precision-recall plots (UltraFedFM Fig. 6) or the segmentation
+  overlays, t-SNE of the test features in the first cell of each variant (URFM Fig. 6), and the
+  metrics under test-time blur (UltraFedFM Fig. 5e-f, eval.blur_sigmas) with blur.png. Returns
+  the entries to add to results.json."""
   targets, spacing = data.targets[test_idx], _spacing(data, test_idx)
   images = data.images[test_idx]
   if config.task_type == "cls":
     loop.atomic_write(
       run_dir / "test_outputs.npz", dict(test_index=test_idx, targets=targets, probs=outputs)
+    )
+    plots.roc_curves(
+      run_dir / "roc.png",
+      targets,
+      outputs,
+      data.class_names,
+      title=f"test ROC ({run_dir.parent.parent.name}, seed {seed})",
+    )
+    plots.confusion(
+      run_dir / "confusion.png",
+      metrics.confusion_matrix(targets, outputs.argmax(1), data.num_classes),
+      data.class_names,
     )
     plots.pr_curves(
       run_dir / "pr.png",
@@ -460,6 +474,7 @@ def test_extras(
         per_image=np.stack([per_image[name] for name in downstream.SEG_METRICS], axis=1),
       ),
     )
+    plots.seg_overlays(run_dir / "overlays.png", images, targets, outputs, scores=per_image["dice"])
   sigmas = [float(x) for x in config.eval.blur_sigmas]
   if not sigmas:
     return {}
@@ -675,24 +690,6 @@ def train_one(
     _spacing(data, test_idx),
     config.eval.nsd_tolerance,
   )
-  if config.task_type == "cls":
-    plots.roc_curves(
-      run_dir / "roc.png",
-      targets,
-      outputs,
-      data.class_names,
-      title=f"test ROC ({run_dir.parent.parent.name}, seed {seed})",
-    )
-    plots.confusion(
-      run_dir / "confusion.png",
-      metrics.confusion_matrix(targets, outputs.argmax(1), data.num_classes),
-      data.class_names,
-    )
-  else:
-    per_image = downstream.seg_per_image(targets, outputs, data.num_classes)["dice"]
-    plots.seg_overlays(
-      run_dir / "overlays.png", data.images[test_idx], targets, outputs, scores=per_image
-    )
   extras = test_extras(
     config,
     setup,
@@ -702,6 +699,7 @@ def train_one(
     outputs,
     report,
     run_dir,
+    seed,
     first_cell=seed == config.seed and fraction == config.fractions[0],
   )
   results = {

@@ -359,6 +359,12 @@ def preprocess(images, key, hflip: bool):
   return jnp.repeat(x[..., None], 3, axis=-1)
 
 
+def model_inputs(kind: str, x, sat_x):
+  """What objective `kind`'s model takes: HSL's MMoE [primary, SAT], no_sat's [primary]; the
+  single-task model the primary batch itself."""
+  return [x, sat_x] if kind == "hsl" else [x] if kind == "no_sat" else x
+
+
 def make_loss_fn(graphdef, config, method: str):
   """loss_fn(params, model_state, batch, key) -> (loss, (model_state, aux)) for fed/rounds.py.
 
@@ -371,15 +377,13 @@ def make_loss_fn(graphdef, config, method: str):
     model = nnx.merge(graphdef, params, model_state)
     k_img, k_sat, k_drop = jax.random.split(key, 3)
     x = preprocess(batch["image"], k_img, hflip)
+    sat_x = preprocess(batch["sat_image"], k_sat, hflip) if kind == "hsl" else None
+    logits = model(model_inputs(kind, x, sat_x), train=True, key=k_drop)
+    loss = optax.sigmoid_binary_cross_entropy(logits[:, 0], batch["label"]).mean()
+    aux = dict(primary=loss)
     if kind == "hsl":
-      logits = model([x, preprocess(batch["sat_image"], k_sat, hflip)], train=True, key=k_drop)
-      primary = optax.sigmoid_binary_cross_entropy(logits[:, 0], batch["label"]).mean()
-      sat = optax.sigmoid_binary_cross_entropy(logits[:, 1], batch["sat_label"]).mean()
-      loss, aux = primary + sat_weight * sat, dict(primary=primary, sat=sat)
-    else:
-      logits = model([x], train=True, key=k_drop) if kind == "no_sat" else model(x, train=True)
-      loss = optax.sigmoid_binary_cross_entropy(logits[:, 0], batch["label"]).mean()
-      aux = dict(primary=loss)
+      aux["sat"] = optax.sigmoid_binary_cross_entropy(logits[:, 1], batch["sat_label"]).mean()
+      loss = loss + sat_weight * aux["sat"]
     return loss, (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), aux)
 
   return loss_fn
@@ -392,11 +396,8 @@ def make_predict_fn(graphdef, method: str):
 
   def predict(params, model_state, images, sat_images):
     model = nnx.merge(graphdef, params, model_state)
-    x = preprocess(images, None, False)
-    if kind == "hsl":
-      logits = model([x, preprocess(sat_images, None, False)])
-    else:
-      logits = model([x]) if kind == "no_sat" else model(x)
+    sat_x = preprocess(sat_images, None, False) if kind == "hsl" else None
+    logits = model(model_inputs(kind, preprocess(images, None, False), sat_x))
     return jax.nn.sigmoid(logits[:, 0])
 
   return jax.jit(predict)
@@ -746,10 +747,8 @@ def _splitavg(
   with its client part + the server."""
   t, f, cut = config.train, config.fed, config.fed.splitavg_cut
   split_tree, join_tree = mmoe.split_classifier_tree, mmoe.join_classifier_tree
-  (client_p, server_p), (client_s, server_s) = (
-    split_tree(params, cut),
-    split_tree(model_state, cut),
-  )
+  client_p, server_p = split_tree(params, cut)
+  client_s, server_s = split_tree(model_state, cut)
   num_clients = len(split.train)
   state = local.init_split_state(tx, tx, client_p, server_p, num_clients, client_s, server_s)
   # Every client makes as many steps as the largest one (round_batches' equal_steps).
