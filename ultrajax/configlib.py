@@ -7,10 +7,7 @@ line (`--config.fed.num_rounds=3`) are handled by ml_collections itself, which r
 unknown field names and cannot override lists: list-like fields are tuples, given on the
 command line as a Python literal (`--config.sharding_rules="(('.*', 'fsdp'),)"`). Values are
 checked here, at start-up, so a typo fails before any compile or data loading and the
-message names the field.
-
-User errors (USER_ERRORS: a config value, a data or weights file, a missing path) are
-reported by the entry points in one line without a traceback; `report_user_errors` does it.
+message names the field. The entry points report USER_ERRORS with `report_user_errors`.
 """
 
 from __future__ import annotations

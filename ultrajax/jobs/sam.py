@@ -174,7 +174,7 @@ def sam_overrides(model_config) -> tuple[str, dict]:
   )
 
 
-def build_model(config, rngs: nnx.Rngs, **extra) -> sam_lib.Sam:
+def build_model(config, rngs: nnx.Rngs) -> sam_lib.Sam:
   variant, overrides = sam_overrides(config.model)
   try:
     return sam_lib.build_sam(
@@ -183,7 +183,6 @@ def build_model(config, rngs: nnx.Rngs, **extra) -> sam_lib.Sam:
       dtype=vit.DTYPES[config.model.dtype],
       remat=config.model.remat,
       **overrides,
-      **extra,
     )
   except ValueError as e:
     raise configlib.ConfigError(f"config.model: {e}") from None
