@@ -551,13 +551,8 @@ def train_one(
   num_epochs = config.train.num_epochs
   batches_per_pass = len(train_idx) // batch  # drop_last, as MAE's fine-tuning loader
   passes = passes_per_epoch(batches_per_pass, num_epochs, config.train.min_steps)
-  setup = Setup(
-    ml_collections.FrozenConfigDict({k: config[k] for k in PROGRAM_FIELDS}),
-    data.num_classes,
-    batches_per_pass * passes,
-    batch,
-    mesh,
-  )
+  program_config = ml_collections.FrozenConfigDict({k: config[k] for k in PROGRAM_FIELDS})
+  setup = Setup(program_config, data.num_classes, batches_per_pass * passes, batch, mesh)
 
   ckpt = checkpoint.Checkpointer(run_dir, keep=1)
   like_params = checkpoint.abstract_like(setup.abstract_params, setup.param_sharding)
@@ -612,16 +607,10 @@ def train_one(
   try:
     for epoch in range(start, num_epochs):
       t0 = time.time()
-      order = epoch_order(seed, epoch, len(train_idx), batch, passes)
+      order = jnp.asarray(epoch_order(seed, epoch, len(train_idx), batch, passes))
+      epoch_key = jax.random.fold_in(run_key, epoch)
       params, opt_state, step_losses = run_epoch(
-        setup,
-        params,
-        opt_state,
-        train_images,
-        train_targets,
-        jnp.asarray(order),
-        jax.random.fold_in(run_key, epoch),
-        class_weights,
+        setup, params, opt_state, train_images, train_targets, order, epoch_key, class_weights
       )
       step_losses = np.asarray(step_losses)
       valid = divergence.screen(
@@ -665,13 +654,8 @@ def train_one(
       )
       progress(done)
       if loop.itstime(done, config.ckpt_every_epochs, num_epochs):
-        ckpt.save(
-          done,
-          params,
-          _train_state(setup, opt_state, best_params, best, best_epoch),
-          None,
-          {"epoch": done, "config": json.dumps(cell)},
-        )
+        train_state = _train_state(setup, opt_state, best_params, best, best_epoch)
+        ckpt.save(done, params, train_state, None, {"epoch": done, "config": json.dumps(cell)})
   finally:  # a crash still finishes the last save and releases the checkpoint manager
     ckpt.close()
     writer.close()

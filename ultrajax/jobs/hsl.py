@@ -544,21 +544,16 @@ def fit(
         )
     if cell is not None and (stopped or loop.itstime(r + 1, cell.every, f.num_rounds)):
       carry = dict(round=np.asarray(r + 1, np.int32), best=best if t.patience_epochs else {})
-      cell.ckpt.save(
-        r + 1,
-        state,
-        carry,
-        None,
-        dict(
-          round=r + 1,
-          config=_cell_snapshot(config),
-          losses=[x.tolist() for x in losses],
-          val_auc=[list(map(float, a)) for a in val_aucs],
-          best_auc=stopper.best.tolist(),
-          best_round=stopper.best_round.tolist(),
-          rng=rng.bit_generator.state,
-        ),
+      meta = dict(
+        round=r + 1,
+        config=_cell_snapshot(config),
+        losses=[x.tolist() for x in losses],
+        val_auc=[list(map(float, a)) for a in val_aucs],
+        best_auc=stopper.best.tolist(),
+        best_round=stopper.best_round.tolist(),
+        rng=rng.bit_generator.state,
       )
+      cell.ckpt.save(r + 1, state, carry, None, meta)
   chosen = models(state)
   if best is not None:
     chosen = _where(stopper.best_round >= 0, best, chosen)
@@ -677,15 +672,9 @@ def train_and_evaluate(
       opt_state = init_opt() if f.reset_client_optimizer else state.opt_state
       lanes = start_round(state.server, opt_state, state.strategy_state)
       round_key = rounds.round_key(train_key, r)
+      steps_dev = jnp.asarray(steps, jnp.float32)
       lanes, metrics = chunk(
-        state.server,
-        lanes,
-        lane_batches,
-        plan,
-        jnp.asarray(steps, jnp.float32),
-        weights,
-        r,
-        round_key,
+        state.server, lanes, lane_batches, plan, steps_dev, weights, r, round_key
       )
       state = FedRun(*finish_round(lanes, state.server, round_key))
       report = strategy.report(state.strategy_state, r + 1)  # e.g. dp/epsilon

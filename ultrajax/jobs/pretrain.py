@@ -284,15 +284,9 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
         # This process's batch (an array, or a dict of arrays for cached targets).
         local = data.next_batches(p.client_ids)
         images = jax.tree.map(sharding.global_batch, local, programs.batch_sharding)
+        plan_dev = loop.put_global(p, programs.vector)
         state, chunk_losses, chunk_norms = programs.run_chunk(
-          params,
-          state,
-          images,
-          loop.put_global(p, programs.vector),
-          steps_dev,
-          weights_dev,
-          round_index,
-          round_key,
+          params, state, images, plan_dev, steps_dev, weights_dev, round_index, round_key
         )
         losses.append(chunk_losses)
         grad_norms.append(chunk_norms)
