@@ -13,7 +13,9 @@ message names the field. The entry points report USER_ERRORS with `report_user_e
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
+import pathlib
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -148,8 +150,6 @@ def find_config_file(path: str):
   """The config file `path` (e.g. 'configs/pretrain_fed.py'): as given from the working
   directory, else the file of that name among the configs shipped with ultrajax (the checkout's
   configs/ folder, or ultrajax/configs in an installed package); None when neither exists."""
-  import pathlib
-
   given = pathlib.Path(path)
   if given.is_file():
     return given
@@ -163,9 +163,6 @@ def find_config_file(path: str):
 
 def load_config_module(path: str):
   """Imports a config file by path (configs build on each other without being a package)."""
-  import importlib.util
-  import pathlib
-
   path = pathlib.Path(path)
   spec = importlib.util.spec_from_file_location(f"ultrajax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
@@ -177,8 +174,6 @@ def load_config_file(spec: str, field: str) -> ml_collections.ConfigDict:
   """The config of `spec` ('configs/x.py:preset', the value of config.<field>): the file from the
   working directory, then from the repository root, then among the configs shipped with
   ultrajax."""
-  import pathlib
-
   path, _, arg = spec.partition(":")
   found = find_config_file(path)
   repo = pathlib.Path(__file__).resolve().parents[1]

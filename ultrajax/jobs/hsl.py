@@ -450,8 +450,7 @@ class Cell(NamedTuple):
 
 
 def _cell_snapshot(config) -> dict:
-  snap = resume.snapshot(config)
-  return {k: v for k, v in snap.items() if k not in CELL_INDEPENDENT}
+  return {k: v for k, v in resume.snapshot(config).items() if k not in CELL_INDEPENDENT}
 
 
 def fit(

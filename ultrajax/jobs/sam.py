@@ -154,18 +154,15 @@ def validate_classification(config) -> None:
 def sam_overrides(model_config) -> tuple[str, dict]:
   """config.model -> (sam variant, SamConfig overrides)."""
   m = model_config
+  shape = dict(image_size=m.image_size, patch_size=m.patch_size, window_size=m.window_size)
   if m.variant:
-    return m.variant, dict(
-      image_size=m.image_size, patch_size=m.patch_size, window_size=m.window_size
-    )
+    return m.variant, shape
   return "vit_b", dict(
-    image_size=m.image_size,
-    patch_size=m.patch_size,
+    shape,
     width=m.encoder_width,
     depth=m.encoder_depth,
     num_heads=m.encoder_heads,
     global_attn_indexes=tuple(m.global_attn_indexes),
-    window_size=m.window_size,
     prompt_dim=m.prompt_dim,
     decoder_depth=m.decoder_depth,
     decoder_heads=m.decoder_heads,
