@@ -846,9 +846,7 @@ def report(config, workdir: pathlib.Path, methods, node_names, results) -> dict:
 # ----------------------------------------------------------------------------- sweep
 def sweep_ratios(config) -> tuple:
   """The ratios of config.sweep: config.sweep_ratios, or the paper's 10 steps."""
-  return tuple(float(r) for r in config.sweep_ratios) or tuple(
-    float(r) for r in SWEEP_RATIOS[config.sweep]
-  )
+  return tuple(float(r) for r in config.sweep_ratios or SWEEP_RATIOS[config.sweep])
 
 
 def run_sweep(config, workdir) -> dict:
