@@ -149,33 +149,30 @@ def export(workdir, fmt: str, out, *, round_index: int | None = None, config=Non
 
     model, sam_config = sam_predictor.load_model(directory)
     tensors = sam_interop.sam_to_torch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    check_finite(tensors, directory)
-    path = save_with_preprocessing(
-      out, tensors, {"preprocessing": sam_interop.preprocessing(sam_config.image_size)}
-    )
+    preprocessing = {"preprocessing": sam_interop.preprocessing(sam_config.image_size)}
   else:
     config = saved_config(directory) if config is None else config
     params, model = load_mae_params(directory, config.model)
     image_size = model.encoder.image_size
     if fmt == "timm":
       tensors = timm_vit.vit_to_timm(params["encoder"], image_size=image_size)
-    else:
-      tensors = mae_official.mae_to_official(
-        params, image_size=image_size, patch_size=model.encoder.patch_size
-      )
-    check_finite(tensors, directory)
-    preprocessing = {"pretrained_cfg": timm_vit.timm_pretrained_cfg(image_size)}
-    if fmt == "timm":  # architecture + model_args + pretrained_cfg, as timm's Hub config.json
+      # architecture + model_args + pretrained_cfg, as timm's Hub config.json
       hub = timm_vit.timm_hub_config(
         params["encoder"], image_size=image_size, num_heads=model.encoder.blocks[0].attn.num_heads
       )
       preprocessing = {"timm_config": hub}
-    if folder:
-      pathlib.Path(out).mkdir(parents=True, exist_ok=True)
-      (pathlib.Path(out) / "config.json").write_text(json.dumps(hub, indent=1) + "\n")
-      out = pathlib.Path(out) / "model.safetensors"
-    wrap = "model" if fmt == "mae" and files.file_kind(out) == "torch" else None
-    path = save_with_preprocessing(out, tensors, preprocessing, wrap_key=wrap)
+    else:
+      tensors = mae_official.mae_to_official(
+        params, image_size=image_size, patch_size=model.encoder.patch_size
+      )
+      preprocessing = {"pretrained_cfg": timm_vit.timm_pretrained_cfg(image_size)}
+  check_finite(tensors, directory)
+  if folder:
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(out) / "config.json").write_text(json.dumps(hub, indent=1) + "\n")
+    out = pathlib.Path(out) / "model.safetensors"
+  wrap = "model" if fmt == "mae" and files.file_kind(out) == "torch" else None
+  path = save_with_preprocessing(out, tensors, preprocessing, wrap_key=wrap)
   return dict(
     path=str(path),
     format=fmt,
