@@ -710,19 +710,17 @@ def evaluate(
   out = {}
   for k, test in enumerate(index_sets):
     params_k, stats_k = node_model(k)
-    probs = []
-    for start in range(0, len(test), batch):
-      idx = test[start : start + batch]
-      images = np.pad(pool.images[idx], ((0, batch - len(idx)), (0, 0), (0, 0)))
+
+    def probs(rows):  # rows [batch]: positions in `test` (downstream.padded_batches)
+      images = pool.images[test[rows]]
       # The SAT branch sees SAT test images in a fixed cycle (module docstring); other
       # models ignore the argument.
-      sat_images = (
-        images
-        if sat_test is None
-        else sat_test.images[np.arange(start, start + batch) % len(sat_test.labels)]
-      )
-      probs.append(np.asarray(predict(params_k, stats_k, images, sat_images))[: len(idx)])
-    out[f"probs_{k}"] = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+      sat_images = images if sat_test is None else sat_test.images[rows % len(sat_test.labels)]
+      return predict(params_k, stats_k, images, sat_images)
+
+    out[f"probs_{k}"] = (
+      downstream.padded_batches(probs, len(test), batch) if len(test) else np.zeros(0, np.float32)
+    )
     out[f"labels_{k}"] = pool.labels[test]
   return out
 
