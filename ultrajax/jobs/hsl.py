@@ -441,14 +441,6 @@ def _where(mask, a, b):
 CELL_INDEPENDENT = ("methods", "repeats", "report", "sweep_ratios", "ckpt_every_rounds")
 
 
-class Cell(NamedTuple):
-  """Where one (method, repeat) keeps its per-round checkpoints (the cell is None when
-  ckpt_every_rounds = 0)."""
-
-  ckpt: checkpoint.Checkpointer
-  every: int
-
-
 def _cell_snapshot(config) -> dict:
   return {k: v for k, v in resume.snapshot(config).items() if k not in CELL_INDEPENDENT}
 
@@ -464,7 +456,7 @@ def fit(
   sat_test: nodes.Pool,
   val_sets,
   rng: np.random.Generator,
-  cell: Cell | None = None,
+  cell: checkpoint.Checkpointer | None = None,
   stop_reason=lambda rounds_done: None,
 ):
   """Up to fed.num_rounds rounds of do_round(state, r) -> (state, per-node losses [C]), fewer
@@ -473,9 +465,10 @@ def fit(
   [K, ...] on val_sets (one index array per slot), keeps each slot's best model and stops
   early (EarlyStopping). `rng` is the host generator do_round draws batches from.
 
-  With a `cell`, everything the loop carries (the federated state, the best models, the
-  early-stopping record, the losses and `rng`'s position) is checkpointed every cell.every
-  rounds and the loop resumes from the newest checkpoint, bitwise.
+  With a `cell` (the (method, repeat)'s Checkpointer; None when ckpt_every_rounds = 0),
+  everything the loop carries (the federated state, the best models, the early-stopping record,
+  the losses and `rng`'s position) is checkpointed every ckpt_every_rounds rounds and the loop
+  resumes from the newest checkpoint, bitwise.
 
   Returns (chosen (params, model_state) [K, ...]: each slot's best-validation model, or the
   last round's where validation is off or never defined; history dict of losses [R, C],
@@ -488,7 +481,7 @@ def fit(
       round=np.zeros((), np.int32), best=jax.eval_shape(models, state) if t.patience_epochs else {}
     )
     start, state, carry = loop.resume_or_init(
-      cell.ckpt,
+      cell,
       state,
       like_carry,
       lambda: (state, like_carry),
@@ -497,7 +490,7 @@ def fit(
     )
     if start:
       best = carry["best"] if t.patience_epochs else None
-      meta = cell.ckpt.read_meta(start)
+      meta = cell.read_meta(start)
       losses = [np.asarray(x, np.float32) for x in meta["losses"]]
       val_aucs = meta["val_auc"]
       stopper.best = np.asarray(meta["best_auc"], np.float64)
@@ -541,7 +534,9 @@ def fit(
           t.patience_epochs,
           r + 1,
         )
-    if cell is not None and (stopped or loop.itstime(r + 1, cell.every, f.num_rounds)):
+    if cell is not None and (
+      stopped or loop.itstime(r + 1, config.ckpt_every_rounds, f.num_rounds)
+    ):
       carry = dict(round=np.asarray(r + 1, np.int32), best=best if t.patience_epochs else {})
       meta = dict(
         round=r + 1,
@@ -552,7 +547,7 @@ def fit(
         best_round=stopper.best_round.tolist(),
         rng=rng.bit_generator.state,
       )
-      cell.ckpt.save(r + 1, state, carry, None, meta)
+      cell.save(r + 1, state, carry, None, meta)
   chosen = models(state)
   if best is not None:
     chosen = _where(stopper.best_round >= 0, best, chosen)
@@ -609,7 +604,7 @@ def train_and_evaluate(
   split: nodes.Split,
   repeat: int,
   programs: dict,
-  cell: Cell | None = None,
+  cell: checkpoint.Checkpointer | None = None,
 ) -> dict:
   """Trains `method` on this repeat's nodes; returns per-node test labels and probabilities
   (probs_k, labels_k) with the training history (fit). cell: per-round checkpoints.
@@ -889,13 +884,12 @@ def run_cell(
   cell_dir = path.with_suffix("")
   if not path.exists():
     t1 = time.perf_counter()
-    every = config.ckpt_every_rounds
-    cell = Cell(checkpoint.Checkpointer(cell_dir, keep=2), every) if every else None
+    cell = checkpoint.Checkpointer(cell_dir, keep=2) if config.ckpt_every_rounds else None
     try:
       out = train_and_evaluate(config, method, *run_args, repeat, programs, cell)
     finally:
       if cell is not None:
-        cell.ckpt.close()
+        cell.close()
     loop.atomic_write(path, out)
     logging.info(
       "repeat %d %-14s done in %.1f s: AUC per node %s",
