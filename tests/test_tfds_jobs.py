@@ -88,7 +88,7 @@ def test_sam_instances_from_tfds_masks(built):
   expected, data_dir = built
   config = _sam_config(data_dir)
   sam.validate(config)
-  train, test = sam.tfds_instances(config)
+  train, test = sam.instance_sources(config, "sam", (1, 1))
   assert len(train) + len(test) == len(expected["busi"]) and len(test) >= 1
   patients = [{train.client[i]["patient_id"] for i in s.indices} for s in (train, test)]
   assert not patients[0] & patients[1]

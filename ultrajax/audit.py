@@ -53,8 +53,7 @@ def tiny_mae(image_size: int, patch_size: int, width: int, seed: int):
     decoder_heads=2,
     rngs=nnx.Rngs(seed),
   )
-  graphdef, params = nnx.split(model, nnx.Param)
-  return graphdef, params
+  return nnx.split(model, nnx.Param)
 
 
 def fixed_mask(num_images: int, num_patches: int, len_keep: int, seed: int):

@@ -7,16 +7,15 @@ line (`--config.fed.num_rounds=3`) are handled by ml_collections itself, which r
 unknown field names and cannot override lists: list-like fields are tuples, given on the
 command line as a Python literal (`--config.sharding_rules="(('.*', 'fsdp'),)"`). Values are
 checked here, at start-up, so a typo fails before any compile or data loading and the
-message names the field.
-
-User errors (USER_ERRORS: a config value, a data or weights file, a missing path) are
-reported by the entry points in one line without a traceback; `report_user_errors` does it.
+message names the field. The entry points report USER_ERRORS with `report_user_errors`.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
+import pathlib
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -151,8 +150,6 @@ def find_config_file(path: str):
   """The config file `path` (e.g. 'configs/pretrain_fed.py'): as given from the working
   directory, else the file of that name among the configs shipped with ultrajax (the checkout's
   configs/ folder, or ultrajax/configs in an installed package); None when neither exists."""
-  import pathlib
-
   given = pathlib.Path(path)
   if given.is_file():
     return given
@@ -166,9 +163,6 @@ def find_config_file(path: str):
 
 def load_config_module(path: str):
   """Imports a config file by path (configs build on each other without being a package)."""
-  import importlib.util
-  import pathlib
-
   path = pathlib.Path(path)
   spec = importlib.util.spec_from_file_location(f"ultrajax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
@@ -180,8 +174,6 @@ def load_config_file(spec: str, field: str) -> ml_collections.ConfigDict:
   """The config of `spec` ('configs/x.py:preset', the value of config.<field>): the file from the
   working directory, then from the repository root, then among the configs shipped with
   ultrajax."""
-  import pathlib
-
   path, _, arg = spec.partition(":")
   found = find_config_file(path)
   repo = pathlib.Path(__file__).resolve().parents[1]

@@ -38,13 +38,12 @@ from ultrajax.models import mae
 from ultrajax.train import checkpoint, writers
 
 FORMATS = ("timm", "mae", "sam")
-LATER_FORMATS = {}
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or its checkpoint folder).")
 _FORMAT = flags.DEFINE_enum(
   "format",
   None,
-  list(FORMATS) + list(LATER_FORMATS),
+  list(FORMATS),
   "timm: encoder as a timm ViT; mae: official MAE with decoder; "
   "sam: a SAM run as segment_anything's Sam.",
 )
@@ -116,15 +115,6 @@ def load_mae_params(directory: pathlib.Path, model_config) -> tuple[dict, object
   return jax.device_get(checkpoint.load_params(directory, target)), model
 
 
-def check_format(fmt: str) -> None:
-  if fmt in LATER_FORMATS:
-    raise ValueError(
-      f"format {fmt!r} comes with {LATER_FORMATS[fmt]}; available now: {', '.join(FORMATS)}"
-    )
-  if fmt not in FORMATS:
-    raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
-
-
 def save_with_preprocessing(out, tensors, preprocessing: dict, *, wrap_key=None) -> pathlib.Path:
   """Writes the state dict and what its model expects of an input ({name: JSON-able}): in a
   .safetensors header as JSON strings, next to a PyTorch file as `<out stem>.json`."""
@@ -138,16 +128,12 @@ def save_with_preprocessing(out, tensors, preprocessing: dict, *, wrap_key=None)
 
 def export(workdir, fmt: str, out, *, round_index: int | None = None, config=None) -> dict:
   """Writes the checkpoint's weights in format `fmt` to `out`; returns what was written:
-  dict(path, format, checkpoint folder, keys, params, bytes).
-
-  Preprocessing travels with the weights (`save_with_preprocessing`): timm files carry timm's
-  Hub config ('timm_config': architecture, model_args and the pretrained_cfg with ImageNet
-  mean/std, input size, interpolation, crop_pct), mae files that pretrained_cfg, SAM files
-  their pixel mean/std ('preprocessing'). An `out` without a suffix (timm only) is a folder in timm's
-  Hugging Face Hub layout: `config.json` + `model.safetensors`, for
-  `timm.create_model('local-dir:<out>', pretrained=True)`.
+  dict(path, format, checkpoint folder, keys, params, bytes). The preprocessing metadata
+  (`save_with_preprocessing`): timm's Hub config ('timm_config': architecture, model_args,
+  pretrained_cfg) for timm, that pretrained_cfg for mae, SAM's pixel mean/std for sam.
   """
-  check_format(fmt)
+  if fmt not in FORMATS:
+    raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
   folder = pathlib.Path(out).suffix == ""
   if folder and fmt != "timm":
     raise configlib.DataError(
@@ -163,34 +149,24 @@ def export(workdir, fmt: str, out, *, round_index: int | None = None, config=Non
 
     model, sam_config = sam_predictor.load_model(directory)
     tensors = sam_interop.sam_to_torch(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    check_finite(tensors, directory)
-    path = save_with_preprocessing(
-      out, tensors, {"preprocessing": sam_interop.preprocessing(sam_config.image_size)}
-    )
-    return dict(
-      path=str(path),
-      format=fmt,
-      checkpoint=str(directory),
-      keys=len(tensors),
-      params=int(sum(np.size(v) for v in tensors.values())),
-      bytes=path.stat().st_size,
-    )
-  config = saved_config(directory) if config is None else config
-  params, model = load_mae_params(directory, config.model)
-  image_size = model.encoder.image_size
-  if fmt == "timm":
-    tensors = timm_vit.vit_to_timm(params["encoder"], image_size=image_size)
+    preprocessing = {"preprocessing": sam_interop.preprocessing(sam_config.image_size)}
   else:
-    tensors = mae_official.mae_to_official(
-      params, image_size=image_size, patch_size=model.encoder.patch_size
-    )
+    config = saved_config(directory) if config is None else config
+    params, model = load_mae_params(directory, config.model)
+    image_size = model.encoder.image_size
+    if fmt == "timm":
+      tensors = timm_vit.vit_to_timm(params["encoder"], image_size=image_size)
+      # architecture + model_args + pretrained_cfg, as timm's Hub config.json
+      hub = timm_vit.timm_hub_config(
+        params["encoder"], image_size=image_size, num_heads=model.encoder.blocks[0].attn.num_heads
+      )
+      preprocessing = {"timm_config": hub}
+    else:
+      tensors = mae_official.mae_to_official(
+        params, image_size=image_size, patch_size=model.encoder.patch_size
+      )
+      preprocessing = {"pretrained_cfg": timm_vit.timm_pretrained_cfg(image_size)}
   check_finite(tensors, directory)
-  preprocessing = {"pretrained_cfg": timm_vit.timm_pretrained_cfg(image_size)}
-  if fmt == "timm":  # architecture + model_args + pretrained_cfg, as timm's Hub config.json
-    hub = timm_vit.timm_hub_config(
-      params["encoder"], image_size=image_size, num_heads=model.encoder.blocks[0].attn.num_heads
-    )
-    preprocessing = {"timm_config": hub}
   if folder:
     pathlib.Path(out).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(out) / "config.json").write_text(json.dumps(hub, indent=1) + "\n")
@@ -212,12 +188,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   writers.quiet_orbax(not _VERBOSE.value)  # Orbax's INFO lines were 32 of the 33 printed
   for name, flag in (("workdir", _WORKDIR), ("format", _FORMAT), ("out", _OUT)):
-    if not flag.value:
+    if not flag.value:  # --format's value is checked by DEFINE_enum
       raise app.UsageError(f"--{name} is required")
-  try:
-    check_format(_FORMAT.value)
-  except ValueError as e:
-    raise app.UsageError(f"--format: {e}") from None
   try:
     done = export(
       _WORKDIR.value, _FORMAT.value, _OUT.value, round_index=_ROUND.value, config=_CONFIG.value

@@ -41,12 +41,8 @@ _VERBOSE = flags.DEFINE_bool(
 
 # config.job -> module in ultrajax.jobs with a `run(config, workdir)` function.
 JOBS = {
-  "pretrain": "ultrajax.jobs.pretrain",
-  "sam": "ultrajax.jobs.sam",
-  "hsl": "ultrajax.jobs.hsl",
-  "finetune": "ultrajax.jobs.finetune",
-  "transfer_study": "ultrajax.jobs.transfer_study",
-  "benefit": "ultrajax.jobs.benefit",
+  name: f"ultrajax.jobs.{name}"
+  for name in ("pretrain", "sam", "hsl", "finetune", "transfer_study", "benefit")
 }
 
 

@@ -104,14 +104,6 @@ def make_strategy(config):
   return protected.wrap(strategy, config)  # config.dp_sgd, config.fed.attack (simulation)
 
 
-def teacher_token_width(teacher_config) -> int:
-  return (
-    teacher_config.embed_dim
-    if teacher_config.project
-    else mim_objectives.teacher_dims(teacher_config)[0]
-  )
-
-
 def validate_teacher(config) -> None:
   c, t = configlib, config.teacher
   width, depth, heads, patch = mim_objectives.teacher_dims(t)  # names a bad variant or size
@@ -135,7 +127,7 @@ def validate_teacher(config) -> None:
   c.check_choice(config, "teacher.dtype", vit.DTYPES)
   c.check_choice(config, "teacher.cache_dtype", teacher_cache.DTYPES)
   c.check_range(config, "teacher.smooth_l1_beta", 0.0, low_inclusive=False)
-  tokens = teacher_token_width(t)
+  tokens = t.embed_dim if t.project else width
   c.check(
     config.model.get("pred_dim", 0) == tokens,
     f"config.model.pred_dim={config.model.get('pred_dim', 0)} must equal the teacher's "

@@ -7,11 +7,10 @@ r"""Segments one image from a click or a box with a SAM and saves an overlay PNG
 FILE_OR_WORKDIR: a segment_anything state dict (sam_vit_b_01ec64.pth, .safetensors) or an
 ultrajax SAM training workdir. Coordinates are pixels of IMG, (x, y), origin top-left.
 With several candidate masks (the default for one click) the one with the highest predicted
-IoU is drawn. --refine runs UltraSam's test-time refinement instead (what a model trained by
-configs/sam_ultrasound.py learns): the single-mask output first, then a multimask pass with its
-logits as the mask prompt and, unless a box was given, the box around its mask in place of the
-clicks. Prints the predicted IoU and the mask area; the overlay shows the mask in colour, its
-outline, the clicks (green foreground, red background) and the box.
+IoU is drawn. --refine runs UltraSam's test-time refinement instead (`predict_refined`; what a
+model trained by configs/sam_ultrasound.py learns). Prints the predicted IoU and the mask area;
+the overlay shows the mask in colour, its outline, the clicks (green foreground, red background)
+and the box.
 """
 
 from __future__ import annotations

@@ -43,10 +43,6 @@ BASELINES = ("pretrain", "scratch")
 SOURCES = ("phantom", "manifest")
 
 
-def pretrain_config(config) -> ml_collections.ConfigDict:
-  return configlib.stage_config(config, "pretrain")
-
-
 def finetune_config(config) -> ml_collections.ConfigDict:
   c = configlib.stage_config(config, "finetune")
   c.fractions = (1.0,)
@@ -65,7 +61,7 @@ def validate(config) -> None:
     f"config.task.split_fractions={tuple(config.task.split_fractions)} must be three "
     "positive shares summing to 1",
   )
-  pc, fc = pretrain_config(config), finetune_config(config)
+  pc, fc = configlib.stage_config(config, "pretrain"), finetune_config(config)
   pretrain_checks.validate(pc)
   finetune.validate(fc)
   c.check(
@@ -147,7 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]:
   workdir.mkdir(parents=True, exist_ok=True)
-  pc, fc = pretrain_config(config), finetune_config(config)
+  pc, fc = configlib.stage_config(config, "pretrain"), finetune_config(config)
   clients = raw_clients(pc)
   fed_dir = config.federated_workdir or _pretrain_once(pc, workdir / "pretrain" / "federated")
   baseline = "local" if config.local_baseline == "pretrain" else "scratch"

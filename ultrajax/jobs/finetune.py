@@ -421,17 +421,31 @@ def test_extras(
   outputs: np.ndarray,
   report: dict,
   run_dir: pathlib.Path,
+  seed: int,
   first_cell: bool,
 ) -> dict:
   """What a cell adds beside its test report: test_outputs.npz (what the study's paired tests
-  read), the precision-recall curve (UltraFedFM Fig. 6), t-SNE of the test features in the first
-  cell of each variant (URFM Fig. 6), and the metrics under test-time blur (UltraFedFM Fig. 5e-f,
-  eval.blur_sigmas) with blur.png. Returns the entries to add to results.json."""
+  read), the ROC, confusion and precision-recall plots (UltraFedFM Fig. 6) or the segmentation
+  overlays, t-SNE of the test features in the first cell of each variant (URFM Fig. 6), and the
+  metrics under test-time blur (UltraFedFM Fig. 5e-f, eval.blur_sigmas) with blur.png. Returns
+  the entries to add to results.json."""
   targets, spacing = data.targets[test_idx], _spacing(data, test_idx)
   images = data.images[test_idx]
   if config.task_type == "cls":
     loop.atomic_write(
       run_dir / "test_outputs.npz", dict(test_index=test_idx, targets=targets, probs=outputs)
+    )
+    plots.roc_curves(
+      run_dir / "roc.png",
+      targets,
+      outputs,
+      data.class_names,
+      title=f"test ROC ({run_dir.parent.parent.name}, seed {seed})",
+    )
+    plots.confusion(
+      run_dir / "confusion.png",
+      metrics.confusion_matrix(targets, outputs.argmax(1), data.num_classes),
+      data.class_names,
     )
     plots.pr_curves(
       run_dir / "pr.png",
@@ -460,6 +474,7 @@ def test_extras(
         per_image=np.stack([per_image[name] for name in downstream.SEG_METRICS], axis=1),
       ),
     )
+    plots.seg_overlays(run_dir / "overlays.png", images, targets, outputs, scores=per_image["dice"])
   sigmas = [float(x) for x in config.eval.blur_sigmas]
   if not sigmas:
     return {}
@@ -536,13 +551,8 @@ def train_one(
   num_epochs = config.train.num_epochs
   batches_per_pass = len(train_idx) // batch  # drop_last, as MAE's fine-tuning loader
   passes = passes_per_epoch(batches_per_pass, num_epochs, config.train.min_steps)
-  setup = Setup(
-    ml_collections.FrozenConfigDict({k: config[k] for k in PROGRAM_FIELDS}),
-    data.num_classes,
-    batches_per_pass * passes,
-    batch,
-    mesh,
-  )
+  program_config = ml_collections.FrozenConfigDict({k: config[k] for k in PROGRAM_FIELDS})
+  setup = Setup(program_config, data.num_classes, batches_per_pass * passes, batch, mesh)
 
   ckpt = checkpoint.Checkpointer(run_dir, keep=1)
   like_params = checkpoint.abstract_like(setup.abstract_params, setup.param_sharding)
@@ -597,16 +607,10 @@ def train_one(
   try:
     for epoch in range(start, num_epochs):
       t0 = time.time()
-      order = epoch_order(seed, epoch, len(train_idx), batch, passes)
+      order = jnp.asarray(epoch_order(seed, epoch, len(train_idx), batch, passes))
+      epoch_key = jax.random.fold_in(run_key, epoch)
       params, opt_state, step_losses = run_epoch(
-        setup,
-        params,
-        opt_state,
-        train_images,
-        train_targets,
-        jnp.asarray(order),
-        jax.random.fold_in(run_key, epoch),
-        class_weights,
+        setup, params, opt_state, train_images, train_targets, order, epoch_key, class_weights
       )
       step_losses = np.asarray(step_losses)
       valid = divergence.screen(
@@ -650,13 +654,8 @@ def train_one(
       )
       progress(done)
       if loop.itstime(done, config.ckpt_every_epochs, num_epochs):
-        ckpt.save(
-          done,
-          params,
-          _train_state(setup, opt_state, best_params, best, best_epoch),
-          None,
-          {"epoch": done, "config": json.dumps(cell)},
-        )
+        train_state = _train_state(setup, opt_state, best_params, best, best_epoch)
+        ckpt.save(done, params, train_state, None, {"epoch": done, "config": json.dumps(cell)})
   finally:  # a crash still finishes the last save and releases the checkpoint manager
     ckpt.close()
     writer.close()
@@ -675,24 +674,6 @@ def train_one(
     _spacing(data, test_idx),
     config.eval.nsd_tolerance,
   )
-  if config.task_type == "cls":
-    plots.roc_curves(
-      run_dir / "roc.png",
-      targets,
-      outputs,
-      data.class_names,
-      title=f"test ROC ({run_dir.parent.parent.name}, seed {seed})",
-    )
-    plots.confusion(
-      run_dir / "confusion.png",
-      metrics.confusion_matrix(targets, outputs.argmax(1), data.num_classes),
-      data.class_names,
-    )
-  else:
-    per_image = downstream.seg_per_image(targets, outputs, data.num_classes)["dice"]
-    plots.seg_overlays(
-      run_dir / "overlays.png", data.images[test_idx], targets, outputs, scores=per_image
-    )
   extras = test_extras(
     config,
     setup,
@@ -702,6 +683,7 @@ def train_one(
     outputs,
     report,
     run_dir,
+    seed,
     first_cell=seed == config.seed and fraction == config.fractions[0],
   )
   results = {

@@ -38,12 +38,8 @@ validation set) and evaluates that one model on each node's test set; 'splitavg'
 fed/local.py's split-learning driver.
 
 Resume. A finished (method, repeat) is one small results file, written atomically, so a
-killed study continues at the first missing file; inside a (method, repeat) everything a round
-carries (server model, every node's optimizer state, the strategy's state such as SCAFFOLD's
-controls or a server optimizer's moments, the best models, the early-stopping record, the
-losses and the host batch generator's position) is checkpointed every `ckpt_every_rounds`
-rounds under runs/<method>/repeat_<r>/ (removed once the results file exists), so a killed
-cell resumes at its last round, bitwise.
+killed study continues at the first missing file; a killed (method, repeat) resumes at its last
+checkpointed round, bitwise (`fit`, `run_cell`).
 
 Inferred where the paper and the official code are silent: a test image's prediction comes
 with a SAT test image in the second branch (cycled in a fixed order; the primary logit depends
@@ -83,11 +79,8 @@ from ultrajax.models import mmoe
 from ultrajax.train import checkpoint, loop, resume
 from ultrajax.viz import boxplots, partition as partition_plot, sweep
 
-# Methods that are not a strategy's name -> the strategy they train under. 'hsl' is the MMoE +
-# SAT objective, 'no_sat' / 'no_al' its ablations; any other method is a registered strategy
-# (fed/strategies.py STRATEGIES) training the single-task model, so a new strategy is a new
-# method. SplitAVG trains a split single-task model (client: ResNet stem + first stages;
-# server: the rest and the logit) with fed/local.py's split-learning driver.
+# Methods that are not a strategy's name -> the strategy they train under (module docstring:
+# any other method is a registered strategy, so a new strategy is a new method).
 METHODS = {"hsl": "fedavg_uniform", "no_sat": "fedavg_uniform", "no_al": "fedavg_uniform"}
 # Fig. 2 B / C: node 2's normal:abnormal ratio (node 1 stays 1:1) and the n1:n2 quantity ratio.
 SWEEP_RATIOS = {
@@ -366,6 +359,12 @@ def preprocess(images, key, hflip: bool):
   return jnp.repeat(x[..., None], 3, axis=-1)
 
 
+def model_inputs(kind: str, x, sat_x):
+  """What objective `kind`'s model takes: HSL's MMoE [primary, SAT], no_sat's [primary]; the
+  single-task model the primary batch itself."""
+  return [x, sat_x] if kind == "hsl" else [x] if kind == "no_sat" else x
+
+
 def make_loss_fn(graphdef, config, method: str):
   """loss_fn(params, model_state, batch, key) -> (loss, (model_state, aux)) for fed/rounds.py.
 
@@ -378,15 +377,13 @@ def make_loss_fn(graphdef, config, method: str):
     model = nnx.merge(graphdef, params, model_state)
     k_img, k_sat, k_drop = jax.random.split(key, 3)
     x = preprocess(batch["image"], k_img, hflip)
+    sat_x = preprocess(batch["sat_image"], k_sat, hflip) if kind == "hsl" else None
+    logits = model(model_inputs(kind, x, sat_x), train=True, key=k_drop)
+    loss = optax.sigmoid_binary_cross_entropy(logits[:, 0], batch["label"]).mean()
+    aux = dict(primary=loss)
     if kind == "hsl":
-      logits = model([x, preprocess(batch["sat_image"], k_sat, hflip)], train=True, key=k_drop)
-      primary = optax.sigmoid_binary_cross_entropy(logits[:, 0], batch["label"]).mean()
-      sat = optax.sigmoid_binary_cross_entropy(logits[:, 1], batch["sat_label"]).mean()
-      loss, aux = primary + sat_weight * sat, dict(primary=primary, sat=sat)
-    else:
-      logits = model([x], train=True, key=k_drop) if kind == "no_sat" else model(x, train=True)
-      loss = optax.sigmoid_binary_cross_entropy(logits[:, 0], batch["label"]).mean()
-      aux = dict(primary=loss)
+      aux["sat"] = optax.sigmoid_binary_cross_entropy(logits[:, 1], batch["sat_label"]).mean()
+      loss = loss + sat_weight * aux["sat"]
     return loss, (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), aux)
 
   return loss_fn
@@ -399,11 +396,8 @@ def make_predict_fn(graphdef, method: str):
 
   def predict(params, model_state, images, sat_images):
     model = nnx.merge(graphdef, params, model_state)
-    x = preprocess(images, None, False)
-    if kind == "hsl":
-      logits = model([x, preprocess(sat_images, None, False)])
-    else:
-      logits = model([x]) if kind == "no_sat" else model(x)
+    sat_x = preprocess(sat_images, None, False) if kind == "hsl" else None
+    logits = model(model_inputs(kind, preprocess(images, None, False), sat_x))
     return jax.nn.sigmoid(logits[:, 0])
 
   return jax.jit(predict)
@@ -447,17 +441,8 @@ def _where(mask, a, b):
 CELL_INDEPENDENT = ("methods", "repeats", "report", "sweep_ratios", "ckpt_every_rounds")
 
 
-class Cell(NamedTuple):
-  """Where one (method, repeat) keeps its per-round checkpoints (the cell is None when
-  ckpt_every_rounds = 0)."""
-
-  ckpt: checkpoint.Checkpointer
-  every: int
-
-
 def _cell_snapshot(config) -> dict:
-  snap = resume.snapshot(config)
-  return {k: v for k, v in snap.items() if k not in CELL_INDEPENDENT}
+  return {k: v for k, v in resume.snapshot(config).items() if k not in CELL_INDEPENDENT}
 
 
 def fit(
@@ -471,7 +456,7 @@ def fit(
   sat_test: nodes.Pool,
   val_sets,
   rng: np.random.Generator,
-  cell: Cell | None = None,
+  cell: checkpoint.Checkpointer | None = None,
   stop_reason=lambda rounds_done: None,
 ):
   """Up to fed.num_rounds rounds of do_round(state, r) -> (state, per-node losses [C]), fewer
@@ -480,9 +465,10 @@ def fit(
   [K, ...] on val_sets (one index array per slot), keeps each slot's best model and stops
   early (EarlyStopping). `rng` is the host generator do_round draws batches from.
 
-  With a `cell`, everything the loop carries (the federated state, the best models, the
-  early-stopping record, the losses and `rng`'s position) is checkpointed every cell.every
-  rounds and the loop resumes from the newest checkpoint, bitwise.
+  With a `cell` (the (method, repeat)'s Checkpointer; None when ckpt_every_rounds = 0),
+  everything the loop carries (the federated state, the best models, the early-stopping record,
+  the losses and `rng`'s position) is checkpointed every ckpt_every_rounds rounds and the loop
+  resumes from the newest checkpoint, bitwise.
 
   Returns (chosen (params, model_state) [K, ...]: each slot's best-validation model, or the
   last round's where validation is off or never defined; history dict of losses [R, C],
@@ -495,7 +481,7 @@ def fit(
       round=np.zeros((), np.int32), best=jax.eval_shape(models, state) if t.patience_epochs else {}
     )
     start, state, carry = loop.resume_or_init(
-      cell.ckpt,
+      cell,
       state,
       like_carry,
       lambda: (state, like_carry),
@@ -504,7 +490,7 @@ def fit(
     )
     if start:
       best = carry["best"] if t.patience_epochs else None
-      meta = cell.ckpt.read_meta(start)
+      meta = cell.read_meta(start)
       losses = [np.asarray(x, np.float32) for x in meta["losses"]]
       val_aucs = meta["val_auc"]
       stopper.best = np.asarray(meta["best_auc"], np.float64)
@@ -548,23 +534,20 @@ def fit(
           t.patience_epochs,
           r + 1,
         )
-    if cell is not None and (stopped or loop.itstime(r + 1, cell.every, f.num_rounds)):
+    if cell is not None and (
+      stopped or loop.itstime(r + 1, config.ckpt_every_rounds, f.num_rounds)
+    ):
       carry = dict(round=np.asarray(r + 1, np.int32), best=best if t.patience_epochs else {})
-      cell.ckpt.save(
-        r + 1,
-        state,
-        carry,
-        None,
-        dict(
-          round=r + 1,
-          config=_cell_snapshot(config),
-          losses=[x.tolist() for x in losses],
-          val_auc=[list(map(float, a)) for a in val_aucs],
-          best_auc=stopper.best.tolist(),
-          best_round=stopper.best_round.tolist(),
-          rng=rng.bit_generator.state,
-        ),
+      meta = dict(
+        round=r + 1,
+        config=_cell_snapshot(config),
+        losses=[x.tolist() for x in losses],
+        val_auc=[list(map(float, a)) for a in val_aucs],
+        best_auc=stopper.best.tolist(),
+        best_round=stopper.best_round.tolist(),
+        rng=rng.bit_generator.state,
       )
+      cell.save(r + 1, state, carry, None, meta)
   chosen = models(state)
   if best is not None:
     chosen = _where(stopper.best_round >= 0, best, chosen)
@@ -621,7 +604,7 @@ def train_and_evaluate(
   split: nodes.Split,
   repeat: int,
   programs: dict,
-  cell: Cell | None = None,
+  cell: checkpoint.Checkpointer | None = None,
 ) -> dict:
   """Trains `method` on this repeat's nodes; returns per-node test labels and probabilities
   (probs_k, labels_k) with the training history (fit). cell: per-round checkpoints.
@@ -683,15 +666,9 @@ def train_and_evaluate(
       opt_state = init_opt() if f.reset_client_optimizer else state.opt_state
       lanes = start_round(state.server, opt_state, state.strategy_state)
       round_key = rounds.round_key(train_key, r)
+      steps_dev = jnp.asarray(steps, jnp.float32)
       lanes, metrics = chunk(
-        state.server,
-        lanes,
-        lane_batches,
-        plan,
-        jnp.asarray(steps, jnp.float32),
-        weights,
-        r,
-        round_key,
+        state.server, lanes, lane_batches, plan, steps_dev, weights, r, round_key
       )
       state = FedRun(*finish_round(lanes, state.server, round_key))
       report = strategy.report(state.strategy_state, r + 1)  # e.g. dp/epsilon
@@ -728,19 +705,17 @@ def evaluate(
   out = {}
   for k, test in enumerate(index_sets):
     params_k, stats_k = node_model(k)
-    probs = []
-    for start in range(0, len(test), batch):
-      idx = test[start : start + batch]
-      images = np.pad(pool.images[idx], ((0, batch - len(idx)), (0, 0), (0, 0)))
+
+    def probs(rows):  # rows [batch]: positions in `test` (downstream.padded_batches)
+      images = pool.images[test[rows]]
       # The SAT branch sees SAT test images in a fixed cycle (module docstring); other
       # models ignore the argument.
-      sat_images = (
-        images
-        if sat_test is None
-        else sat_test.images[np.arange(start, start + batch) % len(sat_test.labels)]
-      )
-      probs.append(np.asarray(predict(params_k, stats_k, images, sat_images))[: len(idx)])
-    out[f"probs_{k}"] = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+      sat_images = images if sat_test is None else sat_test.images[rows % len(sat_test.labels)]
+      return predict(params_k, stats_k, images, sat_images)
+
+    out[f"probs_{k}"] = (
+      downstream.padded_batches(probs, len(test), batch) if len(test) else np.zeros(0, np.float32)
+    )
     out[f"labels_{k}"] = pool.labels[test]
   return out
 
@@ -753,10 +728,8 @@ def _splitavg(
   with its client part + the server."""
   t, f, cut = config.train, config.fed, config.fed.splitavg_cut
   split_tree, join_tree = mmoe.split_classifier_tree, mmoe.join_classifier_tree
-  (client_p, server_p), (client_s, server_s) = (
-    split_tree(params, cut),
-    split_tree(model_state, cut),
-  )
+  client_p, server_p = split_tree(params, cut)
+  client_s, server_s = split_tree(model_state, cut)
   num_clients = len(split.train)
   state = local.init_split_state(tx, tx, client_p, server_p, num_clients, client_s, server_s)
   # Every client makes as many steps as the largest one (round_batches' equal_steps).
@@ -866,9 +839,7 @@ def report(config, workdir: pathlib.Path, methods, node_names, results) -> dict:
 # ----------------------------------------------------------------------------- sweep
 def sweep_ratios(config) -> tuple:
   """The ratios of config.sweep: config.sweep_ratios, or the paper's 10 steps."""
-  return tuple(float(r) for r in config.sweep_ratios) or tuple(
-    float(r) for r in SWEEP_RATIOS[config.sweep]
-  )
+  return tuple(float(r) for r in config.sweep_ratios or SWEEP_RATIOS[config.sweep])
 
 
 def run_sweep(config, workdir) -> dict:
@@ -913,13 +884,12 @@ def run_cell(
   cell_dir = path.with_suffix("")
   if not path.exists():
     t1 = time.perf_counter()
-    every = config.ckpt_every_rounds
-    cell = Cell(checkpoint.Checkpointer(cell_dir, keep=2), every) if every else None
+    cell = checkpoint.Checkpointer(cell_dir, keep=2) if config.ckpt_every_rounds else None
     try:
       out = train_and_evaluate(config, method, *run_args, repeat, programs, cell)
     finally:
       if cell is not None:
-        cell.ckpt.close()
+        cell.close()
     loop.atomic_write(path, out)
     logging.info(
       "repeat %d %-14s done in %.1f s: AUC per node %s",

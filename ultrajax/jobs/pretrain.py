@@ -231,7 +231,6 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
       if probes:  # random init: the baseline the later rounds' figures are read against
         writer.write_scalars(0, dict(round=0, **probes.at_round(params, 0)))
     progress = periodic_actions.ReportProgress(num_train_steps=config.fed.num_rounds, every_steps=1)
-    lr_fn = programs.lr_fn
     preview = clients_lib.preview_images(clients, image_size)
     # The encoder's last-block cls attention per head on the clean preview images (UltraFedFM
     # Figs. 7-8), every attention_every_rounds rounds (0 = never).
@@ -284,15 +283,9 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
         # This process's batch (an array, or a dict of arrays for cached targets).
         local = data.next_batches(p.client_ids)
         images = jax.tree.map(sharding.global_batch, local, programs.batch_sharding)
+        plan_dev = loop.put_global(p, programs.vector)
         state, chunk_losses, chunk_norms = programs.run_chunk(
-          params,
-          state,
-          images,
-          loop.put_global(p, programs.vector),
-          steps_dev,
-          weights_dev,
-          round_index,
-          round_key,
+          params, state, images, plan_dev, steps_dev, weights_dev, round_index, round_key
         )
         losses.append(chunk_losses)
         grad_norms.append(chunk_norms)
@@ -330,7 +323,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
         scalars = dict(
           round=done,
           loss=loss,
-          lr=float(lr_fn(done)),
+          lr=float(programs.lr_fn(done)),
           img_per_s=int((plan.client_ids >= 0).sum()) * batch / running,
           s_per_round=seconds,
           grad_norm=grad_norm,

@@ -154,18 +154,15 @@ def validate_classification(config) -> None:
 def sam_overrides(model_config) -> tuple[str, dict]:
   """config.model -> (sam variant, SamConfig overrides)."""
   m = model_config
+  shape = dict(image_size=m.image_size, patch_size=m.patch_size, window_size=m.window_size)
   if m.variant:
-    return m.variant, dict(
-      image_size=m.image_size, patch_size=m.patch_size, window_size=m.window_size
-    )
+    return m.variant, shape
   return "vit_b", dict(
-    image_size=m.image_size,
-    patch_size=m.patch_size,
+    shape,
     width=m.encoder_width,
     depth=m.encoder_depth,
     num_heads=m.encoder_heads,
     global_attn_indexes=tuple(m.global_attn_indexes),
-    window_size=m.window_size,
     prompt_dim=m.prompt_dim,
     decoder_depth=m.decoder_depth,
     decoder_heads=m.decoder_heads,
@@ -174,7 +171,7 @@ def sam_overrides(model_config) -> tuple[str, dict]:
   )
 
 
-def build_model(config, rngs: nnx.Rngs, **extra) -> sam_lib.Sam:
+def build_model(config, rngs: nnx.Rngs) -> sam_lib.Sam:
   variant, overrides = sam_overrides(config.model)
   try:
     return sam_lib.build_sam(
@@ -183,42 +180,38 @@ def build_model(config, rngs: nnx.Rngs, **extra) -> sam_lib.Sam:
       dtype=vit.DTYPES[config.model.dtype],
       remat=config.model.remat,
       **overrides,
-      **extra,
     )
   except ValueError as e:
     raise configlib.ConfigError(f"config.model: {e}") from None
 
 
 # ----------------------------------------------------------------------------- data
+def instance_sources(config, phantom: str, phantom_images: tuple[int, int]):
+  """(train, test) instance sources of config.data: phantom images ('<phantom>_train' /
+  '_test', phantom_images of each), the COCO files, or data.tfds_name's masks split by patient."""
+  d = config.data
+  if d.source == "phantom":
+    return tuple(
+      instances.PhantomInstances(f"{phantom}_{split}", n, d.phantom_image_size, config.seed)
+      for split, n in zip(("train", "test"), phantom_images)
+    )
+  if d.source == "tfds":
+    return instances.tfds_instances(
+      d.tfds_name.strip(), d.tfds_data_dir, d.tfds_split, d.tfds_test_fraction, d.split_seed
+    )
+  root = d.image_root or None
+  return instances.CocoInstances(d.train_json, root), instances.CocoInstances(d.test_json, root)
+
+
 def datasets(config):
   """(train, test) InstanceDatasets; the zero-shot categories leave training for the test."""
   d = config.data
-  if d.source == "phantom":
-    train = instances.PhantomInstances(
-      "sam_train", d.phantom_train_images, d.phantom_image_size, config.seed
-    )
-    test = instances.PhantomInstances(
-      "sam_test", d.phantom_test_images, d.phantom_image_size, config.seed
-    )
-  elif d.source == "tfds":
-    train, test = tfds_instances(config)
-  else:
-    root = d.image_root or None
-    train = instances.CocoInstances(d.train_json, root)
-    test = instances.CocoInstances(d.test_json, root)
+  train, test = instance_sources(config, "sam", (d.phantom_train_images, d.phantom_test_images))
   zero_shot = tuple(d.zero_shot_categories)
   size, m = config.model.image_size, d.max_instances
   return (
     instances.InstanceDataset(train, size, m, drop_categories=zero_shot),
     instances.InstanceDataset(test, size, m, keep_categories=zero_shot),
-  )
-
-
-def tfds_instances(config):
-  """(train, test) instances of data.tfds_name's masks, split by patient."""
-  d = config.data
-  return instances.tfds_instances(
-    d.tfds_name.strip(), d.tfds_data_dir, d.tfds_split, d.tfds_test_fraction, d.split_seed
   )
 
 
@@ -364,29 +357,18 @@ class Programs:
 # ----------------------------------------------------------------------------- classification
 def class_data(config) -> tuple[dict, dict, np.ndarray]:
   """(train, test, class values) for prompted classification: instances.classified_instances
-  of phantom lesions drawn for it, or of the COCO train / test files' instances of
+  of phantom lesions drawn for it, or of the COCO files' (TFDS masks') instances of
   classification.category with a `class_label`. values: the sorted class values, >= 2."""
   cc, d = config.classification, config.data
   keep = (cc.category,) if cc.category else ()
-  sets = []
-  tfds_sets = tfds_instances(config) if d.source == "tfds" else None
-  for split, count, json_path in (
-    ("train", cc.train_images, d.train_json),
-    ("test", cc.test_images, d.test_json),
-  ):
-    if d.source == "phantom":
-      source = instances.PhantomInstances(f"cls_{split}", count, d.phantom_image_size, config.seed)
-    elif d.source == "tfds":
-      source = tfds_sets[split == "test"]
-    else:
-      source = instances.CocoInstances(json_path, d.image_root or None)
-    sets.append(
-      instances.classified_instances(
-        instances.InstanceDataset(
-          source, config.model.image_size, d.max_instances, keep_categories=keep
-        )
+  sets = [
+    instances.classified_instances(
+      instances.InstanceDataset(
+        source, config.model.image_size, d.max_instances, keep_categories=keep
       )
     )
+    for source in instance_sources(config, "cls", (cc.train_images, cc.test_images))
+  ]
   values = np.unique(np.concatenate([s["classes"] for s in sets]))
   configlib.check(
     len(values) >= 2,

@@ -173,11 +173,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     for row in finetune.run(fc, str(workdir / "finetune" / organ)):
       if row["metric"] == metric:
-        table[(row["variant"], organ)] = (
-          row["mean"],
-          row["ci_low"],
-          row["ci_high"],
-          row["num_seeds"],
+        table[(row["variant"], organ)] = tuple(
+          row[k] for k in ("mean", "ci_low", "ci_high", "num_seeds")
         )
         tests[(row["variant"], organ)] = {
           k: row[k] for k in ("reference", "diff", "p_ttest", "p_bootstrap", "p_delong")
