@@ -111,8 +111,8 @@ def plan_round(steps_per_client, num_lanes: int, chunk_steps: int) -> RoundPlan:
   return RoundPlan(client_ids, step_ids, first, last)
 
 
-def _select(mask, new, old):
-  """Per-lane choice between two trees with a leading lane axis.  mask: [L] bool."""
+def select(mask, new, old):
+  """Per slot: new where mask [L] else old (trees with a leading slot axis L, e.g. lanes)."""
   return jax.tree.map(
     lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
   )
@@ -274,7 +274,7 @@ def make_chunk(
 
       def load(state):
         fresh = _load(strategy, state.strategy_state, state.client_opt_state, server, c)
-        params, model_state, opt_state, ctx = _select(first, fresh, state.lanes)
+        params, model_state, opt_state, ctx = select(first, fresh, state.lanes)
         return state._replace(params=params, model_state=model_state, opt_state=opt_state, ctx=ctx)
 
       state = jax.lax.cond(first.any(), load, lambda s: s, state)
@@ -283,9 +283,9 @@ def make_chunk(
         state.lanes, batch, step_id, steps_per_client[c], round_index, keys
       )
       state = state._replace(
-        params=_select(active, params, state.params),
-        model_state=_select(active, model_state, state.model_state),
-        opt_state=_select(active, opt_state, state.opt_state),
+        params=select(active, params, state.params),
+        model_state=select(active, model_state, state.model_state),
+        opt_state=select(active, opt_state, state.opt_state),
       )
       for lane in range(num_lanes):
         state = jax.lax.cond(

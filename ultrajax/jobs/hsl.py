@@ -430,12 +430,6 @@ class EarlyStopping:
     return self.patience_epochs > 0 and bool(np.all(waited >= self.patience_epochs))
 
 
-def _where(mask, a, b):
-  """Per slot: a where mask [K] else b (pytrees with a leading slot axis K)."""
-  mask = jnp.asarray(mask)
-  return jax.tree.map(lambda x, y: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
-
-
 # Fields that do not change a (method, repeat) cell: a cell checkpoint stays valid when they
 # change (e.g. a method added to the study).
 CELL_INDEPENDENT = ("methods", "repeats", "report", "sweep_ratios", "ckpt_every_rounds")
@@ -523,7 +517,7 @@ def fit(
       node = lambda k: node_tables.node_metrics(out[f"labels_{k}"], out[f"probs_{k}"])
       aucs = [node(k)["auc"] for k in range(len(val_sets))]
       improved = stopper.update(aucs, r)
-      best = current if best is None else _where(improved, current, best)
+      best = current if best is None else rounds.select(improved, current, best)
       val_aucs.append(aucs)
       logging.info("%s round %d  validation AUC %s", label, r + 1, np.round(aucs, 3).tolist())
       stopped = stopper.should_stop(r)
@@ -550,7 +544,7 @@ def fit(
       cell.save(r + 1, state, carry, None, meta)
   chosen = models(state)
   if best is not None:
-    chosen = _where(stopper.best_round >= 0, best, chosen)
+    chosen = rounds.select(stopper.best_round >= 0, best, chosen)
   history = dict(
     losses=np.stack(losses),
     best_round=stopper.best_round,
