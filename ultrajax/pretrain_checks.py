@@ -81,6 +81,20 @@ def validate(config) -> None:
     )
 
 
+def check_layout(config, mesh, num_clients: int, clients: str) -> None:
+  """The clients and the batch divide over the mesh; clients: how the message names them."""
+  configlib.check(
+    num_clients % mesh.shape["clients"] == 0,
+    f"{clients} do not divide over config.mesh.clients={mesh.shape['clients']}",
+  )
+  batch = config.data.batch_size
+  configlib.check(
+    batch % mesh.shape["data"] == 0,
+    f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
+    f"({mesh.shape['data']} devices)",
+  )
+
+
 def validate_fed(config) -> None:
   """The strategy, its options and the participation fields of config.fed."""
   f = config.fed

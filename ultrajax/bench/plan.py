@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ultrajax import configlib, pretrain_checks
+from ultrajax import pretrain_checks
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import rounds
 from ultrajax.models import mae
@@ -50,22 +50,8 @@ def pretrain_meshes(config, clients: int):
   federated mode; centralized training is one client, which the job refuses on a clients axis
   wider than 1, so it runs on the same devices with all of them on the data axis."""
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
-  _check_layout(config, mesh, clients, f"--clients={clients} clients")
+  pretrain_checks.check_layout(config, mesh, clients, f"--clients={clients} clients")
   return sharding.make_mesh(1, mesh.size, devices=mesh.devices.flatten()), mesh
-
-
-def _check_layout(config, mesh, num_clients: int, clients: str) -> None:
-  """The job's start-up checks (jobs/pretrain.py): clients and batch divide over the mesh."""
-  configlib.check(
-    num_clients % mesh.shape["clients"] == 0,
-    f"{clients} do not divide over config.mesh.clients={mesh.shape['clients']}",
-  )
-  batch = config.data.batch_size
-  configlib.check(
-    batch % mesh.shape["data"] == 0,
-    f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
-    f"({mesh.shape['data']} devices)",
-  )
 
 
 def table1_steps(config) -> np.ndarray:
@@ -131,13 +117,11 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
   config = config.copy_and_resolve_references()
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
   steps = np.asarray(table1_steps(config) if steps_per_client is None else steps_per_client)
-  num_clients, batch, k = len(steps), config.data.batch_size, config.fed.chunk_steps
-  _check_layout(config, mesh, num_clients, f"{num_clients} clients")  # before any compile
+  num_clients, batch = len(steps), config.data.batch_size
+  # The job's checks and chunking, before any compile.
+  pretrain_checks.check_layout(config, mesh, num_clients, f"{num_clients} clients")
   num_lanes = config.fed.lanes or rounds.auto_lanes(steps, mesh.shape["clients"])
-  # The job's chunking: the fewest chunks of at most K steps, as equal as possible.
-  length = rounds.plan_round(steps, num_lanes, 1).client_ids.shape[1]
-  k = math.ceil(length / math.ceil(length / k))
-  round_plan = rounds.plan_round(steps, num_lanes, k)
+  round_plan, k = rounds.plan_chunked(steps, num_lanes, config.fed.chunk_steps)
   num_chunks = round_plan.client_ids.shape[1] // k
   with jax.set_mesh(mesh):
     abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))

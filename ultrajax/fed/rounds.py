@@ -26,6 +26,7 @@ key there, privacy.dp_sgd_value_and_grad).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -109,6 +110,14 @@ def plan_round(steps_per_client, num_lanes: int, chunk_steps: int) -> RoundPlan:
       last[lane, t + steps[c] - 1] = True
       t += steps[c]
   return RoundPlan(client_ids, step_ids, first, last)
+
+
+def plan_chunked(steps_per_client, num_lanes: int, max_chunk_steps: int) -> tuple[RoundPlan, int]:
+  """(plan, chunk length K): the fewest chunks of at most max_chunk_steps steps that cover the
+  packed round, as equal as possible so the last chunk is not mostly idle padding."""
+  length = plan_round(steps_per_client, num_lanes, 1).client_ids.shape[1]
+  chunk_steps = math.ceil(length / math.ceil(length / max_chunk_steps))
+  return plan_round(steps_per_client, num_lanes, chunk_steps), chunk_steps
 
 
 def select(mask, new, old):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import pathlib
 import time
 from typing import NamedTuple
@@ -261,8 +260,7 @@ class Site:
     )
     self.steps = self.num_images // d.batch_size * config.fed.local_epochs
     # The simulation's chunking rule, for this client alone.
-    self.chunk_steps = math.ceil(self.steps / math.ceil(self.steps / config.fed.chunk_steps))
-    self.plan = rounds.plan_round([self.steps], 1, self.chunk_steps)
+    self.plan, self.chunk_steps = rounds.plan_chunked([self.steps], 1, config.fed.chunk_steps)
 
     pieces = compiled(config)
     self.mesh, self.abstract_params = pieces.mesh, pieces.abstract_params

@@ -47,7 +47,7 @@ from ultrajax.eval import evaluators
 from ultrajax.fed import participation, rounds
 from ultrajax.interop import load as interop_load
 from ultrajax.models import mae
-from ultrajax.pretrain_checks import make_strategy, validate
+from ultrajax.pretrain_checks import check_layout, make_strategy, validate
 from ultrajax.train import (
   checkpoint,
   divergence,
@@ -112,15 +112,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
 
   clients = clients_lib.client_sources(config)
   num_clients, batch = len(clients), config.data.batch_size
-  configlib.check(
-    num_clients % mesh.shape["clients"] == 0,
-    f"{num_clients} clients do not divide over config.mesh.clients={mesh.shape['clients']}",
-  )
-  configlib.check(
-    batch % mesh.shape["data"] == 0,
-    f"config.data.batch_size={batch} is not divisible by the mesh's data axis "
-    f"({mesh.shape['data']} devices)",
-  )
+  check_layout(config, mesh, num_clients, f"{num_clients} clients")
   image_size = config.model.image_size
   seed_key = jax.random.key(config.seed)
   teacher, cached = None, False
@@ -173,11 +165,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
     f"config.fed.lanes={num_lanes} is not a multiple of config.mesh.clients="
     f"{mesh.shape['clients']}",
   )
-  # The fewest chunks of at most fed.chunk_steps steps that cover the round, as equal as
-  # possible so the last chunk is not mostly idle padding.
-  length = rounds.plan_round(steps_per_round, num_lanes, 1).client_ids.shape[1]
-  chunk_steps = math.ceil(length / math.ceil(length / config.fed.chunk_steps))
-  plan = rounds.plan_round(steps_per_round, num_lanes, chunk_steps)
+  plan, chunk_steps = rounds.plan_chunked(steps_per_round, num_lanes, f.chunk_steps)
   try:
     strategy = make_strategy(config).for_run(num_clients, f.clients_per_round, f.sampling)
     strategy = strategy.for_data(batch, data.num_images, steps_per_round)  # DP-SGD's rates
