@@ -46,15 +46,14 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
 from ultrajax import configlib, pretrain_checks
 from ultrajax.bench import pipeline as pipeline_bench, plan as plan_bench, sam as sam_bench
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import rounds
-from ultrajax.models import mae, vit
-from ultrajax.train import loop, mim_objectives, mim_programs, optimizer, perf, sharding
+from ultrajax.models import vit
+from ultrajax.train import loop, mim_objectives, mim_programs, perf, sharding
 
 _DEFAULT_CONFIG = str(configlib.find_config_file("configs/pretrain_fed.py").resolve())
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Pretraining config.")
@@ -77,13 +76,7 @@ _MODES = flags.DEFINE_list(
 def _programs(config, mesh, num_clients: int, **kwargs):
   """(programs, params, client optimizer states) of the job's round for `num_clients` clients
   on as many lanes; kwargs: Programs' teacher and cached."""
-  abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  abstract_params = nnx.to_pure_dict(abstract_params)
-  tx = optimizer.adamw(config.optim, abstract_params)
-  programs = mim_programs.Programs(
-    config, mesh, graphdef, abstract_params, tx, num_clients, num_clients, **kwargs
-  )
+  programs = mim_programs.Programs(config, mesh, num_clients, num_clients, **kwargs)
   params = programs.init_params(jax.random.key(0))
   return programs, params, programs.init_opt(params)
 

@@ -22,13 +22,11 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from ultrajax import pretrain_checks
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import rounds
-from ultrajax.models import mae
-from ultrajax.train import checkpoint, mim_programs, optimizer, perf, sharding
+from ultrajax.train import checkpoint, mim_programs, perf, sharding
 
 # Accelerators the plan prices a round on: name -> dense bf16 FLOP/s (train/perf.py).
 ACCELERATORS = ("H100", "H200", "A100", "TPU v4", "TPU v5e", "TPU v5p")
@@ -124,14 +122,8 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
   round_plan, k = rounds.plan_chunked(steps, num_lanes, config.fed.chunk_steps)
   num_chunks = round_plan.client_ids.shape[1] // k
   with jax.set_mesh(mesh):
-    abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    abstract_params = nnx.to_pure_dict(abstract_params)
-    tx = optimizer.adamw(config.optim, abstract_params)
-    programs = mim_programs.Programs(
-      config, mesh, graphdef, abstract_params, tx, num_clients, num_lanes
-    )
-    server = checkpoint.abstract_like(abstract_params, programs.server_sharding)
+    programs = mim_programs.Programs(config, mesh, num_clients, num_lanes)
+    server = checkpoint.abstract_like(programs.abstract_params, programs.server_sharding)
     client_opt = checkpoint.abstract_like(programs.abstract_opt, programs.opt_sharding)
     # The lane state as the job's round start lays it out (shapes and shardings, no data).
     state = checkpoint.abstract_like(
@@ -160,7 +152,7 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
     opt_init = programs.init_opt.lower(server).compile()
   flops = perf.compiled_flops(compiled) if compiled else None
   client_opt_bytes = device_bytes(client_opt)
-  param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
+  param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(programs.abstract_params))
   moments_per_client = 2 * 4 * param_count  # AdamW's mu and nu, float32
   return Plan(
     mesh=dict(mesh.shape),

@@ -53,7 +53,7 @@ class Coordinator:
     # The site's compiled pieces (one client, one lane) hold what the server needs too, but
     # for the strategy: the server's is set up for the consortium's size.
     compiled = site_lib.compiled(config)
-    self.mesh, self.abstract_params = compiled.mesh, compiled.abstract_params
+    self.mesh, self.abstract_params = compiled.mesh, compiled.programs.abstract_params
     self.programs = compiled.programs
     self.strategy = site_lib.server_strategy(config)
     self.num_sites = config.fl.num_sites

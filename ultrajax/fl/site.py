@@ -26,14 +26,12 @@ import grain
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from ultrajax import configlib, pretrain_checks
 from ultrajax.data import clients as clients_lib, pipeline
 from ultrajax.fed import rounds, strategies
 from ultrajax.fl import params as params_lib
-from ultrajax.models import mae
-from ultrajax.train import divergence, loop, mim_objectives, mim_programs, optimizer, sharding
+from ultrajax.train import divergence, loop, mim_objectives, mim_programs, sharding
 
 STATE_DIR = "site_state"
 CONTROL_KEY = "scaffold_c_i/"  # SCAFFOLD's c_i in the site state, after the optimizer state
@@ -161,13 +159,6 @@ def round_scalars(metrics) -> dict:
   )
 
 
-def model_template(config):
-  """(graphdef, abstract pure-dict params) of the MAE."""
-  abstract = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  return graphdef, nnx.to_pure_dict(abstract_params)
-
-
 def training_keys(config):
   """(model init key, training key, preview key): the simulation's split of key(config.seed)."""
   return tuple(jax.random.split(jax.random.key(config.seed), 3))
@@ -175,7 +166,6 @@ def training_keys(config):
 
 class Compiled(NamedTuple):
   mesh: object
-  abstract_params: object
   programs: mim_programs.Programs
   chunk: object
 
@@ -199,20 +189,9 @@ def compiled(config) -> Compiled:
   if key in _COMPILED:
     return _COMPILED[key]
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  graphdef, abstract_params = model_template(config)
-  tx = optimizer.adamw(config.optim, abstract_params)
   with jax.set_mesh(mesh):
-    programs = mim_programs.Programs(
-      config,
-      mesh,
-      graphdef,
-      abstract_params,
-      tx,
-      num_clients=1,
-      num_lanes=1,
-      strategy=strategy,
-    )
-  base_loss = mim_objectives.make_loss_fn(graphdef, config)
+    programs = mim_programs.Programs(config, mesh, num_clients=1, num_lanes=1, strategy=strategy)
+  base_loss = mim_objectives.make_loss_fn(programs.graphdef, config)
 
   def site_loss(params, batch, key):
     del key  # the site's own key(round, site_id, step) travels with the batch
@@ -220,7 +199,7 @@ def compiled(config) -> Compiled:
 
   engine_chunk = rounds.make_chunk(
     rounds.without_model_state(site_loss),
-    tx,
+    programs.tx,
     programs.strategy,
     programs.lr_fn,
     config.on_nonfinite,
@@ -230,7 +209,7 @@ def compiled(config) -> Compiled:
     state, metrics = engine_chunk(strategies.Server(server_params, {}), state, *args)
     return state, metrics["loss"], metrics["grad_norm"]
 
-  _COMPILED[key] = Compiled(mesh, abstract_params, programs, jax.jit(chunk, donate_argnums=(1,)))
+  _COMPILED[key] = Compiled(mesh, programs, jax.jit(chunk, donate_argnums=(1,)))
   return _COMPILED[key]
 
 
@@ -263,7 +242,7 @@ class Site:
     self.plan, self.chunk_steps = rounds.plan_chunked([self.steps], 1, config.fed.chunk_steps)
 
     pieces = compiled(config)
-    self.mesh, self.abstract_params = pieces.mesh, pieces.abstract_params
+    self.mesh, self.abstract_params = pieces.mesh, pieces.programs.abstract_params
     self.programs, self._chunk = pieces.programs, pieces.chunk
     self.abstract_opt = self.programs.abstract_opt
     # SCAFFOLD's control variates c and c_i are float32 trees shaped like the params.

@@ -54,7 +54,6 @@ from ultrajax.train import (
   loop,
   mim_objectives,
   mim_programs,
-  optimizer,
   perf,
   resume,
   sharding,
@@ -191,21 +190,8 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
 
   with jax.set_mesh(mesh):
     model_key, train_key, preview_key = jax.random.split(seed_key, 3)
-    abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    abstract_params = nnx.to_pure_dict(abstract_params)
-    tx = optimizer.adamw(config.optim, abstract_params)
     programs = mim_programs.Programs(
-      config,
-      mesh,
-      graphdef,
-      abstract_params,
-      tx,
-      num_clients,
-      num_lanes,
-      teacher=teacher,
-      cached=cached,
-      strategy=strategy,
+      config, mesh, num_clients, num_lanes, teacher=teacher, cached=cached, strategy=strategy
     )
 
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -223,7 +209,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
     # The encoder's last-block cls attention per head on the clean preview images (UltraFedFM
     # Figs. 7-8), every attention_every_rounds rounds (0 = never).
     attention_maps = jax.jit(
-      lambda p, x: nnx.merge(graphdef, p).encoder.attention_maps(
+      lambda p, x: nnx.merge(programs.graphdef, p).encoder.attention_maps(
         mae.normalize(x.astype(jnp.float32) / 255.0)
       ),
       out_shardings=programs.replicated,

@@ -29,22 +29,19 @@ class Programs:
   """
 
   def __init__(
-    self,
-    config,
-    mesh,
-    graphdef,
-    abstract_params,
-    tx,
-    num_clients,
-    num_lanes,
-    teacher=None,
-    cached=False,
-    strategy=None,
+    self, config, mesh, num_clients, num_lanes, teacher=None, cached=False, strategy=None
   ):
-    """teacher: (graphdef, pure-dict params) of the frozen teacher for config.target='teacher'
+    """For the config's MAE (graphdef, abstract pure-dict params) and the clients' AdamW (tx).
+
+    teacher: (graphdef, pure-dict params) of the frozen teacher for config.target='teacher'
     (its params become a replicated, non-donated input of the chunk); cached: batches are
     {'images', 'teacher'} dicts from a teacher cache; strategy: the federated strategy
     (default: config.fed.strategy). Pretraining has no model state: Server(params, {})."""
+    abstract_model = nnx.eval_shape(lambda: mae.mae_from_config(config.model, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    abstract_params = nnx.to_pure_dict(abstract_params)
+    tx = optimizer.adamw(config.optim, abstract_params)
+    self.graphdef, self.abstract_params, self.tx = graphdef, abstract_params, tx
     self.strategy = strategy = strategy or pretrain_checks.make_strategy(config)
     rules = [tuple(r) for r in config.sharding_rules]
     stacked = lambda n: jax.eval_shape(
