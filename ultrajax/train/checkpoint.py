@@ -219,11 +219,20 @@ class Checkpointer:
     self._mngr.close()
 
 
-def find_checkpoint_dir(path) -> pathlib.Path:
-  """`path` may be a workdir, its `checkpoints` folder, or one step's folder."""
+def find_checkpoint_dir(path, step: int | None = None) -> pathlib.Path:
+  """The folder of checkpoint `step` (default: the latest, or `path` itself when it is one
+  step's folder) under `path`, a workdir or its `checkpoints` folder. The commands that pick
+  one (export, evaluate) call the choice --round, hence the error's wording."""
   path = pathlib.Path(path).absolute()
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
+  if step is not None:
+    if not (path / str(step) / "params").is_dir():
+      rounds = sorted(int(p.name) for p in path.glob("[0-9]*") if (p / "params").is_dir())
+      raise FileNotFoundError(
+        f"--round={step}: no checkpoint of round {step} under {path}; rounds there: {rounds}"
+      )
+    return path / str(step)
   if (path / "params").is_dir():
     return path
   mngr = _manager(path, None, read_only=True)
