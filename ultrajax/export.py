@@ -91,11 +91,7 @@ def check_finite(tensors: dict, directory) -> None:
 def load_mae_params(directory: pathlib.Path, model_config) -> tuple[dict, object]:
   """(numpy pure dict of the checkpoint's MAE params, abstract MAE) for this model config."""
   model = nnx.eval_shape(lambda: mae.mae_from_config(model_config, nnx.Rngs(0)))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-    nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-  )
+  target = checkpoint.on_one_device(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   return jax.device_get(checkpoint.load_params(directory, target)), model
 
 

@@ -253,14 +253,20 @@ def load_params(path, abstract_params=None):
   directory = find_checkpoint_dir(path) / "params"
   stored = _stored_tree(directory)
   if abstract_params is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_params = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), stored, is_leaf=_is_array
-    )
+    abstract_params = on_one_device(stored)
   else:
     check_shapes(stored, abstract_params, f"checkpoint {directory.parent}")
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(directory, abstract_params)
+
+
+def on_one_device(tree):
+  """ShapeDtypeStructs of `tree`'s arrays (or array metadata) on this process's first device:
+  an Orbax restore target that reads a checkpoint whole, however it was sharded when saved."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree, is_leaf=_is_array
+  )
 
 
 def abstract_like(tree, shardings):
