@@ -138,6 +138,7 @@ def test_job_pretrains_each_client_alone_and_reports_gains(tmp_path, monkeypatch
   gets one client each, every cell is fine-tuned from the right encoder, and benefit.csv holds
   the gains eval/benefit.py computes from the cells' test outputs."""
   from ultrajax.jobs import benefit as job, finetune, pretrain
+  from ultrajax.train import resume
 
   pretrained, tuned = [], []
 
@@ -157,7 +158,7 @@ def test_job_pretrains_each_client_alone_and_reports_gains(tmp_path, monkeypatch
     result = {
       "test": {"auroc": [roc_auc_score(y, probs[:, 1]), 0, 0]},
       "seed": seed,
-      "config": finetune.cell_config(config),
+      "config": resume.snapshot(config, exclude=finetune.STUDY_FIELDS),
     }
     (run_dir / "results.json").write_text(json.dumps(result))
     return result

@@ -119,7 +119,7 @@ def test_finetune_cell_of_another_config_is_refused(tmp_path):
   config.num_seeds = 1
   cell = tmp_path / "scratch" / "frac_1" / "seed_0"
   cell.mkdir(parents=True)
-  saved = {"test": {}, "config": finetune.cell_config(config)}
+  saved = {"test": {}, "config": resume.snapshot(config, exclude=finetune.STUDY_FIELDS)}
   (cell / "results.json").write_text(json.dumps(saved))
   config.mode, config.optim.base_lr = "linear_probe", 0.5
   with pytest.raises(resume.ConfigMismatchError, match=r'mode: "finetune" -> "linear_probe"'):

@@ -41,12 +41,7 @@ def resolve(
     if not path.exists():
       raise FileNotFoundError(f"--checkpoint={checkpoint_path}: nothing there")
     return path, None
-  if round_index is not None:
-    path = pathlib.Path(workdir).absolute() / "checkpoints" / str(round_index)
-    if not (path / "params").is_dir():
-      raise FileNotFoundError(f"--round={round_index}: no checkpoint {path} in --workdir={workdir}")
-    return path, round_index
-  path = checkpoint.find_checkpoint_dir(workdir)
+  path = checkpoint.find_checkpoint_dir(workdir, round_index)
   return path, int(path.name)
 
 

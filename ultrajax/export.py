@@ -61,22 +61,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
-def checkpoint_dir(workdir, round_index: int | None) -> pathlib.Path:
-  """The folder of round `round_index` (default: the latest) under a workdir."""
-  if round_index is None:
-    return checkpoint.find_checkpoint_dir(workdir)
-  root = pathlib.Path(workdir).absolute()
-  if (root / "checkpoints").is_dir():
-    root = root / "checkpoints"
-  directory = root / str(round_index)
-  if not (directory / "params").is_dir():
-    rounds = sorted(int(p.name) for p in root.glob("[0-9]*") if (p / "params").is_dir())
-    raise FileNotFoundError(
-      f"no checkpoint of round {round_index} under {root}; rounds there: {rounds}"
-    )
-  return directory
-
-
 def saved_config(directory: pathlib.Path) -> ml_collections.ConfigDict:
   """The run's config from the checkpoint's `meta` item (JSON written by the training job)."""
   meta_dir = directory / "meta"
@@ -107,11 +91,7 @@ def check_finite(tensors: dict, directory) -> None:
 def load_mae_params(directory: pathlib.Path, model_config) -> tuple[dict, object]:
   """(numpy pure dict of the checkpoint's MAE params, abstract MAE) for this model config."""
   model = nnx.eval_shape(lambda: mae.mae_from_config(model_config, nnx.Rngs(0)))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-    nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-  )
+  target = checkpoint.on_one_device(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   return jax.device_get(checkpoint.load_params(directory, target)), model
 
 
@@ -142,7 +122,7 @@ def export(workdir, fmt: str, out, *, round_index: int | None = None, config=Non
     )
   if not folder:
     files.file_kind(out)  # an unusable file name fails before the checkpoint is read
-  directory = checkpoint_dir(workdir, round_index)
+  directory = checkpoint.find_checkpoint_dir(workdir, round_index)
   if fmt == "sam":  # the architecture is read off the parameter shapes
     from ultrajax.eval import sam_predictor
     from ultrajax.interop import sam as sam_interop

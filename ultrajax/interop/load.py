@@ -110,11 +110,7 @@ def load_init_params(
   path = _existing(path)
   if path.is_dir():
     if target is None:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-      target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), template
-      )
+      target = checkpoint.on_one_device(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     params = _checkpoint_params(path, target)
     check_finite(params, path)
     return params

@@ -130,11 +130,6 @@ def validate(config) -> None:
 STUDY_FIELDS = ("fractions", "num_seeds", "variants", "init_from", "seed")
 
 
-def cell_config(config) -> dict:
-  """The config one cell's results depend on, as saved with its checkpoints and results.json."""
-  return {k: v for k, v in resume.snapshot(config).items() if k not in STUDY_FIELDS}
-
-
 def variants(config) -> list[tuple[str, str]]:
   """[(name, init path or '')] from config.variants 'name=path,...' or else config.init_from."""
   if config.variants:
@@ -563,7 +558,7 @@ def train_one(
     "best": scalar(jnp.float32),
     "best_epoch": scalar(jnp.int32),
   }
-  cell = cell_config(config)
+  cell = resume.snapshot(config, exclude=STUDY_FIELDS)
   start, params, state = loop.resume_or_init(
     ckpt,
     like_params,
@@ -714,7 +709,10 @@ def read_or_train(config, data: tasks.TaskData, run_dir: pathlib.Path, **cell) -
     return train_one(config, data, run_dir, **cell)
   result = json.loads(done.read_text())
   resume.check_config(
-    result.get("config"), cell_config(config), where=str(done), allow=resume.allowed_changes(config)
+    result.get("config"),
+    resume.snapshot(config, exclude=STUDY_FIELDS),
+    where=str(done),
+    allow=resume.allowed_changes(config),
   )
   logging.info("%s: finished earlier, read back", run_dir)
   return result

@@ -435,10 +435,6 @@ class EarlyStopping:
 CELL_INDEPENDENT = ("methods", "repeats", "report", "sweep_ratios", "ckpt_every_rounds")
 
 
-def _cell_snapshot(config) -> dict:
-  return {k: v for k, v in resume.snapshot(config).items() if k not in CELL_INDEPENDENT}
-
-
 def fit(
   config,
   label: str,
@@ -480,7 +476,7 @@ def fit(
       like_carry,
       lambda: (state, like_carry),
       config=config,
-      snapshot=_cell_snapshot(config),
+      snapshot=resume.snapshot(config, exclude=CELL_INDEPENDENT),
     )
     if start:
       best = carry["best"] if t.patience_epochs else None
@@ -534,7 +530,7 @@ def fit(
       carry = dict(round=np.asarray(r + 1, np.int32), best=best if t.patience_epochs else {})
       meta = dict(
         round=r + 1,
-        config=_cell_snapshot(config),
+        config=resume.snapshot(config, exclude=CELL_INDEPENDENT),
         losses=[x.tolist() for x in losses],
         val_auc=[list(map(float, a)) for a in val_aucs],
         best_auc=stopper.best.tolist(),

@@ -219,11 +219,20 @@ class Checkpointer:
     self._mngr.close()
 
 
-def find_checkpoint_dir(path) -> pathlib.Path:
-  """`path` may be a workdir, its `checkpoints` folder, or one step's folder."""
+def find_checkpoint_dir(path, step: int | None = None) -> pathlib.Path:
+  """The folder of checkpoint `step` (default: the latest, or `path` itself when it is one
+  step's folder) under `path`, a workdir or its `checkpoints` folder. The commands that pick
+  one (export, evaluate) call the choice --round, hence the error's wording."""
   path = pathlib.Path(path).absolute()
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
+  if step is not None:
+    if not (path / str(step) / "params").is_dir():
+      rounds = sorted(int(p.name) for p in path.glob("[0-9]*") if (p / "params").is_dir())
+      raise FileNotFoundError(
+        f"--round={step}: no checkpoint of round {step} under {path}; rounds there: {rounds}"
+      )
+    return path / str(step)
   if (path / "params").is_dir():
     return path
   mngr = _manager(path, None, read_only=True)
@@ -244,14 +253,20 @@ def load_params(path, abstract_params=None):
   directory = find_checkpoint_dir(path) / "params"
   stored = _stored_tree(directory)
   if abstract_params is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_params = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), stored, is_leaf=_is_array
-    )
+    abstract_params = on_one_device(stored)
   else:
     check_shapes(stored, abstract_params, f"checkpoint {directory.parent}")
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(directory, abstract_params)
+
+
+def on_one_device(tree):
+  """ShapeDtypeStructs of `tree`'s arrays (or array metadata) on this process's first device:
+  an Orbax restore target that reads a checkpoint whole, however it was sharded when saved."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree, is_leaf=_is_array
+  )
 
 
 def abstract_like(tree, shardings):

@@ -88,9 +88,11 @@ def allowed_changes(config) -> tuple[str, ...]:
   return tuple(f.strip() for f in config.get("allow_config_change", "").split(",") if f.strip())
 
 
-def snapshot(config: ml_collections.ConfigDict) -> dict:
-  """The config as saved in a checkpoint's meta (JSON types: tuples become lists)."""
-  return json.loads(config.to_json_best_effort())
+def snapshot(config: ml_collections.ConfigDict, exclude=()) -> dict:
+  """The config as saved in a checkpoint's meta (JSON types: tuples become lists), without the
+  top-level fields `exclude` (those a study's cell does not depend on)."""
+  saved = json.loads(config.to_json_best_effort())
+  return {k: v for k, v in saved.items() if k not in exclude}
 
 
 def _matches(path: str, names) -> bool:
