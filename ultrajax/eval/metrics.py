@@ -25,27 +25,12 @@ AVERAGES = ("macro", "binary")
 HD95_MODES = ("medpy", "directed_max")
 # The range each metric can take (inclusive), for clipping confidence intervals; names as the jobs
 # report them. Not listed: unbounded.
-_UNIT = (0.0, 1.0)
+_IN_UNIT_INTERVAL = (
+  "auroc auc average_precision accuracy f1 precision recall sensitivity specificity npv dice iou "
+  "nsd ece"
+)
 METRIC_RANGES = {
-  **dict.fromkeys(
-    (
-      "auroc",
-      "auc",
-      "average_precision",
-      "accuracy",
-      "f1",
-      "precision",
-      "recall",
-      "sensitivity",
-      "specificity",
-      "npv",
-      "dice",
-      "iou",
-      "nsd",
-      "ece",
-    ),
-    _UNIT,
-  ),
+  **dict.fromkeys(_IN_UNIT_INTERVAL.split(), (0.0, 1.0)),
   **dict.fromkeys(("hd95", "asd"), (0.0, math.inf)),
 }
 
@@ -380,9 +365,7 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 def _surface_distances(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, float]):
   """Distances [Sp], [St] from each surface pixel of pred (target) to the nearest surface pixel of
-  the other mask, in the units of `spacing`; None when a mask is empty.  pred, target: [H, W]."""
-  if not pred.any() or not target.any():
-    return None
+  the other mask, in the units of `spacing`.  pred, target: [H, W], neither empty."""
   pred_surface, target_surface = _surface(pred), _surface(target)
   # Distance from every pixel to the nearest surface pixel of the other mask, read at own surface.
   d_pt = ndimage.distance_transform_edt(~target_surface, sampling=spacing)[pred_surface]
@@ -403,14 +386,17 @@ def _spacings(spacing, batch: int) -> np.ndarray:
   return s
 
 
-def _per_image(fn, pred, target, spacing):
-  """fn(distances or None, both_empty) -> float for each image of [H, W] or [B, H, W] masks."""
+def _per_image(fn, pred, target, spacing, *, both_empty: float, one_empty: float):
+  """fn(distances of `_surface_distances`) -> float for each image of [H, W] or [B, H, W] masks;
+  an image with both masks empty gets both_empty, with exactly one empty one_empty."""
   pred, target, batched = _mask_pair(pred, target)
   spacing = _spacings(spacing, pred.shape[0])
-  values = [
-    fn(_surface_distances(p, t, tuple(s)), not p.any() and not t.any())
-    for p, t, s in zip(pred, target, spacing)
-  ]
+  values = []
+  for p, t, s in zip(pred, target, spacing):
+    if p.any() and t.any():
+      values.append(fn(_surface_distances(p, t, tuple(s))))
+    else:
+      values.append(one_empty if p.any() or t.any() else both_empty)
   return _unbatch(np.array(values, np.float64), batched)
 
 
@@ -431,27 +417,21 @@ def hd95(pred, target, spacing=(1.0, 1.0), mode: str = "medpy"):
   if mode not in HD95_MODES:
     raise ValueError(f"hd95 mode={mode!r} is not one of {HD95_MODES}")
 
-  def one(d, both_empty):
-    if d is None:
-      return 0.0 if both_empty else math.nan
+  def one(d):
     if mode == "medpy":
       return np.percentile(np.concatenate(d), 95)
     return max(np.percentile(d[0], 95), np.percentile(d[1], 95))
 
-  return _per_image(one, pred, target, spacing)
+  return _per_image(one, pred, target, spacing, both_empty=0.0, one_empty=math.nan)
 
 
 def average_surface_distance(pred, target, spacing=(1.0, 1.0)):
   """Average symmetric surface distance: the mean of the pred->target and target->pred distances
   pooled, as medpy's `assd` (0.5.2) and MONAI's compute_average_surface_distance(symmetric=True).
   Shapes, spacing, surfaces and empty masks as `hd95`."""
-
-  def one(d, both_empty):
-    if d is None:
-      return 0.0 if both_empty else math.nan
-    return np.concatenate(d).mean()
-
-  return _per_image(one, pred, target, spacing)
+  return _per_image(
+    lambda d: np.concatenate(d).mean(), pred, target, spacing, both_empty=0.0, one_empty=math.nan
+  )
 
 
 def surface_dice(pred, target, tolerance: float, spacing=(1.0, 1.0)):
@@ -465,12 +445,10 @@ def surface_dice(pred, target, tolerance: float, spacing=(1.0, 1.0)):
   if not (math.isfinite(tolerance) and tolerance >= 0):
     raise ValueError(f"surface_dice tolerance must be finite and >= 0, got {tolerance}")
 
-  def one(d, both_empty):
-    if d is None:
-      return 1.0 if both_empty else 0.0
+  def one(d):
     return ((d[0] <= tolerance).sum() + (d[1] <= tolerance).sum()) / (d[0].size + d[1].size)
 
-  return _per_image(one, pred, target, spacing)
+  return _per_image(one, pred, target, spacing, both_empty=1.0, one_empty=0.0)
 
 
 # ------------------------------------------------------------------------------------------------
