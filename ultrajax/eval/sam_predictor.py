@@ -9,10 +9,8 @@
 
 Prompts are in original-image pixels, (x, y). The image is resized with PIL exactly as
 segment_anything's ResizeLongestSide.apply_image, so both predictors see the same pixels.
-Bad prompts raise ValueError saying what is wrong: points outside the image, boxes with
-x1 < x0 or y1 < y0 or outside the image, mask inputs of the wrong size, labels that are not
-0/1, coordinates without labels. Each combination of prompt kinds and point count compiles
-once (jit's cache); a repeated click costs only the decoder.
+Bad prompts raise ValueError saying what is wrong. Each combination of prompt kinds and point
+count compiles once (jit's cache); a repeated click costs only the decoder.
 """
 
 from __future__ import annotations
@@ -36,15 +34,6 @@ def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
 
   h, w = sam_lib.preprocess_shape(image.shape[0], image.shape[1], long_side)
   return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-
-
-def _int_keys(tree):
-  """Orbax gives nnx.List levels back as '0', '1', ...; pure dicts use ints."""
-  if not isinstance(tree, dict):
-    return tree
-  return {
-    int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()
-  }
 
 
 def _saved_decoder_heads(directory: pathlib.Path) -> int | None:
@@ -81,7 +70,7 @@ def load_model(path, **overrides):
   from ultrajax.train import checkpoint
 
   directory = checkpoint.find_checkpoint_dir(path)
-  params = _int_keys(jax.device_get(checkpoint.load_params(directory)))
+  params = jax.device_get(checkpoint.load_params(directory))
   missing = {"image_encoder", "prompt_encoder", "mask_decoder"} - set(params)
   if missing:
     raise ValueError(
@@ -89,8 +78,8 @@ def load_model(path, **overrides):
       f"{sorted(missing)}; it has {sorted(params)})"
     )
   heads = _saved_decoder_heads(directory)
-  if heads and "decoder_heads" not in overrides:
-    overrides["decoder_heads"] = heads
+  if heads:
+    overrides.setdefault("decoder_heads", heads)
   cls = params["mask_decoder"].get("cls_tokens")
   if cls is not None:
     overrides.setdefault("num_cls_tokens", cls.shape[0])
@@ -126,29 +115,14 @@ class SamPredictor:
     def encode(params, images):
       return nnx.merge(graphdef, params).encode_image(images)
 
-    def decode(
-      params,
-      features,
-      points,
-      labels,
-      boxes,
-      masks,
-      *,
-      multimask,
-      input_hw,
-      original_hw,
-      return_logits,
-    ):
+    def decode(params, features, prompts, multimask, frames):
       model = nnx.merge(graphdef, params)
-      sparse, dense = model.encode_prompts(points, labels, boxes, masks)
+      sparse, dense = model.encode_prompts(*prompts)
       logits, iou = model.decode_masks(features, model.dense_pe(), sparse, dense, multimask)
-      full = sam_lib.postprocess_masks(logits, input_hw, original_hw, model.image_size)
-      return (full if return_logits else full > sam_lib.MASK_THRESHOLD), iou, logits
+      return sam_lib.postprocess_masks(logits, *frames, model.image_size), iou, logits
 
     self._encode = jax.jit(encode)
-    self._decode = jax.jit(
-      decode, static_argnames=("multimask", "input_hw", "original_hw", "return_logits")
-    )
+    self._decode = jax.jit(decode, static_argnums=(3, 4))  # multimask, frames
     self.reset_image()
 
   def reset_image(self) -> None:
@@ -246,17 +220,8 @@ class SamPredictor:
     as numpy; M = 3 with multimask_output, else 1; (H, W) the original image size."""
     if not self.is_image_set:
       raise RuntimeError("set an image with .set_image(...) before predict")
-    points, labels, boxes, masks = self._check_prompts(point_coords, point_labels, box, mask_input)
-    masks_out, iou, low_res = self._decode(
-      self.params,
-      self.features,
-      points,
-      labels,
-      boxes,
-      masks,
-      multimask=bool(multimask_output),
-      input_hw=self.input_size,
-      original_hw=self.original_size,
-      return_logits=bool(return_logits),
-    )
-    return tuple(np.asarray(x[0]) for x in (masks_out, iou, low_res))
+    prompts = self._check_prompts(point_coords, point_labels, box, mask_input)
+    frames = (self.input_size, self.original_size)
+    out = self._decode(self.params, self.features, prompts, bool(multimask_output), frames)
+    full, iou, low_res = (np.asarray(x[0]) for x in out)
+    return (full if return_logits else full > sam_lib.MASK_THRESHOLD), iou, low_res
