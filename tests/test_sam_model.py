@@ -475,14 +475,7 @@ def test_preprocess_matches_sam(tiny):
   theirs = tmodel.preprocess(torch.from_numpy(image[0]).permute(2, 0, 1).float())
   close(sam.preprocess(image, 128)[0], theirs.permute(1, 2, 0).numpy())
   assert sam.preprocess_shape(100, 70, 128) == (128, 90)
-  # The jittable resize is close to the predictor's PIL resize (not bitwise: other kernels).
-  i, j = np.mgrid[:300, :210]
-  smooth = (127 + 100 * np.sin(i / 15) * np.cos(j / 11))[..., None].repeat(3, -1)
-  smooth = smooth.astype(np.uint8)
-  ours = sam.resize_long_side(smooth[None], 128)[0]
-  pil = sam_predictor.resize_image(smooth, 128)
-  assert ours.shape == pil.shape == (128, 90, 3)
-  assert np.abs(np.asarray(ours) - pil).mean() < 1.5
+  assert sam_predictor.resize_image(image[0], 128).shape == (128, 90, 3)
 
 
 # ----------------------------------------------------------------------------- predictor

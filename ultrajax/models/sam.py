@@ -27,12 +27,10 @@ Prompts (as segment_anything's PromptEncoder):
     without masks (or where mask_valid is False) the learned `no_mask` embedding is used.
 Image embeddings may be [N, ...] (one per prompt) or [1, ...] (one image, N prompts).
 
-Prompted classification hook: `num_cls_tokens=K` > 0 adds K learned tokens to the decoder,
-placed after the 4 mask tokens and before the prompt tokens, decoded jointly with prompt and
-image tokens; their outputs are `Decoded.cls_tokens` [N, K, C]. With K = 0 (default) the
-decoder is SAM's exactly. `Decoded.image_tokens` (image after the two-way transformer) and
-`encode_image(..., return_vit=True)` (ViT features before the neck) give the other pieces of
-UltraSam's classification head.
+Prompted classification hook: `num_cls_tokens=K` > 0 adds K learned decoder tokens (after
+the 4 mask tokens, before the prompt tokens; outputs `Decoded.cls_tokens`); with K = 0
+(default) the decoder is SAM's exactly. With `Decoded.image_tokens` and
+`encode_image(..., return_vit=True)` they feed UltraSam's classification head.
 
 Fixed buffer: `prompt_encoder.pe_gaussian` (SAM's random Fourier matrix, a buffer in
 PyTorch) is an nnx.Param so that the model holds only Params, but every use goes through
@@ -183,15 +181,6 @@ def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]
   return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def resize_long_side(images, long_side: int):
-  """images: [B, h, w, 3] -> [B, h', w', 3] float32, long side `long_side`, bilinear with
-  antialiasing (close to, not bitwise, the PIL resize of segment_anything's predictor)."""
-  h, w = preprocess_shape(images.shape[1], images.shape[2], long_side)
-  return jax.image.resize(
-    jnp.asarray(images, jnp.float32), (images.shape[0], h, w, 3), "linear", antialias=True
-  )
-
-
 def preprocess(images, image_size: int):
   """images: [B, h, w, 3] RGB 0-255 with h, w <= image_size -> [B, S, S, 3] float32:
   (x - PIXEL_MEAN) / PIXEL_STD, zero-padded at the bottom and right, as Sam.preprocess."""
@@ -199,7 +188,7 @@ def preprocess(images, image_size: int):
   if h > image_size or w > image_size:
     raise ValueError(
       f"images {tuple(images.shape)} are larger than the model input "
-      f"{image_size}; resize the long side first (resize_long_side)"
+      f"{image_size}; resize the long side first (sam_predictor.resize_image)"
     )
   x = (jnp.asarray(images, jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
   return jnp.pad(x, ((0, 0), (0, image_size - h), (0, image_size - w), (0, 0)))
@@ -221,31 +210,6 @@ def postprocess_masks(logits, input_hw: Sequence[int], original_hw: Sequence[int
 # ----------------------------------------------------------------------------- layers
 zeros = nnx.initializers.zeros_init()
 embed_init = nnx.initializers.normal(1.0)  # nn.Embedding's N(0, 1)
-
-
-def conv(
-  din: int,
-  dout: int,
-  kernel: int,
-  *,
-  dtype,
-  rngs: nnx.Rngs,
-  stride: int = 1,
-  padding="VALID",
-  use_bias: bool = True,
-) -> nnx.Conv:
-  return nnx.Conv(
-    din,
-    dout,
-    (kernel, kernel),
-    strides=stride,
-    padding=padding,
-    use_bias=use_bias,
-    bias_init=zeros,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    rngs=rngs,
-  )
 
 
 def gelu(x):
@@ -331,23 +295,13 @@ class EncoderBlock(nnx.Module):
   """ViTDet block: windowed (window_size > 0) or global attention, pre-norm residuals."""
 
   def __init__(
-    self,
-    dim: int,
-    num_heads: int,
-    *,
-    window_size: int,
-    grid: int,
-    mlp_ratio: float,
-    drop_path_rate: float,
-    dtype,
-    rngs: nnx.Rngs,
+    self, c: SamConfig, window_size: int, drop_path_rate: float, *, dtype, rngs: nnx.Rngs
   ):
-    self.window_size = window_size
-    self.drop_path_rate = float(drop_path_rate)
+    dim, self.window_size, self.drop_path_rate = c.width, window_size, float(drop_path_rate)
     self.norm1 = vit.layer_norm(dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
-    self.attn = EncoderAttention(dim, num_heads, window_size or grid, dtype=dtype, rngs=rngs)
+    self.attn = EncoderAttention(dim, c.num_heads, window_size or c.grid, dtype=dtype, rngs=rngs)
     self.norm2 = vit.layer_norm(dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
-    self.mlp = EncoderMlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+    self.mlp = EncoderMlp(dim, int(dim * c.mlp_ratio), dtype=dtype, rngs=rngs)
 
   def __call__(self, x, key=None, rate=None):
     """x: [B, H, W, D] -> [B, H, W, D]; key: stochastic depth (None = deterministic); rate
@@ -374,24 +328,16 @@ class ImageEncoder(nnx.Module):
     self.patch_embed = vit.patch_embedding(d, c.patch_size, dtype=dtype, rngs=rngs)
     self.pos_embed = nnx.Param(jnp.zeros((1, c.grid, c.grid, d), jnp.float32))
     rates = np.linspace(0.0, c.drop_path_rate, c.depth)
+    windows = [0 if i in c.global_attn_indexes else c.window_size for i in range(c.depth)]
     self.blocks = nnx.List(
       [
-        EncoderBlock(
-          d,
-          c.num_heads,
-          window_size=0 if i in c.global_attn_indexes else c.window_size,
-          grid=c.grid,
-          mlp_ratio=c.mlp_ratio,
-          drop_path_rate=rates[i],
-          dtype=dtype,
-          rngs=rngs,
-        )
-        for i in range(c.depth)
+        EncoderBlock(c, window, rate, dtype=dtype, rngs=rngs)
+        for window, rate in zip(windows, rates)
       ]
     )
-    self.neck_conv1 = conv(d, c.prompt_dim, 1, use_bias=False, dtype=dtype, rngs=rngs)
+    self.neck_conv1 = vit.conv(d, c.prompt_dim, 1, use_bias=False, dtype=dtype, rngs=rngs)
     self.neck_norm1 = vit.layer_norm(c.prompt_dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
-    self.neck_conv2 = conv(
+    self.neck_conv2 = vit.conv(
       c.prompt_dim, c.prompt_dim, 3, padding=1, use_bias=False, dtype=dtype, rngs=rngs
     )
     self.neck_norm2 = vit.layer_norm(c.prompt_dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
@@ -401,12 +347,7 @@ class ImageEncoder(nnx.Module):
 
     return_vit: also return the last block's output [B, g, g, D] float32 (before the neck).
     """
-    expected = (self.image_size, self.image_size, 3)
-    if tuple(images.shape[1:]) != expected:
-      raise ValueError(
-        f"SAM image encoder expects images [B, {', '.join(map(str, expected))}]"
-        f", got {tuple(images.shape)}"
-      )
+    vit.check_images(images, self.image_size, "SAM image encoder")
     x = self.patch_embed(images)
     x = x + self.pos_embed[...].astype(x.dtype)
     x, _ = vit.run_blocks(self.blocks, x, key, remat=self.remat)
@@ -429,11 +370,11 @@ class PromptEncoder(nnx.Module):
     self.not_a_point = nnx.Param(embed_init(rngs.params(), (1, dim), jnp.float32))
     self.no_mask = nnx.Param(embed_init(rngs.params(), (1, dim), jnp.float32))
     mid = c.mask_in_chans
-    self.mask_conv1 = conv(1, mid // 4, 2, stride=2, dtype=dtype, rngs=rngs)
+    self.mask_conv1 = vit.conv(1, mid // 4, 2, stride=2, dtype=dtype, rngs=rngs)
     self.mask_norm1 = vit.layer_norm(mid // 4, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
-    self.mask_conv2 = conv(mid // 4, mid, 2, stride=2, dtype=dtype, rngs=rngs)
+    self.mask_conv2 = vit.conv(mid // 4, mid, 2, stride=2, dtype=dtype, rngs=rngs)
     self.mask_norm2 = vit.layer_norm(mid, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
-    self.mask_conv3 = conv(mid, dim, 1, dtype=dtype, rngs=rngs)
+    self.mask_conv3 = vit.conv(mid, dim, 1, dtype=dtype, rngs=rngs)
 
   def fourier(self, coords):
     """coords: [..., 2] (x, y) in [0, 1] -> [..., C]: [sin, cos](2 pi (2c - 1) G)."""
@@ -457,12 +398,24 @@ class PromptEncoder(nnx.Module):
     rows = (self.not_a_point, self.neg_point, self.pos_point, self.box_corner_a, self.box_corner_b)
     return pe + jnp.concatenate([row[...] for row in rows])[labels + 1]
 
-  def embed_masks(self, masks):
-    """masks: [N, 4g, 4g] logits -> [N, g, g, C] float32 (conv stack with exact GELU)."""
+  def embed_masks(self, masks, n: int, mask_valid=None):
+    """masks: [n, 4g, 4g] logits or None -> [n, g, g, C] float32: the conv stack (exact GELU)
+    on the masks; the learned `no_mask` embedding without masks or where mask_valid [n] is False."""
+    no_mask = jnp.broadcast_to(self.no_mask[...], (n, self.grid, self.grid, self.dim))
+    if masks is None:
+      return no_mask
+    size = 4 * self.grid
+    if tuple(masks.shape[1:]) != (size, size):
+      raise ValueError(
+        f"mask prompts must be [N, {size}, {size}] low-res logits, got {tuple(masks.shape)}"
+      )
     x = jnp.asarray(masks)[..., None]
     x = gelu(self.mask_norm1(self.mask_conv1(x)))
     x = gelu(self.mask_norm2(self.mask_conv2(x)))
-    return self.mask_conv3(x).astype(jnp.float32)
+    dense = self.mask_conv3(x).astype(jnp.float32)
+    if mask_valid is None:
+      return dense
+    return jnp.where(jnp.asarray(mask_valid)[:, None, None, None], dense, no_mask)
 
   def __call__(self, points=None, labels=None, boxes=None, masks=None, mask_valid=None):
     """Sparse [N, T, C] and dense [N, g, g, C] embeddings; see the module docstring.
@@ -484,21 +437,7 @@ class PromptEncoder(nnx.Module):
     if boxes is not None:
       corners = jnp.reshape(jnp.asarray(boxes, jnp.float32), (n, 2, 2))
       sparse.append(self.embed_points(corners, jnp.broadcast_to(jnp.array([2, 3]), (n, 2))))
-    no_mask = jnp.broadcast_to(
-      self.no_mask[...].reshape(1, 1, 1, -1), (n, self.grid, self.grid, self.dim)
-    )
-    if masks is None:
-      dense = no_mask
-    else:
-      size = 4 * self.grid
-      if tuple(masks.shape[1:]) != (size, size):
-        raise ValueError(
-          f"mask prompts must be [N, {size}, {size}] low-res logits, got {tuple(masks.shape)}"
-        )
-      dense = self.embed_masks(masks)
-      if mask_valid is not None:
-        dense = jnp.where(jnp.asarray(mask_valid)[:, None, None, None], dense, no_mask)
-    return jnp.concatenate(sparse, axis=1), dense
+    return jnp.concatenate(sparse, axis=1), self.embed_masks(masks, n, mask_valid)
 
 
 class DecoderAttention(nnx.Module):
@@ -524,31 +463,18 @@ class DecoderAttention(nnx.Module):
 class TwoWayBlock(nnx.Module):
   """Token self-attention, token->image, MLP (ReLU), image->token; post-norm residuals."""
 
-  def __init__(
-    self,
-    dim: int,
-    num_heads: int,
-    mlp_dim: int,
-    downsample: int,
-    *,
-    skip_first_pe: bool,
-    dtype,
-    rngs: nnx.Rngs,
-  ):
+  def __init__(self, c: SamConfig, *, skip_first_pe: bool, dtype, rngs: nnx.Rngs):
     self.skip_first_pe = skip_first_pe
+    dim, heads, down = c.prompt_dim, c.decoder_heads, c.attention_downsample
     norm = lambda: vit.layer_norm(dim, eps=DECODER_LN_EPS, dtype=dtype, rngs=rngs)
-    self.self_attn = DecoderAttention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.self_attn = DecoderAttention(dim, heads, dtype=dtype, rngs=rngs)
     self.norm1 = norm()
-    self.cross_attn_token_to_image = DecoderAttention(
-      dim, num_heads, downsample, dtype=dtype, rngs=rngs
-    )
+    self.cross_attn_token_to_image = DecoderAttention(dim, heads, down, dtype=dtype, rngs=rngs)
     self.norm2 = norm()
-    self.mlp = EncoderMlp(dim, mlp_dim, act=jax.nn.relu, dtype=dtype, rngs=rngs)
+    self.mlp = EncoderMlp(dim, c.decoder_mlp_dim, act=jax.nn.relu, dtype=dtype, rngs=rngs)
     self.norm3 = norm()
     self.norm4 = norm()
-    self.cross_attn_image_to_token = DecoderAttention(
-      dim, num_heads, downsample, dtype=dtype, rngs=rngs
-    )
+    self.cross_attn_image_to_token = DecoderAttention(dim, heads, down, dtype=dtype, rngs=rngs)
 
   def __call__(self, queries, keys, query_pe, key_pe):
     """queries: [N, T, C], keys: [N, HW, C] (+ their PEs) -> (queries, keys)."""
@@ -570,18 +496,7 @@ class TwoWayTransformer(nnx.Module):
   def __init__(self, config: SamConfig, *, dtype, rngs: nnx.Rngs):
     c = config
     self.layers = nnx.List(
-      [
-        TwoWayBlock(
-          c.prompt_dim,
-          c.decoder_heads,
-          c.decoder_mlp_dim,
-          c.attention_downsample,
-          skip_first_pe=i == 0,
-          dtype=dtype,
-          rngs=rngs,
-        )
-        for i in range(c.decoder_depth)
-      ]
+      [TwoWayBlock(c, skip_first_pe=i == 0, dtype=dtype, rngs=rngs) for i in range(c.decoder_depth)]
     )
     self.final_attn_token_to_image = DecoderAttention(
       c.prompt_dim, c.decoder_heads, c.attention_downsample, dtype=dtype, rngs=rngs
@@ -607,11 +522,9 @@ class Mlp(nnx.Module):
     )
 
   def __call__(self, x):
-    for i, layer in enumerate(self.layers):
-      x = layer(x)
-      if i < len(self.layers) - 1:
-        x = jax.nn.relu(x)
-    return x
+    for layer in self.layers[:-1]:
+      x = jax.nn.relu(layer(x))
+    return self.layers[-1](x)
 
 
 class Decoded(NamedTuple):

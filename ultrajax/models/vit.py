@@ -43,7 +43,12 @@ ATTENTION_IMPLS = ("dot_product", "einsum")
 # Activation recomputation per block in the backward pass: "none"; "dots" keeps the outputs of
 # the weight matmuls (dots without batch dimensions: qkv, proj, fc1, fc2) and recomputes the rest
 # (norms, GELU, the attention scores); "full" keeps only each block's input.
-REMATS = ("none", "dots", "full")
+_REMAT_POLICIES = {
+  "none": None,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+}
+REMATS = tuple(_REMAT_POLICIES)
 LN_EPS = 1e-6
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -113,24 +118,57 @@ def layer_norm(dim: int, *, dtype, rngs: nnx.Rngs, eps: float = LN_EPS) -> nnx.L
   )
 
 
-def patch_embedding(
-  width: int, patch_size: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True
+def conv(
+  din: int,
+  dout: int,
+  kernel: int,
+  *,
+  dtype,
+  rngs: nnx.Rngs,
+  stride: int = 1,
+  padding="VALID",
+  use_bias: bool = True,
+  kernel_init=nnx.initializers.lecun_normal(),  # nnx.Conv's default
 ) -> nnx.Conv:
-  """A p x p convolution of stride p from RGB to `width`. Zero bias like every other bias (MAE
-  leaves torch's default U(+-1/sqrt(p*p*3)) here)."""
+  """A kernel x kernel convolution, zero bias; float32 params, `dtype` compute."""
   return nnx.Conv(
-    3,
-    width,
-    (patch_size, patch_size),
-    strides=patch_size,
-    padding="VALID",
+    din,
+    dout,
+    (kernel, kernel),
+    strides=stride,
+    padding=padding,
     use_bias=use_bias,
-    kernel_init=patch_kernel_init,
+    kernel_init=kernel_init,
     bias_init=zeros,
     dtype=dtype,
     param_dtype=jnp.float32,
     rngs=rngs,
   )
+
+
+def patch_embedding(
+  width: int, patch_size: int, *, dtype, rngs: nnx.Rngs, use_bias: bool = True
+) -> nnx.Conv:
+  """A p x p convolution of stride p from RGB to `width`. Zero bias like every other bias (MAE
+  leaves torch's default U(+-1/sqrt(p*p*3)) here)."""
+  return conv(
+    3,
+    width,
+    patch_size,
+    stride=patch_size,
+    use_bias=use_bias,
+    kernel_init=patch_kernel_init,
+    dtype=dtype,
+    rngs=rngs,
+  )
+
+
+def check_images(images, image_size: int, model: str) -> None:
+  """ValueError naming `model` unless images are [B, image_size, image_size, 3]."""
+  if tuple(images.shape[1:]) != (image_size, image_size, 3):
+    raise ValueError(
+      f"{model} expects images [B, {image_size}, {image_size}, 3], got {tuple(images.shape)}"
+    )
 
 
 def drop_path(x, rate, key):
@@ -163,15 +201,7 @@ def cut_grad_fusion(x):
   return x
 
 
-def _cut_fwd(x):
-  return x, None
-
-
-def _cut_bwd(_, g):
-  return (_materialise(g),)
-
-
-cut_grad_fusion.defvjp(_cut_fwd, _cut_bwd)
+cut_grad_fusion.defvjp(lambda x: (x, None), lambda _, g: (_materialise(g),))
 
 
 @jax.custom_vjp
@@ -288,14 +318,7 @@ def remat_mode(remat) -> str:
 
 def _checkpointed(fn, remat: str):
   """fn wrapped in jax.checkpoint with the policy `remat` names ('none': fn itself)."""
-  if remat == "none":
-    return fn
-  policy = (
-    jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    if remat == "dots"
-    else jax.checkpoint_policies.nothing_saveable
-  )
-  return jax.checkpoint(fn, policy=policy)
+  return fn if remat == "none" else jax.checkpoint(fn, policy=_REMAT_POLICIES[remat])
 
 
 def _apply_block(graphdef, state, x, key, rate=None):
@@ -400,19 +423,9 @@ class ViT(nnx.Module):
     self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, width), jnp.float32))
     # Stochastic depth rate grows linearly over the blocks, as timm/MAE: 0 ... drop_path_rate.
     rates = np.linspace(0.0, drop_path_rate, depth)
+    block_args = dict(mlp_ratio=mlp_ratio, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
     self.blocks = nnx.List(
-      [
-        Block(
-          width,
-          num_heads,
-          mlp_ratio=mlp_ratio,
-          drop_path_rate=r,
-          dtype=dtype,
-          attention_impl=attention_impl,
-          rngs=rngs,
-        )
-        for r in rates
-      ]
+      [Block(width, num_heads, drop_path_rate=rate, **block_args) for rate in rates]
     )
     if pool == "gap":
       self.fc_norm = layer_norm(width, dtype=dtype, rngs=rngs)
@@ -432,11 +445,7 @@ class ViT(nnx.Module):
 
   def embed(self, images):
     """images: [B, H, W, 3] (normalized) -> patch tokens + positions [B, N, D] in dtype."""
-    expected = (self.image_size, self.image_size, 3)
-    if tuple(images.shape[1:]) != expected:
-      raise ValueError(
-        f"ViT expects images [B, {', '.join(map(str, expected))}], got {tuple(images.shape)}"
-      )
+    check_images(images, self.image_size, "ViT")
     x = self._embed_patches(images)
     if self.learned_pos:
       return x + self.pos_embed[0, 1:].astype(x.dtype)
@@ -537,8 +546,5 @@ class ViT(nnx.Module):
     x = self.encode(images, key=key)
     if self.pool == "none":
       return x
-    if self.pool == "cls":
-      feats = x[:, 0]
-    else:
-      feats = self.fc_norm(x[:, 1:].mean(axis=1))
+    feats = x[:, 0] if self.pool == "cls" else self.fc_norm(x[:, 1:].mean(axis=1))
     return feats.astype(jnp.float32)

@@ -86,7 +86,7 @@ def jittered_boxes(key, masks, max_jitter: float = 0.05):
   """Each mask's box with every corner coordinate moved by U[-j, j] x the box's width (x) or
   height (y), j = max_jitter.  masks: bool [N, H, W] -> float32 [N, 4] (x0, y0, x1, y1)."""
   box = mask_boxes(masks).astype(jnp.float32)
-  size = jnp.stack([box[:, 2] - box[:, 0] + 1, box[:, 3] - box[:, 1] + 1], axis=-1)  # w, h
+  size = box[:, 2:] - box[:, :2] + 1  # w, h
   scale = jnp.concatenate([size, size], axis=-1)
   return box + jax.random.uniform(key, box.shape, minval=-max_jitter, maxval=max_jitter) * scale
 
@@ -217,12 +217,7 @@ def instance_decoder(model, embeddings, num_per_image: int) -> Callable:
 
   def decode(prompts: Prompts, mask_logits):
     sparse = pe.embed_points(prompts.coords, prompts.labels)
-    if mask_logits is None:
-      n = prompts.coords.shape[0]
-      dense = jnp.broadcast_to(pe.no_mask[...].reshape(1, 1, 1, -1), (n, pe.grid, pe.grid, pe.dim))
-    else:
-      dense = pe.embed_masks(mask_logits)
-    out = model.decode(image, sparse, dense)
+    out = model.decode(image, sparse, pe.embed_masks(mask_logits, prompts.coords.shape[0]))
     return DecoderOutput(out.masks, out.iou)
 
   return decode
@@ -263,8 +258,7 @@ def sam_loss(
     return out["loss"], out
   single = mask_losses(first.logits[:, 0], first.iou_pred[:, 0], targets, valid, weights, iou_loss)
   refined = multimask_loss(decode(prompts, first.logits[:, 0]))
-  metrics = dict(single)
-  metrics.update({f"{k}_refined": v for k, v in refined.items()})
+  metrics = {**single, **{f"{k}_refined": v for k, v in refined.items()}}
   metrics["loss"] = single["loss"] + refined["loss"]
   return metrics["loss"], metrics
 
@@ -323,6 +317,5 @@ def predict_masks(
     out = decode(prompts, first)
   elif not multimask:
     return out.logits[:, 0], out.iou_pred[:, 0]
-  best = jnp.argmax(out.iou_pred[:, 1:], axis=1) + 1
-  logits = jnp.take_along_axis(out.logits, best[:, None, None, None], axis=1)[:, 0]
-  return logits, jnp.take_along_axis(out.iou_pred, best[:, None], axis=1)[:, 0]
+  rows, best = jnp.arange(len(out.iou_pred)), jnp.argmax(out.iou_pred[:, 1:], axis=1) + 1
+  return out.logits[rows, best], out.iou_pred[rows, best]
