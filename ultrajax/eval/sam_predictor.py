@@ -112,16 +112,13 @@ class SamPredictor:
     self.graphdef, self.params = nnx.split(model, nnx.Param)
     graphdef = self.graphdef
 
-    def encode(params, images):
-      return nnx.merge(graphdef, params).encode_image(images)
-
     def decode(params, features, prompts, multimask, frames):
       model = nnx.merge(graphdef, params)
       sparse, dense = model.encode_prompts(*prompts)
       logits, iou = model.decode_masks(features, model.dense_pe(), sparse, dense, multimask)
       return sam_lib.postprocess_masks(logits, *frames, model.image_size), iou, logits
 
-    self._encode = jax.jit(encode)
+    self._encode = jax.jit(lambda params, images: nnx.merge(graphdef, params).encode_image(images))
     self._decode = jax.jit(decode, static_argnums=(3, 4))  # multimask, frames
     self.reset_image()
 
@@ -153,10 +150,7 @@ class SamPredictor:
   def _to_input_frame(self, coords: np.ndarray) -> np.ndarray:
     """Original-image pixels -> model input-frame pixels (ResizeLongestSide.apply_coords)."""
     (oh, ow), (nh, nw) = self.original_size, self.input_size
-    coords = np.array(coords, np.float64)
-    coords[..., 0] *= nw / ow
-    coords[..., 1] *= nh / oh
-    return coords.astype(np.float32)
+    return (np.asarray(coords, np.float64) * [nw / ow, nh / oh]).astype(np.float32)
 
   def _check_inside(self, what: str, coords: np.ndarray) -> None:
     h, w = self.original_size
