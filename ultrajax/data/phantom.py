@@ -36,7 +36,7 @@ into a fan whose apex lies above the image:
     +-----------+
 
 generate's fan_angle_deg and apex_radius change the fan; a convex record carries its exact fan in
-pixels (`fan`, see fan_geometry), which SMAT's convex -> linear warp unwarps.
+pixels (`fan`), which SMAT's convex -> linear warp unwarps.
 
 Labels. 0 normal (no lesion), 1 benign (oval, parallel, smooth margin; a solid hypoechoic nodule or an
 anechoic cyst with posterior enhancement), 2 malignant (irregular spiculated outline, very hypoechoic,
@@ -502,6 +502,7 @@ class _Geometry(NamedTuple):
   image: _Grid  # the output pixels
   fan: np.ndarray | None  # [S, S] bool, pixels with echo data; None: all of them
   scan: np.ndarray | None  # [2, S, S] echo-grid (row, col) of each pixel, for scan conversion
+  fan_pixels: dict | None  # a convex record's `fan`
   dz: float  # depth step between echo-grid rows
   pixel: float  # output pixel size
 
@@ -512,28 +513,6 @@ def _frozen(*arrays):
   return arrays
 
 
-def _fan_scale(size: int, half: float, r0: float) -> float:
-  """Pixels per depth unit: the fan's bounding box fits the image, centred, touching the top."""
-  r1 = r0 + 1.0
-  return min(size / (2 * r1 * math.sin(half)), size / (r1 - r0 * math.cos(half)))
-
-
-def fan_geometry(
-  image_size: int, fan_angle_deg: float = FAN_ANGLE_DEG, apex_radius: float = APEX_RADIUS
-) -> dict:
-  """The exact fan of a convex phantom image, in its pixels (pixel (i, j) centred at row i,
-  column j; the fields of ultramim.geometry.Fan). A pixel has echo data iff its centre is inside."""
-  half = math.radians(fan_angle_deg) / 2
-  s = _fan_scale(image_size, half, apex_radius)
-  return dict(
-    apex_x=image_size / 2 - 0.5,
-    apex_y=-apex_radius * math.cos(half) * s - 0.5,
-    fan_angle_deg=float(fan_angle_deg),
-    inner_radius=apex_radius * s,
-    outer_radius=(apex_radius + 1.0) * s,
-  )
-
-
 @functools.lru_cache(maxsize=32)
 def _geometry(
   probe: str, size: int, fan_angle_deg: float = FAN_ANGLE_DEG, apex_radius: float = APEX_RADIUS
@@ -541,10 +520,20 @@ def _geometry(
   if probe == "linear":
     v, u = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
     grid = _Grid(*_frozen(u - 0.5, v, v))
-    return _Geometry(grid, grid, None, None, 1.0 / size, 1.0 / size)
+    return _Geometry(grid, grid, None, None, None, 1.0 / size, 1.0 / size)
   half, r0 = math.radians(fan_angle_deg) / 2, apex_radius
   r1 = r0 + 1.0
-  s = _fan_scale(size, half, r0)
+  # Pixels per depth unit: the fan's bounding box fits the image, centred, touching the top.
+  s = min(size / (2 * r1 * math.sin(half)), size / (r1 - r0 * math.cos(half)))
+  # The fan in pixels (pixel (i, j) centred at row i, column j; the fields of
+  # ultramim.geometry.Fan). A pixel has echo data iff its centre is inside.
+  pixels = dict(
+    apex_x=size / 2 - 0.5,
+    apex_y=-r0 * math.cos(half) * s - 0.5,
+    fan_angle_deg=float(fan_angle_deg),
+    inner_radius=r0 * s,
+    outer_radius=r1 * s,
+  )
   # About one echo sample per output pixel: radially, and across the beams on the deepest arc.
   nr, nt = math.ceil(s), math.ceil(2 * half * r1 * s)
   r = r0 + (np.arange(nr, dtype=np.float32) + 0.5) / nr
@@ -557,7 +546,7 @@ def _geometry(
   fan = (rr >= r0) & (rr <= r1) & (np.abs(tt) <= half)
   scan = np.stack([(rr - r0) * nr - 0.5, (tt + half) / (2 * half) * nt - 0.5])
   image = _Grid(*_frozen(x, ya - r0, rr - r0))
-  return _Geometry(echo, image, *_frozen(fan, scan), 1.0 / nr, 1.0 / s)
+  return _Geometry(echo, image, *_frozen(fan, scan), pixels, 1.0 / nr, 1.0 / s)
 
 
 def _kernel(sigma: float) -> np.ndarray:
@@ -626,7 +615,8 @@ def generate(
   (apex_radius in units of the imaging depth).
   Returns image uint8 [S, S] (0 only outside a convex fan), organ_mask and lesion_mask uint8 [S, S]
   in {0, 1} (lesion_mask inside organ_mask; empty iff label == 0), label int (index into LABELS),
-  organ and probe (the arguments); convex images also `fan`, their exact fan_geometry.
+  organ and probe (the arguments); convex images also `fan`, their exact fan in
+  pixels (the fields of ultramim.geometry.Fan; a pixel has echo data iff its centre is inside).
   """
   if organ not in _SCENES:
     raise ValueError(f"organ={organ!r} is not one of {ORGANS}")
@@ -680,5 +670,5 @@ def generate(
     "probe": probe,
   }
   if geo.fan is not None:
-    record["fan"] = fan_geometry(int(image_size), fan_angle_deg, apex_radius)
+    record["fan"] = dict(geo.fan_pixels)
   return record
