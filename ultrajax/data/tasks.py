@@ -163,13 +163,11 @@ def train_subset(data: TaskData, fraction: float, seed: int) -> np.ndarray:
   if not 0.0 < fraction <= 1.0:
     raise configlib.ConfigError(f"training fraction {fraction!r} is outside (0, 1]")
   train = data.indices("train")
-  groups = np.unique(data.groups[train])
+  groups, first = np.unique(data.groups[train], return_index=True)
   rng = np.random.default_rng([seed, 0xF4AC])
   if data.task_type == "cls":
-    first = {}
-    for i in train:
-      first.setdefault(data.groups[i], int(data.targets[i]))
-    strata = [groups[np.array([first[g] for g in groups]) == c] for c in range(data.num_classes)]
+    first_label = data.targets[train[first]]
+    strata = [groups[first_label == c] for c in range(data.num_classes)]
   else:
     strata = [groups]
   keep = []
@@ -230,10 +228,10 @@ def phantom_task(
         if name not in class_names:
           continue
         targets.append(class_names.index(name))
-      elif seg_target in ("lesion", "organ"):
-        targets.append(r[f"{seg_target}_mask"])
+      elif both:
+        targets.append(np.maximum(r["organ_mask"], 2 * r["lesion_mask"]))
       else:
-        targets.append(np.maximum(r["organ_mask"], 2 * r["lesion_mask"]).astype(np.uint8))
+        targets.append(r[f"{seg_target}_mask"])
       images.append(to_rgb(r["image"]))
       groups.append(f"{organ}/{i}")
   if not images:
@@ -512,17 +510,12 @@ def load_task(data_config, task_type: str, image_size: int) -> TaskData:
     )
     where = f"phantom {task_type} task on {organs}"
   elif c.source == "manifest":
+    fields = ("image_column", "mask_column", "label_column", "group_column", "split_column")
     data = manifest_task(
       c.manifest,
       task_type,
       image_size,
-      image_column=c.image_column,
-      mask_column=c.mask_column,
-      label_column=c.label_column,
-      group_column=c.group_column,
-      split_column=c.split_column,
-      classes=c.classes,
-      on_bad_image=c.on_bad_image,
+      **{field: getattr(c, field) for field in (*fields, "classes", "on_bad_image")},
       mask_mode=mask_mode,
     )
     where = f"manifest {c.manifest}"
