@@ -17,19 +17,15 @@ Without a split column, patients are split with a seed by `split_fractions` (tra
 so no patient straddles two splits. Images are resized to S x S without keeping the aspect ratio
 (bilinear; masks nearest), and grey images become three equal channels.
 
-Labels are checked, not guessed. Classification: `classes` ('a,b,c') fixes the class order and
-any other label is an error naming it and its first line; '' takes the labels found, sorted.
-Either way the classes are logged with their counts per split, and a class with a single image
-or missing from a split gets a warning. Segmentation masks (colour masks: the channel maximum)
-are read by `mask_mode`:
-  binary     2 classes (background, foreground; `classes` may rename them). A mask of only 0
-             and 1 is taken as is. Otherwise a pixel is foreground when its value is >= 128, so
-             0/255 PNGs and JPEG-compressed 0/255 masks (whose pixels scatter near 0 and 255,
-             e.g. {0, 1, 251, 253, 255}) give the same {0, 1} map. Refused, naming the file and
-             its values: masks with more than 5% of the pixels >= 64 in the ambiguous band 64..191
-             (0/128 masks, grey-level or multi-class maps; JPEG re-encoding of a 0/255 mask puts
-             under 1% there, measured at quality 50 to 95), and masks whose values are all
-             below 64 but not just 0/1 (class ids {0, 1, 2}, a 0/1 mask saved as JPEG).
+Labels are checked, not guessed (docs/reliability.md gives the rules with examples and their
+measured why). Classification: `classes` ('a,b,c') fixes the class order and any other label is an
+error naming it and its first line; '' takes the labels found, sorted. Classes are logged with
+their counts per split, with a warning for a class with a single image or missing from a split.
+Segmentation masks (colour masks: the channel maximum) are read by `mask_mode`:
+  binary     2 classes (background, foreground; `classes` may rename them). A 0/1 mask is taken as
+             is, otherwise foreground is >= 128 (0/255 PNG and JPEG masks alike). Refused, naming
+             the file and its values: more than 5% of the pixels >= 64 in the band 64..191, or all
+             values below 64 but not just 0/1.
   class_ids  pixel values are class ids 0..K-1, K = len(`classes`), which must be declared
              (background first); an id outside them is an error naming the file and the ids.
 """
