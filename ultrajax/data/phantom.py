@@ -217,6 +217,12 @@ def _site_in(rng, e: _Ellipse, max_radius: float) -> tuple[float, float, float]:
   return e.cx, e.cy, max_radius
 
 
+def _mid_site(rng, layer: _Layer, x: float, max_radius: float) -> tuple[float, float, float]:
+  """A lesion site half-way through `layer`, at a lateral offset drawn in [-x, x]."""
+  x = rng.uniform(-x, x)
+  return x, (layer.top.at(x) + layer.bottom.at(x)) / 2, max_radius
+
+
 def _in_frame(e: _Ellipse, du: float, dv: float, a: float, b: float) -> _Ellipse:
   """An ellipse at offset (du, dv) in e's rotated frame (units of e's semi-axes), sharing its rotation."""
   x, y = e.point(du, dv)
@@ -271,9 +277,7 @@ def _breast(rng) -> _Scene:
     (_layer(pec, pec_bottom), 0.55, 0.0),
     (rib, 2.5, 150.0),
   ]
-  x = rng.uniform(-0.12, 0.12)
-  depth = (gland.top.at(x) + gland.bottom.at(x)) / 2
-  return _Scene(0.3, regions, gland, (x, depth, 0.45 * (bottom - top)))
+  return _Scene(0.3, regions, gland, _mid_site(rng, gland, 0.12, 0.45 * (bottom - top)))
 
 
 def _kidney(rng) -> _Scene:
@@ -362,9 +366,7 @@ def _skin(rng) -> _Scene:
     (septa, 1.2, 0.0),
     (_layer(fascia, fascia + 0.015), 2.0, 0.0),
   ]
-  x = rng.uniform(-0.12, 0.12)
-  depth = (epidermis + dermis.bottom.at(x)) / 2
-  return _Scene(0.5, regions, dermis, (x, depth, 0.45 * (bottom - epidermis)))
+  return _Scene(0.5, regions, dermis, _mid_site(rng, dermis, 0.12, 0.45 * (bottom - epidermis)))
 
 
 def _muscle(rng) -> _Scene:
@@ -383,8 +385,7 @@ def _muscle(rng) -> _Scene:
     (_layer(bottom, fascia), 2.2, 0.0),
     (_layer(bone, bone._replace(depth=bone.depth + 0.03)), 4.0, 150.0),
   ]
-  x = rng.uniform(-0.12, 0.12)
-  return _Scene(0.7, regions, belly, (x, (top + bottom.at(x)) / 2, 0.3 * (bottom.depth - top)))
+  return _Scene(0.7, regions, belly, _mid_site(rng, belly, 0.12, 0.3 * (bottom.depth - top)))
 
 
 def _pancreas(rng) -> _Scene:
@@ -436,10 +437,7 @@ def _colorectum(rng) -> _Scene:
     regions.append(
       (_Ellipse(rng.uniform(-0.3, 0.3), depth + rng.uniform(0.1, 0.4), r, 0.7 * r), 0.3, 0.0)
     )
-  x = rng.uniform(-0.1, 0.1)
-  return _Scene(
-    1.1, regions, wall, (x, (wall.top.at(x) + wall.bottom.at(x)) / 2, 0.6 * (depth - top))
-  )
+  return _Scene(1.1, regions, wall, _mid_site(rng, wall, 0.1, 0.6 * (depth - top)))
 
 
 def _nerve(rng) -> _Scene:
