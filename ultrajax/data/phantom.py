@@ -578,11 +578,6 @@ def speckle_envelope(
   return _envelope(rng, np.ones(shape, np.float32), psf_sigma)
 
 
-def _psf_sigma(size: int) -> tuple[float, float]:
-  # Speckle grains shrink with the field of view in pixels, floored so they stay resolved.
-  return max(0.75, size / 256), max(1.25, 2.0 * size / 256)
-
-
 def _paint(
   scene: _Scene, regions: list, g: _Grid, attenuation: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -651,7 +646,9 @@ def generate(
   # enhancement behind strong and weak attenuators.
   transmission = np.exp(-np.cumsum(atten, axis=0) * np.float32(geo.dz))
   gain = 10.0 ** (rng.uniform(-3.0, 3.0) / 20)
-  envelope = _envelope(rng, np.sqrt(echo * transmission) * np.float32(gain), _psf_sigma(image_size))
+  # Speckle grains shrink with the field of view in pixels, floored so they stay resolved.
+  psf_sigma = max(0.75, image_size / 256), max(1.25, 2.0 * image_size / 256)
+  envelope = _envelope(rng, np.sqrt(echo * transmission) * np.float32(gain), psf_sigma)
   db = 20.0 * np.log10(envelope + np.float32(1e-6))
   grey = 1.0 + 254.0 * np.clip((db - TOP_DB) / dynamic_range_db + 1.0, 0.0, 1.0)
   if geo.fan is not None:
