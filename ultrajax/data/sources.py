@@ -401,7 +401,7 @@ def manifest_clients(
   columns, rows = read_manifest(csv_path, (image_column, *extra_columns))
   base = os.path.dirname(os.path.abspath(csv_path))
   stem = os.path.splitext(os.path.basename(csv_path))[0]
-  groups: dict[str, list[tuple]] = {}  # client -> (row, probe, extras) of each of its rows
+  groups: dict[str, list[tuple]] = {}  # client -> (path, probe, extras) of each of its rows
   fan_columns = [c for c in FAN_COLUMNS if c in columns]
   if fan_columns and len(fan_columns) < len(FAN_COLUMNS):
     raise configlib.DataError(
@@ -417,10 +417,8 @@ def manifest_clients(
     extras = {c: row[c] or "" for c in extra_columns}
     if fan_columns and (fan := _manifest_fan(row, probe, f"manifest {csv_path} line {n}")):
       extras["fan"] = fan
-    groups.setdefault(client, []).append((row, probe, extras))
-  missing = [
-    p for p in (os.path.join(base, r[image_column]) for r in rows) if not os.path.isfile(p)
-  ]
+    groups.setdefault(client, []).append((os.path.join(base, row[image_column]), probe, extras))
+  missing = [p for group in groups.values() for p, _, _ in group if not os.path.isfile(p)]
   if missing:
     raise FileNotFoundError(
       f"manifest {csv_path}: {len(missing)} of {len(rows)} images are missing, e.g. {missing[:3]}"
@@ -428,12 +426,12 @@ def manifest_clients(
   return [
     FolderSource(
       client,
-      [os.path.join(base, r[image_column]) for r, _, _ in group],
+      [path for path, _, _ in group],
       on_bad_image=on_bad_image,
       record_probes=[probe for _, probe, _ in group],
       drop_undecodable=True,
       dicom_frames=dicom_frames,
-      extras=[e for _, _, e in group] if extra_columns or fan_columns else None,
+      extras=[extras for _, _, extras in group],
     )
     for client, group in groups.items()
   ]

@@ -156,8 +156,7 @@ def train_subset(data: TaskData, fraction: float, seed: int) -> np.ndarray:
   Nested: for one seed, the subset for 0.2 contains the one for 0.1. Classification subsets are
   stratified by the label of each patient's first image, so every class keeps its share.
   """
-  if not 0.0 < fraction <= 1.0:
-    raise configlib.ConfigError(f"training fraction {fraction!r} is outside (0, 1]")
+  configlib.check(0.0 < fraction <= 1.0, f"training fraction {fraction!r} is outside (0, 1]")
   train = data.indices("train")
   groups, first = np.unique(data.groups[train], return_index=True)
   rng = np.random.default_rng([seed, 0xF4AC])
