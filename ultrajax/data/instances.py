@@ -75,9 +75,6 @@ class PhantomInstances:
       self._cache[i] = record
     return record
 
-  def category_ids_of(self, i: int) -> np.ndarray:
-    return self[i]["category_ids"]
-
 
 def _decode_segmentation(seg, height: int, width: int, where: str) -> np.ndarray:
   """COCO polygon list, uncompressed RLE or compressed RLE -> uint8 [H, W]."""
@@ -293,9 +290,6 @@ class TfdsInstances:
       file_name=record["path"],
     )
 
-  def category_ids_of(self, i: int) -> np.ndarray:
-    return self[i]["category_ids"]
-
 
 def tfds_instances(
   name: str, data_dir: str, split: str, test_fraction: float, seed: int
@@ -391,7 +385,9 @@ class InstanceDataset:
     selected = keep_categories or [n for n in names if n not in drop_categories]
     self.category_ids = [names[n] for n in selected]
     self.source, self.size, self.max_instances = source, size, max_instances
-    self.indices = [i for i in range(len(source)) if self._keep(source.category_ids_of(i)).any()]
+    # A COCO source lists an image's category ids without decoding it; others build the record.
+    ids_of = getattr(source, "category_ids_of", lambda i: source[i]["category_ids"])
+    self.indices = [i for i in range(len(source)) if self._keep(ids_of(i)).any()]
     self.skipped_images = len(source) - len(self.indices)
     if self.skipped_images:
       logging.info(
