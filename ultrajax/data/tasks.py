@@ -372,16 +372,15 @@ def manifest_task(
         raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
       logging.warning("manifest %s line %d: %s; skipped", csv_path, line, e)
       continue
-    if task_type == "cls":
-      targets.append(class_names.index(row[label_column]))
-    else:
-      if not row[mask_column]:
+    try:  # the mask's and the pixel size's errors name the line
+      if task_type == "cls":
+        targets.append(class_names.index(row[label_column]))
+      elif not row[mask_column]:
         raise configlib.DataError(
-          f"manifest {csv_path} line {line}: empty {mask_column!r} cell "
-          "(a segmentation task needs a mask for every image)"
+          f"empty {mask_column!r} cell (a segmentation task needs a mask for every image)"
         )
-      mask_path = os.path.join(base, row[mask_column])
-      try:  # the decoding, size and value errors name the line
+      else:
+        mask_path = os.path.join(base, row[mask_column])
         mask = sources.decode_image(mask_path)
         mask = mask.max(axis=-1) if mask.ndim == 3 else mask
         if mask.shape != image.shape[:2]:
@@ -390,21 +389,20 @@ def manifest_task(
             f"{image.shape[1]}x{image.shape[0]}"
           )
         mask = mask_classes(mask, mask_mode, class_names, mask_path)
-      except configlib.DataError as e:
-        raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
-      targets.append(resize_mask(mask, image_size))
+        targets.append(resize_mask(mask, image_size))
+      if SPACING_COLUMN in columns:
+        try:
+          pixel_mm = float(row[SPACING_COLUMN])
+        except ValueError:
+          pixel_mm = float("nan")
+        if not (np.isfinite(pixel_mm) and pixel_mm > 0):
+          raise configlib.DataError(
+            f"column {SPACING_COLUMN!r} is {row[SPACING_COLUMN]!r}, not a positive pixel size in mm"
+          )
+        spacing.append(input_spacing(pixel_mm, image.shape[:2], image_size))
+    except configlib.DataError as e:
+      raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
     images.append(resize_image(image, image_size))
-    if SPACING_COLUMN in columns:
-      try:
-        pixel_mm = float(row[SPACING_COLUMN])
-      except ValueError:
-        pixel_mm = float("nan")
-      if not (np.isfinite(pixel_mm) and pixel_mm > 0):
-        raise configlib.DataError(
-          f"manifest {csv_path} line {line}: column {SPACING_COLUMN!r} "
-          f"is {row[SPACING_COLUMN]!r}, not a positive pixel size in mm"
-        )
-      spacing.append(input_spacing(pixel_mm, image.shape[:2], image_size))
     group = row[group_column] if group_column in columns else ""
     groups.append(group or f"row{line}")
     splits.append(row[split_column] if split_column in columns else "")
