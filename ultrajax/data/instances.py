@@ -75,9 +75,6 @@ class PhantomInstances:
       self._cache[i] = record
     return record
 
-  def category_ids_of(self, i: int) -> np.ndarray:
-    return self[i]["category_ids"]
-
 
 def _decode_segmentation(seg, height: int, width: int, where: str) -> np.ndarray:
   """COCO polygon list, uncompressed RLE or compressed RLE -> uint8 [H, W]."""
@@ -293,9 +290,6 @@ class TfdsInstances:
       file_name=record["path"],
     )
 
-  def category_ids_of(self, i: int) -> np.ndarray:
-    return self[i]["category_ids"]
-
 
 def tfds_instances(
   name: str, data_dir: str, split: str, test_fraction: float, seed: int
@@ -343,27 +337,23 @@ def prepare(record: dict, size: int, max_instances: int, hflip: bool = False) ->
       f"the image is {(height, width)}"
     )
   h, w = resized_shape(height, width, size)
+  # hflip mirrors the image's extent only, so the padding stays bottom/right.
+  columns = slice(None, None, -1 if hflip else 1)
   out_image = np.zeros((size, size, 3), np.uint8)
-  out_image[:h, :w] = _resize(image, h, w)
+  out_image[:h, :w] = _resize(image, h, w)[:, columns]
   out_masks = np.zeros((max_instances, size, size), np.uint8)
   for j, m in enumerate(masks):
-    out_masks[j, :h, :w] = _resize(m.astype(np.uint8) * 255, h, w) >= 128
+    out_masks[j, :h, :w] = (_resize(m.astype(np.uint8) * 255, h, w) >= 128)[:, columns]
   n = len(masks)
   pad = lambda x: np.pad(np.asarray(x[:n], np.int32), (0, max_instances - n))
-  out = dict(
+  return dict(
     image=out_image,
     masks=out_masks,
-    valid=np.arange(max_instances) < n,
+    valid=(np.arange(max_instances) < n) & out_masks.reshape(max_instances, -1).any(-1),
     category_ids=pad(record["category_ids"]),
     classes=pad(record["classes"]),
     hw=np.asarray([h, w], np.int32),
   )
-  if hflip:
-    # Flip the image's extent only, so the padding stays bottom/right.
-    out["image"][:h, :w] = out["image"][:h, :w][:, ::-1]
-    out["masks"][:, :h, :w] = out["masks"][:, :h, :w][:, :, ::-1]
-  out["valid"] &= out["masks"].reshape(max_instances, -1).any(-1)
-  return out
 
 
 class InstanceDataset:
@@ -390,27 +380,22 @@ class InstanceDataset:
     for name in (*keep_categories, *drop_categories):
       if name not in names:
         raise InstanceDataError(
-          f"category {name!r} is not in {getattr(source, 'name', 'the source')}"
-          f" (its categories: {sorted(names)})"
+          f"category {name!r} is not in {source.name} (its categories: {sorted(names)})"
         )
-    if keep_categories:
-      self.category_ids = [names[n] for n in keep_categories]
-    else:
-      self.category_ids = [i for n, i in names.items() if n not in drop_categories]
+    selected = keep_categories or [n for n in names if n not in drop_categories]
+    self.category_ids = [names[n] for n in selected]
     self.source, self.size, self.max_instances = source, size, max_instances
-    self.indices = [i for i in range(len(source)) if self._keep(source.category_ids_of(i)).any()]
+    # A COCO source lists an image's category ids without decoding it; others build the record.
+    ids_of = getattr(source, "category_ids_of", lambda i: source[i]["category_ids"])
+    self.indices = [i for i in range(len(source)) if self._keep(ids_of(i)).any()]
     self.skipped_images = len(source) - len(self.indices)
     if self.skipped_images:
-      categories = sorted(keep_categories or set(names) - set(drop_categories))
       logging.info(
-        f"{getattr(source, 'name', 'source')}: skipped {self.skipped_images} of {len(source)} "
-        f"images without instances of categories {categories}."
+        f"{source.name}: skipped {self.skipped_images} of {len(source)} images without "
+        f"instances of categories {sorted(selected)}."
       )
     if not self.indices:
-      raise InstanceDataError(
-        f"{getattr(source, 'name', 'the source')}: no image has an instance "
-        "of the selected categories"
-      )
+      raise InstanceDataError(f"{source.name}: no image has an instance of the selected categories")
 
   def _keep(self, category_ids) -> np.ndarray:
     return np.isin(np.asarray(category_ids), self.category_ids)
@@ -457,8 +442,8 @@ def classified_instances(dataset: InstanceDataset) -> dict:
       classes.append(example["classes"][keep])
   if not images:
     raise InstanceDataError(
-      f"{getattr(dataset.source, 'name', 'the source')}: no instance of the "
-      "selected categories has a class (COCO: a `class_label` > 0)"
+      f"{dataset.source.name}: no instance of the selected categories has a class "
+      "(COCO: a `class_label` > 0)"
     )
   return dict(
     images=np.stack(images),

@@ -36,7 +36,7 @@ into a fan whose apex lies above the image:
     +-----------+
 
 generate's fan_angle_deg and apex_radius change the fan; a convex record carries its exact fan in
-pixels (`fan`, see fan_geometry), which SMAT's convex -> linear warp unwarps.
+pixels (`fan`), which SMAT's convex -> linear warp unwarps.
 
 Labels. 0 normal (no lesion), 1 benign (oval, parallel, smooth margin; a solid hypoechoic nodule or an
 anechoic cyst with posterior enhancement), 2 malignant (irregular spiculated outline, very hypoechoic,
@@ -217,6 +217,12 @@ def _site_in(rng, e: _Ellipse, max_radius: float) -> tuple[float, float, float]:
   return e.cx, e.cy, max_radius
 
 
+def _mid_site(rng, layer: _Layer, x: float, max_radius: float) -> tuple[float, float, float]:
+  """A lesion site half-way through `layer`, at a lateral offset drawn in [-x, x]."""
+  x = rng.uniform(-x, x)
+  return x, (layer.top.at(x) + layer.bottom.at(x)) / 2, max_radius
+
+
 def _in_frame(e: _Ellipse, du: float, dv: float, a: float, b: float) -> _Ellipse:
   """An ellipse at offset (du, dv) in e's rotated frame (units of e's semi-axes), sharing its rotation."""
   x, y = e.point(du, dv)
@@ -271,9 +277,7 @@ def _breast(rng) -> _Scene:
     (_layer(pec, pec_bottom), 0.55, 0.0),
     (rib, 2.5, 150.0),
   ]
-  x = rng.uniform(-0.12, 0.12)
-  depth = (gland.top.at(x) + gland.bottom.at(x)) / 2
-  return _Scene(0.3, regions, gland, (x, depth, 0.45 * (bottom - top)))
+  return _Scene(0.3, regions, gland, _mid_site(rng, gland, 0.12, 0.45 * (bottom - top)))
 
 
 def _kidney(rng) -> _Scene:
@@ -362,9 +366,7 @@ def _skin(rng) -> _Scene:
     (septa, 1.2, 0.0),
     (_layer(fascia, fascia + 0.015), 2.0, 0.0),
   ]
-  x = rng.uniform(-0.12, 0.12)
-  depth = (epidermis + dermis.bottom.at(x)) / 2
-  return _Scene(0.5, regions, dermis, (x, depth, 0.45 * (bottom - epidermis)))
+  return _Scene(0.5, regions, dermis, _mid_site(rng, dermis, 0.12, 0.45 * (bottom - epidermis)))
 
 
 def _muscle(rng) -> _Scene:
@@ -383,8 +385,7 @@ def _muscle(rng) -> _Scene:
     (_layer(bottom, fascia), 2.2, 0.0),
     (_layer(bone, bone._replace(depth=bone.depth + 0.03)), 4.0, 150.0),
   ]
-  x = rng.uniform(-0.12, 0.12)
-  return _Scene(0.7, regions, belly, (x, (top + bottom.at(x)) / 2, 0.3 * (bottom.depth - top)))
+  return _Scene(0.7, regions, belly, _mid_site(rng, belly, 0.12, 0.3 * (bottom.depth - top)))
 
 
 def _pancreas(rng) -> _Scene:
@@ -436,10 +437,7 @@ def _colorectum(rng) -> _Scene:
     regions.append(
       (_Ellipse(rng.uniform(-0.3, 0.3), depth + rng.uniform(0.1, 0.4), r, 0.7 * r), 0.3, 0.0)
     )
-  x = rng.uniform(-0.1, 0.1)
-  return _Scene(
-    1.1, regions, wall, (x, (wall.top.at(x) + wall.bottom.at(x)) / 2, 0.6 * (depth - top))
-  )
+  return _Scene(1.1, regions, wall, _mid_site(rng, wall, 0.1, 0.6 * (depth - top)))
 
 
 def _nerve(rng) -> _Scene:
@@ -502,6 +500,7 @@ class _Geometry(NamedTuple):
   image: _Grid  # the output pixels
   fan: np.ndarray | None  # [S, S] bool, pixels with echo data; None: all of them
   scan: np.ndarray | None  # [2, S, S] echo-grid (row, col) of each pixel, for scan conversion
+  fan_pixels: dict | None  # a convex record's `fan`
   dz: float  # depth step between echo-grid rows
   pixel: float  # output pixel size
 
@@ -512,28 +511,6 @@ def _frozen(*arrays):
   return arrays
 
 
-def _fan_scale(size: int, half: float, r0: float) -> float:
-  """Pixels per depth unit: the fan's bounding box fits the image, centred, touching the top."""
-  r1 = r0 + 1.0
-  return min(size / (2 * r1 * math.sin(half)), size / (r1 - r0 * math.cos(half)))
-
-
-def fan_geometry(
-  image_size: int, fan_angle_deg: float = FAN_ANGLE_DEG, apex_radius: float = APEX_RADIUS
-) -> dict:
-  """The exact fan of a convex phantom image, in its pixels (pixel (i, j) centred at row i,
-  column j; the fields of ultramim.geometry.Fan). A pixel has echo data iff its centre is inside."""
-  half = math.radians(fan_angle_deg) / 2
-  s = _fan_scale(image_size, half, apex_radius)
-  return dict(
-    apex_x=image_size / 2 - 0.5,
-    apex_y=-apex_radius * math.cos(half) * s - 0.5,
-    fan_angle_deg=float(fan_angle_deg),
-    inner_radius=apex_radius * s,
-    outer_radius=(apex_radius + 1.0) * s,
-  )
-
-
 @functools.lru_cache(maxsize=32)
 def _geometry(
   probe: str, size: int, fan_angle_deg: float = FAN_ANGLE_DEG, apex_radius: float = APEX_RADIUS
@@ -541,10 +518,20 @@ def _geometry(
   if probe == "linear":
     v, u = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
     grid = _Grid(*_frozen(u - 0.5, v, v))
-    return _Geometry(grid, grid, None, None, 1.0 / size, 1.0 / size)
+    return _Geometry(grid, grid, None, None, None, 1.0 / size, 1.0 / size)
   half, r0 = math.radians(fan_angle_deg) / 2, apex_radius
   r1 = r0 + 1.0
-  s = _fan_scale(size, half, r0)
+  # Pixels per depth unit: the fan's bounding box fits the image, centred, touching the top.
+  s = min(size / (2 * r1 * math.sin(half)), size / (r1 - r0 * math.cos(half)))
+  # The fan in pixels (pixel (i, j) centred at row i, column j; the fields of
+  # ultramim.geometry.Fan). A pixel has echo data iff its centre is inside.
+  pixels = dict(
+    apex_x=size / 2 - 0.5,
+    apex_y=-r0 * math.cos(half) * s - 0.5,
+    fan_angle_deg=float(fan_angle_deg),
+    inner_radius=r0 * s,
+    outer_radius=r1 * s,
+  )
   # About one echo sample per output pixel: radially, and across the beams on the deepest arc.
   nr, nt = math.ceil(s), math.ceil(2 * half * r1 * s)
   r = r0 + (np.arange(nr, dtype=np.float32) + 0.5) / nr
@@ -557,7 +544,7 @@ def _geometry(
   fan = (rr >= r0) & (rr <= r1) & (np.abs(tt) <= half)
   scan = np.stack([(rr - r0) * nr - 0.5, (tt + half) / (2 * half) * nt - 0.5])
   image = _Grid(*_frozen(x, ya - r0, rr - r0))
-  return _Geometry(echo, image, *_frozen(fan, scan), 1.0 / nr, 1.0 / s)
+  return _Geometry(echo, image, *_frozen(fan, scan), pixels, 1.0 / nr, 1.0 / s)
 
 
 def _kernel(sigma: float) -> np.ndarray:
@@ -591,11 +578,6 @@ def speckle_envelope(
   return _envelope(rng, np.ones(shape, np.float32), psf_sigma)
 
 
-def _psf_sigma(size: int) -> tuple[float, float]:
-  # Speckle grains shrink with the field of view in pixels, floored so they stay resolved.
-  return max(0.75, size / 256), max(1.25, 2.0 * size / 256)
-
-
 def _paint(
   scene: _Scene, regions: list, g: _Grid, attenuation: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -626,7 +608,8 @@ def generate(
   (apex_radius in units of the imaging depth).
   Returns image uint8 [S, S] (0 only outside a convex fan), organ_mask and lesion_mask uint8 [S, S]
   in {0, 1} (lesion_mask inside organ_mask; empty iff label == 0), label int (index into LABELS),
-  organ and probe (the arguments); convex images also `fan`, their exact fan_geometry.
+  organ and probe (the arguments); convex images also `fan`, their exact fan in
+  pixels (the fields of ultramim.geometry.Fan; a pixel has echo data iff its centre is inside).
   """
   if organ not in _SCENES:
     raise ValueError(f"organ={organ!r} is not one of {ORGANS}")
@@ -663,7 +646,9 @@ def generate(
   # enhancement behind strong and weak attenuators.
   transmission = np.exp(-np.cumsum(atten, axis=0) * np.float32(geo.dz))
   gain = 10.0 ** (rng.uniform(-3.0, 3.0) / 20)
-  envelope = _envelope(rng, np.sqrt(echo * transmission) * np.float32(gain), _psf_sigma(image_size))
+  # Speckle grains shrink with the field of view in pixels, floored so they stay resolved.
+  psf_sigma = max(0.75, image_size / 256), max(1.25, 2.0 * image_size / 256)
+  envelope = _envelope(rng, np.sqrt(echo * transmission) * np.float32(gain), psf_sigma)
   db = 20.0 * np.log10(envelope + np.float32(1e-6))
   grey = 1.0 + 254.0 * np.clip((db - TOP_DB) / dynamic_range_db + 1.0, 0.0, 1.0)
   if geo.fan is not None:
@@ -680,5 +665,5 @@ def generate(
     "probe": probe,
   }
   if geo.fan is not None:
-    record["fan"] = fan_geometry(int(image_size), fan_angle_deg, apex_radius)
+    record["fan"] = dict(geo.fan_pixels)
   return record

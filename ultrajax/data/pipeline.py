@@ -19,7 +19,6 @@ import functools
 import math
 import operator
 import sys
-import zlib
 from collections.abc import Callable
 
 import grain
@@ -28,6 +27,7 @@ from absl import flags
 from PIL import Image
 
 from ultrajax import configlib
+from ultrajax.data import sources
 
 
 def random_resized_crop_params(
@@ -324,7 +324,7 @@ class ScanModePartners:
   """SMAT: the n records of source, then round(ratio * n) scan-mode partners.
 
   ratio is synthetic per real image (1 = UltraFedFM's 1:1): partner j converts source record
-  j mod n while whole passes fit, then a subset drawn from (seed, crc32 of the name), in order;
+  j mod n while whole passes fit, then sources.drawn_subset(source, rest, seed), in order;
   a ratio over 1 repeats partners (the warp is deterministic), weighting them up.
   convert maps a record dict to its partner in the other scan mode (e.g. linear -> convex).
   Where it returns None (probe unknown) the partner is the record itself: the length, and so
@@ -341,19 +341,16 @@ class ScanModePartners:
     self.name, self.probe = source.name, ""
     n = len(source)
     full, rest = divmod(round(ratio * n), n)
-    rng = np.random.default_rng([int(seed), zlib.crc32(source.name.encode())])
     # partner j converts source record self.of[j]
     self.of = np.concatenate(
-      [np.tile(np.arange(n), full), np.sort(rng.choice(n, rest, replace=False))]
+      [np.tile(np.arange(n), full), sources.drawn_subset(source, rest, seed)]
     ).astype(np.int64)
 
   def __len__(self) -> int:
     return len(self.source) + len(self.of)
 
   def __getitem__(self, index: int) -> dict:
-    n = len(self.source)
-    if not 0 <= index < len(self):
-      raise IndexError(f"index {index} out of range for {len(self)} records")
+    n, index = len(self.source), sources.check_index(self, index)
     if index < n:
       return self.source[index]
     record = self.source[int(self.of[index - n])]

@@ -166,9 +166,9 @@ def _decode_dicom(path: str):
     raise BadImageError(str(e)) from e
 
 
-def _dicom_frames(paths, per_record, rule: str):
+def _dicom_frames(paths, fields, rule: str):
   """paths with each bare DICOM file replaced by its frames under `rule` (unreadable headers kept
-  as they are, for on_bad_image), and the `per_record` lists repeated to match."""
+  as they are, for on_bad_image), and the per-record `fields` repeated to match."""
   expanded = [[p] for p in paths]
   for j, p in enumerate(paths):
     if dicom.is_dicom(p) and dicom.split_frame(p)[1] is None:
@@ -178,7 +178,7 @@ def _dicom_frames(paths, per_record, rule: str):
         pass
   return (
     [f for frames in expanded for f in frames],
-    *([v for v, frames in zip(values, expanded) for _ in frames] for values in per_record),
+    [dict(v) for v, frames in zip(fields, expanded) for _ in frames],
   )
 
 
@@ -220,16 +220,17 @@ class FolderSource:
         raise ValueError(
           f"{what} has {len(values)} entries for {len(paths)} paths of client {name!r}"
         )
-    paths, record_probes, extras = _dicom_frames(paths, (record_probes, extras), dicom_frames)
-    self.name, self.paths, self.on_bad_image = name, [str(p) for p in paths], on_bad_image
-    self.record_probes = [
-      _check_probe(p, f"probe of {path}") for p, path in zip(record_probes, paths)
+    # Each record's fields besides its image, path and DICOM spacing: its probe, then its extras.
+    fields = [
+      {"probe": _check_probe(p, f"probe of {path}"), **e}
+      for p, e, path in zip(record_probes, extras, paths)
     ]
-    self.probe = _common_probe(self.record_probes)
-    self.extras = [dict(e) for e in extras]
+    paths, self._fields = _dicom_frames(paths, fields, dicom_frames)
+    self.name, self.paths, self.on_bad_image = name, [str(p) for p in paths], on_bad_image
     self._warned: dict[str, object] = {}  # path -> the call that warned (prefetch threads race)
     if drop_undecodable and on_bad_image == "skip":
       self._drop_undecodable()
+    self.probe = _common_probe(f["probe"] for f in self._fields)
 
   def _drop_undecodable(self) -> None:
     def error(path):
@@ -254,9 +255,7 @@ class FolderSource:
         f"not decode and are left out (FedAvg weight n_k = {len(keep)})"
       )
       self.paths = [self.paths[i] for i in keep]
-      self.record_probes = [self.record_probes[i] for i in keep]
-      self.extras = [self.extras[i] for i in keep]
-      self.probe = _common_probe(self.record_probes)
+      self._fields = [self._fields[i] for i in keep]
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -264,13 +263,7 @@ class FolderSource:
   def _record(self, i: int) -> dict:
     path = self.paths[i]
     image, spacing = _decode_dicom(path) if dicom.is_dicom(path) else (decode_image(path), None)
-    return {
-      "image": image,
-      "path": path,
-      **dicom.record_extras(spacing),
-      "probe": self.record_probes[i],
-      **self.extras[i],
-    }
+    return {"image": image, "path": path, **dicom.record_extras(spacing), **self._fields[i]}
 
   def __getitem__(self, i: int) -> dict:
     n, i = len(self.paths), check_index(self, i)
@@ -408,7 +401,7 @@ def manifest_clients(
   columns, rows = read_manifest(csv_path, (image_column, *extra_columns))
   base = os.path.dirname(os.path.abspath(csv_path))
   stem = os.path.splitext(os.path.basename(csv_path))[0]
-  groups: dict[str, list[tuple]] = {}  # client -> (row, probe, extras) of each of its rows
+  groups: dict[str, list[tuple]] = {}  # client -> (path, probe, extras) of each of its rows
   fan_columns = [c for c in FAN_COLUMNS if c in columns]
   if fan_columns and len(fan_columns) < len(FAN_COLUMNS):
     raise configlib.DataError(
@@ -424,10 +417,8 @@ def manifest_clients(
     extras = {c: row[c] or "" for c in extra_columns}
     if fan_columns and (fan := _manifest_fan(row, probe, f"manifest {csv_path} line {n}")):
       extras["fan"] = fan
-    groups.setdefault(client, []).append((row, probe, extras))
-  missing = [
-    p for p in (os.path.join(base, r[image_column]) for r in rows) if not os.path.isfile(p)
-  ]
+    groups.setdefault(client, []).append((os.path.join(base, row[image_column]), probe, extras))
+  missing = [p for group in groups.values() for p, _, _ in group if not os.path.isfile(p)]
   if missing:
     raise FileNotFoundError(
       f"manifest {csv_path}: {len(missing)} of {len(rows)} images are missing, e.g. {missing[:3]}"
@@ -435,12 +426,12 @@ def manifest_clients(
   return [
     FolderSource(
       client,
-      [os.path.join(base, r[image_column]) for r, _, _ in group],
+      [path for path, _, _ in group],
       on_bad_image=on_bad_image,
       record_probes=[probe for _, probe, _ in group],
       drop_undecodable=True,
       dicom_frames=dicom_frames,
-      extras=[e for _, _, e in group] if extra_columns or fan_columns else None,
+      extras=[extras for _, _, extras in group],
     )
     for client, group in groups.items()
   ]
@@ -512,13 +503,17 @@ class SubsetSource:
 
 def fraction_of(source, fraction: float, seed: int):
   """A random `fraction` of a client's images (data-fraction scaling studies): max(1,
-  round(fraction * n)) records drawn without replacement from (seed, crc32 of the name), kept in
-  their order; the source itself when fraction is 1."""
+  round(fraction * n)) records (drawn_subset), kept in their order; the source itself when
+  fraction is 1."""
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f"fraction={fraction!r} is not in (0, 1]")
-  n = len(source)
   if fraction == 1.0:
     return source
+  return SubsetSource(source, drawn_subset(source, max(1, round(fraction * len(source))), seed))
+
+
+def drawn_subset(source, k: int, seed: int) -> np.ndarray:
+  """[k] sorted indices of `source`'s records drawn without replacement from (seed, crc32 of
+  its name)."""
   rng = np.random.default_rng([int(seed), zlib.crc32(source.name.encode())])
-  keep = max(1, round(fraction * n))
-  return SubsetSource(source, np.sort(rng.choice(n, keep, replace=False)))
+  return np.sort(rng.choice(len(source), k, replace=False))

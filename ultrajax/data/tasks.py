@@ -17,19 +17,15 @@ Without a split column, patients are split with a seed by `split_fractions` (tra
 so no patient straddles two splits. Images are resized to S x S without keeping the aspect ratio
 (bilinear; masks nearest), and grey images become three equal channels.
 
-Labels are checked, not guessed. Classification: `classes` ('a,b,c') fixes the class order and
-any other label is an error naming it and its first line; '' takes the labels found, sorted.
-Either way the classes are logged with their counts per split, and a class with a single image
-or missing from a split gets a warning. Segmentation masks (colour masks: the channel maximum)
-are read by `mask_mode`:
-  binary     2 classes (background, foreground; `classes` may rename them). A mask of only 0
-             and 1 is taken as is. Otherwise a pixel is foreground when its value is >= 128, so
-             0/255 PNGs and JPEG-compressed 0/255 masks (whose pixels scatter near 0 and 255,
-             e.g. {0, 1, 251, 253, 255}) give the same {0, 1} map. Refused, naming the file and
-             its values: masks with more than 5% of the pixels >= 64 in the ambiguous band 64..191
-             (0/128 masks, grey-level or multi-class maps; JPEG re-encoding of a 0/255 mask puts
-             under 1% there, measured at quality 50 to 95), and masks whose values are all
-             below 64 but not just 0/1 (class ids {0, 1, 2}, a 0/1 mask saved as JPEG).
+Labels are checked, not guessed (docs/reliability.md gives the rules with examples and their
+measured why). Classification: `classes` ('a,b,c') fixes the class order and any other label is an
+error naming it and its first line; '' takes the labels found, sorted. Classes are logged with
+their counts per split, with a warning for a class with a single image or missing from a split.
+Segmentation masks (colour masks: the channel maximum) are read by `mask_mode`:
+  binary     2 classes (background, foreground; `classes` may rename them). A 0/1 mask is taken as
+             is, otherwise foreground is >= 128 (0/255 PNG and JPEG masks alike). Refused, naming
+             the file and its values: more than 5% of the pixels >= 64 in the band 64..191, or all
+             values below 64 but not just 0/1.
   class_ids  pixel values are class ids 0..K-1, K = len(`classes`), which must be declared
              (background first); an id outside them is an error naming the file and the ids.
 """
@@ -160,16 +156,13 @@ def train_subset(data: TaskData, fraction: float, seed: int) -> np.ndarray:
   Nested: for one seed, the subset for 0.2 contains the one for 0.1. Classification subsets are
   stratified by the label of each patient's first image, so every class keeps its share.
   """
-  if not 0.0 < fraction <= 1.0:
-    raise configlib.ConfigError(f"training fraction {fraction!r} is outside (0, 1]")
+  configlib.check(0.0 < fraction <= 1.0, f"training fraction {fraction!r} is outside (0, 1]")
   train = data.indices("train")
-  groups = np.unique(data.groups[train])
+  groups, first = np.unique(data.groups[train], return_index=True)
   rng = np.random.default_rng([seed, 0xF4AC])
   if data.task_type == "cls":
-    first = {}
-    for i in train:
-      first.setdefault(data.groups[i], int(data.targets[i]))
-    strata = [groups[np.array([first[g] for g in groups]) == c] for c in range(data.num_classes)]
+    first_label = data.targets[train[first]]
+    strata = [groups[first_label == c] for c in range(data.num_classes)]
   else:
     strata = [groups]
   keep = []
@@ -230,10 +223,10 @@ def phantom_task(
         if name not in class_names:
           continue
         targets.append(class_names.index(name))
-      elif seg_target in ("lesion", "organ"):
-        targets.append(r[f"{seg_target}_mask"])
+      elif both:
+        targets.append(np.maximum(r["organ_mask"], 2 * r["lesion_mask"]))
       else:
-        targets.append(np.maximum(r["organ_mask"], 2 * r["lesion_mask"]).astype(np.uint8))
+        targets.append(r[f"{seg_target}_mask"])
       images.append(to_rgb(r["image"]))
       groups.append(f"{organ}/{i}")
   if not images:
@@ -379,16 +372,15 @@ def manifest_task(
         raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
       logging.warning("manifest %s line %d: %s; skipped", csv_path, line, e)
       continue
-    if task_type == "cls":
-      targets.append(class_names.index(row[label_column]))
-    else:
-      if not row[mask_column]:
+    try:  # the mask's and the pixel size's errors name the line
+      if task_type == "cls":
+        targets.append(class_names.index(row[label_column]))
+      elif not row[mask_column]:
         raise configlib.DataError(
-          f"manifest {csv_path} line {line}: empty {mask_column!r} cell "
-          "(a segmentation task needs a mask for every image)"
+          f"empty {mask_column!r} cell (a segmentation task needs a mask for every image)"
         )
-      mask_path = os.path.join(base, row[mask_column])
-      try:  # the decoding, size and value errors name the line
+      else:
+        mask_path = os.path.join(base, row[mask_column])
         mask = sources.decode_image(mask_path)
         mask = mask.max(axis=-1) if mask.ndim == 3 else mask
         if mask.shape != image.shape[:2]:
@@ -397,21 +389,20 @@ def manifest_task(
             f"{image.shape[1]}x{image.shape[0]}"
           )
         mask = mask_classes(mask, mask_mode, class_names, mask_path)
-      except configlib.DataError as e:
-        raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
-      targets.append(resize_mask(mask, image_size))
+        targets.append(resize_mask(mask, image_size))
+      if SPACING_COLUMN in columns:
+        try:
+          pixel_mm = float(row[SPACING_COLUMN])
+        except ValueError:
+          pixel_mm = float("nan")
+        if not (np.isfinite(pixel_mm) and pixel_mm > 0):
+          raise configlib.DataError(
+            f"column {SPACING_COLUMN!r} is {row[SPACING_COLUMN]!r}, not a positive pixel size in mm"
+          )
+        spacing.append(input_spacing(pixel_mm, image.shape[:2], image_size))
+    except configlib.DataError as e:
+      raise configlib.DataError(f"manifest {csv_path} line {line}: {e}") from None
     images.append(resize_image(image, image_size))
-    if SPACING_COLUMN in columns:
-      try:
-        pixel_mm = float(row[SPACING_COLUMN])
-      except ValueError:
-        pixel_mm = float("nan")
-      if not (np.isfinite(pixel_mm) and pixel_mm > 0):
-        raise configlib.DataError(
-          f"manifest {csv_path} line {line}: column {SPACING_COLUMN!r} "
-          f"is {row[SPACING_COLUMN]!r}, not a positive pixel size in mm"
-        )
-      spacing.append(input_spacing(pixel_mm, image.shape[:2], image_size))
     group = row[group_column] if group_column in columns else ""
     groups.append(group or f"row{line}")
     splits.append(row[split_column] if split_column in columns else "")
@@ -512,17 +503,12 @@ def load_task(data_config, task_type: str, image_size: int) -> TaskData:
     )
     where = f"phantom {task_type} task on {organs}"
   elif c.source == "manifest":
+    fields = ("image_column", "mask_column", "label_column", "group_column", "split_column")
     data = manifest_task(
       c.manifest,
       task_type,
       image_size,
-      image_column=c.image_column,
-      mask_column=c.mask_column,
-      label_column=c.label_column,
-      group_column=c.group_column,
-      split_column=c.split_column,
-      classes=c.classes,
-      on_bad_image=c.on_bad_image,
+      **{field: getattr(c, field) for field in (*fields, "classes", "on_bad_image")},
       mask_mode=mask_mode,
     )
     where = f"manifest {c.manifest}"
