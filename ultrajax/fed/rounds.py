@@ -162,16 +162,21 @@ class LaneState(NamedTuple):
   @property
   def lanes(self) -> tuple:
     """What the lanes train: (params, model_state, opt_state, ctx)."""
-    return self.params, self.model_state, self.opt_state, self.ctx
+    return self[:4]
+
+  def with_lanes(self, lanes) -> LaneState:
+    return LaneState(*lanes, *self[4:])
+
+
+def _client_start(strategy, strategy_state, server: Server, clients):
+  """strategy.client_start of each of `clients` [K]: (params, model_state, ctx) [K, ...]."""
+  return jax.vmap(strategy.client_start, in_axes=(None, None, 0))(strategy_state, server, clients)
 
 
 def _load(strategy, strategy_state, client_opt_state, server: Server, clients):
   """What the lanes hold when they start `clients` [L]: params, model state, opt state, ctx."""
-  params, model_state, ctx = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(
-    strategy_state, server, clients
-  )
-  opt_state = jax.tree.map(lambda a: a[clients], client_opt_state)
-  return params, model_state, opt_state, ctx
+  params, model_state, ctx = _client_start(strategy, strategy_state, server, clients)
+  return params, model_state, jax.tree.map(lambda a: a[clients], client_opt_state), ctx
 
 
 def start_round(
@@ -197,10 +202,7 @@ def finish_round(strategy, state: LaneState, server: Server, round_key):
 
 def client_models(strategy, strategy_state, server: Server, num_clients: int):
   """(params, model_state) [C, ...]: the model each client would start its next round from."""
-  params, model_state, _ = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(
-    strategy_state, server, jnp.arange(num_clients)
-  )
-  return params, model_state
+  return _client_start(strategy, strategy_state, server, jnp.arange(num_clients))[:2]
 
 
 def make_chunk(
@@ -241,10 +243,10 @@ def make_chunk(
         opt_state, lr_fn(round_index + step_id.astype(jnp.float32) / steps)
       )
     updates, new_opt = tx.update(grads, new_opt, params)
-    new = (optax.apply_updates(params, updates), new_ms, new_opt)
+    new = (optax.apply_updates(params, updates), new_ms, new_opt, ctx)
     if on_nonfinite == "skip":
-      new = divergence.keep_if(finite, new, (params, model_state, opt_state))
-    return *new, metrics
+      new = divergence.keep_if(finite, new, lane)
+    return new, metrics
 
   def chunk(
     server: Server,
@@ -283,19 +285,14 @@ def make_chunk(
 
       def load(state):
         fresh = _load(strategy, state.strategy_state, state.client_opt_state, server, c)
-        params, model_state, opt_state, ctx = select(first, fresh, state.lanes)
-        return state._replace(params=params, model_state=model_state, opt_state=opt_state, ctx=ctx)
+        return state.with_lanes(select(first, fresh, state.lanes))
 
       state = jax.lax.cond(first.any(), load, lambda s: s, state)
       keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(c)
-      params, model_state, opt_state, metrics = _over_lanes(one_step, num_lanes)(
+      lanes, metrics = _over_lanes(one_step, num_lanes)(
         state.lanes, batch, step_id, steps_per_client[c], round_index, keys
       )
-      state = state._replace(
-        params=select(active, params, state.params),
-        model_state=select(active, model_state, state.model_state),
-        opt_state=select(active, opt_state, state.opt_state),
-      )
+      state = state.with_lanes(select(active, lanes, state.lanes))
       for lane in range(num_lanes):
         state = jax.lax.cond(
           last[lane], functools.partial(finish, lane, c[lane]), lambda s: s, state
