@@ -1,26 +1,18 @@
 """The federated round engine: C clients' local training on L parallel lanes (a scan over steps
-of a vmap over lanes), driven by a strategy's hooks (fed/strategies.py). Any pytree.
+of a vmap over lanes), driven by a strategy's hooks (fed/strategies.py). Any pytree. How a job
+drives it: docs/federated.md, "The engine".
 
 Clients differ in size, so running every client in parallel (one lane each) wastes the steps
 where small clients wait for the largest one. Instead a round is *planned* over its
 participants: clients are packed onto L lanes (longest first, onto the least loaded lane), each
 lane trains its clients one after another, and L is chosen so the round is no longer than the
-largest client's local epoch. When a lane starts client c it loads what the strategy says c
-starts from (`client_start`: the server params, or c's own), c's optimizer state and c's
-context for `local_grad_transform`; when c's last step is done the strategy adds c to the
-round's accumulator (`on_client_done`) and c's optimizer state is stored back; after the last
-chunk `server_update` makes the next server params. So a round's result is exactly that of
-training each client on its own, whatever L. Model state that is not trained (BatchNorm
-statistics) travels with the lanes like the params.
-
-A job: plan = plan_round(steps * participating, L, K); state = start_round(...); for each
-K-step block of the plan, state, metrics = chunk(...); finish_round(...) (docs/federated.md).
+largest client's local epoch. A lane loads what `client_start` gives a client and its optimizer
+state at the client's first step and hands the client to `on_client_done` after its last, so a
+round's result is exactly that of training each client on its own, whatever L.
 
 Per-client randomness: key(round, client, step) = fold_in(fold_in(round_key, client), step),
 independent of lanes and chunking, so a resumed run draws exactly the same masks; the
-server's key (DP noise, ...) is fold_in(round_key, SERVER_KEY). The step's gradient comes from
-`strategy.local_value_and_grad(loss_fn)` (example-level DP-SGD draws its noise from the step's
-key there, privacy.dp_sgd_value_and_grad).
+server's key (DP noise, ...) is fold_in(round_key, SERVER_KEY).
 """
 
 from __future__ import annotations
