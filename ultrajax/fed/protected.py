@@ -451,8 +451,7 @@ class SecureAvg(strategies.FedAvg):
     return jax.lax.fori_loop(0, num_clients, add_pair, y)
 
   def on_client_done(self, acc, state, server: Server, done: Finished):
-    num = acc["done"].shape[0]
-    up = self.upload(state, server, done, num)
+    up = self.upload(state, server, done, acc["done"].shape[0])
     return {
       "masked": (acc["masked"] + up) & self._ring_mask(),
       "done": acc["done"].at[done.index].set(True),

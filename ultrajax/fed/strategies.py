@@ -101,8 +101,6 @@ def kept_leaves(patterns, tree) -> list:
 
 def with_kept(patterns, tree, leaves):
   """`tree` with its matching leaves replaced, in order, by `leaves` (kept_leaves' inverse)."""
-  if not patterns:
-    return tree
   is_local, it = _is_local(patterns), iter(leaves)
   return jax.tree_util.tree_map_with_path(lambda kp, x: next(it) if is_local(kp) else x, tree)
 
