@@ -446,11 +446,7 @@ def submission(argv: list[str]) -> list[str]:
   """The `flwr run` command line for `python -m ultrajax.fl.server` with these arguments
   (--config=FILE[:preset] --workdir=DIR [--config.f=v ...] [flwr run flags, e.g. the SuperLink
   connection name]), after checking the config and writing DIR/flower_app."""
-  args = {
-    a.split("=", 1)[0]: a.split("=", 1)[1]
-    for a in argv
-    if a.startswith(("--config=", "--workdir="))
-  }
+  args = dict(a.split("=", 1) for a in argv if a.startswith(("--config=", "--workdir=")))
   configlib.check(
     "--config" in args and "--workdir" in args,
     "python -m ultrajax.fl.server needs --config=FILE[:preset] and --workdir=DIR",
