@@ -190,12 +190,9 @@ def compiled(config) -> Compiled:
     del key  # the site's own key(round, site_id, step) travels with the batch
     return base_loss(params, batch["images"], jax.random.wrap_key_data(batch["key"]))
 
+  loss_fn = rounds.without_model_state(site_loss)
   engine_chunk = rounds.make_chunk(
-    rounds.without_model_state(site_loss),
-    programs.tx,
-    programs.strategy,
-    programs.lr_fn,
-    config.on_nonfinite,
+    loss_fn, programs.tx, programs.strategy, programs.lr_fn, config.on_nonfinite
   )
 
   def chunk(server_params, state, *args):  # args: engine_chunk's after the state
