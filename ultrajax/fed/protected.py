@@ -1,13 +1,10 @@
 """Privacy and robustness as strategies of the federated engine (issue 20; hooks: fed/strategies.py).
 
-Registered by name for `fed.strategy` (options through `fed.strategy_options`; docs/privacy.md):
-  dp_fedavg        DPFedAvg: client-level DP-FedAvg, fixed or adaptive clipping, an accountant
-  fedavg_screened, median, trimmed_mean, krum, multi_krum, norm_bound
-                   Robust: fed/robust.py's rules over the screened updates
-  secagg           SecureAvg: FedAvg through simulated secure aggregation (fed/secagg.py)
-  dp_secagg        DPSecureAvg: DP-FedAvg through secagg (distributed DP)
-`wrap` puts the job config's wrappers around any of the engine's strategies: DPSGD
-(config.dp_sgd) and ScaledClients (config.fed.attack, simulation only).
+DP-FedAvg, the robust rules over screened updates (fed/robust.py), simulated secure aggregation
+(fed/secagg.py) and DP through it are registered by name for `fed.strategy` at the end of this
+file (options through `fed.strategy_options`; docs/privacy.md). `wrap` puts the job config's
+wrappers around any of the engine's strategies: DPSGD (config.dp_sgd) and ScaledClients
+(config.fed.attack, simulation only).
 
 State that must survive a resume (the accountant's round count, the clip norm, the secure
 aggregation round counter) lives in the strategy state, which the jobs checkpoint.
@@ -95,13 +92,9 @@ class DPFedAvg(strategies.FedAvg):
 
   def __post_init__(self):
     _no_keep_local(self)
-    if self.weighting != "uniform":
-      raise ValueError(
-        f"dp_fedavg: weighting={self.weighting!r}; DP-FedAvg averages uniformly "
-        "(the fixed denominator bounds each client's influence)"
-      )
     _check_fields(
       self,
+      ("weighting", self.weighting == "uniform", "'uniform' (m bounds each client's influence)"),
       ("clip_norm", self.clip_norm > 0, "> 0"),
       ("noise_multiplier", self.noise_multiplier > 0, "> 0"),
       ("target_quantile", 0 < self.target_quantile < 1, "in (0, 1)"),
@@ -458,8 +451,7 @@ class SecureAvg(strategies.FedAvg):
     return jax.lax.fori_loop(0, num_clients, add_pair, y)
 
   def on_client_done(self, acc, state, server: Server, done: Finished):
-    num = acc["done"].shape[0]
-    up = self.upload(state, server, done, num)
+    up = self.upload(state, server, done, acc["done"].shape[0])
     return {
       "masked": (acc["masked"] + up) & self._ring_mask(),
       "done": acc["done"].at[done.index].set(True),
@@ -494,18 +486,14 @@ class SecureAvg(strategies.FedAvg):
 # ----------------------------------------------------------------------------- DP + SecAgg
 @dataclasses.dataclass(frozen=True)
 class DPSecureAvg(DPFedAvg, SecureAvg):
-  """DP-FedAvg whose sum goes through secure aggregation (distributed DP).
+  """DP-FedAvg whose sum goes through secure aggregation (distributed DP; docs/privacy.md).
 
-  The server never sees one client's update, so it cannot add DP-FedAvg's noise to a clipped
-  update it does not have: each client clips D_k to C and adds its own share
-  N(0, (z C)^2 / m) before quantising and masking, so the m expected participants' shares sum
-  to N(0, (z C)^2), DP-FedAvg's noise on the sum; the server unmasks the sum, divides by m and
-  adds it to x. The accountant, budget stop and report are dp_fedavg's. The share assumes m
-  clients upload: fewer (dropouts) leave less noise than accounted, so Poisson sampling (a
-  random cohort size) is refused and dropouts are the deployment's to over-provision for.
-  Fixed clipping only (the adaptive clip's unclipped count would need its own secure sum).
-  Each client's noise key comes from its own secret and the round (a real client draws it
-  privately). Model state is averaged with the weights inside the masked vector, as secagg.
+  The server never sees one client's update, so each client clips D_k to C and adds its own
+  share N(0, (z C)^2 / m) before quantising and masking: the m expected participants' shares
+  sum to N(0, (z C)^2), DP-FedAvg's noise on the sum, and the server divides the unmasked sum by
+  m. Fewer uploads than m leave less noise than accounted, so Poisson sampling (a random
+  cohort size) is refused; fixed clipping only (the adaptive clip's count would need its own
+  secure sum). Each client's noise key comes from its own secret and the round.
   """
 
   name: str = "dp_secagg"
@@ -591,17 +579,13 @@ class Wrapped:
 
 @dataclasses.dataclass(frozen=True)
 class DPSGD(Wrapped):
-  """Example-level DP-SGD (Abadi et al. 2016) in every client's local steps, any strategy.
-
-  Each local gradient is privacy.dp_sgd_value_and_grad's: per-example gradients clipped to
-  clip_norm C, summed, N(0, (z C)^2) added, divided by B (noise from the step's key, so a
-  resumed run draws the same). Accounting per client k: a Poisson-sampled Gaussian at rate
-  q_k = B / n_k per step, over the local steps k has taken so far (counted in the state's
-  'dp_sgd_clients', checkpointed with it); `report` gives epsilon at delta per client and
-  their maximum; epsilon_budget > 0 stops the run before a round that would take any client
-  past it. The protected unit is one training example of one client (an image; with SMAT
-  its synthetic partner is a second example from the same image).
-  batch_size, num_examples, steps_per_round: set by `for_data` from the job's data.
+  """Example-level DP-SGD (Abadi et al. 2016) in every client's local steps, any strategy
+  (docs/privacy.md): privacy.dp_sgd_value_and_grad's clipped, noised per-example gradients.
+  Accounting per client k: a Poisson-sampled Gaussian at rate q_k = B / n_k per step, over the
+  local steps k has taken so far (the state's 'dp_sgd_clients'); epsilon_budget > 0 stops the
+  run before a round that would take any client past it. batch_size, num_examples,
+  steps_per_round: set by `for_data` from the job's data. `wrap` builds it from config.dp_sgd,
+  whose fields it checks.
   """
 
   noise_multiplier: float = 1.0
@@ -612,21 +596,6 @@ class DPSGD(Wrapped):
   batch_size: int = 0
   num_examples: tuple = ()
   steps_per_round: tuple = ()
-
-  def __post_init__(self):
-    for name, ok in (
-      ("noise_multiplier", self.noise_multiplier > 0),
-      ("clip_norm", self.clip_norm > 0),
-      ("delta", 0 < self.delta < 1),
-      ("epsilon_budget", self.epsilon_budget >= 0),
-      ("accountant", self.accountant in privacy.ACCOUNTANTS),
-    ):
-      if not ok:
-        raise configlib.ConfigError(
-          f"config.dp_sgd.{name}={getattr(self, name)!r} is invalid: noise_multiplier > 0 "
-          f"(0 turns DP-SGD off), clip_norm > 0, delta in (0, 1), epsilon_budget >= 0 "
-          f"(0: none), accountant one of {privacy.ACCOUNTANTS}"
-        )
 
   def local_value_and_grad(self, loss_fn):
     return privacy.dp_sgd_value_and_grad(loss_fn, self.clip_norm, self.noise_multiplier)

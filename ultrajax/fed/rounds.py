@@ -1,26 +1,18 @@
 """The federated round engine: C clients' local training on L parallel lanes (a scan over steps
-of a vmap over lanes), driven by a strategy's hooks (fed/strategies.py). Any pytree.
+of a vmap over lanes), driven by a strategy's hooks (fed/strategies.py). Any pytree. How a job
+drives it: docs/federated.md, "The engine".
 
 Clients differ in size, so running every client in parallel (one lane each) wastes the steps
 where small clients wait for the largest one. Instead a round is *planned* over its
 participants: clients are packed onto L lanes (longest first, onto the least loaded lane), each
 lane trains its clients one after another, and L is chosen so the round is no longer than the
-largest client's local epoch. When a lane starts client c it loads what the strategy says c
-starts from (`client_start`: the server params, or c's own), c's optimizer state and c's
-context for `local_grad_transform`; when c's last step is done the strategy adds c to the
-round's accumulator (`on_client_done`) and c's optimizer state is stored back; after the last
-chunk `server_update` makes the next server params. So a round's result is exactly that of
-training each client on its own, whatever L. Model state that is not trained (BatchNorm
-statistics) travels with the lanes like the params.
-
-A job: plan = plan_round(steps * participating, L, K); state = start_round(...); for each
-K-step block of the plan, state, metrics = chunk(...); finish_round(...) (docs/federated.md).
+largest client's local epoch. A lane loads what `client_start` gives a client and its optimizer
+state at the client's first step and hands the client to `on_client_done` after its last, so a
+round's result is exactly that of training each client on its own, whatever L.
 
 Per-client randomness: key(round, client, step) = fold_in(fold_in(round_key, client), step),
 independent of lanes and chunking, so a resumed run draws exactly the same masks; the
-server's key (DP noise, ...) is fold_in(round_key, SERVER_KEY). The step's gradient comes from
-`strategy.local_value_and_grad(loss_fn)` (example-level DP-SGD draws its noise from the step's
-key there, privacy.dp_sgd_value_and_grad).
+server's key (DP noise, ...) is fold_in(round_key, SERVER_KEY).
 """
 
 from __future__ import annotations
@@ -162,16 +154,21 @@ class LaneState(NamedTuple):
   @property
   def lanes(self) -> tuple:
     """What the lanes train: (params, model_state, opt_state, ctx)."""
-    return self.params, self.model_state, self.opt_state, self.ctx
+    return self[:4]
+
+  def with_lanes(self, lanes) -> LaneState:
+    return LaneState(*lanes, *self[4:])
+
+
+def _client_start(strategy, strategy_state, server: Server, clients):
+  """strategy.client_start of each of `clients` [K]: (params, model_state, ctx) [K, ...]."""
+  return jax.vmap(strategy.client_start, in_axes=(None, None, 0))(strategy_state, server, clients)
 
 
 def _load(strategy, strategy_state, client_opt_state, server: Server, clients):
   """What the lanes hold when they start `clients` [L]: params, model state, opt state, ctx."""
-  params, model_state, ctx = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(
-    strategy_state, server, clients
-  )
-  opt_state = jax.tree.map(lambda a: a[clients], client_opt_state)
-  return params, model_state, opt_state, ctx
+  params, model_state, ctx = _client_start(strategy, strategy_state, server, clients)
+  return params, model_state, jax.tree.map(lambda a: a[clients], client_opt_state), ctx
 
 
 def start_round(
@@ -197,10 +194,7 @@ def finish_round(strategy, state: LaneState, server: Server, round_key):
 
 def client_models(strategy, strategy_state, server: Server, num_clients: int):
   """(params, model_state) [C, ...]: the model each client would start its next round from."""
-  params, model_state, _ = jax.vmap(strategy.client_start, in_axes=(None, None, 0))(
-    strategy_state, server, jnp.arange(num_clients)
-  )
-  return params, model_state
+  return _client_start(strategy, strategy_state, server, jnp.arange(num_clients))[:2]
 
 
 def make_chunk(
@@ -241,10 +235,10 @@ def make_chunk(
         opt_state, lr_fn(round_index + step_id.astype(jnp.float32) / steps)
       )
     updates, new_opt = tx.update(grads, new_opt, params)
-    new = (optax.apply_updates(params, updates), new_ms, new_opt)
+    new = (optax.apply_updates(params, updates), new_ms, new_opt, ctx)
     if on_nonfinite == "skip":
-      new = divergence.keep_if(finite, new, (params, model_state, opt_state))
-    return *new, metrics
+      new = divergence.keep_if(finite, new, lane)
+    return new, metrics
 
   def chunk(
     server: Server,
@@ -283,19 +277,14 @@ def make_chunk(
 
       def load(state):
         fresh = _load(strategy, state.strategy_state, state.client_opt_state, server, c)
-        params, model_state, opt_state, ctx = select(first, fresh, state.lanes)
-        return state._replace(params=params, model_state=model_state, opt_state=opt_state, ctx=ctx)
+        return state.with_lanes(select(first, fresh, state.lanes))
 
       state = jax.lax.cond(first.any(), load, lambda s: s, state)
       keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(c)
-      params, model_state, opt_state, metrics = _over_lanes(one_step, num_lanes)(
+      lanes, metrics = _over_lanes(one_step, num_lanes)(
         state.lanes, batch, step_id, steps_per_client[c], round_index, keys
       )
-      state = state._replace(
-        params=select(active, params, state.params),
-        model_state=select(active, model_state, state.model_state),
-        opt_state=select(active, opt_state, state.opt_state),
-      )
+      state = state.with_lanes(select(active, lanes, state.lanes))
       for lane in range(num_lanes):
         state = jax.lax.cond(
           last[lane], functools.partial(finish, lane, c[lane]), lambda s: s, state

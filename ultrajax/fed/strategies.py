@@ -1,12 +1,13 @@
 """Federated strategies: what a client adds to a round and how the server moves, as hooks.
 
 fed/ knows nothing of models: params and model state are any pytrees. Build a strategy by
-name, `make_strategy(name, **options)` (the keys of `STRATEGIES`; an unknown name or option
-raises ValueError listing the valid ones). Strategies are frozen dataclasses (hashable), so
-they can be closed over or passed as static arguments to `jax.jit`.
+name, `make_strategy(name, **options)` (the keys of `STRATEGIES`, with fed/protected.py's
+privacy and robust ones; math, options and defaults in docs/federated.md). Strategies are frozen
+dataclasses (hashable), so they can be closed over or passed as static arguments to `jax.jit`.
 
-The engine (fed/rounds.py, docs/federated.md) drives a round through these hooks; `server`
-is `Server(params, model_state)` at the round's start, `c` a client index (int32 scalar):
+The engine (fed/rounds.py) drives a round through these hooks (the table in docs/federated.md
+says what each strategy does in them); `server` is `Server(params, model_state)` at the round's
+start, `c` a client index (int32 scalar):
 
   weights = strategy.client_weights(num_examples)     # np [C], sums to 1 ('weighting' option)
   state = strategy.init(server_params, num_clients, model_state)
@@ -15,31 +16,16 @@ is `Server(params, model_state)` at the round's start, `c` a client index (int32
   params, model_state, ctx = strategy.client_start(state, server, c)
       # what client c trains from, and its context for local_grad_transform (one client).
   (loss, (model_state, aux)), grads = strategy.local_value_and_grad(loss_fn)(...)
-      # the local step's gradient (DP-SGD: per-example clipping and noise)
-  grads = strategy.local_grad_transform(grads, params, ctx)
-      # every local gradient, before the optimizer: FedProx adds mu (w - w_start), SCAFFOLD
-      # adds c - c_i. The job's loss never depends on the strategy.
+  grads = strategy.local_grad_transform(grads, params, ctx)   # every local gradient
   acc = strategy.accumulator(state, server, num_clients)    # the round's running sums
   acc, state = strategy.on_client_done(acc, state, server, done: Finished)
       # called once per finishing client (one client); may write that client's own slots of
       # `state` (its controls, kept leaves): no other client reads them this round.
   server, state = strategy.server_update(acc, state, server, key)
-      # the next round's server params and model state.
 
-`Finished.weight` is the client's population weight (client_weights); the FedAvg mean divides
-by the sum of the weights of the clients that finished, which renormalises it over the round's
-participants. Model state (BatchNorm statistics) is averaged like the params, never moved by a
-server optimizer or a control variate.
-
-Keep-local (FedBN, local heads): every strategy takes `keep_local`, a tuple of regular
-expressions searched (`re.search`) in each leaf's slash-joined path (`train.tree.path_str`,
-e.g. 'encoder/layer1/0/bn1/scale'). Matching leaves are never averaged: each client keeps the
-value its own last local training produced (stored per client in the state), for parameters
-and model state alike. A pattern that matches no path raises ValueError at `init`.
-
-Names: the keys of `STRATEGIES` (a class and its fixed options each; fed/protected.py adds the
-privacy and robust ones); math, options and defaults in docs/federated.md. 'splitavg' needs a
-split model, so it has its own driver, `local.make_splitavg_round`.
+Model state (BatchNorm statistics) is averaged like the params, never moved by a server
+optimizer or a control variate. 'splitavg' needs a split model, so it has its own driver,
+`local.make_splitavg_round`.
 """
 
 from __future__ import annotations
@@ -115,8 +101,6 @@ def kept_leaves(patterns, tree) -> list:
 
 def with_kept(patterns, tree, leaves):
   """`tree` with its matching leaves replaced, in order, by `leaves` (kept_leaves' inverse)."""
-  if not patterns:
-    return tree
   is_local, it = _is_local(patterns), iter(leaves)
   return jax.tree_util.tree_map_with_path(lambda kp, x: next(it) if is_local(kp) else x, tree)
 
@@ -157,8 +141,12 @@ class FedAvg:
   """Weighted mean of the finished clients' params (and model state); the base every strategy
   specialises.
 
-  weighting: 'volume' (n_k / n, n_k = training examples of node k) or 'uniform' (1 / C).
-  keep_local: path regexes of leaves that are never averaged.
+  weighting: 'volume' (n_k / n, n_k = training examples of node k) or 'uniform' (1 / C); the
+  mean divides by the finished clients' weights, which renormalises it over the participants.
+  keep_local (FedBN, local heads): regexes searched in each leaf's `train.tree.path_str` (e.g.
+  'encoder/layer1/0/bn1/scale'); matching leaves, params and model state alike, are never
+  averaged: each client keeps what its own last local training produced (stored per client).
+  A pattern that matches no path raises ValueError at `init`.
   """
 
   name: str = "fedavg"

@@ -10,12 +10,10 @@ simulation writes (Orbax checkpoints with the strategy state, metrics.jsonl, Ten
 reconstruction PNGs drawn on phantom images: the server holds no patient data), and a
 restarted server resumes from its last checkpoint.
 
-A site that fails or does not answer within config.fl.round_timeout_s is left out of the
-round: the weights are renormalised over the sites that answered, and the metrics log
-`clients` and `dropped`. With fewer than config.fl.min_clients answers (0 = every connected
-site) the round is sent again, up to config.fl.retries times, then the server stops. With
-config.fl.secagg the round runs Flower's SecAgg+ workflow instead (secure.py), so only the
-MEAN strategies run under it.
+A site that fails or does not answer in time is left out of the round (weights renormalised
+over the sites that answered, `dropped` logged); too few answers send the round again
+(config.fl: docs/deployment.md). With config.fl.secagg the round runs Flower's SecAgg+ workflow
+instead (secure.py), so only the MEAN strategies run under it.
 """
 
 from __future__ import annotations
@@ -67,11 +65,7 @@ class Coordinator:
       params = self.programs.init_params(model_key)
       return params, dict(strategy=init_strategy(params), rounds=np.int32(0))
 
-    like_params = jax.eval_shape(self.programs.init_params, model_key)
-    like_train = dict(
-      strategy=jax.eval_shape(init_strategy, like_params),
-      rounds=jax.ShapeDtypeStruct((), np.int32),
-    )
+    like_params, like_train = jax.eval_shape(init)
     with jax.set_mesh(self.mesh):
       self.start, self.params, train = loop.resume_or_init(
         self.ckpt, like_params, like_train, init, config=config
@@ -96,10 +90,6 @@ class Coordinator:
     if "c" in self.strategy_state:
       out["control"] = params_lib.to_arrays(self.strategy_state["c"])
     return out
-
-  def stop_reason(self) -> str | None:
-    """Why no further round may run (DP-FedAvg's spent privacy budget), or None."""
-    return self.strategy.stop_reason(self.start, self.strategy_state)
 
   def apply(
     self,
@@ -332,7 +322,7 @@ def run(
     )
     try:
       for r in range(coord.start, last):
-        why = coord.stop_reason()
+        why = coord.strategy.stop_reason(coord.start, coord.strategy_state)
         if why:  # DP-FedAvg's privacy budget: keep round r's state, end the run cleanly
           logging.warning("Stopping before round %d: %s", r + 1, why)
           coord.checkpoint()
@@ -385,16 +375,14 @@ def run(
           )
         if failures:
           logging.warning("round %d: weights renormalised over sites %s", r + 1, sorted(ids))
-        seconds = time.perf_counter() - t0
-        name = config.fed.strategy
-        if name in site_lib.PER_SITE:
-          updates = [a["update"] for a, _ in ok]
-          scalars = coord.apply_each(updates, results, len(failures), seconds)
-        elif name in site_lib.CONTROL:
+        args = results, len(failures), time.perf_counter() - t0
+        if config.fed.strategy in site_lib.PER_SITE:
+          scalars = coord.apply_each([a["update"] for a, _ in ok], *args)
+        elif config.fed.strategy in site_lib.CONTROL:
           mean_control = weighted_mean([a["control_delta"] for a, _ in ok], weights)
-          scalars = coord.apply(mean_update, results, len(failures), seconds, mean_control)
+          scalars = coord.apply(mean_update, *args, mean_control)
         else:
-          scalars = coord.apply(mean_update, results, len(failures), seconds)
+          scalars = coord.apply(mean_update, *args)
         logging.info(
           "round %d/%d  loss %.4f  %d sites (%d dropped)",
           r + 1,
@@ -458,11 +446,7 @@ def submission(argv: list[str]) -> list[str]:
   """The `flwr run` command line for `python -m ultrajax.fl.server` with these arguments
   (--config=FILE[:preset] --workdir=DIR [--config.f=v ...] [flwr run flags, e.g. the SuperLink
   connection name]), after checking the config and writing DIR/flower_app."""
-  args = {
-    a.split("=", 1)[0]: a.split("=", 1)[1]
-    for a in argv
-    if a.startswith(("--config=", "--workdir="))
-  }
+  args = dict(a.split("=", 1) for a in argv if a.startswith(("--config=", "--workdir=")))
   configlib.check(
     "--config" in args and "--workdir" in args,
     "python -m ultrajax.fl.server needs --config=FILE[:preset] and --workdir=DIR",

@@ -42,9 +42,8 @@ def validate(config) -> None:
   pretrain_checks.validate(config)
   configlib.check(
     config.target == "pixels",
-    f"config.target={config.target!r}: federated "
-    "deployment runs pixel targets only (a teacher would have to be shipped to "
-    "every site)",
+    f"config.target={config.target!r}: federated deployment runs pixel targets only (a "
+    "teacher would have to be shipped to every site)",
   )
   name = config.fed.strategy
   configlib.check(
@@ -65,9 +64,8 @@ def validate(config) -> None:
   )
   configlib.check(
     f.clients_per_round == 0 and f.dropout == 0,
-    "deployment: every connected site "
-    "trains every round; set config.fed.clients_per_round=0 and config.fed.dropout=0 "
-    "(sites that do not answer are left out and logged)",
+    "deployment: every connected site trains every round; set config.fed.clients_per_round=0 "
+    "and config.fed.dropout=0 (sites that do not answer are left out and logged)",
   )
   for field in ("min_clients", "retries", "keep_site_states", "num_sites"):
     configlib.check_range(config, f"fl.{field}", 0)
@@ -150,13 +148,8 @@ def secagg_weight(strategy, num_images: int) -> int:
 
 def round_scalars(metrics) -> dict:
   """A site's reply scalars (a Flower MetricRecord or dict) with their types."""
-  return dict(
-    site_id=int(metrics["site_id"]),
-    num_images=int(metrics["num_images"]),
-    steps=int(metrics["steps"]),
-    loss=float(metrics["loss"]),
-    grad_norm=float(metrics["grad_norm"]),
-  )
+  types = dict(site_id=int, num_images=int, steps=int, loss=float, grad_norm=float)
+  return {name: kind(metrics[name]) for name, kind in types.items()}
 
 
 def training_keys(config):
@@ -197,12 +190,9 @@ def compiled(config) -> Compiled:
     del key  # the site's own key(round, site_id, step) travels with the batch
     return base_loss(params, batch["images"], jax.random.wrap_key_data(batch["key"]))
 
+  loss_fn = rounds.without_model_state(site_loss)
   engine_chunk = rounds.make_chunk(
-    rounds.without_model_state(site_loss),
-    programs.tx,
-    programs.strategy,
-    programs.lr_fn,
-    config.on_nonfinite,
+    loss_fn, programs.tx, programs.strategy, programs.lr_fn, config.on_nonfinite
   )
 
   def chunk(server_params, state, *args):  # args: engine_chunk's after the state
@@ -223,10 +213,9 @@ class Site:
     clients = clients_lib.client_sources(config)
     configlib.check(
       len(clients) == 1,
-      f"a site trains one client, its own data; the config "
-      f"gives {len(clients)} ({[c.name for c in clients][:4]}): point "
-      "config.data at this site's images only, or set config.data.clients=NAME "
-      "or config.data.pool_clients=True",
+      f"a site trains one client, its own data; the config gives {len(clients)} "
+      f"({[c.name for c in clients][:4]}): point config.data at this site's images only, or "
+      "set config.data.clients=NAME or config.data.pool_clients=True",
     )
     self.source = clients[0]
     self.site_id = config.fl.site_id
@@ -244,7 +233,6 @@ class Site:
     pieces = compiled(config)
     self.mesh, self.abstract_params = pieces.mesh, pieces.programs.abstract_params
     self.programs, self._chunk = pieces.programs, pieces.chunk
-    self.abstract_opt = self.programs.abstract_opt
     # SCAFFOLD's control variates c and c_i are float32 trees shaped like the params.
     self.scaffold = isinstance(self.programs.strategy, strategies.Scaffold)
     self.abstract_control = jax.tree.map(
@@ -312,7 +300,7 @@ class Site:
       arrays = {k: f[k] for k in f.files if k != "__meta__"}
     control = {k[len(CONTROL_KEY) :]: v for k, v in arrays.items() if k.startswith(CONTROL_KEY)}
     arrays = {k: v for k, v in arrays.items() if not k.startswith(CONTROL_KEY)}
-    opt = params_lib.from_arrays(arrays, self.abstract_opt, where=str(path))
+    opt = params_lib.from_arrays(arrays, self.programs.abstract_opt, where=str(path))
     if self.config.fed.reset_client_optimizer:
       opt = self.programs.init_opt(server_params)
     if self.scaffold:
@@ -370,18 +358,16 @@ class Site:
         np.int32(round_index),
         round_key,
       )
-      losses, norms = [], []
+      image_size, batch_size = self.config.model.image_size, self.config.data.batch_size
+      metrics = []  # (losses, grad norms) [1, K] of each chunk
       for j in range(self.plan.client_ids.shape[1] // self.chunk_steps):
         p = self.plan.chunk(j, self.chunk_steps)
-        active = p.client_ids[0] >= 0
-        images = np.zeros((1, self.chunk_steps, *self._batch_shape()), np.uint8)
-        for t in np.flatnonzero(active):
+        images = np.zeros((1, self.chunk_steps, batch_size, image_size, image_size, 3), np.uint8)
+        for t in np.flatnonzero(p.client_ids[0] >= 0):
           images[0, t] = next(stream)
         keys = np.asarray(self._step_keys(round_key, p.step_ids[0]))[None]
-        batch = dict(images=images, key=keys)
-        state, chunk_losses, chunk_norms = self._chunk(x, state, batch, p, *round_args)
-        losses.append(np.asarray(chunk_losses))
-        norms.append(np.asarray(chunk_norms))
+        state, *chunk_metrics = self._chunk(x, state, dict(images=images, key=keys), p, *round_args)
+        metrics.append(jax.device_get(chunk_metrics))
       # Lane 0 holds the client's last parameters; its optimizer state was stored back.
       # (Indexed on the host: an eager a[0] would compile once per leaf shape.)
       row = lambda tree: jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(tree))
@@ -389,7 +375,7 @@ class Site:
       new_c_i = None
       if self.scaffold:  # on_client_done wrote c_i' into the client's row
         new_c_i = row(state.strategy_state["c_clients"])
-      losses, norms = np.concatenate(losses, 1), np.concatenate(norms, 1)
+      losses, norms = (np.concatenate(m, 1) for m in zip(*metrics))
       valid = divergence.screen(
         losses,
         self.plan.client_ids >= 0,
@@ -421,10 +407,6 @@ class Site:
       delta = jax.tree.map(lambda a, b: np.asarray(a - b, np.float32), new_c_i, c_i)
       result["control_delta"] = params_lib.to_arrays(delta)
     return result
-
-  def _batch_shape(self):
-    s = self.config.model.image_size
-    return (self.config.data.batch_size, s, s, 3)
 
 
 def load_config(spec: str, overrides: str = ""):
