@@ -176,16 +176,13 @@ def validate(config) -> list[str]:
   c.check(
     bool(config.data.positive_labels), "config.data.positive_labels must name at least one label"
   )
-  if config.data.source == "phantom":
-    bad = [
-      o
-      for o in (*config.data.organs, config.data.single_organ, config.data.sat_organ)
-      if o not in phantom.ORGANS
-    ]
+  d = config.data
+  if d.source == "phantom":
+    bad = [o for o in (*d.organs, d.single_organ, d.sat_organ) if o not in phantom.ORGANS]
     c.check(
       not bad, f"config.data.organs / single_organ / sat_organ: {bad} not in {phantom.ORGANS}"
     )
-    bad = [x for x in config.data.positive_labels if x not in phantom.LABELS]
+    bad = [x for x in d.positive_labels if x not in phantom.LABELS]
     c.check(not bad, f"config.data.positive_labels: {bad} not in {phantom.LABELS}")
   else:
     c.check(
@@ -193,11 +190,10 @@ def validate(config) -> list[str]:
       f"config.scenario={config.scenario!r}: folder and "
       "manifest data keep their own nodes, use scenario='natural'",
     )
-    what = "root" if config.data.source == "folder" else "manifest"
+    what = "root" if d.source == "folder" else "manifest"
     c.check(
-      bool(config.data[what]) and bool(config.data[f"sat_{what}"]),
-      f"config.data.{what} and config.data.sat_{what} must be set for "
-      f"data.source={config.data.source!r}",
+      bool(d[what]) and bool(d[f"sat_{what}"]),
+      f"config.data.{what} and config.data.sat_{what} must be set for data.source={d.source!r}",
     )
   methods = parse_methods(config)
   for method in methods:
@@ -219,35 +215,26 @@ def objective(method: str) -> str:
 
 def build_model(config, method: str, key):
   m = config.model
-  encoder_kwargs = dict(
-    resnet_width=m.resnet_width,
-    resnet_blocks=tuple(m.resnet_blocks),
-    resnet_norm=m.resnet_norm,
-    resnet_stem=m.resnet_stem,
-    vit_width=m.vit_width,
-    vit_depth=m.vit_depth,
-    vit_heads=m.vit_heads,
-    vit_patch=m.vit_patch,
+  common = dict(
+    encoder=m.encoder,
+    image_size=config.data.image_size,
+    # mmoe.make_encoder's arguments: the config's resnet_* and vit_* fields, by name.
+    encoder_kwargs={k: v for k, v in m.items() if k.startswith(("resnet_", "vit_"))},
+    rngs=nnx.Rngs(key),
   )
-  rngs = nnx.Rngs(key)
-  if objective(method) != "single":
-    return mmoe.MMoE(
-      num_tasks=2 if method == "hsl" else 1,
-      encoder=m.encoder,
-      image_size=config.data.image_size,
-      feature_dim=m.feature_dim,
-      num_experts=m.num_experts,
-      expert_hidden=m.expert_hidden,
-      expert_dim=m.expert_dim,
-      tower_hidden=m.tower_hidden,
-      temperature=m.temperature,
-      expert_dropout=m.expert_dropout,
-      tower_dropout=m.tower_dropout,
-      encoder_kwargs=encoder_kwargs,
-      rngs=rngs,
-    )
-  return mmoe.Classifier(
-    encoder=m.encoder, image_size=config.data.image_size, encoder_kwargs=encoder_kwargs, rngs=rngs
+  if objective(method) == "single":
+    return mmoe.Classifier(**common)
+  return mmoe.MMoE(
+    num_tasks=2 if method == "hsl" else 1,
+    feature_dim=m.feature_dim,
+    num_experts=m.num_experts,
+    expert_hidden=m.expert_hidden,
+    expert_dim=m.expert_dim,
+    tower_hidden=m.tower_hidden,
+    temperature=m.temperature,
+    expert_dropout=m.expert_dropout,
+    tower_dropout=m.tower_dropout,
+    **common,
   )
 
 
@@ -926,23 +913,14 @@ def run_study(config, workdir, programs: dict | None = None) -> dict:
     split = nodes.make_split(config, pool, repeat)
     node_names = split.names
     if repeat == 0:
+      node_sets = list(zip(split.train, split.val, split.test))
       counts = np.array(
-        [
-          [np.sum(pool.labels[np.concatenate(sets)] == c) for c in (0, 1)]
-          for sets in zip(split.train, split.val, split.test)
-        ]
+        [np.bincount(pool.labels[np.concatenate(s)], minlength=2) for s in node_sets]
       )
-      for name, (n0, n1), tr, va, te in zip(
-        split.names, counts, split.train, split.val, split.test
-      ):
+      for name, count, sets in zip(split.names, counts, node_sets):
+        sizes = [len(s) for s in sets]
         logging.info(
-          "node %-22s %5d negative %5d positive  %5d train %4d val %5d test",
-          name,
-          n0,
-          n1,
-          len(tr),
-          len(va),
-          len(te),
+          "node %-22s %5d negative %5d positive  %5d train %4d val %5d test", name, *count, *sizes
         )
       partition_plot.plot_partition(
         counts,
@@ -959,12 +937,9 @@ def run_study(config, workdir, programs: dict | None = None) -> dict:
   for row in summary["fairness"]:
     if row["metric"] == "auc":
       logging.info(
-        "%-14s AUC node mean %.3f  worst %.3f (%s)  spread %.3f",
-        row["method"],
-        row["node_mean"],
-        row["worst"],
-        row["worst_node"],
-        row["spread"],
+        "%(method)-14s AUC node mean %(node_mean).3f  worst %(worst).3f (%(worst_node)s)  "
+        "spread %(spread).3f",
+        row,
       )
   logging.info("Study done in %.1f s; tables and plots in %s", time.perf_counter() - t0, workdir)
   return summary
