@@ -151,14 +151,16 @@ def validate_classification(config) -> None:
     )
 
 
-def sam_overrides(model_config) -> tuple[str, dict]:
-  """config.model -> (sam variant, SamConfig overrides)."""
+def sam_config(model_config) -> sam_lib.SamConfig:
+  """config.model -> SamConfig: its variant's with the image, patch and window sizes of
+  config.model, or (variant '') vit_b's with every size from config.model."""
   m = model_config
   shape = dict(image_size=m.image_size, patch_size=m.patch_size, window_size=m.window_size)
   if m.variant:
-    return m.variant, shape
-  return "vit_b", dict(
-    shape,
+    return sam_lib.sam_config(m.variant, **shape)
+  return sam_lib.sam_config(
+    "vit_b",
+    **shape,
     width=m.encoder_width,
     depth=m.encoder_depth,
     num_heads=m.encoder_heads,
@@ -172,15 +174,9 @@ def sam_overrides(model_config) -> tuple[str, dict]:
 
 
 def build_model(config, rngs: nnx.Rngs) -> sam_lib.Sam:
-  variant, overrides = sam_overrides(config.model)
+  m = config.model
   try:
-    return sam_lib.build_sam(
-      variant,
-      rngs=rngs,
-      dtype=vit.DTYPES[config.model.dtype],
-      remat=config.model.remat,
-      **overrides,
-    )
+    return sam_lib.Sam(sam_config(m), dtype=vit.DTYPES[m.dtype], remat=m.remat, rngs=rngs)
   except ValueError as e:
     raise configlib.ConfigError(f"config.model: {e}") from None
 
@@ -221,18 +217,12 @@ def _flat(x):
   return x.reshape((-1,) + x.shape[2:])
 
 
-def sam_config_of(config) -> sam_lib.SamConfig:
-  variant, overrides = sam_overrides(config.model)
-  return sam_lib.sam_config(variant, **overrides)
-
-
 def make_train_step(graphdef, tx, config):
   """(params, opt_state, batch, key) -> (params, opt_state, metrics): one optimizer step.
 
   metrics['loss'] is NaN where the loss or a gradient was not finite; with
   config.on_nonfinite='skip' such a step returns the params and optimizer state it was given.
   """
-  s = sam_config_of(config).low_res_size
   weights = (config.loss.focal, config.loss.dice, config.loss.iou)
   prompt_fn = functools.partial(
     so.training_prompts, p_box=config.prompts.p_box, max_jitter=config.prompts.max_jitter
@@ -240,15 +230,14 @@ def make_train_step(graphdef, tx, config):
 
   def loss_fn(params, batch, key):
     model = nnx.merge(graphdef, params)
-    images = sam_lib.preprocess(batch["image"], config.model.image_size)
-    embeddings = model.encode_image(images)
+    embeddings = model.encode_image(sam_lib.preprocess(batch["image"], config.model.image_size))
     masks = batch["masks"]
-    prompts = so.prompts_for_batch(prompt_fn, key, masks > 0)
-    targets = so.low_res_targets(masks, s)
+    prompts = jax.tree.map(_flat, so.prompts_for_batch(prompt_fn, key, masks > 0))
+    targets = so.low_res_targets(masks, model.config.low_res_size)
     decode = so.instance_decoder(model, embeddings, masks.shape[1])
     return so.sam_loss(
       decode,
-      so.Prompts(_flat(prompts.coords), _flat(prompts.labels)),
+      prompts,
       _flat(targets),
       _flat(batch["valid"]),
       refine=config.loss.refine,
@@ -282,10 +271,10 @@ def make_predict(graphdef, config):
     b, m = masks.shape[:2]
     out = {}
     for prompt, refine in settings:
-      prompts = so.prompts_for_batch(EVAL_PROMPTS[prompt], None, masks > 0)
+      prompts = jax.tree.map(_flat, so.prompts_for_batch(EVAL_PROMPTS[prompt], None, masks > 0))
       logits, score = so.predict_masks(
         decode,
-        so.Prompts(_flat(prompts.coords), _flat(prompts.labels)),
+        prompts,
         refine=refine,
         multimask=not config.loss.refine,
         refine_prompt=config.eval.refine_prompt,
@@ -451,7 +440,7 @@ def run_classification(
 
   rngs = nnx.Rngs(config.seed + 1)
   prompted = prompted_cls.PromptedClassifier(
-    sam_config_of(config),
+    sam_config(config.model),
     len(values),
     global_encoder=global_encoder(config, rngs),
     dtype=vit.DTYPES[config.model.dtype],
