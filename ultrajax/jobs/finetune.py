@@ -234,11 +234,9 @@ PROGRAM_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """What the jitted programs depend on beyond their array arguments: one study shape.
-
-  Hashable (the config frozen), it is their static argument, so JAX's own compilation cache
-  compiles each shape once and every cell of that shape (seeds, variants, fractions with the
-  same number of steps) reuses it. Derived pieces are built on first use.
+  """What the jitted programs depend on beyond their array arguments: one study shape. Hashable,
+  it is their static argument, so JAX's compilation cache compiles each shape once for all its
+  cells (seeds, variants, fractions with the same steps). Derived pieces are built on first use.
   """
 
   config: ml_collections.FrozenConfigDict
@@ -396,9 +394,8 @@ def epoch_order(seed: int, epoch: int, num_images: int, batch: int, passes: int)
   as MAE's fine-tuning loader); so a resumed epoch draws the same order."""
   rng = np.random.default_rng([seed, epoch])
   per_pass = num_images // batch * batch
-  return np.concatenate([rng.permutation(num_images)[:per_pass] for _ in range(passes)]).reshape(
-    -1, batch
-  )
+  order = np.concatenate([rng.permutation(num_images)[:per_pass] for _ in range(passes)])
+  return order.reshape(-1, batch)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -450,13 +447,8 @@ def test_cell(
     per_image = downstream.seg_per_image(
       targets, outputs, data.num_classes, spacing, config.eval.nsd_tolerance
     )
-    loop.atomic_write(
-      run_dir / "test_outputs.npz",
-      dict(
-        test_index=test_idx,
-        per_image=np.stack([per_image[name] for name in downstream.SEG_METRICS], axis=1),
-      ),
-    )
+    table = np.stack([per_image[name] for name in downstream.SEG_METRICS], axis=1)  # [N, M]
+    loop.atomic_write(run_dir / "test_outputs.npz", dict(test_index=test_idx, per_image=table))
     plots.seg_overlays(run_dir / "overlays.png", images, targets, outputs, scores=per_image["dice"])
   sigmas = [float(x) for x in config.eval.blur_sigmas]
   if not sigmas:
@@ -563,10 +555,8 @@ def train_one(
   class_weights = np.ones(data.num_classes, np.float32)
   if config.task_type == "cls" and config.loss.class_weights == "balanced":
     class_weights = losses.balanced_class_weights(data.targets[train_idx], data.num_classes)
-    logging.info(
-      "Class weights (balanced over the training images): %s",
-      dict(zip(data.class_names, np.round(class_weights, 3).tolist())),
-    )
+    named = dict(zip(data.class_names, np.round(class_weights, 3).tolist()))
+    logging.info("Class weights (balanced over the training images): %s", named)
   class_weights = loop.put_global(class_weights, setup.replicated)
   select = config.train.select_metric
   writers.truncate_jsonl(run_dir / "metrics.jsonl", start, key="epoch")
@@ -679,9 +669,8 @@ def write_summary(workdir: pathlib.Path, rows: list[dict], select: str) -> None:
     curves = {}
     for r in rows:
       if r["metric"] == select:
-        curves.setdefault(r["variant"], []).append(
-          (r["fraction"], r["mean"], r["ci_low"], r["ci_high"])
-        )
+        point = (r["fraction"], r["mean"], r["ci_low"], r["ci_high"])
+        curves.setdefault(r["variant"], []).append(point)
     plots.label_efficiency(workdir / "label_efficiency.png", curves, select)
 
 
