@@ -280,17 +280,11 @@ def make_predict(graphdef, config):
         refine_prompt=config.eval.refine_prompt,
         input_size=config.model.image_size,
       )
-      out[setting_name(prompt, refine)] = (
-        logits.reshape((b, m) + logits.shape[1:]),
-        score.reshape(b, m),
-      )
+      name = f"{prompt}_refined" if refine else prompt
+      out[name] = (logits.reshape((b, m) + logits.shape[1:]), score.reshape(b, m))
     return out
 
   return predict
-
-
-def setting_name(prompt: str, refine: bool) -> str:
-  return f"{prompt}_refined" if refine else prompt
 
 
 def lr_schedule(o):
@@ -447,9 +441,6 @@ def run_classification(
     rngs=rngs,
   )
   prompted_cls.load_sam_parts(prompted, params)
-  models = dict(
-    prompted=prompted, plain=nnx.Linear(config.model.prompt_dim, len(values), rngs=rngs)
-  )
   prompt_eval = EVAL_PROMPTS[cc.prompt]
   prompt_fn = functools.partial(
     so.training_prompts, p_box=config.prompts.p_box, max_jitter=config.prompts.max_jitter
@@ -462,7 +453,8 @@ def run_classification(
   def plain_logits(model, emb, images, masks, key):
     return model(emb.mean((1, 2)))
 
-  logits_fns = dict(prompted=prompted_logits, plain=plain_logits)
+  plain = nnx.Linear(config.model.prompt_dim, len(values), rngs=rngs)
+  classifiers = dict(prompted=(prompted, prompted_logits), plain=(plain, plain_logits))
 
   def rows_of(split, rows):
     """The instances at `rows`: their image's E_o tokens, the image, the mask."""
@@ -471,18 +463,17 @@ def run_classification(
     return emb[split][index], data["images"][index], data["masks"][rows]
 
   results, test_probs = {}, {}
-  for k, (name, model) in enumerate(models.items()):
+  for k, (name, (model, logits_of)) in enumerate(classifiers.items()):
     g, p = nnx.split(model, nnx.Param)
     p = jax.device_put(nnx.to_pure_dict(p), replicated)
     # SAM's fixed Fourier matrix gets no decay (trainable_mask); its gradient is zero anyway.
     tx = optax.adamw(cc.lr, weight_decay=cc.weight_decay, mask=sam_lib.trainable_mask(p))
     opt = jax.device_put(tx.init(p), replicated)
-    train_step, probs_of = make_classifier_programs(g, tx, logits_fns[name])
+    train_step, probs_of = make_classifier_programs(g, tx, logits_of)
     rng = np.random.default_rng([config.seed, step, k])
     key = jax.random.fold_in(jax.random.key(config.seed), k)
-    n = len(labels["train"])
     for i in range(cc.num_steps):
-      rows = rng.integers(0, n, bsz)
+      rows = rng.integers(0, len(labels["train"]), bsz)
       p, opt, value = train_step(
         p, opt, *rows_of("train", rows), labels["train"][rows], jax.random.fold_in(key, i)
       )
@@ -635,12 +626,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
       batch_sharding=programs.batch,
     )
     writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
-    logging.info(
-      "step %d eval (%.1f s): %s",
-      step,
-      time.perf_counter() - t0,
-      "  ".join(f"{k} {v:.3f}" for k, v in res.items()),
-    )
+    scores = "  ".join(f"{k} {v:.3f}" for k, v in res.items())
+    logging.info("step %d eval (%.1f s): %s", step, time.perf_counter() - t0, scores)
     if jax.process_index() == 0:
       title = ", ".join(
         f"{k} {v:.2f}" for k, v in res.items() if k.count("/") == 1 and k.endswith("/mAP")
