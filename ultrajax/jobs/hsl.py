@@ -21,9 +21,7 @@ The script, in order:
 A sweep (config.sweep = 'label' | 'quantity') runs steps 1-4 once per ratio of Fig. 2 and adds
 a table and a plot of AUC against the ratio per method and node.
 
-Protocols (configs/hsl.py PROTOCOLS): 'paper' as above, with Adam and a per-epoch cosine
-learning rate restarted every 10 epochs; 'legacy' splits 70/30, evaluates the last round and
-keeps the learning rate constant (AdamW), the protocol of the first published tables.
+Protocols: configs/hsl.py PROTOCOLS ('paper' as above; 'legacy' as in the first published tables).
 
 Methods. 'hsl' trains models/mmoe.py on (primary, SAT) batch pairs with BCE on both towers and
 averages ALL parameters and BatchNorm statistics unweighted after each round (the paper's
@@ -37,9 +35,8 @@ fed.strategy_options) training the single-task baseline (ResNet-18 + linear logi
 validation set) and evaluates that one model on each node's test set; 'splitavg' runs
 fed/local.py's split-learning driver.
 
-Resume. A finished (method, repeat) is one small results file, written atomically, so a
-killed study continues at the first missing file; a killed (method, repeat) resumes at its last
-checkpointed round, bitwise (`fit`, `run_cell`).
+Resume: a killed study continues at the first missing results file, a killed (method, repeat)
+at its last checkpointed round, bitwise (`fit`, `run_cell`).
 
 Inferred where the paper and the official code are silent: a test image's prediction comes
 with a SAT test image in the second branch (cycled in a fixed order; the primary logit depends
@@ -74,7 +71,7 @@ from ultrajax import configlib
 from ultrajax.configs import hsl as hsl_config
 from ultrajax.data import nodes, partition, phantom
 from ultrajax.eval import downstream, node_tables
-from ultrajax.fed import local, participation, rounds, strategies
+from ultrajax.fed import aggregate, local, participation, rounds, strategies
 from ultrajax.models import mmoe
 from ultrajax.train import checkpoint, loop, resume
 from ultrajax.viz import boxplots, partition as partition_plot, sweep
@@ -485,13 +482,8 @@ def fit(
       break
     state, round_losses = do_round(state, r)
     losses.append(np.asarray(round_losses, np.float32))
-    logging.info(
-      "%s round %d/%d  loss per node %s",
-      label,
-      r + 1,
-      f.num_rounds,
-      np.array2string(losses[-1], precision=3),
-    )
+    node_losses = np.array2string(losses[-1], precision=3)
+    logging.info("%s round %d/%d  loss per node %s", label, r + 1, f.num_rounds, node_losses)
     progress(r + 1)
     if t.patience_epochs:
       current = models(state)
@@ -615,10 +607,7 @@ def train_and_evaluate(
     strategy = strategy.for_run(num_clients, f.clients_per_round, f.sampling)
     steps_per_epoch = [math.ceil(n / t.batch_size) for n in num_examples]
     init_opt = lambda: set_steps_per_epoch(
-      jax.vmap(tx.init)(
-        jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), params)
-      ),
-      steps_per_epoch,
+      jax.vmap(tx.init)(aggregate.broadcast(params, num_clients)), steps_per_epoch
     )
     state = FedRun(
       strategies.Server(params, model_state),
@@ -711,10 +700,7 @@ def _splitavg(
   state = local.init_split_state(tx, tx, client_p, server_p, num_clients, client_s, server_s)
   # Every client makes as many steps as the largest one (round_batches' equal_steps).
   per_epoch = max(math.ceil(len(s) / t.batch_size) for s in split.train)
-  state = state._replace(
-    client_opt_state=set_steps_per_epoch(state.client_opt_state, per_epoch),
-    server_opt_state=set_steps_per_epoch(state.server_opt_state, per_epoch),
-  )
+  state = set_steps_per_epoch(state, per_epoch)  # the client and the server optimizer states
   if ("splitavg", num_clients) not in programs:
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
     hflip = t.hflip
@@ -748,9 +734,7 @@ def _splitavg(
 
   def node_models(state):
     """Each node's client part joined with the shared server part, stacked [C, ...]."""
-    server = lambda tree: jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree
-    )
+    server = lambda tree: aggregate.broadcast(tree, num_clients)
     return (
       join_tree(state.client_params, server(state.server_params)),
       join_tree(state.client_model_state, server(state.server_model_state)),
@@ -833,11 +817,8 @@ def run_sweep(config, workdir) -> dict:
   rows = node_tables.sweep_rows(summaries)
   downstream.write_csv(workdir / "sweep.csv", rows)
   what = "node 2 normal:abnormal" if config.sweep == "label" else "n1:n2"
-  sweep.sweep_lines(
-    workdir / "sweep_auc.png",
-    rows,
-    title=f"{config.sweep} skew sweep ({what}), AUC over {config.repeats} repeats",
-  )
+  title = f"{config.sweep} skew sweep ({what}), AUC over {config.repeats} repeats"
+  sweep.sweep_lines(workdir / "sweep_auc.png", rows, title=title)
   summary = dict(sweep=config.sweep, ratios=list(summaries), rows=rows)
   loop.atomic_write(workdir / "sweep.json", json.dumps(summary, indent=1, default=float))
   return summary
@@ -868,16 +849,10 @@ def run_cell(
       if cell is not None:
         cell.close()
     loop.atomic_write(path, out)
-    logging.info(
-      "repeat %d %-14s done in %.1f s: AUC per node %s",
-      repeat,
-      method,
-      time.perf_counter() - t1,
-      [
-        round(node_tables.node_metrics(out[f"labels_{k}"], out[f"probs_{k}"])["auc"], 3)
-        for k in range(len(run_args[-1].names))
-      ],
-    )
+    seconds = time.perf_counter() - t1
+    node = lambda k: node_tables.node_metrics(out[f"labels_{k}"], out[f"probs_{k}"])
+    aucs = [round(node(k)["auc"], 3) for k in range(len(run_args[-1].names))]
+    logging.info("repeat %d %-14s done in %.1f s: AUC per node %s", repeat, method, seconds, aucs)
   # The results file is the cell's record from now on: its checkpoints are not needed.
   shutil.rmtree(cell_dir, ignore_errors=True)
   with np.load(path) as f:
@@ -908,10 +883,8 @@ def run_study(config, workdir, programs: dict | None = None) -> dict:
   )
   results = {m: [] for m in methods}
   programs = {} if programs is None else programs
-  node_names = None
   for repeat in range(config.repeats):
     split = nodes.make_split(config, pool, repeat)
-    node_names = split.names
     if repeat == 0:
       node_sets = list(zip(split.train, split.val, split.test))
       counts = np.array(
@@ -933,7 +906,7 @@ def run_study(config, workdir, programs: dict | None = None) -> dict:
       results[method].append(
         run_cell(config, workdir, method, repeat, (pool, sat_train, sat_test, split), programs)
       )
-  summary = report(config, workdir, methods, node_names, results)
+  summary = report(config, workdir, methods, split.names, results)  # same nodes every repeat
   for row in summary["fairness"]:
     if row["metric"] == "auc":
       logging.info(
