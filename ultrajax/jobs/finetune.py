@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import pathlib
@@ -233,11 +234,9 @@ PROGRAM_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """What the jitted programs depend on beyond their array arguments: one study shape.
-
-  Hashable (the config frozen), it is their static argument, so JAX's own compilation cache
-  compiles each shape once and every cell of that shape (seeds, variants, fractions with the
-  same number of steps) reuses it. Derived pieces are built on first use.
+  """What the jitted programs depend on beyond their array arguments: one study shape. Hashable,
+  it is their static argument, so JAX's compilation cache compiles each shape once for all its
+  cells (seeds, variants, fractions with the same steps). Derived pieces are built on first use.
   """
 
   config: ml_collections.FrozenConfigDict
@@ -372,15 +371,9 @@ def run_epoch(setup: Setup, params, opt_state, images, targets, order, epoch_key
   """
   losses = []
   for i in range(order.shape[0]):
+    key = jax.random.fold_in(epoch_key, i)
     params, opt_state, loss = train_step(
-      setup,
-      params,
-      opt_state,
-      images,
-      targets,
-      order[i],
-      jax.random.fold_in(epoch_key, i),
-      class_weights,
+      setup, params, opt_state, images, targets, order[i], key, class_weights
     )
     losses.append(loss)
   return params, opt_state, jnp.stack(losses)
@@ -401,84 +394,69 @@ def epoch_order(seed: int, epoch: int, num_images: int, batch: int, passes: int)
   as MAE's fine-tuning loader); so a resumed epoch draws the same order."""
   rng = np.random.default_rng([seed, epoch])
   per_pass = num_images // batch * batch
-  return np.concatenate([rng.permutation(num_images)[:per_pass] for _ in range(passes)]).reshape(
-    -1, batch
-  )
+  order = np.concatenate([rng.permutation(num_images)[:per_pass] for _ in range(passes)])
+  return order.reshape(-1, batch)
 
 
 # ----------------------------------------------------------------------------- evaluation
-def test_extras(
+def test_cell(
   config,
   setup: Setup,
   params,
   data: tasks.TaskData,
   test_idx: np.ndarray,
-  outputs: np.ndarray,
-  report: dict,
   run_dir: pathlib.Path,
   seed: int,
   first_cell: bool,
-) -> dict:
-  """What a cell adds beside its test report: test_outputs.npz (what the study's paired tests
-  read), the ROC, confusion and precision-recall plots (UltraFedFM Fig. 6) or the segmentation
-  overlays, t-SNE of the test features in the first cell of each variant (URFM Fig. 6), and the
-  metrics under test-time blur (UltraFedFM Fig. 5e-f, eval.blur_sigmas) with blur.png. Returns
-  the entries to add to results.json."""
+) -> tuple[dict, dict]:
+  """(report, extras) of a cell's test split: the report with bootstrap CIs
+  (downstream.test_report) and what a cell adds beside it: test_outputs.npz (what the study's
+  paired tests read), the ROC, confusion and precision-recall plots (UltraFedFM Fig. 6) or the
+  segmentation overlays, t-SNE of the test features in the first cell of each variant (URFM
+  Fig. 6), and the metrics under test-time blur (UltraFedFM Fig. 5e-f, eval.blur_sigmas) with
+  blur.png. extras: the entries to add to results.json."""
   targets, spacing = data.targets[test_idx], _spacing(data, test_idx)
-  images = data.images[test_idx]
+  images, names = data.images[test_idx], data.class_names
+  outputs = setup.apply(predict, params, images)
+  report = downstream.test_report(
+    config.task_type,
+    targets,
+    outputs,
+    data.num_classes,
+    config.eval.bootstrap_samples,
+    seed,
+    spacing,
+    config.eval.nsd_tolerance,
+  )
+  variant = run_dir.parent.parent.name
   if config.task_type == "cls":
     loop.atomic_write(
       run_dir / "test_outputs.npz", dict(test_index=test_idx, targets=targets, probs=outputs)
     )
-    plots.roc_curves(
-      run_dir / "roc.png",
-      targets,
-      outputs,
-      data.class_names,
-      title=f"test ROC ({run_dir.parent.parent.name}, seed {seed})",
-    )
-    plots.confusion(
-      run_dir / "confusion.png",
-      metrics.confusion_matrix(targets, outputs.argmax(1), data.num_classes),
-      data.class_names,
-    )
-    plots.pr_curves(
-      run_dir / "pr.png",
-      targets,
-      outputs,
-      data.class_names,
-      title=f"test precision-recall ({run_dir.parent.parent.name})",
-    )
+    roc_title = f"test ROC ({variant}, seed {seed})"
+    plots.roc_curves(run_dir / "roc.png", targets, outputs, names, title=roc_title)
+    matrix = metrics.confusion_matrix(targets, outputs.argmax(1), data.num_classes)
+    plots.confusion(run_dir / "confusion.png", matrix, names)
+    pr_title = f"test precision-recall ({variant})"
+    plots.pr_curves(run_dir / "pr.png", targets, outputs, names, title=pr_title)
     if first_cell:
       feats = setup.apply(features, params, images)
-      embedding.save_tsne(
-        run_dir / "tsne.png",
-        feats,
-        targets,
-        data.class_names,
-        title=f"t-SNE of test features ({run_dir.parent.parent.name})",
-      )
+      tsne_title = f"t-SNE of test features ({variant})"
+      embedding.save_tsne(run_dir / "tsne.png", feats, targets, names, title=tsne_title)
   else:
     per_image = downstream.seg_per_image(
       targets, outputs, data.num_classes, spacing, config.eval.nsd_tolerance
     )
-    loop.atomic_write(
-      run_dir / "test_outputs.npz",
-      dict(
-        test_index=test_idx,
-        per_image=np.stack([per_image[name] for name in downstream.SEG_METRICS], axis=1),
-      ),
-    )
+    table = np.stack([per_image[name] for name in downstream.SEG_METRICS], axis=1)  # [N, M]
+    loop.atomic_write(run_dir / "test_outputs.npz", dict(test_index=test_idx, per_image=table))
     plots.seg_overlays(run_dir / "overlays.png", images, targets, outputs, scores=per_image["dice"])
   sigmas = [float(x) for x in config.eval.blur_sigmas]
   if not sigmas:
-    return {}
+    return report, {}
   blur = {}
   for sigma in sigmas:
     out = setup.apply(predict, params, downstream.blurred(images, sigma))
-    blur[f"{sigma:g}"] = downstream.split_scores(
-      config.task_type, targets, out, data.num_classes, spacing, config.eval.nsd_tolerance
-    )
+    blur[f"{sigma:g}"] = _scores(config, data, test_idx, out)
   select = config.train.select_metric
   xs = sorted({0.0, *sigmas})
   plots.metric_curve(
@@ -487,14 +465,22 @@ def test_extras(
     {select: [report[select][0] if x == 0 else blur[f"{x:g}"][select] for x in xs]},
     xlabel="test-time Gaussian blur sigma (pixels)",
     ylabel=f"test {select}",
-    title=f"blur stability ({run_dir.parent.parent.name})",
+    title=f"blur stability ({variant})",
   )
-  return {"blur": blur}
+  return report, {"blur": blur}
 
 
 def _spacing(data: tasks.TaskData, idx: np.ndarray):
   """[len(idx), 2] mm per input pixel of those images, or None where the task has no pixel size."""
   return None if data.spacing is None else data.spacing[idx]
+
+
+def _scores(config, data: tasks.TaskData, idx: np.ndarray, outputs: np.ndarray) -> dict:
+  """downstream.split_scores of outputs [len(idx), ...] against the targets of the images at idx."""
+  spacing, tolerance = _spacing(data, idx), config.eval.nsd_tolerance
+  return downstream.split_scores(
+    config.task_type, data.targets[idx], outputs, data.num_classes, spacing, tolerance
+  )
 
 
 # ----------------------------------------------------------------------------- one run
@@ -551,13 +537,8 @@ def train_one(
 
   ckpt = checkpoint.Checkpointer(run_dir, keep=1)
   like_params = checkpoint.abstract_like(setup.abstract_params, setup.param_sharding)
-  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=setup.replicated)
-  like_train = {
-    "opt_state": checkpoint.abstract_like(setup.abstract_opt, setup.opt_sharding),
-    "best_params": like_params,
-    "best": scalar(jnp.float32),
-    "best_epoch": scalar(jnp.int32),
-  }
+  like_opt = checkpoint.abstract_like(setup.abstract_opt, setup.opt_sharding)
+  like_train = _train_state(setup, like_opt, like_params, math.nan, 0)
   cell = resume.snapshot(config, exclude=STUDY_FIELDS)
   start, params, state = loop.resume_or_init(
     ckpt,
@@ -574,10 +555,8 @@ def train_one(
   class_weights = np.ones(data.num_classes, np.float32)
   if config.task_type == "cls" and config.loss.class_weights == "balanced":
     class_weights = losses.balanced_class_weights(data.targets[train_idx], data.num_classes)
-    logging.info(
-      "Class weights (balanced over the training images): %s",
-      dict(zip(data.class_names, np.round(class_weights, 3).tolist())),
-    )
+    named = dict(zip(data.class_names, np.round(class_weights, 3).tolist()))
+    logging.info("Class weights (balanced over the training images): %s", named)
   class_weights = loop.put_global(class_weights, setup.replicated)
   select = config.train.select_metric
   writers.truncate_jsonl(run_dir / "metrics.jsonl", start, key="epoch")
@@ -626,27 +605,14 @@ def train_one(
         row["skipped_steps"] = int(step_losses.size - valid.sum())
       if loop.itstime(done, config.train.eval_every_epochs, num_epochs):
         outputs = setup.apply(predict, params, data.images[val_idx])
-        val = downstream.split_scores(
-          config.task_type,
-          data.targets[val_idx],
-          outputs,
-          data.num_classes,
-          _spacing(data, val_idx),
-          config.eval.nsd_tolerance,
-        )
+        val = _scores(config, data, val_idx, outputs)
         row.update({f"val_{k}": v for k, v in val.items()})
         if downstream.better(select, val[select], best):
           best, best_epoch = val[select], done
           best_params = jax.tree.map(jnp.copy, params)
       writer.write_scalars(done, row)
-      logging.info(
-        "%s epoch %d/%d: loss %.4f%s",
-        run_dir.name,
-        done,
-        num_epochs,
-        loss,
-        "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_")),
-      )
+      vals = "".join(f", {k} {v:.4f}" for k, v in row.items() if k.startswith("val_"))
+      logging.info("%s epoch %d/%d: loss %.4f%s", run_dir.name, done, num_epochs, loss, vals)
       progress(done)
       if loop.itstime(done, config.ckpt_every_epochs, num_epochs):
         train_state = _train_state(setup, opt_state, best_params, best, best_epoch)
@@ -657,30 +623,8 @@ def train_one(
   if best_epoch == 0:  # validation never gave a finite score: test the last parameters
     best_params = params
 
-  outputs = setup.apply(predict, best_params, data.images[test_idx])
-  targets = data.targets[test_idx]
-  report = downstream.test_report(
-    config.task_type,
-    targets,
-    outputs,
-    data.num_classes,
-    config.eval.bootstrap_samples,
-    seed,
-    _spacing(data, test_idx),
-    config.eval.nsd_tolerance,
-  )
-  extras = test_extras(
-    config,
-    setup,
-    best_params,
-    data,
-    test_idx,
-    outputs,
-    report,
-    run_dir,
-    seed,
-    first_cell=seed == config.seed and fraction == config.fractions[0],
-  )
+  first_cell = seed == config.seed and fraction == config.fractions[0]
+  report, extras = test_cell(config, setup, best_params, data, test_idx, run_dir, seed, first_cell)
   results = {
     "test": report,
     "best_val": best,
@@ -721,14 +665,12 @@ def read_or_train(config, data: tasks.TaskData, run_dir: pathlib.Path, **cell) -
 # ----------------------------------------------------------------------------- study
 def write_summary(workdir: pathlib.Path, rows: list[dict], select: str) -> None:
   downstream.write_csv(workdir / "summary.csv", rows, decimals=None)
-  fractions = sorted({r["fraction"] for r in rows})
-  if len(fractions) > 1:
+  if len({r["fraction"] for r in rows}) > 1:
     curves = {}
     for r in rows:
       if r["metric"] == select:
-        curves.setdefault(r["variant"], []).append(
-          (r["fraction"], r["mean"], r["ci_low"], r["ci_high"])
-        )
+        point = (r["fraction"], r["mean"], r["ci_low"], r["ci_high"])
+        curves.setdefault(r["variant"], []).append(point)
     plots.label_efficiency(workdir / "label_efficiency.png", curves, select)
 
 
@@ -757,34 +699,24 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
   for name, path in study:
     if path and not pathlib.Path(path).exists():
       raise FileNotFoundError(f"pretraining variant {name!r}: nothing at {path}")
+  seeds = range(config.seed, config.seed + config.num_seeds)
+  grid = list(itertools.product(study, config.fractions, seeds))
   cells = []
-  total = len(study) * len(config.fractions) * config.num_seeds
-  for name, path in study:
-    for fraction in config.fractions:
-      for s in range(config.num_seeds):
-        seed = config.seed + s
-        run_dir = workdir / name / f"frac_{fraction:g}" / f"seed_{seed}"
-        logging.info(
-          "Study cell %d of %d: variant %s, fraction %g, seed %d",
-          len(cells) + 1,
-          total,
-          name,
-          fraction,
-          seed,
-        )
-        result = read_or_train(
-          config, data, run_dir, init_path=path, fraction=fraction, seed=seed, mesh=mesh
-        )
-        cells.append({"variant": name, "run_dir": str(run_dir), **result})
-        test = result["test"]
-        logging.info(
-          "  test: %s",
-          ", ".join(
-            f"{k} {v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]"
-            for k, v in test.items()
-            if isinstance(v, list)
-          ),
-        )
+  for i, ((name, path), fraction, seed) in enumerate(grid, 1):
+    run_dir = workdir / name / f"frac_{fraction:g}" / f"seed_{seed}"
+    logging.info(
+      "Study cell %d of %d: variant %s, fraction %g, seed %d", i, len(grid), name, fraction, seed
+    )
+    result = read_or_train(
+      config, data, run_dir, init_path=path, fraction=fraction, seed=seed, mesh=mesh
+    )
+    cells.append({"variant": name, "run_dir": str(run_dir), **result})
+    cis = [
+      f"{k} {v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]"
+      for k, v in result["test"].items()
+      if isinstance(v, list)
+    ]
+    logging.info("  test: %s", ", ".join(cis))
   names = downstream.CLS_METRICS if config.task_type == "cls" else downstream.SEG_METRICS
   rows = downstream.summarise(
     cells, names, downstream.reference_variant(study), config.eval.bootstrap_samples
@@ -794,12 +726,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]
   logging.info("Test metrics, mean [95%% CI] over %d seed(s):", config.num_seeds)
   for r in rows:
     logging.info(
-      "  %-12s frac %-4g %-18s %.4f [%.4f, %.4f]",
-      r["variant"],
-      r["fraction"],
-      r["metric"],
-      r["mean"],
-      r["ci_low"],
-      r["ci_high"],
+      "  %(variant)-12s frac %(fraction)-4g %(metric)-18s %(mean).4f [%(ci_low).4f, %(ci_high).4f]",
+      r,
     )
   return rows

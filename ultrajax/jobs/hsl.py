@@ -21,9 +21,7 @@ The script, in order:
 A sweep (config.sweep = 'label' | 'quantity') runs steps 1-4 once per ratio of Fig. 2 and adds
 a table and a plot of AUC against the ratio per method and node.
 
-Protocols (configs/hsl.py PROTOCOLS): 'paper' as above, with Adam and a per-epoch cosine
-learning rate restarted every 10 epochs; 'legacy' splits 70/30, evaluates the last round and
-keeps the learning rate constant (AdamW), the protocol of the first published tables.
+Protocols: configs/hsl.py PROTOCOLS ('paper' as above; 'legacy' as in the first published tables).
 
 Methods. 'hsl' trains models/mmoe.py on (primary, SAT) batch pairs with BCE on both towers and
 averages ALL parameters and BatchNorm statistics unweighted after each round (the paper's
@@ -37,9 +35,8 @@ fed.strategy_options) training the single-task baseline (ResNet-18 + linear logi
 validation set) and evaluates that one model on each node's test set; 'splitavg' runs
 fed/local.py's split-learning driver.
 
-Resume. A finished (method, repeat) is one small results file, written atomically, so a
-killed study continues at the first missing file; a killed (method, repeat) resumes at its last
-checkpointed round, bitwise (`fit`, `run_cell`).
+Resume: a killed study continues at the first missing results file, a killed (method, repeat)
+at its last checkpointed round, bitwise (`fit`, `run_cell`).
 
 Inferred where the paper and the official code are silent: a test image's prediction comes
 with a SAT test image in the second branch (cycled in a fixed order; the primary logit depends
@@ -74,7 +71,7 @@ from ultrajax import configlib
 from ultrajax.configs import hsl as hsl_config
 from ultrajax.data import nodes, partition, phantom
 from ultrajax.eval import downstream, node_tables
-from ultrajax.fed import local, participation, rounds, strategies
+from ultrajax.fed import aggregate, local, participation, rounds, strategies
 from ultrajax.models import mmoe
 from ultrajax.train import checkpoint, loop, resume
 from ultrajax.viz import boxplots, partition as partition_plot, sweep
@@ -176,16 +173,13 @@ def validate(config) -> list[str]:
   c.check(
     bool(config.data.positive_labels), "config.data.positive_labels must name at least one label"
   )
-  if config.data.source == "phantom":
-    bad = [
-      o
-      for o in (*config.data.organs, config.data.single_organ, config.data.sat_organ)
-      if o not in phantom.ORGANS
-    ]
+  d = config.data
+  if d.source == "phantom":
+    bad = [o for o in (*d.organs, d.single_organ, d.sat_organ) if o not in phantom.ORGANS]
     c.check(
       not bad, f"config.data.organs / single_organ / sat_organ: {bad} not in {phantom.ORGANS}"
     )
-    bad = [x for x in config.data.positive_labels if x not in phantom.LABELS]
+    bad = [x for x in d.positive_labels if x not in phantom.LABELS]
     c.check(not bad, f"config.data.positive_labels: {bad} not in {phantom.LABELS}")
   else:
     c.check(
@@ -193,11 +187,10 @@ def validate(config) -> list[str]:
       f"config.scenario={config.scenario!r}: folder and "
       "manifest data keep their own nodes, use scenario='natural'",
     )
-    what = "root" if config.data.source == "folder" else "manifest"
+    what = "root" if d.source == "folder" else "manifest"
     c.check(
-      bool(config.data[what]) and bool(config.data[f"sat_{what}"]),
-      f"config.data.{what} and config.data.sat_{what} must be set for "
-      f"data.source={config.data.source!r}",
+      bool(d[what]) and bool(d[f"sat_{what}"]),
+      f"config.data.{what} and config.data.sat_{what} must be set for data.source={d.source!r}",
     )
   methods = parse_methods(config)
   for method in methods:
@@ -219,35 +212,26 @@ def objective(method: str) -> str:
 
 def build_model(config, method: str, key):
   m = config.model
-  encoder_kwargs = dict(
-    resnet_width=m.resnet_width,
-    resnet_blocks=tuple(m.resnet_blocks),
-    resnet_norm=m.resnet_norm,
-    resnet_stem=m.resnet_stem,
-    vit_width=m.vit_width,
-    vit_depth=m.vit_depth,
-    vit_heads=m.vit_heads,
-    vit_patch=m.vit_patch,
+  common = dict(
+    encoder=m.encoder,
+    image_size=config.data.image_size,
+    # mmoe.make_encoder's arguments: the config's resnet_* and vit_* fields, by name.
+    encoder_kwargs={k: v for k, v in m.items() if k.startswith(("resnet_", "vit_"))},
+    rngs=nnx.Rngs(key),
   )
-  rngs = nnx.Rngs(key)
-  if objective(method) != "single":
-    return mmoe.MMoE(
-      num_tasks=2 if method == "hsl" else 1,
-      encoder=m.encoder,
-      image_size=config.data.image_size,
-      feature_dim=m.feature_dim,
-      num_experts=m.num_experts,
-      expert_hidden=m.expert_hidden,
-      expert_dim=m.expert_dim,
-      tower_hidden=m.tower_hidden,
-      temperature=m.temperature,
-      expert_dropout=m.expert_dropout,
-      tower_dropout=m.tower_dropout,
-      encoder_kwargs=encoder_kwargs,
-      rngs=rngs,
-    )
-  return mmoe.Classifier(
-    encoder=m.encoder, image_size=config.data.image_size, encoder_kwargs=encoder_kwargs, rngs=rngs
+  if objective(method) == "single":
+    return mmoe.Classifier(**common)
+  return mmoe.MMoE(
+    num_tasks=2 if method == "hsl" else 1,
+    feature_dim=m.feature_dim,
+    num_experts=m.num_experts,
+    expert_hidden=m.expert_hidden,
+    expert_dim=m.expert_dim,
+    tower_hidden=m.tower_hidden,
+    temperature=m.temperature,
+    expert_dropout=m.expert_dropout,
+    tower_dropout=m.tower_dropout,
+    **common,
   )
 
 
@@ -498,13 +482,8 @@ def fit(
       break
     state, round_losses = do_round(state, r)
     losses.append(np.asarray(round_losses, np.float32))
-    logging.info(
-      "%s round %d/%d  loss per node %s",
-      label,
-      r + 1,
-      f.num_rounds,
-      np.array2string(losses[-1], precision=3),
-    )
+    node_losses = np.array2string(losses[-1], precision=3)
+    logging.info("%s round %d/%d  loss per node %s", label, r + 1, f.num_rounds, node_losses)
     progress(r + 1)
     if t.patience_epochs:
       current = models(state)
@@ -628,10 +607,7 @@ def train_and_evaluate(
     strategy = strategy.for_run(num_clients, f.clients_per_round, f.sampling)
     steps_per_epoch = [math.ceil(n / t.batch_size) for n in num_examples]
     init_opt = lambda: set_steps_per_epoch(
-      jax.vmap(tx.init)(
-        jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *x.shape)), params)
-      ),
-      steps_per_epoch,
+      jax.vmap(tx.init)(aggregate.broadcast(params, num_clients)), steps_per_epoch
     )
     state = FedRun(
       strategies.Server(params, model_state),
@@ -724,10 +700,7 @@ def _splitavg(
   state = local.init_split_state(tx, tx, client_p, server_p, num_clients, client_s, server_s)
   # Every client makes as many steps as the largest one (round_batches' equal_steps).
   per_epoch = max(math.ceil(len(s) / t.batch_size) for s in split.train)
-  state = state._replace(
-    client_opt_state=set_steps_per_epoch(state.client_opt_state, per_epoch),
-    server_opt_state=set_steps_per_epoch(state.server_opt_state, per_epoch),
-  )
+  state = set_steps_per_epoch(state, per_epoch)  # the client and the server optimizer states
   if ("splitavg", num_clients) not in programs:
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
     hflip = t.hflip
@@ -761,9 +734,7 @@ def _splitavg(
 
   def node_models(state):
     """Each node's client part joined with the shared server part, stacked [C, ...]."""
-    server = lambda tree: jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree
-    )
+    server = lambda tree: aggregate.broadcast(tree, num_clients)
     return (
       join_tree(state.client_params, server(state.server_params)),
       join_tree(state.client_model_state, server(state.server_model_state)),
@@ -846,11 +817,8 @@ def run_sweep(config, workdir) -> dict:
   rows = node_tables.sweep_rows(summaries)
   downstream.write_csv(workdir / "sweep.csv", rows)
   what = "node 2 normal:abnormal" if config.sweep == "label" else "n1:n2"
-  sweep.sweep_lines(
-    workdir / "sweep_auc.png",
-    rows,
-    title=f"{config.sweep} skew sweep ({what}), AUC over {config.repeats} repeats",
-  )
+  title = f"{config.sweep} skew sweep ({what}), AUC over {config.repeats} repeats"
+  sweep.sweep_lines(workdir / "sweep_auc.png", rows, title=title)
   summary = dict(sweep=config.sweep, ratios=list(summaries), rows=rows)
   loop.atomic_write(workdir / "sweep.json", json.dumps(summary, indent=1, default=float))
   return summary
@@ -881,16 +849,10 @@ def run_cell(
       if cell is not None:
         cell.close()
     loop.atomic_write(path, out)
-    logging.info(
-      "repeat %d %-14s done in %.1f s: AUC per node %s",
-      repeat,
-      method,
-      time.perf_counter() - t1,
-      [
-        round(node_tables.node_metrics(out[f"labels_{k}"], out[f"probs_{k}"])["auc"], 3)
-        for k in range(len(run_args[-1].names))
-      ],
-    )
+    seconds = time.perf_counter() - t1
+    node = lambda k: node_tables.node_metrics(out[f"labels_{k}"], out[f"probs_{k}"])
+    aucs = [round(node(k)["auc"], 3) for k in range(len(run_args[-1].names))]
+    logging.info("repeat %d %-14s done in %.1f s: AUC per node %s", repeat, method, seconds, aucs)
   # The results file is the cell's record from now on: its checkpoints are not needed.
   shutil.rmtree(cell_dir, ignore_errors=True)
   with np.load(path) as f:
@@ -921,28 +883,17 @@ def run_study(config, workdir, programs: dict | None = None) -> dict:
   )
   results = {m: [] for m in methods}
   programs = {} if programs is None else programs
-  node_names = None
   for repeat in range(config.repeats):
     split = nodes.make_split(config, pool, repeat)
-    node_names = split.names
     if repeat == 0:
+      node_sets = list(zip(split.train, split.val, split.test))
       counts = np.array(
-        [
-          [np.sum(pool.labels[np.concatenate(sets)] == c) for c in (0, 1)]
-          for sets in zip(split.train, split.val, split.test)
-        ]
+        [np.bincount(pool.labels[np.concatenate(s)], minlength=2) for s in node_sets]
       )
-      for name, (n0, n1), tr, va, te in zip(
-        split.names, counts, split.train, split.val, split.test
-      ):
+      for name, count, sets in zip(split.names, counts, node_sets):
+        sizes = [len(s) for s in sets]
         logging.info(
-          "node %-22s %5d negative %5d positive  %5d train %4d val %5d test",
-          name,
-          n0,
-          n1,
-          len(tr),
-          len(va),
-          len(te),
+          "node %-22s %5d negative %5d positive  %5d train %4d val %5d test", name, *count, *sizes
         )
       partition_plot.plot_partition(
         counts,
@@ -955,16 +906,13 @@ def run_study(config, workdir, programs: dict | None = None) -> dict:
       results[method].append(
         run_cell(config, workdir, method, repeat, (pool, sat_train, sat_test, split), programs)
       )
-  summary = report(config, workdir, methods, node_names, results)
+  summary = report(config, workdir, methods, split.names, results)  # same nodes every repeat
   for row in summary["fairness"]:
     if row["metric"] == "auc":
       logging.info(
-        "%-14s AUC node mean %.3f  worst %.3f (%s)  spread %.3f",
-        row["method"],
-        row["node_mean"],
-        row["worst"],
-        row["worst_node"],
-        row["spread"],
+        "%(method)-14s AUC node mean %(node_mean).3f  worst %(worst).3f (%(worst_node)s)  "
+        "spread %(spread).3f",
+        row,
       )
   logging.info("Study done in %.1f s; tables and plots in %s", time.perf_counter() - t0, workdir)
   return summary

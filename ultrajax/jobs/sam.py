@@ -151,14 +151,16 @@ def validate_classification(config) -> None:
     )
 
 
-def sam_overrides(model_config) -> tuple[str, dict]:
-  """config.model -> (sam variant, SamConfig overrides)."""
+def sam_config(model_config) -> sam_lib.SamConfig:
+  """config.model -> SamConfig: its variant's with the image, patch and window sizes of
+  config.model, or (variant '') vit_b's with every size from config.model."""
   m = model_config
   shape = dict(image_size=m.image_size, patch_size=m.patch_size, window_size=m.window_size)
   if m.variant:
-    return m.variant, shape
-  return "vit_b", dict(
-    shape,
+    return sam_lib.sam_config(m.variant, **shape)
+  return sam_lib.sam_config(
+    "vit_b",
+    **shape,
     width=m.encoder_width,
     depth=m.encoder_depth,
     num_heads=m.encoder_heads,
@@ -172,15 +174,9 @@ def sam_overrides(model_config) -> tuple[str, dict]:
 
 
 def build_model(config, rngs: nnx.Rngs) -> sam_lib.Sam:
-  variant, overrides = sam_overrides(config.model)
+  m = config.model
   try:
-    return sam_lib.build_sam(
-      variant,
-      rngs=rngs,
-      dtype=vit.DTYPES[config.model.dtype],
-      remat=config.model.remat,
-      **overrides,
-    )
+    return sam_lib.Sam(sam_config(m), dtype=vit.DTYPES[m.dtype], remat=m.remat, rngs=rngs)
   except ValueError as e:
     raise configlib.ConfigError(f"config.model: {e}") from None
 
@@ -221,18 +217,12 @@ def _flat(x):
   return x.reshape((-1,) + x.shape[2:])
 
 
-def sam_config_of(config) -> sam_lib.SamConfig:
-  variant, overrides = sam_overrides(config.model)
-  return sam_lib.sam_config(variant, **overrides)
-
-
 def make_train_step(graphdef, tx, config):
   """(params, opt_state, batch, key) -> (params, opt_state, metrics): one optimizer step.
 
   metrics['loss'] is NaN where the loss or a gradient was not finite; with
   config.on_nonfinite='skip' such a step returns the params and optimizer state it was given.
   """
-  s = sam_config_of(config).low_res_size
   weights = (config.loss.focal, config.loss.dice, config.loss.iou)
   prompt_fn = functools.partial(
     so.training_prompts, p_box=config.prompts.p_box, max_jitter=config.prompts.max_jitter
@@ -240,15 +230,14 @@ def make_train_step(graphdef, tx, config):
 
   def loss_fn(params, batch, key):
     model = nnx.merge(graphdef, params)
-    images = sam_lib.preprocess(batch["image"], config.model.image_size)
-    embeddings = model.encode_image(images)
+    embeddings = model.encode_image(sam_lib.preprocess(batch["image"], config.model.image_size))
     masks = batch["masks"]
-    prompts = so.prompts_for_batch(prompt_fn, key, masks > 0)
-    targets = so.low_res_targets(masks, s)
+    prompts = jax.tree.map(_flat, so.prompts_for_batch(prompt_fn, key, masks > 0))
+    targets = so.low_res_targets(masks, model.config.low_res_size)
     decode = so.instance_decoder(model, embeddings, masks.shape[1])
     return so.sam_loss(
       decode,
-      so.Prompts(_flat(prompts.coords), _flat(prompts.labels)),
+      prompts,
       _flat(targets),
       _flat(batch["valid"]),
       refine=config.loss.refine,
@@ -282,26 +271,20 @@ def make_predict(graphdef, config):
     b, m = masks.shape[:2]
     out = {}
     for prompt, refine in settings:
-      prompts = so.prompts_for_batch(EVAL_PROMPTS[prompt], None, masks > 0)
+      prompts = jax.tree.map(_flat, so.prompts_for_batch(EVAL_PROMPTS[prompt], None, masks > 0))
       logits, score = so.predict_masks(
         decode,
-        so.Prompts(_flat(prompts.coords), _flat(prompts.labels)),
+        prompts,
         refine=refine,
         multimask=not config.loss.refine,
         refine_prompt=config.eval.refine_prompt,
         input_size=config.model.image_size,
       )
-      out[setting_name(prompt, refine)] = (
-        logits.reshape((b, m) + logits.shape[1:]),
-        score.reshape(b, m),
-      )
+      name = f"{prompt}_refined" if refine else prompt
+      out[name] = (logits.reshape((b, m) + logits.shape[1:]), score.reshape(b, m))
     return out
 
   return predict
-
-
-def setting_name(prompt: str, refine: bool) -> str:
-  return f"{prompt}_refined" if refine else prompt
 
 
 def lr_schedule(o):
@@ -451,16 +434,13 @@ def run_classification(
 
   rngs = nnx.Rngs(config.seed + 1)
   prompted = prompted_cls.PromptedClassifier(
-    sam_config_of(config),
+    sam_config(config.model),
     len(values),
     global_encoder=global_encoder(config, rngs),
     dtype=vit.DTYPES[config.model.dtype],
     rngs=rngs,
   )
   prompted_cls.load_sam_parts(prompted, params)
-  models = dict(
-    prompted=prompted, plain=nnx.Linear(config.model.prompt_dim, len(values), rngs=rngs)
-  )
   prompt_eval = EVAL_PROMPTS[cc.prompt]
   prompt_fn = functools.partial(
     so.training_prompts, p_box=config.prompts.p_box, max_jitter=config.prompts.max_jitter
@@ -473,7 +453,8 @@ def run_classification(
   def plain_logits(model, emb, images, masks, key):
     return model(emb.mean((1, 2)))
 
-  logits_fns = dict(prompted=prompted_logits, plain=plain_logits)
+  plain = nnx.Linear(config.model.prompt_dim, len(values), rngs=rngs)
+  classifiers = dict(prompted=(prompted, prompted_logits), plain=(plain, plain_logits))
 
   def rows_of(split, rows):
     """The instances at `rows`: their image's E_o tokens, the image, the mask."""
@@ -482,18 +463,17 @@ def run_classification(
     return emb[split][index], data["images"][index], data["masks"][rows]
 
   results, test_probs = {}, {}
-  for k, (name, model) in enumerate(models.items()):
+  for k, (name, (model, logits_of)) in enumerate(classifiers.items()):
     g, p = nnx.split(model, nnx.Param)
     p = jax.device_put(nnx.to_pure_dict(p), replicated)
     # SAM's fixed Fourier matrix gets no decay (trainable_mask); its gradient is zero anyway.
     tx = optax.adamw(cc.lr, weight_decay=cc.weight_decay, mask=sam_lib.trainable_mask(p))
     opt = jax.device_put(tx.init(p), replicated)
-    train_step, probs_of = make_classifier_programs(g, tx, logits_fns[name])
+    train_step, probs_of = make_classifier_programs(g, tx, logits_of)
     rng = np.random.default_rng([config.seed, step, k])
     key = jax.random.fold_in(jax.random.key(config.seed), k)
-    n = len(labels["train"])
     for i in range(cc.num_steps):
-      rows = rng.integers(0, n, bsz)
+      rows = rng.integers(0, len(labels["train"]), bsz)
       p, opt, value = train_step(
         p, opt, *rows_of("train", rows), labels["train"][rows], jax.random.fold_in(key, i)
       )
@@ -646,12 +626,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
       batch_sharding=programs.batch,
     )
     writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items()})
-    logging.info(
-      "step %d eval (%.1f s): %s",
-      step,
-      time.perf_counter() - t0,
-      "  ".join(f"{k} {v:.3f}" for k, v in res.items()),
-    )
+    scores = "  ".join(f"{k} {v:.3f}" for k, v in res.items())
+    logging.info("step %d eval (%.1f s): %s", step, time.perf_counter() - t0, scores)
     if jax.process_index() == 0:
       title = ", ".join(
         f"{k} {v:.2f}" for k, v in res.items() if k.count("/") == 1 and k.endswith("/mAP")
