@@ -8,7 +8,7 @@ channel-last (NHWC); coordinates are (x, y) pixels of the model's square input f
 Interface (pure functions of the parameters; under jit split the model with
 `nnx.split(model, nnx.Param)` and `nnx.merge` inside, as everywhere):
 
-  model = build_sam('tiny', image_size=64, rngs=nnx.Rngs(0))  # 'vit_b' | 'vit_l' | 'vit_h' | 'tiny'
+  model = Sam(sam_config('tiny', image_size=64), rngs=nnx.Rngs(0))  # 'vit_b' | 'vit_l' | 'vit_h'
   emb = model.encode_image(preprocess(images_uint8, image_size))  # [B, g, g, C], g = S/16
   sparse, dense = model.encode_prompts(points=..., labels=..., boxes=..., masks=...)
   logits, iou = model.decode_masks(emb, model.dense_pe(), sparse, dense, multimask_output=True)
@@ -155,13 +155,6 @@ def sam_config(variant: str = "vit_b", **overrides) -> SamConfig:
     if not ok:
       raise ValueError(f"SAM config: {message}")
   return config
-
-
-def build_sam(
-  variant: str = "vit_b", *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False, **overrides
-) -> Sam:
-  """Sam for a preset plus overrides, e.g. build_sam('tiny', image_size=64, rngs=...)."""
-  return Sam(sam_config(variant, **overrides), dtype=dtype, remat=remat, rngs=rngs)
 
 
 def trainable_mask(params):
