@@ -113,3 +113,15 @@ def test_patch_embedding_is_the_convolution():
 
   hlo = jax.jit(scanned).lower(params, jnp.stack([images] * 2)).compile().as_text()
   assert "convolution(" not in hlo
+
+
+def test_gelu_is_the_exact_gelu():
+  """vit.gelu (the erf form) against x Phi(x) from scipy in float64, and its derivative against
+  Phi(x) + x phi(x); it keeps bfloat16 inputs in bfloat16."""
+  from scipy import stats
+
+  x = np.linspace(-9.0, 9.0, 2001)
+  value, grad = jax.vmap(jax.value_and_grad(vit.gelu))(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(value, x * stats.norm.cdf(x), rtol=2e-6, atol=2e-6)
+  np.testing.assert_allclose(grad, stats.norm.cdf(x) + x * stats.norm.pdf(x), rtol=2e-6, atol=2e-6)
+  assert vit.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16

@@ -91,7 +91,7 @@ class PyramidDecoder(nnx.Module):
     for i, tokens in enumerate(features):
       x = einops.rearrange(tokens[:, 1:], "b (h w) d -> b h w d", h=grid)
       for j, up in enumerate(self.up[i]):
-        x = up(jax.nn.gelu(x, approximate=False) if j else x)
+        x = up(vit.gelu(x) if j else x)
       if self.scales[i] < 0:
         window = 2 ** -self.scales[i]
         x = nnx.max_pool(x, (window, window), strides=(window, window), padding="SAME")

@@ -205,11 +205,6 @@ zeros = nnx.initializers.zeros_init()
 embed_init = nnx.initializers.normal(1.0)  # nn.Embedding's N(0, 1)
 
 
-def gelu(x):
-  """Exact (erf) GELU, torch nn.GELU(); jax.nn.gelu defaults to the tanh approximation."""
-  return jax.nn.gelu(x, approximate=False)
-
-
 def window_partition(x, window: int):
   """x: [B, H, W, C] -> windows [B * nh * nw, window, window, C], zero-padded at the bottom
   and right to a multiple of `window` (padded tokens join the attention unmasked, as SAM)."""
@@ -275,7 +270,7 @@ class EncoderAttention(nnx.Module):
 class EncoderMlp(nnx.Module):
   """lin1 -> exact GELU -> lin2 (segment_anything's MLPBlock)."""
 
-  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, act=gelu):
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, act=vit.gelu):
     self.act = act
     self.lin1 = vit.linear(dim, hidden, dtype=dtype, rngs=rngs)
     self.lin2 = vit.linear(hidden, dim, dtype=dtype, rngs=rngs)
@@ -403,8 +398,8 @@ class PromptEncoder(nnx.Module):
         f"mask prompts must be [N, {size}, {size}] low-res logits, got {tuple(masks.shape)}"
       )
     x = jnp.asarray(masks)[..., None]
-    x = gelu(self.mask_norm1(self.mask_conv1(x)))
-    x = gelu(self.mask_norm2(self.mask_conv2(x)))
+    x = vit.gelu(self.mask_norm1(self.mask_conv1(x)))
+    x = vit.gelu(self.mask_norm2(self.mask_conv2(x)))
     dense = self.mask_conv3(x).astype(jnp.float32)
     if mask_valid is None:
       return dense
@@ -577,8 +572,8 @@ class MaskDecoder(nnx.Module):
     m = self.num_mask_tokens
     mask_out, cls_out = hs[:, 1 : 1 + m], hs[:, 1 + m : 1 + m + self.num_cls_tokens]
     src = einops.rearrange(src, "n (y x) c -> n y x c", y=g)
-    up = gelu(self.upscale_norm(self.upscale_conv1(src)))
-    up = gelu(self.upscale_conv2(up))  # [N, 4g, 4g, C/8]
+    up = vit.gelu(self.upscale_norm(self.upscale_conv1(src)))
+    up = vit.gelu(self.upscale_conv2(up))  # [N, 4g, 4g, C/8]
     hyper = jnp.stack(
       [mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1
     )  # [N, M, C/8]

@@ -257,6 +257,15 @@ class Attention(nnx.Module):
     return jax.nn.softmax(logits / np.sqrt(q.shape[-1]), axis=-1)
 
 
+def gelu(x):
+  """Exact GELU, x (1 + erf(x / sqrt 2)) / 2, as torch nn.GELU() (JAX defaults to tanh).
+
+  Written with erf: jax.nn.gelu(approximate=False) goes through erfc, whose forward and backward
+  XLA:CPU runs about 3x slower (docs/benchmarks.md, 2026-12-02); the two agree to float32
+  rounding."""
+  return 0.5 * x * (1 + jax.lax.erf(x * 0.7071067811865476))
+
+
 class Mlp(nnx.Module):
   """fc1 -> exact GELU -> fc2 (timm's Mlp with nn.GELU)."""
 
@@ -265,8 +274,8 @@ class Mlp(nnx.Module):
     self.fc2 = linear(hidden, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    """x: [B, N, D] -> [B, N, D]. Exact (erf) GELU, as torch nn.GELU(); JAX defaults to tanh."""
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    """x: [B, N, D] -> [B, N, D]."""
+    return self.fc2(gelu(self.fc1(x)))
 
 
 class Block(nnx.Module):
