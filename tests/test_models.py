@@ -408,9 +408,11 @@ def _mae_loss_and_grads(images, mask, key, dtype=jnp.float32, **options):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-def test_dot_product_attention_equals_einsum():
+def test_dot_product_attention_equals_einsum(monkeypatch):
   """The fused path (jax.nn.dot_product_attention) against explicit q k^T softmax v: MAE loss
-  and gradients (encoder ViT and decoder) in float32, predictions in bfloat16."""
+  and gradients (encoder ViT and decoder) in float32, predictions in bfloat16. On the CPU
+  `dot_product` runs the einsum path, so the backend is reported as a GPU's here."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   images, mask = _images(), jnp.asarray(_mask())
   (la, ga), (lb, gb) = (
     _mae_loss_and_grads(images, mask, None, attention_impl=impl) for impl in vit.ATTENTION_IMPLS
@@ -432,7 +434,7 @@ def test_dot_product_attention_equals_einsum():
   attn = vit.Attention(64, 4, dtype=jnp.float32, rngs=nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(0), (2, 5, 64))
   _, _, v = attn._qkv(x)
-  mixed = jnp.einsum("bhqk,bkhd->bqhd", attn.weights(x), v).reshape(2, 5, 64)
+  mixed = jnp.einsum("bhqk,bhkd->bqhd", attn.weights(x), v).reshape(2, 5, 64)
   np.testing.assert_allclose(
     np.asarray(attn.proj(mixed)), np.asarray(attn(x)), rtol=1e-5, atol=1e-6
   )

@@ -125,3 +125,20 @@ def test_gelu_is_the_exact_gelu():
   np.testing.assert_allclose(value, x * stats.norm.cdf(x), rtol=2e-6, atol=2e-6)
   np.testing.assert_allclose(grad, stats.norm.cdf(x) + x * stats.norm.pdf(x), rtol=2e-6, atol=2e-6)
   assert vit.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_softmax_and_its_derivatives():
+  """vit.softmax (hand-written backward) against jax.nn.softmax: values, the gradient and the
+  gradient of a gradient (what the privacy audit's inversion attack takes)."""
+  x = jax.random.normal(jax.random.key(0), (3, 4, 7)) * 4
+  w = jax.random.normal(jax.random.key(1), (3, 4, 7))
+  for_each = [vit.softmax, lambda x: jax.nn.softmax(x, axis=-1)]
+  values = [fn(x) for fn in for_each]
+  np.testing.assert_allclose(values[0], values[1], rtol=1e-6, atol=1e-7)
+  grads = [jax.grad(lambda x, fn=fn: jnp.sum(jnp.sin(fn(x) * w)))(x) for fn in for_each]
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+  second = [
+    jax.grad(lambda x, fn=fn: jnp.sum(jax.grad(lambda y: jnp.sum(jnp.sin(fn(y) * w)))(x) ** 2))(x)
+    for fn in for_each
+  ]
+  np.testing.assert_allclose(second[0], second[1], rtol=1e-4, atol=1e-6)

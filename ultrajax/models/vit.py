@@ -38,7 +38,9 @@ POOLS = ("cls", "gap", "none")
 POS_EMBEDS = ("sincos", "learned")
 ATTENTION_QUERIES = ("cls", "mean")
 # "dot_product": jax.nn.dot_product_attention (XLA chooses: cuDNN flash attention on GPU when it
-# applies, XLA elsewhere); "einsum": explicit q k^T softmax v, the reference path.
+# applies, XLA on TPU), and the einsum path where the step is compiled for the CPU (XLA:CPU's
+# lowering of it made the MAE-B/16 step 5-7% slower; docs/benchmarks.md, 2026-12-02);
+# "einsum": explicit q k^T softmax v with heads before tokens, the reference path.
 ATTENTION_IMPLS = ("dot_product", "einsum")
 # Activation recomputation per block in the backward pass: "none"; "dots" keeps the outputs of
 # the weight matmuls (dots without batch dimensions: qkv, proj, fc1, fc2) and recomputes the rest
@@ -217,6 +219,23 @@ def _materialise(g):
 _materialise.defvjp(lambda g: (_materialise(g), None), lambda _, ct: (_materialise(ct),))
 
 
+@jax.custom_vjp
+def softmax(x):
+  """Softmax over the last axis, whose backward is written from the probabilities alone:
+  p (g - sum(g p)). jax.nn.softmax's derived backward made the MAE step 3-4% slower on XLA:CPU
+  (docs/benchmarks.md, 2026-12-02). Reverse mode only, to any order."""
+  e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+  return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _softmax_fwd(x):
+  p = softmax(x)
+  return p, p
+
+
+softmax.defvjp(_softmax_fwd, lambda p, g: (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),))
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout: 3 x heads x head_dim)."""
 
@@ -229,23 +248,25 @@ class Attention(nnx.Module):
     self.qkv = linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = linear(dim, dim, dtype=dtype, rngs=rngs)
 
-  def _qkv(self, x):
-    """x: [B, N, D] -> q, k, v, each [B, N, heads, head_dim]."""
-    return einops.rearrange(
-      self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.num_heads
-    )
+  def _qkv(self, x, heads_first: bool = True):
+    """x: [B, N, D] -> q, k, v, each [B, heads, N, head_dim] (heads_first) or [B, N, heads,
+    head_dim] (the layout jax.nn.dot_product_attention takes)."""
+    to = "three b h n d" if heads_first else "three b n h d"
+    return einops.rearrange(self.qkv(x), f"b n (three h d) -> {to}", three=3, h=self.num_heads)
 
   def __call__(self, x):
     """x: [B, N, D] -> [B, N, D]."""
+    if self.impl == "dot_product" and jax.default_backend() != "cpu":
+      out = jax.nn.dot_product_attention(*self._qkv(x, heads_first=False))  # scale as timm
+      return self.proj(einops.rearrange(out, "b n h d -> b n (h d)"))
     q, k, v = self._qkv(x)
-    if self.impl == "dot_product":
-      out = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as timm
-    else:
-      # Scores and softmax in float32 (the fused path also accumulates them in float32).
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-      probs = jax.nn.softmax(logits / np.sqrt(q.shape[-1]), axis=-1).astype(v.dtype)
-      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    return self.proj(einops.rearrange(out, "b n h d -> b n (h d)"))
+    # Scores and softmax in float32 (the fused path also accumulates them in float32); the
+    # scale on q (timm's order), not on the [N, N] scores.
+    scores = jnp.einsum(
+      "bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32
+    )
+    out = jnp.einsum("bhqk,bhkd->bhqd", softmax(scores).astype(v.dtype), v)
+    return self.proj(einops.rearrange(out, "b h n d -> b n (h d)"))
 
   def weights(self, x):
     """x: [B, N, D] -> attention probabilities [B, heads, N (queries), N (keys)] float32.
@@ -253,7 +274,7 @@ class Attention(nnx.Module):
     softmax over keys of q k^T / sqrt(head_dim), the weights `__call__` applies to v (computed
     apart, for figures: the fused attention never materialises them)."""
     q, k, _ = self._qkv(x)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
     return jax.nn.softmax(logits / np.sqrt(q.shape[-1]), axis=-1)
 
 
