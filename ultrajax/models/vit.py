@@ -251,8 +251,11 @@ class Attention(nnx.Module):
   def _qkv(self, x, heads_first: bool = True):
     """x: [B, N, D] -> q, k, v, each [B, heads, N, head_dim] (heads_first) or [B, N, heads,
     head_dim] (the layout jax.nn.dot_product_attention takes)."""
-    to = "three b h n d" if heads_first else "three b n h d"
-    return einops.rearrange(self.qkv(x), f"b n (three h d) -> {to}", three=3, h=self.num_heads)
+    to = "b h n d" if heads_first else "b n h d"
+    # Split, then rearrange: the split's backward is one concatenation, where indexing a
+    # [3, ...] rearrangement's is three pads and their sum (3-5% of the MAE step on XLA:CPU).
+    qkv = jnp.split(self.qkv(x), 3, axis=-1)
+    return [einops.rearrange(t, f"b n (h d) -> {to}", h=self.num_heads) for t in qkv]
 
   def __call__(self, x):
     """x: [B, N, D] -> [B, N, D]."""
