@@ -16,6 +16,7 @@ from scipy import stats
 
 from ultrajax import configlib
 from ultrajax.fed import aggregate, privacy, protected, robust, rounds, strategies
+from ultrajax.train import divergence
 
 
 def _stack(num=5, seed=0):
@@ -207,7 +208,7 @@ def test_screen_excludes_nan_and_scaled_clients_and_renormalises():
   bounded = robust.norm_bounded_mean(
     jax.tree.map(lambda x: x[np.array([0, 3])], tree), [0.5, 0.5], 1.0
   )
-  assert float(privacy.global_norm(bounded)) <= 1.0 + 1e-5
+  assert float(divergence.global_norm(bounded)) <= 1.0 + 1e-5
 
 
 # --- audit -----------------------------------------------------------------------------------

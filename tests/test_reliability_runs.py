@@ -178,6 +178,25 @@ def test_chunk_skip_mode_drops_exactly_the_nonfinite_step():
     divergence.screen(np.asarray(losses), plan.client_ids >= 0, where="round 1", mode="stop")
 
 
+def test_finite_and_norm_flags_any_nonfinite_entry():
+  """divergence.finite_and_norm against numpy: the global L2 norm, and 'finite' false for a NaN
+  or an inf anywhere in the gradient or the loss, or a norm beyond float32's range."""
+  rng = np.random.default_rng(0)
+  grads = {
+    "a": rng.normal(size=(5, 3)).astype(np.float32),
+    "b": rng.normal(size=7).astype(np.float32),
+  }
+  expected = np.sqrt(sum(np.sum(np.float64(g) ** 2) for g in grads.values()))
+  ok, norm = divergence.finite_and_norm(jnp.float32(1.0), grads)
+  assert bool(ok)
+  np.testing.assert_allclose(float(norm), expected, rtol=1e-6)
+  for bad in (np.nan, np.inf, -np.inf, 1e30):
+    broken = dict(grads, b=grads["b"].copy())
+    broken["b"][3] = bad
+    assert not bool(divergence.finite_and_norm(jnp.float32(1.0), broken)[0]), bad
+  assert not bool(divergence.finite_and_norm(jnp.float32(np.nan), grads)[0])
+
+
 def test_apply_update_keeps_the_old_state_only_when_skipping_a_nonfinite_step():
   """divergence.apply_update (the fine-tuning and SAM steps): one SGD-with-momentum step worked
   by hand when ok holds; with ok false 'skip' returns the given params and state unchanged and

@@ -38,6 +38,7 @@ from ultrajax import configlib
 from ultrajax.data import phantom
 from ultrajax.fed import privacy
 from ultrajax.models import mae as mae_lib
+from ultrajax.train import divergence
 
 
 def tiny_mae(image_size: int, patch_size: int, width: int, seed: int):
@@ -84,7 +85,7 @@ def make_grad_fn(graphdef, mask, patch_size: int, norm_pix: bool):
 
 def _cosine_distance(a, b):
   dot = sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  return 1.0 - dot / (privacy.global_norm(a) * privacy.global_norm(b) + 1e-12)
+  return 1.0 - dot / (divergence.global_norm(a) * divergence.global_norm(b) + 1e-12)
 
 
 def _tv(x):

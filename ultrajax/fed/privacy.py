@@ -20,21 +20,16 @@ import jax
 import jax.numpy as jnp
 
 from ultrajax import configlib
+from ultrajax.train import divergence
 
 SAMPLINGS = ("poisson", "fixed")
 ACCOUNTANTS = ("rdp", "pld")
 
 
-def global_norm(tree):
-  """L2 norm over every leaf of one (unstacked) pytree, float32 scalar."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
 def clip_update(tree, clip_norm):
   """Scales one update so its global L2 norm is <= clip_norm: D * min(1, C / ||D||).
   Returns (clipped tree, norm before clipping)."""
-  norm = global_norm(tree)
+  norm = divergence.global_norm(tree)
   scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
   return jax.tree.map(lambda x: (x * scale).astype(x.dtype), tree), norm
 

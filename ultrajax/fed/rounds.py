@@ -224,10 +224,8 @@ def make_chunk(
     (loss, (new_ms, aux)), grads = grad_fn(
       params, model_state, batch, jax.random.fold_in(key, step_id)
     )
-    finite = divergence.all_finite((loss, grads))
-    metrics = dict(
-      loss=jnp.where(finite, loss, jnp.nan), grad_norm=optax.global_norm(grads), **(aux or {})
-    )
+    finite, grad_norm = divergence.finite_and_norm(loss, grads)
+    metrics = dict(loss=jnp.where(finite, loss, jnp.nan), grad_norm=grad_norm, **(aux or {}))
     grads = strategy.local_grad_transform(grads, params, ctx)
     new_opt = opt_state
     if lr_fn is not None:

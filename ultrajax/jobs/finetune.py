@@ -332,7 +332,7 @@ def train_step(setup: Setup, params, opt_state, images, targets, idx, key, class
   y = jax.lax.with_sharding_constraint(targets[idx], setup.data_sharding)
   loss_fn = make_loss_fn(setup.graphdef, config, setup.num_classes)
   loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key, class_weights)
-  finite = divergence.all_finite((loss, grads))
+  finite = divergence.finite_and_norm(loss, grads)[0]
   new_params, new_opt = divergence.apply_update(
     setup.tx, grads, opt_state, params, finite, config.on_nonfinite
   )

@@ -248,12 +248,12 @@ def make_train_step(graphdef, tx, config):
 
   def step(params, opt_state, batch, key):
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
-    finite = divergence.all_finite((loss, grads))
+    finite, grad_norm = divergence.finite_and_norm(loss, grads)
     new_params, new_opt = divergence.apply_update(
       tx, grads, opt_state, params, finite, config.on_nonfinite
     )
     out["loss"] = jnp.where(finite, loss, jnp.nan)
-    out["grad_norm"] = optax.global_norm(grads)
+    out["grad_norm"] = grad_norm
     return new_params, new_opt, out
 
   return step
