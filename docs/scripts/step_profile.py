@@ -1,0 +1,125 @@
+"""Where the MAE step's time goes on XLA:CPU, beside the PyTorch peer's (docs/benchmarks.md,
+2026-12-02): the plain jitted step (loss + AdamW, as in lane_axis_cost.py) traced with
+jax.profiler, its thunks joined with the optimized HLO by instruction name and summed by kind
+and JAX op; then the PyTorch MAE's step (bench/torch_mae.py) under torch.profiler.
+
+  python docs/scripts/step_profile.py BATCH small|b16 [ROWS]
+
+XLA:CPU runs some thunks (Eigen dots) asynchronously, so their rows understate them and the
+thunks they overlap overstate theirs; the rows sum to about the step's wall time.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ultrajax.configs import pretrain_fed
+from ultrajax.models import mae, vit
+from ultrajax.train import mim_objectives, optimizer
+
+batch, kind = int(sys.argv[1]), sys.argv[2]
+rows = int(sys.argv[3]) if len(sys.argv) > 3 else 30
+config = pretrain_fed.get_config("cpu")
+m = config.model
+if kind == "b16":
+  m.update(variant="B/16", image_size=224, decoder_width=512, decoder_depth=8, decoder_heads=16)
+else:
+  m.update(width=192, depth=6, num_heads=3, decoder_width=128, decoder_depth=2, decoder_heads=4)
+m.norm_pix_loss = True
+config.ultramim.update(tgm_mode="random", mic=False)
+config.data.batch_size = batch
+config = config.copy_and_resolve_references()
+
+graphdef, params = nnx.split(mae.mae_from_config(config.model, nnx.Rngs(0)), nnx.Param)
+params = nnx.to_pure_dict(params)
+tx = optimizer.adamw(config.optim, params)
+loss_fn = mim_objectives.make_loss_fn(graphdef, config)
+size = config.model.image_size
+images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8))
+
+
+def step(p, o, b, key):
+  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, b, key)
+  updates, o = tx.update(grads, o, p)
+  return optax.apply_updates(p, updates), o, loss
+
+
+compiled = (
+  jax.jit(step, donate_argnums=(0, 1))
+  .lower(params, tx.init(params), images, jax.random.key(0))
+  .compile()
+)
+hlo = {}
+for line in compiled.as_text().splitlines():
+  found = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
+  if found:
+    op = re.search(r'op_name="([^"]+)"', line)
+    hlo[found.group(1)] = op.group(1).replace("jit(step)/", "") if op else "?"
+p, o = params, tx.init(params)
+for i in range(3):
+  c0 = time.process_time()
+  p, o, loss = compiled(p, o, images, jax.random.key(i))
+  jax.block_until_ready(loss)
+  print(f"XLA step {i}: {1e3 * (time.process_time() - c0) / batch:.1f} CPU ms/img")
+with tempfile.TemporaryDirectory() as trace_dir:
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    p, o, loss = compiled(p, o, images, jax.random.key(9))
+    jax.block_until_ready(loss)
+  events = json.load(gzip.open(glob.glob(f"{trace_dir}/**/*.json.gz", recursive=True)[0]))
+totals, counts = collections.Counter(), collections.Counter()
+for e in events["traceEvents"]:
+  if e.get("ph") == "X" and e.get("name") in hlo:
+    key = f"{re.sub(r'[.][0-9]+$', '', e['name']):24s} {hlo[e['name']][-56:]}"
+    totals[key] += e["dur"] / 1e3
+    counts[key] += 1
+print(f"\nXLA thunks, one step ({sum(totals.values()):.0f} ms in all):")
+for key, ms in totals.most_common(rows):
+  print(f"{ms:8.1f} ms {counts[key]:4d}x  {key}")
+
+import torch  # noqa: E402  (the optional extra, after XLA's half)
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from ultrajax.bench import torch_mae  # noqa: E402
+
+torch.set_num_threads(2)
+torch.manual_seed(0)
+width, depth, heads, patch = vit.model_dims(config.model)
+net = torch_mae.TorchMAE(
+  image_size=size,
+  patch_size=patch,
+  width=width,
+  depth=depth,
+  num_heads=heads,
+  decoder_width=config.model.decoder_width,
+  decoder_depth=config.model.decoder_depth,
+  decoder_heads=config.model.decoder_heads,
+)
+opt = torch_mae.adamw(net, 1e-4, 0.05)
+x = torch.randn(batch, 3, size, size)
+
+
+def torch_step():
+  loss = net(x)[0]
+  opt.zero_grad(set_to_none=True)
+  loss.backward()
+  opt.step()
+
+
+for i in range(3):
+  c0 = time.process_time()
+  torch_step()
+  print(f"PyTorch step {i}: {1e3 * (time.process_time() - c0) / batch:.1f} CPU ms/img")
+with profile(activities=[ProfilerActivity.CPU]) as prof:
+  torch_step()
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
