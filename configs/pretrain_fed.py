@@ -42,8 +42,9 @@ def get_config(arg=None):
       dtype="bfloat16",  # computation dtype; parameters and optimizer states stay float32.
       pred_dim=0,  # decoder output per patch: 0 = pixels; target='teacher': the teacher token width.
       # Speed and memory only (same parameters, same math): 'dot_product' = jax.nn.dot_product_
-      # attention (cuDNN flash attention on GPU) or 'einsum'; remat 'none' | 'dots' (keep matmul
-      # outputs) | 'full' (keep block inputs); scan_layers: one compiled block, lax.scan.
+      # attention (cuDNN flash attention on GPU; on the CPU the einsum path, faster there) or
+      # 'einsum'; remat 'none' | 'dots' (keep matmul outputs) | 'full' (keep block inputs);
+      # scan_layers: one compiled block, lax.scan.
       attention_impl="dot_product", remat="none", scan_layers=False,
   ))
 
