@@ -478,6 +478,20 @@ def test_preprocess_matches_sam(tiny):
   assert sam_predictor.resize_image(image[0], 128).shape == (128, 90, 3)
 
 
+@pytest.mark.parametrize("long_side", [1024, 64])
+def test_preprocess_shape_matches_resize_longest_side(long_side):
+  """Every (h, w) up to 1500 x 1500 (step 7, plus 1 and the .5 ties at long side 64)
+  as ResizeLongestSide.get_preprocess_shape, except that its 0 (an empty image, which PIL
+  refuses) becomes 1."""
+  from segment_anything.utils.transforms import ResizeLongestSide
+
+  sides = sorted({1, 2, 5, 128, 129, *range(3, 1501, 7)})
+  for h in sides:
+    for w in sides:
+      theirs = ResizeLongestSide.get_preprocess_shape(h, w, long_side)
+      assert sam.preprocess_shape(h, w, long_side) == tuple(max(1, x) for x in theirs), (h, w)
+
+
 # ----------------------------------------------------------------------------- predictor
 @pytest.fixture(scope="module")
 def predictors(tiny):

@@ -25,6 +25,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ultrajax.data import pipeline, sources, tasks
+from ultrajax.models import sam as sam_lib
 
 PHANTOM_CATEGORIES = ({"id": 1, "name": "organ"}, {"id": 2, "name": "lesion"})
 
@@ -314,12 +315,6 @@ def _resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
   return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR))
 
 
-def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
-  """The (h, w) an image of (height, width) takes after its long side is resized to `size`."""
-  scale = size / max(height, width)
-  return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
-
-
 def prepare(record: dict, size: int, max_instances: int, hflip: bool = False) -> dict:
   """A raw record -> static shapes for the model.
 
@@ -336,7 +331,7 @@ def prepare(record: dict, size: int, max_instances: int, hflip: bool = False) ->
       f"image {record.get('file_name')!r}: masks are {masks.shape[1:]} but "
       f"the image is {(height, width)}"
     )
-  h, w = resized_shape(height, width, size)
+  h, w = sam_lib.preprocess_shape(height, width, size)
   # hflip mirrors the image's extent only, so the padding stays bottom/right.
   columns = slice(None, None, -1 if hflip else 1)
   out_image = np.zeros((size, size, 3), np.uint8)

@@ -169,9 +169,11 @@ def trainable_mask(params):
 
 # ----------------------------------------------------------------------------- pre/post
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-  """(h, w) after resizing the long side to `long_side`, rounded as segment_anything."""
+  """(h, w) after resizing the long side to `long_side`, rounded half up as segment_anything's
+  ResizeLongestSide.get_preprocess_shape; a side it would round to 0 (a sliver image) is 1, as
+  PIL cannot resize to an empty image. Serves the SAM predictor and the instance data."""
   scale = long_side * 1.0 / max(height, width)
-  return int(height * scale + 0.5), int(width * scale + 0.5)
+  return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def preprocess(images, image_size: int):
