@@ -28,7 +28,7 @@ from segment_anything.modeling import (
   TwoWayTransformer,
 )
 
-from ultrajax.eval import sam_predictor
+from ultrajax.eval import coco_eval, sam_predictor
 from ultrajax.interop import (
   files,
   sam as sam_interop,
@@ -490,6 +490,24 @@ def test_preprocess_shape_matches_resize_longest_side(long_side):
     for w in sides:
       theirs = ResizeLongestSide.get_preprocess_shape(h, w, long_side)
       assert sam.preprocess_shape(h, w, long_side) == tuple(max(1, x) for x in theirs), (h, w)
+
+
+@pytest.mark.parametrize("original_hw", [(100, 70), (300, 200), (128, 3)])
+def test_postprocess_masks_matches_sam(tiny, original_hw):
+  """Numpy and jax logits, and the evaluation's thresholded masks, against
+  Sam.postprocess_masks: an image smaller than the input (resized down at the end) or larger."""
+  tmodel, _, _ = tiny
+  logits = np.random.default_rng(9).normal(0, 5, (2, 3, 32, 32)).astype(np.float32)
+  input_hw = sam.preprocess_shape(*original_hw, 128)
+  with torch.no_grad():
+    theirs = tmodel.postprocess_masks(torch.from_numpy(logits), input_hw, original_hw).numpy()
+  ours = sam.postprocess_masks(logits, input_hw, original_hw, 128)
+  assert isinstance(ours, np.ndarray) and ours.shape == logits.shape[:2] + original_hw
+  close(ours, theirs)
+  close(sam.postprocess_masks(jnp.asarray(logits), input_hw, original_hw, 128), theirs)
+  masks = coco_eval.logits_to_masks(logits[0], 128, np.int32(input_hw), original_hw)
+  assert masks.dtype == np.uint8
+  assert np.mean(masks == (theirs[0] > 0)) > 0.999
 
 
 # ----------------------------------------------------------------------------- predictor

@@ -13,8 +13,9 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 from pycocotools import coco, cocoeval, mask as mask_utils
+
+from ultrajax.models import sam as sam_lib
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -82,13 +83,8 @@ def logits_to_masks(low_res_logits: np.ndarray, input_size: int, hw, original_hw
 
   low_res_logits: [N, s, s] for the [S, S] padded input (S = input_size); hw: the resized
   image's (h, w) inside it; original_hw: (H, W). Upsample to S, crop the padding, resize to
-  (H, W) bilinearly, threshold at 0. Returns uint8 [N, H, W].
+  (H, W) bilinearly (models/sam.postprocess_masks, in numpy), threshold at 0. Returns uint8
+  [N, H, W].
   """
-  h, w = (int(v) for v in hw)
-  height, width = (int(v) for v in original_hw)
-  out = np.zeros((len(low_res_logits), height, width), np.uint8)
-  for j, logits in enumerate(np.asarray(low_res_logits, np.float32)):
-    full = Image.fromarray(logits).resize((input_size, input_size), Image.Resampling.BILINEAR)
-    crop = full.crop((0, 0, w, h)).resize((width, height), Image.Resampling.BILINEAR)
-    out[j] = np.asarray(crop) > 0
-  return out
+  logits = np.asarray(low_res_logits, np.float32)
+  return (sam_lib.postprocess_masks(logits, hw, original_hw, input_size) > 0).astype(np.uint8)
