@@ -3,6 +3,7 @@ binomial frequencies, scikit-image rotations and polar warps."""
 
 import functools
 import itertools
+import math
 import pathlib
 
 import jax
@@ -446,6 +447,41 @@ PHANTOM_FANS = [
   (130.0, 0.5, 96, (9, 5)),
   (60.0, 0.3, 128, (0, 0)),
 ]  # the last: the phantom's default fan, touching the top
+
+
+GOOD_FAN = dict(apex_x=50.0, apex_y=-10.0, fan_angle_deg=60.0, inner_radius=10.0, outer_radius=90.0)
+BAD_FAN_FIELDS = [
+  *(
+    (field, value, f"{field}={value!r}") for field in GOOD_FAN for value in ("wide", None, math.inf)
+  ),
+  ("apex_y", math.nan, "apex_y=nan"),
+  ("fan_angle_deg", 0, r"fan_angle_deg=0.0 is not in \(0, 360\)"),
+  ("fan_angle_deg", 360.0, r"fan_angle_deg=360.0 is not in \(0, 360\)"),
+  ("inner_radius", -1, "inner_radius=-1.0 is below 0"),
+  ("outer_radius", 10.0, "outer_radius=10.0 is not above inner_radius=10.0"),
+]
+
+
+@pytest.mark.parametrize("field,value,match", BAD_FAN_FIELDS)
+def test_check_fan_names_the_bad_field_and_value(field, value, match):
+  bad = dict(GOOD_FAN, **{field: value})
+  for fan in (bad, tuple(bad.values()), list(bad.values())):  # a record's dict, a Fan's fields
+    with pytest.raises(ValueError, match=rf"^fan of a\.png: {match}"):
+      geometry.check_fan(fan, "fan of a.png")
+  assert geometry.check_fan(GOOD_FAN) == geometry.Fan(**GOOD_FAN)
+
+
+@pytest.mark.parametrize(
+  "fan,match",
+  [
+    ({k: v for k, v in GOOD_FAN.items() if k != "outer_radius"}, r"lacks \['outer_radius'\]"),
+    (tuple(GOOD_FAN.values())[:4], r"is \(50.0, -10.0, 60.0, 10.0\); a fan needs the 5 values"),
+    (60.0, "is 60.0; a fan needs the 5 values"),
+  ],
+)
+def test_check_fan_names_a_missing_field_or_wrong_shape(fan, match):
+  with pytest.raises(ValueError, match=match):
+    geometry.check_fan(fan)
 
 
 def assert_fan_close(got, truth):

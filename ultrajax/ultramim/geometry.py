@@ -47,16 +47,23 @@ class NotASector(ValueError):
 
 
 def check_fan(fan, what: str = "fan") -> Fan:
-  """A Fan from a Fan, a tuple or a dict of the FIELDS; ValueError naming `what` and the field."""
+  """A Fan from a Fan, a sequence or a dict of the FIELDS; ValueError naming `what` and the
+  field at fault with its value."""
   if isinstance(fan, dict):
     missing = [f for f in FIELDS if f not in fan]
     if missing:
       raise ValueError(f"{what} lacks {missing}; a fan needs {list(FIELDS)}")
-    fan = Fan(**{f: fan[f] for f in FIELDS})
-  fan = Fan(*(float(v) for v in fan))
+    fan = [fan[f] for f in FIELDS]
+  elif not isinstance(fan, (tuple, list, np.ndarray)) or len(fan) != len(FIELDS):
+    raise ValueError(f"{what} is {fan!r}; a fan needs the {len(FIELDS)} values {list(FIELDS)}")
   for name, value in zip(FIELDS, fan):
-    if not math.isfinite(value):
+    try:
+      number = float(value)
+    except (TypeError, ValueError):
+      number = math.nan
+    if not math.isfinite(number):
       raise ValueError(f"{what}: {name}={value!r} is not a finite number")
+  fan = Fan(*(float(v) for v in fan))
   if not 0.0 < fan.fan_angle_deg < 360.0:
     raise ValueError(f"{what}: fan_angle_deg={fan.fan_angle_deg!r} is not in (0, 360)")
   if fan.inner_radius < 0.0:
