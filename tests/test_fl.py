@@ -195,6 +195,32 @@ def test_a_site_must_hold_one_client_and_the_strategy_must_be_deployable(tmp_pat
     site.load_config(SPEC, "fl.site=1")
 
 
+def test_the_server_and_site_command_lines_share_one_parser(tmp_path):
+  argv = ["--config=c.py:cpu", "--workdir=w", "--config.a.b=1", "test", "--config.c='x'"]
+  config, workdir, overrides, rest = site.command_line(argv, "prog")
+  assert (config, workdir) == ("c.py:cpu", os.path.join(os.getcwd(), "w"))
+  assert (overrides, rest) == ("a.b=1 c='x'", ["test"])
+  for bad in ("--config.a.b", "--config.=1", "--config.data.root=/my data", "--workdir="):
+    with pytest.raises(configlib.ConfigError, match=f"prog: {re.escape(repr(bad))}"):
+      site.command_line([*argv, bad], "prog")
+  with pytest.raises(configlib.ConfigError, match="needs --config=FILE.* and --workdir=DIR"):
+    site.command_line(argv[:1], "prog")
+  # The server's submission through it: the Flower app carries the spec, workdir and overrides.
+  import tomllib
+
+  argv = [f"--config={SPEC}", f"--workdir={tmp_path}", "--config.fed.num_rounds=2", "test"]
+  folder = tmp_path / "flower_app"
+  assert server.submission(argv) == ["flwr", "run", str(folder), "test"]
+  app = tomllib.loads((folder / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+  assert app["config"] == {
+    "config": str(REPO / SPEC.partition(":")[0]) + ":smoke",
+    "workdir": str(tmp_path),
+    "overrides": "fed.num_rounds=2",
+  }
+  with pytest.raises(configlib.ConfigError, match=r"ultrajax.fl.server: '--config.fed.num_rounds'"):
+    server.submission([*argv, "--config.fed.num_rounds"])
+
+
 def test_the_site_command_starts_a_supernode_with_the_site_as_node_config():
   argv = [
     "--config=configs/pretrain_fed.py:cpu",

@@ -31,7 +31,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import os
 import pathlib
 import signal
 import subprocess
@@ -158,20 +157,7 @@ def site_command(argv: list[str]) -> tuple[list[str], str]:
   """(`flower-supernode` command, its Runtime API address) for this module's command line:
   --config, --workdir and --config.<field>=<value> become the node config; the other flags
   pass through. The SuperNode runs in process isolation: this process serves its tasks."""
-  config, workdir, overrides, rest = None, None, [], []
-  for arg in argv:
-    if arg.startswith("--config="):
-      config = arg.split("=", 1)[1]
-    elif arg.startswith("--workdir="):
-      workdir = os.path.abspath(arg.split("=", 1)[1])
-    elif arg.startswith("--config."):
-      overrides.append(arg[len("--config.") :])
-    else:
-      rest.append(arg)
-  configlib.check(
-    config is not None and workdir is not None,
-    "python -m ultrajax.fl.client needs --config=FILE[:preset] and --workdir=DIR",
-  )
+  config, workdir, overrides, rest = site_lib.command_line(argv, "ultrajax.fl.client")
   configlib.check(
     not any(a.startswith("--isolation") for a in rest),
     "python -m ultrajax.fl.client runs the SuperNode with --isolation process (it serves the "
@@ -183,7 +169,7 @@ def site_command(argv: list[str]) -> tuple[list[str], str]:
     if name in ("--host", "--port"):
       flags[name] = value if eq else rest[i + 1]
   address = f"{flags.get('--host', '127.0.0.1')}:{flags.get('--port', '9094')}"
-  node_config = f'config="{config}" workdir="{workdir}" overrides="{" ".join(overrides)}"'
+  node_config = f'config="{config}" workdir="{workdir}" overrides="{overrides}"'
   command = ["flower-supernode", *rest, "--isolation", "process", "--node-config", node_config]
   return command, address
 

@@ -446,20 +446,13 @@ def submission(argv: list[str]) -> list[str]:
   """The `flwr run` command line for `python -m ultrajax.fl.server` with these arguments
   (--config=FILE[:preset] --workdir=DIR [--config.f=v ...] [flwr run flags, e.g. the SuperLink
   connection name]), after checking the config and writing DIR/flower_app."""
-  args = dict(a.split("=", 1) for a in argv if a.startswith(("--config=", "--workdir=")))
-  configlib.check(
-    "--config" in args and "--workdir" in args,
-    "python -m ultrajax.fl.server needs --config=FILE[:preset] and --workdir=DIR",
-  )
-  overrides = " ".join(a[len("--config.") :] for a in argv if a.startswith("--config."))
-  rest = [a for a in argv if not a.startswith(("--config", "--workdir="))]
-  workdir = pathlib.Path(args["--workdir"]).absolute()
-  config_file, _, preset = args["--config"].partition(":")
+  config, workdir, overrides, rest = site_lib.command_line(argv, "ultrajax.fl.server")
+  config_file, _, preset = config.partition(":")
   spec = str(pathlib.Path(configlib.find_config_file(config_file) or config_file).absolute())
   spec += f":{preset}" if preset else ""
   site_lib.load_config(spec, overrides)  # a bad field fails here, not on the SuperLink
-  folder = workdir / "flower_app"
-  loop.atomic_write(folder / "pyproject.toml", flower_app(spec, overrides, str(workdir)))
+  folder = pathlib.Path(workdir) / "flower_app"
+  loop.atomic_write(folder / "pyproject.toml", flower_app(spec, overrides, workdir))
   return ["flwr", "run", str(folder), *rest]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import pathlib
 import time
 from typing import NamedTuple
@@ -429,3 +430,29 @@ def load_config(spec: str, overrides: str = ""):
     target = configlib.get_field(config, parent) if parent else config
     target[leaf] = type(target[leaf])(value) if isinstance(target[leaf], float) else value
   return config
+
+
+def command_line(argv: list[str], program: str) -> tuple[str, str, str, list[str]]:
+  """(config spec, absolute workdir, overrides, other args) of a `python -m ultrajax.fl.server`
+  or `.client` command line: --config=FILE[:preset], --workdir=DIR, --config.<field>=<value>
+  (joined space-separated, as load_config takes them); the other args pass through in order.
+  ConfigError naming the argument at fault."""
+  found, overrides, rest = {}, [], []
+  for arg in argv:
+    flag, eq, value = arg.partition("=")
+    if flag in ("--config", "--workdir"):
+      configlib.check(bool(value), f"{program}: {arg!r} needs a value: {flag}=...")
+      found[flag] = value
+    elif flag.startswith("--config."):
+      configlib.check(
+        bool(eq) and len(flag) > len("--config.") and not any(c.isspace() for c in value),
+        f"{program}: {arg!r} is not --config.<field>=<value> (a value without spaces)",
+      )
+      overrides.append(arg[len("--config.") :])
+    else:
+      rest.append(arg)
+  configlib.check(
+    len(found) == 2, f"python -m {program} needs --config=FILE[:preset] and --workdir=DIR"
+  )
+  workdir = os.path.abspath(found["--workdir"])
+  return found["--config"], workdir, " ".join(overrides), rest
