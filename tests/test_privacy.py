@@ -4,6 +4,7 @@ the gradient-inversion audit. References: dp-accounting, numpy, scipy, TF Privac
 import dataclasses
 import functools
 import math
+import re
 from typing import Any
 
 import dp_accounting
@@ -684,6 +685,23 @@ def test_dp_sgd_budget_stops_before_the_round_that_would_pass_it_for_the_smalles
   assert _dp_sgd(examples, 2 * eps(2 * STEPS)).stop_reason(1, sstate) is None
 
 
+BAD_DP_SGD_FIELDS = [
+  ("noise_multiplier", -1.0),
+  ("clip_norm", 0.0),
+  ("clip_norm", math.nan),
+  ("delta", 1.0),
+  ("epsilon_budget", -2.0),
+  ("accountant", "moments"),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_DP_SGD_FIELDS + [("noise_multiplier", 0.0)])
+def test_dp_sgd_built_directly_checks_its_fields(field, value):
+  fedavg = strategies.make_strategy("fedavg")
+  with pytest.raises(configlib.ConfigError, match=re.escape(f"dp_sgd.{field}={value!r} must be")):
+    protected.DPSGD(fedavg, **{field: value})
+
+
 def test_dp_sgd_and_attack_config_fields_are_validated_naming_the_field():
   import ml_collections
 
@@ -700,17 +718,16 @@ def test_dp_sgd_and_attack_config_fields_are_validated_naming_the_field():
     return c
 
   fedavg = strategies.make_strategy("fedavg")
-  assert isinstance(protected.wrap(fedavg, config()), protected.DPSGD)
+  wrapped = protected.wrap(fedavg, config(**{"dp_sgd.noise_multiplier": 0.7}))
+  assert wrapped == protected.DPSGD(fedavg, noise_multiplier=0.7, clip_norm=1.0, delta=1e-5)
   assert protected.wrap(fedavg, config(**{"dp_sgd.noise_multiplier": 0.0})) is fedavg
-  for field, value in (
-    ("noise_multiplier", -1.0),
-    ("clip_norm", 0.0),
-    ("delta", 1.0),
-    ("epsilon_budget", -2.0),
-    ("accountant", "moments"),
-  ):
+  for field, value in BAD_DP_SGD_FIELDS:
     with pytest.raises(configlib.ConfigError, match=f"config.dp_sgd.{field}="):
       protected.wrap(fedavg, config(**{f"dp_sgd.{field}": value}))
+  # Checked when DP-SGD is off too.
+  off = {"dp_sgd.noise_multiplier": 0.0, "dp_sgd.delta": 1.0}
+  with pytest.raises(configlib.ConfigError, match="config.dp_sgd.delta=1.0 must be in"):
+    protected.wrap(fedavg, config(**off))
   with pytest.raises(configlib.ConfigError, match="config.fed.attack="):
     protected.wrap(fedavg, config(**{"fed.attack": "flip:1", "fed.attack_clients": "3"}))
   with pytest.raises(configlib.ConfigError, match="config.fed.attack_clients="):

@@ -584,8 +584,8 @@ class DPSGD(Wrapped):
   Accounting per client k: a Poisson-sampled Gaussian at rate q_k = B / n_k per step, over the
   local steps k has taken so far (the state's 'dp_sgd_clients'); epsilon_budget > 0 stops the
   run before a round that would take any client past it. batch_size, num_examples,
-  steps_per_round: set by `for_data` from the job's data. `wrap` builds it from config.dp_sgd,
-  whose fields it checks.
+  steps_per_round: set by `for_data` from the job's data. `wrap` builds it from config.dp_sgd.
+  Bad fields raise ConfigError naming the field.
   """
 
   noise_multiplier: float = 1.0
@@ -596,6 +596,17 @@ class DPSGD(Wrapped):
   batch_size: int = 0
   num_examples: tuple = ()
   steps_per_round: tuple = ()
+
+  def __post_init__(self):
+    for field, ok, want in (
+      ("noise_multiplier", self.noise_multiplier > 0, "> 0 (0 turns DP-SGD off)"),
+      ("clip_norm", self.clip_norm > 0, "> 0"),
+      ("delta", 0 < self.delta < 1, "in (0, 1)"),
+      ("epsilon_budget", self.epsilon_budget >= 0, ">= 0 (0: none)"),
+      ("accountant", self.accountant in privacy.ACCOUNTANTS, f"one of {privacy.ACCOUNTANTS}"),
+    ):
+      if not ok:
+        raise configlib.ConfigError(f"dp_sgd.{field}={getattr(self, field)!r} must be {want}")
 
   def local_value_and_grad(self, loss_fn):
     return privacy.dp_sgd_value_and_grad(loss_fn, self.clip_norm, self.noise_multiplier)
@@ -732,15 +743,12 @@ def wrap(strategy, config):
   d = config.get("dp_sgd")
   if d is None:
     return strategy
-  configlib.check_range(config, "dp_sgd.noise_multiplier", 0.0)
-  configlib.check_range(config, "dp_sgd.clip_norm", 0.0, low_inclusive=False)
-  configlib.check_range(config, "dp_sgd.delta", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-  configlib.check_range(config, "dp_sgd.epsilon_budget", 0.0)
-  configlib.check_choice(config, "dp_sgd.accountant", privacy.ACCOUNTANTS)
-  if d.noise_multiplier > 0:
-    fields = ("noise_multiplier", "clip_norm", "delta", "epsilon_budget", "accountant")
-    strategy = DPSGD(strategy, **{k: d[k] for k in fields})
-  return strategy
+  options = {k: d[k] for k in ("clip_norm", "delta", "epsilon_budget", "accountant")}
+  try:  # DPSGD checks the fields; with noise_multiplier 0 (DP-SGD off) as well
+    dp_sgd = DPSGD(strategy, noise_multiplier=d.noise_multiplier or 1.0, **options)
+  except configlib.ConfigError as e:
+    raise configlib.ConfigError(f"config.{e}") from None
+  return dp_sgd if d.noise_multiplier else strategy
 
 
 # ----------------------------------------------------------------------------- registry, host hooks
