@@ -142,3 +142,45 @@ def test_softmax_and_its_derivatives():
     for fn in for_each
   ]
   np.testing.assert_allclose(second[0], second[1], rtol=1e-4, atol=1e-6)
+
+
+def _value_grads(fn, module, x, second=False):
+  """fn(module, x)'s sum-of-sines, its gradients wrt x and the module's params, and (second)
+  the gradient wrt x of the squared gradient norm (a gradient of a gradient)."""
+  graphdef, params = nnx.split(module, nnx.Param)
+
+  def loss(p, x):
+    return jnp.sum(jnp.sin(fn(nnx.merge(graphdef, p), x).astype(jnp.float32)))
+
+  value, grads = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+  if not second:
+    return value, grads
+  gg = jax.grad(lambda x: sum(jnp.sum(g**2) for g in jax.tree.leaves(jax.grad(loss)(params, x))))
+  return value, grads, gg(x)
+
+
+def test_linear_and_layer_norm_backward_equal_flax():
+  """vit.Linear and vit.LayerNorm (the backward written out, taken on the CPU) against
+  nnx.Linear / nnx.LayerNorm's own call on the same parameters: values, gradients wrt the
+  input and every parameter, and a gradient of a gradient; float32 on 3-D and 2-D inputs,
+  bfloat16 compute within its rounding."""
+  rngs = nnx.Rngs(0)
+  x3 = jax.random.normal(jax.random.key(1), (2, 5, 12)) * 3 + 1
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+    modules = (
+      (vit.linear(12, 7, dtype=dtype, rngs=rngs), nnx.Linear.__call__),
+      (vit.layer_norm(12, dtype=dtype, rngs=rngs), nnx.LayerNorm.__call__),
+    )
+    for module, flax_call in modules:
+      # Non-trivial parameters: the init's zero bias / unit scale would hide mistakes.
+      for i, name in enumerate(("kernel", "scale", "bias")):
+        if (param := getattr(module, name, None)) is not None:
+          param[...] = param[...] + jax.random.normal(jax.random.key(i), param[...].shape)
+      for x in (x3, x3[0]):
+        ours = _value_grads(lambda m, x: m(x), module, x, second=dtype == jnp.float32)
+        theirs = _value_grads(flax_call, module, x, second=dtype == jnp.float32)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+          np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
+          )
+      assert module(x3).dtype == dtype
