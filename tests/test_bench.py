@@ -3,6 +3,7 @@ against ultrajax's own loss on the peer's predictions and mask); `bench plan` co
 per-device state as a hand count and XLA do."""
 
 import importlib.util
+import os
 import pathlib
 
 import numpy as np
@@ -135,3 +136,16 @@ def test_bench_pretrain_meshes_run_central_on_the_same_devices():
   config.data.batch_size = 6
   with pytest.raises(configlib.ConfigError, match="batch_size=6"):
     plan_lib.pretrain_meshes(config, 4)
+
+
+def test_torch_peer_runs_in_a_fresh_process():
+  """bench pretrain's PyTorch peer is timed in a spawned process (not after XLA's programs in
+  this one): its step runs there and reports the batch's loss and a positive speed."""
+  pytest.importorskip("timm")
+  from ultrajax.bench import __main__ as bench_main
+
+  config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
+  config.model.update(width=32, depth=1, num_heads=2, image_size=16, decoder_width=32)
+  peer = bench_main._torch_peer(config, batch=2, steps=1)
+  assert peer["device"] == "cpu" and peer["img_per_s"] > 0 and np.isfinite(peer["loss"])
+  assert peer["pid"] != os.getpid()

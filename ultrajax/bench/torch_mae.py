@@ -15,6 +15,7 @@ them raises ImportError.
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import numpy as np
@@ -173,4 +174,5 @@ def time_train_step(
     loss=loss.item(),
     device=device,
     threads=torch.get_num_threads(),
+    pid=os.getpid(),
   )
