@@ -142,10 +142,8 @@ def test_torch_peer_runs_in_a_fresh_process():
   """bench pretrain's PyTorch peer is timed in a spawned process (not after XLA's programs in
   this one): its step runs there and reports the batch's loss and a positive speed."""
   pytest.importorskip("timm")
-  from ultrajax.bench import __main__ as bench_main
+  from ultrajax.bench import torch_mae
 
-  config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
-  config.model.update(width=32, depth=1, num_heads=2, image_size=16, decoder_width=32)
-  peer = bench_main._torch_peer(config, batch=2, steps=1)
+  peer = torch_mae.time_in_fresh_process(TINY, batch=2, steps=1, bfloat16=False)
   assert peer["device"] == "cpu" and peer["img_per_s"] > 0 and np.isfinite(peer["loss"])
   assert peer["pid"] != os.getpid()

@@ -40,7 +40,6 @@ the machine and the exact command in docs/benchmarks.md.
 
 from __future__ import annotations
 
-import multiprocessing
 import pathlib
 import time
 
@@ -181,20 +180,14 @@ def _torch_peer(config, batch: int, steps: int) -> dict | None:
     mask_ratio=m.mask_ratio,
     norm_pix_loss=m.norm_pix_loss,
   )
-  # In a fresh process: in this one, after XLA's programs ran, the peer's step was 2-8% (64 px)
-  # and 5-20% (B/16) slower than alone (docs/benchmarks.md, 2026-12-02).
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(
-      torch_mae.time_train_step,
-      (kwargs,),
-      dict(
-        batch=batch,
-        steps=steps,
-        bfloat16=m.dtype == "bfloat16",
-        lr=config.optim.base_lr,
-        weight_decay=config.optim.weight_decay,
-      ),
-    )
+  return torch_mae.time_in_fresh_process(
+    kwargs,
+    batch=batch,
+    steps=steps,
+    bfloat16=m.dtype == "bfloat16",
+    lr=config.optim.base_lr,
+    weight_decay=config.optim.weight_decay,
+  )
 
 
 def bench_pretrain(config, steps: int, clients: int) -> None:

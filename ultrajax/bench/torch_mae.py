@@ -15,6 +15,7 @@ them raises ImportError.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import time
 
@@ -179,3 +180,11 @@ def time_train_step(
     threads=torch.get_num_threads(),
     pid=os.getpid(),
   )
+
+
+def time_in_fresh_process(model_kwargs: dict, **kwargs) -> dict:
+  """time_train_step in a spawned process. In the bench's own process, after XLA's programs
+  ran, the peer's step was 2-8% (64 px) to 5-20% (B/16) slower than alone (docs/benchmarks.md,
+  2026-12-02)."""
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(time_train_step, (model_kwargs,), kwargs)
