@@ -19,42 +19,14 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+import mae_step
 
-from ultrajax.configs import pretrain_fed
-from ultrajax.models import mae, vit
-from ultrajax.train import mim_objectives, optimizer
+from ultrajax.models import vit
 
 batch, kind = int(sys.argv[1]), sys.argv[2]
 rows = int(sys.argv[3]) if len(sys.argv) > 3 else 30
-config = pretrain_fed.get_config("cpu")
-m = config.model
-if kind == "b16":
-  m.update(variant="B/16", image_size=224, decoder_width=512, decoder_depth=8, decoder_heads=16)
-else:
-  m.update(width=192, depth=6, num_heads=3, decoder_width=128, decoder_depth=2, decoder_heads=4)
-m.norm_pix_loss = True
-config.ultramim.update(tgm_mode="random", mic=False)
-config.data.batch_size = batch
-config = config.copy_and_resolve_references()
-
-graphdef, params = nnx.split(mae.mae_from_config(config.model, nnx.Rngs(0)), nnx.Param)
-params = nnx.to_pure_dict(params)
-tx = optimizer.adamw(config.optim, params)
-loss_fn = mim_objectives.make_loss_fn(graphdef, config)
+config, params, tx, step, images = mae_step.build(batch, kind)
 size = config.model.image_size
-images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8))
-
-
-def step(p, o, b, key):
-  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, b, key)
-  updates, o = tx.update(grads, o, p)
-  return optax.apply_updates(p, updates), o, loss
-
-
 compiled = (
   jax.jit(step, donate_argnums=(0, 1))
   .lower(params, tx.init(params), images, jax.random.key(0))

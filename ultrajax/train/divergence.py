@@ -27,10 +27,9 @@ class DivergenceError(FloatingPointError, configlib.ConfigError):
 
 
 def global_norm(tree):
-  """L2 norm over every leaf of one (unstacked) pytree, float32 scalar. Squares summed as dot
-  products: XLA:CPU rewrites a large sum into a tree of windows that does not fuse the square."""
-  leaves = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(tree)]
-  return jnp.sqrt(sum(jnp.dot(x, x) for x in leaves))
+  """L2 norm over every leaf of one (unstacked) pytree, float32 scalar."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def finite_and_norm(loss, grads):

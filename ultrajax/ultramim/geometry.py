@@ -56,14 +56,15 @@ def check_fan(fan, what: str = "fan") -> Fan:
     fan = [fan[f] for f in FIELDS]
   elif not isinstance(fan, (tuple, list, np.ndarray)) or len(fan) != len(FIELDS):
     raise ValueError(f"{what} is {fan!r}; a fan needs the {len(FIELDS)} values {list(FIELDS)}")
+  numbers = []
   for name, value in zip(FIELDS, fan):
     try:
-      number = float(value)
+      numbers.append(float(value))
     except (TypeError, ValueError):
-      number = math.nan
-    if not math.isfinite(number):
+      numbers.append(math.nan)
+    if not math.isfinite(numbers[-1]):
       raise ValueError(f"{what}: {name}={value!r} is not a finite number")
-  fan = Fan(*(float(v) for v in fan))
+  fan = Fan(*numbers)
   if not 0.0 < fan.fan_angle_deg < 360.0:
     raise ValueError(f"{what}: fan_angle_deg={fan.fan_angle_deg!r} is not in (0, 360)")
   if fan.inner_radius < 0.0:
