@@ -57,6 +57,36 @@ def test_torch_peer_masks_and_loss_like_mae(norm_pix):
   assert all(p.ndim > 1 for p in groups[0]["params"]) and groups[1]["weight_decay"] == 0.0
 
 
+def test_torch_peer_step_is_the_recipes():
+  """recipe_step (MAE's engine_pretrain step): the lr MAE's lr_sched gives, worked by hand; the
+  gradient norm it reports equals numpy's over the gradients of the same forward; the update is
+  plain AdamW at that lr; gradients are cleared afterwards."""
+  pytest.importorskip("timm")
+  import copy
+
+  import torch
+
+  from ultrajax.bench import torch_mae
+
+  lr = torch_mae.recipe_lr
+  assert [lr(s, 1.0, 4, 12) for s in (0, 2, 4, 8, 12)] == pytest.approx([0, 0.5, 1, 0.5, 0])
+  torch.manual_seed(0)
+  model, images = torch_mae.TorchMAE(**TINY), torch.randn(2, 3, 32, 32)
+  twin = copy.deepcopy(model)
+  torch.manual_seed(1)
+  loss, norm = torch_mae.recipe_step(model, torch_mae.adamw(model, 9.0, 0.05), images, 1e-3)
+  torch.manual_seed(1)  # the same masking noise
+  twin_loss = twin(images)[0]
+  twin_loss.backward()
+  grads = [p.grad.numpy().ravel() for p in twin.parameters()]
+  assert loss == pytest.approx(twin_loss.item(), rel=1e-6)
+  assert norm == pytest.approx(float(np.linalg.norm(np.concatenate(grads))), rel=1e-5)
+  torch_mae.adamw(twin, 1e-3, 0.05).step()
+  for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+    np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-6, atol=1e-7)
+    assert a.grad is None
+
+
 def _mae_param_count(width, depth, patch, dec_width, dec_depth):
   """MAE parameters by hand: a pre-norm block holds 12 w^2 + 13 w (qkv, proj, 2 MLP layers of
   ratio 4, two LayerNorms); the encoder adds the patch embedding, cls token and final norm, the

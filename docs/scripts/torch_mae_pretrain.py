@@ -17,7 +17,6 @@ Normalised with ImageNet's mean/std as ultrajax's MAE does.
 import argparse
 import csv
 import json
-import math
 import os
 import time
 
@@ -26,7 +25,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ultrajax.bench.torch_mae import TorchMAE, adamw
+from ultrajax.bench.torch_mae import TorchMAE, adamw, recipe_lr, recipe_step
 from ultrajax.data import sources
 from ultrajax.models import mae as ujx_mae
 
@@ -100,25 +99,15 @@ def main():
   order, pos, log = rng.permutation(len(images)), 0, []
   t0 = time.perf_counter()
   for step in range(a.steps):
-    # MAE's lr_sched.adjust_learning_rate, per step: linear warm-up, then half-cycle cosine to 0.
-    if step < a.warmup_steps:
-      lr = a.peak_lr * step / a.warmup_steps
-    else:
-      lr = a.peak_lr * 0.5 * (1 + math.cos(math.pi * (step - a.warmup_steps)
-                                          / max(1, a.steps - a.warmup_steps)))
-    for g in opt.param_groups:
-      g["lr"] = lr
+    lr = recipe_lr(step, a.peak_lr, a.warmup_steps, a.steps)
     if pos + a.batch > len(order):  # epochs over the pooled images, reshuffled each time
       order, pos = rng.permutation(len(images)), 0
     batch = torch.stack([augment(images[i]) for i in order[pos:pos + a.batch]])
     pos += a.batch
     x = (batch.float() / 255 - mean) / std
-    loss = model(x)[0]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    loss, _ = recipe_step(model, opt, x, lr)  # MAE's engine_pretrain step
     if step % 50 == 0 or step == a.steps - 1:
-      log.append(dict(step=step, loss=loss.item(), lr=lr, seconds=time.perf_counter() - t0))
+      log.append(dict(step=step, loss=loss, lr=lr, seconds=time.perf_counter() - t0))
       print(json.dumps(log[-1]), flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   torch.save({"model": official_state_dict(model)}, a.out)

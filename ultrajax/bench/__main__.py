@@ -5,8 +5,9 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             included), TFLOP/s per device (XLA's count of the compiled program) and MFU.
             Default config: configs/pretrain_fed.py (ViT-B/16 at 224); on a CPU try
             --config=configs/pretrain_fed.py:cpu. Also times a PyTorch MAE peer
-            (ultrajax/bench/torch_mae.py: timm blocks as facebookresearch/mae builds them) at
-            the centralized shapes in the same run and prints ultrajax / PyTorch img/s
+            (ultrajax/bench/torch_mae.py: timm blocks as facebookresearch/mae builds them, the
+            step as its engine_pretrain.py takes it: per-step lr, loss checked finite,
+            gradient norm, AdamW) at the centralized shapes in the same run and prints ultrajax / PyTorch img/s
             (--torch_peer=false skips it; without torch it is skipped with a message). For
             plain MAE set --config.ultramim.tgm_mode=random --config.ultramim.mic=False.
 
@@ -235,8 +236,8 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
     if peer:
       print(
         f"{'pytorch MAE':<12}{1:>8}{clients * batch:>7}{peer['img_per_s']:>10.1f}"
-        f"{peer['ms_per_step']:>10.1f}   ({peer['device']}, {peer['threads']} threads, timm "
-        f"blocks, AdamW; {peer['cpu_ms_per_img']:.2f} CPU ms/img)"
+        f"{peer['ms_per_step']:>10.1f}   ({peer['device']}, {peer['threads']} threads, MAE "
+        f"recipe step; {peer['cpu_ms_per_img']:.2f} CPU ms/img)"
       )
       for name, r in results.items():
         print(

@@ -1,6 +1,6 @@
 """The PyTorch peer of `bench pretrain`: an MAE as facebookresearch/mae's `models_mae.py` builds
-it (timm `Block`s, written here from its documented structure, not copied), and a timed AdamW
-training step.
+it (timm `Block`s, written here from its documented structure, not copied), and its training
+step as the recipe's `engine_pretrain.py` takes it (`recipe_step`), timed.
 
 Structure: conv patch embedding; fixed 2-D sin-cos positions (ultrajax.models.posemb, the table
 MAE uses) with a zero cls row; random masking by argsort of uniform noise (keep the first
@@ -15,6 +15,7 @@ them raises ImportError.
 from __future__ import annotations
 
 import functools
+import math
 import multiprocessing
 import os
 import time
@@ -132,6 +133,35 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)):
   )
 
 
+def recipe_lr(step: int, peak: float, warmup: int, total: int) -> float:
+  """MAE's `util/lr_sched.adjust_learning_rate` per step: linear warm-up over `warmup` steps from
+  0, then a half-cycle cosine from `peak` to 0 at `total`."""
+  if step < warmup:
+    return peak * step / warmup
+  return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def recipe_step(model: nn.Module, opt, images, lr: float, *, bfloat16: bool = False):
+  """One step as facebookresearch/mae's `engine_pretrain.train_one_epoch` takes it (accum_iter
+  1): lr set on every group; forward; the loss read back and checked finite (the recipe exits on
+  a non-finite loss); backward; the gradient's global L2 norm (`NativeScalerWithGradNormCount`
+  with clip_grad None: a norm per tensor, then the norm of those; its GradScaler is disabled
+  without CUDA); AdamW; zero_grad. Returns (loss, gradient norm) as floats."""
+  for group in opt.param_groups:
+    group["lr"] = lr
+  with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bfloat16):
+    loss = model(images)[0]
+  loss_value = loss.item()
+  if not math.isfinite(loss_value):
+    raise FloatingPointError(f"PyTorch MAE peer: loss is {loss_value}")
+  loss.backward()
+  grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+  norm = torch.norm(torch.stack([torch.norm(g, 2.0) for g in grads]), 2.0)
+  opt.step()
+  opt.zero_grad(set_to_none=True)
+  return loss_value, norm.item()
+
+
 def time_train_step(
   model_kwargs: dict,
   *,
@@ -141,9 +171,10 @@ def time_train_step(
   lr: float = 1e-4,
   weight_decay: float = 0.05,
 ) -> dict:
-  """img/s, ms per step and process CPU ms per image of forward + backward + AdamW at `batch`
-  random images, on CUDA if present (else CPU, denormals flushed as XLA:CPU does), after two
-  warm-up steps. bfloat16: autocast (parameters stay float32)."""
+  """img/s, ms per step and process CPU ms per image of `recipe_step` at `batch` random images
+  (lr warmed up over the first step, then cosine over the rest), on CUDA if present (else CPU,
+  denormals flushed as XLA:CPU does), after two warm-up steps. bfloat16: autocast (parameters
+  stay float32)."""
   device = "cuda" if torch.cuda.is_available() else "cpu"
   # XLA:CPU computes with denormals flushed to zero; so does the peer (without it, at the cpu
   # preset's lr the MAE-B/16 step ran 11% slower after a few steps).
@@ -155,27 +186,22 @@ def time_train_step(
   images = torch.randn(batch, 3, s, s, device=device)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-  def step():
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bfloat16):
-      loss = model(images)[0]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss
+  def step(i):
+    return recipe_step(model, opt, images, recipe_lr(i, lr, 1, steps + 2), bfloat16=bfloat16)
 
-  for _ in range(2):
-    step()
+  for i in range(2):
+    step(i)
   sync()
   t0, c0 = time.perf_counter(), time.process_time()
-  for _ in range(steps):
-    loss = step()
+  for i in range(2, steps + 2):
+    loss, _ = step(i)
   sync()
   dt = (time.perf_counter() - t0) / steps
   return dict(
     img_per_s=batch / dt,
     ms_per_step=1e3 * dt,
     cpu_ms_per_img=1e3 * (time.process_time() - c0) / (steps * batch),
-    loss=loss.item(),
+    loss=loss,
     device=device,
     threads=torch.get_num_threads(),
     pid=os.getpid(),
