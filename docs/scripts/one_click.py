@@ -9,8 +9,10 @@ Prints the mean / median IoU and the share above 0.5 for the single-mask output 
 OUT.png shows the first 8 lesions with the single-mask output and the click.
 """
 import sys
+
 import numpy as np
 from PIL import Image
+
 from ultrajax import segment
 from ultrajax.data import instances
 from ultrajax.eval import sam_predictor
