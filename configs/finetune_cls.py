@@ -4,7 +4,7 @@ Launch (paper preset: ViT-B/16 at 224, MAE/UltraFedFM recipe, 5 seeds):
   python -m ultrajax.main --config=configs/finetune_cls.py --workdir=$WORKDIR \
       --config.init_from=$PRETRAIN_WORKDIR
 On a laptop/CI CPU, from the `cpu` federated pretraining (phantom breast lesions, benign vs
-malignant; 5 seeds in about 4.5 minutes on 2 cores; prints test AUROC etc. with 95% CIs):
+malignant; 5 seeds in about 2.5 minutes on 2 cores; prints test AUROC etc. with 95% CIs):
   python -m ultrajax.main --config=configs/finetune_cls.py:cpu --workdir=/tmp/ft_cls \
       --config.init_from=/tmp/ultrajax_cpu
 Real images, e.g. BUSI (a CSV with image,label columns; seeded split by patient):

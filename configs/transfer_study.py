@@ -2,7 +2,7 @@ r"""Cross-organ transfer matrix: pretrain on one organ at a time, fine-tune on e
 
 Launch (paper-scale stages: the `paper` presets of pretrain_central.py and finetune_cls.py):
   python -m ultrajax.main --config=configs/transfer_study.py --workdir=$WORKDIR
-On a laptop/CI CPU (3 organs, 3 seeds; about 30 minutes on 2 cores):
+On a laptop/CI CPU (3 organs, 3 seeds; about 20 minutes on 2 cores):
   python -m ultrajax.main --config=configs/transfer_study.py:cpu --workdir=/tmp/transfer
 End-to-end check (seconds per stage):
   python -m ultrajax.main --config=configs/transfer_study.py:smoke --workdir=/tmp/transfer_smoke
