@@ -4,7 +4,7 @@ Launch (paper preset: ViT-B/16 at 224, 5 seeds):
   python -m ultrajax.main --config=configs/finetune_seg.py --workdir=$WORKDIR \
       --config.init_from=$PRETRAIN_WORKDIR
 On a laptop/CI CPU, from the `cpu` federated pretraining (phantom breast lesion masks; 3 seeds in
-about 6 minutes on 2 cores; prints test Dice, IoU and HD95 with 95% CIs):
+about 2 minutes on 2 cores; prints test Dice, IoU and HD95 with 95% CIs):
   python -m ultrajax.main --config=configs/finetune_seg.py:cpu --workdir=/tmp/ft_seg \
       --config.init_from=/tmp/ultrajax_cpu
 Real images (CSV with image and mask columns; binary masks 0/1, 0/255 or JPEG 0/255, or class
