@@ -155,3 +155,31 @@ def test_cli_refuses_a_missing_round_or_two_sources(tmp_path):
     evaluate.resolve(str(tmp_path), 7)
   with pytest.raises(ValueError, match="exactly one"):
     evaluate.resolve(str(tmp_path), None, str(tmp_path))
+
+
+def test_summary_tests_the_change_on_the_kept_outputs(tmp_path):
+  """summary's interval and p for round 0 -> N, from the rounds' kept test outputs: equal
+  outputs give +0 with p 1; a last round that ranks every case right against a first that
+  ranks at random gives an interval above 0 (the bootstrap's p floor, 2 / 201, at 200
+  resamples) and its AUROC change is the one worked out with scikit-learn."""
+  rng = np.random.default_rng(0)
+  labels = np.repeat([0, 1], 40)
+  noise = rng.uniform(size=80)
+  first = np.stack([1 - noise, noise], 1)
+  perfect = np.stack([1.0 - labels, labels.astype(float)], 1) * 0.8 + 0.1
+  rows = [{"round": 0, "eval/knn/auroc": 0.0}, {"round": 7, "eval/knn/auroc": 0.0}]
+  for r, proba in ((0, first), (7, first)):
+    np.savez(evaluators.outputs_path(tmp_path, r), labels=labels, knn=proba)
+  assert "(+0.0000 [+0.0000, +0.0000], p 1: paired bootstrap over 80" in evaluators.summary(
+    rows, tmp_path, num_samples=200
+  )
+  np.savez(evaluators.outputs_path(tmp_path, 7), labels=labels, knn=perfect)
+  text = evaluators.summary(rows, tmp_path, num_samples=200)
+  low = float(text.split("[")[1].split(",")[0])
+  assert low > 0 and "p 0.00995" in text
+  gain = 1.0 - roc_auc_score(labels, noise)
+  assert evaluators.significance.paired_bootstrap(
+    evaluators.scores, labels, perfect, first, num_samples=10
+  )["auroc"].diff == pytest.approx(gain)
+  # Without kept outputs (or at one round only) the line is as before, untested.
+  assert "bootstrap" not in evaluators.summary(rows, tmp_path / "none")

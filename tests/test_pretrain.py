@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from ultrajax import configlib, evaluate
+from ultrajax.eval import evaluators
 from ultrajax.jobs import pretrain
 from ultrajax.train import checkpoint, writers
 
@@ -99,6 +100,28 @@ def test_smoke_run_writes_metrics_images_and_checkpoint(smoke_run):
   )
   for k in keys:
     assert record[k] == pytest.approx(evals[2][k], abs=1e-4), k
+
+
+def test_evaluator_outputs_give_the_logged_figures(smoke_run):
+  """The job keeps each evaluated round's test outputs under evals/: scored by scikit-learn they
+  give the logged AUROC and accuracy, and the closing summary tests round 0 against round 2 on
+  them."""
+  from sklearn.metrics import accuracy_score, roc_auc_score
+
+  workdir = smoke_run[0]
+  keys = {f"eval/{n}/{m}" for n in evaluators.EVALUATORS for m in ("accuracy", "auroc")}
+  evals = evals_by_round(workdir, keys)
+  for r in (0, 2):
+    out = np.load(evaluators.outputs_path(workdir / "evals", r))
+    for name in evaluators.EVALUATORS:
+      proba = out[name]
+      auroc = roc_auc_score(out["labels"], proba[:, 1])
+      assert auroc == pytest.approx(evals[r][f"eval/{name}/auroc"], abs=1e-6)
+      accuracy = accuracy_score(out["labels"], proba.argmax(1))
+      assert accuracy == pytest.approx(evals[r][f"eval/{name}/accuracy"], abs=1e-6)
+  rows = writers.read_jsonl(workdir / "metrics.jsonl")
+  text = evaluators.summary(rows, workdir / "evals", num_samples=100)
+  assert text.count(f"paired bootstrap over {len(out['labels'])} test images") == len(keys)
 
 
 # FedAdam (server moments in the checkpoint), one of the two clients sampled per round, fresh

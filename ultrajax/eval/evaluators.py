@@ -17,6 +17,7 @@ one-vs-rest for more than two classes).
 from __future__ import annotations
 
 import functools
+import pathlib
 import time
 
 import jax
@@ -30,7 +31,7 @@ from flax import nnx
 
 from ultrajax import configlib
 from ultrajax.data import tasks
-from ultrajax.eval import downstream, metrics
+from ultrajax.eval import downstream, metrics, significance
 from ultrajax.models import mae
 from ultrajax.train import loop, sharding as sharding_lib
 
@@ -232,27 +233,26 @@ def linear_probe(
   train_x, train_y, test_x, test_y, num_classes: int, *, C: float = 1.0, max_iters: int = 1000
 ) -> dict:
   """Standardise, fit logistic regression on train, score on test: {'accuracy', 'auroc'}."""
-  train_x, test_x = standardize(train_x, test_x)
-  params = fit_logistic(train_x, train_y, num_classes, C=C, max_iters=max_iters)
-  return scores(test_y, logistic_proba(params, test_x))
-
-
-def knn(
-  train_x,
-  train_y,
-  test_x,
-  test_y,
-  num_classes: int,
-  *,
-  k: int = 20,
-  metric: str = "cosine",
-  weights: str = "uniform",
-) -> dict:
-  """Standardise, k-NN vote of the training features: {'accuracy', 'auroc'}."""
-  train_x, test_x = standardize(train_x, test_x)
   return scores(
-    test_y, knn_proba(train_x, train_y, test_x, num_classes, k=k, metric=metric, weights=weights)
+    test_y,
+    probe_proba("linear_probe", train_x, train_y, test_x, num_classes, C=C, max_iters=max_iters),
   )
+
+
+def knn(train_x, train_y, test_x, test_y, num_classes: int, **options) -> dict:
+  """Standardise, k-NN vote of the training features: {'accuracy', 'auroc'}. options: k,
+  metric, weights as knn_proba's."""
+  return scores(test_y, probe_proba("knn", train_x, train_y, test_x, num_classes, **options))
+
+
+def probe_proba(name: str, train_x, train_y, test_x, num_classes: int, **options) -> np.ndarray:
+  """Test-class probabilities [M, K] of evaluator `name` on standardised features; options:
+  C, max_iters (linear_probe) or k, metric, weights (knn)."""
+  train_x, test_x = standardize(train_x, test_x)
+  if name == "linear_probe":
+    params = fit_logistic(train_x, train_y, num_classes, **options)
+    return logistic_proba(params, test_x)
+  return knn_proba(train_x, train_y, test_x, num_classes, **options)
 
 
 def validate(config) -> None:
@@ -272,13 +272,20 @@ def validate(config) -> None:
   c.check(not unknown, f"config.evals has unknown entries {unknown}; evaluators are {EVALUATORS}")
 
 
-def for_pretraining(config, mesh=None) -> Evaluators | None:
+def for_pretraining(config, mesh=None, outputs_dir=None) -> Evaluators | None:
   """The pretraining job's evaluators (None when every every_rounds is 0); a mesh makes the
-  images replicated global arrays, as params sharded across processes need."""
+  images replicated global arrays, as params sharded across processes need. outputs_dir: where
+  `at_round` keeps each round's test outputs (`outputs_path`), for `summary`'s test."""
   validate(config)
   if not any(config.evals[n].every_rounds > 0 for n in EVALUATORS):
     return None
-  return Evaluators(config, sharding=None if mesh is None else sharding_lib.replicated(mesh))
+  sharding = None if mesh is None else sharding_lib.replicated(mesh)
+  return Evaluators(config, sharding=sharding, outputs_dir=outputs_dir)
+
+
+def outputs_path(outputs_dir, round_index: int) -> pathlib.Path:
+  """A round's test outputs: labels [M] and each evaluator's probabilities [M, K] (.npz)."""
+  return pathlib.Path(outputs_dir) / f"round_{round_index:05d}_test_outputs.npz"
 
 
 class Evaluators:
@@ -288,9 +295,9 @@ class Evaluators:
   {'eval/<name>/<metric>': float}. The task is loaded (and split) once, at construction.
   """
 
-  def __init__(self, config, *, sharding=None):
+  def __init__(self, config, *, sharding=None, outputs_dir=None):
     validate(config)
-    self.config, self.sharding = config, sharding
+    self.config, self.sharding, self.outputs_dir = config, sharding, outputs_dir
     e = config.evals
     data = ml_collections.ConfigDict({**TASK_DEFAULTS, **e.task.to_dict()})
     try:
@@ -325,8 +332,15 @@ class Evaluators:
     ]
 
   def at_round(self, params, round_index: int) -> dict:
-    """Scalars of the evaluators due after `round_index` rounds ({} when none is)."""
-    return self(params, self.due(round_index))
+    """Scalars of the evaluators due after `round_index` rounds ({} when none is); with an
+    outputs_dir, process 0 also writes their test outputs there (atomically)."""
+    names = self.due(round_index)
+    out, probas = self.run(params, names)
+    if names and self.outputs_dir is not None and jax.process_index() == 0:
+      loop.atomic_write(
+        outputs_path(self.outputs_dir, round_index), dict(labels=self.test_y, **probas)
+      )
+    return out
 
   def features(self, params) -> tuple[np.ndarray, np.ndarray]:
     """MAE params (pure dict) -> (fit features [N, D], test features [M, D])."""
@@ -336,35 +350,58 @@ class Evaluators:
     return get(self.train_images), get(self.test_images)
 
   def __call__(self, params, names=EVALUATORS) -> dict:
+    """{'eval/<name>/<metric>': float} of the evaluators `names`."""
+    return self.run(params, names)[0]
+
+  def run(self, params, names) -> tuple[dict, dict]:
+    """(scalars as __call__'s, {name: test probabilities [M, K]})."""
     if not names:
-      return {}
+      return {}, {}
     t0 = time.perf_counter()
     e = self.config.evals
     train_x, test_x = self.features(params)
-    data = (train_x, self.train_y, test_x, self.test_y, self.task.num_classes)
-    out = {}
+    options = dict(
+      linear_probe=dict(C=e.linear_probe.C, max_iters=e.linear_probe.max_iters),
+      knn=dict(k=e.knn.k, metric=e.knn.metric, weights=e.knn.weights),
+    )
+    out, probas = {}, {}
     for name in names:
-      if name == "linear_probe":
-        result = linear_probe(*data, C=e.linear_probe.C, max_iters=e.linear_probe.max_iters)
-      else:
-        result = knn(*data, k=e.knn.k, metric=e.knn.metric, weights=e.knn.weights)
-      out.update({f"eval/{name}/{m}": float(v) for m, v in result.items()})
+      probas[name] = probe_proba(
+        name, train_x, self.train_y, test_x, self.task.num_classes, **options[name]
+      )
+      out.update(
+        {f"eval/{name}/{m}": float(v) for m, v in scores(self.test_y, probas[name]).items()}
+      )
     logging.info(
       "Evaluators (%.1f s): %s",
       time.perf_counter() - t0,
       "  ".join(f"{key[5:]} {v:.4f}" for key, v in out.items()),
     )
-    return out
+    return out, probas
 
 
-def summary(rows: list[dict]) -> str:
-  """'eval/<name>/<metric>: first -> last (rounds a -> b)' per key of metrics.jsonl rows."""
+def summary(rows: list[dict], outputs_dir=None, num_samples: int = 1000) -> str:
+  """'eval/<name>/<metric>: first -> last (rounds a -> b)' per key of metrics.jsonl rows. Where
+  outputs_dir holds both rounds' test outputs (`at_round`), the change gets its 95% interval
+  and two-sided p-value from a paired bootstrap over the test images (significance.
+  paired_bootstrap, seed 0): is the last round's encoder better than the first's on this task,
+  beyond what the test sample's size allows?"""
   lines = []
   keys = sorted({k for row in rows for k in row if k.startswith("eval/")})
   for key in keys:
     seen = [(row["round"], row[key]) for row in rows if key in row and "round" in row]
     (r0, v0), (r1, v1) = seen[0], seen[-1]
-    lines.append(
-      f"{key}: {v0:.4f} at round {r0:.0f} -> {v1:.4f} at round {r1:.0f} ({v1 - v0:+.4f})"
-    )
+    line = f"{key}: {v0:.4f} at round {r0:.0f} -> {v1:.4f} at round {r1:.0f} ({v1 - v0:+.4f}"
+    _, name, metric = key.split("/")
+    paths = [outputs_path(outputs_dir, int(r)) for r in (r1, r0)] if outputs_dir else []
+    if r1 != r0 and paths and all(path.exists() for path in paths):
+      last, first = (dict(np.load(path)) for path in paths)
+      test = significance.paired_bootstrap(
+        scores, last["labels"], last[name], first[name], num_samples=num_samples
+      )[metric]
+      line += (
+        f" [{test.ci_low:+.4f}, {test.ci_high:+.4f}], p {test.pvalue:.3g}: paired bootstrap"
+        f" over {len(last['labels'])} test images"
+      )
+    lines.append(line + ")")
   return "\n".join(lines)

@@ -107,7 +107,8 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
   logging.info("Mesh: %s", dict(mesh.shape))
-  probes = evaluators.for_pretraining(config, mesh)  # None when config.evals are all off
+  # None when config.evals are all off; test outputs kept under evals/ for the summary's test.
+  probes = evaluators.for_pretraining(config, mesh, outputs_dir=workdir / "evals")
 
   clients = clients_lib.client_sources(config)
   num_clients, batch = len(clients), config.data.batch_size
@@ -364,7 +365,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
     if probes and jax.process_index() == 0:
       logging.info(
         "Evaluators, first and last round logged:\n%s",
-        evaluators.summary(writers.read_jsonl(workdir / "metrics.jsonl")),
+        evaluators.summary(writers.read_jsonl(workdir / "metrics.jsonl"), workdir / "evals"),
       )
     writer.flush()
     clock.close()
