@@ -386,6 +386,22 @@ def summary(rows: list[dict], outputs_dir=None, num_samples: int = 1000) -> str:
   and two-sided p-value from a paired bootstrap over the test images (significance.
   paired_bootstrap, seed 0): is the last round's encoder better than the first's on this task,
   beyond what the test sample's size allows?"""
+
+  @functools.cache
+  def changes(name: str, r1: int, r0: int) -> tuple[dict, int]:
+    """({metric: Comparison} of round r1 against r0, number of test images) from their kept
+    outputs, both metrics on one bootstrap; ({}, 0) where either round's outputs are missing."""
+    paths = [outputs_path(outputs_dir, r) for r in (r1, r0)] if outputs_dir else []
+    if r1 == r0 or not paths or not all(path.exists() for path in paths):
+      return {}, 0
+    last, first = (dict(np.load(path)) for path in paths)
+    if name not in last or name not in first:  # a round that did not run this evaluator
+      return {}, 0
+    test = significance.paired_bootstrap(
+      scores, last["labels"], last[name], first[name], num_samples=num_samples
+    )
+    return test, len(last["labels"])
+
   lines = []
   keys = sorted({k for row in rows for k in row if k.startswith("eval/")})
   for key in keys:
@@ -393,15 +409,12 @@ def summary(rows: list[dict], outputs_dir=None, num_samples: int = 1000) -> str:
     (r0, v0), (r1, v1) = seen[0], seen[-1]
     line = f"{key}: {v0:.4f} at round {r0:.0f} -> {v1:.4f} at round {r1:.0f} ({v1 - v0:+.4f}"
     _, name, metric = key.split("/")
-    paths = [outputs_path(outputs_dir, int(r)) for r in (r1, r0)] if outputs_dir else []
-    if r1 != r0 and paths and all(path.exists() for path in paths):
-      last, first = (dict(np.load(path)) for path in paths)
-      test = significance.paired_bootstrap(
-        scores, last["labels"], last[name], first[name], num_samples=num_samples
-      )[metric]
+    found, num_test = changes(name, int(r1), int(r0))
+    if metric in found:
+      c = found[metric]
       line += (
-        f" [{test.ci_low:+.4f}, {test.ci_high:+.4f}], p {test.pvalue:.3g}: paired bootstrap"
-        f" over {len(last['labels'])} test images"
+        f" [{c.ci_low:+.4f}, {c.ci_high:+.4f}], p {c.pvalue:.3g}: paired bootstrap over"
+        f" {num_test} test images"
       )
     lines.append(line + ")")
   return "\n".join(lines)
