@@ -15,11 +15,11 @@ set -euo pipefail
 TABLE=${1:-${OUT:-.}/device_bench.md}
 LOG=${TABLE%.md}.log
 CONFIG=${CONFIG:-configs/pretrain_fed.py}  # the default preset is ViT-B/16 at 224, bfloat16
-BATCH=${BATCH:-64} CLIENTS=${CLIENTS:-4} STEPS=${STEPS:-3} CHUNK=${CHUNK:-4}
+BATCH=${BATCH:-64} CLIENTS=${CLIENTS:-4} STEPS=${STEPS:-3} CHUNK=${CHUNK:-4} ROUNDS=${ROUNDS:-2}
 PIPELINE_WORKERS=${PIPELINE_WORKERS:-1,2,4} PLAN_CONFIG=${PLAN_CONFIG:-configs/pretrain_fed.py}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 mkdir -p "$(dirname "$TABLE")"
-cmd=(python -m ultrajax.bench pretrain --config="$CONFIG" --steps="$STEPS" --clients="$CLIENTS"
+cmd=(python -m ultrajax.bench pretrain --config="$CONFIG" --steps="$STEPS" --clients="$CLIENTS" --rounds="$ROUNDS"
      --config.data.batch_size="$BATCH" --config.fed.chunk_steps="$CHUNK"
      --config.ultramim.tgm_mode=random --config.ultramim.mic=False)
 PLAN_LOG=${TABLE%.md}_plan.log PIPE_LOG=${TABLE%.md}_pipeline.log

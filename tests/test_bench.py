@@ -177,3 +177,17 @@ def test_torch_peer_runs_in_a_fresh_process():
   peer = torch_mae.time_in_fresh_process(TINY, batch=2, steps=1, bfloat16=False)
   assert peer["device"] == "cpu" and peer["img_per_s"] > 0 and np.isfinite(peer["loss"])
   assert peer["pid"] != os.getpid()
+
+
+def test_torch_peer_process_times_on_demand_and_raises_its_errors():
+  """bench pretrain alternates the peer with ultrajax: one spawned process keeps its model and
+  trains on between calls (the loss moves); an error while building it is raised here."""
+  pytest.importorskip("timm")
+  from ultrajax.bench import torch_mae
+
+  with torch_mae.PeerProcess(TINY, batch=2, total_steps=2, bfloat16=False, lr=1e-2) as peer:
+    first, second = peer.time(1), peer.time(1)
+  assert first["pid"] == second["pid"] != os.getpid()
+  assert first["loss"] != second["loss"]
+  with pytest.raises(TypeError, match="bogus"):
+    torch_mae.PeerProcess(dict(TINY, bogus=1), batch=2, total_steps=1, bfloat16=False)

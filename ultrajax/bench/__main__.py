@@ -7,9 +7,13 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             --config=configs/pretrain_fed.py:cpu. Also times a PyTorch MAE peer
             (ultrajax/bench/torch_mae.py: timm blocks as facebookresearch/mae builds them, the
             step as its engine_pretrain.py takes it: per-step lr, loss checked finite,
-            gradient norm, AdamW) at the centralized shapes in the same run and prints ultrajax / PyTorch img/s
-            (--torch_peer=false skips it; without torch it is skipped with a message). For
-            plain MAE set --config.ultramim.tgm_mode=random --config.ultramim.mic=False.
+            gradient norm, AdamW) at the centralized shapes in the same run, in a process of
+            its own, and prints ultrajax / PyTorch img/s (--torch_peer=false skips it; without
+            torch it is skipped with a message). --rounds=R (default 3) alternates the timings:
+            each round times --steps chunk calls of every mode, then as many peer steps; the
+            figures are medians over rounds and each ratio is taken within a round (the
+            machine's speed drifts), its range printed. For plain MAE set
+            --config.ultramim.tgm_mode=random --config.ultramim.mic=False.
 
   urfm      URFM feature-target step (centralized): pixel targets vs teacher targets computed
             in the step vs cached targets read with the batch, and the one-off cost of
@@ -69,6 +73,12 @@ _WORKERS = flags.DEFINE_string(
 )
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 8, "bench pipeline: timed batches.")
 _TORCH_PEER = flags.DEFINE_boolean("torch_peer", True, "bench pretrain: also time the PyTorch MAE.")
+_ROUNDS = flags.DEFINE_integer(
+  "rounds",
+  3,
+  "bench pretrain: timing rounds, each --steps chunk calls of every mode and then as many "
+  "steps of the PyTorch peer; medians are printed, and the ratio's range over rounds.",
+)
 _MODES = flags.DEFINE_list(
   "pretrain_modes", ["central", "federated"], "bench pretrain: which of central, federated to run."
 )
@@ -105,8 +115,10 @@ def _timed_chunks(programs, params, state, data, args, steps: int):
   return state, (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
-def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
-  """Times one compiled chunk of K local steps of `num_clients` equal clients on as many lanes."""
+def _prepare_mode(config, mesh, num_clients: int, batch: int, steps: int):
+  """(figures, timed) for one compiled chunk of K local steps of `num_clients` equal clients on
+  as many lanes: figures has the compile time, the round's end + start (ms_aggregate) and the
+  chunk's FLOPs; timed() runs `steps` more chunk calls and returns (wall s, CPU s) per call."""
   config = config.copy_and_resolve_references()
   config.data.batch_size = batch
   k, s = config.fed.chunk_steps, config.model.image_size
@@ -123,7 +135,6 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
   state, losses, _ = programs.run_chunk(params, state, images, *args)
   jax.block_until_ready(losses)
   compile_s = time.perf_counter() - t0
-  state, chunk_s, cpu_s = _timed_chunks(programs, params, state, images, args, steps)
   for timed in (False, True):  # the first pass compiles the round's end and start
     t0 = time.perf_counter()
     for _ in range(steps if timed else 1):
@@ -131,16 +142,33 @@ def _time_mode(config, mesh, num_clients: int, batch: int, steps: int) -> dict:
       state = programs.start_round(params, opt_state)
     jax.block_until_ready(state)
   sync_s = (time.perf_counter() - t0) / steps
-  flops = programs.chunk_flops
-  tflops = flops / chunk_s / 1e12 if flops else None
-  return dict(
+  held = dict(state=state)
+
+  def timed():
+    held["state"], chunk_s, cpu_s = _timed_chunks(
+      programs, params, held["state"], images, args, steps
+    )
+    return chunk_s, cpu_s
+
+  figures = dict(
     clients=num_clients,
     batch=batch,
-    img_per_s=num_clients * batch * k / chunk_s,
-    ms_per_step=1e3 * chunk_s / k,
-    cpu_ms_per_img=1e3 * cpu_s / (num_clients * batch * k),
+    images_per_chunk=num_clients * batch * k,
     ms_aggregate=1e3 * sync_s,
     compile_s=compile_s,
+    flops=programs.chunk_flops,
+  )
+  return figures, timed
+
+
+def _speed(figures: dict, chunk_s: float, cpu_s: float) -> dict:
+  """img/s, ms/step, CPU ms/img, TFLOP/s and MFU of one timed chunk call."""
+  k = figures["images_per_chunk"] // (figures["clients"] * figures["batch"])
+  tflops = figures["flops"] / chunk_s / 1e12 if figures["flops"] else None
+  return dict(
+    img_per_s=figures["images_per_chunk"] / chunk_s,
+    ms_per_step=1e3 * chunk_s / k,
+    cpu_ms_per_img=1e3 * cpu_s / figures["images_per_chunk"],
     tflops=tflops,
     mfu=perf.mfu(tflops * 1e12) if tflops else None,
   )
@@ -161,8 +189,9 @@ def _paper_packing() -> None:
   )
 
 
-def _torch_peer(config, batch: int, steps: int) -> dict | None:
-  """The PyTorch MAE's training step at the config's shapes, or None (message) without torch."""
+def _torch_peer(config, batch: int, total_steps: int):
+  """The PyTorch MAE's training step at the config's shapes in a process of its own
+  (torch_mae.PeerProcess, after its warm-up), or None (message) without torch."""
   try:
     from ultrajax.bench import torch_mae
   except ImportError as e:
@@ -182,10 +211,10 @@ def _torch_peer(config, batch: int, steps: int) -> dict | None:
     mask_ratio=m.mask_ratio,
     norm_pix_loss=m.norm_pix_loss,
   )
-  return torch_mae.time_in_fresh_process(
+  return torch_mae.PeerProcess(
     kwargs,
     batch=batch,
-    steps=steps,
+    total_steps=total_steps,
     bfloat16=m.dtype == "bfloat16",
     lr=config.optim.base_lr,
     weight_decay=config.optim.weight_decay,
@@ -196,54 +225,91 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
   pretrain_checks.validate(config)
   clients = clients or config.data.num_clients
   central_mesh, mesh = plan_bench.pretrain_meshes(config, clients)
-  batch = config.data.batch_size
+  batch, k, n_rounds = config.data.batch_size, config.fed.chunk_steps, _ROUNDS.value
   dev = jax.devices()[0]
   print(
     f"# pretrain benchmark: {config.model.variant or 'custom'} at {config.model.image_size}px, "
-    f"dtype {config.model.dtype}, chunk of {config.fed.chunk_steps} steps, "
-    f"{mesh.size} x {dev.device_kind}, mesh central {dict(central_mesh.shape)}, federated "
+    f"dtype {config.model.dtype}, chunk of {k} steps, {mesh.size} x {dev.device_kind} "
+    f"({perf.host_description()}), mesh central {dict(central_mesh.shape)}, federated "
     f"{dict(mesh.shape)}"
   )
   bad = sorted(set(_MODES.value) - {"central", "federated"})
-  if bad or not _MODES.value:
-    raise app.UsageError(f"--pretrain_modes={_MODES.value} must name central and/or federated")
+  if bad or not _MODES.value or n_rounds < 1:
+    raise app.UsageError(
+      f"--pretrain_modes={_MODES.value} must name central and/or federated, --rounds >= 1"
+    )
+  # The peer first (its process warms up before XLA compiles), so that each round below times
+  # every mode and then the peer, close together in time.
+  peer = _torch_peer(config, clients * batch, n_rounds * steps * k) if _TORCH_PEER.value else None
+  prepared = {}
+  modes = (("central", central_mesh, 1, clients * batch), ("federated", mesh, clients, batch))
+  for name, m, c, b in modes:
+    if name in _MODES.value:
+      with jax.set_mesh(m):
+        prepared[name] = (m, *_prepare_mode(config, m, c, b, steps))
+  timings = {name: [] for name in prepared}
+  peer_timings = []
+  for _ in range(n_rounds):
+    for name, (m, _, timed) in prepared.items():
+      with jax.set_mesh(m):
+        timings[name].append(timed())
+    if peer:  # as many steps as one mode's timed chunk calls ran
+      peer_timings.append(peer.time(steps * k))
+  if peer:
+    peer.close()
+
   print(
     f"{'mode':<12}{'clients':>8}{'batch':>7}{'img/s':>10}{'ms/step':>10}{'ms/round+':>10}"
     f"{'TFLOP/s/dev':>13}{'MFU':>7}{'compile s':>11}{'CPU ms/img':>12}"
   )
   results = {}
-  modes = (("central", central_mesh, 1, clients * batch), ("federated", mesh, clients, batch))
-  for name, m, c, b in modes:
-    if name not in _MODES.value:
-      continue
-    with jax.set_mesh(m):
-      r = results[name] = _time_mode(config, m, c, b, steps)
+  for name, (_, figures, _) in prepared.items():
+    wall, cpu = np.median(np.array(timings[name]), axis=0)
+    r = results[name] = _speed(figures, wall, cpu)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
     tflops = f"{r['tflops']:.2f}" if r["tflops"] else "-"
     print(
-      f"{name:<12}{r['clients']:>8}{r['batch']:>7}{r['img_per_s']:>10.1f}"
-      f"{r['ms_per_step']:>10.1f}{r['ms_aggregate']:>10.1f}{tflops:>13}{mfu:>7}"
-      f"{r['compile_s']:>11.1f}{r['cpu_ms_per_img']:>12.2f}"
+      f"{name:<12}{figures['clients']:>8}{figures['batch']:>7}{r['img_per_s']:>10.1f}"
+      f"{r['ms_per_step']:>10.1f}{figures['ms_aggregate']:>10.1f}{tflops:>13}{mfu:>7}"
+      f"{figures['compile_s']:>11.1f}{r['cpu_ms_per_img']:>12.2f}"
     )
   print(
     "ms/round+: aggregation and round start, paid once per round on top of the local steps. "
     "CPU ms/img: this process's CPU time (all threads) per image while timed, which other "
-    "jobs on the machine do not inflate as they do wall time."
+    f"jobs on the machine do not inflate as they do wall time. Medians of {n_rounds} "
+    "round(s) of --steps chunk calls."
   )
-  if _TORCH_PEER.value:
-    # As many timed steps as one mode above ran (steps chunks of chunk_steps each).
-    peer = _torch_peer(config, clients * batch, steps * config.fed.chunk_steps)
-    if peer:
+  if peer_timings:
+    first = peer_timings[0]
+    img_s = np.median([t["img_per_s"] for t in peer_timings])
+    cpu_ms = np.median([t["cpu_ms_per_img"] for t in peer_timings])
+    print(
+      f"{'pytorch MAE':<12}{1:>8}{clients * batch:>7}{img_s:>10.1f}"
+      f"{1e3 * clients * batch / img_s:>10.1f}   ({first['device']}, {first['threads']} "
+      f"threads, MAE recipe step; {cpu_ms:.2f} CPU ms/img)"
+    )
+    if first["device"] == "cpu" and "AMD" in perf.host_description():
       print(
-        f"{'pytorch MAE':<12}{1:>8}{clients * batch:>7}{peer['img_per_s']:>10.1f}"
-        f"{peer['ms_per_step']:>10.1f}   ({peer['device']}, {peer['threads']} threads, MAE "
-        f"recipe step; {peer['cpu_ms_per_img']:.2f} CPU ms/img)"
+        "On AMD CPUs PyTorch's MKL takes its generic (non-Intel) GEMM path, about half as fast "
+        "at MAE-B's shapes; docs/benchmarks.md (2026-12-02, AMD EPYC) shows how the peer was "
+        "also timed on MKL's AVX-512 path."
       )
-      for name, r in results.items():
-        print(
-          f"ratio ultrajax {name} / pytorch: {r['img_per_s'] / peer['img_per_s']:.2f} in img/s, "
-          f"{peer['cpu_ms_per_img'] / r['cpu_ms_per_img']:.2f} in CPU time per image"
-        )
+    for name, (_, figures, _) in prepared.items():
+      per_round = [  # ratios within each round: the machine's drift cancels
+        (_speed(figures, w, c), t) for (w, c), t in zip(timings[name], peer_timings)
+      ]
+      img = [r["img_per_s"] / t["img_per_s"] for r, t in per_round]
+      cpu = [t["cpu_ms_per_img"] / r["cpu_ms_per_img"] for r, t in per_round]
+      spread = (
+        f" (median of {n_rounds} rounds; img/s {min(img):.2f}-{max(img):.2f}, "
+        f"CPU {min(cpu):.2f}-{max(cpu):.2f})"
+        if n_rounds > 1
+        else ""
+      )
+      print(
+        f"ratio ultrajax {name} / pytorch: {np.median(img):.2f} in img/s, "
+        f"{np.median(cpu):.2f} in CPU time per image{spread}"
+      )
   _paper_packing()
 
 

@@ -162,55 +162,113 @@ def recipe_step(model: nn.Module, opt, images, lr: float, *, bfloat16: bool = Fa
   return loss_value, norm.item()
 
 
-def time_train_step(
-  model_kwargs: dict,
-  *,
-  batch: int,
-  steps: int,
-  bfloat16: bool,
-  lr: float = 1e-4,
-  weight_decay: float = 0.05,
-) -> dict:
-  """img/s, ms per step and process CPU ms per image of `recipe_step` at `batch` random images
-  (lr warmed up over the first step, then cosine over the rest), on CUDA if present (else CPU,
-  denormals flushed as XLA:CPU does), after two warm-up steps. bfloat16: autocast (parameters
-  stay float32)."""
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  # XLA:CPU computes with denormals flushed to zero; so does the peer (without it, at the cpu
-  # preset's lr the MAE-B/16 step ran 11% slower after a few steps).
-  torch.set_flush_denormal(True)
-  torch.manual_seed(0)
-  model = TorchMAE(**model_kwargs).to(device)
-  opt = adamw(model, lr, weight_decay)
-  s = model_kwargs["image_size"]
-  images = torch.randn(batch, 3, s, s, device=device)
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+class RecipeRun:
+  """The peer built once and timed on demand: model, AdamW and `batch` random images on CUDA if
+  present (else the CPU, denormals flushed as XLA:CPU does), after two warm-up steps. The lr
+  follows `recipe_lr` (warm-up over the first step, then cosine to `total_steps`).
+  bfloat16: autocast (parameters stay float32)."""
 
-  def step(i):
-    return recipe_step(model, opt, images, recipe_lr(i, lr, 1, steps + 2), bfloat16=bfloat16)
+  def __init__(
+    self,
+    model_kwargs: dict,
+    *,
+    batch: int,
+    total_steps: int,
+    bfloat16: bool,
+    lr: float = 1e-4,
+    weight_decay: float = 0.05,
+  ):
+    self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # XLA:CPU computes with denormals flushed to zero; so does the peer (without it, at the cpu
+    # preset's lr the MAE-B/16 step ran 11% slower after a few steps).
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    self.model = TorchMAE(**model_kwargs).to(self.device)
+    self.opt = adamw(self.model, lr, weight_decay)
+    s = model_kwargs["image_size"]
+    self.images = torch.randn(batch, 3, s, s, device=self.device)
+    self.batch, self.bfloat16, self.lr, self.total = batch, bfloat16, lr, total_steps + 2
+    self.step_index = 0
+    self._run(2)
 
-  for i in range(2):
-    step(i)
-  sync()
-  t0, c0 = time.perf_counter(), time.process_time()
-  for i in range(2, steps + 2):
-    loss, _ = step(i)
-  sync()
-  dt = (time.perf_counter() - t0) / steps
-  return dict(
-    img_per_s=batch / dt,
-    ms_per_step=1e3 * dt,
-    cpu_ms_per_img=1e3 * (time.process_time() - c0) / (steps * batch),
-    loss=loss,
-    device=device,
-    threads=torch.get_num_threads(),
-    pid=os.getpid(),
-  )
+  def _run(self, steps: int) -> float:
+    for _ in range(steps):
+      lr = recipe_lr(self.step_index, self.lr, 1, self.total)
+      loss, _ = recipe_step(self.model, self.opt, self.images, lr, bfloat16=self.bfloat16)
+      self.step_index += 1
+    if self.device == "cuda":
+      torch.cuda.synchronize()
+    return loss
+
+  def time(self, steps: int) -> dict:
+    """img/s, ms per step and process CPU ms per image over `steps` more steps."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = self._run(steps)
+    dt = (time.perf_counter() - t0) / steps
+    return dict(
+      img_per_s=self.batch / dt,
+      ms_per_step=1e3 * dt,
+      cpu_ms_per_img=1e3 * (time.process_time() - c0) / (steps * self.batch),
+      loss=loss,
+      device=self.device,
+      threads=torch.get_num_threads(),
+      pid=os.getpid(),
+    )
 
 
-def time_in_fresh_process(model_kwargs: dict, **kwargs) -> dict:
-  """time_train_step in a spawned process. In the bench's own process, after XLA's programs
-  ran, the peer's step was 2-8% (64 px) to 5-20% (B/16) slower than alone (docs/benchmarks.md,
-  2026-12-02)."""
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(time_train_step, (model_kwargs,), kwargs)
+def time_train_step(model_kwargs: dict, *, batch: int, steps: int, **kwargs) -> dict:
+  """RecipeRun(...).time(steps): `steps` timed steps after the two warm-up steps."""
+  return RecipeRun(model_kwargs, batch=batch, total_steps=steps, **kwargs).time(steps)
+
+
+def _serve(conn, model_kwargs: dict, kwargs: dict) -> None:
+  """PeerProcess's side: build the RecipeRun, then time as many steps as asked until 0."""
+  try:
+    run = RecipeRun(model_kwargs, **kwargs)
+    conn.send(None)
+    while steps := conn.recv():
+      conn.send(run.time(steps))
+  except Exception as e:  # the parent re-raises it
+    conn.send(e)
+
+
+class PeerProcess:
+  """A RecipeRun in a spawned process, timed on demand with `time(steps)`, so that `bench
+  pretrain` can alternate it with ultrajax's timings (the machine's speed drifted by 20-30%
+  within minutes on 2026-12-02). In the bench's own process, after XLA's programs ran, the
+  peer's step was 2-8% (64 px) to 5-20% (B/16) slower than alone (docs/benchmarks.md,
+  2026-12-02), hence a process of its own. Use as a context manager."""
+
+  def __init__(self, model_kwargs: dict, **kwargs):
+    ctx = multiprocessing.get_context("spawn")
+    self._conn, child = ctx.Pipe()
+    self._process = ctx.Process(target=_serve, args=(child, model_kwargs, kwargs), daemon=True)
+    self._process.start()
+    self._reply()
+
+  def _reply(self):
+    reply = self._conn.recv()
+    if isinstance(reply, Exception):
+      raise reply
+    return reply
+
+  def time(self, steps: int) -> dict:
+    self._conn.send(steps)
+    return self._reply()
+
+  def close(self) -> None:
+    if self._process.is_alive():
+      self._conn.send(0)
+      self._process.join(timeout=60)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def time_in_fresh_process(model_kwargs: dict, *, steps: int, **kwargs) -> dict:
+  """time_train_step in a spawned process (PeerProcess)."""
+  with PeerProcess(model_kwargs, total_steps=steps, **kwargs) as peer:
+    return peer.time(steps)

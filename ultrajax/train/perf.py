@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+
 import jax
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
@@ -39,3 +42,16 @@ def mfu(flops_per_second_per_device: float | None, device=None) -> float | None:
   if not flops_per_second_per_device or not peak:
     return None
   return flops_per_second_per_device / peak
+
+
+def host_description() -> str:
+  """The host's CPU model and usable cores, e.g. 'AMD EPYC, 2 cores': figures from different
+  CPUs do not compare (PyTorch's MKL, for one, takes a slower path on AMD than on Intel)."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return f"{model}, {cores} cores"
