@@ -548,6 +548,21 @@ def test_predictor_matches_segment_anything(predictors):
   close(again, t_again, 1e-4)
 
 
+def test_predictors_of_one_architecture_share_compiled_programs(predictors, tiny):
+  """A second SamPredictor on the same architecture reuses the first one's compiled encoder and
+  decoder (no new entries in jit's caches) and gives the same masks for the same input."""
+  ours, _ = predictors
+  image = np.random.default_rng(8).integers(0, 256, (100, 70, 3)).astype(np.uint8)
+  box = np.array([10, 10, 60, 40])
+  expected, _, _ = ours.predict(box=box)
+  sizes = sam_predictor._encode._cache_size(), sam_predictor._decode._cache_size()
+  fresh = sam_predictor.SamPredictor(tiny[1])
+  fresh.set_image(image)
+  masks, _, _ = fresh.predict(box=box)
+  assert (sam_predictor._encode._cache_size(), sam_predictor._decode._cache_size()) == sizes
+  np.testing.assert_array_equal(masks, expected)
+
+
 def test_predictor_rejects_bad_prompts(predictors, tiny):
   ours, _ = predictors
   with pytest.raises(

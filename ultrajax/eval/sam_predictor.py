@@ -15,6 +15,7 @@ count compiles once (jit's cache); a repeated click costs only the decoder.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
@@ -104,22 +105,27 @@ def _as_rgb(image) -> np.ndarray:
   return image
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef, params, images):
+  return nnx.merge(graphdef, params).encode_image(images)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))  # graphdef, multimask, frames
+def _decode(graphdef, params, features, prompts, multimask, frames):
+  model = nnx.merge(graphdef, params)
+  sparse, dense = model.encode_prompts(*prompts)
+  logits, iou = model.decode_masks(features, model.dense_pe(), sparse, dense, multimask)
+  return sam_lib.postprocess_masks(logits, *frames, model.image_size), iou, logits
+
+
 class SamPredictor:
-  """segment_anything's SamPredictor on an ultrajax `Sam` (see the module docstring)."""
+  """segment_anything's SamPredictor on an ultrajax `Sam` (see the module docstring). The
+  compiled encoder and decoder are shared by every predictor of the same architecture (the
+  graphdef is a static argument), so a new predictor does not compile again."""
 
   def __init__(self, model: sam_lib.Sam):
     self.config = model.config
     self.graphdef, self.params = nnx.split(model, nnx.Param)
-    graphdef = self.graphdef
-
-    def decode(params, features, prompts, multimask, frames):
-      model = nnx.merge(graphdef, params)
-      sparse, dense = model.encode_prompts(*prompts)
-      logits, iou = model.decode_masks(features, model.dense_pe(), sparse, dense, multimask)
-      return sam_lib.postprocess_masks(logits, *frames, model.image_size), iou, logits
-
-    self._encode = jax.jit(lambda params, images: nnx.merge(graphdef, params).encode_image(images))
-    self._decode = jax.jit(decode, static_argnums=(3, 4))  # multimask, frames
     self.reset_image()
 
   def reset_image(self) -> None:
@@ -138,7 +144,7 @@ class SamPredictor:
       image = image[..., ::-1]
     resized = resize_image(np.ascontiguousarray(image), self.config.image_size)
     x = sam_lib.preprocess(resized[None], self.config.image_size)
-    self.features = self._encode(self.params, x)
+    self.features = _encode(self.graphdef, self.params, x)
     self.original_size = tuple(image.shape[:2])
     self.input_size = tuple(resized.shape[:2])
 
@@ -216,6 +222,8 @@ class SamPredictor:
       raise RuntimeError("set an image with .set_image(...) before predict")
     prompts = self._check_prompts(point_coords, point_labels, box, mask_input)
     frames = (self.input_size, self.original_size)
-    out = self._decode(self.params, self.features, prompts, bool(multimask_output), frames)
+    out = _decode(
+      self.graphdef, self.params, self.features, prompts, bool(multimask_output), frames
+    )
     full, iou, low_res = (np.asarray(x[0]) for x in out)
     return (full if return_logits else full > sam_lib.MASK_THRESHOLD), iou, low_res
