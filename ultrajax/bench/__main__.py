@@ -153,6 +153,7 @@ def _prepare_mode(config, mesh, num_clients: int, batch: int, steps: int):
   figures = dict(
     clients=num_clients,
     batch=batch,
+    steps_per_chunk=k,
     images_per_chunk=num_clients * batch * k,
     ms_aggregate=1e3 * sync_s,
     compile_s=compile_s,
@@ -163,7 +164,7 @@ def _prepare_mode(config, mesh, num_clients: int, batch: int, steps: int):
 
 def _speed(figures: dict, chunk_s: float, cpu_s: float) -> dict:
   """img/s, ms/step, CPU ms/img, TFLOP/s and MFU of one timed chunk call."""
-  k = figures["images_per_chunk"] // (figures["clients"] * figures["batch"])
+  k = figures["steps_per_chunk"]
   tflops = figures["flops"] / chunk_s / 1e12 if figures["flops"] else None
   return dict(
     img_per_s=figures["images_per_chunk"] / chunk_s,
@@ -226,11 +227,11 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
   clients = clients or config.data.num_clients
   central_mesh, mesh = plan_bench.pretrain_meshes(config, clients)
   batch, k, n_rounds = config.data.batch_size, config.fed.chunk_steps, _ROUNDS.value
-  dev = jax.devices()[0]
+  dev, host = jax.devices()[0], perf.host_description()
   print(
     f"# pretrain benchmark: {config.model.variant or 'custom'} at {config.model.image_size}px, "
     f"dtype {config.model.dtype}, chunk of {k} steps, {mesh.size} x {dev.device_kind} "
-    f"({perf.host_description()}), mesh central {dict(central_mesh.shape)}, federated "
+    f"({host}), mesh central {dict(central_mesh.shape)}, federated "
     f"{dict(mesh.shape)}"
   )
   bad = sorted(set(_MODES.value) - {"central", "federated"})
@@ -288,7 +289,7 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
       f"{1e3 * clients * batch / img_s:>10.1f}   ({first['device']}, {first['threads']} "
       f"threads, MAE recipe step; {cpu_ms:.2f} CPU ms/img)"
     )
-    if first["device"] == "cpu" and "AMD" in perf.host_description():
+    if first["device"] == "cpu" and "AMD" in host:
       print(
         "On AMD CPUs PyTorch's MKL takes its generic (non-Intel) GEMM path, about half as fast "
         "at MAE-B's shapes; docs/benchmarks.md (2026-12-02, AMD EPYC) shows how the peer was "

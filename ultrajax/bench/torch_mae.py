@@ -216,11 +216,6 @@ class RecipeRun:
     )
 
 
-def time_train_step(model_kwargs: dict, *, batch: int, steps: int, **kwargs) -> dict:
-  """RecipeRun(...).time(steps): `steps` timed steps after the two warm-up steps."""
-  return RecipeRun(model_kwargs, batch=batch, total_steps=steps, **kwargs).time(steps)
-
-
 def _serve(conn, model_kwargs: dict, kwargs: dict) -> None:
   """PeerProcess's side: build the RecipeRun, then time as many steps as asked until 0."""
   try:
@@ -269,6 +264,6 @@ class PeerProcess:
 
 
 def time_in_fresh_process(model_kwargs: dict, *, steps: int, **kwargs) -> dict:
-  """time_train_step in a spawned process (PeerProcess)."""
+  """`steps` timed steps of a RecipeRun in a spawned process (PeerProcess), after its warm-up."""
   with PeerProcess(model_kwargs, total_steps=steps, **kwargs) as peer:
     return peer.time(steps)
