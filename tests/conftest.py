@@ -10,6 +10,11 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "")
   + " --xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false"
 ).strip()
+# The jobs' own XLA:CPU flags for this host too (512-bit vectors on AVX-512), which
+# `ultrajax.main` adds in the subprocesses tests start: both sides of a comparison compile alike.
+from ultrajax.train import compiler  # noqa: E402  (no JAX import)
+
+compiler.tune_for_host()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # XLA's optimisation passes off for the whole session (xdist workers and the subprocesses tests

@@ -6,7 +6,9 @@ multi-process JAX when launched as several processes, prints versions, devices a
 logs the resolved config once (also written to `<workdir>/config.json`) and runs `config.job`.
 Orbax's INFO lines (about 60 per checkpoint save) are left out unless --verbose. A user error (configlib.USER_ERRORS: a config value, a data or weights
 file) prints one line naming the field or file and exits 1; `--verbose` or ULTRAJAX_VERBOSE=1
-shows its traceback.
+shows its traceback. Compiled programs are kept in JAX's persistent compilation cache
+(`--compilation_cache`, default ~/.cache/ultrajax/xla; ultrajax/train/compiler.py), so a resumed
+or repeated run skips most of its compiling.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ultrajax import configlib
+from ultrajax.train import compiler
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Job config file[:preset,k=v].", lock_config=True
@@ -32,6 +35,13 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+  "compilation_cache",
+  compiler.default_cache_dir(),
+  "Folder of JAX's persistent compilation cache: a restarted or repeated run loads its "
+  f"compiled programs from it. Default ${compiler.CACHE_ENV}, else $JAX_COMPILATION_CACHE_DIR, "
+  f"else {compiler.DEFAULT_CACHE}; empty: off.",
+)
 _VERBOSE = flags.DEFINE_bool(
   "verbose",
   False,
@@ -105,6 +115,8 @@ def main(argv):
     raise configlib.ConfigError(f"--config: {' '.join(str(e).split())}") from None
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
+  compiler.tune_for_host()  # XLA_FLAGS and the cache before JAX starts its backends
+  compiler.use_compilation_cache(_COMPILATION_CACHE.value)
   job = importlib.import_module(JOBS[config.job])
   if hasattr(job, "validate"):  # a bad value fails here, before devices start or models build
     job.validate(config)

@@ -38,6 +38,8 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             --sam_variant, --sam_image_size, --sam_batch, --sam_prompts, --sam_dtype
             (ultrajax/bench/sam.py). On a CPU try --sam_image_size=256.
 
+The XLA flags are the jobs' (ultrajax/train/compiler.py: 512-bit vectors on an AVX-512 CPU);
+the persistent compilation cache stays off, so `compile s` is the compile time.
 Data comes from device-resident random images so that the figures measure the compiled
 program; the Grain pipeline is measured by the job's own img/s log line. Record results with
 the machine and the exact command in docs/benchmarks.md.
@@ -58,7 +60,7 @@ from ultrajax.bench import pipeline as pipeline_bench, plan as plan_bench, sam a
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import rounds
 from ultrajax.models import vit
-from ultrajax.train import loop, mim_objectives, mim_programs, perf, sharding
+from ultrajax.train import compiler, loop, mim_objectives, mim_programs, perf, sharding
 
 _DEFAULT_CONFIG = str(configlib.find_config_file("configs/pretrain_fed.py").resolve())
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Pretraining config.")
@@ -421,6 +423,7 @@ BENCHMARKS = {
 def main(argv):
   if len(argv) != 2 or argv[1] not in BENCHMARKS:
     raise app.UsageError(f"usage: python -m ultrajax.bench {{{'|'.join(BENCHMARKS)}}} [flags]")
+  compiler.tune_for_host()  # the jobs' XLA:CPU flags; no compilation cache (compile s is real)
   BENCHMARKS[argv[1]](_CONFIG.value, _STEPS.value, _CLIENTS.value)
 
 
