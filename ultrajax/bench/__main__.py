@@ -291,11 +291,11 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
       f"{1e3 * clients * batch / img_s:>10.1f}   ({first['device']}, {first['threads']} "
       f"threads, MAE recipe step; {cpu_ms:.2f} CPU ms/img)"
     )
-    if first["device"] == "cpu" and "AMD" in host:
+    if first["device"] == "cpu" and "AMD" in host and config.model.dtype == "float32":
       print(
-        "On AMD CPUs PyTorch's MKL takes its generic (non-Intel) GEMM path, about half as fast "
-        "at MAE-B's shapes; docs/benchmarks.md (2026-12-02, AMD EPYC) shows how the peer was "
-        "also timed on MKL's AVX-512 path."
+        "On AMD CPUs PyTorch's MKL (its float32 GEMMs) takes its generic (non-Intel) path, "
+        "about half as fast at MAE-B's shapes; docs/benchmarks.md (2026-12-02, AMD EPYC) shows "
+        "how the peer was also timed on MKL's AVX-512 path."
       )
     for name, (_, figures, _) in prepared.items():
       per_round = [  # ratios within each round: the machine's drift cancels

@@ -102,34 +102,65 @@ def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
+def _matmul(a, b, contract: tuple[tuple[int, ...], tuple[int, ...]]):
+  """dot_general of a and b over the `contract` axes, accumulated and returned in float32.
+  XLA:CPU hands a bfloat16 product to YNNPACK's bf16 kernels only when it returns float32;
+  otherwise it converts both operands to float32 first (half the speed, docs/benchmarks.md)."""
+  return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _kernel_grad(x2, g2):
+  """x2 [rows, in], g2 [rows, out] -> x2^T g2 [in, out] in float32. In float32, as (g2^T x2)^T:
+  an Eigen dot, which XLA:CPU runs beside the thunks that follow (YNNPACK's, synchronous, made
+  the MAE step slower). In bfloat16 Eigen runs at about half YNNPACK's speed, and XLA:CPU gives
+  a product over the rows to YNNPACK only as a contraction of two leading axes: [rows / 2, 2,
+  d] views when rows is even."""
+  if x2.dtype == jnp.float32:
+    return (g2.T @ x2).T
+  if x2.shape[0] % 2:
+    return _matmul(x2, g2, ((0,), (0,)))
+  split = lambda a: a.reshape(a.shape[0] // 2, 2, a.shape[1])  # noqa: E731
+  return _matmul(split(x2), split(g2), ((0, 1), (0, 1)))
+
+
 @jax.custom_vjp
 def _dense(x, kernel, bias):
-  """x [..., in] @ kernel [in, out] + bias [out]."""
-  return x @ kernel + bias
+  """x [..., in] (the compute dtype) @ kernel [in, out] + bias [out] (the parameters' dtype):
+  the product in x's dtype with float32 accumulation, the bias added in float32, x's dtype out."""
+  y = _matmul(x, kernel.astype(x.dtype), ((x.ndim - 1,), (0,)))
+  return (y + bias).astype(x.dtype)
 
 
 def _dense_fwd(x, kernel, bias):
-  return _dense(x, kernel, bias), (x, kernel)
+  return _dense(x, kernel, bias), (x, kernel, bias)
 
 
 def _dense_bwd(res, g):
-  # The kernel's gradient as (g^T x)^T over rows flattened: from JAX's own transpose XLA:CPU
-  # copied the activations into a transposed layout first (the MAE step 5-7% slower).
-  x, kernel = res
+  # JAX's own transpose of x @ W left the kernel's gradient to Eigen after a transposed copy of
+  # the activations (the MAE step 5-7% slower in float32); in bfloat16 it ran all three
+  # products in float32 (the step 36% slower, docs/benchmarks.md).
+  x, kernel, bias = res
   x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-  return g @ kernel.T, (g2.T @ x2).T, g2.sum(0)
+  dx = _matmul(g, kernel.astype(g.dtype), ((g.ndim - 1,), (1,))).astype(x.dtype)
+  dkernel = _kernel_grad(x2, g2).astype(kernel.dtype)
+  return dx, dkernel, g2.astype(jnp.float32).sum(0).astype(bias.dtype)
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Linear(nnx.Linear):
-  """nnx.Linear (same parameters) whose backward on the CPU is `_dense`'s."""
+  """nnx.Linear (same parameters); on the CPU it is `_dense`: the backward written out, and in
+  bfloat16 the products return float32 and the output is rounded once (flax rounds the product,
+  then adds a bf16 bias)."""
 
   def __call__(self, x):
     if self.bias is None or not _on_cpu():
       return super().__call__(x)
-    return _dense(*self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype))
+    # Only x takes the compute dtype here: the kernel is cast inside `_dense`, so that its
+    # gradient comes back in float32 without a round trip through the compute dtype.
+    compute = self.dtype or jnp.result_type(x, self.kernel[...])
+    return _dense(jnp.asarray(x, compute), self.kernel[...], self.bias[...])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
