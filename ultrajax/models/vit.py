@@ -157,10 +157,10 @@ class Linear(nnx.Linear):
   def __call__(self, x):
     if self.bias is None or not _on_cpu():
       return super().__call__(x)
-    # Only x takes the compute dtype here: the kernel is cast inside `_dense`, so that its
+    # Only x takes flax's promoted dtype here: the kernel is cast inside `_dense`, so that its
     # gradient comes back in float32 without a round trip through the compute dtype.
-    compute = self.dtype or jnp.result_type(x, self.kernel[...])
-    return _dense(jnp.asarray(x, compute), self.kernel[...], self.bias[...])
+    x, _ = self.promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+    return _dense(x, self.kernel[...], self.bias[...])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
