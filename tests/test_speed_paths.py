@@ -189,12 +189,13 @@ def test_linear_and_layer_norm_backward_equal_flax():
       assert module(x3).dtype == dtype
 
 
-@pytest.mark.parametrize("rows", [(2, 5), (5,)])
+@pytest.mark.parametrize("rows", [(2, 5), (6,), (5,)])
 def test_linear_bfloat16_products_accumulate_in_float32(rows):
   """vit.Linear in bfloat16 on the CPU against numpy on the same bf16-rounded operands: the
   output is (x @ W + b) computed in float32 and rounded once; the VJP's input gradient is
   g @ W^T rounded once, the kernel and bias gradients are float32 sums (no bf16 round trip).
-  An even (10) and an odd (5) row count: the kernel gradient's two forms (`vit._kernel_grad`)."""
+  The kernel gradient's three forms (`vit._kernel_grad`): over x's leading axes ([2, 5, d]),
+  over [rows / 2, 2, d] views (6 rows) and over one axis (an odd count, 5 rows)."""
   bf16 = jnp.bfloat16
   module = vit.linear(12, 7, dtype=bf16, rngs=nnx.Rngs(0))
   module.bias[...] = jax.random.normal(jax.random.key(0), (7,))

@@ -109,14 +109,21 @@ def _matmul(a, b, contract: tuple[tuple[int, ...], tuple[int, ...]]):
   return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel_grad(x2, g2):
-  """x2 [rows, in], g2 [rows, out] -> x2^T g2 [in, out] in float32. In float32, as (g2^T x2)^T:
-  an Eigen dot, which XLA:CPU runs beside the thunks that follow (YNNPACK's, synchronous, made
-  the MAE step slower). In bfloat16 Eigen runs at about half YNNPACK's speed, and XLA:CPU gives
-  a product over the rows to YNNPACK only as a contraction of two leading axes: [rows / 2, 2,
-  d] views when rows is even."""
-  if x2.dtype == jnp.float32:
+def _kernel_grad(x, g):
+  """x [..., in], g [..., out] -> the sum over the leading axes of x^T g, [in, out] in float32.
+  In float32, as (g^T x)^T over [rows, d] views: an Eigen dot, which XLA:CPU runs beside the
+  thunks that follow (YNNPACK's, synchronous, made the MAE step slower). In bfloat16 Eigen runs
+  at about half YNNPACK's speed, and XLA:CPU gives a product over the rows to YNNPACK only as a
+  contraction of two or more leading axes, after a transposed copy: x's own leading axes when it
+  has two or more (a [B, L, d] activation), else [rows / 2, 2, d] views when rows is even. A
+  [rows / 2, 2, d] view of a [B, L, d] activation made that copy 10-20x slower
+  (docs/benchmarks.md, stop 38)."""
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  if x.dtype == jnp.float32:
     return (g2.T @ x2).T
+  if x.ndim >= 3:
+    lead = tuple(range(x.ndim - 1))
+    return _matmul(x, g, (lead, lead))
   if x2.shape[0] % 2:
     return _matmul(x2, g2, ((0,), (0,)))
   split = lambda a: a.reshape(a.shape[0] // 2, 2, a.shape[1])  # noqa: E731
@@ -140,10 +147,10 @@ def _dense_bwd(res, g):
   # the activations (the MAE step 5-7% slower in float32); in bfloat16 it ran all three
   # products in float32 (the step 36% slower, docs/benchmarks.md).
   x, kernel, bias = res
-  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   dx = _matmul(g, kernel.astype(g.dtype), ((g.ndim - 1,), (1,))).astype(x.dtype)
-  dkernel = _kernel_grad(x2, g2).astype(kernel.dtype)
-  return dx, dkernel, g2.astype(jnp.float32).sum(0).astype(bias.dtype)
+  dkernel = _kernel_grad(x, g).astype(kernel.dtype)
+  dbias = g.reshape(-1, g.shape[-1]).astype(jnp.float32).sum(0)
+  return dx, dkernel, dbias.astype(bias.dtype)
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
