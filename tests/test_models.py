@@ -223,6 +223,9 @@ def test_mae_from_config_and_field_errors():
     ("decoder_width", 30),
     ("mask_ratio", 1.0),
     ("num_heads", 0),
+    ("remat", "some"),
+    ("scan_layers", "yes"),
+    ("attention_impl", "flash"),
   ]:
     bad = cfg.copy_and_resolve_references()
     bad[field] = value

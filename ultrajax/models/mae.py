@@ -288,16 +288,7 @@ def mae_from_config(model_config, rngs: nnx.Rngs, *, path: str = "config.model")
     mask_ratio=field("mask_ratio", fraction, "in [0, 1)"),
     drop_path_rate=field("drop_path_rate", fraction, "in [0, 1)"),
     dtype=vit.DTYPES[dtype],
-    remat=field(
-      "remat", lambda v: isinstance(v, bool) or v in vit.REMATS, f"one of {vit.REMATS}", "none"
-    ),
     pred_dim=field("pred_dim", non_negative_int, "a non-negative integer", 0),
-    attention_impl=field(
-      "attention_impl",
-      lambda v: v in vit.ATTENTION_IMPLS,
-      f"one of {vit.ATTENTION_IMPLS}",
-      "dot_product",
-    ),
-    scan_layers=field("scan_layers", lambda v: isinstance(v, bool), "True or False", False),
+    **vit.compute_options(model_config, path),
     rngs=rngs,
   )

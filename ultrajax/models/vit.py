@@ -51,6 +51,9 @@ _REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
 }
 REMATS = tuple(_REMAT_POLICIES)
+# The model config fields that choose how the step is computed, with their defaults
+# (`compute_options`); the pretraining, fine-tuning and SAM jobs read them alike.
+COMPUTE_OPTIONS = {"remat": "none", "scan_layers": False, "attention_impl": "dot_product"}
 LN_EPS = 1e-6
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -460,6 +463,25 @@ def remat_mode(remat) -> str:
   return remat
 
 
+def compute_options(model_config, path: str, names=COMPUTE_OPTIONS) -> dict:
+  """The compute options `names` of a model config block, defaulted and checked: remat (one of
+  REMATS, or a bool), scan_layers (a bool), attention_impl (one of ATTENTION_IMPLS). None of them
+  changes the parameters or the math. A bad value raises ConfigError naming `path`.field."""
+  checks = {
+    "remat": (lambda v: isinstance(v, bool) or v in REMATS, f"one of {REMATS} or a bool"),
+    "scan_layers": (lambda v: isinstance(v, bool), "True or False"),
+    "attention_impl": (lambda v: v in ATTENTION_IMPLS, f"one of {ATTENTION_IMPLS}"),
+  }
+  options = {}
+  for name in names:
+    value = model_config.get(name, COMPUTE_OPTIONS[name])
+    ok, what = checks[name]
+    if not ok(value):
+      raise configlib.ConfigError(f"{path}.{name}={value!r} must be {what}")
+    options[name] = value
+  return options
+
+
 def _checkpointed(fn, remat: str):
   """fn wrapped in jax.checkpoint with the policy `remat` names ('none': fn itself)."""
   return fn if remat == "none" else jax.checkpoint(fn, policy=_REMAT_POLICIES[remat])
@@ -470,7 +492,14 @@ def _apply_block(graphdef, state, x, key, rate=None):
 
 
 def run_blocks(
-  blocks: Sequence[Block], x, key, *, remat=False, collect: Sequence[int] = (), scan: bool = False
+  blocks: Sequence[Block],
+  x,
+  key,
+  *,
+  remat=False,
+  collect: Sequence[int] = (),
+  scan: bool = False,
+  period: int = 1,
 ):
   """Applies blocks in order. x: [B, N, D] -> (x, outputs of the 1-based blocks in `collect`).
 
@@ -479,14 +508,16 @@ def run_blocks(
   over the block's split state, so it stays a plain JAX transform under the functional
   boundary). scan stacks the blocks' parameters at this boundary and runs one lax.scan over
   them: one block is compiled instead of `len(blocks)`, and the parameters keep their per-block
-  names (blocks.i.*) for checkpoints and interop. The math is that of the loop.
+  names (blocks.i.*) for checkpoints and interop. With period p the scan steps over groups of p
+  consecutive blocks (SAM's windowed, windowed, global pattern): blocks i and i + p must differ
+  only in their drop-path rate, and p must divide len(blocks). The math is that of the loop.
   """
   remat = remat_mode(remat)
   if not blocks:
     return x, []
   keys = None if key is None else jax.random.split(key, len(blocks))
   if scan:
-    return _scan_blocks(blocks, x, keys, remat, collect)
+    return _scan_blocks(blocks, x, keys, remat, collect, period)
   keys = [None] * len(blocks) if keys is None else list(keys)
   outputs = []
   for i, (block, block_key) in enumerate(zip(blocks, keys), start=1):
@@ -500,21 +531,32 @@ def run_blocks(
   return x, outputs
 
 
-def _scan_blocks(blocks, x, keys, remat: str, collect):
-  """run_blocks with scan=True. The blocks differ only in their drop-path rate (a static
-  attribute), which the scan carries as data; the first block's graph serves for all."""
-  graphdef, _ = nnx.split(blocks[0])
-  states = [nnx.split(b)[1] for b in blocks]
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-  rates = jnp.asarray([b.drop_path_rate for b in blocks], jnp.float32)
+def _scan_blocks(blocks, x, keys, remat: str, collect, period: int):
+  """run_blocks with scan=True: one scan step per group of `period` blocks. Blocks at the same
+  place in their groups differ only in their drop-path rate (a static attribute), which the
+  scan carries as data; the first group's graphs serve for all."""
+  if period < 1 or len(blocks) % period:
+    raise ValueError(f"scan period {period} does not divide the {len(blocks)} blocks")
+  groups = len(blocks) // period
+  graphdefs = [nnx.split(b)[0] for b in blocks[:period]]
+  stack = lambda *leaves: jnp.stack(leaves)  # noqa: E731
+  stacked = [
+    jax.tree.map(stack, *[nnx.split(b)[1] for b in blocks[j::period]]) for j in range(period)
+  ]
+  rates = jnp.asarray([b.drop_path_rate for b in blocks], jnp.float32).reshape(groups, period)
+  keys = None if keys is None else keys.reshape(groups, period, *keys.shape[1:])
 
-  def step(x, layer):
-    state, block_key, rate = layer
-    x = _apply_block(graphdef, state, x, block_key, rate)
-    return x, (x if collect else None)
+  def step(x, group):
+    states, group_keys, group_rates = group
+    ys = []
+    for j in range(period):
+      block_key = None if group_keys is None else group_keys[j]
+      x = _apply_block(graphdefs[j], states[j], x, block_key, group_rates[j])
+      ys.append(x if collect else None)
+    return x, ys
 
   x, ys = jax.lax.scan(_checkpointed(step, remat), x, (stacked, keys, rates))
-  return x, [ys[i - 1] for i in sorted(set(collect))]
+  return x, [ys[(i - 1) % period][(i - 1) // period] for i in sorted(set(collect))]
 
 
 class ViT(nnx.Module):
