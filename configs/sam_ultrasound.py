@@ -45,7 +45,10 @@ def get_config(arg=None):
       image_size=1024,  # model input S: long side resized to S, then padded to S x S.
       prompt_dim=256, decoder_depth=2, decoder_heads=8, decoder_mlp_dim=2048,
       dtype="bfloat16",  # computation dtype; parameters and optimizer states stay float32.
-      remat=False,  # recompute encoder blocks in the backward pass (less memory, ~1/3 slower).
+      # Encoder blocks in the backward pass: remat 'none' | 'dots' (keep matmul outputs) |
+      # 'full' (recompute each block: least memory, ~1/3 slower); scan_layers: one compiled
+      # group of blocks (windowed, windowed, global for vit_b) in a lax.scan.
+      remat="none", scan_layers=False,
   ))
 
   c.data = ml_collections.ConfigDict(dict(

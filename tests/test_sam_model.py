@@ -284,21 +284,45 @@ def test_tiny_encoder_with_padded_windows_and_decoder_match(tiny):
     close(iou, t_iou.numpy(), 1e-4)
 
 
-def test_remat_encoder_gives_the_same_embedding_and_gradient(tiny):
-  """remat=True (config.model.remat) recomputes the encoder blocks: same numbers."""
-  _, model, _ = tiny
-  graphdef, params = nnx.split(model, nnx.Param)
-  remat_graphdef, _ = nnx.split(sam.Sam(model.config, remat=True, rngs=nnx.Rngs(0)), nnx.Param)
-  images = np.random.default_rng(9).normal(size=(1, 128, 128, 3)).astype(np.float32)
+def test_remat_and_scan_give_the_encoders_embedding_and_gradient():
+  """config.model.remat and scan_layers change how the encoder is computed, not what: four
+  blocks in the pattern windowed, global, windowed, global (two scan steps of two blocks), drop
+  path on (per-block keys and rates replayed), the same embedding and gradients as the loop."""
+  config = sam.sam_config(
+    "tiny", depth=4, global_attn_indexes=(1, 3), drop_path_rate=0.3, image_size=64
+  )
+  images = np.random.default_rng(9).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  key = jax.random.key(3)
+  # A fixed random read-out: the sum of squares of the LayerNorm'd neck is nearly constant, so
+  # its gradient would be all cancellation.
+  weights = np.random.default_rng(4).normal(size=(2, 4, 4, 32)).astype(np.float32)
 
   def loss(p, g):
-    return jnp.sum(nnx.merge(g, p).encode_image(images) ** 2)
+    return jnp.sum(nnx.merge(g, p).encode_image(images, key=key) * weights)
 
   value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  graphdef, params = nnx.split(sam.Sam(config, rngs=nnx.Rngs(0)), nnx.Param)
   value, grads = value_and_grad(params, graphdef)
-  remat_value, remat_grads = value_and_grad(params, remat_graphdef)
-  close(remat_value, value, 1e-6)
-  jax.tree.map(lambda a, b: close(a, b, 1e-5), remat_grads, grads)
+  for options in (dict(remat=True), dict(remat="dots", scan_layers=True)):
+    model = sam.Sam(config, **options, rngs=nnx.Rngs(0))
+    assert model.image_encoder.period == 2
+    other_graphdef, other_params = nnx.split(model, nnx.Param)
+    assert jax.tree.structure(other_params) == jax.tree.structure(params)  # names kept
+    other_value, other_grads = value_and_grad(params, other_graphdef)
+    close(other_value, value, 1e-6)
+    jax.tree.map(lambda a, b: close(a, b, 1e-5), other_grads, grads)
+
+  # vit_b repeats every 3 blocks, vit_h every 8; a pattern without a repeat is one scan step.
+  def period(name, **kw):
+    c = sam.sam_config(name, **kw)
+    return nnx.eval_shape(lambda: sam.ImageEncoder(c, dtype=jnp.float32, rngs=nnx.Rngs(0))).period
+
+  periods = {
+    "vit_b": period("vit_b"),
+    "vit_h": period("vit_h"),
+    "tiny": period("tiny", depth=3, global_attn_indexes=(0,)),
+  }
+  assert periods == {"vit_b": 3, "vit_h": 8, "tiny": 3}
 
 
 def test_config_from_state_dict_reads_tiny_and_rejects_other_dicts(tiny):

@@ -467,6 +467,7 @@ def test_config_errors_name_the_field_and_zero_shot_split():
     ("sharding_rules", ((".*", "shard"),), "kind 'shard'"),
     ("on_nonfinite", "ignore", "config.on_nonfinite='ignore'"),
     ("data.num_threads", 0, "config.data.num_threads=0"),
+    ("model.remat", "some", "config.model.remat='some'"),
   ):
     c = _config()
     c.update_from_flattened_dict({field: value})

@@ -65,12 +65,18 @@ TRAIN_KEYS = ("image", "masks", "valid")  # what the step reads of a batch
 
 
 # ----------------------------------------------------------------------------- config
+# config.model's compute options the image encoder takes (its attention is SAM's own, with
+# relative positions).
+SAM_COMPUTE_OPTIONS = ("remat", "scan_layers")
+
+
 def validate(config) -> None:
   """Fails at start-up naming the first field whose value cannot work."""
   c = configlib
   c.check_choice(config, "model.variant", ("", *sam_lib.VARIANTS))
   c.check_choice(config, "model.dtype", tuple(vit.DTYPES))
   c.check_range(config, "model.image_size", 16)
+  vit.compute_options(config.model, "config.model", SAM_COMPUTE_OPTIONS)
   c.check_choice(config, "data.source", ("phantom", "coco", "tfds"))
   for name in (
     "max_instances",
@@ -175,8 +181,9 @@ def sam_config(model_config) -> sam_lib.SamConfig:
 
 def build_model(config, rngs: nnx.Rngs) -> sam_lib.Sam:
   m = config.model
+  options = vit.compute_options(m, "config.model", SAM_COMPUTE_OPTIONS)
   try:
-    return sam_lib.Sam(sam_config(m), dtype=vit.DTYPES[m.dtype], remat=m.remat, rngs=rngs)
+    return sam_lib.Sam(sam_config(m), dtype=vit.DTYPES[m.dtype], **options, rngs=rngs)
   except ValueError as e:
     raise configlib.ConfigError(f"config.model: {e}") from None
 

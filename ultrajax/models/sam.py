@@ -322,15 +322,27 @@ class EncoderBlock(nnx.Module):
 
 
 class ImageEncoder(nnx.Module):
-  """ImageEncoderViT: patch embed + absolute positions, ViTDet blocks, conv neck to C."""
+  """ImageEncoderViT: patch embed + absolute positions, ViTDet blocks, conv neck to C.
 
-  def __init__(self, config: SamConfig, *, dtype, remat: bool, rngs: nnx.Rngs):
+  remat: one of vit.REMATS (or a bool: 'full' / 'none'); scan_layers: one lax.scan over the
+  blocks, a step per repeat of the windowed / global pattern (3 blocks for vit_b, 6 for vit_l,
+  8 for vit_h). Neither changes the parameters or the math."""
+
+  def __init__(
+    self, config: SamConfig, *, dtype, remat=False, scan_layers: bool = False, rngs: nnx.Rngs
+  ):
     c, d = config, config.width
-    self.image_size, self.remat = c.image_size, remat
+    self.image_size, self.remat, self.scan_layers = c.image_size, vit.remat_mode(remat), scan_layers
     self.patch_embed = vit.patch_embedding(d, c.patch_size, dtype=dtype, rngs=rngs)
     self.pos_embed = nnx.Param(jnp.zeros((1, c.grid, c.grid, d), jnp.float32))
     rates = np.linspace(0.0, c.drop_path_rate, c.depth)
     windows = [0 if i in c.global_attn_indexes else c.window_size for i in range(c.depth)]
+    # The shortest repeat of the windowed / global pattern: what one scan step applies.
+    self.period = next(
+      p
+      for p in range(1, c.depth + 1)
+      if c.depth % p == 0 and windows == windows[:p] * (c.depth // p)
+    )
     self.blocks = nnx.List(
       [
         EncoderBlock(c, window, rate, dtype=dtype, rngs=rngs)
@@ -352,7 +364,9 @@ class ImageEncoder(nnx.Module):
     vit.check_images(images, self.image_size, "SAM image encoder")
     x = self.patch_embed(images)
     x = x + self.pos_embed[...].astype(x.dtype)
-    x, _ = vit.run_blocks(self.blocks, x, key, remat=self.remat)
+    x, _ = vit.run_blocks(
+      self.blocks, x, key, remat=self.remat, scan=self.scan_layers, period=self.period
+    )
     y = self.neck_norm2(self.neck_conv2(self.neck_norm1(self.neck_conv1(x))))
     y = y.astype(jnp.float32)
     return (y, x.astype(jnp.float32)) if return_vit else y
@@ -600,9 +614,20 @@ class MaskDecoder(nnx.Module):
 class Sam(nnx.Module):
   """SAM = image encoder + prompt encoder + mask decoder (see the module docstring)."""
 
-  def __init__(self, config: SamConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: SamConfig,
+    *,
+    dtype=jnp.float32,
+    remat=False,
+    scan_layers: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    """remat, scan_layers: the image encoder's (see ImageEncoder)."""
     self.config = config
-    self.image_encoder = ImageEncoder(config, dtype=dtype, remat=remat, rngs=rngs)
+    self.image_encoder = ImageEncoder(
+      config, dtype=dtype, remat=remat, scan_layers=scan_layers, rngs=rngs
+    )
     self.prompt_encoder = PromptEncoder(config, dtype=dtype, rngs=rngs)
     self.mask_decoder = MaskDecoder(config, dtype=dtype, rngs=rngs)
 
