@@ -49,6 +49,9 @@ def base_config(task_type: str, preset: str) -> ml_collections.ConfigDict:
       dtype="bfloat16",
       feature_blocks=(),  # segmentation: blocks feeding the decoder; () = 4/6/8/12 of 12.
       decoder_channels=256,
+      # How the step is computed, not what (as config.model of pretrain_fed.py): attention_impl
+      # 'dot_product' | 'einsum'; remat 'none' | 'dots' | 'full'; scan_layers.
+      attention_impl="dot_product", remat="none", scan_layers=False,
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -472,6 +472,24 @@ def test_min_steps_makes_epochs_of_several_passes():
     np.testing.assert_array_equal(order[2 * p : 2 * p + 2].ravel(), rng.permutation(10)[:8])
 
 
+def test_compute_options_reach_the_finetuning_encoder():
+  """config.model.remat / scan_layers / attention_impl, as in pretraining: the classifier's and
+  the segmenter's encoders take them; a bad value fails validation naming the field."""
+  config = cls_config()
+  config.model.update(remat="dots", scan_layers=True, attention_impl="einsum")
+  for task_type in ("cls", "seg"):
+    config.task_type = task_type
+    model = nnx.eval_shape(lambda: finetune.build_model(config, 3, 0))
+    encoder = model if task_type == "cls" else model.encoder
+    attn = encoder.blocks[0].attn
+    assert (encoder.remat, encoder.scan_layers, attn.impl) == ("dots", True, "einsum")
+  for field, value in (("remat", "all"), ("attention_impl", "flash")):
+    config = cls_config()
+    config.model[field] = value
+    with pytest.raises(configlib.ConfigError, match=rf"config\.model\.{field}={value!r}"):
+      finetune.validate(config)
+
+
 def test_bad_finetune_configs_fail_naming_the_field(tmp_path):
   for value in (-1, -5):
     config = cls_config()

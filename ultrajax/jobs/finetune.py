@@ -76,6 +76,7 @@ def validate(config) -> None:
   c.check_choice(config, "model.dtype", vit.DTYPES)
   c.check_choice(config, "model.pool", ("gap", "cls"))
   c.check_range(config, "model.drop_path_rate", 0.0, 1.0, high_inclusive=False)
+  vit.compute_options(config.model, "config.model")
   c.check_choice(config, "data.source", tasks.SOURCES)
   c.check_choice(config, "data.mask_mode", tasks.MASK_MODES)
   c.check_range(config, "num_seeds", 1)
@@ -161,6 +162,7 @@ def build_model(config, num_classes: int, seed: int):
     image_size=m.image_size,
     drop_path_rate=m.drop_path_rate,
     dtype=vit.DTYPES[m.dtype],
+    **vit.compute_options(m, "config.model"),
     rngs=nnx.Rngs(seed),
   )
   if config.task_type == "cls":

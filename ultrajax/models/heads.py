@@ -104,7 +104,8 @@ class PyramidDecoder(nnx.Module):
 
 
 class Segmenter(nnx.Module):
-  """ViT encoder + PyramidDecoder. num_outputs: 1 for a binary task (sigmoid), else K classes."""
+  """ViT encoder + PyramidDecoder. num_outputs: 1 for a binary task (sigmoid), else K classes.
+  remat, scan_layers, attention_impl: the encoder's (vit.ViT)."""
 
   def __init__(
     self,
@@ -119,7 +120,9 @@ class Segmenter(nnx.Module):
     channels: int = 128,
     drop_path_rate: float = 0.0,
     dtype=jnp.float32,
-    remat: bool = False,
+    remat=False,
+    scan_layers: bool = False,
+    attention_impl: str = "dot_product",
     rngs: nnx.Rngs,
   ):
     self.feature_blocks = tuple(feature_blocks) or default_feature_blocks(depth)
@@ -136,6 +139,8 @@ class Segmenter(nnx.Module):
       drop_path_rate=drop_path_rate,
       dtype=dtype,
       remat=remat,
+      scan_layers=scan_layers,
+      attention_impl=attention_impl,
       rngs=rngs,
     )
     self.decoder = PyramidDecoder(
