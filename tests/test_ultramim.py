@@ -232,6 +232,32 @@ def test_corrupt_keeps_images_clean_when_p_clean_is_one_and_jits_and_vmaps():
     ultramim.corrupt(keys[0], images[0], config(p_clean=1.5))
 
 
+def test_corrupt_splits_over_the_data_axis_under_the_lanes_vmap():
+  """As the round chunk runs MIC: vmapped over lanes, the batch split over 4 devices. Each device
+  does a quarter of the work (XLA's FLOP count) and nothing is gathered; a convolution here had
+  every device blur all images (its vmap merges lanes and images into one batch axis)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from ultrajax.train import sharding
+
+  cfg = config(p_clean=0.0, p_each=1.0)
+  images = np.random.default_rng(4).random((2, 8, 32, 32, 3)).astype(np.float32)
+  keys = jax.random.split(jax.random.key(0), 2)
+  fn = jax.vmap(lambda k, x: ultramim.corrupt(k, x, cfg))
+  one = jax.jit(fn).lower(keys, images).compile()
+  mesh = sharding.make_mesh(1, 4)
+  split = NamedSharding(mesh, P(None, "data"))
+  with jax.set_mesh(mesh):
+    four = jax.jit(fn, in_shardings=(None, split), out_shardings=split).lower(keys, images)
+    four = four.compile()
+  assert "all-gather" not in four.as_text()
+  ratio = four.cost_analysis()["flops"] / one.cost_analysis()["flops"]
+  assert 0.2 < ratio < 0.3, ratio
+  np.testing.assert_allclose(
+    four(keys, jax.device_put(images, split)), one(keys, images), atol=1e-6
+  )
+
+
 def test_salt_and_pepper_density_and_shared_channel_mask():
   images = np.full((4, 64, 64, 3), 0.5, np.float32)
   out = np.asarray(ultramim.salt_and_pepper(jax.random.key(0), images, 0.1))
