@@ -472,6 +472,29 @@ def test_scan_and_remat_policies_keep_loss_and_grads():
     vit.remat_mode("some")
 
 
+def test_block_outputs_follow_the_batch_over_the_data_axis():
+  """Inside a mesh, run_blocks keeps activations batch-split over 'data' whatever the input's
+  layout: from a replicated input with kernels split by the `fsdp` rule, XLA's own propagation
+  would split them along embed instead (then gather them at every layer). Values unchanged."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from ultrajax.train import sharding
+
+  blocks = nnx.List([vit.Block(32, 4, rngs=nnx.Rngs(i)) for i in range(2)])
+  graphdef, params = nnx.split(blocks)
+  params = nnx.to_pure_dict(params)
+  x = np.random.default_rng(0).standard_normal((8, 5, 32)).astype(np.float32)
+  apply = lambda p, x: vit.run_blocks(nnx.merge(graphdef, p), x, None)[0]  # noqa: E731
+  mesh = sharding.make_mesh(1, 4)
+  fsdp = sharding.tree_shardings(jax.eval_shape(lambda: params), mesh, ((".*", "fsdp"),), False)
+  assert fsdp[0]["mlp"]["fc1"]["kernel"].spec == P(None, "data")  # 128 outputs split
+  with jax.set_mesh(mesh):
+    fn = jax.jit(apply, in_shardings=(fsdp, NamedSharding(mesh, P())))
+    out = fn(jax.device_put(params, fsdp), x)
+  assert out.sharding.spec == P("data")
+  np.testing.assert_allclose(out, jax.jit(apply)(params, x), atol=1e-5)
+
+
 def test_mlp_uses_exact_gelu():
   mlp = vit.Mlp(8, 32, dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = np.random.default_rng(0).normal(scale=3.0, size=(4, 5, 8)).astype(np.float32)

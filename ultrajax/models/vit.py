@@ -482,6 +482,22 @@ def compute_options(model_config, path: str, names=COMPUTE_OPTIONS) -> dict:
   return options
 
 
+def shard_activations(x):
+  """x: [B, ...] -> x constrained to batch over the mesh's 'data' axis, the rest replicated.
+
+  Without the constraint XLA's propagation may follow an `fsdp`-split kernel into the
+  activations (split along embed) and all-gather them again at every layer. A no-op outside a
+  mesh context (jax.set_mesh), on a 1-way 'data' axis, or when it does not divide B.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "data" not in mesh.axis_names:
+    return x
+  n = mesh.shape["data"]
+  if n == 1 or x.shape[0] % n:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec("data"))
+
+
 def _checkpointed(fn, remat: str):
   """fn wrapped in jax.checkpoint with the policy `remat` names ('none': fn itself)."""
   return fn if remat == "none" else jax.checkpoint(fn, policy=_REMAT_POLICIES[remat])
@@ -511,11 +527,13 @@ def run_blocks(
   names (blocks.i.*) for checkpoints and interop. With period p the scan steps over groups of p
   consecutive blocks (SAM's windowed, windowed, global pattern): blocks i and i + p must differ
   only in their drop-path rate, and p must divide len(blocks). The math is that of the loop.
+  Inside a mesh, x stays batch-split over 'data' at every block boundary (shard_activations).
   """
   remat = remat_mode(remat)
   if not blocks:
     return x, []
   keys = None if key is None else jax.random.split(key, len(blocks))
+  x = shard_activations(x)
   if scan:
     return _scan_blocks(blocks, x, keys, remat, collect, period)
   keys = [None] * len(blocks) if keys is None else list(keys)
@@ -526,6 +544,7 @@ def run_blocks(
       x = _checkpointed(functools.partial(_apply_block, graphdef), remat)(state, x, block_key)
     else:
       x = block(x, block_key)
+    x = shard_activations(x)
     if i in collect:
       outputs.append(x)
   return x, outputs
@@ -551,7 +570,7 @@ def _scan_blocks(blocks, x, keys, remat: str, collect, period: int):
     ys = []
     for j in range(period):
       block_key = None if group_keys is None else group_keys[j]
-      x = _apply_block(graphdefs[j], states[j], x, block_key, group_rates[j])
+      x = shard_activations(_apply_block(graphdefs[j], states[j], x, block_key, group_rates[j]))
       ys.append(x if collect else None)
     return x, ys
 
