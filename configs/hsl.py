@@ -116,6 +116,9 @@ def get_config(arg=None):
       resnet_width=64, resnet_blocks=(2, 2, 2, 2), resnet_norm="batch",
       resnet_stem="imagenet",  # 'cifar' (3x3/1 conv, no max-pool) for 32-64 px images
       vit_width=192, vit_depth=12, vit_heads=3, vit_patch=16,
+      # The ViT's step (as config.model of pretrain_fed.py; the ResNet has none): attention_impl
+      # 'dot_product' | 'einsum'; remat 'none' | 'dots' | 'full'; scan_layers.
+      attention_impl="dot_product", remat="none", scan_layers=False,
       feature_dim=512, num_experts=12, expert_hidden=62, expert_dim=32, tower_hidden=16,
       temperature=3.0, expert_dropout=0.3, tower_dropout=0.4,
       sat_weight=1.0,  # HSL loss = BCE(primary) + sat_weight * BCE(SAT)

@@ -129,8 +129,11 @@ def get_config(arg=None):
       # E_g, a ViT trained from scratch with the head (the paper gives neither its architecture
       # nor its initialisation: ours): variant 'B/16' etc., or '' and the sizes below. Its input
       # is the model's image resized to image_size; its tokens are resampled to E_o's grid.
+      # E_g's step as config.model's of finetune_cls.py: attention_impl, remat, scan_layers.
       eg=ml_collections.ConfigDict(dict(variant="B/16", width=0, depth=0, num_heads=0,
-                                        patch_size=0, image_size=224)),
+                                        patch_size=0, image_size=224,
+                                        attention_impl="dot_product", remat="none",
+                                        scan_layers=False)),
       num_steps=2000, batch_size=32, lr=1e-4, weight_decay=1e-4,
       prompt="point",  # 'point' (centroid) | 'box'
       bootstrap_samples=1000,

@@ -598,6 +598,28 @@ def test_protocol_presets_set_the_paper_and_legacy_fields():
     _config("smoke,protocol=fast")
 
 
+def test_compute_options_reach_the_vit_encoder_only():
+  """config.model.remat / scan_layers / attention_impl, as in the other jobs: the ViT encoder
+  takes them; with the ResNet, or with a bad value, validation fails naming the field."""
+  config = _config(
+    methods="hsl,fedavg", **{"model.encoder": "vit", "model.vit_depth": 2, "model.vit_patch": 4}
+  )
+  config.model.update(remat="dots", scan_layers=True, attention_impl="einsum")
+  hsl.validate(config)
+  for method in ("hsl", "fedavg"):
+    model = nnx.eval_shape(lambda: hsl.build_model(config, method, jax.random.key(0)))
+    encoder = model.encoder if method == "fedavg" else model.encoders[0]
+    assert (encoder.remat, encoder.scan_layers, encoder.blocks[0].attn.impl) == (
+      "dots",
+      True,
+      "einsum",
+    )
+  with pytest.raises(configlib.ConfigError, match=r"config\.model\.remat='all'"):
+    hsl.validate(_config(methods="hsl", **{"model.encoder": "vit", "model.remat": "all"}))
+  with pytest.raises(configlib.ConfigError, match=r"remat='full'.*apply to the ViT encoder only"):
+    hsl.validate(_config(**{"model.remat": "full"}))
+
+
 def test_split_node_is_60_10_30_disjoint_seeded_and_legacy_70_30():
   labels = np.array([0, 1] * 150)
   indices = np.arange(0, 300, 3)[:100]  # 50 per class, a node's subset of the pool

@@ -454,6 +454,8 @@ def _config(preset="smoke"):
 
 
 def test_config_errors_name_the_field_and_zero_shot_split():
+  from flax import nnx
+
   from ultrajax import configlib
   from ultrajax.jobs import sam as job
 
@@ -468,11 +470,16 @@ def test_config_errors_name_the_field_and_zero_shot_split():
     ("on_nonfinite", "ignore", "config.on_nonfinite='ignore'"),
     ("data.num_threads", 0, "config.data.num_threads=0"),
     ("model.remat", "some", "config.model.remat='some'"),
+    ("classification.eg.attention_impl", "flash", "config.classification.eg.attention_impl"),
   ):
     c = _config()
     c.update_from_flattened_dict({field: value})
     with pytest.raises(configlib.ConfigError, match=match.replace(".", r"\.")):
       job.validate(c)
+  c = _config()
+  c.classification.eg.update(remat="dots", scan_layers=True, attention_impl="einsum")
+  eg = nnx.eval_shape(lambda: job.global_encoder(c, nnx.Rngs(0)))
+  assert (eg.remat, eg.scan_layers, eg.blocks[0].attn.impl) == ("dots", True, "einsum")
   c = _config()
   c.data.update(zero_shot_categories=("lesion",), phantom_train_images=6, phantom_test_images=6)
   train, test = job.datasets(c)

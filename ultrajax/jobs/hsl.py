@@ -72,7 +72,7 @@ from ultrajax.configs import hsl as hsl_config
 from ultrajax.data import nodes, partition, phantom
 from ultrajax.eval import downstream, node_tables
 from ultrajax.fed import aggregate, local, participation, rounds, strategies
-from ultrajax.models import mmoe
+from ultrajax.models import mmoe, vit
 from ultrajax.train import checkpoint, loop, resume
 from ultrajax.viz import boxplots, partition as partition_plot, sweep
 
@@ -121,6 +121,12 @@ def validate(config) -> list[str]:
   c.check_choice(config, "scenario", hsl_config.SCENARIOS)
   c.check_choice(config, "data.source", ("phantom", "folder", "manifest"))
   c.check_choice(config, "model.encoder", mmoe.ENCODERS)
+  options = vit.compute_options(config.model, "config.model")
+  c.check(
+    config.model.encoder == "vit" or options == vit.COMPUTE_OPTIONS,
+    f"config.model's {', '.join(f'{k}={v!r}' for k, v in options.items())} apply to the "
+    f"ViT encoder only; config.model.encoder is {config.model.encoder!r}",
+  )
   c.check_range(config, "repeats", 1)
   c.check_range(config, "data.image_size", 8)
   c.check_range(config, "data.test_fraction", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
@@ -215,8 +221,12 @@ def build_model(config, method: str, key):
   common = dict(
     encoder=m.encoder,
     image_size=config.data.image_size,
-    # mmoe.make_encoder's arguments: the config's resnet_* and vit_* fields, by name.
-    encoder_kwargs={k: v for k, v in m.items() if k.startswith(("resnet_", "vit_"))},
+    # mmoe.make_encoder's arguments: the config's resnet_* and vit_* fields, by name, and the
+    # ViT's compute options (remat, scan_layers, attention_impl, as in the other jobs).
+    encoder_kwargs={
+      **{k: v for k, v in m.items() if k.startswith(("resnet_", "vit_"))},
+      **vit.compute_options(m, "config.model"),
+    },
     rngs=nnx.Rngs(key),
   )
   if objective(method) == "single":

@@ -145,6 +145,7 @@ def validate_classification(config) -> None:
   if cc.global_encoder == "trainable":
     e = cc.eg
     width, _, heads, patch = vit.model_dims(e, "config.classification.eg")
+    vit.compute_options(e, "config.classification.eg")
     c.check(
       width % heads == 0,
       f"config.classification.eg.width={width} is not divisible by "
@@ -383,6 +384,7 @@ def global_encoder(config, rngs: nnx.Rngs) -> vit.ViT | None:
     image_size=e.image_size,
     pool="none",
     dtype=vit.DTYPES[config.model.dtype],
+    **vit.compute_options(e, "config.classification.eg"),
     rngs=rngs,
   )
 

@@ -51,10 +51,14 @@ def make_encoder(
   vit_depth: int = 12,
   vit_heads: int = 3,
   vit_patch: int = 16,
+  remat="none",
+  scan_layers: bool = False,
+  attention_impl: str = "dot_product",
   dtype=jnp.float32,
   rngs: nnx.Rngs,
 ):
-  """A feature extractor images [B, S, S, 3] -> [B, D] (ResNet-18 trunk or gap-pooled ViT)."""
+  """A feature extractor images [B, S, S, 3] -> [B, D] (ResNet-18 trunk or gap-pooled ViT).
+  remat, scan_layers, attention_impl: the ViT's compute options (vit.ViT); the ResNet has none."""
   if kind == "resnet18":
     return resnet.ResNet(
       width=resnet_width,
@@ -72,6 +76,9 @@ def make_encoder(
       patch_size=vit_patch,
       image_size=image_size,
       pool="gap",
+      remat=remat,
+      scan_layers=scan_layers,
+      attention_impl=attention_impl,
       dtype=dtype,
       rngs=rngs,
     )
