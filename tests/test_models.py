@@ -411,6 +411,34 @@ def _mae_loss_and_grads(images, mask, key, dtype=jnp.float32, **options):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
+def test_fused_attention_asks_cudnn_on_a_gpu_in_bf16_and_falls_back_to_xla(monkeypatch):
+  """vit.fused_attention: on a GPU, bf16 inputs go to cuDNN first (JAX's own default is XLA's
+  attention); where JAX refuses cuDNN at trace time (here: no cuDNN on this machine) the XLA
+  result is returned, equal to softmax(q k^T / sqrt(d)) v worked in numpy. float32 and the
+  other backends never ask for cuDNN."""
+  real, asked = jax.nn.dot_product_attention, []
+
+  def recording(*args, implementation=None, **kw):
+    asked.append(implementation)
+    return real(*args, implementation=implementation, **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 4, 8))  # [B, N, heads, head_dim]
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+  for backend, dtype, calls, tol in (
+    ("gpu", jnp.bfloat16, ["cudnn", None], 3e-2),
+    ("gpu", jnp.float32, [None], 1e-5),
+    ("tpu", jnp.bfloat16, [None], 3e-2),
+  ):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    asked.clear()
+    out = vit.fused_attention(*(x.astype(dtype) for x in (q, k, v)))
+    assert asked == calls, (backend, dtype)
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=tol, atol=tol)
+
+
 def test_dot_product_attention_equals_einsum(monkeypatch):
   """The fused path (jax.nn.dot_product_attention) against explicit q k^T softmax v: MAE loss
   and gradients (encoder ViT and decoder) in float32, predictions in bfloat16. On the CPU

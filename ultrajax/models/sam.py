@@ -470,7 +470,7 @@ class DecoderAttention(nnx.Module):
   def __call__(self, q, k, v):
     """q: [N, Tq, C], k, v: [N, Tk, C] -> [N, Tq, C]."""
     heads = lambda x: einops.rearrange(x, "b t (n d) -> b t n d", n=self.num_heads)
-    out = jax.nn.dot_product_attention(
+    out = vit.fused_attention(
       heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))
     )  # scale 1/sqrt(head dim)
     return self.out_proj(einops.rearrange(out, "b t n d -> b t (n d)"))

@@ -17,6 +17,7 @@ import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from ultrajax import configlib
@@ -37,9 +38,11 @@ POOLS = ("cls", "gap", "none")
 # [1, 1 + N, D] (cls position at row 0), as CLIP-style teachers have.
 POS_EMBEDS = ("sincos", "learned")
 ATTENTION_QUERIES = ("cls", "mean")
-# "dot_product": jax.nn.dot_product_attention (XLA chooses: cuDNN flash attention on GPU when it
-# applies, XLA on TPU), and the einsum path where the step is compiled for the CPU (XLA:CPU's
-# lowering of it made the MAE-B/16 step 5-7% slower; docs/benchmarks.md, 2026-12-02);
+# "dot_product": jax.nn.dot_product_attention, with cuDNN's flash attention on a GPU where its
+# checks accept the call (bf16/f16, head_dim a multiple of 8 up to 128, 256 on Hopper; JAX's
+# default backend choice is XLA's attention everywhere), XLA's otherwise (TPU, float32), and the
+# einsum path where the step is compiled for the CPU (XLA:CPU's lowering of it made the MAE-B/16
+# step 5-7% slower; docs/benchmarks.md, 2026-12-02);
 # "einsum": explicit q k^T softmax v with heads before tokens, the reference path.
 ATTENTION_IMPLS = ("dot_product", "einsum")
 # Activation recomputation per block in the backward pass: "none"; "dots" keeps the outputs of
@@ -103,6 +106,20 @@ def _on_cpu() -> bool:
   """Whether the step is traced for the CPU, where the backward passes written out below (and
   `cut_grad_fusion`) beat XLA's derived ones (docs/benchmarks.md); GPU/TPU keep JAX's own."""
   return jax.default_backend() == "cpu"
+
+
+def fused_attention(q, k, v):
+  """q, k, v: [B, N, heads, head_dim] -> [B, N, heads, head_dim], scaled by head_dim ** -0.5.
+
+  cuDNN's flash attention on a GPU for bf16/f16 inputs. JAX checks at trace time whether cuDNN
+  takes the call (its version, the GPU, the head dim) and raises if not; then, and everywhere
+  else, XLA's attention (jax.nn.dot_product_attention's default)."""
+  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (NotImplementedError, RuntimeError, ValueError) as e:
+      logging.log_first_n(logging.WARNING, "cuDNN attention refused (%s); XLA's instead", 1, e)
+  return jax.nn.dot_product_attention(q, k, v)
 
 
 def _matmul(a, b, contract: tuple[tuple[int, ...], tuple[int, ...]]):
@@ -374,7 +391,7 @@ class Attention(nnx.Module):
   def __call__(self, x):
     """x: [B, N, D] -> [B, N, D]."""
     if self.impl == "dot_product" and not _on_cpu():
-      out = jax.nn.dot_product_attention(*self._qkv(x, heads_first=False))  # scale as timm
+      out = fused_attention(*self._qkv(x, heads_first=False))  # scale as timm
       return self.proj(einops.rearrange(out, "b n h d -> b n (h d)"))
     q, k, v = self._qkv(x)
     # Scores and softmax in float32 (the fused path also accumulates them in float32); the
