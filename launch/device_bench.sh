@@ -1,34 +1,41 @@
 #!/usr/bin/env bash
 # Pretraining step on one accelerator, in one run (< 8 min on one GPU: each step has its own
-# timeout, 270 + 120 + 70 s): MAE-B/16 at 224 px, bfloat16, plain MAE masking (random, no
+# timeout, 230 + 100 + 60 + 90 s): MAE-B/16 at 224 px, bfloat16, plain MAE masking (random, no
 # MIC), centralized (1 client, batch CLIENTS x BATCH) and federated (CLIENTS clients of BATCH)
 # at the same total batch, img/s and MFU, and the PyTorch MAE peer (timm blocks, bf16
 # autocast) at the centralized batch; `bench plan` of the paper preset compiled for this
 # device (XLA's memory analysis on the accelerator itself, nothing allocated); `bench pipeline`
-# (host img/s at 224 px, ultrajax vs the official MAE DataLoader, at PIPELINE_WORKERS). Writes
-# markdown tables to $1, else $OUT/device_bench.md, else ./device_bench.md; raw logs beside it.
+# (host img/s at 224 px, ultrajax vs the official MAE DataLoader, at PIPELINE_WORKERS); `bench
+# sam` (SAM_VARIANT's image encoder img/s at SAM_BATCH images of 1024 px and decoder ms per
+# batch of 16 prompts, bf16, beside segment_anything on the same GPU under bf16 autocast).
+# Writes markdown tables to $1, else $OUT/device_bench.md, else ./device_bench.md; raw logs
+# beside it.
 #   launch/device_bench.sh [/path/to/table.md]
 # Smaller (e.g. on a CPU, to check the commands): CONFIG=configs/pretrain_fed.py:smoke BATCH=2
 #   CLIENTS=2 STEPS=1 CHUNK=2 PLAN_CONFIG=configs/pretrain_fed.py:smoke PIPELINE_WORKERS=0,1
-#   launch/device_bench.sh /tmp/table.md
+#   SAM_VARIANT=tiny SAM_SIZE=128 SAM_BATCH=2 launch/device_bench.sh /tmp/table.md
 set -euo pipefail
 TABLE=${1:-${OUT:-.}/device_bench.md}
 LOG=${TABLE%.md}.log
 CONFIG=${CONFIG:-configs/pretrain_fed.py}  # the default preset is ViT-B/16 at 224, bfloat16
 BATCH=${BATCH:-64} CLIENTS=${CLIENTS:-4} STEPS=${STEPS:-3} CHUNK=${CHUNK:-4} ROUNDS=${ROUNDS:-2}
 PIPELINE_WORKERS=${PIPELINE_WORKERS:-1,2,4} PLAN_CONFIG=${PLAN_CONFIG:-configs/pretrain_fed.py}
+SAM_VARIANT=${SAM_VARIANT:-vit_b} SAM_SIZE=${SAM_SIZE:-1024} SAM_BATCH=${SAM_BATCH:-8}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 mkdir -p "$(dirname "$TABLE")"
 cmd=(python -m ultrajax.bench pretrain --config="$CONFIG" --steps="$STEPS" --clients="$CLIENTS" --rounds="$ROUNDS"
      --config.data.batch_size="$BATCH" --config.fed.chunk_steps="$CHUNK"
      --config.ultramim.tgm_mode=random --config.ultramim.mic=False)
-PLAN_LOG=${TABLE%.md}_plan.log PIPE_LOG=${TABLE%.md}_pipeline.log
+PLAN_LOG=${TABLE%.md}_plan.log PIPE_LOG=${TABLE%.md}_pipeline.log SAM_LOG=${TABLE%.md}_sam.log
 # A step that runs out of time leaves what it printed; the others still run.
-timeout 270 "${cmd[@]}" 2>&1 | tee "$LOG" || true
+timeout 230 "${cmd[@]}" 2>&1 | tee "$LOG" || true
 plan=(python -m ultrajax.bench plan --config="$PLAN_CONFIG")
-timeout 120 "${plan[@]}" 2>&1 | tee "$PLAN_LOG" || true
+timeout 100 "${plan[@]}" 2>&1 | tee "$PLAN_LOG" || true
 pipe=(python -m ultrajax.bench pipeline --pipeline_workers="$PIPELINE_WORKERS")
-timeout 70 "${pipe[@]}" 2>&1 | tee "$PIPE_LOG" || true
+timeout 60 "${pipe[@]}" 2>&1 | tee "$PIPE_LOG" || true
+sam=(python -m ultrajax.bench sam --sam_variant="$SAM_VARIANT" --sam_image_size="$SAM_SIZE"
+     --sam_batch="$SAM_BATCH" --sam_dtype=bfloat16 --steps=5)
+timeout 90 "${sam[@]}" 2>&1 | tee "$SAM_LOG" || true
 machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
 {
   echo "### $(date -u +%Y-%m-%d), ${machine:-$(python -c 'import jax; print(jax.devices()[0].device_kind)')}"
@@ -44,6 +51,7 @@ machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -
   echo
   grep '^ratio ' "$LOG" | sed 's/^/- /' || true
   grep '^PyTorch peer skipped' "$LOG" | sed 's/^/- /' || true
+  grep -m1 -o "cuDNN attention refused.*" "$LOG" | sed 's/^/- /' || true
   echo
   echo "#### Memory and FLOPs of \`${plan[*]}\` (XLA on this device; compiled, not run)"
   echo
@@ -57,5 +65,11 @@ machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -
   echo "| --- | --- | --- | --- |"
   awk '/^(ultrajax|official MAE), /{n = NF; name = $1; for (i = 2; i <= n - 3; i++) name = name " " $i
        printf "| %s | %s | %s | %s |\n", name, $(n - 2), $(n - 1), $n}' "$PIPE_LOG"
+  echo
+  echo "#### SAM: \`${sam[*]}\`"
+  echo
+  echo '```'
+  grep -E '^(# SAM|implementation|ultrajax |segment_anything |speed-up)' "$SAM_LOG" || true
+  echo '```'
 } > "$TABLE"
 echo "wrote $TABLE"

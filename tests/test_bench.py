@@ -191,3 +191,17 @@ def test_torch_peer_process_times_on_demand_and_raises_its_errors():
   assert first["loss"] != second["loss"]
   with pytest.raises(TypeError, match="bogus"):
     torch_mae.PeerProcess(dict(TINY, bogus=1), batch=2, total_steps=1, bfloat16=False)
+
+
+def test_bench_sam_times_both_models_with_the_same_weights():
+  """bench sam: ultrajax's SAM and segment_anything's, the same random weights imported, give
+  the same image embedding and mask logits (float32), and both are timed."""
+  pytest.importorskip("segment_anything")
+  from ultrajax.bench import sam as sam_bench
+
+  r = sam_bench.run("tiny", 64, batch=2, prompts=3, dtype="float32", steps=1)
+  assert r["embedding_diff"] < 1e-4 and r["mask_diff"] < 1e-3, r
+  for side in ("ultrajax", "torch"):
+    assert all(r[side][k] > 0 for k in ("encoder_s", "decoder_s", "first_s")), r
+  assert r["torch_device"].startswith("cpu")
+  assert sam_bench.run("tiny", 64, 1, 1, "float32", 1, torch_peer=False)["torch"] is None

@@ -39,7 +39,10 @@ _IMAGE_SIZE = flags.DEFINE_integer("sam_image_size", 1024, "Model input side (mu
 _BATCH = flags.DEFINE_integer("sam_batch", 1, "Images per encoder call.")
 _PROMPTS = flags.DEFINE_integer("sam_prompts", 16, "Prompts per decoder call (one image).")
 _DTYPE = flags.DEFINE_enum(
-  "sam_dtype", "float32", ["float32", "bfloat16"], "ultrajax compute dtype (PyTorch runs float32)."
+  "sam_dtype",
+  "float32",
+  ["float32", "bfloat16"],
+  "ultrajax compute dtype (PyTorch: float32 on a CPU, bf16 autocast on CUDA for bfloat16).",
 )
 _TORCH = flags.DEFINE_bool("sam_torch", True, "Also time segment_anything in PyTorch.")
 
@@ -101,11 +104,26 @@ def _timed(fn, steps: int) -> tuple[float, float]:
   return first, (time.perf_counter() - t0) / steps
 
 
-def bench_sam(config_unused, steps: int, clients_unused) -> None:
+def run(
+  variant: str,
+  image_size: int,
+  batch: int,
+  prompts: int,
+  dtype: str,
+  steps: int,
+  torch_peer: bool = True,
+) -> dict:
+  """Times ultrajax's SAM and, with torch_peer, segment_anything's with the same weights.
+
+  Returns {'ultrajax': times, 'torch': times | None, 'embedding_diff', 'mask_diff',
+  'params', 'device', 'torch_device'}; times = {'encoder_s', 'decoder_s', 'first_s'}: the
+  mean seconds per encoder call (`batch` images) and per decoder call (`prompts` prompts),
+  and the first calls' (compilation). The peer runs on CUDA when torch has it, under bf16
+  autocast there for dtype='bfloat16'; on a CPU in float32."""
   from ultrajax.interop import sam as sam_interop
 
-  config = sam_lib.sam_config(_VARIANT.value, image_size=_IMAGE_SIZE.value)
-  b, p, s = _BATCH.value, _PROMPTS.value, config.image_size
+  config = sam_lib.sam_config(variant, image_size=image_size)
+  b, p, s = batch, prompts, config.image_size
   dev = jax.devices()[0]
   rng = np.random.default_rng(0)
   images = rng.normal(size=(b, s, s, 3)).astype(np.float32)
@@ -119,9 +137,7 @@ def bench_sam(config_unused, steps: int, clients_unused) -> None:
     )
   torch.manual_seed(0)
   reference = torch_reference(config)
-  abstract = nnx.eval_shape(
-    lambda: sam_lib.Sam(config, dtype=jnp.dtype(_DTYPE.value), rngs=nnx.Rngs(0))
-  )
+  abstract = nnx.eval_shape(lambda: sam_lib.Sam(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract, nnx.Param)
   nnx.replace_by_pure_dict(
     state, jax.tree.map(jnp.asarray, sam_interop.sam_from_torch(reference.state_dict(), abstract))
@@ -147,27 +163,31 @@ def bench_sam(config_unused, steps: int, clients_unused) -> None:
   dec_first, dec_s = _timed(
     lambda: jax.block_until_ready(decode(params, embedding, points, labels)), steps
   )
-  n_params = sum(np.size(v) for v in jax.tree.leaves(params))
-  print(
-    f"# SAM benchmark: {_VARIANT.value} at {s}px ({n_params / 1e6:.1f} M params), "
-    f"encoder batch {b}, decoder batch {p} single-click prompts, {steps} timed calls; "
-    f"ultrajax dtype {_DTYPE.value} on {jax.device_count()} x {dev.device_kind}"
+  result = {
+    "ultrajax": {"encoder_s": enc_s, "decoder_s": dec_s, "first_s": enc_first + dec_first},
+    "torch": None,
+    "params": sum(np.size(v) for v in jax.tree.leaves(params)),
+    "device": f"{jax.device_count()} x {dev.device_kind}",
+  }
+  if not torch_peer:
+    return result
+  on_cuda = torch.cuda.is_available()
+  t_dev = torch.device("cuda" if on_cuda else "cpu")
+  reference = reference.to(t_dev)
+  sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+  autocast = torch.autocast(
+    t_dev.type, dtype=torch.bfloat16, enabled=on_cuda and dtype == "bfloat16"
   )
-  print(
-    f"{'implementation':<34}{'encoder img/s':>14}{'ms/img':>9}{'decoder ms':>12}"
-    f"{'ms/prompt':>11}{'1st call s':>12}"
-  )
-  row = lambda name, e, d, first: print(
-    f"{name:<34}{b / e:>14.2f}{1e3 * e / b:>9.1f}{1e3 * d:>12.2f}{1e3 * d / p:>11.3f}{first:>12.1f}"
-  )
-  row("ultrajax (jax.jit)", enc_s, dec_s, enc_first + dec_first)
-  if not _TORCH.value:
-    return
-  with torch.no_grad():
-    t_images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    t_points = (torch.from_numpy(points), torch.from_numpy(labels))
+  with torch.no_grad(), autocast:
+    t_images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(t_dev)
+    t_points = (torch.from_numpy(points).to(t_dev), torch.from_numpy(labels).to(t_dev))
     holder = {}
-    t_enc_first, t_enc_s = _timed(lambda: holder.update(e=reference.image_encoder(t_images)), steps)
+
+    def t_encode():
+      holder["e"] = reference.image_encoder(t_images)
+      sync()
+
+    t_enc_first, t_enc_s = _timed(t_encode, steps)
     t_embedding = holder["e"][:1]
 
     def t_decode():
@@ -175,15 +195,49 @@ def bench_sam(config_unused, steps: int, clients_unused) -> None:
       holder["m"] = reference.mask_decoder.predict_masks(
         t_embedding, reference.prompt_encoder.get_dense_pe(), sparse, dense
       )
+      sync()
 
     t_dec_first, t_dec_s = _timed(t_decode, steps)
-  name = f"segment_anything (torch, {torch.get_num_threads()} thr)"
-  row(name, t_enc_s, t_dec_s, t_enc_first + t_dec_first)
-  ours_masks = np.asarray(decode(params, embedding, points, labels)[0])
-  emb_diff = np.abs(np.asarray(emb_holder["e"]) - holder["e"].permute(0, 2, 3, 1).numpy())
-  mask_diff = np.abs(ours_masks - holder["m"][0].numpy())
+  ours_masks = np.asarray(decode(params, embedding, points, labels)[0], np.float32)
+  theirs = lambda t: t.float().cpu().numpy()
+  result.update(
+    torch={"encoder_s": t_enc_s, "decoder_s": t_dec_s, "first_s": t_enc_first + t_dec_first},
+    torch_device=f"{t_dev.type}, {torch.get_num_threads()} threads"
+    if not on_cuda
+    else torch.cuda.get_device_name(),
+    embedding_diff=float(
+      np.abs(
+        np.asarray(emb_holder["e"], np.float32) - theirs(holder["e"].permute(0, 2, 3, 1))
+      ).max()
+    ),
+    mask_diff=float(np.abs(ours_masks - theirs(holder["m"][0])).max()),
+  )
+  return result
+
+
+def bench_sam(config_unused, steps: int, clients_unused) -> None:
+  b, p, s = _BATCH.value, _PROMPTS.value, _IMAGE_SIZE.value
+  r = run(_VARIANT.value, s, b, p, _DTYPE.value, steps, _TORCH.value)
   print(
-    f"speed-up ultrajax / torch: encoder {t_enc_s / enc_s:.2f}x, decoder "
-    f"{t_dec_s / dec_s:.2f}x. Same weights: max |embedding diff| {emb_diff.max():.2e}, "
-    f"max |mask logit diff| {mask_diff.max():.2e} (own decoder inputs)."
+    f"# SAM benchmark: {_VARIANT.value} at {s}px ({r['params'] / 1e6:.1f} M params), "
+    f"encoder batch {b}, decoder batch {p} single-click prompts, {steps} timed calls; "
+    f"ultrajax dtype {_DTYPE.value} on {r['device']}"
+  )
+  print(
+    f"{'implementation':<34}{'encoder img/s':>14}{'ms/img':>9}{'decoder ms':>12}"
+    f"{'ms/prompt':>11}{'1st call s':>12}"
+  )
+  row = lambda name, t: print(
+    f"{name:<34}{b / t['encoder_s']:>14.2f}{1e3 * t['encoder_s'] / b:>9.1f}"
+    f"{1e3 * t['decoder_s']:>12.2f}{1e3 * t['decoder_s'] / p:>11.3f}{t['first_s']:>12.1f}"
+  )
+  row("ultrajax (jax.jit)", r["ultrajax"])
+  if r["torch"] is None:
+    return
+  row(f"segment_anything ({r['torch_device']})"[:33], r["torch"])
+  print(
+    f"speed-up ultrajax / torch: encoder {r['torch']['encoder_s'] / r['ultrajax']['encoder_s']:.2f}x, "
+    f"decoder {r['torch']['decoder_s'] / r['ultrajax']['decoder_s']:.2f}x. Same weights: max "
+    f"|embedding diff| {r['embedding_diff']:.2e}, max |mask logit diff| {r['mask_diff']:.2e} "
+    "(own decoder inputs)."
   )
