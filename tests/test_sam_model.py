@@ -325,6 +325,39 @@ def test_remat_and_scan_give_the_encoders_embedding_and_gradient():
   assert periods == {"vit_b": 3, "vit_h": 8, "tiny": 3}
 
 
+def test_fused_encoder_attention_equals_the_einsum_path(monkeypatch):
+  """attention_impl='dot_product' off the CPU: vit.fused_attention with the decomposed relative
+  terms as its bias. Reported as a GPU here (so float32 runs XLA's jax.nn.dot_product_attention
+  and bfloat16 first asks cuDNN, which this machine refuses): the same embedding and gradients,
+  relative-position tables included, as the einsum path, with padded windows (8 -> 9)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  config = sam.sam_config("tiny", depth=2, global_attn_indexes=(1,), window_size=3)
+  rng = np.random.default_rng(2)
+  images = rng.normal(size=(2, 128, 128, 3)).astype(np.float32)
+  weights = rng.normal(size=(2, 8, 8, 32)).astype(np.float32)
+
+  def build(impl, dtype=jnp.float32):
+    model = sam.Sam(config, dtype=dtype, attention_impl=impl, rngs=nnx.Rngs(0))
+    for block in model.image_encoder.blocks:  # zero at init (SAM's); random here
+      for table in (block.attn.rel_pos_h, block.attn.rel_pos_w):
+        table[...] = jnp.asarray(rng.normal(size=table.shape), jnp.float32)
+    return nnx.split(model, nnx.Param)
+
+  loss = lambda p, g: jnp.sum(nnx.merge(g, p).encode_image(images) * weights)
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  graphdef, params = build("einsum")
+  fused_graphdef, _ = build("dot_product")
+  value, grads = value_and_grad(params, graphdef)
+  fused_value, fused_grads = value_and_grad(params, fused_graphdef)
+  close(fused_value, value, 1e-5)
+  jax.tree.map(lambda a, b: close(a, b, 1e-4), fused_grads, grads)
+  rel = [v for k, v in jax.tree_util.tree_leaves_with_path(grads) if "rel_pos" in str(k)]
+  assert len(rel) == 4 and all(float(jnp.abs(v).max()) > 0 for v in rel)
+  (g16, _), (f16, _) = build("einsum", jnp.bfloat16), build("dot_product", jnp.bfloat16)
+  a, b = (np.asarray(nnx.merge(g, params).encode_image(images)) for g in (g16, f16))
+  assert np.linalg.norm(a - b) / np.linalg.norm(a) < 2e-2  # bfloat16 rounding
+
+
 def test_config_from_state_dict_reads_tiny_and_rejects_other_dicts(tiny):
   tmodel, model, _ = tiny
   assert sam_interop.config_from_state_dict(tmodel.state_dict(), decoder_heads=2) == model.config

@@ -470,6 +470,7 @@ def test_config_errors_name_the_field_and_zero_shot_split():
     ("on_nonfinite", "ignore", "config.on_nonfinite='ignore'"),
     ("data.num_threads", 0, "config.data.num_threads=0"),
     ("model.remat", "some", "config.model.remat='some'"),
+    ("model.attention_impl", "flash", "config.model.attention_impl='flash'"),
     ("classification.eg.attention_impl", "flash", "config.classification.eg.attention_impl"),
   ):
     c = _config()

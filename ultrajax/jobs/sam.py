@@ -65,9 +65,8 @@ TRAIN_KEYS = ("image", "masks", "valid")  # what the step reads of a batch
 
 
 # ----------------------------------------------------------------------------- config
-# config.model's compute options the image encoder takes (its attention is SAM's own, with
-# relative positions).
-SAM_COMPUTE_OPTIONS = ("remat", "scan_layers")
+# config.model's compute options the image encoder takes (vit.compute_options checks them).
+SAM_COMPUTE_OPTIONS = ("remat", "scan_layers", "attention_impl")
 
 
 def validate(config) -> None:

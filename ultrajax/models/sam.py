@@ -250,8 +250,12 @@ def rel_pos_lookup(size: int, table):
 class EncoderAttention(nnx.Module):
   """Multi-head attention over a [B, H, W, D] grid with decomposed relative positions."""
 
-  def __init__(self, dim: int, num_heads: int, size: int, *, dtype, rngs: nnx.Rngs):
-    self.num_heads = num_heads
+  def __init__(
+    self, dim: int, num_heads: int, size: int, *, dtype, impl="dot_product", rngs: nnx.Rngs
+  ):
+    if impl not in vit.ATTENTION_IMPLS:
+      raise ValueError(f"attention impl={impl!r} is not one of {vit.ATTENTION_IMPLS}")
+    self.num_heads, self.impl = num_heads, impl
     head_dim = dim // num_heads
     self.qkv = vit.linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = vit.linear(dim, dim, dtype=dtype, rngs=rngs)
@@ -262,6 +266,8 @@ class EncoderAttention(nnx.Module):
   def __call__(self, x):
     """x: [B, H, W, D] -> [B, H, W, D]."""
     h, w = x.shape[1:3]
+    if self.impl == "dot_product" and jax.default_backend() != "cpu":
+      return self._fused(x)
     q, k, v = einops.rearrange(
       self.qkv(x), "b y x (three n d) -> three b n (y x) d", three=3, n=self.num_heads
     )
@@ -280,6 +286,24 @@ class EncoderAttention(nnx.Module):
     out = jnp.einsum("bnqk,bnkd->bnqd", attn, v)
     return self.proj(einops.rearrange(out, "b n (y x) d -> b y x (n d)", y=h))
 
+  def _fused(self, x):
+    """The same through vit.fused_attention (cuDNN on a GPU): the decomposed relative terms
+    (of the unscaled query) as its additive bias [B, heads, HW, HW]."""
+    h, w = x.shape[1:3]
+    q, k, v = einops.rearrange(
+      self.qkv(x), "b y x (three n d) -> three b (y x) n d", three=3, n=self.num_heads
+    )
+    rh = rel_pos_lookup(h, self.rel_pos_h[...].astype(x.dtype))  # [h, h, d]
+    rw = rel_pos_lookup(w, self.rel_pos_w[...].astype(x.dtype))  # [w, w, d]
+    q_grid = einops.rearrange(q, "b (y x) n d -> b n y x d", y=h)
+    rel_h = jnp.einsum("bnyxd,ykd->bnyxk", q_grid, rh)
+    rel_w = jnp.einsum("bnyxd,xkd->bnyxk", q_grid, rw)
+    bias = einops.rearrange(
+      rel_h[..., :, None] + rel_w[..., None, :], "b n y x ky kx -> b n (y x) (ky kx)"
+    )
+    out = vit.fused_attention(q, k, v, bias)
+    return self.proj(einops.rearrange(out, "b (y x) n d -> b y x (n d)", y=h))
+
 
 class EncoderMlp(nnx.Module):
   """lin1 -> exact GELU -> lin2 (segment_anything's MLPBlock)."""
@@ -297,11 +321,20 @@ class EncoderBlock(nnx.Module):
   """ViTDet block: windowed (window_size > 0) or global attention, pre-norm residuals."""
 
   def __init__(
-    self, c: SamConfig, window_size: int, drop_path_rate: float, *, dtype, rngs: nnx.Rngs
+    self,
+    c: SamConfig,
+    window_size: int,
+    drop_path_rate: float,
+    *,
+    dtype,
+    attention_impl: str = "dot_product",
+    rngs: nnx.Rngs,
   ):
     dim, self.window_size, self.drop_path_rate = c.width, window_size, float(drop_path_rate)
     self.norm1 = vit.layer_norm(dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
-    self.attn = EncoderAttention(dim, c.num_heads, window_size or c.grid, dtype=dtype, rngs=rngs)
+    self.attn = EncoderAttention(
+      dim, c.num_heads, window_size or c.grid, dtype=dtype, impl=attention_impl, rngs=rngs
+    )
     self.norm2 = vit.layer_norm(dim, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
     self.mlp = EncoderMlp(dim, int(dim * c.mlp_ratio), dtype=dtype, rngs=rngs)
 
@@ -326,10 +359,19 @@ class ImageEncoder(nnx.Module):
 
   remat: one of vit.REMATS (or a bool: 'full' / 'none'); scan_layers: one lax.scan over the
   blocks, a step per repeat of the windowed / global pattern (3 blocks for vit_b, 6 for vit_l,
-  8 for vit_h). Neither changes the parameters or the math."""
+  8 for vit_h); attention_impl: 'dot_product' (vit.fused_attention with the relative terms
+  as its bias: cuDNN on a GPU; the einsum path on the CPU) or 'einsum'. None of them changes
+  the parameters or the math."""
 
   def __init__(
-    self, config: SamConfig, *, dtype, remat=False, scan_layers: bool = False, rngs: nnx.Rngs
+    self,
+    config: SamConfig,
+    *,
+    dtype,
+    remat=False,
+    scan_layers: bool = False,
+    attention_impl: str = "dot_product",
+    rngs: nnx.Rngs,
   ):
     c, d = config, config.width
     self.image_size, self.remat, self.scan_layers = c.image_size, vit.remat_mode(remat), scan_layers
@@ -345,7 +387,7 @@ class ImageEncoder(nnx.Module):
     )
     self.blocks = nnx.List(
       [
-        EncoderBlock(c, window, rate, dtype=dtype, rngs=rngs)
+        EncoderBlock(c, window, rate, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
         for window, rate in zip(windows, rates)
       ]
     )
@@ -621,12 +663,18 @@ class Sam(nnx.Module):
     dtype=jnp.float32,
     remat=False,
     scan_layers: bool = False,
+    attention_impl: str = "dot_product",
     rngs: nnx.Rngs,
   ):
-    """remat, scan_layers: the image encoder's (see ImageEncoder)."""
+    """remat, scan_layers, attention_impl: the image encoder's (see ImageEncoder)."""
     self.config = config
     self.image_encoder = ImageEncoder(
-      config, dtype=dtype, remat=remat, scan_layers=scan_layers, rngs=rngs
+      config,
+      dtype=dtype,
+      remat=remat,
+      scan_layers=scan_layers,
+      attention_impl=attention_impl,
+      rngs=rngs,
     )
     self.prompt_encoder = PromptEncoder(config, dtype=dtype, rngs=rngs)
     self.mask_decoder = MaskDecoder(config, dtype=dtype, rngs=rngs)

@@ -108,18 +108,19 @@ def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def fused_attention(q, k, v):
-  """q, k, v: [B, N, heads, head_dim] -> [B, N, heads, head_dim], scaled by head_dim ** -0.5.
+def fused_attention(q, k, v, bias=None):
+  """q: [B, T, heads, head_dim], k, v: [B, S, heads, head_dim], bias: None or [B, heads, T, S]
+  -> softmax(q k^T / sqrt(head_dim) + bias) v, [B, T, heads, head_dim].
 
   cuDNN's flash attention on a GPU for bf16/f16 inputs. JAX checks at trace time whether cuDNN
   takes the call (its version, the GPU, the head dim) and raises if not; then, and everywhere
   else, XLA's attention (jax.nn.dot_product_attention's default)."""
   if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     try:
-      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+      return jax.nn.dot_product_attention(q, k, v, bias, implementation="cudnn")
     except (NotImplementedError, RuntimeError, ValueError) as e:
       logging.log_first_n(logging.WARNING, "cuDNN attention refused (%s); XLA's instead", 1, e)
-  return jax.nn.dot_product_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, bias)
 
 
 def _matmul(a, b, contract: tuple[tuple[int, ...], tuple[int, ...]]):
