@@ -14,7 +14,16 @@
 # Smaller (e.g. on a CPU, to check the commands): CONFIG=configs/pretrain_fed.py:smoke BATCH=2
 #   CLIENTS=2 STEPS=1 CHUNK=2 PLAN_CONFIG=configs/pretrain_fed.py:smoke PIPELINE_WORKERS=0,1
 #   SAM_VARIANT=tiny SAM_SIZE=128 SAM_BATCH=2 launch/device_bench.sh /tmp/table.md
+# On a lent machine without grain etc., carry the .whl/ of launch/device_wheels.sh: installed
+# into /tmp/site first. PYTHON: the interpreter (default python3).
 set -euo pipefail
+PY=${PYTHON:-python3}
+needs='import grain, ml_collections, clu, segment_anything, dp_accounting, pydicom, pycocotools'
+if ! "$PY" -c "$needs" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 TABLE=${1:-${OUT:-.}/device_bench.md}
 LOG=${TABLE%.md}.log
 CONFIG=${CONFIG:-configs/pretrain_fed.py}  # the default preset is ViT-B/16 at 224, bfloat16
@@ -23,22 +32,22 @@ PIPELINE_WORKERS=${PIPELINE_WORKERS:-1,2,4} PLAN_CONFIG=${PLAN_CONFIG:-configs/p
 SAM_VARIANT=${SAM_VARIANT:-vit_b} SAM_SIZE=${SAM_SIZE:-1024} SAM_BATCH=${SAM_BATCH:-8}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 mkdir -p "$(dirname "$TABLE")"
-cmd=(python -m ultrajax.bench pretrain --config="$CONFIG" --steps="$STEPS" --clients="$CLIENTS" --rounds="$ROUNDS"
+cmd=("$PY" -m ultrajax.bench pretrain --config="$CONFIG" --steps="$STEPS" --clients="$CLIENTS" --rounds="$ROUNDS"
      --config.data.batch_size="$BATCH" --config.fed.chunk_steps="$CHUNK"
      --config.ultramim.tgm_mode=random --config.ultramim.mic=False)
 PLAN_LOG=${TABLE%.md}_plan.log PIPE_LOG=${TABLE%.md}_pipeline.log SAM_LOG=${TABLE%.md}_sam.log
 # A step that runs out of time leaves what it printed; the others still run.
 timeout 230 "${cmd[@]}" 2>&1 | tee "$LOG" || true
-plan=(python -m ultrajax.bench plan --config="$PLAN_CONFIG")
+plan=("$PY" -m ultrajax.bench plan --config="$PLAN_CONFIG")
 timeout 100 "${plan[@]}" 2>&1 | tee "$PLAN_LOG" || true
-pipe=(python -m ultrajax.bench pipeline --pipeline_workers="$PIPELINE_WORKERS")
+pipe=("$PY" -m ultrajax.bench pipeline --pipeline_workers="$PIPELINE_WORKERS")
 timeout 60 "${pipe[@]}" 2>&1 | tee "$PIPE_LOG" || true
-sam=(python -m ultrajax.bench sam --sam_variant="$SAM_VARIANT" --sam_image_size="$SAM_SIZE"
+sam=("$PY" -m ultrajax.bench sam --sam_variant="$SAM_VARIANT" --sam_image_size="$SAM_SIZE"
      --sam_batch="$SAM_BATCH" --sam_dtype=bfloat16 --steps=5)
 timeout 90 "${sam[@]}" 2>&1 | tee "$SAM_LOG" || true
 machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
 {
-  echo "### $(date -u +%Y-%m-%d), ${machine:-$(python -c 'import jax; print(jax.devices()[0].device_kind)')}"
+  echo "### $(date -u +%Y-%m-%d), ${machine:-$("$PY" -c 'import jax; print(jax.devices()[0].device_kind)')}"
   echo
   echo '```'
   echo "${cmd[*]}"
