@@ -8,7 +8,9 @@ shift 3
 PORT=${PORT:-12355}
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-2}
 export JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
-export XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
+# The caller's XLA flags are kept, but for the device count, which this script sets.
+XLA_FLAGS="$(sed 's/--xla_force_host_platform_device_count=[0-9]*//' <<< "${XLA_FLAGS:-}")"
+export XLA_FLAGS="${XLA_FLAGS} --xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
 pids=()
 for ((i = 0; i < N; i++)); do
   python -m ultrajax.main --config="$CONFIG" --workdir="$WORKDIR" \
