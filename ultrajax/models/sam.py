@@ -264,45 +264,34 @@ class EncoderAttention(nnx.Module):
     self.rel_pos_w = nnx.Param(jnp.zeros((2 * size - 1, head_dim), jnp.float32))
 
   def __call__(self, x):
-    """x: [B, H, W, D] -> [B, H, W, D]."""
-    h, w = x.shape[1:3]
-    if self.impl == "dot_product" and jax.default_backend() != "cpu":
-      return self._fused(x)
+    """x: [B, H, W, D] -> [B, H, W, D]. 'dot_product' off the CPU: vit.fused_attention (cuDNN
+    on a GPU) with the relative terms as its bias; else explicit q k^T softmax v."""
+    h = x.shape[1]
+    fused = self.impl == "dot_product" and jax.default_backend() != "cpu"
+    layout = "b (y x) n d" if fused else "b n (y x) d"
     q, k, v = einops.rearrange(
-      self.qkv(x), "b y x (three n d) -> three b n (y x) d", three=3, n=self.num_heads
+      self.qkv(x), f"b y x (three n d) -> three {layout}", three=3, n=self.num_heads
     )
-    scale = q.shape[-1] ** -0.5
-    attn = jnp.einsum("bnqd,bnkd->bnqk", q * scale, k)
-    # The relative terms use the unscaled query (segment_anything's add_decomposed_rel_pos).
-    rh = rel_pos_lookup(h, self.rel_pos_h[...].astype(x.dtype))  # [h, h, d]
-    rw = rel_pos_lookup(w, self.rel_pos_w[...].astype(x.dtype))  # [w, w, d]
-    q_grid = einops.rearrange(q, "b n (y x) d -> b n y x d", y=h)
-    rel_h = jnp.einsum("bnyxd,ykd->bnyxk", q_grid, rh)
-    rel_w = jnp.einsum("bnyxd,xkd->bnyxk", q_grid, rw)
-    attn = einops.rearrange(attn, "b n (y x) (ky kx) -> b n y x ky kx", y=h, ky=h)
-    attn = attn + rel_h[..., :, None] + rel_w[..., None, :]
-    attn = einops.rearrange(attn, "b n y x ky kx -> b n (y x) (ky kx)")
-    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bnqk,bnkd->bnqd", attn, v)
-    return self.proj(einops.rearrange(out, "b n (y x) d -> b y x (n d)", y=h))
+    bias = self._relative_bias(einops.rearrange(q, f"{layout} -> b n y x d", y=h))
+    if fused:
+      out = vit.fused_attention(q, k, v, bias)
+    else:
+      attn = jnp.einsum("bnqd,bnkd->bnqk", q * q.shape[-1] ** -0.5, k) + bias
+      attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+      out = jnp.einsum("bnqk,bnkd->bnqd", attn, v)
+    return self.proj(einops.rearrange(out, f"{layout} -> b y x (n d)", y=h))
 
-  def _fused(self, x):
-    """The same through vit.fused_attention (cuDNN on a GPU): the decomposed relative terms
-    (of the unscaled query) as its additive bias [B, heads, HW, HW]."""
-    h, w = x.shape[1:3]
-    q, k, v = einops.rearrange(
-      self.qkv(x), "b y x (three n d) -> three b (y x) n d", three=3, n=self.num_heads
-    )
-    rh = rel_pos_lookup(h, self.rel_pos_h[...].astype(x.dtype))  # [h, h, d]
-    rw = rel_pos_lookup(w, self.rel_pos_w[...].astype(x.dtype))  # [w, w, d]
-    q_grid = einops.rearrange(q, "b (y x) n d -> b n y x d", y=h)
+  def _relative_bias(self, q_grid):
+    """q_grid: the unscaled query [B, heads, h, w, d] -> the decomposed relative-position terms
+    [B, heads, hw (queries), hw (keys)] (segment_anything's add_decomposed_rel_pos)."""
+    h, w = q_grid.shape[2:4]
+    rh = rel_pos_lookup(h, self.rel_pos_h[...].astype(q_grid.dtype))  # [h, h, d]
+    rw = rel_pos_lookup(w, self.rel_pos_w[...].astype(q_grid.dtype))  # [w, w, d]
     rel_h = jnp.einsum("bnyxd,ykd->bnyxk", q_grid, rh)
     rel_w = jnp.einsum("bnyxd,xkd->bnyxk", q_grid, rw)
-    bias = einops.rearrange(
+    return einops.rearrange(
       rel_h[..., :, None] + rel_w[..., None, :], "b n y x ky kx -> b n (y x) (ky kx)"
     )
-    out = vit.fused_attention(q, k, v, bias)
-    return self.proj(einops.rearrange(out, "b (y x) n d -> b y x (n d)", y=h))
 
 
 class EncoderMlp(nnx.Module):
