@@ -283,10 +283,13 @@ def make_chunk(
         state.lanes, batch, step_id, steps_per_client[c], round_index, keys
       )
       state = state.with_lanes(select(active, lanes, state.lanes))
-      for lane in range(num_lanes):
-        state = jax.lax.cond(
-          last[lane], functools.partial(finish, lane, c[lane]), lambda s: s, state
-        )
+      # The lanes that finished a client, in lane order, as one loop body: a Python loop
+      # traced the strategy's on_client_done once per lane (the HSL MMoE chunk compiled in
+      # 19.2 s, now 8.8; results, step time and memory unchanged: docs/benchmarks.md).
+      finish_if_last = lambda lane, s: jax.lax.cond(
+        last[lane], functools.partial(finish, lane, c[lane]), lambda s: s, s
+      )
+      state = jax.lax.fori_loop(0, num_lanes, finish_if_last, state)
       return state, jax.tree.map(lambda m: jnp.where(active, m, 0.0), metrics)
 
     time_major = lambda x: jnp.swapaxes(x, 0, 1)
