@@ -20,14 +20,8 @@ from segment_anything import (
   SamPredictor as TorchPredictor,
   sam_model_registry,
 )
-from segment_anything.modeling import (
-  ImageEncoderViT,
-  MaskDecoder,
-  PromptEncoder,
-  Sam as TorchSam,
-  TwoWayTransformer,
-)
 
+from ultrajax.bench.sam import torch_reference as torch_sam
 from ultrajax.eval import coco_eval, sam_predictor
 from ultrajax.interop import (
   files,
@@ -48,43 +42,6 @@ TINY = dict(
   decoder_mlp_dim=64,
   iou_head_hidden=32,
 )
-
-
-def torch_sam(c: sam.SamConfig) -> TorchSam:
-  g = c.grid
-  return TorchSam(
-    image_encoder=ImageEncoderViT(
-      img_size=c.image_size,
-      patch_size=c.patch_size,
-      embed_dim=c.width,
-      depth=c.depth,
-      num_heads=c.num_heads,
-      mlp_ratio=c.mlp_ratio,
-      out_chans=c.prompt_dim,
-      norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
-      use_rel_pos=True,
-      window_size=c.window_size,
-      global_attn_indexes=c.global_attn_indexes,
-    ),
-    prompt_encoder=PromptEncoder(
-      embed_dim=c.prompt_dim,
-      image_embedding_size=(g, g),
-      input_image_size=(c.image_size, c.image_size),
-      mask_in_chans=c.mask_in_chans,
-    ),
-    mask_decoder=MaskDecoder(
-      num_multimask_outputs=3,
-      transformer_dim=c.prompt_dim,
-      iou_head_depth=3,
-      iou_head_hidden_dim=c.iou_head_hidden,
-      transformer=TwoWayTransformer(
-        depth=c.decoder_depth,
-        embedding_dim=c.prompt_dim,
-        mlp_dim=c.decoder_mlp_dim,
-        num_heads=c.decoder_heads,
-      ),
-    ),
-  ).eval()
 
 
 def randomize(model, names=None, seed=0):
