@@ -22,10 +22,10 @@ timm = pytest.importorskip("timm")
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from ultrajax import export
+from ultrajax.configs import pretrain_fed
 from ultrajax.interop import sam as sam_interop
 from ultrajax.models import mae, sam
 from ultrajax.train import checkpoint
@@ -54,24 +54,7 @@ def test_block_extraction_by_hand():
 
 
 def test_formats_md_python_snippets_run(tmp_path, monkeypatch):
-  config = ml_collections.ConfigDict(
-    dict(
-      model=dict(
-        variant="",
-        width=64,
-        depth=2,
-        num_heads=4,
-        patch_size=8,
-        image_size=32,
-        decoder_width=32,
-        decoder_depth=1,
-        decoder_heads=4,
-        mask_ratio=0.75,
-        drop_path_rate=0.0,
-        dtype="float32",
-      )
-    )
-  )
+  config = pretrain_fed.get_config("smoke")  # its model: ViT 64 x 2 at 32 px, patch 8
   model = mae.mae_from_config(config.model, nnx.Rngs(0))
   ckpt = checkpoint.Checkpointer(tmp_path / "run")
   ckpt.save(

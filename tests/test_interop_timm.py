@@ -145,20 +145,6 @@ def test_vit_from_timm_reports_every_problem(caplog):
 
 
 # ----------------------------------------------------------------------------- exports with preprocessing
-MODEL_CONFIG = dict(
-  variant="",
-  width=64,
-  depth=2,
-  num_heads=4,
-  patch_size=8,
-  image_size=32,
-  decoder_width=32,
-  decoder_depth=1,
-  decoder_heads=4,
-  mask_ratio=0.75,
-  drop_path_rate=0.0,
-  dtype="float32",
-)
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +152,11 @@ def mae_workdir(tmp_path_factory):
   """(workdir holding a one-round checkpoint of a tiny random MAE, its config, the MAE)."""
   import json
 
-  import ml_collections
-
+  from ultrajax.configs import pretrain_fed
   from ultrajax.models import mae
   from ultrajax.train import checkpoint
 
-  config = ml_collections.ConfigDict(dict(model=MODEL_CONFIG))
+  config = pretrain_fed.get_config("smoke")  # its model: ViT 64 x 2 at 32 px, patch 8
   model = mae.mae_from_config(config.model, nnx.Rngs(3))
   workdir = tmp_path_factory.mktemp("mae_run")
   ckpt = checkpoint.Checkpointer(workdir)

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from ultrajax import configlib
+from ultrajax.configs import pretrain_fed
 from ultrajax.models import layers, mae, posemb, vit
 
 TINY = dict(width=64, depth=2, num_heads=4, patch_size=8, image_size=32)
@@ -193,22 +194,10 @@ def test_mae_rejects_bad_masks(tiny_mae):
 
 
 def test_mae_from_config_and_field_errors():
-  cfg = ml_collections.ConfigDict(
-    dict(
-      variant="",
-      width=64,
-      depth=2,
-      num_heads=4,
-      patch_size=8,
-      image_size=32,
-      decoder_width=32,
-      decoder_depth=1,
-      decoder_heads=4,
-      mask_ratio=0.75,
-      drop_path_rate=0.1,
-      dtype="bfloat16",
-    )
-  )
+  # The smoke preset's model (ViT 64 x 2 at 32 px, patch 8; decoder 32 x 1), untyped as a
+  # checkpoint's saved config is, so the loop below can set values of the wrong type.
+  cfg = ml_collections.ConfigDict(pretrain_fed.get_config("smoke").model.to_dict(), type_safe=False)
+  cfg.update(drop_path_rate=0.1, dtype="bfloat16")
   model = nnx.eval_shape(lambda: mae.mae_from_config(cfg, nnx.Rngs(0)))
   assert model.len_keep == 4 and model.encoder.width == 64 and model.remat == "none"
   assert model.decoder_pred.kernel.shape == (32, 8 * 8 * 3)
