@@ -135,6 +135,42 @@ def test_plan_state_bytes_match_an_analytic_count(mesh_clients, rules, held, com
     assert p.xla["argument"] >= p.server_bytes + p.client_opt_bytes + p.lane_bytes
 
 
+def _mae_train_flops(width, depth, patch, size, dec_width, dec_depth, keep):
+  """Matrix-product FLOPs of one MAE training image by hand (2 per multiply-add). A block on t
+  tokens of width w: qkv, proj and the ratio-4 MLP (12 t w^2), q k^T and p v (2 t^2 w). The
+  encoder embeds all N patches and runs 1 + keep tokens, the decoder 1 + N. Training is the
+  forward and two products per forward product (input and kernel gradients), except the patch
+  embedding, whose input (the images) takes no gradient."""
+  n = (size // patch) ** 2
+  block = lambda t, w: 12 * t * w * w + 2 * t * t * w
+  embed = n * patch * patch * 3 * width
+  rest = (
+    depth * block(1 + keep, width)
+    + (1 + keep) * width * dec_width
+    + dec_depth * block(1 + n, dec_width)
+    + (1 + n) * dec_width * patch * patch * 3
+  )
+  return 2 * (2 * embed + 3 * rest)
+
+
+def test_plan_model_flops_count_every_layer_once_by_hand():
+  """The chunk's model FLOPs (MFU's numerator) equal a hand count of the MAE's products, per
+  device, whether the blocks are scanned or rematerialised: XLA's cost analysis would count a
+  scanned block once and a remat'd forward twice."""
+  config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
+  config.model.update(width=32, depth=2, num_heads=2, image_size=16, decoder_width=32)
+  config.mesh.clients, config.fed.chunk_steps, config.data.batch_size = 1, 2, 8
+  flops = {}
+  for remat, scan in [("none", False), ("full", False), ("none", True), ("dots", True)]:
+    config.model.update(remat=remat, scan_layers=scan)
+    p = plan_lib.plan(config, steps_per_client=[3, 2, 2, 1], compile_chunk=False)
+    flops[remat, scan] = p.chunk_flops
+  # Every lane computes every step of the chunk (idle lanes too); the work is split 8 ways.
+  per_image = _mae_train_flops(32, 2, 8, 16, 32, 1, keep=1)
+  by_hand = p.num_lanes * p.chunk_steps * 8 * per_image / 8
+  assert flops == {key: pytest.approx(by_hand, rel=1e-9) for key in flops}
+
+
 def test_bench_pipeline_times_both_peers_on_one_folder(tmp_path):
   from ultrajax.bench import pipeline as pipeline_bench
   from ultrajax.data import sources

@@ -2,7 +2,8 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
 
   pretrain  MAE/UltraMIM training step, centralized vs federated (C vmapped clients) at the
             same total batch: img/s, ms per step, ms per round (aggregation + broadcast
-            included), TFLOP/s per device (XLA's count of the compiled program) and MFU.
+            included), TFLOP/s per device (the model's matrix products, every layer once:
+            train/perf.py's matmul_flops) and MFU.
             Default config: configs/pretrain_fed.py (ViT-B/16 at 224); on a CPU try
             --config=configs/pretrain_fed.py:cpu. Also times a PyTorch MAE peer
             (ultrajax/bench/torch_mae.py: timm blocks as facebookresearch/mae builds them, the

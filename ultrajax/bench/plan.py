@@ -6,7 +6,8 @@ configured) with abstract inputs, so nothing is allocated, and reports per devic
     clients' AdamW states, the L lanes' params and moments), counted from shard shapes;
   - XLA's memory analysis of the compiled chunk (arguments, outputs, temporaries, donated
     aliases) and of the compiled round end (params + client optimizer states);
-  - XLA's FLOPs per local step, and the time per round it implies at a given MFU on named
+  - the model FLOPs per local step (the matrix products of the traced chunk, every layer once:
+    train/perf.py's matmul_flops), and the time per round they imply at a given MFU on named
     accelerators (train/perf.py's bf16 peaks).
 Fake CPU devices stand in for the accelerators (`--devices=N`, set before JAX starts), so a
 user learns whether a layout fits 16/32/80 GB per device before renting one. XLA's CPU
@@ -110,7 +111,8 @@ def _memory(compiled) -> dict:
 def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
   """Compiles the config's round chunk and round end for the current devices (no data, no
   allocation). steps_per_client: [C] local steps per round; default table1_steps(config).
-  compile_chunk=False: the state only (the chunk's fields are zero / None)."""
+  compile_chunk=False: traced, not compiled: the state and model FLOPs only (XLA's memory
+  analysis of the chunk is zero)."""
   pretrain_checks.validate(config)
   config = config.copy_and_resolve_references()
   mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
@@ -146,11 +148,11 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
       jax.eval_shape(lambda: jax.random.key(0)),
     )
     t0 = time.perf_counter()
-    compiled = programs.chunk.lower(programs.frozen, *args).compile() if compile_chunk else None
+    traced, chunk_flops = programs.trace_chunk(*args)
+    compiled = traced.lower().compile() if compile_chunk else None
     compile_s = time.perf_counter() - t0
     # XLA's own count of the clients' AdamW states: the output of their init.
     opt_init = programs.init_opt.lower(server).compile()
-  flops = perf.compiled_flops(compiled) if compiled else None
   client_opt_bytes = device_bytes(client_opt)
   param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(programs.abstract_params))
   moments_per_client = 2 * 4 * param_count  # AdamW's mu and nu, float32
@@ -169,8 +171,7 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
     batch_bytes=device_bytes(images),
     xla=_memory(compiled),
     xla_state=_memory(opt_init),
-    # XLA's cost analysis counts a scan's body once; the chunk runs it K times.
-    chunk_flops=flops * k if flops else None,
+    chunk_flops=chunk_flops,
     compile_s=compile_s,
   )
 
@@ -201,7 +202,8 @@ def report(p: Plan, config, mfu: float = 0.5) -> str:
   ]
   if p.chunk_flops:
     lines.append(
-      f"FLOPs per device: {p.chunk_flops / p.chunk_steps / 1e12:.3f} TFLOP per local "
+      f"model FLOPs per device (matrix products): {p.chunk_flops / p.chunk_steps / 1e12:.3f} "
+      f"TFLOP per local "
       f"step (all {p.num_lanes} lanes), {p.chunk_flops * p.num_chunks / 1e15:.2f} "
       f"PFLOP per round"
     )
@@ -209,6 +211,4 @@ def report(p: Plan, config, mfu: float = 0.5) -> str:
       f"time per round at {100 * mfu:.0f}% MFU: "
       + ", ".join(f"{a} {p.round_seconds(a, mfu):.1f} s" for a in ACCELERATORS)
     )
-  else:
-    lines.append("FLOPs: XLA gave no cost analysis on this backend")
   return "\n".join(lines)

@@ -120,23 +120,33 @@ class Programs:
     teacher_graphdef, teacher_params = teacher or (None, {})
     self.frozen = loop.put_global(teacher_params, rep)
 
-    def chunk(frozen, params, *args):
-      loss_fn = rounds.without_model_state(
-        mim_objectives.make_loss_fn(graphdef, config, teacher_graphdef, frozen)
-      )
-      state, metrics = rounds.make_chunk(loss_fn, tx, strategy, self.lr_fn, config.on_nonfinite)(
-        Server(params, {}), *args
-      )
-      return state, metrics["loss"], metrics["grad_norm"]
+    def jit_chunk(graphdef):
+      def chunk(frozen, params, *args):
+        loss_fn = rounds.without_model_state(
+          mim_objectives.make_loss_fn(graphdef, config, teacher_graphdef, frozen)
+        )
+        make = rounds.make_chunk(loss_fn, tx, strategy, self.lr_fn, config.on_nonfinite)
+        state, metrics = make(Server(params, {}), *args)
+        return state, metrics["loss"], metrics["grad_norm"]
 
-    # (frozen, params, lane state, batches, plan; steps per client, weights, round, key)
-    in_shardings = (rep, self.server_sharding, self.state_sharding, self.batch_sharding)
-    self.chunk = jax.jit(
-      chunk,
-      in_shardings=(*in_shardings, plan_sharding, rep, rep, rep, rep),
-      out_shardings=(self.state_sharding, self.vector, self.vector),
-      donate_argnums=(2,),
-    )
+      # (frozen, params, lane state, batches, plan; steps per client, weights, round, key)
+      in_shardings = (rep, self.server_sharding, self.state_sharding, self.batch_sharding)
+      return jax.jit(
+        chunk,
+        in_shardings=(*in_shardings, plan_sharding, rep, rep, rep, rep),
+        out_shardings=(self.state_sharding, self.vector, self.vector),
+        donate_argnums=(2,),
+      )
+
+    self.chunk = jit_chunk(graphdef)
+    # MFU counts each layer's work once: a rematerialised model's FLOPs come from the same
+    # chunk traced without remat (same parameters and math; `compile_chunk`).
+    self._unrematted_chunk = None
+    if abstract_model.remat != "none":
+      plain = {**config.model.to_dict(), "remat": "none"}
+      plain_model = nnx.eval_shape(lambda: mae.mae_from_config(plain, nnx.Rngs(0)))
+      self._unrematted_chunk = jit_chunk(nnx.split(plain_model, nnx.Param)[0])
+    self.num_devices = mesh.size
     self.param_norm = jax.jit(optax.global_norm, out_shardings=rep)
     # Replicated output: process 0 writes the PNG even when params are sharded across hosts.
     if teacher is None:
@@ -160,18 +170,31 @@ class Programs:
     server, opt_state, strategy_state = self._finish_round(state, params, key)
     return server.params, opt_state, strategy_state
 
+  def trace_chunk(self, *args):
+    """(the chunk traced for these real or abstract arguments after `frozen`, its model FLOPs
+    per device and call): the matrix products of the trace (perf.matmul_flops: every layer of
+    a scanned model; a remat'd model counted without remat) over the mesh's devices. XLA's
+    cost analysis counts a loop body once, and recomputation and work repeated on every
+    device too, so its figure is not the one MFU divides by."""
+    traced = self.chunk.trace(self.frozen, *args)
+    counted = traced
+    if self._unrematted_chunk is not None:
+      counted = self._unrematted_chunk.trace(self.frozen, *args)
+    return traced, perf.matmul_flops(counted.jaxpr) / self.num_devices
+
+  def compile_chunk(self, *args):
+    """The chunk compiled for these arguments (after `frozen`); sets chunk_flops."""
+    traced, self.chunk_flops = self.trace_chunk(*args)
+    return traced.lower().compile()
+
   def run_chunk(self, *args):
-    """Compiles on first use (keeping XLA's FLOP count for MFU), then runs asynchronously."""
+    """Compiles on first use (keeping the model FLOPs for MFU), then runs asynchronously."""
     if self._compiled_chunk is None:
       t0 = time.perf_counter()
-      self._compiled_chunk = self.chunk.lower(self.frozen, *args).compile()
-      flops = perf.compiled_flops(self._compiled_chunk)
-      # XLA's cost analysis counts a scan's body once; the chunk runs it K times.
-      steps = jax.tree.leaves(args[2])[0].shape[1]
-      self.chunk_flops = flops * steps if flops else None
+      self._compiled_chunk = self.compile_chunk(*args)
       logging.info(
-        "Compiled the round chunk in %.1f s (%s GFLOP per call per device).",
+        "Compiled the round chunk in %.1f s (%.1f GFLOP per call per device).",
         time.perf_counter() - t0,
-        f"{self.chunk_flops / 1e9:.1f}" if self.chunk_flops else "?",
+        self.chunk_flops / 1e9,
       )
     return self._compiled_chunk(self.frozen, *args)

@@ -1,11 +1,13 @@
-"""Throughput accounting: FLOPs of compiled programs, peak FLOP/s by device, MFU."""
+"""Throughput accounting: FLOPs of traced and compiled programs, peak FLOP/s by device, MFU."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 
 import jax
+import jax.extend.core
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
 PEAK_BF16_FLOPS = {
@@ -22,16 +24,34 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def compiled_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled program, from XLA's cost analysis (None if absent)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # not every backend implements cost analysis
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
+def matmul_flops(jaxpr) -> float:
+  """FLOPs of a (closed) jaxpr's matrix products, dot_general and convolutions, 2 per
+  multiply-add: the model FLOPs that MFU divides by (elementwise work is left out).
+
+  Sub-jaxprs count too: a scan's body `length` times, a cond's costliest branch, any other
+  (pjit, custom_vjp's primal, a while body) once. A scan over the layers therefore counts every
+  layer, where XLA's cost analysis counts a loop body once. A rematerialised block's recomputed
+  forward sits in the jaxpr too, so count a model traced without remat.
+  """
+  total = 0.0
+  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+    name = eqn.primitive.name
+    out = math.prod(eqn.outvars[0].aval.shape) if eqn.outvars else 0
+    if name == "dot_general":
+      (contracted, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * out * math.prod(lhs[d] for d in contracted)
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape  # out features x in features per group x window
+      total += 2.0 * out * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+    inner = [matmul_flops(j) for j in jax.extend.core.jaxprs_in_params(eqn.params)]
+    if name == "scan":
+      total += eqn.params["length"] * sum(inner)
+    elif name == "cond":
+      total += max(inner, default=0.0)
+    else:
+      total += sum(inner)
+  return total
 
 
 def mfu(flops_per_second_per_device: float | None, device=None) -> float | None:
