@@ -219,3 +219,26 @@ def test_linear_bfloat16_products_accumulate_in_float32(rows):
   np.testing.assert_allclose(f32(dx), dx_ref, rtol=2**-8, atol=1e-6)
   np.testing.assert_allclose(f32(dparams["kernel"][...]), x2.T @ g2, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(f32(dparams["bias"][...]), g2.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cpu_path", [True, False])
+def test_remat_dots_recomputes_only_the_batched_products(cpu_path, monkeypatch):
+  """remat='dots' keeps the weight matmuls' outputs on the CPU path too, where `Linear` is a
+  custom VJP that JAX's dots policy does not look into: the gradient's jaxpr recomputes only
+  the attention products (q k^T, p v; batched over heads), by hand 2 x 2 t^2 w FLOPs per
+  encoder block and image, where 'full' recomputes the whole forward."""
+  from ultrajax.train import perf
+
+  monkeypatch.setattr(vit, "_on_cpu", lambda: cpu_path)
+  images = jnp.zeros((2, 16, 16, 3))
+  ids = jnp.tile(jnp.arange(2), (2, 1))  # 2 of the 4 patches visible: 3 tokens with cls
+  flops = {}
+  for remat in ("none", "dots"):
+    vit_model = vit.ViT(
+      width=32, depth=2, num_heads=2, patch_size=8, image_size=16, remat=remat, rngs=nnx.Rngs(0)
+    )
+    graphdef, params = nnx.split(vit_model, nnx.Param)
+    loss = lambda p: nnx.merge(graphdef, p).encode(images, visible_ids=ids).sum()  # noqa: B023
+    flops[remat] = perf.matmul_flops(jax.make_jaxpr(jax.grad(loss))(params))
+  attention = 2 * (2 * 3 * 3 * 32)  # q k^T and p v: 2 t^2 w multiply-adds, 2 FLOPs each
+  assert flops["dots"] - flops["none"] == 2 * 2 * attention  # 2 blocks, 2 images

@@ -45,12 +45,27 @@ ATTENTION_QUERIES = ("cls", "mean")
 # step 5-7% slower; docs/benchmarks.md, 2026-12-02);
 # "einsum": explicit q k^T softmax v with heads before tokens, the reference path.
 ATTENTION_IMPLS = ("dot_product", "einsum")
+
+
+def _weight_dots_saveable(prim, *avals, **params) -> bool:
+  """Remat policy 'dots': save products without batch dimensions (the weight matmuls), also
+  inside a custom VJP. The CPU path's `Linear` is one (`_dense`), and JAX's own
+  dots_with_no_batch_dims_saveable sees only the custom_vjp_call there, so it recomputed
+  every Linear as 'full' does."""
+  if prim.name == "custom_vjp_call":
+    return any(
+      e.primitive.name == "dot_general" and not e.params["dimension_numbers"][1][0]
+      for e in params["call_jaxpr"].jaxpr.eqns
+    )
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+
+
 # Activation recomputation per block in the backward pass: "none"; "dots" keeps the outputs of
 # the weight matmuls (dots without batch dimensions: qkv, proj, fc1, fc2) and recomputes the rest
 # (norms, GELU, the attention scores); "full" keeps only each block's input.
 _REMAT_POLICIES = {
   "none": None,
-  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "dots": _weight_dots_saveable,
   "full": jax.checkpoint_policies.nothing_saveable,
 }
 REMATS = tuple(_REMAT_POLICIES)
