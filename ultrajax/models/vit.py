@@ -53,9 +53,10 @@ def _weight_dots_saveable(prim, *avals, **params) -> bool:
   dots_with_no_batch_dims_saveable sees only the custom_vjp_call there, so it recomputed
   every Linear as 'full' does."""
   if prim.name == "custom_vjp_call":
+    primal = params.get("call_jaxpr")  # a ClosedJaxpr
+    eqns = getattr(primal, "jaxpr", primal).eqns if primal is not None else ()
     return any(
-      e.primitive.name == "dot_general" and not e.params["dimension_numbers"][1][0]
-      for e in params["call_jaxpr"].jaxpr.eqns
+      e.primitive.name == "dot_general" and not e.params["dimension_numbers"][1][0] for e in eqns
     )
   return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
 

@@ -140,7 +140,7 @@ class Programs:
 
     self.chunk = jit_chunk(graphdef)
     # MFU counts each layer's work once: a rematerialised model's FLOPs come from the same
-    # chunk traced without remat (same parameters and math; `compile_chunk`).
+    # chunk traced without remat (same parameters and math; `trace_chunk`).
     self._unrematted_chunk = None
     if abstract_model.remat != "none":
       plain = {**config.model.to_dict(), "remat": "none"}
