@@ -203,9 +203,8 @@ def report(p: Plan, config, mfu: float = 0.5) -> str:
   if p.chunk_flops:
     lines.append(
       f"model FLOPs per device (matrix products): {p.chunk_flops / p.chunk_steps / 1e12:.3f} "
-      f"TFLOP per local "
-      f"step (all {p.num_lanes} lanes), {p.chunk_flops * p.num_chunks / 1e15:.2f} "
-      f"PFLOP per round"
+      f"TFLOP per local step (all {p.num_lanes} lanes), "
+      f"{p.chunk_flops * p.num_chunks / 1e15:.2f} PFLOP per round"
     )
     lines.append(
       f"time per round at {100 * mfu:.0f}% MFU: "
