@@ -65,7 +65,7 @@ machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -
   echo "#### Memory and FLOPs of \`${plan[*]}\` (XLA on this device; compiled, not run)"
   echo
   echo '```'
-  grep -E '^(# plan|parameters|  |XLA memory|compile|model FLOPs|time per round)' "$PLAN_LOG" || true
+  grep -E '^(# plan|parameters|  |XLA memory|compile|to fit|model FLOPs|time per round)' "$PLAN_LOG" || true
   echo '```'
   echo
   echo "#### Host input pipeline: \`${pipe[*]}\` ($(nproc) cores)"

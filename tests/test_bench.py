@@ -2,6 +2,7 @@
 against ultrajax's own loss on the peer's predictions and mask); `bench plan` counts the
 per-device state as a hand count and XLA do."""
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -169,6 +170,42 @@ def test_plan_model_flops_count_every_layer_once_by_hand():
   per_image = _mae_train_flops(32, 2, 8, 16, 32, 1, keep=1)
   by_hand = p.num_lanes * p.chunk_steps * 8 * per_image / 8
   assert flops == {key: pytest.approx(by_hand, rel=1e-9) for key in flops}
+
+
+def test_plan_report_says_how_to_fit_a_16_gb_device():
+  """A layout over 16 GB gets the changes that lower it: fsdp rules for replicated state, scan
+  with remat for temporaries; one that fits, or already scans with remat, is not told to."""
+  config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
+  gib = plan_lib.GIB
+  figures = dict(
+    mesh={"clients": 1, "data": 8},
+    num_clients=16,
+    num_lanes=5,
+    chunk_steps=32,
+    num_chunks=231,
+    batch=64,
+    param_count=10,
+    server_bytes=0,
+    client_opt_bytes=0,
+    clients_held=2.0,
+    lane_bytes=0,
+    batch_bytes=0,
+    xla_state=dict(argument=0, output=0, alias=0, temp=0),
+    chunk_flops=1e12,
+    compile_s=1.0,
+  )
+  big = plan_lib.Plan(
+    xla=dict(argument=8 * gib, output=7 * gib, alias=7 * gib, temp=9 * gib), **figures
+  )
+  assert big.peak_bytes == 17 * gib
+  hints = plan_lib.fit_hints(big, config)
+  assert len(hints) == 3 and "fsdp" in hints[0] and "temporaries are 9.00 GiB" in hints[1]
+  assert "to fit 16 GB: every device holds" in plan_lib.report(big, config)
+  config.sharding_rules = ((".*", "fsdp"),)
+  config.model.update(scan_layers=True, remat="dots")
+  assert plan_lib.fit_hints(big, config) == hints[2:]
+  small = dataclasses.replace(big, xla=dict(argument=8 * gib, output=0, alias=0, temp=6 * gib))
+  assert plan_lib.fit_hints(small, config) == []
 
 
 def test_bench_pipeline_times_both_peers_on_one_folder(tmp_path):
