@@ -36,14 +36,14 @@ def matmul_flops(jaxpr) -> float:
   total = 0.0
   for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
     name = eqn.primitive.name
-    out = math.prod(eqn.outvars[0].aval.shape) if eqn.outvars else 0
-    if name == "dot_general":
-      (contracted, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      total += 2.0 * out * math.prod(lhs[d] for d in contracted)
-    elif name == "conv_general_dilated":
-      rhs = eqn.invars[1].aval.shape  # out features x in features per group x window
-      total += 2.0 * out * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+    if name in ("dot_general", "conv_general_dilated"):
+      out = math.prod(eqn.outvars[0].aval.shape)
+      lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      if name == "dot_general":
+        (contracted, _), _ = eqn.params["dimension_numbers"]
+        total += 2.0 * out * math.prod(lhs[d] for d in contracted)
+      else:  # rhs: out features x in features per group x window
+        total += 2.0 * out * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
     inner = [matmul_flops(j) for j in jax.extend.core.jaxprs_in_params(eqn.params)]
     if name == "scan":
       total += eqn.params["length"] * sum(inner)
