@@ -1,15 +1,17 @@
 """Test set-up: 8 fake CPU devices, set before jax is imported anywhere."""
 
 import os
+from importlib import metadata
 
 # --xla_cpu_use_fusion_emitters=false: XLA:CPU's older elemental emitters compile the suite's
 # tiny programs in about half the time (measured 2026-12-01: the HSL smoke study's SCAFFOLD round
 # chunk 15.2 -> 7.6 CPU s, the whole study 183 -> 163); subprocesses inherit it, so both sides of
 # every cross-process equality run the same program. Jobs and benchmarks keep XLA's default.
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "")
-  + " --xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false"
-).strip()
+# jaxlib 0.11 has no such flag (XLA exits on an unknown one): there the emitters are XLA's only.
+_flags = " --xla_force_host_platform_device_count=8"
+if tuple(int(v) for v in metadata.version("jaxlib").split(".")[:2]) < (0, 11):
+  _flags += " --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _flags).strip()
 # The jobs' own XLA:CPU flags for this host too (512-bit vectors on AVX-512), which
 # `ultrajax.main` adds in the subprocesses tests start: both sides of a comparison compile alike.
 from ultrajax.train import compiler  # noqa: E402  (no JAX import)
