@@ -52,6 +52,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 REAL_US = REPO.parent / "shared" / "data" / "real_us"
 
 
+@pytest.fixture
+def closes_event_files():
+  """Fails the test if a TensorBoard event file opened during it is still open at its end.
+  tensorboardX writes each file from a thread of its own; an unclosed one is left to an atexit
+  hook, which Python 3.12 refuses ("can't create new thread at interpreter shutdown")."""
+  import threading
+
+  def writers():
+    return {t for t in threading.enumerate() if type(t).__name__ == "_EventLoggerThread"}
+
+  before = writers()
+  yield
+  assert not writers() - before, "event files left open"
+
+
 @pytest.fixture(scope="session")
 def real_us():
   """Path of the shared real ultrasound samples; skips the test where absent."""

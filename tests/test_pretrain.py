@@ -337,7 +337,7 @@ def test_one_device_and_two_processes_of_two_devices_agree(tmp_path):
   ) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
-def test_init_from_official_mae_file(tmp_path, smoke_run):
+def test_init_from_official_mae_file(tmp_path, smoke_run, closes_event_files):
   """config.init_from accepts an official-MAE .safetensors file: training starts from exactly
   its weights (smoke_run's trained ones), and a workdir's own checkpoint takes precedence once
   it exists."""

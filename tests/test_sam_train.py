@@ -638,7 +638,9 @@ def _check_layout_and_skip(config, params, programs):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(after[:2]), given)
 
 
-def test_smoke_run_trains_evaluates_classifies_and_resumes(tmp_path, monkeypatch):
+def test_smoke_run_trains_evaluates_classifies_and_resumes(
+  tmp_path, monkeypatch, closes_event_files
+):
   from ultrajax.jobs import sam as job
   from ultrajax.train import writers
 

@@ -367,7 +367,7 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
         "Evaluators, first and last round logged:\n%s",
         evaluators.summary(writers.read_jsonl(workdir / "metrics.jsonl"), workdir / "evals"),
       )
-    writer.flush()
+    writer.close()  # its event file's last events, and its thread
     clock.close()
     ckpt.close()
     data.close()

@@ -700,7 +700,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, stop_after_st
     results["classification"] = run_classification(
       config, graphdef, params, cls_data, workdir, writer, config.num_steps, programs.replicated
     )
-  writer.flush()
+  writer.close()  # its event file's last events, and its thread
   ckpt.close()
   train_iter.close()
   return params, results
