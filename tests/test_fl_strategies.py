@@ -65,7 +65,9 @@ def max_diff(a, b):
 
 
 @pytest.mark.slow
-def test_scaffold_deployment_equals_simulation_with_each_c_i_on_its_site(tmp_path):
+def test_scaffold_deployment_equals_simulation_with_each_c_i_on_its_site(
+  tmp_path, closes_event_files
+):
   simulated, deployed, config = deploy_and_simulate(tmp_path, SCAFFOLD)
   # Round 2's local gradients carry c - c_i from round 1: equal params check the controls too.
   assert max_diff(without_key_bias(deployed), without_key_bias(simulated)) < TOL

@@ -184,7 +184,7 @@ class Coordinator:
     )
 
   def close(self) -> None:
-    self.writer.flush()
+    self.writer.close()  # its event file's last events, and its thread
     self.ckpt.close()
 
 
