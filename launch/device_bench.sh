@@ -39,16 +39,17 @@ cmd=("$PY" -m ultrajax.bench pretrain --config="$CONFIG" --steps="$STEPS" --clie
      --config.ultramim.tgm_mode=random --config.ultramim.mic=False)
 PLAN_LOG=${TABLE%.md}_plan.log PIPE_LOG=${TABLE%.md}_pipeline.log SAM_LOG=${TABLE%.md}_sam.log
 # A step that runs out of time leaves what it printed; the others still run.
-timeout 230 "${cmd[@]}" 2>&1 | tee "$LOG" || true
+STEP_S=230  # the pretraining step's seconds, a rerun included
+timeout $STEP_S "${cmd[@]}" 2>&1 | tee "$LOG" || true
 # cuDNN's attention can fail where JAX's trace-time checks let it through (at compile or run
-# time, on a jax/cuDNN pair not seen here): then, in what is left of the 230 s, once more with
+# time, on a jax/cuDNN pair not seen here): then, in what is left of STEP_S, once more with
 # the einsum attention, so the run still gives the step's figures.
 retried=""
-if ! grep -q '^central ' "$LOG" && [ "$SECONDS" -lt 170 ]; then
+if ! grep -q '^central ' "$LOG" && [ "$SECONDS" -lt $((STEP_S - 60)) ]; then
   retried=$(grep -E '^[A-Za-z_.]*(Error|Exception)\b' "$LOG" | tail -1 | cut -c1-200)
   retried=${retried:-no error line}
   cmd+=(--config.model.attention_impl=einsum)
-  timeout $((230 - SECONDS)) "${cmd[@]}" 2>&1 | tee -a "$LOG" || true
+  timeout $((STEP_S - SECONDS)) "${cmd[@]}" 2>&1 | tee -a "$LOG" || true
 fi
 plan=("$PY" -m ultrajax.bench plan --config="$PLAN_CONFIG")
 timeout 100 "${plan[@]}" 2>&1 | tee "$PLAN_LOG" || true
