@@ -277,4 +277,7 @@ def test_bench_sam_times_both_models_with_the_same_weights():
   for side in ("ultrajax", "torch"):
     assert all(r[side][k] > 0 for k in ("encoder_s", "decoder_s", "first_s")), r
   assert r["torch_device"].startswith("cpu")
+  # --sam_attention_impl=einsum (launch/device_bench.sh's fallback): the same computation.
+  r = sam_bench.run("tiny", 64, 1, 2, "float32", 1, attention_impl="einsum")
+  assert r["embedding_diff"] < 1e-4 and r["mask_diff"] < 1e-3, r
   assert sam_bench.run("tiny", 64, 1, 1, "float32", 1, torch_peer=False)["torch"] is None

@@ -282,11 +282,12 @@ def test_remat_and_scan_give_the_encoders_embedding_and_gradient():
   assert periods == {"vit_b": 3, "vit_h": 8, "tiny": 3}
 
 
-def test_fused_encoder_attention_equals_the_einsum_path(monkeypatch):
-  """attention_impl='dot_product' off the CPU: vit.fused_attention with the decomposed relative
-  terms as its bias. Reported as a GPU here (so float32 runs XLA's jax.nn.dot_product_attention
-  and bfloat16 first asks cuDNN, which this machine refuses): the same embedding and gradients,
-  relative-position tables included, as the einsum path, with padded windows (8 -> 9)."""
+def test_fused_attention_equals_the_einsum_path(monkeypatch):
+  """attention_impl='dot_product' off the CPU: vit.fused_attention, in the encoder with the
+  decomposed relative terms as its bias, and in the mask decoder. Reported as a GPU here (so
+  float32 runs XLA's jax.nn.dot_product_attention and bfloat16 first asks cuDNN, which this
+  machine refuses): the same embedding, mask logits and gradients, relative-position tables
+  included, as the einsum path, with padded windows (8 -> 9)."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   config = sam.sam_config("tiny", depth=2, global_attn_indexes=(1,), window_size=3)
   rng = np.random.default_rng(2)
@@ -300,7 +301,17 @@ def test_fused_encoder_attention_equals_the_einsum_path(monkeypatch):
         table[...] = jnp.asarray(rng.normal(size=table.shape), jnp.float32)
     return nnx.split(model, nnx.Param)
 
-  loss = lambda p, g: jnp.sum(nnx.merge(g, p).encode_image(images) * weights)
+  points = rng.uniform(0, 128, (3, 1, 2)).astype(np.float32)
+  mask_weights = rng.normal(size=(3, 4, 32, 32)).astype(np.float32)
+
+  def loss(p, g):
+    model = nnx.merge(g, p)
+    embedding = model.encode_image(images)
+    masks = model.decode(
+      embedding[:1], *model.encode_prompts(points, np.ones((3, 1), np.int32))
+    ).masks
+    return jnp.sum(embedding * weights) + jnp.sum(masks * mask_weights)
+
   value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
   graphdef, params = build("einsum")
   fused_graphdef, _ = build("dot_product")
@@ -308,8 +319,11 @@ def test_fused_encoder_attention_equals_the_einsum_path(monkeypatch):
   fused_value, fused_grads = value_and_grad(params, fused_graphdef)
   close(fused_value, value, 1e-5)
   jax.tree.map(lambda a, b: close(a, b, 1e-4), fused_grads, grads)
-  rel = [v for k, v in jax.tree_util.tree_leaves_with_path(grads) if "rel_pos" in str(k)]
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  rel = [v for k, v in leaves if "rel_pos" in str(k)]
   assert len(rel) == 4 and all(float(jnp.abs(v).max()) > 0 for v in rel)
+  decoder_qkv = [v for k, v in leaves if "transformer" in str(k) and "q_proj" in str(k)]
+  assert len(decoder_qkv) >= 6 and all(float(jnp.abs(v).max()) > 0 for v in decoder_qkv)
   (g16, _), (f16, _) = build("einsum", jnp.bfloat16), build("dot_product", jnp.bfloat16)
   a, b = (np.asarray(nnx.merge(g, params).encode_image(images)) for g in (g16, f16))
   assert np.linalg.norm(a - b) / np.linalg.norm(a) < 2e-2  # bfloat16 rounding

@@ -19,7 +19,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from ultrajax.models import sam as sam_lib
+from ultrajax.models import sam as sam_lib, vit
 
 # PyTorch (with torchvision and triton, pulled in by segment_anything) must load before
 # TensorFlow, if anything imports it (tensorflow_datasets); the reverse order segfaults.
@@ -45,6 +45,13 @@ _DTYPE = flags.DEFINE_enum(
   "ultrajax compute dtype (PyTorch: float32 on a CPU, bf16 autocast on CUDA for bfloat16).",
 )
 _TORCH = flags.DEFINE_bool("sam_torch", True, "Also time segment_anything in PyTorch.")
+_ATTENTION = flags.DEFINE_enum(
+  "sam_attention_impl",
+  "dot_product",
+  list(vit.ATTENTION_IMPLS),
+  "ultrajax attention (image encoder and mask decoder): dot_product (cuDNN's fused kernel on a "
+  "GPU) or einsum (explicit products).",
+)
 
 
 def torch_reference(config: sam_lib.SamConfig):
@@ -112,6 +119,7 @@ def run(
   dtype: str,
   steps: int,
   torch_peer: bool = True,
+  attention_impl: str = "dot_product",
 ) -> dict:
   """Times ultrajax's SAM and, with torch_peer, segment_anything's with the same weights.
 
@@ -119,7 +127,7 @@ def run(
   'params', 'device', 'torch_device'}; times = {'encoder_s', 'decoder_s', 'first_s'}: the
   mean seconds per encoder call (`batch` images) and per decoder call (`prompts` prompts),
   and the first calls' (compilation). The peer runs on CUDA when torch has it, under bf16
-  autocast there for dtype='bfloat16'; on a CPU in float32."""
+  autocast there for dtype='bfloat16'; on a CPU in float32. attention_impl: Sam's."""
   from ultrajax.interop import sam as sam_interop
 
   config = sam_lib.sam_config(variant, image_size=image_size)
@@ -137,7 +145,11 @@ def run(
     )
   torch.manual_seed(0)
   reference = torch_reference(config)
-  abstract = nnx.eval_shape(lambda: sam_lib.Sam(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+    lambda: sam_lib.Sam(
+      config, dtype=jnp.dtype(dtype), attention_impl=attention_impl, rngs=nnx.Rngs(0)
+    )
+  )
   graphdef, state = nnx.split(abstract, nnx.Param)
   nnx.replace_by_pure_dict(
     state, jax.tree.map(jnp.asarray, sam_interop.sam_from_torch(reference.state_dict(), abstract))
@@ -217,11 +229,11 @@ def run(
 
 def bench_sam(config_unused, steps: int, clients_unused) -> None:
   b, p, s = _BATCH.value, _PROMPTS.value, _IMAGE_SIZE.value
-  r = run(_VARIANT.value, s, b, p, _DTYPE.value, steps, _TORCH.value)
+  r = run(_VARIANT.value, s, b, p, _DTYPE.value, steps, _TORCH.value, _ATTENTION.value)
   print(
     f"# SAM benchmark: {_VARIANT.value} at {s}px ({r['params'] / 1e6:.1f} M params), "
     f"encoder batch {b}, decoder batch {p} single-click prompts, {steps} timed calls; "
-    f"ultrajax dtype {_DTYPE.value} on {r['device']}"
+    f"ultrajax dtype {_DTYPE.value}, attention {_ATTENTION.value}, on {r['device']}"
   )
   print(
     f"{'implementation':<34}{'encoder img/s':>14}{'ms/img':>9}{'decoder ms':>12}"

@@ -488,11 +488,23 @@ class PromptEncoder(nnx.Module):
 
 
 class DecoderAttention(nnx.Module):
-  """segment_anything's transformer.Attention: q/k/v projected to dim / downsample."""
+  """segment_anything's transformer.Attention: q/k/v projected to dim / downsample. impl:
+  'dot_product' (vit.fused_attention: cuDNN on a GPU) or 'einsum' (vit.einsum_attention)."""
 
-  def __init__(self, dim: int, num_heads: int, downsample: int = 1, *, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    downsample: int = 1,
+    *,
+    dtype,
+    impl: str = "dot_product",
+    rngs: nnx.Rngs,
+  ):
+    if impl not in vit.ATTENTION_IMPLS:
+      raise ValueError(f"attention impl={impl!r} is not one of {vit.ATTENTION_IMPLS}")
     inner = dim // downsample
-    self.num_heads = num_heads
+    self.num_heads, self.impl = num_heads, impl
     self.q_proj = vit.linear(dim, inner, dtype=dtype, rngs=rngs)
     self.k_proj = vit.linear(dim, inner, dtype=dtype, rngs=rngs)
     self.v_proj = vit.linear(dim, inner, dtype=dtype, rngs=rngs)
@@ -501,7 +513,8 @@ class DecoderAttention(nnx.Module):
   def __call__(self, q, k, v):
     """q: [N, Tq, C], k, v: [N, Tk, C] -> [N, Tq, C]."""
     heads = lambda x: einops.rearrange(x, "b t (n d) -> b t n d", n=self.num_heads)
-    out = vit.fused_attention(
+    attention = vit.fused_attention if self.impl == "dot_product" else vit.einsum_attention
+    out = attention(
       heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))
     )  # scale 1/sqrt(head dim)
     return self.out_proj(einops.rearrange(out, "b t n d -> b t (n d)"))
@@ -510,18 +523,23 @@ class DecoderAttention(nnx.Module):
 class TwoWayBlock(nnx.Module):
   """Token self-attention, token->image, MLP (ReLU), image->token; post-norm residuals."""
 
-  def __init__(self, c: SamConfig, *, skip_first_pe: bool, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self, c: SamConfig, *, skip_first_pe: bool, dtype, attention_impl: str, rngs: nnx.Rngs
+  ):
     self.skip_first_pe = skip_first_pe
     dim, heads, down = c.prompt_dim, c.decoder_heads, c.attention_downsample
     norm = lambda: vit.layer_norm(dim, eps=DECODER_LN_EPS, dtype=dtype, rngs=rngs)
-    self.self_attn = DecoderAttention(dim, heads, dtype=dtype, rngs=rngs)
+    attn = lambda downsample=1: DecoderAttention(  # noqa: E731
+      dim, heads, downsample, dtype=dtype, impl=attention_impl, rngs=rngs
+    )
+    self.self_attn = attn()
     self.norm1 = norm()
-    self.cross_attn_token_to_image = DecoderAttention(dim, heads, down, dtype=dtype, rngs=rngs)
+    self.cross_attn_token_to_image = attn(down)
     self.norm2 = norm()
     self.mlp = EncoderMlp(dim, c.decoder_mlp_dim, act=jax.nn.relu, dtype=dtype, rngs=rngs)
     self.norm3 = norm()
     self.norm4 = norm()
-    self.cross_attn_image_to_token = DecoderAttention(dim, heads, down, dtype=dtype, rngs=rngs)
+    self.cross_attn_image_to_token = attn(down)
 
   def __call__(self, queries, keys, query_pe, key_pe):
     """queries: [N, T, C], keys: [N, HW, C] (+ their PEs) -> (queries, keys)."""
@@ -540,13 +558,16 @@ class TwoWayBlock(nnx.Module):
 
 
 class TwoWayTransformer(nnx.Module):
-  def __init__(self, config: SamConfig, *, dtype, rngs: nnx.Rngs):
-    c = config
+  def __init__(self, config: SamConfig, *, dtype, attention_impl: str, rngs: nnx.Rngs):
+    c, impl = config, attention_impl
     self.layers = nnx.List(
-      [TwoWayBlock(c, skip_first_pe=i == 0, dtype=dtype, rngs=rngs) for i in range(c.decoder_depth)]
+      [
+        TwoWayBlock(c, skip_first_pe=i == 0, dtype=dtype, attention_impl=impl, rngs=rngs)
+        for i in range(c.decoder_depth)
+      ]
     )
     self.final_attn_token_to_image = DecoderAttention(
-      c.prompt_dim, c.decoder_heads, c.attention_downsample, dtype=dtype, rngs=rngs
+      c.prompt_dim, c.decoder_heads, c.attention_downsample, dtype=dtype, impl=impl, rngs=rngs
     )
     self.norm_final_attn = vit.layer_norm(c.prompt_dim, eps=DECODER_LN_EPS, dtype=dtype, rngs=rngs)
 
@@ -592,7 +613,10 @@ class Decoded(NamedTuple):
 
 
 class MaskDecoder(nnx.Module):
-  def __init__(self, config: SamConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self, config: SamConfig, *, dtype, attention_impl: str = "dot_product", rngs: nnx.Rngs
+  ):
+    """attention_impl: its attention layers' (DecoderAttention's impl)."""
     c, dim = config, config.prompt_dim
     self.num_mask_tokens = c.num_multimask_outputs + 1
     self.iou_token = nnx.Param(embed_init(rngs.params(), (1, dim), jnp.float32))
@@ -602,7 +626,7 @@ class MaskDecoder(nnx.Module):
     self.num_cls_tokens = c.num_cls_tokens
     if c.num_cls_tokens:
       self.cls_tokens = nnx.Param(embed_init(rngs.params(), (c.num_cls_tokens, dim), jnp.float32))
-    self.transformer = TwoWayTransformer(c, dtype=dtype, rngs=rngs)
+    self.transformer = TwoWayTransformer(c, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
     # nn.ConvTranspose2d(k=2, s=2), in Flax's orientation: interop flips it on import/export.
     self.upscale_conv1 = layers.Upsample2x(dim, dim // 4, dtype=dtype, rngs=rngs)
     self.upscale_norm = vit.layer_norm(dim // 4, eps=ENCODER_LN_EPS, dtype=dtype, rngs=rngs)
@@ -655,7 +679,8 @@ class Sam(nnx.Module):
     attention_impl: str = "dot_product",
     rngs: nnx.Rngs,
   ):
-    """remat, scan_layers, attention_impl: the image encoder's (see ImageEncoder)."""
+    """remat, scan_layers: the image encoder's (see ImageEncoder); attention_impl: the image
+    encoder's and the mask decoder's."""
     self.config = config
     self.image_encoder = ImageEncoder(
       config,
@@ -666,7 +691,7 @@ class Sam(nnx.Module):
       rngs=rngs,
     )
     self.prompt_encoder = PromptEncoder(config, dtype=dtype, rngs=rngs)
-    self.mask_decoder = MaskDecoder(config, dtype=dtype, rngs=rngs)
+    self.mask_decoder = MaskDecoder(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
 
   @property
   def image_size(self) -> int:

@@ -139,6 +139,16 @@ def fused_attention(q, k, v, bias=None):
   return jax.nn.dot_product_attention(q, k, v, bias)
 
 
+def einsum_attention(q, k, v):
+  """q: [B, T, heads, head_dim], k, v: [B, S, heads, head_dim] -> softmax(q k^T / sqrt(head_dim))
+  v, [B, T, heads, head_dim]: fused_attention's layout and result with explicit products, the
+  scores and softmax in float32 (attention_impl='einsum', where the fused kernel is not wanted)."""
+  scores = jnp.einsum(
+    "bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32
+  )
+  return jnp.einsum("bhqk,bkhd->bqhd", softmax(scores).astype(v.dtype), v)
+
+
 def _matmul(a, b, contract: tuple[tuple[int, ...], tuple[int, ...]]):
   """dot_general of a and b over the `contract` axes, accumulated and returned in float32.
   XLA:CPU hands a bfloat16 product to YNNPACK's bf16 kernels only when it returns float32;
