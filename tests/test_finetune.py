@@ -335,8 +335,8 @@ def test_phantom_tasks_have_the_requested_labels():
 
 # ----------------------------------------------------------------------------- encoder loading
 def test_load_encoder_from_pretraining_checkpoint_and_timm_file(tmp_path):
-  import timm
-  import torch
+  timm = pytest.importorskip("timm")
+  torch = pytest.importorskip("torch")
 
   from ultrajax.interop import files
 

@@ -7,11 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
-import torchvision
 from flax import nnx
 
 from ultrajax.models import mmoe, resnet
+
+try:  # the [torch] extra; without it the five tests against torch / torchvision skip
+  import torch
+  import torchvision
+except ImportError:
+  torch = torchvision = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs the [torch] extra")
 
 TORCH_NAMES = {
   "scale": "weight",
@@ -51,6 +56,7 @@ def _jit_call(model, *args, **kwargs):
   return jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a, **kwargs))(state, *args)
 
 
+@needs_torch
 @pytest.mark.parametrize("num_classes", [1000, 1])
 def test_resnet18_parameter_count_matches_torchvision(num_classes):
   ours = nnx.eval_shape(lambda: resnet.ResNet(num_classes=num_classes, rngs=nnx.Rngs(0)))
@@ -61,6 +67,7 @@ def test_resnet18_parameter_count_matches_torchvision(num_classes):
   assert buffers == sum(b.numel() for n, b in theirs.named_buffers() if "running" in n)
 
 
+@needs_torch
 def test_resnet18_forward_matches_torchvision_with_copied_weights():
   torch.manual_seed(0)
   theirs = torchvision.models.resnet18(num_classes=5)
@@ -717,6 +724,7 @@ def test_early_stopping_keeps_each_nodes_best_validation_round():
   assert stopper.should_stop(1)  # one fusion round without gain = 5 epochs
 
 
+@needs_torch
 @pytest.mark.parametrize("schedule", ["cosine_restarts", "cosine"])
 def test_cosine_schedule_matches_torch_schedulers(schedule):
   config = _config(
@@ -746,6 +754,7 @@ def test_cosine_schedule_matches_torch_schedulers(schedule):
   assert float(got[10]) == pytest.approx(1e-3 if schedule == "cosine_restarts" else 1e-4)
 
 
+@needs_torch
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_optimizer_with_per_epoch_cosine_matches_torch(optimizer):
   """make_optimizer against torch.optim.Adam / AdamW + CosineAnnealingWarmRestarts stepped
