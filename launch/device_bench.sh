@@ -8,6 +8,8 @@
 # (host img/s at 224 px, ultrajax vs the official MAE DataLoader, at PIPELINE_WORKERS); `bench
 # sam` (SAM_VARIANT's image encoder img/s at SAM_BATCH images of 1024 px and decoder ms per
 # batch of 16 prompts, bf16, beside segment_anything on the same GPU under bf16 autocast).
+# The pretraining step is then traced (jax.profiler): its busiest XLA ops go into the table and
+# each mode's perfetto trace beside it (${TABLE%.md}_trace_<mode>.json.gz, ui.perfetto.dev).
 # If the pretraining step or `bench sam` prints no figures (cuDNN's attention failing past
 # JAX's checks), it runs again with the einsum attention inside the same 230 or 90 s, and the
 # table says so.
@@ -37,7 +39,8 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 mkdir -p "$(dirname "$TABLE")"
 cmd=("$PY" -m ultrajax.bench pretrain --config="$CONFIG" --steps="$STEPS" --clients="$CLIENTS" --rounds="$ROUNDS"
      --config.data.batch_size="$BATCH" --config.fed.chunk_steps="$CHUNK"
-     --config.ultramim.tgm_mode=random --config.ultramim.mic=False)
+     --config.ultramim.tgm_mode=random --config.ultramim.mic=False
+     --profile_dir=/tmp/ultrajax_device_profile)
 PLAN_LOG=${TABLE%.md}_plan.log PIPE_LOG=${TABLE%.md}_pipeline.log SAM_LOG=${TABLE%.md}_sam.log
 # A step that runs out of time leaves what it printed; the others still run.
 STEP_S=230 SAM_S=90  # the pretraining and SAM steps' seconds, a rerun included
@@ -52,6 +55,10 @@ if ! grep -q '^central ' "$LOG" && [ "$SECONDS" -lt $((STEP_S - 60)) ]; then
   cmd+=(--config.model.attention_impl=einsum)
   timeout $((STEP_S - SECONDS)) "${cmd[@]}" 2>&1 | tee -a "$LOG" || true
 fi
+for mode in central federated; do  # the newest trace of each mode, beside the table
+  trace=$(ls -t /tmp/ultrajax_device_profile/$mode/plugins/profile/*/perfetto_trace.json.gz 2> /dev/null | head -1 || true)
+  if [ -n "$trace" ]; then cp "$trace" "${TABLE%.md}_trace_$mode.json.gz"; fi
+done
 plan=("$PY" -m ultrajax.bench plan --config="$PLAN_CONFIG")
 timeout 100 "${plan[@]}" 2>&1 | tee "$PLAN_LOG" || true
 pipe=("$PY" -m ultrajax.bench pipeline --pipeline_workers="$PIPELINE_WORKERS")
@@ -86,6 +93,12 @@ machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -
   if [ -n "$retried" ]; then
     echo "- the first run gave no figures (${retried}); these are from a second run with attention_impl=einsum"
   fi
+  echo
+  echo "#### Where the pretraining step's time goes (jax.profiler; traces in $(basename "${TABLE%.md}")_trace_<mode>.json.gz)"
+  echo
+  echo '```'
+  grep '^profile ' "$LOG" || echo "no profile printed"
+  echo '```'
   echo
   echo "#### Memory and FLOPs of \`${plan[*]}\` (XLA on this device; compiled, not run)"
   echo

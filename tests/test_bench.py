@@ -281,3 +281,80 @@ def test_bench_sam_times_both_models_with_the_same_weights():
   r = sam_bench.run("tiny", 64, 1, 2, "float32", 1, attention_impl="einsum")
   assert r["embedding_diff"] < 1e-4 and r["mask_diff"] < 1e-3, r
   assert sam_bench.run("tiny", 64, 1, 1, "float32", 1, torch_peer=False)["torch"] is None
+
+
+def _write_trace(path, events):
+  import gzip
+  import json
+
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  return path
+
+
+def test_trace_summary_counts_the_device_streams_once_by_hand(tmp_path):
+  """perf.trace_summary on a hand-made GPU trace: only the XLA ops on the device's stream lines
+  count (not the host's, not the derived 'XLA Ops' line that repeats them, not a loop that
+  holds them); sums per
+  instruction kind and JAX op, the union of overlapping spans as busy time. A TPU-like trace
+  (no streams) counts its 'XLA Ops' line."""
+  from ultrajax.train import perf
+
+  meta = [
+    dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU")),
+    dict(ph="M", name="process_name", pid=2, args=dict(name="/device:GPU:0")),
+    dict(ph="M", name="thread_name", pid=2, tid=10, args=dict(name="Stream #7(Compute)")),
+    dict(ph="M", name="thread_name", pid=2, tid=11, args=dict(name="XLA Ops")),
+  ]
+  op = lambda pid, tid, hlo, ts, dur: dict(  # noqa: E731
+    ph="X", pid=pid, tid=tid, name="kernel", ts=ts, dur=dur, args=dict(hlo_op=hlo)
+  )
+  events = meta + [
+    op(1, 5, "fusion.9", 0, 99_000),  # the host's launch of it: not device time
+    op(2, 10, "while.4", 0, 25_000),  # a loop holding the three below: only they count
+    op(2, 10, "fusion.1", 0, 10_000),
+    op(2, 10, "fusion.2", 5_000, 10_000),  # overlaps fusion.1 by 5 ms
+    op(2, 10, "custom-call.3", 20_000, 5_000),
+    op(2, 11, "fusion.1", 0, 10_000),  # the derived line: the same op again
+    dict(ph="X", pid=2, tid=10, name="memcpy", ts=30_000, dur=1_000, args={}),  # no hlo_op
+  ]
+  names = {"fusion.1": "jvp(Block)/dot_general", "fusion.2": "jvp(Block)/dot_general"}
+  s = perf.trace_summary(_write_trace(tmp_path / "gpu.json.gz", events), names)
+  assert s["where"] == "device streams"
+  assert s["total_ms"] == pytest.approx(25.0) and s["busy_ms"] == pytest.approx(20.0)
+  assert s["rows"] == [(20.0, 2, "fusion", "jvp(Block)/dot_general"), (5.0, 1, "custom-call", "?")]
+  tpu = [e for e in events if e.get("tid") != 10]  # no stream line, its name included
+  s = perf.trace_summary(_write_trace(tmp_path / "tpu.json.gz", tpu), names)
+  assert s["where"] == "device 'XLA Ops' line"
+  assert s["rows"] == [(10.0, 1, "fusion", "jvp(Block)/dot_general")]
+
+
+def test_trace_summary_of_a_cpu_trace_names_the_jax_ops():
+  """A real XLA:CPU trace of a jitted function, three calls: its thunks, named after the JAX
+  ops of the compiled HLO, busy no longer than the calls took."""
+  import glob
+  import tempfile
+  import time
+
+  import jax
+  import jax.numpy as jnp
+
+  from ultrajax.train import perf
+
+  f = jax.jit(lambda a, b: jnp.tanh(a @ b) * 2.0)
+  a = jnp.ones((128, 128))
+  names = perf.op_names(f.lower(a, a).compile().as_text())
+  jax.block_until_ready(f(a, a))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      t0 = time.perf_counter()
+      for _ in range(3):
+        jax.block_until_ready(f(a, a))
+      wall_ms = 1e3 * (time.perf_counter() - t0)
+    (trace,) = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
+    s = perf.trace_summary(trace, names)
+  assert s["where"] == "host (XLA:CPU thunks)"
+  assert 0 < s["busy_ms"] <= min(s["total_ms"], wall_ms) + 1e-6
+  assert sum(count for _, count, *_ in s["rows"]) % 3 == 0  # the same thunks in each call
+  ops = {op for *_, op in s["rows"]}
+  assert ops <= set(names.values()) and ops & {"dot_general", "tanh", "mul"}, s

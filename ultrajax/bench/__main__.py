@@ -15,6 +15,9 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             figures are medians over rounds and each ratio is taken within a round (the
             machine's speed drifts), its range printed. For plain MAE set
             --config.ultramim.tgm_mode=random --config.ultramim.mic=False.
+            --profile_dir=DIR then traces --steps chunk calls of each mode (jax.profiler,
+            DIR/<mode>, a perfetto trace for ui.perfetto.dev) and prints the XLA ops that took
+            the most time, device busy time against wall time first (train/perf.py).
 
   urfm      URFM feature-target step (centralized): pixel targets vs teacher targets computed
             in the step vs cached targets read with the batch, and the one-off cost of
@@ -48,7 +51,9 @@ the machine and the exact command in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import os
 import pathlib
+import re
 import time
 
 import jax
@@ -85,6 +90,12 @@ _ROUNDS = flags.DEFINE_integer(
 _MODES = flags.DEFINE_list(
   "pretrain_modes", ["central", "federated"], "bench pretrain: which of central, federated to run."
 )
+_PROFILE_DIR = flags.DEFINE_string(
+  "profile_dir",
+  "",
+  "bench pretrain: after the figures, trace --steps chunk calls of each mode with "
+  "jax.profiler into DIR/<mode> and print where the time went (train/perf.py's trace_summary).",
+)
 
 
 def _programs(config, mesh, num_clients: int, **kwargs):
@@ -120,8 +131,9 @@ def _timed_chunks(programs, params, state, data, args, steps: int):
 
 def _prepare_mode(config, mesh, num_clients: int, batch: int, steps: int):
   """(figures, timed) for one compiled chunk of K local steps of `num_clients` equal clients on
-  as many lanes: figures has the compile time, the round's end + start (ms_aggregate) and the
-  chunk's FLOPs; timed() runs `steps` more chunk calls and returns (wall s, CPU s) per call."""
+  as many lanes: figures has the compile time, the round's end + start (ms_aggregate), the
+  chunk's FLOPs and its compiled HLO's op names (for profiles); timed() runs `steps` more
+  chunk calls and returns (wall s, CPU s) per call."""
   config = config.copy_and_resolve_references()
   config.data.batch_size = batch
   k, s = config.fed.chunk_steps, config.model.image_size
@@ -161,6 +173,7 @@ def _prepare_mode(config, mesh, num_clients: int, batch: int, steps: int):
     ms_aggregate=1e3 * sync_s,
     compile_s=compile_s,
     flops=programs.chunk_flops,
+    op_names=lambda: perf.op_names(programs.chunk_hlo()),
   )
   return figures, timed
 
@@ -314,7 +327,33 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
         f"ratio ultrajax {name} / pytorch: {np.median(img):.2f} in img/s, "
         f"{np.median(cpu):.2f} in CPU time per image{spread}"
       )
+  if _PROFILE_DIR.value:
+    for name, (m, figures, timed) in prepared.items():
+      with jax.set_mesh(m):
+        _profile_mode(name, figures, timed, pathlib.Path(_PROFILE_DIR.value) / name)
   _paper_packing()
+
+
+def _profile_mode(name: str, figures: dict, timed, trace_dir: pathlib.Path, rows: int = 15):
+  """Traces one timed() of a prepared mode and prints trace_summary's rows, each line starting
+  'profile <name>'; a failure is printed, not raised (the figures above are already out)."""
+  try:
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+      chunk_s, _ = timed()
+    trace = max(trace_dir.glob("plugins/profile/*/perfetto_trace.json.gz"), key=os.path.getmtime)
+    s = perf.trace_summary(trace, figures["op_names"](), rows)
+  except Exception as e:  # noqa: BLE001 (a profiler or trace-format problem ends the profile only)
+    print(f"profile {name}: failed, {type(e).__name__}: {e}")
+    return
+  wall_ms = 1e3 * chunk_s * _STEPS.value
+  print(
+    f"profile {name}: {_STEPS.value} chunk call(s), {wall_ms:.1f} ms; XLA ops on the "
+    f"{s['where']} busy {s['busy_ms']:.1f} ms ({100 * s['busy_ms'] / wall_ms:.0f}%), "
+    f"{s['total_ms']:.1f} ms summed; trace {trace}"
+  )
+  for ms, count, kind, op in s["rows"]:
+    op = re.sub(r"while/body/|closed_call/", "", op)  # the chunk's loop, on every op
+    print(f"profile {name} {ms:10.1f} ms {count:6d}x  {kind:<28} {op[-70:]}")
 
 
 def _time_urfm(config, mesh, mode: str, steps: int) -> dict:

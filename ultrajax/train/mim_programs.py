@@ -187,6 +187,10 @@ class Programs:
     traced, self.chunk_flops = self.trace_chunk(*args)
     return traced.lower().compile()
 
+  def chunk_hlo(self) -> str:
+    """The compiled chunk's optimized HLO text, once run_chunk has compiled it."""
+    return self._compiled_chunk.as_text()
+
   def run_chunk(self, *args):
     """Compiles on first use (keeping the model FLOPs for MFU), then runs asynchronously."""
     if self._compiled_chunk is None:

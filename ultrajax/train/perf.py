@@ -1,10 +1,15 @@
-"""Throughput accounting: FLOPs of traced and compiled programs, peak FLOP/s by device, MFU."""
+"""Throughput accounting: FLOPs of traced and compiled programs, peak FLOP/s by device, MFU,
+and where a profiled program's time went (`trace_summary`)."""
 
 from __future__ import annotations
 
+import collections
+import gzip
+import json
 import math
 import os
 import platform
+import re
 
 import jax
 import jax.extend.core
@@ -75,3 +80,87 @@ def host_description() -> str:
     pass
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return f"{model}, {cores} cores"
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """{HLO instruction name: the JAX op it came from} (its op_name metadata, the jit's own name
+  dropped) from a compiled module's text (`compiled.as_text()`)."""
+  names = {}
+  for line in hlo_text.splitlines():
+    found = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = ", line)
+    op = re.search(r'op_name="([^"]+)"', line)
+    if found and op:
+      names[found.group(1)] = re.sub(r"^jit\([^)]*\)/", "", op.group(1))
+  return names
+
+
+def _union_ms(spans: list[tuple[float, float]]) -> float:
+  """Length of the union of [start, end) spans (microseconds) in milliseconds."""
+  total, end = 0.0, -math.inf
+  for a, b in sorted(spans):
+    if b > end:
+      total += b - max(a, end)
+      end = b
+  return total / 1e3
+
+
+def _leaves(events: list[dict]) -> list[dict]:
+  """The events that hold no other event of their line (pid, tid) inside their span: a
+  while loop's thunk holds its body's on XLA:CPU, and counting both would count the body twice."""
+  by_line = collections.defaultdict(list)
+  for e in events:
+    by_line[e["pid"], e.get("tid")].append(e)
+  leaves = []
+  for line in by_line.values():
+    line.sort(key=lambda e: (e["ts"], -e["dur"]))
+    for e, after in zip(line, line[1:] + [None]):
+      if after is None or after["ts"] + after["dur"] > e["ts"] + e["dur"]:  # not inside e
+        leaves.append(e)
+  return leaves
+
+
+def trace_summary(trace_file, names: dict[str, str] | None = None, rows: int = 20) -> dict:
+  """Where the XLA ops of one jax.profiler trace (a perfetto_trace.json.gz or trace.json.gz)
+  spent their time: the events that carry an `hlo_op`, on the accelerator when the trace has
+  one (its stream lines on a GPU, its 'XLA Ops' line on a TPU, so derived lines are not
+  counted twice), else the host's XLA:CPU thunks; of nested events (a loop and its body) only
+  the innermost.
+
+  Returns {'where': which events, 'busy_ms': the union of their spans, 'total_ms': their sum
+  (above busy_ms where ops overlap), 'rows': [(ms, count, instruction kind, JAX op)] the
+  largest first, at most `rows`}: kind is the instruction name without its '.N' suffix, op its
+  op_name from `names` (op_names of the program's HLO), '?' when unknown."""
+  with gzip.open(trace_file, "rt") as f:
+    events = json.load(f)["traceEvents"]
+  meta = lambda kind: {  # noqa: E731
+    (e["pid"], e.get("tid")) if kind == "thread_name" else e["pid"]: e["args"]["name"]
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == kind
+  }
+  processes, threads = meta("process_name"), meta("thread_name")
+  ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})]
+  where = "host (XLA:CPU thunks)"
+  on_device = [e for e in ops if str(processes.get(e["pid"], "")).startswith("/device:")]
+  if on_device:
+    line = lambda e: str(threads.get((e["pid"], e.get("tid")), ""))  # noqa: E731
+    for prefix, label in (("Stream", "device streams"), ("XLA Ops", "device 'XLA Ops' line")):
+      chosen = [e for e in on_device if line(e).startswith(prefix)]
+      if chosen:
+        ops, where = chosen, label
+        break
+    else:
+      ops, where = on_device, "device"
+  ops = _leaves(ops)
+  names = names or {}
+  totals, counts = collections.Counter(), collections.Counter()
+  for e in ops:
+    instruction = e["args"]["hlo_op"]
+    key = (re.sub(r"[.][0-9]+$", "", instruction), names.get(instruction, "?"))
+    totals[key] += e["dur"] / 1e3
+    counts[key] += 1
+  return dict(
+    where=where,
+    busy_ms=_union_ms([(e["ts"], e["ts"] + e["dur"]) for e in ops]),
+    total_ms=sum(totals.values()),
+    rows=[(ms, counts[key], *key) for key, ms in totals.most_common(rows)],
+  )
