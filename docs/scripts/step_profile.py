@@ -9,11 +9,7 @@ XLA:CPU runs some thunks (Eigen dots) asynchronously, so their rows understate t
 thunks they overlap overstate theirs; the rows sum to about the step's wall time.
 """
 
-import collections
 import glob
-import gzip
-import json
-import re
 import sys
 import tempfile
 import time
@@ -22,6 +18,7 @@ import jax
 import mae_step
 
 from ultrajax.models import vit
+from ultrajax.train import perf
 
 batch, kind = int(sys.argv[1]), sys.argv[2]
 rows = int(sys.argv[3]) if len(sys.argv) > 3 else 30
@@ -32,12 +29,7 @@ compiled = (
   .lower(params, tx.init(params), images, jax.random.key(0))
   .compile()
 )
-hlo = {}
-for line in compiled.as_text().splitlines():
-  found = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
-  if found:
-    op = re.search(r'op_name="([^"]+)"', line)
-    hlo[found.group(1)] = op.group(1).replace("jit(step)/", "") if op else "?"
+names = perf.op_names(compiled.as_text())
 p, o = params, tx.init(params)
 for i in range(3):
   c0 = time.process_time()
@@ -48,16 +40,11 @@ with tempfile.TemporaryDirectory() as trace_dir:
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     p, o, loss = compiled(p, o, images, jax.random.key(9))
     jax.block_until_ready(loss)
-  events = json.load(gzip.open(glob.glob(f"{trace_dir}/**/*.json.gz", recursive=True)[0]))
-totals, counts = collections.Counter(), collections.Counter()
-for e in events["traceEvents"]:
-  if e.get("ph") == "X" and e.get("name") in hlo:
-    key = f"{re.sub(r'[.][0-9]+$', '', e['name']):24s} {hlo[e['name']][-56:]}"
-    totals[key] += e["dur"] / 1e3
-    counts[key] += 1
-print(f"\nXLA thunks, one step ({sum(totals.values()):.0f} ms in all):")
-for key, ms in totals.most_common(rows):
-  print(f"{ms:8.1f} ms {counts[key]:4d}x  {key}")
+  trace = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
+  summary = perf.trace_summary(trace, names, rows)
+print(f"\nXLA thunks, one step ({summary['total_ms']:.0f} ms in all):")
+for ms, count, hlo_kind, op in summary["rows"]:
+  print(f"{ms:8.1f} ms {count:4d}x  {hlo_kind:24s} {op[-56:]}")
 
 import torch  # noqa: E402  (the optional extra, after XLA's half)
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
