@@ -327,6 +327,11 @@ def test_trace_summary_counts_the_device_streams_once_by_hand(tmp_path):
   s = perf.trace_summary(_write_trace(tmp_path / "tpu.json.gz", tpu), names)
   assert s["where"] == "device 'XLA Ops' line"
   assert s["rows"] == [(10.0, 1, "fusion", "jvp(Block)/dot_general")]
+  # A device trace whose kernels name no instruction: by kernel name, the host's left out.
+  bare = [dict(e, args={}) if e.get("pid") == 2 and e["ph"] == "X" else e for e in events]
+  s = perf.trace_summary(_write_trace(tmp_path / "bare.json.gz", bare), names)
+  assert s["where"] == "device streams"
+  assert s["rows"] == [(25.0, 3, "kernel", "?"), (1.0, 1, "memcpy", "?")]
 
 
 def test_trace_summary_of_a_cpu_trace_names_the_jax_ops():

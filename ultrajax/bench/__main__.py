@@ -352,7 +352,7 @@ def _profile_mode(name: str, figures: dict, timed, trace_dir: pathlib.Path, rows
     f"{s['total_ms']:.1f} ms summed; trace {trace}"
   )
   for ms, count, kind, op in s["rows"]:
-    op = re.sub(r"while/body/|closed_call/", "", op)  # the chunk's loop, on every op
+    op = re.sub(r"while/body/|closed_call/|eval_jaxpr/", "", op)  # on every op of the chunk
     print(f"profile {name} {ms:10.1f} ms {count:6d}x  {kind:<28} {op[-70:]}")
 
 

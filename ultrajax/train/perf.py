@@ -128,8 +128,9 @@ def trace_summary(trace_file, names: dict[str, str] | None = None, rows: int = 2
 
   Returns {'where': which events, 'busy_ms': the union of their spans, 'total_ms': their sum
   (above busy_ms where ops overlap), 'rows': [(ms, count, instruction kind, JAX op)] the
-  largest first, at most `rows`}: kind is the instruction name without its '.N' suffix, op its
-  op_name from `names` (op_names of the program's HLO), '?' when unknown."""
+  largest first, at most `rows`}: kind is the instruction name without its '.N' suffix (the
+  kernel's name where a device trace names no instruction), op its op_name from `names`
+  (op_names of the program's HLO), '?' when unknown."""
   with gzip.open(trace_file, "rt") as f:
     events = json.load(f)["traceEvents"]
   meta = lambda kind: {  # noqa: E731
@@ -138,23 +139,23 @@ def trace_summary(trace_file, names: dict[str, str] | None = None, rows: int = 2
     if e.get("ph") == "M" and e.get("name") == kind
   }
   processes, threads = meta("process_name"), meta("thread_name")
-  ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})]
-  where = "host (XLA:CPU thunks)"
-  on_device = [e for e in ops if str(processes.get(e["pid"], "")).startswith("/device:")]
-  if on_device:
+  spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+  has_op = lambda e: "hlo_op" in (e.get("args") or {})  # noqa: E731
+  device = [e for e in spans if str(processes.get(e["pid"], "")).startswith("/device:")]
+  ops, where = [e for e in spans if has_op(e)], "host (XLA:CPU thunks)"
+  if device:  # the device's events; by kernel name if none names its HLO instruction
+    ops, where = [e for e in device if has_op(e)] or device, "device"
     line = lambda e: str(threads.get((e["pid"], e.get("tid")), ""))  # noqa: E731
     for prefix, label in (("Stream", "device streams"), ("XLA Ops", "device 'XLA Ops' line")):
-      chosen = [e for e in on_device if line(e).startswith(prefix)]
+      chosen = [e for e in ops if line(e).startswith(prefix)]
       if chosen:
         ops, where = chosen, label
         break
-    else:
-      ops, where = on_device, "device"
   ops = _leaves(ops)
   names = names or {}
   totals, counts = collections.Counter(), collections.Counter()
   for e in ops:
-    instruction = e["args"]["hlo_op"]
+    instruction = (e.get("args") or {}).get("hlo_op") or e["name"]
     key = (re.sub(r"[.][0-9]+$", "", instruction), names.get(instruction, "?"))
     totals[key] += e["dur"] / 1e3
     counts[key] += 1
