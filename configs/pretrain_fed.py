@@ -188,6 +188,9 @@ def get_config(arg=None):
   c.sharding_rules = ((".*", "fsdp"),) if knobs.preset == "paper" else ((".*", "replicated"),)
 
   c.log_every_rounds = 1
+  # Trace this round (1-based) with jax.profiler into workdir/profile (a perfetto trace for
+  # ui.perfetto.dev) and log its busiest XLA ops and how busy the device was; 0 = never.
+  c.profile_round = 0
   c.image_every_rounds = 10
   # PNG of the encoder's last-block cls attention per head (UltraFedFM Figs. 7-8); 0 = off.
   c.attention_every_rounds = 50

@@ -15,7 +15,7 @@ from PIL import Image
 from ultrajax import configlib, evaluate
 from ultrajax.eval import evaluators
 from ultrajax.jobs import pretrain
-from ultrajax.train import checkpoint, writers
+from ultrajax.train import checkpoint, perf, writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -65,9 +65,12 @@ LEAN = {
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   """pretrain.run(smoke_config()) once for the tests that check different things on it:
-  (workdir, the returned params). Tests must not write into the workdir's run files."""
+  (workdir, the returned params), round 2 profiled. Tests must not write into the workdir's run
+  files."""
   workdir = tmp_path_factory.mktemp("pretrain_smoke")
-  return workdir, pretrain.run(smoke_config(), workdir)
+  config = smoke_config()
+  config.profile_round = 2
+  return workdir, pretrain.run(config, workdir)
 
 
 def test_smoke_run_writes_metrics_images_and_checkpoint(smoke_run):
@@ -88,6 +91,10 @@ def test_smoke_run_writes_metrics_images_and_checkpoint(smoke_run):
     "smat_pairs.png",
   ]
   assert_trees_equal(checkpoint.load_params(tmp_path), params)
+  # profile_round=2: one jax.profiler trace, of round 2: XLA ops busy for no longer than it took.
+  summary = perf.trace_summary(perf.latest_trace(tmp_path / "profile"))
+  assert len(list((tmp_path / "profile").glob("plugins/profile/*"))) == 1
+  assert summary["rows"] and 0 < summary["busy_ms"] <= 1e3 * rows[2]["s_per_round"]
   # The evaluators ran at random init (round 0) and at the last round (smoke: every 2 rounds).
   keys = {f"eval/{n}/{m}" for n in ("linear_probe", "knn") for m in ("accuracy", "auroc")}
   evals = evals_by_round(tmp_path, keys)

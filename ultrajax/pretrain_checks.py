@@ -54,6 +54,7 @@ def validate(config) -> None:
   for name in ("log_every_rounds", "image_every_rounds", "ckpt_every_rounds", "keep_checkpoints"):
     c.check_range(config, name, 1)
   c.check_range(config, "attention_every_rounds", 0)
+  c.check_range(config, "profile_round", 0)
   if config.data.source == "folder":
     c.check(bool(config.data.root), "config.data.root must name a folder when data.source='folder'")
   if config.data.source == "manifest":

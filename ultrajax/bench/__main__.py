@@ -51,9 +51,7 @@ the machine and the exact command in docs/benchmarks.md.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import re
 import time
 
 import jax
@@ -340,20 +338,16 @@ def _profile_mode(name: str, figures: dict, timed, trace_dir: pathlib.Path, rows
   try:
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
       chunk_s, _ = timed()
-    trace = max(trace_dir.glob("plugins/profile/*/perfetto_trace.json.gz"), key=os.path.getmtime)
+    trace = perf.latest_trace(trace_dir)
     s = perf.trace_summary(trace, figures["op_names"](), rows)
   except Exception as e:  # noqa: BLE001 (a profiler or trace-format problem ends the profile only)
     print(f"profile {name}: failed, {type(e).__name__}: {e}")
     return
-  wall_ms = 1e3 * chunk_s * _STEPS.value
-  print(
-    f"profile {name}: {_STEPS.value} chunk call(s), {wall_ms:.1f} ms; XLA ops on the "
-    f"{s['where']} busy {s['busy_ms']:.1f} ms ({100 * s['busy_ms'] / wall_ms:.0f}%), "
-    f"{s['total_ms']:.1f} ms summed; trace {trace}"
-  )
-  for ms, count, kind, op in s["rows"]:
-    op = re.sub(r"while/body/|closed_call/|eval_jaxpr/", "", op)  # on every op of the chunk
-    print(f"profile {name} {ms:10.1f} ms {count:6d}x  {kind:<28} {op[-70:]}")
+  what = f"{_STEPS.value} chunk call(s)"
+  head, *rows_ = perf.summary_lines(s, 1e3 * chunk_s * _STEPS.value, what)
+  print(f"profile {name}: {head}; trace {trace}")
+  for line in rows_:
+    print(f"profile {name} {line}")
 
 
 def _time_urfm(config, mesh, mode: str, steps: int) -> dict:

@@ -231,6 +231,9 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
     )
 
     clock = timing.CompileClock()
+    profile_dir = os.path.join(workdir, "profile")  # config.profile_round's trace
+    if jax.process_count() > 1:  # one folder per process: each writes its own trace
+      profile_dir = os.path.join(profile_dir, f"process_{jax.process_index()}")
     kill_at = tuple(int(x) for x in os.environ.get(KILL_AT_ENV, "0,0").split(","))
     for r in range(start, last):
       why = strategy.stop_reason(r, train["strategy"])
@@ -240,6 +243,9 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
           ckpt.save(r, params, train, data, dict(meta, round=r))
         break
       t0 = timing.now()
+      profiling = r + 1 == config.profile_round
+      if profiling:
+        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
       round_key = rounds.round_key(train_key, r)
       # Every round, the first after a resume included: the clients' optimizer states that
       # round r starts from do not depend on where the run stopped.
@@ -270,6 +276,9 @@ def _run(config, workdir: pathlib.Path, stop_after_rounds: int | None):
       losses = np.concatenate([np.asarray(x) for x in jax.device_get(losses)], axis=1)
       grad_norms = np.concatenate([np.asarray(x) for x in jax.device_get(grad_norms)], axis=1)
       seconds = timing.now() - t0
+      if profiling:
+        jax.profiler.stop_trace()
+        perf.log_profile(profile_dir, programs.chunk_hlo(), seconds, f"round {r + 1}")
       # Throughput leaves compilation out (the first round of a run compiles its programs).
       compiling = clock.seconds_between(t0, t0 + seconds)
       running = max(seconds - compiling, 1e-9)

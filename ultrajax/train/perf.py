@@ -8,11 +8,13 @@ import gzip
 import json
 import math
 import os
+import pathlib
 import platform
 import re
 
 import jax
 import jax.extend.core
+from absl import logging
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
 PEAK_BF16_FLOPS = {
@@ -165,3 +167,40 @@ def trace_summary(trace_file, names: dict[str, str] | None = None, rows: int = 2
     total_ms=sum(totals.values()),
     rows=[(ms, counts[key], *key) for key, ms in totals.most_common(rows)],
   )
+
+
+def latest_trace(trace_dir) -> pathlib.Path:
+  """The newest perfetto_trace.json.gz that jax.profiler.trace(trace_dir,
+  create_perfetto_trace=True) wrote (it adds plugins/profile/<time>/)."""
+  found = list(pathlib.Path(trace_dir).glob("plugins/profile/*/perfetto_trace.json.gz"))
+  if not found:
+    raise FileNotFoundError(f"{trace_dir}: no perfetto_trace.json.gz under plugins/profile/")
+  return max(found, key=os.path.getmtime)
+
+
+def summary_lines(summary: dict, wall_ms: float, what: str) -> list[str]:
+  """trace_summary's figures as lines: `what` (e.g. '2 chunk calls'), how busy the device was
+  over `wall_ms`, then one line per row, the ops' nesting in the chunk's loop left out."""
+  busy = summary["busy_ms"]
+  lines = [
+    f"{what}, {wall_ms:.1f} ms; XLA ops on the {summary['where']} busy {busy:.1f} ms "
+    f"({100 * busy / max(wall_ms, 1e-9):.0f}%), {summary['total_ms']:.1f} ms summed"
+  ]
+  for ms, count, kind, op in summary["rows"]:
+    op = re.sub(r"while/body/|closed_call/|eval_jaxpr/", "", op)
+    lines.append(f"{ms:10.1f} ms {count:6d}x  {kind:<28} {op[-70:]}")
+  return lines
+
+
+def log_profile(trace_dir, hlo_text: str, wall_s: float, what: str, rows: int = 12) -> None:
+  """Logs summary_lines of the newest trace under trace_dir (a job's profiled round, whose
+  compiled program's HLO text names the ops); a trace that cannot be read is logged, not raised."""
+  try:
+    trace = latest_trace(trace_dir)
+    lines = summary_lines(trace_summary(trace, op_names(hlo_text), rows), 1e3 * wall_s, what)
+  except (OSError, ValueError, KeyError) as e:
+    logging.warning("Profile of %s: the trace could not be read (%s)", what, e)
+    return
+  logging.info("Profile of %s (trace: %s):", lines[0], trace)
+  for line in lines[1:]:
+    logging.info("  %s", line)

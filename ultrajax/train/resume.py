@@ -40,6 +40,7 @@ CHANGEABLE = (
   "fed.num_rounds",
   "num_steps",
   "log_every_rounds",
+  "profile_round",
   "image_every_rounds",
   "ckpt_every_rounds",
   "keep_checkpoints",
