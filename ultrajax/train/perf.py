@@ -128,7 +128,8 @@ def trace_summary(trace_file, names: dict[str, str] | None = None, rows: int = 2
   counted twice), else the host's XLA:CPU thunks; of nested events (a loop and its body) only
   the innermost.
 
-  Returns {'where': which events, 'busy_ms': the union of their spans, 'total_ms': their sum
+  Returns {'where': which events, 'busy_ms': the union of their spans (the time any of the
+  devices, or XLA:CPU's threads, ran an op), 'total_ms': their sum
   (above busy_ms where ops overlap), 'rows': [(ms, count, instruction kind, JAX op)] the
   largest first, at most `rows`}: kind is the instruction name without its '.N' suffix (the
   kernel's name where a device trace names no instruction), op its op_name from `names`
