@@ -396,13 +396,14 @@ def test_prompted_classifier_against_segment_anything_transformer(tiny):
   """Paper section 2.3: E_g's projected tokens are added to E_o's, a classification token goes
   through segment_anything's two-way transformer after the mask tokens and before the prompt
   tokens, and its output concatenated with z_g feeds the head. Gradients reach E_g; E_o's
-  tokens are an input. The frozen variant uses E_o's mean as z_g and adds nothing."""
+  tokens are an input. The frozen variant uses E_o's mean as z_g and adds nothing (built with
+  attention_impl='einsum': the decoder's explicit attention gives the same)."""
   from ultrajax.models import prompted_cls, vit
 
   tmodel, model, params = tiny
   rng = np.random.default_rng(8)
 
-  def build(eg_size, with_eg=True, abstract=False):
+  def build(eg_size, with_eg=True, abstract=False, attention_impl="dot_product"):
     """The classifier with seeded random parameters (numpy: an eager init compiles every
     layer, which costs more than the test)."""
 
@@ -417,7 +418,11 @@ def test_prompted_classifier_against_segment_anything_transformer(tiny):
         rngs=nnx.Rngs(1),
       )
       return prompted_cls.PromptedClassifier(
-        model.config, 3, global_encoder=eg if with_eg else None, rngs=nnx.Rngs(2)
+        model.config,
+        3,
+        global_encoder=eg if with_eg else None,
+        attention_impl=attention_impl,
+        rngs=nnx.Rngs(2),
       )
 
     graphdef, state = nnx.split(nnx.eval_shape(make), nnx.Param)
@@ -470,7 +475,8 @@ def test_prompted_classifier_against_segment_anything_transformer(tiny):
   assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads["global_encoder"]["blocks"]))
   assert np.abs(grads["mask_decoder"]["cls_tokens"]).max() > 0
 
-  frozen = build(128, with_eg=False)
+  frozen = build(128, with_eg=False, attention_impl="einsum")  # the explicit products, too
+  assert frozen.mask_decoder.transformer.final_attn_token_to_image.impl == "einsum"
   prompted_cls.load_sam_parts(frozen, params)
   graphdef, state = nnx.split(frozen, nnx.Param)
   weights = jax.tree.map(np.asarray, nnx.to_pure_dict(state))

@@ -446,6 +446,7 @@ def run_classification(
     len(values),
     global_encoder=global_encoder(config, rngs),
     dtype=vit.DTYPES[config.model.dtype],
+    attention_impl=config.model.attention_impl,
     rngs=rngs,
   )
   prompted_cls.load_sam_parts(prompted, params)

@@ -39,8 +39,10 @@ class PromptedClassifier(nnx.Module):
     *,
     global_encoder: vit.ViT | None,
     dtype=jnp.float32,
+    attention_impl: str = "dot_product",
     rngs: nnx.Rngs,
   ):
+    """attention_impl: the SAM mask decoder's (sam.DecoderAttention's impl)."""
     if global_encoder is not None and global_encoder.pool != "none":
       raise ValueError(
         "the global encoder E_g must be a ViT with pool='none' (its tokens are used)"
@@ -49,7 +51,9 @@ class PromptedClassifier(nnx.Module):
     dim = config.prompt_dim
     self.grid, self.image_size = config.grid, config.image_size
     self.prompt_encoder = sam_lib.PromptEncoder(config, dtype=dtype, rngs=rngs)
-    self.mask_decoder = sam_lib.MaskDecoder(config, dtype=dtype, rngs=rngs)
+    self.mask_decoder = sam_lib.MaskDecoder(
+      config, dtype=dtype, attention_impl=attention_impl, rngs=rngs
+    )
     self.global_encoder = global_encoder
     if global_encoder is not None:
       self.token_proj = vit.linear(global_encoder.width, dim, dtype=dtype, rngs=rngs)
