@@ -11,8 +11,8 @@
 # The pretraining step is then traced (jax.profiler): its busiest XLA ops go into the table and
 # each mode's perfetto trace beside it (${TABLE%.md}_trace_<mode>.json.gz, ui.perfetto.dev).
 # If the pretraining step or `bench sam` prints no figures (cuDNN's attention failing past
-# JAX's checks), it runs again with the einsum attention inside the same 230 or 90 s, and the
-# table says so.
+# JAX's checks), it runs again with the einsum attention inside the same 230 or 90 s (`step`
+# below), and the table says so.
 # Writes markdown tables to $1, else $OUT/device_bench.md, else ./device_bench.md; raw logs
 # beside it.
 #   launch/device_bench.sh [/path/to/table.md]
@@ -42,19 +42,25 @@ cmd=("$PY" -m ultrajax.bench pretrain --config="$CONFIG" --steps="$STEPS" --clie
      --config.ultramim.tgm_mode=random --config.ultramim.mic=False
      --profile_dir=/tmp/ultrajax_device_profile)
 PLAN_LOG=${TABLE%.md}_plan.log PIPE_LOG=${TABLE%.md}_pipeline.log SAM_LOG=${TABLE%.md}_sam.log
-# A step that runs out of time leaves what it printed; the others still run.
-STEP_S=230 SAM_S=90  # the pretraining and SAM steps' seconds, a rerun included
-timeout $STEP_S "${cmd[@]}" 2>&1 | tee "$LOG" || true
-# cuDNN's attention can fail where JAX's trace-time checks let it through (at compile or run
-# time, on a jax/cuDNN pair not seen here): then, in what is left of STEP_S, once more with
-# the einsum attention, so the run still gives the step's figures.
-retried=""
-if ! grep -q '^central ' "$LOG" && [ "$SECONDS" -lt $((STEP_S - 60)) ]; then
-  retried=$(grep -E '^[A-Za-z_.]*(Error|Exception)\b' "$LOG" | tail -1 | cut -c1-200)
-  retried=${retried:-no error line}
-  cmd+=(--config.model.attention_impl=einsum)
-  timeout $((STEP_S - SECONDS)) "${cmd[@]}" 2>&1 | tee -a "$LOG" || true
-fi
+# step LOG SECONDS PATTERN FLAG CMD...: runs CMD within SECONDS, its output into LOG. A step that
+# runs out of time leaves what it printed; the others still run. cuDNN's attention can fail where
+# JAX's trace-time checks let it through (at compile or run time, on a jax/cuDNN pair not seen
+# here): if LOG then has no line matching PATTERN and a quarter of SECONDS is left, CMD runs
+# again with FLAG (the einsum attention) in the time left, so the run still gives its figures.
+# RETRIED: the first run's last error line when it did so, else empty.
+step() {
+  local log=$1 budget=$2 pattern=$3 flag=$4 start=$SECONDS
+  shift 4
+  RETRIED=""
+  timeout "$budget" "$@" 2>&1 | tee "$log" || true
+  if ! grep -q "$pattern" "$log" && [ $((SECONDS - start)) -lt $((budget * 3 / 4)) ]; then
+    RETRIED=$(grep -E '^[A-Za-z_.]*(Error|Exception)\b' "$log" | tail -1 | cut -c1-200)
+    RETRIED=${RETRIED:-no error line}
+    timeout $((budget - SECONDS + start)) "$@" "$flag" 2>&1 | tee -a "$log" || true
+  fi
+}
+step "$LOG" 230 '^central ' --config.model.attention_impl=einsum "${cmd[@]}"
+retried=$RETRIED
 for mode in central federated; do  # the newest trace of each mode, beside the table
   trace=$(ls -t /tmp/ultrajax_device_profile/$mode/plugins/profile/*/perfetto_trace.json.gz 2> /dev/null | head -1 || true)
   if [ -n "$trace" ]; then cp "$trace" "${TABLE%.md}_trace_$mode.json.gz"; fi
@@ -65,15 +71,8 @@ pipe=("$PY" -m ultrajax.bench pipeline --pipeline_workers="$PIPELINE_WORKERS")
 timeout 60 "${pipe[@]}" 2>&1 | tee "$PIPE_LOG" || true
 sam=("$PY" -m ultrajax.bench sam --sam_variant="$SAM_VARIANT" --sam_image_size="$SAM_SIZE"
      --sam_batch="$SAM_BATCH" --sam_dtype=bfloat16 --steps=5)
-sam_start=$SECONDS
-timeout $SAM_S "${sam[@]}" 2>&1 | tee "$SAM_LOG" || true
-sam_retried=""
-if ! grep -q '^ultrajax ' "$SAM_LOG" && [ $((SECONDS - sam_start)) -lt $((SAM_S - 30)) ]; then
-  sam_retried=$(grep -E '^[A-Za-z_.]*(Error|Exception)\b' "$SAM_LOG" | tail -1 | cut -c1-200)
-  sam_retried=${sam_retried:-no error line}
-  sam+=(--sam_attention_impl=einsum)
-  timeout $((SAM_S - SECONDS + sam_start)) "${sam[@]}" 2>&1 | tee -a "$SAM_LOG" || true
-fi
+step "$SAM_LOG" 90 '^ultrajax ' --sam_attention_impl=einsum "${sam[@]}"
+sam_retried=$RETRIED
 machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
 {
   echo "### $(date -u +%Y-%m-%d), ${machine:-$("$PY" -c 'import jax; print(jax.devices()[0].device_kind)')}"

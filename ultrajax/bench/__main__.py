@@ -130,7 +130,7 @@ def _timed_chunks(programs, params, state, data, args, steps: int):
 def _prepare_mode(config, mesh, num_clients: int, batch: int, steps: int):
   """(figures, timed) for one compiled chunk of K local steps of `num_clients` equal clients on
   as many lanes: figures has the compile time, the round's end + start (ms_aggregate), the
-  chunk's FLOPs and its compiled HLO's op names (for profiles); timed() runs `steps` more
+  chunk's FLOPs and chunk_hlo() (its compiled HLO, for profiles); timed() runs `steps` more
   chunk calls and returns (wall s, CPU s) per call."""
   config = config.copy_and_resolve_references()
   config.data.batch_size = batch
@@ -171,7 +171,7 @@ def _prepare_mode(config, mesh, num_clients: int, batch: int, steps: int):
     ms_aggregate=1e3 * sync_s,
     compile_s=compile_s,
     flops=programs.chunk_flops,
-    op_names=lambda: perf.op_names(programs.chunk_hlo()),
+    chunk_hlo=programs.chunk_hlo,
   )
   return figures, timed
 
@@ -338,15 +338,13 @@ def _profile_mode(name: str, figures: dict, timed, trace_dir: pathlib.Path, rows
   try:
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
       chunk_s, _ = timed()
-    trace = perf.latest_trace(trace_dir)
-    s = perf.trace_summary(trace, figures["op_names"](), rows)
+    wall_s, what = chunk_s * _STEPS.value, f"{_STEPS.value} chunk call(s)"
+    trace, lines = perf.profile_report(trace_dir, figures["chunk_hlo"](), wall_s, what, rows)
   except Exception as e:  # noqa: BLE001 (a profiler or trace-format problem ends the profile only)
     print(f"profile {name}: failed, {type(e).__name__}: {e}")
     return
-  what = f"{_STEPS.value} chunk call(s)"
-  head, *rows_ = perf.summary_lines(s, 1e3 * chunk_s * _STEPS.value, what)
-  print(f"profile {name}: {head}; trace {trace}")
-  for line in rows_:
+  print(f"profile {name}: {lines[0]}; trace {trace}")
+  for line in lines[1:]:
     print(f"profile {name} {line}")
 
 

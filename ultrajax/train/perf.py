@@ -193,12 +193,18 @@ def summary_lines(summary: dict, wall_ms: float, what: str) -> list[str]:
   return lines
 
 
+def profile_report(trace_dir, hlo_text: str, wall_s: float, what: str, rows: int = 12):
+  """(the newest trace under trace_dir, its summary_lines): a profiled program's XLA ops named
+  from its compiled HLO text, busy time against wall_s. Raises if the trace cannot be read."""
+  trace = latest_trace(trace_dir)
+  return trace, summary_lines(trace_summary(trace, op_names(hlo_text), rows), 1e3 * wall_s, what)
+
+
 def log_profile(trace_dir, hlo_text: str, wall_s: float, what: str, rows: int = 12) -> None:
-  """Logs summary_lines of the newest trace under trace_dir (a job's profiled round, whose
-  compiled program's HLO text names the ops); a trace that cannot be read is logged, not raised."""
+  """Logs profile_report's lines (a job's profiled round); a trace that cannot be read is
+  logged, not raised."""
   try:
-    trace = latest_trace(trace_dir)
-    lines = summary_lines(trace_summary(trace, op_names(hlo_text), rows), 1e3 * wall_s, what)
+    trace, lines = profile_report(trace_dir, hlo_text, wall_s, what, rows)
   except (OSError, ValueError, KeyError) as e:
     logging.warning("Profile of %s: the trace could not be read (%s)", what, e)
     return
