@@ -21,7 +21,7 @@ pytest.importorskip("flwr")  # the [fl] extra
 
 from ultrajax import configlib  # noqa: E402
 from ultrajax.data import sources  # noqa: E402
-from ultrajax.fl import client, local, params as params_lib, server, site  # noqa: E402
+from ultrajax.fl import client, guard, local, params as params_lib, server, site  # noqa: E402
 from ultrajax.jobs import pretrain  # noqa: E402
 from ultrajax.train import checkpoint  # noqa: E402
 
@@ -251,6 +251,52 @@ def test_the_site_command_starts_a_supernode_with_the_site_as_node_config():
     client.site_command(argv + ["--isolation=subprocess"])
 
 
+# A stand-in for Flower's SuperNode: its first SIGTERM starts a graceful exit (which takes a
+# moment, as telling the SuperLink does) and restores the default action, as Flower does.
+GRACEFUL_CHILD = """
+import signal, sys, time
+def leave(*_):
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  time.sleep(0.5)
+  open(sys.argv[1], "w").write("left")
+  sys.exit(0)
+signal.signal(signal.SIGTERM, leave)
+print("ready", flush=True)
+time.sleep(60)
+"""
+# A site process: many threads, the SuperNode started under its guard.
+THREADED_PARENT = """
+import sys, threading, time
+from ultrajax.fl import guard
+for _ in range(16):
+  threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+guard.start([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+time.sleep(60)
+"""
+
+
+def test_a_sigkilled_site_stops_its_supernode_once_through_the_guard(tmp_path):
+  """Linux sends the parent-death signal once per exiting thread of the parent; under the guard
+  the SuperNode gets one SIGTERM and finishes its graceful exit."""
+  marker = tmp_path / "left"
+  parent = subprocess.Popen(
+    [sys.executable, "-c", THREADED_PARENT, GRACEFUL_CHILD, str(marker)],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert parent.stdout.readline().strip() == "ready"
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert marker.read_text() == "left"
+  finally:
+    parent.kill()
+
+
 def test_a_site_applies_the_runs_shared_fields_then_its_own_and_keeps_each_jobs_state_apart(
   tmp_path, monkeypatch
 ):
@@ -302,7 +348,8 @@ def free_port() -> int:
 
 class Consortium:
   """A SuperLink and three sites on 127.0.0.1, each a process group of its own (a site: the
-  `python -m ultrajax.fl.client` process, which serves the ClientApp, and its SuperNode)."""
+  `python -m ultrajax.fl.client` process, which serves the ClientApp, and its SuperNode under
+  its guard, in a session of their own)."""
 
   def __init__(self, root: pathlib.Path):
     self.root, self.port = root, free_port()
@@ -335,7 +382,7 @@ class Consortium:
       stderr=subprocess.STDOUT,
       start_new_session=True,
       # Killed with this test process too, even when a CI timeout kills it before `finally`.
-      preexec_fn=lambda: client.die_with_parent(signal.SIGKILL),
+      preexec_fn=lambda: guard.die_with_parent(signal.SIGKILL),
     )
 
   def log(self, name: str) -> str:
@@ -366,22 +413,23 @@ class Consortium:
 
   def crash_site_mid_round(self, k: int, round_index: int) -> None:
     """SIGKILLs site k's ClientApp process after its SuperNode received round `round_index`
-    and before the site replied; its SuperNode follows (SIGTERM on parent death).
+    and before the site replied. Its SuperNode follows: it gets one SIGTERM through its guard
+    (ultrajax/fl/guard.py) and tells the SuperLink it leaves, so the SuperLink answers the
+    server for it at once.
 
     The process is stopped (SIGSTOP) as soon as the SuperNode logs the round, so it cannot take
-    the task, and killed once the SuperNode holds the whole message: its SuperNode, waiting for
-    the reply then, leaves the SuperLink on SIGTERM, and the SuperLink answers the server for
-    it at once. A SuperNode stopped while it pulls a message exits without leaving; the server
-    would wait for the SuperLink's heartbeat expiry (2 x 30 s)."""
+    the task, and killed once the SuperNode holds the whole message."""
     proc, name, tag = self.procs[f"site{k}"], f"site{k}", f"ROUND {round_index}]"
     self.wait(lambda: tag in self.log(name), 600, f"site {k} to receive round {round_index}", 0.05)
     os.kill(proc.pid, signal.SIGSTOP)
     begin = self.log(name).index(tag)
     self.wait(lambda: "Received successfully" in self.log(name)[begin:], 60, "the message")
     assert "Sending" not in self.log(name)[begin:], f"site {k} answered before it was stopped"
+    guarded = self._tree(proc.pid)[1:]  # the guard and the SuperNode
     proc.kill()
     proc.wait()
-    self.wait(lambda: not self._group(proc.pid), 30, f"site {k}'s SuperNode to stop")
+    self.wait(lambda: not set(guarded) & set(self._processes()), 30, f"site {k}'s SuperNode")
+    assert '"POST /v1/fleet/deactivate-node HTTP/1.1" 200' in self.log("superlink")
 
   def flwr(self, *args: str) -> str:
     out = subprocess.run(

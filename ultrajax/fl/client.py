@@ -21,19 +21,17 @@ site whose own config sets fl.secagg=True refuses any round that is not securely
   python -m ultrajax.fl.client --config=configs/pretrain_fed.py:cpu --workdir=/var/site \
       --superlink=server.example.org:8000 --root-certificates=ca.crt \
       --config.fl.site_id=2 --config.data.source=folder --config.data.root=/data/us
-starts this site's SuperNode (flower-supernode --isolation process) with that node config as
-its child, and serves the SuperNode's ClientApp tasks itself (worker.py): one long-lived
+starts this site's SuperNode (flower-supernode --isolation process) with that node config,
+under a guard (guard.py: it passes this process's death on to the SuperNode once), and serves the SuperNode's ClientApp tasks itself (worker.py): one long-lived
 process that imports JAX and compiles the local epoch once.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import pathlib
 import signal
-import subprocess
 import sys
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -174,28 +172,19 @@ def site_command(argv: list[str]) -> tuple[list[str], str]:
   return command, address
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-  """In a child process (a Popen preexec_fn): receive `sig` when the parent dies, however it
-  dies. The site's SuperNode gets SIGTERM, and a SIGTERMed SuperNode tells the SuperLink it
-  left, so the server drops the site at once."""
-  prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
-  if prctl is not None:  # Linux; elsewhere the SuperNode outlives a killed site process
-    prctl(1, sig)  # PR_SET_PDEATHSIG
-
-
 def main(argv: list[str]) -> None:
   """Starts the site's SuperNode and serves its ClientApp tasks until killed."""
   import logging as std_logging
 
   from absl import logging
 
-  from ultrajax.fl import worker
+  from ultrajax.fl import guard, worker
 
   command, address = site_command(argv)
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
   std_logging.getLogger("httpx").setLevel(std_logging.WARNING)  # one line per Runtime API call
-  supernode = subprocess.Popen(command, preexec_fn=die_with_parent)  # noqa: PLW1509
+  supernode = guard.start(command)  # its parent: one thread, so a killed site is noticed at once
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the `finally` below
   try:
     worker.serve(address, app)
