@@ -6,12 +6,15 @@ import dataclasses
 import os
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ultrajax import configlib
 from ultrajax.bench import plan as plan_lib
 from ultrajax.models import mae
+from ultrajax.train import perf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -169,6 +172,69 @@ def test_plan_model_flops_count_every_layer_once_by_hand():
   per_image = _mae_train_flops(32, 2, 8, 16, 32, 1, keep=1)
   by_hand = p.num_lanes * p.chunk_steps * 8 * per_image / 8
   assert flops == {key: pytest.approx(by_hand, rel=1e-9) for key in flops}
+  assert p.flops_by_dtype == {"float32": pytest.approx(by_hand, rel=1e-9)}
+  # The paper's bfloat16: every product of the step, forward and backward, in bfloat16 (the
+  # attention scores' gradient included, vit.attention_scores).
+  config.model.update(remat="none", scan_layers=False, dtype="bfloat16")
+  p = plan_lib.plan(config, steps_per_client=[3, 2, 2, 1], compile_chunk=False)
+  assert p.flops_by_dtype == {"bfloat16": pytest.approx(by_hand, rel=1e-9)}
+
+
+def test_plan_model_flops_count_cudnn_attention_as_its_products(monkeypatch):
+  """On a GPU the bf16 attention is cuDNN's, one call with no products in the trace: the model
+  FLOPs are still the hand count, from the chunk traced with explicit attention. The backend is
+  reported as a GPU's here and jax.nn.dot_product_attention replaced by an opaque stand-in
+  (host callbacks, traced only)."""
+  zeros = lambda *a: None  # never called: the chunk is traced, not run
+
+  def opaque(q, k, v, bias=None, implementation=None):
+    out = jax.ShapeDtypeStruct(q.shape, q.dtype)
+
+    @jax.custom_vjp
+    def attend(q, k, v):
+      return jax.pure_callback(zeros, out, q, k, v, vmap_method="sequential")
+
+    def backward(qkv, g):
+      shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in qkv)
+      return jax.pure_callback(zeros, shapes, *qkv, g, vmap_method="sequential")
+
+    attend.defvjp(lambda q, k, v: (attend(q, k, v), (q, k, v)), backward)
+    return attend(q, k, v)
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", opaque)
+  config = configlib.load_config_module(REPO / "configs" / "pretrain_fed.py").get_config("smoke")
+  config.model.update(width=32, depth=2, num_heads=2, image_size=16, decoder_width=32)
+  config.model.dtype = "bfloat16"
+  config.mesh.clients, config.fed.chunk_steps, config.data.batch_size = 1, 2, 8
+  p = plan_lib.plan(config, steps_per_client=[3, 2, 2, 1], compile_chunk=False)
+  by_hand = p.num_lanes * p.chunk_steps * 8 * _mae_train_flops(32, 2, 8, 16, 32, 1, keep=1) / 8
+  assert p.flops_by_dtype == {"bfloat16": pytest.approx(by_hand, rel=1e-9)}
+
+
+def test_matmul_flops_by_dtype_by_hand():
+  """perf.matmul_flops_by_dtype: 2 FLOPs per multiply-add, by operand dtype, a scan's body
+  `length` times and a cond's costliest branch once."""
+  bf16, f32 = jnp.bfloat16, jnp.float32
+
+  def f(a, b, x, flag):
+    y = a @ b  # bf16 [2, 3] @ [3, 4]: 2 * 2 * 4 * 3
+    x, _ = jax.lax.scan(lambda c, _: (c @ c, None), x, length=5)  # f32 [4, 4] @ [4, 4], 5 times
+    mixed = lambda: x[:2, :3] @ b  # f32 x bf16 [2, 3] @ [3, 4]
+    cheap = lambda: x[:2, :4]
+    z = jax.lax.cond(flag, mixed, cheap)
+    conv = jax.lax.conv(a[None, None], b[None, None, :2, :2], (1, 1), "VALID")  # 2 outputs
+    return y, z, conv
+
+  args = (jnp.ones((2, 3), bf16), jnp.ones((3, 4), bf16), jnp.ones((4, 4), f32), True)
+  jaxpr = jax.make_jaxpr(f)(*args)
+  assert perf.matmul_flops_by_dtype(jaxpr) == {
+    "bfloat16": 2 * 2 * 4 * 3 + 2 * 2 * 4,  # the product; the convolution, 2 x 2 window each
+    "float32": 5 * 2 * 4 * 4 * 4,
+    "float32 x bfloat16": 2 * 2 * 4 * 3,
+  }
+  assert perf.matmul_flops(jaxpr) == 48 + 16 + 640 + 48
+  assert perf.dtype_shares({"bfloat16": 3.0, "float32": 1.0}) == "bfloat16 75.0%, float32 25.0%"
 
 
 def test_plan_report_says_how_to_fit_a_16_gb_device():

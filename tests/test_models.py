@@ -460,6 +460,35 @@ def test_dot_product_attention_equals_einsum(monkeypatch):
   )
 
 
+@pytest.mark.parametrize("spec", ["bhqd,bhkd->bhqk", "bqhd,bkhd->bhqk"])
+def test_attention_scores_gradient_is_the_products_in_the_inputs_dtype(spec):
+  """vit.attention_scores: q k^T in float32, forward and backward, against numpy in float64;
+  with bfloat16 q and k the backward multiplies the gradient rounded to bfloat16 (as flash
+  attention does), so its products are bfloat16 x bfloat16 and its result is numpy's on the
+  rounded gradient."""
+  rng = np.random.default_rng(0)
+  heads_first = spec.startswith("bhqd")
+  shape = lambda n: (2, 3, n, 4) if heads_first else (2, n, 3, 4)
+  q, k, g = rng.normal(size=shape(5)), rng.normal(size=shape(6)), rng.normal(size=(2, 3, 5, 6))
+  to_bhnd = (lambda x: x) if heads_first else (lambda x: x.transpose(0, 2, 1, 3))
+  from_bhnd = to_bhnd  # the transpose is its own inverse
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+    qx, kx = jnp.asarray(q, dtype), jnp.asarray(k, dtype)
+    out, vjp = jax.vjp(lambda a, b: vit.attention_scores(spec, a, b), qx, kx)
+    assert out.dtype == jnp.float32
+    qn, kn = (to_bhnd(np.asarray(x, np.float64)) for x in (qx, kx))
+    np.testing.assert_allclose(out, qn @ kn.transpose(0, 1, 3, 2), rtol=1e-5, atol=1e-5)
+    dq, dk = vjp(jnp.asarray(g, jnp.float32))
+    assert dq.dtype == dtype and dk.dtype == dtype
+    gn = np.asarray(jnp.asarray(g, dtype), np.float64)  # the gradient as the products see it
+    np.testing.assert_allclose(dq, from_bhnd(gn @ kn), rtol=tol, atol=tol)
+    np.testing.assert_allclose(dk, from_bhnd(gn.transpose(0, 1, 3, 2) @ qn), rtol=tol, atol=tol)
+    products = jax.make_jaxpr(vjp)(jnp.asarray(g, jnp.float32)).jaxpr.eqns
+    dots = [e for e in products if e.primitive.name == "dot_general"]
+    assert len(dots) == 2
+    assert all(v.aval.dtype == dtype for e in dots for v in e.invars)
+
+
 def test_scan_and_remat_policies_keep_loss_and_grads():
   """Scan over layers and each remat policy: the loss and gradients of the plain loop, with
   drop path on (per-block keys and rates replayed), parameters under the same names."""

@@ -171,6 +171,7 @@ def _prepare_mode(config, mesh, num_clients: int, batch: int, steps: int):
     ms_aggregate=1e3 * sync_s,
     compile_s=compile_s,
     flops=programs.chunk_flops,
+    flops_by_dtype=programs.chunk_flops_by_dtype,
     chunk_hlo=programs.chunk_hlo,
   )
   return figures, timed
@@ -293,6 +294,13 @@ def bench_pretrain(config, steps: int, clients: int) -> None:
     "CPU ms/img: this process's CPU time (all threads) per image while timed, which other "
     f"jobs on the machine do not inflate as they do wall time. Medians of {n_rounds} "
     "round(s) of --steps chunk calls."
+  )
+  print(
+    "model FLOPs by the matrix products' operand dtype (only bfloat16 runs at the peak MFU "
+    "divides by): "
+    + "; ".join(
+      f"{name} {perf.dtype_shares(f['flops_by_dtype'])}" for name, (_, f, _) in prepared.items()
+    )
   )
   if peer_timings:
     first = peer_timings[0]

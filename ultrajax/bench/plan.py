@@ -83,6 +83,7 @@ class Plan:
   xla_state: dict  # of the clients' optimizer init: its output is their AdamW states
   chunk_flops: float | None  # per device per chunk call
   compile_s: float
+  flops_by_dtype: dict = dataclasses.field(default_factory=dict)  # chunk_flops by operand dtype
 
   @property
   def peak_bytes(self) -> int:
@@ -148,7 +149,7 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
       jax.eval_shape(lambda: jax.random.key(0)),
     )
     t0 = time.perf_counter()
-    traced, chunk_flops = programs.trace_chunk(*args)
+    traced, flops_by_dtype = programs.trace_chunk(*args)
     compiled = traced.lower().compile() if compile_chunk else None
     compile_s = time.perf_counter() - t0
     # XLA's own count of the clients' AdamW states: the output of their init.
@@ -171,8 +172,9 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
     batch_bytes=device_bytes(images),
     xla=_memory(compiled),
     xla_state=_memory(opt_init),
-    chunk_flops=chunk_flops,
+    chunk_flops=sum(flops_by_dtype.values()),
     compile_s=compile_s,
+    flops_by_dtype=flops_by_dtype,
   )
 
 
@@ -228,6 +230,7 @@ def report(p: Plan, config, mfu: float = 0.5) -> str:
       f"model FLOPs per device (matrix products): {p.chunk_flops / p.chunk_steps / 1e12:.3f} "
       f"TFLOP per local step (all {p.num_lanes} lanes), "
       f"{p.chunk_flops * p.num_chunks / 1e15:.2f} PFLOP per round"
+      + (f"; by operand dtype: {perf.dtype_shares(p.flops_by_dtype)}" if p.flops_by_dtype else "")
     )
     lines.append(
       f"time per round at {100 * mfu:.0f}% MFU: "

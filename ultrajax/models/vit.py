@@ -143,10 +143,32 @@ def einsum_attention(q, k, v):
   """q: [B, T, heads, head_dim], k, v: [B, S, heads, head_dim] -> softmax(q k^T / sqrt(head_dim))
   v, [B, T, heads, head_dim]: fused_attention's layout and result with explicit products, the
   scores and softmax in float32 (attention_impl='einsum', where the fused kernel is not wanted)."""
-  scores = jnp.einsum(
-    "bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32
-  )
+  scores = attention_scores("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k)
   return jnp.einsum("bhqk,bkhd->bqhd", softmax(scores).astype(v.dtype), v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attention_scores(spec: str, q, k):
+  """einsum(spec, q, k) accumulated and returned in float32: attention scores, spec e.g.
+  'bhqd,bhkd->bhqk'. The backward rounds the scores' gradient to q's dtype before its two
+  products, as flash attention does. JAX's own transpose would multiply the float32 gradient
+  by a bfloat16 q or k: a float32 product, the only one left in the bfloat16 MAE step
+  (perf.matmul_flops_by_dtype), which an accelerator runs far below its bf16 rate. In float32
+  the backward is JAX's own."""
+  return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
+
+
+def _attention_scores_bwd(spec: str, qk, g):
+  q, k = qk
+  g = g.astype(q.dtype)  # JAX's transposes of the products, in q's dtype
+  (dq,) = jax.linear_transpose(lambda a: jnp.einsum(spec, a, k), q)(g)
+  (dk,) = jax.linear_transpose(lambda b: jnp.einsum(spec, q, b), k)(g)
+  return dq, dk
+
+
+attention_scores.defvjp(
+  lambda spec, q, k: (attention_scores(spec, q, k), (q, k)), _attention_scores_bwd
+)
 
 
 def _matmul(a, b, contract: tuple[tuple[int, ...], tuple[int, ...]]):
@@ -423,9 +445,7 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x)
     # Scores and softmax in float32 (the fused path also accumulates them in float32); the
     # scale on q (timm's order), not on the [N, N] scores.
-    scores = jnp.einsum(
-      "bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32
-    )
+    scores = attention_scores("bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k)
     out = jnp.einsum("bhqk,bhkd->bhqd", softmax(scores).astype(v.dtype), v)
     return self.proj(einops.rearrange(out, "b h n d -> b n (h d)"))
 

@@ -139,13 +139,17 @@ class Programs:
       )
 
     self.chunk = jit_chunk(graphdef)
-    # MFU counts each layer's work once: a rematerialised model's FLOPs come from the same
-    # chunk traced without remat (same parameters and math; `trace_chunk`).
-    self._unrematted_chunk = None
-    if abstract_model.remat != "none":
-      plain = {**config.model.to_dict(), "remat": "none"}
+    # MFU counts each layer's work once, and every product: a rematerialised model's FLOPs, or
+    # a GPU's whose attention is cuDNN's (one opaque call, no products in the trace), come
+    # from the same chunk traced without remat and with explicit attention products (same
+    # parameters and math; `trace_chunk`).
+    self._counting_chunk = None
+    impl = config.model.get("attention_impl", "dot_product")
+    fused = impl == "dot_product" and jax.default_backend() == "gpu"
+    if abstract_model.remat != "none" or fused:
+      plain = {**config.model.to_dict(), "remat": "none", "attention_impl": "einsum"}
       plain_model = nnx.eval_shape(lambda: mae.mae_from_config(plain, nnx.Rngs(0)))
-      self._unrematted_chunk = jit_chunk(nnx.split(plain_model, nnx.Param)[0])
+      self._counting_chunk = jit_chunk(nnx.split(plain_model, nnx.Param)[0])
     self.num_devices = mesh.size
     self.param_norm = jax.jit(optax.global_norm, out_shardings=rep)
     # Replicated output: process 0 writes the PNG even when params are sharded across hosts.
@@ -155,7 +159,7 @@ class Programs:
       preview = mim_objectives.make_feature_preview_fn(graphdef, teacher_graphdef, config)
       self.preview = functools.partial(jax.jit(preview, out_shardings=rep), self.frozen)
     self._compiled_chunk = None
-    self.chunk_flops = None
+    self.chunk_flops, self.chunk_flops_by_dtype = None, {}
 
   def start_round(self, params, opt_state, strategy_state=None):
     """Lane state for a round from the server params, the clients' optimizer states and the
@@ -172,19 +176,23 @@ class Programs:
 
   def trace_chunk(self, *args):
     """(the chunk traced for these real or abstract arguments after `frozen`, its model FLOPs
-    per device and call): the matrix products of the trace (perf.matmul_flops: every layer of
-    a scanned model; a remat'd model counted without remat) over the mesh's devices. XLA's
-    cost analysis counts a loop body once, and recomputation and work repeated on every
-    device too, so its figure is not the one MFU divides by."""
+    per device and call by the products' operand dtype): the matrix products of the trace
+    (perf.matmul_flops_by_dtype: every layer of a scanned model; a remat'd model counted
+    without remat, cuDNN's attention as its products) over the mesh's devices. XLA's cost analysis counts a loop body once, and
+    recomputation and work repeated on every device too, so its figure is not the one MFU
+    divides by."""
     traced = self.chunk.trace(self.frozen, *args)
     counted = traced
-    if self._unrematted_chunk is not None:
-      counted = self._unrematted_chunk.trace(self.frozen, *args)
-    return traced, perf.matmul_flops(counted.jaxpr) / self.num_devices
+    if self._counting_chunk is not None:
+      counted = self._counting_chunk.trace(self.frozen, *args)
+    by_dtype = perf.matmul_flops_by_dtype(counted.jaxpr)
+    return traced, {key: flops / self.num_devices for key, flops in by_dtype.items()}
 
   def compile_chunk(self, *args):
-    """The chunk compiled for these arguments (after `frozen`); sets chunk_flops."""
-    traced, self.chunk_flops = self.trace_chunk(*args)
+    """The chunk compiled for these arguments (after `frozen`); sets chunk_flops and
+    chunk_flops_by_dtype."""
+    traced, self.chunk_flops_by_dtype = self.trace_chunk(*args)
+    self.chunk_flops = sum(self.chunk_flops_by_dtype.values())
     return traced.lower().compile()
 
   def chunk_hlo(self) -> str:
