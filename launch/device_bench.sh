@@ -88,6 +88,7 @@ machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -
   echo
   grep '^ratio ' "$LOG" | sed 's/^/- /' || true
   grep '^PyTorch peer skipped' "$LOG" | sed 's/^/- /' || true
+  grep '^model FLOPs by' "$LOG" | sed 's/^/- /' || true
   grep -m1 -o "cuDNN attention refused.*" "$LOG" | sed 's/^/- /' || true
   if [ -n "$retried" ]; then
     echo "- the first run gave no figures (${retried}); these are from a second run with attention_impl=einsum"
