@@ -22,8 +22,9 @@ site whose own config sets fl.secagg=True refuses any round that is not securely
       --superlink=server.example.org:8000 --root-certificates=ca.crt \
       --config.fl.site_id=2 --config.data.source=folder --config.data.root=/data/us
 starts this site's SuperNode (flower-supernode --isolation process) with that node config,
-under a guard (guard.py: it passes this process's death on to the SuperNode once), and serves the SuperNode's ClientApp tasks itself (worker.py): one long-lived
-process that imports JAX and compiles the local epoch once.
+under a guard (guard.py: it passes this process's death on to the SuperNode once), and serves
+the SuperNode's ClientApp tasks itself (worker.py): one long-lived process that imports JAX
+and compiles the local epoch once.
 """
 
 from __future__ import annotations

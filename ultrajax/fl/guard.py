@@ -2,15 +2,16 @@
 once, not many times, that its site died.
 
 `python -m ultrajax.fl.client` starts `python -m ultrajax.fl.guard flower-supernode ...` in a
-session of its own, and the guard starts the SuperNode. Without it a killed site loses its
-round's 60 s, for this reason. Linux sends a child its parent-death signal (PR_SET_PDEATHSIG)
-whenever the thread that is its parent exits, and hands the child to another thread of the same
-process first. A site process has dozens of threads (JAX, absl, httpx), so a SuperNode whose
-parent is the site is sent one SIGTERM per thread when the site is killed. Flower's SuperNode
-handles the first (a graceful exit, in which it tells the SuperLink it leaves) and restores the
-default action, so the second kills it before it has told anyone. The server then waits for the
-node's heartbeats to expire (2 x 30 s) before it sends the round again. The guard passes the
-first SIGTERM, SIGINT or SIGHUP on and waits for the SuperNode to end.
+session of its own, and the guard starts the SuperNode. Without it the server noticed a killed
+site only about 60 s later, for this reason. Linux sends a child its parent-death signal
+(PR_SET_PDEATHSIG) whenever the thread that is its parent exits, and hands the child to another
+thread of the same process first. A site process has dozens of threads (JAX, absl, httpx), so a
+SuperNode whose parent is the site is sent one SIGTERM per thread when the site is killed.
+Flower's SuperNode handles the first (a graceful exit, in which it tells the SuperLink it
+leaves) and restores the default action, so the second kills it before it has told anyone. The
+server then waits for the node's heartbeats to expire (2 x 30 s) before it sends the round
+again. The guard passes the first SIGTERM, SIGINT or SIGHUP on and waits for the SuperNode to
+end.
 
 The guard's own session keeps the SuperNode out of the site's process group: a Ctrl-C in the
 site's terminal reaches the site alone, which stops the guard, which stops the SuperNode, each
@@ -51,7 +52,8 @@ def main(command: list[str]) -> int:
   """Runs `command` as this process's child and passes the first stop signal on to it as
   SIGTERM; later ones are ignored. The child is SIGKILLed if this process is. Returns its exit
   status."""
-  child = subprocess.Popen(command, preexec_fn=lambda: die_with_parent(signal.SIGKILL))  # noqa: PLW1509
+  kill_with_me = lambda: die_with_parent(signal.SIGKILL)
+  child = subprocess.Popen(command, preexec_fn=kill_with_me)  # noqa: PLW1509
 
   def stop(*_) -> None:
     for sig in STOP_SIGNALS:

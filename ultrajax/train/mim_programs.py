@@ -178,9 +178,9 @@ class Programs:
     """(the chunk traced for these real or abstract arguments after `frozen`, its model FLOPs
     per device and call by the products' operand dtype): the matrix products of the trace
     (perf.matmul_flops_by_dtype: every layer of a scanned model; a remat'd model counted
-    without remat, cuDNN's attention as its products) over the mesh's devices. XLA's cost analysis counts a loop body once, and
-    recomputation and work repeated on every device too, so its figure is not the one MFU
-    divides by."""
+    without remat, cuDNN's attention as its products) over the mesh's devices. XLA's cost
+    analysis counts a loop body once, and recomputation and work repeated on every device too,
+    so its figure is not the one MFU divides by."""
     traced = self.chunk.trace(self.frozen, *args)
     counted = traced
     if self._counting_chunk is not None:
