@@ -297,6 +297,21 @@ def test_a_sigkilled_site_stops_its_supernode_once_through_the_guard(tmp_path):
     parent.kill()
 
 
+def test_a_site_whose_supernode_exits_stops_with_its_status():
+  """The guard passes the SuperNode's exit status on; the site's worker raises once the
+  SuperNode has exited instead of polling its Runtime API forever; a SuperNode command not on
+  PATH fails at once, naming it."""
+  from ultrajax.fl import worker
+
+  assert guard.start([sys.executable, "-c", "import sys; sys.exit(3)"]).wait(timeout=60) == 3
+  killed = guard.start([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), 9)"])
+  assert killed.wait(timeout=60) == 128 + 9
+  with pytest.raises(FileNotFoundError, match="'no-such-supernode' is not on PATH"):
+    guard.start(["no-such-supernode", "--insecure"])
+  with pytest.raises(RuntimeError, match="SuperNode exited with status 3"):
+    worker.serve(f"127.0.0.1:{free_port()}", client.app, supernode_exit=lambda: 3)
+
+
 def test_a_site_applies_the_runs_shared_fields_then_its_own_and_keeps_each_jobs_state_apart(
   tmp_path, monkeypatch
 ):

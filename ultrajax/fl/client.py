@@ -188,7 +188,7 @@ def main(argv: list[str]) -> None:
   supernode = guard.start(command)  # its parent: one thread, so a killed site is noticed at once
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the `finally` below
   try:
-    worker.serve(address, app)
+    worker.serve(address, app, supernode_exit=supernode.poll)
   finally:
     supernode.terminate()
     supernode.wait(timeout=30)

@@ -21,6 +21,8 @@ once.
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +42,10 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 def start(command: list[str]) -> subprocess.Popen:
   """Starts `command` under a guard, in a session of its own; the guard gets SIGTERM when the
-  caller dies. `.terminate()` on the result stops the command once, gracefully."""
+  caller dies. `.terminate()` on the result stops the command once, gracefully; the guard's
+  exit status is the command's. A command not on PATH is a FileNotFoundError here."""
+  if shutil.which(command[0]) is None:
+    raise FileNotFoundError(f"{command[0]!r} is not on PATH (PATH={os.environ.get('PATH', '')})")
   return subprocess.Popen(  # noqa: PLW1509 (preexec_fn: only prctl, before exec)
     [sys.executable, "-m", "ultrajax.fl.guard", *command],
     preexec_fn=die_with_parent,
@@ -51,7 +56,7 @@ def start(command: list[str]) -> subprocess.Popen:
 def main(command: list[str]) -> int:
   """Runs `command` as this process's child and passes the first stop signal on to it as
   SIGTERM; later ones are ignored. The child is SIGKILLed if this process is. Returns its exit
-  status."""
+  status (128 + n if signal n ended it)."""
   kill_with_me = lambda: die_with_parent(signal.SIGKILL)
   child = subprocess.Popen(command, preexec_fn=kill_with_me)  # noqa: PLW1509
 
@@ -62,7 +67,8 @@ def main(command: list[str]) -> int:
 
   for sig in STOP_SIGNALS:
     signal.signal(sig, stop)
-  return child.wait()
+  status = child.wait()
+  return 128 - status if status < 0 else status  # killed by signal n: 128 + n, as a shell says
 
 
 if __name__ == "__main__":

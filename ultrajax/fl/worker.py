@@ -33,16 +33,20 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 
-def _client(address: str, certificates: bytes | None, token: str | None = None):
+def _client(address: str, certificates: bytes | None, token: str | None = None, max_wait_s=None):
+  """A Runtime API client that retries an unreachable SuperNode (Flower's invoker: forever, or
+  until `max_wait_s` seconds have passed, then raises)."""
   interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
   if token is not None:
     interceptors.append(RuntimeTokenHttpInterceptor(token))
+  retry = make_simple_http_retry_invoker()
+  retry.max_time = max_wait_s
   return RuntimeHttpClient.from_server_address(
     server_address=address,
     insecure=certificates is None,
     root_certificates=certificates,
     interceptors=interceptors,
-    retry_invoker=make_simple_http_retry_invoker(),
+    retry_invoker=retry,
   )
 
 
@@ -104,21 +108,34 @@ def _run_logged(address, token, app, certificates, task) -> None:
     logging.exception("task %d of run %d failed", task.task_id, task.run_id)
 
 
-def serve(address: str, app: ClientApp, certificates: bytes | None = None, poll_s=0.5) -> None:
+def serve(
+  address: str,
+  app: ClientApp,
+  certificates: bytes | None = None,
+  poll_s=0.5,
+  supernode_exit=lambda: None,
+) -> None:
   """Claims and runs the ClientApp tasks of the SuperNode whose Runtime API is at `address`
   (host:port) until killed, asking for one every poll_s seconds (the SuperNode itself asks the
   SuperLink for messages every 3 s; at 0.2 s an idle site and its SuperNode spent 2% of a core).
+  `supernode_exit()` is the SuperNode process's exit status, None while it runs: once it has
+  exited (a wrong flag, a SuperLink it gave up on), this raises instead of waiting for it.
 
   Each task runs in a thread of its own. The SuperNode hands out one message at a time, but a
   task can hang: when a run stops while the SuperNode pulls its message, the SuperNode drops
   the message without closing the task, and Flower's pull waits up to two hours for its
   content. A stuck task then only holds its thread, as a stuck `flwr-clientapp` process holds
   only itself."""
-  claims = _client(address, certificates)
+  claims = _client(address, certificates, max_wait_s=5.0)  # then asks supernode_exit()
   while True:
     try:
       res = claims.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-    except httpx.TransportError:  # the SuperNode is (re)starting
+    except httpx.TransportError:  # the SuperNode is starting, or has exited
+      if (status := supernode_exit()) is not None:
+        raise RuntimeError(
+          f"the site's SuperNode exited with status {status} (its log is above); start the "
+          "site again once it is fixed"
+        ) from None
       time.sleep(1.0)
       continue
     if res.HasField("task") and res.token:
