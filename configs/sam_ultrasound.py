@@ -48,8 +48,8 @@ def get_config(arg=None):
       # Encoder blocks in the backward pass: remat 'none' | 'dots' (keep matmul outputs) |
       # 'full' (recompute each block: least memory, ~1/3 slower); scan_layers: one compiled
       # group of blocks (windowed, windowed, global for vit_b) in a lax.scan; attention_impl,
-      # the encoder's and the mask decoder's (the prompted classifier's too): 'dot_product' (cuDNN's flash attention on a GPU,
-      # the encoder's relative terms as its bias) | 'einsum'.
+      # the encoder's and the mask decoder's (the prompted classifier's too): 'dot_product'
+      # (cuDNN's flash attention on a GPU, the encoder's relative terms as its bias) | 'einsum'.
       remat="none", scan_layers=False, attention_impl="dot_product",
   ))
 

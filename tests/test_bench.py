@@ -256,7 +256,7 @@ def test_plan_report_says_how_to_fit_a_16_gb_device():
     lane_bytes=0,
     batch_bytes=0,
     xla_state=dict(argument=0, output=0, alias=0, temp=0),
-    chunk_flops=1e12,
+    flops_by_dtype={"bfloat16": 1e12},
     compile_s=1.0,
   )
   big = plan_lib.Plan(

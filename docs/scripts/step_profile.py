@@ -9,7 +9,6 @@ XLA:CPU runs some thunks (Eigen dots) asynchronously, so their rows understate t
 thunks they overlap overstate theirs; the rows sum to about the step's wall time.
 """
 
-import glob
 import sys
 import tempfile
 import time
@@ -40,8 +39,7 @@ with tempfile.TemporaryDirectory() as trace_dir:
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     p, o, loss = compiled(p, o, images, jax.random.key(9))
     jax.block_until_ready(loss)
-  trace = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
-  summary = perf.trace_summary(trace, names, rows)
+  summary = perf.trace_summary(perf.latest_trace(trace_dir), names, rows)
 print(f"\nXLA thunks, one step ({summary['total_ms']:.0f} ms in all):")
 for ms, count, hlo_kind, op in summary["rows"]:
   print(f"{ms:8.1f} ms {count:4d}x  {hlo_kind:24s} {op[-56:]}")

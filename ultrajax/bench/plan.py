@@ -81,9 +81,13 @@ class Plan:
   batch_bytes: int  # one chunk of images
   xla: dict  # the chunk's memory analysis: argument, output, alias, temp bytes
   xla_state: dict  # of the clients' optimizer init: its output is their AdamW states
-  chunk_flops: float | None  # per device per chunk call
+  flops_by_dtype: dict  # model FLOPs per device per chunk call, by the products' operand dtype
   compile_s: float
-  flops_by_dtype: dict = dataclasses.field(default_factory=dict)  # chunk_flops by operand dtype
+
+  @property
+  def chunk_flops(self) -> float:
+    """Model FLOPs per device per chunk call."""
+    return sum(self.flops_by_dtype.values())
 
   @property
   def peak_bytes(self) -> int:
@@ -172,9 +176,8 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
     batch_bytes=device_bytes(images),
     xla=_memory(compiled),
     xla_state=_memory(opt_init),
-    chunk_flops=sum(flops_by_dtype.values()),
-    compile_s=compile_s,
     flops_by_dtype=flops_by_dtype,
+    compile_s=compile_s,
   )
 
 
@@ -230,7 +233,7 @@ def report(p: Plan, config, mfu: float = 0.5) -> str:
       f"model FLOPs per device (matrix products): {p.chunk_flops / p.chunk_steps / 1e12:.3f} "
       f"TFLOP per local step (all {p.num_lanes} lanes), "
       f"{p.chunk_flops * p.num_chunks / 1e15:.2f} PFLOP per round"
-      + (f"; by operand dtype: {perf.dtype_shares(p.flops_by_dtype)}" if p.flops_by_dtype else "")
+      + f"; by operand dtype: {perf.dtype_shares(p.flops_by_dtype)}"
     )
     lines.append(
       f"time per round at {100 * mfu:.0f}% MFU: "

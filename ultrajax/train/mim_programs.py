@@ -159,7 +159,7 @@ class Programs:
       preview = mim_objectives.make_feature_preview_fn(graphdef, teacher_graphdef, config)
       self.preview = functools.partial(jax.jit(preview, out_shardings=rep), self.frozen)
     self._compiled_chunk = None
-    self.chunk_flops, self.chunk_flops_by_dtype = None, {}
+    self.chunk_flops_by_dtype = {}  # set by compile_chunk
 
   def start_round(self, params, opt_state, strategy_state=None):
     """Lane state for a round from the server params, the clients' optimizer states and the
@@ -189,11 +189,15 @@ class Programs:
     return traced, {key: flops / self.num_devices for key, flops in by_dtype.items()}
 
   def compile_chunk(self, *args):
-    """The chunk compiled for these arguments (after `frozen`); sets chunk_flops and
-    chunk_flops_by_dtype."""
+    """The chunk compiled for these arguments (after `frozen`); sets chunk_flops_by_dtype."""
     traced, self.chunk_flops_by_dtype = self.trace_chunk(*args)
-    self.chunk_flops = sum(self.chunk_flops_by_dtype.values())
     return traced.lower().compile()
+
+  @property
+  def chunk_flops(self) -> float | None:
+    """Model FLOPs per device and chunk call (trace_chunk's, all dtypes); None before the chunk
+    is compiled."""
+    return sum(self.chunk_flops_by_dtype.values()) if self.chunk_flops_by_dtype else None
 
   def chunk_hlo(self) -> str:
     """The compiled chunk's optimized HLO text, once run_chunk has compiled it."""
