@@ -402,6 +402,37 @@ def test_trace_summary_counts_the_device_streams_once_by_hand(tmp_path):
   assert s["rows"] == [(25.0, 3, "kernel", "?"), (1.0, 1, "memcpy", "?")]
 
 
+def test_trace_summary_names_the_kernels_inside_cuda_graphs(tmp_path):
+  """In XLA's command buffers (CUDA graphs) every kernel carries the command buffer's name as
+  hlo_op (an H200 trace of the MAE step: one 'command_buffer_5' row for 97% of the time). The
+  kernels' own names are the fused instructions' with '_N' for '.N': the rows name those, and
+  JAX ops where the HLO names them; cuBLAS kernels keep their names."""
+  from ultrajax.train import perf
+
+  meta = [
+    dict(ph="M", name="process_name", pid=2, args=dict(name="/device:GPU:0")),
+    dict(ph="M", name="thread_name", pid=2, tid=10, args=dict(name="Stream #14(Compute)")),
+  ]
+  graph = lambda name, ts, dur: dict(  # noqa: E731
+    ph="X", pid=2, tid=10, name=name, ts=ts, dur=dur,
+    args=dict(hlo_op="command_buffer_5", cuda_graph_id="1895"),
+  )  # fmt: skip
+  events = meta + [
+    graph("loop_add_fusion_295", 0, 2_000),
+    graph("gemm_fusion_dot_576", 2_000, 3_000),
+    graph("gemm_fusion_dot_575", 5_000, 1_000),
+    graph("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", 6_000, 4_000),
+  ]
+  names = {"gemm_fusion_dot.576": "transpose(jvp(Block))/dot_general"}
+  s = perf.trace_summary(_write_trace(tmp_path / "graphs.json.gz", events), names)
+  assert s["rows"] == [
+    (4.0, 1, "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "?"),
+    (3.0, 1, "gemm_fusion_dot", "transpose(jvp(Block))/dot_general"),
+    (2.0, 1, "loop_add_fusion", "?"),
+    (1.0, 1, "gemm_fusion_dot", "?"),
+  ]
+
+
 def test_trace_summary_of_a_cpu_trace_names_the_jax_ops():
   """A real XLA:CPU trace of a jitted function, three calls: its thunks, named after the JAX
   ops of the compiled HLO, busy no longer than the calls took."""

@@ -428,6 +428,47 @@ def test_fused_attention_asks_cudnn_on_a_gpu_in_bf16_and_falls_back_to_xla(monke
     np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=tol, atol=tol)
 
 
+def test_cudnn_attention_pads_odd_lengths_and_equals_unpadded_attention(monkeypatch):
+  """JAX refuses cuDNN for odd sequence lengths in training (it counts its own stand-in for a
+  missing bias as a bias). vit.cudnn_attention pads them by one masked token: with a stand-in
+  for jax.nn.dot_product_attention that refuses odd cuDNN shapes as JAX does, on a backend
+  reported as a GPU's, fused_attention now gets cuDNN (no fallback) for 197-like lengths, and
+  the result and the gradients of q, k and v equal the unpadded attention's (numpy and JAX's
+  own, in float32)."""
+  real, shapes = jax.nn.dot_product_attention, []
+
+  def strict(q, k, v, bias=None, implementation=None, **kw):
+    shapes.append((implementation, q.shape[1], k.shape[1]))
+    if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
+      raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
+    return real(q, k, v, bias, **kw)  # XLA's attention in place of cuDNN's
+
+  q = jax.random.normal(jax.random.key(1), (2, 5, 3, 8))  # T = 5
+  k, v = jax.random.normal(jax.random.key(2), (2, 2, 7, 3, 8))  # S = 7
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", strict)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  out = vit.fused_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  assert shapes == [("cudnn", 6, 8)]  # taken at once, padded to even lengths
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=3e-2, atol=3e-2)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", real)
+
+  weights = jax.random.normal(jax.random.key(3), want.shape)  # a loss that uses every output
+  loss = lambda attend: lambda *qkv: jnp.sum(attend(*qkv) * weights)  # noqa: E731
+  padded = jax.value_and_grad(
+    loss(lambda *a: vit.cudnn_attention(*a, implementation=None)), (0, 1, 2)
+  )
+  plain = jax.value_and_grad(loss(real), (0, 1, 2))
+  (la, ga), (lb, gb) = padded(q, k, v), plain(q, k, v)
+  np.testing.assert_allclose(float(la), float(np.sum(want * weights)), rtol=1e-5)
+  np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
+  for a, b in zip(ga, gb):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_dot_product_attention_equals_einsum(monkeypatch):
   """The fused path (jax.nn.dot_product_attention) against explicit q k^T softmax v: MAE loss
   and gradients (encoder ViT and decoder) in float32, predictions in bfloat16. On the CPU

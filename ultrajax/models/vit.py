@@ -128,15 +128,38 @@ def fused_attention(q, k, v, bias=None):
   """q: [B, T, heads, head_dim], k, v: [B, S, heads, head_dim], bias: None or [B, heads, T, S]
   -> softmax(q k^T / sqrt(head_dim) + bias) v, [B, T, heads, head_dim].
 
-  cuDNN's flash attention on a GPU for bf16/f16 inputs. JAX checks at trace time whether cuDNN
-  takes the call (its version, the GPU, the head dim) and raises if not; then, and everywhere
-  else, XLA's attention (jax.nn.dot_product_attention's default)."""
+  cuDNN's flash attention on a GPU for bf16/f16 inputs (`cudnn_attention`). JAX checks at trace
+  time whether cuDNN takes the call (its version, the GPU, the head dim) and raises if not;
+  then, and everywhere else, XLA's attention (jax.nn.dot_product_attention's default)."""
   if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     try:
-      return jax.nn.dot_product_attention(q, k, v, bias, implementation="cudnn")
+      return cudnn_attention(q, k, v, bias)
     except (NotImplementedError, RuntimeError, ValueError) as e:
       logging.log_first_n(logging.WARNING, "cuDNN attention refused (%s); XLA's instead", 1, e)
   return jax.nn.dot_product_attention(q, k, v, bias)
+
+
+def cudnn_attention(q, k, v, bias=None, implementation: str | None = "cudnn"):
+  """fused_attention's cuDNN call, q: [B, T, heads, head_dim], k, v: [B, S, heads, head_dim].
+  Without a bias, an odd T or S is padded by one token, masked out by the sequence lengths, and
+  the padded query row cut off. JAX (0.11) refuses odd lengths in training when there is a
+  bias, and counts its own empty stand-in for a missing bias as one: every ViT at 224 px (197
+  tokens) and MAE's decoder fell back to XLA's attention on an H200 (docs/benchmarks.md).
+  `implementation`: jax.nn.dot_product_attention's (None, XLA's, for tests off a GPU)."""
+  t, s = q.shape[1], k.shape[1]
+  if bias is not None or not (t % 2 or s % 2):
+    return jax.nn.dot_product_attention(q, k, v, bias, implementation=implementation)
+  even = lambda x, n: jnp.pad(x, ((0, 0), (0, n % 2), (0, 0), (0, 0)))  # noqa: E731
+  lengths = lambda n: jnp.full((q.shape[0],), n, jnp.int32)  # noqa: E731
+  out = jax.nn.dot_product_attention(
+    even(q, t),
+    even(k, s),
+    even(v, s),
+    query_seq_lengths=lengths(t),
+    key_value_seq_lengths=lengths(s),
+    implementation=implementation,
+  )
+  return out[:, :t]
 
 
 def einsum_attention(q, k, v):

@@ -144,6 +144,18 @@ def _leaves(events: list[dict]) -> list[dict]:
   return leaves
 
 
+def _instruction(event: dict) -> str:
+  """The HLO instruction a trace event ran: its `hlo_op`, or, for a GPU kernel inside a CUDA
+  graph (XLA's command buffers, whose kernels all carry the command buffer's name as hlo_op),
+  the kernel's own name with its '_N' suffix as HLO's '.N' (fusion_12 -> fusion.12; cuBLAS
+  kernels keep their names)."""
+  args = event.get("args") or {}
+  op = args.get("hlo_op") or event["name"]
+  if "cuda_graph_id" in args or op.startswith("command_buffer"):
+    op = re.sub(r"_([0-9]+)$", r".\1", event["name"])
+  return op
+
+
 def trace_summary(trace_file, names: dict[str, str] | None = None, rows: int = 20) -> dict:
   """Where the XLA ops of one jax.profiler trace (a perfetto_trace.json.gz or trace.json.gz)
   spent their time: the events that carry an `hlo_op`, on the accelerator when the trace has
@@ -181,7 +193,7 @@ def trace_summary(trace_file, names: dict[str, str] | None = None, rows: int = 2
   names = names or {}
   totals, counts = collections.Counter(), collections.Counter()
   for e in ops:
-    instruction = (e.get("args") or {}).get("hlo_op") or e["name"]
+    instruction = _instruction(e)
     key = (re.sub(r"[.][0-9]+$", "", instruction), names.get(instruction, "?"))
     totals[key] += e["dur"] / 1e3
     counts[key] += 1
