@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Pretraining step on one accelerator, in one run (< 8 min on one GPU: each step has its own
-# timeout, 230 + 100 + 60 + 90 s): MAE-B/16 at 224 px, bfloat16, plain MAE masking (random, no
-# MIC), centralized (1 client, batch CLIENTS x BATCH) and federated (CLIENTS clients of BATCH)
-# at the same total batch, img/s and MFU, and the PyTorch MAE peer (timm blocks, bf16
-# autocast) at the centralized batch; `bench plan` of the paper preset compiled for this
-# device (XLA's memory analysis on the accelerator itself, nothing allocated); `bench pipeline`
+# timeout, 150 + 150 + 80 + 90 s; an H200 took 118, 104, ~70 and 28 s): MAE-B/16 at 224 px,
+# bfloat16, plain MAE masking (random, no MIC), centralized (1 client, batch CLIENTS x BATCH)
+# and federated (CLIENTS clients of BATCH) at the same total batch, each in its own process
+# (each compiles its chunk for about a minute), img/s and MFU, and the PyTorch MAE peer (timm
+# blocks, bf16 autocast) at the centralized batch; with PLAN=1 also `bench plan` of the paper
+# preset compiled for this device (XLA's memory analysis on the accelerator itself, nothing
+# allocated; it did not compile within 100 s on an H200, and `bench plan --devices=N` on a CPU
+# gives the same layout's figures); `bench pipeline`
 # (host img/s at 224 px, ultrajax vs the official MAE DataLoader, at PIPELINE_WORKERS); `bench
 # sam` (SAM_VARIANT's image encoder img/s at SAM_BATCH images of 1024 px and decoder ms per
 # batch of 16 prompts, bf16, beside segment_anything on the same GPU under bf16 autocast).
@@ -35,13 +38,17 @@ CONFIG=${CONFIG:-configs/pretrain_fed.py}  # the default preset is ViT-B/16 at 2
 BATCH=${BATCH:-64} CLIENTS=${CLIENTS:-4} STEPS=${STEPS:-3} CHUNK=${CHUNK:-4} ROUNDS=${ROUNDS:-2}
 PIPELINE_WORKERS=${PIPELINE_WORKERS:-1,2,4} PLAN_CONFIG=${PLAN_CONFIG:-configs/pretrain_fed.py}
 SAM_VARIANT=${SAM_VARIANT:-vit_b} SAM_SIZE=${SAM_SIZE:-1024} SAM_BATCH=${SAM_BATCH:-8}
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+# Half the GPU for XLA: PyTorch shares it (the peer's process beside `bench pretrain`,
+# segment_anything inside `bench sam`). At 0.9 XLA's 126 GiB reservation failed beside the
+# peer and segment_anything ran out of memory (H200, 2026-12-04).
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
 mkdir -p "$(dirname "$TABLE")"
 cmd=("$PY" -m ultrajax.bench pretrain --config="$CONFIG" --steps="$STEPS" --clients="$CLIENTS" --rounds="$ROUNDS"
      --config.data.batch_size="$BATCH" --config.fed.chunk_steps="$CHUNK"
      --config.ultramim.tgm_mode=random --config.ultramim.mic=False
      --profile_dir=/tmp/ultrajax_device_profile)
-PLAN_LOG=${TABLE%.md}_plan.log PIPE_LOG=${TABLE%.md}_pipeline.log SAM_LOG=${TABLE%.md}_sam.log
+FED_LOG=${TABLE%.md}_federated.log PLAN_LOG=${TABLE%.md}_plan.log
+PIPE_LOG=${TABLE%.md}_pipeline.log SAM_LOG=${TABLE%.md}_sam.log
 # step LOG SECONDS PATTERN FLAG CMD...: runs CMD within SECONDS, its output into LOG. A step that
 # runs out of time leaves what it printed; the others still run. cuDNN's attention can fail where
 # JAX's trace-time checks let it through (at compile or run time, on a jax/cuDNN pair not seen
@@ -59,16 +66,19 @@ step() {
     timeout $((budget - SECONDS + start)) "$@" "$flag" 2>&1 | tee -a "$log" || true
   fi
 }
-step "$LOG" 230 '^central ' --config.model.attention_impl=einsum "${cmd[@]}"
+step "$LOG" 150 '^central ' --config.model.attention_impl=einsum "${cmd[@]}" --pretrain_modes=central
 retried=$RETRIED
+step "$FED_LOG" 150 '^federated ' --config.model.attention_impl=einsum "${cmd[@]}" \
+  --pretrain_modes=federated --notorch_peer
+fed_retried=$RETRIED
 for mode in central federated; do  # the newest trace of each mode, beside the table
   trace=$(ls -t /tmp/ultrajax_device_profile/$mode/plugins/profile/*/perfetto_trace.json.gz 2> /dev/null | head -1 || true)
   if [ -n "$trace" ]; then cp "$trace" "${TABLE%.md}_trace_$mode.json.gz"; fi
 done
 plan=("$PY" -m ultrajax.bench plan --config="$PLAN_CONFIG")
-timeout 100 "${plan[@]}" 2>&1 | tee "$PLAN_LOG" || true
+if [ "${PLAN:-0}" = 1 ]; then timeout 100 "${plan[@]}" 2>&1 | tee "$PLAN_LOG" || true; fi
 pipe=("$PY" -m ultrajax.bench pipeline --pipeline_workers="$PIPELINE_WORKERS")
-timeout 60 "${pipe[@]}" 2>&1 | tee "$PIPE_LOG" || true
+timeout 80 "${pipe[@]}" 2>&1 | tee "$PIPE_LOG" || true
 sam=("$PY" -m ultrajax.bench sam --sam_variant="$SAM_VARIANT" --sam_image_size="$SAM_SIZE"
      --sam_batch="$SAM_BATCH" --sam_dtype=bfloat16 --steps=5)
 step "$SAM_LOG" 90 '^ultrajax ' --sam_attention_impl=einsum "${sam[@]}"
@@ -84,34 +94,41 @@ machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -
   echo "| mode | clients | batch | img/s | ms/step | ms/round+ | TFLOP/s/dev | MFU | compile s | CPU ms/img |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   awk '/^(central|federated) /{printf "| %s |", $1; for (i = 2; i <= NF; i++) printf " %s |", $i; print ""}
-       /^pytorch MAE /{printf "| PyTorch MAE (timm) | %s | %s | %s | %s | - | - | - | - | - |\n", $3, $4, $5, $6}' "$LOG"
+       /^pytorch MAE /{printf "| PyTorch MAE (timm) | %s | %s | %s | %s | - | - | - | - | - |\n", $3, $4, $5, $6}' "$LOG" "$FED_LOG"
   echo
-  grep '^ratio ' "$LOG" | sed 's/^/- /' || true
-  grep '^PyTorch peer skipped' "$LOG" | sed 's/^/- /' || true
-  grep '^model FLOPs by' "$LOG" | sed 's/^/- /' || true
-  grep -m1 -o "cuDNN attention refused.*" "$LOG" | sed 's/^/- /' || true
+  awk '/^central /{c = $4} /^federated /{f = $4}
+       END {if (c && f) printf "- ratio federated / central img/s at the same total batch: %.2f\n", f / c}' "$LOG" "$FED_LOG"
+  grep -h '^ratio ' "$LOG" | sed 's/^/- /' || true
+  grep -h '^PyTorch peer skipped' "$LOG" | sed 's/^/- /' || true
+  grep -h '^model FLOPs by' "$LOG" "$FED_LOG" | sed 's/^/- /' || true
+  grep -h -m1 -o "cuDNN attention refused.*" "$LOG" "$FED_LOG" | head -1 | sed 's/^/- /' || true
   if [ -n "$retried" ]; then
-    echo "- the first run gave no figures (${retried}); these are from a second run with attention_impl=einsum"
+    echo "- central: the first run gave no figures (${retried}); these are from a second run with attention_impl=einsum"
+  fi
+  if [ -n "$fed_retried" ]; then
+    echo "- federated: the first run gave no figures (${fed_retried}); these are from a second run with attention_impl=einsum"
   fi
   echo
   echo "#### Where the pretraining step's time goes (jax.profiler; traces in $(basename "${TABLE%.md}")_trace_<mode>.json.gz)"
   echo
   echo '```'
-  grep '^profile ' "$LOG" || echo "no profile printed"
+  grep -h '^profile ' "$LOG" "$FED_LOG" || echo "no profile printed"
   echo '```'
   echo
-  echo "#### Memory and FLOPs of \`${plan[*]}\` (XLA on this device; compiled, not run)"
-  echo
-  echo '```'
-  grep -E '^(# plan|parameters|  |XLA memory|compile|to fit|model FLOPs|time per round)' "$PLAN_LOG" || true
-  echo '```'
-  echo
+  if [ "${PLAN:-0}" = 1 ]; then
+    echo "#### Memory and FLOPs of \`${plan[*]}\` (XLA on this device; compiled, not run)"
+    echo
+    echo '```'
+    grep -E '^(# plan|parameters|  |XLA memory|compile|to fit|model FLOPs|time per round)' "$PLAN_LOG" || true
+    echo '```'
+    echo
+  fi
   echo "#### Host input pipeline: \`${pipe[*]}\` ($(nproc) cores)"
   echo
-  echo "| pipeline | workers | img/s | img/s per core |"
-  echo "| --- | --- | --- | --- |"
-  awk '/^(ultrajax|official MAE), /{n = NF; name = $1; for (i = 2; i <= n - 3; i++) name = name " " $i
-       printf "| %s | %s | %s | %s |\n", name, $(n - 2), $(n - 1), $n}' "$PIPE_LOG"
+  echo "| pipeline | workers | img/s | img/s per core | img/CPU-s |"
+  echo "| --- | --- | --- | --- | --- |"
+  awk '/^(ultrajax|official MAE), /{n = NF; name = $1; for (i = 2; i <= n - 4; i++) name = name " " $i
+       printf "| %s | %s | %s | %s | %s |\n", name, $(n - 3), $(n - 2), $(n - 1), $n}' "$PIPE_LOG"
   echo
   echo "#### SAM: \`${sam[*]}\`"
   echo

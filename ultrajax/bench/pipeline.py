@@ -8,8 +8,10 @@ Three rows per worker count W (W = 0: no worker processes, the loading process's
     a torch DataLoader with num_workers=W, shuffled, drop_last;
   - ultrajax, phantom: the same pipeline on phantom records drawn on the fly (no files).
 The folder is written once per run to a temporary directory: phantom images saved as JPEG.
-The first batch (worker start-up) is left out of each figure. img/s per core divides by the
-cores the row can use: min(max(W, 1), cores).
+The first max(W, 1) batches (each worker's start-up: workers take batches in turn) are left
+out of each figure. img/s per core divides by min(max(W, 1), cores); img/CPU-s divides by the
+CPU time that the loading process and its worker processes used while timed (all their
+threads: ultrajax's Grain threads and PyTorch's intra-op threads count too).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pathlib
 import tempfile
 import time
 
+import psutil
 from PIL import Image
 
 from ultrajax.data import pipeline, sources
@@ -41,27 +44,47 @@ def write_jpeg_folder(
   return root
 
 
-def _time_batches(iterator, batch: int, num_batches: int) -> float:
-  """img/s over num_batches batches after a first (start-up) one."""
-  next(iterator)
-  t0 = time.perf_counter()
+def _tree_cpu_s() -> float:
+  """CPU seconds (user + system) used so far by this process and its live descendants."""
+  total = 0.0
+  for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    try:
+      t = p.cpu_times()
+    except psutil.NoSuchProcess:
+      continue
+    total += t.user + t.system
+  return total
+
+
+def _time_batches(iterator, batch: int, num_batches: int, warmup: int = 1) -> tuple[float, float]:
+  """(img/s, images per CPU-second) over num_batches batches after `warmup` start-up ones."""
+  for _ in range(warmup):
+    next(iterator)
+  t0, cpu0 = time.perf_counter(), _tree_cpu_s()
   for _ in range(num_batches):
     next(iterator)
-  return batch * num_batches / (time.perf_counter() - t0)
+  images = batch * num_batches
+  return images / (time.perf_counter() - t0), images / max(_tree_cpu_s() - cpu0, 1e-9)
 
 
-def ultrajax_img_per_s(source, workers: int, batch: int, num_batches: int, threads: int) -> float:
+def ultrajax_img_per_s(
+  source, workers: int, batch: int, num_batches: int, threads: int
+) -> tuple[float, float]:
+  """(img/s, img per CPU-second) of data/pipeline.py's ClientBatches on `source`."""
   data = pipeline.ClientBatches(
     [source], batch, IMAGE_SIZE, seed=0, num_threads=threads, worker_count=workers
   )
   try:
-    return _time_batches(data, batch, num_batches)
+    return _time_batches(data, batch, num_batches, max(workers, 1))
   finally:
     data.close()
 
 
-def torch_img_per_s(root: pathlib.Path, workers: int, batch: int, num_batches: int) -> float:
-  """MAE's pretraining input pipeline (main_pretrain.py's transform_train and DataLoader)."""
+def torch_img_per_s(
+  root: pathlib.Path, workers: int, batch: int, num_batches: int
+) -> tuple[float, float]:
+  """(img/s, img per CPU-second) of MAE's pretraining input pipeline (main_pretrain.py's
+  transform_train and DataLoader)."""
   import torch
   from torchvision import datasets, transforms
 
@@ -74,15 +97,22 @@ def torch_img_per_s(root: pathlib.Path, workers: int, batch: int, num_batches: i
     ]
   )
   dataset = datasets.ImageFolder(str(root), transform=transform)
+  # Persistent workers: the folder is a few batches long, and MAE's epochs (ImageNet) are long
+  # enough that its workers' start at each epoch is negligible; here it would be timed.
   loader = torch.utils.data.DataLoader(
-    dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
+    dataset,
+    batch_size=batch,
+    shuffle=True,
+    num_workers=workers,
+    drop_last=True,
+    persistent_workers=workers > 0,
   )
 
   def forever():
     while True:
       yield from loader
 
-  return _time_batches(forever(), batch, num_batches)
+  return _time_batches(forever(), batch, num_batches, max(workers, 1))
 
 
 def bench_pipeline(
@@ -95,16 +125,17 @@ def bench_pipeline(
   threads: int = 0,
   torch_peer: bool = True,
 ) -> list[dict]:
-  """Rows of dict(pipeline, workers, img_per_s, per_core); prints them as they come."""
+  """Rows of dict(pipeline, workers, img_per_s, per_core, per_cpu_s); prints them as they
+  come."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   threads = threads or cores
   rows = []
   print(
     f"# pipeline benchmark: {IMAGE_SIZE} px output, batch {batch}, {num_batches} timed "
-    f"batches after one, {num_images} JPEGs of {stored_size} px (phantom), {cores} cores, "
-    f"{threads} threads per ultrajax loader"
+    f"batches after one per worker (at least one), {num_images} JPEGs of {stored_size} px "
+    f"(phantom), {cores} cores, {threads} threads per ultrajax loader"
   )
-  print(f"{'pipeline':<30}{'workers':>8}{'img/s':>10}{'img/s/core':>12}")
+  print(f"{'pipeline':<30}{'workers':>8}{'img/s':>10}{'img/s/core':>12}{'img/CPU-s':>11}")
   with tempfile.TemporaryDirectory() as tmp:
     root = write_jpeg_folder(pathlib.Path(tmp), num_images, stored_size)
     folder = sources.folder_clients(str(root))[0]
@@ -119,14 +150,15 @@ def bench_pipeline(
       runs.append(("ultrajax, phantom", lambda: ours(drawn)))
       for name, run in runs:
         try:
-          img_per_s = run()
+          img_per_s, per_cpu_s = run()
         except ImportError as e:
           print(f"official MAE peer skipped: {e} (install the torch extra)")
           have_torch = False
           continue
         per_core = img_per_s / min(max(w, 1), cores)
-        rows.append(dict(pipeline=name, workers=w, img_per_s=img_per_s, per_core=per_core))
-        print(f"{name:<30}{w:>8}{img_per_s:>10.1f}{per_core:>12.1f}", flush=True)
+        row = dict(pipeline=name, workers=w, img_per_s=img_per_s, per_core=per_core)
+        rows.append(dict(row, per_cpu_s=per_cpu_s))
+        print(f"{name:<30}{w:>8}{img_per_s:>10.1f}{per_core:>12.1f}{per_cpu_s:>11.1f}", flush=True)
   return rows
 
 
