@@ -187,7 +187,7 @@ def test_plan_model_flops_count_cudnn_attention_as_its_products(monkeypatch):
   (host callbacks, traced only)."""
   zeros = lambda *a: None  # never called: the chunk is traced, not run
 
-  def opaque(q, k, v, bias=None, implementation=None):
+  def opaque(q, k, v, bias=None, implementation=None, **seq_lengths):
     out = jax.ShapeDtypeStruct(q.shape, q.dtype)
 
     @jax.custom_vjp
