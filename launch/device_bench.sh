@@ -84,8 +84,18 @@ sam=("$PY" -m ultrajax.bench sam --sam_variant="$SAM_VARIANT" --sam_image_size="
 step "$SAM_LOG" 90 '^ultrajax ' --sam_attention_impl=einsum "${sam[@]}"
 sam_retried=$RETRIED
 machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
+versions=$("$PY" -c 'import importlib.metadata as m
+found = []
+for name in ("jax", "jaxlib", "flax", "torch"):
+  try:
+    found.append(f"{name} {m.version(name)}")
+  except m.PackageNotFoundError:
+    pass
+print(", ".join(found))' 2> /dev/null || true)
 {
   echo "### $(date -u +%Y-%m-%d), ${machine:-$("$PY" -c 'import jax; print(jax.devices()[0].device_kind)')}"
+  echo
+  echo "${versions:-versions unknown}; $(nproc) host cores"
   echo
   echo '```'
   echo "${cmd[*]}"

@@ -156,8 +156,11 @@ def bench_pipeline(
           have_torch = False
           continue
         per_core = img_per_s / min(max(w, 1), cores)
-        row = dict(pipeline=name, workers=w, img_per_s=img_per_s, per_core=per_core)
-        rows.append(dict(row, per_cpu_s=per_cpu_s))
+        rows.append(
+          dict(
+            pipeline=name, workers=w, img_per_s=img_per_s, per_core=per_core, per_cpu_s=per_cpu_s
+          )
+        )
         print(f"{name:<30}{w:>8}{img_per_s:>10.1f}{per_core:>12.1f}{per_cpu_s:>11.1f}", flush=True)
   return rows
 
