@@ -43,6 +43,10 @@ os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR",
   f"/tmp/ultrajax-test-xla-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}",
 )
+# The size limit `ultrajax.main` sets (compiler.use_compilation_cache), in every process: with
+# one JAX keeps an access-time file per entry and needs it for every entry before it writes one,
+# so workers without the limit beside subprocesses with it made every subprocess's write fail.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(compiler.CACHE_MAX_BYTES))
 
 import pathlib  # noqa: E402
 

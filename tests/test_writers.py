@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -61,12 +62,24 @@ def test_tensorboard_file_read_back_by_tensorboard(tmp_path):
   assert rows == [{"step": 1, "loss": 2.5, "img_per_s": 10.0}, {"step": 2, "loss": 1.5}]
 
 
-def test_jobs_import_without_tensorflow():
-  """clu's writers and progress reports load, and the jobs import, without TensorFlow."""
-  code = (
-    "import sys; import ultrajax.jobs.pretrain, ultrajax.jobs.finetune, ultrajax.jobs.sam; "
-    "from clu import periodic_actions; print('tensorflow' in sys.modules)"
-  )
+def test_jobs_import_and_write_without_tensorflow_or_torch(tmp_path):
+  """clu's writers and progress reports load, the jobs import and a job's writer writes its
+  TensorBoard file without TensorFlow, and without PyTorch (tensorboardX imports torch where
+  it is installed), which still imports afterwards where installed."""
+  code = textwrap.dedent(f"""
+    import sys
+    import ultrajax.jobs.pretrain, ultrajax.jobs.finetune, ultrajax.jobs.sam
+    from clu import periodic_actions
+    from ultrajax.train import writers
+    writer = writers.create_writer({str(tmp_path)!r})
+    writer.write_scalars(1, {{"loss": 2.5}})
+    writer.close()
+    print("tensorflow" in sys.modules, "torch" in sys.modules)
+    try:
+      import torch
+    except ImportError as e:
+      assert "torch" in str(e) and "None in sys.modules" not in str(e), e
+  """)
   done = subprocess.run(
     [sys.executable, "-c", code],
     capture_output=True,
@@ -75,7 +88,8 @@ def test_jobs_import_without_tensorflow():
     env={"JAX_PLATFORMS": "cpu", "PATH": ""},
   )
   assert done.returncode == 0, done.stderr[-2000:]
-  assert done.stdout.strip() == "False"
+  assert done.stdout.strip() == "False False"
+  assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
 
 
 def test_log_config_writes_a_readable_config_json(tmp_path):

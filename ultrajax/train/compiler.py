@@ -54,9 +54,28 @@ def use_compilation_cache(directory: str | None) -> pathlib.Path | None:
       f"--compilation_cache={directory}: cannot create the folder ({e.strerror}); "
       "pass another folder, or --compilation_cache= to run without the cache"
     ) from None
+  _stamp_unstamped_entries(path)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
   return path
+
+
+def _stamp_unstamped_entries(path: pathlib.Path) -> None:
+  """Gives every entry in the folder an access-time file where it has none.
+
+  With a size limit JAX keeps a `<key>-atime` file beside each `<key>-cache` entry and reads
+  them all before writing a new entry; one missing (an entry written by a JAX process without
+  a limit, e.g. one that only set $JAX_COMPILATION_CACHE_DIR, which this job's default shares)
+  fails every later write with FileNotFoundError, a warning only, so nothing compiled in the run
+  is kept (jax 0.10-0.11). The stamp is the entry's modification time, in JAX's format
+  (nanoseconds, 8 bytes little-endian), so such entries are evicted first."""
+  for entry in path.glob("*-cache"):
+    stamp = path / (entry.name.removesuffix("-cache") + "-atime")
+    try:
+      if not stamp.exists():
+        stamp.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+    except OSError:  # removed meanwhile, or a read-only folder: JAX reports its own errors
+      pass
 
 
 def cpu_flags() -> set[str]:

@@ -86,14 +86,31 @@ def flatten_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
   }
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported here (only process 0 writes files) and without
+  PyTorch: where torch is installed (the [torch] extra) tensorboardX imports it only to accept
+  torch tensors, which these writers never pass, and that cost every job process 2.6 s and
+  about 300 MB. `import torch` fails while tensorboardX loads and works again after."""
+  import sys
+
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # type: ignore[assignment]  (Python: ImportError on import)
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class TensorboardWriter(metric_writers.MetricWriter):
   """TensorBoard event files through tensorboardX (no TensorFlow): scalars, images, texts,
   histograms, and hyper-parameters (nested mappings flattened to 'a.b.c') in the same file."""
 
   def __init__(self, logdir):
-    from tensorboardX import SummaryWriter  # imported here: only process 0 writes files
-
-    self._writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
+    self._writer = _summary_writer_class()(logdir=str(logdir), flush_secs=30)
 
   def _unsupported(self, *args, **kwargs):
     raise NotImplementedError("TensorboardWriter writes no videos, audio or raw summaries")
