@@ -89,8 +89,8 @@ def flatten_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported here (only process 0 writes files) and without
   PyTorch: where torch is installed (the [torch] extra) tensorboardX imports it only to accept
-  torch tensors, which these writers never pass, and that cost every job process 2.6 s and
-  about 300 MB. `import torch` fails while tensorboardX loads and works again after."""
+  torch tensors, which these writers never pass, and that cost every job process 2.6 s (2-core
+  VM). `import torch` fails while tensorboardX loads and works again after."""
   import sys
 
   if "torch" in sys.modules or "tensorboardX" in sys.modules:
