@@ -93,15 +93,14 @@ def _summary_writer_class():
   VM). `import torch` fails while tensorboardX loads and works again after."""
   import sys
 
-  if "torch" in sys.modules or "tensorboardX" in sys.modules:
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter
-  sys.modules["torch"] = None  # type: ignore[assignment]  (Python: ImportError on import)
+  block = "torch" not in sys.modules  # a process that already has torch keeps it
+  if block:
+    sys.modules["torch"] = None  # type: ignore[assignment]  (Python: ImportError on import)
   try:
     from tensorboardX import SummaryWriter
   finally:
-    del sys.modules["torch"]
+    if block:
+      del sys.modules["torch"]
   return SummaryWriter
 
 
