@@ -54,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from ultrajax.models import layers, vit
+from ultrajax.train import sharding
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 scale, as segment_anything
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -267,7 +268,7 @@ class EncoderAttention(nnx.Module):
     """x: [B, H, W, D] -> [B, H, W, D]. 'dot_product' off the CPU: vit.fused_attention (cuDNN
     on a GPU) with the relative terms as its bias; else explicit q k^T softmax v."""
     h = x.shape[1]
-    fused = self.impl == "dot_product" and jax.default_backend() != "cpu"
+    fused = self.impl == "dot_product" and sharding.compute_platform() != "cpu"
     layout = "b (y x) n d" if fused else "b n (y x) d"
     q, k, v = einops.rearrange(
       self.qkv(x), f"b y x (three n d) -> three {layout}", three=3, n=self.num_heads

@@ -22,6 +22,7 @@ from flax import nnx
 
 from ultrajax import configlib
 from ultrajax.models import posemb
+from ultrajax.train import sharding
 
 # name -> (width, depth, heads)
 VARIANTS = {
@@ -121,7 +122,7 @@ def model_dims(model_config, where: str = "config.model") -> tuple[int, int, int
 def _on_cpu() -> bool:
   """Whether the step is traced for the CPU, where the backward passes written out below (and
   `cut_grad_fusion`) beat XLA's derived ones (docs/benchmarks.md); GPU/TPU keep JAX's own."""
-  return jax.default_backend() == "cpu"
+  return sharding.compute_platform() == "cpu"
 
 
 def fused_attention(q, k, v, bias=None):
@@ -131,9 +132,9 @@ def fused_attention(q, k, v, bias=None):
   cuDNN's flash attention on a GPU for bf16/f16 inputs (`cudnn_attention`). JAX checks at trace
   time whether cuDNN takes the call (its version, the GPU, the head dim) and raises if not;
   then, and everywhere else, XLA's attention (jax.nn.dot_product_attention's default)."""
-  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+  if sharding.compute_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     try:
-      return cudnn_attention(q, k, v, bias)
+      return lanes_as_heads_attention(q, k, v, bias)
     except (NotImplementedError, RuntimeError, ValueError) as e:
       logging.log_first_n(logging.WARNING, "cuDNN attention refused (%s); XLA's instead", 1, e)
   return jax.nn.dot_product_attention(q, k, v, bias)
@@ -160,6 +161,67 @@ def cudnn_attention(q, k, v, bias=None, implementation: str | None = "cudnn"):
     implementation=implementation,
   )
   return out[:, :t]
+
+
+def _lanes_into_heads(x, axis: int):
+  """x [L, ...] -> the L vmapped lanes folded into the heads axis `axis` of x[0]: [..., L*H, ...]."""
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+
+
+def _heads_into_lanes(x, axis: int, lanes: int):
+  """_lanes_into_heads' inverse: [..., L*H, ...] -> [L, ..., H, ...]."""
+  return jnp.moveaxis(x.reshape(*x.shape[:axis], lanes, -1, *x.shape[axis + 1 :]), axis, 0)
+
+
+def _vmap_as_heads(fn, heads_axes: tuple[int, ...]):
+  """fn(*arrays) -> tuple of arrays, heads at heads_axes (arguments, then results, None for a
+  missing argument), with a vmap rule that folds the vmapped axis into the heads. Heads are
+  independent, so fn on L*H heads is fn on each lane. JAX's own vmap of cuDNN's attention folds
+  the lanes into the batch axis instead: a reshape that a batch sharded over devices cannot
+  follow, and JAX's partitioner for the cuDNN call then failed to compile (the paper preset,
+  5 lanes of batch 64 on 8 devices, compiled for H200s; docs/benchmarks.md)."""
+  fn = jax.custom_batching.custom_vmap(fn)
+
+  @fn.def_vmap
+  def rule(lanes, in_batched, *args):
+    merged = [
+      None
+      if a is None
+      else _lanes_into_heads(a if b else jnp.broadcast_to(a, (lanes, *a.shape)), ax)
+      for a, b, ax in zip(args, in_batched, heads_axes)
+    ]
+    outs = fn(*merged)
+    out_axes = heads_axes[len(args) :]
+    split = tuple(
+      None if o is None else _heads_into_lanes(o, ax, lanes) for o, ax in zip(outs, out_axes)
+    )
+    return split, tuple(None if o is None else True for o in outs)
+
+  return fn
+
+
+_cudnn_forward = _vmap_as_heads(
+  lambda q, k, v, bias: (cudnn_attention(q, k, v, bias),), (2, 2, 2, 1, 2)
+)
+_cudnn_backward = _vmap_as_heads(
+  lambda q, k, v, bias, g: jax.vjp(cudnn_attention, q, k, v, bias)[1](g),
+  (2, 2, 2, 1, 2, 2, 2, 2, 1),
+)
+
+
+@jax.custom_vjp
+def lanes_as_heads_attention(q, k, v, bias=None):
+  """cudnn_attention, q: [B, T, heads, head_dim], whose vmap (the round's lanes) folds the lanes
+  into the heads (`_vmap_as_heads`). The backward recomputes the forward (cuDNN's, about 1% of
+  the MAE-B step's FLOPs)."""
+  return _cudnn_forward(q, k, v, bias)[0]
+
+
+lanes_as_heads_attention.defvjp(
+  lambda q, k, v, bias=None: (lanes_as_heads_attention(q, k, v, bias), (q, k, v, bias)),
+  lambda res, g: _cudnn_backward(*res, g),
+)
 
 
 def einsum_attention(q, k, v):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -144,7 +145,7 @@ def make_preview_fn(graphdef, config):
   """
   m = config.model
   patch = patch_size_of(m)
-  mean, std = jnp.asarray(mae.IMAGENET_MEAN), jnp.asarray(mae.IMAGENET_STD)
+  mean, std = np.float32(mae.IMAGENET_MEAN), np.float32(mae.IMAGENET_STD)
 
   def preview(params, images, key):
     model = nnx.merge(graphdef, params)

@@ -145,7 +145,7 @@ class Programs:
     # parameters and math; `trace_chunk`).
     self._counting_chunk = None
     impl = config.model.get("attention_impl", "dot_product")
-    fused = impl == "dot_product" and jax.default_backend() == "gpu"
+    fused = impl == "dot_product" and sharding.compute_platform(mesh) == "gpu"
     if abstract_model.remat != "none" or fused:
       plain = {**config.model.to_dict(), "remat": "none", "attention_impl": "einsum"}
       plain_model = nnx.eval_shape(lambda: mae.mae_from_config(plain, nnx.Rngs(0)))

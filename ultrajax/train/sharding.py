@@ -20,6 +20,19 @@ from ultrajax.train import tree
 AXES = ("clients", "data")
 
 
+def compute_platform(mesh=None) -> str:
+  """'cpu', 'gpu' or 'tpu': what a program on `mesh`'s devices, or the program being traced, is
+  compiled for. Without `mesh`, the devices of the mesh set by `jax.set_mesh` (the jobs set
+  one), else JAX's default backend. They differ when a GPU's program is compiled on a host
+  without one (`bench plan --target`)."""
+  if mesh is not None:
+    platform = mesh.devices.flat[0].platform
+  else:
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def make_mesh(clients: int = 1, data: int = -1, devices=None) -> Mesh:
   """A ('clients', 'data') mesh over all devices; `data=-1` takes what `clients` leaves."""
   devices = list(devices if devices is not None else jax.devices())
