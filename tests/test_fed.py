@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from ultrajax.fed import aggregate, rounds, strategies
-from ultrajax.train import optimizer
+from ultrajax.train import optimizer, sharding
 
 
 def test_client_weights_by_hand():
@@ -284,3 +284,24 @@ def test_chunk_grad_norms_are_each_steps_global_gradient_norm():
     np.asarray(norms), [[np.linalg.norm(g0), np.linalg.norm(g1)], [4.0, 0.0]], rtol=1e-6
   )
   assert np.asarray(losses)[1, 1] == 0.0
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_apply_if_is_a_cond_or_a_loop_by_the_compiled_platform(platform):
+  """rounds.apply_if(pred, fn, state) is fn(state) when pred holds, else state. Traced for a
+  GPU (the abstract mesh's devices, as when compiling for one without it) it is a loop of
+  int(pred) iterations, which XLA:GPU updates in place where a cond's identity branch copied
+  the whole state; traced for the CPU it stays a cond (the loop was slower there)."""
+  from jax._src import mesh as mesh_lib
+
+  device = mesh_lib.AbstractDevice("fake", None, platform)
+  mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=device)
+  state = {"w": jnp.arange(6.0).reshape(2, 3), "n": jnp.int32(4)}
+  fn = lambda s: {"w": s["w"] * 2 + 1, "n": s["n"] - 1}  # noqa: E731
+  with jax.sharding.use_abstract_mesh(mesh):
+    f = lambda pred, s: rounds.apply_if(pred, fn, s)  # noqa: E731
+    assert sharding.compute_platform() == platform
+    primitives = {e.primitive.name for e in jax.make_jaxpr(f)(True, state).eqns}
+    for pred, want in ((True, fn(state)), (False, state)):  # run as traced, on the CPU
+      jax.tree.map(np.testing.assert_array_equal, f(jnp.bool_(pred), state), want)
+  assert ("while" if platform == "gpu" else "cond") in primitives
