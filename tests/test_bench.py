@@ -492,3 +492,121 @@ def test_trace_summary_of_a_cpu_trace_names_the_jax_ops():
   assert sum(count for _, count, *_ in s["rows"]) % 3 == 0  # the same thunks in each call
   ops = {op for *_, op in s["rows"]}
   assert ops <= set(names.values()) and ops & {"dot_general", "tanh", "mul"}, s
+
+
+HAND_HLO = """HloModule hand, is_scheduled=true
+
+%fused_add (p0: f32[8,4]) -> f32[8,4] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  ROOT %add.1 = f32[8,4]{1,0} add(%p0, %p0)
+}
+
+%body (s: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %s = (s32[], f32[8,4]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %x = f32[8,4]{1,0} get-tuple-element(%s), index=1
+  %loop_add_fusion.3 = f32[8,4]{1,0} fusion(%x), kind=kLoop, calls=%fused_add, metadata={op_name="jit(f)/while/body/add"}
+  %gemm.2 = (f32[8,8]{1,0}, s8[16]{0}) custom-call(%x, %x), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["1"]}}}
+  ROOT %t = (s32[], f32[8,4]{1,0}) tuple(%i, %loop_add_fusion.3)
+}
+
+%cond (c: (s32[], f32[8,4])) -> pred[] {
+  %c = (s32[], f32[8,4]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%c), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+%identity (a: bf16[16]) -> bf16[16] {
+  ROOT %a = bf16[16]{0} parameter(0)
+}
+
+%negate (b: bf16[16]) -> bf16[16] {
+  %b = bf16[16]{0} parameter(0)
+  ROOT %neg = bf16[16]{0} negate(%b)
+}
+
+ENTRY %main (x0: f32[8,4], y: bf16[16], p: pred[]) -> (f32[8,4], bf16[16], bf16[64]) {
+  %x0 = f32[8,4]{1,0} parameter(0)
+  %y = bf16[16]{0} parameter(1)
+  %p = pred[] parameter(2)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,4]{1,0}) tuple(%zero, %x0)
+  %w = (s32[], f32[8,4]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %w2 = (s32[], f32[8,4]{1,0}) while(%init), condition=%cond, body=%body
+  %r = bf16[16]{0} conditional(%p, %y, %y), true_computation=%negate, false_computation=%identity
+  %copy.5 = bf16[16]{0} copy(%r)
+  %ag = (bf16[16]{0}, bf16[64]{0}) all-gather-start(%copy.5), dimensions={0}
+  %agd = bf16[64]{0} all-gather-done(%ag)
+  %out = f32[8,4]{1,0} get-tuple-element(%w), index=1
+  ROOT %res = (f32[8,4]{1,0}, bf16[16]{0}, bf16[64]{0}) tuple(%out, %copy.5, %agd)
+}
+"""
+
+
+def test_hlo_census_counts_a_hand_written_module():
+  """bench/hlo.py on a module written by hand: the loop body's kernels run its known trip count
+  (3), its condition once more; a loop of unknown length runs 0 times (the steady state), its
+  condition once; a
+  conditional is priced by its false branch (an identity: nothing); a copy and the collective
+  are kernels; bytes are operands plus results, a cuBLAS GEMM's FLOPs 2 x 8 x 8 x 4, and the
+  roofline the sum of max(bytes / bandwidth, FLOPs / peak), collectives apart."""
+  from ultrajax.bench import hlo
+
+  census = hlo.census(HAND_HLO)
+  # The condition runs 3 + 1 times for the first loop and once for the second.
+  assert sorted((k.name, k.runs) for k in census if k.name == "lt") == [("lt", 1), ("lt", 4)]
+  kernels = {k.name: k for k in census if (k.name, k.runs) != ("lt", 1)}
+  assert sorted(kernels) == ["ag", "agd", "copy.5", "gemm.2", "loop_add_fusion.3", "lt"]
+  fusion, gemm, lt = kernels["loop_add_fusion.3"], kernels["gemm.2"], kernels["lt"]
+  assert (fusion.runs, fusion.bytes, fusion.kind, fusion.source) == (
+    3,
+    256,
+    "loop_add_fusion",
+    "while/body/add",
+  )
+  assert (gemm.runs, gemm.bytes, gemm.flops, gemm.kind) == (
+    3,
+    256 + 16 + 256,
+    512.0,
+    "__cublas$lt$matmul",
+  )
+  assert (lt.runs, lt.bytes) == (4, 4 + 4 + 1)
+  assert (kernels["copy.5"].runs, kernels["copy.5"].bytes) == (1, 64)
+  assert hlo.is_collective(kernels["ag"]) and kernels["ag"].result_bytes == 32 + 128
+  r = hlo.roofline(census, peak_flops=256.0, bandwidth=128.0)
+  want = 3 * max(256 / 128, 0) + 3 * max(528 / 128, 512 / 256) + 5 * 9 / 128 + 64 / 128
+  assert r["seconds"] == pytest.approx(want)
+  assert (r["launches"], r["collectives"], r["collective_bytes"]) == (3 + 3 + 5 + 1 + 2, 1, 160)
+  assert r["bytes"] == 3 * 256 + 3 * 528 + 5 * 9 + 64 and r["gemm_flops"] == 3 * 512
+  assert r["by_kind"]["loop_add_fusion"]["launches"] == 3
+
+
+def test_hlo_census_reads_xla_cpu_modules():
+  """The parser on XLA's own text (the CPU's here): a scan of 5 steps compiles to a loop whose
+  kernels the census runs 5 times, and every kernel's bytes are at least its result's."""
+  from ultrajax.bench import hlo
+
+  def f(x):
+    return jax.lax.scan(lambda c, _: (jnp.sin(c) * 2 + c, None), x, None, length=5)[0]
+
+  text = jax.jit(f).lower(jnp.ones((64, 64))).compile().as_text()
+  kernels = hlo.census(text)
+  assert kernels and 5 in {k.runs for k in kernels}
+  assert all(k.bytes >= k.result_bytes > 0 for k in kernels if k.op == "fusion")
+
+
+def test_plan_target_devices_name_what_is_wrong():
+  """`bench plan --target`: an unknown GPU or a device count that is not 1-8 or a multiple of
+  8 is refused by name; a known one gives compile-only devices of that kind through JAX's CUDA
+  plugin, and without the plugin an error that says how to install it."""
+  with pytest.raises(ValueError, match="'B200': one of H100, H200, A100"):
+    plan_lib.target_devices("B200", 1)
+  with pytest.raises(ValueError, match="--devices=12"):
+    plan_lib.target_devices("H200", 12)
+  try:
+    devices = plan_lib.target_devices("H200", 2)
+  except RuntimeError as e:
+    assert "pip install 'jax-cuda13-plugin[with-cuda]" in str(e)
+  else:
+    assert [d.device_kind for d in devices] == ["NVIDIA H200"] * 2

@@ -469,6 +469,46 @@ def test_cudnn_attention_pads_odd_lengths_and_equals_unpadded_attention(monkeypa
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_vmapped_cudnn_attention_folds_the_lanes_into_the_heads(monkeypatch, with_bias):
+  """The round's lanes vmap the model. JAX's own vmap of cuDNN's attention folds the lanes into
+  the batch axis, which a batch sharded over devices cannot follow (the paper preset on 8 H200
+  targets did not compile). vit.lanes_as_heads_attention folds them into the heads instead:
+  with a stand-in for jax.nn.dot_product_attention (XLA's attention in place of cuDNN's), the
+  forward and backward calls are reached outside any vmap with 4 lanes x 2 heads as 8 heads,
+  and the loss's value and
+  gradients (q, k, v, and a bias when there is one) equal each lane's own, unpadded attention's.
+  T = 5 and S = 7 go through cudnn_attention's padding when there is no bias."""
+  from jax._src.interpreters import batching
+
+  real, seen = jax.nn.dot_product_attention, []
+
+  def standin(q, k, v, bias=None, implementation=None, **kw):
+    seen.append((isinstance(q, batching.BatchTracer), q.shape[2]))
+    return real(q, k, v, bias, **kw)
+
+  keys = jax.random.split(jax.random.key(4), 5)
+  q = jax.random.normal(keys[0], (4, 3, 5, 2, 8))  # 4 lanes of [B=3, T=5, heads=2, 8]
+  k, v = (jax.random.normal(key, (4, 3, 7, 2, 8)) for key in keys[1:3])
+  bias = jax.random.normal(keys[3], (4, 3, 2, 5, 7)) if with_bias else None
+  weights = jax.random.normal(keys[4], q.shape[1:])  # a loss that uses every output
+
+  def loss(attend):
+    return lambda q, k, v, bias: jnp.sum(attend(q, k, v, bias) * weights)
+
+  args = (0, 1, 2, 3) if with_bias else (0, 1, 2)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", standin)
+  lv, lg = jax.vmap(jax.value_and_grad(loss(vit.lanes_as_heads_attention), args))(q, k, v, bias)
+  # custom_vmap also traces the per-lane function once for its shapes (2 heads, never run).
+  assert not any(batched for batched, _ in seen) and seen.count((False, 8)) == 2, seen
+  for lane in range(4):
+    b = None if bias is None else bias[lane]
+    wv, wg = jax.value_and_grad(loss(real), args)(q[lane], k[lane], v[lane], b)
+    np.testing.assert_allclose(lv[lane], wv, rtol=1e-5)
+    for got, want in zip(lg, wg):
+      np.testing.assert_allclose(got[lane], want, rtol=1e-4, atol=1e-5)
+
+
 def test_dot_product_attention_equals_einsum(monkeypatch):
   """The fused path (jax.nn.dot_product_attention) against explicit q k^T softmax v: MAE loss
   and gradients (encoder ViT and decoder) in float32, predictions in bfloat16. On the CPU

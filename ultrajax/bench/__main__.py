@@ -29,7 +29,10 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             sharding rules as configured) without running it: per-device state and XLA
             memory (arguments, outputs, temporaries), FLOPs per step, and the time per round
             at --mfu on H100/H200/A100/TPU v4/v5e/v5p (ultrajax/bench/plan.py), e.g.
-            --config=configs/pretrain_fed.py --devices=32.
+            --config=configs/pretrain_fed.py --devices=32. --target=H100|H200|A100 compiles
+            for that many of those GPUs instead, on this host without one (JAX's CUDA plugin,
+            `pip install 'jax-cuda13-plugin[with-cuda]'`): XLA:GPU's own memory analysis, and
+            the kernels of a local step priced at the GPU's bandwidth and peak (bench/hlo.py).
 
   pipeline  host input pipeline img/s and img/s per core at 224 px, at 0 (threads), 1, 2, 4 ...
             worker processes (--pipeline_workers=0,1,2): ultrajax on a temporary JPEG folder
@@ -51,6 +54,7 @@ the machine and the exact command in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import time
 
@@ -72,6 +76,12 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed chunk calls per mode (after one
 _CLIENTS = flags.DEFINE_integer("clients", 0, "Federated clients (0: config.data.num_clients).")
 _DEVICES = flags.DEFINE_integer("devices", 0, "bench plan: fake CPU devices (0: the real ones).")
 _MFU = flags.DEFINE_float("mfu", 0.5, "bench plan: MFU that prices a round on each accelerator.")
+_TARGET = flags.DEFINE_string(
+  "target",
+  "",
+  "bench plan: compile for --devices of this GPU (H100, H200, A100) without one, through "
+  "JAX's CUDA plugin; '' = fake CPU devices (--devices) or the real ones.",
+)
 _WORKERS = flags.DEFINE_string(
   "pipeline_workers",
   "",
@@ -429,11 +439,19 @@ def bench_urfm(config, steps: int, clients: int) -> None:
 
 def bench_plan(config, steps: int, clients: int) -> None:
   del steps, clients  # nothing runs; the clients are the config's
-  if _DEVICES.value:
+  devices = None
+  if _DEVICES.value or _TARGET.value:
     # Before anything starts JAX's backends (the flags and the config file do not).
     jax.config.update("jax_platforms", "cpu")
+  if _TARGET.value:
+    os.environ["XLA_FLAGS"] += " --xla_gpu_enable_triton_gemm=false"
+    try:
+      devices = plan_bench.target_devices(_TARGET.value, _DEVICES.value or 1)
+    except (ValueError, RuntimeError) as e:
+      raise app.UsageError(str(e)) from None
+  elif _DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-  print(plan_bench.report(plan_bench.plan(config), config, _MFU.value))
+  print(plan_bench.report(plan_bench.plan(config, devices=devices), config, _MFU.value))
 
 
 def bench_pipeline(config, steps: int, clients: int) -> None:

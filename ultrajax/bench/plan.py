@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from ultrajax import pretrain_checks
+from ultrajax.bench import hlo
 from ultrajax.data import sources as sources_lib
 from ultrajax.fed import rounds
 from ultrajax.train import checkpoint, mim_programs, perf, sharding
@@ -32,6 +33,80 @@ from ultrajax.train import checkpoint, mim_programs, perf, sharding
 # Accelerators the plan prices a round on: name -> dense bf16 FLOP/s (train/perf.py).
 ACCELERATORS = ("H100", "H200", "A100", "TPU v4", "TPU v5e", "TPU v5p")
 GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+  """What XLA:GPU needs to compile for a GPU it cannot see (its GpuTargetConfig), from the
+  vendors' datasheets, and the memory bandwidth `hlo.roofline` prices bytes at."""
+
+  name: str  # as the device reports its kind
+  compute_capability: tuple[int, int]
+  sms: int
+  memory_bytes: int
+  bandwidth: float  # bytes/s
+  clock_ghz: float
+  shared_memory_per_sm: int
+  l2_bytes: int
+
+  def target_config(self) -> str:
+    """The GpuTargetConfig text proto; cuDNN 9.12 and CUDA 13.0, as JAX's CUDA 13 plugin."""
+    major, minor = self.compute_capability
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {self.shared_memory_per_sm} threads_per_core_limit: 2048
+  core_count: {self.sms} fpus_per_core: {64 if major == 8 else 128}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(self.bandwidth)} l2_cache_size: {self.l2_bytes}
+  clock_rate_ghz: {self.clock_ghz} device_memory_size: {self.memory_bytes}
+  shared_memory_per_block_optin: {self.shared_memory_per_sm - 1024}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 12 }}
+runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "{self.name}"
+"""
+
+
+# `bench plan --target=NAME`: SXM parts.
+GPU_TARGETS = {
+  "H100": GpuTarget(
+    "NVIDIA H100 80GB HBM3", (9, 0), 132, 80 * GIB, 3.35e12, 1.98, 233472, 50 * 2**20
+  ),
+  "H200": GpuTarget("NVIDIA H200", (9, 0), 132, 141 * 10**9, 4.8e12, 1.98, 233472, 50 * 2**20),
+  "A100": GpuTarget(
+    "NVIDIA A100-SXM4-80GB", (8, 0), 108, 80 * GIB, 2.039e12, 1.41, 167936, 40 * 2**20
+  ),
+}
+
+
+def target_devices(target: str, count: int) -> list:
+  """`count` compile-only devices of the GPU `target` (GPU_TARGETS), 8 per host: XLA:GPU
+  compiles for them on a host without a GPU, through JAX's CUDA plugin. GEMMs go to cuBLAS
+  without autotuning: XLA's Triton GEMMs need a device to pick tile sizes (the caller sets
+  --xla_gpu_enable_triton_gemm=false before JAX starts)."""
+  if target not in GPU_TARGETS:
+    raise ValueError(f"--target={target!r}: one of {', '.join(GPU_TARGETS)}")
+  per_host = min(count, 8)
+  if count < 1 or count % per_host:
+    raise ValueError(f"--devices={count}: 1 to 8, or a multiple of 8 (8 GPUs per host)")
+  from jax.experimental import topologies
+
+  try:
+    topology = topologies.get_topology_desc(
+      platform="cuda",
+      target_config=GPU_TARGETS[target].target_config(),
+      topology=f"1x{count // per_host}x{per_host}",
+    )
+  except Exception as e:  # the plugin is missing, or too old for compile-only topologies
+    raise RuntimeError(
+      f"--target={target} compiles for a GPU without one, through JAX's CUDA plugin: "
+      f"pip install 'jax-cuda13-plugin[with-cuda]=={jax.__version__}' (no GPU needed). "
+      f"JAX said: {e}"
+    ) from None
+  return list(topology.devices)
 
 
 def device_bytes(tree) -> int:
@@ -83,6 +158,8 @@ class Plan:
   xla_state: dict  # of the clients' optimizer init: its output is their AdamW states
   flops_by_dtype: dict  # model FLOPs per device per chunk call, by the products' operand dtype
   compile_s: float
+  device_kind: str = ""
+  roofline: dict | None = None  # hlo.roofline of the chunk, per chunk call (GPU targets only)
 
   @property
   def chunk_flops(self) -> float:
@@ -113,14 +190,14 @@ def _memory(compiled) -> dict:
   )
 
 
-def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
-  """Compiles the config's round chunk and round end for the current devices (no data, no
-  allocation). steps_per_client: [C] local steps per round; default table1_steps(config).
-  compile_chunk=False: traced, not compiled: the state and model FLOPs only (XLA's memory
-  analysis of the chunk is zero)."""
+def plan(config, steps_per_client=None, compile_chunk: bool = True, devices=None) -> Plan:
+  """Compiles the config's round chunk and round end for `devices` (default: JAX's; or
+  `target_devices`) without data or allocation. steps_per_client: [C] local steps per round;
+  default table1_steps(config). compile_chunk=False: traced, not compiled: the state and model
+  FLOPs only (XLA's memory analysis of the chunk is zero)."""
   pretrain_checks.validate(config)
   config = config.copy_and_resolve_references()
-  mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data)
+  mesh = sharding.make_mesh(config.mesh.clients, config.mesh.data, devices=devices)
   steps = np.asarray(table1_steps(config) if steps_per_client is None else steps_per_client)
   num_clients, batch = len(steps), config.data.batch_size
   # The job's checks and chunking, before any compile.
@@ -156,6 +233,12 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
     traced, flops_by_dtype = programs.trace_chunk(*args)
     compiled = traced.lower().compile() if compile_chunk else None
     compile_s = time.perf_counter() - t0
+    device = mesh.devices.flat[0]
+    target = next((t for t in GPU_TARGETS.values() if t.name == device.device_kind), None)
+    roofline = None
+    if compiled is not None and target is not None:
+      peak = perf.PEAK_BF16_FLOPS[_accelerator(target.name)]
+      roofline = hlo.roofline(hlo.census(compiled.as_text()), peak, target.bandwidth)
     # XLA's own count of the clients' AdamW states: the output of their init.
     opt_init = programs.init_opt.lower(server).compile()
   client_opt_bytes = device_bytes(client_opt)
@@ -178,6 +261,8 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True) -> Plan:
     xla_state=_memory(opt_init),
     flops_by_dtype=flops_by_dtype,
     compile_s=compile_s,
+    device_kind=device.device_kind,
+    roofline=roofline,
   )
 
 
@@ -203,6 +288,33 @@ def fit_hints(p: Plan, config, device_bytes: float = 16e9) -> list[str]:
   return hints
 
 
+def roofline_lines(p: Plan) -> list[str]:
+  """The compiled chunk's kernels per local step, priced by `hlo.roofline`."""
+  r, k = p.roofline, p.chunk_steps
+  ms = lambda seconds: f"{1e3 * seconds / k:.1f} ms"  # noqa: E731
+  kinds = sorted(r["by_kind"].items(), key=lambda kv: -kv[1]["seconds"])
+  lines = [
+    f"XLA:GPU program for {p.device_kind} (GEMMs by cuBLAS, not autotuned), per local step: "
+    f"{r['launches'] / k:.0f} kernels, {r['bytes'] / k / 1e9:.1f} GB moved, "
+    f"{r['gemm_flops'] / k / 1e12:.2f} TFLOP in library GEMMs; roofline {ms(r['seconds'])}",
+    f"  collectives between devices (not priced): {r['collectives'] / k:.0f}, "
+    f"{r['collective_bytes'] / k / 1e9:.2f} GB of results",
+    "  busiest kinds: "
+    + ", ".join(f"{kind} {ms(v['seconds'])} ({v['launches'] / k:.0f}x)" for kind, v in kinds[:6]),
+  ]
+  if p.chunk_flops and r["seconds"]:
+    peak = p.chunk_flops / r["seconds"]  # model FLOP/s if every kernel ran at its roofline
+    lines.append(
+      f"  MFU at most {100 * peak / perf.PEAK_BF16_FLOPS[_accelerator(p.device_kind)]:.0f}% "
+      "with every kernel at its roofline (no launch costs)"
+    )
+  return lines
+
+
+def _accelerator(device_kind: str) -> str:
+  return next(n for n, t in GPU_TARGETS.items() if t.name == device_kind)
+
+
 def report(p: Plan, config, mfu: float = 0.5) -> str:
   """The plan as text: state and XLA memory per device, FLOPs, time per round."""
   g = lambda b: f"{b / GIB:8.2f} GiB"
@@ -225,8 +337,10 @@ def report(p: Plan, config, mfu: float = 0.5) -> str:
     f"(fits 16 GB: {'yes' if p.peak_bytes <= 16e9 else 'no'}, 32 GB: "
     f"{'yes' if p.peak_bytes <= 32e9 else 'no'}, 80 GB: {'yes' if p.peak_bytes <= 80e9 else 'no'})",
     f"  client AdamW states (XLA: output of their init) {g(p.xla_state['output'])}",
-    f"compile {p.compile_s:.1f} s on {jax.devices()[0].platform}",
+    f"compile {p.compile_s:.1f} s for {p.device_kind}",
   ]
+  if p.roofline:
+    lines += roofline_lines(p)
   lines += [f"to fit 16 GB: {hint}" for hint in fit_hints(p, config)]
   if p.chunk_flops:
     lines.append(
