@@ -201,9 +201,9 @@ def apply_if(pred, fn, state):
   """fn(state) where the scalar `pred` holds, else state. On a GPU as a loop of int(pred)
   iterations: XLA:GPU copies every buffer that a lax.cond's identity branch returns, and the
   round chunk's two conds (load a client, finish one) copied the whole lane state, the clients'
-  optimizer states included, at every step (MAE-B at batch 256 compiled for an H200: 2,277 of
-  3,720 kernels per step, 10.6 GB; docs/benchmarks.md). A loop's carry is updated in place.
-  Elsewhere lax.cond: on the CPU the loop made the step 5-10% slower."""
+  optimizer states included, at every step (MAE-B, one client of 256, compiled for an H200:
+  2,319 copies among 3,740 kernels per step; docs/benchmarks.md). A loop's carry is updated in
+  place. Elsewhere lax.cond: on the CPU the loop made the step 5-10% slower."""
   if sharding.compute_platform() == "gpu":
     return jax.lax.fori_loop(0, pred.astype(jnp.int32), lambda _, s: fn(s), state)
   return jax.lax.cond(pred, fn, lambda s: s, state)

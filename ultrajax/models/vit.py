@@ -214,7 +214,8 @@ _cudnn_backward = _vmap_as_heads(
 def lanes_as_heads_attention(q, k, v, bias=None):
   """cudnn_attention, q: [B, T, heads, head_dim], whose vmap (the round's lanes) folds the lanes
   into the heads (`_vmap_as_heads`). The backward recomputes the forward (cuDNN's, about 1% of
-  the MAE-B step's FLOPs)."""
+  the MAE-B step's FLOPs), so JAX's training-only checks of the cuDNN call run when the
+  gradient is traced, outside fused_attention's fallback."""
   return _cudnn_forward(q, k, v, bias)[0]
 
 
