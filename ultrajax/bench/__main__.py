@@ -444,7 +444,8 @@ def bench_plan(config, steps: int, clients: int) -> None:
     # Before anything starts JAX's backends (the flags and the config file do not).
     jax.config.update("jax_platforms", "cpu")
   if _TARGET.value:
-    os.environ["XLA_FLAGS"] += " --xla_gpu_enable_triton_gemm=false"
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_gpu_enable_triton_gemm=false".strip()
     try:
       devices = plan_bench.target_devices(_TARGET.value, _DEVICES.value or 1)
     except (ValueError, RuntimeError) as e:

@@ -160,6 +160,7 @@ class Plan:
   compile_s: float
   device_kind: str = ""
   roofline: dict | None = None  # hlo.roofline of the chunk, per chunk call (GPU targets only)
+  roofline_mfu: float | None = None  # the MFU if every kernel ran at its roofline
 
   @property
   def chunk_flops(self) -> float:
@@ -235,10 +236,12 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True, devices=None
     compile_s = time.perf_counter() - t0
     device = mesh.devices.flat[0]
     target = next((t for t in GPU_TARGETS.values() if t.name == device.device_kind), None)
-    roofline = None
+    roofline = roofline_mfu = None
     if compiled is not None and target is not None:
-      peak = perf.PEAK_BF16_FLOPS[_accelerator(target.name)]
+      peak = perf.peak_bf16_flops(device)
       roofline = hlo.roofline(hlo.census(compiled.as_text()), peak, target.bandwidth)
+      if roofline["seconds"]:
+        roofline_mfu = perf.mfu(sum(flops_by_dtype.values()) / roofline["seconds"], device)
     # XLA's own count of the clients' AdamW states: the output of their init.
     opt_init = programs.init_opt.lower(server).compile()
   client_opt_bytes = device_bytes(client_opt)
@@ -263,6 +266,7 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True, devices=None
     compile_s=compile_s,
     device_kind=device.device_kind,
     roofline=roofline,
+    roofline_mfu=roofline_mfu,
   )
 
 
@@ -302,17 +306,12 @@ def roofline_lines(p: Plan) -> list[str]:
     "  busiest kinds: "
     + ", ".join(f"{kind} {ms(v['seconds'])} ({v['launches'] / k:.0f}x)" for kind, v in kinds[:6]),
   ]
-  if p.chunk_flops and r["seconds"]:
-    peak = p.chunk_flops / r["seconds"]  # model FLOP/s if every kernel ran at its roofline
+  if p.roofline_mfu:
     lines.append(
-      f"  MFU at most {100 * peak / perf.PEAK_BF16_FLOPS[_accelerator(p.device_kind)]:.0f}% "
-      "with every kernel at its roofline (no launch costs)"
+      f"  MFU at most {100 * p.roofline_mfu:.0f}% with every kernel at its roofline "
+      "(no launch costs)"
     )
   return lines
-
-
-def _accelerator(device_kind: str) -> str:
-  return next(n for n, t in GPU_TARGETS.items() if t.name == device_kind)
 
 
 def report(p: Plan, config, mfu: float = 0.5) -> str:

@@ -84,11 +84,16 @@ def _add(tally: dict[str, float], part: dict[str, float], times: float = 1.0) ->
     tally[key] = tally.get(key, 0.0) + times * flops
 
 
+def peak_bf16_flops(device=None) -> float | None:
+  """`device`'s (default: the first device's) dense bf16 peak FLOP/s; None when unknown (CPU)."""
+  kind = (device or jax.devices()[0]).device_kind.lower()
+  return next((p for name, p in PEAK_BF16_FLOPS.items() if name.lower() in kind), None)
+
+
 def mfu(flops_per_second_per_device: float | None, device=None) -> float | None:
   """The FLOP/s as a fraction of `device`'s (default: the first device's) bf16 peak; None when
   either is unknown (CPU)."""
-  kind = (device or jax.devices()[0]).device_kind.lower()
-  peak = next((p for name, p in PEAK_BF16_FLOPS.items() if name.lower() in kind), None)
+  peak = peak_bf16_flops(device)
   if not flops_per_second_per_device or not peak:
     return None
   return flops_per_second_per_device / peak
