@@ -317,6 +317,12 @@ class Linear(nnx.Linear):
   then adds a bf16 bias)."""
 
   def __call__(self, x):
+    if sharding.compute_platform() == "gpu" and x.ndim > 2:
+      # One contracting dimension in the kernel's gradient: under the round's vmap over lanes,
+      # XLA:GPU transposes the activations or the gradient before a batched product that
+      # contracts two (batch, tokens): 1.9 ms of the paper preset's 42 ms step, compiled for an
+      # H200 (docs/benchmarks.md, stop 50). Merging leading dimensions is free.
+      return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
     if self.bias is None or not _on_cpu():
       return super().__call__(x)
     # Only x takes flax's promoted dtype here: the kernel is cast inside `_dense`, so that its
