@@ -580,6 +580,13 @@ def test_hlo_census_counts_a_hand_written_module():
   assert (r["launches"], r["collectives"], r["collective_bytes"]) == (3 + 3 + 5 + 1 + 2, 1, 160)
   assert r["bytes"] == 3 * 256 + 3 * 528 + 5 * 9 + 64 and r["gemm_flops"] == 3 * 512
   assert r["by_kind"]["loop_add_fusion"]["launches"] == 3
+  # The costliest groups (kind, result type without layouts, JAX op), collectives left out.
+  top = hlo.heaviest(census, peak_flops=256.0, bandwidth=128.0, n=2)
+  assert [(g["kind"], g["result"], g["source"], g["launches"]) for g in top] == [
+    ("__cublas$lt$matmul", "(f32[8,8], s8[16])", "", 3),
+    ("loop_add_fusion", "f32[8,4]", "while/body/add", 3),
+  ]
+  assert [g["seconds"] for g in top] == pytest.approx([3 * 528 / 128, 3 * 256 / 128])
 
 
 def test_hlo_census_reads_xla_cpu_modules():

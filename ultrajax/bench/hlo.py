@@ -49,6 +49,7 @@ class Kernel:
   result_bytes: int  # results, per run
   flops: float  # a library matrix product's FLOPs per run (2 per multiply-add), else 0
   source: str  # the JAX op it came from (op_name metadata)
+  result: str = ""  # its result type without layouts, e.g. 'bf16[64,197,512]'
 
 
 def array_bytes(hlo_type: str) -> int:
@@ -153,6 +154,7 @@ def census(hlo_text: str) -> list[Kernel]:
             result_bytes=array_bytes(ins["type"]),
             flops=_gemm_flops(ins, types) if kind.startswith("__cublas") else 0.0,
             source=re.sub(r"^jit\([^)]*\)/", "", source.group(1)) if source else "",
+            result=re.sub(r"\{[^}]*\}|/\*[^*]*\*/", "", ins["type"]),
           )
         )
 
@@ -187,3 +189,21 @@ def roofline(kernels: list[Kernel], peak_flops: float, bandwidth: float) -> dict
     collective_bytes=sum(k.runs * k.result_bytes for k in moved),
     by_kind={kind: dict(launches=r[0], bytes=r[1], seconds=r[2]) for kind, r in by_kind.items()},
   )
+
+
+def heaviest(kernels: list[Kernel], peak_flops: float, bandwidth: float, n: int = 8) -> list[dict]:
+  """The n costliest groups of local kernels on the roofline (`roofline`'s pricing), a group
+  being one kind, result type and JAX op: [{kind, result, source, launches, bytes, seconds}],
+  costliest first. It names what to change: the op, and the shapes it moves."""
+  groups: dict[tuple, dict] = {}
+  for k in kernels:
+    if is_collective(k):
+      continue
+    g = groups.setdefault(
+      (k.kind, k.result, k.source),
+      dict(kind=k.kind, result=k.result, source=k.source, launches=0, bytes=0, seconds=0.0),
+    )
+    g["launches"] += k.runs
+    g["bytes"] += k.runs * k.bytes
+    g["seconds"] += k.runs * max(k.bytes / bandwidth, k.flops / peak_flops)
+  return sorted(groups.values(), key=lambda g: -g["seconds"])[:n]

@@ -239,7 +239,11 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True, devices=None
     roofline = roofline_mfu = None
     if compiled is not None and target is not None:
       peak = perf.peak_bf16_flops(device)
-      roofline = hlo.roofline(hlo.census(compiled.as_text()), peak, target.bandwidth)
+      kernels = hlo.census(compiled.as_text())
+      roofline = hlo.roofline(kernels, peak, target.bandwidth)
+      # The matrix products are priced at the peak; what else the step spends is to be cut.
+      others = [k for k in kernels if not k.kind.startswith("__cublas")]
+      roofline["heaviest"] = hlo.heaviest(others, peak, target.bandwidth)
       if roofline["seconds"]:
         roofline_mfu = perf.mfu(sum(flops_by_dtype.values()) / roofline["seconds"], device)
     # XLA's own count of the clients' AdamW states: the output of their init.
@@ -310,6 +314,15 @@ def roofline_lines(p: Plan) -> list[str]:
     lines.append(
       f"  MFU at most {100 * p.roofline_mfu:.0f}% with every kernel at its roofline "
       "(no launch costs)"
+    )
+  lines.append(
+    "  heaviest kernels besides cuBLAS's (kind, result, JAX op): roofline and launches per step"
+  )
+  for g in r.get("heaviest", []):
+    source = g["source"] if len(g["source"]) <= 60 else "..." + g["source"][-57:]
+    lines.append(
+      f"    {ms(g['seconds']):>8} {g['launches'] / k:6.0f}x  {g['kind'][:28]:<28} "
+      f"{g['result'][:44]:<44} {source}"
     )
   return lines
 
