@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ultrajax import configlib
 from ultrajax.bench import plan as plan_lib
@@ -379,6 +380,30 @@ def test_bench_sam_times_both_models_with_the_same_weights():
   r = sam_bench.run("tiny", 64, 1, 2, "float32", 1, attention_impl="einsum")
   assert r["embedding_diff"] < 1e-4 and r["mask_diff"] < 1e-3, r
   assert sam_bench.run("tiny", 64, 1, 1, "float32", 1, torch_peer=False)["torch"] is None
+
+
+def test_bench_sam_compiles_from_abstract_inputs_the_program_it_times():
+  """bench sam --target compiles the encoder and decoder from shapes alone (for a GPU this host
+  does not have). Compiled so for this CPU, the two programs run on real inputs and give what
+  the jitted model gives: the image embedding, the masks and their IoU predictions."""
+  from ultrajax.bench import sam as sam_bench
+  from ultrajax.models import sam as sam_lib
+
+  device = jax.devices()[0]
+  programs = sam_bench.compile_for(device, "tiny", 64, 2, 3, "float32", "dot_product")
+  config = sam_lib.sam_config("tiny", image_size=64)
+  model = sam_lib.Sam(config, dtype=jnp.float32, rngs=nnx.Rngs(3))
+  params = nnx.state(model, nnx.Param)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)
+  points = jnp.asarray(rng.uniform(0, 64, (3, 1, 2)), jnp.float32)
+  labels = jnp.ones((3, 1), jnp.int32)
+  embedding = programs["encoder"](params, images)
+  np.testing.assert_allclose(embedding, model.encode_image(images), rtol=1e-5, atol=1e-5)
+  masks, iou = programs["decoder"](params, embedding[:1], points, labels)
+  want = model.decode(embedding[:1], *model.encode_prompts(points, labels))
+  np.testing.assert_allclose(masks, want[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(iou, want[1], rtol=1e-4, atol=1e-4)
 
 
 def _write_trace(path, events):

@@ -43,7 +43,9 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
   sam       SAM image encoder img/s and decoder ms per prompt batch, ultrajax next to
             segment_anything (PyTorch) with the same weights in the same run; flags
             --sam_variant, --sam_image_size, --sam_batch, --sam_prompts, --sam_dtype
-            (ultrajax/bench/sam.py). On a CPU try --sam_image_size=256.
+            (ultrajax/bench/sam.py). On a CPU try --sam_image_size=256. --target=H200 (or
+            H100, A100) compiles both for one such GPU instead, on this host without one, and
+            prints their kernels priced by a roofline, as `plan --target` does.
 
 The XLA flags are the jobs' (ultrajax/train/compiler.py: 512-bit vectors on an AVX-512 CPU);
 the persistent compilation cache stays off, so `compile s` is the compile time.
@@ -80,7 +82,8 @@ _TARGET = flags.DEFINE_string(
   "target",
   "",
   "bench plan: compile for --devices of this GPU (H100, H200, A100) without one, through "
-  "JAX's CUDA plugin; '' = fake CPU devices (--devices) or the real ones.",
+  "JAX's CUDA plugin; '' = fake CPU devices (--devices) or the real ones. bench sam: compile "
+  "the encoder and decoder for one such GPU instead of timing them.",
 )
 _WORKERS = flags.DEFINE_string(
   "pipeline_workers",
@@ -437,22 +440,34 @@ def bench_urfm(config, steps: int, clients: int) -> None:
   )
 
 
+def _target_devices(count: int) -> list:
+  """--target's compile-only GPUs, `count` of them; call before anything starts JAX's backends
+  (the flags and the config file do not)."""
+  jax.config.update("jax_platforms", "cpu")
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = f"{flags_now} --xla_gpu_enable_triton_gemm=false".strip()
+  try:
+    return plan_bench.target_devices(_TARGET.value, count)
+  except (ValueError, RuntimeError) as e:
+    raise app.UsageError(str(e)) from None
+
+
 def bench_plan(config, steps: int, clients: int) -> None:
   del steps, clients  # nothing runs; the clients are the config's
   devices = None
-  if _DEVICES.value or _TARGET.value:
-    # Before anything starts JAX's backends (the flags and the config file do not).
-    jax.config.update("jax_platforms", "cpu")
   if _TARGET.value:
-    flags_now = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_gpu_enable_triton_gemm=false".strip()
-    try:
-      devices = plan_bench.target_devices(_TARGET.value, _DEVICES.value or 1)
-    except (ValueError, RuntimeError) as e:
-      raise app.UsageError(str(e)) from None
+    devices = _target_devices(_DEVICES.value or 1)
   elif _DEVICES.value:
+    jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   print(plan_bench.report(plan_bench.plan(config, devices=devices), config, _MFU.value))
+
+
+def bench_sam(config, steps: int, clients: int) -> None:
+  if _TARGET.value:  # compiled for one GPU of that kind, nothing run
+    sam_bench.bench_sam_target(_target_devices(1)[0])
+  else:
+    sam_bench.bench_sam(config, steps, clients)
 
 
 def bench_pipeline(config, steps: int, clients: int) -> None:
@@ -475,7 +490,7 @@ BENCHMARKS = {
   "plan": bench_plan,
   "pipeline": bench_pipeline,
   "urfm": bench_urfm,
-  "sam": sam_bench.bench_sam,
+  "sam": bench_sam,
 }
 
 

@@ -235,15 +235,9 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True, devices=None
     compiled = traced.lower().compile() if compile_chunk else None
     compile_s = time.perf_counter() - t0
     device = mesh.devices.flat[0]
-    target = next((t for t in GPU_TARGETS.values() if t.name == device.device_kind), None)
     roofline = roofline_mfu = None
-    if compiled is not None and target is not None:
-      peak = perf.peak_bf16_flops(device)
-      kernels = hlo.census(compiled.as_text())
-      roofline = hlo.roofline(kernels, peak, target.bandwidth)
-      # The matrix products are priced at the peak; what else the step spends is to be cut.
-      others = [k for k in kernels if not k.kind.startswith("__cublas")]
-      roofline["heaviest"] = hlo.heaviest(others, peak, target.bandwidth)
+    if compiled is not None and device.device_kind in {t.name for t in GPU_TARGETS.values()}:
+      roofline = gpu_roofline(compiled, device)
       if roofline["seconds"]:
         roofline_mfu = perf.mfu(sum(flops_by_dtype.values()) / roofline["seconds"], device)
     # XLA's own count of the clients' AdamW states: the output of their init.
@@ -315,16 +309,35 @@ def roofline_lines(p: Plan) -> list[str]:
       f"  MFU at most {100 * p.roofline_mfu:.0f}% with every kernel at its roofline "
       "(no launch costs)"
     )
-  lines.append(
-    "  heaviest kernels besides cuBLAS's (kind, result, JAX op): roofline and launches per step"
-  )
-  for g in r.get("heaviest", []):
+  return lines + heaviest_lines(r.get("heaviest", []), k, "step")
+
+
+def heaviest_lines(groups: list[dict], per: int, unit: str) -> list[str]:
+  """`hlo.heaviest`'s groups as text, their roofline and launches divided by `per` (calls of
+  the `unit` in one compiled call)."""
+  lines = [
+    f"  heaviest kernels besides cuBLAS's (kind, result, JAX op): roofline and launches per {unit}"
+  ]
+  for g in groups:
     source = g["source"] if len(g["source"]) <= 60 else "..." + g["source"][-57:]
     lines.append(
-      f"    {ms(g['seconds']):>8} {g['launches'] / k:6.0f}x  {g['kind'][:28]:<28} "
+      f"    {1e3 * g['seconds'] / per:6.2f} ms {g['launches'] / per:6.0f}x  {g['kind'][:28]:<28} "
       f"{g['result'][:44]:<44} {source}"
     )
   return lines
+
+
+def gpu_roofline(compiled, device) -> dict:
+  """`hlo.roofline` of a program compiled for `device`, a GPU_TARGETS kind, at its peak and
+  bandwidth, with 'heaviest': `hlo.heaviest` of the kernels besides cuBLAS's (the GEMMs are
+  priced at the peak already; what else the program spends is what to cut)."""
+  target = next(t for t in GPU_TARGETS.values() if t.name == device.device_kind)
+  peak = perf.peak_bf16_flops(device)
+  kernels = hlo.census(compiled.as_text())
+  r = hlo.roofline(kernels, peak, target.bandwidth)
+  others = [k for k in kernels if not k.kind.startswith("__cublas")]
+  r["heaviest"] = hlo.heaviest(others, peak, target.bandwidth)
+  return r
 
 
 def report(p: Plan, config, mfu: float = 0.5) -> str:

@@ -111,6 +111,54 @@ def _timed(fn, steps: int) -> tuple[float, float]:
   return first, (time.perf_counter() - t0) / steps
 
 
+def _programs(config: sam_lib.SamConfig, dtype: str, attention_impl: str):
+  """(abstract Sam, its abstract params, encode(params, images [B, S, S, 3]) -> embedding,
+  decode(params, embedding, points [P, 1, 2], labels [P, 1]) -> (masks, iou)), both jitted."""
+  abstract = nnx.eval_shape(
+    lambda: sam_lib.Sam(
+      config, dtype=jnp.dtype(dtype), attention_impl=attention_impl, rngs=nnx.Rngs(0)
+    )
+  )
+  graphdef, state = nnx.split(abstract, nnx.Param)
+
+  @jax.jit
+  def encode(params, x):
+    return nnx.merge(graphdef, params).encode_image(x)
+
+  @jax.jit
+  def decode(params, embedding, points, labels):
+    model = nnx.merge(graphdef, params)
+    sparse, dense = model.encode_prompts(points, labels)
+    return model.decode(embedding, sparse, dense)[:2]
+
+  return abstract, state, encode, decode
+
+
+def compile_for(
+  device, variant: str, image_size: int, batch: int, prompts: int, dtype: str, attention_impl: str
+) -> dict:
+  """The encoder (`batch` images) and the decoder (`prompts` prompts on one embedding)
+  compiled for `device`, possibly a compile-only one (`plan.target_devices`), from abstract
+  inputs: nothing is allocated or run. {'encoder': compiled, 'decoder': compiled}."""
+  config = sam_lib.sam_config(variant, image_size=image_size)
+  mesh = jax.sharding.Mesh(np.array([device]), ("data",))
+  on = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on)  # noqa: E731
+  with jax.set_mesh(mesh):  # the model picks its kernels by the mesh's platform
+    _, state, encode, decode = _programs(config, dtype, attention_impl)
+    params = jax.tree.map(lambda a: spec(a.shape, a.dtype), state)
+    s = config.image_size
+    encoder = encode.lower(params, spec((batch, s, s, 3), jnp.float32)).compile()
+    embedding = jax.eval_shape(encode, params, spec((1, s, s, 3), jnp.float32))
+    decoder = decode.lower(
+      params,
+      spec(embedding.shape, embedding.dtype),
+      spec((prompts, 1, 2), jnp.float32),
+      spec((prompts, 1), jnp.int32),
+    ).compile()
+  return dict(encoder=encoder, decoder=decoder)
+
+
 def run(
   variant: str,
   image_size: int,
@@ -145,26 +193,11 @@ def run(
     )
   torch.manual_seed(0)
   reference = torch_reference(config)
-  abstract = nnx.eval_shape(
-    lambda: sam_lib.Sam(
-      config, dtype=jnp.dtype(dtype), attention_impl=attention_impl, rngs=nnx.Rngs(0)
-    )
-  )
-  graphdef, state = nnx.split(abstract, nnx.Param)
+  abstract, state, encode, decode = _programs(config, dtype, attention_impl)
   nnx.replace_by_pure_dict(
     state, jax.tree.map(jnp.asarray, sam_interop.sam_from_torch(reference.state_dict(), abstract))
   )
   params = jax.device_put(state, dev)
-
-  @jax.jit
-  def encode(params, x):
-    return nnx.merge(graphdef, params).encode_image(x)
-
-  @jax.jit
-  def decode(params, embedding, points, labels):
-    model = nnx.merge(graphdef, params)
-    sparse, dense = model.encode_prompts(points, labels)
-    return model.decode(embedding, sparse, dense)[:2]
 
   x = jax.device_put(images, dev)
   emb_holder = {}
@@ -253,3 +286,29 @@ def bench_sam(config_unused, steps: int, clients_unused) -> None:
     f"|embedding diff| {r['embedding_diff']:.2e}, max |mask logit diff| {r['mask_diff']:.2e} "
     "(own decoder inputs)."
   )
+
+
+def bench_sam_target(device) -> None:
+  """`bench sam --target=...`: the encoder and decoder compiled for one GPU of that kind on this
+  host, their kernels priced by a roofline (`plan.gpu_roofline`) instead of timed."""
+  from ultrajax.bench import plan as plan_lib
+
+  b, p, s = _BATCH.value, _PROMPTS.value, _IMAGE_SIZE.value
+  t0 = time.perf_counter()
+  programs = compile_for(device, _VARIANT.value, s, b, p, _DTYPE.value, _ATTENTION.value)
+  print(
+    f"# SAM {_VARIANT.value} at {s}px compiled for {device.device_kind} (GEMMs by cuBLAS, not "
+    f"autotuned; nothing run) in {time.perf_counter() - t0:.1f} s: encoder batch {b}, decoder "
+    f"batch {p} prompts, dtype {_DTYPE.value}, attention {_ATTENTION.value}"
+  )
+  for name, per, unit in (("encoder", b, "image"), ("decoder", p, "prompt")):
+    compiled = programs[name]
+    r = plan_lib.gpu_roofline(compiled, device)
+    temps = compiled.memory_analysis().temp_size_in_bytes / 2**30
+    print(
+      f"{name}: {r['launches']} kernels, {r['bytes'] / 1e9:.2f} GB moved, "
+      f"{r['gemm_flops'] / 1e12:.2f} TFLOP in library GEMMs, temporaries {temps:.2f} GiB; "
+      f"roofline {1e3 * r['seconds']:.2f} ms per call, {1e3 * r['seconds'] / per:.3f} ms per "
+      f"{unit}, at most {per / r['seconds']:.0f} {unit}s/s (no launch costs)"
+    )
+    print("\n".join(plan_lib.heaviest_lines(r["heaviest"], 1, "call")))
