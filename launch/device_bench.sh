@@ -11,8 +11,9 @@
 # (host img/s at 224 px, ultrajax vs the official MAE DataLoader, at PIPELINE_WORKERS); `bench
 # sam` (SAM_VARIANT's image encoder img/s at SAM_BATCH images of 1024 px and decoder ms per
 # batch of 16 prompts, bf16, beside segment_anything on the same GPU under bf16 autocast).
-# The pretraining step is then traced (jax.profiler): its busiest XLA ops go into the table and
-# each mode's perfetto trace beside it (${TABLE%.md}_trace_<mode>.json.gz, ui.perfetto.dev).
+# The pretraining step and SAM's encoder are then traced (jax.profiler): their busiest XLA ops go
+# into the table and the perfetto traces beside it (${TABLE%.md}_trace_<mode|sam>.json.gz,
+# ui.perfetto.dev).
 # If the pretraining step or `bench sam` prints no figures (cuDNN's attention failing past
 # JAX's checks), it runs again with the einsum attention inside the same 230 or 90 s (`step`
 # below), and the table says so.
@@ -80,9 +81,11 @@ if [ "${PLAN:-0}" = 1 ]; then timeout 100 "${plan[@]}" 2>&1 | tee "$PLAN_LOG" ||
 pipe=("$PY" -m ultrajax.bench pipeline --pipeline_workers="$PIPELINE_WORKERS")
 timeout 80 "${pipe[@]}" 2>&1 | tee "$PIPE_LOG" || true
 sam=("$PY" -m ultrajax.bench sam --sam_variant="$SAM_VARIANT" --sam_image_size="$SAM_SIZE"
-     --sam_batch="$SAM_BATCH" --sam_dtype=bfloat16 --steps=5)
+     --sam_batch="$SAM_BATCH" --sam_dtype=bfloat16 --steps=5 --profile_dir=/tmp/ultrajax_device_profile)
 step "$SAM_LOG" 90 '^ultrajax ' --sam_attention_impl=einsum "${sam[@]}"
 sam_retried=$RETRIED
+trace=$(ls -t /tmp/ultrajax_device_profile/sam/plugins/profile/*/perfetto_trace.json.gz 2> /dev/null | head -1 || true)
+if [ -n "$trace" ]; then cp "$trace" "${TABLE%.md}_trace_sam.json.gz"; fi
 machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
 versions=$("$PY" -c 'import importlib.metadata as m
 found = []
@@ -144,6 +147,12 @@ print(", ".join(found))' 2> /dev/null || true)
   echo
   echo '```'
   grep -E '^(# SAM|implementation|ultrajax |segment_anything |speed-up)' "$SAM_LOG" || true
+  echo '```'
+  echo
+  echo "Where the SAM encoder's time goes (jax.profiler; trace in $(basename "${TABLE%.md}")_trace_sam.json.gz):"
+  echo
+  echo '```'
+  grep -h '^profile sam' "$SAM_LOG" || echo "no profile printed"
   echo '```'
   if [ -n "$sam_retried" ]; then
     echo

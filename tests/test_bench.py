@@ -365,9 +365,10 @@ def test_torch_peer_process_times_on_demand_and_raises_its_errors():
     torch_mae.PeerProcess(dict(TINY, bogus=1), batch=2, total_steps=1, bfloat16=False)
 
 
-def test_bench_sam_times_both_models_with_the_same_weights():
+def test_bench_sam_times_both_models_with_the_same_weights(tmp_path):
   """bench sam: ultrajax's SAM and segment_anything's, the same random weights imported, give
-  the same image embedding and mask logits (float32), and both are timed."""
+  the same image embedding and mask logits (float32), and both are timed. With a profile
+  directory the encoder's calls are also traced, and the lines say where their time went."""
   pytest.importorskip("segment_anything")
   from ultrajax.bench import sam as sam_bench
 
@@ -379,7 +380,10 @@ def test_bench_sam_times_both_models_with_the_same_weights():
   # --sam_attention_impl=einsum (launch/device_bench.sh's fallback): the same computation.
   r = sam_bench.run("tiny", 64, 1, 2, "float32", 1, attention_impl="einsum")
   assert r["embedding_diff"] < 1e-4 and r["mask_diff"] < 1e-3, r
-  assert sam_bench.run("tiny", 64, 1, 1, "float32", 1, torch_peer=False)["torch"] is None
+  r = sam_bench.run("tiny", 64, 1, 1, "float32", 2, torch_peer=False, profile_dir=str(tmp_path))
+  assert r["torch"] is None
+  assert r["profile"][0].startswith("2 encoder call(s)") and "trace " in r["profile"][0], r
+  assert len(r["profile"]) > 1 and "ms" in r["profile"][1]
 
 
 def test_bench_sam_compiles_from_abstract_inputs_the_program_it_times():

@@ -46,6 +46,8 @@ r"""Benchmarks: `python -m ultrajax.bench <name> [--config=...] [--steps=N]`.
             (ultrajax/bench/sam.py). On a CPU try --sam_image_size=256. --target=H200 (or
             H100, A100) compiles both for one such GPU instead, on this host without one, and
             prints their kernels priced by a roofline, as `plan --target` does.
+            --profile_dir=DIR traces --steps encoder calls into DIR/sam and prints where their
+            time went, as `pretrain` does.
 
 The XLA flags are the jobs' (ultrajax/train/compiler.py: 512-bit vectors on an AVX-512 CPU);
 the persistent compilation cache stays off, so `compile s` is the compile time.
@@ -105,7 +107,8 @@ _PROFILE_DIR = flags.DEFINE_string(
   "profile_dir",
   "",
   "bench pretrain: after the figures, trace --steps chunk calls of each mode with "
-  "jax.profiler into DIR/<mode> and print where the time went (train/perf.py's trace_summary).",
+  "jax.profiler into DIR/<mode> and print where the time went (train/perf.py's trace_summary). "
+  "bench sam: trace --steps encoder calls into DIR/sam the same way.",
 )
 
 
@@ -467,7 +470,7 @@ def bench_sam(config, steps: int, clients: int) -> None:
   if _TARGET.value:  # compiled for one GPU of that kind, nothing run
     sam_bench.bench_sam_target(_target_devices(1)[0])
   else:
-    sam_bench.bench_sam(config, steps, clients)
+    sam_bench.bench_sam(config, steps, clients, _PROFILE_DIR.value and f"{_PROFILE_DIR.value}/sam")
 
 
 def bench_pipeline(config, steps: int, clients: int) -> None:

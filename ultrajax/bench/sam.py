@@ -159,6 +159,23 @@ def compile_for(
   return dict(encoder=encoder, decoder=decoder)
 
 
+def _profile_encoder(encode, params, x, steps: int, mean_s: float, trace_dir: str) -> list[str]:
+  """train/perf.py's profile lines for `steps` traced encoder calls, the first naming the
+  trace; a failure gives one line saying so (the timings are already taken)."""
+  from ultrajax.train import perf
+
+  try:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        jax.block_until_ready(encode(params, x))
+    hlo_text = encode.lower(params, x).compile().as_text()
+    what = f"{steps} encoder call(s)"
+    trace, lines = perf.profile_report(trace_dir, hlo_text, steps * mean_s, what)
+  except Exception as e:  # noqa: BLE001 (a profiler or trace-format problem ends the profile only)
+    return [f"failed, {type(e).__name__}: {e}"]
+  return [f"{lines[0]}; trace {trace}", *lines[1:]]
+
+
 def run(
   variant: str,
   image_size: int,
@@ -168,14 +185,17 @@ def run(
   steps: int,
   torch_peer: bool = True,
   attention_impl: str = "dot_product",
+  profile_dir: str = "",
 ) -> dict:
   """Times ultrajax's SAM and, with torch_peer, segment_anything's with the same weights.
 
   Returns {'ultrajax': times, 'torch': times | None, 'embedding_diff', 'mask_diff',
-  'params', 'device', 'torch_device'}; times = {'encoder_s', 'decoder_s', 'first_s'}: the
-  mean seconds per encoder call (`batch` images) and per decoder call (`prompts` prompts),
-  and the first calls' (compilation). The peer runs on CUDA when torch has it, under bf16
-  autocast there for dtype='bfloat16'; on a CPU in float32. attention_impl: Sam's."""
+  'params', 'device', 'torch_device', 'profile'}; times = {'encoder_s', 'decoder_s',
+  'first_s'}: the mean seconds per encoder call (`batch` images) and per decoder call
+  (`prompts` prompts), and the first calls' (compilation). The peer runs on CUDA when torch
+  has it, under bf16 autocast there for dtype='bfloat16'; on a CPU in float32.
+  attention_impl: Sam's. profile_dir: also trace `steps` encoder calls there (jax.profiler)
+  and return, under 'profile', train/perf.py's lines on where their time went (or why not)."""
   from ultrajax.interop import sam as sam_interop
 
   config = sam_lib.sam_config(variant, image_size=image_size)
@@ -205,12 +225,14 @@ def run(
     lambda: emb_holder.update(e=encode(params, x).block_until_ready()), steps
   )
   embedding = emb_holder["e"][:1]
+  profile = _profile_encoder(encode, params, x, steps, enc_s, profile_dir) if profile_dir else []
   dec_first, dec_s = _timed(
     lambda: jax.block_until_ready(decode(params, embedding, points, labels)), steps
   )
   result = {
     "ultrajax": {"encoder_s": enc_s, "decoder_s": dec_s, "first_s": enc_first + dec_first},
     "torch": None,
+    "profile": profile,
     "params": sum(np.size(v) for v in jax.tree.leaves(params)),
     "device": f"{jax.device_count()} x {dev.device_kind}",
   }
@@ -260,9 +282,9 @@ def run(
   return result
 
 
-def bench_sam(config_unused, steps: int, clients_unused) -> None:
+def bench_sam(config_unused, steps: int, clients_unused, profile_dir: str = "") -> None:
   b, p, s = _BATCH.value, _PROMPTS.value, _IMAGE_SIZE.value
-  r = run(_VARIANT.value, s, b, p, _DTYPE.value, steps, _TORCH.value, _ATTENTION.value)
+  r = run(_VARIANT.value, s, b, p, _DTYPE.value, steps, _TORCH.value, _ATTENTION.value, profile_dir)
   print(
     f"# SAM benchmark: {_VARIANT.value} at {s}px ({r['params'] / 1e6:.1f} M params), "
     f"encoder batch {b}, decoder batch {p} single-click prompts, {steps} timed calls; "
@@ -277,6 +299,8 @@ def bench_sam(config_unused, steps: int, clients_unused) -> None:
     f"{1e3 * t['decoder_s']:>12.2f}{1e3 * t['decoder_s'] / p:>11.3f}{t['first_s']:>12.1f}"
   )
   row("ultrajax (jax.jit)", r["ultrajax"])
+  for line in r["profile"]:
+    print(f"profile sam encoder {line}")
   if r["torch"] is None:
     return
   row(f"segment_anything ({r['torch_device']})"[:33], r["torch"])
