@@ -525,8 +525,8 @@ def _dot_generals(jaxpr) -> list:
 def test_linear_on_a_gpu_contracts_one_dimension_in_the_vmapped_kernel_gradient():
   """The round vmaps the model over lanes. Under that vmap, the gradient of x [B, N, in] @ W
   contracts two dimensions (batch, tokens) in a batched product, before which XLA:GPU
-  transposes the activations or the gradient (compiled for an H200: 1.9 ms of the paper
-  preset's 42 ms step). vit.Linear traced for a GPU merges the leading dimensions first, so
+  transposes the activations or the gradient (compiled for an H200: 1.7 ms of the paper
+  preset's 42.3 ms step). vit.Linear traced for a GPU merges the leading dimensions first, so
   every product of the vmapped loss and gradient contracts one dimension, and the loss and
   gradients equal numpy's x @ W + b per lane (the CPU trace keeps its own written-out path)."""
   from jax._src import mesh as mesh_lib

@@ -320,7 +320,7 @@ class Linear(nnx.Linear):
     if sharding.compute_platform() == "gpu" and x.ndim > 2:
       # One contracting dimension in the kernel's gradient: under the round's vmap over lanes,
       # XLA:GPU transposes the activations or the gradient before a batched product that
-      # contracts two (batch, tokens): 1.9 ms of the paper preset's 42 ms step, compiled for an
+      # contracts two (batch, tokens): 1.7 ms of the paper preset's 42.3 ms step, compiled for an
       # H200 (docs/benchmarks.md, stop 50). Merging leading dimensions is free.
       return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
     if self.bias is None or not _on_cpu():
