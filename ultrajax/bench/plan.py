@@ -82,6 +82,11 @@ GPU_TARGETS = {
 }
 
 
+def gpu_target(device) -> GpuTarget | None:
+  """The GPU_TARGETS entry `device` is (by its kind), None for any other device."""
+  return next((t for t in GPU_TARGETS.values() if t.name == device.device_kind), None)
+
+
 def target_devices(target: str, count: int) -> list:
   """`count` compile-only devices of the GPU `target` (GPU_TARGETS), 8 per host: XLA:GPU
   compiles for them on a host without a GPU, through JAX's CUDA plugin. GEMMs go to cuBLAS
@@ -236,7 +241,7 @@ def plan(config, steps_per_client=None, compile_chunk: bool = True, devices=None
     compile_s = time.perf_counter() - t0
     device = mesh.devices.flat[0]
     roofline = roofline_mfu = None
-    if compiled is not None and device.device_kind in {t.name for t in GPU_TARGETS.values()}:
+    if compiled is not None and gpu_target(device):
       roofline = gpu_roofline(compiled, device)
       if roofline["seconds"]:
         roofline_mfu = perf.mfu(sum(flops_by_dtype.values()) / roofline["seconds"], device)
@@ -331,7 +336,7 @@ def gpu_roofline(compiled, device) -> dict:
   """`hlo.roofline` of a program compiled for `device`, a GPU_TARGETS kind, at its peak and
   bandwidth, with 'heaviest': `hlo.heaviest` of the kernels besides cuBLAS's (the GEMMs are
   priced at the peak already; what else the program spends is what to cut)."""
-  target = next(t for t in GPU_TARGETS.values() if t.name == device.device_kind)
+  target = gpu_target(device)
   peak = perf.peak_bf16_flops(device)
   kernels = hlo.census(compiled.as_text())
   r = hlo.roofline(kernels, peak, target.bandwidth)

@@ -149,10 +149,10 @@ def compile_for(
     params = jax.tree.map(lambda a: spec(a.shape, a.dtype), state)
     s = config.image_size
     encoder = encode.lower(params, spec((batch, s, s, 3), jnp.float32)).compile()
-    embedding = jax.eval_shape(encode, params, spec((1, s, s, 3), jnp.float32))
+    embedding = encoder.out_info  # [batch, g, g, C]; the decoder takes one image's
     decoder = decode.lower(
       params,
-      spec(embedding.shape, embedding.dtype),
+      spec((1, *embedding.shape[1:]), embedding.dtype),
       spec((prompts, 1, 2), jnp.float32),
       spec((prompts, 1), jnp.int32),
     ).compile()
